@@ -1,0 +1,1 @@
+"""Offline jobs: extract activations, train SAEs, build worlds and bundles."""

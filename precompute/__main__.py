@@ -1,0 +1,34 @@
+"""Command line: `python -m precompute COMMAND ...`; each command lives in its own module."""
+import argparse
+import importlib
+import sys
+
+from sae_core.errors import UserError
+
+# name -> (module, one-line help). A module defines `add_arguments(parser)` and `run(args) -> int`.
+# Modules are imported only when their command runs, so `train` never pays for transformers.
+COMMANDS = {
+    "train": ("precompute.train", "Train a sparse autoencoder on stored activations."),
+    "export": ("precompute.export", "Export a trained SAE to another library's layout."),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m precompute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

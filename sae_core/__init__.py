@@ -1,0 +1,1 @@
+"""Sparse autoencoders for vision-language models: modules, training, metrics, storage."""
