@@ -1,0 +1,19 @@
+"""`python -m benchmarks NAME [args]`: run one benchmark and print its table."""
+import importlib
+import sys
+
+# name -> module defining `main(argv) -> int`
+BENCHMARKS = {
+    "sae_train": "benchmarks.sae_train",
+}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
