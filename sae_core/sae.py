@@ -1,0 +1,388 @@
+"""Sparse autoencoders: one base module, four architectures selected by name.
+
+All four share z = act((x - b_dec) @ W_enc + b_enc) and x_hat = z @ W_dec + b_dec, with unit-norm
+decoder rows. They differ in the activation `act` and the sparsity pressure:
+
+- `relu`:       z = ReLU(pre); loss adds l1_coeff * sum_j z_j * ||W_dec[j]||.
+- `topk`:       z keeps the k largest ReLU(pre) of each token (Gao et al. 2024).
+- `batchtopk`:  training keeps the k*B largest ReLU(pre) of the whole batch (Bussmann et al. 2024);
+                inference uses a learned per-latent threshold: z_j = pre_j if pre_j > threshold_j.
+- `matryoshka`: BatchTopK whose loss is the mean over nested prefixes of the dictionary of each
+                prefix's reconstruction error (Bussmann et al. 2025; Pach et al. 2025).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+from .sparse_ops import SparseCodes, codes_from_mask, selected_preacts, sparse_decode
+
+ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
+THRESHOLD_ARCHS = ("batchtopk", "matryoshka")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape and sparsity settings of one SAE; saved as config.json beside the weights."""
+
+    arch: str
+    d_in: int
+    d_sae: int
+    k: int = 32
+    """Active latents per token (topk, and batchtopk/matryoshka on average over the batch)."""
+    l1_coeff: float = 2.0
+    """relu only: weight of the decoder-norm-weighted L1 penalty (inputs scaled to E||x||^2 = d_in)."""
+    group_sizes: tuple[int, ...] = ()
+    """matryoshka only: sizes of the nested groups, summing to d_sae (prefix g = groups 0..g)."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss per token; None means d_in // 2."""
+    aux_coeff: float = 1 / 32
+    threshold_decay: float = 0.99
+    """Exponential moving average factor of the learned inference thresholds."""
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise UserError(f"unknown SAE architecture {self.arch!r}; choose one of {', '.join(ARCHS)}.")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}.")
+        if self.arch != "relu" and not 1 <= self.k <= self.d_sae:
+            raise UserError(f"k={self.k} must be between 1 and the SAE width {self.d_sae}.")
+        if self.arch == "matryoshka":
+            if not self.group_sizes or sum(self.group_sizes) != self.d_sae or min(self.group_sizes) < 1:
+                raise UserError(
+                    f"matryoshka group sizes {list(self.group_sizes)} must be positive and sum to the width {self.d_sae}."
+                )
+        object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
+
+    @property
+    def effective_aux_k(self) -> int:
+        return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["group_sizes"] = list(self.group_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        keys = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: (tuple(v) if k == "group_sizes" else v) for k, v in d.items() if k in keys})
+
+
+def matryoshka_group_sizes(spec: str | None, d_sae: int) -> tuple[int, ...]:
+    """Group sizes from "512,1024,..." (sizes) or "0.0625,0.0625,0.125,0.25,0.5" (fractions of the width).
+
+    The default doubles the prefix each time: prefixes of 1/16, 1/8, 1/4, 1/2 and all of the width.
+    The last group absorbs rounding so that the sizes sum to d_sae.
+    """
+    if not spec:
+        spec = "0.0625,0.0625,0.125,0.25,0.5"
+    try:
+        values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--groups {spec!r} is not a comma-separated list of sizes or fractions.") from None
+    if all(v < 1 for v in values):
+        sizes = [max(1, round(v * d_sae)) for v in values]
+    else:
+        sizes = [int(v) for v in values]
+    sizes[-1] += d_sae - sum(sizes)
+    if min(sizes) < 1:
+        raise UserError(f"--groups {spec!r} does not fit an SAE of width {d_sae}; the groups must sum to the width.")
+    return tuple(sizes)
+
+
+class TrainOutput(NamedTuple):
+    """What one training forward pass returns."""
+
+    loss: Tensor
+    """Scalar to minimise: reconstruction + sparsity + auxiliary terms."""
+    recon_loss: Tensor
+    """Mean over tokens of ||x - x_hat||^2 (for matryoshka: the mean of that over prefixes)."""
+    aux_loss: Tensor
+    """AuxK loss (already multiplied by its coefficient); 0 without dead latents."""
+    sparsity_loss: Tensor
+    """relu: the weighted L1 penalty; 0 for the TopK family."""
+    x_hat: Tensor
+    """(B, d_in) full reconstruction, detached."""
+    fired: Tensor
+    """(d_sae,) bool: latents active on at least one token of this batch."""
+    l0: float
+    """Mean number of active latents per token."""
+
+
+def _all_reduce(t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def topk_codes(acts: Tensor, k: int) -> SparseCodes:
+    """Per-token top-k of non-negative activations (zeros are never selected)."""
+    vals, idx = acts.topk(k, dim=1)
+    rows, pos = (vals > 0).nonzero(as_tuple=True)
+    return codes_from_mask(rows, idx[rows, pos], acts.shape[0], acts.shape[1])
+
+
+def batchtopk_codes(acts: Tensor, k: int) -> tuple[SparseCodes, Tensor]:
+    """The k*B largest activations of the global batch (all processes together) and the cut value.
+
+    Exact but cheap: each token offers its top m candidates (m = 4k, doubled while any token could
+    hold more winners than it offered); the cut is the (k*B)-th largest candidate across processes.
+    Every entry >= the cut and > 0 is selected, so one process and N processes agree exactly.
+    """
+    n_rows, n_lat = acts.shape
+    world = _world_size()
+    total = k * n_rows * world
+    m = min(n_lat, 4 * k)
+    while True:
+        cand, idx = acts.topk(m, dim=1)
+        flat = cand.flatten()
+        if world > 1:
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            flat = torch.cat(gathered)
+        cut = flat.topk(min(total, flat.numel())).values[-1]
+        saturated = torch.tensor(float(m < n_lat and bool((cand[:, -1] >= cut).any())))
+        if _all_reduce(saturated, dist.ReduceOp.MAX).item() == 0:
+            break
+        m = min(n_lat, 2 * m)
+    rows, pos = ((cand >= cut) & (cand > 0)).nonzero(as_tuple=True)
+    return codes_from_mask(rows, idx[rows, pos], n_rows, n_lat), cut
+
+
+class SparseAutoencoder(nn.Module):
+    """SAE with SAELens tensor names: W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, threshold."""
+
+    def __init__(self, cfg: SAEConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # Inference thresholds (batchtopk, matryoshka): per latent, with a global fallback for
+        # latents that never fired during training. `fired_ever` marks which thresholds are learned.
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        self.register_buffer("global_threshold", torch.zeros(()))
+        self.register_buffer("fired_ever", torch.zeros(cfg.d_sae, dtype=torch.bool))
+        if cfg.arch == "matryoshka":
+            bounds = torch.tensor([0, *torch.tensor(cfg.group_sizes).cumsum(0).tolist()])
+            self.register_buffer("group_bounds", bounds, persistent=False)
+
+    # ---------------------------------------------------------------- inference
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, d_sae): (x - b_dec) @ W_enc + b_enc."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> dense codes (B, d_sae) as used at inference."""
+        pre = self.pre_acts(x)
+        arch = self.cfg.arch
+        if arch == "relu":
+            return F.relu(pre)
+        if arch == "topk":
+            vals, idx = F.relu(pre).topk(self.cfg.k, dim=1)
+            return torch.zeros_like(pre).scatter_(1, idx, vals)
+        return pre * ((pre > self.threshold) & (pre > 0))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, d_sae) -> (B, d_in): z @ W_dec + b_dec."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # ---------------------------------------------------------------- training
+    def training_forward(
+        self, x: Tensor, dead_mask: Tensor | None = None, compute_dtype: torch.dtype = torch.float32
+    ) -> TrainOutput:
+        """Loss terms for one batch. `dead_mask` (d_sae,) bool selects latents for the AuxK loss.
+
+        The dense encoder matmul runs in `compute_dtype` (bf16 is an explicit option; the master
+        weights stay fp32); everything after it touches only active latents.
+        """
+        cfg = self.cfg
+        x_c = x - self.b_dec
+        if cfg.arch == "relu":
+            return self._relu_forward(x, x_c)
+        with torch.no_grad():
+            pre = (x_c.to(compute_dtype) @ self.W_enc.to(compute_dtype)).float() + self.b_enc
+            acts = F.relu(pre)
+            if cfg.arch == "topk":
+                codes, cut = topk_codes(acts, cfg.k), None
+            else:
+                codes, cut = batchtopk_codes(acts, cfg.k)
+        vals = selected_preacts(pre, x_c, self.W_enc, self.b_enc, codes)
+        if cfg.arch == "matryoshka":
+            recon_loss, x_hat = self._matryoshka_recon(x, vals, codes)
+        else:
+            x_hat = sparse_decode(vals, self.W_dec, codes) + self.b_dec
+            recon_loss = (x - x_hat).pow(2).sum(1).mean()
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[codes.col] = True
+        if self.training and cut is not None:
+            self._update_thresholds(vals.detach(), codes)
+        aux_loss = self._aux_loss(x, x_hat, pre, x_c, dead_mask)
+        zero = recon_loss.new_zeros(())
+        return TrainOutput(
+            loss=recon_loss + aux_loss,
+            recon_loss=recon_loss.detach(),
+            aux_loss=aux_loss.detach(),
+            sparsity_loss=zero,
+            x_hat=x_hat.detach(),
+            fired=fired,
+            l0=codes.col.numel() / x.shape[0],
+        )
+
+    def _relu_forward(self, x: Tensor, x_c: Tensor) -> TrainOutput:
+        z = F.relu(x_c @ self.W_enc + self.b_enc)
+        x_hat = z @ self.W_dec + self.b_dec
+        recon_loss = (x - x_hat).pow(2).sum(1).mean()
+        l1 = self.cfg.l1_coeff * (z * self.W_dec.norm(dim=1)).sum(1).mean()
+        active = z.detach() > 0
+        return TrainOutput(
+            loss=recon_loss + l1,
+            recon_loss=recon_loss.detach(),
+            aux_loss=recon_loss.new_zeros(()),
+            sparsity_loss=l1.detach(),
+            x_hat=x_hat.detach(),
+            fired=active.any(0),
+            l0=active.sum().item() / x.shape[0],
+        )
+
+    def _matryoshka_recon(self, x: Tensor, vals: Tensor, codes: SparseCodes) -> tuple[Tensor, Tensor]:
+        """Mean over prefixes g of E||x - x_hat_{<=g}||^2, with one sparse decode per group.
+
+        Each active latent is decoded once, inside its own group; prefix reconstructions are the
+        cumulative sum of the group parts, so the cost is that of one decode, not G.
+        Prefix losses are averaged, not summed, so that the loss scale (and the learning rate that
+        suits it) does not change with the number of groups; the full reconstruction keeps the
+        same weight as every smaller prefix, as in Bussmann et al.'s Matryoshka SAE.
+        """
+        group = torch.searchsorted(self.group_bounds, codes.col, right=True) - 1
+        partial = []
+        for g in range(len(self.cfg.group_sizes)):
+            sel = group == g
+            sub = codes_from_mask(codes.row[sel], codes.col[sel], codes.n_rows, self.cfg.d_sae)
+            # codes_from_mask re-sorts, but a subset of CSR-ordered entries is already in order.
+            partial.append(sparse_decode(vals[sel], self.W_dec, sub))
+        prefixes = torch.stack(partial).cumsum(0) + self.b_dec  # (G, B, d)
+        losses = (x - prefixes).pow(2).sum(2).mean(1)  # (G,)
+        return losses.mean(), prefixes[-1]
+
+    def _aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, x_c: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """AuxK (Gao et al. 2024): dead latents reconstruct the residual e = x - x_hat.
+
+        aux = coeff * sum ||e - e_hat||^2 / sum ||e - mean(e)||^2, with e_hat decoded from the top
+        aux_k dead latents per token and *no* decoder bias (the bias is already inside x_hat).
+        """
+        zero = x.new_zeros(())
+        if dead_mask is None or not bool(dead_mask.any()):
+            return zero
+        dead_idx = dead_mask.nonzero().squeeze(1)
+        ka = min(self.cfg.effective_aux_k, dead_idx.numel())
+        with torch.no_grad():
+            vals, idx = F.relu(pre[:, dead_idx]).topk(ka, dim=1)
+            rows, pos = (vals > 0).nonzero(as_tuple=True)
+            codes = codes_from_mask(rows, dead_idx[idx[rows, pos]], x.shape[0], self.cfg.d_sae)
+        residual = (x - x_hat).detach()
+        with torch.no_grad():
+            stats = torch.cat([residual.sum(0), residual.pow(2).sum().reshape(1), x.new_tensor([x.shape[0]])])
+            _all_reduce(stats)
+            n = stats[-1]
+            mean = stats[:-2] / n
+            variance_sum = stats[-2] - n * mean.pow(2).sum()  # sum ||e - mean(e)||^2 over all processes
+        if codes.col.numel() == 0 or variance_sum <= 0:
+            return zero
+        aux_vals = selected_preacts(pre, x_c, self.W_enc, self.b_enc, codes)
+        e_hat = sparse_decode(aux_vals, self.W_dec, codes)
+        # Each process returns its share scaled by the process count, because DDP averages gradients.
+        share = (residual - e_hat).pow(2).sum() / variance_sum * _world_size()
+        return self.cfg.aux_coeff * share
+
+    @torch.no_grad()
+    def _update_thresholds(self, vals: Tensor, codes: SparseCodes) -> None:
+        """Per latent: moving average of its smallest selected activation in each batch it fired in.
+
+        A latent's first firing sets its threshold directly, so an SAE trained for a single step
+        already has a meaningful one; latents that never fired use the global moving average of
+        the batch's smallest selected activation.
+        """
+        n = self.cfg.d_sae
+        big = torch.finfo(vals.dtype).max
+        batch_min = torch.full((n,), big, dtype=vals.dtype, device=vals.device)
+        batch_min.scatter_reduce_(0, codes.col, vals, reduce="amin")
+        _all_reduce(batch_min, dist.ReduceOp.MIN)
+        fired_now = batch_min < big
+        if not bool(fired_now.any()):
+            return
+        decay = self.cfg.threshold_decay
+        global_min = batch_min[fired_now].min()
+        first_ever = not bool(self.fired_ever.any())
+        self.global_threshold.copy_(global_min if first_ever else decay * self.global_threshold + (1 - decay) * global_min)
+        new = fired_now & ~self.fired_ever
+        old = fired_now & self.fired_ever
+        self.threshold[new] = batch_min[new]
+        self.threshold[old] = decay * self.threshold[old] + (1 - decay) * batch_min[old]
+        self.fired_ever |= fired_now
+        self.threshold[~self.fired_ever] = self.global_threshold
+
+    # ---------------------------------------------------------------- constraints
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the part of each decoder row's gradient that would change the row's norm."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec
+        W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on inputs `scale * x` work on raw x (latents come out divided by scale).
+
+        pre(raw) = pre(scaled) / scale holds with W_enc unchanged and b_enc, b_dec, thresholds
+        divided by the scale; ReLU, TopK and thresholding commute with a positive scale, and the
+        decoder rows stay unit-norm.
+        """
+        self.b_enc /= scale
+        self.b_dec /= scale
+        self.threshold /= scale
+        self.global_threshold /= scale
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: argmin_c sum_i ||p_i - c||, the robust centre used to start b_dec."""
+    points = points.double()
+    c = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - c).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * points).sum(0) / w.sum()
+        if (new - c).norm() <= tol * max(1.0, c.norm().item()):
+            c = new
+            break
+        c = new
+    return c.float()
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 / sqrt(width / 2^14), the scaling law of Gao et al. 2024."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
