@@ -3,18 +3,64 @@
 A store is a directory with `manifest.json` (written last, so a directory without one is unfinished)
 and `.npy` shards listed as `shards: [{"path": ..., "rows": ...}, ...]` with `d` and `dtype`.
 A single `.npy` file of shape (N, d) is read as a one-shard store.
+
+Stores written by `python -m precompute extract` also list, per shard, an `index` file of shape
+(rows, 2) int64 holding each row's [image index, token position] (position -1 = a pooled row such as
+the mean or the image embedding), and carry the model, layer, token choice, dataset and skipped
+images in the manifest. The writer side (`save_npy_atomic`, `write_json_atomic`) lives here too.
 """
 from __future__ import annotations
 
 import json
+import os
+import queue
+import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .errors import UserError
 
 MANIFEST = "manifest.json"
+RUN_FILE = "extract.json"  # an extraction output directory: one store per layer below it
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
+    """np.save to a temporary name, fsync, rename: a reader never sees a half-written shard."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _resolve_store_dir(path: Path) -> Path:
+    """An extraction --out directory holding exactly one layer's store stands for that store."""
+    run = path / RUN_FILE
+    if (path / MANIFEST).exists() or not run.exists():
+        return path
+    layers = json.loads(run.read_text()).get("layers", [])
+    if len(layers) == 1:
+        return path / f"layer_{layers[0]}"
+    raise UserError(
+        f"{path} holds activation stores for layers {', '.join(map(str, layers))}; "
+        f"pass one of them, e.g. {path / f'layer_{layers[0]}'}."
+    )
 
 
 class ActivationStore:
@@ -22,7 +68,10 @@ class ActivationStore:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if path.is_dir():
+            path = _resolve_store_dir(path)
         self.path = path
+        self._index_paths: list[Path] | None = None
         if path.is_dir():
             manifest_path = path / MANIFEST
             if not manifest_path.exists():
@@ -32,6 +81,8 @@ class ActivationStore:
                 )
             self.manifest = json.loads(manifest_path.read_text())
             shard_paths = [path / s["path"] for s in self.manifest["shards"]]
+            if all("index" in s for s in self.manifest["shards"]):
+                self._index_paths = [path / s["index"] for s in self.manifest["shards"]]
         elif path.suffix == ".npy" and path.exists():
             self.manifest = {"source": str(path)}
             shard_paths = [path]
@@ -60,26 +111,120 @@ class ActivationStore:
         if "d" in self.manifest and self.manifest["d"] != self.d:
             raise UserError(f"{path}: manifest says d={self.manifest['d']} but the shards hold d={self.d}.")
         self.offsets = np.cumsum([0] + [a.shape[0] for a in self.shards])
+        self._index: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.shards[0].dtype
+
+    # Metadata written by the extraction (None for a plain .npy).
+    model = property(lambda self: self.manifest.get("model"))
+    layer = property(lambda self: self.manifest.get("layer"))
+    tokens = property(lambda self: self.manifest.get("tokens"))
+    dataset = property(lambda self: self.manifest.get("dataset"))
+    skipped = property(lambda self: self.manifest.get("skipped", []))
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Contiguous rows [start, stop) as one array (copied out of the memory maps)."""
-        return self.take(np.arange(start, min(stop, len(self))))
+        start, stop = max(0, start), min(stop, len(self))
+        if stop <= start:
+            return np.empty((0, self.d), dtype=self.dtype)
+        first = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        parts, s = [], first
+        while s < len(self.shards) and self.offsets[s] < stop:
+            a, b = max(start, self.offsets[s]) - self.offsets[s], min(stop, self.offsets[s + 1]) - self.offsets[s]
+            parts.append(self.shards[s][a:b])
+            s += 1
+        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """Rows at `index` (any order, repeats allowed), returned in that order: (len(index), d)."""
-        index = np.asarray(index, dtype=np.int64)
-        out = np.empty((len(index), self.d), dtype=self.shards[0].dtype)
-        # Reading in sorted order keeps the page cache and the disk head moving forward.
-        order = np.argsort(index, kind="stable")
-        sorted_idx = index[order]
-        shard_of = np.searchsorted(self.offsets, sorted_idx, side="right") - 1
-        for s in np.unique(shard_of):
-            sel = shard_of == s
-            out[order[sel]] = self.shards[s][sorted_idx[sel] - self.offsets[s]]
-        return out
+        return _take(self.shards, self.offsets, index, self.d)
+
+    def row_index(self, index: np.ndarray | None = None) -> np.ndarray:
+        """[image index, token position] of rows `index` (all rows if None): (n, 2) int64."""
+        if self._index is None:
+            if self._index_paths is None:
+                raise UserError(f"{self.path} records no image index per row; re-extract it with `python -m precompute extract`.")
+            self._index = [np.load(p, mmap_mode="r") for p in self._index_paths]
+        if index is None:
+            return np.concatenate([np.asarray(a) for a in self._index])
+        return _take(self._index, self.offsets, index, 2)
+
+    def image_index(self, index: np.ndarray | None = None) -> np.ndarray:
+        """The dataset index of the image each row came from."""
+        return self.row_index(index)[:, 0]
+
+    def token_position(self, index: np.ndarray | None = None) -> np.ndarray:
+        """The token position each row came from (0 = CLS, prefix then row-major patches; -1 pooled)."""
+        return self.row_index(index)[:, 1]
+
+    def iter_batches(self, batch_size: int, seed: int = 0, start_step: int = 0, stop_step: int | None = None,
+                     rank: int = 0, world_size: int = 1, prefetch: int = 4) -> Iterator[np.ndarray]:
+        """Shuffled batches `shuffled_batch_index(...)` for steps start_step, start_step+1, ...
+
+        A background thread reads up to `prefetch` batches ahead, so the page faults of the memory
+        maps overlap with the caller's compute (numpy copies release the GIL).
+        """
+        steps = iter(range(start_step, stop_step)) if stop_step is not None else _count(start_step)
+        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        stop = threading.Event()
+
+        def work():
+            try:
+                for step in steps:
+                    if stop.is_set():
+                        return
+                    idx = shuffled_batch_index(len(self), batch_size, step, seed, rank, world_size)
+                    q.put(self.take(idx))
+                q.put(None)
+            except BaseException as e:  # hand the error to the consumer
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while t.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(0.01)
+
+
+def _count(start: int):
+    while True:
+        yield start
+        start += 1
+
+
+def _take(shards: list[np.ndarray], offsets: np.ndarray, index, width: int) -> np.ndarray:
+    index = np.asarray(index, dtype=np.int64)
+    n = int(offsets[-1])
+    if len(index) and (index.min() < 0 or index.max() >= n):
+        raise IndexError(f"row index out of range 0..{n - 1}")
+    out = np.empty((len(index), width), dtype=shards[0].dtype)
+    # Reading in sorted order keeps the page cache and the disk head moving forward.
+    order = np.argsort(index, kind="stable")
+    sorted_idx = index[order]
+    shard_of = np.searchsorted(offsets, sorted_idx, side="right") - 1
+    bounds = np.searchsorted(shard_of, np.arange(len(shards) + 1), side="left")
+    for s in range(len(shards)):
+        a, b = bounds[s], bounds[s + 1]
+        if a < b:
+            out[order[a:b]] = shards[s][sorted_idx[a:b] - offsets[s]]
+    return out
 
 
 def shuffled_batch_index(

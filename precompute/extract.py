@@ -1,0 +1,352 @@
+"""`python -m precompute extract`: one pass over a dataset, activations of several layers to sharded stores.
+
+    python -m precompute extract --model open_clip:ViT-B-32/openai --layer 6,11,embed --tokens cls \\
+        --dataset imagefolder:$IMAGENET_PATH/train --out runs/acts
+    torchrun --nproc-per-node 8 -m precompute extract ...      # each process takes its own shards
+
+Output: OUT/extract.json (the run's settings and plan) and one store per layer, OUT/layer_L/, with
+manifest.json and shards/NNNNN.npy (rows, d) plus shards/NNNNN.index.npy (rows, 2: image index, token
+position). The dataset is cut into shards of consecutive images; a shard is written under a temporary
+name and renamed when complete, then marked done in OUT/progress/, so a killed run resumes where it
+stopped (even with another number of processes). Manifests are written last, after all shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
+from sae_core.errors import UserError
+
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    dataset: str
+    out: str
+    layers: list[str] = field(default_factory=list)
+    """Empty = the layer a downstream model reads (LLaVA's vision_feature_layer)."""
+    tokens: str = "cls"
+    batch_size: int = 64
+    dtype: str = "float16"
+    limit: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    shard_images: int | None = None
+    shard_mb: int = 256
+    workers: int | None = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="open_clip:NAME[/PRETRAINED] | hf:ID_OR_DIR | llava:[ID_OR_DIR] | world:DIR[:clip|:llava]")
+    p.add_argument("--layer", default="", help="L[,L2,...]: block number from 0, negative hidden_states index (-2 = LLaVA's), or embed; "
+                   "default: the layer a downstream model reads (LLaVA)")
+    p.add_argument("--tokens", default="cls", help="cls | mean (of patch tokens) | all | patches | random:K (K random tokens per image)")
+    p.add_argument("--dataset", required=True, help="imagefolder:PATH | imagenet[:SPLIT] | inat[:SPLIT] | files:LIST.txt | world:DIR[:SPLIT]")
+    p.add_argument("--out", required=True, help="output directory (one store per layer below it); rerun the same command to resume")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float16", choices=STORE_DTYPES, help="storage dtype of the activations")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the dataset")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="compute precision of the model; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random:K token choice (a function of seed and image index)")
+    p.add_argument("--shard-images", type=int, default=None, help="images per shard (default: shards of about --shard-mb)")
+    p.add_argument("--shard-mb", type=int, default=256, help="target shard size in MiB when --shard-images is not given")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 0 on a small CPU machine)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = ExtractConfig(
+        model=args.model, dataset=args.dataset, out=args.out, layers=[x for x in args.layer.split(",") if x.strip()],
+        tokens=args.tokens, batch_size=args.batch_size, dtype=args.dtype, limit=args.limit, device=args.device,
+        precision=args.precision, seed=args.seed, shard_images=args.shard_images, shard_mb=args.shard_mb,
+        workers=args.workers,
+    )
+    extract(cfg, command=shlex.join([os.path.basename(sys.executable), "-m", "precompute", "extract", *sys.argv[2:]]))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+def _auto_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; pass --device cpu.")
+    return device
+
+
+def _auto_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+         "transformers": transformers.__version__}
+    try:
+        import open_clip
+
+        v["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    return v
+
+
+class _Items:
+    """Dataset wrapper for the DataLoader: index -> (index, pixels | None, error | None)."""
+
+    def __init__(self, ds, transform):
+        self.ds, self.transform = ds, transform
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        from sae_core.datasets import ImageReadError
+
+        try:
+            return i, self.transform(self.ds[i]), None
+        except ImageReadError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    import torch
+
+    ok = [(i, x) for i, x, err in items if err is None]
+    skipped = [(i, err) for i, x, err in items if err is not None]
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    return pixels, np.array([i for i, _ in ok], dtype=np.int64), skipped
+
+
+def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, width: int, is_main: bool) -> dict:
+    """Create or check OUT/extract.json (rank 0), so a resumed run continues the same shard grid."""
+    run_file = out / RUN_FILE
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if run_file.exists():
+            plan = json.loads(run_file.read_text())
+            old = plan.get("identity", {})
+            diff = [k for k in identity if old.get(k) != identity[k]]
+            if diff:
+                k = diff[0]
+                raise UserError(
+                    f"{out} holds an extraction with other settings ({k}: {old.get(k)!r} there, {identity[k]!r} now); "
+                    "pass the same options to resume, or a new --out."
+                )
+            if cfg.shard_images and cfg.shard_images != plan["shard_images"]:
+                raise UserError(f"{out} was started with --shard-images {plan['shard_images']}; resume with that value or a new --out.")
+        else:
+            shard_images = cfg.shard_images or max(
+                1, (cfg.shard_mb << 20) // max(1, rows_per_image * width * np.dtype(cfg.dtype).itemsize))
+            if not cfg.shard_images and shard_images > cfg.batch_size:
+                shard_images -= shard_images % cfg.batch_size  # whole batches per shard
+            n = identity["n_images"]
+            plan = {"identity": identity, "shard_images": int(shard_images),
+                    "n_shards": int(-(-n // shard_images)), "layers": identity["layers"], "complete": False}
+            write_json_atomic(run_file, plan)
+        for p in list(out.glob("layer_*/shards/.*.tmp*")) + list(out.glob("progress/.*.tmp*")):
+            p.unlink()  # leftovers of a killed run
+    return plan if is_main else {}
+
+
+def extract(cfg: ExtractConfig, command: str = "") -> dict:
+    """Run (or resume) an extraction; returns the run summary written to OUT/extract.json."""
+    import torch
+    from tqdm import tqdm
+
+    from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
+    from sae_core.datasets import open_dataset
+    from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
+
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size {cfg.batch_size} must be at least 1.")
+    if cfg.dtype not in STORE_DTYPES:
+        raise UserError(f"--dtype {cfg.dtype} is not one of {', '.join(STORE_DTYPES)}.")
+    device = _auto_device(cfg.device)
+    info = init_distributed(device)
+    try:
+        device = local_device(device, info)
+        precision = _auto_precision(cfg.precision, device)
+        token_spec = TokenSpec.parse(cfg.tokens)
+        ds = open_dataset(cfg.dataset)
+        adapter = load_adapter(cfg.model, device=device, precision=precision)
+        names = parse_layers(cfg.layers) if cfg.layers else []
+        if not names:
+            if adapter.read_layer is None:
+                raise UserError(f"{cfg.model} has no layer a downstream model reads; pass --layer L[,L2,...].")
+            names = [str(adapter.read_layer)]
+        layers = [adapter.resolve_layer(x) for x in names]
+        if any(lay.kind != "embed" for lay in layers):
+            token_spec.check(adapter.layout, cfg.model)
+        n_images = min(len(ds), cfg.limit) if cfg.limit is not None else len(ds)
+        if n_images < 1:
+            raise UserError(f"--limit {cfg.limit} leaves no images to extract.")
+        identity = {"model": cfg.model, "dataset": cfg.dataset, "layers": names, "tokens": str(token_spec),
+                    "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision}
+        rows_per = max(1 if lay.kind == "embed" else token_spec.rows_per_image(adapter.layout) for lay in layers)
+        out = Path(cfg.out)
+        plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main)
+        barrier(info)
+        if not info.is_main:
+            plan = json.loads((out / RUN_FILE).read_text())
+        S, n_shards = plan["shard_images"], plan["n_shards"]
+        progress = out / "progress"
+        layer_dirs = {lay.name: out / f"layer_{lay.name}" for lay in layers}
+        if info.is_main:
+            progress.mkdir(exist_ok=True)
+            for d in layer_dirs.values():
+                (d / "shards").mkdir(parents=True, exist_ok=True)
+        barrier(info)
+
+        # This rank's shards: a contiguous block, so rows stay in dataset order when merged.
+        mine = range(info.rank * n_shards // info.world_size, (info.rank + 1) * n_shards // info.world_size)
+        todo = [k for k in mine if not (progress / f"{k:05d}.json").exists()]
+        batches, owner = [], []
+        for k in todo:
+            lo, hi = k * S, min((k + 1) * S, n_images)
+            for b in range(lo, hi, cfg.batch_size):
+                batches.append(list(range(b, min(b + cfg.batch_size, hi))))
+                owner.append(k)
+        workers = cfg.workers
+        if workers is None:
+            cpus = os.cpu_count() or 1
+            workers = min(8, cpus // max(1, info.world_size) - 1) if device.startswith("cuda") else (0 if cpus <= 4 else 2)
+            workers = max(0, workers)
+        loader = torch.utils.data.DataLoader(
+            _Items(ds, adapter.transform), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
+            pin_memory=device.startswith("cuda"), persistent_workers=False,
+        )
+        throttle = float(os.environ.get("SAE_EXTRACT_THROTTLE_S", "0"))  # tests: make a run slow enough to kill
+        bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not info.is_main, dynamic_ncols=True,
+                   desc=f"extract {cfg.model} layers {','.join(names)}" + (f" (rank 0 of {info.world_size})" if info.world_size > 1 else ""))
+        t0 = time.time()
+        done_images = 0
+        buf: dict[str, list] = {lay.name: [] for lay in layers}
+        skipped: list[dict] = []
+        for bi, (pixels, ids, skip) in enumerate(loader):
+            k = owner[bi]
+            for i, err in skip:
+                skipped.append({"index": int(i), "item": ds.item(int(i)), "error": err})
+                tqdm.write(f"warning: skipped unreadable image {i} ({err})", file=sys.stderr)
+            if pixels is not None:
+                acts = adapter.capture(pixels, layers)
+                for lay in layers:
+                    rows, index = select_tokens(acts[lay.name], token_spec, ids, adapter.layout, cfg.seed)
+                    buf[lay.name].append((rows.cpu().numpy().astype(cfg.dtype), index))
+            bar.update(len(ids) + len(skip))
+            done_images += len(ids) + len(skip)
+            if skipped:
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+            if throttle:
+                time.sleep(throttle)
+            if bi + 1 == len(batches) or owner[bi + 1] != k:
+                _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, adapter.width)
+                buf = {lay.name: [] for lay in layers}
+                skipped = []
+        bar.close()
+        elapsed = time.time() - t0
+        barrier(info)
+        summary = {}
+        if info.is_main:
+            summary = _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precision, command,
+                             elapsed, done_images, info.world_size)
+        barrier(info)
+        if not info.is_main:
+            summary = json.loads((out / RUN_FILE).read_text())
+        return summary
+    finally:
+        finish_distributed(info)
+
+
+def _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, width):
+    rows = {}
+    for lay in layers:
+        parts = buf[lay.name]
+        if parts:
+            acts = np.concatenate([a for a, _ in parts])
+            index = np.concatenate([i for _, i in parts])
+        else:
+            acts, index = np.zeros((0, width), np.float16), np.zeros((0, 2), np.int64)
+        if not np.isfinite(acts).all():
+            raise UserError(
+                f"layer {lay.name} has activations beyond the range of {acts.dtype} (shard {k}); "
+                "rerun with --dtype float32 and a new --out.")
+        d = layer_dirs[lay.name] / "shards"
+        save_npy_atomic(d / f"{k:05d}.index.npy", index)
+        save_npy_atomic(d / f"{k:05d}.npy", acts)
+        rows[lay.name] = int(len(acts))
+    # The marker goes last: a shard is done only when every layer's files are in place.
+    write_json_atomic(progress / f"{k:05d}.json", {
+        "shard": k, "images": [k * S, min((k + 1) * S, n_images)], "rows": rows, "skipped": skipped,
+    })
+
+
+def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precision, command, elapsed,
+           done_images, world_size) -> dict:
+    markers = []
+    for k in range(plan["n_shards"]):
+        p = out / "progress" / f"{k:05d}.json"
+        if not p.exists():
+            raise UserError(f"shard {k} of {out} is missing after all processes finished; rerun the same command to complete it.")
+        markers.append(json.loads(p.read_text()))
+    skipped = [s for m in markers for s in m["skipped"]]
+    n_images = plan["identity"]["n_images"]
+    if len(skipped) == n_images:
+        raise UserError(f"none of the {n_images} images of {cfg.dataset} could be read (first: {skipped[0]['error']}); check the dataset.")
+    model = adapter.describe()
+    for lay in layers:
+        shards = [{"path": f"shards/{m['shard']:05d}.npy", "index": f"shards/{m['shard']:05d}.index.npy",
+                   "rows": m["rows"][lay.name], "images": m["images"]}
+                  for m in markers if m["rows"][lay.name] > 0]
+        d = adapter.embed_dim if lay.kind == "embed" else adapter.width
+        manifest = {
+            "format": "sae-lab activations", "version": 1,
+            "d": d, "dtype": cfg.dtype, "rows": int(sum(s["rows"] for s in shards)),
+            "model": model, "layer": lay.name, "layer_kind": lay.kind, "block": lay.block,
+            "layer_description": lay.describe(adapter.n_blocks),
+            "tokens": "embed" if lay.kind == "embed" else str(token_spec), "seed": cfg.seed,
+            "precision": precision,
+            "dataset": {**ds.describe(), "images_used": n_images},
+            "n_images": n_images - len(skipped), "n_skipped": len(skipped), "skipped": skipped,
+            "row_index": "index files hold [image index, token position]; position -1 = pooled (mean or embed)",
+            "shards": shards, "command": command, "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(layer_dirs[lay.name] / MANIFEST, manifest)
+    if skipped:
+        print(f"warning: {len(skipped)} of {n_images} images could not be read and were skipped "
+              f"(listed under 'skipped' in the manifests).", file=sys.stderr)
+    summary = {**plan, "complete": True, "n_skipped": len(skipped),
+               "stores": {lay.name: str(layer_dirs[lay.name]) for lay in layers},
+               "last_session": {"images": done_images * world_size, "seconds": round(elapsed, 3),
+                                "images_per_s": round(done_images * world_size / elapsed, 2) if elapsed > 0 else None,
+                                "processes": world_size},
+               "config": asdict(cfg)}
+    write_json_atomic(out / RUN_FILE, summary)
+    print(f"wrote {len(layers)} store(s) under {out}: " + ", ".join(
+        f"layer_{lay.name} ({json.loads((layer_dirs[lay.name] / MANIFEST).read_text())['rows']} rows)" for lay in layers),
+        file=sys.stderr)
+    return summary

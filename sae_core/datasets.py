@@ -1,0 +1,238 @@
+"""Image datasets behind one small interface, opened from a command-line spec.
+
+Every dataset has ``len(ds)``, ``ds[i] -> PIL RGB image`` (raising `ImageReadError` for a corrupt or
+unreadable file, which extraction skips and counts), ``ds.item(i)`` (a path or id that names image i),
+``ds.label(i)`` (class name or None), ``ds.taxonomy_path(i)`` (list of names from the root, or None),
+and ``ds.describe()`` (a JSON-able dict that says how to get image i back, for manifests and bundles).
+
+Specs
+    imagefolder:PATH      class sub-folders of images (or images directly in PATH); $VARS expand.
+                          Folder names shaped like iNaturalist 2021's
+                          ``00000_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_terrestris``
+                          become 7-level taxonomy paths (kingdom ... species).
+    imagenet[:SPLIT]      $IMAGENET_PATH/SPLIT (train by default) in the class-folder layout
+    inat[:SPLIT]          $INAT_PATH/SPLIT (train by default), iNaturalist 2021 layout
+    files:LIST.txt        one image path per line (relative to the list's folder), optionally followed
+                          by a tab and a label; blank lines and lines starting with # are ignored
+    world:DIR[:SPLIT]     the embedded world at DIR (train by default; val, ood)
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+INAT_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+_INAT_NAME = re.compile(r"^\d+_[^_]+(_[^_]+){6,}$")
+
+
+class ImageReadError(Exception):
+    """An image that cannot be decoded; extraction skips it and records it."""
+
+
+def load_rgb(path: str | Path):
+    """Decode a file fully into a PIL RGB image, or raise ImageReadError saying why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # forces the full decode: truncated files fail here
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise ImageReadError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def inat_taxonomy(folder_name: str) -> list[str] | None:
+    """ "00000_Animalia_..._Lumbricus_terrestris" -> [Animalia, ..., Lumbricus, Lumbricus terrestris].
+
+    The species level is the binomial (genus + epithet, and any further parts) so that names are
+    unique per level. Names that do not have the iNaturalist shape give None.
+    """
+    if not _INAT_NAME.match(folder_name):
+        return None
+    parts = folder_name.split("_")[1:]
+    genus, epithet = parts[5], " ".join(parts[6:])
+    return parts[:5] + [genus, f"{genus} {epithet}"]
+
+
+class ImageDataset:
+    """Common base: subclasses implement __len__, load(i), item(i)."""
+
+    spec: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.load(i)
+
+    def load(self, i: int):
+        raise NotImplementedError
+
+    def item(self, i: int) -> str:
+        return str(i)
+
+    def label(self, i: int) -> str | None:
+        return None
+
+    def taxonomy_path(self, i: int) -> list[str] | None:
+        return None
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": type(self).__name__, "n_images": len(self)}
+
+
+class FileListDataset(ImageDataset):
+    """Images at known paths, with optional labels and taxonomy paths."""
+
+    def __init__(self, spec: str, root: Path, paths: list[str], labels: list[str | None] | None = None,
+                 taxonomy: dict[str, list[str]] | None = None):
+        self.spec, self.root, self.paths = spec, root, paths
+        self.labels = labels
+        self.taxonomy = taxonomy  # label -> path
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        return load_rgb(self.root / self.paths[i])
+
+    def item(self, i):
+        return self.paths[i]
+
+    def label(self, i):
+        return self.labels[i] if self.labels else None
+
+    def taxonomy_path(self, i):
+        if self.taxonomy is None:
+            return None
+        lab = self.label(i)
+        return list(self.taxonomy[lab]) if lab in self.taxonomy else None
+
+    def describe(self):
+        d = super().describe()
+        d.update(root=str(self.root), fetch="root / item(i); items are listed by the dataset spec in sorted order")
+        return d
+
+
+def image_folder(spec: str, path: str) -> FileListDataset:
+    root = Path(os.path.expandvars(os.path.expanduser(path)))
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist or is not a directory; pass imagefolder:PATH to a folder of class sub-folders.")
+    paths: list[str] = []
+    labels: list[str | None] = []
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    for e in entries:  # images directly in root have no label
+        if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+            paths.append(e.name)
+            labels.append(None)
+    for cls in classes:
+        for dirpath, dirnames, filenames in os.walk(root / cls):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, root)
+            for f in sorted(filenames):
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+                    paths.append(os.path.join(rel, f))
+                    labels.append(cls)
+    if not paths:
+        raise UserError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the path.")
+    taxonomy = {c: t for c in classes if (t := inat_taxonomy(c)) is not None}
+    if len(taxonomy) < len(classes):
+        taxonomy = None  # not an iNaturalist layout (all or nothing)
+    return FileListDataset(spec, root, paths, labels if classes else None, taxonomy)
+
+
+def file_list(spec: str, path: str) -> FileListDataset:
+    lst = Path(os.path.expandvars(os.path.expanduser(path)))
+    if not lst.is_file():
+        raise UserError(f"file list {lst} does not exist; pass files:LIST.txt with one image path per line.")
+    paths, labels = [], []
+    for line in lst.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        p, _, lab = line.partition("\t")
+        paths.append(p.strip())
+        labels.append(lab.strip() or None)
+    if not paths:
+        raise UserError(f"file list {lst} names no images; write one path per line.")
+    return FileListDataset(spec, lst.parent, paths, labels if any(labels) else None)
+
+
+class WorldImages(ImageDataset):
+    """The embedded world's images, rendered on demand from their index (sae_core.world)."""
+
+    def __init__(self, spec: str, root: str, split: str):
+        try:
+            from sae_core.world.dataset import WorldDataset
+        except ImportError as e:
+            raise UserError(f"the embedded world code is not available ({e}); update the checkout.") from e
+        rootp = Path(os.path.expandvars(os.path.expanduser(root)))
+        if not rootp.is_dir():
+            raise UserError(f"world directory {rootp} does not exist; build it with `python -m precompute world --out {rootp}`.")
+        try:
+            self.world = WorldDataset(str(rootp), split=split)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise UserError(f"cannot open the world at {rootp} split {split!r} ({e}); rebuild it or pick train, val or ood.") from e
+        self.spec, self.root, self.split = spec, rootp, split
+        self.taxonomy = getattr(self.world, "taxonomy", None)
+
+    def __len__(self):
+        return len(self.world)
+
+    def load(self, i):
+        img = self.world[i]
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+    def item(self, i):
+        return f"{self.split}/{i}"
+
+    def factors(self, i):
+        return self.world.factors(i)
+
+    def label(self, i):
+        path = self.taxonomy_path(i)
+        return path[-1] if path else None
+
+    def taxonomy_path(self, i):
+        return list(self.world.taxonomy_path(i))
+
+    def describe(self):
+        d = super().describe()
+        d.update(root=str(self.root), split=self.split, fetch="WorldDataset(root, split)[i] (rendered from the index)")
+        return d
+
+
+def _env_root(var: str, split: str, spec: str) -> str:
+    base = os.environ.get(var)
+    if not base:
+        raise UserError(f"{spec} needs the environment variable {var} set to the dataset's root folder.")
+    return str(Path(base) / split)
+
+
+def open_dataset(spec: str) -> ImageDataset:
+    """Open a dataset from its spec (see the module docstring)."""
+    kind, sep, rest = spec.partition(":")
+    if kind == "imagefolder" and rest:
+        return image_folder(spec, rest)
+    if kind == "imagenet":
+        return image_folder(spec, _env_root("IMAGENET_PATH", rest or "train", spec))
+    if kind == "inat":
+        return image_folder(spec, _env_root("INAT_PATH", rest or "train", spec))
+    if kind == "files" and rest:
+        return file_list(spec, rest)
+    if kind == "world" and rest:
+        root, split = rest, "train"
+        head, s, tail = rest.rpartition(":")
+        if s and tail in ("train", "val", "ood"):
+            root, split = head, tail
+        return WorldImages(spec, root, split)
+    raise UserError(
+        f"dataset spec {spec!r} is not one of imagefolder:PATH, imagenet[:SPLIT], inat[:SPLIT], "
+        "files:LIST.txt, world:DIR[:SPLIT]."
+    )
