@@ -1,0 +1,214 @@
+"""Adapters against the models' own outputs: extracted activations must equal output_hidden_states=True
+(or open_clip's forward_intermediates), embeddings the models' own image features, preprocessing the
+saved processor config, and LLaVA's adapter must name exactly the tensor LLaVA feeds its projector."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sae_core.adapters import TokenLayout, TokenSpec, load_adapter, select_tokens
+from sae_core.errors import UserError
+from tests import extract_helpers as H
+
+
+def _pixels(adapter, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    ims = [Image.fromarray(rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
+    return adapter.preprocess(ims)
+
+
+def _all_hidden_layers(n_blocks):
+    return [str(i) for i in range(n_blocks)] + [str(-i) for i in range(1, n_blocks + 2)]
+
+
+def _check_against_hidden_states(adapter, pixels, hidden_states):
+    """Every block layer and every negative index against the reference hidden_states tuple."""
+    n = adapter.n_blocks
+    assert len(hidden_states) == n + 1
+    got = adapter.capture(pixels, _all_hidden_layers(n))
+    for i in range(n):
+        torch.testing.assert_close(got[str(i)], hidden_states[i + 1], rtol=0, atol=0)
+    for i in range(1, n + 2):
+        torch.testing.assert_close(got[str(-i)], hidden_states[-i], rtol=0, atol=0)
+
+
+def test_hf_clip_vision_matches_hidden_states_and_processor():
+    from transformers import CLIPVisionModel
+
+    src = H.clip_vision_dir()
+    a = load_adapter(f"hf:{src}")
+    assert (a.n_blocks, a.width, a.layout) == (3, 32, TokenLayout(1, (4, 4), True))
+    assert a.read_layer is None
+    ref = CLIPVisionModel.from_pretrained(src).eval()
+    px = _pixels(a)
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_hidden_states=True)
+    _check_against_hidden_states(a, px, out.hidden_states)
+    torch.testing.assert_close(a.embed(px), out.pooler_output, rtol=0, atol=0)
+    # Preprocessing comes from the saved processor: a uniform image becomes (c/255 - mean) / std.
+    grey = a.transform(Image.new("RGB", (50, 70), (51, 102, 204)))
+    want = (np.array([51, 102, 204]) / 255 - np.array(H.MEAN)) / np.array(H.STD)
+    assert grey.shape == (3, 32, 32)
+    np.testing.assert_allclose(grey.mean(dim=(1, 2)).numpy(), want, atol=2e-3)
+
+
+def test_hf_clip_model_and_dinov2():
+    from transformers import CLIPModel, Dinov2Model
+
+    src = H.world_dir() / "clip"
+    a = load_adapter(f"hf:{src}")
+    ref = CLIPModel.from_pretrained(src).eval()
+    px = _pixels(a)
+    with torch.no_grad():
+        hs = ref.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
+        feats = ref.get_image_features(pixel_values=px).pooler_output
+    _check_against_hidden_states(a, px, hs)
+    assert a.embed_dim == 16
+    torch.testing.assert_close(a.embed(px), feats, rtol=0, atol=0)
+
+    src = H.dinov2_dir()
+    a = load_adapter(f"hf:{src}")
+    assert a.layout == TokenLayout(1, (4, 4), True) and a.image_size == (28, 28)
+    ref = Dinov2Model.from_pretrained(src).eval()
+    px = _pixels(a)
+    assert px.shape == (3, 3, 28, 28)
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_hidden_states=True)
+    _check_against_hidden_states(a, px, out.hidden_states)
+    torch.testing.assert_close(a.embed(px), out.pooler_output, rtol=0, atol=0)
+
+
+def test_open_clip_checkpoint_file_matches_forward_intermediates():
+    import open_clip
+
+    path, weights = H.open_clip_file()
+    a = load_adapter(f"open_clip:ViT-B-32/{path}")
+    # the checkpoint file was really loaded (a fresh random model would differ)
+    torch.testing.assert_close(a.model.visual.conv1.weight, weights["visual.conv1.weight"], rtol=0, atol=0)
+    assert (a.n_blocks, a.width, a.embed_dim, a.layout) == (12, 768, 512, TokenLayout(1, (7, 7), True))
+    px = _pixels(a, n=2)
+    assert px.shape == (2, 3, 224, 224)
+    # open_clip's default (OpenAI) normalisation, typed here independently of open_clip
+    grey = a.transform(Image.new("RGB", (300, 260), (128, 128, 128)))
+    want = (128 / 255 - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array([0.26862954, 0.26130258, 0.27577711])
+    np.testing.assert_allclose(grey.mean(dim=(1, 2)).numpy(), want, atol=2e-3)
+    with torch.no_grad():
+        ref = a.model.visual.forward_intermediates(px, indices=[0, 5, 10, 11], output_fmt="NLC",
+                                                   output_extra_tokens=True, intermediates_only=True)
+        emb = a.model.encode_image(px)
+    got = a.capture(px, ["0", "5", "-2", "-1", "embed"])
+    for name, i in (("0", 0), ("5", 1), ("-2", 2), ("-1", 3)):
+        full = torch.cat([ref["image_intermediates_prefix"][i], ref["image_intermediates"][i]], dim=1)
+        torch.testing.assert_close(got[name], full, rtol=0, atol=0)
+    torch.testing.assert_close(got["embed"], emb, rtol=0, atol=0)
+
+
+def test_llava_tower_is_what_llava_reads():
+    from transformers import LlavaForConditionalGeneration
+
+    src = H.world_dir() / "llava"
+    a = load_adapter(f"llava:{src}")  # tower weights only
+    assert a.llava is None and a.read_layer == -2 and a.read_tokens == "patches"
+    assert a.read_layer_block() == a.n_blocks - 2
+    full = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    px = _pixels(a)
+    seen = {}
+    hook = full.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            hs = full.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states
+            full.model.get_image_features(pixel_values=px)
+    finally:
+        hook.remove()
+    _check_against_hidden_states(a, px, hs)
+    # exactly the tensor LLaVA projects: the read layer, CLS dropped
+    h = a.capture(px, [a.read_layer])[str(a.read_layer)]
+    rows, index = select_tokens(h, TokenSpec.parse(a.read_tokens), np.arange(3), a.layout)
+    torch.testing.assert_close(rows.reshape(seen["x"].shape), seen["x"], rtol=0, atol=0)
+    assert index[:16, 1].tolist() == list(range(1, 17))
+    # the world spec maps onto the same model; full=True gives the whole LLaVA for steering
+    w = load_adapter(f"world:{src.parent}:llava", full_llava=True)
+    assert w.backend == "world" and w.llava is not None and w.layer_module(-2) is w.llava.model.vision_tower.encoder.layers[2]
+    torch.testing.assert_close(w.capture(px, ["-2"])["-2"], hs[-2], rtol=0, atol=0)
+    c = load_adapter(f"world:{src.parent}")
+    assert c.backend == "world" and c.embed_dim == 16 and c.read_layer is None
+
+
+def test_layer_numbering_on_a_24_block_tower():
+    src = H.clip_vision_dir(layers=24)
+    a = load_adapter(f"hf:{src}")
+    assert a.resolve_layer(22) == a.resolve_layer(-2).__class__("22", "block", 22)
+    assert a.resolve_layer(-2).block == 22 and a.resolve_layer(-1).block == 23 and a.resolve_layer(0).block == 0
+    assert a.resolve_layer(-25).kind == "input"
+    px = _pixels(a, n=2)
+    got = a.capture(px, ["22", "-2"])
+    torch.testing.assert_close(got["22"], got["-2"], rtol=0, atol=0)
+    for bad in (24, -26):
+        with pytest.raises(UserError, match="24 blocks"):
+            a.resolve_layer(bad)
+
+
+def test_early_stop_skips_later_blocks_and_hooks_are_removed_after_errors():
+    a = load_adapter(f"hf:{H.clip_vision_dir()}")
+    px = _pixels(a, n=2)
+    ran = []
+    counters = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(a.blocks)]
+    full = a.capture(px, ["0", "2"], stop_early=False)
+    ran.clear()
+    early = a.capture(px, ["0"])
+    assert ran == [0]  # blocks 1 and 2 never ran
+    torch.testing.assert_close(early["0"], full["0"], rtol=0, atol=0)
+    for h in counters:
+        h.remove()
+
+    def boom(m, i, o):
+        raise RuntimeError("boom")
+
+    bomb = a.blocks[1].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        a.capture(px, ["0", "2", "-4"])
+    bomb.remove()
+    with pytest.raises(Exception):
+        a.capture(torch.zeros(2, 3, 31, 31), ["1"])  # wrong image size fails inside the model
+    for b in a.blocks:
+        assert not b._forward_hooks and not b._forward_pre_hooks
+    # and the model still gives its plain result afterwards
+    torch.testing.assert_close(a.capture(px, ["2"])["2"], full["2"], rtol=0, atol=0)
+
+
+def test_token_selection_against_direct_indexing():
+    layout = TokenLayout(1, (2, 3), True)
+    h = torch.randn(2, 7, 4)
+    ids = np.array([10, 11])
+    rows, idx = select_tokens(h, TokenSpec.parse("cls"), ids, layout)
+    torch.testing.assert_close(rows, h[:, 0])
+    assert idx.tolist() == [[10, 0], [11, 0]]
+    rows, idx = select_tokens(h, TokenSpec.parse("mean"), ids, layout)
+    torch.testing.assert_close(rows, h[:, 1:].mean(1))
+    assert idx[:, 1].tolist() == [-1, -1]
+    rows, idx = select_tokens(h, TokenSpec.parse("all"), ids, layout)
+    torch.testing.assert_close(rows, h.reshape(14, 4))
+    rows, idx = select_tokens(h, TokenSpec.parse("random:3"), ids, layout, seed=5)
+    for r, (img, pos) in zip(rows, idx):
+        torch.testing.assert_close(r, h[img - 10, pos])
+    assert len(set(idx[:3, 1])) == 3 and (idx[:3, 1] != idx[3:, 1]).any()
+    _, again = select_tokens(h[1:], TokenSpec.parse("random:3"), ids[1:], layout, seed=5)
+    assert again.tolist() == idx[3:].tolist()  # a function of (seed, image), not of the batch
+    assert layout.patch_rc(0) is None and layout.patch_rc(6) == (1, 2)
+    for bad in ("random:0", "cls2", "random:x"):
+        with pytest.raises(UserError):
+            TokenSpec.parse(bad)
+    with pytest.raises(UserError, match="no CLS"):
+        TokenSpec.parse("cls").check(TokenLayout(0, (2, 2), False), "siglip")
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("clip:foo", "does not start with"),
+    ("hf:/nonexistent/model_dir", "cannot load"),
+    ("open_clip:NoSuchModel-X", "cannot load open_clip"),
+    ("open_clip:ViT-B-32//nonexistent/ckpt.pt", "does not exist"),
+    ("world:/nonexistent/world", "python -m precompute world"),
+])
+def test_bad_model_specs_are_one_sentence_errors(spec, msg):
+    with pytest.raises(UserError, match=msg):
+        load_adapter(spec)

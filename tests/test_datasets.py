@@ -1,0 +1,112 @@
+"""Dataset specs: order, labels, iNaturalist taxonomy paths, file lists, corrupt images, the world."""
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sae_core.datasets import ImageReadError, inat_taxonomy, open_dataset
+from sae_core.errors import UserError
+from tests import extract_helpers as H
+
+INAT = [
+    "00000_Animalia_Annelida_Clitellata_Haplotaxida_Lumbricidae_Lumbricus_terrestris",
+    "00001_Animalia_Arthropoda_Insecta_Lepidoptera_Nymphalidae_Danaus_plexippus",
+    "00002_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina",
+]
+
+
+def test_imagefolder_order_labels_and_corrupt_images():
+    root = H.image_dir(10, corrupt=(3, 4))
+    ds = open_dataset(f"imagefolder:{root}")
+    assert len(ds) == 10
+    assert [ds.item(i) for i in range(10)] == [f"{'cat' if i < 5 else 'dog'}/{i:04d}.{'png' if i % 3 == 0 else 'jpg'}" for i in range(10)]
+    assert ds.label(0) == "cat" and ds.label(9) == "dog" and ds.taxonomy_path(0) is None
+    img = ds[1]
+    assert img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(Image.open(root / "cat/0001.jpg").convert("RGB")))
+    for bad in (3, 4):  # garbage bytes, and a truncated file
+        with pytest.raises(ImageReadError, match=ds.item(bad)):
+            ds[bad]
+    with pytest.raises(IndexError):
+        ds[10]
+
+
+def test_inaturalist_folders_give_seven_level_taxonomy(tmp_path, monkeypatch):
+    for k, name in enumerate(INAT):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (k * 40, 0, 0)).save(tmp_path / "train" / name / f"{k}.jpg")
+    monkeypatch.setenv("INAT_PATH", str(tmp_path))
+    ds = open_dataset("inat:train")
+    assert len(ds) == 3
+    assert ds.taxonomy_path(1) == ["Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus",
+                                   "Danaus plexippus"]
+    assert ds.taxonomy_path(2)[0] == "Plantae" and len(ds.taxonomy_path(2)) == 7
+    assert inat_taxonomy("n01440764") is None  # ImageNet synsets are not taxonomy paths
+    monkeypatch.delenv("INAT_PATH")
+    with pytest.raises(UserError, match="INAT_PATH"):
+        open_dataset("inat:train")
+    monkeypatch.setenv("IMAGENET_PATH", str(tmp_path))
+    assert len(open_dataset("imagenet:train")) == 3
+    with pytest.raises(UserError, match="does not exist"):
+        open_dataset("imagenet:val")
+
+
+def test_file_list_with_labels_and_comments(tmp_path):
+    root = H.image_dir(10)
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# two images\n{root}/cat/0001.jpg\tkitten\n\n{root}/dog/0008.jpg\n")
+    ds = open_dataset(f"files:{lst}")
+    assert len(ds) == 2 and ds.label(0) == "kitten" and ds.label(1) is None
+    np.testing.assert_array_equal(np.asarray(ds[1]), np.asarray(Image.open(root / "dog/0008.jpg").convert("RGB")))
+    rel = H.write_file_list(root)
+    assert len(open_dataset(f"files:{rel}")) == 10  # paths relative to the list's folder
+
+
+def test_world_spec_delegates_to_the_world_dataset(tmp_path, monkeypatch):
+    calls = {}
+
+    class FakeWorld:
+        taxonomy = {"round": {"circle": {}}}
+
+        def __init__(self, root, split="train"):
+            calls["args"] = (root, split)
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (32, 32), (i, 0, 0))
+
+        def factors(self, i):
+            return {"shape": "circle"}
+
+        def taxonomy_path(self, i):
+            return ["round", "circle", "warm", "red"]
+
+    fake = types.ModuleType("sae_core.world.dataset")
+    fake.WorldDataset = FakeWorld
+    monkeypatch.setitem(sys.modules, "sae_core.world.dataset", fake)
+    ds = open_dataset(f"world:{tmp_path}:ood")
+    assert calls["args"] == (str(tmp_path), "ood") and len(ds) == 4
+    assert ds[2].getpixel((0, 0)) == (2, 0, 0) and ds.taxonomy_path(1)[-1] == "red" and ds.label(1) == "red"
+    assert ds.item(3) == "ood/3" and ds.factors(0) == {"shape": "circle"}
+    open_dataset(f"world:{tmp_path}")
+    assert calls["args"][1] == "train"
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("folder:/x", "is not one of"),
+    ("imagefolder:/nonexistent/x", "does not exist"),
+    ("files:/nonexistent/list.txt", "does not exist"),
+])
+def test_bad_dataset_specs(spec, msg):
+    with pytest.raises(UserError, match=msg):
+        open_dataset(spec)
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        open_dataset(f"imagefolder:{tmp_path}")

@@ -1,0 +1,81 @@
+"""ActivationStore reading across shards, row metadata, the prefetching batch iterator, atomic writes."""
+import json
+
+import numpy as np
+import pytest
+
+from sae_core.activation_store import (ActivationStore, save_npy_atomic, shuffled_batch_index,
+                                       write_json_atomic)
+from sae_core.errors import UserError
+
+
+def _make_store(path, sizes=(7, 0, 13, 5), d=6, with_index=True):
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((sum(sizes), d)).astype(np.float16)
+    index = np.stack([np.arange(len(full)) // 2, np.arange(len(full)) % 2], 1).astype(np.int64)
+    (path / "shards").mkdir(parents=True)
+    shards, off = [], 0
+    for k, n in enumerate(sizes):
+        save_npy_atomic(path / "shards" / f"{k}.npy", full[off:off + n])
+        save_npy_atomic(path / "shards" / f"{k}.index.npy", index[off:off + n])
+        entry = {"path": f"shards/{k}.npy", "rows": n}
+        if with_index:
+            entry["index"] = f"shards/{k}.index.npy"
+        shards.append(entry)
+        off += n
+    write_json_atomic(path / "manifest.json", {"shards": shards, "d": d, "dtype": "float16", "layer": "22",
+                                               "tokens": "random:2", "skipped": [{"index": 3}]})
+    return full, index
+
+
+def test_take_rows_and_row_index_across_shards(tmp_path):
+    full, index = _make_store(tmp_path / "s")
+    s = ActivationStore(tmp_path / "s")
+    assert len(s) == 25 and s.d == 6 and s.dtype == np.float16 and s.layer == "22" and s.skipped == [{"index": 3}]
+    idx = np.array([24, 0, 7, 7, 19, 6, 20, 3])
+    np.testing.assert_array_equal(s.take(idx), full[idx])
+    for a, b in ((0, 25), (5, 21), (7, 20), (20, 30), (24, 25), (3, 3)):
+        np.testing.assert_array_equal(s.rows(a, b), full[a:min(b, 25)])
+    np.testing.assert_array_equal(s.row_index(idx), index[idx])
+    np.testing.assert_array_equal(s.image_index(), index[:, 0])
+    np.testing.assert_array_equal(s.token_position(idx), index[idx, 1])
+    with pytest.raises(IndexError):
+        s.take(np.array([25]))
+    assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_iter_batches_is_the_shuffled_index_and_resumable(tmp_path):
+    full, _ = _make_store(tmp_path / "s")
+    s = ActivationStore(tmp_path / "s")
+    got = list(s.iter_batches(4, seed=3, start_step=2, stop_step=9, rank=1, world_size=2))
+    assert len(got) == 7
+    for step, batch in zip(range(2, 9), got):
+        np.testing.assert_array_equal(batch, full[shuffled_batch_index(25, 4, step, 3, 1, 2)])
+    # an endless iterator can be abandoned midway (the reader thread stops)
+    it = s.iter_batches(5, seed=0, prefetch=1)
+    first = [next(it) for _ in range(12)]  # crosses epochs
+    it.close()
+    np.testing.assert_array_equal(np.concatenate(first[:5])[np.argsort(np.concatenate([shuffled_batch_index(25, 5, k, 0) for k in range(5)]))], full)
+
+
+def test_extraction_dir_with_one_layer_opens_as_that_store(tmp_path):
+    _make_store(tmp_path / "run" / "layer_-2")
+    (tmp_path / "run" / "extract.json").write_text(json.dumps({"layers": ["-2"]}))
+    assert ActivationStore(tmp_path / "run").path == tmp_path / "run" / "layer_-2"
+    _make_store(tmp_path / "run" / "layer_embed")
+    (tmp_path / "run" / "extract.json").write_text(json.dumps({"layers": ["-2", "embed"]}))
+    with pytest.raises(UserError, match="layer_-2"):
+        ActivationStore(tmp_path / "run")
+
+
+def test_unfinished_and_foreign_stores_are_user_errors(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UserError, match="not a finished activation store"):
+        ActivationStore(tmp_path / "x")
+    _make_store(tmp_path / "old", with_index=False)
+    s = ActivationStore(tmp_path / "old")
+    with pytest.raises(UserError, match="no image index"):
+        s.row_index()
+    np.save(tmp_path / "a.npy", np.zeros((3, 2, 2), np.float32))
+    with pytest.raises(UserError, match="expected \\(rows, d\\)"):
+        ActivationStore(tmp_path / "a.npy")
