@@ -1,0 +1,74 @@
+"""`python -m precompute train`: train an SAE on an activation store or a plain (N, d) .npy file."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from sae_core.activation_store import ActivationStore
+from sae_core.checkpoint import CONFIG
+from sae_core.distributed import finish_distributed, init_distributed, local_device
+from sae_core.errors import UserError
+from sae_core.sae import ARCHS, SAEConfig, matryoshka_group_sizes
+from sae_core.training import TrainConfig, train_sae
+
+
+def add_arguments(p):
+    p.add_argument("--activations", required=True, help="activation store directory or (N, d) .npy file")
+    p.add_argument("--arch", required=True, choices=ARCHS)
+    width = p.add_mutually_exclusive_group(required=True)
+    width.add_argument("--expansion", type=float, help="SAE width as a multiple of d_in")
+    width.add_argument("--width", type=int, help="SAE width (number of latents)")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK family)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch, split over torchrun processes")
+    p.add_argument("--lr", type=float, help="default 2e-4 / sqrt(width / 2^14)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default min(1000, steps/20))")
+    p.add_argument("--decay-start", type=int, help="step where linear decay to 0 starts (default 80%% of steps; = steps disables)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the encoder matmul")
+    p.add_argument("--groups", help="matryoshka group sizes or fractions, e.g. 0.0625,0.0625,0.125,0.25,0.5")
+    p.add_argument("--l1-coeff", type=float, default=SAEConfig.l1_coeff, help="relu only")
+    p.add_argument("--aux-coeff", type=float, default=SAEConfig.aux_coeff)
+    p.add_argument("--aux-k", type=int, help="default d_in/2")
+    p.add_argument("--dead-window", type=int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
+    p.add_argument("--eval-rows", type=int, help="held-out rows at the end of the store (default 5%%, at most 65,536)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every 5 minutes)")
+    p.add_argument("--log", choices=["wandb", "tensorboard"], help="also log to W&B or TensorBoard")
+    p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")
+
+
+def run(args) -> int:
+    store = ActivationStore(args.activations)
+    d_sae = args.width if args.width else int(round(args.expansion * store.d))
+    groups = matryoshka_group_sizes(args.groups, d_sae) if args.arch == "matryoshka" else ()
+    sae_cfg = SAEConfig(arch=args.arch, d_in=store.d, d_sae=d_sae, k=args.k, l1_coeff=args.l1_coeff,
+                        group_sizes=groups, aux_k=args.aux_k, aux_coeff=args.aux_coeff)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      decay_start=args.decay_start, seed=args.seed, dtype=args.dtype,
+                      dead_window=args.dead_window, eval_rows=args.eval_rows)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} was asked for but CUDA is not available here; use --device cpu.")
+    out = Path(args.out)
+    if (out / CONFIG).exists() and not (out / "checkpoint").exists():
+        done = json.loads((out / CONFIG).read_text())
+        print(f"{out} already holds a finished SAE ({done['arch']}, width {done['d_sae']}); nothing to do.")
+        return 0
+    info = init_distributed(args.device)
+    try:
+        training_info = {
+            "activations": {"path": str(args.activations), **{k: store.manifest.get(k) for k in ("model", "layer", "tokens", "dataset")}},
+            "command": " ".join(["python -m precompute train", *sys.argv[2:]]),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+        metrics = train_sae(store, sae_cfg, cfg, out, info, device=local_device(args.device, info),
+                            checkpoint_every=args.checkpoint_every, logger=args.log, training_info=training_info)
+        if info.is_main:
+            print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=None))
+    finally:
+        finish_distributed(info)
+    return 0

@@ -1,0 +1,338 @@
+"""SAE training loop: scaled inputs, Adam with warm-up/decay, AuxK, resumable checkpoints, DDP."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .activation_store import ActivationStore, shuffled_batch_index
+from .atomic import atomic_path, write_json_atomic
+from .checkpoint import save_sae
+from .distributed import DistInfo, barrier
+from .errors import UserError
+from .metrics import MetricsAccumulator
+from .sae import SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOG_COLUMNS = ["step", "tokens", "loss", "recon_loss", "aux_loss", "sparsity_loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; everything that changes the resulting weights is in here (resume checks it)."""
+
+    steps: int
+    batch_size: int = 4096
+    lr: float | None = None
+    """None: 2e-4 / sqrt(width / 2^14)."""
+    warmup: int | None = None
+    """Linear warm-up steps; None: min(1000, steps // 20)."""
+    decay_start: int | None = None
+    """Step where a linear decay to 0 begins; None: 80% of the run; `steps` disables the decay."""
+    seed: int = 0
+    dtype: str = "float32"
+    """Compute dtype of the dense encoder matmul (float32 or bfloat16); master weights stay fp32."""
+    grad_clip: float = 1.0
+    dead_window: int = 10_000_000
+    """A latent is dead when it has not fired in this many tokens (or in the whole run so far)."""
+    eval_rows: int | None = None
+    """Held-out rows at the end of the store; None: 5% of the rows, at most 65,536."""
+    init_rows: int = 16_384
+    """Rows used to estimate the input scale and the geometric median that starts b_dec."""
+
+    def resolved(self, d_sae: int) -> "TrainConfig":
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError(f"--steps ({self.steps}) and --batch-size ({self.batch_size}) must be positive.")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}.")
+        lr = self.lr if self.lr is not None else default_lr(d_sae)
+        warmup = self.warmup if self.warmup is not None else min(1000, self.steps // 20)
+        decay = self.decay_start if self.decay_start is not None else int(0.8 * self.steps)
+        return TrainConfig(**{**asdict(self), "lr": lr, "warmup": warmup, "decay_start": decay})
+
+    def lr_at(self, step: int) -> float:
+        scale = 1.0
+        if self.warmup and step < self.warmup:
+            scale = (step + 1) / self.warmup
+        if step >= self.decay_start and self.steps > self.decay_start:
+            scale *= max(0.0, (self.steps - step) / (self.steps - self.decay_start))
+        return self.lr * scale
+
+
+class _TrainingStep(nn.Module):
+    """Wraps the SAE so that DDP sees the training forward as `forward`."""
+
+    def __init__(self, sae: SparseAutoencoder, compute_dtype: torch.dtype):
+        super().__init__()
+        self.sae, self.compute_dtype = sae, compute_dtype
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None):
+        return self.sae.training_forward(x, dead_mask, self.compute_dtype)
+
+
+def split_rows(n_rows: int, eval_rows: int | None) -> tuple[int, int]:
+    """(training rows, held-out rows): the held-out rows are the last ones, i.e. the last images."""
+    n_eval = eval_rows if eval_rows is not None else min(65_536, n_rows // 20)
+    if n_eval < 1 or n_rows - n_eval < 1:
+        raise UserError(f"the store has {n_rows} rows, too few to hold out {n_eval} for evaluation; extract more activations or set --eval-rows.")
+    return n_rows - n_eval, n_eval
+
+
+def _init_stats(store: ActivationStore, n_train: int, cfg: TrainConfig) -> tuple[float, Tensor]:
+    """Input scale c with E||c x||^2 = d_in, and the geometric median of the scaled sample."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    idx = np.sort(rng.choice(n_train, size=min(cfg.init_rows, n_train), replace=False))
+    sample = torch.from_numpy(store.take(idx)).double()
+    mean_sq = sample.pow(2).sum(1).mean().item()
+    if not math.isfinite(mean_sq) or mean_sq <= 0:
+        raise UserError("the activations are all zero or not finite; check the extraction (layer, dtype overflow).")
+    scale = math.sqrt(store.d / mean_sq)
+    return scale, geometric_median(sample * scale)
+
+
+class _Checkpoint:
+    """Everything a resumed run needs, in `DIR/checkpoint/` (tensors in safetensors, the rest JSON)."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir / "checkpoint"
+        self.tensors, self.meta = self.dir / "state.safetensors", self.dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.meta.exists() and self.tensors.exists()
+
+    def save(self, sae, opt, tracker: Tensor, meta: dict) -> None:
+        tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+        params = dict(sae.named_parameters())
+        for name, p in params.items():
+            st = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in st:
+                    tensors[f"adam.{name}.{key}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1).contiguous()
+        tensors["tokens_since_fired"] = tracker.cpu().contiguous()
+        with atomic_path(self.tensors) as tmp:
+            save_file(tensors, str(tmp))
+        write_json_atomic(self.meta, meta)  # last: a checkpoint without it is ignored
+
+    def load(self, sae, opt, device) -> tuple[dict, Tensor]:
+        meta = json.loads(self.meta.read_text())
+        t = load_file(str(self.tensors))
+        sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
+        for name, p in sae.named_parameters():
+            if f"adam.{name}.exp_avg" in t:
+                opt.state[p] = {
+                    "step": t[f"adam.{name}.step"].reshape(()).clone(),
+                    "exp_avg": t[f"adam.{name}.exp_avg"].reshape(p.shape).to(device),
+                    "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].reshape(p.shape).to(device),
+                }
+        return meta, t["tokens_since_fired"].to(device)
+
+
+def _open_logger(kind: str | None, out_dir: Path, run_config: dict):
+    """W&B or TensorBoard only when asked for; returns a function (step, dict) -> None."""
+    if kind is None:
+        return lambda step, row: None
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--log tensorboard needs the tensorboard package; run `pip install tensorboard`.") from None
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        return lambda step, row: [writer.add_scalar(k, v, step) for k, v in row.items()]
+    if kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--log wandb needs the wandb package; run `pip install wandb`.") from None
+        run = wandb.init(project="sae-lab", config=run_config, dir=str(out_dir))
+        return lambda step, row: run.log(row, step=step)
+    raise UserError(f"--log {kind!r} is not supported; use wandb or tensorboard.")
+
+
+def _log_rows_until(path: Path, step: int) -> None:
+    """Keep only CSV rows up to `step`, so that a resumed run does not log steps twice."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def train_sae(
+    store: ActivationStore,
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    dist_info: DistInfo = DistInfo(0, 1, 0),
+    device: str = "cpu",
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float = 300.0,
+    log_every: int = 10,
+    logger: str | None = None,
+    training_info: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume training) an SAE on `store`; write sae.safetensors, config.json, metrics.json.
+
+    Returns the held-out metrics. Under torchrun each process reads its slice of every global batch.
+    """
+    out_dir = Path(out_dir)
+    cfg = cfg.resolved(sae_cfg.d_sae)
+    if sae_cfg.d_in != store.d:
+        raise UserError(f"the SAE expects d_in={sae_cfg.d_in} but the activations have width {store.d}.")
+    n_train, n_eval = split_rows(len(store), cfg.eval_rows)
+    run_config = {"sae": sae_cfg.to_dict(), "train": asdict(cfg), "world_size": dist_info.world_size, "rows": len(store)}
+    compute_dtype = COMPUTE_DTYPES[cfg.dtype]
+
+    sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    ckpt = _Checkpoint(out_dir)
+    tracker = torch.zeros(sae_cfg.d_sae, dtype=torch.float64, device=device)  # tokens since each latent fired
+    start, tokens_seen, elapsed = 0, 0, 0.0
+    if ckpt.exists():
+        meta, tracker = ckpt.load(sae, opt, device)
+        if meta["run_config"] != json.loads(json.dumps(run_config)):
+            raise UserError(
+                f"{out_dir} holds a checkpoint of a different run (other arguments or data); "
+                "use a new --out directory or delete its checkpoint/ folder to start over."
+            )
+        start, tokens_seen, scale, elapsed = meta["step"], meta["tokens"], meta["scale"], meta.get("elapsed", 0.0)
+    else:
+        scale, b_dec = _init_stats(store, n_train, cfg)
+        with torch.no_grad():
+            sae.b_dec.copy_(b_dec)
+    step_module = _TrainingStep(sae, compute_dtype)
+    if dist_info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(step_module, broadcast_buffers=False)
+
+    log_path = out_dir / "train_log.csv"
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _log_rows_until(log_path, start)
+    remote_log = _open_logger(logger, out_dir, run_config) if dist_info.is_main else (lambda s, r: None)
+
+    global_batch = cfg.batch_size
+
+    def load_batch(step: int) -> Tensor:
+        idx = shuffled_batch_index(n_train, global_batch, step, cfg.seed, dist_info.rank, dist_info.world_size)
+        return torch.from_numpy(store.take(idx)).to(device=device, dtype=torch.float32)
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
+               disable=not (progress and dist_info.is_main), dynamic_ncols=True)
+    last_ckpt_time, window_t0, window_tokens = time.monotonic(), time.perf_counter(), 0
+    pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one trains
+    pending = pool.submit(load_batch, start) if start < cfg.steps else None
+    log_file = open(log_path, "a", newline="") if dist_info.is_main else None
+    writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS) if log_file else None
+    if writer and log_path.stat().st_size == 0:
+        writer.writeheader()
+    sae.train()
+    try:
+        for step in range(start, cfg.steps):
+            x = pending.result() * scale
+            pending = pool.submit(load_batch, step + 1) if step + 1 < cfg.steps else None
+            dead_mask = tracker >= min(cfg.dead_window, tokens_seen) if tokens_seen > 0 else None
+            out = step_module(x, dead_mask)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_decoder_grad()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            lr = cfg.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            sae.normalize_decoder()
+            with torch.no_grad():
+                fired = _all_reduce(out.fired.to(torch.float32), torch.distributed.ReduceOp.MAX) > 0
+                tracker += global_batch
+                tracker[fired] = 0
+            tokens_seen += global_batch
+            window_tokens += global_batch
+            bar.update(1)
+
+            done = step + 1
+            if done % log_every == 0 or done == cfg.steps:
+                row = _log_row(x, out, done, tokens_seen, tracker, cfg, lr, window_tokens / (time.perf_counter() - window_t0))
+                window_t0, window_tokens = time.perf_counter(), 0
+                if writer:
+                    writer.writerow(row)
+                    log_file.flush()
+                    remote_log(done, row)
+                bar.set_postfix(tok_s=f"{row['tokens_per_s']:.0f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
+                                dead=f"{100 * row['dead_fraction']:.1f}%")
+            due = (checkpoint_every and done % checkpoint_every == 0) or (
+                time.monotonic() - last_ckpt_time > checkpoint_seconds)
+            due_tensor = _all_reduce(torch.tensor(float(bool(due))), torch.distributed.ReduceOp.MAX)
+            if due_tensor.item() > 0 and done < cfg.steps:
+                if dist_info.is_main:
+                    ckpt.save(sae, opt, tracker, {"step": done, "tokens": tokens_seen, "scale": scale,
+                                                  "elapsed": elapsed + bar.format_dict["elapsed"], "run_config": run_config})
+                barrier(dist_info)
+                last_ckpt_time = time.monotonic()
+    finally:
+        bar.close()
+        pool.shutdown(wait=True)
+        if log_file:
+            log_file.close()
+
+    sae.eval()
+    sae.fold_input_scale(scale)
+    metrics = {}
+    if dist_info.is_main:
+        metrics = evaluate_on_rows(sae, store, n_train, len(store), device)
+        info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
+                "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen}
+        save_sae(sae, out_dir, training=info)
+        write_json_atomic(out_dir / "metrics.json", metrics)
+        if ckpt.exists():
+            for f in (ckpt.meta, ckpt.tensors):  # the finished SAE supersedes the checkpoint
+                f.unlink()
+            ckpt.dir.rmdir()
+    barrier(dist_info)
+    return metrics
+
+
+def _log_row(x, out, step, tokens, tracker, cfg, lr, tokens_per_s) -> dict:
+    with torch.no_grad():
+        var = (x - x.mean(0)).pow(2).sum().item()
+        err = (x - out.x_hat).pow(2).sum().item()
+        dead = (tracker >= min(cfg.dead_window, tokens)).double().mean().item()
+    return {"step": step, "tokens": tokens, "loss": out.loss.item(), "recon_loss": out.recon_loss.item(),
+            "aux_loss": out.aux_loss.item(), "sparsity_loss": out.sparsity_loss.item(),
+            "fvu": err / var if var > 0 else float("nan"), "l0": out.l0, "dead_fraction": dead, "lr": lr,
+            "tokens_per_s": tokens_per_s}
+
+
+@torch.no_grad()
+def evaluate_on_rows(sae: SparseAutoencoder, store: ActivationStore, start: int, stop: int, device: str = "cpu",
+                     batch_size: int = 4096) -> dict:
+    """Pooled metrics of the (raw-input) SAE on rows [start, stop); Matryoshka adds `prefix_fvu`."""
+    acc = MetricsAccumulator(sae.cfg.d_sae)
+    bounds = sae.group_bounds.tolist()[1:] if sae.cfg.arch == "matryoshka" else []
+    prefix_accs = [MetricsAccumulator(sae.cfg.d_sae) for _ in bounds]
+    for a in range(start, stop, batch_size):
+        x = torch.from_numpy(store.rows(a, min(stop, a + batch_size))).to(device=device, dtype=torch.float32)
+        z = sae.encode(x)
+        acc.update(x, sae.decode(z), z)
+        for b, pacc in zip(bounds, prefix_accs):
+            zp = z[:, :b]
+            pacc.update(x, zp @ sae.W_dec[:b] + sae.b_dec, zp)
+    metrics = acc.compute()
+    if prefix_accs:
+        metrics["prefix_sizes"] = bounds
+        metrics["prefix_fvu"] = [p.compute()["fvu"] for p in prefix_accs]
+    return metrics

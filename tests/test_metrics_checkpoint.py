@@ -1,0 +1,94 @@
+"""Metrics against textbook formulas; checkpoint and SAELens export round trips."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_core.checkpoint import export_saelens, load_sae, save_sae
+from sae_core.errors import UserError
+from sae_core.metrics import MetricsAccumulator
+from sae_core.sae import SAEConfig, SparseAutoencoder
+
+
+def test_fvu_is_pooled_and_measured_about_the_mean():
+    rng = np.random.default_rng(0)
+    # Two batches with very different means: per-batch FVU averaging would give another number.
+    x1 = rng.standard_normal((100, 8)) + 10
+    x2 = rng.standard_normal((50, 8)) - 3
+    xh1 = x1 + 0.3 * rng.standard_normal(x1.shape)
+    xh2 = x2 + 0.6 * rng.standard_normal(x2.shape)
+    acc = MetricsAccumulator(4)
+    for x, xh in ((x1, xh1), (x2, xh2)):
+        acc.update(torch.tensor(x), torch.tensor(xh), torch.zeros(len(x), 4))
+    x, xh = np.vstack([x1, x2]), np.vstack([xh1, xh2])
+    expected = ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    m = acc.compute()
+    assert m["fvu"] == pytest.approx(expected, rel=1e-10)
+    cos = (x * xh).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(xh, axis=1)
+    assert m["mean_cosine"] == pytest.approx(cos.mean(), rel=1e-10)
+
+
+def test_sparsity_metrics_and_reconstruction_bias():
+    z = torch.zeros(20, 5)
+    z[:, 0] = 1.0  # fires on 100%: dense
+    z[:1, 1] = 2.0  # fires on 5%: neither dead nor dense
+    z[:3, 2] = 1.0  # 15%: dense
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+    acc = MetricsAccumulator(5)
+    acc.update(x, 0.5 * x, z)  # the SAE halves every input
+    m = acc.compute()
+    assert m["l0"] == pytest.approx((20 + 1 + 3) / 20)
+    assert m["dead_fraction"] == pytest.approx(2 / 5)
+    assert m["dense_fraction"] == pytest.approx(2 / 5)
+    assert m["relative_reconstruction_bias"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_checkpoint_round_trip(tmp_path, arch):
+    cfg = SAEConfig(arch=arch, d_in=12, d_sae=48, k=3, group_sizes=(8, 40) if arch == "matryoshka" else ())
+    sae = SparseAutoencoder(cfg, seed=3)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.threshold.uniform_(0, 0.5)
+    save_sae(sae, tmp_path, training={"steps": 5})
+    loaded = load_sae(tmp_path, d_in=12)
+    assert loaded.cfg == cfg
+    x = torch.randn(10, 12)
+    torch.testing.assert_close(loaded(x), sae(x))
+    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    assert tensors["W_enc"].shape == (12, 48) and tensors["W_dec"].shape == (48, 12)
+    assert ("threshold" in tensors) == (arch in ("batchtopk", "matryoshka"))
+    assert json.loads((tmp_path / "config.json").read_text())["training"] == {"steps": 5}
+
+
+def test_wrong_width_fails_with_one_sentence_naming_both_sizes(tmp_path):
+    save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3)), tmp_path)
+    with pytest.raises(UserError, match=r"width 12.*width 1024"):
+        load_sae(tmp_path, d_in=1024)
+    state = load_file(str(tmp_path / "sae.safetensors"))
+    state["W_dec"] = torch.zeros(48, 13)
+    save_file(state, str(tmp_path / "sae.safetensors"))
+    with pytest.raises(UserError, match=r"W_dec has shape \(48, 13\).*\(48, 12\)"):
+        load_sae(tmp_path)
+    with pytest.raises(UserError, match="not a finished SAE directory"):
+        load_sae(tmp_path / "missing")
+
+
+def test_saelens_export_layout(tmp_path):
+    sae = SparseAutoencoder(SAEConfig(arch="batchtopk", d_in=12, d_sae=48, k=3), seed=1)
+    with torch.no_grad():
+        sae.threshold.uniform_(0.1, 0.3)
+    save_sae(sae, tmp_path / "sae")
+    out = export_saelens(tmp_path / "sae", tmp_path / "saelens")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["d_in"] == 12 and cfg["d_sae"] == 48
+    w = load_file(str(out / "sae_weights.safetensors"))
+    torch.testing.assert_close(w["threshold"], sae.threshold)
+    # SAELens's JumpReLU formula on the exported tensors reproduces our encoder.
+    x = torch.randn(7, 12)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    z = torch.relu(pre) * (pre > w["threshold"])
+    torch.testing.assert_close(z, sae.encode(x))

@@ -1,0 +1,212 @@
+"""SAE modules against independent numpy / dense-autograd references."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae_core.errors import UserError
+from sae_core.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    batchtopk_codes,
+    geometric_median,
+    matryoshka_group_sizes,
+)
+
+D_IN, D_SAE, K, B = 16, 64, 4, 32
+GROUPS = (8, 24, 32)
+
+
+def make_sae(arch, seed=0):
+    cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K, group_sizes=GROUPS if arch == "matryoshka" else ())
+    sae = SparseAutoencoder(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move away from the symmetric init so that every term matters
+        sae.W_enc.add_(0.3 * torch.randn(sae.W_enc.shape, generator=g))
+        sae.b_enc.copy_(0.2 * torch.randn(D_SAE, generator=g))
+        sae.b_dec.copy_(torch.randn(D_IN, generator=g))
+        sae.threshold.copy_(torch.rand(D_SAE, generator=g))
+    return sae
+
+
+def np_params(sae):
+    return {n: getattr(sae, n).detach().double().numpy() for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+
+
+def np_pre(p, x):
+    return (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+
+
+def np_select(arch, acts):
+    """Boolean mask of active latents during training, by the textbook definition of each arch."""
+    if arch == "topk":
+        mask = np.zeros_like(acts, dtype=bool)
+        top = np.argsort(-acts, axis=1)[:, :K]
+        np.put_along_axis(mask, top, True, axis=1)
+        return mask & (acts > 0)
+    cut = np.sort(acts.ravel())[::-1][K * acts.shape[0] - 1]  # the (k*B)-th largest of the batch
+    return (acts >= cut) & (acts > 0)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_inference_forward_matches_numpy(arch):
+    sae = make_sae(arch)
+    p = np_params(sae)
+    x = np.random.default_rng(0).standard_normal((B, D_IN)) * 2
+    pre = np_pre(p, x)
+    if arch == "relu":
+        z = np.maximum(pre, 0)
+    elif arch == "topk":
+        z = np.where(np_select("topk", np.maximum(pre, 0)), pre, 0)
+    else:  # JumpReLU with the learned per-latent thresholds
+        z = np.where((pre > p["threshold"]) & (pre > 0), pre, 0)
+    x_hat = z @ p["W_dec"] + p["b_dec"]
+    xt = torch.tensor(x, dtype=torch.float32)
+    np.testing.assert_allclose(sae.encode(xt).detach().numpy(), z, atol=1e-5)
+    np.testing.assert_allclose(sae(xt).detach().numpy(), x_hat, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_training_loss_matches_numpy(arch):
+    sae = make_sae(arch)
+    p = np_params(sae)
+    x = np.random.default_rng(1).standard_normal((B, D_IN)) * 2
+    pre = np_pre(p, x)
+    if arch == "relu":
+        z = np.maximum(pre, 0)
+        recon = ((x - (z @ p["W_dec"] + p["b_dec"])) ** 2).sum(1).mean()
+        expected = recon + sae.cfg.l1_coeff * (z * np.linalg.norm(p["W_dec"], axis=1)).sum(1).mean()
+    else:
+        z = np.where(np_select(arch, np.maximum(pre, 0)), pre, 0)
+        if arch == "matryoshka":
+            bounds = np.cumsum(GROUPS)
+            expected = np.mean([
+                ((x - (z[:, :b] @ p["W_dec"][:b] + p["b_dec"])) ** 2).sum(1).mean() for b in bounds
+            ])
+        else:
+            expected = ((x - (z @ p["W_dec"] + p["b_dec"])) ** 2).sum(1).mean()
+    out = sae.training_forward(torch.tensor(x, dtype=torch.float32))
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    if arch != "relu":
+        assert out.l0 == pytest.approx((z != 0).sum() / B)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_sparse_gradients_equal_dense_autograd(arch):
+    """The sparse backward (only active latents) gives the gradients of the dense formula, AuxK included."""
+    sae = make_sae(arch)
+    x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(2)) * 2
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    sae.training_forward(x, dead).loss.backward()
+    sparse_grads = {n: q.grad.clone() for n, q in sae.named_parameters()}
+    sae.zero_grad()
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    mask = torch.from_numpy(np_select(arch, F.relu(pre).detach().double().numpy()))
+    z = pre * mask
+    if arch == "matryoshka":
+        recon = torch.stack([
+            (x - (z[:, :b] @ sae.W_dec[:b] + sae.b_dec)).pow(2).sum(1).mean() for b in np.cumsum(GROUPS)
+        ]).mean()
+    else:
+        recon = (x - (z @ sae.W_dec + sae.b_dec)).pow(2).sum(1).mean()
+    e = (x - (z @ sae.W_dec + sae.b_dec)).detach()
+    dead_acts = F.relu(pre) * dead
+    aux_k = min(sae.cfg.effective_aux_k, int(dead.sum()))
+    top = dead_acts.topk(aux_k, dim=1).indices
+    aux_mask = torch.zeros_like(dead_acts, dtype=torch.bool).scatter_(1, top, True) & (dead_acts > 0)
+    e_hat = (pre * aux_mask) @ sae.W_dec  # no decoder bias in the auxiliary reconstruction
+    aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    (recon + sae.cfg.aux_coeff * aux).backward()
+    for n, q in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[n], q.grad, atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_batchtopk_selection_is_exact_even_when_one_token_takes_most_winners():
+    g = torch.Generator().manual_seed(3)
+    acts = F.relu(torch.randn(64, 512, generator=g))
+    acts[5] *= 50  # this token holds far more than 4k of the batch's top k*B values
+    codes, cut = batchtopk_codes(acts, k=8)
+    mask = np.zeros(acts.shape, dtype=bool)
+    mask[codes.row.numpy(), codes.col.numpy()] = True
+    flat = acts.numpy().ravel()
+    reference = acts.numpy() >= np.sort(flat)[::-1][8 * 64 - 1]
+    assert (mask == reference).all()
+    assert mask.sum() == 8 * 64
+
+
+def test_threshold_is_meaningful_after_one_step():
+    """One training step gives thresholds such that inference L0 is close to k (no -1 placeholder)."""
+    sae = make_sae("batchtopk")
+    with torch.no_grad():
+        sae.threshold.zero_()
+    x = torch.randn(512, D_IN, generator=torch.Generator().manual_seed(4)) * 2
+    sae.train()
+    sae.training_forward(x)
+    assert (sae.threshold > 0).all()
+    l0 = (sae.encode(x) > 0).sum(1).float().mean().item()
+    assert K * 0.5 <= l0 <= K * 1.5
+
+
+def test_unfired_latents_get_the_global_threshold():
+    sae = make_sae("batchtopk")
+    with torch.no_grad():
+        sae.W_enc[:, :4] = -sae.W_enc[:, :4].abs() * 100  # latents 0..3 can never be selected
+        sae.b_enc[:4] = -100
+    x = torch.randn(128, D_IN, generator=torch.Generator().manual_seed(5)).abs()
+    sae.train()
+    sae.training_forward(x)
+    assert not sae.fired_ever[:4].any()
+    assert torch.equal(sae.threshold[:4], sae.global_threshold.expand(4))
+    assert sae.global_threshold.item() == pytest.approx(sae.threshold[sae.fired_ever].min().item())
+
+
+def test_decoder_gradient_projection_and_renormalisation():
+    sae = make_sae("topk")
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_decoder_grad()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(D_SAE), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+def test_encoder_starts_as_decoder_transpose():
+    sae = SparseAutoencoder(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=K), seed=7)
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_fold_input_scale_gives_the_same_sae_on_raw_inputs(arch):
+    scale = 7.5
+    sae = make_sae(arch)
+    x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(6))
+    z_scaled, x_hat_scaled = sae.encode(scale * x), sae(scale * x)
+    sae.fold_input_scale(scale)
+    torch.testing.assert_close(sae.encode(x) * scale, z_scaled, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sae(x) * scale, x_hat_scaled, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+def test_geometric_median_minimises_the_sum_of_distances():
+    g = torch.Generator().manual_seed(8)
+    pts = torch.randn(200, 5, generator=g)
+    pts[:20] += 100  # outliers drag the mean, not the median
+    med = geometric_median(pts).double()
+    cost = lambda c: (pts.double() - c).norm(dim=1).sum().item()
+    for _ in range(50):
+        assert cost(med) <= cost(med + 0.01 * torch.randn(5, generator=g, dtype=torch.float64)) + 1e-9
+    assert med.norm() < pts.mean(0).norm()
+
+
+def test_group_sizes_and_config_errors():
+    assert matryoshka_group_sizes("0.25,0.25,0.5", 64) == (16, 16, 32)
+    assert matryoshka_group_sizes("8,24,32", 64) == (8, 24, 32)
+    assert sum(matryoshka_group_sizes(None, 1000)) == 1000
+    with pytest.raises(UserError, match="sum to the width"):
+        SAEConfig(arch="matryoshka", d_in=4, d_sae=10, k=2, group_sizes=(3, 3))
+    with pytest.raises(UserError, match="unknown SAE architecture"):
+        SAEConfig(arch="gated", d_in=4, d_sae=10)
