@@ -255,7 +255,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
                 acts = adapter.capture(pixels, layers)
                 for lay in layers:
                     rows, index = select_tokens(acts[lay.name], token_spec, ids, adapter.layout, cfg.seed)
-                    buf[lay.name].append((rows.cpu().numpy().astype(cfg.dtype), index))
+                    buf[lay.name].append((_to_storage(rows, cfg.dtype, lay.name, precision), index))
             bar.update(len(ids) + len(skip))
             done_images += len(ids) + len(skip)
             if skipped:
@@ -281,6 +281,18 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
         finish_distributed(info)
 
 
+def _to_storage(rows, dtype: str, layer: str, precision: str) -> np.ndarray:
+    """float32 rows -> the storage dtype, refusing values the store cannot hold."""
+    arr = rows.float().cpu().numpy()
+    peak = float(np.abs(arr).max()) if arr.size else 0.0
+    if not np.isfinite(peak):
+        raise UserError(f"layer {layer} produced NaN or infinite activations at precision {precision}; rerun with --precision fp32.")
+    if dtype == "float16" and peak > float(np.finfo(np.float16).max):
+        raise UserError(f"layer {layer} has activations up to {peak:.3g}, beyond float16's range; "
+                        "rerun with --dtype float32 and a new --out.")
+    return arr.astype(dtype)
+
+
 def _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, width):
     rows = {}
     for lay in layers:
@@ -290,10 +302,6 @@ def _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, wid
             index = np.concatenate([i for _, i in parts])
         else:
             acts, index = np.zeros((0, width), np.float16), np.zeros((0, 2), np.int64)
-        if not np.isfinite(acts).all():
-            raise UserError(
-                f"layer {lay.name} has activations beyond the range of {acts.dtype} (shard {k}); "
-                "rerun with --dtype float32 and a new --out.")
         d = layer_dirs[lay.name] / "shards"
         save_npy_atomic(d / f"{k:05d}.index.npy", index)
         save_npy_atomic(d / f"{k:05d}.npy", acts)

@@ -1,0 +1,189 @@
+"""The extract job end to end: stores equal an independent output_hidden_states reference, corrupt
+images are skipped and counted, kill -9 then resume gives the identical store, and torchrun with two
+gloo processes gives the same rows as one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from precompute.extract import ExtractConfig, extract
+from sae_core.activation_store import ActivationStore
+from sae_core.errors import UserError
+from tests import extract_helpers as H
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference_hidden_states(model_dir, image_root, indices):
+    """output_hidden_states=True of the saved model on the listed images, one image at a time."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(model_dir).eval()
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    files = sorted(p for p in image_root.rglob("*") if p.is_file())
+    out = []
+    with torch.no_grad():
+        for i in indices:
+            px = proc(images=Image.open(files[i]).convert("RGB"), return_tensors="pt")["pixel_values"]
+            o = model(pixel_values=px, output_hidden_states=True)
+            out.append((o.hidden_states, o.pooler_output))
+    return out
+
+
+def _store_bytes(out: Path) -> dict:
+    """Every shard and index file of every layer, by relative path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("layer_*/shards/*.npy"))}
+
+
+def test_extract_equals_hidden_states_and_skips_corrupt_images(tmp_path):
+    model_dir = H.clip_vision_dir()
+    images = H.image_dir(10, corrupt=(3, 4))
+    cfg = ExtractConfig(model=f"hf:{model_dir}", dataset=f"imagefolder:{images}", out=str(tmp_path / "acts"),
+                        layers=["0", "-1", "embed"], tokens="all", batch_size=3, shard_images=4)
+    summary = extract(cfg)
+    assert summary["complete"] and summary["n_skipped"] == 2 and summary["n_shards"] == 3
+    good = [i for i in range(10) if i not in (3, 4)]
+    ref = _reference_hidden_states(model_dir, images, good)
+    for name, hs_index in (("0", 1), ("-1", -1)):
+        s = ActivationStore(tmp_path / "acts" / f"layer_{name}")
+        m = s.manifest
+        assert (len(s), s.d, m["dtype"], m["tokens"], m["n_skipped"]) == (8 * 17, 32, "float16", "all", 2)
+        assert [x["index"] for x in m["skipped"]] == [3, 4] and m["skipped"][0]["item"] == "cat/0003.png"
+        assert m["model"]["token_layout"]["n_tokens"] == 17 and m["block"] == (0 if name == "0" else 2)
+        want = np.concatenate([hs[hs_index][0].numpy() for hs, _ in ref])
+        np.testing.assert_allclose(s.rows(0, len(s)).astype(np.float32), want, rtol=2e-3, atol=2e-3)
+        np.testing.assert_array_equal(s.image_index(), np.repeat(good, 17))
+        np.testing.assert_array_equal(s.token_position(), np.tile(np.arange(17), 8))
+    e = ActivationStore(tmp_path / "acts" / "layer_embed")
+    np.testing.assert_allclose(e.rows(0, 8).astype(np.float32), np.concatenate([p.numpy() for _, p in ref]),
+                               rtol=2e-3, atol=2e-3)
+    assert e.token_position().tolist() == [-1] * 8 and e.manifest["tokens"] == "embed"
+    # a finished run is not redone
+    before = _store_bytes(tmp_path / "acts")
+    mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "acts").glob("layer_*/shards/*.npy")]
+    extract(cfg)
+    assert _store_bytes(tmp_path / "acts") == before
+    assert mtimes == [p.stat().st_mtime_ns for p in (tmp_path / "acts").glob("layer_*/shards/*.npy")]
+
+
+def test_random_tokens_and_mean_do_not_depend_on_batching(tmp_path):
+    images = H.image_dir(10)
+    stores = []
+    for bs, shard in ((2, 4), (5, 10)):
+        out = tmp_path / f"b{bs}"
+        extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{images}", out=str(out),
+                              layers=["1"], tokens="random:3", batch_size=bs, shard_images=shard, seed=7))
+        stores.append(ActivationStore(out))
+    a, b = stores
+    np.testing.assert_array_equal(a.row_index(), b.row_index())
+    np.testing.assert_allclose(a.rows(0, 30).astype(np.float32), b.rows(0, 30).astype(np.float32), rtol=2e-3, atol=2e-3)
+    pos = a.token_position().reshape(10, 3)
+    assert (np.diff(pos, axis=1) > 0).all() and len({tuple(p) for p in pos}) > 1
+    # mean = the mean of the patch tokens of the "all" rows
+    extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{images}", out=str(tmp_path / "m"),
+                          layers=["1"], tokens="mean", limit=4, dtype="float32"))
+    extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{images}", out=str(tmp_path / "all"),
+                          layers=["1"], tokens="all", limit=4, dtype="float32"))
+    full = ActivationStore(tmp_path / "all").rows(0, 68).reshape(4, 17, 32)
+    np.testing.assert_allclose(ActivationStore(tmp_path / "m").rows(0, 4), full[:, 1:].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def _cli(out, *extra, model=None, images=None):
+    return [sys.executable, "-m", "precompute", "extract", "--model", model or f"hf:{H.clip_vision_dir()}",
+            "--dataset", f"imagefolder:{images or H.image_dir(10, corrupt=(3, 4))}", "--out", str(out),
+            "--layer", "1,embed", "--tokens", "random:2", "--batch-size", "1", "--shard-images", "2", *extra]
+
+
+def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
+    ref = tmp_path / "ref"
+    torch.set_num_threads(1)
+    try:
+        extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{H.image_dir(10, corrupt=(3, 4))}",
+                              out=str(ref), layers=["1", "embed"], tokens="random:2", batch_size=1, shard_images=2))
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    out = tmp_path / "killed"
+    env = {**os.environ, "SAE_EXTRACT_THROTTLE_S": "0.4", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(_cli(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list((out / "progress").glob("*.json"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "progress").glob("*.json"))
+    assert 2 <= len(done) < 5 and not (out / "layer_1" / "manifest.json").exists()
+    with pytest.raises(UserError, match="not a finished activation store"):
+        ActivationStore(out / "layer_1")
+    kept = {p.name: p.stat().st_mtime_ns for p in done}
+    env.pop("SAE_EXTRACT_THROTTLE_S")
+    r = subprocess.run(_cli(out), cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in done} == kept  # finished shards were not redone
+    assert _store_bytes(out) == _store_bytes(ref)
+    assert not list(out.rglob(".*tmp*"))
+    for layer in ("layer_1", "layer_embed"):
+        a, b = (json.loads((d / layer / "manifest.json").read_text()) for d in (ref, out))
+        assert a["shards"] == b["shards"] and a["skipped"] == b["skipped"]
+
+
+def test_torchrun_two_processes_give_the_same_rows_as_one(tmp_path):
+    one = tmp_path / "one"
+    torch.set_num_threads(1)  # torchrun's workers run with OMP_NUM_THREADS=1
+    try:
+        extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{H.image_dir(10, corrupt=(3, 4))}",
+                              out=str(one), layers=["1", "embed"], tokens="random:2", batch_size=1, shard_images=2))
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "precompute", *_cli(two)[3:]]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for layer in ("layer_1", "layer_embed"):
+        a, b = ActivationStore(one / layer), ActivationStore(two / layer)
+        assert len(a) == len(b) == (16 if layer == "layer_1" else 8)
+        np.testing.assert_array_equal(a.rows(0, len(a)), b.rows(0, len(b)))
+        np.testing.assert_array_equal(a.row_index(), b.row_index())
+        assert a.manifest["skipped"] == b.manifest["skipped"] and b.manifest["n_skipped"] == 2
+    assert json.loads((two / "extract.json").read_text())["last_session"]["processes"] == 2
+
+
+def test_resume_with_other_settings_and_cli_errors(tmp_path, capsys):
+    from precompute.__main__ import main
+
+    images = H.image_dir(10)
+    base = ["extract", "--model", f"hf:{H.clip_vision_dir()}", "--dataset", f"imagefolder:{images}",
+            "--out", str(tmp_path / "o"), "--limit", "3"]
+    assert main(base + ["--layer", "0"]) == 0
+    assert main(base + ["--layer", "0", "--tokens", "mean"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "other settings (tokens: 'cls' there, 'mean' now)" in err and "Traceback" not in err
+    assert main(base + ["--layer", "7"]) == 2
+    assert "layer 7 does not exist" in capsys.readouterr().err
+    assert main(base[:-4] + ["--out", str(tmp_path / "p"), "--tokens", "random:99", "--layer", "0"]) == 2
+    assert "more tokens than the 17" in capsys.readouterr().err
+
+
+def test_float16_overflow_is_a_user_error(tmp_path):
+    from transformers import CLIPVisionModel
+
+    m = CLIPVisionModel.from_pretrained(H.clip_vision_dir())
+    with torch.no_grad():
+        m.encoder.layers[0].mlp.fc2.bias.add_(1e6)  # block 0's output leaves float16's range
+    m.save_pretrained(tmp_path / "big")
+    (tmp_path / "big" / "preprocessor_config.json").write_text((H.clip_vision_dir() / "preprocessor_config.json").read_text())
+    cfg = ExtractConfig(model=f"hf:{tmp_path / 'big'}", dataset=f"imagefolder:{H.image_dir(10)}", out=str(tmp_path / "o"),
+                        layers=["-3"], tokens="cls", limit=2)
+    with pytest.raises(UserError, match="--dtype float32"):
+        extract(cfg)
+    cfg.dtype, cfg.out = "float32", str(tmp_path / "o32")
+    extract(cfg)
+    assert np.abs(ActivationStore(tmp_path / "o32").rows(0, 2)).max() > 65504
