@@ -102,14 +102,20 @@ def _cli(out, *extra, model=None, images=None):
             "--layer", "1,embed", "--tokens", "random:2", "--batch-size", "1", "--shard-images", "2", *extra]
 
 
-def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
-    ref = tmp_path / "ref"
+def _extract_like_cli(out):
+    """In this process, the same extraction as `_cli`, on one thread as torchrun's workers run."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{H.image_dir(10, corrupt=(3, 4))}",
-                              out=str(ref), layers=["1", "embed"], tokens="random:2", batch_size=1, shard_images=2))
+                              out=str(out), layers=["1", "embed"], tokens="random:2", batch_size=1, shard_images=2))
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
+
+
+def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
+    ref = tmp_path / "ref"
+    _extract_like_cli(ref)
     out = tmp_path / "killed"
     env = {**os.environ, "SAE_EXTRACT_THROTTLE_S": "0.4", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(_cli(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -136,12 +142,7 @@ def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
 
 def test_torchrun_two_processes_give_the_same_rows_as_one(tmp_path):
     one = tmp_path / "one"
-    torch.set_num_threads(1)  # torchrun's workers run with OMP_NUM_THREADS=1
-    try:
-        extract(ExtractConfig(model=f"hf:{H.clip_vision_dir()}", dataset=f"imagefolder:{H.image_dir(10, corrupt=(3, 4))}",
-                              out=str(one), layers=["1", "embed"], tokens="random:2", batch_size=1, shard_images=2))
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    _extract_like_cli(one)
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "precompute", *_cli(two)[3:]]
