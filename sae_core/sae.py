@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
-from .sparse_ops import SparseCodes, codes_from_mask, selected_preacts, sparse_decode
+from .sparse_ops import SparseCodes, codes_from_mask, selected_preacts, sorted_codes, sparse_decode
 
 ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
 THRESHOLD_ARCHS = ("batchtopk", "matryoshka")
@@ -235,7 +235,7 @@ class SparseAutoencoder(nn.Module):
         fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
         fired[codes.col] = True
         if self.training and cut is not None:
-            self._update_thresholds(vals.detach(), codes)
+            self._update_thresholds(cut, fired)
         aux_loss = self._aux_loss(x, x_hat, pre, x_c, dead_mask)
         zero = recon_loss.new_zeros(())
         return TrainOutput(
@@ -277,8 +277,7 @@ class SparseAutoencoder(nn.Module):
         partial = []
         for g in range(len(self.cfg.group_sizes)):
             sel = group == g
-            sub = codes_from_mask(codes.row[sel], codes.col[sel], codes.n_rows, self.cfg.d_sae)
-            # codes_from_mask re-sorts, but a subset of CSR-ordered entries is already in order.
+            sub = sorted_codes(codes.row[sel], codes.col[sel], codes.n_rows)
             partial.append(sparse_decode(vals[sel], self.W_dec, sub))
         prefixes = torch.stack(partial).cumsum(0) + self.b_dec  # (G, B, d)
         losses = (x - prefixes).pow(2).sum(2).mean(1)  # (G,)
@@ -315,30 +314,25 @@ class SparseAutoencoder(nn.Module):
         return self.cfg.aux_coeff * share
 
     @torch.no_grad()
-    def _update_thresholds(self, vals: Tensor, codes: SparseCodes) -> None:
-        """Per latent: moving average of its smallest selected activation in each batch it fired in.
+    def _update_thresholds(self, cut: Tensor, fired: Tensor) -> None:
+        """Per latent: moving average of the batch cut over the batches in which the latent fired.
 
-        A latent's first firing sets its threshold directly, so an SAE trained for a single step
-        already has a meaningful one; latents that never fired use the global moving average of
-        the batch's smallest selected activation.
+        BatchTopK keeps every activation >= the batch's cut (the (k*B)-th largest), so the cut is
+        the threshold a latent was trained under; a latent that fired only in some phase of
+        training keeps the cuts of that phase. (The smallest *selected* value of a latent would sit
+        above the cut, more so for rare latents, and make inference sparser than training.) A
+        latent's first firing sets its threshold directly, so an SAE trained for one step already
+        has meaningful thresholds; latents that never fired use the moving average of all cuts.
         """
-        n = self.cfg.d_sae
-        big = torch.finfo(vals.dtype).max
-        batch_min = torch.full((n,), big, dtype=vals.dtype, device=vals.device)
-        batch_min.scatter_reduce_(0, codes.col, vals, reduce="amin")
-        _all_reduce(batch_min, dist.ReduceOp.MIN)
-        fired_now = batch_min < big
-        if not bool(fired_now.any()):
-            return
+        fired = _all_reduce(fired.float(), dist.ReduceOp.MAX) > 0
+        cut = cut.to(self.threshold.dtype)
         decay = self.cfg.threshold_decay
-        global_min = batch_min[fired_now].min()
         first_ever = not bool(self.fired_ever.any())
-        self.global_threshold.copy_(global_min if first_ever else decay * self.global_threshold + (1 - decay) * global_min)
-        new = fired_now & ~self.fired_ever
-        old = fired_now & self.fired_ever
-        self.threshold[new] = batch_min[new]
-        self.threshold[old] = decay * self.threshold[old] + (1 - decay) * batch_min[old]
-        self.fired_ever |= fired_now
+        self.global_threshold.copy_(cut if first_ever else decay * self.global_threshold + (1 - decay) * cut)
+        new, old = fired & ~self.fired_ever, fired & self.fired_ever
+        self.threshold[new] = cut
+        self.threshold[old] = decay * self.threshold[old] + (1 - decay) * cut
+        self.fired_ever |= fired
         self.threshold[~self.fired_ever] = self.global_threshold
 
     # ---------------------------------------------------------------- constraints

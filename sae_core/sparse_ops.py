@@ -33,7 +33,11 @@ class SparseCodes(NamedTuple):
 def codes_from_mask(rows: Tensor, cols: Tensor, n_rows: int, n_latents: int) -> SparseCodes:
     """Sort (row, col) pairs into CSR order."""
     order = torch.argsort(rows * n_latents + cols)
-    rows, cols = rows[order], cols[order]
+    return sorted_codes(rows[order], cols[order], n_rows)
+
+
+def sorted_codes(rows: Tensor, cols: Tensor, n_rows: int) -> SparseCodes:
+    """CSR codes from pairs already in CSR order (e.g. a subset of another SparseCodes' entries)."""
     counts = torch.bincount(rows, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(counts, 0)

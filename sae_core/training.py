@@ -323,7 +323,7 @@ def evaluate_on_rows(sae: SparseAutoencoder, store: ActivationStore, start: int,
     """Pooled metrics of the (raw-input) SAE on rows [start, stop); Matryoshka adds `prefix_fvu`."""
     acc = MetricsAccumulator(sae.cfg.d_sae)
     bounds = sae.group_bounds.tolist()[1:] if sae.cfg.arch == "matryoshka" else []
-    prefix_accs = [MetricsAccumulator(sae.cfg.d_sae) for _ in bounds]
+    prefix_accs = [MetricsAccumulator(b) for b in bounds]
     for a in range(start, stop, batch_size):
         x = torch.from_numpy(store.rows(a, min(stop, a + batch_size))).to(device=device, dtype=torch.float32)
         z = sae.encode(x)

@@ -149,17 +149,35 @@ def test_threshold_is_meaningful_after_one_step():
     assert K * 0.5 <= l0 <= K * 1.5
 
 
-def test_unfired_latents_get_the_global_threshold():
+def test_thresholds_follow_the_batch_cut_and_unfired_latents_use_the_global_one():
     sae = make_sae("batchtopk")
     with torch.no_grad():
         sae.W_enc[:, :4] = -sae.W_enc[:, :4].abs() * 100  # latents 0..3 can never be selected
         sae.b_enc[:4] = -100
-    x = torch.randn(128, D_IN, generator=torch.Generator().manual_seed(5)).abs()
+    g = torch.Generator().manual_seed(5)
     sae.train()
-    sae.training_forward(x)
+    cuts, fired_in = [], []
+    for step in range(3):
+        x = torch.randn(128, D_IN, generator=g).abs() * (1 + step)
+        acts = F.relu(sae.pre_acts(x)).detach().double().numpy()
+        cuts.append(np.sort(acts.ravel())[::-1][K * 128 - 1])  # this batch's cut
+        fired_in.append(np_select("batchtopk", acts).any(0))
+        sae.training_forward(x)
+    decay = sae.cfg.threshold_decay
+    expected_global = cuts[0]
+    for c in cuts[1:]:
+        expected_global = decay * expected_global + (1 - decay) * c
+    assert sae.global_threshold.item() == pytest.approx(expected_global, rel=1e-5)
     assert not sae.fired_ever[:4].any()
     assert torch.equal(sae.threshold[:4], sae.global_threshold.expand(4))
-    assert sae.global_threshold.item() == pytest.approx(sae.threshold[sae.fired_ever].min().item())
+    for j in range(4, D_SAE):  # textbook EMA over the batches in which latent j fired
+        seen = [c for c, f in zip(cuts, fired_in) if f[j]]
+        if not seen:
+            continue
+        ema = seen[0]
+        for c in seen[1:]:
+            ema = decay * ema + (1 - decay) * c
+        assert sae.threshold[j].item() == pytest.approx(ema, rel=1e-5), j
 
 
 def test_decoder_gradient_projection_and_renormalisation():

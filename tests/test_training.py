@@ -1,0 +1,162 @@
+"""The `train` command end to end: planted-dictionary recovery, AuxK, folding, resume, DDP."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from precompute.__main__ import main as precompute_main
+from sae_core.checkpoint import load_sae
+from sae_core.sae import SAEConfig, SparseAutoencoder
+from sae_core.synthetic import planted_dictionary, recovered_fraction
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    data = planted_dictionary(40_000, d=64, n_atoms=256, active=4, seed=0)
+    path = tmp_path_factory.mktemp("planted") / "x.npy"
+    np.save(path, data.x)
+    return path, data
+
+
+def train_args(npy, out, arch, steps, extra=()):
+    return ["train", "--activations", str(npy), "--arch", arch, "--width", "512", "--k", "4",
+            "--steps", str(steps), "--batch-size", "512", "--lr", "3e-3", "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_planted_dictionary_is_recovered(planted, tmp_path, arch):
+    npy, data = planted
+    extra = ["--groups", "32,96,384"] if arch == "matryoshka" else []
+    assert precompute_main(train_args(npy, tmp_path, arch, 600, extra)) == 0
+    sae = load_sae(tmp_path, d_in=64)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert recovered_fraction(data.atoms, sae.W_dec.detach().numpy()) >= 0.9
+    assert metrics["fvu"] < 0.15
+    if arch == "matryoshka":  # held-out reconstructions improve with every larger prefix
+        assert metrics["prefix_sizes"] == [32, 128, 512]
+        assert all(a > b for a, b in zip(metrics["prefix_fvu"], metrics["prefix_fvu"][1:]))
+    if arch != "relu":
+        assert abs(metrics["l0"] - 4) < 1.5
+    with open(tmp_path / "train_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)][-1] == 600
+
+
+def test_auxk_revives_killed_latents():
+    """Latents whose encoder rows were shrunk never win the top-k; AuxK brings them back, nothing else does."""
+    data = planted_dictionary(8192, d=32, n_atoms=64, active=4, offset=0.0, seed=1)
+    x = torch.from_numpy(data.x)
+    killed = torch.arange(0, 128, 2)
+
+    def revived(aux_coeff):
+        cfg = SAEConfig(arch="topk", d_in=32, d_sae=128, k=4, aux_coeff=aux_coeff)
+        sae = SparseAutoencoder(cfg, seed=0)
+        with torch.no_grad():
+            sae.W_enc[:, killed] *= 0.01
+        opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            batch = x[torch.randint(0, len(x), (256,), generator=g)]
+            fired_before = (sae.encode(batch) > 0).any(0)
+            out = sae.training_forward(batch, dead_mask=~fired_before)
+            opt.zero_grad()
+            out.loss.backward()
+            sae.remove_parallel_decoder_grad()
+            opt.step()
+            sae.normalize_decoder()
+        return ((sae.encode(x) > 0).any(0)[killed]).float().mean().item()
+
+    without, with_aux = revived(0.0), revived(1 / 32)
+    assert without < 0.2
+    assert with_aux > 0.8
+
+
+def test_saved_sae_works_on_raw_inputs_whatever_their_scale(planted, tmp_path):
+    """Training on 100*x gives the same latents (divided by 100) once the scale is folded into the weights."""
+    npy, data = planted
+    big = tmp_path / "big.npy"
+    np.save(big, data.x * 100)
+    for name, path in (("small", npy), ("big", big)):
+        assert precompute_main(train_args(path, tmp_path / name, "batchtopk", 40)) == 0
+    small, large = load_sae(tmp_path / "small"), load_sae(tmp_path / "big")
+    x = torch.from_numpy(data.x[-500:])
+    torch.testing.assert_close(large.encode(100 * x), 100 * small.encode(x), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(large(100 * x), 100 * small(x), rtol=1e-3, atol=1e-2)
+    m_small = json.loads((tmp_path / "small" / "metrics.json").read_text())
+    m_big = json.loads((tmp_path / "big" / "metrics.json").read_text())
+    assert m_big["fvu"] == pytest.approx(m_small["fvu"], rel=1e-3)
+
+
+def _run_cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "precompute", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, **kw)
+
+
+def test_kill_and_resume_equals_uninterrupted(planted, tmp_path):
+    npy, _ = planted
+    args = train_args(npy, tmp_path / "resumed", "matryoshka", 240, ["--checkpoint-every", "20", "--groups", "64,448"])
+    proc = subprocess.Popen([sys.executable, "-m", "precompute", *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "resumed" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 60:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < 240
+    resumed = _run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+
+    assert _run_cli([*args[:-1], str(tmp_path / "straight")]).returncode == 0
+    a = load_file(str(tmp_path / "resumed" / "sae.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "sae.safetensors"))
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    with open(tmp_path / "resumed" / "train_log.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == sorted(set(steps)) and steps[-1] == 240
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+
+def test_two_process_ddp_equals_one_process(planted, tmp_path):
+    npy, _ = planted
+    common = train_args(npy, "OUT", "matryoshka", 60, ["--groups", "64,448"])
+    one = _run_cli([a if a != "OUT" else str(tmp_path / "one") for a in common])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "precompute", *[a if a != "OUT" else str(tmp_path / "two") for a in common]],
+        cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "sae.safetensors"))
+    b = load_file(str(tmp_path / "two" / "sae.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["world_size"] == 2
+
+
+def test_bad_inputs_end_in_one_sentence(tmp_path):
+    missing = _run_cli(["train", "--activations", str(tmp_path / "nope.npy"), "--arch", "topk", "--width", "8",
+                        "--steps", "1", "--out", str(tmp_path / "o")])
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr and "nope.npy" in missing.stderr
+    np.save(tmp_path / "small.npy", np.ones((10, 4), np.float32))
+    too_big = _run_cli(["train", "--activations", str(tmp_path / "small.npy"), "--arch", "topk", "--width", "8",
+                        "--k", "2", "--steps", "1", "--batch-size", "64", "--out", str(tmp_path / "o")])
+    assert too_big.returncode == 2 and "--batch-size" in too_big.stderr and "Traceback" not in too_big.stderr
