@@ -4,7 +4,10 @@ import sys
 
 # name -> module defining `main(argv) -> int`
 BENCHMARKS = {
+    "store_read": "benchmarks.store_read",
+    "extract": "benchmarks.extract",
     "sae_train": "benchmarks.sae_train",
+    "saelens_export": "benchmarks.saelens_export",
 }
 
 

@@ -188,3 +188,46 @@ def test_float16_overflow_is_a_user_error(tmp_path):
     cfg.dtype, cfg.out = "float32", str(tmp_path / "o32")
     extract(cfg)
     assert np.abs(ActivationStore(tmp_path / "o32").rows(0, 2)).max() > 65504
+
+
+def test_world_specs_extract_then_train_end_to_end(tmp_path, monkeypatch, capsys):
+    """world:DIR:llava at LLaVA's own layer on world:DIR:SPLIT images, then the SAE train command."""
+    import types
+
+    from PIL import Image
+
+    from precompute.__main__ import main
+    from sae_core.checkpoint import load_sae
+
+    class TinyWorld:  # the agreed WorldDataset interface; the real one renders shapes
+        taxonomy = {}
+
+        def __init__(self, root, split="train"):
+            self.n = {"train": 40, "val": 24, "ood": 8}[split]
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (32, 32), ((37 * i) % 256, (91 * i) % 256, 128))
+
+        def factors(self, i):
+            return {}
+
+        def taxonomy_path(self, i):
+            return ["round", "circle", "warm", "red"]
+
+    fake = types.ModuleType("sae_core.world.dataset")
+    fake.WorldDataset = TinyWorld
+    monkeypatch.setitem(sys.modules, "sae_core.world.dataset", fake)
+    world = H.world_dir()
+    out = tmp_path / "acts"
+    extract(ExtractConfig(model=f"world:{world}:llava", dataset=f"world:{world}:val", out=str(out),
+                          tokens="random:4", batch_size=8))
+    s = ActivationStore(out)  # one layer: the run directory opens as its store
+    assert s.layer == "-2" and s.manifest["block"] == 2 and len(s) == 96 and s.d == 32
+    assert s.dataset["spec"] == f"world:{world}:val" and s.model["read_tokens"] == "patches"
+    assert main(["train", "--activations", str(out), "--arch", "topk", "--width", "64", "--k", "4", "--steps", "20",
+                 "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "sae")]) == 0
+    sae = load_sae(tmp_path / "sae", d_in=32)
+    assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
