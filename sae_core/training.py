@@ -82,7 +82,7 @@ class _TrainingStep(nn.Module):
 
 def split_rows(n_rows: int, eval_rows: int | None) -> tuple[int, int]:
     """(training rows, held-out rows): the held-out rows are the last ones, i.e. the last images."""
-    n_eval = eval_rows if eval_rows is not None else min(65_536, n_rows // 20)
+    n_eval = eval_rows if eval_rows is not None else max(1, min(65_536, n_rows // 20))
     if n_eval < 1 or n_rows - n_eval < 1:
         raise UserError(f"the store has {n_rows} rows, too few to hold out {n_eval} for evaluation; extract more activations or set --eval-rows.")
     return n_rows - n_eval, n_eval
