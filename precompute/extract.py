@@ -267,8 +267,8 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
                 buf = {lay.name: [] for lay in layers}
                 skipped = []
         bar.close()
+        done_images = _sum_over_ranks(done_images, info, device)  # also waits for every rank
         elapsed = time.time() - t0
-        barrier(info)
         summary = {}
         if info.is_main:
             summary = _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precision, command,
@@ -279,6 +279,17 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
         return summary
     finally:
         finish_distributed(info)
+
+
+def _sum_over_ranks(n: int, info, device: str) -> int:
+    if info.world_size == 1:
+        return n
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=device if device.startswith("cuda") else "cpu")
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _to_storage(rows, dtype: str, layer: str, precision: str) -> np.ndarray:
@@ -349,8 +360,8 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
               f"(listed under 'skipped' in the manifests).", file=sys.stderr)
     summary = {**plan, "complete": True, "n_skipped": len(skipped),
                "stores": {lay.name: str(layer_dirs[lay.name]) for lay in layers},
-               "last_session": {"images": done_images * world_size, "seconds": round(elapsed, 3),
-                                "images_per_s": round(done_images * world_size / elapsed, 2) if elapsed > 0 else None,
+               "last_session": {"images": done_images, "seconds": round(elapsed, 3),
+                                "images_per_s": round(done_images / elapsed, 2) if elapsed > 0 else None,
                                 "processes": world_size},
                "config": asdict(cfg)}
     write_json_atomic(out / RUN_FILE, summary)

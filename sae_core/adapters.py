@@ -376,7 +376,6 @@ class OpenClipAdapter(Adapter):
         self._transform = preprocess
         visual = model.visual
         size = visual.image_size if hasattr(visual, "image_size") else None
-        self.embed_dim = int(getattr(visual, "output_dim", 0) or model.text_projection.shape[-1])
         if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
             self.blocks = visual.transformer.resblocks
             self.width = int(visual.transformer.width)
@@ -394,6 +393,11 @@ class OpenClipAdapter(Adapter):
             raise UserError(f"open_clip model {name} has no transformer blocks (not a ViT); pick a ViT model.")
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.to("cpu")
+        dim = getattr(visual, "output_dim", None)
+        if not dim:  # timm towers do not say; one blank image does
+            with torch.inference_mode():
+                dim = self._forward(torch.zeros(1, 3, *self.image_size)).shape[-1]
+        self.embed_dim = int(dim)
 
     def _forward(self, pixels):
         return self.model.encode_image(pixels)

@@ -212,3 +212,30 @@ def test_token_selection_against_direct_indexing():
 def test_bad_model_specs_are_one_sentence_errors(spec, msg):
     with pytest.raises(UserError, match=msg):
         load_adapter(spec)
+
+
+def test_open_clip_timm_siglip_tower_without_cls(tmp_path):
+    """open_clip models with a timm trunk (SigLIP): no CLS token, blocks at visual.trunk.blocks."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 48, "init_logit_bias": -10,
+           "vision_cfg": {"image_size": 256, "timm_model_name": "vit_base_patch32_siglip_256",
+                          "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "linear"},
+           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1,
+                        "no_causal_mask": True, "proj_bias": True, "pool_type": "last"}}
+    (tmp_path / "tiny-siglip-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-siglip-test.json")
+    a = load_adapter("open_clip:tiny-siglip-test")
+    assert a.layout == TokenLayout(0, (8, 8), False) and (a.n_blocks, a.width, a.embed_dim) == (12, 768, 48)
+    px = _pixels(a, n=2)
+    with torch.no_grad():
+        ref = a.model.visual.trunk.forward_intermediates(px, indices=[0, 11], output_fmt="NLC", intermediates_only=True)
+        emb = a.model.encode_image(px)
+    got = a.capture(px, ["0", "-1", "embed"])
+    torch.testing.assert_close(got["0"], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got["-1"], ref[1], rtol=0, atol=0)
+    torch.testing.assert_close(got["embed"], emb, rtol=0, atol=0)
+    with pytest.raises(UserError, match="no CLS token"):
+        TokenSpec.parse("cls").check(a.layout, a.spec)

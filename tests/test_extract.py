@@ -154,7 +154,8 @@ def test_torchrun_two_processes_give_the_same_rows_as_one(tmp_path):
         np.testing.assert_array_equal(a.rows(0, len(a)), b.rows(0, len(b)))
         np.testing.assert_array_equal(a.row_index(), b.row_index())
         assert a.manifest["skipped"] == b.manifest["skipped"] and b.manifest["n_skipped"] == 2
-    assert json.loads((two / "extract.json").read_text())["last_session"]["processes"] == 2
+    session = json.loads((two / "extract.json").read_text())["last_session"]
+    assert session["processes"] == 2 and session["images"] == 10
 
 
 def test_resume_with_other_settings_and_cli_errors(tmp_path, capsys):
