@@ -228,3 +228,20 @@ def test_group_sizes_and_config_errors():
         SAEConfig(arch="matryoshka", d_in=4, d_sae=10, k=2, group_sizes=(3, 3))
     with pytest.raises(UserError, match="unknown SAE architecture"):
         SAEConfig(arch="gated", d_in=4, d_sae=10)
+
+
+def test_both_transposed_products_equal_the_dense_one():
+    """Z^T @ G: the CPU (CSC matmul) and the CUDA (scatter-add) paths against a dense product."""
+    from sae_core.sparse_ops import _transposed_mm, codes_from_mask, scatter_transposed_mm
+
+    g = torch.Generator().manual_seed(9)
+    acts = F.relu(torch.randn(40, 30, generator=g))
+    rows, cols = (acts > 1.0).nonzero(as_tuple=True)
+    codes = codes_from_mask(rows, cols, 40, 30)
+    values = acts[codes.row, codes.col]
+    dense_Z = torch.zeros(40, 30)
+    dense_Z[codes.row, codes.col] = values
+    G = torch.randn(40, 7, generator=g)
+    Z = torch.sparse_csr_tensor(codes.crow, codes.col, values, size=(40, 30))
+    torch.testing.assert_close(_transposed_mm(Z, codes.row, codes.col, values, G, 30), dense_Z.t() @ G)
+    torch.testing.assert_close(scatter_transposed_mm(codes.row, codes.col, values, G, 30), dense_Z.t() @ G)
