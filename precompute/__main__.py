@@ -10,6 +10,7 @@ from sae_core.errors import UserError
 COMMANDS = {
     "train": ("precompute.train", "Train a sparse autoencoder on stored activations."),
     "export": ("precompute.export", "Export a trained SAE to another library's layout."),
+    "world": ("precompute.world", "Build the embedded world: synthetic images, a tiny CLIP and a tiny LLaVA."),
     "extract": ("precompute.extract", "Extract a vision encoder's activations to sharded stores (torchrun-ready)."),
 }
 

@@ -242,6 +242,6 @@ def test_both_transposed_products_equal_the_dense_one():
     dense_Z = torch.zeros(40, 30)
     dense_Z[codes.row, codes.col] = values
     G = torch.randn(40, 7, generator=g)
-    Z = torch.sparse_csr_tensor(codes.crow, codes.col, values, size=(40, 30))
+    Z = torch.sparse_csr_tensor(codes.crow, codes.col, values, size=(40, 30), check_invariants=True)
     torch.testing.assert_close(_transposed_mm(Z, codes.row, codes.col, values, G, 30), dense_Z.t() @ G)
     torch.testing.assert_close(scatter_transposed_mm(codes.row, codes.col, values, G, 30), dense_Z.t() @ G)
