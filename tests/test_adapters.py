@@ -134,6 +134,23 @@ def test_llava_tower_is_what_llava_reads():
     assert c.backend == "world" and c.embed_dim == 16 and c.read_layer is None
 
 
+def test_llava_tower_from_a_sharded_checkpoint(tmp_path):
+    """Hub LLaVA checkpoints are sharded: only the shards holding vision_tower weights are read."""
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    src = H.world_dir() / "llava"
+    LlavaForConditionalGeneration.from_pretrained(src).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    for f in src.glob("*.json"):
+        if not (tmp_path / "sharded" / f.name).exists():
+            shutil.copy(f, tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    a, b = load_adapter(f"llava:{src}"), load_adapter(f"llava:{tmp_path / 'sharded'}")
+    px = _pixels(a, n=2)
+    torch.testing.assert_close(a.capture(px, ["-2", "embed"])["-2"], b.capture(px, ["-2", "embed"])["-2"], rtol=0, atol=0)
+
+
 def test_layer_numbering_on_a_24_block_tower():
     src = H.clip_vision_dir(layers=24)
     a = load_adapter(f"hf:{src}")
