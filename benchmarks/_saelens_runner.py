@@ -1,0 +1,152 @@
+"""SAELens side of `python -m benchmarks sae_train`; runs ONLY under `.bench_venvs/saelens/bin/python`.
+
+It imports nothing from this repository (the SAELens venv never sees our packages) and talks to the
+benchmark through files:
+
+    python _saelens_runner.py train SPEC.json   -> trains, writes RESULT.json and the held-out x_hat .npy
+    python _saelens_runner.py export SPEC.json  -> loads our export with SAE.load_from_disk, writes z, x_hat
+
+API used (read from sae_lens 6.x source, sae_lens/saes/batchtopk_sae.py and training/sae_trainer.py):
+`BatchTopKTrainingSAEConfig(k, d_in, d_sae, dtype, device)` with its defaults
+(rescale_acts_by_decoder_norm=True, decoder_init_norm=0.1, aux_loss_coefficient=1.0,
+topk_threshold_lr=0.01), `BatchTopKTrainingSAE.training_forward_pass(TrainStepInput(...))`, then what
+`SAETrainer._train_step` does: backward, `clip_grad_norm_(params, 1.0)`, Adam step, zero_grad.
+Inference: `save_inference_model` (BatchTopK -> JumpReLU with the learned threshold) and
+`SAE.load_from_disk`, as a SAELens user would deploy it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def batch_index(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Same rows as sae_core.activation_store.shuffled_batch_index(n_rows, batch_size, step, seed)."""
+    per_epoch = n_rows // batch_size
+    epoch, within = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    return perm[within * batch_size:(within + 1) * batch_size]
+
+
+def lr_at(step: int, lr: float, steps: int, warmup: int, decay_start: int) -> float:
+    """Same schedule as sae_core.training.TrainConfig.lr_at: linear warm-up, then linear decay to 0."""
+    scale = 1.0
+    if warmup and step < warmup:
+        scale = (step + 1) / warmup
+    if step >= decay_start and steps > decay_start:
+        scale *= max(0.0, (steps - step) / (steps - decay_start))
+    return lr * scale
+
+
+def train(spec: dict) -> dict:
+    from sae_lens import SAE
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    data = np.load(spec["data"], mmap_mode="r")
+    n_train = data.shape[0] - spec["eval_rows"]
+    init = np.load(spec["init_stats"])
+    scale = float(init["scale"])  # the same input scale (E||x||^2 = d_in) and b_dec start as ours
+
+    torch.manual_seed(spec["seed"])
+    cfg = BatchTopKTrainingSAEConfig(k=spec["k"], d_in=data.shape[1], d_sae=spec["d_sae"], dtype="float32", device=device)
+    sae = BatchTopKTrainingSAE(cfg).to(device)
+    if spec.get("b_dec_init", "median") == "median":
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.from_numpy(init["b_dec"]))
+    opt = torch.optim.Adam(sae.parameters(), lr=spec["lr"], betas=(0.9, 0.999))
+    # Dead latents: the same rule as our trainer (no firing within min(window, tokens so far)).
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.float64, device=device)
+    tokens_seen, window = 0, spec.get("dead_window", 10_000_000)
+    B = spec["batch_size"]
+
+    step_times = []
+    sae.train()
+    for step in range(spec["steps"]):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x = torch.from_numpy(data[np.sort(batch_index(n_train, B, step, spec["seed"]))]).to(device, torch.float32) * scale
+        dead = since_fired >= min(window, tokens_seen) if tokens_seen > 0 else None
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, spec["lr"], spec["steps"], spec["warmup"], spec["decay_start"])
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                       n_training_steps=step, is_logging_step=False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            fired = out.feature_acts.bool().any(0)
+            since_fired += B
+            since_fired[fired] = 0
+        tokens_seen += B
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t)
+
+    timed = step_times[spec["timing_skip"]:]
+    result = {"tokens_per_s": B * len(timed) / sum(timed), "timed_steps": len(timed)}
+
+    # Inference mode: the JumpReLU SAE SAELens saves for a trained BatchTopK SAE, loaded back.
+    sae.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_inference_model(tmp)
+        inf = SAE.load_from_disk(tmp, device=device)
+    x_hat, active = [], 0
+    with torch.no_grad():
+        for a in range(n_train, data.shape[0], 4096):
+            x = torch.from_numpy(np.asarray(data[a:a + 4096])).to(device, torch.float32) * scale
+            z = inf.encode(x)
+            active += int((z != 0).sum())
+            x_hat.append((inf.decode(z) / scale).cpu().numpy())
+    np.save(spec["x_hat"], np.concatenate(x_hat))
+    result["l0"] = active / spec["eval_rows"]
+    result["inference_architecture"] = inf.cfg.architecture()
+    if cuda:
+        result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def export(spec: dict) -> dict:
+    """Load our SAELens export and encode/decode the given rows with SAELens."""
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(spec["export_dir"], device="cpu")
+    x = torch.from_numpy(np.load(spec["x"])).float()
+    with torch.no_grad():
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+    np.save(spec["z_out"], z.numpy())
+    np.save(spec["x_hat_out"], x_hat.numpy())
+    return {"class": type(sae).__name__, "architecture": sae.cfg.architecture()}
+
+
+def main() -> int:
+    mode, spec_path = sys.argv[1], sys.argv[2]
+    spec = json.loads(Path(spec_path).read_text())
+    result = {"train": train, "export": export}[mode](spec)
+    import importlib.metadata
+
+    result["sae_lens_version"] = importlib.metadata.version("sae-lens")
+    result["torch_version"] = torch.__version__
+    result["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
