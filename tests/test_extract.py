@@ -170,6 +170,8 @@ def test_resume_with_other_settings_and_cli_errors(tmp_path, capsys):
     assert "error: " in err and "other settings (tokens: 'cls' there, 'mean' now)" in err and "Traceback" not in err
     assert main(base + ["--layer", "7"]) == 2
     assert "layer 7 does not exist" in capsys.readouterr().err
+    assert main(base[:-4] + ["--out", str(tmp_path / "neg"), "--limit", "2", "--layer", "-2,embed"]) == 0  # no `=` needed
+    assert json.loads((tmp_path / "neg" / "extract.json").read_text())["layers"] == ["-2", "embed"]
     assert main(base[:-4] + ["--out", str(tmp_path / "p"), "--tokens", "random:99", "--layer", "0"]) == 2
     assert "more tokens than the 17" in capsys.readouterr().err
 
