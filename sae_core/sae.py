@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -134,15 +134,17 @@ def topk_codes(acts: Tensor, k: int) -> SparseCodes:
     return codes_from_mask(rows, idx[rows, pos], acts.shape[0], acts.shape[1])
 
 
-def batchtopk_codes(acts: Tensor, k: int) -> tuple[SparseCodes, Tensor]:
-    """The k*B largest activations of the global batch (all processes together) and the cut value.
+def batchtopk_codes(acts: Tensor, k: int, distributed: bool = True) -> tuple[SparseCodes, Tensor]:
+    """Exactly the k*B largest activations of the global batch (all processes together), and the cut.
 
-    Exact but cheap: each token offers its top m candidates (m = 4k, doubled while any token could
+    Cheap and exact: each token offers its top m candidates (m = 4k, doubled while any token could
     hold more winners than it offered); the cut is the (k*B)-th largest candidate across processes.
-    Every entry >= the cut and > 0 is selected, so one process and N processes agree exactly.
+    Entries above the cut are kept; entries equal to it (common with bf16 compute) are kept in
+    (process, row, column) order until k*B are chosen, so one process and N processes agree.
+    With `distributed=False` the batch is this process's alone.
     """
     n_rows, n_lat = acts.shape
-    world = _world_size()
+    world = _world_size() if distributed else 1
     total = k * n_rows * world
     m = min(n_lat, 4 * k)
     while True:
@@ -154,10 +156,26 @@ def batchtopk_codes(acts: Tensor, k: int) -> tuple[SparseCodes, Tensor]:
             flat = torch.cat(gathered)
         cut = flat.topk(min(total, flat.numel())).values[-1]
         saturated = torch.tensor(float(m < n_lat and bool((cand[:, -1] >= cut).any())))
-        if _all_reduce(saturated, dist.ReduceOp.MAX).item() == 0:
+        if world > 1:
+            _all_reduce(saturated, dist.ReduceOp.MAX)
+        if saturated.item() == 0:
             break
         m = min(n_lat, 2 * m)
-    rows, pos = ((cand >= cut) & (cand > 0)).nonzero(as_tuple=True)
+    positive = cand > 0
+    above, tied = (cand > cut) & positive, (cand == cut) & positive
+    counts = torch.stack([above.sum(), tied.sum()]).to(torch.int64)
+    if world > 1:
+        every = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(every, counts)
+        every = torch.stack(every)
+        n_above, ties_before = int(every[:, 0].sum()), int(every[: dist.get_rank(), 1].sum())
+    else:
+        n_above, ties_before = int(counts[0]), 0
+    keep_ties = max(0, min(int(counts[1]), total - n_above - ties_before))
+    tied_rows, tied_pos = tied.nonzero(as_tuple=True)
+    rows, pos = above.nonzero(as_tuple=True)
+    rows = torch.cat([rows, tied_rows[:keep_ties]])
+    pos = torch.cat([pos, tied_pos[:keep_ties]])
     return codes_from_mask(rows, idx[rows, pos], n_rows, n_lat), cut
 
 
@@ -334,6 +352,33 @@ class SparseAutoencoder(nn.Module):
         self.threshold[old] = decay * self.threshold[old] + (1 - decay) * cut
         self.fired_ever |= fired
         self.threshold[~self.fired_ever] = self.global_threshold
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, batches: Iterable[Tensor]) -> None:
+        """Set the inference thresholds from the final weights (batchtopk, matryoshka).
+
+        Threshold j = mean of the batch cuts over the calibration batches in which latent j is
+        selected; latents never selected get the mean cut of all batches. The moving averages kept
+        during training lag behind weights that are still changing (most in short runs, where they
+        gave inference L0 well below k); this pass makes inference match training for any run length.
+        Per-latent values stay close to one another: BatchTopK selects with a single cut per batch.
+        """
+        sums = torch.zeros(self.cfg.d_sae, dtype=torch.float64, device=self.threshold.device)
+        counts = torch.zeros_like(sums)
+        cuts = []
+        for x in batches:
+            codes, cut = batchtopk_codes(F.relu(self.pre_acts(x)), self.cfg.k, distributed=False)
+            fired = torch.zeros_like(sums, dtype=torch.bool)
+            fired[codes.col] = True
+            sums[fired] += cut.double()
+            counts[fired] += 1
+            cuts.append(cut.double())
+        if not cuts:
+            return
+        overall = torch.stack(cuts).mean()
+        self.threshold.copy_(torch.where(counts > 0, sums / counts.clamp_min(1), overall).float())
+        self.global_threshold.copy_(overall.float())
+        self.fired_ever.copy_(counts > 0)
 
     # ---------------------------------------------------------------- constraints
     @torch.no_grad()

@@ -16,15 +16,16 @@ class PlantedData(NamedTuple):
 
 
 def planted_dictionary(
-    n_rows: int, d: int = 64, n_atoms: int = 256, active: int = 4, noise: float = 0.05, offset: float = 2.0, seed: int = 0
+    n_rows: int, d: int = 64, n_atoms: int = 256, active: int = 4, noise: float = 0.05, offset: float = 2.0,
+    coef_range: tuple[float, float] = (1.0, 3.0), seed: int = 0,
 ) -> PlantedData:
-    """Each row sums `active` distinct random atoms with coefficients in [1, 3], plus Gaussian noise and
-    a constant offset (so that the decoder bias has something to learn)."""
+    """Each row sums `active` distinct random atoms with coefficients uniform in `coef_range`, plus
+    Gaussian noise and a constant offset (so that the decoder bias has something to learn)."""
     rng = np.random.default_rng(seed)
     atoms = rng.standard_normal((n_atoms, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
     support = np.argsort(rng.random((n_rows, n_atoms)), axis=1)[:, :active]
-    coef = rng.uniform(1.0, 3.0, (n_rows, active))
+    coef = rng.uniform(*coef_range, (n_rows, active))
     x = np.einsum("na,nad->nd", coef, atoms[support]) + noise * rng.standard_normal((n_rows, d)) + offset
     return PlantedData(x.astype(np.float32), atoms, support)
 

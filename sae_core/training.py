@@ -21,7 +21,7 @@ from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
 from .metrics import MetricsAccumulator
-from .sae import SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
+from .sae import THRESHOLD_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOG_COLUMNS = ["step", "tokens", "loss", "recon_loss", "aux_loss", "sparsity_loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"]
@@ -290,9 +290,14 @@ def train_sae(
             log_file.close()
 
     sae.eval()
-    sae.fold_input_scale(scale)
     metrics = {}
     if dist_info.is_main:
+        if sae_cfg.arch in THRESHOLD_ARCHS:  # thresholds from the final weights, on unseen batch ids
+            n_cal = min(16, max(1, math.ceil(65_536 / global_batch)))
+            sae.calibrate_thresholds(
+                torch.from_numpy(store.take(shuffled_batch_index(n_train, global_batch, cfg.steps + i, cfg.seed)))
+                .to(device=device, dtype=torch.float32) * scale for i in range(n_cal))
+        sae.fold_input_scale(scale)
         metrics = evaluate_on_rows(sae, store, n_train, len(store), device)
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
                 "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen}
