@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     try:
         jobs = [(m, None) for m in a.models.split(",") if m]
         if a.world:
-            jobs += [(f"world:{a.world}{which}", f"world:{a.world}:val") for which in ("", ":llava")
+            jobs += [(f"world:{a.world}{which}", f"world:{a.world}:train") for which in ("", ":llava")
                      if (Path(a.world) / (which[1:] or "clip") / "config.json").exists()]
         images = None
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch_size}, {a.images} images")

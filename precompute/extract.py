@@ -144,7 +144,18 @@ def _collate(items):
     return pixels, np.array([i for i, _ in ok], dtype=np.int64), skipped
 
 
-def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, width: int, is_main: bool) -> dict:
+def _auto_shard_images(n: int, batch: int, world_size: int, shard_bytes: int, image_bytes: int) -> int:
+    """Images per shard: at most about `shard_bytes`, at least 4 shards per process (load balance),
+    and a whole number of batches, so batches fall on the same images whatever the shard grid (the
+    rows are then bit-identical for any number of processes)."""
+    by_size = max(1, shard_bytes // max(1, image_bytes))
+    by_balance = -(-n // (4 * world_size))
+    s = min(by_size, by_balance)
+    return max(batch, s - s % batch) if by_size >= batch else s  # (a shard smaller than a batch: as asked)
+
+
+def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, width: int, is_main: bool,
+          world_size: int = 1) -> dict:
     """Create or check OUT/extract.json (rank 0), so a resumed run continues the same shard grid."""
     run_file = out / RUN_FILE
     if is_main:
@@ -162,11 +173,9 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             if cfg.shard_images and cfg.shard_images != plan["shard_images"]:
                 raise UserError(f"{out} was started with --shard-images {plan['shard_images']}; resume with that value or a new --out.")
         else:
-            shard_images = cfg.shard_images or max(
-                1, (cfg.shard_mb << 20) // max(1, rows_per_image * width * np.dtype(cfg.dtype).itemsize))
-            if not cfg.shard_images and shard_images > cfg.batch_size:
-                shard_images -= shard_images % cfg.batch_size  # whole batches per shard
             n = identity["n_images"]
+            shard_images = cfg.shard_images or _auto_shard_images(
+                n, cfg.batch_size, world_size, cfg.shard_mb << 20, rows_per_image * width * np.dtype(cfg.dtype).itemsize)
             plan = {"identity": identity, "shard_images": int(shard_images),
                     "n_shards": int(-(-n // shard_images)), "layers": identity["layers"], "complete": False}
             write_json_atomic(run_file, plan)
@@ -211,7 +220,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
                     "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision}
         rows_per = max(1 if lay.kind == "embed" else token_spec.rows_per_image(adapter.layout) for lay in layers)
         out = Path(cfg.out)
-        plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main)
+        plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main, info.world_size)
         barrier(info)
         if not info.is_main:
             plan = json.loads((out / RUN_FILE).read_text())

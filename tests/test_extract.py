@@ -146,7 +146,10 @@ def test_torchrun_two_processes_give_the_same_rows_as_one(tmp_path):
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "precompute", *_cli(two)[3:]]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    for attempt in range(2):  # a free port picked by --standalone can be taken by a parallel job: retry once
+        r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        if r.returncode == 0 or "address already in use" not in r.stderr.lower():
+            break
     assert r.returncode == 0, r.stderr[-3000:]
     for layer in ("layer_1", "layer_embed"):
         a, b = ActivationStore(one / layer), ActivationStore(two / layer)
