@@ -1,0 +1,81 @@
+"""`python -m precompute world --out DIR [--preset tiny|demo] [--seed S]`: build the embedded world.
+
+Stages, each written to a temporary name and renamed when complete, and skipped when present:
+  1. world.json + taxonomy.json  (the generator's parameters; images are never stored)
+  2. clip/     tiny CLIPModel trained contrastively, with its CLIPProcessor
+  3. llava/    tiny LlavaForConditionalGeneration on the frozen CLIP tower, with its LlavaProcessor
+  4. report.json  gate figures measured on val through from_pretrained (the path users take)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from sae_core.errors import UserError
+
+from .presets import PRESETS
+
+STAGE_FILE = "world_stage.json"  # inside clip/ and llava/: how the stage was built and how long it took
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, help="world directory to create or resume")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="demo: meets the gates (a few minutes on 2 cores); tiny: for tests (under a minute)")
+    p.add_argument("--seed", type=int, default=0, help="one seed for images and training")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these models are too small to gain from more, "
+                        "one thread is immune to a busy machine and gives the same bits on any CPU count)")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _fresh_tmp(path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def run(args) -> int:
+    from . import stages
+
+    out = Path(args.out)
+    preset = PRESETS[args.preset]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the world.")
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "world.json"
+    if meta_path.exists():
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if (meta.get("preset"), meta.get("seed")) != (args.preset, args.seed):
+            raise UserError(f"{out} already holds a world built with --preset {meta.get('preset')} --seed "
+                            f"{meta.get('seed')}; pass those to resume it or choose another --out.")
+    t_start = time.time()
+    stages.configure_torch(args.threads)
+    done = []
+    for name, fn in (("world", stages.stage_world), ("clip", stages.stage_clip),
+                     ("llava", stages.stage_llava), ("report", stages.stage_report)):
+        if stages.stage_done(out, name):
+            print(f"[world] stage {name}: already done, skipped", file=sys.stderr)
+            continue
+        t = time.time()
+        fn(out, preset, args.seed)
+        done.append(name)
+        print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
+    with open(out / "report.json") as f:
+        report = json.load(f)
+    gates = {k: report[k] for k in stages.GATE_KEYS}
+    print(json.dumps({"out": str(out), "preset": args.preset, **gates, "gates_passed": report["gates_passed"],
+                      "build_time_s": report["build_time_s"], "this_run_s": round(time.time() - t_start, 1)}))
+    return 0
