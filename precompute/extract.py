@@ -130,9 +130,13 @@ class _Items:
         from sae_core.datasets import ImageReadError
 
         try:
-            return i, self.transform(self.ds[i]), None
+            image = self.ds[i]
         except ImageReadError as e:
             return i, None, str(e)
+        try:
+            return i, self.transform(image), None
+        except Exception as e:  # e.g. a 1-pixel-wide image the processor cannot resize: skip it too
+            return i, None, f"{self.ds.item(i)}: preprocessing failed: {type(e).__name__}: {e}"
 
 
 def _collate(items):

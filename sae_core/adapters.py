@@ -267,7 +267,7 @@ class Adapter:
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        e = self._forward(pixels.to(self.device, self.dtype)).float()
+        e = self._forward(pixels.to(self.device, self.dtype, non_blocking=True)).float()
         return torch.nn.functional.normalize(e, dim=-1) if normalize else e
 
     @contextmanager
@@ -305,7 +305,7 @@ class Adapter:
         sink: dict[str, torch.Tensor] = {}
         with self.hooks(layers, sink, stop_early=stop_early):
             try:
-                emb = self._forward(pixels.to(self.device, self.dtype))
+                emb = self._forward(pixels.to(self.device, self.dtype, non_blocking=True))
             except _StopForward:
                 emb = None
         for lay in layers:

@@ -237,3 +237,21 @@ def test_world_specs_extract_then_train_end_to_end(tmp_path, monkeypatch, capsys
                  "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "sae")]) == 0
     sae = load_sae(tmp_path / "sae", d_in=32)
     assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
+
+
+def test_unreadable_and_unprocessable_images_are_skipped_in_the_loader():
+    from precompute.extract import _collate, _Items
+    from sae_core.datasets import open_dataset
+
+    ds = open_dataset(f"imagefolder:{H.image_dir(10, corrupt=(3, 4))}")
+    odd = ds[5].size
+
+    def transform(im):
+        if im.size == odd:
+            raise ValueError("cannot resize")
+        return torch.full((3, 2, 2), float(im.size[0]))
+
+    pixels, ids, skipped = _collate([_Items(ds, transform)[i] for i in range(2, 7)])
+    assert ids.tolist() == [2, 6] and pixels.shape == (2, 3, 2, 2)
+    assert [i for i, _ in skipped] == [3, 4, 5]
+    assert "preprocessing failed: ValueError: cannot resize" in skipped[2][1] and ds.item(5) in skipped[2][1]
