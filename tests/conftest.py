@@ -1,0 +1,29 @@
+"""Shared fixtures only."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The embedded world's `tiny` preset, built once per session through the command line.
+
+    Returns the world directory (world.json, taxonomy.json, clip/, llava/, report.json).
+    Set SAE_TINY_WORLD to an existing tiny world to reuse it across sessions.
+    """
+    given = os.environ.get("SAE_TINY_WORLD")
+    if given and (Path(given) / "report.json").is_file():
+        return Path(given)
+    out = tmp_path_factory.mktemp("tiny_world") / "world"
+    proc = subprocess.run([sys.executable, "-m", "precompute", "world", "--out", str(out), "--preset", "tiny"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["out"] == str(out)
+    return out
