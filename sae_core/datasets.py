@@ -196,8 +196,11 @@ class WorldImages(ImageDataset):
         return self.world.factors(i)
 
     def label(self, i):
+        """The class name, iNaturalist-style like an image folder's ("00000_round_circle_warm_red")."""
+        if hasattr(self.world, "class_name"):
+            return self.world.class_name(i)
         path = self.taxonomy_path(i)
-        return path[-1] if path else None
+        return "_".join(path) if path else None
 
     def taxonomy_path(self, i):
         return list(self.world.taxonomy_path(i))

@@ -90,7 +90,7 @@ def test_world_spec_delegates_to_the_world_dataset(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_core.world.dataset", fake)
     ds = open_dataset(f"world:{tmp_path}:ood")
     assert calls["args"] == (str(tmp_path), "ood") and len(ds) == 4
-    assert ds[2].getpixel((0, 0)) == (2, 0, 0) and ds.taxonomy_path(1)[-1] == "red" and ds.label(1) == "red"
+    assert ds[2].getpixel((0, 0)) == (2, 0, 0) and ds.taxonomy_path(1)[-1] == "red" and ds.label(1) == "round_circle_warm_red"
     assert ds.item(3) == "ood/3" and ds.factors(0) == {"shape": "circle"}
     open_dataset(f"world:{tmp_path}")
     assert calls["args"][1] == "train"
@@ -110,3 +110,17 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(UserError, match="holds no images"):
         open_dataset(f"imagefolder:{tmp_path}")
+
+
+def test_the_real_world_dataset_through_its_spec(tmp_path):
+    """The embedded world's own WorldDataset (its world.json and taxonomy.json only; no models needed)."""
+    stages = pytest.importorskip("precompute.world.stages")
+    from precompute.world.presets import PRESETS
+
+    stages.stage_world(tmp_path, PRESETS["tiny"], 0)
+    ds = open_dataset(f"world:{tmp_path}:val")
+    assert len(ds) > 0 and ds[0].mode == "RGB" and ds.item(1) == "val/1"
+    path = ds.taxonomy_path(0)
+    assert len(path) >= 4 and ds.label(0).endswith("_".join(path))
+    np.testing.assert_array_equal(np.asarray(ds[3]), np.asarray(open_dataset(f"world:{tmp_path}:val")[3]))
+    assert ds.describe()["split"] == "val" and len(open_dataset(f"world:{tmp_path}:ood")) > 0
