@@ -57,26 +57,12 @@ N_ATOMS, ACTIVE = 8192, 32
 
 
 # ------------------------------------------------------------------------------------------- data
-def make_activations(path: Path, n_rows: int, seed: int = 0, chunk: int = 512) -> None:
-    """Planted-dictionary rows x = s @ D + noise + offset, float32, written once to `path`.
-
-    The atoms D are exactly those of `planted_dictionary(d=1024, n_atoms=8192, active=32, seed=seed)`;
-    the rows follow its formula but are drawn in chunks, because one call would hold an (N, 8192)
-    random matrix and its argsort (N * 128 KiB) in memory.
-    """
+def make_activations(path: Path, n_rows: int, seed: int = 0) -> None:
+    """Planted-dictionary rows x = s @ D + noise + offset (float32), written once to `path`."""
     from sae_core.activation_store import save_npy_atomic
     from sae_core.synthetic import planted_dictionary
 
-    atoms = planted_dictionary(1, d=D_IN, n_atoms=N_ATOMS, active=ACTIVE, seed=seed).atoms.astype(np.float32)
-    rng = np.random.default_rng([seed, 12345])
-    x = np.empty((n_rows, D_IN), dtype=np.float32)
-    for a in range(0, n_rows, chunk):
-        m = min(chunk, n_rows - a)
-        support = np.argpartition(rng.random((m, N_ATOMS)), ACTIVE, axis=1)[:, :ACTIVE]
-        coef = rng.uniform(1.0, 3.0, (m, ACTIVE)).astype(np.float32)
-        x[a:a + m] = np.einsum("na,nad->nd", coef, atoms[support]) + 0.05 * rng.standard_normal((m, D_IN)) + 2.0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_npy_atomic(path, x)
+    save_npy_atomic(path, planted_dictionary(n_rows, d=D_IN, n_atoms=N_ATOMS, active=ACTIVE, seed=seed).x)
 
 
 def pooled_fvu(x: np.ndarray, x_hat: np.ndarray) -> float:

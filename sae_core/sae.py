@@ -37,7 +37,7 @@ class SAEConfig:
     d_sae: int
     k: int = 32
     """Active latents per token (topk, and batchtopk/matryoshka on average over the batch)."""
-    l1_coeff: float = 2.0
+    l1_coeff: float = 0.2
     """relu only: weight of the decoder-norm-weighted L1 penalty (inputs scaled to E||x||^2 = d_in)."""
     group_sizes: tuple[int, ...] = ()
     """matryoshka only: sizes of the nested groups, summing to d_sae (prefix g = groups 0..g)."""

@@ -24,10 +24,14 @@ def planted_dictionary(
     rng = np.random.default_rng(seed)
     atoms = rng.standard_normal((n_atoms, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    support = np.argsort(rng.random((n_rows, n_atoms)), axis=1)[:, :active]
-    coef = rng.uniform(*coef_range, (n_rows, active))
-    x = np.einsum("na,nad->nd", coef, atoms[support]) + noise * rng.standard_normal((n_rows, d)) + offset
-    return PlantedData(x.astype(np.float32), atoms, support)
+    x = np.empty((n_rows, d), dtype=np.float32)
+    support = np.empty((n_rows, active), dtype=np.int64)
+    for a in range(0, n_rows, 1024):  # in chunks: the random (rows, n_atoms) draw is large at CLIP sizes
+        m = min(1024, n_rows - a)
+        support[a : a + m] = np.argpartition(rng.random((m, n_atoms)), active - 1, axis=1)[:, :active]
+        coef = rng.uniform(*coef_range, (m, active))
+        x[a : a + m] = np.einsum("na,nad->nd", coef, atoms[support[a : a + m]]) + noise * rng.standard_normal((m, d)) + offset
+    return PlantedData(x, atoms, support)
 
 
 def recovered_fraction(atoms: np.ndarray, W_dec: np.ndarray, min_cosine: float = 0.9) -> float:
