@@ -200,7 +200,7 @@ def train_sae(
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     ckpt = _Checkpoint(out_dir)
     tracker = torch.zeros(sae_cfg.d_sae, dtype=torch.float64, device=device)  # tokens since each latent fired
-    start, tokens_seen, elapsed = 0, 0, 0.0
+    start, tokens_seen = 0, 0
     if ckpt.exists():
         meta, tracker = ckpt.load(sae, opt, device)
         if meta["run_config"] != json.loads(json.dumps(run_config)):
@@ -208,7 +208,7 @@ def train_sae(
                 f"{out_dir} holds a checkpoint of a different run (other arguments or data); "
                 "use a new --out directory or delete its checkpoint/ folder to start over."
             )
-        start, tokens_seen, scale, elapsed = meta["step"], meta["tokens"], meta["scale"], meta.get("elapsed", 0.0)
+        start, tokens_seen, scale = meta["step"], meta["tokens"], meta["scale"]
     else:
         scale, b_dec = _init_stats(store, n_train, cfg)
         with torch.no_grad():
@@ -280,7 +280,7 @@ def train_sae(
             if due_tensor.item() > 0 and done < cfg.steps:
                 if dist_info.is_main:
                     ckpt.save(sae, opt, tracker, {"step": done, "tokens": tokens_seen, "scale": scale,
-                                                  "elapsed": elapsed + bar.format_dict["elapsed"], "run_config": run_config})
+                                                  "run_config": run_config})
                 barrier(dist_info)
                 last_ckpt_time = time.monotonic()
     finally:
