@@ -118,10 +118,10 @@ def _versions() -> dict:
 
 
 class _Items:
-    """Dataset wrapper for the DataLoader: index -> (index, pixels | None, error | None)."""
+    """Dataset wrapper for the DataLoader: index -> (index, PIL image | None, error | None)."""
 
-    def __init__(self, ds, transform):
-        self.ds, self.transform = ds, transform
+    def __init__(self, ds):
+        self.ds = ds
 
     def __len__(self):
         return len(self.ds)
@@ -130,22 +130,39 @@ class _Items:
         from sae_core.datasets import ImageReadError
 
         try:
-            image = self.ds[i]
+            return i, self.ds[i], None
         except ImageReadError as e:
             return i, None, str(e)
+
+
+class _Collate:
+    """Preprocess a batch in one processor call (in the loader's workers when there are some); an
+    image the processor cannot handle is found by retrying one by one, then skipped and counted."""
+
+    def __init__(self, preprocessor, ds):
+        self.preprocessor, self.ds = preprocessor, ds
+
+    def __call__(self, items):
+        import torch
+
+        skipped = [(i, err) for i, im, err in items if err is not None]
+        ok = [(i, im) for i, im, err in items if err is None]
+        if not ok:
+            return None, np.zeros(0, np.int64), skipped
         try:
-            return i, self.transform(image), None
-        except Exception as e:  # e.g. a 1-pixel-wide image the processor cannot resize: skip it too
-            return i, None, f"{self.ds.item(i)}: preprocessing failed: {type(e).__name__}: {e}"
-
-
-def _collate(items):
-    import torch
-
-    ok = [(i, x) for i, x, err in items if err is None]
-    skipped = [(i, err) for i, x, err in items if err is not None]
-    pixels = torch.stack([x for _, x in ok]) if ok else None
-    return pixels, np.array([i for i, _ in ok], dtype=np.int64), skipped
+            pixels = self.preprocessor.batch([im for _, im in ok])
+        except Exception:
+            good, tensors = [], []
+            for i, im in ok:
+                try:
+                    tensors.append(self.preprocessor(im))
+                    good.append((i, im))
+                except Exception as e:  # e.g. an image too small for the processor
+                    skipped.append((i, f"{self.ds.item(i)}: preprocessing failed: {type(e).__name__}: {e}"))
+            ok = good
+            pixels = torch.stack(tensors) if tensors else None
+        skipped.sort()
+        return pixels, np.array([i for i, _ in ok], dtype=np.int64), skipped
 
 
 def _auto_shard_images(n: int, batch: int, world_size: int, shard_bytes: int, image_bytes: int) -> int:
@@ -252,7 +269,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
             workers = min(8, cpus // max(1, info.world_size) - 1) if device.startswith("cuda") else (0 if cpus <= 4 else 2)
             workers = max(0, workers)
         loader = torch.utils.data.DataLoader(
-            _Items(ds, adapter.transform), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
+            _Items(ds), batch_sampler=batches, collate_fn=_Collate(adapter.preprocessor, ds), num_workers=workers,
             pin_memory=device.startswith("cuda"), persistent_workers=False,
         )
         throttle = float(os.environ.get("SAE_EXTRACT_THROTTLE_S", "0"))  # tests: make a run slow enough to kill

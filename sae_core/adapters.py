@@ -208,7 +208,8 @@ class Adapter:
     """hidden_states index a downstream model reads (LLaVA's vision_feature_layer), else None."""
     read_tokens: str | None = None
     """Which tokens it reads at that layer: "patches" (LLaVA's "default": CLS dropped) or "all"."""
-    _transform: Callable
+    preprocessor: "ImageTransform"
+    """Picklable image -> tensor transform (what data-loading workers get; never the model)."""
 
     # --- loading and preprocessing -----------------------------------------------------------
     def to(self, device: str | torch.device = "cpu", precision: str = "fp32") -> "Adapter":
@@ -224,10 +225,11 @@ class Adapter:
 
     def transform(self, image) -> torch.Tensor:
         """One PIL RGB image -> (3, H, W) float tensor, exactly as the model's own processor does."""
-        return self._transform(image)
+        return self.preprocessor(image)
 
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        return torch.stack([self.transform(im) for im in images])
+        """PIL RGB images -> (B, 3, H, W), in one processor call where the processor batches."""
+        return self.preprocessor.batch(images)
 
     # --- layers ------------------------------------------------------------------------------
     def resolve_layer(self, layer: int | str) -> Layer:
@@ -373,7 +375,7 @@ class OpenClipAdapter(Adapter):
                 "check the name with open_clip.list_pretrained(), or pass a local checkpoint file."
             ) from e
         self.model = model.eval().requires_grad_(False)
-        self._transform = preprocess
+        self.preprocessor = ImageTransform(preprocess)
         visual = model.visual
         size = visual.image_size if hasattr(visual, "image_size") else None
         if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
@@ -416,16 +418,29 @@ def _hf_call(what: str, fn, *args, **kwargs):
         ) from e
 
 
-def _hf_image_transform(source: str) -> Callable:
+class ImageTransform:
+    """An image transform with a batched form: torchvision-style (per image) or a transformers
+    image processor (one call for the whole batch, about 3x faster per image)."""
+
+    def __init__(self, per_image: Callable | None = None, processor=None):
+        self.per_image, self.processor = per_image, processor
+
+    def __call__(self, image) -> torch.Tensor:
+        if self.processor is not None:
+            return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return self.per_image(image)
+
+    def batch(self, images: Sequence) -> torch.Tensor:
+        if self.processor is not None:
+            return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return torch.stack([self.per_image(im) for im in images])
+
+
+def _hf_image_transform(source: str) -> ImageTransform:
     from transformers import AutoImageProcessor
 
     proc = _hf_call(f"the image processor of {source}", AutoImageProcessor.from_pretrained, source)
-
-    def transform(image):
-        return proc(images=image, return_tensors="pt")["pixel_values"][0]
-
-    transform.processor = proc
-    return transform
+    return ImageTransform(processor=proc)
 
 
 def _hf_blocks(tower: nn.Module) -> nn.ModuleList:
@@ -476,7 +491,7 @@ class HFVisionAdapter(Adapter):
         self.layout = _hf_layout(vcfg, mt)
         size = vcfg.image_size
         self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        self._transform = _hf_image_transform(source)
+        self.preprocessor = _hf_image_transform(source)
         self.to("cpu")
 
     def _forward(self, pixels):
@@ -525,7 +540,7 @@ class LlavaAdapter(Adapter):
             raise UserError(f"{source} reads several vision layers ({layer}); only a single vision_feature_layer is supported.")
         self.read_layer = layer
         self.read_tokens = "patches" if cfg.vision_feature_select_strategy == "default" else "all"
-        self._transform = _hf_image_transform(source)
+        self.preprocessor = _hf_image_transform(source)
         self.to("cpu")
 
     def to(self, device="cpu", precision="fp32"):

@@ -240,7 +240,8 @@ def test_world_specs_extract_then_train_end_to_end(tmp_path, monkeypatch, capsys
 
 
 def test_unreadable_and_unprocessable_images_are_skipped_in_the_loader():
-    from precompute.extract import _collate, _Items
+    from precompute.extract import _Collate, _Items
+    from sae_core.adapters import ImageTransform
     from sae_core.datasets import open_dataset
 
     ds = open_dataset(f"imagefolder:{H.image_dir(10, corrupt=(3, 4))}")
@@ -251,7 +252,10 @@ def test_unreadable_and_unprocessable_images_are_skipped_in_the_loader():
             raise ValueError("cannot resize")
         return torch.full((3, 2, 2), float(im.size[0]))
 
-    pixels, ids, skipped = _collate([_Items(ds, transform)[i] for i in range(2, 7)])
+    collate = _Collate(ImageTransform(transform), ds)
+    pixels, ids, skipped = collate([_Items(ds)[i] for i in range(2, 7)])
     assert ids.tolist() == [2, 6] and pixels.shape == (2, 3, 2, 2)
+    assert pixels[:, 0, 0, 0].tolist() == [ds[2].size[0], ds[6].size[0]]
     assert [i for i, _ in skipped] == [3, 4, 5]
     assert "preprocessing failed: ValueError: cannot resize" in skipped[2][1] and ds.item(5) in skipped[2][1]
+    assert collate([_Items(ds)[3]])[0] is None
