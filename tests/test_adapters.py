@@ -256,3 +256,26 @@ def test_open_clip_timm_siglip_tower_without_cls(tmp_path):
     torch.testing.assert_close(got["embed"], emb, rtol=0, atol=0)
     with pytest.raises(UserError, match="no CLS token"):
         TokenSpec.parse("cls").check(a.layout, a.spec)
+
+
+def test_hf_siglip_without_cls_and_dinov2_with_registers(tmp_path):
+    from transformers import (BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
+                              SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=32, patch_size=8)).save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7,
+        num_register_tokens=4)).save_pretrained(tmp_path / "reg")
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(tmp_path / "reg")
+    for name, cls, layout in (("siglip", SiglipVisionModel, TokenLayout(0, (4, 4), False)),
+                              ("reg", Dinov2WithRegistersModel, TokenLayout(5, (4, 4), True))):
+        a = load_adapter(f"hf:{tmp_path / name}")
+        assert a.layout == layout
+        px = _pixels(a, n=2)
+        with torch.no_grad():
+            out = cls.from_pretrained(tmp_path / name).eval()(pixel_values=px, output_hidden_states=True)
+        _check_against_hidden_states(a, px, out.hidden_states)
+        torch.testing.assert_close(a.embed(px), out.pooler_output, rtol=0, atol=0)
