@@ -200,8 +200,9 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             plan = {"identity": identity, "shard_images": int(shard_images),
                     "n_shards": int(-(-n // shard_images)), "layers": identity["layers"], "complete": False}
             write_json_atomic(run_file, plan)
-        for p in list(out.glob("layer_*/shards/.*.tmp*")) + list(out.glob("progress/.*.tmp*")):
-            p.unlink()  # leftovers of a killed run
+        for pattern in (".*.tmp*", "progress/.*.tmp*", "layer_*/.*.tmp*", "layer_*/shards/.*.tmp*"):
+            for p in out.glob(pattern):
+                p.unlink()  # leftovers of a killed run
     return plan if is_main else {}
 
 
