@@ -12,7 +12,6 @@ images in the manifest. The writer side (`save_npy_atomic`, `write_json_atomic`)
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from functools import lru_cache
@@ -21,32 +20,17 @@ from typing import Iterator
 
 import numpy as np
 
+from .atomic import atomic_path, write_json_atomic  # noqa: F401  (write_json_atomic: for the writer)
 from .errors import UserError
 
 MANIFEST = "manifest.json"
 RUN_FILE = "extract.json"  # an extraction output directory: one store per layer below it
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
-    """np.save to a temporary name, fsync, rename: a reader never sees a half-written shard."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """np.save under a temporary name, fsync, rename: a reader never sees a half-written shard."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(arr))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _resolve_store_dir(path: Path) -> Path:
