@@ -507,12 +507,14 @@ class LlavaAdapter(Adapter):
 
     `full=False` (extraction) loads only the tower's weights from the checkpoint (0.3 B of the 7 B
     parameters of LLaVA-1.5); `full=True` (steering) loads the whole model with from_pretrained, and
-    `.llava` is it, with the tower at `.llava.model.vision_tower`.
+    `.llava` is it, with the tower at `.llava.model.vision_tower`. `full` may also be a dict of
+    from_pretrained keyword arguments (e.g. ``{"quantization_config": BitsAndBytesConfig(...),
+    "device_map": "cuda:0"}``); a quantized or device-mapped model is then left where it was loaded.
     """
 
     backend = "llava"
 
-    def __init__(self, spec: str, source: str, full: bool = False, backend: str = "llava"):
+    def __init__(self, spec: str, source: str, full: bool | dict = False, backend: str = "llava"):
         from transformers import AutoConfig
 
         self.spec, self.name, self.backend = spec, source, backend
@@ -523,7 +525,8 @@ class LlavaAdapter(Adapter):
         if full:
             from transformers import LlavaForConditionalGeneration
 
-            self.llava = _hf_call(f"LLaVA {source}", LlavaForConditionalGeneration.from_pretrained, source)
+            kwargs = full if isinstance(full, dict) else {}
+            self.llava = _hf_call(f"LLaVA {source}", LlavaForConditionalGeneration.from_pretrained, source, **kwargs)
             self.llava.eval().requires_grad_(False)
             tower = self.llava.model.vision_tower
         else:
@@ -544,9 +547,14 @@ class LlavaAdapter(Adapter):
         self.to("cpu")
 
     def to(self, device="cpu", precision="fp32"):
-        super().to(device, precision)
-        if self.llava is not None:
-            self.llava.to(device=device, dtype=PRECISIONS[precision])
+        placed = self.llava is not None and (getattr(self.llava, "is_quantized", False)
+                                             or getattr(self.llava, "hf_device_map", None))
+        if not placed:
+            super().to(device, precision)
+            if self.llava is not None:
+                self.llava.to(device=device, dtype=PRECISIONS[precision])
+        else:  # quantized / device-mapped by from_pretrained: feed pixels where the tower is
+            self.device, self.dtype = next(self.tower.parameters()).device, PRECISIONS[precision]
         return self
 
     def _forward(self, pixels):
@@ -593,8 +601,11 @@ def _load_llava_tower(source: str, cfg) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Specs
 # ----------------------------------------------------------------------------------------------
-def load_adapter(spec: str, device: str = "cpu", precision: str = "fp32", full_llava: bool = False) -> Adapter:
-    """Load the model a spec names (see the module docstring) onto `device` at `precision`."""
+def load_adapter(spec: str, device: str = "cpu", precision: str = "fp32", full_llava: bool | dict = False) -> Adapter:
+    """Load the model a spec names (see the module docstring) onto `device` at `precision`.
+
+    `full_llava`: for LLaVA specs, load the whole LlavaForConditionalGeneration (`adapter.llava`), not
+    only its vision tower; a dict is passed to its from_pretrained (quantization, device_map, ...)."""
     backend, sep, rest = spec.partition(":")
     if not sep or backend not in BACKENDS:
         raise UserError(
@@ -620,7 +631,7 @@ def load_adapter(spec: str, device: str = "cpu", precision: str = "fp32", full_l
     return adapter.to(device, precision)
 
 
-def _hf_or_llava(spec: str, source: str, full_llava: bool, backend: str) -> Adapter:
+def _hf_or_llava(spec: str, source: str, full_llava: bool | dict, backend: str) -> Adapter:
     from transformers import AutoConfig
 
     cfg = _hf_call(f"the config of {source}", AutoConfig.from_pretrained, source)
@@ -644,7 +655,7 @@ def world_model_dir(rest: str) -> tuple[Path, str]:
     return sub, which
 
 
-def _world_adapter(spec: str, rest: str, full_llava: bool) -> Adapter:
+def _world_adapter(spec: str, rest: str, full_llava: bool | dict) -> Adapter:
     sub, which = world_model_dir(rest)
     if which == "llava":
         return LlavaAdapter(spec, str(sub), full=full_llava, backend="world")

@@ -129,6 +129,8 @@ def test_llava_tower_is_what_llava_reads():
     # the world spec maps onto the same model; full=True gives the whole LLaVA for steering
     w = load_adapter(f"world:{src.parent}:llava", full_llava=True)
     assert w.backend == "world" and w.llava is not None and w.layer_module(-2) is w.llava.model.vision_tower.encoder.layers[2]
+    eager = load_adapter(f"llava:{src}", full_llava={"attn_implementation": "eager"})
+    assert eager.llava.config._attn_implementation == "eager"  # from_pretrained kwargs reach the model
     torch.testing.assert_close(w.capture(px, ["-2"])["-2"], hs[-2], rtol=0, atol=0)
     c = load_adapter(f"world:{src.parent}")
     assert c.backend == "world" and c.embed_dim == 16 and c.read_layer is None
