@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sae_core.world.text import EOS, PAD, BOS, build_tokenizer, colour_prompt, shape_prompt, training_text
+from sae_core.world.text import BOS, EOS, PAD, colour_prompt, shape_prompt, training_text
 from .pool import FACTOR_CODES, Pool, normalise
 
 
@@ -55,6 +55,16 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def scheduled_steps(opt, steps: int, peak: float, desc: str):
+    """Yield (step, progress bar) with the learning rate set: 5% linear warm-up, then cosine to 2%."""
+    warmup = max(1, int(0.05 * steps))
+    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak, warmup)
+        yield step, bar
+
+
 def train_clip(model, tokenizer, pool: Pool, cfg: dict, seed: int, log=None) -> dict:
     """Contrastive training with several positives per text (all batch images a text describes).
 
@@ -65,14 +75,10 @@ def train_clip(model, tokenizer, pool: Pool, cfg: dict, seed: int, log=None) -> 
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["wd"], betas=(0.9, 0.98))
     steps, bs = cfg["steps"], cfg["batch"]
-    warmup = max(1, int(0.05 * steps))
     model.train()
     cache = {}
     t0 = time.time()
-    bar = tqdm(range(steps), desc="train tiny CLIP", unit="step", mininterval=1.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg["lr"], warmup)
+    for step, bar in scheduled_steps(opt, steps, cfg["lr"], "train tiny CLIP"):
         idx = torch.randint(len(pool), (bs,), generator=g).numpy()
         pairs = [training_text(pool.factors[i], rng, cfg["full_caption_prob"]) for i in idx]
         texts, claims, own = [], [], []

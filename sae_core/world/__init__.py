@@ -4,4 +4,6 @@
 language; `dataset.WorldDataset` reads a built world directory. Models are trained by
 `python -m precompute world` (precompute/world/), never here.
 """
-from .generator import COLOURS, SHAPES, TEXTURES, WorldSpec, render, sample_factors  # noqa: F401
+from .generator import COLOURS, SHAPES, TEXTURES, WorldSpec, render, sample_factors
+
+__all__ = ["COLOURS", "SHAPES", "TEXTURES", "WorldSpec", "render", "sample_factors"]
