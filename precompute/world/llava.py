@@ -23,8 +23,8 @@ from .pool import Pool, normalise
 TOKEN_ID = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 # How often each question kind is drawn. Colour is learnt in a few steps; shape (which must be read from
 # the spatial pattern of patch tokens) and captions (every object's shape) need most of the steps.
-KIND_WEIGHTS = {"shape": 0.4, "colour": 0.1, "caption": 0.35, "size": 0.04, "position": 0.04,
-                "texture": 0.04, "count": 0.03}
+KIND_WEIGHTS = {"shape": 0.3, "colour": 0.08, "caption": 0.45, "size": 0.04, "position": 0.04,
+                "texture": 0.05, "count": 0.04}
 
 
 def build_llava(clip_model, cfg: dict, vocab_size: int):

@@ -18,8 +18,8 @@ PRESETS = {
     "demo": {
         "world": {"image_size": 32, "splits": {"train": 20000, "val": 2000, "ood": 1000}},
         "clip": dict(hidden=64, layers=4, heads=4, patch=8, text_hidden=64, text_layers=2, max_text_len=32,
-                     proj=64, lr=2e-3, wd=0.05, steps=1200, batch=256, full_caption_prob=0.3),
-        "llava": dict(hidden=128, layers=2, lr=2e-3, steps=600, batch=64),
+                     proj=64, lr=2e-3, wd=0.05, steps=1000, batch=256, full_caption_prob=0.3),
+        "llava": dict(hidden=128, layers=2, lr=3e-3, steps=1500, batch=64),
         "eval_val": 1000,
         "gates": {"clip_colour_acc": 0.90, "clip_shape_acc": 0.85, "llava_colour_acc": 0.90,
                   "llava_shape_acc": 0.90, "caption_acc": 0.85},
