@@ -25,11 +25,11 @@ STAGE_FILE = "world_stage.json"  # inside clip/ and llava/: how the stage was bu
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="world directory to create or resume")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="demo: meets the gates (a few minutes on 2 cores); tiny: for tests (under a minute)")
+                   help="demo: meets the gates (about 7 minutes on 2 shared cores); tiny: for tests (under a minute)")
     p.add_argument("--seed", type=int, default=0, help="one seed for images and training")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: these models are too small to gain from more, "
-                        "one thread is immune to a busy machine and gives the same bits on any CPU count)")
+                   help="torch CPU threads (default 1: on a busy 2-core machine two threads ran up to 7x "
+                        "slower than one, and one thread gives the same bits on any CPU count)")
 
 
 def _write_json(path: Path, data: dict) -> None:
