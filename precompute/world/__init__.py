@@ -28,8 +28,8 @@ def add_arguments(p) -> None:
                    help="demo: meets the gates (about 7 minutes on 2 shared cores); tiny: for tests (under a minute)")
     p.add_argument("--seed", type=int, default=0, help="one seed for images and training")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a busy 2-core machine two threads ran up to 7x "
-                        "slower than one, and one thread gives the same bits on any CPU count)")
+                   help="torch CPU threads (default 1: safe on a shared machine, where two threads ran up to "
+                        "7x slower, and the same bits on any CPU count; 2 was 1.7x faster on idle cores)")
 
 
 def _write_json(path: Path, data: dict) -> None:
