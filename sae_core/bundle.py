@@ -1,0 +1,352 @@
+"""The bundle: one directory describing one (model, layer, SAE, dataset); reader and writer helpers.
+
+Layout (schema version 1; README "The bundle and the atlas" documents every file):
+
+    manifest.json        written LAST: a directory without it is unfinished and never served
+    sae/                 sae.safetensors + config.json (sae_core.checkpoint)
+    neurons/NAME.npy     per-neuron arrays, first axis = neuron id k (ms, support, top_images, ...)
+    neurons/labels.json  {"method", "vocabulary", "labels"}
+    raw/ms.npy           MS of the layer's own units on the same images
+    images/              embeddings.npy, index.faiss, thumbs/{id}.png (gallery images only)
+    hierarchy.json       the Matryoshka tree; world.json (world bundles): ground-truth figures
+
+The reader (`open_bundle`) memory-maps arrays on first use and validates the schema version; the
+writer side (`write_array`, `write_json`, `write_manifest`) writes every file atomically and the
+manifest last. This module knows nothing of Gradio or of command lines.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path, write_json_atomic
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SAE_DIR = "sae"
+NEURONS = "neurons"
+LABELS = "neurons/labels.json"
+HIERARCHY = "hierarchy.json"
+WORLD = "world.json"
+EMBEDDINGS = "images/embeddings.npy"
+INDEX = "images/index.faiss"
+THUMBS = "images/thumbs"
+RAW_MS = "raw/ms.npy"
+
+# Arrays whose first axis is the neuron id (name -> relative path); others are named by path.
+NEURON_ARRAYS = (
+    "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
+    "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
+    "label_score", "decoder_neighbors", "decoder_neighbor_cos",
+)
+REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer helpers
+# ----------------------------------------------------------------------------------------------
+def write_array(root: str | Path, rel: str, arr: np.ndarray) -> Path:
+    """np.save `arr` to root/rel atomically (temporary name + fsync + rename); returns the path."""
+    path = Path(root) / rel
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+    return path
+
+
+def write_json(root: str | Path, rel: str, obj) -> Path:
+    path = Path(root) / rel
+    write_json_atomic(path, obj)
+    return path
+
+
+def list_files(root: str | Path) -> dict[str, str]:
+    """{name: relative path} of every finished file in a bundle directory (thumbnails as one entry)."""
+    root = Path(root)
+    files: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() or path.name.startswith(".") or rel == MANIFEST or rel.startswith(THUMBS + "/"):
+            continue
+        name = path.stem if rel.startswith(NEURONS + "/") and path.suffix == ".npy" else rel
+        files[name] = rel
+    if (root / THUMBS).is_dir():
+        files["thumbs"] = THUMBS
+    return files
+
+
+def write_manifest(root: str | Path, manifest: dict) -> dict:
+    """Write manifest.json last: adds schema_version, created, versions (if absent) and `files`."""
+    import torch
+
+    root = Path(root)
+    full = {"schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}}
+    full.update(manifest)
+    full["schema_version"] = SCHEMA_VERSION
+    full["files"] = list_files(root)
+    write_json_atomic(root / MANIFEST, full)
+    return full
+
+
+def unfinish(root: str | Path) -> None:
+    """Remove the manifest (a bundle being rebuilt must not be served half old, half new)."""
+    path = Path(root) / MANIFEST
+    if path.exists():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+# ----------------------------------------------------------------------------------------------
+def open_bundle(path: str | Path) -> "Bundle":
+    """Open a finished bundle; UserError (one sentence) if missing, unfinished or of another schema."""
+    return Bundle(path)
+
+
+class Bundle:
+    """A finished bundle, read lazily: arrays are memory-mapped on first use and cached."""
+
+    def __init__(self, path: str | Path):
+        root = Path(os.path.expandvars(os.path.expanduser(str(path))))
+        if not root.is_dir():
+            raise UserError(f"bundle {root} does not exist; build one with `python -m precompute demo --out {root}` "
+                            "or `python -m precompute atlas ... --out {root}`.")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise UserError(f"bundle {root} has no {MANIFEST}, so it is unfinished (its build stopped or is still "
+                            "running); re-run the command that builds it to complete it.")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{mpath} cannot be read as JSON ({e}); rebuild the bundle.") from e
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        if version != SCHEMA_VERSION:
+            raise UserError(f"bundle {root} has schema version {version!r} but this code reads version "
+                            f"{SCHEMA_VERSION}; rebuild the bundle with this version of precompute.")
+        missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise UserError(f"{mpath} lacks {', '.join(missing)}; the bundle is damaged, rebuild it.")
+        self.root = root
+        self.manifest: dict = manifest
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.root)!r}: {self.n_neurons} neurons, {self.n_images} images)"
+
+    # --- sizes --------------------------------------------------------------------------------
+    @property
+    def n_neurons(self) -> int:
+        return int(self.manifest["sae"]["d_sae"])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.manifest["dataset"]["n_images"])
+
+    @property
+    def is_world(self) -> bool:
+        return bool(self.manifest.get("world"))
+
+    def has(self, name: str) -> bool:
+        """Whether the bundle holds the array or file `name` (a neuron array name or a relative path)."""
+        try:
+            return self._path(name).exists()
+        except UserError:
+            return False
+
+    # --- files --------------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        files = self.manifest.get("files", {})
+        if name in files:
+            return self.root / files[name]
+        if name in NEURON_ARRAYS or name == "hist_edges":
+            return self.root / NEURONS / f"{name}.npy"
+        rel = name if name.endswith((".npy", ".json", ".faiss")) else f"{name}.npy"
+        path = (self.root / rel).resolve()
+        if self.root.resolve() not in path.parents:
+            raise UserError(f"{name!r} is not a file inside the bundle; name an array such as 'ms' or 'raw/ms'.")
+        return path
+
+    def array(self, name: str) -> np.ndarray:
+        """A memory-mapped array: "ms", "top_images", ... (neurons/), or a path such as "raw/ms"."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            path = self._path(name)
+            if not path.is_file():
+                raise UserError(f"bundle {self.root} has no array {name!r} ({path.relative_to(self.root)}); "
+                                "rebuild it with the current atlas.")
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read {path} ({e}); the bundle is damaged, rebuild it.") from e
+            self._arrays[name] = arr
+        return arr
+
+    def json(self, rel: str) -> dict:
+        path = self.root / rel
+        if not path.is_file():
+            raise UserError(f"bundle {self.root} has no {rel}; rebuild it with the current atlas.")
+        return json.loads(path.read_text())
+
+    @cached_property
+    def labels(self) -> dict:
+        """{"method", "vocabulary", "labels": [str per neuron]} (empty labels if none were computed)."""
+        if not (self.root / LABELS).is_file():
+            return {"method": None, "vocabulary": [], "labels": [""] * self.n_neurons}
+        return self.json(LABELS)
+
+    @cached_property
+    def children(self) -> dict[int, list[int]]:
+        """parent -> children in the tree (from neurons/parent.npy)."""
+        out: dict[int, list[int]] = {}
+        if self.has("parent"):
+            parent = np.asarray(self.array("parent"))
+            for k in np.flatnonzero(parent >= 0):
+                out.setdefault(int(parent[k]), []).append(int(k))
+        return out
+
+    # --- one neuron ---------------------------------------------------------------------------
+    def check_neuron(self, k) -> int:
+        try:
+            ki = int(k)
+        except (TypeError, ValueError):
+            raise UserError(f"neuron id {k!r} is not an integer; pick one between 0 and {self.n_neurons - 1}.") from None
+        if not 0 <= ki < self.n_neurons:
+            raise UserError(f"neuron {ki} does not exist; this bundle has neurons 0 to {self.n_neurons - 1}.")
+        return ki
+
+    def _opt(self, name: str, k: int):
+        return self.array(name)[k] if self.has(name) else None
+
+    def neuron(self, k) -> dict:
+        """Everything a neuron page shows, from a handful of memory-mapped reads."""
+        k = self.check_neuron(k)
+        top_ids = np.asarray(self.array("top_images")[k])
+        top_acts = np.asarray(self.array("top_acts")[k])
+        top_patch = np.asarray(self._opt("top_patch", k)) if self.has("top_patch") else np.full(len(top_ids), -1)
+        keep = top_ids >= 0
+        top = [(int(i), float(a), int(p)) for i, a, p in zip(top_ids[keep], top_acts[keep], top_patch[keep])]
+        heat = self._opt("top_heat", k)
+        bands = []
+        if self.has("band_images"):
+            for ids, acts in zip(np.asarray(self.array("band_images")[k]), np.asarray(self.array("band_acts")[k])):
+                m = ids >= 0
+                bands.append([(int(i), float(a)) for i, a in zip(ids[m], acts[m])])
+        neighbors = []
+        if self.has("decoder_neighbors"):
+            ids = np.asarray(self.array("decoder_neighbors")[k])
+            cos = np.asarray(self.array("decoder_neighbor_cos")[k])
+            neighbors = [(int(i), float(c)) for i, c in zip(ids, cos) if i >= 0]
+        labels = self.labels
+        group = self._opt("group", k)
+        parent = self._opt("parent", k)
+        parent_coact = self._opt("parent_coact", k)
+        score = self._opt("label_score", k)
+
+        def num(x, cast=float):
+            return None if x is None else cast(x)
+
+        return {
+            "id": k,
+            "ms": float(self.array("ms")[k]),
+            "support": int(self.array("support")[k]),
+            "frequency": float(self.array("frequency")[k]),
+            "mean_act": float(self.array("mean_act")[k]),
+            "max_act": float(self.array("max_act")[k]),
+            "hist": (np.asarray(self.array("hist_counts")[k]), np.asarray(self.array("hist_edges"))),
+            "top": top,
+            "top_heat": None if heat is None else np.asarray(heat[: len(top)], dtype=np.float32),
+            "bands": bands,
+            "group": num(group, int) if group is not None else 0,
+            "parent": num(parent, int) if parent is not None else -1,
+            "parent_coact": num(parent_coact, int) if parent_coact is not None else -1,
+            "children": self.children.get(k, []),
+            "label": labels["labels"][k] if k < len(labels.get("labels", [])) else "",
+            "label_score": num(score),
+            "label_method": labels.get("method"),
+            "neighbors": neighbors,
+        }
+
+    # --- models, data, index ------------------------------------------------------------------
+    def load_sae(self, device: str = "cpu"):
+        """The bundle's SparseAutoencoder (sae_core.checkpoint.load_sae on BUNDLE/sae)."""
+        from .checkpoint import load_sae
+
+        return load_sae(self.root / SAE_DIR, device=device)
+
+    def dataset(self):
+        """The image dataset the atlas scanned (sae_core.datasets.open_dataset of the manifest's spec)."""
+        if not hasattr(self, "_dataset"):
+            from .datasets import open_dataset
+
+            self._dataset = open_dataset(self.manifest["dataset"]["spec"])
+        return self._dataset
+
+    def thumb_path(self, i: int) -> Path:
+        return self.root / THUMBS / f"{int(i)}.png"
+
+    def image(self, i):
+        """Image i as PIL RGB: the bundle's thumbnail if it has one, else read/rendered from the dataset."""
+        i = int(i)
+        if not 0 <= i < self.n_images:
+            raise UserError(f"image {i} does not exist; this bundle covers images 0 to {self.n_images - 1}.")
+        path = self.thumb_path(i)
+        if path.is_file():
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        return self.dataset()[i]
+
+    def search_index(self):
+        """The FAISS index over images/embeddings.npy (read once)."""
+        if not hasattr(self, "_index"):
+            path = self._path("index") if "index" in self.manifest["files"] else self.root / INDEX
+            if not path.is_file():
+                raise UserError(f"bundle {self.root} has no search index ({INDEX}); rebuild it with the current atlas.")
+            try:
+                import faiss
+            except ImportError as e:
+                raise UserError("search needs faiss; install it with `pip install faiss-cpu`.") from e
+            self._index = faiss.read_index(str(path))
+        return self._index
+
+    def hierarchy(self) -> dict:
+        """hierarchy.json: {"nodes": [{id, level, parent, label, ms}], "depth_per_level": [...], ...}."""
+        return self.json(HIERARCHY)
+
+    def world_figures(self) -> dict | None:
+        """world.json (ground-truth figures) for world bundles, else None."""
+        return self.json(WORLD) if (self.root / WORLD).is_file() else None
+
+    # --- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check that every listed file exists and the per-neuron arrays agree in shape; UserError if not."""
+        for name, rel in self.manifest["files"].items():
+            if not (self.root / rel).exists():
+                raise UserError(f"bundle {self.root} lists {rel} but it is missing; rebuild the bundle.")
+        K = self.n_neurons
+        for name in NEURON_ARRAYS:
+            if self.has(name) and self.array(name).shape[0] != K:
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[0]} rows "
+                                f"but the SAE has {K} neurons; rebuild the bundle.")
+        T = self.array("top_images").shape[1]
+        for name in ("top_acts", "top_patch", "top_heat"):
+            if self.has(name) and self.array(name).shape[1] != T:
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[1]} "
+                                f"top slots, top_images has {T}; rebuild the bundle.")
+        ids = np.asarray(self.array("top_images"))
+        if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
+            raise UserError(f"bundle {self.root}: top_images holds ids outside 0..{self.n_images - 1}; rebuild it.")
+        if self.has("hist_edges") and self.array("hist_edges").shape[0] != self.array("hist_counts").shape[1] + 1:
+            raise UserError(f"bundle {self.root}: hist_edges does not match hist_counts; rebuild it.")
+        labels = self.labels["labels"]
+        if len(labels) != K:
+            raise UserError(f"bundle {self.root}: labels.json has {len(labels)} labels for {K} neurons; rebuild it.")
