@@ -12,6 +12,8 @@ COMMANDS = {
     "export": ("precompute.export", "Export a trained SAE to another library's layout."),
     "world": ("precompute.world", "Build the embedded world: synthetic images, a tiny CLIP and a tiny LLaVA."),
     "extract": ("precompute.extract", "Extract a vision encoder's activations to sharded stores (torchrun-ready)."),
+    "ms": ("precompute.ms", "Monosemanticity Score of any neurons from activations and image embeddings (one pass)."),
+    "ms-agreement": ("precompute.ms_agreement", "Alignment of MS with users' preferences over neuron pairs (pairs.csv)."),
 }
 
 

@@ -238,13 +238,18 @@ class SparseAutoencoder(nn.Module):
         if cfg.arch == "relu":
             return self._relu_forward(x, x_c)
         with torch.no_grad():
-            pre = (x_c.to(compute_dtype) @ self.W_enc.to(compute_dtype)).float() + self.b_enc
-            acts = F.relu(pre)
+            # One (B, n) buffer, bias and ReLU in place: at B 4096, n 16,384 every extra copy of
+            # it costs a quarter of a GiB of memory traffic. Only positive entries are read later.
+            if compute_dtype == torch.float32:
+                pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            else:
+                pre = (x_c.to(compute_dtype) @ self.W_enc.to(compute_dtype)).float().add_(self.b_enc)
+            acts = pre.clamp_min_(0)
             if cfg.arch == "topk":
                 codes, cut = topk_codes(acts, cfg.k), None
             else:
                 codes, cut = batchtopk_codes(acts, cfg.k)
-        vals = selected_preacts(pre, x_c, self.W_enc, self.b_enc, codes)
+        vals = selected_preacts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, codes)
         if cfg.arch == "matryoshka":
             recon_loss, x_hat = self._matryoshka_recon(x, vals, codes)
         else:
@@ -325,7 +330,7 @@ class SparseAutoencoder(nn.Module):
             variance_sum = stats[-2] - n * mean.pow(2).sum()  # sum ||e - mean(e)||^2 over all processes
         if codes.col.numel() == 0 or variance_sum <= 0:
             return zero
-        aux_vals = selected_preacts(pre, x_c, self.W_enc, self.b_enc, codes)
+        aux_vals = selected_preacts(pre, x_c, self.W_enc, self.b_enc, self.b_dec, codes)
         e_hat = sparse_decode(aux_vals, self.W_dec, codes)
         # Each process returns its share scaled by the process count, because DDP averages gradients.
         share = (residual - e_hat).pow(2).sum() / variance_sum * _world_size()
