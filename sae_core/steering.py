@@ -1,0 +1,582 @@
+"""Steering: clamp SAE latents inside a vision tower and let LLaVA answer from the changed features.
+
+API (what the app calls; everything else here is internal)
+
+    session = SteeringSession.from_bundle(bundle_or_path, device="auto", precision="auto", llava=None)
+    session = SteeringSession.from_paths(sae_dir, llava_spec, layer=None, device="auto", precision="auto")
+        One LLaVA (world tiny LLaVA or llava-hf/llava-1.5-7b-hf: 4-bit on CUDA by default, fp32 on CPU)
+        plus the SAE, checked to sit at the layer LLaVA reads with the tower's width (UserError
+        naming both layers and widths otherwise). Thread-safe: share one session between requests.
+    session.answers(image, latents=(k, ...), values=(v, ...), prompt=WHAT_IS_SHOWN, keep_error=False,
+                    patches=None, mode="set", max_new_tokens=5) -> SteerResult
+        .original (no SAE), .sae (SAE inserted, nothing clamped), .steered (clamped); greedy.
+        image: PIL image, file path, "world:INDEX" / int (an image of the bundle's dataset).
+        patches: patch indices (row-major in the grid, 0-based, CLS excluded); None = all tokens.
+    session.sweep(image, latents, values_list, ...) -> [(values, answer)]   # one batched LM pass
+    session.latents_on_image(image, top=10) -> {"top": [(k, max, mean, label)], "maps": {k: (rows, cols)},
+                                               "grid": (rows, cols)}
+    session.steering_score(word, latent) -> float   # CLIP cos(word text, mean of top-16 image embeddings)
+    session.answer_batch(images, clamps, prompt, max_new_tokens) -> [str]   # eval path, batched
+
+Building blocks (usable on any torch module)
+
+    Clamp(latents, values, mode="set"|"add", positions=None, keep_error=False)
+    steer_hidden(h, sae, clamp) -> h'          # (B, T, D) -> (B, T, D), the pure map
+    with intervene(module, sae, clamp): ...    # forward hook (prepend=True) that applies steer_hidden
+
+The map: z = encode(h); z' = z with the chosen latents set to (or increased by) their values on the
+chosen token positions; output decode(z') (error term dropped: the paper) or h + decode(z') - decode(z)
+(error kept). An empty clamp with the error dropped is "SAE inserted, nothing clamped"; with the error
+kept it is the identity.
+
+Concurrency: a module gets at most one steering hook; each thread sees only the clamps it entered
+itself (thread-local stack), so two requests steering the same model at once never see each other's
+clamps, and a thread with no clamp gets the model's own output. The hook is removed when the last
+context on that module exits, also after an exception. Re-captioning caches each image's hidden
+states at the SAE's layer (the layer LLaVA reads), so a new clamp re-runs only the SAE, the projector
+and the language model, never the vision tower.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .world.text import WHAT_IS_SHOWN, llava_prompt
+
+MODES = ("set", "add")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "4bit")
+
+
+# ----------------------------------------------------------------------------------------------
+# The map h -> steered h
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Clamp:
+    """Which latents to change, to what, where.
+
+    values: one per latent (broadcast over tokens), or an array (T, n_latents) giving each token
+    position of the layer its own value (T = tokens per image, positions ignored then).
+    positions: token positions of the layer's output (0 = CLS where there is one); None = all.
+    """
+
+    latents: tuple[int, ...] = ()
+    values: tuple[float, ...] | np.ndarray = ()
+    mode: str = "set"
+    positions: tuple[int, ...] | None = None
+    keep_error: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserError(f"clamp mode {self.mode!r} is not one of {', '.join(MODES)}.")
+        lat = tuple(int(k) for k in self.latents)
+        object.__setattr__(self, "latents", lat)
+        vals = np.asarray(self.values, dtype=np.float32)
+        if vals.ndim == 0 or (vals.ndim == 1 and len(vals) == 1 and len(lat) > 1):
+            vals = np.full(len(lat), float(vals.reshape(-1)[0]) if vals.size else 0.0, np.float32)
+        if vals.shape[-1:] != (len(lat),) and not (len(lat) == 0 and vals.size == 0):
+            raise UserError(f"{len(lat)} latent(s) but {vals.shape[-1] if vals.ndim else 0} value(s); give one value per latent.")
+        object.__setattr__(self, "values", vals)
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+
+    @property
+    def empty(self) -> bool:
+        return len(self.latents) == 0
+
+    def describe(self) -> dict:
+        return {"latents": list(self.latents), "values": np.asarray(self.values).round(4).tolist(),
+                "mode": self.mode, "positions": None if self.positions is None else list(self.positions),
+                "keep_error": self.keep_error}
+
+
+def steer_hidden(h: torch.Tensor, sae: nn.Module, clamp: Clamp | None) -> torch.Tensor:
+    """(B, T, D) or (T, D) layer output -> the same shape and dtype, through the SAE with `clamp`.
+
+    Computed in float32 on the SAE's device; returned on h's device and dtype.
+    """
+    squeeze = h.ndim == 2
+    x = (h[None] if squeeze else h).to(sae.W_dec.device, torch.float32)
+    B, T, D = x.shape
+    z = sae.encode(x.reshape(B * T, D)).reshape(B, T, -1)
+    clamp = clamp or Clamp()
+    if clamp.empty:
+        out = x if clamp.keep_error else sae.decode(z)
+    else:
+        lat = torch.as_tensor(clamp.latents, device=z.device)
+        if max(clamp.latents) >= z.shape[-1] or min(clamp.latents) < 0:
+            raise UserError(f"latent ids {list(clamp.latents)} must lie in 0..{z.shape[-1] - 1}.")
+        vals = torch.as_tensor(np.asarray(clamp.values), device=z.device, dtype=z.dtype)
+        if vals.ndim == 2:  # one value per token position: every position
+            if vals.shape[0] != T:
+                raise UserError(f"per-token values have {vals.shape[0]} rows but the layer has {T} tokens.")
+            pos = torch.arange(T, device=z.device)
+        else:
+            pos = torch.arange(T, device=z.device) if clamp.positions is None else \
+                torch.as_tensor(clamp.positions, device=z.device)
+            if len(pos) and (int(pos.max()) >= T or int(pos.min()) < 0):
+                raise UserError(f"token positions {clamp.positions} must lie in 0..{T - 1}.")
+            vals = vals.expand(len(pos), len(lat))
+        zc = z.clone()
+        rows, cols = pos[:, None], lat[None, :]
+        if clamp.mode == "set":
+            zc[:, rows, cols] = vals
+        else:
+            zc[:, rows, cols] = zc[:, rows, cols] + vals
+        # Error kept: h + decode(z') - decode(z) = h + (z' - z) W_dec (b_dec cancels; exact where z' = z).
+        out = x + (zc - z) @ sae.W_dec if clamp.keep_error else sae.decode(zc)
+    out = out.to(h.device, h.dtype)
+    return out[0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------------------------
+# The hook
+# ----------------------------------------------------------------------------------------------
+_HOOK_ATTR = "_sae_steering_hook"
+_INSTALL_LOCK = threading.Lock()  # guards installing/removing the one hook per module (no other state)
+
+
+class _SharedHook:
+    """The one steering hook of a module; each thread reads its own stack of (sae, clamp, token_dim)."""
+
+    def __init__(self, module: nn.Module):
+        self.local = threading.local()
+        self.users = 0
+        # prepend=True: run before transformers' own hidden-state recorder, or LLaVA reads the old tensor.
+        self.handle = module.register_forward_hook(self, prepend=True)
+
+    def stack(self) -> list:
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        return self.local.stack
+
+    def __call__(self, module, args, output):
+        stack = getattr(self.local, "stack", None)
+        if not stack:
+            return None  # this thread steers nothing: the module's own output
+        sae, clamp, token_dim = stack[-1]
+        h = output[0] if isinstance(output, tuple) else output
+        if token_dim != 1:
+            h = h.transpose(0, 1)
+        new = steer_hidden(h, sae, clamp)
+        if token_dim != 1:
+            new = new.transpose(0, 1)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+@contextmanager
+def intervene(module: nn.Module, sae: nn.Module, clamp: Clamp | None = None, token_dim: int = 1) -> Iterator[None]:
+    """While open, `module`'s output h (B, T, D) becomes steer_hidden(h, sae, clamp) for this thread.
+
+    token_dim=0 for modules whose output is (T, B, D) (non-batch-first open_clip). Nested contexts on
+    one module in one thread: the innermost wins. The hook goes when the last context exits.
+    """
+    entry = (sae, clamp, token_dim)
+    with _INSTALL_LOCK:
+        hook = module.__dict__.get(_HOOK_ATTR)
+        if hook is None:
+            hook = _SharedHook(module)
+            module.__dict__[_HOOK_ATTR] = hook
+        hook.users += 1
+    stack = hook.stack()
+    stack.append(entry)
+    try:
+        yield
+    finally:
+        for i in range(len(stack) - 1, -1, -1):  # remove this context's entry (by identity)
+            if stack[i] is entry:
+                del stack[i]
+                break
+        with _INSTALL_LOCK:
+            hook.users -= 1
+            if hook.users == 0:
+                hook.handle.remove()
+                module.__dict__.pop(_HOOK_ATTR, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA for steering
+# ----------------------------------------------------------------------------------------------
+def _auto_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device} was asked for but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def llava_load_options(spec: str, device: str, precision: str) -> tuple[dict, str]:
+    """from_pretrained kwargs and the compute precision for a LLaVA spec on a device.
+
+    auto: 4-bit (bitsandbytes NF4, fp16 compute) on CUDA for hub-sized models, fp32 for the world's
+    tiny LLaVA and on CPU. The vision tower, projector and lm_head stay unquantized: the SAE was
+    trained on unquantized activations, and they are a small part of the weights.
+    """
+    if precision not in PRECISION_CHOICES:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISION_CHOICES)}.")
+    cuda = device.startswith("cuda")
+    if precision == "auto":
+        precision = "4bit" if cuda and not spec.startswith("world:") else "fp32"
+    if not cuda and precision in ("4bit", "fp16"):
+        raise UserError(f"precision {precision} needs a CUDA device; on CPU use fp32 or bf16.")
+    if precision == "4bit":
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UserError("4-bit loading needs bitsandbytes and accelerate; `pip install bitsandbytes accelerate` "
+                            "or pass --precision fp16.") from e
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
+                               llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+        return {"quantization_config": q, "device_map": {"": device}, "dtype": torch.float16}, "fp16"
+    if cuda:
+        return {"device_map": {"": device}, "dtype": {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                      "fp16": torch.float16}[precision]}, precision
+    return {}, precision
+
+
+def layer_mismatch(sae_layer: str | int, sae_width: int, adapter) -> str | None:
+    """None if an SAE at `sae_layer` of width `sae_width` sits where the LLaVA of `adapter` reads,
+    else the one sentence that says why not."""
+    read = adapter.read_layer
+    try:
+        sae_block = adapter.resolve_layer(sae_layer)
+    except UserError:
+        sae_block = None
+    read_block = adapter.resolve_layer(read)
+    same_layer = sae_block is not None and sae_block == read_block
+    if same_layer and int(sae_width) == int(adapter.width):
+        return None
+    where = sae_block.describe(adapter.n_blocks) if sae_block is not None else "not a layer of this tower"
+    return (f"the SAE was trained on layer {sae_layer} ({where}) with width {sae_width}, but {adapter.spec} "
+            f"reads layer {read} ({read_block.describe(adapter.n_blocks)}) with width {adapter.width}; "
+            "steer with an SAE trained on the layer LLaVA reads, at the tower's width.")
+
+
+@dataclass
+class SteerResult:
+    """Three greedy answers to one prompt about one image, and how long the call took."""
+
+    original: str
+    sae: str
+    steered: str
+    clamp: dict
+    prompt: str
+    ms: float = 0.0
+    cached: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"original": self.original, "sae": self.sae, "steered": self.steered, "clamp": self.clamp,
+                "prompt": self.prompt, "ms": round(self.ms, 2), "cached": self.cached, **self.extra}
+
+
+ORIGINAL = "original"  # a row of answer_batch that bypasses the SAE
+
+
+class SteeringSession:
+    """One LLaVA and one SAE at the layer it reads; answers steered prompts (see the module docstring)."""
+
+    def __init__(self, sae, llava_spec: str, sae_layer: str | int, device: str = "auto", precision: str = "auto",
+                 bundle=None, cache_images: int = 1024):
+        from transformers import AutoProcessor
+
+        from .adapters import load_adapter
+
+        device = _auto_device(device)
+        kwargs, compute = llava_load_options(llava_spec, device, precision)
+        self.adapter = load_adapter(llava_spec, full_llava=kwargs or True)
+        self.adapter.to(device, compute)  # a model placed by from_pretrained only records device and dtype
+        if self.adapter.read_layer is None:
+            raise UserError(f"{llava_spec} is not a LLaVA model; steering needs a llava:, hf: LLaVA or world:DIR:llava spec.")
+        problem = layer_mismatch(sae_layer, sae.cfg.d_in, self.adapter)
+        if problem:
+            raise UserError(problem)
+        self.llava = self.adapter.llava
+        self.device = self.adapter.device
+        self.sae = sae.to(self.device).eval().requires_grad_(False)
+        self.layer = str(sae_layer)
+        self.block = self.adapter.layer_module(self.adapter.read_layer)
+        self.layout = self.adapter.layout
+        self.processor = AutoProcessor.from_pretrained(self.adapter.name)
+        self.tokenizer = self.processor.tokenizer
+        self.bundle = bundle
+        self.image_token_id = int(self.llava.config.image_token_id)
+        eos = self.llava.generation_config.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._lock = threading.Lock()
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = int(cache_images)
+        self._prompt_ids: dict[str, torch.Tensor] = {}
+        self._text = None
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, bundle, device: str = "auto", precision: str = "auto", llava: str | None = None,
+                    **kwargs) -> "SteeringSession":
+        """The bundle's SAE and the LLaVA that reads its layer: the world's tiny LLaVA for world bundles,
+        the bundle's own model for LLaVA bundles, `llava` (default llava-hf/llava-1.5-7b-hf) otherwise."""
+        from .bundle import Bundle, open_bundle
+
+        b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+        model = b.manifest["model"]
+        spec = llava or bundle_llava_spec(b.manifest)
+        return cls(b.load_sae(), spec, model["layer"], device=device, precision=precision, bundle=b, **kwargs)
+
+    @classmethod
+    def from_paths(cls, sae_dir: str | Path, llava_spec: str, layer: str | int | None = None, **kwargs) -> "SteeringSession":
+        """An SAE directory (precompute train) and a LLaVA spec; the layer defaults to the SAE's training layer."""
+        from .checkpoint import load_sae
+
+        sae = load_sae(sae_dir)
+        if layer is None:
+            layer = (getattr(sae, "training_info", {}) or {}).get("activations", {}).get("layer")
+            if layer is None:
+                raise UserError(f"the SAE in {sae_dir} does not record its layer; pass the layer it was trained on.")
+        return cls(sae, llava_spec, layer, **kwargs)
+
+    # --- images and the hidden-state cache ----------------------------------------------------
+    def load_image(self, image):
+        """PIL image, path, "world:INDEX" or int (an image of the bundle's dataset) -> (PIL RGB, cache key)."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            im = image.convert("RGB")
+            digest = hashlib.sha1(im.tobytes()).hexdigest()
+            return im, ("pil", im.size, digest)
+        if isinstance(image, (int, np.integer)) or (isinstance(image, str) and image.startswith("world:")):
+            idx = image if not isinstance(image, str) else image.split(":", 1)[1]
+            try:
+                idx = int(idx)
+            except ValueError:
+                raise UserError(f"image {image!r} is not world:INDEX with an integer INDEX.") from None
+            if self.bundle is None:
+                raise UserError(f"image {image!r} names a dataset image, but this session has no bundle; pass a file.")
+            ds = self.bundle.dataset()
+            if not 0 <= idx < len(ds):
+                raise UserError(f"image index {idx} does not exist; the bundle's dataset has images 0 to {len(ds) - 1}.")
+            return ds[idx], ("idx", idx)
+        from .datasets import ImageReadError, load_rgb
+
+        path = Path(str(image))
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist; pass an image file, or world:INDEX for a bundle image.")
+        try:
+            return load_rgb(path), ("path", str(path.resolve()), path.stat().st_mtime_ns)
+        except ImageReadError as e:
+            raise UserError(f"cannot read image {path} ({e}); pass a PNG or JPEG file.") from None
+
+    @torch.inference_mode()
+    def hidden(self, images: Sequence) -> tuple[torch.Tensor, int]:
+        """Hidden states at the SAE's layer, (B, T, D) in the model's dtype, from the cache where possible;
+        returns them and the number of images the tower had to run on."""
+        loaded = [self.load_image(im) for im in images]
+        with self._lock:
+            got = [self._cache.get(key) for _, key in loaded]
+            for _, key in loaded:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+        todo = [i for i, g in enumerate(got) if g is None]
+        if todo:
+            pixels = self.adapter.preprocess([loaded[i][0] for i in todo])
+            h = self.adapter.capture(pixels, [self.adapter.read_layer])[str(self.adapter.read_layer)]
+            with self._lock:
+                for j, i in enumerate(todo):
+                    got[i] = h[j].clone()
+                    self._cache[loaded[i][1]] = got[i]
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return torch.stack(got), len(todo)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # --- clamps -------------------------------------------------------------------------------
+    def make_clamp(self, latents=(), values=(), mode: str = "set", patches=None, keep_error: bool = False) -> Clamp:
+        """A Clamp from user-facing arguments; patches are patch indices (row-major, CLS excluded)."""
+        latents = [latents] if isinstance(latents, (int, np.integer)) else list(latents)
+        values = [values] if isinstance(values, (int, float, np.floating, np.integer)) else values
+        K = self.sae.cfg.d_sae
+        for k in latents:
+            if not 0 <= int(k) < K:
+                raise UserError(f"latent {k} does not exist; this SAE has latents 0 to {K - 1}.")
+        positions = None
+        if patches is not None:
+            P = self.layout.n_patches
+            patches = [int(p) for p in patches]
+            bad = [p for p in patches if not 0 <= p < P]
+            if bad:
+                raise UserError(f"patch {bad[0]} does not exist; the image has patches 0 to {P - 1} "
+                                f"(a {self.layout.grid[0]}x{self.layout.grid[1]} grid, row-major).")
+            positions = tuple(self.layout.n_prefix + p for p in patches)
+        return Clamp(tuple(int(k) for k in latents), values, mode, positions, keep_error)
+
+    # --- generation ---------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """(1, L) input ids of LLaVA-1.5's prompt format with the image placeholder expanded."""
+        ids = self._prompt_ids.get(prompt)
+        if ids is None:
+            from PIL import Image
+
+            blank = Image.new("RGB", self.adapter.image_size, (255, 255, 255))
+            ids = self.processor(images=[blank], text=[llava_prompt(prompt)], return_tensors="pt")["input_ids"]
+            self._prompt_ids[prompt] = ids
+        return ids
+
+    @torch.inference_mode()
+    def features(self, h: torch.Tensor, clamps: Sequence) -> torch.Tensor:
+        """Rows of the layer output LLaVA will read, one per clamp (ORIGINAL = unchanged): (B, T, D)."""
+        rows = []
+        for hi, c in zip(h, clamps):
+            rows.append(hi if c is ORIGINAL else steer_hidden(hi, self.sae, c))
+        return torch.stack(rows)
+
+    @torch.inference_mode()
+    def generate_from_hidden(self, h: torch.Tensor, prompt: str, max_new_tokens: int,
+                             min_new_tokens: int = 0) -> list[str]:
+        """Greedy answers from layer outputs h (B, T, D): projector + language model only.
+
+        Same computation as LlavaForConditionalGeneration.generate (features of the read tokens,
+        projected, scattered into the image placeholders, KV-cached greedy decoding)."""
+        from transformers import DynamicCache
+
+        llava = self.llava
+        feats = h[:, self.layout.n_prefix:] if self.adapter.read_tokens == "patches" else h
+        proj = llava.model.multi_modal_projector(feats)
+        B = h.shape[0]
+        ids = self.prompt_ids(prompt).to(self.device).expand(B, -1)
+        emb = llava.get_input_embeddings()(ids)
+        mask = (ids == self.image_token_id)[..., None]
+        emb = emb.masked_scatter(mask, proj.to(emb.dtype))
+        lm = llava.model.language_model
+        cache = DynamicCache(config=llava.config.text_config)
+        out = lm(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+        done = torch.zeros(B, dtype=torch.bool, device=emb.device)
+        eos = torch.tensor(sorted(self.eos_ids), device=emb.device) if self.eos_ids else None
+        tokens = []
+        for step in range(max_new_tokens):
+            logits = llava.lm_head(out.last_hidden_state[:, -1])
+            if step < min_new_tokens and eos is not None:
+                logits[:, eos] = -float("inf")
+            nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            tokens.append(nxt)
+            if eos is not None:
+                done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            out = lm(inputs_embeds=llava.get_input_embeddings()(nxt[:, None]), past_key_values=cache, use_cache=True)
+        seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(B)]
+        return [self.tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+
+    @torch.inference_mode()
+    def generate_full(self, images: Sequence, prompt: str, max_new_tokens: int, clamp=ORIGINAL,
+                      min_new_tokens: int = 0) -> list[str]:
+        """The uncached path: the whole LLaVA through `generate`, the SAE hooked into the tower
+        (ORIGINAL: no hook). What the cache is measured against."""
+        pil = [self.load_image(im)[0] for im in images]
+        inputs = self.processor(images=pil, text=[llava_prompt(prompt)] * len(pil), return_tensors="pt",
+                                padding=True).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.adapter.dtype)
+        kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                  pad_token_id=self.pad_id)
+        if clamp is ORIGINAL:
+            out = self.llava.generate(**inputs, **kw)
+        else:
+            with intervene(self.block, self.sae, clamp):
+                out = self.llava.generate(**inputs, **kw)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [a.strip() for a in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    # --- the API ------------------------------------------------------------------------------
+    def answer_batch(self, images: Sequence, clamps: Sequence, prompt: str = WHAT_IS_SHOWN,
+                     max_new_tokens: int = 5, min_new_tokens: int = 0) -> list[str]:
+        """One answer per (image, clamp) pair, in one batched pass (ORIGINAL = no SAE)."""
+        if len(images) != len(clamps):
+            raise ValueError("answer_batch needs one clamp per image")
+        if not len(images):
+            return []
+        h, _ = self.hidden(images)
+        return self.generate_from_hidden(self.features(h, clamps), prompt, max_new_tokens, min_new_tokens)
+
+    def answers(self, image, latents=(), values=(), prompt: str = WHAT_IS_SHOWN, keep_error: bool = False,
+                patches=None, mode: str = "set", max_new_tokens: int = 5, min_new_tokens: int = 0) -> SteerResult:
+        """Original, SAE-inserted and clamped answers to `prompt` about `image` (one batched pass)."""
+        t0 = time.perf_counter()
+        clamp = self.make_clamp(latents, values, mode, patches, keep_error)
+        h, ran = self.hidden([image])
+        rows = self.features(h.expand(3, -1, -1), [ORIGINAL, Clamp(keep_error=False), clamp])
+        orig, sae, steered = self.generate_from_hidden(rows, prompt, max_new_tokens, min_new_tokens)
+        return SteerResult(orig, sae, steered, clamp.describe(), prompt, (time.perf_counter() - t0) * 1e3,
+                           cached=ran == 0)
+
+    def sweep(self, image, latents, values_list: Sequence, prompt: str = WHAT_IS_SHOWN, keep_error: bool = False,
+              patches=None, mode: str = "set", max_new_tokens: int = 5) -> list[tuple]:
+        """[(values, answer)] for each entry of values_list (a scalar or one value per latent)."""
+        clamps = [self.make_clamp(latents, v, mode, patches, keep_error) for v in values_list]
+        answers = self.answer_batch([image] * len(clamps), clamps, prompt, max_new_tokens)
+        return list(zip(values_list, answers))
+
+    @torch.inference_mode()
+    def latents_on_image(self, image, top: int = 10) -> dict:
+        """The latents that fire most on an image: [(k, max over patches, mean over patches, label)] and
+        each one's activation map over the patch grid (rows, cols), float32."""
+        h, _ = self.hidden([image])
+        z = self.sae.encode(h[0].float()).cpu()
+        n0 = self.layout.n_prefix
+        patches = z[n0:]
+        mx, mean = patches.max(0).values, patches.mean(0)
+        order = torch.argsort(mx, descending=True)[:top]
+        labels = self.bundle.labels["labels"] if self.bundle is not None else None
+        out = [(int(k), float(mx[k]), float(mean[k]), labels[k] if labels else "") for k in order if mx[k] > 0]
+        grid = self.layout.grid
+        maps = {k: patches[:, k].reshape(grid).numpy() for k, *_ in out}
+        return {"top": out, "maps": maps, "grid": grid,
+                "cls": {k: float(z[0, k]) for k, *_ in out} if self.layout.has_cls else None}
+
+    def steering_score(self, word: str, latent: int, top: int = 16) -> float:
+        """The paper's score: cosine between the CLIP text embedding of `word` and the mean CLIP image
+        embedding of the latent's top images (bundle embeddings; needs a bundle)."""
+        return float(self.scorer().score([word], [latent], top)[0])
+
+    def scorer(self):
+        from .steering_eval import ClipScorer
+
+        if self.bundle is None:
+            raise UserError("the CLIP steering score needs a bundle (its image embeddings and embedder).")
+        with self._lock:
+            if self._text is None:
+                self._text = ClipScorer(self.bundle)
+        return self._text
+
+
+def bundle_llava_spec(manifest: dict) -> str:
+    """Which LLaVA steers a bundle's SAE: the world's tiny LLaVA, the bundle's own LLaVA, or LLaVA-1.5."""
+    from .adapters import DEFAULT_LLAVA
+
+    if manifest.get("world"):
+        return f"world:{manifest['world']}:llava"
+    spec = manifest["model"]["spec"]
+    if spec.startswith("llava:"):
+        return spec
+    if spec.startswith("world:"):
+        root = spec[len("world:"):]
+        root = root[: -len(":clip")] if root.endswith(":clip") else root
+        root = root[: -len(":llava")] if root.endswith(":llava") else root
+        return f"world:{root}:llava"
+    return f"llava:{DEFAULT_LLAVA}"
