@@ -1,0 +1,139 @@
+"""`python -m precompute ms`: Monosemanticity Scores of any neurons from activations and image embeddings."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae_core.activation_store import save_npy_atomic
+from sae_core.atomic import atomic_path, write_json_atomic
+from sae_core.errors import UserError
+from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
+
+
+def add_arguments(p):
+    p.add_argument("--activations", required=True,
+                   help="(N images, K neurons) .npy, or the paper's activations.csv (rows `k,a_1..a_N`)")
+    p.add_argument("--embeddings", required=True, help="(N, d) .npy of image embeddings, rows in the same image order")
+    p.add_argument("--out", required=True, help="output .npy of MS per neuron (float32, NaN where support < 2)")
+    p.add_argument("--min-support", type=int, default=2,
+                   help="also report (and write OUT_min_support.npy) MS only for neurons firing on >= S images")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--chunk", type=int, default=4096, help="images per streamed chunk")
+    p.add_argument("--matmul", choices=["float64", "float32"], default="float64",
+                   help="dtype of the per-chunk product (sums are float64 either way; float32 is ~2x faster on CPU)")
+    p.add_argument("--checkpoint-every", type=float, default=300, help="seconds between resumable checkpoints")
+
+
+def load_matrix(path: str, name: str) -> np.ndarray:
+    """A 2-D .npy, memory-mapped, without pickle."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{name} file {p} does not exist; check the path.")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{p} is not a plain numeric .npy ({e}); save it with np.save from a numeric array.") from None
+    if arr.ndim != 2:
+        raise UserError(f"{name} in {p} must be a 2-D array, got shape {arr.shape}.")
+    return arr
+
+
+def load_activations(path: str):
+    """(neuron ids or None, (N, K) activations) from a .npy or the paper's activations.csv."""
+    if str(path).lower().endswith(".csv"):
+        return read_activations_csv(path)
+    return None, load_matrix(path, "activations")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
+    return torch.device(name)
+
+
+def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, partial: Path | None = None,
+               checkpoint_every: float = 300.0, inputs: dict | None = None):
+    """Stream (N, K) `acts` and (N, d) `emb` through an MSAccumulator with a progress bar.
+
+    With `partial`, the accumulator is saved there every `checkpoint_every` seconds and a later call
+    with the same `inputs` description resumes after the last saved chunk.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if acts.shape[0] != emb.shape[0]:
+        raise UserError(f"activations cover {acts.shape[0]} images but embeddings {emb.shape[0]}; "
+                        f"both need one row per image, in the same order.")
+    if chunk < 1:
+        raise UserError(f"--chunk must be a positive number of images, got {chunk}.")
+    acc = MSAccumulator(acts.shape[1], emb.shape[1], device=device,
+                        matmul_dtype=torch.float32 if matmul == "float32" else torch.float64)
+    meta = dict(inputs or {}, n_images=int(acts.shape[0]), n_neurons=int(acts.shape[1]), d=int(emb.shape[1]),
+                chunk=chunk, matmul=matmul)
+    start = 0
+    meta_path = partial.with_name(partial.name + ".json") if partial else None
+    if partial and partial.is_file() and meta_path.is_file():
+        saved = json.loads(meta_path.read_text())
+        if {k: v for k, v in saved.items() if k != "n_done"} == meta:
+            acc.load_state_dict(load_file(str(partial)))
+            start = saved["n_done"]
+            print(f"resuming after {start} of {acts.shape[0]} images")
+    last = time.monotonic()
+    with tqdm(total=acts.shape[0], initial=start, unit="img", desc="MS") as bar:
+        for a in range(start, acts.shape[0], chunk):
+            acc.update(acts[a:a + chunk], emb[a:a + chunk])
+            bar.update(min(chunk, acts.shape[0] - a))
+            if partial and time.monotonic() - last > checkpoint_every and a + chunk < acts.shape[0]:
+                with atomic_path(partial) as tmp:
+                    save_file({k: v.contiguous().cpu() for k, v in acc.state_dict().items()}, str(tmp))
+                write_json_atomic(meta_path, dict(meta, n_done=acc.n))
+                last = time.monotonic()
+    result = acc.result(min_support)
+    return result
+
+
+def run(args) -> int:
+    ids, acts = load_activations(args.activations)
+    emb = load_matrix(args.embeddings, "embeddings")
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise UserError(f"--out must name a .npy file, got {out}.")
+    if args.min_support < 2:
+        raise UserError(f"--min-support must be at least 2 (a score needs two images), got {args.min_support}.")
+    device = resolve_device(args.device)
+    partial = out.with_name(out.name + ".partial")
+    inputs = {"activations": str(Path(args.activations).resolve()), "embeddings": str(Path(args.embeddings).resolve())}
+    r = compute_ms(acts, emb, device, args.chunk, args.matmul, args.min_support, partial, args.checkpoint_every, inputs)
+    ms, support = r.ms, r.support
+    if ids is not None and not np.array_equal(ids, np.arange(len(ids))):
+        # csv neuron ids index the output; ids the file does not list get NaN and support 0
+        ms = np.full(int(ids.max()) + 1, np.nan, np.float32)
+        support = np.zeros(int(ids.max()) + 1, np.int64)
+        ms[ids], support[ids] = r.ms, r.support
+        r = finish_result(ms, support, r.n_images, args.min_support)
+    summary = dict(r.summary(), activations=args.activations, embeddings=args.embeddings, device=str(device),
+                   matmul=args.matmul, out=str(out))
+    if ids is not None:
+        summary["neurons_in_csv"] = int(len(ids))
+    save_npy_atomic(out, r.ms)
+    save_npy_atomic(out.with_name(out.stem + "_support.npy"), r.support)
+    if args.min_support > 2:
+        save_npy_atomic(out.with_name(out.stem + "_min_support.npy"), r.ms_supported)
+    write_json_atomic(out.with_suffix(".json"), summary)
+    for f in (partial, partial.with_name(partial.name + ".json")):
+        if f.exists():
+            f.unlink()
+    mean = "n/a" if summary["ms_mean"] is None else f"{summary['ms_mean']:.4f}"
+    print(f"{r.ms.shape[0]} neurons over {r.n_images} images: {r.n_nan} without a score (support < 2), "
+          f"mean MS {mean}")
+    if args.min_support > 2:
+        mean_s = "n/a" if summary["ms_mean_supported"] is None else f"{summary['ms_mean_supported']:.4f}"
+        print(f"with support >= {args.min_support}: {r.n_below_min_support} more neurons left out, mean MS {mean_s}")
+    print(f"wrote {out}, {out.with_name(out.stem + '_support.npy').name} and {out.with_suffix('.json').name}")
+    return 0

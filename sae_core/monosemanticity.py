@@ -1,0 +1,251 @@
+"""Monosemanticity Score (MS, Pach et al. 2025) in closed form, streamed over images in one pass.
+
+The paper scores neuron k by the activation-weighted mean cosine similarity of image pairs:
+
+    a_kn = (x_kn - min_n x_kn) / (max_n x_kn - min_n x_kn)                (min-max over ALL images)
+    MS_k = sum_{n<m} a_kn a_km <e_n, e_m> / sum_{n<m} a_kn a_km          (e_n unit-norm embeddings)
+         = (||sum_n a_kn e_n||^2 - sum_n a_kn^2) / ((sum_n a_kn)^2 - sum_n a_kn^2)
+
+The min and max are only known after the last image, but every sum above is affine in raw sums.
+With lo = min, r = max - min and a = (x - lo) / r (r^2 cancels between numerator and denominator):
+
+    numerator   = ||sum_n x_n e_n - lo * sum_n e_n||^2 - sum_n (x_n - lo)^2
+    denominator = (sum_n x_n - N lo)^2                  - sum_n (x_n - lo)^2
+    sum_n (x_n - lo)^2 = sum x^2 - 2 lo sum x + N lo^2
+
+so one pass accumulates sum x e (d, K), sum e (d,), sum x, sum x^2, N and a running min/max, and
+`result()` finishes. Each chunk costs one (d, n) @ (n, K) product: O(N d K) instead of O(N^2 K).
+x is accumulated relative to a per-neuron shift (its minimum over the first chunk), which keeps
+the sum-of-squares expansion free of cancellation for neurons far from zero (raw neurons).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+# neuron columns per block inside one update, so a float64 copy of the chunk stays near 64 MiB
+_BLOCK_ELEMENTS = 8 << 20
+
+
+class MSResult(NamedTuple):
+    """Per-neuron Monosemanticity Scores and what they rest on (arrays indexed by neuron)."""
+    ms: np.ndarray
+    support: np.ndarray
+    n_images: int
+    n_nan: int
+    min_support: int
+    ms_supported: np.ndarray
+    n_below_min_support: int
+
+    def summary(self) -> dict:
+        """JSON-ready figures: counts, and mean/median MS over neurons with a score."""
+        def stats(v):
+            v = v[np.isfinite(v)]
+            return (float(v.mean()), float(np.median(v))) if v.size else (None, None)
+        mean, median = stats(self.ms)
+        mean_s, median_s = stats(self.ms_supported)
+        return {"n_neurons": int(self.ms.shape[0]), "n_images": int(self.n_images), "n_nan": int(self.n_nan),
+                "ms_mean": mean, "ms_median": median, "min_support": int(self.min_support),
+                "n_below_min_support": int(self.n_below_min_support),
+                "ms_mean_supported": mean_s, "ms_median_supported": median_s}
+
+
+MSResult.ms.__doc__ = "float32 (K,): MS per neuron; NaN where the neuron fires (normalised activation > 0) on < 2 images"
+MSResult.support.__doc__ = "int64 (K,): images whose min-max normalised activation is > 0 (activation above the neuron's minimum)"
+MSResult.n_images.__doc__ = "N, the number of images scored"
+MSResult.n_nan.__doc__ = "number of neurons without a score (support < 2: dead, constant, or firing on one image)"
+MSResult.min_support.__doc__ = "the minimum support of the filtered score `ms_supported` (2 = no extra filter)"
+MSResult.ms_supported.__doc__ = "float32 (K,): `ms` where support >= min_support, NaN elsewhere (few-image scores are noisy)"
+MSResult.n_below_min_support.__doc__ = "neurons that have a score but fall below min_support (NaN in ms_supported only)"
+
+
+def _as_tensor(x, device, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float64)
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiub":
+        raise UserError(f"{name} must hold numbers, got dtype {x.dtype}; pass a float array.")
+    # one float64 copy (also makes read-only memory maps writable, which torch.from_numpy wants)
+    return torch.from_numpy(np.array(x, dtype=np.float64)).to(device)
+
+
+def _check_finite(t: torch.Tensor, name: str, first_image: int, first_column: int = 0) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        row, col = (int(v) for v in bad.nonzero()[0])
+        raise UserError(f"{name} contain a non-finite value (NaN or inf) at image {first_image + row}, "
+                        f"column {first_column + col}; clean or drop those images before scoring.")
+
+
+class MSAccumulator:
+    """Streams (activations, embeddings) chunks of images; `result()` gives MS for all K neurons.
+
+    Sums are float64 on `device` ("cpu" or "cuda"). `matmul_dtype=torch.float32` runs the one
+    O(n d K) product per chunk in float32 (about 2x faster on CPU; the result moves by ~1e-6) and
+    still accumulates in float64. Embedding rows are normalised to unit length here (the paper's
+    code takes cosine similarities, which normalise too), so callers need not; a zero row is an error.
+    Memory: a (d, K) float64 accumulator, e.g. 400 MB for d 768 and K 65,536.
+    """
+
+    def __init__(self, n_neurons: int, d_embed: int, device="cpu", matmul_dtype: torch.dtype = torch.float64):
+        self.n_neurons, self.d_embed = int(n_neurons), int(d_embed)
+        self.device = torch.device(device)
+        self.matmul_dtype = matmul_dtype
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.n = 0
+        self.shift = None                                         # (K,) per-neuron offset c; x is summed as x - c
+        self.xe = torch.zeros(self.d_embed, self.n_neurons, **f64)  # sum_n (x_n - c) e_n
+        self.e_sum = torch.zeros(self.d_embed, **f64)              # sum_n e_n
+        self.sy = torch.zeros(self.n_neurons, **f64)               # sum_n (x_n - c)
+        self.syy = torch.zeros(self.n_neurons, **f64)              # sum_n (x_n - c)^2
+        self.lo = torch.full((self.n_neurons,), float("inf"), **f64)
+        self.hi = torch.full((self.n_neurons,), float("-inf"), **f64)
+        self.n_at_lo = torch.zeros(self.n_neurons, dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, acts, embeddings) -> None:
+        """acts: (n, K) activations of n images (tensor or ndarray, any float dtype);
+        embeddings: (n, d) embeddings of the same images, in the same order."""
+        emb = _as_tensor(embeddings, self.device, "embeddings")
+        if emb.ndim != 2 or emb.shape[1] != self.d_embed:
+            raise UserError(f"embeddings must have shape (n, {self.d_embed}), got {tuple(emb.shape)}; "
+                            f"pass one embedding row per image.")
+        n = emb.shape[0]
+        if not (isinstance(acts, torch.Tensor) or isinstance(acts, np.ndarray)):
+            acts = np.asarray(acts)
+        if len(acts.shape) != 2 or tuple(acts.shape) != (n, self.n_neurons):
+            raise UserError(f"activations must have shape ({n}, {self.n_neurons}) to match {n} embedding rows "
+                            f"and {self.n_neurons} neurons, got {tuple(acts.shape)}.")
+        if n == 0:
+            return
+        _check_finite(emb, "embeddings", self.n)
+        norms = emb.norm(dim=1, keepdim=True)
+        if bool((norms == 0).any()):
+            raise UserError(f"embedding of image {self.n + int((norms[:, 0] == 0).nonzero()[0])} is all zeros, so it "
+                            f"has no direction for a cosine similarity; drop that image or fix the embedder.")
+        emb = emb / norms
+        emb_mm = emb.to(self.matmul_dtype)
+        block = max(1, _BLOCK_ELEMENTS // n)
+        for k0 in range(0, self.n_neurons, block):
+            k1 = min(self.n_neurons, k0 + block)
+            x = _as_tensor(acts[:, k0:k1], self.device, "activations")
+            _check_finite(x, "activations", self.n, k0)
+            cmin, cmax = x.min(0).values, x.max(0).values
+            if self.shift is None and k0 == 0:
+                self.shift = torch.empty(self.n_neurons, dtype=torch.float64, device=self.device)
+            if self.n == 0:
+                self.shift[k0:k1] = cmin
+            y = x - self.shift[k0:k1]
+            self.xe[:, k0:k1] += (emb_mm.T @ y.to(self.matmul_dtype)).double()
+            self.sy[k0:k1] += y.sum(0)
+            self.syy[k0:k1] += (y * y).sum(0)
+            # running minimum and how many images sit exactly on it (they get a = 0: no support)
+            at = (x == cmin).sum(0)
+            lo = self.lo[k0:k1]
+            self.n_at_lo[k0:k1] = torch.where(cmin < lo, at, self.n_at_lo[k0:k1] + torch.where(cmin == lo, at, 0))
+            self.lo[k0:k1] = torch.minimum(lo, cmin)
+            self.hi[k0:k1] = torch.maximum(self.hi[k0:k1], cmax)
+        self.e_sum += emb.sum(0)
+        self.n += n
+
+    @torch.no_grad()
+    def result(self, min_support: int = 2) -> MSResult:
+        """Finish the pass: MS for every neuron (NaN where support < 2) and the min-support filter."""
+        if self.n == 0:
+            raise UserError("no images were given, so there is nothing to score; pass at least two images.")
+        n = float(self.n)
+        c = self.lo - self.shift                                   # the minimum in shifted units
+        sq = self.syy - 2 * c * self.sy + n * c * c                # sum_n (x_n - lo)^2
+        s1 = self.sy - n * c                                       # sum_n (x_n - lo)
+        norm2 = torch.empty_like(s1)
+        block = max(1, _BLOCK_ELEMENTS // self.d_embed)
+        for k0 in range(0, self.n_neurons, block):                 # ||sum_n (x_n - lo) e_n||^2, blockwise
+            v = self.xe[:, k0:k0 + block] - self.e_sum[:, None] * c[None, k0:k0 + block]
+            norm2[k0:k0 + block] = (v * v).sum(0)
+        support = self.n - self.n_at_lo
+        scored = support >= 2
+        ms = torch.where(scored, (norm2 - sq) / torch.where(scored, s1 * s1 - sq, 1.0), float("nan"))
+        ms = ms.float().cpu().numpy()
+        support = support.cpu().numpy().astype(np.int64)
+        return finish_result(ms, support, self.n, min_support)
+
+    def state_dict(self) -> dict:
+        """Tensors that let a killed pass resume (save with safetensors)."""
+        if self.shift is None:
+            raise ValueError("nothing accumulated yet")
+        return {"n": torch.tensor([self.n], dtype=torch.int64), "shift": self.shift, "xe": self.xe, "e_sum": self.e_sum,
+                "sy": self.sy, "syy": self.syy, "lo": self.lo, "hi": self.hi, "n_at_lo": self.n_at_lo}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["xe"].shape) != (self.d_embed, self.n_neurons):
+            raise ValueError(f"saved state is for shape {tuple(state['xe'].shape)}, not {(self.d_embed, self.n_neurons)}")
+        self.n = int(state["n"][0])
+        for name in ("shift", "xe", "e_sum", "sy", "syy", "lo", "hi", "n_at_lo"):
+            setattr(self, name, state[name].to(self.device))
+
+
+def finish_result(ms: np.ndarray, support: np.ndarray, n_images: int, min_support: int = 2) -> MSResult:
+    """Wrap per-neuron scores and supports into an MSResult with the minimum-support filter applied."""
+    if min_support < 2:
+        raise UserError(f"--min-support must be at least 2 (a score needs two images), got {min_support}.")
+    ms = np.asarray(ms, np.float32)
+    supported = np.where(support >= min_support, ms, np.float32(np.nan)).astype(np.float32)
+    n_nan = int(np.isnan(ms).sum())
+    return MSResult(ms=ms, support=np.asarray(support, np.int64), n_images=int(n_images), n_nan=n_nan,
+                    min_support=int(min_support), ms_supported=supported,
+                    n_below_min_support=int(np.isnan(supported).sum()) - n_nan)
+
+
+def monosemanticity_score(acts, embeddings, chunk: int = 4096, device="cpu", min_support: int = 2,
+                          matmul_dtype: torch.dtype = torch.float64) -> MSResult:
+    """MS of every neuron from in-memory (or memory-mapped) arrays.
+
+    acts: (N, K) activations of N images on K neurons; embeddings: (N, d), one row per image.
+    Streams `chunk` images at a time through an MSAccumulator.
+    """
+    if len(acts.shape) != 2 or len(embeddings.shape) != 2:
+        raise UserError(f"activations must be (N images, K neurons) and embeddings (N, d); got shapes "
+                        f"{tuple(acts.shape)} and {tuple(embeddings.shape)}.")
+    if acts.shape[0] != embeddings.shape[0]:
+        raise UserError(f"activations cover {acts.shape[0]} images but embeddings {embeddings.shape[0]}; "
+                        f"both must have one row per image, in the same order.")
+    acc = MSAccumulator(acts.shape[1], embeddings.shape[1], device=device, matmul_dtype=matmul_dtype)
+    for a in range(0, acts.shape[0], chunk):
+        acc.update(acts[a:a + chunk], embeddings[a:a + chunk])
+    return acc.result(min_support)
+
+
+def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's released `activations.csv`: one row per neuron, `k, a_1, ..., a_N`.
+
+    A header row (first field not a number) is skipped. Returns (neuron ids int64 (K,),
+    activations float32 (N, K)), columns in file order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"activations file {path} does not exist; give the path of activations.csv.")
+    with open(path) as f:
+        first = f.readline()
+    try:
+        float(first.split(",")[0])
+        header = 0
+    except ValueError:
+        header = 1
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
+    except ValueError as e:
+        raise UserError(f"{path} is not a numeric CSV of rows `k,a_1,...,a_N` ({e}); check the file.") from None
+    if table.shape[0] == 0 or table.shape[1] < 2:
+        raise UserError(f"{path} holds no activations; expected rows `k,a_1,...,a_N`.")
+    ids = table[:, 0]
+    if not np.all(ids == np.round(ids)) or ids.min() < 0:
+        raise UserError(f"the first column of {path} must be non-negative integer neuron ids.")
+    ids = ids.astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise UserError(f"{path} lists some neuron id more than once; keep one row per neuron.")
+    return ids, np.ascontiguousarray(table[:, 1:].T.astype(np.float32))

@@ -1,0 +1,244 @@
+"""MS in closed form against the paper's pairwise definition, streaming, the CSV reader and the command."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from precompute.__main__ import main as precompute_main
+from precompute.ms import compute_ms
+from sae_core.errors import UserError
+from sae_core.monosemanticity import MSAccumulator, monosemanticity_score, read_activations_csv
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def pairwise_ms(acts: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    """The paper's definition written out: min-max normalise each neuron over all images, then
+    sum_{n<m} a_n a_m cos(e_n, e_m) / sum_{n<m} a_n a_m; NaN when no pair has weight."""
+    N, K = acts.shape
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    out = np.full(K, np.nan)
+    for k in range(K):
+        x = acts[:, k].astype(np.float64)
+        if x.max() == x.min():
+            continue
+        a = (x - x.min()) / (x.max() - x.min())
+        num = den = 0.0
+        for n in range(N):
+            for m in range(n + 1, N):
+                w = a[n] * a[m]
+                num += w * float(unit[n] @ unit[m])
+                den += w
+        if den > 0:
+            out[k] = num / den
+    return out
+
+
+def two_pass_ms(acts: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    """Two passes in float64: min-max normalise first, then the closed form on a (no raw sums)."""
+    x = acts.astype(np.float64)
+    lo, hi = x.min(0), x.max(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = (x - lo) / (hi - lo)
+        unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        s = unit.T @ a
+        s1, s2 = a.sum(0), (a * a).sum(0)
+        return ((s * s).sum(0) - s2) / (s1 * s1 - s2)
+
+
+def varied_neurons(rng, N: int) -> np.ndarray:
+    """Columns: sparse ReLU, dense with a large offset, negative-only, constant, one firing image,
+    exactly two firing images, ties at the minimum across chunks, a minimum reached only late."""
+    cols = [np.maximum(rng.standard_normal(N) - 0.5, 0),
+            rng.standard_normal(N) * 0.3 + 50.0,
+            -np.abs(rng.standard_normal(N)) - 3.0,
+            np.full(N, 0.7),
+            np.where(np.arange(N) == N // 2, 2.5, 0.0),
+            np.where(np.isin(np.arange(N), [3, N - 2]), [1.0] * N, 0.0) * np.linspace(1, 2, N),
+            np.where(np.arange(N) % 3 == 0, -1.0, rng.random(N)),
+            np.linspace(4.0, -2.0, N) + rng.random(N) * 0.1]
+    return np.stack(cols, 1)
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    rng = np.random.default_rng(0)
+    N, d = 37, 6
+    acts = np.concatenate([varied_neurons(rng, N), np.maximum(rng.standard_normal((N, 6)), 0)], 1)
+    emb = rng.standard_normal((N, d)) * rng.uniform(0.5, 3.0, (N, 1))   # not unit-norm on purpose
+    emb[:, 0] += 1.0                                                    # so that cosines are not centred on 0
+    return acts, emb, pairwise_ms(acts, emb)
+
+
+def test_matches_pairwise_definition(small_case):
+    acts, emb, ref = small_case
+    r = monosemanticity_score(acts, emb, chunk=5)
+    assert r.ms.dtype == np.float32 and r.support.dtype == np.int64
+    np.testing.assert_array_equal(np.isnan(r.ms), np.isnan(ref))
+    np.testing.assert_allclose(r.ms, ref, atol=1e-6, rtol=0, equal_nan=True)
+    # neurons 3 (constant) and 4 (one firing image) have no score; 5 (two images) has one
+    assert np.isnan(r.ms[[3, 4]]).all() and np.isfinite(r.ms[5])
+    assert r.n_nan == 2 and r.n_images == acts.shape[0]
+    # support = images whose normalised activation is > 0, i.e. above the neuron's minimum
+    np.testing.assert_array_equal(r.support, (acts > acts.min(0)).sum(0))
+
+
+def test_float32_matmul_and_torch_inputs(small_case):
+    acts, emb, ref = small_case
+    r = monosemanticity_score(torch.from_numpy(acts).float(), torch.from_numpy(emb).float(), chunk=8,
+                              matmul_dtype=torch.float32)
+    np.testing.assert_allclose(r.ms, ref, atol=2e-5, rtol=0, equal_nan=True)
+
+
+def test_streaming_equals_one_shot(small_case):
+    acts, emb, _ = small_case
+    one = monosemanticity_score(acts, emb, chunk=len(acts))
+    acc = MSAccumulator(acts.shape[1], emb.shape[1])
+    edges = [0, 1, 4, 4, 15, 16, 30, len(acts)]          # uneven chunks, one of them empty
+    for a, b in zip(edges, edges[1:]):
+        acc.update(acts[a:b], emb[a:b])
+    streamed = acc.result()
+    np.testing.assert_allclose(streamed.ms, one.ms, atol=1e-12, rtol=0, equal_nan=True)
+    np.testing.assert_array_equal(streamed.support, one.support)
+
+
+def test_one_pass_accuracy_against_two_pass_with_offsets():
+    """Raw neurons far from zero, with their minimum late in the stream: no cancellation."""
+    rng = np.random.default_rng(1)
+    N, d = 6000, 32
+    base = rng.standard_normal((N, 4))
+    acts = np.stack([base[:, 0] * 0.01 + 1e4,                       # tiny spread on a huge offset
+                     base[:, 1] - 1e3,                              # negative offset
+                     np.maximum(base[:, 2], 0),                     # min 0
+                     np.linspace(1e3, -1e3, N) + base[:, 3]], 1)    # minimum only in the last chunk
+    emb = rng.standard_normal((N, d))
+    emb[:, :4] += base * 0.8                                        # activations correlate with embeddings
+    r = monosemanticity_score(acts.astype(np.float64), emb, chunk=1000)
+    np.testing.assert_allclose(r.ms, two_pass_ms(acts, emb), atol=1e-9, rtol=0)
+
+
+def test_min_support_filter(small_case):
+    acts, emb, _ = small_case
+    r = monosemanticity_score(acts, emb, min_support=10)
+    low = r.support < 10
+    assert np.isnan(r.ms_supported[low]).all()
+    np.testing.assert_array_equal(r.ms_supported[~low], r.ms[~low])
+    assert r.n_below_min_support == int((low & ~np.isnan(r.ms)).sum()) > 0
+    with pytest.raises(UserError):
+        monosemanticity_score(acts, emb, min_support=1)
+
+
+def test_bad_inputs_raise_one_sentence(small_case):
+    acts, emb, _ = small_case
+    with pytest.raises(UserError, match="37 images but embeddings 36"):
+        monosemanticity_score(acts, emb[:-1])
+    bad = acts.copy()
+    bad[20, 7] = np.nan
+    with pytest.raises(UserError, match="image 20, column 7"):
+        monosemanticity_score(bad, emb, chunk=8)
+    zero = emb.copy()
+    zero[3] = 0
+    with pytest.raises(UserError, match="image 3 is all zeros"):
+        monosemanticity_score(acts, zero)
+
+
+def write_paper_csv(path: Path, ids, acts: np.ndarray, header: bool) -> None:
+    """The paper's layout, written independently of the reader: one row per neuron, k then a_1..a_N."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(["k"] + [f"a_{n + 1}" for n in range(acts.shape[0])])
+        for col, k in enumerate(ids):
+            w.writerow([k] + [repr(float(v)) for v in acts[:, col]])
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_csv_reader_round_trip(tmp_path, header):
+    rng = np.random.default_rng(2)
+    acts = rng.random((9, 4)).astype(np.float32)
+    ids = [7, 2, 40, 0]
+    write_paper_csv(tmp_path / "a.csv", ids, acts, header)
+    got_ids, got = read_activations_csv(tmp_path / "a.csv")
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got, acts)
+    write_paper_csv(tmp_path / "dup.csv", [1, 1], acts[:, :2], header)
+    with pytest.raises(UserError, match="more than once"):
+        read_activations_csv(tmp_path / "dup.csv")
+
+
+def test_resume_after_interruption(tmp_path, small_case):
+    acts, emb, _ = small_case
+    partial = tmp_path / "ms.npy.partial"
+    broken = acts.copy()
+    broken[-1, 0] = np.inf                       # the run dies on its last chunk, after checkpoints
+    with pytest.raises(UserError):
+        compute_ms(broken, emb, torch.device("cpu"), 8, "float64", 2, partial, checkpoint_every=0, inputs={"a": 1})
+    assert partial.is_file()
+    resumed = compute_ms(acts, emb, torch.device("cpu"), 8, "float64", 2, partial, checkpoint_every=0, inputs={"a": 1})
+    np.testing.assert_allclose(resumed.ms, monosemanticity_score(acts, emb).ms, atol=1e-12, equal_nan=True)
+
+
+def test_command_end_to_end_npy(tmp_path, small_case):
+    acts, emb, ref = small_case
+    np.save(tmp_path / "A.npy", acts.astype(np.float32))
+    np.save(tmp_path / "E.npy", emb.astype(np.float32))
+    proc = subprocess.run([sys.executable, "-m", "precompute", "ms", "--activations", str(tmp_path / "A.npy"),
+                           "--embeddings", str(tmp_path / "E.npy"), "--out", str(tmp_path / "out" / "ms.npy"),
+                           "--min-support", "10", "--chunk", "10"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "14 neurons over 37 images: 2 without a score" in proc.stdout
+    ms = np.load(tmp_path / "out" / "ms.npy", allow_pickle=False)
+    ref32 = pairwise_ms(acts.astype(np.float32).astype(np.float64), emb.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(ms, ref32, atol=1e-6, equal_nan=True)
+    support = np.load(tmp_path / "out" / "ms_support.npy")
+    np.testing.assert_array_equal(support, (acts.astype(np.float32) > acts.astype(np.float32).min(0)).sum(0))
+    summary = json.loads((tmp_path / "out" / "ms.json").read_text())
+    assert summary["n_nan"] == 2 and summary["n_neurons"] == 14 and summary["min_support"] == 10
+    assert summary["ms_mean"] == pytest.approx(float(np.nanmean(ref32)), abs=1e-6)
+    kept = np.load(tmp_path / "out" / "ms_min_support.npy")
+    assert np.isnan(kept[support < 10]).all()
+    assert not list((tmp_path / "out").glob("*.partial*"))
+
+
+def test_command_csv_ids_index_the_output(tmp_path, small_case, capsys):
+    acts, emb, ref = small_case
+    ids = [5, 0, 9]
+    write_paper_csv(tmp_path / "activations.csv", ids, acts[:, [0, 1, 2]], header=True)
+    np.save(tmp_path / "E.npy", emb)
+    rc = precompute_main(["ms", "--activations", str(tmp_path / "activations.csv"), "--embeddings",
+                          str(tmp_path / "E.npy"), "--out", str(tmp_path / "ms.npy")])
+    assert rc == 0
+    ms = np.load(tmp_path / "ms.npy")
+    assert ms.shape == (10,)
+    np.testing.assert_allclose(ms[ids], ref[[0, 1, 2]], atol=1e-6)
+    assert np.isnan(np.delete(ms, ids)).all()
+
+
+@pytest.mark.parametrize("case", ["rows", "nonfinite", "missing", "not2d"])
+def test_command_bad_input_exits_2(tmp_path, small_case, capsys, case):
+    acts, emb, _ = small_case
+    a, e = acts, emb
+    if case == "rows":
+        e = emb[:30]
+    elif case == "nonfinite":
+        a = acts.copy()
+        a[4, 2] = np.inf
+    elif case == "not2d":
+        e = emb[:, 0]
+    np.save(tmp_path / "A.npy", a)
+    np.save(tmp_path / "E.npy", e)
+    emb_arg = str(tmp_path / ("nope.npy" if case == "missing" else "E.npy"))
+    rc = precompute_main(["ms", "--activations", str(tmp_path / "A.npy"), "--embeddings", emb_arg,
+                          "--out", str(tmp_path / "ms.npy")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert err.startswith("error: ") and err.count(". ") == 0 and "Traceback" not in err
+    assert not (tmp_path / "ms.npy").exists()
