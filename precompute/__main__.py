@@ -14,6 +14,9 @@ COMMANDS = {
     "extract": ("precompute.extract", "Extract a vision encoder's activations to sharded stores (torchrun-ready)."),
     "ms": ("precompute.ms", "Monosemanticity Score of any neurons from activations and image embeddings (one pass)."),
     "ms-agreement": ("precompute.ms_agreement", "Alignment of MS with users' preferences over neuron pairs (pairs.csv)."),
+    "atlas": ("precompute.atlas", "Build a bundle: per-neuron atlas (top images, MS, histograms), labels, hierarchy, index."),
+    "inspect": ("precompute.inspect", "Print a bundle's summary (--json for machines)."),
+    "demo": ("precompute.demo", "The whole pipeline on the embedded world in one command: world, extract, train, atlas."),
 }
 
 

@@ -39,6 +39,7 @@ EMBEDDINGS = "images/embeddings.npy"
 INDEX = "images/index.faiss"
 THUMBS = "images/thumbs"
 RAW_MS = "raw/ms.npy"
+WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a copied bundle carries it
 
 # Arrays whose first axis is the neuron id (name -> relative path); others are named by path.
 NEURON_ARRAYS = (
@@ -72,12 +73,16 @@ def list_files(root: str | Path) -> dict[str, str]:
     files: dict[str, str] = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.is_dir() or path.name.startswith(".") or rel == MANIFEST or rel.startswith(THUMBS + "/"):
+        parts = rel.split("/")
+        if path.is_dir() or any(x.startswith(".") for x in parts) or rel == MANIFEST \
+                or rel.startswith(THUMBS + "/") or parts[0] == WORLD_DIR:
             continue
         name = path.stem if rel.startswith(NEURONS + "/") and path.suffix == ".npy" else rel
         files[name] = rel
     if (root / THUMBS).is_dir():
         files["thumbs"] = THUMBS
+    if (root / WORLD_DIR).is_dir():
+        files["world_dir"] = WORLD_DIR
     return files
 
 
@@ -281,12 +286,23 @@ class Bundle:
 
         return load_sae(self.root / SAE_DIR, device=device)
 
+    @property
+    def world_dir(self) -> Path | None:
+        """The world directory of a world bundle (BUNDLE/world when the bundle carries it), else None."""
+        if (self.root / WORLD_DIR / "world.json").is_file():
+            return self.root / WORLD_DIR
+        return Path(self.manifest["world"]) if self.manifest.get("world") else None
+
     def dataset(self):
-        """The image dataset the atlas scanned (sae_core.datasets.open_dataset of the manifest's spec)."""
+        """The image dataset the atlas scanned (sae_core.datasets.open_dataset of the manifest's spec;
+        for a world bundle, the world it carries or names, so a copied bundle still renders its images)."""
         if not hasattr(self, "_dataset"):
             from .datasets import open_dataset
 
-            self._dataset = open_dataset(self.manifest["dataset"]["spec"])
+            spec = self.manifest["dataset"]["spec"]
+            if self.world_dir is not None and self.manifest.get("world_split"):
+                spec = f"world:{self.world_dir}:{self.manifest['world_split']}"
+            self._dataset = open_dataset(spec)
         return self._dataset
 
     def thumb_path(self, i: int) -> Path:

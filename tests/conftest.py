@@ -27,3 +27,25 @@ def tiny_world(tmp_path_factory):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["out"] == str(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request, tmp_path_factory):
+    """A bundle of the `tiny` demo preset on the tiny world, built once per session through the
+    command line (`python -m precompute demo --preset tiny --world tiny_world`; about 30 s).
+
+    Returns the bundle directory. Set SAE_TINY_BUNDLE to an existing finished bundle to reuse it.
+    """
+    given = os.environ.get("SAE_TINY_BUNDLE")
+    if given and (Path(given) / "manifest.json").is_file():
+        return Path(given)
+    tiny_world = request.getfixturevalue("tiny_world")  # only built when no bundle is given
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    proc = subprocess.run([sys.executable, "-m", "precompute", "demo", "--out", str(out), "--preset", "tiny",
+                           "--world", str(tiny_world), "--threads", "1", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["out"] == str(out.resolve())
+    return out

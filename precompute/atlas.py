@@ -1,0 +1,404 @@
+"""`python -m precompute atlas`: build a bundle (per-neuron atlas, labels, hierarchy, index) from an SAE.
+
+    python -m precompute atlas --sae runs/sae --dataset world:W:val --model world:W:llava --layer -2 \\
+        --embedder world:W --out runs/bundle
+
+Stages (each writes its files atomically, then a marker in BUNDLE/.stages/; a rerun of the same
+command skips finished stages, other settings on the same --out are refused):
+  scan       one streaming pass: model -> layer (all tokens) -> SAE -> top images, histograms, bands,
+             frequencies, MS of SAE and raw neurons, image embeddings, reconstruction metrics
+  geometry   Matryoshka levels, decoder-cosine neighbours
+  labels     best vocabulary concept per neuron (CLIP text vs mean embedding of its top images)
+  hierarchy  parent of each latent in the level above (decoder cosine and co-activation), tree, depth
+  index      FAISS index of the image embeddings
+  world      ground-truth figures (world datasets only)
+  thumbs     thumbnails of the images shown in some gallery
+  manifest   written last: without it the bundle is unfinished and never served
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sae_core import bundle as B
+from sae_core.errors import UserError
+
+STAGES = ("scan", "geometry", "labels", "hierarchy", "index", "world", "thumbs")
+STAGE_DIR = ".stages"
+THUMB_MAX_SIDE = 128
+
+
+@dataclass
+class AtlasJob:
+    sae: str
+    dataset: str
+    model: str
+    out: str
+    layer: str | None = None
+    embedder: str | None = None
+    topk: int = 16
+    score: str | None = None
+    batch_size: int = 128
+    device: str = "cpu"
+    limit: int | None = None
+    seed: int = 0
+    vocabulary: str | None = None
+    command: str = ""
+    extra_manifest: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """Settings that define the bundle's content (a rerun must match them to resume)."""
+        d = asdict(self)
+        for k in ("out", "batch_size", "device", "command", "extra_manifest"):
+            d.pop(k)
+        d["sae"] = str(Path(self.sae).resolve())
+        return d
+
+
+def add_arguments(p) -> None:
+    import re
+
+    if hasattr(p, "_negative_number_matcher"):  # `--layer -2` parses like `--layer=-2`
+        p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$")
+    p.add_argument("--sae", required=True, help="SAE directory (sae.safetensors + config.json from `precompute train`)")
+    p.add_argument("--dataset", required=True, help="images to scan: imagefolder:PATH | files:LIST | world:DIR[:SPLIT] | ...")
+    p.add_argument("--model", required=True, help="the model the SAE was trained on: open_clip:... | hf:... | llava:... | world:DIR[:llava]")
+    p.add_argument("--layer", help="layer the SAE reads (default: the layer it was trained on, else the model's read layer)")
+    p.add_argument("--embedder", help="model whose unit-norm image embeddings define MS, labels and search "
+                   "(default: world:DIR for world models, else --model)")
+    p.add_argument("--out", required=True, help="bundle directory (rerun the same command to resume)")
+    p.add_argument("--topk", type=int, default=16, help="top images kept per neuron")
+    p.add_argument("--score", choices=("cls", "max", "mean"),
+                   help="image score: CLS activation, or max/mean over patches (default: as the SAE was trained)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--limit", type=int, help="scan only the first N images")
+    p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the band samples")
+
+
+def run(args) -> int:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    job = AtlasJob(sae=args.sae, dataset=args.dataset, model=args.model, out=args.out, layer=args.layer,
+                   embedder=args.embedder, topk=args.topk, score=args.score, batch_size=args.batch_size,
+                   device=device, limit=args.limit, seed=args.seed, vocabulary=args.vocabulary,
+                   command=shlex.join(["python", "-m", "precompute", "atlas", *sys.argv[2:]]))
+    from .progress import PipelineProgress
+
+    progress = PipelineProgress(STAGE_WEIGHTS, desc="atlas", log=Path(args.out) / STAGE_DIR / "log.txt")
+    try:
+        manifest = build_atlas(job, progress)
+    finally:
+        progress.close()
+    print(json.dumps({"out": str(args.out), **{k: manifest["metrics"].get(k) for k in
+                                                ("fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw")}}))
+    return 0
+
+
+# Expected seconds per stage on 2 CPU cores for the demo world (the progress bar's weights).
+STAGE_WEIGHTS = {"atlas: scan": 30, "atlas: geometry": 1, "atlas: labels": 3, "atlas: hierarchy": 3,
+                 "atlas: index": 1, "atlas: world": 3, "atlas: thumbs": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# ----------------------------------------------------------------------------------------------
+def _stage_path(out: Path, name: str) -> Path:
+    return out / STAGE_DIR / f"{name}.json"
+
+
+def stage_info(out: Path, name: str) -> dict | None:
+    p = _stage_path(out, name)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _mark(out: Path, name: str, info: dict) -> None:
+    B.write_json(out, f"{STAGE_DIR}/{name}.json", info)
+
+
+def _check_identity(out: Path, identity: dict) -> None:
+    path = out / STAGE_DIR / "settings.json"
+    ident = json.loads(json.dumps(identity))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in ident if old.get(k) != ident[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{out} holds a bundle built with other settings ({k}: {old.get(k)!r} there, "
+                            f"{ident[k]!r} now); pass the same options to resume, or a new --out.")
+    else:
+        B.write_json(out, f"{STAGE_DIR}/settings.json", ident)
+
+
+def _world_root(dataset_spec: str) -> tuple[Path, str] | None:
+    kind, _, rest = dataset_spec.partition(":")
+    if kind != "world" or not rest:
+        return None
+    root, split = rest, "train"
+    head, s, tail = rest.rpartition(":")
+    if s and tail in ("train", "val", "ood"):
+        root, split = head, tail
+    return Path(os.path.expanduser(root)).resolve(), split
+
+
+# ----------------------------------------------------------------------------------------------
+# The build
+# ----------------------------------------------------------------------------------------------
+def build_atlas(job: AtlasJob, progress=None) -> dict:
+    """Run (or resume) every stage of the atlas and write the manifest; returns the manifest."""
+    import torch
+
+    from sae_core.checkpoint import load_sae
+
+    out = Path(job.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the bundle.")
+    sae_dir = Path(job.sae)
+    sae = load_sae(sae_dir, device=job.device)
+    trained = (sae.training_info or {}).get("activations", {})
+    world = _world_root(job.dataset)
+    if job.layer is None:
+        job.layer = str(trained.get("layer")) if trained.get("layer") is not None else None
+    if job.embedder is None:
+        model_world = job.model.startswith("world:")
+        job.embedder = ("world:" + job.model[6:].rsplit(":", 1)[0] if job.model.endswith(":llava") else job.model) \
+            if model_world else job.model
+    if job.score is None:
+        from sae_core.atlas import default_score
+
+        job.score = default_score(trained.get("tokens"))
+    out.mkdir(parents=True, exist_ok=True)
+    _check_identity(out, job.identity())
+    if (out / B.MANIFEST).is_file() and all(stage_info(out, s) for s in STAGES):
+        if progress:
+            for s in STAGES:
+                progress.skip(f"atlas: {s}")
+        return json.loads((out / B.MANIFEST).read_text())
+    B.unfinish(out)
+    for tmp in out.rglob(".*.tmp[0-9]*"):  # leftovers of a killed run's atomic writes
+        tmp.unlink()
+
+    def stage(name):
+        if progress is None:
+            import contextlib
+
+            return contextlib.nullcontext(lambda f: None)
+        return progress.stage(f"atlas: {name}")
+
+    def skip(name):
+        if progress is not None:
+            progress.skip(f"atlas: {name}")
+
+    # --- scan --------------------------------------------------------------------------------
+    scan_info = stage_info(out, "scan")
+    if scan_info is None:
+        with stage("scan") as advance:
+            scan_info = _stage_scan(job, sae, out, advance)
+        _mark(out, "scan", scan_info)
+    else:
+        skip("scan")
+
+    # --- geometry ----------------------------------------------------------------------------
+    if stage_info(out, "geometry") is None:
+        with stage("geometry"):
+            from sae_core.atlas import decoder_neighbors, group_of
+
+            B.write_array(out, "neurons/group.npy", group_of(sae.cfg.group_sizes, sae.cfg.d_sae))
+            ids, cos = decoder_neighbors(sae.W_dec)
+            B.write_array(out, "neurons/decoder_neighbors.npy", ids)
+            B.write_array(out, "neurons/decoder_neighbor_cos.npy", cos)
+        _mark(out, "geometry", {})
+    else:
+        skip("geometry")
+
+    for name, fn in (("labels", _stage_labels), ("hierarchy", _stage_hierarchy), ("index", _stage_index),
+                     ("world", _stage_world), ("thumbs", _stage_thumbs)):
+        if stage_info(out, name) is None:
+            with stage(name):
+                info = fn(job, sae, out, scan_info, world)
+            _mark(out, name, info or {})
+        else:
+            skip(name)
+
+    return _write_manifest(job, sae, out, world)
+
+
+def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
+    from sae_core.adapters import load_adapter
+    from sae_core.atlas import AtlasConfig, metric_tokens_for, scan
+    from sae_core.datasets import open_dataset
+
+    if job.layer is None:
+        raise UserError(f"the SAE in {job.sae} does not record its layer; pass --layer.")
+    adapter = load_adapter(job.model, device=job.device)
+    embedder = adapter if job.embedder == job.model else load_adapter(job.embedder, device=job.device)
+    if adapter.resolve_layer(job.layer).kind == "embed":
+        raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")
+    ds = open_dataset(job.dataset)
+    n = len(ds) if job.limit is None else min(job.limit, len(ds))
+    trained_tokens = (sae.training_info or {}).get("activations", {}).get("tokens")
+    cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size, seed=job.seed,
+                      metric_tokens=metric_tokens_for(trained_tokens))
+    t0 = time.time()
+    result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
+                  progress=lambda done: advance(done / n))
+    for name, arr in result.neurons.items():
+        B.write_array(out, f"neurons/{name}.npy", arr)
+    B.write_array(out, B.RAW_MS, result.raw_ms)
+    B.write_array(out, B.EMBEDDINGS, result.embeddings)
+    _copy_sae(Path(job.sae), out / B.SAE_DIR)
+    ms, ms_raw = result.neurons["ms"], result.raw_ms
+    layout = adapter.layout
+    return {
+        "metrics": {**result.metrics,
+                    "ms_mean": _nanmean(ms), "ms_mean_raw": _nanmean(ms_raw),
+                    "ms_nan": int(np.isnan(ms).sum()), "ms_nan_raw": int(np.isnan(ms_raw).sum())},
+        "n_images": n, "n_scanned": result.n_images,
+        "skipped": [{"index": int(i), "error": e} for i, e in result.skipped],
+        "model": {"spec": job.model, "layer": str(job.layer), "tokens": job.score, "n_tokens": layout.n_tokens,
+                  "n_patches": layout.n_patches, "n_prefix": layout.n_prefix, "grid": list(layout.grid),
+                  "has_cls": layout.has_cls, "d": adapter.width, "describe": adapter.describe(),
+                  "sae_trained_on_tokens": trained_tokens},
+        "embedder": {"spec": job.embedder, "d": int(result.embeddings.shape[1])},
+        "dataset": {**ds.describe(), "spec": job.dataset, "n_images": n},
+        "scan_s": round(time.time() - t0, 1),
+    }
+
+
+def _nanmean(x: np.ndarray) -> float | None:
+    x = np.asarray(x, np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
+def _copy_sae(src: Path, dst: Path) -> None:
+    from sae_core.atomic import atomic_path
+
+    for name in ("sae.safetensors", "config.json", "metrics.json"):
+        if (src / name).is_file():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+
+
+def _top_embeddings_mean(out: Path, top_images: np.ndarray) -> np.ndarray:
+    """(K, E) mean unit-norm embedding of each neuron's top images (zeros for dead neurons)."""
+    emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
+    K, T = top_images.shape
+    mean = np.zeros((K, emb.shape[1]), np.float32)
+    valid = top_images >= 0
+    for k in np.flatnonzero(valid.any(1)):
+        mean[k] = np.asarray(emb[top_images[k][valid[k]]], np.float32).mean(0)
+    return mean
+
+
+def _stage_labels(job, sae, out, scan_info, world):
+    # TODO(labels, issue 5 item 4): call sae_core.labels once it lands; until then every label is empty.
+    try:
+        from sae_core import labels as L  # noqa: F401
+    except ImportError:
+        B.write_json(out, B.LABELS, {"method": "none (sae_core.labels not available)", "vocabulary": [],
+                                     "labels": [""] * sae.cfg.d_sae})
+        B.write_array(out, "neurons/label_score.npy", np.full(sae.cfg.d_sae, np.nan, np.float32))
+        return {"method": None}
+    return _labels_with_module(job, sae, out, world)
+
+
+def _labels_with_module(job, sae, out, world):  # filled in when sae_core.labels lands
+    raise NotImplementedError
+
+
+def _stage_hierarchy(job, sae, out, scan_info, world):
+    # TODO(hierarchy, issue 5 item 5): call sae_core.hierarchy once it lands.
+    K = sae.cfg.d_sae
+    B.write_array(out, "neurons/parent.npy", np.full(K, -1, np.int64))
+    B.write_array(out, "neurons/parent_coact.npy", np.full(K, -1, np.int64))
+    group = np.load(out / "neurons/group.npy")
+    ms = np.load(out / "neurons/ms.npy")
+    nodes = [{"id": int(k), "level": int(group[k]), "parent": -1, "label": "", "ms": _num(ms[k])} for k in range(K)]
+    B.write_json(out, B.HIERARCHY, {"linkage": None, "nodes": nodes, "depth_per_level": []})
+    return {}
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _stage_index(job, sae, out, scan_info, world):
+    from sae_core.search_index import build_index
+
+    emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
+    index = build_index(emb, seed=job.seed)
+    index.save(out / B.INDEX)
+    return {"index": index.info}
+
+
+def _stage_world(job, sae, out, scan_info, world):
+    # TODO(ground truth, issue 5 item 2): sae_core.ground_truth figures once it lands.
+    return {}
+
+
+def _stage_thumbs(job, sae, out, scan_info, world):
+    """PNG thumbnails of gallery images, written into a temporary folder renamed at the end (one
+    rename instead of an fsync per file)."""
+    from sae_core.datasets import open_dataset
+
+    ids = set(np.load(out / "neurons/top_images.npy").ravel().tolist())
+    ids |= set(np.load(out / "neurons/band_images.npy").ravel().tolist())
+    ids.discard(-1)
+    ds = open_dataset(job.dataset)
+    final = out / B.THUMBS
+    tmp = final.with_name(".thumbs.tmp")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.mkdir(parents=True, exist_ok=True)  # a killed run's partial folder is reused
+    for i in sorted(ids):
+        path = tmp / f"{i}.png"
+        if path.exists():
+            continue
+        im = ds[i]
+        if max(im.size) > THUMB_MAX_SIDE:
+            im = im.copy()
+            im.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE))
+        im.save(path.with_name(f".{i}.png.part"), format="PNG")
+        os.replace(path.with_name(f".{i}.png.part"), path)
+    os.replace(tmp, final)
+    return {"n_thumbs": len(ids)}
+
+
+def _write_manifest(job: AtlasJob, sae, out: Path, world) -> dict:
+    scan = stage_info(out, "scan")
+    cfg = sae.cfg
+    metrics = dict(scan["metrics"])
+    world_info = stage_info(out, "world") or {}
+    metrics.update({k: v for k, v in world_info.items() if k in (
+        "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "label_accuracy",
+        "hierarchy_depth")})
+    manifest = {
+        "command": job.command,
+        "model": scan["model"],
+        "layer": str(job.layer),
+        "sae": {"architecture": cfg.arch, **cfg.to_dict(), "training": sae.training_info},
+        "dataset": scan["dataset"],
+        "embedder": scan["embedder"],
+        "metrics": metrics,
+        "stages": {s: stage_info(out, s) for s in STAGES if s != "scan"},
+        "skipped": scan["skipped"],
+        **job.extra_manifest,
+    }
+    if world is not None:
+        manifest["world"] = str(world[0])
+        manifest["world_split"] = world[1]
+    return B.write_manifest(out, manifest)

@@ -1,0 +1,142 @@
+"""`python -m precompute demo --out BUNDLE [--preset tiny|demo] [--world DIR]`: the whole pipeline on the
+embedded world in one command, resumable stage by stage, with one progress display.
+
+Stages: world (built only if missing) -> extract (the tiny LLaVA's vision layer -2, sampled tokens of
+the train split, for training) -> train (Matryoshka BatchTopK SAE) -> atlas (scan of the val split
+with all tokens, labels, hierarchy, FAISS index, ground-truth figures, thumbnails, manifest last).
+Intermediate outputs live in BUNDLE/.work/ (activations, SAE) and are kept, so a killed run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_core.errors import UserError
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    world: str
+    """Preset of `precompute world` used when the world must be built."""
+    train_images: int
+    tokens: str
+    """Token sample per training image (`precompute extract --tokens`)."""
+    width: int
+    k: int
+    groups: str
+    steps: int
+    batch_size: int
+    atlas_split: str
+    atlas_images: int | None
+    weights: dict
+    """Expected seconds per stage on 2 CPU cores (progress bar weights)."""
+
+
+PRESETS = {
+    "tiny": DemoPreset(world="tiny", train_images=2000, tokens="random:4", width=256, k=8, groups="32,32,64,128",
+                       steps=300, batch_size=512, atlas_split="val", atlas_images=None,
+                       weights={"world": 40, "extract": 8, "train": 12, "atlas: scan": 6}),
+    "demo": DemoPreset(world="demo", train_images=10000, tokens="random:4", width=512, k=8,
+                       groups="32,32,64,128,256", steps=1500, batch_size=1024, atlas_split="val", atlas_images=None,
+                       weights={"world": 300, "extract": 30, "train": 60, "atlas: scan": 15}),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, help="bundle directory to create or resume")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="demo: the product default (a few minutes); tiny: for tests (about a minute)")
+    p.add_argument("--world", help="world directory to use, or to build there when missing (default: BUNDLE/world)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world (when built) and of the SAE")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (default 2; pass 1 on a machine shared with other jobs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sub_args(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def run(args) -> int:
+    import torch
+
+    from sae_core import bundle as B
+
+    from . import atlas, extract, train
+    from . import world as world_cmd
+    from .progress import PipelineProgress
+
+    preset = PRESETS[args.preset]
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the bundle.")
+    world = Path(args.world).resolve() if args.world else out / "world"
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, args.threads))
+    t_start = time.time()
+
+    weights = {**atlas.STAGE_WEIGHTS, **preset.weights}
+    progress = PipelineProgress(weights, desc=f"demo ({args.preset})", log=work / "log.txt", enabled=not args.quiet)
+    timings = {}
+    try:
+        # 1. world models (only if missing or unfinished)
+        if (world / "report.json").is_file():
+            progress.skip("world")
+            built_world = False
+        else:
+            with progress.stage("world"):
+                world_cmd.run(argparse.Namespace(out=str(world), preset=preset.world, seed=args.seed,
+                                                 threads=args.threads))
+            built_world = True
+        wmeta = json.loads((world / "world.json").read_text())
+
+        # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2
+        acts = work / "acts"
+        model = f"world:{world}:llava"
+        n_train = min(preset.train_images, int(wmeta["splits"]["train"]) if "splits" in wmeta else preset.train_images)
+        if (acts / "layer_-2" / "manifest.json").is_file():
+            progress.skip("extract")
+        else:
+            with progress.stage("extract"):
+                extract.run(_sub_args(extract, [
+                    "--model", model, "--layer=-2", "--tokens", preset.tokens, "--dataset", f"world:{world}:train",
+                    "--out", str(acts), "--limit", str(n_train), "--batch-size", "256", "--seed", str(args.seed),
+                    "--device", "cpu"]))
+
+        # 3. the SAE
+        sae_dir = work / "sae"
+        if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
+            progress.skip("train")
+        else:
+            with progress.stage("train"):
+                train.run(_sub_args(train, [
+                    "--activations", str(acts / "layer_-2"), "--arch", "matryoshka", "--width", str(preset.width),
+                    "--k", str(preset.k), "--groups", preset.groups, "--steps", str(preset.steps),
+                    "--batch-size", str(preset.batch_size), "--seed", str(args.seed), "--device", "cpu",
+                    "--out", str(sae_dir)]))
+
+        # 4. the atlas (its own stages, resumable)
+        job = atlas.AtlasJob(
+            sae=str(sae_dir), dataset=f"world:{world}:{preset.atlas_split}", model=model, out=str(out), layer="-2",
+            embedder=f"world:{world}", limit=preset.atlas_images, seed=args.seed, device="cpu",
+            command=shlex.join(["python", "-m", "precompute", "demo", *sys.argv[2:]]),
+            extra_manifest={"demo": {"preset": args.preset, "world_built_here": built_world}})
+        manifest = atlas.build_atlas(job, progress)
+    finally:
+        progress.close()
+    timings = {**progress.timings, "total_s": round(time.time() - t_start, 1)}
+    B.write_json(out, ".work/timings.json", timings)
+    summary = {"out": str(out), "preset": args.preset, **{k: manifest["metrics"].get(k) for k in (
+        "fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw", "ms_ground_truth_spearman", "ms_agreement",
+        "label_accuracy", "hierarchy_depth")}, "timings": timings}
+    print(json.dumps(summary))
+    return 0

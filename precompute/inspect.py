@@ -1,0 +1,65 @@
+"""`python -m precompute inspect BUNDLE [--json]`: a bundle's summary (validated through the reader)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "ms_mean", "ms_mean_raw", "ms_nan",
+        "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "label_accuracy",
+        "hierarchy_depth")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def summary(path) -> dict:
+    from sae_core.bundle import open_bundle
+
+    b = open_bundle(path)
+    b.validate()
+    m = b.manifest
+    metrics = m.get("metrics", {})
+    out = {"bundle": str(b.root), "schema_version": m["schema_version"], "n_neurons": b.n_neurons,
+           "n_images": b.n_images}
+    out.update({k: metrics.get(k) for k in KEYS if k in metrics})
+    for k in ("ms_ground_truth_spearman", "ms_agreement", "label_accuracy", "hierarchy_depth"):
+        out.setdefault(k, metrics.get(k))
+    ms = np.asarray(b.array("ms"), np.float64)
+    out["ms_median"] = float(np.nanmedian(ms)) if np.isfinite(ms).any() else None
+    out.update({
+        "model": m["model"].get("spec"), "layer": m["model"].get("layer"), "score": m["model"].get("tokens"),
+        "sae": {k: m["sae"].get(k) for k in ("architecture", "d_in", "d_sae", "k", "group_sizes")},
+        "dataset": m["dataset"].get("spec"), "embedder": m["embedder"].get("spec"),
+        "label_method": b.labels.get("method"), "world": m.get("world"), "created": m.get("created"),
+        "command": m.get("command"),
+    })
+    return out
+
+
+def run(args) -> int:
+    s = summary(args.bundle)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"bundle {s['bundle']} (schema {s['schema_version']}, built {s['created']})")
+    print(f"  model    {s['model']} layer {s['layer']}, image score = {s['score']}")
+    sae = s["sae"]
+    print(f"  SAE      {sae['architecture']} {sae['d_in']} -> {sae['d_sae']}, k {sae['k']}"
+          + (f", groups {sae['group_sizes']}" if sae["group_sizes"] else ""))
+    print(f"  data     {s['dataset']} ({s['n_images']} images); embedder {s['embedder']}")
+    rows = [(k, s.get(k)) for k in KEYS[2:] + ("ms_median",) if s.get(k) is not None]
+    for k, v in rows:
+        print(f"  {k:<30} {_fmt(v)}")
+    print(f"  labels   {s['label_method']}")
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)

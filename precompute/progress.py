@@ -1,0 +1,100 @@
+"""One progress bar over a pipeline of weighted stages (the demo and the atlas show a single display).
+
+Each stage has a weight (its expected seconds on a small CPU). A stage reports fractions when it can
+(`advance`); for stages that cannot (a world build, SAE training), a ticker thread moves the bar with
+elapsed time up to 90% of the stage's weight, so the ETA keeps moving. Inner progress bars of the
+stages are silenced (TQDM_DISABLE) and their printed output goes to a log file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class PipelineProgress:
+    def __init__(self, weights: dict[str, float], desc: str = "build", log: str | Path | None = None,
+                 enabled: bool = True):
+        self.weights = dict(weights)
+        self.total = float(sum(weights.values())) or 1.0
+        self.log = Path(log) if log else None
+        self.bar = tqdm(total=round(self.total, 1), desc=desc, unit="", disable=not enabled, dynamic_ncols=True,
+                        file=sys.__stderr__, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        self.done = 0.0  # weight of finished stages
+        self._in_stage = 0.0  # weight credited inside the current stage
+        self._lock = threading.Lock()
+        self.timings: dict[str, float] = {}
+
+    def _set(self, value: float) -> None:
+        with self._lock:
+            self.bar.n = round(min(value, self.total), 1)
+            self.bar.refresh()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, quiet: bool = True):
+        """Run one stage: yields `advance(fraction)`; output of the stage goes to the log when `quiet`."""
+        w = self.weights.get(name, 1.0)
+        self._in_stage = 0.0
+        self.bar.postfix = name
+        self.bar.refresh()
+        t0 = time.time()
+        stop = threading.Event()
+        reported = threading.Event()
+
+        def advance(fraction: float) -> None:
+            reported.set()
+            self._in_stage = max(self._in_stage, min(1.0, fraction) * w)
+            self._set(self.done + self._in_stage)
+
+        def tick():
+            while not stop.wait(0.5):
+                if not reported.is_set():
+                    self._in_stage = min(0.9 * w, time.time() - t0)
+                    self._set(self.done + self._in_stage)
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            with self._quiet() if quiet else contextlib.nullcontext():
+                yield advance
+        finally:
+            stop.set()
+            ticker.join()
+        self.timings[name] = round(time.time() - t0, 1)
+        self.done += w
+        self._set(self.done)
+
+    def skip(self, name: str) -> None:
+        """A stage already done: credit its weight at once."""
+        self.done += self.weights.get(name, 1.0)
+        self.timings.setdefault(name, 0.0)
+        self._set(self.done)
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        old = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        if self.log is None:
+            sink = open(os.devnull, "w")
+        else:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            sink = open(self.log, "a")
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            sink.close()
+            if old is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = old
+
+    def close(self) -> None:
+        self.bar.postfix = "done"
+        self.bar.refresh()
+        self.bar.close()

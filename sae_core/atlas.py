@@ -1,0 +1,448 @@
+"""The atlas scan: every per-neuron statistic of the bundle in one streaming pass over a dataset.
+
+For each batch of images: the model runs once to the layer (all tokens), the SAE encodes every token,
+tokens are pooled into one score per (image, neuron) -- the CLS token's activation, or the max or
+mean over the patch tokens -- and the streaming accumulators below take the batch: top-k images per
+neuron (with the best patch and the per-patch heat), firing counts, sums and maxima, a histogram of
+log10(score), reservoir samples per histogram bin (for galleries of lower activation bands), the
+Monosemanticity Score (MS) of the SAE neurons and of the layer's raw units, and the reconstruction
+metrics. Nothing is sorted over the dataset and nothing dense of size (images x neurons) is kept.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+SCORES = ("cls", "max", "mean")
+
+
+def default_score(training_tokens: str | None) -> str:
+    """The image score that matches how the SAE was trained: CLS rows -> cls, mean rows -> mean,
+    patch or all-token rows (patches, all, random:K) -> max over the patches."""
+    t = (training_tokens or "").strip()
+    if t == "cls":
+        return "cls"
+    if t == "mean":
+        return "mean"
+    return "max"
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    """Settings of one scan (the command line's flags)."""
+
+    layer: str
+    score: str = "max"
+    topk: int = 16
+    hist_bins: int = 48
+    hist_decades: float = 6.0
+    """The histogram spans this many decades of log10(score) below the top edge (first batch's max x 10);
+    scores outside fall into the end bins."""
+    n_bands: int = 4
+    band_samples: int = 8
+    batch_size: int = 128
+    seed: int = 0
+    metric_tokens: str = "all"
+    """Rows the reconstruction metrics (FVU, L0) are pooled over: cls | mean | patches | all."""
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise UserError(f"--score {self.score!r} is not one of {', '.join(SCORES)}.")
+        if self.topk < 1:
+            raise UserError(f"--topk {self.topk} must be at least 1.")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling tokens into image scores
+# ----------------------------------------------------------------------------------------------
+def pool_tokens(codes: Tensor, n_prefix: int, score: str) -> tuple[Tensor, Tensor, Tensor]:
+    """codes (n, T, K) per-token activations -> (scores (n, K), best patch position (n, K), heat (n, P, K)).
+
+    `score`: "cls" = token 0, "max"/"mean" = over the patch tokens (positions n_prefix..T-1). The best
+    patch is the argmax over the patch tokens, as a token position; heat is the patch tokens' values.
+    """
+    heat = codes[:, n_prefix:]
+    if heat.shape[1] == 0:
+        raise UserError("the layer has no patch tokens to pool; use --score cls.")
+    pmax, parg = heat.max(dim=1)
+    if score == "cls":
+        if n_prefix == 0:
+            raise UserError("this model has no CLS token; use --score max or --score mean.")
+        scores = codes[:, 0]
+    elif score == "max":
+        scores = pmax
+    else:
+        scores = heat.mean(dim=1)
+    return scores, parg + n_prefix, heat
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming accumulators
+# ----------------------------------------------------------------------------------------------
+class StreamingTopK:
+    """The T largest positive scores per neuron over a stream of image batches, best first.
+
+    Merging keeps only T candidates per neuron between batches, so memory is O(K T P) whatever the
+    number of images. Non-positive scores never enter (a neuron that fires on fewer than T images
+    keeps -1 ids in its empty slots). Ties at equal score prefer the image seen first.
+    """
+
+    def __init__(self, n_neurons: int, k: int, n_patches: int = 0):
+        self.K, self.T, self.P = n_neurons, k, n_patches
+        self.acts = torch.full((n_neurons, k), -math.inf)
+        self.ids = torch.full((n_neurons, k), -1, dtype=torch.int64)
+        self.patch = torch.full((n_neurons, k), -1, dtype=torch.int32)
+        self.heat = torch.zeros((n_neurons, k, n_patches), dtype=torch.float16)
+
+    @torch.no_grad()
+    def update(self, scores: Tensor, image_ids: Tensor, best: Tensor | None = None, heat: Tensor | None = None) -> None:
+        """scores (n, K); image_ids (n,) int64; best (n, K) token positions; heat (n, P, K)."""
+        n = scores.shape[0]
+        if n == 0:
+            return
+        new = scores.t().float().masked_fill(scores.t() <= 0, -math.inf)  # (K, n)
+        cand = torch.cat([self.acts, new], dim=1)  # (K, T + n): the kept ones first, so ties keep them
+        # Stable descending order by (score, arrival): topk's tie order is unspecified, a stable sort is not.
+        order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, : self.T]
+        vals = torch.gather(cand, 1, order)
+        from_old = order < self.T
+        j = (order - self.T).clamp(min=0)  # batch row of a new entry
+        ids = torch.where(from_old, torch.gather(self.ids, 1, order.clamp(max=self.T - 1)), image_ids[j])
+        ids = torch.where(torch.isfinite(vals), ids, torch.full_like(ids, -1))
+        if best is not None:
+            newp = torch.gather(best.t().to(torch.int32), 1, j)
+            self.patch = torch.where(from_old, torch.gather(self.patch, 1, order.clamp(max=self.T - 1)), newp)
+            self.patch = torch.where(ids >= 0, self.patch, torch.full_like(self.patch, -1))
+        if heat is not None and self.P:
+            old_h = torch.gather(self.heat, 1, order.clamp(max=self.T - 1)[..., None].expand(-1, -1, self.P))
+            k_idx = torch.arange(self.K)[:, None].expand(-1, self.T)
+            new_h = heat[j, :, k_idx].to(torch.float16)  # (K, T, P): heat[j[k,t], :, k]
+            self.heat = torch.where(from_old[..., None], old_h, new_h)
+            self.heat[ids < 0] = 0
+        self.acts, self.ids = vals, ids
+
+    def result(self) -> dict[str, np.ndarray]:
+        acts = self.acts.numpy().copy()
+        acts[~np.isfinite(acts)] = 0.0
+        return {"top_images": self.ids.numpy().copy(), "top_acts": acts.astype(np.float32),
+                "top_patch": self.patch.numpy().copy(), "top_heat": self.heat.numpy().copy()}
+
+
+class LogHistogram:
+    """Counts of log10(score) over firing images per neuron, on edges fixed by the first batch."""
+
+    def __init__(self, n_neurons: int, bins: int, decades: float):
+        self.K, self.B, self.decades = n_neurons, bins, decades
+        self.edges: np.ndarray | None = None
+        self.counts = np.zeros((n_neurons, bins), np.int64)
+
+    def set_edges_from(self, scores: np.ndarray) -> None:
+        pos = scores[scores > 0]
+        top = math.ceil(math.log10(float(pos.max()))) + 1 if pos.size else 1.0
+        self.edges = np.linspace(top - self.decades, top, self.B + 1).astype(np.float32)
+
+    def bin_of(self, values: np.ndarray) -> np.ndarray:
+        """Bin of positive scores; below the first edge -> bin 0, above the last -> the last bin."""
+        b = np.searchsorted(self.edges, np.log10(values).astype(np.float32), side="right") - 1
+        return np.clip(b, 0, self.B - 1)
+
+    def update(self, neuron: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """Firing entries (neuron ids, scores > 0); returns their bins."""
+        if self.edges is None:
+            self.set_edges_from(value)
+        b = self.bin_of(value)
+        self.counts += np.bincount(neuron * self.B + b, minlength=self.K * self.B).reshape(self.K, self.B)
+        return b
+
+
+class BinReservoirs:
+    """A uniform sample without replacement of S firing images per (neuron, histogram bin).
+
+    Each entry draws a random key (a pure function of the seed and the image index); a slot keeps the
+    S smallest keys seen. The smallest S keys of a union of bins are then a uniform sample of that
+    union, which is how activation bands (groups of bins) get their galleries.
+    """
+
+    def __init__(self, n_slots: int, size: int, seed: int = 0):
+        self.S, self.seed = size, seed
+        self.key = np.full((n_slots, size), np.inf, np.float32)
+        self.ids = np.full((n_slots, size), -1, np.int64)
+        self.acts = np.zeros((n_slots, size), np.float32)
+
+    def keys_for(self, image: np.ndarray, neuron: np.ndarray) -> np.ndarray:
+        # A hash of (seed, image, neuron) in [0, 1): the same sample whatever the batching.
+        h = (image.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (neuron.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+        h ^= np.uint64(self.seed) * np.uint64(0x165667B19E3779F9)
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+        return (h >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
+
+    def update(self, slot: np.ndarray, image: np.ndarray, neuron: np.ndarray, act: np.ndarray) -> None:
+        if slot.size == 0:
+            return
+        key = self.keys_for(image, neuron)
+        touched = np.unique(slot)
+        S = self.S
+        all_slot = np.concatenate([np.repeat(touched, S), slot])
+        all_key = np.concatenate([self.key[touched].ravel(), key])
+        all_id = np.concatenate([self.ids[touched].ravel(), image])
+        all_act = np.concatenate([self.acts[touched].ravel(), act.astype(np.float32)])
+        order = np.lexsort((all_key, all_slot))
+        s_sorted = all_slot[order]
+        first = np.searchsorted(s_sorted, s_sorted, side="left")
+        rank = np.arange(len(order)) - first
+        keep = rank < S
+        o, r, s = order[keep], rank[keep], s_sorted[keep]
+        self.key[s, r] = all_key[o]
+        self.ids[s, r] = all_id[o]
+        self.acts[s, r] = all_act[o]
+
+
+def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per neuron, split its occupied histogram bins (lowest to highest non-empty) into `n_bands`
+    contiguous groups and draw `size` images uniformly from each (band 0 = the highest activations).
+
+    Returns band_images (K, n_bands, size) int64 (-1 empty) and band_acts (K, n_bands, size) float32,
+    each band sorted by activation, highest first."""
+    K, B = counts.shape
+    ids = np.full((K, n_bands, size), -1, np.int64)
+    acts = np.zeros((K, n_bands, size), np.float32)
+    key = res.key.reshape(K, B, res.S)
+    rid = res.ids.reshape(K, B, res.S)
+    ract = res.acts.reshape(K, B, res.S)
+    for k in np.flatnonzero(counts.sum(1)):
+        occ = np.flatnonzero(counts[k])
+        lo, hi = occ[0], occ[-1] + 1
+        bounds = np.linspace(lo, hi, n_bands + 1).round().astype(int)
+        for band in range(n_bands):
+            a, b = bounds[n_bands - band - 1], bounds[n_bands - band]
+            if b <= a:
+                continue
+            kk, ii, aa = key[k, a:b].ravel(), rid[k, a:b].ravel(), ract[k, a:b].ravel()
+            take = np.argsort(kk, kind="stable")[:size]
+            take = take[np.isfinite(kk[take])]
+            take = take[np.argsort(-aa[take], kind="stable")]
+            ids[k, band, : len(take)] = ii[take]
+            acts[k, band, : len(take)] = aa[take]
+    return ids, acts
+
+
+class NeuronMoments:
+    """Firing count, sum and max of the image scores per neuron (float64 sums)."""
+
+    def __init__(self, n_neurons: int):
+        self.n_images = 0
+        self.support = np.zeros(n_neurons, np.int64)
+        self.sum = np.zeros(n_neurons, np.float64)
+        self.max = np.zeros(n_neurons, np.float64)
+
+    def update(self, scores: np.ndarray) -> None:
+        self.n_images += scores.shape[0]
+        fires = scores > 0
+        self.support += fires.sum(0)
+        self.sum += np.where(fires, scores, 0).sum(0, dtype=np.float64)
+        if scores.shape[0]:
+            self.max = np.maximum(self.max, scores.max(0))
+
+    def result(self) -> dict[str, np.ndarray]:
+        n = max(self.n_images, 1)
+        mean = np.divide(self.sum, self.support, out=np.zeros_like(self.sum), where=self.support > 0)
+        return {"support": self.support.copy(), "frequency": (self.support / n).astype(np.float32),
+                "mean_act": mean.astype(np.float32), "max_act": self.max.astype(np.float32)}
+
+
+def _ms_accumulator(n_neurons: int, d_embed: int):
+    """The closed-form MS accumulator of sae_core.monosemanticity."""
+    from .monosemanticity import MSAccumulator
+
+    return MSAccumulator(n_neurons, d_embed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scan
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ScanResult:
+    neurons: dict[str, np.ndarray]
+    """Per-neuron arrays named as in the bundle (ms, support, ..., top_heat, band_*, hist_*)."""
+    raw_ms: np.ndarray
+    """(d,) MS of the layer's own units, scored the same way."""
+    embeddings: np.ndarray
+    """(N, E) float16 unit-norm image embeddings."""
+    metrics: dict
+    n_images: int
+    skipped: list
+
+
+def iter_batches(dataset, n_images: int, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
+    """(image ids, PIL images) per batch; unreadable images are dropped (and reported by id)."""
+    from .datasets import ImageReadError
+
+    for start in range(0, n_images, batch_size):
+        ids, images, bad = [], [], []
+        for i in range(start, min(start + batch_size, n_images)):
+            try:
+                images.append(dataset[i])
+                ids.append(i)
+            except ImageReadError as e:
+                bad.append((i, str(e)))
+        yield np.array(ids, np.int64), images, bad
+
+
+@torch.no_grad()
+def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int | None = None,
+         progress: Callable[[int], None] | None = None) -> ScanResult:
+    """One pass over the first `n_images` of `dataset`: model -> layer (all tokens) -> SAE -> statistics.
+
+    `embedder` (an Adapter) gives the unit-norm image embeddings for MS; None = `adapter`'s own
+    embedding. `progress(n)` is called with the number of images done after each batch.
+    """
+    from .metrics import MetricsAccumulator
+
+    layer = adapter.resolve_layer(cfg.layer)
+    if layer.kind == "embed":
+        raise UserError("the atlas reads a block layer with its tokens; pass a block number, not embed.")
+    if sae.cfg.d_in != adapter.width:
+        raise UserError(f"the SAE expects width {sae.cfg.d_in} but {adapter.spec} layer {cfg.layer} has width "
+                        f"{adapter.width}; use the SAE trained on this model and layer.")
+    layout = adapter.layout
+    N = len(dataset) if n_images is None else min(n_images, len(dataset))
+    if N < 2:
+        raise UserError(f"the dataset has {N} images; the atlas needs at least 2.")
+    K, d, P = sae.cfg.d_sae, adapter.width, layout.n_patches
+    same_model = embedder is None or embedder is adapter
+    embedder = adapter if embedder is None else embedder
+    E = embedder.embed_dim
+
+    top = StreamingTopK(K, cfg.topk, P)
+    hist = LogHistogram(K, cfg.hist_bins, cfg.hist_decades)
+    res = BinReservoirs(K * cfg.hist_bins, cfg.band_samples, cfg.seed)
+    moments = NeuronMoments(K)
+    ms_sae = _ms_accumulator(K, E)
+    ms_raw = _ms_accumulator(d, E)
+    metrics = MetricsAccumulator(K)
+    emb_out = np.zeros((N, E), np.float16)
+    seen = np.zeros(N, bool)
+    skipped: list = []
+    sae_dev = next(sae.parameters()).device
+
+    done = 0
+    for ids, images, bad in iter_batches(dataset, N, cfg.batch_size):
+        skipped += bad
+        done += len(ids) + len(bad)
+        if len(ids) == 0:
+            if progress:
+                progress(done)
+            continue
+        pixels = adapter.preprocess(images)
+        wanted = [layer, adapter.resolve_layer("embed")] if same_model else [layer]
+        out = adapter.capture(pixels, wanted)
+        h = out[layer.name].float()  # (n, T, d)
+        emb = out["embed"] if same_model else embedder.embed(embedder.preprocess(images))
+        emb = torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
+        n, T = h.shape[:2]
+        x = h.reshape(n * T, d).to(sae_dev)
+        z = sae.encode(x)
+        # Reconstruction metrics on the rows the SAE was trained on.
+        rows = _metric_rows(n, T, layout.n_prefix, cfg.metric_tokens)
+        if cfg.metric_tokens == "mean":
+            xm, zm = h[:, layout.n_prefix:].mean(1).to(sae_dev), None
+            zm = sae.encode(xm)
+            metrics.update(xm.cpu(), sae.decode(zm).cpu(), zm.cpu())
+        else:
+            metrics.update(x[rows].cpu(), sae.decode(z[rows]).cpu(), z[rows].cpu())
+        codes = z.reshape(n, T, K).cpu()
+        scores, best, heat = pool_tokens(codes, layout.n_prefix, cfg.score)
+        raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
+        ids_t = torch.from_numpy(ids)
+        top.update(scores, ids_t, best, heat)
+        s_np = scores.numpy()
+        moments.update(s_np)
+        img_idx, neuron = np.nonzero(s_np > 0)
+        vals = s_np[img_idx, neuron]
+        b = hist.update(neuron, vals)
+        res.update(neuron * cfg.hist_bins + b, ids[img_idx], neuron, vals)
+        ms_sae.update(scores, emb)
+        ms_raw.update(raw_scores, emb)
+        emb_out[ids] = emb.numpy().astype(np.float16)
+        seen[ids] = True
+        if progress:
+            progress(done)
+
+    band_ids, band_acts = band_samples(res, hist.counts, cfg.n_bands, cfg.band_samples)
+    neurons = {**moments.result(), **top.result(), "hist_counts": hist.counts, "hist_edges": hist.edges,
+               "band_images": band_ids, "band_acts": band_acts,
+               "ms": _as_np(ms_sae.result()).astype(np.float32)}
+    m = metrics.compute()
+    summary = {"fvu": m["fvu"], "l0": m["l0"], "dead_frac": float((neurons["support"] == 0).mean()),
+               "dense_frac": float((neurons["frequency"] > 0.1).mean()), "mean_cosine": m["mean_cosine"],
+               "metric_rows": m["rows"], "metric_tokens": cfg.metric_tokens}
+    return ScanResult(neurons=neurons, raw_ms=_as_np(ms_raw.result()).astype(np.float32), embeddings=emb_out,
+                      metrics=summary, n_images=int(seen.sum()), skipped=skipped)
+
+
+def _as_np(x) -> np.ndarray:
+    if isinstance(x, dict):
+        x = x["ms"]
+    if isinstance(x, tuple):
+        x = x[0]
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _metric_rows(n: int, T: int, n_prefix: int, which: str) -> Tensor:
+    pos = torch.arange(T)
+    if which == "cls":
+        keep = pos == 0
+    elif which == "patches":
+        keep = pos >= n_prefix
+    else:
+        keep = torch.ones(T, dtype=torch.bool)
+    return keep.repeat(n)
+
+
+def metric_tokens_for(training_tokens: str | None) -> str:
+    """Which rows FVU/L0 are measured on: those the SAE was trained on (random:K -> all)."""
+    t = (training_tokens or "all").strip()
+    return t if t in ("cls", "mean", "patches") else "all"
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder geometry
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def decoder_neighbors(W_dec: Tensor, n: int = 8, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """For each latent, the `n` other latents with the highest decoder cosine: (K, n) ids and cosines."""
+    W = torch.nn.functional.normalize(W_dec.detach().float().cpu(), dim=1)
+    K = W.shape[0]
+    m = min(n, K - 1)
+    ids = np.full((K, n), -1, np.int64)
+    cos = np.zeros((K, n), np.float32)
+    for a in range(0, K, chunk):
+        c = W[a:a + chunk] @ W.t()
+        c[torch.arange(c.shape[0]), torch.arange(a, a + c.shape[0])] = -math.inf
+        v, i = c.topk(m, dim=1)
+        ids[a:a + chunk, :m] = i.numpy()
+        cos[a:a + chunk, :m] = v.numpy()
+    return ids, cos
+
+
+def group_of(group_sizes: Sequence[int], n_neurons: int) -> np.ndarray:
+    """Matryoshka level of each latent (0 for SAEs without groups)."""
+    out = np.zeros(n_neurons, np.int32)
+    start = 0
+    for g, size in enumerate(group_sizes or ()):
+        out[start:start + size] = g
+        start += size
+    return out
