@@ -1,0 +1,101 @@
+"""`python -m precompute ms-agreement`: the paper's Alignment Score of MS with users' preferences (pairs.csv)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from precompute.ms import compute_ms, load_activations, load_matrix, resolve_device
+from sae_core.alignment import DEFAULT_EDGES, alignment_figure, alignment_score, read_pairs_csv
+from sae_core.atomic import atomic_path, write_json_atomic
+from sae_core.errors import UserError
+
+
+def add_arguments(p):
+    p.add_argument("--pairs", required=True, help="pairs.csv: k_x,k_y,R_user[,MS_x_NAME,MS_y_NAME ...]")
+    p.add_argument("--activations", help="activations.csv (rows `k,a_1..a_N`) or (N, K) .npy, to compute MS here")
+    p.add_argument("--embeddings", nargs="+", default=[],
+                   help="(N, d) .npy image embeddings (one MS variant per file, named by its stem)")
+    p.add_argument("--r-user-center", type=float, default=0.0,
+                   help="R_user above this prefers neuron x, below prefers y, equal is no preference (skipped)")
+    p.add_argument("--bins", default=",".join(f"{e:g}" for e in DEFAULT_EDGES),
+                   help="edges of the |MS_x - MS_y| bins, comma-separated (inf allowed)")
+    p.add_argument("--out", help="directory for alignment.json and alignment.html (default: PAIRS_DIR/ms_agreement)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--matmul", choices=["float64", "float32"], default="float64")
+
+
+def parse_edges(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--bins must be comma-separated numbers such as 0,0.1,0.2,inf, got {text!r}.") from None
+
+
+def computed_variants(args, k_x, k_y) -> dict:
+    """{name: (ms_x, ms_y)} from MS computed here on --activations and each --embeddings file."""
+    if bool(args.activations) != bool(args.embeddings):
+        raise UserError("computing MS needs both --activations and --embeddings; give both or neither.")
+    if not args.activations:
+        return {}
+    ids, acts = load_activations(args.activations)
+    ids = np.arange(acts.shape[1]) if ids is None else ids
+    wanted = np.union1d(k_x, k_y)
+    unknown = np.setdiff1d(wanted, ids)
+    if unknown.size:
+        raise UserError(f"pairs name neuron {unknown[0]} (and {unknown.size - 1} more) that {args.activations} "
+                        f"does not hold; use the activations file that goes with these pairs.")
+    # score only the neurons the pairs use
+    cols = np.searchsorted(ids, wanted, sorter=np.argsort(ids))
+    cols = np.argsort(ids)[cols]
+    sub = np.ascontiguousarray(acts[:, cols])
+    out = {}
+    for path in args.embeddings:
+        emb = load_matrix(path, "embeddings")
+        r = compute_ms(sub, emb, resolve_device(args.device), args.chunk, args.matmul, 2)
+        lookup = dict(zip(wanted.tolist(), r.ms.tolist()))
+        out[f"ours_{Path(path).stem}"] = (np.array([lookup[k] for k in k_x]), np.array([lookup[k] for k in k_y]))
+    return out
+
+
+def format_table(results: dict) -> str:
+    first = next(iter(results.values()))
+    heads = [f"[{b.lo:g},{b.hi:g})" for b in first.bins]
+    width = max(14, *(len(n) for n in results))
+    lines = [f"{'MS variant':<{width}} {'pairs':>6} {'overall':>8}  " + "  ".join(f"{h:>14}" for h in heads)]
+    for name, r in results.items():
+        cells = ["-" if math.isnan(b.agreement) else f"{b.agreement:.3f} ({b.n})" for b in r.bins]
+        overall = "-" if math.isnan(r.agreement) else f"{r.agreement:.3f}"
+        lines.append(f"{name:<{width}} {r.n_pairs:>6} {overall:>8}  " + "  ".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    pairs = read_pairs_csv(args.pairs)
+    edges = parse_edges(args.bins)
+    variants = dict(pairs["ms"])
+    variants.update(computed_variants(args, pairs["k_x"], pairs["k_y"]))
+    if not variants:
+        raise UserError(f"{args.pairs} has no MS_x_NAME/MS_y_NAME columns; pass --activations and --embeddings "
+                        f"to compute MS here.")
+    preference = pairs["R_user"] - args.r_user_center
+    if np.isnan(preference).any():
+        raise UserError(f"column R_user of {args.pairs} has empty or NaN entries; every pair needs a preference.")
+    results = {name: alignment_score(x, y, preference, edges) for name, (x, y) in variants.items()}
+    n_ties = next(iter(results.values())).n_preference_ties
+    print(f"{len(preference)} pairs from {args.pairs}; R_user > {args.r_user_center:g} prefers x, "
+          f"< {args.r_user_center:g} prefers y; {n_ties} ties skipped")
+    if (pairs["R_user"] >= 0).all() and args.r_user_center == 0:
+        print("note: every R_user is >= 0; if it is the share of users preferring x, pass --r-user-center 0.5")
+    print(format_table(results))
+    out = Path(args.out) if args.out else Path(args.pairs).resolve().parent / "ms_agreement"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "alignment.json", {
+        "pairs": str(args.pairs), "r_user_center": args.r_user_center, "n_pairs_in_file": int(len(preference)),
+        "variants": {name: r.to_dict() for name, r in results.items()}})
+    with atomic_path(out / "alignment.html") as tmp:
+        alignment_figure(results).write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    print(f"wrote {out / 'alignment.json'} and {out / 'alignment.html'}")
+    return 0

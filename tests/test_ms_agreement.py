@@ -1,0 +1,94 @@
+"""Alignment Score of MS with users (`precompute ms-agreement`) on a hand-made pairs.csv."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from precompute.__main__ import main as precompute_main
+from sae_core.alignment import alignment_score, read_pairs_csv
+from sae_core.errors import UserError
+from tests.test_monosemanticity import pairwise_ms, write_paper_csv
+
+# Six pairs. R_user > 0 prefers x, < 0 prefers y, 0 is a tie. Hand-scored below for each variant.
+PAIRS = """k_x,k_y,R_user,MS_x_dino,MS_y_dino,MS_x_clip,MS_y_clip
+0,1,0.8,0.60,0.45,0.70,0.20
+2,3,-0.5,0.30,0.45,0.57,0.50
+4,5,0.2,0.10,0.13,0.30,0.00
+6,7,0,0.90,0.10,0.10,0.90
+8,9,-1,0.20,0.90,0.25,0.25
+1,2,3,0.45,,0.20,0.57
+"""
+# dino: row 1 agrees (|d| .15), row 2 agrees (.15), row 3 disagrees (.03), row 4 tie, row 5 agrees (.7),
+#       row 6 has no MS_y -> 3 of 4
+# clip: row 1 agrees (.5), row 2 disagrees (.07), row 3 agrees (.3), row 4 tie, row 5 equal MS,
+#       row 6 disagrees (.37) -> 2 of 4
+EDGES = "0,0.05,0.1,0.2,0.4,inf"
+EXPECTED_BINS = {  # (n, agreement) per bin [0,.05) [.05,.1) [.1,.2) [.2,.4) [.4,inf)
+    "dino": [(1, 0.0), (0, None), (2, 1.0), (0, None), (1, 1.0)],
+    "clip": [(0, None), (1, 0.0), (0, None), (2, 0.5), (1, 1.0)],
+}
+
+
+@pytest.fixture
+def pairs_csv(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(PAIRS)
+    return path
+
+
+def test_alignment_by_hand(pairs_csv, tmp_path, capsys):
+    rc = precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--bins", EDGES, "--out", str(tmp_path / "o")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "6 pairs" in out and "1 ties skipped" in out
+    res = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]
+    assert res["dino"]["agreement"] == pytest.approx(0.75) and res["dino"]["n_pairs"] == 4
+    assert res["dino"]["n_missing"] == 1 and res["dino"]["n_preference_ties"] == 1
+    assert res["clip"]["agreement"] == pytest.approx(0.5) and res["clip"]["n_ms_ties"] == 1
+    for name, bins in EXPECTED_BINS.items():
+        got = [(b["n"], b["agreement"]) for b in res[name]["bins"]]
+        assert got == bins, name
+    html = (tmp_path / "o" / "alignment.html").read_text()
+    assert "plotly" in html.lower() and "dino (overall 0.750" in html
+
+
+def test_r_user_center(pairs_csv, tmp_path):
+    """With R_user as a share of users (0.5 = no preference): row 3 and row 4 now prefer y."""
+    rc = precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--r-user-center", "0.5",
+                          "--out", str(tmp_path / "o")])
+    assert rc == 0
+    dino = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]["dino"]
+    assert dino["agreement"] == pytest.approx(4 / 5) and dino["n_preference_ties"] == 0
+
+
+def test_computed_ms_variant(tmp_path, pairs_csv):
+    """MS computed from activations.csv + embeddings, scored against a pairwise MS and a loop by hand."""
+    rng = np.random.default_rng(3)
+    N = 25
+    acts = np.maximum(rng.standard_normal((N, 10)) + rng.standard_normal(10) * 0.5, 0)
+    emb = rng.standard_normal((N, 5)) + np.array([1.5, 0, 0, 0, 0])
+    write_paper_csv(tmp_path / "activations.csv", list(range(10)), acts, header=False)
+    np.save(tmp_path / "emb_dino.npy", emb)
+    rc = precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--activations", str(tmp_path / "activations.csv"),
+                          "--embeddings", str(tmp_path / "emb_dino.npy"), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    got = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]["ours_emb_dino"]
+    ms = pairwise_ms(acts.astype(np.float32).astype(np.float64), emb)
+    pairs = [(0, 1, 0.8), (2, 3, -0.5), (4, 5, 0.2), (6, 7, 0), (8, 9, -1), (1, 2, 3)]
+    agree = [(ms[x] > ms[y]) == (r > 0) for x, y, r in pairs if r != 0]
+    assert got["n_pairs"] == len(agree) == 5
+    assert got["agreement"] == pytest.approx(sum(agree) / len(agree))
+
+
+def test_bad_pairs(tmp_path):
+    (tmp_path / "p.csv").write_text("k_x,k_y,MS_x_a,MS_y_a\n1,2,0.1,0.2\n")
+    with pytest.raises(UserError, match="R_user"):
+        read_pairs_csv(tmp_path / "p.csv")
+    (tmp_path / "q.csv").write_text("k_x,k_y,R_user\n1,2,1\n")
+    assert precompute_main(["ms-agreement", "--pairs", str(tmp_path / "q.csv")]) == 2   # no MS anywhere
+
+
+def test_alignment_score_counts():
+    r = alignment_score([0.5, 0.2, np.nan, 0.3], [0.1, 0.4, 0.2, 0.3], [1, 1, -1, -1], edges=(0, math.inf))
+    assert (r.n_pairs, r.n_missing, r.n_ms_ties, r.agreement) == (2, 1, 1, 0.5)
