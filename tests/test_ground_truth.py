@@ -1,0 +1,143 @@
+"""World ground truth: purity of top images, simulated users, Spearman, on hand-made cases."""
+import math
+
+import numpy as np
+import pytest
+
+from sae_core.ground_truth import (FACTOR_TYPES, factor_table, ground_truth_report, purity, simulated_user_agreement,
+                                   spearman, world_factor_sets)
+from sae_core.world.generator import WorldSpec, sample_factors
+
+
+def obj(shape, colour, size="small", position="centre"):
+    family = {"circle": "round", "ring": "round", "star": "symbol", "square": "polygon"}[shape]
+    group = {"red": "warm", "pink": "warm", "blue": "cool", "grey": "neutral"}[colour]
+    return {"shape": shape, "family": family, "colour": colour, "colour_group": group, "size": size,
+            "position": position}
+
+
+def image(*objects, texture="plain"):
+    return {"objects": list(objects), "background": {"texture": texture}}
+
+
+# image id -> world-style factors
+IMAGES = {
+    0: image(obj("circle", "red", "small", "left"), texture="plain"),
+    1: image(obj("circle", "red", "large", "right"), texture="striped"),
+    2: image(obj("circle", "red", "small", "top"), texture="dotted"),
+    3: image(obj("circle", "red", "large", "centre"), texture="plain"),
+    4: image(obj("ring", "pink", "small", "left"), texture="plain"),
+    5: image(obj("star", "blue", "small", "left"), obj("circle", "grey", "small", "right"), texture="checked"),
+    6: image(obj("square", "blue", "large", "centre"), texture="noisy"),
+    7: image(obj("star", "grey", "large", "bottom"), texture="plain"),
+}
+
+
+def test_world_factor_sets_of_real_world_images():
+    spec = WorldSpec(seed=3)
+    for i in range(40):
+        f = sample_factors(spec, "val", i)
+        sets = world_factor_sets(f)
+        assert set(sets) == set(FACTOR_TYPES)
+        assert sets["shape"] == {o["shape"] for o in f["objects"]}
+        assert sets["colour_group"] == {o["colour_group"] for o in f["objects"]}
+        assert sets["texture"] == {f["background"]["texture"]}
+
+
+def test_purity_by_hand():
+    top = np.array([[0, 1, 2, 3],        # four red circles: sizes 2/2, positions all different, textures 2 plain
+                    [0, 4, 5, -1],       # left/left/left+right, plain/plain/checked; 5 has a circle too
+                    [6, -1, -1, -1],     # one image: no score
+                    [7, 5, 6, 4]])
+    r = purity(top, IMAGES.__getitem__)
+    s = dict(zip(r.types, r.share.T))
+    # neuron 0: shape 1, family 1, colour 1, group 1, size 2/4, position 1/4, texture 2/4
+    expect0 = {"shape": 1, "family": 1, "colour": 1, "colour_group": 1, "size": .5, "position": .25, "texture": .5}
+    for t, v in expect0.items():
+        assert s[t][0] == pytest.approx(v), t
+    assert r.purity[0] == pytest.approx(np.mean(list(expect0.values())))
+    assert r.shared_count[0] == 4
+    # neuron 1 (3 images): circle in 0 and 5 (2/3), round family in all three (ring, circle, circle),
+    # size small in all, position left in all, warm in 0 and 4 (2/3), plain 2/3
+    expect1 = {"shape": 2 / 3, "family": 1, "colour": 1 / 3, "colour_group": 2 / 3, "size": 1, "position": 1,
+               "texture": 2 / 3}
+    for t, v in expect1.items():
+        assert s[t][1] == pytest.approx(v), t
+    assert r.n_valid.tolist() == [4, 3, 1, 4]
+    assert r.shared_count[1] == 3
+    # neuron 2 has one top image: no purity
+    assert math.isnan(r.purity[2]) and r.shared_count[2] == -1 and r.dominant_type[2] is None
+    # dominant: several shares of 1 for neuron 0; colour/shape (12-ish values) beat family/group
+    assert r.dominant_type[0] in ("shape", "colour") and r.dominant_share[0] == 1
+    assert r.dominant_value[0] == {"shape": "circle", "colour": "red"}[r.dominant_type[0]]
+    # neuron 1: family, size and position are all shared; position has the most values here
+    assert (r.dominant_type[1], r.dominant_value[1]) == ("position", "left")
+
+
+def test_dominant_prefers_specific_factor():
+    imgs = {0: {"colour": "red", "colour_group": "warm"}, 1: {"colour": "red", "colour_group": "warm"},
+            2: {"colour": "blue", "colour_group": "cool"}}
+    r = purity(np.array([[0, 1], [0, 2]]), imgs)
+    assert (r.dominant_type[0], r.dominant_value[0]) == ("colour", "red")
+    assert r.shared_count.tolist() == [2, 0]
+    assert r.purity.tolist() == [1.0, 0.5]
+
+
+def test_min_share_threshold():
+    # 15 images share red, one is blue: shared at 15/16, not at 1.0
+    imgs = {i: {"colour": "red"} for i in range(15)} | {15: {"colour": "blue"}}
+    top = np.arange(16)[None]
+    assert purity(top, imgs).shared_count[0] == 1
+    assert purity(top, imgs, min_share=1.0).shared_count[0] == 0
+
+
+def test_simulated_user_agreement_by_hand():
+    ms = np.array([0.9, 0.5, 0.1, np.nan, 0.7])
+    counts = np.array([3, 1, 1, 2, -1])       # neuron 3 has no MS, neuron 4 no ground truth
+    r = simulated_user_agreement(ms, counts, n_pairs=None)
+    # pairs among 0,1,2: (0,1) agree, (0,2) agree, (1,2) equal counts -> skipped
+    assert (r.agreement, r.n_pairs, r.n_preference_ties) == (1.0, 2, 1)
+    r = simulated_user_agreement(np.array([0.1, 0.5, 0.9]), np.array([3, 2, 1]), n_pairs=None)
+    assert (r.agreement, r.n_pairs) == (0.0, 3)
+
+
+def test_sampled_pairs_estimate_all_pairs():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 5, 300)
+    ms = counts + rng.normal(0, 1.5, 300)
+    exact = simulated_user_agreement(ms, counts, n_pairs=None)
+    sampled = simulated_user_agreement(ms, counts, n_pairs=20000, seed=1)
+    assert exact.n_pairs + exact.n_preference_ties == 300 * 299 // 2
+    assert abs(sampled.agreement - exact.agreement) < 0.02
+    assert sampled.n_pairs + sampled.n_preference_ties == 20000
+
+
+def test_spearman_by_hand():
+    a = [1, 2, 3, 4, 5]
+    b = [2, 1, 4, 3, 5]
+    d2 = sum((x - y) ** 2 for x, y in zip(a, b))              # ranks equal the values here
+    assert spearman(a, b) == pytest.approx(1 - 6 * d2 / (5 * (25 - 1)))
+    # ties: a ranks (1, 2.5, 2.5, 4), b ranks (1, 2, 3, 4); Pearson of those ranks
+    ra, rb = np.array([1, 2.5, 2.5, 4]), np.array([1, 2, 3, 4])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    assert spearman([10, 20, 20, 30], [1, 2, 3, 4]) == pytest.approx((ra @ rb) / math.sqrt((ra @ ra) * (rb @ rb)))
+    # NaN entries are dropped pairwise; monotone transforms do not matter
+    assert spearman([1, np.nan, 3, 4, 5], [1, 100, 9, 16, 25]) == pytest.approx(1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_ground_truth_report_and_table():
+    top = np.array([[0, 1, 2, 3], [0, 4, 5, -1], [6, -1, -1, -1], [7, 5, 6, 4]])
+    table = factor_table(IMAGES, top.ravel())
+    assert table.ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    rep = ground_truth_report(np.array([0.8, 0.4, 0.3, 0.1]), top, table=table, n_pairs=None)
+    p = purity(top, IMAGES)
+    # purity: neuron 0 (4 factors fully shared, 3 weakly) 5.25/7, neuron 1 (3 fully, 4 partly) 16/3/7,
+    # neuron 3 (every factor 2 of 4) 0.5: ranks (2, 3, 1) against MS ranks (3, 2, 1)
+    assert p.purity[[0, 1, 3]] == pytest.approx([5.25 / 7, 16 / 3 / 7, 0.5])
+    assert rep["ms_ground_truth_spearman"] == pytest.approx(1 - 6 * (1 + 1 + 0) / (3 * (9 - 1)))
+    # the simulated users count fully shared factors: 4 > 3 > 0, the MS order
+    assert rep["purity"][2] is None and rep["n_neurons_scored"] == 3
+    assert rep["purity"][0] == pytest.approx(float(p.purity[0]))
+    assert rep["ms_agreement"] == pytest.approx(1.0)
+    assert rep["dominant_value"][1] == "left"
