@@ -1,0 +1,201 @@
+"""Matryoshka hierarchy: parents by decoder cosine and co-activation against brute force, LCA depth
+against hand-made paths, the tree's JSON."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core.hierarchy import (CoactivationCounter, build_tree, decoder_parents, lca_depth, level_bounds,
+                                level_of, parent_agreement, taxonomy_depth)
+from sae_core.sparse_ops import codes_from_mask
+
+GROUPS = (3, 5, 9)  # K = 17: levels [0,3), [3,8), [8,17)
+
+
+def test_levels():
+    assert level_bounds(GROUPS, 17).tolist() == [0, 3, 8, 17]
+    assert level_of(GROUPS, 17).tolist() == [0] * 3 + [1] * 5 + [2] * 9
+    assert level_of((), 4).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError):
+        level_bounds((3, 5), 17)
+
+
+def test_decoder_parent_is_the_planted_one():
+    # Children are their planted parent plus a smaller orthogonal-ish perturbation, rows rescaled
+    # (cosine must not care about norms).
+    rng = np.random.default_rng(0)
+    d = 32
+    planted = {}
+    W = np.zeros((17, d))
+    W[:3] = np.linalg.qr(rng.standard_normal((d, 3)))[0].T  # orthonormal level 0
+    for j in range(3, 8):
+        planted[j] = int(rng.integers(0, 3))
+        W[j] = W[planted[j]] + 0.4 * rng.standard_normal(d) / np.sqrt(d)
+    for j in range(8, 17):
+        planted[j] = int(rng.integers(3, 8))
+        W[j] = W[planted[j]] + 0.2 * rng.standard_normal(d) / np.sqrt(d)
+    W *= rng.uniform(0.5, 3.0, size=(17, 1))
+    parent, cos = decoder_parents(torch.tensor(W, dtype=torch.float32), GROUPS, chunk=2)
+    assert parent[:3].tolist() == [-1, -1, -1] and np.isnan(cos[:3]).all()
+    # brute force: every pair written out
+    Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
+    for j in range(3, 17):
+        lo, hi = (0, 3) if j < 8 else (3, 8)
+        sims = [float(Wn[i] @ Wn[j]) for i in range(lo, hi)]
+        assert parent[j] == lo + int(np.argmax(sims))
+        assert cos[j] == pytest.approx(max(sims), abs=1e-5)
+        assert parent[j] == planted[j]
+
+
+def brute_force_coact_parents(F, bounds):
+    """parent(j) = argmax_i P(i|j) - P(i) over i in the level above, from the 0/1 matrix F (N, K)."""
+    N, K = F.shape
+    parent = np.full(K, -1)
+    score = np.full(K, np.nan)
+    for g in range(len(bounds) - 2):
+        for j in range(bounds[g + 1], bounds[g + 2]):
+            best, best_i = -np.inf, -1
+            for i in range(bounds[g], bounds[g + 1]):
+                both = int(sum(F[n, i] and F[n, j] for n in range(N)))
+                if both == 0:
+                    continue
+                s = both / F[:, j].sum() - F[:, i].sum() / N
+                if s > best:
+                    best, best_i = s, i
+            if best_i >= 0:
+                parent[j], score[j] = best_i, best
+    return parent, score
+
+
+def planted_codes(n_rows, seed=0):
+    """Codes where child j fires only when its planted parent fires; level-0 latent 0 fires almost
+    everywhere (the dense latent that P(i|j) alone would pick for every child)."""
+    rng = np.random.default_rng(seed)
+    K = 17
+    F = np.zeros((n_rows, K), bool)
+    F[:, 0] = rng.random(n_rows) < 0.95
+    planted = {j: 1 + (j % 2) for j in range(3, 8)}  # level 1 children of latents 1 and 2
+    planted.update({j: 3 + (j % 5) for j in range(8, 17)})
+    F[:, 1] = rng.random(n_rows) < 0.3
+    F[:, 2] = rng.random(n_rows) < 0.3
+    for j in range(3, 17):  # mostly inside the parent's rows, with a little noise outside them
+        F[:, j] = (F[:, planted[j]] & (rng.random(n_rows) < 0.5)) | (rng.random(n_rows) < 0.04)
+    F[:, 16] = False  # a dead latent: no parent
+    vals = np.where(F, rng.uniform(0.1, 2.0, F.shape), 0.0).astype(np.float32)
+    return vals, planted
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0])  # dense counts, then the sparse path
+def test_coactivation_parents_against_brute_force(budget):
+    vals, planted = planted_codes(300)
+    F = vals > 0
+    bounds = level_bounds(GROUPS, 17)
+    ref_parent, ref_score = brute_force_coact_parents(F, bounds)
+    counter = CoactivationCounter(GROUPS, 17, dense_budget_bytes=budget)
+    assert counter.modes == (["dense", "dense"] if budget else ["sparse", "sparse"])
+    # stream in uneven batches, in all three input forms
+    for s, e in [(0, 7), (7, 100), (100, 101), (101, 300)]:
+        batch = vals[s:e]
+        if s == 0:
+            counter.update(torch.from_numpy(batch))
+        elif s == 7:
+            rows, cols = np.nonzero(batch)
+            counter.update((rows, cols, e - s))
+        elif s == 100:
+            counter.update(batch)
+        else:
+            t = torch.from_numpy(batch)
+            rows, cols = (t > 0).nonzero(as_tuple=True)
+            counter.update(codes_from_mask(rows, cols, e - s, 17))
+    assert counter.n_rows == 300
+    np.testing.assert_array_equal(counter.fire_counts, F.sum(0))
+    np.testing.assert_array_equal(counter.pair_counts(0), F[:, 0:3].T.astype(int) @ F[:, 3:8].astype(int))
+    np.testing.assert_array_equal(counter.pair_counts(1), F[:, 3:8].T.astype(int) @ F[:, 8:17].astype(int))
+    parent, score = counter.parents()
+    np.testing.assert_array_equal(parent, ref_parent)
+    np.testing.assert_allclose(score, ref_score, rtol=1e-6)
+    # and the planted hierarchy is what it finds (not the dense latent 0), the dead latent has none
+    assert all(parent[j] == planted[j] for j in range(3, 16)), parent
+    # P(i | j) alone would have picked the dense latent 0 for some level-1 children
+    cond = [int(np.argmax([(F[:, i] & F[:, j]).sum() for i in range(3)])) for j in range(3, 8)]
+    assert 0 in cond
+    assert parent[16] == -1 and np.isnan(score[16])
+
+
+def test_sparse_memory_stays_below_dense():
+    # 64 + 2048 + 4096 latents, 8 active per row: the dense 2048 x 4096 count would be 64 MiB.
+    groups = (64, 2048, 4096)
+    K = sum(groups)
+    rng = np.random.default_rng(1)
+    counter = CoactivationCounter(groups, K, dense_budget_bytes=1 << 20)
+    assert counter.modes == ["dense", "sparse"]
+    for _ in range(5):
+        rows = np.repeat(np.arange(512), 8)
+        cols = np.concatenate([rng.choice(K, 8, replace=False) for _ in range(512)])
+        counter.update((rows, cols, 512))
+    parent, _ = counter.parents()
+    assert counter.memory_bytes < 8 << 20
+    assert (parent[:64] == -1).all() and ((parent[64:2112] == -1) | (parent[64:2112] < 64)).all()
+
+
+def test_lca_depth_on_hand_made_paths():
+    a = ["Animalia", "Chordata", "Aves", "Passeriformes"]
+    assert lca_depth(a, a) == 4
+    assert lca_depth(a, ["Animalia", "Chordata", "Mammalia", "Carnivora"]) == 2
+    assert lca_depth(a, ["Plantae", "Chordata", "Aves", "Passeriformes"]) == 0  # same names lower down do not count
+    assert lca_depth(a, a[:3]) == 3
+
+
+def test_taxonomy_depth_per_neuron_and_level():
+    paths = {
+        0: ["round", "circle", "warm", "red"],
+        1: ["round", "circle", "warm", "red"],
+        2: ["round", "circle", "cool", "blue"],
+        3: ["round", "oval", "warm", "red"],
+        4: ["symbol", "star", "warm", "red"],
+        5: None,  # an image without a path is skipped
+        6: ["polygon", "square", "cool", "blue", "extra"],  # a longer path
+    }
+    top = np.array([
+        [0, 1, -1, -1],   # one pair, depth 4
+        [0, 2, 3, 4],     # pairs: 0-2:2, 0-3:1, 0-4:0, 2-3:1, 2-4:0, 3-4:0 -> 4/6
+        [5, 0, -1, -1],   # only one image with a path: no score
+        [6, 2, 5, 6],     # 6-2:0, 6-6:5, 2-6:0 -> 5/3
+    ])
+    level = np.array([0, 0, 1, 1])
+    per_level, per_neuron = taxonomy_depth(top, level, paths, n_top=4)
+    # brute force with the definition written out
+    ref = []
+    for row in top:
+        ps = [paths[i] for i in row if i >= 0 and paths[i]]
+        pairs = list(itertools.combinations(ps, 2))
+        ref.append(np.mean([lca_depth(x, y) for x, y in pairs]) if pairs else np.nan)
+    np.testing.assert_allclose(per_neuron, ref)
+    np.testing.assert_allclose(per_neuron[:2], [4.0, 4 / 6])
+    assert per_level[0] == pytest.approx((4 + 4 / 6) / 2) and per_level[1] == pytest.approx(5 / 3)
+    # n_top cuts the gallery; a callable works like a mapping
+    per_level2, per_neuron2 = taxonomy_depth(top, level, lambda i: paths[i], n_top=2)
+    assert per_neuron2[1] == 2.0 and np.isnan(per_neuron2[2])
+
+
+def test_tree_is_json_and_consistent():
+    level = level_of(GROUPS, 17)
+    parent = np.array([-1, -1, -1, 0, 0, 1, 2, 2] + [3, 4, 5, 6, 7, 3, 4, 5, 6])
+    coact = parent.copy()
+    coact[9] = 3
+    ms = np.linspace(0, 1, 17)
+    ms[5] = np.nan
+    tree = build_tree(level, parent, labels=[f"c{k}" for k in range(17)], ms=ms, parent_coact=coact,
+                      depth_per_level=[1.5, 2.0, float("nan")])
+    tree = json.loads(json.dumps(tree, allow_nan=False))  # strict JSON: NaN became null
+    assert tree["roots"] == [0, 1, 2] and tree["n_levels"] == 3
+    assert [lv["size"] for lv in tree["levels"]] == [3, 5, 9]
+    assert tree["depth_per_level"] == [1.5, 2.0, None]
+    assert tree["nodes"][5]["ms"] is None and tree["nodes"][9]["parent"] == 4 and tree["nodes"][9]["parent_coact"] == 3
+    assert tree["parent_agreement"] == pytest.approx(13 / 14)
+    for n in tree["nodes"]:  # every parent sits one level up
+        if n["parent"] >= 0:
+            assert tree["nodes"][n["parent"]]["level"] == n["level"] - 1
+    assert parent_agreement(parent, coact) == pytest.approx(13 / 14)
