@@ -1,0 +1,47 @@
+"""`python -m app [--bundle DIR] [--host H] [--port P]`: serve the explorer (building the demo bundle first if needed)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sae_core.errors import UserError
+
+# Offline and private by default: no analytics, no hub look-ups unless a hub model is named.
+for _var, _val in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1")):
+    os.environ.setdefault(_var, _val)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from .settings import ENV_VARS
+
+    epilog = "environment variables:\n" + "\n".join(f"  {k:<30} {v}" for k, v in ENV_VARS.items())
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", help="bundle directory (default: $SAE_APP_BUNDLE or runs/demo_bundle, built when missing)")
+    p.add_argument("--host", help="address to listen on (default: $SAE_APP_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: $SAE_APP_PORT or 7860)")
+    p.add_argument("--device", help="steering model device: auto | cpu | cuda (default: $SAE_APP_DEVICE or auto)")
+    p.add_argument("--load-4bit", action="store_true", default=None, help="load the steering LLaVA in 4 bits (CUDA)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from .server import serve
+        from .settings import AppSettings
+
+        settings = AppSettings.from_env(bundle=args.bundle, host=args.host, port=args.port, device=args.device,
+                                        load_4bit=args.load_4bit)
+        serve(settings)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""First start: build the default demo bundle by running the precompute command as a process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sae_core.bundle import MANIFEST
+from sae_core.errors import UserError
+
+from .settings import REPO, AppSettings
+
+
+def demo_command(out: Path, preset: str) -> list[str]:
+    """The command README.md and the Dockerfile use to build the demo bundle."""
+    return [sys.executable, "-m", "precompute", "demo", "--out", str(out), "--preset", preset]
+
+
+def ensure_bundle(settings: AppSettings) -> Path:
+    """The bundle to serve. A missing default bundle is built first (its progress bars stream to this
+    terminal, and a killed build resumes on the next start); a missing bundle named by the user is an error."""
+    path = settings.bundle
+    if (path / MANIFEST).is_file():
+        return path
+    if not settings.uses_default_bundle:
+        raise UserError(f"bundle {path} does not exist or is unfinished (no {MANIFEST}); build it with "
+                        f"`python -m precompute demo --out {path}` or drop --bundle to use the default one.")
+    cmd = demo_command(path, settings.preset)
+    print(f"[app] no bundle at {path}: building the {settings.preset} bundle first (one time; "
+          f"progress below)\n[app] $ {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    # stdout and stderr are inherited: the command's tqdm bars show here as they run.
+    rc = subprocess.call(cmd, cwd=REPO)
+    if rc != 0 or not (path / MANIFEST).is_file():
+        raise UserError(f"building the demo bundle failed (exit status {rc}); read the messages above, fix the "
+                        "cause and start again (finished stages are kept).")
+    print(f"[app] bundle built in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return path

@@ -1,0 +1,266 @@
+"""The data behind the explorer's pages, read from one bundle (no Gradio here, so it is tested directly)."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from sae_core.bundle import Bundle
+from sae_core.errors import UserError
+
+from . import inputs
+from .render import DISPLAY, ImageCache, heat_overlay, upscale
+
+TABLE_COLUMNS = ["neuron", "label", "label_score", "ms", "support", "frequency", "max_act", "level"]
+TABLE_SORTS = ("ms", "support", "frequency", "max_act", "label_score", "neuron", "level")
+MAX_TABLE_ROWS = 500
+RELATED_COLUMNS = ["relation", "neuron", "label", "ms", "decoder_cos"]
+
+
+def _num(x, digits: int = 3):
+    """A float for tables and JSON: rounded, None for NaN (JSON has no NaN)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if not math.isfinite(x) else round(x, digits)
+
+
+class Explorer:
+    """One bundle, its per-neuron table and the pictures generated from it (cached as PNG files)."""
+
+    def __init__(self, bundle: Bundle, cache_root: str | Path):
+        self.bundle = bundle
+        m = bundle.manifest
+        self.n_neurons = bundle.n_neurons
+        self.n_images = bundle.n_images
+        model = m.get("model", {})
+        self.grid = tuple(int(g) for g in model.get("grid") or (0, 0))
+        self.n_patches = int(model.get("n_patches") or self.grid[0] * self.grid[1])
+        self.n_prefix = int(model.get("n_tokens") or self.n_patches) - self.n_patches
+        # Generated pictures are keyed by the bundle's path and creation time: a rebuilt bundle gets new ones.
+        self.images = ImageCache(Path(cache_root) / "generated", f"{bundle.root.resolve()}|{m.get('created')}")
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------
+    # Overview
+    # ------------------------------------------------------------------------------------------
+    def facts(self) -> dict:
+        """Model, layer, SAE and dataset of the bundle, as the Overview page lists them."""
+        m = self.bundle.manifest
+        model, sae, data, emb = m["model"], m["sae"], m["dataset"], m.get("embedder", {})
+        groups = sae.get("group_sizes") or []
+        return {
+            "model": model.get("spec"), "layer": model.get("layer"), "tokens": model.get("tokens"),
+            "patch grid": "x".join(str(g) for g in self.grid) if self.grid[0] else None,
+            "SAE": f"{sae.get('architecture')} {sae.get('d_in')} -> {sae.get('d_sae')}, k {sae.get('k')}"
+                   + (f", levels {groups}" if groups else ""),
+            "dataset": f"{data.get('spec')} ({data.get('n_images')} images)",
+            "MS embedder": emb.get("spec"), "built": m.get("created"), "command": m.get("command"),
+        }
+
+    def metrics(self) -> dict:
+        """SAE metrics from the manifest plus the MS summary, rounded; percentages for fractions."""
+        mt = dict(self.bundle.manifest.get("metrics", {}))
+        out = {}
+        for key, val in mt.items():
+            if isinstance(val, (int, float)) and not isinstance(val, bool):
+                out[key] = _num(100 * val, 2) if key.endswith("_frac") else _num(val, 4)
+        ms = np.asarray(self.bundle.array("ms"), dtype=np.float64)
+        out["neurons with an MS"] = int(np.isfinite(ms).sum())
+        world = self.bundle.world_figures()
+        if world:
+            for key, val in world.items():
+                if isinstance(val, (int, float)) and not isinstance(val, bool):
+                    out[f"world: {key}"] = _num(val, 4)
+        return out
+
+    def metrics_rows(self) -> list[list]:
+        names = {"fvu": "FVU (fraction of variance unexplained)", "l0": "L0 (active latents per token)",
+                 "dead_frac": "dead latents (%)", "dense_frac": "dense latents (%)", "ms_mean": "mean MS (SAE)",
+                 "ms_mean_raw": "mean MS (raw neurons of the layer)"}
+        return [[names.get(k, k), v] for k, v in self.metrics().items()]
+
+    # ------------------------------------------------------------------------------------------
+    # Neuron table
+    # ------------------------------------------------------------------------------------------
+    @cached_property
+    def columns(self) -> dict[str, np.ndarray]:
+        """Whole per-neuron columns in memory (K floats each: small next to the memory-mapped galleries)."""
+        b = self.bundle
+        K = self.n_neurons
+        labels = b.labels.get("labels") or [""] * K
+        col = lambda name, dtype, fill: (np.asarray(b.array(name), dtype=dtype) if b.has(name)
+                                         else np.full(K, fill, dtype=dtype))
+        return {
+            "neuron": np.arange(K), "label": np.asarray(labels, dtype=object),
+            "label_score": col("label_score", np.float64, np.nan), "ms": col("ms", np.float64, np.nan),
+            "support": col("support", np.int64, 0), "frequency": col("frequency", np.float64, np.nan),
+            "max_act": col("max_act", np.float64, np.nan), "level": col("group", np.int64, 0),
+        }
+
+    @cached_property
+    def levels(self) -> list[int]:
+        return sorted(int(g) for g in np.unique(self.columns["level"]))
+
+    def table(self, min_ms=None, min_support=None, level=None, label_contains: str = "", sort_by: str = "ms",
+              descending: bool = True, limit: int = 100, ids=None):
+        """The neuron table filtered and sorted (NaN MS last), at most `limit` (<= 500) rows, as a DataFrame."""
+        import pandas as pd
+
+        c = self.columns
+        keep = np.ones(self.n_neurons, dtype=bool) if ids is None else np.isin(c["neuron"], np.asarray(ids))
+        if min_ms not in (None, ""):
+            lo = float(min_ms)
+            if not math.isfinite(lo):
+                raise UserError("the minimum MS must be a number between 0 and 1.")
+            keep &= np.nan_to_num(c["ms"], nan=-np.inf) >= lo
+        if min_support not in (None, ""):
+            keep &= c["support"] >= inputs.integer(min_support, "minimum support", 0, 2**62)
+        if level not in (None, "", "all"):
+            keep &= c["level"] == inputs.integer(level, "Matryoshka level", 0, max(self.levels))
+        needle = inputs.text(label_contains, "label filter", inputs.MAX_QUERY_CHARS).lower()
+        if needle:
+            keep &= np.array([needle in str(s).lower() for s in c["label"]], dtype=bool)
+        if sort_by not in TABLE_SORTS:
+            raise UserError(f"cannot sort by {sort_by!r}; choose one of {', '.join(TABLE_SORTS)}.")
+        limit = inputs.integer(limit, "row limit", 1, MAX_TABLE_ROWS)
+        idx = np.flatnonzero(keep)
+        key = np.asarray(c[sort_by][idx], dtype=np.float64)
+        key = np.where(np.isnan(key), -np.inf if descending else np.inf, key)  # NaN last either way
+        order = np.argsort(-key if descending else key, kind="stable")[:limit]
+        rows = idx[order]
+        return pd.DataFrame({name: [self._cell(name, c[name][k]) for k in rows] for name in TABLE_COLUMNS})
+
+    @staticmethod
+    def _cell(name, v):
+        if name in ("neuron", "support", "level"):
+            return int(v)
+        if name == "label":
+            return str(v)
+        return _num(v, 5 if name == "frequency" else 3)
+
+    # ------------------------------------------------------------------------------------------
+    # One neuron
+    # ------------------------------------------------------------------------------------------
+    def check_neuron(self, k) -> int:
+        return inputs.neuron_id(k, self.n_neurons)
+
+    def patch_index(self, position: int) -> int | None:
+        """Token position (CLS first) -> patch index in the grid, None for CLS/register tokens."""
+        p = int(position) - self.n_prefix
+        return p if 0 <= p < self.n_patches else None
+
+    def gallery(self, k: int, page: dict | None = None) -> list[tuple[str, str]]:
+        """Top images of neuron k with its patch heat drawn over them: [(png path, caption)] best first."""
+        page = page or self.bundle.neuron(k)
+        heat = page["top_heat"]
+        vmax = float(np.nanmax(heat)) if heat is not None and heat.size else 1.0
+        out = []
+        for slot, (img_id, act, pos) in enumerate(page["top"]):
+            best = self.patch_index(pos) if pos >= 0 else None
+
+            def make(img_id=img_id, slot=slot, best=best):
+                img = self.bundle.image(img_id)
+                if heat is None or not self.grid[0]:
+                    return upscale(img)
+                return heat_overlay(img, heat[slot], self.grid, vmax, best=best)
+
+            path = self.images.get_or_make(f"top|{k}|{slot}|{img_id}", make)
+            where = f", patch {best}" if best is not None else ""
+            out.append((path, f"#{img_id}  act {act:.3g}{where}"))
+        return out
+
+    def band_gallery(self, k: int, page: dict | None = None) -> list[tuple[str, str]]:
+        """Images from the lower activation bands (highest band first), plain thumbnails."""
+        page = page or self.bundle.neuron(k)
+        out = []
+        for b, band in enumerate(page["bands"]):
+            for img_id, act in band:
+                path = self.images.get_or_make(f"img|{img_id}", lambda i=img_id: upscale(self.bundle.image(i)))
+                out.append((path, f"band {b + 1}: #{img_id}  act {act:.3g}"))
+        return out
+
+    def image_tile(self, i: int) -> str:
+        """A dataset image blown up to the display size, as a generated PNG path."""
+        i = inputs.integer(i, "image index", 0, self.n_images - 1)
+        return self.images.get_or_make(f"img|{i}", lambda: upscale(self.bundle.image(i)))
+
+    def label_text(self, page: dict) -> str:
+        if not page.get("label"):
+            return "no label (the bundle has none for this neuron)"
+        score = page.get("label_score")
+        score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else "no score"
+        return f'guess: "{page["label"]}" ({score_s}, method {page.get("label_method") or "unknown"})'
+
+    def ms_text(self, page: dict) -> str:
+        if page["ms"] is None or not math.isfinite(page["ms"]):
+            return f"no MS: fires on {page['support']} image(s), fewer than the 2 needed"
+        return f"{page['ms']:.3f} over {page['support']} images it fires on"
+
+    def related(self, k: int, page: dict | None = None) -> list[list]:
+        """Rows [relation, neuron, label, ms, decoder_cos]: parent, children, nearest by decoder cosine."""
+        page = page or self.bundle.neuron(k)
+        c = self.columns
+        rows = []
+
+        def row(rel, j, cos=None):
+            rows.append([rel, int(j), str(c["label"][j]), _num(c["ms"][j]), _num(cos)])
+
+        if page["parent"] >= 0:
+            row("parent", page["parent"])
+        if page.get("parent_coact", -1) >= 0 and page["parent_coact"] != page["parent"]:
+            row("parent (co-activation)", page["parent_coact"])
+        for j in page["children"][:32]:
+            row("child", j)
+        for j, cos in page["neighbors"]:
+            if j != k:
+                row("decoder neighbour", j, cos)
+        return rows
+
+    def neuron_summary(self, k: int, page: dict) -> str:
+        """The neuron page's header in Markdown."""
+        level = page["group"]
+        lines = [
+            f"### Neuron {k}",
+            f"- **label** — {self.label_text(page)}",
+            f"- **MS** — {self.ms_text(page)}",
+            f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act']:.4g} · "
+            f"**max activation** {page['max_act']:.4g}",
+            f"- **Matryoshka level** {level}"
+            + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
+            + f" · {len(page['children'])} children",
+        ]
+        return "\n".join(lines)
+
+    def neuron_record(self, k) -> dict:
+        """A JSON-able description of neuron k (the page's JSON export and the `neuron_json` API)."""
+        k = self.check_neuron(k)
+        page = self.bundle.neuron(k)
+        counts, edges = page["hist"]
+        return {
+            "bundle": {"model": self.bundle.manifest["model"].get("spec"),
+                       "layer": self.bundle.manifest["model"].get("layer"),
+                       "sae": self.bundle.manifest["sae"].get("architecture"),
+                       "dataset": self.bundle.manifest["dataset"].get("spec")},
+            "neuron": k,
+            "label": page["label"], "label_score": _num(page["label_score"]), "label_method": page["label_method"],
+            "ms": _num(page["ms"], 5), "support": page["support"], "frequency": _num(page["frequency"], 6),
+            "mean_act": _num(page["mean_act"], 5), "max_act": _num(page["max_act"], 5),
+            "level": page["group"], "parent": page["parent"], "parent_coact": page["parent_coact"],
+            "children": page["children"],
+            "top": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
+                    for i, a, p in page["top"]],
+            "bands": [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in page["bands"]],
+            "histogram": {"log10_edges": [_num(e, 4) for e in np.asarray(edges)],
+                          "counts": [int(x) for x in np.asarray(counts)]},
+            "neighbors": [{"neuron": j, "decoder_cos": _num(cs, 4)} for j, cs in page["neighbors"]],
+        }
+
+    def export_json(self, k) -> str:
+        """Path of neuron k's JSON export (a generated file, served for download)."""
+        rec = self.neuron_record(k)
+        return self.images.write_text(f"neuron_{rec['neuron']}.json", json.dumps(rec, indent=1))

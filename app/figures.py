@@ -1,0 +1,96 @@
+"""Plotly figures of the explorer. Points carry the neuron id as `customdata` so a click can open it."""
+from __future__ import annotations
+
+import numpy as np
+
+SVG_POINTS = 5_000
+"""Up to this many points the scatter is SVG (each point clickable as an element); WebGL above."""
+MAX_SCATTER_POINTS = 20_000
+"""Above this many neurons the scatter shows a deterministic sample (the browser stays responsive)."""
+MAX_TREE_NODES = 3_000
+"""The hierarchy figure keeps the levels that fit in this many nodes (whole levels, from the root)."""
+
+
+def _layout(fig, title: str, height: int = 360):
+    fig.update_layout(title=title, height=height, margin=dict(l=50, r=20, t=50, b=45), template="plotly_white")
+    return fig
+
+
+def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None):
+    """Distribution of MS for the SAE's latents and, when stored, the layer's raw neurons."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    bins = dict(start=0.0, end=1.0, size=0.025)
+    sae = np.asarray(ms_sae, dtype=np.float64)
+    fig.add_histogram(x=sae[np.isfinite(sae)], xbins=bins, name="SAE latents", histnorm="percent", opacity=0.75)
+    if ms_raw is not None:
+        raw = np.asarray(ms_raw, dtype=np.float64)
+        fig.add_histogram(x=raw[np.isfinite(raw)], xbins=bins, name="raw neurons", histnorm="percent", opacity=0.6)
+    fig.update_layout(barmode="overlay", xaxis_title="Monosemanticity Score", yaxis_title="% of neurons")
+    return _layout(fig, "MS distribution")
+
+
+def ms_frequency_scatter(columns: dict):
+    """MS against firing frequency (log x), one trace per Matryoshka level; click a point to open it."""
+    import plotly.graph_objects as go
+
+    ms, freq, level = columns["ms"], columns["frequency"], columns["level"]
+    ids = np.flatnonzero(np.isfinite(ms) & (freq > 0))
+    if len(ids) > MAX_SCATTER_POINTS:
+        ids = np.sort(np.random.default_rng(0).choice(ids, MAX_SCATTER_POINTS, replace=False))
+    fig = go.Figure()
+    for g in np.unique(level[ids]):
+        sel = ids[level[ids] == g]
+        labels = columns["label"][sel]
+        add = fig.add_scatter if len(ids) <= SVG_POINTS else fig.add_scattergl
+        add(
+            x=freq[sel], y=ms[sel], mode="markers", name=f"level {int(g)}", customdata=sel.tolist(),
+            text=[f"#{k} {lab}" for k, lab in zip(sel, labels)], marker=dict(size=6, opacity=0.7),
+            hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
+    fig.update_layout(xaxis_type="log", xaxis_title="firing frequency (fraction of images)",
+                      yaxis_title="Monosemanticity Score", clickmode="event")
+    return _layout(fig, "MS versus firing frequency (click a point to open the neuron)", height=420)
+
+
+def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int):
+    """The neuron's image-score histogram over the images it fires on (log10 bins from the bundle)."""
+    import plotly.graph_objects as go
+
+    counts = np.asarray(counts, dtype=np.int64)
+    edges = np.asarray(edges, dtype=np.float64)
+    centers = 10 ** ((edges[:-1] + edges[1:]) / 2)
+    widths = 10 ** edges[1:] - 10 ** edges[:-1]
+    fig = go.Figure(go.Bar(x=centers, y=counts, width=widths, hovertemplate="act %{x:.3g}<br>%{y} images<extra></extra>"))
+    fig.update_layout(xaxis_type="log", xaxis_title="activation (image score)", yaxis_title="images", bargap=0)
+    return _layout(fig, f"Neuron {k}: activation histogram (images where it fires)", height=300)
+
+
+def hierarchy_figure(nodes: list[dict], kind: str = "sunburst"):
+    """The Matryoshka tree as a sunburst/treemap; whole levels are kept while they fit MAX_TREE_NODES.
+
+    Returns (figure, number of levels drawn, number of nodes drawn)."""
+    import plotly.graph_objects as go
+
+    by_level: dict[int, list[dict]] = {}
+    for n in nodes:
+        by_level.setdefault(int(n["level"]), []).append(n)
+    kept: list[dict] = []
+    levels = 0
+    for lv in sorted(by_level):
+        if kept and len(kept) + len(by_level[lv]) > MAX_TREE_NODES:
+            break
+        kept += by_level[lv]
+        levels += 1
+    ids = {int(n["id"]) for n in kept}
+    # A node whose parent is not drawn hangs from the root ring (the parent's level was cut or it has none).
+    parents = [str(int(n["parent"])) if int(n.get("parent", -1)) in ids else "" for n in kept]
+    text = [f"#{int(n['id'])} {n.get('label') or ''}".strip() for n in kept]
+    ms = [float(n["ms"]) if n.get("ms") is not None else float("nan") for n in kept]
+    trace_cls = go.Sunburst if kind == "sunburst" else go.Treemap
+    fig = go.Figure(trace_cls(
+        ids=[str(int(n["id"])) for n in kept], parents=parents, labels=text,
+        customdata=[int(n["id"]) for n in kept], marker=dict(colors=ms, colorscale="Viridis", cmin=0, cmax=1,
+                                                             colorbar=dict(title="MS")),
+        hovertemplate="%{label}<br>MS %{color:.3f}<extra></extra>", maxdepth=3))
+    return _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640), levels, len(kept)

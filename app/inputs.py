@@ -1,0 +1,129 @@
+"""Bounds on what users type or send through the API, and the page state kept in the URL query."""
+from __future__ import annotations
+
+import math
+from urllib.parse import urlencode
+
+from sae_core.errors import UserError
+
+MAX_LATENTS = 8
+"""Latents one steering request may clamp at once."""
+CLAMP_FACTOR = 10.0
+"""Clamp values are bounded to [-CLAMP_FACTOR * max_act, CLAMP_FACTOR * max_act] of their neuron."""
+SLIDER_FACTOR = 4.0
+"""The sliders go from 0 to SLIDER_FACTOR * max_act (the paper clamps at a few times the usual maximum)."""
+MAX_NEW_TOKENS = 64
+MAX_SWEEP = 9
+MAX_QUESTION_CHARS = 300
+MAX_QUERY_CHARS = 200
+
+
+def integer(value, what: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high]; UserError (one sentence) for NaN, fractions, text or out of range."""
+    if isinstance(value, bool) or value is None:
+        raise UserError(f"{what} is missing; give an integer between {low} and {high}.")
+    if isinstance(value, str):
+        value = value.strip().lstrip("#")
+        if not value.lstrip("-").isdigit():
+            raise UserError(f"{what} {value!r} is not an integer; give one between {low} and {high}.")
+        value = int(value)
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} {value!r} is not an integer; give one between {low} and {high}.") from None
+    if not math.isfinite(f) or f != int(f):
+        raise UserError(f"{what} {value!r} is not an integer; give one between {low} and {high}.")
+    i = int(f)
+    if not low <= i <= high:
+        raise UserError(f"{what} {i} is out of range; give one between {low} and {high}.")
+    return i
+
+
+def neuron_id(value, n_neurons: int) -> int:
+    return integer(value, "neuron id", 0, n_neurons - 1)
+
+
+def int_list(text, what: str, low: int, high: int, limit: int) -> list[int]:
+    """ "3, 17 42" (or a list) -> [3, 17, 42], each bounded; duplicates dropped, order kept."""
+    if text is None:
+        return []
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(",", " ").split()
+    out: list[int] = []
+    for item in items:
+        i = integer(item, what, low, high)
+        if i not in out:
+            out.append(i)
+    if len(out) > limit:
+        raise UserError(f"{len(out)} {what}s were given; give at most {limit}.")
+    return out
+
+
+def clamp_value(value, max_act: float, what: str = "clamp value") -> tuple[float, bool]:
+    """A finite clamp value bounded to +-CLAMP_FACTOR * max_act; returns (value, was_bounded).
+
+    NaN, infinities and text are refused with a message; a huge finite number is bounded, and the
+    caller says so on the page.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} {value!r} is not a number; give a number such as 5.") from None
+    if not math.isfinite(v):
+        raise UserError(f"{what} {value!r} is not a finite number; give a number such as 5.")
+    bound = CLAMP_FACTOR * max(float(max_act), 1e-6)
+    bounded = min(max(v, -bound), bound)
+    return bounded, bounded != v
+
+
+def text(value, what: str, limit: int) -> str:
+    s = "" if value is None else str(value).strip()
+    if len(s) > limit:
+        raise UserError(f"the {what} is {len(s)} characters long; keep it under {limit}.")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# URL query state: ?tab=neuron&neuron=12  and  ?tab=steer&image=3&latents=5,9&values=4,2&patches=1,2&keep_error=1
+# ----------------------------------------------------------------------------------------------
+STATE_KEYS = ("tab", "neuron", "image", "latents", "values", "patches", "keep_error", "question")
+TABS = ("overview", "neurons", "neuron", "hierarchy", "steer")
+
+
+def encode_state(state: dict) -> str:
+    """The query string (without '?') for the keys of `state` that are set; lists become "a,b,c"."""
+    pairs = []
+    for key in STATE_KEYS:
+        v = state.get(key)
+        if v is None or v == "" or v == []:
+            continue
+        if isinstance(v, (list, tuple)):
+            v = ",".join(_short(x) for x in v)
+        elif isinstance(v, bool):
+            v = int(v)
+        pairs.append((key, _short(v) if isinstance(v, float) else str(v)))
+    return urlencode(pairs)
+
+
+def _short(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def decode_state(params) -> dict:
+    """Query parameters (a mapping) -> raw state with the known keys only, lists split, unchecked.
+
+    Values are checked later by the page that uses them, against the bundle's sizes.
+    """
+    state: dict = {}
+    for key in STATE_KEYS:
+        if key not in params:
+            continue
+        v = str(params[key])[:1000]
+        if key in ("latents", "values", "patches"):
+            state[key] = [s for s in v.replace(" ", ",").split(",") if s]
+        elif key == "keep_error":
+            state[key] = v.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            state[key] = v
+    if state.get("tab") not in TABS:
+        state.pop("tab", None)
+    return state

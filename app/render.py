@@ -1,0 +1,107 @@
+"""Pictures the pages show: upscaled thumbnails, patch heatmap overlays, the patch grid to click on."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+DISPLAY = 160
+"""Side in pixels of every gallery tile (the world's 32 px images are blown up with nearest neighbour)."""
+HEAT_RGB = np.array([255, 40, 0], dtype=np.float32)
+MAX_ALPHA = 0.65
+
+
+def upscale(img, size: int = DISPLAY):
+    """Fit `img` into a size x size square: nearest neighbour for small images (keeps pixels crisp)."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(new, Image.NEAREST if max(w, h) <= size // 2 else Image.LANCZOS)
+
+
+def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best: int | None = None,
+                 size: int = DISPLAY):
+    """`img` with the neuron's per-patch activation `heat` (P,) painted over it in red.
+
+    `vmax` normalises the colour (the neuron's largest activation on its top images, so tiles of one
+    gallery are comparable); `best` (a patch index, not a token position) gets an outline.
+    """
+    from PIL import Image, ImageDraw
+
+    base = upscale(img, size).convert("RGB")
+    rows, cols = grid
+    h = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)[: rows * cols]) / max(float(vmax), 1e-12), 0, 1)
+    h = h.reshape(rows, cols)
+    alpha = Image.fromarray((h * 255).astype(np.uint8), mode="L").resize(base.size, Image.BILINEAR)
+    a = np.asarray(alpha, dtype=np.float32)[..., None] / 255.0 * MAX_ALPHA
+    out = np.asarray(base, dtype=np.float32) * (1 - a) + HEAT_RGB * a
+    pic = Image.fromarray(out.round().astype(np.uint8))
+    if best is not None and 0 <= best < rows * cols:
+        r, c = divmod(best, cols)
+        cw, ch = pic.size[0] / cols, pic.size[1] / rows
+        ImageDraw.Draw(pic).rectangle([c * cw, r * ch, (c + 1) * cw - 1, (r + 1) * ch - 1], outline=(255, 255, 0), width=2)
+    return pic
+
+
+def patch_grid(img, grid: tuple[int, int], selected=(), heat: np.ndarray | None = None, vmax: float = 1.0,
+               size: int = 320):
+    """The steering image with its patch grid drawn, `selected` patches outlined, optional heat."""
+    from PIL import ImageDraw
+
+    pic = heat_overlay(img, heat, grid, vmax, size=size) if heat is not None else upscale(img, size).convert("RGB")
+    rows, cols = grid
+    cw, ch = pic.size[0] / cols, pic.size[1] / rows
+    draw = ImageDraw.Draw(pic)
+    for c in range(1, cols):
+        draw.line([(c * cw, 0), (c * cw, pic.size[1])], fill=(255, 255, 255), width=1)
+    for r in range(1, rows):
+        draw.line([(0, r * ch), (pic.size[0], r * ch)], fill=(255, 255, 255), width=1)
+    for p in selected:
+        r, c = divmod(int(p), cols)
+        draw.rectangle([c * cw + 1, r * ch + 1, (c + 1) * cw - 2, (r + 1) * ch - 2], outline=(0, 255, 255), width=3)
+    return pic
+
+
+def patch_at(xy, size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """The patch index under pixel (x, y) of a picture of `size` (w, h) showing a `grid` of patches."""
+    x, y = xy
+    rows, cols = grid
+    c = min(cols - 1, max(0, int(x * cols / size[0])))
+    r = min(rows - 1, max(0, int(y * rows / size[1])))
+    return r * cols + c
+
+
+class ImageCache:
+    """Generated pictures as PNG files under one folder (the only folder besides the bundle that is served).
+
+    Files are named by a hash of their key, so a neuron page rendered once is only read afterwards.
+    """
+
+    def __init__(self, root: Path, namespace: str):
+        self.root = Path(root) / hashlib.sha1(namespace.encode()).hexdigest()[:12]
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str, suffix: str = ".png") -> Path:
+        return self.root / (hashlib.sha1(key.encode()).hexdigest()[:20] + suffix)
+
+    def get_or_make(self, key: str, make) -> str:
+        """Path of the PNG for `key`, drawing it with `make()` (a PIL image) the first time."""
+        path = self.path(key)
+        if not path.is_file():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            make().save(tmp, format="PNG")
+            os.replace(tmp, path)
+        return str(path)
+
+    def write_text(self, name: str, text: str) -> str:
+        """A generated text file (JSON export); written atomically under a readable name."""
+        path = self.root / name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return str(path)

@@ -1,0 +1,74 @@
+"""Build the explorer for a bundle and launch it with narrow file access, no analytics and no share link."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .settings import AppSettings
+
+NEURON_CONCURRENCY = 4
+"""Neuron pages, tables and plots served at once (they read memory-mapped arrays and cached PNGs)."""
+
+
+def _gradio_env(cache: Path) -> None:
+    """Gradio reads these when it is imported, so they are set first."""
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(cache / "gradio")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def create_app(settings: AppSettings):
+    """(gr.Blocks, launch keyword arguments) for the bundle of `settings` (which must exist)."""
+    _gradio_env(settings.cache)
+    from sae_core.bundle import open_bundle
+
+    from . import ui
+    from .explorer import Explorer
+    from .steer import SteerService
+
+    bundle = open_bundle(settings.bundle)
+    explorer = Explorer(bundle, settings.cache)
+    steer = SteerService(explorer, device=settings.device, load_4bit=settings.load_4bit, limits=settings.limits)
+    demo = ui.build(explorer, steer=steer, searcher=None)
+    demo.queue(default_concurrency_limit=NEURON_CONCURRENCY, max_size=256)
+    allowed = [str(explorer.images.root)]  # generated pictures only; bundle thumbnails are re-rendered there
+    launch = dict(
+        server_name=settings.host, server_port=settings.port, share=False, allowed_paths=allowed,
+        blocked_paths=[str(bundle.root / "sae"), str(bundle.root / "manifest.json")],
+        max_file_size=settings.limits.max_bytes, show_error=True, footer_links=["api"],
+        css=ui.CSS, enable_monitoring=False, mcp_server=False, ssr_mode=False,
+    )
+    return demo, launch
+
+
+def serve(settings: AppSettings) -> None:
+    """Build the default bundle if needed, then serve until interrupted."""
+    from .bootstrap import ensure_bundle
+
+    settings_bundle = ensure_bundle(settings)
+    demo, launch = create_app(settings)
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
+    print(f"[app] serving {settings_bundle} at http://{host}:{settings.port}", flush=True)
+    demo.launch(**launch)
+
+
+def start(bundle: str | Path, port: int = 0, cache: str | Path | None = None, **overrides):
+    """Launch in this process without blocking (tests, benchmarks): returns (demo, url)."""
+    import tempfile
+
+    settings = AppSettings.from_env(bundle=Path(bundle), port=port or _free_port(), host="127.0.0.1",
+                                    cache=Path(cache) if cache else Path(tempfile.mkdtemp(prefix="sae_app_")),
+                                    **overrides)
+    demo, launch = create_app(settings)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
+    return demo, demo.local_url.rstrip("/")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,78 @@
+"""The explorer's settings: command-line flags over environment variables over defaults."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sae_core.errors import UserError
+
+from .uploads import UploadLimits
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO / "runs" / "demo_bundle"
+"""Where `python -m app` looks for (and, when missing, builds) the embedded-world demo bundle."""
+
+ENV_VARS = {
+    "SAE_APP_BUNDLE": "bundle directory (default runs/demo_bundle, built on first start when missing)",
+    "SAE_APP_PRESET": "preset of the demo bundle built when the default one is missing (demo | tiny)",
+    "SAE_APP_DEVICE": "device of the steering model: auto | cpu | cuda | cuda:N (default auto)",
+    "SAE_APP_LOAD_4BIT": "1 loads the steering LLaVA in 4 bits (bitsandbytes, CUDA only)",
+    "SAE_APP_HOST": "address to listen on (default 127.0.0.1; 0.0.0.0 in Docker and on Spaces)",
+    "SAE_APP_PORT": "port (default 7860)",
+    "SAE_APP_CACHE": "folder for generated images and Gradio's file cache (default: a temp folder)",
+    "SAE_APP_MAX_UPLOAD_MB": "largest upload in MiB (default 10)",
+    "SAE_APP_MAX_UPLOAD_MEGAPIXELS": "largest upload in megapixels (default 16.8)",
+}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    bundle: Path = DEFAULT_BUNDLE
+    preset: str = "demo"
+    device: str = "auto"
+    load_4bit: bool = False
+    host: str = "127.0.0.1"
+    port: int = 7860
+    cache: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "sae_app")
+    limits: UploadLimits = UploadLimits()
+
+    @property
+    def uses_default_bundle(self) -> bool:
+        return self.bundle.resolve() == DEFAULT_BUNDLE.resolve()
+
+    @classmethod
+    def from_env(cls, **overrides) -> "AppSettings":
+        """Settings from SAE_APP_* variables (and GRADIO_SERVER_NAME/PORT, which Spaces set), then `overrides`
+        (command-line flags; None means "not given")."""
+        env = os.environ
+        values = {
+            "bundle": Path(env.get("SAE_APP_BUNDLE") or DEFAULT_BUNDLE),
+            "preset": env.get("SAE_APP_PRESET", "demo"),
+            "device": env.get("SAE_APP_DEVICE", "auto"),
+            "load_4bit": _flag("SAE_APP_LOAD_4BIT"),
+            "host": env.get("SAE_APP_HOST") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+            "port": env.get("SAE_APP_PORT") or env.get("GRADIO_SERVER_PORT") or 7860,
+            "cache": Path(env.get("SAE_APP_CACHE") or Path(tempfile.gettempdir()) / "sae_app"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            port = int(values["port"])
+        except ValueError:
+            raise UserError(f"port {values['port']!r} is not a number; pass --port 7860 or set SAE_APP_PORT.") from None
+        if not 0 <= port < 65536:
+            raise UserError(f"port {port} is out of range; pass a port between 1 and 65535.")
+        if values["preset"] not in ("demo", "tiny"):
+            raise UserError(f"preset {values['preset']!r} is not demo or tiny; set SAE_APP_PRESET=demo.")
+        try:
+            limits = UploadLimits.from_env()
+        except ValueError:
+            raise UserError("SAE_APP_MAX_UPLOAD_MB / SAE_APP_MAX_UPLOAD_MEGAPIXELS must be numbers.") from None
+        return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
+                   device=str(values["device"]), load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
+                   port=port, cache=Path(values["cache"]), limits=limits)

@@ -1,0 +1,163 @@
+"""The Steer page's service: one steering session (one LLaVA + the bundle's SAE) loaded on first use."""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from sae_core.errors import UserError
+
+from . import inputs
+from .explorer import MAX_TABLE_ROWS, Explorer, _num
+from .render import patch_grid
+from .uploads import UploadLimits, load_upload
+
+SWEEP_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""The strength-sweep strip: every chosen latent clamped at s x its max activation, for each s."""
+DEFAULT_QUESTIONS = (
+    "What is shown in this image? Use exactly one word!",
+    "What colour is the shape? Use one word.",
+    "Describe the image.",
+)
+STEER_PICTURE = 320
+LATENT_COLUMNS = ["neuron", "label", "max_act", "mean_act", "best_patch", "ms"]
+
+
+class SteerService:
+    """Loads `sae_core.steering.SteeringSession` once (lazily, under a lock) and answers the Steer page.
+
+    Strengths are in units of each neuron's largest activation over the bundle's dataset (its
+    `max_act`), so one slider range suits every neuron; they are bounded to +-inputs.CLAMP_FACTOR.
+    """
+
+    def __init__(self, explorer: Explorer, device: str = "auto", load_4bit: bool = False,
+                 limits: UploadLimits = UploadLimits()):
+        self.ex = explorer
+        self.device = device
+        self.precision = "4bit" if load_4bit else "auto"
+        self.limits = limits
+        self._session = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def session(self):
+        with self._lock:
+            if self._session is None:
+                from sae_core.steering import SteeringSession
+
+                self._session = SteeringSession.from_bundle(self.ex.bundle, device=self.device,
+                                                            precision=self.precision)
+            return self._session
+
+    # --- images --------------------------------------------------------------------------------
+    def image(self, image_index, upload):
+        """(PIL image, key for the session, state dict) from a dataset index (>= 0) or an upload path."""
+        if upload not in (None, ""):
+            pil = load_upload(upload, self.limits)
+            return pil, pil, {"image": None}
+        if image_index in (None, "") or (isinstance(image_index, (int, float)) and image_index < 0):
+            raise UserError("no image chosen; give a dataset image index or upload an image.")
+        i = inputs.integer(image_index, "image index", 0, self.ex.n_images - 1)
+        return self.ex.bundle.image(i), i, {"image": i}
+
+    def picture(self, pil, selected=(), heat=None, vmax: float = 1.0) -> str:
+        """The steering image with its patch grid (and a latent's map) as a generated PNG path."""
+        import hashlib
+
+        digest = hashlib.sha1(pil.tobytes()).hexdigest()[:16]
+        key = f"steer|{digest}|{sorted(selected)}|{None if heat is None else hashlib.sha1(np.asarray(heat).tobytes()).hexdigest()[:12]}"
+        return self.ex.images.get_or_make(key, lambda: patch_grid(pil, self.ex.grid, selected, heat, vmax,
+                                                                   size=STEER_PICTURE))
+
+    def latents(self, key, top: int = 10) -> tuple[list[list], dict]:
+        """Rows of the latents that fire most on an image (LATENT_COLUMNS) and their patch maps."""
+        found = self.session().latents_on_image(key, top=top)
+        ms = self.ex.columns["ms"]
+        rows = []
+        for k, mx, mean, label in found["top"]:
+            m = found["maps"][k].reshape(-1)
+            rows.append([k, label, _num(mx), _num(mean), int(np.argmax(m)), _num(ms[k])])
+        return rows, found["maps"]
+
+    def fire_on_upload(self, path, top: int = 20) -> dict:
+        """Image search: which neurons fire most on an uploaded image, and where (the top one's map)."""
+        pil = load_upload(path, self.limits)
+        rows, maps = self.latents(pil, top=top)
+        if not rows:
+            return {"table": self.ex.table(ids=[]), "picture": None, "note": "No neuron fires on this image."}
+        ids = [r[0] for r in rows]
+        table = self.ex.table(ids=ids, limit=MAX_TABLE_ROWS)
+        table = table.set_index("neuron").loc[ids].reset_index()
+        table.insert(1, "act_on_image", [r[2] for r in rows])
+        top_map = maps[ids[0]]
+        picture = self.picture(pil, heat=top_map.reshape(-1), vmax=float(top_map.max()) or 1.0)
+        return {"table": table, "picture": picture,
+                "note": f"{len(ids)} neurons fire on the image; the picture shows where neuron {ids[0]} fires."}
+
+    # --- steering -------------------------------------------------------------------------------
+    def clamps(self, latents, strengths) -> tuple[list[int], list[float], list[float], list[str]]:
+        """Checked latents and strengths -> (latents, strengths, raw values, notes about bounded values)."""
+        lat, vals, raw, notes = [], [], [], []
+        for k, s in zip(latents, strengths):
+            if k in (None, "") or (isinstance(k, (int, float)) and not isinstance(k, bool) and k < 0):
+                continue
+            k = self.ex.check_neuron(k)
+            if k in lat:
+                raise UserError(f"neuron {k} is chosen twice; choose each latent once.")
+            v, bounded = inputs.clamp_value(s, 1.0, what=f"strength of neuron {k}")
+            if bounded:
+                notes.append(f"strength of neuron {k} bounded to {v:g} (the range is +-{inputs.CLAMP_FACTOR:g} "
+                             "times its max activation)")
+            max_act = float(self.ex.columns["max_act"][k])
+            lat.append(k), vals.append(v), raw.append(v * (max_act if math.isfinite(max_act) and max_act > 0 else 1.0))
+        if len(lat) > inputs.MAX_LATENTS:
+            raise UserError(f"{len(lat)} latents were chosen; clamp at most {inputs.MAX_LATENTS} at once.")
+        return lat, vals, raw, notes
+
+    def steer(self, key, latents, strengths, patches, keep_error: bool, question: str, sweep: bool,
+              max_new_tokens: int, progress=None) -> dict:
+        """Three answers, the sweep strip and the steering scores for one request."""
+        lat, strength, raw, notes = self.clamps(latents, strengths)
+        if not lat:
+            raise UserError("no latent chosen; pick at least one neuron id to clamp.")
+        question = inputs.text(question, "question", inputs.MAX_QUESTION_CHARS) or DEFAULT_QUESTIONS[0]
+        n_tokens = inputs.integer(max_new_tokens, "answer length", 1, inputs.MAX_NEW_TOKENS)
+        patches = patches or None
+        s = self.session()
+        if progress:
+            progress(0.1, desc="three answers")
+        res = s.answers(key, lat, raw, prompt=question, keep_error=bool(keep_error), patches=patches,
+                        max_new_tokens=n_tokens)
+        strip = []
+        if sweep:
+            if progress:
+                progress(0.5, desc="strength sweep")
+            maxes = [r / v if v else 1.0 for r, v in zip(raw, strength)]
+            values_list = [[st * m for m in maxes] for st in SWEEP_STRENGTHS]
+            for st, (_, answer) in zip(SWEEP_STRENGTHS, s.sweep(key, lat, values_list, prompt=question,
+                                                              keep_error=bool(keep_error), patches=patches,
+                                                              max_new_tokens=n_tokens)):
+                strip.append([st, answer])
+        if progress:
+            progress(0.85, desc="steering score")
+        scores = self.scores(s, res, lat[0])
+        return {"original": res.original, "sae": res.sae, "steered": res.steered, "sweep": strip,
+                "scores": scores, "clamp": res.clamp, "strengths": strength, "notes": notes,
+                "ms": round(res.ms, 1)}
+
+    @staticmethod
+    def scores(session, res, latent: int) -> dict:
+        """CLIP cosine between each answer and the latent's top images (the paper's steering score);
+        the steered score above the original's means the answer moved toward the neuron's concept."""
+        out = {}
+        try:
+            for name in ("original", "steered"):
+                answer = getattr(res, name).strip()
+                out[name] = round(session.steering_score(answer, latent), 4) if answer else None
+        except UserError as e:
+            out["unavailable"] = str(e)
+        return out

@@ -1,0 +1,470 @@
+"""The explorer's Gradio page: five tabs over one bundle; every event has an `api_name`."""
+import functools
+import json
+import math
+
+import gradio as gr
+import numpy as np
+
+from sae_core.errors import UserError
+
+from . import figures, inputs
+from .explorer import MAX_TABLE_ROWS, RELATED_COLUMNS, TABLE_COLUMNS, TABLE_SORTS, Explorer
+
+# Plotly figures and the tables link to neurons through this hidden box: a click writes "ID:nonce".
+OPEN_BOX = "open-neuron-box"
+URL_BOX = "url-state-box"
+
+CSS = """
+#open-neuron-box, #url-state-box {display: none !important;}
+.answer textarea {font-size: 1.05em;}
+"""
+
+# Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.
+HOOK_PLOTLY_JS = """
+() => {
+  const send = (id) => {
+    const box = document.querySelector('#open-neuron-box textarea, #open-neuron-box input');
+    if (!box) return;
+    box.value = String(id) + ':' + Date.now();
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+  };
+  const hook = () => document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
+    if (gd.__saeHooked || typeof gd.on !== 'function') return;
+    gd.__saeHooked = true;
+    gd.on('plotly_click', (ev) => {
+      const p = ev && ev.points && ev.points[0];
+      if (!p) return;
+      const id = Array.isArray(p.customdata) ? p.customdata[0] : p.customdata;
+      if (id !== undefined && id !== null && id !== '' && !isNaN(Number(id))) send(id);
+    });
+  });
+  setInterval(hook, 400);
+}
+"""
+
+# Keeps the address bar in step with the page state (so a copied URL restores it).
+SET_URL_JS = """
+(q) => {
+  if (typeof q !== 'string') return;
+  const u = new URL(window.location.href);
+  u.search = q ? '?' + q : '';
+  window.history.replaceState(null, '', u.toString());
+}
+"""
+
+
+def user_errors(fn):
+    """Turn UserError into gr.Error: the one-sentence message reaches the page and API clients."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+    return wrapper
+
+
+N_SLOTS = 3
+"""Latent slots on the Steer page (the API takes the same three; inputs.MAX_LATENTS bounds any list)."""
+
+
+class SteerTab:
+    """The Steer page: image, latents that fire on it, clamp sliders, three answers, sweep, score."""
+
+    def __init__(self, ex: Explorer, steer):
+        from .steer import DEFAULT_QUESTIONS, LATENT_COLUMNS
+
+        self.ex, self.steer = ex, steer
+        gr.Markdown("Pick a dataset image or upload one, choose latents and strengths (in multiples of each "
+                    "neuron's largest activation on the dataset), then **Steer**. Click the picture to restrict "
+                    "the clamp to patches. One model serves everyone: requests wait their turn.")
+        with gr.Row():
+            self.image_index = gr.Number(value=0, precision=0, minimum=-1, maximum=ex.n_images - 1,
+                                         label=f"dataset image index (0 to {ex.n_images - 1}; -1 = the upload)",
+                                         elem_id="steer-image-index")
+            self.load_button = gr.Button("Load dataset image", elem_id="steer-load")
+            self.upload = gr.Image(type="filepath", sources=["upload"], label="or upload an image", height=200,
+                                   elem_id="steer-upload")
+        with gr.Row():
+            self.picture = gr.Image(type="filepath", interactive=False, label="the image (click patches to restrict)",
+                                    elem_id="steer-picture", height=340)
+            self.latents_df = gr.Dataframe(headers=LATENT_COLUMNS, interactive=False, elem_id="steer-latents",
+                                           label="latents that fire on it (click one to put it in the first slot)")
+        with gr.Row():
+            self.patches = gr.Textbox(value="", label="patches (empty = every token)", elem_id="steer-patches")
+            self.clear_patches = gr.Button("All patches")
+        self.slots = []
+        for i in range(N_SLOTS):
+            with gr.Row():
+                lat = gr.Number(value=-1, precision=0, minimum=-1, maximum=ex.n_neurons - 1,
+                                label=f"latent {i + 1} (-1 = unused)", elem_id=f"steer-latent-{i + 1}")
+                val = gr.Slider(0, inputs.CLAMP_FACTOR, value=4.0, step=0.1, label=f"strength {i + 1} (x max act)",
+                                elem_id=f"steer-value-{i + 1}")
+                self.slots.append((lat, val))
+        with gr.Row():
+            self.keep_error = gr.Checkbox(value=False, label="keep the SAE error term")
+            self.sweep = gr.Checkbox(value=True, label="strength sweep")
+            self.question = gr.Dropdown(list(DEFAULT_QUESTIONS), value=DEFAULT_QUESTIONS[0], allow_custom_value=True,
+                                        label="question", elem_id="steer-question")
+            self.max_tokens = gr.Slider(1, inputs.MAX_NEW_TOKENS, value=5, step=1, label="answer tokens")
+        self.steer_button = gr.Button("Steer", variant="primary", elem_id="steer-button")
+        with gr.Row():
+            self.original = gr.Textbox(label="original model", elem_id="answer-original", elem_classes="answer")
+            self.sae_answer = gr.Textbox(label="SAE inserted (nothing clamped)", elem_id="answer-sae",
+                                         elem_classes="answer")
+            self.steered = gr.Textbox(label="steered", elem_id="answer-steered", elem_classes="answer")
+        with gr.Row():
+            self.sweep_df = gr.Dataframe(headers=["strength (x max act)", "answer"], interactive=False,
+                                         label="strength sweep", elem_id="steer-sweep")
+            self.score_md = gr.Markdown(elem_id="steer-score")
+        with gr.Accordion("details (JSON)", open=False):
+            self.details = gr.JSON()
+
+    def slot_inputs(self):
+        return [c for pair in self.slots for c in pair]
+
+    def wire(self, demo, tabs, url_box, neuron_in, steer_with_button):
+        ex, svc = self.ex, self.steer
+        model = dict(concurrency_limit=1, concurrency_id="model")
+
+        def state_query(image_index, slots, patches, keep_error, question):
+            lat = [int(k) for k, _ in slots if k not in (None, "") and k >= 0]
+            vals = [float(v) for k, v in slots if k not in (None, "") and k >= 0]
+            return inputs.encode_state({"tab": "steer", "image": None if image_index is None or image_index < 0
+                                        else int(image_index), "latents": lat, "values": vals,
+                                        "patches": patches or "", "keep_error": bool(keep_error),
+                                        "question": question})
+
+        def pairs(flat):
+            return list(zip(flat[0::2], flat[1::2]))
+
+        def patch_list(text):
+            return inputs.int_list(text, "patch", 0, max(ex.n_patches - 1, 0), max(ex.n_patches, 1))
+
+        @user_errors
+        def steer_load_image(image_index, upload, patches):
+            """The image, its patch grid and the latents that fire on it (most first)."""
+            pil, key, _ = svc.image(image_index, upload)
+            rows, _ = svc.latents(key)
+            return svc.picture(pil, patch_list(patches)), rows
+
+        load_out = [self.picture, self.latents_df]
+        self.load_button.click(steer_load_image, [self.image_index, self.upload, self.patches], load_out,
+                               api_name="steer_load_image", **model)
+        self.image_index.submit(steer_load_image, [self.image_index, self.upload, self.patches], load_out,
+                                api_name=False, **model)
+
+        @user_errors
+        def steer_upload_image(upload, patches):
+            pil, key, _ = svc.image(-1, upload)
+            rows, _ = svc.latents(key)
+            return -1, svc.picture(pil, patch_list(patches)), rows
+
+        self.upload.upload(steer_upload_image, [self.upload, self.patches], [self.image_index] + load_out,
+                           api_name="steer_upload_image", **model)
+
+        @user_errors
+        def steer_select_patch(image_index, upload, patches, evt: gr.SelectData):
+            """Toggle the clicked patch in the patch list and redraw the grid."""
+            from PIL import Image
+
+            from .render import patch_at
+            from .steer import STEER_PICTURE
+
+            pil, _, _ = svc.image(image_index, upload)
+            w, h = pil.size
+            scale = STEER_PICTURE / max(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            p = patch_at(evt.index, size, ex.grid)
+            chosen = patch_list(patches)
+            chosen = [q for q in chosen if q != p] if p in chosen else chosen + [p]
+            return ",".join(str(q) for q in sorted(chosen)), svc.picture(pil, chosen)
+
+        self.picture.select(steer_select_patch, [self.image_index, self.upload, self.patches],
+                            [self.patches, self.picture], api_name="steer_select_patch")
+
+        @user_errors
+        def steer_all_patches(image_index, upload):
+            pil, _, _ = svc.image(image_index, upload)
+            return "", svc.picture(pil)
+
+        self.clear_patches.click(steer_all_patches, [self.image_index, self.upload], [self.patches, self.picture],
+                                 api_name="steer_all_patches")
+
+        @user_errors
+        def steer_pick_latent(image_index, upload, patches, evt: gr.SelectData):
+            """Put the clicked latent in slot 1 and show where it fires on the image."""
+            k = ex.check_neuron((evt.row_value or [None])[0])
+            pil, key, _ = svc.image(image_index, upload)
+            _, maps = svc.latents(key)
+            m = maps.get(k)
+            pic = svc.picture(pil, patch_list(patches), None if m is None else m.reshape(-1),
+                              float(m.max()) if m is not None and m.max() > 0 else 1.0)
+            return k, pic
+
+        self.latents_df.select(steer_pick_latent, [self.image_index, self.upload, self.patches],
+                               [self.slots[0][0], self.picture], api_name="steer_pick_latent", **model)
+
+        @user_errors
+        def steer(image_index, upload, latent_1, value_1, latent_2, value_2, latent_3, value_3, patches,
+                  keep_error, question, sweep, max_new_tokens, progress=gr.Progress()):
+            """Original, SAE-inserted and steered answers, the strength sweep and the steering score."""
+            slots = [(latent_1, value_1), (latent_2, value_2), (latent_3, value_3)]
+            progress(0.0, desc="loading the model" if not svc.loaded else "encoding the image")
+            _, key, _ = svc.image(image_index, upload)
+            out = svc.steer(key, [k for k, _ in slots], [v for _, v in slots], patch_list(patches), keep_error,
+                            question, sweep, max_new_tokens, progress=progress)
+            sc = out["scores"]
+            if "unavailable" in sc:
+                score = f"steering score unavailable: {sc['unavailable']}"
+            else:
+                fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+                score = (f"**steering score** (CLIP cosine between the answer and neuron {out['clamp']['latents'][0]}'s "
+                         f"top images): steered {fmt(sc.get('steered'))} vs original {fmt(sc.get('original'))}")
+            if out["notes"]:
+                score += "\n\n" + "; ".join(out["notes"]) + "."
+            q = state_query(image_index if not upload else -1, slots, patches, keep_error, question)
+            return out["original"], out["sae"], out["steered"], out["sweep"], score, out, q
+
+        self.steer_button.click(
+            steer, [self.image_index, self.upload, *self.slot_inputs(), self.patches, self.keep_error, self.question,
+                    self.sweep, self.max_tokens],
+            [self.original, self.sae_answer, self.steered, self.sweep_df, self.score_md, self.details, url_box],
+            api_name="steer", **model)
+
+        @user_errors
+        def steer_with_neuron(neuron):
+            """Go to the Steer page with this neuron in the first latent slot."""
+            k = ex.check_neuron(neuron)
+            q = inputs.encode_state({"tab": "steer", "latents": [k]})
+            return k, gr.Tabs(selected="steer"), q
+
+        steer_with_button.click(steer_with_neuron, neuron_in, [self.slots[0][0], tabs, url_box],
+                                api_name="steer_with_neuron")
+
+        @user_errors
+        def steer_restore_from_url(request: gr.Request):
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            n_out = 6 + 2 * N_SLOTS
+            if state.get("tab") != "steer":
+                return (gr.update(),) * n_out
+            lat = inputs.int_list(state.get("latents"), "latent", 0, ex.n_neurons - 1, N_SLOTS)
+            vals = [inputs.clamp_value(v, 1.0, "strength")[0] for v in (state.get("values") or [])]
+            slot_vals = []
+            for i in range(N_SLOTS):
+                slot_vals += [lat[i] if i < len(lat) else -1, vals[i] if i < len(vals) else 4.0]
+            patches = ",".join(str(p) for p in patch_list(state.get("patches")))
+            image = state.get("image")
+            picture = gr.update()
+            if image not in (None, ""):
+                image = inputs.integer(image, "image index", 0, ex.n_images - 1)
+                picture = svc.picture(ex.bundle.image(image), patch_list(patches))
+            question = inputs.text(state.get("question"), "question", inputs.MAX_QUESTION_CHARS) or gr.update()
+            return (image if image not in (None, "") else gr.update(), patches, bool(state.get("keep_error")),
+                    question, picture, gr.Tabs(selected="steer"), *slot_vals)
+
+        demo.load(steer_restore_from_url, None,
+                  [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,
+                   *self.slot_inputs()], api_name="steer_restore_from_url")
+
+
+def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
+    """The whole page. `steer` (app.steer.SteerService) and `searcher` are optional services."""
+    ex = explorer
+    level_choices = ["all"] + [str(g) for g in ex.levels]
+
+    with gr.Blocks(title="SAE explorer", analytics_enabled=False) as demo:
+        gr.Markdown("# SAE explorer\nBrowse the neurons of a sparse autoencoder on a vision encoder, "
+                    "and steer a multimodal model by clamping them.")
+        open_box = gr.Textbox(visible="hidden", elem_id=OPEN_BOX, label="open neuron")
+        url_box = gr.Textbox(visible="hidden", elem_id=URL_BOX, label="url state")
+        with gr.Tabs(selected="overview") as tabs:
+            # ---------------------------------------------------------------- Overview
+            with gr.Tab("Overview", id="overview"):
+                with gr.Row():
+                    facts_md = gr.Markdown()
+                    metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False, label="SAE metrics")
+                with gr.Row():
+                    ms_hist_plot = gr.Plot(label="MS distribution")
+                    scatter_plot = gr.Plot(label="MS versus frequency", elem_id="scatter-plot")
+            # ---------------------------------------------------------------- Neurons
+            with gr.Tab("Neurons", id="neurons"):
+                with gr.Row():
+                    f_min_ms = gr.Slider(0, 1, value=0, step=0.01, label="minimum MS")
+                    f_min_support = gr.Number(value=0, precision=0, minimum=0, label="minimum support (images)")
+                    f_level = gr.Dropdown(level_choices, value="all", label="Matryoshka level")
+                    f_label = gr.Textbox(label="label contains", max_length=inputs.MAX_QUERY_CHARS)
+                with gr.Row():
+                    f_sort = gr.Dropdown(list(TABLE_SORTS), value="ms", label="sort by")
+                    f_desc = gr.Checkbox(value=True, label="descending")
+                    f_limit = gr.Number(value=100, precision=0, minimum=1, maximum=MAX_TABLE_ROWS, label="rows")
+                    f_button = gr.Button("Filter", variant="primary")
+                with gr.Row():
+                    text_query = gr.Textbox(label="search neurons by text (CLIP text tower + FAISS)",
+                                            placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS)
+                    text_button = gr.Button("Search by text")
+                with gr.Row():
+                    search_image = gr.Image(type="filepath", sources=["upload"], label="search neurons by image")
+                    search_where = gr.Image(type="filepath", interactive=False, label="where the top neuron fires")
+                    image_button = gr.Button("Search by image")
+                search_note = gr.Markdown()
+                table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, label="neurons (click a row to open it)",
+                                     elem_id="neuron-table")
+            # ---------------------------------------------------------------- Neuron page
+            with gr.Tab("Neuron", id="neuron"):
+                with gr.Row():
+                    neuron_in = gr.Number(value=0, precision=0, minimum=0, maximum=ex.n_neurons - 1,
+                                          label=f"neuron id (0 to {ex.n_neurons - 1})", elem_id="neuron-id")
+                    open_button = gr.Button("Open", variant="primary", elem_id="open-neuron")
+                    steer_with_button = gr.Button("Steer with this neuron", elem_id="steer-with-neuron")
+                    export_button = gr.Button("Export JSON")
+                    export_file = gr.File(label="neuron JSON", interactive=False)
+                header_md = gr.Markdown(elem_id="neuron-header")
+                top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
+                                         columns=8, height="auto", object_fit="contain", elem_id="top-gallery")
+                band_gallery = gr.Gallery(label="lower activation bands", columns=8, height="auto",
+                                          object_fit="contain", elem_id="band-gallery")
+                with gr.Row():
+                    hist_plot = gr.Plot(label="activation histogram")
+                    related_df = gr.Dataframe(headers=RELATED_COLUMNS, interactive=False,
+                                              label="parent, children and nearest neurons (click to open)")
+            # ---------------------------------------------------------------- Hierarchy
+            with gr.Tab("Hierarchy", id="hierarchy"):
+                with gr.Row():
+                    tree_kind = gr.Radio(["sunburst", "treemap"], value="sunburst", label="drawing")
+                    tree_button = gr.Button("Draw")
+                tree_note = gr.Markdown()
+                tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot")
+                depth_df = gr.Dataframe(headers=["level", "neurons", "taxonomy depth"], interactive=False,
+                                        label="taxonomy depth per Matryoshka level")
+            # ---------------------------------------------------------------- Steer
+            with gr.Tab("Steer", id="steer"):
+                steer_parts = SteerTab(ex, steer) if steer is not None else gr.Markdown("Steering is off.")
+
+        # ============================================================== events
+        def overview():
+            cols = ex.columns
+            raw = np.asarray(ex.bundle.array("raw/ms")) if ex.bundle.has("raw/ms") else None
+            facts = "\n".join(f"- **{k}**: `{v}`" for k, v in ex.facts().items() if v is not None)
+            return ("### Bundle\n" + facts, ex.metrics_rows(), figures.ms_histogram(cols["ms"], raw),
+                    figures.ms_frequency_scatter(cols))
+
+        demo.load(overview, outputs=[facts_md, metrics_df, ms_hist_plot, scatter_plot], api_name="overview")
+        demo.load(None, js=HOOK_PLOTLY_JS)
+
+        @user_errors
+        def neuron_table(min_ms, min_support, level, label_contains, sort_by, descending, limit):
+            return ex.table(min_ms, min_support, level, label_contains, sort_by, bool(descending), limit)
+
+        filters = [f_min_ms, f_min_support, f_level, f_label, f_sort, f_desc, f_limit]
+        f_button.click(neuron_table, filters, table, api_name="neuron_table")
+        demo.load(neuron_table, filters, table, api_name=False)
+
+        @user_errors
+        def search_neurons_by_text(query):
+            if searcher is None:
+                raise UserError("text search is not available for this bundle (no text embedder or index).")
+            ids, note = searcher.by_text(inputs.text(query, "query", inputs.MAX_QUERY_CHARS))
+            return ex.table(ids=ids, sort_by="neuron", limit=MAX_TABLE_ROWS).set_index("neuron").loc[ids].reset_index(), note
+
+        text_button.click(search_neurons_by_text, text_query, [table, search_note], api_name="search_neurons_by_text")
+        text_query.submit(search_neurons_by_text, text_query, [table, search_note], api_name=False)
+
+        @user_errors
+        def search_neurons_by_image(path):
+            if steer is None:
+                raise UserError("image search needs the bundle's model, which is not available here.")
+            found = steer.fire_on_upload(path)
+            return found["table"], found["picture"], found["note"]
+
+        image_button.click(search_neurons_by_image, search_image, [table, search_where, search_note],
+                           api_name="search_neurons_by_image")
+
+        # --- opening a neuron (from the box, a click on a plot, a table row, the URL)
+        def page_outputs(k):
+            k = ex.check_neuron(k)
+            page = ex.bundle.neuron(k)
+            counts, edges = page["hist"]
+            return (k, ex.neuron_summary(k, page), ex.gallery(k, page), ex.band_gallery(k, page),
+                    figures.activation_histogram(counts, edges, k), ex.related(k, page),
+                    inputs.encode_state({"tab": "neuron", "neuron": k}), gr.Tabs(selected="neuron"))
+
+        page_targets = [neuron_in, header_md, top_gallery, band_gallery, hist_plot, related_df, url_box, tabs]
+
+        @user_errors
+        def neuron_page(neuron):
+            """One neuron's page: summary, top-16 gallery with heatmaps, bands, histogram, relatives."""
+            return page_outputs(neuron)
+
+        open_button.click(neuron_page, neuron_in, page_targets, api_name="neuron_page")
+        neuron_in.submit(neuron_page, neuron_in, page_targets, api_name=False)
+
+        @user_errors
+        def open_neuron_from_click(token):
+            return page_outputs(str(token or "").split(":")[0])
+
+        open_box.input(open_neuron_from_click, open_box, page_targets, api_name="open_neuron_from_plot")
+
+        @user_errors
+        def open_neuron_from_table(evt: gr.SelectData):
+            return page_outputs((evt.row_value or [None])[TABLE_COLUMNS.index("neuron")])
+
+        @user_errors
+        def open_neuron_from_relatives(evt: gr.SelectData):
+            return page_outputs((evt.row_value or [None, None])[RELATED_COLUMNS.index("neuron")])
+
+        table.select(open_neuron_from_table, None, page_targets, api_name="open_neuron_from_table")
+        related_df.select(open_neuron_from_relatives, None, page_targets, api_name="open_neuron_from_relatives")
+
+        @user_errors
+        def neuron_json(neuron: int) -> dict:
+            """A neuron as JSON: everything its page shows, as numbers and image ids."""
+            return ex.neuron_record(neuron)
+
+        gr.api(neuron_json, api_name="neuron_json")
+
+        @user_errors
+        def neuron_export(neuron):
+            return ex.export_json(neuron)
+
+        export_button.click(neuron_export, neuron_in, export_file, api_name="neuron_export")
+
+        @user_errors
+        def hierarchy(kind):
+            nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
+            if not nodes:
+                return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
+            fig, levels, n = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst")
+            h = ex.bundle.hierarchy()
+            depth = h.get("depth_per_level") or []
+            counts = {}
+            for node in nodes:
+                counts[int(node["level"])] = counts.get(int(node["level"]), 0) + 1
+            rows = [[lv, counts.get(lv, 0), None if i >= len(depth) or depth[i] is None else round(float(depth[i]), 3)]
+                    for i, lv in enumerate(sorted(counts))]
+            note = (f"{n} nodes in {levels} of {len(counts)} levels drawn; colour is MS. Taxonomy depth: the mean depth "
+                    "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
+            return fig, rows, note
+
+        tree_button.click(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name="hierarchy")
+        tree_kind.change(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name=False)
+        demo.load(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name=False)
+
+        url_box.change(None, url_box, None, js=SET_URL_JS)
+
+        if isinstance(steer_parts, SteerTab):
+            steer_parts.wire(demo, tabs, url_box, neuron_in, steer_with_button)
+
+        # --- restore from the URL query on load
+        def restore(request: gr.Request):
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            if state.get("tab") == "neuron" or ("neuron" in state and state.get("tab") != "steer"):
+                try:
+                    return page_outputs(state.get("neuron", 0))
+                except UserError as e:
+                    gr.Warning(f"the link's neuron could not be opened: {e}")
+            return (gr.update(),) * 7 + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),)
+
+        demo.load(restore, None, page_targets, api_name="restore_from_url")
+    return demo

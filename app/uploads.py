@@ -1,0 +1,78 @@
+"""Checks on images users upload: byte and pixel limits, real image formats, a full decode, EXIF turns."""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_core.errors import UserError
+
+# What an explorer needs to see; anything else (PSD, EPS, ICO, ...) is refused before decoding.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on one upload. Defaults: 10 MiB and 16.7 megapixels (4096 x 4096)."""
+
+    max_bytes: int = 10 * 2**20
+    max_pixels: int = 4096 * 4096
+
+    @classmethod
+    def from_env(cls) -> "UploadLimits":
+        """SAE_APP_MAX_UPLOAD_MB and SAE_APP_MAX_UPLOAD_MEGAPIXELS override the defaults."""
+        mb = float(os.environ.get("SAE_APP_MAX_UPLOAD_MB", cls.max_bytes / 2**20))
+        mpx = float(os.environ.get("SAE_APP_MAX_UPLOAD_MEGAPIXELS", cls.max_pixels / 1e6))
+        return cls(max_bytes=int(mb * 2**20), max_pixels=int(mpx * 1e6))
+
+
+def load_upload(path, limits: UploadLimits = UploadLimits()):
+    """Open an uploaded file as a PIL RGB image, or raise UserError saying why it was refused.
+
+    The pixel count is read from the header and checked *before* any decoding, so a decompression
+    bomb (a few KB of PNG claiming 50,000 x 50,000 pixels) costs nothing; then the whole image is
+    decoded, so truncated or corrupt files fail here rather than inside a model.
+    """
+    from PIL import Image, ImageOps
+
+    if path is None or str(path) == "":
+        raise UserError("no image was given; upload a PNG or JPEG file.")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("the uploaded file is missing on the server; upload it again.")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise UserError(f"the file is {size / 2**20:.1f} MiB, above the {limits.max_bytes / 2**20:.0f} MiB limit; "
+                        "upload a smaller image.")
+    if size == 0:
+        raise UserError("the uploaded file is empty; upload a PNG or JPEG image.")
+    with warnings.catch_warnings():
+        # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; treat every such warning as a refusal.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError:
+            raise UserError("the image claims more pixels than any real photo (a decompression bomb); "
+                            "upload an ordinary image.") from None
+        except Exception:
+            raise UserError("the file is not an image PIL can read; upload a PNG or JPEG file.") from None
+        with im:
+            if im.format not in IMAGE_FORMATS:
+                raise UserError(f"{im.format or 'this'} files are not accepted; upload one of "
+                                f"{', '.join(IMAGE_FORMATS)}.")
+            w, h = im.size
+            if w < 1 or h < 1 or w * h > limits.max_pixels:
+                raise UserError(f"the image is {w} x {h} = {w * h / 1e6:.1f} megapixels, above the limit of "
+                                f"{limits.max_pixels / 1e6:.1f}; downscale it before uploading.")
+            try:
+                im.seek(0)  # first frame of an animation
+                im.load()
+                out = ImageOps.exif_transpose(im).convert("RGB")
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+                raise UserError("the image decodes to more pixels than allowed (a decompression bomb); "
+                                "upload an ordinary image.") from None
+            except Exception:
+                raise UserError("the image is corrupt or truncated and cannot be decoded; upload it again "
+                                "or export it anew.") from None
+    return out
