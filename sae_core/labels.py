@@ -1,0 +1,232 @@
+"""Neuron labels: each neuron's best concept from a vocabulary, by CLIP text embedding against the mean
+image embedding of its top images (the paper's steering reference), with the score and the method.
+
+A label is a guess: CLIP-text labels of SAE features are known to be weak on natural images, so the
+score and method string travel with it (bundle: neurons/labels.json, neurons/label_score.npy).
+
+API
+    Concept(name, prompt, kind)                  a vocabulary entry and the text that is embedded
+    world_concepts(world_dir=None, kinds=("colour", "shape", "texture"), include_held_out=False)
+        -> list[Concept]      the world's factor names in the prompts its CLIP was trained on:
+                              "a photo of a {colour} object", "a photo of a {shape}", "{texture} background"
+    file_concepts(path, template="a photo of a {}") -> list[Concept]
+                              one concept per line; blank lines and lines starting with # skipped
+    label_neurons(top_images (K, T), image_embeddings (N, E), text_embeddings (V, E), names (V,),
+                  n_top=16, method="", chunk=4096) -> NeuronLabels
+    label_with_text_embedder(top_images, image_embeddings, embedder: TextEmbedder, concepts, n_top=16)
+        -> NeuronLabels       embeds the prompts and fills the method string
+    NeuronLabels
+        .labels list[str] (K,)   "" where a neuron has no top image
+        .index  int64 (K,)       vocabulary index, -1 where no label
+        .scores float32 (K,)     cosine(mean top-image embedding, text embedding), NaN where no label
+        .method str, .vocabulary list[str]
+        .to_json() -> {"method", "vocabulary", "labels"}      (neurons/labels.json)
+    world_factor_values(dataset) -> callable image_id -> set[str]
+                              colours and shapes of every object of a world image, and its texture
+    dominant_factors(top_images, values_of, n_top=16, allowed=None) -> DominantFactors
+        .value list[str | None]  the value held by most of a neuron's top images (ties: the first
+                                 in sorted order), .tied list[list[str]] all values with that count,
+                                 .count int64 (K,), .n_images int64 (K,), .purity float64 (K,)
+    label_accuracy(labels, dominant) -> float
+        fraction of labelled neurons whose label is one of their most-shared factor values
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DEFAULT_TEMPLATE = "a photo of a {}"
+
+
+class Concept(NamedTuple):
+    name: str
+    """The label shown and stored."""
+    prompt: str
+    """The text that is embedded."""
+    kind: str = "concept"
+
+
+def world_concepts(world_dir: str | Path | None = None, kinds: Sequence[str] = ("colour", "shape", "texture"),
+                   include_held_out: bool = False) -> list[Concept]:
+    """The world's colours, shapes and textures, in the prompt formats its CLIP was trained on.
+
+    Colour groups and shape families (warm, round, ...) are left out: no world caption uses those
+    words, so the tiny CLIP's word-level tokenizer maps them to <unk>. With `world_dir`, the held-out
+    (OOD) shape and colour are dropped unless `include_held_out`: the CLIP never saw them.
+    """
+    from .world.generator import COLOURS, SHAPES, TEXTURES
+    from .world.text import colour_prompt, shape_prompt
+
+    held_out: set[str] = set()
+    if world_dir is not None and not include_held_out:
+        from .world.dataset import read_world_json
+
+        meta = read_world_json(world_dir)
+        held_out = {meta.get("ood_shape"), meta.get("ood_colour")} - {None}
+    out: list[Concept] = []
+    for kind in kinds:
+        if kind == "colour":
+            out += [Concept(c, colour_prompt(c), kind) for c in COLOURS if c not in held_out]
+        elif kind == "shape":
+            out += [Concept(s, shape_prompt(s), kind) for s in SHAPES if s not in held_out]
+        elif kind == "texture":
+            out += [Concept(t, f"{t} background", kind) for t in TEXTURES]
+        else:
+            raise UserError(f"unknown world concept kind {kind!r}; use colour, shape or texture.")
+    return out
+
+
+def file_concepts(path: str | Path, template: str = DEFAULT_TEMPLATE) -> list[Concept]:
+    """A vocabulary file: one concept per line (duplicates kept once), embedded as template.format(c)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"vocabulary file {path} does not exist; pass a text file with one concept per line.")
+    if "{}" not in template:
+        raise UserError(f"prompt template {template!r} needs a {{}} where the concept goes.")
+    seen: dict[str, None] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name = line.strip()
+        if name and not name.startswith("#"):
+            seen.setdefault(name)
+    if not seen:
+        raise UserError(f"vocabulary file {path} names no concepts; write one concept per line.")
+    return [Concept(n, template.format(n)) for n in seen]
+
+
+@dataclass
+class NeuronLabels:
+    labels: list
+    index: np.ndarray
+    scores: np.ndarray
+    method: str
+    vocabulary: list
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "vocabulary": list(self.vocabulary), "labels": list(self.labels)}
+
+
+def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, names: Sequence[str],
+                  n_top: int = 16, method: str = "", chunk: int = 4096) -> NeuronLabels:
+    """Best concept per neuron: argmax_v cos(mean_t e(top image t), text_v).
+
+    top_images: (K, T) image ids, best first, -1 for empty slots (the first `n_top` are used).
+    image_embeddings: (N, E) unit-norm rows (float16 memmap fine: only the needed rows are read).
+    text_embeddings: (V, E) unit-norm rows (tensor or array), names: (V,) the labels they stand for.
+    """
+    text = np.asarray(text_embeddings.detach().cpu() if isinstance(text_embeddings, torch.Tensor) else text_embeddings,
+                      dtype=np.float32)
+    if text.ndim != 2 or len(text) != len(names) or len(names) == 0:
+        raise UserError(f"text embeddings of shape {text.shape} do not match the {len(names)} vocabulary entries.")
+    if text.shape[1] != image_embeddings.shape[1]:
+        raise UserError(f"text embeddings have dimension {text.shape[1]} but image embeddings {image_embeddings.shape[1]}; "
+                        "label with the text tower of the embedder that made the image embeddings.")
+    top = np.asarray(top_images)[:, :n_top].astype(np.int64)
+    K = top.shape[0]
+    index = np.full(K, -1, np.int64)
+    scores = np.full(K, np.nan, np.float32)
+    ids = np.unique(top[top >= 0])
+    emb = np.asarray(image_embeddings[ids], dtype=np.float32) if len(ids) else np.zeros((0, text.shape[1]), np.float32)
+    row = np.searchsorted(ids, np.where(top >= 0, top, 0))
+    valid = top >= 0
+    for s in range(0, K, chunk):
+        r, v = row[s:s + chunk], valid[s:s + chunk]
+        mean = (emb[r] * v[..., None]).sum(1) if len(emb) else np.zeros((len(r), text.shape[1]), np.float32)
+        norm = np.linalg.norm(mean, axis=1, keepdims=True)
+        has = v.any(1) & (norm[:, 0] > 0)
+        cos = (mean / np.where(norm > 0, norm, 1)) @ text.T  # (chunk, V)
+        best = cos.argmax(1)
+        index[s:s + chunk] = np.where(has, best, -1)
+        scores[s:s + chunk] = np.where(has, cos[np.arange(len(best)), best], np.nan)
+    names = [str(n) for n in names]
+    labels = [names[i] if i >= 0 else "" for i in index]
+    return NeuronLabels(labels, index, scores, method, names)
+
+
+def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder, concepts: Sequence[Concept],
+                             n_top: int = 16) -> NeuronLabels:
+    """Embed the concepts' prompts with `embedder` (sae_core.text_encoders) and label the neurons."""
+    concepts = list(concepts)
+    text = embedder([c.prompt for c in concepts])
+    prompts = {c.kind: c.prompt.replace(c.name, "{}") for c in concepts}  # one template per kind, for the record
+    method = (f"clip-text: cosine of the mean unit image embedding of each neuron's top-{n_top} images with the "
+              f"text embedding of each concept's prompt ({'; '.join(f'{k}: {p!r}' for k, p in sorted(prompts.items()))}), "
+              f"embedder {embedder.spec}; vocabulary of {len(concepts)} concepts; best concept kept")
+    return label_neurons(top_images, image_embeddings, text, [c.name for c in concepts], n_top=n_top, method=method)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ground truth in the world
+# ----------------------------------------------------------------------------------------------
+def world_factor_values(dataset) -> Callable[[int], set]:
+    """image id -> {colour and shape of each object, background texture} for a world dataset
+    (sae_core.datasets.WorldImages or sae_core.world.dataset.WorldDataset)."""
+
+    def values(i: int) -> set:
+        f = dataset.factors(int(i))
+        out = {o[k] for o in f["objects"] for k in ("colour", "shape")}
+        out.add(f["background"]["texture"])
+        return out
+
+    return values
+
+
+@dataclass
+class DominantFactors:
+    value: list
+    tied: list
+    count: np.ndarray
+    n_images: np.ndarray
+
+    @property
+    def purity(self) -> np.ndarray:
+        """Fraction of a neuron's top images that hold its dominant value (NaN without images)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.n_images > 0, self.count / np.maximum(self.n_images, 1), np.nan)
+
+
+def dominant_factors(top_images: np.ndarray, values_of: Callable[[int], set], n_top: int = 16,
+                     allowed: Sequence[str] | None = None) -> DominantFactors:
+    """For each neuron, the factor value shared by most of its top `n_top` images.
+
+    `values_of(i)`: the set of factor values image i holds; `allowed` restricts the candidates (e.g.
+    to the labelling vocabulary, so that label accuracy can reach 1). Each image is looked up once.
+    """
+    top = np.asarray(top_images)[:, :n_top].astype(np.int64)
+    allow = set(allowed) if allowed is not None else None
+    cache: dict[int, set] = {}
+    K = top.shape[0]
+    value, tied = [], []
+    count = np.zeros(K, np.int64)
+    n_images = np.zeros(K, np.int64)
+    for k in range(K):
+        c: Counter = Counter()
+        ids = [int(i) for i in top[k] if i >= 0]
+        for i in ids:
+            if i not in cache:
+                v = set(values_of(i))
+                cache[i] = v if allow is None else v & allow
+            c.update(cache[i])
+        n_images[k] = len(ids)
+        if not c:
+            value.append(None)
+            tied.append([])
+            continue
+        best = max(c.values())
+        winners = sorted(v for v, n in c.items() if n == best)
+        value.append(winners[0])
+        tied.append(winners)
+        count[k] = best
+    return DominantFactors(value, tied, count, n_images)
+
+
+def label_accuracy(labels: Sequence[str], dominant: DominantFactors) -> float:
+    """Fraction of neurons with a label and a dominant value whose label is a most-shared value."""
+    hits = [lab in ties for lab, ties in zip(labels, dominant.tied) if lab and ties]
+    return float(np.mean(hits)) if hits else float("nan")

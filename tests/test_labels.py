@@ -1,0 +1,168 @@
+"""Neuron labels and text towers: labelling against constructed embeddings with a known answer, the
+world CLIP's text tower through from_pretrained, colour prompts against world images, label accuracy."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core.errors import UserError
+from sae_core.labels import (Concept, dominant_factors, file_concepts, label_accuracy, label_neurons,
+                             label_with_text_embedder, world_concepts, world_factor_values)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_labels_on_constructed_embeddings():
+    rng = np.random.default_rng(0)
+    E, V = 24, 6
+    names = [f"concept{v}" for v in range(V)]
+    text = unit(rng.standard_normal((V, E)))
+    # 40 images per concept, each its concept's text direction plus noise
+    concept_of = np.repeat(np.arange(V), 40)
+    images = unit(text[concept_of] + 0.8 * rng.standard_normal((len(concept_of), E)) / np.sqrt(E))
+    by_concept = [np.flatnonzero(concept_of == v) for v in range(V)]
+    T = 20
+    top = np.full((5, T), -1)
+    top[0, :16] = by_concept[3][:16]                                              # pure concept 3
+    top[1, :10], top[1, 10:16] = by_concept[1][:10], by_concept[4][:6]            # mostly concept 1
+    top[2, :16], top[2, 16:] = by_concept[2][:16], by_concept[5][:4]              # slots past n_top ignored
+    top[3, :3] = by_concept[0][:3]                                                # few images
+    # neuron 4: no images at all
+    out = label_neurons(top, images.astype(np.float16), torch.tensor(text, dtype=torch.float32), names,
+                        n_top=16, method="test")
+    assert out.labels[:4] == ["concept3", "concept1", "concept2", "concept0"] and out.labels[4] == ""
+    assert out.index.tolist() == [3, 1, 2, 0, -1] and np.isnan(out.scores[4])
+    # scores: the definition written out (mean of the first 16 valid unit embeddings, renormalised)
+    emb16 = images.astype(np.float16).astype(np.float64)
+    for k in range(4):
+        ids = [i for i in top[k, :16] if i >= 0]
+        m = unit(emb16[ids].mean(0))
+        cos = text @ m
+        assert out.scores[k] == pytest.approx(cos.max(), abs=1e-5)
+        assert out.index[k] == int(np.argmax(cos))
+    assert out.to_json() == {"method": "test", "vocabulary": names, "labels": out.labels}
+    json.dumps(out.to_json())
+    with pytest.raises(UserError):
+        label_neurons(top, images, text[:, :10], names)  # other dimension
+    with pytest.raises(UserError):
+        label_neurons(top, images, text, names[:3])
+
+
+def test_world_and_file_vocabularies(tmp_path):
+    all_c = world_concepts()
+    assert [c for c in all_c if c.name == "red"] == [Concept("red", "a photo of a red object", "colour")]
+    assert [c.prompt for c in all_c if c.name == "star"] == ["a photo of a star"]
+    assert [c.prompt for c in all_c if c.name == "striped"] == ["striped background"]
+    assert len(all_c) == 12 + 12 + 5
+    (tmp_path / "world.json").write_text(json.dumps({"ood_shape": "hexagon", "ood_colour": "cyan"}))
+    names = [c.name for c in world_concepts(tmp_path)]
+    assert "hexagon" not in names and "cyan" not in names and len(names) == 27
+    f = tmp_path / "vocab.txt"
+    f.write_text("# birds\ncardinal\n\n  blue jay \ncardinal\n")
+    assert file_concepts(f) == [Concept("cardinal", "a photo of a cardinal"), Concept("blue jay", "a photo of a blue jay")]
+    assert file_concepts(f, template="{}")[0].prompt == "cardinal"
+    with pytest.raises(UserError):
+        file_concepts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(UserError):
+        file_concepts(tmp_path / "empty.txt")
+
+
+def test_dominant_factor_and_label_accuracy():
+    values = {0: {"red", "star", "plain"}, 1: {"red", "circle", "plain"}, 2: {"blue", "star", "plain"},
+              3: {"red", "blue", "star", "circle", "dotted"}, 4: {"green", "ring", "dotted"}}
+    top = np.array([[0, 1, 3, -1], [0, 2, 4, -1], [-1, -1, -1, -1], [4, -1, -1, -1]])
+    dom = dominant_factors(top, values.__getitem__, n_top=4, allowed={"red", "blue", "green", "star", "circle", "ring"})
+    # neuron 0: red in 3 of 3, star 2, circle 2 -> red; neuron 1: star in 2 (0, 2), red 1, blue 1 -> star
+    assert dom.value[:2] == ["red", "star"] and dom.count[:2].tolist() == [3, 2]
+    assert dom.value[2] is None and dom.n_images.tolist() == [3, 3, 0, 1]
+    assert dom.tied[3] == ["green", "ring"] and dom.value[3] == "green"  # a tie: both count as right
+    np.testing.assert_allclose(dom.purity[:2], [1.0, 2 / 3])
+    # without `allowed`, texture "plain" (images 0 and 1) still loses to red (0, 1 and 3)
+    assert dominant_factors(top, values.__getitem__, n_top=4).value[0] == "red"
+    assert label_accuracy(["red", "red", "", "ring"], dom) == pytest.approx(2 / 3)  # neuron 2 has no label
+
+
+# ----------------------------------------------------------------------------------------------
+# Text towers (the tiny world's CLIP; a tiny open_clip model saved to a checkpoint file)
+# ----------------------------------------------------------------------------------------------
+def test_world_clip_text_embedder_round_trip_and_colours(tiny_world):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from sae_core.adapters import load_adapter
+    from sae_core.datasets import open_dataset
+    from sae_core.text_encoders import load_text_embedder, text_embedder_for
+    from sae_core.world.text import colour_prompt
+
+    torch.set_num_threads(1)
+    texts = ["a photo of a red object", "a photo of a star", "striped background", "a large blue ring on the left"]
+    te = load_text_embedder(f"world:{tiny_world}")
+    got = te(texts, batch=3)  # two batches
+    # reference: the saved model and tokenizer loaded here with from_pretrained, padded per text
+    model = CLIPModel.from_pretrained(tiny_world / "clip").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_world / "clip")
+    with torch.no_grad():
+        ref = []
+        for t in texts:
+            out = model.get_text_features(**tok([t], return_tensors="pt"))
+            out = out if isinstance(out, torch.Tensor) else out.pooler_output
+            ref.append(out[0] / out[0].norm())
+    torch.testing.assert_close(got, torch.stack(ref), atol=1e-5, rtol=1e-4)
+    assert got.shape == (4, model.config.projection_dim)
+    with pytest.raises(UserError, match="no text tower"):
+        load_text_embedder(f"world:{tiny_world}:llava")
+
+    # colour prompts sit closest to the mean embedding of images of that colour
+    adapter = load_adapter(f"world:{tiny_world}")
+    ds = open_dataset(f"world:{tiny_world}:val")
+    ids = [i for i in range(240) if len(ds.factors(i)["objects"]) == 1]
+    img = adapter.embed(adapter.preprocess([ds[i] for i in ids]), normalize=True).numpy()
+    colour_of = np.array([ds.factors(i)["objects"][0]["colour"] for i in ids])
+    concepts = world_concepts(tiny_world, kinds=("colour",))
+    names = [c.name for c in concepts]
+    text = text_embedder_for(adapter)([colour_prompt(n) for n in names]).numpy()
+    present = [c for c in names if (colour_of == c).sum() >= 3]
+    assert len(present) >= 9
+    right = [names[int(np.argmax(text @ unit(img[colour_of == c].mean(0))))] == c for c in present]
+    assert np.mean(right) >= 0.9, dict(zip(present, right))
+
+    # end to end: fake neurons whose top images are the images of one colour, then label accuracy
+    # against the ground truth factor their images share
+    id_arr = np.array(ids)
+    top = np.full((len(present), 16), -1)
+    for k, c in enumerate(present):
+        sel = id_arr[colour_of == c][:16]
+        top[k, :len(sel)] = sel
+    emb = np.zeros((len(ds), img.shape[1]), np.float16)
+    emb[id_arr] = img
+    labels = label_with_text_embedder(top, emb, text_embedder_for(adapter), world_concepts(tiny_world))
+    assert "top-16" in labels.method and f"world:{tiny_world}" in labels.method
+    dom = dominant_factors(top, world_factor_values(ds), allowed=[c.name for c in world_concepts(tiny_world)])
+    assert dom.value == present  # one colour shared by all 16 images beats any shape or texture
+    assert label_accuracy(labels.labels, dom) >= 0.8, list(zip(labels.labels, dom.value))
+
+
+def test_open_clip_text_embedder_through_a_checkpoint_file(tmp_path):
+    import open_clip
+
+    from sae_core.text_encoders import load_text_embedder
+
+    torch.set_num_threads(1)
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-clip-text-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tiny-clip-text-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip-text-test", pretrained=None).eval()
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    te = load_text_embedder(f"open_clip:tiny-clip-text-test/{path}")
+    texts = ["a photo of a dog", "a diagram"]
+    with torch.no_grad():
+        ref = model.encode_text(open_clip.tokenize(texts, context_length=16))
+    torch.testing.assert_close(te(texts), ref / ref.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert te.dim == 32
