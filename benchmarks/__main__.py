@@ -8,6 +8,7 @@ BENCHMARKS = {
     "extract": "benchmarks.extract",
     "sae_train": "benchmarks.sae_train",
     "saelens_export": "benchmarks.saelens_export",
+    "ms": "benchmarks.ms",
     "app_load": "benchmarks.app_load",
 }
 

@@ -74,12 +74,43 @@ def _as_tensor(x, device, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float64)).to(device)
 
 
-def _check_finite(t: torch.Tensor, name: str, first_image: int, first_column: int = 0) -> None:
-    bad = ~torch.isfinite(t)
+def _raise_non_finite(bad, name: str, first_image: int, first_column: int = 0) -> None:
+    """bad: (n, k) bool array or tensor, True where a value is NaN or inf."""
     if bool(bad.any()):
-        row, col = (int(v) for v in bad.nonzero()[0])
+        row, col = (int(v) for v in np.argwhere(np.asarray(bad.cpu() if isinstance(bad, torch.Tensor) else bad))[0])
         raise UserError(f"{name} contain a non-finite value (NaN or inf) at image {first_image + row}, "
                         f"column {first_column + col}; clean or drop those images before scoring.")
+
+
+class _BlockStats(NamedTuple):
+    """One block of neurons of one chunk: column min/max, images on the min, shifted values y = x - c."""
+    cmin: torch.Tensor
+    cmax: torch.Tensor
+    at_min: torch.Tensor
+    y: torch.Tensor
+    sy: torch.Tensor
+    syy: torch.Tensor
+
+
+def _block_stats_numpy(x: np.ndarray, shift) -> _BlockStats:
+    """CPU path in numpy: its column reductions over a row-major (n, k) block measured 3-10x faster
+    than torch's on this project's CPUs (torch.min(0) also computes indices)."""
+    if x.dtype.kind not in "fiub":
+        raise UserError(f"activations must hold numbers, got dtype {x.dtype}; pass a float array.")
+    cmin, cmax = x.min(0), x.max(0)
+    at = np.count_nonzero(x == cmin, axis=0)
+    c = cmin.astype(np.float64) if shift is None else shift.numpy()
+    y = np.subtract(x, c, dtype=np.float64)
+    t = torch.from_numpy
+    return _BlockStats(t(cmin.astype(np.float64)), t(cmax.astype(np.float64)), t(at.astype(np.int64)), t(y),
+                       t(y.sum(0)), t(np.einsum("nk,nk->k", y, y)))
+
+
+def _block_stats_torch(x: torch.Tensor, shift) -> _BlockStats:
+    cmin, cmax = torch.amin(x, 0), torch.amax(x, 0)
+    at = (x == cmin).sum(0)
+    y = x - (cmin if shift is None else shift)
+    return _BlockStats(cmin, cmax, at, y, y.sum(0), (y * y).sum(0))
 
 
 class MSAccumulator:
@@ -96,6 +127,7 @@ class MSAccumulator:
         self.n_neurons, self.d_embed = int(n_neurons), int(d_embed)
         self.device = torch.device(device)
         self.matmul_dtype = matmul_dtype
+        self.numpy_path = self.device.type == "cpu"                # elementwise work in numpy on CPU (faster)
         f64 = dict(dtype=torch.float64, device=self.device)
         self.n = 0
         self.shift = None                                         # (K,) per-neuron offset c; x is summed as x - c
@@ -123,7 +155,7 @@ class MSAccumulator:
                             f"and {self.n_neurons} neurons, got {tuple(acts.shape)}.")
         if n == 0:
             return
-        _check_finite(emb, "embeddings", self.n)
+        _raise_non_finite(~torch.isfinite(emb), "embeddings", self.n)
         norms = emb.norm(dim=1, keepdim=True)
         if bool((norms == 0).any()):
             raise UserError(f"embedding of image {self.n + int((norms[:, 0] == 0).nonzero()[0])} is all zeros, so it "
@@ -131,25 +163,35 @@ class MSAccumulator:
         emb = emb / norms
         emb_mm = emb.to(self.matmul_dtype)
         block = max(1, _BLOCK_ELEMENTS // n)
+        on_cpu = self.numpy_path
         for k0 in range(0, self.n_neurons, block):
             k1 = min(self.n_neurons, k0 + block)
-            x = _as_tensor(acts[:, k0:k1], self.device, "activations")
-            _check_finite(x, "activations", self.n, k0)
-            cmin, cmax = x.min(0).values, x.max(0).values
-            if self.shift is None and k0 == 0:
-                self.shift = torch.empty(self.n_neurons, dtype=torch.float64, device=self.device)
+            shift = None if self.n == 0 else self.shift[k0:k1]
+            if on_cpu:
+                x = acts[:, k0:k1]
+                if isinstance(x, torch.Tensor):
+                    x = x.detach().cpu()
+                    x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+                st = _block_stats_numpy(np.asarray(x), shift)
+            else:
+                x = _as_tensor(acts[:, k0:k1], self.device, "activations")
+                st = _block_stats_torch(x, shift)
+            if not bool(torch.isfinite(st.sy).all() and torch.isfinite(st.syy).all()):   # NaN/inf anywhere
+                _raise_non_finite(~np.isfinite(np.asarray(x, np.float64)) if on_cpu else ~torch.isfinite(x),
+                                  "activations", self.n, k0)
             if self.n == 0:
-                self.shift[k0:k1] = cmin
-            y = x - self.shift[k0:k1]
-            self.xe[:, k0:k1] += (emb_mm.T @ y.to(self.matmul_dtype)).double()
-            self.sy[k0:k1] += y.sum(0)
-            self.syy[k0:k1] += (y * y).sum(0)
+                if self.shift is None:
+                    self.shift = torch.empty(self.n_neurons, dtype=torch.float64, device=self.device)
+                self.shift[k0:k1] = st.cmin
+            self.xe[:, k0:k1] += (emb_mm.T @ st.y.to(self.matmul_dtype)).double()
+            self.sy[k0:k1] += st.sy
+            self.syy[k0:k1] += st.syy
             # running minimum and how many images sit exactly on it (they get a = 0: no support)
-            at = (x == cmin).sum(0)
             lo = self.lo[k0:k1]
-            self.n_at_lo[k0:k1] = torch.where(cmin < lo, at, self.n_at_lo[k0:k1] + torch.where(cmin == lo, at, 0))
-            self.lo[k0:k1] = torch.minimum(lo, cmin)
-            self.hi[k0:k1] = torch.maximum(self.hi[k0:k1], cmax)
+            self.n_at_lo[k0:k1] = torch.where(st.cmin < lo, st.at_min,
+                                              self.n_at_lo[k0:k1] + torch.where(st.cmin == lo, st.at_min, 0))
+            self.lo[k0:k1] = torch.minimum(lo, st.cmin)
+            self.hi[k0:k1] = torch.maximum(self.hi[k0:k1], st.cmax)
         self.e_sum += emb.sum(0)
         self.n += n
 

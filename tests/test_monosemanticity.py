@@ -107,6 +107,14 @@ def test_streaming_equals_one_shot(small_case):
     streamed = acc.result()
     np.testing.assert_allclose(streamed.ms, one.ms, atol=1e-12, rtol=0, equal_nan=True)
     np.testing.assert_array_equal(streamed.support, one.support)
+    # the torch path (what CUDA runs) gives the same numbers on CPU tensors
+    acc = MSAccumulator(acts.shape[1], emb.shape[1])
+    acc.numpy_path = False
+    for a, b in zip(edges, edges[1:]):
+        acc.update(torch.from_numpy(acts[a:b]), emb[a:b])
+    torch_path = acc.result()
+    np.testing.assert_allclose(torch_path.ms, one.ms, atol=1e-12, rtol=0, equal_nan=True)
+    np.testing.assert_array_equal(torch_path.support, one.support)
 
 
 def test_one_pass_accuracy_against_two_pass_with_offsets():
