@@ -214,9 +214,10 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     # --- geometry ----------------------------------------------------------------------------
     if stage_info(out, "geometry") is None:
         with stage("geometry"):
-            from sae_core.atlas import decoder_neighbors, group_of
+            from sae_core.atlas import decoder_neighbors
+            from sae_core.hierarchy import level_of
 
-            B.write_array(out, "neurons/group.npy", group_of(sae.cfg.group_sizes, sae.cfg.d_sae))
+            B.write_array(out, "neurons/group.npy", level_of(sae.cfg.group_sizes, sae.cfg.d_sae).astype(np.int32))
             ids, cos = decoder_neighbors(sae.W_dec)
             B.write_array(out, "neurons/decoder_neighbors.npy", ids)
             B.write_array(out, "neurons/decoder_neighbor_cos.npy", cos)
@@ -258,6 +259,11 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     for name, arr in result.neurons.items():
         B.write_array(out, f"neurons/{name}.npy", arr)
     B.write_array(out, B.RAW_MS, result.raw_ms)
+    for name, arr in result.raw_top.items():
+        B.write_array(out, f"raw/{name}.npy", arr)
+    if result.parent_coact is not None:
+        B.write_array(out, "neurons/parent_coact.npy", result.parent_coact)
+        B.write_array(out, "neurons/parent_coact_score.npy", result.parent_coact_score)
     B.write_array(out, B.EMBEDDINGS, result.embeddings)
     _copy_sae(Path(job.sae), out / B.SAE_DIR)
     ms, ms_raw = result.neurons["ms"], result.raw_ms
@@ -304,31 +310,65 @@ def _top_embeddings_mean(out: Path, top_images: np.ndarray) -> np.ndarray:
 
 
 def _stage_labels(job, sae, out, scan_info, world):
-    # TODO(labels, issue 5 item 4): call sae_core.labels once it lands; until then every label is empty.
-    try:
-        from sae_core import labels as L  # noqa: F401
-    except ImportError:
-        B.write_json(out, B.LABELS, {"method": "none (sae_core.labels not available)", "vocabulary": [],
-                                     "labels": [""] * sae.cfg.d_sae})
-        B.write_array(out, "neurons/label_score.npy", np.full(sae.cfg.d_sae, np.nan, np.float32))
-        return {"method": None}
-    return _labels_with_module(job, sae, out, world)
+    """Best concept per neuron: the embedder's text tower against the mean embedding of its top images."""
+    from sae_core.labels import file_concepts, label_with_text_embedder, world_concepts
+    from sae_core.text_encoders import load_text_embedder
 
-
-def _labels_with_module(job, sae, out, world):  # filled in when sae_core.labels lands
-    raise NotImplementedError
+    K = sae.cfg.d_sae
+    reason = None
+    if job.vocabulary:
+        concepts = file_concepts(job.vocabulary)
+    elif world is not None:
+        concepts = world_concepts(world[0])
+    else:
+        concepts, reason = None, "no vocabulary given (--vocabulary FILE)"
+    embedder = None
+    if concepts is not None:
+        try:
+            embedder = load_text_embedder(job.embedder, device=job.device)
+        except UserError as e:  # a vision-only embedder: the bundle is still useful without labels
+            reason = f"the embedder {job.embedder} has no text tower ({e})"
+    if embedder is None:
+        B.write_json(out, B.LABELS, {"method": f"none: {reason}", "vocabulary": [], "labels": [""] * K})
+        B.write_array(out, "neurons/label_score.npy", np.full(K, np.nan, np.float32))
+        return {"method": None, "reason": reason}
+    emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
+    res = label_with_text_embedder(np.load(out / "neurons/top_images.npy"), emb, embedder, concepts,
+                                   n_top=job.topk)
+    B.write_json(out, B.LABELS, res.to_json())
+    B.write_array(out, "neurons/label_score.npy", np.asarray(res.scores, np.float32))
+    return {"method": res.method, "vocabulary_size": len(concepts)}
 
 
 def _stage_hierarchy(job, sae, out, scan_info, world):
-    # TODO(hierarchy, issue 5 item 5): call sae_core.hierarchy once it lands.
+    """Parents by decoder cosine (the tree's linkage) and by co-activation (from the scan), taxonomy
+    depth per level against the dataset's taxonomy (world or iNaturalist folders), the tree."""
+    from sae_core.datasets import open_dataset
+    from sae_core.hierarchy import build_tree, decoder_parents, level_of, taxonomy_depth
+
     K = sae.cfg.d_sae
-    B.write_array(out, "neurons/parent.npy", np.full(K, -1, np.int64))
-    B.write_array(out, "neurons/parent_coact.npy", np.full(K, -1, np.int64))
-    group = np.load(out / "neurons/group.npy")
-    ms = np.load(out / "neurons/ms.npy")
-    nodes = [{"id": int(k), "level": int(group[k]), "parent": -1, "label": "", "ms": _num(ms[k])} for k in range(K)]
-    B.write_json(out, B.HIERARCHY, {"linkage": None, "nodes": nodes, "depth_per_level": []})
-    return {}
+    level = level_of(sae.cfg.group_sizes, K)
+    parent, parent_cos = decoder_parents(sae.W_dec.detach().cpu(), sae.cfg.group_sizes)
+    coact_path = out / "neurons/parent_coact.npy"
+    parent_coact = np.load(coact_path) if coact_path.is_file() else np.full(K, -1, np.int64)
+    B.write_array(out, "neurons/parent.npy", parent.astype(np.int64))
+    B.write_array(out, "neurons/parent_cos.npy", parent_cos.astype(np.float32))
+    if not coact_path.is_file():
+        B.write_array(out, "neurons/parent_coact.npy", parent_coact)
+    top = np.load(out / "neurons/top_images.npy")
+    ds = open_dataset(job.dataset)
+    depth_per_level, per_neuron = None, None
+    if ds.taxonomy_path(int(top[top >= 0][0]) if (top >= 0).any() else 0) is not None:
+        depth_per_level, per_neuron = taxonomy_depth(top, level, ds.taxonomy_path, n_top=job.topk)
+        B.write_array(out, "neurons/taxonomy_depth.npy", per_neuron.astype(np.float32))
+    labels = json.loads((out / B.LABELS).read_text())["labels"]
+    tree = build_tree(level, parent, labels=labels, ms=np.load(out / "neurons/ms.npy"),
+                      label_score=np.load(out / "neurons/label_score.npy"), support=np.load(out / "neurons/support.npy"),
+                      parent_coact=parent_coact, parent_cos=parent_cos, depth_per_level=depth_per_level,
+                      linkage="decoder_cosine")
+    B.write_json(out, B.HIERARCHY, tree)
+    return {"depth_per_level": tree["depth_per_level"] if depth_per_level is not None else None,
+            "parent_agreement": tree.get("parent_agreement"), "linkage": "decoder_cosine"}
 
 
 def _num(x) -> float | None:
@@ -346,8 +386,41 @@ def _stage_index(job, sae, out, scan_info, world):
 
 
 def _stage_world(job, sae, out, scan_info, world):
-    # TODO(ground truth, issue 5 item 2): sae_core.ground_truth figures once it lands.
-    return {}
+    """Ground truth of world datasets: purity of each neuron's top images, Spearman(MS, purity) and
+    agreement with simulated users, for SAE and raw neurons; label accuracy; depth per level."""
+    if world is None:
+        return {}
+    from sae_core.ground_truth import ground_truth_report
+    from sae_core.world.dataset import WorldDataset
+
+    ds = WorldDataset(world[0], world[1])
+    sae_rep = ground_truth_report(np.load(out / "neurons/ms.npy"), np.load(out / "neurons/top_images.npy"),
+                                  factors_of=ds.factors, seed=job.seed)
+    raw_rep = ground_truth_report(np.load(out / B.RAW_MS), np.load(out / "raw/top_images.npy"),
+                                  factors_of=ds.factors, seed=job.seed)
+    figures = {"ms_ground_truth_spearman": sae_rep["ms_ground_truth_spearman"],
+               "ms_agreement": sae_rep["ms_agreement"],
+               "ms_ground_truth_spearman_raw": raw_rep["ms_ground_truth_spearman"],
+               "ms_agreement_raw": raw_rep["ms_agreement"],
+               "purity_mean": sae_rep["purity_mean"], "purity_mean_raw": raw_rep["purity_mean"]}
+    labels_info = stage_info(out, "labels") or {}
+    figures["label_accuracy"] = _label_accuracy(out, ds) if labels_info.get("method") else None
+    figures["hierarchy_depth"] = (stage_info(out, "hierarchy") or {}).get("depth_per_level")
+    B.write_json(out, B.WORLD, {**figures, "split": world[1], "world": str(world[0]),
+                                "neurons": sae_rep, "raw": raw_rep})
+    return figures
+
+
+def _label_accuracy(out: Path, ds) -> float | None:
+    """Share of labelled neurons whose label is the factor value most of their top images share
+    (among the vocabulary's values; sae_core.labels.label_accuracy)."""
+    from sae_core.labels import dominant_factors, label_accuracy, world_factor_values
+
+    lab = json.loads((out / B.LABELS).read_text())
+    dom = dominant_factors(np.load(out / "neurons/top_images.npy"), world_factor_values(ds),
+                           allowed=lab["vocabulary"] or None)
+    acc = label_accuracy(lab["labels"], dom)
+    return acc if np.isfinite(acc) else None
 
 
 def _stage_thumbs(job, sae, out, scan_info, world):

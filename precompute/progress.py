@@ -23,6 +23,7 @@ class PipelineProgress:
         self.weights = dict(weights)
         self.total = float(sum(weights.values())) or 1.0
         self.log = Path(log) if log else None
+        enabled = enabled and os.environ.get("TQDM_DISABLE", "") in ("", "0")
         self.bar = tqdm(total=round(self.total, 1), desc=desc, unit="", disable=not enabled, dynamic_ncols=True,
                         file=sys.__stderr__, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
         self.done = 0.0  # weight of finished stages

@@ -98,8 +98,9 @@ class StreamingTopK:
     keeps -1 ids in its empty slots). Ties at equal score prefer the image seen first.
     """
 
-    def __init__(self, n_neurons: int, k: int, n_patches: int = 0):
+    def __init__(self, n_neurons: int, k: int, n_patches: int = 0, positive_only: bool = True):
         self.K, self.T, self.P = n_neurons, k, n_patches
+        self.positive_only = positive_only  # raw units (any sign) keep their highest scores whatever the sign
         self.acts = torch.full((n_neurons, k), -math.inf)
         self.ids = torch.full((n_neurons, k), -1, dtype=torch.int64)
         self.patch = torch.full((n_neurons, k), -1, dtype=torch.int32)
@@ -111,7 +112,9 @@ class StreamingTopK:
         n = scores.shape[0]
         if n == 0:
             return
-        new = scores.t().float().masked_fill(scores.t() <= 0, -math.inf)  # (K, n)
+        new = scores.t().float()  # (K, n)
+        if self.positive_only:
+            new = new.masked_fill(new <= 0, -math.inf)
         cand = torch.cat([self.acts, new], dim=1)  # (K, T + n): the kept ones first, so ties keep them
         # Stable descending order by (score, arrival): topk's tie order is unspecified, a stable sort is not.
         order = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, : self.T]
@@ -279,6 +282,11 @@ class ScanResult:
     """Per-neuron arrays named as in the bundle (ms, support, ..., top_heat, band_*, hist_*)."""
     raw_ms: np.ndarray
     """(d,) MS of the layer's own units, scored the same way."""
+    raw_top: dict
+    """top_images / top_acts (d, T) of the raw units (highest scores, any sign)."""
+    parent_coact: np.ndarray | None
+    """(K,) parent of each Matryoshka latent in the level above by co-activation over images (-1 none)."""
+    parent_coact_score: np.ndarray | None
     embeddings: np.ndarray
     """(N, E) float16 unit-norm image embeddings."""
     metrics: dict
@@ -327,9 +335,15 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     E = embedder.embed_dim
 
     top = StreamingTopK(K, cfg.topk, P)
+    raw_top = StreamingTopK(d, cfg.topk, 0, positive_only=False)
     hist = LogHistogram(K, cfg.hist_bins, cfg.hist_decades)
     res = BinReservoirs(K * cfg.hist_bins, cfg.band_samples, cfg.seed)
     moments = NeuronMoments(K)
+    coact = None
+    if sae.cfg.group_sizes:
+        from .hierarchy import CoactivationCounter
+
+        coact = CoactivationCounter(sae.cfg.group_sizes, K)
     ms_sae = _ms_accumulator(K, E)
     ms_raw = _ms_accumulator(d, E)
     metrics = MetricsAccumulator(K)
@@ -356,9 +370,9 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         x = h.reshape(n * T, d).to(sae_dev)
         z = sae.encode(x)
         # Reconstruction metrics on the rows the SAE was trained on.
-        rows = _metric_rows(n, T, layout.n_prefix, cfg.metric_tokens)
+        rows = _metric_rows(n, T, layout.n_prefix, cfg.metric_tokens).to(sae_dev)
         if cfg.metric_tokens == "mean":
-            xm, zm = h[:, layout.n_prefix:].mean(1).to(sae_dev), None
+            xm = h[:, layout.n_prefix:].mean(1).to(sae_dev)
             zm = sae.encode(xm)
             metrics.update(xm.cpu(), sae.decode(zm).cpu(), zm.cpu())
         else:
@@ -368,8 +382,11 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
         ids_t = torch.from_numpy(ids)
         top.update(scores, ids_t, best, heat)
+        raw_top.update(raw_scores, ids_t)
         s_np = scores.numpy()
         moments.update(s_np)
+        if coact is not None:  # co-activation over images (an image fires a latent when its score > 0)
+            coact.update(s_np > 0)
         img_idx, neuron = np.nonzero(s_np > 0)
         vals = s_np[img_idx, neuron]
         b = hist.update(neuron, vals)
@@ -389,8 +406,11 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     summary = {"fvu": m["fvu"], "l0": m["l0"], "dead_frac": float((neurons["support"] == 0).mean()),
                "dense_frac": float((neurons["frequency"] > 0.1).mean()), "mean_cosine": m["mean_cosine"],
                "metric_rows": m["rows"], "metric_tokens": cfg.metric_tokens}
-    return ScanResult(neurons=neurons, raw_ms=_as_np(ms_raw.result()).astype(np.float32), embeddings=emb_out,
-                      metrics=summary, n_images=int(seen.sum()), skipped=skipped)
+    rt = raw_top.result()
+    pc, pc_score = coact.parents() if coact is not None else (None, None)
+    return ScanResult(neurons=neurons, raw_ms=_as_np(ms_raw.result()).astype(np.float32),
+                      raw_top={"top_images": rt["top_images"], "top_acts": rt["top_acts"]}, embeddings=emb_out,
+                      parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(seen.sum()), skipped=skipped)
 
 
 def _as_np(x) -> np.ndarray:
@@ -436,13 +456,3 @@ def decoder_neighbors(W_dec: Tensor, n: int = 8, chunk: int = 4096) -> tuple[np.
         ids[a:a + chunk, :m] = i.numpy()
         cos[a:a + chunk, :m] = v.numpy()
     return ids, cos
-
-
-def group_of(group_sizes: Sequence[int], n_neurons: int) -> np.ndarray:
-    """Matryoshka level of each latent (0 for SAEs without groups)."""
-    out = np.zeros(n_neurons, np.int32)
-    start = 0
-    for g, size in enumerate(group_sizes or ()):
-        out[start:start + size] = g
-        start += size
-    return out

@@ -45,7 +45,7 @@ WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a
 NEURON_ARRAYS = (
     "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
-    "label_score", "decoder_neighbors", "decoder_neighbor_cos",
+    "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_cos", "parent_coact_score", "taxonomy_depth",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -322,16 +322,12 @@ class Bundle:
         return self.dataset()[i]
 
     def search_index(self):
-        """The FAISS index over images/embeddings.npy (read once)."""
+        """The image search index (sae_core.search_index.SearchIndex, read once): `.search(queries (Q, E),
+        k) -> (ids (Q, k), scores (Q, k))` over images/embeddings.npy; `.index` is the faiss index."""
         if not hasattr(self, "_index"):
-            path = self._path("index") if "index" in self.manifest["files"] else self.root / INDEX
-            if not path.is_file():
-                raise UserError(f"bundle {self.root} has no search index ({INDEX}); rebuild it with the current atlas.")
-            try:
-                import faiss
-            except ImportError as e:
-                raise UserError("search needs faiss; install it with `pip install faiss-cpu`.") from e
-            self._index = faiss.read_index(str(path))
+            from .search_index import load_index
+
+            self._index = load_index(self._path("images/index.faiss"), embeddings=self.array("images/embeddings"))
         return self._index
 
     def hierarchy(self) -> dict:

@@ -1,0 +1,222 @@
+"""The atlas scan: streaming accumulators against full sorts and brute force, the tiny demo bundle
+against a dense recomputation, its ground-truth figures, and resuming/refusing on the command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core.atlas import (BinReservoirs, LogHistogram, NeuronMoments, StreamingTopK, band_samples,
+                            decoder_neighbors, pool_tokens)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sparse_scores(rng, n, k, density=0.3):
+    vals = rng.lognormal(0.0, 1.5, size=(n, k)).astype(np.float32)
+    return np.where(rng.random((n, k)) < density, vals, 0.0).astype(np.float32)
+
+
+def _batches(rng, n):
+    cuts = np.sort(rng.choice(np.arange(1, n), size=7, replace=False))
+    return list(zip(np.r_[0, cuts], np.r_[cuts, n]))
+
+
+def test_streaming_topk_matches_a_full_sort():
+    rng = np.random.default_rng(1)
+    N, K, T, P = 300, 25, 16, 5
+    patch_codes = np.where(rng.random((N, P, K)) < 0.3, rng.random((N, P, K)), 0).astype(np.float32)
+    patch_codes[:, :, 0] = 0  # a dead neuron
+    patch_codes[:5, :, 1] = np.where(patch_codes[:5, :, 1] > 0, patch_codes[:5, :, 1], 0.5)
+    patch_codes[5:, :, 1] = 0  # a neuron that fires on 5 images only (fewer than T)
+    scores, best, heat = pool_tokens(torch.from_numpy(np.concatenate(
+        [np.zeros((N, 1, K), np.float32), patch_codes], 1)), 1, "max")
+    top = StreamingTopK(K, T, P)
+    for a, b in _batches(rng, N):
+        top.update(scores[a:b], torch.arange(a, b), best[a:b], heat[a:b])
+    r = top.result()
+    s = scores.numpy()
+    for k in range(K):
+        firing = np.flatnonzero(s[:, k] > 0)
+        order = firing[np.argsort(-s[firing, k], kind="stable")][:T]  # full sort, ties by image id
+        m = len(order)
+        np.testing.assert_array_equal(r["top_images"][k, :m], order)
+        assert (r["top_images"][k, m:] == -1).all()
+        np.testing.assert_allclose(r["top_acts"][k, :m], s[order, k])
+        # best patch = argmax over patches (+1 for the CLS prefix); heat = the image's patch values
+        np.testing.assert_array_equal(r["top_patch"][k, :m], patch_codes[order, :, k].argmax(1) + 1)
+        np.testing.assert_allclose(r["top_heat"][k, :m].astype(np.float32), patch_codes[order, :, k], rtol=1e-3)
+    assert (r["top_images"][0] == -1).all() and (r["top_images"][1] >= 0).sum() == 5
+
+
+def test_pooling_cls_and_mean():
+    codes = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    s, best, heat = pool_tokens(codes, 1, "cls")
+    torch.testing.assert_close(s, codes[:, 0])
+    s, _, _ = pool_tokens(codes, 1, "mean")
+    torch.testing.assert_close(s, codes[:, 1:].mean(1))
+    assert (best == 4).all() and heat.shape == (2, 4, 3)
+
+
+def test_histogram_moments_and_band_samples_against_brute_force():
+    rng = np.random.default_rng(2)
+    N, K, B, S, NB = 500, 12, 16, 4, 3
+    s = _sparse_scores(rng, N, K)
+    s[:, 3] = 0  # dead
+    hist, mom, res = LogHistogram(K, B, 4.0), NeuronMoments(K), BinReservoirs(K * B, S, seed=5)
+    for a, b in _batches(rng, N):
+        sb = s[a:b]
+        mom.update(sb)
+        img, neu = np.nonzero(sb > 0)
+        vals = sb[img, neu]
+        bins = hist.update(neu, vals)
+        res.update(neu * B + bins, img + a, neu, vals)
+    m = mom.result()
+    fires = s > 0
+    np.testing.assert_array_equal(m["support"], fires.sum(0))
+    np.testing.assert_allclose(m["frequency"], fires.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(m["max_act"], s.max(0), rtol=1e-6)
+    mean = np.array([s[fires[:, k], k].mean() if fires[:, k].any() else 0 for k in range(K)])
+    np.testing.assert_allclose(m["mean_act"], mean, rtol=1e-5)
+    # Histogram: np.histogram of log10 scores, values beyond the edges clipped into the end bins.
+    edges = hist.edges.astype(np.float64)
+    for k in range(K):
+        logs = np.clip(np.log10(s[fires[:, k], k].astype(np.float64)), edges[0], edges[-1] - 1e-9)
+        np.testing.assert_array_equal(hist.counts[k], np.histogram(logs, bins=edges)[0])
+    # Bands: each is a sample of S images (or all of them) drawn by the smallest keys among the
+    # firing images whose bins fall in the band; band 0 holds the highest activations.
+    ids, acts = band_samples(res, hist.counts, NB, S)
+    for k in range(K):
+        if not fires[:, k].any():
+            assert (ids[k] == -1).all()
+            continue
+        firing = np.flatnonzero(fires[:, k])
+        bins = hist.bin_of(s[firing, k])
+        occ = np.flatnonzero(hist.counts[k])
+        bounds = np.linspace(occ[0], occ[-1] + 1, NB + 1).round().astype(int)
+        keys = res.keys_for(firing, np.full(len(firing), k))
+        for band in range(NB):
+            lo, hi = bounds[NB - band - 1], bounds[NB - band]
+            members = np.flatnonzero((bins >= lo) & (bins < hi))
+            want = firing[members[np.argsort(keys[members], kind="stable")][:S]]
+            got = ids[k, band][ids[k, band] >= 0]
+            assert set(got.tolist()) == set(want.tolist())
+            np.testing.assert_allclose(np.sort(acts[k, band][: len(got)]), np.sort(s[got, k]))
+            assert (np.diff(acts[k, band][: len(got)]) <= 0).all()  # sorted high to low
+
+
+def test_decoder_neighbors_against_dense_cosines():
+    W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    ids, cos = decoder_neighbors(W, n=5, chunk=7)
+    Wn = torch.nn.functional.normalize(W, dim=1)
+    C = (Wn @ Wn.t()).numpy()
+    np.fill_diagonal(C, -np.inf)
+    np.testing.assert_array_equal(ids, np.argsort(-C, axis=1)[:, :5])
+    np.testing.assert_allclose(cos, np.sort(C, axis=1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-6)
+
+
+def _pairwise_ms(x, e):
+    """The paper's definition written out: min-max normalise, weighted mean cosine over pairs n < m."""
+    out = np.full(x.shape[1], np.nan)
+    sim = e @ e.T
+    iu = np.triu_indices(len(e), 1)
+    for k in range(x.shape[1]):
+        lo, hi = x[:, k].min(), x[:, k].max()
+        if hi <= lo:
+            continue
+        a = (x[:, k] - lo) / (hi - lo)
+        w = np.outer(a, a)[iu]
+        if w.sum() > 0:
+            out[k] = (w * sim[iu]).sum() / w.sum()
+    return out
+
+
+def test_tiny_bundle_matches_a_dense_recomputation(tiny_bundle):
+    """Recompute every image score of the scanned split densely and check the streamed statistics."""
+    from sae_core.adapters import load_adapter
+    from sae_core.bundle import open_bundle
+
+    torch.set_num_threads(1)
+    b = open_bundle(tiny_bundle)
+    m = b.manifest
+    ds = b.dataset()
+    model = load_adapter(m["model"]["spec"])
+    clip = load_adapter(m["embedder"]["spec"])
+    sae = b.load_sae()
+    n_pre = m["model"]["n_prefix"]
+    scores, raw, emb = [], [], []
+    with torch.no_grad():
+        for a in range(0, b.n_images, 200):
+            ims = [ds[i] for i in range(a, min(a + 200, b.n_images))]
+            h = model.capture(model.preprocess(ims), [m["model"]["layer"]])[m["model"]["layer"]].float()
+            z = sae.encode(h.reshape(-1, h.shape[-1])).reshape(h.shape[0], h.shape[1], -1)
+            scores.append(z[:, n_pre:].amax(1).numpy())
+            raw.append(h[:, n_pre:].amax(1).numpy())
+            emb.append(clip.embed(clip.preprocess(ims), normalize=True).numpy())
+    s, r, e = np.concatenate(scores), np.concatenate(raw), np.concatenate(emb)
+    fires = s > 0
+    np.testing.assert_array_equal(np.asarray(b.array("support")), fires.sum(0))
+    np.testing.assert_allclose(np.asarray(b.array("max_act")), s.max(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.array("images/embeddings"), np.float32), e, atol=2e-3)
+    top_ids, top_acts = np.asarray(b.array("top_images")), np.asarray(b.array("top_acts"))
+    T = top_ids.shape[1]
+    for k in range(b.n_neurons):
+        n = min(T, int(fires[:, k].sum()))
+        np.testing.assert_allclose(top_acts[k, :n], np.sort(s[:, k])[::-1][:n], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(s[top_ids[k, :n], k], top_acts[k, :n], rtol=1e-4, atol=1e-5)
+    assert np.asarray(b.array("hist_counts")).sum(1).tolist() == fires.sum(0).tolist()
+    # MS of SAE and raw neurons against the pairwise definition (float16 embeddings in the bundle:
+    # the closed form used float32 ones, hence the tolerance).
+    np.testing.assert_allclose(np.asarray(b.array("ms")), _pairwise_ms(s.astype(np.float64), e.astype(np.float64)),
+                               atol=1e-4, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(b.array("raw/ms")), _pairwise_ms(r.astype(np.float64), e.astype(np.float64)),
+                               atol=1e-4, equal_nan=True)
+    np.testing.assert_array_equal(np.asarray(b.array("raw/top_images"))[:, 0], r.argmax(0))
+
+
+def test_tiny_bundle_ground_truth(tiny_bundle):
+    """MS tracks the world's ground truth on the tiny preset. Threshold: see README (measured over seeds)."""
+    w = json.loads((tiny_bundle / "world.json").read_text())
+    assert w["ms_ground_truth_spearman"] >= 0.15
+    assert w["ms_agreement"] >= 0.55
+    man = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert man["metrics"]["ms_mean"] > man["metrics"]["ms_mean_raw"]
+
+
+def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path):
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.errors import UserError
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    opts = dict(sae=str(tiny_bundle / "sae"), dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2",
+                embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), limit=60, topk=4, batch_size=16)
+    build_atlas(AtlasJob(**opts))
+    first = open_bundle(tmp_path / "b")
+    first.validate()
+    assert first.n_images == 60 and first.array("top_images").shape[1] == 4
+    top = np.asarray(first.array("top_images")).copy()
+    # A run killed after the scan: later stages and the manifest are gone; the rerun (through the
+    # command line) redoes only those and leaves the scan's files alone.
+    for stage in ("index", "world", "thumbs"):
+        (tmp_path / "b" / ".stages" / f"{stage}.json").unlink()
+    (tmp_path / "b" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="unfinished"):
+        open_bundle(tmp_path / "b")
+    scan_mtime = (tmp_path / "b" / "neurons" / "top_images.npy").stat().st_mtime_ns
+    args = [sys.executable, "-m", "precompute", "atlas", "--sae", opts["sae"], "--dataset", opts["dataset"],
+            "--model", opts["model"], "--layer=-2", "--embedder", opts["embedder"], "--out", opts["out"],
+            "--limit", "60", "--topk", "4", "--batch-size", "16"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "b" / "neurons" / "top_images.npy").stat().st_mtime_ns == scan_mtime
+    again = open_bundle(tmp_path / "b")
+    again.validate()
+    np.testing.assert_array_equal(np.asarray(again.array("top_images")), top)
+    with pytest.raises(UserError, match="other settings"):
+        build_atlas(AtlasJob(**{**opts, "topk": 8}))

@@ -1,0 +1,155 @@
+"""The bundle: writer/reader round trip, refusals, and the tiny demo bundle through the reader and `inspect`."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core import bundle as B
+from sae_core.checkpoint import save_sae
+from sae_core.errors import UserError
+from sae_core.sae import SAEConfig, SparseAutoencoder
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _write_small_bundle(root, K=6, T=3, P=4, N=20, manifest=True):
+    rng = np.random.default_rng(0)
+    save_sae(SparseAutoencoder(SAEConfig("matryoshka", 8, K, k=2, group_sizes=(2, 4))), root / "sae")
+    arrays = {
+        "ms": rng.random(K).astype(np.float32), "support": rng.integers(0, N, K),
+        "frequency": rng.random(K).astype(np.float32), "mean_act": rng.random(K).astype(np.float32),
+        "max_act": rng.random(K).astype(np.float32), "hist_counts": rng.integers(0, 5, (K, 5)),
+        "hist_edges": np.linspace(-3, 1, 6).astype(np.float32),
+        "top_images": np.array([[3, 1, -1]] * K), "top_acts": np.array([[2.0, 1.0, 0.0]] * K, np.float32),
+        "top_patch": np.array([[5, 2, -1]] * K, np.int32), "top_heat": rng.random((K, T, P)).astype(np.float16),
+        "band_images": np.full((K, 2, 2), -1), "band_acts": np.zeros((K, 2, 2), np.float32),
+        "group": np.array([0, 0, 1, 1, 1, 1], np.int32), "parent": np.array([-1, -1, 0, 0, 1, 0]),
+        "parent_coact": np.array([-1, -1, 1, 0, 1, 1]), "label_score": np.arange(K, dtype=np.float32),
+        "decoder_neighbors": np.tile(np.arange(2), (K, 1)), "decoder_neighbor_cos": np.full((K, 2), 0.5, np.float32),
+    }
+    arrays["band_images"][:, 1, 0] = 7
+    arrays["band_acts"][:, 1, 0] = 0.25
+    for name, arr in arrays.items():
+        B.write_array(root, f"neurons/{name}.npy", arr)
+    B.write_json(root, B.LABELS, {"method": "test", "vocabulary": ["a", "b"], "labels": [f"c{k}" for k in range(K)]})
+    B.write_json(root, B.HIERARCHY, {"nodes": [], "depth_per_level": [1.0, 2.0]})
+    if manifest:
+        B.write_manifest(root, {"model": {"spec": "x"}, "sae": {"d_sae": K}, "dataset": {"spec": "none", "n_images": N},
+                                "embedder": {"spec": "x", "d": 4}, "metrics": {"fvu": 0.1}})
+    return arrays
+
+
+def test_round_trip(tmp_path):
+    arrays = _write_small_bundle(tmp_path)
+    b = B.open_bundle(tmp_path)
+    b.validate()
+    assert b.n_neurons == 6 and b.n_images == 20
+    assert isinstance(b.array("ms"), np.memmap)  # lazy: memory-mapped, not read
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(np.asarray(b.array(name)), arr)
+    n = b.neuron(2)
+    assert n["ms"] == pytest.approx(float(arrays["ms"][2]))
+    assert n["top"] == [(3, 2.0, 5), (1, 1.0, 2)]  # the empty slot is dropped
+    np.testing.assert_array_equal(n["top_heat"], arrays["top_heat"][2, :2].astype(np.float32))
+    assert n["bands"] == [[], [(7, 0.25)]]
+    assert (n["group"], n["parent"], n["parent_coact"]) == (1, 0, 1)
+    assert b.neuron(0)["children"] == [2, 3, 5] and b.neuron(1)["children"] == [4]
+    assert n["label"] == "c2" and n["label_method"] == "test" and n["label_score"] == 2.0
+    assert n["neighbors"] == [(0, 0.5), (1, 0.5)]
+    counts, edges = n["hist"]
+    np.testing.assert_array_equal(counts, arrays["hist_counts"][2])
+    np.testing.assert_array_equal(edges, arrays["hist_edges"])
+    assert b.hierarchy()["depth_per_level"] == [1.0, 2.0]
+    sae = b.load_sae()
+    assert sae.cfg.d_sae == 6 and sae.cfg.group_sizes == (2, 4)
+    assert b.manifest["schema_version"] == B.SCHEMA_VERSION
+    assert b.manifest["files"]["ms"] == "neurons/ms.npy"
+
+
+def test_refuses_unfinished_missing_and_wrong_schema(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        B.open_bundle(tmp_path / "nothing")
+    _write_small_bundle(tmp_path, manifest=False)
+    with pytest.raises(UserError, match="unfinished"):
+        B.open_bundle(tmp_path)
+    B.write_manifest(tmp_path, {"model": {}, "sae": {"d_sae": 6}, "dataset": {"n_images": 20}, "embedder": {},
+                                "metrics": {}})
+    B.open_bundle(tmp_path)
+    m = json.loads((tmp_path / B.MANIFEST).read_text())
+    m["schema_version"] = B.SCHEMA_VERSION + 1
+    (tmp_path / B.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(UserError, match="schema version 2") as e:
+        B.open_bundle(tmp_path)
+    assert str(e.value).count(".") <= 3  # one sentence (the path may hold dots)
+
+
+def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
+    _write_small_bundle(tmp_path)
+    b = B.open_bundle(tmp_path)
+    for bad in (6, -1, 10**9, "x", None):
+        with pytest.raises(UserError, match="neuron"):
+            b.neuron(bad)
+    with pytest.raises(UserError, match="image 20 does not exist"):
+        b.image(20)
+    (tmp_path / "neurons/top_acts.npy").unlink()
+    with pytest.raises(UserError, match="missing"):
+        b.validate()
+    with pytest.raises(UserError, match="../etc/passwd"):
+        b.array("../etc/passwd")
+
+
+def test_validate_catches_shape_mismatch(tmp_path):
+    _write_small_bundle(tmp_path)
+    B.write_array(tmp_path, "neurons/ms.npy", np.zeros(5, np.float32))
+    with pytest.raises(UserError, match="5 rows"):
+        B.open_bundle(tmp_path).validate()
+
+
+def test_tiny_bundle_through_the_reader(tiny_bundle):
+    torch.set_num_threads(1)
+    b = B.open_bundle(tiny_bundle)
+    b.validate()
+    m = b.manifest
+    assert m["model"]["layer"] == "-2" and m["model"]["tokens"] == "max"
+    assert m["sae"]["architecture"] == "matryoshka" and m["world"]
+    assert not (tiny_bundle / ".work").exists() or ".work" not in json.dumps(m["files"])
+    k = int(np.nanargmax(np.asarray(b.array("ms"))))
+    page = b.neuron(k)
+    assert page["support"] >= 2 and page["top"]
+    i, act, patch = page["top"][0]
+    assert act == pytest.approx(page["max_act"], rel=1e-5)
+    assert m["model"]["n_prefix"] <= patch < m["model"]["n_tokens"]
+    assert page["top_heat"].shape == (len(page["top"]), m["model"]["n_patches"])
+    # The heat of the best patch is the image's score (max over patches), up to float16.
+    assert page["top_heat"][0].max() == pytest.approx(act, rel=2e-3)
+    # A gallery image comes from its thumbnail, and equals the dataset's rendering.
+    assert b.thumb_path(i).is_file()
+    assert np.array_equal(np.asarray(b.image(i)), np.asarray(b.dataset()[i]))
+    # Search by image: an image's own embedding finds itself first.
+    emb = np.asarray(b.array("images/embeddings"), np.float32)
+    index = b.search_index()
+    ids, _ = index.search(emb[i:i + 1], 3)
+    assert ids[0, 0] == i or np.allclose(emb[ids[0, 0]], emb[i], atol=1e-3)
+    sae = b.load_sae()
+    assert sae.cfg.d_sae == b.n_neurons
+
+
+def test_inspect_json(tiny_bundle):
+    proc = subprocess.run([sys.executable, "-m", "precompute", "inspect", str(tiny_bundle), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    for key in ("n_neurons", "fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw", "ms_ground_truth_spearman",
+                "ms_agreement", "label_accuracy", "hierarchy_depth"):
+        assert key in s, key
+    b = B.open_bundle(tiny_bundle)
+    ms = np.asarray(b.array("ms"), np.float64)
+    assert s["n_neurons"] == len(ms)
+    assert s["ms_mean"] == pytest.approx(float(np.nanmean(ms)), rel=1e-5)
+    assert s["dead_frac"] == pytest.approx(float((np.asarray(b.array("support")) == 0).mean()))
+    proc = subprocess.run([sys.executable, "-m", "precompute", "inspect", str(tiny_bundle / "neurons")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unfinished" in proc.stderr
