@@ -19,7 +19,7 @@ Everything is a pure function of arrays (plus a factor lookup), so an atlas can 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
