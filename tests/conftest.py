@@ -49,3 +49,19 @@ def tiny_bundle(request, tmp_path_factory):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["out"] == str(out.resolve())
     return out
+
+
+@pytest.fixture(scope="session")
+def explorer_app(tiny_bundle, tmp_path_factory):
+    """`python -m app` serving the tiny bundle in a child process for the whole session.
+
+    Returns a namespace: url, bundle (path), cache (the app's generated-files folder)."""
+    from types import SimpleNamespace
+
+    from app.server import spawn
+
+    cache = tmp_path_factory.mktemp("app_cache")
+    proc, url = spawn(tiny_bundle, cache=cache, extra_env={"OMP_NUM_THREADS": "1"})
+    yield SimpleNamespace(url=url, bundle=Path(tiny_bundle), cache=cache)
+    proc.terminate()
+    proc.wait(30)
