@@ -17,6 +17,8 @@ COMMANDS = {
     "atlas": ("precompute.atlas", "Build a bundle: per-neuron atlas (top images, MS, histograms), labels, hierarchy, index."),
     "inspect": ("precompute.inspect", "Print a bundle's summary (--json for machines)."),
     "demo": ("precompute.demo", "The whole pipeline on the embedded world in one command: world, extract, train, atlas."),
+    "steer": ("precompute.steer", "Three answers about an image: original LLaVA, SAE inserted, SAE with latents clamped."),
+    "steer-eval": ("precompute.steer_eval", "Steering figures of a world bundle: paper CLIP protocol and ground-truth success."),
 }
 
 
