@@ -113,7 +113,7 @@ def steer_hidden(h: torch.Tensor, sae: nn.Module, clamp: Clamp | None) -> torch.
     if clamp.empty:
         out = x if clamp.keep_error else sae.decode(z)
     else:
-        lat = torch.as_tensor(clamp.latents, device=z.device)
+        lat = torch.as_tensor(clamp.latents, device=z.device, dtype=torch.long)
         if max(clamp.latents) >= z.shape[-1] or min(clamp.latents) < 0:
             raise UserError(f"latent ids {list(clamp.latents)} must lie in 0..{z.shape[-1] - 1}.")
         vals = torch.as_tensor(np.asarray(clamp.values), device=z.device, dtype=z.dtype)
@@ -123,7 +123,7 @@ def steer_hidden(h: torch.Tensor, sae: nn.Module, clamp: Clamp | None) -> torch.
             pos = torch.arange(T, device=z.device)
         else:
             pos = torch.arange(T, device=z.device) if clamp.positions is None else \
-                torch.as_tensor(clamp.positions, device=z.device)
+                torch.as_tensor(clamp.positions, device=z.device, dtype=torch.long)
             if len(pos) and (int(pos.max()) >= T or int(pos.min()) < 0):
                 raise UserError(f"token positions {clamp.positions} must lie in 0..{T - 1}.")
             vals = vals.expand(len(pos), len(lat))

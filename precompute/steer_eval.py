@@ -1,0 +1,67 @@
+"""`python -m precompute steer-eval`: steering figures of a world bundle: the paper's CLIP-score protocol
+and the world's ground truth (success rate, collateral kept) for several ways of steering."""
+from __future__ import annotations
+
+import json
+
+from sae_core.errors import UserError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--bundle", required=True, help="a world bundle (python -m precompute demo)")
+    p.add_argument("--images", type=int, default=600, help="single-object val images (half tune, half test)")
+    p.add_argument("--per-concept", type=int, default=40, help="test images per target concept")
+    p.add_argument("--tune-per-concept", type=int, default=24, help="tune images per target concept")
+    p.add_argument("--alphas", default="1,1.5,2,2.5,3,4", help="strengths swept (x max activation / x mean code)")
+    p.add_argument("--factors", default="colour,shape")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"))
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--json", action="store_true", help="print the JSON (default: a summary table)")
+
+
+def run(args) -> int:
+    import sys
+
+    import torch
+
+    from sae_core.atomic import write_json_atomic
+    from sae_core.steering import SteeringSession
+    from sae_core.steering_eval import evaluate_world
+
+    session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
+    world = session.bundle.manifest.get("world")
+    if not world:
+        raise UserError(f"bundle {args.bundle} is not a world bundle (no manifest 'world'); steer-eval needs the "
+                        "world's ground truth, build one with `python -m precompute demo`.")
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(","))
+    except ValueError:
+        raise UserError(f"--alphas {args.alphas!r} is not a comma-separated list of numbers.") from None
+    factors = tuple(f for f in args.factors.split(",") if f)
+    if not set(factors) <= {"colour", "shape"}:
+        raise UserError(f"--factors {args.factors!r} may only name colour and shape.")
+    torch.manual_seed(0)
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    result = evaluate_world(session, world, n_images=args.images, alphas=alphas, max_images=args.per_concept,
+                            tune_images=args.tune_per_concept, factors=factors, log=log)
+    result["bundle"] = str(session.bundle.root)
+    if args.out:
+        write_json_atomic(args.out, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("| factor | family (chosen per concept on tune) | success (test) | min | concepts >= 0.70 | collateral kept |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for f, r in result["factors"].items():
+        for fam, v in r["chosen"].items():
+            s = v["summary"]
+            print(f"| {f} | {fam} | {s['success_rate']:.2f} | {s['success_min']:.2f} | "
+                  f"{s['concepts_at_0.70']}/{s['n_concepts']} | {s['collateral_kept']:.2f} |")
+    pp = result.get("paper_protocol")
+    if pp:
+        print(f"CLIP score (paper protocol, {pp['n_neurons']} neurons): steered {pp['clip_score_steered']:.3f}, "
+              f"unsteered {pp['clip_score_unsteered']:.3f}")
+    print(f"headline ({result['headline']['family']}): success {result['success_rate']:.2f}, "
+          f"collateral kept {result['collateral_kept']:.2f}")
+    return 0

@@ -1,0 +1,394 @@
+"""Steering evaluation: the paper's CLIP-score protocol and the embedded world's ground truth.
+
+World protocol (single-object images of a world split, cut into a tune half and a test half):
+for a target concept (a colour, or a shape) and every image whose object does not have it, steer,
+ask the factor's question ("What colour is the shape? Use one word." / the paper's "What is shown in
+this image? Use exactly one word!", which the world LLaVA answers with the shape) and count a
+success when the first word is the target. Collateral kept: among the same images on which the
+original model answered the *other* factor right, the fraction still answered right when steered.
+Every choice (latent, strength, tokens) is made on the tune half; figures are from the test half.
+
+Strategies (what each clamps; `Strategy` below):
+    neuron  one latent per concept (atlas-labelled neurons and the latents with the largest mean
+            activation difference on the concept's object tokens are candidates), set to alpha x its
+            maximum activation, on every token (the paper) or on the object's tokens; error dropped.
+    profile every latent that carries the factor (eta^2 of the factor >= tau on object tokens, more than
+            the other factor's) set to alpha x the concept's mean code, on the tokens where those fire.
+    swap    the same latents moved by alpha x (mean code of target - mean code of the source concept),
+            the source read from the image's own latents (nearest concept mean); error kept.
+    swap_oracle  swap with the true source concept (an upper bound for the probe).
+
+Paper protocol: for each concept's chosen neuron, the first word of the answer to the paper's prompt
+(5 new tokens) on a white image and on test images, steered (the neuron at its chosen strength on
+every token, error dropped) and unsteered, scored by the CLIP cosine between the word's text
+embedding and the mean image embedding of the neuron's top-16 images (bundle embeddings).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .steering import ORIGINAL, Clamp
+from .world.text import QUESTIONS, WHAT_IS_SHOWN
+
+COLOUR_Q = QUESTIONS["colour"][0]
+FACTOR_Q = {"colour": COLOUR_Q, "shape": WHAT_IS_SHOWN}
+OTHER = {"colour": "shape", "shape": "colour"}
+
+
+def first_word(text: str) -> str:
+    words = re.findall(r"[a-z]+", text.lower())
+    return words[0] if words else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP text-image score
+# ----------------------------------------------------------------------------------------------
+class ClipScorer:
+    """cos(CLIP text embedding of a word, mean of the bundle's image embeddings of a latent's top images).
+
+    The text tower is the bundle's embedder's (sae_core.text_encoders). `template` formats the word
+    ("{}" = the word alone, as in the paper).
+    """
+
+    def __init__(self, bundle, template: str = "{}"):
+        from .text_encoders import load_text_embedder
+
+        self.bundle = bundle
+        self.template = template
+        self.embed_text = load_text_embedder(bundle.manifest["embedder"]["spec"])
+        self.images = np.asarray(bundle.array("images/embeddings"), dtype=np.float32)
+        self._text: dict[str, np.ndarray] = {}
+
+    def text(self, words: list[str]) -> np.ndarray:
+        todo = sorted({w for w in words if w not in self._text})
+        if todo:
+            e = self.embed_text([self.template.format(w) for w in todo]).numpy()
+            self._text.update(zip(todo, e))
+        return np.stack([self._text[w] for w in words])
+
+    def latent_image(self, latent: int, top: int = 16) -> np.ndarray:
+        ids = np.asarray(self.bundle.array("top_images")[latent][:top])
+        ids = ids[ids >= 0]
+        if not len(ids):
+            return np.zeros(self.images.shape[1], np.float32)
+        m = self.images[ids].mean(0)
+        return m / max(float(np.linalg.norm(m)), 1e-12)
+
+    def score(self, words: list[str], latents: list[int], top: int = 16) -> np.ndarray:
+        t = self.text([w or "<unk>" for w in words])
+        im = np.stack([self.latent_image(int(k), top) for k in latents])
+        return (t * im).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# World data and concept statistics
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class WorldEvalData:
+    """Single-object images of a world split with their factors, codes and object tokens."""
+
+    images: list
+    colour: np.ndarray
+    shape: np.ndarray
+    codes: np.ndarray
+    """(N, P, K) SAE codes of the patch tokens (what LLaVA reads)."""
+    cover: np.ndarray
+    """(N, P) fraction of each patch covered by the object."""
+    tune: np.ndarray
+    test: np.ndarray
+    original: dict
+    """factor -> (N,) first words of the original model's answers."""
+
+    def labels(self, factor: str) -> np.ndarray:
+        return self.colour if factor == "colour" else self.shape
+
+
+def load_world_eval(session, world_dir: str | Path, split: str = "val", n_images: int = 600) -> WorldEvalData:
+    from .world.dataset import WorldDataset
+
+    ds = WorldDataset(world_dir, split)
+    idx = [i for i in range(len(ds)) if len(ds.factors(i)["objects"]) == 1][:n_images]
+    if len(idx) < 40:
+        raise UserError(f"the world split {split} has only {len(idx)} single-object images; steer-eval needs at least 40.")
+    images = [ds[i] for i in idx]
+    objs = [ds.factors(i)["objects"][0] for i in idx]
+    gr, gc = session.layout.grid
+    cover = []
+    for i in idx:
+        m = ds.masks(i)[0]
+        H, W = m.shape
+        cover.append(m.reshape(gr, H // gr, gc, W // gc).mean((1, 3)).reshape(-1))
+    codes = []
+    for s in range(0, len(images), 256):
+        h, _ = session.hidden(images[s:s + 256])
+        with torch.inference_mode():
+            z = session.sae.encode(h.float().reshape(-1, h.shape[-1])).reshape(h.shape[0], h.shape[1], -1)
+        codes.append(z[:, session.layout.n_prefix:].cpu().numpy())
+    n = len(idx)
+    original = {f: np.array([first_word(a) for a in _batched(session, images, [ORIGINAL] * n, FACTOR_Q[f], 3)])
+                for f in ("colour", "shape")}
+    order = np.arange(n)
+    return WorldEvalData(images, np.array([o["colour"] for o in objs]), np.array([o["shape"] for o in objs]),
+                         np.concatenate(codes), np.stack(cover), order[: n // 2], order[n // 2:], original)
+
+
+def _batched(session, images, clamps, prompt, max_new, batch: int = 128) -> list[str]:
+    out = []
+    for s in range(0, len(images), batch):
+        out += session.answer_batch(images[s:s + batch], clamps[s:s + batch], prompt, max_new)
+    return out
+
+
+@dataclass
+class ConceptStats:
+    """Per factor: which latents carry it, each concept's mean code on them, and neuron candidates."""
+
+    factor: str
+    latents: np.ndarray
+    """The factor's latents (eta^2 >= tau and more than the other factor's)."""
+    means: dict
+    """concept -> mean code over the factor latents, on the tokens where they fire."""
+    candidates: dict
+    """concept -> candidate single latents (best first)."""
+    max_act: np.ndarray
+
+
+def concept_stats(data: WorldEvalData, factor: str, tau: float = 0.1, cover_min: float = 0.25,
+                  labels: list[str] | None = None, n_candidates: int = 3) -> ConceptStats:
+    """From the tune half only (the test half is never looked at here)."""
+    z = data.codes[data.tune]
+    obj = data.cover[data.tune] > cover_min
+    zo = z[obj]
+    K = z.shape[-1]
+    lab = np.repeat(data.labels(factor)[data.tune], obj.sum(1))
+    other = np.repeat(data.labels(OTHER[factor])[data.tune], obj.sum(1))
+
+    def eta2(lbl):
+        mean = zo.mean(0)
+        total = ((zo - mean) ** 2).sum(0) + 1e-9
+        between = sum((lbl == v).sum() * (zo[lbl == v].mean(0) - mean) ** 2 for v in set(lbl))
+        return between / total
+
+    e_f, e_o = eta2(lab), eta2(other)
+    C = np.flatnonzero((e_f >= tau) & (e_f > e_o))
+    concepts = sorted(set(data.labels(factor)))
+    active = (z[..., C] > 0).any(-1) if len(C) else np.zeros(z.shape[:2], bool)
+    img_lab = data.labels(factor)[data.tune]
+    means = {}
+    for c in concepts:
+        rows = z[img_lab == c][active[img_lab == c]]
+        means[c] = rows[:, C].mean(0) if len(rows) else np.zeros(len(C), np.float32)
+    cands = {}
+    for c in concepts:
+        diff = zo[lab == c].mean(0) - zo[lab != c].mean(0) if (lab == c).any() else np.zeros(K)
+        ranked = [int(k) for k in np.argsort(-diff)[:n_candidates]]
+        if labels:  # atlas-labelled neurons first, by how much they fire on the concept
+            named = [k for k, t in enumerate(labels) if c in re.findall(r"[a-z]+", str(t).lower())]
+            named = sorted(named, key=lambda k: -diff[k])[:n_candidates]
+            ranked = named + [k for k in ranked if k not in named]
+        cands[c] = ranked
+    max_act = z.reshape(-1, K).max(0)
+    return ConceptStats(factor, C, means, cands, max_act)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Strategy:
+    """One way of steering a factor to a concept (see the module docstring)."""
+
+    kind: str  # neuron | profile | swap | swap_oracle
+    alpha: float = 1.0
+    where: str = "all"  # neuron: all | object; others: active tokens
+    latent: int = -1  # neuron only
+    keep_error: bool = False
+
+    def name(self) -> str:
+        if self.kind == "neuron":
+            return f"neuron {self.latent} x{self.alpha:g} max on {self.where} tokens"
+        return f"{self.kind} x{self.alpha:g}{' error kept' if self.keep_error else ''}"
+
+
+def make_clamps(strategy: Strategy, stats: ConceptStats, data: WorldEvalData, target: str, rows: np.ndarray,
+                n_prefix: int, cover_min: float = 0.25) -> list[Clamp]:
+    """One Clamp per image row for `strategy` steering `stats.factor` to `target`."""
+    P = data.codes.shape[1]
+    C = stats.latents
+    out = []
+    if strategy.kind != "neuron" and not len(C):
+        return [Clamp(keep_error=strategy.keep_error) for _ in rows]
+    M = np.stack([stats.means[c] for c in sorted(stats.means)]) if strategy.kind == "swap" else None
+    names = sorted(stats.means)
+    for j in rows:
+        if strategy.kind == "neuron":
+            k = strategy.latent
+            pos = None if strategy.where == "all" else \
+                tuple(n_prefix + p for p in np.flatnonzero(data.cover[j] > cover_min))
+            out.append(Clamp((k,), (strategy.alpha * float(stats.max_act[k]),), "set", pos, strategy.keep_error))
+            continue
+        act = (data.codes[j][:, C] > 0).any(1)
+        if strategy.kind == "profile":
+            pos = tuple(n_prefix + p for p in np.flatnonzero(act))
+            out.append(Clamp(tuple(int(k) for k in C), strategy.alpha * stats.means[target], "set", pos,
+                             strategy.keep_error))
+            continue
+        vals = np.zeros((n_prefix + P, len(C)), np.float32)
+        if strategy.kind == "swap_oracle":
+            src = data.labels(stats.factor)[j]
+        else:  # the concept whose mean code is nearest to the image's own (mean over its active tokens)
+            m = data.codes[j][act][:, C].mean(0) if act.any() else np.zeros(len(C), np.float32)
+            src = names[int(np.argmin(((M - m) ** 2).sum(1)))]
+        vals[n_prefix:][act] = strategy.alpha * (stats.means[target] - stats.means[src])
+        out.append(Clamp(tuple(int(k) for k in C), vals, "add", None, strategy.keep_error))
+    return out
+
+
+def run_strategy(session, data: WorldEvalData, stats: ConceptStats, strategy_for, split: str,
+                 concepts: list[str] | None = None, max_images: int = 40) -> dict:
+    """Success and collateral per concept; `strategy_for(concept) -> Strategy`."""
+    factor = stats.factor
+    rows_all = data.tune if split == "tune" else data.test
+    labels, other = data.labels(factor), data.labels(OTHER[factor])
+    per = {}
+    for c in concepts or sorted(stats.means):
+        st = strategy_for(c)
+        rows = np.array([j for j in rows_all if labels[j] != c][:max_images])
+        clamps = make_clamps(st, stats, data, c, rows, session.layout.n_prefix)
+        ims = [data.images[j] for j in rows]
+        hit = np.array([first_word(a) for a in _batched(session, ims, clamps, FACTOR_Q[factor], 3)])
+        side = np.array([first_word(a) for a in _batched(session, ims, clamps, FACTOR_Q[OTHER[factor]], 3)])
+        base_ok = data.original[OTHER[factor]][rows] == other[rows]
+        per[c] = {"strategy": st.name(), "success": float(np.mean(hit == c)),
+                  "collateral_kept": float(np.mean(side[base_ok] == other[rows][base_ok])) if base_ok.any() else 1.0,
+                  "n": int(len(rows))}
+    return per
+
+
+def summarise(per: dict) -> dict:
+    s = np.array([v["success"] for v in per.values()])
+    k = np.array([v["collateral_kept"] for v in per.values()])
+    return {"success_rate": float(s.mean()), "success_min": float(s.min()), "collateral_kept": float(k.mean()),
+            "concepts_at_0.70": int((s >= 0.70).sum()), "n_concepts": int(len(s))}
+
+
+def choose(session, data, stats, options: list, split: str = "tune", max_images: int = 24) -> tuple[dict, dict]:
+    """Per concept, the option (a function concept -> Strategy) with the best tune score:
+    success + collateral kept (both matter); returns {concept: Strategy} and the tune table."""
+    table = {}
+    best: dict = {}
+    for label, fn in options:
+        per = run_strategy(session, data, stats, fn, split, max_images=max_images)
+        table[label] = summarise(per)
+        for c, v in per.items():
+            score = v["success"] + v["collateral_kept"]
+            if c not in best or score > best[c][0]:
+                best[c] = (score, fn(c))
+    table["_best_score"] = float(np.mean([b[0] for b in best.values()]))
+    return {c: b[1] for c, b in best.items()}, table
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole evaluation
+# ----------------------------------------------------------------------------------------------
+KINDS = ("neuron_all", "neuron_object", "profile", "swap", "swap_oracle")
+
+
+def _strategy(kind: str, alpha: float, stats: ConceptStats, rank: int = 0):
+    if kind.startswith("neuron"):
+        where = kind.split("_", 1)[1]
+        return lambda c: Strategy("neuron", alpha, where, stats.candidates[c][min(rank, len(stats.candidates[c]) - 1)])
+    return lambda c: Strategy(kind, alpha, "active", keep_error=kind.startswith("swap"))
+
+
+def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
+                   max_images: int = 40, tune_images: int = 24, factors=("colour", "shape"),
+                   clip_images: int = 8, log=print) -> dict:
+    """Everything steer-eval reports (see the module docstring); `log` gets progress lines."""
+    from PIL import Image
+
+    data = load_world_eval(session, world_dir, n_images=n_images)
+    labels = session.bundle.labels["labels"] if session.bundle is not None else None
+    sae_acc = {}
+    for f in ("colour", "shape"):
+        sae = np.array([first_word(a) for a in _batched(session, data.images, [Clamp()] * len(data.images), FACTOR_Q[f], 3)])
+        sae_acc[f] = {"original": float(np.mean(data.original[f] == data.labels(f))),
+                      "sae_inserted": float(np.mean(sae == data.labels(f)))}
+    out = {"n_images": len(data.images), "n_tune": int(len(data.tune)), "n_test": int(len(data.test)),
+           "accuracy": sae_acc, "factors": {}}
+    chosen_neurons = {}
+    for factor in factors:
+        stats = concept_stats(data, factor, labels=labels)
+        log(f"{factor}: {len(stats.latents)} factor latents; candidates chosen on {len(data.tune)} tune images")
+        # 1. sweep: each kind x strength, the same for every concept, on the test half (the figures)
+        sweep = {}
+        for kind in KINDS:
+            for a in alphas:
+                per = run_strategy(session, data, stats, _strategy(kind, a, stats), "test", max_images=max_images)
+                sweep[f"{kind} x{a:g}"] = summarise(per)
+                log(f"  sweep {factor} {kind:13s} x{a:<4g} success {sweep[f'{kind} x{a:g}']['success_rate']:.2f} "
+                    f"kept {sweep[f'{kind} x{a:g}']['collateral_kept']:.2f}")
+        # 2. per concept, the best option of each family chosen on the tune half, reported on the test half
+        families = {
+            "best_neuron": [(f"{k} r{r} x{a:g}", _strategy(k, a, stats, r)) for k in ("neuron_all", "neuron_object")
+                            for r in range(3) for a in alphas],
+            "best_profile": [(f"profile x{a:g}", _strategy("profile", a, stats)) for a in alphas],
+            "best_swap": [(f"swap x{a:g}", _strategy("swap", a, stats)) for a in alphas],
+            "best_swap_oracle": [(f"swap_oracle x{a:g}", _strategy("swap_oracle", a, stats)) for a in alphas],
+        }
+        chosen = {}
+        for fam, options in families.items():
+            pick, table = choose(session, data, stats, options, max_images=tune_images)
+            per = run_strategy(session, data, stats, lambda c: pick[c], "test", max_images=max_images)
+            chosen[fam] = {"summary": summarise(per), "tune_score": table["_best_score"], "per_concept": per}
+            log(f"  {factor} {fam:17s} test success {chosen[fam]['summary']['success_rate']:.2f} "
+                f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {chosen[fam]['summary']['collateral_kept']:.2f}")
+            if fam == "best_neuron":
+                chosen_neurons.update({(factor, c): (st, float(stats.max_act[st.latent])) for c, st in pick.items()})
+        out["factors"][factor] = {"factor_latents": [int(k) for k in stats.latents], "sweep": sweep, "chosen": chosen,
+                                  "candidates": {c: v for c, v in stats.candidates.items()}}
+    # the headline: for colour, the family (not the oracle) with the best tune score
+    col = out["factors"].get("colour")
+    if col:
+        fam = max(("best_neuron", "best_profile", "best_swap"), key=lambda f: col["chosen"][f]["tune_score"])
+        out["headline"] = {"factor": "colour", "family": fam, "chosen_on": "tune half", "reported_on": "test half"}
+        out["success_rate"] = col["chosen"][fam]["summary"]["success_rate"]
+        out["collateral_kept"] = col["chosen"][fam]["summary"]["collateral_kept"]
+        out["best_neuron_success_rate"] = col["chosen"]["best_neuron"]["summary"]["success_rate"]
+        out["best_neuron_collateral_kept"] = col["chosen"]["best_neuron"]["summary"]["collateral_kept"]
+    # 3. the paper's protocol with each concept's chosen neuron
+    if session.bundle is not None and session.bundle.has("images/embeddings.npy"):
+        scorer = session.scorer()
+        white = Image.new("RGB", session.adapter.image_size, (255, 255, 255))
+        steered_s, unsteered_s, white_s, white_u = [], [], [], []
+        examples = []
+        for (factor, c), (st, max_act) in chosen_neurons.items():
+            rows = [j for j in data.test if data.labels(factor)[j] != c][:clip_images]
+            ims = [white] + [data.images[j] for j in rows]
+            clamp = Clamp((st.latent,), (st.alpha * max_act,), "set")  # the paper: every token, error dropped
+            steered = [first_word(a) for a in session.answer_batch(ims, [clamp] * len(ims), WHAT_IS_SHOWN, 5)]
+            unsteered = [first_word(a) for a in session.answer_batch(ims, [ORIGINAL] * len(ims), WHAT_IS_SHOWN, 5)]
+            sc = scorer.score(steered, [st.latent] * len(ims))
+            su = scorer.score(unsteered, [st.latent] * len(ims))
+            white_s.append(sc[0]), white_u.append(su[0])
+            steered_s += sc[1:].tolist()
+            unsteered_s += su[1:].tolist()
+            examples.append({"factor": factor, "concept": c, "latent": st.latent, "white_steered": steered[0],
+                             "white_unsteered": unsteered[0], "steered_words": steered[1:4]})
+        out["paper_protocol"] = {
+            "prompt": WHAT_IS_SHOWN, "max_new_tokens": 5, "text_template": scorer.template,
+            "clip_score_steered": float(np.mean(steered_s + white_s)),
+            "clip_score_unsteered": float(np.mean(unsteered_s + white_u)),
+            "white_image": {"steered": float(np.mean(white_s)), "unsteered": float(np.mean(white_u))},
+            "dataset_images": {"steered": float(np.mean(steered_s)), "unsteered": float(np.mean(unsteered_s))},
+            "n_neurons": len(chosen_neurons), "examples": examples[:6]}
+        out["clip_score_steered"] = out["paper_protocol"]["clip_score_steered"]
+        out["clip_score_unsteered"] = out["paper_protocol"]["clip_score_unsteered"]
+    return out
+
