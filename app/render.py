@@ -48,6 +48,17 @@ def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best
     return pic
 
 
+def strip(images, tile: int = 96, gap: int = 4):
+    """Images side by side, each fitted into a tile x tile square, on a white background."""
+    from PIL import Image
+
+    out = Image.new("RGB", (len(images) * (tile + gap) - gap, tile), (255, 255, 255))
+    for j, img in enumerate(images):
+        t = upscale(img, tile).convert("RGB")
+        out.paste(t, (j * (tile + gap) + (tile - t.size[0]) // 2, (tile - t.size[1]) // 2))
+    return out
+
+
 def patch_grid(img, grid: tuple[int, int], selected=(), heat: np.ndarray | None = None, vmax: float = 1.0,
                size: int = 320):
     """The steering image with its patch grid drawn, `selected` patches outlined, optional heat."""

@@ -13,7 +13,9 @@ NEURON_CONCURRENCY = 4
 def _gradio_env(cache: Path) -> None:
     """Gradio reads these when it is imported, so they are set first."""
     cache.mkdir(parents=True, exist_ok=True)
-    os.environ["GRADIO_TEMP_DIR"] = str(cache / "gradio")
+    # Generated pictures live inside Gradio's cache folder, so Gradio serves them without hashing and
+    # copying each file on every response (48 files per neuron page).
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -64,6 +66,38 @@ def start(bundle: str | Path, port: int = 0, cache: str | Path | None = None, **
     demo, launch = create_app(settings)
     demo.launch(prevent_thread_lock=True, quiet=True, **launch)
     return demo, demo.local_url.rstrip("/")
+
+
+def spawn(bundle: str | Path, port: int | None = None, cache: str | Path | None = None, timeout: float = 120,
+          extra_env: dict | None = None):
+    """Run `python -m app --bundle B --port P` as a child process (tests, benchmarks) and wait until it
+    answers HTTP 200; returns (process, url). The caller terminates the process."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from .settings import REPO
+
+    port = port or _free_port()
+    env = {**os.environ, "SAE_APP_CACHE": str(cache or tempfile.mkdtemp(prefix="sae_app_")), **(extra_env or {})}
+    log = tempfile.NamedTemporaryFile(prefix="sae_app_", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--bundle", str(bundle), "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url + "/", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"the app did not start within {timeout:.0f} s:\n" + Path(log.name).read_text()[-3000:])
 
 
 def _free_port() -> int:

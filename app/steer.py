@@ -158,6 +158,6 @@ class SteerService:
             for name in ("original", "steered"):
                 answer = getattr(res, name).strip()
                 out[name] = round(session.steering_score(answer, latent), 4) if answer else None
-        except UserError as e:
+        except (UserError, ImportError) as e:  # no bundle embeddings, or the scorer's module is absent
             out["unavailable"] = str(e)
         return out

@@ -5,6 +5,7 @@ import math
 
 import gradio as gr
 import numpy as np
+from gradio.components.plot import PlotData
 
 from sae_core.errors import UserError
 
@@ -54,6 +55,11 @@ SET_URL_JS = """
 """
 
 
+def plotly_json(fig: dict) -> PlotData:
+    """A plotly figure given as a JSON dict, handed to gr.Plot without building a go.Figure."""
+    return PlotData(type="plotly", plot=json.dumps(fig))
+
+
 def user_errors(fn):
     """Turn UserError into gr.Error: the one-sentence message reaches the page and API clients."""
     @functools.wraps(fn)
@@ -84,8 +90,9 @@ class SteerTab:
                                          label=f"dataset image index (0 to {ex.n_images - 1}; -1 = the upload)",
                                          elem_id="steer-image-index")
             self.load_button = gr.Button("Load dataset image", elem_id="steer-load")
-            self.upload = gr.Image(type="filepath", sources=["upload"], label="or upload an image", height=200,
-                                   elem_id="steer-upload")
+            # gr.File, not gr.Image: Gradio would decode an image upload itself before our checks run.
+            self.upload = gr.File(file_types=["image"], type="filepath", label="or upload an image", height=120,
+                                  elem_id="steer-upload")
         with gr.Row():
             self.picture = gr.Image(type="filepath", interactive=False, label="the image (click patches to restrict)",
                                     elem_id="steer-picture", height=340)
@@ -305,7 +312,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                                             placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS)
                     text_button = gr.Button("Search by text")
                 with gr.Row():
-                    search_image = gr.Image(type="filepath", sources=["upload"], label="search neurons by image")
+                    search_image = gr.File(file_types=["image"], type="filepath", label="search neurons by image (upload)",
+                                           elem_id="search-upload", height=120)
                     search_where = gr.Image(type="filepath", interactive=False, label="where the top neuron fires")
                     image_button = gr.Button("Search by image")
                 search_note = gr.Markdown()
@@ -323,7 +331,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 header_md = gr.Markdown(elem_id="neuron-header")
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
                                          columns=8, height="auto", object_fit="contain", elem_id="top-gallery")
-                band_gallery = gr.Gallery(label="lower activation bands", columns=8, height="auto",
+                band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first)", columns=1,
+                                          height="auto",
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():
                     hist_plot = gr.Plot(label="activation histogram")
@@ -343,6 +352,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 steer_parts = SteerTab(ex, steer) if steer is not None else gr.Markdown("Steering is off.")
 
         # ============================================================== events
+        @functools.lru_cache(maxsize=1)
         def overview():
             cols = ex.columns
             raw = np.asarray(ex.bundle.array("raw/ms")) if ex.bundle.has("raw/ms") else None
@@ -387,7 +397,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             page = ex.bundle.neuron(k)
             counts, edges = page["hist"]
             return (k, ex.neuron_summary(k, page), ex.gallery(k, page), ex.band_gallery(k, page),
-                    figures.activation_histogram(counts, edges, k), ex.related(k, page),
+                    plotly_json(figures.activation_histogram(counts, edges, k)), ex.related(k, page),
                     inputs.encode_state({"tab": "neuron", "neuron": k}), gr.Tabs(selected="neuron"))
 
         page_targets = [neuron_in, header_md, top_gallery, band_gallery, hist_plot, related_df, url_box, tabs]
@@ -430,8 +440,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
 
         export_button.click(neuron_export, neuron_in, export_file, api_name="neuron_export")
 
-        @user_errors
-        def hierarchy(kind):
+        @functools.lru_cache(maxsize=2)
+        def hierarchy_cached(kind):
             nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
             if not nodes:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
@@ -446,6 +456,10 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             note = (f"{n} nodes in {levels} of {len(counts)} levels drawn; colour is MS. Taxonomy depth: the mean depth "
                     "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
             return fig, rows, note
+
+        @user_errors
+        def hierarchy(kind):
+            return hierarchy_cached("treemap" if kind == "treemap" else "sunburst")
 
         tree_button.click(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name="hierarchy")
         tree_kind.change(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name=False)

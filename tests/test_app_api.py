@@ -1,0 +1,159 @@
+"""The explorer's API through gradio_client, against `python -m app` on the tiny bundle."""
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from tests.test_app_units import GRADIO_IMAGES, png_header_only
+
+COLOUR_Q = "What colour is the shape? Use one word."
+
+
+@pytest.fixture(scope="module")
+def client(explorer_app):
+    return Client(explorer_app.url, verbose=False, download_files=False)
+
+
+def neurons(explorer_app, name):
+    return np.load(explorer_app.bundle / "neurons" / f"{name}.npy")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_every_action_is_named(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    for name in ("/overview", "/neuron_page", "/neuron_json", "/neuron_table", "/neuron_export", "/hierarchy",
+                 "/search_neurons_by_text", "/search_neurons_by_image", "/steer", "/steer_load_image",
+                 "/steer_select_patch", "/steer_with_neuron", "/restore_from_url", "/steer_restore_from_url"):
+        assert name in names
+    assert not any(n.startswith("/lambda") or n.startswith("/fn_") for n in names)
+
+
+def test_neuron_page_follows_the_bundle(client, explorer_app):
+    support, top = neurons(explorer_app, "support"), neurons(explorer_app, "top_images")
+    k = int(np.argmax(support))
+    out = client.predict(k, api_name="/neuron_page")
+    assert out[0] == k and out[1].startswith(f"### Neuron {k}\n") and f"over {support[k]} images" in out[1]
+    want = [int(i) for i in top[k] if i >= 0]
+    assert [g["caption"].split()[0] for g in out[2]] == [f"#{i}" for i in want]
+    # gallery files are served and are the 160 px tiles; band strips too
+    for item in out[2][:3] + out[3][:1]:
+        with urllib.request.urlopen(item["image"]["url"], timeout=10) as r:
+            assert r.status == 200 and r.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert out[6] == f"tab=neuron&neuron={k}"  # the URL query the page sets
+    rec = client.predict(k, api_name="/neuron_json")
+    assert rec["neuron"] == k and rec["support"] == int(support[k])
+    assert rec["ms"] == pytest.approx(float(neurons(explorer_app, "ms")[k]), abs=1e-4)
+    assert [t["image"] for t in rec["top"]] == want
+
+
+def test_bad_neuron_ids_get_a_message(client, explorer_app):
+    K = len(neurons(explorer_app, "ms"))
+    for bad in (K, -1, 10**12):
+        with pytest.raises(AppError, match="maximum|minimum|out of range|does not exist"):
+            client.predict(bad, api_name="/neuron_page")
+    with pytest.raises(AppError, match="out of range"):
+        client.predict(K, api_name="/neuron_json")
+    with pytest.raises(AppError, match="not an integer"):
+        client.predict(2.5, api_name="/neuron_json")
+
+
+def test_table_and_hierarchy(client, explorer_app):
+    ms, group = neurons(explorer_app, "ms"), neurons(explorer_app, "group")
+    t = client.predict(0.0, 0, "all", "", "ms", True, 10, api_name="/neuron_table")
+    want = np.argsort(-np.nan_to_num(ms, nan=-np.inf), kind="stable")[:10]
+    assert [r[0] for r in t["data"]] == want.tolist()
+    fig, depth, note = client.predict("treemap", api_name="/hierarchy")
+    assert [r[1] for r in depth["data"]] == np.bincount(group).tolist()
+
+
+def test_original_answer_matches_llava_generate(client, explorer_app):
+    """The page's 'original' answer is what transformers' own LLaVA.generate says (independent path)."""
+    import json
+
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from sae_core.world.dataset import WorldDataset
+    from sae_core.world.text import llava_prompt
+
+    torch.set_num_threads(1)
+    world = json.loads((explorer_app.bundle / "manifest.json").read_text())["world"]
+    llava = LlavaForConditionalGeneration.from_pretrained(Path(world) / "llava").eval()
+    proc = AutoProcessor.from_pretrained(Path(world) / "llava")
+    ds = WorldDataset(world, "val")
+    for i in (0, 1):
+        enc = proc(images=[ds[i]], text=[llava_prompt(COLOUR_Q)], return_tensors="pt")
+        with torch.inference_mode():
+            ids = llava.generate(**enc, max_new_tokens=5, do_sample=False)
+        want = proc.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+        out = client.predict(image_index=i, upload=None, latent_1=0, value_1=0.0, question=COLOUR_Q, sweep=False,
+                             api_name="/steer")
+        assert out[0] == want
+
+
+def test_steer_sweep_state_and_bounds(client, explorer_app):
+    k = int(np.argmax(neurons(explorer_app, "max_act")))
+    out = client.predict(image_index=2, upload=None, latent_1=k, value_1=4.0, patches="0,5", keep_error=True,
+                         question=COLOUR_Q, sweep=True, api_name="/steer")
+    original, sae, steered, sweep, score, details, query = out
+    assert [r[0] for r in sweep["data"]] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert details["clamp"]["latents"] == [k] and details["clamp"]["keep_error"] is True
+    assert details["clamp"]["positions"] == [1, 6]  # patches 0 and 5 after the CLS token
+    max_act = float(neurons(explorer_app, "max_act")[k])
+    assert details["clamp"]["values"][0] == pytest.approx(4.0 * max_act, rel=1e-4)
+    assert "steering score" in score
+    assert query == (f"tab=steer&image=2&latents={k}&values=4&patches=0%2C5&keep_error=1&"
+                     "question=What+colour+is+the+shape%3F+Use+one+word.")
+    with pytest.raises(AppError, match="maximum value"):
+        client.predict(image_index=2, upload=None, latent_1=k, value_1=1e30, api_name="/steer")
+    with pytest.raises(AppError, match="no latent"):
+        client.predict(image_index=2, upload=None, api_name="/steer")
+    with pytest.raises(AppError, match="patch 99|out of range"):
+        client.predict(image_index=2, upload=None, latent_1=k, patches="99", api_name="/steer")
+
+
+def test_uploads_search_and_refusals(client, tmp_path):
+    out = client.predict(handle_file(str(GRADIO_IMAGES / "cheetah.jpg")), api_name="/search_neurons_by_image")
+    table, picture, note = out
+    assert table["data"] and "fire on the image" in note
+    acts = [r[1] for r in table["data"]]
+    assert acts == sorted(acts, reverse=True) and acts[0] > 0
+    bomb = tmp_path / "bomb.png"
+    png_header_only(bomb, 40_000, 40_000)
+    with pytest.raises(AppError, match="decompression bomb|megapixels"):
+        client.predict(handle_file(str(bomb)), api_name="/search_neurons_by_image")
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image at all")
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(handle_file(str(fake)), api_name="/search_neurons_by_image")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes((GRADIO_IMAGES / "tower.jpg").read_bytes()[:5000])
+    with pytest.raises(AppError, match="corrupt or truncated"):
+        client.predict(image_index=-1, upload=handle_file(str(cut)), latent_1=0, api_name="/steer")
+
+
+def test_only_generated_files_are_served(client, explorer_app):
+    url = explorer_app.url + "/gradio_api/file="
+    page = client.predict(1, api_name="/neuron_page")
+    served = page[2][0]["image"]["path"]
+    assert http_status(url + served) == 200
+    bundle = explorer_app.bundle.resolve()
+    for path in (bundle / "sae" / "sae.safetensors", bundle / "manifest.json", bundle / "neurons" / "ms.npy",
+                 Path(__file__).resolve(), Path("/etc/passwd"),
+                 Path(served).parent / ".." / ".." / ".." / ".." / "etc" / "passwd"):
+        assert http_status(url + str(path)) in (403, 404), path
+    thumbs = sorted((bundle / "images" / "thumbs").glob("*.png"))
+    if thumbs:
+        assert http_status(url + str(thumbs[0])) in (403, 404)

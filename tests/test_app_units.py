@@ -1,0 +1,224 @@
+"""The explorer's pieces without a server: uploads, input bounds, URL state, pictures, tables, settings."""
+import io
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import inputs
+from app.explorer import Explorer
+from app.render import heat_overlay, patch_at
+from app.uploads import UploadLimits, load_upload
+from sae_core.bundle import open_bundle
+from sae_core.errors import UserError
+
+GRADIO_IMAGES = Path(__import__("gradio").__file__).parent / "media_assets" / "images"
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    row = b"\x00" + b"\x00" * 3 * 8
+    body = zlib.compress(row * 8)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Uploads
+# ----------------------------------------------------------------------------------------------
+def test_real_photos_load_as_rgb_with_their_size():
+    for name in ("cheetah.jpg", "tower.jpg"):
+        path = GRADIO_IMAGES / name
+        with Image.open(path) as ref:
+            size = ref.size
+        im = load_upload(path)
+        assert im.mode == "RGB" and im.size == size
+
+
+def test_png_gif_and_exif_rotation(tmp_path):
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    assert np.array_equal(np.asarray(load_upload(tmp_path / "a.png")), arr)
+    frames = [Image.new("P", (8, 6), i) for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert load_upload(tmp_path / "a.gif").size == (8, 6)
+    # EXIF orientation 6 = rotate 90 clockwise for display: a 30x20 file shows as 20x30
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    assert load_upload(tmp_path / "r.jpg").size == (20, 30)
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    png_header_only(bomb, 50_000, 50_000)
+    assert bomb.stat().st_size < 200
+    with pytest.raises(UserError, match="decompression bomb|megapixels"):
+        load_upload(bomb)
+    # within PIL's own limit but above ours: refused by our pixel limit with the size in the message
+    big = tmp_path / "big.png"
+    png_header_only(big, 5000, 4000)
+    with pytest.raises(UserError, match="5000 x 4000"):
+        load_upload(big)
+
+
+def test_byte_limit_non_images_and_corrupt_files(tmp_path):
+    data = (GRADIO_IMAGES / "cheetah.jpg").read_bytes()
+    small = UploadLimits(max_bytes=len(data) - 1)
+    with pytest.raises(UserError, match="MiB"):
+        load_upload(GRADIO_IMAGES / "cheetah.jpg", small)
+    text = tmp_path / "notes.png"
+    text.write_text("these are not pixels\n" * 10)
+    with pytest.raises(UserError, match="not an image"):
+        load_upload(text)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_upload(truncated)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        load_upload(empty)
+    with pytest.raises(UserError, match="no image"):
+        load_upload(None)
+    ico = tmp_path / "x.ico"
+    Image.new("RGB", (16, 16)).save(ico)
+    with pytest.raises(UserError, match="not accepted"):
+        load_upload(ico)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input bounds and URL state
+# ----------------------------------------------------------------------------------------------
+def test_integer_bounds():
+    assert inputs.integer("12", "neuron id", 0, 20) == 12
+    assert inputs.integer(" #7 ", "neuron id", 0, 20) == 7
+    assert inputs.integer(3.0, "neuron id", 0, 20) == 3
+    for bad in (float("nan"), float("inf"), 2.5, "abc", "", None, True, 21, -1, "1e3"):
+        with pytest.raises(UserError):
+            inputs.integer(bad, "neuron id", 0, 20)
+
+
+def test_clamp_values_are_finite_and_bounded():
+    assert inputs.clamp_value(3, 2.0) == (3.0, False)
+    v, bounded = inputs.clamp_value(1e30, 2.0)
+    assert bounded and v == inputs.CLAMP_FACTOR * 2.0
+    v, bounded = inputs.clamp_value(-1e30, 2.0)
+    assert bounded and v == -inputs.CLAMP_FACTOR * 2.0
+    for bad in (float("nan"), float("inf"), "x", None):
+        with pytest.raises(UserError):
+            inputs.clamp_value(bad, 2.0)
+
+
+def test_int_lists_and_url_state_round_trip():
+    assert inputs.int_list("3, 17 3 5", "patch", 0, 20, 5) == [3, 17, 5]
+    with pytest.raises(UserError):
+        inputs.int_list("1,2,3", "latent", 0, 9, 2)
+    state = {"tab": "steer", "image": 4, "latents": [5, 9], "values": [4.0, 2.5], "patches": [1, 2],
+             "keep_error": True, "question": "What colour is the shape? Use one word."}
+    q = inputs.encode_state(state)
+    from urllib.parse import parse_qsl
+
+    back = inputs.decode_state(dict(parse_qsl(q)))
+    assert back == {"tab": "steer", "image": "4", "latents": ["5", "9"], "values": ["4", "2.5"],
+                    "patches": ["1", "2"], "keep_error": True, "question": state["question"]}
+    assert inputs.decode_state({"tab": "../../etc", "evil": "1"}) == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------
+def test_patch_at_matches_brute_force():
+    size, grid = (320, 200), (4, 5)
+    for x in range(0, 320, 7):
+        for y in range(0, 200, 9):
+            want = min(3, y * 4 // 200) * 5 + min(4, x * 5 // 320)
+            assert patch_at((x, y), size, grid) == want
+
+
+def test_heat_overlay_reddens_the_hot_patch_only():
+    img = Image.new("RGB", (32, 32), (0, 0, 255))
+    heat = np.zeros(16, dtype=np.float32)
+    heat[5] = 3.0  # row 1, column 1
+    pic = np.asarray(heat_overlay(img, heat, (4, 4), vmax=3.0, size=160)).astype(int)
+    assert pic.shape == (160, 160, 3)
+    hot = pic[60, 60]      # centre of patch (1, 1) in a 40 px grid
+    cold = pic[140, 140]   # patch (3, 3)
+    assert hot[0] > 150 and hot[2] < 120
+    assert tuple(cold) == (0, 0, 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# The data layer on the tiny bundle
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def explorer(tiny_bundle, tmp_path_factory):
+    return Explorer(open_bundle(tiny_bundle), tmp_path_factory.mktemp("app_cache"))
+
+
+def test_table_filters_and_sorts_like_numpy(explorer, tiny_bundle):
+    ms = np.load(Path(tiny_bundle) / "neurons" / "ms.npy")
+    support = np.load(Path(tiny_bundle) / "neurons" / "support.npy")
+    group = np.load(Path(tiny_bundle) / "neurons" / "group.npy")
+    df = explorer.table(min_ms=0.3, min_support=5, level=1, sort_by="ms", descending=True, limit=500)
+    want = [k for k in range(len(ms)) if np.isfinite(ms[k]) and ms[k] >= 0.3 and support[k] >= 5 and group[k] == 1]
+    want.sort(key=lambda k: -ms[k])
+    assert df["neuron"].tolist() == want
+    asc = explorer.table(sort_by="support", descending=False, limit=10)
+    assert asc["support"].tolist() == sorted(support.tolist())[:10]
+    with pytest.raises(UserError):
+        explorer.table(sort_by="; drop table")
+
+
+def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
+    root = Path(tiny_bundle) / "neurons"
+    top_images, top_acts = np.load(root / "top_images.npy"), np.load(root / "top_acts.npy")
+    k = int(np.argmax(np.load(root / "support.npy")))
+    rec = explorer.neuron_record(k)
+    json.dumps(rec)  # JSON-able: no NaN, no numpy types
+    want = [int(i) for i in top_images[k] if i >= 0]
+    assert [t["image"] for t in rec["top"]] == want
+    assert np.allclose([t["act"] for t in rec["top"]], top_acts[k][: len(want)], atol=1e-4)
+    gallery = explorer.gallery(k)
+    assert len(gallery) == len(want)
+    for (path, caption), img_id in zip(gallery, want):
+        assert Path(path).parent == explorer.images.root and caption.startswith(f"#{img_id} ")
+        with Image.open(path) as im:
+            assert im.size == (160, 160)
+    with pytest.raises(UserError):
+        explorer.neuron_record(explorer.n_neurons)
+    with pytest.raises(UserError):
+        explorer.neuron_record(float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and start-up
+# ----------------------------------------------------------------------------------------------
+def test_settings_from_env_and_flags(monkeypatch, tmp_path):
+    from app.settings import AppSettings
+
+    monkeypatch.setenv("SAE_APP_BUNDLE", str(tmp_path / "b"))
+    monkeypatch.setenv("SAE_APP_DEVICE", "cuda:1")
+    monkeypatch.setenv("SAE_APP_LOAD_4BIT", "1")
+    monkeypatch.setenv("SAE_APP_PORT", "8123")
+    s = AppSettings.from_env()
+    assert (s.bundle, s.device, s.load_4bit, s.port) == (tmp_path / "b", "cuda:1", True, 8123)
+    assert AppSettings.from_env(port=9000, bundle=tmp_path / "c").port == 9000
+    monkeypatch.setenv("SAE_APP_PORT", "eighty")
+    with pytest.raises(UserError, match="port"):
+        AppSettings.from_env()
+
+
+def test_missing_named_bundle_is_a_message_not_a_build(tmp_path, capsys):
+    from app.__main__ import main
+
+    assert main(["--bundle", str(tmp_path / "nowhere")]) == 2
+    assert "python -m precompute demo" in capsys.readouterr().err
