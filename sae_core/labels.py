@@ -12,13 +12,17 @@ API
     file_concepts(path, template="a photo of a {}") -> list[Concept]
                               one concept per line; blank lines and lines starting with # skipped
     label_neurons(top_images (K, T), image_embeddings (N, E), text_embeddings (V, E), names (V,),
-                  n_top=16, method="", chunk=4096) -> NeuronLabels
-    label_with_text_embedder(top_images, image_embeddings, embedder: TextEmbedder, concepts, n_top=16)
-        -> NeuronLabels       embeds the prompts and fills the method string
+                  n_top=16, method="", chunk=4096, baseline=None) -> NeuronLabels
+    label_with_text_embedder(top_images, image_embeddings, embedder: TextEmbedder, concepts, n_top=16,
+                             centred=True) -> NeuronLabels
+                              embeds the prompts, fills the method string; centred: rank by cosine
+                              minus the concept's cosine with the dataset's mean image (see label_neurons)
+    mean_direction(image_embeddings) -> (E,) float32   normalised mean image embedding
     NeuronLabels
         .labels list[str] (K,)   "" where a neuron has no top image
         .index  int64 (K,)       vocabulary index, -1 where no label
-        .scores float32 (K,)     cosine(mean top-image embedding, text embedding), NaN where no label
+        .scores float32 (K,)     the ranking score of the label: cosine(mean top-image embedding, text
+                                 embedding), minus the baseline's cosine when centred; NaN where no label
         .method str, .vocabulary list[str]
         .to_json() -> {"method", "vocabulary", "labels"}      (neurons/labels.json)
     world_factor_values(dataset) -> callable image_id -> set[str]
@@ -113,12 +117,17 @@ class NeuronLabels:
 
 
 def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, names: Sequence[str],
-                  n_top: int = 16, method: str = "", chunk: int = 4096) -> NeuronLabels:
-    """Best concept per neuron: argmax_v cos(mean_t e(top image t), text_v).
+                  n_top: int = 16, method: str = "", chunk: int = 4096, baseline=None) -> NeuronLabels:
+    """Best concept per neuron: argmax_v cos(m_k, text_v), m_k = the normalised mean of the unit
+    embeddings of neuron k's top `n_top` images; the score stored is that cosine.
 
     top_images: (K, T) image ids, best first, -1 for empty slots (the first `n_top` are used).
     image_embeddings: (N, E) unit-norm rows (float16 memmap fine: only the needed rows are read).
     text_embeddings: (V, E) unit-norm rows (tensor or array), names: (V,) the labels they stand for.
+    baseline: optional (E,) unit vector, the dataset's mean image direction (`mean_direction`); the
+    ranking score becomes cos(m_k, text_v) - cos(baseline, text_v): how much better the concept fits
+    the neuron's images than an average image. It removes prompts that are close to every image
+    (see README: label accuracy in the world), and the stored score is this difference.
     """
     text = np.asarray(text_embeddings.detach().cpu() if isinstance(text_embeddings, torch.Tensor) else text_embeddings,
                       dtype=np.float32)
@@ -127,6 +136,9 @@ def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, nam
     if text.shape[1] != image_embeddings.shape[1]:
         raise UserError(f"text embeddings have dimension {text.shape[1]} but image embeddings {image_embeddings.shape[1]}; "
                         "label with the text tower of the embedder that made the image embeddings.")
+    offset = np.zeros(len(text), np.float32)
+    if baseline is not None:
+        offset = text @ np.asarray(baseline, np.float32).reshape(-1)
     top = np.asarray(top_images)[:, :n_top].astype(np.int64)
     K = top.shape[0]
     index = np.full(K, -1, np.int64)
@@ -140,7 +152,7 @@ def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, nam
         mean = (emb[r] * v[..., None]).sum(1) if len(emb) else np.zeros((len(r), text.shape[1]), np.float32)
         norm = np.linalg.norm(mean, axis=1, keepdims=True)
         has = v.any(1) & (norm[:, 0] > 0)
-        cos = (mean / np.where(norm > 0, norm, 1)) @ text.T  # (chunk, V)
+        cos = (mean / np.where(norm > 0, norm, 1)) @ text.T - offset  # (chunk, V)
         best = cos.argmax(1)
         index[s:s + chunk] = np.where(has, best, -1)
         scores[s:s + chunk] = np.where(has, cos[np.arange(len(best)), best], np.nan)
@@ -149,16 +161,29 @@ def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, nam
     return NeuronLabels(labels, index, scores, method, names)
 
 
+def mean_direction(image_embeddings, chunk: int = 65536) -> np.ndarray:
+    """(E,) unit vector: the normalised mean of all image embeddings (streamed in chunks)."""
+    total = np.zeros(image_embeddings.shape[1], np.float64)
+    for s in range(0, len(image_embeddings), chunk):
+        total += np.asarray(image_embeddings[s:s + chunk], dtype=np.float64).sum(0)
+    norm = np.linalg.norm(total)
+    return (total / norm if norm > 0 else total).astype(np.float32)
+
+
 def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder, concepts: Sequence[Concept],
-                             n_top: int = 16) -> NeuronLabels:
-    """Embed the concepts' prompts with `embedder` (sae_core.text_encoders) and label the neurons."""
+                             n_top: int = 16, centred: bool = True) -> NeuronLabels:
+    """Embed the concepts' prompts with `embedder` (sae_core.text_encoders) and label the neurons;
+    `centred` ranks by the cosine minus the concept's cosine with the dataset's mean image."""
     concepts = list(concepts)
     text = embedder([c.prompt for c in concepts])
     prompts = {c.kind: c.prompt.replace(c.name, "{}") for c in concepts}  # one template per kind, for the record
-    method = (f"clip-text: cosine of the mean unit image embedding of each neuron's top-{n_top} images with the "
-              f"text embedding of each concept's prompt ({'; '.join(f'{k}: {p!r}' for k, p in sorted(prompts.items()))}), "
+    baseline = mean_direction(image_embeddings) if centred else None
+    score = ("cosine minus the concept's cosine with the mean image of the dataset" if centred else "cosine")
+    method = (f"clip-text: {score}, between the mean unit image embedding of each neuron's top-{n_top} images and "
+              f"the text embedding of each concept's prompt ({'; '.join(f'{k}: {p!r}' for k, p in sorted(prompts.items()))}); "
               f"embedder {embedder.spec}; vocabulary of {len(concepts)} concepts; best concept kept")
-    return label_neurons(top_images, image_embeddings, text, [c.name for c in concepts], n_top=n_top, method=method)
+    return label_neurons(top_images, image_embeddings, text, [c.name for c in concepts], n_top=n_top, method=method,
+                         baseline=baseline)
 
 
 # ----------------------------------------------------------------------------------------------

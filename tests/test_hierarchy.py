@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_core.hierarchy import (CoactivationCounter, build_tree, decoder_parents, lca_depth, level_bounds,
-                                level_of, parent_agreement, taxonomy_depth)
+                                level_of, parent_agreement, taxonomy_depth, tree_parents)
 from sae_core.sparse_ops import codes_from_mask
 
 GROUPS = (3, 5, 9)  # K = 17: levels [0,3), [3,8), [8,17)
@@ -199,3 +199,10 @@ def test_tree_is_json_and_consistent():
         if n["parent"] >= 0:
             assert tree["nodes"][n["parent"]]["level"] == n["level"] - 1
     assert parent_agreement(parent, coact) == pytest.approx(13 / 14)
+
+
+def test_tree_parents_prefer_coactivation():
+    coact = np.array([-1, -1, 0, -1, 1])
+    cos = np.array([-1, -1, 1, 0, 0])
+    parent, from_coact = tree_parents(coact, cos)
+    assert parent.tolist() == [-1, -1, 0, 0, 1] and from_coact.tolist() == [False, False, True, False, True]
