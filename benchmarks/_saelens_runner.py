@@ -101,6 +101,14 @@ def train(spec: dict) -> dict:
     timed = step_times[spec["timing_skip"]:]
     result = {"tokens_per_s": B * len(timed) / sum(timed), "timed_steps": len(timed)}
 
+    # BatchTopK mode (the training activation, k*B per chunk of B held-out rows): FVU at L0 = k.
+    btk = []
+    with torch.no_grad():
+        for a in range(n_train, data.shape[0], B):
+            x = torch.from_numpy(np.asarray(data[a:a + B])).to(device, torch.float32) * scale
+            btk.append((sae.decode(sae.encode(x)) / scale).cpu().numpy())
+    np.save(spec["x_hat_btk"], np.concatenate(btk))
+
     # Inference mode: the JumpReLU SAE SAELens saves for a trained BatchTopK SAE, loaded back.
     sae.eval()
     with tempfile.TemporaryDirectory() as tmp:

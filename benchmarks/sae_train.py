@@ -18,6 +18,9 @@ Columns:
   reconstructions each SAE makes in its inference mode (ours: per-latent thresholds; SAELens:
   its BatchTopK SAE in eval mode, i.e. the JumpReLU with its learned threshold);
 - L0: mean active latents per held-out token, in inference mode;
+- FVU at L0 = k: the same pooled FVU with the training activation instead (BatchTopK: the k*B largest
+  activations of each chunk of B held-out rows), so every row is compared at exactly the same L0
+  whatever state its inference threshold is in;
 - peak RSS: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of the row's subprocess (whole process:
   data, training and evaluation); on CUDA also `torch.cuda.max_memory_allocated`;
 - roofline: tokens/s * (2*d*n + 8*k*d) FLOP per token / the faster of the fp32 and bf16 matmul
@@ -119,7 +122,8 @@ def run_ours(spec: dict) -> dict:
 
     from sae_core.activation_store import ActivationStore
     from sae_core.checkpoint import load_sae
-    from sae_core.sae import SAEConfig, matryoshka_group_sizes
+    from sae_core.sae import SAEConfig, batchtopk_codes, matryoshka_group_sizes
+    from sae_core.sparse_ops import dense_codes
     from sae_core.training import TrainConfig, train_sae
 
     store = ActivationStore(spec["data"])
@@ -148,6 +152,15 @@ def run_ours(spec: dict) -> dict:
             active += int((z != 0).sum())
             x_hat.append(sae.decode(z).cpu().numpy())
     np.save(spec["x_hat"], np.concatenate(x_hat))
+    # BatchTopK mode (the training activation, k*B per chunk of B held-out rows): FVU at L0 = k.
+    btk = []
+    with torch.no_grad():
+        for a in range(n_train, len(store), spec["batch_size"]):
+            x = torch.from_numpy(store.rows(a, min(len(store), a + spec["batch_size"]))).to(spec["device"], torch.float32)
+            acts = sae.pre_acts(x).clamp_min_(0)
+            codes, _ = batchtopk_codes(acts, sae.cfg.k, distributed=False)
+            btk.append(sae.decode(dense_codes(acts[codes.row, codes.col], codes, sae.cfg.d_sae)).cpu().numpy())
+    np.save(spec["x_hat_btk"], np.concatenate(btk))
     result = {"tokens_per_s": tokens / seconds, "timed_steps": len(rows), "l0": active / spec["eval_rows"]}
     if spec["device"].startswith("cuda"):
         result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -192,6 +205,7 @@ def run_row(kind: str, spec: dict, work: Path, py_saelens: Path | None) -> dict:
     """Run one row in a fresh subprocess and return its result JSON."""
     name = spec["name"]
     spec = {**spec, "result": str(work / f"{name}.json"), "x_hat": str(work / f"{name}.xhat.npy"),
+            "x_hat_btk": str(work / f"{name}.xhat_btk.npy"),
             "out_dir": str(work / name)}
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -206,7 +220,7 @@ def run_row(kind: str, spec: dict, work: Path, py_saelens: Path | None) -> dict:
         raise RuntimeError(f"row {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(Path(spec["result"]).read_text())
     result["wall_s"] = time.perf_counter() - t
-    result["x_hat_path"] = spec["x_hat"]
+    result["x_hat_path"], result["x_hat_btk_path"] = spec["x_hat"], spec["x_hat_btk"]
     return result
 
 
@@ -218,7 +232,7 @@ def _fmt_mem(b: float) -> str:
 def print_table(results: list[dict], peak: dict, flop_per_token: float, base: str, gpu: bool) -> None:
     peak_best = max(peak.values())
     base_tps = next((r["tokens_per_s"] for r in results if r["name"] == base), None)
-    head = ["trainer", "dtype", "tokens/s", "held-out FVU", "L0", "peak RSS"]
+    head = ["trainer", "dtype", "tokens/s", "held-out FVU", "L0", "FVU at L0 = k", "peak RSS"]
     if gpu:
         head.append("GPU peak")
     head += ["roofline", "vs SAELens"]
@@ -226,7 +240,7 @@ def print_table(results: list[dict], peak: dict, flop_per_token: float, base: st
     print("|" + "|".join(["---"] * len(head)) + "|")
     for r in results:
         cells = [r["label"], r["dtype"], f"{r['tokens_per_s']:,.0f}", f"{r['fvu']:.4f}", f"{r['l0']:.1f}",
-                 _fmt_mem(r["maxrss_bytes"])]
+                 f"{r['fvu_btk']:.4f}", _fmt_mem(r["maxrss_bytes"])]
         if gpu:
             cells.append(_fmt_mem(r.get("gpu_peak_bytes", float("nan"))))
         cells.append(f"{r['tokens_per_s'] * flop_per_token / (peak_best * 1e9):.1%}")
@@ -308,9 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"row {name}: {steps} steps of {args.batch_size} ...", file=sys.stderr)
         r = run_row(kind, {**common, **extra, "name": name}, work, py_saelens)
         r["fvu"] = pooled_fvu(np.asarray(held_out), np.load(r["x_hat_path"]))
+        r["fvu_btk"] = pooled_fvu(np.asarray(held_out), np.load(r["x_hat_btk_path"]))
         r.update(name=name, label=label + (f" {version}" if kind == "saelens" else ""), dtype=extra["dtype"])
         results.append(r)
         print(f"  {r['tokens_per_s']:,.0f} tokens/s, FVU {r['fvu']:.4f}, L0 {r['l0']:.1f}, "
+              f"FVU at L0 = k {r['fvu_btk']:.4f}, "
               f"wall {r['wall_s']:.0f} s", file=sys.stderr)
 
     flop = 2 * D_IN * d_sae + 8 * args.k * D_IN
