@@ -10,6 +10,7 @@ BENCHMARKS = {
     "saelens_export": "benchmarks.saelens_export",
     "ms": "benchmarks.ms",
     "app_load": "benchmarks.app_load",
+    "steer": "benchmarks.steer",
 }
 
 
