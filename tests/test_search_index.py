@@ -86,6 +86,27 @@ def test_ivfpq_recall_on_clustered_data_and_round_trip(tmp_path):
         load_index(path, embeddings=x[:10])
 
 
+def test_ivfpq_tunes_for_text_like_queries_off_the_image_manifold():
+    rng = np.random.default_rng(0)
+    d = 64
+    centres = unit(rng.standard_normal((50, d)))
+    x = unit(centres[rng.integers(50, size=20_000)] + rng.standard_normal((20_000, d)) / np.sqrt(d))
+    # "text" queries: concepts pulled towards a common offset (CLIP's modality gap)
+    offset = unit(rng.standard_normal((1, d)))
+    text = unit(0.4 * centres[rng.integers(50, size=200)] + offset)
+    tuned, held_out = text[:100], text[100:]
+
+    def recall(si, q):
+        ids, _ = si.search(q, 10)
+        ref, _ = brute_force(x, q, 10)
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref)])
+
+    plain = build_index(x, exact_threshold=0, n_recall_queries=300)
+    si = build_index(x, exact_threshold=0, n_recall_queries=300, text_queries=tuned)
+    assert si.info["recall"]["value_text"] >= 0.95 and si.info["recall"]["n_text_queries"] == 100
+    assert recall(si, held_out) >= 0.9 > recall(plain, held_out)  # tuning on image queries alone falls short
+
+
 def test_flat_round_trip_and_errors(tmp_path):
     rng = np.random.default_rng(2)
     x = unit(rng.standard_normal((500, 16)))
