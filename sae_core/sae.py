@@ -297,11 +297,13 @@ class SparseAutoencoder(nn.Module):
         same weight as every smaller prefix, as in Bussmann et al.'s Matryoshka SAE.
         """
         group = torch.searchsorted(self.group_bounds, codes.col, right=True) - 1
+        # Each group decodes with its own rows of W_dec (one split, so the backward writes each
+        # group's gradient into its slice once instead of G full-width (d_sae, d_in) gradients).
         partial = []
-        for g in range(len(self.cfg.group_sizes)):
+        for g, W_g in enumerate(self.W_dec.split(list(self.cfg.group_sizes))):
             sel = group == g
-            sub = sorted_codes(codes.row[sel], codes.col[sel], codes.n_rows)
-            partial.append(sparse_decode(vals[sel], self.W_dec, sub))
+            sub = sorted_codes(codes.row[sel], codes.col[sel] - self.group_bounds[g], codes.n_rows)
+            partial.append(sparse_decode(vals[sel], W_g, sub))
         prefixes = torch.stack(partial).cumsum(0) + self.b_dec  # (G, B, d)
         losses = (x - prefixes).pow(2).sum(2).mean(1)  # (G,)
         return losses.mean(), prefixes[-1]
