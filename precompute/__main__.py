@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": ("precompute.demo", "The whole pipeline on the embedded world in one command: world, extract, train, atlas."),
     "steer": ("precompute.steer", "Three answers about an image: original LLaVA, SAE inserted, SAE with latents clamped."),
     "steer-eval": ("precompute.steer_eval", "Steering figures of a world bundle: paper CLIP protocol and ground-truth success."),
+    "ood": ("precompute.ood", "OOD detection from SAE features vs raw activations (AUROC, FPR@95, ROC plot)."),
 }
 
 

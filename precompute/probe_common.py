@@ -1,0 +1,97 @@
+"""Shared plumbing of the probe commands (ood, ontology, probes): bundle features per split, output folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sae_core.errors import UserError
+
+PROBES_DIR = "probes"
+"""Where the probe commands write inside a bundle by default (BUNDLE/probes/*.json, *.html)."""
+
+
+def add_common(p, default_images: int | None = None) -> None:
+    p.add_argument("--bundle", required=True, help="a finished bundle (from `precompute demo` or `precompute atlas`)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES_DIR})")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--fit-images", type=int, default=default_images,
+                   help="at most this many training images to fit on (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write cached features (BUNDLE/probes/.features, keyed by SAE, spec and count)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def open_inputs(args):
+    """(bundle, feature source, out folder, cache folder or None)."""
+    import torch
+
+    from sae_core.bundle import open_bundle
+    from sae_core.image_features import bundle_source
+
+    torch.set_num_threads(max(1, args.threads))
+    bundle = open_bundle(args.bundle)
+    out = Path(args.out) if args.out else bundle.root / PROBES_DIR
+    cache = None if args.no_cache else bundle.root / PROBES_DIR / ".features"
+    return bundle, bundle_source(bundle, device=args.device), out, cache
+
+
+def world_split(bundle, split: str) -> str | None:
+    """world:DIR:split for a world bundle, else None."""
+    return f"world:{bundle.world_dir}:{split}" if bundle.world_dir is not None else None
+
+
+def features(source, spec: str, cache, n_images=None, batch_size: int = 128, what: str = ""):
+    """Cached image features of a dataset spec, with a tqdm bar (ETA) while extracting."""
+    from tqdm import tqdm
+
+    from sae_core.datasets import open_dataset
+    from sae_core.image_features import cached_features
+
+    n = len(open_dataset(spec)) if n_images is None else min(n_images, len(open_dataset(spec)))
+    bar = tqdm(total=n, desc=f"features {what or spec}", unit="img", leave=False,
+               disable=os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
+    try:
+        return cached_features(source, spec, cache, n, batch_size=batch_size,
+                               progress=lambda done: bar.update(done - bar.n))
+    finally:
+        bar.close()
+
+
+def labels_of(spec: str, ids) -> list | None:
+    """Class label of each image (world: the leaf name), or None when the dataset has no labels."""
+    from sae_core.datasets import open_dataset
+
+    ds = open_dataset(spec)
+    labels = [ds.label(int(i)) for i in ids]
+    return None if any(lab is None for lab in labels) else labels
+
+
+def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
+    """out/NAME.json (and out/NAME.html from a plotly figure), atomically; returns the paths."""
+    from sae_core.atomic import atomic_path, write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out / f"{name}.json")}
+    write_json_atomic(out / f"{name}.json", result)
+    if figure is not None:
+        with atomic_path(out / f"{name}.html") as tmp:
+            figure.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+        paths["html"] = str(out / f"{name}.html")
+    return paths
+
+
+def print_result(args, result: dict, table: list[str]) -> None:
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(table))
+
+
+def need_spec(value, what: str, flag: str) -> str:
+    if not value:
+        raise UserError(f"this bundle is not a world bundle, so there is no default {what}; pass {flag} SPEC "
+                        "(e.g. imagefolder:PATH).")
+    return value
