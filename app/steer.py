@@ -21,7 +21,7 @@ DEFAULT_QUESTIONS = (
     "Describe the image.",
 )
 STEER_PICTURE = 320
-LATENT_COLUMNS = ["neuron", "label", "max_act", "mean_act", "best_patch", "ms"]
+LATENT_COLUMNS = ["neuron", "label", "max on image", "mean on image", "best patch", "ms"]
 
 
 class SteerService:

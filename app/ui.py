@@ -12,23 +12,25 @@ from sae_core.errors import UserError
 from . import figures, inputs
 from .explorer import MAX_TABLE_ROWS, RELATED_COLUMNS, TABLE_COLUMNS, TABLE_SORTS, Explorer
 
-# Plotly figures and the tables link to neurons through this hidden box: a click writes "ID:nonce".
+# Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
 OPEN_BOX = "open-neuron-box"
+OPEN_BUTTON = "open-neuron-btn"
 URL_BOX = "url-state-box"
 
 CSS = """
-#open-neuron-box, #url-state-box {display: none !important;}
+#open-neuron-box, #open-neuron-btn, #url-state-box {display: none !important;}
 .answer textarea {font-size: 1.05em;}
 """
 
 # Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.
 HOOK_PLOTLY_JS = """
 () => {
+  // The id goes through a global read by the hidden button's own js step (a programmatic change of a
+  // textbox's value does not reach Gradio's state), then the hidden button is clicked.
   const send = (id) => {
-    const box = document.querySelector('#open-neuron-box textarea, #open-neuron-box input');
-    if (!box) return;
-    box.value = String(id) + ':' + Date.now();
-    box.dispatchEvent(new Event('input', {bubbles: true}));
+    window.__saeOpenNeuron = String(id);
+    const btn = document.querySelector('#open-neuron-btn');
+    if (btn) btn.click();
   };
   const hook = () => document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
     if (gd.__saeHooked || typeof gd.on !== 'function') return;
@@ -285,6 +287,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         gr.Markdown("# SAE explorer\nBrowse the neurons of a sparse autoencoder on a vision encoder, "
                     "and steer a multimodal model by clamping them.")
         open_box = gr.Textbox(visible="hidden", elem_id=OPEN_BOX, label="open neuron")
+        open_button_hidden = gr.Button("open", visible="hidden", elem_id=OPEN_BUTTON)
         url_box = gr.Textbox(visible="hidden", elem_id=URL_BOX, label="url state")
         with gr.Tabs(selected="overview") as tabs:
             # ---------------------------------------------------------------- Overview
@@ -414,7 +417,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         def open_neuron_from_click(token):
             return page_outputs(str(token or "").split(":")[0])
 
-        open_box.input(open_neuron_from_click, open_box, page_targets, api_name="open_neuron_from_plot")
+        open_button_hidden.click(open_neuron_from_click, open_box, page_targets, api_name="open_neuron_from_plot",
+                                 js="(x) => (window.__saeOpenNeuron !== undefined ? window.__saeOpenNeuron : x)")
 
         @user_errors
         def open_neuron_from_table(evt: gr.SelectData):

@@ -1,0 +1,162 @@
+"""End to end in real headless Chromium (Debian's, driven by Playwright): one browser, several checks.
+
+Writes tests/artifacts/e2e_steer.png (the Steer page after clamping the colour neuron)."""
+import json
+import os
+import shutil
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = os.environ.get("SAE_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+COLOUR_Q = "What colour is the shape? Use one word."
+
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists(),
+                                reason="Debian chromium is not installed (apt-get install -y chromium)")
+
+
+def colour_neuron(bundle: Path):
+    """Ground truth, not the app: the neuron whose top images most often show one colour, that colour,
+    and a single-object validation image of another colour."""
+    from sae_core.world.dataset import WorldDataset
+    from sae_core.world.generator import main_object
+
+    world = json.loads((bundle / "manifest.json").read_text())["world"]
+    ds = WorldDataset(world, "val")
+    top = np.load(bundle / "neurons" / "top_images.npy")
+    max_act = np.load(bundle / "neurons" / "max_act.npy")
+
+    def colour(i):
+        f = ds.factors(int(i))
+        return f["objects"][main_object(f, ds.masks(int(i)))]["colour"]
+
+    best = None
+    for k in range(len(top)):
+        ids = [i for i in top[k] if i >= 0]
+        if len(ids) >= 8:
+            cs = [colour(i) for i in ids]
+            c = max(set(cs), key=cs.count)
+            key = (cs.count(c) / len(cs), float(max_act[k]))
+            if best is None or key > best[0]:
+                best = (key, k, c)
+    _, k, c = best
+    image = next(i for i in range(len(ds)) if len(ds.factors(i)["objects"]) == 1 and colour(i) != c)
+    return k, c, image
+
+
+@pytest.fixture(scope="module")
+def page(explorer_app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def gallery_widths(pg, selector="#top-gallery img"):
+    pg.wait_for_function(f"() => document.querySelectorAll('{selector}').length > 0 && "
+                         f"Array.from(document.querySelectorAll('{selector}')).every(i => i.complete)")
+    return pg.evaluate(f"() => Array.from(document.querySelectorAll('{selector}')).map(i => i.naturalWidth)")
+
+
+def wait_value(pg, selector: str, value: str):
+    """Wait until the first element matching `selector` exists and holds `value` (tabs render lazily)."""
+    pg.wait_for_function("([s, v]) => { const e = document.querySelector(s); return !!e && e.value === v; }",
+                         arg=[selector, value])
+
+
+def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
+    pg, url = page, explorer_app.url
+    top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
+    # 1. Overview: click a point of the MS-vs-frequency scatter; its neuron page opens.
+    pg.goto(url + "/")
+    pg.wait_for_selector("#scatter-plot .scatterlayer path.point")
+    pg.wait_for_function("() => { const g = document.querySelector('#scatter-plot .js-plotly-plot'); return g && g.__saeHooked; }")
+    point = pg.locator("#scatter-plot .scatterlayer path.point").first
+    box = point.bounding_box()
+    click = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    point.click(force=True)
+    pg.wait_for_selector("#neuron-header h3")
+    k_clicked = int(pg.inner_text("#neuron-header h3").split()[-1])
+    # the opened neuron's (frequency, MS) from the bundle lies under the mouse (points may overlap)
+    freq = float(np.load(explorer_app.bundle / "neurons" / "frequency.npy")[k_clicked])
+    ms = float(np.load(explorer_app.bundle / "neurons" / "ms.npy")[k_clicked])
+    pg.click("button[role=tab]:has-text('Overview')")
+    xy = pg.evaluate("([f, m]) => { const g = document.querySelector('#scatter-plot .js-plotly-plot');"
+                     " const L = g._fullLayout, r = g.getBoundingClientRect();"
+                     " return [r.left + L.xaxis._offset + L.xaxis.d2p(f), r.top + L.yaxis._offset + L.yaxis.d2p(m)]; }",
+                     [freq, ms])
+    assert abs(xy[0] - click[0]) < 6 and abs(xy[1] - click[1]) < 6, (xy, click)
+    pg.click("button[role=tab]:has-text('Neuron')")
+    assert f"neuron={k_clicked}" in pg.url
+    # 2. The neuron page's gallery images rendered (natural width > 0), one per top image.
+    widths = gallery_widths(pg)
+    assert len(widths) == int((top[k_clicked] >= 0).sum()) and min(widths) > 0
+
+    # 3. A shared link restores a neuron page; "steer with this neuron" carries it to Steer.
+    k, colour, image = colour_neuron(explorer_app.bundle)
+    pg.goto(f"{url}/?tab=neuron&neuron={k}")
+    pg.wait_for_function(f"() => {{ const h = document.querySelector('#neuron-header h3');"
+                         f" return h && h.innerText === 'Neuron {k}'; }}")
+    assert min(gallery_widths(pg)) > 0
+    pg.click("#steer-with-neuron")
+    wait_value(pg, "#steer-latent-1 input", str(k))
+
+    # 4. Steer: pick a dataset image of another colour, clamp the colour neuron, answers differ.
+    pg.fill("#steer-image-index input", str(image))
+    pg.click("#steer-load")
+    pg.wait_for_selector("#steer-picture img")
+    pg.fill("#steer-question input", COLOUR_Q)
+    pg.keyboard.press("Enter")
+    pg.fill("#steer-value-1 input[type=number]", "4")
+    pg.keyboard.press("Enter")
+    pg.click("#steer-button")
+    pg.wait_for_function("() => { const e = document.querySelector('#answer-steered textarea'); return !!e && e.value !== ''; }")
+    pg.wait_for_selector("#steer-score:has-text(\"steering score\")")
+    original = pg.input_value("#answer-original textarea")
+    steered = pg.input_value("#answer-steered textarea")
+    assert steered != original and steered == colour, (original, steered, colour)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "e2e_steer.png"
+    pg.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot} (original {original!r}, steered {steered!r}, neuron {k} = {colour})")
+
+    # 5. The steering state is in the URL and comes back on load.
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query))
+    assert q["tab"] == "steer" and q["image"] == str(image) and q["latents"] == str(k)
+    pg.goto(pg.url)
+    wait_value(pg, "#steer-latent-1 input", str(k))
+    wait_value(pg, "#steer-image-index input", str(image))
+    assert pg.input_value("#steer-question input") == COLOUR_Q
+
+    # 6. Clicking the picture selects the patch under the cursor (an eighth in from the top-left = patch 0).
+    pg.wait_for_selector("#steer-picture img")
+    box = pg.locator("#steer-picture img").bounding_box()
+    pg.mouse.click(box["x"] + box["width"] / 8, box["y"] + box["height"] / 8)
+    wait_value(pg, "#steer-patches textarea", "0")
+
+
+def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
+    from tests.test_app_units import png_header_only
+
+    pg = page
+    pg.goto(explorer_app.url + "/?tab=steer")
+    pg.wait_for_selector("#steer-upload input[type=file]", state="attached")
+    bomb = tmp_path / "bomb.png"
+    png_header_only(bomb, 40_000, 40_000)
+    pg.set_input_files("#steer-upload input[type=file]", str(bomb))
+    pg.wait_for_selector("text=decompression bomb")
+    fake = tmp_path / "holiday.jpg"
+    fake.write_text("this is not a photo")
+    pg.goto(explorer_app.url + "/?tab=steer")
+    pg.wait_for_selector("#steer-upload input[type=file]", state="attached")
+    pg.set_input_files("#steer-upload input[type=file]", str(fake))
+    pg.wait_for_selector("text=not an image PIL can read")
