@@ -34,17 +34,21 @@ class DemoPreset:
     batch_size: int
     atlas_split: str
     atlas_images: int | None
+    score: str | None
+    """Image score of the atlas (None: the default for the training tokens, max over patches)."""
     weights: dict
     """Expected seconds per stage on 2 CPU cores (progress bar weights)."""
 
 
 PRESETS = {
     "tiny": DemoPreset(world="tiny", train_images=2000, tokens="random:4", width=256, k=8, groups="32,32,64,128",
-                       steps=300, batch_size=512, atlas_split="val", atlas_images=None,
+                       steps=300, batch_size=512, atlas_split="val", atlas_images=None, score=None,
                        weights={"world": 40, "extract": 8, "train": 12, "atlas: scan": 6}),
-    "demo": DemoPreset(world="demo", train_images=10000, tokens="random:4", width=512, k=8,
-                       groups="32,32,64,128,256", steps=1500, batch_size=1024, atlas_split="val", atlas_images=None,
-                       weights={"world": 300, "extract": 30, "train": 60, "atlas: scan": 15}),
+    # Chosen on the demo world (README "The bundle and the atlas"): CLS scoring gave Spearman(MS,
+    # purity) 0.60 against 0.46 for max over patches with the same SAE; k 16 beat k 8 and k 4.
+    "demo": DemoPreset(world="demo", train_images=10000, tokens="random:4", width=512, k=16,
+                       groups="32,32,64,128,256", steps=1000, batch_size=1024, atlas_split="val", atlas_images=None,
+                       score="cls", weights={"world": 300, "extract": 30, "train": 60, "atlas: scan": 15}),
 }
 
 
@@ -127,7 +131,7 @@ def run(args) -> int:
         # 4. the atlas (its own stages, resumable)
         job = atlas.AtlasJob(
             sae=str(sae_dir), dataset=f"world:{world}:{preset.atlas_split}", model=model, out=str(out), layer="-2",
-            embedder=f"world:{world}", limit=preset.atlas_images, seed=args.seed, device="cpu",
+            embedder=f"world:{world}", limit=preset.atlas_images, seed=args.seed, device="cpu", score=preset.score,
             command=shlex.join(["python", "-m", "precompute", "demo", *sys.argv[2:]]),
             extra_manifest={"demo": {"preset": args.preset, "world_built_here": built_world}})
         manifest = atlas.build_atlas(job, progress)

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "ms_mean", "ms_mean_raw", "ms_nan",
+KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw", "ms_nan",
         "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "label_accuracy",
         "hierarchy_depth")
 

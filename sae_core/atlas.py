@@ -403,8 +403,11 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
                "band_images": band_ids, "band_acts": band_acts,
                "ms": _as_np(ms_sae.result()).astype(np.float32)}
     m = metrics.compute()
-    summary = {"fvu": m["fvu"], "l0": m["l0"], "dead_frac": float((neurons["support"] == 0).mean()),
-               "dense_frac": float((neurons["frequency"] > 0.1).mean()), "mean_cosine": m["mean_cosine"],
+    # dead/dense at token level on the metric rows (as in training); the *_images figures count images
+    # by their score, which for --score cls leaves out latents that fire on patches only.
+    summary = {"fvu": m["fvu"], "l0": m["l0"], "dead_frac": m["dead_fraction"], "dense_frac": m["dense_fraction"],
+               "dead_frac_images": float((neurons["support"] == 0).mean()),
+               "dense_frac_images": float((neurons["frequency"] > 0.1).mean()), "mean_cosine": m["mean_cosine"],
                "metric_rows": m["rows"], "metric_tokens": cfg.metric_tokens}
     rt = raw_top.result()
     pc, pc_score = coact.parents() if coact is not None else (None, None)

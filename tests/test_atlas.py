@@ -178,7 +178,11 @@ def test_tiny_bundle_matches_a_dense_recomputation(tiny_bundle):
 
 
 def test_tiny_bundle_ground_truth(tiny_bundle):
-    """MS tracks the world's ground truth on the tiny preset. Threshold: see README (measured over seeds)."""
+    """MS tracks the world's ground truth on the tiny preset. Thresholds: SAE seeds 0, 1, 2 on the tiny
+    world gave Spearman(MS, purity) 0.21, 0.26, 0.35 and agreement with simulated users 0.58, 0.64, 0.60
+    (the tiny CLIP is near chance on shape, so the figures are far below the demo preset's); the
+    thresholds sit below the lowest seed, and well above 0 and 0.5, which an MS unrelated to the
+    ground truth would give."""
     w = json.loads((tiny_bundle / "world.json").read_text())
     assert w["ms_ground_truth_spearman"] >= 0.15
     assert w["ms_agreement"] >= 0.55
