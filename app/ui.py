@@ -376,10 +376,14 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
 
         @user_errors
         def search_neurons_by_text(query):
+            """Neurons whose top images match a text (CLIP text tower, FAISS over neuron directions)."""
             if searcher is None:
-                raise UserError("text search is not available for this bundle (no text embedder or index).")
-            ids, note = searcher.by_text(inputs.text(query, "query", inputs.MAX_QUERY_CHARS))
-            return ex.table(ids=ids, sort_by="neuron", limit=MAX_TABLE_ROWS).set_index("neuron").loc[ids].reset_index(), note
+                raise UserError("text search is not available for this bundle (no image embeddings or embedder).")
+            ids, sims = searcher.by_text(inputs.text(query, "query", inputs.MAX_QUERY_CHARS))
+            table = ex.table(ids=ids, limit=MAX_TABLE_ROWS).set_index("neuron").loc[ids].reset_index()
+            table.insert(1, "match", sims)
+            return table, (f"{len(ids)} neurons, best match first (cosine between the query's text embedding and "
+                           "the mean embedding of each neuron's top 16 images).")
 
         text_button.click(search_neurons_by_text, text_query, [table, search_note], api_name="search_neurons_by_text")
         text_query.submit(search_neurons_by_text, text_query, [table, search_note], api_name=False)

@@ -1,7 +1,8 @@
 """`python -m benchmarks app_load`: concurrent neuron-page calls and steering calls against the explorer.
 
 Starts `python -m app` as a child process on a bundle (default: the demo bundle runs/demo_bundle), then
-CLIENTS gradio_client clients each call /neuron_page CALLS times on random neurons at once; prints
+CLIENTS clients each call /neuron_page CALLS times on random neurons at once (first over plain HTTP,
+then as gradio_client clients); prints
 p50/p95/max latency, throughput and errors, then sequential /steer calls (p50, p95). The first call
 of each neuron renders its gallery, later ones read cached PNGs: both are in the sample, as in use.
 """
@@ -14,8 +15,40 @@ import time
 import numpy as np
 
 
-def neuron_page_load(url: str, n_neurons: int, clients: int = 20, calls: int = 25, seed: int = 0) -> dict:
-    """Run clients x calls /neuron_page requests concurrently; latencies in seconds and error messages."""
+class HttpCaller:
+    """One client speaking Gradio's HTTP API directly (POST /gradio_api/call/NAME, then read the event
+    stream), on its own connection like a browser tab: about 2 ms of client CPU a call against about
+    60 ms for gradio_client, so on a small machine the clients do not starve the server they measure."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.url, self.http = url, httpx.Client(timeout=120)
+
+    def predict(self, *data, api_name: str):
+        import json
+
+        name = api_name.strip("/")
+        r = self.http.post(f"{self.url}/gradio_api/call/{name}", json={"data": list(data)})
+        r.raise_for_status()
+        event = None
+        with self.http.stream("GET", f"{self.url}/gradio_api/call/{name}/{r.json()['event_id']}") as s:
+            for line in s.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    payload = json.loads(line[5:])
+                    if event == "error":
+                        raise RuntimeError(f"{api_name}: {payload}")
+                    return payload
+        raise RuntimeError(f"{api_name}: the event stream ended without a result")
+
+
+def neuron_page_load(url: str, n_neurons: int, clients: int = 20, calls: int = 25, seed: int = 0,
+                     client: str = "http") -> dict:
+    """Run clients x calls /neuron_page requests concurrently; latencies in seconds and error messages.
+
+    client: "http" (HttpCaller) or "gradio_client" (one gradio_client.Client per simulated user)."""
     from gradio_client import Client
 
     lat: list[float] = []
@@ -26,7 +59,7 @@ def neuron_page_load(url: str, n_neurons: int, clients: int = 20, calls: int = 2
     def worker(i: int):
         rng = np.random.default_rng(seed + i)
         try:
-            client = Client(url, verbose=False, download_files=False)
+            caller = HttpCaller(url) if client == "http" else Client(url, verbose=False, download_files=False)
         except Exception as e:  # counted, never raised: the figure is the error count
             with lock:
                 errors.append(f"connect: {e}")
@@ -37,7 +70,7 @@ def neuron_page_load(url: str, n_neurons: int, clients: int = 20, calls: int = 2
             k = int(rng.integers(0, n_neurons))
             t0 = time.perf_counter()
             try:
-                out = client.predict(k, api_name="/neuron_page")
+                out = caller.predict(k, api_name="/neuron_page")
                 ok = int(out[0]) == k and out[1].startswith(f"### Neuron {k}\n")
                 err = None if ok else f"neuron {k}: wrong page"
             except Exception as e:
@@ -93,6 +126,7 @@ def main(argv=None) -> int:
 
         b = open_bundle(args.bundle)
         load = neuron_page_load(url, b.n_neurons, args.clients, args.calls)
+        load_gc = neuron_page_load(url, b.n_neurons, args.clients, args.calls, seed=1000, client="gradio_client")
         steer = steer_latency(url, 0, int(np.argmax(np.asarray(b.array("support")))), args.steer_calls)
         steer1 = steer_latency(url, 0, int(np.argmax(np.asarray(b.array("support")))), args.steer_calls, sweep=False)
     finally:
@@ -103,10 +137,12 @@ def main(argv=None) -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| /neuron_page, {args.clients} clients x {args.calls} at once | {load['calls']} | {len(load['errors'])} | "
           f"{load['p50_s'] * 1e3:.0f} | {load['p95_s'] * 1e3:.0f} | {load['max_s'] * 1e3:.0f} | {load['per_s']:.1f} |")
+    print(f"| same, each client a gradio_client.Client in this process | {load_gc['calls']} | {len(load_gc['errors'])} | "
+          f"{load_gc['p50_s'] * 1e3:.0f} | {load_gc['p95_s'] * 1e3:.0f} | {load_gc['max_s'] * 1e3:.0f} | {load_gc['per_s']:.1f} |")
     print(f"| /steer (3 answers + 6-step sweep + score), one client | {steer['calls']} | 0 | {steer['p50_s'] * 1e3:.0f} | "
           f"{steer['p95_s'] * 1e3:.0f} | | |")
     print(f"| /steer (3 answers + score, no sweep), one client | {steer1['calls']} | 0 | {steer1['p50_s'] * 1e3:.0f} | "
           f"{steer1['p95_s'] * 1e3:.0f} | | |")
     for e in load["errors"][:5]:
         print("error:", e)
-    return 1 if load["errors"] else 0
+    return 1 if load["errors"] or load_gc["errors"] else 0

@@ -157,3 +157,12 @@ def test_only_generated_files_are_served(client, explorer_app):
     thumbs = sorted((bundle / "images" / "thumbs").glob("*.png"))
     if thumbs:
         assert http_status(url + str(thumbs[0])) in (403, 404)
+
+
+def test_search_by_text_through_the_api(client):
+    table, note = client.predict("a photo of a red object", api_name="/search_neurons_by_text")
+    assert table["headers"][:2] == ["neuron", "match"]
+    match = [r[1] for r in table["data"]]
+    assert len(match) == 20 and match == sorted(match, reverse=True)
+    with pytest.raises(AppError, match="empty"):
+        client.predict("  ", api_name="/search_neurons_by_text")

@@ -222,3 +222,29 @@ def test_missing_named_bundle_is_a_message_not_a_build(tmp_path, capsys):
 
     assert main(["--bundle", str(tmp_path / "nowhere")]) == 2
     assert "python -m precompute demo" in capsys.readouterr().err
+
+
+def test_text_search_finds_neurons_of_that_colour(explorer, tiny_bundle):
+    """Ground truth of the world: the best match for "a photo of a {colour} object" has top images
+    mostly of that colour (the main object's colour, from the generator's factors)."""
+    from app.search import NeuronSearch
+    from sae_core.world.dataset import WorldDataset
+    from sae_core.world.generator import main_object
+
+    ds = WorldDataset(explorer.bundle.manifest["world"], "val")
+    top = np.load(Path(tiny_bundle) / "neurons" / "top_images.npy")
+
+    def colour(i):
+        f = ds.factors(int(i))
+        return f["objects"][main_object(f, ds.masks(int(i)))]["colour"]
+
+    search = NeuronSearch.for_bundle(explorer)
+    hits = []
+    for c in ("red", "blue", "green", "yellow"):
+        ids, sims = search.by_text(f"a photo of a {c} object", top=5)
+        assert sims == sorted(sims, reverse=True) and len(ids) == 5
+        imgs = [i for i in top[ids[0]] if i >= 0]
+        hits.append(sum(colour(i) == c for i in imgs) / len(imgs))
+    assert min(hits) >= 0.5, hits
+    with pytest.raises(UserError):
+        search.by_text("")
