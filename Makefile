@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench demo clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,11 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The explorer: set-up, then `python -m app` (builds runs/demo_bundle on the first start, prints the URL).
+# Pass flags with ARGS, e.g. make demo ARGS="--port 8080".
+demo: $(STAMP)
+	$(BIN)/python -m app $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks sae_train
