@@ -47,7 +47,14 @@ def run(args) -> int:
                         ("ids", "raw", "codes", "recon_mean", "recon_max")))
     is_ood = np.r_[np.zeros(len(f_id), bool), np.ones(len(f_ood), bool)]
     scores = ood_scores(f_fit, test, np.asarray(fit_labels) if fit_labels is not None else None, k=args.k)
-    res = evaluate(scores, is_ood)
+    groups = None
+    if ood_spec == world_split(bundle, "ood"):  # which held-out factor each OOD image shows
+        from sae_core.ood import world_ood_groups
+        from sae_core.world.dataset import WorldDataset
+
+        w = WorldDataset(bundle.world_dir, "ood")
+        groups = world_ood_groups(w.factors, f_ood.ids, w.spec.ood_shape, w.spec.ood_colour)
+    res = evaluate(scores, is_ood, groups)
     best_sae, auc_sae = res.best("sae")
     best_raw, auc_raw = res.best("raw")
     result = {
@@ -60,6 +67,7 @@ def run(args) -> int:
         "ood": {"spec": ood_spec, "n_images": int(len(f_ood))},
         "fit": {"spec": fit_spec, "n_images": int(len(f_fit)), "which": fit_note,
                 "labels": "dataset labels (world: taxonomy leaf)" if fit_labels is not None else None},
+        "ood_groups": None if groups is None else {str(g): int((groups == g).sum()) for g in np.unique(groups)},
         "features": {"layer": source.layer, "pooling": source.score, "k": args.k},
         "bundle": str(bundle.root),
         "curves": res.curves,
@@ -67,10 +75,12 @@ def run(args) -> int:
     paths = write_outputs(out, "ood", result, roc_figure(res))
     result["outputs"] = paths
     table = [f"OOD detection: ID {id_spec} ({len(f_id)}) vs OOD {ood_spec} ({len(f_ood)}); fitted on {fit_spec} "
-             f"({len(f_fit)})", "", "| method | AUROC | FPR@95 |", "| --- | ---: | ---: |"]
+             f"({len(f_fit)})", "", "| method | AUROC | FPR@95 |" + (" AUROC " + " | ".join(np.unique(groups)) + " |" if groups is not None else ""),
+             "| --- | ---: | ---: |" + (" ---: |" * len(np.unique(groups)) if groups is not None else "")]
     for name in sorted(res.methods, key=lambda n: -res.methods[n]["auroc"]):
         m = res.methods[name]
-        table.append(f"| {name} | {m['auroc']:.3f} | {m['fpr95']:.3f} |")
+        by = "".join(f" {v:.3f} |" for v in m.get("auroc_by_group", {}).values())
+        table.append(f"| {name} | {m['auroc']:.3f} | {m['fpr95']:.3f} |{by}")
     table += ["", f"best SAE: {best_sae} {auc_sae:.3f}; best raw: {best_raw} {auc_raw:.3f}",
               f"wrote {', '.join(paths.values())}"]
     print_result(args, {k: v for k, v in result.items() if k != "curves"}, table)

@@ -72,13 +72,14 @@ def mahalanobis_fit(train: np.ndarray, labels: np.ndarray | None = None) -> Call
         means = np.stack([x[inv == c].mean(0) for c in range(len(classes))])
         prec = _precision(x - means[inv])
 
+    # whiten once: d(q, m)^2 = ||L^T q - L^T m||^2 with prec = L L^T
+    L = np.linalg.cholesky(prec)
+    mw = means @ L
+
     def score(q: np.ndarray) -> np.ndarray:
-        q = np.asarray(q, np.float64)
-        best = np.full(len(q), np.inf)
-        for m in means:
-            diff = q - m
-            best = np.minimum(best, np.einsum("nd,de,ne->n", diff, prec, diff))
-        return best
+        qw = np.asarray(q, np.float64) @ L
+        d2 = (qw * qw).sum(1)[:, None] - 2 * qw @ mw.T + (mw * mw).sum(1)[None, :]
+        return np.maximum(d2.min(1), 0.0)
 
     return score
 
@@ -174,8 +175,9 @@ def ood_scores(fit, test, fit_labels: np.ndarray | None = None, k: int = 10,
     return out
 
 
-def evaluate(scores: dict[str, np.ndarray], is_ood: np.ndarray) -> OODResult:
-    """AUROC and FPR at 95% TPR (OOD = positive) per detector, and thinned ROC curves."""
+def evaluate(scores: dict[str, np.ndarray], is_ood: np.ndarray, ood_groups: np.ndarray | None = None) -> OODResult:
+    """AUROC and FPR at 95% TPR (OOD = positive) per detector, and thinned ROC curves; with `ood_groups`
+    (a group name per OOD row), also the AUROC of each group of OOD images against all ID images."""
     is_ood = np.asarray(is_ood, bool)
     res = OODResult()
     for name, s in scores.items():
@@ -185,7 +187,21 @@ def evaluate(scores: dict[str, np.ndarray], is_ood: np.ndarray) -> OODResult:
         res.methods[name] = {"auroc": auroc(pos, neg), "fpr95": fpr_at_tpr(pos, neg, 0.95),
                              "family": name.split("_", 1)[0], "description": DESCRIPTIONS.get(name, name)}
         res.curves[name] = {"fpr": fx, "tpr": ty}
+        if ood_groups is not None:
+            res.methods[name]["auroc_by_group"] = {str(g): auroc(pos[ood_groups == g], neg)
+                                                   for g in np.unique(ood_groups)}
     return res
+
+
+def world_ood_groups(factors_of, ids, ood_shape: str, ood_colour: str) -> np.ndarray:
+    """Which held-out factor each OOD image of the world shows: "shape", "colour" or "both"."""
+    out = []
+    for i in ids:
+        objs = factors_of(int(i))["objects"]
+        shape = any(o["shape"] == ood_shape for o in objs)
+        colour = any(o["colour"] == ood_colour for o in objs)
+        out.append("both" if shape and colour else "shape" if shape else "colour" if colour else "none")
+    return np.asarray(out)
 
 
 def roc_figure(result: OODResult, title: str = "OOD detection (ROC)"):
