@@ -18,7 +18,11 @@ Strategies (what each clamps; `Strategy` below):
             the source read from the image's own latents (nearest concept mean); error kept.
     swap_oracle  swap with the true source concept (an upper bound for the probe).
 
-Paper protocol: for each concept's chosen neuron, the first word of the answer to the paper's prompt
+Each family is swept over strengths (the same for every concept: the "sweep" figures), and chosen per
+concept on the tune half ("chosen": best_neuron / best_profile / best_swap rank by success + kept among
+options keeping >= 0.70 of the other factor; strongest_neuron by success alone).
+
+Paper protocol: for each concept's strongest neuron, the first word of the answer to the paper's prompt
 (5 new tokens) on a white image and on test images, steered (the neuron at its chosen strength on
 every token, error dropped) and unsteered, scored by the CLIP cosine between the word's text
 embedding and the mean image embedding of the neuron's top-16 images (bundle embeddings).
@@ -233,7 +237,7 @@ def make_clamps(strategy: Strategy, stats: ConceptStats, data: WorldEvalData, ta
                 tuple(n_prefix + p for p in np.flatnonzero(data.cover[j] > cover_min))
             out.append(Clamp((k,), (strategy.alpha * float(stats.max_act[k]),), "set", pos, strategy.keep_error))
             continue
-        act = (data.codes[j][:, C] > 0).any(1)
+        act = (data.codes[j][:, C] > 0).any(1) if strategy.where == "active" else np.ones(P, bool)
         if strategy.kind == "profile":
             pos = tuple(n_prefix + p for p in np.flatnonzero(act))
             out.append(Clamp(tuple(int(k) for k in C), strategy.alpha * stats.means[target], "set", pos,
@@ -278,20 +282,33 @@ def summarise(per: dict) -> dict:
             "concepts_at_0.70": int((s >= 0.70).sum()), "n_concepts": int(len(s))}
 
 
-def choose(session, data, stats, options: list, split: str = "tune", max_images: int = 24) -> tuple[dict, dict]:
-    """Per concept, the option (a function concept -> Strategy) with the best tune score:
-    success + collateral kept (both matter); returns {concept: Strategy} and the tune table."""
-    table = {}
+KEEP_FLOOR = 0.70
+
+
+def _score(success: float, kept: float) -> tuple:
+    """Option ranking on the tune half: success + collateral kept, among options that keep at least
+    KEEP_FLOOR of the other factor; the rest after them. Measured on the demo bundle: success + kept
+    alone picked neurons that steer every answer and keep 5% of shapes; "kept >= 0.80 first, then
+    success" over-fitted the 24 tune images (test success 0.67 instead of 0.72, kept 0.83)."""
+    return (kept >= KEEP_FLOOR, success + kept)
+
+
+def tune_results(session, data, stats, options: list, max_images: int = 48) -> dict:
+    """{option label: per-concept results on the tune half} for options [(label, concept -> Strategy)]."""
+    return {label: run_strategy(session, data, stats, fn, "tune", max_images=max_images) for label, fn in options}
+
+
+def choose(results: dict, options: list, rank=None) -> tuple[dict, float]:
+    """Per concept, the option with the best tune rank (`_score` by default): {concept: Strategy} and the
+    mean success + kept of the picks on the tune half."""
+    fns = dict(options)
     best: dict = {}
-    for label, fn in options:
-        per = run_strategy(session, data, stats, fn, split, max_images=max_images)
-        table[label] = summarise(per)
+    for label, per in results.items():
         for c, v in per.items():
-            score = v["success"] + v["collateral_kept"]
+            score = (rank or _score)(v["success"], v["collateral_kept"])
             if c not in best or score > best[c][0]:
-                best[c] = (score, fn(c))
-    table["_best_score"] = float(np.mean([b[0] for b in best.values()]))
-    return {c: b[1] for c, b in best.items()}, table
+                best[c] = (score, fns[label](c), v["success"] + v["collateral_kept"])
+    return {c: b[1] for c, b in best.items()}, float(np.mean([b[2] for b in best.values()]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +324,8 @@ def _strategy(kind: str, alpha: float, stats: ConceptStats, rank: int = 0):
     return lambda c: Strategy(kind, alpha, "active", keep_error=kind.startswith("swap"))
 
 
-def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
-                   max_images: int = 40, tune_images: int = 24, factors=("colour", "shape"),
+def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
+                   max_images: int = 40, tune_images: int = 48, factors=("colour", "shape"),
                    clip_images: int = 8, log=print) -> dict:
     """Everything steer-eval reports (see the module docstring); `log` gets progress lines."""
     from PIL import Image
@@ -335,21 +352,28 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                 log(f"  sweep {factor} {kind:13s} x{a:<4g} success {sweep[f'{kind} x{a:g}']['success_rate']:.2f} "
                     f"kept {sweep[f'{kind} x{a:g}']['collateral_kept']:.2f}")
         # 2. per concept, the best option of each family chosen on the tune half, reported on the test half
+        neuron_options = [(f"{k} r{r} x{a:g}", _strategy(k, a, stats, r)) for k in ("neuron_all", "neuron_object")
+                          for r in range(3) for a in alphas]
         families = {
-            "best_neuron": [(f"{k} r{r} x{a:g}", _strategy(k, a, stats, r)) for k in ("neuron_all", "neuron_object")
-                            for r in range(3) for a in alphas],
+            "best_neuron": neuron_options,
+            "strongest_neuron": neuron_options,  # ranked by success alone: can one latent steer at all?
             "best_profile": [(f"profile x{a:g}", _strategy("profile", a, stats)) for a in alphas],
             "best_swap": [(f"swap x{a:g}", _strategy("swap", a, stats)) for a in alphas],
             "best_swap_oracle": [(f"swap_oracle x{a:g}", _strategy("swap_oracle", a, stats)) for a in alphas],
         }
         chosen = {}
+        results = {}
         for fam, options in families.items():
-            pick, table = choose(session, data, stats, options, max_images=tune_images)
+            key = id(options)
+            if key not in results:  # best_neuron and strongest_neuron share their tune runs
+                results[key] = tune_results(session, data, stats, options, max_images=tune_images)
+            rank = (lambda succ, kept: (succ, kept)) if fam == "strongest_neuron" else None
+            pick, tune_score = choose(results[key], options, rank=rank)
             per = run_strategy(session, data, stats, lambda c: pick[c], "test", max_images=max_images)
-            chosen[fam] = {"summary": summarise(per), "tune_score": table["_best_score"], "per_concept": per}
+            chosen[fam] = {"summary": summarise(per), "tune_score": tune_score, "per_concept": per}
             log(f"  {factor} {fam:17s} test success {chosen[fam]['summary']['success_rate']:.2f} "
                 f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {chosen[fam]['summary']['collateral_kept']:.2f}")
-            if fam == "best_neuron":
+            if fam == "strongest_neuron":
                 chosen_neurons.update({(factor, c): (st, float(stats.max_act[st.latent])) for c, st in pick.items()})
         out["factors"][factor] = {"factor_latents": [int(k) for k in stats.latents], "sweep": sweep, "chosen": chosen,
                                   "candidates": {c: v for c, v in stats.candidates.items()}}
@@ -362,32 +386,34 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
         out["collateral_kept"] = col["chosen"][fam]["summary"]["collateral_kept"]
         out["best_neuron_success_rate"] = col["chosen"]["best_neuron"]["summary"]["success_rate"]
         out["best_neuron_collateral_kept"] = col["chosen"]["best_neuron"]["summary"]["collateral_kept"]
-    # 3. the paper's protocol with each concept's chosen neuron
+    # 3. the paper's protocol with each concept's strongest neuron; also with the factor's own question
     if session.bundle is not None and session.bundle.has("images/embeddings.npy"):
         scorer = session.scorer()
         white = Image.new("RGB", session.adapter.image_size, (255, 255, 255))
-        steered_s, unsteered_s, white_s, white_u = [], [], [], []
-        examples = []
-        for (factor, c), (st, max_act) in chosen_neurons.items():
-            rows = [j for j in data.test if data.labels(factor)[j] != c][:clip_images]
-            ims = [white] + [data.images[j] for j in rows]
-            clamp = Clamp((st.latent,), (st.alpha * max_act,), "set")  # the paper: every token, error dropped
-            steered = [first_word(a) for a in session.answer_batch(ims, [clamp] * len(ims), WHAT_IS_SHOWN, 5)]
-            unsteered = [first_word(a) for a in session.answer_batch(ims, [ORIGINAL] * len(ims), WHAT_IS_SHOWN, 5)]
-            sc = scorer.score(steered, [st.latent] * len(ims))
-            su = scorer.score(unsteered, [st.latent] * len(ims))
-            white_s.append(sc[0]), white_u.append(su[0])
-            steered_s += sc[1:].tolist()
-            unsteered_s += su[1:].tolist()
-            examples.append({"factor": factor, "concept": c, "latent": st.latent, "white_steered": steered[0],
-                             "white_unsteered": unsteered[0], "steered_words": steered[1:4]})
-        out["paper_protocol"] = {
-            "prompt": WHAT_IS_SHOWN, "max_new_tokens": 5, "text_template": scorer.template,
-            "clip_score_steered": float(np.mean(steered_s + white_s)),
-            "clip_score_unsteered": float(np.mean(unsteered_s + white_u)),
-            "white_image": {"steered": float(np.mean(white_s)), "unsteered": float(np.mean(white_u))},
-            "dataset_images": {"steered": float(np.mean(steered_s)), "unsteered": float(np.mean(unsteered_s))},
-            "n_neurons": len(chosen_neurons), "examples": examples[:6]}
+        for key, question in (("paper_protocol", None), ("factor_question_protocol", "factor")):
+            steered_s, unsteered_s, white_s, white_u, examples = [], [], [], [], []
+            for (factor, c), (st, max_act) in chosen_neurons.items():
+                prompt = WHAT_IS_SHOWN if question is None else FACTOR_Q[factor]
+                rows = [j for j in data.test if data.labels(factor)[j] != c][:clip_images]
+                ims = [white] + [data.images[j] for j in rows]
+                clamp = Clamp((st.latent,), (st.alpha * max_act,), "set")  # the paper: every token, error dropped
+                steered = [first_word(a) for a in session.answer_batch(ims, [clamp] * len(ims), prompt, 5)]
+                unsteered = [first_word(a) for a in session.answer_batch(ims, [ORIGINAL] * len(ims), prompt, 5)]
+                sc = scorer.score(steered, [st.latent] * len(ims))
+                su = scorer.score(unsteered, [st.latent] * len(ims))
+                white_s.append(sc[0]), white_u.append(su[0])
+                steered_s += sc[1:].tolist()
+                unsteered_s += su[1:].tolist()
+                examples.append({"factor": factor, "concept": c, "latent": st.latent, "white_steered": steered[0],
+                                 "white_unsteered": unsteered[0], "steered_words": steered[1:4]})
+            out[key] = {
+                "prompt": WHAT_IS_SHOWN if question is None else "the factor's question (colour or shape)",
+                "max_new_tokens": 5, "text_template": scorer.template,
+                "clip_score_steered": float(np.mean(steered_s + white_s)),
+                "clip_score_unsteered": float(np.mean(unsteered_s + white_u)),
+                "white_image": {"steered": float(np.mean(white_s)), "unsteered": float(np.mean(white_u))},
+                "dataset_images": {"steered": float(np.mean(steered_s)), "unsteered": float(np.mean(unsteered_s))},
+                "n_neurons": len(chosen_neurons), "examples": examples[:6]}
         out["clip_score_steered"] = out["paper_protocol"]["clip_score_steered"]
         out["clip_score_unsteered"] = out["paper_protocol"]["clip_score_unsteered"]
     return out

@@ -225,3 +225,21 @@ def test_steer_command(tiny_bundle, session, capsys):
     assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "3,4", "--value", "1,2,3"]) == 2
     assert "one value or one per latent" in capsys.readouterr().err
+
+
+def test_load_options_per_device():
+    """4-bit NF4 with the tower, projector and lm_head unquantized on CUDA by default; CPU refuses 4-bit/fp16."""
+    from sae_core.steering import llava_load_options
+
+    pytest.importorskip("bitsandbytes")
+    kw, compute = llava_load_options("llava:llava-hf/llava-1.5-7b-hf", "cuda:0", "auto")
+    q = kw["quantization_config"]
+    assert compute == "fp16" and q.load_in_4bit and q.bnb_4bit_quant_type == "nf4"
+    assert set(q.llm_int8_skip_modules) == {"vision_tower", "multi_modal_projector", "lm_head"}
+    assert kw["device_map"] == {"": "cuda:0"} and kw["dtype"] == torch.float16
+    assert llava_load_options("llava:", "cuda", "fp16")[0]["dtype"] == torch.float16
+    assert llava_load_options("world:/w:llava", "cuda", "auto")[1] == "fp32"
+    assert llava_load_options("llava:", "cpu", "auto") == ({}, "fp32")
+    assert llava_load_options("llava:", "cpu", "bf16") == ({}, "bf16")
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        llava_load_options("llava:", "cpu", "4bit")
