@@ -123,7 +123,7 @@ class Bundle:
         root = Path(os.path.expandvars(os.path.expanduser(str(path))))
         if not root.is_dir():
             raise UserError(f"bundle {root} does not exist; build one with `python -m precompute demo --out {root}` "
-                            "or `python -m precompute atlas ... --out {root}`.")
+                            f"or `python -m precompute atlas ... --out {root}`.")
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise UserError(f"bundle {root} has no {MANIFEST}, so it is unfinished (its build stopped or is still "
