@@ -20,6 +20,7 @@ COMMANDS = {
     "steer": ("precompute.steer", "Three answers about an image: original LLaVA, SAE inserted, SAE with latents clamped."),
     "steer-eval": ("precompute.steer_eval", "Steering figures of a world bundle: paper CLIP protocol and ground-truth success."),
     "ood": ("precompute.ood", "OOD detection from SAE features vs raw activations (AUROC, FPR@95, ROC plot)."),
+    "ontology": ("precompute.ontology", "Tree agreement of SAE-latent and raw-neuron clusterings with the dataset's taxonomy."),
 }
 
 
