@@ -221,6 +221,8 @@ class Explorer:
             row("parent", page["parent"])
         if page.get("parent_coact", -1) >= 0 and page["parent_coact"] != page["parent"]:
             row("parent (co-activation)", page["parent_coact"])
+        if page.get("parent_decoder", -1) >= 0 and page["parent_decoder"] != page["parent"]:
+            row("parent (decoder cosine)", page["parent_decoder"])
         for j in page["children"][:32]:
             row("child", j)
         for j, cos in page["neighbors"]:

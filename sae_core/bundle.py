@@ -45,7 +45,7 @@ WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a
 NEURON_ARRAYS = (
     "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
-    "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_cos", "parent_coact_score", "taxonomy_depth",
+    "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -253,6 +253,7 @@ class Bundle:
         group = self._opt("group", k)
         parent = self._opt("parent", k)
         parent_coact = self._opt("parent_coact", k)
+        parent_decoder = self._opt("parent_decoder", k)
         score = self._opt("label_score", k)
 
         def num(x, cast=float):
@@ -272,6 +273,7 @@ class Bundle:
             "group": num(group, int) if group is not None else 0,
             "parent": num(parent, int) if parent is not None else -1,
             "parent_coact": num(parent_coact, int) if parent_coact is not None else -1,
+            "parent_decoder": num(parent_decoder, int) if parent_decoder is not None else -1,
             "children": self.children.get(k, []),
             "label": labels["labels"][k] if k < len(labels.get("labels", [])) else "",
             "label_score": num(score),

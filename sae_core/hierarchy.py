@@ -36,7 +36,8 @@ API
     tree_parents(parent_coact, parent_cos) -> (parent int64 (K,), from_coact bool (K,))
         the tree's linkage: co-activation parent where there is one, else the decoder-cosine parent
     build_tree(level, parent, labels=None, ms=None, label_score=None, support=None,
-               parent_coact=None, parent_cos=None, depth_per_level=None, linkage=TREE_LINKAGE) -> dict
+               parent_coact=None, parent_cos=None, depth_per_level=None, linkage=TREE_LINKAGE,
+               parent_decoder=None) -> dict
         {"linkage", "n_levels", "levels": [{level, size, depth}], "depth_per_level", "roots",
          "nodes": [{id, level, parent, label, ms, ...}]} with NaN written as null (JSON-able)
 
@@ -355,7 +356,7 @@ def build_tree(level: np.ndarray, parent: np.ndarray, labels: Sequence[str] | No
                ms: np.ndarray | None = None, label_score: np.ndarray | None = None,
                support: np.ndarray | None = None, parent_coact: np.ndarray | None = None,
                parent_cos: np.ndarray | None = None, depth_per_level: Sequence | None = None,
-               linkage: str = TREE_LINKAGE) -> dict:
+               linkage: str = TREE_LINKAGE, parent_decoder: np.ndarray | None = None) -> dict:
     """The hierarchy as JSON-able data: one node per latent, `parent` being the tree's linkage."""
     level = np.asarray(level)
     parent = np.asarray(parent)
@@ -372,6 +373,8 @@ def build_tree(level: np.ndarray, parent: np.ndarray, labels: Sequence[str] | No
             node["support"] = int(support[k])
         if parent_coact is not None:
             node["parent_coact"] = int(parent_coact[k])
+        if parent_decoder is not None:
+            node["parent_decoder"] = int(parent_decoder[k])
         if parent_cos is not None:
             node["parent_cos"] = _json_num(parent_cos[k])
         nodes.append(node)
@@ -386,5 +389,7 @@ def build_tree(level: np.ndarray, parent: np.ndarray, labels: Sequence[str] | No
         "nodes": nodes,
     }
     if parent_coact is not None:
-        tree["parent_agreement"] = _json_num(parent_agreement(parent, parent_coact))
+        # How often the two linkages pick the same parent (the decoder's, when given, else the tree's).
+        other = parent_decoder if parent_decoder is not None else parent
+        tree["parent_agreement"] = _json_num(parent_agreement(other, parent_coact))
     return tree
