@@ -21,6 +21,7 @@ COMMANDS = {
     "steer-eval": ("precompute.steer_eval", "Steering figures of a world bundle: paper CLIP protocol and ground-truth success."),
     "ood": ("precompute.ood", "OOD detection from SAE features vs raw activations (AUROC, FPR@95, ROC plot)."),
     "ontology": ("precompute.ontology", "Tree agreement of SAE-latent and raw-neuron clusterings with the dataset's taxonomy."),
+    "crossmodal": ("precompute.crossmodal", "SAE on the tiny LLaVA's language-model residuals (image + text tokens): cross-modal latents, bundle."),
 }
 
 
