@@ -288,7 +288,7 @@ class SteeringSession:
     """One LLaVA and one SAE at the layer it reads; answers steered prompts (see the module docstring)."""
 
     def __init__(self, sae, llava_spec: str, sae_layer: str | int, device: str = "auto", precision: str = "auto",
-                 bundle=None, cache_images: int = 1024):
+                 bundle=None, cache_mb: float = 256):
         from transformers import AutoProcessor
 
         from .adapters import load_adapter
@@ -319,7 +319,8 @@ class SteeringSession:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
-        self._cache_size = int(cache_images)
+        self._cache_bytes = 0
+        self._cache_limit = int(cache_mb * 2**20)  # LLaVA-1.5: 577 x 1024 fp16 = 1.2 MB an image; world: 4 KB
         self._prompt_ids: dict[str, torch.Tensor] = {}
         self._text = None
 
@@ -396,14 +397,18 @@ class SteeringSession:
             with self._lock:
                 for j, i in enumerate(todo):
                     got[i] = h[j].clone()
-                    self._cache[loaded[i][1]] = got[i]
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+                    if loaded[i][1] not in self._cache:
+                        self._cache[loaded[i][1]] = got[i]
+                        self._cache_bytes += got[i].numel() * got[i].element_size()
+                while self._cache_bytes > self._cache_limit and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.numel() * old.element_size()
         return torch.stack(got), len(todo)
 
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._cache_bytes = 0
 
     # --- clamps -------------------------------------------------------------------------------
     def make_clamp(self, latents=(), values=(), mode: str = "set", patches=None, keep_error: bool = False) -> Clamp:
