@@ -1,0 +1,74 @@
+"""Packaging: the Dockerfile runs the README's commands as a non-root user; the Space front matter;
+the first start builds the default bundle through the precompute command."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dockerfile_steps():
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(m.group(1), m.group(2).strip()) for m in re.finditer(r"^(FROM|RUN|CMD|USER|ENV|EXPOSE|WORKDIR|COPY)\s+(.*)$",
+                                                                 text, re.M)]
+
+
+def test_dockerfile_uses_the_readme_commands_as_a_non_root_user():
+    steps = dockerfile_steps()
+    kinds = [k for k, _ in steps]
+    readme = (REPO / "README.md").read_text()
+    user = [v for k, v in steps if k == "USER"]
+    assert user and user[-1] not in ("root", "0") and kinds.index("USER") < kinds.index("CMD")
+    assert ("EXPOSE", "7860") in steps
+    env = dict(re.findall(r"(SAE_APP_\w+)=(\S+)", " ".join(v for k, v in steps if k == "ENV")))
+    assert env["SAE_APP_HOST"] == "0.0.0.0" and env["SAE_APP_PORT"] == "7860"
+    assert {"SAE_APP_BUNDLE", "SAE_APP_DEVICE", "SAE_APP_LOAD_4BIT"} <= set(env)
+    workdir = [v for k, v in steps if k == "WORKDIR"][-1]
+    runs = [v for k, v in steps if k == "RUN"]
+    build = [r for r in runs if "precompute demo" in r]
+    assert build, "the image must build the demo bundle"
+    argv = shlex.split(build[0])
+    assert workdir + "/" + argv[argv.index("--out") + 1] == env["SAE_APP_BUNDLE"]  # built where it is served from
+    cmd = " ".join(json.loads([v for k, v in steps if k == "CMD"][-1]))  # JSON-array form
+    for command in ["make setup", build[0], cmd]:
+        assert command.replace(".venv/bin/", "") in readme, command
+    from app.bootstrap import demo_command
+
+    # the first-start build runs the same command the image runs
+    assert demo_command(Path("runs/demo_bundle"), "demo")[1:] == argv[1:]
+
+
+def test_space_front_matter_at_the_top_of_the_readme():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert lines[0] == "---"
+    end = lines.index("---", 1)
+    meta = dict(line.split(":", 1) for line in lines[1:end])
+    meta = {k.strip(): v.strip().strip('"') for k, v in meta.items()}
+    assert meta["sdk"] == "gradio" and (REPO / meta["app_file"]).is_file()
+    from importlib.metadata import version
+
+    assert meta["sdk_version"] == version("gradio")
+
+
+@pytest.mark.slow
+def test_first_start_builds_the_default_bundle(tmp_path, tiny_world, monkeypatch, capfd):
+    """No bundle at the default path: `ensure_bundle` runs the precompute demo command as a process
+    (its progress on our stderr) and returns the finished bundle."""
+    import app.bootstrap as bootstrap
+    import app.settings as settings
+    from sae_core.bundle import open_bundle
+
+    default = tmp_path / "demo_bundle"
+    monkeypatch.setattr(settings, "DEFAULT_BUNDLE", default)
+    real = bootstrap.demo_command
+    monkeypatch.setattr(bootstrap, "demo_command",
+                        lambda out, preset: real(out, preset) + ["--world", str(tiny_world), "--threads", "1"])
+    s = settings.AppSettings.from_env(bundle=default, preset="tiny")
+    assert s.uses_default_bundle
+    assert bootstrap.ensure_bundle(s) == default
+    err = capfd.readouterr().err
+    assert "building the tiny bundle first" in err and "precompute demo --out" in err
+    assert open_bundle(default).n_neurons > 0
