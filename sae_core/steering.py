@@ -17,6 +17,9 @@ API (what the app calls; everything else here is internal)
                                                "grid": (rows, cols)}
     session.steering_score(word, latent) -> float   # CLIP cos(word text, mean of top-16 image embeddings)
     session.answer_batch(images, clamps, prompt, max_new_tokens) -> [str]   # eval path, batched
+    sae_core.steering_eval.ConceptSteerer(session, "colour").clamp(image, "red", alpha=3.0) -> Clamp
+        (world bundles) the swap that steer-eval measured best: move the colour latents by the difference
+        of concept means; pass the Clamp to answer_batch.
 
 Building blocks (usable on any torch module)
 

@@ -228,8 +228,6 @@ def make_clamps(strategy: Strategy, stats: ConceptStats, data: WorldEvalData, ta
     out = []
     if strategy.kind != "neuron" and not len(C):
         return [Clamp(keep_error=strategy.keep_error) for _ in rows]
-    M = np.stack([stats.means[c] for c in sorted(stats.means)]) if strategy.kind == "swap" else None
-    names = sorted(stats.means)
     for j in rows:
         if strategy.kind == "neuron":
             k = strategy.latent
@@ -243,15 +241,65 @@ def make_clamps(strategy: Strategy, stats: ConceptStats, data: WorldEvalData, ta
             out.append(Clamp(tuple(int(k) for k in C), strategy.alpha * stats.means[target], "set", pos,
                              strategy.keep_error))
             continue
-        vals = np.zeros((n_prefix + P, len(C)), np.float32)
-        if strategy.kind == "swap_oracle":
-            src = data.labels(stats.factor)[j]
-        else:  # the concept whose mean code is nearest to the image's own (mean over its active tokens)
-            m = data.codes[j][act][:, C].mean(0) if act.any() else np.zeros(len(C), np.float32)
-            src = names[int(np.argmin(((M - m) ** 2).sum(1)))]
-        vals[n_prefix:][act] = strategy.alpha * (stats.means[target] - stats.means[src])
-        out.append(Clamp(tuple(int(k) for k in C), vals, "add", None, strategy.keep_error))
+        src = data.labels(stats.factor)[j] if strategy.kind == "swap_oracle" else None
+        out.append(swap_clamp(data.codes[j], stats, target, strategy.alpha, n_prefix, source=src,
+                              where=strategy.where, keep_error=strategy.keep_error))
     return out
+
+
+def nearest_concept(codes: np.ndarray, stats: ConceptStats, where: str = "active") -> str:
+    """The concept whose mean code (over the factor latents) is nearest to an image's own mean code over
+    its tokens where those latents fire: the probe that tells the swap what to move away from."""
+    z = codes[:, stats.latents]
+    act = (z > 0).any(1) if where == "active" else np.ones(len(z), bool)
+    m = z[act].mean(0) if act.any() else np.zeros(len(stats.latents), np.float32)
+    names = sorted(stats.means)
+    return names[int(np.argmin([((stats.means[c] - m) ** 2).sum() for c in names]))]
+
+
+def swap_clamp(codes: np.ndarray, stats: ConceptStats, target: str, alpha: float = 3.0, n_prefix: int = 1,
+               source: str | None = None, where: str = "active", keep_error: bool = True) -> Clamp:
+    """The swap: on the image's tokens where the factor latents fire (or all patch tokens), move those
+    latents by alpha x (mean code of `target` - mean code of the source concept). `codes` (P, K) are the
+    image's patch codes; the source is read from them unless given. A per-token Clamp in add mode."""
+    C = stats.latents
+    if target not in stats.means:
+        raise UserError(f"{target!r} is not a {stats.factor} of this world; choose one of {', '.join(sorted(stats.means))}.")
+    src = source or nearest_concept(codes, stats, where)
+    act = (codes[:, C] > 0).any(1) if where == "active" else np.ones(len(codes), bool)
+    vals = np.zeros((n_prefix + len(codes), len(C)), np.float32)
+    vals[n_prefix:][act] = alpha * (stats.means[target] - stats.means[src])
+    return Clamp(tuple(int(k) for k in C), vals, "add", None, keep_error)
+
+
+class ConceptSteerer:
+    """Steer a world factor to a named concept with the swap (the best strategy measured by steer-eval).
+
+        steerer = ConceptSteerer(session, "colour")            # statistics from the world's val split
+        clamp = steerer.clamp(image, "red", alpha=3.0)
+        session.answer_batch([image], [clamp], COLOUR_Q, 3)
+    """
+
+    def __init__(self, session, factor: str = "colour", n_images: int = 600, tau: float = 0.1):
+        if session.bundle is None or not session.bundle.manifest.get("world"):
+            raise UserError("concept steering needs a world bundle (its ground truth gives the concept means).")
+        self.session = session
+        data = load_world_eval(session, session.bundle.manifest["world"], n_images=n_images)
+        self.stats = concept_stats(data, factor, tau=tau)
+        self.concepts = sorted(self.stats.means)
+
+    def codes(self, image) -> np.ndarray:
+        h, _ = self.session.hidden([image])
+        with torch.inference_mode():
+            z = self.session.sae.encode(h[0].float())
+        return z[self.session.layout.n_prefix:].cpu().numpy()
+
+    def source(self, image) -> str:
+        return nearest_concept(self.codes(image), self.stats)
+
+    def clamp(self, image, target: str, alpha: float = 3.0, keep_error: bool = True) -> Clamp:
+        return swap_clamp(self.codes(image), self.stats, target, alpha, self.session.layout.n_prefix,
+                          keep_error=keep_error)
 
 
 def run_strategy(session, data: WorldEvalData, stats: ConceptStats, strategy_for, split: str,
