@@ -12,7 +12,8 @@ MAX_TREE_NODES = 3_000
 
 
 def _layout(fig, title: str, height: int = 360):
-    fig.update_layout(title=title, height=height, margin=dict(l=50, r=20, t=50, b=45), template="plotly_white")
+    fig.update_layout(title=title, height=height, margin=dict(l=50, r=20, t=50, b=45), template="plotly_white",
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
     return fig
 
 

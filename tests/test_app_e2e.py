@@ -101,6 +101,15 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     widths = gallery_widths(pg)
     assert len(widths) == int((top[k_clicked] >= 0).sum()) and min(widths) > 0
 
+    # 2b. Hierarchy: clicking a node of the Matryoshka sunburst opens that neuron.
+    pg.click("button[role=tab]:has-text('Hierarchy')")
+    node = pg.locator("#tree-plot g.slice").nth(3)
+    node.wait_for(state="attached")
+    k_node = int(node.evaluate("(el) => el.__data__.data.data.id"))
+    node.click(force=True)
+    pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
+                         " return !!h && h.innerText === 'Neuron ' + k; }", arg=k_node)
+
     # 3. A shared link restores a neuron page; "steer with this neuron" carries it to Steer.
     k, colour, image = colour_neuron(explorer_app.bundle)
     pg.goto(f"{url}/?tab=neuron&neuron={k}")
