@@ -22,6 +22,7 @@ COMMANDS = {
     "ood": ("precompute.ood", "OOD detection from SAE features vs raw activations (AUROC, FPR@95, ROC plot)."),
     "ontology": ("precompute.ontology", "Tree agreement of SAE-latent and raw-neuron clusterings with the dataset's taxonomy."),
     "crossmodal": ("precompute.crossmodal", "SAE on the tiny LLaVA's language-model residuals (image + text tokens): cross-modal latents, bundle."),
+    "probes": ("precompute.probes", "Linear probes of world factors from SAE codes vs raw activations, held-out combinations."),
 }
 
 

@@ -216,7 +216,7 @@ def crossmodal_report(lm, sae, dataset, n_images: int, threshold: float, advance
         z = sae.encode(torch.from_numpy(rows.x)).numpy()
     img, txt = rows.is_image, ~rows.is_image
     sc = cross_modal_scores(z[img], lab_img, z[txt], lab_txt, concepts)
-    raw = np.concatenate([rows.x, -rows.x], axis=1)  # a residual dimension may carry a concept with either sign
+    raw = np.maximum(np.concatenate([rows.x, -rows.x], axis=1), 0)  # x+ and (-x)+: either sign may carry a concept
     sr = cross_modal_scores(raw[img], lab_img, raw[txt], lab_txt, concepts)
     if advance:
         advance(1.0)
@@ -234,14 +234,18 @@ def crossmodal_report(lm, sae, dataset, n_images: int, threshold: float, advance
     per_unit = []
     for k in range(z.shape[1]):
         top_w = np.argsort(-wmean[k], kind="stable")[:5]
-        per_unit.append({"concept": concepts[idx[k]] if idx[k] >= 0 else None,
+        j = int(idx[k])
+        per_unit.append({"concept": concepts[j] if j >= 0 else None,
                          "score": None if not np.isfinite(val[k]) else round(float(val[k]), 4),
+                         "auroc_image": None if j < 0 else round(float(sc.auroc_image[k, j]), 4),
+                         "auroc_text": None if j < 0 else round(float(sc.auroc_text[k, j]), 4),
                          "image_freq": round(float((z[img][:, k] > 0).mean()), 4),
                          "text_freq": round(float(fires[:, k].mean()), 4),
                          "top_words": [[vocab[j], round(float(wmean[k, j]), 4)] for j in top_w if wmean[k, j] > 0]})
-    return {"definition": ("score(f, c) = min(2 AUROC_img - 1, 2 AUROC_txt - 1): AUROC of latent f separating image "
-                           "tokens whose patch shows concept c (object colour/shape covering >= 1/4 of the patch, or the "
-                           "background texture) from other image tokens, and text tokens that are the word c from other "
-                           "text tokens; cross-modal when the best concept's score >= threshold"),
+    return {"definition": ("score(f, c) = min over the image and text side of (on - off) / (on + off), on/off = mean "
+                           "activation of latent f on tokens with/without concept c (image: patch shows colour/shape c "
+                           "over >= 1/4 of it, or background texture c; text: the word c), for latents firing on >= "
+                           f"{sc.min_support} c-tokens on each side; cross-modal when the best concept's score >= "
+                           "threshold; auroc_image/auroc_text = how much of the concept it covers"),
             "concepts": concepts, "n_images": n, "n_image_tokens": int(img.sum()), "n_text_tokens": int(txt.sum()),
             "threshold": threshold, "sae": s_sae, "raw": s_raw, "units": per_unit}

@@ -6,15 +6,20 @@ the answer: "USER: <image>\\nDescribe the image. ASSISTANT: a large red star on 
 Sequences are right-padded, so every real token sits at the position it has alone; with a causal
 model the image tokens' residuals therefore do not depend on the caption that follows them.
 
-Cross-modal score of latent f and concept c (colours, shapes, textures of the embedded world):
-    image side  AUROC_img(f, c): latent activation separating image tokens whose patch shows c (an
-                object of colour / shape c covers >= 1/4 of the patch; a texture for patches that no
-                object covers that much) from the other image tokens;
-    text side   AUROC_txt(f, c): separating text tokens that are the word c from the other text tokens;
-    score(f, c) = min(2 AUROC_img - 1, 2 AUROC_txt - 1), in [-1, 1]: high only when the latent picks
-                out c in *both* modalities (1 = perfectly in both; 0 = chance in at least one).
-A latent is cross-modal when its best score reaches `threshold` (default 0.5: AUROC >= 0.75 on both
-sides). The same score of the residual stream's own dimensions (both signs) is the raw baseline.
+Cross-modal score of latent f and concept c (colours, shapes, textures of the embedded world). In each
+modality m the tokens that carry c are: image tokens whose patch shows c (an object of colour / shape
+c covers >= 1/4 of the patch; a texture for patches that no object covers that much), and text tokens
+that are the word c. With on_m / off_m = the latent's mean activation on tokens of modality m with /
+without c:
+    selectivity_m(f, c) = (on_m - off_m) / (on_m + off_m)    in [-1, 1] (0 when the latent is silent)
+    score(f, c)         = min(selectivity_img, selectivity_txt), for latents that fire on at least
+                          `min_support` tokens with c in each modality (else undefined)
+A latent is cross-modal when its best concept's score reaches `threshold` (default 0.5: on average it
+fires at least three times as strongly on c as on everything else, in both modalities). The coverage
+of the concept is reported beside it: AUROC_m(f, c) of the activation separating c-tokens from the
+others in modality m (2 AUROC - 1 is about the share of c-tokens it fires on minus the share of others).
+The raw baseline is the same score of the residual stream's own dimensions, each split into its
+positive and negative part (x+ and (-x)+, two non-negative units per dimension).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from .roc import auroc_columns
 
 CAPTION_QUESTION = "Describe the image."
 THRESHOLD = 0.5
+MIN_SUPPORT = 20
 PATCH_COVER = 0.25
 
 
@@ -217,25 +223,44 @@ def concept_labels(rows: TokenRows, dataset, grid, concepts: Sequence[str]) -> t
 @dataclass
 class CrossModalScores:
     concepts: list
-    auroc_image: np.ndarray
-    """(K, C) AUROC of each unit for each concept among image tokens (NaN: concept absent)."""
-    auroc_text: np.ndarray
-    """(K, C) the same among text tokens."""
     mean_image: np.ndarray
     """(K, C, 2) mean activation on image tokens with / without the concept."""
     mean_text: np.ndarray
     """(K, C, 2) mean activation on text tokens that are / are not the word."""
+    support_image: np.ndarray
+    """(K, C) number of image tokens with the concept on which the unit is > 0."""
+    support_text: np.ndarray
+    auroc_image: np.ndarray
+    """(K, C) AUROC among image tokens (NaN: concept absent from a side)."""
+    auroc_text: np.ndarray
+    min_support: int = MIN_SUPPORT
+
+    @staticmethod
+    def selectivity(means: np.ndarray) -> np.ndarray:
+        on, off = means[..., 0], means[..., 1]
+        tot = on + off
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(tot > 0, (on - off) / np.where(tot > 0, tot, 1.0), 0.0)
 
     @property
     def score(self) -> np.ndarray:
-        """(K, C) min(2 AUROC_img - 1, 2 AUROC_txt - 1); NaN where a side is undefined."""
+        """(K, C) min(selectivity_img, selectivity_txt); NaN where the concept is missing from a side or the
+        unit fires on fewer than `min_support` of its tokens in a modality."""
+        s = np.minimum(self.selectivity(self.mean_image), self.selectivity(self.mean_text))
+        ok = ((self.support_image >= self.min_support) & (self.support_text >= self.min_support)
+              & np.isfinite(self.mean_image[..., 0]) & np.isfinite(self.mean_text[..., 0]))
+        return np.where(ok, s, np.nan)
+
+    @property
+    def coverage(self) -> np.ndarray:
+        """(K, C) min(2 AUROC_img - 1, 2 AUROC_txt - 1)."""
         return np.minimum(2 * self.auroc_image - 1, 2 * self.auroc_text - 1)
 
     def best(self) -> tuple[np.ndarray, np.ndarray]:
         """(best concept index (K,), its score (K,)); -1 / NaN where no concept is defined."""
         s = self.score
         ok = np.isfinite(s).any(1)
-        idx = np.where(ok, np.nanargmax(np.where(np.isfinite(s), s, -np.inf), axis=1), -1)
+        idx = np.where(ok, np.argmax(np.where(np.isfinite(s), s, -np.inf), axis=1), -1)
         val = np.where(ok, s[np.arange(len(s)), np.maximum(idx, 0)], np.nan)
         return idx, val
 
@@ -251,10 +276,14 @@ def _means(acts: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def cross_modal_scores(acts_image: np.ndarray, labels_image: np.ndarray, acts_text: np.ndarray,
-                       labels_text: np.ndarray, concepts: Sequence[str]) -> CrossModalScores:
-    """acts_* (R_m, K) unit activations on the tokens of each modality; labels_* (R_m, C) bool."""
-    return CrossModalScores(list(concepts), auroc_columns(acts_image, labels_image), auroc_columns(acts_text, labels_text),
-                            _means(acts_image, labels_image), _means(acts_text, labels_text))
+                       labels_text: np.ndarray, concepts: Sequence[str], min_support: int = MIN_SUPPORT) -> CrossModalScores:
+    """acts_* (R_m, K) non-negative unit activations on the tokens of each modality; labels_* (R_m, C) bool."""
+    def support(acts, labels):
+        return (acts > 0).T.astype(np.float64) @ labels.astype(np.float64)
+
+    return CrossModalScores(list(concepts), _means(acts_image, labels_image), _means(acts_text, labels_text),
+                            support(acts_image, labels_image), support(acts_text, labels_text),
+                            auroc_columns(acts_image, labels_image), auroc_columns(acts_text, labels_text), min_support)
 
 
 def summary(scores: CrossModalScores, threshold: float = THRESHOLD, top: int = 20) -> dict:
@@ -267,9 +296,13 @@ def summary(scores: CrossModalScores, threshold: float = THRESHOLD, top: int = 2
     for k in order:
         j = int(idx[k])
         examples.append({"unit": k, "concept": scores.concepts[j], "score": round(float(val[k]), 4),
+                         "support_image": int(scores.support_image[k, j]), "support_text": int(scores.support_text[k, j]),
                          "auroc_image": round(float(scores.auroc_image[k, j]), 4),
                          "auroc_text": round(float(scores.auroc_text[k, j]), 4),
                          "mean_image": [round(float(v), 4) for v in scores.mean_image[k, j]],
                          "mean_text": [round(float(v), 4) for v in scores.mean_text[k, j]]})
+    cov = scores.coverage[np.arange(len(idx)), np.maximum(idx, 0)]
     return {"n_units": int(len(val)), "n_cross_modal": int(hit.sum()), "threshold": threshold,
+            "n_cross_modal_and_covering": int((hit & (cov >= threshold)).sum()),
+            "best_score": float(np.nanmax(val)) if np.isfinite(val).any() else None,
             "per_concept": per_concept, "examples": examples}
