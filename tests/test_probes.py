@@ -1,0 +1,243 @@
+"""Representation probes: ROC metrics, OOD detectors, ontology agreement, cross-modal score, linear probes."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core.crossmodal import cross_modal_scores, patch_concepts
+from sae_core.ontology import assign_nodes, taxonomy_distances, top_images, tree_agreement
+from sae_core.ood import knn_distance, mahalanobis_fit, set_novelty
+from sae_core.probes import fit_probe, split_combinations
+from sae_core.roc import auroc, auroc_columns, fpr_at_tpr, roc_curve
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def run_cli(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "precompute", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# ROC metrics against their definitions
+# ----------------------------------------------------------------------------------------------
+def brute_auroc(pos, neg):
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+
+
+def brute_fpr95(pos, neg):
+    best = 1.0
+    for t in np.unique(np.r_[pos, neg]):
+        tpr = np.mean(pos >= t)
+        if tpr >= 0.95:
+            best = min(best, np.mean(neg >= t))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_and_fpr95_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    pos = rng.integers(0, 8, 60).astype(float) + (seed == 2) * rng.normal(size=60)  # ties unless seed 2
+    neg = rng.integers(-2, 6, 90).astype(float)
+    assert auroc(pos, neg) == pytest.approx(brute_auroc(pos, neg), abs=1e-12)
+    assert fpr_at_tpr(pos, neg, 0.95) == pytest.approx(brute_fpr95(pos, neg), abs=1e-12)
+    fpr, tpr, _ = roc_curve(pos, neg)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(brute_auroc(pos, neg), abs=1e-12)  # ties: diagonal steps
+
+
+def test_auroc_edge_cases_and_columns():
+    assert auroc([2, 3], [0, 1]) == 1.0 and auroc([0, 1], [2, 3]) == 0.0 and auroc([1, 1], [1]) == 0.5
+    assert fpr_at_tpr([2, 3], [0, 1]) == 0.0
+    with pytest.raises(ValueError):
+        auroc([], [1.0])
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, (50, 3)).astype(float)
+    labels = rng.random((50, 2)) < 0.3
+    got = auroc_columns(scores, labels)
+    for k, c in itertools.product(range(3), range(2)):
+        assert got[k, c] == pytest.approx(brute_auroc(scores[labels[:, c], k], scores[~labels[:, c], k]))
+
+
+# ----------------------------------------------------------------------------------------------
+# OOD detectors against textbook formulas
+# ----------------------------------------------------------------------------------------------
+def test_detectors_match_definitions():
+    rng = np.random.default_rng(0)
+    bank, q = rng.normal(size=(40, 5)), rng.normal(size=(7, 5))
+    un = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    dist = 1 - un(q) @ un(bank).T
+    assert np.allclose(knn_distance(bank, q, k=3), np.sort(dist, axis=1)[:, 2], atol=1e-6)
+    # Mahalanobis with the module's shrinkage, written out
+    mu = bank.mean(0)
+    cov = np.cov(bank.T)
+    cov += 1e-3 * np.trace(cov) / 5 * np.eye(5)
+    ref = np.einsum("nd,de,ne->n", q - mu, np.linalg.inv(cov), q - mu)
+    assert np.allclose(mahalanobis_fit(bank)(q), ref, rtol=1e-8)
+    labels = np.arange(40) % 2
+    means = [bank[labels == c].mean(0) for c in (0, 1)]
+    within = np.concatenate([bank[labels == c] - means[c] for c in (0, 1)])
+    cov = within.T @ within / 39
+    cov += 1e-3 * np.trace(cov) / 5 * np.eye(5)
+    P = np.linalg.inv(cov)
+    ref = np.min([np.einsum("nd,de,ne->n", q - m, P, q - m) for m in means], axis=0)
+    assert np.allclose(mahalanobis_fit(bank, labels)(q), ref, rtol=1e-8)
+    # set novelty: 1 - max Jaccard of active sets, brute force
+    A, Q = rng.random((30, 12)) * (rng.random((30, 12)) < 0.3), rng.random((6, 12)) * (rng.random((6, 12)) < 0.3)
+    jac = lambda a, b: len(a & b) / len(a | b) if a | b else 1.0  # noqa: E731
+    sets = [set(np.flatnonzero(r)) for r in A]
+    ref = [1 - max(jac(set(np.flatnonzero(r)), s) for s in sets) for r in Q]
+    assert np.allclose(set_novelty(A, Q), ref)
+
+
+def test_ood_command_end_to_end(tiny_bundle, tmp_path):
+    res = run_cli("ood", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
+                  "--fit-images", "800", "--max-images", "200")
+    methods = res["methods"]
+    assert any(n.startswith("sae_") for n in methods) and {"raw_knn", "raw_mahalanobis", "raw_msp"} <= set(methods)
+    for m in methods.values():
+        assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1
+        assert set(m["auroc_by_group"]) <= {"shape", "colour", "both"}
+    best = max((m["auroc"], n) for n, m in methods.items() if n.startswith("sae_"))
+    assert res["best_sae"] == {"method": best[1], "auroc": best[0]}
+    assert res["fit"]["spec"].endswith(":train") and res["ood"]["spec"].endswith(":ood")
+    saved = json.loads((tmp_path / "ood.json").read_text())
+    for name, curve in saved["curves"].items():  # the curve's area is the AUROC it reports
+        assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(methods[name]["auroc"], abs=0.02)
+    assert (tmp_path / "ood.html").stat().st_size > 10_000
+    # the colour detectors see the held-out colour: SAE and raw kNN well above chance on it
+    assert methods["sae_knn"]["auroc_by_group"]["colour"] > 0.6 and methods["raw_knn"]["auroc_by_group"]["colour"] > 0.6
+
+
+# ----------------------------------------------------------------------------------------------
+# Ontology: a tree that follows the taxonomy beats a shuffled one
+# ----------------------------------------------------------------------------------------------
+def test_tree_agreement_on_a_known_taxonomy():
+    leaves = [(f, s, c) for f in "ab" for s in "xyz" for c in "pq"]
+    nodes = [leaves[i % len(leaves)] for i in range(48)]
+    tax = taxonomy_distances(nodes)
+    # brute force: path length between nodes = depth a + depth b - 2 * shared prefix
+    i, j = 3, 17
+    shared = next(n for n in range(4) if n == 3 or nodes[i][n] != nodes[j][n])
+    k = i * 48 - i * (i + 1) // 2 + (j - i - 1)
+    assert tax[k] == 6 - 2 * shared
+    from scipy.spatial.distance import squareform
+
+    rng = np.random.default_rng(0)
+    dist = squareform(tax) + 0.3 * rng.random((48, 48))  # the taxonomy's own distances, a little noise
+    good = tree_agreement(dist, nodes, n_perm=30)
+    shuffled = tree_agreement(dist, [nodes[p] for p in rng.permutation(48)], n_perm=30)
+    assert good.score > 0.9 and good.z > 5
+    assert shuffled.score < 0.3 and good.score > shuffled.score + 0.6
+
+
+def test_assign_nodes_from_top_images():
+    paths = {0: ["a", "x"], 1: ["a", "x"], 2: ["a", "y"], 3: ["b", "z"], 4: ["a", "y"]}
+    scores = np.array([[5, 0, 1], [4, 0, 1], [0, 3, 1], [0, 2, 1], [0, 0, 1]], float)  # (5 images, 3 units)
+    top = top_images(scores, n_top=3)
+    assert top[0].tolist() == [0, 1, -1] and top[2].tolist() == [0, 1, 2]
+    nodes = assign_nodes(top, paths.get, min_share=0.7, min_images=2)
+    assert nodes == [("a", "x"), (), ("a",)]  # unit 1: a/y vs b/z; unit 2: 3 of 3 under a, 2 of 3 under a/x (< 0.7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-modal score on constructed activations
+# ----------------------------------------------------------------------------------------------
+def test_cross_modal_score_on_constructed_activations():
+    rng = np.random.default_rng(0)
+    concepts = ["red", "blue"]
+    n_img, n_txt = 400, 300
+    lab_img = np.zeros((n_img, 2), bool)
+    lab_img[:100, 0] = True  # red patches
+    lab_img[100:200, 1] = True  # blue patches
+    lab_txt = np.zeros((n_txt, 2), bool)
+    lab_txt[:50, 0] = True  # the word "red"
+    lab_txt[50:100, 1] = True
+    img = np.zeros((n_img, 3))
+    txt = np.zeros((n_txt, 3))
+    img[:100, 0] = 2.0  # unit 0: red in both modalities
+    txt[:50, 0] = 1.0
+    img[:100, 1] = 1.0  # unit 1: red patches only, silent on text
+    img[:, 2] = rng.random(n_img) + 0.1  # unit 2: fires on everything
+    txt[:, 2] = rng.random(n_txt) + 0.1
+    sc = cross_modal_scores(img, lab_img, txt, lab_txt, concepts, min_support=20)
+    s = sc.score
+    assert s[0, 0] == pytest.approx(1.0) and sc.best()[0][0] == 0  # (2 - 0)/(2 + 0) and (1 - 0)/(1 + 0)
+    assert np.isnan(s[1]).all()  # no text support: undefined, never cross-modal
+    on_i, off_i = img[:100, 2].mean(), img[100:, 2].mean()
+    on_t, off_t = txt[:50, 2].mean(), txt[50:, 2].mean()
+    ref = min((on_i - off_i) / (on_i + off_i), (on_t - off_t) / (on_t + off_t))
+    assert s[2, 0] == pytest.approx(ref) and abs(s[2, 0]) < 0.2
+    assert sc.auroc_image[0, 0] == 1.0 and sc.auroc_text[0, 0] == 1.0
+
+
+def test_patch_concepts_from_masks():
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, :4, :4] = True  # top-left patch fully covered
+    masks[0, 4, 4] = True  # 1/16 of the bottom-right patch: below the 1/4 cover
+    fac = {"objects": [{"colour": "red", "shape": "star"}], "background": {"texture": "dotted"}}
+    lab = patch_concepts(fac, masks, (2, 2), ["red", "star", "dotted", "blue"])
+    assert lab.tolist() == [[True, True, False, False], [False, False, True, False],
+                            [False, False, True, False], [False, False, True, False]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probes
+# ----------------------------------------------------------------------------------------------
+def test_fit_probe_separable_and_combination_split():
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.normal(size=(300, 4)) * 0.3
+    x[np.arange(300), y] += 3.0
+    probe = fit_probe(x[:200], y[:200])
+    assert probe.accuracy(x[200:], y[200:]) > 0.97
+    assert np.allclose(probe.proba(x[:5]).sum(1), 1)
+    shapes, colours = [f"s{i}" for i in range(11)], [f"c{i}" for i in range(11)]
+    unseen = split_combinations(shapes, colours, 3)
+    assert len(unseen) == 33
+    seen = set(itertools.product(shapes, colours)) - unseen
+    assert {s for s, _ in seen} == set(shapes) and {c for _, c in seen} == set(colours)
+
+
+def test_probes_and_ontology_commands(tiny_bundle, tmp_path):
+    res = run_cli("probes", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
+                  "--fit-images", "1500")
+    col = res["factors"]["colour"]
+    assert col["sae"] > col["chance"] + 0.4 and col["raw"] > col["chance"] + 0.4  # the tiny CLIP knows colours
+    assert res["factors"]["colour_group"]["sae"] > res["factors"]["colour_group"]["chance"] + 0.3
+    held = res["held_out_combinations"]
+    assert held["n_test_unseen"] > 0 and held["colour"]["sae_unseen"] > 0.5
+    onto = run_cli("ontology", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
+                   "--permutations", "10")
+    for view in ("taxonomy", "shape_tree", "colour_tree"):
+        sae = onto["views"][view]["sae"]
+        assert {"coactivation", "decoder_cosine"} <= set(sae) and "coactivation" in onto["views"][view]["raw"]
+        assert 0 < sae["n_placed"] <= sae["n_units"]
+    assert (tmp_path / "probes.json").is_file() and (tmp_path / "ontology.json").is_file()
+
+
+def test_crossmodal_command_builds_a_bundle(tiny_world, tmp_path):
+    from sae_core.bundle import open_bundle
+
+    out = tmp_path / "cm"
+    res = run_cli("crossmodal", "--world", str(tiny_world), "--out", str(out), "--preset", "tiny", "--quiet")
+    assert res["n_latents"] == 256 and 0 <= res["n_cross_modal"] <= 256
+    b = open_bundle(out)
+    b.validate()
+    assert b.manifest["model"]["layer"] == "lm:1" and b.manifest["model"]["n_patches"] == 16
+    cm = json.loads((out / "crossmodal.json").read_text())
+    assert len(cm["units"]) == 256 and cm["sae"]["n_cross_modal"] == res["n_cross_modal"]
+    assert cm["n_image_tokens"] == 16 * cm["n_images"] and cm["n_text_tokens"] > cm["n_images"]
+    page = b.neuron(int(np.argmax(b.array("support"))))
+    assert page["top"] and page["top_heat"].shape[1] == 16
