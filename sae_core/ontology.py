@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .hierarchy import lca_depth
+
 
 def top_images(scores: np.ndarray, n_top: int = 16, positive_only: bool = True) -> np.ndarray:
     """(K, n_top) row ids of the highest scores per column of scores (N, K); -1 where a unit has fewer
@@ -64,15 +66,6 @@ def assign_nodes(top: np.ndarray, path_of: Callable[[int], Sequence[str] | None]
             node = prefix
         nodes.append(node)
     return nodes
-
-
-def lca_depth(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def taxonomy_distances(nodes: Sequence[tuple]) -> np.ndarray:
