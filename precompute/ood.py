@@ -33,6 +33,10 @@ def run(args) -> int:
     id_spec = args.id_spec or world_split(bundle, "val") or bundle.manifest["dataset"]["spec"]
     ood_spec = need_spec(args.ood_spec or world_split(bundle, "ood"), "OOD set", "--ood")
     fit_spec = args.fit_spec or world_split(bundle, "train") or id_spec
+    from sae_core.datasets import open_dataset
+
+    for spec in (id_spec, ood_spec, fit_spec):  # bad specs fail before any extraction
+        open_dataset(spec)
     f_id = features(source, id_spec, cache, args.max_images, args.batch_size, "ID")
     f_ood = features(source, ood_spec, cache, args.max_images, args.batch_size, "OOD")
     if fit_spec == id_spec:  # fit and evaluate on disjoint halves of the ID images

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .probe_common import add_common, features, need_spec, open_inputs, print_result, world_split, write_outputs
+from sae_core.errors import UserError
+
+from .probe_common import add_common, features, open_inputs, print_result, world_split, write_outputs
 
 
 def add_arguments(p) -> None:
@@ -24,7 +26,10 @@ def run(args) -> int:
     from sae_core.world.dataset import WorldDataset
 
     bundle, source, out, cache = open_inputs(args)
-    train_spec = need_spec(world_split(bundle, "train"), "world with factor labels", "a world bundle; --bundle")
+    if bundle.world_dir is None:
+        raise UserError(f"{bundle.root} is not a world bundle; factor probes need the embedded world's labels "
+                        "(build one with `python -m precompute demo`).")
+    train_spec = world_split(bundle, "train")
     test_spec = world_split(bundle, "val")
     f_tr = features(source, train_spec, cache, args.fit_images, args.batch_size, "train")
     f_te = features(source, test_spec, cache, args.test_images, args.batch_size, "val")
