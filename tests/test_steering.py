@@ -248,10 +248,10 @@ def test_load_options_per_device():
 
 def test_concept_swap_names_the_target_colour(session):
     """The swap (steer-eval's best strategy) through ConceptSteerer on the tiny world: concept means from
-    the first half of 300 val images, measured on later images. Measured (seed 0): the probe names the
-    image's own colour on 0.69 of images (chance 1/11), and swapping to red / blue / green / yellow /
-    white at x2 names the target on 0.83 / 0.30 / 0.73 / 0.87 / 0.47 (mean 0.64) of 30 images each.
-    Thresholds 0.5 and 0.45: far above chance, below the measured values."""
+    the first half of 300 val images, measured on later images. Measured (seed 0): the logistic probe
+    names the image's own colour on 0.86 of images (the nearest concept mean: 0.69; chance 1/11), and
+    swapping to red / blue / green / yellow / white at x2 names the target on 0.80 / 0.37 / 0.87 / 0.97 /
+    0.60 (mean 0.72) of 30 images each. Thresholds 0.6 and 0.5: far above chance, below the measured values."""
     from sae_core.steering_eval import COLOUR_Q, ConceptSteerer, first_word
     from sae_core.world.dataset import WorldDataset
 
@@ -260,13 +260,13 @@ def test_concept_swap_names_the_target_colour(session):
     idx = [i for i in range(len(ds)) if len(ds.factors(i)["objects"]) == 1][150:250]
     ims = [ds[i] for i in idx]
     colour = [ds.factors(i)["objects"][0]["colour"] for i in idx]
-    assert np.mean([steerer.source(im) == c for im, c in zip(ims, colour)]) >= 0.5
+    assert np.mean([steerer.source(im) == c for im, c in zip(ims, colour)]) >= 0.6
     named = []
     for target in ("red", "blue", "green", "yellow", "white"):
         rows = [j for j in range(len(ims)) if colour[j] != target][:30]
         clamps = [steerer.clamp(ims[j], target, alpha=2.0) for j in rows]
         answers = session.answer_batch([ims[j] for j in rows], clamps, COLOUR_Q, 3)
         named.append(np.mean([first_word(a) == target for a in answers]))
-    assert np.mean(named) >= 0.45, named
+    assert np.mean(named) >= 0.5, named
     with pytest.raises(UserError, match="not a colour"):
         steerer.clamp(ims[0], "hexagon")
