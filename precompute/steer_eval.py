@@ -14,6 +14,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tune-per-concept", type=int, default=48, help="tune images per target concept")
     p.add_argument("--alphas", default="1,1.5,2,2.5,3,3.5,4", help="strengths swept (x max activation / x mean code)")
     p.add_argument("--factors", default="colour,shape")
+    p.add_argument("--tau", type=float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
+    p.add_argument("--purity", type=float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"))
     p.add_argument("--out", help="also write the JSON here")
@@ -44,7 +46,8 @@ def run(args) -> int:
     torch.manual_seed(0)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     result = evaluate_world(session, world, n_images=args.images, alphas=alphas, max_images=args.per_concept,
-                            tune_images=args.tune_per_concept, factors=factors, log=log)
+                            tune_images=args.tune_per_concept, factors=factors, tau=args.tau,
+                            purity=args.purity, log=log)
     result["bundle"] = str(session.bundle.root)
     if args.out:
         write_json_atomic(args.out, result)
