@@ -28,7 +28,7 @@ def ensure_bundle(settings: AppSettings) -> Path:
                         f"`python -m precompute demo --out {path}` or drop --bundle to use the default one.")
     cmd = demo_command(path, settings.preset)
     print(f"[app] no bundle at {path}: building the {settings.preset} bundle first (one time; "
-          f"progress below)\n[app] $ {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+          f"progress below)\n[app] $ python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.time()
     # stdout and stderr are inherited: the command's tqdm bars show here as they run.
     rc = subprocess.call(cmd, cwd=REPO)
