@@ -105,6 +105,8 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     pg.click("button[role=tab]:has-text('Hierarchy')")
     node = pg.locator("#tree-plot g.slice").nth(3)
     node.wait_for(state="attached")
+    # The click handler is attached by a 400 ms poll; a click before it is lost (seen under load).
+    pg.wait_for_function("() => { const g = document.querySelector('#tree-plot .js-plotly-plot'); return g && g.__saeHooked; }")
     k_node = int(node.evaluate("(el) => el.__data__.data.data.id"))
     node.click(force=True)
     pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
