@@ -16,6 +16,11 @@ def add_arguments(p) -> None:
     p.add_argument("--factors", default="colour,shape")
     p.add_argument("--tau", type=float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
     p.add_argument("--purity", type=float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
+    p.add_argument("--learn-steps", type=int, default=None,
+                   help="Adam steps of the learned strategy per colour (default 20; 0 leaves it out)")
+    p.add_argument("--learn-lambda", type=float, default=None,
+                   help="weight of keeping the shape answer in the learned strategy's loss (default 1)")
+    p.add_argument("--learned-out", help="write the learned deltas (JSON; ConceptSteerer(..., learned=FILE) applies them)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"))
     p.add_argument("--out", help="also write the JSON here")
@@ -29,7 +34,7 @@ def run(args) -> int:
 
     from sae_core.atomic import write_json_atomic
     from sae_core.steering import SteeringSession
-    from sae_core.steering_eval import evaluate_world
+    from sae_core.steering_eval import LEARN_LAMBDA, LEARN_STEPS, evaluate_world
 
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
     world = session.bundle.manifest.get("world")
@@ -47,10 +52,17 @@ def run(args) -> int:
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     result = evaluate_world(session, world, n_images=args.images, alphas=alphas, max_images=args.per_concept,
                             tune_images=args.tune_per_concept, factors=factors, tau=args.tau,
-                            purity=args.purity, log=log)
+                            purity=args.purity, log=log,
+                            learn_steps=LEARN_STEPS if args.learn_steps is None else args.learn_steps,
+                            learn_lambda=LEARN_LAMBDA if args.learn_lambda is None else args.learn_lambda)
     result["bundle"] = str(session.bundle.root)
     if args.out:
         write_json_atomic(args.out, result)
+    learned = result["factors"].get("colour", {}).get("chosen", {}).get("learned")
+    if args.learned_out:
+        if learned is None:
+            raise UserError("--learned-out needs the learned strategy; run with --learn-steps above 0 and colour in --factors.")
+        write_json_atomic(args.learned_out, {"factor": "colour", "bundle": str(session.bundle.root), **learned["deltas"]})
     if args.json:
         print(json.dumps(result))
         return 0

@@ -453,6 +453,24 @@ class SteeringSession:
             rows.append(hi if c is ORIGINAL else steer_hidden(hi, self.sae, c))
         return torch.stack(rows)
 
+    def prompt_embeddings(self, h: torch.Tensor, prompt: str) -> torch.Tensor:
+        """(B, L, E) input embeddings of `prompt` with the image placeholders filled by the projected
+        features of layer outputs h (B, T, D). Differentiable (no inference mode): steer-eval's learned
+        strategy backpropagates through it."""
+        llava = self.llava
+        feats = h[:, self.layout.n_prefix:] if self.adapter.read_tokens == "patches" else h
+        proj = llava.model.multi_modal_projector(feats)
+        ids = self.prompt_ids(prompt).to(self.device).expand(h.shape[0], -1)
+        emb = llava.get_input_embeddings()(ids)
+        mask = (ids == self.image_token_id)[..., None]
+        return emb.masked_scatter(mask, proj.to(emb.dtype))
+
+    def first_token_logprobs(self, h: torch.Tensor, prompt: str) -> torch.Tensor:
+        """(B, V) log-probabilities of the answer's first token given layer outputs h (B, T, D), in
+        float32; differentiable in h. The greedy answer's first token is their argmax."""
+        out = self.llava.model.language_model(inputs_embeds=self.prompt_embeddings(h, prompt))
+        return torch.log_softmax(self.llava.lm_head(out.last_hidden_state[:, -1]).float(), -1)
+
     @torch.inference_mode()
     def generate_from_hidden(self, h: torch.Tensor, prompt: str, max_new_tokens: int,
                              min_new_tokens: int = 0) -> list[str]:
@@ -463,13 +481,8 @@ class SteeringSession:
         from transformers import DynamicCache
 
         llava = self.llava
-        feats = h[:, self.layout.n_prefix:] if self.adapter.read_tokens == "patches" else h
-        proj = llava.model.multi_modal_projector(feats)
         B = h.shape[0]
-        ids = self.prompt_ids(prompt).to(self.device).expand(B, -1)
-        emb = llava.get_input_embeddings()(ids)
-        mask = (ids == self.image_token_id)[..., None]
-        emb = emb.masked_scatter(mask, proj.to(emb.dtype))
+        emb = self.prompt_embeddings(h, prompt)
         lm = llava.model.language_model
         cache = DynamicCache(config=llava.config.text_config)
         out = lm(inputs_embeds=emb, past_key_values=cache, use_cache=True)

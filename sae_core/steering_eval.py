@@ -18,10 +18,17 @@ Strategies (what each clamps; `Strategy` below):
             the source read from the image's own latents (a logistic probe on its mean factor code,
             fitted on the tune half); error kept.
     swap_oracle  swap with the true source concept (an upper bound for the probe).
+    learned the swap's latents and tokens, moved by a delta per (source, target) concept learned by Adam
+            on the tune half: delta = a_t (mean_t - mean_source) + b_t (a_t, b_t learned per target, from
+            the swap x3), loss -log p(target word | factor question) - lam log p(own other-factor word |
+            its question), teacher-forced through SAE decode (error kept), projector and language model
+            (learn_deltas). Applied as the same per-token add Clamp as the swap (LearnedDeltas.clamp).
 
 Each family is swept over strengths (the same for every concept: the "sweep" figures), and chosen per
 concept on the tune half ("chosen": best_neuron / best_profile / best_swap rank by success + kept among
-options keeping >= 0.70 of the other factor; strongest_neuron by success alone).
+options keeping >= 0.70 of the other factor; strongest_neuron by success alone). The learned family is
+learned on the tune images that score no option, scored on those that do (its tune score), and reported
+on the test half; the headline is the family with the best tune score.
 
 Paper protocol: for each concept's strongest neuron, the first word of the answer to the paper's prompt
 (5 new tokens) on a white image and on test images, steered (the neuron at its chosen strength on
@@ -165,6 +172,8 @@ class ConceptStats:
     probe: tuple | None = None
     """(mean, std, W, b) of a multinomial logistic regression from an image's mean factor code (over its
     tokens where the factor latents fire) to its concept, fitted on the tune half."""
+    learned: "LearnedDeltas | None" = None
+    """The learned strategy's deltas (learn_deltas), once learned."""
 
 
 def concept_stats(data: WorldEvalData, factor: str, tau: float = 0.1, cover_min: float = 0.25,
@@ -249,7 +258,7 @@ def fit_probe(X: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3) ->
 class Strategy:
     """One way of steering a factor to a concept (see the module docstring)."""
 
-    kind: str  # neuron | profile | swap | swap_oracle
+    kind: str  # neuron | profile | swap | swap_oracle | learned (the deltas in ConceptStats.learned)
     alpha: float = 1.0
     where: str = "all"  # neuron: all | object; others: active tokens
     latent: int = -1  # neuron only
@@ -258,6 +267,8 @@ class Strategy:
     def name(self) -> str:
         if self.kind == "neuron":
             return f"neuron {self.latent} x{self.alpha:g} max on {self.where} tokens"
+        if self.kind == "learned":
+            return f"learned deltas on {self.where} tokens error kept"
         return f"{self.kind} x{self.alpha:g}{' error kept' if self.keep_error else ''}"
 
 
@@ -276,11 +287,14 @@ def make_clamps(strategy: Strategy, stats: ConceptStats, data: WorldEvalData, ta
                 tuple(n_prefix + p for p in np.flatnonzero(data.cover[j] > cover_min))
             out.append(Clamp((k,), (strategy.alpha * float(stats.max_act[k]),), "set", pos, strategy.keep_error))
             continue
-        act = (data.codes[j][:, C] > 0).any(1) if strategy.where == "active" else np.ones(P, bool)
+        act = token_mask(data.codes[j], C, strategy.where)
         if strategy.kind == "profile":
             pos = tuple(n_prefix + p for p in np.flatnonzero(act))
             out.append(Clamp(tuple(int(k) for k in C), strategy.alpha * stats.means[target], "set", pos,
                              strategy.keep_error))
+            continue
+        if strategy.kind == "learned":
+            out.append(stats.learned.clamp(data.codes[j], target, stats, n_prefix))
             continue
         src = data.labels(stats.factor)[j] if strategy.kind == "swap_oracle" else None
         out.append(swap_clamp(data.codes[j], stats, target, strategy.alpha, n_prefix, source=src,
@@ -309,28 +323,51 @@ def swap_clamp(codes: np.ndarray, stats: ConceptStats, target: str, alpha: float
     if target not in stats.means:
         raise UserError(f"{target!r} is not a {stats.factor} of this world; choose one of {', '.join(sorted(stats.means))}.")
     src = source or nearest_concept(codes, stats, where)
-    act = (codes[:, C] > 0).any(1) if where == "active" else np.ones(len(codes), bool)
+    return delta_clamp(codes, C, alpha * (stats.means[target] - stats.means[src]), n_prefix, where, keep_error)
+
+
+def token_mask(codes: np.ndarray, C: np.ndarray, where: str = "active") -> np.ndarray:
+    """(P,) the patch tokens a factor clamp acts on: where a latent of C fires ("active"), or all."""
+    return (codes[:, C] > 0).any(1) if where == "active" else np.ones(len(codes), bool)
+
+
+def delta_clamp(codes: np.ndarray, C: np.ndarray, delta: np.ndarray, n_prefix: int = 1, where: str = "active",
+                keep_error: bool = True) -> Clamp:
+    """Add `delta` (len(C),) to the latents C on the image's tokens `token_mask` selects: a per-token
+    Clamp in add mode (what the swap and the learned strategy apply)."""
     vals = np.zeros((n_prefix + len(codes), len(C)), np.float32)
-    vals[n_prefix:][act] = alpha * (stats.means[target] - stats.means[src])
+    vals[n_prefix:][token_mask(codes, C, where)] = delta
     return Clamp(tuple(int(k) for k in C), vals, "add", None, keep_error)
 
 
 class ConceptSteerer:
-    """Steer a world factor to a named concept with the swap (the best strategy measured by steer-eval).
+    """Steer a world factor to a named concept with the swap or with learned deltas (steer-eval measures both).
 
         steerer = ConceptSteerer(session, "colour")            # statistics from the world's val split
-        clamp = steerer.clamp(image, "red", alpha=3.0)
+        clamp = steerer.clamp(image, "red", alpha=3.0)         # the swap
+        steerer.learn()                                        # or ConceptSteerer(..., learned="deltas.json")
+        clamp = steerer.clamp(image, "red", strategy="learned")
         session.answer_batch([image], [clamp], COLOUR_Q, 3)
     """
 
     def __init__(self, session, factor: str = "colour", n_images: int = 600, tau: float = 0.1,
-                 purity: float = 1.0):
+                 purity: float = 1.0, learned: "str | Path | LearnedDeltas | None" = None):
         if session.bundle is None or not session.bundle.manifest.get("world"):
             raise UserError("concept steering needs a world bundle (its ground truth gives the concept means).")
         self.session = session
-        data = load_world_eval(session, session.bundle.manifest["world"], n_images=n_images)
-        self.stats = concept_stats(data, factor, tau=tau, purity=purity)
+        self.data = load_world_eval(session, session.bundle.manifest["world"], n_images=n_images)
+        self.stats = concept_stats(self.data, factor, tau=tau, purity=purity)
         self.concepts = sorted(self.stats.means)
+        if learned is not None:
+            self.stats.learned = learned if isinstance(learned, LearnedDeltas) else load_learned(learned)
+            if list(self.stats.learned.latents) != [int(k) for k in self.stats.latents]:
+                raise UserError(f"the learned deltas in {learned} are for other {factor} latents than this bundle's; "
+                                "learn them on this bundle (steer-eval --learned-out, or ConceptSteerer.learn()).")
+
+    def learn(self, **kwargs) -> "LearnedDeltas":
+        """Learn the deltas on the tune half (learn_deltas' keyword arguments); clamp(..., "learned") uses them."""
+        self.stats.learned = learn_deltas(self.session, self.data, self.stats, **kwargs)
+        return self.stats.learned
 
     def codes(self, image) -> np.ndarray:
         h, _ = self.session.hidden([image])
@@ -341,9 +378,137 @@ class ConceptSteerer:
     def source(self, image) -> str:
         return nearest_concept(self.codes(image), self.stats)
 
-    def clamp(self, image, target: str, alpha: float = 3.0, keep_error: bool = True) -> Clamp:
+    def clamp(self, image, target: str, alpha: float = 3.0, keep_error: bool = True, strategy: str = "swap") -> Clamp:
+        """A Clamp steering `image` to `target`: the swap x alpha, or (strategy "learned") the learned delta."""
+        if strategy == "learned":
+            if self.stats.learned is None:
+                raise UserError("no learned deltas yet; call learn() or pass learned=FILE (steer-eval --learned-out).")
+            return self.stats.learned.clamp(self.codes(image), target, self.stats, self.session.layout.n_prefix)
         return swap_clamp(self.codes(image), self.stats, target, alpha, self.session.layout.n_prefix,
                           keep_error=keep_error)
+
+
+# ----------------------------------------------------------------------------------------------
+# The learned strategy
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LearnedDeltas:
+    """Learned steering: per target concept, one delta on the factor latents per source concept (the
+    image's concept as the probe reads it), added on the tokens `where` selects, error kept. Learned as
+    delta(s, t) = alpha_t (mean_t - mean_s) + bias_t (+ e_{s,t} with per_source), i.e. the swap with a
+    learned strength and a learned correction, by gradient descent through SAE decode, projector and
+    language model on the tune half (learn_deltas). Stored as the table, so applying it is a lookup."""
+
+    latents: np.ndarray
+    concepts: list
+    deltas: dict
+    """target -> (n_concepts, len(latents)) float32: row i is the delta for an image whose source is concepts[i]."""
+    where: str = "active"
+    info: dict | None = None
+
+    def delta(self, target: str, source: str) -> np.ndarray:
+        return self.deltas[target][self.concepts.index(source)]
+
+    def clamp(self, codes: np.ndarray, target: str, stats: ConceptStats, n_prefix: int = 1,
+              source: str | None = None) -> Clamp:
+        if target not in self.deltas:
+            raise UserError(f"{target!r} has no learned delta; choose one of {', '.join(sorted(self.deltas))}.")
+        src = source or nearest_concept(codes, stats)
+        return delta_clamp(codes, self.latents, self.delta(target, src), n_prefix, self.where, True)
+
+    def to_json(self) -> dict:
+        return {"latents": [int(k) for k in self.latents], "concepts": list(self.concepts), "where": self.where,
+                "deltas": {t: np.asarray(d).round(5).tolist() for t, d in self.deltas.items()}, "info": self.info}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LearnedDeltas":
+        return cls(np.asarray(d["latents"], dtype=np.int64), list(d["concepts"]),
+                   {t: np.asarray(v, dtype=np.float32) for t, v in d["deltas"].items()}, d.get("where", "active"),
+                   d.get("info"))
+
+
+def load_learned(path: str | Path) -> LearnedDeltas:
+    import json
+
+    try:
+        return LearnedDeltas.from_json(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read learned deltas from {path} ({e}); write them with steer-eval --learned-out.") from None
+
+
+def word_id(session, word: str) -> int:
+    """The token id of a one-token answer word (the world's tokenizer is word-level)."""
+    ids = session.tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"the answer word {word!r} is not a single token of this LLaVA's tokenizer; "
+                        "the learned strategy needs one-token answers (world bundles).")
+    return int(ids[0])
+
+
+LEARN_STEPS, LEARN_LAMBDA, LEARN_BATCH = 20, 1.0, 96
+
+
+def learn_deltas(session, data: WorldEvalData, stats: ConceptStats, rows: np.ndarray | None = None,
+                 targets: list[str] | None = None, steps: int = LEARN_STEPS, lr: float = 0.1,
+                 lam: float = LEARN_LAMBDA, alpha0: float = 3.0, where: str = "active", per_source: bool = False,
+                 batch: int = LEARN_BATCH,
+                 seed: int = 0) -> LearnedDeltas:
+    """Learn each target's deltas on `rows` (default: the tune half) by Adam on
+    -log p(target word | factor question) + lam x -log p(the image's own other-factor word | its question),
+    teacher-forced on the answer's first token, through h + mask (delta W_dec[C]) (the error-kept add clamp:
+    exactly what steer_hidden computes for delta_clamp), projector and language model. The source of each
+    image is the probe's reading, as when the deltas are applied. Initialised at the swap x alpha0."""
+    factor, other = stats.factor, OTHER[stats.factor]
+    C = stats.latents
+    concepts = sorted(stats.means)
+    rows = data.tune if rows is None else np.asarray(rows)
+    n_prefix = session.layout.n_prefix
+    h_all, _ = session.hidden([data.images[j] for j in rows])
+    h_all = h_all.float().clone()  # leave inference mode: a plain tensor autograd may use
+    W = session.sae.W_dec[torch.as_tensor(C, dtype=torch.long)].detach().float().to(h_all.device)
+    mask = torch.zeros(h_all.shape[:2], device=h_all.device)
+    mask[:, n_prefix:] = torch.as_tensor(np.stack([token_mask(data.codes[j], C, where) for j in rows]),
+                                         dtype=torch.float32)
+    src = np.array([concepts.index(nearest_concept(data.codes[j], stats)) for j in rows])
+    mu = torch.as_tensor(np.stack([stats.means[c] for c in concepts]), dtype=torch.float32)
+    other_ids = torch.as_tensor([word_id(session, w) for w in data.labels(other)[rows]])
+    gen = torch.Generator().manual_seed(seed)
+    deltas, info = {}, {"steps": steps, "lr": lr, "lam": lam, "alpha0": alpha0, "per_source": per_source,
+                        "n_rows": int(len(rows)), "loss": {}}
+    for t in targets or concepts:
+        t = str(t)
+        sel = np.flatnonzero(data.labels(factor)[rows] != t)
+        ti = concepts.index(t)
+        log_alpha = torch.tensor(float(np.log(alpha0)), requires_grad=True)
+        bias = torch.zeros(len(C), requires_grad=True)
+        params = [log_alpha, bias]
+        if per_source:
+            e = torch.zeros(len(concepts), len(C), requires_grad=True)
+            params.append(e)
+        opt = torch.optim.Adam(params, lr=lr)
+        target_id = word_id(session, t)
+        first = last = None
+        for step in range(steps):
+            b = sel if not batch or batch >= len(sel) else \
+                sel[torch.randperm(len(sel), generator=gen)[:batch].numpy()]
+            with torch.enable_grad():
+                table = log_alpha.exp() * (mu[ti] - mu) + bias + (e if per_source else 0.0)
+                d = table[torch.as_tensor(src[b])]  # (B, |C|)
+                h = h_all[b] + mask[b][..., None] * (d @ W)[:, None, :]
+                lp_t = session.first_token_logprobs(h, FACTOR_Q[factor])[:, target_id]
+                lp_o = session.first_token_logprobs(h, FACTOR_Q[other]).gather(1, other_ids[b][:, None])[:, 0]
+                loss = -(lp_t.mean() + lam * lp_o.mean())
+                grads = torch.autograd.grad(loss, params)  # the model's own parameters get no .grad
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            last = float(loss.detach())
+            first = last if first is None else first
+        with torch.no_grad():
+            table = log_alpha.exp() * (mu[ti] - mu) + bias + (e if per_source else 0.0)
+        deltas[t] = table.numpy().astype(np.float32)
+        info["loss"][t] = None if first is None else [round(first, 4), round(last, 4)]  # first and last step
+    return LearnedDeltas(np.asarray(C), concepts, deltas, where, info)
 
 
 def run_strategy(session, data: WorldEvalData, stats: ConceptStats, strategy_for, split: str,
@@ -355,7 +520,7 @@ def run_strategy(session, data: WorldEvalData, stats: ConceptStats, strategy_for
     per = {}
     for c in concepts or sorted(stats.means):
         st = strategy_for(c)
-        rows = np.array([j for j in rows_all if labels[j] != c][:max_images])
+        rows = _target_rows(labels, rows_all, c, max_images)
         clamps = make_clamps(st, stats, data, c, rows, session.layout.n_prefix)
         ims = [data.images[j] for j in rows]
         hit = np.array([first_word(a) for a in _batched(session, ims, clamps, FACTOR_Q[factor], 3)])
@@ -365,6 +530,11 @@ def run_strategy(session, data: WorldEvalData, stats: ConceptStats, strategy_for
                   "collateral_kept": float(np.mean(side[base_ok] == other[rows][base_ok])) if base_ok.any() else 1.0,
                   "n": int(len(rows))}
     return per
+
+
+def _target_rows(labels: np.ndarray, rows_all: np.ndarray, target: str, n: int) -> np.ndarray:
+    """The first n rows whose concept is not the target: the images a strategy is scored on."""
+    return np.array([j for j in rows_all if labels[j] != target][:n], dtype=np.int64)
 
 
 def summarise(per: dict) -> dict:
@@ -416,10 +586,34 @@ def _strategy(kind: str, alpha: float, stats: ConceptStats, rank: int = 0):
     return lambda c: Strategy(kind, alpha, "active", keep_error=kind.startswith("swap"))
 
 
+def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_images: int, max_images: int,
+                    steps: int, lam: float) -> dict:
+    """The learned strategy as a chosen family: deltas learned on the tune images that never score an
+    option (the first `tune_images` non-target images of each concept score them), so its tune score is
+    held out like the others' (theirs are the best of a few strengths on those images); then the test half."""
+    import time
+
+    t0 = time.perf_counter()
+    labels = data.labels(stats.factor)
+    scored = set()
+    for c in stats.means:
+        scored.update(_target_rows(labels, data.tune, c, tune_images).tolist())
+    rows = np.array([j for j in data.tune if j not in scored], dtype=np.int64)
+    stats.learned = learn_deltas(session, data, stats, rows=rows, steps=steps, lam=lam)
+    fn = lambda c: Strategy("learned", where=stats.learned.where, keep_error=True)  # noqa: E731
+    tune = run_strategy(session, data, stats, fn, "tune", max_images=tune_images)
+    per = run_strategy(session, data, stats, fn, "test", max_images=max_images)
+    return {"summary": summarise(per), "per_concept": per, "seconds": time.perf_counter() - t0,
+            "tune_score": float(np.mean([v["success"] + v["collateral_kept"] for v in tune.values()])),
+            "deltas": stats.learned.to_json()}
+
+
 def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
                    max_images: int = 40, tune_images: int = 48, factors=("colour", "shape"),
-                   clip_images: int = 8, tau: float = 0.1, purity: float = 1.0, log=print) -> dict:
-    """Everything steer-eval reports (see the module docstring); `log` gets progress lines."""
+                   clip_images: int = 8, tau: float = 0.1, purity: float = 1.0, learn_steps: int = LEARN_STEPS,
+                   learn_lambda: float = LEARN_LAMBDA, learn_factors=("colour",), log=print) -> dict:
+    """Everything steer-eval reports (see the module docstring); `log` gets progress lines. learn_steps 0
+    leaves the learned strategy out."""
     from PIL import Image
 
     data = load_world_eval(session, world_dir, n_images=n_images)
@@ -467,12 +661,18 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                 f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {chosen[fam]['summary']['collateral_kept']:.2f}")
             if fam == "strongest_neuron":
                 chosen_neurons.update({(factor, c): (st, float(stats.max_act[st.latent])) for c, st in pick.items()})
+        if factor in learn_factors and learn_steps > 0 and len(stats.latents):
+            chosen["learned"] = _learned_family(session, data, stats, tune_images, max_images, learn_steps, learn_lambda)
+            s_ = chosen["learned"]["summary"]
+            log(f"  {factor} {'learned':17s} test success {s_['success_rate']:.2f} (min {s_['success_min']:.2f}) "
+                f"kept {s_['collateral_kept']:.2f} ({chosen['learned']['seconds']:.0f} s)")
         out["factors"][factor] = {"factor_latents": [int(k) for k in stats.latents], "sweep": sweep, "chosen": chosen,
                                   "candidates": {c: v for c, v in stats.candidates.items()}}
     # the headline: for colour, the family (not the oracle) with the best tune score
     col = out["factors"].get("colour")
     if col:
-        fam = max(("best_neuron", "best_profile", "best_swap"), key=lambda f: col["chosen"][f]["tune_score"])
+        fams = ("best_neuron", "best_profile", "best_swap") + (("learned",) if "learned" in col["chosen"] else ())
+        fam = max(fams, key=lambda f: col["chosen"][f]["tune_score"])
         out["headline"] = {"factor": "colour", "family": fam, "chosen_on": "tune half", "reported_on": "test half"}
         out["success_rate"] = col["chosen"][fam]["summary"]["success_rate"]
         out["collateral_kept"] = col["chosen"][fam]["summary"]["collateral_kept"]

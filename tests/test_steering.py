@@ -270,3 +270,56 @@ def test_concept_swap_names_the_target_colour(session):
     assert np.mean(named) >= 0.5, named
     with pytest.raises(UserError, match="not a colour"):
         steerer.clamp(ims[0], "hexagon")
+
+
+def test_learned_deltas_steer_held_out_images(session):
+    """The learned strategy on the tiny world: deltas learned by gradient descent on the tune half (143
+    single-object images), measured on the test half against their own starting point, the swap x2
+    (the learned delta before any step). Measured (seed 0, 20 steps): the answered colour became the
+    target on 1.00 / 0.97 / 0.97 / 1.00 / 0.90 (mean 0.97) of 30 held-out images for red / blue / green /
+    yellow / white, against 0.73 / 0.40 / 0.90 / 0.97 / 0.50 (mean 0.70) for the swap x2. Thresholds:
+    learned >= 0.85 and >= swap + 0.12 (a learner that does not learn sits at the swap). Collateral is
+    not tested here: the tiny LLaVA names the shape on 0.11 of images (the demo bundles measure it).
+    Also: the teacher-forced first token the learner optimises is the greedy answer's first word, and the
+    learned clamp written as `precompute steer` arguments (latents, values, add, patches, error kept)
+    answers the same, so what is learned is what the product applies."""
+    from sae_core.steering_eval import (COLOUR_Q, LearnedDeltas, Strategy, concept_stats, first_word, learn_deltas,
+                                        load_world_eval, nearest_concept, run_strategy, token_mask)
+
+    data = load_world_eval(session, session.bundle.manifest["world"], n_images=300)
+    stats = concept_stats(data, "colour")
+    targets = ["red", "blue", "green", "yellow", "white"]
+    stats.learned = learn_deltas(session, data, stats, targets=targets, steps=20, batch=64, alpha0=2.0)
+    assert set(stats.learned.deltas) == set(targets) and stats.learned.info["n_rows"] == len(data.tune)
+    learned = run_strategy(session, data, stats, lambda c: Strategy("learned"), "test", concepts=targets, max_images=30)
+    swap = run_strategy(session, data, stats, lambda c: Strategy("swap", 2.0, "active", keep_error=True), "test",
+                        concepts=targets, max_images=30)
+    s_learned = np.mean([v["success"] for v in learned.values()])
+    s_swap = np.mean([v["success"] for v in swap.values()])
+    assert s_learned >= 0.85 and s_learned >= s_swap + 0.12, (learned, swap)
+
+    # the product path: argmax of the learner's log-probabilities = greedy answer = the steer command's clamp
+    rows = data.test[:12]
+    ims = [data.images[j] for j in rows]
+    clamps = [stats.learned.clamp(data.codes[j], "blue", stats, session.layout.n_prefix) for j in rows]
+    greedy = [first_word(a) for a in session.answer_batch(ims, clamps, COLOUR_Q, 3)]
+    h, _ = session.hidden(ims)
+    with torch.inference_mode():
+        feats = session.features(h, clamps)
+        lp = session.first_token_logprobs(feats, COLOUR_Q)
+    # what the learner differentiates: h + (delta W_dec[C]) on the clamped tokens, written out here
+    W = session.sae.W_dec[torch.as_tensor(stats.latents)].detach()
+    for i, j in enumerate(rows):
+        vals = torch.as_tensor(np.asarray(clamps[i].values))  # (T, |C|): the delta on clamped tokens, 0 elsewhere
+        np.testing.assert_allclose(feats[i].numpy(), (h[i].float() + vals @ W).numpy(), atol=1e-4)
+    assert [session.tokenizer.decode([int(i)]).strip() for i in lp.argmax(-1)] == greedy
+    for j, im, want in list(zip(rows, ims, greedy))[:4]:
+        patches = np.flatnonzero(token_mask(data.codes[j], stats.latents)).tolist()
+        src = stats.learned.concepts.index(nearest_concept(data.codes[j], stats))
+        r = session.answers(im, stats.latents.tolist(), stats.learned.deltas["blue"][src].tolist(), prompt=COLOUR_Q,
+                            keep_error=True, patches=patches, mode="add", max_new_tokens=3)
+        assert first_word(r.steered) == want
+    # persisted as JSON and read back: the same clamps
+    back = LearnedDeltas.from_json(json.loads(json.dumps(stats.learned.to_json())))
+    c0 = back.clamp(data.codes[rows[0]], "blue", stats, session.layout.n_prefix)
+    np.testing.assert_allclose(c0.values, clamps[0].values, atol=1e-4)
