@@ -13,6 +13,7 @@ from sae_core.bundle import Bundle
 from sae_core.errors import UserError
 
 from . import inputs
+from .probes import ProbeResults
 from .render import ImageCache, heat_overlay, strip, upscale
 
 TABLE_COLUMNS = ["neuron", "label", "label_score", "ms", "support", "frequency", "max_act", "level"]
@@ -48,6 +49,19 @@ class Explorer:
     # ------------------------------------------------------------------------------------------
     # Overview
     # ------------------------------------------------------------------------------------------
+    @cached_property
+    def probes(self) -> ProbeResults:
+        """The probe results on the Overview (probes/*.json, crossmodal.json), re-read when they change."""
+        return ProbeResults(self.bundle.root, self.bundle.manifest)
+
+    def steer_off_reason(self) -> str | None:
+        """Why the Steer page is off for this bundle (one sentence), or None when steering applies."""
+        layer = str(self.bundle.manifest["model"].get("layer"))
+        if self.probes.is_crossmodal:
+            return (f"Steering is off for this bundle: its SAE reads the language model's residual stream (layer "
+                    f"{layer}), while steering clamps the vision-tower layer that LLaVA's projector reads.")
+        return None
+
     def facts(self) -> dict:
         """Model, layer, SAE and dataset of the bundle, as the Overview page lists them."""
         m = self.bundle.manifest

@@ -33,7 +33,8 @@ def create_app(settings: AppSettings):
 
     bundle = open_bundle(settings.bundle)
     explorer = Explorer(bundle, settings.cache)
-    steer = SteerService(explorer, device=settings.device, load_4bit=settings.load_4bit, limits=settings.limits)
+    steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.device,
+                                                                   load_4bit=settings.load_4bit, limits=settings.limits)
     demo = ui.build(explorer, steer=steer, searcher=NeuronSearch.for_bundle(explorer))
     demo.queue(default_concurrency_limit=NEURON_CONCURRENCY, max_size=256)
     allowed = [str(explorer.images.root)]  # generated pictures only; bundle thumbnails are re-rendered there

@@ -11,6 +11,7 @@ from sae_core.errors import UserError
 
 from . import figures, inputs
 from .explorer import MAX_TABLE_ROWS, RELATED_COLUMNS, TABLE_COLUMNS, TABLE_SORTS, Explorer
+from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
 # Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
 OPEN_BOX = "open-neuron-box"
@@ -298,6 +299,29 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 with gr.Row():
                     ms_hist_plot = gr.Plot(label="MS distribution")
                     scatter_plot = gr.Plot(label="MS versus frequency", elem_id="scatter-plot")
+                # cross-modal bundles (precompute crossmodal): the latents shared by image and text tokens
+                with gr.Column(visible=ex.probes.is_crossmodal):
+                    cm_note = gr.Markdown(elem_id="crossmodal-note")
+                    with gr.Row():
+                        cm_counts = gr.Dataframe(headers=CONCEPT_COLUMNS, interactive=False, scale=1,
+                                                 label="cross-modal latents per concept", elem_id="crossmodal-counts")
+                        cm_table = gr.Dataframe(headers=CROSSMODAL_COLUMNS, interactive=False, scale=4,
+                                                label="cross-modal latents (click a row to open it)",
+                                                elem_id="crossmodal-table")
+                # probe results (precompute ood / ontology / probes) when the bundle holds them
+                ood_note = gr.Markdown(elem_id="ood-note")
+                with gr.Row():
+                    roc_plot = gr.Plot(label="OOD detection: ROC", elem_id="roc-plot", visible=False, scale=1)
+                    ood_df = gr.Dataframe(interactive=False, visible=False, scale=1, elem_id="ood-table",
+                                          label="AUROC and FPR@95 per detector (sort from a column header's ⋮ menu)")
+                with gr.Accordion("Ontology recovery and linear probes", open=False, elem_id="probe-accordion",
+                                  visible=not ex.probes.is_crossmodal):
+                    onto_note = gr.Markdown()
+                    onto_df = gr.Dataframe(headers=ONTOLOGY_COLUMNS, interactive=False, visible=False,
+                                           label="tree agreement with the taxonomy")
+                    probes_note = gr.Markdown()
+                    probes_df = gr.Dataframe(headers=PROBE_COLUMNS, interactive=False, visible=False,
+                                             label="linear probe accuracy")
             # ---------------------------------------------------------------- Neurons
             with gr.Tab("Neurons", id="neurons"):
                 with gr.Row():
@@ -328,7 +352,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     neuron_in = gr.Number(value=0, precision=0, minimum=0, maximum=ex.n_neurons - 1,
                                           label=f"neuron id (0 to {ex.n_neurons - 1})", elem_id="neuron-id")
                     open_button = gr.Button("Open", variant="primary", elem_id="open-neuron")
-                    steer_with_button = gr.Button("Steer with this neuron", elem_id="steer-with-neuron")
+                    steer_with_button = gr.Button("Steer with this neuron", elem_id="steer-with-neuron",
+                                                  visible=steer is not None)
                     export_button = gr.Button("Export JSON")
                     export_file = gr.File(label="neuron JSON", interactive=False)
                 header_md = gr.Markdown(elem_id="neuron-header")
@@ -352,7 +377,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                                         label="taxonomy depth per Matryoshka level")
             # ---------------------------------------------------------------- Steer
             with gr.Tab("Steer", id="steer"):
-                steer_parts = SteerTab(ex, steer) if steer is not None else gr.Markdown("Steering is off.")
+                steer_parts = (SteerTab(ex, steer) if steer is not None
+                               else gr.Markdown(ex.steer_off_reason() or "Steering is off."))
 
         # ============================================================== events
         @functools.lru_cache(maxsize=1)
@@ -364,6 +390,30 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     figures.ms_frequency_scatter(cols))
 
         demo.load(overview, outputs=[facts_md, metrics_df, ms_hist_plot, scatter_plot], api_name="overview")
+
+        def shown(value, wrap=lambda v: v):
+            """An update showing `value` (a table dict or a figure), or hiding the component when it is None."""
+            return gr.update(visible=False) if value is None else gr.update(value=wrap(value), visible=True)
+
+        def probes_overview():
+            """The probe results: OOD note, ROC figure and table; ontology and linear-probe notes and tables."""
+            note, fig, table = ex.probes.ood()
+            onto_note, onto = ex.probes.ontology()
+            pr_note, pr = ex.probes.probes()
+            return (note, shown(fig, plotly_json), shown(table), onto_note, shown(onto), pr_note, shown(pr))
+
+        demo.load(probes_overview, outputs=[ood_note, roc_plot, ood_df, onto_note, onto_df, probes_note, probes_df],
+                  api_name="probes_overview")
+
+        def crossmodal_overview():
+            """Cross-modal bundles: the summary, the counts per concept and the table of cross-modal latents."""
+            cm = ex.probes.crossmodal()
+            if cm is None:
+                return "This bundle is not a cross-modal bundle (`precompute crossmodal` writes those).", shown(None), shown(None)
+            note, counts, table = cm
+            return note, shown(counts), shown(table)
+
+        demo.load(crossmodal_overview, outputs=[cm_note, cm_counts, cm_table], api_name="crossmodal_overview")
         demo.load(None, js=HOOK_PLOTLY_JS)
 
         @user_errors
@@ -433,6 +483,12 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             return page_outputs((evt.row_value or [None, None])[RELATED_COLUMNS.index("neuron")])
 
         table.select(open_neuron_from_table, None, page_targets, api_name="open_neuron_from_table")
+
+        @user_errors
+        def open_neuron_from_crossmodal(evt: gr.SelectData):
+            return page_outputs((evt.row_value or [None])[CROSSMODAL_COLUMNS.index("neuron")])
+
+        cm_table.select(open_neuron_from_crossmodal, None, page_targets, api_name="open_neuron_from_crossmodal")
         related_df.select(open_neuron_from_relatives, None, page_targets, api_name="open_neuron_from_relatives")
 
         @user_errors

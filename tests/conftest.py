@@ -52,6 +52,20 @@ def tiny_bundle(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_crossmodal_bundle(tiny_world, tmp_path_factory):
+    """A cross-modal bundle of the tiny world (`python -m precompute crossmodal --preset tiny`; about 10 s),
+    built once per session. Returns a namespace: path (the bundle) and summary (the command's JSON line)."""
+    from types import SimpleNamespace
+
+    out = tmp_path_factory.mktemp("tiny_crossmodal") / "cm"
+    proc = subprocess.run([sys.executable, "-m", "precompute", "crossmodal", "--world", str(tiny_world), "--out",
+                           str(out), "--preset", "tiny", "--quiet"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SimpleNamespace(path=out, summary=json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="session")
 def explorer_app(tiny_bundle, tmp_path_factory):
     """`python -m app` serving the tiny bundle in a child process for the whole session.
 

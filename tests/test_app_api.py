@@ -35,9 +35,18 @@ def test_every_action_is_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     for name in ("/overview", "/neuron_page", "/neuron_json", "/neuron_table", "/neuron_export", "/hierarchy",
                  "/search_neurons_by_text", "/search_neurons_by_image", "/steer", "/steer_load_image",
-                 "/steer_select_patch", "/steer_with_neuron", "/restore_from_url", "/steer_restore_from_url"):
+                 "/steer_select_patch", "/steer_with_neuron", "/restore_from_url", "/steer_restore_from_url",
+                 "/probes_overview", "/crossmodal_overview", "/open_neuron_from_crossmodal"):
         assert name in names
     assert not any(n.startswith("/lambda") or n.startswith("/fn_") for n in names)
+
+
+def test_probe_panel_names_the_command_when_results_are_missing(client, explorer_app):
+    if (explorer_app.bundle / "probes" / "ood.json").exists():
+        pytest.skip("this bundle has OOD results (SAE_TINY_BUNDLE given)")
+    out = client.predict(api_name="/probes_overview")
+    assert f"run `python -m precompute ood --bundle {explorer_app.bundle}`" in out[0]
+    assert out[1] == {"visible": False, "__type__": "update"}
 
 
 def test_neuron_page_follows_the_bundle(client, explorer_app):

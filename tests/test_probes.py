@@ -227,11 +227,10 @@ def test_probes_and_ontology_commands(tiny_bundle, tmp_path):
     assert (tmp_path / "probes.json").is_file() and (tmp_path / "ontology.json").is_file()
 
 
-def test_crossmodal_command_builds_a_bundle(tiny_world, tmp_path):
+def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle):
     from sae_core.bundle import open_bundle
 
-    out = tmp_path / "cm"
-    res = run_cli("crossmodal", "--world", str(tiny_world), "--out", str(out), "--preset", "tiny", "--quiet")
+    out, res = tiny_crossmodal_bundle.path, tiny_crossmodal_bundle.summary
     assert res["n_latents"] == 256 and 0 <= res["n_cross_modal"] <= 256
     b = open_bundle(out)
     b.validate()
