@@ -18,7 +18,7 @@ import torch
 
 from .errors import UserError
 
-FIELDS = ("ids", "raw", "codes", "recon_mean", "recon_max")
+FIELDS = ("ids", "raw", "codes", "recon_mean", "recon_max", "resid_max")
 
 
 @dataclass
@@ -35,12 +35,18 @@ class ImageFeatures:
     """(N,) float32 mean over the image's tokens of ||x - x_hat||^2 / ||x||^2."""
     recon_max: np.ndarray
     """(N,) float32 the same, max over the patch tokens."""
+    resid_max: np.ndarray
+    """(N,) float32 max over the patch tokens of the residual norm ||x - x_hat|| (not divided by ||x||)."""
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, rows) -> "ImageFeatures":
         return ImageFeatures(*(getattr(self, f)[rows] for f in FIELDS))
+
+    @staticmethod
+    def concat(parts: "list[ImageFeatures]") -> "ImageFeatures":
+        return ImageFeatures(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,9 @@ def extract_features(source: FeatureSource, dataset, n_images: int | None = None
             n, T, d = h.shape
             x = h.reshape(n * T, d).to(dev)
             z = sae.encode(x)
-            err = ((x - sae.decode(z)) ** 2).sum(1) / (x ** 2).sum(1).clamp_min(1e-12)
-            err = err.reshape(n, T).cpu()
+            sq = ((x - sae.decode(z)) ** 2).sum(1)
+            err = (sq / (x ** 2).sum(1).clamp_min(1e-12)).reshape(n, T).cpu()
+            resid = sq.sqrt().reshape(n, T).cpu()
             codes, _, _ = pool_tokens(z.reshape(n, T, -1).cpu(), n_prefix, source.score)
             raw, _, _ = pool_tokens(h.cpu(), n_prefix, source.score)
             parts["ids"].append(ids)
@@ -106,6 +113,7 @@ def extract_features(source: FeatureSource, dataset, n_images: int | None = None
             parts["codes"].append(codes.numpy().astype(np.float32))
             parts["recon_mean"].append(err.mean(1).numpy().astype(np.float32))
             parts["recon_max"].append(err[:, n_prefix:].max(1).values.numpy().astype(np.float32))
+            parts["resid_max"].append(resid[:, n_prefix:].max(1).values.numpy().astype(np.float32))
         if progress:
             progress(done)
     if not parts["ids"]:

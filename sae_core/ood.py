@@ -6,6 +6,8 @@ evaluated ID or OOD images) and returns a score per image, higher = more likely 
 SAE detectors (`sae_*`, on the per-image pooled SAE codes of sae_core.image_features):
     sae_recon        mean over the image's tokens of the SAE's relative reconstruction error
     sae_recon_max    the same, max over the patch tokens (an unseen object lives in a few patches)
+    sae_resid_max    max over the patch tokens of the residual norm ||x - x_hat|| (what the dictionary
+                     cannot express, not divided by ||x||)
     sae_knn          cosine distance to the k-th nearest training image in latent space
     sae_mahalanobis  Mahalanobis distance to the training codes (one Gaussian, shrunk covariance)
     sae_mahalanobis_class  min over classes of it, with class means and a shared covariance
@@ -16,6 +18,9 @@ SAE detectors (`sae_*`, on the per-image pooled SAE codes of sae_core.image_feat
     sae_msp          1 - max softmax of a linear probe on the codes trained on the ID training labels
 Raw baselines (`raw_*`, on the pooled raw activations, the same pooling): raw_knn, raw_mahalanobis,
 raw_mahalanobis_class, raw_msp.
+Combined (with held-out ID calibration images, `cal`): sae_combined / raw_combined = the mean over every
+single detector of the family of its calibrated surprise -log p, p = the fraction of calibration images
+scoring at least as high (add-one smoothed); a fixed rule, no weights, no choice of detectors.
 """
 from __future__ import annotations
 
@@ -109,6 +114,19 @@ def rarity(train_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.where(n > 0, (act * surprise).sum(1) / np.maximum(n, 1), 0.0)
 
 
+def calibrated_surprise(cal: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """-log p of each score, p = (#{calibration scores >= it} + 1) / (n_cal + 1): the upper-tail empirical
+    p-value of a held-out ID image scoring as high (a conformal p-value), on one scale for every detector."""
+    c = np.sort(np.asarray(cal, np.float64))
+    at_least = len(c) - np.searchsorted(c, np.asarray(scores, np.float64), side="left")
+    return -np.log((at_least + 1.0) / (len(c) + 1.0))
+
+
+def combine_calibrated(scores: dict[str, np.ndarray], cal_scores: dict[str, np.ndarray], names) -> np.ndarray:
+    """Mean over `names` of calibrated_surprise(cal_scores[name], scores[name]) (Fisher's combination / 2n)."""
+    return np.mean([calibrated_surprise(cal_scores[n], scores[n]) for n in names], axis=0)
+
+
 def msp_fit(train: np.ndarray, labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """1 - max softmax probability of a linear probe trained on the training labels (Hendrycks & Gimpel)."""
     from .probes import fit_probe
@@ -138,6 +156,9 @@ class OODResult:
 DESCRIPTIONS = {
     "sae_recon": "SAE relative reconstruction error, mean over tokens",
     "sae_recon_max": "SAE relative reconstruction error, max over patch tokens",
+    "sae_resid_max": "SAE residual norm ||x - x_hat||, max over patch tokens",
+    "sae_combined": "mean calibrated surprise -log p over every single SAE detector (p against held-out ID images)",
+    "raw_combined": "mean calibrated surprise -log p over every single raw detector (p against held-out ID images)",
     "sae_knn": "cosine distance to the k-th nearest training image, pooled SAE codes",
     "sae_mahalanobis": "Mahalanobis distance to the training codes",
     "sae_mahalanobis_class": "min over classes of the Mahalanobis distance (shared covariance), SAE codes",
@@ -152,26 +173,38 @@ DESCRIPTIONS = {
 
 
 def ood_scores(fit, test, fit_labels: np.ndarray | None = None, k: int = 10,
-               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+               progress: Callable[[str], None] | None = None, cal=None) -> dict[str, np.ndarray]:
     """Scores of every detector on `test` (ImageFeatures), fitted on `fit` (ImageFeatures of ID training
-    images). Label-based detectors (msp, mahalanobis_class) run only when `fit_labels` is given."""
+    images). Label-based detectors (msp, mahalanobis_class) run only when `fit_labels` is given. With
+    `cal` (ImageFeatures of held-out ID images, disjoint from fit and test), every detector also scores
+    them and `sae_combined` / `raw_combined` are added."""
     out: dict[str, np.ndarray] = {}
+    rows = test if cal is None else type(test).concat([test, cal])
 
     def put(name, fn):
         if progress:
             progress(name)
         out[name] = np.asarray(fn(), np.float64)
 
-    put("sae_recon", lambda: test.recon_mean)
-    put("sae_recon_max", lambda: test.recon_max)
-    for fam, tr, te in (("sae", fit.codes, test.codes), ("raw", fit.raw, test.raw)):
+    put("sae_recon", lambda: rows.recon_mean)
+    put("sae_recon_max", lambda: rows.recon_max)
+    put("sae_resid_max", lambda: rows.resid_max)
+    for fam, tr, te in (("sae", fit.codes, rows.codes), ("raw", fit.raw, rows.raw)):
         put(f"{fam}_knn", lambda: knn_distance(tr, te, k))
         put(f"{fam}_mahalanobis", lambda: mahalanobis_fit(tr)(te))
         if fit_labels is not None:
             put(f"{fam}_mahalanobis_class", lambda: mahalanobis_fit(tr, fit_labels)(te))
             put(f"{fam}_msp", lambda: msp_fit(tr, fit_labels)(te))
-    put("sae_set_novelty", lambda: set_novelty(fit.codes, test.codes))
-    put("sae_rare", lambda: rarity(fit.codes, test.codes))
+    put("sae_set_novelty", lambda: set_novelty(fit.codes, rows.codes))
+    put("sae_rare", lambda: rarity(fit.codes, rows.codes))
+    if cal is None:
+        return out
+    n = len(test)
+    cal_scores = {name: s[n:] for name, s in out.items()}
+    out = {name: s[:n] for name, s in out.items()}
+    for fam in ("sae", "raw"):
+        names = [name for name in out if name.startswith(fam + "_")]
+        put(f"{fam}_combined", lambda: combine_calibrated(out, cal_scores, names))
     return out
 
 

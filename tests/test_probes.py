@@ -12,7 +12,7 @@ import torch
 
 from sae_core.crossmodal import cross_modal_scores, patch_concepts
 from sae_core.ontology import assign_nodes, taxonomy_distances, top_images, tree_agreement
-from sae_core.ood import knn_distance, mahalanobis_fit, set_novelty
+from sae_core.ood import calibrated_surprise, combine_calibrated, knn_distance, mahalanobis_fit, set_novelty
 from sae_core.probes import fit_probe, split_combinations
 from sae_core.roc import auroc, auroc_columns, fpr_at_tpr, roc_curve
 
@@ -100,11 +100,49 @@ def test_detectors_match_definitions():
     assert np.allclose(set_novelty(A, Q), ref)
 
 
+def test_calibrated_combination_matches_brute_force():
+    rng = np.random.default_rng(5)
+    cal = {"a": rng.integers(0, 10, 50).astype(float), "b": rng.normal(size=50)}
+    scores = {"a": np.r_[rng.integers(-2, 13, 20).astype(float), cal["a"][:5]], "b": rng.normal(size=25) * 2}
+    ref = {n: np.array([-np.log((np.sum(cal[n] >= x) + 1) / 51) for x in scores[n]]) for n in cal}
+    for n in cal:
+        assert np.allclose(calibrated_surprise(cal[n], scores[n]), ref[n])
+    assert np.allclose(combine_calibrated(scores, cal, ["a", "b"]), (ref["a"] + ref["b"]) / 2)
+    # a score above every calibration score gets the smallest p, 1 / (n + 1); below all of them p = 1
+    assert calibrated_surprise(cal["b"], [1e9, -1e9]) == pytest.approx([np.log(51), 0.0])
+
+
+def test_residual_features_match_a_per_image_loop(tiny_bundle):
+    from sae_core.bundle import open_bundle
+    from sae_core.datasets import open_dataset
+    from sae_core.image_features import bundle_source, extract_features
+
+    bundle = open_bundle(tiny_bundle)
+    source = bundle_source(bundle)
+    ds = open_dataset(f"world:{bundle.world_dir}:val")
+    feats = extract_features(source, ds, 5, batch_size=2)
+    ad, sae = source.adapter, source.sae
+    layer = ad.resolve_layer(source.layer)
+    n_prefix = ad.layout.n_prefix
+    with torch.no_grad():
+        for row, i in enumerate(feats.ids):
+            x = ad.capture(ad.preprocess([ds[int(i)]]), [layer])[layer.name][0].float()  # (T, d)
+            res = [float(torch.linalg.norm(x[t] - sae.decode(sae.encode(x[t:t + 1]))[0]))
+                   for t in range(n_prefix, x.shape[0])]
+            assert feats.resid_max[row] == pytest.approx(max(res), rel=1e-4, abs=1e-6)
+            rel = [r * r / float((x[t] ** 2).sum()) for r, t in zip(res, range(n_prefix, x.shape[0]))]
+            assert feats.recon_max[row] == pytest.approx(max(rel), rel=1e-3, abs=1e-6)
+
+
 def test_ood_command_end_to_end(tiny_bundle, tmp_path):
     res = run_cli("ood", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
-                  "--fit-images", "800", "--max-images", "200")
+                  "--fit-images", "800", "--max-images", "200", "--cal-images", "150")
     methods = res["methods"]
     assert any(n.startswith("sae_") for n in methods) and {"raw_knn", "raw_mahalanobis", "raw_msp"} <= set(methods)
+    assert {"sae_resid_max", "sae_combined", "raw_combined"} <= set(methods)
+    # calibration images come right after the fit images of the train split, never from the evaluated sets
+    assert res["fit"]["n_images"] == 800 and res["calibration"]["n_images"] == 150
+    assert res["calibration"]["which"].startswith("fit-set images 800-949")
     for m in methods.values():
         assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1
         assert set(m["auroc_by_group"]) <= {"shape", "colour", "both"}
