@@ -37,7 +37,9 @@ embedding and the mean image embedding of the neuron's top-16 images (bundle emb
 """
 from __future__ import annotations
 
+import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,8 +430,6 @@ class LearnedDeltas:
 
 
 def load_learned(path: str | Path) -> LearnedDeltas:
-    import json
-
     try:
         return LearnedDeltas.from_json(json.loads(Path(path).read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -591,8 +591,6 @@ def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_imag
     """The learned strategy as a chosen family: deltas learned on the tune images that never score an
     option (the first `tune_images` non-target images of each concept score them), so its tune score is
     held out like the others' (theirs are the best of a few strengths on those images); then the test half."""
-    import time
-
     t0 = time.perf_counter()
     labels = data.labels(stats.factor)
     scored = set()

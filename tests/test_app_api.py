@@ -1,4 +1,5 @@
 """The explorer's API through gradio_client, against `python -m app` on the tiny bundle."""
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,12 +42,19 @@ def test_every_action_is_named(client):
     assert not any(n.startswith("/lambda") or n.startswith("/fn_") for n in names)
 
 
-def test_probe_panel_names_the_command_when_results_are_missing(client, explorer_app):
-    if (explorer_app.bundle / "probes" / "ood.json").exists():
-        pytest.skip("this bundle has OOD results (SAE_TINY_BUNDLE given)")
+def test_probe_panel_follows_the_bundles_ood_results(client, explorer_app):
+    """Without probes/ood.json (the fresh tiny bundle) the panel names the command and hides the plot; a
+    reused bundle (SAE_TINY_BUNDLE) may hold results, and then the note names the file's best detectors."""
     out = client.predict(api_name="/probes_overview")
-    assert f"run `python -m precompute ood --bundle {explorer_app.bundle}`" in out[0]
-    assert out[1] == {"visible": False, "__type__": "update"}
+    ood = explorer_app.bundle / "probes" / "ood.json"
+    if not ood.exists():
+        assert f"run `python -m precompute ood --bundle {explorer_app.bundle}`" in out[0]
+        assert out[1] == {"visible": False, "__type__": "update"}
+    else:
+        saved = json.loads(ood.read_text())
+        for key in ("best_sae", "best_raw"):
+            assert f"**{saved[key]}** {saved['methods'][saved[key]]['auroc']:.3f}" in out[0]
+        assert out[1]["visible"] is True
 
 
 def test_neuron_page_follows_the_bundle(client, explorer_app):
@@ -89,7 +97,6 @@ def test_table_and_hierarchy(client, explorer_app):
 
 def test_original_answer_matches_llava_generate(client, explorer_app):
     """The page's 'original' answer is what transformers' own LLaVA.generate says (independent path)."""
-    import json
 
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
