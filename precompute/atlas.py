@@ -17,6 +17,7 @@ command skips finished stages, other settings on the same --out are refused):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -253,12 +254,21 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     trained_tokens = (sae.training_info or {}).get("activations", {}).get("tokens")
     cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size, seed=job.seed,
                       metric_tokens=metric_tokens_for(trained_tokens))
+    reference_embed = None
+    world = _world_root(job.dataset)
+    if world is not None:  # MS under the world's ground-truth factors, for the calibration in world.json
+        from sae_core.ground_truth import factor_embedding, factor_table
+
+        table = factor_table(ds.factors, np.arange(n))
+        reference_embed = functools.partial(factor_embedding, table)
     t0 = time.time()
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
-                  progress=lambda done: advance(done / n))
+                  progress=lambda done: advance(done / n), reference_embed=reference_embed)
     for name, arr in result.neurons.items():
         B.write_array(out, f"neurons/{name}.npy", arr)
     B.write_array(out, B.RAW_MS, result.raw_ms)
+    if result.ms_reference is not None:
+        B.write_array(out, B.MS_FACTORS, result.ms_reference)
     for name, arr in result.raw_top.items():
         B.write_array(out, f"raw/{name}.npy", arr)
     if result.parent_coact is not None:
@@ -396,23 +406,35 @@ def _stage_world(job, sae, out, scan_info, world):
     agreement with simulated users, for SAE and raw neurons; label accuracy; depth per level."""
     if world is None:
         return {}
-    from sae_core.ground_truth import ground_truth_report
+    from sae_core.ground_truth import factor_table, ground_truth_report, ideal_neuron_report
     from sae_core.world.dataset import WorldDataset
 
     ds = WorldDataset(world[0], world[1])
-    sae_rep = ground_truth_report(np.load(out / "neurons/ms.npy"), np.load(out / "neurons/top_images.npy"),
-                                  factors_of=ds.factors, seed=job.seed)
-    raw_rep = ground_truth_report(np.load(out / B.RAW_MS), np.load(out / "raw/top_images.npy"),
-                                  factors_of=ds.factors, seed=job.seed)
+    emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
+    table = factor_table(ds.factors, np.arange(emb.shape[0]))   # every scanned image
+    top = np.load(out / "neurons/top_images.npy")
+    sae_rep = ground_truth_report(np.load(out / "neurons/ms.npy"), top, table=table, seed=job.seed)
+    raw_rep = ground_truth_report(np.load(out / B.RAW_MS), np.load(out / "raw/top_images.npy"), table=table,
+                                 seed=job.seed)
     figures = {"ms_ground_truth_spearman": sae_rep["ms_ground_truth_spearman"],
                "ms_agreement": sae_rep["ms_agreement"],
                "ms_ground_truth_spearman_raw": raw_rep["ms_ground_truth_spearman"],
                "ms_agreement_raw": raw_rep["ms_agreement"],
                "purity_mean": sae_rep["purity_mean"], "purity_mean_raw": raw_rep["purity_mean"]}
+    # Calibration: the same figures with a perfect embedder (the SAE's neurons, MS under the world's
+    # factors) and with perfect neurons (ideal_neurons, MS under this bundle's embedder). Low figures
+    # with both high say the neurons are at fault; a low ideal-neuron figure says the embedder is.
+    calibration = {}
+    if (out / B.MS_FACTORS).is_file():
+        f_rep = ground_truth_report(np.load(out / B.MS_FACTORS), top, table=table, seed=job.seed)
+        calibration["factor_embedder"] = {k: f_rep[k] for k in ("ms_ground_truth_spearman", "ms_agreement", "agreement")}
+    calibration["ideal_neurons"] = ideal_neuron_report(table, np.asarray(emb, np.float32), seed=job.seed)
+    figures["ms_agreement_factor_embedder"] = calibration.get("factor_embedder", {}).get("ms_agreement")
+    figures["ms_agreement_ideal_neurons"] = calibration["ideal_neurons"]["ms_agreement"]
     labels_info = stage_info(out, "labels") or {}
     figures["label_accuracy"] = _label_accuracy(out, ds) if labels_info.get("method") else None
     figures["hierarchy_depth"] = (stage_info(out, "hierarchy") or {}).get("depth_per_level")
-    B.write_json(out, B.WORLD, {**figures, "split": world[1], "world": str(world[0]),
+    B.write_json(out, B.WORLD, {**figures, "split": world[1], "world": str(world[0]), "calibration": calibration,
                                 "neurons": sae_rep, "raw": raw_rep})
     return figures
 
@@ -463,8 +485,8 @@ def _write_manifest(job: AtlasJob, sae, out: Path, world) -> dict:
     metrics = dict(scan["metrics"])
     world_info = stage_info(out, "world") or {}
     metrics.update({k: v for k, v in world_info.items() if k in (
-        "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "label_accuracy",
-        "hierarchy_depth")})
+        "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "ms_agreement_factor_embedder",
+        "ms_agreement_ideal_neurons", "label_accuracy", "hierarchy_depth")})
     manifest = {
         "command": job.command,
         "model": scan["model"],

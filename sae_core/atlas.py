@@ -282,6 +282,8 @@ class ScanResult:
     """Per-neuron arrays named as in the bundle (ms, support, ..., top_heat, band_*, hist_*)."""
     raw_ms: np.ndarray
     """(d,) MS of the layer's own units, scored the same way."""
+    ms_reference: np.ndarray | None
+    """(K,) MS of the SAE neurons under `reference_embed` (None without one)."""
     raw_top: dict
     """top_images / top_acts (d, T) of the raw units (highest scores, any sign)."""
     parent_coact: np.ndarray | None
@@ -311,11 +313,14 @@ def iter_batches(dataset, n_images: int, batch_size: int) -> Iterator[tuple[np.n
 
 @torch.no_grad()
 def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int | None = None,
-         progress: Callable[[int], None] | None = None) -> ScanResult:
+         progress: Callable[[int], None] | None = None,
+         reference_embed: Callable[[np.ndarray], np.ndarray] | None = None) -> ScanResult:
     """One pass over the first `n_images` of `dataset`: model -> layer (all tokens) -> SAE -> statistics.
 
     `embedder` (an Adapter) gives the unit-norm image embeddings for MS; None = `adapter`'s own
     embedding. `progress(n)` is called with the number of images done after each batch.
+    `reference_embed(image ids) -> (n, R)` gives a second embedding (e.g. the world's ground-truth
+    factors, `ground_truth.factor_embedding`) under which the SAE neurons' MS is also computed.
     """
     from .metrics import MetricsAccumulator
 
@@ -346,6 +351,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         coact = CoactivationCounter(sae.cfg.group_sizes, K)
     ms_sae = _ms_accumulator(K, E)
     ms_raw = _ms_accumulator(d, E)
+    ms_ref = None
     metrics = MetricsAccumulator(K)
     emb_out = np.zeros((N, E), np.float16)
     seen = np.zeros(N, bool)
@@ -393,6 +399,11 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         res.update(neuron * cfg.hist_bins + b, ids[img_idx], neuron, vals)
         ms_sae.update(scores, emb)
         ms_raw.update(raw_scores, emb)
+        if reference_embed is not None:
+            ref = np.asarray(reference_embed(ids), np.float64)
+            if ms_ref is None:
+                ms_ref = _ms_accumulator(K, ref.shape[1])
+            ms_ref.update(scores, ref)
         emb_out[ids] = emb.numpy().astype(np.float16)
         seen[ids] = True
         if progress:
@@ -412,6 +423,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     rt = raw_top.result()
     pc, pc_score = coact.parents() if coact is not None else (None, None)
     return ScanResult(neurons=neurons, raw_ms=_as_np(ms_raw.result()).astype(np.float32),
+                      ms_reference=None if ms_ref is None else _as_np(ms_ref.result()).astype(np.float32),
                       raw_top={"top_images": rt["top_images"], "top_acts": rt["top_acts"]}, embeddings=emb_out,
                       parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(seen.sum()), skipped=skipped)
 

@@ -39,6 +39,7 @@ EMBEDDINGS = "images/embeddings.npy"
 INDEX = "images/index.faiss"
 THUMBS = "images/thumbs"
 RAW_MS = "raw/ms.npy"
+MS_FACTORS = "neurons/ms_factors.npy"  # world bundles: MS of the SAE neurons under the ground-truth factors
 WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a copied bundle carries it
 
 # Arrays whose first axis is the neuron id (name -> relative path); others are named by path.

@@ -86,6 +86,67 @@ def factor_table(factors_of, image_ids) -> FactorTable:
     return FactorTable(ids=ids, types=types, values=tuple(values), member=tuple(member))
 
 
+def factor_embedding(table: FactorTable, image_ids) -> np.ndarray:
+    """float32 (n, sum of value counts): the ground-truth embedding of each image, one block per factor
+    type in which the image's values share unit mass (a two-object image with two colours puts 0.5 on
+    each). The cosine of two such embeddings is the agreement of their factors, so MS under it is the
+    MS a perfect embedder would give."""
+    rows = table.rows(np.asarray(image_ids, np.int64))
+    if np.any(rows < 0):
+        raise ValueError("factor_embedding needs image ids, not empty slots (-1)")
+    blocks = [m[rows] / np.maximum(m[rows].sum(1, keepdims=True), 1) for m in table.member]
+    return np.concatenate(blocks, 1).astype(np.float32)
+
+
+def ideal_neurons(table: FactorTable, n_neurons: int = 400, seed: int = 0, min_images: int = 16,
+                  max_factors: int = 3) -> np.ndarray:
+    """float32 (len(table.ids), n): perfectly monosemantic neurons for calibration. Neuron j fires on
+    exactly the images holding a conjunction of 1..max_factors values of distinct factor types (drawn
+    at random; conjunctions held by fewer than min_images images are redrawn, repeats are allowed
+    after 50 tries), with an activation drawn from U(0.5, 1]; elsewhere 0."""
+    rng = np.random.default_rng(seed)
+    n = len(table.ids)
+    out = np.zeros((n, n_neurons), np.float32)
+    F = len(table.types)
+    for j in range(n_neurons):
+        for _ in range(50):
+            sel = np.ones(n, bool)
+            for f in rng.choice(F, rng.integers(1, min(max_factors, F) + 1), replace=False):
+                sel &= table.member[f][:, rng.integers(table.member[f].shape[1])]
+            if sel.sum() >= min(min_images, n):
+                break
+        out[sel, j] = 1.0 - 0.5 * rng.random(int(sel.sum()))
+    return out
+
+
+def top_images_of(acts) -> np.ndarray:
+    """(K, T=16) ids of each column's 16 largest positive values of acts (N, K), best first; -1 pads."""
+    acts = np.asarray(acts)
+    T = min(16, acts.shape[0])
+    order = np.argsort(-acts, 0, kind="stable")[:T].T
+    return np.where(np.take_along_axis(acts.T, order, 1) > 0, order, -1)
+
+
+def ideal_neuron_report(table: FactorTable, embeddings, n_neurons: int = 400, seed: int = 0,
+                        n_pairs: int | None = 20000) -> dict:
+    """Calibration of the ground-truth figures: Spearman(MS, purity) and agreement with the simulated
+    users for `ideal_neurons`, with MS under `embeddings` (one row per image of the table, in table
+    order). What the figures reach when every neuron is perfectly monosemantic, with this embedder."""
+    from .monosemanticity import monosemanticity_score
+
+    emb = np.asarray(embeddings, np.float32)
+    if emb.shape[0] != len(table.ids):
+        raise ValueError(f"one embedding per table image is needed: {emb.shape[0]} rows for {len(table.ids)} images")
+    acts = ideal_neurons(table, n_neurons, seed)
+    ms = monosemanticity_score(acts, emb).ms
+    rows = top_images_of(acts)
+    top = np.where(rows >= 0, table.ids[np.maximum(rows, 0)], -1)
+    p = purity(top, table=table)
+    agree = simulated_user_agreement(ms, p.shared_count, n_pairs=n_pairs, seed=seed)
+    return {"n_neurons": n_neurons, "ms_ground_truth_spearman": json_number(spearman(ms, p.purity)),
+            "ms_agreement": json_number(agree.agreement), "agreement": agree.to_dict()}
+
+
 class PurityResult(NamedTuple):
     """Ground-truth purity of each neuron's top images (arrays indexed by neuron)."""
     purity: np.ndarray

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from sae_core.ground_truth import (FACTOR_TYPES, factor_table, ground_truth_report, purity, simulated_user_agreement,
-                                   spearman, world_factor_sets)
+from sae_core.ground_truth import (FACTOR_TYPES, factor_embedding, factor_table, ground_truth_report,
+                                   ideal_neuron_report, ideal_neurons, purity, simulated_user_agreement, spearman,
+                                   top_images_of, world_factor_sets)
 from sae_core.world.generator import WorldSpec, sample_factors
 
 
@@ -166,3 +167,60 @@ def test_ms_with_an_oracle_embedder_tracks_purity():
     rep = ground_truth_report(ms, top, table=table, n_pairs=None)
     assert rep["ms_ground_truth_spearman"] > 0.6
     assert rep["ms_agreement"] > 0.7
+
+
+def test_factor_embedding_cosine_counts_shared_factors():
+    """Single-object images: the cosine of two factor embeddings is (shared factor types) / 7."""
+    table = factor_table(IMAGES, list(IMAGES))
+    e = factor_embedding(table, [0, 1, 3, 6])
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    # 0 and 3: circle, round, red, warm, small/large, left/centre, plain/plain -> 5 shared of 7
+    assert float(e[0] @ e[2]) == pytest.approx(5 / 7)
+    # 0 and 1: shape, family, colour, group shared; size, position, texture differ -> 4 of 7
+    assert float(e[0] @ e[1]) == pytest.approx(4 / 7)
+    # 0 and 6: nothing shared
+    assert float(e[0] @ e[3]) == pytest.approx(0.0)
+    # image 5 has two objects: its shape block puts 1/2 on star and 1/2 on circle
+    e5 = factor_embedding(table, [5])[0]
+    shape_block = e5[:len(table.values[0])]
+    assert sorted(shape_block[shape_block > 0].tolist()) == [0.5, 0.5]
+    with pytest.raises(ValueError):
+        factor_embedding(table, [-1])
+
+
+def test_ideal_neurons_fire_on_exactly_one_conjunction():
+    """Each ideal neuron's firing set is closed: it holds every image that has all the factor values
+    its firing images have in common (so it is the conjunction of those values), with >= 16 images."""
+    spec, n = WorldSpec(seed=0), 600
+    table = factor_table([sample_factors(spec, "val", i) for i in range(n)], np.arange(n))
+    acts = ideal_neurons(table, n_neurons=60, seed=1)
+    assert acts.shape == (n, 60) and acts.min() >= 0 and acts.max() <= 1
+    for j in range(60):
+        fires = acts[:, j] > 0
+        assert fires.sum() >= 16 and np.all(acts[fires, j] > 0.5)
+        common = np.ones(n, bool)
+        for m in table.member:
+            shared = m[fires].all(0)                      # values every firing image has
+            common &= m[:, shared].all(1)
+        np.testing.assert_array_equal(fires, common)
+    np.testing.assert_array_equal(ideal_neurons(table, 60, seed=1), acts)      # a pure function of the seed
+    top = top_images_of(acts)
+    assert top.shape == (60, 16)
+    for j in range(60):
+        np.testing.assert_array_equal(np.sort(acts[top[j], j])[::-1], np.sort(acts[:, j])[::-1][:16])
+
+
+def test_ideal_neurons_with_a_perfect_embedder_agree_with_the_users():
+    """The calibration's premise, measured: perfectly monosemantic neurons scored with a perfect
+    embedder rank as the simulated users do (measured: agreement 0.92, Spearman 0.86 on this world),
+    and an embedder that knows nothing of the images does not (measured 0.44 and -0.15)."""
+    spec, n = WorldSpec(seed=0), 1500
+    table = factor_table([sample_factors(spec, "val", i) for i in range(n)], np.arange(n))
+    rep = ideal_neuron_report(table, factor_embedding(table, table.ids), n_neurons=300, n_pairs=None)
+    assert rep["ms_agreement"] > 0.85 and rep["ms_ground_truth_spearman"] > 0.8
+    rng = np.random.default_rng(0)
+    noisy = np.asarray(rng.normal(size=(n, 8)), np.float32)  # an embedder that knows nothing
+    rep_noise = ideal_neuron_report(table, noisy, n_neurons=300, n_pairs=None)
+    assert rep_noise["ms_agreement"] < 0.6 and rep_noise["ms_ground_truth_spearman"] < 0.2
+    with pytest.raises(ValueError):
+        ideal_neuron_report(table, noisy[:10])

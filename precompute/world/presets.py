@@ -4,7 +4,9 @@ PRESETS = {
     # For tests and quick looks: under a minute on two cores. Colour is learnt in seconds, shape is not:
     # shape and caption figures are reported but not gated (they sit near chance, 1/11, at this size).
     "tiny": {
-        "world": {"image_size": 32, "splits": {"train": 4000, "val": 400, "ood": 200}},
+        # val 2,000 (rendered on demand, so free to build): the tiny bundle's atlas scans it, and with 400
+        # images its Spearman(MS, purity) ranged 0.10-0.32 over SAE seeds, with 2,000 0.27-0.37.
+        "world": {"image_size": 32, "splits": {"train": 4000, "val": 2000, "ood": 200}},
         "clip": dict(hidden=64, layers=4, heads=4, patch=8, text_hidden=64, text_layers=1, max_text_len=32,
                      proj=64, lr=3e-3, wd=0.05, steps=250, batch=128, full_caption_prob=0.3),
         "llava": dict(hidden=64, layers=2, lr=3e-3, steps=300, batch=32,
