@@ -102,8 +102,10 @@ def ideal_neurons(table: FactorTable, n_neurons: int = 400, seed: int = 0, min_i
                   max_factors: int = 3) -> np.ndarray:
     """float32 (len(table.ids), n): perfectly monosemantic neurons for calibration. Neuron j fires on
     exactly the images holding a conjunction of 1..max_factors values of distinct factor types (drawn
-    at random; conjunctions held by fewer than min_images images are redrawn, repeats are allowed
-    after 50 tries), with an activation drawn from U(0.5, 1]; elsewhere 0."""
+    at random, so two neurons may share one; a conjunction held by fewer than min_images images is
+    redrawn up to 50 times, then kept, so on a very small table a neuron may fire on fewer images or
+    none, and then has no MS and drops out of the figures), with an activation from U(0.5, 1]; 0
+    elsewhere."""
     rng = np.random.default_rng(seed)
     n = len(table.ids)
     out = np.zeros((n, n_neurons), np.float32)
@@ -119,27 +121,20 @@ def ideal_neurons(table: FactorTable, n_neurons: int = 400, seed: int = 0, min_i
     return out
 
 
-def top_images_of(acts) -> np.ndarray:
-    """(K, T=16) ids of each column's 16 largest positive values of acts (N, K), best first; -1 pads."""
-    acts = np.asarray(acts)
-    T = min(16, acts.shape[0])
-    order = np.argsort(-acts, 0, kind="stable")[:T].T
-    return np.where(np.take_along_axis(acts.T, order, 1) > 0, order, -1)
-
-
 def ideal_neuron_report(table: FactorTable, embeddings, n_neurons: int = 400, seed: int = 0,
                         n_pairs: int | None = 20000) -> dict:
     """Calibration of the ground-truth figures: Spearman(MS, purity) and agreement with the simulated
     users for `ideal_neurons`, with MS under `embeddings` (one row per image of the table, in table
     order). What the figures reach when every neuron is perfectly monosemantic, with this embedder."""
     from .monosemanticity import monosemanticity_score
+    from .ontology import top_images
 
     emb = np.asarray(embeddings, np.float32)
     if emb.shape[0] != len(table.ids):
         raise ValueError(f"one embedding per table image is needed: {emb.shape[0]} rows for {len(table.ids)} images")
     acts = ideal_neurons(table, n_neurons, seed)
     ms = monosemanticity_score(acts, emb).ms
-    rows = top_images_of(acts)
+    rows = top_images(acts)
     top = np.where(rows >= 0, table.ids[np.maximum(rows, 0)], -1)
     p = purity(top, table=table)
     agree = simulated_user_agreement(ms, p.shared_count, n_pairs=n_pairs, seed=seed)

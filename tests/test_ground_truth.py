@@ -6,7 +6,8 @@ import pytest
 
 from sae_core.ground_truth import (FACTOR_TYPES, factor_embedding, factor_table, ground_truth_report,
                                    ideal_neuron_report, ideal_neurons, purity, simulated_user_agreement, spearman,
-                                   top_images_of, world_factor_sets)
+                                   world_factor_sets)
+from sae_core.ontology import top_images
 from sae_core.world.generator import WorldSpec, sample_factors
 
 
@@ -204,7 +205,7 @@ def test_ideal_neurons_fire_on_exactly_one_conjunction():
             common &= m[:, shared].all(1)
         np.testing.assert_array_equal(fires, common)
     np.testing.assert_array_equal(ideal_neurons(table, 60, seed=1), acts)      # a pure function of the seed
-    top = top_images_of(acts)
+    top = top_images(acts)
     assert top.shape == (60, 16)
     for j in range(60):
         np.testing.assert_array_equal(np.sort(acts[top[j], j])[::-1], np.sort(acts[:, j])[::-1][:16])
