@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tau", type=float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
     p.add_argument("--purity", type=float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
     p.add_argument("--learn-steps", type=int, default=None,
-                   help="Adam steps of the learned strategy per colour (default 20; 0 leaves it out)")
+                   help="Adam steps of the learned strategy per colour (default 80; 0 leaves it out)")
     p.add_argument("--learn-lambda", type=float, default=None,
                    help="weight of keeping the shape answer in the learned strategy's loss (default 1)")
     p.add_argument("--learned-out", help="write the learned deltas (JSON; ConceptSteerer(..., learned=FILE) applies them)")
