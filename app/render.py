@@ -10,7 +10,7 @@ import numpy as np
 
 DISPLAY = 160
 """Side in pixels of every gallery tile (the world's 32 px images are blown up with nearest neighbour)."""
-HEAT_RGB = np.array([255, 40, 0], dtype=np.float32)
+HEAT_RGB = (255, 40, 0)
 MAX_ALPHA = 0.65
 
 
@@ -36,11 +36,10 @@ def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best
     base = upscale(img, size).convert("RGB")
     rows, cols = grid
     h = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)[: rows * cols]) / max(float(vmax), 1e-12), 0, 1)
-    h = h.reshape(rows, cols)
-    alpha = Image.fromarray((h * 255).astype(np.uint8), mode="L").resize(base.size, Image.BILINEAR)
-    a = np.asarray(alpha, dtype=np.float32)[..., None] / 255.0 * MAX_ALPHA
-    out = np.asarray(base, dtype=np.float32) * (1 - a) + HEAT_RGB * a
-    pic = Image.fromarray(out.round().astype(np.uint8))
+    alpha = (h.reshape(rows, cols) * (255 * MAX_ALPHA)).round().astype(np.uint8)
+    mask = Image.fromarray(alpha, mode="L").resize(base.size, Image.BILINEAR)
+    # PIL's composite is base * (1 - mask/255) + red * mask/255 in C: 10x faster than the same in float numpy
+    pic = Image.composite(Image.new("RGB", base.size, HEAT_RGB), base, mask)
     if best is not None and 0 <= best < rows * cols:
         r, c = divmod(best, cols)
         cw, ch = pic.size[0] / cols, pic.size[1] / rows
@@ -105,7 +104,8 @@ class ImageCache:
         path = self.path(key)
         if not path.is_file():
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            make().save(tmp, format="PNG")
+            # compress_level 1: a third of the encoding time of the default 6, files about 35% larger
+            make().save(tmp, format="PNG", compress_level=1)
             os.replace(tmp, path)
         return str(path)
 

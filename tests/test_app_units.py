@@ -154,6 +154,10 @@ def test_heat_overlay_reddens_the_hot_patch_only():
     cold = pic[140, 140]   # patch (3, 3)
     assert hot[0] > 150 and hot[2] < 120
     assert tuple(cold) == (0, 0, 255)
+    # the hot patch's centre is fully hot: blue blended with (255, 40, 0) at alpha 0.65 (within 5 levels:
+    # pixel 60 is half a pixel off the centre of the bilinear mask, which falls off towards the neighbours)
+    want = 0.35 * np.array([0, 0, 255]) + 0.65 * np.array([255, 40, 0])
+    assert np.abs(hot - want).max() <= 5, (hot, want)
 
 
 # ----------------------------------------------------------------------------------------------
