@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sae_core.steering_eval import COLOUR_Q
+
 CHROMIUM = os.environ.get("SAE_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-COLOUR_Q = "What colour is the shape? Use one word."
 
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists(),
                                 reason="Debian chromium is not installed (apt-get install -y chromium)")
