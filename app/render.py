@@ -38,7 +38,7 @@ def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best
     h = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)[: rows * cols]) / max(float(vmax), 1e-12), 0, 1)
     alpha = (h.reshape(rows, cols) * (255 * MAX_ALPHA)).round().astype(np.uint8)
     mask = Image.fromarray(alpha, mode="L").resize(base.size, Image.BILINEAR)
-    # PIL's composite is base * (1 - mask/255) + red * mask/255 in C: 10x faster than the same in float numpy
+    # PIL's composite is base * (1 - mask/255) + red * mask/255 in C (a tile 1.7 -> 0.7 ms against float numpy)
     pic = Image.composite(Image.new("RGB", base.size, HEAT_RGB), base, mask)
     if best is not None and 0 <= best < rows * cols:
         r, c = divmod(best, cols)
