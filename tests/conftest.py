@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(session, config, items):
     logs = [open(root / "build.out", "w"), open(root / "build.err", "w")]  # files: a full pipe would block it
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *argv], cwd=REPO, stdout=logs[0], stderr=logs[1],
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _background.update(process=proc, dir=root, world=world, bundle=root / "bundle", out=out, logs=logs)
+    _background.update(process=proc, dir=root, world=world, bundle=None if bundle else out, out=out, logs=logs)
 
 
 def pytest_sessionfinish(session, exitstatus):
