@@ -101,6 +101,32 @@ def tiny_crossmodal_bundle(tiny_world, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def probe_outputs(tiny_bundle, tmp_path_factory):
+    """The real outputs of the `ood`, `ontology` and `probes` commands on a copy of the tiny bundle (the
+    shared fixture stays untouched), in their default place BUNDLE/probes/; the three run at once, once
+    per session, for the command tests and the app's probe panels alike.
+    Returns a namespace: bundle (the copy), and ood, ontology, probes (each command's JSON line)."""
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("probe_bundle") / "bundle"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("probes"))
+    argv = {"ood": ["--fit-images", "800", "--max-images", "200", "--cal-images", "150"],
+            "ontology": ["--max-images", "200", "--permutations", "10"],
+            "probes": ["--fit-images", "1500"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "precompute", name, "--bundle", str(root), *args, "--json",
+                                     "--no-cache"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, args in argv.items()}
+    lines = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+        lines[name] = json.loads(out.strip().splitlines()[-1])
+    return SimpleNamespace(bundle=root, **lines)
+
+
+@pytest.fixture(scope="session")
 def explorer_app(tiny_bundle, tmp_path_factory):
     """`python -m app` serving the tiny bundle in a child process for the whole session.
 

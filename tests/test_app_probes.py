@@ -2,9 +2,6 @@
 sentence for a missing or unusable file, and the cross-modal panel of a `precompute crossmodal` bundle."""
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,30 +9,6 @@ import pytest
 
 from app.probes import CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, ProbeResults, command
 from sae_core.crossmodal import cross_modal_scores, summary
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-
-def precompute(*args):
-    return subprocess.Popen([sys.executable, "-m", "precompute", *args, "--json", "--no-cache"], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture(scope="module")
-def probe_bundle(tiny_bundle, tmp_path_factory):
-    """A copy of the tiny bundle (the shared fixture stays untouched) with the real outputs of the `ood`,
-    `ontology` and `probes` commands in their default place, BUNDLE/probes/ (the two cores run them at once)."""
-    root = tmp_path_factory.mktemp("probe_bundle") / "bundle"
-    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("probes"))
-    b = str(root)
-    procs = [precompute("ood", "--bundle", b, "--fit-images", "800", "--max-images", "200"),
-             precompute("ontology", "--bundle", b, "--max-images", "200", "--permutations", "5"),
-             precompute("probes", "--bundle", b, "--fit-images", "400", "--test-images", "200")]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    return root
 
 
 def results(root: Path) -> ProbeResults:
@@ -47,9 +20,9 @@ def trapezoid(x, y) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
-def test_roc_panel_follows_the_ood_json(probe_bundle):
-    d = json.loads((probe_bundle / "probes" / "ood.json").read_text())
-    note, fig, table = results(probe_bundle).ood()
+def test_roc_panel_follows_the_ood_json(probe_outputs):
+    d = json.loads((probe_outputs.bundle / "probes" / "ood.json").read_text())
+    note, fig, table = results(probe_outputs.bundle).ood()
     *curves, chance = fig["data"]
     assert chance["x"] == [0, 1] and chance["y"] == [0, 1]
     names = [t["name"].split(" ")[0] for t in curves]
@@ -78,10 +51,10 @@ def test_roc_panel_follows_the_ood_json(probe_bundle):
     assert d["best_sae"]["method"] in note and ("not met" in note) == (not d["goal"]["met"])
 
 
-def test_ontology_and_probe_tables_follow_their_files(probe_bundle):
-    onto = json.loads((probe_bundle / "probes" / "ontology.json").read_text())
-    pr = json.loads((probe_bundle / "probes" / "probes.json").read_text())
-    res = results(probe_bundle)
+def test_ontology_and_probe_tables_follow_their_files(probe_outputs):
+    onto = json.loads((probe_outputs.bundle / "probes" / "ontology.json").read_text())
+    pr = json.loads((probe_outputs.bundle / "probes" / "probes.json").read_text())
+    res = results(probe_outputs.bundle)
     _, table = res.ontology()
     assert table["headers"] == ONTOLOGY_COLUMNS
     want = [(view, kind, c, e[c]["score"]) for view, kinds in onto["views"].items() for kind, e in kinds.items()
@@ -99,7 +72,7 @@ def test_ontology_and_probe_tables_follow_their_files(probe_bundle):
                                                                             abs=5e-4)
 
 
-def test_missing_and_unusable_files_give_one_sentence(probe_bundle, tmp_path):
+def test_missing_and_unusable_files_give_one_sentence(probe_outputs, tmp_path):
     root = tmp_path / "b"
     (root / "probes").mkdir(parents=True)
     res = ProbeResults(root, {"model": {"layer": "-2"}})
@@ -108,7 +81,7 @@ def test_missing_and_unusable_files_give_one_sentence(probe_bundle, tmp_path):
     assert "missing" in note and f"`python -m precompute ood --bundle {root}`" in note
     assert command("ood", root) == f"python -m precompute ood --bundle {root}"
     assert f"`python -m precompute ontology --bundle {root}`" in res.ontology()[0]
-    good = json.loads((probe_bundle / "probes" / "ood.json").read_text())
+    good = json.loads((probe_outputs.bundle / "probes" / "ood.json").read_text())
     text = json.dumps(good)
     no_curve = json.loads(text)
     del no_curve["curves"][next(iter(no_curve["curves"]))]

@@ -1,10 +1,6 @@
 """Representation probes: ROC metrics, OOD detectors, ontology agreement, cross-modal score, linear probes."""
 import itertools
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +11,6 @@ from sae_core.ontology import assign_nodes, taxonomy_distances, top_images, tree
 from sae_core.ood import calibrated_surprise, combine_calibrated, knn_distance, mahalanobis_fit, set_novelty
 from sae_core.probes import fit_probe, split_combinations
 from sae_core.roc import auroc, auroc_columns, fpr_at_tpr, roc_curve
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-
-def run_cli(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "precompute", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +120,8 @@ def test_residual_features_match_a_per_image_loop(tiny_bundle):
             assert feats.recon_max[row] == pytest.approx(max(rel), rel=1e-3, abs=1e-6)
 
 
-def test_ood_command_end_to_end(tiny_bundle, tmp_path):
-    res = run_cli("ood", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
-                  "--fit-images", "800", "--max-images", "200", "--cal-images", "150")
+def test_ood_command_end_to_end(probe_outputs):
+    res, out = probe_outputs.ood, probe_outputs.bundle / "probes"  # --fit-images 800 --max-images 200 --cal-images 150
     methods = res["methods"]
     assert any(n.startswith("sae_") for n in methods) and {"raw_knn", "raw_mahalanobis", "raw_msp"} <= set(methods)
     assert {"sae_resid_max", "sae_combined", "raw_combined"} <= set(methods)
@@ -149,10 +134,10 @@ def test_ood_command_end_to_end(tiny_bundle, tmp_path):
     best = max((m["auroc"], n) for n, m in methods.items() if n.startswith("sae_"))
     assert res["best_sae"] == {"method": best[1], "auroc": best[0]}
     assert res["fit"]["spec"].endswith(":train") and res["ood"]["spec"].endswith(":ood")
-    saved = json.loads((tmp_path / "ood.json").read_text())
+    saved = json.loads((out / "ood.json").read_text())
     for name, curve in saved["curves"].items():  # the curve's area is the AUROC it reports
         assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(methods[name]["auroc"], abs=0.02)
-    assert (tmp_path / "ood.html").stat().st_size > 10_000
+    assert (out / "ood.html").stat().st_size > 10_000
     # the colour detectors see the held-out colour: SAE and raw kNN well above chance on it
     assert methods["sae_knn"]["auroc_by_group"]["colour"] > 0.6 and methods["raw_knn"]["auroc_by_group"]["colour"] > 0.6
 
@@ -248,21 +233,19 @@ def test_fit_probe_separable_and_combination_split():
     assert {s for s, _ in seen} == set(shapes) and {c for _, c in seen} == set(colours)
 
 
-def test_probes_and_ontology_commands(tiny_bundle, tmp_path):
-    res = run_cli("probes", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
-                  "--fit-images", "1500")
+def test_probes_and_ontology_commands(probe_outputs):
+    res, onto = probe_outputs.probes, probe_outputs.ontology  # probes --fit-images 1500; ontology 200 images
     col = res["factors"]["colour"]
     assert col["sae"] > col["chance"] + 0.4 and col["raw"] > col["chance"] + 0.4  # the tiny CLIP knows colours
     assert res["factors"]["colour_group"]["sae"] > res["factors"]["colour_group"]["chance"] + 0.3
     held = res["held_out_combinations"]
     assert held["n_test_unseen"] > 0 and held["colour"]["sae_unseen"] > 0.5
-    onto = run_cli("ontology", "--bundle", str(tiny_bundle), "--json", "--out", str(tmp_path), "--no-cache",
-                   "--permutations", "10")
     for view in ("taxonomy", "shape_tree", "colour_tree"):
         sae = onto["views"][view]["sae"]
         assert {"coactivation", "decoder_cosine"} <= set(sae) and "coactivation" in onto["views"][view]["raw"]
         assert 0 < sae["n_placed"] <= sae["n_units"]
-    assert (tmp_path / "probes.json").is_file() and (tmp_path / "ontology.json").is_file()
+    assert (probe_outputs.bundle / "probes" / "probes.json").is_file()
+    assert (probe_outputs.bundle / "probes" / "ontology.json").is_file()
 
 
 def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle):
