@@ -24,6 +24,8 @@ def _gradio_env(cache: Path) -> None:
 def create_app(settings: AppSettings):
     """(gr.Blocks, launch keyword arguments) for the bundle of `settings` (which must exist)."""
     _gradio_env(settings.cache)
+    import gradio as gr
+
     from sae_core.bundle import open_bundle
 
     from . import ui
@@ -38,6 +40,10 @@ def create_app(settings: AppSettings):
     demo = ui.build(explorer, steer=steer, searcher=NeuronSearch.for_bundle(explorer))
     demo.queue(default_concurrency_limit=NEURON_CONCURRENCY, max_size=256)
     allowed = [str(explorer.images.root)]  # generated pictures only; bundle thumbnails are re-rendered there
+    # The same folder as static: its files are written once under a hash of their key and never change,
+    # and Gradio then skips its per-file path checks and cache bookkeeping (about 20 path resolutions
+    # per file, 20 files a neuron page).
+    gr.set_static_paths(allowed)
     launch = dict(
         server_name=settings.host, server_port=settings.port, share=False, allowed_paths=allowed,
         blocked_paths=[str(bundle.root / "sae"), str(bundle.root / "manifest.json")],

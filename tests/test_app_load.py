@@ -1,7 +1,7 @@
 """Load: 20 concurrent clients x 25 neuron-page calls against `python -m app`, zero errors.
 
 The clients speak Gradio's HTTP API (POST /gradio_api/call/neuron_page + its event stream, one
-connection each, as browsers do); gradio_client costs 30x more client CPU and would measure the
+connection and one session each, as browser tabs do); gradio_client costs 30x more client CPU and would measure the
 clients on these 2 cores rather than the server.
 
 Latencies are printed (run with -s to see them); the speed figures live in `python -m benchmarks app_load`."""
