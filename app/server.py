@@ -49,6 +49,7 @@ def create_app(settings: AppSettings):
         blocked_paths=[str(bundle.root / "sae"), str(bundle.root / "manifest.json")],
         max_file_size=settings.limits.max_bytes, show_error=True, footer_links=["api"],
         css=ui.CSS, enable_monitoring=False, mcp_server=False, ssr_mode=False,
+        state_session_capacity=settings.sessions,
     )
     return demo, launch
 

@@ -24,7 +24,13 @@ ENV_VARS = {
     "SAE_APP_CACHE": "folder for generated images and Gradio's file cache (default: a temp folder)",
     "SAE_APP_MAX_UPLOAD_MB": "largest upload in MiB (default 10)",
     "SAE_APP_MAX_UPLOAD_MEGAPIXELS": "largest upload in megapixels (default 16.8)",
+    "SAE_APP_SESSIONS": "browser and API sessions Gradio keeps in memory, oldest dropped first (default 500)",
 }
+DEFAULT_SESSIONS = 500
+"""Gradio copies the config of every block for each session (about 215 KB with this app) and keeps 10,000
+by default, about 2 GB for scripts that call the API without a session hash. The explorer keeps nothing
+per session that a dropped session would lose (no gr.State, no choices changed per user), so a small
+bound only costs a new copy for a returning tab."""
 
 
 def _flag(name: str) -> bool:
@@ -41,6 +47,7 @@ class AppSettings:
     port: int = 7860
     cache: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "sae_app")
     limits: UploadLimits = UploadLimits()
+    sessions: int = DEFAULT_SESSIONS
 
     @property
     def uses_default_bundle(self) -> bool:
@@ -59,6 +66,7 @@ class AppSettings:
             "host": env.get("SAE_APP_HOST") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
             "port": env.get("SAE_APP_PORT") or env.get("GRADIO_SERVER_PORT") or 7860,
             "cache": Path(env.get("SAE_APP_CACHE") or Path(tempfile.gettempdir()) / "sae_app"),
+            "sessions": env.get("SAE_APP_SESSIONS") or DEFAULT_SESSIONS,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -70,9 +78,16 @@ class AppSettings:
         if values["preset"] not in ("demo", "tiny"):
             raise UserError(f"preset {values['preset']!r} is not demo or tiny; set SAE_APP_PRESET=demo.")
         try:
+            sessions = int(values["sessions"])
+        except ValueError:
+            sessions = 0
+        if sessions < 1:
+            raise UserError(f"SAE_APP_SESSIONS={values['sessions']!r} is not a positive whole number; "
+                            f"set it to the sessions to keep in memory, e.g. {DEFAULT_SESSIONS}.")
+        try:
             limits = UploadLimits.from_env()
         except ValueError:
             raise UserError("SAE_APP_MAX_UPLOAD_MB / SAE_APP_MAX_UPLOAD_MEGAPIXELS must be numbers.") from None
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
-                   port=port, cache=Path(values["cache"]), limits=limits)
+                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions)

@@ -5,10 +5,11 @@ connection and one session each, as browser tabs do); gradio_client costs 30x mo
 clients on these 2 cores rather than the server.
 
 Latencies are printed (run with -s to see them); the speed figures live in `python -m benchmarks app_load`."""
+import httpx
 import numpy as np
 import pytest
 
-from benchmarks.app_load import neuron_page_load
+from benchmarks.app_load import HttpCaller, neuron_page_load
 
 
 @pytest.mark.slow
@@ -19,3 +20,29 @@ def test_twenty_clients_twenty_five_neuron_pages_each(explorer_app):
           f"p95 {res['p95_s'] * 1e3:.0f} ms, {res['per_s']:.1f} calls/s")
     assert res["calls"] == 500
     assert res["errors"] == [], res["errors"][:5]
+
+
+def test_sessions_beyond_the_bound_are_dropped_and_answer_again(tiny_bundle, tmp_path):
+    """SAE_APP_SESSIONS bounds the sessions Gradio keeps (each a copy of every block's config); a dropped
+    session's next call gets the same answer as before (the explorer keeps nothing per session)."""
+    from app.server import spawn
+
+    proc, url = spawn(tiny_bundle, cache=tmp_path, extra_env={"SAE_APP_SESSIONS": "3", "OMP_NUM_THREADS": "1"})
+    try:
+        caller = HttpCaller(url)
+        answers = {}
+        for i in range(6):
+            caller.session = f"session-{i}"
+            answers[i] = caller.predict(1, api_name="/neuron_json")
+        assert all(a == answers[0] for a in answers.values()) and answers[0][0]["neuron"] == 1
+
+        def kept(i: int) -> bool:  # Gradio's deep-link route answers "" for a session it does not hold
+            r = httpx.get(f"{url}/gradio_api/deep_link", params={"session_hash": f"session-{i}"}, timeout=30)
+            return r.raise_for_status().json() != ""
+
+        assert [kept(i) for i in range(6)] == [False] * 3 + [True] * 3
+        caller.session = "session-0"
+        assert caller.predict(1, api_name="/neuron_json") == answers[0]
+    finally:
+        proc.terminate()
+        proc.wait(30)

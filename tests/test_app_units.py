@@ -219,6 +219,14 @@ def test_settings_from_env_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("SAE_APP_PORT", "eighty")
     with pytest.raises(UserError, match="port"):
         AppSettings.from_env()
+    monkeypatch.setenv("SAE_APP_PORT", "8123")
+    assert s.sessions == 500
+    monkeypatch.setenv("SAE_APP_SESSIONS", "40")
+    assert AppSettings.from_env().sessions == 40
+    for bad in ("0", "-3", "many", "2.5"):
+        monkeypatch.setenv("SAE_APP_SESSIONS", bad)
+        with pytest.raises(UserError, match="SAE_APP_SESSIONS"):
+            AppSettings.from_env()
 
 
 def test_missing_named_bundle_is_a_message_not_a_build(tmp_path, capsys):
