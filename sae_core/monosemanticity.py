@@ -20,6 +20,7 @@ the sum-of-squares expansion free of cancellation for neurons far from zero (raw
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -279,7 +280,9 @@ def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
     except ValueError:
         header = 1
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
+        with warnings.catch_warnings():  # an empty file gets our sentence below, not numpy's warning too
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2, dtype=np.float64)
     except ValueError as e:
         raise UserError(f"{path} is not a numeric CSV of rows `k,a_1,...,a_N` ({e}); check the file.") from None
     if table.shape[0] == 0 or table.shape[1] < 2:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,19 @@ def test_csv_reader_round_trip(tmp_path, header):
     write_paper_csv(tmp_path / "dup.csv", [1, 1], acts[:, :2], header)
     with pytest.raises(UserError, match="more than once"):
         read_activations_csv(tmp_path / "dup.csv")
+
+
+def test_csv_reader_refuses_bad_files_in_one_sentence(tmp_path):
+    cases = {"empty.csv": ("", "holds no activations"), "ids.csv": ("k,a_1\n-1,0.5\n", "neuron ids"),
+             "text.csv": ("k,a_1,a_2\n0,1,x\n", "not a numeric CSV"), "float_ids.csv": ("0.5,1,2\n", "neuron ids")}
+    for name, (text, sentence) in cases.items():
+        (tmp_path / name).write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the sentence alone: no numpy warning beside it
+            with pytest.raises(UserError, match=sentence):
+                read_activations_csv(tmp_path / name)
+    with pytest.raises(UserError, match="does not exist"):
+        read_activations_csv(tmp_path / "missing.csv")
 
 
 def test_resume_after_interruption(tmp_path, small_case):
