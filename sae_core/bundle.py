@@ -135,7 +135,8 @@ class Bundle:
             raise UserError(f"{mpath} cannot be read as JSON ({e}); rebuild the bundle.") from e
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
-            raise UserError(f"bundle {root} has schema version {version!r} but this code reads version "
+            found = "no schema_version" if version is None else f"schema version {version!r}"
+            raise UserError(f"bundle {root} has {found} in {MANIFEST} but this code reads version "
                             f"{SCHEMA_VERSION}; rebuild the bundle with this version of precompute.")
         missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
         if missing:

@@ -83,7 +83,11 @@ def test_refuses_unfinished_missing_and_wrong_schema(tmp_path):
     (tmp_path / B.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(UserError, match="schema version 2") as e:
         B.open_bundle(tmp_path)
-    assert str(e.value).count(".") <= 3  # one sentence (the path may hold dots)
+    assert str(e.value).replace(B.MANIFEST, "").count(".") <= 3  # one sentence (the path may hold dots)
+    for manifest in ({k: v for k, v in m.items() if k != "schema_version"}, [1, 2]):
+        (tmp_path / B.MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match="has no schema_version in manifest.json"):
+            B.open_bundle(tmp_path)
 
 
 def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
