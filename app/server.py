@@ -41,8 +41,8 @@ def create_app(settings: AppSettings):
     demo.queue(default_concurrency_limit=NEURON_CONCURRENCY, max_size=256)
     allowed = [str(explorer.images.root)]  # generated pictures only; bundle thumbnails are re-rendered there
     # The same folder as static: its files are written once under a hash of their key and never change,
-    # and Gradio then skips its per-file path checks and cache bookkeeping (about 20 path resolutions
-    # per file, 20 files a neuron page).
+    # and Gradio then skips, for each of the 20 files of a neuron page, its allow-list checks and cache
+    # bookkeeping (path resolutions against every allowed and blocked folder).
     gr.set_static_paths(allowed)
     launch = dict(
         server_name=settings.host, server_port=settings.port, share=False, allowed_paths=allowed,
