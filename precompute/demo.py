@@ -123,11 +123,18 @@ def run(args) -> int:
             progress.skip("train")
         else:
             with progress.stage("train"):
-                train.run(_sub_args(train, [
-                    "--activations", str(acts / "layer_-2"), "--arch", "matryoshka", "--width", str(preset.width),
-                    "--k", str(preset.k), "--groups", preset.groups, "--steps", str(preset.steps),
-                    "--batch-size", str(preset.batch_size), "--seed", str(args.seed), "--device", "cpu",
-                    "--out", str(sae_dir)]))
+                # One thread: the demo SAE's matmuls (1,024 x 64 x 512) are too small to share, and the
+                # second thread only costs (4,000 steps, `precompute train` alone: 107.5 s on one thread, 139.8 s
+                # on two, same session).
+                torch.set_num_threads(1)
+                try:
+                    train.run(_sub_args(train, [
+                        "--activations", str(acts / "layer_-2"), "--arch", "matryoshka", "--width",
+                        str(preset.width), "--k", str(preset.k), "--groups", preset.groups, "--steps",
+                        str(preset.steps), "--batch-size", str(preset.batch_size), "--seed", str(args.seed),
+                        "--device", "cpu", "--out", str(sae_dir)]))
+                finally:
+                    torch.set_num_threads(max(1, args.threads))
 
         # 4. the atlas (its own stages, resumable)
         job = atlas.AtlasJob(
