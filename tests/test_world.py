@@ -308,3 +308,26 @@ def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path):
         assert after[key] == before[key], key
     bad = subprocess.run(cmd[:-2] + ["--preset", "demo"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "already holds a world built with --preset tiny" in bad.stderr
+
+
+def test_train_pool_is_rendered_once_per_world_in_a_process(tmp_path):
+    """The CLIP and LLaVA stages of one build share the rendered train images; another world (or a
+    cleared memo) renders its own, equal to a fresh rendering."""
+    import torch
+
+    from precompute.world import stages
+    from precompute.world.pool import Pool
+
+    spec = WorldSpec(splits={"train": 40, "val": 10, "ood": 10})
+    try:
+        pool = stages.train_pool(tmp_path, spec)
+        assert stages.train_pool(tmp_path, spec) is pool
+        fresh = Pool(spec, "train", 40)
+        assert torch.equal(pool.pixels, fresh.pixels) and pool.factors == fresh.factors
+        other = stages.train_pool(tmp_path, WorldSpec(seed=1, splits={"train": 40, "val": 10, "ood": 10}))
+        assert not torch.equal(other.pixels, pool.pixels)
+        assert stages.train_pool(tmp_path, spec) is not pool  # one world kept at a time
+        stages.forget_train_pool()
+        assert stages._train_pools == {}
+    finally:
+        stages.forget_train_pool()

@@ -64,15 +64,18 @@ def run(args) -> int:
     t_start = time.time()
     stages.configure_torch(args.threads)
     done = []
-    for name, fn in (("world", stages.stage_world), ("clip", stages.stage_clip),
-                     ("llava", stages.stage_llava), ("report", stages.stage_report)):
-        if stages.stage_done(out, name):
-            print(f"[world] stage {name}: already done, skipped", file=sys.stderr)
-            continue
-        t = time.time()
-        fn(out, preset, args.seed)
-        done.append(name)
-        print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
+    try:
+        for name, fn in (("world", stages.stage_world), ("clip", stages.stage_clip),
+                         ("llava", stages.stage_llava), ("report", stages.stage_report)):
+            if stages.stage_done(out, name):
+                print(f"[world] stage {name}: already done, skipped", file=sys.stderr)
+                continue
+            t = time.time()
+            fn(out, preset, args.seed)
+            done.append(name)
+            print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
+    finally:
+        stages.forget_train_pool()  # the rendered train images, no longer needed (demo goes on in-process)
     with open(out / "report.json") as f:
         report = json.load(f)
     gates = {k: report[k] for k in stages.GATE_KEYS}

@@ -55,6 +55,23 @@ def _spec(out: Path) -> WorldSpec:
         return WorldSpec.from_json(json.load(f))
 
 
+_train_pools: dict = {}
+"""The train pool rendered in this process, by world directory and spec: the CLIP and LLaVA stages of one
+build share it (20,000 images for the demo world, about 16 s to render); `run` empties it at the end."""
+
+
+def train_pool(out: Path, spec: WorldSpec) -> Pool:
+    key = (str(Path(out).resolve()), repr(spec))
+    if key not in _train_pools:
+        _train_pools.clear()
+        _train_pools[key] = Pool(spec, "train", spec.splits["train"], desc="render train images")
+    return _train_pools[key]
+
+
+def forget_train_pool() -> None:
+    _train_pools.clear()
+
+
 def stage_world(out: Path, preset: dict, seed: int) -> None:
     _invalidate_later(out, "world")
     name = next(k for k, v in _presets().items() if v is preset)
@@ -87,7 +104,7 @@ def stage_clip(out: Path, preset: dict, seed: int) -> None:
     _invalidate_later(out, "clip")
     spec, cfg = _spec(out), preset["clip"]
     t0 = time.time()
-    pool = Pool(spec, "train", spec.splits["train"], desc="render train images")
+    pool = train_pool(out, spec)
     render_s = time.time() - t0
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(add_eos=True, model_max_length=cfg["max_text_len"])
@@ -109,7 +126,7 @@ def stage_llava(out: Path, preset: dict, seed: int) -> None:
     spec, cfg = _spec(out), preset["llava"]
     t0 = time.time()
     clip = CLIPModel.from_pretrained(out / "clip")
-    pool = Pool(spec, "train", spec.splits["train"], desc="render train images")
+    pool = train_pool(out, spec)
     torch.manual_seed(seed + 1)
     model = build_llava(clip, cfg, len(vocabulary()))
     tokenizer = build_tokenizer(add_eos=False, model_max_length=128)
