@@ -20,7 +20,8 @@ class HttpCaller:
     stream), on its own connection and with its own session like a browser tab: about 2 ms of client
     CPU a call against about 60 ms for gradio_client, so on a small machine the clients do not starve
     the server they measure. The session hash matters: a call without one opens a new Gradio session,
-    which copies the config of every block of the app (about half the server's per-call work here)."""
+    which copies the config of every block of the app (a `/neuron_json` call took 34.5 ms without a
+    session and 17.1 ms with one, demo bundle)."""
 
     def __init__(self, url: str):
         import uuid

@@ -154,7 +154,8 @@ def batchtopk_codes(acts: Tensor, k: int, distributed: bool = True) -> tuple[Spa
             gathered = [torch.empty_like(flat) for _ in range(world)]
             dist.all_gather(gathered, flat)
             flat = torch.cat(gathered)
-        # the (k*B)-th largest candidate; kthvalue (a selection, not a sort) is 6x faster than topk here
+        # the (k*B)-th largest candidate; kthvalue (a selection, not a sort) is 2-2.5x faster than topk
+        # at demo size (65,536 candidates, cut at 16,384: 0.8-1.0 ms against 2.0-2.2 ms)
         cut = flat.kthvalue(max(1, flat.numel() - total + 1)).values
         saturated = torch.tensor(float(m < n_lat and bool((cand[:, -1] >= cut).any())))
         if world > 1:

@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_FIXTURES = {"tiny_world", "tiny_bundle"}
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+"""Environment of the precompute commands the fixtures run: one thread each, no progress bars."""
 _background = {}  # the one background build of the tiny world and bundle: process, dir, world, bundle, out, logs
 
 
@@ -95,7 +97,7 @@ def tiny_crossmodal_bundle(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_crossmodal") / "cm"
     proc = subprocess.run([sys.executable, "-m", "precompute", "crossmodal", "--world", str(tiny_world), "--out",
                            str(out), "--preset", "tiny", "--quiet"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+                          timeout=600, env=CHILD_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SimpleNamespace(path=out, summary=json.loads(proc.stdout.strip().splitlines()[-1]))
 
@@ -113,9 +115,8 @@ def probe_outputs(tiny_bundle, tmp_path_factory):
     argv = {"ood": ["--fit-images", "800", "--max-images", "200", "--cal-images", "150"],
             "ontology": ["--max-images", "200", "--permutations", "10"],
             "probes": ["--fit-images", "1500"]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     procs = {name: subprocess.Popen([sys.executable, "-m", "precompute", name, "--bundle", str(root), *args, "--json",
-                                     "--no-cache"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     "--no-cache"], cwd=REPO, env=CHILD_ENV, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
              for name, args in argv.items()}
     lines = {}
