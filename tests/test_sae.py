@@ -136,6 +136,62 @@ def test_batchtopk_selection_is_exact_even_when_one_token_takes_most_winners():
     assert mask.sum() == 8 * 64
 
 
+def _reference_batchtopk(acts: np.ndarray, k: int):
+    """The k*B largest entries written out: the cut is the (k*B)-th largest value; entries above it
+    (and above 0) are kept, then entries equal to a positive cut in row-major order up to k*B."""
+    flat = acts.ravel()
+    total = min(k * acts.shape[0], flat.size)
+    cut = np.sort(flat)[::-1][total - 1]
+    keep = flat > max(cut, 0)
+    if cut > 0:
+        tied = np.flatnonzero(flat == cut)[: total - keep.sum()]
+        keep[tied] = True
+    return keep.reshape(acts.shape), cut
+
+
+def _selection_cases():
+    g = torch.Generator().manual_seed(12)
+    skewed = F.relu(torch.randn(64, 512, generator=g))
+    skewed[5] *= 50
+    # batchtopk_codes guesses the cut from every stride-th entry (stride: 32,768 // 8,192 = 4, moved to 5
+    # to share no factor with the width): make exactly those entries large
+    overshoot = 0.01 * torch.rand(64, 512, generator=g)
+    overshoot.view(-1)[::5] += 1
+    return {
+        "demo-like": (F.relu(torch.randn(1024, 64, generator=g) @ (torch.randn(64, 512, generator=g) / 8) - 0.05), 16),
+        "bf16 ties": (F.relu(torch.randn(256, 512, generator=g)).bfloat16().float(), 8),
+        "one token holds most winners": (skewed, 8),
+        "fewer positives than k*B": (F.relu(torch.randn(512, 256, generator=g) - 2.5), 16),
+        "k*B above the entry count": (F.relu(torch.randn(16, 32, generator=g)), 30),
+        "width 67, the sample's first stride": (F.relu(torch.randn(8192, 67, generator=g)), 4),
+        "sampled entries are the largest (the guess overshoots)": (overshoot, 200),
+    }
+
+
+@pytest.mark.parametrize("case", list(_selection_cases()))
+def test_batchtopk_selection_matches_the_written_out_rule_and_the_multi_process_path(case, tmp_path):
+    import torch.distributed as dist
+
+    from sae_core.sae import _batchtopk_codes_distributed
+
+    acts, k = _selection_cases()[case]
+    codes, cut = batchtopk_codes(acts, k)
+    mask = np.zeros(acts.shape, dtype=bool)
+    mask[codes.row.numpy(), codes.col.numpy()] = True
+    reference, ref_cut = _reference_batchtopk(acts.numpy(), k)
+    assert float(cut) == ref_cut
+    assert (mask == reference).all() and codes.col.numel() == reference.sum()
+    assert torch.equal(codes.crow[1:] - codes.crow[:-1], torch.from_numpy(reference.sum(1)))
+    # the candidate path that several processes take, run by a group of one
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        multi, multi_cut = _batchtopk_codes_distributed(acts, k)
+    finally:
+        dist.destroy_process_group()
+    assert float(multi_cut) == ref_cut
+    assert torch.equal(multi.row, codes.row) and torch.equal(multi.col, codes.col)
+
+
 def test_threshold_is_meaningful_after_one_step():
     """One training step gives thresholds such that inference L0 is close to k (no -1 placeholder)."""
     sae = make_sae("batchtopk")
