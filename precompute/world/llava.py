@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from sae_core.world.text import (BOS, EOS, IMAGE, PAD, QUESTIONS, SPECIAL_TOKENS, WHAT_IS_SHOWN, llava_prompt,
                                  qa_pairs)
-from .clip import scheduled_steps
+from .clip import scheduled_steps, with_eager_attention
 from .pool import Pool, normalise
 
 TOKEN_ID = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -40,7 +40,7 @@ def build_llava(clip_model, cfg: dict, vocab_size: int):
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=n_patches, projector_hidden_act="gelu",
                          pad_token_id=TOKEN_ID[PAD], tie_word_embeddings=False)
-    model = LlavaForConditionalGeneration(config)
+    model = with_eager_attention(LlavaForConditionalGeneration(config))
     model.model.vision_tower.load_state_dict(clip_model.vision_model.state_dict())
     model.model.vision_tower.requires_grad_(False)
     gen = model.generation_config
