@@ -13,7 +13,7 @@ from sae_core.checkpoint import CONFIG
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
 from sae_core.sae import ARCHS, SAEConfig, matryoshka_group_sizes
-from sae_core.training import TrainConfig, train_sae
+from sae_core.training import TrainConfig, slow_bf16_reason, train_sae
 
 
 def add_arguments(p):
@@ -53,6 +53,9 @@ def run(args) -> int:
                       dead_window=args.dead_window, eval_rows=args.eval_rows)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} was asked for but CUDA is not available here; use --device cpu.")
+    slow = slow_bf16_reason(args.device) if args.dtype == "bfloat16" else None
+    if slow:
+        print(f"warning: {slow}; --dtype float32 will train faster on this machine.", file=sys.stderr)
     out = Path(args.out)
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():
         done = json.loads((out / CONFIG).read_text())

@@ -181,3 +181,22 @@ def test_bad_inputs_end_in_one_sentence(tmp_path):
     too_big = _run_cli(["train", "--activations", str(tmp_path / "small.npy"), "--arch", "topk", "--width", "8",
                         "--k", "2", "--steps", "1", "--batch-size", "64", "--out", str(tmp_path / "o")])
     assert too_big.returncode == 2 and "--batch-size" in too_big.stderr and "Traceback" not in too_big.stderr
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named_and_warned(planted, tmp_path, monkeypatch, capsys):
+    import sae_core.training as T
+
+    speeds = {torch.float32: 70.0, torch.bfloat16: 1.3}  # GFLOP/s seen on an AVX2-only AMD EPYC host
+    monkeypatch.setattr(T, "_matmul_gflops", lambda dtype: speeds[dtype])
+    reason = T.slow_bf16_reason("cpu")
+    assert "1.3 GFLOP/s" in reason and "70 in fp32" in reason
+    assert T.slow_bf16_reason("cuda") is None
+    speeds[torch.bfloat16] = 280.0  # a CPU with AMX: bf16 is the faster one
+    assert T.slow_bf16_reason("cpu") is None
+    # the trainer says so before it starts, and trains all the same
+    speeds[torch.bfloat16] = 1.3
+    npy, _ = planted
+    assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2, ["--dtype", "bfloat16"])) == 0
+    err = capsys.readouterr().err
+    assert "warning: bf16 matmuls run at 1.3 GFLOP/s" in err and "--dtype float32" in err
+    assert (tmp_path / "sae.safetensors").is_file()
