@@ -146,24 +146,30 @@ def batchtopk_codes(acts: Tensor, k: int, distributed: bool = True) -> tuple[Spa
     n_rows, n_lat = acts.shape
     total = k * n_rows
     flat = acts.reshape(-1)
-    # Only entries at or above a guess can be kept: a strided sample guesses the value that twice k*B
-    # entries reach, and the count checks it (a guess too high falls back to every entry). Selecting
-    # from those few is 4-5x faster than a per-token topk of candidates at demo size (1,024 x 512).
+    # Only positive entries at or above a guess can be kept: a strided sample guesses the value that
+    # twice k*B entries reach, and the count checks it (too high a guess is lowered until enough
+    # entries reach it, or all positive entries are taken). Selecting from those few is about 2.5x
+    # faster than a per-token top-k of candidates at demo size (1,024 x 512: 4.3 ms against 10-12 ms).
     stride = max(1, flat.numel() // 8192)
     while math.gcd(stride, n_lat) != 1:  # a stride sharing a factor with the width would skip latents
         stride += 1
     sample = flat[::stride]
-    reach = math.ceil(2 * total * sample.numel() / flat.numel())
-    idx = None
-    if reach < sample.numel():
-        guess = sample.kthvalue(sample.numel() - reach + 1).values
-        idx = (flat >= guess).nonzero().squeeze(1)
-        if idx.numel() < total:
-            idx = None
-    if idx is None:
-        idx = torch.arange(flat.numel(), device=acts.device)
+    margin = 2
+    while True:
+        reach = math.ceil(margin * total * sample.numel() / flat.numel())
+        guess = sample.kthvalue(sample.numel() - reach + 1).values if reach < sample.numel() else None
+        every_positive = guess is None or bool(guess <= 0)
+        idx = ((flat > 0) if every_positive else (flat >= guess)).nonzero().squeeze(1)
+        if idx.numel() >= total or every_positive:
+            break
+        margin *= 4
     values = flat[idx]
-    cut = values.kthvalue(max(1, values.numel() - total + 1)).values
+    if idx.numel() >= total:
+        cut = values.kthvalue(values.numel() - total + 1).values
+    elif idx.numel() == flat.numel():  # k*B is at least the entry count, all positive: keep every entry
+        cut = values.min()
+    else:  # fewer positive entries than k*B: the (k*B)-th largest is a zero
+        cut = flat.new_zeros(())
     # idx is in (row, column) order, so keeping a subset of it gives CSR order directly
     keep = values > cut.clamp_min(0)
     tied = (values == cut) & (cut > 0)

@@ -25,6 +25,8 @@ from .sae import THRESHOLD_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, def
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+LOG_COLUMNS = ["step", "tokens", "loss", "recon_loss", "aux_loss", "sparsity_loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"]
+
 
 def _matmul_gflops(dtype: torch.dtype, size: int = 256, reps: int = 3) -> float:
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
@@ -48,7 +50,6 @@ def slow_bf16_reason(device: str) -> str | None:
         return None
     return (f"bf16 matmuls run at {bf16:.1f} GFLOP/s on this CPU against {fp32:.0f} in fp32 (256^3; torch sees "
             f"{torch.backends.cpu.get_cpu_capability()}, no native bf16)")
-LOG_COLUMNS = ["step", "tokens", "loss", "recon_loss", "aux_loss", "sparsity_loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"]
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,7 @@ def _selection_cases():
         "one token holds most winners": (skewed, 8),
         "fewer positives than k*B": (F.relu(torch.randn(512, 256, generator=g) - 2.5), 16),
         "k*B above the entry count": (F.relu(torch.randn(16, 32, generator=g)), 30),
+        "k*B above the entry count, all positive": (torch.rand(16, 32, generator=g) + 0.1, 40),
         "width 67, the sample's first stride": (F.relu(torch.randn(8192, 67, generator=g)), 4),
         "sampled entries are the largest (the guess overshoots)": (overshoot, 200),
     }
