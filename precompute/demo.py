@@ -124,8 +124,8 @@ def run(args) -> int:
         else:
             with progress.stage("train"):
                 # One thread: the demo SAE's matmuls (1,024 x 64 x 512) are too small to share, and the
-                # second thread only costs (4,000 steps, `precompute train` alone: 107.5 s on one thread, 139.8 s
-                # on two, same session).
+                # second thread only costs (`precompute train` alone on the preset's tokens, 1,000 steps:
+                # 27.6-27.7 s on one thread, 37.6-41.7 s on two, alternating runs, 2026-12-01).
                 torch.set_num_threads(1)
                 try:
                     train.run(_sub_args(train, [

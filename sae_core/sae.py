@@ -170,9 +170,10 @@ def batchtopk_codes(acts: Tensor, k: int, distributed: bool = True) -> tuple[Spa
         cut = values.min()
     else:  # fewer positive entries than k*B: the (k*B)-th largest is a zero
         cut = flat.new_zeros(())
-    # idx is in (row, column) order, so keeping a subset of it gives CSR order directly
-    keep = values > cut.clamp_min(0)
-    tied = (values == cut) & (cut > 0)
+    # idx is in (row, column) order, so keeping a subset of it gives CSR order directly; every value
+    # is positive and the cut is not negative, so "above the cut" already means positive
+    keep = values > cut
+    tied = values == cut
     n_tied_kept = max(0, total - int(keep.sum()))
     if n_tied_kept and bool(tied.any()):
         keep |= tied & (tied.cumsum(0) <= n_tied_kept)
