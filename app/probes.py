@@ -150,7 +150,7 @@ class ProbeResults:
         if status == "ok":
             return value
         what = ("is missing" if status == "missing" else f"is unreadable ({value})")
-        fix = f"re-run `python -m precompute crossmodal` with this bundle as --out (it resumes) to rewrite it"
+        fix = "re-run `python -m precompute crossmodal` with this bundle as --out (it resumes) to rewrite it"
         summary = self.manifest.get("crossmodal")
         if isinstance(summary, dict):
             try:

@@ -1,7 +1,6 @@
 """The explorer's Gradio page: five tabs over one bundle; every event has an `api_name`."""
 import functools
 import json
-import math
 
 import gradio as gr
 import numpy as np
@@ -177,8 +176,6 @@ class SteerTab:
         @user_errors
         def steer_select_patch(image_index, upload, patches, evt: gr.SelectData):
             """Toggle the clicked patch in the patch list and redraw the grid."""
-            from PIL import Image
-
             from .render import patch_at
             from .steer import STEER_PICTURE
 

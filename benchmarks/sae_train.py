@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import resource
 import shutil
@@ -309,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         plan = [row for row in plan if row[0] in wanted]
-    from sae_core.training import slow_bf16_reason
+    import torch
 
-    bf16_note = slow_bf16_reason(args.device)
+    from sae_core.precision import slow_half_reason
+
+    bf16_note = slow_half_reason(args.device, torch.bfloat16)
     if bf16_note and not args.only:
         plan = [row for row in plan if row[3]["dtype"] != "bfloat16"]
         print(f"skipping the bf16 row: {bf16_note}; `--only batchtopk_bf16` runs it anyway.", file=sys.stderr)

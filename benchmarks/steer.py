@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import numpy as np
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", required=True, help="a bundle whose SAE sits at the layer its LLaVA reads (e.g. a demo bundle)")
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--tokens", type=int, default=12)
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", help="comma-separated (default fp32,bf16; bf16 only where the device computes it natively)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--prompt", default="Describe the image.")
@@ -41,11 +42,16 @@ def main(argv=None) -> int:
 
     import torch
 
+    from sae_core.precision import slow_half_reason
     from sae_core.steering import ORIGINAL, Clamp, SteeringSession
 
     torch.set_num_threads(a.threads)
+    precisions = a.precisions.split(",") if a.precisions else ["fp32", "bf16"]
+    if not a.precisions and (slow := slow_half_reason(a.device, torch.bfloat16)):
+        precisions.remove("bf16")
+        print(f"skipping the bf16 rows: {slow}; `--precisions fp32,bf16` runs them anyway.", file=sys.stderr)
     rows = []
-    for precision in a.precisions.split(","):
+    for precision in precisions:
         s = SteeringSession.from_bundle(a.bundle, device=a.device, precision=precision)
         latent = int(np.nanargmax(np.asarray(s.bundle.array("max_act"))))
         value = lambda i: 1.0 + i % 7  # noqa: E731  a new clamp value every call

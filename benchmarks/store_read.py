@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             store.rows(s, s + 65536)
             n += 1
         t = time.perf_counter() - t0
-        results.append((f"sequential rows() scan, cold (65,536-row chunks)", n * 65536 / a.batch_size, t))
+        results.append(("sequential rows() scan, cold (65,536-row chunks)", n * 65536 / a.batch_size, t))
 
         print(f"{'read':45s} {'batches/s':>10s} {'rows/s':>12s} {'MB/s':>8s}   (batch {a.batch_size})")
         for name, n, t in results:

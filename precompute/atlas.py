@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -160,8 +159,6 @@ def _world_root(dataset_spec: str) -> tuple[Path, str] | None:
 # ----------------------------------------------------------------------------------------------
 def build_atlas(job: AtlasJob, progress=None) -> dict:
     """Run (or resume) every stage of the atlas and write the manifest; returns the manifest."""
-    import torch
-
     from sae_core.checkpoint import load_sae
 
     out = Path(job.out)

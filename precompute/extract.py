@@ -214,6 +214,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
     from sae_core.datasets import open_dataset
     from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
+    from sae_core.precision import warn_if_slow_half
 
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size} must be at least 1.")
@@ -224,6 +225,8 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     try:
         device = local_device(device, info)
         precision = _auto_precision(cfg.precision, device)
+        if info.is_main:
+            warn_if_slow_half(device, precision, "--precision fp32")
         token_spec = TokenSpec.parse(cfg.tokens)
         ds = open_dataset(cfg.dataset)
         adapter = load_adapter(cfg.model, device=device, precision=precision)

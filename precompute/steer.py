@@ -39,6 +39,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
+    from sae_core.precision import warn_if_slow_half
     from sae_core.steering import SteeringSession
 
     torch.manual_seed(0)
@@ -52,6 +53,7 @@ def run(args) -> int:
     image = args.image
     if image.isdigit():
         image = int(image)
+    warn_if_slow_half(args.device, args.precision, "--precision fp32")
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision, llava=args.llava)
     result = session.answers(image, latents, values if len(values) > 1 else values * len(latents), prompt=args.prompt,
                              keep_error=args.keep_error, patches=patches, mode=args.mode,

@@ -33,9 +33,11 @@ def run(args) -> int:
     import torch
 
     from sae_core.atomic import write_json_atomic
+    from sae_core.precision import warn_if_slow_half
     from sae_core.steering import SteeringSession
     from sae_core.steering_eval import LEARN_LAMBDA, LEARN_STEPS, evaluate_world
 
+    warn_if_slow_half(args.device, args.precision, "--precision fp32")
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
     world = session.bundle.manifest.get("world")
     if not world:

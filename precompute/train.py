@@ -12,8 +12,9 @@ from sae_core.activation_store import ActivationStore
 from sae_core.checkpoint import CONFIG
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
+from sae_core.precision import warn_if_slow_half
 from sae_core.sae import ARCHS, SAEConfig, matryoshka_group_sizes
-from sae_core.training import TrainConfig, slow_bf16_reason, train_sae
+from sae_core.training import TrainConfig, train_sae
 
 
 def add_arguments(p):
@@ -53,9 +54,7 @@ def run(args) -> int:
                       dead_window=args.dead_window, eval_rows=args.eval_rows)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} was asked for but CUDA is not available here; use --device cpu.")
-    slow = slow_bf16_reason(args.device) if args.dtype == "bfloat16" else None
-    if slow:
-        print(f"warning: {slow}; --dtype float32 will train faster on this machine.", file=sys.stderr)
+    warn_if_slow_half(args.device, args.dtype, "--dtype float32")
     out = Path(args.out)
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():
         done = json.loads((out / CONFIG).read_text())

@@ -11,10 +11,8 @@ metrics. Nothing is sorted over the dataset and nothing dense of size (images x 
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch

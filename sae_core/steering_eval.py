@@ -277,7 +277,6 @@ class Strategy:
 def make_clamps(strategy: Strategy, stats: ConceptStats, data: WorldEvalData, target: str, rows: np.ndarray,
                 n_prefix: int, cover_min: float = 0.25) -> list[Clamp]:
     """One Clamp per image row for `strategy` steering `stats.factor` to `target`."""
-    P = data.codes.shape[1]
     C = stats.latents
     out = []
     if strategy.kind != "neuron" and not len(C):

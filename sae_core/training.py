@@ -28,30 +28,6 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOG_COLUMNS = ["step", "tokens", "loss", "recon_loss", "aux_loss", "sparsity_loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"]
 
 
-def _matmul_gflops(dtype: torch.dtype, size: int = 256, reps: int = 3) -> float:
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * size ** 3 / best / 1e9
-
-
-def slow_bf16_reason(device: str) -> str | None:
-    """Why bf16 compute would crawl on this device (one sentence), or None. CPUs without native bf16
-    (AVX2 only) emulate it: on an AMD EPYC host of this project bf16 matmuls ran at 1.3 GFLOP/s against
-    70-156 in fp32, 100x slower. A 256^3 probe of each costs about 0.1 s there, far less elsewhere."""
-    if device.startswith("cuda"):
-        return None
-    fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
-    if bf16 >= 0.5 * fp32:
-        return None
-    return (f"bf16 matmuls run at {bf16:.1f} GFLOP/s on this CPU against {fp32:.0f} in fp32 (256^3; torch sees "
-            f"{torch.backends.cpu.get_cpu_capability()}, no native bf16)")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train; everything that changes the resulting weights is in here (resume checks it)."""

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from PIL import Image
 
 from tests.test_app_units import GRADIO_IMAGES, png_header_only
 

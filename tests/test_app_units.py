@@ -1,7 +1,5 @@
 """The explorer's pieces without a server: uploads, input bounds, URL state, pictures, tables, settings."""
-import io
 import json
-import math
 import struct
 import zlib
 from pathlib import Path

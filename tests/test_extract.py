@@ -196,6 +196,31 @@ def test_float16_overflow_is_a_user_error(tmp_path):
     assert np.abs(ActivationStore(tmp_path / "o32").rows(0, 2)).max() > 65504
 
 
+def test_half_precision_on_a_cpu_that_emulates_it_warns_and_still_extracts(tmp_path, monkeypatch, capsys):
+    """--precision bf16 where bf16 is 100x slower than fp32: one warning line, and the store still
+    holds the model's activations (bf16 rounding only, against the fp32 store)."""
+    import sae_core.precision as P
+    from precompute.__main__ import main
+
+    speeds = {torch.float32: 70.0, torch.bfloat16: 1.3, torch.float16: 1.4}  # an AVX2-only AMD EPYC host
+    monkeypatch.setattr(P, "_matmul_gflops", lambda dtype: speeds[dtype])
+    base = ["extract", "--model", f"hf:{H.clip_vision_dir()}", "--dataset", f"imagefolder:{H.image_dir(10)}",
+            "--layer", "-2", "--tokens", "all", "--limit", "4", "--dtype", "float32"]
+    assert main(base + ["--out", str(tmp_path / "fp32")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: bf16 matmuls run at 1.3 GFLOP/s" in err and "--precision fp32 is faster" in err
+    ref, half = ActivationStore(tmp_path / "fp32"), ActivationStore(tmp_path / "bf16")
+    assert len(half) == len(ref) == 4 * 17
+    a, b = ref.rows(0, len(ref)), half.rows(0, len(half))
+    rel = np.linalg.norm(b - a) / np.linalg.norm(a)
+    assert 0 < rel < 0.02, rel  # bf16 rounding through 2 blocks: 0.5% measured
+    speeds[torch.bfloat16] = 280.0  # a CPU with native bf16: no warning
+    assert main(base + ["--out", str(tmp_path / "bf16_fast"), "--precision", "bf16"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_world_specs_extract_then_train_end_to_end(tmp_path, monkeypatch, capsys):
     """world:DIR:llava at LLaVA's own layer on world:DIR:SPLIT images, then the SAE train command."""
     import types

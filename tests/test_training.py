@@ -184,19 +184,29 @@ def test_bad_inputs_end_in_one_sentence(tmp_path):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_named_and_warned(planted, tmp_path, monkeypatch, capsys):
-    import sae_core.training as T
+    import sae_core.precision as P
 
-    speeds = {torch.float32: 70.0, torch.bfloat16: 1.3}  # GFLOP/s seen on an AVX2-only AMD EPYC host
-    monkeypatch.setattr(T, "_matmul_gflops", lambda dtype: speeds[dtype])
-    reason = T.slow_bf16_reason("cpu")
-    assert "1.3 GFLOP/s" in reason and "70 in fp32" in reason
-    assert T.slow_bf16_reason("cuda") is None
+    speeds = {torch.float32: 70.0, torch.bfloat16: 1.3, torch.float16: 1.4}  # GFLOP/s seen on an AVX2-only AMD EPYC host
+    monkeypatch.setattr(P, "_matmul_gflops", lambda dtype: speeds[dtype])
+    reason = P.slow_half_reason("cpu", torch.bfloat16)
+    assert "bf16 matmuls run at 1.3 GFLOP/s" in reason and "70 in fp32" in reason
+    assert "fp16 matmuls run at 1.4 GFLOP/s" in P.slow_half_reason("cpu", torch.float16)
+    assert P.slow_half_reason("cuda", torch.bfloat16) is None
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        P.slow_half_reason("cpu", torch.float32)
+    # the one-line warning of the commands (train, extract, steer, steer-eval): only for a slow half dtype
+    assert P.warn_if_slow_half("cpu", "fp32", "--precision fp32") is None
+    assert P.warn_if_slow_half("cpu", "4bit", "--precision fp32") is None
+    auto = P.warn_if_slow_half("auto", "bf16", "--precision fp32")
+    assert (auto is None) == torch.cuda.is_available()  # auto = the CPU here
+    assert P.warn_if_slow_half("cpu", "float16", "--x") == "warning: " + P.slow_half_reason("cpu", torch.float16) + "; --x is faster on this machine."
+    capsys.readouterr()
     speeds[torch.bfloat16] = 280.0  # a CPU with AMX: bf16 is the faster one
-    assert T.slow_bf16_reason("cpu") is None
+    assert P.slow_half_reason("cpu", torch.bfloat16) is None
     # the trainer says so before it starts, and trains all the same
     speeds[torch.bfloat16] = 1.3
     npy, _ = planted
     assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2, ["--dtype", "bfloat16"])) == 0
     err = capsys.readouterr().err
-    assert "warning: bf16 matmuls run at 1.3 GFLOP/s" in err and "--dtype float32" in err
+    assert "warning: bf16 matmuls run at 1.3 GFLOP/s" in err and "--dtype float32 is faster" in err
     assert (tmp_path / "sae.safetensors").is_file()
