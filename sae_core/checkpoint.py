@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -24,11 +25,27 @@ def sae_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     return state
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header's metadata in key order, in place. safetensors writes metadata keys in an order
+    that changes from process to process (a Rust HashMap), so equal weights gave files that differ in
+    their header bytes; sorted, equal weights give equal files."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > n:  # never the case for the same keys and values; keep the file as written then
+            return
+        f.seek(8)
+        f.write(text.ljust(n))  # safetensors pads its header with spaces too
+
+
 def save_sae(sae: SparseAutoencoder, out_dir: str | Path, training: dict | None = None) -> None:
     """Write weights then config (the config last: a directory without it is unfinished)."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir / WEIGHTS) as tmp:
         save_file(sae_state(sae), str(tmp), metadata={"format": "sae-lab", "version": str(FORMAT_VERSION)})
+        _sort_safetensors_metadata(Path(tmp))
     config = {"format_version": FORMAT_VERSION, **sae.cfg.to_dict(), "training": training or {}}
     write_json_atomic(out_dir / CONFIG, config)
 

@@ -64,6 +64,35 @@ def test_checkpoint_round_trip(tmp_path, arch):
     assert json.loads((tmp_path / "config.json").read_text())["training"] == {"steps": 5}
 
 
+def test_equal_weights_give_equal_files_whatever_order_safetensors_writes_its_metadata(tmp_path, monkeypatch):
+    """safetensors' metadata key order changes from process to process; save_sae's file must not."""
+    import struct
+
+    import sae_core.checkpoint as C
+
+    def save_in_order(reverse):
+        def save(tensors, path, metadata=None):
+            save_file(tensors, path, metadata=metadata)
+            with open(path, "r+b") as f:  # the library's header, its metadata keys in the given order
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                header["__metadata__"] = dict(sorted(header["__metadata__"].items(), reverse=reverse))
+                f.seek(8)
+                f.write(json.dumps(header, separators=(",", ":")).encode().ljust(n))
+        return save
+
+    sae = SparseAutoencoder(SAEConfig(arch="batchtopk", d_in=12, d_sae=48, k=3), seed=3)
+    files = []
+    for reverse in (False, True):
+        monkeypatch.setattr(C, "save_file", save_in_order(reverse))
+        save_sae(sae, tmp_path / str(reverse))
+        files.append((tmp_path / str(reverse) / "sae.safetensors").read_bytes())
+    assert files[0] == files[1]
+    n = struct.unpack("<Q", files[0][:8])[0]
+    assert list(json.loads(files[0][8:8 + n])["__metadata__"]) == ["format", "version"]
+    torch.testing.assert_close(load_sae(tmp_path / "True")(torch.ones(2, 12)), sae(torch.ones(2, 12)))
+
+
 def test_wrong_width_fails_with_one_sentence_naming_both_sizes(tmp_path):
     save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3)), tmp_path)
     with pytest.raises(UserError, match=r"width 12.*width 1024"):
