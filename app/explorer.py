@@ -21,6 +21,34 @@ TABLE_SORTS = ("ms", "support", "frequency", "max_act", "label_score", "neuron",
 MAX_TABLE_ROWS = 500
 RELATED_COLUMNS = ["relation", "neuron", "label", "ms", "decoder_cos"]
 
+# The Overview's metrics table, in this order: (key in the manifest's metrics or world.json, name, how
+# shown). "%" = a fraction shown as a percentage, "n" = a count, an int = decimals. A numeric key not
+# listed here (a newer atlas) still shows, under its own name, after these.
+METRIC_ROWS = (
+    ("fvu", "FVU (fraction of variance unexplained)", 4),
+    ("l0", "L0 (active latents per token)", 2),
+    ("mean_cosine", "mean cosine of reconstruction and input", 4),
+    ("dead_frac", "dead latents: never fire on the measured tokens", "%"),
+    ("dense_frac", "dense latents: fire on > 10% of the measured tokens", "%"),
+    ("dead_frac_images", "latents whose image score is 0 on every scanned image", "%"),
+    ("dense_frac_images", "latents whose image score is > 0 on > 10% of the images", "%"),
+    ("metric_rows", "tokens measured", "n"),
+    ("ms_mean", "mean MS, SAE latents", 4),
+    ("ms_mean_raw", "mean MS, raw neurons of the layer", 4),
+    ("ms_nan", "SAE latents without an MS (fire on fewer than 2 images)", "n"),
+    ("ms_nan_raw", "raw neurons without an MS", "n"),
+    ("ms_ground_truth_spearman", "ground truth: Spearman(MS, purity of the top images), SAE latents", 4),
+    ("ms_ground_truth_spearman_raw", "ground truth: Spearman(MS, purity of the top images), raw neurons", 4),
+    ("ms_agreement", "ground truth: agreement of MS with simulated users, SAE latents", 4),
+    ("ms_agreement_raw", "ground truth: agreement of MS with simulated users, raw neurons", 4),
+    ("ms_agreement_factor_embedder", "calibration: agreement, SAE latents under a perfect embedder", 4),
+    ("ms_agreement_ideal_neurons", "calibration: agreement, ideal neurons under the bundle's embedder", 4),
+    ("purity_mean", "ground truth: mean purity of the top images, SAE latents", 4),
+    ("purity_mean_raw", "ground truth: mean purity of the top images, raw neurons", 4),
+    ("label_accuracy", "ground truth: label accuracy (label = the value most top images share)", 4),
+    ("hierarchy_depth", "ground truth: taxonomy depth per Matryoshka level, coarse to fine", 2),
+)
+
 
 def _num(x, digits: int = 3):
     """A float for tables and JSON: rounded, None for NaN (JSON has no NaN)."""
@@ -28,6 +56,21 @@ def _num(x, digits: int = 3):
         return None
     x = float(x)
     return None if not math.isfinite(x) else round(x, digits)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _shown(v, how) -> str:
+    """A metric as the Overview shows it: "%" a fraction as a percentage, "n" a count, an int decimals."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if how == "%":
+        return f"{100 * v:.2f}%"
+    if how == "n":
+        return f"{int(v):,}"
+    return f"{v:.{how}f}"
 
 
 class Explorer:
@@ -76,27 +119,39 @@ class Explorer:
             "MS embedder": emb.get("spec"), "built": m.get("created"), "command": m.get("command"),
         }
 
-    def metrics(self) -> dict:
-        """SAE metrics from the manifest plus the MS summary, rounded; percentages for fractions."""
-        mt = dict(self.bundle.manifest.get("metrics", {}))
-        out = {}
-        for key, val in mt.items():
-            if isinstance(val, (int, float)) and not isinstance(val, bool):
-                out[key] = _num(100 * val, 2) if key.endswith("_frac") else _num(val, 4)
-        ms = np.asarray(self.bundle.array("ms"), dtype=np.float64)
-        out["neurons with an MS"] = int(np.isfinite(ms).sum())
-        world = self.bundle.world_figures()
-        if world:
-            for key, val in world.items():
-                if isinstance(val, (int, float)) and not isinstance(val, bool):
-                    out[f"world: {key}"] = _num(val, 4)
-        return out
+    def metrics_rows(self) -> list[list[str]]:
+        """The Overview's metrics table: [name, value as shown] rows, in METRIC_ROWS order; the manifest's
+        metrics and, for world bundles, world.json's figures (each figure once)."""
+        figures = dict(self.bundle.manifest.get("metrics", {}))
+        figures.update({k: v for k, v in (self.bundle.world_figures() or {}).items() if _is_number(v)})
+        listed = {key for key, _, _ in METRIC_ROWS}
+        unlisted = tuple((k, k, 4) for k, v in figures.items() if k not in listed and _is_number(v))
+        out_of = {"ms_nan": self.n_neurons,
+                  "ms_nan_raw": self.bundle.array("raw/ms").size if self.bundle.has("raw/ms") else None}
+        rows = []
+        for key, name, how in METRIC_ROWS + unlisted:
+            val = figures.get(key)
+            if val is None:
+                continue
+            if isinstance(val, list):
+                shown = ", ".join(_shown(v, how) for v in val)
+            else:
+                shown = _shown(val, how)
+            if key == "metric_rows" and figures.get("metric_tokens"):
+                name += f" ({figures['metric_tokens']} tokens of the scanned images)"
+            if out_of.get(key):
+                shown += f" of {out_of[key]:,}"
+            rows.append([name, shown])
+        return rows
 
-    def metrics_rows(self) -> list[list]:
-        names = {"fvu": "FVU (fraction of variance unexplained)", "l0": "L0 (active latents per token)",
-                 "dead_frac": "dead latents (%)", "dense_frac": "dense latents (%)", "ms_mean": "mean MS (SAE)",
-                 "ms_mean_raw": "mean MS (raw neurons of the layer)"}
-        return [[names.get(k, k), v] for k, v in self.metrics().items()]
+    @cached_property
+    def default_neuron(self) -> int:
+        """The neuron the Neuron tab shows before any is picked: the highest MS among neurons with a full
+        gallery (as many top images as the bundle keeps), else the neuron with the most top images."""
+        c = self.columns
+        full = c["support"] >= self.bundle.array("top_images").shape[1]
+        ms = np.where(full & np.isfinite(c["ms"]), c["ms"], -np.inf)
+        return int(np.argmax(ms)) if np.isfinite(ms).any() else int(np.argmax(c["support"]))
 
     # ------------------------------------------------------------------------------------------
     # Neuron table

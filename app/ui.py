@@ -133,7 +133,7 @@ class SteerTab:
     def slot_inputs(self):
         return [c for pair in self.slots for c in pair]
 
-    def wire(self, demo, tabs, url_box, neuron_in, steer_with_button):
+    def wire(self, demo, tabs, steer_tab, url_box, neuron_in, steer_with_button):
         ex, svc = self.ex, self.steer
         model = dict(concurrency_limit=1, concurrency_id="model")
 
@@ -163,6 +163,14 @@ class SteerTab:
                                api_name="steer_load_image", **model)
         self.image_index.submit(steer_load_image, [self.image_index, self.upload, self.patches], load_out,
                                 api_name=False, **model)
+
+        @user_errors
+        def steer_first_visit(image_index, upload, patches, picture):
+            """The Steer tab opened with no picture yet: load the image in the box, as the button would."""
+            return steer_load_image(image_index, upload, patches) if picture is None else (gr.update(), gr.update())
+
+        steer_tab.select(steer_first_visit, [self.image_index, self.upload, self.patches, self.picture], load_out,
+                         api_name=False, **model)
 
         @user_errors
         def steer_upload_image(upload, patches):
@@ -292,7 +300,9 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             with gr.Tab("Overview", id="overview"):
                 with gr.Row():
                     facts_md = gr.Markdown()
-                    metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False, label="SAE metrics")
+                    # tall enough for a world bundle's 23 rows without an inner scroll bar
+                    metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False, label="SAE metrics",
+                                              max_height=1000, wrap=True, column_widths=["72%", "28%"])
                 with gr.Row():
                     ms_hist_plot = gr.Plot(label="MS distribution")
                     scatter_plot = gr.Plot(label="MS versus frequency", elem_id="scatter-plot")
@@ -344,9 +354,9 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, label="neurons (click a row to open it)",
                                      elem_id="neuron-table")
             # ---------------------------------------------------------------- Neuron page
-            with gr.Tab("Neuron", id="neuron"):
+            with gr.Tab("Neuron", id="neuron") as neuron_tab:
                 with gr.Row():
-                    neuron_in = gr.Number(value=0, precision=0, minimum=0, maximum=ex.n_neurons - 1,
+                    neuron_in = gr.Number(value=ex.default_neuron, precision=0, minimum=0, maximum=ex.n_neurons - 1,
                                           label=f"neuron id (0 to {ex.n_neurons - 1})", elem_id="neuron-id")
                     open_button = gr.Button("Open", variant="primary", elem_id="open-neuron")
                     steer_with_button = gr.Button("Steer with this neuron", elem_id="steer-with-neuron",
@@ -373,7 +383,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 depth_df = gr.Dataframe(headers=["level", "neurons", "taxonomy depth"], interactive=False,
                                         label="taxonomy depth per Matryoshka level")
             # ---------------------------------------------------------------- Steer
-            with gr.Tab("Steer", id="steer"):
+            with gr.Tab("Steer", id="steer") as steer_tab:
                 steer_parts = (SteerTab(ex, steer) if steer is not None
                                else gr.Markdown(ex.steer_off_reason() or "Steering is off."))
 
@@ -462,6 +472,13 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             return page_outputs(neuron)
 
         open_button.click(neuron_page, neuron_in, page_targets, api_name="neuron_page")
+
+        @user_errors
+        def first_visit(neuron, header):
+            """The Neuron tab opened before any neuron: show the one in the box (the default neuron)."""
+            return page_outputs(neuron) if not header else (gr.update(),) * len(page_targets)
+
+        neuron_tab.select(first_visit, [neuron_in, header_md], page_targets, api_name=False)
         neuron_in.submit(neuron_page, neuron_in, page_targets, api_name=False)
 
         @user_errors
@@ -529,7 +546,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         url_box.change(None, url_box, None, js=SET_URL_JS)
 
         if isinstance(steer_parts, SteerTab):
-            steer_parts.wire(demo, tabs, url_box, neuron_in, steer_with_button)
+            steer_parts.wire(demo, tabs, steer_tab, url_box, neuron_in, steer_with_button)
 
         # --- restore from the URL query on load
         def restore(request: gr.Request):

@@ -86,6 +86,18 @@ def wait_value(pg, selector: str, value: str):
 def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     pg, url = page, explorer_app.url
     top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
+    # 0. The Neuron tab opened first shows a neuron, not empty boxes: the highest MS with a full gallery.
+    ms, support = (np.load(explorer_app.bundle / "neurons" / f"{n}.npy") for n in ("ms", "support"))
+    k_first = max((k for k in range(len(ms)) if support[k] >= top.shape[1] and np.isfinite(ms[k])), key=lambda k: ms[k])
+    pg.goto(url + "/")
+    pg.get_by_role("tab", name="Neuron", exact=True).click()
+    pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
+                         " return !!h && h.innerText === 'Neuron ' + k; }", arg=k_first)
+    assert len(gallery_widths(pg)) == top.shape[1]
+    # 0b. So does the Steer tab: the image in its box (0), with the latents that fire on it.
+    pg.get_by_role("tab", name="Steer", exact=True).click()
+    pg.wait_for_selector("#steer-picture img")
+    pg.wait_for_function("() => document.querySelectorAll('#steer-latents tbody tr').length > 0")
     # 1. Overview: click a point of the MS-vs-frequency scatter; its neuron page opens.
     pg.goto(url + "/")
     pg.wait_for_selector("#scatter-plot .scatterlayer path.point")
@@ -105,7 +117,7 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
                      " return [r.left + L.xaxis._offset + L.xaxis.d2p(f), r.top + L.yaxis._offset + L.yaxis.d2p(m)]; }",
                      [freq, ms])
     assert abs(xy[0] - click[0]) < 6 and abs(xy[1] - click[1]) < 6, (xy, click)
-    pg.click("button[role=tab]:has-text('Neuron')")
+    pg.get_by_role("tab", name="Neuron", exact=True).click()
     assert f"neuron={k_clicked}" in pg.url
     # 2. The neuron page's gallery images rendered (natural width > 0), one per top image.
     widths = gallery_widths(pg)

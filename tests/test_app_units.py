@@ -201,6 +201,29 @@ def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
         explorer.neuron_record(float("nan"))
 
 
+def test_overview_metrics_show_every_figure_once_with_a_name(explorer, tiny_bundle, monkeypatch):
+    """Each numeric figure of the manifest's metrics and of world.json is one row (world bundles repeat
+    some figures in both files), under a readable name, formatted from the file's value."""
+    root = Path(tiny_bundle)
+    metrics = json.loads((root / "manifest.json").read_text())["metrics"]
+    world = json.loads((root / "world.json").read_text())
+    figures = {k for d in (metrics, world) for k, v in d.items()
+               if isinstance(v, (int, float, list)) and not isinstance(v, bool)}
+    rows = dict(explorer.metrics_rows())
+    assert len(rows) == len(explorer.metrics_rows()) == len(figures)
+    assert not any("_" in name for name in rows)  # no bare keys such as dead_frac_images
+    assert rows["FVU (fraction of variance unexplained)"] == f"{metrics['fvu']:.4f}"
+    assert rows["dead latents: never fire on the measured tokens"] == f"{100 * metrics['dead_frac']:.2f}%"
+    ms = np.load(root / "neurons" / "ms.npy")
+    assert rows["SAE latents without an MS (fire on fewer than 2 images)"] == f"{int(np.isnan(ms).sum())} of {ms.size}"
+    depth = rows["ground truth: taxonomy depth per Matryoshka level, coarse to fine"].split(", ")
+    assert np.allclose([float(d) for d in depth], metrics["hierarchy_depth"], atol=0.005)
+    assert rows["ground truth: agreement of MS with simulated users, raw neurons"] == f"{world['ms_agreement_raw']:.4f}"
+    # a figure a newer atlas adds still shows, under its key
+    monkeypatch.setitem(explorer.bundle.manifest["metrics"], "new_figure", 0.123456)
+    assert dict(explorer.metrics_rows())["new_figure"] == "0.1235"
+
+
 # ----------------------------------------------------------------------------------------------
 # Settings and start-up
 # ----------------------------------------------------------------------------------------------
