@@ -249,14 +249,17 @@ class Explorer:
         A strip per band rather than a tile per image keeps a neuron page at about 20 files (each file
         costs the server about 1 ms per response under Gradio)."""
         page = page or self.bundle.neuron(k)
+        # every strip as wide as the atlas' band size, so the gallery draws them all at one scale
+        slots = self.bundle.array("band_images").shape[2] if self.bundle.has("band_images") else 0
         out = []
         for b, band in enumerate(page["bands"]):
             if not band:
                 continue
             ids = [i for i, _ in band]
             acts = [a for _, a in band]
-            path = self.images.get_or_make(f"band|{k}|{b}|{ids}", lambda ids=ids: strip([self.bundle.image(i) for i in ids]))
-            out.append((path, f"band {b + 1}: {len(ids)} images, act {min(acts):.3g} to {max(acts):.3g} "
+            path = self.images.get_or_make(f"band|{k}|{b}|{ids}|{slots}",
+                                           lambda ids=ids: strip([self.bundle.image(i) for i in ids], slots=slots))
+            out.append((path, f"band {b + 1}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to {max(acts):.3g} "
                               f"(#{', #'.join(str(i) for i in ids)})"))
         return out
 
@@ -312,6 +315,10 @@ class Explorer:
             + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
             + f" · {len(page['children'])} children",
         ]
+        no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)
+        if no_patch and page["top_heat"] is not None:
+            lines.append(f"- **where it fires** — on no patch of {no_patch} of its {len(page['top'])} top images "
+                         f"(only on the CLS token): no red and no box on those")
         return "\n".join(lines)
 
     def neuron_record(self, k) -> dict:

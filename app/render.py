@@ -47,11 +47,14 @@ def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best
     return pic
 
 
-def strip(images, tile: int = 96, gap: int = 4):
-    """Images side by side, each fitted into a tile x tile square, on a white background."""
+def strip(images, tile: int = 96, gap: int = 4, slots: int = 0):
+    """Images side by side, each fitted into a tile x tile square, on a white background, at least
+    `slots` tiles wide: strips of one width are drawn at one scale (a gallery stretches each to its width,
+    so a one-image strip came out as one huge image)."""
     from PIL import Image
 
-    out = Image.new("RGB", (len(images) * (tile + gap) - gap, tile), (255, 255, 255))
+    n = max(len(images), slots)
+    out = Image.new("RGB", (n * (tile + gap) - gap, tile), (255, 255, 255))
     for j, img in enumerate(images):
         t = upscale(img, tile).convert("RGB")
         out.paste(t, (j * (tile + gap) + (tile - t.size[0]) // 2, (tile - t.size[1]) // 2))
@@ -86,6 +89,12 @@ def patch_at(xy, size: tuple[int, int], grid: tuple[int, int]) -> int:
     return r * cols + c
 
 
+RENDER_VERSION = 2
+"""Part of every cached picture's folder name: raise it when a drawing changes, so a cache kept from an
+earlier version (the default cache folder outlives the app) is not served. 2: no best-patch box where a
+neuron fires on no patch; band strips padded to the band size."""
+
+
 class ImageCache:
     """Generated pictures as PNG files under one folder (the only folder besides the bundle that is served).
 
@@ -93,6 +102,7 @@ class ImageCache:
     """
 
     def __init__(self, root: Path, namespace: str):
+        namespace = f"{namespace}|render {RENDER_VERSION}"
         self.root = Path(root) / hashlib.sha1(namespace.encode()).hexdigest()[:12]
         self.root.mkdir(parents=True, exist_ok=True)
 

@@ -17,9 +17,14 @@ OPEN_BOX = "open-neuron-box"
 OPEN_BUTTON = "open-neuron-btn"
 URL_BOX = "url-state-box"
 
+# The galleries grow with their content (no inner scroll bar), and band strips keep their own shape:
+# Gradio draws every gallery item in a square cell, which showed a strip as a sliver in a tall box.
 CSS = """
 #open-neuron-box, #open-neuron-btn, #url-state-box {display: none !important;}
 .answer textarea {font-size: 1.05em;}
+#top-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; max-height: none !important;}
+#band-gallery .thumbnail-item {aspect-ratio: auto !important;}
+#band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
 """
 
 # Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.

@@ -68,7 +68,8 @@ def pool_tokens(codes: Tensor, n_prefix: int, score: str) -> tuple[Tensor, Tenso
     """codes (n, T, K) per-token activations -> (scores (n, K), best patch position (n, K), heat (n, P, K)).
 
     `score`: "cls" = token 0, "max"/"mean" = over the patch tokens (positions n_prefix..T-1). The best
-    patch is the argmax over the patch tokens, as a token position; heat is the patch tokens' values.
+    patch is the argmax over the patch tokens, as a token position, or -1 where the neuron fires on no
+    patch of the image (a CLS-scored neuron may fire on the CLS token only); heat is the patch tokens' values.
     """
     heat = codes[:, n_prefix:]
     if heat.shape[1] == 0:
@@ -82,7 +83,7 @@ def pool_tokens(codes: Tensor, n_prefix: int, score: str) -> tuple[Tensor, Tenso
         scores = pmax
     else:
         scores = heat.mean(dim=1)
-    return scores, parg + n_prefix, heat
+    return scores, torch.where(pmax > 0, parg + n_prefix, -1), heat
 
 
 # ----------------------------------------------------------------------------------------------

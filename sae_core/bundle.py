@@ -239,8 +239,10 @@ class Bundle:
         top_acts = np.asarray(self.array("top_acts")[k])
         top_patch = np.asarray(self._opt("top_patch", k)) if self.has("top_patch") else np.full(len(top_ids), -1)
         keep = top_ids >= 0
-        top = [(int(i), float(a), int(p)) for i, a, p in zip(top_ids[keep], top_acts[keep], top_patch[keep])]
         heat = self._opt("top_heat", k)
+        if heat is not None:  # no best patch where the neuron fires on no patch (bundles before 2026-12-01 said 1)
+            top_patch = np.where(np.asarray(heat, np.float32).max(1) > 0, top_patch, -1)
+        top = [(int(i), float(a), int(p)) for i, a, p in zip(top_ids[keep], top_acts[keep], top_patch[keep])]
         bands = []
         if self.has("band_images"):
             for ids, acts in zip(np.asarray(self.array("band_images")[k]), np.asarray(self.array("band_acts")[k])):

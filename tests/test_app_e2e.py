@@ -94,6 +94,11 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
                          " return !!h && h.innerText === 'Neuron ' + k; }", arg=k_first)
     assert len(gallery_widths(pg)) == top.shape[1]
+    # the band strips are drawn at one scale, strip-shaped (Gradio's own gallery cells are square)
+    gallery_widths(pg, "#band-gallery img")
+    cells = pg.evaluate("() => Array.from(document.querySelectorAll('#band-gallery .thumbnail-item'))"
+                        ".map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })")
+    assert cells and all(abs(h - cells[0][1]) < 2 for _, h in cells) and cells[0][0] > 4 * cells[0][1], cells
     # 0b. So does the Steer tab: the image in its box (0), with the latents that fire on it.
     pg.get_by_role("tab", name="Steer", exact=True).click()
     pg.wait_for_selector("#steer-picture img")

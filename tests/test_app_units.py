@@ -195,6 +195,20 @@ def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
         assert Path(path).parent == explorer.images.root and caption.startswith(f"#{img_id} ")
         with Image.open(path) as im:
             assert im.size == (160, 160)
+    # band strips: one per non-empty band, all of one size (a gallery stretches each to its width), also
+    # for a neuron whose lower bands hold fewer images than the band size
+    all_bands = np.load(root / "band_images.npy")
+    counts = (all_bands >= 0).sum(2)
+    k = int(np.flatnonzero(((counts > 0) & (counts < all_bands.shape[2])).any(1))[0])
+    bands = all_bands[k]
+    strips = explorer.band_gallery(k)
+    assert len(strips) == int((bands >= 0).any(1).sum())
+    sizes = set()
+    for (path, caption), band in zip(strips, [b for b in bands if (b >= 0).any()]):
+        assert caption.startswith("band ") and f"{int((band >= 0).sum())} image" in caption
+        with Image.open(path) as im:
+            sizes.add(im.size)
+    assert sizes == {(bands.shape[1] * 100 - 4, 96)}  # band size x (96 px tile + 4 px gap) - the last gap
     with pytest.raises(UserError):
         explorer.neuron_record(explorer.n_neurons)
     with pytest.raises(UserError):

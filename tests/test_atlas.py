@@ -59,6 +59,9 @@ def test_pooling_cls_and_mean():
     s, _, _ = pool_tokens(codes, 1, "mean")
     torch.testing.assert_close(s, codes[:, 1:].mean(1))
     assert (best == 4).all() and heat.shape == (2, 4, 3)
+    codes[1, 1:, 2] = 0  # image 1 fires neuron 2 on its CLS token only: no best patch
+    s, best, _ = pool_tokens(codes, 1, "cls")
+    assert best[1, 2] == -1 and s[1, 2] > 0 and (best[0] == 4).all() and (best[1, :2] == 4).all()
 
 
 def test_histogram_moments_and_band_samples_against_brute_force():

@@ -24,7 +24,7 @@ def _write_small_bundle(root, K=6, T=3, P=4, N=20, manifest=True):
         "max_act": rng.random(K).astype(np.float32), "hist_counts": rng.integers(0, 5, (K, 5)),
         "hist_edges": np.linspace(-3, 1, 6).astype(np.float32),
         "top_images": np.array([[3, 1, -1]] * K), "top_acts": np.array([[2.0, 1.0, 0.0]] * K, np.float32),
-        "top_patch": np.array([[5, 2, -1]] * K, np.int32), "top_heat": rng.random((K, T, P)).astype(np.float16),
+        "top_patch": np.array([[5, 2, -1]] * K, np.int32), "top_heat": (rng.random((K, T, P)) + 0.01).astype(np.float16),
         "band_images": np.full((K, 2, 2), -1), "band_acts": np.zeros((K, 2, 2), np.float32),
         "group": np.array([0, 0, 1, 1, 1, 1], np.int32), "parent": np.array([-1, -1, 0, 0, 1, 0]),
         "parent_coact": np.array([-1, -1, 1, 0, 1, 1]), "label_score": np.arange(K, dtype=np.float32),
@@ -53,6 +53,10 @@ def test_round_trip(tmp_path):
     n = b.neuron(2)
     assert n["ms"] == pytest.approx(float(arrays["ms"][2]))
     assert n["top"] == [(3, 2.0, 5), (1, 1.0, 2)]  # the empty slot is dropped
+    heat = arrays["top_heat"].copy()
+    heat[2, 1] = 0  # image 1 fires neuron 2 on no patch (on the CLS token only): no best patch
+    B.write_array(tmp_path, "neurons/top_heat.npy", heat)
+    assert B.open_bundle(tmp_path).neuron(2)["top"] == [(3, 2.0, 5), (1, 1.0, -1)]
     np.testing.assert_array_equal(n["top_heat"], arrays["top_heat"][2, :2].astype(np.float32))
     assert n["bands"] == [[], [(7, 0.25)]]
     assert (n["group"], n["parent"], n["parent_coact"]) == (1, 0, 1)
