@@ -116,7 +116,8 @@ class Explorer:
             "SAE": f"{sae.get('architecture')} {sae.get('d_in')} -> {sae.get('d_sae')}, k {sae.get('k')}"
                    + (f", levels {groups}" if groups else ""),
             "dataset": f"{data.get('spec')} ({data.get('n_images')} images)",
-            "MS embedder": emb.get("spec"), "built": m.get("created"), "command": m.get("command"),
+            "MS embedder": emb.get("spec"), "labels": self.bundle.labels.get("method"),
+            "built": m.get("created"), "command": m.get("command"),
         }
 
     def metrics_rows(self) -> list[list[str]]:
@@ -273,7 +274,9 @@ class Explorer:
             return "no label (the bundle has none for this neuron)"
         score = page.get("label_score")
         score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else "no score"
-        return f'guess: "{page["label"]}" ({score_s}, method {page.get("label_method") or "unknown"})'
+        # the method's name only: its whole description is one line of the Overview (and of the JSON export)
+        method = (page.get("label_method") or "unknown").split(":")[0]
+        return f'guess: "{page["label"]}" ({score_s}, method {method}; how it is scored: Overview, labels)'
 
     def ms_text(self, page: dict) -> str:
         if page["ms"] is None or not math.isfinite(page["ms"]):
