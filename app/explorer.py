@@ -146,13 +146,25 @@ class Explorer:
         return rows
 
     @cached_property
+    def full_gallery(self) -> int:
+        """How many top images the bundle keeps per neuron (16 by default): a neuron firing on fewer
+        has a partial gallery and an MS over few images (over 2 images, the cosine of one pair)."""
+        return int(self.bundle.array("top_images").shape[1])
+
+    @cached_property
     def default_neuron(self) -> int:
         """The neuron the Neuron tab shows before any is picked: the highest MS among neurons with a full
-        gallery (as many top images as the bundle keeps), else the neuron with the most top images."""
+        gallery, else the neuron with the most top images."""
         c = self.columns
-        full = c["support"] >= self.bundle.array("top_images").shape[1]
-        ms = np.where(full & np.isfinite(c["ms"]), c["ms"], -np.inf)
+        ms = np.where((c["support"] >= self.full_gallery) & np.isfinite(c["ms"]), c["ms"], -np.inf)
         return int(np.argmax(ms)) if np.isfinite(ms).any() else int(np.argmax(c["support"]))
+
+    @cached_property
+    def default_min_support(self) -> int:
+        """The Neurons table's first minimum support: a full gallery when some neuron with an MS has one
+        (else 0), so the table does not open on MS values of two or three images."""
+        c = self.columns
+        return self.full_gallery if ((c["support"] >= self.full_gallery) & np.isfinite(c["ms"])).any() else 0
 
     # ------------------------------------------------------------------------------------------
     # Neuron table

@@ -90,6 +90,12 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     ms, support = (np.load(explorer_app.bundle / "neurons" / f"{n}.npy") for n in ("ms", "support"))
     k_first = max((k for k in range(len(ms)) if support[k] >= top.shape[1] and np.isfinite(ms[k])), key=lambda k: ms[k])
     pg.goto(url + "/")
+    # The Neurons table opens on neurons with a full gallery (an MS over 2 or 3 images is noise).
+    pg.get_by_role("tab", name="Neurons", exact=True).click()
+    cells = "Array.from(document.querySelectorAll('#neuron-table [role=row]')).map(r => r.querySelectorAll('[role=gridcell]'))"
+    pg.wait_for_function(f"() => {cells}.filter(c => c.length > 4 && c[4].innerText.trim() !== '').length >= 5")
+    shown = pg.evaluate(f"() => {cells}.filter(c => c.length > 4).map(c => Number(c[4].innerText))")  # rows drawn so far
+    assert len(shown) >= 5 and min(shown) >= top.shape[1], shown
     pg.get_by_role("tab", name="Neuron", exact=True).click()
     pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
                          " return !!h && h.innerText === 'Neuron ' + k; }", arg=k_first)
