@@ -22,7 +22,7 @@ URL_BOX = "url-state-box"
 CSS = """
 #open-neuron-box, #open-neuron-btn, #url-state-box {display: none !important;}
 .answer textarea {font-size: 1.05em;}
-#top-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; max-height: none !important;}
+#top-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
 """
