@@ -288,7 +288,7 @@ class Explorer:
         score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else "no score"
         # the method's name only: its whole description is one line of the Overview (and of the JSON export)
         method = (page.get("label_method") or "unknown").split(":")[0]
-        return f'guess: "{page["label"]}" ({score_s}, method {method}; how it is scored: Overview, labels)'
+        return f'guess: "{page["label"]}" ({score_s}, method {method}, described on the Overview)'
 
     def ms_text(self, page: dict) -> str:
         if page["ms"] is None or not math.isfinite(page["ms"]):

@@ -198,7 +198,7 @@ def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
     # the header names the label's method; its whole description is the Overview's, once
     method = json.loads((root / "labels.json").read_text())["method"]
     header = explorer.neuron_summary(k, explorer.bundle.neuron(k))
-    assert f"method {method.split(':')[0]};" in header and method not in header and len(method) > 100
+    assert f"method {method.split(':')[0]}, described on the Overview" in header and method not in header and len(method) > 100
     assert explorer.facts()["labels"] == method
     # band strips: one per non-empty band, all of one size (a gallery stretches each to its width), also
     # for a neuron whose lower bands hold fewer images than the band size
