@@ -236,13 +236,17 @@ class Explorer:
         p = int(position) - self.n_prefix
         return p if 0 <= p < self.n_patches else None
 
-    def gallery(self, k: int, page: dict | None = None) -> list[tuple[str, str]]:
-        """Top images of neuron k with its patch heat drawn over them: [(png path, caption)] best first."""
+    def gallery(self, k: int, page: dict | None = None, by_patch: bool = False) -> list[tuple[str, str]]:
+        """Top images of neuron k with its patch heat drawn over them: [(png path, caption)] best first;
+        by_patch: the gallery ranked by the max over patches (CLS-scored bundles; [] where absent)."""
         page = page or self.bundle.neuron(k)
-        heat = page["top_heat"]
+        which = "patch_top" if by_patch else "top"
+        if page.get(which) is None:
+            return []
+        heat = page[f"{which}_heat"]
         vmax = float(np.nanmax(heat)) if heat is not None and heat.size else 1.0
         out = []
-        for slot, (img_id, act, pos) in enumerate(page["top"]):
+        for slot, (img_id, act, pos) in enumerate(page[which]):
             best = self.patch_index(pos) if pos >= 0 else None
 
             def make(img_id=img_id, slot=slot, best=best):
@@ -251,7 +255,7 @@ class Explorer:
                     return upscale(img)
                 return heat_overlay(img, heat[slot], self.grid, vmax, best=best)
 
-            path = self.images.get_or_make(f"top|{k}|{slot}|{img_id}", make)
+            path = self.images.get_or_make(f"{which}|{k}|{slot}|{img_id}", make)
             where = f", patch {best}" if best is not None else ""
             out.append((path, f"#{img_id}  act {act:.3g}{where}"))
         return out
@@ -291,9 +295,10 @@ class Explorer:
         return f'guess: "{page["label"]}" ({score_s}, method {method}, described on the Overview)'
 
     def ms_text(self, page: dict) -> str:
+        by = " (by its CLS token)" if page.get("patch_support") is not None else ""
         if page["ms"] is None or not math.isfinite(page["ms"]):
-            return f"no MS: fires on {page['support']} image(s), fewer than the 2 needed"
-        return f"{page['ms']:.3f} over {page['support']} images it fires on"
+            return f"no MS: fires on {page['support']} image(s){by}, fewer than the 2 needed"
+        return f"{page['ms']:.3f} over {page['support']} images it fires on{by}"
 
     def related(self, k: int, page: dict | None = None) -> list[list]:
         """Rows [relation, neuron, label, ms, decoder_cos]: parent, children, nearest by decoder cosine."""
@@ -324,12 +329,15 @@ class Explorer:
             f"### Neuron {k}",
             f"- **label** — {self.label_text(page)}",
             f"- **MS** — {self.ms_text(page)}",
-            f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act']:.4g} · "
-            f"**max activation** {page['max_act']:.4g}",
+            f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act'] + 0.0:.4g} · "
+            f"**max activation** {page['max_act'] + 0.0:.4g}",  # + 0.0: no "-0" for a float16 minus zero
             f"- **Matryoshka level** {level}"
             + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
             + f" · {len(page['children'])} children",
         ]
+        if page.get("patch_support") is not None:
+            lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images; the second "
+                         "gallery ranks them by the max over patches")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)
         if no_patch and page["top_heat"] is not None:
             lines.append(f"- **where it fires** — on no patch of {no_patch} of its {len(page['top'])} top images "
@@ -354,6 +362,9 @@ class Explorer:
             "children": page["children"],
             "top": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
                     for i, a, p in page["top"]],
+            **({"patch_support": page["patch_support"],
+                "top_by_patch": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
+                                 for i, a, p in page["patch_top"]]} if page.get("patch_top") is not None else {}),
             "bands": [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in page["bands"]],
             "histogram": {"log10_edges": [_num(e, 4) for e in np.asarray(edges)],
                           "counts": [int(x) for x in np.asarray(counts)]},

@@ -22,7 +22,7 @@ URL_BOX = "url-state-box"
 CSS = """
 #open-neuron-box, #open-neuron-btn, #url-state-box {display: none !important;}
 .answer textarea {font-size: 1.05em;}
-#top-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
+#top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
 """
@@ -372,6 +372,10 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 header_md = gr.Markdown(elem_id="neuron-header")
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
                                          columns=8, height="auto", object_fit="contain", elem_id="top-gallery")
+                patch_gallery = gr.Gallery(
+                    label="top 16 images by the max over patches (the gallery above ranks by the CLS token)",
+                    columns=8, height="auto", object_fit="contain", elem_id="patch-gallery",
+                    visible=ex.bundle.has("patch_top_images"))
                 band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first)", columns=1,
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
@@ -466,11 +470,12 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             k = ex.check_neuron(k)
             page = ex.bundle.neuron(k)
             counts, edges = page["hist"]
-            return (k, ex.neuron_summary(k, page), ex.gallery(k, page), ex.band_gallery(k, page),
+            return (k, ex.neuron_summary(k, page), ex.gallery(k, page), ex.gallery(k, page, by_patch=True),
+                    ex.band_gallery(k, page),
                     plotly_json(figures.activation_histogram(counts, edges, k)), ex.related(k, page),
                     inputs.encode_state({"tab": "neuron", "neuron": k}), gr.Tabs(selected="neuron"))
 
-        page_targets = [neuron_in, header_md, top_gallery, band_gallery, hist_plot, related_df, url_box, tabs]
+        page_targets = [neuron_in, header_md, top_gallery, patch_gallery, band_gallery, hist_plot, related_df, url_box, tabs]
 
         @user_errors
         def neuron_page(neuron):
@@ -562,7 +567,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     return page_outputs(state.get("neuron", 0))
                 except UserError as e:
                     gr.Warning(f"the link's neuron could not be opened: {e}")
-            return (gr.update(),) * 7 + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),)
+            return (gr.update(),) * (len(page_targets) - 1) + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),)
 
         demo.load(restore, None, page_targets, api_name="restore_from_url")
     return demo

@@ -455,6 +455,8 @@ def _stage_thumbs(job, sae, out, scan_info, world):
 
     ids = set(np.load(out / "neurons/top_images.npy").ravel().tolist())
     ids |= set(np.load(out / "neurons/band_images.npy").ravel().tolist())
+    if (out / "neurons/patch_top_images.npy").is_file():
+        ids |= set(np.load(out / "neurons/patch_top_images.npy").ravel().tolist())
     ids.discard(-1)
     ds = open_dataset(job.dataset)
     final = out / B.THUMBS

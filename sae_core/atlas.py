@@ -339,6 +339,10 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     E = embedder.embed_dim
 
     top = StreamingTopK(K, cfg.topk, P)
+    # Scored by CLS, a latent that fires on patches only would have no gallery at all (most of the demo's
+    # finest level): a second gallery ranks the images by the max over patches, with its own support.
+    patch_top = StreamingTopK(K, cfg.topk, P) if cfg.score == "cls" else None
+    patch_support = np.zeros(K, np.int64)
     raw_top = StreamingTopK(d, cfg.topk, 0, positive_only=False)
     hist = LogHistogram(K, cfg.hist_bins, cfg.hist_decades)
     res = BinReservoirs(K * cfg.hist_bins, cfg.band_samples, cfg.seed)
@@ -387,6 +391,10 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
         ids_t = torch.from_numpy(ids)
         top.update(scores, ids_t, best, heat)
+        if patch_top is not None:
+            pmax, pbest, _ = pool_tokens(codes, layout.n_prefix, "max")
+            patch_top.update(pmax, ids_t, pbest, heat)
+            patch_support += (pmax > 0).sum(0).numpy()
         raw_top.update(raw_scores, ids_t)
         s_np = scores.numpy()
         moments.update(s_np)
@@ -412,6 +420,9 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     neurons = {**moments.result(), **top.result(), "hist_counts": hist.counts, "hist_edges": hist.edges,
                "band_images": band_ids, "band_acts": band_acts,
                "ms": _as_np(ms_sae.result()).astype(np.float32)}
+    if patch_top is not None:
+        neurons.update({f"patch_{name}": arr for name, arr in patch_top.result().items()})
+        neurons["patch_support"] = patch_support
     m = metrics.compute()
     # dead/dense at token level on the metric rows (as in training); the *_images figures count images
     # by their score, which for --score cls leaves out latents that fire on patches only.

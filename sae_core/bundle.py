@@ -47,6 +47,8 @@ NEURON_ARRAYS = (
     "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
     "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth",
+    # bundles scored by CLS: the gallery by the max over patches (for latents that fire on patches only)
+    "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -232,17 +234,24 @@ class Bundle:
     def _opt(self, name: str, k: int):
         return self.array(name)[k] if self.has(name) else None
 
-    def neuron(self, k) -> dict:
-        """Everything a neuron page shows, from a handful of memory-mapped reads."""
-        k = self.check_neuron(k)
-        top_ids = np.asarray(self.array("top_images")[k])
-        top_acts = np.asarray(self.array("top_acts")[k])
-        top_patch = np.asarray(self._opt("top_patch", k)) if self.has("top_patch") else np.full(len(top_ids), -1)
+    def _gallery(self, k: int, prefix: str = "") -> tuple[list, np.ndarray | None]:
+        """Neuron k's top images [(image id, activation, best patch position or -1)] best first, and their
+        patch heat (n, P) float32 or None; prefix "patch_" reads the gallery by the max over patches."""
+        top_ids = np.asarray(self.array(f"{prefix}top_images")[k])
+        top_acts = np.asarray(self.array(f"{prefix}top_acts")[k])
+        top_patch = np.asarray(self._opt(f"{prefix}top_patch", k)) if self.has(f"{prefix}top_patch") else np.full(len(top_ids), -1)
         keep = top_ids >= 0
-        heat = self._opt("top_heat", k)
+        heat = self._opt(f"{prefix}top_heat", k)
         if heat is not None:  # no best patch where the neuron fires on no patch (bundles before 2026-12-01 said 1)
             top_patch = np.where(np.asarray(heat, np.float32).max(1) > 0, top_patch, -1)
         top = [(int(i), float(a), int(p)) for i, a, p in zip(top_ids[keep], top_acts[keep], top_patch[keep])]
+        return top, None if heat is None else np.asarray(heat[: len(top)], dtype=np.float32)
+
+    def neuron(self, k) -> dict:
+        """Everything a neuron page shows, from a handful of memory-mapped reads."""
+        k = self.check_neuron(k)
+        top, heat = self._gallery(k)
+        patch_top, patch_heat = self._gallery(k, "patch_") if self.has("patch_top_images") else (None, None)
         bands = []
         if self.has("band_images"):
             for ids, acts in zip(np.asarray(self.array("band_images")[k]), np.asarray(self.array("band_acts")[k])):
@@ -272,7 +281,10 @@ class Bundle:
             "max_act": float(self.array("max_act")[k]),
             "hist": (np.asarray(self.array("hist_counts")[k]), np.asarray(self.array("hist_edges"))),
             "top": top,
-            "top_heat": None if heat is None else np.asarray(heat[: len(top)], dtype=np.float32),
+            "top_heat": heat,
+            "patch_top": patch_top,
+            "patch_top_heat": patch_heat,
+            "patch_support": num(self._opt("patch_support", k), int),
             "bands": bands,
             "group": num(group, int) if group is not None else 0,
             "parent": num(parent, int) if parent is not None else -1,

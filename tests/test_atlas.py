@@ -245,3 +245,52 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path)
     np.testing.assert_array_equal(np.asarray(again.array("top_images")), top)
     with pytest.raises(UserError, match="other settings"):
         build_atlas(AtlasJob(**{**opts, "topk": 8}))
+
+
+def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, tmp_path):
+    """--score cls: the galleries, support and MS follow the CLS token, and a second gallery ranks the
+    images by the max over patches (latents that fire on patches only would have none), against a dense
+    recomputation; its images get thumbnails, and the reader serves it."""
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.adapters import load_adapter
+    from sae_core.bundle import open_bundle
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), dataset=m["dataset"]["spec"], model=m["model"]["spec"],
+                         layer="-2", embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), limit=60, topk=4,
+                         batch_size=16, score="cls"))
+    b = open_bundle(tmp_path / "b")
+    b.validate()
+    model, sae, ds = load_adapter(m["model"]["spec"]), b.load_sae(), b.dataset()
+    n_pre = m["model"]["n_prefix"]
+    with torch.no_grad():
+        h = model.capture(model.preprocess([ds[i] for i in range(60)]), ["-2"])["-2"].float()
+        z = sae.encode(h.reshape(-1, h.shape[-1])).reshape(h.shape[0], h.shape[1], -1).numpy()
+    cls, pmax = z[:, 0], z[:, n_pre:].max(1)
+    np.testing.assert_array_equal(np.asarray(b.array("support")), (cls > 0).sum(0))
+    np.testing.assert_array_equal(np.asarray(b.array("patch_support")), (pmax > 0).sum(0))
+    assert ((pmax > 0).sum(0) > (cls > 0).sum(0)).any()  # some latents fire on more images' patches
+    for name, s in (("top", cls), ("patch_top", pmax)):
+        ids, acts = np.asarray(b.array(f"{name}_images")), np.asarray(b.array(f"{name}_acts"))
+        for k in range(b.n_neurons):
+            n = min(4, int((s[:, k] > 0).sum()))
+            np.testing.assert_allclose(acts[k, :n], np.sort(s[:, k])[::-1][:n], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(s[ids[k, :n], k], acts[k, :n], rtol=1e-4, atol=1e-5)
+            assert (ids[k, n:] == -1).all()
+    # the best patch of the second gallery is the argmax over patches; every image shown has a thumbnail
+    k = int(np.argmax((pmax > 0).sum(0)))
+    page = b.neuron(k)
+    assert [(i, p) for i, _, p in page["patch_top"]] == [(int(i), int(z[i, n_pre:, k].argmax()) + n_pre)
+                                                        for i in np.asarray(b.array("patch_top_images"))[k] if i >= 0]
+    thumbs = {int(p.stem) for p in (tmp_path / "b" / "images" / "thumbs").glob("*.png")}
+    assert set(np.asarray(b.array("patch_top_images")).ravel().tolist()) - {-1} <= thumbs
+    # the explorer shows it as a second gallery, says so in the header, and exports it
+    from app.explorer import Explorer
+
+    ex = Explorer(b, tmp_path / "cache")
+    want = [i for i in np.asarray(b.array("patch_top_images"))[k] if i >= 0]
+    assert [c.split()[0] for _, c in ex.gallery(k, by_patch=True)] == [f"#{i}" for i in want]
+    assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images" in ex.neuron_summary(k, page)
+    rec = ex.neuron_record(k)
+    assert [t["image"] for t in rec["top_by_patch"]] == want and rec["patch_support"] == int((pmax[:, k] > 0).sum())
