@@ -18,13 +18,15 @@ OPEN_BUTTON = "open-neuron-btn"
 URL_BOX = "url-state-box"
 
 # The galleries grow with their content (no inner scroll bar), and band strips keep their own shape:
-# Gradio draws every gallery item in a square cell, which showed a strip as a sliver in a tall box.
+# Gradio draws every gallery item in a square cell, which showed a strip as a sliver in a tall box. An
+# empty gallery is hidden (the neuron header says why), by CSS so the API's outputs stay plain values.
 CSS = """
 #open-neuron-box, #open-neuron-btn, #url-state-box {display: none !important;}
 .answer textarea {font-size: 1.05em;}
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
+#top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty) {display: none !important;}
 """
 
 # Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.
@@ -373,7 +375,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
                                          columns=8, height="auto", object_fit="contain", elem_id="top-gallery")
                 patch_gallery = gr.Gallery(
-                    label="top 16 images by the max over patches (the gallery above ranks by the CLS token)",
+                    label="top 16 images by the max over patches (not by the CLS token)",
                     columns=8, height="auto", object_fit="contain", elem_id="patch-gallery",
                     visible=ex.bundle.has("patch_top_images"))
                 band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first)", columns=1,
