@@ -120,7 +120,8 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     # 0b. So does the Steer tab: the image in its box (0), with the latents that fire on it.
     pg.get_by_role("tab", name="Steer", exact=True).click()
     pg.wait_for_selector("#steer-picture img")
-    pg.wait_for_function("() => document.querySelectorAll('#steer-latents tbody tr').length > 0")
+    pg.wait_for_function("() => Array.from(document.querySelectorAll('#steer-latents [role=gridcell]'))"
+                         ".some(c => c.innerText.trim() !== '')")
     # 1. Overview: click a point of the MS-vs-frequency scatter; its neuron page opens.
     pg.goto(url + "/")
     pg.wait_for_selector("#scatter-plot .scatterlayer path.point")
