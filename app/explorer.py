@@ -152,19 +152,25 @@ class Explorer:
         return int(self.bundle.array("top_images").shape[1])
 
     @cached_property
+    def _full_and_scored(self) -> np.ndarray:
+        """(K,) bool: neurons with a full gallery (and so an MS)."""
+        c = self.columns
+        return (c["support"] >= self.full_gallery) & np.isfinite(c["ms"])
+
+    @cached_property
     def default_neuron(self) -> int:
         """The neuron the Neuron tab shows before any is picked: the highest MS among neurons with a full
         gallery, else the neuron with the most top images."""
         c = self.columns
-        ms = np.where((c["support"] >= self.full_gallery) & np.isfinite(c["ms"]), c["ms"], -np.inf)
-        return int(np.argmax(ms)) if np.isfinite(ms).any() else int(np.argmax(c["support"]))
+        if not self._full_and_scored.any():
+            return int(np.argmax(c["support"]))
+        return int(np.argmax(np.where(self._full_and_scored, c["ms"], -np.inf)))
 
     @cached_property
     def default_min_support(self) -> int:
-        """The Neurons table's first minimum support: a full gallery when some neuron with an MS has one
-        (else 0), so the table does not open on MS values of two or three images."""
-        c = self.columns
-        return self.full_gallery if ((c["support"] >= self.full_gallery) & np.isfinite(c["ms"])).any() else 0
+        """The Neurons table's first minimum support: a full gallery when some neuron has one (else 0),
+        so the table does not open on MS values of two images."""
+        return self.full_gallery if self._full_and_scored.any() else 0
 
     # ------------------------------------------------------------------------------------------
     # Neuron table
@@ -274,7 +280,7 @@ class Explorer:
                 continue
             ids = [i for i, _ in band]
             acts = [a for _, a in band]
-            path = self.images.get_or_make(f"band|{k}|{b}|{ids}|{slots}",
+            path = self.images.get_or_make(f"band|{k}|{b}|{ids}",
                                            lambda ids=ids: strip([self.bundle.image(i) for i in ids], slots=slots))
             out.append((path, f"band {b + 1}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to {max(acts):.3g} "
                               f"(#{', #'.join(str(i) for i in ids)})"))

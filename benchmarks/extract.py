@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,12 +46,10 @@ def main(argv=None) -> int:
     from precompute.extract import ExtractConfig, extract
     from sae_core.adapters import load_adapter
     from sae_core.datasets import open_dataset
-    from sae_core.precision import slow_half_reason
 
-    precisions = a.precisions.split(",") if a.precisions else ["fp32", "bf16"]
-    if not a.precisions and (slow := slow_half_reason("cpu", torch.bfloat16)):
-        precisions.remove("bf16")
-        print(f"skipping the bf16 rows: {slow}; `--precisions fp32,bf16` runs them anyway.", file=sys.stderr)
+    from benchmarks import precisions_to_run
+
+    precisions = precisions_to_run(a.precisions, "cpu")
 
     root = Path(tempfile.mkdtemp(prefix="extract_bench_"))
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 
 import numpy as np
@@ -42,14 +41,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sae_core.precision import slow_half_reason
+    from benchmarks import precisions_to_run
     from sae_core.steering import ORIGINAL, Clamp, SteeringSession
 
     torch.set_num_threads(a.threads)
-    precisions = a.precisions.split(",") if a.precisions else ["fp32", "bf16"]
-    if not a.precisions and (slow := slow_half_reason(a.device, torch.bfloat16)):
-        precisions.remove("bf16")
-        print(f"skipping the bf16 rows: {slow}; `--precisions fp32,bf16` runs them anyway.", file=sys.stderr)
+    precisions = precisions_to_run(a.precisions, a.device)
     rows = []
     for precision in precisions:
         s = SteeringSession.from_bundle(a.bundle, device=a.device, precision=precision)

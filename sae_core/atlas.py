@@ -391,9 +391,9 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
         ids_t = torch.from_numpy(ids)
         top.update(scores, ids_t, best, heat)
-        if patch_top is not None:
-            pmax, pbest, _ = pool_tokens(codes, layout.n_prefix, "max")
-            patch_top.update(pmax, ids_t, pbest, heat)
+        if patch_top is not None:  # `best` is already the argmax over patches, whatever the score
+            pmax = heat.amax(dim=1)
+            patch_top.update(pmax, ids_t, best, heat)
             patch_support += (pmax > 0).sum(0).numpy()
         raw_top.update(raw_scores, ids_t)
         s_np = scores.numpy()
