@@ -46,6 +46,7 @@ METRIC_ROWS = (
     ("purity_mean", "ground truth: mean purity of the top images, SAE latents", 4),
     ("purity_mean_raw", "ground truth: mean purity of the top images, raw neurons", 4),
     ("label_accuracy", "ground truth: label accuracy (label = the value most top images share)", 4),
+    ("label_accuracy_patch_gallery", "ground truth: label accuracy, latents labelled from their patch gallery", 4),
     ("hierarchy_depth", "ground truth: taxonomy depth per Matryoshka level, coarse to fine", 2),
 )
 
@@ -298,7 +299,8 @@ class Explorer:
         score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else "no score"
         # the method's name only: its whole description is one line of the Overview (and of the JSON export)
         method = (page.get("label_method") or "unknown").split(":")[0]
-        return f'guess: "{page["label"]}" ({score_s}, method {method}, described on the Overview)'
+        source = ", from the gallery by the max over patches" if page.get("label_from_patch") else ""
+        return f'guess: "{page["label"]}" ({score_s}, method {method}{source}, described on the Overview)'
 
     def ms_text(self, page: dict) -> str:
         by = " (by its CLS token)" if page.get("patch_support") is not None else ""
@@ -362,6 +364,7 @@ class Explorer:
                        "dataset": self.bundle.manifest["dataset"].get("spec")},
             "neuron": k,
             "label": page["label"], "label_score": _num(page["label_score"]), "label_method": page["label_method"],
+            "label_from_patch_gallery": page["label_from_patch"],
             "ms": _num(page["ms"], 5), "support": page["support"], "frequency": _num(page["frequency"], 6),
             "mean_act": _num(page["mean_act"], 5), "max_act": _num(page["max_act"], 5),
             "level": page["group"], "parent": page["parent"], "parent_coact": page["parent_coact"],

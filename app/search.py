@@ -39,12 +39,16 @@ class NeuronSearch:
     def _ready(self):
         with self._lock:
             if self._index is None:
+                from sae_core.labels import labelling_gallery
                 from sae_core.search_index import build_index
                 from sae_core.text_encoders import load_text_embedder
 
                 b = self.ex.bundle
                 emb = b.array("images/embeddings.npy")
-                top = np.asarray(b.array("top_images"))[:, :N_TOP]
+                # the images the labels describe: the top images, or the patch gallery of a latent without any
+                top, _ = labelling_gallery(b.array("top_images"),
+                                           b.array("patch_top_images") if b.has("patch_top_images") else None)
+                top = top[:, :N_TOP]
                 dirs = np.zeros((len(top), emb.shape[1]), np.float32)
                 for k, ids in enumerate(top):
                     ids = ids[ids >= 0]

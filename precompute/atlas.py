@@ -4,11 +4,13 @@
         --embedder world:W --out runs/bundle
 
 Stages (each writes its files atomically, then a marker in BUNDLE/.stages/; a rerun of the same
-command skips finished stages, other settings on the same --out are refused):
+command skips finished stages and reruns every stage after one that runs again; other settings on
+the same --out are refused):
   scan       one streaming pass: model -> layer (all tokens) -> SAE -> top images, histograms, bands,
              frequencies, MS of SAE and raw neurons, image embeddings, reconstruction metrics
   geometry   Matryoshka levels, decoder-cosine neighbours
-  labels     best vocabulary concept per neuron (CLIP text vs mean embedding of its top images)
+  labels     best vocabulary concept per neuron (CLIP text vs mean embedding of its top images, or of
+             its gallery by the max over patches where it has none)
   hierarchy  parent of each latent in the level above (decoder cosine and co-activation), tree, depth
   index      FAISS index of the image embeddings
   world      ground-truth figures (world datasets only)
@@ -129,6 +131,13 @@ def _mark(out: Path, name: str, info: dict) -> None:
     B.write_json(out, f"{STAGE_DIR}/{name}.json", info)
 
 
+def _forget_later_stages(out: Path, name: str) -> None:
+    """Stage `name` is about to run (again): later stages read what it writes (labels feed the tree and
+    the world figures), so their markers go and they run again too."""
+    for later in STAGES[STAGES.index(name) + 1:]:
+        _stage_path(out, later).unlink(missing_ok=True)
+
+
 def _check_identity(out: Path, identity: dict) -> None:
     path = out / STAGE_DIR / "settings.json"
     ident = json.loads(json.dumps(identity))
@@ -203,6 +212,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     # --- scan --------------------------------------------------------------------------------
     scan_info = stage_info(out, "scan")
     if scan_info is None:
+        _forget_later_stages(out, "scan")
         with stage("scan") as advance:
             scan_info = _stage_scan(job, sae, out, advance)
         _mark(out, "scan", scan_info)
@@ -211,6 +221,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
 
     # --- geometry ----------------------------------------------------------------------------
     if stage_info(out, "geometry") is None:
+        _forget_later_stages(out, "geometry")
         with stage("geometry"):
             from sae_core.atlas import decoder_neighbors
             from sae_core.hierarchy import level_of
@@ -226,6 +237,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     for name, fn in (("labels", _stage_labels), ("hierarchy", _stage_hierarchy), ("index", _stage_index),
                      ("world", _stage_world), ("thumbs", _stage_thumbs)):
         if stage_info(out, name) is None:
+            _forget_later_stages(out, name)
             with stage(name):
                 info = fn(job, sae, out, scan_info, world)
             _mark(out, name, info or {})
@@ -305,17 +317,6 @@ def _copy_sae(src: Path, dst: Path) -> None:
                 shutil.copyfile(src / name, tmp)
 
 
-def _top_embeddings_mean(out: Path, top_images: np.ndarray) -> np.ndarray:
-    """(K, E) mean unit-norm embedding of each neuron's top images (zeros for dead neurons)."""
-    emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
-    K, T = top_images.shape
-    mean = np.zeros((K, emb.shape[1]), np.float32)
-    valid = top_images >= 0
-    for k in np.flatnonzero(valid.any(1)):
-        mean[k] = np.asarray(emb[top_images[k][valid[k]]], np.float32).mean(0)
-    return mean
-
-
 def _stage_labels(job, sae, out, scan_info, world):
     """Best concept per neuron: the embedder's text tower against the mean embedding of its top images."""
     from sae_core.labels import file_concepts, label_with_text_embedder, world_concepts
@@ -340,11 +341,12 @@ def _stage_labels(job, sae, out, scan_info, world):
         B.write_array(out, "neurons/label_score.npy", np.full(K, np.nan, np.float32))
         return {"method": None, "reason": reason}
     emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
+    patch_top = out / "neurons/patch_top_images.npy"
     res = label_with_text_embedder(np.load(out / "neurons/top_images.npy"), emb, embedder, concepts,
-                                   n_top=job.topk)
+                                   n_top=job.topk, patch_top_images=np.load(patch_top) if patch_top.is_file() else None)
     B.write_json(out, B.LABELS, res.to_json())
     B.write_array(out, "neurons/label_score.npy", np.asarray(res.scores, np.float32))
-    return {"method": res.method, "vocabulary_size": len(concepts)}
+    return {"method": res.method, "vocabulary_size": len(concepts), "from_patch_gallery": len(res.from_patch)}
 
 
 def _stage_hierarchy(job, sae, out, scan_info, world):
@@ -429,23 +431,30 @@ def _stage_world(job, sae, out, scan_info, world):
     figures["ms_agreement_factor_embedder"] = calibration.get("factor_embedder", {}).get("ms_agreement")
     figures["ms_agreement_ideal_neurons"] = calibration["ideal_neurons"]["ms_agreement"]
     labels_info = stage_info(out, "labels") or {}
-    figures["label_accuracy"] = _label_accuracy(out, ds) if labels_info.get("method") else None
+    figures["label_accuracy"], figures["label_accuracy_patch_gallery"] = \
+        _label_accuracy(out, ds) if labels_info.get("method") else (None, None)
     figures["hierarchy_depth"] = (stage_info(out, "hierarchy") or {}).get("depth_per_level")
     B.write_json(out, B.WORLD, {**figures, "split": world[1], "world": str(world[0]), "calibration": calibration,
                                 "neurons": sae_rep, "raw": raw_rep})
     return figures
 
 
-def _label_accuracy(out: Path, ds) -> float | None:
+def _label_accuracy(out: Path, ds) -> tuple[float | None, float | None]:
     """Share of labelled neurons whose label is the factor value most of their top images share
-    (among the vocabulary's values; sae_core.labels.label_accuracy)."""
-    from sae_core.labels import dominant_factors, label_accuracy, world_factor_values
+    (among the vocabulary's values; sae_core.labels.label_accuracy): for neurons labelled from their
+    top images, and apart for those labelled from their gallery by the max over patches."""
+    from sae_core.labels import dominant_factors, label_accuracy, labelling_gallery, world_factor_values
 
     lab = json.loads((out / B.LABELS).read_text())
-    dom = dominant_factors(np.load(out / "neurons/top_images.npy"), world_factor_values(ds),
-                           allowed=lab["vocabulary"] or None)
-    acc = label_accuracy(lab["labels"], dom)
-    return acc if np.isfinite(acc) else None
+    patch_top = out / "neurons/patch_top_images.npy"
+    gallery, _ = labelling_gallery(np.load(out / "neurons/top_images.npy"),
+                                   np.load(patch_top) if patch_top.is_file() else None)
+    dom = dominant_factors(gallery, world_factor_values(ds), allowed=lab["vocabulary"] or None)
+    from_patch = np.zeros(len(gallery), bool)
+    from_patch[lab.get("from_patch_gallery", [])] = True
+    accs = [label_accuracy([s if f == want else "" for s, f in zip(lab["labels"], from_patch)], dom)
+            for want in (False, True)]
+    return tuple(a if np.isfinite(a) else None for a in accs)
 
 
 def _stage_thumbs(job, sae, out, scan_info, world):
@@ -485,7 +494,7 @@ def _write_manifest(job: AtlasJob, sae, out: Path, world) -> dict:
     world_info = stage_info(out, "world") or {}
     metrics.update({k: v for k, v in world_info.items() if k in (
         "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "ms_agreement_factor_embedder",
-        "ms_agreement_ideal_neurons", "label_accuracy", "hierarchy_depth")})
+        "ms_agreement_ideal_neurons", "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")})
     manifest = {
         "command": job.command,
         "model": scan["model"],

@@ -148,6 +148,6 @@ def run(args) -> int:
     B.write_json(out, ".work/timings.json", timings)
     summary = {"out": str(out), "preset": args.preset, **{k: manifest["metrics"].get(k) for k in (
         "fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw", "ms_ground_truth_spearman", "ms_agreement",
-        "label_accuracy", "hierarchy_depth")}, "timings": timings}
+        "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")}, "timings": timings}
     print(json.dumps(summary))
     return 0

@@ -5,7 +5,7 @@ Layout (schema version 1; README "The bundle and the atlas" documents every file
     manifest.json        written LAST: a directory without it is unfinished and never served
     sae/                 sae.safetensors + config.json (sae_core.checkpoint)
     neurons/NAME.npy     per-neuron arrays, first axis = neuron id k (ms, support, top_images, ...)
-    neurons/labels.json  {"method", "vocabulary", "labels"}
+    neurons/labels.json  {"method", "vocabulary", "labels", "from_patch_gallery"}
     raw/ms.npy           MS of the layer's own units on the same images
     images/              embeddings.npy, index.faiss, thumbs/{id}.png (gallery images only)
     hierarchy.json       the Matryoshka tree; world.json (world bundles): ground-truth figures
@@ -206,10 +206,15 @@ class Bundle:
 
     @cached_property
     def labels(self) -> dict:
-        """{"method", "vocabulary", "labels": [str per neuron]} (empty labels if none were computed)."""
+        """{"method", "vocabulary", "labels": [str per neuron], "from_patch_gallery": [neuron ids labelled
+        from their gallery by the max over patches]} (empty labels if none were computed)."""
         if not (self.root / LABELS).is_file():
-            return {"method": None, "vocabulary": [], "labels": [""] * self.n_neurons}
-        return self.json(LABELS)
+            return {"method": None, "vocabulary": [], "labels": [""] * self.n_neurons, "from_patch_gallery": []}
+        return {"from_patch_gallery": [], **self.json(LABELS)}
+
+    @cached_property
+    def _labelled_from_patch(self) -> frozenset:
+        return frozenset(self.labels["from_patch_gallery"])
 
     @cached_property
     def children(self) -> dict[int, list[int]]:
@@ -294,6 +299,7 @@ class Bundle:
             "label": labels["labels"][k] if k < len(labels.get("labels", [])) else "",
             "label_score": num(score),
             "label_method": labels.get("method"),
+            "label_from_patch": k in self._labelled_from_patch,
             "neighbors": neighbors,
         }
 

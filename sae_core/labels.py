@@ -14,9 +14,13 @@ API
     label_neurons(top_images (K, T), image_embeddings (N, E), text_embeddings (V, E), names (V,),
                   n_top=16, method="", chunk=4096, baseline=None) -> NeuronLabels
     label_with_text_embedder(top_images, image_embeddings, embedder: TextEmbedder, concepts, n_top=16,
-                             centred=True) -> NeuronLabels
+                             centred=True, patch_top_images=None) -> NeuronLabels
                               embeds the prompts, fills the method string; centred: rank by cosine
-                              minus the concept's cosine with the dataset's mean image (see label_neurons)
+                              minus the concept's cosine with the dataset's mean image (see label_neurons);
+                              patch_top_images: labels neurons without top images from these (labelling_gallery)
+    labelling_gallery(top_images (K, T), patch_top_images (K, T) | None) -> (ids (K, T), from_patch bool (K,))
+                              each neuron's top images, or its top images by the max over patches where it
+                              has none (a CLS-scored atlas's latents that fire on patches only)
     mean_direction(image_embeddings) -> (E,) float32   normalised mean image embedding
     NeuronLabels
         .labels list[str] (K,)   "" where a neuron has no top image
@@ -24,7 +28,8 @@ API
         .scores float32 (K,)     the ranking score of the label: cosine(mean top-image embedding, text
                                  embedding), minus the baseline's cosine when centred; NaN where no label
         .method str, .vocabulary list[str]
-        .to_json() -> {"method", "vocabulary", "labels"}      (neurons/labels.json)
+        .from_patch int64 (n,)   neurons labelled from their gallery by the max over patches
+        .to_json() -> {"method", "vocabulary", "labels", "from_patch_gallery"}      (neurons/labels.json)
     world_factor_values(dataset) -> callable image_id -> set[str]
                               colours and shapes of every object of a world image, and its texture
     dominant_factors(top_images, values_of, n_top=16, allowed=None) -> DominantFactors
@@ -37,7 +42,7 @@ API
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -111,9 +116,11 @@ class NeuronLabels:
     scores: np.ndarray
     method: str
     vocabulary: list
+    from_patch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def to_json(self) -> dict:
-        return {"method": self.method, "vocabulary": list(self.vocabulary), "labels": list(self.labels)}
+        return {"method": self.method, "vocabulary": list(self.vocabulary), "labels": list(self.labels),
+                "from_patch_gallery": [int(k) for k in self.from_patch]}
 
 
 def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, names: Sequence[str],
@@ -170,11 +177,30 @@ def mean_direction(image_embeddings, chunk: int = 65536) -> np.ndarray:
     return (total / norm if norm > 0 else total).astype(np.float32)
 
 
+def labelling_gallery(top_images: np.ndarray, patch_top_images: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(K, T) image ids each neuron is described by (labels, text search) and (K,) bool, True where they
+    are its top images by the max over patches: used only where the neuron has no top image of its own
+    score, as a CLS-scored atlas's latents that fire on patches only."""
+    top = np.asarray(top_images)
+    from_patch = np.zeros(len(top), bool)
+    if patch_top_images is None:
+        return top, from_patch
+    patch = np.asarray(patch_top_images)
+    if patch.shape != top.shape:
+        raise UserError(f"the patch gallery has shape {patch.shape} but the top images {top.shape}; rebuild the bundle.")
+    from_patch = ~(top >= 0).any(1) & (patch >= 0).any(1)
+    return np.where(from_patch[:, None], patch, top), from_patch
+
+
 def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder, concepts: Sequence[Concept],
-                             n_top: int = 16, centred: bool = True) -> NeuronLabels:
+                             n_top: int = 16, centred: bool = True, patch_top_images: np.ndarray | None = None
+                             ) -> NeuronLabels:
     """Embed the concepts' prompts with `embedder` (sae_core.text_encoders) and label the neurons;
-    `centred` ranks by the cosine minus the concept's cosine with the dataset's mean image."""
+    `centred` ranks by the cosine minus the concept's cosine with the dataset's mean image; neurons
+    without top images are labelled from `patch_top_images` where given (labelling_gallery)."""
     concepts = list(concepts)
+    gallery, from_patch = labelling_gallery(top_images, patch_top_images)
     text = embedder([c.prompt for c in concepts])
     prompts = {c.kind: c.prompt.replace(c.name, "{}") for c in concepts}  # one template per kind, for the record
     baseline = mean_direction(image_embeddings) if centred else None
@@ -182,8 +208,13 @@ def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder,
     method = (f"clip-text: {score}, between the mean unit image embedding of each neuron's top-{n_top} images and "
               f"the text embedding of each concept's prompt ({'; '.join(f'{k}: {p!r}' for k, p in sorted(prompts.items()))}); "
               f"embedder {embedder.spec}; vocabulary of {len(concepts)} concepts; best concept kept")
-    return label_neurons(top_images, image_embeddings, text, [c.name for c in concepts], n_top=n_top, method=method,
-                         baseline=baseline)
+    if from_patch.any():
+        method += (f"; the {int(from_patch.sum())} neurons without a top image by the atlas's score are labelled "
+                   f"from their top-{n_top} images by the max over patches")
+    out = label_neurons(gallery, image_embeddings, text, [c.name for c in concepts], n_top=n_top, method=method,
+                        baseline=baseline)
+    out.from_patch = np.flatnonzero(from_patch)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

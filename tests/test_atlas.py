@@ -243,6 +243,15 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path)
     again = open_bundle(tmp_path / "b")
     again.validate()
     np.testing.assert_array_equal(np.asarray(again.array("top_images")), top)
+    # Only the labels' marker deleted (by hand): the labels and every stage after them run again (the
+    # tree and the world figures read the labels), the stages before them do not.
+    stages = tmp_path / "b" / ".stages"
+    before = {p.stem: p.stat().st_mtime_ns for p in stages.glob("*.json")}
+    (stages / "labels.json").unlink()
+    build_atlas(AtlasJob(**opts))
+    after = {p.stem: p.stat().st_mtime_ns for p in stages.glob("*.json")}
+    assert after.keys() == before.keys()
+    assert {s for s in before if after[s] != before[s]} == {"labels", "hierarchy", "index", "world", "thumbs"}
     with pytest.raises(UserError, match="other settings"):
         build_atlas(AtlasJob(**{**opts, "topk": 8}))
 
@@ -294,3 +303,37 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images" in ex.neuron_summary(k, page)
     rec = ex.neuron_record(k)
     assert [t["image"] for t in rec["top_by_patch"]] == want and rec["patch_support"] == int((pmax[:, k] > 0).sum())
+    # latents without a CLS image are labelled from the patch gallery: the label's definition written out
+    # (argmax over concepts of cos(mean of the gallery's unit embeddings, text) - cos(mean image, text))
+    from app.search import NeuronSearch
+    from sae_core.labels import world_concepts
+    from sae_core.text_encoders import load_text_embedder
+
+    top_ids, patch_ids = np.asarray(b.array("top_images")), np.asarray(b.array("patch_top_images"))
+    only_patch = ~(top_ids >= 0).any(1) & (patch_ids >= 0).any(1)
+    assert only_patch.sum() >= 3 and b.labels["from_patch_gallery"] == np.flatnonzero(only_patch).tolist()
+    concepts = world_concepts(m["world"])
+    text = load_text_embedder(m["embedder"]["spec"])([c.prompt for c in concepts]).numpy().astype(np.float64)
+    emb = np.asarray(b.array("images/embeddings.npy"), np.float64)
+    base = emb.sum(0) / np.linalg.norm(emb.sum(0))
+    scores = np.asarray(b.array("label_score"))
+    for k in range(b.n_neurons):
+        ids = (patch_ids if only_patch[k] else top_ids)[k]
+        if not (ids >= 0).any():
+            assert b.labels["labels"][k] == "" and np.isnan(scores[k])
+            continue
+        mean = emb[ids[ids >= 0]].mean(0)
+        cos = text @ (mean / np.linalg.norm(mean)) - text @ base
+        assert b.labels["labels"][k] == concepts[int(cos.argmax())].name
+        assert scores[k] == pytest.approx(cos.max(), abs=1e-3)
+    k = int(np.flatnonzero(only_patch)[0])
+    page = b.neuron(k)
+    assert page["label_from_patch"] and not b.neuron(int(np.flatnonzero((top_ids >= 0).any(1))[0]))["label_from_patch"]
+    assert "from the gallery by the max over patches" in ex.label_text(page)
+    assert ex.neuron_record(k)["label_from_patch_gallery"] is True
+    assert f"the {int(only_patch.sum())} neurons without a top image" in b.labels["method"]
+    # text search describes them by the same gallery, so they can be found
+    search = NeuronSearch(ex)
+    search._ready()
+    full = (patch_ids >= 0).sum(1) == 4
+    assert (only_patch & full).any() and search._alive[only_patch & full].all()

@@ -43,7 +43,7 @@ def test_labels_on_constructed_embeddings():
         cos = text @ m
         assert out.scores[k] == pytest.approx(cos.max(), abs=1e-5)
         assert out.index[k] == int(np.argmax(cos))
-    assert out.to_json() == {"method": "test", "vocabulary": names, "labels": out.labels}
+    assert out.to_json() == {"method": "test", "vocabulary": names, "labels": out.labels, "from_patch_gallery": []}
     # centred: minus each concept's cosine with a baseline direction
     base = unit(text[3] + 0.3 * text[5])
     cen = label_neurons(top, images.astype(np.float16), text, names, n_top=16, baseline=base)
