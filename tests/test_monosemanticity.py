@@ -177,6 +177,9 @@ def test_csv_reader_round_trip(tmp_path, header):
     got_ids, got = read_activations_csv(tmp_path / "a.csv")
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got, acts)
+    with open(tmp_path / "a.csv", "a") as f:  # blank lines (a trailing newline or two) are not rows
+        f.write("\n\r\n")
+    np.testing.assert_array_equal(read_activations_csv(tmp_path / "a.csv")[1], acts)
     write_paper_csv(tmp_path / "dup.csv", [1, 1], acts[:, :2], header)
     with pytest.raises(UserError, match="more than once"):
         read_activations_csv(tmp_path / "dup.csv")
@@ -184,7 +187,9 @@ def test_csv_reader_round_trip(tmp_path, header):
 
 def test_csv_reader_refuses_bad_files_in_one_sentence(tmp_path):
     cases = {"empty.csv": ("", "holds no activations"), "ids.csv": ("k,a_1\n-1,0.5\n", "neuron ids"),
-             "text.csv": ("k,a_1,a_2\n0,1,x\n", "not a numeric CSV"), "float_ids.csv": ("0.5,1,2\n", "neuron ids")}
+             "text.csv": ("k,a_1,a_2\n0,1,x\n", "line 2 is not numeric"), "float_ids.csv": ("0.5,1,2\n", "neuron ids"),
+             "ragged.csv": ("0,1,2\n1,3\n", "line 2 has 1 activations but the first row 2"),
+             "header_only.csv": ("k,a_1\n", "holds no activations"), "ids_only.csv": ("0\n1\n", "holds no activations")}
     for name, (text, sentence) in cases.items():
         (tmp_path / name).write_text(text)
         with warnings.catch_warnings():
