@@ -90,6 +90,12 @@ class Explorer:
         self.images = ImageCache(Path(cache_root) / "generated", f"{bundle.root.resolve()}|{m.get('created')}")
         self._lock = threading.Lock()
 
+    @cached_property
+    def score_name(self) -> str:
+        """What an image's activation is in this bundle (how the atlas scored images), for labels."""
+        tokens = self.bundle.manifest.get("model", {}).get("tokens")
+        return {"cls": "CLS token", "max": "max over patches", "mean": "mean over patches"}.get(tokens, "image score")
+
     # ------------------------------------------------------------------------------------------
     # Overview
     # ------------------------------------------------------------------------------------------
@@ -338,14 +344,15 @@ class Explorer:
             f"- **label** — {self.label_text(page)}",
             f"- **MS** — {self.ms_text(page)}",
             f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act'] + 0.0:.4g} · "
-            f"**max activation** {page['max_act'] + 0.0:.4g}",  # + 0.0: no "-0" for a float16 minus zero
+            f"**max activation** {page['max_act'] + 0.0:.4g} (image score: {self.score_name})",  # + 0.0: no "-0"
             f"- **Matryoshka level** {level}"
             + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
             + f" · {len(page['children'])} children",
         ]
         if page.get("patch_support") is not None:
-            lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images; the second "
-                         "gallery ranks them by the max over patches")
+            top_act = f" (max {page['patch_top'][0][1]:.3g})" if page["patch_top"] else ""
+            lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images{top_act}; the "
+                         "second gallery ranks them by the max over patches")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)
         if no_patch and page["top_heat"] is not None:
             lines.append(f"- **where it fires** — on no patch of {no_patch} of its {len(page['top'])} top images "

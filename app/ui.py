@@ -370,7 +370,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     steer_with_button = gr.Button("Steer with this neuron", elem_id="steer-with-neuron",
                                                   visible=steer is not None)
                     export_button = gr.Button("Export JSON")
-                    export_file = gr.File(label="neuron JSON", interactive=False)
+                    # shown once there is a file: an empty File box is a 200 px drop area on every page
+                    export_file = gr.File(label="neuron JSON", interactive=False, visible=False, elem_id="export-file")
                 header_md = gr.Markdown(elem_id="neuron-header")
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
                                          columns=8, height="auto", object_fit="contain", elem_id="top-gallery")
@@ -474,7 +475,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             counts, edges = page["hist"]
             return (k, ex.neuron_summary(k, page), ex.gallery(k, page), ex.gallery(k, page, by_patch=True),
                     ex.band_gallery(k, page),
-                    plotly_json(figures.activation_histogram(counts, edges, k)), ex.related(k, page),
+                    plotly_json(figures.activation_histogram(counts, edges, k, ex.score_name)), ex.related(k, page),
                     inputs.encode_state({"tab": "neuron", "neuron": k}), gr.Tabs(selected="neuron"))
 
         page_targets = [neuron_in, header_md, top_gallery, patch_gallery, band_gallery, hist_plot, related_df, url_box, tabs]
@@ -529,7 +530,11 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         def neuron_export(neuron):
             return ex.export_json(neuron)
 
-        export_button.click(neuron_export, neuron_in, export_file, api_name="neuron_export")
+        # shown in a second step so that the API's /neuron_export stays a plain file
+        export_button.click(neuron_export, neuron_in, export_file, api_name="neuron_export").success(
+            lambda: gr.File(visible=True), None, export_file, api_name=False, queue=False)
+        # the file shown is of the neuron it was exported from: another neuron hides it
+        neuron_in.change(lambda: gr.File(visible=False), None, export_file, api_name=False, queue=False)
 
         @functools.lru_cache(maxsize=2)
         def hierarchy_cached(kind):

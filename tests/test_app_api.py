@@ -86,6 +86,14 @@ def test_bad_neuron_ids_get_a_message(client, explorer_app):
         client.predict(2.5, api_name="/neuron_json")
 
 
+def test_neuron_export_is_the_neuron_json_as_a_file(client, explorer_app):
+    k = int(np.argmax(neurons(explorer_app, "support")))
+    file = client.predict(k, api_name="/neuron_export")  # a plain file (download_files=False: its record)
+    assert file["orig_name"] == f"neuron_{k}.json"
+    with urllib.request.urlopen(file["url"], timeout=10) as r:
+        assert json.loads(r.read()) == client.predict(k, api_name="/neuron_json")
+
+
 def test_table_and_hierarchy(client, explorer_app):
     ms, group = neurons(explorer_app, "ms"), neurons(explorer_app, "group")
     t = client.predict(0.0, 0, "all", "", "ms", True, 10, api_name="/neuron_table")

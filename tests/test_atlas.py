@@ -330,6 +330,18 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     page = b.neuron(k)
     assert page["label_from_patch"] and not b.neuron(int(np.flatnonzero((top_ids >= 0).any(1))[0]))["label_from_patch"]
     assert "from the gallery by the max over patches" in ex.label_text(page)
+    # its header and histogram say that it fires on patches only, not leave zeros and empty axes unexplained
+    from app.figures import activation_histogram
+
+    head = ex.neuron_summary(k, page)
+    assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images (max {pmax[:, k].max():.3g})" in head
+    assert "**max activation** 0 (image score: CLS token)" in head
+    fig = activation_histogram(*page["hist"], k, ex.score_name)
+    assert [a["text"] for a in fig["layout"]["annotations"]] == ["fires on no image by its CLS token"]
+    busy = int(np.argmax((cls > 0).sum(0)))
+    fig = activation_histogram(*b.neuron(busy)["hist"], busy, ex.score_name)
+    assert "annotations" not in fig["layout"] and fig["layout"]["xaxis"]["title"]["text"] == "activation (CLS token)"
+    assert sum(fig["data"][0]["y"]) == int((cls[:, busy] > 0).sum())
     assert ex.neuron_record(k)["label_from_patch_gallery"] is True
     assert f"the {int(only_patch.sum())} neurons without a top image" in b.labels["method"]
     # text search describes them by the same gallery, so they can be found
