@@ -190,12 +190,35 @@ class Explorer:
         labels = b.labels.get("labels") or [""] * K
         col = lambda name, dtype, fill: (np.asarray(b.array(name), dtype=dtype) if b.has(name)
                                          else np.full(K, fill, dtype=dtype))
-        return {
+        out = {
             "neuron": np.arange(K), "label": np.asarray(labels, dtype=object),
             "label_score": col("label_score", np.float64, np.nan), "ms": col("ms", np.float64, np.nan),
             "support": col("support", np.int64, 0), "frequency": col("frequency", np.float64, np.nan),
             "max_act": col("max_act", np.float64, np.nan), "level": col("group", np.int64, 0),
         }
+        if b.has("patch_support"):
+            out["patch_support"] = col("patch_support", np.int64, 0)
+        return out
+
+    @cached_property
+    def table_columns(self) -> list[str]:
+        """The table's columns: TABLE_COLUMNS, and a CLS-scored bundle's patch support after the support."""
+        if "patch_support" not in self.columns:
+            return list(TABLE_COLUMNS)
+        i = TABLE_COLUMNS.index("support") + 1
+        return TABLE_COLUMNS[:i] + ["patch_support"] + TABLE_COLUMNS[i:]
+
+    @cached_property
+    def table_sorts(self) -> tuple[str, ...]:
+        return TABLE_SORTS + (("patch_support",) if "patch_support" in self.columns else ())
+
+    @cached_property
+    def gallery_support(self) -> np.ndarray:
+        """(K,) images in the gallery a neuron is shown and labelled by: its support, or for a latent that
+        fires on no image by the CLS token, the images it fires on by the max over patches. The table's
+        minimum support reads this, so such latents (e.g. all the demo's "dotted" ones) are not hidden."""
+        c = self.columns
+        return np.where(c["support"] > 0, c["support"], c.get("patch_support", c["support"]))
 
     @cached_property
     def levels(self) -> list[int]:
@@ -212,27 +235,28 @@ class Explorer:
             lo = float(min_ms)
             if not math.isfinite(lo):
                 raise UserError("the minimum MS must be a number between 0 and 1.")
-            keep &= np.nan_to_num(c["ms"], nan=-np.inf) >= lo
+            if lo > 0:  # 0, the slider's rest, keeps the neurons without an MS (e.g. patch-only latents)
+                keep &= np.nan_to_num(c["ms"], nan=-np.inf) >= lo
         if min_support not in (None, ""):
-            keep &= c["support"] >= inputs.integer(min_support, "minimum support", 0, 2**62)
+            keep &= self.gallery_support >= inputs.integer(min_support, "minimum support", 0, 2**62)
         if level not in (None, "", "all"):
             keep &= c["level"] == inputs.integer(level, "Matryoshka level", 0, max(self.levels))
         needle = inputs.text(label_contains, "label filter", inputs.MAX_QUERY_CHARS).lower()
         if needle:
             keep &= np.array([needle in str(s).lower() for s in c["label"]], dtype=bool)
-        if sort_by not in TABLE_SORTS:
-            raise UserError(f"cannot sort by {sort_by!r}; choose one of {', '.join(TABLE_SORTS)}.")
+        if sort_by not in self.table_sorts:
+            raise UserError(f"cannot sort by {sort_by!r}; choose one of {', '.join(self.table_sorts)}.")
         limit = inputs.integer(limit, "row limit", 1, MAX_TABLE_ROWS)
         idx = np.flatnonzero(keep)
         key = np.asarray(c[sort_by][idx], dtype=np.float64)
         key = np.where(np.isnan(key), -np.inf if descending else np.inf, key)  # NaN last either way
         order = np.argsort(-key if descending else key, kind="stable")[:limit]
         rows = idx[order]
-        return pd.DataFrame({name: [self._cell(name, c[name][k]) for k in rows] for name in TABLE_COLUMNS})
+        return pd.DataFrame({name: [self._cell(name, c[name][k]) for k in rows] for name in self.table_columns})
 
     @staticmethod
     def _cell(name, v):
-        if name in ("neuron", "support", "level"):
+        if name in ("neuron", "support", "patch_support", "level"):
             return int(v)
         if name == "label":
             return str(v)

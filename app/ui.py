@@ -9,7 +9,7 @@ from gradio.components.plot import PlotData
 from sae_core.errors import UserError
 
 from . import figures, inputs
-from .explorer import MAX_TABLE_ROWS, RELATED_COLUMNS, TABLE_COLUMNS, TABLE_SORTS, Explorer
+from .explorer import MAX_TABLE_ROWS, RELATED_COLUMNS, TABLE_COLUMNS, Explorer
 from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
 # Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
@@ -341,11 +341,14 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 with gr.Row():
                     f_min_ms = gr.Slider(0, 1, value=0, step=0.01, label="minimum MS")
                     f_min_support = gr.Number(value=ex.default_min_support, precision=0, minimum=0,
-                                              label="minimum support (images; an MS over fewer is noisy)")
+                                              label="minimum support (images; an MS over fewer is noisy)"
+                                              if "patch_support" not in ex.columns else
+                                              "minimum support (images; by patches for a latent never firing by "
+                                              "CLS; an MS over fewer is noisy)")
                     f_level = gr.Dropdown(level_choices, value="all", label="Matryoshka level")
                     f_label = gr.Textbox(label="label contains", max_length=inputs.MAX_QUERY_CHARS)
                 with gr.Row():
-                    f_sort = gr.Dropdown(list(TABLE_SORTS), value="ms", label="sort by")
+                    f_sort = gr.Dropdown(list(ex.table_sorts), value="ms", label="sort by")
                     f_desc = gr.Checkbox(value=True, label="descending")
                     f_limit = gr.Number(value=100, precision=0, minimum=1, maximum=MAX_TABLE_ROWS, label="rows")
                     f_button = gr.Button("Filter", variant="primary")
@@ -356,10 +359,11 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 with gr.Row():
                     search_image = gr.File(file_types=["image"], type="filepath", label="search neurons by image (upload)",
                                            elem_id="search-upload", height=120)
-                    search_where = gr.Image(type="filepath", interactive=False, label="where the top neuron fires")
+                    search_where = gr.Image(type="filepath", interactive=False, label="where the top neuron fires",
+                                            visible=False, elem_id="search-where")  # shown with an image search's table
                     image_button = gr.Button("Search by image")
                 search_note = gr.Markdown()
-                table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, label="neurons (click a row to open it)",
+                table = gr.Dataframe(headers=ex.table_columns, interactive=False, label="neurons (click a row to open it)",
                                      elem_id="neuron-table")
             # ---------------------------------------------------------------- Neuron page
             with gr.Tab("Neuron", id="neuron") as neuron_tab:
@@ -466,7 +470,10 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             return found["table"], found["picture"], found["note"]
 
         image_button.click(search_neurons_by_image, search_image, [table, search_where, search_note],
-                           api_name="search_neurons_by_image")
+                           api_name="search_neurons_by_image").success(
+            lambda: gr.Image(visible=True), None, search_where, api_name=False, queue=False)
+        for listener in (f_button.click, text_button.click, text_query.submit):  # a table it does not explain
+            listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
 
         # --- opening a neuron (from the box, a click on a plot, a table row, the URL)
         def page_outputs(k):

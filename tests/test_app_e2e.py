@@ -228,3 +228,19 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     pg.wait_for_selector("#steer-upload input[type=file]", state="attached")
     pg.set_input_files("#steer-upload input[type=file]", str(fake))
     pg.wait_for_selector("text=not an image PIL can read")
+
+
+def test_image_search_shows_where_it_fires_until_another_table(page, explorer_app):
+    """The picture of where the top neuron fires appears with an image search's table and goes with a
+    table it does not explain (a text search): before any search it is no empty box."""
+    pg = page
+    pg.goto(explorer_app.url + "/?tab=neurons")
+    pg.wait_for_selector("#search-upload input[type=file]", state="attached")
+    assert not pg.locator("#search-where").is_visible()
+    thumb = sorted((explorer_app.bundle / "images" / "thumbs").glob("*.png"))[0]
+    pg.set_input_files("#search-upload input[type=file]", str(thumb))
+    pg.get_by_role("button", name="Search by image").click()
+    pg.wait_for_selector("#search-where img", state="visible")
+    pg.get_by_label("search neurons by text (CLIP text tower + FAISS)").fill("a photo of a red object")
+    pg.get_by_role("button", name="Search by text").click()
+    pg.wait_for_function("() => !document.querySelector('#search-where')?.checkVisibility()")

@@ -344,6 +344,16 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert sum(fig["data"][0]["y"]) == int((cls[:, busy] > 0).sum())
     assert ex.neuron_record(k)["label_from_patch_gallery"] is True
     assert f"the {int(only_patch.sum())} neurons without a top image" in b.labels["method"]
+    # the table's minimum support counts their patch gallery, so a label filter finds them (a latent
+    # with CLS images is still filtered by its CLS support); the patch support is a column
+    assert "patch_support" in ex.table_columns and "patch_support" in ex.table_sorts
+    gallery_n = np.where((cls > 0).sum(0) > 0, (cls > 0).sum(0), (pmax > 0).sum(0))
+    kp = int(np.flatnonzero(only_patch & ((pmax > 0).sum(0) >= 2))[0])
+    lab = b.labels["labels"][kp]
+    t = ex.table(min_ms=0, min_support=2, label_contains=lab, limit=500)  # min MS 0: the page's default
+    assert sorted(t["neuron"]) == [j for j in range(b.n_neurons) if lab in b.labels["labels"][j] and gallery_n[j] >= 2]
+    row = t.set_index("neuron").loc[kp]
+    assert (row["support"], row["patch_support"]) == (0, int((pmax[:, kp] > 0).sum()))
     # text search describes them by the same gallery, so they can be found
     search = NeuronSearch(ex)
     search._ready()
