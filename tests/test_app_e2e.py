@@ -90,6 +90,10 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     ms, support = (np.load(explorer_app.bundle / "neurons" / f"{n}.npy") for n in ("ms", "support"))
     k_first = max((k for k in range(len(ms)) if support[k] >= top.shape[1] and np.isfinite(ms[k])), key=lambda k: ms[k])
     pg.goto(url + "/")
+    # The Overview's metrics table draws its last row without an inner scroll (it was cut at 1,000 px).
+    pg.wait_for_selector("#metrics-table [role=gridcell]:has-text('taxonomy depth per Matryoshka level')")
+    assert pg.evaluate("() => { const v = document.querySelector('#metrics-table .virtual-table-viewport');"
+                       " return v.scrollHeight <= v.clientHeight + 2; }")
     # The Neurons table opens on neurons with a full gallery (an MS over 2 or 3 images is noise).
     pg.get_by_role("tab", name="Neurons", exact=True).click()
     cells = "Array.from(document.querySelectorAll('#neuron-table [role=row]')).map(r => r.querySelectorAll('[role=gridcell]'))"
