@@ -92,7 +92,7 @@ class Explorer:
 
     @cached_property
     def score_name(self) -> str:
-        """What an image's activation is in this bundle (how the atlas scored images), for labels."""
+        """What an image's activation is in this bundle (how the atlas scored images), as the page words it."""
         tokens = self.bundle.manifest.get("model", {}).get("tokens")
         return {"cls": "CLS token", "max": "max over patches", "mean": "mean over patches"}.get(tokens, "image score")
 

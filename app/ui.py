@@ -342,11 +342,9 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             with gr.Tab("Neurons", id="neurons"):
                 with gr.Row():
                     f_min_ms = gr.Slider(0, 1, value=0, step=0.01, label="minimum MS")
+                    by_patch = "; by patches for a latent never firing by CLS" if "patch_support" in ex.columns else ""
                     f_min_support = gr.Number(value=ex.default_min_support, precision=0, minimum=0,
-                                              label="minimum support (images; an MS over fewer is noisy)"
-                                              if "patch_support" not in ex.columns else
-                                              "minimum support (images; by patches for a latent never firing by "
-                                              "CLS; an MS over fewer is noisy)")
+                                              label=f"minimum support (images{by_patch}; an MS over fewer is noisy)")
                     f_level = gr.Dropdown(level_choices, value="all", label="Matryoshka level")
                     f_label = gr.Textbox(label="label contains", max_length=inputs.MAX_QUERY_CHARS)
                 with gr.Row():

@@ -318,7 +318,8 @@ def _copy_sae(src: Path, dst: Path) -> None:
 
 
 def _stage_labels(job, sae, out, scan_info, world):
-    """Best concept per neuron: the embedder's text tower against the mean embedding of its top images."""
+    """Best concept per neuron: the embedder's text tower against the mean embedding of its top images
+    (of its gallery by the max over patches for a CLS-scored latent without top images)."""
     from sae_core.labels import file_concepts, label_with_text_embedder, world_concepts
     from sae_core.text_encoders import load_text_embedder
 
