@@ -18,6 +18,8 @@ from .render import ImageCache, heat_overlay, strip, upscale
 
 TABLE_COLUMNS = ["neuron", "label", "label_score", "ms", "support", "frequency", "max_act", "level"]
 TABLE_SORTS = ("ms", "support", "frequency", "max_act", "label_score", "neuron", "level")
+PATCH_COLUMNS = ("patch_ms", "patch_support")
+"""Added to the table of a CLS-scored bundle: MS and support of the images ranked by the max over patches."""
 MAX_TABLE_ROWS = 500
 RELATED_COLUMNS = ["relation", "neuron", "label", "ms", "decoder_cos"]
 
@@ -41,6 +43,8 @@ METRIC_ROWS = (
     ("ms_ground_truth_spearman_raw", "ground truth: Spearman(MS, purity of the top images), raw neurons", 4),
     ("ms_agreement", "ground truth: agreement of MS with simulated users, SAE latents", 4),
     ("ms_agreement_raw", "ground truth: agreement of MS with simulated users, raw neurons", 4),
+    ("ms_ground_truth_spearman_patch_only", "ground truth: Spearman(MS by patches, purity), latents firing on patches only", 4),
+    ("ms_agreement_patch_only", "ground truth: agreement of MS by patches with simulated users, latents firing on patches only", 4),
     ("ms_agreement_factor_embedder", "calibration: agreement, SAE latents under a perfect embedder", 4),
     ("ms_agreement_ideal_neurons", "calibration: agreement, ideal neurons under the bundle's embedder", 4),
     ("purity_mean", "ground truth: mean purity of the top images, SAE latents", 4),
@@ -198,19 +202,21 @@ class Explorer:
         }
         if b.has("patch_support"):
             out["patch_support"] = col("patch_support", np.int64, 0)
+            out["patch_ms"] = col("patch_ms", np.float64, np.nan)
         return out
 
     @cached_property
     def table_columns(self) -> list[str]:
-        """The table's columns: TABLE_COLUMNS, and a CLS-scored bundle's patch support after the support."""
+        """The table's columns: TABLE_COLUMNS, and a CLS-scored bundle's MS and support by patches after
+        the support."""
         if "patch_support" not in self.columns:
             return list(TABLE_COLUMNS)
         i = TABLE_COLUMNS.index("support") + 1
-        return TABLE_COLUMNS[:i] + ["patch_support"] + TABLE_COLUMNS[i:]
+        return TABLE_COLUMNS[:i] + list(PATCH_COLUMNS) + TABLE_COLUMNS[i:]
 
     @cached_property
     def table_sorts(self) -> tuple[str, ...]:
-        return TABLE_SORTS + (("patch_support",) if "patch_support" in self.columns else ())
+        return TABLE_SORTS + (PATCH_COLUMNS if "patch_support" in self.columns else ())
 
     @cached_property
     def gallery_support(self) -> np.ndarray:
@@ -335,8 +341,13 @@ class Explorer:
     def ms_text(self, page: dict) -> str:
         by = " (by its CLS token)" if page.get("patch_support") is not None else ""
         if page["ms"] is None or not math.isfinite(page["ms"]):
-            return f"no MS: fires on {page['support']} image(s){by}, fewer than the 2 needed"
-        return f"{page['ms']:.3f} over {page['support']} images it fires on{by}"
+            text = f"no MS: fires on {page['support']} image(s){by}, fewer than the 2 needed"
+        else:
+            text = f"{page['ms']:.3f} over {page['support']} images it fires on{by}"
+        patch_ms = page.get("patch_ms")
+        if patch_ms is not None and math.isfinite(patch_ms):
+            text += f" · by the max over patches {patch_ms:.3f} over {page['patch_support']} images"
+        return text
 
     def related(self, k: int, page: dict | None = None) -> list[list]:
         """Rows [relation, neuron, label, ms, decoder_cos]: parent, children, nearest by decoder cosine."""
@@ -402,7 +413,7 @@ class Explorer:
             "children": page["children"],
             "top": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
                     for i, a, p in page["top"]],
-            **({"patch_support": page["patch_support"],
+            **({"patch_support": page["patch_support"], "patch_ms": _num(page.get("patch_ms"), 5),
                 "top_by_patch": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
                                  for i, a, p in page["patch_top"]]} if page.get("patch_top") is not None else {}),
             "bands": [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in page["bands"]],

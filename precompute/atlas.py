@@ -429,6 +429,13 @@ def _stage_world(job, sae, out, scan_info, world):
         f_rep = ground_truth_report(np.load(out / B.MS_FACTORS), top, table=table, seed=job.seed)
         calibration["factor_embedder"] = {k: f_rep[k] for k in ("ms_ground_truth_spearman", "ms_agreement", "agreement")}
     calibration["ideal_neurons"] = ideal_neuron_report(table, np.asarray(emb, np.float32), seed=job.seed)
+    patch_ms = out / "neurons/patch_ms.npy"
+    if patch_ms.is_file():  # CLS-scored: the latents without a CLS image, by their gallery over patches
+        only = (np.load(out / "neurons/support.npy") == 0) & (np.load(out / "neurons/patch_support.npy") > 0)
+        p_rep = ground_truth_report(np.where(only, np.load(patch_ms), np.nan),
+                                    np.load(out / "neurons/patch_top_images.npy"), table=table, seed=job.seed)
+        figures["ms_ground_truth_spearman_patch_only"] = p_rep["ms_ground_truth_spearman"]
+        figures["ms_agreement_patch_only"] = p_rep["ms_agreement"]
     figures["ms_agreement_factor_embedder"] = calibration.get("factor_embedder", {}).get("ms_agreement")
     figures["ms_agreement_ideal_neurons"] = calibration["ideal_neurons"]["ms_agreement"]
     labels_info = stage_info(out, "labels") or {}
@@ -495,7 +502,8 @@ def _write_manifest(job: AtlasJob, sae, out: Path, world) -> dict:
     world_info = stage_info(out, "world") or {}
     metrics.update({k: v for k, v in world_info.items() if k in (
         "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "ms_agreement_factor_embedder",
-        "ms_agreement_ideal_neurons", "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")})
+        "ms_agreement_ideal_neurons", "ms_ground_truth_spearman_patch_only", "ms_agreement_patch_only",
+        "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")})
     manifest = {
         "command": job.command,
         "model": scan["model"],

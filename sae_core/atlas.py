@@ -343,6 +343,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     # finest level): a second gallery ranks the images by the max over patches, with its own support.
     patch_top = StreamingTopK(K, cfg.topk, P) if cfg.score == "cls" else None
     patch_support = np.zeros(K, np.int64)
+    ms_patch = _ms_accumulator(K, E) if patch_top is not None else None  # the MS of that ranking
     raw_top = StreamingTopK(d, cfg.topk, 0, positive_only=False)
     hist = LogHistogram(K, cfg.hist_bins, cfg.hist_decades)
     res = BinReservoirs(K * cfg.hist_bins, cfg.band_samples, cfg.seed)
@@ -395,6 +396,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
             pmax = heat.amax(dim=1)
             patch_top.update(pmax, ids_t, best, heat)
             patch_support += (pmax > 0).sum(0).numpy()
+            ms_patch.update(pmax, emb)
         raw_top.update(raw_scores, ids_t)
         s_np = scores.numpy()
         moments.update(s_np)
@@ -423,6 +425,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     if patch_top is not None:
         neurons.update({f"patch_{name}": arr for name, arr in patch_top.result().items()})
         neurons["patch_support"] = patch_support
+        neurons["patch_ms"] = _as_np(ms_patch.result()).astype(np.float32)
     m = metrics.compute()
     # dead/dense at token level on the metric rows (as in training); the *_images figures count images
     # by their score, which for --score cls leaves out latents that fire on patches only.

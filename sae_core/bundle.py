@@ -48,7 +48,7 @@ NEURON_ARRAYS = (
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
     "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth",
     # bundles scored by CLS: the gallery by the max over patches (for latents that fire on patches only)
-    "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support",
+    "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support", "patch_ms",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -290,6 +290,7 @@ class Bundle:
             "patch_top": patch_top,
             "patch_top_heat": patch_heat,
             "patch_support": num(self._opt("patch_support", k), int),
+            "patch_ms": num(self._opt("patch_ms", k)),
             "bands": bands,
             "group": num(group, int) if group is not None else 0,
             "parent": num(parent, int) if parent is not None else -1,

@@ -287,6 +287,13 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
             np.testing.assert_allclose(acts[k, :n], np.sort(s[:, k])[::-1][:n], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(s[ids[k, :n], k], acts[k, :n], rtol=1e-4, atol=1e-5)
             assert (ids[k, n:] == -1).all()
+    # the MS of the second ranking: the pairwise definition on the max over patches (float16 embeddings
+    # in the bundle, float32 in the scan: hence the tolerance)
+    emb = np.asarray(b.array("images/embeddings.npy"), np.float64)
+    np.testing.assert_allclose(np.asarray(b.array("patch_ms")), _pairwise_ms(pmax.astype(np.float64), emb),
+                               atol=2e-3, equal_nan=True)
+    figures = b.manifest["metrics"]  # and it is scored against the world's ground truth like the CLS MS
+    assert all(-1 <= figures[f"{name}_patch_only"] <= 1 for name in ("ms_ground_truth_spearman", "ms_agreement"))
     # the best patch of the second gallery is the argmax over patches; every image shown has a thumbnail
     k = int(np.argmax((pmax > 0).sum(0)))
     page = b.neuron(k)
@@ -314,7 +321,6 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert only_patch.sum() >= 3 and b.labels["from_patch_gallery"] == np.flatnonzero(only_patch).tolist()
     concepts = world_concepts(m["world"])
     text = load_text_embedder(m["embedder"]["spec"])([c.prompt for c in concepts]).numpy().astype(np.float64)
-    emb = np.asarray(b.array("images/embeddings.npy"), np.float64)
     base = emb.sum(0) / np.linalg.norm(emb.sum(0))
     scores = np.asarray(b.array("label_score"))
     for k in range(b.n_neurons):
@@ -326,7 +332,7 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
         cos = text @ (mean / np.linalg.norm(mean)) - text @ base
         assert b.labels["labels"][k] == concepts[int(cos.argmax())].name
         assert scores[k] == pytest.approx(cos.max(), abs=1e-3)
-    k = int(np.flatnonzero(only_patch)[0])
+    k = int(np.flatnonzero(only_patch & ((pmax > 0).sum(0) >= 2))[0])
     page = b.neuron(k)
     assert page["label_from_patch"] and not b.neuron(int(np.flatnonzero((top_ids >= 0).any(1))[0]))["label_from_patch"]
     assert "from the gallery by the max over patches" in ex.label_text(page)
@@ -336,6 +342,7 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     head = ex.neuron_summary(k, page)
     assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images (max {pmax[:, k].max():.3g})" in head
     assert "**max activation** 0 (image score: CLS token)" in head
+    assert f"by the max over patches {float(np.asarray(b.array('patch_ms'))[k]):.3f} over" in head
     fig = activation_histogram(*page["hist"], k, ex.score_name)
     assert [a["text"] for a in fig["layout"]["annotations"]] == ["fires on no image by its CLS token"]
     busy = int(np.argmax((cls > 0).sum(0)))
@@ -346,14 +353,14 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert f"the {int(only_patch.sum())} neurons without a top image" in b.labels["method"]
     # the table's minimum support counts their patch gallery, so a label filter finds them (a latent
     # with CLS images is still filtered by its CLS support); the patch support is a column
-    assert "patch_support" in ex.table_columns and "patch_support" in ex.table_sorts
+    assert {"patch_support", "patch_ms"} <= set(ex.table_columns) & set(ex.table_sorts)
     gallery_n = np.where((cls > 0).sum(0) > 0, (cls > 0).sum(0), (pmax > 0).sum(0))
-    kp = int(np.flatnonzero(only_patch & ((pmax > 0).sum(0) >= 2))[0])
-    lab = b.labels["labels"][kp]
+    lab = b.labels["labels"][k]
     t = ex.table(min_ms=0, min_support=2, label_contains=lab, limit=500)  # min MS 0: the page's default
     assert sorted(t["neuron"]) == [j for j in range(b.n_neurons) if lab in b.labels["labels"][j] and gallery_n[j] >= 2]
-    row = t.set_index("neuron").loc[kp]
-    assert (row["support"], row["patch_support"]) == (0, int((pmax[:, kp] > 0).sum()))
+    row = t.set_index("neuron").loc[k]
+    assert (row["support"], row["patch_support"]) == (0, int((pmax[:, k] > 0).sum()))
+    assert row["patch_ms"] == pytest.approx(float(np.asarray(b.array("patch_ms"))[k]), abs=1e-3)
     # text search describes them by the same gallery, so they can be found
     search = NeuronSearch(ex)
     search._ready()
