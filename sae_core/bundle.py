@@ -379,11 +379,20 @@ class Bundle:
             if self.has(name) and self.array(name).shape[1] != T:
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[1]} "
                                 f"top slots, top_images has {T}; rebuild the bundle.")
-        ids = np.asarray(self.array("top_images"))
-        if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
-            raise UserError(f"bundle {self.root}: top_images holds ids outside 0..{self.n_images - 1}; rebuild it.")
+        for name in ("top_images", "patch_top_images"):
+            if not self.has(name):
+                continue
+            ids = np.asarray(self.array(name))
+            if ids.shape[1] != T:
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy has {ids.shape[1]} top slots, top_images "
+                                f"has {T}; rebuild the bundle.")
+            if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
+                raise UserError(f"bundle {self.root}: {name} holds ids outside 0..{self.n_images - 1}; rebuild it.")
         if self.has("hist_edges") and self.array("hist_edges").shape[0] != self.array("hist_counts").shape[1] + 1:
             raise UserError(f"bundle {self.root}: hist_edges does not match hist_counts; rebuild it.")
         labels = self.labels["labels"]
         if len(labels) != K:
             raise UserError(f"bundle {self.root}: labels.json has {len(labels)} labels for {K} neurons; rebuild it.")
+        if any(not 0 <= int(k) < K for k in self.labels["from_patch_gallery"]):
+            raise UserError(f"bundle {self.root}: labels.json lists neurons outside 0..{K - 1} as labelled from "
+                            "patches; rebuild it.")

@@ -116,6 +116,28 @@ def test_validate_catches_shape_mismatch(tmp_path):
         B.open_bundle(tmp_path).validate()
 
 
+def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
+    """A CLS-scored bundle's second gallery and labels.json's from_patch_gallery are checked like the rest."""
+    _write_small_bundle(tmp_path)
+    good = np.array([[4, -1, -1]] * 6)
+    for bad, sentence in ((np.array([[20, -1, -1]] * 6), "patch_top_images holds ids outside 0..19"),
+                          (good[:, :2], "patch_top_images.npy has 2 top slots")):
+        B.write_array(tmp_path, "neurons/patch_top_images.npy", bad)
+        with pytest.raises(UserError, match=sentence):
+            B.open_bundle(tmp_path).validate()
+    B.write_array(tmp_path, "neurons/patch_top_images.npy", good)
+    B.write_array(tmp_path, "neurons/patch_top_acts.npy", np.array([[1.5, 0, 0]] * 6, np.float32))
+    B.open_bundle(tmp_path).validate()
+    labels = {"method": "test", "vocabulary": ["a"], "labels": ["a"] * 6, "from_patch_gallery": [2]}
+    B.write_json(tmp_path, B.LABELS, labels)
+    b = B.open_bundle(tmp_path)
+    b.validate()
+    assert [b.neuron(k)["label_from_patch"] for k in range(6)] == [k == 2 for k in range(6)]
+    B.write_json(tmp_path, B.LABELS, {**labels, "from_patch_gallery": [6]})
+    with pytest.raises(UserError, match="outside 0..5 as labelled from patches"):
+        B.open_bundle(tmp_path).validate()
+
+
 def test_tiny_bundle_through_the_reader(tiny_bundle):
     torch.set_num_threads(1)
     b = B.open_bundle(tiny_bundle)
