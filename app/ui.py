@@ -556,7 +556,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 counts[int(node["level"])] = counts.get(int(node["level"]), 0) + 1
             rows = [[lv, counts.get(lv, 0), None if i >= len(depth) or depth[i] is None else round(float(depth[i]), 3)]
                     for i, lv in enumerate(sorted(counts))]
-            note = (f"{n} nodes in {levels} of {len(counts)} levels drawn; colour is MS. Taxonomy depth: the mean depth "
+            note = (f"{n} nodes in {levels} of {len(counts)} levels drawn; colour is MS (dark grey: none, the neuron "
+                    f"fires on fewer than 2 images by its {ex.score_name}). Taxonomy depth: the mean depth "
                     "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
             return fig, rows, note
 

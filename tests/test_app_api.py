@@ -101,6 +101,7 @@ def test_table_and_hierarchy(client, explorer_app):
     assert [r[0] for r in t["data"]] == want.tolist()
     fig, depth, note = client.predict("treemap", api_name="/hierarchy")
     assert [r[1] for r in depth["data"]] == np.bincount(group).tolist()
+    assert "dark grey: none, the neuron fires on fewer than 2 images by its max over patches" in note
 
 
 def test_original_answer_matches_llava_generate(client, explorer_app):
