@@ -50,6 +50,7 @@ class AtlasJob:
     topk: int = 16
     score: str | None = None
     batch_size: int = 128
+    memory_gib: float = 4.0
     device: str = "cpu"
     limit: int | None = None
     seed: int = 0
@@ -60,7 +61,7 @@ class AtlasJob:
     def identity(self) -> dict:
         """Settings that define the bundle's content (a rerun must match them to resume)."""
         d = asdict(self)
-        for k in ("out", "batch_size", "device", "command", "extra_manifest"):
+        for k in ("out", "batch_size", "memory_gib", "device", "command", "extra_manifest"):
             d.pop(k)
         d["sae"] = str(Path(self.sae).resolve())
         return d
@@ -81,7 +82,10 @@ def add_arguments(p) -> None:
     p.add_argument("--topk", type=int, default=16, help="top images kept per neuron")
     p.add_argument("--score", choices=("cls", "max", "mean"),
                    help="image score: CLS activation, or max/mean over patches (default: as the SAE was trained)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch (at most; see --memory-gib)")
+    p.add_argument("--memory-gib", type=float, default=4.0,
+                   help="memory one batch's dense SAE codes may take; smaller batches when the batch would exceed it "
+                        "(K 65,536 on 257 tokens: about 10 images in 4 GiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--limit", type=int, help="scan only the first N images")
     p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world data)")
@@ -96,6 +100,7 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     job = AtlasJob(sae=args.sae, dataset=args.dataset, model=args.model, out=args.out, layer=args.layer,
                    embedder=args.embedder, topk=args.topk, score=args.score, batch_size=args.batch_size,
+                   memory_gib=args.memory_gib,
                    device=device, limit=args.limit, seed=args.seed, vocabulary=args.vocabulary,
                    command=shlex.join(["python", "-m", "precompute", "atlas", *sys.argv[2:]]))
     from .progress import PipelineProgress
@@ -249,7 +254,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
 
 def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     from sae_core.adapters import load_adapter
-    from sae_core.atlas import AtlasConfig, metric_tokens_for, scan
+    from sae_core.atlas import AtlasConfig, images_per_batch, metric_tokens_for, scan
     from sae_core.datasets import open_dataset
 
     if job.layer is None:
@@ -261,8 +266,13 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     ds = open_dataset(job.dataset)
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
     trained_tokens = (sae.training_info or {}).get("activations", {}).get("tokens")
-    cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size, seed=job.seed,
-                      metric_tokens=metric_tokens_for(trained_tokens))
+    cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size,
+                      memory_gib=job.memory_gib, seed=job.seed, metric_tokens=metric_tokens_for(trained_tokens))
+    batch = images_per_batch(cfg.batch_size, adapter.layout.n_tokens, sae.cfg.d_sae, cfg.memory_gib)
+    if batch < cfg.batch_size:  # said, not silent: a user who set --batch-size expects it
+        print(f"atlas: {batch} images per batch, not {cfg.batch_size}: the SAE's dense codes of "
+              f"{adapter.layout.n_tokens} tokens x {sae.cfg.d_sae} latents would pass --memory-gib "
+              f"{cfg.memory_gib:g} (raise it on a machine with more memory).", file=sys.stderr)
     reference_embed = None
     world = _world_root(job.dataset)
     if world is not None:  # MS under the world's ground-truth factors, for the calibration in world.json
@@ -291,7 +301,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
         "metrics": {**result.metrics,
                     "ms_mean": _nanmean(ms), "ms_mean_raw": _nanmean(ms_raw),
                     "ms_nan": int(np.isnan(ms).sum()), "ms_nan_raw": int(np.isnan(ms_raw).sum())},
-        "n_images": n, "n_scanned": result.n_images,
+        "n_images": n, "n_scanned": result.n_images, "batch_size": result.batch_size,
         "skipped": [{"index": int(i), "error": e} for i, e in result.skipped],
         "model": {"spec": job.model, "layer": str(job.layer), "tokens": job.score, "n_tokens": layout.n_tokens,
                   "n_patches": layout.n_patches, "n_prefix": layout.n_prefix, "grid": list(layout.grid),

@@ -48,6 +48,8 @@ class AtlasConfig:
     n_bands: int = 4
     band_samples: int = 8
     batch_size: int = 128
+    memory_gib: float = 4.0
+    """Memory one batch's dense codes may take (images_per_batch): caps the image batch at real sizes."""
     seed: int = 0
     metric_tokens: str = "all"
     """Rows the reconstruction metrics (FVU, L0) are pooled over: cls | mean | patches | all."""
@@ -59,6 +61,21 @@ class AtlasConfig:
             raise UserError(f"--topk {self.topk} must be at least 1.")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
+        if not self.memory_gib > 0:
+            raise UserError(f"--memory-gib {self.memory_gib} must be a positive number of GiB.")
+
+
+SCAN_BYTES_PER_CODE = 6 * 4
+"""Peak bytes the scan holds per (image, token, latent) of a batch: the dense float32 codes about five
+times over (pre-activations, codes, metric rows, pooled heat, the top-k gather; 5.2 measured with K
+32,768 on the world model, batches of 32 and 128), rounded up to 6."""
+
+
+def images_per_batch(batch_size: int, n_tokens: int, n_latents: int, memory_gib: float) -> int:
+    """The scan's image batch: at most `batch_size`, and few enough that one batch's codes stay within
+    `memory_gib` (K 65,536 on ViT-L/14's 257 tokens: about 400 MiB per image, so 10 images in 4 GiB)."""
+    per_image = SCAN_BYTES_PER_CODE * n_tokens * n_latents
+    return max(1, min(batch_size, int(memory_gib * 2**30 // per_image)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +310,8 @@ class ScanResult:
     metrics: dict
     n_images: int
     skipped: list
+    batch_size: int
+    """The image batch the scan used (images_per_batch)."""
 
 
 def iter_batches(dataset, n_images: int, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
@@ -363,7 +382,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     sae_dev = next(sae.parameters()).device
 
     done = 0
-    for ids, images, bad in iter_batches(dataset, N, cfg.batch_size):
+    batch_size = images_per_batch(cfg.batch_size, layout.n_tokens, K, cfg.memory_gib)
+    for ids, images, bad in iter_batches(dataset, N, batch_size):
         skipped += bad
         done += len(ids) + len(bad)
         if len(ids) == 0:
@@ -438,7 +458,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     return ScanResult(neurons=neurons, raw_ms=_as_np(ms_raw.result()).astype(np.float32),
                       ms_reference=None if ms_ref is None else _as_np(ms_ref.result()).astype(np.float32),
                       raw_top={"top_images": rt["top_images"], "top_acts": rt["top_acts"]}, embeddings=emb_out,
-                      parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(seen.sum()), skipped=skipped)
+                      parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(seen.sum()), skipped=skipped,
+                      batch_size=batch_size)
 
 
 def _as_np(x) -> np.ndarray:

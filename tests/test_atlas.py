@@ -366,3 +366,33 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     search._ready()
     full = (patch_ids >= 0).sum(1) == 4
     assert (only_patch & full).any() and search._alive[only_patch & full].all()
+
+
+def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
+    """--memory-gib caps the image batch (images_per_batch), says so, and the statistics do not depend on it."""
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.adapters import load_adapter
+    from sae_core.atlas import SCAN_BYTES_PER_CODE, AtlasConfig, images_per_batch, scan
+    from sae_core.bundle import open_bundle
+
+    # K 65,536 latents on ViT-L/14's 257 tokens: 24 B x 257 x 65,536 = 404 MB per image, 10 in 4 GiB
+    assert images_per_batch(128, 257, 65536, 4.0) == 10
+    assert images_per_batch(128, 17, 512, 4.0) == 128 and images_per_batch(128, 257, 65536, 0.01) == 1
+    torch.set_num_threads(1)
+    b = open_bundle(tiny_bundle)
+    m = b.manifest
+    model, sae, ds = load_adapter(m["model"]["spec"]), b.load_sae(), b.dataset()
+    per_image = SCAN_BYTES_PER_CODE * model.layout.n_tokens * sae.cfg.d_sae
+    runs = [scan(model, sae, ds, AtlasConfig(layer="-2", topk=4, batch_size=40, memory_gib=g), n_images=40)
+            for g in (4.0, 5.5 * per_image / 2**30)]
+    assert [r.batch_size for r in runs] == [40, 5]
+    for name in ("top_images", "top_acts", "top_patch", "support", "frequency", "max_act", "mean_act", "ms"):
+        np.testing.assert_allclose(runs[0].neurons[name], runs[1].neurons[name], rtol=1e-5, atol=1e-6,
+                                   equal_nan=True, err_msg=name)
+    np.testing.assert_allclose(runs[0].raw_ms, runs[1].raw_ms, rtol=1e-5, atol=1e-6, equal_nan=True)
+    # the command says when it lowers the batch, and the scan stage records the batch it used
+    build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), dataset=m["dataset"]["spec"], model=m["model"]["spec"],
+                         layer="-2", embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), limit=20, topk=4,
+                         batch_size=16, memory_gib=3.5 * per_image / 2**30))
+    assert "atlas: 3 images per batch, not 16" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / ".stages" / "scan.json").read_text())["batch_size"] == 3
