@@ -58,6 +58,13 @@ class AtlasJob:
     command: str = ""
     extra_manifest: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        from sae_core.atlas import AtlasConfig
+
+        # bad numbers (--topk, --batch-size, --memory-gib, --score) fail here, before any model loads
+        AtlasConfig(layer=str(self.layer), score=self.score or "max", topk=self.topk, batch_size=self.batch_size,
+                    memory_gib=self.memory_gib)
+
     def identity(self) -> dict:
         """Settings that define the bundle's content (a rerun must match them to resume)."""
         d = asdict(self)
