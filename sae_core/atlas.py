@@ -61,7 +61,7 @@ class AtlasConfig:
             raise UserError(f"--topk {self.topk} must be at least 1.")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
-        if not self.memory_gib > 0:
+        if not (self.memory_gib > 0 and math.isfinite(self.memory_gib)):
             raise UserError(f"--memory-gib {self.memory_gib} must be a positive number of GiB.")
 
 

@@ -398,6 +398,6 @@ def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
     assert json.loads((tmp_path / "b" / ".stages" / "scan.json").read_text())["batch_size"] == 3
     from sae_core.errors import UserError
 
-    for bad in (0, -1.0, float("nan")):  # refused when the job is made, before any model loads
+    for bad in (0, -1.0, float("nan"), float("inf")):  # refused when the job is made, before any model loads
         with pytest.raises(UserError, match="must be a positive number of GiB"):
             AtlasJob(sae="s", dataset="d", model="m", out=str(tmp_path / "c"), memory_gib=bad)
