@@ -307,8 +307,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             with gr.Tab("Overview", id="overview"):
                 with gr.Row():
                     facts_md = gr.Markdown()
-                    # tall enough for a world bundle's 26 rows, most wrapped to two lines, without an inner
-                    # scroll bar (1,000 px hid the last 5 of 24)
+                    # tall enough for a world bundle's 25 rows, most wrapped to two lines, without an inner
+                    # scroll bar (1,000 px hid the last 4 of 23)
                     metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False, label="SAE metrics",
                                               max_height=1600, wrap=True, column_widths=["72%", "28%"],
                                               elem_id="metrics-table")

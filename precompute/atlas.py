@@ -122,6 +122,11 @@ def run(args) -> int:
     return 0
 
 
+WORLD_FIGURES = ("ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement",
+                 "ms_agreement_factor_embedder", "ms_agreement_ideal_neurons", "ms_ground_truth_spearman_patch_only",
+                 "ms_agreement_patch_only", "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")
+"""The world stage's figures that the manifest's metrics carry (and `precompute inspect` prints)."""
+
 # Expected seconds per stage on 2 CPU cores for the demo world (the progress bar's weights).
 STAGE_WEIGHTS = {"atlas: scan": 30, "atlas: geometry": 1, "atlas: labels": 3, "atlas: hierarchy": 3,
                  "atlas: index": 1, "atlas: world": 3, "atlas: thumbs": 3}
@@ -404,11 +409,6 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
             "parent_agreement": tree.get("parent_agreement"), "linkage": tree["linkage"]}
 
 
-def _num(x) -> float | None:
-    x = float(x)
-    return x if np.isfinite(x) else None
-
-
 def _stage_index(job, sae, out, scan_info, world):
     from sae_core.search_index import build_index
 
@@ -424,6 +424,7 @@ def _stage_world(job, sae, out, scan_info, world):
     if world is None:
         return {}
     from sae_core.ground_truth import factor_table, ground_truth_report, ideal_neuron_report
+    from sae_core.labels import labelling_gallery
     from sae_core.world.dataset import WorldDataset
 
     ds = WorldDataset(world[0], world[1])
@@ -446,37 +447,34 @@ def _stage_world(job, sae, out, scan_info, world):
         f_rep = ground_truth_report(np.load(out / B.MS_FACTORS), top, table=table, seed=job.seed)
         calibration["factor_embedder"] = {k: f_rep[k] for k in ("ms_ground_truth_spearman", "ms_agreement", "agreement")}
     calibration["ideal_neurons"] = ideal_neuron_report(table, np.asarray(emb, np.float32), seed=job.seed)
-    patch_ms = out / "neurons/patch_ms.npy"
-    if patch_ms.is_file():  # CLS-scored: the latents without a CLS image, by their gallery over patches
-        only = (np.load(out / "neurons/support.npy") == 0) & (np.load(out / "neurons/patch_support.npy") > 0)
-        p_rep = ground_truth_report(np.where(only, np.load(patch_ms), np.nan),
-                                    np.load(out / "neurons/patch_top_images.npy"), table=table, seed=job.seed)
+    patch_top_path = out / "neurons/patch_top_images.npy"
+    patch_top = np.load(patch_top_path) if patch_top_path.is_file() else None
+    gallery, from_patch = labelling_gallery(top, patch_top)  # CLS-scored: patch galleries where no CLS image
+    if patch_top is not None:
+        p_rep = ground_truth_report(np.where(from_patch, np.load(out / "neurons/patch_ms.npy"), np.nan), patch_top,
+                                    table=table, seed=job.seed)
         figures["ms_ground_truth_spearman_patch_only"] = p_rep["ms_ground_truth_spearman"]
         figures["ms_agreement_patch_only"] = p_rep["ms_agreement"]
     figures["ms_agreement_factor_embedder"] = calibration.get("factor_embedder", {}).get("ms_agreement")
     figures["ms_agreement_ideal_neurons"] = calibration["ideal_neurons"]["ms_agreement"]
     labels_info = stage_info(out, "labels") or {}
     figures["label_accuracy"], figures["label_accuracy_patch_gallery"] = \
-        _label_accuracy(out, ds) if labels_info.get("method") else (None, None)
+        _label_accuracy(out, ds, gallery, from_patch) if labels_info.get("method") else (None, None)
     figures["hierarchy_depth"] = (stage_info(out, "hierarchy") or {}).get("depth_per_level")
     B.write_json(out, B.WORLD, {**figures, "split": world[1], "world": str(world[0]), "calibration": calibration,
                                 "neurons": sae_rep, "raw": raw_rep})
     return figures
 
 
-def _label_accuracy(out: Path, ds) -> tuple[float | None, float | None]:
-    """Share of labelled neurons whose label is the factor value most of their top images share
+def _label_accuracy(out: Path, ds, gallery: np.ndarray, from_patch: np.ndarray) -> tuple[float | None, float | None]:
+    """Share of labelled neurons whose label is the factor value most of their gallery's images share
     (among the vocabulary's values; sae_core.labels.label_accuracy): for neurons labelled from their
-    top images, and apart for those labelled from their gallery by the max over patches."""
-    from sae_core.labels import dominant_factors, label_accuracy, labelling_gallery, world_factor_values
+    top images, and apart for those labelled from their gallery by the max over patches (`gallery`,
+    `from_patch`: sae_core.labels.labelling_gallery, the images the labels were read from)."""
+    from sae_core.labels import dominant_factors, label_accuracy, world_factor_values
 
     lab = json.loads((out / B.LABELS).read_text())
-    patch_top = out / "neurons/patch_top_images.npy"
-    gallery, _ = labelling_gallery(np.load(out / "neurons/top_images.npy"),
-                                   np.load(patch_top) if patch_top.is_file() else None)
     dom = dominant_factors(gallery, world_factor_values(ds), allowed=lab["vocabulary"] or None)
-    from_patch = np.zeros(len(gallery), bool)
-    from_patch[lab.get("from_patch_gallery", [])] = True
     accs = [label_accuracy([s if f == want else "" for s, f in zip(lab["labels"], from_patch)], dom)
             for want in (False, True)]
     return tuple(a if np.isfinite(a) else None for a in accs)
@@ -517,10 +515,7 @@ def _write_manifest(job: AtlasJob, sae, out: Path, world) -> dict:
     cfg = sae.cfg
     metrics = dict(scan["metrics"])
     world_info = stage_info(out, "world") or {}
-    metrics.update({k: v for k, v in world_info.items() if k in (
-        "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "ms_agreement_factor_embedder",
-        "ms_agreement_ideal_neurons", "ms_ground_truth_spearman_patch_only", "ms_agreement_patch_only",
-        "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")})
+    metrics.update({k: v for k, v in world_info.items() if k in WORLD_FIGURES})
     manifest = {
         "command": job.command,
         "model": scan["model"],

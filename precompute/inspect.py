@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 
-KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw", "ms_nan",
-        "ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement", "ms_agreement_factor_embedder",
-        "ms_agreement_ideal_neurons", "ms_ground_truth_spearman_patch_only", "ms_agreement_patch_only",
-        "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")
+from .atlas import WORLD_FIGURES
+
+KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw",
+        "ms_nan") + WORLD_FIGURES
 
 
 def add_arguments(p) -> None:
