@@ -215,6 +215,14 @@ class Explorer:
         return TABLE_COLUMNS[:i] + list(PATCH_COLUMNS) + TABLE_COLUMNS[i:]
 
     @cached_property
+    def related_columns(self) -> list[str]:
+        """The related table's columns: RELATED_COLUMNS, and a CLS-scored bundle's MS by patches after the MS."""
+        if "patch_ms" not in self.columns:
+            return list(RELATED_COLUMNS)
+        i = RELATED_COLUMNS.index("ms") + 1
+        return RELATED_COLUMNS[:i] + ["patch_ms"] + RELATED_COLUMNS[i:]
+
+    @cached_property
     def table_sorts(self) -> tuple[str, ...]:
         return TABLE_SORTS + (PATCH_COLUMNS if "patch_support" in self.columns else ())
 
@@ -350,13 +358,16 @@ class Explorer:
         return text
 
     def related(self, k: int, page: dict | None = None) -> list[list]:
-        """Rows [relation, neuron, label, ms, decoder_cos]: parent, children, nearest by decoder cosine."""
+        """Rows of `related_columns` (relation, neuron, label, ms[, patch_ms], decoder_cos): parent,
+        children, nearest by decoder cosine."""
         page = page or self.bundle.neuron(k)
         c = self.columns
+        by_patches = "patch_ms" in c
         rows = []
 
         def row(rel, j, cos=None):
-            rows.append([rel, int(j), str(c["label"][j]), _num(c["ms"][j]), _num(cos)])
+            patch = [_num(c["patch_ms"][j])] if by_patches else []
+            rows.append([rel, int(j), str(c["label"][j]), _num(c["ms"][j]), *patch, _num(cos)])
 
         if page["parent"] >= 0:
             row("parent", page["parent"])

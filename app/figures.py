@@ -1,6 +1,8 @@
 """Plotly figures of the explorer. Points carry the neuron id as `customdata` so a click can open it."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 SVG_POINTS = 5_000
@@ -9,6 +11,21 @@ MAX_SCATTER_POINTS = 20_000
 """Above this many neurons the scatter shows a deterministic sample (the browser stays responsive)."""
 MAX_TREE_NODES = 3_000
 """The hierarchy figure keeps the levels that fit in this many nodes (whole levels, from the root)."""
+
+
+class TreeFigure(NamedTuple):
+    """What `hierarchy_figure` drew."""
+
+    figure: object
+    """The plotly figure."""
+    levels: int
+    """Matryoshka levels drawn (from the root; deeper ones are cut when they do not fit)."""
+    nodes: int
+    """Nodes drawn."""
+    by_patches: int
+    """Nodes coloured by their MS by the max over patches (no MS by the image score)."""
+    uncoloured: int
+    """Nodes with no MS at all (drawn dark grey)."""
 
 
 def _layout(fig, title: str, height: int = 360):
@@ -80,10 +97,12 @@ def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: s
     }
 
 
-def hierarchy_figure(nodes: list[dict], kind: str = "sunburst"):
+def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.ndarray | None = None) -> TreeFigure:
     """The Matryoshka tree as a sunburst/treemap; whole levels are kept while they fit MAX_TREE_NODES.
 
-    Returns (figure, number of levels drawn, number of nodes drawn)."""
+    Colour is a node's MS by the bundle's image score; where that is NaN (a latent that fires on
+    patches but on fewer than 2 images by its CLS), its MS by the max over patches (`patch_ms`, indexed
+    by neuron id) when given, so that patch-only latents are not all drawn as missing."""
     import plotly.graph_objects as go
 
     by_level: dict[int, list[dict]] = {}
@@ -100,11 +119,18 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst"):
     # A node whose parent is not drawn hangs from the root ring (the parent's level was cut or it has none).
     parents = [str(int(n["parent"])) if int(n.get("parent", -1)) in ids else "" for n in kept]
     text = [f"#{int(n['id'])} {n.get('label') or ''}".strip() for n in kept]
-    ms = [float(n["ms"]) if n.get("ms") is not None else float("nan") for n in kept]
+    ms = np.array([float(n["ms"]) if n.get("ms") is not None else np.nan for n in kept], np.float64)
+    by_patches = np.zeros(len(kept), bool)
+    if patch_ms is not None:
+        fallback = np.asarray(patch_ms, np.float64)[[int(n["id"]) for n in kept]]
+        by_patches = ~np.isfinite(ms) & np.isfinite(fallback)
+        ms[by_patches] = fallback[by_patches]
+    source = np.where(by_patches, "MS by patches", "MS")
     trace_cls = go.Sunburst if kind == "sunburst" else go.Treemap
     fig = go.Figure(trace_cls(
         ids=[str(int(n["id"])) for n in kept], parents=parents, labels=text,
-        customdata=[int(n["id"]) for n in kept], marker=dict(colors=ms, colorscale="Viridis", cmin=0, cmax=1,
-                                                             colorbar=dict(title="MS")),
-        hovertemplate="%{label}<br>MS %{color:.3f}<extra></extra>", maxdepth=3))
-    return _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640), levels, len(kept)
+        customdata=[[int(n["id"]), src] for n, src in zip(kept, source)],
+        marker=dict(colors=ms.tolist(), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="MS")),
+        hovertemplate="%{label}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=3))
+    fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
+    return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()))

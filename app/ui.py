@@ -9,7 +9,7 @@ from gradio.components.plot import PlotData
 from sae_core.errors import UserError
 
 from . import figures, inputs
-from .explorer import MAX_TABLE_ROWS, RELATED_COLUMNS, TABLE_COLUMNS, Explorer
+from .explorer import MAX_TABLE_ROWS, TABLE_COLUMNS, Explorer
 from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
 # Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
@@ -388,7 +388,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():
                     hist_plot = gr.Plot(label="activation histogram")
-                    related_df = gr.Dataframe(headers=RELATED_COLUMNS, interactive=False,
+                    related_df = gr.Dataframe(headers=ex.related_columns, interactive=False,
                                               label="parent, children and nearest neurons (click to open)")
             # ---------------------------------------------------------------- Hierarchy
             with gr.Tab("Hierarchy", id="hierarchy"):
@@ -515,7 +515,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
 
         @user_errors
         def open_neuron_from_relatives(evt: gr.SelectData):
-            return page_outputs((evt.row_value or [None, None])[RELATED_COLUMNS.index("neuron")])
+            return page_outputs((evt.row_value or [None, None])[ex.related_columns.index("neuron")])
 
         table.select(open_neuron_from_table, None, page_targets, api_name="open_neuron_from_table")
 
@@ -548,7 +548,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
             if not nodes:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
-            fig, levels, n = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst")
+            patch_ms = ex.bundle.array("patch_ms") if ex.bundle.has("patch_ms") else None
+            tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms)
             h = ex.bundle.hierarchy()
             depth = h.get("depth_per_level") or []
             counts = {}
@@ -556,10 +557,14 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 counts[int(node["level"])] = counts.get(int(node["level"]), 0) + 1
             rows = [[lv, counts.get(lv, 0), None if i >= len(depth) or depth[i] is None else round(float(depth[i]), 3)]
                     for i, lv in enumerate(sorted(counts))]
-            note = (f"{n} nodes in {levels} of {len(counts)} levels drawn; colour is MS (dark grey: none, the neuron "
-                    f"fires on fewer than 2 images by its {ex.score_name}). Taxonomy depth: the mean depth "
+            scores = f"its {ex.score_name}" + (" or the max over patches" if patch_ms is not None else "")
+            by_patches = (f"; {tree.by_patches} that fire on fewer than 2 images by their {ex.score_name} are "
+                          "coloured by their MS by the max over patches" if tree.by_patches else "")
+            note = (f"{tree.nodes} nodes in {tree.levels} of {len(counts)} levels drawn; colour is MS by the "
+                    f"{ex.score_name}{by_patches}; dark grey ({tree.uncoloured}): none, the neuron fires on "
+                    f"fewer than 2 images by {scores}. Taxonomy depth: the mean depth "
                     "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
-            return fig, rows, note
+            return tree.figure, rows, note
 
         @user_errors
         def hierarchy(kind):

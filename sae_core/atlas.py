@@ -43,8 +43,10 @@ class AtlasConfig:
     topk: int = 16
     hist_bins: int = 48
     hist_decades: float = 6.0
-    """The histogram spans this many decades of log10(score) below the top edge (first batch's max x 10);
-    scores outside fall into the end bins."""
+    """The histogram spans this many decades of log10(score) below the top edge (the first
+    `hist_edge_images` images' highest score, times 10 and rounded up to a power of 10); scores outside
+    fall into the end bins."""
+    hist_edge_images: int = 128
     n_bands: int = 4
     band_samples: int = 8
     batch_size: int = 128
@@ -159,7 +161,7 @@ class StreamingTopK:
 
 
 class LogHistogram:
-    """Counts of log10(score) over firing images per neuron, on edges fixed by the first batch."""
+    """Counts of log10(score) over firing images per neuron, on edges shared by all neurons."""
 
     def __init__(self, n_neurons: int, bins: int, decades: float):
         self.K, self.B, self.decades = n_neurons, bins, decades
@@ -177,9 +179,7 @@ class LogHistogram:
         return np.clip(b, 0, self.B - 1)
 
     def update(self, neuron: np.ndarray, value: np.ndarray) -> np.ndarray:
-        """Firing entries (neuron ids, scores > 0); returns their bins."""
-        if self.edges is None:
-            self.set_edges_from(value)
+        """Firing entries (neuron ids, scores > 0), after `set_edges_from`; returns their bins."""
         b = self.bin_of(value)
         self.counts += np.bincount(neuron * self.B + b, minlength=self.K * self.B).reshape(self.K, self.B)
         return b
@@ -227,6 +227,49 @@ class BinReservoirs:
         self.key[s, r] = all_key[o]
         self.ids[s, r] = all_id[o]
         self.acts[s, r] = all_act[o]
+
+
+class ActivationBands:
+    """The log histogram and its per-bin reservoirs, with the edges set by the images with id below
+    `edge_images` (the first ones scanned), so that no statistic depends on the batch size: entries
+    wait (a few hundred images' firing entries) until those images have been seen."""
+
+    def __init__(self, n_neurons: int, cfg: "AtlasConfig"):
+        self.hist = LogHistogram(n_neurons, cfg.hist_bins, cfg.hist_decades)
+        self.res = BinReservoirs(n_neurons * cfg.hist_bins, cfg.band_samples, cfg.seed)
+        self.cfg = cfg
+        self.waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray) -> None:
+        """Firing entries: image ids, neuron ids, scores > 0, in increasing image id across calls."""
+        if self.hist.edges is not None:
+            return self._add(image, neuron, value)
+        self.waiting.append((image, neuron, value))
+        if image.size and image.max() >= self.cfg.hist_edge_images - 1:
+            self._set_edges()
+
+    def _add(self, image, neuron, value) -> None:
+        b = self.hist.update(neuron, value)
+        self.res.update(neuron * self.hist.B + b, image, neuron, value)
+
+    def _set_edges(self) -> None:
+        image, value = (np.concatenate([w[i] for w in self.waiting]) for i in (0, 2))
+        self.hist.set_edges_from(value[image < self.cfg.hist_edge_images])
+        for entries in self.waiting:
+            self._add(*entries)
+        self.waiting = []
+
+    def result(self) -> dict[str, np.ndarray]:
+        """hist_counts (K, B), hist_edges (B + 1,) and band_images / band_acts (K, n_bands, S)."""
+        if self.hist.edges is None:  # fewer images than edge_images, or none fired there
+            if self.waiting:
+                self._set_edges()
+            else:
+                self.hist.set_edges_from(np.zeros(0, np.float32))
+        c = self.cfg
+        band_ids, band_acts = band_samples(self.res, self.hist.counts, c.n_bands, c.band_samples)
+        return {"hist_counts": self.hist.counts, "hist_edges": self.hist.edges,
+                "band_images": band_ids, "band_acts": band_acts}
 
 
 def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -364,8 +407,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     patch_support = np.zeros(K, np.int64)
     ms_patch = _ms_accumulator(K, E) if patch_top is not None else None  # the MS of that ranking
     raw_top = StreamingTopK(d, cfg.topk, 0, positive_only=False)
-    hist = LogHistogram(K, cfg.hist_bins, cfg.hist_decades)
-    res = BinReservoirs(K * cfg.hist_bins, cfg.band_samples, cfg.seed)
+    bands = ActivationBands(K, cfg)
     moments = NeuronMoments(K)
     coact = None
     if sae.cfg.group_sizes:
@@ -423,9 +465,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         if coact is not None:  # co-activation over images (an image fires a latent when its score > 0)
             coact.update(s_np > 0)
         img_idx, neuron = np.nonzero(s_np > 0)
-        vals = s_np[img_idx, neuron]
-        b = hist.update(neuron, vals)
-        res.update(neuron * cfg.hist_bins + b, ids[img_idx], neuron, vals)
+        bands.update(ids[img_idx], neuron, s_np[img_idx, neuron])
         ms_sae.update(scores, emb)
         ms_raw.update(raw_scores, emb)
         if reference_embed is not None:
@@ -438,10 +478,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         if progress:
             progress(done)
 
-    band_ids, band_acts = band_samples(res, hist.counts, cfg.n_bands, cfg.band_samples)
-    neurons = {**moments.result(), **top.result(), "hist_counts": hist.counts, "hist_edges": hist.edges,
-               "band_images": band_ids, "band_acts": band_acts,
-               "ms": _as_np(ms_sae.result()).astype(np.float32)}
+    neurons = {**moments.result(), **top.result(), **bands.result(), "ms": _as_np(ms_sae.result()).astype(np.float32)}
     if patch_top is not None:
         neurons.update({f"patch_{name}": arr for name, arr in patch_top.result().items()})
         neurons["patch_support"] = patch_support

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import inputs
+from app import figures, inputs
 from app.explorer import Explorer
 from app.render import heat_overlay, patch_at
 from app.uploads import UploadLimits, load_upload
@@ -156,6 +156,24 @@ def test_heat_overlay_reddens_the_hot_patch_only():
     # pixel 60 is half a pixel off the centre of the bilinear mask, which falls off towards the neighbours)
     want = 0.35 * np.array([0, 0, 255]) + 0.65 * np.array([255, 40, 0])
     assert np.abs(hot - want).max() <= 5, (hot, want)
+
+
+def test_tree_colours_patch_only_latents_by_their_patch_ms():
+    # levels 0 and 1; node 3 has no MS by its image score but one by patches, node 4 has neither
+    nodes = [{"id": 0, "level": 0, "parent": -1, "ms": 0.5}, {"id": 1, "level": 0, "parent": -1, "ms": None},
+             {"id": 2, "level": 1, "parent": 0, "ms": 0.25}, {"id": 3, "level": 1, "parent": 1, "ms": None},
+             {"id": 4, "level": 1, "parent": 1, "ms": None}]
+    patch_ms = np.array([0.9, np.nan, 0.1, 0.75, np.nan, 0.3])
+    tree = figures.hierarchy_figure(nodes, "sunburst", patch_ms)
+    trace = tree.figure.data[0]
+    colours = np.array(trace.marker.colors, dtype=np.float64)
+    np.testing.assert_array_equal(colours[[0, 2, 3]], [0.5, 0.25, 0.75])  # the image score's MS wins where it exists
+    assert np.isnan(colours[[1, 4]]).all()
+    assert [c[1] for c in trace.customdata] == ["MS", "MS", "MS", "MS by patches", "MS"]
+    assert [int(c[0]) for c in trace.customdata] == [0, 1, 2, 3, 4]  # a click still reads the neuron id first
+    assert (tree.levels, tree.nodes, tree.by_patches, tree.uncoloured) == (2, 5, 1, 2)
+    plain = figures.hierarchy_figure(nodes, "treemap")
+    assert (plain.by_patches, plain.uncoloured) == (0, 3)
 
 
 # ----------------------------------------------------------------------------------------------

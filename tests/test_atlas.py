@@ -25,6 +25,42 @@ def _batches(rng, n):
     return list(zip(np.r_[0, cuts], np.r_[cuts, n]))
 
 
+def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
+    """ActivationBands: the edges come from the images with id below hist_edge_images (the rule written
+    out: 10 x their highest score rounded up to a power of 10, hist_decades below it), whatever the
+    batching, and so do the counts and the band samples."""
+    from sae_core.atlas import ActivationBands, AtlasConfig
+
+    rng = np.random.default_rng(4)
+    N, K = 300, 9
+    s = _sparse_scores(rng, N, K)
+    s[100:, 2] *= 1e3  # neuron 2's largest scores come after the edge images: clipped into the top bin
+    cfg = AtlasConfig(layer="-2", hist_bins=12, hist_decades=5.0, hist_edge_images=70, band_samples=3)
+    results = []
+    for cuts in ([(0, N)], [(a, a + 1) for a in range(N)], _batches(rng, N), [(0, 69), (69, 71), (71, N)]):
+        bands = ActivationBands(K, cfg)
+        for a, b in cuts:
+            img, neu = np.nonzero(s[a:b] > 0)
+            bands.update(img + a, neu, s[a:b][img, neu])
+        results.append(bands.result())
+    top = np.ceil(np.log10(s[:70].max())) + 1
+    np.testing.assert_allclose(results[0]["hist_edges"], np.linspace(top - 5, top, 13), rtol=1e-6)
+    fires = s > 0
+    for k in range(K):
+        logs = np.clip(np.log10(s[fires[:, k], k].astype(np.float64)), top - 5, top - 1e-9)
+        np.testing.assert_array_equal(results[0]["hist_counts"][k], np.histogram(logs, bins=12, range=(top - 5, top))[0])
+    assert results[0]["hist_counts"][2, -1] > 0
+    for other in results[1:]:
+        for name, arr in results[0].items():
+            np.testing.assert_array_equal(other[name], arr, err_msg=name)
+    # fewer images than hist_edge_images: the edges come from all of them
+    few = ActivationBands(K, cfg)
+    img, neu = np.nonzero(s[:20] > 0)
+    few.update(img, neu, s[:20][img, neu])
+    top20 = np.ceil(np.log10(s[:20].max())) + 1
+    assert few.result()["hist_edges"][-1] == pytest.approx(top20) and few.hist.counts.sum() == (s[:20] > 0).sum()
+
+
 def test_streaming_topk_matches_a_full_sort():
     rng = np.random.default_rng(1)
     N, K, T, P = 300, 25, 16, 5
@@ -70,6 +106,7 @@ def test_histogram_moments_and_band_samples_against_brute_force():
     s = _sparse_scores(rng, N, K)
     s[:, 3] = 0  # dead
     hist, mom, res = LogHistogram(K, B, 4.0), NeuronMoments(K), BinReservoirs(K * B, S, seed=5)
+    hist.set_edges_from(s[:50])  # not from every score: some fall beyond the top edge's decade too
     for a, b in _batches(rng, N):
         sb = s[a:b]
         mom.update(sb)
@@ -361,6 +398,13 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     row = t.set_index("neuron").loc[k]
     assert (row["support"], row["patch_support"]) == (0, int((pmax[:, k] > 0).sum()))
     assert row["patch_ms"] == pytest.approx(float(np.asarray(b.array("patch_ms"))[k]), abs=1e-3)
+    # the related table carries each relative's MS by patches beside its MS
+    assert ex.related_columns == ["relation", "neuron", "label", "ms", "patch_ms", "decoder_cos"]
+    related = ex.related(k, page)
+    assert related and all(len(r) == 6 for r in related)
+    pms = np.asarray(b.array("patch_ms"), np.float64)
+    for r in related:
+        assert r[4] == (pytest.approx(pms[r[1]], abs=1e-3) if np.isfinite(pms[r[1]]) else None)
     # text search describes them by the same gallery, so they can be found
     search = NeuronSearch(ex)
     search._ready()
@@ -383,10 +427,13 @@ def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
     m = b.manifest
     model, sae, ds = load_adapter(m["model"]["spec"]), b.load_sae(), b.dataset()
     per_image = SCAN_BYTES_PER_CODE * model.layout.n_tokens * sae.cfg.d_sae
-    runs = [scan(model, sae, ds, AtlasConfig(layer="-2", topk=4, batch_size=40, memory_gib=g), n_images=40)
+    # the histogram's edges from the first 12 images: batches of 5 reach them mid-batch
+    cfgs = [AtlasConfig(layer="-2", topk=4, batch_size=40, memory_gib=g, hist_edge_images=12)
             for g in (4.0, 5.5 * per_image / 2**30)]
+    runs = [scan(model, sae, ds, cfg, n_images=40) for cfg in cfgs]
     assert [r.batch_size for r in runs] == [40, 5]
-    for name in ("top_images", "top_acts", "top_patch", "support", "frequency", "max_act", "mean_act", "ms"):
+    for name in ("top_images", "top_acts", "top_patch", "support", "frequency", "max_act", "mean_act", "ms",
+                 "hist_edges", "hist_counts", "band_images", "band_acts"):
         np.testing.assert_allclose(runs[0].neurons[name], runs[1].neurons[name], rtol=1e-5, atol=1e-6,
                                    equal_nan=True, err_msg=name)
     np.testing.assert_allclose(runs[0].raw_ms, runs[1].raw_ms, rtol=1e-5, atol=1e-6, equal_nan=True)
