@@ -409,7 +409,10 @@ class Explorer:
         """A JSON-able description of neuron k (the page's JSON export and the `neuron_json` API)."""
         k = self.check_neuron(k)
         page = self.bundle.neuron(k)
-        counts, edges = page["hist"]
+
+        def histogram(counts, edges):
+            return {"log10_edges": [_num(e, 4) for e in np.asarray(edges)], "counts": [int(x) for x in np.asarray(counts)]}
+
         return {
             "bundle": {"model": self.bundle.manifest["model"].get("spec"),
                        "layer": self.bundle.manifest["model"].get("layer"),
@@ -428,8 +431,8 @@ class Explorer:
                 "top_by_patch": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
                                  for i, a, p in page["patch_top"]]} if page.get("patch_top") is not None else {}),
             "bands": [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in page["bands"]],
-            "histogram": {"log10_edges": [_num(e, 4) for e in np.asarray(edges)],
-                          "counts": [int(x) for x in np.asarray(counts)]},
+            "histogram": histogram(*page["hist"]),
+            **({"histogram_by_patch": histogram(*page["patch_hist"])} if page.get("patch_hist") is not None else {}),
             "neighbors": [{"neuron": j, "decoder_cos": _num(cs, 4)} for j, cs in page["neighbors"]],
         }
 

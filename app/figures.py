@@ -71,30 +71,44 @@ def ms_frequency_scatter(columns: dict):
     return _layout(fig, "MS versus firing frequency (click a point to open the neuron)", height=420)
 
 
-def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: str = "image score") -> dict:
+def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: str = "image score",
+                         patch_hist: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The neuron's image-score histogram over the images it fires on (log10 bins from the bundle);
-    `score` names the image score (the x axis); a neuron that fires on no image gets a note, not axes.
+    `score` names the image score (the x axis); a CLS-scored bundle's histogram of the max over patches
+    (`patch_hist`: counts, edges) is drawn over it as a second trace. A neuron that fires on no image
+    gets a note, not axes.
 
     A plain plotly JSON dict, not a go.Figure: building and validating a Figure costs about 100 ms,
     which every neuron page would pay; the dict costs microseconds and draws the same."""
-    counts = np.asarray(counts, dtype=np.int64)
-    edges = np.asarray(edges, dtype=np.float64)
-    centers = 10 ** ((edges[:-1] + edges[1:]) / 2)
-    widths = 10 ** edges[1:] - 10 ** edges[:-1]
+    def bars(counts, edges, name, colour):
+        counts, edges = np.asarray(counts, dtype=np.int64), np.asarray(edges, dtype=np.float64)
+        return {"type": "bar", "x": (10 ** ((edges[:-1] + edges[1:]) / 2)).tolist(), "y": counts.tolist(),
+                "width": (10 ** edges[1:] - 10 ** edges[:-1]).tolist(), "name": name,
+                "marker": {"color": colour}, "hovertemplate": f"{name}<br>act %{{x:.3g}}<br>%{{y}} images<extra></extra>"}
+
+    hists = [(counts, edges)] + ([patch_hist] if patch_hist is not None else [])
+    data = [bars(*h, name, colour) for h, name, colour in zip(hists, (score, "max over patches"), ("#636efa", "#ef553b"))]
+    if patch_hist is not None:
+        data[0]["opacity"] = data[1]["opacity"] = 0.6
     grid = "#e5e5e5"
+    two = len(data) > 1
     layout = {"title": {"text": f"Neuron {k}: activation histogram (images where it fires)"}, "height": 300,
-              "bargap": 0, "margin": {"l": 50, "r": 20, "t": 50, "b": 45}, "plot_bgcolor": "white",
-              "xaxis": {"type": "log", "title": {"text": f"activation ({score})"}, "gridcolor": grid},
+              "bargap": 0, "barmode": "overlay", "margin": {"l": 50, "r": 20, "t": 50, "b": 45},
+              "plot_bgcolor": "white", "showlegend": two,
+              "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+              "xaxis": {"type": "log", "title": {"text": "activation" if two else f"activation ({score})"},
+                        "gridcolor": grid},
               "yaxis": {"title": {"text": "images"}, "gridcolor": grid}}
-    if counts.sum() == 0:  # empty axes read as a drawing bug
+    # the axis spans the occupied bins and a quarter decade each side, not the 6 decades of the edges
+    occupied = [(float(e[i]), float(e[i + 1])) for c, e in hists for i in np.flatnonzero(np.asarray(c))]
+    if occupied:
+        layout["xaxis"]["range"] = [min(o[0] for o in occupied) - 0.25, max(o[1] for o in occupied) + 0.25]
+    if sum(sum(d["y"]) for d in data) == 0:  # empty axes read as a drawing bug
         layout["xaxis"] = layout["yaxis"] = {"visible": False}
-        layout["annotations"] = [{"text": f"fires on no image by its {score}", "showarrow": False,
+        by = f"its {score}" + (" or the max over patches" if two else "")
+        layout["annotations"] = [{"text": f"fires on no image by {by}", "showarrow": False,
                                   "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5, "font": {"size": 15}}]
-    return {
-        "data": [{"type": "bar", "x": centers.tolist(), "y": counts.tolist(), "width": widths.tolist(),
-                  "marker": {"color": "#636efa"}, "hovertemplate": "act %{x:.3g}<br>%{y} images<extra></extra>"}],
-        "layout": layout,
-    }
+    return {"data": data, "layout": layout}
 
 
 def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.ndarray | None = None) -> TreeFigure:

@@ -479,10 +479,9 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         def page_outputs(k):
             k = ex.check_neuron(k)
             page = ex.bundle.neuron(k)
-            counts, edges = page["hist"]
+            hist = figures.activation_histogram(*page["hist"], k, ex.score_name, page["patch_hist"])
             return (k, ex.neuron_summary(k, page), ex.gallery(k, page), ex.gallery(k, page, by_patch=True),
-                    ex.band_gallery(k, page),
-                    plotly_json(figures.activation_histogram(counts, edges, k, ex.score_name)), ex.related(k, page),
+                    ex.band_gallery(k, page), plotly_json(hist), ex.related(k, page),
                     inputs.encode_state({"tab": "neuron", "neuron": k}), gr.Tabs(selected="neuron"))
 
         page_targets = [neuron_in, header_md, top_gallery, patch_gallery, band_gallery, hist_plot, related_df, url_box, tabs]

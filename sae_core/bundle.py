@@ -49,6 +49,7 @@ NEURON_ARRAYS = (
     "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth",
     # bundles scored by CLS: the gallery by the max over patches (for latents that fire on patches only)
     "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support", "patch_ms",
+    "patch_hist_counts",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -175,7 +176,7 @@ class Bundle:
         files = self.manifest.get("files", {})
         if name in files:
             return self.root / files[name]
-        if name in NEURON_ARRAYS or name == "hist_edges":
+        if name in NEURON_ARRAYS or name in ("hist_edges", "patch_hist_edges"):
             return self.root / NEURONS / f"{name}.npy"
         rel = name if name.endswith((".npy", ".json", ".faiss")) else f"{name}.npy"
         path = (self.root / rel).resolve()
@@ -285,6 +286,9 @@ class Bundle:
             "mean_act": float(self.array("mean_act")[k]),
             "max_act": float(self.array("max_act")[k]),
             "hist": (np.asarray(self.array("hist_counts")[k]), np.asarray(self.array("hist_edges"))),
+            # CLS-scored bundles since 2026-12-02: the histogram of the max over patches
+            "patch_hist": ((np.asarray(self.array("patch_hist_counts")[k]), np.asarray(self.array("patch_hist_edges")))
+                           if self.has("patch_hist_counts") else None),
             "top": top,
             "top_heat": heat,
             "patch_top": patch_top,
@@ -388,8 +392,9 @@ class Bundle:
                                 f"has {T}; rebuild the bundle.")
             if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
                 raise UserError(f"bundle {self.root}: {name} holds ids outside 0..{self.n_images - 1}; rebuild it.")
-        if self.has("hist_edges") and self.array("hist_edges").shape[0] != self.array("hist_counts").shape[1] + 1:
-            raise UserError(f"bundle {self.root}: hist_edges does not match hist_counts; rebuild it.")
+        for name in ("hist", "patch_hist"):
+            if self.has(f"{name}_edges") and self.array(f"{name}_edges").shape[0] != self.array(f"{name}_counts").shape[1] + 1:
+                raise UserError(f"bundle {self.root}: {name}_edges does not match {name}_counts; rebuild it.")
         labels = self.labels["labels"]
         if len(labels) != K:
             raise UserError(f"bundle {self.root}: labels.json has {len(labels)} labels for {K} neurons; rebuild it.")

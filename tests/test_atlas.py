@@ -386,6 +386,26 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     fig = activation_histogram(*b.neuron(busy)["hist"], busy, ex.score_name)
     assert "annotations" not in fig["layout"] and fig["layout"]["xaxis"]["title"]["text"] == "activation (CLS token)"
     assert sum(fig["data"][0]["y"]) == int((cls[:, busy] > 0).sum())
+    c, e = b.neuron(busy)["hist"]  # the axis zooms on the occupied bins, a quarter decade each side
+    occ = np.flatnonzero(c)
+    assert fig["layout"]["xaxis"]["range"] == pytest.approx([e[occ[0]] - 0.25, e[occ[-1] + 1] + 0.25])
+    # the histogram of the max over patches, against np.histogram on the rule's edges (the 60 images are
+    # fewer than hist_edge_images: the top edge is 10 x the highest max over patches, rounded up to a
+    # power of 10), drawn over the CLS one: the patch-only latent's page shows its patch activations
+    top = np.ceil(np.log10(pmax.max())) + 1
+    edges = np.asarray(b.array("patch_hist_edges"), np.float64)
+    np.testing.assert_allclose(edges, np.linspace(top - 6, top, 49), atol=1e-6)
+    counts = np.asarray(b.array("patch_hist_counts"))
+    for j in range(b.n_neurons):
+        logs = np.clip(np.log10(pmax[pmax[:, j] > 0, j].astype(np.float64)), top - 6, top - 1e-9)
+        np.testing.assert_array_equal(counts[j], np.histogram(logs, bins=48, range=(top - 6, top))[0])
+    fig = activation_histogram(*page["hist"], k, ex.score_name, page["patch_hist"])
+    assert "annotations" not in fig["layout"] and [d["name"] for d in fig["data"]] == ["CLS token", "max over patches"]
+    assert [sum(d["y"]) for d in fig["data"]] == [0, int((pmax[:, k] > 0).sum())]
+    assert ex.neuron_record(k)["histogram_by_patch"]["counts"] == counts[k].tolist()
+    silent = int(np.flatnonzero((pmax <= 0).all(0) & (cls <= 0).all(0))[0])
+    fig = activation_histogram(*b.neuron(silent)["hist"], silent, ex.score_name, b.neuron(silent)["patch_hist"])
+    assert [a["text"] for a in fig["layout"]["annotations"]] == ["fires on no image by its CLS token or the max over patches"]
     assert ex.neuron_record(k)["label_from_patch_gallery"] is True
     assert f"the {int(only_patch.sum())} neurons without a top image" in b.labels["method"]
     # the table's minimum support counts their patch gallery, so a label filter finds them (a latent
