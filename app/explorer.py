@@ -39,6 +39,8 @@ METRIC_ROWS = (
     ("ms_mean_raw", "mean MS, raw neurons of the layer", 4),
     ("ms_nan", "SAE latents without an MS (fire on fewer than 2 images)", "n"),
     ("ms_nan_raw", "raw neurons without an MS", "n"),
+    ("ms_mean_patch", "mean MS by the max over patches, SAE latents", 4),
+    ("ms_nan_patch", "SAE latents without an MS by the max over patches", "n"),
     ("ms_ground_truth_spearman", "ground truth: Spearman(MS, purity of the top images), SAE latents", 4),
     ("ms_ground_truth_spearman_raw", "ground truth: Spearman(MS, purity of the top images), raw neurons", 4),
     ("ms_agreement", "ground truth: agreement of MS with simulated users, SAE latents", 4),
@@ -138,7 +140,7 @@ class Explorer:
         figures.update({k: v for k, v in (self.bundle.world_figures() or {}).items() if _is_number(v)})
         listed = {key for key, _, _ in METRIC_ROWS}
         unlisted = tuple((k, k, 4) for k, v in figures.items() if k not in listed and _is_number(v))
-        out_of = {"ms_nan": self.n_neurons,
+        out_of = {"ms_nan": self.n_neurons, "ms_nan_patch": self.n_neurons,
                   "ms_nan_raw": self.bundle.array("raw/ms").size if self.bundle.has("raw/ms") else None}
         rows = []
         for key, name, how in METRIC_ROWS + unlisted:

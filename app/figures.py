@@ -34,17 +34,18 @@ def _layout(fig, title: str, height: int = 360):
     return fig
 
 
-def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None):
-    """Distribution of MS for the SAE's latents and, when stored, the layer's raw neurons."""
+def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.ndarray | None = None):
+    """Distribution of MS for the SAE's latents and, when stored, the layer's raw neurons and the SAE
+    latents' MS by the max over patches (a CLS-scored bundle)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     bins = dict(start=0.0, end=1.0, size=0.025)
-    sae = np.asarray(ms_sae, dtype=np.float64)
-    fig.add_histogram(x=sae[np.isfinite(sae)], xbins=bins, name="SAE latents", histnorm="percent", opacity=0.75)
-    if ms_raw is not None:
-        raw = np.asarray(ms_raw, dtype=np.float64)
-        fig.add_histogram(x=raw[np.isfinite(raw)], xbins=bins, name="raw neurons", histnorm="percent", opacity=0.6)
+    for values, name, opacity in ((ms_sae, "SAE latents", 0.75), (ms_raw, "raw neurons", 0.6),
+                                  (ms_patch, "SAE latents, by the max over patches", 0.5)):
+        if values is not None:
+            x = np.asarray(values, dtype=np.float64)
+            fig.add_histogram(x=x[np.isfinite(x)], xbins=bins, name=name, histnorm="percent", opacity=opacity)
     fig.update_layout(barmode="overlay", xaxis_title="Monosemanticity Score", yaxis_title="% of neurons")
     return _layout(fig, "MS distribution")
 

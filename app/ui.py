@@ -307,8 +307,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             with gr.Tab("Overview", id="overview"):
                 with gr.Row():
                     facts_md = gr.Markdown()
-                    # tall enough for a world bundle's 25 rows, most wrapped to two lines, without an inner
-                    # scroll bar (1,000 px hid the last 4 of 23)
+                    # tall enough for the demo bundle's 27 rows (1,422 px drawn), most wrapped to two lines,
+                    # without an inner scroll bar (1,000 px hid the last 4 of 23)
                     metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False, label="SAE metrics",
                                               max_height=1600, wrap=True, column_widths=["72%", "28%"],
                                               elem_id="metrics-table")
@@ -410,7 +410,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             cols = ex.columns
             raw = np.asarray(ex.bundle.array("raw/ms")) if ex.bundle.has("raw/ms") else None
             facts = "\n".join(f"- **{k}**: `{v}`" for k, v in ex.facts().items() if v is not None)
-            return ("### Bundle\n" + facts, ex.metrics_rows(), figures.ms_histogram(cols["ms"], raw),
+            return ("### Bundle\n" + facts, ex.metrics_rows(), figures.ms_histogram(cols["ms"], raw, cols.get("patch_ms")),
                     figures.ms_frequency_scatter(cols))
 
         demo.load(overview, outputs=[facts_md, metrics_df, ms_hist_plot, scatter_plot], api_name="overview")

@@ -308,11 +308,14 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     B.write_array(out, B.EMBEDDINGS, result.embeddings)
     _copy_sae(Path(job.sae), out / B.SAE_DIR)
     ms, ms_raw = result.neurons["ms"], result.raw_ms
+    patch_ms = result.neurons.get("patch_ms")
     layout = adapter.layout
     return {
         "metrics": {**result.metrics,
                     "ms_mean": _nanmean(ms), "ms_mean_raw": _nanmean(ms_raw),
-                    "ms_nan": int(np.isnan(ms).sum()), "ms_nan_raw": int(np.isnan(ms_raw).sum())},
+                    "ms_nan": int(np.isnan(ms).sum()), "ms_nan_raw": int(np.isnan(ms_raw).sum()),
+                    **({"ms_mean_patch": _nanmean(patch_ms), "ms_nan_patch": int(np.isnan(patch_ms).sum())}
+                       if patch_ms is not None else {})},
         "n_images": n, "n_scanned": result.n_images, "batch_size": result.batch_size,
         "skipped": [{"index": int(i), "error": e} for i, e in result.skipped],
         "model": {"spec": job.model, "layer": str(job.layer), "tokens": job.score, "n_tokens": layout.n_tokens,

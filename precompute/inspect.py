@@ -8,7 +8,7 @@ import numpy as np
 from .atlas import WORLD_FIGURES
 
 KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw",
-        "ms_nan") + WORLD_FIGURES
+        "ms_nan", "ms_mean_patch", "ms_nan_patch") + WORLD_FIGURES
 
 
 def add_arguments(p) -> None:
@@ -52,8 +52,9 @@ def run(args) -> int:
           + (f", groups {sae['group_sizes']}" if sae["group_sizes"] else ""))
     print(f"  data     {s['dataset']} ({s['n_images']} images); embedder {s['embedder']}")
     rows = [(k, s.get(k)) for k in KEYS[2:] + ("ms_median",) if s.get(k) is not None]
+    width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:
-        print(f"  {k:<30} {_fmt(v)}")
+        print(f"  {k:<{width}}  {_fmt(v)}")
     print(f"  labels   {s['label_method']}")
     return 0
 

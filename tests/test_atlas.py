@@ -327,9 +327,11 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     # the MS of the second ranking: the pairwise definition on the max over patches (float16 embeddings
     # in the bundle, float32 in the scan: hence the tolerance)
     emb = np.asarray(b.array("images/embeddings.npy"), np.float64)
-    np.testing.assert_allclose(np.asarray(b.array("patch_ms")), _pairwise_ms(pmax.astype(np.float64), emb),
-                               atol=2e-3, equal_nan=True)
+    pairwise_patch_ms = _pairwise_ms(pmax.astype(np.float64), emb)
+    np.testing.assert_allclose(np.asarray(b.array("patch_ms")), pairwise_patch_ms, atol=2e-3, equal_nan=True)
     figures = b.manifest["metrics"]  # and it is scored against the world's ground truth like the CLS MS
+    assert figures["ms_mean_patch"] == pytest.approx(np.nanmean(pairwise_patch_ms), abs=1e-3)
+    assert figures["ms_nan_patch"] == int(((pmax > 0).sum(0) < 2).sum()) == int(np.isnan(pairwise_patch_ms).sum())
     assert all(-1 <= figures[f"{name}_patch_only"] <= 1 for name in ("ms_ground_truth_spearman", "ms_agreement"))
     # the best patch of the second gallery is the argmax over patches; every image shown has a thumbnail
     k = int(np.argmax((pmax > 0).sum(0)))
@@ -419,6 +421,13 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert (row["support"], row["patch_support"]) == (0, int((pmax[:, k] > 0).sum()))
     assert row["patch_ms"] == pytest.approx(float(np.asarray(b.array("patch_ms"))[k]), abs=1e-3)
     # the related table carries each relative's MS by patches beside its MS
+    rows = dict(ex.metrics_rows())  # the Overview names the MS by patches and draws its distribution
+    assert float(rows["mean MS by the max over patches, SAE latents"]) == pytest.approx(np.nanmean(pairwise_patch_ms), abs=1e-3)
+    assert rows["SAE latents without an MS by the max over patches"] == f"{int(np.isnan(pairwise_patch_ms).sum())} of {b.n_neurons}"
+    from app.figures import ms_histogram
+
+    fig = ms_histogram(ex.columns["ms"], None, ex.columns["patch_ms"])
+    assert len(fig.data[1].x) == int(np.isfinite(pairwise_patch_ms).sum())
     assert ex.related_columns == ["relation", "neuron", "label", "ms", "patch_ms", "decoder_cos"]
     related = ex.related(k, page)
     assert related and all(len(r) == 6 for r in related)
