@@ -205,6 +205,7 @@ class Explorer:
         if b.has("patch_support"):
             out["patch_support"] = col("patch_support", np.int64, 0)
             out["patch_ms"] = col("patch_ms", np.float64, np.nan)
+            out["patch_frequency"] = out["patch_support"] / max(b.n_images, 1)
         return out
 
     @cached_property

@@ -51,25 +51,35 @@ def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.nda
 
 
 def ms_frequency_scatter(columns: dict):
-    """MS against firing frequency (log x), one trace per Matryoshka level; click a point to open it."""
+    """MS against firing frequency (log x), one trace per Matryoshka level; in a CLS-scored bundle the
+    latents without an MS by CLS but with one by the max over patches are one more trace (open grey
+    circles, both axes by patches); click a point to open it."""
     import plotly.graph_objects as go
 
     ms, freq, level = columns["ms"], columns["frequency"], columns["level"]
-    ids = np.flatnonzero(np.isfinite(ms) & (freq > 0))
+    patch_ms = columns.get("patch_ms")
+    only_patch = np.zeros(len(ms), bool) if patch_ms is None else ~np.isfinite(ms) & np.isfinite(patch_ms)
+    ids = np.flatnonzero((np.isfinite(ms) & (freq > 0)) | only_patch)
     if len(ids) > MAX_SCATTER_POINTS:
         ids = np.sort(np.random.default_rng(0).choice(ids, MAX_SCATTER_POINTS, replace=False))
     fig = go.Figure()
-    for g in np.unique(level[ids]):
-        sel = ids[level[ids] == g]
-        labels = columns["label"][sel]
-        add = fig.add_scatter if len(ids) <= SVG_POINTS else fig.add_scattergl
-        add(
-            x=freq[sel], y=ms[sel], mode="markers", name=f"level {int(g)}", customdata=sel.tolist(),
-            text=[f"#{k} {lab}" for k, lab in zip(sel, labels)], marker=dict(size=6, opacity=0.7),
-            hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
+    add = fig.add_scatter if len(ids) <= SVG_POINTS else fig.add_scattergl
+    by_cls = ids[~only_patch[ids]]
+    traces = [(by_cls[level[by_cls] == g], f"level {int(g)}", freq, ms, {}) for g in np.unique(level[by_cls])]
+    if only_patch.any():
+        traces.append((ids[only_patch[ids]], "by patches (no MS by CLS)", columns.get("patch_frequency"),
+                       patch_ms, {"symbol": "circle-open", "color": "#7f7f7f"}))
+    for sel, name, x, y, marker in traces:
+        if len(sel):
+            add(x=x[sel], y=y[sel], mode="markers", name=name, customdata=sel.tolist(),
+                text=[f"#{k} {lab}" for k, lab in zip(sel, columns["label"][sel])],
+                marker=dict(size=6, opacity=0.7, **marker),
+                hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
     fig.update_layout(xaxis_type="log", xaxis_title="firing frequency (fraction of images)",
                       yaxis_title="Monosemanticity Score", clickmode="event")
-    return _layout(fig, "MS versus firing frequency (click a point to open the neuron)", height=420)
+    fig = _layout(fig, "MS versus firing frequency (click a point to open the neuron)", height=420)
+    # six or more entries wrap a horizontal legend into the title: a column on the right instead
+    return fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02))
 
 
 def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: str = "image score",

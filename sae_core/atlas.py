@@ -47,6 +47,7 @@ class AtlasConfig:
     `hist_edge_images` images' highest score, times 10 and rounded up to a power of 10); scores outside
     fall into the end bins."""
     hist_edge_images: int = 128
+    """The images whose scores set the histogram's edges (ids below this), whatever the batch size."""
     n_bands: int = 4
     band_samples: int = 8
     batch_size: int = 128

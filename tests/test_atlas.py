@@ -428,6 +428,15 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
 
     fig = ms_histogram(ex.columns["ms"], None, ex.columns["patch_ms"])
     assert len(fig.data[1].x) == int(np.isfinite(pairwise_patch_ms).sum())
+    from app.figures import ms_frequency_scatter  # and the scatter adds the latents with an MS by patches only
+
+    fig = ms_frequency_scatter(ex.columns)
+    cls_ms = np.asarray(b.array("ms"))
+    only = np.flatnonzero(np.isnan(cls_ms) & np.isfinite(pairwise_patch_ms))
+    assert fig.data[-1].name == "by patches (no MS by CLS)" and list(fig.data[-1].customdata) == only.tolist()
+    np.testing.assert_allclose(fig.data[-1].x, (pmax[:, only] > 0).sum(0) / b.n_images)
+    np.testing.assert_allclose(fig.data[-1].y, pairwise_patch_ms[only], atol=2e-3)
+    assert sorted(j for t in fig.data[:-1] for j in t.customdata) == np.flatnonzero(np.isfinite(cls_ms)).tolist()
     assert ex.related_columns == ["relation", "neuron", "label", "ms", "patch_ms", "decoder_cos"]
     related = ex.related(k, page)
     assert related and all(len(r) == 6 for r in related)
