@@ -233,7 +233,8 @@ class BinReservoirs:
 class ActivationBands:
     """The log histogram and its per-bin reservoirs (unless `bands` is False), with the edges set by the
     images with id below `cfg.hist_edge_images` (the first ones scanned), so that no statistic depends on
-    the batch size: entries wait (a few hundred images' firing entries) until those images have been seen."""
+    the batch size: entries wait until those images have been seen (the firing entries of at most
+    `hist_edge_images` images and one batch)."""
 
     def __init__(self, n_neurons: int, cfg: "AtlasConfig", bands: bool = True):
         self.hist = LogHistogram(n_neurons, cfg.hist_bins, cfg.hist_decades)
@@ -244,7 +245,8 @@ class ActivationBands:
     def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray) -> None:
         """Firing entries: image ids, neuron ids, scores > 0, in increasing image id across calls."""
         if self.hist.edges is not None:
-            return self._add(image, neuron, value)
+            self._add(image, neuron, value)
+            return
         self.waiting.append((image, neuron, value))
         if image.size and image.max() >= self.cfg.hist_edge_images - 1:
             self._set_edges()
