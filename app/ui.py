@@ -547,7 +547,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
             if not nodes:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
-            patch_ms = ex.bundle.array("patch_ms") if ex.bundle.has("patch_ms") else None
+            patch_ms = ex.columns.get("patch_ms")
             tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms)
             h = ex.bundle.hierarchy()
             depth = h.get("depth_per_level") or []

@@ -409,7 +409,6 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     # Scored by CLS, a latent that fires on patches only would have no gallery at all (most of the demo's
     # finest level): a second gallery ranks the images by the max over patches, with its own support.
     patch_top = StreamingTopK(K, cfg.topk, P) if cfg.score == "cls" else None
-    patch_support = np.zeros(K, np.int64)
     ms_patch = _ms_accumulator(K, E) if patch_top is not None else None  # the MS of that ranking
     patch_hist = ActivationBands(K, cfg, bands=False) if patch_top is not None else None  # and its histogram
     raw_top = StreamingTopK(d, cfg.topk, 0, positive_only=False)
@@ -463,7 +462,6 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         if patch_top is not None:  # `best` is already the argmax over patches, whatever the score
             pmax = heat.amax(dim=1)
             patch_top.update(pmax, ids_t, best, heat)
-            patch_support += (pmax > 0).sum(0).numpy()
             ms_patch.update(pmax, emb)
             p_np = pmax.numpy()
             p_img, p_neuron = np.nonzero(p_np > 0)
@@ -490,9 +488,9 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     neurons = {**moments.result(), **top.result(), **bands.result(), "ms": _as_np(ms_sae.result()).astype(np.float32)}
     if patch_top is not None:
         neurons.update({f"patch_{name}": arr for name, arr in patch_top.result().items()})
-        neurons["patch_support"] = patch_support
         neurons["patch_ms"] = _as_np(ms_patch.result()).astype(np.float32)
         neurons.update({f"patch_{name}": arr for name, arr in patch_hist.result().items()})
+        neurons["patch_support"] = neurons["patch_hist_counts"].sum(1)  # every firing image has one bin
     m = metrics.compute()
     # dead/dense at token level on the metric rows (as in training); the *_images figures count images
     # by their score, which for --score cls leaves out latents that fire on patches only.
