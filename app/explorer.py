@@ -314,24 +314,34 @@ class Explorer:
             out.append((path, f"#{img_id}  act {act:.3g}{where}"))
         return out
 
+    @staticmethod
+    def shown_bands(page: dict) -> tuple[list, bool]:
+        """The bands the page shows and whether they are by the max over patches: a latent that fires on
+        no image by the atlas's score (CLS) shows those of the max over patches, as its label does."""
+        if not any(page["bands"]) and page.get("patch_bands") and any(page["patch_bands"]):
+            return page["patch_bands"], True
+        return page["bands"], False
+
     def band_gallery(self, k: int, page: dict | None = None) -> list[tuple[str, str]]:
         """One strip per lower activation band (highest band first): its sampled images side by side.
 
         A strip per band rather than a tile per image keeps a neuron page at about 20 files (each file
         costs the server about 1 ms per response under Gradio)."""
         page = page or self.bundle.neuron(k)
+        bands, by_patch = self.shown_bands(page)
         # every strip as wide as the atlas' band size, so the gallery draws them all at one scale
         slots = self.bundle.array("band_images").shape[2] if self.bundle.has("band_images") else 0
+        how = " by the max over patches" if by_patch else ""
         out = []
-        for b, band in enumerate(page["bands"]):
+        for b, band in enumerate(bands):
             if not band:
                 continue
             ids = [i for i, _ in band]
             acts = [a for _, a in band]
             path = self.images.get_or_make(f"band|{k}|{b}|{ids}",
                                            lambda ids=ids: strip([self.bundle.image(i) for i in ids], slots=slots))
-            out.append((path, f"band {b + 1}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to {max(acts):.3g} "
-                              f"(#{', #'.join(str(i) for i in ids)})"))
+            out.append((path, f"band {b + 1}{how}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to "
+                              f"{max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
         return out
 
     def image_tile(self, i: int) -> str:
@@ -400,8 +410,9 @@ class Explorer:
         ]
         if page.get("patch_support") is not None:
             top_act = f" (max {page['patch_top'][0][1]:.3g})" if page["patch_top"] else ""
+            bands = " and so do the activation bands below it" if self.shown_bands(page)[1] else ""
             lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images{top_act}; the "
-                         "second gallery ranks them by the max over patches")
+                         f"second gallery ranks them by the max over patches{bands}")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)
         if no_patch and page["top_heat"] is not None:
             lines.append(f"- **where it fires** — on no patch of {no_patch} of its {len(page['top'])} top images "
@@ -415,6 +426,9 @@ class Explorer:
 
         def histogram(counts, edges):
             return {"log10_edges": [_num(e, 4) for e in np.asarray(edges)], "counts": [int(x) for x in np.asarray(counts)]}
+
+        def bands(rows):
+            return [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in rows]
 
         return {
             "bundle": {"model": self.bundle.manifest["model"].get("spec"),
@@ -433,7 +447,8 @@ class Explorer:
             **({"patch_support": page["patch_support"], "patch_ms": _num(page.get("patch_ms"), 5),
                 "top_by_patch": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
                                  for i, a, p in page["patch_top"]]} if page.get("patch_top") is not None else {}),
-            "bands": [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in page["bands"]],
+            "bands": bands(page["bands"]),
+            **({"bands_by_patch": bands(page["patch_bands"])} if page.get("patch_bands") is not None else {}),
             "histogram": histogram(*page["hist"]),
             **({"histogram_by_patch": histogram(*page["patch_hist"])} if page.get("patch_hist") is not None else {}),
             "neighbors": [{"neuron": j, "decoder_cos": _num(cs, 4)} for j, cs in page["neighbors"]],

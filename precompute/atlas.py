@@ -488,10 +488,10 @@ def _stage_thumbs(job, sae, out, scan_info, world):
     rename instead of an fsync per file)."""
     from sae_core.datasets import open_dataset
 
-    ids = set(np.load(out / "neurons/top_images.npy").ravel().tolist())
-    ids |= set(np.load(out / "neurons/band_images.npy").ravel().tolist())
-    if (out / "neurons/patch_top_images.npy").is_file():
-        ids |= set(np.load(out / "neurons/patch_top_images.npy").ravel().tolist())
+    ids = set()
+    for name in ("top_images", "band_images", "patch_top_images", "patch_band_images"):  # patch_*: --score cls
+        if (out / f"neurons/{name}.npy").is_file():
+            ids |= set(np.load(out / f"neurons/{name}.npy").ravel().tolist())
     ids.discard(-1)
     ds = open_dataset(job.dataset)
     final = out / B.THUMBS

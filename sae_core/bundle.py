@@ -49,7 +49,7 @@ NEURON_ARRAYS = (
     "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth",
     # bundles scored by CLS: the gallery by the max over patches (for latents that fire on patches only)
     "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support", "patch_ms",
-    "patch_hist_counts",
+    "patch_hist_counts", "patch_band_images", "patch_band_acts",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -253,16 +253,18 @@ class Bundle:
         top = [(int(i), float(a), int(p)) for i, a, p in zip(top_ids[keep], top_acts[keep], top_patch[keep])]
         return top, None if heat is None else np.asarray(heat[: len(top)], dtype=np.float32)
 
+    def _bands(self, k: int, prefix: str = "") -> list[list[tuple[int, float]]]:
+        """Neuron k's lower activation bands, highest first: [(image id, activation)] per band."""
+        if not self.has(f"{prefix}band_images"):
+            return []
+        ids, acts = (np.asarray(self.array(f"{prefix}band_{name}")[k]) for name in ("images", "acts"))
+        return [[(int(i), float(a)) for i, a in zip(row[row >= 0], act[row >= 0])] for row, act in zip(ids, acts)]
+
     def neuron(self, k) -> dict:
         """Everything a neuron page shows, from a handful of memory-mapped reads."""
         k = self.check_neuron(k)
         top, heat = self._gallery(k)
         patch_top, patch_heat = self._gallery(k, "patch_") if self.has("patch_top_images") else (None, None)
-        bands = []
-        if self.has("band_images"):
-            for ids, acts in zip(np.asarray(self.array("band_images")[k]), np.asarray(self.array("band_acts")[k])):
-                m = ids >= 0
-                bands.append([(int(i), float(a)) for i, a in zip(ids[m], acts[m])])
         neighbors = []
         if self.has("decoder_neighbors"):
             ids = np.asarray(self.array("decoder_neighbors")[k])
@@ -295,7 +297,9 @@ class Bundle:
             "patch_top_heat": patch_heat,
             "patch_support": num(self._opt("patch_support", k), int),
             "patch_ms": num(self._opt("patch_ms", k)),
-            "bands": bands,
+            "bands": self._bands(k),
+            # CLS-scored bundles since 2026-12-02: the bands of the max over patches
+            "patch_bands": self._bands(k, "patch_") if self.has("patch_band_images") else None,
             "group": num(group, int) if group is not None else 0,
             "parent": num(parent, int) if parent is not None else -1,
             "parent_coact": num(parent_coact, int) if parent_coact is not None else -1,
@@ -383,6 +387,15 @@ class Bundle:
             if self.has(name) and self.array(name).shape[1] != T:
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[1]} "
                                 f"top slots, top_images has {T}; rebuild the bundle.")
+        for name in ("band_images", "patch_band_images"):
+            if not self.has(name):
+                continue
+            ids = np.asarray(self.array(name))
+            if ids.shape != self.array(name.replace("images", "acts")).shape:
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy and its activations differ in shape; "
+                                "rebuild the bundle.")
+            if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
+                raise UserError(f"bundle {self.root}: {name} holds ids outside 0..{self.n_images - 1}; rebuild it.")
         for name in ("top_images", "patch_top_images"):
             if not self.has(name):
                 continue

@@ -405,6 +405,42 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert "annotations" not in fig["layout"] and [d["name"] for d in fig["data"]] == ["CLS token", "max over patches"]
     assert [sum(d["y"]) for d in fig["data"]] == [0, int((pmax[:, k] > 0).sum())]
     assert ex.neuron_record(k)["histogram_by_patch"]["counts"] == counts[k].tolist()
+    # its activation bands: per band, the S images with the smallest keys among those whose max over
+    # patches falls in the band's bins (the brute-force test of the CLS bands, on the max over patches)
+    band_ids, band_acts = (np.asarray(b.array(f"patch_band_{name}")) for name in ("images", "acts"))
+    NB, S = band_ids.shape[1:]
+    hash_keys = BinReservoirs(1, S, seed=0).keys_for
+    for j in range(b.n_neurons):
+        firing = np.flatnonzero(pmax[:, j] > 0)
+        if not len(firing):
+            assert (band_ids[j] == -1).all()
+            continue
+        logs = np.clip(np.log10(pmax[firing, j].astype(np.float64)), top - 6, top - 1e-9)
+        bins = np.digitize(logs, edges[1:-1])
+        occ = np.flatnonzero(counts[j])
+        bounds = np.linspace(occ[0], occ[-1] + 1, NB + 1).round().astype(int)
+        keys = hash_keys(firing, np.full(len(firing), j))
+        for band in range(NB):
+            members = np.flatnonzero((bins >= bounds[NB - band - 1]) & (bins < bounds[NB - band]))
+            got = band_ids[j, band][band_ids[j, band] >= 0]
+            assert set(got.tolist()) == set(firing[members[np.argsort(keys[members], kind="stable")][:S]].tolist())
+            np.testing.assert_allclose(band_acts[j, band][: len(got)], pmax[got, j], rtol=1e-4, atol=1e-5)
+            assert (np.diff(band_acts[j, band][: len(got)]) <= 0).all()
+    assert set(band_ids.ravel().tolist()) - {-1} <= thumbs
+    # the page of a latent without CLS images shows them (it has no CLS bands), says so, and exports them
+    strips = ex.band_gallery(k, page)
+    want = [row[row >= 0].tolist() for row in band_ids[k] if (row >= 0).any()]
+    assert strips and len(strips) == len(want)
+    assert [c.split("(#")[1].rstrip(")").replace("#", "").split(", ") for _, c in strips] == [[str(i) for i in w] for w in want]
+    assert all(c.startswith(f"band {n} by the max over patches: ") for n, (_, c) in
+               zip([i + 1 for i, row in enumerate(band_ids[k]) if (row >= 0).any()], strips))
+    assert "and so do the activation bands below it" in ex.neuron_summary(k, page)
+    assert [[t["image"] for t in band] for band in ex.neuron_record(k)["bands_by_patch"]] == [row[row >= 0].tolist() for row in band_ids[k]]
+    # a latent with CLS images keeps its CLS bands
+    cls_strips = ex.band_gallery(busy)
+    cls_bands = np.asarray(b.array("band_images"))[busy]
+    assert len(cls_strips) == int((cls_bands >= 0).any(1).sum()) and not any("by the max" in c for _, c in cls_strips)
+    assert "bands below it" not in ex.neuron_summary(busy, b.neuron(busy))
     silent = int(np.flatnonzero((pmax <= 0).all(0) & (cls <= 0).all(0))[0])
     fig = activation_histogram(*b.neuron(silent)["hist"], silent, ex.score_name, b.neuron(silent)["patch_hist"])
     assert [a["text"] for a in fig["layout"]["annotations"]] == ["fires on no image by its CLS token or the max over patches"]

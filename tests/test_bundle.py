@@ -58,7 +58,7 @@ def test_round_trip(tmp_path):
     B.write_array(tmp_path, "neurons/top_heat.npy", heat)
     assert B.open_bundle(tmp_path).neuron(2)["top"] == [(3, 2.0, 5), (1, 1.0, -1)]
     np.testing.assert_array_equal(n["top_heat"], arrays["top_heat"][2, :2].astype(np.float32))
-    assert n["bands"] == [[], [(7, 0.25)]]
+    assert n["bands"] == [[], [(7, 0.25)]] and n["patch_bands"] is None  # bands by patches: CLS-scored only
     assert (n["group"], n["parent"], n["parent_coact"]) == (1, 0, 1)
     assert b.neuron(0)["children"] == [2, 3, 5] and b.neuron(1)["children"] == [4]
     assert n["label"] == "c2" and n["label_method"] == "test" and n["label_score"] == 2.0
@@ -136,6 +136,21 @@ def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
     B.write_json(tmp_path, B.LABELS, {**labels, "from_patch_gallery": [6]})
     with pytest.raises(UserError, match="outside 0..5 as labelled from patches"):
         B.open_bundle(tmp_path).validate()
+    B.write_json(tmp_path, B.LABELS, labels)
+    # and its bands by the max over patches (CLS bands alike)
+    band_acts = np.zeros((6, 2, 2), np.float32)
+    band_acts[:, 0, :] = [0.5, 0.25]
+    B.write_array(tmp_path, "neurons/patch_band_acts.npy", band_acts)
+    for name, bad, sentence in (("patch_band_images", np.full((6, 2, 2), 20), "patch_band_images holds ids outside 0..19"),
+                                ("patch_band_images", np.full((6, 2, 3), -1), "patch_band_images.npy and its activations differ"),
+                                ("band_images", np.full((6, 2, 2), -2), "band_images holds ids outside")):
+        B.write_array(tmp_path, f"neurons/{name}.npy", bad)
+        with pytest.raises(UserError, match=sentence):
+            B.open_bundle(tmp_path).validate()
+        B.write_array(tmp_path, f"neurons/{name}.npy", np.array([[[9, 4], [-1, -1]]] * 6))
+    b = B.open_bundle(tmp_path)
+    b.validate()
+    assert b.neuron(3)["patch_bands"] == [[(9, 0.5), (4, 0.25)], []] and b.neuron(3)["bands"] == [[(9, 0.0), (4, 0.0)], []]
 
 
 def test_tiny_bundle_through_the_reader(tiny_bundle):
