@@ -189,7 +189,7 @@ def test_training_is_deterministic_for_a_seed():
 def test_claims_decide_which_images_a_text_describes():
     from precompute.world.clip import claim_matrix
     from precompute.world.pool import Pool
-    from sae_core.world.text import caption
+    from sae_core.world.text import caption, training_text
 
     pool = Pool(SPEC, "train", 80)
     idx = np.arange(80)
@@ -203,6 +203,21 @@ def test_claims_decide_which_images_a_text_describes():
     assert list(np.flatnonzero(t[0])) == star and list(np.flatnonzero(t[1])) == red
     assert list(np.flatnonzero(t[2])) == red_star and t[3, 5]
     assert list(np.flatnonzero(t[4])) == [i for i in idx if pool.factors[i]["background"]["texture"] == "dotted"]
+    # the texts training draws, on a batch with repeated images, against the claims written out
+    rng = np.random.default_rng(3)
+    idx = rng.integers(80, size=200)
+    drawn = dict(training_text(pool.factors[i], rng) for i in idx)  # text -> claim, each text once
+
+    def describes(f, claim, text):
+        if claim.get("exact"):
+            return caption(f) == text
+        if "texture" in claim:
+            return f["background"]["texture"] == claim["texture"]
+        return any(all(o[k] == v for k, v in claim["object"].items()) for o in f["objects"])
+
+    t = claim_matrix(pool, idx, list(drawn.values()), list(drawn))
+    want = np.array([[describes(pool.factors[i], claim, text) for i in idx] for text, claim in drawn.items()])
+    assert len(drawn) > 50 and 0.01 < want.mean() < 0.5 and np.array_equal(t, want)
 
 
 # ---- the tiny preset, built once per session (tests/conftest.py) ----

@@ -38,22 +38,38 @@ def with_eager_attention(model):
 
 
 def claim_matrix(pool: Pool, idx: np.ndarray, claims: list, texts: list) -> np.ndarray:
-    """truth[t, b]: does text t (with its claim) describe image idx[b]? Decided from factor codes."""
-    n_obj = pool.n_objects[idx]
+    """truth[t, b]: does text t (with its claim) describe image idx[b]? Decided from factor codes.
+
+    Object claims are matched through one (text, value) table per factor and captions by a lookup: a
+    text at a time, this took 3.5 ms of a demo CLIP step's 12 ms of data preparation."""
+    from sae_core.world.generator import TEXTURES
+
     truth = np.zeros((len(claims), len(idx)), bool)
-    caps = np.array([pool.captions[i] for i in idx], dtype=object)
+    names = list(FACTOR_CODES)
+    codes = np.stack([pool.codes[name][idx] for name in names], -1)  # (B, 2, factors), -1: no second object
+    want = np.full((len(claims), len(names)), -2)  # -2: the claim does not name that factor
+    is_object = np.zeros(len(claims), bool)
+    by_caption: dict[str, list[int]] = {}
+    for b, i in enumerate(idx):
+        by_caption.setdefault(pool.captions[i], []).append(b)
+    texture = pool.texture[idx]
     for t, claim in enumerate(claims):
         if claim.get("exact"):
-            truth[t] = caps == texts[t]
+            truth[t, by_caption.get(texts[t], [])] = True
         elif "texture" in claim:
-            from sae_core.world.generator import TEXTURES
-            truth[t] = pool.texture[idx] == TEXTURES.index(claim["texture"])
+            truth[t] = texture == TEXTURES.index(claim["texture"])
         else:
-            ok = np.ones((len(idx), 2), bool)
+            is_object[t] = True
             for name, value in claim["object"].items():
-                ok &= pool.codes[name][idx] == FACTOR_CODES[name].index(value)
-            ok[:, 1] &= n_obj == 2
-            truth[t] = ok.any(1)
+                want[t, names.index(name)] = FACTOR_CODES[name].index(value)
+    want = want[is_object]
+    ok = np.ones((len(want), len(idx), 2), bool)  # (T', B, objects)
+    for f, name in enumerate(names):  # per factor, a (text, value) table read at the batch's codes
+        values = np.arange(len(FACTOR_CODES[name]))
+        table = (want[:, f, None] == values) | (want[:, f, None] == -2)
+        table = np.concatenate([table, np.zeros((len(want), 1), bool)], 1)  # code -1 (no second object): False
+        ok &= table[:, codes[:, :, f]]
+    truth[is_object] = ok.any(-1)
     return truth
 
 
@@ -104,12 +120,10 @@ def train_clip(model, tokenizer, pool: Pool, cfg: dict, seed: int, log=None) -> 
             enc = tokenizer(missing)["input_ids"]
             cache.update(zip(missing, enc))
         ids = [cache[t] for t in texts]
-        width = max(map(len, ids))
-        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-        attn = torch.zeros(len(ids), width, dtype=torch.long)
-        for r, seq in enumerate(ids):
-            input_ids[r, :len(seq)] = torch.tensor(seq)
-            attn[r, :len(seq)] = 1
+        lengths = np.array([len(seq) for seq in ids])
+        width = int(lengths.max())
+        input_ids = torch.from_numpy(np.array([seq + [0] * (width - len(seq)) for seq in ids], np.int64))
+        attn = torch.from_numpy((np.arange(width) < lengths[:, None]).astype(np.int64))
         img = model.get_image_features(pixel_values=normalise(pool.pixels[idx]))
         txt = model.get_text_features(input_ids=input_ids, attention_mask=attn)
         img = F.normalize(_tensor(img), dim=-1)
