@@ -53,6 +53,7 @@ METRIC_ROWS = (
     ("purity_mean_raw", "ground truth: mean purity of the top images, raw neurons", 4),
     ("label_accuracy", "ground truth: label accuracy (label = the value most top images share)", 4),
     ("label_accuracy_patch_gallery", "ground truth: label accuracy, latents labelled from their patch gallery", 4),
+    ("label_accuracy_by_patch", "ground truth: accuracy of the labels by patches (every latent with a patch gallery)", 4),
     ("hierarchy_depth", "ground truth: taxonomy depth per Matryoshka level, coarse to fine", 2),
 )
 
@@ -202,6 +203,8 @@ class Explorer:
             "support": col("support", np.int64, 0), "frequency": col("frequency", np.float64, np.nan),
             "max_act": col("max_act", np.float64, np.nan), "level": col("group", np.int64, 0),
         }
+        if "labels_by_patch" in b.labels:  # CLS-scored bundles: the label of the gallery by patches
+            out["patch_label"] = np.asarray(b.labels["labels_by_patch"], dtype=object)
         if b.has("patch_support"):
             out["patch_support"] = col("patch_support", np.int64, 0)
             out["patch_ms"] = col("patch_ms", np.float64, np.nan)
@@ -210,12 +213,15 @@ class Explorer:
 
     @cached_property
     def table_columns(self) -> list[str]:
-        """The table's columns: TABLE_COLUMNS, and a CLS-scored bundle's MS and support by patches after
-        the support."""
-        if "patch_support" not in self.columns:
-            return list(TABLE_COLUMNS)
-        i = TABLE_COLUMNS.index("support") + 1
-        return TABLE_COLUMNS[:i] + list(PATCH_COLUMNS) + TABLE_COLUMNS[i:]
+        """The table's columns: TABLE_COLUMNS, and a CLS-scored bundle's label by patches after the label
+        and MS and support by patches after the support."""
+        cols = list(TABLE_COLUMNS)
+        if "patch_support" in self.columns:
+            i = cols.index("support") + 1
+            cols[i:i] = PATCH_COLUMNS
+        if "patch_label" in self.columns:
+            cols.insert(cols.index("label") + 1, "patch_label")
+        return cols
 
     @cached_property
     def related_columns(self) -> list[str]:
@@ -259,8 +265,10 @@ class Explorer:
         if level not in (None, "", "all"):
             keep &= c["level"] == inputs.integer(level, "Matryoshka level", 0, max(self.levels))
         needle = inputs.text(label_contains, "label filter", inputs.MAX_QUERY_CHARS).lower()
-        if needle:
-            keep &= np.array([needle in str(s).lower() for s in c["label"]], dtype=bool)
+        if needle:  # either label of a CLS-scored bundle's latent
+            names = [name for name in ("label", "patch_label") if name in c]
+            keep &= np.array([any(needle in str(c[name][k]).lower() for name in names) for k in range(self.n_neurons)],
+                             dtype=bool)
         if sort_by not in self.table_sorts:
             raise UserError(f"cannot sort by {sort_by!r}; choose one of {', '.join(self.table_sorts)}.")
         limit = inputs.integer(limit, "row limit", 1, MAX_TABLE_ROWS)
@@ -275,7 +283,7 @@ class Explorer:
     def _cell(name, v):
         if name in ("neuron", "support", "patch_support", "level"):
             return int(v)
-        if name == "label":
+        if name in ("label", "patch_label"):
             return str(v)
         return _num(v, 5 if name == "frequency" else 3)
 
@@ -411,8 +419,13 @@ class Explorer:
         if page.get("patch_support") is not None:
             top_act = f" (max {page['patch_top'][0][1]:.3g})" if page["patch_top"] else ""
             bands = " and so do the activation bands below it" if self.shown_bands(page)[1] else ""
+            label = ""
+            if page.get("label_by_patch") and not page["label_from_patch"]:  # else it is the label above
+                score = page.get("label_by_patch_score")
+                label = f'; its label: guess "{page["label_by_patch"]}"' + (
+                    f" (score {score:.2f})" if score is not None and math.isfinite(score) else "")
             lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images{top_act}; the "
-                         f"second gallery ranks them by the max over patches{bands}")
+                         f"second gallery ranks them by the max over patches{bands}{label}")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)
         if no_patch and page["top_heat"] is not None:
             lines.append(f"- **where it fires** — on no patch of {no_patch} of its {len(page['top'])} top images "
@@ -438,6 +451,8 @@ class Explorer:
             "neuron": k,
             "label": page["label"], "label_score": _num(page["label_score"]), "label_method": page["label_method"],
             "label_from_patch_gallery": page["label_from_patch"],
+            **({"label_by_patch": page["label_by_patch"], "label_by_patch_score": _num(page["label_by_patch_score"])}
+               if page.get("label_by_patch") is not None else {}),
             "ms": _num(page["ms"], 5), "support": page["support"], "frequency": _num(page["frequency"], 6),
             "mean_act": _num(page["mean_act"], 5), "max_act": _num(page["max_act"], 5),
             "level": page["group"], "parent": page["parent"], "parent_coact": page["parent_coact"],

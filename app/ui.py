@@ -346,7 +346,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     f_min_support = gr.Number(value=ex.default_min_support, precision=0, minimum=0,
                                               label=f"minimum support (images{by_patch}; an MS over fewer is noisy)")
                     f_level = gr.Dropdown(level_choices, value="all", label="Matryoshka level")
-                    f_label = gr.Textbox(label="label contains", max_length=inputs.MAX_QUERY_CHARS)
+                    f_label = gr.Textbox(label="label contains" + (" (label or patch_label)" if "patch_label" in ex.columns
+                                                                   else ""), max_length=inputs.MAX_QUERY_CHARS)
                 with gr.Row():
                     f_sort = gr.Dropdown(list(ex.table_sorts), value="ms", label="sort by")
                     f_desc = gr.Checkbox(value=True, label="descending")

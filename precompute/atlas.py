@@ -124,7 +124,8 @@ def run(args) -> int:
 
 WORLD_FIGURES = ("ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms_agreement",
                  "ms_agreement_factor_embedder", "ms_agreement_ideal_neurons", "ms_ground_truth_spearman_patch_only",
-                 "ms_agreement_patch_only", "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")
+                 "ms_agreement_patch_only", "label_accuracy", "label_accuracy_patch_gallery", "label_accuracy_by_patch",
+                 "hierarchy_depth")
 """The world stage's figures that the manifest's metrics carry (and `precompute inspect` prints)."""
 
 # Expected seconds per stage on 2 CPU cores for the demo world (the progress bar's weights).
@@ -372,6 +373,8 @@ def _stage_labels(job, sae, out, scan_info, world):
                                    n_top=job.topk, patch_top_images=np.load(patch_top) if patch_top.is_file() else None)
     B.write_json(out, B.LABELS, res.to_json())
     B.write_array(out, "neurons/label_score.npy", np.asarray(res.scores, np.float32))
+    if res.scores_by_patch is not None:
+        B.write_array(out, "neurons/patch_label_score.npy", np.asarray(res.scores_by_patch, np.float32))
     return {"method": res.method, "vocabulary_size": len(concepts), "from_patch_gallery": len(res.from_patch)}
 
 
@@ -461,25 +464,31 @@ def _stage_world(job, sae, out, scan_info, world):
     figures["ms_agreement_factor_embedder"] = calibration.get("factor_embedder", {}).get("ms_agreement")
     figures["ms_agreement_ideal_neurons"] = calibration["ideal_neurons"]["ms_agreement"]
     labels_info = stage_info(out, "labels") or {}
-    figures["label_accuracy"], figures["label_accuracy_patch_gallery"] = \
-        _label_accuracy(out, ds, gallery, from_patch) if labels_info.get("method") else (None, None)
+    figures["label_accuracy"], figures["label_accuracy_patch_gallery"], figures["label_accuracy_by_patch"] = \
+        _label_accuracy(out, ds, gallery, from_patch, patch_top) if labels_info.get("method") else (None,) * 3
     figures["hierarchy_depth"] = (stage_info(out, "hierarchy") or {}).get("depth_per_level")
     B.write_json(out, B.WORLD, {**figures, "split": world[1], "world": str(world[0]), "calibration": calibration,
                                 "neurons": sae_rep, "raw": raw_rep})
     return figures
 
 
-def _label_accuracy(out: Path, ds, gallery: np.ndarray, from_patch: np.ndarray) -> tuple[float | None, float | None]:
+def _label_accuracy(out: Path, ds, gallery: np.ndarray, from_patch: np.ndarray, patch_top: np.ndarray | None
+                    ) -> tuple[float | None, float | None, float | None]:
     """Share of labelled neurons whose label is the factor value most of their gallery's images share
     (among the vocabulary's values; sae_core.labels.label_accuracy): for neurons labelled from their
-    top images, and apart for those labelled from their gallery by the max over patches (`gallery`,
-    `from_patch`: sae_core.labels.labelling_gallery, the images the labels were read from)."""
+    top images, apart for those labelled from their gallery by the max over patches (`gallery`,
+    `from_patch`: sae_core.labels.labelling_gallery, the images the labels were read from), and for
+    every neuron's label by patches against its gallery by the max over patches (`patch_top`)."""
     from sae_core.labels import dominant_factors, label_accuracy, world_factor_values
 
     lab = json.loads((out / B.LABELS).read_text())
-    dom = dominant_factors(gallery, world_factor_values(ds), allowed=lab["vocabulary"] or None)
+    values, allowed = world_factor_values(ds), lab["vocabulary"] or None
+    dom = dominant_factors(gallery, values, allowed=allowed)
     accs = [label_accuracy([s if f == want else "" for s, f in zip(lab["labels"], from_patch)], dom)
             for want in (False, True)]
+    by_patch = lab.get("labels_by_patch")
+    accs.append(label_accuracy(by_patch, dominant_factors(patch_top, values, allowed=allowed))
+                if by_patch is not None and patch_top is not None else float("nan"))
     return tuple(a if np.isfinite(a) else None for a in accs)
 
 

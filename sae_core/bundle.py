@@ -5,7 +5,7 @@ Layout (schema version 1; README "The bundle and the atlas" documents every file
     manifest.json        written LAST: a directory without it is unfinished and never served
     sae/                 sae.safetensors + config.json (sae_core.checkpoint)
     neurons/NAME.npy     per-neuron arrays, first axis = neuron id k (ms, support, top_images, ...)
-    neurons/labels.json  {"method", "vocabulary", "labels", "from_patch_gallery"}
+    neurons/labels.json  {"method", "vocabulary", "labels", "from_patch_gallery"[, "labels_by_patch"]}
     raw/ms.npy           MS of the layer's own units on the same images
     images/              embeddings.npy, index.faiss, thumbs/{id}.png (gallery images only)
     hierarchy.json       the Matryoshka tree; world.json (world bundles): ground-truth figures
@@ -49,7 +49,7 @@ NEURON_ARRAYS = (
     "label_score", "decoder_neighbors", "decoder_neighbor_cos", "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth",
     # bundles scored by CLS: the gallery by the max over patches (for latents that fire on patches only)
     "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support", "patch_ms",
-    "patch_hist_counts", "patch_band_images", "patch_band_acts",
+    "patch_hist_counts", "patch_band_images", "patch_band_acts", "patch_label_score",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -208,7 +208,8 @@ class Bundle:
     @cached_property
     def labels(self) -> dict:
         """{"method", "vocabulary", "labels": [str per neuron], "from_patch_gallery": [neuron ids labelled
-        from their gallery by the max over patches]} (empty labels if none were computed)."""
+        from their gallery by the max over patches], and for CLS-scored bundles since 2026-12-02
+        "labels_by_patch": [str per neuron, read from that gallery]} (empty labels if none were computed)."""
         if not (self.root / LABELS).is_file():
             return {"method": None, "vocabulary": [], "labels": [""] * self.n_neurons, "from_patch_gallery": []}
         return {"from_patch_gallery": [], **self.json(LABELS)}
@@ -309,6 +310,9 @@ class Bundle:
             "label_score": num(score),
             "label_method": labels.get("method"),
             "label_from_patch": k in self._labelled_from_patch,
+            # CLS-scored bundles since 2026-12-02: the label of the gallery by the max over patches
+            "label_by_patch": labels["labels_by_patch"][k] if "labels_by_patch" in labels else None,
+            "label_by_patch_score": num(self._opt("patch_label_score", k)),
             "neighbors": neighbors,
         }
 
@@ -411,6 +415,9 @@ class Bundle:
         labels = self.labels["labels"]
         if len(labels) != K:
             raise UserError(f"bundle {self.root}: labels.json has {len(labels)} labels for {K} neurons; rebuild it.")
+        if len(self.labels.get("labels_by_patch", labels)) != K:
+            raise UserError(f"bundle {self.root}: labels.json has {len(self.labels['labels_by_patch'])} labels by "
+                            f"patches for {K} neurons; rebuild it.")
         if any(not 0 <= int(k) < K for k in self.labels["from_patch_gallery"]):
             raise UserError(f"bundle {self.root}: labels.json lists neurons outside 0..{K - 1} as labelled from "
                             "patches; rebuild it.")

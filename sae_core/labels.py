@@ -18,6 +18,7 @@ API
                               embeds the prompts, fills the method string; centred: rank by cosine
                               minus the concept's cosine with the dataset's mean image (see label_neurons);
                               patch_top_images: labels neurons without top images from these (labelling_gallery)
+                              and every neuron from these too (.labels_by_patch)
     labelling_gallery(top_images (K, T), patch_top_images (K, T) | None) -> (ids (K, T), from_patch bool (K,))
                               each neuron's top images, or its top images by the max over patches where it
                               has none (a CLS-scored atlas's latents that fire on patches only)
@@ -29,7 +30,10 @@ API
                                  embedding), minus the baseline's cosine when centred; NaN where no label
         .method str, .vocabulary list[str]
         .from_patch int64 (n,)   neurons labelled from their gallery by the max over patches
-        .to_json() -> {"method", "vocabulary", "labels", "from_patch_gallery"}      (neurons/labels.json)
+        .labels_by_patch list[str] (K,) | None, .scores_by_patch float32 (K,) | None   every neuron's label
+                                 from its gallery by the max over patches (given patch_top_images)
+        .to_json() -> {"method", "vocabulary", "labels", "from_patch_gallery"[, "labels_by_patch"]}
+                                 (neurons/labels.json)
     world_factor_values(dataset) -> callable image_id -> set[str]
                               colours and shapes of every object of a world image, and its texture
     dominant_factors(top_images, values_of, n_top=16, allowed=None) -> DominantFactors
@@ -117,10 +121,15 @@ class NeuronLabels:
     method: str
     vocabulary: list
     from_patch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    labels_by_patch: list | None = None
+    """CLS-scored atlases: every neuron's label read from its gallery by the max over patches ("" where
+    that gallery is empty), shown beside its label; `scores_by_patch` (K,) float32 are their scores."""
+    scores_by_patch: np.ndarray | None = None
 
     def to_json(self) -> dict:
+        by_patch = {} if self.labels_by_patch is None else {"labels_by_patch": list(self.labels_by_patch)}
         return {"method": self.method, "vocabulary": list(self.vocabulary), "labels": list(self.labels),
-                "from_patch_gallery": [int(k) for k in self.from_patch]}
+                "from_patch_gallery": [int(k) for k in self.from_patch], **by_patch}
 
 
 def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, names: Sequence[str],
@@ -211,9 +220,14 @@ def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder,
     if from_patch.any():
         method += (f"; the {int(from_patch.sum())} neurons without a top image by the atlas's score are labelled "
                    f"from their top-{n_top} images by the max over patches")
-    out = label_neurons(gallery, image_embeddings, text, [c.name for c in concepts], n_top=n_top, method=method,
-                        baseline=baseline)
+    if patch_top_images is not None:
+        method += f"; every neuron is also labelled from its top-{n_top} images by the max over patches (labels_by_patch)"
+    names = [c.name for c in concepts]
+    out = label_neurons(gallery, image_embeddings, text, names, n_top=n_top, method=method, baseline=baseline)
     out.from_patch = np.flatnonzero(from_patch)
+    if patch_top_images is not None:  # the two galleries of a latent can show different things
+        by_patch = label_neurons(patch_top_images, image_embeddings, text, names, n_top=n_top, baseline=baseline)
+        out.labels_by_patch, out.scores_by_patch = by_patch.labels, by_patch.scores
     return out
 
 

@@ -361,20 +361,46 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     concepts = world_concepts(m["world"])
     text = load_text_embedder(m["embedder"]["spec"])([c.prompt for c in concepts]).numpy().astype(np.float64)
     base = emb.sum(0) / np.linalg.norm(emb.sum(0))
-    scores = np.asarray(b.array("label_score"))
+    # every latent is also labelled from its patch gallery by the same definition (labels_by_patch)
+    for labels, scores, gallery in ((b.labels["labels"], np.asarray(b.array("label_score")), np.where(only_patch[:, None], patch_ids, top_ids)),
+                                    (b.labels["labels_by_patch"], np.asarray(b.array("patch_label_score")), patch_ids)):
+        for k in range(b.n_neurons):
+            ids = gallery[k]
+            if not (ids >= 0).any():
+                assert labels[k] == "" and np.isnan(scores[k])
+                continue
+            mean = emb[ids[ids >= 0]].mean(0)
+            cos = text @ (mean / np.linalg.norm(mean)) - text @ base
+            assert labels[k] == concepts[int(cos.argmax())].name
+            assert scores[k] == pytest.approx(cos.max(), abs=1e-3)
+    by_patch = b.labels["labels_by_patch"]
+    assert all(by_patch[k] == b.labels["labels"][k] for k in np.flatnonzero(only_patch))
+    differ = [k for k in range(b.n_neurons) if (top_ids[k] >= 0).any() and by_patch[k] and by_patch[k] != b.labels["labels"][k]]
+    assert differ  # latents whose two galleries read differently: the header shows the second label
+    head = ex.neuron_summary(differ[0], b.neuron(differ[0]))
+    assert f'its label: guess "{by_patch[differ[0]]}" (score {float(np.asarray(b.array("patch_label_score"))[differ[0]]):.2f})' in head
+    rec = ex.neuron_record(differ[0])
+    assert rec["label_by_patch"] == by_patch[differ[0]] and rec["label"] == b.labels["labels"][differ[0]]
+    # the world figure: labels by patches against the value most of the patch gallery's images share
+    vocab = set(b.labels["vocabulary"])
+    hits = []
     for k in range(b.n_neurons):
-        ids = (patch_ids if only_patch[k] else top_ids)[k]
-        if not (ids >= 0).any():
-            assert b.labels["labels"][k] == "" and np.isnan(scores[k])
+        ids = patch_ids[k][patch_ids[k] >= 0]
+        if not by_patch[k] or not len(ids):
             continue
-        mean = emb[ids[ids >= 0]].mean(0)
-        cos = text @ (mean / np.linalg.norm(mean)) - text @ base
-        assert b.labels["labels"][k] == concepts[int(cos.argmax())].name
-        assert scores[k] == pytest.approx(cos.max(), abs=1e-3)
+        count = {}
+        for i in ids:
+            f = ds.factors(int(i))
+            for v in ({o[key] for o in f["objects"] for key in ("colour", "shape")} | {f["background"]["texture"]}) & vocab:
+                count[v] = count.get(v, 0) + 1
+        if count:
+            hits.append(count.get(by_patch[k], 0) == max(count.values()))
+    assert b.manifest["metrics"]["label_accuracy_by_patch"] == pytest.approx(np.mean(hits), abs=1e-9)
     k = int(np.flatnonzero(only_patch & ((pmax > 0).sum(0) >= 2))[0])
     page = b.neuron(k)
     assert page["label_from_patch"] and not b.neuron(int(np.flatnonzero((top_ids >= 0).any(1))[0]))["label_from_patch"]
     assert "from the gallery by the max over patches" in ex.label_text(page)
+    assert "its label: guess" not in ex.neuron_summary(k, page)  # its label is the one by patches
     # its header and histogram say that it fires on patches only, not leave zeros and empty axes unexplained
     from app.figures import activation_histogram
 
@@ -452,7 +478,10 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     gallery_n = np.where((cls > 0).sum(0) > 0, (cls > 0).sum(0), (pmax > 0).sum(0))
     lab = b.labels["labels"][k]
     t = ex.table(min_ms=0, min_support=2, label_contains=lab, limit=500)  # min MS 0: the page's default
-    assert sorted(t["neuron"]) == [j for j in range(b.n_neurons) if lab in b.labels["labels"][j] and gallery_n[j] >= 2]
+    assert sorted(t["neuron"]) == [j for j in range(b.n_neurons) if lab in b.labels["labels"][j] + "|" + by_patch[j]
+                                   and gallery_n[j] >= 2]  # either label
+    assert ex.table_columns[:3] == ["neuron", "label", "patch_label"] and list(t.columns) == ex.table_columns
+    assert [t.set_index("neuron").loc[j, "patch_label"] for j in t["neuron"]] == [by_patch[j] for j in t["neuron"]]
     row = t.set_index("neuron").loc[k]
     assert (row["support"], row["patch_support"]) == (0, int((pmax[:, k] > 0).sum()))
     assert row["patch_ms"] == pytest.approx(float(np.asarray(b.array("patch_ms"))[k]), abs=1e-3)

@@ -62,6 +62,7 @@ def test_round_trip(tmp_path):
     assert (n["group"], n["parent"], n["parent_coact"]) == (1, 0, 1)
     assert b.neuron(0)["children"] == [2, 3, 5] and b.neuron(1)["children"] == [4]
     assert n["label"] == "c2" and n["label_method"] == "test" and n["label_score"] == 2.0
+    assert n["label_by_patch"] is None and n["label_by_patch_score"] is None  # CLS-scored bundles only
     assert n["neighbors"] == [(0, 0.5), (1, 0.5)]
     counts, edges = n["hist"]
     np.testing.assert_array_equal(counts, arrays["hist_counts"][2])
@@ -136,7 +137,14 @@ def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
     B.write_json(tmp_path, B.LABELS, {**labels, "from_patch_gallery": [6]})
     with pytest.raises(UserError, match="outside 0..5 as labelled from patches"):
         B.open_bundle(tmp_path).validate()
-    B.write_json(tmp_path, B.LABELS, labels)
+    B.write_json(tmp_path, B.LABELS, {**labels, "labels_by_patch": ["b"] * 5})
+    with pytest.raises(UserError, match="5 labels by patches for 6 neurons"):
+        B.open_bundle(tmp_path).validate()
+    B.write_json(tmp_path, B.LABELS, {**labels, "labels_by_patch": ["b"] * 5 + [""]})
+    B.write_array(tmp_path, "neurons/patch_label_score.npy", np.linspace(0, 0.5, 6).astype(np.float32))
+    b = B.open_bundle(tmp_path)
+    b.validate()
+    assert [(b.neuron(k)["label_by_patch"], b.neuron(k)["label_by_patch_score"]) for k in (0, 5)] == [("b", 0.0), ("", 0.5)]
     # and its bands by the max over patches (CLS bands alike)
     band_acts = np.zeros((6, 2, 2), np.float32)
     band_acts[:, 0, :] = [0.5, 0.25]
