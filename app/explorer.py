@@ -344,10 +344,13 @@ class Explorer:
         for b, band in enumerate(bands):
             if not band:
                 continue
-            ids = [i for i, _ in band]
-            acts = [a for _, a in band]
-            path = self.images.get_or_make(f"band|{k}|{b}|{ids}",
-                                           lambda ids=ids: strip([self.bundle.image(i) for i in ids], slots=slots))
+            ids = [i for i, _, _ in band]
+            acts = [a for _, a, _ in band]
+            boxes = [self.patch_index(p) if p >= 0 else None for _, _, p in band]
+            path = self.images.get_or_make(
+                f"band|{k}|{b}|{ids}|{boxes}",
+                lambda ids=ids, boxes=boxes: strip([self.bundle.image(i) for i in ids], slots=slots, boxes=boxes,
+                                                   grid=self.grid if self.grid[0] else None))
             out.append((path, f"band {b + 1}{how}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to "
                               f"{max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
         return out
@@ -441,7 +444,8 @@ class Explorer:
             return {"log10_edges": [_num(e, 4) for e in np.asarray(edges)], "counts": [int(x) for x in np.asarray(counts)]}
 
         def bands(rows):
-            return [[{"image": i, "act": _num(a, 5)} for i, a in band] for band in rows]
+            return [[{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None} for i, a, p in band]
+                    for band in rows]
 
         return {
             "bundle": {"model": self.bundle.manifest["model"].get("spec"),

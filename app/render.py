@@ -47,17 +47,26 @@ def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best
     return pic
 
 
-def strip(images, tile: int = 96, gap: int = 4, slots: int = 0):
+def strip(images, tile: int = 96, gap: int = 4, slots: int = 0, boxes=None, grid: tuple[int, int] | None = None):
     """Images side by side, each fitted into a tile x tile square, on a white background, at least
     `slots` tiles wide: strips of one width are drawn at one scale (a gallery stretches each to its width,
-    so a one-image strip came out as one huge image)."""
-    from PIL import Image
+    so a one-image strip came out as one huge image). `boxes`: per image a patch index (of `grid`) to
+    outline in yellow, as the top gallery marks its best patch, or None."""
+    from PIL import Image, ImageDraw
 
     n = max(len(images), slots)
     out = Image.new("RGB", (n * (tile + gap) - gap, tile), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
     for j, img in enumerate(images):
         t = upscale(img, tile).convert("RGB")
-        out.paste(t, (j * (tile + gap) + (tile - t.size[0]) // 2, (tile - t.size[1]) // 2))
+        x0, y0 = j * (tile + gap) + (tile - t.size[0]) // 2, (tile - t.size[1]) // 2
+        out.paste(t, (x0, y0))
+        best = boxes[j] if boxes is not None else None
+        if best is not None and grid and 0 <= best < grid[0] * grid[1]:
+            r, c = divmod(best, grid[1])
+            cw, ch = t.size[0] / grid[1], t.size[1] / grid[0]
+            draw.rectangle([x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw - 1, y0 + (r + 1) * ch - 1],
+                           outline=(255, 255, 0), width=2)
     return out
 
 

@@ -384,7 +384,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     label="top 16 images by the max over patches (not by the CLS token)",
                     columns=8, height="auto", object_fit="contain", elem_id="patch-gallery",
                     visible=ex.bundle.has("patch_top_images"))
-                band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first)", columns=1,
+                band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first; yellow box = best patch)", columns=1,
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():

@@ -187,7 +187,8 @@ class LogHistogram:
 
 
 class BinReservoirs:
-    """A uniform sample without replacement of S firing images per (neuron, histogram bin).
+    """A uniform sample without replacement of S firing images per (neuron, histogram bin), each with
+    its activation and best patch (token position, -1 for none).
 
     Each entry draws a random key (a pure function of the seed and the image index); a slot keeps the
     S smallest keys seen. The smallest S keys of a union of bins are then a uniform sample of that
@@ -199,6 +200,7 @@ class BinReservoirs:
         self.key = np.full((n_slots, size), np.inf, np.float32)
         self.ids = np.full((n_slots, size), -1, np.int64)
         self.acts = np.zeros((n_slots, size), np.float32)
+        self.patch = np.full((n_slots, size), -1, np.int16)
 
     def keys_for(self, image: np.ndarray, neuron: np.ndarray) -> np.ndarray:
         # A hash of (seed, image, neuron) in [0, 1): the same sample whatever the batching.
@@ -209,9 +211,11 @@ class BinReservoirs:
         h ^= h >> np.uint64(32)
         return (h >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
 
-    def update(self, slot: np.ndarray, image: np.ndarray, neuron: np.ndarray, act: np.ndarray) -> None:
+    def update(self, slot: np.ndarray, image: np.ndarray, neuron: np.ndarray, act: np.ndarray,
+               patch: np.ndarray | None = None) -> None:
         if slot.size == 0:
             return
+        patch = np.full(slot.shape, -1, np.int16) if patch is None else patch.astype(np.int16)
         key = self.keys_for(image, neuron)
         touched = np.unique(slot)
         S = self.S
@@ -219,6 +223,7 @@ class BinReservoirs:
         all_key = np.concatenate([self.key[touched].ravel(), key])
         all_id = np.concatenate([self.ids[touched].ravel(), image])
         all_act = np.concatenate([self.acts[touched].ravel(), act.astype(np.float32)])
+        all_patch = np.concatenate([self.patch[touched].ravel(), patch])
         order = np.lexsort((all_key, all_slot))
         s_sorted = all_slot[order]
         first = np.searchsorted(s_sorted, s_sorted, side="left")
@@ -228,10 +233,11 @@ class BinReservoirs:
         self.key[s, r] = all_key[o]
         self.ids[s, r] = all_id[o]
         self.acts[s, r] = all_act[o]
+        self.patch[s, r] = all_patch[o]
 
 
 class ActivationBands:
-    """The log histogram and its per-bin reservoirs (K x bins x S entries of 16 bytes: 400 MB at K 65,536,
+    """The log histogram and its per-bin reservoirs (K x bins x S entries of 18 bytes: 450 MB at K 65,536,
     48 bins and S 8), with the edges set by the images with id below `cfg.hist_edge_images` (the first
     ones scanned), so that no statistic depends on the batch size: entries wait until those images have
     been seen (the firing entries of at most `hist_edge_images` images and one batch)."""
@@ -240,20 +246,21 @@ class ActivationBands:
         self.hist = LogHistogram(n_neurons, cfg.hist_bins, cfg.hist_decades)
         self.res = BinReservoirs(n_neurons * cfg.hist_bins, cfg.band_samples, cfg.seed)
         self.cfg = cfg
-        self.waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray) -> None:
-        """Firing entries: image ids, neuron ids, scores > 0, in increasing image id across calls."""
+    def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray, patch: np.ndarray) -> None:
+        """Firing entries: image ids, neuron ids, scores > 0 and best patch positions (-1 for none), in
+        increasing image id across calls."""
         if self.hist.edges is not None:
-            self._add(image, neuron, value)
+            self._add(image, neuron, value, patch)
             return
-        self.waiting.append((image, neuron, value))
+        self.waiting.append((image, neuron, value, patch))
         if image.size and image.max() >= self.cfg.hist_edge_images - 1:
             self._set_edges()
 
-    def _add(self, image, neuron, value) -> None:
+    def _add(self, image, neuron, value, patch) -> None:
         b = self.hist.update(neuron, value)
-        self.res.update(neuron * self.hist.B + b, image, neuron, value)
+        self.res.update(neuron * self.hist.B + b, image, neuron, value, patch)
 
     def _set_edges(self) -> None:
         image, value = (np.concatenate([w[i] for w in self.waiting]) for i in (0, 2))
@@ -263,30 +270,34 @@ class ActivationBands:
         self.waiting = []
 
     def result(self) -> dict[str, np.ndarray]:
-        """hist_counts (K, B), hist_edges (B + 1,), band_images / band_acts (K, n_bands, S)."""
+        """hist_counts (K, B), hist_edges (B + 1,), band_images / band_acts / band_patch (K, n_bands, S)."""
         if self.hist.edges is None:  # fewer images than edge_images, or none fired there
             if self.waiting:
                 self._set_edges()
             else:
                 self.hist.set_edges_from(np.zeros(0, np.float32))
         c = self.cfg
-        band_images, band_acts = band_samples(self.res, self.hist.counts, c.n_bands, c.band_samples)
+        band_images, band_acts, band_patch = band_samples(self.res, self.hist.counts, c.n_bands, c.band_samples)
         return {"hist_counts": self.hist.counts, "hist_edges": self.hist.edges,
-                "band_images": band_images, "band_acts": band_acts}
+                "band_images": band_images, "band_acts": band_acts, "band_patch": band_patch}
 
 
-def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per neuron, split its occupied histogram bins (lowest to highest non-empty) into `n_bands`
     contiguous groups and draw `size` images uniformly from each (band 0 = the highest activations).
 
-    Returns band_images (K, n_bands, size) int64 (-1 empty) and band_acts (K, n_bands, size) float32,
-    each band sorted by activation, highest first."""
+    Returns band_images (K, n_bands, size) int64 (-1 empty), band_acts (K, n_bands, size) float32 and
+    band_patch (K, n_bands, size) int16 (best patch position, -1 for none), each band sorted by
+    activation, highest first."""
     K, B = counts.shape
     ids = np.full((K, n_bands, size), -1, np.int64)
     acts = np.zeros((K, n_bands, size), np.float32)
+    patch = np.full((K, n_bands, size), -1, np.int16)
     key = res.key.reshape(K, B, res.S)
     rid = res.ids.reshape(K, B, res.S)
     ract = res.acts.reshape(K, B, res.S)
+    rpatch = res.patch.reshape(K, B, res.S)
     for k in np.flatnonzero(counts.sum(1)):
         occ = np.flatnonzero(counts[k])
         lo, hi = occ[0], occ[-1] + 1
@@ -301,7 +312,8 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
             take = take[np.argsort(-aa[take], kind="stable")]
             ids[k, band, : len(take)] = ii[take]
             acts[k, band, : len(take)] = aa[take]
-    return ids, acts
+            patch[k, band, : len(take)] = rpatch[k, a:b].ravel()[take]
+    return ids, acts, patch
 
 
 class NeuronMoments:
@@ -456,6 +468,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         scores, best, heat = pool_tokens(codes, layout.n_prefix, cfg.score)
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
         ids_t = torch.from_numpy(ids)
+        best_np = best.numpy()
         top.update(scores, ids_t, best, heat)
         if patch_top is not None:  # `best` is already the argmax over patches, whatever the score
             pmax = heat.amax(dim=1)
@@ -463,14 +476,14 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
             ms_patch.update(pmax, emb)
             p_np = pmax.numpy()
             p_img, p_neuron = np.nonzero(p_np > 0)
-            patch_bands.update(ids[p_img], p_neuron, p_np[p_img, p_neuron])
+            patch_bands.update(ids[p_img], p_neuron, p_np[p_img, p_neuron], best_np[p_img, p_neuron])
         raw_top.update(raw_scores, ids_t)
         s_np = scores.numpy()
         moments.update(s_np)
         if coact is not None:  # co-activation over images (an image fires a latent when its score > 0)
             coact.update(s_np > 0)
         img_idx, neuron = np.nonzero(s_np > 0)
-        bands.update(ids[img_idx], neuron, s_np[img_idx, neuron])
+        bands.update(ids[img_idx], neuron, s_np[img_idx, neuron], best_np[img_idx, neuron])
         ms_sae.update(scores, emb)
         ms_raw.update(raw_scores, emb)
         if reference_embed is not None:

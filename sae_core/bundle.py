@@ -50,6 +50,8 @@ NEURON_ARRAYS = (
     # bundles scored by CLS: the gallery by the max over patches (for latents that fire on patches only)
     "patch_top_images", "patch_top_acts", "patch_top_patch", "patch_top_heat", "patch_support", "patch_ms",
     "patch_hist_counts", "patch_band_images", "patch_band_acts", "patch_label_score",
+    # since 2026-12-02 (22:40): each band sample's best patch
+    "band_patch", "patch_band_patch",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -254,12 +256,16 @@ class Bundle:
         top = [(int(i), float(a), int(p)) for i, a, p in zip(top_ids[keep], top_acts[keep], top_patch[keep])]
         return top, None if heat is None else np.asarray(heat[: len(top)], dtype=np.float32)
 
-    def _bands(self, k: int, prefix: str = "") -> list[list[tuple[int, float]]]:
-        """Neuron k's lower activation bands, highest first: [(image id, activation)] per band."""
+    def _bands(self, k: int, prefix: str = "") -> list[list[tuple[int, float, int]]]:
+        """Neuron k's lower activation bands, highest first: [(image id, activation, best patch position
+        or -1)] per band (-1 also for bundles built before band patches were stored)."""
         if not self.has(f"{prefix}band_images"):
             return []
         ids, acts = (np.asarray(self.array(f"{prefix}band_{name}")[k]) for name in ("images", "acts"))
-        return [[(int(i), float(a)) for i, a in zip(row[row >= 0], act[row >= 0])] for row, act in zip(ids, acts)]
+        patch = (np.asarray(self.array(f"{prefix}band_patch")[k]) if self.has(f"{prefix}band_patch")
+                 else np.full(ids.shape, -1))
+        return [[(int(i), float(a), int(p)) for i, a, p in zip(row[row >= 0], act[row >= 0], pos[row >= 0])]
+                for row, act, pos in zip(ids, acts, patch)]
 
     def neuron(self, k) -> dict:
         """Everything a neuron page shows, from a handful of memory-mapped reads."""
@@ -395,9 +401,10 @@ class Bundle:
             if not self.has(name):
                 continue
             ids = np.asarray(self.array(name))
-            if ids.shape != self.array(name.replace("images", "acts")).shape:
-                raise UserError(f"bundle {self.root}: neurons/{name}.npy and its activations differ in shape; "
-                                "rebuild the bundle.")
+            for other in (name.replace("images", "acts"), name.replace("images", "patch")):
+                if self.has(other) and ids.shape != self.array(other).shape:
+                    raise UserError(f"bundle {self.root}: neurons/{name}.npy and {other}.npy differ in shape; "
+                                    "rebuild the bundle.")
             if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
                 raise UserError(f"bundle {self.root}: {name} holds ids outside 0..{self.n_images - 1}; rebuild it.")
         for name in ("top_images", "patch_top_images"):

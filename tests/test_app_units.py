@@ -232,6 +232,17 @@ def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
         with Image.open(path) as im:
             sizes.add(im.size)
     assert sizes == {(bands.shape[1] * 100 - 4, 96)}  # band size x (96 px tile + 4 px gap) - the last gap
+    # each sample's best patch is outlined in yellow: the outline's corner in the patch's grid cell
+    rows, cols = explorer.grid
+    patches = np.load(root / "band_patch.npy")[k][(bands >= 0).any(1)]
+    for (path, _), pos in zip(strips, patches):
+        with Image.open(path) as im:
+            for j, p in enumerate(pos[pos >= 0] - explorer.n_prefix):
+                r, c = divmod(int(p), cols)
+                cell = 96 // cols
+                assert im.getpixel((j * 100 + c * cell, r * cell)) == (255, 255, 0)
+                assert im.getpixel((j * 100 + c * cell + cell // 2, r * cell + cell // 2)) != (255, 255, 0)
+    assert (patches >= 0).sum() > 0
     with pytest.raises(UserError):
         explorer.neuron_record(explorer.n_neurons)
     with pytest.raises(UserError):

@@ -36,12 +36,13 @@ def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
     s = _sparse_scores(rng, N, K)
     s[100:, 2] *= 1e3  # neuron 2's largest scores come after the edge images: clipped into the top bin
     cfg = AtlasConfig(layer="-2", hist_bins=12, hist_decades=5.0, hist_edge_images=70, band_samples=3)
+    best = rng.integers(-1, 17, (N, K))  # each (image, neuron)'s best patch, carried beside its sample
     results = []
     for cuts in ([(0, N)], [(a, a + 1) for a in range(N)], _batches(rng, N), [(0, 69), (69, 71), (71, N)]):
         bands = ActivationBands(K, cfg)
         for a, b in cuts:
             img, neu = np.nonzero(s[a:b] > 0)
-            bands.update(img + a, neu, s[a:b][img, neu])
+            bands.update(img + a, neu, s[a:b][img, neu], best[a:b][img, neu])
         results.append(bands.result())
     top = np.ceil(np.log10(s[:70].max())) + 1
     np.testing.assert_allclose(results[0]["hist_edges"], np.linspace(top - 5, top, 13), rtol=1e-6)
@@ -50,13 +51,15 @@ def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
         logs = np.clip(np.log10(s[fires[:, k], k].astype(np.float64)), top - 5, top - 1e-9)
         np.testing.assert_array_equal(results[0]["hist_counts"][k], np.histogram(logs, bins=12, range=(top - 5, top))[0])
     assert results[0]["hist_counts"][2, -1] > 0
+    ids = results[0]["band_images"]
+    assert (ids >= 0).sum() > 50 and (results[0]["band_patch"] == np.where(ids >= 0, best[ids, np.arange(K)[:, None, None]], -1)).all()
     for other in results[1:]:
         for name, arr in results[0].items():
             np.testing.assert_array_equal(other[name], arr, err_msg=name)
     # fewer images than hist_edge_images: the edges come from all of them
     few = ActivationBands(K, cfg)
     img, neu = np.nonzero(s[:20] > 0)
-    few.update(img, neu, s[:20][img, neu])
+    few.update(img, neu, s[:20][img, neu], best[:20][img, neu])
     top20 = np.ceil(np.log10(s[:20].max())) + 1
     assert few.result()["hist_edges"][-1] == pytest.approx(top20) and few.hist.counts.sum() == (s[:20] > 0).sum()
 
@@ -107,13 +110,14 @@ def test_histogram_moments_and_band_samples_against_brute_force():
     s[:, 3] = 0  # dead
     hist, mom, res = LogHistogram(K, B, 4.0), NeuronMoments(K), BinReservoirs(K * B, S, seed=5)
     hist.set_edges_from(s[:50])  # not from every score: some fall beyond the top edge's decade too
+    best = np.random.default_rng(9).integers(-1, 50, (N, K))  # best patch positions, carried along
     for a, b in _batches(rng, N):
         sb = s[a:b]
         mom.update(sb)
         img, neu = np.nonzero(sb > 0)
         vals = sb[img, neu]
         bins = hist.update(neu, vals)
-        res.update(neu * B + bins, img + a, neu, vals)
+        res.update(neu * B + bins, img + a, neu, vals, best[a:b][img, neu])
     m = mom.result()
     fires = s > 0
     np.testing.assert_array_equal(m["support"], fires.sum(0))
@@ -128,7 +132,7 @@ def test_histogram_moments_and_band_samples_against_brute_force():
         np.testing.assert_array_equal(hist.counts[k], np.histogram(logs, bins=edges)[0])
     # Bands: each is a sample of S images (or all of them) drawn by the smallest keys among the
     # firing images whose bins fall in the band; band 0 holds the highest activations.
-    ids, acts = band_samples(res, hist.counts, NB, S)
+    ids, acts, patch = band_samples(res, hist.counts, NB, S)
     for k in range(K):
         if not fires[:, k].any():
             assert (ids[k] == -1).all()
@@ -145,6 +149,8 @@ def test_histogram_moments_and_band_samples_against_brute_force():
             got = ids[k, band][ids[k, band] >= 0]
             assert set(got.tolist()) == set(want.tolist())
             np.testing.assert_allclose(np.sort(acts[k, band][: len(got)]), np.sort(s[got, k]))
+            np.testing.assert_array_equal(patch[k, band][: len(got)], best[got, k])
+            assert (patch[k, band][len(got):] == -1).all()
             assert (np.diff(acts[k, band][: len(got)]) <= 0).all()  # sorted high to low
 
 
@@ -452,6 +458,13 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
             assert set(got.tolist()) == set(firing[members[np.argsort(keys[members], kind="stable")][:S]].tolist())
             np.testing.assert_allclose(band_acts[j, band][: len(got)], pmax[got, j], rtol=1e-4, atol=1e-5)
             assert (np.diff(band_acts[j, band][: len(got)]) <= 0).all()
+    # each band sample's best patch: the argmax over patches (-1 where a CLS sample fires on no patch)
+    argmax = z[:, n_pre:].argmax(1) + n_pre  # (N, K)
+    for prefix in ("", "patch_"):
+        ids, pos = (np.asarray(b.array(f"{prefix}band_{name}")) for name in ("images", "patch"))
+        kk = np.broadcast_to(np.arange(b.n_neurons)[:, None, None], ids.shape)
+        want = np.where((ids >= 0) & (pmax[np.maximum(ids, 0), kk] > 0), argmax[np.maximum(ids, 0), kk], -1)
+        assert (ids >= 0).sum() > 100 and np.array_equal(pos, want), prefix
     assert set(band_ids.ravel().tolist()) - {-1} <= thumbs
     # the page of a latent without CLS images shows them (it has no CLS bands), says so, and exports them
     strips = ex.band_gallery(k, page)

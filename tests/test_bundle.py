@@ -32,6 +32,8 @@ def _write_small_bundle(root, K=6, T=3, P=4, N=20, manifest=True):
     }
     arrays["band_images"][:, 1, 0] = 7
     arrays["band_acts"][:, 1, 0] = 0.25
+    arrays["band_patch"] = np.full((K, 2, 2), -1, np.int16)
+    arrays["band_patch"][:, 1, 0] = 3
     for name, arr in arrays.items():
         B.write_array(root, f"neurons/{name}.npy", arr)
     B.write_json(root, B.LABELS, {"method": "test", "vocabulary": ["a", "b"], "labels": [f"c{k}" for k in range(K)]})
@@ -58,7 +60,7 @@ def test_round_trip(tmp_path):
     B.write_array(tmp_path, "neurons/top_heat.npy", heat)
     assert B.open_bundle(tmp_path).neuron(2)["top"] == [(3, 2.0, 5), (1, 1.0, -1)]
     np.testing.assert_array_equal(n["top_heat"], arrays["top_heat"][2, :2].astype(np.float32))
-    assert n["bands"] == [[], [(7, 0.25)]] and n["patch_bands"] is None  # bands by patches: CLS-scored only
+    assert n["bands"] == [[], [(7, 0.25, 3)]] and n["patch_bands"] is None  # bands by patches: CLS-scored only
     assert (n["group"], n["parent"], n["parent_coact"]) == (1, 0, 1)
     assert b.neuron(0)["children"] == [2, 3, 5] and b.neuron(1)["children"] == [4]
     assert n["label"] == "c2" and n["label_method"] == "test" and n["label_score"] == 2.0
@@ -150,7 +152,7 @@ def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
     band_acts[:, 0, :] = [0.5, 0.25]
     B.write_array(tmp_path, "neurons/patch_band_acts.npy", band_acts)
     for name, bad, sentence in (("patch_band_images", np.full((6, 2, 2), 20), "patch_band_images holds ids outside 0..19"),
-                                ("patch_band_images", np.full((6, 2, 3), -1), "patch_band_images.npy and its activations differ"),
+                                ("patch_band_images", np.full((6, 2, 3), -1), "patch_band_images.npy and patch_band_acts.npy differ"),
                                 ("band_images", np.full((6, 2, 2), -2), "band_images holds ids outside")):
         B.write_array(tmp_path, f"neurons/{name}.npy", bad)
         with pytest.raises(UserError, match=sentence):
@@ -158,7 +160,14 @@ def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
         B.write_array(tmp_path, f"neurons/{name}.npy", np.array([[[9, 4], [-1, -1]]] * 6))
     b = B.open_bundle(tmp_path)
     b.validate()
-    assert b.neuron(3)["patch_bands"] == [[(9, 0.5), (4, 0.25)], []] and b.neuron(3)["bands"] == [[(9, 0.0), (4, 0.0)], []]
+    # no patch_band_patch (a bundle of 2026-12-02 before 22:40): no best patch
+    assert b.neuron(3)["patch_bands"] == [[(9, 0.5, -1), (4, 0.25, -1)], []]
+    assert b.neuron(3)["bands"] == [[(9, 0.0, -1), (4, 0.0, -1)], []]
+    B.write_array(tmp_path, "neurons/band_patch.npy", np.array([[[5, -1], [-1, -1]]] * 6, np.int16))
+    assert B.open_bundle(tmp_path).neuron(3)["bands"] == [[(9, 0.0, 5), (4, 0.0, -1)], []]
+    B.write_array(tmp_path, "neurons/band_patch.npy", np.full((6, 2, 3), -1, np.int16))
+    with pytest.raises(UserError, match="band_images.npy and band_patch.npy differ"):
+        B.open_bundle(tmp_path).validate()
 
 
 def test_tiny_bundle_through_the_reader(tiny_bundle):
