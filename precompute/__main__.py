@@ -26,16 +26,21 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of every command, with the arguments of the one `argv` names."""
     parser = argparse.ArgumentParser(prog="python -m precompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:  # only the chosen command's module is imported
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser_for(argv).parse_args(argv)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except UserError as e:

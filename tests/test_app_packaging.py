@@ -1,5 +1,5 @@
 """Packaging: the Dockerfile runs the README's commands as a non-root user; the Space front matter;
-the first start builds the default bundle through the precompute command."""
+the first start builds the default bundle through the precompute command; the quick start's commands parse."""
 import json
 import re
 import shlex
@@ -72,3 +72,29 @@ def test_first_start_builds_the_default_bundle(tmp_path, tiny_world, monkeypatch
     err = capfd.readouterr().err
     assert "building the tiny bundle first" in err and "precompute demo --out" in err
     assert open_bundle(default).n_neurons > 0
+
+
+def test_the_quick_start_commands_parse():
+    """Every command of the README's quick start is accepted by the real command-line parsers (an
+    option renamed or a choice dropped would leave users a first command that fails)."""
+    from app.__main__ import parse_args
+    from precompute.__main__ import parser_for
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = [line.split("#", 1)[0].strip() for line in "\n".join(blocks).replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line) for line in lines if line]
+    parsed = {"make": 0, "precompute": 0, "app": 0}
+    for argv in commands:
+        if argv[:3] == ["python", "-m", "precompute"]:
+            args = parser_for(argv[3:]).parse_args(argv[3:])
+            assert args.command == argv[3]
+            parsed["precompute"] += 1
+        elif argv[:3] == ["python", "-m", "app"]:
+            assert parse_args(argv[3:]).bundle == "runs/bundle"
+            parsed["app"] += 1
+        else:
+            assert argv[0] == "make" and re.search(rf"^{argv[1]}:", (REPO / "Makefile").read_text(), re.M), argv
+            parsed["make"] += 1
+    assert parsed == {"make": 1, "precompute": 5, "app": 1}
