@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -55,6 +56,8 @@ class AtlasJob:
     limit: int | None = None
     seed: int = 0
     vocabulary: str | None = None
+    checkpoint_every: int | None = None
+    """Images between saves of the scan's running state (None: every 5 minutes)."""
     command: str = ""
     extra_manifest: dict = field(default_factory=dict)
 
@@ -68,7 +71,7 @@ class AtlasJob:
     def identity(self) -> dict:
         """Settings that define the bundle's content (a rerun must match them to resume)."""
         d = asdict(self)
-        for k in ("out", "batch_size", "memory_gib", "device", "command", "extra_manifest"):
+        for k in ("out", "batch_size", "memory_gib", "device", "checkpoint_every", "command", "extra_manifest"):
             d.pop(k)
         d["sae"] = str(Path(self.sae).resolve())
         return d
@@ -97,6 +100,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, help="scan only the first N images")
     p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the band samples")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="images between saves of the scan's state, so a killed scan resumes there (default: every 5 minutes)")
 
 
 def run(args) -> int:
@@ -109,6 +114,7 @@ def run(args) -> int:
                    embedder=args.embedder, topk=args.topk, score=args.score, batch_size=args.batch_size,
                    memory_gib=args.memory_gib,
                    device=device, limit=args.limit, seed=args.seed, vocabulary=args.vocabulary,
+                   checkpoint_every=args.checkpoint_every,
                    command=shlex.join(["python", "-m", "precompute", "atlas", *sys.argv[2:]]))
     from .progress import PipelineProgress
 
@@ -138,6 +144,11 @@ STAGE_WEIGHTS = {"atlas: scan": 30, "atlas: geometry": 1, "atlas: labels": 3, "a
 # ----------------------------------------------------------------------------------------------
 def _stage_path(out: Path, name: str) -> Path:
     return out / STAGE_DIR / f"{name}.json"
+
+
+def scan_checkpoint_path(out: Path) -> Path:
+    """The running state of an unfinished scan (sae_core.atlas.ScanCheckpoint), gone once the scan is done."""
+    return out / STAGE_DIR / "scan.state.safetensors"
 
 
 def stage_info(out: Path, name: str) -> dict | None:
@@ -234,6 +245,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
         with stage("scan") as advance:
             scan_info = _stage_scan(job, sae, out, advance)
         _mark(out, "scan", scan_info)
+        scan_checkpoint_path(out).unlink(missing_ok=True)  # everything it held is in the bundle now
     else:
         skip("scan")
 
@@ -267,7 +279,8 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
 
 def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     from sae_core.adapters import load_adapter
-    from sae_core.atlas import AtlasConfig, images_per_batch, metric_tokens_for, scan
+    from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
+    from sae_core.checkpoint import WEIGHTS
     from sae_core.datasets import open_dataset
 
     if job.layer is None:
@@ -293,9 +306,14 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
 
         table = factor_table(ds.factors, np.arange(n))
         reference_embed = functools.partial(factor_embedding, table)
+    weights = Path(job.sae) / WEIGHTS  # retrained in place: the saved scan state is not its
+    checkpoint = ScanCheckpoint(scan_checkpoint_path(out), every_images=job.checkpoint_every,
+                                every_s=300.0 if job.checkpoint_every is None else math.inf,
+                                key={**job.identity(), "sae_file": [weights.stat().st_size, weights.stat().st_mtime_ns]},
+                                log=lambda line: print(f"atlas: {line}", file=sys.stderr))
     t0 = time.time()
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
-                  progress=lambda done: advance(done / n), reference_embed=reference_embed)
+                  progress=lambda done: advance(done / n), reference_embed=reference_embed, checkpoint=checkpoint)
     for name, arr in result.neurons.items():
         B.write_array(out, f"neurons/{name}.npy", arr)
     B.write_array(out, B.RAW_MS, result.raw_ms)
@@ -325,7 +343,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
                   "sae_trained_on_tokens": trained_tokens},
         "embedder": {"spec": job.embedder, "d": int(result.embeddings.shape[1])},
         "dataset": {**ds.describe(), "spec": job.dataset, "n_images": n},
-        "scan_s": round(time.time() - t0, 1),
+        "scan_s": round(time.time() - t0, 1), "scan_resumed_from": result.resumed_from,
     }
 
 

@@ -1,7 +1,6 @@
 """`python -m precompute ms`: Monosemanticity Scores of any neurons from activations and image embeddings."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from sae_core.activation_store import save_npy_atomic
-from sae_core.atomic import atomic_path, write_json_atomic
+from sae_core.atomic import write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
 
@@ -62,10 +61,11 @@ def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, par
                checkpoint_every: float = 300.0, inputs: dict | None = None):
     """Stream (N, K) `acts` and (N, d) `emb` through an MSAccumulator with a progress bar.
 
-    With `partial`, the accumulator is saved there every `checkpoint_every` seconds and a later call
-    with the same `inputs` description resumes after the last saved chunk.
+    With `partial`, the accumulator is saved there every `checkpoint_every` seconds (one safetensors
+    file, its settings and the images done in its metadata, so state and count never disagree) and a
+    later call with the same `inputs` description resumes after the last saved chunk.
     """
-    from safetensors.torch import load_file, save_file
+    from sae_core.resume import load_state, read_info, save_state
 
     if acts.shape[0] != emb.shape[0]:
         raise UserError(f"activations cover {acts.shape[0]} images but embeddings {emb.shape[0]}; "
@@ -77,22 +77,18 @@ def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, par
     meta = dict(inputs or {}, n_images=int(acts.shape[0]), n_neurons=int(acts.shape[1]), d=int(emb.shape[1]),
                 chunk=chunk, matmul=matmul)
     start = 0
-    meta_path = partial.with_name(partial.name + ".json") if partial else None
-    if partial and partial.is_file() and meta_path.is_file():
-        saved = json.loads(meta_path.read_text())
-        if {k: v for k, v in saved.items() if k != "n_done"} == meta:
-            acc.load_state_dict(load_file(str(partial)))
-            start = saved["n_done"]
-            print(f"resuming after {start} of {acts.shape[0]} images")
+    saved = read_info(partial) if partial else None
+    if saved is not None and {k: v for k, v in saved.items() if k != "n_done"} == meta:
+        load_state(partial, {"ms": acc})
+        start = saved["n_done"]
+        print(f"resuming after {start} of {acts.shape[0]} images")
     last = time.monotonic()
     with tqdm(total=acts.shape[0], initial=start, unit="img", desc="MS") as bar:
         for a in range(start, acts.shape[0], chunk):
             acc.update(acts[a:a + chunk], emb[a:a + chunk])
             bar.update(min(chunk, acts.shape[0] - a))
             if partial and time.monotonic() - last > checkpoint_every and a + chunk < acts.shape[0]:
-                with atomic_path(partial) as tmp:
-                    save_file({k: v.contiguous().cpu() for k, v in acc.state_dict().items()}, str(tmp))
-                write_json_atomic(meta_path, dict(meta, n_done=acc.n))
+                save_state(partial, {"ms": acc}, dict(meta, n_done=acc.n))
                 last = time.monotonic()
     result = acc.result(min_support)
     return result
@@ -126,7 +122,7 @@ def run(args) -> int:
     if args.min_support > 2:
         save_npy_atomic(out.with_name(out.stem + "_min_support.npy"), r.ms_supported)
     write_json_atomic(out.with_suffix(".json"), summary)
-    for f in (partial, partial.with_name(partial.name + ".json")):
+    for f in (partial, partial.with_name(partial.name + ".json")):  # .json: the state's count until 2026-12-03
         if f.exists():
             f.unlink()
     mean = "n/a" if summary["ms_mean"] is None else f"{summary['ms_mean']:.4f}"

@@ -7,11 +7,15 @@ neuron (with the best patch and the per-patch heat), firing counts, sums and max
 log10(score), reservoir samples per histogram bin (for galleries of lower activation bands), the
 Monosemanticity Score (MS) of the SAE neurons and of the layer's raw units, and the reconstruction
 metrics. Nothing is sorted over the dataset and nothing dense of size (images x neurons) is kept.
+With a `ScanCheckpoint` the running state is saved as the scan goes, and a killed scan resumes.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -19,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .resume import load_state, read_info, save_state
 
 SCORES = ("cls", "max", "mean")
 
@@ -117,6 +122,8 @@ class StreamingTopK:
     keeps -1 ids in its empty slots). Ties at equal score prefer the image seen first.
     """
 
+    STATE = ("acts", "ids", "patch", "heat")  # what a resumed scan restores (sae_core.resume)
+
     def __init__(self, n_neurons: int, k: int, n_patches: int = 0, positive_only: bool = True):
         self.K, self.T, self.P = n_neurons, k, n_patches
         self.positive_only = positive_only  # raw units (any sign) keep their highest scores whatever the sign
@@ -164,6 +171,8 @@ class StreamingTopK:
 class LogHistogram:
     """Counts of log10(score) over firing images per neuron, on edges shared by all neurons."""
 
+    STATE = ("edges", "counts")
+
     def __init__(self, n_neurons: int, bins: int, decades: float):
         self.K, self.B, self.decades = n_neurons, bins, decades
         self.edges: np.ndarray | None = None
@@ -194,6 +203,8 @@ class BinReservoirs:
     S smallest keys seen. The smallest S keys of a union of bins are then a uniform sample of that
     union, which is how activation bands (groups of bins) get their galleries.
     """
+
+    STATE = ("key", "ids", "acts", "patch")
 
     def __init__(self, n_slots: int, size: int, seed: int = 0):
         self.S, self.seed = size, seed
@@ -241,6 +252,8 @@ class ActivationBands:
     48 bins and S 8), with the edges set by the images with id below `cfg.hist_edge_images` (the first
     ones scanned), so that no statistic depends on the batch size: entries wait until those images have
     been seen (the firing entries of at most `hist_edge_images` images and one batch)."""
+
+    STATE = ("hist", "res", "waiting")
 
     def __init__(self, n_neurons: int, cfg: "AtlasConfig"):
         self.hist = LogHistogram(n_neurons, cfg.hist_bins, cfg.hist_decades)
@@ -319,6 +332,8 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
 class NeuronMoments:
     """Firing count, sum and max of the image scores per neuron (float64 sums)."""
 
+    STATE = ("n_images", "support", "sum", "max")
+
     def __init__(self, n_neurons: int):
         self.n_images = 0
         self.support = np.zeros(n_neurons, np.int64)
@@ -370,13 +385,43 @@ class ScanResult:
     skipped: list
     batch_size: int
     """The image batch the scan used (images_per_batch)."""
+    resumed_from: int = 0
+    """Images a killed scan had done, restored from its checkpoint (0: scanned from the start)."""
 
 
-def iter_batches(dataset, n_images: int, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
-    """(image ids, PIL images) per batch; unreadable images are dropped (and reported by id)."""
+@dataclass(frozen=True)
+class ScanCheckpoint:
+    """Where and how often a scan saves its running state (every accumulator, one safetensors file), so
+    that a killed scan resumes after its last saved batch instead of starting over."""
+
+    path: Path
+    every_s: float = 300.0
+    every_images: int | None = None
+    """Save after at least this many images since the last save (None: by time only)."""
+    key: dict = field(default_factory=dict)
+    """What else the saved state must match to be reused (e.g. the SAE file and the model); the scan adds
+    its own settings and shapes."""
+    log: Callable[[str], None] | None = None
+
+
+class _PassState:
+    """The scan's own running state beside its accumulators."""
+
+    STATE = ("done", "embeddings", "seen", "skipped")
+
+    def __init__(self, n_images: int, d_embed: int):
+        self.done = 0
+        self.embeddings = np.zeros((n_images, d_embed), np.float16)
+        self.seen = np.zeros(n_images, bool)
+        self.skipped: list = []
+
+
+def iter_batches(dataset, n_images: int, batch_size: int, first: int = 0) -> Iterator[tuple[np.ndarray, list]]:
+    """(image ids, PIL images) per batch from image `first` on; unreadable images are dropped (and
+    reported by id)."""
     from .datasets import ImageReadError
 
-    for start in range(0, n_images, batch_size):
+    for start in range(first, n_images, batch_size):
         ids, images, bad = [], [], []
         for i in range(start, min(start + batch_size, n_images)):
             try:
@@ -390,13 +435,16 @@ def iter_batches(dataset, n_images: int, batch_size: int) -> Iterator[tuple[np.n
 @torch.no_grad()
 def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int | None = None,
          progress: Callable[[int], None] | None = None,
-         reference_embed: Callable[[np.ndarray], np.ndarray] | None = None) -> ScanResult:
+         reference_embed: Callable[[np.ndarray], np.ndarray] | None = None,
+         checkpoint: ScanCheckpoint | None = None) -> ScanResult:
     """One pass over the first `n_images` of `dataset`: model -> layer (all tokens) -> SAE -> statistics.
 
     `embedder` (an Adapter) gives the unit-norm image embeddings for MS; None = `adapter`'s own
     embedding. `progress(n)` is called with the number of images done after each batch.
     `reference_embed(image ids) -> (n, R)` gives a second embedding (e.g. the world's ground-truth
     factors, `ground_truth.factor_embedding`) under which the SAE neurons' MS is also computed.
+    `checkpoint`: save the running state there as the scan goes, and resume from it when it matches
+    (no statistic depends on the batching, so a resumed scan gives what an uninterrupted one gives).
     """
     from .metrics import MetricsAccumulator
 
@@ -431,21 +479,24 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         coact = CoactivationCounter(sae.cfg.group_sizes, K)
     ms_sae = _ms_accumulator(K, E)
     ms_raw = _ms_accumulator(d, E)
-    ms_ref = None
+    # built before the pass (its width from one image) so that a checkpoint can restore it
+    ms_ref = None if reference_embed is None else _ms_accumulator(K, np.shape(reference_embed(np.zeros(1, np.int64)))[1])
     metrics = MetricsAccumulator(K)
-    emb_out = np.zeros((N, E), np.float16)
-    seen = np.zeros(N, bool)
-    skipped: list = []
+    state = _PassState(N, E)
     sae_dev = next(sae.parameters()).device
+    running = {"pass": state, "top": top, "patch_top": patch_top, "ms_patch": ms_patch, "patch_bands": patch_bands,
+               "raw_top": raw_top, "bands": bands, "moments": moments, "coact": coact, "ms_sae": ms_sae,
+               "ms_raw": ms_raw, "ms_ref": ms_ref, "metrics": metrics}
+    resumed_from = _resume_scan(checkpoint, running, cfg, N, K, d, E)
+    saved_at, saved_done = time.monotonic(), state.done
 
-    done = 0
     batch_size = images_per_batch(cfg.batch_size, layout.n_tokens, K, cfg.memory_gib)
-    for ids, images, bad in iter_batches(dataset, N, batch_size):
-        skipped += bad
-        done += len(ids) + len(bad)
+    for ids, images, bad in iter_batches(dataset, N, batch_size, first=state.done):
+        state.skipped += bad
+        state.done += len(ids) + len(bad)
         if len(ids) == 0:
             if progress:
-                progress(done)
+                progress(state.done)
             continue
         pixels = adapter.preprocess(images)
         wanted = [layer, adapter.resolve_layer("embed")] if same_model else [layer]
@@ -486,15 +537,17 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         bands.update(ids[img_idx], neuron, s_np[img_idx, neuron], best_np[img_idx, neuron])
         ms_sae.update(scores, emb)
         ms_raw.update(raw_scores, emb)
-        if reference_embed is not None:
-            ref = np.asarray(reference_embed(ids), np.float64)
-            if ms_ref is None:
-                ms_ref = _ms_accumulator(K, ref.shape[1])
-            ms_ref.update(scores, ref)
-        emb_out[ids] = emb.numpy().astype(np.float16)
-        seen[ids] = True
+        if ms_ref is not None:
+            ms_ref.update(scores, np.asarray(reference_embed(ids), np.float64))
+        state.embeddings[ids] = emb.numpy().astype(np.float16)
+        state.seen[ids] = True
+        if checkpoint is not None and state.done < N and (
+                time.monotonic() - saved_at >= checkpoint.every_s
+                or (checkpoint.every_images is not None and state.done - saved_done >= checkpoint.every_images)):
+            save_state(checkpoint.path, running, _scan_key(checkpoint, cfg, N, K, d, E))
+            saved_at, saved_done = time.monotonic(), state.done
         if progress:
-            progress(done)
+            progress(state.done)
 
     neurons = {**moments.result(), **top.result(), **bands.result(), "ms": _as_np(ms_sae.result()).astype(np.float32)}
     if patch_top is not None:
@@ -513,9 +566,39 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     pc, pc_score = coact.parents() if coact is not None else (None, None)
     return ScanResult(neurons=neurons, raw_ms=_as_np(ms_raw.result()).astype(np.float32),
                       ms_reference=None if ms_ref is None else _as_np(ms_ref.result()).astype(np.float32),
-                      raw_top={"top_images": rt["top_images"], "top_acts": rt["top_acts"]}, embeddings=emb_out,
-                      parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(seen.sum()), skipped=skipped,
-                      batch_size=batch_size)
+                      raw_top={"top_images": rt["top_images"], "top_acts": rt["top_acts"]}, embeddings=state.embeddings,
+                      parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(state.seen.sum()),
+                      skipped=state.skipped, batch_size=batch_size, resumed_from=resumed_from)
+
+
+def _scan_key(checkpoint: ScanCheckpoint, cfg: AtlasConfig, N: int, K: int, d: int, E: int) -> dict:
+    """What a saved scan state must match to be reused: the caller's key, the settings that shape the
+    statistics (not the batch, which none depends on) and the sizes."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "memory_gib")}
+    return json.loads(json.dumps({"key": checkpoint.key, "settings": settings, "n_images": N, "n_latents": K,
+                                  "width": d, "embed_dim": E}))
+
+
+def _resume_scan(checkpoint: ScanCheckpoint | None, running: dict, cfg: AtlasConfig, N: int, K: int, d: int,
+                 E: int) -> int:
+    """Restore `running` from the checkpoint when one matches; returns the images it had done (0: none)."""
+    if checkpoint is None:
+        return 0
+    saved = read_info(checkpoint.path)
+    if saved is None:
+        return 0
+    want = _scan_key(checkpoint, cfg, N, K, d, E)
+    if saved != want:
+        if checkpoint.log:
+            diff = next((k for k in want if saved.get(k) != want[k]), "format")
+            checkpoint.log(f"the scan's checkpoint {checkpoint.path} was made with other settings ({diff}); "
+                           "scanning from the start.")
+        return 0
+    load_state(checkpoint.path, running)
+    done = running["pass"].done
+    if checkpoint.log:
+        checkpoint.log(f"resuming the scan after {done} of {N} images (from {checkpoint.path}).")
+    return done
 
 
 def _as_np(x) -> np.ndarray:

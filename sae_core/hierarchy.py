@@ -129,6 +129,8 @@ def _active_entries(fired, n_latents: int) -> tuple[np.ndarray, np.ndarray, int]
 class CoactivationCounter:
     """Streaming counts of how often latents of consecutive levels fire on the same row."""
 
+    STATE = ("n_rows", "fire_counts", "_dense", "_keys", "_vals", "_buf")
+
     def __init__(self, group_sizes: Sequence[int], n_latents: int, dense_budget_bytes: int = DENSE_BUDGET_BYTES):
         self.bounds = level_bounds(group_sizes, n_latents)
         self.n_latents = int(n_latents)

@@ -22,6 +22,8 @@ class MetricsAccumulator:
       the gamma minimising E||x_hat / gamma - x||^2; below 1 means the SAE shrinks its outputs.
     """
 
+    STATE = ("n", "sum_x", "sum_sq_x", "sum_sq_err", "sum_l0", "sum_cos", "sum_xhat_sq", "sum_xhat_x", "fire_counts")
+
     def __init__(self, d_sae: int):
         self.n = 0
         self.sum_x = None

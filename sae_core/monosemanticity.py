@@ -123,6 +123,8 @@ class MSAccumulator:
     Memory: a (d, K) float64 accumulator, e.g. 400 MB for d 768 and K 65,536.
     """
 
+    STATE = ("n", "shift", "xe", "e_sum", "sy", "syy", "lo", "hi", "n_at_lo")  # a killed pass resumes (sae_core.resume)
+
     def __init__(self, n_neurons: int, d_embed: int, device="cpu", matmul_dtype: torch.dtype = torch.float64):
         self.n_neurons, self.d_embed = int(n_neurons), int(d_embed)
         self.device = torch.device(device)
@@ -216,19 +218,6 @@ class MSAccumulator:
         support = support.cpu().numpy().astype(np.int64)
         return finish_result(ms, support, self.n, min_support)
 
-    def state_dict(self) -> dict:
-        """Tensors that let a killed pass resume (save with safetensors)."""
-        if self.shift is None:
-            raise ValueError("nothing accumulated yet")
-        return {"n": torch.tensor([self.n], dtype=torch.int64), "shift": self.shift, "xe": self.xe, "e_sum": self.e_sum,
-                "sy": self.sy, "syy": self.syy, "lo": self.lo, "hi": self.hi, "n_at_lo": self.n_at_lo}
-
-    def load_state_dict(self, state: dict) -> None:
-        if tuple(state["xe"].shape) != (self.d_embed, self.n_neurons):
-            raise ValueError(f"saved state is for shape {tuple(state['xe'].shape)}, not {(self.d_embed, self.n_neurons)}")
-        self.n = int(state["n"][0])
-        for name in ("shift", "xe", "e_sum", "sy", "syy", "lo", "hi", "n_at_lo"):
-            setattr(self, name, state[name].to(self.device))
 
 
 def finish_result(ms: np.ndarray, support: np.ndarray, n_images: int, min_support: int = 2) -> MSResult:

@@ -297,6 +297,103 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path)
     assert {s for s in before if after[s] != before[s]} == {"labels", "hierarchy", "index", "world", "thumbs"}
     with pytest.raises(UserError, match="other settings"):
         build_atlas(AtlasJob(**{**opts, "topk": 8}))
+    # A run killed inside the scan resumes from the scan's checkpoint, whatever --checkpoint-every now,
+    # builds the same bundle, and drops the checkpoint once the scan's files are written.
+    import contextlib
+
+    class KilledInTheScan:
+        def stage(self, name):
+            def advance(fraction):
+                if name == "atlas: scan" and fraction >= 0.5:
+                    raise _Killed
+            return contextlib.nullcontext(advance)
+
+        def skip(self, name):
+            pass
+
+    killed = {**opts, "out": str(tmp_path / "c"), "checkpoint_every": 16}
+    with pytest.raises(_Killed):
+        build_atlas(AtlasJob(**killed), KilledInTheScan())
+    state = tmp_path / "c" / ".stages" / "scan.state.safetensors"
+    assert state.is_file() and not (tmp_path / "c" / ".stages" / "scan.json").exists()
+    build_atlas(AtlasJob(**{**killed, "checkpoint_every": None}))
+    assert json.loads((tmp_path / "c" / ".stages" / "scan.json").read_text())["scan_resumed_from"] == 32
+    assert not state.exists()
+    for path in sorted((tmp_path / "b" / "neurons").glob("*.npy")):
+        np.testing.assert_array_equal(np.load(tmp_path / "c" / "neurons" / path.name), np.load(path), err_msg=path.name)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _scan_outputs(r) -> dict:
+    out = {f"neurons/{k}": v for k, v in r.neurons.items()}
+    out.update(raw_ms=r.raw_ms, ms_reference=r.ms_reference, embeddings=r.embeddings, parent_coact=r.parent_coact,
+               parent_coact_score=r.parent_coact_score, **{f"raw/{k}": v for k, v in r.raw_top.items()})
+    return out
+
+
+def test_a_killed_scan_resumes_from_its_checkpoint(tiny_bundle, tmp_path):
+    """Every accumulator of a CLS-scored scan (both galleries, bands, histograms, moments, co-activation,
+    the four MS sums, the metrics, embeddings, skipped images) is saved as the scan goes; a scan killed
+    after 64 of 100 images resumes there and gives bit for bit what an uninterrupted scan gives; with
+    another batch size the same up to float rounding; a state saved under other settings is not used."""
+    from functools import partial
+
+    from sae_core.adapters import load_adapter
+    from sae_core.atlas import AtlasConfig, ScanCheckpoint, scan
+    from sae_core.bundle import open_bundle
+    from sae_core.ground_truth import factor_embedding, factor_table
+
+    torch.set_num_threads(1)
+    b = open_bundle(tiny_bundle)
+    model, sae, ds = load_adapter(b.manifest["model"]["spec"]), b.load_sae(), b.dataset()
+    ref = partial(factor_embedding, factor_table(ds.factors, np.arange(100)))
+    cfg = AtlasConfig(layer="-2", score="cls", topk=4, batch_size=16, hist_edge_images=40)
+    uninterrupted = scan(model, sae, ds, cfg, n_images=100, reference_embed=ref)
+    whole = _scan_outputs(uninterrupted)
+
+    log: list[str] = []
+    ck = ScanCheckpoint(tmp_path / "scan.safetensors", every_s=float("inf"), every_images=16, key={"run": 1},
+                        log=log.append)
+
+    def kill_at(n):
+        def progress(done):
+            if done >= n:
+                raise _Killed
+        return progress
+
+    with pytest.raises(_Killed):
+        scan(model, sae, ds, cfg, n_images=100, reference_embed=ref, checkpoint=ck, progress=kill_at(64))
+    assert ck.path.is_file() and not log
+    resumed = scan(model, sae, ds, cfg, n_images=100, reference_embed=ref, checkpoint=ck)
+    assert resumed.resumed_from == 64 and log == [f"resuming the scan after 64 of 100 images (from {ck.path})."]
+    got = _scan_outputs(resumed)
+    assert got.keys() == whole.keys() and resumed.metrics == uninterrupted.metrics
+    for name, arr in whole.items():
+        np.testing.assert_array_equal(got[name], arr, err_msg=name)
+    assert (whole["neurons/patch_band_images"] >= 0).sum() > 50 and np.isfinite(whole["ms_reference"]).sum() > 10
+
+    # killed before the histogram edges are set (entries still waiting), resumed with batches of 24
+    (tmp_path / "scan.safetensors").unlink()
+    with pytest.raises(_Killed):
+        scan(model, sae, ds, cfg, n_images=100, reference_embed=ref, checkpoint=ck, progress=kill_at(32))
+    other = AtlasConfig(**{**cfg.__dict__, "batch_size": 24})
+    mixed = scan(model, sae, ds, other, n_images=100, reference_embed=ref, checkpoint=ck)
+    assert mixed.resumed_from == 32
+    for name, arr in _scan_outputs(mixed).items():
+        if arr.dtype.kind in "iub":
+            np.testing.assert_array_equal(arr, whole[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(arr, whole[name], rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
+
+    # other settings or another caller's key: the saved state is left alone and the scan starts over
+    for changed, key in ((AtlasConfig(**{**cfg.__dict__, "topk": 3}), {"run": 1}), (cfg, {"run": 2})):
+        log.clear()
+        r = scan(model, sae, ds, changed, n_images=100, reference_embed=ref,
+                 checkpoint=ScanCheckpoint(ck.path, every_s=float("inf"), key=key, log=log.append))
+        assert r.resumed_from == 0 and len(log) == 1 and "other settings" in log[0], log
 
 
 def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, tmp_path):

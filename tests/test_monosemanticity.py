@@ -200,7 +200,7 @@ def test_csv_reader_refuses_bad_files_in_one_sentence(tmp_path):
         read_activations_csv(tmp_path / "missing.csv")
 
 
-def test_resume_after_interruption(tmp_path, small_case):
+def test_resume_after_interruption(tmp_path, small_case, capsys):
     acts, emb, _ = small_case
     partial = tmp_path / "ms.npy.partial"
     broken = acts.copy()
@@ -208,8 +208,14 @@ def test_resume_after_interruption(tmp_path, small_case):
     with pytest.raises(UserError):
         compute_ms(broken, emb, torch.device("cpu"), 8, "float64", 2, partial, checkpoint_every=0, inputs={"a": 1})
     assert partial.is_file()
+    capsys.readouterr()
     resumed = compute_ms(acts, emb, torch.device("cpu"), 8, "float64", 2, partial, checkpoint_every=0, inputs={"a": 1})
+    assert f"resuming after 32 of {len(acts)} images" in capsys.readouterr().out  # chunks of 8; the last one died
     np.testing.assert_allclose(resumed.ms, monosemanticity_score(acts, emb).ms, atol=1e-12, equal_nan=True)
+    # other inputs: the saved state is not theirs, so the pass starts over
+    other = compute_ms(acts, emb, torch.device("cpu"), 8, "float64", 2, partial, checkpoint_every=0, inputs={"a": 2})
+    assert "resuming" not in capsys.readouterr().out
+    np.testing.assert_allclose(other.ms, resumed.ms, atol=1e-12, equal_nan=True)
 
 
 def test_command_end_to_end_npy(tmp_path, small_case):

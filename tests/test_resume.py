@@ -1,0 +1,66 @@
+"""sae_core.resume: accumulator state through one safetensors file and back, kinds and all."""
+import numpy as np
+import pytest
+import torch
+
+from sae_core.resume import load_state, read_info, save_state
+
+
+class Inner:
+    STATE = ("counts", "edges")
+
+    def __init__(self):
+        self.counts, self.edges = np.zeros(3, np.int64), None
+
+
+class Outer:
+    STATE = ("n", "total", "shift", "inner", "buffers", "waiting", "label")
+
+    def __init__(self):
+        self.n, self.total, self.shift, self.label = 0, 0.0, None, ""
+        self.inner = Inner()
+        self.buffers: list = [None, np.zeros(0, np.int64)]
+        self.waiting: list = []
+        self.constant_not_saved = "set by __init__"
+
+
+def test_round_trip_restores_values_kinds_and_nesting(tmp_path):
+    a = Outer()
+    a.n, a.total, a.label = np.int64(7), 2.5, "x"
+    a.shift = torch.arange(4, dtype=torch.float64)  # None when built: restored as a tensor
+    a.inner.counts += [1, 2, 3]
+    a.inner.edges = np.linspace(0, 1, 4, dtype=np.float32)
+    a.buffers = [np.eye(2, dtype=np.float16), None, [np.ones(2, bool)]]
+    a.waiting = [(np.array([1, 2]), torch.zeros(2, dtype=torch.int32), 3)]
+    save_state(tmp_path / "s.safetensors", {"acc": a, "absent": None}, {"done": 5, "key": {"k": [1, 2]}})
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside it
+
+    b = Outer()
+    b.constant_not_saved = "kept"
+    info = load_state(tmp_path / "s.safetensors", {"acc": b, "absent": None})
+    assert info == read_info(tmp_path / "s.safetensors") == {"done": 5, "key": {"k": [1, 2]}}
+    assert (b.n, b.total, b.label, b.constant_not_saved) == (7, 2.5, "x", "kept") and type(b.n) is int
+    assert isinstance(b.shift, torch.Tensor) and b.shift.dtype == torch.float64
+    torch.testing.assert_close(b.shift, a.shift, rtol=0, atol=0)
+    np.testing.assert_array_equal(b.inner.counts, [1, 2, 3])
+    assert b.inner.edges.dtype == np.float32 and np.array_equal(b.inner.edges, a.inner.edges)
+    assert b.buffers[1] is None and b.buffers[0].dtype == np.float16 and b.buffers[2][0].dtype == bool
+    (ids, t, three), = b.waiting
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.int32 and three == 3 and ids.tolist() == [1, 2]
+    b.inner.counts[0] = 99  # restored arrays are the object's own, not views of the file
+    assert load_state(tmp_path / "s.safetensors", {"acc": Outer(), "absent": None})["done"] == 5
+
+
+def test_unreadable_or_foreign_files_read_as_no_state(tmp_path):
+    assert read_info(tmp_path / "missing.safetensors") is None
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert read_info(tmp_path / "junk.safetensors") is None
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2)}, str(tmp_path / "foreign.safetensors"))  # no metadata of ours
+    assert read_info(tmp_path / "foreign.safetensors") is None
+    with pytest.raises(TypeError, match="cannot save a set"):
+        bad = Inner()
+        bad.edges = {1, 2}
+        save_state(tmp_path / "bad.safetensors", {"acc": bad}, {})
+    assert not (tmp_path / "bad.safetensors").exists()
