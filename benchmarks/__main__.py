@@ -11,6 +11,7 @@ BENCHMARKS = {
     "ms": "benchmarks.ms",
     "app_load": "benchmarks.app_load",
     "steer": "benchmarks.steer",
+    "coact": "benchmarks.coact",
 }
 
 

@@ -42,9 +42,12 @@ API
          "nodes": [{id, level, parent, label, ms, ...}]} with NaN written as null (JSON-able)
 
 Memory of the co-activation counter
-    Only consecutive levels are counted. For the pair (g, g+1) it keeps a dense int64 matrix of
-    n_g x n_{g+1} counts when that fits in `dense_budget_bytes` (default 256 MiB: e.g. 4,096 x
-    8,192); otherwise a sparse count of the pairs that
+    Only consecutive levels are counted. For the pair (g, g+1) it keeps a dense int32 matrix of
+    n_g x n_{g+1} counts (int64 once 2^31 rows are passed) when that fits in `dense_budget_bytes`
+    (default 256 MiB, spent level pair by level pair from the coarsest: all four pairs of K 16,384,
+    the first two of K 65,536), adding a batch by one 0/1 matrix product when its pairs number at
+    least a tenth of the matrix (images pooled by the max over patches fire hundreds of latents
+    each), else by listing them; otherwise a sparse count of the pairs that
     were actually seen (16 bytes a distinct pair, plus a merge buffer of 8 bytes a pair seen since the
     last merge: at most max(4 M, half the distinct pairs)),
     whose size is bounded by min(n_g * n_{g+1}, pairs seen). Both give identical counts. Never the
@@ -61,6 +64,8 @@ import torch
 DENSE_BUDGET_BYTES = 256 * 2 ** 20
 TREE_LINKAGE = "coactivation (decoder cosine where a latent never co-fired with the level above)"
 _SPARSE_FLUSH = 4_000_000
+_PAIRS_PER_OUTPUT = 10
+"""A batch's pairs are counted by a dense product once they number at least a tenth of the matrix."""
 
 
 def level_bounds(group_sizes: Sequence[int], n_latents: int) -> np.ndarray:
@@ -144,12 +149,12 @@ class CoactivationCounter:
         self._buf: list[list[np.ndarray]] = []
         budget = dense_budget_bytes
         for g in range(len(sizes) - 1):
-            need = int(sizes[g]) * int(sizes[g + 1]) * 8
+            need = int(sizes[g]) * int(sizes[g + 1]) * 4  # int32 counts (int64 past 2^31 - 1 rows)
             dense = need <= budget
             if dense:
                 budget -= need
             self.modes.append("dense" if dense else "sparse")
-            self._dense.append(np.zeros((sizes[g], sizes[g + 1]), np.int64) if dense else None)
+            self._dense.append(np.zeros((sizes[g], sizes[g + 1]), np.int32) if dense else None)
             self._keys.append(np.zeros(0, np.int64))
             self._vals.append(np.zeros(0, np.int64))
             self._buf.append([])
@@ -169,6 +174,8 @@ class CoactivationCounter:
         if isinstance(fired, tuple):  # only index lists can repeat a (row, latent) pair; it counts once
             keep = np.unique(rows * self.n_latents + cols)
             rows, cols = keep // self.n_latents, keep % self.n_latents
+        if self.n_rows + n_rows > np.iinfo(np.int32).max:  # a count could pass int32: widen (never in practice)
+            self._dense = [None if c is None else c.astype(np.int64) for c in self._dense]
         self.n_rows += n_rows
         self.fire_counts += np.bincount(cols, minlength=self.n_latents)
         lev = np.searchsorted(self.bounds, cols, side="right") - 1
@@ -178,6 +185,8 @@ class CoactivationCounter:
                 continue
             ra, ca = rows[a], cols[a] - self.bounds[g]
             rb, cb = rows[b], cols[b] - self.bounds[g + 1]
+            if self._dense[g] is not None and self._add_by_product(g, ra, ca, rb, cb):
+                continue
             keys = self._pair_keys(g, ra, ca, rb, cb)
             if len(keys) == 0:
                 continue
@@ -190,6 +199,27 @@ class CoactivationCounter:
                 # is then merged O(log) times in all, not once per flush
                 if sum(len(k) for k in self._buf[g]) >= max(_SPARSE_FLUSH, len(self._keys[g]) // 2):
                     self._flush(g)
+
+    def _add_by_product(self, g, ra, ca, rb, cb) -> bool:
+        """Add the batch's pair counts to the dense matrix as one product A^T B of 0/1 matrices (rows
+        where both levels fire x latents) when that costs less than listing the pairs: images pooled
+        by the max over patches fire hundreds of latents each, i.e. 10^5 pairs an image. Returns False
+        (nothing added) when listing is cheaper."""
+        both = np.intersect1d(ra, rb)
+        if len(both) == 0:
+            return True
+        na, nb = self._dense[g].shape
+        keep_a, keep_b = np.isin(ra, both), np.isin(rb, both)
+        ia, ib = np.searchsorted(both, ra[keep_a]), np.searchsorted(both, rb[keep_b])
+        pairs = int(np.bincount(ia, minlength=len(both)) @ np.bincount(ib, minlength=len(both)))
+        # measured on 2 cores: 50-80 ns a listed pair; the product 6 ns an output count (128 rows)
+        if pairs * _PAIRS_PER_OUTPUT < na * nb * max(1, len(both) // 256) or len(both) >= 1 << 24:
+            return False
+        A, B = torch.zeros(len(both), na), torch.zeros(len(both), nb)
+        A[ia, ca[keep_a]] = 1.0
+        B[ib, cb[keep_b]] = 1.0
+        self._dense[g] += (A.t() @ B).numpy().astype(self._dense[g].dtype)  # exact: each count <= rows < 2^24
+        return True
 
     def _pair_keys(self, g, ra, ca, rb, cb) -> np.ndarray:
         """i_local * n_{g+1} + j_local for every (level-g entry, level-g+1 entry) pair on one row."""

@@ -87,8 +87,17 @@ def planted_codes(n_rows, seed=0):
     return vals, planted
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 0])  # dense counts, then the sparse path
-def test_coactivation_parents_against_brute_force(budget):
+@pytest.mark.parametrize("budget,pairs_per_output", [(1 << 30, 10), (1 << 30, 0), (0, 10)])
+def test_coactivation_parents_against_brute_force(budget, pairs_per_output, monkeypatch):
+    """Dense counts added by 0/1 matrix products (these batches' pairs fill their small matrices), dense
+    counts added by listing the pairs (products disabled), and the sparse count of the pairs seen."""
+    import sae_core.hierarchy as H
+
+    monkeypatch.setattr(H, "_PAIRS_PER_OUTPUT", pairs_per_output)
+    product: list[bool] = []  # what each call of the product path did (True: it added the batch)
+    real = H.CoactivationCounter._add_by_product
+    monkeypatch.setattr(H.CoactivationCounter, "_add_by_product",
+                        lambda self, *a: product.append(real(self, *a)) or product[-1])
     vals, planted = planted_codes(300)
     F = vals > 0
     bounds = level_bounds(GROUPS, 17)
@@ -110,6 +119,7 @@ def test_coactivation_parents_against_brute_force(budget):
             rows, cols = (t > 0).nonzero(as_tuple=True)
             counter.update(codes_from_mask(rows, cols, e - s, 17))
     assert counter.n_rows == 300
+    assert any(product) == bool(budget and pairs_per_output) and (budget or not product)
     np.testing.assert_array_equal(counter.fire_counts, F.sum(0))
     np.testing.assert_array_equal(counter.pair_counts(0), F[:, 0:3].T.astype(int) @ F[:, 3:8].astype(int))
     np.testing.assert_array_equal(counter.pair_counts(1), F[:, 3:8].T.astype(int) @ F[:, 8:17].astype(int))
@@ -122,6 +132,17 @@ def test_coactivation_parents_against_brute_force(budget):
     cond = [int(np.argmax([(F[:, i] & F[:, j]).sum() for i in range(3)])) for j in range(3, 8)]
     assert 0 in cond
     assert parent[16] == -1 and np.isnan(score[16])
+
+
+def test_dense_counts_widen_before_they_could_overflow():
+    F = np.random.default_rng(3).random((40, 17)) < 0.5
+    counter = CoactivationCounter(GROUPS, 17)
+    counter.update(F[:20])
+    assert counter._dense[0].dtype == np.int32
+    counter.n_rows = np.iinfo(np.int32).max - 15  # as if 2^31 rows had been counted: the next batch widens
+    counter.update(F[20:])
+    assert counter._dense[0].dtype == np.int64
+    np.testing.assert_array_equal(counter.pair_counts(1), F[:, 3:8].T.astype(int) @ F[:, 8:17].astype(int))
 
 
 def test_sparse_memory_stays_below_dense():
