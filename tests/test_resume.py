@@ -34,6 +34,12 @@ def test_round_trip_restores_values_kinds_and_nesting(tmp_path):
     a.waiting = [(np.array([1, 2]), torch.zeros(2, dtype=torch.int32), 3)]
     save_state(tmp_path / "s.safetensors", {"acc": a, "absent": None}, {"done": 5, "key": {"k": [1, 2]}})
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside it
+    # the file is safetensors as the library itself reads it (we write it array by array)
+    from safetensors.numpy import load_file
+
+    plain = load_file(str(tmp_path / "s.safetensors"))
+    np.testing.assert_array_equal(plain["acc.shift"], np.arange(4.0))
+    assert plain["acc.buffers.0"].dtype == np.float16 and plain["acc.buffers.2.0"].dtype == bool
 
     b = Outer()
     b.constant_not_saved = "kept"
@@ -55,6 +61,11 @@ def test_unreadable_or_foreign_files_read_as_no_state(tmp_path):
     assert read_info(tmp_path / "missing.safetensors") is None
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     assert read_info(tmp_path / "junk.safetensors") is None
+    save_state(tmp_path / "cut.safetensors", {"acc": Inner()}, {"done": 1})
+    assert read_info(tmp_path / "cut.safetensors") == {"done": 1}
+    data = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-1])  # a file cut short is no state
+    assert read_info(tmp_path / "cut.safetensors") is None
     from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(2)}, str(tmp_path / "foreign.safetensors"))  # no metadata of ours
