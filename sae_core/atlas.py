@@ -514,7 +514,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
             zm = sae.encode(xm)
             metrics.update(xm.cpu(), sae.decode(zm).cpu(), zm.cpu())
         else:
-            metrics.update(x[rows].cpu(), sae.decode(z[rows]).cpu(), z[rows].cpu())
+            zr, xr = (z, x) if cfg.metric_tokens == "all" else (z[rows], x[rows])  # "all": no copy of the codes
+            metrics.update(xr.cpu(), _decode_sparse(sae, zr).cpu(), zr.cpu())
         codes = z.reshape(n, T, K).cpu()
         scores, best, heat = pool_tokens(codes, layout.n_prefix, cfg.score)
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
@@ -599,6 +600,15 @@ def _resume_scan(checkpoint: ScanCheckpoint | None, running: dict, cfg: AtlasCon
     if checkpoint.log:
         checkpoint.log(f"resuming the scan after {done} of {N} images (from {checkpoint.path}).")
     return done
+
+
+def _decode_sparse(sae, z: Tensor) -> Tensor:
+    """sae.decode(z) from z's nonzero entries only: O(L0 d) a row instead of the dense O(K d), which at
+    the paper's size costs as much as the encoder."""
+    from .sparse_ops import sorted_codes, sparse_decode
+
+    r, c = z.nonzero(as_tuple=True)  # row-major: already in CSR order
+    return sparse_decode(z[r, c], sae.W_dec, sorted_codes(r, c, z.shape[0])) + sae.b_dec
 
 
 def _as_np(x) -> np.ndarray:

@@ -193,16 +193,29 @@ def test_tiny_bundle_matches_a_dense_recomputation(tiny_bundle):
     clip = load_adapter(m["embedder"]["spec"])
     sae = b.load_sae()
     n_pre = m["model"]["n_prefix"]
-    scores, raw, emb = [], [], []
+    scores, raw, emb, err, tokens, l0, cos = [], [], [], 0.0, [], 0, 0.0
     with torch.no_grad():
         for a in range(0, b.n_images, 200):
             ims = [ds[i] for i in range(a, min(a + 200, b.n_images))]
             h = model.capture(model.preprocess(ims), [m["model"]["layer"]])[m["model"]["layer"]].float()
             z = sae.encode(h.reshape(-1, h.shape[-1])).reshape(h.shape[0], h.shape[1], -1)
+            # reconstruction of every token by the dense decoder, in float64 (the scan decodes sparsely)
+            x = h.reshape(-1, h.shape[-1]).double().numpy()
+            zz = z.reshape(x.shape[0], -1).double().numpy()
+            xhat = zz @ sae.W_dec.double().numpy() + sae.b_dec.double().numpy()
+            err += ((x - xhat) ** 2).sum()
+            tokens.append(x)
+            l0 += (zz > 0).sum()
+            cos += ((x * xhat).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(xhat, axis=1)).sum()
             scores.append(z[:, n_pre:].amax(1).numpy())
             raw.append(h[:, n_pre:].amax(1).numpy())
             emb.append(clip.embed(clip.preprocess(ims), normalize=True).numpy())
     s, r, e = np.concatenate(scores), np.concatenate(raw), np.concatenate(emb)
+    X = np.concatenate(tokens)
+    got = m["metrics"]
+    assert got["metric_tokens"] == "all" and got["metric_rows"] == len(X)
+    assert got["fvu"] == pytest.approx(err / ((X - X.mean(0)) ** 2).sum(), rel=1e-5)
+    assert got["l0"] == pytest.approx(l0 / len(X), rel=1e-9) and got["mean_cosine"] == pytest.approx(cos / len(X), rel=1e-6)
     fires = s > 0
     np.testing.assert_array_equal(np.asarray(b.array("support")), fires.sum(0))
     np.testing.assert_allclose(np.asarray(b.array("max_act")), s.max(0), rtol=1e-4, atol=1e-5)
