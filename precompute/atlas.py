@@ -243,7 +243,8 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     if scan_info is None:
         _forget_later_stages(out, "scan")
         with stage("scan") as advance:
-            scan_info = _stage_scan(job, sae, out, advance)
+            scan_info = _stage_scan(job, sae, out, advance,
+                                    note=progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
         _mark(out, "scan", scan_info)
         scan_checkpoint_path(out).unlink(missing_ok=True)  # everything it held is in the bundle now
     else:
@@ -277,7 +278,8 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     return _write_manifest(job, sae, out, world)
 
 
-def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
+def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
+    """The scan and its files; `note(line)` tells the user something now (the batch cut, a resume)."""
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
     from sae_core.checkpoint import WEIGHTS
@@ -296,9 +298,9 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
                       memory_gib=job.memory_gib, seed=job.seed, metric_tokens=metric_tokens_for(trained_tokens))
     batch = images_per_batch(cfg.batch_size, adapter.layout.n_tokens, sae.cfg.d_sae, cfg.memory_gib)
     if batch < cfg.batch_size:  # said, not silent: a user who set --batch-size expects it
-        print(f"atlas: {batch} images per batch, not {cfg.batch_size}: the SAE's dense codes of "
-              f"{adapter.layout.n_tokens} tokens x {sae.cfg.d_sae} latents would pass --memory-gib "
-              f"{cfg.memory_gib:g} (raise it on a machine with more memory).", file=sys.stderr)
+        note(f"atlas: {batch} images per batch, not {cfg.batch_size}: the SAE's dense codes of "
+             f"{adapter.layout.n_tokens} tokens x {sae.cfg.d_sae} latents would pass --memory-gib "
+             f"{cfg.memory_gib:g} (raise it on a machine with more memory).")
     reference_embed = None
     world = _world_root(job.dataset)
     if world is not None:  # MS under the world's ground-truth factors, for the calibration in world.json
@@ -310,7 +312,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance) -> dict:
     checkpoint = ScanCheckpoint(scan_checkpoint_path(out), every_images=job.checkpoint_every,
                                 every_s=300.0 if job.checkpoint_every is None else math.inf,
                                 key={**job.identity(), "sae_file": [weights.stat().st_size, weights.stat().st_mtime_ns]},
-                                log=lambda line: print(f"atlas: {line}", file=sys.stderr))
+                                log=lambda line: note(f"atlas: {line}"))
     t0 = time.time()
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
                   progress=lambda done: advance(done / n), reference_embed=reference_embed, checkpoint=checkpoint)

@@ -95,6 +95,18 @@ class PipelineProgress:
             else:
                 os.environ["TQDM_DISABLE"] = old
 
+    def note(self, line: str) -> None:
+        """A line the user should see now, while a stage's own output goes to the log: written above
+        the bar (or to the terminal when the bar is off) and to the log."""
+        if self.bar.disable:
+            print(line, file=sys.__stderr__)
+        else:
+            self.bar.write(line, file=sys.__stderr__)
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "a") as f:
+                f.write(line + "\n")
+
     def close(self) -> None:
         self.bar.postfix = "done"
         self.bar.refresh()

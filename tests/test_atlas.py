@@ -267,7 +267,7 @@ def test_tiny_bundle_ground_truth(tiny_bundle):
     assert man["metrics"]["ms_mean"] > man["metrics"]["ms_mean_raw"]
 
 
-def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path):
+def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path, capfd):
     from precompute.atlas import AtlasJob, build_atlas
     from sae_core.bundle import open_bundle
     from sae_core.errors import UserError
@@ -324,13 +324,24 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path)
         def skip(self, name):
             pass
 
+        def note(self, line):
+            pass
+
     killed = {**opts, "out": str(tmp_path / "c"), "checkpoint_every": 16}
     with pytest.raises(_Killed):
         build_atlas(AtlasJob(**killed), KilledInTheScan())
     state = tmp_path / "c" / ".stages" / "scan.state.safetensors"
     assert state.is_file() and not (tmp_path / "c" / ".stages" / "scan.json").exists()
-    build_atlas(AtlasJob(**{**killed, "checkpoint_every": None}))
+    from precompute.atlas import STAGE_WEIGHTS
+    from precompute.progress import PipelineProgress
+
+    capfd.readouterr()
+    progress = PipelineProgress(STAGE_WEIGHTS, desc="atlas", log=tmp_path / "log.txt")
+    build_atlas(AtlasJob(**{**killed, "checkpoint_every": None}), progress)
+    progress.close()
     assert json.loads((tmp_path / "c" / ".stages" / "scan.json").read_text())["scan_resumed_from"] == 32
+    said = "atlas: resuming the scan after 32 of 60 images"  # on the terminal above the bar, and in the log
+    assert said in capfd.readouterr().err and said in (tmp_path / "log.txt").read_text()
     assert not state.exists()
     for path in sorted((tmp_path / "b" / "neurons").glob("*.npy")):
         np.testing.assert_array_equal(np.load(tmp_path / "c" / "neurons" / path.name), np.load(path), err_msg=path.name)
