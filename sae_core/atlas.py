@@ -512,10 +512,10 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         if cfg.metric_tokens == "mean":
             xm = h[:, layout.n_prefix:].mean(1).to(sae_dev)
             zm = sae.encode(xm)
-            metrics.update(xm.cpu(), sae.decode(zm).cpu(), zm.cpu())
+            metrics.update(xm, sae.decode(zm), zm)
         else:
             zr, xr = (z, x) if cfg.metric_tokens == "all" else (z[rows], x[rows])  # "all": no copy of the codes
-            metrics.update(xr.cpu(), _decode_sparse(sae, zr).cpu(), zr.cpu())
+            metrics.update(xr, _decode_sparse(sae, zr), zr)  # on the SAE's device: the codes never cross
         codes = z.reshape(n, T, K).cpu()
         scores, best, heat = pool_tokens(codes, layout.n_prefix, cfg.score)
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)

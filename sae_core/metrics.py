@@ -39,7 +39,7 @@ class MetricsAccumulator:
     def update(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
         self.n += x.shape[0]
-        sx = x.sum(0)
+        sx = x.sum(0).cpu()  # the running state stays on the CPU whatever device the batch is on
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
         self.sum_sq_x += x.pow(2).sum().item()
         self.sum_sq_err += (x - x_hat).pow(2).sum().item()
