@@ -11,6 +11,9 @@ MAX_SCATTER_POINTS = 20_000
 """Above this many neurons the scatter shows a deterministic sample (the browser stays responsive)."""
 MAX_TREE_NODES = 3_000
 """The hierarchy figure keeps the levels that fit in this many nodes (whole levels, from the root)."""
+MAX_TREE_ROOTS = 48
+"""More roots than this draw a disc of slivers (K 65,536 has 4,096 level-0 latents): the figure then
+keeps the roots with the most descendants, and any other latent's subtree is drawn on request."""
 
 
 class TreeFigure(NamedTuple):
@@ -26,6 +29,10 @@ class TreeFigure(NamedTuple):
     """Nodes coloured by their MS by the max over patches (no MS by the image score)."""
     uncoloured: int
     """Nodes with no MS at all (drawn dark grey)."""
+    roots: int
+    """Roots drawn (1 for a subtree)."""
+    roots_total: int
+    """Roots of the whole tree (latents with no parent in it)."""
 
 
 def _layout(fig, title: str, height: int = 360):
@@ -122,16 +129,46 @@ def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: s
     return {"data": data, "layout": layout}
 
 
-def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.ndarray | None = None) -> TreeFigure:
+def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.ndarray | None = None,
+                     root: int | None = None) -> TreeFigure:
     """The Matryoshka tree as a sunburst/treemap; whole levels are kept while they fit MAX_TREE_NODES.
 
+    `root`: draw that latent's subtree only; else the whole tree, or, when it has more than
+    MAX_TREE_ROOTS roots, the MAX_TREE_ROOTS roots with the most descendants (ties: lower id) and theirs.
     Colour is a node's MS by the bundle's image score; where that is NaN (a latent that fires on
     patches but on fewer than 2 images by its CLS), its MS by the max over patches (`patch_ms`, indexed
     by neuron id) when given, so that patch-only latents are not all drawn as missing."""
     import plotly.graph_objects as go
 
+    from sae_core.errors import UserError
+
+    by_id = {int(n["id"]): n for n in nodes}
+    children: dict[int, list[int]] = {}
+    for i, n in by_id.items():
+        children.setdefault(int(n.get("parent", -1)), []).append(i)
+
+    def subtree(top: int) -> list[int]:
+        out, stack = [], [top]
+        while stack:
+            i = stack.pop()
+            out.append(i)
+            stack += children.get(i, [])
+        return out
+
+    tops_all = sorted(i for i, n in by_id.items() if int(n.get("parent", -1)) not in by_id)
+    if root is not None:
+        if int(root) not in by_id:
+            raise UserError(f"latent {root} is not in the tree; give a latent id from 0 to {max(by_id)}.")
+        keep = subtree(int(root))
+        tops = [int(root)]
+    else:
+        sizes = {t: subtree(t) for t in tops_all}
+        tops = tops_all if len(tops_all) <= MAX_TREE_ROOTS else \
+            sorted(tops_all, key=lambda t: (-len(sizes[t]), t))[:MAX_TREE_ROOTS]
+        keep = [i for t in tops for i in sizes[t]]
     by_level: dict[int, list[dict]] = {}
-    for n in nodes:
+    for i in sorted(keep):
+        n = by_id[i]
         by_level.setdefault(int(n["level"]), []).append(n)
     kept: list[dict] = []
     levels = 0
@@ -158,4 +195,5 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         marker=dict(colors=ms.tolist(), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="MS")),
         hovertemplate="%{label}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=3))
     fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
-    return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()))
+    return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
+                      len(tops_all))

@@ -395,6 +395,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             with gr.Tab("Hierarchy", id="hierarchy"):
                 with gr.Row():
                     tree_kind = gr.Radio(["sunburst", "treemap"], value="sunburst", label="drawing")
+                    tree_root = gr.Number(value=-1, precision=0, label="subtree of latent (-1: from the roots)")
                     tree_button = gr.Button("Draw")
                 tree_note = gr.Markdown()
                 tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot")
@@ -543,13 +544,14 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         # the file shown is of the neuron it was exported from: another neuron hides it
         neuron_in.change(lambda: gr.File(visible=False), None, export_file, api_name=False, queue=False)
 
-        @functools.lru_cache(maxsize=2)
-        def hierarchy_cached(kind):
+        @functools.lru_cache(maxsize=8)
+        def hierarchy_cached(kind, root):
             nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
             if not nodes:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
             patch_ms = ex.columns.get("patch_ms")
-            tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms)
+            tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms,
+                                            root=None if root < 0 else root)
             h = ex.bundle.hierarchy()
             depth = h.get("depth_per_level") or []
             counts = {}
@@ -560,19 +562,35 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             scores = f"its {ex.score_name}" + (" or the max over patches" if patch_ms is not None else "")
             by_patches = (f"; {tree.by_patches} that fire on fewer than 2 images by their {ex.score_name} are "
                           "coloured by their MS by the max over patches" if tree.by_patches else "")
-            note = (f"{tree.nodes} nodes in {tree.levels} of {len(counts)} levels drawn; colour is MS by the "
+            if root >= 0:
+                chain, node_of = [], {int(n["id"]): n for n in nodes}
+                up = int(node_of[root].get("parent", -1))
+                while up in node_of:
+                    chain.append(f"#{up}")
+                    up = int(node_of[up].get("parent", -1))
+                where = (f"The subtree of latent {root}" + (f" (its ancestors: {' > '.join(reversed(chain))})"
+                                                            if chain else " (a root)") + ": ")
+            elif tree.roots < tree.roots_total:
+                where = (f"The {tree.roots} of {tree.roots_total:,} roots with the most descendants, and theirs "
+                         "(give a latent above to draw any other subtree): ")
+            else:
+                where = ""
+            note = (f"{where}{tree.nodes:,} nodes in {tree.levels} of {len(counts)} levels drawn; colour is MS by the "
                     f"{ex.score_name}{by_patches}; dark grey ({tree.uncoloured}): none, the neuron fires on "
                     f"fewer than 2 images by {scores}. Taxonomy depth: the mean depth "
                     "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
             return tree.figure, rows, note
 
         @user_errors
-        def hierarchy(kind):
-            return hierarchy_cached("treemap" if kind == "treemap" else "sunburst")
+        def hierarchy(kind, root=-1):
+            root = -1 if root is None or root < 0 else ex.check_neuron(root)
+            return hierarchy_cached("treemap" if kind == "treemap" else "sunburst", root)
 
-        tree_button.click(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name="hierarchy")
-        tree_kind.change(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name=False)
-        demo.load(hierarchy, tree_kind, [tree_plot, depth_df, tree_note], api_name=False)
+        tree_inputs, tree_outputs = [tree_kind, tree_root], [tree_plot, depth_df, tree_note]
+        tree_button.click(hierarchy, tree_inputs, tree_outputs, api_name="hierarchy")
+        tree_kind.change(hierarchy, tree_inputs, tree_outputs, api_name=False)
+        tree_root.submit(hierarchy, tree_inputs, tree_outputs, api_name=False)
+        demo.load(hierarchy, tree_inputs, tree_outputs, api_name=False)
 
         url_box.change(None, url_box, None, js=SET_URL_JS)
 

@@ -99,11 +99,26 @@ def test_table_and_hierarchy(client, explorer_app):
     t = client.predict(0.0, 0, "all", "", "ms", True, 10, api_name="/neuron_table")
     want = np.argsort(-np.nan_to_num(ms, nan=-np.inf), kind="stable")[:10]
     assert [r[0] for r in t["data"]] == want.tolist()
-    fig, depth, note = client.predict("treemap", api_name="/hierarchy")
+    fig, depth, note = client.predict("treemap", api_name="/hierarchy")  # the root left at its default
     assert [r[1] for r in depth["data"]] == np.bincount(group).tolist()
     # the tiny bundle scores images by the max over patches: no second MS to fall back on
     grey = int(np.isnan(ms).sum())
     assert f"dark grey ({grey}): none, the neuron fires on fewer than 2 images by its max over patches." in note
+    # one latent's subtree: it, its children, theirs, ... (from the bundle's own tree file), and its ancestors
+    nodes = json.loads((explorer_app.bundle / "hierarchy.json").read_text())["nodes"]
+    parent = {n["id"]: n["parent"] for n in nodes}
+    k = next(n["id"] for n in nodes if n["level"] == 1 and any(parent[j] == n["id"] for j in parent))
+    below = {k}
+    while True:
+        more = {j for j, p in parent.items() if p in below} - below
+        if not more:
+            break
+        below |= more
+    fig, _, note = client.predict("sunburst", k, api_name="/hierarchy")
+    drawn = {int(c[0]) for c in json.loads(fig["plot"])["data"][0]["customdata"]}
+    assert drawn == below and f"The subtree of latent {k} (its ancestors: #{parent[k]}): {len(below)} nodes" in note
+    with pytest.raises(Exception, match="neuron id"):
+        client.predict("sunburst", 10**6, api_name="/hierarchy")
 
 
 def test_original_answer_matches_llava_generate(client, explorer_app):

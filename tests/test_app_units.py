@@ -176,6 +176,39 @@ def test_tree_colours_patch_only_latents_by_their_patch_ms():
     assert (plain.by_patches, plain.uncoloured) == (0, 3)
 
 
+def test_tree_with_many_roots_draws_the_biggest_and_any_subtree_on_request():
+    """A wide tree (K 65,536 has 4,096 roots) draws MAX_TREE_ROOTS roots, those with the most descendants
+    (ties: lower id), with all their descendants and nobody else's; `root` draws one latent's subtree."""
+    from sae_core.errors import UserError
+
+    R = figures.MAX_TREE_ROOTS + 12
+    rng = np.random.default_rng(0)
+    n_children = rng.integers(0, 4, R)  # root r has n_children[r] children, each with one grandchild
+    nodes, nid = [{"id": r, "level": 0, "parent": -1, "ms": 0.5} for r in range(R)], R
+    family = {r: {r} for r in range(R)}
+    for r in range(R):
+        for _ in range(n_children[r]):
+            nodes.append({"id": nid, "level": 1, "parent": r, "ms": 0.5})
+            nodes.append({"id": nid + 1, "level": 2, "parent": nid, "ms": 0.5})
+            family[r] |= {nid, nid + 1}
+            nid += 2
+    tree = figures.hierarchy_figure(nodes, "sunburst")
+    want_roots = sorted(range(R), key=lambda r: (-len(family[r]), r))[:figures.MAX_TREE_ROOTS]
+    drawn = {int(c[0]) for c in tree.figure.data[0].customdata}
+    assert drawn == set().union(*(family[r] for r in want_roots))
+    assert (tree.roots, tree.roots_total, tree.levels) == (figures.MAX_TREE_ROOTS, R, 3)
+    assert all(p == "" or int(p) in drawn for p in tree.figure.data[0].parents)  # nobody hangs loose
+    big = max(range(R), key=lambda r: len(family[r]))
+    child = next(n["id"] for n in nodes if n["parent"] == big)
+    sub_tree = figures.hierarchy_figure(nodes, "treemap", root=child)
+    assert {int(c[0]) for c in sub_tree.figure.data[0].customdata} == {child, child + 1}
+    assert (sub_tree.roots, sub_tree.levels, list(sub_tree.figure.data[0].parents)) == (1, 2, ["", str(child)])
+    small = figures.hierarchy_figure(nodes[:5], "sunburst")  # few roots: every one drawn
+    assert (small.roots, small.roots_total, small.nodes) == (5, 5, 5)
+    with pytest.raises(UserError, match=f"latent {nid + 7} is not in the tree"):
+        figures.hierarchy_figure(nodes, "sunburst", root=nid + 7)
+
+
 # ----------------------------------------------------------------------------------------------
 # The data layer on the tiny bundle
 # ----------------------------------------------------------------------------------------------
