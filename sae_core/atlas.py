@@ -545,7 +545,12 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         if checkpoint is not None and state.done < N and (
                 time.monotonic() - saved_at >= checkpoint.every_s
                 or (checkpoint.every_images is not None and state.done - saved_done >= checkpoint.every_images)):
-            save_state(checkpoint.path, running, _scan_key(checkpoint, cfg, N, K, d, E))
+            try:
+                save_state(checkpoint.path, running, _scan_key(checkpoint, cfg, N, K, d, E))
+            except OSError as e:  # a full disk must not end hours of scanning: go on without checkpoints
+                if checkpoint.log:
+                    checkpoint.log(f"could not save the scan's checkpoint ({e}); the scan goes on without one.")
+                checkpoint = None
             saved_at, saved_done = time.monotonic(), state.done
         if progress:
             progress(state.done)

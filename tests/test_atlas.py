@@ -412,6 +412,14 @@ def test_a_killed_scan_resumes_from_its_checkpoint(tiny_bundle, tmp_path):
         else:
             np.testing.assert_allclose(arr, whole[name], rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=name)
 
+    # a checkpoint that cannot be written (here: its folder is a file) is said once; the scan goes on
+    (tmp_path / "blocked").write_text("")
+    log.clear()
+    r = scan(model, sae, ds, cfg, n_images=100, reference_embed=ref,
+             checkpoint=ScanCheckpoint(tmp_path / "blocked" / "s.safetensors", every_s=0.0, log=log.append))
+    assert len(log) == 1 and "could not save the scan's checkpoint" in log[0] and r.n_images == 100
+    np.testing.assert_array_equal(r.neurons["top_images"], whole["neurons/top_images"])
+
     # other settings or another caller's key: the saved state is left alone and the scan starts over
     for changed, key in ((AtlasConfig(**{**cfg.__dict__, "topk": 3}), {"run": 1}), (cfg, {"run": 2})):
         log.clear()
