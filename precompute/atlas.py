@@ -67,6 +67,9 @@ class AtlasJob:
         # bad numbers (--topk, --batch-size, --memory-gib, --score) fail here, before any model loads
         AtlasConfig(layer=str(self.layer), score=self.score or "max", topk=self.topk, batch_size=self.batch_size,
                     memory_gib=self.memory_gib)
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every {self.checkpoint_every} must be at least 1 image "
+                            "(leave it out to save every 5 minutes).")
 
     def identity(self) -> dict:
         """Settings that define the bundle's content (a rerun must match them to resume)."""

@@ -693,3 +693,6 @@ def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
     for bad in (0, -1.0, float("nan"), float("inf")):  # refused when the job is made, before any model loads
         with pytest.raises(UserError, match="must be a positive number of GiB"):
             AtlasJob(sae="s", dataset="d", model="m", out=str(tmp_path / "c"), memory_gib=bad)
+    for bad in (0, -3):
+        with pytest.raises(UserError, match=f"--checkpoint-every {bad} must be at least 1 image"):
+            AtlasJob(sae="s", dataset="d", model="m", out=str(tmp_path / "c"), checkpoint_every=bad)
