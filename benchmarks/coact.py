@@ -5,9 +5,11 @@
 Images fire a `density` share of every level's latents at random (pooled by the max over patches,
 real images fire hundreds of latents each: the demo's latents fire on 10% of images or more for
 about 10% of them). Baseline: what the atlas did until 2026-12-03: every pair listed and counted, dense
-int64 counts while they fit 256 MiB (so at K 16,384 the 4,096 x 8,192 pair is counted sparse).
-Now: int32 counts (all four pairs dense at K 16,384 in 172 MiB) and a 0/1 matrix product per batch
-once its pairs number a tenth of the matrix. Both must pick the same parents (checked).
+int64 counts while they fit 256 MiB (so at K 16,384 the 4,096 x 8,192 pair is counted sparse), sparse
+counts for the rest however many pairs they hold. Now: int32 counts (all four pairs dense at K 16,384
+in 172 MiB), a sparse count that turns dense once it outweighs the matrix, and rows gathered (1,024)
+for one 0/1 matrix product once their pairs number a tenth of the matrix. Both must pick the same
+parents (checked).
 """
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ import sae_core.hierarchy as H
 from sae_core.sae import matryoshka_group_sizes
 
 
-def run_counter(groups, K, batches, budget, pairs_per_output):
-    saved = H._PAIRS_PER_OUTPUT
-    H._PAIRS_PER_OUTPUT = pairs_per_output
+def run_counter(groups, K, batches, budget, old: bool):
+    """`old`: listing only, counts never switch to dense, no rows wait for a product (the counter until
+    2026-12-03, except that its dense counts are int32 here, at half the budget for the same matrices)."""
+    names = ("_PAIRS_PER_OUTPUT", "_SPARSE_PAIR_BYTES", "_PRODUCT_ROWS")
+    saved = {n: getattr(H, n) for n in names}
+    if old:
+        H._PAIRS_PER_OUTPUT, H._SPARSE_PAIR_BYTES, H._PRODUCT_ROWS = 0, 0, 1
     try:
         t = time.perf_counter()
         counter = H.CoactivationCounter(groups, K, dense_budget_bytes=budget)
@@ -32,7 +38,8 @@ def run_counter(groups, K, batches, budget, pairs_per_output):
         parents = counter.parents()
         return time.perf_counter() - t, parents, counter.memory_bytes, counter.modes
     finally:
-        H._PAIRS_PER_OUTPUT = saved
+        for n, v in saved.items():
+            setattr(H, n, v)
 
 
 def main(argv) -> int:
@@ -61,8 +68,8 @@ def main(argv) -> int:
             batches.append((rows, cols, n))
             per_level = np.add.reduceat(fired, bounds[:-1], axis=1)
             pairs += int((per_level[:, :-1] * per_level[:, 1:]).sum())
-        old_s, old_p, old_mem, _ = run_counter(groups, K, batches, 128 * 2**20, 0)  # int32 at 128 MiB = int64 at 256
-        new_s, new_p, new_mem, _ = run_counter(groups, K, batches, H.DENSE_BUDGET_BYTES, H._PAIRS_PER_OUTPUT)
+        old_s, old_p, old_mem, _ = run_counter(groups, K, batches, H.DENSE_BUDGET_BYTES // 2, old=True)
+        new_s, new_p, new_mem, _ = run_counter(groups, K, batches, H.DENSE_BUDGET_BYTES, old=False)
         same = np.array_equal(old_p[0], new_p[0]) and np.allclose(old_p[1], new_p[1], equal_nan=True)
         print(f"| {density * K:,.0f} | {pairs / args.images:,.0f} | {old_s:.2f} | {new_s:.2f} | {old_s / new_s:.1f}x | "
               f"{old_mem / 2**20:.0f} | {new_mem / 2**20:.0f} | {same} |")

@@ -45,12 +45,12 @@ Memory of the co-activation counter
     Only consecutive levels are counted. For the pair (g, g+1) it keeps a dense int32 matrix of
     n_g x n_{g+1} counts (int64 once 2^31 rows are passed) when that fits in `dense_budget_bytes`
     (default 256 MiB, spent level pair by level pair from the coarsest: all four pairs of K 16,384,
-    the first two of K 65,536), adding a batch by one 0/1 matrix product when its pairs number at
-    least a tenth of the matrix (images pooled by the max over patches fire hundreds of latents
-    each), else by listing them; otherwise a sparse count of the pairs that
-    were actually seen (16 bytes a distinct pair, plus a merge buffer of 8 bytes a pair seen since the
-    last merge: at most max(4 M, half the distinct pairs)),
-    whose size is bounded by min(n_g * n_{g+1}, pairs seen). Both give identical counts. Never the
+    the first two of K 65,536); rows wait until 1,024 have gathered and go in as one 0/1 matrix
+    product when their pairs number at least a tenth of the matrix (images pooled by the max over
+    patches fire hundreds of latents each), else by listing them. Otherwise a sparse count of the
+    pairs that were actually seen (16 bytes a distinct pair, plus a merge buffer of 8 bytes a pair
+    seen since the last merge: at most max(4 M, half the distinct pairs)), which becomes the dense
+    matrix once it outweighs it (a quarter of the pairs seen). All give identical counts. Never the
     full K x K matrix.
 """
 from __future__ import annotations
@@ -65,7 +65,12 @@ DENSE_BUDGET_BYTES = 256 * 2 ** 20
 TREE_LINKAGE = "coactivation (decoder cosine where a latent never co-fired with the level above)"
 _SPARSE_FLUSH = 4_000_000
 _PAIRS_PER_OUTPUT = 10
-"""A batch's pairs are counted by a dense product once they number at least a tenth of the matrix."""
+"""Pending rows' pairs are counted by a dense product once they number at least a tenth of the matrix."""
+_SPARSE_PAIR_BYTES = 16
+"""A sparse count keeps 16 bytes a distinct pair: past a quarter of the pairs, the int32 matrix is smaller."""
+_PRODUCT_ROWS = 1024
+"""Rows gathered for a dense pair before they are counted: a product costs about its output matrix
+whatever the rows up to a few hundred, so batches of 10 images (K 65,536 on 577 tokens) wait for more."""
 
 
 def level_bounds(group_sizes: Sequence[int], n_latents: int) -> np.ndarray:
@@ -134,7 +139,7 @@ def _active_entries(fired, n_latents: int) -> tuple[np.ndarray, np.ndarray, int]
 class CoactivationCounter:
     """Streaming counts of how often latents of consecutive levels fire on the same row."""
 
-    STATE = ("n_rows", "fire_counts", "_dense", "_keys", "_vals", "_buf")
+    STATE = ("n_rows", "fire_counts", "modes", "_dense", "_keys", "_vals", "_buf", "_pend", "_pend_rows")
 
     def __init__(self, group_sizes: Sequence[int], n_latents: int, dense_budget_bytes: int = DENSE_BUDGET_BYTES):
         self.bounds = level_bounds(group_sizes, n_latents)
@@ -147,6 +152,9 @@ class CoactivationCounter:
         self._keys: list[np.ndarray] = []  # sparse: sorted distinct pair keys i_local * n_{g+1} + j_local
         self._vals: list[np.ndarray] = []
         self._buf: list[list[np.ndarray]] = []
+        # dense: entries of the rows since the last product, (rows, level-g cols, rows, level-g+1 cols)
+        self._pend: list[list[tuple[np.ndarray, ...]]] = []
+        self._pend_rows: list[int] = []
         budget = dense_budget_bytes
         for g in range(len(sizes) - 1):
             need = int(sizes[g]) * int(sizes[g + 1]) * 4  # int32 counts (int64 past 2^31 - 1 rows)
@@ -158,6 +166,8 @@ class CoactivationCounter:
             self._keys.append(np.zeros(0, np.int64))
             self._vals.append(np.zeros(0, np.int64))
             self._buf.append([])
+            self._pend.append([])
+            self._pend_rows.append(0)
 
     @property
     def memory_bytes(self) -> int:
@@ -166,6 +176,7 @@ class CoactivationCounter:
             if self._dense[g] is not None:
                 total += self._dense[g].nbytes
             total += self._keys[g].nbytes + self._vals[g].nbytes + sum(b.nbytes for b in self._buf[g])
+            total += sum(a.nbytes for p in self._pend[g] for a in p)
         return total
 
     def update(self, fired) -> None:
@@ -176,6 +187,7 @@ class CoactivationCounter:
             rows, cols = keep // self.n_latents, keep % self.n_latents
         if self.n_rows + n_rows > np.iinfo(np.int32).max:  # a count could pass int32: widen (never in practice)
             self._dense = [None if c is None else c.astype(np.int64) for c in self._dense]
+        offset = self.n_rows  # pending rows of several batches stay distinct
         self.n_rows += n_rows
         self.fire_counts += np.bincount(cols, minlength=self.n_latents)
         lev = np.searchsorted(self.bounds, cols, side="right") - 1
@@ -185,20 +197,39 @@ class CoactivationCounter:
                 continue
             ra, ca = rows[a], cols[a] - self.bounds[g]
             rb, cb = rows[b], cols[b] - self.bounds[g + 1]
-            if self._dense[g] is not None and self._add_by_product(g, ra, ca, rb, cb):
+            if self._dense[g] is not None:
+                self._pend[g].append((ra + offset, ca, rb + offset, cb))
+                self._pend_rows[g] += n_rows
+                if self._pend_rows[g] >= _PRODUCT_ROWS:
+                    self._add_pending(g)
                 continue
             keys = self._pair_keys(g, ra, ca, rb, cb)
-            if len(keys) == 0:
-                continue
-            if self._dense[g] is not None:
-                uk, cnt = np.unique(keys, return_counts=True)
-                self._dense[g].reshape(-1)[uk] += cnt
-            else:
+            if len(keys):
                 self._buf[g].append(keys)
                 # merge when the buffer reaches half the stored pairs (at least 4 M keys): each key
                 # is then merged O(log) times in all, not once per flush
                 if sum(len(k) for k in self._buf[g]) >= max(_SPARSE_FLUSH, len(self._keys[g]) // 2):
                     self._flush(g)
+
+    def _add_pending(self, g) -> None:
+        """Count the pending rows' pairs into the dense matrix, by one product or by listing them."""
+        if not self._pend[g]:
+            return
+        ra, ca, rb, cb = (np.concatenate(parts) for parts in zip(*self._pend[g]))
+        self._pend[g], self._pend_rows[g] = [], 0
+        if self._add_by_product(g, ra, ca, rb, cb):
+            return
+        keys = self._pair_keys(g, ra, ca, rb, cb)
+        if len(keys):
+            uk, cnt = np.unique(keys, return_counts=True)
+            self._dense[g].reshape(-1)[uk] += cnt
+
+    def _settle(self, g) -> None:
+        """Everything counted so far into the stored counts of pair g (pending rows, merge buffer)."""
+        if self._dense[g] is not None:
+            self._add_pending(g)
+        else:
+            self._flush(g)
 
     def _add_by_product(self, g, ra, ca, rb, cb) -> bool:
         """Add the batch's pair counts to the dense matrix as one product A^T B of 0/1 matrices (rows
@@ -245,12 +276,18 @@ class CoactivationCounter:
         keys, vals = keys[order], vals[order]
         start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         self._keys[g], self._vals[g] = keys[start], np.add.reduceat(vals, start)
+        na, nb = (int(s) for s in np.diff(self.bounds)[g:g + 2])
+        if len(self._keys[g]) * _SPARSE_PAIR_BYTES > na * nb * 4:  # the pairs seen outweigh the dense matrix
+            dense = np.zeros(na * nb, np.int64 if self.n_rows > np.iinfo(np.int32).max else np.int32)
+            dense[self._keys[g]] = self._vals[g]
+            self._dense[g], self.modes[g] = dense.reshape(na, nb), "dense"
+            self._keys[g], self._vals[g] = np.zeros(0, np.int64), np.zeros(0, np.int64)
 
     def pair_counts(self, g: int) -> np.ndarray:
         """Dense (n_g, n_{g+1}) co-firing counts of levels g and g+1 (for tests and small SAEs)."""
+        self._settle(g)
         if self._dense[g] is not None:
             return self._dense[g].copy()
-        self._flush(g)
         na, nb = int(np.diff(self.bounds)[g]), int(np.diff(self.bounds)[g + 1])
         out = np.zeros(na * nb, np.int64)
         out[self._keys[g]] = self._vals[g]
@@ -265,6 +302,7 @@ class CoactivationCounter:
             lo, mid, hi = self.bounds[g], self.bounds[g + 1], self.bounds[g + 2]
             base = self.fire_counts[lo:mid] / N  # P(i fires), (n_g,)
             n_child = self.fire_counts[mid:hi]  # (n_{g+1},)
+            self._settle(g)
             if self._dense[g] is not None:
                 C = self._dense[g]
                 for s in range(0, hi - mid, 4096):  # column blocks bound the float64 temporary
@@ -277,7 +315,6 @@ class CoactivationCounter:
                     parent[mid + s:mid + e] = np.where(ok, best + lo, -1)
                     score[mid + s:mid + e] = np.where(ok, sc[best, np.arange(e - s)], np.nan)
             else:
-                self._flush(g)
                 nb = hi - mid
                 keys, vals = self._keys[g], self._vals[g]
                 if len(keys) == 0:

@@ -87,13 +87,18 @@ def planted_codes(n_rows, seed=0):
     return vals, planted
 
 
-@pytest.mark.parametrize("budget,pairs_per_output", [(1 << 30, 10), (1 << 30, 0), (0, 10)])
-def test_coactivation_parents_against_brute_force(budget, pairs_per_output, monkeypatch):
-    """Dense counts added by 0/1 matrix products (these batches' pairs fill their small matrices), dense
-    counts added by listing the pairs (products disabled), and the sparse count of the pairs seen."""
+@pytest.mark.parametrize("budget,pairs_per_output,sparse_pair_bytes,final",
+                         [(1 << 30, 10, 16, "dense"), (1 << 30, 0, 16, "dense"), (0, 10, 0, "sparse"),
+                          (0, 0, 16, "dense")])
+def test_coactivation_parents_against_brute_force(budget, pairs_per_output, sparse_pair_bytes, final, monkeypatch):
+    """Dense counts added by 0/1 matrix products (these rows' pairs fill their small matrices), dense
+    counts added by listing the pairs (products disabled), the sparse count of the pairs seen (the
+    switch to dense disabled), and a sparse count that switches to dense once it outweighs it."""
     import sae_core.hierarchy as H
 
     monkeypatch.setattr(H, "_PAIRS_PER_OUTPUT", pairs_per_output)
+    monkeypatch.setattr(H, "_SPARSE_PAIR_BYTES", sparse_pair_bytes)
+    monkeypatch.setattr(H, "_SPARSE_FLUSH", 1)  # merge every batch: a switch happens mid-stream, rows follow
     product: list[bool] = []  # what each call of the product path did (True: it added the batch)
     real = H.CoactivationCounter._add_by_product
     monkeypatch.setattr(H.CoactivationCounter, "_add_by_product",
@@ -119,10 +124,10 @@ def test_coactivation_parents_against_brute_force(budget, pairs_per_output, monk
             rows, cols = (t > 0).nonzero(as_tuple=True)
             counter.update(codes_from_mask(rows, cols, e - s, 17))
     assert counter.n_rows == 300
-    assert any(product) == bool(budget and pairs_per_output) and (budget or not product)
     np.testing.assert_array_equal(counter.fire_counts, F.sum(0))
     np.testing.assert_array_equal(counter.pair_counts(0), F[:, 0:3].T.astype(int) @ F[:, 3:8].astype(int))
     np.testing.assert_array_equal(counter.pair_counts(1), F[:, 3:8].T.astype(int) @ F[:, 8:17].astype(int))
+    assert counter.modes == [final, final] and any(product) == bool(budget and pairs_per_output)
     parent, score = counter.parents()
     np.testing.assert_array_equal(parent, ref_parent)
     np.testing.assert_allclose(score, ref_score, rtol=1e-6)
