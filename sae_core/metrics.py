@@ -43,9 +43,9 @@ class MetricsAccumulator:
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
         self.sum_sq_x += x.pow(2).sum().item()
         self.sum_sq_err += (x - x_hat).pow(2).sum().item()
-        active = z > 0
-        self.sum_l0 += active.sum().item()
-        self.fire_counts += active.sum(0).double().cpu()
+        fires = (z > 0).sum(0)  # one pass over the codes: L0 is its sum
+        self.sum_l0 += fires.sum().item()
+        self.fire_counts += fires.double().cpu()
         self.sum_cos += torch.nn.functional.cosine_similarity(x, x_hat, dim=1, eps=1e-12).sum().item()
         self.sum_xhat_sq += x_hat.pow(2).sum().item()
         self.sum_xhat_x += (x_hat * x).sum().item()

@@ -255,7 +255,7 @@ class SparseAutoencoder(nn.Module):
         if arch == "topk":
             vals, idx = F.relu(pre).topk(self.cfg.k, dim=1)
             return torch.zeros_like(pre).scatter_(1, idx, vals)
-        return pre * ((pre > self.threshold) & (pre > 0))
+        return pre * (pre > self.threshold.clamp(min=0))  # = (pre > threshold) & (pre > 0), one pass fewer
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, d_sae) -> (B, d_in): z @ W_dec + b_dec."""
