@@ -130,14 +130,16 @@ def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: s
 
 
 def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.ndarray | None = None,
-                     root: int | None = None) -> TreeFigure:
+                     root: int | None = None, patch_labels=None) -> TreeFigure:
     """The Matryoshka tree as a sunburst/treemap; whole levels are kept while they fit MAX_TREE_NODES.
 
     `root`: draw that latent's subtree only; else the whole tree, or, when it has more than
     MAX_TREE_ROOTS roots, the MAX_TREE_ROOTS roots with the most descendants (ties: lower id) and theirs.
     Colour is a node's MS by the bundle's image score; where that is NaN (a latent that fires on
     patches but on fewer than 2 images by its CLS), its MS by the max over patches (`patch_ms`, indexed
-    by neuron id) when given, so that patch-only latents are not all drawn as missing."""
+    by neuron id) when given, so that patch-only latents are not all drawn as missing. `patch_labels`
+    (by neuron id): a CLS-scored bundle's labels from the gallery by the max over patches, shown on
+    hover where they differ from the node's label."""
     import plotly.graph_objects as go
 
     from sae_core.errors import UserError
@@ -188,12 +190,17 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         by_patches = ~np.isfinite(ms) & np.isfinite(fallback)
         ms[by_patches] = fallback[by_patches]
     source = np.where(by_patches, "MS by patches", "MS")
+    on_patches = [""] * len(kept)
+    if patch_labels is not None:
+        on_patches = [f"<br>on patches: {patch_labels[int(n['id'])]}"
+                      if patch_labels[int(n["id"])] and patch_labels[int(n["id"])] != n.get("label") else ""
+                      for n in kept]
     trace_cls = go.Sunburst if kind == "sunburst" else go.Treemap
     fig = go.Figure(trace_cls(
         ids=[str(int(n["id"])) for n in kept], parents=parents, labels=text,
-        customdata=[[int(n["id"]), src] for n, src in zip(kept, source)],
+        customdata=[[int(n["id"]), src, extra] for n, src, extra in zip(kept, source, on_patches)],
         marker=dict(colors=ms.tolist(), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="MS")),
-        hovertemplate="%{label}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=3))
+        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=3))
     fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
                       len(tops_all))

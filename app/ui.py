@@ -551,7 +551,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
             patch_ms = ex.columns.get("patch_ms")
             tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms,
-                                            root=None if root < 0 else root)
+                                            root=None if root < 0 else root, patch_labels=ex.columns.get("patch_label"))
             h = ex.bundle.hierarchy()
             depth = h.get("depth_per_level") or []
             counts = {}

@@ -174,6 +174,12 @@ def test_tree_colours_patch_only_latents_by_their_patch_ms():
     assert (tree.levels, tree.nodes, tree.by_patches, tree.uncoloured) == (2, 5, 1, 2)
     plain = figures.hierarchy_figure(nodes, "treemap")
     assert (plain.by_patches, plain.uncoloured) == (0, 3)
+    # a label read from the gallery by patches shows on hover where it differs from the node's own
+    nodes[0]["label"], nodes[2]["label"] = "red", "ring"
+    labelled = figures.hierarchy_figure(nodes, "sunburst", patch_ms, patch_labels=["red", "", "green", "star", None, "x"])
+    assert [c[2] for c in labelled.figure.data[0].customdata] == ["", "", "<br>on patches: green",
+                                                                  "<br>on patches: star", ""]
+    assert "%{customdata[2]}" in labelled.figure.data[0].hovertemplate
 
 
 def test_tree_with_many_roots_draws_the_biggest_and_any_subtree_on_request():
