@@ -546,7 +546,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
                 time.monotonic() - saved_at >= checkpoint.every_s
                 or (checkpoint.every_images is not None and state.done - saved_done >= checkpoint.every_images)):
             try:
-                save_state(checkpoint.path, running, _scan_key(checkpoint, cfg, N, K, d, E))
+                save_state(checkpoint.path, running, _scan_key(checkpoint, running, cfg, N, K, d, E))
             except OSError as e:  # a full disk must not end hours of scanning: go on without checkpoints
                 if checkpoint.log:
                     checkpoint.log(f"could not save the scan's checkpoint ({e}); the scan goes on without one.")
@@ -577,12 +577,14 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
                       skipped=state.skipped, batch_size=batch_size, resumed_from=resumed_from)
 
 
-def _scan_key(checkpoint: ScanCheckpoint, cfg: AtlasConfig, N: int, K: int, d: int, E: int) -> dict:
+def _scan_key(checkpoint: ScanCheckpoint, running: dict, cfg: AtlasConfig, N: int, K: int, d: int, E: int) -> dict:
     """What a saved scan state must match to be reused: the caller's key, the settings that shape the
-    statistics (not the batch, which none depends on) and the sizes."""
+    statistics (not the batch, which none depends on), the sizes and which accumulators run (the
+    reference MS and the co-activation counts are optional)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "memory_gib")}
     return json.loads(json.dumps({"key": checkpoint.key, "settings": settings, "n_images": N, "n_latents": K,
-                                  "width": d, "embed_dim": E}))
+                                  "width": d, "embed_dim": E,
+                                  "accumulators": sorted(k for k, v in running.items() if v is not None)}))
 
 
 def _resume_scan(checkpoint: ScanCheckpoint | None, running: dict, cfg: AtlasConfig, N: int, K: int, d: int,
@@ -593,7 +595,7 @@ def _resume_scan(checkpoint: ScanCheckpoint | None, running: dict, cfg: AtlasCon
     saved = read_info(checkpoint.path)
     if saved is None:
         return 0
-    want = _scan_key(checkpoint, cfg, N, K, d, E)
+    want = _scan_key(checkpoint, running, cfg, N, K, d, E)
     if saved != want:
         if checkpoint.log:
             diff = next((k for k in want if saved.get(k) != want[k]), "format")

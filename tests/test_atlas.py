@@ -421,9 +421,10 @@ def test_a_killed_scan_resumes_from_its_checkpoint(tiny_bundle, tmp_path):
     np.testing.assert_array_equal(r.neurons["top_images"], whole["neurons/top_images"])
 
     # other settings or another caller's key: the saved state is left alone and the scan starts over
-    for changed, key in ((AtlasConfig(**{**cfg.__dict__, "topk": 3}), {"run": 1}), (cfg, {"run": 2})):
+    for changed, key, reference in ((AtlasConfig(**{**cfg.__dict__, "topk": 3}), {"run": 1}, ref),
+                                    (cfg, {"run": 2}, ref), (cfg, {"run": 1}, None)):  # None: no reference MS
         log.clear()
-        r = scan(model, sae, ds, changed, n_images=100, reference_embed=ref,
+        r = scan(model, sae, ds, changed, n_images=100, reference_embed=reference,
                  checkpoint=ScanCheckpoint(ck.path, every_s=float("inf"), key=key, log=log.append))
         assert r.resumed_from == 0 and len(log) == 1 and "other settings" in log[0], log
 
