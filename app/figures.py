@@ -33,6 +33,8 @@ class TreeFigure(NamedTuple):
     """Roots drawn (1 for a subtree)."""
     roots_total: int
     """Roots of the whole tree (latents with no parent in it)."""
+    ancestors: list[int]
+    """For a subtree: its root's ancestors, the tree's root first (empty otherwise)."""
 
 
 def _layout(fig, title: str, height: int = 360):
@@ -163,11 +165,16 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
             raise UserError(f"latent {root} is not in the tree; give a latent id from 0 to {max(by_id)}.")
         keep = subtree(int(root))
         tops = [int(root)]
+        ancestors, up = [], int(by_id[int(root)].get("parent", -1))
+        while up in by_id:
+            ancestors.insert(0, up)
+            up = int(by_id[up].get("parent", -1))
     else:
         sizes = {t: subtree(t) for t in tops_all}
         tops = tops_all if len(tops_all) <= MAX_TREE_ROOTS else \
             sorted(tops_all, key=lambda t: (-len(sizes[t]), t))[:MAX_TREE_ROOTS]
         keep = [i for t in tops for i in sizes[t]]
+        ancestors = []
     by_level: dict[int, list[dict]] = {}
     for i in sorted(keep):
         n = by_id[i]
@@ -190,11 +197,8 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         by_patches = ~np.isfinite(ms) & np.isfinite(fallback)
         ms[by_patches] = fallback[by_patches]
     source = np.where(by_patches, "MS by patches", "MS")
-    on_patches = [""] * len(kept)
-    if patch_labels is not None:
-        on_patches = [f"<br>on patches: {patch_labels[int(n['id'])]}"
-                      if patch_labels[int(n["id"])] and patch_labels[int(n["id"])] != n.get("label") else ""
-                      for n in kept]
+    by_patch = [None if patch_labels is None else patch_labels[int(n["id"])] for n in kept]
+    on_patches = [f"<br>on patches: {p}" if p and p != n.get("label") else "" for n, p in zip(kept, by_patch)]
     trace_cls = go.Sunburst if kind == "sunburst" else go.Treemap
     fig = go.Figure(trace_cls(
         ids=[str(int(n["id"])) for n in kept], parents=parents, labels=text,
@@ -203,4 +207,4 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=3))
     fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
-                      len(tops_all))
+                      len(tops_all), ancestors)

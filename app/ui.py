@@ -563,13 +563,8 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
             by_patches = (f"; {tree.by_patches} that fire on fewer than 2 images by their {ex.score_name} are "
                           "coloured by their MS by the max over patches" if tree.by_patches else "")
             if root >= 0:
-                chain, node_of = [], {int(n["id"]): n for n in nodes}
-                up = int(node_of[root].get("parent", -1))
-                while up in node_of:
-                    chain.append(f"#{up}")
-                    up = int(node_of[up].get("parent", -1))
-                where = (f"The subtree of latent {root}" + (f" (its ancestors: {' > '.join(reversed(chain))})"
-                                                            if chain else " (a root)") + ": ")
+                chain = " > ".join(f"#{a}" for a in tree.ancestors)
+                where = f"The subtree of latent {root} ({f'its ancestors: {chain}' if chain else 'a root'}): "
             elif tree.roots < tree.roots_total:
                 where = (f"The {tree.roots} of {tree.roots_total:,} roots with the most descendants, and theirs "
                          "(give a latent above to draw any other subtree): ")

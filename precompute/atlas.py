@@ -311,10 +311,11 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
 
         table = factor_table(ds.factors, np.arange(n))
         reference_embed = functools.partial(factor_embedding, table)
-    weights = Path(job.sae) / WEIGHTS  # retrained in place: the saved scan state is not its
+    # _check_identity already holds the out dir to these settings; an SAE retrained in place is not
+    weights = (Path(job.sae) / WEIGHTS).stat()
     checkpoint = ScanCheckpoint(scan_checkpoint_path(out), every_images=job.checkpoint_every,
                                 every_s=300.0 if job.checkpoint_every is None else math.inf,
-                                key={**job.identity(), "sae_file": [weights.stat().st_size, weights.stat().st_mtime_ns]},
+                                key={"sae_file": [weights.st_size, weights.st_mtime_ns]},
                                 log=lambda line: note(f"atlas: {line}"))
     t0 = time.time()
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,

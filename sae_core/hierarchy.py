@@ -46,8 +46,8 @@ Memory of the co-activation counter
     n_g x n_{g+1} counts (int64 once 2^31 rows are passed) when that fits in `dense_budget_bytes`
     (default 256 MiB, spent level pair by level pair from the coarsest: all four pairs of K 16,384,
     the first two of K 65,536); rows wait until 1,024 have gathered and go in as one 0/1 matrix
-    product when their pairs number at least a tenth of the matrix (images pooled by the max over
-    patches fire hundreds of latents each), else by listing them. Otherwise a sparse count of the
+    product when their pairs number at least a tenth of the matrix (pooled by the max over patches,
+    a demo image fires 69 of its 512 latents), else by listing them. Otherwise a sparse count of the
     pairs that were actually seen (16 bytes a distinct pair, plus a merge buffer of 8 bytes a pair
     seen since the last merge: at most max(4 M, half the distinct pairs)), which becomes the dense
     matrix once it outweighs it (a quarter of the pairs seen). All give identical counts. Never the
@@ -70,7 +70,7 @@ _SPARSE_PAIR_BYTES = 16
 """A sparse count keeps 16 bytes a distinct pair: past a quarter of the pairs, the int32 matrix is smaller."""
 _PRODUCT_ROWS = 1024
 """Rows gathered for a dense pair before they are counted: a product costs about its output matrix
-whatever the rows up to a few hundred, so batches of 10 images (K 65,536 on 577 tokens) wait for more."""
+whatever the rows up to a few hundred, so batches of 10 images (K 65,536 on 257 tokens) wait for more."""
 
 
 def level_bounds(group_sizes: Sequence[int], n_latents: int) -> np.ndarray:
@@ -234,7 +234,7 @@ class CoactivationCounter:
     def _add_by_product(self, g, ra, ca, rb, cb) -> bool:
         """Add the batch's pair counts to the dense matrix as one product A^T B of 0/1 matrices (rows
         where both levels fire x latents) when that costs less than listing the pairs: images pooled
-        by the max over patches fire hundreds of latents each, i.e. 10^5 pairs an image. Returns False
+        by the max over patches fire a sizeable share of the latents (the demo's: 13%). Returns False
         (nothing added) when listing is cheaper."""
         both = np.intersect1d(ra, rb)
         if len(both) == 0:

@@ -209,6 +209,8 @@ def test_tree_with_many_roots_draws_the_biggest_and_any_subtree_on_request():
     sub_tree = figures.hierarchy_figure(nodes, "treemap", root=child)
     assert {int(c[0]) for c in sub_tree.figure.data[0].customdata} == {child, child + 1}
     assert (sub_tree.roots, sub_tree.levels, list(sub_tree.figure.data[0].parents)) == (1, 2, ["", str(child)])
+    assert sub_tree.ancestors == [big] and figures.hierarchy_figure(nodes, root=child + 1).ancestors == [big, child]
+    assert tree.ancestors == []
     small = figures.hierarchy_figure(nodes[:5], "sunburst")  # few roots: every one drawn
     assert (small.roots, small.roots_total, small.nodes) == (5, 5, 5)
     with pytest.raises(UserError, match=f"latent {nid + 7} is not in the tree"):
