@@ -1,6 +1,7 @@
 """Plotly figures of the explorer. Points carry the neuron id as `customdata` so a click can open it."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -91,6 +92,22 @@ def ms_frequency_scatter(columns: dict):
     return fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02))
 
 
+def log_ticks(lo: float, hi: float) -> dict:
+    """Tick values and labels for a log axis spanning 10**lo .. 10**hi: powers of 10 over more than 4
+    decades, else 1-2-5 steps, else every digit; {} (plotly's own) where even digits give fewer than 2.
+
+    Over less than a decade plotly labels its ticks by their first digit only ("3 4 5 ... 1 2" for
+    0.3 ... 2), which reads as a broken axis."""
+    e = range(math.floor(lo), math.ceil(hi) + 1)
+    for digits in (((1,),) if hi - lo > 4 else ()) + ((1, 2, 5), range(1, 10)):
+        vals = [m * 10.0 ** p for p in e for m in digits if lo <= math.log10(m) + p <= hi]
+        if len(vals) >= 3:
+            break
+    if len(vals) < 2:  # a sliver of a decade: plotly's own ticks
+        return {}
+    return {"tickvals": vals, "ticktext": [f"{v:.3g}" for v in vals]}
+
+
 def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: str = "image score",
                          patch_hist: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The neuron's image-score histogram over the images it fires on (log10 bins from the bundle);
@@ -122,7 +139,8 @@ def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: s
     # the axis spans the occupied bins and a quarter decade each side, not the 6 decades of the edges
     occupied = [(float(e[i]), float(e[i + 1])) for c, e in hists for i in np.flatnonzero(np.asarray(c))]
     if occupied:
-        layout["xaxis"]["range"] = [min(o[0] for o in occupied) - 0.25, max(o[1] for o in occupied) + 0.25]
+        lo, hi = min(o[0] for o in occupied) - 0.25, max(o[1] for o in occupied) + 0.25
+        layout["xaxis"].update(range=[lo, hi], **log_ticks(lo, hi))
     if sum(sum(d["y"]) for d in data) == 0:  # empty axes read as a drawing bug
         layout["xaxis"] = layout["yaxis"] = {"visible": False}
         by = f"its {score}" + (" or the max over patches" if two else "")

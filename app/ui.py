@@ -378,11 +378,14 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     # shown once there is a file: an empty File box is a 200 px drop area on every page
                     export_file = gr.File(label="neuron JSON", interactive=False, visible=False, elem_id="export-file")
                 header_md = gr.Markdown(elem_id="neuron-header")
+                # fit_columns=False: a gallery of 2 images kept 2 columns, so each image was 4x the width of
+                # a full gallery's, half the page, and read as another kind of page.
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
-                                         columns=8, height="auto", object_fit="contain", elem_id="top-gallery")
+                                         columns=8, fit_columns=False, height="auto", object_fit="contain",
+                                         elem_id="top-gallery")
                 patch_gallery = gr.Gallery(
                     label="top 16 images by the max over patches (not by the CLS token)",
-                    columns=8, height="auto", object_fit="contain", elem_id="patch-gallery",
+                    columns=8, fit_columns=False, height="auto", object_fit="contain", elem_id="patch-gallery",
                     visible=ex.bundle.has("patch_top_images"))
                 band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first; yellow box = best patch)", columns=1,
                                           height="auto",

@@ -158,6 +158,24 @@ def test_heat_overlay_reddens_the_hot_patch_only():
     assert np.abs(hot - want).max() <= 5, (hot, want)
 
 
+def test_log_axis_ticks_are_whole_numbers_inside_the_range():
+    """Against a brute-force list of every number m * 10**p (m = 1..9) in the range: the ticks are those
+    with m in 1-2-5 (only 1 past 4 decades) when at least 3 are, else all of them, labelled in full."""
+    def inside(lo, hi, ms):
+        return [m * 10.0 ** p for p in range(-12, 12) for m in ms if lo <= np.log10(m * 10.0 ** p) <= hi]
+
+    for lo, hi in [(-0.6, 0.4), (-0.3, -0.1), (-1.2, 0.9), (-3.1, 2.2), (-6, 0), (1.05, 1.3), (-0.2, 0.1)]:
+        ticks = figures.log_ticks(lo, hi)
+        want = next((v for ms in ([1], [1, 2, 5], range(1, 10)) if (ms != [1] or hi - lo > 4)
+                     and len(v := inside(lo, hi, ms)) >= 3), inside(lo, hi, range(1, 10)))
+        if len(want) < 2:
+            assert ticks == {}, (lo, hi)
+            continue
+        np.testing.assert_allclose(ticks["tickvals"], want, rtol=1e-12)
+        assert [float(t) for t in ticks["ticktext"]] == pytest.approx(want, rel=1e-12), ticks["ticktext"]
+    assert figures.log_ticks(-0.6, 0.4)["ticktext"] == ["0.5", "1", "2"]  # not plotly's "5 1 2"
+
+
 def test_tree_colours_patch_only_latents_by_their_patch_ms():
     # levels 0 and 1; node 3 has no MS by its image score but one by patches, node 4 has neither
     nodes = [{"id": 0, "level": 0, "parent": -1, "ms": 0.5}, {"id": 1, "level": 0, "parent": -1, "ms": None},

@@ -553,6 +553,8 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     c, e = b.neuron(busy)["hist"]  # the axis zooms on the occupied bins, a quarter decade each side
     occ = np.flatnonzero(c)
     assert fig["layout"]["xaxis"]["range"] == pytest.approx([e[occ[0]] - 0.25, e[occ[-1] + 1] + 0.25])
+    ticks = np.log10(fig["layout"]["xaxis"]["tickvals"])  # labelled in full (figures.log_ticks), on the axis
+    assert len(ticks) >= 2 and e[occ[0]] - 0.25 <= ticks.min() and ticks.max() <= e[occ[-1] + 1] + 0.25
     # the histogram of the max over patches, against np.histogram on the rule's edges (the 60 images are
     # fewer than hist_edge_images: the top edge is 10 x the highest max over patches, rounded up to a
     # power of 10), drawn over the CLS one: the patch-only latent's page shows its patch activations
