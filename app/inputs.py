@@ -85,8 +85,8 @@ def text(value, what: str, limit: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # URL query state: ?tab=neuron&neuron=12  and  ?tab=steer&image=3&latents=5,9&values=4,2&patches=1,2&keep_error=1
 # ----------------------------------------------------------------------------------------------
-STATE_KEYS = ("tab", "neuron", "image", "latents", "values", "patches", "keep_error", "question")
-TABS = ("overview", "neurons", "neuron", "hierarchy", "steer")
+STATE_KEYS = ("tab", "neuron", "image", "query", "latents", "values", "patches", "keep_error", "question")
+TABS = ("overview", "neurons", "neuron", "images", "hierarchy", "steer")
 
 
 def encode_state(state: dict) -> str:

@@ -1,4 +1,4 @@
-"""Search neurons by text: the query's CLIP text embedding against each neuron's direction in image space."""
+"""Search the bundle by text or by image: neurons (by their top images' mean direction) and images (FAISS)."""
 from __future__ import annotations
 
 import threading
@@ -8,12 +8,54 @@ import numpy as np
 from sae_core.errors import UserError
 
 from .explorer import Explorer
+from .uploads import UploadLimits, load_upload
 
 N_TOP = 16
 """Top images per neuron averaged into its direction (as the labels do)."""
 MIN_IMAGES = 8
 """Neurons with fewer top images are left out: the mean of one or two embeddings is as close to a
 text as a single image is, so rare neurons would crowd the top without being about the concept."""
+N_IMAGES = 24
+"""Images an image search returns: three rows of the gallery's eight columns."""
+
+
+class BundleEmbedder:
+    """The model that embedded the bundle's images (its manifest's `embedder`), both towers, loaded on
+    first use and shared by the neuron and image searches: one copy of a CLIP in memory, not two."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self._lock = threading.Lock()
+        self._adapter = None
+        self._text = None
+
+    @classmethod
+    def for_bundle(cls, explorer: Explorer) -> "BundleEmbedder | None":
+        spec = (explorer.bundle.manifest.get("embedder") or {}).get("spec")
+        return cls(spec) if spec and explorer.bundle.has("images/embeddings.npy") else None
+
+    def _loaded(self):
+        with self._lock:
+            if self._adapter is None:
+                from sae_core.adapters import load_adapter
+
+                self._adapter = load_adapter(self.spec, device="cpu")
+            return self._adapter
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        """(Q, E) float32 unit-norm text embeddings; UserError for an embedder without a text tower."""
+        adapter = self._loaded()
+        with self._lock:
+            if self._text is None:
+                from sae_core.text_encoders import text_embedder_for
+
+                self._text = text_embedder_for(adapter)
+        return self._text(texts).numpy().astype(np.float32)
+
+    def images(self, pils: list) -> np.ndarray:
+        """(n, E) float32 unit-norm image embeddings of PIL RGB images, as the atlas embedded the bundle's."""
+        adapter = self._loaded()
+        return adapter.embed(adapter.preprocess(pils), normalize=True).cpu().numpy().astype(np.float32)
 
 
 class NeuronSearch:
@@ -22,26 +64,23 @@ class NeuronSearch:
     embedder. Ranking by cos(text, m_k) is the score the labels use, so "red" finds the neurons whose
     best images look red. Built on the first query (K x E floats)."""
 
-    def __init__(self, explorer: Explorer):
+    def __init__(self, explorer: Explorer, embedder: BundleEmbedder):
         self.ex = explorer
+        self.embedder = embedder
         self._lock = threading.Lock()
-        self._embedder = None
         self._index = None
         self._alive = None
 
     @classmethod
-    def for_bundle(cls, explorer: Explorer) -> "NeuronSearch | None":
-        b = explorer.bundle
-        if not b.has("images/embeddings.npy") or not (b.manifest.get("embedder") or {}).get("spec"):
-            return None
-        return cls(explorer)
+    def for_bundle(cls, explorer: Explorer, embedder: BundleEmbedder | None = None) -> "NeuronSearch | None":
+        embedder = embedder or BundleEmbedder.for_bundle(explorer)
+        return None if embedder is None else cls(explorer, embedder)
 
     def _ready(self):
         with self._lock:
             if self._index is None:
                 from sae_core.labels import labelling_gallery
                 from sae_core.search_index import build_index
-                from sae_core.text_encoders import load_text_embedder
 
                 b = self.ex.bundle
                 emb = b.array("images/embeddings.npy")
@@ -56,20 +95,69 @@ class NeuronSearch:
                         dirs[k] = np.asarray(emb[np.sort(ids)], dtype=np.float32).mean(0)
                 norms = np.linalg.norm(dirs, axis=1, keepdims=True)
                 self._alive = (norms[:, 0] > 0) & ((top >= 0).sum(1) >= min(MIN_IMAGES, top.shape[1]))
-                dirs = dirs / np.maximum(norms, 1e-12)
-                self._embedder = load_text_embedder(b.manifest["embedder"]["spec"])
-                if self._embedder.dim != dirs.shape[1]:
-                    raise UserError(f"the embedder's text tower gives {self._embedder.dim}-d vectors but the bundle's "
-                                    f"image embeddings are {dirs.shape[1]}-d; rebuild the bundle.")
-                self._index = build_index(dirs)
-        return self._embedder, self._index
+                self._index = build_index(dirs / np.maximum(norms, 1e-12))
+        return self._index
 
     def by_text(self, query: str, top: int = 20) -> tuple[list[int], list[float]]:
         """Neuron ids (best first) and their cosine with the query; neurons with < MIN_IMAGES top images left out."""
         if not query:
             raise UserError("the text query is empty; type a concept such as 'a red object'.")
-        embedder, index = self._ready()
-        q = embedder([query]).numpy().astype(np.float32)
+        index = self._ready()
+        q = _checked(self.embedder.texts([query]), self.ex, "text tower")
         ids, scores = index.search(q, self.ex.n_neurons)  # K is small next to the images; filter after
         out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and self._alive[i]][:top]
         return [i for i, _ in out], [round(s, 4) for _, s in out]
+
+
+class ImageSearch:
+    """The bundle's images nearest a text, an uploaded image or one of its own images, through the
+    bundle's FAISS index (images/index.faiss over images/embeddings.npy: exact below 100,000 images,
+    IVF-PQ re-ranked exactly above), by cosine in the embedder's space."""
+
+    def __init__(self, explorer: Explorer, embedder: BundleEmbedder, limits: UploadLimits = UploadLimits()):
+        self.ex, self.embedder, self.limits = explorer, embedder, limits
+
+    @classmethod
+    def for_bundle(cls, explorer: Explorer, embedder: BundleEmbedder | None = None,
+                   limits: UploadLimits = UploadLimits()) -> "ImageSearch | None":
+        embedder = embedder or BundleEmbedder.for_bundle(explorer)
+        if embedder is None or not explorer.bundle.has("images/index.faiss"):
+            return None
+        return cls(explorer, embedder, limits)
+
+    @property
+    def kind(self) -> str:
+        return self.ex.bundle.search_index().kind
+
+    def _search(self, q: np.ndarray, top: int, leave_out: int | None = None) -> tuple[list[int], list[float]]:
+        ids, scores = self.ex.bundle.search_index().search(q, top + (leave_out is not None))
+        out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != leave_out][:top]
+        return [i for i, _ in out], [round(s, 4) for _, s in out]
+
+    def by_text(self, query: str, top: int = N_IMAGES) -> tuple[list[int], list[float]]:
+        """Image ids (best first) and their cosine with the query's text embedding."""
+        if not query:
+            raise UserError("the text query is empty; type what the images should show, such as 'a red star'.")
+        return self._search(_checked(self.embedder.texts([query]), self.ex, "text tower"), top)
+
+    def by_upload(self, path, top: int = N_IMAGES) -> tuple[list[int], list[float]]:
+        """Image ids (best first) and their cosine with an uploaded image (checked as every upload is)."""
+        pil = load_upload(path, self.limits)
+        return self._search(_checked(self.embedder.images([pil]), self.ex, "image tower"), top)
+
+    def like(self, image, top: int = N_IMAGES) -> tuple[list[int], list[float]]:
+        """The images nearest dataset image `image`, itself left out."""
+        from . import inputs
+
+        i = inputs.integer(image, "image index", 0, self.ex.n_images - 1)
+        q = np.asarray(self.ex.bundle.array("images/embeddings.npy")[i:i + 1], dtype=np.float32)
+        return self._search(q / max(float(np.linalg.norm(q)), 1e-12), top, leave_out=i)
+
+
+def _checked(q: np.ndarray, ex: Explorer, tower: str) -> np.ndarray:
+    """A query embedding of the bundle's width, or one sentence saying the bundle needs rebuilding."""
+    d = ex.bundle.array("images/embeddings.npy").shape[1]
+    if q.shape[1] != d:
+        raise UserError(f"the embedder's {tower} gives {q.shape[1]}-d vectors but the bundle's image embeddings "
+                        f"are {d}-d; rebuild the bundle with this embedder.")
+    return q

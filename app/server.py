@@ -30,14 +30,16 @@ def create_app(settings: AppSettings):
 
     from . import ui
     from .explorer import Explorer
-    from .search import NeuronSearch
+    from .search import BundleEmbedder, ImageSearch, NeuronSearch
     from .steer import SteerService
 
     bundle = open_bundle(settings.bundle)
     explorer = Explorer(bundle, settings.cache)
     steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.device,
                                                                    load_4bit=settings.load_4bit, limits=settings.limits)
-    demo = ui.build(explorer, steer=steer, searcher=NeuronSearch.for_bundle(explorer))
+    embedder = BundleEmbedder.for_bundle(explorer)  # one copy of the embedder for both searches
+    demo = ui.build(explorer, steer=steer, searcher=NeuronSearch.for_bundle(explorer, embedder),
+                    image_search=ImageSearch.for_bundle(explorer, embedder, settings.limits))
     demo.queue(default_concurrency_limit=NEURON_CONCURRENCY, max_size=256)
     allowed = [str(explorer.images.root)]  # generated pictures only; bundle thumbnails are re-rendered there
     # The same folder as static: its files are written once under a hash of their key and never change,

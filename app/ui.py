@@ -1,4 +1,4 @@
-"""The explorer's Gradio page: five tabs over one bundle; every event has an `api_name`."""
+"""The explorer's Gradio page: six tabs over one bundle; every event has an `api_name`."""
 import functools
 import json
 
@@ -9,7 +9,7 @@ from gradio.components.plot import PlotData
 from sae_core.errors import UserError
 
 from . import figures, inputs
-from .explorer import MAX_TABLE_ROWS, TABLE_COLUMNS, Explorer
+from .explorer import IMAGE_NEURON_COLUMNS, MAX_TABLE_ROWS, TABLE_COLUMNS, Explorer
 from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
 # Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
@@ -140,7 +140,7 @@ class SteerTab:
     def slot_inputs(self):
         return [c for pair in self.slots for c in pair]
 
-    def wire(self, demo, tabs, steer_tab, url_box, neuron_in, steer_with_button):
+    def wire(self, demo, tabs, steer_tab, url_box, neuron_in, steer_with_button, image_id, steer_with_image_button):
         ex, svc = self.ex, self.steer
         model = dict(concurrency_limit=1, concurrency_id="model")
 
@@ -266,6 +266,16 @@ class SteerTab:
                                 api_name="steer_with_neuron")
 
         @user_errors
+        def steer_with_image(image):
+            """Go to the Steer page with this dataset image (the Images page's), loaded with its latents."""
+            i = inputs.integer(image, "image id", 0, ex.n_images - 1)
+            return i, gr.Tabs(selected="steer"), inputs.encode_state({"tab": "steer", "image": i})
+
+        steer_with_image_button.click(steer_with_image, image_id, [self.image_index, tabs, url_box],
+                                      api_name="steer_with_image").success(
+            steer_load_image, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
+
+        @user_errors
         def steer_restore_from_url(request: gr.Request):
             state = inputs.decode_state(dict(request.query_params) if request else {})
             n_out = 6 + 2 * N_SLOTS
@@ -291,8 +301,9 @@ class SteerTab:
                    *self.slot_inputs()], api_name="steer_restore_from_url")
 
 
-def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
-    """The whole page. `steer` (app.steer.SteerService) and `searcher` are optional services."""
+def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> gr.Blocks:
+    """The whole page. `steer` (app.steer.SteerService), `searcher` (app.search.NeuronSearch) and
+    `image_search` (app.search.ImageSearch) are optional services."""
     ex = explorer
     level_choices = ["all"] + [str(g) for g in ex.levels]
 
@@ -394,6 +405,40 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
                     hist_plot = gr.Plot(label="activation histogram")
                     related_df = gr.Dataframe(headers=ex.related_columns, interactive=False,
                                               label="parent, children and nearest neurons (click to open)")
+            # ---------------------------------------------------------------- Images
+            with gr.Tab("Images", id="images"):
+                gr.Markdown("Find the dataset's images nearest a text, an uploaded image or one of its own images "
+                            "(cosine in the MS embedder's space, through the bundle's FAISS index); click one to "
+                            "see the neurons whose top-16 galleries hold it."
+                            if image_search is not None else
+                            "Image search is off: this bundle has no image index (images/index.faiss) or no "
+                            "embedder in its manifest; rebuild it with `python -m precompute atlas`.")
+                with gr.Row():
+                    img_query = gr.Textbox(label="search images by text (CLIP text tower + FAISS)", placeholder="a red star",
+                                           max_length=inputs.MAX_QUERY_CHARS, elem_id="image-query")
+                    img_text_button = gr.Button("Search by text", elem_id="image-text-search")
+                with gr.Row():
+                    img_upload = gr.File(file_types=["image"], type="filepath", label="or by an uploaded image",
+                                         height=120, elem_id="image-upload")
+                    img_upload_button = gr.Button("Search by upload")
+                img_note = gr.Markdown(elem_id="image-note")
+                img_results = gr.Gallery(label="nearest images, best first (click one: the neurons that show it)",
+                                         columns=8, fit_columns=False, height="auto", object_fit="contain",
+                                         elem_id="image-results")
+                img_ids = gr.State([])  # the ids behind the gallery, in its order
+                with gr.Row():
+                    img_id = gr.Number(value=None, precision=0, minimum=0, maximum=ex.n_images - 1,
+                                       label=f"image id (0 to {ex.n_images - 1})", elem_id="image-id")
+                    img_open = gr.Button("Neurons that show it", elem_id="image-open")
+                    img_like = gr.Button("Images like this one", elem_id="image-like")
+                    img_steer = gr.Button("Steer with this image", elem_id="image-steer", visible=steer is not None)
+                img_neurons_note = gr.Markdown(elem_id="image-neurons-note")
+                with gr.Row():
+                    img_picture = gr.Image(type="filepath", interactive=False, label="the image", height=260,
+                                           elem_id="image-picture")
+                    img_neurons = gr.Dataframe(headers=IMAGE_NEURON_COLUMNS, interactive=False, scale=2,
+                                               label="neurons whose top-16 galleries hold it (click a row to open it)",
+                                               elem_id="image-neurons")
             # ---------------------------------------------------------------- Hierarchy
             with gr.Tab("Hierarchy", id="hierarchy"):
                 with gr.Row():
@@ -547,6 +592,102 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         # the file shown is of the neuron it was exported from: another neuron hides it
         neuron_in.change(lambda: gr.File(visible=False), None, export_file, api_name=False, queue=False)
 
+        # --- the Images page
+        def need_image_search():
+            if image_search is None:
+                raise UserError("image search is off for this bundle: it has no image index or no embedder; "
+                                "rebuild it with `python -m precompute atlas`.")
+
+        def image_results(ids, scores, what):
+            """The gallery, the ids behind it and the note for a search's results."""
+            items = [(ex.image_tile(i), f"#{i}  cos {s:.3f}") for i, s in zip(ids, scores)]
+            how = "exact search" if image_search.kind == "flat" else "IVF-PQ, re-ranked exactly"
+            note = (f"The {len(ids)} images of {ex.n_images:,} nearest {what} ({how}; cosine {scores[0]:.3f} to "
+                    f"{scores[-1]:.3f})." if ids else f"No image is near {what}.")
+            return items, ids, note
+
+        img_search_out = [img_results, img_ids, img_note, img_query, url_box]
+
+        @user_errors
+        def search_images_by_text(query):
+            """The dataset images nearest a text (the embedder's text tower against the image index)."""
+            need_image_search()
+            q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+            ids, scores = image_search.by_text(q)
+            return (*image_results(ids, scores, f'"{q}"'), q, inputs.encode_state({"tab": "images", "query": q}))
+
+        img_text_button.click(search_images_by_text, img_query, img_search_out, api_name="search_images_by_text")
+        img_query.submit(search_images_by_text, img_query, img_search_out, api_name=False)
+
+        @user_errors
+        def search_images_by_image(path):
+            """The dataset images nearest an uploaded image (the embedder's image tower against the index)."""
+            need_image_search()
+            ids, scores = image_search.by_upload(path)
+            return (*image_results(ids, scores, "the uploaded image"), "", inputs.encode_state({"tab": "images"}))
+
+        img_upload_button.click(search_images_by_image, img_upload, img_search_out, api_name="search_images_by_image")
+
+        @user_errors
+        def image_neurons(image, query=""):
+            """A dataset image, and the neurons whose top galleries hold it (best rank first)."""
+            i = inputs.integer(image, "image id", 0, ex.n_images - 1)
+            q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+            table = ex.image_neurons(i)
+            n = table["neuron"].nunique()
+            note = (f"Image #{i} is in the top galleries of {n} neuron{'s' if n != 1 else ''}." if n else
+                    f"Image #{i} is in no neuron's top gallery (each keeps its {ex.full_gallery} best images of "
+                    f"{ex.n_images:,})" + ("; *Steer with this image* lists the latents that fire on it." if steer else "."))
+            return i, ex.image_tile(i), table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
+
+        img_neuron_out = [img_id, img_picture, img_neurons, img_neurons_note, url_box]
+        img_open.click(image_neurons, [img_id, img_query], img_neuron_out, api_name="image_neurons")
+        img_id.submit(image_neurons, [img_id, img_query], img_neuron_out, api_name=False)
+
+        def pick_image(ids, evt: gr.SelectData):
+            return ids[evt.index] if ids and 0 <= evt.index < len(ids) else gr.update()
+
+        img_results.select(pick_image, img_ids, img_id, api_name=False, queue=False).success(
+            image_neurons, [img_id, img_query], img_neuron_out, api_name=False)
+
+        @user_errors
+        def search_images_like(image):
+            """The dataset images nearest one of them (its stored embedding against the index), itself left out."""
+            need_image_search()
+            i = inputs.integer(image, "image id", 0, ex.n_images - 1)
+            ids, scores = image_search.like(i)
+            return (*image_results(ids, scores, f"image #{i}"), "", inputs.encode_state({"tab": "images", "image": i}))
+
+        img_like.click(search_images_like, img_id, img_search_out, api_name="search_images_like")
+
+        @user_errors
+        def open_neuron_from_image(evt: gr.SelectData):
+            return page_outputs((evt.row_value or [None])[IMAGE_NEURON_COLUMNS.index("neuron")])
+
+        img_neurons.select(open_neuron_from_image, None, page_targets, api_name="open_neuron_from_image")
+
+        def images_restore_from_url(request: gr.Request):
+            """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1  # the url box is left alone
+            if state.get("tab") != "images" or image_search is None:
+                return (gr.update(),) * n_out
+            try:
+                image = state.get("image")
+                if state.get("query"):
+                    found = search_images_by_text(state["query"])[:4]
+                elif image not in (None, ""):
+                    found = search_images_like(image)[:4]
+                else:
+                    found = (gr.update(),) * 4
+                shown = image_neurons(image, state.get("query") or "")[:4] if image not in (None, "") else (gr.update(),) * 4
+                return (*found, *shown)
+            except gr.Error as e:
+                gr.Warning(f"the link's image search could not be restored: {e.message}")
+                return (gr.update(),) * n_out
+
+        demo.load(images_restore_from_url, None, img_search_out[:-1] + img_neuron_out[:-1], api_name=False)
+
         @functools.lru_cache(maxsize=8)
         def hierarchy_cached(kind, root):
             nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
@@ -593,7 +734,7 @@ def build(explorer: Explorer, steer=None, searcher=None) -> gr.Blocks:
         url_box.change(None, url_box, None, js=SET_URL_JS)
 
         if isinstance(steer_parts, SteerTab):
-            steer_parts.wire(demo, tabs, steer_tab, url_box, neuron_in, steer_with_button)
+            steer_parts.wire(demo, tabs, steer_tab, url_box, neuron_in, steer_with_button, img_id, img_steer)
 
         # --- restore from the URL query on load
         def restore(request: gr.Request):

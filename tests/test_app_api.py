@@ -36,7 +36,9 @@ def test_every_action_is_named(client):
     for name in ("/overview", "/neuron_page", "/neuron_json", "/neuron_table", "/neuron_export", "/hierarchy",
                  "/search_neurons_by_text", "/search_neurons_by_image", "/steer", "/steer_load_image",
                  "/steer_select_patch", "/steer_with_neuron", "/restore_from_url", "/steer_restore_from_url",
-                 "/probes_overview", "/crossmodal_overview", "/open_neuron_from_crossmodal"):
+                 "/probes_overview", "/crossmodal_overview", "/open_neuron_from_crossmodal", "/search_images_by_text",
+                 "/search_images_by_image", "/search_images_like", "/image_neurons", "/open_neuron_from_image",
+                 "/steer_with_image"):
         assert name in names
     assert not any(n.startswith("/lambda") or n.startswith("/fn_") for n in names)
 
@@ -208,3 +210,27 @@ def test_search_by_text_through_the_api(client):
     assert len(match) == 20 and match == sorted(match, reverse=True)
     with pytest.raises(AppError, match="empty"):
         client.predict("  ", api_name="/search_neurons_by_text")
+
+
+def test_image_search_through_the_api(client, explorer_app, tmp_path):
+    """The Images page's calls as a script makes them: results carry their ids in the captions, an
+    uploaded dataset image finds itself first, and /image_neurons counts the galleries holding an image."""
+    from PIL import Image
+
+    items, note, query, state = client.predict("a photo of a red object", api_name="/search_images_by_text")
+    ids = [int(it["caption"].split()[0].lstrip("#")) for it in items]
+    cos = [float(it["caption"].split()[-1]) for it in items]
+    assert len(ids) == 24 == len(set(ids)) and cos == sorted(cos, reverse=True)
+    assert query == "a photo of a red object" and state == "tab=images&query=a+photo+of+a+red+object"
+    thumbs = sorted((explorer_app.bundle / "images" / "thumbs").glob("*.png"))
+    i = int(thumbs[0].stem)
+    Image.open(thumbs[0]).save(tmp_path / "upload.png")
+    items, note, _, _ = client.predict(handle_file(str(tmp_path / "upload.png")), api_name="/search_images_by_image")
+    assert items[0]["caption"].startswith(f"#{i} ") and "nearest the uploaded image" in note
+    items, note, _, _ = client.predict(i, api_name="/search_images_like")
+    assert f"#{i} " not in [it["caption"][:len(str(i)) + 2] for it in items] and f"image #{i}" in note
+    image, picture, table, note, state = client.predict(i, "", api_name="/image_neurons")
+    held = sum(int((np.load(f) == i).sum()) for f in (explorer_app.bundle / "neurons").glob("*top_images.npy"))
+    assert image == i and len(table["data"]) == held > 0 and state == f"tab=images&image={i}"
+    with pytest.raises(AppError, match="empty"):
+        client.predict("  ", api_name="/search_images_by_text")

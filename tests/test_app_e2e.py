@@ -273,3 +273,45 @@ def test_image_search_shows_where_it_fires_until_another_table(page, explorer_ap
     pg.get_by_label("search neurons by text (CLIP text tower + FAISS)").fill("a photo of a red object")
     pg.get_by_role("button", name="Search by text").click()
     pg.wait_for_function("() => !document.querySelector('#search-where')?.checkVisibility()")
+
+
+def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_app):
+    """The Images page: a text query fills the gallery; a click on a result shows the neurons whose top
+    galleries hold it (counted here from the bundle's files) and records it in the URL, which restores
+    it; a row of that table opens its neuron; "Steer with this image" loads it on the Steer page."""
+    pg, url = page, explorer_app.url
+    top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
+    patch = explorer_app.bundle / "neurons" / "patch_top_images.npy"
+    galleries = [top] + ([np.load(patch)] if patch.exists() else [])
+    held = lambda i: int(sum((g == i).sum() for g in galleries))
+    pg.goto(url + "/?tab=images")
+    pg.fill("#image-query textarea", "a photo of a red object")
+    pg.keyboard.press("Enter")
+    pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
+    captions = pg.eval_on_selector_all("#image-results .thumbnail-item", "els => els.map(e => e.innerText)")
+    ids = [int(c.split()[0].lstrip("#")) for c in captions]
+    assert len(set(ids)) == 24 and "images of 2,000 nearest" in pg.inner_text("#image-note")
+    j = next(j for j, i in enumerate(ids) if held(i))  # a result some neuron's gallery holds
+    pg.locator("#image-results .thumbnail-item").nth(j).click()
+    note = f"Image #{ids[j]} is in the top galleries of"
+    pg.wait_for_selector(f"#image-neurons-note:has-text('{note}')")
+    rows = "Array.from(document.querySelectorAll('#image-neurons [role=row]')).filter(r => r.querySelector('[role=gridcell]'))"
+    pg.wait_for_function(f"(n) => {rows}.length === n", arg=held(ids[j]))
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query))
+    assert q == {"tab": "images", "query": "a photo of a red object", "image": str(ids[j])}
+    # the link restores the search and the image
+    pg.goto(pg.url)
+    pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
+    pg.wait_for_selector(f"#image-neurons-note:has-text('{note}')")
+    wait_value(pg, "#image-id input", str(ids[j]))
+    # a row opens its neuron
+    first = int(pg.eval_on_selector_all("#image-neurons [role=gridcell]", "els => els[0].innerText"))
+    pg.locator("#image-neurons [role=gridcell]").first.click()
+    pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
+                         " return !!h && h.innerText === 'Neuron ' + k; }", arg=first)
+    # Steer with this image: its index and picture on the Steer page
+    pg.get_by_role("tab", name="Images", exact=True).click()
+    pg.click("#image-steer")
+    wait_value(pg, "#steer-image-index input", str(ids[j]))
+    pg.wait_for_selector("#steer-picture img")
+    assert dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query)) == {"tab": "steer", "image": str(ids[j])}

@@ -388,3 +388,83 @@ def test_text_search_finds_neurons_of_that_colour(explorer, tiny_bundle):
     assert min(hits) >= 0.5, hits
     with pytest.raises(UserError):
         search.by_text("")
+
+
+def test_image_search_matches_brute_force_and_the_world(explorer, tiny_bundle, tmp_path):
+    """The Images page's searches against a numpy ranking of the bundle's embeddings, with the query
+    embedded independently (the embedder loaded again, here); "a photo of a {colour} object" finds
+    images of that colour far above its base rate (the generator's factors); a dataset image saved
+    as a PNG and uploaded finds itself; bad input is one sentence."""
+    from app.search import N_IMAGES, ImageSearch
+    from sae_core.text_encoders import load_text_embedder
+    from sae_core.world.dataset import WorldDataset
+    from sae_core.world.generator import main_object
+
+    search = ImageSearch.for_bundle(explorer)
+    emb = np.load(Path(tiny_bundle) / "images" / "embeddings.npy").astype(np.float64)
+    text = load_text_embedder(explorer.bundle.manifest["embedder"]["spec"])
+    ds = WorldDataset(explorer.bundle.manifest["world"], "val")
+
+    def colour(i):
+        f = ds.factors(int(i))
+        return f["objects"][main_object(f, ds.masks(int(i)))]["colour"]
+
+    colours = [colour(i) for i in range(len(emb))]
+    for c in ("red", "blue", "green"):
+        ids, sims = search.by_text(f"a photo of a {c} object")
+        want = emb @ text([f"a photo of a {c} object"]).numpy()[0].astype(np.float64)
+        assert len(ids) == N_IMAGES and sims == sorted(sims, reverse=True)
+        np.testing.assert_allclose(sims, want[ids], atol=2e-3)            # the scores are the cosines
+        assert min(sims) >= np.sort(want)[-N_IMAGES] - 2e-3                # and no better image was missed
+        share = sum(colours[i] == c for i in ids) / len(ids)
+        assert share >= 0.5 and share > 3 * colours.count(c) / len(colours), (c, share)
+    # images like #i: the nearest by the stored embeddings, #i itself left out
+    i = 11
+    ids, sims = search.like(i)
+    order = [j for j in np.argsort(-(emb @ emb[i] / np.linalg.norm(emb[i])), kind="stable") if j != i]
+    assert i not in ids and len(ids) == N_IMAGES
+    assert min(sims) >= (emb[order[N_IMAGES - 1]] @ emb[i]) / np.linalg.norm(emb[i]) - 2e-3
+    # an upload of a dataset image is its own nearest image
+    png = tmp_path / "query.png"
+    explorer.bundle.image(i).save(png)
+    ids, sims = search.by_upload(png, top=3)
+    assert ids[0] == i and sims[0] > 0.99, (ids, sims)
+    (tmp_path / "fake.png").write_text("not a picture")
+    for call, arg, msg in ((search.by_text, "", "query is empty"), (search.by_upload, tmp_path / "fake.png", "not an image"),
+                           (search.like, len(emb), "image index")):
+        with pytest.raises(UserError, match=msg):
+            call(arg)
+
+
+def test_image_neurons_are_the_galleries_holding_it(explorer, tiny_bundle):
+    check_image_neurons(explorer, Path(tiny_bundle) / "neurons")
+
+
+def check_image_neurons(explorer, root: Path) -> None:
+    """Explorer.image_neurons against a loop over every gallery slot of the bundle's files (root: its
+    neurons/), for the image in the most galleries, one in a single gallery and one in none (where there are). A
+    CLS-scored bundle's gallery by the max over patches counts with its own label and MS
+    (tests/test_atlas.py calls this on one)."""
+    galleries = [(explorer.score_name, "")] + ([("max over patches", "patch_")]
+                                               if (root / "patch_top_images.npy").exists() else [])
+    ids = {p: np.load(root / f"{p}top_images.npy") for _, p in galleries}
+    counts = np.bincount(np.concatenate([a[a >= 0] for a in ids.values()]), minlength=explorer.n_images)
+    picked = [int(np.argmax(counts))] + [int(np.flatnonzero(counts == n)[0]) for n in (1, 0) if (counts == n).any()]
+    names = set()
+    for image in picked:
+        want = sorted((slot + 1, -float(np.load(root / f"{p}top_acts.npy")[k, slot]), k, name, p)
+                      for name, p in galleries for k in range(len(ids[p])) for slot in range(ids[p].shape[1])
+                      if ids[p][k, slot] == image)
+        table = explorer.image_neurons(image)
+        assert list(table.columns) == ["neuron", "ranked by", "rank", "act", "label", "ms"]
+        got = list(zip(table["rank"], table["neuron"], table["ranked by"]))
+        assert got == [(r, k, name) for r, _, k, name, _ in want], image
+        assert len(table) == counts[image]
+        for (_, neg_act, k, _, p), act, label, ms in zip(want, table["act"], table["label"], table["ms"]):
+            assert act == pytest.approx(-neg_act, rel=1e-3)
+            cols = explorer.columns  # a gallery by patches shows its own label and MS where the bundle has them
+            assert label == str(cols.get(f"{p}label", cols["label"])[k])
+            want_ms = cols.get(f"{p}ms", cols["ms"])[k]
+            assert (ms is None or np.isnan(ms)) if np.isnan(want_ms) else ms == pytest.approx(want_ms, abs=1e-3)
+        names |= set(table["ranked by"])
+    assert names == {name for name, _ in galleries}  # every gallery was exercised

@@ -654,10 +654,15 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     for r in related:
         assert r[4] == (pytest.approx(pms[r[1]], abs=1e-3) if np.isfinite(pms[r[1]]) else None)
     # text search describes them by the same gallery, so they can be found
-    search = NeuronSearch(ex)
+    search = NeuronSearch.for_bundle(ex)
     search._ready()
     full = (patch_ids >= 0).sum(1) == 4
     assert (only_patch & full).any() and search._alive[only_patch & full].all()
+    # the Images page: the neurons whose galleries (by CLS and by patches) hold an image
+    from tests.test_app_units import check_image_neurons
+
+    assert len(patch_ids) and (patch_ids >= 0).any()
+    check_image_neurons(ex, b.root / "neurons")
 
 
 def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
