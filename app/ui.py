@@ -670,15 +670,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
             n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1  # the url box is left alone
-            if state.get("tab") != "images" or image_search is None:
+            if state.get("tab") != "images":
                 return (gr.update(),) * n_out
             try:
                 image = state.get("image")
-                if state.get("query"):
+                if image_search is not None and state.get("query"):
                     found = search_images_by_text(state["query"])[:4]
-                elif image not in (None, ""):
+                elif image_search is not None and image not in (None, ""):
                     found = search_images_like(image)[:4]
-                else:
+                else:  # nothing to search, or no index: an image's neurons need none
                     found = (gr.update(),) * 4
                 shown = image_neurons(image, state.get("query") or "")[:4] if image not in (None, "") else (gr.update(),) * 4
                 return (*found, *shown)
