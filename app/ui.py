@@ -398,6 +398,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     label="top 16 images by the max over patches (not by the CLS token)",
                     columns=8, fit_columns=False, height="auto", object_fit="contain", elem_id="patch-gallery",
                     visible=ex.bundle.has("patch_top_images"))
+                # a click on a gallery image (which also enlarges it) offers that image's other neurons
+                gallery_image_button = gr.Button(visible=False, elem_id="gallery-image-open", size="sm")
                 band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first; yellow box = best patch)", columns=1,
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
@@ -687,6 +689,26 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 return (gr.update(),) * n_out
 
         demo.load(images_restore_from_url, None, img_search_out[:-1] + img_neuron_out[:-1], api_name=False)
+
+        def gallery_picker(which):
+            """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top")."""
+            def pick_gallery_image(neuron, evt: gr.SelectData):
+                shown = ex.bundle.neuron(ex.check_neuron(neuron))[which] or []
+                if not 0 <= evt.index < len(shown):
+                    return gr.update(), gr.update()
+                i = int(shown[evt.index][0])
+                return i, gr.Button(value=f"Image #{i}: all the neurons that show it (Images page)", visible=True)
+            return pick_gallery_image
+
+        for gallery, which in ((top_gallery, "top"), (patch_gallery, "patch_top")):
+            gallery.select(gallery_picker(which), neuron_in, [img_id, gallery_image_button], api_name=False, queue=False)
+        neuron_in.change(lambda: gr.Button(visible=False), None, gallery_image_button, api_name=False, queue=False)
+
+        @user_errors
+        def open_image_from_gallery(image):
+            return (*image_neurons(image), gr.Tabs(selected="images"))
+
+        gallery_image_button.click(open_image_from_gallery, img_id, img_neuron_out + [tabs], api_name=False)
 
         @functools.lru_cache(maxsize=8)
         def hierarchy_cached(kind, root):

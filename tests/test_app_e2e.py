@@ -278,7 +278,8 @@ def test_image_search_shows_where_it_fires_until_another_table(page, explorer_ap
 def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_app):
     """The Images page: a text query fills the gallery; a click on a result shows the neurons whose top
     galleries hold it (counted here from the bundle's files) and records it in the URL, which restores
-    it; a row of that table opens its neuron; "Steer with this image" loads it on the Steer page."""
+    it; a row of that table opens its neuron; "Steer with this image" loads it on the Steer page; a click on
+    a neuron's gallery image leads to that image on the Images page."""
     pg, url = page, explorer_app.url
     top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
     patch = explorer_app.bundle / "neurons" / "patch_top_images.npy"
@@ -315,3 +316,17 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     wait_value(pg, "#steer-image-index input", str(ids[j]))
     pg.wait_for_selector("#steer-picture img")
     assert dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query)) == {"tab": "steer", "image": str(ids[j])}
+    # a click on a neuron's gallery image offers that image's neurons on the Images page
+    k = int(np.argmax((top >= 0).sum(1)))
+    pg.goto(f"{url}/?tab=neuron&neuron={k}")
+    pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
+                         " return !!h && h.innerText === 'Neuron ' + k; }", arg=k)
+    assert not pg.locator("#gallery-image-open").is_visible()
+    gallery_widths(pg)
+    pg.locator("#top-gallery .thumbnail-item").nth(1).click()
+    button = pg.locator("#gallery-image-open")
+    button.wait_for(state="visible")
+    assert f"Image #{top[k][1]}:" in button.inner_text()
+    button.click()
+    pg.wait_for_selector(f"#image-neurons-note:has-text('Image #{top[k][1]} is in the top galleries of')")
+    pg.wait_for_function(f"(n) => {rows}.length === n", arg=held(top[k][1]))
