@@ -635,9 +635,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """A dataset image, and the neurons whose top galleries hold it (best rank first)."""
             i = inputs.integer(image, "image id", 0, ex.n_images - 1)
             q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
-            table = ex.image_neurons(i)
-            n = table["neuron"].nunique()
-            note = (f"Image #{i} is in the top galleries of {n} neuron{'s' if n != 1 else ''}." if n else
+            table, n, rows = ex.image_neurons(i)
+            cut = f" (the {len(table)} best ranks of {rows} shown)" if rows > len(table) else ""
+            note = (f"Image #{i} is in the top galleries of {n:,} neuron{'s' if n != 1 else ''}{cut}." if n else
                     f"Image #{i} is in no neuron's top gallery (each keeps its {ex.full_gallery} best images of "
                     f"{ex.n_images:,})" + ("; *Steer with this image* lists the latents that fire on it." if steer else "."))
             return i, ex.image_tile(i), table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})

@@ -455,7 +455,11 @@ def check_image_neurons(explorer, root: Path) -> None:
         want = sorted((slot + 1, -float(np.load(root / f"{p}top_acts.npy")[k, slot]), k, name, p)
                       for name, p in galleries for k in range(len(ids[p])) for slot in range(ids[p].shape[1])
                       if ids[p][k, slot] == image)
-        table = explorer.image_neurons(image)
+        table, n_neurons, n_rows = explorer.image_neurons(image)
+        assert (n_neurons, n_rows) == (len({k for _, _, k, _, _ in want}), len(want))
+        if image == picked[0] and n_rows > 1:  # a cut table keeps the best ranks, and says how many there are
+            cut, _, rows = explorer.image_neurons(image, limit=n_rows - 1)
+            assert rows == n_rows and cut.equals(explorer.image_neurons(image)[0].iloc[:n_rows - 1])
         assert list(table.columns) == ["neuron", "ranked by", "rank", "act", "label", "ms"]
         got = list(zip(table["rank"], table["neuron"], table["ranked by"]))
         assert got == [(r, k, name) for r, _, k, name, _ in want], image
