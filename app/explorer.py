@@ -397,7 +397,13 @@ class Explorer:
         # the method's name only: its whole description is one line of the Overview (and of the JSON export)
         method = (page.get("label_method") or "unknown").split(":")[0]
         source = ", from the gallery by the max over patches" if page.get("label_from_patch") else ""
-        return f'guess: "{page["label"]}" ({score_s}, method {method}{source}, described on the Overview)'
+        read = self._read_from(page["patch_top" if page.get("label_from_patch") else "top"])
+        return f'guess: "{page["label"]}" ({score_s}{read}, method {method}{source}, described on the Overview)'
+
+    def _read_from(self, gallery) -> str:
+        """", read from 2 images" where a label rests on fewer images than a full gallery (a thin guess)."""
+        n = len(gallery or [])
+        return f", read from {n} image{'s' if n != 1 else ''}" if 0 < n < self.full_gallery else ""
 
     def ms_text(self, page: dict) -> str:
         by = " (by its CLS token)" if page.get("patch_support") is not None else ""
@@ -454,8 +460,10 @@ class Explorer:
             label = ""
             if page.get("label_by_patch") and not page["label_from_patch"]:  # else it is the label above
                 score = page.get("label_by_patch_score")
-                label = f'; its label: guess "{page["label_by_patch"]}"' + (
-                    f" (score {score:.2f})" if score is not None and math.isfinite(score) else "")
+                score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else ""
+                read = self._read_from(page["patch_top"])
+                detail = (score_s + read).lstrip(", ")
+                label = f'; its label: guess "{page["label_by_patch"]}"' + (f" ({detail})" if detail else "")
             lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images{top_act}; the "
                          f"second gallery ranks them by the max over patches{bands}{label}")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)

@@ -514,7 +514,18 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     differ = [k for k in range(b.n_neurons) if (top_ids[k] >= 0).any() and by_patch[k] and by_patch[k] != b.labels["labels"][k]]
     assert differ  # latents whose two galleries read differently: the header shows the second label
     head = ex.neuron_summary(differ[0], b.neuron(differ[0]))
-    assert f'its label: guess "{by_patch[differ[0]]}" (score {float(np.asarray(b.array("patch_label_score"))[differ[0]]):.2f})' in head
+
+    def read_from(ids):  # a label read from fewer images than a full gallery says how many
+        n = int((ids >= 0).sum())
+        return f", read from {n} image{'s' if n != 1 else ''}" if n < ids.size else ""
+
+    assert (f'its label: guess "{by_patch[differ[0]]}" (score {float(np.asarray(b.array("patch_label_score"))[differ[0]]):.2f}'
+            f'{read_from(patch_ids[differ[0]])})') in head
+    for j in range(b.n_neurons):
+        if b.labels["labels"][j] and not b.neuron(j)["label_from_patch"]:
+            score = float(np.asarray(b.array("label_score"))[j])
+            assert f'"{b.labels["labels"][j]}" (score {score:.2f}{read_from(top_ids[j])}, method' in ex.label_text(b.neuron(j))
+    assert any(read_from(top_ids[j]) for j in range(b.n_neurons) if b.labels["labels"][j])  # some thin guesses were seen
     rec = ex.neuron_record(differ[0])
     assert rec["label_by_patch"] == by_patch[differ[0]] and rec["label"] == b.labels["labels"][differ[0]]
     # the world figure: labels by patches against the value most of the patch gallery's images share
@@ -536,6 +547,7 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     page = b.neuron(k)
     assert page["label_from_patch"] and not b.neuron(int(np.flatnonzero((top_ids >= 0).any(1))[0]))["label_from_patch"]
     assert "from the gallery by the max over patches" in ex.label_text(page)
+    assert f"{read_from(patch_ids[k])}, method" in ex.label_text(page)  # counted in the gallery it was read from
     assert "its label: guess" not in ex.neuron_summary(k, page)  # its label is the one by patches
     # its header and histogram say that it fires on patches only, not leave zeros and empty axes unexplained
     from app.figures import activation_histogram
