@@ -14,7 +14,7 @@ from sae_core.errors import UserError
 
 from . import inputs
 from .probes import ProbeResults
-from .render import ImageCache, heat_overlay, strip, upscale
+from .render import DISPLAY, ImageCache, heat_overlay, strip, upscale
 
 TABLE_COLUMNS = ["neuron", "label", "label_score", "ms", "support", "frequency", "max_act", "level"]
 TABLE_SORTS = ("ms", "support", "frequency", "max_act", "label_score", "neuron", "level")
@@ -388,6 +388,34 @@ class Explorer:
         """A dataset image blown up to the display size, as a generated PNG path."""
         i = inputs.integer(i, "image index", 0, self.n_images - 1)
         return self.images.get_or_make(f"img|{i}", lambda: upscale(self.bundle.image(i)))
+
+    @cached_property
+    def dataset_error(self) -> str | None:
+        """Why the bundle's dataset cannot be opened here (one sentence), or None. A bundle copied without
+        its dataset still shows its gallery images (their thumbnails travel with it), not the others."""
+        try:
+            self.bundle.dataset()
+        except UserError as e:
+            return str(e)
+        return None
+
+    def search_tile(self, i: int) -> str | None:
+        """image_tile(i), or None for an image with no thumbnail when the dataset cannot be opened here."""
+        i = inputs.integer(i, "image index", 0, self.n_images - 1)
+        if not self.bundle.thumb_path(i).is_file() and self.dataset_error:
+            return None
+        return self.image_tile(i)
+
+    def missing_tile(self) -> str:
+        """A grey tile standing in for an image that cannot be shown here (see search_tile)."""
+        from PIL import Image, ImageDraw
+
+        def make():
+            img = Image.new("RGB", (DISPLAY, DISPLAY), (200, 200, 200))
+            ImageDraw.Draw(img).text((DISPLAY // 2, DISPLAY // 2), "not here", fill=(90, 90, 90), anchor="mm")
+            return img
+
+        return self.images.get_or_make("missing", make)
 
     def label_text(self, page: dict) -> str:
         if not page.get("label"):

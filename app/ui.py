@@ -602,10 +602,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def image_results(ids, scores, what):
             """The gallery, the ids behind it and the note for a search's results."""
-            items = [(ex.image_tile(i), f"#{i}  cos {s:.3f}") for i, s in zip(ids, scores)]
+            tiles = [ex.search_tile(i) for i in ids]
+            items = [(t or ex.missing_tile(), f"#{i}  cos {s:.3f}") for t, i, s in zip(tiles, ids, scores)]
             how = "exact search" if image_search.kind == "flat" else "IVF-PQ, re-ranked exactly"
             note = (f"The {len(ids)} images of {ex.n_images:,} nearest {what} ({how}; cosine {scores[0]:.3f} to "
                     f"{scores[-1]:.3f})." if ids else f"No image is near {what}.")
+            if None in tiles:
+                note += (f" {tiles.count(None)} of them cannot be shown here: the bundle carries pictures of its "
+                         f"gallery images only, and {ex.dataset_error[0].lower()}{ex.dataset_error[1:]}")
             return items, ids, note
 
         img_search_out = [img_results, img_ids, img_note, img_query, url_box]
@@ -640,7 +644,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             note = (f"Image #{i} is in the top galleries of {n:,} neuron{'s' if n != 1 else ''}{cut}." if n else
                     f"Image #{i} is in no neuron's top gallery (each keeps its {ex.full_gallery} best images of "
                     f"{ex.n_images:,})" + ("; *Steer with this image* lists the latents that fire on it." if steer else "."))
-            return i, ex.image_tile(i), table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
+            if ex.search_tile(i) is None:
+                note += f" It cannot be shown here: {ex.dataset_error}"
+            return i, ex.search_tile(i), table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
 
         img_neuron_out = [img_id, img_picture, img_neurons, img_neurons_note, url_box]
         img_open.click(image_neurons, [img_id, img_query], img_neuron_out, api_name="image_neurons")

@@ -234,3 +234,37 @@ def test_image_search_through_the_api(client, explorer_app, tmp_path):
     assert image == i and len(table["data"]) == held > 0 and state == f"tab=images&image={i}"
     with pytest.raises(AppError, match="empty"):
         client.predict("  ", api_name="/search_images_by_text")
+
+
+def test_a_bundle_copied_without_its_dataset_shows_what_it_carries(tiny_bundle, tmp_path):
+    """A bundle copied to another machine without its dataset keeps the thumbnails of its gallery
+    images: image searches show those, a grey tile for any other image, and say why in the note."""
+    import shutil
+
+    from app.server import start
+
+    root = tmp_path / "copied"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("world", ".work", ".stages"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.pop("world", None)
+    manifest.pop("world_split", None)
+    manifest["dataset"]["spec"] = f"imagefolder:{tmp_path / 'not-copied'}"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    thumbs = {int(p.stem) for p in (root / "images" / "thumbs").glob("*.png")}
+    emb = np.load(root / "images" / "embeddings.npy").astype(np.float64)
+    # an image whose 24 nearest include some without a thumbnail
+    query = next(i for i in sorted(thumbs) if len(set(np.argsort(-(emb @ emb[i]))[1:25].tolist()) - thumbs) > 0)
+    demo, url = start(root, cache=tmp_path / "cache")
+    try:
+        client = Client(url, verbose=False)
+        items, note, _, _ = client.predict(query, api_name="/search_images_like")
+        ids = [int(it["caption"].split()[0].lstrip("#")) for it in items]
+        gone = [i for i in ids if i not in thumbs]
+        assert gone and f"{len(gone)} of them cannot be shown here" in note and "not-copied does not exist" in note
+        sizes = {i: Path(it["image"]["path"] if isinstance(it["image"], dict) else it["image"]).stat().st_size
+                 for i, it in zip(ids, items)}
+        assert len({sizes[i] for i in gone}) == 1  # one grey tile for all of them
+        _, picture, table, note, _ = client.predict(gone[0], "", api_name="/image_neurons")
+        assert picture is None and "cannot be shown here" in note
+    finally:
+        demo.close()
