@@ -26,7 +26,7 @@ CSS = """
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
-#top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty) {display: none !important;}
+#top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty), #image-results:has(> .empty) {display: none !important;}
 """
 
 # Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.
@@ -427,15 +427,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 img_results = gr.Gallery(label="nearest images, best first (click one: the neurons that show it)",
                                          columns=8, fit_columns=False, height="auto", object_fit="contain",
                                          elem_id="image-results")
-                img_ids = gr.State([])  # the ids behind the gallery, in its order
                 with gr.Row():
-                    img_id = gr.Number(value=None, precision=0, minimum=0, maximum=ex.n_images - 1,
+                    img_id = gr.Number(value=0, precision=0, minimum=0, maximum=ex.n_images - 1,
                                        label=f"image id (0 to {ex.n_images - 1})", elem_id="image-id")
                     img_open = gr.Button("Neurons that show it", elem_id="image-open")
                     img_like = gr.Button("Images like this one", elem_id="image-like")
                     img_steer = gr.Button("Steer with this image", elem_id="image-steer", visible=steer is not None)
                 img_neurons_note = gr.Markdown(elem_id="image-neurons-note")
-                with gr.Row():
+                with gr.Row(visible=False) as img_row:  # shown with its first image: no empty boxes before
                     img_picture = gr.Image(type="filepath", interactive=False, label="the image", height=260,
                                            elem_id="image-picture")
                     img_neurons = gr.Dataframe(headers=IMAGE_NEURON_COLUMNS, interactive=False, scale=2,
@@ -610,9 +609,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             if None in tiles:
                 note += (f" {tiles.count(None)} of them cannot be shown here: the bundle carries pictures of its "
                          f"gallery images only, and {ex.dataset_error[0].lower()}{ex.dataset_error[1:]}")
-            return items, ids, note
+            return items, note
 
-        img_search_out = [img_results, img_ids, img_note, img_query, url_box]
+        img_search_out = [img_results, img_note, img_query, url_box]
 
         @user_errors
         def search_images_by_text(query):
@@ -649,14 +648,21 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return i, ex.search_tile(i), table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
 
         img_neuron_out = [img_id, img_picture, img_neurons, img_neurons_note, url_box]
-        img_open.click(image_neurons, [img_id, img_query], img_neuron_out, api_name="image_neurons")
-        img_id.submit(image_neurons, [img_id, img_query], img_neuron_out, api_name=False)
 
-        def pick_image(ids, evt: gr.SelectData):
-            return ids[evt.index] if ids and 0 <= evt.index < len(ids) else gr.update()
+        def then_show_image_row(event):
+            event.success(lambda: gr.Row(visible=True), None, img_row, api_name=False, queue=False)
 
-        img_results.select(pick_image, img_ids, img_id, api_name=False, queue=False).success(
-            image_neurons, [img_id, img_query], img_neuron_out, api_name=False)
+        then_show_image_row(img_open.click(image_neurons, [img_id, img_query], img_neuron_out, api_name="image_neurons"))
+        then_show_image_row(img_id.submit(image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
+
+        def pick_image(evt: gr.SelectData):
+            """The id of a clicked result, from its caption ("#12  cos 0.412"). Read from the caption, not
+            kept in a gr.State: any State makes Gradio hold a heartbeat connection open for every tab."""
+            caption = str(evt.value.get("caption") or "") if isinstance(evt.value, dict) else ""
+            return int(caption.split()[0][1:]) if caption.startswith("#") else gr.update()
+
+        then_show_image_row(img_results.select(pick_image, None, img_id, api_name=False, queue=False).success(
+            image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
 
         @user_errors
         def search_images_like(image):
@@ -677,24 +683,25 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def images_restore_from_url(request: gr.Request):
             """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
-            n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1  # the url box is left alone
+            n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1 + 1  # the url box is left alone; + the row
             if state.get("tab") != "images":
                 return (gr.update(),) * n_out
             try:
                 image = state.get("image")
                 if image_search is not None and state.get("query"):
-                    found = search_images_by_text(state["query"])[:4]
+                    found = search_images_by_text(state["query"])[:3]
                 elif image_search is not None and image not in (None, ""):
-                    found = search_images_like(image)[:4]
+                    found = search_images_like(image)[:3]
                 else:  # nothing to search, or no index: an image's neurons need none
-                    found = (gr.update(),) * 4
-                shown = image_neurons(image, state.get("query") or "")[:4] if image not in (None, "") else (gr.update(),) * 4
-                return (*found, *shown)
+                    found = (gr.update(),) * 3
+                if image in (None, ""):
+                    return (*found, *(gr.update(),) * 5)
+                return (*found, *image_neurons(image, state.get("query") or "")[:4], gr.Row(visible=True))
             except gr.Error as e:
                 gr.Warning(f"the link's image search could not be restored: {e.message}")
                 return (gr.update(),) * n_out
 
-        demo.load(images_restore_from_url, None, img_search_out[:-1] + img_neuron_out[:-1], api_name=False)
+        demo.load(images_restore_from_url, None, img_search_out[:-1] + img_neuron_out[:-1] + [img_row], api_name=False)
 
         def gallery_picker(which):
             """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top")."""
@@ -714,7 +721,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def open_image_from_gallery(image):
             return (*image_neurons(image), gr.Tabs(selected="images"))
 
-        gallery_image_button.click(open_image_from_gallery, img_id, img_neuron_out + [tabs], api_name=False)
+        then_show_image_row(gallery_image_button.click(open_image_from_gallery, img_id, img_neuron_out + [tabs],
+                                                       api_name=False))
 
         @functools.lru_cache(maxsize=8)
         def hierarchy_cached(kind, root):

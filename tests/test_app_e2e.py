@@ -286,6 +286,10 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     galleries = [top] + ([np.load(patch)] if patch.exists() else [])
     held = lambda i: int(sum((g == i).sum() for g in galleries))
     pg.goto(url + "/?tab=images")
+    pg.wait_for_selector("#image-query textarea")
+    # no empty boxes before a search and a pick: the results gallery, the picture and its table are hidden
+    assert not pg.locator("#image-results").is_visible() and not pg.locator("#image-picture").is_visible()
+    assert not pg.locator("#image-neurons").is_visible()
     pg.fill("#image-query textarea", "a photo of a red object")
     pg.keyboard.press("Enter")
     pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
@@ -298,6 +302,7 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     pg.wait_for_selector(f"#image-neurons-note:has-text('{note}')")
     rows = "Array.from(document.querySelectorAll('#image-neurons [role=row]')).filter(r => r.querySelector('[role=gridcell]'))"
     pg.wait_for_function(f"(n) => {rows}.length === n", arg=held(ids[j]))
+    pg.wait_for_selector("#image-picture img", state="visible")
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query))
     assert q == {"tab": "images", "query": "a photo of a red object", "image": str(ids[j])}
     # the link restores the search and the image
