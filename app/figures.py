@@ -44,19 +44,45 @@ def _layout(fig, title: str, height: int = 360):
     return fig
 
 
+MS_BIN = 0.025
+"""Width of the MS histogram's bins."""
+MS_PEAK_CUT = 3.0
+"""A set whose tallest MS bar is over this many times the others' tallest is cut (see ms_histogram)."""
+
+
 def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.ndarray | None = None):
     """Distribution of MS for the SAE's latents and, when stored, the layer's raw neurons and the SAE
-    latents' MS by the max over patches (a CLS-scored bundle)."""
+    latents' MS by the max over patches (a CLS-scored bundle): the % of each set's scored neurons per
+    0.025 bin from 0 (or below, for a negative MS) to 1.
+
+    The layer's raw neurons are dense, so their MS all sit near the mean cosine of image pairs: on the
+    demo 89% of them fall in one bin, which drew the SAE's distribution as a flat line at its foot. When
+    one set's tallest bar is over MS_PEAK_CUT times the others' tallest, the y axis stops just above the
+    others' and a note gives the cut bar's height."""
     import plotly.graph_objects as go
 
+    sets = [(np.asarray(v, np.float64), name, opacity) for v, name, opacity in
+            ((ms_sae, "SAE latents", 0.75), (ms_raw, "raw neurons", 0.6),
+             (ms_patch, "SAE latents, by the max over patches", 0.5)) if v is not None]
+    sets = [(v[np.isfinite(v)], name, opacity) for v, name, opacity in sets]
+    low = min([0.0] + [math.floor(v.min() / MS_BIN) * MS_BIN for v, _, _ in sets if v.size])
+    edges = np.arange(low, 1.0 + MS_BIN / 2, MS_BIN)
     fig = go.Figure()
-    bins = dict(start=0.0, end=1.0, size=0.025)
-    for values, name, opacity in ((ms_sae, "SAE latents", 0.75), (ms_raw, "raw neurons", 0.6),
-                                  (ms_patch, "SAE latents, by the max over patches", 0.5)):
-        if values is not None:
-            x = np.asarray(values, dtype=np.float64)
-            fig.add_histogram(x=x[np.isfinite(x)], xbins=bins, name=name, histnorm="percent", opacity=opacity)
-    fig.update_layout(barmode="overlay", xaxis_title="Monosemanticity Score", yaxis_title="% of neurons")
+    peaks = []
+    for v, name, opacity in sets:
+        counts, _ = np.histogram(np.clip(v, low, 1.0), bins=edges)
+        pct = 100.0 * counts / max(v.size, 1)
+        peaks.append((float(pct.max()) if v.size else 0.0, name, float(edges[np.argmax(pct)])))
+        fig.add_bar(x=((edges[:-1] + edges[1:]) / 2).tolist(), y=pct.tolist(), width=MS_BIN, name=name,
+                    opacity=opacity, hovertemplate=f"{name}<br>MS %{{x:.3f}} ± {MS_BIN / 2:g}<br>%{{y:.1f}}%<extra></extra>")
+    fig.update_layout(barmode="overlay", bargap=0, xaxis_title="Monosemanticity Score", yaxis_title="% of neurons")
+    if len(peaks) > 1:
+        top, name, at = max(peaks)
+        rest = max(p for p, n, _ in peaks if n != name)
+        if rest > 0 and top > MS_PEAK_CUT * rest:
+            fig.update_yaxes(range=[0, 1.15 * rest])
+            fig.add_annotation(text=f"{name}: {top:.0f}% at MS {at:.3f}-{at + MS_BIN:.3f} (bar cut)", x=at + MS_BIN,
+                               y=1.15 * rest, yanchor="top", xanchor="left", showarrow=False, font=dict(size=11))
     return _layout(fig, "MS distribution")
 
 

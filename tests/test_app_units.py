@@ -158,6 +158,26 @@ def test_heat_overlay_reddens_the_hot_patch_only():
     assert np.abs(hot - want).max() <= 5, (hot, want)
 
 
+def test_ms_histogram_counts_every_scored_neuron_and_cuts_a_towering_bar():
+    """Bars against np.histogram of each set (NaN left out, a negative MS in the bin below 0); raw
+    neurons piled in one bin (as dense units are) are cut so the SAE's distribution stays readable."""
+    rng = np.random.default_rng(0)
+    sae = np.r_[rng.uniform(0.1, 0.95, 300), np.nan, -0.01]
+    raw = np.r_[np.full(90, 0.26), rng.uniform(0.2, 0.4, 10)]
+    fig = figures.ms_histogram(sae, raw)
+    edges = np.arange(-0.025, 1.0 + 1e-9, 0.025)
+    for trace, values in zip(fig.data, (sae, raw)):
+        finite = values[np.isfinite(values)]
+        want = 100 * np.histogram(finite, bins=edges)[0] / finite.size
+        np.testing.assert_allclose(trace.y, want, atol=1e-9)
+        np.testing.assert_allclose(trace.x, (edges[:-1] + edges[1:]) / 2)
+    sae_peak = max(fig.data[0].y)
+    assert max(fig.data[1].y) > 3 * sae_peak and fig.layout.yaxis.range == pytest.approx((0, 1.15 * sae_peak))
+    assert [a.text for a in fig.layout.annotations] == [f"raw neurons: {max(fig.data[1].y):.0f}% at MS 0.250-0.275 (bar cut)"]
+    even = figures.ms_histogram(sae, rng.uniform(0.1, 0.9, 100))  # no tower: nothing cut
+    assert even.layout.yaxis.range is None and not even.layout.annotations
+
+
 def test_log_axis_ticks_are_whole_numbers_inside_the_range():
     """Against a brute-force list of every number m * 10**p (m = 1..9) in the range: the ticks are those
     with m in 1-2-5 (only 1 past 4 decades) when at least 3 are, else all of them, labelled in full."""
