@@ -643,9 +643,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             note = (f"Image #{i} is in the top galleries of {n:,} neuron{'s' if n != 1 else ''}{cut}." if n else
                     f"Image #{i} is in no neuron's top gallery (each keeps its {ex.full_gallery} best images of "
                     f"{ex.n_images:,})" + ("; *Steer with this image* lists the latents that fire on it." if steer else "."))
-            if ex.search_tile(i) is None:
+            picture = ex.search_tile(i)
+            if picture is None:
                 note += f" It cannot be shown here: {ex.dataset_error}"
-            return i, ex.search_tile(i), table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
+            return i, picture, table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
 
         img_neuron_out = [img_id, img_picture, img_neurons, img_neurons_note, url_box]
 
@@ -726,13 +727,13 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         @functools.lru_cache(maxsize=8)
         def hierarchy_cached(kind, root):
-            nodes = ex.bundle.hierarchy().get("nodes", []) if ex.bundle.has("hierarchy.json") else []
+            h = ex.bundle.hierarchy() if ex.bundle.has("hierarchy.json") else {}
+            nodes = h.get("nodes", [])
             if not nodes:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
             patch_ms = ex.columns.get("patch_ms")
             tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms,
                                             root=None if root < 0 else root, patch_labels=ex.columns.get("patch_label"))
-            h = ex.bundle.hierarchy()
             depth = h.get("depth_per_level") or []
             counts = {}
             for node in nodes:

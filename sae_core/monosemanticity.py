@@ -219,7 +219,6 @@ class MSAccumulator:
         return finish_result(ms, support, self.n, min_support)
 
 
-
 def finish_result(ms: np.ndarray, support: np.ndarray, n_images: int, min_support: int = 2) -> MSResult:
     """Wrap per-neuron scores and supports into an MSResult with the minimum-support filter applied."""
     if min_support < 2:
