@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -149,6 +150,8 @@ class Bundle:
         self.root = root
         self.manifest: dict = manifest
         self._arrays: dict[str, np.ndarray] = {}
+        # The dataset and the search index are opened once even when the app's first requests come at once.
+        self._open_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.root)!r}: {self.n_neurons} neurons, {self.n_images} images)"
@@ -339,14 +342,15 @@ class Bundle:
     def dataset(self):
         """The image dataset the atlas scanned (sae_core.datasets.open_dataset of the manifest's spec;
         for a world bundle, the world it carries or names, so a copied bundle still renders its images)."""
-        if not hasattr(self, "_dataset"):
-            from .datasets import open_dataset
+        with self._open_lock:
+            if not hasattr(self, "_dataset"):
+                from .datasets import open_dataset
 
-            spec = self.manifest["dataset"]["spec"]
-            if self.world_dir is not None and self.manifest.get("world_split"):
-                spec = f"world:{self.world_dir}:{self.manifest['world_split']}"
-            self._dataset = open_dataset(spec)
-        return self._dataset
+                spec = self.manifest["dataset"]["spec"]
+                if self.world_dir is not None and self.manifest.get("world_split"):
+                    spec = f"world:{self.world_dir}:{self.manifest['world_split']}"
+                self._dataset = open_dataset(spec)
+            return self._dataset
 
     def thumb_path(self, i: int) -> Path:
         return self.root / THUMBS / f"{int(i)}.png"
@@ -367,11 +371,13 @@ class Bundle:
     def search_index(self):
         """The image search index (sae_core.search_index.SearchIndex, read once): `.search(queries (Q, E),
         k) -> (ids (Q, k), scores (Q, k))` over images/embeddings.npy; `.index` is the faiss index."""
-        if not hasattr(self, "_index"):
-            from .search_index import load_index
+        with self._open_lock:
+            if not hasattr(self, "_index"):
+                from .search_index import load_index
 
-            self._index = load_index(self._path("images/index.faiss"), embeddings=self.array("images/embeddings"))
-        return self._index
+                self._index = load_index(self._path("images/index.faiss"),
+                                         embeddings=self.array("images/embeddings"))
+            return self._index
 
     def hierarchy(self) -> dict:
         """hierarchy.json: {"nodes": [{id, level, parent, label, ms}], "depth_per_level": [...], ...}."""

@@ -199,6 +199,42 @@ def test_tiny_bundle_through_the_reader(tiny_bundle):
     assert sae.cfg.d_sae == b.n_neurons
 
 
+def test_dataset_and_index_open_once_under_concurrent_first_calls(tiny_bundle, monkeypatch):
+    """The app's first requests may arrive together: each lazily opened resource is opened once."""
+    import threading
+    import time
+
+    from sae_core import datasets, search_index
+
+    calls = {"index": 0, "dataset": 0}
+    real_index, real_dataset = search_index.load_index, datasets.open_dataset
+
+    def slow(name, real):
+        def opener(*args, **kwargs):
+            calls[name] += 1
+            time.sleep(0.05)            # widen the window a second opener would slip through
+            return real(*args, **kwargs)
+        return opener
+
+    monkeypatch.setattr(search_index, "load_index", slow("index", real_index))
+    monkeypatch.setattr(datasets, "open_dataset", slow("dataset", real_dataset))
+    b = B.open_bundle(tiny_bundle)
+    got: list = []
+    barrier = threading.Barrier(8)
+
+    def first_call():
+        barrier.wait()
+        got.append((b.search_index(), b.dataset()))
+
+    threads = [threading.Thread(target=first_call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == {"index": 1, "dataset": 1}
+    assert len(got) == 8 and all(g[0] is got[0][0] and g[1] is got[0][1] for g in got)
+
+
 def test_inspect_json(tiny_bundle):
     proc = subprocess.run([sys.executable, "-m", "precompute", "inspect", str(tiny_bundle), "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
