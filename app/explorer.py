@@ -126,11 +126,16 @@ class Explorer:
         m = self.bundle.manifest
         model, sae, data, emb = m["model"], m["sae"], m["dataset"], m.get("embedder", {})
         groups = sae.get("group_sizes") or []
+        imported = (sae.get("training") or {}).get("imported")
+        shape = f"{sae.get('architecture')} {sae.get('d_in')} -> {sae.get('d_sae')}"
+        if sae.get("architecture") in ("topk", "batchtopk", "matryoshka"):  # sae_core.sae.K_ARCHS, without torch
+            shape += f", k {sae.get('k')}"
+        if imported:
+            shape += f", imported from {imported.get('format')} ({imported.get('architecture')}; {imported.get('from')})"
         return {
             "model": model.get("spec"), "layer": model.get("layer"), "tokens": model.get("tokens"),
             "patch grid": "x".join(str(g) for g in self.grid) if self.grid[0] else None,
-            "SAE": f"{sae.get('architecture')} {sae.get('d_in')} -> {sae.get('d_sae')}, k {sae.get('k')}"
-                   + (f", levels {groups}" if groups else ""),
+            "SAE": shape + (f", levels {groups}" if groups else ""),
             "dataset": f"{data.get('spec')} ({data.get('n_images')} images)",
             "MS embedder": emb.get("spec"), "labels": self.bundle.labels.get("method"),
             "built": m.get("created"), "command": m.get("command"),

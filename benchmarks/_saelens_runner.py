@@ -5,6 +5,7 @@ benchmark through files:
 
     python _saelens_runner.py train SPEC.json   -> trains, writes RESULT.json and the held-out x_hat .npy
     python _saelens_runner.py export SPEC.json  -> loads our export with SAE.load_from_disk, writes z, x_hat
+    python _saelens_runner.py make SPEC.json    -> saves random SAELens SAEs (save_model), writes their z, x_hat
 
 API used (read from sae_lens 6.x source, sae_lens/saes/batchtopk_sae.py and training/sae_trainer.py):
 `BatchTopKTrainingSAEConfig(k, d_in, d_sae, dtype, device)` with its defaults
@@ -143,10 +144,42 @@ def export(spec: dict) -> dict:
     return {"class": type(sae).__name__, "architecture": sae.cfg.architecture()}
 
 
+def make(spec: dict) -> dict:
+    """For each case, a SAELens SAE of that class with random weights (and thresholds), saved with
+    `save_model` as a SAELens user would; its encode/decode of the given rows beside it."""
+    import sae_lens
+
+    x = torch.from_numpy(np.load(spec["x"])).float()
+    out = {}
+    for case in spec["cases"]:
+        cls_name = {"standard": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}[case["class"]]
+        cfg_kwargs = {"d_in": x.shape[1], "d_sae": case["d_sae"], "apply_b_dec_to_input": case["apply_b_dec_to_input"]}
+        if case["class"] == "topk":
+            cfg_kwargs["k"] = case["k"]
+        sae = getattr(sae_lens, cls_name)(getattr(sae_lens, cls_name + "Config")(**cfg_kwargs))
+        g = torch.Generator().manual_seed(case["seed"])
+        with torch.no_grad():
+            for name, p in sae.named_parameters():
+                # thresholds near the pre-activations' spread (std about 4.8 here), so that they cut
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name != "threshold" else 3.0))
+            if hasattr(sae, "threshold"):
+                sae.threshold.abs_()
+        folder = Path(spec["out_root"]) / case["name"]
+        sae.save_model(folder)
+        with torch.no_grad():
+            z = sae.encode(x)
+            x_hat = sae.decode(z)
+        np.save(folder / "z.npy", z.numpy())
+        np.save(folder / "x_hat.npy", x_hat.numpy())
+        out[case["name"]] = {"class": type(sae).__name__, "architecture": sae.cfg.architecture(),
+                             "folder": str(folder)}
+    return {"cases": out}
+
+
 def main() -> int:
     mode, spec_path = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_path).read_text())
-    result = {"train": train, "export": export}[mode](spec)
+    result = {"train": train, "export": export, "make": make}[mode](spec)
     import importlib.metadata
 
     result["sae_lens_version"] = importlib.metadata.version("sae-lens")

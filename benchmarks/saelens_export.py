@@ -1,9 +1,12 @@
-"""`python -m benchmarks saelens_export` (or `sae_train --check-export`): does our SAELens export load in SAELens?
+"""`python -m benchmarks saelens_export` (or `sae_train --check-export`): SAEs cross between SAELens and us.
 
-For each architecture: train a small SAE with `python -m precompute train` on planted-dictionary data
-(d_in 64, 256 atoms, 4 active; width 256, k 8, 50 steps), export it with
+Export: for each architecture, train a small SAE with `python -m precompute train` on planted-dictionary
+data (d_in 64, 256 atoms, 4 active; width 256, k 8, 50 steps), export it with
 `python -m precompute export DIR --format saelens --out D2`, load D2 with SAELens's
 `SAE.load_from_disk` in the SAELens venv, and compare its encode/decode with ours on held-out rows.
+Import: SAELens makes random SAEs of its inference classes (standard, topk, jumprelu; b_dec applied to
+the input or not) and saves them with `save_model`; `sae_core.checkpoint.load_sae` loads each folder and
+its encode/decode is compared with SAELens's own on the same rows.
 Prints the max absolute differences; exits 1 if any exceeds 1e-4 or a load fails.
 """
 from __future__ import annotations
@@ -65,17 +68,82 @@ def check_export(work: Path, archs: tuple[str, ...] = ("batchtopk", "matryoshka"
             rows.append((arch, "load failed", last, "", ""))
             continue
         res = json.loads(Path(spec["result"]).read_text())
-        dz = float(np.abs(np.load(spec["z_out"]) - z_ours).max())
-        dx = float(np.abs(np.load(spec["x_hat_out"]) - x_hat_ours).max())
-        same_support = bool(((np.load(spec["z_out"]) != 0) == (z_ours != 0)).all())
-        ok &= dz <= TOLERANCE and dx <= TOLERANCE and same_support
-        rows.append((arch, f"{res['class']} ({res['architecture']})", f"{dz:.2e}", f"{dx:.2e}", str(same_support)))
-    print(f"SAELens {saelens_version(py)}: SAE.load_from_disk on `python -m precompute export --format saelens`, "
-          f"{len(x_eval)} rows, d_in 64, width 256\n")
-    print("| our arch | loaded as | max abs diff encode | max abs diff decode(encode) | same active set |")
-    print("|---|---|---|---|---|")
+        dz, dx, same, passed = _compare(z_ours, x_hat_ours, np.load(spec["z_out"]), np.load(spec["x_hat_out"]))
+        ok &= passed
+        rows.append((arch, f"{res['class']} ({res['architecture']})", f"{dz:.2e}", f"{dx:.2e}", str(same)))
+    _table(f"SAELens {saelens_version(py)}: SAE.load_from_disk on `python -m precompute export --format saelens`, "
+           f"{len(x_eval)} rows, d_in 64, width 256", ["our arch", "loaded as"], rows)
+    return 0 if ok else 1
+
+
+def _compare(z, x_hat, z_ref, x_hat_ref) -> tuple[float, float, bool, bool]:
+    """Max abs differences of codes and reconstructions, whether the active sets agree, and all within TOLERANCE."""
+    dz, dx = float(np.abs(z - z_ref).max()), float(np.abs(x_hat - x_hat_ref).max())
+    same = bool(((z != 0) == (z_ref != 0)).all())
+    return dz, dx, same, dz <= TOLERANCE and dx <= TOLERANCE and same
+
+
+def _table(title: str, first_columns: list[str], rows: list[tuple]) -> None:
+    print(f"{title}\n")
+    header = first_columns + ["max abs diff encode", "max abs diff decode(encode)", "same active set"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+
+
+IMPORT_CASES = [
+    {"name": "standard", "class": "standard", "apply_b_dec_to_input": True},
+    {"name": "standard_no_b_dec_in", "class": "standard", "apply_b_dec_to_input": False},
+    {"name": "topk", "class": "topk", "apply_b_dec_to_input": True, "k": 8},
+    {"name": "topk_no_b_dec_in", "class": "topk", "apply_b_dec_to_input": False, "k": 8},
+    {"name": "jumprelu", "class": "jumprelu", "apply_b_dec_to_input": True},
+    {"name": "jumprelu_no_b_dec_in", "class": "jumprelu", "apply_b_dec_to_input": False},
+]
+
+
+def check_import(work: Path) -> int:
+    import torch
+
+    from benchmarks.sae_train import RUNNER, _env, saelens_python, saelens_version
+    from sae_core.checkpoint import load_sae
+
+    py = saelens_python()
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    x_eval = (rng.standard_normal((512, 64)) * 2).astype(np.float32)
+    np.save(work / "x_import.npy", x_eval)
+    cases = [{**c, "d_sae": 256, "seed": i} for i, c in enumerate(IMPORT_CASES)]
+    spec = {"x": str(work / "x_import.npy"), "out_root": str(work / "from_saelens"), "cases": cases,
+            "result": str(work / "import_result.json")}
+    shutil.rmtree(spec["out_root"], ignore_errors=True)
+    (work / "import_spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([str(py), str(RUNNER), "make", str(work / "import_spec.json")], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:])
+        return 1
+    made = json.loads(Path(spec["result"]).read_text())["cases"]
+    rows, ok = [], True
+    for case in cases:
+        info = made[case["name"]]
+        folder = Path(info["folder"])
+        try:
+            sae = load_sae(folder)
+        except Exception as e:  # noqa: BLE001 - the table reports any failure
+            ok = False
+            rows.append((case["name"], info["class"], "load failed", str(e)[:80], "", ""))
+            continue
+        with torch.no_grad():
+            z = sae.encode(torch.from_numpy(x_eval))
+            x_hat = sae.decode(z).numpy()
+            z = z.numpy()
+        dz, dx, same, passed = _compare(z, x_hat, np.load(folder / "z.npy"), np.load(folder / "x_hat.npy"))
+        ok &= passed
+        rows.append((case["name"], info["class"], sae.cfg.arch, f"{dz:.2e}", f"{dx:.2e}",
+                     f"{same} ({(z != 0).mean():.3f} active)"))
+    _table(f"\nSAELens {saelens_version(py)}: `save_model` of random SAEs, loaded with sae_core.checkpoint.load_sae, "
+           f"{len(x_eval)} rows, d_in 64, width 256", ["SAELens SAE", "class", "loaded as"], rows)
     return 0 if ok else 1
 
 
@@ -83,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks saelens_export", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_sae_train" / "export_check")
     args = p.parse_args(argv)
-    return check_export(args.work)
+    return check_export(args.work) | check_import(args.work)
 
 
 if __name__ == "__main__":

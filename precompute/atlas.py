@@ -76,7 +76,7 @@ class AtlasJob:
         d = asdict(self)
         for k in ("out", "batch_size", "memory_gib", "device", "checkpoint_every", "command", "extra_manifest"):
             d.pop(k)
-        d["sae"] = str(Path(self.sae).resolve())
+        d["sae"] = self.sae if self.sae.startswith("hf:") else str(Path(self.sae).resolve())
         return d
 
 
@@ -85,7 +85,8 @@ def add_arguments(p) -> None:
 
     if hasattr(p, "_negative_number_matcher"):  # `--layer -2` parses like `--layer=-2`
         p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$")
-    p.add_argument("--sae", required=True, help="SAE directory (sae.safetensors + config.json from `precompute train`)")
+    p.add_argument("--sae", required=True, help="SAE directory: ours (`precompute train`), SAELens's or sparsify's; "
+                                                  "or hf:OWNER/REPO[/FOLDER] on the Hugging Face Hub")
     p.add_argument("--dataset", required=True, help="images to scan: imagefolder:PATH | files:LIST | world:DIR[:SPLIT] | ...")
     p.add_argument("--model", required=True, help="the model the SAE was trained on: open_clip:... | hf:... | llava:... | world:DIR[:llava]")
     p.add_argument("--layer", help="layer the SAE reads (default: the layer it was trained on, else the model's read layer)")
@@ -205,8 +206,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     out = Path(job.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the bundle.")
-    sae_dir = Path(job.sae)
-    sae = load_sae(sae_dir, device=job.device)
+    sae = load_sae(job.sae, device=job.device)
     trained = (sae.training_info or {}).get("activations", {})
     world = _world_root(job.dataset)
     if job.layer is None:
@@ -285,7 +285,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     """The scan and its files; `note(line)` tells the user something now (the batch cut, a resume)."""
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
-    from sae_core.checkpoint import WEIGHTS
+    from sae_core.checkpoint import copy_sae, weights_file
     from sae_core.datasets import open_dataset
 
     if job.layer is None:
@@ -312,7 +312,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         table = factor_table(ds.factors, np.arange(n))
         reference_embed = functools.partial(factor_embedding, table)
     # _check_identity already holds the out dir to these settings; an SAE retrained in place is not
-    weights = (Path(job.sae) / WEIGHTS).stat()
+    weights = weights_file(job.sae).stat()
     checkpoint = ScanCheckpoint(scan_checkpoint_path(out), every_images=job.checkpoint_every,
                                 every_s=300.0 if job.checkpoint_every is None else math.inf,
                                 key={"sae_file": [weights.st_size, weights.st_mtime_ns]},
@@ -331,7 +331,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         B.write_array(out, "neurons/parent_coact.npy", result.parent_coact)
         B.write_array(out, "neurons/parent_coact_score.npy", result.parent_coact_score)
     B.write_array(out, B.EMBEDDINGS, result.embeddings)
-    _copy_sae(Path(job.sae), out / B.SAE_DIR)
+    copy_sae(job.sae, out / B.SAE_DIR, sae)
     ms, ms_raw = result.neurons["ms"], result.raw_ms
     patch_ms = result.neurons.get("patch_ms")
     layout = adapter.layout
@@ -356,15 +356,6 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
 def _nanmean(x: np.ndarray) -> float | None:
     x = np.asarray(x, np.float64)
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
-
-
-def _copy_sae(src: Path, dst: Path) -> None:
-    from sae_core.atomic import atomic_path
-
-    for name in ("sae.safetensors", "config.json", "metrics.json"):
-        if (src / name).is_file():
-            with atomic_path(dst / name) as tmp:
-                shutil.copyfile(src / name, tmp)
 
 
 def _stage_labels(job, sae, out, scan_info, world):

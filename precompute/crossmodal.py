@@ -169,6 +169,7 @@ def run(args) -> int:
 def _scan(job, lm, sae, out: Path, advance) -> dict:
     """The atlas scan over the val split at the image tokens (what `precompute atlas` does in its scan stage)."""
     from sae_core import bundle as B
+    from sae_core.checkpoint import copy_sae
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, scan
     from sae_core.crossmodal import LanguageImageAdapter
@@ -188,7 +189,7 @@ def _scan(job, lm, sae, out: Path, advance) -> dict:
     for name, arr in result.raw_top.items():
         B.write_array(out, f"raw/{name}.npy", arr)
     B.write_array(out, B.EMBEDDINGS, result.embeddings)
-    atlas._copy_sae(Path(job.sae), out / B.SAE_DIR)
+    copy_sae(job.sae, out / B.SAE_DIR, sae)
     layout = adapter.layout
     return {"metrics": {**result.metrics, "ms_mean": atlas._nanmean(result.neurons["ms"]),
                         "ms_mean_raw": atlas._nanmean(result.raw_ms),

@@ -13,13 +13,13 @@ from sae_core.checkpoint import CONFIG
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
 from sae_core.precision import warn_if_slow_half
-from sae_core.sae import ARCHS, SAEConfig, matryoshka_group_sizes
+from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, train_sae
 
 
 def add_arguments(p):
     p.add_argument("--activations", required=True, help="activation store directory or (N, d) .npy file")
-    p.add_argument("--arch", required=True, choices=ARCHS)
+    p.add_argument("--arch", required=True, choices=TRAINABLE_ARCHS)
     width = p.add_mutually_exclusive_group(required=True)
     width.add_argument("--expansion", type=float, help="SAE width as a multiple of d_in")
     width.add_argument("--width", type=int, help="SAE width (number of latents)")

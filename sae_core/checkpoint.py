@@ -1,7 +1,9 @@
-"""SAE checkpoints: `sae.safetensors` (SAELens tensor names) + `config.json`; export to SAELens's layout."""
+"""SAE checkpoints: `sae.safetensors` (SAELens tensor names) + `config.json`; SAELens and sparsify SAEs
+(local or on the Hub) loaded as the same computation; export to SAELens's layout."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from .sae import THRESHOLD_ARCHS, SAEConfig, SparseAutoencoder
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "config.json"
+SAELENS_CONFIG = "cfg.json"                 # also sparsify's config name
+SAELENS_WEIGHTS = "sae_weights.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -50,28 +54,74 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | Path, training: dict | None 
     write_json_atomic(out_dir / CONFIG, config)
 
 
+def resolve_sae(spec: str | Path) -> Path:
+    """The local folder of an SAE spec: a path, or `hf:OWNER/REPO[/FOLDER]` (fetched from the Hugging Face
+    Hub into its cache, only the files an SAE folder holds; the one network access, when the user names it)."""
+    text = str(spec)
+    if not text.startswith("hf:"):
+        return Path(text).expanduser()
+    parts = [q for q in text[3:].split("/") if q]
+    if len(parts) < 2:
+        raise UserError(f"{text!r} does not name a Hub repository; write hf:OWNER/REPO or hf:OWNER/REPO/FOLDER.")
+    repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
+    names = [CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, "metrics.json"]
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(repo, allow_patterns=[f"{folder}/{n}" if folder else n for n in names])
+    except Exception as e:  # offline, unknown repo, no access: all end the same way for the user
+        raise UserError(f"cannot fetch the SAE {text} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                        "check the name and the network, or download the folder and give its path.") from None
+    return Path(root) / folder
+
+
+def sae_format(path: Path) -> str:
+    """Which checkpoint layout a folder holds: "sae-lab" (ours), "saelens" or "sparsify"; UserError if none."""
+    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
+        return "sae-lab"
+    if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (path / SAELENS_CONFIG).is_file() and (path / WEIGHTS).is_file():
+        return "sparsify"
+    raise UserError(f"{path} is not a finished SAE directory (it needs {CONFIG} and {WEIGHTS} from `python -m "
+                    f"precompute train`, or SAELens's {SAELENS_CONFIG} and {SAELENS_WEIGHTS}, or sparsify's "
+                    f"{SAELENS_CONFIG} and {WEIGHTS}).")
+
+
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of an SAE folder, whatever its layout."""
+    path = resolve_sae(path)
+    return path / (SAELENS_WEIGHTS if sae_format(path) == "saelens" else WEIGHTS)
+
+
 def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> SparseAutoencoder:
-    """Load an SAE directory; with `d_in`, check that it fits a model whose activations have that width."""
-    path = Path(path)
-    if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
-        raise UserError(f"{path} is not a finished SAE directory (it needs {CONFIG} and {WEIGHTS}); train one with `python -m precompute train`.")
-    raw = json.loads((path / CONFIG).read_text())
-    cfg = SAEConfig.from_dict(raw)
+    """Load an SAE folder (ours, SAELens's or sparsify's; a path or hf:OWNER/REPO[/FOLDER]); with `d_in`,
+    check that it fits a model whose activations have that width. A foreign SAE becomes the same
+    computation in our architecture (see `read_saelens`, `read_sparsify`); `training_info["imported"]`
+    says where it came from."""
+    spec, path = str(path), resolve_sae(path)
+    fmt = sae_format(path)
+    if fmt in ("saelens", "sparsify"):
+        cfg, state, info = (read_saelens if fmt == "saelens" else read_sparsify)(path)
+        info["imported"]["from"] = spec if spec.startswith("hf:") else str(path.resolve())
+    else:
+        raw = _read_json(path / CONFIG)
+        cfg, state, info = SAEConfig.from_dict(raw), load_file(str(path / WEIGHTS)), raw.get("training", {})
     if d_in is not None and d_in != cfg.d_in:
         raise UserError(
             f"the SAE in {path} expects activations of width {cfg.d_in} but the model gives width {d_in}; "
             "use an SAE trained on this model and layer."
         )
-    state = load_file(str(path / WEIGHTS))
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
     if cfg.arch in THRESHOLD_ARCHS:
         expected["threshold"] = (cfg.d_sae,)
+    weights = path / (SAELENS_WEIGHTS if fmt == "saelens" else WEIGHTS)
     for name, shape in expected.items():
         if name not in state:
-            raise UserError(f"{path / WEIGHTS} has no tensor {name!r}; the file is incomplete or from another tool.")
+            raise UserError(f"{weights} has no tensor {name!r}; the file is incomplete or from another tool.")
         if tuple(state[name].shape) != shape:
             raise UserError(
-                f"{path / WEIGHTS}: {name} has shape {tuple(state[name].shape)} but {CONFIG} "
+                f"{weights}: {name} has shape {tuple(state[name].shape)} but its config "
                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the weights and config do not belong together."
             )
     sae = SparseAutoencoder(cfg)
@@ -81,20 +131,137 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
         if "threshold" in state:
             sae.threshold.copy_(state["threshold"])
             sae.fired_ever.fill_(True)
-    sae.training_info = raw.get("training", {})
+    sae.training_info = info
     return sae.to(device).eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({e}); the SAE folder is damaged.") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds no JSON object; the SAE folder is damaged.")
+    return raw
+
+
+def _float_state(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors in float64 (bf16/fp16 checkpoints included), for exact folding."""
+    return {k: v.double() for k, v in load_file(str(path)).items()}
+
+
+def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
+    """SAELens's `cfg.json` + `sae_weights.safetensors` as our config, tensors and training info (the
+    caller adds where it came from).
+
+    standard -> relu, topk -> topk (SAELens before 6: standard with activation_fn "topk"), jumprelu ->
+    jumprelu (ReLU(pre) where pre > threshold: how SAELens saves BatchTopK and Matryoshka SAEs too).
+    `apply_b_dec_to_input: false` is folded into b_enc (our encoder always subtracts b_dec), an old
+    `finetuning_scaling_factor` into W_dec. Run-time input normalisation, gated SAEs and head reshaping
+    have no equivalent here and are refused with the reason.
+    """
+    raw = _read_json(path / SAELENS_CONFIG)
+    meta = raw.get("metadata") or raw.get("meta") or raw          # SAELens 6 nests it; older versions do not
+    arch = raw.get("architecture", "standard")
+    kwargs = raw.get("activation_fn_kwargs") or {}
+    if arch == "standard" and (raw.get("activation_fn_str") or raw.get("activation_fn")) == "topk":
+        arch = "topk"
+    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(arch)
+    if ours is None:
+        raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs can be "
+                        "loaded here.")
+    norm = raw.get("normalize_activations") or "none"
+    if norm == "expected_average_only_in":
+        raise UserError(f"{path} scales its input by a constant at run time (normalize_activations {norm!r}); "
+                        "fold it into the weights with SAELens's `sae.fold_activation_norm_scaling_factor(...)`, "
+                        "save the SAE again and load that.")
+    if norm != "none":
+        raise UserError(f"{path} normalises each input at run time (normalize_activations {norm!r}), which no "
+                        "fixed weights can express; use an SAE trained with normalize_activations 'none'.")
+    if (raw.get("reshape_activations") or "none") != "none":
+        raise UserError(f"{path} reshapes attention-head activations ({raw['reshape_activations']!r}); only SAEs on "
+                        "whole token vectors can be loaded here.")
+    state = _float_state(path / SAELENS_WEIGHTS)
+    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in state]
+    if missing:
+        raise UserError(f"{path / SAELENS_WEIGHTS} has no tensor {missing[0]!r}; the file is incomplete or not a "
+                        f"SAELens {arch} SAE.")
+    if ours == "jumprelu" and "threshold" not in state:
+        if "log_threshold" not in state:
+            raise UserError(f"{path / SAELENS_WEIGHTS} has no 'threshold' tensor, which a jumprelu SAE needs.")
+        state["threshold"] = state.pop("log_threshold").exp()   # a training checkpoint's parametrisation
+    if raw.get("rescale_acts_by_decoder_norm") and not torch.allclose(
+            state["W_dec"].norm(dim=1), torch.ones((), dtype=torch.float64), atol=1e-4):
+        raise UserError(f"{path} rescales its latents by decoder norms that are not 1; fold them with SAELens "
+                        "(`sae.fold_W_dec_norm()`), save the SAE again and load that.")
+    if "finetuning_scaling_factor" in state:
+        state["W_dec"] = state["W_dec"] * state.pop("finetuning_scaling_factor")[:, None]
+    if raw.get("apply_b_dec_to_input", True) is False:
+        # x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
+    d_in, d_sae = state["W_enc"].shape
+    k = raw.get("k", kwargs.get("k"))
+    if ours == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
+        raise UserError(f"{path / SAELENS_CONFIG} gives no whole number k for its topk SAE (found {k!r}).")
+    cfg = SAEConfig(arch=ours, d_in=int(d_in), d_sae=int(d_sae), k=int(k) if ours == "topk" else 1)
+    info = {"imported": {"format": "saelens", "architecture": arch, "model": meta.get("model_name"),
+                         "hook": meta.get("hook_name")}}
+    return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+def read_sparsify(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
+    """EleutherAI sparsify's `cfg.json` + `sae.safetensors` (a TopK SAE: encoder.weight [d_sae, d_in],
+    encoder.bias, W_dec, b_dec) as our topk config, tensors and training info. Transcoders, skip
+    connections and activations other than topk are refused."""
+    raw = _read_json(path / SAELENS_CONFIG)
+    if raw.get("transcode"):
+        raise UserError(f"{path} holds a sparsify transcoder (it maps one layer to another); only SAEs can be "
+                        "loaded here.")
+    activation = raw.get("activation", "topk")
+    if activation != "topk":
+        raise UserError(f"{path} uses sparsify's {activation!r} activation; only topk SAEs can be loaded here.")
+    state = _float_state(path / WEIGHTS)
+    if raw.get("skip_connection") or "W_skip" in state:
+        raise UserError(f"{path} has a skip connection (W_skip), which this SAE form cannot express.")
+    missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in state]
+    if missing:
+        raise UserError(f"{path / WEIGHTS} has no tensor {missing[0]!r}; the file is incomplete or not a sparsify SAE.")
+    d_sae, d_in = state["encoder.weight"].shape
+    k = raw.get("k")
+    if not isinstance(k, int) or not 1 <= k <= d_sae:
+        raise UserError(f"{path / SAELENS_CONFIG} gives no k between 1 and {d_sae} for its topk SAE (found {k!r}).")
+    cfg = SAEConfig(arch="topk", d_in=int(d_in), d_sae=int(d_sae), k=k)
+    state = {"W_enc": state["encoder.weight"].t().contiguous(), "b_enc": state["encoder.bias"],
+             "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    info = {"imported": {"format": "sparsify", "architecture": "topk"}}
+    return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+def copy_sae(spec: str | Path, out_dir: str | Path, sae: SparseAutoencoder | None = None) -> None:
+    """Put an SAE into a bundle's `sae/` in our layout: our files copied byte for byte (with metrics.json),
+    a foreign SAE written from its loaded form (`sae`, or loaded here)."""
+    src, out_dir = resolve_sae(spec), Path(out_dir)
+    if sae_format(src) != "sae-lab":
+        sae = sae if sae is not None else load_sae(src)
+        save_sae(sae, out_dir, training=sae.training_info)
+        return
+    for name in (WEIGHTS, CONFIG, "metrics.json"):
+        if (src / name).is_file():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(src / name, tmp)
 
 
 def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     """Write SAELens's layout (`cfg.json` + `sae_weights.safetensors`) for `SAE.load_from_disk`.
 
-    relu -> "standard", topk -> "topk" (with k), batchtopk and matryoshka -> "jumprelu" with our
-    per-latent thresholds (SAELens itself saves BatchTopK SAEs for inference that way).
+    relu -> "standard", topk -> "topk" (with k), batchtopk, matryoshka and jumprelu -> "jumprelu" with
+    our per-latent thresholds (SAELens itself saves BatchTopK SAEs for inference that way).
     """
     sae = load_sae(path)
     out_dir = Path(out_dir)
     cfg = sae.cfg
-    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}[cfg.arch]
+    arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
+            "jumprelu": "jumprelu"}[cfg.arch]
     info = sae.training_info
     act = info.get("activations", {})
     saelens_cfg = {

@@ -1,4 +1,4 @@
-"""Sparse autoencoders: one base module, four architectures selected by name.
+"""Sparse autoencoders: one base module, four trainable architectures and one imported, selected by name.
 
 All four share z = act((x - b_dec) @ W_enc + b_enc) and x_hat = z @ W_dec + b_dec, with unit-norm
 decoder rows. They differ in the activation `act` and the sparsity pressure:
@@ -9,6 +9,8 @@ decoder rows. They differ in the activation `act` and the sparsity pressure:
                 inference uses a learned per-latent threshold: z_j = pre_j if pre_j > threshold_j.
 - `matryoshka`: BatchTopK whose loss is the mean over nested prefixes of the dictionary of each
                 prefix's reconstruction error (Bussmann et al. 2025; Pach et al. 2025).
+- `jumprelu`:   inference only, for SAEs imported from SAELens (sae_core.checkpoint):
+                z_j = pre_j if pre_j > threshold_j, the same computation as BatchTopK's inference.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from torch import Tensor, nn
 from .errors import UserError
 from .sparse_ops import SparseCodes, codes_from_mask, selected_preacts, sorted_codes, sparse_decode, stable_argsort
 
-ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
-THRESHOLD_ARCHS = ("batchtopk", "matryoshka")
+TRAINABLE_ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
+ARCHS = (*TRAINABLE_ARCHS, "jumprelu")
+THRESHOLD_ARCHS = ("batchtopk", "matryoshka", "jumprelu")
+K_ARCHS = ("topk", "batchtopk", "matryoshka")  # the architectures whose sparsity is set by k
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class SAEConfig:
             raise UserError(f"unknown SAE architecture {self.arch!r}; choose one of {', '.join(ARCHS)}.")
         if self.d_in < 1 or self.d_sae < 1:
             raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}.")
-        if self.arch != "relu" and not 1 <= self.k <= self.d_sae:
+        if self.arch in K_ARCHS and not 1 <= self.k <= self.d_sae:
             raise UserError(f"k={self.k} must be between 1 and the SAE width {self.d_sae}.")
         if self.arch == "matryoshka":
             if not self.group_sizes or sum(self.group_sizes) != self.d_sae or min(self.group_sizes) < 1:
@@ -274,6 +278,9 @@ class SparseAutoencoder(nn.Module):
         weights stay fp32); everything after it touches only active latents.
         """
         cfg = self.cfg
+        if cfg.arch not in TRAINABLE_ARCHS:
+            raise UserError(f"a {cfg.arch} SAE is imported for inference and cannot be trained here; train one of "
+                            f"{', '.join(TRAINABLE_ARCHS)} (batchtopk and matryoshka infer with thresholds too).")
         x_c = x - self.b_dec
         if cfg.arch == "relu":
             return self._relu_forward(x, x_c)

@@ -21,7 +21,7 @@ from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
 from .metrics import MetricsAccumulator
-from .sae import THRESHOLD_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
+from .sae import THRESHOLD_ARCHS, TRAINABLE_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -190,6 +190,8 @@ def train_sae(
     Returns the held-out metrics. Under torchrun each process reads its slice of every global batch.
     """
     out_dir = Path(out_dir)
+    if sae_cfg.arch not in TRAINABLE_ARCHS:
+        raise UserError(f"a {sae_cfg.arch} SAE cannot be trained here; choose one of {', '.join(TRAINABLE_ARCHS)}.")
     cfg = cfg.resolved(sae_cfg.d_sae)
     if sae_cfg.d_in != store.d:
         raise UserError(f"the SAE expects d_in={sae_cfg.d_in} but the activations have width {store.d}.")

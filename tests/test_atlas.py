@@ -716,3 +716,33 @@ def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
     for bad in (0, -3):
         with pytest.raises(UserError, match=f"--checkpoint-every {bad} must be at least 1 image"):
             AtlasJob(sae="s", dataset="d", model="m", out=str(tmp_path / "c"), checkpoint_every=bad)
+
+
+def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
+    """The tiny bundle's SAE exported to SAELens's layout (BatchTopK -> JumpReLU) and given to the atlas
+    builds the bundle ours builds: same galleries, activations and MS; the bundle keeps it in our layout,
+    says where it came from, and the explorer's Overview names it."""
+    from app.explorer import Explorer
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.checkpoint import export_saelens
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    saelens = export_saelens(tiny_bundle / "sae", tmp_path / "saelens")
+    common = dict(dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2", embedder=m["embedder"]["spec"],
+                  limit=40, topk=4, batch_size=20, score="max")
+    build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), out=str(tmp_path / "ours"), **common))
+    build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "theirs"), **common))
+    ours, theirs = open_bundle(tmp_path / "ours"), open_bundle(tmp_path / "theirs")
+    theirs.validate()
+    np.testing.assert_array_equal(np.asarray(theirs.array("top_images")), np.asarray(ours.array("top_images")))
+    np.testing.assert_allclose(np.asarray(theirs.array("top_acts")), np.asarray(ours.array("top_acts")), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(theirs.array("ms")), np.asarray(ours.array("ms")), rtol=1e-6,
+                               equal_nan=True)
+    sae = theirs.load_sae()
+    assert sae.cfg.arch == "jumprelu" and sae.training_info["imported"]["format"] == "saelens"
+    assert theirs.manifest["sae"]["training"]["imported"]["from"] == str(saelens.resolve())
+    facts = Explorer(theirs, tmp_path / "cache").facts()
+    assert "jumprelu" in facts["SAE"] and "imported from saelens (jumprelu" in facts["SAE"]
+    assert ", k " not in facts["SAE"]           # a JumpReLU SAE has thresholds, not a k

@@ -1,0 +1,246 @@
+"""SAEs from SAELens and sparsify folders (local or on the Hub) against their own formulas, written out here
+from those libraries' inference code; refusals of what our SAE form cannot express."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_core.checkpoint import export_saelens, load_sae, save_sae
+from sae_core.errors import UserError
+from sae_core.sae import SAEConfig, SparseAutoencoder
+
+D_IN, D_SAE = 12, 40
+
+
+def _tensors(seed: int, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(D_IN, D_SAE, generator=g) / 3, "b_enc": torch.randn(D_SAE, generator=g) / 4,
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g) / 2}
+    return {k: v.to(dtype) for k, v in t.items()}
+
+
+def _saelens(path, cfg: dict, tensors: dict):
+    path.mkdir(parents=True)
+    (path / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
+                                               **cfg}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "sae_weights.safetensors"))
+    return path
+
+
+def _saelens_reference(cfg: dict, t: dict, x):
+    """SAELens's encode/decode (sae_lens/saes/{standard,topk,jumprelu}_sae.py, and the 3.x-5.x
+    `finetuning_scaling_factor`), in float64 on the stored tensors."""
+    t = {k: v.double() for k, v in t.items()}
+    x = x.double()
+    sae_in = x - t["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    pre = sae_in @ t["W_enc"] + t["b_enc"]
+    arch = cfg["architecture"]
+    if arch == "topk" or cfg.get("activation_fn_str") == "topk":
+        k = cfg.get("k") or cfg["activation_fn_kwargs"]["k"]
+        top = pre.topk(k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    elif arch == "jumprelu":
+        threshold = t["threshold"] if "threshold" in t else t["log_threshold"].exp()
+        z = pre.relu() * (pre > threshold)
+    else:
+        z = pre.relu()
+    scaled = z * t["finetuning_scaling_factor"] if "finetuning_scaling_factor" in t else z
+    return z, scaled @ t["W_dec"] + t["b_dec"]
+
+
+SAELENS_CASES = {
+    "standard": ({"architecture": "standard"}, {}),
+    "standard, b_dec not applied to the input": ({"architecture": "standard", "apply_b_dec_to_input": False}, {}),
+    "topk (SAELens 6)": ({"architecture": "topk", "k": 5, "metadata": {"model_name": "m", "hook_name": "h"}}, {}),
+    "topk (SAELens 3-5: standard + activation_fn_str)": (
+        {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}}, {}),
+    "jumprelu": ({"architecture": "jumprelu"}, {"threshold": torch.rand(D_SAE) * 0.6 - 0.1}),
+    "jumprelu, training checkpoint (log_threshold)": ({"architecture": "jumprelu"},
+                                                      {"log_threshold": torch.randn(D_SAE) - 1.5}),
+    "finetuning scaling factor (SAELens 3-5)": ({"architecture": "standard", "finetuning_scaling_factor": True},
+                                                {"finetuning_scaling_factor": torch.rand(D_SAE) + 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(SAELENS_CASES))
+def test_saelens_folders_load_as_the_same_computation(tmp_path, case):
+    cfg, extra = SAELENS_CASES[case]
+    tensors = {**_tensors(3), **extra}
+    folder = _saelens(tmp_path / "s", cfg, tensors)
+    sae = load_sae(folder)
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)) * 2
+    z_ref, x_hat_ref = _saelens_reference(cfg, tensors, x)
+    with torch.no_grad():
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+    assert ((z != 0) == (z_ref != 0)).all()
+    torch.testing.assert_close(z.double(), z_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hat.double(), x_hat_ref, atol=1e-4, rtol=1e-5)
+    assert (z != 0).any() and (z == 0).any()  # the case exercises both sides of the activation
+    imported = sae.training_info["imported"]
+    assert imported["format"] == "saelens" and imported["from"] == str(folder.resolve())
+    # It goes on as one of ours: saved in our layout and read back, bit for bit.
+    save_sae(sae, tmp_path / "ours", training=sae.training_info)
+    back = load_sae(tmp_path / "ours")
+    assert back.cfg == sae.cfg and back.training_info == sae.training_info
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), z)
+
+
+def test_bf16_saelens_weights_load_in_float32(tmp_path):
+    cfg = {"architecture": "standard", "dtype": "bfloat16"}
+    tensors = _tensors(4, torch.bfloat16)
+    sae = load_sae(_saelens(tmp_path / "s", cfg, tensors))
+    assert sae.W_enc.dtype == torch.float32
+    x = torch.randn(16, D_IN)
+    z_ref, _ = _saelens_reference(cfg, tensors, x)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x).double(), z_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_our_export_comes_back_unchanged(tmp_path):
+    """export_saelens then load_sae: a BatchTopK SAE returns as a jumprelu SAE with the same codes."""
+    sae = SparseAutoencoder(SAEConfig(arch="batchtopk", d_in=D_IN, d_sae=D_SAE, k=3), seed=2)
+    with torch.no_grad():
+        sae.threshold.uniform_(0.05, 0.4)
+        sae.b_enc.normal_(0, 0.3)
+    save_sae(sae, tmp_path / "ours")
+    back = load_sae(export_saelens(tmp_path / "ours", tmp_path / "saelens"))
+    assert back.cfg.arch == "jumprelu"
+    x = torch.randn(50, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode(x), sae.encode(x))
+        torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)))
+
+
+@pytest.mark.parametrize("cfg,extra,match", [
+    ({"architecture": "gated"}, {}, "'gated' SAE; only standard, topk and jumprelu"),
+    ({"architecture": "standard", "normalize_activations": "expected_average_only_in"}, {},
+     "fold_activation_norm_scaling_factor"),
+    ({"architecture": "standard", "normalize_activations": "constant_norm_rescale"}, {}, "no fixed weights"),
+    ({"architecture": "standard", "reshape_activations": "hook_z"}, {}, "attention-head"),
+    ({"architecture": "jumprelu"}, {}, "no 'threshold' tensor"),
+    ({"architecture": "topk"}, {}, "no whole number k"),
+    ({"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True}, {}, "fold_W_dec_norm"),
+])
+def test_saelens_forms_we_cannot_express_are_refused(tmp_path, cfg, extra, match):
+    folder = _saelens(tmp_path / "s", cfg, {**_tensors(5), **extra})
+    with pytest.raises(UserError, match=match):
+        load_sae(folder)
+
+
+def test_a_topk_saelens_sae_with_unit_decoder_rows_may_rescale(tmp_path):
+    t = _tensors(6)
+    t["W_dec"] = t["W_dec"] / t["W_dec"].norm(dim=1, keepdim=True)   # rescaling by norms of 1 changes nothing
+    cfg = {"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True}
+    sae = load_sae(_saelens(tmp_path / "s", cfg, t))
+    x = torch.randn(20, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x).double(), _saelens_reference(cfg, t, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def _sparsify(path, cfg: dict, tensors: dict):
+    path.mkdir(parents=True)
+    (path / "cfg.json").write_text(json.dumps({"expansion_factor": 32, "normalize_decoder": True, "num_latents": 0,
+                                               "multi_topk": False, "skip_connection": False, "d_in": D_IN, **cfg}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "sae.safetensors"))
+    return path
+
+
+def _sparsify_tensors(seed: int) -> dict:
+    t = _tensors(seed)
+    return {"encoder.weight": t["W_enc"].t(), "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+
+
+def test_sparsify_folder_loads_as_the_same_computation(tmp_path):
+    t = _sparsify_tensors(7)
+    sae = load_sae(_sparsify(tmp_path / "s", {"k": 6}, t))
+    assert sae.cfg.arch == "topk" and sae.cfg.k == 6 and sae.training_info["imported"]["format"] == "sparsify"
+    x = torch.randn(40, D_IN) * 2
+    # sparsify: pre = ReLU(encoder(x - b_dec)), keep the top k; decode = sum of acts * W_dec rows + b_dec
+    pre = torch.nn.functional.linear(x.double() - t["b_dec"].double(), t["encoder.weight"].double(),
+                                     t["encoder.bias"].double()).relu()
+    top = pre.topk(6, dim=-1)
+    x_hat_ref = torch.einsum("bk,bkd->bd", top.values, t["W_dec"].double()[top.indices]) + t["b_dec"].double()
+    with torch.no_grad():
+        z = sae.encode(x)
+        torch.testing.assert_close(z.double().gather(1, top.indices), top.values, atol=1e-5, rtol=1e-5)
+        assert int((z != 0).sum()) == int((top.values > 0).sum())
+        torch.testing.assert_close(sae.decode(z).double(), x_hat_ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg,extra,match", [
+    ({"k": 4, "transcode": True}, {}, "transcoder"),
+    ({"k": 4, "activation": "groupmax"}, {}, "'groupmax' activation"),
+    ({"k": 4}, {"W_skip": torch.zeros(D_IN, D_IN)}, "skip connection"),
+    ({"k": 0}, {}, "no k between 1 and 40"),
+])
+def test_sparsify_forms_we_cannot_express_are_refused(tmp_path, cfg, extra, match):
+    folder = _sparsify(tmp_path / "s", cfg, {**_sparsify_tensors(8), **extra})
+    with pytest.raises(UserError, match=match):
+        load_sae(folder)
+
+
+def test_a_folder_of_no_known_layout_is_refused_with_the_layouts(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "cfg.json").write_text("{}")
+    with pytest.raises(UserError, match="sae_weights.safetensors"):
+        load_sae(tmp_path / "x")
+
+
+def test_hub_specs_fetch_only_the_sae_folder(tmp_path, monkeypatch):
+    """hf:OWNER/REPO/FOLDER asks the Hub for that folder's SAE files and loads what arrives; a failed
+    fetch is one sentence. (No network here: snapshot_download is replaced by a fake cache.)"""
+    import huggingface_hub
+
+    cfg, extra = SAELENS_CASES["jumprelu"]
+    tensors = {**_tensors(9), **extra}
+    _saelens(tmp_path / "cache" / "layers.7", cfg, tensors)
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        if repo_id != "someone/vit-saes":
+            raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error: Repository Not Found")
+        return str(tmp_path / "cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    sae = load_sae("hf:someone/vit-saes/layers.7")
+    assert sae.training_info["imported"]["from"] == "hf:someone/vit-saes/layers.7"   # the spec, not the cache
+    assert calls[0][0] == "someone/vit-saes"
+    assert all(p.startswith("layers.7/") for p in calls[0][1]) and "layers.7/cfg.json" in calls[0][1]
+    x = torch.randn(8, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x).double(), _saelens_reference(cfg, tensors, x)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="cannot fetch the SAE hf:nobody/nothing from the Hugging Face Hub"):
+        load_sae("hf:nobody/nothing")
+    with pytest.raises(UserError, match="does not name a Hub repository"):
+        load_sae("hf:justone")
+
+
+def test_imported_architectures_are_not_trained():
+    sae = SparseAutoencoder(SAEConfig(arch="jumprelu", d_in=D_IN, d_sae=D_SAE))
+    with pytest.raises(UserError, match="cannot be trained here"):
+        sae.training_forward(torch.randn(4, D_IN))
+
+
+def test_export_command_imports_into_our_layout(tmp_path):
+    """`precompute export SPARSIFY_DIR --format sae-lab` writes our layout, which loads without the source."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = _sparsify(tmp_path / "s", {"k": 5}, _sparsify_tensors(10))
+    expected = load_sae(src)
+    proc = subprocess.run([sys.executable, "-m", "precompute", "export", str(src), "--format", "sae-lab", "--out",
+                           str(tmp_path / "ours")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.rmtree(src)
+    back = load_sae(tmp_path / "ours")
+    assert back.cfg == expected.cfg and back.training_info["imported"]["format"] == "sparsify"
+    x = torch.randn(10, D_IN)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), expected.encode(x))
