@@ -8,6 +8,7 @@ BENCHMARKS = {
     "extract": "benchmarks.extract",
     "sae_train": "benchmarks.sae_train",
     "saelens_export": "benchmarks.saelens_export",
+    "dictionary_learning_import": "benchmarks.dictionary_learning_import",
     "ms": "benchmarks.ms",
     "app_load": "benchmarks.app_load",
     "steer": "benchmarks.steer",

@@ -85,8 +85,9 @@ def add_arguments(p) -> None:
 
     if hasattr(p, "_negative_number_matcher"):  # `--layer -2` parses like `--layer=-2`
         p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$")
-    p.add_argument("--sae", required=True, help="SAE directory: ours (`precompute train`), SAELens's or sparsify's; "
-                                                  "or hf:OWNER/REPO[/FOLDER] on the Hugging Face Hub")
+    p.add_argument("--sae", required=True,
+                   help="SAE directory: ours (`precompute train`), SAELens's, sparsify's or dictionary_learning's; "
+                        "or hf:OWNER/REPO[/FOLDER] on the Hugging Face Hub")
     p.add_argument("--dataset", required=True, help="images to scan: imagefolder:PATH | files:LIST | world:DIR[:SPLIT] | ...")
     p.add_argument("--model", required=True, help="the model the SAE was trained on: open_clip:... | hf:... | llava:... | world:DIR[:llava]")
     p.add_argument("--layer", help="layer the SAE reads (default: the layer it was trained on, else the model's read layer)")

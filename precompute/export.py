@@ -3,8 +3,8 @@ from sae_core.checkpoint import export_saelens, load_sae, save_sae
 
 
 def add_arguments(p):
-    p.add_argument("sae_dir", help="an SAE folder (ours from `python -m precompute train`, SAELens's or sparsify's) "
-                                   "or hf:OWNER/REPO[/FOLDER]")
+    p.add_argument("sae_dir", help="an SAE folder (ours from `python -m precompute train`, SAELens's, sparsify's or "
+                                   "dictionary_learning's) or hf:OWNER/REPO[/FOLDER]")
     p.add_argument("--format", choices=["saelens", "sae-lab"], default="saelens",
                    help="saelens: SAELens's cfg.json + sae_weights.safetensors; sae-lab: ours (an import)")
     p.add_argument("--out", required=True)

@@ -1,5 +1,5 @@
-"""SAE checkpoints: `sae.safetensors` (SAELens tensor names) + `config.json`; SAELens and sparsify SAEs
-(local or on the Hub) loaded as the same computation; export to SAELens's layout."""
+"""SAE checkpoints: `sae.safetensors` (SAELens tensor names) + `config.json`; SAELens, sparsify and
+dictionary_learning SAEs (local or on the Hub) loaded as the same computation; export to SAELens's layout."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ WEIGHTS = "sae.safetensors"
 CONFIG = "config.json"
 SAELENS_CONFIG = "cfg.json"                 # also sparsify's config name
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+DL_WEIGHTS, DL_PICKLE = "ae.safetensors", "ae.pt"   # dictionary_learning (beside its config.json)
 FORMAT_VERSION = 1
 
 
@@ -64,7 +65,7 @@ def resolve_sae(spec: str | Path) -> Path:
     if len(parts) < 2:
         raise UserError(f"{text!r} does not name a Hub repository; write hf:OWNER/REPO or hf:OWNER/REPO/FOLDER.")
     repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
-    names = [CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, "metrics.json"]
+    names = [CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, DL_WEIGHTS, "metrics.json"]
     from huggingface_hub import snapshot_download
 
     try:
@@ -76,33 +77,40 @@ def resolve_sae(spec: str | Path) -> Path:
 
 
 def sae_format(path: Path) -> str:
-    """Which checkpoint layout a folder holds: "sae-lab" (ours), "saelens" or "sparsify"; UserError if none."""
+    """Which checkpoint layout a folder holds: "sae-lab" (ours), "saelens", "sparsify" or
+    "dictionary_learning"; UserError if none."""
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         return "sae-lab"
     if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return "saelens"
     if (path / SAELENS_CONFIG).is_file() and (path / WEIGHTS).is_file():
         return "sparsify"
+    if (path / CONFIG).is_file() and ((path / DL_WEIGHTS).is_file() or (path / DL_PICKLE).is_file()):
+        return "dictionary_learning"
     raise UserError(f"{path} is not a finished SAE directory (it needs {CONFIG} and {WEIGHTS} from `python -m "
                     f"precompute train`, or SAELens's {SAELENS_CONFIG} and {SAELENS_WEIGHTS}, or sparsify's "
-                    f"{SAELENS_CONFIG} and {WEIGHTS}).")
+                    f"{SAELENS_CONFIG} and {WEIGHTS}, or dictionary_learning's {CONFIG} and {DL_WEIGHTS}).")
+
+
+WEIGHTS_OF = {"sae-lab": WEIGHTS, "saelens": SAELENS_WEIGHTS, "sparsify": WEIGHTS, "dictionary_learning": DL_WEIGHTS}
 
 
 def weights_file(path: str | Path) -> Path:
     """The safetensors file of an SAE folder, whatever its layout."""
     path = resolve_sae(path)
-    return path / (SAELENS_WEIGHTS if sae_format(path) == "saelens" else WEIGHTS)
+    return path / WEIGHTS_OF[sae_format(path)]
 
 
 def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> SparseAutoencoder:
-    """Load an SAE folder (ours, SAELens's or sparsify's; a path or hf:OWNER/REPO[/FOLDER]); with `d_in`,
-    check that it fits a model whose activations have that width. A foreign SAE becomes the same
-    computation in our architecture (see `read_saelens`, `read_sparsify`); `training_info["imported"]`
-    says where it came from."""
+    """Load an SAE folder (ours, SAELens's, sparsify's or dictionary_learning's; a path or
+    hf:OWNER/REPO[/FOLDER]); with `d_in`, check that it fits a model whose activations have that width. A
+    foreign SAE becomes the same computation in our architecture (see `read_saelens`, `read_sparsify`,
+    `read_dictionary_learning`); `training_info["imported"]` says where it came from."""
     spec, path = str(path), resolve_sae(path)
     fmt = sae_format(path)
-    if fmt in ("saelens", "sparsify"):
-        cfg, state, info = (read_saelens if fmt == "saelens" else read_sparsify)(path)
+    if fmt != "sae-lab":
+        cfg, state, info = {"saelens": read_saelens, "sparsify": read_sparsify,
+                            "dictionary_learning": read_dictionary_learning}[fmt](path)
         info["imported"]["from"] = spec if spec.startswith("hf:") else str(path.resolve())
     else:
         raw = _read_json(path / CONFIG)
@@ -115,7 +123,7 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
     expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
     if cfg.arch in THRESHOLD_ARCHS:
         expected["threshold"] = (cfg.d_sae,)
-    weights = path / (SAELENS_WEIGHTS if fmt == "saelens" else WEIGHTS)
+    weights = path / WEIGHTS_OF[fmt]
     for name, shape in expected.items():
         if name not in state:
             raise UserError(f"{weights} has no tensor {name!r}; the file is incomplete or from another tool.")
@@ -234,6 +242,57 @@ def read_sparsify(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]
     state = {"W_enc": state["encoder.weight"].t().contiguous(), "b_enc": state["encoder.bias"],
              "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
     info = {"imported": {"format": "sparsify", "architecture": "topk"}}
+    return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
+    """dictionary_learning's `config.json` ({"trainer": {"dict_class", ...}}) + `ae.safetensors` (its
+    `ae.pt` state dict saved as safetensors; a pickle is never read here) as our config, tensors and
+    training info. This is the library the Matryoshka SAE paper (Pach et al. 2025) trained with.
+
+    MatryoshkaBatchTopKSAE -> matryoshka (its group sizes and k), BatchTopKSAE -> batchtopk: both infer
+    ReLU(pre) where it exceeds one threshold, which becomes every latent's threshold; AutoEncoderTopK ->
+    topk; AutoEncoder -> relu (`bias` is b_dec). nn.Linear weights are transposed to our layout. Gated,
+    JumpReLU (it rescales latents by decoder norms) and cross-coder dictionaries are refused.
+    """
+    if not (path / DL_WEIGHTS).is_file():
+        raise UserError(
+            f"{path} holds dictionary_learning's {DL_PICKLE}, a pickle, which this tool does not read; where you "
+            f"trust the file, convert it once: python -c \"import torch, safetensors.torch as s; s.save_file({{k: "
+            f"v.contiguous() for k, v in torch.load('{path / DL_PICKLE}', map_location='cpu', weights_only=True)"
+            f".items()}}, '{path / DL_WEIGHTS}')\"")
+    trainer = _read_json(path / CONFIG).get("trainer") or {}
+    dict_class = trainer.get("dict_class")
+    ours = {"MatryoshkaBatchTopKSAE": "matryoshka", "BatchTopKSAE": "batchtopk", "AutoEncoderTopK": "topk",
+            "AutoEncoder": "relu"}.get(dict_class)
+    if ours is None:
+        raise UserError(f"{path / CONFIG} names dictionary_learning's {dict_class!r}; only MatryoshkaBatchTopKSAE, "
+                        "BatchTopKSAE, AutoEncoderTopK and AutoEncoder can be loaded here.")
+    raw = _float_state(path / DL_WEIGHTS)
+    if ours == "matryoshka":
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "k", "group_sizes")
+    else:
+        names = ("encoder.weight", "encoder.bias", "decoder.weight", "bias" if ours == "relu" else "b_dec")
+        names += () if ours == "relu" else ("threshold", "k")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise UserError(f"{path / DL_WEIGHTS} has no tensor {missing[0]!r}, which a {dict_class} holds; the file is "
+                        "incomplete or from another class.")
+    if ours == "matryoshka":
+        state = {n: raw[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    else:
+        state = {"W_enc": raw["encoder.weight"].t().contiguous(), "b_enc": raw["encoder.bias"],
+                 "W_dec": raw["decoder.weight"].t().contiguous(), "b_dec": raw["bias" if ours == "relu" else "b_dec"]}
+    d_in, d_sae = state["W_enc"].shape
+    k = int(raw["k"].item()) if "k" in raw else 1
+    groups = tuple(int(g) for g in raw["group_sizes"].tolist()) if ours == "matryoshka" else ()
+    if ours in ("matryoshka", "batchtopk"):
+        # one threshold for all latents; -1 (never set: the run stopped before thresholds started) means 0
+        state["threshold"] = raw["threshold"].reshape(()).expand(int(d_sae)).clone()
+    cfg = SAEConfig(arch=ours, d_in=int(d_in), d_sae=int(d_sae), k=k if ours != "relu" else 1, group_sizes=groups)
+    info = {"imported": {"format": "dictionary_learning", "architecture": dict_class,
+                         "model": trainer.get("lm_name"), "hook": trainer.get("submodule_name"),
+                         "layer": trainer.get("layer")}}
     return cfg, {n: t.float() for n, t in state.items()}, info
 
 

@@ -244,3 +244,77 @@ def test_export_command_imports_into_our_layout(tmp_path):
     x = torch.randn(10, D_IN)
     with torch.no_grad():
         assert torch.equal(back.encode(x), expected.encode(x))
+
+
+def _dictionary_learning(path, dict_class: str, tensors: dict, weights: str = "ae.safetensors"):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"trainer": {"dict_class": dict_class, "lm_name": "clip",
+                                                              "layer": 22, "submodule_name": "resid_22"}}))
+    if weights.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / weights))
+    else:
+        (path / weights).write_bytes(b"not read")
+    return path
+
+
+DL_CASES = {
+    # dictionary_learning 0.1.0: trainers/matryoshka_batch_top_k.py, trainers/batch_top_k.py, trainers/top_k.py,
+    # dictionary.py (AutoEncoder); threshold -1 is the value before the trainer first sets it.
+    "MatryoshkaBatchTopKSAE": lambda t: {**t, "threshold": torch.tensor(0.3), "k": torch.tensor(4, dtype=torch.int32),
+                                         "group_sizes": torch.tensor([8, 12, 20])},
+    "BatchTopKSAE": lambda t: {"encoder.weight": t["W_enc"].t(), "encoder.bias": t["b_enc"],
+                               "decoder.weight": t["W_dec"].t(), "b_dec": t["b_dec"], "threshold": torch.tensor(-1.0),
+                               "k": torch.tensor(4, dtype=torch.int32)},
+    "AutoEncoderTopK": lambda t: {"encoder.weight": t["W_enc"].t(), "encoder.bias": t["b_enc"],
+                                  "decoder.weight": t["W_dec"].t(), "b_dec": t["b_dec"], "threshold": torch.tensor(0.5),
+                                  "k": torch.tensor(6, dtype=torch.int32)},
+    "AutoEncoder": lambda t: {"encoder.weight": t["W_enc"].t(), "encoder.bias": t["b_enc"],
+                              "decoder.weight": t["W_dec"].t(), "bias": t["b_dec"]},
+}
+
+
+def _dictionary_learning_reference(dict_class: str, t: dict, x):
+    t = {k: v.double() for k, v in t.items()}
+    x = x.double()
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        post = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu()
+        z = post * (post > t["threshold"])
+        return z, z @ t["W_dec"] + t["b_dec"]
+    b_dec = t["bias"] if dict_class == "AutoEncoder" else t["b_dec"]
+    post = torch.nn.functional.linear(x - b_dec, t["encoder.weight"], t["encoder.bias"]).relu()
+    if dict_class == "BatchTopKSAE":
+        z = post * (post > t["threshold"])
+    elif dict_class == "AutoEncoderTopK":          # encode() without use_threshold: top k per row
+        top = post.topk(int(t["k"]), dim=-1)
+        z = torch.zeros_like(post).scatter(-1, top.indices, top.values)
+    else:
+        z = post
+    return z, torch.nn.functional.linear(z, t["decoder.weight"]) + b_dec
+
+
+@pytest.mark.parametrize("dict_class", list(DL_CASES))
+def test_dictionary_learning_folders_load_as_the_same_computation(tmp_path, dict_class):
+    tensors = DL_CASES[dict_class](_tensors(11))
+    sae = load_sae(_dictionary_learning(tmp_path / "d", dict_class, tensors))
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(2)) * 2
+    z_ref, x_hat_ref = _dictionary_learning_reference(dict_class, tensors, x)
+    with torch.no_grad():
+        z = sae.encode(x)
+        assert ((z != 0) == (z_ref != 0)).all()
+        torch.testing.assert_close(z.double(), z_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(z).double(), x_hat_ref, atol=1e-4, rtol=1e-5)
+    assert (z != 0).any() and (z == 0).any()
+    imported = sae.training_info["imported"]
+    assert imported["format"] == "dictionary_learning" and imported["architecture"] == dict_class
+    assert imported["layer"] == 22 and imported["hook"] == "resid_22"
+    if dict_class == "MatryoshkaBatchTopKSAE":      # the Matryoshka levels survive: the atlas draws its tree from them
+        assert sae.cfg.arch == "matryoshka" and sae.cfg.group_sizes == (8, 12, 20) and sae.cfg.k == 4
+
+
+def test_dictionary_learning_pickles_are_not_read(tmp_path):
+    folder = _dictionary_learning(tmp_path / "d", "BatchTopKSAE", {}, weights="ae.pt")
+    with pytest.raises(UserError, match=r"a pickle, which this tool does not read; .*torch.load\(.*weights_only=True"):
+        load_sae(folder)
+    folder = _dictionary_learning(tmp_path / "g", "GatedAutoEncoder", {"x": torch.zeros(1)})
+    with pytest.raises(UserError, match="'GatedAutoEncoder'; only MatryoshkaBatchTopKSAE"):
+        load_sae(folder)
