@@ -21,7 +21,9 @@ DEFAULT_QUESTIONS = (
     "Describe the image.",
 )
 STEER_PICTURE = 320
-LATENT_COLUMNS = ["neuron", "label", "max on image", "mean on image", "best patch", "ms"]
+# "x max act": the latent's strongest patch here in the strength sliders' unit (its largest activation on the
+# dataset), so that a strength can be read against what the image already gives.
+LATENT_COLUMNS = ["neuron", "label", "max on image", "x max act", "mean on image", "best patch", "ms"]
 
 
 class SteerService:
@@ -80,7 +82,8 @@ class SteerService:
         rows = []
         for k, mx, mean, label in found["top"]:
             m = found["maps"][k].reshape(-1)
-            rows.append([k, label, _num(mx), _num(mean), int(np.argmax(m)), _num(ms[k])])
+            rows.append([k, label, _num(mx), _num(mx / self.strength_unit(k)), _num(mean), int(np.argmax(m)),
+                         _num(ms[k])])
         return rows, found["maps"]
 
     def fire_on_upload(self, path, top: int = 20) -> dict:
@@ -99,6 +102,11 @@ class SteerService:
                 "note": f"{len(ids)} neurons fire on the image; the picture shows where neuron {ids[0]} fires."}
 
     # --- steering -------------------------------------------------------------------------------
+    def strength_unit(self, k: int) -> float:
+        """The activation a strength of 1 clamps latent k to: its largest on the dataset (1 if it never fired)."""
+        max_act = float(self.ex.columns["max_act"][k])
+        return max_act if math.isfinite(max_act) and max_act > 0 else 1.0
+
     def clamps(self, latents, strengths) -> tuple[list[int], list[float], list[float], list[str]]:
         """Checked latents and strengths -> (latents, strengths, raw values, notes about bounded values)."""
         lat, vals, raw, notes = [], [], [], []
@@ -112,8 +120,7 @@ class SteerService:
             if bounded:
                 notes.append(f"strength of neuron {k} bounded to {v:g} (the range is +-{inputs.CLAMP_FACTOR:g} "
                              "times its max activation)")
-            max_act = float(self.ex.columns["max_act"][k])
-            lat.append(k), vals.append(v), raw.append(v * (max_act if math.isfinite(max_act) and max_act > 0 else 1.0))
+            lat.append(k), vals.append(v), raw.append(v * self.strength_unit(k))
         if len(lat) > inputs.MAX_LATENTS:
             raise UserError(f"{len(lat)} latents were chosen; clamp at most {inputs.MAX_LATENTS} at once.")
         return lat, vals, raw, notes

@@ -168,6 +168,26 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
         client.predict(image_index=2, upload=None, latent_1=k, patches="99", api_name="/steer")
 
 
+def test_steer_latents_table_reads_in_strength_units(client, explorer_app):
+    """The Steer page's latents: most active first, each with its activation over its largest on the dataset,
+    the unit a strength of 1 clamps to (checked against the bundle's max_act and against /steer's clamp)."""
+    from app.steer import LATENT_COLUMNS
+
+    picture, table = client.predict(image_index=2, upload=None, patches="", api_name="/steer_load_image")
+    assert table["headers"] == LATENT_COLUMNS
+    rows = [dict(zip(LATENT_COLUMNS, r)) for r in table["data"]]
+    assert rows and [r["max on image"] for r in rows] == sorted((r["max on image"] for r in rows), reverse=True)
+    max_act = neurons(explorer_app, "max_act")
+    for r in rows:
+        unit = float(max_act[r["neuron"]]) if max_act[r["neuron"]] > 0 else 1.0
+        assert r["x max act"] == pytest.approx(r["max on image"] / unit, abs=2e-3)
+    k = rows[0]["neuron"]
+    out = client.predict(image_index=2, upload=None, latent_1=k, value_1=rows[0]["x max act"], sweep=False,
+                         api_name="/steer")
+    # clamped to the strength read from the table: the activation the image already gives that latent
+    assert out[5]["clamp"]["values"][0] == pytest.approx(rows[0]["max on image"], rel=0.02)
+
+
 def test_uploads_search_and_refusals(client, tmp_path):
     out = client.predict(handle_file(str(GRADIO_IMAGES / "cheetah.jpg")), api_name="/search_neurons_by_image")
     table, picture, note = out
