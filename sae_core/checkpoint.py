@@ -71,7 +71,8 @@ def resolve_sae(spec: str | Path) -> Path:
     try:
         root = snapshot_download(repo, allow_patterns=[f"{folder}/{n}" if folder else n for n in names])
     except Exception as e:  # offline, unknown repo, no access: all end the same way for the user
-        raise UserError(f"cannot fetch the SAE {text} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot fetch the SAE {text} from the Hugging Face Hub ({type(e).__name__}: {first}); "
                         "check the name and the network, or download the folder and give its path.") from None
     return Path(root) / folder
 
