@@ -746,3 +746,11 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
     facts = Explorer(theirs, tmp_path / "cache").facts()
     assert "jumprelu" in facts["SAE"] and "imported from saelens (jumprelu" in facts["SAE"]
     assert ", k " not in facts["SAE"]           # a JumpReLU SAE has thresholds, not a k
+    # and it steers: the latents it finds on an image, through the tiny LLaVA's tower, are ours
+    from sae_core.steering import SteeringSession
+
+    image = ours.image(int(np.asarray(ours.array("top_images")).max()))  # an image some latent fires on
+    found = [SteeringSession.from_bundle(b, device="cpu", precision="fp32").latents_on_image(image)
+             for b in (ours, theirs)]
+    assert found[0]["top"] and [r[0] for r in found[1]["top"]] == [r[0] for r in found[0]["top"]]
+    np.testing.assert_allclose([r[1] for r in found[1]["top"]], [r[1] for r in found[0]["top"]], rtol=1e-5)
