@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 
+from sae_core.sae import K_ARCHS
+
 from .atlas import WORLD_FIGURES
 
 KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw",
@@ -32,7 +34,8 @@ def summary(path) -> dict:
     out["ms_median"] = float(np.nanmedian(ms)) if np.isfinite(ms).any() else None
     out.update({
         "model": m["model"].get("spec"), "layer": m["model"].get("layer"), "score": m["model"].get("tokens"),
-        "sae": {k: m["sae"].get(k) for k in ("architecture", "d_in", "d_sae", "k", "group_sizes")},
+        "sae": {**{k: m["sae"].get(k) for k in ("architecture", "d_in", "d_sae", "k", "group_sizes")},
+                "imported": (m["sae"].get("training") or {}).get("imported")},
         "dataset": m["dataset"].get("spec"), "embedder": m["embedder"].get("spec"),
         "label_method": b.labels.get("method"), "world": m.get("world"), "created": m.get("created"),
         "command": m.get("command"),
@@ -48,8 +51,10 @@ def run(args) -> int:
     print(f"bundle {s['bundle']} (schema {s['schema_version']}, built {s['created']})")
     print(f"  model    {s['model']} layer {s['layer']}, image score = {s['score']}")
     sae = s["sae"]
-    print(f"  SAE      {sae['architecture']} {sae['d_in']} -> {sae['d_sae']}, k {sae['k']}"
-          + (f", groups {sae['group_sizes']}" if sae["group_sizes"] else ""))
+    print(f"  SAE      {sae['architecture']} {sae['d_in']} -> {sae['d_sae']}"
+          + (f", k {sae['k']}" if sae["architecture"] in K_ARCHS else "")
+          + (f", groups {sae['group_sizes']}" if sae["group_sizes"] else "")
+          + (f", imported from {sae['imported']['format']} ({sae['imported']['from']})" if sae["imported"] else ""))
     print(f"  data     {s['dataset']} ({s['n_images']} images); embedder {s['embedder']}")
     rows = [(k, s.get(k)) for k in KEYS[2:] + ("ms_median",) if s.get(k) is not None]
     width = max((len(k) for k, _ in rows), default=0)

@@ -746,6 +746,10 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
     facts = Explorer(theirs, tmp_path / "cache").facts()
     assert "jumprelu" in facts["SAE"] and "imported from saelens (jumprelu" in facts["SAE"]
     assert ", k " not in facts["SAE"]           # a JumpReLU SAE has thresholds, not a k
+    from precompute.inspect import summary
+
+    assert summary(tmp_path / "theirs")["sae"]["imported"]["format"] == "saelens"
+    assert summary(tmp_path / "ours")["sae"]["imported"] is None
     # and it steers: the latents it finds on an image, through the tiny LLaVA's tower, are ours
     from sae_core.steering import SteeringSession
 
