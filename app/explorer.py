@@ -259,6 +259,28 @@ class Explorer:
         """The neuron table filtered and sorted (NaN MS last), at most `limit` (<= 500) rows, as a DataFrame."""
         import pandas as pd
 
+        limit = inputs.integer(limit, "row limit", 1, MAX_TABLE_ROWS)
+        rows = self.select(min_ms, min_support, level, label_contains, sort_by, descending, ids)[:limit]
+        return pd.DataFrame({name: [self._cell(name, self.columns[name][k]) for k in rows]
+                             for name in self.table_columns})
+
+    def table_csv(self, min_ms=None, min_support=None, level=None, label_contains: str = "", sort_by: str = "ms",
+                  descending: bool = True) -> str:
+        """Path of a generated CSV of every neuron the table's filter keeps (not only the rows shown), in its
+        order, with the table's columns at the bundle's precision (7 significant digits; empty for NaN)."""
+        import hashlib
+
+        import pandas as pd
+
+        rows = self.select(min_ms, min_support, level, label_contains, sort_by, descending)
+        frame = pd.DataFrame({name: np.asarray(self.columns[name])[rows] for name in self.table_columns})
+        what = json.dumps([min_ms, min_support, level, label_contains, sort_by, bool(descending)], default=str)
+        return self.images.write_text(f"neurons_{hashlib.sha1(what.encode()).hexdigest()[:12]}.csv",
+                                      frame.to_csv(index=False, float_format="%.7g"))  # float32's digits
+
+    def select(self, min_ms=None, min_support=None, level=None, label_contains: str = "", sort_by: str = "ms",
+               descending: bool = True, ids=None) -> np.ndarray:
+        """Ids of the neurons the table's filter keeps, sorted by `sort_by` (NaN last either way)."""
         c = self.columns
         keep = np.ones(self.n_neurons, dtype=bool) if ids is None else np.isin(c["neuron"], np.asarray(ids))
         if min_ms not in (None, ""):
@@ -278,13 +300,10 @@ class Explorer:
                              dtype=bool)
         if sort_by not in self.table_sorts:
             raise UserError(f"cannot sort by {sort_by!r}; choose one of {', '.join(self.table_sorts)}.")
-        limit = inputs.integer(limit, "row limit", 1, MAX_TABLE_ROWS)
         idx = np.flatnonzero(keep)
         key = np.asarray(c[sort_by][idx], dtype=np.float64)
         key = np.where(np.isnan(key), -np.inf if descending else np.inf, key)  # NaN last either way
-        order = np.argsort(-key if descending else key, kind="stable")[:limit]
-        rows = idx[order]
-        return pd.DataFrame({name: [self._cell(name, c[name][k]) for k in rows] for name in self.table_columns})
+        return idx[np.argsort(-key if descending else key, kind="stable")]
 
     @staticmethod
     def _cell(name, v):

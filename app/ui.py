@@ -364,6 +364,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     f_desc = gr.Checkbox(value=True, label="descending")
                     f_limit = gr.Number(value=100, precision=0, minimum=1, maximum=MAX_TABLE_ROWS, label="rows")
                     f_button = gr.Button("Filter", variant="primary")
+                    csv_button = gr.Button("Download CSV", elem_id="neuron-table-csv")
+                csv_file = gr.File(label="neurons (CSV)", interactive=False, visible=False, elem_id="neuron-csv-file")
                 with gr.Row():
                     text_query = gr.Textbox(label="search neurons by text (CLIP text tower + FAISS)",
                                             placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS)
@@ -498,6 +500,17 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         filters = [f_min_ms, f_min_support, f_level, f_label, f_sort, f_desc, f_limit]
         f_button.click(neuron_table, filters, table, api_name="neuron_table")
         demo.load(neuron_table, filters, table, api_name=False)
+
+        @user_errors
+        def neuron_table_csv(min_ms, min_support, level, label_contains, sort_by, descending):
+            """Every neuron the filter keeps, as a CSV file (the table shows at most its row limit)."""
+            return ex.table_csv(min_ms, min_support, level, label_contains, sort_by, bool(descending))
+
+        # shown in a second step so that the API's /neuron_table_csv stays a plain file
+        csv_button.click(neuron_table_csv, filters[:-1], csv_file, api_name="neuron_table_csv").success(
+            lambda: gr.File(visible=True), None, csv_file, api_name=False, queue=False)
+        for filt in filters[:-1]:  # the file shown is of the filter it was made with
+            filt.change(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
 
         @user_errors
         def search_neurons_by_text(query):

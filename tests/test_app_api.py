@@ -38,7 +38,7 @@ def test_every_action_is_named(client):
                  "/steer_select_patch", "/steer_with_neuron", "/restore_from_url", "/steer_restore_from_url",
                  "/probes_overview", "/crossmodal_overview", "/open_neuron_from_crossmodal", "/search_images_by_text",
                  "/search_images_by_image", "/search_images_like", "/image_neurons", "/open_neuron_from_image",
-                 "/steer_with_image"):
+                 "/steer_with_image", "/neuron_table_csv"):
         assert name in names
     assert not any(n.startswith("/lambda") or n.startswith("/fn_") for n in names)
 
@@ -166,6 +166,30 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
         client.predict(image_index=2, upload=None, api_name="/steer")
     with pytest.raises(AppError, match="patch 99|out of range"):
         client.predict(image_index=2, upload=None, latent_1=k, patches="99", api_name="/steer")
+
+
+def test_neuron_table_csv_holds_every_match(client, explorer_app):
+    """/neuron_table_csv: every neuron the filter keeps, in the table's order and columns, at full precision,
+    against a filter written out on the bundle's arrays; the table itself stops at its row limit."""
+    import pandas as pd
+
+    filters = dict(min_ms=0.3, min_support=2, level="all", label_contains="", sort_by="ms", descending=True)
+    shown = client.predict(**filters, limit=5, api_name="/neuron_table")
+    file = client.predict(**filters, api_name="/neuron_table_csv")  # a plain file, downloaded as a browser would
+    assert file["orig_name"].endswith(".csv")
+    with urllib.request.urlopen(file["url"], timeout=10) as r:
+        frame = pd.read_csv(r)
+    ms, support = neurons(explorer_app, "ms").astype(np.float64), neurons(explorer_app, "support")
+    keep = np.flatnonzero(np.nan_to_num(ms, nan=-1.0) >= 0.3)
+    keep = keep[support[keep] >= 2]
+    expected = keep[np.argsort(-ms[keep], kind="stable")]
+    assert len(shown["data"]) == 5 < len(expected)
+    np.testing.assert_array_equal(frame["neuron"].to_numpy(), expected)
+    np.testing.assert_allclose(frame["ms"].to_numpy(), ms[expected], rtol=1e-6)
+    assert list(frame.columns) == shown["headers"]
+    assert [r[0] for r in shown["data"]] == expected[:5].tolist()
+    with pytest.raises(AppError, match="nonsense"):  # refused by name (Gradio checks the dropdown's choices)
+        client.predict(**{**filters, "sort_by": "nonsense"}, api_name="/neuron_table_csv")
 
 
 def test_steer_latents_table_reads_in_strength_units(client, explorer_app):
