@@ -509,8 +509,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         # shown in a second step so that the API's /neuron_table_csv stays a plain file
         csv_button.click(neuron_table_csv, filters[:-1], csv_file, api_name="neuron_table_csv").success(
             lambda: gr.File(visible=True), None, csv_file, api_name=False, queue=False)
-        for filt in filters[:-1]:  # the file shown is of the filter it was made with
-            filt.change(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
+        # the file shown is of the filter it was made with: a new filter hides it (no call per keystroke)
+        f_button.click(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
 
         @user_errors
         def search_neurons_by_text(query):

@@ -169,9 +169,9 @@ def run(args) -> int:
 def _scan(job, lm, sae, out: Path, advance) -> dict:
     """The atlas scan over the val split at the image tokens (what `precompute atlas` does in its scan stage)."""
     from sae_core import bundle as B
-    from sae_core.checkpoint import copy_sae
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, scan
+    from sae_core.checkpoint import copy_sae
     from sae_core.crossmodal import LanguageImageAdapter
     from sae_core.datasets import open_dataset
 

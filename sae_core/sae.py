@@ -1,7 +1,7 @@
 """Sparse autoencoders: one base module, four trainable architectures and one imported, selected by name.
 
-All four share z = act((x - b_dec) @ W_enc + b_enc) and x_hat = z @ W_dec + b_dec, with unit-norm
-decoder rows. They differ in the activation `act` and the sparsity pressure:
+All share z = act((x - b_dec) @ W_enc + b_enc) and x_hat = z @ W_dec + b_dec; the trained ones keep unit-norm
+decoder rows (an imported SAE keeps its own). They differ in the activation `act` and the sparsity pressure:
 
 - `relu`:       z = ReLU(pre); loss adds l1_coeff * sum_j z_j * ||W_dec[j]||.
 - `topk`:       z keeps the k largest ReLU(pre) of each token (Gao et al. 2024).
