@@ -485,7 +485,7 @@ class SteeringSession:
         emb = self.prompt_embeddings(h, prompt)
         lm = llava.model.language_model
         cache = DynamicCache(config=llava.config.text_config)
-        out = lm(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+        out = lm(inputs_embeds=emb, cache=cache, use_cache=True)  # `cache`: transformers >= 5.24 (was past_key_values)
         done = torch.zeros(B, dtype=torch.bool, device=emb.device)
         eos = torch.tensor(sorted(self.eos_ids), device=emb.device) if self.eos_ids else None
         tokens = []
@@ -500,7 +500,7 @@ class SteeringSession:
                 done |= torch.isin(nxt, eos)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            out = lm(inputs_embeds=llava.get_input_embeddings()(nxt[:, None]), past_key_values=cache, use_cache=True)
+            out = lm(inputs_embeds=llava.get_input_embeddings()(nxt[:, None]), cache=cache, use_cache=True)
         seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(B)]
         return [self.tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
 
