@@ -23,7 +23,7 @@ DEFAULT_QUESTIONS = (
 STEER_PICTURE = 320
 # "x max act": the latent's strongest patch here in the strength sliders' unit (its largest activation on the
 # dataset), so that a strength can be read against what the image already gives.
-LATENT_COLUMNS = ["neuron", "label", "max on image", "x max act", "mean on image", "best patch", "ms"]
+LATENT_COLUMNS = ["neuron", "label", "max on image", "x max act", "mean", "patch", "ms"]  # max, mean, best patch: over patches
 
 
 class SteerService:

@@ -106,7 +106,9 @@ class SteerTab:
             self.picture = gr.Image(type="filepath", interactive=False, label="the image (click patches to restrict)",
                                     elem_id="steer-picture", height=340)
             self.latents_df = gr.Dataframe(headers=LATENT_COLUMNS, interactive=False, elem_id="steer-latents",
-                                           label="latents that fire on it (click one to put it in the first slot)")
+                                           label="latents that fire on it: max and mean over patches, the patch "
+                                                 "where most, the max in strength units (click one to put it in "
+                                                 "the first slot)")
         with gr.Row():
             self.patches = gr.Textbox(value="", label="patches (empty = every token)", elem_id="steer-patches")
             self.clear_patches = gr.Button("All patches")
@@ -296,9 +298,18 @@ class SteerTab:
             return (image if image not in (None, "") else gr.update(), patches, bool(state.get("keep_error")),
                     question, picture, gr.Tabs(selected="steer"), *slot_vals)
 
+        @user_errors
+        def steer_restore_latents(image_index, upload, patches, request: gr.Request):
+            """A restored steer link with an image: the latents that fire on it, as the Load button gives."""
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            if state.get("tab") != "steer" or state.get("image") in (None, ""):
+                return gr.update(), gr.update()
+            return steer_load_image(image_index, upload, patches)
+
         demo.load(steer_restore_from_url, None,
                   [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,
-                   *self.slot_inputs()], api_name="steer_restore_from_url")
+                   *self.slot_inputs()], api_name="steer_restore_from_url").success(
+            steer_restore_latents, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
 
 
 def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> gr.Blocks:

@@ -220,6 +220,9 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     wait_value(pg, "#steer-latent-1 input", str(k))
     wait_value(pg, "#steer-image-index input", str(image))
     assert pg.input_value("#steer-question input") == COLOUR_Q
+    # with the latents that fire on that image, as the Load button gives them (the table was left empty)
+    pg.wait_for_function("() => Array.from(document.querySelectorAll('#steer-latents [role=gridcell]'))"
+                         ".some(c => c.innerText.trim() !== '')")
 
     # 6. Clicking the picture selects the patch under the cursor (an eighth in from the top-left = patch 0).
     # After the reload the picture is drawn again by the restore (and maybe the tab's first visit), and a
