@@ -1,5 +1,5 @@
-"""SAEs from SAELens and sparsify folders (local or on the Hub) against their own formulas, written out here
-from those libraries' inference code; refusals of what our SAE form cannot express."""
+"""SAEs from SAELens, sparsify and dictionary_learning folders (local or on the Hub) against those libraries'
+formulas, written out here from their inference code; refusals of what our SAE form cannot express."""
 import json
 
 import pytest
@@ -11,6 +11,11 @@ from sae_core.errors import UserError
 from sae_core.sae import SAEConfig, SparseAutoencoder
 
 D_IN, D_SAE = 12, 40
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the inputs drawn in the tests, the same on every run
 
 
 def _tensors(seed: int, dtype=torch.float32) -> dict:
@@ -49,17 +54,18 @@ def _saelens_reference(cfg: dict, t: dict, x):
     return z, scaled @ t["W_dec"] + t["b_dec"]
 
 
+_G = torch.Generator().manual_seed(0)  # the cases' extra tensors, the same on every run
 SAELENS_CASES = {
     "standard": ({"architecture": "standard"}, {}),
     "standard, b_dec not applied to the input": ({"architecture": "standard", "apply_b_dec_to_input": False}, {}),
     "topk (SAELens 6)": ({"architecture": "topk", "k": 5, "metadata": {"model_name": "m", "hook_name": "h"}}, {}),
     "topk (SAELens 3-5: standard + activation_fn_str)": (
         {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}}, {}),
-    "jumprelu": ({"architecture": "jumprelu"}, {"threshold": torch.rand(D_SAE) * 0.6 - 0.1}),
+    "jumprelu": ({"architecture": "jumprelu"}, {"threshold": torch.rand(D_SAE, generator=_G) * 0.6 - 0.1}),
     "jumprelu, training checkpoint (log_threshold)": ({"architecture": "jumprelu"},
-                                                      {"log_threshold": torch.randn(D_SAE) - 1.5}),
+                                                      {"log_threshold": torch.randn(D_SAE, generator=_G) - 1.5}),
     "finetuning scaling factor (SAELens 3-5)": ({"architecture": "standard", "finetuning_scaling_factor": True},
-                                                {"finetuning_scaling_factor": torch.rand(D_SAE) + 0.5}),
+                                                {"finetuning_scaling_factor": torch.rand(D_SAE, generator=_G) + 0.5}),
 }
 
 
