@@ -455,12 +455,13 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                                elem_id="image-neurons")
             # ---------------------------------------------------------------- Hierarchy
             with gr.Tab("Hierarchy", id="hierarchy"):
-                with gr.Row():
+                has_tree = len(ex.levels) > 1  # one level (an SAE that is not Matryoshka): no tree, no empty boxes
+                with gr.Row(visible=has_tree):
                     tree_kind = gr.Radio(["sunburst", "treemap"], value="sunburst", label="drawing")
                     tree_root = gr.Number(value=-1, precision=0, label="subtree of latent (-1: from the roots)")
                     tree_button = gr.Button("Draw")
                 tree_note = gr.Markdown()
-                tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot")
+                tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot", visible=has_tree)
                 depth_df = gr.Dataframe(headers=["level", "neurons", "taxonomy depth"], interactive=False,
                                         label="taxonomy depth per Matryoshka level")
             # ---------------------------------------------------------------- Steer
@@ -755,15 +756,21 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             nodes = h.get("nodes", [])
             if not nodes:
                 return None, [], "This bundle has no Matryoshka tree (hierarchy.json)."
-            patch_ms = ex.columns.get("patch_ms")
-            tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms,
-                                            root=None if root < 0 else root, patch_labels=ex.columns.get("patch_label"))
             depth = h.get("depth_per_level") or []
             counts = {}
             for node in nodes:
                 counts[int(node["level"])] = counts.get(int(node["level"]), 0) + 1
             rows = [[lv, counts.get(lv, 0), None if i >= len(depth) or depth[i] is None else round(float(depth[i]), 3)]
                     for i, lv in enumerate(sorted(counts))]
+            if len(counts) == 1:  # drawn, its latents would be one ring of unrelated wedges
+                arch = ex.bundle.manifest["sae"].get("architecture")
+                return None, rows, (f"This SAE ({arch}) has one level, so there is no tree to draw: a Matryoshka SAE "
+                                    "nests its latents in levels and links each latent to a parent in the level "
+                                    "before. Taxonomy depth: the mean depth in the dataset's taxonomy of the concept "
+                                    "its neurons pick out (deeper = finer).")
+            patch_ms = ex.columns.get("patch_ms")
+            tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms,
+                                            root=None if root < 0 else root, patch_labels=ex.columns.get("patch_label"))
             scores = f"its {ex.score_name}" + (" or the max over patches" if patch_ms is not None else "")
             by_patches = (f"; {tree.by_patches} that fire on fewer than 2 images by their {ex.score_name} are "
                           "coloured by their MS by the max over patches" if tree.by_patches else "")

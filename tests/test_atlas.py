@@ -750,6 +750,21 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
 
     assert summary(tmp_path / "theirs")["sae"]["imported"]["format"] == "saelens"
     assert summary(tmp_path / "ours")["sae"]["imported"] is None
+    # It has one level (JumpReLU, not Matryoshka): the Hierarchy page says so instead of drawing one ring of
+    # unrelated wedges, and hides the drawing and its controls.
+    from gradio_client import Client
+
+    from app.server import start
+
+    demo, url = start(tmp_path / "theirs", cache=tmp_path / "cache")
+    try:
+        figure, depth, note = Client(url, verbose=False).predict("sunburst", api_name="/hierarchy")
+        assert figure is None and "This SAE (jumprelu) has one level, so there is no tree to draw" in note
+        assert [r[:2] for r in depth["data"]] == [[0, theirs.n_neurons]]
+        plot = next(c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "tree-plot")
+        assert plot["props"]["visible"] is False
+    finally:
+        demo.close()
     # and it steers: the latents it finds on an image, through the tiny LLaVA's tower, are ours
     from sae_core.steering import SteeringSession
 
