@@ -762,7 +762,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 counts[int(node["level"])] = counts.get(int(node["level"]), 0) + 1
             rows = [[lv, counts.get(lv, 0), None if i >= len(depth) or depth[i] is None else round(float(depth[i]), 3)]
                     for i, lv in enumerate(sorted(counts))]
-            if len(counts) == 1:  # drawn, its latents would be one ring of unrelated wedges
+            if not has_tree:  # drawn, its latents would be one ring of unrelated wedges
                 arch = ex.bundle.manifest["sae"].get("architecture")
                 return None, rows, (f"This SAE ({arch}) has one level, so there is no tree to draw: a Matryoshka SAE "
                                     "nests its latents in levels and links each latent to a parent in the level "

@@ -6,7 +6,7 @@ this installs dictionary-learning 0.1.0 and einops with `pip install --no-deps -
 class we load (MatryoshkaBatchTopKSAE, BatchTopKSAE, AutoEncoderTopK, AutoEncoder) it builds the library's own
 module with random weights and a threshold that cuts, saves its state dict as `ae.safetensors` beside the
 `config.json` its trainer writes, loads the folder with `sae_core.checkpoint.load_sae`, and compares encode
-and decode(encode) with the library's on 512 rows. Prints the table; exits 1 if a difference exceeds 1e-4.
+and decode(encode) with the library's on 512 rows. Prints the table; exits 1 if a difference exceeds 1e-4 (saelens_export's TOLERANCE).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / ".bench_venvs" / "dictionary_learning"
 VERSION = "0.1.0"
-TOLERANCE = 1e-4
 D_IN, D_SAE, K = 64, 256, 8
 
 
@@ -54,6 +53,7 @@ def check(work: Path) -> int:
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK
 
+    from benchmarks.saelens_export import compare_codes, print_codes_table
     from sae_core.checkpoint import load_sae
 
     modules = {
@@ -83,17 +83,13 @@ def check(work: Path) -> int:
         with torch.no_grad():
             z = sae.encode(x)
             x_hat = sae.decode(z)
-        dz, dx = float((z - z_ref).abs().max()), float((x_hat - x_hat_ref).abs().max())
-        same = bool(((z != 0) == (z_ref != 0)).all())
-        ok &= dz <= TOLERANCE and dx <= TOLERANCE and same
+        dz, dx, same, passed = compare_codes(z.numpy(), x_hat.numpy(), z_ref.numpy(), x_hat_ref.numpy())
+        ok &= passed
         rows.append((name, f"{sae.cfg.arch}" + (f" {list(sae.cfg.group_sizes)}" if sae.cfg.group_sizes else ""),
                      f"{dz:.2e}", f"{dx:.2e}", f"{same} ({float((z != 0).float().mean()):.3f} active)"))
-    print(f"dictionary_learning {VERSION}: random SAEs saved as ae.safetensors + config.json, loaded with "
-          f"sae_core.checkpoint.load_sae, {len(x)} rows, d_in {D_IN}, width {D_SAE}, k {K}\n")
-    print("| dictionary_learning class | loaded as | max abs diff encode | max abs diff decode(encode) | same active set |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_codes_table(f"dictionary_learning {VERSION}: random SAEs saved as ae.safetensors + config.json, loaded "
+                      f"with sae_core.checkpoint.load_sae, {len(x)} rows, d_in {D_IN}, width {D_SAE}, k {K}",
+                      ["dictionary_learning class", "loaded as"], rows)
     return 0 if ok else 1
 
 

@@ -68,22 +68,22 @@ def check_export(work: Path, archs: tuple[str, ...] = ("batchtopk", "matryoshka"
             rows.append((arch, "load failed", last, "", ""))
             continue
         res = json.loads(Path(spec["result"]).read_text())
-        dz, dx, same, passed = _compare(z_ours, x_hat_ours, np.load(spec["z_out"]), np.load(spec["x_hat_out"]))
+        dz, dx, same, passed = compare_codes(z_ours, x_hat_ours, np.load(spec["z_out"]), np.load(spec["x_hat_out"]))
         ok &= passed
         rows.append((arch, f"{res['class']} ({res['architecture']})", f"{dz:.2e}", f"{dx:.2e}", str(same)))
-    _table(f"SAELens {saelens_version(py)}: SAE.load_from_disk on `python -m precompute export --format saelens`, "
+    print_codes_table(f"SAELens {saelens_version(py)}: SAE.load_from_disk on `python -m precompute export --format saelens`, "
            f"{len(x_eval)} rows, d_in 64, width 256", ["our arch", "loaded as"], rows)
     return 0 if ok else 1
 
 
-def _compare(z, x_hat, z_ref, x_hat_ref) -> tuple[float, float, bool, bool]:
+def compare_codes(z, x_hat, z_ref, x_hat_ref) -> tuple[float, float, bool, bool]:
     """Max abs differences of codes and reconstructions, whether the active sets agree, and all within TOLERANCE."""
     dz, dx = float(np.abs(z - z_ref).max()), float(np.abs(x_hat - x_hat_ref).max())
     same = bool(((z != 0) == (z_ref != 0)).all())
     return dz, dx, same, dz <= TOLERANCE and dx <= TOLERANCE and same
 
 
-def _table(title: str, first_columns: list[str], rows: list[tuple]) -> None:
+def print_codes_table(title: str, first_columns: list[str], rows: list[tuple]) -> None:
     print(f"{title}\n")
     header = first_columns + ["max abs diff encode", "max abs diff decode(encode)", "same active set"]
     print("| " + " | ".join(header) + " |")
@@ -138,11 +138,11 @@ def check_import(work: Path) -> int:
             z = sae.encode(torch.from_numpy(x_eval))
             x_hat = sae.decode(z).numpy()
             z = z.numpy()
-        dz, dx, same, passed = _compare(z, x_hat, np.load(folder / "z.npy"), np.load(folder / "x_hat.npy"))
+        dz, dx, same, passed = compare_codes(z, x_hat, np.load(folder / "z.npy"), np.load(folder / "x_hat.npy"))
         ok &= passed
         rows.append((case["name"], info["class"], sae.cfg.arch, f"{dz:.2e}", f"{dx:.2e}",
                      f"{same} ({(z != 0).mean():.3f} active)"))
-    _table(f"\nSAELens {saelens_version(py)}: `save_model` of random SAEs, loaded with sae_core.checkpoint.load_sae, "
+    print_codes_table(f"\nSAELens {saelens_version(py)}: `save_model` of random SAEs, loaded with sae_core.checkpoint.load_sae, "
            f"{len(x_eval)} rows, d_in 64, width 256", ["SAELens SAE", "class", "loaded as"], rows)
     return 0 if ok else 1
 
