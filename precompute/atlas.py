@@ -139,6 +139,9 @@ WORLD_FIGURES = ("ms_ground_truth_spearman", "ms_ground_truth_spearman_raw", "ms
                  "hierarchy_depth")
 """The world stage's figures that the manifest's metrics carry (and `precompute inspect` prints)."""
 
+POOR_FVU = 0.5
+"""Above this fraction of variance unexplained the atlas says the SAE may be reading the wrong activations."""
+
 # Expected seconds per stage on 2 CPU cores for the demo world (the progress bar's weights).
 STAGE_WEIGHTS = {"atlas: scan": 30, "atlas: geometry": 1, "atlas: labels": 3, "atlas: hierarchy": 3,
                  "atlas: index": 1, "atlas: world": 3, "atlas: thumbs": 3}
@@ -286,11 +289,11 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     """The scan and its files; `note(line)` tells the user something now (the batch cut, a resume)."""
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
-    from sae_core.checkpoint import copy_sae, weights_file
+    from sae_core.checkpoint import copy_sae, no_layer_reason, weights_file
     from sae_core.datasets import open_dataset
 
     if job.layer is None:
-        raise UserError(f"the SAE in {job.sae} does not record its layer; pass --layer.")
+        raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
     adapter = load_adapter(job.model, device=job.device)
     embedder = adapter if job.embedder == job.model else load_adapter(job.embedder, device=job.device)
     if adapter.resolve_layer(job.layer).kind == "embed":
@@ -321,6 +324,10 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     t0 = time.time()
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
                   progress=lambda done: advance(done / n), reference_embed=reference_embed, checkpoint=checkpoint)
+    fvu = result.metrics.get("fvu")
+    if fvu is not None and fvu > POOR_FVU:  # most often an SAE given another model or layer than its own
+        note(f"atlas: FVU {fvu:.3g}: the SAE reconstructs these activations poorly (a fitted SAE is usually "
+             f"well below {POOR_FVU}); check that --model and --layer {job.layer} are what it was trained on.")
     for name, arr in result.neurons.items():
         B.write_array(out, f"neurons/{name}.npy", arr)
     B.write_array(out, B.RAW_MS, result.raw_ms)

@@ -3,6 +3,7 @@ dictionary_learning SAEs (local or on the Hub) loaded as the same computation; e
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -74,7 +75,13 @@ def resolve_sae(spec: str | Path) -> Path:
         first = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"cannot fetch the SAE {text} from the Hugging Face Hub ({type(e).__name__}: {first}); "
                         "check the name and the network, or download the folder and give its path.") from None
-    return Path(root) / folder
+    local = Path(root) / folder
+    if (local / CONFIG).is_file() and not (local / WEIGHTS).is_file() and not (local / DL_WEIGHTS).is_file() \
+            and "trainer" in _read_json(local / CONFIG):  # dictionary_learning's config, its weights not fetched
+        raise UserError(f"{text} is a dictionary_learning SAE without {DL_WEIGHTS}; its weights are most likely "
+                        f"{DL_PICKLE}, a pickle, which this tool neither fetches nor reads. Where you trust it, download "
+                        f"the folder, convert it once ({_dl_conversion('FOLDER')}) and give the folder's path.")
+    return local
 
 
 def sae_format(path: Path) -> str:
@@ -212,10 +219,50 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     k = raw.get("k", kwargs.get("k"))
     if ours == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
         raise UserError(f"{path / SAELENS_CONFIG} gives no whole number k for its topk SAE (found {k!r}).")
-    cfg = SAEConfig(arch=ours, d_in=int(d_in), d_sae=int(d_sae), k=int(k) if ours == "topk" else 1)
-    info = {"imported": {"format": "saelens", "architecture": arch, "model": meta.get("model_name"),
-                         "hook": meta.get("hook_name")}}
+    cfg = _exported_by_us(meta, ours, int(d_in), int(d_sae)) or \
+        SAEConfig(arch=ours, d_in=int(d_in), d_sae=int(d_sae), k=int(k) if ours == "topk" else 1)
+    hook = meta.get("hook_name")
+    info = {"imported": {"format": "saelens", "architecture": arch, "model": meta.get("model_name"), "hook": hook}}
+    layer = layer_of_hook(hook)
+    if layer is not None:
+        info["activations"] = {"layer": layer, "tokens": meta.get("sae_lab_tokens")}
     return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+def layer_of_hook(hook) -> str | None:
+    """The layer, in our numbering (sae_core.adapters), that a SAELens hook name reads where it names a
+    block's output: our export's `layer_L`, and TransformerLens / ViT-Prisma's `blocks.L.hook_resid_post`
+    (block L's output) and `blocks.L.hook_resid_pre` for L >= 1 (block L-1's output). None otherwise:
+    MLP or attention outputs are not the residual stream the adapters read, and block 0's input has
+    an index only once the model's depth is known."""
+    m = re.fullmatch(r"layer_(-?\d+)|blocks\.(\d+)\.hook_resid_(post|pre)", str(hook or ""))
+    if m is None:
+        return None
+    if m.group(1) is not None:
+        return m.group(1)
+    block = int(m.group(2)) - (m.group(3) == "pre")
+    return str(block) if block >= 0 else None
+
+
+def no_layer_reason(sae: SparseAutoencoder, where) -> str:
+    """The sentence for an SAE that does not record the layer it reads (the caller adds what to pass)."""
+    hook = ((sae.training_info or {}).get("imported") or {}).get("hook")
+    if hook:
+        return (f"the SAE in {where} reads {hook!r}, which names no block output (residual stream) this tool "
+                "can find by itself")
+    return f"the SAE in {where} does not record its layer"
+
+
+def _exported_by_us(meta: dict, ours: str, d_in: int, d_sae: int) -> SAEConfig | None:
+    """The BatchTopK or Matryoshka config that `export_saelens` saved as a JumpReLU SAE (the same
+    inference), from the metadata it wrote beside it, so the round trip keeps k and the Matryoshka
+    levels; None for any other SAE, or where the metadata does not fit the weights."""
+    arch, k, groups = meta.get("sae_lab_arch"), meta.get("sae_lab_k"), meta.get("sae_lab_group_sizes") or []
+    if ours != "jumprelu" or arch not in ("batchtopk", "matryoshka") or not isinstance(k, int) or k < 1:
+        return None
+    if arch == "matryoshka" and not (all(isinstance(g, int) and g > 0 for g in groups) and sum(groups) == d_sae):
+        return None
+    return SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k, group_sizes=tuple(groups) if arch == "matryoshka" else ())
 
 
 def read_sparsify(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
@@ -257,11 +304,8 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
     JumpReLU (it rescales latents by decoder norms) and cross-coder dictionaries are refused.
     """
     if not (path / DL_WEIGHTS).is_file():
-        raise UserError(
-            f"{path} holds dictionary_learning's {DL_PICKLE}, a pickle, which this tool does not read; where you "
-            f"trust the file, convert it once: python -c \"import torch, safetensors.torch as s; s.save_file({{k: "
-            f"v.contiguous() for k, v in torch.load('{path / DL_PICKLE}', map_location='cpu', weights_only=True)"
-            f".items()}}, '{path / DL_WEIGHTS}')\"")
+        raise UserError(f"{path} holds dictionary_learning's {DL_PICKLE}, a pickle, which this tool does not read; "
+                        f"where you trust the file, convert it once: {_dl_conversion(path)}")
     trainer = _read_json(path / CONFIG).get("trainer") or {}
     dict_class = trainer.get("dict_class")
     ours = {"MatryoshkaBatchTopKSAE": "matryoshka", "BatchTopKSAE": "batchtopk", "AutoEncoderTopK": "topk",
@@ -297,6 +341,13 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
     return cfg, {n: t.float() for n, t in state.items()}, info
 
 
+def _dl_conversion(folder) -> str:
+    """The one command that saves a dictionary_learning folder's `ae.pt` as `ae.safetensors`."""
+    return (f"python -c \"import torch, safetensors.torch as s; s.save_file({{k: v.contiguous() for k, v in "
+            f"torch.load('{Path(folder) / DL_PICKLE}', map_location='cpu', weights_only=True).items()}}, "
+            f"'{Path(folder) / DL_WEIGHTS}')\"")
+
+
 def copy_sae(spec: str | Path, out_dir: str | Path, sae: SparseAutoencoder | None = None) -> None:
     """Put an SAE into a bundle's `sae/` in our layout: our files copied byte for byte (with metrics.json),
     a foreign SAE written from its loaded form (`sae`, or loaded here)."""
@@ -315,7 +366,9 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     """Write SAELens's layout (`cfg.json` + `sae_weights.safetensors`) for `SAE.load_from_disk`.
 
     relu -> "standard", topk -> "topk" (with k), batchtopk, matryoshka and jumprelu -> "jumprelu" with
-    our per-latent thresholds (SAELens itself saves BatchTopK SAEs for inference that way).
+    our per-latent thresholds (SAELens itself saves BatchTopK SAEs for inference that way). The layer,
+    the tokens, k and the Matryoshka groups go into the metadata, so `load_sae` of the export restores
+    the SAE we saved (`_exported_by_us`, `layer_of_hook`).
     """
     sae = load_sae(path)
     out_dir = Path(out_dir)
@@ -338,6 +391,8 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
             "hook_name": f"layer_{act.get('layer')}" if act.get("layer") is not None else None,
             "sae_lab_arch": cfg.arch,
             "sae_lab_tokens": act.get("tokens"),
+            **({"sae_lab_k": cfg.k} if cfg.arch in ("batchtopk", "matryoshka") else {}),
+            **({"sae_lab_group_sizes": list(cfg.group_sizes)} if cfg.arch == "matryoshka" else {}),
         },
     }
     if arch == "topk":

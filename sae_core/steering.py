@@ -343,13 +343,13 @@ class SteeringSession:
     @classmethod
     def from_paths(cls, sae_dir: str | Path, llava_spec: str, layer: str | int | None = None, **kwargs) -> "SteeringSession":
         """An SAE directory (precompute train) and a LLaVA spec; the layer defaults to the SAE's training layer."""
-        from .checkpoint import load_sae
+        from .checkpoint import load_sae, no_layer_reason
 
         sae = load_sae(sae_dir)
         if layer is None:
             layer = (getattr(sae, "training_info", {}) or {}).get("activations", {}).get("layer")
             if layer is None:
-                raise UserError(f"the SAE in {sae_dir} does not record its layer; pass the layer it was trained on.")
+                raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
         return cls(sae, llava_spec, layer, **kwargs)
 
     # --- images and the hidden-state cache ----------------------------------------------------

@@ -719,27 +719,40 @@ def test_scan_batch_follows_the_memory_budget(tiny_bundle, tmp_path, capsys):
 
 
 def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
-    """The tiny bundle's SAE exported to SAELens's layout (BatchTopK -> JumpReLU) and given to the atlas
-    builds the bundle ours builds: same galleries, activations and MS; the bundle keeps it in our layout,
-    says where it came from, and the explorer's Overview names it."""
+    """The tiny bundle's SAE exported to SAELens's layout (BatchTopK -> JumpReLU) without our metadata, as
+    an SAE SAELens made, and given to the atlas builds the bundle ours builds: same galleries,
+    activations and MS; the bundle keeps it in our layout, says where it came from, and the explorer's
+    Overview names it. With our metadata the export needs no --layer and comes back as our Matryoshka SAE."""
     from app.explorer import Explorer
     from precompute.atlas import AtlasJob, build_atlas
     from sae_core.bundle import open_bundle
     from sae_core.checkpoint import export_saelens
+    from sae_core.errors import UserError
 
     torch.set_num_threads(1)
     m = open_bundle(tiny_bundle).manifest
+    ours_exported = export_saelens(tiny_bundle / "sae", tmp_path / "exported")
     saelens = export_saelens(tiny_bundle / "sae", tmp_path / "saelens")
-    common = dict(dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2", embedder=m["embedder"]["spec"],
+    cfg = json.loads((saelens / "cfg.json").read_text())
+    cfg["metadata"] = {"model_name": "tiny-llava", "hook_name": "vision_tower.layers.-2"}
+    (saelens / "cfg.json").write_text(json.dumps(cfg))
+    common = dict(dataset=m["dataset"]["spec"], model=m["model"]["spec"], embedder=m["embedder"]["spec"],
                   limit=40, topk=4, batch_size=20, score="max")
-    build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), out=str(tmp_path / "ours"), **common))
-    build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "theirs"), **common))
-    ours, theirs = open_bundle(tmp_path / "ours"), open_bundle(tmp_path / "theirs")
+    with pytest.raises(UserError, match="reads 'vision_tower.layers.-2', which names no block output .*; pass --layer L"):
+        build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "no_layer"), **common))
+    build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), out=str(tmp_path / "ours"), layer="-2", **common))
+    build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "theirs"), layer="-2", **common))
+    build_atlas(AtlasJob(sae=str(ours_exported), out=str(tmp_path / "back"), **common))
+    ours, theirs, back = open_bundle(tmp_path / "ours"), open_bundle(tmp_path / "theirs"), open_bundle(tmp_path / "back")
     theirs.validate()
-    np.testing.assert_array_equal(np.asarray(theirs.array("top_images")), np.asarray(ours.array("top_images")))
-    np.testing.assert_allclose(np.asarray(theirs.array("top_acts")), np.asarray(ours.array("top_acts")), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(theirs.array("ms")), np.asarray(ours.array("ms")), rtol=1e-6,
-                               equal_nan=True)
+    for other in (theirs, back):
+        np.testing.assert_array_equal(np.asarray(other.array("top_images")), np.asarray(ours.array("top_images")))
+        np.testing.assert_allclose(np.asarray(other.array("top_acts")), np.asarray(ours.array("top_acts")), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(other.array("ms")), np.asarray(ours.array("ms")), rtol=1e-6,
+                                   equal_nan=True)
+    assert back.manifest["model"]["layer"] == "-2" and back.manifest["sae"]["group_sizes"] == m["sae"]["group_sizes"]
+    assert json.loads((tmp_path / "back" / "hierarchy.json").read_text())["levels"] == \
+        json.loads((tmp_path / "ours" / "hierarchy.json").read_text())["levels"]
     sae = theirs.load_sae()
     assert sae.cfg.arch == "jumprelu" and sae.training_info["imported"]["format"] == "saelens"
     assert theirs.manifest["sae"]["training"]["imported"]["from"] == str(saelens.resolve())
@@ -773,3 +786,29 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
              for b in (ours, theirs)]
     assert found[0]["top"] and [r[0] for r in found[1]["top"]] == [r[0] for r in found[0]["top"]]
     np.testing.assert_allclose([r[1] for r in found[1]["top"]], [r[1] for r in found[0]["top"]], rtol=1e-5)
+
+
+def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tmp_path, capsys):
+    """An SAE that reconstructs the scanned activations worse than POOR_FVU (here the tiny SAE with its
+    decoder doubled: most often it is another model's or layer's SAE) is named with its FVU; the SAE
+    itself builds without the line."""
+    from precompute.atlas import POOR_FVU, AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.checkpoint import load_sae, save_sae
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    sae = load_sae(tiny_bundle / "sae")
+    with torch.no_grad():
+        sae.W_dec.mul_(2.0)
+    save_sae(sae, tmp_path / "doubled", training=sae.training_info)
+    common = dict(dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2", embedder=m["embedder"]["spec"],
+                  limit=12, topk=2, batch_size=12)
+    for name in ("doubled", "own"):
+        sae_dir = tmp_path / "doubled" if name == "doubled" else tiny_bundle / "sae"
+        build_atlas(AtlasJob(sae=str(sae_dir), out=str(tmp_path / f"b_{name}"), **common))
+        fvu = open_bundle(tmp_path / f"b_{name}").manifest["metrics"]["fvu"]
+        err = capsys.readouterr().err
+        assert (fvu > POOR_FVU) == (name == "doubled")
+        assert (f"atlas: FVU {fvu:.3g}: the SAE reconstructs these activations poorly" in err) == (name == "doubled")
+        assert ("check that --model and --layer -2 are what it was trained on" in err) == (name == "doubled")

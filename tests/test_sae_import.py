@@ -105,19 +105,62 @@ def test_bf16_saelens_weights_load_in_float32(tmp_path):
         torch.testing.assert_close(sae.encode(x).double(), z_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_our_export_comes_back_unchanged(tmp_path):
-    """export_saelens then load_sae: a BatchTopK SAE returns as a jumprelu SAE with the same codes."""
-    sae = SparseAutoencoder(SAEConfig(arch="batchtopk", d_in=D_IN, d_sae=D_SAE, k=3), seed=2)
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_our_export_comes_back_unchanged(tmp_path, arch):
+    """export_saelens then load_sae: the SAE we saved comes back (arch, k, Matryoshka levels, the layer and
+    tokens it read) with the same codes; the same file without our metadata, as an SAE SAELens made,
+    is a jumprelu SAE with the same codes and no layer."""
+    cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=3, group_sizes=(8, 12, 20) if arch == "matryoshka" else ())
+    sae = SparseAutoencoder(cfg, seed=2)
     with torch.no_grad():
         sae.threshold.uniform_(0.05, 0.4)
         sae.b_enc.normal_(0, 0.3)
-    save_sae(sae, tmp_path / "ours")
-    back = load_sae(export_saelens(tmp_path / "ours", tmp_path / "saelens"))
-    assert back.cfg.arch == "jumprelu"
+    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": "-2", "tokens": "all"}})
+    exported = export_saelens(tmp_path / "ours", tmp_path / "saelens")
+    back = load_sae(exported)
+    assert back.cfg == cfg
+    assert back.training_info["activations"] == {"layer": "-2", "tokens": "all"}
+    raw = json.loads((exported / "cfg.json").read_text())
+    raw["metadata"] = {"model_name": "m", "hook_name": "h"}
+    (exported / "cfg.json").write_text(json.dumps(raw))
+    foreign = load_sae(exported)
+    assert foreign.cfg.arch == "jumprelu" and "activations" not in foreign.training_info
     x = torch.randn(50, D_IN)
     with torch.no_grad():
-        torch.testing.assert_close(back.encode(x), sae.encode(x))
-        torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)))
+        assert (sae.encode(x) != 0).any()
+        for other in (back, foreign):
+            torch.testing.assert_close(other.encode(x), sae.encode(x))
+            torch.testing.assert_close(other.decode(other.encode(x)), sae.decode(sae.encode(x)))
+
+
+def test_metadata_that_does_not_fit_the_weights_leaves_a_jumprelu_sae(tmp_path):
+    """Our export's metadata is believed only where it fits: groups that do not sum to the width, or no k,
+    leave the plain jumprelu SAE the weights define."""
+    tensors = {**_tensors(5), "threshold": torch.full((D_SAE,), 0.1)}
+    for meta in ({"sae_lab_arch": "matryoshka", "sae_lab_k": 3, "sae_lab_group_sizes": [8, 8]},
+                 {"sae_lab_arch": "batchtopk"}, {"sae_lab_arch": "batchtopk", "sae_lab_k": 0}):
+        folder = _saelens(tmp_path / str(len(list(tmp_path.iterdir()))), {"architecture": "jumprelu",
+                                                                         "metadata": meta}, tensors)
+        assert load_sae(folder).cfg.arch == "jumprelu"
+
+
+@pytest.mark.parametrize("hook,layer", [
+    ("layer_-2", "-2"), ("layer_7", "7"),                                # our export
+    ("blocks.9.hook_resid_post", "9"),                                   # TransformerLens / ViT-Prisma
+    ("blocks.9.hook_resid_pre", "8"), ("blocks.0.hook_resid_pre", None),  # block 8's output; the embeddings
+    ("blocks.9.hook_mlp_out", None), ("blocks.9.attn.hook_z", None), (None, None),
+])
+def test_the_layer_of_a_saelens_hook(tmp_path, hook, layer):
+    """A SAELens SAE on a block's output records that layer, in our numbering (block L's output is layer
+    L), so the atlas and steering need no --layer; any other hook needs one, and the refusal names it."""
+    from sae_core.checkpoint import no_layer_reason
+
+    folder = _saelens(tmp_path / "s", {"architecture": "standard", "metadata": {"hook_name": hook}}, _tensors(6))
+    sae = load_sae(folder)
+    assert sae.training_info.get("activations", {}).get("layer") == layer
+    if layer is None and hook is not None:
+        assert no_layer_reason(sae, folder) == (f"the SAE in {folder} reads {hook!r}, which names no block output "
+                                                "(residual stream) this tool can find by itself")
 
 
 @pytest.mark.parametrize("cfg,extra,match", [
@@ -223,6 +266,14 @@ def test_hub_specs_fetch_only_the_sae_folder(tmp_path, monkeypatch):
         load_sae("hf:nobody/nothing")
     with pytest.raises(UserError, match="does not name a Hub repository"):
         load_sae("hf:justone")
+    # a dictionary_learning folder saved as ae.pt: the pickle is not asked for, and the refusal says how
+    # to convert it where it is trusted
+    assert not any(p.endswith("ae.pt") for p in calls[0][1])
+    (tmp_path / "cache" / "trainer_0").mkdir()
+    (tmp_path / "cache" / "trainer_0" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE"}}))
+    with pytest.raises(UserError, match=r"hf:someone/vit-saes/trainer_0 is a dictionary_learning SAE without "
+                                        r"ae.safetensors; its weights are most likely ae.pt, a pickle, .*weights_only=True"):
+        load_sae("hf:someone/vit-saes/trainer_0")
 
 
 def test_imported_architectures_are_not_trained():
