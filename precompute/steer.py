@@ -19,17 +19,24 @@ def _numbers(text: str | None, cast, what: str) -> list:
 def add_arguments(p) -> None:
     from sae_core.world.text import WHAT_IS_SHOWN
 
-    p.add_argument("--bundle", required=True, help="bundle directory (its SAE, and the LLaVA that reads its layer)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="bundle directory (its SAE, and the LLaVA that reads its layer)")
+    source.add_argument("--sae", help="or an SAE without a bundle: a folder (ours, SAELens's, sparsify's, "
+                        "dictionary_learning's) or hf:OWNER/REPO[/FOLDER]")
+    p.add_argument("--layer", help="with --sae: the layer it reads (default: the one it records)")
     p.add_argument("--image", required=True, help="image file, or world:INDEX / INDEX for an image of the bundle's dataset")
-    p.add_argument("--latent", required=True, help="latent id(s) to clamp: K or K1,K2,...")
-    p.add_argument("--value", required=True, help="value(s): one for all latents or one per latent")
+    p.add_argument("--latent", help="latent id(s) to clamp: K or K1,K2,...; without it, the command lists the "
+                   "latents that fire most on the image")
+    p.add_argument("--value", help="value(s): one for all latents or one per latent")
+    p.add_argument("--top", type=int, default=10, help="without --latent: how many latents to list")
     p.add_argument("--prompt", default=WHAT_IS_SHOWN, help="question (default: the paper's one-word prompt)")
     p.add_argument("--mode", choices=("set", "add"), default="set", help="set the latents to the values, or add them")
     p.add_argument("--keep-error", action="store_true",
                    help="keep the SAE's error term: h + decode(clamped) - decode(original) (default: dropped, as the paper)")
     p.add_argument("--patches", help="patch indices I,J,... (row-major, 0-based, CLS excluded) to clamp on; default all tokens")
     p.add_argument("--max-new-tokens", type=int, default=5)
-    p.add_argument("--llava", help="LLaVA spec to steer (default: the world's tiny LLaVA, the bundle's LLaVA, or llava-1.5-7b)")
+    p.add_argument("--llava", help="LLaVA spec to steer (default: the world's tiny LLaVA, the LLaVA the SAE was "
+                   "trained on, or llava-1.5-7b)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"),
                    help="auto: 4-bit on CUDA (fp32 for the world's tiny LLaVA), fp32 on CPU")
@@ -43,18 +50,32 @@ def run(args) -> int:
     from sae_core.steering import SteeringSession
 
     torch.manual_seed(0)
+    if args.layer is not None and args.sae is None:
+        raise UserError("--layer goes with --sae; a bundle's SAE is steered at the layer the bundle records.")
+    listing = args.latent is None
+    if listing and args.value is not None:
+        raise UserError("--value needs --latent: give the latent ids the values are for.")
     latents = _numbers(args.latent, int, "latent")
     values = _numbers(args.value, float, "value")
-    if not latents:
+    if not listing and not latents:
         raise UserError("--latent needs at least one latent id, e.g. --latent 12.")
-    if len(values) not in (1, len(latents)):
+    if not listing and len(values) not in (1, len(latents)):
         raise UserError(f"--value gives {len(values)} values for {len(latents)} latents; give one value or one per latent.")
+    if listing and args.top < 1:
+        raise UserError(f"--top {args.top} lists nothing; give at least 1.")
     patches = _numbers(args.patches, int, "patches") if args.patches else None
     image = args.image
     if image.isdigit():
         image = int(image)
     warn_if_slow_half(args.device, args.precision, "--precision fp32")
-    session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision, llava=args.llava)
+    if args.sae is not None:
+        session = SteeringSession.from_paths(args.sae, args.llava, args.layer, device=args.device,
+                                             precision=args.precision)
+    else:
+        session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision,
+                                              llava=args.llava)
+    if listing:
+        return _list_latents(session, image, args)
     result = session.answers(image, latents, values if len(values) > 1 else values * len(latents), prompt=args.prompt,
                              keep_error=args.keep_error, patches=patches, mode=args.mode,
                              max_new_tokens=args.max_new_tokens)
@@ -66,4 +87,25 @@ def run(args) -> int:
         print(f"original: {result.original}")
         print(f"sae:      {result.sae}")
         print(f"steered:  {result.steered}")
+    return 0
+
+
+def _list_latents(session, image, args) -> int:
+    """The latents that fire most on the image, to choose --latent from: id, max and mean over its patches,
+    the CLS activation where the model has one, and the bundle's label."""
+    found = session.latents_on_image(image, top=args.top)
+    cls = found["cls"] or {}
+    rows = [{"latent": k, "max": mx, "mean": mean, "cls": cls.get(k), "label": label}
+            for k, mx, mean, label in found["top"]]
+    if args.json:
+        print(json.dumps({"image": str(args.image), "latents": rows}))
+        return 0
+    if not rows:
+        print(f"no latent fires on {args.image}.")
+        return 0
+    print(f"latents that fire most on {args.image} (activations over its patches; pass some to --latent):")
+    print(f"{'latent':>7} {'max':>9} {'mean':>9}" + (f" {'cls':>9}" if cls else "") + "  label")
+    for r in rows:
+        print(f"{r['latent']:>7} {r['max']:>9.4g} {r['mean']:>9.4g}" + (f" {r['cls']:>9.4g}" if cls else "")
+              + f"  {r['label']}")
     return 0

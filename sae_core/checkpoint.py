@@ -226,6 +226,8 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     layer = layer_of_hook(hook)
     if layer is not None:
         info["activations"] = {"layer": layer, "tokens": meta.get("sae_lab_tokens")}
+        if "sae_lab_arch" in meta:  # our export: model_name is our model spec
+            info["activations"]["model"] = {"spec": meta.get("model_name")}
     return cfg, {n: t.float() for n, t in state.items()}, info
 
 
@@ -377,6 +379,7 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
             "jumprelu": "jumprelu"}[cfg.arch]
     info = sae.training_info
     act = info.get("activations", {})
+    model = act.get("model")  # the extraction's model record ({"spec": ...}), or a spec
     saelens_cfg = {
         "architecture": arch,
         "d_in": cfg.d_in,
@@ -387,7 +390,7 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
-            "model_name": act.get("model"),
+            "model_name": model.get("spec") if isinstance(model, dict) else model,
             "hook_name": f"layer_{act.get('layer')}" if act.get("layer") is not None else None,
             "sae_lab_arch": cfg.arch,
             "sae_lab_tokens": act.get("tokens"),

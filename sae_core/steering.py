@@ -3,7 +3,7 @@
 API (what the app calls; everything else here is internal)
 
     session = SteeringSession.from_bundle(bundle_or_path, device="auto", precision="auto", llava=None)
-    session = SteeringSession.from_paths(sae_dir, llava_spec, layer=None, device="auto", precision="auto")
+    session = SteeringSession.from_paths(sae_dir, llava=None, layer=None, device="auto", precision="auto")
         One LLaVA (world tiny LLaVA or llava-hf/llava-1.5-7b-hf: 4-bit on CUDA by default, fp32 on CPU)
         plus the SAE, checked to sit at the layer LLaVA reads with the tower's width (UserError
         naming both layers and widths otherwise). Thread-safe: share one session between requests.
@@ -341,16 +341,22 @@ class SteeringSession:
         return cls(b.load_sae(), spec, model["layer"], device=device, precision=precision, bundle=b, **kwargs)
 
     @classmethod
-    def from_paths(cls, sae_dir: str | Path, llava_spec: str, layer: str | int | None = None, **kwargs) -> "SteeringSession":
-        """An SAE directory (precompute train) and a LLaVA spec; the layer defaults to the SAE's training layer."""
+    def from_paths(cls, sae_dir: str | Path, llava: str | None = None, layer: str | int | None = None,
+                   **kwargs) -> "SteeringSession":
+        """An SAE folder (ours, SAELens's, sparsify's, dictionary_learning's, or hf:OWNER/REPO[/FOLDER]) and
+        a LLaVA spec `llava` (default: the LLaVA the SAE was trained on, see `llava_for_model`); the layer defaults
+        to the one the SAE records."""
         from .checkpoint import load_sae, no_layer_reason
 
         sae = load_sae(sae_dir)
+        trained = (getattr(sae, "training_info", {}) or {}).get("activations", {})
         if layer is None:
-            layer = (getattr(sae, "training_info", {}) or {}).get("activations", {}).get("layer")
+            layer = trained.get("layer")
             if layer is None:
                 raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
-        return cls(sae, llava_spec, layer, **kwargs)
+        model = trained.get("model")  # ours: the extraction's model record, {"spec": ..., ...}
+        model = model.get("spec") if isinstance(model, dict) else model
+        return cls(sae, llava or llava_for_model(model), layer, **kwargs)
 
     # --- images and the hidden-state cache ----------------------------------------------------
     def load_image(self, image):
@@ -588,11 +594,17 @@ class SteeringSession:
 
 def bundle_llava_spec(manifest: dict) -> str:
     """Which LLaVA steers a bundle's SAE: the world's tiny LLaVA, the bundle's own LLaVA, or LLaVA-1.5."""
-    from .adapters import DEFAULT_LLAVA
-
     if manifest.get("world"):
         return f"world:{manifest['world']}:llava"
-    spec = manifest["model"]["spec"]
+    return llava_for_model(manifest["model"]["spec"])
+
+
+def llava_for_model(spec: str | None) -> str:
+    """Which LLaVA steers an SAE trained on model `spec`: that LLaVA, the world's tiny LLaVA for a world
+    model, or LLaVA-1.5 (for any other model, or none recorded)."""
+    from .adapters import DEFAULT_LLAVA
+
+    spec = spec or ""
     if spec.startswith("llava:"):
         return spec
     if spec.startswith("world:"):

@@ -115,12 +115,14 @@ def test_our_export_comes_back_unchanged(tmp_path, arch):
     with torch.no_grad():
         sae.threshold.uniform_(0.05, 0.4)
         sae.b_enc.normal_(0, 0.3)
-    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": "-2", "tokens": "all"}})
+    model = {"spec": "world:/w:llava", "n_blocks": 4}  # what `precompute train` records of the extraction
+    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": "-2", "tokens": "all", "model": model}})
     exported = export_saelens(tmp_path / "ours", tmp_path / "saelens")
     back = load_sae(exported)
     assert back.cfg == cfg
-    assert back.training_info["activations"] == {"layer": "-2", "tokens": "all"}
+    assert back.training_info["activations"] == {"layer": "-2", "tokens": "all", "model": {"spec": "world:/w:llava"}}
     raw = json.loads((exported / "cfg.json").read_text())
+    assert raw["metadata"]["model_name"] == "world:/w:llava" and raw["metadata"]["hook_name"] == "layer_-2"
     raw["metadata"] = {"model_name": "m", "hook_name": "h"}
     (exported / "cfg.json").write_text(json.dumps(raw))
     foreign = load_sae(exported)

@@ -228,6 +228,46 @@ def test_steer_command(tiny_bundle, session, capsys):
     assert "one value or one per latent" in capsys.readouterr().err
 
 
+def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bundle, session, tmp_path, capsys):
+    """Without --latent the command lists the latents that fire most on the image (the session's own
+    ranking); --sae steers an SAE folder without a bundle, at the layer and with the LLaVA it records,
+    giving the bundle's answers; a SAELens SAE that records no layer is refused until --layer is given."""
+    from precompute.__main__ import main
+    from sae_core.checkpoint import export_saelens
+
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--top", "5", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["latents"]
+    ref = session.latents_on_image("world:2", top=5)
+    assert [r["latent"] for r in listed] == [k for k, *_ in ref["top"]] and len(listed) == 5
+    np.testing.assert_allclose([r["max"] for r in listed], [mx for _, mx, _, _ in ref["top"]], rtol=1e-6)
+    assert [r["label"] for r in listed] == [lab for *_, lab in ref["top"]] and all(r["label"] for r in listed)
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "latents that fire most on world:2" in text and f"{listed[0]['latent']:>7} " in text
+
+    png = tmp_path / "image.png"
+    session.bundle.dataset()[2].save(png)
+    args = ["--image", str(png), "--latent", "3,4", "--value", "6", "--max-new-tokens", "8", "--json", "--device", "cpu"]
+    assert main(["steer", "--sae", str(tiny_bundle / "sae"), *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = session.answers(str(png), [3, 4], [6.0, 6.0], max_new_tokens=8)
+    assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
+    saelens = export_saelens(tiny_bundle / "sae", tmp_path / "saelens")
+    cfg = json.loads((saelens / "cfg.json").read_text())
+    cfg["metadata"] = {"hook_name": "vision_tower.layers.2"}
+    (saelens / "cfg.json").write_text(json.dumps(cfg))
+    llava = ["--llava", session.adapter.spec]
+    assert main(["steer", "--sae", str(saelens), *llava, *args]) == 2
+    assert "reads 'vision_tower.layers.2', which names no block output" in capsys.readouterr().err
+    assert main(["steer", "--sae", str(saelens), *llava, "--layer=-2", *args]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["original"], again["sae"], again["steered"]) == (ref.original, ref.sae, ref.steered)
+    for bad, message in ((["--bundle", str(tiny_bundle), "--layer=-2"], "--layer goes with --sae"),
+                         (["--bundle", str(tiny_bundle), "--value", "3"], "--value needs --latent")):
+        assert main(["steer", *bad, "--image", "world:2"]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_load_options_per_device():
     """4-bit NF4 with the tower, projector and lm_head unquantized on CUDA by default; CPU refuses 4-bit/fp16."""
     from sae_core.steering import llava_load_options
