@@ -209,6 +209,7 @@ class Explorer:
             "label_score": col("label_score", np.float64, np.nan), "ms": col("ms", np.float64, np.nan),
             "support": col("support", np.int64, 0), "frequency": col("frequency", np.float64, np.nan),
             "max_act": col("max_act", np.float64, np.nan), "level": col("group", np.int64, 0),
+            "token_max": self._token_max(),
         }
         if "labels_by_patch" in b.labels:  # CLS-scored bundles: the label of the gallery by patches
             out["patch_label"] = np.asarray(b.labels["labels_by_patch"], dtype=object)
@@ -216,6 +217,17 @@ class Explorer:
             out["patch_support"] = col("patch_support", np.int64, 0)
             out["patch_ms"] = col("patch_ms", np.float64, np.nan)
             out["patch_frequency"] = out["patch_support"] / max(b.n_images, 1)
+        return out
+
+    def _token_max(self) -> np.ndarray:
+        """Each neuron's largest activation on one token of the dataset: the scan's `token_max`; for older
+        bundles the larger of the image-score maximum and the maximum over patches, where kept."""
+        b = self.bundle
+        if b.has("token_max"):
+            return np.asarray(b.array("token_max"), np.float64)
+        out = np.asarray(b.array("max_act"), np.float64)
+        if b.has("patch_top_acts"):
+            out = np.maximum(out, np.asarray(b.array("patch_top_acts")[:, 0], np.float64))
         return out
 
     @cached_property
@@ -501,7 +513,9 @@ class Explorer:
             f"- **label** — {self.label_text(page)}",
             f"- **MS** — {self.ms_text(page)}",
             f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act'] + 0.0:.4g} · "
-            f"**max activation** {page['max_act'] + 0.0:.4g} (image score: {self.score_name})",  # + 0.0: no "-0"
+            f"**max activation** {page['max_act'] + 0.0:.4g} (image score: {self.score_name})"  # + 0.0: no "-0"
+            + (f" · **on one token** {page['token_max'] + 0.0:.4g} (the Steer page's strength 1)"
+               if page.get("token_max") is not None else ""),
             f"- **Matryoshka level** {level}"
             + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
             + f" · {len(page['children'])} children",
@@ -548,6 +562,7 @@ class Explorer:
                if page.get("label_by_patch") is not None else {}),
             "ms": _num(page["ms"], 5), "support": page["support"], "frequency": _num(page["frequency"], 6),
             "mean_act": _num(page["mean_act"], 5), "max_act": _num(page["max_act"], 5),
+            "token_max": _num(page.get("token_max"), 5),
             "level": page["group"], "parent": page["parent"], "parent_coact": page["parent_coact"],
             "children": page["children"],
             "top": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}

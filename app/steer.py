@@ -21,16 +21,17 @@ DEFAULT_QUESTIONS = (
     "Describe the image.",
 )
 STEER_PICTURE = 320
-# "x max act": the latent's strongest patch here in the strength sliders' unit (its largest activation on the
-# dataset), so that a strength can be read against what the image already gives.
+# "x max act": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
+# token of the dataset), so that a strength can be read against what the image already gives.
 LATENT_COLUMNS = ["neuron", "label", "max on image", "x max act", "mean", "patch", "ms"]  # max, mean, best patch: over patches
 
 
 class SteerService:
     """Loads `sae_core.steering.SteeringSession` once (lazily, under a lock) and answers the Steer page.
 
-    Strengths are in units of each neuron's largest activation over the bundle's dataset (its
-    `max_act`), so one slider range suits every neuron; they are bounded to +-inputs.CLAMP_FACTOR.
+    Strengths are in units of each neuron's largest activation on one token of the bundle's dataset
+    (`token_max`: a clamp sets tokens, and an image score such as the CLS activation can be several
+    times smaller), so one slider range suits every neuron; they are bounded to +-inputs.CLAMP_FACTOR.
     """
 
     def __init__(self, explorer: Explorer, device: str = "auto", load_4bit: bool = False,
@@ -103,9 +104,10 @@ class SteerService:
 
     # --- steering -------------------------------------------------------------------------------
     def strength_unit(self, k: int) -> float:
-        """The activation a strength of 1 clamps latent k to: its largest on the dataset (1 if it never fired)."""
-        max_act = float(self.ex.columns["max_act"][k])
-        return max_act if math.isfinite(max_act) and max_act > 0 else 1.0
+        """The activation a strength of 1 clamps latent k to: its largest on one token of the dataset (1 if it
+        never fired)."""
+        unit = float(self.ex.columns["token_max"][k])
+        return unit if math.isfinite(unit) and unit > 0 else 1.0
 
     def clamps(self, latents, strengths) -> tuple[list[int], list[float], list[float], list[str]]:
         """Checked latents and strengths -> (latents, strengths, raw values, notes about bounded values)."""

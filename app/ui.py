@@ -92,8 +92,8 @@ class SteerTab:
 
         self.ex, self.steer = ex, steer
         gr.Markdown("Pick a dataset image or upload one, choose latents and strengths (in multiples of each "
-                    "neuron's largest activation on the dataset), then **Steer**. Click the picture to restrict "
-                    "the clamp to patches. One model serves everyone: requests wait their turn.")
+                    "neuron's largest activation on one token of the dataset), then **Steer**. Click the picture "
+                    "to restrict the clamp to patches. One model serves everyone: requests wait their turn.")
         with gr.Row():
             self.image_index = gr.Number(value=0, precision=0, minimum=-1, maximum=ex.n_images - 1,
                                          label=f"dataset image index (0 to {ex.n_images - 1}; -1 = the upload)",

@@ -355,6 +355,24 @@ class NeuronMoments:
                 "mean_act": mean.astype(np.float32), "max_act": self.max.astype(np.float32)}
 
 
+class TokenMax:
+    """Each neuron's largest activation on any one token (CLS or patch) of the scanned images: the unit of
+    the explorer's steering strengths, since a clamp sets tokens, not image scores."""
+
+    STATE = ("max",)
+
+    def __init__(self, n_neurons: int):
+        self.max = np.zeros(n_neurons, np.float32)
+
+    def update(self, codes: Tensor) -> None:
+        """codes: (n images, T tokens, K) dense SAE codes."""
+        if codes.shape[0]:
+            self.max = np.maximum(self.max, codes.amax(dim=(0, 1)).numpy())
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {"token_max": self.max.copy()}
+
+
 def _ms_accumulator(n_neurons: int, d_embed: int):
     """The closed-form MS accumulator of sae_core.monosemanticity."""
     from .monosemanticity import MSAccumulator
@@ -472,6 +490,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     raw_top = StreamingTopK(d, cfg.topk, 0, positive_only=False)
     bands = ActivationBands(K, cfg)
     moments = NeuronMoments(K)
+    token_max = TokenMax(K)
     coact = None
     if sae.cfg.group_sizes:
         from .hierarchy import CoactivationCounter
@@ -485,7 +504,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     state = _PassState(N, E)
     sae_dev = next(sae.parameters()).device
     running = {"pass": state, "top": top, "patch_top": patch_top, "ms_patch": ms_patch, "patch_bands": patch_bands,
-               "raw_top": raw_top, "bands": bands, "moments": moments, "coact": coact, "ms_sae": ms_sae,
+               "raw_top": raw_top, "bands": bands, "moments": moments, "token_max": token_max, "coact": coact,
+               "ms_sae": ms_sae,
                "ms_raw": ms_raw, "ms_ref": ms_ref, "metrics": metrics}
     resumed_from = _resume_scan(checkpoint, running, cfg, N, K, d, E)
     saved_at, saved_done = time.monotonic(), state.done
@@ -517,6 +537,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
             zr, xr = (z, x) if cfg.metric_tokens == "all" else (z[rows], x[rows])  # "all": no copy of the codes
             metrics.update(xr, _decode_sparse(sae, zr), zr)  # on the SAE's device: the codes never cross
         codes = z.reshape(n, T, K).cpu()
+        token_max.update(codes)
         scores, best, heat = pool_tokens(codes, layout.n_prefix, cfg.score)
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
         ids_t = torch.from_numpy(ids)
@@ -555,7 +576,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         if progress:
             progress(state.done)
 
-    neurons = {**moments.result(), **top.result(), **bands.result(), "ms": _as_np(ms_sae.result()).astype(np.float32)}
+    neurons = {**moments.result(), **token_max.result(), **top.result(), **bands.result(),
+               "ms": _as_np(ms_sae.result()).astype(np.float32)}
     if patch_top is not None:
         neurons.update({f"patch_{name}": arr for name, arr in patch_top.result().items()})
         neurons["patch_ms"] = _as_np(ms_patch.result()).astype(np.float32)

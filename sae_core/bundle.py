@@ -53,6 +53,8 @@ NEURON_ARRAYS = (
     "patch_hist_counts", "patch_band_images", "patch_band_acts", "patch_label_score",
     # since 2026-12-02 (22:40): each band sample's best patch
     "band_patch", "patch_band_patch",
+    # since 2026-12-03 (13:00): the largest activation on any one token (the steering strength unit)
+    "token_max",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -297,6 +299,7 @@ class Bundle:
             "frequency": float(self.array("frequency")[k]),
             "mean_act": float(self.array("mean_act")[k]),
             "max_act": float(self.array("max_act")[k]),
+            "token_max": num(self._opt("token_max", k)),  # bundles since 2026-12-03 (13:00)
             "hist": (np.asarray(self.array("hist_counts")[k]), np.asarray(self.array("hist_edges"))),
             # CLS-scored bundles since 2026-12-02: the histogram of the max over patches
             "patch_hist": ((np.asarray(self.array("patch_hist_counts")[k]), np.asarray(self.array("patch_hist_edges")))

@@ -155,8 +155,8 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     assert [r[0] for r in sweep["data"]] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert details["clamp"]["latents"] == [k] and details["clamp"]["keep_error"] is True
     assert details["clamp"]["positions"] == [1, 6]  # patches 0 and 5 after the CLS token
-    max_act = float(neurons(explorer_app, "max_act")[k])
-    assert details["clamp"]["values"][0] == pytest.approx(4.0 * max_act, rel=1e-4)
+    unit = float(neurons(explorer_app, "token_max")[k])  # a strength of 1: the largest on one token
+    assert details["clamp"]["values"][0] == pytest.approx(4.0 * unit, rel=1e-4)
     assert "steering score" in score
     assert query == (f"tab=steer&image=2&latents={k}&values=4&patches=0%2C5&keep_error=1&"
                      "question=What+colour+is+the+shape%3F+Use+one+word.")
@@ -193,18 +193,20 @@ def test_neuron_table_csv_holds_every_match(client, explorer_app):
 
 
 def test_steer_latents_table_reads_in_strength_units(client, explorer_app):
-    """The Steer page's latents: most active first, each with its activation over its largest on the dataset,
-    the unit a strength of 1 clamps to (checked against the bundle's max_act and against /steer's clamp)."""
+    """The Steer page's latents: most active first, each with its activation over its largest on one token of
+    the dataset, the unit a strength of 1 clamps to (checked against the bundle's token_max and against /steer's
+    clamp); on an image of the scanned dataset no latent passes 1."""
     from app.steer import LATENT_COLUMNS
 
     picture, table = client.predict(image_index=2, upload=None, patches="", api_name="/steer_load_image")
     assert table["headers"] == LATENT_COLUMNS
     rows = [dict(zip(LATENT_COLUMNS, r)) for r in table["data"]]
     assert rows and [r["max on image"] for r in rows] == sorted((r["max on image"] for r in rows), reverse=True)
-    max_act = neurons(explorer_app, "max_act")
+    token_max = neurons(explorer_app, "token_max")
     for r in rows:
-        unit = float(max_act[r["neuron"]]) if max_act[r["neuron"]] > 0 else 1.0
+        unit = float(token_max[r["neuron"]]) if token_max[r["neuron"]] > 0 else 1.0
         assert r["x max act"] == pytest.approx(r["max on image"] / unit, abs=2e-3)
+        assert r["x max act"] <= 1.0 + 2e-3  # image 2 was scanned: its patches are tokens of the dataset
     k = rows[0]["neuron"]
     out = client.predict(image_index=2, upload=None, latent_1=k, value_1=rows[0]["x max act"], sweep=False,
                          api_name="/steer")

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not Path(CHROMIUM
 def colour_neuron(bundle: Path):
     """Ground truth and the library, not the app: among the neurons whose top images most often show one
     colour (best first), the first that changes the tiny LLaVA's answer on a single-object validation
-    image of another colour when set to 4x its max activation through `SteeringSession` (the library the
-    app calls); returns it, its colour and that image. Some colour neurons do not steer (on one tiny
+    image of another colour when set to 4x its largest activation on one token (the app's strength 4)
+    through `SteeringSession` (the library the app calls); returns it, its colour and that image. Some colour neurons do not steer (on one tiny
     world the purest was a brown one that left "grey" alone), which is the steering module's business."""
     from sae_core.steering import ORIGINAL, SteeringSession
     from sae_core.steering_eval import first_word
@@ -35,7 +35,7 @@ def colour_neuron(bundle: Path):
     world = json.loads((bundle / "manifest.json").read_text())["world"]
     ds = WorldDataset(world, "val")
     top = np.load(bundle / "neurons" / "top_images.npy")
-    max_act = np.load(bundle / "neurons" / "max_act.npy")
+    unit = np.load(bundle / "neurons" / "token_max.npy")  # the app's strength 1
 
     def colour(i):
         f = ds.factors(int(i))
@@ -47,12 +47,12 @@ def colour_neuron(bundle: Path):
         if len(ids) >= 8:
             cs = [colour(i) for i in ids]
             c = max(set(cs), key=cs.count)
-            candidates.append(((cs.count(c) / len(cs), float(max_act[k])), k, c))
+            candidates.append(((cs.count(c) / len(cs), float(unit[k])), k, c))
     candidates.sort(reverse=True)
     session = SteeringSession.from_bundle(bundle, device="cpu", precision="fp32")
     for _, k, c in candidates[:12]:
         image = next(i for i in range(len(ds)) if len(ds.factors(i)["objects"]) == 1 and colour(i) != c)
-        clamp = session.make_clamp([k], [4.0 * float(max_act[k])])
+        clamp = session.make_clamp([k], [4.0 * float(unit[k])])  # strength 4, as the browser sets it
         answers = session.answer_batch([ds[image]] * 2, [ORIGINAL, clamp], COLOUR_Q, 3)
         if first_word(answers[0]) != first_word(answers[1]):
             return k, c, image

@@ -193,7 +193,7 @@ def test_tiny_bundle_matches_a_dense_recomputation(tiny_bundle):
     clip = load_adapter(m["embedder"]["spec"])
     sae = b.load_sae()
     n_pre = m["model"]["n_prefix"]
-    scores, raw, emb, err, tokens, l0, cos = [], [], [], 0.0, [], 0, 0.0
+    scores, raw, emb, err, tokens, l0, cos, token_max = [], [], [], 0.0, [], 0, 0.0, []
     with torch.no_grad():
         for a in range(0, b.n_images, 200):
             ims = [ds[i] for i in range(a, min(a + 200, b.n_images))]
@@ -208,6 +208,7 @@ def test_tiny_bundle_matches_a_dense_recomputation(tiny_bundle):
             l0 += (zz > 0).sum()
             cos += ((x * xhat).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(xhat, axis=1)).sum()
             scores.append(z[:, n_pre:].amax(1).numpy())
+            token_max.append(z.amax((0, 1)).numpy())  # every token, the CLS included
             raw.append(h[:, n_pre:].amax(1).numpy())
             emb.append(clip.embed(clip.preprocess(ims), normalize=True).numpy())
     s, r, e = np.concatenate(scores), np.concatenate(raw), np.concatenate(emb)
@@ -219,6 +220,7 @@ def test_tiny_bundle_matches_a_dense_recomputation(tiny_bundle):
     fires = s > 0
     np.testing.assert_array_equal(np.asarray(b.array("support")), fires.sum(0))
     np.testing.assert_allclose(np.asarray(b.array("max_act")), s.max(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.array("token_max")), np.max(token_max, 0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(b.array("images/embeddings"), np.float32), e, atol=2e-3)
     top_ids, top_acts = np.asarray(b.array("top_images")), np.asarray(b.array("top_acts"))
     T = top_ids.shape[1]
@@ -460,6 +462,17 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
             np.testing.assert_allclose(acts[k, :n], np.sort(s[:, k])[::-1][:n], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(s[ids[k, :n], k], acts[k, :n], rtol=1e-4, atol=1e-5)
             assert (ids[k, n:] == -1).all()
+    # the largest activation on one token (the steering unit) is the larger of the CLS's and the patches',
+    # well above the image score's maximum for some latents; a bundle from before token_max gets the same
+    # unit in the explorer from those two arrays
+    token_max = np.asarray(b.array("token_max"))
+    np.testing.assert_allclose(token_max, z.max((0, 1)), rtol=1e-5, atol=1e-6)
+    assert (token_max > 2 * np.asarray(b.array("max_act"))).any()
+    from app.explorer import Explorer
+
+    (tmp_path / "b" / "neurons" / "token_max.npy").unlink()
+    older = open_bundle(tmp_path / "b")
+    np.testing.assert_allclose(Explorer(older, tmp_path / "cache").columns["token_max"], token_max, rtol=1e-5)
     # the MS of the second ranking: the pairwise definition on the max over patches (float16 embeddings
     # in the bundle, float32 in the scan: hence the tolerance)
     emb = np.asarray(b.array("images/embeddings.npy"), np.float64)
