@@ -365,9 +365,9 @@ class TokenMax:
         self.max = np.zeros(n_neurons, np.float32)
 
     def update(self, codes: Tensor) -> None:
-        """codes: (n images, T tokens, K) dense SAE codes."""
-        if codes.shape[0]:
-            self.max = np.maximum(self.max, codes.amax(dim=(0, 1)).numpy())
+        """codes: (..., K) dense SAE codes of any tokens, on any device (only K values leave it)."""
+        if codes.numel():
+            self.max = np.maximum(self.max, codes.reshape(-1, codes.shape[-1]).amax(0).float().cpu().numpy())
 
     def result(self) -> dict[str, np.ndarray]:
         return {"token_max": self.max.copy()}
@@ -505,8 +505,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     sae_dev = next(sae.parameters()).device
     running = {"pass": state, "top": top, "patch_top": patch_top, "ms_patch": ms_patch, "patch_bands": patch_bands,
                "raw_top": raw_top, "bands": bands, "moments": moments, "token_max": token_max, "coact": coact,
-               "ms_sae": ms_sae,
-               "ms_raw": ms_raw, "ms_ref": ms_ref, "metrics": metrics}
+               "ms_sae": ms_sae, "ms_raw": ms_raw, "ms_ref": ms_ref, "metrics": metrics}
     resumed_from = _resume_scan(checkpoint, running, cfg, N, K, d, E)
     saved_at, saved_done = time.monotonic(), state.done
 
@@ -536,8 +535,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
         else:
             zr, xr = (z, x) if cfg.metric_tokens == "all" else (z[rows], x[rows])  # "all": no copy of the codes
             metrics.update(xr, _decode_sparse(sae, zr), zr)  # on the SAE's device: the codes never cross
+        token_max.update(z)  # every token, CLS included, before the codes leave the SAE's device
         codes = z.reshape(n, T, K).cpu()
-        token_max.update(codes)
         scores, best, heat = pool_tokens(codes, layout.n_prefix, cfg.score)
         raw_scores, _, _ = pool_tokens(h.cpu(), layout.n_prefix, cfg.score)
         ids_t = torch.from_numpy(ids)
