@@ -209,7 +209,7 @@ class Explorer:
             "label_score": col("label_score", np.float64, np.nan), "ms": col("ms", np.float64, np.nan),
             "support": col("support", np.int64, 0), "frequency": col("frequency", np.float64, np.nan),
             "max_act": col("max_act", np.float64, np.nan), "level": col("group", np.int64, 0),
-            "token_max": self._token_max(),
+            "strength_unit": b.strength_units(),
         }
         if "labels_by_patch" in b.labels:  # CLS-scored bundles: the label of the gallery by patches
             out["patch_label"] = np.asarray(b.labels["labels_by_patch"], dtype=object)
@@ -217,17 +217,6 @@ class Explorer:
             out["patch_support"] = col("patch_support", np.int64, 0)
             out["patch_ms"] = col("patch_ms", np.float64, np.nan)
             out["patch_frequency"] = out["patch_support"] / max(b.n_images, 1)
-        return out
-
-    def _token_max(self) -> np.ndarray:
-        """Each neuron's largest activation on one token of the dataset: the scan's `token_max`; for older
-        bundles the larger of the image-score maximum and the maximum over patches, where kept."""
-        b = self.bundle
-        if b.has("token_max"):
-            return np.asarray(b.array("token_max"), np.float64)
-        out = np.asarray(b.array("max_act"), np.float64)
-        if b.has("patch_top_acts"):
-            out = np.maximum(out, np.asarray(b.array("patch_top_acts")[:, 0], np.float64))
         return out
 
     @cached_property

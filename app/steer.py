@@ -1,7 +1,6 @@
 """The Steer page's service: one steering session (one LLaVA + the bundle's SAE) loaded on first use."""
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
@@ -105,9 +104,8 @@ class SteerService:
     # --- steering -------------------------------------------------------------------------------
     def strength_unit(self, k: int) -> float:
         """The activation a strength of 1 clamps latent k to: its largest on one token of the dataset (1 if it
-        never fired)."""
-        unit = float(self.ex.columns["token_max"][k])
-        return unit if math.isfinite(unit) and unit > 0 else 1.0
+        never fired; `Bundle.strength_units`)."""
+        return float(self.ex.columns["strength_unit"][k])
 
     def clamps(self, latents, strengths) -> tuple[list[int], list[float], list[float], list[str]]:
         """Checked latents and strengths -> (latents, strengths, raw values, notes about bounded values)."""

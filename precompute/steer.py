@@ -27,7 +27,10 @@ def add_arguments(p) -> None:
     p.add_argument("--image", required=True, help="image file, or world:INDEX / INDEX for an image of the bundle's dataset")
     p.add_argument("--latent", help="latent id(s) to clamp: K or K1,K2,...; without it, the command lists the "
                    "latents that fire most on the image")
-    p.add_argument("--value", help="value(s): one for all latents or one per latent")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--value", help="value(s) in activation units: one for all latents or one per latent")
+    amount.add_argument("--strength", help="or in multiples of each latent's largest activation on one token of "
+                        "the bundle's dataset, as the Steer page's strengths (needs --bundle)")
     p.add_argument("--top", type=int, default=10, help="without --latent: how many latents to list")
     p.add_argument("--prompt", default=WHAT_IS_SHOWN, help="question (default: the paper's one-word prompt)")
     p.add_argument("--mode", choices=("set", "add"), default="set", help="set the latents to the values, or add them")
@@ -53,14 +56,18 @@ def run(args) -> int:
     if args.layer is not None and args.sae is None:
         raise UserError("--layer goes with --sae; a bundle's SAE is steered at the layer the bundle records.")
     listing = args.latent is None
-    if listing and args.value is not None:
-        raise UserError("--value needs --latent: give the latent ids the values are for.")
+    amount = "strength" if args.strength is not None else "value"
+    if listing and (args.value is not None or args.strength is not None):
+        raise UserError(f"--{amount} needs --latent: give the latent ids the {amount}s are for.")
+    if args.strength is not None and args.bundle is None:
+        raise UserError("--strength is in units of the bundle's activations; give --bundle, or raw --value with --sae.")
     latents = _numbers(args.latent, int, "latent")
-    values = _numbers(args.value, float, "value")
+    values = _numbers(args.value if amount == "value" else args.strength, float, amount)
     if not listing and not latents:
         raise UserError("--latent needs at least one latent id, e.g. --latent 12.")
     if not listing and len(values) not in (1, len(latents)):
-        raise UserError(f"--value gives {len(values)} values for {len(latents)} latents; give one value or one per latent.")
+        raise UserError(f"--{amount} gives {len(values)} {amount}s for {len(latents)} latents; give one {amount} "
+                        f"or one per latent.")
     if listing and args.top < 1:
         raise UserError(f"--top {args.top} lists nothing; give at least 1.")
     patches = _numbers(args.patches, int, "patches") if args.patches else None
@@ -76,7 +83,14 @@ def run(args) -> int:
                                               llava=args.llava)
     if listing:
         return _list_latents(session, image, args)
-    result = session.answers(image, latents, values if len(values) > 1 else values * len(latents), prompt=args.prompt,
+    values = values if len(values) > 1 else values * len(latents)
+    if amount == "strength":
+        units = session.bundle.strength_units()
+        for k in latents:
+            if not 0 <= k < len(units):
+                raise UserError(f"latent {k} does not exist; this SAE has latents 0 to {len(units) - 1}.")
+        values = [s * float(units[k]) for k, s in zip(latents, values)]
+    result = session.answers(image, latents, values, prompt=args.prompt,
                              keep_error=args.keep_error, patches=patches, mode=args.mode,
                              max_new_tokens=args.max_new_tokens)
     if args.json:

@@ -245,6 +245,18 @@ class Bundle:
             raise UserError(f"neuron {ki} does not exist; this bundle has neurons 0 to {self.n_neurons - 1}.")
         return ki
 
+    def strength_units(self) -> np.ndarray:
+        """(K,) float64: the activation a steering strength of 1 sets each latent to, its largest on one
+        token of the dataset (`token_max`; for bundles built before it, the larger of `max_act` and the top
+        activation over patches where kept, the same number for a CLS-scored bundle); 1 where it never fired."""
+        if self.has("token_max"):
+            unit = np.asarray(self.array("token_max"), np.float64)
+        else:
+            unit = np.asarray(self.array("max_act"), np.float64)
+            if self.has("patch_top_acts"):
+                unit = np.maximum(unit, np.asarray(self.array("patch_top_acts")[:, 0], np.float64))
+        return np.where(np.isfinite(unit) & (unit > 0), unit, 1.0)
+
     def _opt(self, name: str, k: int):
         return self.array(name)[k] if self.has(name) else None
 

@@ -472,7 +472,8 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
 
     (tmp_path / "b" / "neurons" / "token_max.npy").unlink()
     older = open_bundle(tmp_path / "b")
-    np.testing.assert_allclose(Explorer(older, tmp_path / "cache").columns["token_max"], token_max, rtol=1e-5)
+    np.testing.assert_allclose(Explorer(older, tmp_path / "cache").columns["strength_unit"],
+                               np.where(token_max > 0, token_max, 1.0), rtol=1e-5)
     # the MS of the second ranking: the pairwise definition on the max over patches (float16 embeddings
     # in the bundle, float32 in the scan: hence the tolerance)
     emb = np.asarray(b.array("images/embeddings.npy"), np.float64)

@@ -262,8 +262,20 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     assert main(["steer", "--sae", str(saelens), *llava, "--layer=-2", *args]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (again["original"], again["sae"], again["steered"]) == (ref.original, ref.sae, ref.steered)
+    # --strength: the Steer page's unit (each latent's largest activation on one token), as raw values
+    units = np.load(tiny_bundle / "neurons" / "token_max.npy")
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "3,4", "--strength", "2,0.5",
+                 "--max-new-tokens", "8", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = session.answers("world:2", [3, 4], [2 * float(units[3]), 0.5 * float(units[4])], max_new_tokens=8)
+    assert (out["sae"], out["steered"]) == (ref.sae, ref.steered)
+    np.testing.assert_allclose(out["clamp"]["values"], [2 * units[3], 0.5 * units[4]], atol=1e-4)  # shown to 4 decimals
     for bad, message in ((["--bundle", str(tiny_bundle), "--layer=-2"], "--layer goes with --sae"),
-                         (["--bundle", str(tiny_bundle), "--value", "3"], "--value needs --latent")):
+                         (["--bundle", str(tiny_bundle), "--value", "3"], "--value needs --latent"),
+                         (["--sae", str(tiny_bundle / "sae"), "--latent", "3", "--strength", "2"],
+                          "--strength is in units of the bundle's activations"),
+                         (["--bundle", str(tiny_bundle), "--latent", "3,9999", "--strength", "2"],
+                          "latent 9999 does not exist")):
         assert main(["steer", *bad, "--image", "world:2"]) == 2
         assert message in capsys.readouterr().err
 
