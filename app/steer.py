@@ -20,9 +20,9 @@ DEFAULT_QUESTIONS = (
     "Describe the image.",
 )
 STEER_PICTURE = 320
-# "x max act": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
+# "x token max": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
 # token of the dataset), so that a strength can be read against what the image already gives.
-LATENT_COLUMNS = ["neuron", "label", "max on image", "x max act", "mean", "patch", "ms"]  # max, mean, best patch: over patches
+LATENT_COLUMNS = ["neuron", "label", "max on image", "x token max", "mean", "patch", "ms"]  # max, mean, best patch: over patches
 
 
 class SteerService:

@@ -117,7 +117,7 @@ class SteerTab:
             with gr.Row():
                 lat = gr.Number(value=-1, precision=0, minimum=-1, maximum=ex.n_neurons - 1,
                                 label=f"latent {i + 1} (-1 = unused)", elem_id=f"steer-latent-{i + 1}")
-                val = gr.Slider(0, inputs.CLAMP_FACTOR, value=4.0, step=0.1, label=f"strength {i + 1} (x max act)",
+                val = gr.Slider(0, inputs.CLAMP_FACTOR, value=4.0, step=0.1, label=f"strength {i + 1} (x token max)",
                                 elem_id=f"steer-value-{i + 1}")
                 self.slots.append((lat, val))
         with gr.Row():
@@ -133,7 +133,7 @@ class SteerTab:
                                          elem_classes="answer")
             self.steered = gr.Textbox(label="steered", elem_id="answer-steered", elem_classes="answer")
         with gr.Row():
-            self.sweep_df = gr.Dataframe(headers=["strength (x max act)", "answer"], interactive=False,
+            self.sweep_df = gr.Dataframe(headers=["strength (x token max)", "answer"], interactive=False,
                                          label="strength sweep", elem_id="steer-sweep")
             self.score_md = gr.Markdown(elem_id="steer-score")
         with gr.Accordion("details (JSON)", open=False):

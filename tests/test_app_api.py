@@ -205,10 +205,10 @@ def test_steer_latents_table_reads_in_strength_units(client, explorer_app):
     token_max = neurons(explorer_app, "token_max")
     for r in rows:
         unit = float(token_max[r["neuron"]]) if token_max[r["neuron"]] > 0 else 1.0
-        assert r["x max act"] == pytest.approx(r["max on image"] / unit, abs=2e-3)
-        assert r["x max act"] <= 1.0 + 2e-3  # image 2 was scanned: its patches are tokens of the dataset
+        assert r["x token max"] == pytest.approx(r["max on image"] / unit, abs=2e-3)
+        assert r["x token max"] <= 1.0 + 2e-3  # image 2 was scanned: its patches are tokens of the dataset
     k = rows[0]["neuron"]
-    out = client.predict(image_index=2, upload=None, latent_1=k, value_1=rows[0]["x max act"], sweep=False,
+    out = client.predict(image_index=2, upload=None, latent_1=k, value_1=rows[0]["x token max"], sweep=False,
                          api_name="/steer")
     # clamped to the strength read from the table: the activation the image already gives that latent
     assert out[5]["clamp"]["values"][0] == pytest.approx(rows[0]["max on image"], rel=0.02)
