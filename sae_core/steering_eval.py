@@ -87,8 +87,13 @@ class ClipScorer:
         return np.stack([self._text[w] for w in words])
 
     def latent_image(self, latent: int, top: int = 16) -> np.ndarray:
+        """The unit mean embedding of the latent's top images; in a CLS-scored bundle a latent that fires
+        on patches only has none, and its gallery by the max over patches stands in (as for its label)."""
         ids = np.asarray(self.bundle.array("top_images")[latent][:top])
         ids = ids[ids >= 0]
+        if not len(ids) and self.bundle.has("patch_top_images"):
+            ids = np.asarray(self.bundle.array("patch_top_images")[latent][:top])
+            ids = ids[ids >= 0]
         if not len(ids):
             return np.zeros(self.images.shape[1], np.float32)
         m = self.images[ids].mean(0)

@@ -474,6 +474,14 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     older = open_bundle(tmp_path / "b")
     np.testing.assert_allclose(Explorer(older, tmp_path / "cache").columns["strength_unit"],
                                np.where(token_max > 0, token_max, 1.0), rtol=1e-5)
+    # the paper's steering score reads a latent's top images; one that fires on patches only has none by
+    # CLS, and its gallery by patches stands in (it scored 0 against every word before)
+    from sae_core.steering_eval import ClipScorer
+
+    only = next(k for k in range(b.n_neurons) if (cls[:, k] <= 0).all() and (pmax[:, k] > 0).any())
+    ids = [i for i in np.asarray(b.array("patch_top_images"))[only] if i >= 0]
+    mean = np.asarray(b.array("images/embeddings.npy"), np.float64)[ids].mean(0)
+    np.testing.assert_allclose(ClipScorer(b).latent_image(only), mean / np.linalg.norm(mean), atol=1e-5)
     # the MS of the second ranking: the pairwise definition on the max over patches (float16 embeddings
     # in the bundle, float32 in the scan: hence the tolerance)
     emb = np.asarray(b.array("images/embeddings.npy"), np.float64)
