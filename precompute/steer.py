@@ -106,10 +106,13 @@ def run(args) -> int:
 
 def _list_latents(session, image, args) -> int:
     """The latents that fire most on the image, to choose --latent from: id, max and mean over its patches,
-    the CLS activation where the model has one, and the bundle's label."""
+    the CLS activation where the model has one, and with a bundle the max in --strength units (the Steer
+    page's "x token max") and the label."""
     found = session.latents_on_image(image, top=args.top)
     cls = found["cls"] or {}
-    rows = [{"latent": k, "max": mx, "mean": mean, "cls": cls.get(k), "label": label}
+    units = session.bundle.strength_units() if session.bundle is not None else None
+    rows = [{"latent": k, "max": mx, "mean": mean, "cls": cls.get(k),
+             "strength": None if units is None else mx / float(units[k]), "label": label}
             for k, mx, mean, label in found["top"]]
     if args.json:
         print(json.dumps({"image": str(args.image), "latents": rows}))
@@ -118,8 +121,9 @@ def _list_latents(session, image, args) -> int:
         print(f"no latent fires on {args.image}.")
         return 0
     print(f"latents that fire most on {args.image} (activations over its patches; pass some to --latent):")
-    print(f"{'latent':>7} {'max':>9} {'mean':>9}" + (f" {'cls':>9}" if cls else "") + "  label")
+    print(f"{'latent':>7} {'max':>9} {'mean':>9}" + (f" {'cls':>9}" if cls else "")
+          + (f" {'strength':>9}" if units is not None else "") + "  label")
     for r in rows:
-        print(f"{r['latent']:>7} {r['max']:>9.4g} {r['mean']:>9.4g}" + (f" {r['cls']:>9.4g}" if cls else "")
-              + f"  {r['label']}")
+        print(f"{r['latent']:>7} {r['max']:>9.4g} {r['mean']:>9.4g}" + (f" {r['cls'] + 0.0:>9.4g}" if cls else "")  # + 0.0: no "-0"
+              + (f" {r['strength']:>9.4g}" if units is not None else "") + f"  {r['label']}")
     return 0

@@ -241,6 +241,9 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     assert [r["latent"] for r in listed] == [k for k, *_ in ref["top"]] and len(listed) == 5
     np.testing.assert_allclose([r["max"] for r in listed], [mx for _, mx, _, _ in ref["top"]], rtol=1e-6)
     assert [r["label"] for r in listed] == [lab for *_, lab in ref["top"]] and all(r["label"] for r in listed)
+    units = np.load(tiny_bundle / "neurons" / "token_max.npy")  # the max in --strength units, at most 1 here
+    np.testing.assert_allclose([r["strength"] for r in listed], [r["max"] / units[r["latent"]] for r in listed], rtol=1e-6)
+    assert all(0 < r["strength"] <= 1 + 1e-6 for r in listed)
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "latents that fire most on world:2" in text and f"{listed[0]['latent']:>7} " in text
@@ -263,7 +266,6 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (again["original"], again["sae"], again["steered"]) == (ref.original, ref.sae, ref.steered)
     # --strength: the Steer page's unit (each latent's largest activation on one token), as raw values
-    units = np.load(tiny_bundle / "neurons" / "token_max.npy")
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "3,4", "--strength", "2,0.5",
                  "--max-new-tokens", "8", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
