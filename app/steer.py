@@ -119,7 +119,7 @@ class SteerService:
             v, bounded = inputs.clamp_value(s, 1.0, what=f"strength of neuron {k}")
             if bounded:
                 notes.append(f"strength of neuron {k} bounded to {v:g} (the range is +-{inputs.CLAMP_FACTOR:g} "
-                             "times its max activation)")
+                             "times its largest activation on one token)")
             lat.append(k), vals.append(v), raw.append(v * self.strength_unit(k))
         if len(lat) > inputs.MAX_LATENTS:
             raise UserError(f"{len(lat)} latents were chosen; clamp at most {inputs.MAX_LATENTS} at once.")

@@ -205,16 +205,16 @@ def _world_root(dataset_spec: str) -> tuple[Path, str] | None:
 # ----------------------------------------------------------------------------------------------
 def build_atlas(job: AtlasJob, progress=None) -> dict:
     """Run (or resume) every stage of the atlas and write the manifest; returns the manifest."""
-    from sae_core.checkpoint import load_sae
+    from sae_core.checkpoint import load_sae, trained_on
 
     out = Path(job.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the bundle.")
     sae = load_sae(job.sae, device=job.device)
-    trained = (sae.training_info or {}).get("activations", {})
+    trained = trained_on(sae)
     world = _world_root(job.dataset)
     if job.layer is None:
-        job.layer = str(trained.get("layer")) if trained.get("layer") is not None else None
+        job.layer = str(trained["layer"]) if trained["layer"] is not None else None
     if job.embedder is None:
         model_world = job.model.startswith("world:")
         job.embedder = ("world:" + job.model[6:].rsplit(":", 1)[0] if job.model.endswith(":llava") else job.model) \
@@ -222,7 +222,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     if job.score is None:
         from sae_core.atlas import default_score
 
-        job.score = default_score(trained.get("tokens"))
+        job.score = default_score(trained["tokens"])
     out.mkdir(parents=True, exist_ok=True)
     _check_identity(out, job.identity())
     if (out / B.MANIFEST).is_file() and all(stage_info(out, s) for s in STAGES):
@@ -289,7 +289,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     """The scan and its files; `note(line)` tells the user something now (the batch cut, a resume)."""
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
-    from sae_core.checkpoint import copy_sae, no_layer_reason, weights_file
+    from sae_core.checkpoint import copy_sae, no_layer_reason, trained_on, weights_file
     from sae_core.datasets import open_dataset
 
     if job.layer is None:
@@ -300,7 +300,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")
     ds = open_dataset(job.dataset)
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
-    trained_tokens = (sae.training_info or {}).get("activations", {}).get("tokens")
+    trained_tokens = trained_on(sae)["tokens"]
     cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size,
                       memory_gib=job.memory_gib, seed=job.seed, metric_tokens=metric_tokens_for(trained_tokens))
     batch = images_per_batch(cfg.batch_size, adapter.layout.n_tokens, sae.cfg.d_sae, cfg.memory_gib)

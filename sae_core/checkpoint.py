@@ -246,6 +246,15 @@ def layer_of_hook(hook) -> str | None:
     return str(block) if block >= 0 else None
 
 
+def trained_on(sae: SparseAutoencoder) -> dict:
+    """What an SAE records of the activations it was trained on: {"layer", "tokens", "model"} (the model
+    as a spec string; `precompute train` stores the extraction's whole model record), None where unknown."""
+    act = (getattr(sae, "training_info", None) or {}).get("activations") or {}
+    model = act.get("model")
+    return {"layer": act.get("layer"), "tokens": act.get("tokens"),
+            "model": model.get("spec") if isinstance(model, dict) else model}
+
+
 def no_layer_reason(sae: SparseAutoencoder, where) -> str:
     """The sentence for an SAE that does not record the layer it reads (the caller adds what to pass)."""
     hook = ((sae.training_info or {}).get("imported") or {}).get("hook")
@@ -377,9 +386,7 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     cfg = sae.cfg
     arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
             "jumprelu": "jumprelu"}[cfg.arch]
-    info = sae.training_info
-    act = info.get("activations", {})
-    model = act.get("model")  # the extraction's model record ({"spec": ...}), or a spec
+    act = trained_on(sae)
     saelens_cfg = {
         "architecture": arch,
         "d_in": cfg.d_in,
@@ -390,10 +397,10 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
-            "model_name": model.get("spec") if isinstance(model, dict) else model,
-            "hook_name": f"layer_{act.get('layer')}" if act.get("layer") is not None else None,
+            "model_name": act["model"],
+            "hook_name": f"layer_{act['layer']}" if act["layer"] is not None else None,
             "sae_lab_arch": cfg.arch,
-            "sae_lab_tokens": act.get("tokens"),
+            "sae_lab_tokens": act["tokens"],
             **({"sae_lab_k": cfg.k} if cfg.arch in ("batchtopk", "matryoshka") else {}),
             **({"sae_lab_group_sizes": list(cfg.group_sizes)} if cfg.arch == "matryoshka" else {}),
         },

@@ -346,17 +346,15 @@ class SteeringSession:
         """An SAE folder (ours, SAELens's, sparsify's, dictionary_learning's, or hf:OWNER/REPO[/FOLDER]) and
         a LLaVA spec `llava` (default: the LLaVA the SAE was trained on, see `llava_for_model`); the layer defaults
         to the one the SAE records."""
-        from .checkpoint import load_sae, no_layer_reason
+        from .checkpoint import load_sae, no_layer_reason, trained_on
 
         sae = load_sae(sae_dir)
-        trained = (getattr(sae, "training_info", {}) or {}).get("activations", {})
+        trained = trained_on(sae)
         if layer is None:
-            layer = trained.get("layer")
+            layer = trained["layer"]
             if layer is None:
                 raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
-        model = trained.get("model")  # ours: the extraction's model record, {"spec": ..., ...}
-        model = model.get("spec") if isinstance(model, dict) else model
-        return cls(sae, llava or llava_for_model(model), layer, **kwargs)
+        return cls(sae, llava or llava_for_model(trained["model"]), layer, **kwargs)
 
     # --- images and the hidden-state cache ----------------------------------------------------
     def load_image(self, image):

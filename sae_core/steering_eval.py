@@ -71,12 +71,17 @@ class ClipScorer:
     """
 
     def __init__(self, bundle, template: str = "{}"):
+        from .labels import labelling_gallery
         from .text_encoders import load_text_embedder
 
         self.bundle = bundle
         self.template = template
         self.embed_text = load_text_embedder(bundle.manifest["embedder"]["spec"])
         self.images = np.asarray(bundle.array("images/embeddings"), dtype=np.float32)
+        # the images each latent is described by, as for its label: its top images, or its gallery by the max
+        # over patches for a CLS-scored latent that fires on patches only
+        self.gallery, _ = labelling_gallery(bundle.array("top_images"), bundle.array("patch_top_images")
+                                            if bundle.has("patch_top_images") else None)
         self._text: dict[str, np.ndarray] = {}
 
     def text(self, words: list[str]) -> np.ndarray:
@@ -87,13 +92,9 @@ class ClipScorer:
         return np.stack([self._text[w] for w in words])
 
     def latent_image(self, latent: int, top: int = 16) -> np.ndarray:
-        """The unit mean embedding of the latent's top images; in a CLS-scored bundle a latent that fires
-        on patches only has none, and its gallery by the max over patches stands in (as for its label)."""
-        ids = np.asarray(self.bundle.array("top_images")[latent][:top])
+        """The unit mean embedding of the latent's `top` first gallery images (zeros where it has none)."""
+        ids = self.gallery[latent][:top]
         ids = ids[ids >= 0]
-        if not len(ids) and self.bundle.has("patch_top_images"):
-            ids = np.asarray(self.bundle.array("patch_top_images")[latent][:top])
-            ids = ids[ids >= 0]
         if not len(ids):
             return np.zeros(self.images.shape[1], np.float32)
         m = self.images[ids].mean(0)
