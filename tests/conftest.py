@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="sae_tests_"))
+"""The session's temporary folder, for this process and its children (TMPDIR): gradio_client leaves an
+empty folder in the temp folder for every file it downloads and the app helpers a log per server, so
+they land here and go with it when every test passed (kept, and named, after a failure)."""
+tempfile.tempdir = str(SESSION_TMP)
+os.environ["TMPDIR"] = str(SESSION_TMP)
 WORLD_FIXTURES = {"tiny_world", "tiny_bundle"}
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 """Environment of the precompute commands the fixtures run: one thread each, no progress bars."""
@@ -28,7 +34,7 @@ def _given(var: str, marker: str):
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need the tiny world run last (stable order otherwise), and the world and its bundle
     start building at once in one background process (`precompute demo --preset tiny`, about 90 s on
-    one core), so the tests that need neither (182 of 229) run meanwhile on the other core."""
+    one core), so the tests that need neither (237 of 302) run meanwhile on the other core."""
     items.sort(key=_needs_world)
     world, bundle = _given("SAE_TINY_WORLD", "report.json"), _given("SAE_TINY_BUNDLE", "manifest.json")
     if not any(map(_needs_world, items)) or (world and bundle):
@@ -48,6 +54,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    session.config._sae_failed = exitstatus not in (0, 5)  # 5: no tests collected
     proc = _background.get("process")
     if proc is not None:
         if proc.poll() is None:  # no test waited for it (deselected, -x stopped early): do not leave it running
@@ -56,6 +63,13 @@ def pytest_sessionfinish(session, exitstatus):
         for f in _background["logs"]:
             f.close()
         shutil.rmtree(_background["dir"], ignore_errors=True)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_sae_failed", False):
+        print(f"\nthe tests' temporary files are kept in {SESSION_TMP}")
+    else:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def _wait_for_background() -> dict:
