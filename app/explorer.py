@@ -14,6 +14,8 @@ from sae_core.errors import UserError
 
 from . import inputs
 from .probes import ProbeResults
+from sae_core.image_view import model_view
+
 from .render import DISPLAY, ImageCache, heat_overlay, strip, upscale
 
 TABLE_COLUMNS = ["neuron", "label", "label_score", "ms", "support", "frequency", "max_act", "level"]
@@ -95,6 +97,7 @@ class Explorer:
         self.grid = tuple(int(g) for g in model.get("grid") or (0, 0))
         self.n_patches = int(model.get("n_patches") or self.grid[0] * self.grid[1])
         self.n_prefix = int(model.get("n_tokens") or self.n_patches) - self.n_patches
+        self.view = bundle.view
         # Generated pictures are keyed by the bundle's path and creation time: a rebuilt bundle gets new ones.
         self.images = ImageCache(Path(cache_root) / "generated", f"{bundle.root.resolve()}|{m.get('created')}")
         self._lock = threading.Lock()
@@ -366,7 +369,7 @@ class Explorer:
             best = self.patch_index(pos) if pos >= 0 else None
 
             def make(img_id=img_id, slot=slot, best=best):
-                img = self.bundle.image(img_id)
+                img = self.shown(self.bundle.image(img_id))
                 if heat is None or not self.grid[0]:
                     return upscale(img)
                 return heat_overlay(img, heat[slot], self.grid, vmax, best=best)
@@ -403,16 +406,21 @@ class Explorer:
             boxes = [self.patch_index(p) if p >= 0 else None for _, _, p in band]
             path = self.images.get_or_make(
                 f"band|{k}|{b}|{ids}|{boxes}",
-                lambda ids=ids, boxes=boxes: strip([self.bundle.image(i) for i in ids], slots=slots, boxes=boxes,
+                lambda ids=ids, boxes=boxes: strip([self.shown(self.bundle.image(i)) for i in ids], slots=slots, boxes=boxes,
                                                    grid=self.grid if self.grid[0] else None))
             out.append((path, f"band {b + 1}{how}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to "
                               f"{max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
         return out
 
+    def shown(self, img):
+        """`img` as the bundle's model sees it (its centre crop, say), so the patch grid lines up with it; every
+        picture of the explorer goes through here."""
+        return model_view(img, self.view)
+
     def image_tile(self, i: int) -> str:
         """A dataset image blown up to the display size, as a generated PNG path."""
         i = inputs.integer(i, "image index", 0, self.n_images - 1)
-        return self.images.get_or_make(f"img|{i}", lambda: upscale(self.bundle.image(i)))
+        return self.images.get_or_make(f"img|{i}", lambda: upscale(self.shown(self.bundle.image(i))))
 
     @cached_property
     def dataset_error(self) -> str | None:

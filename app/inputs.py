@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from urllib.parse import urlencode
 
 from sae_core.errors import UserError
@@ -9,9 +10,8 @@ from sae_core.errors import UserError
 MAX_LATENTS = 8
 """Latents one steering request may clamp at once."""
 CLAMP_FACTOR = 10.0
-"""Clamp values are bounded to [-CLAMP_FACTOR * max_act, CLAMP_FACTOR * max_act] of their neuron."""
-SLIDER_FACTOR = 4.0
-"""The sliders go from 0 to SLIDER_FACTOR * max_act (the paper clamps at a few times the usual maximum)."""
+"""Clamp values are bounded to +-CLAMP_FACTOR times their neuron's strength unit; the Steer page's sliders
+go from 0 to CLAMP_FACTOR."""
 MAX_NEW_TOKENS = 64
 MAX_SWEEP = 9
 MAX_QUESTION_CHARS = 300
@@ -20,23 +20,34 @@ MAX_QUERY_CHARS = 200
 
 def integer(value, what: str, low: int, high: int) -> int:
     """`value` as an int in [low, high]; UserError (one sentence) for NaN, fractions, text or out of range."""
+    wanted = f"give an integer between {low} and {high}"
     if isinstance(value, bool) or value is None:
-        raise UserError(f"{what} is missing; give an integer between {low} and {high}.")
+        raise UserError(f"{what} is missing; {wanted}.")
     if isinstance(value, str):
-        value = value.strip().lstrip("#")
-        if not value.lstrip("-").isdigit():
-            raise UserError(f"{what} {value!r} is not an integer; give one between {low} and {high}.")
-        value = int(value)
+        text = value.strip().lstrip("#")
+        if not _INTEGER.fullmatch(text):
+            raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.")
+        if len(text.lstrip("-")) > 15:  # far outside any bound, and past what a float holds exactly
+            raise UserError(f"{what} {_shown(text)} is out of range; {wanted}.")
+        value = int(text)
     try:
         f = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} {value!r} is not an integer; give one between {low} and {high}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.") from None
     if not math.isfinite(f) or f != int(f):
-        raise UserError(f"{what} {value!r} is not an integer; give one between {low} and {high}.")
-    i = int(f)
-    if not low <= i <= high:
-        raise UserError(f"{what} {i} is out of range; give one between {low} and {high}.")
-    return i
+        raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.")
+    if not low <= f <= high:
+        raise UserError(f"{what} {f:.15g} is out of range; {wanted}.")
+    return int(f)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also takes '²' and other scripts' digits
+
+
+def _shown(value, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters: a pasted page does not come back in the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def neuron_id(value, n_neurons: int) -> int:

@@ -14,14 +14,18 @@ HEAT_RGB = (255, 40, 0)
 MAX_ALPHA = 0.65
 
 
+def fitted_size(wh: tuple[int, int], size: int = DISPLAY) -> tuple[int, int]:
+    """(w, h) of a picture of size `wh` fitted into a size x size square (what `upscale` makes)."""
+    w, h = wh
+    scale = size / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def upscale(img, size: int = DISPLAY):
     """Fit `img` into a size x size square: nearest neighbour for small images (keeps pixels crisp)."""
     from PIL import Image
 
-    w, h = img.size
-    scale = size / max(w, h)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return img.resize(new, Image.NEAREST if max(w, h) <= size // 2 else Image.LANCZOS)
+    return img.resize(fitted_size(img.size, size), Image.NEAREST if max(img.size) <= size // 2 else Image.LANCZOS)
 
 
 def outline_patch(draw, origin: tuple[float, float], size: tuple[int, int], grid: tuple[int, int], best) -> None:
@@ -33,7 +37,9 @@ def outline_patch(draw, origin: tuple[float, float], size: tuple[int, int], grid
     r, c = divmod(best, cols)
     cw, ch = size[0] / cols, size[1] / rows
     x0, y0 = origin
-    draw.rectangle([x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw - 1, y0 + (r + 1) * ch - 1], outline=(255, 255, 0), width=2)
+    left, top = x0 + c * cw, y0 + r * ch
+    draw.rectangle([left, top, max(left, left + cw - 1), max(top, top + ch - 1)], outline=(255, 255, 0),
+                   width=2 if min(cw, ch) >= 4 else 1)
 
 
 def heat_overlay(img, heat: np.ndarray, grid: tuple[int, int], vmax: float, best: int | None = None,
@@ -90,7 +96,9 @@ def patch_grid(img, grid: tuple[int, int], selected=(), heat: np.ndarray | None 
         draw.line([(0, r * ch), (pic.size[0], r * ch)], fill=(255, 255, 255), width=1)
     for p in selected:
         r, c = divmod(int(p), cols)
-        draw.rectangle([c * cw + 1, r * ch + 1, (c + 1) * cw - 2, (r + 1) * ch - 2], outline=(0, 255, 255), width=3)
+        x0, y0 = c * cw + 1, r * ch + 1  # cells of a few pixels (a sliver of an image) still get a mark
+        draw.rectangle([x0, y0, max(x0, (c + 1) * cw - 2), max(y0, (r + 1) * ch - 2)], outline=(0, 255, 255),
+                       width=max(1, min(3, int(min(cw, ch) // 3))))
     return pic
 
 
@@ -103,10 +111,10 @@ def patch_at(xy, size: tuple[int, int], grid: tuple[int, int]) -> int:
     return r * cols + c
 
 
-RENDER_VERSION = 2
+RENDER_VERSION = 3
 """Part of every cached picture's folder name: raise it when a drawing changes, so a cache kept from an
 earlier version (the default cache folder outlives the app) is not served. 2: no best-patch box where a
-neuron fires on no patch; band strips padded to the band size."""
+neuron fires on no patch; band strips padded to the band size. 3: images as the model sees them (crop)."""
 
 
 class ImageCache:

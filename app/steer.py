@@ -9,7 +9,7 @@ from sae_core.errors import UserError
 
 from . import inputs
 from .explorer import MAX_TABLE_ROWS, Explorer, _num
-from .render import patch_grid
+from .render import fitted_size, patch_grid
 from .uploads import UploadLimits, load_upload
 
 SWEEP_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -57,23 +57,29 @@ class SteerService:
 
     # --- images --------------------------------------------------------------------------------
     def image(self, image_index, upload):
-        """(PIL image, key for the session, state dict) from a dataset index (>= 0) or an upload path."""
-        if upload not in (None, ""):
-            pil = load_upload(upload, self.limits)
-            return pil, pil, {"image": None}
-        if image_index in (None, "") or (isinstance(image_index, (int, float)) and image_index < 0):
-            raise UserError("no image chosen; give a dataset image index or upload an image.")
-        i = inputs.integer(image_index, "image index", 0, self.ex.n_images - 1)
-        return self.ex.bundle.image(i), i, {"image": i}
+        """(PIL image, key for the session, state dict) of dataset image `image_index` (>= 0), or of the
+        upload when the index is -1 or empty (the index box says so; an upload sets it to -1)."""
+        i = -1 if image_index in (None, "") else inputs.integer(image_index, "image index", -1, self.ex.n_images - 1)
+        if i >= 0:
+            return self.ex.bundle.image(i), i, {"image": i}
+        if upload in (None, ""):
+            raise UserError(f"no image chosen; give a dataset image index (0 to {self.ex.n_images - 1}) or upload "
+                            "an image.")
+        pil = load_upload(upload, self.limits)
+        return pil, pil, {"image": None}
+
+    def picture_size(self, pil) -> tuple[int, int]:
+        """(w, h) of `picture(pil)`: the model's view of `pil` fitted into STEER_PICTURE pixels."""
+        return fitted_size(self.ex.shown(pil).size, STEER_PICTURE)
 
     def picture(self, pil, selected=(), heat=None, vmax: float = 1.0) -> str:
-        """The steering image with its patch grid (and a latent's map) as a generated PNG path."""
+        """The steering image as the model sees it, with its patch grid (and a latent's map), as a PNG path."""
         import hashlib
 
         digest = hashlib.sha1(pil.tobytes()).hexdigest()[:16]
         key = f"steer|{digest}|{sorted(selected)}|{None if heat is None else hashlib.sha1(np.asarray(heat).tobytes()).hexdigest()[:12]}"
-        return self.ex.images.get_or_make(key, lambda: patch_grid(pil, self.ex.grid, selected, heat, vmax,
-                                                                   size=STEER_PICTURE))
+        return self.ex.images.get_or_make(key, lambda: patch_grid(self.ex.shown(pil), self.ex.grid, selected, heat,
+                                                                   vmax, size=STEER_PICTURE))
 
     def latents(self, key, top: int = 10) -> tuple[list[list], dict]:
         """Rows of the latents that fire most on an image (LATENT_COLUMNS) and their patch maps."""

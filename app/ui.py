@@ -194,13 +194,9 @@ class SteerTab:
         def steer_select_patch(image_index, upload, patches, evt: gr.SelectData):
             """Toggle the clicked patch in the patch list and redraw the grid."""
             from .render import patch_at
-            from .steer import STEER_PICTURE
 
             pil, _, _ = svc.image(image_index, upload)
-            w, h = pil.size
-            scale = STEER_PICTURE / max(w, h)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            p = patch_at(evt.index, size, ex.grid)
+            p = patch_at(evt.index, svc.picture_size(pil), ex.grid)
             chosen = patch_list(patches)
             chosen = [q for q in chosen if q != p] if p in chosen else chosen + [p]
             return ",".join(str(q) for q in sorted(chosen)), svc.picture(pil, chosen)
@@ -236,7 +232,7 @@ class SteerTab:
             """Original, SAE-inserted and steered answers, the strength sweep and the steering score."""
             slots = [(latent_1, value_1), (latent_2, value_2), (latent_3, value_3)]
             progress(0.0, desc="loading the model" if not svc.loaded else "encoding the image")
-            _, key, _ = svc.image(image_index, upload)
+            _, key, where = svc.image(image_index, upload)
             out = svc.steer(key, [k for k, _ in slots], [v for _, v in slots], patch_list(patches), keep_error,
                             question, sweep, max_new_tokens, progress=progress)
             sc = out["scores"]
@@ -248,7 +244,7 @@ class SteerTab:
                          f"top images): steered {fmt(sc.get('steered'))} vs original {fmt(sc.get('original'))}")
             if out["notes"]:
                 score += "\n\n" + "; ".join(out["notes"]) + "."
-            q = state_query(image_index if not upload else -1, slots, patches, keep_error, question)
+            q = state_query(where["image"], slots, patches, keep_error, question)
             return out["original"], out["sae"], out["steered"], out["sweep"], score, out, q
 
         self.steer_button.click(
@@ -283,20 +279,34 @@ class SteerTab:
             n_out = 6 + 2 * N_SLOTS
             if state.get("tab") != "steer":
                 return (gr.update(),) * n_out
-            lat = inputs.int_list(state.get("latents"), "latent", 0, ex.n_neurons - 1, N_SLOTS)
-            vals = [inputs.clamp_value(v, 1.0, "strength")[0] for v in (state.get("values") or [])]
+            refused = []
+
+            def field(read, default):
+                """One field of the link, or `default` and a warning: a bad field loses only itself."""
+                try:
+                    return read()
+                except UserError as e:
+                    refused.append(str(e))
+                    return default
+
+            lat = field(lambda: inputs.int_list(state.get("latents"), "latent", 0, ex.n_neurons - 1, N_SLOTS), [])
+            # strengths into the sliders' range, 0 to CLAMP_FACTOR (the API takes any finite strength)
+            vals = field(lambda: [min(max(inputs.clamp_value(v, 1.0, "strength")[0], 0.0), inputs.CLAMP_FACTOR)
+                                  for v in state.get("values") or []], [])
             slot_vals = []
             for i in range(N_SLOTS):
                 slot_vals += [lat[i] if i < len(lat) else -1, vals[i] if i < len(vals) else 4.0]
-            patches = ",".join(str(p) for p in patch_list(state.get("patches")))
-            image = state.get("image")
-            picture = gr.update()
-            if image not in (None, ""):
-                image = inputs.integer(image, "image index", 0, ex.n_images - 1)
-                picture = svc.picture(ex.bundle.image(image), patch_list(patches))
-            question = inputs.text(state.get("question"), "question", inputs.MAX_QUESTION_CHARS) or gr.update()
-            return (image if image not in (None, "") else gr.update(), patches, bool(state.get("keep_error")),
-                    question, picture, gr.Tabs(selected="steer"), *slot_vals)
+            patches = field(lambda: ",".join(str(p) for p in patch_list(state.get("patches"))), "")
+            image, picture = gr.update(), gr.update()
+            if state.get("image") not in (None, ""):
+                i = field(lambda: inputs.integer(state["image"], "image index", 0, ex.n_images - 1), None)
+                if i is not None:
+                    image, picture = i, svc.picture(ex.bundle.image(i), patch_list(patches))
+            question = field(lambda: inputs.text(state.get("question"), "question", inputs.MAX_QUESTION_CHARS), "")
+            for message in refused:
+                gr.Warning(f"part of the link could not be restored: {message}")
+            return (image, patches, bool(state.get("keep_error")), question or gr.update(), picture,
+                    gr.Tabs(selected="steer"), *slot_vals)
 
         @user_errors
         def steer_restore_latents(image_index, upload, patches, request: gr.Request):

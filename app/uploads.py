@@ -6,10 +6,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae_core.datasets import to_rgb
 from sae_core.errors import UserError
 
 # What an explorer needs to see; anything else (PSD, EPS, ICO, ...) is refused before decoding.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+_READ_AS = {"MPO": "JPEG"}  # what PIL calls a JPEG with more pictures in it (phone photos, Ultra HDR)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
         except Exception:
             raise UserError("the file is not an image PIL can read; upload a PNG or JPEG file.") from None
         with im:
-            if im.format not in IMAGE_FORMATS:
+            if _READ_AS.get(im.format, im.format) not in IMAGE_FORMATS:
                 raise UserError(f"{im.format or 'this'} files are not accepted; upload one of "
                                 f"{', '.join(IMAGE_FORMATS)}.")
             w, h = im.size
@@ -68,7 +70,7 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
             try:
                 im.seek(0)  # first frame of an animation
                 im.load()
-                out = ImageOps.exif_transpose(im).convert("RGB")
+                out = to_rgb(ImageOps.exif_transpose(im))
             except (Image.DecompressionBombWarning, Image.DecompressionBombError):
                 raise UserError("the image decodes to more pixels than allowed (a decompression bomb); "
                                 "upload an ordinary image.") from None
@@ -76,3 +78,4 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
                 raise UserError("the image is corrupt or truncated and cannot be decoded; upload it again "
                                 "or export it anew.") from None
     return out
+

@@ -354,7 +354,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         "model": {"spec": job.model, "layer": str(job.layer), "tokens": job.score, "n_tokens": layout.n_tokens,
                   "n_patches": layout.n_patches, "n_prefix": layout.n_prefix, "grid": list(layout.grid),
                   "has_cls": layout.has_cls, "d": adapter.width, "describe": adapter.describe(),
-                  "sae_trained_on_tokens": trained_tokens},
+                  "view": adapter.view, "sae_trained_on_tokens": trained_tokens},
         "embedder": {"spec": job.embedder, "d": int(result.embeddings.shape[1])},
         "dataset": {**ds.describe(), "spec": job.dataset, "n_images": n},
         "scan_s": round(time.time() - t0, 1), "scan_resumed_from": result.resumed_from,

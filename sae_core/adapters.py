@@ -231,6 +231,13 @@ class Adapter:
         """PIL RGB images -> (B, 3, H, W), in one processor call where the processor batches."""
         return self.preprocessor.batch(images)
 
+    @property
+    def view(self) -> dict | None:
+        """The part of an image the model sees, read from its transform (`sae_core.image_view.read_view`)."""
+        from .image_view import read_view
+
+        return read_view(self.preprocessor.processor, self.preprocessor.per_image)
+
     # --- layers ------------------------------------------------------------------------------
     def resolve_layer(self, layer: int | str) -> Layer:
         name = str(layer).strip()

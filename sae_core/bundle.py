@@ -367,6 +367,15 @@ class Bundle:
                 self._dataset = open_dataset(spec)
             return self._dataset
 
+    @property
+    def view(self) -> dict | None:
+        """The part of an image the bundle's model sees (`sae_core.image_view`), as the atlas recorded it;
+        CLIP's centre square for a bundle from before it did. Draw patches on `model_view(img, view)`."""
+        from .image_view import CENTRE_SQUARE
+
+        model = self.manifest["model"]
+        return model["view"] if "view" in model else CENTRE_SQUARE
+
     def thumb_path(self, i: int) -> Path:
         return self.root / THUMBS / f"{int(i)}.png"
 

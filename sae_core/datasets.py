@@ -39,9 +39,29 @@ def load_rgb(path: str | Path):
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # forces the full decode: truncated files fail here
+            return to_rgb(im)  # forces the full decode: truncated files fail here
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise ImageReadError(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def to_rgb(im):
+    """`im` (PIL) as 8-bit RGB. PIL's own conversion clips the one-channel modes of more than 8 bits (a 16-bit
+    greyscale scan came out white): those are scaled instead (16 bits by 257, 0-1 floats by 255, any other
+    range stretched to 0-255)."""
+    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return im.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(im, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        a = a / 257
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255 / max(hi - lo, 1e-12))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")  # 2-d uint8: mode L
 
 
 def inat_taxonomy(folder_name: str) -> list[str] | None:

@@ -260,6 +260,12 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     pg.wait_for_selector("#steer-upload input[type=file]", state="attached")
     pg.set_input_files("#steer-upload input[type=file]", str(fake))
     pg.wait_for_selector("text=not an image PIL can read")
+    # a link with one bad field restores the others, bounds a strength into the slider's range, and says so
+    pg.goto(explorer_app.url + "/?tab=steer&image=--1&latents=3&values=-5&question=Which%20shape%3F")
+    wait_value(pg, "#steer-latent-1 input", "3")
+    wait_value(pg, "#steer-value-1 input[type=number]", "0")
+    assert pg.input_value("#steer-question input") == "Which shape?"
+    pg.wait_for_selector("text=part of the link could not be restored")
 
 
 def test_image_search_shows_where_it_fires_until_another_table(page, explorer_app):

@@ -93,6 +93,29 @@ def test_byte_limit_non_images_and_corrupt_files(tmp_path):
         load_upload(ico)
 
 
+def test_deep_greyscale_is_scaled_and_multi_picture_jpegs_are_jpegs(tmp_path):
+    """16-bit and float greyscale against the 8-bit image they encode (PIL's own conversion clipped them
+    white or black); a JPEG that PIL reads as MPO (phone photos) is accepted as the JPEG it is."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (24, 40), dtype=np.uint8)
+    for name, arr in (("g16.png", grey.astype(np.uint16) * 257), ("g16.tif", grey.astype(np.uint16) * 257),
+                      ("f.tif", grey.astype(np.float32) / 255), ("i32.tif", grey.astype(np.int32) * 257)):
+        Image.fromarray(arr).save(tmp_path / name)
+        got = np.asarray(load_upload(tmp_path / name))
+        assert got.shape == (24, 40, 3) and np.abs(got.astype(int) - grey[..., None]).max() <= 1, name
+    # a range that fits no convention is stretched to 0-255, order kept
+    Image.fromarray(grey.astype(np.int32) * 1000 - 70_000).save(tmp_path / "wide.tif")
+    got = np.asarray(load_upload(tmp_path / "wide.tif"))[..., 0].astype(int)
+    assert got.min() == 0 and got.max() == 255 and np.abs(got - grey).max() <= 1
+    colour = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "phone.jpg", format="MPO", quality=95, save_all=True,
+                                 append_images=[Image.new("RGB", (20, 30))])  # a second picture, as phones add
+    with Image.open(tmp_path / "phone.jpg") as im:
+        assert im.format == "MPO"
+        want = np.asarray(im.convert("RGB"))
+    assert np.array_equal(np.asarray(load_upload(tmp_path / "phone.jpg")), want)
+
+
 # ----------------------------------------------------------------------------------------------
 # Input bounds and URL state
 # ----------------------------------------------------------------------------------------------
@@ -100,9 +123,12 @@ def test_integer_bounds():
     assert inputs.integer("12", "neuron id", 0, 20) == 12
     assert inputs.integer(" #7 ", "neuron id", 0, 20) == 7
     assert inputs.integer(3.0, "neuron id", 0, 20) == 3
-    for bad in (float("nan"), float("inf"), 2.5, "abc", "", None, True, 21, -1, "1e3"):
-        with pytest.raises(UserError):
+    assert inputs.integer("-0", "neuron id", 0, 20) == 0
+    for bad in (float("nan"), float("inf"), 2.5, "abc", "", None, True, 21, -1, "1e3",
+                "--5", "\u00b2", "\u0663", "1" * 400, "9" * 5000, 1e300, 10**400):
+        with pytest.raises(UserError) as e:
             inputs.integer(bad, "neuron id", 0, 20)
+        assert len(str(e.value)) < 120, str(e.value)  # one short sentence, not the 400 digits back
 
 
 def test_clamp_values_are_finite_and_bounded():
@@ -261,6 +287,41 @@ def test_tree_with_many_roots_draws_the_biggest_and_any_subtree_on_request():
 @pytest.fixture(scope="module")
 def explorer(tiny_bundle, tmp_path_factory):
     return Explorer(open_bundle(tiny_bundle), tmp_path_factory.mktemp("app_cache"))
+
+
+def test_pictures_show_what_the_model_sees_and_the_index_picks_the_image(explorer, tmp_path):
+    """A wide upload: the model (CLIP's processor: shortest side, centre crop) sees its blue centre square
+    only, so the Steer page's picture, the patch grid drawn on it and the click-to-patch map show that
+    square, not the red sides; the index box picks a dataset image over an upload left in its box."""
+    from app.steer import STEER_PICTURE, SteerService
+
+    assert explorer.view == {"resize": {"shortest_edge": 32}, "crop": {"height": 32, "width": 32}}  # its processor
+    wide = Image.new("RGB", (300, 100), (255, 0, 0))
+    wide.paste((0, 0, 255), (100, 0, 200, 100))
+    path = tmp_path / "wide.png"
+    wide.save(path)
+    svc = SteerService(explorer)
+    pil, key, where = svc.image(-1, path)
+    assert pil.size == (300, 100) and key is pil and where == {"image": None}  # the model gets the whole upload
+    with Image.open(svc.picture(pil)) as pic:
+        assert pic.size == svc.picture_size(pil) == (STEER_PICTURE, STEER_PICTURE)
+        rgb = np.asarray(pic.convert("RGB")).astype(int)
+    red = (rgb[..., 0] > 200) & (rgb[..., 2] < 60)
+    assert red.mean() < 0.001 and ((rgb[..., 2] > 200) & (rgb[..., 0] < 60)).mean() > 0.9
+    rows, cols = explorer.grid  # the top-right corner of the picture is the last patch of the first row
+    assert patch_at((STEER_PICTURE - 1, 0), svc.picture_size(pil), explorer.grid) == cols - 1
+    # a sliver (2000 x 10) draws, its selected patches marked, instead of failing on cells under 3 px
+    sliver = Image.new("RGB", (2000, 10), (0, 255, 0))
+    with Image.open(svc.picture(sliver, selected=[0, rows * cols - 1])) as pic:
+        assert pic.size == (STEER_PICTURE, STEER_PICTURE)
+    # the index box: >= 0 is that dataset image even with an upload still in the box; -1 is the upload
+    img, key, where = svc.image(3, path)
+    assert key == 3 and where == {"image": 3} and img.size == explorer.bundle.image(3).size
+    assert svc.image("-1", path)[2] == {"image": None}
+    with pytest.raises(UserError, match="no image chosen"):
+        svc.image(-1, None)
+    with pytest.raises(UserError, match="between -1 and"):
+        svc.image(-2, path)
 
 
 def test_table_filters_and_sorts_like_numpy(explorer, tiny_bundle):
