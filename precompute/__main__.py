@@ -46,6 +46,12 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # the file system refused a path the user gave (--out names a file where a folder goes, or the reverse)
+        path = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{path}: {e.strerror or e}; give an --out (or other path) that is free, or remove "
+              "what is there.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import numpy as np
 from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
 from sae_core.errors import UserError
 
+from .args import nonnegative_int, positive_int
+
 STORE_DTYPES = ("float16", "float32")
 
 
@@ -58,16 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="cls", help="cls | mean (of patch tokens) | all | patches | random:K (K random tokens per image)")
     p.add_argument("--dataset", required=True, help="imagefolder:PATH | imagenet[:SPLIT] | inat[:SPLIT] | files:LIST.txt | world:DIR[:SPLIT]")
     p.add_argument("--out", required=True, help="output directory (one store per layer below it); rerun the same command to resume")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", default="float16", choices=STORE_DTYPES, help="storage dtype of the activations")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of the dataset")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of the dataset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="compute precision of the model; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the random:K token choice (a function of seed and image index)")
-    p.add_argument("--shard-images", type=int, default=None, help="images per shard (default: shards of about --shard-mb)")
-    p.add_argument("--shard-mb", type=int, default=256, help="target shard size in MiB when --shard-images is not given")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 0 on a small CPU machine)")
+    p.add_argument("--shard-images", type=positive_int, default=None, help="images per shard (default: shards of about --shard-mb)")
+    p.add_argument("--shard-mb", type=positive_int, default=256, help="target shard size in MiB when --shard-images is not given")
+    p.add_argument("--workers", type=nonnegative_int, default=None, help="data-loading processes per rank (default: 0 on a small CPU machine)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .args import positive_int, share
 from .probe_common import add_common, features, open_inputs, print_result, write_outputs
 
 
 def add_arguments(p) -> None:
     add_common(p)
     p.add_argument("--dataset", help="images with taxonomy paths (default: the bundle's dataset)")
-    p.add_argument("--max-images", type=int, help="use at most this many images")
-    p.add_argument("--top", type=int, default=16, help="top images per unit that place it in the taxonomy")
-    p.add_argument("--min-share", type=float, default=0.5, help="share of top images a node must hold")
-    p.add_argument("--permutations", type=int, default=100, help="permutations of the null")
+    p.add_argument("--max-images", type=positive_int, help="use at most this many images")
+    p.add_argument("--top", type=positive_int, default=16, help="top images per unit that place it in the taxonomy")
+    p.add_argument("--min-share", type=share, default=0.5, help="share of top images a node must hold")
+    p.add_argument("--permutations", type=positive_int, default=100, help="permutations of the null")
 
 
 def run(args) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .args import positive_int
 from .probe_common import (add_common, features, labels_of, need_spec, open_inputs, print_result, world_split,
                            write_outputs)
 
@@ -23,11 +24,11 @@ def add_arguments(p) -> None:
     p.add_argument("--ood", dest="ood_spec", help="out-of-distribution images (default: the world's ood split)")
     p.add_argument("--fit", dest="fit_spec", help="ID training images the detectors are fitted on "
                    "(default: the world's train split, else --id split by parity)")
-    p.add_argument("--cal-images", type=int, default=2000,
+    p.add_argument("--cal-images", type=positive_int, default=2000,
                    help="ID training images held out from fitting to calibrate the combined detectors: those "
                    "after the --fit-images fit ones, else the last fifth of the fit set (default %(default)s)")
-    p.add_argument("--k", type=int, default=10, help="k of the kNN detectors")
-    p.add_argument("--max-images", type=int, help="evaluate at most this many ID and OOD images each")
+    p.add_argument("--k", type=positive_int, default=10, help="k of the kNN detectors")
+    p.add_argument("--max-images", type=positive_int, help="evaluate at most this many ID and OOD images each")
 
 
 def split_calibration(f_fit, n_fit: int, n_cal: int):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sae_core.errors import UserError
 
+from .args import positive_int
+
 PROBES_DIR = "probes"
 """Where the probe commands write inside a bundle by default (BUNDLE/probes/*.json, *.html)."""
 
@@ -16,12 +18,12 @@ def add_common(p, default_images: int | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES_DIR})")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--fit-images", type=int, default=default_images,
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--fit-images", type=positive_int, default=default_images,
                    help="at most this many training images to fit on (default %(default)s)")
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write cached features (BUNDLE/probes/.features, keyed by SAE, spec and count)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
 
 
 def open_inputs(args):
@@ -34,6 +36,8 @@ def open_inputs(args):
     torch.set_num_threads(max(1, args.threads))
     bundle = open_bundle(args.bundle)
     out = Path(args.out) if args.out else bundle.root / PROBES_DIR
+    if out.exists() and not out.is_dir():  # said now, not after the features are computed
+        raise UserError(f"--out {out} is a file; give a folder for the JSON and HTML outputs.")
     cache = None if args.no_cache else bundle.root / PROBES_DIR / ".features"
     return bundle, bundle_source(bundle, device=args.device), out, cache
 

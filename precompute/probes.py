@@ -12,13 +12,14 @@ import numpy as np
 
 from sae_core.errors import UserError
 
+from .args import positive_int
 from .probe_common import add_common, features, open_inputs, print_result, world_split, write_outputs
 
 
 def add_arguments(p) -> None:
     add_common(p, default_images=10000)
-    p.add_argument("--test-images", type=int, help="test on at most this many val images")
-    p.add_argument("--unseen-per-shape", type=int, default=3, help="colours held out per shape for the combination test")
+    p.add_argument("--test-images", type=positive_int, help="test on at most this many val images")
+    p.add_argument("--unseen-per-shape", type=positive_int, default=3, help="colours held out per shape for the combination test")
 
 
 def run(args) -> int:

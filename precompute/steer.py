@@ -3,17 +3,23 @@ inserted with nothing clamped, and the SAE with the chosen latents clamped."""
 from __future__ import annotations
 
 import json
+import math
 
 from sae_core.errors import UserError
+
+from .args import positive_int
 
 
 def _numbers(text: str | None, cast, what: str) -> list:
     if text is None or text == "":
         return []
     try:
-        return [cast(x) for x in str(text).split(",") if x.strip() != ""]
+        numbers = [cast(x) for x in str(text).split(",") if x.strip() != ""]
     except ValueError:
         raise UserError(f"--{what} {text!r} is not a comma-separated list of numbers, e.g. --{what} 3,17.") from None
+    if not all(math.isfinite(x) for x in numbers):  # a NaN clamp makes every answer empty
+        raise UserError(f"--{what} {text!r} holds NaN or an infinity; give finite numbers, e.g. --{what} 4.")
+    return numbers
 
 
 def add_arguments(p) -> None:
@@ -31,13 +37,13 @@ def add_arguments(p) -> None:
     amount.add_argument("--value", help="value(s) in activation units: one for all latents or one per latent")
     amount.add_argument("--strength", help="or in multiples of each latent's largest activation on one token of "
                         "the bundle's dataset, as the Steer page's strengths (needs --bundle)")
-    p.add_argument("--top", type=int, default=10, help="without --latent: how many latents to list")
+    p.add_argument("--top", type=positive_int, default=10, help="without --latent: how many latents to list")
     p.add_argument("--prompt", default=WHAT_IS_SHOWN, help="question (default: the paper's one-word prompt)")
     p.add_argument("--mode", choices=("set", "add"), default="set", help="set the latents to the values, or add them")
     p.add_argument("--keep-error", action="store_true",
                    help="keep the SAE's error term: h + decode(clamped) - decode(original) (default: dropped, as the paper)")
     p.add_argument("--patches", help="patch indices I,J,... (row-major, 0-based, CLS excluded) to clamp on; default all tokens")
-    p.add_argument("--max-new-tokens", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=positive_int, default=5)
     p.add_argument("--llava", help="LLaVA spec to steer (default: the world's tiny LLaVA, the LLaVA the SAE was "
                    "trained on, or llava-1.5-7b)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

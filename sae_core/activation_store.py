@@ -79,8 +79,9 @@ class ActivationStore:
         for p in shard_paths:
             try:
                 arr = np.load(p, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read activation shard {p} ({e}); re-run the extraction.") from e
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+                raise UserError(f"cannot read activation shard {p} ({e or 'the file is empty'}); re-run the "
+                                "extraction.") from e
             if arr.ndim != 2:
                 raise UserError(f"{p} has shape {arr.shape}, expected (rows, d); pass a 2-D activation array.")
             if arr.dtype not in (np.float16, np.float32, np.float64):

@@ -130,6 +130,9 @@ class Bundle:
 
     def __init__(self, path: str | Path):
         root = Path(os.path.expandvars(os.path.expanduser(str(path))))
+        if root.is_file():
+            raise UserError(f"{root} is a file, not a bundle; pass the bundle's folder (the --out of `python -m "
+                            "precompute atlas` or `demo`).")
         if not root.is_dir():
             raise UserError(f"bundle {root} does not exist; build one with `python -m precompute demo --out {root}` "
                             f"or `python -m precompute atlas ... --out {root}`.")
@@ -210,7 +213,11 @@ class Bundle:
         path = self.root / rel
         if not path.is_file():
             raise UserError(f"bundle {self.root} has no {rel}; rebuild it with the current atlas.")
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, OSError) as e:  # written atomically by the atlas: damaged afterwards
+            raise UserError(f"{path} cannot be read as JSON ({e}); the bundle is damaged: copy it again or rebuild "
+                            "it.") from None
 
     @cached_property
     def labels(self) -> dict:

@@ -122,7 +122,12 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
         info["imported"]["from"] = spec if spec.startswith("hf:") else str(path.resolve())
     else:
         raw = _read_json(path / CONFIG)
-        cfg, state, info = SAEConfig.from_dict(raw), load_file(str(path / WEIGHTS)), raw.get("training", {})
+        try:
+            cfg = SAEConfig.from_dict(raw)
+        except (TypeError, KeyError, ValueError) as e:  # missing or unknown fields
+            raise UserError(f"{path / CONFIG} is not an SAE config this tool wrote ({e}); the SAE folder is "
+                            "damaged.") from None
+        state, info = read_safetensors(path / WEIGHTS), raw.get("training", {})
     if d_in is not None and d_in != cfg.d_in:
         raise UserError(
             f"the SAE in {path} expects activations of width {cfg.d_in} but the model gives width {d_in}; "
@@ -161,9 +166,18 @@ def _read_json(path: Path) -> dict:
     return raw
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one sentence when it is truncated, empty or not safetensors."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        raise UserError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e}); the file is damaged or "
+                        "incomplete: copy or download it again.") from None
+
+
 def _float_state(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors in float64 (bf16/fp16 checkpoints included), for exact folding."""
-    return {k: v.double() for k, v in load_file(str(path)).items()}
+    return {k: v.double() for k, v in read_safetensors(path).items()}
 
 
 def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:

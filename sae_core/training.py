@@ -89,11 +89,22 @@ def split_rows(n_rows: int, eval_rows: int | None) -> tuple[int, int]:
     return n_rows - n_eval, n_eval
 
 
+def finite_rows(rows: np.ndarray, row_ids: np.ndarray, store: ActivationStore) -> np.ndarray:
+    """`rows` (store rows `row_ids`), or one sentence naming the first that holds NaN or inf: a single such
+    row turns every weight of the SAE NaN within one step (and the metrics into invalid JSON)."""
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        raise UserError(f"activation row {int(row_ids[~finite].min())} of {store.path} holds NaN or infinite values "
+                        f"({int((~finite).sum())} of {len(rows)} rows read together); extract the activations again "
+                        "(float16 overflows past 65,504: extract in float32).")
+    return rows
+
+
 def _init_stats(store: ActivationStore, n_train: int, cfg: TrainConfig) -> tuple[float, Tensor]:
     """Input scale c with E||c x||^2 = d_in, and the geometric median of the scaled sample."""
     rng = np.random.default_rng([cfg.seed, 1])
     idx = np.sort(rng.choice(n_train, size=min(cfg.init_rows, n_train), replace=False))
-    sample = torch.from_numpy(store.take(idx)).double()
+    sample = torch.from_numpy(finite_rows(store.take(idx), idx, store)).double()
     mean_sq = sample.pow(2).sum(1).mean().item()
     if not math.isfinite(mean_sq) or mean_sq <= 0:
         raise UserError("the activations are all zero or not finite; check the extraction (layer, dtype overflow).")
@@ -232,7 +243,8 @@ def train_sae(
 
     def load_batch(step: int) -> Tensor:
         idx = shuffled_batch_index(n_train, global_batch, step, cfg.seed, dist_info.rank, dist_info.world_size)
-        return torch.from_numpy(store.take(idx)).to(device=device, dtype=torch.float32)
+        rows = finite_rows(store.take(idx), np.asarray(idx), store)  # in the reader thread, before a step
+        return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
                disable=not (progress and dist_info.is_main), dynamic_ncols=True)
@@ -333,7 +345,9 @@ def evaluate_on_rows(sae: SparseAutoencoder, store: ActivationStore, start: int,
     bounds = sae.group_bounds.tolist()[1:] if sae.cfg.arch == "matryoshka" else []
     prefix_accs = [MetricsAccumulator(b) for b in bounds]
     for a in range(start, stop, batch_size):
-        x = torch.from_numpy(store.rows(a, min(stop, a + batch_size))).to(device=device, dtype=torch.float32)
+        end = min(stop, a + batch_size)
+        x = torch.from_numpy(finite_rows(store.rows(a, end), np.arange(a, end), store)).to(device=device,
+                                                                                          dtype=torch.float32)
         z = sae.encode(x)
         acc.update(x, sae.decode(z), z)
         for b, pacc in zip(bounds, prefix_accs):

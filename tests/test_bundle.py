@@ -110,6 +110,12 @@ def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
         b.validate()
     with pytest.raises(UserError, match="../etc/passwd"):
         b.array("../etc/passwd")
+    (tmp_path / "neurons" / "labels.json").parent.mkdir(exist_ok=True)
+    (tmp_path / "neurons" / "labels.json").write_text('{"labels": ["red", ')  # cut short after the build
+    with pytest.raises(UserError, match="labels.json cannot be read as JSON.*damaged"):
+        b.json("neurons/labels.json")
+    with pytest.raises(UserError, match="is a file, not a bundle"):
+        B.open_bundle(tmp_path / B.MANIFEST)
 
 
 def test_validate_catches_shape_mismatch(tmp_path):

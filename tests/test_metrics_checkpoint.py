@@ -106,6 +106,26 @@ def test_wrong_width_fails_with_one_sentence_naming_both_sizes(tmp_path):
         load_sae(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "config {}", "unknown arch"])
+def test_a_damaged_sae_folder_is_one_sentence(tmp_path, damage):
+    """A copy cut short or a config from elsewhere: UserError naming the file, not safetensors' or the
+    dataclass's exception."""
+    save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3)), tmp_path)
+    weights, config = tmp_path / "sae.safetensors", tmp_path / "config.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:300])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "config {}":
+        config.write_text("{}")
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), "arch": "gated"}))
+    message = {"truncated": "sae.safetensors cannot be read", "empty": "sae.safetensors cannot be read",
+               "config {}": "config.json is not an SAE config", "unknown arch": "unknown SAE architecture 'gated'"}
+    with pytest.raises(UserError, match=message[damage]):
+        load_sae(tmp_path)
+
+
 def test_saelens_export_layout(tmp_path):
     sae = SparseAutoencoder(SAEConfig(arch="batchtopk", d_in=12, d_sae=48, k=3), seed=1)
     with torch.no_grad():

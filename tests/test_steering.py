@@ -277,7 +277,8 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
                          (["--sae", str(tiny_bundle / "sae"), "--latent", "3", "--strength", "2"],
                           "--strength is in units of the bundle's activations"),
                          (["--bundle", str(tiny_bundle), "--latent", "3,9999", "--strength", "2"],
-                          "latent 9999 does not exist")):
+                          "latent 9999 does not exist"),
+                         (["--bundle", str(tiny_bundle), "--latent", "3", "--value", "nan"], "NaN or an infinity")):
         assert main(["steer", *bad, "--image", "world:2"]) == 2
         assert message in capsys.readouterr().err
 

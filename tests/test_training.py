@@ -183,6 +183,24 @@ def test_bad_inputs_end_in_one_sentence(tmp_path):
     assert too_big.returncode == 2 and "--batch-size" in too_big.stderr and "Traceback" not in too_big.stderr
 
 
+@pytest.mark.parametrize("bad_row", [30_000, 39_000])  # a training row outside the init sample; a held-out row
+def test_a_nan_row_is_named_not_trained_on(tmp_path, bad_row, capsys):
+    """One NaN activation made every weight NaN (and metrics.json invalid JSON) with exit 0: the command now
+    stops on the first batch that reads the row and names it, leaving no SAE behind."""
+    x = np.random.default_rng(0).standard_normal((40_000, 8)).astype(np.float32)
+    x[bad_row, 3] = np.nan
+    np.save(tmp_path / "acts.npy", x)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    args = ["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
+            "--steps", "40", "--batch-size", "4096", "--out", str(tmp_path / "sae")]
+    assert precompute_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"activation row {bad_row} of" in err and "NaN or infinite" in err and "Traceback" not in err
+    assert not (tmp_path / "sae" / "sae.safetensors").exists()
+    args[2] = str(tmp_path / "empty.npy")
+    assert precompute_main(args) == 2 and "empty" in capsys.readouterr().err
+
+
 def test_bf16_on_a_cpu_without_native_bf16_is_named_and_warned(planted, tmp_path, monkeypatch, capsys):
     import sae_core.precision as P
 

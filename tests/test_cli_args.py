@@ -1,0 +1,53 @@
+"""Counts and shares on the command line: a value no command can use ends in argparse's one line (exit 2)
+before anything runs. Each of these ran before, and crashed, ran forever or gave an empty result."""
+import pytest
+
+from precompute.__main__ import main
+
+REFUSED = [  # (argv, the flag named in the message, what it must be)
+    (["extract", "--model", "m", "--dataset", "d", "--layer", "-2", "--out", "o", "--shard-images", "-1"],
+     "--shard-images", "a positive integer"),
+    (["extract", "--model", "m", "--dataset", "d", "--layer", "-2", "--out", "o", "--workers", "-1"],
+     "--workers", "an integer of 0 or more"),
+    (["ood", "--bundle", "b", "--k", "0"], "--k", "a positive integer"),
+    (["ood", "--bundle", "b", "--fit-images", "0"], "--fit-images", "a positive integer"),
+    (["ood", "--bundle", "b", "--max-images", "0"], "--max-images", "a positive integer"),
+    (["ontology", "--bundle", "b", "--top", "0"], "--top", "a positive integer"),
+    (["ontology", "--bundle", "b", "--min-share", "2"], "--min-share", "a share in (0, 1]"),
+    (["ontology", "--bundle", "b", "--min-share", "nan"], "--min-share", "a finite number"),
+    (["probes", "--bundle", "b", "--threads", "0"], "--threads", "a positive integer"),
+    (["steer", "--bundle", "b", "--image", "x.png", "--max-new-tokens", "0"], "--max-new-tokens", "a positive integer"),
+    (["steer", "--bundle", "b", "--image", "x.png", "--top", "two"], "--top", "a positive integer"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,wanted", REFUSED, ids=[f"{a[0]} {f}" for a, f, _ in REFUSED])
+def test_unusable_counts_are_refused_before_anything_runs(argv, flag, wanted, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: must be {wanted}" in err and "Traceback" not in err
+
+
+def test_usable_counts_pass():
+    from precompute.__main__ import parser_for
+
+    argv = ["ontology", "--bundle", "b", "--top", "8", "--min-share", "1", "--permutations", "5"]
+    args = parser_for(argv).parse_args(argv)
+    assert (args.top, args.min_share, args.permutations) == (8, 1.0, 5)
+    argv = ["extract", "--model", "m", "--dataset", "d", "--layer", "-2", "--out", "o", "--workers", "0"]
+    assert parser_for(argv).parse_args(argv).workers == 0
+
+
+def test_an_out_that_is_a_file_is_one_sentence(tmp_path, capsys):
+    """--out naming a file where a folder goes: one line from the file system's answer, no traceback."""
+    import numpy as np
+
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32))
+    (tmp_path / "taken").write_text("a file the user already has\n")
+    argv = ["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
+            "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "taken")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'taken'}") and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "a file the user already has\n"
