@@ -1,6 +1,8 @@
 """`python -m precompute ms`: Monosemanticity Scores of any neurons from activations and image embeddings."""
 from __future__ import annotations
 
+import glob
+import os
 import time
 from pathlib import Path
 
@@ -28,17 +30,32 @@ def add_arguments(p):
     p.add_argument("--checkpoint-every", type=float, default=300, help="seconds between resumable checkpoints")
 
 
+SHAPES = {"activations": "(N images, K neurons)", "embeddings": "(N images, d)"}
+
+
 def load_matrix(path: str, name: str) -> np.ndarray:
     """A 2-D .npy, memory-mapped, without pickle."""
     p = Path(path)
+    save = f"save the {SHAPES[name]} array with np.save as .npy"
+    if p.is_dir():
+        raise UserError(f"{name} file {p} is a folder; give the path of the .npy file in it.")
     if not p.is_file():
         raise UserError(f"{name} file {p} does not exist; check the path.")
+    if p.stat().st_size == 0:
+        raise UserError(f"{name} file {p} is empty (0 bytes); {save}.")
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"{p} is not a plain numeric .npy ({e}); save it with np.save from a numeric array.") from None
+    except (ValueError, EOFError, OSError) as e:
+        why = "it holds pickled Python objects" if "pickle" in str(e) else str(e).rstrip(".") or type(e).__name__
+        raise UserError(f"{p} is not a plain numeric .npy ({why}); save it with np.save from a numeric array.") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr.close()
+        raise UserError(f"{p} is an .npz archive; {save}.")
     if arr.ndim != 2:
         raise UserError(f"{name} in {p} must be a 2-D array, got shape {arr.shape}.")
+    if 0 in arr.shape:
+        raise UserError(f"{name} in {p} has shape {arr.shape}, so it holds no values; save a {SHAPES[name]} "
+                        f"array with at least one of each.")
     return arr
 
 
@@ -52,9 +69,46 @@ def load_activations(path: str):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists twenty device types this command cannot use
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name} is not a device this command runs on; use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name} names a GPU that is not here ({torch.cuda.device_count()} visible); "
+                        f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return device
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a file the command could not write at the end (a folder in its place,
+    a file where a folder must be, a folder without write permission)."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, so the output cannot be written there; give another --out.")
+    folder = path.parent
+    while not folder.exists():  # the nearest existing folder above decides: the rest is created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file, so {path} cannot be created under it; give another --out.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{folder} is not writable, so {path} cannot be written; give an --out you can write to.")
+
+
+def file_key(path: str) -> dict:
+    """What identifies an input for resuming: a file rewritten with the same shape is another input."""
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def remove_stale_temporaries(paths) -> None:
+    """atomic_path writes `.NAME.tmpPID` beside each file; a killed run leaves its ones behind."""
+    for path in paths:
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+            if tmp.name[len(path.name) + 5:].isdigit():
+                tmp.unlink(missing_ok=True)
 
 
 def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, partial: Path | None = None,
@@ -82,6 +136,9 @@ def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, par
         load_state(partial, {"ms": acc})
         start = saved["n_done"]
         print(f"resuming after {start} of {acts.shape[0]} images")
+    elif saved is not None:
+        changed = sorted(k for k in (set(meta) | set(saved)) - {"n_done"} if saved.get(k) != meta.get(k))
+        print(f"starting over: {', '.join(changed)} changed since {partial.name} was saved")
     last = time.monotonic()
     with tqdm(total=acts.shape[0], initial=start, unit="img", desc="MS") as bar:
         for a in range(start, acts.shape[0], chunk):
@@ -95,8 +152,6 @@ def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, par
 
 
 def run(args) -> int:
-    ids, acts = load_activations(args.activations)
-    emb = load_matrix(args.embeddings, "embeddings")
     out = Path(args.out)
     if out.suffix != ".npy":
         raise UserError(f"--out must name a .npy file, got {out}.")
@@ -104,7 +159,14 @@ def run(args) -> int:
         raise UserError(f"--min-support must be at least 2 (a score needs two images), got {args.min_support}.")
     device = resolve_device(args.device)
     partial = out.with_name(out.name + ".partial")
-    inputs = {"activations": str(Path(args.activations).resolve()), "embeddings": str(Path(args.embeddings).resolve())}
+    outputs = [out, out.with_name(out.stem + "_support.npy"), out.with_suffix(".json"), partial,
+               out.with_name(out.stem + "_min_support.npy")]
+    for f in outputs:
+        check_writable(f)
+    ids, acts = load_activations(args.activations)
+    emb = load_matrix(args.embeddings, "embeddings")
+    remove_stale_temporaries(outputs)
+    inputs = {"activations": file_key(args.activations), "embeddings": file_key(args.embeddings)}
     r = compute_ms(acts, emb, device, args.chunk, args.matmul, args.min_support, partial, args.checkpoint_every, inputs)
     ms, support = r.ms, r.support
     if ids is not None and not np.array_equal(ids, np.arange(len(ids))):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.ms import compute_ms, load_activations, load_matrix, resolve_device
-from sae_core.alignment import DEFAULT_EDGES, alignment_figure, alignment_score, read_pairs_csv
+from precompute.ms import check_writable, compute_ms, load_activations, load_matrix, resolve_device
+from sae_core.alignment import DEFAULT_EDGES, alignment_figure, alignment_score, check_edges, read_pairs_csv
 from sae_core.atomic import atomic_path, write_json_atomic
 from sae_core.errors import UserError
 
@@ -16,7 +16,8 @@ def add_arguments(p):
     p.add_argument("--pairs", required=True, help="pairs.csv: k_x,k_y,R_user[,MS_x_NAME,MS_y_NAME ...]")
     p.add_argument("--activations", help="activations.csv (rows `k,a_1..a_N`) or (N, K) .npy, to compute MS here")
     p.add_argument("--embeddings", nargs="+", default=[],
-                   help="(N, d) .npy image embeddings (one MS variant per file, named by its stem)")
+                   help="(N, d) .npy image embeddings (one MS variant per file, ours_STEM; ours_FOLDER/STEM "
+                        "where stems repeat)")
     p.add_argument("--r-user-center", type=float, default=0.0,
                    help="R_user above this prefers neuron x, below prefers y, equal is no preference (skipped)")
     p.add_argument("--bins", default=",".join(f"{e:g}" for e in DEFAULT_EDGES),
@@ -29,9 +30,29 @@ def add_arguments(p):
 
 def parse_edges(text: str) -> tuple:
     try:
-        return tuple(float(v) for v in text.split(","))
+        edges = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UserError(f"--bins must be comma-separated numbers such as 0,0.1,0.2,inf, got {text!r}.") from None
+    return check_edges(edges)
+
+
+def variant_names(paths) -> list[str]:
+    """`ours_STEM` per embeddings file; where stems repeat (e1/emb.npy, e2/emb.npy), as many folders
+    above as tell them apart (`ours_e1/emb`), so no variant overwrites another."""
+    full = [Path(p).resolve() for p in paths]
+    if len(set(full)) < len(full):
+        twice = next(p for p in paths if full.count(Path(p).resolve()) > 1)
+        raise UserError(f"--embeddings lists {twice} more than once; give each file once.")
+    keys = [p.parts[:-1] + (p.stem,) for p in full]
+    if len(set(keys)) < len(keys):  # emb.npy beside emb.NPY: only the suffix tells them apart
+        keys = [p.parts for p in full]
+    names = []
+    for key in keys:
+        depth = 1
+        while sum(k[-depth:] == key[-depth:] for k in keys) > 1:
+            depth += 1
+        names.append("ours_" + "/".join(key[-depth:]))
+    return names
 
 
 def computed_variants(args, k_x, k_y) -> dict:
@@ -40,6 +61,8 @@ def computed_variants(args, k_x, k_y) -> dict:
         raise UserError("computing MS needs both --activations and --embeddings; give both or neither.")
     if not args.activations:
         return {}
+    names = variant_names(args.embeddings)
+    device = resolve_device(args.device)
     ids, acts = load_activations(args.activations)
     ids = np.arange(acts.shape[1]) if ids is None else ids
     wanted = np.union1d(k_x, k_y)
@@ -52,11 +75,11 @@ def computed_variants(args, k_x, k_y) -> dict:
     cols = np.argsort(ids)[cols]
     sub = np.ascontiguousarray(acts[:, cols])
     out = {}
-    for path in args.embeddings:
+    for name, path in zip(names, args.embeddings):
         emb = load_matrix(path, "embeddings")
-        r = compute_ms(sub, emb, resolve_device(args.device), args.chunk, args.matmul, 2)
+        r = compute_ms(sub, emb, device, args.chunk, args.matmul, 2)
         lookup = dict(zip(wanted.tolist(), r.ms.tolist()))
-        out[f"ours_{Path(path).stem}"] = (np.array([lookup[k] for k in k_x]), np.array([lookup[k] for k in k_y]))
+        out[name] = (np.array([lookup[k] for k in k_x]), np.array([lookup[k] for k in k_y]))
     return out
 
 
@@ -73,16 +96,24 @@ def format_table(results: dict) -> str:
 
 
 def run(args) -> int:
-    pairs = read_pairs_csv(args.pairs)
     edges = parse_edges(args.bins)
+    if not math.isfinite(args.r_user_center):
+        raise UserError(f"--r-user-center must be a finite number, got {args.r_user_center}.")
+    pairs = read_pairs_csv(args.pairs)
+    if np.isnan(pairs["R_user"]).any():
+        raise UserError(f"column R_user of {args.pairs} has empty or NaN entries; every pair needs a preference.")
+    out = Path(args.out) if args.out else Path(args.pairs).resolve().parent / "ms_agreement"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, but it must be the folder for alignment.json and alignment.html; "
+                        f"give another --out.")
+    for f in (out / "alignment.json", out / "alignment.html"):
+        check_writable(f)
     variants = dict(pairs["ms"])
     variants.update(computed_variants(args, pairs["k_x"], pairs["k_y"]))
     if not variants:
         raise UserError(f"{args.pairs} has no MS_x_NAME/MS_y_NAME columns; pass --activations and --embeddings "
                         f"to compute MS here.")
     preference = pairs["R_user"] - args.r_user_center
-    if np.isnan(preference).any():
-        raise UserError(f"column R_user of {args.pairs} has empty or NaN entries; every pair needs a preference.")
     results = {name: alignment_score(x, y, preference, edges) for name, (x, y) in variants.items()}
     n_ties = next(iter(results.values())).n_preference_ties
     print(f"{len(preference)} pairs from {args.pairs}; R_user > {args.r_user_center:g} prefers x, "
@@ -90,7 +121,6 @@ def run(args) -> int:
     if (pairs["R_user"] >= 0).all() and args.r_user_center == 0:
         print("note: every R_user is >= 0; if it is the share of users preferring x, pass --r-user-center 0.5")
     print(format_table(results))
-    out = Path(args.out) if args.out else Path(args.pairs).resolve().parent / "ms_agreement"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "alignment.json", {
         "pairs": str(args.pairs), "r_user_center": args.r_user_center, "n_pairs_in_file": int(len(preference)),

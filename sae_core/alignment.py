@@ -53,6 +53,14 @@ def json_number(v):
     return "inf" if v == math.inf else float(v)
 
 
+def check_edges(edges) -> tuple:
+    """The bin edges as floats, refused unless they increase from 0 or above (NaN compares false)."""
+    edges = tuple(float(e) for e in edges)
+    if len(edges) < 2 or not all(b > a for a, b in zip(edges, edges[1:])) or not edges[0] >= 0:
+        raise UserError(f"bin edges must be increasing numbers that start at 0 or above, got {edges}.")
+    return edges
+
+
 def alignment_score(ms_x, ms_y, preference, edges=DEFAULT_EDGES) -> AlignmentResult:
     """ms_x, ms_y: (P,) MS of the two neurons of each pair; preference: (P,) > 0 when x is
     preferred, < 0 when y is, 0 for no preference (skipped). Pairs with a NaN MS or equal MS are
@@ -60,9 +68,7 @@ def alignment_score(ms_x, ms_y, preference, edges=DEFAULT_EDGES) -> AlignmentRes
     ms_x, ms_y, pref = (np.asarray(v, np.float64).ravel() for v in (ms_x, ms_y, preference))
     if not ms_x.shape == ms_y.shape == pref.shape:
         raise ValueError(f"ms_x, ms_y and preference must have one value per pair: {ms_x.shape}, {ms_y.shape}, {pref.shape}")
-    edges = tuple(float(e) for e in edges)
-    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0:
-        raise UserError(f"bin edges must be increasing and start at 0 or above, got {edges}.")
+    edges = check_edges(edges)
     missing = ~(np.isfinite(ms_x) & np.isfinite(ms_y))
     pref_tie = (pref == 0) & ~missing
     ms_tie = (ms_x == ms_y) & ~missing & ~pref_tie
@@ -86,10 +92,26 @@ def read_pairs_csv(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pairs file {path} does not exist; give the path of pairs.csv.")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols = list(rows[0].keys()) if rows else []
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 with a BOM
+            reader = csv.reader(f)
+            cols = next(reader, [])
+            for fields in reader:
+                if not fields:  # a blank line
+                    continue
+                if len(fields) == len(cols) + 1 and not fields[-1].strip():
+                    fields.pop()  # one trailing comma, as some exporters write: no value (as in activations.csv)
+                if len(fields) != len(cols):
+                    raise UserError(f"{path} line {reader.line_num} has {len(fields)} fields but the header "
+                                    f"{len(cols)}; give every row one value per column.")
+                rows.append(dict(zip(cols, fields)))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8 and "
+                        f"run again.") from None
     need = [c for c in ("k_x", "k_y", "R_user") if c not in cols]
+    if need and len(cols) == 1 and any(sep in cols[0] for sep in ";\t"):
+        raise UserError(f"{path} line 1 is not comma-separated; save pairs.csv with commas between columns.")
     if need:
         raise UserError(f"{path} lacks the column(s) {', '.join(need)}; pairs.csv needs k_x,k_y,R_user "
                         f"(and optionally MS_x_NAME,MS_y_NAME).")
@@ -97,7 +119,7 @@ def read_pairs_csv(path) -> dict:
     def column(name, dtype):
         try:
             return np.array([float(r[name]) if r[name].strip() != "" else math.nan for r in rows]).astype(dtype)
-        except (ValueError, AttributeError):
+        except ValueError:
             raise UserError(f"column {name} of {path} holds a value that is not a number; fix that row.") from None
 
     names = [c[len("MS_x_"):] for c in cols if c.startswith("MS_x_") and "MS_y_" + c[len("MS_x_"):] in cols]

@@ -127,6 +127,9 @@ class MSAccumulator:
 
     def __init__(self, n_neurons: int, d_embed: int, device="cpu", matmul_dtype: torch.dtype = torch.float64):
         self.n_neurons, self.d_embed = int(n_neurons), int(d_embed)
+        if self.n_neurons < 1 or self.d_embed < 1:
+            raise UserError(f"activations need at least one neuron and embeddings at least one dimension, got "
+                            f"{self.n_neurons} neurons and {self.d_embed} dimensions; pass non-empty arrays.")
         self.device = torch.device(device)
         self.matmul_dtype = matmul_dtype
         self.numpy_path = self.device.type == "cpu"                # elementwise work in numpy on CPU (faster)
@@ -253,7 +256,8 @@ def monosemanticity_score(acts, embeddings, chunk: int = 4096, device="cpu", min
 def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
     """The paper's released `activations.csv`: one row per neuron, `k, a_1, ..., a_N`.
 
-    A header row (first field not a number) and blank lines are skipped. Returns (neuron ids int64
+    A header row (first field not a number, fields separated by commas), blank lines, a UTF-8 BOM and
+    one trailing comma per row (no value after it) are skipped. Returns (neuron ids int64
     (K,), activations float32 (N, K)), columns in file order. Rows are parsed one at a time into the
     result: a 100 x 50,000 file peaked at 24 MB (20 MB result) against 81 MB for a whole-file float64
     parse and its transpose, at the same speed.
@@ -263,15 +267,23 @@ def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"activations file {path} does not exist; give the path of activations.csv.")
 
     def lines():
-        with open(path) as f:
-            yield from ((n, line) for n, line in enumerate(f, 1) if line.strip())
+        """(line number, the line without its end and one trailing comma) of every non-blank line."""
+        try:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 with a BOM
+                for n, line in enumerate(f, 1):
+                    line = line.rstrip()
+                    if line:
+                        yield n, line[:-1] if line.endswith(",") else line
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8 and "
+                            f"run again.") from None
 
     first = next(lines(), (0, ""))[1]
     try:
         float(first.split(",", 1)[0])
         header = False
     except ValueError:
-        header = True
+        header = "," in first  # a line with no comma at all is a row in another format, not a header
     K = max(sum(1 for _ in lines()) - header, 0)
     ids = np.zeros(K, np.float64)
     acts = None
@@ -279,9 +291,13 @@ def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
         if r < 0:
             continue
         try:  # numpy's C parser: no Python object per value
-            row = np.fromstring(line, dtype=np.float64, sep=",")
+            # it reads a trailing comma as -1, so one left after lines() took one off is refused too
+            row = np.fromstring(line, dtype=np.float64, sep=",") if not line.endswith(",") else None
         except ValueError:
-            raise UserError(f"{path} line {lineno} is not numeric; the file must hold rows `k,a_1,...,a_N`.") from None
+            row = None
+        if row is None:
+            raise UserError(f"{path} line {lineno} is not numeric; the file must hold comma-separated rows "
+                            f"`k,a_1,...,a_N`.")
         if acts is None:
             if len(row) < 2:
                 break

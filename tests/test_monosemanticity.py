@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -275,3 +276,105 @@ def test_command_bad_input_exits_2(tmp_path, small_case, capsys, case):
     assert rc == 2
     assert err.startswith("error: ") and err.count(". ") == 0 and "Traceback" not in err
     assert not (tmp_path / "ms.npy").exists()
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_csv_reader_takes_bom_and_one_trailing_comma(tmp_path, header):
+    """Excel's UTF-8 BOM and a comma ending every row (pandas-style exports) change no value."""
+    rng = np.random.default_rng(4)
+    acts = rng.random((6, 3)).astype(np.float32)
+    ids = [3, 0, 8]
+    write_paper_csv(tmp_path / "plain.csv", ids, acts, header)
+    text = (tmp_path / "plain.csv").read_text()
+    (tmp_path / "bom.csv").write_text("\ufeff" + text, encoding="utf-8")
+    (tmp_path / "comma.csv").write_text(text.replace("\r\n", ",\r\n"))
+    for name in ("bom.csv", "comma.csv"):
+        got_ids, got = read_activations_csv(tmp_path / name)
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(got, acts)
+
+
+def test_csv_reader_refuses_other_encodings_and_separators(tmp_path):
+    cases = {"latin.csv": ("k,a_1,a_2\n0,1,2\n1,3,4 caf\xe9\n".encode("latin-1"), "not UTF-8 text .*save it as UTF-8"),
+             "semicolon.csv": (b"0;1;2\n1;3;4\n", "line 1 is not numeric"),
+             "two_commas.csv": (b"0,1,2\n1,3,4,,\n", "line 2 is not numeric")}
+    for name, (data, sentence) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=sentence):
+            read_activations_csv(tmp_path / name)
+
+
+def test_command_resumes_only_from_the_same_input_files(tmp_path, small_case, capsys, monkeypatch):
+    """A killed run resumes; after an input is rewritten with the same shape it starts over, and the
+    temporary file a kill during a checkpoint write leaves is removed."""
+    acts, emb, ref = small_case
+    a_path, out = tmp_path / "A.npy", tmp_path / "ms.npy"
+    np.save(tmp_path / "E.npy", emb)
+    argv = ["ms", "--activations", str(a_path), "--embeddings", str(tmp_path / "E.npy"), "--out", str(out),
+            "--chunk", "8", "--checkpoint-every", "0", "--device", "cpu"]
+    update = MSAccumulator.update
+
+    def killed_run():
+        def dies_on_fourth_chunk(self, a, e):
+            if self.n == 24:
+                raise KeyboardInterrupt
+            update(self, a, e)
+        with monkeypatch.context() as m:
+            m.setattr(MSAccumulator, "update", dies_on_fourth_chunk)
+            with pytest.raises(KeyboardInterrupt):
+                precompute_main(argv)
+        capsys.readouterr()
+
+    np.save(a_path, acts)
+    killed_run()
+    assert precompute_main(argv) == 0
+    assert f"resuming after 24 of {len(acts)} images" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(out), ref, atol=1e-6, equal_nan=True)
+
+    killed_run()
+    np.save(a_path, acts[:, ::-1])                        # same shape and path, other values
+    (tmp_path / ".ms.npy.partial.tmp4194305").touch()     # left by a kill while a checkpoint was written
+    assert precompute_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed and "starting over: activations changed" in printed
+    np.testing.assert_allclose(np.load(out), ref[::-1], atol=1e-6, equal_nan=True)
+    assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob("*.partial*"))
+
+
+@pytest.mark.parametrize("case", ["npz", "empty", "no_neurons", "device", "out_folder", "out_under_file"])
+def test_command_refuses_before_computing(tmp_path, small_case, capsys, monkeypatch, case):
+    """Inputs and options that could not work end in one sentence before any MS is computed."""
+    acts, emb, _ = small_case
+    np.save(tmp_path / "A.npy", acts)
+    np.save(tmp_path / "E.npy", emb)
+    a_arg, out, extra = tmp_path / "A.npy", tmp_path / "ms.npy", []
+    if case == "npz":
+        a_arg = tmp_path / "A.npz"
+        np.savez(a_arg, acts=acts)
+    elif case == "empty":
+        a_arg = tmp_path / "empty.npy"
+        a_arg.touch()
+    elif case == "no_neurons":
+        np.save(a_arg, acts[:, :0])
+    elif case == "device":
+        extra = ["--device", "gpu"]
+    elif case == "out_folder":
+        out.mkdir()
+    else:
+        (tmp_path / "taken").touch()
+        out = tmp_path / "taken" / "ms.npy"
+    expected = {"npz": "is an .npz archive; save the \\(N images, K neurons\\) array with np.save",
+                "empty": "is empty \\(0 bytes\\)", "no_neurons": "has shape \\(37, 0\\), so it holds no values",
+                "device": "--device gpu is not a device .*use auto, cpu, cuda or cuda:N",
+                "out_folder": "ms.npy is a folder", "out_under_file": "taken is a file"}[case]
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed before refusing")
+    monkeypatch.setattr("precompute.ms.compute_ms", no_compute)
+    before = sorted(tmp_path.rglob("*"))
+    rc = precompute_main(["ms", "--activations", str(a_arg), "--embeddings", str(tmp_path / "E.npy"),
+                          "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].count(". ") == 0
+    assert re.search(expected, err[0]), err[0]
+    assert sorted(tmp_path.rglob("*")) == before            # nothing written, nothing lost

@@ -92,3 +92,78 @@ def test_bad_pairs(tmp_path):
 def test_alignment_score_counts():
     r = alignment_score([0.5, 0.2, np.nan, 0.3], [0.1, 0.4, 0.2, 0.3], [1, 1, -1, -1], edges=(0, math.inf))
     assert (r.n_pairs, r.n_missing, r.n_ms_ties, r.agreement) == (2, 1, 1, 0.5)
+
+
+def test_pairs_csv_bom_trailing_comma_and_bad_rows(tmp_path):
+    """A BOM and one trailing comma per row read as the plain file; other encodings, extra fields and
+    semicolons are named in one sentence."""
+    plain = read_pairs_csv(write(tmp_path / "plain.csv", PAIRS))
+    for name, text in {"bom.csv": "\ufeff" + PAIRS, "comma.csv": PAIRS.replace("\n", ",\n")}.items():
+        got = read_pairs_csv(write(tmp_path / name, text))
+        for k in ("k_x", "k_y", "R_user"):
+            np.testing.assert_array_equal(got[k], plain[k])
+        for v in plain["ms"]:
+            np.testing.assert_array_equal(got["ms"][v], plain["ms"][v])
+    cases = {"latin.csv": ("k_x,k_y,R_user\n0,1,0.5 caf\xe9\n".encode("latin-1"), "not UTF-8 text .*save it as UTF-8"),
+             "long.csv": (b"k_x,k_y,R_user\n0,1,0.5\n2,3,1,9,9\n", "line 3 has 5 fields but the header 3"),
+             "short.csv": (b"k_x,k_y,R_user,MS_x_a,MS_y_a\n0,1,0.5\n", "line 2 has 3 fields but the header 5"),
+             "semicolon.csv": (b"k_x;k_y;R_user\n0;1;0.5\n", "line 1 is not comma-separated")}
+    for name, (data, sentence) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=sentence):
+            read_pairs_csv(tmp_path / name)
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_same_stem_embeddings_are_two_variants(tmp_path, pairs_csv, capsys):
+    """e1/emb.npy and e2/emb.npy: both scored, each under its own name, each against its own pairwise MS."""
+    rng = np.random.default_rng(5)
+    N = 20
+    acts = np.maximum(rng.standard_normal((N, 10)) + rng.standard_normal(10) * 0.5, 0)
+    np.save(tmp_path / "A.npy", acts)
+    embs = {}
+    for folder in ("e1", "e2"):
+        (tmp_path / folder).mkdir()
+        embs[folder] = rng.standard_normal((N, 4)) + np.array([1.0, 0, 0, 0])
+        np.save(tmp_path / folder / "emb.npy", embs[folder])
+    rc = precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--activations", str(tmp_path / "A.npy"),
+                          "--embeddings", str(tmp_path / "e1" / "emb.npy"), str(tmp_path / "e2" / "emb.npy"),
+                          "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]
+    assert set(res) == {"dino", "clip", "ours_e1/emb", "ours_e2/emb"}
+    pairs = [(0, 1, 0.8), (2, 3, -0.5), (4, 5, 0.2), (6, 7, 0), (8, 9, -1), (1, 2, 3)]
+    for folder, emb in embs.items():
+        ms = pairwise_ms(acts, emb)
+        agree = [(ms[x] > ms[y]) == (r > 0) for x, y, r in pairs if r != 0]
+        assert res[f"ours_{folder}/emb"]["agreement"] == pytest.approx(sum(agree) / len(agree)), folder
+    capsys.readouterr()
+    assert precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--activations", str(tmp_path / "A.npy"),
+                            "--embeddings", str(tmp_path / "e1" / "emb.npy"), str(tmp_path / "e1" / "emb.npy")]) == 2
+    assert "emb.npy more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["center", "bins", "out_file", "device"])
+def test_bad_options_refused_before_computing(tmp_path, pairs_csv, capsys, monkeypatch, case):
+    np.save(tmp_path / "A.npy", np.random.default_rng(6).random((5, 10)))
+    np.save(tmp_path / "E.npy", np.random.default_rng(7).random((5, 3)))
+    (tmp_path / "taken").touch()
+    extra, expected = {
+        "center": (["--r-user-center", "nan"], "--r-user-center must be a finite number"),
+        "bins": (["--bins", "nan,1"], "bin edges must be increasing numbers"),
+        "out_file": (["--out", str(tmp_path / "taken")], "taken is a file, but it must be the folder"),
+        "device": (["--device", "gpu"], "--device gpu is not a device")}[case]
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed before refusing")
+    monkeypatch.setattr("precompute.ms_agreement.compute_ms", no_compute)
+    before = sorted(tmp_path.rglob("*"))
+    rc = precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--activations", str(tmp_path / "A.npy"),
+                          "--embeddings", str(tmp_path / "E.npy"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and expected in err[0], err
+    assert sorted(tmp_path.rglob("*")) == before
