@@ -159,8 +159,9 @@ def run(args) -> int:
         raise UserError(f"--min-support must be at least 2 (a score needs two images), got {args.min_support}.")
     device = resolve_device(args.device)
     partial = out.with_name(out.name + ".partial")
-    outputs = [out, out.with_name(out.stem + "_support.npy"), out.with_suffix(".json"), partial,
-               out.with_name(out.stem + "_min_support.npy")]
+    outputs = [out, out.with_name(out.stem + "_support.npy"), out.with_suffix(".json"), partial]
+    if args.min_support > 2:
+        outputs.append(out.with_name(out.stem + "_min_support.npy"))
     for f in outputs:
         check_writable(f)
     ids, acts = load_activations(args.activations)

@@ -287,7 +287,7 @@ def test_csv_reader_takes_bom_and_one_trailing_comma(tmp_path, header):
     write_paper_csv(tmp_path / "plain.csv", ids, acts, header)
     text = (tmp_path / "plain.csv").read_text()
     (tmp_path / "bom.csv").write_text("\ufeff" + text, encoding="utf-8")
-    (tmp_path / "comma.csv").write_text(text.replace("\r\n", ",\r\n"))
+    (tmp_path / "comma.csv").write_text(text.replace("\n", ",\n"))
     for name in ("bom.csv", "comma.csv"):
         got_ids, got = read_activations_csv(tmp_path / name)
         np.testing.assert_array_equal(got_ids, ids)
