@@ -11,11 +11,10 @@ import numpy as np
 
 from sae_core.bundle import Bundle
 from sae_core.errors import UserError
+from sae_core.image_view import model_view
 
 from . import inputs
 from .probes import ProbeResults
-from sae_core.image_view import model_view
-
 from .render import DISPLAY, ImageCache, heat_overlay, strip, upscale
 
 TABLE_COLUMNS = ["neuron", "label", "label_score", "ms", "support", "frequency", "max_act", "level"]
@@ -406,8 +405,8 @@ class Explorer:
             boxes = [self.patch_index(p) if p >= 0 else None for _, _, p in band]
             path = self.images.get_or_make(
                 f"band|{k}|{b}|{ids}|{boxes}",
-                lambda ids=ids, boxes=boxes: strip([self.shown(self.bundle.image(i)) for i in ids], slots=slots, boxes=boxes,
-                                                   grid=self.grid if self.grid[0] else None))
+                lambda ids=ids, boxes=boxes: strip([self.shown(self.bundle.image(i)) for i in ids], slots=slots,
+                                                   boxes=boxes, grid=self.grid if self.grid[0] else None))
             out.append((path, f"band {b + 1}{how}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to "
                               f"{max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
         return out
