@@ -66,7 +66,7 @@ def _num(x, digits: int = 3):
     if x is None:
         return None
     x = float(x)
-    return None if not math.isfinite(x) else round(x, digits)
+    return None if not math.isfinite(x) else round(x, digits) + 0.0  # + 0.0: no "-0.0" in a table
 
 
 def _is_number(v) -> bool:
@@ -210,7 +210,7 @@ class Explorer:
             "neuron": np.arange(K), "label": np.asarray(labels, dtype=object),
             "label_score": col("label_score", np.float64, np.nan), "ms": col("ms", np.float64, np.nan),
             "support": col("support", np.int64, 0), "frequency": col("frequency", np.float64, np.nan),
-            "max_act": col("max_act", np.float64, np.nan), "level": col("group", np.int64, 0),
+            "max_act": col("max_act", np.float64, np.nan) + 0.0, "level": col("group", np.int64, 0),  # no -0.0
             "strength_unit": b.strength_units(),
         }
         if "labels_by_patch" in b.labels:  # CLS-scored bundles: the label of the gallery by patches
@@ -468,7 +468,10 @@ class Explorer:
     def ms_text(self, page: dict) -> str:
         by = " (by its CLS token)" if page.get("patch_support") is not None else ""
         if page["ms"] is None or not math.isfinite(page["ms"]):
-            text = f"no MS: fires on {page['support']} image(s){by}, fewer than the 2 needed"
+            n = page["support"] or 0
+            text = (f"no MS: fires on {n} image{'s' if n != 1 else ''}{by}, fewer than the 2 needed" if n < 2 else
+                    f"no MS: fires on {n} images{by}, but the min-max normalisation over the images leaves fewer "
+                    "than 2 of them a weight")
         else:
             text = f"{page['ms']:.3f} over {page['support']} images it fires on{by}"
         patch_ms = page.get("patch_ms")

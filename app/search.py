@@ -116,6 +116,8 @@ class ImageSearch:
 
     def __init__(self, explorer: Explorer, embedder: BundleEmbedder, limits: UploadLimits = UploadLimits()):
         self.ex, self.embedder, self.limits = explorer, embedder, limits
+        # images the atlas could not read keep a zero embedding in the index: never a result
+        self.skipped = frozenset(int(s["index"]) for s in explorer.bundle.manifest.get("skipped") or [])
 
     @classmethod
     def for_bundle(cls, explorer: Explorer, embedder: BundleEmbedder | None = None,
@@ -130,8 +132,9 @@ class ImageSearch:
         return self.ex.bundle.search_index().kind
 
     def _search(self, q: np.ndarray, top: int, leave_out: int | None = None) -> tuple[list[int], list[float]]:
-        ids, scores = self.ex.bundle.search_index().search(q, top + (leave_out is not None))
-        out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i != leave_out][:top]
+        dropped = self.skipped | ({leave_out} if leave_out is not None else set())
+        ids, scores = self.ex.bundle.search_index().search(q, min(self.ex.n_images, top + len(dropped)))
+        out = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and i not in dropped][:top]
         return [i for i, _ in out], [round(s, 4) for _, s in out]
 
     def by_text(self, query: str, top: int = N_IMAGES) -> tuple[list[int], list[float]]:
@@ -150,6 +153,9 @@ class ImageSearch:
         from . import inputs
 
         i = inputs.integer(image, "image index", 0, self.ex.n_images - 1)
+        if i in self.skipped:
+            raise UserError(f"image {i} could not be read when the atlas was built, so it has no embedding; pick "
+                            "another image.")
         q = np.asarray(self.ex.bundle.array("images/embeddings.npy")[i:i + 1], dtype=np.float32)
         return self._search(q / max(float(np.linalg.norm(q)), 1e-12), top, leave_out=i)
 

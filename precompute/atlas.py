@@ -176,9 +176,12 @@ def _forget_later_stages(out: Path, name: str) -> None:
 
 
 def _check_identity(out: Path, identity: dict) -> None:
+    """Hold `out` to the settings of what it holds; settings under which nothing was built yet (a run that
+    failed on a typo before its scan saved anything) are replaced by the new ones."""
     path = out / STAGE_DIR / "settings.json"
     ident = json.loads(json.dumps(identity))
-    if path.is_file():
+    built = scan_checkpoint_path(out).is_file() or any(_stage_path(out, s).is_file() for s in STAGES)
+    if path.is_file() and built:
         old = json.loads(path.read_text())
         diff = [k for k in ident if old.get(k) != ident[k]]
         if diff:
@@ -225,7 +228,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
         job.score = default_score(trained["tokens"])
     out.mkdir(parents=True, exist_ok=True)
     _check_identity(out, job.identity())
-    if (out / B.MANIFEST).is_file() and all(stage_info(out, s) for s in STAGES):
+    if (out / B.MANIFEST).is_file() and all(stage_info(out, s) is not None for s in STAGES):  # geometry's is {}
         if progress:
             for s in STAGES:
                 progress.skip(f"atlas: {s}")

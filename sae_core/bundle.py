@@ -397,7 +397,12 @@ class Bundle:
 
             with Image.open(path) as im:
                 return im.convert("RGB")
-        return self.dataset()[i]
+        from .datasets import ImageReadError
+
+        try:
+            return self.dataset()[i]
+        except ImageReadError as e:  # the atlas skipped it too (manifest "skipped")
+            raise UserError(f"image {i} cannot be read ({e}); the dataset holds a damaged file there.") from None
 
     def search_index(self):
         """The image search index (sae_core.search_index.SearchIndex, read once): `.search(queries (Q, E),

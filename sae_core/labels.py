@@ -153,8 +153,11 @@ def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, nam
         raise UserError(f"text embeddings have dimension {text.shape[1]} but image embeddings {image_embeddings.shape[1]}; "
                         "label with the text tower of the embedder that made the image embeddings.")
     offset = np.zeros(len(text), np.float32)
+    base = None
     if baseline is not None:
-        offset = text @ np.asarray(baseline, np.float32).reshape(-1)
+        base = np.asarray(baseline, np.float32).reshape(-1)
+        offset = text @ base
+        base = base / max(float(np.linalg.norm(base)), 1e-12)
     top = np.asarray(top_images)[:, :n_top].astype(np.int64)
     K = top.shape[0]
     index = np.full(K, -1, np.int64)
@@ -168,7 +171,10 @@ def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, nam
         mean = (emb[r] * v[..., None]).sum(1) if len(emb) else np.zeros((len(r), text.shape[1]), np.float32)
         norm = np.linalg.norm(mean, axis=1, keepdims=True)
         has = v.any(1) & (norm[:, 0] > 0)
-        cos = (mean / np.where(norm > 0, norm, 1)) @ text.T - offset  # (chunk, V)
+        unit = mean / np.where(norm > 0, norm, 1)
+        if base is not None:  # a gallery that is the whole dataset scores ~0 on every word: no concept to name
+            has &= unit @ base < 1 - 1e-5
+        cos = unit @ text.T - offset  # (chunk, V)
         best = cos.argmax(1)
         index[s:s + chunk] = np.where(has, best, -1)
         scores[s:s + chunk] = np.where(has, cos[np.arange(len(best)), best], np.nan)

@@ -517,6 +517,28 @@ def test_image_search_matches_brute_force_and_the_world(explorer, tiny_bundle, t
             call(arg)
 
 
+def test_images_the_atlas_skipped_are_never_search_results(explorer, tiny_bundle, tmp_path):
+    """An image the atlas could not read keeps a zero embedding in the index: it is left out of every
+    image search (it showed as a tile that failed to draw), and "images like it" says why there are none."""
+    import shutil
+
+    from app.search import ImageSearch
+
+    i = 11
+    nearest, _ = ImageSearch.for_bundle(explorer).like(i, top=3)
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["skipped"] = [{"index": nearest[0], "error": "UnidentifiedImageError"}]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    search = ImageSearch.for_bundle(Explorer(open_bundle(copy), tmp_path / "cache"))
+    ids, _ = search.like(i, top=3)
+    assert ids == nearest[1:] + ids[2:] and nearest[0] not in ids and len(ids) == 3
+    assert all(nearest[0] not in search.by_text(t)[0] for t in ("a red star", "a blue ring", "a photo"))
+    with pytest.raises(UserError, match=f"image {nearest[0]} could not be read"):
+        search.like(nearest[0])
+
+
 def test_image_neurons_are_the_galleries_holding_it(explorer, tiny_bundle):
     check_image_neurons(explorer, Path(tiny_bundle) / "neurons")
 

@@ -312,6 +312,17 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path,
     assert {s for s in before if after[s] != before[s]} == {"labels", "hierarchy", "index", "world", "thumbs"}
     with pytest.raises(UserError, match="other settings"):
         build_atlas(AtlasJob(**{**opts, "topk": 8}))
+    # A rerun of the finished bundle does nothing: the manifest (its `created`, which keys the explorer's
+    # cached pictures) stays as it was.
+    manifest = (tmp_path / "b" / "manifest.json").read_bytes()
+    build_atlas(AtlasJob(**opts))
+    assert (tmp_path / "b" / "manifest.json").read_bytes() == manifest
+    # A run that fails before building anything (a typo in --model) does not lock its --out to the typo.
+    typo = {**opts, "out": str(tmp_path / "t"), "model": opts["model"].replace("world", "wrld", 1)}
+    with pytest.raises(UserError):
+        build_atlas(AtlasJob(**typo))
+    build_atlas(AtlasJob(**{**opts, "out": str(tmp_path / "t")}))
+    np.testing.assert_array_equal(np.asarray(open_bundle(tmp_path / "t").array("top_images")), top)
     # A run killed inside the scan resumes from the scan's checkpoint, whatever --checkpoint-every now,
     # builds the same bundle, and drops the checkpoint once the scan's files are written.
     import contextlib

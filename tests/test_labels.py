@@ -51,6 +51,14 @@ def test_labels_on_constructed_embeddings():
         ids = [i for i in top[k, :16] if i >= 0]
         diff = text @ unit(emb16[ids].mean(0)) - text @ base
         assert cen.index[k] == int(np.argmax(diff)) and cen.scores[k] == pytest.approx(diff.max(), abs=1e-5)
+    # a gallery that is the whole dataset (a neuron firing on every image of a small one) is the baseline
+    # itself: every centred score is float noise around 0, so it gets no label rather than a random word
+    few = images[:12].astype(np.float32)
+    whole = np.tile(np.arange(12), (2, 1))
+    whole[1, 11] = -1  # all but one image: a real, if faint, direction
+    mean_all = unit(few.astype(np.float64).mean(0))
+    centred = label_neurons(whole, few, text, names, n_top=16, baseline=mean_all)
+    assert centred.labels[0] == "" and np.isnan(centred.scores[0]) and centred.labels[1] != ""
     json.dumps(out.to_json())
     with pytest.raises(UserError):
         label_neurons(top, images, text[:, :10], names)  # other dimension
