@@ -1,7 +1,12 @@
-"""argparse types for counts and shares: a bad value ends in argparse's one line (exit 2), not a traceback
-or an empty result later."""
+"""Checks of what the commands are given: argparse types for counts and shares (a bad value ends in
+argparse's one line, exit 2, not a traceback or an empty result later), and output paths checked before
+any work."""
 import argparse
 import math
+import os
+from pathlib import Path
+
+from sae_core.errors import UserError
 
 
 def positive_int(text: str) -> int:
@@ -40,3 +45,24 @@ def _int(text: str, low: int, wanted: str) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
     return value
+
+
+def out_folder(out: Path, what: str) -> Path:
+    """`out`, refused in one sentence when it is an existing file where the command writes a folder (`what`)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for {what}.")
+    return out
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a file the command could not write at the end (a folder in its place,
+    a file where a folder must be, a folder without write permission)."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, so the output cannot be written there; give another --out.")
+    folder = path.parent
+    while not folder.exists():  # the nearest existing folder above decides: the rest is created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file, so {path} cannot be created under it; give another --out.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{folder} is not writable, so {path} cannot be written; give an --out you can write to.")

@@ -35,6 +35,8 @@ import numpy as np
 from sae_core import bundle as B
 from sae_core.errors import UserError
 
+from .args import out_folder
+
 STAGES = ("scan", "geometry", "labels", "hierarchy", "index", "world", "thumbs")
 STAGE_DIR = ".stages"
 THUMB_MAX_SIDE = 128
@@ -210,9 +212,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     """Run (or resume) every stage of the atlas and write the manifest; returns the manifest."""
     from sae_core.checkpoint import load_sae, trained_on
 
-    out = Path(job.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory for the bundle.")
+    out = out_folder(Path(job.out), "the bundle")
     sae = load_sae(job.sae, device=job.device)
     trained = trained_on(sae)
     world = _world_root(job.dataset)

@@ -27,6 +27,8 @@ import numpy as np
 
 from sae_core.errors import UserError
 
+from .args import out_folder
+
 
 @dataclass(frozen=True)
 class CrossModalPreset:
@@ -83,9 +85,7 @@ def run(args) -> int:
     world = Path(args.world).resolve()
     if not (world / "llava" / "config.json").is_file():
         raise UserError(f"{world} has no tiny LLaVA (llava/config.json); build it with `python -m precompute world --out {world}`.")
-    out = Path(args.out).resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory for the bundle.")
+    out = out_folder(Path(args.out).resolve(), "the bundle")
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_core.errors import UserError
+from .args import out_folder
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,7 @@ def run(args) -> int:
     from .progress import PipelineProgress
 
     preset = PRESETS[args.preset]
-    out = Path(args.out).resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory for the bundle.")
+    out = out_folder(Path(args.out).resolve(), "the bundle")
     world = Path(args.world).resolve() if args.world else out / "world"
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)

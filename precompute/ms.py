@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import glob
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from sae_core.activation_store import save_npy_atomic
 from sae_core.atomic import write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
+
+from .args import check_writable
 
 
 def add_arguments(p):
@@ -81,20 +82,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name} names a GPU that is not here ({torch.cuda.device_count()} visible); "
                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
     return device
-
-
-def check_writable(path: Path) -> None:
-    """Refuse, before any work, a file the command could not write at the end (a folder in its place,
-    a file where a folder must be, a folder without write permission)."""
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, so the output cannot be written there; give another --out.")
-    folder = path.parent
-    while not folder.exists():  # the nearest existing folder above decides: the rest is created
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"{folder} is a file, so {path} cannot be created under it; give another --out.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{folder} is not writable, so {path} cannot be written; give an --out you can write to.")
 
 
 def file_key(path: str) -> dict:

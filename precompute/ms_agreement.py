@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.ms import check_writable, compute_ms, load_activations, load_matrix, resolve_device
+from precompute.args import check_writable, out_folder
+from precompute.ms import compute_ms, load_activations, load_matrix, resolve_device
 from sae_core.alignment import DEFAULT_EDGES, alignment_figure, alignment_score, check_edges, read_pairs_csv
 from sae_core.atomic import atomic_path, write_json_atomic
 from sae_core.errors import UserError
@@ -102,10 +103,8 @@ def run(args) -> int:
     pairs = read_pairs_csv(args.pairs)
     if np.isnan(pairs["R_user"]).any():
         raise UserError(f"column R_user of {args.pairs} has empty or NaN entries; every pair needs a preference.")
-    out = Path(args.out) if args.out else Path(args.pairs).resolve().parent / "ms_agreement"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, but it must be the folder for alignment.json and alignment.html; "
-                        f"give another --out.")
+    out = out_folder(Path(args.out) if args.out else Path(args.pairs).resolve().parent / "ms_agreement",
+                     "alignment.json and alignment.html")
     for f in (out / "alignment.json", out / "alignment.html"):
         check_writable(f)
     variants = dict(pairs["ms"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sae_core.errors import UserError
 
-from .args import positive_int
+from .args import out_folder, positive_int
 
 PROBES_DIR = "probes"
 """Where the probe commands write inside a bundle by default (BUNDLE/probes/*.json, *.html)."""
@@ -35,9 +35,8 @@ def open_inputs(args):
 
     torch.set_num_threads(max(1, args.threads))
     bundle = open_bundle(args.bundle)
-    out = Path(args.out) if args.out else bundle.root / PROBES_DIR
-    if out.exists() and not out.is_dir():  # said now, not after the features are computed
-        raise UserError(f"--out {out} is a file; give a folder for the JSON and HTML outputs.")
+    # checked now, not after the features are computed
+    out = out_folder(Path(args.out) if args.out else bundle.root / PROBES_DIR, "the JSON and HTML outputs")
     cache = None if args.no_cache else bundle.root / PROBES_DIR / ".features"
     return bundle, bundle_source(bundle, device=args.device), out, cache
 

@@ -155,7 +155,7 @@ def test_bad_options_refused_before_computing(tmp_path, pairs_csv, capsys, monke
     extra, expected = {
         "center": (["--r-user-center", "nan"], "--r-user-center must be a finite number"),
         "bins": (["--bins", "nan,1"], "bin edges must be increasing numbers"),
-        "out_file": (["--out", str(tmp_path / "taken")], "taken is a file, but it must be the folder"),
+        "out_file": (["--out", str(tmp_path / "taken")], "taken is a file; give a folder for alignment.json"),
         "device": (["--device", "gpu"], "--device gpu is not a device")}[case]
 
     def no_compute(*a, **k):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sae_core.errors import UserError
 
+from ..args import out_folder
 from .presets import PRESETS
 
 STAGE_FILE = "world_stage.json"  # inside clip/ and llava/: how the stage was built and how long it took
@@ -51,8 +52,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     preset = PRESETS[args.preset]
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory for the world.")
+    out_folder(out, "the world")
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "world.json"
     if meta_path.exists():
