@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core import bundle as B
+from sae_core.atomic import remove_stale_temporaries
 from sae_core.errors import UserError
 
 from .args import out_folder
@@ -234,8 +235,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
                 progress.skip(f"atlas: {s}")
         return json.loads((out / B.MANIFEST).read_text())
     B.unfinish(out)
-    for tmp in out.rglob(".*.tmp[0-9]*"):  # leftovers of a killed run's atomic writes
-        tmp.unlink()
+    remove_stale_temporaries(out)
 
     def stage(name):
         if progress is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
+from sae_core.atomic import remove_stale_temporaries
 from sae_core.errors import UserError
 
 from .args import nonnegative_int, positive_int
@@ -202,9 +203,7 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             plan = {"identity": identity, "shard_images": int(shard_images),
                     "n_shards": int(-(-n // shard_images)), "layers": identity["layers"], "complete": False}
             write_json_atomic(run_file, plan)
-        for pattern in (".*.tmp*", "progress/.*.tmp*", "layer_*/.*.tmp*", "layer_*/shards/.*.tmp*"):
-            for p in out.glob(pattern):
-                p.unlink()  # leftovers of a killed run
+        remove_stale_temporaries(out)
     return plan if is_main else {}
 
 

@@ -1,7 +1,6 @@
 """`python -m precompute ms`: Monosemanticity Scores of any neurons from activations and image embeddings."""
 from __future__ import annotations
 
-import glob
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from sae_core.activation_store import save_npy_atomic
-from sae_core.atomic import write_json_atomic
+from sae_core.atomic import remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
 
@@ -90,14 +89,6 @@ def file_key(path: str) -> dict:
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def remove_stale_temporaries(paths) -> None:
-    """atomic_path writes `.NAME.tmpPID` beside each file; a killed run leaves its ones behind."""
-    for path in paths:
-        for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-            if tmp.name[len(path.name) + 5:].isdigit():
-                tmp.unlink(missing_ok=True)
-
-
 def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, partial: Path | None = None,
                checkpoint_every: float = 300.0, inputs: dict | None = None):
     """Stream (N, K) `acts` and (N, d) `emb` through an MSAccumulator with a progress bar.
@@ -153,7 +144,7 @@ def run(args) -> int:
         check_writable(f)
     ids, acts = load_activations(args.activations)
     emb = load_matrix(args.embeddings, "embeddings")
-    remove_stale_temporaries(outputs)
+    remove_stale_temporaries(out.parent, [f.name for f in outputs])  # all of them beside out
     inputs = {"activations": file_key(args.activations), "embeddings": file_key(args.embeddings)}
     r = compute_ms(acts, emb, device, args.chunk, args.matmul, args.min_support, partial, args.checkpoint_every, inputs)
     ms, support = r.ms, r.support

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, not_utf8
 
 # bins of |MS_x - MS_y|; a pair falls in [lo, hi)
 DEFAULT_EDGES = (0.0, 0.05, 0.1, 0.2, 0.4, math.inf)
@@ -106,9 +106,8 @@ def read_pairs_csv(path) -> dict:
                     raise UserError(f"{path} line {reader.line_num} has {len(fields)} fields but the header "
                                     f"{len(cols)}; give every row one value per column.")
                 rows.append(dict(zip(cols, fields)))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8 and "
-                        f"run again.") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     need = [c for c in ("k_x", "k_y", "R_user") if c not in cols]
     if need and len(cols) == 1 and any(sep in cols[0] for sep in ";\t"):
         raise UserError(f"{path} line 1 is not comma-separated; save pairs.csv with commas between columns.")

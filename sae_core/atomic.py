@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
+
+# atomic_path's temporary for NAME is `.NAME.tmpPID`; a killed process leaves it behind.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp[0-9]+")
 
 
 @contextmanager
@@ -16,7 +20,7 @@ def atomic_path(path: str | Path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # named as _TEMPORARY reads
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -30,3 +34,23 @@ def atomic_path(path: str | Path):
 def write_json_atomic(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temporaries(folder: str | Path, names=None) -> int:
+    """Delete the temporaries killed atomic writes left: every one below `folder`, or with `names`
+    only those of the files so named directly in it. Returns how many were deleted.
+
+    Call it before a run starts writing: a concurrent writer's temporary looks the same.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    wanted = None if names is None else {str(n) for n in names}
+    found = folder.rglob(".*.tmp*") if wanted is None else folder.glob(".*.tmp*")
+    n = 0
+    for p in found:
+        m = _TEMPORARY.fullmatch(p.name)
+        if m and (wanted is None or m["name"] in wanted) and p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n

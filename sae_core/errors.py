@@ -1,8 +1,23 @@
-"""The one exception type for mistakes a user can make and fix."""
-
+"""The one exception type for mistakes a user can make and fix, and the sentences several readers share."""
 
 class UserError(Exception):
     """Bad input from the user: the message is one sentence saying what was wrong and what to do.
 
     Command lines print it without a traceback and exit with status 2.
     """
+
+
+def not_utf8(path) -> UserError:
+    """The error for a text file that is not UTF-8, naming its first bad byte and that byte's line.
+
+    Read line by line in binary, so a large file is never held whole; a UTF-8 character cannot span a
+    line end, so decoding each line alone finds the same first bad byte as decoding the file.
+    """
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return UserError(f"{path} line {n} is not UTF-8 text (byte {line[e.start]:#04x}); save it as "
+                                 f"UTF-8 and run again.")
+    return UserError(f"{path} is not UTF-8 text; save it as UTF-8 and run again.")

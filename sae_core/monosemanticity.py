@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, not_utf8
 
 # neuron columns per block inside one update, so a float64 copy of the chunk stays near 64 MiB
 _BLOCK_ELEMENTS = 8 << 20
@@ -274,9 +274,8 @@ def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
                     line = line.rstrip()
                     if line:
                         yield n, line[:-1] if line.endswith(",") else line
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8 and "
-                            f"run again.") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
 
     first = next(lines(), (0, ""))[1]
     try:

@@ -295,7 +295,8 @@ def test_csv_reader_takes_bom_and_one_trailing_comma(tmp_path, header):
 
 
 def test_csv_reader_refuses_other_encodings_and_separators(tmp_path):
-    cases = {"latin.csv": ("k,a_1,a_2\n0,1,2\n1,3,4 caf\xe9\n".encode("latin-1"), "not UTF-8 text .*save it as UTF-8"),
+    cases = {"latin.csv": ("k,a_1,a_2\n0,1,2\n1,3,4 caf\xe9\n".encode("latin-1"),
+                           r"line 3 is not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
              "semicolon.csv": (b"0;1;2\n1;3;4\n", "line 1 is not numeric"),
              "two_commas.csv": (b"0,1,2\n1,3,4,,\n", "line 2 is not numeric")}
     for name, (data, sentence) in cases.items():

@@ -104,7 +104,8 @@ def test_pairs_csv_bom_trailing_comma_and_bad_rows(tmp_path):
             np.testing.assert_array_equal(got[k], plain[k])
         for v in plain["ms"]:
             np.testing.assert_array_equal(got["ms"][v], plain["ms"][v])
-    cases = {"latin.csv": ("k_x,k_y,R_user\n0,1,0.5 caf\xe9\n".encode("latin-1"), "not UTF-8 text .*save it as UTF-8"),
+    cases = {"latin.csv": (b"k_x,k_y,R_user\n" + b"0,1,0.5\n" * 5000 + "9,8,0.5 caf\xe9\n".encode("latin-1"),
+                           r"line 5002 is not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
              "long.csv": (b"k_x,k_y,R_user\n0,1,0.5\n2,3,1,9,9\n", "line 3 has 5 fields but the header 3"),
              "short.csv": (b"k_x,k_y,R_user,MS_x_a,MS_y_a\n0,1,0.5\n", "line 2 has 3 fields but the header 5"),
              "semicolon.csv": (b"k_x;k_y;R_user\n0;1;0.5\n", "line 1 is not comma-separated")}

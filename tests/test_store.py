@@ -6,6 +6,7 @@ import pytest
 
 from sae_core.activation_store import (ActivationStore, save_npy_atomic, shuffled_batch_index,
                                        write_json_atomic)
+from sae_core.atomic import atomic_path, remove_stale_temporaries
 from sae_core.errors import UserError
 
 
@@ -42,6 +43,27 @@ def test_take_rows_and_row_index_across_shards(tmp_path):
     with pytest.raises(IndexError):
         s.take(np.array([25]))
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_a_killed_atomic_writes_temporaries_are_removed_and_nothing_else(tmp_path):
+    def killed_write(path):  # enters atomic_path and never leaves it, as a killed process would
+        tmp = atomic_path(path).__enter__()
+        tmp.write_bytes(b"half")
+        return tmp
+
+    left = [killed_write(tmp_path / "a.npy"), killed_write(tmp_path / "b.json"),
+            killed_write(tmp_path / "layer_3" / "shards" / "0.npy")]
+    kept = [tmp_path / "a.npy", tmp_path / ".thumbs.tmp" / "1.png", tmp_path / ".notes.tmpx", tmp_path / "x.tmp12"]
+    for p in kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"mine")
+    assert all(p.is_file() for p in left)
+
+    assert remove_stale_temporaries(tmp_path, names=["a.npy", "c.npy"]) == 1   # only a.npy's, only at the top
+    assert [p.is_file() for p in left] == [False, True, True]
+    assert remove_stale_temporaries(tmp_path) == 2                             # every one, at any depth
+    assert not any(p.exists() for p in left) and all(p.read_bytes() == b"mine" for p in kept)
+    assert remove_stale_temporaries(tmp_path / "missing") == 0
 
 
 def test_iter_batches_is_the_shuffled_index_and_resumable(tmp_path):
