@@ -27,6 +27,7 @@ Layer numbering (`resolve_layer`)
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,8 +284,10 @@ class Adapter:
     def hooks(self, layers: Sequence[Layer], sink: dict, stop_early: bool = True) -> Iterator[None]:
         """Record the given layers into `sink[name]` while the context is open; hooks are always
         removed on exit, also after an error. With `stop_early`, the forward pass stops after the
-        last block needed (only when no embedding is asked for)."""
+        last block needed (only when no embedding is asked for). Only this thread's forward passes are
+        recorded or stopped: another thread may run the same model meanwhile."""
         handles = []
+        only_here = _only_in(threading.get_ident())
         blocks = [lay.block for lay in layers if lay.kind == "block"]
         last = max(blocks) if blocks else None
         want_embed = any(lay.kind == "embed" for lay in layers)
@@ -292,15 +295,15 @@ class Adapter:
             for lay in layers:
                 if lay.kind == "block":
                     handles.append(self.blocks[lay.block].register_forward_hook(
-                        _output_hook(sink, lay.name), prepend=True))
+                        only_here(_output_hook(sink, lay.name)), prepend=True))
                 elif lay.kind == "input":
                     handles.append(self.blocks[0].register_forward_pre_hook(
-                        _input_hook(sink, lay.name), with_kwargs=True, prepend=True))
+                        only_here(_input_hook(sink, lay.name)), with_kwargs=True, prepend=True))
             if stop_early and not want_embed:
                 if last is not None:
-                    handles.append(self.blocks[last].register_forward_hook(_stop_hook))
+                    handles.append(self.blocks[last].register_forward_hook(only_here(_stop_hook)))
                 elif layers:  # only the embeddings entering block 0: stop before it runs
-                    handles.append(self.blocks[0].register_forward_pre_hook(_stop_pre_hook))
+                    handles.append(self.blocks[0].register_forward_pre_hook(only_here(_stop_pre_hook)))
             yield
         finally:
             for h in handles:
@@ -339,6 +342,17 @@ class Adapter:
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _only_in(owner: int):
+    """Wraps a hook so it acts only in thread `owner`: the hooks sit on modules every thread shares, and
+    another thread's forward pass (a second request on the same model) must be neither recorded into
+    this sink nor stopped."""
+    def wrap(hook):
+        def guarded(*args):
+            return hook(*args) if threading.get_ident() == owner else None
+        return guarded
+    return wrap
 
 
 def _output_hook(sink: dict, name: str):

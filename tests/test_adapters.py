@@ -195,6 +195,29 @@ def test_early_stop_skips_later_blocks_and_hooks_are_removed_after_errors():
     torch.testing.assert_close(a.capture(px, ["2"])["2"], full["2"], rtol=0, atol=0)
 
 
+def test_capture_hooks_act_only_in_their_own_thread():
+    """A request's recording hooks sit on the shared model; another thread's pass meanwhile (the
+    explorer runs several requests at once) is neither recorded into this sink nor stopped by it."""
+    import threading
+
+    from sae_core.adapters import _StopForward
+
+    a = load_adapter(f"hf:{H.clip_vision_dir()}")
+    mine, other = _pixels(a, n=2, seed=0), _pixels(a, n=2, seed=1)
+    ref_mine, ref_other = a.capture(mine, ["0"])["0"], a.embed(other)
+    sink, seen = {}, {}
+    with a.hooks([a.resolve_layer("0")], sink):
+        t = threading.Thread(target=lambda: seen.update(embed=a.embed(other), block=a.capture(other, ["0"])["0"]))
+        t.start()
+        t.join()
+        assert sink == {}  # the other thread's passes left nothing here
+        with pytest.raises(_StopForward):  # this thread's own pass is stopped after block 0
+            a.embed(mine)
+    torch.testing.assert_close(seen["embed"], ref_other, rtol=0, atol=0)   # ran to the end, not stopped
+    torch.testing.assert_close(seen["block"], a.capture(other, ["0"])["0"], rtol=0, atol=0)
+    torch.testing.assert_close(sink["0"], ref_mine, rtol=0, atol=0)
+
+
 def test_token_selection_against_direct_indexing():
     layout = TokenLayout(1, (2, 3), True)
     h = torch.randn(2, 7, 4)
