@@ -32,7 +32,8 @@ class BundleEmbedder:
     @classmethod
     def for_bundle(cls, explorer: Explorer) -> "BundleEmbedder | None":
         spec = (explorer.bundle.manifest.get("embedder") or {}).get("spec")
-        return cls(spec) if spec and explorer.bundle.has("images/embeddings.npy") else None
+        ok = spec and explorer.bundle.has("images/embeddings.npy")
+        return cls(explorer.bundle.local_spec(spec)) if ok else None  # a copied bundle carries its world
 
     def _loaded(self):
         with self._lock:

@@ -39,8 +39,8 @@ def run(args) -> int:
 
     warn_if_slow_half(args.device, args.precision, "--precision fp32")
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
-    world = session.bundle.manifest.get("world")
-    if not world:
+    world = session.bundle.world_dir  # the world the bundle carries, else the one its manifest names
+    if world is None:
         raise UserError(f"bundle {args.bundle} is not a world bundle (no manifest 'world'); steer-eval needs the "
                         "world's ground truth, build one with `python -m precompute demo`.")
     try:

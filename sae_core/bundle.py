@@ -42,6 +42,7 @@ THUMBS = "images/thumbs"
 RAW_MS = "raw/ms.npy"
 MS_FACTORS = "neurons/ms_factors.npy"  # world bundles: MS of the SAE neurons under the ground-truth factors
 WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a copied bundle carries it
+WORLD_SPEC_PARTS = ("clip", "llava", "train", "val", "ood")  # what may follow world:DIR: (model or split)
 
 # Arrays whose first axis is the neuron id (name -> relative path); others are named by path.
 NEURON_ARRAYS = (
@@ -361,6 +362,15 @@ class Bundle:
             return self.root / WORLD_DIR
         return Path(self.manifest["world"]) if self.manifest.get("world") else None
 
+    def local_spec(self, spec: str) -> str:
+        """A model, embedder or dataset spec from the manifest, with a `world:` spec's folder replaced by
+        `world_dir`: a bundle built elsewhere and copied here names the folder it was built in, while
+        its images, models and steering must come from the world it carries. Other specs as given."""
+        if self.world_dir is None or not spec.startswith("world:"):
+            return spec
+        _, sep, part = spec[len("world:"):].rpartition(":")
+        return f"world:{self.world_dir}" + (f":{part}" if sep and part in WORLD_SPEC_PARTS else "")
+
     def dataset(self):
         """The image dataset the atlas scanned (sae_core.datasets.open_dataset of the manifest's spec;
         for a world bundle, the world it carries or names, so a copied bundle still renders its images)."""
@@ -368,10 +378,7 @@ class Bundle:
             if not hasattr(self, "_dataset"):
                 from .datasets import open_dataset
 
-                spec = self.manifest["dataset"]["spec"]
-                if self.world_dir is not None and self.manifest.get("world_split"):
-                    spec = f"world:{self.world_dir}:{self.manifest['world_split']}"
-                self._dataset = open_dataset(spec)
+                self._dataset = open_dataset(self.local_spec(self.manifest["dataset"]["spec"]))
             return self._dataset
 
     @property

@@ -67,10 +67,7 @@ def bundle_source(bundle, device: str = "cpu") -> FeatureSource:
 
     model = bundle.manifest["model"]
     spec, layer, score = model["spec"], str(model.get("layer", bundle.manifest.get("layer"))), model.get("tokens", "max")
-    if bundle.world_dir is not None and spec.startswith("world:"):  # a copied bundle carries its world
-        which = spec.rsplit(":", 1)[1] if spec.rsplit(":", 1)[1] in ("clip", "llava") else "clip"
-        spec = f"world:{bundle.world_dir}:{which}"
-    adapter = load_adapter(spec, device=device)
+    adapter = load_adapter(bundle.local_spec(spec), device=device)  # a copied bundle carries its world
     sae = bundle.load_sae(device=device)
     h = hashlib.sha256()
     h.update((bundle.root / "sae" / "sae.safetensors").read_bytes())

@@ -337,7 +337,7 @@ class SteeringSession:
 
         b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         model = b.manifest["model"]
-        spec = llava or bundle_llava_spec(b.manifest)
+        spec = llava or bundle_llava_spec(b)
         return cls(b.load_sae(), spec, model["layer"], device=device, precision=precision, bundle=b, **kwargs)
 
     @classmethod
@@ -590,11 +590,12 @@ class SteeringSession:
         return self._text
 
 
-def bundle_llava_spec(manifest: dict) -> str:
-    """Which LLaVA steers a bundle's SAE: the world's tiny LLaVA, the bundle's own LLaVA, or LLaVA-1.5."""
-    if manifest.get("world"):
-        return f"world:{manifest['world']}:llava"
-    return llava_for_model(manifest["model"]["spec"])
+def bundle_llava_spec(bundle) -> str:
+    """Which LLaVA steers a bundle's SAE: the tiny LLaVA of the world the bundle carries or names, the
+    bundle's own LLaVA, or LLaVA-1.5."""
+    if bundle.world_dir is not None:
+        return f"world:{bundle.world_dir}:llava"
+    return llava_for_model(bundle.manifest["model"]["spec"])
 
 
 def llava_for_model(spec: str | None) -> str:

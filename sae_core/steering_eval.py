@@ -76,7 +76,7 @@ class ClipScorer:
 
         self.bundle = bundle
         self.template = template
-        self.embed_text = load_text_embedder(bundle.manifest["embedder"]["spec"])
+        self.embed_text = load_text_embedder(bundle.local_spec(bundle.manifest["embedder"]["spec"]))
         self.images = np.asarray(bundle.array("images/embeddings"), dtype=np.float32)
         # the images each latent is described by, as for its label: its top images, or its gallery by the max
         # over patches for a CLS-scored latent that fires on patches only
@@ -359,10 +359,10 @@ class ConceptSteerer:
 
     def __init__(self, session, factor: str = "colour", n_images: int = 600, tau: float = 0.1,
                  purity: float = 1.0, learned: "str | Path | LearnedDeltas | None" = None):
-        if session.bundle is None or not session.bundle.manifest.get("world"):
+        if session.bundle is None or session.bundle.world_dir is None:
             raise UserError("concept steering needs a world bundle (its ground truth gives the concept means).")
         self.session = session
-        self.data = load_world_eval(session, session.bundle.manifest["world"], n_images=n_images)
+        self.data = load_world_eval(session, session.bundle.world_dir, n_images=n_images)
         self.stats = concept_stats(self.data, factor, tau=tau, purity=purity)
         self.concepts = sorted(self.stats.means)
         if learned is not None:

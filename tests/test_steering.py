@@ -216,6 +216,40 @@ def test_clamping_a_colour_neuron_changes_the_answered_colour(session):
     assert np.mean(changed) >= 0.70 and np.mean(named) >= 0.50, (changed, named)
 
 
+def test_a_copied_bundle_steers_with_the_world_it_carries(tiny_bundle, tiny_world, session, tmp_path):
+    """A world bundle copied from where it was built, its world inside (as the demo keeps it): the
+    manifest's paths name a folder that is gone, yet its dataset, LLaVA, steering score and text search
+    come from the carried world and give the original bundle's answers."""
+    import shutil
+    from types import SimpleNamespace
+
+    from app.search import BundleEmbedder
+    from sae_core.bundle import open_bundle
+    from sae_core.steering_eval import ClipScorer, ConceptSteerer
+
+    copy = tmp_path / "copied"
+    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns("world"))
+    shutil.copytree(tiny_world, copy / "world")
+    manifest = (copy / "manifest.json").read_text()
+    assert str(tiny_world) in manifest
+    (copy / "manifest.json").write_text(manifest.replace(str(tiny_world), "/gone/cluster/world"))
+    b = open_bundle(copy)
+    assert b.world_dir == copy / "world" and b.local_spec("world:/gone/cluster/world:val") == f"world:{copy / 'world'}:val"
+    assert b.local_spec("hf:openai/clip-vit-base-patch32") == "hf:openai/clip-vit-base-patch32"
+
+    moved = SteeringSession.from_bundle(b, device="cpu", precision="fp32")
+    assert moved.adapter.spec == f"world:{copy / 'world'}:llava"
+    got = moved.answers("world:2", [3, 4], [6.0, 6.0], prompt="Describe the image.", max_new_tokens=8)
+    ref = session.answers("world:2", [3, 4], [6.0, 6.0], prompt="Describe the image.", max_new_tokens=8)
+    assert (got.original, got.steered) == (ref.original, ref.steered)
+    np.testing.assert_allclose(ClipScorer(b).score(["red", "cube"], [3, 4]),
+                               ClipScorer(session.bundle).score(["red", "cube"], [3, 4]), atol=1e-6)
+    search = BundleEmbedder.for_bundle(SimpleNamespace(bundle=b))
+    np.testing.assert_allclose(search.texts(["a red cube"]),
+                               BundleEmbedder.for_bundle(SimpleNamespace(bundle=session.bundle)).texts(["a red cube"]), atol=1e-6)
+    assert ConceptSteerer(moved, n_images=60).data is not None
+
+
 def test_steer_command(tiny_bundle, session, capsys):
     from precompute.__main__ import main
 
