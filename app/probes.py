@@ -334,7 +334,7 @@ def parse_crossmodal(d) -> tuple[str, dict, dict]:
     hit = [f"{c} {n}" for c, n in counts if n]
     note = (f"**Cross-modal latents**: {n_cm} of {n_units} SAE latents fire for the same concept on image patches and "
             f"on its word (score >= {threshold:g})" + (f": {', '.join(hit)}" if hit else "")
-            + (f"; raw residual half-dimensions: {raw['n_cross_modal']} of {raw['n_units']}"
+            + (f"; raw residual dimensions (either sign): {raw['n_cross_modal']} of {raw['n_units']}"
                if raw.get("n_units") is not None else "")
             + ". Score = the smaller over the two modalities of (on - off) / (on + off), on/off = mean activation on "
               "tokens with / without the concept. Click a row to open the latent's page.")

@@ -179,20 +179,25 @@ def _forget_later_stages(out: Path, name: str) -> None:
 
 
 def _check_identity(out: Path, identity: dict) -> None:
-    """Hold `out` to the settings of what it holds; settings under which nothing was built yet (a run that
-    failed on a typo before its scan saved anything) are replaced by the new ones."""
-    path = out / STAGE_DIR / "settings.json"
-    ident = json.loads(json.dumps(identity))
+    """Hold `out` to the settings of what it holds (see hold_settings)."""
     built = scan_checkpoint_path(out).is_file() or any(_stage_path(out, s).is_file() for s in STAGES)
+    hold_settings(out, f"{STAGE_DIR}/settings.json", identity, built)
+
+
+def hold_settings(out: Path, name: str, settings: dict, built: bool) -> None:
+    """Refuse settings other than those `out/name` records once something was `built` under them; until
+    then (a run that failed on a typo before it saved anything) the new settings replace the old."""
+    path = out / name
+    new = json.loads(json.dumps(settings))
     if path.is_file() and built:
         old = json.loads(path.read_text())
-        diff = [k for k in ident if old.get(k) != ident[k]]
+        diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             k = diff[0]
             raise UserError(f"{out} holds a bundle built with other settings ({k}: {old.get(k)!r} there, "
-                            f"{ident[k]!r} now); pass the same options to resume, or a new --out.")
+                            f"{new[k]!r} now); pass the same options to resume, or a new --out.")
     else:
-        B.write_json(out, f"{STAGE_DIR}/settings.json", ident)
+        B.write_json(out, name, new)
 
 
 def _world_root(dataset_spec: str) -> tuple[Path, str] | None:

@@ -20,7 +20,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,13 @@ def run(args) -> int:
     out = out_folder(Path(args.out).resolve(), "the bundle")
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
+    rows_path, sae_dir, cm_path = work / "lm_rows.npy", work / "sae", out / "crossmodal.json"
+    # every stage's output depends on these; a resume with others would mix them (rows of one layer, an SAE
+    # trained on them, a report at another threshold) under the new names
+    settings = {"world": str(world), "preset": args.preset, **asdict(preset), "lm_layer": args.lm_layer,
+                "threshold": args.threshold, "seed": args.seed}
+    built = rows_path.is_file() or sae_dir.exists() or cm_path.is_file() or (out / atlas.STAGE_DIR).is_dir()
+    atlas.hold_settings(out, ".work/settings.json", settings, built)
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
     lm = LanguageResidual(str(world / "llava"), args.lm_layer)
@@ -97,7 +104,6 @@ def run(args) -> int:
     t0 = time.time()
     try:
         # 1. training rows: image + text tokens of the train split's caption prompts
-        rows_path = work / "lm_rows.npy"
         if rows_path.is_file():
             progress.skip("rows")
         else:
@@ -111,7 +117,6 @@ def run(args) -> int:
                 B.write_json(out, ".work/rows.json", {"n_images": n, "n_rows": int(len(x)),
                                                       "n_image_rows": int(rows.is_image.sum()), "layer": layer})
         # 2. the SAE
-        sae_dir = work / "sae"
         if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
             progress.skip("train")
         else:
@@ -134,7 +139,6 @@ def run(args) -> int:
                 info = _scan(job, lm, sae, out, advance)
             atlas._mark(out, "scan", info)
         # 4. cross-modal scores
-        cm_path = out / "crossmodal.json"
         if cm_path.is_file():
             progress.skip("crossmodal")
             report = json.loads(cm_path.read_text())

@@ -248,7 +248,8 @@ def test_probes_and_ontology_commands(probe_outputs):
     assert (probe_outputs.bundle / "probes" / "ontology.json").is_file()
 
 
-def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle):
+def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, capsys):
+    from precompute.__main__ import main
     from sae_core.bundle import open_bundle
 
     out, res = tiny_crossmodal_bundle.path, tiny_crossmodal_bundle.summary
@@ -261,3 +262,12 @@ def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle):
     assert cm["n_image_tokens"] == 16 * cm["n_images"] and cm["n_text_tokens"] > cm["n_images"]
     page = b.neuron(int(np.argmax(b.array("support"))))
     assert page["top"] and page["top_heat"].shape[1] == 16
+    # a rerun with other settings is refused before anything runs: every stage's output depends on them
+    before = (out / "crossmodal.json").read_bytes()
+    for flag, sentence in ((["--threshold", "0.2"], "threshold: 0.5 there, 0.2 now"),
+                           (["--lm-layer", "2"], "lm_layer: 1 there, 2 now"),
+                           (["--preset", "demo"], "preset: 'tiny' there, 'demo' now")):
+        argv = ["crossmodal", "--world", str(tiny_world), "--out", str(out), "--preset", "tiny", "--quiet", *flag]
+        assert main(argv) == 2
+        assert sentence in capsys.readouterr().err
+    assert (out / "crossmodal.json").read_bytes() == before
