@@ -149,7 +149,7 @@ class SteerService:
         if sweep:
             if progress:
                 progress(0.5, desc="strength sweep")
-            maxes = [r / v if v else 1.0 for r, v in zip(raw, strength)]
+            maxes = [self.strength_unit(k) for k in lat]  # the rows are in strength units, whatever the sliders say
             values_list = [[st * m for m in maxes] for st in SWEEP_STRENGTHS]
             for st, (_, answer) in zip(SWEEP_STRENGTHS, s.sweep(key, lat, values_list, prompt=question,
                                                               keep_error=bool(keep_error), patches=patches,

@@ -324,6 +324,25 @@ def test_pictures_show_what_the_model_sees_and_the_index_picks_the_image(explore
         svc.image(-2, path)
 
 
+def test_the_sweep_is_in_strength_units_whatever_the_sliders_say(explorer, monkeypatch):
+    """The sweep's rows are 0, 0.5, ... x each latent's strength unit (its largest activation on one token):
+    the same clamps at slider strength 0 (an ablation) as at 4; they were raw values at strength 0."""
+    from app.steer import SWEEP_STRENGTHS, SteerService
+
+    svc = SteerService(explorer)
+    session = svc.session()
+    asked = []
+    monkeypatch.setattr(session, "sweep", lambda image, latents, values_list, **kw: (
+        asked.append(values_list), [(v, "x") for v in values_list])[1])
+    monkeypatch.setattr(SteerService, "scores", staticmethod(lambda *a: {}))
+    units = np.asarray(explorer.bundle.array("token_max"), np.float64)
+    k1, k2 = int(np.argmax(units)), int(np.argmin(np.where(units > 0, units, np.inf)))  # the largest, the smallest
+    for strengths in ([0.0, 0.0], [4.0, 1.5]):
+        out = svc.steer(2, [k1, k2], strengths, None, False, "", True, 2)
+        assert [row[0] for row in out["sweep"]] == list(SWEEP_STRENGTHS)
+        np.testing.assert_allclose(asked[-1], [[st * units[k1], st * units[k2]] for st in SWEEP_STRENGTHS], rtol=1e-6)
+
+
 def test_table_filters_and_sorts_like_numpy(explorer, tiny_bundle):
     ms = np.load(Path(tiny_bundle) / "neurons" / "ms.npy")
     support = np.load(Path(tiny_bundle) / "neurons" / "support.npy")
