@@ -50,21 +50,23 @@ def run(args) -> int:
     factors = tuple(f for f in args.factors.split(",") if f)
     if not set(factors) <= {"colour", "shape"}:
         raise UserError(f"--factors {args.factors!r} may only name colour and shape.")
+    learn_steps = LEARN_STEPS if args.learn_steps is None else args.learn_steps
+    if args.learned_out and (learn_steps == 0 or "colour" not in factors):
+        raise UserError("--learned-out needs the learned strategy; run with --learn-steps above 0 and colour in --factors.")
     torch.manual_seed(0)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     result = evaluate_world(session, world, n_images=args.images, alphas=alphas, max_images=args.per_concept,
                             tune_images=args.tune_per_concept, factors=factors, tau=args.tau,
                             purity=args.purity, log=log,
-                            learn_steps=LEARN_STEPS if args.learn_steps is None else args.learn_steps,
+                            learn_steps=learn_steps,
                             learn_lambda=LEARN_LAMBDA if args.learn_lambda is None else args.learn_lambda)
     result["bundle"] = str(session.bundle.root)
     if args.out:
         write_json_atomic(args.out, result)
     learned = result["factors"].get("colour", {}).get("chosen", {}).get("learned")
     if args.learned_out:
-        if learned is None:
-            raise UserError("--learned-out needs the learned strategy; run with --learn-steps above 0 and colour in --factors.")
-        write_json_atomic(args.learned_out, {"factor": "colour", "bundle": str(session.bundle.root), **learned["deltas"]})
+        write_json_atomic(args.learned_out, {"factor": "colour", "bundle": str(session.bundle.root), **learned["deltas"],
+                                             "settings": {"n_images": args.images, "tau": args.tau, "purity": args.purity}})
     if args.json:
         print(json.dumps(result))
         return 0
@@ -79,6 +81,7 @@ def run(args) -> int:
     if pp:
         print(f"CLIP score (paper protocol, {pp['n_neurons']} neurons): steered {pp['clip_score_steered']:.3f}, "
               f"unsteered {pp['clip_score_unsteered']:.3f}")
-    print(f"headline ({result['headline']['family']}): success {result['success_rate']:.2f}, "
-          f"collateral kept {result['collateral_kept']:.2f}")
+    if "headline" in result:  # the colour factor's; --factors shape has none
+        print(f"headline ({result['headline']['family']}): success {result['success_rate']:.2f}, "
+              f"collateral kept {result['collateral_kept']:.2f}")
     return 0

@@ -357,23 +357,33 @@ class ConceptSteerer:
         session.answer_batch([image], [clamp], COLOUR_Q, 3)
     """
 
-    def __init__(self, session, factor: str = "colour", n_images: int = 600, tau: float = 0.1,
-                 purity: float = 1.0, learned: "str | Path | LearnedDeltas | None" = None):
+    def __init__(self, session, factor: str = "colour", n_images: int | None = None, tau: float | None = None,
+                 purity: float | None = None, learned: "str | Path | LearnedDeltas | None" = None):
+        """n_images, tau and purity default to those `learned` was learned with, else 600, 0.1 and 1.0."""
         if session.bundle is None or session.bundle.world_dir is None:
             raise UserError("concept steering needs a world bundle (its ground truth gives the concept means).")
+        if learned is not None and not isinstance(learned, LearnedDeltas):
+            learned = load_learned(learned)
+        recorded = (learned.settings or {}) if learned is not None else {}
+        given = {"n_images": n_images, "tau": tau, "purity": purity}
+        defaults = {"n_images": 600, "tau": 0.1, "purity": 1.0}
+        self.settings = {k: given[k] if given[k] is not None else recorded.get(k, d) for k, d in defaults.items()}
         self.session = session
-        self.data = load_world_eval(session, session.bundle.world_dir, n_images=n_images)
-        self.stats = concept_stats(self.data, factor, tau=tau, purity=purity)
+        self.data = load_world_eval(session, session.bundle.world_dir, n_images=self.settings["n_images"])
+        self.stats = concept_stats(self.data, factor, tau=self.settings["tau"], purity=self.settings["purity"])
         self.concepts = sorted(self.stats.means)
         if learned is not None:
-            self.stats.learned = learned if isinstance(learned, LearnedDeltas) else load_learned(learned)
-            if list(self.stats.learned.latents) != [int(k) for k in self.stats.latents]:
-                raise UserError(f"the learned deltas in {learned} are for other {factor} latents than this bundle's; "
-                                "learn them on this bundle (steer-eval --learned-out, or ConceptSteerer.learn()).")
+            self.stats.learned = learned
+            if list(learned.latents) != [int(k) for k in self.stats.latents]:
+                raise UserError(f"the learned deltas are for other {factor} latents than this steerer finds "
+                                f"({', '.join(f'{k} {v}' for k, v in self.settings.items())}); learn them with these "
+                                "settings (steer-eval --learned-out, or ConceptSteerer.learn()), or pass the ones "
+                                "they were learned with.")
 
     def learn(self, **kwargs) -> "LearnedDeltas":
         """Learn the deltas on the tune half (learn_deltas' keyword arguments); clamp(..., "learned") uses them."""
         self.stats.learned = learn_deltas(self.session, self.data, self.stats, **kwargs)
+        self.stats.learned.settings = dict(self.settings)
         return self.stats.learned
 
     def codes(self, image) -> np.ndarray:
@@ -412,6 +422,9 @@ class LearnedDeltas:
     """target -> (n_concepts, len(latents)) float32: row i is the delta for an image whose source is concepts[i]."""
     where: str = "active"
     info: dict | None = None
+    settings: dict | None = None
+    """The concept statistics it was learned on ({n_images, tau, purity}); ConceptSteerer(learned=...)
+    takes them as its defaults, so it finds the same factor latents."""
 
     def delta(self, target: str, source: str) -> np.ndarray:
         return self.deltas[target][self.concepts.index(source)]
@@ -425,13 +438,14 @@ class LearnedDeltas:
 
     def to_json(self) -> dict:
         return {"latents": [int(k) for k in self.latents], "concepts": list(self.concepts), "where": self.where,
-                "deltas": {t: np.asarray(d).round(5).tolist() for t, d in self.deltas.items()}, "info": self.info}
+                "deltas": {t: np.asarray(d).round(5).tolist() for t, d in self.deltas.items()}, "info": self.info,
+                "settings": self.settings}
 
     @classmethod
     def from_json(cls, d: dict) -> "LearnedDeltas":
         return cls(np.asarray(d["latents"], dtype=np.int64), list(d["concepts"]),
                    {t: np.asarray(v, dtype=np.float32) for t, v in d["deltas"].items()}, d.get("where", "active"),
-                   d.get("info"))
+                   d.get("info"), d.get("settings"))
 
 
 def load_learned(path: str | Path) -> LearnedDeltas:

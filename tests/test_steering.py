@@ -361,6 +361,34 @@ def test_concept_swap_names_the_target_colour(session):
         steerer.clamp(ims[0], "hexagon")
 
 
+def test_steer_eval_command_writes_deltas_a_steerer_takes_back(tiny_bundle, session, tmp_path, capsys):
+    """steer-eval's --learned-out file records the settings its factor latents were found with, so
+    ConceptSteerer(learned=FILE) finds the same latents without being told (at its default 600 images it
+    found others and refused the file); --factors shape prints its table without a colour headline, and
+    --learned-out without the learned strategy is refused before the evaluation runs."""
+    from precompute.__main__ import main
+    from sae_core.steering_eval import ConceptSteerer
+
+    small = ["--bundle", str(tiny_bundle), "--images", "120", "--per-concept", "3", "--tune-per-concept", "3",
+             "--alphas", "2", "--device", "cpu"]
+    deltas = tmp_path / "deltas.json"
+    assert main(["steer-eval", *small, "--factors", "colour", "--learn-steps", "2", "--learned-out", str(deltas)]) == 0
+    assert "| colour | learned |" in capsys.readouterr().out
+    steerer = ConceptSteerer(session, "colour", learned=deltas)
+    assert steerer.settings == {"n_images": 120, "tau": 0.1, "purity": 1.0}
+    assert steerer.stats.learned.latents.tolist() == json.loads(deltas.read_text())["latents"]
+    with pytest.raises(UserError, match="other colour latents .*n_images 600"):
+        ConceptSteerer(session, "colour", n_images=600, learned=deltas)
+
+    assert main(["steer-eval", *small, "--factors", "shape", "--learn-steps", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| shape | best_swap |" in printed and "headline" not in printed
+    for bad in (["--factors", "shape"], ["--learn-steps", "0"]):
+        assert main(["steer-eval", *small, *bad, "--learned-out", str(tmp_path / "no.json")]) == 2
+        assert "--learned-out needs the learned strategy" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_learned_deltas_steer_held_out_images(session):
     """The learned strategy on the tiny world: deltas learned by gradient descent on the tune half (143
     single-object images), measured on the test half against their own starting point, the swap x2
