@@ -260,6 +260,9 @@ def test_steer_command(tiny_bundle, session, capsys):
     assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "3,4", "--value", "1,2,3"]) == 2
     assert "one value or one per latent" in capsys.readouterr().err
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "8,3,8", "--value", "5",
+                 "--mode", "add"]) == 2
+    assert "latent 8 is chosen twice" in capsys.readouterr().err
 
 
 def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bundle, session, tmp_path, capsys):
