@@ -26,9 +26,17 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as every other refusal here, instead of the usage block first
+    (9-12 lines for most commands); --help still prints the usage. Subcommands inherit the class."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options).\n")
+
+
 def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     """The parser of every command, with the arguments of the one `argv` names."""
-    parser = argparse.ArgumentParser(prog="python -m precompute", description=__doc__)
+    parser = OneLineParser(prog="python -m precompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
     for name, (module, help_text) in COMMANDS.items():

@@ -36,7 +36,7 @@ from sae_core import bundle as B
 from sae_core.atomic import remove_stale_temporaries
 from sae_core.errors import UserError
 
-from .args import out_folder
+from .args import out_folder, positive_int
 
 STAGES = ("scan", "geometry", "labels", "hierarchy", "index", "world", "thumbs")
 STAGE_DIR = ".stages"
@@ -97,18 +97,18 @@ def add_arguments(p) -> None:
     p.add_argument("--embedder", help="model whose unit-norm image embeddings define MS, labels and search "
                    "(default: world:DIR for world models, else --model)")
     p.add_argument("--out", required=True, help="bundle directory (rerun the same command to resume)")
-    p.add_argument("--topk", type=int, default=16, help="top images kept per neuron")
+    p.add_argument("--topk", type=positive_int, default=16, help="top images kept per neuron")
     p.add_argument("--score", choices=("cls", "max", "mean"),
                    help="image score: CLS activation, or max/mean over patches (default: as the SAE was trained)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch (at most; see --memory-gib)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (at most; see --memory-gib)")
     p.add_argument("--memory-gib", type=float, default=4.0,
                    help="memory one batch's dense SAE codes may take; smaller batches when the batch would exceed it "
                         "(K 65,536 on 257 tokens: about 10 images in 4 GiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--limit", type=int, help="scan only the first N images")
+    p.add_argument("--limit", type=positive_int, help="scan only the first N images")
     p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the band samples")
-    p.add_argument("--checkpoint-every", type=int,
+    p.add_argument("--checkpoint-every", type=positive_int,
                    help="images between saves of the scan's state, so a killed scan resumes there (default: every 5 minutes)")
 
 

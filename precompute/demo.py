@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .args import out_folder
+from .args import out_folder, positive_int
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def add_arguments(p) -> None:
                    help="demo: the product default (a few minutes); tiny: for tests (about a minute)")
     p.add_argument("--world", help="world directory to use, or to build there when missing (default: BUNDLE/world)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world (when built) and of the SAE")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--threads", type=positive_int, default=2,
                    help="torch CPU threads (default 2; pass 1 on a machine shared with other jobs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -12,6 +12,8 @@ from sae_core.alignment import DEFAULT_EDGES, alignment_figure, alignment_score,
 from sae_core.atomic import atomic_path, write_json_atomic
 from sae_core.errors import UserError
 
+from .args import positive_int
+
 
 def add_arguments(p):
     p.add_argument("--pairs", required=True, help="pairs.csv: k_x,k_y,R_user[,MS_x_NAME,MS_y_NAME ...]")
@@ -25,7 +27,7 @@ def add_arguments(p):
                    help="edges of the |MS_x - MS_y| bins, comma-separated (inf allowed)")
     p.add_argument("--out", help="directory for alignment.json and alignment.html (default: PAIRS_DIR/ms_agreement)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--chunk", type=positive_int, default=4096)
     p.add_argument("--matmul", choices=["float64", "float32"], default="float64")
 
 

@@ -16,19 +16,21 @@ from sae_core.precision import warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, train_sae
 
+from .args import nonnegative_int, positive_int
+
 
 def add_arguments(p):
     p.add_argument("--activations", required=True, help="activation store directory or (N, d) .npy file")
     p.add_argument("--arch", required=True, choices=TRAINABLE_ARCHS)
     width = p.add_mutually_exclusive_group(required=True)
     width.add_argument("--expansion", type=float, help="SAE width as a multiple of d_in")
-    width.add_argument("--width", type=int, help="SAE width (number of latents)")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK family)")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=4096, help="global batch, split over torchrun processes")
+    width.add_argument("--width", type=positive_int, help="SAE width (number of latents)")
+    p.add_argument("--k", type=positive_int, default=32, help="active latents per token (TopK family)")
+    p.add_argument("--steps", type=positive_int, required=True)
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=float, help="default 2e-4 / sqrt(width / 2^14)")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps (default min(1000, steps/20))")
-    p.add_argument("--decay-start", type=int, help="step where linear decay to 0 starts (default 80%% of steps; = steps disables)")
+    p.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps (default min(1000, steps/20))")
+    p.add_argument("--decay-start", type=nonnegative_int, help="step where linear decay to 0 starts (default 80%% of steps; = steps disables)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the encoder matmul")
@@ -36,9 +38,9 @@ def add_arguments(p):
     p.add_argument("--l1-coeff", type=float, default=SAEConfig.l1_coeff, help="relu only")
     p.add_argument("--aux-coeff", type=float, default=SAEConfig.aux_coeff)
     p.add_argument("--aux-k", type=int, help="default d_in/2")
-    p.add_argument("--dead-window", type=int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
+    p.add_argument("--dead-window", type=positive_int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
     p.add_argument("--eval-rows", type=int, help="held-out rows at the end of the store (default 5%%, at most 65,536)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: every 5 minutes)")
+    p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: every 5 minutes)")
     p.add_argument("--log", choices=["wandb", "tensorboard"], help="also log to W&B or TensorBoard")
     p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")
 

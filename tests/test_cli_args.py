@@ -1,5 +1,6 @@
-"""Counts and shares on the command line: a value no command can use ends in argparse's one line (exit 2)
-before anything runs. Each of these ran before, and crashed, ran forever or gave an empty result."""
+"""Counts and shares on the command line: a value no command can use ends in one line (exit 2), without
+argparse's usage block, before anything runs. Most of these ran before, and crashed, ran forever or gave an
+empty result."""
 import pytest
 
 from precompute.__main__ import main
@@ -18,6 +19,10 @@ REFUSED = [  # (argv, the flag named in the message, what it must be)
     (["probes", "--bundle", "b", "--threads", "0"], "--threads", "a positive integer"),
     (["steer", "--bundle", "b", "--image", "x.png", "--max-new-tokens", "0"], "--max-new-tokens", "a positive integer"),
     (["steer", "--bundle", "b", "--image", "x.png", "--top", "two"], "--top", "a positive integer"),
+    (["train", "--activations", "a", "--arch", "topk", "--width", "8", "--steps", "5", "--out", "o", "--k", "0"],
+     "--k", "a positive integer"),
+    (["atlas", "--sae", "s", "--dataset", "d", "--model", "m", "--out", "o", "--topk", "0"], "--topk", "a positive integer"),
+    (["steer-eval", "--bundle", "b", "--learn-steps", "-1"], "--learn-steps", "an integer of 0 or more"),
 ]
 
 
@@ -27,6 +32,7 @@ def test_unusable_counts_are_refused_before_anything_runs(argv, flag, wanted, ca
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: must be {wanted}" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"`python -m precompute {argv[0]} --help`" in err
 
 
 def test_usable_counts_pass():
