@@ -49,6 +49,7 @@ def parser_for(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser_for(argv).parse_args(argv)
+    args.argv = list(argv)  # what `command_line` records
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except UserError as e:

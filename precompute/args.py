@@ -4,6 +4,8 @@ any work."""
 import argparse
 import math
 import os
+import shlex
+import sys
 from pathlib import Path
 
 from sae_core.errors import UserError
@@ -66,3 +68,11 @@ def check_writable(path: Path) -> None:
         raise UserError(f"{folder} is a file, so {path} cannot be created under it; give another --out.")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{folder} is not writable, so {path} cannot be written; give an --out you can write to.")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that ran, to record beside its output: its own arguments (`args.argv`, set by
+    precompute's main and by the demo for each step it runs), so a step the demo ran reads as the step,
+    runnable by itself, and not as the demo's command line."""
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    return shlex.join(["python", "-m", "precompute", *argv])

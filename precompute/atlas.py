@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -36,7 +35,7 @@ from sae_core import bundle as B
 from sae_core.atomic import remove_stale_temporaries
 from sae_core.errors import UserError
 
-from .args import out_folder, positive_int
+from .args import command_line, out_folder, positive_int
 
 STAGES = ("scan", "geometry", "labels", "hierarchy", "index", "world", "thumbs")
 STAGE_DIR = ".stages"
@@ -123,7 +122,7 @@ def run(args) -> int:
                    memory_gib=args.memory_gib,
                    device=device, limit=args.limit, seed=args.seed, vocabulary=args.vocabulary,
                    checkpoint_every=args.checkpoint_every,
-                   command=shlex.join(["python", "-m", "precompute", "atlas", *sys.argv[2:]]))
+                   command=command_line(args))
     from .progress import PipelineProgress
 
     progress = PipelineProgress(STAGE_WEIGHTS, desc="atlas", log=Path(args.out) / STAGE_DIR / "log.txt")

@@ -17,7 +17,6 @@ score, AUROCs and top words, plus the examples and counts (also in manifest["cro
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ import numpy as np
 
 from sae_core.errors import UserError
 
-from .args import out_folder, positive_int
+from .args import command_line, out_folder, positive_int
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ def run(args) -> int:
         job = atlas.AtlasJob(
             sae=str(sae_dir), dataset=f"world:{world}:val", model=f"world:{world}:llava", out=str(out), layer=layer,
             embedder=f"world:{world}", score="max", limit=preset.atlas_images, seed=args.seed, device="cpu",
-            command=shlex.join(["python", "-m", "precompute", "crossmodal", *sys.argv[2:]]))
+            command=command_line(args))
         # 3. the atlas scan at the image tokens
         from sae_core.checkpoint import load_sae
 

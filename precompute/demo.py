@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .args import out_folder, positive_int
+from .args import command_line, out_folder, positive_int
 
 
 @dataclass(frozen=True)
@@ -64,9 +62,15 @@ def add_arguments(p) -> None:
 
 
 def _sub_args(module, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
+    """The arguments of another command's module, as its own command line would give them."""
+    from .__main__ import COMMANDS, OneLineParser
+
+    name = next(n for n, (m, _) in COMMANDS.items() if m == module.__name__)
+    parser = OneLineParser(prog=f"python -m precompute {name}")
     module.add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv = [name, *argv]
+    return args
 
 
 def run(args) -> int:
@@ -137,7 +141,7 @@ def run(args) -> int:
         job = atlas.AtlasJob(
             sae=str(sae_dir), dataset=f"world:{world}:{preset.atlas_split}", model=model, out=str(out), layer="-2",
             embedder=f"world:{world}", limit=preset.atlas_images, seed=args.seed, device="cpu", score=preset.score,
-            command=shlex.join(["python", "-m", "precompute", "demo", *sys.argv[2:]]),
+            command=command_line(args),
             extra_manifest={"demo": {"preset": args.preset, "world_built_here": built_world}})
         manifest = atlas.build_atlas(job, progress)
     finally:

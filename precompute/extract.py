@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write
 from sae_core.atomic import remove_stale_temporaries
 from sae_core.errors import UserError
 
-from .args import nonnegative_int, positive_int
+from .args import command_line, nonnegative_int, positive_int
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, seed=args.seed, shard_images=args.shard_images, shard_mb=args.shard_mb,
         workers=args.workers,
     )
-    extract(cfg, command=shlex.join([os.path.basename(sys.executable), "-m", "precompute", "extract", *sys.argv[2:]]))
+    extract(cfg, command=command_line(args))
     return 0
 
 

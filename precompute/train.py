@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from sae_core.precision import warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, train_sae
 
-from .args import nonnegative_int, positive_int
+from .args import command_line, nonnegative_int, positive_int
 
 
 def add_arguments(p):
@@ -66,7 +65,7 @@ def run(args) -> int:
     try:
         training_info = {
             "activations": {"path": str(args.activations), **{k: store.manifest.get(k) for k in ("model", "layer", "tokens", "dataset")}},
-            "command": " ".join(["python -m precompute train", *sys.argv[2:]]),
+            "command": command_line(args),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
         metrics = train_sae(store, sae_cfg, cfg, out, info, device=local_device(args.device, info),

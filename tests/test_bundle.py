@@ -1,5 +1,6 @@
 """The bundle: writer/reader round trip, refusals, and the tiny demo bundle through the reader and `inspect`."""
 import json
+import shlex
 import subprocess
 import sys
 
@@ -203,6 +204,15 @@ def test_tiny_bundle_through_the_reader(tiny_bundle):
     assert ids[0, 0] == i or np.allclose(emb[ids[0, 0]], emb[i], atol=1e-3)
     sae = b.load_sae()
     assert sae.cfg.d_sae == b.n_neurons
+    # each step the demo ran records its own command, runnable as it stands (they read as the demo's)
+    from precompute.__main__ import parser_for
+
+    store = next((tiny_bundle / ".work" / "acts").glob("layer_*/manifest.json"), None)
+    recorded = [m["sae"]["training"]["command"]] + ([json.loads(store.read_text())["command"]] if store else [])
+    for command, step in zip(recorded, ("train", "extract")):
+        argv = shlex.split(command)
+        assert argv[:4] == ["python", "-m", "precompute", step], command
+        parser_for(argv[3:]).parse_args(argv[3:])
 
 
 def test_dataset_and_index_open_once_under_concurrent_first_calls(tiny_bundle, monkeypatch):
