@@ -350,11 +350,18 @@ class SteeringSession:
 
         sae = load_sae(sae_dir)
         trained = trained_on(sae)
+        recorded = trained["layer"]
         if layer is None:
-            layer = trained["layer"]
+            layer = recorded
             if layer is None:
                 raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
-        return cls(sae, llava or llava_for_model(trained["model"]), layer, **kwargs)
+        session = cls(sae, llava or llava_for_model(trained["model"]), layer, **kwargs)
+        if recorded is not None:  # a layer given beside the recorded one must be the same block
+            given, own = (session.adapter.resolve_layer(x) for x in (layer, recorded))
+            if (given.kind, given.block) != (own.kind, own.block):
+                raise UserError(f"the SAE records that it was trained on layer {recorded}, but layer {layer} was "
+                                f"given; an SAE steers only its own layer, so leave the layer out or give that one.")
+        return session
 
     # --- images and the hidden-state cache ----------------------------------------------------
     def load_image(self, image):

@@ -1,6 +1,7 @@
 """Steering: the clamp map against a written-out reference, the hook's lifetime and thread isolation,
 the cached path against LLaVA's own generate, layer/width checks, and colour steering in the tiny world."""
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -220,7 +221,6 @@ def test_a_copied_bundle_steers_with_the_world_it_carries(tiny_bundle, tiny_worl
     """A world bundle copied from where it was built, its world inside (as the demo keeps it): the
     manifest's paths name a folder that is gone, yet its dataset, LLaVA, steering score and text search
     come from the carried world and give the original bundle's answers."""
-    import shutil
     from types import SimpleNamespace
 
     from app.search import BundleEmbedder
@@ -292,6 +292,13 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ref = session.answers(str(png), [3, 4], [6.0, 6.0], max_new_tokens=8)
     assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
+    other = tmp_path / "sae_of_layer_3"  # the same weights, as if trained on layer -3 (same width)
+    shutil.copytree(tiny_bundle / "sae", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["training"]["activations"]["layer"] = "-3"
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert main(["steer", "--sae", str(other), "--layer=-2", *args]) == 2  # steered at -2 before, silently
+    assert "records that it was trained on layer -3, but layer -2 was given" in capsys.readouterr().err
     saelens = export_saelens(tiny_bundle / "sae", tmp_path / "saelens")
     cfg = json.loads((saelens / "cfg.json").read_text())
     cfg["metadata"] = {"hook_name": "vision_tower.layers.2"}
