@@ -11,6 +11,8 @@ from .atlas import WORLD_FIGURES
 
 KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw",
         "ms_nan", "ms_mean_patch", "ms_nan_patch") + WORLD_FIGURES
+WORLD_JSON_KEYS = ("ms_agreement_raw", "ms_ground_truth_spearman_factor_embedder", "ms_ground_truth_spearman_ideal_neurons")
+"""World bundles: figures read from world.json (the manifest's metrics do not carry them)."""
 
 
 def add_arguments(p) -> None:
@@ -30,6 +32,15 @@ def summary(path) -> dict:
     out.update({k: metrics.get(k) for k in KEYS if k in metrics})
     for k in ("ms_ground_truth_spearman", "ms_agreement", "label_accuracy", "hierarchy_depth"):
         out.setdefault(k, metrics.get(k))
+    world = b.world_figures()
+    if world:
+        calibration = world.get("calibration") or {}
+        out["ms_agreement_raw"] = world.get("ms_agreement_raw")
+        for name in ("factor_embedder", "ideal_neurons"):
+            out[f"ms_ground_truth_spearman_{name}"] = (calibration.get(name) or {}).get("ms_ground_truth_spearman")
+    if (b.root / "images" / "index.faiss.json").is_file():
+        index = b.json("images/index.faiss.json")
+        out["search_index"] = {"kind": index.get("kind"), "n": index.get("n"), "recall": index.get("recall")}
     ms = np.asarray(b.array("ms"), np.float64)
     out["ms_median"] = float(np.nanmedian(ms)) if np.isfinite(ms).any() else None
     out.update({
@@ -56,10 +67,14 @@ def run(args) -> int:
           + (f", groups {sae['group_sizes']}" if sae["group_sizes"] else "")
           + (f", imported from {sae['imported']['format']} ({sae['imported']['from']})" if sae["imported"] else ""))
     print(f"  data     {s['dataset']} ({s['n_images']} images); embedder {s['embedder']}")
-    rows = [(k, s.get(k)) for k in KEYS[2:] + ("ms_median",) if s.get(k) is not None]
+    rows = [(k, s.get(k)) for k in KEYS[2:] + WORLD_JSON_KEYS + ("ms_median",) if s.get(k) is not None]
     width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:
         print(f"  {k:<{width}}  {_fmt(v)}")
+    if s.get("search_index"):
+        ix = s["search_index"]
+        print(f"  search   {ix['kind']} index of {ix['n']} images, recall@{ix['recall']['k']} {_fmt(ix['recall']['value'])}"
+              if isinstance(ix.get("recall"), dict) else f"  search   {ix['kind']} index of {ix['n']} images")
     print(f"  labels   {s['label_method']}")
     return 0
 

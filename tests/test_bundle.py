@@ -269,6 +269,12 @@ def test_inspect_json(tiny_bundle, capsys):
     no_gallery = float((np.asarray(b.array("support")) == 0).mean())
     assert s["dead_frac_images"] == pytest.approx(no_gallery)
     assert s["dead_frac"] <= no_gallery + 1e-9
+    # the figures the manifest does not carry, from world.json and the index's metadata
+    world = json.loads((tiny_bundle / "world.json").read_text())
+    assert s["ms_agreement_raw"] == world["ms_agreement_raw"] and 0 < s["ms_agreement_raw"] < 1
+    for name in ("factor_embedder", "ideal_neurons"):
+        assert s[f"ms_ground_truth_spearman_{name}"] == world["calibration"][name]["ms_ground_truth_spearman"]
+    assert s["search_index"]["kind"] == "flat" and s["search_index"]["n"] == b.n_images
     from precompute.__main__ import main  # the refusal in-process: the JSON above came from the real command
 
     assert main(["inspect", str(tiny_bundle / "neurons")]) == 2 and "unfinished" in capsys.readouterr().err
