@@ -25,7 +25,14 @@ def test_dockerfile_uses_the_readme_commands_as_a_non_root_user():
     assert ("EXPOSE", "7860") in steps
     env = dict(re.findall(r"(SAE_APP_\w+)=(\S+)", " ".join(v for k, v in steps if k == "ENV")))
     assert env["SAE_APP_HOST"] == "0.0.0.0" and env["SAE_APP_PORT"] == "7860"
-    assert {"SAE_APP_BUNDLE", "SAE_APP_DEVICE", "SAE_APP_LOAD_4BIT"} <= set(env)
+    from app.settings import ENV_VARS
+    from app.uploads import UploadLimits
+
+    assert set(env) == set(ENV_VARS)  # every setting the app reads, to override with docker run -e
+    limits = UploadLimits()
+    # the app's own defaults (4096 x 4096 pixels written 16.8 megapixels, as the README and --help do)
+    assert float(env["SAE_APP_MAX_UPLOAD_MB"]) == limits.max_bytes / 2**20
+    assert float(env["SAE_APP_MAX_UPLOAD_MEGAPIXELS"]) == round(limits.max_pixels / 1e6, 1)
     workdir = [v for k, v in steps if k == "WORKDIR"][-1]
     runs = [v for k, v in steps if k == "RUN"]
     build = [r for r in runs if "precompute demo" in r]
