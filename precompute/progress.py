@@ -8,6 +8,7 @@ stages are silenced (TQDM_DISABLE) and their printed output goes to a log file.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -85,10 +86,17 @@ class PipelineProgress:
         else:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             sink = open(self.log, "a")
+        # Python logging too: a library's first logging.warning() inside the stage (open_clip's "no pretrained
+        # weights") would otherwise configure the root logger on this sink, and every later warning would
+        # write to it after it is closed ("--- Logging error --- I/O operation on closed file").
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+        logging.root.addHandler(handler)
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 yield
         finally:
+            logging.root.removeHandler(handler)
             sink.close()
             if old is None:
                 os.environ.pop("TQDM_DISABLE", None)

@@ -360,6 +360,26 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path,
         np.testing.assert_array_equal(np.load(tmp_path / "c" / "neurons" / path.name), np.load(path), err_msg=path.name)
 
 
+def test_library_logging_in_a_stage_goes_to_the_log_and_keeps_working(tmp_path, capfd, monkeypatch):
+    """A library's first logging.warning() inside a quiet stage (open_clip's "no pretrained weights")
+    configured the root logger on that stage's log file, and the next warning, a stage later, failed
+    on the closed file with a "--- Logging error ---" traceback in the log."""
+    import logging
+
+    from precompute.progress import PipelineProgress
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a command's process (pytest adds its own)
+    progress = PipelineProgress({"a": 1, "b": 1}, desc="t", log=tmp_path / "log.txt", enabled=False)
+    with progress.stage("a"):
+        logging.warning("first, in stage a")
+    with progress.stage("b"):
+        logging.warning("second, in stage b")
+    progress.close()
+    log = (tmp_path / "log.txt").read_text()
+    assert "WARNING:root:first, in stage a" in log and "WARNING:root:second, in stage b" in log
+    assert "Logging error" not in log + capfd.readouterr().err and logging.root.handlers == []
+
+
 class _Killed(Exception):
     pass
 
