@@ -379,13 +379,13 @@ def test_steer_eval_command_writes_deltas_a_steerer_takes_back(tiny_bundle, sess
     from precompute.__main__ import main
     from sae_core.steering_eval import ConceptSteerer
 
-    small = ["--bundle", str(tiny_bundle), "--images", "120", "--per-concept", "3", "--tune-per-concept", "3",
+    small = ["--bundle", str(tiny_bundle), "--images", "60", "--per-concept", "2", "--tune-per-concept", "2",
              "--alphas", "2", "--device", "cpu"]
     deltas = tmp_path / "deltas.json"
     assert main(["steer-eval", *small, "--factors", "colour", "--learn-steps", "2", "--learned-out", str(deltas)]) == 0
     assert "| colour | learned |" in capsys.readouterr().out
     steerer = ConceptSteerer(session, "colour", learned=deltas)
-    assert steerer.settings == {"n_images": 120, "tau": 0.1, "purity": 1.0}
+    assert steerer.settings == {"n_images": 60, "tau": 0.1, "purity": 1.0}
     assert steerer.stats.learned.latents.tolist() == json.loads(deltas.read_text())["latents"]
     with pytest.raises(UserError, match="other colour latents .*n_images 600"):
         ConceptSteerer(session, "colour", n_images=600, learned=deltas)
