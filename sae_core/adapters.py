@@ -473,10 +473,9 @@ def _hf_blocks(tower: nn.Module) -> nn.ModuleList:
     raise UserError(f"{type(tower).__name__} has no encoder blocks this adapter knows; use a CLIP, SigLIP or DINOv2 vision model.")
 
 
-def _hf_layout(cfg, model_type: str) -> TokenLayout:
-    size, patch = cfg.image_size, cfg.patch_size
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    grid = (size[0] // patch, size[1] // patch)
+def _hf_layout(cfg, model_type: str, size: tuple[int, int]) -> TokenLayout:
+    """Tokens of a transformers tower fed (H, W) = `size` pixels."""
+    grid = (size[0] // cfg.patch_size, size[1] // cfg.patch_size)
     if model_type.startswith("siglip"):
         return TokenLayout(0, grid, False)
     n_reg = int(getattr(cfg, "num_register_tokens", 0) or 0)
@@ -509,10 +508,15 @@ class HFVisionAdapter(Adapter):
             self.embed_dim = int(vcfg.hidden_size)
         self.blocks = _hf_blocks(self.tower)
         self.width = int(vcfg.hidden_size)
-        self.layout = _hf_layout(vcfg, mt)
-        size = vcfg.image_size
-        self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         self.preprocessor = _hf_image_transform(source)
+        # what the processor feeds the model, not the config's image_size: DINOv2's config says 518 while its
+        # processor crops 224 (the model interpolates its position embeddings), a 16x16 grid, not 37x37
+        size = vcfg.image_size
+        side = size[0] if isinstance(size, (list, tuple)) else size
+        from PIL import Image
+
+        self.image_size = tuple(self.preprocessor.batch([Image.new("RGB", (side, side))]).shape[-2:])
+        self.layout = _hf_layout(vcfg, mt, self.image_size)
         self.to("cpu")
 
     def _forward(self, pixels):
@@ -557,8 +561,8 @@ class LlavaAdapter(Adapter):
         vcfg = cfg.vision_config
         self.blocks = _hf_blocks(tower)
         self.width = self.embed_dim = int(vcfg.hidden_size)
-        self.layout = _hf_layout(vcfg, vcfg.model_type)
-        self.image_size = (vcfg.image_size, vcfg.image_size)
+        self.image_size = (vcfg.image_size, vcfg.image_size)  # LLaVA's CLIP: its processor crops to this size
+        self.layout = _hf_layout(vcfg, vcfg.model_type, self.image_size)
         layer = cfg.vision_feature_layer
         if not isinstance(layer, int):
             raise UserError(f"{source} reads several vision layers ({layer}); only a single vision_feature_layer is supported.")

@@ -89,8 +89,10 @@ def dinov2_dir() -> Path:
 
     torch.manual_seed(1)
     d = _ROOT / "dinov2"
+    # as facebook/dinov2-*: the config's image_size (518 there) is not the processor's crop (224), the model
+    # interpolates its position embeddings to the grid it is fed
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             image_size=28, patch_size=7)).save_pretrained(d)
+                             image_size=63, patch_size=7)).save_pretrained(d)
     BitImageProcessor(do_resize=True, size={"shortest_edge": 32}, do_center_crop=True,
                       crop_size={"height": 28, "width": 28}, image_mean=MEAN, image_std=STD).save_pretrained(d)
     return d
