@@ -112,6 +112,20 @@ class ActivationStore:
     dataset = property(lambda self: self.manifest.get("dataset"))
     skipped = property(lambda self: self.manifest.get("skipped", []))
 
+    def identity(self) -> dict:
+        """What tells these rows from other rows of the same shape (a training checkpoint is only resumed on
+        them): width, dtype, what the extraction recorded, and a digest of the first, middle and last rows.
+        No path, so a moved or copied store is still the same data."""
+        import hashlib
+
+        n = len(self)
+        sample = self.take(np.array(sorted({0, n // 2, n - 1}), dtype=np.int64)) if n else np.zeros((0, self.d))
+        spec = lambda v: v.get("spec") if isinstance(v, dict) else v  # noqa: E731
+        return {"rows": n, "d": self.d, "dtype": str(self.dtype), "layer": self.layer,
+                "tokens": self.manifest.get("tokens"), "model": spec(self.model),
+                "dataset": spec(self.manifest.get("dataset")),
+                "sample": hashlib.sha1(np.ascontiguousarray(sample).tobytes()).hexdigest()[:16]}
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Contiguous rows [start, stop) as one array (copied out of the memory maps)."""
         start, stop = max(0, start), min(stop, len(self))

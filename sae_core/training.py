@@ -207,7 +207,8 @@ def train_sae(
     if sae_cfg.d_in != store.d:
         raise UserError(f"the SAE expects d_in={sae_cfg.d_in} but the activations have width {store.d}.")
     n_train, n_eval = split_rows(len(store), cfg.eval_rows)
-    run_config = {"sae": sae_cfg.to_dict(), "train": asdict(cfg), "world_size": dist_info.world_size, "rows": len(store)}
+    run_config = {"sae": sae_cfg.to_dict(), "train": asdict(cfg), "world_size": dist_info.world_size, "rows": len(store),
+                  "data": store.identity()}
     compute_dtype = COMPUTE_DTYPES[cfg.dtype]
 
     sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(device)
@@ -217,7 +218,10 @@ def train_sae(
     start, tokens_seen = 0, 0
     if ckpt.exists():
         meta, tracker = ckpt.load(sae, opt, device)
-        if meta["run_config"] != json.loads(json.dumps(run_config)):
+        now = json.loads(json.dumps(run_config))
+        if "data" not in meta["run_config"]:  # a checkpoint from before the data's identity was recorded
+            now.pop("data")
+        if meta["run_config"] != now:
             raise UserError(
                 f"{out_dir} holds a checkpoint of a different run (other arguments or data); "
                 "use a new --out directory or delete its checkpoint/ folder to start over."

@@ -124,7 +124,7 @@ def _run_cli(args, **kw):
                           capture_output=True, text=True, **kw)
 
 
-def test_kill_and_resume_equals_uninterrupted(planted, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(planted, tmp_path, capsys):
     npy, _ = planted
     extra = ["--checkpoint-every", "20", "--groups", "64,448"]
     args = train_args(npy, tmp_path / "resumed", "matryoshka", 240, extra)
@@ -141,6 +141,11 @@ def test_kill_and_resume_equals_uninterrupted(planted, tmp_path):
     proc.wait()
     killed_at = json.loads(state.read_text())["step"]
     assert killed_at < 240
+    # other rows of the same shape (another layer of one extraction) do not resume this checkpoint
+    other = tmp_path / "other.npy"
+    np.save(other, -np.load(npy))
+    assert precompute_main(train_args(other, tmp_path / "resumed", "matryoshka", 240, extra)) == 2
+    assert "holds a checkpoint of a different run" in capsys.readouterr().err
     resumed = _run_cli(args)
     assert resumed.returncode == 0, resumed.stderr
 
