@@ -194,8 +194,12 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     meta = raw.get("metadata") or raw.get("meta") or raw          # SAELens 6 nests it; older versions do not
     arch = raw.get("architecture", "standard")
     kwargs = raw.get("activation_fn_kwargs") or {}
-    if arch == "standard" and (raw.get("activation_fn_str") or raw.get("activation_fn")) == "topk":
+    fn = raw.get("activation_fn_str") or raw.get("activation_fn")
+    if arch == "standard" and fn == "topk":
         arch = "topk"
+    elif arch == "standard" and fn not in (None, "relu"):  # e.g. "tanh-relu": not a ReLU, do not read it as one
+        raise UserError(f"{path} holds a SAELens standard SAE with activation {fn!r}; only relu and topk "
+                        "activations can be loaded here.")
     ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(arch)
     if ours is None:
         raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs can be "

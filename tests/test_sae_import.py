@@ -167,6 +167,7 @@ def test_the_layer_of_a_saelens_hook(tmp_path, hook, layer):
 
 @pytest.mark.parametrize("cfg,extra,match", [
     ({"architecture": "gated"}, {}, "'gated' SAE; only standard, topk and jumprelu"),
+    ({"architecture": "standard", "activation_fn_str": "tanh-relu"}, {}, "activation 'tanh-relu'; only relu and topk"),
     ({"architecture": "standard", "normalize_activations": "expected_average_only_in"}, {},
      "fold_activation_norm_scaling_factor"),
     ({"architecture": "standard", "normalize_activations": "constant_norm_rescale"}, {}, "no fixed weights"),
