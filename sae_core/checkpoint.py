@@ -242,7 +242,7 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     hook = meta.get("hook_name")
     info = {"imported": {"format": "saelens", "architecture": arch, "model": meta.get("model_name"), "hook": hook}}
     layer = layer_of_hook(hook)
-    if layer is not None:
+    if layer is not None or "sae_lab_arch" in meta:
         info["activations"] = {"layer": layer, "tokens": meta.get("sae_lab_tokens")}
         if "sae_lab_arch" in meta:  # our export: model_name is our model spec
             info["activations"]["model"] = {"spec": meta.get("model_name")}
@@ -251,11 +251,11 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
 
 def layer_of_hook(hook) -> str | None:
     """The layer, in our numbering (sae_core.adapters), that a SAELens hook name reads where it names a
-    block's output: our export's `layer_L`, and TransformerLens / ViT-Prisma's `blocks.L.hook_resid_post`
+    block's output: our export's `layer_L` (and `layer_embed`, the image embedding), and TransformerLens / ViT-Prisma's `blocks.L.hook_resid_post`
     (block L's output) and `blocks.L.hook_resid_pre` for L >= 1 (block L-1's output). None otherwise:
     MLP or attention outputs are not the residual stream the adapters read, and block 0's input has
     an index only once the model's depth is known."""
-    m = re.fullmatch(r"layer_(-?\d+)|blocks\.(\d+)\.hook_resid_(post|pre)", str(hook or ""))
+    m = re.fullmatch(r"layer_(-?\d+|embed)|blocks\.(\d+)\.hook_resid_(post|pre)", str(hook or ""))
     if m is None:
         return None
     if m.group(1) is not None:

@@ -105,8 +105,8 @@ def test_bf16_saelens_weights_load_in_float32(tmp_path):
         torch.testing.assert_close(sae.encode(x).double(), z_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_our_export_comes_back_unchanged(tmp_path, arch):
+@pytest.mark.parametrize("arch,layer", [("batchtopk", "-2"), ("matryoshka", "-2"), ("batchtopk", "embed")])
+def test_our_export_comes_back_unchanged(tmp_path, arch, layer):
     """export_saelens then load_sae: the SAE we saved comes back (arch, k, Matryoshka levels, the layer and
     tokens it read) with the same codes; the same file without our metadata, as an SAE SAELens made,
     is a jumprelu SAE with the same codes and no layer."""
@@ -116,13 +116,13 @@ def test_our_export_comes_back_unchanged(tmp_path, arch):
         sae.threshold.uniform_(0.05, 0.4)
         sae.b_enc.normal_(0, 0.3)
     model = {"spec": "world:/w:llava", "n_blocks": 4}  # what `precompute train` records of the extraction
-    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": "-2", "tokens": "all", "model": model}})
+    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": layer, "tokens": "all", "model": model}})
     exported = export_saelens(tmp_path / "ours", tmp_path / "saelens")
     back = load_sae(exported)
     assert back.cfg == cfg
-    assert back.training_info["activations"] == {"layer": "-2", "tokens": "all", "model": {"spec": "world:/w:llava"}}
+    assert back.training_info["activations"] == {"layer": layer, "tokens": "all", "model": {"spec": "world:/w:llava"}}
     raw = json.loads((exported / "cfg.json").read_text())
-    assert raw["metadata"]["model_name"] == "world:/w:llava" and raw["metadata"]["hook_name"] == "layer_-2"
+    assert raw["metadata"]["model_name"] == "world:/w:llava" and raw["metadata"]["hook_name"] == f"layer_{layer}"
     raw["metadata"] = {"model_name": "m", "hook_name": "h"}
     (exported / "cfg.json").write_text(json.dumps(raw))
     foreign = load_sae(exported)
