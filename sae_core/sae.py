@@ -84,7 +84,8 @@ def matryoshka_group_sizes(spec: str | None, d_sae: int) -> tuple[int, ...]:
     """Group sizes from "512,1024,..." (sizes) or "0.0625,0.0625,0.125,0.25,0.5" (fractions of the width).
 
     The default doubles the prefix each time: prefixes of 1/16, 1/8, 1/4, 1/2 and all of the width.
-    The last group absorbs rounding so that the sizes sum to d_sae.
+    Fractions must sum to 1, and the last group absorbs their rounding; sizes must sum to d_sae (a
+    list that does not, such as prefix widths, is refused rather than silently rewritten).
     """
     if not spec:
         spec = "0.0625,0.0625,0.125,0.25,0.5"
@@ -92,11 +93,23 @@ def matryoshka_group_sizes(spec: str | None, d_sae: int) -> tuple[int, ...]:
         values = [float(v) for v in spec.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--groups {spec!r} is not a comma-separated list of sizes or fractions.") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"--groups {spec!r} needs positive sizes or fractions.")
     if all(v < 1 for v in values):
+        if abs(sum(values) - 1) > 1e-3:
+            raise UserError(f"--groups {spec!r}: fractions of the width must sum to 1, not {sum(values):g}.")
         sizes = [max(1, round(v * d_sae)) for v in values]
+        sizes[-1] += d_sae - sum(sizes)
     else:
+        if not all(v.is_integer() for v in values):
+            raise UserError(f"--groups {spec!r} mixes sizes and fractions; give whole sizes or fractions below 1.")
         sizes = [int(v) for v in values]
-    sizes[-1] += d_sae - sum(sizes)
+        if sum(sizes) != d_sae:
+            prefix = sizes == sorted(sizes) and sizes[-1] == d_sae and len(set(sizes)) == len(sizes)
+            hint = (f" (as prefix widths, {spec} are the groups "
+                    f"{','.join(str(b - a) for a, b in zip([0] + sizes, sizes))})" if prefix else "")
+            raise UserError(f"--groups {spec!r} sums to {sum(sizes)}, not the width {d_sae}; give group sizes that "
+                            f"add up to the width{hint}.")
     if min(sizes) < 1:
         raise UserError(f"--groups {spec!r} does not fit an SAE of width {d_sae}; the groups must sum to the width.")
     return tuple(sizes)

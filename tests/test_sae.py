@@ -281,6 +281,14 @@ def test_group_sizes_and_config_errors():
     assert matryoshka_group_sizes("0.25,0.25,0.5", 64) == (16, 16, 32)
     assert matryoshka_group_sizes("8,24,32", 64) == (8, 24, 32)
     assert sum(matryoshka_group_sizes(None, 1000)) == 1000
+    assert matryoshka_group_sizes("0.3,0.3,0.4", 10) == (3, 3, 4) and matryoshka_group_sizes("0.33,0.33,0.34", 10) == (3, 3, 4)
+    # a list that does not add up is refused, not rewritten (16,64,256 became 16,64,176: prefixes 16/80/256)
+    with pytest.raises(UserError, match=r"sums to 336, not the width 256.*prefix widths, 16,64,256 are the groups 16,48,192"):
+        matryoshka_group_sizes("16,64,256", 256)
+    for bad, match in (("100,50", "sums to 150"), ("0.25,0.5,0.5", "must sum to 1, not 1.25"), ("0.5,100", "mixes"),
+                       ("8,-8,256", "positive"), ("nan,1", "positive")):
+        with pytest.raises(UserError, match=match):
+            matryoshka_group_sizes(bad, 256)
     with pytest.raises(UserError, match="sum to the width"):
         SAEConfig(arch="matryoshka", d_in=4, d_sae=10, k=2, group_sizes=(3, 3))
     with pytest.raises(UserError, match="unknown SAE architecture"):
