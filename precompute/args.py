@@ -29,6 +29,22 @@ def share(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number above 0 (learning rates, expansions, sizes, seconds)."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number of 0 or more (loss coefficients, thresholds)."""
+    value = finite_float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, not {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)

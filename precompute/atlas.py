@@ -35,7 +35,7 @@ from sae_core import bundle as B
 from sae_core.atomic import remove_stale_temporaries
 from sae_core.errors import UserError
 
-from .args import command_line, out_folder, positive_int
+from .args import command_line, nonnegative_int, out_folder, positive_float, positive_int
 
 STAGES = ("scan", "geometry", "labels", "hierarchy", "index", "world", "thumbs")
 STAGE_DIR = ".stages"
@@ -100,13 +100,13 @@ def add_arguments(p) -> None:
     p.add_argument("--score", choices=("cls", "max", "mean"),
                    help="image score: CLS activation, or max/mean over patches (default: as the SAE was trained)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (at most; see --memory-gib)")
-    p.add_argument("--memory-gib", type=float, default=4.0,
+    p.add_argument("--memory-gib", type=positive_float, default=4.0,
                    help="memory one batch's dense SAE codes may take; smaller batches when the batch would exceed it "
                         "(K 65,536 on 257 tokens: about 10 images in 4 GiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--limit", type=positive_int, help="scan only the first N images")
     p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world data)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the band samples")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the band samples")
     p.add_argument("--checkpoint-every", type=positive_int,
                    help="images between saves of the scan's state, so a killed scan resumes there (default: every 5 minutes)")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from sae_core.errors import UserError
 
-from .args import command_line, out_folder, positive_int
+from .args import command_line, finite_float, nonnegative_int, out_folder, positive_int
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--lm-layer", type=int, default=1,
                    help="hidden_states index of the language model (1 = output of decoder layer 0)")
-    p.add_argument("--threshold", type=float, default=0.5, help="cross-modal score a latent must reach")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=finite_float, default=0.5, help="cross-modal score a latent must reach")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (always the last line)")

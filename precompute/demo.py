@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .args import command_line, out_folder, positive_int
+from .args import command_line, nonnegative_int, out_folder, positive_int
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="demo: the product default (a few minutes); tiny: for tests (about a minute)")
     p.add_argument("--world", help="world directory to use, or to build there when missing (default: BUNDLE/world)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world (when built) and of the SAE")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the world (when built) and of the SAE")
     p.add_argument("--threads", type=positive_int, default=2,
                    help="torch CPU threads (default 2; pass 1 on a machine shared with other jobs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

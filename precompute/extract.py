@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="compute precision of the model; auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random:K token choice (a function of seed and image index)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random:K token choice (a function of seed and image index)")
     p.add_argument("--shard-images", type=positive_int, default=None, help="images per shard (default: shards of about --shard-mb)")
     p.add_argument("--shard-mb", type=positive_int, default=256, help="target shard size in MiB when --shard-images is not given")
     p.add_argument("--workers", type=nonnegative_int, default=None, help="data-loading processes per rank (default: 0 on a small CPU machine)")

@@ -6,7 +6,7 @@ import json
 
 from sae_core.errors import UserError
 
-from .args import nonnegative_int, positive_int
+from .args import nonnegative_float, nonnegative_int, positive_int
 
 
 def add_arguments(p) -> None:
@@ -16,11 +16,11 @@ def add_arguments(p) -> None:
     p.add_argument("--tune-per-concept", type=positive_int, default=48, help="tune images per target concept")
     p.add_argument("--alphas", default="1,1.5,2,2.5,3,3.5,4", help="strengths swept (x max activation / x mean code)")
     p.add_argument("--factors", default="colour,shape")
-    p.add_argument("--tau", type=float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
-    p.add_argument("--purity", type=float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
+    p.add_argument("--tau", type=nonnegative_float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
+    p.add_argument("--purity", type=nonnegative_float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
     p.add_argument("--learn-steps", type=nonnegative_int, default=None,
                    help="Adam steps of the learned strategy per colour (default 80; 0 leaves it out)")
-    p.add_argument("--learn-lambda", type=float, default=None,
+    p.add_argument("--learn-lambda", type=nonnegative_float, default=None,
                    help="weight of keeping the shape answer in the learned strategy's loss (default 1)")
     p.add_argument("--learned-out", help="write the learned deltas (JSON; ConceptSteerer(..., learned=FILE) applies them)")
     p.add_argument("--device", default="auto")

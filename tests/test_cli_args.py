@@ -23,6 +23,18 @@ REFUSED = [  # (argv, the flag named in the message, what it must be)
      "--k", "a positive integer"),
     (["atlas", "--sae", "s", "--dataset", "d", "--model", "m", "--out", "o", "--topk", "0"], "--topk", "a positive integer"),
     (["steer-eval", "--bundle", "b", "--learn-steps", "-1"], "--learn-steps", "an integer of 0 or more"),
+    (["extract", "--model", "m", "--dataset", "d", "--layer", "-2", "--out", "o", "--seed", "-1"],
+     "--seed", "an integer of 0 or more"),
+    (["train", "--activations", "a", "--arch", "topk", "--width", "8", "--steps", "5", "--out", "o", "--aux-k", "-3"],
+     "--aux-k", "a positive integer"),
+    (["train", "--activations", "a", "--arch", "topk", "--expansion", "nan", "--steps", "5", "--out", "o"],
+     "--expansion", "a finite number"),
+    (["train", "--activations", "a", "--arch", "topk", "--width", "8", "--steps", "5", "--out", "o", "--lr", "0"],
+     "--lr", "a number above 0"),
+    (["train", "--activations", "a", "--arch", "topk", "--width", "8", "--steps", "5", "--out", "o", "--aux-coeff", "nan"],
+     "--aux-coeff", "a finite number"),
+    (["train", "--activations", "a", "--arch", "relu", "--width", "8", "--steps", "5", "--out", "o", "--l1-coeff", "-1"],
+     "--l1-coeff", "a number of 0 or more"),
 ]
 
 

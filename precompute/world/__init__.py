@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sae_core.errors import UserError
 
-from ..args import out_folder
+from ..args import nonnegative_int, out_folder
 from .presets import PRESETS
 
 STAGE_FILE = "world_stage.json"  # inside clip/ and llava/: how the stage was built and how long it took
@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="world directory to create or resume")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="demo: meets the gates (about 7 minutes on 2 shared cores); tiny: for tests (under a minute)")
-    p.add_argument("--seed", type=int, default=0, help="one seed for images and training")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="one seed for images and training")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: safe on a shared machine, where two threads ran up to "
                         "7x slower, and the same bits on any CPU count; 2 was 1.7x faster on idle cores)")
