@@ -162,12 +162,19 @@ class ActivationStore:
         return self.row_index(index)[:, 1]
 
     def iter_batches(self, batch_size: int, seed: int = 0, start_step: int = 0, stop_step: int | None = None,
-                     rank: int = 0, world_size: int = 1, prefetch: int = 4) -> Iterator[np.ndarray]:
-        """Shuffled batches `shuffled_batch_index(...)` for steps start_step, start_step+1, ...
+                     rank: int = 0, world_size: int = 1, prefetch: int = 4,
+                     n_rows: int | None = None) -> Iterator[np.ndarray]:
+        """Shuffled batches `shuffled_batch_index(n_rows, ...)` for steps start_step, start_step+1, ...
+
+        Over the first `n_rows` rows (default all of them). The trainer holds out the last rows: pass its
+        training rows, `sae_core.training.split_rows(len(store), eval_rows)[0]`, for its batches exactly.
 
         A background thread reads up to `prefetch` batches ahead, so the page faults of the memory
         maps overlap with the caller's compute (numpy copies release the GIL).
         """
+        n = len(self) if n_rows is None else n_rows
+        if not 0 < n <= len(self):
+            raise UserError(f"n_rows {n_rows} is not between 1 and the store's {len(self)} rows.")
         steps = iter(range(start_step, stop_step)) if stop_step is not None else _count(start_step)
         q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         stop = threading.Event()
@@ -177,7 +184,7 @@ class ActivationStore:
                 for step in steps:
                     if stop.is_set():
                         return
-                    idx = shuffled_batch_index(len(self), batch_size, step, seed, rank, world_size)
+                    idx = shuffled_batch_index(n, batch_size, step, seed, rank, world_size)
                     q.put(self.take(idx))
                 q.put(None)
             except BaseException as e:  # hand the error to the consumer

@@ -73,6 +73,15 @@ def test_iter_batches_is_the_shuffled_index_and_resumable(tmp_path):
     assert len(got) == 7
     for step, batch in zip(range(2, 9), got):
         np.testing.assert_array_equal(batch, full[shuffled_batch_index(25, 4, step, 3, 1, 2)])
+    # over the trainer's training rows only: its batches, never a held-out row
+    from sae_core.training import split_rows
+
+    n_train = split_rows(len(s), 5)[0]
+    got = list(s.iter_batches(4, seed=3, stop_step=12, n_rows=n_train))
+    for step, batch in enumerate(got):
+        np.testing.assert_array_equal(batch, full[shuffled_batch_index(n_train, 4, step, 3)])
+    held_out, served = ({row.tobytes() for row in rows} for rows in (full[n_train:], np.concatenate(got)))
+    assert n_train == 20 and served <= {row.tobytes() for row in full[:n_train]} and not held_out & served
     # an endless iterator can be abandoned midway (the reader thread stops)
     it = s.iter_batches(5, seed=0, prefetch=1)
     first = [next(it) for _ in range(12)]  # crosses epochs
