@@ -347,7 +347,9 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
         names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "k", "group_sizes")
     else:
         names = ("encoder.weight", "encoder.bias", "decoder.weight", "bias" if ours == "relu" else "b_dec")
-        names += () if ours == "relu" else ("threshold", "k")
+        # AutoEncoderTopK's threshold is unused at inference; older releases kept k as a plain attribute,
+        # not a buffer, so it is read from the trainer's config when the file has none
+        names += {"relu": (), "topk": ("k",) if "k" not in trainer else (), "batchtopk": ("threshold", "k")}[ours]
     missing = [n for n in names if n not in raw]
     if missing:
         raise UserError(f"{path / DL_WEIGHTS} has no tensor {missing[0]!r}, which a {dict_class} holds; the file is "
@@ -358,7 +360,7 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
         state = {"W_enc": raw["encoder.weight"].t().contiguous(), "b_enc": raw["encoder.bias"],
                  "W_dec": raw["decoder.weight"].t().contiguous(), "b_dec": raw["bias" if ours == "relu" else "b_dec"]}
     d_in, d_sae = state["W_enc"].shape
-    k = int(raw["k"].item()) if "k" in raw else 1
+    k = int(raw["k"].item()) if "k" in raw else int(trainer.get("k") or 1)
     groups = tuple(int(g) for g in raw["group_sizes"].tolist()) if ours == "matryoshka" else ()
     if ours in ("matryoshka", "batchtopk"):
         # one threshold for all latents; -1 (never set: the run stopped before thresholds started) means 0

@@ -306,10 +306,10 @@ def test_export_command_imports_into_our_layout(tmp_path):
         assert torch.equal(back.encode(x), expected.encode(x))
 
 
-def _dictionary_learning(path, dict_class: str, tensors: dict, weights: str = "ae.safetensors"):
+def _dictionary_learning(path, dict_class: str, tensors: dict, weights: str = "ae.safetensors", **trainer):
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"trainer": {"dict_class": dict_class, "lm_name": "clip",
-                                                              "layer": 22, "submodule_name": "resid_22"}}))
+                                                              "layer": 22, "submodule_name": "resid_22", **trainer}}))
     if weights.endswith(".safetensors"):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / weights))
     else:
@@ -367,6 +367,11 @@ def test_dictionary_learning_folders_load_as_the_same_computation(tmp_path, dict
     imported = sae.training_info["imported"]
     assert imported["format"] == "dictionary_learning" and imported["architecture"] == dict_class
     assert imported["layer"] == 22 and imported["hook"] == "resid_22"
+    if dict_class == "AutoEncoderTopK":  # older releases: k an attribute (in the trainer's config), no threshold
+        old = {n: v for n, v in tensors.items() if n not in ("k", "threshold")}
+        back = load_sae(_dictionary_learning(tmp_path / "old", dict_class, old, k=int(tensors["k"])))
+        with torch.no_grad():
+            torch.testing.assert_close(back.encode(x).double(), z_ref, atol=1e-5, rtol=1e-5)
     if dict_class == "MatryoshkaBatchTopKSAE":      # the Matryoshka levels survive: the atlas draws its tree from them
         assert sae.cfg.arch == "matryoshka" and sae.cfg.group_sizes == (8, 12, 20) and sae.cfg.k == 4
 
