@@ -453,7 +453,7 @@ class Explorer:
         if not page.get("label"):
             return "no label (the bundle has none for this neuron)"
         score = page.get("label_score")
-        score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else "no score"
+        score_s = f"score {round(score, 2) + 0.0:.2f}" if score is not None and math.isfinite(score) else "no score"
         # the method's name only: its whole description is one line of the Overview (and of the JSON export)
         method = (page.get("label_method") or "unknown").split(":")[0]
         source = ", from the gallery by the max over patches" if page.get("label_from_patch") else ""
@@ -513,7 +513,8 @@ class Explorer:
             f"- **MS** — {self.ms_text(page)}",
             f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act'] + 0.0:.4g} · "
             f"**max activation** {page['max_act'] + 0.0:.4g} (image score: {self.score_name})"  # + 0.0: no "-0"
-            + (f" · **on one token** {page['token_max'] + 0.0:.4g} (the Steer page's strength 1)"
+            + ((f" · **on one token** {page['token_max'] + 0.0:.4g} (the Steer page's strength 1)"
+                if page["token_max"] > 0 else " · **never fires on a token** (the Steer page's strength 1 = 1.0 raw)")
                if page.get("token_max") is not None else ""),
             f"- **Matryoshka level** {level}"
             + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
@@ -525,7 +526,7 @@ class Explorer:
             label = ""
             if page.get("label_by_patch") and not page["label_from_patch"]:  # else it is the label above
                 score = page.get("label_by_patch_score")
-                score_s = f"score {score:.2f}" if score is not None and math.isfinite(score) else ""
+                score_s = f"score {round(score, 2) + 0.0:.2f}" if score is not None and math.isfinite(score) else ""
                 read = self._read_from(page["patch_top"])
                 detail = (score_s + read).lstrip(", ")
                 label = f'; its label: guess "{page["label_by_patch"]}"' + (f" ({detail})" if detail else "")

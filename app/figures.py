@@ -248,7 +248,9 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         ids=[str(int(n["id"])) for n in kept], parents=parents, labels=text,
         customdata=[[int(n["id"]), src, extra] for n, src, extra in zip(kept, source, on_patches)],
         marker=dict(colors=ms.tolist(), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="MS")),
-        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=3))
+        # every level drawn shows at once (maxdepth 3 hid the 4th ring, and a click opens the neuron rather
+        # than zooming in, so it could not be reached)
+        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=-1))
     fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
                       len(tops_all), ancestors)

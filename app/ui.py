@@ -42,24 +42,43 @@ HOOK_PLOTLY_JS = """
   const hook = () => document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
     if (gd.__saeHooked || typeof gd.on !== 'function') return;
     gd.__saeHooked = true;
-    gd.on('plotly_click', (ev) => {
+    const open = (ev) => {
       const p = ev && ev.points && ev.points[0];
       if (!p) return;
       const id = Array.isArray(p.customdata) ? p.customdata[0] : p.customdata;
       if (id !== undefined && id !== null && id !== '' && !isNaN(Number(id))) send(id);
-    });
+    };
+    gd.on('plotly_click', open);
+    // a tree node opens its neuron here, and false stops plotly's own zoom into the node (which left the tree
+    // zoomed, so a later click on its centre, to zoom out, opened that neuron again) and its plotly_click
+    gd.on('plotly_sunburstclick', (ev) => { open(ev); return false; });
+    gd.on('plotly_treemapclick', (ev) => { open(ev); return false; });
   });
   setInterval(hook, 400);
 }
 """
 
-# Keeps the address bar in step with the page state (so a copied URL restores it).
+# Keeps the address bar in step with the page state (so a copied URL restores it). The page has a <base
+# href>, so plotly writes its gradient fills (the colour bars) as url("ADDRESS#id"): those are re-pointed
+# at the new address, or every colour bar drawn before the change went blank.
 SET_URL_JS = """
 (q) => {
   if (typeof q !== 'string') return;
+  const from = window.location.href.split('#')[0];
   const u = new URL(window.location.href);
   u.search = q ? '?' + q : '';
   window.history.replaceState(null, '', u.toString());
+  const to = window.location.href.split('#')[0];
+  if (from === to) return;
+  document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
+    if (gd._context) gd._context._baseUrl = to;
+    gd.querySelectorAll('[style*="url("], [fill^="url("], [clip-path^="url("]').forEach((el) => {
+      for (const attr of ['style', 'fill', 'clip-path']) {
+        const v = el.getAttribute(attr);
+        if (v && v.includes(from + '#')) el.setAttribute(attr, v.split(from + '#').join(to + '#'));
+      }
+    });
+  });
 }
 """
 
@@ -142,7 +161,7 @@ class SteerTab:
     def slot_inputs(self):
         return [c for pair in self.slots for c in pair]
 
-    def wire(self, demo, tabs, steer_tab, url_box, neuron_in, steer_with_button, image_id, steer_with_image_button):
+    def wire(self, demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, image_id, steer_with_image_button):
         ex, svc = self.ex, self.steer
         model = dict(concurrency_limit=1, concurrency_id="model")
 
@@ -260,7 +279,7 @@ class SteerTab:
             q = inputs.encode_state({"tab": "steer", "latents": [k]})
             return k, gr.Tabs(selected="steer"), q
 
-        steer_with_button.click(steer_with_neuron, neuron_in, [self.slots[0][0], tabs, url_box],
+        steer_with_button.click(steer_with_neuron, shown_neuron, [self.slots[0][0], tabs, url_box],
                                 api_name="steer_with_neuron")
 
         @user_errors
@@ -412,6 +431,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     # shown once there is a file: an empty File box is a 200 px drop area on every page
                     export_file = gr.File(label="neuron JSON", interactive=False, visible=False, elem_id="export-file")
                 header_md = gr.Markdown(elem_id="neuron-header")
+                # the neuron the page shows, which the id box stops being once another id is typed without
+                # Open: the gallery clicks, Export and "Steer with this neuron" act on this one
+                shown_neuron = gr.Number(value=None, precision=0, visible=False, label="neuron", elem_id="shown-neuron")
                 # fit_columns=False: a gallery of 2 images kept 2 columns, so each image was 4x the width of
                 # a full gallery's, half the page, and read as another kind of page.
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
@@ -521,6 +543,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         filters = [f_min_ms, f_min_support, f_level, f_label, f_sort, f_desc, f_limit]
         f_button.click(neuron_table, filters, table, api_name="neuron_table")
+        # Enter in a filter box filters, as in the search boxes (the button's other listeners follow it)
+        filter_runs = [f_button.click, f_min_support.submit, f_label.submit, f_limit.submit]
+        for submit in filter_runs[1:]:
+            submit(neuron_table, filters, table, api_name=False)
         demo.load(neuron_table, filters, table, api_name=False)
 
         @user_errors
@@ -532,7 +558,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         csv_button.click(neuron_table_csv, filters[:-1], csv_file, api_name="neuron_table_csv").success(
             lambda: gr.File(visible=True), None, csv_file, api_name=False, queue=False)
         # the file shown is of the filter it was made with: a new filter hides it (no call per keystroke)
-        f_button.click(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
+        for listener in filter_runs:
+            listener(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
 
         @user_errors
         def search_neurons_by_text(query):
@@ -558,7 +585,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         image_button.click(search_neurons_by_image, search_image, [table, search_where, search_note],
                            api_name="search_neurons_by_image").success(
             lambda: gr.Image(visible=True), None, search_where, api_name=False, queue=False)
-        for listener in (f_button.click, text_button.click, text_query.submit):  # a table it does not explain
+        for listener in (*filter_runs, text_button.click, text_query.submit):  # a table it does not explain
             listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
 
         # --- opening a neuron (from the box, a click on a plot, a table row, the URL)
@@ -586,6 +613,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         neuron_tab.select(first_visit, [neuron_in, header_md], page_targets, api_name=False)
         neuron_in.submit(neuron_page, neuron_in, page_targets, api_name=False)
+        # every way of opening a page sets the box and the header together; a new header is a new page
+        header_md.change(lambda k: k, neuron_in, shown_neuron, api_name=False, queue=False)
 
         @user_errors
         def open_neuron_from_click(token):
@@ -623,10 +652,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return ex.export_json(neuron)
 
         # shown in a second step so that the API's /neuron_export stays a plain file
-        export_button.click(neuron_export, neuron_in, export_file, api_name="neuron_export").success(
+        export_button.click(neuron_export, shown_neuron, export_file, api_name="neuron_export").success(
             lambda: gr.File(visible=True), None, export_file, api_name=False, queue=False)
         # the file shown is of the neuron it was exported from: another neuron hides it
-        neuron_in.change(lambda: gr.File(visible=False), None, export_file, api_name=False, queue=False)
+        shown_neuron.change(lambda: gr.File(visible=False), None, export_file, api_name=False, queue=False)
 
         # --- the Images page
         def need_image_search():
@@ -750,8 +779,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return pick_gallery_image
 
         for gallery, which in ((top_gallery, "top"), (patch_gallery, "patch_top")):
-            gallery.select(gallery_picker(which), neuron_in, [img_id, gallery_image_button], api_name=False, queue=False)
-        neuron_in.change(lambda: gr.Button(visible=False), None, gallery_image_button, api_name=False, queue=False)
+            gallery.select(gallery_picker(which), shown_neuron, [img_id, gallery_image_button], api_name=False, queue=False)
+        shown_neuron.change(lambda: gr.Button(visible=False), None, gallery_image_button, api_name=False, queue=False)
 
         @user_errors
         def open_image_from_gallery(image):
@@ -812,14 +841,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         url_box.change(None, url_box, None, js=SET_URL_JS)
 
         if isinstance(steer_parts, SteerTab):
-            steer_parts.wire(demo, tabs, steer_tab, url_box, neuron_in, steer_with_button, img_id, img_steer)
+            steer_parts.wire(demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, img_id, img_steer)
 
         # --- restore from the URL query on load
         def restore(request: gr.Request):
             state = inputs.decode_state(dict(request.query_params) if request else {})
             if state.get("tab") == "neuron" or ("neuron" in state and state.get("tab") != "steer"):
                 try:
-                    return page_outputs(state.get("neuron", 0))
+                    return page_outputs(state.get("neuron", ex.default_neuron))
                 except UserError as e:
                     gr.Warning(f"the link's neuron could not be opened: {e}")
             return (gr.update(),) * (len(page_targets) - 1) + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),)

@@ -113,11 +113,15 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     assert cells and all(abs(h - cells[0][1]) < 2 for _, h in cells) and cells[0][0] > 4 * cells[0][1], cells
     # The export's file box appears once there is a file, holding this neuron's JSON, and goes when
     # another neuron opens (it would be the previous neuron's file).
+    # Export acts on the neuron shown, also with another id typed in the box but not opened (it exported
+    # the typed one while the page showed this one).
     assert not pg.locator("#export-file").is_visible()
+    k_next = next(int(j) for j in np.argsort(-support) if j != k_first)
+    pg.fill("#neuron-id input", str(k_next))
     pg.get_by_role("button", name="Export JSON").click()
     pg.wait_for_selector("#export-file a[download]")
     assert pg.get_attribute("#export-file a[download]", "download") == f"neuron_{k_first}.json"
-    pg.fill("#neuron-id input", str(next(int(j) for j in np.argsort(-support) if j != k_first)))
+    assert pg.inner_text("#neuron-header h3") == f"Neuron {k_first}"
     pg.click("#open-neuron")
     pg.wait_for_function("() => !document.querySelector('#export-file')?.checkVisibility()")
     # A neuron that fires on no image: its empty galleries are hidden (the header says so), and come

@@ -343,6 +343,18 @@ def test_the_sweep_is_in_strength_units_whatever_the_sliders_say(explorer, monke
         np.testing.assert_allclose(asked[-1], [[st * units[k1], st * units[k2]] for st in SWEEP_STRENGTHS], rtol=1e-6)
 
 
+def test_the_header_shows_no_negative_zero_and_the_unit_steering_uses(explorer):
+    """A label score of -0.0004 read "-0.00"; a latent that never fires said its strength 1 was 0 while
+    the Steer page clamps it to 1.0 raw (Bundle.strength_units)."""
+    k = explorer.default_neuron
+    page = dict(explorer.bundle.neuron(k), label="red", label_score=-0.0004, token_max=0.0)
+    header = explorer.neuron_summary(k, page)
+    assert "score 0.00" in header and "-0.00" not in header
+    assert "never fires on a token (the Steer page's strength 1 = 1.0 raw)" in header
+    silent = np.flatnonzero(np.asarray(explorer.bundle.array("token_max")) <= 0)
+    assert (explorer.bundle.strength_units()[silent] == 1.0).all()  # what the header now says
+
+
 def test_table_filters_and_sorts_like_numpy(explorer, tiny_bundle):
     ms = np.load(Path(tiny_bundle) / "neurons" / "ms.npy")
     support = np.load(Path(tiny_bundle) / "neurons" / "support.npy")
