@@ -350,7 +350,7 @@ def test_the_header_shows_no_negative_zero_and_the_unit_steering_uses(explorer):
     page = dict(explorer.bundle.neuron(k), label="red", label_score=-0.0004, token_max=0.0)
     header = explorer.neuron_summary(k, page)
     assert "score 0.00" in header and "-0.00" not in header
-    assert "never fires on a token (the Steer page's strength 1 = 1.0 raw)" in header
+    assert "**never fires on a token** (the Steer page's strength 1 = 1.0 raw)" in header
     silent = np.flatnonzero(np.asarray(explorer.bundle.array("token_max")) <= 0)
     assert (explorer.bundle.strength_units()[silent] == 1.0).all()  # what the header now says
 
