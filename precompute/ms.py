@@ -13,7 +13,7 @@ from sae_core.atomic import remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
 
-from .args import check_writable, positive_float, positive_int
+from .args import check_writable, nonnegative_float, positive_int
 
 
 def add_arguments(p):
@@ -27,7 +27,8 @@ def add_arguments(p):
     p.add_argument("--chunk", type=positive_int, default=4096, help="images per streamed chunk")
     p.add_argument("--matmul", choices=["float64", "float32"], default="float64",
                    help="dtype of the per-chunk product (sums are float64 either way; float32 is ~2x faster on CPU)")
-    p.add_argument("--checkpoint-every", type=positive_float, default=300, help="seconds between resumable checkpoints")
+    p.add_argument("--checkpoint-every", type=nonnegative_float, default=300,
+                   help="seconds between resumable checkpoints (0: after every chunk)")
 
 
 SHAPES = {"activations": "(N images, K neurons)", "embeddings": "(N images, d)"}
