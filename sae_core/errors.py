@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can make and fix, and the sentences several readers share."""
 
+
 class UserError(Exception):
     """Bad input from the user: the message is one sentence saying what was wrong and what to do.
 
