@@ -46,10 +46,15 @@ def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse(argv: list[str]) -> argparse.Namespace:
+    """`argv` (COMMAND and its arguments) parsed, keeping `argv` itself for `command_line` (precompute.args)."""
     args = parser_for(argv).parse_args(argv)
-    args.argv = list(argv)  # what `command_line` records
+    args.argv = list(argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except UserError as e:

@@ -63,14 +63,10 @@ def add_arguments(p) -> None:
 
 def _sub_args(module, argv: list[str]) -> argparse.Namespace:
     """The arguments of another command's module, as its own command line would give them."""
-    from .__main__ import COMMANDS, OneLineParser
+    from .__main__ import COMMANDS, parse
 
     name = next(n for n, (m, _) in COMMANDS.items() if m == module.__name__)
-    parser = OneLineParser(prog=f"python -m precompute {name}")
-    module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = [name, *argv]
-    return args
+    return parse([name, *argv])
 
 
 def run(args) -> int:

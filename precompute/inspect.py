@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 
+from sae_core.bundle import INDEX
 from sae_core.sae import K_ARCHS
 
 from .atlas import WORLD_FIGURES
@@ -38,8 +39,8 @@ def summary(path) -> dict:
         out["ms_agreement_raw"] = world.get("ms_agreement_raw")
         for name in ("factor_embedder", "ideal_neurons"):
             out[f"ms_ground_truth_spearman_{name}"] = (calibration.get(name) or {}).get("ms_ground_truth_spearman")
-    if (b.root / "images" / "index.faiss.json").is_file():
-        index = b.json("images/index.faiss.json")
+    if (b.root / f"{INDEX}.json").is_file():
+        index = b.json(f"{INDEX}.json")
         out["search_index"] = {"kind": index.get("kind"), "n": index.get("n"), "recall": index.get("recall")}
     ms = np.asarray(b.array("ms"), np.float64)
     out["ms_median"] = float(np.nanmedian(ms)) if np.isfinite(ms).any() else None

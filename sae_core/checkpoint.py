@@ -251,7 +251,8 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
 
 def layer_of_hook(hook) -> str | None:
     """The layer, in our numbering (sae_core.adapters), that a SAELens hook name reads where it names a
-    block's output: our export's `layer_L` (and `layer_embed`, the image embedding), and TransformerLens / ViT-Prisma's `blocks.L.hook_resid_post`
+    block's output: our export's `layer_L` (and `layer_embed`, the image embedding), and TransformerLens /
+    ViT-Prisma's `blocks.L.hook_resid_post`
     (block L's output) and `blocks.L.hook_resid_pre` for L >= 1 (block L-1's output). None otherwise:
     MLP or attention outputs are not the residual stream the adapters read, and block 0's input has
     an index only once the model's depth is known."""

@@ -433,9 +433,10 @@ class SteeringSession:
         for k in latents:
             if not 0 <= int(k) < K:
                 raise UserError(f"latent {k} does not exist; this SAE has latents 0 to {K - 1}.")
-        twice = sorted({int(k) for k in latents if [int(j) for j in latents].count(int(k)) > 1})
-        if twice:  # one clamp per latent: a second would be silently dropped, not added
-            raise UserError(f"latent {twice[0]} is chosen twice; give each latent once (in add mode, with the sum "
+        ids = [int(k) for k in latents]
+        twice = next((k for k in ids if ids.count(k) > 1), None)
+        if twice is not None:  # one clamp per latent: a second would be silently dropped, not added
+            raise UserError(f"latent {twice} is chosen twice; give each latent once (in add mode, with the sum "
                             f"of its values).")
         positions = None
         if patches is not None:
