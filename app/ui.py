@@ -16,16 +16,21 @@ from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE
 OPEN_BOX = "open-neuron-box"
 OPEN_BUTTON = "open-neuron-btn"
 URL_BOX = "url-state-box"
+TAB_URL_BUTTON = "tab-url-btn"
 
 # The galleries grow with their content (no inner scroll bar), and band strips keep their own shape:
 # Gradio draws every gallery item in a square cell, which showed a strip as a sliver in a tall box. An
-# empty gallery is hidden (the neuron header says why), by CSS so the API's outputs stay plain values.
+# empty gallery is hidden (the neuron header says why), by CSS so the API's outputs stay plain values. The
+# gallery's label floats over its grid (it hid the top 17 px of the first row), so the grid starts below it;
+# captions wrap rather than end in "..." (an 8-column gallery on a 1,400 px window cut "#872 act 2.06, pa...").
 CSS = """
-#open-neuron-box, #open-neuron-btn, #url-state-box {display: none !important;}
+#open-neuron-box, #open-neuron-btn, #url-state-box, #tab-url-btn {display: none !important;}
 .answer textarea {font-size: 1.05em;}
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
+#top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap, #image-results .grid-wrap {padding-top: 36px !important;}
+#top-gallery .caption-label, #patch-gallery .caption-label, #image-results .caption-label {white-space: normal !important; max-width: 92% !important; left: 4% !important; line-height: 1.2 !important; padding: 2px 6px !important; font-size: 11px !important;}
 #top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty), #image-results:has(> .empty) {display: none !important;}
 """
 
@@ -58,12 +63,15 @@ HOOK_PLOTLY_JS = """
 }
 """
 
-# Keeps the address bar in step with the page state (so a copied URL restores it). The page has a <base
-# href>, so plotly writes its gradient fills (the colour bars) as url("ADDRESS#id"): those are re-pointed
-# at the new address, or every colour bar drawn before the change went blank.
+# Keeps the address bar in step with the page state (so a copied URL restores it), and remembers each tab's
+# last address for a switch back to it by hand (TAB_ADDRESS_JS). The page has a <base href>, so plotly
+# writes its gradient fills (the colour bars) as url("ADDRESS#id"): those are re-pointed at the new
+# address, or every colour bar drawn before the change went blank.
 SET_URL_JS = """
 (q) => {
   if (typeof q !== 'string') return;
+  const tab = new URLSearchParams(q).get('tab');
+  if (tab) (window.__saeTabQuery = window.__saeTabQuery || {})[tab] = q;
   const from = window.location.href.split('#')[0];
   const u = new URL(window.location.href);
   u.search = q ? '?' + q : '';
@@ -81,6 +89,34 @@ SET_URL_JS = """
   });
 }
 """
+
+# Installed once on page load: a tab picked by hand puts that tab's last address in the address bar (or
+# just ?tab=ID), through the hidden url box, so that the box always holds the address: a later event that
+# writes the box's old value must still be a change. The tabs that events open (a neuron from a plot,
+# "Steer with this neuron") write their own, fuller address, so only clicks on the tab strip act here.
+TAB_ADDRESS_JS = """
+() => {
+  if (window.__saeTabAddress) return;
+  window.__saeTabAddress = true;
+  const memory = (window.__saeTabQuery = window.__saeTabQuery || {});
+  const first = window.location.search.slice(1);
+  const firstTab = new URLSearchParams(first).get('tab');
+  if (firstTab && !(firstTab in memory)) memory[firstTab] = first;  // the link the page was opened with
+  const tabs = %s;
+  document.addEventListener('click', (ev) => {
+    const btn = ev.target && ev.target.closest ? ev.target.closest('button') : null;
+    if (!btn) return;
+    // the tab strip's buttons carry their id; the overflow menu's ("More tabs", narrow windows) only a label
+    const menu = btn.parentElement && btn.parentElement.previousElementSibling;
+    const inMenu = !!menu && menu.getAttribute('aria-label') === 'More tabs';
+    const id = btn.getAttribute('role') === 'tab' ? btn.dataset.tabId : (inMenu ? btn.innerText.trim().toLowerCase() : null);
+    if (!id || !tabs.includes(id)) return;
+    window.__saeTabUrl = memory[id] !== undefined ? memory[id] : 'tab=' + id;
+    const hidden = document.querySelector('#%s');
+    if (hidden) hidden.click();
+  }, true);
+}
+""" % (json.dumps(list(inputs.TABS)), TAB_URL_BUTTON)
 
 
 def plotly_json(fig: dict) -> PlotData:
@@ -353,6 +389,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         open_box = gr.Textbox(visible="hidden", elem_id=OPEN_BOX, label="open neuron")
         open_button_hidden = gr.Button("open", visible="hidden", elem_id=OPEN_BUTTON)
         url_box = gr.Textbox(visible="hidden", elem_id=URL_BOX, label="url state")
+        tab_url_button = gr.Button("tab address", visible="hidden", elem_id=TAB_URL_BUTTON)
         with gr.Tabs(selected="overview") as tabs:
             # ---------------------------------------------------------------- Overview
             with gr.Tab("Overview", id="overview"):
@@ -685,8 +722,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             ids, scores = image_search.by_text(q)
             return (*image_results(ids, scores, f'"{q}"'), q, inputs.encode_state({"tab": "images", "query": q}))
 
-        img_text_button.click(search_images_by_text, img_query, img_search_out, api_name="search_images_by_text")
-        img_query.submit(search_images_by_text, img_query, img_search_out, api_name=False)
+        def then_hide_image_row(event):
+            """A new search by text or upload: the picked image and its neurons go with the results they were
+            picked from (the address, which names the search only, would open without them)."""
+            event.success(lambda: (gr.Row(visible=False), ""), None, [img_row, img_neurons_note], api_name=False,
+                          queue=False)
+
+        then_hide_image_row(img_text_button.click(search_images_by_text, img_query, img_search_out,
+                                                  api_name="search_images_by_text"))
+        then_hide_image_row(img_query.submit(search_images_by_text, img_query, img_search_out, api_name=False))
 
         @user_errors
         def search_images_by_image(path):
@@ -695,7 +739,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             ids, scores = image_search.by_upload(path)
             return (*image_results(ids, scores, "the uploaded image"), "", inputs.encode_state({"tab": "images"}))
 
-        img_upload_button.click(search_images_by_image, img_upload, img_search_out, api_name="search_images_by_image")
+        then_hide_image_row(img_upload_button.click(search_images_by_image, img_upload, img_search_out,
+                                                    api_name="search_images_by_image"))
 
         @user_errors
         def image_neurons(image, query=""):
@@ -737,7 +782,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             ids, scores = image_search.like(i)
             return (*image_results(ids, scores, f"image #{i}"), "", inputs.encode_state({"tab": "images", "image": i}))
 
-        img_like.click(search_images_like, img_id, img_search_out, api_name="search_images_like")
+        # the image the results are like is shown with its neurons, as its address (?tab=images&image=I) opens
+        then_show_image_row(img_like.click(search_images_like, img_id, img_search_out, api_name="search_images_like")
+                            .success(image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
 
         @user_errors
         def open_neuron_from_image(evt: gr.SelectData):
@@ -839,6 +886,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         demo.load(hierarchy, tree_inputs, tree_outputs, api_name=False)
 
         url_box.change(None, url_box, None, js=SET_URL_JS)
+        # a tab picked by hand: its address (TAB_ADDRESS_JS) into the url box, in the browser only
+        tab_url_button.click(None, url_box, url_box, js="(q) => (window.__saeTabUrl !== undefined ? window.__saeTabUrl : q)")
+        demo.load(None, js=TAB_ADDRESS_JS)
 
         if isinstance(steer_parts, SteerTab):
             steer_parts.wire(demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, img_id, img_steer)

@@ -104,6 +104,13 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     pg.wait_for_function("(k) => { const h = document.querySelector('#neuron-header h3');"
                          " return !!h && h.innerText === 'Neuron ' + k; }", arg=k_first)
     assert len(gallery_widths(pg)) == top.shape[1]
+    # the gallery's label sits above its first row (it hid the top 17 px of it), and no caption is cut short
+    label_bottom, first_top = pg.evaluate("() => [document.querySelector('#top-gallery [data-testid=block-label]')"
+                                          ".getBoundingClientRect().bottom, document.querySelector("
+                                          "'#top-gallery .thumbnail-item').getBoundingClientRect().top]")
+    assert label_bottom <= first_top, (label_bottom, first_top)
+    assert pg.evaluate("() => Array.from(document.querySelectorAll('#top-gallery .caption-label'))"
+                       ".every(c => c.scrollWidth <= c.clientWidth)")
     cell_widths = "() => Array.from(document.querySelectorAll('#top-gallery .thumbnail-item')).map(e => e.getBoundingClientRect().width)"
     full_cell = pg.evaluate(cell_widths)[0]
     # the band strips are drawn at one scale, strip-shaped (Gradio's own gallery cells are square)
@@ -291,8 +298,9 @@ def test_image_search_shows_where_it_fires_until_another_table(page, explorer_ap
 def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_app):
     """The Images page: a text query fills the gallery; a click on a result shows the neurons whose top
     galleries hold it (counted here from the bundle's files) and records it in the URL, which restores
-    it; a row of that table opens its neuron; "Steer with this image" loads it on the Steer page; a click on
-    a neuron's gallery image leads to that image on the Images page."""
+    it, also after a round trip through another tab picked by hand; a row of that table opens its neuron;
+    "Steer with this image" loads it on the Steer page; a click on a neuron's gallery image leads to that
+    image on the Images page; a new search hides the picked image, and "Images like this one" shows its own."""
     pg, url = page, explorer_app.url
     top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
     patch = explorer_app.bundle / "neurons" / "patch_top_images.npy"
@@ -323,6 +331,12 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
     pg.wait_for_selector(f"#image-neurons-note:has-text('{note}')")
     wait_value(pg, "#image-id input", str(ids[j]))
+    # a tab picked by hand puts its own address in the bar, and picking this tab again puts this one back
+    here = pg.url
+    pg.get_by_role("tab", name="Hierarchy", exact=True).click()
+    pg.wait_for_function("() => location.search === '?tab=hierarchy'")
+    pg.get_by_role("tab", name="Images", exact=True).click()
+    pg.wait_for_function("(u) => location.href === u", arg=here)
     # a row opens its neuron
     first = int(pg.eval_on_selector_all("#image-neurons [role=gridcell]", "els => els[0].innerText"))
     pg.locator("#image-neurons [role=gridcell]").first.click()
@@ -348,3 +362,16 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     button.click()
     pg.wait_for_selector(f"#image-neurons-note:has-text('Image #{top[k][1]} is in the top galleries of')")
     pg.wait_for_function(f"(n) => {rows}.length === n", arg=held(top[k][1]))
+    # a new search takes the picked image away with its results (the address names the search only) ...
+    pg.fill("#image-query textarea", "a photo of a blue object")
+    pg.keyboard.press("Enter")
+    pg.wait_for_function("() => !document.querySelector('#image-picture')?.checkVisibility()")
+    assert pg.inner_text("#image-neurons-note").strip() == ""
+    pg.wait_for_function("() => location.search === '?tab=images&query=a+photo+of+a+blue+object'")
+    # ... and "Images like this one" shows the image they are like, as its address does
+    other = next(int(i) for i in top.ravel() if i >= 0 and i not in ids)
+    pg.fill("#image-id input", str(other))
+    pg.click("#image-like")
+    pg.wait_for_selector(f"#image-neurons-note:has-text('Image #{other} is in the top galleries of')")
+    pg.wait_for_selector("#image-picture img", state="visible")
+    pg.wait_for_function("(i) => location.search === '?tab=images&image=' + i", arg=other)
