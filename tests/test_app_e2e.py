@@ -335,6 +335,14 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     here = pg.url
     pg.get_by_role("tab", name="Hierarchy", exact=True).click()
     pg.wait_for_function("() => location.search === '?tab=hierarchy'")
+    pg.get_by_role("tab", name="Overview", exact=True).click()
+    pg.wait_for_function("() => location.search === '?tab=overview'")
+    # in a narrow window the last tabs move to a "More tabs" menu, whose buttons carry only their label
+    pg.set_viewport_size({"width": 420, "height": 1000})
+    pg.click("button[aria-label='More tabs']")
+    pg.locator("button[aria-label='More tabs'] + div button", has_text="Hierarchy").click()
+    pg.wait_for_function("() => location.search === '?tab=hierarchy'")
+    pg.set_viewport_size({"width": 1400, "height": 1000})
     pg.get_by_role("tab", name="Images", exact=True).click()
     pg.wait_for_function("(u) => location.href === u", arg=here)
     # a row opens its neuron
