@@ -84,6 +84,10 @@ class Layer:
     """"block" (output of `block`), "input" (input of block 0 = hidden_states[0]) or "embed"."""
     block: int = -1
 
+    def same_place(self, other: "Layer") -> bool:
+        """Whether both are read at one place of the model, however typed ("22" and "-2" of 24 blocks)."""
+        return (self.kind, self.block) == (other.kind, other.block)
+
     def describe(self, n_blocks: int) -> str:
         if self.kind == "embed":
             return "final image embedding"

@@ -257,7 +257,7 @@ def layer_mismatch(sae_layer: str | int, sae_width: int, adapter) -> str | None:
     except UserError:
         sae_block = None
     read_block = adapter.resolve_layer(read)
-    same_layer = sae_block is not None and sae_block == read_block
+    same_layer = sae_block is not None and sae_block.same_place(read_block)
     if same_layer and int(sae_width) == int(adapter.width):
         return None
     where = sae_block.describe(adapter.n_blocks) if sae_block is not None else "not a layer of this tower"
@@ -355,12 +355,28 @@ class SteeringSession:
             layer = recorded
             if layer is None:
                 raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
+        def other_layer():
+            return UserError(f"the SAE records that it was trained on layer {recorded}, but layer {layer} was "
+                             f"given; an SAE steers only its own layer, so leave the layer out or give that one.")
+
+        # a layer given beside the recorded one must be the same block: before the model loads where the
+        # names alone settle it (the same sign, or "embed"), after it where only the tower's depth can (-2 and 22)
+        def parsed(x):
+            try:
+                return int(str(x).strip())
+            except ValueError:
+                return str(x).strip()
+
+        given, own = parsed(layer), parsed(recorded)
+        if recorded is not None and given != own:
+            ints = [v for v in (given, own) if isinstance(v, int)]
+            if (len(ints) == 2 and (given < 0) == (own < 0)) or (len(ints) == 1 and "embed" in (given, own)):
+                raise other_layer()
         session = cls(sae, llava or llava_for_model(trained["model"]), layer, **kwargs)
-        if recorded is not None:  # a layer given beside the recorded one must be the same block
+        if recorded is not None:
             given, own = (session.adapter.resolve_layer(x) for x in (layer, recorded))
-            if (given.kind, given.block) != (own.kind, own.block):
-                raise UserError(f"the SAE records that it was trained on layer {recorded}, but layer {layer} was "
-                                f"given; an SAE steers only its own layer, so leave the layer out or give that one.")
+            if not given.same_place(own):
+                raise other_layer()
         return session
 
     # --- images and the hidden-state cache ----------------------------------------------------

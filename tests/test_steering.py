@@ -299,6 +299,20 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     (other / "config.json").write_text(json.dumps(cfg))
     assert main(["steer", "--sae", str(other), "--layer=-2", *args]) == 2  # steered at -2 before, silently
     assert "records that it was trained on layer -3, but layer -2 was given" in capsys.readouterr().err
+    # refused before any model loads where the names settle it (this LLaVA does not exist) ...
+    assert main(["steer", "--sae", str(other), "--layer=-2", "--llava", str(tmp_path / "no_llava"), *args]) == 2
+    assert "records that it was trained on layer -3, but layer -2 was given" in capsys.readouterr().err
+    # ... and by the tower's depth where they do not (block n-2, the one LLaVA reads, against -3, block n-3)
+    n = session.adapter.n_blocks
+    assert main(["steer", "--sae", str(other), f"--layer={n - 2}", *args]) == 2
+    assert f"records that it was trained on layer -3, but layer {n - 2} was given" in capsys.readouterr().err
+    # an SAE that records the layer LLaVA reads as a block index (n-2, where LLaVA's setting says -2) steers
+    # it (it was refused: the two were compared as typed)
+    cfg["training"]["activations"]["layer"] = str(n - 2)
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert main(["steer", "--sae", str(other), *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
     saelens = export_saelens(tiny_bundle / "sae", tmp_path / "saelens")
     cfg = json.loads((saelens / "cfg.json").read_text())
     cfg["metadata"] = {"hook_name": "vision_tower.layers.2"}
