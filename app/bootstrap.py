@@ -25,7 +25,7 @@ def ensure_bundle(settings: AppSettings) -> Path:
         return path
     if not settings.uses_default_bundle:
         raise UserError(f"bundle {path} does not exist or is unfinished (no {MANIFEST}); build it with "
-                        f"`python -m precompute demo --out {path}` or drop --bundle to use the default one.")
+                        f"`python -m precompute demo --out {path}` or leave out --bundle and SAE_APP_BUNDLE to serve the default one.")
     cmd = demo_command(path, settings.preset)
     print(f"[app] no bundle at {path}: building the {settings.preset} bundle first (one time; "
           f"progress below)\n[app] $ python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

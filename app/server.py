@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sae_core.errors import UserError
+
 from .settings import AppSettings
 
 NEURON_CONCURRENCY = 4
@@ -12,7 +14,11 @@ NEURON_CONCURRENCY = 4
 
 def _gradio_env(cache: Path) -> None:
     """Gradio reads these when it is imported, so they are set first."""
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"the app's cache folder {cache} cannot be made ({e.strerror or e}); set SAE_APP_CACHE "
+                        "to a folder this user can write.") from None
     # Generated pictures live inside Gradio's cache folder, so Gradio serves them without hashing and
     # copying each file on every response (48 files per neuron page).
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
@@ -62,9 +68,14 @@ def serve(settings: AppSettings) -> None:
 
     settings_bundle = ensure_bundle(settings)
     demo, launch = create_app(settings)
+    try:
+        demo.launch(prevent_thread_lock=True, **launch)
+    except OSError as e:  # Gradio's "Cannot find empty port" also stands for an address this machine lacks
+        raise UserError(f"cannot serve on {settings.host}:{settings.port} ({e}); the port may be in use or the "
+                        "address not this machine's: pass another --port (SAE_APP_PORT) or --host.") from None
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
     print(f"[app] serving {settings_bundle} at http://{host}:{settings.port}", flush=True)
-    demo.launch(**launch)
+    demo.block_thread()
 
 
 def start(bundle: str | Path, port: int = 0, cache: str | Path | None = None, **overrides):

@@ -73,7 +73,7 @@ class AppSettings:
             port = int(values["port"])
         except ValueError:
             raise UserError(f"port {values['port']!r} is not a number; pass --port 7860 or set SAE_APP_PORT.") from None
-        if not 0 <= port < 65536:
+        if not 0 < port < 65536:
             raise UserError(f"port {port} is out of range; pass a port between 1 and 65535.")
         if values["preset"] not in ("demo", "tiny"):
             raise UserError(f"preset {values['preset']!r} is not demo or tiny; set SAE_APP_PRESET=demo.")
@@ -84,10 +84,14 @@ class AppSettings:
         if sessions < 1:
             raise UserError(f"SAE_APP_SESSIONS={values['sessions']!r} is not a positive whole number; "
                             f"set it to the sessions to keep in memory, e.g. {DEFAULT_SESSIONS}.")
-        try:
-            limits = UploadLimits.from_env()
-        except ValueError:
-            raise UserError("SAE_APP_MAX_UPLOAD_MB / SAE_APP_MAX_UPLOAD_MEGAPIXELS must be numbers.") from None
+        limits = UploadLimits.from_env()
+        from sae_core.precision import resolve_device
+
+        # checked now: a device that is not here failed every Steer request of a server that had started
+        device = resolve_device(values["device"], "the steering device (--device or SAE_APP_DEVICE)")
+        if values["load_4bit"] and not device.startswith("cuda"):
+            raise UserError("4-bit loading (--load-4bit or SAE_APP_LOAD_4BIT) needs a CUDA GPU and none is used "
+                            f"here (device {device}); leave it off to load the steering LLaVA in fp32.")
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
-                   device=str(values["device"]), load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
+                   device=device, load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
                    port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions)

@@ -61,6 +61,9 @@ class SteerService:
         upload when the index is -1 or empty (the index box says so; an upload sets it to -1)."""
         i = -1 if image_index in (None, "") else inputs.integer(image_index, "image index", -1, self.ex.n_images - 1)
         if i >= 0:
+            if self.ex.dataset_error:  # its advice is for the command line; the page can take an upload
+                raise UserError(f"dataset image {i} cannot be steered here, as the bundle's dataset cannot be opened "
+                                f"({self.ex.dataset_error.rstrip('.')}); upload an image instead.")
             return self.ex.bundle.image(i), i, {"image": i}
         if upload in (None, ""):
             raise UserError(f"no image chosen; give a dataset image index (0 to {self.ex.n_images - 1}) or upload "
@@ -76,7 +79,9 @@ class SteerService:
         """The steering image as the model sees it, with its patch grid (and a latent's map), as a PNG path."""
         import hashlib
 
-        digest = hashlib.sha1(pil.tobytes()).hexdigest()[:16]
+        # the size and mode too: a 32x64 and a 64x32 picture can hold the same bytes (another user's picture
+        # was served for the second)
+        digest = hashlib.sha1(f"{pil.mode}{pil.size}".encode() + pil.tobytes()).hexdigest()[:16]
         key = f"steer|{digest}|{sorted(selected)}|{None if heat is None else hashlib.sha1(np.asarray(heat).tobytes()).hexdigest()[:12]}"
         return self.ex.images.get_or_make(key, lambda: patch_grid(self.ex.shown(pil), self.ex.grid, selected, heat,
                                                                    vmax, size=STEER_PICTURE))

@@ -119,6 +119,16 @@ TAB_ADDRESS_JS = """
 """ % (json.dumps(list(inputs.TABS)), TAB_URL_BUTTON)
 
 
+def as_sent(component):
+    """`component` (a gr.Number or gr.Slider) handing its events the value as sent, for the explorer's checks
+    (`inputs.integer`, `inputs.clamp_value`) to judge: Gradio's own rounded neuron 3.5 to 4 and steered it,
+    refused -1 or text in a sentence naming no field, and refused strengths beyond the slider that the
+    API bounds with a note. Its minimum and maximum still bound the browser's spinner. (Set on the
+    instance: Gradio writes a .pyi stub beside any module that subclasses a component.)"""
+    component.preprocess = lambda payload: payload
+    return component
+
+
 def plotly_json(fig: dict) -> PlotData:
     """A plotly figure given as a JSON dict, handed to gr.Plot without building a go.Figure."""
     return PlotData(type="plotly", plot=json.dumps(fig))
@@ -133,6 +143,27 @@ def user_errors(fn):
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
     return wrapper
+
+
+class Click(gr.SelectData):
+    """gr.SelectData that an API call also builds: a script cannot send a click, and Gradio's own class
+    failed on the missing data ("'NoneType' object is not subscriptable"); `clicked` then says what to call."""
+
+    def __init__(self, target, data):
+        super().__init__(target, data if isinstance(data, dict) else {"index": None, "value": None})
+
+
+def clicked(evt: Click, instead: str) -> Click:
+    """The click an event answers; UserError naming what to call instead for an API call, which has none."""
+    if evt is None or evt.index is None:
+        raise UserError(f"this endpoint answers a click on the page, which an API call cannot send; {instead}.")
+    return evt
+
+
+def clicked_neuron(evt: Click, columns, instead: str = "call /neuron_page with the neuron id instead"):
+    """The "neuron" cell of a clicked table row (None where the row has none)."""
+    row, i = clicked(evt, instead).row_value or [], list(columns).index("neuron")
+    return row[i] if i < len(row) else None
 
 
 N_SLOTS = 3
@@ -150,9 +181,9 @@ class SteerTab:
                     "neuron's largest activation on one token of the dataset), then **Steer**. Click the picture "
                     "to restrict the clamp to patches. One model serves everyone: requests wait their turn.")
         with gr.Row():
-            self.image_index = gr.Number(value=0, precision=0, minimum=-1, maximum=ex.n_images - 1,
+            self.image_index = as_sent(gr.Number(value=0, precision=0, minimum=-1, maximum=ex.n_images - 1,
                                          label=f"dataset image index (0 to {ex.n_images - 1}; -1 = the upload)",
-                                         elem_id="steer-image-index")
+                                         elem_id="steer-image-index"))
             self.load_button = gr.Button("Load dataset image", elem_id="steer-load")
             # gr.File, not gr.Image: Gradio would decode an image upload itself before our checks run.
             self.upload = gr.File(file_types=["image"], type="filepath", label="or upload an image", height=120,
@@ -170,17 +201,17 @@ class SteerTab:
         self.slots = []
         for i in range(N_SLOTS):
             with gr.Row():
-                lat = gr.Number(value=-1, precision=0, minimum=-1, maximum=ex.n_neurons - 1,
-                                label=f"latent {i + 1} (-1 = unused)", elem_id=f"steer-latent-{i + 1}")
-                val = gr.Slider(0, inputs.CLAMP_FACTOR, value=4.0, step=0.1, label=f"strength {i + 1} (x token max)",
-                                elem_id=f"steer-value-{i + 1}")
+                lat = as_sent(gr.Number(value=-1, precision=0, minimum=-1, maximum=ex.n_neurons - 1,
+                                label=f"latent {i + 1} (-1 = unused)", elem_id=f"steer-latent-{i + 1}"))
+                val = as_sent(gr.Slider(0, inputs.CLAMP_FACTOR, value=4.0, step=0.1, label=f"strength {i + 1} (x token max)",
+                                elem_id=f"steer-value-{i + 1}"))
                 self.slots.append((lat, val))
         with gr.Row():
             self.keep_error = gr.Checkbox(value=False, label="keep the SAE error term")
             self.sweep = gr.Checkbox(value=True, label="strength sweep")
             self.question = gr.Dropdown(list(DEFAULT_QUESTIONS), value=DEFAULT_QUESTIONS[0], allow_custom_value=True,
                                         label="question", elem_id="steer-question")
-            self.max_tokens = gr.Slider(1, inputs.MAX_NEW_TOKENS, value=5, step=1, label="answer tokens")
+            self.max_tokens = as_sent(gr.Slider(1, inputs.MAX_NEW_TOKENS, value=5, step=1, label="answer tokens"))
         self.steer_button = gr.Button("Steer", variant="primary", elem_id="steer-button")
         with gr.Row():
             self.original = gr.Textbox(label="original model", elem_id="answer-original", elem_classes="answer")
@@ -198,6 +229,8 @@ class SteerTab:
         return [c for pair in self.slots for c in pair]
 
     def wire(self, demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, image_id, steer_with_image_button):
+        from .steer import LATENT_COLUMNS
+
         ex, svc = self.ex, self.steer
         model = dict(concurrency_limit=1, concurrency_id="model")
 
@@ -246,12 +279,13 @@ class SteerTab:
                            api_name="steer_upload_image", **model)
 
         @user_errors
-        def steer_select_patch(image_index, upload, patches, evt: gr.SelectData):
+        def steer_select_patch(image_index, upload, patches, evt: Click):
             """Toggle the clicked patch in the patch list and redraw the grid."""
             from .render import patch_at
 
             pil, _, _ = svc.image(image_index, upload)
-            p = patch_at(evt.index, svc.picture_size(pil), ex.grid)
+            where = clicked(evt, "give the patches to /steer as text instead").index
+            p = patch_at(where, svc.picture_size(pil), ex.grid)
             chosen = patch_list(patches)
             chosen = [q for q in chosen if q != p] if p in chosen else chosen + [p]
             return ",".join(str(q) for q in sorted(chosen)), svc.picture(pil, chosen)
@@ -268,9 +302,9 @@ class SteerTab:
                                  api_name="steer_all_patches")
 
         @user_errors
-        def steer_pick_latent(image_index, upload, patches, evt: gr.SelectData):
+        def steer_pick_latent(image_index, upload, patches, evt: Click):
             """Put the clicked latent in slot 1 and show where it fires on the image."""
-            k = ex.check_neuron((evt.row_value or [None])[0])
+            k = ex.check_neuron(clicked_neuron(evt, LATENT_COLUMNS, "give the neuron to /steer as latent_1 instead"))
             pil, key, _ = svc.image(image_index, upload)
             _, maps = svc.latents(key)
             m = maps.get(k)
@@ -344,19 +378,30 @@ class SteerTab:
                     refused.append(str(e))
                     return default
 
-            lat = field(lambda: inputs.int_list(state.get("latents"), "latent", 0, ex.n_neurons - 1, N_SLOTS), [])
-            # strengths into the sliders' range, 0 to CLAMP_FACTOR (the API takes any finite strength)
+            lat = field(lambda: [inputs.integer(k, "latent", 0, ex.n_neurons - 1) for k in state.get("latents") or []], [])
+            # strengths into the sliders' range, 0 to CLAMP_FACTOR (the API bounds to +-CLAMP_FACTOR, with a note)
             vals = field(lambda: [min(max(inputs.clamp_value(v, 1.0, "strength")[0], 0.0), inputs.CLAMP_FACTOR)
                                   for v in state.get("values") or []], [])
+            slots = {}  # latent -> strength, the i-th strength with the i-th latent
+            for i, k in enumerate(lat):
+                if k in slots:
+                    refused.append(f"latent {k} is given twice; its first strength is kept")
+                else:
+                    slots[k] = vals[i] if i < len(vals) else 4.0
+            if len(slots) > N_SLOTS:
+                refused.append(f"{len(slots)} latents were given and the page has {N_SLOTS} slots; the first "
+                               f"{N_SLOTS} are kept")
+            chosen = list(slots.items())[:N_SLOTS]
             slot_vals = []
             for i in range(N_SLOTS):
-                slot_vals += [lat[i] if i < len(lat) else -1, vals[i] if i < len(vals) else 4.0]
+                slot_vals += list(chosen[i]) if i < len(chosen) else [-1, 4.0]
             patches = field(lambda: ",".join(str(p) for p in patch_list(state.get("patches"))), "")
             image, picture = gr.update(), gr.update()
             if state.get("image") not in (None, ""):
                 i = field(lambda: inputs.integer(state["image"], "image index", 0, ex.n_images - 1), None)
-                if i is not None:
-                    image, picture = i, svc.picture(ex.bundle.image(i), patch_list(patches))
+                shown = None if i is None else field(lambda: svc.picture(svc.image(i, None)[0], patch_list(patches)), None)
+                if shown is not None:
+                    image, picture = i, shown
             question = field(lambda: inputs.text(state.get("question"), "question", inputs.MAX_QUESTION_CHARS), "")
             for message in refused:
                 gr.Warning(f"part of the link could not be restored: {message}")
@@ -367,7 +412,11 @@ class SteerTab:
         def steer_restore_latents(image_index, upload, patches, request: gr.Request):
             """A restored steer link with an image: the latents that fire on it, as the Load button gives."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
-            if state.get("tab") != "steer" or state.get("image") in (None, ""):
+            try:  # the link's image, where it was restored (a refused one was warned about)
+                restored = inputs.integer(state.get("image"), "image index", 0, ex.n_images - 1) == image_index
+            except UserError:
+                restored = False
+            if state.get("tab") != "steer" or not restored:
                 return gr.update(), gr.update()
             return steer_load_image(image_index, upload, patches)
 
@@ -431,15 +480,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 with gr.Row():
                     f_min_ms = gr.Slider(0, 1, value=0, step=0.01, label="minimum MS")
                     by_patch = "; by patches for a latent never firing by CLS" if "patch_support" in ex.columns else ""
-                    f_min_support = gr.Number(value=ex.default_min_support, precision=0, minimum=0,
-                                              label=f"minimum support (images{by_patch}; an MS over fewer is noisy)")
+                    f_min_support = as_sent(gr.Number(value=ex.default_min_support, precision=0, minimum=0,
+                                              label=f"minimum support (images{by_patch}; an MS over fewer is noisy)"))
                     f_level = gr.Dropdown(level_choices, value="all", label="Matryoshka level")
                     f_label = gr.Textbox(label="label contains" + (" (label or patch_label)" if "patch_label" in ex.columns
                                                                    else ""), max_length=inputs.MAX_QUERY_CHARS)
                 with gr.Row():
                     f_sort = gr.Dropdown(list(ex.table_sorts), value="ms", label="sort by")
                     f_desc = gr.Checkbox(value=True, label="descending")
-                    f_limit = gr.Number(value=100, precision=0, minimum=1, maximum=MAX_TABLE_ROWS, label="rows")
+                    f_limit = as_sent(gr.Number(value=100, precision=0, minimum=1, maximum=MAX_TABLE_ROWS, label="rows"))
                     f_button = gr.Button("Filter", variant="primary")
                     csv_button = gr.Button("Download CSV", elem_id="neuron-table-csv")
                 csv_file = gr.File(label="neurons (CSV)", interactive=False, visible=False, elem_id="neuron-csv-file")
@@ -459,8 +508,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             # ---------------------------------------------------------------- Neuron page
             with gr.Tab("Neuron", id="neuron") as neuron_tab:
                 with gr.Row():
-                    neuron_in = gr.Number(value=ex.default_neuron, precision=0, minimum=0, maximum=ex.n_neurons - 1,
-                                          label=f"neuron id (0 to {ex.n_neurons - 1})", elem_id="neuron-id")
+                    neuron_in = as_sent(gr.Number(value=ex.default_neuron, precision=0, minimum=0, maximum=ex.n_neurons - 1,
+                                          label=f"neuron id (0 to {ex.n_neurons - 1})", elem_id="neuron-id"))
                     open_button = gr.Button("Open", variant="primary", elem_id="open-neuron")
                     steer_with_button = gr.Button("Steer with this neuron", elem_id="steer-with-neuron",
                                                   visible=steer is not None)
@@ -510,8 +559,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                          columns=8, fit_columns=False, height="auto", object_fit="contain",
                                          elem_id="image-results")
                 with gr.Row():
-                    img_id = gr.Number(value=0, precision=0, minimum=0, maximum=ex.n_images - 1,
-                                       label=f"image id (0 to {ex.n_images - 1})", elem_id="image-id")
+                    img_id = as_sent(gr.Number(value=0, precision=0, minimum=0, maximum=ex.n_images - 1,
+                                       label=f"image id (0 to {ex.n_images - 1})", elem_id="image-id"))
                     img_open = gr.Button("Neurons that show it", elem_id="image-open")
                     img_like = gr.Button("Images like this one", elem_id="image-like")
                     img_steer = gr.Button("Steer with this image", elem_id="image-steer", visible=steer is not None)
@@ -527,7 +576,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 has_tree = len(ex.levels) > 1  # one level (an SAE that is not Matryoshka): no tree, no empty boxes
                 with gr.Row(visible=has_tree):
                     tree_kind = gr.Radio(["sunburst", "treemap"], value="sunburst", label="drawing")
-                    tree_root = gr.Number(value=-1, precision=0, label="subtree of latent (-1: from the roots)")
+                    tree_root = as_sent(gr.Number(value=-1, precision=0, label="subtree of latent (-1: from the roots)"))
                     tree_button = gr.Button("Draw")
                 tree_note = gr.Markdown()
                 tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot", visible=has_tree)
@@ -661,18 +710,18 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                  js="(x) => (window.__saeOpenNeuron !== undefined ? window.__saeOpenNeuron : x)")
 
         @user_errors
-        def open_neuron_from_table(evt: gr.SelectData):
-            return page_outputs((evt.row_value or [None])[TABLE_COLUMNS.index("neuron")])
+        def open_neuron_from_table(evt: Click):
+            return page_outputs(clicked_neuron(evt, TABLE_COLUMNS))
 
         @user_errors
-        def open_neuron_from_relatives(evt: gr.SelectData):
-            return page_outputs((evt.row_value or [None, None])[ex.related_columns.index("neuron")])
+        def open_neuron_from_relatives(evt: Click):
+            return page_outputs(clicked_neuron(evt, ex.related_columns))
 
         table.select(open_neuron_from_table, None, page_targets, api_name="open_neuron_from_table")
 
         @user_errors
-        def open_neuron_from_crossmodal(evt: gr.SelectData):
-            return page_outputs((evt.row_value or [None])[CROSSMODAL_COLUMNS.index("neuron")])
+        def open_neuron_from_crossmodal(evt: Click):
+            return page_outputs(clicked_neuron(evt, CROSSMODAL_COLUMNS))
 
         cm_table.select(open_neuron_from_crossmodal, None, page_targets, api_name="open_neuron_from_crossmodal")
         related_df.select(open_neuron_from_relatives, None, page_targets, api_name="open_neuron_from_relatives")
@@ -751,7 +800,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             cut = f" (the {len(table)} best ranks of {rows} shown)" if rows > len(table) else ""
             note = (f"Image #{i} is in the top galleries of {n:,} neuron{'s' if n != 1 else ''}{cut}." if n else
                     f"Image #{i} is in no neuron's top gallery (each keeps its {ex.full_gallery} best images of "
-                    f"{ex.n_images:,})" + ("; *Steer with this image* lists the latents that fire on it." if steer else "."))
+                    f"{ex.n_images:,})" + ("; *Steer with this image* lists the latents that fire on it."
+                                           if steer and not ex.dataset_error else "."))
             picture = ex.search_tile(i)
             if picture is None:
                 note += f" It cannot be shown here: {ex.dataset_error}"
@@ -787,8 +837,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                             .success(image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
 
         @user_errors
-        def open_neuron_from_image(evt: gr.SelectData):
-            return page_outputs((evt.row_value or [None])[IMAGE_NEURON_COLUMNS.index("neuron")])
+        def open_neuron_from_image(evt: Click):
+            return page_outputs(clicked_neuron(evt, IMAGE_NEURON_COLUMNS))
 
         img_neurons.select(open_neuron_from_image, None, page_targets, api_name="open_neuron_from_image")
 
@@ -798,20 +848,23 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1 + 1  # the url box is left alone; + the row
             if state.get("tab") != "images":
                 return (gr.update(),) * n_out
+            image, query = state.get("image"), state.get("query")
+            found, shown = (gr.update(),) * 3, (gr.update(),) * 5
+            # the search and the image are restored apart: a bad field loses only itself
             try:
-                image = state.get("image")
-                if image_search is not None and state.get("query"):
-                    found = search_images_by_text(state["query"])[:3]
+                if image_search is not None and query:
+                    found = search_images_by_text(query)[:3]
                 elif image_search is not None and image not in (None, ""):
                     found = search_images_like(image)[:3]
-                else:  # nothing to search, or no index: an image's neurons need none
-                    found = (gr.update(),) * 3
-                if image in (None, ""):
-                    return (*found, *(gr.update(),) * 5)
-                return (*found, *image_neurons(image, state.get("query") or "")[:4], gr.Row(visible=True))
+                # else nothing to search, or no index: an image's neurons need none
             except gr.Error as e:
                 gr.Warning(f"the link's image search could not be restored: {e.message}")
-                return (gr.update(),) * n_out
+            try:
+                if image not in (None, ""):
+                    shown = (*image_neurons(image, "")[:4], gr.Row(visible=True))
+            except gr.Error as e:
+                gr.Warning(f"the link's image could not be shown: {e.message}")
+            return (*found, *shown)
 
         demo.load(images_restore_from_url, None, img_search_out[:-1] + img_neuron_out[:-1] + [img_row], api_name=False)
 
@@ -876,7 +929,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         @user_errors
         def hierarchy(kind, root=-1):
-            root = -1 if root is None or root < 0 else ex.check_neuron(root)
+            root = -1 if root in (None, "") else inputs.integer(root, "subtree's latent (-1: from the roots)", -1,
+                                                                 ex.n_neurons - 1)
             return hierarchy_cached("treemap" if kind == "treemap" else "sunburst", root)
 
         tree_inputs, tree_outputs = [tree_kind, tree_root], [tree_plot, depth_df, tree_note]

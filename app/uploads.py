@@ -1,6 +1,7 @@
 """Checks on images users upload: byte and pixel limits, real image formats, a full decode, EXIF turns."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,10 +24,21 @@ class UploadLimits:
 
     @classmethod
     def from_env(cls) -> "UploadLimits":
-        """SAE_APP_MAX_UPLOAD_MB and SAE_APP_MAX_UPLOAD_MEGAPIXELS override the defaults."""
-        mb = float(os.environ.get("SAE_APP_MAX_UPLOAD_MB", cls.max_bytes / 2**20))
-        mpx = float(os.environ.get("SAE_APP_MAX_UPLOAD_MEGAPIXELS", cls.max_pixels / 1e6))
-        return cls(max_bytes=int(mb * 2**20), max_pixels=int(mpx * 1e6))
+        """SAE_APP_MAX_UPLOAD_MB and SAE_APP_MAX_UPLOAD_MEGAPIXELS override the defaults (positive, finite)."""
+        def setting(name: str, default: float) -> float:
+            text = os.environ.get(name, "").strip()
+            try:
+                value = float(text) if text else default
+            except ValueError:
+                value = math.nan
+            if not 0 < value < math.inf:
+                raise UserError(f"{name}={text!r} is not a positive number; set it to a limit such as {default:.3g}, "
+                                "or unset it for that default.")
+            return value
+
+        mb = setting("SAE_APP_MAX_UPLOAD_MB", cls.max_bytes / 2**20)
+        mpx = setting("SAE_APP_MAX_UPLOAD_MEGAPIXELS", cls.max_pixels / 1e6)
+        return cls(max_bytes=max(1, int(mb * 2**20)), max_pixels=max(1, int(mpx * 1e6)))
 
 
 def load_upload(path, limits: UploadLimits = UploadLimits()):
@@ -45,7 +57,7 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
         raise UserError("the uploaded file is missing on the server; upload it again.")
     size = path.stat().st_size
     if size > limits.max_bytes:
-        raise UserError(f"the file is {size / 2**20:.1f} MiB, above the {limits.max_bytes / 2**20:.0f} MiB limit; "
+        raise UserError(f"the file is {size / 2**20:.1f} MiB, above the {limits.max_bytes / 2**20:.3g} MiB limit; "
                         "upload a smaller image.")
     if size == 0:
         raise UserError("the uploaded file is empty; upload a PNG or JPEG image.")

@@ -84,16 +84,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-def _auto_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but no CUDA GPU is visible; pass --device cpu.")
-    return device
-
-
 def _auto_precision(precision: str, device: str) -> str:
     import torch
 
@@ -214,13 +204,13 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
     from sae_core.datasets import open_dataset
     from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
-    from sae_core.precision import warn_if_slow_half
+    from sae_core.precision import resolve_device, warn_if_slow_half
 
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size} must be at least 1.")
     if cfg.dtype not in STORE_DTYPES:
         raise UserError(f"--dtype {cfg.dtype} is not one of {', '.join(STORE_DTYPES)}.")
-    device = _auto_device(cfg.device)
+    device = resolve_device(cfg.device)
     info = init_distributed(device)
     try:
         device = local_device(device, info)

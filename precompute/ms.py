@@ -12,6 +12,7 @@ from sae_core.activation_store import save_npy_atomic
 from sae_core.atomic import remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
+from sae_core.precision import resolve_device
 
 from .args import check_writable, nonnegative_float, positive_int
 
@@ -65,23 +66,6 @@ def load_activations(path: str):
     if str(path).lower().endswith(".csv"):
         return read_activations_csv(path)
     return None, load_matrix(path, "activations")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's own message lists twenty device types this command cannot use
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name} is not a device this command runs on; use auto, cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name} names a GPU that is not here ({torch.cuda.device_count()} visible); "
-                        f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
-    return device
 
 
 def file_key(path: str) -> dict:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.ms import compute_ms, load_activations, load_matrix, resolve_device
+from precompute.ms import compute_ms, load_activations, load_matrix
 from sae_core.alignment import DEFAULT_EDGES, alignment_figure, alignment_score, check_edges, read_pairs_csv
 from sae_core.atomic import atomic_path, write_json_atomic
 from sae_core.errors import UserError
+from sae_core.precision import resolve_device
 
 from .args import check_writable, out_folder, positive_int
 

@@ -1,4 +1,5 @@
-"""Whether half precision is worth computing in on a device: CPUs without native bf16/fp16 emulate it."""
+"""Devices and precisions: which device a name means here, and whether half precision is worth computing
+in on it (CPUs without native bf16/fp16 emulate it)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,28 @@ import sys
 import time
 
 import torch
+
+from .errors import UserError
+
+
+def resolve_device(name: str, flag: str = "--device") -> str:
+    """"auto" (CUDA where there is a GPU, else the CPU), "cpu", "cuda" or "cuda:N", checked against this
+    machine before anything loads; UserError naming `flag` (where the name came from) otherwise."""
+    name = str(name).strip()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists twenty device types none of this runs on
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {name} is not a device this runs on; use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name} was asked for but no CUDA GPU is visible here; use cpu (or auto).")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name} names a GPU that is not here ({torch.cuda.device_count()} visible); "
+                        f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return name
 
 HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 

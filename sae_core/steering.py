@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .precision import resolve_device
 from .world.text import WHAT_IS_SHOWN, llava_prompt
 
 MODES = ("set", "add")
@@ -210,14 +211,6 @@ def intervene(module: nn.Module, sae: nn.Module, clamp: Clamp | None = None, tok
 # ----------------------------------------------------------------------------------------------
 # LLaVA for steering
 # ----------------------------------------------------------------------------------------------
-def _auto_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device} was asked for but CUDA is not available here; use --device cpu.")
-    return device
-
-
 def llava_load_options(spec: str, device: str, precision: str) -> tuple[dict, str]:
     """from_pretrained kwargs and the compute precision for a LLaVA spec on a device.
 
@@ -296,7 +289,7 @@ class SteeringSession:
 
         from .adapters import load_adapter
 
-        device = _auto_device(device)
+        device = resolve_device(device)
         kwargs, compute = llava_load_options(llava_spec, device, precision)
         self.adapter = load_adapter(llava_spec, full_llava=kwargs or True)
         self.adapter.to(device, compute)  # a model placed by from_pretrained only records device and dtype

@@ -79,9 +79,24 @@ def test_neuron_page_follows_the_bundle(client, explorer_app):
 
 def test_bad_neuron_ids_get_a_message(client, explorer_app):
     K = len(neurons(explorer_app, "ms"))
-    for bad in (K, -1, 10**12):
-        with pytest.raises(AppError, match="maximum|minimum|out of range|does not exist"):
+    for bad in (K, -1, 10**12):  # the message names the field (Gradio's own named none)
+        with pytest.raises(AppError, match=f"neuron id {bad} is out of range; give an integer between 0 and {K - 1}"):
             client.predict(bad, api_name="/neuron_page")
+    # a fraction is refused, not rounded to a neighbour's page; text is refused in a sentence too
+    for endpoint, bad, what in (("/neuron_page", 3.5, "neuron id 3.5"), ("/neuron_page", "abc", "neuron id 'abc'"),
+                                ("/image_neurons", 2.5, "image id 2.5"), ("/search_images_like", 2.5, "image id 2.5")):
+        with pytest.raises(AppError, match=f"{what} is not an integer"):
+            client.predict(bad, *([""] if endpoint == "/image_neurons" else []), api_name=endpoint)
+    with pytest.raises(AppError, match="subtree's latent .* 2.5 is not an integer"):
+        client.predict("sunburst", 2.5, api_name="/hierarchy")
+    with pytest.raises(AppError, match="row limit 2.5 is not an integer"):
+        client.predict(0.0, 0, "all", "", "ms", True, 2.5, api_name="/neuron_table")
+    # endpoints that answer a click say so, and what to call (a script cannot send a click)
+    for endpoint, inputs in (("/open_neuron_from_table", ()), ("/open_neuron_from_relatives", ()),
+                             ("/open_neuron_from_image", ()), ("/steer_select_patch", (2, None, "")),
+                             ("/steer_pick_latent", (2, None, ""))):
+        with pytest.raises(AppError, match="answers a click on the page, which an API call cannot send; (call|give)"):
+            client.predict(*inputs, api_name=endpoint)
     with pytest.raises(AppError, match="out of range"):
         client.predict(K, api_name="/neuron_json")
     with pytest.raises(AppError, match="not an integer"):
@@ -119,7 +134,7 @@ def test_table_and_hierarchy(client, explorer_app):
     fig, _, note = client.predict("sunburst", k, api_name="/hierarchy")
     drawn = {int(c[0]) for c in json.loads(fig["plot"])["data"][0]["customdata"]}
     assert drawn == below and f"The subtree of latent {k} (its ancestors: #{parent[k]}): {len(below)} nodes" in note
-    with pytest.raises(Exception, match="neuron id"):
+    with pytest.raises(Exception, match="subtree's latent .* 1000000 is out of range"):
         client.predict("sunburst", 10**6, api_name="/hierarchy")
 
 
@@ -160,8 +175,18 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     assert "steering score" in score
     assert query == (f"tab=steer&image=2&latents={k}&values=4&patches=0%2C5&keep_error=1&"
                      "question=What+colour+is+the+shape%3F+Use+one+word.")
-    with pytest.raises(AppError, match="maximum value"):
-        client.predict(image_index=2, upload=None, latent_1=k, value_1=1e30, api_name="/steer")
+    # beyond the sliders, as scripts may send: negative strengths clamp, huge ones are bounded with a note
+    # (Gradio's own slider check refused both); a fractional latent is refused (it was rounded and steered)
+    k2 = (k + 1) % len(neurons(explorer_app, "ms"))
+    out = client.predict(image_index=2, upload=None, latent_1=k, value_1=-3.0, latent_2=k2, value_2=1e30,
+                         sweep=False, max_new_tokens=2, api_name="/steer")
+    unit2 = float(neurons(explorer_app, "token_max")[k2]) or 1.0
+    np.testing.assert_allclose(out[5]["clamp"]["values"], [-3.0 * unit, 10.0 * unit2], rtol=1e-4)
+    assert f"strength of neuron {k2} bounded to 10" in out[4]
+    with pytest.raises(AppError, match=f"neuron id {k}.5 is not an integer"):
+        client.predict(image_index=2, upload=None, latent_1=k + 0.5, api_name="/steer")
+    with pytest.raises(AppError, match="image index 2.5 is not an integer"):
+        client.predict(image_index=2.5, upload=None, latent_1=k, api_name="/steer")
     with pytest.raises(AppError, match="no latent"):
         client.predict(image_index=2, upload=None, api_name="/steer")
     with pytest.raises(AppError, match="patch 99|out of range"):
@@ -228,6 +253,18 @@ def test_uploads_search_and_refusals(client, tmp_path):
     fake.write_text("not an image at all")
     with pytest.raises(AppError, match="not an image"):
         client.predict(handle_file(str(fake)), api_name="/search_neurons_by_image")
+    # two uploads holding the same bytes in other shapes are two pictures (the second was served the first's)
+    from PIL import Image
+
+    halves = np.zeros((32, 64, 3), np.uint8)
+    halves[:, 32:] = 255
+    shapes = [Image.fromarray(halves), Image.frombytes("RGB", (32, 64), halves.tobytes())]
+    shown = []
+    for i, im in enumerate(shapes):
+        im.save(tmp_path / f"shape{i}.png")
+        picture = client.predict(handle_file(str(tmp_path / f"shape{i}.png")), "", api_name="/steer_upload_image")[1]
+        shown.append(np.asarray(Image.open(picture["path"] if isinstance(picture, dict) else picture).convert("L")))
+    assert shown[0].shape != shown[1].shape or not np.array_equal(shown[0], shown[1])
     cut = tmp_path / "cut.jpg"
     cut.write_bytes((GRADIO_IMAGES / "tower.jpg").read_bytes()[:5000])
     with pytest.raises(AppError, match="corrupt or truncated"):

@@ -277,6 +277,16 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     wait_value(pg, "#steer-value-1 input[type=number]", "0")
     assert pg.input_value("#steer-question input") == "Which shape?"
     pg.wait_for_selector("text=part of the link could not be restored")
+    # a latent given twice keeps its first strength, and the next latent its own (it took the second one's)
+    pg.goto(explorer_app.url + "/?tab=steer&latents=3,3,5&values=1,2,8")
+    wait_value(pg, "#steer-latent-2 input", "5")
+    wait_value(pg, "#steer-value-2 input[type=number]", "8")
+    assert pg.input_value("#steer-latent-1 input") == "3" and pg.input_value("#steer-value-1 input[type=number]") == "1"
+    pg.wait_for_selector("text=latent 3 is given twice")
+    # an images link with one bad field restores the other (the query's search was lost with the image)
+    pg.goto(explorer_app.url + "/?tab=images&image=abc&query=a+photo+of+a+red+object")
+    pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
+    pg.wait_for_selector("text=the link's image could not be shown")
 
 
 def test_image_search_shows_where_it_fires_until_another_table(page, explorer_app):

@@ -324,6 +324,20 @@ def test_pictures_show_what_the_model_sees_and_the_index_picks_the_image(explore
         svc.image(-2, path)
 
 
+def test_a_bundle_without_its_dataset_steers_uploads_only(explorer, tmp_path, monkeypatch):
+    """Where the dataset cannot be opened, a dataset image is refused with the way out the page offers (the
+    bundle's sentence advised a command-line flag); an upload still steers."""
+    from app.steer import SteerService
+
+    monkeypatch.setitem(explorer.__dict__, "dataset_error", "image folder /data/x does not exist.")
+    svc = SteerService(explorer)
+    with pytest.raises(UserError, match=r"dataset image 3 cannot be steered here, as the bundle's dataset cannot be "
+                                        r"opened \(image folder /data/x does not exist\); upload an image instead\."):
+        svc.image(3, None)
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(tmp_path / "up.png")
+    assert svc.image(-1, tmp_path / "up.png")[2] == {"image": None}
+
+
 def test_the_sweep_is_in_strength_units_whatever_the_sliders_say(explorer, monkeypatch):
     """The sweep's rows are 0, 0.5, ... x each latent's strength unit (its largest activation on one token):
     the same clamps at slider strength 0 (an ablation) as at 4; they were raw values at strength 0."""
@@ -449,12 +463,35 @@ def test_overview_metrics_show_every_figure_once_with_a_name(explorer, tiny_bund
 def test_settings_from_env_and_flags(monkeypatch, tmp_path):
     from app.settings import AppSettings
 
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("SAE_APP_BUNDLE", str(tmp_path / "b"))
     monkeypatch.setenv("SAE_APP_DEVICE", "cuda:1")
     monkeypatch.setenv("SAE_APP_LOAD_4BIT", "1")
     monkeypatch.setenv("SAE_APP_PORT", "8123")
     s = AppSettings.from_env()
     assert (s.bundle, s.device, s.load_4bit, s.port) == (tmp_path / "b", "cuda:1", True, 8123)
+    # a device that is not here, or 4 bits without CUDA, are refused at start (every Steer request failed)
+    for device, message in (("bogus", "bogus is not a device"), ("cuda:2", "names a GPU that is not here"),
+                            ("cpu", "4-bit loading .* needs a CUDA GPU")):
+        monkeypatch.setenv("SAE_APP_DEVICE", device)
+        with pytest.raises(UserError, match=message):
+            AppSettings.from_env()
+    monkeypatch.setenv("SAE_APP_DEVICE", "cuda:1")
+    # limits that are not positive finite numbers (inf was a traceback, -5 refused every upload)
+    for name in ("SAE_APP_MAX_UPLOAD_MB", "SAE_APP_MAX_UPLOAD_MEGAPIXELS"):
+        for bad in ("inf", "1e400", "-5", "0", "nan", "ten"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(UserError, match=f"{name}=.* is not a positive number"):
+                AppSettings.from_env()
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SAE_APP_MAX_UPLOAD_MB", "0.5")
+    assert AppSettings.from_env().limits.max_bytes == 2**19
+    monkeypatch.delenv("SAE_APP_MAX_UPLOAD_MB")
+    with pytest.raises(UserError, match="port 0 is out of range"):
+        AppSettings.from_env(port=0)
     assert AppSettings.from_env(port=9000, bundle=tmp_path / "c").port == 9000
     monkeypatch.setenv("SAE_APP_PORT", "eighty")
     with pytest.raises(UserError, match="port"):
@@ -474,6 +511,27 @@ def test_missing_named_bundle_is_a_message_not_a_build(tmp_path, capsys):
 
     assert main(["--bundle", str(tmp_path / "nowhere")]) == 2
     assert "python -m precompute demo" in capsys.readouterr().err
+
+
+def test_a_busy_port_or_an_unusable_cache_is_a_message(tiny_bundle, tmp_path, capsys, monkeypatch):
+    """Both were tracebacks; a busy port's came after the app had printed that it was serving."""
+    import socket
+
+    from app.__main__ import main
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # the app sets it: put back afterwards
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SAE_APP_CACHE", str(tmp_path / "a_file" / "cache"))
+    assert main(["--bundle", str(tiny_bundle), "--device", "cpu"]) == 2
+    assert "cache folder" in capsys.readouterr().err
+    monkeypatch.setenv("SAE_APP_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--bundle", str(tiny_bundle), "--device", "cpu", "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert f"cannot serve on 127.0.0.1:{port}" in out.err and "[app] serving" not in out.out
 
 
 def test_text_search_finds_neurons_of_that_colour(explorer, tiny_bundle):
