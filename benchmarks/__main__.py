@@ -20,7 +20,13 @@ def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
         return 2
-    return importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:]) or 0
+    from sae_core.errors import UserError
+
+    try:
+        return importlib.import_module(BENCHMARKS[sys.argv[1]]).main(sys.argv[2:]) or 0
+    except UserError as e:  # one sentence, as the other commands say it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

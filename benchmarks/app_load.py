@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from precompute.args import positive_int
+
 
 class HttpCaller:
     """One client speaking Gradio's HTTP API directly (POST /gradio_api/call/NAME, then read the event
@@ -117,12 +119,21 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks app_load", description=__doc__)
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve (default runs/demo_bundle)")
-    p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--calls", type=int, default=25, help="neuron-page calls per client")
-    p.add_argument("--steer-calls", type=int, default=10)
+    p.add_argument("--clients", type=positive_int, default=20)
+    p.add_argument("--calls", type=positive_int, default=25, help="neuron-page calls per client")
+    p.add_argument("--steer-calls", type=positive_int, default=10)
     args = p.parse_args(argv)
 
+    from pathlib import Path
+
+    from app.bootstrap import demo_command
     from app.server import spawn
+    from sae_core.bundle import MANIFEST
+    from sae_core.errors import UserError
+
+    if not (Path(args.bundle) / MANIFEST).is_file():  # the app would build it, unseen, past spawn's timeout
+        raise UserError(f"bundle {args.bundle} does not exist or is unfinished; build it first with "
+                        f"`python {' '.join(demo_command(Path(args.bundle), 'demo')[1:])}` or pass --bundle.")
 
     # The server runs as its own process (`python -m app`), so the 20 clients do not share its GIL.
     proc, url = spawn(args.bundle, extra_env={"OMP_NUM_THREADS": "1"})

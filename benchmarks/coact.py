@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from precompute.args import positive_int
 import sae_core.hierarchy as H
 from sae_core.sae import matryoshka_group_sizes
 
@@ -44,11 +45,11 @@ def run_counter(groups, K, batches, budget, old: bool):
 def main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks coact", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--latents", type=int, default=16384)
-    p.add_argument("--images", type=int, default=512)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--latents", type=positive_int, default=16384)
+    p.add_argument("--images", type=positive_int, default=512)
+    p.add_argument("--batch", type=positive_int, default=32)
     p.add_argument("--density", default="0.005,0.02,0.1")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     K = args.latents

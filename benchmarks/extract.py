@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute.args import positive_int
+
 
 def _synthetic_images(root: Path, n: int) -> str:
     from PIL import Image
@@ -32,13 +34,13 @@ def _synthetic_images(root: Path, n: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks extract", description=__doc__)
-    p.add_argument("--images", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--images", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--world", help="a built world directory: also time its CLIP and LLaVA tower")
     p.add_argument("--models", default="open_clip:ViT-B-32", help="comma-separated model specs")
     p.add_argument("--precisions", help="comma-separated (default fp32,bf16; bf16 only where this machine "
                    "computes it natively)")
-    p.add_argument("--repeats", type=int, default=3, help="forward timings per row (best is reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="forward timings per row (best is reported)")
     a = p.parse_args(argv)
 
     import torch
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
                      if (Path(a.world) / (which[1:] or "clip") / "config.json").exists()]
         images = None
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch_size}, {a.images} images")
-        print(f"{'model':40s} {'prec':5s} {'forward img/s':>14s} {'extract img/s':>14s}")
+        print("\n| model | precision | forward img/s | extract img/s | job incl. model load |\n| --- | --- | ---: | ---: | ---: |")
         for spec, dataset in jobs:
             if dataset is None:
                 images = images or _synthetic_images(root, a.images)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
                                                 tokens="cls", batch_size=a.batch_size, limit=a.images, precision=prec))
                 total = time.perf_counter() - t0
                 job = summary["last_session"]["images_per_s"]
-                print(f"{spec[:40]:40s} {prec:5s} {len(pil) / best:14.1f} {job:14.1f}   (job incl. model load: {total:.1f} s)")
+                print(f"| {spec} | {prec} | {len(pil) / best:.1f} | {job:.1f} | {total:.1f} s |")
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from precompute.args import nonnegative_int, positive_int
 from sae_core.monosemanticity import MSAccumulator, monosemanticity_score
 
 TARGET_N, TARGET_K = 50_000, 65_536
@@ -68,18 +69,18 @@ def best_of(repeats: int, fn):
 def fmt_s(s: float) -> str:
     if s >= 3600:
         return f"{s:,.0f} s ({s / 3600:,.1f} h)"
-    return f"{s:,.2f} s"
+    return f"{s:,.2f} s" if s >= 1 else f"{s * 1e3:.3g} ms"  # small runs read "0.00 s"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks ms", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000, help="images for the head-to-head run")
-    p.add_argument("--k", type=int, default=4096, help="neurons")
-    p.add_argument("--d", type=int, default=768, help="embedding width")
-    p.add_argument("--big-n", type=int, default=50_000, help="images for ours alone (0 to skip)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both (1 on a shared machine)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=2000, help="images for the head-to-head run")
+    p.add_argument("--k", type=positive_int, default=4096, help="neurons")
+    p.add_argument("--d", type=positive_int, default=768, help="embedding width")
+    p.add_argument("--big-n", type=nonnegative_int, default=50_000, help="images for ours alone (0 to skip)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads for both (1 on a shared machine)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)

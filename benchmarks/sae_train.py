@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute.args import nonnegative_int, positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 SAELENS_VENV = ROOT / ".bench_venvs" / "saelens"
 RUNNER = Path(__file__).resolve().parent / "_saelens_runner.py"
@@ -249,16 +251,16 @@ def print_table(results: list[dict], peak: dict, flop_per_token: float, base: st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks sae_train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, help="training steps per row (default 40 on CPU, 1000 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--steps", type=positive_int, help="training steps per row (default 40 on CPU, 1000 on CUDA)")
+    p.add_argument("--batch-size", type=positive_int, default=4096)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--rows", type=int, help="activation rows in the .npy, held-out rows included "
+    p.add_argument("--rows", type=positive_int, help="activation rows in the .npy, held-out rows included "
                    "(default 65,536 + eval rows on CPU, 262,144 + eval rows on CUDA)")
-    p.add_argument("--eval-rows", type=int, default=8192, help="held-out rows at the end of the file")
-    p.add_argument("--timing-skip", type=int, help="first steps left out of tokens/s (default max(3, steps/10))")
+    p.add_argument("--eval-rows", type=positive_int, default=8192, help="held-out rows at the end of the file")
+    p.add_argument("--timing-skip", type=nonnegative_int, help="first steps left out of tokens/s (default max(3, steps/10))")
     p.add_argument("--lr", type=float, default=2e-4, help="same for every row (default: our default_lr at width 16,384)")
-    p.add_argument("--expansion", type=int, default=EXPANSION)
-    p.add_argument("--k", type=int, default=K)
+    p.add_argument("--expansion", type=positive_int, default=EXPANSION)
+    p.add_argument("--k", type=positive_int, default=K)
     p.add_argument("--only", help="comma-separated subset of rows: batchtopk,matryoshka,batchtopk_bf16,saelens")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for the data, SAEs and row results")
     p.add_argument("--check-export", action="store_true",

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from precompute.args import positive_int
+
 
 def _times(fn, n: int) -> np.ndarray:
     fn(0)  # warm-up (allocations, first-call paths)
@@ -31,11 +33,11 @@ def _times(fn, n: int) -> np.ndarray:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks steer", description=__doc__)
     p.add_argument("--bundle", required=True, help="a bundle whose SAE sits at the layer its LLaVA reads (e.g. a demo bundle)")
-    p.add_argument("--calls", type=int, default=30)
-    p.add_argument("--tokens", type=int, default=12)
+    p.add_argument("--calls", type=positive_int, default=30)
+    p.add_argument("--tokens", type=positive_int, default=12)
     p.add_argument("--precisions", help="comma-separated (default fp32,bf16; bf16 only where the device computes it natively)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--prompt", default="Describe the image.")
     a = p.parse_args(argv)
 

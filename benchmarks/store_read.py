@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from precompute.args import positive_int
 from sae_core.activation_store import ActivationStore, save_npy_atomic, shuffled_batch_index, write_json_atomic
 
 
@@ -65,10 +66,10 @@ def time_batches(store: ActivationStore, batch_size: int, seconds: float, start_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks store_read", description=__doc__)
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--d", type=int, default=768)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--shard-mb", type=int, default=256)
+    p.add_argument("--rows", type=positive_int, default=1_000_000)
+    p.add_argument("--d", type=positive_int, default=768)
+    p.add_argument("--batch-size", type=positive_int, default=4096)
+    p.add_argument("--shard-mb", type=positive_int, default=256)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--dir", help="where to write the store (default: a temporary folder, removed after)")
     a = p.parse_args(argv)
@@ -114,9 +115,9 @@ def main(argv=None) -> int:
         t = time.perf_counter() - t0
         results.append(("sequential rows() scan, cold (65,536-row chunks)", n * 65536 / a.batch_size, t))
 
-        print(f"{'read':45s} {'batches/s':>10s} {'rows/s':>12s} {'MB/s':>8s}   (batch {a.batch_size})")
+        print(f"batch {a.batch_size}\n\n| read | batches/s | rows/s | MB/s |\n| --- | ---: | ---: | ---: |")
         for name, n, t in results:
-            print(f"{name:45s} {n / t:10.1f} {n * a.batch_size / t:12,.0f} {n * a.batch_size * row_mb / t:8.0f}")
+            print(f"| {name} | {n / t:.1f} | {n * a.batch_size / t:,.0f} | {n * a.batch_size * row_mb / t:.0f} |")
     finally:
         if not a.dir:
             shutil.rmtree(root, ignore_errors=True)

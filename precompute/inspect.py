@@ -10,8 +10,8 @@ from sae_core.sae import K_ARCHS
 
 from .atlas import WORLD_FIGURES
 
-KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "ms_mean", "ms_mean_raw",
-        "ms_nan", "ms_mean_patch", "ms_nan_patch") + WORLD_FIGURES
+KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "dense_frac_images",
+        "mean_cosine", "ms_mean", "ms_mean_raw", "ms_nan", "ms_nan_raw", "ms_mean_patch", "ms_nan_patch") + WORLD_FIGURES
 WORLD_JSON_KEYS = ("ms_agreement_raw", "ms_ground_truth_spearman_factor_embedder", "ms_ground_truth_spearman_ideal_neurons")
 """World bundles: figures read from world.json (the manifest's metrics do not carry them)."""
 

@@ -48,7 +48,11 @@ def load_matrix(path: str, name: str) -> np.ndarray:
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        why = "it holds pickled Python objects" if "pickle" in str(e) else str(e).rstrip(".") or type(e).__name__
+        with open(p, "rb") as f:  # numpy takes any file without the .npy header for a pickle
+            npy = f.read(6) == b"\x93NUMPY"
+        why = ("it has no .npy header" if not npy else
+               "it holds pickled Python objects" if "pickle" in str(e) or "Python objects" in str(e) else
+               str(e).rstrip(".") or type(e).__name__)
         raise UserError(f"{p} is not a plain numeric .npy ({why}); save it with np.save from a numeric array.") from None
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()
@@ -125,7 +129,10 @@ def run(args) -> int:
     outputs = [out, out.with_name(out.stem + "_support.npy"), out.with_suffix(".json"), partial]
     if args.min_support > 2:
         outputs.append(out.with_name(out.stem + "_min_support.npy"))
+    sources = {Path(p).resolve(): name for name, p in (("activations", args.activations), ("embeddings", args.embeddings))}
     for f in outputs:
+        if f.resolve() in sources:  # it was overwritten with the result
+            raise UserError(f"--out {out} would write {f.name} over the {sources[f.resolve()]} file; name another file.")
         check_writable(f)
     ids, acts = load_activations(args.activations)
     emb = load_matrix(args.embeddings, "embeddings")
@@ -145,8 +152,11 @@ def run(args) -> int:
         summary["neurons_in_csv"] = int(len(ids))
     save_npy_atomic(out, r.ms)
     save_npy_atomic(out.with_name(out.stem + "_support.npy"), r.support)
+    min_support_file = out.with_name(out.stem + "_min_support.npy")
     if args.min_support > 2:
-        save_npy_atomic(out.with_name(out.stem + "_min_support.npy"), r.ms_supported)
+        save_npy_atomic(min_support_file, r.ms_supported)
+    elif min_support_file.exists():  # an earlier run's, which would sit beside this run's scores as theirs
+        min_support_file.unlink()
     write_json_atomic(out.with_suffix(".json"), summary)
     for f in (partial, partial.with_name(partial.name + ".json")):  # .json: the state's count until 2026-12-03
         if f.exists():
@@ -157,5 +167,8 @@ def run(args) -> int:
     if args.min_support > 2:
         mean_s = "n/a" if summary["ms_mean_supported"] is None else f"{summary['ms_mean_supported']:.4f}"
         print(f"with support >= {args.min_support}: {r.n_below_min_support} more neurons left out, mean MS {mean_s}")
-    print(f"wrote {out}, {out.with_name(out.stem + '_support.npy').name} and {out.with_suffix('.json').name}")
+    written = [out.with_name(out.stem + "_support.npy").name, out.with_suffix(".json").name]
+    if args.min_support > 2:
+        written.insert(1, min_support_file.name)
+    print(f"wrote {out}, {', '.join(written[:-1])} and {written[-1]}")
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,9 @@ def computed_variants(args, k_x, k_y) -> dict:
     wanted = np.union1d(k_x, k_y)
     unknown = np.setdiff1d(wanted, ids)
     if unknown.size:
-        raise UserError(f"pairs name neuron {unknown[0]} (and {unknown.size - 1} more) that {args.activations} "
-                        f"does not hold; use the activations file that goes with these pairs.")
+        more = f" (and {unknown.size - 1} more)" if unknown.size > 1 else ""
+        raise UserError(f"pairs name neuron {unknown[0]}{more} that {args.activations} does not hold; use the "
+                        f"activations file that goes with these pairs.")
     # score only the neurons the pairs use
     cols = np.searchsorted(ids, wanted, sorter=np.argsort(ids))
     cols = np.argsort(ids)[cols]
@@ -80,7 +82,10 @@ def computed_variants(args, k_x, k_y) -> dict:
     out = {}
     for name, path in zip(names, args.embeddings):
         emb = load_matrix(path, "embeddings")
-        r = compute_ms(sub, emb, device, args.chunk, args.matmul, 2)
+        try:
+            r = compute_ms(sub, emb, device, args.chunk, args.matmul, 2)
+        except UserError as e:  # its "column j" counts the pairs' neurons only: name the file's own column
+            raise UserError(re.sub(r"column (\d+)", lambda m: f"column {cols[int(m.group(1))]}", str(e), count=1)) from None
         lookup = dict(zip(wanted.tolist(), r.ms.tolist()))
         out[name] = (np.array([lookup[k] for k in k_x]), np.array([lookup[k] for k in k_y]))
     return out
@@ -90,11 +95,14 @@ def format_table(results: dict) -> str:
     first = next(iter(results.values()))
     heads = [f"[{b.lo:g},{b.hi:g})" for b in first.bins]
     width = max(14, *(len(n) for n in results))
-    lines = [f"{'MS variant':<{width}} {'pairs':>6} {'overall':>8}  " + "  ".join(f"{h:>14}" for h in heads)]
+    # pairs: scored; MS tie and no MS: skipped as MS_x == MS_y or as a neuron without a score (per variant)
+    lines = [f"{'MS variant':<{width}} {'pairs':>6} {'MS tie':>6} {'no MS':>6} {'overall':>8}  "
+             + "  ".join(f"{h:>14}" for h in heads)]
     for name, r in results.items():
         cells = ["-" if math.isnan(b.agreement) else f"{b.agreement:.3f} ({b.n})" for b in r.bins]
         overall = "-" if math.isnan(r.agreement) else f"{r.agreement:.3f}"
-        lines.append(f"{name:<{width}} {r.n_pairs:>6} {overall:>8}  " + "  ".join(f"{c:>14}" for c in cells))
+        lines.append(f"{name:<{width}} {r.n_pairs:>6} {r.n_ms_ties:>6} {r.n_missing:>6} {overall:>8}  "
+                     + "  ".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)
 
 
@@ -110,7 +118,12 @@ def run(args) -> int:
     for f in (out / "alignment.json", out / "alignment.html"):
         check_writable(f)
     variants = dict(pairs["ms"])
-    variants.update(computed_variants(args, pairs["k_x"], pairs["k_y"]))
+    computed = computed_variants(args, pairs["k_x"], pairs["k_y"])
+    clash = sorted(set(computed) & set(variants))
+    if clash:  # the file's scores were replaced by the computed ones, silently
+        raise UserError(f"{args.pairs} has columns MS_x_{clash[0]}/MS_y_{clash[0]}, the name of the variant computed "
+                        f"from --embeddings; rename those columns or the embeddings file.")
+    variants.update(computed)
     if not variants:
         raise UserError(f"{args.pairs} has no MS_x_NAME/MS_y_NAME columns; pass --activations and --embeddings "
                         f"to compute MS here.")
@@ -118,7 +131,7 @@ def run(args) -> int:
     results = {name: alignment_score(x, y, preference, edges) for name, (x, y) in variants.items()}
     n_ties = next(iter(results.values())).n_preference_ties
     print(f"{len(preference)} pairs from {args.pairs}; R_user > {args.r_user_center:g} prefers x, "
-          f"< {args.r_user_center:g} prefers y; {n_ties} ties skipped")
+          f"< {args.r_user_center:g} prefers y; {n_ties} without a preference (R_user at the centre) skipped")
     if (pairs["R_user"] >= 0).all() and args.r_user_center == 0:
         print("note: every R_user is >= 0; if it is the share of users preferring x, pass --r-user-center 0.5")
     print(format_table(results))

@@ -90,13 +90,15 @@ def read_pairs_csv(path) -> dict:
     Returns {"k_x": int64 (P,), "k_y": int64 (P,), "R_user": float64 (P,), "ms": {NAME: (ms_x, ms_y)}}.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"pairs file {path} is a folder; give the path of pairs.csv in it.")
     if not path.is_file():
         raise UserError(f"pairs file {path} does not exist; give the path of pairs.csv.")
-    rows = []
+    rows, lines = [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 with a BOM
             reader = csv.reader(f)
-            cols = next(reader, [])
+            cols = [c.strip() for c in next(reader, [])]  # "k_x, k_y, R_user" as activations.csv allows
             for fields in reader:
                 if not fields:  # a blank line
                     continue
@@ -106,6 +108,7 @@ def read_pairs_csv(path) -> dict:
                     raise UserError(f"{path} line {reader.line_num} has {len(fields)} fields but the header "
                                     f"{len(cols)}; give every row one value per column.")
                 rows.append(dict(zip(cols, fields)))
+                lines.append(reader.line_num)
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     need = [c for c in ("k_x", "k_y", "R_user") if c not in cols]
@@ -114,12 +117,19 @@ def read_pairs_csv(path) -> dict:
     if need:
         raise UserError(f"{path} lacks the column(s) {', '.join(need)}; pairs.csv needs k_x,k_y,R_user "
                         f"(and optionally MS_x_NAME,MS_y_NAME).")
+    if not rows:
+        raise UserError(f"{path} has a header but no pairs; give one row per pair of neurons.")
 
     def column(name, dtype):
-        try:
-            return np.array([float(r[name]) if r[name].strip() != "" else math.nan for r in rows]).astype(dtype)
-        except ValueError:
-            raise UserError(f"column {name} of {path} holds a value that is not a number; fix that row.") from None
+        values = []
+        for r, line in zip(rows, lines):
+            text = r[name].strip()
+            try:
+                values.append(float(text) if text else math.nan)
+            except ValueError:
+                raise UserError(f"{path} line {line} has {text[:40]!r} in column {name}, which is not a number; "
+                                "fix that row.") from None
+        return np.array(values).astype(dtype)
 
     names = [c[len("MS_x_"):] for c in cols if c.startswith("MS_x_") and "MS_y_" + c[len("MS_x_"):] in cols]
     out = {"k_x": column("k_x", np.float64), "k_y": column("k_y", np.float64), "R_user": column("R_user", np.float64),

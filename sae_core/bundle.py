@@ -45,6 +45,11 @@ WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a
 WORLD_SPEC_PARTS = ("clip", "llava", "train", "val", "ood")  # what may follow world:DIR: (model or split)
 
 # Arrays whose first axis is the neuron id (name -> relative path); others are named by path.
+ONE_PER_NEURON = frozenset({
+    "ms", "support", "frequency", "mean_act", "max_act", "group", "parent", "parent_coact", "label_score",
+    "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth", "patch_support", "patch_ms",
+    "patch_label_score"})
+"""The arrays of NEURON_ARRAYS that hold one number per neuron (the others have a row per neuron)."""
 NEURON_ARRAYS = (
     "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
@@ -215,10 +220,14 @@ class Bundle:
         if not path.is_file():
             raise UserError(f"bundle {self.root} has no {rel}; rebuild it with the current atlas.")
         try:
-            return json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (ValueError, OSError) as e:  # written atomically by the atlas: damaged afterwards
             raise UserError(f"{path} cannot be read as JSON ({e}); the bundle is damaged: copy it again or rebuild "
                             "it.") from None
+        if not isinstance(data, dict):  # every JSON file of a bundle is an object
+            raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; the bundle is damaged: copy it "
+                            "again or rebuild it.")
+        return data
 
     @cached_property
     def labels(self) -> dict:
@@ -441,6 +450,9 @@ class Bundle:
             if self.has(name) and self.array(name).shape[0] != K:
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[0]} rows "
                                 f"but the SAE has {K} neurons; rebuild the bundle.")
+            if name in ONE_PER_NEURON and self.has(name) and self.array(name).ndim != 1:
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy has shape {self.array(name).shape}, not one "
+                                f"value per neuron ({K},); rebuild the bundle.")
         T = self.array("top_images").shape[1]
         for name in ("top_acts", "top_patch", "top_heat"):
             if self.has(name) and self.array(name).shape[1] != T:

@@ -253,14 +253,20 @@ def monosemanticity_score(acts, embeddings, chunk: int = 4096, device="cpu", min
     return acc.result(min_support)
 
 
+MAX_NEURON_ID = 2**24 - 1
+"""The largest neuron id an activations.csv may name (the scores are written as an array indexed by id)."""
+
+
 def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
     """The paper's released `activations.csv`: one row per neuron, `k, a_1, ..., a_N`.
 
     A header row (first field not a number, fields separated by commas), blank lines, a UTF-8 BOM and
     one trailing comma per row (no value after it) are skipped. Returns (neuron ids int64
-    (K,), activations float32 (N, K)), columns in file order. Rows are parsed one at a time into the
-    result: a 100 x 50,000 file peaked at 24 MB (20 MB result) against 81 MB for a whole-file float64
-    parse and its transpose, at the same speed.
+    (K,), activations float64 (N, K)), columns in file order: float64 as the text is read, since float32
+    moved activations of 1e4 + small offsets enough to change their MS and turn one into NaN (a .npy keeps
+    its own dtype; a large file is better converted to one once, which is memory-mapped). Rows are parsed
+    one at a time into the result: a 100 x 50,000 file peaked at 24 MB (20 MB result, in float32) against
+    81 MB for a whole-file float64 parse and its transpose, at the same speed.
     """
     path = Path(path)
     if not path.is_file():
@@ -300,7 +306,7 @@ def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
         if acts is None:
             if len(row) < 2:
                 break
-            acts = np.empty((len(row) - 1, K), np.float32)
+            acts = np.empty((len(row) - 1, K), np.float64)
         elif len(row) != acts.shape[0] + 1:
             raise UserError(f"{path} line {lineno} has {len(row) - 1} activations but the first row {acts.shape[0]}; "
                             "every row must cover the same images.")
@@ -309,6 +315,9 @@ def read_activations_csv(path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path} holds no activations; expected rows `k,a_1,...,a_N`.")
     if not np.all(ids == np.round(ids)) or ids.min() < 0:
         raise UserError(f"the first column of {path} must be non-negative integer neuron ids.")
+    if ids.max() > MAX_NEURON_ID:  # the scores are written indexed by id: 1e14 asked for 364 TiB
+        raise UserError(f"{path} names neuron {ids.max():.0f}, above {MAX_NEURON_ID:,}, more neurons than an SAE "
+                        "has; the first column must be the neuron ids (0, 1, ...).")
     ids = ids.astype(np.int64)
     if np.unique(ids).size != ids.size:
         raise UserError(f"{path} lists some neuron id more than once; keep one row per neuron.")

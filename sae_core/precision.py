@@ -21,7 +21,7 @@ def resolve_device(name: str, flag: str = "--device") -> str:
         device = torch.device(name)
     except RuntimeError:  # torch's own message lists twenty device types none of this runs on
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
         raise UserError(f"{flag} {name} is not a device this runs on; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{flag} {name} was asked for but no CUDA GPU is visible here; use cpu (or auto).")

@@ -115,6 +115,9 @@ def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
     (tmp_path / "neurons" / "labels.json").write_text('{"labels": ["red", ')  # cut short after the build
     with pytest.raises(UserError, match="labels.json cannot be read as JSON.*damaged"):
         b.json("neurons/labels.json")
+    (tmp_path / "neurons" / "labels.json").write_text("[1, 2]")  # JSON, not the object it was (a traceback)
+    with pytest.raises(UserError, match="labels.json holds a JSON list, not an object; the bundle is damaged"):
+        b.json("neurons/labels.json")
     with pytest.raises(UserError, match="is a file, not a bundle"):
         B.open_bundle(tmp_path / B.MANIFEST)
 
@@ -123,6 +126,9 @@ def test_validate_catches_shape_mismatch(tmp_path):
     _write_small_bundle(tmp_path)
     B.write_array(tmp_path, "neurons/ms.npy", np.zeros(5, np.float32))
     with pytest.raises(UserError, match="5 rows"):
+        B.open_bundle(tmp_path).validate()
+    B.write_array(tmp_path, "neurons/ms.npy", np.zeros((6, 2), np.float32))  # passed: its median was printed
+    with pytest.raises(UserError, match=r"ms.npy has shape \(6, 2\), not one value per neuron \(6,\)"):
         B.open_bundle(tmp_path).validate()
 
 

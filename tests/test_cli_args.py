@@ -69,3 +69,21 @@ def test_an_out_that_is_a_file_is_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {tmp_path / 'taken'}") and "Traceback" not in err
     assert (tmp_path / "taken").read_text() == "a file the user already has\n"
+
+
+def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
+    """A missing bundle (app_load built the demo bundle, unseen, until spawn's timeout) and a count of 0
+    (tracebacks) end in one line, exit 2."""
+    import sys
+
+    from benchmarks.__main__ import main as benchmarks_main
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "app_load", "--bundle", str(tmp_path / "none")])
+    assert benchmarks_main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: bundle {tmp_path / 'none'} does not exist")
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "ms", "--n", "0"])
+    with pytest.raises(SystemExit) as e:
+        benchmarks_main()
+    assert e.value.code == 2 and "--n: must be a positive integer" in capsys.readouterr().err

@@ -256,6 +256,30 @@ def test_command_csv_ids_index_the_output(tmp_path, small_case, capsys):
     assert np.isnan(np.delete(ms, ids)).all()
 
 
+def test_csv_keeps_the_precision_of_its_text(tmp_path, small_case):
+    """Activations of 1e4 plus small offsets, as the text has them: read as float32 (before) they lost the
+    offsets, which moved MS and turned a neuron's score into NaN."""
+    acts, emb, _ = small_case
+    shifted = 1e4 + acts * 1e-3
+    write_paper_csv(tmp_path / "a.csv", range(acts.shape[1]), shifted, header=False)
+    _, got = read_activations_csv(tmp_path / "a.csv")
+    np.testing.assert_array_equal(got, shifted)
+    np.testing.assert_allclose(monosemanticity_score(got, emb).ms, pairwise_ms(shifted, emb), atol=1e-6, equal_nan=True)
+
+
+def test_a_smaller_min_support_run_removes_the_last_ones_file(tmp_path, small_case, capsys):
+    """OUT_min_support.npy of an earlier run would sit beside the new scores as theirs."""
+    acts, emb, _ = small_case
+    np.save(tmp_path / "A.npy", acts)
+    np.save(tmp_path / "E.npy", emb)
+    argv = ["ms", "--activations", str(tmp_path / "A.npy"), "--embeddings", str(tmp_path / "E.npy"),
+            "--out", str(tmp_path / "ms.npy"), "--device", "cpu"]
+    assert precompute_main(argv + ["--min-support", "10"]) == 0
+    assert "ms_min_support.npy" in capsys.readouterr().out and (tmp_path / "ms_min_support.npy").is_file()
+    assert precompute_main(argv) == 0
+    assert not (tmp_path / "ms_min_support.npy").exists()
+
+
 @pytest.mark.parametrize("case", ["rows", "nonfinite", "missing", "not2d"])
 def test_command_bad_input_exits_2(tmp_path, small_case, capsys, case):
     acts, emb, _ = small_case
@@ -342,7 +366,8 @@ def test_command_resumes_only_from_the_same_input_files(tmp_path, small_case, ca
     assert not list(tmp_path.glob(".*tmp*")) and not list(tmp_path.glob("*.partial*"))
 
 
-@pytest.mark.parametrize("case", ["npz", "empty", "no_neurons", "device", "out_folder", "out_under_file"])
+@pytest.mark.parametrize("case", ["npz", "empty", "no_neurons", "device", "cpu_index", "out_folder", "out_under_file",
+                                  "out_is_input", "not_npy", "huge_id"])
 def test_command_refuses_before_computing(tmp_path, small_case, capsys, monkeypatch, case):
     """Inputs and options that could not work end in one sentence before any MS is computed."""
     acts, emb, _ = small_case
@@ -359,15 +384,28 @@ def test_command_refuses_before_computing(tmp_path, small_case, capsys, monkeypa
         np.save(a_arg, acts[:, :0])
     elif case == "device":
         extra = ["--device", "gpu"]
+    elif case == "cpu_index":
+        extra = ["--device", "cpu:3"]
     elif case == "out_folder":
         out.mkdir()
+    elif case == "out_is_input":  # it was overwritten with the scores
+        out = tmp_path / "A.npy"
+    elif case == "not_npy":  # text: it was said to hold pickled objects
+        a_arg = tmp_path / "A.txt.npy"
+        a_arg.write_text("0.1,0.2\n")
+    elif case == "huge_id":  # the scores are indexed by id: it asked for 364 TiB
+        a_arg = tmp_path / "activations.csv"
+        write_paper_csv(a_arg, [0, 10**14], acts[:, :2], header=False)
     else:
         (tmp_path / "taken").touch()
         out = tmp_path / "taken" / "ms.npy"
     expected = {"npz": "is an .npz archive; save the \\(N images, K neurons\\) array with np.save",
                 "empty": "is empty \\(0 bytes\\)", "no_neurons": "has shape \\(37, 0\\), so it holds no values",
                 "device": "--device gpu is not a device .*use auto, cpu, cuda or cuda:N",
-                "out_folder": "ms.npy is a folder", "out_under_file": "taken is a file"}[case]
+                "cpu_index": "--device cpu:3 is not a device", "out_folder": "ms.npy is a folder",
+                "out_under_file": "taken is a file", "out_is_input": "would write A.npy over the activations file",
+                "not_npy": "is not a plain numeric .npy \\(it has no .npy header\\)",
+                "huge_id": "names neuron 100000000000000, above 16,777,215"}[case]
 
     def no_compute(*a, **k):
         raise AssertionError("computed before refusing")

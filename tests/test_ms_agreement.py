@@ -41,7 +41,11 @@ def test_alignment_by_hand(pairs_csv, tmp_path, capsys):
     rc = precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--bins", EDGES, "--out", str(tmp_path / "o")])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "6 pairs" in out and "1 ties skipped" in out
+    assert "6 pairs" in out and "1 without a preference (R_user at the centre) skipped" in out
+    # per variant, the pairs scored and those skipped for a tie of MS or a missing one (the header's one
+    # count was the preference ties only)
+    rows = {line.split()[0]: line.split()[1:4] for line in out.splitlines() if line.startswith(("dino ", "clip "))}
+    assert rows == {"dino": ["4", "0", "1"], "clip": ["4", "1", "0"]}
     res = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]
     assert res["dino"]["agreement"] == pytest.approx(0.75) and res["dino"]["n_pairs"] == 4
     assert res["dino"]["n_missing"] == 1 and res["dino"]["n_preference_ties"] == 1
@@ -62,7 +66,7 @@ def test_r_user_center(pairs_csv, tmp_path):
     assert dino["agreement"] == pytest.approx(4 / 5) and dino["n_preference_ties"] == 0
 
 
-def test_computed_ms_variant(tmp_path, pairs_csv):
+def test_computed_ms_variant(tmp_path, pairs_csv, capsys):
     """MS computed from activations.csv + embeddings, scored against a pairwise MS and a loop by hand."""
     rng = np.random.default_rng(3)
     N = 25
@@ -74,11 +78,25 @@ def test_computed_ms_variant(tmp_path, pairs_csv):
                           "--embeddings", str(tmp_path / "emb_dino.npy"), "--out", str(tmp_path / "o")])
     assert rc == 0
     got = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]["ours_emb_dino"]
-    ms = pairwise_ms(acts.astype(np.float32).astype(np.float64), emb)
+    ms = pairwise_ms(acts, emb)
     pairs = [(0, 1, 0.8), (2, 3, -0.5), (4, 5, 0.2), (6, 7, 0), (8, 9, -1), (1, 2, 3)]
     agree = [(ms[x] > ms[y]) == (r > 0) for x, y, r in pairs if r != 0]
     assert got["n_pairs"] == len(agree) == 5
     assert got["agreement"] == pytest.approx(sum(agree) / len(agree))
+    # a NaN activation is named at its column of the file (it was its place among the pairs' neurons)
+    bad = acts.copy()
+    bad[5, 7] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    capsys.readouterr()
+    assert precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--activations", str(tmp_path / "bad.npy"),
+                            "--embeddings", str(tmp_path / "emb_dino.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert "column 7" in capsys.readouterr().err
+    # the file's own variant of the computed one's name is refused (it was replaced silently)
+    clash = tmp_path / "clash.csv"
+    clash.write_text(PAIRS.replace("MS_x_clip,MS_y_clip", "MS_x_ours_emb_dino,MS_y_ours_emb_dino"))
+    assert precompute_main(["ms-agreement", "--pairs", str(clash), "--activations", str(tmp_path / "activations.csv"),
+                            "--embeddings", str(tmp_path / "emb_dino.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert "MS_x_ours_emb_dino/MS_y_ours_emb_dino, the name of the variant computed" in capsys.readouterr().err
 
 
 def test_bad_pairs(tmp_path):
@@ -108,11 +126,19 @@ def test_pairs_csv_bom_trailing_comma_and_bad_rows(tmp_path):
                            r"line 5002 is not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
              "long.csv": (b"k_x,k_y,R_user\n0,1,0.5\n2,3,1,9,9\n", "line 3 has 5 fields but the header 3"),
              "short.csv": (b"k_x,k_y,R_user,MS_x_a,MS_y_a\n0,1,0.5\n", "line 2 has 3 fields but the header 5"),
-             "semicolon.csv": (b"k_x;k_y;R_user\n0;1;0.5\n", "line 1 is not comma-separated")}
+             "semicolon.csv": (b"k_x;k_y;R_user\n0;1;0.5\n", "line 1 is not comma-separated"),
+             "header_only.csv": (b"k_x,k_y,R_user\n", "has a header but no pairs"),
+             "text.csv": (b"k_x,k_y,R_user\n0,1,0.5\n\n2,3,lots\n", "line 4 has 'lots' in column R_user, which is not")}
     for name, (data, sentence) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError, match=sentence):
             read_pairs_csv(tmp_path / name)
+    with pytest.raises(UserError, match="is a folder"):
+        read_pairs_csv(tmp_path)
+    # spaces after the header's commas, as activations.csv allows (k_y and R_user were "missing")
+    spaced = read_pairs_csv(write(tmp_path / "spaced.csv", PAIRS.replace(",", ", ")))
+    np.testing.assert_array_equal(spaced["R_user"], plain["R_user"])
+    assert set(spaced["ms"]) == {"dino", "clip"}
 
 
 def write(path, text):
