@@ -21,8 +21,10 @@ MAX_QUERY_CHARS = 200
 def integer(value, what: str, low: int, high: int) -> int:
     """`value` as an int in [low, high]; UserError (one sentence) for NaN, fractions, text or out of range."""
     wanted = f"give an integer between {low} and {high}"
-    if isinstance(value, bool) or value is None:
+    if value is None:
         raise UserError(f"{what} is missing; {wanted}.")
+    if isinstance(value, bool):  # an int to Python, never an id to a user
+        raise UserError(f"{what} {value} is not an integer; {wanted}.")
     if isinstance(value, str):
         text = value.strip().lstrip("#")
         if not _INTEGER.fullmatch(text):

@@ -129,6 +129,8 @@ def test_integer_bounds():
         with pytest.raises(UserError) as e:
             inputs.integer(bad, "neuron id", 0, 20)
         assert len(str(e.value)) < 120, str(e.value)  # one short sentence, not the 400 digits back
+    with pytest.raises(UserError, match="neuron id True is not an integer"):  # it said "is missing"
+        inputs.integer(True, "neuron id", 0, 20)
 
 
 def test_clamp_values_are_finite_and_bounded():
