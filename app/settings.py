@@ -85,13 +85,18 @@ class AppSettings:
             raise UserError(f"SAE_APP_SESSIONS={values['sessions']!r} is not a positive whole number; "
                             f"set it to the sessions to keep in memory, e.g. {DEFAULT_SESSIONS}.")
         limits = UploadLimits.from_env()
+        return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
+                   device=str(values["device"]), load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
+                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions)
+
+    def steering_device(self) -> str:
+        """The steering model's device, checked against this machine with the 4-bit setting; called at start
+        for a bundle that steers (a device that is not here failed every Steer request of a server that had
+        started), and not for one that only browses, which needs no device."""
         from sae_core.precision import resolve_device
 
-        # checked now: a device that is not here failed every Steer request of a server that had started
-        device = resolve_device(values["device"], "the steering device (--device or SAE_APP_DEVICE)")
-        if values["load_4bit"] and not device.startswith("cuda"):
+        device = resolve_device(self.device, "the steering device (--device or SAE_APP_DEVICE)")
+        if self.load_4bit and not device.startswith("cuda"):
             raise UserError("4-bit loading (--load-4bit or SAE_APP_LOAD_4BIT) needs a CUDA GPU and none is used "
                             f"here (device {device}); leave it off to load the steering LLaVA in fp32.")
-        return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
-                   device=device, load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
-                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions)
+        return device

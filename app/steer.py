@@ -122,7 +122,11 @@ class SteerService:
         """Checked latents and strengths -> (latents, strengths, raw values, notes about bounded values)."""
         lat, vals, raw, notes = [], [], [], []
         for k, s in zip(latents, strengths):
-            if k in (None, "") or (isinstance(k, (int, float)) and not isinstance(k, bool) and k < 0):
+            try:  # a negative id, as a number or as text ("-1"), is an unused slot
+                unused = k in (None, "") or (not isinstance(k, bool) and float(k) < 0)
+            except (TypeError, ValueError):
+                unused = False  # check_neuron names what is wrong with it
+            if unused:
                 continue
             k = self.ex.check_neuron(k)
             if k in lat:

@@ -150,7 +150,7 @@ class Click(gr.SelectData):
     failed on the missing data ("'NoneType' object is not subscriptable"); `clicked` then says what to call."""
 
     def __init__(self, target, data):
-        super().__init__(target, data if isinstance(data, dict) else {"index": None, "value": None})
+        super().__init__(target, {"index": None, "value": None, **(data if isinstance(data, dict) else {})})
 
 
 def clicked(evt: Click, instead: str) -> Click:
@@ -234,13 +234,13 @@ class SteerTab:
         ex, svc = self.ex, self.steer
         model = dict(concurrency_limit=1, concurrency_id="model")
 
-        def state_query(image_index, slots, patches, keep_error, question):
-            lat = [int(k) for k, _ in slots if k not in (None, "") and k >= 0]
-            vals = [float(v) for k, v in slots if k not in (None, "") and k >= 0]
+        def state_query(image_index, latents, strengths, patches, keep_error, question):
+            """The address of a steer request, from its checked latents and strengths (the boxes hand over what
+            was sent: "3" as text, a strength bounded into range)."""
             return inputs.encode_state({"tab": "steer", "image": None if image_index is None or image_index < 0
-                                        else int(image_index), "latents": lat, "values": vals,
-                                        "patches": patches or "", "keep_error": bool(keep_error),
-                                        "question": question})
+                                        else int(image_index), "latents": [int(k) for k in latents],
+                                        "values": [float(v) for v in strengths], "patches": patches or "",
+                                        "keep_error": bool(keep_error), "question": question})
 
         def pairs(flat):
             return list(zip(flat[0::2], flat[1::2]))
@@ -333,7 +333,7 @@ class SteerTab:
                          f"top images): steered {fmt(sc.get('steered'))} vs original {fmt(sc.get('original'))}")
             if out["notes"]:
                 score += "\n\n" + "; ".join(out["notes"]) + "."
-            q = state_query(where["image"], slots, patches, keep_error, question)
+            q = state_query(where["image"], out["clamp"]["latents"], out["strengths"], patches, keep_error, question)
             return out["original"], out["sae"], out["steered"], out["sweep"], score, out, q
 
         self.steer_button.click(

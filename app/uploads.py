@@ -32,7 +32,7 @@ class UploadLimits:
             except ValueError:
                 value = math.nan
             if not 0 < value < math.inf:
-                raise UserError(f"{name}={text!r} is not a positive number; set it to a limit such as {default:.3g}, "
+                raise UserError(f"{name}={text!r} is not a positive finite number; set it to a limit such as {default:.3g}, "
                                 "or unset it for that default.")
             return value
 

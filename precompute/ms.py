@@ -48,8 +48,11 @@ def load_matrix(path: str, name: str) -> np.ndarray:
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        with open(p, "rb") as f:  # numpy takes any file without the .npy header for a pickle
-            npy = f.read(6) == b"\x93NUMPY"
+        try:  # numpy takes any file without the .npy header for a pickle
+            with open(p, "rb") as f:
+                npy = f.read(6) == b"\x93NUMPY"
+        except OSError:  # unreadable: numpy's own words below
+            npy = True
         why = ("it has no .npy header" if not npy else
                "it holds pickled Python objects" if "pickle" in str(e) or "Python objects" in str(e) else
                str(e).rstrip(".") or type(e).__name__)
@@ -126,13 +129,13 @@ def run(args) -> int:
         raise UserError(f"--min-support must be at least 2 (a score needs two images), got {args.min_support}.")
     device = resolve_device(args.device)
     partial = out.with_name(out.name + ".partial")
-    outputs = [out, out.with_name(out.stem + "_support.npy"), out.with_suffix(".json"), partial]
-    if args.min_support > 2:
-        outputs.append(out.with_name(out.stem + "_min_support.npy"))
+    min_support_file = out.with_name(out.stem + "_min_support.npy")
+    # OUT_min_support.npy too when not written: an earlier run's is removed
+    outputs = [out, out.with_name(out.stem + "_support.npy"), out.with_suffix(".json"), partial, min_support_file]
     sources = {Path(p).resolve(): name for name, p in (("activations", args.activations), ("embeddings", args.embeddings))}
     for f in outputs:
         if f.resolve() in sources:  # it was overwritten with the result
-            raise UserError(f"--out {out} would write {f.name} over the {sources[f.resolve()]} file; name another file.")
+            raise UserError(f"--out {out} would replace {f.name}, the {sources[f.resolve()]} file; name another file.")
         check_writable(f)
     ids, acts = load_activations(args.activations)
     emb = load_matrix(args.embeddings, "embeddings")
@@ -152,10 +155,9 @@ def run(args) -> int:
         summary["neurons_in_csv"] = int(len(ids))
     save_npy_atomic(out, r.ms)
     save_npy_atomic(out.with_name(out.stem + "_support.npy"), r.support)
-    min_support_file = out.with_name(out.stem + "_min_support.npy")
     if args.min_support > 2:
         save_npy_atomic(min_support_file, r.ms_supported)
-    elif min_support_file.exists():  # an earlier run's, which would sit beside this run's scores as theirs
+    elif min_support_file.is_file():  # an earlier run's, which would sit beside this run's scores as theirs
         min_support_file.unlink()
     write_json_atomic(out.with_suffix(".json"), summary)
     for f in (partial, partial.with_name(partial.name + ".json")):  # .json: the state's count until 2026-12-03

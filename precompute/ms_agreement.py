@@ -84,8 +84,11 @@ def computed_variants(args, k_x, k_y) -> dict:
         emb = load_matrix(path, "embeddings")
         try:
             r = compute_ms(sub, emb, device, args.chunk, args.matmul, 2)
-        except UserError as e:  # its "column j" counts the pairs' neurons only: name the file's own column
-            raise UserError(re.sub(r"column (\d+)", lambda m: f"column {cols[int(m.group(1))]}", str(e), count=1)) from None
+        except UserError as e:  # an activation's "column j" counts the pairs' neurons only: name the neuron
+            if not str(e).startswith("activations"):
+                raise
+            raise UserError(re.sub(r"column (\d+)", lambda m: f"neuron {wanted[int(m.group(1))]}", str(e),
+                                   count=1)) from None
         lookup = dict(zip(wanted.tolist(), r.ms.tolist()))
         out[name] = (np.array([lookup[k] for k in k_x]), np.array([lookup[k] for k in k_y]))
     return out
@@ -118,12 +121,11 @@ def run(args) -> int:
     for f in (out / "alignment.json", out / "alignment.html"):
         check_writable(f)
     variants = dict(pairs["ms"])
-    computed = computed_variants(args, pairs["k_x"], pairs["k_y"])
-    clash = sorted(set(computed) & set(variants))
+    clash = sorted(set(variant_names(args.embeddings)) & set(variants))
     if clash:  # the file's scores were replaced by the computed ones, silently
         raise UserError(f"{args.pairs} has columns MS_x_{clash[0]}/MS_y_{clash[0]}, the name of the variant computed "
                         f"from --embeddings; rename those columns or the embeddings file.")
-    variants.update(computed)
+    variants.update(computed_variants(args, pairs["k_x"], pairs["k_y"]))
     if not variants:
         raise UserError(f"{args.pairs} has no MS_x_NAME/MS_y_NAME columns; pass --activations and --embeddings "
                         f"to compute MS here.")

@@ -48,8 +48,9 @@ WORLD_SPEC_PARTS = ("clip", "llava", "train", "val", "ood")  # what may follow w
 ONE_PER_NEURON = frozenset({
     "ms", "support", "frequency", "mean_act", "max_act", "group", "parent", "parent_coact", "label_score",
     "parent_decoder", "parent_cos", "parent_coact_score", "taxonomy_depth", "patch_support", "patch_ms",
-    "patch_label_score"})
-"""The arrays of NEURON_ARRAYS that hold one number per neuron (the others have a row per neuron)."""
+    "patch_label_score", "token_max"})
+"""The arrays of NEURON_ARRAYS that hold one number per neuron (the others have a row per neuron); a new
+per-neuron array goes in both."""
 NEURON_ARRAYS = (
     "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",

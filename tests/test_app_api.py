@@ -1,6 +1,7 @@
 """The explorer's API through gradio_client, against `python -m app` on the tiny bundle."""
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -178,11 +179,14 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     # beyond the sliders, as scripts may send: negative strengths clamp, huge ones are bounded with a note
     # (Gradio's own slider check refused both); a fractional latent is refused (it was rounded and steered)
     k2 = (k + 1) % len(neurons(explorer_app, "ms"))
-    out = client.predict(image_index=2, upload=None, latent_1=k, value_1=-3.0, latent_2=k2, value_2=1e30,
-                         sweep=False, max_new_tokens=2, api_name="/steer")
+    # (a latent as text is that latent, "-1" as text an unused slot, as the numbers are)
+    out = client.predict(image_index=2, upload=None, latent_1=str(k), value_1=-3.0, latent_2=k2, value_2=1e30,
+                         latent_3="-1", sweep=False, max_new_tokens=2, api_name="/steer")
     unit2 = float(neurons(explorer_app, "token_max")[k2]) or 1.0
     np.testing.assert_allclose(out[5]["clamp"]["values"], [-3.0 * unit, 10.0 * unit2], rtol=1e-4)
     assert f"strength of neuron {k2} bounded to 10" in out[4]
+    state = dict(urllib.parse.parse_qsl(out[6]))  # the address holds what was applied
+    assert (state["latents"], state["values"]) == (f"{k},{k2}", "-3,10")
     with pytest.raises(AppError, match=f"neuron id {k}.5 is not an integer"):
         client.predict(image_index=2, upload=None, latent_1=k + 0.5, api_name="/steer")
     with pytest.raises(AppError, match="image index 2.5 is not an integer"):

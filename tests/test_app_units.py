@@ -475,18 +475,20 @@ def test_settings_from_env_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("SAE_APP_PORT", "8123")
     s = AppSettings.from_env()
     assert (s.bundle, s.device, s.load_4bit, s.port) == (tmp_path / "b", "cuda:1", True, 8123)
-    # a device that is not here, or 4 bits without CUDA, are refused at start (every Steer request failed)
+    assert s.steering_device() == "cuda:1"
+    # a device that is not here, or 4 bits without CUDA, are refused at start where the bundle steers (every
+    # Steer request failed); a bundle that only browses needs no device
     for device, message in (("bogus", "bogus is not a device"), ("cuda:2", "names a GPU that is not here"),
                             ("cpu", "4-bit loading .* needs a CUDA GPU")):
         monkeypatch.setenv("SAE_APP_DEVICE", device)
         with pytest.raises(UserError, match=message):
-            AppSettings.from_env()
+            AppSettings.from_env().steering_device()
     monkeypatch.setenv("SAE_APP_DEVICE", "cuda:1")
     # limits that are not positive finite numbers (inf was a traceback, -5 refused every upload)
     for name in ("SAE_APP_MAX_UPLOAD_MB", "SAE_APP_MAX_UPLOAD_MEGAPIXELS"):
         for bad in ("inf", "1e400", "-5", "0", "nan", "ten"):
             monkeypatch.setenv(name, bad)
-            with pytest.raises(UserError, match=f"{name}=.* is not a positive number"):
+            with pytest.raises(UserError, match=f"{name}=.* is not a positive finite number"):
                 AppSettings.from_env()
         monkeypatch.delenv(name)
     monkeypatch.setenv("SAE_APP_MAX_UPLOAD_MB", "0.5")

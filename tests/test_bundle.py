@@ -187,6 +187,8 @@ def test_tiny_bundle_through_the_reader(tiny_bundle):
     torch.set_num_threads(1)
     b = B.open_bundle(tiny_bundle)
     b.validate()
+    # every one-value-per-neuron array the atlas writes is checked as one (token_max was not)
+    assert {n for n in B.NEURON_ARRAYS if b.has(n) and b.array(n).ndim == 1} == {n for n in B.ONE_PER_NEURON if b.has(n)}
     m = b.manifest
     assert m["model"]["layer"] == "-2" and m["model"]["tokens"] == "max"
     assert m["sae"]["architecture"] == "matryoshka" and m["world"]

@@ -367,7 +367,7 @@ def test_command_resumes_only_from_the_same_input_files(tmp_path, small_case, ca
 
 
 @pytest.mark.parametrize("case", ["npz", "empty", "no_neurons", "device", "cpu_index", "out_folder", "out_under_file",
-                                  "out_is_input", "not_npy", "huge_id"])
+                                  "out_is_input", "min_support_is_input", "not_npy", "huge_id"])
 def test_command_refuses_before_computing(tmp_path, small_case, capsys, monkeypatch, case):
     """Inputs and options that could not work end in one sentence before any MS is computed."""
     acts, emb, _ = small_case
@@ -390,6 +390,9 @@ def test_command_refuses_before_computing(tmp_path, small_case, capsys, monkeypa
         out.mkdir()
     elif case == "out_is_input":  # it was overwritten with the scores
         out = tmp_path / "A.npy"
+    elif case == "min_support_is_input":  # removed as an earlier run's OUT_min_support.npy
+        a_arg = tmp_path / "ms_min_support.npy"
+        np.save(a_arg, acts)
     elif case == "not_npy":  # text: it was said to hold pickled objects
         a_arg = tmp_path / "A.txt.npy"
         a_arg.write_text("0.1,0.2\n")
@@ -403,7 +406,8 @@ def test_command_refuses_before_computing(tmp_path, small_case, capsys, monkeypa
                 "empty": "is empty \\(0 bytes\\)", "no_neurons": "has shape \\(37, 0\\), so it holds no values",
                 "device": "--device gpu is not a device .*use auto, cpu, cuda or cuda:N",
                 "cpu_index": "--device cpu:3 is not a device", "out_folder": "ms.npy is a folder",
-                "out_under_file": "taken is a file", "out_is_input": "would write A.npy over the activations file",
+                "out_under_file": "taken is a file", "out_is_input": "would replace A.npy, the activations file",
+                "min_support_is_input": "would replace ms_min_support.npy, the activations file",
                 "not_npy": "is not a plain numeric .npy \\(it has no .npy header\\)",
                 "huge_id": "names neuron 100000000000000, above 16,777,215"}[case]
 

@@ -66,7 +66,7 @@ def test_r_user_center(pairs_csv, tmp_path):
     assert dino["agreement"] == pytest.approx(4 / 5) and dino["n_preference_ties"] == 0
 
 
-def test_computed_ms_variant(tmp_path, pairs_csv, capsys):
+def test_computed_ms_variant(tmp_path, pairs_csv, capsys, monkeypatch):
     """MS computed from activations.csv + embeddings, scored against a pairwise MS and a loop by hand."""
     rng = np.random.default_rng(3)
     N = 25
@@ -83,17 +83,31 @@ def test_computed_ms_variant(tmp_path, pairs_csv, capsys):
     agree = [(ms[x] > ms[y]) == (r > 0) for x, y, r in pairs if r != 0]
     assert got["n_pairs"] == len(agree) == 5
     assert got["agreement"] == pytest.approx(sum(agree) / len(agree))
-    # a NaN activation is named at its column of the file (it was its place among the pairs' neurons)
+    # a NaN activation is named by its neuron (it was "column 2", its place among the pairs' neurons 0, 4, 6, 8);
+    # an embedding's by its dimension (renamed as an activation's, it was a traceback)
+    gappy = write(tmp_path / "gappy.csv", "k_x,k_y,R_user\n0,4,1\n6,8,-1\n")
     bad = acts.copy()
-    bad[5, 7] = np.nan
+    bad[5, 6] = np.nan
     np.save(tmp_path / "bad.npy", bad)
-    capsys.readouterr()
-    assert precompute_main(["ms-agreement", "--pairs", str(pairs_csv), "--activations", str(tmp_path / "bad.npy"),
-                            "--embeddings", str(tmp_path / "emb_dino.npy"), "--out", str(tmp_path / "o")]) == 2
-    assert "column 7" in capsys.readouterr().err
+    bad_emb = np.repeat(emb, 3, axis=1)
+    bad_emb[2, 12] = np.nan
+    np.save(tmp_path / "bad_emb.npy", bad_emb)
+    for a, e, said in (("bad.npy", "emb_dino.npy", "activations contain a non-finite value (NaN or inf) at image 5, "
+                                                     "neuron 6;"),
+                       ("activations.csv", "bad_emb.npy", "embeddings contain a non-finite value (NaN or inf) at "
+                                                          "image 2, column 12;")):
+        capsys.readouterr()
+        assert precompute_main(["ms-agreement", "--pairs", str(gappy), "--activations", str(tmp_path / a),
+                                "--embeddings", str(tmp_path / e), "--out", str(tmp_path / "o")]) == 2
+        assert said in capsys.readouterr().err
     # the file's own variant of the computed one's name is refused (it was replaced silently)
     clash = tmp_path / "clash.csv"
     clash.write_text(PAIRS.replace("MS_x_clip,MS_y_clip", "MS_x_ours_emb_dino,MS_y_ours_emb_dino"))
+    capsys.readouterr()
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed before refusing")
+    monkeypatch.setattr("precompute.ms_agreement.compute_ms", no_compute)
     assert precompute_main(["ms-agreement", "--pairs", str(clash), "--activations", str(tmp_path / "activations.csv"),
                             "--embeddings", str(tmp_path / "emb_dino.npy"), "--out", str(tmp_path / "o")]) == 2
     assert "MS_x_ours_emb_dino/MS_y_ours_emb_dino, the name of the variant computed" in capsys.readouterr().err
