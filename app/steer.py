@@ -169,7 +169,7 @@ class SteerService:
         scores = self.scores(s, res, lat[0])
         return {"original": res.original, "sae": res.sae, "steered": res.steered, "sweep": strip,
                 "scores": scores, "clamp": res.clamp, "strengths": strength, "notes": notes,
-                "ms": round(res.ms, 1)}
+                "elapsed_ms": round(res.elapsed_ms, 1)}
 
     @staticmethod
     def scores(session, res, latent: int) -> dict:

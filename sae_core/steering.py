@@ -268,13 +268,14 @@ class SteerResult:
     steered: str
     clamp: dict
     prompt: str
-    ms: float = 0.0
+    elapsed_ms: float = 0.0
+    """Wall time of the call in milliseconds (named so beside the Monosemanticity Score, MS)."""
     cached: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"original": self.original, "sae": self.sae, "steered": self.steered, "clamp": self.clamp,
-                "prompt": self.prompt, "ms": round(self.ms, 2), "cached": self.cached, **self.extra}
+                "prompt": self.prompt, "elapsed_ms": round(self.elapsed_ms, 2), "cached": self.cached, **self.extra}
 
 
 ORIGINAL = "original"  # a row of answer_batch that bypasses the SAE

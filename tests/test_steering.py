@@ -292,6 +292,7 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ref = session.answers(str(png), [3, 4], [6.0, 6.0], max_new_tokens=8)
     assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
+    assert out["elapsed_ms"] > 0 and "ms" not in out  # the call's time, not named like the score (MS)
     other = tmp_path / "sae_of_layer_3"  # the same weights, as if trained on layer -3 (same width)
     shutil.copytree(tiny_bundle / "sae", other)
     cfg = json.loads((other / "config.json").read_text())
