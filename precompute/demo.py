@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .args import command_line, nonnegative_int, out_folder, positive_int
@@ -86,6 +86,14 @@ def run(args) -> int:
     torch.set_num_threads(max(1, args.threads))
     t_start = time.time()
 
+    # every stage depends on these: a resume with others was taken as the rest of this run (an SAE of seed 0
+    # under a manifest of seed 1, a tiny SAE in a demo-preset bundle), so they are held from the first stage on
+    acts, sae_dir = work / "acts", work / "sae"
+    settings = {"preset": args.preset, **asdict(preset), "world_dir": str(world), "seed": args.seed}
+    built = (acts.exists() or sae_dir.exists() or (out / atlas.STAGE_DIR).is_dir()
+             or (not args.world and world.exists()))
+    atlas.hold_settings(out, ".work/settings.json", settings, built)
+
     weights = {**atlas.STAGE_WEIGHTS, **preset.weights}
     progress = PipelineProgress(weights, desc=f"demo ({args.preset})", log=work / "log.txt", enabled=not args.quiet)
     timings = {}
@@ -102,7 +110,6 @@ def run(args) -> int:
         wmeta = json.loads((world / "world.json").read_text())
 
         # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2
-        acts = work / "acts"
         model = f"world:{world}:llava"
         n_train = min(preset.train_images, int(wmeta["splits"]["train"]) if "splits" in wmeta else preset.train_images)
         if (acts / "layer_-2" / "manifest.json").is_file():
@@ -115,7 +122,6 @@ def run(args) -> int:
                     "--device", "cpu"]))
 
         # 3. the SAE
-        sae_dir = work / "sae"
         if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
             progress.skip("train")
         else:

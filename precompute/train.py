@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from sae_core.activation_store import ActivationStore
-from sae_core.checkpoint import CONFIG
+from sae_core.atomic import remove_stale_temporaries
+from sae_core.checkpoint import CONFIG, WEIGHTS
 from sae_core.distributed import finish_distributed, init_distributed, local_device
-from sae_core.errors import UserError
-from sae_core.precision import warn_if_slow_half
+from sae_core.precision import resolve_device, warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, train_sae
 
@@ -53,10 +53,11 @@ def run(args) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       decay_start=args.decay_start, seed=args.seed, dtype=args.dtype,
                       dead_window=args.dead_window, eval_rows=args.eval_rows)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} was asked for but CUDA is not available here; use --device cpu.")
+    args.device = resolve_device(args.device)
     warn_if_slow_half(args.device, args.dtype, "--dtype float32")
     out = Path(args.out)
+    # what a killed write left (the last run's log or metrics half-written); the names this command writes
+    remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():
         done = json.loads((out / CONFIG).read_text())
         print(f"{out} already holds a finished SAE ({done['arch']}, width {done['d_sae']}); nothing to do.")

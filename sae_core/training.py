@@ -320,8 +320,10 @@ def train_sae(
         metrics = evaluate_on_rows(sae, store, n_train, len(store), device)
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
                 "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen}
-        save_sae(sae, out_dir, training=info)
+        # metrics first: save_sae's config.json marks the SAE finished, and a kill between the two left a
+        # finished SAE whose metrics.json never came back
         write_json_atomic(out_dir / "metrics.json", metrics)
+        save_sae(sae, out_dir, training=info)
         if ckpt.exists():
             for f in (ckpt.meta, ckpt.tensors):  # the finished SAE supersedes the checkpoint
                 f.unlink()

@@ -87,3 +87,25 @@ def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         benchmarks_main()
     assert e.value.code == 2 and "--n: must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
+    """A demo killed after its first stage and rerun with another --seed or --preset took the stages done
+    as its own (an SAE of seed 0 under a manifest of seed 1, a tiny SAE in a demo-preset bundle)."""
+    import precompute.world as world_cmd
+    from sae_core.errors import UserError
+
+    def killed(args):
+        raise UserError("killed while the world was built")
+    monkeypatch.setattr(world_cmd, "run", killed)
+    out = tmp_path / "bundle"
+    argv = ["demo", "--out", str(out), "--preset", "tiny", "--world", str(tmp_path / "world"), "--quiet"]
+    assert main(argv) == 2
+    assert main(argv + ["--seed", "1"]) == 2  # nothing built yet: the new settings replace the old ...
+    capsys.readouterr()
+    (out / ".work" / "acts").mkdir()  # ... once a stage has output, they are held
+    for other, said in ((["--seed", "2"], "seed: 1 there, 2 now"), (["--preset", "demo", "--seed", "1"],
+                                                                    "preset: 'tiny' there, 'demo' now")):
+        assert main(argv + other) == 2
+        assert f"holds a bundle built with other settings ({said})" in capsys.readouterr().err
+    assert main(argv + ["--seed", "1"]) == 2 and "killed while the world" in capsys.readouterr().err  # the same: resumes

@@ -235,3 +235,24 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_and_warned(planted, tmp_path
     err = capsys.readouterr().err
     assert "warning: bf16 matmuls run at 1.3 GFLOP/s" in err and "--dtype float32 is faster" in err
     assert (tmp_path / "sae.safetensors").is_file()
+
+
+def test_a_kill_before_the_sae_is_marked_finished_keeps_its_metrics(planted, tmp_path, monkeypatch, capsys):
+    """config.json marks the SAE finished, so metrics.json is written before it: a kill between the two
+    left a finished SAE whose metrics never came back (a rerun said "nothing to do"). The temporary a killed
+    write leaves is removed by the next run."""
+    import sae_core.training as T
+
+    npy, _ = planted
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the kill, as the SAE is being saved
+    monkeypatch.setattr(T, "save_sae", killed)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_main(train_args(npy, tmp_path, "batchtopk", 2))
+    assert (tmp_path / "metrics.json").is_file() and not (tmp_path / "config.json").exists()
+    monkeypatch.undo()
+    (tmp_path / ".metrics.json.tmp4194305").write_text("")  # a kill in the middle of its write
+    assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2)) == 0
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "metrics.json").is_file()
+    assert not list(tmp_path.glob(".*.tmp*"))
