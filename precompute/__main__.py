@@ -66,6 +66,10 @@ def main(argv=None) -> int:
         print(f"error: cannot write{path}: {e.strerror or e}; give an --out (or other path) that is free, or remove "
               "what is there.", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a traceback read as a crash, where the work done is kept
+        print("\ninterrupted; the same command again resumes the long jobs (extract, train, ms, atlas, demo, ...) "
+              "from their finished stages and checkpoints.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -248,8 +248,8 @@ def test_a_kill_before_the_sae_is_marked_finished_keeps_its_metrics(planted, tmp
     def killed(*a, **k):
         raise KeyboardInterrupt  # the kill, as the SAE is being saved
     monkeypatch.setattr(T, "save_sae", killed)
-    with pytest.raises(KeyboardInterrupt):
-        precompute_main(train_args(npy, tmp_path, "batchtopk", 2))
+    assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2)) == 130  # Ctrl-C: a sentence, no traceback
+    assert "interrupted; the same command again resumes" in capsys.readouterr().err
     assert (tmp_path / "metrics.json").is_file() and not (tmp_path / "config.json").exists()
     monkeypatch.undo()
     (tmp_path / ".metrics.json.tmp4194305").write_text("")  # a kill in the middle of its write
