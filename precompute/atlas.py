@@ -112,11 +112,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import torch
+    from sae_core.precision import resolve_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     job = AtlasJob(sae=args.sae, dataset=args.dataset, model=args.model, out=args.out, layer=args.layer,
                    embedder=args.embedder, topk=args.topk, score=args.score, batch_size=args.batch_size,
                    memory_gib=args.memory_gib,

@@ -361,10 +361,11 @@ class SteeringSession:
             except ValueError:
                 return str(x).strip()
 
-        given, own = parsed(layer), parsed(recorded)
-        if recorded is not None and given != own:
-            ints = [v for v in (given, own) if isinstance(v, int)]
-            if (len(ints) == 2 and (given < 0) == (own < 0)) or (len(ints) == 1 and "embed" in (given, own)):
+        given_name, own_name = parsed(layer), parsed(recorded)
+        if recorded is not None and given_name != own_name:
+            ints = [v for v in (given_name, own_name) if isinstance(v, int)]
+            if ((len(ints) == 2 and (given_name < 0) == (own_name < 0))
+                    or (len(ints) == 1 and "embed" in (given_name, own_name))):
                 raise other_layer()
         session = cls(sae, llava or llava_for_model(trained["model"]), layer, **kwargs)
         if recorded is not None:
