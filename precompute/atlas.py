@@ -330,7 +330,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
                   progress=lambda done: advance(done / n), reference_embed=reference_embed, checkpoint=checkpoint)
     fvu = result.metrics.get("fvu")
-    if fvu is not None and fvu > POOR_FVU:  # most often an SAE given another model or layer than its own
+    if fvu is not None and not fvu <= POOR_FVU:  # NaN warns too; most often an SAE given another model or layer than its own
         note(f"atlas: FVU {fvu:.3g}: the SAE reconstructs these activations poorly (a fitted SAE is usually "
              f"well below {POOR_FVU}); check that --model and --layer {job.layer} are what it was trained on.")
     for name, arr in result.neurons.items():

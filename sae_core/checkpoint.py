@@ -145,6 +145,7 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
                 f"{weights}: {name} has shape {tuple(state[name].shape)} but its config "
                 f"(d_in={cfg.d_in}, d_sae={cfg.d_sae}) needs {shape}; the weights and config do not belong together."
             )
+        _check_finite(state[name], name, weights)  # what a conversion computed (the file itself is checked on reading)
     sae = SparseAutoencoder(cfg)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -167,12 +168,30 @@ def _read_json(path: Path) -> dict:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or one sentence when it is truncated, empty or not safetensors."""
+    """A safetensors file's tensors, or one sentence when it is truncated, empty or not safetensors, or
+    when a tensor holds NaN or infinite values (checked here, under the file's own tensor names, since
+    every layout is read through this and a fold would spread one NaN over a whole tensor)."""
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
         raise UserError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e}); the file is damaged or "
                         "incomplete: copy or download it again.") from None
+    for name, tensor in state.items():
+        _check_finite(tensor, name, path)
+    return state
+
+
+def _check_finite(tensor: torch.Tensor, name: str, where) -> None:
+    """One sentence for a tensor with NaN or infinite entries: a NaN latent wins every top-k and an
+    infinite bias fires the same latents on every input, so such an SAE must not load at all."""
+    if not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        nan = int(tensor.isnan().sum())
+        raise UserError(f"{name} in {where} holds NaN or infinite values ({int(bad.sum())} of {tensor.numel()} "
+                        f"entries, {nan} NaN); the file is damaged or the training diverged: use an earlier "
+                        "checkpoint or retrain.")
 
 
 def _float_state(path: Path) -> dict[str, torch.Tensor]:
@@ -418,6 +437,9 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
+            # SAELens >= 6 reads a cfg without this as a pre-6.0 one and rebuilds metadata from top-level keys
+            # only, which drops every key below (the model and the hook too)
+            "sae_lens_version": "6.0.0",
             "model_name": act["model"],
             "hook_name": f"layer_{act['layer']}" if act["layer"] is not None else None,
             "sae_lab_arch": cfg.arch,

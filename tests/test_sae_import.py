@@ -383,3 +383,52 @@ def test_dictionary_learning_pickles_are_not_read(tmp_path):
     folder = _dictionary_learning(tmp_path / "g", "GatedAutoEncoder", {"x": torch.zeros(1)})
     with pytest.raises(UserError, match="'GatedAutoEncoder'; only MatryoshkaBatchTopKSAE"):
         load_sae(folder)
+
+
+def test_export_metadata_survives_saelens_6(tmp_path):
+    """SAELens >= 6 (`handle_config_defaulting`) reads a cfg.json with no sae_lens_version of 6 or more,
+    top level or in metadata, as a pre-6.0 one and rebuilds metadata from top-level keys only: the model,
+    the hook and our keys would all be lost. The export must carry such a version."""
+    sae = SparseAutoencoder(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=4), seed=1)
+    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": "-2", "tokens": "all",
+                                                                "model": {"spec": "world:/w:llava"}}})
+    raw = json.loads((export_saelens(tmp_path / "ours", tmp_path / "saelens") / "cfg.json").read_text())
+    version = raw.get("sae_lens_version") or raw["metadata"].get("sae_lens_version")
+    assert version is not None and int(str(version).split(".")[0]) >= 6
+    assert raw["metadata"]["model_name"] == "world:/w:llava" and raw["metadata"]["hook_name"] == "layer_-2"
+
+
+def _dl_tensors(seed: int) -> dict:
+    return DL_CASES["BatchTopKSAE"](_tensors(seed))
+
+
+@pytest.mark.parametrize("layout,name", [("saelens", "W_enc"), ("saelens", "b_dec"), ("sparsify", "encoder.weight"),
+                                         ("dictionary_learning", "threshold"), ("sae-lab", "W_dec")])
+def test_weights_with_nan_or_inf_are_refused(tmp_path, layout, name):
+    """A NaN latent wins every top-k and an infinite bias fires the same latents on every input: refused in
+    one sentence naming the tensor, the file and the count, whatever the layout."""
+    if layout == "saelens":
+        t = _tensors(3)
+        t[name][1] = float("nan")
+        t[name][2] = float("inf")
+        folder, weights = _saelens(tmp_path / "s", {"architecture": "topk", "k": 4}, t), "sae_weights.safetensors"
+        count = 2 * (D_SAE if name == "W_enc" else 1)
+    elif layout == "sparsify":
+        t = _sparsify_tensors(3)
+        t[name][0, 0] = float("-inf")
+        folder, weights, count = _sparsify(tmp_path / "s", {"k": 4}, t), "sae.safetensors", 1
+    elif layout == "dictionary_learning":
+        t = _dl_tensors(3)
+        t[name] = torch.tensor(float("nan"))
+        folder, weights, count = _dictionary_learning(tmp_path / "d", "BatchTopKSAE", t), "ae.safetensors", 1
+    else:
+        save_sae(SparseAutoencoder(SAEConfig(arch="relu", d_in=D_IN, d_sae=D_SAE)), tmp_path / "o")
+        from safetensors.torch import load_file
+        t = load_file(str(tmp_path / "o" / "sae.safetensors"))
+        t[name][3, :] = float("nan")
+        save_file(t, str(tmp_path / "o" / "sae.safetensors"))
+        folder, weights, count = tmp_path / "o", "sae.safetensors", D_IN
+    with pytest.raises(UserError) as e:
+        load_sae(folder)
+    assert str(e.value).startswith(f"{name} in {folder / weights} holds NaN or infinite values ({count} of ")
+    assert str(e.value).count(". ") == 0 and "training diverged" in str(e.value)
