@@ -399,12 +399,37 @@ def _dl_conversion(folder) -> str:
             f"'{Path(folder) / DL_WEIGHTS}')\"")
 
 
+# The files each layout writes; layouts share names (sparsify's weights are our sae.safetensors,
+# dictionary_learning's config is our config.json), so writing one layout over another destroys it.
+LAYOUT_FILES = {"sae-lab": (CONFIG, WEIGHTS, "metrics.json"), "saelens": (SAELENS_CONFIG, SAELENS_WEIGHTS),
+                "sparsify": (SAELENS_CONFIG, WEIGHTS), "dictionary_learning": (CONFIG, DL_WEIGHTS, DL_PICKLE)}
+
+
+def _refuse_overwriting_another_layout(out_dir: Path, layout: str) -> None:
+    """One sentence when `out_dir` holds an SAE of another layout whose files writing `layout` would replace."""
+    try:
+        there = sae_format(out_dir)
+    except UserError:  # no SAE there (or no folder yet): nothing to lose
+        return
+    clash = [n for n in LAYOUT_FILES[layout] if n in LAYOUT_FILES[there] and (out_dir / n).is_file()]
+    if there != layout and clash:
+        raise UserError(f"{out_dir} holds a {there} SAE whose {clash[0]} writing the {layout} layout there would "
+                        "replace; give another folder for the output.")
+
+
+def _refuse_the_source(src: Path, out_dir: Path) -> None:
+    if out_dir.resolve() == src.resolve():
+        raise UserError(f"--out {out_dir} is the SAE folder being exported; give another folder (the export would "
+                        "write over the source's files).")
+
+
 def copy_sae(spec: str | Path, out_dir: str | Path, sae: SparseAutoencoder | None = None) -> None:
     """Put an SAE into a bundle's `sae/` in our layout: our files copied byte for byte (with metrics.json),
     a foreign SAE written from its loaded form (`sae`, or loaded here)."""
     src, out_dir = resolve_sae(spec), Path(out_dir)
+    _refuse_overwriting_another_layout(out_dir, "sae-lab")
     if sae_format(src) != "sae-lab":
-        sae = sae if sae is not None else load_sae(src)
+        sae = sae if sae is not None else load_sae(spec)
         save_sae(sae, out_dir, training=sae.training_info)
         return
     for name in (WEIGHTS, CONFIG, "metrics.json"):
@@ -421,8 +446,10 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     the tokens, k and the Matryoshka groups go into the metadata, so `load_sae` of the export restores
     the SAE we saved (`_exported_by_us`, `layer_of_hook`).
     """
-    sae = load_sae(path)
     out_dir = Path(out_dir)
+    _refuse_the_source(resolve_sae(path), out_dir)
+    _refuse_overwriting_another_layout(out_dir, "saelens")
+    sae = load_sae(path)
     cfg = sae.cfg
     arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
             "jumprelu": "jumprelu"}[cfg.arch]
@@ -453,4 +480,12 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     with atomic_path(out_dir / "sae_weights.safetensors") as tmp:
         save_file(sae_state(sae), str(tmp))
     write_json_atomic(out_dir / "cfg.json", saelens_cfg)
+    return out_dir
+
+
+def export_sae_lab(path: str | Path, out_dir: str | Path) -> Path:
+    """Write our layout (an import of a foreign SAE; a copy of one of ours, metrics.json included)."""
+    out_dir = Path(out_dir)
+    _refuse_the_source(resolve_sae(path), out_dir)
+    copy_sae(path, out_dir)
     return out_dir

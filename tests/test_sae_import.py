@@ -432,3 +432,50 @@ def test_weights_with_nan_or_inf_are_refused(tmp_path, layout, name):
         load_sae(folder)
     assert str(e.value).startswith(f"{name} in {folder / weights} holds NaN or infinite values ({count} of ")
     assert str(e.value).count(". ") == 0 and "training diverged" in str(e.value)
+
+
+def _tree(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_never_writes_over_its_source_or_another_layout(tmp_path):
+    """Our layout shares file names with sparsify (sae.safetensors) and dictionary_learning (config.json):
+    an export into the source folder, or into a folder holding another layout whose files it would
+    replace, is refused in one sentence and leaves every file as it was."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sae_core.checkpoint import export_sae_lab
+
+    sparsify = _sparsify(tmp_path / "sp", {"k": 4}, _sparsify_tensors(3))
+    dl = _dictionary_learning(tmp_path / "dl", "BatchTopKSAE", _dl_tensors(3))
+    saelens = _saelens(tmp_path / "sl", {"architecture": "standard"}, _tensors(3))
+    before = {f: _tree(f) for f in (sparsify, dl, saelens)}
+    proc = subprocess.run([sys.executable, "-m", "precompute", "export", str(sparsify), "--format", "sae-lab",
+                           "--out", str(sparsify)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"--out {sparsify} is the SAE folder being exported; give another folder" in proc.stderr
+    for src, out, fmt, match in [
+            (dl, dl, "sae-lab", "is the SAE folder being exported"),
+            (saelens, saelens, "saelens", "is the SAE folder being exported"),
+            (saelens, sparsify, "sae-lab", "holds a sparsify SAE whose sae.safetensors writing the sae-lab layout"),
+            (saelens, dl, "sae-lab", "holds a dictionary_learning SAE whose config.json writing the sae-lab"),
+            (dl, sparsify, "saelens", "holds a sparsify SAE whose cfg.json writing the saelens layout")]:
+        with pytest.raises(UserError, match=match):
+            (export_sae_lab if fmt == "sae-lab" else export_saelens)(src, out)
+    assert {f: _tree(f) for f in (sparsify, dl, saelens)} == before
+    # an export into a folder of the same layout (a rerun) or a new one goes ahead
+    export_saelens(sparsify, tmp_path / "again")
+    export_saelens(dl, tmp_path / "again")
+    assert load_sae(tmp_path / "again").cfg.arch == "batchtopk"  # the second export replaced the first
+
+
+def test_sae_lab_export_of_our_own_folder_keeps_its_metrics(tmp_path):
+    from sae_core.checkpoint import export_sae_lab
+
+    save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=3)), tmp_path / "o")
+    (tmp_path / "o" / "metrics.json").write_text('{"fvu": 0.1}')
+    export_sae_lab(tmp_path / "o", tmp_path / "copy")
+    assert _tree(tmp_path / "copy") == _tree(tmp_path / "o")
