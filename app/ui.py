@@ -129,6 +129,13 @@ def as_sent(component):
     return component
 
 
+def initial(component):
+    """What a page-load handler gives an `as_sent` box it leaves alone: the box's first value. Not gr.update():
+    Gradio answers any update, an empty one too, with a fresh instance of the component for that page, whose
+    preprocess is the class's own again (after a plain page load the browser's 3.5 opened neuron 4)."""
+    return component.value
+
+
 def plotly_json(fig: dict) -> PlotData:
     """A plotly figure given as a JSON dict, handed to gr.Plot without building a go.Figure."""
     return PlotData(type="plotly", plot=json.dumps(fig))
@@ -365,9 +372,8 @@ class SteerTab:
         @user_errors
         def steer_restore_from_url(request: gr.Request):
             state = inputs.decode_state(dict(request.query_params) if request else {})
-            n_out = 6 + 2 * N_SLOTS
-            if state.get("tab") != "steer":
-                return (gr.update(),) * n_out
+            if state.get("tab") != "steer":  # the number boxes keep their first values (see `initial`)
+                return (initial(self.image_index),) + (gr.update(),) * 5 + tuple(initial(c) for c in self.slot_inputs())
             refused = []
 
             def field(read, default):
@@ -396,7 +402,7 @@ class SteerTab:
             for i in range(N_SLOTS):
                 slot_vals += list(chosen[i]) if i < len(chosen) else [-1, 4.0]
             patches = field(lambda: ",".join(str(p) for p in patch_list(state.get("patches"))), "")
-            image, picture = gr.update(), gr.update()
+            image, picture = initial(self.image_index), gr.update()
             if state.get("image") not in (None, ""):
                 i = field(lambda: inputs.integer(state["image"], "image index", 0, ex.n_images - 1), None)
                 shown = None if i is None else field(lambda: svc.picture(svc.image(i, None)[0], patch_list(patches)), None)
@@ -694,10 +700,11 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         @user_errors
         def first_visit(neuron, header):
-            """The Neuron tab opened before any neuron: show the one in the box (the default neuron)."""
-            return page_outputs(neuron) if not header else (gr.update(),) * len(page_targets)
+            """The Neuron tab opened before any neuron: show the one in the box (the default neuron). The box
+            is no output: it holds that neuron already, or what was typed since (see `initial`)."""
+            return page_outputs(neuron)[1:] if not header else (gr.update(),) * (len(page_targets) - 1)
 
-        neuron_tab.select(first_visit, [neuron_in, header_md], page_targets, api_name=False)
+        neuron_tab.select(first_visit, [neuron_in, header_md], page_targets[1:], api_name=False)
         neuron_in.submit(neuron_page, neuron_in, page_targets, api_name=False)
         # every way of opening a page sets the box and the header together; a new header is a new page
         header_md.change(lambda k: k, neuron_in, shown_neuron, api_name=False, queue=False)
@@ -819,7 +826,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """The id of a clicked result, from its caption ("#12  cos 0.412"). Read from the caption, not
             kept in a gr.State: any State makes Gradio hold a heartbeat connection open for every tab."""
             caption = str(evt.value.get("caption") or "") if isinstance(evt.value, dict) else ""
-            return int(caption.split()[0][1:]) if caption.startswith("#") else gr.update()
+            if not caption.startswith("#"):  # not gr.update(): see `initial`
+                raise gr.Error("the clicked result carries no image id; type the id in the box instead.",
+                               print_exception=False)
+            return int(caption.split()[0][1:])
 
         then_show_image_row(img_results.select(pick_image, None, img_id, api_name=False, queue=False).success(
             image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
@@ -847,9 +857,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             state = inputs.decode_state(dict(request.query_params) if request else {})
             n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1 + 1  # the url box is left alone; + the row
             if state.get("tab") != "images":
-                return (gr.update(),) * n_out
+                return (gr.update(),) * 3 + (initial(img_id),) + (gr.update(),) * (n_out - 4)
             image, query = state.get("image"), state.get("query")
-            found, shown = (gr.update(),) * 3, (gr.update(),) * 5
+            found, shown = (gr.update(),) * 3, (initial(img_id),) + (gr.update(),) * 4
             # the search and the image are restored apart: a bad field loses only itself
             try:
                 if image_search is not None and query:
@@ -872,8 +882,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top")."""
             def pick_gallery_image(neuron, evt: gr.SelectData):
                 shown = ex.bundle.neuron(ex.check_neuron(neuron))[which] or []
-                if not 0 <= evt.index < len(shown):
-                    return gr.update(), gr.update()
+                if not 0 <= evt.index < len(shown):  # not gr.update() for the id box: see `initial`
+                    raise gr.Error("that image is no longer shown; click one of the gallery's images again.",
+                                   print_exception=False)
                 i = int(shown[evt.index][0])
                 return i, gr.Button(value=f"Image #{i}: all the neurons that show it (Images page)", visible=True)
             return pick_gallery_image
@@ -955,7 +966,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     return page_outputs(state.get("neuron", ex.default_neuron))
                 except UserError as e:
                     gr.Warning(f"the link's neuron could not be opened: {e}")
-            return (gr.update(),) * (len(page_targets) - 1) + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),)
+            return ((initial(neuron_in),) + (gr.update(),) * (len(page_targets) - 2)
+                    + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),))
 
         demo.load(restore, None, page_targets, api_name="restore_from_url")
     return demo

@@ -393,3 +393,31 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     pg.wait_for_selector(f"#image-neurons-note:has-text('Image #{other} is in the top galleries of')")
     pg.wait_for_selector("#image-picture img", state="visible")
     pg.wait_for_function("(i) => location.search === '?tab=images&image=' + i", arg=other)
+
+
+def test_fractional_ids_are_refused_after_a_plain_load(page, explorer_app):
+    """A fractional id typed in the browser is refused with the API's sentence, after the page-load handlers
+    have run: each of them gave the id boxes an update, which Gradio answers with a fresh box whose own
+    check rounded 3.5 to 4 (the Neuron page opened neuron 4, the Images page image #2 for 2.5, Steer clamped
+    neuron 4)."""
+    pg = page
+    pg.goto(explorer_app.url + "/")
+    pg.wait_for_selector("#metrics-table [role=gridcell]")
+    pg.get_by_role("tab", name="Neuron", exact=True).click()
+    pg.wait_for_selector("#neuron-header h3")
+    shown = pg.inner_text("#neuron-header h3")
+    pg.fill("#neuron-id input", "3.5")
+    pg.click("#open-neuron")
+    pg.wait_for_selector("text=neuron id 3.5 is not an integer; give an integer between 0 and")
+    assert pg.inner_text("#neuron-header h3") == shown and "neuron=4" not in pg.url
+    pg.get_by_role("tab", name="Images", exact=True).click()
+    pg.fill("#image-id input", "2.5")
+    pg.click("#image-open")
+    pg.wait_for_selector("text=image id 2.5 is not an integer; give an integer between 0 and")
+    assert "Image #2 " not in pg.inner_text("#image-neurons-note")
+    pg.get_by_role("tab", name="Steer", exact=True).click()
+    pg.wait_for_selector("#steer-picture img")
+    pg.fill("#steer-latent-1 input", "7.5")
+    pg.click("#steer-button")
+    pg.wait_for_selector("text=neuron id 7.5 is not an integer; give an integer between 0 and")
+    assert "latents=" not in pg.url
