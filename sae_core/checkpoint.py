@@ -3,6 +3,7 @@ dictionary_learning SAEs (local or on the Hub) loaded as the same computation; e
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -199,18 +200,65 @@ def _float_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in read_safetensors(path).items()}
 
 
+def _dims(state: dict, name: str, file: Path, what: str) -> tuple[int, int]:
+    """The two sizes of a weight matrix, or one sentence where the tensor is not a matrix."""
+    shape = tuple(state[name].shape)
+    if len(shape) != 2 or 0 in shape:
+        raise UserError(f"{file}: {name} has shape {shape}, not a matrix; the file is damaged or not a {what}.")
+    return shape
+
+
+def _check_shapes(state: dict, shapes: dict, file: Path, what: str) -> None:
+    """One sentence for the first tensor whose shape does not fit the weight matrices', before any
+    arithmetic on it (which would end in a traceback)."""
+    for name, shape in shapes.items():
+        if name in state and tuple(state[name].shape) != tuple(shape):
+            raise UserError(f"{file}: {name} has shape {tuple(state[name].shape)} but the SAE's weight matrices need "
+                            f"{tuple(shape)}; the file is damaged or not a {what}.")
+
+
+def fold_decoder_norms(state: dict) -> None:
+    """Fold n_j = ||W_dec[j]|| into the weights, in place: W_enc[:, j] *= n_j, b_enc[j] *= n_j, W_dec[j] /= n_j.
+
+    SAELens's TopK family with `rescale_acts_by_decoder_norm` encodes TopK(pre * n) and decodes
+    (z / n) @ W_dec; after the fold our plain TopK(pre') and z @ W_dec' compute exactly that, the same
+    z included (SAELens's own `_fold_norm_topk`). In float64, so a bf16 decoder comes out with unit rows.
+    The norms are clamped at 1e-8 as SAELens's `get_W_dec_norm` does."""
+    n = state["W_dec"].norm(dim=1).clamp(min=1e-8)
+    state["W_enc"] = state["W_enc"] * n
+    state["b_enc"] = state["b_enc"] * n
+    state["W_dec"] = state["W_dec"] / n[:, None]
+
+
+# SAELens architectures whose config has `rescale_acts_by_decoder_norm` (TopKSAEConfig and the training
+# configs built on it); the others' configs drop the key when SAELens loads them, so it means nothing there.
+_RESCALING_ARCHS = ("topk", "batchtopk", "matryoshka_batchtopk")
+# SAELens's BatchTopK training checkpoints: their `save_inference_model` writes a jumprelu SAE from them.
+_BATCHTOPK_TRAINING = {"batchtopk": "batchtopk", "matryoshka_batchtopk": "matryoshka"}
+
+
 def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     """SAELens's `cfg.json` + `sae_weights.safetensors` as our config, tensors and training info (the
     caller adds where it came from).
 
     standard -> relu, topk -> topk (SAELens before 6: standard with activation_fn "topk"), jumprelu ->
-    jumprelu (ReLU(pre) where pre > threshold: how SAELens saves BatchTopK and Matryoshka SAEs too).
-    `apply_b_dec_to_input: false` is folded into b_enc (our encoder always subtracts b_dec), an old
-    `finetuning_scaling_factor` into W_dec. Run-time input normalisation, gated SAEs and head reshaping
-    have no equivalent here and are refused with the reason.
+    jumprelu (ReLU(pre) where pre > threshold: how SAELens saves BatchTopK and Matryoshka SAEs for
+    inference). The BatchTopK and Matryoshka training checkpoints (`save_model` during training, with a
+    `topk_threshold`) become batchtopk and matryoshka with that threshold for every latent, as
+    SAELens's `save_inference_model` converts them, the Matryoshka widths kept as our levels.
+    `rescale_acts_by_decoder_norm` is folded into the weights (`fold_decoder_norms`),
+    `apply_b_dec_to_input: false` into b_enc (our encoder always subtracts b_dec), an old
+    `finetuning_scaling_factor` (before 3.x `scaling_factor`) into W_dec. Run-time input normalisation,
+    gated SAEs and head reshaping have no equivalent here and are refused with the reason.
     """
     raw = _read_json(path / SAELENS_CONFIG)
-    meta = raw.get("metadata") or raw.get("meta") or raw          # SAELens 6 nests it; older versions do not
+    meta = raw.get("metadata") or raw.get("meta") or {}          # SAELens 6 nests it; older versions do not
+    if not isinstance(meta, dict):
+        meta = {}
+
+    def field(name):
+        return meta.get(name) if meta.get(name) is not None else raw.get(name)
+
     arch = raw.get("architecture", "standard")
     kwargs = raw.get("activation_fn_kwargs") or {}
     fn = raw.get("activation_fn_str") or raw.get("activation_fn")
@@ -219,47 +267,92 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     elif arch == "standard" and fn not in (None, "relu"):  # e.g. "tanh-relu": not a ReLU, do not read it as one
         raise UserError(f"{path} holds a SAELens standard SAE with activation {fn!r}; only relu and topk "
                         "activations can be loaded here.")
-    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(arch)
+    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", **_BATCHTOPK_TRAINING}.get(arch)
     if ours is None:
-        raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs can be "
-                        "loaded here.")
+        raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs (and "
+                        "BatchTopK or Matryoshka training checkpoints) can be loaded here.")
     norm = raw.get("normalize_activations") or "none"
-    if norm == "expected_average_only_in":
-        raise UserError(f"{path} scales its input by a constant at run time (normalize_activations {norm!r}); "
-                        "fold it into the weights with SAELens's `sae.fold_activation_norm_scaling_factor(...)`, "
-                        "save the SAE again and load that.")
+    if norm is True or norm == "expected_average_only_in":  # True: before SAELens 3, read by it as the other
+        raise UserError(f"{path} was trained on inputs scaled by a constant that is not in its weights "
+                        f"(normalize_activations {norm!r}); fold that factor in with SAELens's "
+                        "`sae.fold_activation_norm_scaling_factor(factor)` (a training checkpoint keeps it in "
+                        "activation_scaler.json, a pretrained SAE in SAELens's registry), save the SAE again and "
+                        "load that.")
+    if norm == "covariance_whitening":
+        raise UserError(f"{path} was trained on whitened inputs (normalize_activations {norm!r}); fold the "
+                        "whitening in with SAELens's `sae.fold_activation_whitening(mean, whitening_matrix, "
+                        "unwhitening_matrix)` (the statistics are in activation_whitening.safetensors), save the SAE "
+                        "again and load that.")
     if norm != "none":
-        raise UserError(f"{path} normalises each input at run time (normalize_activations {norm!r}), which no "
-                        "fixed weights can express; use an SAE trained with normalize_activations 'none'.")
-    if (raw.get("reshape_activations") or "none") != "none":
-        raise UserError(f"{path} reshapes attention-head activations ({raw['reshape_activations']!r}); only SAEs on "
-                        "whole token vectors can be loaded here.")
-    state = _float_state(path / SAELENS_WEIGHTS)
-    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in state]
+        raise UserError(f"{path} normalises each input by its own norm or statistics at run time "
+                        f"(normalize_activations {norm!r}), which no fixed weights can express; use an SAE trained "
+                        "with normalize_activations 'none'.")
+    hook = field("hook_name") or field("hook_point")   # hook_point: SAELens before 6, renamed by its loader
+    reshape = raw.get("reshape_activations")
+    if reshape is None and "hook_z" in str(raw.get("hook_name") or raw.get("hook_point") or ""):
+        # a cfg from before SAELens 6 (hook at the top level): SAELens >= 6 reads a hook_z SAE's as reshaping
+        reshape = "hook_z"
+    if (reshape or "none") != "none":
+        raise UserError(f"{path} reshapes attention-head activations ({reshape!r}); only SAEs on whole token "
+                        "vectors can be loaded here.")
+    weights = path / SAELENS_WEIGHTS
+    state = _float_state(weights)
+    what = f"SAELens {arch} SAE"
+    needed = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    if ours == "jumprelu":
+        needed.append("threshold" if "threshold" in state or "log_threshold" not in state else "log_threshold")
+    if arch in _BATCHTOPK_TRAINING:
+        needed.append("topk_threshold")
+    missing = [n for n in needed if n not in state]
     if missing:
-        raise UserError(f"{path / SAELENS_WEIGHTS} has no tensor {missing[0]!r}; the file is incomplete or not a "
-                        f"SAELens {arch} SAE.")
-    if ours == "jumprelu" and "threshold" not in state:
-        if "log_threshold" not in state:
-            raise UserError(f"{path / SAELENS_WEIGHTS} has no 'threshold' tensor, which a jumprelu SAE needs.")
-        state["threshold"] = state.pop("log_threshold").exp()   # a training checkpoint's parametrisation
-    if raw.get("rescale_acts_by_decoder_norm") and not torch.allclose(
-            state["W_dec"].norm(dim=1), torch.ones((), dtype=torch.float64), atol=1e-4):
-        raise UserError(f"{path} rescales its latents by decoder norms that are not 1; fold them with SAELens "
-                        "(`sae.fold_W_dec_norm()`), save the SAE again and load that.")
-    if "finetuning_scaling_factor" in state:
-        state["W_dec"] = state["W_dec"] * state.pop("finetuning_scaling_factor")[:, None]
+        raise UserError(f"{weights} has no tensor {missing[0]!r}, which a {what} needs; the file is incomplete or "
+                        "from another tool.")
+    scale = [n for n in ("finetuning_scaling_factor", "scaling_factor") if n in state]
+    unknown = sorted(set(state) - set(needed) - set(scale))
+    if unknown or len(scale) > 1:
+        extra = unknown[0] if unknown else "scaling_factor"
+        raise UserError(f"{weights} holds a tensor {extra!r} that a {what} does not have and this tool cannot "
+                        "account for; the file is from another tool or another SAELens architecture.")
+    d_in, d_sae = _dims(state, "W_enc", weights, what)
+    _check_shapes(state, {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,),
+                          "log_threshold": (d_sae,), "topk_threshold": (), **{n: (d_sae,) for n in scale}}, weights, what)
+    if "log_threshold" in state:
+        state["threshold"] = state.pop("log_threshold").exp()   # a JumpReLU training checkpoint's parametrisation
+    if arch in _RESCALING_ARCHS and raw.get("rescale_acts_by_decoder_norm", arch in _BATCHTOPK_TRAINING):
+        fold_decoder_norms(state)   # (the training configs default it to true)
+    if arch in _BATCHTOPK_TRAINING:
+        # after the norm fold, the threshold is in the units of the folded pre-activations (SAELens's
+        # BatchTopKTrainingSAE.process_state_dict_for_saving_inference)
+        state["threshold"] = state.pop("topk_threshold").reshape(()).expand(d_sae).clone()
+    if scale:  # decode: (z * factor) @ W_dec (SAELens drops an all-ones scaling_factor: the same)
+        state["W_dec"] = state["W_dec"] * state.pop(scale[0])[:, None]
     if raw.get("apply_b_dec_to_input", True) is False:
         # x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
-    d_in, d_sae = state["W_enc"].shape
     k = raw.get("k", kwargs.get("k"))
-    if ours == "topk" and (not isinstance(k, (int, float)) or int(k) != k or k < 1):
-        raise UserError(f"{path / SAELENS_CONFIG} gives no whole number k for its topk SAE (found {k!r}).")
-    cfg = _exported_by_us(meta, ours, int(d_in), int(d_sae)) or \
-        SAEConfig(arch=ours, d_in=int(d_in), d_sae=int(d_sae), k=int(k) if ours == "topk" else 1)
-    hook = meta.get("hook_name")
-    info = {"imported": {"format": "saelens", "architecture": arch, "model": meta.get("model_name"), "hook": hook}}
+    whole_k = (isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and int(k) == k
+               and 1 <= k <= d_sae)
+    if ours == "topk" and not whole_k:
+        raise UserError(f"{path / SAELENS_CONFIG} gives no whole number k between 1 and {d_sae} for its topk SAE "
+                        f"(found {k!r}).")
+    groups = ()
+    if ours == "matryoshka":
+        widths = raw.get("matryoshka_widths")
+        if not (isinstance(widths, list) and widths and all(isinstance(w, int) and not isinstance(w, bool)
+                                                             for w in widths)):
+            raise UserError(f"{path / SAELENS_CONFIG} gives no matryoshka_widths (a list of whole numbers) for its "
+                            f"Matryoshka SAE (found {widths!r}).")
+        widths = widths + [d_sae] if widths[-1] != d_sae else widths   # SAELens adds the full width too
+        if not all(a < b for a, b in zip([0] + widths, widths)) or widths[-1] != d_sae:
+            raise UserError(f"{path / SAELENS_CONFIG}: matryoshka_widths {raw['matryoshka_widths']} are not "
+                            f"increasing widths up to the SAE width {d_sae}; the config is damaged.")
+        groups = tuple(b - a for a, b in zip([0] + widths, widths))
+    if ours in ("batchtopk", "matryoshka") and not whole_k:
+        ours, groups = "jumprelu", ()   # a fractional average k: our form needs a whole one; inference is the same
+    cfg = _exported_by_us(meta, ours, d_in, d_sae) or \
+        SAEConfig(arch=ours, d_in=d_in, d_sae=d_sae, k=int(k) if ours != "relu" and whole_k else 1,
+                  group_sizes=groups)
+    info = {"imported": {"format": "saelens", "architecture": arch, "model": field("model_name"), "hook": hook}}
     layer = layer_of_hook(hook)
     if layer is not None or "sae_lab_arch" in meta:
         info["activations"] = {"layer": layer, "tokens": meta.get("sae_lab_tokens")}

@@ -34,24 +34,32 @@ def _saelens(path, cfg: dict, tensors: dict):
 
 
 def _saelens_reference(cfg: dict, t: dict, x):
-    """SAELens's encode/decode (sae_lens/saes/{standard,topk,jumprelu}_sae.py, and the 3.x-5.x
-    `finetuning_scaling_factor`), in float64 on the stored tensors."""
+    """SAELens's encode/decode (sae_lens/saes/{standard,topk,jumprelu}_sae.py; for a BatchTopK or Matryoshka
+    training checkpoint the jumprelu SAE its save_inference_model writes; the 3.x-5.x
+    `finetuning_scaling_factor`, before 3.x `scaling_factor`), in float64 on the stored tensors, unfolded:
+    with rescale_acts_by_decoder_norm the TopK family encodes act(pre * n) and decodes (z / n) @ W_dec."""
     t = {k: v.double() for k, v in t.items()}
     x = x.double()
     sae_in = x - t["b_dec"] * cfg.get("apply_b_dec_to_input", True)
     pre = sae_in @ t["W_enc"] + t["b_enc"]
     arch = cfg["architecture"]
+    training = arch in ("batchtopk", "matryoshka_batchtopk")
+    n = t["W_dec"].norm(dim=1)
+    rescale = cfg.get("rescale_acts_by_decoder_norm", training) and (arch == "topk" or training)
+    if rescale:
+        pre = pre * n
     if arch == "topk" or cfg.get("activation_fn_str") == "topk":
         k = cfg.get("k") or cfg["activation_fn_kwargs"]["k"]
         top = pre.topk(k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
-    elif arch == "jumprelu":
-        threshold = t["threshold"] if "threshold" in t else t["log_threshold"].exp()
+    elif arch == "jumprelu" or training:
+        threshold = t["topk_threshold"] if training else t["threshold"] if "threshold" in t else t["log_threshold"].exp()
         z = pre.relu() * (pre > threshold)
     else:
         z = pre.relu()
-    scaled = z * t["finetuning_scaling_factor"] if "finetuning_scaling_factor" in t else z
-    return z, scaled @ t["W_dec"] + t["b_dec"]
+    factor = t.get("finetuning_scaling_factor", t.get("scaling_factor"))
+    scaled = z * factor if factor is not None else z
+    return z, (scaled / n if rescale else scaled) @ t["W_dec"] + t["b_dec"]
 
 
 _G = torch.Generator().manual_seed(0)  # the cases' extra tensors, the same on every run
@@ -61,12 +69,37 @@ SAELENS_CASES = {
     "topk (SAELens 6)": ({"architecture": "topk", "k": 5, "metadata": {"model_name": "m", "hook_name": "h"}}, {}),
     "topk (SAELens 3-5: standard + activation_fn_str)": (
         {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}}, {}),
+    "topk rescaling latents by decoder norms that are not 1": (
+        {"architecture": "topk", "k": 5, "rescale_acts_by_decoder_norm": True}, {}),
+    "topk rescaling, b_dec not applied to the input": (
+        {"architecture": "topk", "k": 5, "rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": False}, {}),
     "jumprelu": ({"architecture": "jumprelu"}, {"threshold": torch.rand(D_SAE, generator=_G) * 0.6 - 0.1}),
+    "jumprelu with the rescale flag (its config has no such field: SAELens drops it)": (
+        {"architecture": "jumprelu", "rescale_acts_by_decoder_norm": True},
+        {"threshold": torch.rand(D_SAE, generator=_G) * 0.6}),
     "jumprelu, training checkpoint (log_threshold)": ({"architecture": "jumprelu"},
                                                       {"log_threshold": torch.randn(D_SAE, generator=_G) - 1.5}),
+    "batchtopk training checkpoint (topk_threshold, rescaling)": (
+        {"architecture": "batchtopk", "k": 4, "rescale_acts_by_decoder_norm": True},
+        {"topk_threshold": torch.tensor(1.5, dtype=torch.float64)}),
+    "matryoshka training checkpoint (no rescaling)": (
+        {"architecture": "matryoshka_batchtopk", "k": 4, "rescale_acts_by_decoder_norm": False,
+         "matryoshka_widths": [8, 20, 40]}, {"topk_threshold": torch.tensor(0.4, dtype=torch.float64)}),
     "finetuning scaling factor (SAELens 3-5)": ({"architecture": "standard", "finetuning_scaling_factor": True},
                                                 {"finetuning_scaling_factor": torch.rand(D_SAE, generator=_G) + 0.5}),
+    "scaling factor (SAELens before 3)": ({"architecture": "standard"},
+                                          {"scaling_factor": torch.rand(D_SAE, generator=_G) + 0.5}),
 }
+
+
+def _assert_same_computation(sae, x, z_ref, x_hat_ref):
+    """Same active latents, the same codes and the same reconstruction as the reference; returns the codes."""
+    with torch.no_grad():
+        z = sae.encode(x)
+        assert ((z != 0) == (z_ref != 0)).all()
+        torch.testing.assert_close(z.double(), z_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(z).double(), x_hat_ref, atol=1e-4, rtol=1e-5)
+    return z
 
 
 @pytest.mark.parametrize("case", list(SAELENS_CASES))
@@ -76,13 +109,7 @@ def test_saelens_folders_load_as_the_same_computation(tmp_path, case):
     folder = _saelens(tmp_path / "s", cfg, tensors)
     sae = load_sae(folder)
     x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(1)) * 2
-    z_ref, x_hat_ref = _saelens_reference(cfg, tensors, x)
-    with torch.no_grad():
-        z = sae.encode(x)
-        x_hat = sae.decode(z)
-    assert ((z != 0) == (z_ref != 0)).all()
-    torch.testing.assert_close(z.double(), z_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x_hat.double(), x_hat_ref, atol=1e-4, rtol=1e-5)
+    z = _assert_same_computation(sae, x, *_saelens_reference(cfg, tensors, x))
     assert (z != 0).any() and (z == 0).any()  # the case exercises both sides of the activation
     imported = sae.training_info["imported"]
     assert imported["format"] == "saelens" and imported["from"] == str(folder.resolve())
@@ -172,9 +199,19 @@ def test_the_layer_of_a_saelens_hook(tmp_path, hook, layer):
      "fold_activation_norm_scaling_factor"),
     ({"architecture": "standard", "normalize_activations": "constant_norm_rescale"}, {}, "no fixed weights"),
     ({"architecture": "standard", "reshape_activations": "hook_z"}, {}, "attention-head"),
-    ({"architecture": "jumprelu"}, {}, "no 'threshold' tensor"),
+    ({"architecture": "standard", "normalize_activations": True}, {},
+     r"scaled by a constant that is not in its weights \(normalize_activations True\).*activation_scaler.json"),
+    ({"architecture": "standard", "normalize_activations": "covariance_whitening"}, {},
+     "fold_activation_whitening.*activation_whitening.safetensors"),
+    ({"architecture": "standard", "hook_name": "blocks.5.attn.hook_z"}, {}, "attention-head"),   # before SAELens 6
+    ({"architecture": "standard", "hook_point": "blocks.5.attn.hook_z"}, {}, "attention-head"),
+    ({"architecture": "jumprelu"}, {}, "has no tensor 'threshold', which a SAELens jumprelu SAE needs"),
     ({"architecture": "topk"}, {}, "no whole number k"),
-    ({"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True}, {}, "fold_W_dec_norm"),
+    ({"architecture": "topk", "k": 2.5}, {}, "no whole number k"),
+    ({"architecture": "topk", "k": 4}, {"topk_threshold": torch.tensor(0.5)}, "a tensor 'topk_threshold' that a SAELens"),
+    ({"architecture": "batchtopk", "k": 4}, {}, "has no tensor 'topk_threshold'"),
+    ({"architecture": "matryoshka_batchtopk", "k": 4, "matryoshka_widths": [20, 10, 40]},
+     {"topk_threshold": torch.tensor(0.5)}, "are not increasing widths up to the SAE width 40"),
 ])
 def test_saelens_forms_we_cannot_express_are_refused(tmp_path, cfg, extra, match):
     folder = _saelens(tmp_path / "s", cfg, {**_tensors(5), **extra})
@@ -182,14 +219,43 @@ def test_saelens_forms_we_cannot_express_are_refused(tmp_path, cfg, extra, match
         load_sae(folder)
 
 
-def test_a_topk_saelens_sae_with_unit_decoder_rows_may_rescale(tmp_path):
-    t = _tensors(6)
-    t["W_dec"] = t["W_dec"] / t["W_dec"].norm(dim=1, keepdim=True)   # rescaling by norms of 1 changes nothing
-    cfg = {"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True}
-    sae = load_sae(_saelens(tmp_path / "s", cfg, t))
-    x = torch.randn(20, D_IN)
-    with torch.no_grad():
-        torch.testing.assert_close(sae.encode(x).double(), _saelens_reference(cfg, t, x)[0], atol=1e-5, rtol=1e-5)
+def test_saelens_hooks_before_6_are_read_from_the_top_level(tmp_path):
+    """Before SAELens 6 the hook sat at the top level of cfg.json, before 3 under `hook_point` (SAELens's
+    loader renames it to hook_name); a block output there records its layer."""
+    for key in ("hook_name", "hook_point"):
+        sae = load_sae(_saelens(tmp_path / key, {"architecture": "standard", key: "blocks.8.hook_resid_post",
+                                                 "model_name": "gpt2"}, _tensors(6)))
+        assert sae.training_info["activations"]["layer"] == "8"
+        assert sae.training_info["imported"]["hook"] == "blocks.8.hook_resid_post"
+        assert sae.training_info["imported"]["model"] == "gpt2"
+
+
+def test_bf16_topk_rescaling_saes_load_folded_or_not(tmp_path):
+    """SAELens's fold_W_dec_norm in bf16 leaves rows whose norms are up to a few 1e-3 off 1 and keeps
+    rescale_acts_by_decoder_norm; both that and the unfolded bf16 SAE load as SAELens computes them."""
+    t = _tensors(6, torch.bfloat16)
+    folded = {**t, "W_dec": (t["W_dec"].float() / t["W_dec"].float().norm(dim=1, keepdim=True)).bfloat16()}
+    assert (folded["W_dec"].float().norm(dim=1) - 1).abs().max() > 1e-4   # what the old check refused
+    cfg = {"architecture": "topk", "k": 4, "rescale_acts_by_decoder_norm": True, "dtype": "bfloat16"}
+    x = torch.randn(64, D_IN) * 2
+    for name, tensors in (("plain", t), ("folded", folded)):
+        sae = load_sae(_saelens(tmp_path / name, cfg, tensors))
+        _assert_same_computation(sae, x, *_saelens_reference(cfg, tensors, x))
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))   # folded: unit rows, as ours
+
+
+def test_saelens_training_checkpoints_keep_k_and_the_matryoshka_levels(tmp_path):
+    cfg, extra = SAELENS_CASES["matryoshka training checkpoint (no rescaling)"]
+    sae = load_sae(_saelens(tmp_path / "m", cfg, {**_tensors(3), **extra}))
+    assert sae.cfg.arch == "matryoshka" and sae.cfg.group_sizes == (8, 12, 20) and sae.cfg.k == 4
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.4))
+    # a width list without the full width: SAELens adds it; a fractional average k leaves a jumprelu SAE
+    sae = load_sae(_saelens(tmp_path / "m2", {**cfg, "matryoshka_widths": [8, 20], "k": 3.5}, {**_tensors(3), **extra}))
+    assert sae.cfg.arch == "jumprelu"
+    sae = load_sae(_saelens(tmp_path / "m3", {**cfg, "matryoshka_widths": [8, 20]}, {**_tensors(3), **extra}))
+    assert sae.cfg.group_sizes == (8, 12, 20)
+    cfg, extra = SAELENS_CASES["batchtopk training checkpoint (topk_threshold, rescaling)"]
+    assert load_sae(_saelens(tmp_path / "b", cfg, {**_tensors(3), **extra})).cfg.arch == "batchtopk"
 
 
 def _sparsify(path, cfg: dict, tensors: dict):
@@ -358,11 +424,7 @@ def test_dictionary_learning_folders_load_as_the_same_computation(tmp_path, dict
     sae = load_sae(_dictionary_learning(tmp_path / "d", dict_class, tensors))
     x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(2)) * 2
     z_ref, x_hat_ref = _dictionary_learning_reference(dict_class, tensors, x)
-    with torch.no_grad():
-        z = sae.encode(x)
-        assert ((z != 0) == (z_ref != 0)).all()
-        torch.testing.assert_close(z.double(), z_ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(sae.decode(z).double(), x_hat_ref, atol=1e-4, rtol=1e-5)
+    z = _assert_same_computation(sae, x, z_ref, x_hat_ref)
     assert (z != 0).any() and (z == 0).any()
     imported = sae.training_info["imported"]
     assert imported["format"] == "dictionary_learning" and imported["architecture"] == dict_class
