@@ -77,6 +77,9 @@ def resolve_sae(spec: str | Path) -> Path:
         raise UserError(f"cannot fetch the SAE {text} from the Hugging Face Hub ({type(e).__name__}: {first}); "
                         "check the name and the network, or download the folder and give its path.") from None
     local = Path(root) / folder
+    if not any((local / n).is_file() for n in names):
+        raise UserError(f"{text} has none of the files of an SAE folder ({', '.join(names[:-1])}); check the folder "
+                        "name inside the repository.")
     if (local / CONFIG).is_file() and not (local / WEIGHTS).is_file() and not (local / DL_WEIGHTS).is_file() \
             and "trainer" in _read_json(local / CONFIG):  # dictionary_learning's config, its weights not fetched
         raise UserError(f"{text} is a dictionary_learning SAE without {DL_WEIGHTS}; its weights are most likely "
@@ -96,6 +99,10 @@ def sae_format(path: Path) -> str:
         return "sparsify"
     if (path / CONFIG).is_file() and ((path / DL_WEIGHTS).is_file() or (path / DL_PICKLE).is_file()):
         return "dictionary_learning"
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give the path of an SAE folder.")
+    if path.is_file():
+        raise UserError(f"{path} is a file; give the folder that holds it ({path.parent}).")
     raise UserError(f"{path} is not a finished SAE directory (it needs {CONFIG} and {WEIGHTS} from `python -m "
                     f"precompute train`, or SAELens's {SAELENS_CONFIG} and {SAELENS_WEIGHTS}, or sparsify's "
                     f"{SAELENS_CONFIG} and {WEIGHTS}, or dictionary_learning's {CONFIG} and {DL_WEIGHTS}).")
@@ -418,21 +425,29 @@ def read_sparsify(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]
     activation = raw.get("activation", "topk")
     if activation != "topk":
         raise UserError(f"{path} uses sparsify's {activation!r} activation; only topk SAEs can be loaded here.")
-    state = _float_state(path / WEIGHTS)
+    weights = path / WEIGHTS
+    state = _float_state(weights)
     if raw.get("skip_connection") or "W_skip" in state:
         raise UserError(f"{path} has a skip connection (W_skip), which this SAE form cannot express.")
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in state]
     if missing:
-        raise UserError(f"{path / WEIGHTS} has no tensor {missing[0]!r}; the file is incomplete or not a sparsify SAE.")
-    d_sae, d_in = state["encoder.weight"].shape
+        raise UserError(f"{weights} has no tensor {missing[0]!r}; the file is incomplete or not a sparsify SAE.")
+    d_sae, d_in = _dims(state, "encoder.weight", weights, "sparsify SAE")
+    _check_shapes(state, {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, weights, "sparsify SAE")
     k = raw.get("k")
-    if not isinstance(k, int) or not 1 <= k <= d_sae:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
         raise UserError(f"{path / SAELENS_CONFIG} gives no k between 1 and {d_sae} for its topk SAE (found {k!r}).")
-    cfg = SAEConfig(arch="topk", d_in=int(d_in), d_sae=int(d_sae), k=k)
+    cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k)
     state = {"W_enc": state["encoder.weight"].t().contiguous(), "b_enc": state["encoder.bias"],
              "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
     info = {"imported": {"format": "sparsify", "architecture": "topk"}}
     return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+# dictionary_learning's classes: ours, and whether its tensors are nn.Linear's (encoder.weight [d_sae, d_in],
+# decoder.weight [d_in, d_sae]) or named as SAELens's (W_enc [d_in, d_sae], W_dec [d_sae, d_in])
+_DL_CLASSES = {"MatryoshkaBatchTopKSAE": ("matryoshka", False), "BatchTopKSAE": ("batchtopk", True),
+               "AutoEncoderTopK": ("topk", True), "AutoEncoder": ("relu", True), "JumpReluAutoEncoder": ("jumprelu", False)}
 
 
 def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
@@ -442,43 +457,76 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
 
     MatryoshkaBatchTopKSAE -> matryoshka (its group sizes and k), BatchTopKSAE -> batchtopk: both infer
     ReLU(pre) where it exceeds one threshold, which becomes every latent's threshold; AutoEncoderTopK ->
-    topk; AutoEncoder -> relu (`bias` is b_dec). nn.Linear weights are transposed to our layout. Gated,
-    JumpReLU (it rescales latents by decoder norms) and cross-coder dictionaries are refused.
+    topk; AutoEncoder -> relu (`bias` is b_dec); JumpReluAutoEncoder -> jumprelu (ReLU(pre) where pre
+    exceeds its latent's threshold, with pre = x @ W_enc + b_enc: b_dec is not subtracted from the
+    input, which is folded into b_enc). nn.Linear weights are transposed to our layout. Gated and
+    cross-coder dictionaries are refused.
     """
     if not (path / DL_WEIGHTS).is_file():
         raise UserError(f"{path} holds dictionary_learning's {DL_PICKLE}, a pickle, which this tool does not read; "
                         f"where you trust the file, convert it once: {_dl_conversion(path)}")
-    trainer = _read_json(path / CONFIG).get("trainer") or {}
+    trainer = _read_json(path / CONFIG).get("trainer")
+    if not isinstance(trainer, dict):
+        raise UserError(f"{path / CONFIG} has no \"trainer\" object (found {type(trainer).__name__}), which "
+                        "dictionary_learning writes; the config is damaged or from another tool.")
     dict_class = trainer.get("dict_class")
-    ours = {"MatryoshkaBatchTopKSAE": "matryoshka", "BatchTopKSAE": "batchtopk", "AutoEncoderTopK": "topk",
-            "AutoEncoder": "relu"}.get(dict_class)
-    if ours is None:
-        raise UserError(f"{path / CONFIG} names dictionary_learning's {dict_class!r}; only MatryoshkaBatchTopKSAE, "
-                        "BatchTopKSAE, AutoEncoderTopK and AutoEncoder can be loaded here.")
-    raw = _float_state(path / DL_WEIGHTS)
-    if ours == "matryoshka":
-        names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "k", "group_sizes")
-    else:
+    if dict_class not in _DL_CLASSES:
+        raise UserError(f"{path / CONFIG} names dictionary_learning's {dict_class!r}; only "
+                        f"{', '.join(_DL_CLASSES)} can be loaded here.")
+    ours, linear = _DL_CLASSES[dict_class]
+    weights, what = path / DL_WEIGHTS, f"dictionary_learning {dict_class}"
+    raw = _float_state(weights)
+    if linear:
         names = ("encoder.weight", "encoder.bias", "decoder.weight", "bias" if ours == "relu" else "b_dec")
         # AutoEncoderTopK's threshold is unused at inference; older releases kept k as a plain attribute,
         # not a buffer, so it is read from the trainer's config when the file has none
-        names += {"relu": (), "topk": ("k",) if "k" not in trainer else (), "batchtopk": ("threshold", "k")}[ours]
+        names += {"relu": (), "topk": ("k",) if trainer.get("k") is None else (), "batchtopk": ("threshold", "k")}[ours]
+    else:
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold") + (("k", "group_sizes") if ours == "matryoshka" else ())
     missing = [n for n in names if n not in raw]
     if missing:
-        raise UserError(f"{path / DL_WEIGHTS} has no tensor {missing[0]!r}, which a {dict_class} holds; the file is "
-                        "incomplete or from another class.")
-    if ours == "matryoshka":
-        state = {n: raw[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    else:
+        raise UserError(f"{weights} has no tensor {missing[0]!r}, which dictionary_learning's {dict_class} saves; "
+                        "the file is incomplete or from another class.")
+    if linear:
+        d_sae, d_in = _dims(raw, "encoder.weight", weights, what)
+        _check_shapes(raw, {"encoder.bias": (d_sae,), "decoder.weight": (d_in, d_sae), "b_dec": (d_in,),
+                            "bias": (d_in,)}, weights, what)
         state = {"W_enc": raw["encoder.weight"].t().contiguous(), "b_enc": raw["encoder.bias"],
                  "W_dec": raw["decoder.weight"].t().contiguous(), "b_dec": raw["bias" if ours == "relu" else "b_dec"]}
-    d_in, d_sae = state["W_enc"].shape
-    k = int(raw["k"].item()) if "k" in raw else int(trainer.get("k") or 1)
-    groups = tuple(int(g) for g in raw["group_sizes"].tolist()) if ours == "matryoshka" else ()
+    else:
+        d_in, d_sae = _dims(raw, "W_enc", weights, what)
+        _check_shapes(raw, {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, weights, what)
+        state = {n: raw[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    k = 1
+    if ours in ("topk", "batchtopk", "matryoshka"):
+        k = raw["k"] if "k" in raw else trainer.get("k")
+        if isinstance(k, torch.Tensor):
+            k = k.item() if k.numel() == 1 else None
+        if not (isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and int(k) == k
+                and 1 <= k <= d_sae):
+            raise UserError(f"{weights} and {path / CONFIG} give no whole number k between 1 and {d_sae} for the "
+                            f"{dict_class} (found {k!r}); the folder is damaged.")
+        k = int(k)
+    groups = ()
+    if ours == "matryoshka":
+        sizes = raw["group_sizes"]
+        groups = tuple(int(g) for g in sizes.tolist()) if sizes.ndim == 1 else ()
+        if not groups or min(groups) < 1 or sum(groups) != d_sae or not all(float(g) == int(g) for g in sizes.tolist()):
+            raise UserError(f"{weights}: group_sizes {sizes.tolist()} are not positive whole sizes summing to the "
+                            f"width {d_sae}; the file is damaged.")
     if ours in ("matryoshka", "batchtopk"):
         # one threshold for all latents; -1 (never set: the run stopped before thresholds started) means 0
-        state["threshold"] = raw["threshold"].reshape(()).expand(int(d_sae)).clone()
-    cfg = SAEConfig(arch=ours, d_in=int(d_in), d_sae=int(d_sae), k=k if ours != "relu" else 1, group_sizes=groups)
+        if raw["threshold"].numel() != 1 and tuple(raw["threshold"].shape) != (d_sae,):
+            raise UserError(f"{weights}: threshold has shape {tuple(raw['threshold'].shape)} but a {dict_class} "
+                            f"has one threshold (or one per latent, {d_sae}); the file is damaged.")
+        state["threshold"] = raw["threshold"].reshape(-1).expand(d_sae).clone()
+    if ours == "jumprelu":
+        _check_shapes(raw, {"threshold": (d_sae,)}, weights, what)
+        state["threshold"] = raw["threshold"]
+        # its encoder does not subtract b_dec (apply_b_dec_to_input, never saved, is False):
+        # x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
+    cfg = SAEConfig(arch=ours, d_in=d_in, d_sae=d_sae, k=k, group_sizes=groups)
     info = {"imported": {"format": "dictionary_learning", "architecture": dict_class,
                          "model": trainer.get("lm_name"), "hook": trainer.get("submodule_name"),
                          "layer": trainer.get("layer")}}

@@ -76,7 +76,16 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":
+        """From a saved config.json; TypeError where a size is not a whole number (JSON allows 12.0, or
+        null, which would fail later in tensor allocation or a comparison, not here with the field's name)."""
         keys = {f for f in cls.__dataclass_fields__}
+        for key in ("d_in", "d_sae", "k", "aux_k"):
+            value = d.get(key, 0)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (key == "aux_k" and value is None):
+                raise TypeError(f"{key} is {value!r}, not a whole number")
+        groups = d.get("group_sizes", [])
+        if not (isinstance(groups, list) and all(isinstance(g, int) and not isinstance(g, bool) for g in groups)):
+            raise TypeError(f"group_sizes is {groups!r}, not a list of whole numbers")
         return cls(**{k: (tuple(v) if k == "group_sizes" else v) for k, v in d.items() if k in keys})
 
 

@@ -102,7 +102,7 @@ def test_wrong_width_fails_with_one_sentence_naming_both_sizes(tmp_path):
     save_file(state, str(tmp_path / "sae.safetensors"))
     with pytest.raises(UserError, match=r"W_dec has shape \(48, 13\).*\(48, 12\)"):
         load_sae(tmp_path)
-    with pytest.raises(UserError, match="not a finished SAE directory"):
+    with pytest.raises(UserError, match="missing does not exist; give the path of an SAE folder"):
         load_sae(tmp_path / "missing")
 
 

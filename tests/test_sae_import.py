@@ -1,6 +1,7 @@
 """SAEs from SAELens, sparsify and dictionary_learning folders (local or on the Hub) against those libraries'
 formulas, written out here from their inference code; refusals of what our SAE form cannot express."""
 import json
+import re
 
 import pytest
 import torch
@@ -396,6 +397,7 @@ DL_CASES = {
                                   "k": torch.tensor(6, dtype=torch.int32)},
     "AutoEncoder": lambda t: {"encoder.weight": t["W_enc"].t(), "encoder.bias": t["b_enc"],
                               "decoder.weight": t["W_dec"].t(), "bias": t["b_dec"]},
+    "JumpReluAutoEncoder": lambda t: {**t, "threshold": torch.rand(D_SAE, generator=torch.Generator().manual_seed(4))},
 }
 
 
@@ -405,6 +407,10 @@ def _dictionary_learning_reference(dict_class: str, t: dict, x):
     if dict_class == "MatryoshkaBatchTopKSAE":
         post = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu()
         z = post * (post > t["threshold"])
+        return z, z @ t["W_dec"] + t["b_dec"]
+    if dict_class == "JumpReluAutoEncoder":  # dictionary.py: apply_b_dec_to_input False, never saved
+        pre = x @ t["W_enc"] + t["b_enc"]
+        z = (pre * (pre > t["threshold"])).relu()
         return z, z @ t["W_dec"] + t["b_dec"]
     b_dec = t["bias"] if dict_class == "AutoEncoder" else t["b_dec"]
     post = torch.nn.functional.linear(x - b_dec, t["encoder.weight"], t["encoder.bias"]).relu()
@@ -541,3 +547,88 @@ def test_sae_lab_export_of_our_own_folder_keeps_its_metrics(tmp_path):
     (tmp_path / "o" / "metrics.json").write_text('{"fvu": 0.1}')
     export_sae_lab(tmp_path / "o", tmp_path / "copy")
     assert _tree(tmp_path / "copy") == _tree(tmp_path / "o")
+
+
+def _bad(tensors: dict, **changes) -> dict:
+    return {**tensors, **changes}
+
+
+_T = _tensors(12)
+MALFORMED = {
+    # layout, files' content, what the sentence says; each of these ended in a traceback before
+    "saelens W_enc 1-D": ("saelens", {"architecture": "standard"}, _bad(_T, W_enc=_T["W_enc"].reshape(-1)),
+                          "W_enc has shape (480,), not a matrix"),
+    "saelens b_dec of another length, not applied to the input": (
+        "saelens", {"architecture": "standard", "apply_b_dec_to_input": False}, _bad(_T, b_dec=torch.zeros(D_IN + 1)),
+        "b_dec has shape (13,) but the SAE's weight matrices need (12,)"),
+    "saelens W_dec 1-D, rescaling": ("saelens", {"architecture": "topk", "k": 3, "rescale_acts_by_decoder_norm": True},
+                                     _bad(_T, W_dec=torch.ones(D_SAE)), "W_dec has shape (40,) but"),
+    "saelens finetuning_scaling_factor of another length": (
+        "saelens", {"architecture": "standard"}, _bad(_T, finetuning_scaling_factor=torch.ones(D_SAE + 1)),
+        "finetuning_scaling_factor has shape (41,)"),
+    "sparsify encoder.weight 3-D": ("sparsify", {"k": 4}, _bad(_sparsify_tensors(12), **{
+        "encoder.weight": torch.zeros(1, D_SAE, D_IN)}), "encoder.weight has shape (1, 40, 12), not a matrix"),
+    "dictionary_learning k with 2 elements": ("BatchTopKSAE", {}, _bad(DL_CASES["BatchTopKSAE"](_T),
+                                              k=torch.tensor([4, 4])), "give no whole number k between 1 and 40"),
+    "dictionary_learning group_sizes 0-d": ("MatryoshkaBatchTopKSAE", {}, _bad(DL_CASES["MatryoshkaBatchTopKSAE"](_T),
+                                            group_sizes=torch.tensor(40)), "are not positive whole sizes summing to"),
+    "dictionary_learning encoder.weight 1-D": ("AutoEncoder", {}, _bad(DL_CASES["AutoEncoder"](_T), **{
+        "encoder.weight": torch.zeros(D_IN * D_SAE)}), "encoder.weight has shape (480,), not a matrix"),
+    "dictionary_learning threshold of 3 values": ("BatchTopKSAE", {}, _bad(DL_CASES["BatchTopKSAE"](_T),
+                                                  threshold=torch.zeros(3)), "has one threshold"),
+    "dictionary_learning AutoEncoderTopK, k null and no k tensor": (
+        "AutoEncoderTopK", {"k": None}, {n: v for n, v in DL_CASES["AutoEncoderTopK"](_T).items() if n != "k"},
+        "has no tensor 'k', which dictionary_learning's AutoEncoderTopK saves"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_foreign_tensors_are_one_sentence(tmp_path, case):
+    layout, cfg, tensors, match = MALFORMED[case]
+    if layout == "saelens":
+        folder = _saelens(tmp_path / "s", cfg, tensors)
+    elif layout == "sparsify":
+        folder = _sparsify(tmp_path / "s", cfg, tensors)
+    else:
+        folder = _dictionary_learning(tmp_path / "d", layout, tensors, **cfg)
+    with pytest.raises(UserError, match=re.escape(match)):
+        load_sae(folder)
+
+
+def test_a_dictionary_learning_config_without_a_trainer_object_is_one_sentence(tmp_path):
+    folder = _dictionary_learning(tmp_path / "d", "AutoEncoder", DL_CASES["AutoEncoder"](_T))
+    (folder / "config.json").write_text(json.dumps({"trainer": ["AutoEncoder"]}))
+    with pytest.raises(UserError, match=r'has no "trainer" object \(found list\)'):
+        load_sae(folder)
+
+
+def test_a_dictionary_learning_per_latent_threshold_applies_per_latent(tmp_path):
+    tensors = {**DL_CASES["BatchTopKSAE"](_T), "threshold": torch.rand(D_SAE, generator=torch.Generator().manual_seed(5))}
+    sae = load_sae(_dictionary_learning(tmp_path / "d", "BatchTopKSAE", tensors))
+    x = torch.randn(64, D_IN) * 2
+    _assert_same_computation(sae, x, *_dictionary_learning_reference("BatchTopKSAE", tensors, x))
+
+
+@pytest.mark.parametrize("field,value", [("d_in", 12.0), ("d_sae", None), ("k", "3"), ("group_sizes", [20.0, 20.0])])
+def test_our_config_with_a_size_that_is_not_a_whole_number_is_one_sentence(tmp_path, field, value):
+    save_sae(SparseAutoencoder(SAEConfig(arch="matryoshka", d_in=D_IN, d_sae=D_SAE, k=3, group_sizes=(20, 20))),
+             tmp_path / "o")
+    raw = json.loads((tmp_path / "o" / "config.json").read_text())
+    raw[field] = value
+    (tmp_path / "o" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=rf"is not an SAE config this tool wrote \({field} is .*, not a "):
+        load_sae(tmp_path / "o")
+
+
+def test_wrong_paths_say_what_is_wrong(tmp_path, monkeypatch):
+    save_sae(SparseAutoencoder(SAEConfig(arch="relu", d_in=D_IN, d_sae=D_SAE)), tmp_path / "o")
+    with pytest.raises(UserError, match=r"nope does not exist; give the path of an SAE folder"):
+        load_sae(tmp_path / "nope")
+    with pytest.raises(UserError, match=rf"sae.safetensors is a file; give the folder that holds it \({tmp_path / 'o'}\)"):
+        load_sae(tmp_path / "o" / "sae.safetensors")
+    import huggingface_hub
+
+    (tmp_path / "cache" / "empty").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"^hf:someone/saes/layer.3 has none of the files of an SAE folder"):
+        load_sae("hf:someone/saes/layer.3")
