@@ -363,8 +363,8 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     layer = layer_of_hook(hook)
     if layer is not None or "sae_lab_arch" in meta:
         info["activations"] = {"layer": layer, "tokens": meta.get("sae_lab_tokens")}
-        if "sae_lab_arch" in meta:  # our export: model_name is our model spec
-            info["activations"]["model"] = {"spec": meta.get("model_name")}
+        if "sae_lab_arch" in meta:  # our export (before sae_lab_model, model_name was always our model spec)
+            info["activations"]["model"] = {"spec": meta.get("sae_lab_model", meta.get("model_name"))}
     return cfg, {n: t.float() for n, t in state.items()}, info
 
 
@@ -595,6 +595,9 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
             "jumprelu": "jumprelu"}[cfg.arch]
     act = trained_on(sae)
+    # an imported SAE keeps its own model and hook (a hook such as blocks.9.hook_mlp_out names no layer of ours)
+    imported = (sae.training_info or {}).get("imported") or {}
+    hook = imported.get("hook") or (f"layer_{act['layer']}" if act["layer"] is not None else None)
     saelens_cfg = {
         "architecture": arch,
         "d_in": cfg.d_in,
@@ -608,10 +611,11 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
             # SAELens >= 6 reads a cfg without this as a pre-6.0 one and rebuilds metadata from top-level keys
             # only, which drops every key below (the model and the hook too)
             "sae_lens_version": "6.0.0",
-            "model_name": act["model"],
-            "hook_name": f"layer_{act['layer']}" if act["layer"] is not None else None,
+            "model_name": act["model"] or imported.get("model"),
+            "hook_name": hook,
             "sae_lab_arch": cfg.arch,
             "sae_lab_tokens": act["tokens"],
+            "sae_lab_model": act["model"],   # our model spec, where model_name may be an imported SAE's own
             **({"sae_lab_k": cfg.k} if cfg.arch in ("batchtopk", "matryoshka") else {}),
             **({"sae_lab_group_sizes": list(cfg.group_sizes)} if cfg.arch == "matryoshka" else {}),
         },

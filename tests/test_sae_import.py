@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_core.checkpoint import export_saelens, load_sae, save_sae
+from sae_core.checkpoint import export_saelens, load_sae, save_sae, trained_on
 from sae_core.errors import UserError
 from sae_core.sae import SAEConfig, SparseAutoencoder
 
@@ -632,3 +632,20 @@ def test_wrong_paths_say_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "cache"))
     with pytest.raises(UserError, match=r"^hf:someone/saes/layer.3 has none of the files of an SAE folder"):
         load_sae("hf:someone/saes/layer.3")
+
+
+@pytest.mark.parametrize("hook", ["blocks.9.hook_mlp_out", "blocks.9.hook_resid_post"])
+def test_reexporting_an_imported_sae_keeps_its_model_and_hook(tmp_path, hook):
+    """A SAELens SAE imported into our layout and exported again names the model and hook it came with
+    (before: model_name null, and blocks.9.hook_resid_post turned into layer_9, hook_mlp_out into null)."""
+    src = _saelens(tmp_path / "s", {"architecture": "standard", "metadata": {"model_name": "gpt2", "hook_name": hook}},
+                   _tensors(6))
+    save_sae(load_sae(src), tmp_path / "ours", training=load_sae(src).training_info)
+    for source in (src, tmp_path / "ours"):
+        out = export_saelens(source, tmp_path / f"again_{source.name}")
+        meta = json.loads((out / "cfg.json").read_text())["metadata"]
+        assert meta["model_name"] == "gpt2" and meta["hook_name"] == hook
+        # read back, "gpt2" is not taken for a model spec of this tool; the layer comes from the hook
+        back = load_sae(out)
+        assert back.training_info["imported"]["model"] == "gpt2"
+        assert trained_on(back) == {"layer": "9" if hook.endswith("resid_post") else None, "tokens": None, "model": None}
