@@ -53,9 +53,9 @@ def _dict(x, what: str) -> dict:
     return x
 
 
-def command(kind: str, root: Path) -> str:
+def command(kind: str, root: Path, *extra: str) -> str:
     """The command that writes a probe file of the bundle at `root` (as the README gives it)."""
-    return shlex.join(["python", "-m", "precompute", kind, "--bundle", str(root)])
+    return shlex.join(["python", "-m", "precompute", kind, "--bundle", str(root), *extra])
 
 
 class ProbeResults:
@@ -66,6 +66,11 @@ class ProbeResults:
         self.manifest = manifest
         self._cache: dict[str, tuple] = {}
         self._lock = threading.Lock()
+
+    @property
+    def is_world(self) -> bool:
+        """A bundle of the embedded world: the probe commands have default sets and factor labels."""
+        return bool(self.manifest.get("world"))
 
     @property
     def is_crossmodal(self) -> bool:
@@ -98,8 +103,25 @@ class ProbeResults:
             self._cache[rel] = (key, out)
         return out
 
+    def _command(self, kind: str) -> str:
+        """The command that can write `kind`'s file here: outside the world there is no default OOD set,
+        and the bundle's own images may have no taxonomy paths."""
+        if self.is_world:
+            return command(kind, self.root)
+        extra = {"ood": ("--ood", "imagefolder:PATH"), "ontology": ("--dataset", "imagefolder:PATH")}.get(kind, ())
+        return command(kind, self.root, *extra)
+
+    def _missing_hint(self, kind: str) -> str:
+        if self.is_world:
+            return ""
+        return {"ood": " (PATH: a folder of out-of-distribution images)",
+                "ontology": " (PATH: iNaturalist-style class folders, whose names give the taxonomy; the "
+                            "bundle's own dataset serves if it has them)"}.get(kind, "")
+
     def _unreadable(self, rel: str, reason: str, kind: str) -> str:
-        return (f"`{rel}` is unreadable ({reason}); re-run `{command(kind, self.root)}` to rewrite it "
+        if kind == "probes" and not self.is_world:
+            return f"`{rel}` is unreadable ({reason}); delete it: factor probes need a world bundle."
+        return (f"`{rel}` is unreadable ({reason}); re-run `{self._command(kind)}` to rewrite it "
                 "(or delete the file).")
 
     # ------------------------------------------------------------------------------------------
@@ -113,8 +135,8 @@ class ProbeResults:
             if self.is_crossmodal:
                 return ("No OOD results: the probe commands (ood, ontology, probes) read vision-layer bundles, and "
                         "this cross-modal bundle's SAE reads the language model.", None, None)
-            return (f"No OOD results yet (`{rel}` is missing); run `{command('ood', self.root)}` to compute them "
-                    "(the page shows them on the next load).", None, None)
+            return (f"No OOD results yet (`{rel}` is missing); run `{self._command('ood')}`"
+                    f"{self._missing_hint('ood')} to compute them (the page shows them on the next load).", None, None)
         if status == "unreadable":
             return self._unreadable(rel, value, "ood"), None, None
         return value["note"], value["figure"], value["table"]
@@ -132,7 +154,12 @@ class ProbeResults:
         rel = f"{PROBES_DIR}/{kind}.json"
         status, value = self._read(rel, parse)
         if status == "missing":
-            return (f"`{rel}` is missing; run `{command(kind, self.root)}`." if not self.is_crossmodal else "", None)
+            if self.is_crossmodal:
+                return "", None
+            if kind == "probes" and not self.is_world:
+                return ("No factor probes: they need the embedded world's labels (shape, colour, texture of each "
+                        "image), and this bundle is not a world bundle (`python -m precompute demo` builds one).", None)
+            return f"`{rel}` is missing; run `{self._command(kind)}`{self._missing_hint(kind)}.", None
         if status == "unreadable":
             return self._unreadable(rel, value, kind), None
         return value

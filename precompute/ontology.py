@@ -3,7 +3,7 @@ latents (decoder cosine, co-activation) and of raw neurons (co-activation) with 
 
 Images: the bundle's dataset (world: its val split), scored as the atlas scores them. Taxonomy views:
 the dataset's paths (world: family > shape > colour group > colour; iNaturalist folders: 7 levels),
-and for the world also its shape tree (family > shape) and colour tree (colour group > colour),
+and for a world dataset also its shape tree (family > shape) and colour tree (colour group > colour),
 because a colour latent has no place in a shape-first tree. Writes OUT/ontology.json.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ def add_arguments(p) -> None:
     add_common(p)
     p.add_argument("--dataset", help="images with taxonomy paths (default: the bundle's dataset)")
     p.add_argument("--max-images", type=positive_int, help="use at most this many images")
-    p.add_argument("--top", type=positive_int, default=16, help="top images per unit that place it in the taxonomy")
+    p.add_argument("--top", type=positive_int, default=16,
+                   help="top images per unit that place it in the taxonomy (at least 4; default %(default)s)")
     p.add_argument("--min-share", type=share, default=0.5, help="share of top images a node must hold")
     p.add_argument("--permutations", type=positive_int, default=100, help="permutations of the null")
 
@@ -26,22 +27,30 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from sae_core.datasets import open_dataset
     from sae_core.errors import UserError
-    from sae_core.ontology import (assign_nodes, correlation_distance_matrix, cosine_distance_matrix, top_images,
+    from sae_core.ontology import (MIN_IMAGES, assign_nodes, correlation_distance_matrix, cosine_distance_matrix, top_images,
                                    tree_agreement)
 
-    bundle, source, out, cache = open_inputs(args)
+    if args.top < MIN_IMAGES:
+        raise UserError(f"--top must be at least {MIN_IMAGES}: a unit is placed from at least {MIN_IMAGES} of its "
+                        "top images.")
+    bundle, source, out, cache = open_inputs(args, "ontology")
     spec = args.dataset or (f"world:{bundle.world_dir}:{bundle.manifest['world_split']}"
                             if bundle.world_dir is not None and bundle.manifest.get("world_split")
                             else bundle.manifest["dataset"]["spec"])
-    feats = features(source, spec, cache, args.max_images, args.batch_size, "images")
     ds = open_dataset(spec)
-    paths = {int(i): ds.taxonomy_path(int(i)) for i in feats.ids}
+    n = len(ds) if args.max_images is None else min(args.max_images, len(ds))
+    paths = {i: ds.taxonomy_path(i) for i in range(n)}  # checked before the features are extracted
     if all(p is None for p in paths.values()):
         raise UserError(f"{spec} has no taxonomy paths (world or iNaturalist-style folders); pass --dataset with one.")
-    views = {"taxonomy": lambda r: paths[int(feats.ids[r])]}
-    if bundle.world_dir is not None:  # the world's path is [family, shape, colour_group, colour]
-        views["shape_tree"] = lambda r: paths[int(feats.ids[r])][:2]
-        views["colour_tree"] = lambda r: paths[int(feats.ids[r])][2:]
+    feats = features(source, spec, cache, n, args.batch_size, "images")
+
+    def cut(lo, hi):  # an image without a path (a loose file beside the class folders) has no place
+        return lambda r: None if (p := paths[int(feats.ids[r])]) is None else p[lo:hi]
+
+    views = {"taxonomy": cut(0, None)}
+    if hasattr(ds, "world"):  # the world's path is [family, shape, colour_group, colour]; other taxonomies not
+        views["shape_tree"] = cut(0, 2)
+        views["colour_tree"] = cut(2, None)
     W_dec = source.sae.W_dec.detach().cpu().numpy()
     units = {"sae": (feats.codes, True), "raw": (feats.raw, False)}
     result = {"dataset": spec, "n_images": int(len(feats)), "top": args.top, "min_share": args.min_share,
@@ -52,7 +61,8 @@ def run(args) -> int:
     for view, path_of in views.items():
         result["views"][view] = {}
         for kind, (scores, positive) in units.items():
-            nodes = assign_nodes(top_images(scores, args.top, positive_only=positive), path_of, args.min_share)
+            nodes = assign_nodes(top_images(scores, args.top, positive_only=positive), path_of, args.min_share,
+                                 MIN_IMAGES)
             keep = np.array([n is not None and len(n) > 0 for n in nodes])
             kept_nodes = [nodes[k] for k in np.flatnonzero(keep)]
             depth = placed_depths(kept_nodes)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from sae_core.errors import UserError
+from sae_core.image_features import dataset_identity, image_keys
+
 from .args import positive_int
 from .probe_common import (add_common, features, labels_of, need_spec, open_inputs, print_result, world_split,
                            write_outputs)
@@ -31,6 +34,30 @@ def add_arguments(p) -> None:
     p.add_argument("--max-images", type=positive_int, help="evaluate at most this many ID and OOD images each")
 
 
+def check_disjoint(ds_id, ds_ood, ds_fit, id_spec: str, ood_spec: str, fit_spec: str, n_eval, n_fit,
+                   same_fit: bool) -> None:
+    """Refuse, before any extraction, sets that share images: OOD images among the ID or fit images
+    (the detectors could not tell them apart), and evaluated ID images among the fit images (a
+    detector that saw them scores them as ID: inflated AUROC). Images are compared by file (real
+    path) or world image, whatever the specs' spelling."""
+    keys_id, keys_ood = image_keys(ds_id, n_eval), image_keys(ds_ood, n_eval)
+    if dataset_identity(ds_ood) == dataset_identity(ds_id):
+        raise UserError(f"the OOD set {ood_spec} is the ID set {id_spec}; pass other images with --ood.")
+    pairs = [(keys_ood, keys_id, f"the OOD set {ood_spec}", f"the ID set {id_spec}", "--ood")]
+    if not same_fit:
+        if dataset_identity(ds_ood) == dataset_identity(ds_fit):
+            raise UserError(f"the OOD set {ood_spec} is the fit set {fit_spec}; pass other images with --ood.")
+        keys_fit = image_keys(ds_fit, n_fit)
+        pairs += [(keys_ood, keys_fit, f"the OOD set {ood_spec}", f"the fit set {fit_spec}", "--ood"),
+                  (keys_id, keys_fit, f"the evaluated ID images of {id_spec}", f"the fit set {fit_spec}",
+                   "--fit (or leave --fit out: the ID images are then split in two, even ones fit, odd ones evaluated)")]
+    for a, b, name_a, name_b, flag in pairs:
+        shared = set(a).intersection(b)
+        if shared:
+            raise UserError(f"{len(shared)} of {len(a)} images of {name_a} are also in {name_b} "
+                            f"(e.g. {min(shared)}); pass a disjoint {flag}.")
+
+
 def split_calibration(f_fit, n_fit: int, n_cal: int):
     """(fit, calibration) rows: the first n_fit rows fit and the up to n_cal after them calibrate; when fewer
     than n_cal are left, the last fifth of the first n_fit rows (at most n_cal) calibrate instead.
@@ -47,41 +74,47 @@ def split_calibration(f_fit, n_fit: int, n_cal: int):
 
 
 def run(args) -> int:
+    from sae_core.datasets import open_dataset
     from sae_core.ood import evaluate, ood_scores, roc_figure
 
-    bundle, source, out, cache = open_inputs(args)
+    bundle, source, out, cache = open_inputs(args, "ood")
     id_spec = args.id_spec or world_split(bundle, "val") or bundle.manifest["dataset"]["spec"]
     ood_spec = need_spec(args.ood_spec or world_split(bundle, "ood"), "OOD set", "--ood")
     fit_spec = args.fit_spec or world_split(bundle, "train") or id_spec
-    from sae_core.datasets import open_dataset
-
-    for spec in (id_spec, ood_spec, fit_spec):  # bad specs fail before any extraction
-        open_dataset(spec)
+    ds_id, ds_ood, ds_fit = (open_dataset(s) for s in (id_spec, ood_spec, fit_spec))  # bad specs fail here
+    n_cal = max(0, args.cal_images)
+    # compared by what the sets hold, not by their specs' spelling (a trailing slash is the same folder)
+    same_fit = dataset_identity(ds_fit) == dataset_identity(ds_id)
+    n_fit_wanted = None if same_fit or args.fit_images is None else args.fit_images + n_cal
+    check_disjoint(ds_id, ds_ood, ds_fit, id_spec, ood_spec, fit_spec, args.max_images, n_fit_wanted, same_fit)
     f_id = features(source, id_spec, cache, args.max_images, args.batch_size, "ID")
     f_ood = features(source, ood_spec, cache, args.max_images, args.batch_size, "OOD")
-    n_cal = max(0, args.cal_images)
-    if fit_spec == id_spec:  # fit and evaluate on disjoint halves of the ID images
+    if same_fit:  # fit and evaluate on disjoint halves of the ID images
         f_fit = f_id.subset(f_id.ids % 2 == 0)
         f_id = f_id.subset(f_id.ids % 2 == 1)
         fit_note = "ID images with even index (evaluated on the odd ones)"
         n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
     else:
-        n_fit = args.fit_images
-        f_fit = features(source, fit_spec, cache, None if n_fit is None else n_fit + n_cal, args.batch_size, "fit")
-        n_fit = len(f_fit) if n_fit is None else min(n_fit, len(f_fit))
+        f_fit = features(source, fit_spec, cache, n_fit_wanted, args.batch_size, "fit")
+        n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
         fit_note = f"first {n_fit} images"
     f_fit, f_cal = split_calibration(f_fit, n_fit, n_cal)
     fit_labels = labels_of(fit_spec, f_fit.ids)
+    label_note = None
+    if fit_labels is None:
+        label_note = "skipped: the fit images have no class labels"
+    elif len(set(fit_labels)) < 2:  # a probe or a per-class covariance needs two classes
+        label_note = f"skipped: every fit image has the one class {fit_labels[0]!r}"
+        fit_labels = None
     test = type(f_id).concat([f_id, f_ood])
     is_ood = np.r_[np.zeros(len(f_id), bool), np.ones(len(f_ood), bool)]
     scores = ood_scores(f_fit, test, np.asarray(fit_labels) if fit_labels is not None else None, k=args.k,
                         cal=f_cal)
     groups = None
-    if ood_spec == world_split(bundle, "ood"):  # which held-out factor each OOD image shows
+    if getattr(ds_ood, "split", None) == "ood" and hasattr(ds_ood, "world"):  # which held-out factor each shows
         from sae_core.ood import world_ood_groups
-        from sae_core.world.dataset import WorldDataset
 
-        w = WorldDataset(bundle.world_dir, "ood")
+        w = ds_ood.world
         groups = world_ood_groups(w.factors, f_ood.ids, w.spec.ood_shape, w.spec.ood_colour)
     res = evaluate(scores, is_ood, groups)
     best_sae, auc_sae = res.best("sae")
@@ -95,7 +128,9 @@ def run(args) -> int:
         "id": {"spec": id_spec, "n_images": int(len(f_id))},
         "ood": {"spec": ood_spec, "n_images": int(len(f_ood))},
         "fit": {"spec": fit_spec, "n_images": int(len(f_fit)), "which": fit_note,
-                "labels": "dataset labels (world: taxonomy leaf)" if fit_labels is not None else None},
+                "labels": "dataset labels (world: taxonomy leaf)" if fit_labels is not None else None,
+                "label_detectors": ("msp and mahalanobis_class fitted on the labels" if label_note is None
+                                    else f"{label_note}; msp and mahalanobis_class need two classes or more")},
         "calibration": None if f_cal is None else {
             "n_images": int(len(f_cal)), "which": f"fit-set images {int(f_cal.ids.min())}-{int(f_cal.ids.max())} "
             "held out from fitting (ID, never evaluated)"},
@@ -113,6 +148,8 @@ def run(args) -> int:
         m = res.methods[name]
         by = "".join(f" {v:.3f} |" for v in m.get("auroc_by_group", {}).values())
         table.append(f"| {name} | {m['auroc']:.3f} | {m['fpr95']:.3f} |{by}")
+    if label_note is not None:
+        table += ["", f"label detectors (msp, mahalanobis_class) {label_note}."]
     table += ["", f"best SAE: {best_sae} {auc_sae:.3f}; best raw: {best_raw} {auc_raw:.3f}",
               f"wrote {', '.join(paths.values())}"]
     print_result(args, {k: v for k, v in result.items() if k != "curves"}, table)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from sae_core.errors import UserError
 
-from .args import out_folder, positive_int
+from .args import check_writable, out_folder, positive_int
 
 PROBES_DIR = "probes"
 """Where the probe commands write inside a bundle by default (BUNDLE/probes/*.json, *.html)."""
@@ -22,12 +25,20 @@ def add_common(p, default_images: int | None = None) -> None:
     p.add_argument("--fit-images", type=positive_int, default=default_images,
                    help="at most this many training images to fit on (default %(default)s)")
     p.add_argument("--no-cache", action="store_true",
-                   help="do not read or write cached features (BUNDLE/probes/.features, keyed by SAE, spec and count)")
+                   help="do not read or write cached features (BUNDLE/probes/.features, one file per SAE and "
+                   "dataset, checked against the dataset's files)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
 
 
-def open_inputs(args):
-    """(bundle, feature source, out folder, cache folder or None)."""
+class FeatureCache(NamedTuple):
+    folder: Path
+    write: bool
+    """False when the folder cannot be written (a read-only bundle): cached features are only read."""
+
+
+def open_inputs(args, name: str):
+    """(bundle, feature source, out folder, FeatureCache or None), refusing before any work what would fail
+    after it: a cross-modal bundle, an output folder that cannot be written (`name`.json goes there)."""
     import torch
 
     from sae_core.bundle import open_bundle
@@ -35,10 +46,27 @@ def open_inputs(args):
 
     torch.set_num_threads(max(1, args.threads))
     bundle = open_bundle(args.bundle)
-    # checked now, not after the features are computed
+    layer = str(bundle.manifest.get("model", {}).get("layer", ""))
+    if layer.startswith("lm:"):
+        raise UserError(f"{bundle.root} is a cross-modal bundle whose SAE reads the language model ({layer}); "
+                        f"`{name}` reads vision-layer bundles (from `precompute demo` or `precompute atlas`).")
     out = out_folder(Path(args.out) if args.out else bundle.root / PROBES_DIR, "the JSON and HTML outputs")
-    cache = None if args.no_cache else bundle.root / PROBES_DIR / ".features"
+    check_writable(out / f"{name}.json")
+    cache = None
+    if not args.no_cache:
+        folder = bundle.root / PROBES_DIR / ".features"
+        cache = FeatureCache(folder, writable_folder(folder))
+        if not cache.write:
+            print(f"note: the feature cache {folder} cannot be written; features are read from it where present "
+                  "and not saved (--no-cache skips it).", file=sys.stderr)
     return bundle, bundle_source(bundle, device=args.device), out, cache
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether `folder` can be written, or created under the nearest existing folder above it."""
+    while not folder.exists():
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
 def world_split(bundle, split: str) -> str | None:
@@ -46,8 +74,8 @@ def world_split(bundle, split: str) -> str | None:
     return f"world:{bundle.world_dir}:{split}" if bundle.world_dir is not None else None
 
 
-def features(source, spec: str, cache, n_images=None, batch_size: int = 128, what: str = ""):
-    """Cached image features of a dataset spec, with a tqdm bar (ETA) while extracting."""
+def features(source, spec: str, cache: FeatureCache | None, n_images=None, batch_size: int = 128, what: str = ""):
+    """Cached image features of the first `n_images` of a dataset spec, with a tqdm bar (ETA) while extracting."""
     from tqdm import tqdm
 
     from sae_core.datasets import open_dataset
@@ -57,8 +85,8 @@ def features(source, spec: str, cache, n_images=None, batch_size: int = 128, wha
     bar = tqdm(total=n, desc=f"features {what or spec}", unit="img", leave=False,
                disable=os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
     try:
-        return cached_features(source, spec, cache, n, batch_size=batch_size,
-                               progress=lambda done: bar.update(done - bar.n))
+        return cached_features(source, spec, None if cache is None else cache.folder, n, batch_size=batch_size,
+                               progress=lambda done: bar.update(done - bar.n), write=cache is None or cache.write)
     finally:
         bar.close()
 
@@ -78,7 +106,7 @@ def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / f"{name}.json")}
-    write_json_atomic(out / f"{name}.json", result)
+    write_json_atomic(out / f"{name}.json", json_safe(result))
     if figure is not None:
         with atomic_path(out / f"{name}.html") as tmp:
             figure.write_html(str(tmp), include_plotlyjs=True, full_html=True)
@@ -86,9 +114,21 @@ def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
     return paths
 
 
+def json_safe(obj):
+    """`obj` with every NaN or infinite number as None: JSON has no NaN (json.dumps writes a bare NaN that
+    JSON.parse and strict readers refuse)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def print_result(args, result: dict, table: list[str]) -> None:
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(json_safe(result), allow_nan=False))
     else:
         print("\n".join(table))
 

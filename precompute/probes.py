@@ -26,12 +26,14 @@ def run(args) -> int:
     from sae_core.probes import FACTORS, fit_probe, probe_accuracy, split_combinations, world_factor_labels
     from sae_core.world.dataset import WorldDataset
 
-    bundle, source, out, cache = open_inputs(args)
+    bundle, source, out, cache = open_inputs(args, "probes")
     if bundle.world_dir is None:
         raise UserError(f"{bundle.root} is not a world bundle; factor probes need the embedded world's labels "
                         "(build one with `python -m precompute demo`).")
     train_spec = world_split(bundle, "train")
     test_spec = world_split(bundle, "val")
+    w_tr, w_te = WorldDataset(bundle.world_dir, "train"), WorldDataset(bundle.world_dir, "val")
+    check_sets(args, w_tr, w_te)  # from the world's index, before any image is rendered
     f_tr = features(source, train_spec, cache, args.fit_images, args.batch_size, "train")
     f_te = features(source, test_spec, cache, args.test_images, args.batch_size, "val")
     w_tr, w_te = WorldDataset(bundle.world_dir, "train"), WorldDataset(bundle.world_dir, "val")
@@ -52,7 +54,7 @@ def run(args) -> int:
             entry["chance"] = r.chance
             entry[f"{kind}_l2"] = r.l2
         result["factors"][f] = entry
-        table.append(f"| {f} | {entry['sae']:.3f} | {entry['raw']:.3f} | {entry['chance']:.3f} |")
+        table.append(f"| {f} | {shown(entry['sae'])} | {shown(entry['raw'])} | {shown(entry['chance'])} |")
 
     unseen = split_combinations(w_tr.spec.train_shapes, w_tr.spec.train_colours, args.unseen_per_shape)
     pair_tr = np.array([(s, c) in unseen for s, c in zip(y_tr["shape"], y_tr["colour"])])
@@ -68,11 +70,36 @@ def run(args) -> int:
         for kind, (xtr, xte) in feats.items():
             probe = fit_probe(xtr[fit_rows], y_tr[f][fit_rows])
             for which, rows in (("seen", single_te & ~pair_te), ("unseen", single_te & pair_te)):
-                entry[f"{kind}_{which}"] = probe.accuracy(xte[rows], y_te[f][rows])
+                # no test image of the kind: no accuracy (null in probes.json), not the mean of nothing
+                entry[f"{kind}_{which}"] = probe.accuracy(xte[rows], y_te[f][rows]) if rows.any() else None
         result["held_out_combinations"][f] = entry
-        table.append(f"| {f} | {entry['sae_seen']:.3f} | {entry['sae_unseen']:.3f} | {entry['raw_seen']:.3f} | "
-                     f"{entry['raw_unseen']:.3f} |")
+        table.append(f"| {f} | {shown(entry['sae_seen'])} | {shown(entry['sae_unseen'])} | "
+                     f"{shown(entry['raw_seen'])} | {shown(entry['raw_unseen'])} |")
     paths = write_outputs(out, "probes", result)
     result["outputs"] = paths
     print_result(args, result, table + ["", f"wrote {paths['json']}"])
     return 0
+
+
+def shown(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def check_sets(args, w_tr, w_te) -> None:
+    """Refuse settings no probe can be fitted or tested with, in one sentence, before any extraction."""
+    from sae_core.probes import FACTORS, world_factor_labels
+
+    n_colours = len(w_tr.spec.train_colours)
+    if not args.unseen_per_shape < n_colours:
+        raise UserError(f"--unseen-per-shape {args.unseen_per_shape} holds out every colour of a shape; "
+                        f"give 1 to {n_colours - 1} (the world has {n_colours} colours per shape).")
+    for w, n, flag in ((w_tr, args.fit_images, "--fit-images"), (w_te, args.test_images, "--test-images")):
+        n = len(w) if n is None else min(n, len(w))
+        y, single = world_factor_labels(w.factors, range(n))
+        if not single.any():
+            raise UserError(f"the first {n} {w.split} images hold no single-object image, so no factor probe can be "
+                            f"{'fitted' if w is w_tr else 'tested'}; raise {flag} (the split has {len(w)}).")
+        one = [f for f in FACTORS if len(set(y[f][single])) < 2]
+        if w is w_tr and one:
+            raise UserError(f"the single-object images among the first {n} train images show one {one[0]} only, "
+                            f"and a probe needs two classes; raise {flag} (the split has {len(w)}).")

@@ -2,13 +2,16 @@
 
 Images are pooled the way the bundle's atlas scored them (manifest model.tokens: the CLS token, or the
 max or mean over patch tokens), for the SAE codes and for the layer's raw units alike, so the probes,
-the OOD detectors and the atlas speak of the same numbers. Results can be cached as .npy files
-(no pickle) keyed by the dataset spec, the image count and the SAE weights.
+the OOD detectors and the atlas speak of the same numbers. Results can be cached (`cached_features`):
+one .npz file (no pickle) per SAE and dataset, checked against a fingerprint of the dataset's files.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -77,8 +80,9 @@ def bundle_source(bundle, device: str = "cpu") -> FeatureSource:
 
 @torch.no_grad()
 def extract_features(source: FeatureSource, dataset, n_images: int | None = None, batch_size: int = 128,
-                     progress: Callable[[int], None] | None = None) -> ImageFeatures:
-    """One pass over the first `n_images` of `dataset` (all by default)."""
+                     progress: Callable[[int], None] | None = None, first: int = 0) -> ImageFeatures:
+    """One pass over images `first` .. `n_images` - 1 of `dataset` (all by default). `progress(n)` gets
+    the index reached (first + images done), so a bar over the first n_images ends full."""
     from .atlas import iter_batches, pool_tokens
 
     adapter, sae = source.adapter, source.sae
@@ -92,8 +96,8 @@ def extract_features(source: FeatureSource, dataset, n_images: int | None = None
     n_prefix = adapter.layout.n_prefix
     dev = next(sae.parameters()).device
     parts = {f: [] for f in FIELDS}
-    done = 0
-    for ids, images, bad in iter_batches(dataset, N, batch_size):
+    done = first
+    for ids, images, bad in iter_batches(dataset, N, batch_size, first=first):
         done += len(ids) + len(bad)
         if len(ids):
             h = adapter.capture(adapter.preprocess(images), [layer])[layer.name].float()  # (n, T, d)
@@ -114,28 +118,118 @@ def extract_features(source: FeatureSource, dataset, n_images: int | None = None
         if progress:
             progress(done)
     if not parts["ids"]:
+        if first > 0:  # extending a cached extraction: these images may all be unreadable
+            width = sae.cfg.d_in
+            return ImageFeatures(np.zeros(0, np.int64), np.zeros((0, width), np.float32),
+                                 np.zeros((0, sae.W_dec.shape[0]), np.float32),
+                                 *(np.zeros(0, np.float32) for _ in range(3)))
         raise UserError("no image of the dataset could be read; check the dataset spec.")
     return ImageFeatures(*(np.concatenate(parts[f]) for f in FIELDS))
 
 
+# ----------------------------------------------------------------------------------------------
+# Which images a dataset holds: identity, per-image keys, fingerprint
+# ----------------------------------------------------------------------------------------------
+def _is_world(ds) -> bool:
+    return hasattr(ds, "world") and hasattr(ds, "split")
+
+
+def _is_file_list(ds) -> bool:
+    return hasattr(ds, "paths") and hasattr(ds, "root")
+
+
+def dataset_identity(ds) -> str:
+    """What a dataset is, whatever its spec's spelling (a trailing slash, `..`, `~`, $VARS, a symlink):
+    world: the world folder's real path and the split; image folders and file lists: the real root
+    folder and a digest of the image list (two lists in one folder differ)."""
+    if _is_world(ds):
+        return f"world:{os.path.realpath(ds.root)}:{ds.split}"
+    if _is_file_list(ds):
+        items = hashlib.sha256("\n".join(ds.paths).encode()).hexdigest()[:16]
+        return f"files:{os.path.realpath(ds.root)}:{len(ds.paths)}:{items}"
+    return f"spec:{ds.spec}"
+
+
+def image_keys(ds, n: int | None = None) -> list[str]:
+    """A key per image (the first `n`) that two datasets share exactly when they hold the same image:
+    the file's absolute path (real root folder + item), or the world folder's real path, split and index."""
+    n = len(ds) if n is None else min(int(n), len(ds))
+    if _is_world(ds):
+        base = f"world:{os.path.realpath(ds.root)}:{ds.split}/"
+        return [base + str(i) for i in range(n)]
+    if _is_file_list(ds):
+        root = os.path.realpath(ds.root)
+        return [os.path.normpath(os.path.join(root, ds.paths[i])) for i in range(n)]
+    return [f"{ds.spec}#{i}" for i in range(n)]
+
+
+def dataset_fingerprint(ds) -> str:
+    """Changes when the dataset's images may have: image folders and file lists hash every file's path,
+    size and mtime_ns (one stat each); a world hashes its world.json (the images are rendered from it)."""
+    h = hashlib.sha256(dataset_identity(ds).encode())
+    if _is_world(ds):
+        h.update(Path(ds.root, "world.json").read_bytes())
+    elif _is_file_list(ds):
+        root = Path(ds.root)
+        for item in ds.paths:
+            try:
+                st = os.stat(root / item)
+                h.update(f"{item}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{item}\0missing\n".encode())
+    else:
+        h.update(f"{ds.spec}\0{len(ds)}".encode())
+    return h.hexdigest()[:32]
+
+
+def cache_file(source: FeatureSource, ds, cache_dir: str | Path) -> Path:
+    """The cache file of a dataset's features: one per SAE/model/layer/pooling and dataset identity."""
+    tag = hashlib.sha256(json.dumps([source.key, dataset_identity(ds)]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{tag}.npz"
+
+
+def _read_cache(path: Path, fingerprint: str):
+    """(features, images covered) of a cache file made from the same files, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return None
+            return ImageFeatures(*(z[f] for f in FIELDS)), int(z["n_images"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or damaged: extract again
+        return None
+
+
 def cached_features(source: FeatureSource, spec: str, cache_dir: str | Path | None, n_images: int | None = None,
-                    batch_size: int = 128, progress: Callable[[int], None] | None = None) -> ImageFeatures:
-    """`extract_features` of `open_dataset(spec)`, read from / written to `cache_dir` when given."""
+                    batch_size: int = 128, progress: Callable[[int], None] | None = None,
+                    write: bool = True) -> ImageFeatures:
+    """`extract_features` of the first `n_images` of `open_dataset(spec)`, through a cache in `cache_dir`
+    when given: a cached extraction of at least as many images of the same files serves the request
+    (its rows are in dataset order), a shorter one is extended by the images it lacks. With `write`
+    False the cache is only read; a cache that cannot be written is skipped with a note on stderr."""
     from .atomic import atomic_path
     from .datasets import open_dataset
 
     ds = open_dataset(spec)
     n = len(ds) if n_images is None else min(int(n_images), len(ds))
-    folder = None
-    if cache_dir is not None:
-        tag = hashlib.sha256(json.dumps([source.key, spec, n]).encode()).hexdigest()[:16]
-        folder = Path(cache_dir) / tag
-        if all((folder / f"{f}.npy").is_file() for f in FIELDS):
-            return ImageFeatures(*(np.load(folder / f"{f}.npy", allow_pickle=False) for f in FIELDS))
-    feats = extract_features(source, ds, n, batch_size=batch_size, progress=progress)
-    if folder is not None:
-        for f in FIELDS:
-            with atomic_path(folder / f"{f}.npy") as tmp, open(tmp, "wb") as fh:
-                np.save(fh, getattr(feats, f), allow_pickle=False)
-        (folder / "spec.json").write_text(json.dumps({"spec": spec, "n_images": n, "source": source.key}))
+    if cache_dir is None:
+        return extract_features(source, ds, n, batch_size=batch_size, progress=progress)
+    path = cache_file(source, ds, cache_dir)
+    fingerprint = dataset_fingerprint(ds)
+    got = _read_cache(path, fingerprint) if path.is_file() else None
+    if got is not None and got[1] >= n:
+        return got[0].subset(got[0].ids < n)
+    if got is not None:
+        feats = ImageFeatures.concat([got[0], extract_features(source, ds, n, batch_size=batch_size,
+                                                               progress=progress, first=got[1])])
+    else:
+        feats = extract_features(source, ds, n, batch_size=batch_size, progress=progress)
+    if write:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # one file: fields and fingerprint agree
+                np.savez(fh, **{f: getattr(feats, f) for f in FIELDS}, n_images=np.int64(n),
+                         fingerprint=np.str_(fingerprint), spec=np.str_(spec))
+        except OSError as e:
+            print(f"note: features not cached ({path.parent}: {e.strerror or e}); pass --no-cache to skip the cache.",
+                  file=sys.stderr)
     return feats

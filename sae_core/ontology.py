@@ -1,8 +1,9 @@
 """Ontology recovery: does a hierarchical clustering of units (SAE latents or raw neurons) follow the
 dataset's taxonomy?
 
-1. Each unit is placed at a taxonomy node from its top images (`assign_nodes`): walking down from the
-   root, the node is the longest path prefix shared by at least `min_share` of its top images (a
+1. Each unit is placed at a taxonomy node from its top images (`assign_nodes`): the deepest path
+   prefix shared by at least `min_share` of its top images (of two such nodes at one depth, on an
+   exact half-half split, the one of the higher-ranked top image) (a
    "red" latent whose top images are red objects of many shapes stops at the root of a shape-first
    taxonomy and lands on "warm > red" of the colour view). Units at the root carry no taxonomy
    information and are left out.
@@ -38,10 +39,16 @@ def top_images(scores: np.ndarray, n_top: int = 16, positive_only: bool = True) 
     return order
 
 
+MIN_IMAGES = 4
+"""Top images with a taxonomy path a unit needs to be placed (`assign_nodes`)."""
+
+
 def assign_nodes(top: np.ndarray, path_of: Callable[[int], Sequence[str] | None], min_share: float = 0.5,
-                 min_images: int = 4) -> list[tuple | None]:
-    """Taxonomy node (a path prefix tuple; () = root) of each unit from its top image ids (K, T), -1 = empty;
-    None for units with fewer than `min_images` images that have a path."""
+                 min_images: int = MIN_IMAGES) -> list[tuple | None]:
+    """Taxonomy node (a path prefix tuple; () = root) of each unit from its top image ids (K, T), -1 = empty:
+    the deepest prefix (no longer than the shortest path) shared by at least `min_share` of its top images
+    that have a path; of tied nodes at that depth, the one the best-ranked image lies under. None for
+    units with fewer than `min_images` images that have a path."""
     cache: dict[int, tuple | None] = {}
 
     def path(i: int):
@@ -58,12 +65,15 @@ def assign_nodes(top: np.ndarray, path_of: Callable[[int], Sequence[str] | None]
             continue
         node: tuple = ()
         depth = min(len(p) for p in paths)
+        # the prefixes holding min_share form a subtree from the root (a prefix holds all its children
+        # hold), so the deepest of them is found level by level; a greedy walk into one child of an exact
+        # half-half split could stop above the other child's deeper shared node
         for level in range(1, depth + 1):
-            counts = Counter(p[:level] for p in paths if p[:level - 1] == node)
-            prefix, c = counts.most_common(1)[0]
-            if c < min_share * len(paths):
+            counts = Counter(p[:level] for p in paths)  # in order of first appearance: best-ranked first
+            held = [prefix for prefix, c in counts.items() if c >= min_share * len(paths)]
+            if not held:
                 break
-            node = prefix
+            node = held[0]
         nodes.append(node)
     return nodes
 

@@ -78,7 +78,7 @@ def test_ontology_and_probe_tables_follow_their_files(probe_outputs):
 def test_missing_and_unusable_files_give_one_sentence(probe_outputs, tmp_path):
     root = tmp_path / "b"
     (root / "probes").mkdir(parents=True)
-    res = ProbeResults(root, {"model": {"layer": "-2"}})
+    res = ProbeResults(root, {"model": {"layer": "-2"}, "world": "/world"})
     note, fig, table = res.ood()
     assert fig is None and table is None
     assert "missing" in note and f"`python -m precompute ood --bundle {root}`" in note
@@ -109,6 +109,37 @@ def test_missing_and_unusable_files_give_one_sentence(probe_outputs, tmp_path):
     assert res.ood()[1] is not None
     (root / "probes" / "probes.json").write_text('{"factors": {"colour": {"sae": null}}}')
     assert res.probes()[0].startswith("`probes/probes.json` is unreadable (")
+
+
+def test_hints_of_a_bundle_without_the_world_are_commands_that_run(tiny_bundle, tiny_world, tmp_path, capsys):
+    import shutil
+
+    from precompute.__main__ import main
+    from sae_core.world.dataset import WorldDataset
+
+    root = tmp_path / "nw"  # the tiny bundle as if built on a plain image folder
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("probes"))
+    for name, split, n in (("id", "val", 30), ("ood", "ood", 10)):
+        (tmp_path / name).mkdir()
+        w = WorldDataset(tiny_world, split)
+        for i in range(n):
+            w[i].save(tmp_path / name / f"{i:03d}.png")
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["world"]
+    manifest["dataset"] = {"spec": f"imagefolder:{tmp_path / 'id'}"}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    res = ProbeResults(root, manifest)
+    # the commands the world bundle's hints name fail here (no default OOD set, no factor labels)
+    assert main(["ood", "--bundle", str(root)]) == 2 and main(["probes", "--bundle", str(root)]) == 2
+    capsys.readouterr()
+    note = res.ood()[0]
+    hinted = f"python -m precompute ood --bundle {root} --ood imagefolder:PATH"
+    assert f"`{hinted}` (PATH: a folder of out-of-distribution images)" in note
+    argv = hinted.replace("PATH", str(tmp_path / "ood")).split()[3:]
+    assert main([*argv, "--no-cache"]) == 0 and res.ood()[1] is not None  # the hinted command runs
+    assert f"`python -m precompute ontology --bundle {root} --dataset imagefolder:PATH`" in res.ontology()[0]
+    probes = res.probes()[0]
+    assert "need the embedded world's labels" in probes and "precompute probes" not in probes
 
 
 def constructed_report():

@@ -271,3 +271,224 @@ def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, 
         assert main(argv) == 2
         assert sentence in capsys.readouterr().err
     assert (out / "crossmodal.json").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands' inputs: which images they compare, the feature cache, input refused before the work
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_sets(tiny_world, tmp_path_factory):
+    """PNG folders rendered from the tiny world: id/ (40 val images, flat), ood/ (20 ood images),
+    other/ (40 further ood images), one_class/things/ (the 40 val images in one class folder), and
+    inat/ (two iNaturalist-style class folders of 12 val images each, plus 4 loose images)."""
+    from sae_core.world.dataset import WorldDataset
+
+    root = tmp_path_factory.mktemp("image_sets")
+    val, ood = WorldDataset(tiny_world, "val"), WorldDataset(tiny_world, "ood")
+    inat = ["00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax",
+            "00001_Animalia_Chordata_Aves_Passeriformes_Corvidae_Pica_pica"]
+    for folder, ds, ids in (("id", val, range(40)), ("ood", ood, range(20)), ("other", ood, range(20, 60)),
+                            ("one_class/things", val, range(40)), (f"inat/{inat[0]}", val, range(12)),
+                            (f"inat/{inat[1]}", val, range(12, 24)), ("inat", val, range(24, 28))):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for j, i in enumerate(ids):
+            ds[i].save(root / folder / f"{j:04d}.png")
+    return root
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    import shutil
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("probes"))
+    return root
+
+
+def run_command(capsys, *argv):
+    """(exit code, parsed --json line or None, stderr) of an in-process `python -m precompute ...`."""
+    from precompute.__main__ import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    line = out.strip().splitlines()[-1] if out.strip() else ""
+    return rc, (json.loads(line, parse_constant=_no_constant) if line.startswith("{") else None), err
+
+
+def _no_constant(name):
+    raise AssertionError(f"bare {name} in JSON output")
+
+
+def aurocs(res):
+    return {n: m["auroc"] for n, m in res["methods"].items()}
+
+
+def test_ood_compares_sets_by_their_images_not_their_specs(bundle_copy, image_sets, capsys, tmp_path, tiny_world):
+    import os
+
+    idf, oodf = image_sets / "id", image_sets / "ood"
+    base = ["ood", "--bundle", bundle_copy, "--ood", f"imagefolder:{oodf}", "--id", f"imagefolder:{idf}", "--json",
+            "--out", tmp_path / "out"]
+    rc, ref, _ = run_command(capsys, *base, "--fit", f"imagefolder:{idf}")
+    assert rc == 0 and ref["fit"]["which"].startswith("ID images with even index") and ref["id"]["n_images"] == 20
+    # the same folder spelled otherwise is the same set: fitted on the even images, evaluated on the odd
+    # ones, the same figures (before: "first 40 images", every evaluated image also fitted on, AUROCs inflated)
+    for spelling in (f"{idf}/", f"{idf}/../id", os.path.relpath(idf)):
+        rc, got, _ = run_command(capsys, *base, "--fit", f"imagefolder:{spelling}")
+        assert rc == 0 and got["fit"]["which"] == ref["fit"]["which"] and aurocs(got) == aurocs(ref)
+    # a fit list naming some evaluated ID images by another path is refused before any extraction
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "fit.txt").write_text("".join(f"../other_fit/{j:04d}.png\n" for j in range(5)) + f"{idf}/0007.png\n")
+    cached = sorted((bundle_copy / "probes" / ".features").iterdir())
+    rc, _, err = run_command(capsys, "ood", "--bundle", bundle_copy, "--id", f"imagefolder:{idf}", "--ood",
+                             f"imagefolder:{oodf}", "--fit", f"files:{lists / 'fit.txt'}")
+    assert rc == 2 and f"1 of 40 images of the evaluated ID images of imagefolder:{idf} are also in the fit set" in err
+    assert sorted((bundle_copy / "probes" / ".features").iterdir()) == cached
+    # an OOD set that is the ID set (or the fit set) is refused in one sentence
+    rc, _, err = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"imagefolder:{idf}/", "--id",
+                             f"imagefolder:{idf}")
+    assert rc == 2 and f"the OOD set imagefolder:{idf}/ is the ID set imagefolder:{idf}" in err
+    rc, _, err = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"world:{tiny_world}/:train")
+    assert rc == 2 and "is the fit set" in err
+    # the world's OOD split spelled with a slash still gets its per-group AUROCs
+    rc, res, _ = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"world:{tiny_world}/:ood", "--json",
+                             "--max-images", 30, "--fit-images", 100, "--cal-images", 20, "--no-cache")
+    assert rc == 0 and res["ood_groups"] and all("auroc_by_group" in m for m in res["methods"].values())
+
+
+def test_ood_on_a_single_class_id_set_skips_the_label_detectors(bundle_copy, image_sets, capsys, tmp_path):
+    base = ["ood", "--bundle", bundle_copy, "--ood", f"imagefolder:{image_sets / 'ood'}", "--json", "--no-cache",
+            "--out", tmp_path / "out"]
+    rc, flat, _ = run_command(capsys, *base, "--id", f"imagefolder:{image_sets / 'id'}", "--fit",
+                              f"imagefolder:{image_sets / 'id'}")
+    assert rc == 0 and flat["fit"]["n_images"] == 16  # 20 even images, the last fifth held out to calibrate
+    # the same images in one class folder: the label detectors are skipped as for unlabelled images, the
+    # others give the same figures (before: "a probe needs at least two classes", after every extraction)
+    rc, one, _ = run_command(capsys, *base, "--id", f"imagefolder:{image_sets / 'one_class'}", "--fit",
+                             f"imagefolder:{image_sets / 'one_class'}")
+    assert rc == 0 and aurocs(one) == aurocs(flat)
+    assert not any(n.endswith(("_msp", "_mahalanobis_class")) for n in one["methods"])
+    assert one["fit"]["label_detectors"].startswith("skipped: every fit image has the one class 'things'")
+    assert one["fit"]["labels"] is None
+
+
+def test_feature_cache_follows_the_files_and_serves_smaller_requests(bundle_copy, image_sets, tmp_path, monkeypatch):
+    import shutil
+
+    from sae_core import image_features
+    from sae_core.bundle import open_bundle
+    from sae_core.datasets import open_dataset
+    from sae_core.image_features import bundle_source, cached_features, extract_features
+
+    source = bundle_source(open_bundle(bundle_copy))
+    folder, cache = tmp_path / "imgs", tmp_path / "cache"
+    shutil.copytree(image_sets / "id", folder)
+    spec = f"imagefolder:{folder}"
+
+    def same(a, b, exact=True):
+        for f in image_features.FIELDS:
+            x, y = getattr(a, f), getattr(b, f)
+            assert x.shape == y.shape and (np.array_equal(x, y) if exact else np.allclose(x, y, atol=1e-5)), f
+
+    first = cached_features(source, spec, cache, 30, batch_size=8)
+    same(first, extract_features(source, open_dataset(spec), 30, batch_size=8))
+    calls = []
+
+    def counted(src, ds, n=None, batch_size=128, progress=None, first=0):
+        calls.append((first, n))
+        return extract_features(src, ds, n, batch_size=batch_size, progress=progress, first=first)
+
+    monkeypatch.setattr(image_features, "extract_features", counted)
+    # fewer images of the same folder (any spelling): rows of the cached extraction, nothing extracted
+    part = cached_features(source, f"{spec}/", cache, 20)
+    assert calls == [] and part.ids.tolist() == list(range(20))
+    same(part, first.subset(np.arange(20)))
+    # more images: only the missing ones are extracted
+    more = cached_features(source, spec, cache, 40, batch_size=8)
+    assert calls == [(30, 40)]
+    same(more, extract_features(source, open_dataset(spec), 40, batch_size=8), exact=False)
+    # other images under the same names and count: extracted again, not served stale
+    for j, png in enumerate(sorted((image_sets / "other").glob("*.png"))):
+        shutil.copyfile(png, folder / f"{j:04d}.png")
+    fresh = cached_features(source, spec, cache, 40, batch_size=8)
+    assert calls[-1] == (0, 40)
+    same(fresh, extract_features(source, open_dataset(spec), 40, batch_size=8))
+    assert not np.allclose(fresh.codes, more.codes)
+    assert len(list(cache.glob("*.npz"))) == 1  # one file per SAE and dataset, whatever the counts asked
+
+
+def test_unwritable_outputs_and_cache_are_handled_before_the_work(bundle_copy, image_sets, capsys, tmp_path,
+                                                                  monkeypatch):
+    import os
+
+    base = ["ood", "--bundle", bundle_copy, "--id", f"imagefolder:{image_sets / 'id'}", "--ood",
+            f"imagefolder:{image_sets / 'ood'}", "--fit", f"imagefolder:{image_sets / 'id'}", "--json"]
+    # a cache that cannot be written (a file in its place; a read-only bundle alike): read where present,
+    # not saved, one note (before: the failed write ended the run after the extraction)
+    (bundle_copy / "probes").mkdir()
+    (bundle_copy / "probes" / ".features").write_text("")
+    rc, res, err = run_command(capsys, *base, "--out", tmp_path / "out")
+    assert rc == 0 and res["id"]["n_images"] == 20 and (tmp_path / "out" / "ood.json").is_file()
+    assert "note: the feature cache" in err and "cannot be written" in err
+    # an output folder that cannot be written: refused before any extraction (before: after all of it)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(bundle_copy))
+                        else real(p, mode, **kw))
+    (bundle_copy / "probes" / ".features").unlink()
+    rc, _, err = run_command(capsys, *base)
+    assert rc == 2 and "is not writable" in err and "--out" in err
+    assert list((bundle_copy / "probes").iterdir()) == []
+
+
+def test_probes_write_null_where_no_test_image_is_left(bundle_copy, capsys, tmp_path):
+    # 3 val images hold no unseen (shape, colour) pair: those accuracies are null, never a bare NaN
+    rc, res, _ = run_command(capsys, "probes", "--bundle", bundle_copy, "--fit-images", 300, "--test-images", 3,
+                             "--json", "--no-cache")
+    assert rc == 0
+    held = res["held_out_combinations"]
+    assert held["n_test_unseen"] == 0 and held["shape"]["sae_unseen"] is None and held["colour"]["raw_unseen"] is None
+    text = (bundle_copy / "probes" / "probes.json").read_text()
+    assert "NaN" not in text and json.loads(text, parse_constant=_no_constant)["held_out_combinations"] == held
+    # settings no probe can work with are refused before any image is rendered
+    rc, _, err = run_command(capsys, "probes", "--bundle", bundle_copy, "--unseen-per-shape", 11, "--out", tmp_path)
+    assert rc == 2 and "--unseen-per-shape 11 holds out every colour of a shape; give 1 to 10" in err
+    rc, _, err = run_command(capsys, "probes", "--bundle", bundle_copy, "--fit-images", 2, "--out", tmp_path)
+    assert rc == 2 and "a probe needs two classes; raise --fit-images" in err
+    assert not (bundle_copy / "probes" / ".features").exists()
+
+
+def test_ontology_inputs(bundle_copy, image_sets, capsys, tmp_path, tiny_crossmodal_bundle):
+    # a folder of iNaturalist classes plus loose images on a world bundle: the loose images have no place,
+    # and the world's shape and colour trees are not cut from this taxonomy (before: a TypeError traceback)
+    rc, res, _ = run_command(capsys, "ontology", "--bundle", bundle_copy, "--dataset",
+                             f"imagefolder:{image_sets / 'inat'}", "--permutations", 5, "--top", 8, "--json",
+                             "--out", tmp_path, "--no-cache")
+    assert rc == 0 and set(res["views"]) == {"taxonomy"} and res["n_images"] == 28
+    for entry in res["views"]["taxonomy"].values():
+        assert entry["n_placed"] > 0 and set(entry["placed_depths"]) <= {str(d) for d in range(1, 8)}
+    # refused in one sentence, before any extraction
+    rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--top", 3)
+    assert rc == 2 and "--top must be at least 4" in err
+    rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--dataset", f"imagefolder:{image_sets / 'id'}")
+    assert rc == 2 and "has no taxonomy paths" in err
+    assert not (bundle_copy / "probes" / ".features").exists()
+    for cmd in ("ood", "ontology", "probes"):
+        rc, _, err = run_command(capsys, cmd, "--bundle", tiny_crossmodal_bundle.path)
+        assert rc == 2 and "is a cross-modal bundle whose SAE reads the language model (lm:1)" in err
+
+
+def test_assign_nodes_is_the_deepest_node_held_by_min_share():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(rng.integers(4, 17))
+        raw = [[f"l{lev}{rng.integers(0, 2 if lev < 2 else 3)}" for lev in range(3)] for _ in range(n)]
+        paths = [tuple("/".join(p[:lev + 1]) for lev in range(3)) for p in raw]
+        share = float(rng.choice([0.5, 0.34, 0.7]))
+        got = assign_nodes(np.arange(n)[None], lambda i: paths[i], share)[0]
+        held = {q[:lev] for q in paths for lev in range(1, 4)
+                if sum(p[:lev] == q[:lev] for p in paths) >= share * n}
+        deepest = max((len(h) for h in held), default=0)
+        # ties at the deepest level: the node of the best-ranked image (the first in top order)
+        want = next((p[:deepest] for p in paths if p[:deepest] in held), ()) if deepest else ()
+        assert got == want, (paths, share)
