@@ -163,15 +163,17 @@ def image_keys(ds, n: int | None = None) -> list[str]:
     return [f"{ds.spec}#{i}" for i in range(n)]
 
 
-def dataset_fingerprint(ds) -> str:
-    """Changes when the dataset's images may have: image folders and file lists hash every file's path,
-    size and mtime_ns (one stat each); a world hashes its world.json (the images are rendered from it)."""
-    h = hashlib.sha256(dataset_identity(ds).encode())
+def dataset_fingerprint(ds, n: int | None = None) -> str:
+    """Changes when the first `n` images may have: image folders and file lists hash their whole image
+    list (identity) and the path, size and mtime_ns of each of the first n files (one stat each, so a
+    large folder costs the images used); a world hashes its world.json (the images are rendered from it)."""
+    n = len(ds) if n is None else min(int(n), len(ds))
+    h = hashlib.sha256(f"{dataset_identity(ds)}\0{n}".encode())
     if _is_world(ds):
         h.update(Path(ds.root, "world.json").read_bytes())
     elif _is_file_list(ds):
         root = Path(ds.root)
-        for item in ds.paths:
+        for item in ds.paths[:n]:
             try:
                 st = os.stat(root / item)
                 h.update(f"{item}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -188,13 +190,14 @@ def cache_file(source: FeatureSource, ds, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{tag}.npz"
 
 
-def _read_cache(path: Path, fingerprint: str):
-    """(features, images covered) of a cache file made from the same files, else None."""
+def _read_cache(path: Path, ds):
+    """(features, images covered) of a cache file whose images are unchanged, else None."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fingerprint:
+            n = int(z["n_images"])
+            if str(z["fingerprint"]) != dataset_fingerprint(ds, n):
                 return None
-            return ImageFeatures(*(z[f] for f in FIELDS)), int(z["n_images"])
+            return ImageFeatures(*(z[f] for f in FIELDS)), n
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing or damaged: extract again
         return None
 
@@ -214,10 +217,10 @@ def cached_features(source: FeatureSource, spec: str, cache_dir: str | Path | No
     if cache_dir is None:
         return extract_features(source, ds, n, batch_size=batch_size, progress=progress)
     path = cache_file(source, ds, cache_dir)
-    fingerprint = dataset_fingerprint(ds)
-    got = _read_cache(path, fingerprint) if path.is_file() else None
+    got = _read_cache(path, ds) if path.is_file() else None
     if got is not None and got[1] >= n:
         return got[0].subset(got[0].ids < n)
+    fingerprint = dataset_fingerprint(ds, n)  # before extracting: a file changed meanwhile is not trusted later
     if got is not None:
         feats = ImageFeatures.concat([got[0], extract_features(source, ds, n, batch_size=batch_size,
                                                                progress=progress, first=got[1])])
