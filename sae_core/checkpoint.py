@@ -337,28 +337,22 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
         # x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
         state["b_enc"] = state["b_enc"] + state["b_dec"] @ state["W_enc"]
     k = raw.get("k", kwargs.get("k"))
-    whole_k = (isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and int(k) == k
-               and 1 <= k <= d_sae)
-    if ours == "topk" and not whole_k:
+    if ours == "topk" and _whole_k(k, d_sae) is None:
         raise UserError(f"{path / SAELENS_CONFIG} gives no whole number k between 1 and {d_sae} for its topk SAE "
                         f"(found {k!r}).")
-    groups = ()
-    if ours == "matryoshka":
-        widths = raw.get("matryoshka_widths")
-        if not (isinstance(widths, list) and widths and all(isinstance(w, int) and not isinstance(w, bool)
-                                                             for w in widths)):
-            raise UserError(f"{path / SAELENS_CONFIG} gives no matryoshka_widths (a list of whole numbers) for its "
-                            f"Matryoshka SAE (found {widths!r}).")
-        widths = widths + [d_sae] if widths[-1] != d_sae else widths   # SAELens adds the full width too
-        if not all(a < b for a, b in zip([0] + widths, widths)) or widths[-1] != d_sae:
-            raise UserError(f"{path / SAELENS_CONFIG}: matryoshka_widths {raw['matryoshka_widths']} are not "
-                            f"increasing widths up to the SAE width {d_sae}; the config is damaged.")
-        groups = tuple(b - a for a, b in zip([0] + widths, widths))
-    if ours in ("batchtopk", "matryoshka") and not whole_k:
-        ours, groups = "jumprelu", ()   # a fractional average k: our form needs a whole one; inference is the same
-    cfg = _exported_by_us(meta, ours, d_in, d_sae) or \
-        SAEConfig(arch=ours, d_in=d_in, d_sae=d_sae, k=int(k) if ours != "relu" and whole_k else 1,
-                  group_sizes=groups)
+    if ours == "matryoshka" and _levels(raw.get("matryoshka_widths"), d_sae) is None:
+        raise UserError(f"{path / SAELENS_CONFIG}: matryoshka_widths {raw.get('matryoshka_widths')!r} are not "
+                        f"increasing whole widths up to the SAE width {d_sae}; the config is damaged.")
+    cfg = _exported_by_us(meta, ours, d_in, d_sae)
+    if cfg is None and ours == "jumprelu" and meta.get("training_architecture") in _BATCHTOPK_TRAINING:
+        # what save_inference_model wrote from a BatchTopK or Matryoshka SAE: its training config, kept in
+        # the metadata, gives k and the levels back (the inference is the same thresholded form)
+        cfg = _batchtopk_config(meta["training_architecture"], meta.get("training_architecture_details"), d_in, d_sae)
+    if cfg is None and ours in ("batchtopk", "matryoshka"):
+        cfg = _batchtopk_config(arch, raw, d_in, d_sae)
+    if cfg is None:
+        ours = "jumprelu" if ours in ("batchtopk", "matryoshka") else ours   # e.g. a fractional average k
+        cfg = SAEConfig(arch=ours, d_in=d_in, d_sae=d_sae, k=_whole_k(k, d_sae) if ours == "topk" else 1)
     info = {"imported": {"format": "saelens", "architecture": arch, "model": field("model_name"), "hook": hook}}
     layer = layer_of_hook(hook)
     if layer is not None or "sae_lab_arch" in meta:
@@ -366,6 +360,34 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
         if "sae_lab_arch" in meta:  # our export (before sae_lab_model, model_name was always our model spec)
             info["activations"]["model"] = {"spec": meta.get("sae_lab_model", meta.get("model_name"))}
     return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+def _whole_k(k, d_sae: int) -> int | None:
+    """k as an int where it is a whole number between 1 and d_sae (SAELens's BatchTopK k is a float)."""
+    ok = isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and int(k) == k and 1 <= k <= d_sae
+    return int(k) if ok else None
+
+
+def _levels(widths, d_sae: int) -> tuple[int, ...] | None:
+    """Our Matryoshka group sizes from SAELens's `matryoshka_widths` (prefix widths; SAELens adds the
+    full width where the list stops short of it), None where they are not increasing whole widths."""
+    if not (isinstance(widths, list) and widths and all(isinstance(w, int) and not isinstance(w, bool) for w in widths)):
+        return None
+    widths = widths + [d_sae] if widths[-1] != d_sae else widths
+    if not all(a < b for a, b in zip([0] + widths, widths)) or widths[-1] != d_sae:
+        return None
+    return tuple(b - a for a, b in zip([0] + widths, widths))
+
+
+def _batchtopk_config(arch: str, details, d_in: int, d_sae: int) -> SAEConfig | None:
+    """Our batchtopk or matryoshka config from a SAELens BatchTopK / Matryoshka training config (`arch`
+    batchtopk or matryoshka_batchtopk); None where k is not a whole number or the widths do not fit."""
+    details = details if isinstance(details, dict) else {}
+    k = _whole_k(details.get("k"), d_sae)
+    groups = _levels(details.get("matryoshka_widths"), d_sae) if arch == "matryoshka_batchtopk" else ()
+    if k is None or groups is None:
+        return None
+    return SAEConfig(arch=_BATCHTOPK_TRAINING[arch], d_in=d_in, d_sae=d_sae, k=k, group_sizes=groups)
 
 
 def layer_of_hook(hook) -> str | None:

@@ -212,7 +212,7 @@ def test_the_layer_of_a_saelens_hook(tmp_path, hook, layer):
     ({"architecture": "topk", "k": 4}, {"topk_threshold": torch.tensor(0.5)}, "a tensor 'topk_threshold' that a SAELens"),
     ({"architecture": "batchtopk", "k": 4}, {}, "has no tensor 'topk_threshold'"),
     ({"architecture": "matryoshka_batchtopk", "k": 4, "matryoshka_widths": [20, 10, 40]},
-     {"topk_threshold": torch.tensor(0.5)}, "are not increasing widths up to the SAE width 40"),
+     {"topk_threshold": torch.tensor(0.5)}, "are not increasing whole widths up to the SAE width 40"),
 ])
 def test_saelens_forms_we_cannot_express_are_refused(tmp_path, cfg, extra, match):
     folder = _saelens(tmp_path / "s", cfg, {**_tensors(5), **extra})
@@ -257,6 +257,15 @@ def test_saelens_training_checkpoints_keep_k_and_the_matryoshka_levels(tmp_path)
     assert sae.cfg.group_sizes == (8, 12, 20)
     cfg, extra = SAELENS_CASES["batchtopk training checkpoint (topk_threshold, rescaling)"]
     assert load_sae(_saelens(tmp_path / "b", cfg, {**_tensors(3), **extra})).cfg.arch == "batchtopk"
+    # save_inference_model's jumprelu form keeps the training config in its metadata: k and levels come back
+    tensors = {**_tensors(3), "threshold": torch.full((D_SAE,), 0.4)}
+    for details, expected in (({"k": 4, "matryoshka_widths": [8, 20, 40]}, ("matryoshka", (8, 12, 20))),
+                              ({"k": 4.5, "matryoshka_widths": [8, 20, 40]}, ("jumprelu", ())),
+                              ({"k": 4, "matryoshka_widths": [20, 8]}, ("jumprelu", ()))):
+        meta = {"training_architecture": "matryoshka_batchtopk", "training_architecture_details": details}
+        sae = load_sae(_saelens(tmp_path / f"inf{len(list(tmp_path.iterdir()))}",
+                                {"architecture": "jumprelu", "metadata": meta}, tensors))
+        assert (sae.cfg.arch, sae.cfg.group_sizes) == expected
 
 
 def _sparsify(path, cfg: dict, tensors: dict):
