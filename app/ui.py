@@ -9,6 +9,7 @@ from gradio.components.plot import PlotData
 from sae_core.errors import UserError
 
 from . import figures, inputs
+from .uploads import load_upload
 from .explorer import IMAGE_NEURON_COLUMNS, MAX_TABLE_ROWS, TABLE_COLUMNS, Explorer
 from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
@@ -561,6 +562,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                          height=120, elem_id="image-upload")
                     img_upload_button = gr.Button("Search by upload")
                 img_note = gr.Markdown(elem_id="image-note")
+                # the text whose results the gallery shows ("" for an upload's or an image's), which the text
+                # box stops being once edited: a picked result's address names this one
+                img_searched = gr.Textbox(visible="hidden", label="searched text", elem_id="image-searched")
                 img_results = gr.Gallery(label="nearest images, best first (click one: the neurons that show it)",
                                          columns=8, fit_columns=False, height="auto", object_fit="contain",
                                          elem_id="image-results")
@@ -768,7 +772,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                          f"gallery images only, and {ex.dataset_error[0].lower()}{ex.dataset_error[1:]}")
             return items, note
 
-        img_search_out = [img_results, img_note, img_query, url_box]
+        img_search_out = [img_results, img_note, img_searched, url_box]
 
         @user_errors
         def search_images_by_text(query):
@@ -778,15 +782,32 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             ids, scores = image_search.by_text(q)
             return (*image_results(ids, scores, f'"{q}"'), q, inputs.encode_state({"tab": "images", "query": q}))
 
+        def image_search_event(trigger, check, search, box, api_name, by_text=False):
+            """A search's event: `check` (no outputs, so a refused input is one message, and the previous
+            results, the text box and the rest keep their place rather than each showing an "Error" badge),
+            then `search`, then a grid with nothing picked (Gradio kept the previous results' enlarged
+            preview open on the new ones, enlarging an image nobody clicked), and the text box emptied
+            unless the text was the query."""
+            event = trigger(check, box, None, api_name=False).success(search, box, img_search_out, api_name=api_name)
+            grid = lambda: gr.Gallery(selected_index=None)  # noqa: E731
+            event.success(grid if by_text else lambda: (grid(), ""), None, img_results if by_text else
+                          [img_results, img_query], api_name=False, queue=False)
+            return event
+
         def then_hide_image_row(event):
             """A new search by text or upload: the picked image and its neurons go with the results they were
             picked from (the address, which names the search only, would open without them)."""
             event.success(lambda: (gr.Row(visible=False), ""), None, [img_row, img_neurons_note], api_name=False,
                           queue=False)
 
-        then_hide_image_row(img_text_button.click(search_images_by_text, img_query, img_search_out,
-                                                  api_name="search_images_by_text"))
-        then_hide_image_row(img_query.submit(search_images_by_text, img_query, img_search_out, api_name=False))
+        @user_errors
+        def check_query(query):
+            need_image_search()
+            inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+
+        for trigger, api_name in ((img_text_button.click, "search_images_by_text"), (img_query.submit, False)):
+            then_hide_image_row(image_search_event(trigger, check_query, search_images_by_text, img_query, api_name,
+                                                   by_text=True))
 
         @user_errors
         def search_images_by_image(path):
@@ -795,8 +816,13 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             ids, scores = image_search.by_upload(path)
             return (*image_results(ids, scores, "the uploaded image"), "", inputs.encode_state({"tab": "images"}))
 
-        then_hide_image_row(img_upload_button.click(search_images_by_image, img_upload, img_search_out,
-                                                    api_name="search_images_by_image"))
+        @user_errors
+        def check_upload(path):
+            need_image_search()
+            load_upload(path, image_search.limits)
+
+        then_hide_image_row(image_search_event(img_upload_button.click, check_upload, search_images_by_image,
+                                               img_upload, "search_images_by_image"))
 
         @user_errors
         def image_neurons(image, query=""):
@@ -819,8 +845,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def then_show_image_row(event):
             event.success(lambda: gr.Row(visible=True), None, img_row, api_name=False, queue=False)
 
-        then_show_image_row(img_open.click(image_neurons, [img_id, img_query], img_neuron_out, api_name="image_neurons"))
-        then_show_image_row(img_id.submit(image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
+        then_show_image_row(img_open.click(image_neurons, [img_id, img_searched], img_neuron_out, api_name="image_neurons"))
+        then_show_image_row(img_id.submit(image_neurons, [img_id, img_searched], img_neuron_out, api_name=False))
 
         def pick_image(evt: gr.SelectData):
             """The id of a clicked result, from its caption ("#12  cos 0.412"). Read from the caption, not
@@ -832,7 +858,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return int(caption.split()[0][1:])
 
         then_show_image_row(img_results.select(pick_image, None, img_id, api_name=False, queue=False).success(
-            image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
+            image_neurons, [img_id, img_searched], img_neuron_out, api_name=False))
 
         @user_errors
         def search_images_like(image):
@@ -843,8 +869,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return (*image_results(ids, scores, f"image #{i}"), "", inputs.encode_state({"tab": "images", "image": i}))
 
         # the image the results are like is shown with its neurons, as its address (?tab=images&image=I) opens
-        then_show_image_row(img_like.click(search_images_like, img_id, img_search_out, api_name="search_images_like")
-                            .success(image_neurons, [img_id, img_query], img_neuron_out, api_name=False))
+        @user_errors
+        def check_like(image):
+            need_image_search()
+            inputs.integer(image, "image id", 0, ex.n_images - 1)
+
+        then_show_image_row(image_search_event(img_like.click, check_like, search_images_like, img_id,
+                                               "search_images_like")
+                            .success(image_neurons, [img_id, img_searched], img_neuron_out, api_name=False))
 
         @user_errors
         def open_neuron_from_image(evt: Click):
@@ -855,28 +887,33 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def images_restore_from_url(request: gr.Request):
             """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
-            n_out = len(img_search_out) - 1 + len(img_neuron_out) - 1 + 1  # the url box is left alone; + the row
+            found, shown = (gr.update(),) * 4, (initial(img_id),) + (gr.update(),) * 4
             if state.get("tab") != "images":
-                return (gr.update(),) * 3 + (initial(img_id),) + (gr.update(),) * (n_out - 4)
+                return (*found, *shown)
             image, query = state.get("image"), state.get("query")
-            found, shown = (gr.update(),) * 3, (initial(img_id),) + (gr.update(),) * 4
-            # the search and the image are restored apart: a bad field loses only itself
+            # the image and the search are restored apart, a bad field losing only itself, and each field
+            # warned about once (a bad image warned as the like-search's and as the image's)
+            image_ok = image not in (None, "")
+            if image_ok:
+                try:
+                    shown = (*image_neurons(image, "")[:4], gr.Row(visible=True))
+                except gr.Error as e:
+                    gr.Warning(f"the link's image could not be shown: {e.message}")
+                    image_ok = False
             try:
                 if image_search is not None and query:
                     found = search_images_by_text(query)[:3]
-                elif image_search is not None and image not in (None, ""):
+                elif image_search is not None and image_ok:
                     found = search_images_like(image)[:3]
                 # else nothing to search, or no index: an image's neurons need none
             except gr.Error as e:
                 gr.Warning(f"the link's image search could not be restored: {e.message}")
-            try:
-                if image not in (None, ""):
-                    shown = (*image_neurons(image, "")[:4], gr.Row(visible=True))
-            except gr.Error as e:
-                gr.Warning(f"the link's image could not be shown: {e.message}")
+            else:
+                found = (*found[:3], found[2])  # the text box holds the searched text too
             return (*found, *shown)
 
-        demo.load(images_restore_from_url, None, img_search_out[:-1] + img_neuron_out[:-1] + [img_row], api_name=False)
+        demo.load(images_restore_from_url, None, img_search_out[:-1] + [img_query] + img_neuron_out[:-1] + [img_row],
+                  api_name=False)
 
         def gallery_picker(which):
             """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top")."""

@@ -51,7 +51,10 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
     from PIL import Image, ImageOps
 
     if path is None or str(path) == "":
-        raise UserError("no image was given; upload a PNG or JPEG file.")
+        # also what follows the page's own refusal of a file (a .txt, one above the size limit), so it
+        # says that much rather than that nothing was given
+        raise UserError(f"no image was accepted (none was uploaded, or the upload was refused); upload a PNG or "
+                        f"JPEG file of at most {limits.max_bytes / 2**20:.3g} MiB.")
     path = Path(path)
     if not path.is_file():
         raise UserError("the uploaded file is missing on the server; upload it again.")

@@ -287,6 +287,25 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     pg.goto(explorer_app.url + "/?tab=images&image=abc&query=a+photo+of+a+red+object")
     pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
     pg.wait_for_selector("text=the link's image could not be shown")
+    # a refused upload is one message: the results, the text box and the note stay, with no "Error" badge (the
+    # gallery turned into an empty box saying "Error"), and a file the page itself refused is not "no image given"
+    # (the image id 99999 would be refused twice, once as the search's: it is warned about once)
+    pg.set_input_files("#image-upload input[type=file]", str(fake))
+    pg.get_by_role("button", name="Search by upload").click()
+    pg.wait_for_selector("text=not an image PIL can read")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    pg.click("#image-upload button[aria-label='Clear']")
+    pg.set_input_files("#image-upload input[type=file]", str(text))
+    pg.get_by_role("button", name="Search by upload").click()
+    pg.wait_for_selector("text=no image was accepted (none was uploaded, or the upload was refused)")
+    assert pg.locator("#image-results .thumbnail-item").count() == 24
+    assert pg.input_value("#image-query textarea") == "a photo of a red object"
+    assert pg.locator("#image-results .error, #image-query .error, #image-note .error").count() == 0
+    pg.goto(explorer_app.url + "/?tab=images&image=99999")
+    pg.wait_for_selector("text=the link's image could not be shown")
+    pg.wait_for_timeout(1000)
+    assert pg.locator("text=image id 99999 is out of range").count() == 1
 
 
 def test_image_search_shows_where_it_fires_until_another_table(page, explorer_app):
@@ -328,6 +347,9 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     ids = [int(c.split()[0].lstrip("#")) for c in captions]
     assert len(set(ids)) == 24 and "images of 2,000 nearest" in pg.inner_text("#image-note")
     j = next(j for j, i in enumerate(ids) if held(i))  # a result some neuron's gallery holds
+    # the address names the search the results came from, not the text typed since (its link opened
+    # other results)
+    pg.fill("#image-query textarea", "a blue star")
     pg.locator("#image-results .thumbnail-item").nth(j).click()
     note = f"Image #{ids[j]} is in the top galleries of"
     pg.wait_for_selector(f"#image-neurons-note:has-text('{note}')")
@@ -387,10 +409,15 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     assert pg.inner_text("#image-neurons-note").strip() == ""
     pg.wait_for_function("() => location.search === '?tab=images&query=a+photo+of+a+blue+object'")
     # ... and "Images like this one" shows the image they are like, as its address does
+    # on a grid with nothing picked (a result clicked before stayed enlarged, as another image, on the new results)
+    pg.locator("#image-results .thumbnail-item").nth(3).click()
+    pg.wait_for_selector("#image-results .preview")
     other = next(int(i) for i in top.ravel() if i >= 0 and i not in ids)
     pg.fill("#image-id input", str(other))
     pg.click("#image-like")
     pg.wait_for_selector(f"#image-neurons-note:has-text('Image #{other} is in the top galleries of')")
+    pg.wait_for_function("() => !document.querySelector('#image-results .preview')")
+    assert pg.locator("#image-results .thumbnail-item").count() == 24
     pg.wait_for_selector("#image-picture img", state="visible")
     pg.wait_for_function("(i) => location.search === '?tab=images&image=' + i", arg=other)
 
