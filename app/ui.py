@@ -497,7 +497,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     f_desc = gr.Checkbox(value=True, label="descending")
                     f_limit = as_sent(gr.Number(value=100, precision=0, minimum=1, maximum=MAX_TABLE_ROWS, label="rows"))
                     f_button = gr.Button("Filter", variant="primary")
-                    csv_button = gr.Button("Download CSV", elem_id="neuron-table-csv")
+                    csv_button = gr.Button("Download the filter's CSV", elem_id="neuron-table-csv")
                 csv_file = gr.File(label="neurons (CSV)", interactive=False, visible=False, elem_id="neuron-csv-file")
                 with gr.Row():
                     text_query = gr.Textbox(label="search neurons by text (CLIP text tower + FAISS)",
@@ -509,7 +509,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     search_where = gr.Image(type="filepath", interactive=False, label="where the top neuron fires",
                                             visible=False, elem_id="search-where")  # shown with an image search's table
                     image_button = gr.Button("Search by image")
-                search_note = gr.Markdown()
+                search_note = gr.Markdown(elem_id="search-note")
                 table = gr.Dataframe(headers=ex.table_columns, interactive=False, label="neurons (click a row to open it)",
                                      elem_id="neuron-table")
             # ---------------------------------------------------------------- Neuron page
@@ -683,6 +683,12 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             lambda: gr.Image(visible=True), None, search_where, api_name=False, queue=False)
         for listener in (*filter_runs, text_button.click, text_query.submit):  # a table it does not explain
             listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
+        # nor does a search's note explain a filter's table, or the filter's CSV a search's table (its
+        # button exported the filter while a search's rows were shown under it)
+        for listener in filter_runs:
+            listener(lambda: "", None, search_note, api_name=False, queue=False)
+        for listener in (text_button.click, text_query.submit, image_button.click):
+            listener(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
 
         # --- opening a neuron (from the box, a click on a plot, a table row, the URL)
         def page_outputs(k):

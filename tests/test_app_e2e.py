@@ -319,9 +319,18 @@ def test_image_search_shows_where_it_fires_until_another_table(page, explorer_ap
     pg.set_input_files("#search-upload input[type=file]", str(thumb))
     pg.get_by_role("button", name="Search by image").click()
     pg.wait_for_selector("#search-where img", state="visible")
+    # likewise the filter's CSV goes with a search's table (it offered the filter's rows above the search's),
+    # and a search's note with a filter's table
+    pg.click("#neuron-table-csv")
+    pg.wait_for_selector("#neuron-csv-file a[download]")
     pg.get_by_label("search neurons by text (CLIP text tower + FAISS)").fill("a photo of a red object")
     pg.get_by_role("button", name="Search by text").click()
     pg.wait_for_function("() => !document.querySelector('#search-where')?.checkVisibility()")
+    pg.wait_for_selector("#search-note:has-text('best match first')")
+    assert not pg.locator("#neuron-csv-file").is_visible()
+    pg.get_by_role("button", name="Filter", exact=True).click()
+    pg.wait_for_function("() => document.querySelector('#search-note').innerText.trim() === ''")
+    assert not pg.locator("#neuron-table [role=columnheader]:has-text('match')").count()
 
 
 def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_app):
