@@ -20,6 +20,7 @@ WEIGHTS = "sae.safetensors"
 CONFIG = "config.json"
 SAELENS_CONFIG = "cfg.json"                 # also sparsify's config name
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_SCALER = "activation_scaler.json"   # beside a SAELens training checkpoint: its input scaling factor
 DL_WEIGHTS, DL_PICKLE = "ae.safetensors", "ae.pt"   # dictionary_learning (beside its config.json)
 FORMAT_VERSION = 1
 
@@ -67,7 +68,8 @@ def resolve_sae(spec: str | Path) -> Path:
     if len(parts) < 2:
         raise UserError(f"{text!r} does not name a Hub repository; write hf:OWNER/REPO or hf:OWNER/REPO/FOLDER.")
     repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
-    names = [CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, DL_WEIGHTS, "metrics.json"]
+    sae_files = [CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, DL_WEIGHTS]
+    names = sae_files + ["metrics.json", SAELENS_SCALER]
     from huggingface_hub import snapshot_download
 
     try:
@@ -77,8 +79,8 @@ def resolve_sae(spec: str | Path) -> Path:
         raise UserError(f"cannot fetch the SAE {text} from the Hugging Face Hub ({type(e).__name__}: {first}); "
                         "check the name and the network, or download the folder and give its path.") from None
     local = Path(root) / folder
-    if not any((local / n).is_file() for n in names):
-        raise UserError(f"{text} has none of the files of an SAE folder ({', '.join(names[:-1])}); check the folder "
+    if not any((local / n).is_file() for n in sae_files):
+        raise UserError(f"{text} has none of the files of an SAE folder ({', '.join(sae_files)}); check the folder "
                         "name inside the repository.")
     if (local / CONFIG).is_file() and not (local / WEIGHTS).is_file() and not (local / DL_WEIGHTS).is_file() \
             and "trainer" in _read_json(local / CONFIG):  # dictionary_learning's config, its weights not fetched
@@ -279,12 +281,15 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
         raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs (and "
                         "BatchTopK or Matryoshka training checkpoints) can be loaded here.")
     norm = raw.get("normalize_activations") or "none"
+    input_scale = None
     if norm is True or norm == "expected_average_only_in":  # True: before SAELens 3, read by it as the other
-        raise UserError(f"{path} was trained on inputs scaled by a constant that is not in its weights "
-                        f"(normalize_activations {norm!r}); fold that factor in with SAELens's "
-                        "`sae.fold_activation_norm_scaling_factor(factor)` (a training checkpoint keeps it in "
-                        "activation_scaler.json, a pretrained SAE in SAELens's registry), save the SAE again and "
-                        "load that.")
+        input_scale = _input_scale(path)
+        if input_scale is None:
+            raise UserError(f"{path} was trained on inputs scaled by a constant that is not in its weights "
+                            f"(normalize_activations {norm!r}) and no {SAELENS_SCALER} beside it gives that factor; "
+                            "fold it in with SAELens's `sae.fold_activation_norm_scaling_factor(factor)` (a "
+                            "pretrained SAE's is in SAELens's registry), save the SAE again and load that.")
+        norm = "none"   # folded below
     if norm == "covariance_whitening":
         raise UserError(f"{path} was trained on whitened inputs (normalize_activations {norm!r}); fold the "
                         "whitening in with SAELens's `sae.fold_activation_whitening(mean, whitening_matrix, "
@@ -325,7 +330,15 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
                           "log_threshold": (d_sae,), "topk_threshold": (), **{n: (d_sae,) for n in scale}}, weights, what)
     if "log_threshold" in state:
         state["threshold"] = state.pop("log_threshold").exp()   # a JumpReLU training checkpoint's parametrisation
-    if arch in _RESCALING_ARCHS and raw.get("rescale_acts_by_decoder_norm", arch in _BATCHTOPK_TRAINING):
+    rescale = arch in _RESCALING_ARCHS and raw.get("rescale_acts_by_decoder_norm", arch in _BATCHTOPK_TRAINING)
+    if input_scale is not None:
+        # the SAE saw x * s: SAELens's fold_activation_norm_scaling_factor, first, as its trainer does it
+        # before save_inference_model folds the norms. pre(x * s) is then pre'(x); the decoder returns x
+        state["W_enc"], state["W_dec"], state["b_dec"] = (state["W_enc"] * input_scale, state["W_dec"] / input_scale,
+                                                          state["b_dec"] / input_scale)
+        if rescale and "topk_threshold" in state:   # compared with pre * ||W_dec||, which the fold divides by s
+            state["topk_threshold"] = state["topk_threshold"] / input_scale
+    if rescale:
         fold_decoder_norms(state)   # (the training configs default it to true)
     if arch in _BATCHTOPK_TRAINING:
         # after the norm fold, the threshold is in the units of the folded pre-activations (SAELens's
@@ -360,6 +373,16 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
         if "sae_lab_arch" in meta:  # our export (before sae_lab_model, model_name was always our model spec)
             info["activations"]["model"] = {"spec": meta.get("sae_lab_model", meta.get("model_name"))}
     return cfg, {n: t.float() for n, t in state.items()}, info
+
+
+def _input_scale(path: Path) -> float | None:
+    """The input scaling factor SAELens's trainer keeps in activation_scaler.json beside a checkpoint
+    ({"scaling_factor": s, ...}), or None where there is no such file or no positive finite factor."""
+    if not (path / SAELENS_SCALER).is_file():
+        return None
+    s = _read_json(path / SAELENS_SCALER).get("scaling_factor")
+    ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+    return float(s) if ok else None
 
 
 def _whole_k(k, d_sae: int) -> int | None:

@@ -658,3 +658,24 @@ def test_reexporting_an_imported_sae_keeps_its_model_and_hook(tmp_path, hook):
         back = load_sae(out)
         assert back.training_info["imported"]["model"] == "gpt2"
         assert trained_on(back) == {"layer": "9" if hook.endswith("resid_post") else None, "tokens": None, "model": None}
+
+
+@pytest.mark.parametrize("case", ["standard", "topk rescaling latents by decoder norms that are not 1",
+                                  "batchtopk training checkpoint (topk_threshold, rescaling)",
+                                  "topk rescaling, b_dec not applied to the input"])
+def test_a_saelens_checkpoint_trained_on_scaled_inputs_folds_its_activation_scaler(tmp_path, case):
+    """A SAELens training checkpoint with normalize_activations expected_average_only_in saw x * s, s in
+    the activation_scaler.json beside it; SAELens's trainer folds s in (fold_activation_norm_scaling_factor)
+    before the decoder norms, so the SAE on x computes the checkpoint's reconstruction of x * s divided by
+    s, with codes divided by s where the norms are folded after it."""
+    cfg, extra = SAELENS_CASES[case]
+    tensors = {**_tensors(7), **extra}
+    folder = _saelens(tmp_path / "s", {**cfg, "normalize_activations": "expected_average_only_in"}, tensors)
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 2.5, "has_whitening": False}))
+    x = torch.randn(64, D_IN) * 2
+    z, x_hat = _saelens_reference(cfg, tensors, x * 2.5)
+    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+    _assert_same_computation(load_sae(folder), x, z / 2.5 if rescale else z, x_hat / 2.5)
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None, "has_whitening": False}))
+    with pytest.raises(UserError, match="no activation_scaler.json beside it gives that factor"):
+        load_sae(folder)
