@@ -257,8 +257,10 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     SAELens's `save_inference_model` converts them, the Matryoshka widths kept as our levels.
     `rescale_acts_by_decoder_norm` is folded into the weights (`fold_decoder_norms`),
     `apply_b_dec_to_input: false` into b_enc (our encoder always subtracts b_dec), an old
-    `finetuning_scaling_factor` (before 3.x `scaling_factor`) into W_dec. Run-time input normalisation,
-    gated SAEs and head reshaping have no equivalent here and are refused with the reason.
+    `finetuning_scaling_factor` (before 3.x `scaling_factor`) into W_dec, the input scaling of a
+    checkpoint with its activation_scaler.json into the weights (`_saelens_input_scale`). Run-time
+    input normalisation, gated SAEs and head reshaping have no equivalent here and are refused with the
+    reason.
     """
     raw = _read_json(path / SAELENS_CONFIG)
     meta = raw.get("metadata") or raw.get("meta") or {}          # SAELens 6 nests it; older versions do not
@@ -280,25 +282,7 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     if ours is None:
         raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs (and "
                         "BatchTopK or Matryoshka training checkpoints) can be loaded here.")
-    norm = raw.get("normalize_activations") or "none"
-    input_scale = None
-    if norm is True or norm == "expected_average_only_in":  # True: before SAELens 3, read by it as the other
-        input_scale = _input_scale(path)
-        if input_scale is None:
-            raise UserError(f"{path} was trained on inputs scaled by a constant that is not in its weights "
-                            f"(normalize_activations {norm!r}) and no {SAELENS_SCALER} beside it gives that factor; "
-                            "fold it in with SAELens's `sae.fold_activation_norm_scaling_factor(factor)` (a "
-                            "pretrained SAE's is in SAELens's registry), save the SAE again and load that.")
-        norm = "none"   # folded below
-    if norm == "covariance_whitening":
-        raise UserError(f"{path} was trained on whitened inputs (normalize_activations {norm!r}); fold the "
-                        "whitening in with SAELens's `sae.fold_activation_whitening(mean, whitening_matrix, "
-                        "unwhitening_matrix)` (the statistics are in activation_whitening.safetensors), save the SAE "
-                        "again and load that.")
-    if norm != "none":
-        raise UserError(f"{path} normalises each input by its own norm or statistics at run time "
-                        f"(normalize_activations {norm!r}), which no fixed weights can express; use an SAE trained "
-                        "with normalize_activations 'none'.")
+    input_scale = _saelens_input_scale(raw, path)
     hook = field("hook_name") or field("hook_point")   # hook_point: SAELens before 6, renamed by its loader
     reshape = raw.get("reshape_activations")
     if reshape is None and "hook_z" in str(raw.get("hook_name") or raw.get("hook_point") or ""):
@@ -375,14 +359,31 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     return cfg, {n: t.float() for n, t in state.items()}, info
 
 
-def _input_scale(path: Path) -> float | None:
-    """The input scaling factor SAELens's trainer keeps in activation_scaler.json beside a checkpoint
-    ({"scaling_factor": s, ...}), or None where there is no such file or no positive finite factor."""
-    if not (path / SAELENS_SCALER).is_file():
-        return None
-    s = _read_json(path / SAELENS_SCALER).get("scaling_factor")
-    ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
-    return float(s) if ok else None
+def _saelens_input_scale(raw: dict, path: Path) -> float | None:
+    """The factor s of an SAE trained on inputs x * s (`normalize_activations` expected_average_only_in,
+    s from the activation_scaler.json SAELens's trainer writes beside a checkpoint), None for an SAE on
+    plain inputs; one sentence for the normalisations that cannot be folded here."""
+    norm = raw.get("normalize_activations") or "none"
+    if norm is True or norm == "expected_average_only_in":  # True: before SAELens 3, read by it as the other
+        scaler = _read_json(path / SAELENS_SCALER) if (path / SAELENS_SCALER).is_file() else {}
+        input_scale = scaler.get("scaling_factor")   # null until the trainer has estimated it
+        if not (isinstance(input_scale, (int, float)) and not isinstance(input_scale, bool)
+                and math.isfinite(input_scale) and input_scale > 0):
+            raise UserError(f"{path} was trained on inputs scaled by a constant that is not in its weights "
+                            f"(normalize_activations {norm!r}) and no {SAELENS_SCALER} beside it gives that factor; "
+                            "fold it in with SAELens's `sae.fold_activation_norm_scaling_factor(factor)` (a "
+                            "pretrained SAE's is in SAELens's registry), save the SAE again and load that.")
+        return float(input_scale)
+    if norm == "covariance_whitening":
+        raise UserError(f"{path} was trained on whitened inputs (normalize_activations {norm!r}); fold the "
+                        "whitening in with SAELens's `sae.fold_activation_whitening(mean, whitening_matrix, "
+                        "unwhitening_matrix)` (the statistics are in activation_whitening.safetensors), save the SAE "
+                        "again and load that.")
+    if norm != "none":
+        raise UserError(f"{path} normalises each input by its own norm or statistics at run time "
+                        f"(normalize_activations {norm!r}), which no fixed weights can express; use an SAE trained "
+                        "with normalize_activations 'none'.")
+    return None
 
 
 def _whole_k(k, d_sae: int) -> int | None:
