@@ -21,6 +21,7 @@ CONFIG = "config.json"
 SAELENS_CONFIG = "cfg.json"                 # also sparsify's config name
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_SCALER = "activation_scaler.json"   # beside a SAELens training checkpoint: its input scaling factor
+SAELENS_WHITENING = "activation_whitening.safetensors"   # beside it too: mean, matrix, inverse_matrix
 DL_WEIGHTS, DL_PICKLE = "ae.safetensors", "ae.pt"   # dictionary_learning (beside its config.json)
 FORMAT_VERSION = 1
 
@@ -69,7 +70,7 @@ def resolve_sae(spec: str | Path) -> Path:
         raise UserError(f"{text!r} does not name a Hub repository; write hf:OWNER/REPO or hf:OWNER/REPO/FOLDER.")
     repo, folder = "/".join(parts[:2]), "/".join(parts[2:])
     sae_files = [CONFIG, WEIGHTS, SAELENS_CONFIG, SAELENS_WEIGHTS, DL_WEIGHTS]
-    names = sae_files + ["metrics.json", SAELENS_SCALER]
+    names = sae_files + ["metrics.json", SAELENS_SCALER, SAELENS_WHITENING]
     from huggingface_hub import snapshot_download
 
     try:
@@ -282,7 +283,8 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     if ours is None:
         raise UserError(f"{path} holds a SAELens {arch!r} SAE; only standard, topk and jumprelu SAEs (and "
                         "BatchTopK or Matryoshka training checkpoints) can be loaded here.")
-    input_scale = _saelens_input_scale(raw, path)
+    input_map = _saelens_input_map(raw, path)
+    input_scale = input_map if isinstance(input_map, float) else None
     hook = field("hook_name") or field("hook_point")   # hook_point: SAELens before 6, renamed by its loader
     reshape = raw.get("reshape_activations")
     if reshape is None and "hook_z" in str(raw.get("hook_name") or raw.get("hook_point") or ""):
@@ -324,6 +326,17 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
             state["topk_threshold"] = state["topk_threshold"] / input_scale
     if rescale:
         fold_decoder_norms(state)   # (the training configs default it to true)
+    if isinstance(input_map, dict):
+        # the SAE saw w = (x - mean) @ M and returned x_hat = w_hat @ M^-1 + mean: SAELens's
+        # fold_activation_whitening, after the norm fold as SAELens's TopK does it (the unwhitened decoder's
+        # row norms would change a rescaling SAE's selection)
+        _check_shapes(input_map, {"mean": (d_in,), "matrix": (d_in, d_in), "inverse_matrix": (d_in, d_in)},
+                      path / SAELENS_WHITENING, "whitening of this SAE's inputs")
+        state["W_enc"] = input_map["matrix"] @ state["W_enc"]
+        if raw.get("apply_b_dec_to_input", True) is False:
+            state["b_enc"] = state["b_enc"] - input_map["mean"] @ state["W_enc"]
+        state["W_dec"] = state["W_dec"] @ input_map["inverse_matrix"]
+        state["b_dec"] = state["b_dec"] @ input_map["inverse_matrix"] + input_map["mean"]
     if arch in _BATCHTOPK_TRAINING:
         # after the norm fold, the threshold is in the units of the folded pre-activations (SAELens's
         # BatchTopKTrainingSAE.process_state_dict_for_saving_inference)
@@ -359,10 +372,12 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     return cfg, {n: t.float() for n, t in state.items()}, info
 
 
-def _saelens_input_scale(raw: dict, path: Path) -> float | None:
-    """The factor s of an SAE trained on inputs x * s (`normalize_activations` expected_average_only_in,
-    s from the activation_scaler.json SAELens's trainer writes beside a checkpoint), None for an SAE on
-    plain inputs; one sentence for the normalisations that cannot be folded here."""
+def _saelens_input_map(raw: dict, path: Path) -> float | dict | None:
+    """How an SAE's inputs were mapped in training: the factor s of inputs x * s (`normalize_activations`
+    expected_average_only_in, s from the activation_scaler.json SAELens's trainer writes beside a
+    checkpoint), the whitening (x - mean) @ matrix as {"mean", "matrix", "inverse_matrix"} in float64
+    (covariance_whitening, from the activation_whitening.safetensors beside it), None for plain inputs;
+    one sentence for what cannot be folded here."""
     norm = raw.get("normalize_activations") or "none"
     if norm is True or norm == "expected_average_only_in":  # True: before SAELens 3, read by it as the other
         scaler = _read_json(path / SAELENS_SCALER) if (path / SAELENS_SCALER).is_file() else {}
@@ -375,10 +390,16 @@ def _saelens_input_scale(raw: dict, path: Path) -> float | None:
                             "pretrained SAE's is in SAELens's registry), save the SAE again and load that.")
         return float(input_scale)
     if norm == "covariance_whitening":
-        raise UserError(f"{path} was trained on whitened inputs (normalize_activations {norm!r}); fold the "
-                        "whitening in with SAELens's `sae.fold_activation_whitening(mean, whitening_matrix, "
-                        "unwhitening_matrix)` (the statistics are in activation_whitening.safetensors), save the SAE "
-                        "again and load that.")
+        if not (path / SAELENS_WHITENING).is_file():
+            raise UserError(f"{path} was trained on whitened inputs (normalize_activations {norm!r}) and has no "
+                            f"{SAELENS_WHITENING} beside it; fold the whitening in with SAELens's "
+                            "`sae.fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)`, save the SAE "
+                            "again and load that.")
+        whitening = _float_state(path / SAELENS_WHITENING)
+        missing = [n for n in ("mean", "matrix", "inverse_matrix") if n not in whitening]
+        if missing:
+            raise UserError(f"{path / SAELENS_WHITENING} has no tensor {missing[0]!r}; the file is incomplete.")
+        return whitening   # (its shapes are checked once the SAE's width is known)
     if norm != "none":
         raise UserError(f"{path} normalises each input by its own norm or statistics at run time "
                         f"(normalize_activations {norm!r}), which no fixed weights can express; use an SAE trained "

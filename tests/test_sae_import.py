@@ -203,7 +203,7 @@ def test_the_layer_of_a_saelens_hook(tmp_path, hook, layer):
     ({"architecture": "standard", "normalize_activations": True}, {},
      r"scaled by a constant that is not in its weights \(normalize_activations True\).*activation_scaler.json"),
     ({"architecture": "standard", "normalize_activations": "covariance_whitening"}, {},
-     "fold_activation_whitening.*activation_whitening.safetensors"),
+     "has no activation_whitening.safetensors beside it; fold the whitening in with SAELens's"),
     ({"architecture": "standard", "hook_name": "blocks.5.attn.hook_z"}, {}, "attention-head"),   # before SAELens 6
     ({"architecture": "standard", "hook_point": "blocks.5.attn.hook_z"}, {}, "attention-head"),
     ({"architecture": "jumprelu"}, {}, "has no tensor 'threshold', which a SAELens jumprelu SAE needs"),
@@ -679,3 +679,24 @@ def test_a_saelens_checkpoint_trained_on_scaled_inputs_folds_its_activation_scal
     (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None, "has_whitening": False}))
     with pytest.raises(UserError, match="no activation_scaler.json beside it gives that factor"):
         load_sae(folder)
+
+
+@pytest.mark.parametrize("case", ["standard", "topk rescaling, b_dec not applied to the input",
+                                  "batchtopk training checkpoint (topk_threshold, rescaling)"])
+def test_a_saelens_checkpoint_trained_on_whitened_inputs_folds_the_whitening(tmp_path, case):
+    """covariance_whitening: the SAE saw w = (x - mean) @ M and its output went back as w_hat @ M^-1 + mean,
+    with mean, M and M^-1 in activation_whitening.safetensors beside the checkpoint; folded (after the
+    decoder norms, as SAELens's TopK does), the SAE on x gives the same codes and that reconstruction."""
+    cfg, extra = SAELENS_CASES[case]
+    tensors = {**_tensors(8), **extra}
+    folder = _saelens(tmp_path / "s", {**cfg, "normalize_activations": "covariance_whitening"}, tensors)
+    g = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(D_IN, D_IN, dtype=torch.float64, generator=g))
+    lam = torch.rand(D_IN, dtype=torch.float64, generator=g) * 3 + 0.3
+    white = {"mean": torch.randn(D_IN, dtype=torch.float64, generator=g), "matrix": (q * lam.rsqrt()).contiguous(),
+             "inverse_matrix": (lam.sqrt()[:, None] * q.T).contiguous()}
+    save_file(white, str(folder / "activation_whitening.safetensors"))
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None, "has_whitening": True}))
+    x = torch.randn(64, D_IN) * 2
+    z, w_hat = _saelens_reference(cfg, tensors, (x.double() - white["mean"]) @ white["matrix"])
+    _assert_same_computation(load_sae(folder), x, z, w_hat @ white["inverse_matrix"] + white["mean"])
