@@ -258,8 +258,8 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     SAELens's `save_inference_model` converts them, the Matryoshka widths kept as our levels.
     `rescale_acts_by_decoder_norm` is folded into the weights (`fold_decoder_norms`),
     `apply_b_dec_to_input: false` into b_enc (our encoder always subtracts b_dec), an old
-    `finetuning_scaling_factor` (before 3.x `scaling_factor`) into W_dec, the input scaling of a
-    checkpoint with its activation_scaler.json into the weights (`_saelens_input_scale`). Run-time
+    `finetuning_scaling_factor` (before 3.x `scaling_factor`) into W_dec, a checkpoint's input scaling
+    or whitening, from the files beside it, into the weights (`_saelens_input_map`). Run-time
     input normalisation, gated SAEs and head reshaping have no equivalent here and are refused with the
     reason.
     """
