@@ -88,6 +88,10 @@ def resolve_sae(spec: str | Path) -> Path:
         raise UserError(f"{text} is a dictionary_learning SAE without {DL_WEIGHTS}; its weights are most likely "
                         f"{DL_PICKLE}, a pickle, which this tool neither fetches nor reads. Where you trust it, download "
                         f"the folder, convert it once ({_dl_conversion('FOLDER')}) and give the folder's path.")
+    try:
+        sae_format(local)
+    except UserError as e:  # the user typed the spec, not the Hub cache's snapshot path
+        raise UserError(str(e).replace(str(local), text)) from None
     return local
 
 

@@ -641,6 +641,10 @@ def test_wrong_paths_say_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "cache"))
     with pytest.raises(UserError, match=r"^hf:someone/saes/layer.3 has none of the files of an SAE folder"):
         load_sae("hf:someone/saes/layer.3")
+    (tmp_path / "cache" / "half").mkdir()
+    (tmp_path / "cache" / "half" / "cfg.json").write_text("{}")   # its weights not in the repository
+    with pytest.raises(UserError, match=r"^hf:someone/saes/half is not a finished SAE directory"):
+        load_sae("hf:someone/saes/half")
 
 
 @pytest.mark.parametrize("hook", ["blocks.9.hook_mlp_out", "blocks.9.hook_resid_post"])
