@@ -316,6 +316,8 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
         raise UserError(f"{weights} holds a tensor {extra!r} that a {what} does not have and this tool cannot "
                         "account for; the file is from another tool or another SAELens architecture.")
     d_in, d_sae = _dims(state, "W_enc", weights, what)
+    if "topk_threshold" in state and state["topk_threshold"].numel() == 1:
+        state["topk_threshold"] = state["topk_threshold"].reshape(())   # one number, however it was stored
     _check_shapes(state, {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,),
                           "log_threshold": (d_sae,), "topk_threshold": (), **{n: (d_sae,) for n in scale}}, weights, what)
     if "log_threshold" in state:
@@ -570,14 +572,13 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
         state = {n: raw[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     k = 1
     if ours in ("topk", "batchtopk", "matryoshka"):
-        k = raw["k"] if "k" in raw else trainer.get("k")
-        if isinstance(k, torch.Tensor):
-            k = k.item() if k.numel() == 1 else None
-        if not (isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and int(k) == k
-                and 1 <= k <= d_sae):
+        found = raw["k"] if "k" in raw else trainer.get("k")
+        if isinstance(found, torch.Tensor):
+            found = found.item() if found.numel() == 1 else found.tolist()
+        k = _whole_k(found, d_sae)
+        if k is None:
             raise UserError(f"{weights} and {path / CONFIG} give no whole number k between 1 and {d_sae} for the "
-                            f"{dict_class} (found {k!r}); the folder is damaged.")
-        k = int(k)
+                            f"{dict_class} (found {found!r}); the folder is damaged.")
     groups = ()
     if ours == "matryoshka":
         sizes = raw["group_sizes"]
