@@ -113,7 +113,9 @@ def ms_frequency_scatter(columns: dict):
                 hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
     fig.update_layout(xaxis_type="log", xaxis_title="firing frequency (fraction of images)",
                       yaxis_title="Monosemanticity Score", clickmode="event")
-    fig = _layout(fig, "MS versus firing frequency (click a point to open the neuron)", height=420)
+    # short: plotly does not wrap a title, and a phone cut this one at both ends (the page's label says
+    # what a click does)
+    fig = _layout(fig, "MS versus firing frequency", height=420)
     # six or more entries wrap a horizontal legend into the title: a column on the right instead
     return fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02))
 
@@ -155,7 +157,8 @@ def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: s
         data[0]["opacity"] = data[1]["opacity"] = 0.6
     grid = "#e5e5e5"
     two = len(data) > 1
-    layout = {"title": {"text": f"Neuron {k}: activation histogram (images where it fires)"}, "height": 300,
+    # short, as the scatter's (the page's label says which images it counts)
+    layout = {"title": {"text": f"Neuron {k}: activations"}, "height": 300,
               "bargap": 0, "barmode": "overlay", "margin": {"l": 50, "r": 20, "t": 50, "b": 45},
               "plot_bgcolor": "white", "showlegend": two,
               "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},

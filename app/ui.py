@@ -22,15 +22,28 @@ TAB_URL_BUTTON = "tab-url-btn"
 # The galleries grow with their content (no inner scroll bar), and band strips keep their own shape:
 # Gradio draws every gallery item in a square cell, which showed a strip as a sliver in a tall box. An
 # empty gallery is hidden (the neuron header says why), by CSS so the API's outputs stay plain values. The
-# gallery's label floats over its grid (it hid the top 17 px of the first row), so the grid starts below it;
-# captions wrap rather than end in "..." (an 8-column gallery on a 1,400 px window cut "#872 act 2.06, pa...").
+# gallery's label floats over its grid (it hid the top 17 px of the first row), so it is put in the flow,
+# above the grid, whatever its lines (a fixed 36 px gap assumed one, and a phone wrapped it to two); captions
+# wrap rather than end in "..." (an 8-column gallery on a 1,400 px window cut "#872 act 2.06, pa..."), and a
+# band strip's sits under it (over it, it hid the last 3 images of the strip); the gallery's buttons sit in
+# the label's line, not on the first row's last image. On a phone the galleries
+# take 4 columns that fit the width (8 of 100 px showed 6 of 16 images and scrolled sideways, unmarked).
 CSS = """
 #open-neuron-box, #open-neuron-btn, #url-state-box, #tab-url-btn {display: none !important;}
 .answer textarea {font-size: 1.05em;}
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
-#top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap, #image-results .grid-wrap {padding-top: 36px !important;}
+#top-gallery [data-testid=block-label], #patch-gallery [data-testid=block-label], #band-gallery [data-testid=block-label], #image-results [data-testid=block-label] {position: relative !important; top: 0 !important; left: 0 !important; max-width: calc(100% - 90px) !important; white-space: normal !important; height: auto !important;}
+#top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap, #image-results .grid-wrap {padding-top: 6px !important; overflow: visible !important;}
+#top-gallery .grid-wrap > .icon-button-wrapper, #patch-gallery .grid-wrap > .icon-button-wrapper, #band-gallery .grid-wrap > .icon-button-wrapper, #image-results .grid-wrap > .icon-button-wrapper {top: auto !important; bottom: 100% !important;}
+#band-gallery .caption-label {position: static !important; display: block !important; max-width: 100% !important; white-space: normal !important; margin: 2px 0 0 0 !important;}
+@media (max-width: 640px) {
+  #top-gallery .grid-container, #patch-gallery .grid-container, #image-results .grid-container {grid-template-columns: repeat(4, minmax(0, 1fr)) !important;}
+  #top-gallery .thumbnail-item, #patch-gallery .thumbnail-item, #image-results .thumbnail-item {aspect-ratio: auto !important; height: auto !important;}
+  #top-gallery .thumbnail-item img, #patch-gallery .thumbnail-item img, #image-results .thumbnail-item img {height: auto !important; width: 100% !important; aspect-ratio: 1 / 1;}
+  #top-gallery .thumbnail-item .caption-label, #patch-gallery .thumbnail-item .caption-label, #image-results .thumbnail-item .caption-label {position: static !important; display: block !important; max-width: 100% !important; font-size: 9px !important; padding: 1px 2px !important; margin: 0 !important; transform: none !important;}
+}
 #top-gallery .caption-label, #patch-gallery .caption-label, #image-results .caption-label {white-space: normal !important; max-width: 92% !important; left: 4% !important; line-height: 1.2 !important; padding: 2px 6px !important; font-size: 11px !important;}
 #top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty), #image-results:has(> .empty) {display: none !important;}
 """
@@ -449,16 +462,21 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         with gr.Tabs(selected="overview") as tabs:
             # ---------------------------------------------------------------- Overview
             with gr.Tab("Overview", id="overview"):
+                # the two sides stack on a phone (side by side, the values' column was 60 px wide and split
+                # 0.0444 into "0.0" over "444")
                 with gr.Row():
-                    facts_md = gr.Markdown()
-                    # tall enough for the demo bundle's 27 rows (1,422 px drawn), most wrapped to two lines,
-                    # without an inner scroll bar (1,000 px hid the last 4 of 23)
-                    metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False, label="SAE metrics",
-                                              max_height=1600, wrap=True, column_widths=["72%", "28%"],
-                                              elem_id="metrics-table")
+                    with gr.Column(min_width=320):
+                        facts_md = gr.Markdown(elem_id="bundle-facts")
+                    with gr.Column(min_width=320):
+                        # tall enough for the demo bundle's 27 rows (1,422 px drawn), most wrapped to two
+                        # lines, without an inner scroll bar (1,000 px hid the last 4 of 23)
+                        metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False,
+                                                  label="SAE metrics", max_height=1600, wrap=True,
+                                                  column_widths=["72%", "28%"], elem_id="metrics-table")
                 with gr.Row():
                     ms_hist_plot = gr.Plot(label="MS distribution")
-                    scatter_plot = gr.Plot(label="MS versus frequency", elem_id="scatter-plot")
+                    scatter_plot = gr.Plot(label="MS versus frequency (click a point to open its neuron)",
+                                           elem_id="scatter-plot")
                 # cross-modal bundles (precompute crossmodal): the latents shared by image and text tokens
                 with gr.Column(visible=ex.probes.is_crossmodal):
                     cm_note = gr.Markdown(elem_id="crossmodal-note")
@@ -542,7 +560,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():
-                    hist_plot = gr.Plot(label="activation histogram")
+                    hist_plot = gr.Plot(label="activation histogram (the images where it fires)", elem_id="hist-plot")
                     related_df = gr.Dataframe(headers=ex.related_columns, interactive=False,
                                               label="parent, children and nearest neurons (click to open)")
             # ---------------------------------------------------------------- Images

@@ -118,6 +118,10 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     cells = pg.evaluate("() => Array.from(document.querySelectorAll('#band-gallery .thumbnail-item'))"
                         ".map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })")
     assert cells and all(abs(h - cells[0][1]) < 2 for _, h in cells) and cells[0][0] > 4 * cells[0][1], cells
+    # each strip's caption sits under its images (drawn over them, it hid the last 3 of the strip)
+    assert pg.evaluate("() => Array.from(document.querySelectorAll('#band-gallery .thumbnail-item')).every(e =>"
+                       " e.querySelector('.caption-label').getBoundingClientRect().top >="
+                       " e.querySelector('img').getBoundingClientRect().bottom - 1)")
     # The export's file box appears once there is a file, holding this neuron's JSON, and goes when
     # another neuron opens (it would be the previous neuron's file).
     # Export acts on the neuron shown, also with another id typed in the box but not opened (it exported
@@ -457,3 +461,47 @@ def test_fractional_ids_are_refused_after_a_plain_load(page, explorer_app):
     pg.click("#steer-button")
     pg.wait_for_selector("text=neuron id 7.5 is not an integer; give an integer between 0 and")
     assert "latents=" not in pg.url
+
+
+def test_phone_layout(page, explorer_app):
+    """At 390 x 844 (a phone): the top gallery shows all its images in columns that fit the width (8 of
+    100 px showed 6 and scrolled sideways, unmarked) under its label (a two-line label covered the top of
+    the first row); the plots' titles fit the width (plotly cut both ends); the Overview's metrics sit
+    under the bundle's facts with each value on one line ("0.0444" read "0.0" over "444")."""
+    top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
+    k = int(np.argmax((top >= 0).sum(1)))
+    ctx = page.context.browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                           is_mobile=True, has_touch=True)
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(f"{explorer_app.url}/?tab=neuron&neuron={k}")
+        pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
+        gallery_widths(pg)
+        tiles = pg.evaluate("""() => Array.from(document.querySelectorAll('#top-gallery .thumbnail-item'))
+                                .map(e => { const r = e.getBoundingClientRect(); return [r.left, r.right, r.top]; })""")
+        assert len(tiles) == (top[k] >= 0).sum() and min(t[0] for t in tiles) >= 0, tiles
+        assert max(t[1] for t in tiles) <= 390, tiles
+        label = pg.evaluate("() => document.querySelector('#top-gallery [data-testid=block-label]').getBoundingClientRect().bottom")
+        assert label <= min(t[2] for t in tiles), (label, tiles[:4])
+        fits = """(id) => { const g = document.querySelector(id + ' .js-plotly-plot'); const t = g?.querySelector('.gtitle');
+                  if (!t) return null; const r = t.getBoundingClientRect(), p = g.getBoundingClientRect();
+                  return r.width > 0 && r.left >= p.left && r.right <= p.right; }"""
+        pg.wait_for_function(f"() => ({fits})('#hist-plot') !== null")
+        assert pg.evaluate(fits, "#hist-plot")
+        pg.goto(explorer_app.url + "/")
+        pg.wait_for_selector("#metrics-table [role=gridcell]:has-text('taxonomy depth per Matryoshka level')")
+        pg.wait_for_function(f"() => ({fits})('#scatter-plot') !== null")
+        assert pg.evaluate(fits, "#scatter-plot")
+        facts, table = pg.evaluate("() => ['#bundle-facts', '#metrics-table'].map(s => document.querySelector(s)"
+                                   ".getBoundingClientRect()).map(r => [r.top, r.bottom])")
+        assert table[0] >= facts[1] - 1, (facts, table)
+        lines = pg.evaluate("""() => Array.from(document.querySelectorAll('#metrics-table [role=row]'))
+            .map(r => r.querySelectorAll('[role=gridcell]')[1]).filter(c => c && c.innerText.trim())
+            .map(c => { const range = document.createRange(); range.selectNodeContents(c.querySelector('span') || c);
+                        return [c.innerText.trim(), new Set(Array.from(range.getClientRects())
+                                .filter(q => q.width > 0).map(q => Math.round(q.top))).size]; })""")
+        # a line breaks between words only ("0.72, 0.62, 0.59, 0.61" may take 4 lines, "0.0444" one)
+        assert lines and all(n <= len(text.split()) for text, n in lines), lines
+    finally:
+        ctx.close()
