@@ -299,6 +299,9 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per neuron, split its occupied histogram bins (lowest to highest non-empty) into `n_bands`
     contiguous groups and draw `size` images uniformly from each (band 0 = the highest activations).
+    A neuron whose scores span fewer bins than `n_bands` gets one band per bin of that span, and a band
+    that covers only empty bins (a gap in the histogram) is left out: the filled bands are always
+    0, 1, ... and only the last ones can be empty.
 
     Returns band_images (K, n_bands, size) int64 (-1 empty), band_acts (K, n_bands, size) float32 and
     band_patch (K, n_bands, size) int16 (best patch position, -1 for none), each band sorted by
@@ -314,18 +317,24 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
     for k in np.flatnonzero(counts.sum(1)):
         occ = np.flatnonzero(counts[k])
         lo, hi = occ[0], occ[-1] + 1
-        bounds = np.linspace(lo, hi, n_bands + 1).round().astype(int)
-        for band in range(n_bands):
-            a, b = bounds[n_bands - band - 1], bounds[n_bands - band]
-            if b <= a:
-                continue
+        # Fewer bins than bands would repeat bounds, and rounding would empty bands by the parity of the
+        # bin index, band 0 included (118 of the tiny bundle's 252 live neurons): one band per bin instead;
+        # a band over empty bins only is skipped, so the filled bands are 0, 1, ... with no gap.
+        nb = min(n_bands, hi - lo)
+        bounds = np.linspace(lo, hi, nb + 1).round().astype(int)
+        out = 0
+        for band in range(nb):
+            a, b = bounds[nb - band - 1], bounds[nb - band]
             kk, ii, aa = key[k, a:b].ravel(), rid[k, a:b].ravel(), ract[k, a:b].ravel()
             take = np.argsort(kk, kind="stable")[:size]
             take = take[np.isfinite(kk[take])]
+            if not len(take):
+                continue
             take = take[np.argsort(-aa[take], kind="stable")]
-            ids[k, band, : len(take)] = ii[take]
-            acts[k, band, : len(take)] = aa[take]
-            patch[k, band, : len(take)] = rpatch[k, a:b].ravel()[take]
+            ids[k, out, : len(take)] = ii[take]
+            acts[k, out, : len(take)] = aa[take]
+            patch[k, out, : len(take)] = rpatch[k, a:b].ravel()[take]
+            out += 1
     return ids, acts, patch
 
 

@@ -25,6 +25,20 @@ def _batches(rng, n):
     return list(zip(np.r_[0, cuts], np.r_[cuts, n]))
 
 
+def _band_bins(occupied, n_bands):
+    """The histogram bins of each filled activation band, highest band first, written out: a neuron
+    whose occupied bins span at most `n_bands` bins has one band per occupied bin; a wider one cuts its
+    span into `n_bands` ranges of about equal width (bounds rounded), and ranges with no occupied bin
+    are left out, so no empty band ever sits above a filled one."""
+    occupied = sorted(int(b) for b in occupied)
+    lo, hi = occupied[0], occupied[-1] + 1
+    if hi - lo <= n_bands:
+        return [[b] for b in occupied[::-1]]
+    bounds = np.linspace(lo, hi, n_bands + 1).round()
+    groups = [[b for b in occupied if bounds[i] <= b < bounds[i + 1]] for i in range(n_bands)][::-1]
+    return [g for g in groups if g]
+
+
 def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
     """ActivationBands: the edges come from the images with id below hist_edge_images (the rule written
     out: 10 x their highest score rounded up to a power of 10, hist_decades below it), whatever the
@@ -139,12 +153,10 @@ def test_histogram_moments_and_band_samples_against_brute_force():
             continue
         firing = np.flatnonzero(fires[:, k])
         bins = hist.bin_of(s[firing, k])
-        occ = np.flatnonzero(hist.counts[k])
-        bounds = np.linspace(occ[0], occ[-1] + 1, NB + 1).round().astype(int)
+        groups = _band_bins(np.flatnonzero(hist.counts[k]), NB)
         keys = res.keys_for(firing, np.full(len(firing), k))
         for band in range(NB):
-            lo, hi = bounds[NB - band - 1], bounds[NB - band]
-            members = np.flatnonzero((bins >= lo) & (bins < hi))
+            members = np.flatnonzero(np.isin(bins, groups[band] if band < len(groups) else []))
             want = firing[members[np.argsort(keys[members], kind="stable")][:S]]
             got = ids[k, band][ids[k, band] >= 0]
             assert set(got.tolist()) == set(want.tolist())
@@ -152,6 +164,39 @@ def test_histogram_moments_and_band_samples_against_brute_force():
             np.testing.assert_array_equal(patch[k, band][: len(got)], best[got, k])
             assert (patch[k, band][len(got):] == -1).all()
             assert (np.diff(acts[k, band][: len(got)]) <= 0).all()  # sorted high to low
+
+
+def test_narrow_neurons_fill_their_bands_from_the_top():
+    """Neurons whose scores occupy fewer histogram bins than there are bands, or bins with gaps: their
+    bands hold those bins from band 0 down (band 0 = the highest bin), with no empty band above a filled
+    one, whatever the bins' positions (the old rounded bounds emptied band 0 for bins of one parity:
+    118 of the tiny bundle's 252 live neurons)."""
+    B, S, NB = 12, 3, 4
+    hist = LogHistogram(8, B, 3.0)
+    hist.edges = np.linspace(-2.0, 1.0, B + 1).astype(np.float32)  # 0.25 decade a bin
+    centre = (hist.edges[:-1] + hist.edges[1:]) / 2
+    occupied = {0: [5], 1: [5, 6], 2: [6, 7], 3: [4, 5, 6], 4: [5, 6, 7], 5: [4, 6], 6: [3, 5, 6, 7],
+                7: list(range(0, 11))}
+    res = BinReservoirs(8 * B, S, seed=1)
+    image, neuron, value = [], [], []
+    for k, bins in occupied.items():
+        for b in bins:
+            for r in range(2):  # two images a bin, at slightly different activations
+                image.append(len(image))
+                neuron.append(k)
+                value.append(10 ** (centre[b] + 0.05 * r))
+    image, neuron, value = np.array(image), np.array(neuron), np.array(value, np.float32)
+    bins = hist.update(neuron, value)
+    res.update(neuron * B + bins, image, neuron, value)
+    ids, acts, _ = band_samples(res, hist.counts, NB, S)
+    expected = {0: [[5]], 1: [[6], [5]], 2: [[7], [6]], 3: [[6], [5], [4]], 4: [[7], [6], [5]],
+                5: [[6], [4]], 6: [[7], [6], [5], [3]]}
+    for k, want in expected.items():
+        got = [sorted(set(bins[np.isin(image, row[row >= 0]) & (neuron == k)].tolist())) for row in ids[k]]
+        assert got == want + [[]] * (NB - len(want)), k
+        assert (acts[k, 0, 0] >= acts[k][ids[k] >= 0]).all()  # band 0 holds the highest activation
+    filled = (ids[7] >= 0).any(1)
+    assert filled.all() and [len(g) for g in _band_bins(occupied[7], NB)] == [3, 2, 3, 3]
 
 
 def test_decoder_neighbors_against_dense_cosines():
@@ -646,11 +691,10 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
             continue
         logs = np.clip(np.log10(pmax[firing, j].astype(np.float64)), top - 6, top - 1e-9)
         bins = np.digitize(logs, edges[1:-1])
-        occ = np.flatnonzero(counts[j])
-        bounds = np.linspace(occ[0], occ[-1] + 1, NB + 1).round().astype(int)
+        groups = _band_bins(np.flatnonzero(counts[j]), NB)
         keys = hash_keys(firing, np.full(len(firing), j))
         for band in range(NB):
-            members = np.flatnonzero((bins >= bounds[NB - band - 1]) & (bins < bounds[NB - band]))
+            members = np.flatnonzero(np.isin(bins, groups[band] if band < len(groups) else []))
             got = band_ids[j, band][band_ids[j, band] >= 0]
             assert set(got.tolist()) == set(firing[members[np.argsort(keys[members], kind="stable")][:S]].tolist())
             np.testing.assert_allclose(band_acts[j, band][: len(got)], pmax[got, j], rtol=1e-4, atol=1e-5)
