@@ -116,6 +116,10 @@ TAB_ADDRESS_JS = """
   const first = window.location.search.slice(1);
   const firstTab = new URLSearchParams(first).get('tab');
   if (firstTab && !(firstTab in memory)) memory[firstTab] = first;  // the link the page was opened with
+  // a link's neuron with another tab is opened behind the Neuron tab (ui.restore), whose address it is
+  const firstNeuron = new URLSearchParams(first).get('neuron');
+  if (firstNeuron !== null && firstTab !== 'neuron' && !('neuron' in memory))
+    memory.neuron = new URLSearchParams({tab: 'neuron', neuron: firstNeuron}).toString();
   const tabs = %s;
   document.addEventListener('click', (ev) => {
     const btn = ev.target && ev.target.closest ? ev.target.closest('button') : null;
@@ -993,7 +997,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                          "(give a latent above to draw any other subtree): ")
             else:
                 where = ""
-            note = (f"{where}{tree.nodes:,} nodes in {tree.levels} of {len(counts)} levels drawn; colour is MS by the "
+            many = lambda n, word: f"{n:,} {word}{'' if n == 1 else 's'}"  # noqa: E731
+            note = (f"{where}{many(tree.nodes, 'node')} in {tree.levels} of {many(len(counts), 'level')} drawn; "
+                    f"colour is MS by the "
                     f"{ex.score_name}{by_patches}; dark grey ({tree.uncoloured}): none, the neuron fires on "
                     f"fewer than 2 images by {scores}. Taxonomy depth: the mean depth "
                     "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
@@ -1022,11 +1028,17 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         # --- restore from the URL query on load
         def restore(request: gr.Request):
             state = inputs.decode_state(dict(request.query_params) if request else {})
-            if state.get("tab") == "neuron" or ("neuron" in state and state.get("tab") != "steer"):
+            tab = state.get("tab")
+            if tab == "neuron" or "neuron" in state:
                 try:
-                    return page_outputs(state.get("neuron", ex.default_neuron))
+                    page = page_outputs(state.get("neuron", ex.default_neuron))
                 except UserError as e:
                     gr.Warning(f"the link's neuron could not be opened: {e}")
+                else:
+                    # a link naming another tab opens that tab (?neuron=5&tab=overview opened the Neuron tab),
+                    # with the neuron's page behind the Neuron tab and the address left as the link's
+                    # (TAB_ADDRESS_JS gives the Neuron tab the neuron's address)
+                    return page if tab in (None, "neuron") else (*page[:-2], gr.update(), gr.Tabs(selected=tab))
             return ((initial(neuron_in),) + (gr.update(),) * (len(page_targets) - 2)
                     + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),))
 

@@ -135,6 +135,10 @@ def test_table_and_hierarchy(client, explorer_app):
     fig, _, note = client.predict("sunburst", k, api_name="/hierarchy")
     drawn = {int(c[0]) for c in json.loads(fig["plot"])["data"][0]["customdata"]}
     assert drawn == below and f"The subtree of latent {k} (its ancestors: #{parent[k]}): {len(below)} nodes" in note
+    # a latent with no children: one node, in the singular ("1 nodes in 1 of 4 levels drawn")
+    leaf = next(n["id"] for n in nodes if n["level"] > 0 and n["id"] not in set(parent.values()))
+    _, _, note = client.predict("sunburst", leaf, api_name="/hierarchy")
+    assert f"1 node in 1 of {len(np.unique(group))} levels drawn" in note
     with pytest.raises(Exception, match="subtree's latent .* 1000000 is out of range"):
         client.predict("sunburst", 10**6, api_name="/hierarchy")
 

@@ -505,3 +505,16 @@ def test_phone_layout(page, explorer_app):
         assert lines and all(n <= len(text.split()) for text, n in lines), lines
     finally:
         ctx.close()
+
+
+def test_link_with_a_neuron_and_another_tab(page, explorer_app):
+    """?neuron=K&tab=overview opens the Overview (it opened the Neuron tab), with neuron K's page behind
+    the Neuron tab, whose address is then K's."""
+    pg, k = page, 5
+    pg.goto(f"{explorer_app.url}/?neuron={k}&tab=overview")
+    pg.wait_for_selector("#metrics-table [role=gridcell]")
+    pg.wait_for_timeout(1500)  # the page-load handlers' time to switch tabs, as they did (the Neuron tab is not drawn)
+    assert pg.evaluate("() => document.querySelector('button[role=tab][aria-selected=true]').innerText.trim()") == "Overview"
+    pg.get_by_role("tab", name="Neuron", exact=True).click()
+    pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
+    pg.wait_for_function("(k) => location.search === '?tab=neuron&neuron=' + k", arg=k)
