@@ -374,17 +374,11 @@ def _nanmean(x: np.ndarray) -> float | None:
 def _stage_labels(job, sae, out, scan_info, world):
     """Best concept per neuron: the embedder's text tower against the mean embedding of its top images
     (of its gallery by the max over patches for a CLS-scored latent without top images)."""
-    from sae_core.labels import file_concepts, label_with_text_embedder, world_concepts
+    from sae_core.labels import label_with_text_embedder
     from sae_core.text_encoders import load_text_embedder
 
     K = sae.cfg.d_sae
-    reason = None
-    if job.vocabulary:
-        concepts = file_concepts(job.vocabulary)
-    elif world is not None:
-        concepts = world_concepts(world[0])
-    else:
-        concepts, reason = None, "no vocabulary given (--vocabulary FILE)"
+    concepts, reason = _vocabulary(job, world)
     embedder = None
     if concepts is not None:
         try:
@@ -443,11 +437,33 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
             "parent_agreement": tree.get("parent_agreement"), "linkage": tree["linkage"]}
 
 
+def _vocabulary(job, world) -> tuple[list | None, str | None]:
+    """The labels' concepts (--vocabulary, else the world's words), or None and the reason there are none."""
+    from sae_core.labels import file_concepts, world_concepts
+
+    if job.vocabulary:
+        return file_concepts(job.vocabulary), None
+    if world is not None:
+        return world_concepts(world[0]), None
+    return None, "no vocabulary given (--vocabulary FILE)"
+
+
 def _stage_index(job, sae, out, scan_info, world):
-    from sae_core.search_index import build_index
+    from sae_core import search_index
 
     emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
-    index = build_index(emb, seed=job.seed)
+    text = None
+    if len(emb) >= search_index.EXACT_THRESHOLD:  # approximate: tune it for text search too, not images alone
+        concepts, _ = _vocabulary(job, world)
+        if concepts:
+            from sae_core.text_encoders import load_text_embedder
+
+            try:
+                text = load_text_embedder(job.embedder, device=job.device)([c.prompt for c in concepts]).numpy()
+            except UserError:  # a vision-only embedder: no text search to tune for
+                pass
+    index = search_index.build_index(emb, exact_threshold=search_index.EXACT_THRESHOLD, seed=job.seed,
+                                     text_queries=text)
     index.save(out / B.INDEX)
     return {"index": index.info}
 

@@ -909,3 +909,39 @@ def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tm
         assert (fvu > POOR_FVU) == (name == "doubled")
         assert (f"atlas: FVU {fvu:.3g}: the SAE reconstructs these activations poorly" in err) == (name == "doubled")
         assert ("check that --model and --layer -2 are what it was trained on" in err) == (name == "doubled")
+
+
+def test_an_approximate_atlas_index_is_tuned_for_the_vocabulary_prompts(tiny_bundle, tmp_path, monkeypatch):
+    """At IVF-PQ sizes the index stage tunes nprobe/rerank for the labels' prompts too (README, Search),
+    and reports their recall; the figure equals a recount: the prompts embedded by transformers' own CLIP,
+    exact top-100 by numpy, the saved index's top-10 (it tuned for images only before)."""
+    import shutil
+
+    from transformers import AutoTokenizer, CLIPModel
+
+    from precompute import atlas as A
+    from sae_core import search_index
+    from sae_core.labels import world_concepts
+
+    world = json.loads((Path(tiny_bundle) / "manifest.json").read_text())["world"]
+    out = tmp_path / "b"
+    (out / "images").mkdir(parents=True)
+    shutil.copy(Path(tiny_bundle) / "images/embeddings.npy", out / "images/embeddings.npy")
+    monkeypatch.setattr(search_index, "EXACT_THRESHOLD", 1000)  # the tiny bundle's 2,000 images take IVF-PQ
+    job = A.AtlasJob(sae=str(Path(tiny_bundle) / "sae"), dataset=f"world:{world}:val", model=f"world:{world}:llava",
+                     out=str(out), layer="-2", embedder=f"world:{world}")
+    info = A._stage_index(job, None, out, None, A._world_root(job.dataset))["index"]
+    assert info["kind"] == "ivfpq" and info["recall"]["n_text_queries"] == 27
+
+    prompts = [c.prompt for c in world_concepts(world)]
+    clip, tok = CLIPModel.from_pretrained(f"{world}/clip").eval(), AutoTokenizer.from_pretrained(f"{world}/clip")
+    with torch.no_grad():
+        t = clip.get_text_features(**tok(prompts, padding=True, return_tensors="pt"))
+    t = (t if isinstance(t, torch.Tensor) else t.pooler_output).numpy().astype(np.float64)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    emb = np.load(out / "images/embeddings.npy")
+    exact = np.argsort(-(t @ emb.astype(np.float64).T), axis=1, kind="stable")[:, :100]
+    got, _ = search_index.load_index(out / "images/index.faiss", embeddings=emb).search(t.astype(np.float32), 10)
+    recall = np.mean([len(set(g.tolist()) & set(e.tolist())) / 10 for g, e in zip(got, exact)])
+    assert info["recall"]["value_text"] == pytest.approx(recall, abs=0.02)
+    assert recall >= 0.95 or info["rerank"] == 64
