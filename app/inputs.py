@@ -96,9 +96,11 @@ def text(value, what: str, limit: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# URL query state: ?tab=neuron&neuron=12  and  ?tab=steer&image=3&latents=5,9&values=4,2&patches=1,2&keep_error=1
+# URL query state: ?tab=neuron&neuron=12, ?tab=steer&image=3&latents=5,9&values=4,2&patches=1,2&keep_error=1
+# and ?tab=hierarchy&root=3&kind=treemap
 # ----------------------------------------------------------------------------------------------
-STATE_KEYS = ("tab", "neuron", "image", "query", "latents", "values", "patches", "keep_error", "question")
+STATE_KEYS = ("tab", "neuron", "image", "query", "latents", "values", "patches", "keep_error", "question", "root",
+              "kind")
 TABS = ("overview", "neurons", "neuron", "images", "hierarchy", "steer")
 
 

@@ -608,9 +608,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 has_tree = len(ex.levels) > 1  # one level (an SAE that is not Matryoshka): no tree, no empty boxes
                 with gr.Row(visible=has_tree):
                     tree_kind = gr.Radio(["sunburst", "treemap"], value="sunburst", label="drawing")
-                    tree_root = as_sent(gr.Number(value=-1, precision=0, label="subtree of latent (-1: from the roots)"))
+                    tree_root = as_sent(gr.Number(value=-1, precision=0, label="subtree of latent (-1: from the roots)",
+                                                  elem_id="tree-root"))
                     tree_button = gr.Button("Draw")
-                tree_note = gr.Markdown()
+                tree_note = gr.Markdown(elem_id="tree-note")
                 tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot", visible=has_tree)
                 depth_df = gr.Dataframe(headers=["level", "neurons", "taxonomy depth"], interactive=False,
                                         label="taxonomy depth per Matryoshka level")
@@ -1011,11 +1012,32 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                                                  ex.n_neurons - 1)
             return hierarchy_cached("treemap" if kind == "treemap" else "sunburst", root)
 
+        def tree_address(kind, root):
+            """The drawing's address (a copied link reopened the whole sunburst): its subtree and kind."""
+            root = None if root in (None, "") or int(float(root)) < 0 else int(float(root))  # checked by `hierarchy`
+            return inputs.encode_state({"tab": "hierarchy", "root": root,
+                                        "kind": "treemap" if kind == "treemap" else None})
+
         tree_inputs, tree_outputs = [tree_kind, tree_root], [tree_plot, depth_df, tree_note]
-        tree_button.click(hierarchy, tree_inputs, tree_outputs, api_name="hierarchy")
-        tree_kind.change(hierarchy, tree_inputs, tree_outputs, api_name=False)
-        tree_root.submit(hierarchy, tree_inputs, tree_outputs, api_name=False)
-        demo.load(hierarchy, tree_inputs, tree_outputs, api_name=False)
+        for trigger, api_name in ((tree_button.click, "hierarchy"), (tree_kind.input, False), (tree_root.submit, False)):
+            trigger(hierarchy, tree_inputs, tree_outputs, api_name=api_name).success(
+                tree_address, tree_inputs, url_box, api_name=False, queue=False)
+
+        def hierarchy_restore(request: gr.Request):
+            """The drawing on page load: ?tab=hierarchy&root=R&kind=treemap's, else the whole sunburst."""
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            kind, root = "sunburst", initial(tree_root)
+            if state.get("tab") == "hierarchy":
+                kind = "treemap" if state.get("kind") == "treemap" else "sunburst"
+                try:
+                    r = state.get("root")
+                    r = -1 if r in (None, "") else inputs.integer(r, "subtree's latent", -1, ex.n_neurons - 1)
+                    return (kind, r, *hierarchy(kind, r))
+                except (UserError, gr.Error) as e:
+                    gr.Warning(f"the link's subtree could not be drawn: {getattr(e, 'message', e)}")
+            return (kind, root, *hierarchy(kind, root))
+
+        demo.load(hierarchy_restore, None, [tree_kind, tree_root] + tree_outputs, api_name=False)
 
         url_box.change(None, url_box, None, js=SET_URL_JS)
         # a tab picked by hand: its address (TAB_ADDRESS_JS) into the url box, in the browser only

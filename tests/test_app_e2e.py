@@ -518,3 +518,27 @@ def test_link_with_a_neuron_and_another_tab(page, explorer_app):
     pg.get_by_role("tab", name="Neuron", exact=True).click()
     pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
     pg.wait_for_function("(k) => location.search === '?tab=neuron&neuron=' + k", arg=k)
+
+
+def test_hierarchy_drawing_is_in_the_address(page, explorer_app):
+    """A subtree and the treemap go into the address (it stayed ?tab=hierarchy, and a copied link reopened
+    the whole sunburst), which draws them again; a bad subtree in a link is one warning and the whole tree."""
+    pg = page
+    nodes = json.loads((explorer_app.bundle / "hierarchy.json").read_text())["nodes"]
+    parents = {n["parent"] for n in nodes}
+    k = next(n["id"] for n in nodes if n["level"] == 1 and n["id"] in parents)
+    pg.goto(explorer_app.url + "/?tab=hierarchy")
+    pg.wait_for_selector("#tree-plot g.slice")
+    pg.fill("#tree-root input", str(k))
+    pg.keyboard.press("Enter")
+    pg.wait_for_function("(k) => location.search === '?tab=hierarchy&root=' + k", arg=k)
+    pg.get_by_label("treemap").check()
+    pg.wait_for_function("(k) => location.search === '?tab=hierarchy&root=' + k + '&kind=treemap'", arg=k)
+    pg.goto(pg.url)
+    pg.wait_for_selector(f"#tree-note:has-text('The subtree of latent {k}')")
+    assert pg.get_by_label("treemap").is_checked() and pg.input_value("#tree-root input") == str(k)
+    pg.wait_for_selector("#tree-plot g.slice")
+    pg.goto(explorer_app.url + "/?tab=hierarchy&root=99999")
+    pg.wait_for_selector("text=the link's subtree could not be drawn: subtree's latent 99999 is out of range")
+    pg.wait_for_selector("#tree-note:has-text('levels drawn')")
+    assert "The subtree" not in pg.inner_text("#tree-note")

@@ -157,6 +157,9 @@ def test_int_lists_and_url_state_round_trip():
     assert back == {"tab": "steer", "image": "4", "latents": ["5", "9"], "values": ["4", "2.5"],
                     "patches": ["1", "2"], "keep_error": True, "question": state["question"]}
     assert inputs.decode_state({"tab": "../../etc", "evil": "1"}) == {}
+    q = inputs.encode_state({"tab": "hierarchy", "root": 3, "kind": "treemap"})
+    assert q == "tab=hierarchy&root=3&kind=treemap"
+    assert inputs.decode_state(dict(parse_qsl(q))) == {"tab": "hierarchy", "root": "3", "kind": "treemap"}
 
 
 # ----------------------------------------------------------------------------------------------
