@@ -160,8 +160,55 @@ def scan_checkpoint_path(out: Path) -> Path:
 
 
 def stage_info(out: Path, name: str) -> dict | None:
-    p = _stage_path(out, name)
-    return json.loads(p.read_text()) if p.is_file() else None
+    """What stage `name` recorded when it finished, or None: not finished, or its marker cannot be read
+    (damaged by hand or by the disk: the stage runs again rather than the command ending in a traceback)."""
+    return _read_json(_stage_path(out, name))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _stage_outputs(name: str, job: AtlasJob, world) -> list[str]:
+    """The files of stage `name` that later stages and the explorer read."""
+    if name == "scan":
+        return ["neurons/top_images.npy", "neurons/ms.npy", "neurons/support.npy", "neurons/max_act.npy",
+                "neurons/hist_counts.npy", "neurons/band_images.npy", B.RAW_MS, "raw/top_images.npy", B.EMBEDDINGS,
+                *(["neurons/patch_top_images.npy", "neurons/patch_ms.npy"] if job.score == "cls" else []),
+                *([B.MS_FACTORS] if world is not None else [])]
+    return {"geometry": ["neurons/group.npy", "neurons/decoder_neighbors.npy"],
+            "labels": [B.LABELS, "neurons/label_score.npy"],
+            "hierarchy": ["neurons/parent.npy", "neurons/parent_coact.npy", B.HIERARCHY],
+            "index": [B.INDEX], "world": [B.WORLD] if world is not None else [], "thumbs": [B.THUMBS]}[name]
+
+
+def _readable(path: Path) -> bool:
+    try:
+        if path.suffix == ".npy":
+            np.load(path, mmap_mode="r", allow_pickle=False)  # a truncated file fails here: its header or mmap
+        elif path.suffix == ".json":
+            return _read_json(path) is not None
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _redo_broken_stages(out: Path, job: AtlasJob, world, note) -> None:
+    """A finished stage whose files are gone or damaged runs again (with every stage after it), instead of
+    a later stage ending in a traceback on them."""
+    for name in STAGES:
+        if stage_info(out, name) is None:
+            continue
+        broken = next((f for f in _stage_outputs(name, job, world) if not _readable(out / f)), None)
+        if broken is not None:
+            note(f"atlas: {out / broken} is missing or damaged; the {name} stage and those after it run again.")
+            _stage_path(out, name).unlink()
+            return
 
 
 def _mark(out: Path, name: str, info: dict) -> None:
@@ -187,7 +234,10 @@ def hold_settings(out: Path, name: str, settings: dict, built: bool) -> None:
     path = out / name
     new = json.loads(json.dumps(settings))
     if path.is_file() and built:
-        old = json.loads(path.read_text())
+        old = _read_json(path)
+        if old is None:
+            raise UserError(f"{path} cannot be read, so the settings {out} was built with are unknown; pass a new "
+                            f"--out, or delete {out} to build there from the start.")
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             k = diff[0]
@@ -231,11 +281,13 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
         job.score = default_score(trained["tokens"])
     out.mkdir(parents=True, exist_ok=True)
     _check_identity(out, job.identity())
-    if (out / B.MANIFEST).is_file() and all(stage_info(out, s) is not None for s in STAGES):  # geometry's is {}
+    _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
+    manifest = _read_json(out / B.MANIFEST)
+    if manifest is not None and all(stage_info(out, s) is not None for s in STAGES):  # geometry's is {}
         if progress:
             for s in STAGES:
                 progress.skip(f"atlas: {s}")
-        return json.loads((out / B.MANIFEST).read_text())
+        return manifest
     B.unfinish(out)
     remove_stale_temporaries(out)
 

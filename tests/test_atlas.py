@@ -945,3 +945,55 @@ def test_an_approximate_atlas_index_is_tuned_for_the_vocabulary_prompts(tiny_bun
     recall = np.mean([len(set(g.tolist()) & set(e.tolist())) / 10 for g, e in zip(got, exact)])
     assert info["recall"]["value_text"] == pytest.approx(recall, abs=0.02)
     assert recall >= 0.95 or info["rerank"] == 64
+
+
+def test_a_rerun_repairs_damaged_files_and_refuses_unreadable_settings(tiny_bundle, tmp_path):
+    """Files of a finished stage gone or damaged, a damaged stage marker or manifest: the rerun redoes that
+    stage and those after it and writes what the undamaged bundle held (tracebacks before); a damaged
+    settings file is refused in one sentence and nothing is removed."""
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.errors import UserError
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    opts = dict(sae=str(tiny_bundle / "sae"), dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2",
+                embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), limit=40, topk=4, batch_size=16)
+
+    class Notes:
+        lines: list = []
+
+        def stage(self, name):
+            import contextlib
+
+            return contextlib.nullcontext(lambda f: None)
+
+        def skip(self, name):
+            pass
+
+        def note(self, line):
+            self.lines.append(line)
+
+    build_atlas(AtlasJob(**opts))
+    b = tmp_path / "b"
+    files = ("neurons/top_images.npy", "neurons/top_heat.npy", "neurons/labels.json", "hierarchy.json", "world.json")
+    want = {f: (b / f).read_bytes() for f in files}
+    for damage, stage in (("neurons/top_images.npy", "scan"), ("neurons/labels.json", "labels"),
+                          (".stages/labels.json", None), ("manifest.json", None)):
+        (b / damage).write_bytes((b / damage).read_bytes()[:40])  # truncated
+        notes = Notes()
+        notes.lines = []
+        build_atlas(AtlasJob(**opts), notes)
+        if stage:
+            assert notes.lines == [f"atlas: {b / damage} is missing or damaged; the {stage} stage and those after it run "
+                                   "again."]
+        open_bundle(b).validate()
+        for f in files:
+            assert (b / f).read_bytes() == want[f], (damage, f)
+    (b / "neurons/labels.json").unlink()
+    build_atlas(AtlasJob(**opts))
+    assert (b / "neurons/labels.json").read_bytes() == want["neurons/labels.json"]
+    (b / ".stages/settings.json").write_text("{")
+    with pytest.raises(UserError, match=r"settings.json cannot be read, so the settings .* are unknown; pass a new --out"):
+        build_atlas(AtlasJob(**opts))
+    assert all((b / f).read_bytes() == want[f] for f in files) and (b / "manifest.json").is_file()
