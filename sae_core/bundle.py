@@ -127,6 +127,13 @@ def unfinish(root: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Reader
 # ----------------------------------------------------------------------------------------------
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def open_bundle(path: str | Path) -> "Bundle":
     """Open a finished bundle; UserError (one sentence) if missing, unfinished or of another schema."""
     return Bundle(path)
@@ -159,6 +166,16 @@ class Bundle:
         missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
         if missing:
             raise UserError(f"{mpath} lacks {', '.join(missing)}; the bundle is damaged, rebuild it.")
+        # every reader indexes these sections and sizes: a wrong type would be a traceback far from its cause
+        for key in REQUIRED_MANIFEST_KEYS[1:]:
+            if not isinstance(manifest[key], dict):
+                raise UserError(f"{mpath} holds {key} as a JSON {_json_kind(manifest[key])}, not an object; the bundle "
+                                "is damaged, rebuild it.")
+        for section, key in (("sae", "d_sae"), ("dataset", "n_images")):
+            value = manifest[section].get(key)
+            if type(value) is not int or value < 0:
+                raise UserError(f"{mpath} holds {section}.{key} = {json.dumps(value)}, not a whole number; the bundle "
+                                "is damaged, rebuild it.")
         self.root = root
         self.manifest: dict = manifest
         self._arrays: dict[str, np.ndarray] = {}
@@ -210,6 +227,11 @@ class Bundle:
                 raise UserError(f"bundle {self.root} has no array {name!r} ({path.relative_to(self.root)}); "
                                 "rebuild it with the current atlas.")
             try:
+                with open(path, "rb") as f:
+                    head = f.read(len(NPY_MAGIC))
+                if head != NPY_MAGIC:  # numpy would call any such file "pickled (object) data"
+                    raise UserError(f"{path} is not a .npy file (it lacks numpy's header); the bundle is damaged, "
+                                    "rebuild it.")
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot read {path} ({e}); the bundle is damaged, rebuild it.") from e
@@ -451,9 +473,17 @@ class Bundle:
             if self.has(name) and self.array(name).shape[0] != K:
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[0]} rows "
                                 f"but the SAE has {K} neurons; rebuild the bundle.")
+            if self.has(name) and self.array(name).dtype.kind not in "biuf":
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy holds {self.array(name).dtype} values, not "
+                                "numbers; rebuild the bundle.")
             if name in ONE_PER_NEURON and self.has(name) and self.array(name).ndim != 1:
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy has shape {self.array(name).shape}, not one "
                                 f"value per neuron ({K},); rebuild the bundle.")
+        if self.has(EMBEDDINGS):  # search results are row numbers, read as image ids
+            shape = self.array(EMBEDDINGS).shape
+            if len(shape) != 2 or shape[0] != self.n_images:
+                raise UserError(f"bundle {self.root}: {EMBEDDINGS} has shape {shape}, not one row for each of its "
+                                f"{self.n_images} images; rebuild the bundle.")
         T = self.array("top_images").shape[1]
         for name in ("top_acts", "top_patch", "top_heat"):
             if self.has(name) and self.array(name).shape[1] != T:

@@ -132,6 +132,39 @@ def test_validate_catches_shape_mismatch(tmp_path):
         B.open_bundle(tmp_path).validate()
 
 
+def test_damaged_manifest_sections_and_arrays_are_refused_in_one_sentence(tmp_path):
+    """Manifest sections of the wrong JSON type, sizes that are not whole numbers, a file without numpy's
+    header, an array of strings and embeddings of another size: each a UserError naming the file (each
+    was a TypeError/ValueError/AttributeError traceback in `inspect`, or passed, or was called "pickled")."""
+    _write_small_bundle(tmp_path)
+    good = json.loads((tmp_path / B.MANIFEST).read_text())
+    for change, message in (({"metrics": None}, "holds metrics as a JSON null, not an object"),
+                            ({"model": []}, "holds model as a JSON list, not an object"),
+                            ({"sae": {"d_sae": "x"}}, 'holds sae.d_sae = "x", not a whole number'),
+                            ({"dataset": {"n_images": 2.5}}, "holds dataset.n_images = 2.5, not a whole number"),
+                            ({"sae": {"d_sae": True}}, "holds sae.d_sae = true, not a whole number")):
+        (tmp_path / B.MANIFEST).write_text(json.dumps({**good, **change}))
+        with pytest.raises(UserError, match=message):
+            B.open_bundle(tmp_path)
+    (tmp_path / B.MANIFEST).write_text(json.dumps(good))
+    B.open_bundle(tmp_path).validate()
+    (tmp_path / "neurons/top_images.npy").write_text("garbage\n")
+    with pytest.raises(UserError, match="top_images.npy is not a .npy file .*; the bundle is damaged") as e:
+        B.open_bundle(tmp_path).validate()
+    assert "pickle" not in str(e.value)
+    B.write_array(tmp_path, "neurons/top_images.npy", np.array([[3, 1, -1]] * 6))
+    B.write_array(tmp_path, "neurons/ms.npy", np.array(["a"] * 6))
+    with pytest.raises(UserError, match="ms.npy holds <U1 values, not numbers"):
+        B.open_bundle(tmp_path).validate()
+    B.write_array(tmp_path, "neurons/ms.npy", np.zeros(6, np.float32))
+    B.write_array(tmp_path, B.EMBEDDINGS, np.zeros((19, 4), np.float16))
+    B.write_manifest(tmp_path, {k: good[k] for k in ("model", "sae", "dataset", "embedder", "metrics")})
+    with pytest.raises(UserError, match=r"embeddings.npy has shape \(19, 4\), not one row for each of its 20 images"):
+        B.open_bundle(tmp_path).validate()
+    B.write_array(tmp_path, B.EMBEDDINGS, np.zeros((20, 4), np.float16))
+    B.open_bundle(tmp_path).validate()
+
+
 def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
     """A CLS-scored bundle's second gallery and labels.json's from_patch_gallery are checked like the rest."""
     _write_small_bundle(tmp_path)
