@@ -484,7 +484,8 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     layout = adapter.layout
     N = len(dataset) if n_images is None else min(n_images, len(dataset))
     if N < 2:
-        raise UserError(f"the dataset has {N} images; the atlas needs at least 2.")
+        raise UserError(f"the scan would cover {N} image{'' if N == 1 else 's'} of the dataset's {len(dataset)}; the atlas "
+                        "needs at least 2.")
     K, d, P = sae.cfg.d_sae, adapter.width, layout.n_patches
     same_model = embedder is None or embedder is adapter
     embedder = adapter if embedder is None else embedder

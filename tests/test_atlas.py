@@ -997,3 +997,13 @@ def test_a_rerun_repairs_damaged_files_and_refuses_unreadable_settings(tiny_bund
     with pytest.raises(UserError, match=r"settings.json cannot be read, so the settings .* are unknown; pass a new --out"):
         build_atlas(AtlasJob(**opts))
     assert all((b / f).read_bytes() == want[f] for f in files) and (b / "manifest.json").is_file()
+
+
+def test_a_limit_below_two_images_is_refused_before_anything_loads(tmp_path):
+    """--limit 1 was refused only after the models loaded, as "the dataset has 1 images" (it has 2,000)."""
+    args = [sys.executable, "-m", "precompute", "atlas", "--sae", str(tmp_path / "sae"), "--dataset", "world:W:val",
+            "--model", "world:W:llava", "--layer=-2", "--out", str(tmp_path / "b"), "--limit", "1"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --limit 1 must be at least 2: the atlas compares images (MS needs two)."]
+    assert not (tmp_path / "b").exists()
