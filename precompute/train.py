@@ -11,9 +11,10 @@ from sae_core.activation_store import ActivationStore
 from sae_core.atomic import remove_stale_temporaries
 from sae_core.checkpoint import CONFIG, WEIGHTS
 from sae_core.distributed import finish_distributed, init_distributed, local_device
+from sae_core.errors import UserError
 from sae_core.precision import resolve_device, warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
-from sae_core.training import TrainConfig, train_sae
+from sae_core.training import TrainConfig, finished_run_difference, train_sae
 
 from .args import command_line, nonnegative_float, nonnegative_int, positive_float, positive_int
 
@@ -38,7 +39,7 @@ def add_arguments(p):
     p.add_argument("--aux-coeff", type=nonnegative_float, default=SAEConfig.aux_coeff)
     p.add_argument("--aux-k", type=positive_int, help="default d_in/2")
     p.add_argument("--dead-window", type=positive_int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
-    p.add_argument("--eval-rows", type=int, help="held-out rows at the end of the store (default 5%%, at most 65,536)")
+    p.add_argument("--eval-rows", type=positive_int, help="held-out rows at the end of the store (default 5%%, at most 65,536)")
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: every 5 minutes)")
     p.add_argument("--log", choices=["wandb", "tensorboard"], help="also log to W&B or TensorBoard")
     p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")
@@ -60,6 +61,11 @@ def run(args) -> int:
     remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():
         done = json.loads((out / CONFIG).read_text())
+        # a rerun with other options must not end in "nothing to do" beside an SAE trained without them
+        differs = finished_run_difference(done, store, sae_cfg, cfg)
+        if differs:
+            raise UserError(f"{out} already holds a finished SAE trained otherwise ({differs}); give a new --out, "
+                            f"or delete {out} to train it again.")
         print(f"{out} already holds a finished SAE ({done['arch']}, width {done['d_sae']}); nothing to do.")
         return 0
     info = init_distributed(args.device)

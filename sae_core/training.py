@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .activation_store import ActivationStore, shuffled_batch_index
-from .atomic import atomic_path, write_json_atomic
+from .atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
@@ -113,14 +113,40 @@ def _init_stats(store: ActivationStore, n_train: int, cfg: TrainConfig) -> tuple
 
 
 class _Checkpoint:
-    """Everything a resumed run needs, in `DIR/checkpoint/` (tensors in safetensors, the rest JSON)."""
+    """Everything a resumed run needs, in `DIR/checkpoint/` (tensors in safetensors, the rest JSON).
+
+    The JSON (step, tokens, scale, run config) travels inside the safetensors header, so that one rename
+    publishes weights and step together: with two files, a kill between their renames paired new weights
+    with the previous step, and the resumed run replayed steps on weights that had already taken them.
+    `state.json` is a readable copy written after it.
+    """
 
     def __init__(self, out_dir: Path):
         self.dir = out_dir / "checkpoint"
         self.tensors, self.meta = self.dir / "state.safetensors", self.dir / "state.json"
 
     def exists(self) -> bool:
-        return self.meta.exists() and self.tensors.exists()
+        return self.tensors.exists() and (self.meta.exists() or self._embedded_meta() is not None)
+
+    def _embedded_meta(self) -> dict | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.tensors), "pt") as f:
+                text = (f.metadata() or {}).get("meta")
+        except Exception:  # unreadable: load() names it
+            return None
+        return json.loads(text) if text else None
+
+    def read_meta(self) -> dict:
+        """The step, tokens, scale and run config the weights belong to (a checkpoint written before the
+        header carried them falls back to state.json)."""
+        try:
+            meta = self._embedded_meta()
+            return meta if meta is not None else json.loads(self.meta.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"the checkpoint in {self.dir} cannot be read ({e}); delete that folder to start the "
+                            "run over.") from None
 
     def save(self, sae, opt, tracker: Tensor, meta: dict) -> None:
         tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
@@ -132,12 +158,15 @@ class _Checkpoint:
                     tensors[f"adam.{name}.{key}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1).contiguous()
         tensors["tokens_since_fired"] = tracker.cpu().contiguous()
         with atomic_path(self.tensors) as tmp:
-            save_file(tensors, str(tmp))
-        write_json_atomic(self.meta, meta)  # last: a checkpoint without it is ignored
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+        write_json_atomic(self.meta, meta)
 
-    def load(self, sae, opt, device) -> tuple[dict, Tensor]:
-        meta = json.loads(self.meta.read_text())
-        t = load_file(str(self.tensors))
+    def load(self, sae, opt, device) -> Tensor:
+        try:
+            t = load_file(str(self.tensors))
+        except Exception as e:
+            raise UserError(f"the checkpoint in {self.dir} cannot be read ({e}); delete that folder to start the "
+                            "run over.") from None
         sae.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("sae.")})
         for name, p in sae.named_parameters():
             if f"adam.{name}.exp_avg" in t:
@@ -146,7 +175,32 @@ class _Checkpoint:
                     "exp_avg": t[f"adam.{name}.exp_avg"].reshape(p.shape).to(device),
                     "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].reshape(p.shape).to(device),
                 }
-        return meta, t["tokens_since_fired"].to(device)
+        return t["tokens_since_fired"].to(device)
+
+
+def first_difference(then, now, path: str = "") -> str | None:
+    """The first setting in which two run configs differ, as "NAME: THEN there, NOW now", or None."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for key in list(now) + [k for k in then if k not in now]:
+            found = first_difference(then.get(key), now.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if then == now else f"{path}: {then!r} there, {now!r} now"
+
+
+def finished_run_difference(config: dict, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig) -> str | None:
+    """How the finished SAE described by `config` (its config.json) was trained otherwise than this command
+    would train it, as "NAME: THEN there, NOW now", or None. Settings the file does not record (an SAE from
+    an older version, or imported) are not compared; the number of processes is not either, since it
+    changes the weights only by rounding."""
+    now_sae = sae_cfg.to_dict()
+    now_train = {**asdict(cfg.resolved(sae_cfg.d_sae)), "data": store.identity()}
+    then_train = config.get("training") or {}
+    then = {**{k: config[k] for k in now_sae if k in config},
+            **{k: then_train[k] for k in now_train if k in then_train}}
+    now = json.loads(json.dumps({**now_sae, **{k: v for k, v in now_train.items() if k in then_train}}))
+    return first_difference(then, {k: v for k, v in now.items() if k in then})
 
 
 def _open_logger(kind: str | None, out_dir: Path, run_config: dict):
@@ -217,15 +271,18 @@ def train_sae(
     tracker = torch.zeros(sae_cfg.d_sae, dtype=torch.float64, device=device)  # tokens since each latent fired
     start, tokens_seen = 0, 0
     if ckpt.exists():
-        meta, tracker = ckpt.load(sae, opt, device)
+        # compared before anything is loaded: another width's tensors do not fit this SAE
+        meta = ckpt.read_meta()
         now = json.loads(json.dumps(run_config))
         if "data" not in meta["run_config"]:  # a checkpoint from before the data's identity was recorded
             now.pop("data")
-        if meta["run_config"] != now:
+        differs = first_difference(meta["run_config"], now)
+        if differs:
             raise UserError(
-                f"{out_dir} holds a checkpoint of a different run (other arguments or data); "
-                "use a new --out directory or delete its checkpoint/ folder to start over."
+                f"{out_dir} holds a checkpoint of a different run ({differs}); use the same arguments and data to "
+                "resume, a new --out directory, or delete its checkpoint/ folder to start over."
             )
+        tracker = ckpt.load(sae, opt, device)
         start, tokens_seen, scale = meta["step"], meta["tokens"], meta["scale"]
     else:
         scale, b_dec = _init_stats(store, n_train, cfg)
@@ -319,14 +376,15 @@ def train_sae(
         sae.fold_input_scale(scale)
         metrics = evaluate_on_rows(sae, store, n_train, len(store), device)
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
-                "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen}
+                "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen, "data": run_config["data"]}
         # metrics first: save_sae's config.json marks the SAE finished, and a kill between the two left a
         # finished SAE whose metrics.json never came back
         write_json_atomic(out_dir / "metrics.json", metrics)
         save_sae(sae, out_dir, training=info)
-        if ckpt.exists():
-            for f in (ckpt.meta, ckpt.tensors):  # the finished SAE supersedes the checkpoint
-                f.unlink()
+        if ckpt.dir.exists():  # the finished SAE supersedes the checkpoint
+            for f in (ckpt.meta, ckpt.tensors):
+                f.unlink(missing_ok=True)
+            remove_stale_temporaries(ckpt.dir)  # a killed checkpoint write's leftovers would keep the folder
             ckpt.dir.rmdir()
     barrier(dist_info)
     return metrics

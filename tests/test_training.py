@@ -256,3 +256,77 @@ def test_a_kill_before_the_sae_is_marked_finished_keeps_its_metrics(planted, tmp
     assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2)) == 0
     assert (tmp_path / "config.json").is_file() and (tmp_path / "metrics.json").is_file()
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def _small_rows(path, negate=False):
+    x = np.random.default_rng(3).standard_normal((3000, 16)).astype(np.float32)
+    np.save(path, -x if negate else x)
+    return path
+
+
+def _small_args(npy, out, steps, width=64, extra=()):
+    return ["train", "--activations", str(npy), "--arch", "batchtopk", "--width", str(width), "--k", "3",
+            "--steps", str(steps), "--batch-size", "256", "--out", str(out), *extra]
+
+
+def test_a_torn_checkpoint_resumes_at_its_weights_step(tmp_path, monkeypatch, capsys):
+    """The checkpoint's weights and its step are renamed into place as one file: with the step in a second
+    file, a kill between the two renames paired step-4 weights with step 2 and the resumed run replayed two
+    steps on them. Reference: the same run uninterrupted."""
+    import sae_core.training as T
+
+    npy = _small_rows(tmp_path / "x.npy")
+    args = lambda out: _small_args(npy, tmp_path / out, 8, extra=["--checkpoint-every", "2"])  # noqa: E731
+    real = T.write_json_atomic
+    calls = []
+
+    def killed_at_second_checkpoint(path, obj):
+        if Path(path).name == "state.json":
+            calls.append(obj["step"])
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(path, obj)
+    monkeypatch.setattr(T, "write_json_atomic", killed_at_second_checkpoint)
+    assert precompute_main(args("resumed")) == 130
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 2  # the stale copy
+    assert precompute_main(args("resumed")) == 0
+    assert precompute_main(args("straight")) == 0
+    a = load_file(str(tmp_path / "resumed" / "sae.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "sae.safetensors"))
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+
+def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_setting(tmp_path, monkeypatch, capsys):
+    """A checkpoint of another width was loaded before it was compared (a size-mismatch traceback), and a
+    finished SAE answered any other options with "nothing to do", exit 0."""
+    import sae_core.training as T
+
+    npy, other = _small_rows(tmp_path / "x.npy"), _small_rows(tmp_path / "neg.npy", negate=True)
+    monkeypatch.setattr(T, "save_sae", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert precompute_main(_small_args(npy, tmp_path / "run", 4, extra=["--checkpoint-every", "2"])) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert precompute_main(_small_args(npy, tmp_path / "run", 4, width=128, extra=["--checkpoint-every", "2"])) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of a different run (sae.d_sae: 64 there, 128 now)" in err and "Traceback" not in err
+    assert precompute_main(_small_args(npy, tmp_path / "run", 4, extra=["--checkpoint-every", "2"])) == 0  # resumes
+    capsys.readouterr()
+
+    done = _small_args(npy, tmp_path / "done", 2)
+    assert precompute_main(done) == 0
+    weights = (tmp_path / "done" / "sae.safetensors").read_bytes()
+    capsys.readouterr()
+    for changed, named in [(_small_args(npy, tmp_path / "done", 3), "steps: 2 there, 3 now"),
+                           (_small_args(npy, tmp_path / "done", 2, width=32), "d_sae: 64 there, 32 now"),
+                           (_small_args(other, tmp_path / "done", 2), "data.sample:")]:
+        assert precompute_main(changed) == 2
+        err = capsys.readouterr().err
+        assert "already holds a finished SAE trained otherwise" in err and named in err, err
+    assert precompute_main(done) == 0 and "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "done" / "sae.safetensors").read_bytes() == weights
+    with pytest.raises(SystemExit) as exit_:
+        precompute_main(_small_args(npy, tmp_path / "e", 2, extra=["--eval-rows", "0"]))
+    assert exit_.value.code == 2 and "--eval-rows" in capsys.readouterr().err
