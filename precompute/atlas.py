@@ -69,6 +69,10 @@ class AtlasJob:
         # bad numbers (--topk, --batch-size, --memory-gib, --score) fail here, before any model loads
         AtlasConfig(layer=str(self.layer), score=self.score or "max", topk=self.topk, batch_size=self.batch_size,
                     memory_gib=self.memory_gib)
+        if self.vocabulary:  # read now: found at the labels stage, a typo came after the scan and locked --out to it
+            from sae_core.labels import file_concepts
+
+            file_concepts(self.vocabulary)
         if self.limit is not None and self.limit < 2:  # refused before any model loads, not after
             raise UserError(f"--limit {self.limit} must be at least 2: the atlas compares images (MS needs two).")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:

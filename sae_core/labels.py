@@ -99,12 +99,19 @@ def world_concepts(world_dir: str | Path | None = None, kinds: Sequence[str] = (
 def file_concepts(path: str | Path, template: str = DEFAULT_TEMPLATE) -> list[Concept]:
     """A vocabulary file: one concept per line (duplicates kept once), embedded as template.format(c)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"vocabulary {path} is a folder; pass a text file with one concept per line.")
     if not path.is_file():
         raise UserError(f"vocabulary file {path} does not exist; pass a text file with one concept per line.")
     if "{}" not in template:
         raise UserError(f"prompt template {template!r} needs a {{}} where the concept goes.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"vocabulary file {path} is not UTF-8 text (byte {e.start} is not); save it as UTF-8, one "
+                        "concept per line.") from None
     seen: dict[str, None] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         name = line.strip()
         if name and not name.startswith("#"):
             seen.setdefault(name)

@@ -999,11 +999,18 @@ def test_a_rerun_repairs_damaged_files_and_refuses_unreadable_settings(tiny_bund
     assert all((b / f).read_bytes() == want[f] for f in files) and (b / "manifest.json").is_file()
 
 
-def test_a_limit_below_two_images_is_refused_before_anything_loads(tmp_path):
+def test_a_limit_below_two_images_and_a_missing_vocabulary_are_refused_before_anything_loads(tmp_path):
     """--limit 1 was refused only after the models loaded, as "the dataset has 1 images" (it has 2,000)."""
     args = [sys.executable, "-m", "precompute", "atlas", "--sae", str(tmp_path / "sae"), "--dataset", "world:W:val",
             "--model", "world:W:llava", "--layer=-2", "--out", str(tmp_path / "b"), "--limit", "1"]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --limit 1 must be at least 2: the atlas compares images (MS needs two)."]
+    assert not (tmp_path / "b").exists()
+    # a --vocabulary typo, found before the scan: found after it, the folder was locked to the typo and the
+    # corrected command refused, so the scan was lost
+    proc = subprocess.run(args[:-2] + ["--vocabulary", str(tmp_path / "typo.txt")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: vocabulary file {tmp_path / 'typo.txt'} does not exist; pass a text file with one concept per line."]
     assert not (tmp_path / "b").exists()

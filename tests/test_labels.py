@@ -84,6 +84,12 @@ def test_world_and_file_vocabularies(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(UserError):
         file_concepts(tmp_path / "empty.txt")
+    # a folder and a Latin-1 file: one sentence each (a "does not exist" and a UnicodeDecodeError before)
+    with pytest.raises(UserError, match="is a folder; pass a text file"):
+        file_concepts(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text \(byte 3 is not\); save it as UTF-8"):
+        file_concepts(tmp_path / "latin1.txt")
 
 
 def test_dominant_factor_and_label_accuracy():
