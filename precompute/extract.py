@@ -250,7 +250,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
 
         # This rank's shards: a contiguous block, so rows stay in dataset order when merged.
         mine = range(info.rank * n_shards // info.world_size, (info.rank + 1) * n_shards // info.world_size)
-        todo = [k for k in mine if not (progress / f"{k:05d}.json").exists()]
+        todo = [k for k in mine if not _shard_done(progress / f"{k:05d}.json", layer_dirs)]
         batches, owner = [], []
         for k in todo:
             lo, hi = k * S, min((k + 1) * S, n_images)
@@ -306,6 +306,24 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
         return summary
     finally:
         finish_distributed(info)
+
+
+def _shard_done(marker: Path, layer_dirs: dict[str, Path]) -> bool:
+    """Whether a shard is marked done and its files are all there, whole: a shard file deleted or cut
+    short after its marker was written is redone, instead of being listed again in a manifest that
+    then cannot be read."""
+    if not marker.exists():
+        return False
+    try:
+        rows = json.loads(marker.read_text())["rows"]
+        for name, d in layer_dirs.items():
+            acts = np.load(d / "shards" / marker.with_suffix(".npy").name, mmap_mode="r")
+            index = np.load(d / "shards" / marker.with_suffix(".index.npy").name, mmap_mode="r")
+            if acts.ndim != 2 or acts.shape[0] != rows[name] or index.shape != (rows[name], 2):
+                return False
+    except (OSError, ValueError, EOFError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _sum_over_ranks(n: int, info, device: str) -> int:

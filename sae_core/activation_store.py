@@ -75,13 +75,19 @@ class ActivationStore:
                 f"{path} is neither an activation store directory nor a .npy file; "
                 "pass the --out directory of `python -m precompute extract` or an (N, d) .npy array."
             )
+        # a store's shards are redone by rerunning its extraction; a plain array is the user's own file
+        fix = "rerun the same extraction command to redo it" if path.is_dir() else "save the (N, d) array again"
+        listed_rows = [s.get("rows") for s in self.manifest.get("shards", [{}])]
         self.shards: list[np.ndarray] = []
-        for p in shard_paths:
+        for p, listed in zip(shard_paths, listed_rows):
             try:
                 arr = np.load(p, mmap_mode="r")
             except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
-                raise UserError(f"cannot read activation shard {p} ({e or 'the file is empty'}); re-run the "
-                                "extraction.") from e
+                raise UserError(f"cannot read activation shard {p} ({e or 'the file is empty'}); {fix}.") from e
+            if listed is not None and arr.ndim == 2 and arr.shape[0] != listed:
+                # rows would be matched to the wrong images by the index files and the manifest's counts
+                raise UserError(f"activation shard {p} holds {arr.shape[0]} rows but {path / MANIFEST} lists "
+                                f"{listed}; {fix}.")
             if arr.ndim != 2:
                 raise UserError(f"{p} has shape {arr.shape}, expected (rows, d); pass a 2-D activation array.")
             if arr.dtype not in (np.float16, np.float32, np.float64):
@@ -148,7 +154,18 @@ class ActivationStore:
         if self._index is None:
             if self._index_paths is None:
                 raise UserError(f"{self.path} records no image index per row; re-extract it with `python -m precompute extract`.")
-            self._index = [np.load(p, mmap_mode="r") for p in self._index_paths]
+            files = []
+            for p, n in zip(self._index_paths, np.diff(self.offsets)):
+                try:
+                    a = np.load(p, mmap_mode="r")
+                except (OSError, ValueError, EOFError) as e:
+                    raise UserError(f"cannot read the row index {p} ({e or 'the file is empty'}); rerun the same "
+                                    "extraction command to redo it.") from e
+                if a.shape != (n, 2):
+                    raise UserError(f"the row index {p} has shape {a.shape}, not ({n}, 2) as its shard; rerun the "
+                                    "same extraction command to redo it.")
+                files.append(a)
+            self._index = files
         if index is None:
             return np.concatenate([np.asarray(a) for a in self._index])
         return _take(self._index, self.offsets, index, 2)

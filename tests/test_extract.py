@@ -284,3 +284,25 @@ def test_unreadable_and_unprocessable_images_are_skipped_in_the_loader():
     assert [i for i, _ in skipped] == [3, 4, 5]
     assert "preprocessing failed: ValueError: cannot resize" in skipped[2][1] and ds.item(5) in skipped[2][1]
     assert collate([_Items(ds)[3]])[0] is None
+
+
+def test_a_done_shard_whose_files_are_gone_or_cut_short_is_redone(tmp_path):
+    """A marker alone made a shard count as done: with its file deleted or truncated afterwards, the rerun
+    wrote the manifest again ("wrote 2 store(s)") and the store could not be read, its message saying to
+    rerun. Reference: an extraction that was never damaged."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    _extract_like_cli(ref)
+    _extract_like_cli(out)
+    (out / "layer_1" / "shards" / "00001.npy").unlink()
+    cut = out / "layer_embed" / "shards" / "00003.index.npy"
+    cut.write_bytes(cut.read_bytes()[:-8])
+    with pytest.raises(UserError, match="rerun the same extraction command"):
+        ActivationStore(out / "layer_1")
+    kept = (out / "progress" / "00000.json").stat().st_mtime_ns
+    _extract_like_cli(out)
+    assert _store_bytes(out) == _store_bytes(ref)
+    assert (out / "progress" / "00000.json").stat().st_mtime_ns == kept  # the whole shards were not redone
+    for layer in ("layer_1", "layer_embed"):
+        store = ActivationStore(out / layer)
+        assert np.array_equal(store.rows(0, len(store)), ActivationStore(ref / layer).rows(0, len(store)))
+        assert np.array_equal(store.row_index(), ActivationStore(ref / layer).row_index())

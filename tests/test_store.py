@@ -110,3 +110,21 @@ def test_unfinished_and_foreign_stores_are_user_errors(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((3, 2, 2), np.float32))
     with pytest.raises(UserError, match="expected \\(rows, d\\)"):
         ActivationStore(tmp_path / "a.npy")
+
+
+def test_a_shard_or_row_index_of_another_length_than_listed_is_refused(tmp_path):
+    """The manifest's row counts were not checked against the files, so a shard or index file of another
+    length shifted every later row onto another image without a word."""
+    full, index = _make_store(tmp_path / "s")
+    s = ActivationStore(tmp_path / "s")
+    assert np.array_equal(s.rows(0, len(s)), full) and np.array_equal(s.row_index(), index)
+    save_npy_atomic(tmp_path / "s" / "shards" / "2.index.npy", index[:12])
+    with pytest.raises(UserError, match=r"row index .*2\.index\.npy has shape \(12, 2\), not \(13, 2\)"):
+        ActivationStore(tmp_path / "s").row_index()
+    save_npy_atomic(tmp_path / "s" / "shards" / "2.npy", full[:12])
+    with pytest.raises(UserError, match=r"holds 12 rows but .*manifest.json lists 13; rerun the same extraction"):
+        ActivationStore(tmp_path / "s")
+    np.save(tmp_path / "t.npy", full)
+    (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:-10])
+    with pytest.raises(UserError, match="save the \\(N, d\\) array again"):
+        ActivationStore(tmp_path / "t.npy")
