@@ -215,11 +215,18 @@ def load_index(path: str | Path, embeddings=None) -> SearchIndex:
         raise UserError(f"embeddings of shape {tuple(embeddings.shape)} do not match the index at {path} "
                         f"({index.ntotal} x {index.d}); rebuild the bundle.")
     side = info_path(path)
-    info = json.loads(side.read_text()) if side.is_file() else {}
+    try:
+        info = json.loads(side.read_text()) if side.is_file() else {}
+    except (OSError, ValueError) as e:  # written atomically: damaged afterwards (a copy cut short)
+        raise UserError(f"{side} cannot be read as JSON ({e}); copy the bundle again or rebuild it.") from None
+    rerank = info.get("rerank", 10) if isinstance(info, dict) else None
+    if type(rerank) is not int or rerank < 1:
+        raise UserError(f"{side} is not the index's settings (an object with a whole rerank of at least 1); copy the "
+                        "bundle again or rebuild it.")
     info.update(kind=kind, n=int(index.ntotal), d=int(index.d))
     if kind == "ivfpq":
         info.update(nlist=int(index.nlist), m=int(index.pq.M), nbits=int(index.pq.nbits), nprobe=int(index.nprobe))
-    return SearchIndex(index, kind, info, embeddings, int(info.get("rerank", 10)))
+    return SearchIndex(index, kind, info, embeddings, rerank)
 
 
 def _add_in_chunks(index, embeddings, chunk: int = 65536, progress: bool = False) -> None:

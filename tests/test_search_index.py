@@ -122,5 +122,12 @@ def test_flat_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.faiss").write_bytes(b"not an index")
     with pytest.raises(UserError):
         load_index(tmp_path / "bad.faiss")
+    # its settings file damaged after the build: one sentence each (a JSONDecodeError / TypeError before)
+    for text, message in (("{", r"index.faiss.json cannot be read as JSON \(.*\); copy the bundle again"),
+                          ("[]", "is not the index's settings"), ('{"rerank": "x"}', "is not the index's settings"),
+                          ('{"rerank": 0}', "whole rerank of at least 1")):
+        info_path(path).write_text(text)
+        with pytest.raises(UserError, match=message):
+            load_index(path)
     with pytest.raises(UserError):
         build_index(np.zeros((0, 16), np.float32))
