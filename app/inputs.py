@@ -97,10 +97,11 @@ def text(value, what: str, limit: int) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # URL query state: ?tab=neuron&neuron=12, ?tab=steer&image=3&latents=5,9&values=4,2&patches=1,2&keep_error=1
-# and ?tab=hierarchy&root=3&kind=treemap
+# ?tab=hierarchy&root=3&kind=treemap, ?tab=neurons&min_ms=0.5&label=red&sort=support&desc=0&rows=50 (a filter)
+# and ?tab=neurons&search=a+red+star (a text search)
 # ----------------------------------------------------------------------------------------------
 STATE_KEYS = ("tab", "neuron", "image", "query", "latents", "values", "patches", "keep_error", "question", "root",
-              "kind")
+              "kind", "search", "min_ms", "min_support", "level", "label", "sort", "desc", "rows")
 TABS = ("overview", "neurons", "neuron", "images", "hierarchy", "steer")
 
 

@@ -1,6 +1,7 @@
 """The explorer's Gradio page: six tabs over one bundle; every event has an `api_name`."""
 import functools
 import json
+import math
 
 import gradio as gr
 import numpy as np
@@ -661,12 +662,21 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return ex.table(min_ms, min_support, level, label_contains, sort_by, bool(descending), limit)
 
         filters = [f_min_ms, f_min_support, f_level, f_label, f_sort, f_desc, f_limit]
-        f_button.click(neuron_table, filters, table, api_name="neuron_table")
+        # a filter's address holds the fields that differ from the page's defaults (a copied link gave the
+        # unfiltered table): the URL keys, in the order of `filters`, and their defaults
+        filter_keys = ("min_ms", "min_support", "level", "label", "sort", "desc", "rows")
+        filter_defaults = tuple(c.value for c in filters)
+
+        def filter_address(*values):
+            values = [float(v) if k == "min_ms" else v for k, v in zip(filter_keys, values)]
+            return inputs.encode_state({"tab": "neurons", **{k: v for k, v, d in zip(filter_keys, values, filter_defaults)
+                                                              if v != d and not (isinstance(v, str) and v.strip() == d)}})
+
         # Enter in a filter box filters, as in the search boxes (the button's other listeners follow it)
         filter_runs = [f_button.click, f_min_support.submit, f_label.submit, f_limit.submit]
-        for submit in filter_runs[1:]:
-            submit(neuron_table, filters, table, api_name=False)
-        demo.load(neuron_table, filters, table, api_name=False)
+        for i, trigger in enumerate(filter_runs):
+            trigger(neuron_table, filters, table, api_name="neuron_table" if i == 0 else False).success(
+                filter_address, filters, url_box, api_name=False, queue=False)
 
         @user_errors
         def neuron_table_csv(min_ms, min_support, level, label_contains, sort_by, descending):
@@ -691,8 +701,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return table, (f"{len(ids)} neurons, best match first (cosine between the query's text embedding and "
                            "the mean embedding of each neuron's top 16 images).")
 
-        text_button.click(search_neurons_by_text, text_query, [table, search_note], api_name="search_neurons_by_text")
-        text_query.submit(search_neurons_by_text, text_query, [table, search_note], api_name=False)
+        for trigger, api_name in ((text_button.click, "search_neurons_by_text"), (text_query.submit, False)):
+            trigger(search_neurons_by_text, text_query, [table, search_note], api_name=api_name).success(
+                lambda q: inputs.encode_state({"tab": "neurons", "search": str(q or "").strip()}), text_query, url_box,
+                api_name=False, queue=False)
 
         @user_errors
         def search_neurons_by_image(path):
@@ -703,7 +715,52 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         image_button.click(search_neurons_by_image, search_image, [table, search_where, search_note],
                            api_name="search_neurons_by_image").success(
-            lambda: gr.Image(visible=True), None, search_where, api_name=False, queue=False)
+            lambda: (gr.Image(visible=True), "tab=neurons"), None, [search_where, url_box], api_name=False,
+            queue=False)  # an upload has no address
+
+        def neurons_restore(request: gr.Request):
+            """The table on page load: ?tab=neurons&search=Q's text search, or the link's filter fields (each
+            checked alone: a bad one is warned about and left at its default), else the default filter."""
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            values, query = list(filter_defaults), ""
+            if state.get("tab") == "neurons" and state.get("search"):
+                try:
+                    found, note = search_neurons_by_text(state["search"])
+                    return (*values, state["search"], found, note)
+                except gr.Error as e:
+                    gr.Warning(f"the link's search could not be restored: {e.message}")
+            elif state.get("tab") == "neurons":
+                def fraction(v):
+                    try:
+                        f = float(v)
+                    except ValueError:
+                        f = math.nan
+                    if not (math.isfinite(f) and 0 <= f <= 1):
+                        raise UserError(f"the minimum MS {v!r} is not a number between 0 and 1")
+                    return f
+
+                def one_of(options, what):
+                    def check(v):
+                        if v not in options:
+                            raise UserError(f"{what} {v!r} is not one of {', '.join(options)}")
+                        return v
+                    return check
+
+                checks = (fraction, lambda v: inputs.integer(v, "minimum support", 0, 2**62),
+                          one_of(level_choices, "the level"),
+                          lambda v: inputs.text(v, "label filter", inputs.MAX_QUERY_CHARS),
+                          one_of(list(ex.table_sorts), "the sort column"),
+                          lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+                          lambda v: inputs.integer(v, "row limit", 1, MAX_TABLE_ROWS))
+                for i, (key, check) in enumerate(zip(filter_keys, checks)):
+                    if key in state:
+                        try:
+                            values[i] = check(state[key])
+                        except UserError as e:
+                            gr.Warning(f"part of the link could not be restored: {e}; it is left at its default")
+            return (*values, query, neuron_table(*values), "")
+
+        demo.load(neurons_restore, None, filters + [text_query, table, search_note], api_name=False)
         for listener in (*filter_runs, text_button.click, text_query.submit):  # a table it does not explain
             listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
         # nor does a search's note explain a filter's table, or the filter's CSV a search's table (its

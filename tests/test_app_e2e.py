@@ -332,9 +332,22 @@ def test_image_search_shows_where_it_fires_until_another_table(page, explorer_ap
     pg.wait_for_function("() => !document.querySelector('#search-where')?.checkVisibility()")
     pg.wait_for_selector("#search-note:has-text('best match first')")
     assert not pg.locator("#neuron-csv-file").is_visible()
+    # the search is in the address (it stayed ?tab=neurons), and so is a filter, which a link restores
+    pg.wait_for_function("() => location.search === '?tab=neurons&search=a+photo+of+a+red+object'")
     pg.get_by_role("button", name="Filter", exact=True).click()
     pg.wait_for_function("() => document.querySelector('#search-note').innerText.trim() === ''")
     assert not pg.locator("#neuron-table [role=columnheader]:has-text('match')").count()
+    pg.get_by_label("label contains", exact=False).fill("red")
+    pg.get_by_label("descending").uncheck()
+    pg.get_by_role("button", name="Filter", exact=True).click()
+    pg.wait_for_function("() => location.search === '?tab=neurons&label=red&desc=0'")
+    rows = ("() => Array.from(document.querySelectorAll('#neuron-table [role=row]')).map(r => Array.from("
+            "r.querySelectorAll('[role=gridcell]')).map(c => c.innerText)).filter(r => r.length)")
+    pg.wait_for_function(f"() => ({rows})().length > 0 && ({rows})().every(r => r[1].includes('red'))")
+    shown = pg.evaluate(rows)
+    pg.goto(pg.url)
+    pg.wait_for_function(f"(n) => ({rows})().length === n", arg=len(shown))
+    assert pg.evaluate(rows) == shown and not pg.get_by_label("descending").is_checked()
 
 
 def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_app):
