@@ -171,6 +171,10 @@ class Bundle:
             if not isinstance(manifest[key], dict):
                 raise UserError(f"{mpath} holds {key} as a JSON {_json_kind(manifest[key])}, not an object; the bundle "
                                 "is damaged, rebuild it.")
+        for name, rel in manifest["files"].items():  # read as paths below the bundle, never outside it
+            if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise UserError(f"{mpath} lists {name} at {json.dumps(rel)}, not a path inside the bundle; the bundle "
+                                "is damaged, rebuild it.")
         for section, key in (("sae", "d_sae"), ("dataset", "n_images")):
             value = manifest[section].get(key)
             if type(value) is not int or value < 0:
@@ -259,7 +263,17 @@ class Bundle:
         "labels_by_patch": [str per neuron, read from that gallery]} (empty labels if none were computed)."""
         if not (self.root / LABELS).is_file():
             return {"method": None, "vocabulary": [], "labels": [""] * self.n_neurons, "from_patch_gallery": []}
-        return {"from_patch_gallery": [], **self.json(LABELS)}
+        labels = {"from_patch_gallery": [], **self.json(LABELS)}
+        # every page indexes these lists: their shape is checked once, here, not at each reader
+        for key in ("labels", "labels_by_patch"):
+            v = labels.get(key, [])
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise UserError(f"{self.root / LABELS}: {key} is not a list of strings; the bundle is damaged, rebuild it.")
+        patch = labels["from_patch_gallery"]
+        if "labels" not in labels or not isinstance(patch, list) or not all(type(k) is int for k in patch):
+            raise UserError(f"{self.root / LABELS} lacks its labels or lists non-integer neuron ids as labelled from "
+                            "patches; the bundle is damaged, rebuild it.")
+        return labels
 
     @cached_property
     def _labelled_from_patch(self) -> frozenset:

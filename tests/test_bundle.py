@@ -163,6 +163,22 @@ def test_damaged_manifest_sections_and_arrays_are_refused_in_one_sentence(tmp_pa
         B.open_bundle(tmp_path).validate()
     B.write_array(tmp_path, B.EMBEDDINGS, np.zeros((20, 4), np.float16))
     B.open_bundle(tmp_path).validate()
+    # labels.json of another shape (KeyError, TypeError, ValueError before) and `files` entries that are not
+    # paths inside the bundle (a TypeError; "../" read a file outside it)
+    good_labels = json.loads((tmp_path / B.LABELS).read_text())
+    for change in ({"labels": None}, {"labels": 5}, {"labels": ["a", 7, "c", "d", "e", "f"]},
+                   {"labels_by_patch": "red"}, {"from_patch_gallery": ["a"]}, {"from_patch_gallery": 3}):
+        B.write_json(tmp_path, B.LABELS, {k: v for k, v in {**good_labels, **change}.items() if v is not None})
+        with pytest.raises(UserError, match="labels.json.*the bundle is damaged, rebuild it"):
+            B.open_bundle(tmp_path).validate()
+    B.write_json(tmp_path, B.LABELS, good_labels)
+    manifest = json.loads((tmp_path / B.MANIFEST).read_text())
+    for rel in (5, "../../etc/passwd", "/etc/passwd"):
+        (tmp_path / B.MANIFEST).write_text(json.dumps({**manifest, "files": {**manifest["files"], "ms": rel}}))
+        with pytest.raises(UserError, match=r"lists ms at .*, not a path inside the bundle"):
+            B.open_bundle(tmp_path)
+    (tmp_path / B.MANIFEST).write_text(json.dumps(manifest))
+    B.open_bundle(tmp_path).validate()
 
 
 def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
