@@ -273,5 +273,12 @@ def shuffled_batch_index(
 
 @lru_cache(maxsize=2)
 def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
-    # Cached: a permutation of millions of rows is too slow to redo at every step.
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+    # Cached: a permutation of millions of rows is too slow to redo at every step. Shuffling an int32
+    # range draws what permutation(n_rows) draws (the same permutation) in half the memory: two cached
+    # epochs of an all-tokens ImageNet store (738M rows) held 11.8 GB per process in int64.
+    rng = np.random.default_rng([seed, epoch])
+    if n_rows >= 2**31:
+        return rng.permutation(n_rows)
+    perm = np.arange(n_rows, dtype=np.int32)
+    rng.shuffle(perm)
+    return perm
