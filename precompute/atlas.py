@@ -180,12 +180,12 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _stage_outputs(name: str, job: AtlasJob, world) -> list[str]:
-    """The files of stage `name` that later stages and the explorer read."""
+    """The files of stage `name` that later stages and the explorer read (not the optional ones: the
+    crossmodal command's own scan writes no ms_factors)."""
     if name == "scan":
         return ["neurons/top_images.npy", "neurons/ms.npy", "neurons/support.npy", "neurons/max_act.npy",
                 "neurons/hist_counts.npy", "neurons/band_images.npy", B.RAW_MS, "raw/top_images.npy", B.EMBEDDINGS,
-                *(["neurons/patch_top_images.npy", "neurons/patch_ms.npy"] if job.score == "cls" else []),
-                *([B.MS_FACTORS] if world is not None else [])]
+                *(["neurons/patch_top_images.npy", "neurons/patch_ms.npy"] if job.score == "cls" else [])]
     return {"geometry": ["neurons/group.npy", "neurons/decoder_neighbors.npy"],
             "labels": [B.LABELS, "neurons/label_score.npy"],
             "hierarchy": ["neurons/parent.npy", "neurons/parent_coact.npy", B.HIERARCHY],
