@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -491,6 +492,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     embedder = adapter if embedder is None else embedder
     E = embedder.embed_dim
 
+    _check_gallery_memory(K, cfg.topk, P, 2 if cfg.score == "cls" else 1)
     top = StreamingTopK(K, cfg.topk, P)
     # Scored by CLS, a latent that fires on patches only would have no gallery at all (most of the demo's
     # finest level): a second gallery ranks the images by the max over patches, with its own support.
@@ -606,6 +608,24 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
                       raw_top={"top_images": rt["top_images"], "top_acts": rt["top_acts"]}, embeddings=state.embeddings,
                       parent_coact=pc, parent_coact_score=pc_score, metrics=summary, n_images=int(state.seen.sum()),
                       skipped=state.skipped, batch_size=batch_size, resumed_from=resumed_from)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): not checked
+        return None
+
+
+def _check_gallery_memory(K: int, topk: int, P: int, galleries: int) -> None:
+    """Refuse a --topk whose galleries' patch heat (K x topk x P float16, per gallery) cannot fit: it is held
+    for the whole scan, and past the machine's memory the allocation was a traceback before any image."""
+    need = K * topk * max(P, 1) * 2 * galleries
+    total = _physical_memory()
+    if total is not None and need > total // 2:
+        raise UserError(f"--topk {topk} would hold {need / 2**30:,.1f} GiB of patch heat ({K} latents x {topk} images x "
+                        f"{P} patches x 2 bytes{' x 2 galleries' if galleries > 1 else ''}), more than half of this "
+                        f"machine's {total / 2**30:,.0f} GiB; lower --topk.")
 
 
 def _scan_key(checkpoint: ScanCheckpoint, running: dict, cfg: AtlasConfig, N: int, K: int, d: int, E: int) -> dict:
