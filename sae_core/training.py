@@ -186,7 +186,10 @@ def first_difference(then, now, path: str = "") -> str | None:
             if found:
                 return found
         return None
-    return None if then == now else f"{path}: {then!r} there, {now!r} now"
+    if then == now:
+        return None
+    # the data's identity is a digest: say first that it is the activations that differ
+    return f"{'other activations, ' if path.startswith('data.') else ''}{path}: {then!r} there, {now!r} now"
 
 
 def finished_run_difference(config: dict, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig) -> str | None:

@@ -324,7 +324,7 @@ def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_se
     capsys.readouterr()
     for changed, named in [(_small_args(npy, tmp_path / "done", 3), "steps: 2 there, 3 now"),
                            (_small_args(npy, tmp_path / "done", 2, width=32), "d_sae: 64 there, 32 now"),
-                           (_small_args(other, tmp_path / "done", 2), "data.sample:")]:
+                           (_small_args(other, tmp_path / "done", 2), "(other activations, data.sample:")]:
         assert precompute_main(changed) == 2
         err = capsys.readouterr().err
         assert "already holds a finished SAE trained otherwise" in err and named in err, err
