@@ -74,8 +74,13 @@ def run(args) -> int:
         print(f"  {k:<{width}}  {_fmt(v)}")
     if s.get("search_index"):
         ix = s["search_index"]
-        print(f"  search   {ix['kind']} index of {ix['n']} images, recall@{ix['recall']['k']} {_fmt(ix['recall']['value'])}"
-              if isinstance(ix.get("recall"), dict) else f"  search   {ix['kind']} index of {ix['n']} images")
+        r = ix.get("recall") if isinstance(ix.get("recall"), dict) else {}
+        line = f"  search   {ix['kind']} index of {ix['n']} images"
+        if "value" in r:
+            line += f", recall@{r.get('k')} {_fmt(r['value'])}"
+        if r.get("value_text") is not None:  # an IVF-PQ index tuned for the vocabulary's prompts too
+            line += f", text prompts {_fmt(r['value_text'])} within the exact top-{r.get('text_pool')}"
+        print(line)
     print(f"  labels   {s['label_method']}")
     return 0
 

@@ -335,3 +335,27 @@ def test_inspect_json(tiny_bundle, capsys):
     from precompute.__main__ import main  # the refusal in-process: the JSON above came from the real command
 
     assert main(["inspect", str(tiny_bundle / "neurons")]) == 2 and "unfinished" in capsys.readouterr().err
+
+
+def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):
+    """The table says what --json says of an IVF-PQ index: its image recall and, tuned for the vocabulary's
+    prompts, their recall (the table left the text figure out)."""
+    import shutil
+
+    from precompute.__main__ import main
+    from sae_core.search_index import build_index
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b, ignore=shutil.ignore_patterns(".work", "thumbs"))
+    emb = np.load(b / B.EMBEDDINGS)
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((5, emb.shape[1])).astype(np.float32)
+    build_index(emb, exact_threshold=1000, text_queries=text / np.linalg.norm(text, axis=1, keepdims=True)).save(b / B.INDEX)
+    m = json.loads((b / B.MANIFEST).read_text())
+    m["files"] = {k: v for k, v in m["files"].items() if k != "thumbs"}
+    (b / B.MANIFEST).write_text(json.dumps(m))
+    r = json.loads((b / "images/index.faiss.json").read_text())["recall"]
+    assert main(["inspect", str(b)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("search"))
+    assert line == (f"  search   ivfpq index of {len(emb)} images, recall@10 {r['value']:.4f}, text prompts "
+                    f"{r['value_text']:.4f} within the exact top-100")
