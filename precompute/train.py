@@ -60,7 +60,13 @@ def run(args) -> int:
     # what a killed write left (the last run's log or metrics half-written); the names this command writes
     remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():
-        done = json.loads((out / CONFIG).read_text())
+        try:
+            done = json.loads((out / CONFIG).read_text())
+        except ValueError:
+            done = None
+        if not (isinstance(done, dict) and {"arch", "d_sae"} <= done.keys()):
+            # e.g. a dictionary_learning SAE's config.json: neither a finished run of ours nor ours to replace
+            raise UserError(f"{out / CONFIG} is not the config of an SAE this command trained; give a new --out.")
         # a rerun with other options must not end in "nothing to do" beside an SAE trained without them
         differs = finished_run_difference(done, store, sae_cfg, cfg)
         if differs:

@@ -330,6 +330,10 @@ def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_se
         assert "already holds a finished SAE trained otherwise" in err and named in err, err
     assert precompute_main(done) == 0 and "nothing to do" in capsys.readouterr().out
     assert (tmp_path / "done" / "sae.safetensors").read_bytes() == weights
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"trainer": {"dict_size": 64}}')  # dictionary_learning's
+    assert precompute_main(_small_args(npy, tmp_path / "foreign", 2)) == 2
+    assert "is not the config of an SAE this command trained; give a new --out" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         precompute_main(_small_args(npy, tmp_path / "e", 2, extra=["--eval-rows", "0"]))
     assert exit_.value.code == 2 and "--eval-rows" in capsys.readouterr().err
