@@ -482,7 +482,9 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
     top = np.load(out / "neurons/top_images.npy")
     ds = open_dataset(job.dataset)
     depth_per_level, per_neuron = None, None
-    if ds.taxonomy_path(int(top[top >= 0][0]) if (top >= 0).any() else 0) is not None:
+    # any gallery image with a path: an iNaturalist folder's loose images have none, and the first top
+    # image being one of them skipped the depth of every latent
+    if any(ds.taxonomy_path(int(i)) is not None for i in np.unique(top[top >= 0])):
         depth_per_level, per_neuron = taxonomy_depth(top, level, ds.taxonomy_path, n_top=job.topk)
         B.write_array(out, "neurons/taxonomy_depth.npy", per_neuron.astype(np.float32))
     labels = json.loads((out / B.LABELS).read_text())["labels"]

@@ -1033,3 +1033,58 @@ def test_a_topk_whose_galleries_cannot_fit_is_refused_and_does_not_lock_the_fold
     proc = subprocess.run(args + ["--topk", "4"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(tmp_path / "b/neurons/top_images.npy").shape == (256, 4)
+
+
+def test_taxonomy_depth_is_measured_when_the_first_gallery_image_has_no_path(tmp_path):
+    """An iNaturalist folder with loose images (no class, no path): the tree stage measured depth only if
+    the very first top image had a path, so one loose image there left every latent without a depth."""
+    from itertools import combinations, takewhile
+
+    from PIL import Image
+
+    from precompute import atlas as A
+    from sae_core import bundle as B
+    from sae_core.checkpoint import save_sae
+    from sae_core.sae import SAEConfig, SparseAutoencoder
+
+    folder = tmp_path / "inat"
+    classes = {"00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax": "Corvus corax",
+               "00001_Animalia_Chordata_Aves_Passeriformes_Corvidae_Pica_pica": "Pica pica",
+               "00002_Animalia_Chordata_Mammalia_Carnivora_Canidae_Canis_lupus": "Canis lupus"}
+    for c in classes:
+        (folder / c).mkdir(parents=True)
+        for j in range(2):
+            Image.new("RGB", (4, 4)).save(folder / c / f"{j}.png")
+    for j in range(2):
+        Image.new("RGB", (4, 4)).save(folder / f"loose{j}.png")
+    from sae_core.datasets import open_dataset
+
+    ds = open_dataset(f"imagefolder:{folder}")
+    loose = [i for i in range(len(ds)) if ds.taxonomy_path(i) is None]
+    named = [i for i in range(len(ds)) if ds.taxonomy_path(i) is not None]
+    assert len(loose) == 2 and len(named) == 6
+    K = 6
+    sae = SparseAutoencoder(SAEConfig("matryoshka", 8, K, k=2, group_sizes=(2, 4)))
+    save_sae(sae, tmp_path / "sae")
+    out = tmp_path / "b"
+    top = np.array([[loose[0], named[0], named[1]], [named[2], named[4], -1], [named[0], named[2], loose[1]],
+                    [named[5], -1, -1], [-1, -1, -1], [named[3], named[4], named[5]]])
+    for name, arr in (("top_images", top), ("ms", np.zeros(K, np.float32)), ("label_score", np.zeros(K, np.float32)),
+                      ("support", np.ones(K, np.int64))):
+        B.write_array(out, f"neurons/{name}.npy", arr)
+    B.write_json(out, B.LABELS, {"method": "test", "vocabulary": [], "labels": [""] * K})
+    job = A.AtlasJob(sae=str(tmp_path / "sae"), dataset=f"imagefolder:{folder}", model="x", out=str(out), layer="0",
+                     topk=3)
+    info = A._stage_hierarchy(job, sae, out, None, None)
+
+    def path(i):  # the folder name read directly: kingdom ... genus, then the binomial
+        c = Path(ds.item(i)).parts[0]
+        return c.split("_")[1:7] + [classes[c]] if c in classes else None
+
+    want = []
+    for row in top:
+        paths = [path(i) for i in row if i >= 0 and path(i) is not None]
+        depths = [len(list(takewhile(lambda xy: xy[0] == xy[1], zip(a, b)))) for a, b in combinations(paths, 2)]
+        want.append(np.mean(depths) if depths else np.nan)
+    np.testing.assert_allclose(np.load(out / "neurons/taxonomy_depth.npy"), want, rtol=1e-6)
+    assert info["depth_per_level"] == pytest.approx([np.nanmean(want[:2]), np.nanmean(want[2:])])
