@@ -377,7 +377,8 @@ def train_sae(
                 torch.from_numpy(store.take(shuffled_batch_index(n_train, global_batch, cfg.steps + i, cfg.seed)))
                 .to(device=device, dtype=torch.float32) * scale for i in range(n_cal))
         sae.fold_input_scale(scale)
-        metrics = evaluate_on_rows(sae, store, n_train, len(store), device)
+        # NaN (no variance in the held-out rows, or x_hat orthogonal to x) is not JSON: null says "undefined"
+        metrics = _nan_to_none(evaluate_on_rows(sae, store, n_train, len(store), device))
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
                 "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen, "data": run_config["data"]}
         # metrics first: save_sae's config.json marks the SAE finished, and a kill between the two left a
@@ -391,6 +392,14 @@ def train_sae(
             ckpt.dir.rmdir()
     barrier(dist_info)
     return metrics
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _log_row(x, out, step, tokens, tracker, cfg, lr, tokens_per_s) -> dict:

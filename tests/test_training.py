@@ -337,3 +337,18 @@ def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_se
     with pytest.raises(SystemExit) as exit_:
         precompute_main(_small_args(npy, tmp_path / "e", 2, extra=["--eval-rows", "0"]))
     assert exit_.value.code == 2 and "--eval-rows" in capsys.readouterr().err
+
+
+def test_undefined_held_out_metrics_are_null_in_valid_json(tmp_path, capsys):
+    """Held-out rows without variance make FVU undefined: metrics.json held a bare NaN, which is not JSON
+    (strict parsers, such as a browser's, refuse the whole file)."""
+    x = np.random.default_rng(3).standard_normal((3000, 16)).astype(np.float32)
+    x[-150:] = x[0]  # the 150 held-out rows (5%) are one row repeated
+    np.save(tmp_path / "x.npy", x)
+    assert precompute_main(_small_args(tmp_path / "x.npy", tmp_path / "sae", 2)) == 0
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    metrics = json.loads((tmp_path / "sae" / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["fvu"] is None and metrics["rows"] == 150
+    assert metrics["mse"] > 0 and metrics["l0"] > 0  # the defined ones are kept
