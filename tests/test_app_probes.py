@@ -126,7 +126,9 @@ def test_hints_of_a_bundle_without_the_world_are_commands_that_run(tiny_bundle, 
             w[i].save(tmp_path / name / f"{i:03d}.png")
     manifest = json.loads((root / "manifest.json").read_text())
     del manifest["world"]
-    manifest["dataset"] = {"spec": f"imagefolder:{tmp_path / 'id'}"}
+    # as an image folder describes itself; n_images stays the arrays' row count, which the reader checks
+    manifest["dataset"] = {"spec": f"imagefolder:{tmp_path / 'id'}", "kind": "ImageFolder",
+                           "n_images": manifest["dataset"]["n_images"]}
     (root / "manifest.json").write_text(json.dumps(manifest))
     res = ProbeResults(root, manifest)
     # the commands the world bundle's hints name fail here (no default OOD set, no factor labels)
