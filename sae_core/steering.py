@@ -90,6 +90,11 @@ class Clamp:
             vals = np.full(len(lat), float(vals.reshape(-1)[0]) if vals.size else 0.0, np.float32)
         if vals.shape[-1:] != (len(lat),) and not (len(lat) == 0 and vals.size == 0):
             raise UserError(f"{len(lat)} latent(s) but {vals.shape[-1] if vals.ndim else 0} value(s); give one value per latent.")
+        if not np.isfinite(vals).all():  # NaN, or past float32's range: every feature goes inf/NaN, the answer empty
+            given = np.asarray(self.values, dtype=np.float64).reshape(-1)
+            bad = given[~np.isfinite(given.astype(np.float32))][0]
+            raise UserError(f"clamp value {bad:g} is not a finite number within float32's range (|v| < 3.4e38); "
+                            "give smaller values (a latent's token_max tells its scale).")
         object.__setattr__(self, "values", vals)
         if self.positions is not None:
             object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
@@ -569,6 +574,7 @@ class SteeringSession:
         clamp = self.make_clamp(latents, values, mode, patches, keep_error)
         h, ran = self.hidden([image])
         rows = self.features(h.expand(3, -1, -1), [ORIGINAL, Clamp(keep_error=False), clamp])
+        _check_finite(rows[2:], clamp)
         orig, sae, steered = self.generate_from_hidden(rows, prompt, max_new_tokens, min_new_tokens)
         return SteerResult(orig, sae, steered, clamp.describe(), prompt, (time.perf_counter() - t0) * 1e3,
                            cached=ran == 0)
@@ -577,7 +583,13 @@ class SteeringSession:
               patches=None, mode: str = "set", max_new_tokens: int = 5) -> list[tuple]:
         """[(values, answer)] for each entry of values_list (a scalar or one value per latent)."""
         clamps = [self.make_clamp(latents, v, mode, patches, keep_error) for v in values_list]
-        answers = self.answer_batch([image] * len(clamps), clamps, prompt, max_new_tokens)
+        if not clamps:
+            return []
+        h, _ = self.hidden([image])
+        rows = self.features(h.expand(len(clamps), -1, -1), clamps)
+        for row, c in zip(rows, clamps):
+            _check_finite(row[None], c)
+        answers = self.generate_from_hidden(rows, prompt, max_new_tokens)
         return list(zip(values_list, answers))
 
     @torch.inference_mode()
@@ -611,6 +623,15 @@ class SteeringSession:
             if self._text is None:
                 self._text = ClipScorer(self.bundle)
         return self._text
+
+
+def _check_finite(rows: torch.Tensor, clamp: Clamp) -> None:
+    """Refuse a clamp whose steered features overflowed (finite values, but so large that the decoded
+    layer output is inf/NaN): LLaVA would answer nothing, which reads as a steering result."""
+    if not bool(torch.isfinite(rows).all()):
+        raise UserError(f"clamping latents {list(clamp.latents)} to {np.asarray(clamp.values).reshape(-1)[:4].tolist()} "
+                        "overflows the layer's output (inf/NaN); give smaller values (a latent's token_max tells "
+                        "its scale).")
 
 
 def bundle_llava_spec(bundle) -> str:

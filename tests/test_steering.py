@@ -465,3 +465,34 @@ def test_learned_deltas_steer_held_out_images(session):
     back = LearnedDeltas.from_json(json.loads(json.dumps(stats.learned.to_json())))
     c0 = back.clamp(data.codes[rows[0]], "blue", stats, session.layout.n_prefix)
     np.testing.assert_allclose(c0.values, clamps[0].values, atol=1e-4)
+
+
+def test_values_past_float32_are_refused_not_answered_with_nothing(tiny_bundle, session, capsys):
+    """--value 1e39 (or --strength 1e38) used to become inf in float32 and the steered answer came back empty
+    with exit status 0; a finite value whose decoded features overflow did the same through the API."""
+    from precompute.__main__ import main
+
+    for bad in (["--value", "1e39"], ["--strength", "1e38"]):
+        assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:1", "--latent", "3", *bad,
+                     "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "float32's range" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for v in (float("nan"), float("inf"), 1e39):
+        with pytest.raises(UserError, match="not a finite number"):
+            Clamp((3,), (v,))
+    # reference: the features themselves, computed without the session's checks, are not finite
+    # latents whose decoder rows all point the same way on one dimension: 3e38 each sums past float32 there
+    W = session.sae.W_dec.detach()
+    d = int(W.max(0).values.argmax())
+    many = torch.argsort(W[:, d], descending=True)[:8].tolist()
+    assert float(W[many, d].sum()) > 1.5
+    with torch.no_grad():
+        h, _ = session.hidden(["world:1"])
+        assert not torch.isfinite(steer_hidden(h, session.sae, Clamp(tuple(many), (3e38,) * 8))).all()
+    with pytest.raises(UserError, match="overflows the layer's output"):
+        session.answers("world:1", many, [3e38] * 8)
+    with pytest.raises(UserError, match="overflows the layer's output"):
+        session.sweep("world:1", many, [[1.0] * 8, [3e38] * 8])
+    # finite, representable values still steer: the sweep's first row equals the single answer
+    ok = session.sweep("world:1", [3], [[6.0], [0.0]])
+    assert ok[0][1] == session.answers("world:1", [3], [6.0]).steered
