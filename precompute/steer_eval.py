@@ -3,10 +3,13 @@ and the world's ground truth (success rate, collateral kept) for several ways of
 from __future__ import annotations
 
 import json
+import math
+import re
+from pathlib import Path
 
 from sae_core.errors import UserError
 
-from .args import nonnegative_float, nonnegative_int, positive_int
+from .args import check_writable, nonnegative_float, nonnegative_int, positive_int
 
 
 def add_arguments(p) -> None:
@@ -37,24 +40,39 @@ def run(args) -> int:
     from sae_core.atomic import write_json_atomic
     from sae_core.precision import warn_if_slow_half
     from sae_core.steering import SteeringSession
-    from sae_core.steering_eval import LEARN_LAMBDA, LEARN_STEPS, evaluate_world
+    from sae_core.steering_eval import LEARN_LAMBDA, LEARN_STEPS, MIN_IMAGES, evaluate_world
 
+    # every argument is checked before the model loads and the evaluation runs (minutes): a bad one found
+    # after it would lose the run
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(","))
+    except ValueError:
+        raise UserError(f"--alphas {args.alphas!r} is not a comma-separated list of numbers.") from None
+    if not all(math.isfinite(a) for a in alphas):  # NaN clamps answer nothing: every figure 0, no error
+        raise UserError(f"--alphas {args.alphas!r} holds NaN or an infinity; give finite strengths, e.g. --alphas 2,3.")
+    factors = tuple(f.strip() for f in args.factors.split(",") if f.strip())
+    if not factors:
+        raise UserError(f"--factors {args.factors!r} names no factor; give colour, shape or colour,shape.")
+    if not set(factors) <= {"colour", "shape"}:
+        raise UserError(f"--factors {args.factors!r} may only name colour and shape.")
+    if args.images < MIN_IMAGES:
+        raise UserError(f"--images {args.images} is too few; steer-eval needs at least {MIN_IMAGES} single-object "
+                        "images (half tune, half test).")
+    learn_steps = LEARN_STEPS if args.learn_steps is None else args.learn_steps
+    if args.learned_out and (learn_steps == 0 or "colour" not in factors):
+        raise UserError("--learned-out needs the learned strategy; run with --learn-steps above 0 and colour in --factors.")
+    for flag, path in (("--out", args.out), ("--learned-out", args.learned_out)):
+        if path:
+            try:
+                check_writable(Path(path))
+            except UserError as e:  # its sentence names --out
+                raise UserError(re.sub(r"--out\b", flag, str(e))) from None
     warn_if_slow_half(args.device, args.precision, "--precision fp32")
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
     world = session.bundle.world_dir  # the world the bundle carries, else the one its manifest names
     if world is None:
         raise UserError(f"bundle {args.bundle} is not a world bundle (no manifest 'world'); steer-eval needs the "
                         "world's ground truth, build one with `python -m precompute demo`.")
-    try:
-        alphas = tuple(float(a) for a in args.alphas.split(","))
-    except ValueError:
-        raise UserError(f"--alphas {args.alphas!r} is not a comma-separated list of numbers.") from None
-    factors = tuple(f for f in args.factors.split(",") if f)
-    if not set(factors) <= {"colour", "shape"}:
-        raise UserError(f"--factors {args.factors!r} may only name colour and shape.")
-    learn_steps = LEARN_STEPS if args.learn_steps is None else args.learn_steps
-    if args.learned_out and (learn_steps == 0 or "colour" not in factors):
-        raise UserError("--learned-out needs the learned strategy; run with --learn-steps above 0 and colour in --factors.")
     torch.manual_seed(0)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     result = evaluate_world(session, world, n_images=args.images, alphas=alphas, max_images=args.per_concept,

@@ -129,13 +129,20 @@ class WorldEvalData:
         return self.colour if factor == "colour" else self.shape
 
 
+MIN_IMAGES = 40  # single-object images: below it the halves hold too few images per concept to score
+
+
 def load_world_eval(session, world_dir: str | Path, split: str = "val", n_images: int = 600) -> WorldEvalData:
     from .world.dataset import WorldDataset
 
     ds = WorldDataset(world_dir, split)
+    if n_images < MIN_IMAGES:
+        raise UserError(f"{n_images} images is too few; steer-eval needs at least {MIN_IMAGES} single-object images "
+                        "(half tune, half test).")
     idx = [i for i in range(len(ds)) if len(ds.factors(i)["objects"]) == 1][:n_images]
-    if len(idx) < 40:
-        raise UserError(f"the world split {split} has only {len(idx)} single-object images; steer-eval needs at least 40.")
+    if len(idx) < MIN_IMAGES:
+        raise UserError(f"the world split {split} has only {len(idx)} single-object images; steer-eval needs at least "
+                        f"{MIN_IMAGES}.")
     images = [ds[i] for i in idx]
     objs = [ds.factors(i)["objects"][0] for i in idx]
     gr, gc = session.layout.grid

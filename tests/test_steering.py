@@ -496,3 +496,28 @@ def test_values_past_float32_are_refused_not_answered_with_nothing(tiny_bundle, 
     # finite, representable values still steer: the sweep's first row equals the single answer
     ok = session.sweep("world:1", [3], [[6.0], [0.0]])
     assert ok[0][1] == session.answers("world:1", [3], [6.0]).steered
+
+
+def test_steer_eval_refuses_bad_arguments_before_loading_the_model(tiny_bundle, tmp_path, capsys, monkeypatch):
+    """--alphas nan ran the whole evaluation (about 100 s here) and reported success 0 everywhere; --factors ""
+    printed "0 neurons: steered nan"; --images 4 blamed the world's split; an --out that is a folder was
+    refused only after the run, losing it. Each is now one sentence before the model loads."""
+    from precompute.__main__ import main
+    from sae_core import steering
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(steering.SteeringSession, "from_bundle", no_load)
+    base = ["steer-eval", "--bundle", str(tiny_bundle), "--device", "cpu"]
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    cases = [(["--alphas", "nan"], "--alphas 'nan' holds NaN"), (["--alphas", "2,inf"], "holds NaN or an infinity"),
+             (["--factors", ""], "names no factor"), (["--factors", ","], "names no factor"),
+             (["--images", "4"], "--images 4 is too few"), (["--out", str(folder)], "is a folder"),
+             (["--learned-out", str(folder)], "another --learned-out")]
+    for extra, said in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (extra, err)
+    assert list(folder.iterdir()) == []
