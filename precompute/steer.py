@@ -71,12 +71,22 @@ def run(args) -> int:
     values = _numbers(args.value if amount == "value" else args.strength, float, amount)
     if not listing and not latents:
         raise UserError("--latent needs at least one latent id, e.g. --latent 12.")
+    if not listing and not values:
+        raise UserError("--latent needs --value (activation units) or --strength (with --bundle): what to clamp "
+                        "the latents to, e.g. --value 40.")
     if not listing and len(values) not in (1, len(latents)):
         raise UserError(f"--{amount} gives {len(values)} {amount}s for {len(latents)} latents; give one {amount} "
                         f"or one per latent.")
     if listing and args.top < 1:
         raise UserError(f"--top {args.top} lists nothing; give at least 1.")
-    patches = _numbers(args.patches, int, "patches") if args.patches else None
+    patches = None
+    if args.patches is not None:  # an empty list clamps nowhere; it used to mean every token
+        patches = _numbers(args.patches, int, "patches")
+        if not patches:
+            raise UserError(f"--patches {args.patches!r} names no patch; give patch indices such as --patches 5,6, "
+                            "or leave --patches out to clamp every token.")
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give a question, or leave --prompt out for the paper's one-word prompt.")
     image = args.image
     if image.isdigit():
         image = int(image)

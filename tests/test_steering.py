@@ -521,3 +521,22 @@ def test_steer_eval_refuses_bad_arguments_before_loading_the_model(tiny_bundle, 
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (extra, err)
     assert list(folder.iterdir()) == []
+
+
+def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, session, capsys):
+    """--patches "" clamped every token (the library's patches=[] clamps none); --prompt "" was answered;
+    --latent without a value said "--value gives 0 values for 1 latents"."""
+    from precompute.__main__ import main
+
+    base = ["steer", "--bundle", str(tiny_bundle), "--image", "world:1", "--device", "cpu"]
+    for extra, said in ((["--latent", "3", "--value", "40", "--patches", ""], "names no patch"),
+                        (["--latent", "3", "--value", "40", "--patches", ","], "names no patch"),
+                        (["--latent", "3", "--value", "40", "--prompt", "  "], "--prompt is empty"),
+                        (["--latent", "3"], "--latent needs --value")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, (extra, err)
+    # reference for what an explicit patch list means: the library with those positions
+    assert main([*base, "--latent", "3", "--value", "40", "--patches", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["clamp"]["positions"] == [session.layout.n_prefix + 5]
