@@ -85,14 +85,15 @@ class Clamp:
             raise UserError(f"clamp mode {self.mode!r} is not one of {', '.join(MODES)}.")
         lat = tuple(int(k) for k in self.latents)
         object.__setattr__(self, "latents", lat)
-        vals = np.asarray(self.values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value past float32 becomes inf here and is refused below
+            vals = np.asarray(self.values, dtype=np.float32)
         if vals.ndim == 0 or (vals.ndim == 1 and len(vals) == 1 and len(lat) > 1):
             vals = np.full(len(lat), float(vals.reshape(-1)[0]) if vals.size else 0.0, np.float32)
         if vals.shape[-1:] != (len(lat),) and not (len(lat) == 0 and vals.size == 0):
             raise UserError(f"{len(lat)} latent(s) but {vals.shape[-1] if vals.ndim else 0} value(s); give one value per latent.")
         if not np.isfinite(vals).all():  # NaN, or past float32's range: every feature goes inf/NaN, the answer empty
             given = np.asarray(self.values, dtype=np.float64).reshape(-1)
-            bad = given[~np.isfinite(given.astype(np.float32))][0]
+            bad = given[~(np.abs(given) <= np.finfo(np.float32).max)][0]
             raise UserError(f"clamp value {bad:g} is not a finite number within float32's range (|v| < 3.4e38); "
                             "give smaller values (a latent's token_max tells its scale).")
         object.__setattr__(self, "values", vals)
