@@ -473,10 +473,20 @@ class SteeringSession:
         if ids is None:
             from PIL import Image
 
+            self.check_prompt(prompt)
+
             blank = Image.new("RGB", self.adapter.image_size, (255, 255, 255))
             ids = self.processor(images=[blank], text=[llava_prompt(prompt)], return_tensors="pt")["input_ids"]
             self._prompt_ids[prompt] = ids
         return ids
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse a prompt that holds LLaVA's image placeholder: the processor would count a second image
+        and raise (a traceback where a question was typed)."""
+        token = getattr(self.processor, "image_token", None) or "<image>"
+        if token in prompt:
+            raise UserError(f"the prompt contains {token}, LLaVA's image placeholder; remove it (the image is "
+                            "placed before the prompt already).")
 
     @torch.inference_mode()
     def features(self, h: torch.Tensor, clamps: Sequence) -> torch.Tensor:
@@ -542,6 +552,7 @@ class SteeringSession:
                       min_new_tokens: int = 0) -> list[str]:
         """The uncached path: the whole LLaVA through `generate`, the SAE hooked into the tower
         (ORIGINAL: no hook). What the cache is measured against."""
+        self.check_prompt(prompt)
         pil = [self.load_image(im)[0] for im in images]
         inputs = self.processor(images=pil, text=[llava_prompt(prompt)] * len(pil), return_tensors="pt",
                                 padding=True).to(self.device)

@@ -540,3 +540,22 @@ def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, sess
     assert main([*base, "--latent", "3", "--value", "40", "--patches", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["clamp"]["positions"] == [session.layout.n_prefix + 5]
+
+
+def test_a_prompt_holding_the_image_placeholder_is_refused_in_one_sentence(tiny_bundle, session, capsys):
+    """--prompt "What is <image> here?" ended in the processor's ValueError traceback (two <image> tokens,
+    one image), on the cached path and on generate's alike."""
+    from precompute.__main__ import main
+
+    prompt = f"What is {session.processor.image_token} here?"
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:1", "--latent", "3", "--value", "5",
+                 "--prompt", prompt, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "image placeholder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for call in (lambda: session.answer_batch(["world:1"], [ORIGINAL], prompt, 2),
+                 lambda: session.generate_full(["world:1"], prompt, 2)):
+        with pytest.raises(UserError, match="image placeholder"):
+            call()
+    # the same question without the placeholder is answered as LLaVA's generate answers it
+    plain = "What is here?"
+    assert session.answer_batch(["world:1"], [ORIGINAL], plain, 3) == session.generate_full(["world:1"], plain, 3)
