@@ -403,6 +403,8 @@ class SteeringSession:
             return ds[idx], ("idx", idx)
         from .datasets import ImageReadError, load_rgb
 
+        if not str(image).strip():  # Path("") is ".", which read as "image . does not exist"
+            raise UserError("no image given; pass an image file, or world:INDEX for a bundle image.")
         path = Path(str(image))
         if not path.is_file():
             raise UserError(f"image {path} does not exist; pass an image file, or world:INDEX for a bundle image.")

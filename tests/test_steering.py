@@ -559,3 +559,15 @@ def test_a_prompt_holding_the_image_placeholder_is_refused_in_one_sentence(tiny_
     # the same question without the placeholder is answered as LLaVA's generate answers it
     plain = "What is here?"
     assert session.answer_batch(["world:1"], [ORIGINAL], plain, 3) == session.generate_full(["world:1"], plain, 3)
+
+
+def test_an_empty_image_argument_says_so(tiny_bundle, session, capsys):
+    """--image "" said "image . does not exist" (Path("") is the current folder)."""
+    from precompute.__main__ import main
+
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "", "--latent", "3", "--value", "5",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no image given" in err and "image . " not in err
+    with pytest.raises(UserError, match="no image given"):
+        session.load_image("  ")
