@@ -126,7 +126,14 @@ class WorldEvalData:
     """factor -> (N,) first words of the original model's answers."""
 
     def labels(self, factor: str) -> np.ndarray:
+        check_factor(factor)  # any other name read as shape: a "size" steerer steered shapes
         return self.colour if factor == "colour" else self.shape
+
+
+def check_factor(factor: str) -> None:
+    if factor not in FACTOR_Q:
+        raise UserError(f"factor {factor!r} is not one of {', '.join(FACTOR_Q)}; the world's objects have a colour "
+                        "and a shape.")
 
 
 MIN_IMAGES = 40  # single-object images: below it the halves hold too few images per concept to score
@@ -369,6 +376,7 @@ class ConceptSteerer:
         """n_images, tau and purity default to those `learned` was learned with, else 600, 0.1 and 1.0."""
         if session.bundle is None or session.bundle.world_dir is None:
             raise UserError("concept steering needs a world bundle (its ground truth gives the concept means).")
+        check_factor(factor)
         if learned is not None and not isinstance(learned, LearnedDeltas):
             learned = load_learned(learned)
         recorded = (learned.settings or {}) if learned is not None else {}
@@ -404,6 +412,8 @@ class ConceptSteerer:
 
     def clamp(self, image, target: str, alpha: float = 3.0, keep_error: bool = True, strategy: str = "swap") -> Clamp:
         """A Clamp steering `image` to `target`: the swap x alpha, or (strategy "learned") the learned delta."""
+        if strategy not in ("swap", "learned"):  # anything else used to give the swap without a word
+            raise UserError(f"strategy {strategy!r} is not swap or learned.")
         if strategy == "learned":
             if self.stats.learned is None:
                 raise UserError("no learned deltas yet; call learn() or pass learned=FILE (steer-eval --learned-out).")

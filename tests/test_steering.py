@@ -571,3 +571,23 @@ def test_an_empty_image_argument_says_so(tiny_bundle, session, capsys):
     assert "no image given" in err and "image . " not in err
     with pytest.raises(UserError, match="no image given"):
         session.load_image("  ")
+
+
+def test_concept_steerer_refuses_unknown_factor_and_strategy(session):
+    """ConceptSteerer(session, "size") steered shapes (any name but colour read the shape labels) and
+    clamp(..., strategy="learnt") returned the swap without a word."""
+    from sae_core.steering_eval import ConceptSteerer, load_world_eval, swap_clamp
+
+    with pytest.raises(UserError, match="factor 'size' is not one of colour, shape"):
+        ConceptSteerer(session, "size")
+    data = load_world_eval(session, session.bundle.world_dir, n_images=60)
+    with pytest.raises(UserError, match="factor 'size'"):
+        data.labels("size")
+    assert data.labels("shape").tolist() != data.labels("colour").tolist()
+    steerer = ConceptSteerer(session, "colour", n_images=60)
+    with pytest.raises(UserError, match="strategy 'learnt' is not swap or learned"):
+        steerer.clamp("world:1", "red", strategy="learnt")
+    # reference for the swap it does give: swap_clamp on the image's own codes
+    got = steerer.clamp("world:1", "red", alpha=2.0)
+    ref = swap_clamp(steerer.codes("world:1"), steerer.stats, "red", 2.0, session.layout.n_prefix)
+    assert got.latents == ref.latents and np.array_equal(got.values, ref.values) and got.mode == "add"
