@@ -247,6 +247,11 @@ def llava_load_options(spec: str, device: str, precision: str) -> tuple[dict, st
     return {}, precision
 
 
+def _other_layer(recorded, given) -> UserError:
+    return UserError(f"the SAE records that it was trained on layer {recorded}, but layer {given} was "
+                     f"given; an SAE steers only its own layer, so leave the layer out or give that one.")
+
+
 def layer_mismatch(sae_layer: str | int, sae_width: int, adapter) -> str | None:
     """None if an SAE at `sae_layer` of width `sae_width` sits where the LLaVA of `adapter` reads,
     else the one sentence that says why not."""
@@ -291,7 +296,7 @@ class SteeringSession:
     """One LLaVA and one SAE at the layer it reads; answers steered prompts (see the module docstring)."""
 
     def __init__(self, sae, llava_spec: str, sae_layer: str | int, device: str = "auto", precision: str = "auto",
-                 bundle=None, cache_mb: float = 256):
+                 bundle=None, cache_mb: float = 256, recorded_layer: str | int | None = None):
         from transformers import AutoProcessor
 
         from .adapters import load_adapter
@@ -302,6 +307,11 @@ class SteeringSession:
         self.adapter.to(device, compute)  # a model placed by from_pretrained only records device and dtype
         if self.adapter.read_layer is None:
             raise UserError(f"{llava_spec} is not a LLaVA model; steering needs a llava:, hf: LLaVA or world:DIR:llava spec.")
+        if recorded_layer is not None and str(recorded_layer).strip() != str(sae_layer).strip():
+            try:  # a given layer that is no block of this tower (7 of 4) is not the layer it "was trained on"
+                self.adapter.resolve_layer(sae_layer)
+            except UserError:
+                raise _other_layer(recorded_layer, sae_layer) from None
         problem = layer_mismatch(sae_layer, sae.cfg.d_in, self.adapter)
         if problem:
             raise UserError(problem)
@@ -356,8 +366,7 @@ class SteeringSession:
             if layer is None:
                 raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
         def other_layer():
-            return UserError(f"the SAE records that it was trained on layer {recorded}, but layer {layer} was "
-                             f"given; an SAE steers only its own layer, so leave the layer out or give that one.")
+            return _other_layer(recorded, layer)
 
         # a layer given beside the recorded one must be the same block: before the model loads where the
         # names alone settle it (the same sign, or "embed"), after it where only the tower's depth can (-2 and 22)
@@ -373,7 +382,7 @@ class SteeringSession:
             if ((len(ints) == 2 and (given_name < 0) == (own_name < 0))
                     or (len(ints) == 1 and "embed" in (given_name, own_name))):
                 raise other_layer()
-        session = cls(sae, llava or llava_for_model(trained["model"]), layer, **kwargs)
+        session = cls(sae, llava or llava_for_model(trained["model"]), layer, recorded_layer=recorded, **kwargs)
         if recorded is not None:
             given, own = (session.adapter.resolve_layer(x) for x in (layer, recorded))
             if not given.same_place(own):

@@ -591,3 +591,24 @@ def test_concept_steerer_refuses_unknown_factor_and_strategy(session):
     got = steerer.clamp("world:1", "red", alpha=2.0)
     ref = swap_clamp(steerer.codes("world:1"), steerer.stats, "red", 2.0, session.layout.n_prefix)
     assert got.latents == ref.latents and np.array_equal(got.values, ref.values) and got.mode == "add"
+
+
+def test_a_given_layer_outside_the_tower_is_named_as_given_not_as_trained(tiny_bundle, session, tmp_path, capsys):
+    """--sae DIR --layer 7 on a 4-block tower said "the SAE was trained on layer 7 (not a layer of this tower)":
+    the SAE records -2; 7 is what was given."""
+    from precompute.__main__ import main
+
+    png = tmp_path / "image.png"
+    session.bundle.dataset()[2].save(png)
+    sae_dir = tiny_bundle / "sae"
+    recorded = json.loads((sae_dir / "config.json").read_text())["training"]["activations"]["layer"]
+    assert str(recorded) == "-2"
+    args = ["steer", "--sae", str(sae_dir), "--image", str(png), "--latent", "3", "--value", "6", "--device", "cpu"]
+    assert main([*args, "--layer=7"]) == 2
+    err = capsys.readouterr().err
+    assert "records that it was trained on layer -2, but layer 7 was given" in err and "trained on layer 7" not in err
+    # the recorded layer, and the same block by its positive index, steer as the bundle does
+    for same in ("-2", str(session.adapter.n_blocks - 2)):
+        assert main([*args, f"--layer={same}", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["steered"] == session.answers(str(png), [3], [6.0]).steered
