@@ -84,12 +84,21 @@ def run(args) -> int:
     if args.out:
         write_json_atomic(args.out, result)
     learned = result["factors"].get("colour", {}).get("chosen", {}).get("learned")
-    if args.learned_out:
+    if args.learned_out and learned is not None:
         write_json_atomic(args.learned_out, {"factor": "colour", "bundle": str(session.bundle.root), **learned["deltas"],
                                              "settings": {"n_images": args.images, "tau": args.tau, "purity": args.purity}})
     if args.json:
         print(json.dumps(result))
-        return 0
+    else:
+        _print_summary(result)
+    if args.learned_out and learned is None:  # after the figures are out: they are not lost
+        n = len(result["factors"]["colour"]["factor_latents"])
+        raise UserError(f"--learned-out {args.learned_out} was not written: {n} colour latents passed --tau "
+                        f"{args.tau:g} and --purity {args.purity:g}, so nothing was learned; lower them.")
+    return 0
+
+
+def _print_summary(result: dict) -> None:
     print("| factor | family (chosen per concept on tune) | success (test) | min | concepts >= 0.70 | collateral kept |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for f, r in result["factors"].items():
@@ -104,4 +113,3 @@ def run(args) -> int:
     if "headline" in result:  # the colour factor's; --factors shape has none
         print(f"headline ({result['headline']['family']}): success {result['success_rate']:.2f}, "
               f"collateral kept {result['collateral_kept']:.2f}")
-    return 0

@@ -612,3 +612,22 @@ def test_a_given_layer_outside_the_tower_is_named_as_given_not_as_trained(tiny_b
         assert main([*args, f"--layer={same}", "--json"]) == 0
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert out["steered"] == session.answers(str(png), [3], [6.0]).steered
+
+
+def test_steer_eval_learned_out_without_colour_latents_keeps_the_figures(tiny_bundle, tmp_path, capsys):
+    """With no colour latent passing --tau the learned strategy is skipped, and --learned-out ended the run in
+    TypeError: 'NoneType' object is not subscriptable after the whole evaluation. Now the figures are
+    printed and --out written, and one sentence says why --learned-out was not."""
+    from precompute.__main__ import main
+
+    out, learned = tmp_path / "eval.json", tmp_path / "deltas.json"
+    assert main(["steer-eval", "--bundle", str(tiny_bundle), "--images", "40", "--per-concept", "1",
+                 "--tune-per-concept", "1", "--alphas", "2", "--factors", "colour", "--learn-steps", "1", "--tau", "2",
+                 "--learned-out", str(learned), "--out", str(out), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "| colour | best_swap |" in captured.out
+    err = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "was not written: 0 colour latents passed --tau 2" in err[0]
+    saved = json.loads(out.read_text())
+    assert saved["factors"]["colour"]["factor_latents"] == [] and "learned" not in saved["factors"]["colour"]["chosen"]
+    assert not learned.exists()
