@@ -189,19 +189,26 @@ def _stage_outputs(name: str, job: AtlasJob, world) -> list[str]:
     return {"geometry": ["neurons/group.npy", "neurons/decoder_neighbors.npy"],
             "labels": [B.LABELS, "neurons/label_score.npy"],
             "hierarchy": ["neurons/parent.npy", "neurons/parent_coact.npy", B.HIERARCHY],
-            "index": [B.INDEX], "world": [B.WORLD] if world is not None else [], "thumbs": [B.THUMBS]}[name]
+            "index": [B.INDEX, B.INDEX + ".json"], "world": [B.WORLD] if world is not None else [], "thumbs": [B.THUMBS]}[name]
 
 
-def _readable(path: Path) -> bool:
+def _readable(out: Path, name: str) -> bool:
+    from sae_core import search_index
+
+    path = out / name
     try:
-        if path.suffix == ".npy":
+        if name == B.INDEX:  # read back: a cut-short copy exists but search would end in a faiss error
+            index = search_index._faiss().read_index(str(path))
+            return (index.ntotal, index.d) == np.load(out / B.EMBEDDINGS, mmap_mode="r").shape
+        if name == B.INDEX + ".json":
+            search_index.read_info(out / B.INDEX)
+        elif path.suffix == ".npy":
             np.load(path, mmap_mode="r", allow_pickle=False)  # a truncated file fails here: its header or mmap
         elif path.suffix == ".json":
             return _read_json(path) is not None
         return path.exists()
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError, UserError):  # RuntimeError: faiss's, for a damaged index
         return False
-    return True
 
 
 def _redo_broken_stages(out: Path, job: AtlasJob, world, note) -> None:
@@ -210,7 +217,7 @@ def _redo_broken_stages(out: Path, job: AtlasJob, world, note) -> None:
     for name in STAGES:
         if stage_info(out, name) is None:
             continue
-        broken = next((f for f in _stage_outputs(name, job, world) if not _readable(out / f)), None)
+        broken = next((f for f in _stage_outputs(name, job, world) if not _readable(out, f)), None)
         if broken is not None:
             note(f"atlas: {out / broken} is missing or damaged; the {name} stage and those after it run again.")
             _stage_path(out, name).unlink()

@@ -190,6 +190,21 @@ def info_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def read_info(path: str | Path) -> dict:
+    """The settings SearchIndex.save wrote beside the index at `path` ({} when there are none); UserError
+    when that file is damaged."""
+    side = info_path(path)
+    try:
+        info = json.loads(side.read_text()) if side.is_file() else {}
+    except (OSError, ValueError) as e:  # written atomically: damaged afterwards (a copy cut short)
+        raise UserError(f"{side} cannot be read as JSON ({e}); copy the bundle again or rebuild it.") from None
+    rerank = info.get("rerank", 10) if isinstance(info, dict) else None
+    if type(rerank) is not int or rerank < 1:
+        raise UserError(f"{side} is not the index's settings (an object with a whole rerank of at least 1); copy the "
+                        "bundle again or rebuild it.")
+    return info
+
+
 def _kind_of(index) -> str:
     faiss = _faiss()
     if isinstance(index, faiss.IndexIVFPQ):
@@ -214,15 +229,8 @@ def load_index(path: str | Path, embeddings=None) -> SearchIndex:
     if embeddings is not None and tuple(embeddings.shape) != (index.ntotal, index.d):
         raise UserError(f"embeddings of shape {tuple(embeddings.shape)} do not match the index at {path} "
                         f"({index.ntotal} x {index.d}); rebuild the bundle.")
-    side = info_path(path)
-    try:
-        info = json.loads(side.read_text()) if side.is_file() else {}
-    except (OSError, ValueError) as e:  # written atomically: damaged afterwards (a copy cut short)
-        raise UserError(f"{side} cannot be read as JSON ({e}); copy the bundle again or rebuild it.") from None
-    rerank = info.get("rerank", 10) if isinstance(info, dict) else None
-    if type(rerank) is not int or rerank < 1:
-        raise UserError(f"{side} is not the index's settings (an object with a whole rerank of at least 1); copy the "
-                        "bundle again or rebuild it.")
+    info = read_info(path)
+    rerank = info.get("rerank", 10)
     info.update(kind=kind, n=int(index.ntotal), d=int(index.d))
     if kind == "ivfpq":
         info.update(nlist=int(index.nlist), m=int(index.pq.M), nbits=int(index.pq.nbits), nprobe=int(index.nprobe))

@@ -1088,3 +1088,36 @@ def test_taxonomy_depth_is_measured_when_the_first_gallery_image_has_no_path(tmp
         want.append(np.mean(depths) if depths else np.nan)
     np.testing.assert_allclose(np.load(out / "neurons/taxonomy_depth.npy"), want, rtol=1e-6)
     assert info["depth_per_level"] == pytest.approx([np.nanmean(want[:2]), np.nanmean(want[2:])])
+
+
+def test_a_rerun_rebuilds_a_damaged_search_index(tiny_bundle, tmp_path):
+    """A truncated images/index.faiss (or a damaged index.faiss.json) was taken as finished because it exists,
+    and the explorer's first search ended in faiss's error: the rerun now reads the index back, rebuilds that
+    stage (one line names the file), and searches as the undamaged index did (numpy brute force too)."""
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    opts = dict(sae=str(tiny_bundle / "sae"), dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2",
+                embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), limit=40, topk=4, batch_size=16)
+    lines = []
+    note = type("Notes", (), {"stage": lambda self, name: __import__("contextlib").nullcontext(lambda f: None),
+                              "skip": lambda self, name: None, "note": lambda self, line: lines.append(line)})()
+    build_atlas(AtlasJob(**opts))
+    b = tmp_path / "b"
+    emb = np.load(b / "images/embeddings.npy")
+    queries = emb[::7] + 0.01
+    want_ids, want_scores = open_bundle(b).search_index().search(queries, 5)
+    brute = np.argsort(-(queries.astype(np.float64) @ emb.astype(np.float64).T), axis=1, kind="stable")[:, :5]
+    assert (want_ids == brute).all()
+    for damage, keep in (("images/index.faiss", 1000), ("images/index.faiss", 0), ("images/index.faiss.json", 3)):
+        (b / damage).write_bytes((b / damage).read_bytes()[:keep])
+        lines.clear()
+        build_atlas(AtlasJob(**opts), note)
+        assert lines == [f"atlas: {b / damage} is missing or damaged; the index stage and those after it run again."]
+        ids, scores = open_bundle(b).search_index().search(queries, 5)
+        assert (ids == want_ids).all() and np.allclose(scores, want_scores), damage
+    lines.clear()
+    build_atlas(AtlasJob(**opts), note)  # an intact index is read back, not rebuilt
+    assert lines == []
