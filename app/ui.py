@@ -2,6 +2,8 @@
 import functools
 import json
 import math
+import threading
+import time
 
 import gradio as gr
 import numpy as np
@@ -1122,4 +1124,31 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),))
 
         demo.load(restore, None, page_targets, api_name="restore_from_url")
+    if searcher is not None:
+        warm_when_served(demo, searcher)
     return demo
+
+
+WARM_WAIT_S = 600.0
+"""How long the warm-up waits for the server to start before giving up (a demo built and never launched)."""
+
+
+def warm_when_served(demo: gr.Blocks, searcher, wait_s: float = WARM_WAIT_S) -> threading.Thread:
+    """Load the text tower in the background once `demo` serves, so that the first search by text is as fast
+    as the next (it waited 5 to 11 s for the load). It starts after the server does, which therefore starts
+    no later than before; a search sent meanwhile waits on the embedder's lock for the same load, not for a
+    second one. A failure is left to that search, which says it in its one sentence."""
+    def run():
+        deadline = time.monotonic() + wait_s
+        while not getattr(demo, "is_running", False):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        try:
+            searcher.warm()
+        except Exception:  # noqa: BLE001 - the first search meets it again and says it
+            pass
+
+    thread = threading.Thread(target=run, name="sae-warm-text-tower", daemon=True)
+    thread.start()
+    return thread

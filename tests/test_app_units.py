@@ -697,3 +697,39 @@ def test_image_search_through_an_ivfpq_index(tiny_bundle, tmp_path):
         np.testing.assert_allclose(sims, (e[ids] @ e[i]) / np.linalg.norm(e[i]), atol=2e-3)  # re-ranked exactly
     print(f"\nIVF-PQ recall@24 of the Images page on the tiny bundle: {np.mean(found):.3f}")
     assert np.mean(found) >= 0.9, found
+
+
+def test_text_tower_loads_in_the_background_once_the_app_serves(explorer, tiny_bundle, tmp_path, monkeypatch):
+    """The first search by text waited 5 to 11 s for the CLIP text tower behind nothing but a spinner; the
+    app now loads it once the server is up, with no search sent, and that search then answers as a fresh
+    NeuronSearch does. A demo built and never served loads nothing and its warm-up ends."""
+    import time
+    from types import SimpleNamespace
+
+    from gradio_client import Client
+
+    from app import ui
+    from app.search import BundleEmbedder, NeuronSearch
+    from app.server import start
+
+    never = SimpleNamespace(warm=lambda: pytest.fail("warmed a demo that never served"))
+    thread = ui.warm_when_served(SimpleNamespace(is_running=False), never, wait_s=0.5)
+    thread.join(5)
+    assert not thread.is_alive()
+
+    loaded = []
+    real = BundleEmbedder.texts
+    monkeypatch.setattr(BundleEmbedder, "texts", lambda self, texts: loaded.append(list(texts)) or real(self, texts))
+    demo, url = start(tiny_bundle, cache=tmp_path / "cache")
+    try:
+        deadline = time.monotonic() + 120
+        while not loaded and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert loaded, "the text tower was not loaded in the background within 120 s of the start"
+        searched = list(loaded)
+        table, _ = Client(url, verbose=False).predict("a photo of a red object", api_name="/search_neurons_by_text")
+        ids, sims = NeuronSearch.for_bundle(explorer).by_text("a photo of a red object")
+        assert [r[0] for r in table["data"]] == ids and [r[1] for r in table["data"]] == pytest.approx(sims, abs=1e-4)
+        assert searched == [["a photo"]]  # the warm-up's, before any search
+    finally:
+        demo.close()
