@@ -235,15 +235,25 @@ def _forget_later_stages(out: Path, name: str) -> None:
         _stage_path(out, later).unlink(missing_ok=True)
 
 
-def _check_identity(out: Path, identity: dict) -> None:
+def _check_identity(out: Path, identity: dict, recorded=None) -> None:
     """Hold `out` to the settings of what it holds (see hold_settings)."""
     built = scan_checkpoint_path(out).is_file() or any(_stage_path(out, s).is_file() for s in STAGES)
-    hold_settings(out, f"{STAGE_DIR}/settings.json", identity, built)
+    hold_settings(out, f"{STAGE_DIR}/settings.json", identity, built, recorded)
 
 
-def hold_settings(out: Path, name: str, settings: dict, built: bool) -> None:
+def covering_limit(limit, dataset_size) -> int | None:
+    """--limit as the build it makes: None when it leaves every image (`dataset_size()`, only called then), so
+    that `--limit 5000` on 2,000 images and no --limit are one build."""
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= dataset_size():
+        return None
+    return limit
+
+
+def hold_settings(out: Path, name: str, settings: dict, built: bool, recorded=None) -> None:
     """Refuse settings other than those `out/name` records once something was `built` under them; until
-    then (a run that failed on a typo before it saved anything) the new settings replace the old."""
+    then (a run that failed on a typo before it saved anything) the new settings replace the old.
+    `recorded(old)`: the recorded settings as `settings` now spell the same build (older versions wrote some
+    differently)."""
     path = out / name
     new = json.loads(json.dumps(settings))
     if path.is_file() and built:
@@ -251,6 +261,8 @@ def hold_settings(out: Path, name: str, settings: dict, built: bool) -> None:
         if old is None:
             raise UserError(f"{path} cannot be read, so the settings {out} was built with are unknown; pass a new "
                             f"--out, or delete {out} to build there from the start.")
+        if recorded is not None:
+            old = recorded(old)
         diff = [k for k in new if old.get(k) != new[k]]
         if diff:
             k = diff[0]
@@ -293,7 +305,12 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
 
         job.score = default_score(trained["tokens"])
     out.mkdir(parents=True, exist_ok=True)
-    _check_identity(out, job.identity())
+    from sae_core.datasets import open_dataset
+
+    dataset_size = functools.cache(lambda: len(open_dataset(job.dataset)))  # opened only when a limit is there
+    job.limit = covering_limit(job.limit, dataset_size)
+    # bundles built before limits were recorded this way hold a covering --limit as given
+    _check_identity(out, job.identity(), lambda old: {**old, "limit": covering_limit(old.get("limit"), dataset_size)})
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
     manifest = _read_json(out / B.MANIFEST)
     if manifest is not None and all(stage_info(out, s) is not None for s in STAGES):  # geometry's is {}

@@ -1121,3 +1121,39 @@ def test_a_rerun_rebuilds_a_damaged_search_index(tiny_bundle, tmp_path):
     lines.clear()
     build_atlas(AtlasJob(**opts), note)  # an intact index is read back, not rebuilt
     assert lines == []
+
+
+def test_a_limit_that_covers_the_dataset_is_the_same_build_as_none(tiny_bundle, tmp_path):
+    """--limit 5000 on the tiny world's 2,000 images scans what no --limit scans, but was recorded as given, so
+    the one spelling refused to resume the other's bundle as "other settings"; a bundle built before the
+    change (its settings.json holding limit 5000) still resumes with its own command, and with no --limit."""
+    import shutil
+
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.errors import UserError
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b, symlinks=True)
+    m = open_bundle(b).manifest
+    settings = json.loads((b / ".stages/settings.json").read_text())
+    assert settings["limit"] is None and m["dataset"]["n_images"] == 2000
+    opts = dict(sae=settings["sae"], dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2",
+                embedder=m["embedder"]["spec"], out=str(b), topk=settings["topk"], score=settings["score"])
+    before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+
+    def resumes(**more):
+        assert build_atlas(AtlasJob(**opts, **more)) == m  # finished: nothing runs again, nothing is rewritten
+        assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+
+    for limit in (2000, 5000, None):
+        resumes(limit=limit)
+    with pytest.raises(UserError, match=r"other settings \(limit: None there, 1999 now\)"):
+        build_atlas(AtlasJob(**opts, limit=1999))
+    # as the old code recorded `--limit 5000`: that command and the bare one both resume
+    (b / ".stages/settings.json").write_text(json.dumps({**settings, "limit": 5000}))
+    before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    for limit in (5000, 2000, None):
+        resumes(limit=limit)
+    with pytest.raises(UserError, match=r"other settings \(limit: None there, 1999 now\)"):
+        build_atlas(AtlasJob(**opts, limit=1999))
