@@ -386,8 +386,14 @@ class SteerTab:
             i = inputs.integer(image, "image id", 0, ex.n_images - 1)
             return i, gr.Tabs(selected="steer"), inputs.encode_state({"tab": "steer", "image": i})
 
-        steer_with_image_button.click(steer_with_image, image_id, [self.image_index, tabs, url_box],
-                                      api_name="steer_with_image").success(
+        @user_errors
+        def check_image(image):
+            inputs.integer(image, "image id", 0, ex.n_images - 1)
+
+        # checked first, with no outputs, as the Images page's other buttons: a bad id is one message, not
+        # also an "Error" badge on the Steer page's image box
+        steer_with_image_button.click(check_image, image_id, None, api_name=False).success(
+            steer_with_image, image_id, [self.image_index, tabs, url_box], api_name="steer_with_image").success(
             steer_load_image, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
 
         @user_errors
@@ -933,8 +939,17 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def then_show_image_row(event):
             event.success(lambda: gr.Row(visible=True), None, img_row, api_name=False, queue=False)
 
-        then_show_image_row(img_open.click(image_neurons, [img_id, img_searched], img_neuron_out, api_name="image_neurons"))
-        then_show_image_row(img_id.submit(image_neurons, [img_id, img_searched], img_neuron_out, api_name=False))
+        @user_errors
+        def check_image(image, query=""):
+            inputs.integer(image, "image id", 0, ex.n_images - 1)
+            inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+
+        # the check first, with no outputs: a bad id typed in the box is one message, and the image shown,
+        # its neurons and the box keep their place rather than each showing an "Error" badge (the API's
+        # /image_neurons refuses it with the same sentence, from image_neurons itself)
+        for trigger, api_name in ((img_open.click, "image_neurons"), (img_id.submit, False)):
+            then_show_image_row(trigger(check_image, [img_id, img_searched], None, api_name=False).success(
+                image_neurons, [img_id, img_searched], img_neuron_out, api_name=api_name))
 
         def pick_image(evt: gr.SelectData):
             """The id of a clicked result, from its caption ("#12  cos 0.412"). Read from the caption, not

@@ -85,7 +85,8 @@ def test_bad_neuron_ids_get_a_message(client, explorer_app):
             client.predict(bad, api_name="/neuron_page")
     # a fraction is refused, not rounded to a neighbour's page; text is refused in a sentence too
     for endpoint, bad, what in (("/neuron_page", 3.5, "neuron id 3.5"), ("/neuron_page", "abc", "neuron id 'abc'"),
-                                ("/image_neurons", 2.5, "image id 2.5"), ("/search_images_like", 2.5, "image id 2.5")):
+                                ("/image_neurons", 2.5, "image id 2.5"), ("/search_images_like", 2.5, "image id 2.5"),
+                                ("/steer_with_image", 2.5, "image id 2.5")):
         with pytest.raises(AppError, match=f"{what} is not an integer"):
             client.predict(bad, *([""] if endpoint == "/image_neurons" else []), api_name=endpoint)
     with pytest.raises(AppError, match="subtree's latent .* 2.5 is not an integer"):

@@ -476,6 +476,28 @@ def test_fractional_ids_are_refused_after_a_plain_load(page, explorer_app):
     assert "latents=" not in pg.url
 
 
+def test_a_bad_image_id_is_one_message_without_error_badges(page, explorer_app):
+    """A bad image id typed on the Images page (out of range, fractional), sent by Enter, "Neurons that show
+    it" or "Steer with this image", is refused with its sentence alone: the boxes of the event (the id, the
+    picture, its neurons and their note, the Steer page's image) showed an "Error" badge each, and the
+    note of the image shown before was emptied; it stays, and so does the page."""
+    pg, n = page, len(np.load(explorer_app.bundle / "images" / "embeddings.npy", mmap_mode="r"))
+    badges = ("() => Array.from(document.querySelectorAll('.error')).filter(e => !e.closest('.toast-wrap')"
+              " && !e.className.includes('toast') && e.innerText.trim() === 'Error').map(e => e.closest('[id]')?.id)")
+    pg.goto(explorer_app.url + "/?tab=images&image=5")
+    pg.wait_for_selector("#image-neurons-note:has-text('Image #5 ')")
+    note = pg.inner_text("#image-neurons-note")
+    for typed, send in (("99999", lambda: pg.press("#image-id input", "Enter")),
+                        ("2.5", lambda: pg.click("#image-open")), (str(n + 7), lambda: pg.click("#image-steer"))):
+        pg.fill("#image-id input", typed)
+        send()
+        pg.wait_for_selector(f"text=image id {typed} is")
+        pg.wait_for_timeout(300)  # the badges came with the message, in the same update
+        assert pg.evaluate(badges) == [], typed
+        assert pg.inner_text("#image-neurons-note") == note and pg.locator("#image-picture img").is_visible()
+        assert "image=5" in pg.url and pg.get_by_role("tab", name="Images", exact=True).get_attribute("aria-selected") == "true"
+
+
 def test_phone_layout(page, explorer_app):
     """At 390 x 844 (a phone): the top gallery shows all its images in columns that fit the width (8 of
     100 px showed 6 and scrolled sideways, unmarked) under its label (a two-line label covered the top of
