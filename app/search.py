@@ -43,6 +43,10 @@ class BundleEmbedder:
                 self._adapter = load_adapter(self.spec, device="cpu")
             return self._adapter
 
+    @property
+    def text_loaded(self) -> bool:
+        return self._text is not None
+
     def texts(self, texts: list[str]) -> np.ndarray:
         """(Q, E) float32 unit-norm text embeddings; UserError for an embedder without a text tower."""
         adapter = self._loaded()
@@ -98,6 +102,11 @@ class NeuronSearch:
                 self._alive = (norms[:, 0] > 0) & ((top >= 0).sum(1) >= min(MIN_IMAGES, top.shape[1]))
                 self._index = build_index(dirs / np.maximum(norms, 1e-12))
         return self._index
+
+    @property
+    def ready(self) -> bool:
+        """Whether a search by text will answer at once (index built and text tower loaded)."""
+        return self._index is not None and self.embedder.text_loaded
 
     def warm(self) -> None:
         """Build the index and load the text tower, which the first search by text otherwise waited for

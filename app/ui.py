@@ -1,5 +1,6 @@
 """The explorer's Gradio page: six tabs over one bundle; every event has an `api_name`."""
 import functools
+import importlib
 import json
 import math
 import threading
@@ -259,7 +260,7 @@ class SteerTab:
     def wire(self, demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, image_id, steer_with_image_button):
         from .steer import LATENT_COLUMNS
 
-        ex, svc = self.ex, self.steer
+        ex, svc = self.ex, Settled(self.steer)
         model = dict(concurrency_limit=1, concurrency_id="model")
 
         def state_query(image_index, latents, strengths, patches, keep_error, question):
@@ -532,7 +533,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 csv_file = gr.File(label="neurons (CSV)", interactive=False, visible=False, elem_id="neuron-csv-file")
                 with gr.Row():
                     text_query = gr.Textbox(label="search neurons by text (CLIP text tower + FAISS)",
-                                            placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS)
+                                            placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS, elem_id="neuron-query")
                     text_button = gr.Button("Search by text")
                 with gr.Row():
                     search_image = gr.File(file_types=["image"], type="filepath", label="search neurons by image (upload)",
@@ -703,7 +704,11 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """Neurons whose top images match a text (CLIP text tower, FAISS over neuron directions)."""
             if searcher is None:
                 raise UserError("text search is not available for this bundle (no image embeddings or embedder).")
-            ids, sims = searcher.by_text(inputs.text(query, "query", inputs.MAX_QUERY_CHARS))
+            q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+            if not searcher.ready:
+                gr.Info(TEXT_TOWER_LOADING)
+            imports_settled()
+            ids, sims = searcher.by_text(q)
             table = ex.table(ids=ids, limit=MAX_TABLE_ROWS).set_index("neuron").loc[ids].reset_index()
             table.insert(1, "match", sims)
             return table, (f"{len(ids)} neurons, best match first (cosine between the query's text embedding and "
@@ -718,6 +723,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def search_neurons_by_image(path):
             if steer is None:
                 raise UserError("image search needs the bundle's model, which is not available here.")
+            imports_settled()
             found = steer.fire_on_upload(path)
             return found["table"], found["picture"], found["note"]
 
@@ -873,6 +879,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """The dataset images nearest a text (the embedder's text tower against the image index)."""
             need_image_search()
             q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+            if not image_search.embedder.text_loaded:
+                gr.Info(TEXT_TOWER_LOADING)
+            imports_settled()
             ids, scores = image_search.by_text(q)
             return (*image_results(ids, scores, f'"{q}"'), q, inputs.encode_state({"tab": "images", "query": q}))
 
@@ -907,6 +916,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def search_images_by_image(path):
             """The dataset images nearest an uploaded image (the embedder's image tower against the index)."""
             need_image_search()
+            imports_settled()
             ids, scores = image_search.by_upload(path)
             return (*image_results(ids, scores, "the uploaded image"), "", inputs.encode_state({"tab": "images"}))
 
@@ -1144,6 +1154,33 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
     return demo
 
 
+TEXT_TOWER_LOADING = ("Loading the text encoder for the first search by text: a few seconds, once (it loads in "
+                      "the background after the start, and this search came first).")
+"""Said while a search waits for the text tower, the wait otherwise being a bare spinner."""
+
+_IMPORTS_SETTLED = threading.Event()
+_IMPORTS_SETTLED.set()
+IMPORT_WAIT_S = 120.0
+
+
+def imports_settled() -> None:
+    """Wait, before loading a model, while the warm-up imports transformers (the first seconds after the
+    start): a request importing it meanwhile from another thread failed ("cannot import name 'AutoProcessor'
+    from 'transformers'", the half-imported package). Bounded, so a warm-up that hangs delays nothing long."""
+    _IMPORTS_SETTLED.wait(IMPORT_WAIT_S)
+
+
+class Settled:
+    """A service (app.steer.SteerService) whose attributes, read in the events, wait for `imports_settled`."""
+
+    def __init__(self, service):
+        self._service = service
+
+    def __getattr__(self, name):
+        imports_settled()
+        return getattr(self._service, name)
+
+
 WARM_WAIT_S = 600.0
 """How long the warm-up waits for the server to start before giving up (a demo built and never launched)."""
 
@@ -1154,11 +1191,18 @@ def warm_when_served(demo: gr.Blocks, searcher, wait_s: float = WARM_WAIT_S) -> 
     no later than before; a search sent meanwhile waits on the embedder's lock for the same load, not for a
     second one. A failure is left to that search, which says it in its one sentence."""
     def run():
-        deadline = time.monotonic() + wait_s
-        while not getattr(demo, "is_running", False):
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.2)
+        _IMPORTS_SETTLED.clear()
+        try:
+            deadline = time.monotonic() + wait_s
+            while not getattr(demo, "is_running", False):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
+            importlib.import_module("transformers")
+        except Exception:  # noqa: BLE001 - the load below, or the first search, says what is wrong
+            pass
+        finally:
+            _IMPORTS_SETTLED.set()
         try:
             searcher.warm()
         except Exception:  # noqa: BLE001 - the first search meets it again and says it

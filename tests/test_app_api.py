@@ -360,3 +360,19 @@ def test_a_bundle_copied_without_its_dataset_shows_what_it_carries(tiny_bundle, 
         assert picture is None and "cannot be shown here" in note
     finally:
         demo.close()
+
+
+def test_a_model_request_right_after_the_start_waits_for_the_warm_up_import(tiny_bundle, tmp_path):
+    """The text tower's warm-up imports transformers just after the server starts; a request loading the
+    steering model meanwhile, from another thread, failed with "cannot import name 'AutoProcessor' from
+    'transformers'" (the half-imported package). It waits for that import and answers."""
+    from app.server import spawn
+
+    proc, url = spawn(tiny_bundle, cache=tmp_path, extra_env={"OMP_NUM_THREADS": "1"})
+    try:
+        table, _, note = Client(url, verbose=False).predict(handle_file(str(GRADIO_IMAGES / "cheetah.jpg")),
+                                                            api_name="/search_neurons_by_image")
+        assert table["data"] and "fire on the image" in note
+    finally:
+        proc.terminate()
+        proc.wait(30)

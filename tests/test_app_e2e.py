@@ -498,6 +498,36 @@ def test_a_bad_image_id_is_one_message_without_error_badges(page, explorer_app):
         assert "image=5" in pg.url and pg.get_by_role("tab", name="Images", exact=True).get_attribute("aria-selected") == "true"
 
 
+def test_a_search_waiting_for_the_text_encoder_says_so(page, tiny_bundle, tmp_path, monkeypatch):
+    """A search by text sent before the background load of the text tower ends (here: with none) says that
+    the text encoder is loading, once: the wait was a bare spinner (5 to 11 s). The next searches, the Images
+    page's too (one embedder for both), answer without it."""
+    from app import ui
+    from app.server import start
+
+    monkeypatch.setattr(ui, "warm_when_served", lambda demo, searcher: None)
+    demo, url = start(tiny_bundle, cache=tmp_path / "cache")
+    loading = "text=Loading the text encoder for the first search by text"
+    try:
+        pg = page
+        pg.goto(url + "/?tab=neurons")
+        for query in ("a photo of a red object", "a photo of a blue object"):
+            pg.fill("#neuron-query textarea", query)
+            pg.press("#neuron-query textarea", "Enter")
+            if query.endswith("red object"):
+                pg.wait_for_selector(loading)  # shown while the search waits, before its results
+                assert "best match first" not in pg.inner_text("#search-note")
+            pg.wait_for_function("(q) => location.search.includes(encodeURIComponent(q).replaceAll('%20', '+'))",
+                                 arg=query)
+        pg.goto(url + "/?tab=images")
+        pg.fill("#image-query textarea", "a red star")
+        pg.press("#image-query textarea", "Enter")
+        pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")
+        assert pg.locator(loading).count() == 0
+    finally:
+        demo.close()
+
+
 def test_phone_layout(page, explorer_app):
     """At 390 x 844 (a phone): the top gallery shows all its images in columns that fit the width (8 of
     100 px showed 6 and scrolled sideways, unmarked) under its label (a two-line label covered the top of
