@@ -515,8 +515,9 @@ def test_a_search_waiting_for_the_text_encoder_says_so(page, tiny_bundle, tmp_pa
             pg.fill("#neuron-query textarea", query)
             pg.press("#neuron-query textarea", "Enter")
             if query.endswith("red object"):
-                pg.wait_for_selector(loading)  # shown while the search waits, before its results
-                assert "best match first" not in pg.inner_text("#search-note")
+                # shown while the search waits (not checked against the results: on a fast host the tower loads
+                # before the page is read, and the message stays up a few seconds after)
+                pg.wait_for_selector(loading)
             pg.wait_for_function("(q) => location.search.includes(encodeURIComponent(q).replaceAll('%20', '+'))",
                                  arg=query)
         pg.goto(url + "/?tab=images")
