@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from sae_core.atomic import json_safe
 from sae_core.errors import UserError
 
 from .args import check_writable, out_folder, positive_int
@@ -112,18 +112,6 @@ def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
             figure.write_html(str(tmp), include_plotlyjs=True, full_html=True)
         paths["html"] = str(out / f"{name}.html")
     return paths
-
-
-def json_safe(obj):
-    """`obj` with every NaN or infinite number as None: JSON has no NaN (json.dumps writes a bare NaN that
-    JSON.parse and strict readers refuse)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def print_result(args, result: dict, table: list[str]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -29,6 +30,18 @@ def atomic_path(path: str | Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def json_safe(obj):
+    """`obj` with every NaN or infinite number as None: JSON has no NaN (json.dumps writes a bare NaN that
+    JSON.parse and strict readers refuse)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

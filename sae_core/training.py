@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .activation_store import ActivationStore, shuffled_batch_index
-from .atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from .atomic import atomic_path, json_safe, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
@@ -378,7 +378,7 @@ def train_sae(
                 .to(device=device, dtype=torch.float32) * scale for i in range(n_cal))
         sae.fold_input_scale(scale)
         # NaN (no variance in the held-out rows, or x_hat orthogonal to x) is not JSON: null says "undefined"
-        metrics = _nan_to_none(evaluate_on_rows(sae, store, n_train, len(store), device))
+        metrics = json_safe(evaluate_on_rows(sae, store, n_train, len(store), device))
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
                 "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen, "data": run_config["data"]}
         # metrics first: save_sae's config.json marks the SAE finished, and a kill between the two left a
@@ -392,14 +392,6 @@ def train_sae(
             ckpt.dir.rmdir()
     barrier(dist_info)
     return metrics
-
-
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _log_row(x, out, step, tokens, tracker, cfg, lr, tokens_per_s) -> dict:
