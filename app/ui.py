@@ -1,6 +1,5 @@
 """The explorer's Gradio page: six tabs over one bundle; every event has an `api_name`."""
 import functools
-import importlib
 import json
 import math
 import threading
@@ -260,7 +259,7 @@ class SteerTab:
     def wire(self, demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, image_id, steer_with_image_button):
         from .steer import LATENT_COLUMNS
 
-        ex, svc = self.ex, Settled(self.steer)
+        ex, svc = self.ex, self.steer
         model = dict(concurrency_limit=1, concurrency_id="model")
 
         def state_query(image_index, latents, strengths, patches, keep_error, question):
@@ -707,7 +706,6 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
             if not searcher.ready:
                 gr.Info(TEXT_TOWER_LOADING)
-            imports_settled()
             ids, sims = searcher.by_text(q)
             table = ex.table(ids=ids, limit=MAX_TABLE_ROWS).set_index("neuron").loc[ids].reset_index()
             table.insert(1, "match", sims)
@@ -723,7 +721,6 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def search_neurons_by_image(path):
             if steer is None:
                 raise UserError("image search needs the bundle's model, which is not available here.")
-            imports_settled()
             found = steer.fire_on_upload(path)
             return found["table"], found["picture"], found["note"]
 
@@ -881,7 +878,6 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
             if not image_search.embedder.text_loaded:
                 gr.Info(TEXT_TOWER_LOADING)
-            imports_settled()
             ids, scores = image_search.by_text(q)
             return (*image_results(ids, scores, f'"{q}"'), q, inputs.encode_state({"tab": "images", "query": q}))
 
@@ -916,7 +912,6 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def search_images_by_image(path):
             """The dataset images nearest an uploaded image (the embedder's image tower against the index)."""
             need_image_search()
-            imports_settled()
             ids, scores = image_search.by_upload(path)
             return (*image_results(ids, scores, "the uploaded image"), "", inputs.encode_state({"tab": "images"}))
 
@@ -1158,29 +1153,6 @@ TEXT_TOWER_LOADING = ("Loading the text encoder for the first search by text: a 
                       "the background after the start, and this search came first).")
 """Said while a search waits for the text tower, the wait otherwise being a bare spinner."""
 
-_IMPORTS_SETTLED = threading.Event()
-_IMPORTS_SETTLED.set()
-IMPORT_WAIT_S = 120.0
-
-
-def imports_settled() -> None:
-    """Wait, before loading a model, while the warm-up imports transformers (the first seconds after the
-    start): a request importing it meanwhile from another thread failed ("cannot import name 'AutoProcessor'
-    from 'transformers'", the half-imported package). Bounded, so a warm-up that hangs delays nothing long."""
-    _IMPORTS_SETTLED.wait(IMPORT_WAIT_S)
-
-
-class Settled:
-    """A service (app.steer.SteerService) whose attributes, read in the events, wait for `imports_settled`."""
-
-    def __init__(self, service):
-        self._service = service
-
-    def __getattr__(self, name):
-        imports_settled()
-        return getattr(self._service, name)
-
-
 WARM_WAIT_S = 600.0
 """How long the warm-up waits for the server to start before giving up (a demo built and never launched)."""
 
@@ -1189,20 +1161,14 @@ def warm_when_served(demo: gr.Blocks, searcher, wait_s: float = WARM_WAIT_S) -> 
     """Load the text tower in the background once `demo` serves, so that the first search by text is as fast
     as the next (it waited 5 to 11 s for the load). It starts after the server does, which therefore starts
     no later than before; a search sent meanwhile waits on the embedder's lock for the same load, not for a
-    second one. A failure is left to that search, which says it in its one sentence."""
+    second one, and any other model load waits on sae_core's MODEL_LOADING. A failure is left to that
+    search, which says it in its one sentence."""
     def run():
-        _IMPORTS_SETTLED.clear()
-        try:
-            deadline = time.monotonic() + wait_s
-            while not getattr(demo, "is_running", False):
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.2)
-            importlib.import_module("transformers")
-        except Exception:  # noqa: BLE001 - the load below, or the first search, says what is wrong
-            pass
-        finally:
-            _IMPORTS_SETTLED.set()
+        deadline = time.monotonic() + wait_s
+        while not getattr(demo, "is_running", False):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
         try:
             searcher.warm()
         except Exception:  # noqa: BLE001 - the first search meets it again and says it

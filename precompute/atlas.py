@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core import bundle as B
-from sae_core.atomic import remove_stale_temporaries
+from sae_core.atomic import first_difference, remove_stale_temporaries, strict_json
 from sae_core.errors import UserError
 
 from .args import command_line, nonnegative_int, out_folder, positive_float, positive_int
@@ -134,7 +134,7 @@ def run(args) -> int:
         manifest = build_atlas(job, progress)
     finally:
         progress.close()
-    print(json.dumps({"out": str(args.out), **{k: manifest["metrics"].get(k) for k in
+    print(strict_json({"out": str(args.out), **{k: manifest["metrics"].get(k) for k in
                                                 ("fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw")}}))
     return 0
 
@@ -263,11 +263,10 @@ def hold_settings(out: Path, name: str, settings: dict, built: bool, recorded=No
                             f"--out, or delete {out} to build there from the start.")
         if recorded is not None:
             old = recorded(old)
-        diff = [k for k in new if old.get(k) != new[k]]
-        if diff:
-            k = diff[0]
-            raise UserError(f"{out} holds a bundle built with other settings ({k}: {old.get(k)!r} there, "
-                            f"{new[k]!r} now); pass the same options to resume, or a new --out.")
+        differs = first_difference({k: old.get(k) for k in new}, new)
+        if differs:
+            raise UserError(f"{out} holds a bundle built with other settings ({differs}); pass the same options "
+                            "to resume, or a new --out.")
     else:
         B.write_json(out, name, new)
 

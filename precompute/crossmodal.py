@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 
 from .args import command_line, finite_float, nonnegative_int, out_folder, positive_int
@@ -165,7 +166,7 @@ def run(args) -> int:
     if not args.json:
         print(f"{summary['n_cross_modal']} of {summary['n_latents']} latents are cross-modal "
               f"(raw residual dimensions: {summary['raw_n_cross_modal']} of {summary['raw_n_units']})", file=sys.stderr)
-    print(json.dumps(summary))
+    print(strict_json(summary))
     return 0
 
 

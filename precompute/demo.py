@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sae_core.atomic import strict_json
+
 from .args import command_line, nonnegative_int, out_folder, positive_int
 
 
@@ -153,5 +155,5 @@ def run(args) -> int:
     summary = {"out": str(out), "preset": args.preset, **{k: manifest["metrics"].get(k) for k in (
         "fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw", "ms_ground_truth_spearman", "ms_agreement",
         "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")}, "timings": timings}
-    print(json.dumps(summary))
+    print(strict_json(summary))
     return 0

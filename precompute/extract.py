@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
-from sae_core.atomic import remove_stale_temporaries
+from sae_core.atomic import first_difference, remove_stale_temporaries
 from sae_core.errors import UserError
 
 from .args import command_line, nonnegative_int, positive_int
@@ -176,13 +176,10 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
         if run_file.exists():
             plan = json.loads(run_file.read_text())
             old = plan.get("identity", {})
-            diff = [k for k in identity if old.get(k) != identity[k]]
-            if diff:
-                k = diff[0]
-                raise UserError(
-                    f"{out} holds an extraction with other settings ({k}: {old.get(k)!r} there, {identity[k]!r} now); "
-                    "pass the same options to resume, or a new --out."
-                )
+            differs = first_difference({k: old.get(k) for k in identity}, identity)
+            if differs:
+                raise UserError(f"{out} holds an extraction with other settings ({differs}); pass the same options "
+                                "to resume, or a new --out.")
             if cfg.shard_images and cfg.shard_images != plan["shard_images"]:
                 raise UserError(f"{out} was started with --shard-images {plan['shard_images']}; resume with that value or a new --out.")
         else:

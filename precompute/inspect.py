@@ -1,10 +1,10 @@
 """`python -m precompute inspect BUNDLE [--json]`: a bundle's summary (validated through the reader)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
+from sae_core.atomic import strict_json
 from sae_core.bundle import INDEX
 from sae_core.sae import K_ARCHS
 
@@ -58,7 +58,7 @@ def summary(path) -> dict:
 def run(args) -> int:
     s = summary(args.bundle)
     if args.json:
-        print(json.dumps(s))
+        print(strict_json(s))
         return 0
     print(f"bundle {s['bundle']} (schema {s['schema_version']}, built {s['created']})")
     print(f"  model    {s['model']} layer {s['layer']}, image score = {s['score']}")

@@ -1,13 +1,12 @@
 """Shared plumbing of the probe commands (ood, ontology, probes): bundle features per split, output folder."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from sae_core.atomic import json_safe
+from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 
 from .args import check_writable, out_folder, positive_int
@@ -106,7 +105,7 @@ def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / f"{name}.json")}
-    write_json_atomic(out / f"{name}.json", json_safe(result))
+    write_json_atomic(out / f"{name}.json", result)
     if figure is not None:
         with atomic_path(out / f"{name}.html") as tmp:
             figure.write_html(str(tmp), include_plotlyjs=True, full_html=True)
@@ -116,7 +115,7 @@ def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
 
 def print_result(args, result: dict, table: list[str]) -> None:
     if args.json:
-        print(json.dumps(json_safe(result), allow_nan=False))
+        print(strict_json(result))
     else:
         print("\n".join(table))
 

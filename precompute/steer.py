@@ -2,9 +2,9 @@
 inserted with nothing clamped, and the SAE with the chosen latents clamped."""
 from __future__ import annotations
 
-import json
 import math
 
+from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 
 from .args import positive_int
@@ -110,7 +110,7 @@ def run(args) -> int:
                              keep_error=args.keep_error, patches=patches, mode=args.mode,
                              max_new_tokens=args.max_new_tokens)
     if args.json:
-        print(json.dumps({"image": str(args.image), **result.to_dict()}))
+        print(strict_json({"image": str(args.image), **result.to_dict()}))
     else:
         print(f"prompt:   {result.prompt}")
         print(f"clamp:    {result.clamp}")
@@ -131,7 +131,7 @@ def _list_latents(session, image, args) -> int:
              "strength": None if units is None else mx / float(units[k]), "label": label}
             for k, mx, mean, label in found["top"]]
     if args.json:
-        print(json.dumps({"image": str(args.image), "latents": rows}))
+        print(strict_json({"image": str(args.image), "latents": rows}))
         return 0
     if not rows:
         print(f"no latent fires on {args.image}.")

@@ -2,11 +2,11 @@
 and the world's ground truth (success rate, collateral kept) for several ways of steering."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
+from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 
 from .args import check_writable, nonnegative_float, nonnegative_int, positive_int
@@ -88,7 +88,7 @@ def run(args) -> int:
         write_json_atomic(args.learned_out, {"factor": "colour", "bundle": str(session.bundle.root), **learned["deltas"],
                                              "settings": {"n_images": args.images, "tau": args.tau, "purity": args.purity}})
     if args.json:
-        print(json.dumps(result))
+        print(strict_json(result))
     else:
         _print_summary(result)
     if args.learned_out and learned is None:  # after the figures are out: they are not lost

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from sae_core.activation_store import ActivationStore
-from sae_core.atomic import remove_stale_temporaries
+from sae_core.atomic import remove_stale_temporaries, strict_json
 from sae_core.checkpoint import CONFIG, WEIGHTS
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
@@ -84,7 +84,7 @@ def run(args) -> int:
         metrics = train_sae(store, sae_cfg, cfg, out, info, device=local_device(args.device, info),
                             checkpoint_every=args.checkpoint_every, logger=args.log, training_info=training_info)
         if info.is_main:
-            print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=None))
+            print(strict_json({k: v for k, v in metrics.items() if not isinstance(v, list)}))
     finally:
         finish_distributed(info)
     return 0

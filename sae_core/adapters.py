@@ -26,6 +26,7 @@ Layer numbering (`resolve_layer`)
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from contextlib import contextmanager
@@ -42,6 +43,22 @@ from .errors import UserError
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 BACKENDS = ("open_clip", "hf", "llava", "world")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+MODEL_LOADING = threading.RLock()
+"""Held by every model loader in sae_core (`loads_a_model`), so that a process loading models from several
+threads (the explorer's requests and its background warm-up) loads one at a time: transformers imports its
+classes lazily, and a thread importing one while another thread's import of the package was under way
+failed with "cannot import name 'AutoProcessor' from 'transformers'". One at a time also keeps the peak
+memory of two loads from adding up. Re-entrant: a steering session loads its adapter inside its own load."""
+
+
+def loads_a_model(fn):
+    """`fn`, run holding MODEL_LOADING."""
+    @functools.wraps(fn)
+    def holding_the_lock(*args, **kwargs):
+        with MODEL_LOADING:
+            return fn(*args, **kwargs)
+    return holding_the_lock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,6 +647,7 @@ def _load_llava_tower(source: str, cfg) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Specs
 # ----------------------------------------------------------------------------------------------
+@loads_a_model
 def load_adapter(spec: str, device: str = "cpu", precision: str = "fp32", full_llava: bool | dict = False) -> Adapter:
     """Load the model a spec names (see the module docstring) onto `device` at `precision`.
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary name in the same directory, then rename over the target."""
+"""Atomic file writes (a temporary name in the same directory, renamed over the target) and the JSON they hold."""
 from __future__ import annotations
 
 import json
@@ -44,9 +44,28 @@ def json_safe(obj):
     return obj
 
 
+def strict_json(obj, **dumps_kwargs) -> str:
+    """json.dumps of `obj` with NaN and infinities as null (json_safe): what every JSON file and --json line
+    of this project is, so that jq and JSON.parse read them."""
+    return json.dumps(json_safe(obj), allow_nan=False, **dumps_kwargs)
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
+    """`obj` as JSON at `path` (strict_json)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(strict_json(obj, indent=2) + "\n")
+
+
+def first_difference(then, now, path: str = "") -> str | None:
+    """The first setting in which two recorded sets of settings (JSON values) differ, as "NAME: THEN there,
+    NOW now" with NAME a dotted path into nested dicts, or None when they are equal."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for key in list(now) + [k for k in then if k not in now]:
+            found = first_difference(then.get(key), now.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if then == now else f"{path}: {then!r} there, {now!r} now"
 
 
 def remove_stale_temporaries(folder: str | Path, names=None) -> int:

@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .adapters import Layer, TokenLayout
+from .adapters import Layer, TokenLayout, loads_a_model
 from .errors import UserError
 from .roc import auroc_columns
 
@@ -52,6 +52,7 @@ def parse_lm_layer(name: str | int) -> int:
 class LanguageResidual:
     """A full LLaVA (transformers) and its processor; residual stream of the language model at one layer."""
 
+    @loads_a_model
     def __init__(self, llava_dir: str, lm_layer: int = 1, device: str = "cpu"):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import load_adapter, loads_a_model
 from .errors import UserError
 from .precision import resolve_device
 from .world.text import WHAT_IS_SHOWN, llava_prompt
@@ -295,11 +296,10 @@ ORIGINAL = "original"  # a row of answer_batch that bypasses the SAE
 class SteeringSession:
     """One LLaVA and one SAE at the layer it reads; answers steered prompts (see the module docstring)."""
 
+    @loads_a_model
     def __init__(self, sae, llava_spec: str, sae_layer: str | int, device: str = "auto", precision: str = "auto",
                  bundle=None, cache_mb: float = 256, recorded_layer: str | int | None = None):
         from transformers import AutoProcessor
-
-        from .adapters import load_adapter
 
         device = resolve_device(device)
         kwargs, compute = llava_load_options(llava_spec, device, precision)

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapters import Adapter, _hf_call, load_adapter
+from .adapters import Adapter, _hf_call, load_adapter, loads_a_model
 from .errors import UserError
 
 TWO_TOWER_HF = ("clip", "siglip")
@@ -50,6 +50,7 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+@loads_a_model
 def text_embedder_for(adapter: Adapter) -> TextEmbedder:
     """The text side of a loaded two-tower adapter (open_clip, or a transformers CLIP/SigLIP model)."""
     if adapter.backend == "open_clip":

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .activation_store import ActivationStore, shuffled_batch_index
-from .atomic import atomic_path, json_safe, remove_stale_temporaries, write_json_atomic
+from .atomic import atomic_path, first_difference, json_safe, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
@@ -178,18 +178,11 @@ class _Checkpoint:
         return t["tokens_since_fired"].to(device)
 
 
-def first_difference(then, now, path: str = "") -> str | None:
+def run_difference(then: dict, now: dict) -> str | None:
     """The first setting in which two run configs differ, as "NAME: THEN there, NOW now", or None."""
-    if isinstance(then, dict) and isinstance(now, dict):
-        for key in list(now) + [k for k in then if k not in now]:
-            found = first_difference(then.get(key), now.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    if then == now:
-        return None
+    found = first_difference(then, now)
     # the data's identity is a digest: say first that it is the activations that differ
-    return f"{'other activations, ' if path.startswith('data.') else ''}{path}: {then!r} there, {now!r} now"
+    return f"other activations, {found}" if found and found.startswith("data.") else found
 
 
 def finished_run_difference(config: dict, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig) -> str | None:
@@ -203,7 +196,7 @@ def finished_run_difference(config: dict, store: ActivationStore, sae_cfg: SAECo
     then = {**{k: config[k] for k in now_sae if k in config},
             **{k: then_train[k] for k in now_train if k in then_train}}
     now = json.loads(json.dumps({**now_sae, **{k: v for k, v in now_train.items() if k in then_train}}))
-    return first_difference(then, {k: v for k, v in now.items() if k in then})
+    return run_difference(then, {k: v for k, v in now.items() if k in then})
 
 
 def _open_logger(kind: str | None, out_dir: Path, run_config: dict):
@@ -279,7 +272,7 @@ def train_sae(
         now = json.loads(json.dumps(run_config))
         if "data" not in meta["run_config"]:  # a checkpoint from before the data's identity was recorded
             now.pop("data")
-        differs = first_difference(meta["run_config"], now)
+        differs = run_difference(meta["run_config"], now)
         if differs:
             raise UserError(
                 f"{out_dir} holds a checkpoint of a different run ({differs}); use the same arguments and data to "

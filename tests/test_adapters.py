@@ -307,3 +307,44 @@ def test_hf_siglip_without_cls_and_dinov2_with_registers(tmp_path):
             out = ref(pixel_values=px, output_hidden_states=True)
         _check_against_hidden_states(a, px, out.hidden_states)
         torch.testing.assert_close(a.embed(px), out.pooler_output, rtol=0, atol=0)
+
+
+def test_every_model_loader_waits_while_another_thread_loads(tmp_path):
+    """The explorer loads models from request threads and from its background warm-up; a load that imported
+    transformers while another thread's import of it was under way failed ("cannot import name
+    'AutoProcessor'"). Each loader in sae_core therefore waits while another holds MODEL_LOADING: here the
+    test holds it, each loader (given a missing model, so it fails fast once it runs) must still be waiting
+    after 0.5 s, and must finish once the lock is let go."""
+    import threading
+    from types import SimpleNamespace
+
+    from sae_core.adapters import MODEL_LOADING
+    from sae_core.crossmodal import LanguageResidual
+    from sae_core.steering import SteeringSession
+    from sae_core.text_encoders import load_text_embedder, text_embedder_for
+
+    missing = str(tmp_path / "missing")
+    loaders = {
+        "load_adapter": lambda: load_adapter(f"world:{missing}"),
+        "load_text_embedder": lambda: load_text_embedder(f"world:{missing}"),
+        "text_embedder_for": lambda: text_embedder_for(SimpleNamespace(backend="hf", model_type="dinov2",
+                                                                       spec="hf:x", name="x")),
+        "SteeringSession": lambda: SteeringSession(None, f"world:{missing}:llava", -2, device="cpu"),
+        "LanguageResidual": lambda: LanguageResidual(missing),
+    }
+    for name, load in loaders.items():
+        ended = threading.Event()
+
+        def run():
+            try:
+                load()
+            except Exception:  # noqa: BLE001 - a missing model: it ran, which is all this test asks
+                pass
+            ended.set()
+
+        with MODEL_LOADING:
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            assert not ended.wait(0.5), f"{name} ran while another thread held MODEL_LOADING"
+        assert ended.wait(60), f"{name} did not run once MODEL_LOADING was let go"
+        thread.join(5)

@@ -362,10 +362,11 @@ def test_a_bundle_copied_without_its_dataset_shows_what_it_carries(tiny_bundle, 
         demo.close()
 
 
-def test_a_model_request_right_after_the_start_waits_for_the_warm_up_import(tiny_bundle, tmp_path):
-    """The text tower's warm-up imports transformers just after the server starts; a request loading the
-    steering model meanwhile, from another thread, failed with "cannot import name 'AutoProcessor' from
-    'transformers'" (the half-imported package). It waits for that import and answers."""
+def test_a_model_request_right_after_the_start_waits_for_the_warm_up_load(tiny_bundle, tmp_path):
+    """The text tower's warm-up loads a model just after the server starts; a request loading the steering
+    model meanwhile, from another thread, failed with "cannot import name 'AutoProcessor' from
+    'transformers'" (the half-imported package). It waits for that load (sae_core's MODEL_LOADING) and
+    answers."""
     from app.server import spawn
 
     proc, url = spawn(tiny_bundle, cache=tmp_path, extra_env={"OMP_NUM_THREADS": "1"})

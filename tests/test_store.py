@@ -6,7 +6,7 @@ import pytest
 
 from sae_core.activation_store import (ActivationStore, save_npy_atomic, shuffled_batch_index,
                                        write_json_atomic)
-from sae_core.atomic import atomic_path, remove_stale_temporaries
+from sae_core.atomic import atomic_path, first_difference, remove_stale_temporaries
 from sae_core.errors import UserError
 
 
@@ -64,6 +64,33 @@ def test_a_killed_atomic_writes_temporaries_are_removed_and_nothing_else(tmp_pat
     assert remove_stale_temporaries(tmp_path) == 2                             # every one, at any depth
     assert not any(p.exists() for p in left) and all(p.read_bytes() == b"mine" for p in kept)
     assert remove_stale_temporaries(tmp_path / "missing") == 0
+
+
+def test_json_files_are_strict_json_with_null_for_nan(tmp_path):
+    """JSON has no NaN: json.dumps writes a bare NaN that JSON.parse (the browser) and strict readers refuse,
+    and the atlas manifest held one in degenerate cases (no neuron with an MS). Read back here by a parser
+    that refuses NaN and Infinity."""
+    import json
+    import math
+
+    def strict(name):
+        raise ValueError(f"{name} in a JSON file")
+
+    write_json_atomic(tmp_path / "m.json", {"ms_mean": float("nan"), "fvu": np.float64("inf"), "l0": 3.5,
+                                            "depth": [1.0, -math.inf, {"x": float("nan")}], "name": "NaN"})
+    got = json.loads((tmp_path / "m.json").read_text(), parse_constant=strict)
+    assert got == {"ms_mean": None, "fvu": None, "l0": 3.5, "depth": [1.0, None, {"x": None}], "name": "NaN"}
+
+
+def test_first_difference_names_the_first_differing_setting_by_its_path():
+    assert first_difference({"a": 1, "b": {"c": [1, 2]}}, {"a": 1, "b": {"c": [1, 2]}}) is None
+    assert first_difference({"a": 1, "b": 2}, {"a": 1, "b": 3}) == "b: 2 there, 3 now"
+    assert first_difference({"m": {"spec": "x", "layer": -2}}, {"m": {"spec": "x", "layer": -1}}) == \
+        "m.layer: -2 there, -1 now"
+    assert first_difference({"a": 1, "gone": "x"}, {"a": 1}) == "gone: 'x' there, None now"  # recorded only
+    assert first_difference({"a": 1}, {"a": 1, "new": True}) == "new: None there, True now"
+    assert first_difference({"a": {"b": 1}}, {"a": 5}) == "a: {'b': 1} there, 5 now"
+    assert first_difference({"a": 1, "b": 1}, {"b": 2, "a": 2}) == "b: 1 there, 2 now"  # in the new order
 
 
 def test_iter_batches_is_the_shuffled_index_and_resumable(tmp_path):

@@ -352,3 +352,5 @@ def test_undefined_held_out_metrics_are_null_in_valid_json(tmp_path, capsys):
     metrics = json.loads((tmp_path / "sae" / "metrics.json").read_text(), parse_constant=refuse)
     assert metrics["fvu"] is None and metrics["rows"] == 150
     assert metrics["mse"] > 0 and metrics["l0"] > 0  # the defined ones are kept
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)  # the command's line
+    assert printed["fvu"] is None and printed["l0"] == metrics["l0"]

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 
 from ..args import nonnegative_int, out_folder
@@ -79,6 +80,6 @@ def run(args) -> int:
     with open(out / "report.json") as f:
         report = json.load(f)
     gates = {k: report[k] for k in stages.GATE_KEYS}
-    print(json.dumps({"out": str(out), "preset": args.preset, **gates, "gates_passed": report["gates_passed"],
+    print(strict_json({"out": str(out), "preset": args.preset, **gates, "gates_passed": report["gates_passed"],
                       "build_time_s": report["build_time_s"], "this_run_s": round(time.time() - t_start, 1)}))
     return 0
