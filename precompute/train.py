@@ -39,7 +39,7 @@ def add_arguments(p):
     p.add_argument("--aux-coeff", type=nonnegative_float, default=SAEConfig.aux_coeff)
     p.add_argument("--aux-k", type=positive_int, help="default d_in/2")
     p.add_argument("--dead-window", type=positive_int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
-    p.add_argument("--eval-rows", type=positive_int, help="held-out rows at the end of the store (default 5%%, at most 65,536)")
+    p.add_argument("--eval-rows", type=positive_int, help="held-out rows for metrics.json, whole images spread over the store (default 5%%, at most 65,536)")
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: every 5 minutes)")
     p.add_argument("--log", choices=["wandb", "tensorboard"], help="also log to W&B or TensorBoard")
     p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")

@@ -12,8 +12,10 @@ images in the manifest. The writer side (`save_npy_atomic`, `write_json_atomic`)
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -180,18 +182,18 @@ class ActivationStore:
 
     def iter_batches(self, batch_size: int, seed: int = 0, start_step: int = 0, stop_step: int | None = None,
                      rank: int = 0, world_size: int = 1, prefetch: int = 4,
-                     n_rows: int | None = None) -> Iterator[np.ndarray]:
-        """Shuffled batches `shuffled_batch_index(n_rows, ...)` for steps start_step, start_step+1, ...
+                     held_out: "HeldOut | None" = None) -> Iterator[np.ndarray]:
+        """Shuffled batches `shuffled_batch_index(n, ...)` for steps start_step, start_step+1, ...
 
-        Over the first `n_rows` rows (default all of them). The trainer holds out the last rows: pass its
-        training rows, `sae_core.training.split_rows(len(store), eval_rows)[0]`, for its batches exactly.
+        Over all rows by default; with `held_out` (a `HeldOut`, e.g. the trainer's `held_out_split(store,
+        eval_rows)`) over its training rows only, exactly the trainer's batches.
 
         A background thread reads up to `prefetch` batches ahead, so the page faults of the memory
         maps overlap with the caller's compute (numpy copies release the GIL).
         """
-        n = len(self) if n_rows is None else n_rows
-        if not 0 < n <= len(self):
-            raise UserError(f"n_rows {n_rows} is not between 1 and the store's {len(self)} rows.")
+        if held_out is not None and held_out.n_rows != len(self):
+            raise UserError(f"the held-out split is of a store of {held_out.n_rows} rows, not of this one's {len(self)}.")
+        n = len(self) if held_out is None else held_out.n_train
         steps = iter(range(start_step, stop_step)) if stop_step is not None else _count(start_step)
         q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         stop = threading.Event()
@@ -202,7 +204,7 @@ class ActivationStore:
                     if stop.is_set():
                         return
                     idx = shuffled_batch_index(n, batch_size, step, seed, rank, world_size)
-                    q.put(self.take(idx))
+                    q.put(self.take(idx if held_out is None else held_out.training_rows(idx)))
                 q.put(None)
             except BaseException as e:  # hand the error to the consumer
                 q.put(e)
@@ -224,6 +226,74 @@ class ActivationStore:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(0.01)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The rows of a store that `train` holds out for its metrics.json, and the others, which it trains on.
+
+    Held out: `n_blocks` blocks of `block` consecutive rows (one image's rows, so no image is split
+    between the two), the last block of every `period` blocks, so spread evenly over the store. The
+    store's rows are in dataset order, and a folder sorted by class (ImageNet, iNaturalist) would
+    otherwise lend every held-out row to its last classes, which the SAE would then never see.
+    `period` 0 is the rule of checkpoints written before, the last n_blocks * block rows, kept so that
+    such a run resumes as it began.
+    """
+    n_rows: int
+    block: int
+    n_blocks: int
+    period: int
+
+    @property
+    def n_eval(self) -> int:
+        return self.block * self.n_blocks
+
+    @property
+    def n_train(self) -> int:
+        return self.n_rows - self.n_eval
+
+    def training_rows(self, i: np.ndarray) -> np.ndarray:
+        """Store rows of training rows `i` (0 <= i < n_train, in store order), as int64."""
+        i = np.asarray(i, dtype=np.int64)
+        if self.period == 0:
+            return i
+        b = i // self.block  # the training block; before it, min(b // (period - 1), n_blocks) held-out ones
+        return i + np.minimum(b // (self.period - 1), self.n_blocks) * self.block
+
+    def held_out_rows(self) -> np.ndarray:
+        """The held-out store rows, ascending: (n_eval,) int64."""
+        if self.period == 0:
+            return np.arange(self.n_train, self.n_rows, dtype=np.int64)
+        starts = (np.arange(self.n_blocks, dtype=np.int64) * self.period + self.period - 1) * self.block
+        return (starts[:, None] + np.arange(self.block)).ravel()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def held_out_split(store: ActivationStore, eval_rows: int | None = None) -> HeldOut:
+    """`train`'s held-out rows: `eval_rows` (None: 5% of the rows, at most 65,536), rounded up to whole
+    images, spread over the store (see HeldOut). An image's rows are the run of rows sharing the first
+    row's image in the row index (1 for a plain .npy, whose rows are then held out one by one)."""
+    n = len(store)
+    n_eval = eval_rows if eval_rows is not None else max(1, min(65_536, n // 20))
+    block = 1
+    if store._index_paths is not None and n:
+        images = store.image_index(np.arange(min(n, 65_536)))
+        block = int(np.argmax(images != images[0])) if (images != images[0]).any() else len(images)
+    n_blocks = math.ceil(n_eval / block) if n_eval > 0 else 0
+    period = (n // block) // n_blocks if n_blocks else 0
+    if n_eval < 1 or period < 2:
+        what = f"{n_eval} rows" + (f" ({n_blocks} images of {block} rows)" if block > 1 else "")
+        raise UserError(f"the store has {n} rows, too few to hold out {what} for evaluation and train on the "
+                        "rest; extract more activations or set a smaller --eval-rows.")
+    return HeldOut(n, block, n_blocks, period)
+
+
+def last_rows_split(n_rows: int, eval_rows: int | None = None) -> HeldOut:
+    """The held-out rule of checkpoints written before `held_out_split`: the store's last rows."""
+    n_eval = eval_rows if eval_rows is not None else max(1, min(65_536, n_rows // 20))
+    return HeldOut(n_rows, n_eval, 1, 0)
 
 
 def _count(start: int):

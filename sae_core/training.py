@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .activation_store import ActivationStore, shuffled_batch_index
+from .activation_store import ActivationStore, HeldOut, held_out_split, last_rows_split, shuffled_batch_index
 from .atomic import atomic_path, first_difference, json_safe, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
@@ -47,7 +47,7 @@ class TrainConfig:
     dead_window: int = 10_000_000
     """A latent is dead when it has not fired in this many tokens (or in the whole run so far)."""
     eval_rows: int | None = None
-    """Held-out rows at the end of the store; None: 5% of the rows, at most 65,536."""
+    """Held-out rows, whole images spread over the store (`held_out_split`); None: 5%, at most 65,536."""
     init_rows: int = 16_384
     """Rows used to estimate the input scale and the geometric median that starts b_dec."""
 
@@ -81,14 +81,6 @@ class _TrainingStep(nn.Module):
         return self.sae.training_forward(x, dead_mask, self.compute_dtype)
 
 
-def split_rows(n_rows: int, eval_rows: int | None) -> tuple[int, int]:
-    """(training rows, held-out rows): the held-out rows are the last ones, i.e. the last images."""
-    n_eval = eval_rows if eval_rows is not None else max(1, min(65_536, n_rows // 20))
-    if n_eval < 1 or n_rows - n_eval < 1:
-        raise UserError(f"the store has {n_rows} rows, too few to hold out {n_eval} for evaluation; extract more activations or set --eval-rows.")
-    return n_rows - n_eval, n_eval
-
-
 def finite_rows(rows: np.ndarray, row_ids: np.ndarray, store: ActivationStore) -> np.ndarray:
     """`rows` (store rows `row_ids`), or one sentence naming the first that holds NaN or inf: a single such
     row turns every weight of the SAE NaN within one step (and the metrics into invalid JSON)."""
@@ -100,10 +92,10 @@ def finite_rows(rows: np.ndarray, row_ids: np.ndarray, store: ActivationStore) -
     return rows
 
 
-def _init_stats(store: ActivationStore, n_train: int, cfg: TrainConfig) -> tuple[float, Tensor]:
-    """Input scale c with E||c x||^2 = d_in, and the geometric median of the scaled sample."""
+def _init_stats(store: ActivationStore, split: HeldOut, cfg: TrainConfig) -> tuple[float, Tensor]:
+    """Input scale c with E||c x||^2 = d_in, and the geometric median of the scaled sample (training rows)."""
     rng = np.random.default_rng([cfg.seed, 1])
-    idx = np.sort(rng.choice(n_train, size=min(cfg.init_rows, n_train), replace=False))
+    idx = split.training_rows(np.sort(rng.choice(split.n_train, size=min(cfg.init_rows, split.n_train), replace=False)))
     sample = torch.from_numpy(finite_rows(store.take(idx), idx, store)).double()
     mean_sq = sample.pow(2).sum(1).mean().item()
     if not math.isfinite(mean_sq) or mean_sq <= 0:
@@ -256,22 +248,26 @@ def train_sae(
     cfg = cfg.resolved(sae_cfg.d_sae)
     if sae_cfg.d_in != store.d:
         raise UserError(f"the SAE expects d_in={sae_cfg.d_in} but the activations have width {store.d}.")
-    n_train, n_eval = split_rows(len(store), cfg.eval_rows)
+    ckpt = _Checkpoint(out_dir)
+    meta = ckpt.read_meta() if ckpt.exists() else None
+    if meta is not None and "held_out" not in meta["run_config"]:
+        split = last_rows_split(len(store), cfg.eval_rows)  # a checkpoint from before: it resumes as it began
+    else:
+        split = held_out_split(store, cfg.eval_rows)
     run_config = {"sae": sae_cfg.to_dict(), "train": asdict(cfg), "world_size": dist_info.world_size, "rows": len(store),
-                  "data": store.identity()}
+                  "data": store.identity(), "held_out": split.to_dict()}
     compute_dtype = COMPUTE_DTYPES[cfg.dtype]
 
     sae = SparseAutoencoder(sae_cfg, seed=cfg.seed).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    ckpt = _Checkpoint(out_dir)
     tracker = torch.zeros(sae_cfg.d_sae, dtype=torch.float64, device=device)  # tokens since each latent fired
     start, tokens_seen = 0, 0
-    if ckpt.exists():
+    if meta is not None:
         # compared before anything is loaded: another width's tensors do not fit this SAE
-        meta = ckpt.read_meta()
         now = json.loads(json.dumps(run_config))
-        if "data" not in meta["run_config"]:  # a checkpoint from before the data's identity was recorded
-            now.pop("data")
+        for key in ("data", "held_out"):  # a checkpoint from before these were recorded
+            if key not in meta["run_config"]:
+                now.pop(key)
         differs = run_difference(meta["run_config"], now)
         if differs:
             raise UserError(
@@ -281,7 +277,7 @@ def train_sae(
         tracker = ckpt.load(sae, opt, device)
         start, tokens_seen, scale = meta["step"], meta["tokens"], meta["scale"]
     else:
-        scale, b_dec = _init_stats(store, n_train, cfg)
+        scale, b_dec = _init_stats(store, split, cfg)
         with torch.no_grad():
             sae.b_dec.copy_(b_dec)
     step_module = _TrainingStep(sae, compute_dtype)
@@ -299,8 +295,9 @@ def train_sae(
     global_batch = cfg.batch_size
 
     def load_batch(step: int) -> Tensor:
-        idx = shuffled_batch_index(n_train, global_batch, step, cfg.seed, dist_info.rank, dist_info.world_size)
-        rows = finite_rows(store.take(idx), np.asarray(idx), store)  # in the reader thread, before a step
+        idx = split.training_rows(shuffled_batch_index(split.n_train, global_batch, step, cfg.seed, dist_info.rank,
+                                                       dist_info.world_size))
+        rows = finite_rows(store.take(idx), idx, store)  # in the reader thread, before a step
         return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
@@ -367,13 +364,15 @@ def train_sae(
         if sae_cfg.arch in THRESHOLD_ARCHS:  # thresholds from the final weights, on unseen batch ids
             n_cal = min(16, max(1, math.ceil(65_536 / global_batch)))
             sae.calibrate_thresholds(
-                torch.from_numpy(store.take(shuffled_batch_index(n_train, global_batch, cfg.steps + i, cfg.seed)))
+                torch.from_numpy(store.take(split.training_rows(
+                    shuffled_batch_index(split.n_train, global_batch, cfg.steps + i, cfg.seed))))
                 .to(device=device, dtype=torch.float32) * scale for i in range(n_cal))
         sae.fold_input_scale(scale)
         # NaN (no variance in the held-out rows, or x_hat orthogonal to x) is not JSON: null says "undefined"
-        metrics = json_safe(evaluate_on_rows(sae, store, n_train, len(store), device))
+        metrics = json_safe(evaluate_on_rows(sae, store, split.held_out_rows(), device))
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
-                "held_out_rows": n_eval, "training_rows": n_train, "tokens": tokens_seen, "data": run_config["data"]}
+                "held_out_rows": split.n_eval, "training_rows": split.n_train, "held_out": run_config["held_out"],
+                "tokens": tokens_seen, "data": run_config["data"]}
         # metrics first: save_sae's config.json marks the SAE finished, and a kill between the two left a
         # finished SAE whose metrics.json never came back
         write_json_atomic(out_dir / "metrics.json", metrics)
@@ -399,16 +398,16 @@ def _log_row(x, out, step, tokens, tracker, cfg, lr, tokens_per_s) -> dict:
 
 
 @torch.no_grad()
-def evaluate_on_rows(sae: SparseAutoencoder, store: ActivationStore, start: int, stop: int, device: str = "cpu",
+def evaluate_on_rows(sae: SparseAutoencoder, store: ActivationStore, rows: np.ndarray, device: str = "cpu",
                      batch_size: int = 4096) -> dict:
-    """Pooled metrics of the (raw-input) SAE on rows [start, stop); Matryoshka adds `prefix_fvu`."""
+    """Pooled metrics of the (raw-input) SAE on store rows `rows`; Matryoshka adds `prefix_fvu`."""
     acc = MetricsAccumulator(sae.cfg.d_sae)
     bounds = sae.group_bounds.tolist()[1:] if sae.cfg.arch == "matryoshka" else []
     prefix_accs = [MetricsAccumulator(b) for b in bounds]
-    for a in range(start, stop, batch_size):
-        end = min(stop, a + batch_size)
-        x = torch.from_numpy(finite_rows(store.rows(a, end), np.arange(a, end), store)).to(device=device,
-                                                                                          dtype=torch.float32)
+    rows = np.asarray(rows, dtype=np.int64)
+    for a in range(0, len(rows), batch_size):
+        ids = rows[a:a + batch_size]
+        x = torch.from_numpy(finite_rows(store.take(ids), ids, store)).to(device=device, dtype=torch.float32)
         z = sae.encode(x)
         acc.update(x, sae.decode(z), z)
         for b, pacc in zip(bounds, prefix_accs):

@@ -101,19 +101,68 @@ def test_iter_batches_is_the_shuffled_index_and_resumable(tmp_path):
     for step, batch in zip(range(2, 9), got):
         np.testing.assert_array_equal(batch, full[shuffled_batch_index(25, 4, step, 3, 1, 2)])
     # over the trainer's training rows only: its batches, never a held-out row
-    from sae_core.training import split_rows
+    from sae_core.activation_store import held_out_split
 
-    n_train = split_rows(len(s), 5)[0]
-    got = list(s.iter_batches(4, seed=3, stop_step=12, n_rows=n_train))
+    split = held_out_split(s, 5)  # 2 rows per image: 3 images, 6 rows
+    got = list(s.iter_batches(4, seed=3, stop_step=12, held_out=split))
     for step, batch in enumerate(got):
-        np.testing.assert_array_equal(batch, full[shuffled_batch_index(n_train, 4, step, 3)])
-    held_out, served = ({row.tobytes() for row in rows} for rows in (full[n_train:], np.concatenate(got)))
-    assert n_train == 20 and served <= {row.tobytes() for row in full[:n_train]} and not held_out & served
+        np.testing.assert_array_equal(batch, full[split.training_rows(shuffled_batch_index(split.n_train, 4, step, 3))])
+    kept = np.setdiff1d(np.arange(25), split.held_out_rows())
+    held_out, served = ({row.tobytes() for row in rows} for rows in (full[split.held_out_rows()], np.concatenate(got)))
+    assert split.n_train == 19 and served <= {row.tobytes() for row in full[kept]} and not held_out & served
     # an endless iterator can be abandoned midway (the reader thread stops)
     it = s.iter_batches(5, seed=0, prefetch=1)
     first = [next(it) for _ in range(12)]  # crosses epochs
     it.close()
     np.testing.assert_array_equal(np.concatenate(first[:5])[np.argsort(np.concatenate([shuffled_batch_index(25, 5, k, 0) for k in range(5)]))], full)
+
+
+def _class_sorted_store(path, n_images, rows_per_image, images_per_class, d=4):
+    """A store as `extract` writes one from a class-sorted folder: image-major rows, classes in order."""
+    n = n_images * rows_per_image
+    index = np.stack([np.arange(n) // rows_per_image, np.arange(n) % rows_per_image], 1).astype(np.int64)
+    (path / "shards").mkdir(parents=True)
+    save_npy_atomic(path / "shards/0.npy", np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
+    save_npy_atomic(path / "shards/0.index.npy", index)
+    write_json_atomic(path / "manifest.json", {"shards": [{"path": "shards/0.npy", "index": "shards/0.index.npy",
+                                                           "rows": n}], "d": d, "dtype": "float32"})
+    return ActivationStore(path), index[:, 0] // images_per_class
+
+
+def test_held_out_rows_are_whole_images_spread_over_the_store(tmp_path):
+    """The trainer held out the store's last rows: in a folder sorted by class they were its last classes,
+    which the SAE then never saw (ImageNet's last ~51 at the default). Now: whole images, spread evenly.
+    Checked against sets built row by row."""
+    from sae_core.activation_store import held_out_split, last_rows_split
+
+    store, classes = _class_sorted_store(tmp_path / "s", n_images=200, rows_per_image=3, images_per_class=20)
+    split = held_out_split(store, 30)
+    held = split.held_out_rows()
+    train = split.training_rows(np.arange(split.n_train))
+    assert (split.block, split.n_eval, split.n_train) == (3, 30, 570)
+    assert sorted(set(held.tolist()) | set(train.tolist())) == list(range(600))   # every row, once
+    assert not set(held.tolist()) & set(train.tolist()) and (np.diff(train) > 0).all()
+    images = store.image_index()
+    held_images = set(images[held].tolist())
+    assert len(held_images) == 10 and not held_images & set(images[train].tolist())  # no image split in two
+    assert set(classes[held].tolist()) == set(range(10))                             # every class, not the last
+    assert set(classes[last_rows_split(600, 30).held_out_rows()].tolist()) == {9}    # as before: the last only
+    gaps = np.diff(sorted(held_images))
+    assert gaps.max() <= 2 * 200 / 10                                                # spread, not bunched
+    assert held_out_split(store, 31).n_eval == 33                                    # rounded up to whole images
+
+    # other shapes, against the brute-force complement, row by row
+    for n_images, rows, eval_rows in ((7, 1, 2), (50, 4, 9), (101, 2, None), (40, 5, 100), (1000, 1, None)):
+        st, _ = _class_sorted_store(tmp_path / f"s{n_images}_{rows}", n_images, rows, 10)
+        sp = held_out_split(st, eval_rows)
+        held = sp.held_out_rows()
+        assert len(held) == sp.n_eval >= (eval_rows or max(1, len(st) // 20))
+        complement = np.setdiff1d(np.arange(len(st)), held)
+        np.testing.assert_array_equal(sp.training_rows(np.arange(sp.n_train)), complement)
+        assert (held % rows == np.tile(np.arange(rows), sp.n_blocks)).all()         # whole images
+
+    with pytest.raises(UserError, match=r"too few to hold out 400 rows \(134 images of 3 rows\).*--eval-rows"):
+        held_out_split(store, 400)
 
 
 def test_extraction_dir_with_one_layer_opens_as_that_store(tmp_path):

@@ -342,9 +342,12 @@ def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_se
 def test_undefined_held_out_metrics_are_null_in_valid_json(tmp_path, capsys):
     """Held-out rows without variance make FVU undefined: metrics.json held a bare NaN, which is not JSON
     (strict parsers, such as a browser's, refuse the whole file)."""
+    from sae_core.activation_store import ActivationStore, held_out_split
+
     x = np.random.default_rng(3).standard_normal((3000, 16)).astype(np.float32)
-    x[-150:] = x[0]  # the 150 held-out rows (5%) are one row repeated
     np.save(tmp_path / "x.npy", x)
+    x[held_out_split(ActivationStore(tmp_path / "x.npy")).held_out_rows()] = x[0]  # the 150 held-out rows (5%):
+    np.save(tmp_path / "x.npy", x)                                                  # one row repeated
     assert precompute_main(_small_args(tmp_path / "x.npy", tmp_path / "sae", 2)) == 0
 
     def refuse(name):
@@ -354,3 +357,58 @@ def test_undefined_held_out_metrics_are_null_in_valid_json(tmp_path, capsys):
     assert metrics["mse"] > 0 and metrics["l0"] > 0  # the defined ones are kept
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)  # the command's line
     assert printed["fvu"] is None and printed["l0"] == metrics["l0"]
+
+
+def test_the_held_out_rows_are_never_trained_on_and_are_what_metrics_json_measures(tmp_path, monkeypatch):
+    """Training batches, the init sample and the threshold calibration read training rows only; metrics.json
+    is the SAE on exactly the held-out rows (FVU recomputed here in float64). A checkpoint written before
+    the spread split (its run config without "held_out") resumes with the rule it began under, the last rows."""
+    import sae_core.training as T
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sae_core.activation_store import ActivationStore, held_out_split
+
+    npy = _small_rows(tmp_path / "x.npy")
+    store = ActivationStore(npy)
+    split = held_out_split(store)
+    held = set(split.held_out_rows().tolist())
+    assert split.n_eval == 150 and max(held) - min(held) > 2500  # spread, not the last 150 rows
+    reads = []
+    real_take = ActivationStore.take
+    monkeypatch.setattr(ActivationStore, "take", lambda self, idx: reads.append(np.asarray(idx).copy()) or real_take(self, idx))
+    assert precompute_main(_small_args(npy, tmp_path / "sae", 6)) == 0
+    monkeypatch.undo()
+    evaluated = [r for r in reads if set(r.tolist()) == held]
+    assert len(evaluated) == 1  # the evaluation, in one batch of 150
+    trained = [r for r in reads if r is not evaluated[0] and len(r) > 3]  # (3 rows: the store's identity sample)
+    assert len(trained) >= 7 and not any(held & set(r.tolist()) for r in trained)
+
+    @torch.no_grad()
+    def fvu_on(sae_dir, rows):
+        sae = load_sae(sae_dir)
+        x = torch.from_numpy(np.load(npy)[np.sort(rows)])
+        x_hat = sae.decode(sae.encode(x)).double()
+        return float((x.double() - x_hat).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum())
+
+    metrics = json.loads((tmp_path / "sae" / "metrics.json").read_text())
+    assert metrics["rows"] == 150 and metrics["fvu"] == pytest.approx(fvu_on(tmp_path / "sae", list(held)), rel=1e-5)
+    info = json.loads((tmp_path / "sae" / "config.json").read_text())["training"]
+    assert info["held_out"] == {"n_rows": 3000, "block": 1, "n_blocks": 150, "period": 20}
+
+    # an older checkpoint: killed after step 2, its run config without "held_out"
+    monkeypatch.setattr(T, "save_sae", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert precompute_main(_small_args(npy, tmp_path / "old", 4, extra=["--checkpoint-every", "2"])) == 130
+    monkeypatch.undo()
+    state = tmp_path / "old" / "checkpoint" / "state.safetensors"
+    with safe_open(str(state), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    assert meta["step"] == 2
+    del meta["run_config"]["held_out"]
+    save_file(load_file(str(state)), str(state), metadata={"meta": json.dumps(meta)})
+    (tmp_path / "old" / "checkpoint" / "state.json").write_text(json.dumps(meta))
+    assert precompute_main(_small_args(npy, tmp_path / "old", 4, extra=["--checkpoint-every", "2"])) == 0
+    info = json.loads((tmp_path / "old" / "config.json").read_text())["training"]
+    assert info["held_out"]["period"] == 0 and info["held_out_rows"] == 150
+    metrics = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    assert metrics["fvu"] == pytest.approx(fvu_on(tmp_path / "old", np.arange(2850, 3000)), rel=1e-5)
