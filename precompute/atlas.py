@@ -376,7 +376,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
     from sae_core.checkpoint import copy_sae, no_layer_reason, trained_on, weights_file
-    from sae_core.datasets import open_dataset
+    from sae_core.datasets import first_images_warning, open_dataset
 
     if job.layer is None:
         raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
@@ -386,6 +386,8 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")
     ds = open_dataset(job.dataset)
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
+    if warning := first_images_warning(ds, n):
+        note(warning)
     trained_tokens = trained_on(sae)["tokens"]
     cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size,
                       memory_gib=job.memory_gib, seed=job.seed, metric_tokens=metric_tokens_for(trained_tokens))

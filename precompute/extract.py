@@ -199,7 +199,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     from tqdm import tqdm
 
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
-    from sae_core.datasets import open_dataset
+    from sae_core.datasets import first_images_warning, open_dataset
     from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
     from sae_core.precision import resolve_device, warn_if_slow_half
 
@@ -228,6 +228,8 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
         n_images = min(len(ds), cfg.limit) if cfg.limit is not None else len(ds)
         if n_images < 1:
             raise UserError(f"--limit {cfg.limit} leaves no images to extract.")
+        if info.is_main and (warning := first_images_warning(ds, n_images)):
+            print(warning, file=sys.stderr)
         identity = {"model": cfg.model, "dataset": cfg.dataset, "layers": names, "tokens": str(token_spec),
                     "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision}
         rows_per = max(1 if lay.kind == "embed" else token_spec.rows_per_image(adapter.layout) for lay in layers)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sae_core.datasets import ImageReadError, inat_taxonomy, open_dataset
+from sae_core.datasets import ImageReadError, first_images_warning, inat_taxonomy, open_dataset
 from sae_core.errors import UserError
 from tests import extract_helpers as H
 
@@ -31,6 +31,30 @@ def test_imagefolder_order_labels_and_corrupt_images():
             ds[bad]
     with pytest.raises(IndexError):
         ds[10]
+
+
+def test_a_limit_that_misses_classes_is_warned_about(tmp_path):
+    """--limit takes the first N images, and a folder is read class by class: the first 100,000 of ImageNet's
+    train images are about 78 of its 1,000 classes. Said when classes are missed, with the counts of the
+    folder itself (5 classes of 4 images, 2 loose images first); silent otherwise."""
+    for c in range(5):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / f"c{c}" / f"{i}.png")
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"loose{i}.png")
+    ds = open_dataset(f"imagefolder:{tmp_path}")
+    assert [ds.label(i) for i in range(len(ds))] == [None] * 2 + [f"c{c}" for c in range(5) for _ in range(4)]
+    for n, kept in ((2, 0), (3, 1), (9, 2), (17, 4)):
+        assert first_images_warning(ds, n) == (
+            f"warning: --limit {n} takes the first {n} of the 22 images of imagefolder:{tmp_path}, which hold {kept} "
+            "of its 5 classes (a folder is read class by class); for every class, pass no --limit or a "
+            "files:LIST.txt naming the images to use.")
+    assert first_images_warning(ds, 19) is None and first_images_warning(ds, 22) is None  # every class
+    assert first_images_warning(open_dataset(f"imagefolder:{tmp_path / 'c0'}"), 1) is None  # no classes
+    (tmp_path / "list.txt").write_text("c0/0.png\ta\nc0/1.png\ta\nc1/0.png\tb\n")  # a list says no folder order
+    assert first_images_warning(open_dataset(f"files:{tmp_path / 'list.txt'}"), 2).endswith(
+        "which hold 1 of its 2 classes; for every class, pass no --limit or a files:LIST.txt naming the images to use.")
 
 
 def test_inaturalist_folders_give_seven_level_taxonomy(tmp_path, monkeypatch):
