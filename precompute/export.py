@@ -6,8 +6,8 @@ def add_arguments(p):
     p.add_argument("sae_dir", help="an SAE folder (ours from `python -m precompute train`, SAELens's, sparsify's or "
                                    "dictionary_learning's) or hf:OWNER/REPO[/FOLDER]")
     p.add_argument("--format", choices=["saelens", "sae-lab"], default="saelens",
-                   help="saelens: cfg.json + sae_weights.safetensors for SAELens 6 or later's "
-                        "SAE.load_from_disk; sae-lab: ours (an import)")
+                   help="saelens: cfg.json + sae_weights.safetensors for SAE.load_from_disk of SAELens "
+                        "5 or 6; sae-lab: ours (an import)")
     p.add_argument("--out", required=True)
 
 

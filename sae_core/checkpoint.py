@@ -694,6 +694,19 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     }
     if arch == "topk":
         saelens_cfg["k"] = cfg.k
+    # SAELens 5.x reads top-level keys instead (its SAEConfig requires the first six) and SAELens 6 ignores
+    # them: with both, SAELens 5.11.0 and 6.54.12 load the same SAE (equal codes and decodes). 5.x calls
+    # string methods on the hook, so an unknown one is "", and picks its activation by name.
+    layer = str(act["layer"] if act["layer"] is not None else "")
+    block = re.match(r"blocks\.(\d+)\.", hook or "")  # an imported SAE's own hook
+    saelens_cfg.update({
+        "model_name": saelens_cfg["metadata"]["model_name"] or "", "hook_name": hook or "",
+        "hook_layer": int(layer) if layer.lstrip("-").isdigit() else int(block[1]) if block else 0,
+        "hook_head_index": None,
+        "context_size": None, "dataset_path": None,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if arch == "topk" else {},
+    })
     with atomic_path(out_dir / "sae_weights.safetensors") as tmp:
         save_file(sae_state(sae), str(tmp))
     write_json_atomic(out_dir / "cfg.json", saelens_cfg)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sae_core.checkpoint import export_saelens, load_sae, save_sae, trained_on
 from sae_core.errors import UserError
@@ -475,6 +475,51 @@ def test_export_metadata_survives_saelens_6(tmp_path):
     assert raw["metadata"]["model_name"] == "world:/w:llava" and raw["metadata"]["hook_name"] == "layer_-2"
 
 
+SAELENS5_REQUIRED = ("context_size", "model_name", "hook_name", "hook_layer", "hook_head_index", "dataset_path")
+"""The positional fields of SAELens 5.11.0's SAEConfig that have no default (its TypeError on our export
+before it wrote them: "missing 6 required positional arguments")."""
+
+
+def _saelens5_reference(cfg: dict, t: dict, x):
+    """SAELens 5.x's SAE (5.11.0, sae_lens/sae.py) from the top-level keys alone, as it reads them (it knows
+    no "metadata" and no top-level "k"): jumprelu keeps pre where pre > threshold; any other architecture
+    applies the activation `activation_fn_str` names (relu, or topk with activation_fn_kwargs["k"])."""
+    t = {k: v.double() for k, v in t.items()}
+    pre = (x.double() - t["b_dec"] * cfg["apply_b_dec_to_input"]) @ t["W_enc"] + t["b_enc"]
+    if cfg["architecture"] == "jumprelu":
+        z = pre.relu() * (pre > t["threshold"])
+    elif cfg["activation_fn_str"] == "topk":
+        top = pre.topk(cfg["activation_fn_kwargs"]["k"], dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    else:
+        assert cfg["activation_fn_str"] == "relu"
+        z = pre.relu()
+    return z, z @ t["W_dec"] + t["b_dec"]
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
+def test_our_export_loads_in_saelens_5_as_the_same_computation(tmp_path, arch):
+    """SAELens 5.x refused our export (SAEConfig missing 6 required arguments), and read the activation from
+    top-level keys that were not there. It now carries them beside SAELens 6's metadata (checked once with
+    the real 5.11.0 and 6.54.12: both load it, with equal codes, within 1e-6 of ours)."""
+    cfg = SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=3, group_sizes=(8, 12, 20) if arch == "matryoshka" else ())
+    sae = SparseAutoencoder(cfg, seed=4)
+    with torch.no_grad():
+        sae.threshold.uniform_(0.05, 0.4)
+        sae.b_enc.normal_(0, 0.3)
+    save_sae(sae, tmp_path / "ours", training={"activations": {"layer": "-2", "tokens": "all",
+                                                                "model": {"spec": "world:/w:llava"}}})
+    exported = export_saelens(tmp_path / "ours", tmp_path / "saelens")
+    raw = json.loads((exported / "cfg.json").read_text())
+    assert all(key in raw for key in SAELENS5_REQUIRED) and isinstance(raw["hook_name"], str)
+    assert raw["hook_layer"] == -2 and raw["model_name"] == "world:/w:llava"
+    top_level = {k: v for k, v in raw.items() if k not in ("metadata", "k")}
+    x = torch.randn(40, D_IN)
+    z_ref, x_hat_ref = _saelens5_reference(top_level, load_file(str(exported / "sae_weights.safetensors")), x)
+    assert (z_ref != 0).any()
+    _assert_same_computation(sae, x, z_ref, x_hat_ref)
+
+
 def _dl_tensors(seed: int) -> dict:
     return DL_CASES["BatchTopKSAE"](_tensors(seed))
 
@@ -656,8 +701,10 @@ def test_reexporting_an_imported_sae_keeps_its_model_and_hook(tmp_path, hook):
     save_sae(load_sae(src), tmp_path / "ours", training=load_sae(src).training_info)
     for source in (src, tmp_path / "ours"):
         out = export_saelens(source, tmp_path / f"again_{source.name}")
-        meta = json.loads((out / "cfg.json").read_text())["metadata"]
+        raw = json.loads((out / "cfg.json").read_text())
+        meta = raw["metadata"]
         assert meta["model_name"] == "gpt2" and meta["hook_name"] == hook
+        assert (raw["model_name"], raw["hook_name"], raw["hook_layer"]) == ("gpt2", hook, 9)  # SAELens 5's keys
         # read back, "gpt2" is not taken for a model spec of this tool; the layer comes from the hook
         back = load_sae(out)
         assert back.training_info["imported"]["model"] == "gpt2"
