@@ -84,6 +84,8 @@ def wait_value(pg, selector: str, value: str):
 
 
 def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     pg, url = page, explorer_app.url
     top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
     # 0. The Neuron tab opened first shows a neuron, not empty boxes: the highest MS with a full gallery.
@@ -176,11 +178,15 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     freq = float(np.load(explorer_app.bundle / "neurons" / "frequency.npy")[k_clicked])
     ms = float(np.load(explorer_app.bundle / "neurons" / "ms.npy")[k_clicked])
     pg.click("button[role=tab]:has-text('Overview')")
-    xy = pg.evaluate("([f, m]) => { const g = document.querySelector('#scatter-plot .js-plotly-plot');"
-                     " const L = g._fullLayout, r = g.getBoundingClientRect();"
-                     " return [r.left + L.xaxis._offset + L.xaxis.d2p(f), r.top + L.yaxis._offset + L.yaxis.d2p(m)]; }",
-                     [freq, ms])
-    assert abs(xy[0] - click[0]) < 6 and abs(xy[1] - click[1]) < 6, (xy, click)
+    where = ("([f, m]) => { const g = document.querySelector('#scatter-plot .js-plotly-plot');"
+             " const L = g._fullLayout, r = g.getBoundingClientRect();"
+             " return [r.left + L.xaxis._offset + L.xaxis.d2p(f), r.top + L.yaxis._offset + L.yaxis.d2p(m)]; }")
+    try:  # polled: the tab's page lays out again when shown (a loaded host once measured it 105 px lower)
+        pg.wait_for_function(f"([f, m, cx, cy]) => {{ const [x, y] = ({where})([f, m]);"
+                             " return Math.abs(x - cx) < 6 && Math.abs(y - cy) < 6; }",
+                             arg=[freq, ms, *click], timeout=10_000)
+    except PlaywrightTimeout:
+        raise AssertionError((pg.evaluate(where, [freq, ms]), click)) from None
     pg.get_by_role("tab", name="Neuron", exact=True).click()
     assert f"neuron={k_clicked}" in pg.url
     # 2. The neuron page's gallery images rendered (natural width > 0), one per top image.
@@ -244,8 +250,6 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     # click on an image being replaced is lost (seen once under a full suite's load): click through the
     # locator, which waits for a stable, attached image, and once more if nothing came of it in 30 s
     # (a second click on a click that did land would toggle the patch off: hence the long first wait).
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
     picture = pg.locator("#steer-picture img")
     for attempt in range(2):
         box = picture.bounding_box()
