@@ -271,12 +271,17 @@ class HeldOut:
         return asdict(self)
 
 
+def _eval_rows(n_rows: int, eval_rows: int | None) -> int:
+    """The held-out rows asked for: `eval_rows`, or by default 5% of the rows, at most 65,536."""
+    return eval_rows if eval_rows is not None else max(1, min(65_536, n_rows // 20))
+
+
 def held_out_split(store: ActivationStore, eval_rows: int | None = None) -> HeldOut:
     """`train`'s held-out rows: `eval_rows` (None: 5% of the rows, at most 65,536), rounded up to whole
     images, spread over the store (see HeldOut). An image's rows are the run of rows sharing the first
     row's image in the row index (1 for a plain .npy, whose rows are then held out one by one)."""
     n = len(store)
-    n_eval = eval_rows if eval_rows is not None else max(1, min(65_536, n // 20))
+    n_eval = _eval_rows(n, eval_rows)
     block = 1
     if store._index_paths is not None and n:
         images = store.image_index(np.arange(min(n, 65_536)))
@@ -292,8 +297,7 @@ def held_out_split(store: ActivationStore, eval_rows: int | None = None) -> Held
 
 def last_rows_split(n_rows: int, eval_rows: int | None = None) -> HeldOut:
     """The held-out rule of checkpoints written before `held_out_split`: the store's last rows."""
-    n_eval = eval_rows if eval_rows is not None else max(1, min(65_536, n_rows // 20))
-    return HeldOut(n_rows, n_eval, 1, 0)
+    return HeldOut(n_rows, _eval_rows(n_rows, eval_rows), 1, 0)
 
 
 def _count(start: int):

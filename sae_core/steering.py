@@ -501,10 +501,11 @@ class SteeringSession:
 
     @torch.inference_mode()
     def features(self, h: torch.Tensor, clamps: Sequence) -> torch.Tensor:
-        """Rows of the layer output LLaVA will read, one per clamp (ORIGINAL = unchanged): (B, T, D)."""
+        """Rows of the layer output LLaVA will read, one per clamp (ORIGINAL = unchanged): (B, T, D).
+        UserError for a clamp whose row overflowed (`_check_finite`)."""
         rows = []
         for hi, c in zip(h, clamps):
-            rows.append(hi if c is ORIGINAL else steer_hidden(hi, self.sae, c))
+            rows.append(hi if c is ORIGINAL else _check_finite(steer_hidden(hi, self.sae, c), c))
         return torch.stack(rows)
 
     def prompt_embeddings(self, h: torch.Tensor, prompt: str) -> torch.Tensor:
@@ -597,7 +598,6 @@ class SteeringSession:
         clamp = self.make_clamp(latents, values, mode, patches, keep_error)
         h, ran = self.hidden([image])
         rows = self.features(h.expand(3, -1, -1), [ORIGINAL, Clamp(keep_error=False), clamp])
-        _check_finite(rows[2:], clamp)
         orig, sae, steered = self.generate_from_hidden(rows, prompt, max_new_tokens, min_new_tokens)
         return SteerResult(orig, sae, steered, clamp.describe(), prompt, (time.perf_counter() - t0) * 1e3,
                            cached=ran == 0)
@@ -609,10 +609,7 @@ class SteeringSession:
         if not clamps:
             return []
         h, _ = self.hidden([image])
-        rows = self.features(h.expand(len(clamps), -1, -1), clamps)
-        for row, c in zip(rows, clamps):
-            _check_finite(row[None], c)
-        answers = self.generate_from_hidden(rows, prompt, max_new_tokens)
+        answers = self.generate_from_hidden(self.features(h.expand(len(clamps), -1, -1), clamps), prompt, max_new_tokens)
         return list(zip(values_list, answers))
 
     @torch.inference_mode()
@@ -648,13 +645,14 @@ class SteeringSession:
         return self._text
 
 
-def _check_finite(rows: torch.Tensor, clamp: Clamp) -> None:
-    """Refuse a clamp whose steered features overflowed (finite values, but so large that the decoded
-    layer output is inf/NaN): LLaVA would answer nothing, which reads as a steering result."""
-    if not bool(torch.isfinite(rows).all()):
+def _check_finite(row: torch.Tensor, clamp: Clamp) -> torch.Tensor:
+    """`row`, or UserError for a clamp whose steered features overflowed (finite values, but so large that
+    the decoded layer output is inf/NaN): LLaVA would answer nothing, which reads as a steering result."""
+    if not bool(torch.isfinite(row).all()):
         raise UserError(f"clamping latents {list(clamp.latents)} to {np.asarray(clamp.values).reshape(-1)[:4].tolist()} "
                         "overflows the layer's output (inf/NaN); give smaller values (a latent's token_max tells "
                         "its scale).")
+    return row
 
 
 def bundle_llava_spec(bundle) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .activation_store import ActivationStore, HeldOut, held_out_split, last_rows_split, shuffled_batch_index
-from .atomic import atomic_path, first_difference, json_safe, remove_stale_temporaries, write_json_atomic
+from .atomic import atomic_path, first_difference, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
@@ -368,8 +368,8 @@ def train_sae(
                     shuffled_batch_index(split.n_train, global_batch, cfg.steps + i, cfg.seed))))
                 .to(device=device, dtype=torch.float32) * scale for i in range(n_cal))
         sae.fold_input_scale(scale)
-        # NaN (no variance in the held-out rows, or x_hat orthogonal to x) is not JSON: null says "undefined"
-        metrics = json_safe(evaluate_on_rows(sae, store, split.held_out_rows(), device))
+        # NaN where undefined (no variance in the held-out rows): metrics.json holds null there (strict_json)
+        metrics = evaluate_on_rows(sae, store, split.held_out_rows(), device)
         info = {**(training_info or {}), **run_config["train"], "input_scale": scale, "world_size": dist_info.world_size,
                 "held_out_rows": split.n_eval, "training_rows": split.n_train, "held_out": run_config["held_out"],
                 "tokens": tokens_seen, "data": run_config["data"]}
