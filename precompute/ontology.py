@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sae_core.datasets import WorldImages
+
 from .args import positive_int, share
 from .probe_common import add_common, features, open_inputs, print_result, write_outputs
 
@@ -48,7 +50,7 @@ def run(args) -> int:
         return lambda r: None if (p := paths[int(feats.ids[r])]) is None else p[lo:hi]
 
     views = {"taxonomy": cut(0, None)}
-    if hasattr(ds, "world"):  # the world's path is [family, shape, colour_group, colour]; other taxonomies not
+    if isinstance(ds, WorldImages):  # the world's path is [family, shape, colour_group, colour]; other taxonomies not
         views["shape_tree"] = cut(0, 2)
         views["colour_tree"] = cut(2, None)
     W_dec = source.sae.W_dec.detach().cpu().numpy()

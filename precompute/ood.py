@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sae_core.datasets import WorldImages
 from sae_core.errors import UserError
 from sae_core.image_features import dataset_identity, image_keys
 
@@ -111,7 +112,7 @@ def run(args) -> int:
     scores = ood_scores(f_fit, test, np.asarray(fit_labels) if fit_labels is not None else None, k=args.k,
                         cal=f_cal)
     groups = None
-    if getattr(ds_ood, "split", None) == "ood" and hasattr(ds_ood, "world"):  # which held-out factor each shows
+    if isinstance(ds_ood, WorldImages) and ds_ood.split == "ood":  # which held-out factor each shows
         from sae_core.ood import world_ood_groups
 
         w = ds_ood.world

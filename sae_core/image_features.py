@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .datasets import FileListDataset, WorldImages, open_dataset
 from .errors import UserError
 
 FIELDS = ("ids", "raw", "codes", "recon_mean", "recon_max", "resid_max")
@@ -130,21 +131,13 @@ def extract_features(source: FeatureSource, dataset, n_images: int | None = None
 # ----------------------------------------------------------------------------------------------
 # Which images a dataset holds: identity, per-image keys, fingerprint
 # ----------------------------------------------------------------------------------------------
-def _is_world(ds) -> bool:
-    return hasattr(ds, "world") and hasattr(ds, "split")
-
-
-def _is_file_list(ds) -> bool:
-    return hasattr(ds, "paths") and hasattr(ds, "root")
-
-
 def dataset_identity(ds) -> str:
     """What a dataset is, whatever its spec's spelling (a trailing slash, `..`, `~`, $VARS, a symlink):
     world: the world folder's real path and the split; image folders and file lists: the real root
     folder and a digest of the image list (two lists in one folder differ)."""
-    if _is_world(ds):
+    if isinstance(ds, WorldImages):
         return f"world:{os.path.realpath(ds.root)}:{ds.split}"
-    if _is_file_list(ds):
+    if isinstance(ds, FileListDataset):
         items = hashlib.sha256("\n".join(ds.paths).encode()).hexdigest()[:16]
         return f"files:{os.path.realpath(ds.root)}:{len(ds.paths)}:{items}"
     return f"spec:{ds.spec}"
@@ -154,10 +147,10 @@ def image_keys(ds, n: int | None = None) -> list[str]:
     """A key per image (the first `n`) that two datasets share exactly when they hold the same image:
     the file's absolute path (real root folder + item), or the world folder's real path, split and index."""
     n = len(ds) if n is None else min(int(n), len(ds))
-    if _is_world(ds):
+    if isinstance(ds, WorldImages):
         base = f"world:{os.path.realpath(ds.root)}:{ds.split}/"
         return [base + str(i) for i in range(n)]
-    if _is_file_list(ds):
+    if isinstance(ds, FileListDataset):
         root = os.path.realpath(ds.root)
         return [os.path.normpath(os.path.join(root, ds.paths[i])) for i in range(n)]
     return [f"{ds.spec}#{i}" for i in range(n)]
@@ -169,9 +162,9 @@ def dataset_fingerprint(ds, n: int | None = None) -> str:
     large folder costs the images used); a world hashes its world.json (the images are rendered from it)."""
     n = len(ds) if n is None else min(int(n), len(ds))
     h = hashlib.sha256(f"{dataset_identity(ds)}\0{n}".encode())
-    if _is_world(ds):
+    if isinstance(ds, WorldImages):
         h.update(Path(ds.root, "world.json").read_bytes())
-    elif _is_file_list(ds):
+    elif isinstance(ds, FileListDataset):
         root = Path(ds.root)
         for item in ds.paths[:n]:
             try:
@@ -210,7 +203,6 @@ def cached_features(source: FeatureSource, spec: str, cache_dir: str | Path | No
     (its rows are in dataset order), a shorter one is extended by the images it lacks. With `write`
     False the cache is only read; a cache that cannot be written is skipped with a note on stderr."""
     from .atomic import atomic_path
-    from .datasets import open_dataset
 
     ds = open_dataset(spec)
     n = len(ds) if n_images is None else min(int(n_images), len(ds))
