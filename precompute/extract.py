@@ -196,12 +196,12 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
 def extract(cfg: ExtractConfig, command: str = "") -> dict:
     """Run (or resume) an extraction; returns the run summary written to OUT/extract.json."""
     import torch
-    from tqdm import tqdm
 
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
     from sae_core.datasets import first_images_warning, open_dataset
     from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
     from sae_core.precision import resolve_device, warn_if_slow_half
+    from sae_core.progress import progress_bar
 
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size} must be at least 1.")
@@ -266,7 +266,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
             pin_memory=device.startswith("cuda"), persistent_workers=False,
         )
         throttle = float(os.environ.get("SAE_EXTRACT_THROTTLE_S", "0"))  # tests: make a run slow enough to kill
-        bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not info.is_main, dynamic_ncols=True,
+        bar = progress_bar(total=sum(len(b) for b in batches), unit="img", disable=not info.is_main, dynamic_ncols=True,
                    desc=f"extract {cfg.model} layers {','.join(names)}" + (f" (rank 0 of {info.world_size})" if info.world_size > 1 else ""))
         t0 = time.time()
         done_images = 0
@@ -276,7 +276,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
             k = owner[bi]
             for i, err in skip:
                 skipped.append({"index": int(i), "item": ds.item(int(i)), "error": err})
-                tqdm.write(f"warning: skipped unreadable image {i} ({err})", file=sys.stderr)
+                bar.write(f"warning: skipped unreadable image {i} ({err})", file=sys.stderr)
             if pixels is not None:
                 acts = adapter.capture(pixels, layers)
                 for lay in layers:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from sae_core.progress import progress_bar
 
 from sae_core.activation_store import save_npy_atomic
 from sae_core.atomic import remove_stale_temporaries, write_json_atomic
@@ -110,7 +110,7 @@ def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, par
         changed = sorted(k for k in (set(meta) | set(saved)) - {"n_done"} if saved.get(k) != meta.get(k))
         print(f"starting over: {', '.join(changed)} changed since {partial.name} was saved")
     last = time.monotonic()
-    with tqdm(total=acts.shape[0], initial=start, unit="img", desc="MS") as bar:
+    with progress_bar(total=acts.shape[0], initial=start, unit="img", desc="MS") as bar:
         for a in range(start, acts.shape[0], chunk):
             acc.update(acts[a:a + chunk], emb[a:a + chunk])
             bar.update(min(chunk, acts.shape[0] - a))

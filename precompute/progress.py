@@ -3,7 +3,8 @@
 Each stage has a weight (its expected seconds on a small CPU). A stage reports fractions when it can
 (`advance`); for stages that cannot (a world build, SAE training), a ticker thread moves the bar with
 elapsed time up to 90% of the stage's weight, so the ETA keeps moving. Inner progress bars of the
-stages are silenced (TQDM_DISABLE) and their printed output goes to a log file.
+stages are silenced (TQDM_DISABLE) and their printed output goes to a log file. Where stderr is not a
+terminal (a job's log), the bar is a line at each stage and at most one every LOG_INTERVAL_S between.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from sae_core.progress import progress_bar
 
 
 class PipelineProgress:
@@ -25,17 +26,24 @@ class PipelineProgress:
         self.total = float(sum(weights.values())) or 1.0
         self.log = Path(log) if log else None
         enabled = enabled and os.environ.get("TQDM_DISABLE", "") in ("", "0")
-        self.bar = tqdm(total=round(self.total, 1), desc=desc, unit="", disable=not enabled, dynamic_ncols=True,
-                        file=sys.__stderr__, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        self.bar = progress_bar(total=round(self.total, 1), desc=desc, unit="", disable=not enabled,
+                                dynamic_ncols=True, file=sys.__stderr__,
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
         self.done = 0.0  # weight of finished stages
         self._in_stage = 0.0  # weight credited inside the current stage
         self._lock = threading.Lock()
+        self._drawn = time.monotonic()  # of the last draw: tqdm draws the first state
         self.timings: dict[str, float] = {}
 
-    def _set(self, value: float) -> None:
+    def _set(self, value: float, draw: bool = False) -> None:
+        """Move the bar to `value`; drawn at once with `draw` (a new stage), else at most once a
+        bar.mininterval (a fraction of a second on a terminal, LOG_INTERVAL_S in a log)."""
         with self._lock:
             self.bar.n = round(min(value, self.total), 1)
-            self.bar.refresh()
+            now = time.monotonic()
+            if not self.bar.disable and (draw or now - self._drawn >= self.bar.mininterval):
+                self.bar.refresh()
+                self._drawn = now
 
     @contextlib.contextmanager
     def stage(self, name: str, quiet: bool = True):
@@ -43,7 +51,7 @@ class PipelineProgress:
         w = self.weights.get(name, 1.0)
         self._in_stage = 0.0
         self.bar.postfix = name
-        self.bar.refresh()
+        self._set(self.done, draw=True)
         t0 = time.time()
         stop = threading.Event()
         reported = threading.Event()
@@ -117,5 +125,4 @@ class PipelineProgress:
 
     def close(self) -> None:
         self.bar.postfix = "done"
-        self.bar.refresh()
-        self.bar.close()
+        self.bar.close()  # draws the last state

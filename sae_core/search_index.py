@@ -240,9 +240,9 @@ def load_index(path: str | Path, embeddings=None) -> SearchIndex:
 def _add_in_chunks(index, embeddings, chunk: int = 65536, progress: bool = False) -> None:
     starts = range(0, len(embeddings), chunk)
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        starts = tqdm(starts, desc="index images", unit="chunk")
+        starts = progress_bar(starts, desc="index images", unit="chunk")
     for s in starts:
         index.add(_as_f32(embeddings[s:s + chunk]))
 

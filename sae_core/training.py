@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
+from .progress import progress_bar
 
 from .activation_store import ActivationStore, HeldOut, held_out_split, last_rows_split, shuffled_batch_index
 from .atomic import atomic_path, first_difference, remove_stale_temporaries, write_json_atomic
@@ -300,7 +300,7 @@ def train_sae(
         rows = finite_rows(store.take(idx), idx, store)  # in the reader thread, before a step
         return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
+    bar = progress_bar(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
                disable=not (progress and dist_info.is_main), dynamic_ncols=True)
     last_ckpt_time, window_t0, window_tokens = time.monotonic(), time.perf_counter(), 0
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one trains
@@ -342,7 +342,7 @@ def train_sae(
                     log_file.flush()
                     remote_log(done, row)
                 bar.set_postfix(tok_s=f"{row['tokens_per_s']:.0f}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
-                                dead=f"{100 * row['dead_fraction']:.1f}%")
+                                dead=f"{100 * row['dead_fraction']:.1f}%", refresh=False)  # drawn by the next update
             due = (checkpoint_every and done % checkpoint_every == 0) or (
                 time.monotonic() - last_ckpt_time > checkpoint_seconds)
             due_tensor = _all_reduce(torch.tensor(float(bool(due))), torch.distributed.ReduceOp.MAX)

@@ -78,6 +78,9 @@ def test_first_start_builds_the_default_bundle(tmp_path, tiny_world, monkeypatch
     assert bootstrap.ensure_bundle(s) == default
     err = capfd.readouterr().err
     assert "building the tiny bundle first" in err and "precompute demo --out" in err
+    # stderr is a file here, as in Docker's logs: the build's bar is whole lines, the last one its end
+    bar = [line for line in err.splitlines() if line.startswith("demo (tiny):")]
+    assert "\r" not in err and len(bar) >= 3 and bar[-1].startswith("demo (tiny): 100%") and bar[-1].endswith(", done")
     assert open_bundle(default).n_neurons > 0
 
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from sae_core.progress import progress_bar
 
 from sae_core.world.text import BOS, EOS, PAD, colour_prompt, shape_prompt, training_text
 from .pool import FACTOR_CODES, Pool, normalise
@@ -83,7 +83,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def scheduled_steps(opt, steps: int, peak: float, desc: str):
     """Yield (step, progress bar) with the learning rate set: 5% linear warm-up, then cosine to 2%."""
     warmup = max(1, int(0.05 * steps))
-    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1.0)
+    bar = progress_bar(range(steps), desc=desc, unit="step", mininterval=1.0)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak, warmup)
@@ -137,7 +137,7 @@ def train_clip(model, tokenizer, pool: Pool, cfg: dict, seed: int, log=None) -> 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", texts=len(texts))
+            bar.set_postfix(loss=f"{loss.item():.3f}", texts=len(texts), refresh=False)
         if log is not None and cfg.get("eval_every") and (step + 1) % cfg["eval_every"] == 0:
             log(step + 1, time.time() - t0, model)
     model.eval()

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from sae_core.progress import progress_bar
 
 from sae_core.world.text import (BOS, EOS, IMAGE, PAD, QUESTIONS, SPECIAL_TOKENS, WHAT_IS_SHOWN, llava_prompt,
                                  qa_pairs)
@@ -55,7 +55,7 @@ def vision_features(model, pool: Pool, batch: int = 500) -> torch.Tensor:
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
     out = []
-    for s in tqdm(range(0, len(pool), batch), desc="tiny LLaVA vision features", leave=False):
+    for s in progress_bar(range(0, len(pool), batch), desc="tiny LLaVA vision features", leave=False):
         hs = tower(pixel_values=normalise(pool.pixels[s:s + batch]), output_hidden_states=True).hidden_states
         out.append(hs[layer][:, 1:].clone())
     return torch.cat(out)
@@ -116,7 +116,7 @@ def train_llava(model, tokenizer, pool: Pool, cfg: dict, seed: int) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return {"steps": steps, "final_loss": round(float(loss.item()), 4), "train_s": round(time.time() - t0, 1)}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from sae_core.progress import progress_bar
 
 from sae_core.world.generator import COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, WorldSpec, render
 from sae_core.world.text import caption
@@ -23,7 +23,7 @@ class Pool:
         size = spec.image_size
         pixels = np.empty((n, size, size, 3), np.uint8)
         self.factors, self.masks = [], []
-        for k, i in enumerate(tqdm(self.indices, desc=desc or f"render {split}", unit="img",
+        for k, i in enumerate(progress_bar(self.indices, desc=desc or f"render {split}", unit="img",
                                    leave=False, mininterval=1.0)):
             img, masks, f = render(spec, split, int(i))
             pixels[k] = np.asarray(img)

@@ -1,0 +1,61 @@
+"""Progress bars that suit where they are written: a redrawn bar on a terminal, a line now and then in a log."""
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 30.0
+"""Seconds between two progress lines when the bar's stream is a file or a pipe (a cluster job's log, `cmd 2>
+log`); TQDM_MININTERVAL, tqdm's own setting, overrides it."""
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class LineWriter:
+    """A stream for tqdm that ends each redraw with a newline instead of starting it with a carriage return, so a
+    log holds one readable line a refresh rather than one line that grows by every redraw of the job."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._after_redraw = False
+
+    def write(self, s: str) -> None:
+        if s.startswith("\r"):  # tqdm's redraw: "\r" + status + spaces over the last one's tail
+            text = s[1:].rstrip()
+            if text:
+                self.stream.write(text + "\n")
+            self._after_redraw = True
+            return
+        if s == "\n" and self._after_redraw:  # close()'s newline after its last redraw: the line has one
+            self._after_redraw = False
+            return
+        self._after_redraw = False
+        if s:
+            self.stream.write(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # encoding, fileno, ... of the stream
+        return getattr(self.stream, name)
+
+
+def progress_bar(*args, file=None, **kwargs) -> tqdm:
+    """`tqdm(*args, **kwargs)` on `file` (sys.stderr by default). When that is not a terminal, the bar is written
+    as whole lines, at most one every LOG_INTERVAL_S seconds (and its first and last state)."""
+    stream = sys.stderr if file is None else file
+    if not is_terminal(stream):
+        stream = LineWriter(stream)
+        if "TQDM_MININTERVAL" not in os.environ:
+            kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.0)), LOG_INTERVAL_S)
+            # tqdm's monitor thread redraws a bar silent for maxinterval (10 s by default): not sooner than a line
+            kwargs["maxinterval"] = max(float(kwargs.get("maxinterval", 10.0)), kwargs["mininterval"])
+        kwargs["dynamic_ncols"] = False  # no terminal to measure
+    return tqdm(*args, file=stream, **kwargs)

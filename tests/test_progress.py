@@ -1,0 +1,89 @@
+"""Progress bars in a log (a file or a pipe) are whole lines, not one line of carriage-return redraws."""
+import io
+import sys
+import time
+
+import tqdm.std
+
+from sae_core.progress import LOG_INTERVAL_S, progress_bar
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_bar_in_a_log_is_its_first_and_last_state_as_lines():
+    """1,000 updates well inside LOG_INTERVAL_S: the first state and the last, each a line of its own."""
+    log = io.StringIO()
+    bar = progress_bar(total=1000, desc="scan", unit="img", file=log)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    out = log.getvalue()
+    assert "\r" not in out and out.endswith("\n")
+    lines = out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("scan:   0%") and " 0/1000 " in lines[0]
+    assert lines[1].startswith("scan: 100%") and " 1000/1000 " in lines[1]
+
+
+def test_a_bar_on_a_terminal_still_redraws_in_place():
+    term = Terminal()
+    bar = progress_bar(total=3, desc="scan", file=term)
+    for _ in range(3):
+        time.sleep(0.11)  # past tqdm's own 0.1 s between redraws
+        bar.update(1)
+    bar.close()
+    redraws = [r.split("|")[-1].split()[0] for r in term.getvalue().split("\r")[1:]]
+    assert redraws == ["0/3", "1/3", "2/3", "3/3", "3/3"]  # close() draws the last state once more, then "\n"
+    assert term.getvalue().endswith("\n") and term.getvalue().count("\n") == 1
+
+
+def test_a_bar_in_a_log_writes_a_line_every_log_interval(monkeypatch):
+    """On a clock that moves 1 s an update, 100 updates give a line at 0 s, then one each LOG_INTERVAL_S
+    (30 s), then the last state: n = 0, 30, 60, 90, 100."""
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    log = io.StringIO()
+    bar = progress_bar(total=100, desc="train", unit="step", file=log)
+    for _ in range(100):
+        clock[0] += 1.0
+        bar.update(1)
+    bar.close()
+    shown = [int(line.split("|")[-1].split("/")[0]) for line in log.getvalue().splitlines()]
+    step = int(LOG_INTERVAL_S)
+    assert shown == [*range(0, 100, step), 100]
+
+
+def test_an_unfinished_bar_without_leave_leaves_nothing_half_written():
+    log = io.StringIO()
+    bar = progress_bar(total=10, desc="features", leave=False, file=log)
+    bar.update(4)
+    bar.close()
+    assert log.getvalue().splitlines() == [line for line in log.getvalue().split("\n") if line]
+    assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
+
+
+def test_a_pipeline_in_a_log_is_a_line_a_stage(monkeypatch, tmp_path):
+    """The demo's and atlas's one bar, its stderr a log: its first state, a line as each stage starts and the
+    last state, though its ticker moves the bar twice a second; a stage that was already done is not a line."""
+    from precompute.progress import PipelineProgress
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", log)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    progress = PipelineProgress({"world": 2.0, "extract": 1.0, "train": 1.0}, desc="demo", log=tmp_path / "log.txt")
+    progress.skip("world")
+    with progress.stage("extract"):
+        time.sleep(1.2)  # two ticks
+    with progress.stage("train") as advance:
+        for f in (0.25, 0.5, 0.75, 1.0):
+            advance(f)
+    progress.close()
+    out = log.getvalue()
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert [line.rsplit(" , ", 1)[-1] for line in lines[1:]] == ["extract", "train", "done"], lines
+    assert [line.split("%")[0] for line in lines] == ["demo:   0", "demo:  50", "demo:  75", "demo: 100"]
