@@ -569,7 +569,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     visible=ex.bundle.has("patch_top_images"))
                 # a click on a gallery image (which also enlarges it) offers that image's other neurons
                 gallery_image_button = gr.Button(visible=False, elem_id="gallery-image-open", size="sm")
-                band_gallery = gr.Gallery(label="lower activation bands (one strip per band, highest first; yellow box = best patch)", columns=1,
+                band_gallery = gr.Gallery(label="activation bands: equal shares of the images it fires on, highest first, a random sample of each (yellow box = best patch)", columns=1,
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():

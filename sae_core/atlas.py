@@ -248,39 +248,114 @@ class BinReservoirs:
         self.patch[s, r] = all_patch[o]
 
 
-class ActivationBands:
-    """The log histogram and its per-bin reservoirs (K x bins x S entries of 18 bytes: 450 MB at K 65,536,
-    48 bins and S 8), with the edges set by the images with id below `cfg.hist_edge_images` (the first
-    ones scanned), so that no statistic depends on the batch size: entries wait until those images have
-    been seen (the firing entries of at most `hist_edge_images` images and one batch)."""
+class QuantileGrid:
+    """Per neuron, counts of log10(score) on a grid fitted to the neuron's own range, and a BinReservoirs sample
+    per grid bin: what its activation bands (quantile groups) are drawn from.
 
-    STATE = ("hist", "res", "waiting")
+    Neuron k's grid is B bins of 2**level[k] / FINEST decades each, aligned on multiples of that width and
+    starting at bin `start[k]`: the finest level whose B bins hold every score seen (finest-grid indices `lo`
+    to `hi`), up to the level whose B bins span `decades`; at that level the grid ends at the highest score
+    and lower ones fall into bin 0. A wider range doubles the width, merging pairs of bins: their counts add,
+    and the S smallest keys of two reservoirs are the sample the merged bin would have drawn. So the grid,
+    the counts and the samples depend only on the scores seen, never on the batches. A neuron firing between
+    1.0 and 2.0 gets 39 bins of 1.8% (the shared log histogram's 48 bins over 6 decades gave it 3 or 4).
+    Memory: that of the reservoirs (K x B x S entries of 18 bytes) and K x B counts of 8 bytes."""
+
+    FINEST = 256  # bins a decade at level 0
+    STATE = ("lo", "hi", "level", "start", "counts", "res")
+
+    def __init__(self, n_neurons: int, bins: int, decades: float, size: int, seed: int = 0):
+        self.K, self.B = n_neurons, bins
+        self.max_level = next(j for j in range(63) if bins * 2 ** j >= decades * self.FINEST)
+        self.lo = np.full(n_neurons, np.iinfo(np.int64).max, np.int64)  # lo > hi: has not fired
+        self.hi = np.full(n_neurons, np.iinfo(np.int64).min, np.int64)
+        self.level = np.zeros(n_neurons, np.int64)
+        self.start = np.zeros(n_neurons, np.int64)
+        self.counts = np.zeros((n_neurons, bins), np.int64)
+        self.res = BinReservoirs(n_neurons * bins, size, seed)
+
+    def _layout(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(level, start) of the grids that hold finest-grid indices lo..hi."""
+        level = np.zeros_like(lo)
+        for _ in range(self.max_level):
+            level += ((hi >> level) - (lo >> level) >= self.B)
+        too_wide = (hi >> level) - (lo >> level) >= self.B  # only at max_level: the grid ends at the top
+        return level, np.where(too_wide, (hi >> level) - self.B + 1, lo >> level)
+
+    def _bin(self, neuron: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return np.clip((g >> self.level[neuron]) - self.start[neuron], 0, self.B - 1)
+
+    def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray, patch: np.ndarray) -> None:
+        """Firing entries: image ids, neuron ids, scores > 0 and best patch positions (-1 for none)."""
+        if neuron.size == 0:
+            return
+        g = np.floor(np.log10(value.astype(np.float64)) * self.FINEST).astype(np.int64)
+        touched = np.unique(neuron)
+        np.minimum.at(self.lo, neuron, g)
+        np.maximum.at(self.hi, neuron, g)
+        level, start = self._layout(self.lo[touched], self.hi[touched])
+        moved = (level != self.level[touched]) | (start != self.start[touched])
+        self._regrid(touched[moved], level[moved], start[moved])
+        b = self._bin(neuron, g)
+        np.add.at(self.counts, (neuron, b), 1)
+        self.res.update(neuron * self.B + b, image, neuron, value, patch)
+
+    def _regrid(self, ks: np.ndarray, level: np.ndarray, start: np.ndarray) -> None:
+        """Move neurons `ks` to coarser or shifted grids: each old bin lands whole in one new bin."""
+        if not len(ks):
+            return
+        B, S, res = self.B, self.res.S, self.res
+        old_counts = self.counts[ks]
+        i, b = np.nonzero(old_counts)  # the occupied bins: (row of ks, bin)
+        new = np.clip(((self.start[ks[i]] + b) >> (level[i] - self.level[ks[i]])) - start[i], 0, B - 1)
+        counts = np.zeros_like(old_counts)
+        np.add.at(counts, (i, new), old_counts[i, b])
+        self.counts[ks] = counts
+        self.level[ks], self.start[ks] = level, start
+        slots, to = ks[i] * B + b, ks[i] * B + new
+        key, ids, acts, patch = res.key[slots], res.ids[slots], res.acts[slots], res.patch[slots]
+        res.key[slots], res.ids[slots], res.acts[slots], res.patch[slots] = np.inf, -1, 0, -1
+        _, inverse, sources = np.unique(to, return_inverse=True, return_counts=True)
+        alone = sources[inverse] == 1  # a bin that only moves (a new lowest score shifts the grid) keeps its sample
+        res.key[to[alone]], res.ids[to[alone]], res.acts[to[alone]], res.patch[to[alone]] = (
+            key[alone], ids[alone], acts[alone], patch[alone])
+        merged = ~alone
+        kept = ids[merged] >= 0  # merged bins keep the S smallest keys of their union: a hash, the same again
+        res.update(np.repeat(to[merged], S).reshape(-1, S)[kept], ids[merged][kept],
+                   np.repeat(ks[i][merged], S).reshape(-1, S)[kept], acts[merged][kept], patch[merged][kept])
+
+
+class ActivationBands:
+    """The log histogram of a score (edges shared by all neurons, for the page's plot) and its activation
+    bands (quantile groups drawn from a QuantileGrid). The edges are set by the images with id below
+    `cfg.hist_edge_images` (the first ones scanned), so that no statistic depends on the batch size: the
+    histogram's entries wait until those images have been seen (the firing entries of at most
+    `hist_edge_images` images and one batch)."""
+
+    STATE = ("hist", "grid", "waiting")
 
     def __init__(self, n_neurons: int, cfg: "AtlasConfig"):
         self.hist = LogHistogram(n_neurons, cfg.hist_bins, cfg.hist_decades)
-        self.res = BinReservoirs(n_neurons * cfg.hist_bins, cfg.band_samples, cfg.seed)
+        self.grid = QuantileGrid(n_neurons, cfg.hist_bins, cfg.hist_decades, cfg.band_samples, cfg.seed)
         self.cfg = cfg
-        self.waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # the histogram's (image, neuron, value)
 
     def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray, patch: np.ndarray) -> None:
         """Firing entries: image ids, neuron ids, scores > 0 and best patch positions (-1 for none), in
         increasing image id across calls."""
+        self.grid.update(image, neuron, value, patch)
         if self.hist.edges is not None:
-            self._add(image, neuron, value, patch)
+            self.hist.update(neuron, value)
             return
-        self.waiting.append((image, neuron, value, patch))
+        self.waiting.append((image, neuron, value))
         if image.size and image.max() >= self.cfg.hist_edge_images - 1:
             self._set_edges()
-
-    def _add(self, image, neuron, value, patch) -> None:
-        b = self.hist.update(neuron, value)
-        self.res.update(neuron * self.hist.B + b, image, neuron, value, patch)
 
     def _set_edges(self) -> None:
         image, value = (np.concatenate([w[i] for w in self.waiting]) for i in (0, 2))
         self.hist.set_edges_from(value[image < self.cfg.hist_edge_images])
-        for entries in self.waiting:
-            self._add(*entries)
+        for _, neuron, value in self.waiting:
+            self.hist.update(neuron, value)
         self.waiting = []
 
     def result(self) -> dict[str, np.ndarray]:
@@ -291,18 +366,26 @@ class ActivationBands:
             else:
                 self.hist.set_edges_from(np.zeros(0, np.float32))
         c = self.cfg
-        band_images, band_acts, band_patch = band_samples(self.res, self.hist.counts, c.n_bands, c.band_samples)
+        band_images, band_acts, band_patch = band_samples(self.grid.res, self.grid.counts, c.n_bands, c.band_samples)
         return {"hist_counts": self.hist.counts, "hist_edges": self.hist.edges,
                 "band_images": band_images, "band_acts": band_acts, "band_patch": band_patch}
 
 
+def quantile_groups(counts: np.ndarray, n_bands: int) -> np.ndarray:
+    """The quantile group (0 = the lowest scores) of each bin of neurons' counts (..., B): the group whose
+    share of the firing images holds the bin's middle, so that each group has about 1 / n_bands of them.
+    Groups never decrease along the bins: each is a run of bins."""
+    total = np.maximum(counts.sum(-1, keepdims=True), 1)
+    middle = (np.cumsum(counts, -1) - counts / 2) / total
+    return np.minimum((middle * n_bands).astype(np.int64), n_bands - 1)
+
+
 def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per neuron, split its occupied histogram bins (lowest to highest non-empty) into `n_bands`
-    contiguous groups and draw `size` images uniformly from each (band 0 = the highest activations).
-    A neuron whose scores span fewer bins than `n_bands` gets one band per bin of that span, and a band
-    that covers only empty bins (a gap in the histogram) is left out: the filled bands are always
-    0, 1, ... and only the last ones can be empty.
+    """Per neuron, its `n_bands` quantile groups of firing images (SAEDashboard's, by `quantile_groups` of its
+    bins, highest first) and `size` images drawn uniformly from each: the smallest keys of the group's bins.
+    A group that no bin falls in (a bin holding more than one quantile) is left out, so the filled bands are
+    always 0, 1, ... and only the last ones can be empty.
 
     Returns band_images (K, n_bands, size) int64 (-1 empty), band_acts (K, n_bands, size) float32 and
     band_patch (K, n_bands, size) int16 (best patch position, -1 for none), each band sorted by
@@ -315,24 +398,20 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
     rid = res.ids.reshape(K, B, res.S)
     ract = res.acts.reshape(K, B, res.S)
     rpatch = res.patch.reshape(K, B, res.S)
+    group = quantile_groups(counts, n_bands)
+    ends = np.stack([(group <= g).sum(1) for g in range(n_bands)], 1)  # group g = bins ends[g-1] .. ends[g]-1
     for k in np.flatnonzero(counts.sum(1)):
-        occ = np.flatnonzero(counts[k])
-        lo, hi = occ[0], occ[-1] + 1
-        # Fewer bins than bands would repeat bounds, and rounding would empty bands by the parity of the
-        # bin index, band 0 included (118 of the tiny bundle's 252 live neurons): one band per bin instead;
-        # a band over empty bins only is skipped, so the filled bands are 0, 1, ... with no gap.
-        nb = min(n_bands, hi - lo)
-        bounds = np.linspace(lo, hi, nb + 1).round().astype(int)
         out = 0
-        for band in range(nb):
-            a, b = bounds[nb - band - 1], bounds[nb - band]
-            kk, ii, aa = key[k, a:b].ravel(), rid[k, a:b].ravel(), ract[k, a:b].ravel()
+        for g in range(n_bands - 1, -1, -1):
+            a, b = (ends[k, g - 1] if g else 0), ends[k, g]
+            kk = key[k, a:b].ravel()
             take = np.argsort(kk, kind="stable")[:size]
             take = take[np.isfinite(kk[take])]
             if not len(take):
                 continue
+            aa = ract[k, a:b].ravel()
             take = take[np.argsort(-aa[take], kind="stable")]
-            ids[k, out, : len(take)] = ii[take]
+            ids[k, out, : len(take)] = rid[k, a:b].ravel()[take]
             acts[k, out, : len(take)] = aa[take]
             patch[k, out, : len(take)] = rpatch[k, a:b].ravel()[take]
             out += 1
@@ -628,12 +707,17 @@ def _check_gallery_memory(K: int, topk: int, P: int, galleries: int) -> None:
                         f"machine's {total / 2**30:,.0f} GiB; lower --topk.")
 
 
+SCAN_STATE_FORMAT = 2
+"""Version of the accumulators a scan checkpoint holds; 2 (2026-12-04): the bands' QuantileGrid. A checkpoint of
+another version is not restored: the scan starts over, and says so."""
+
+
 def _scan_key(checkpoint: ScanCheckpoint, running: dict, cfg: AtlasConfig, N: int, K: int, d: int, E: int) -> dict:
     """What a saved scan state must match to be reused: the caller's key, the settings that shape the
     statistics (not the batch, which none depends on), the sizes and which accumulators run (the
     reference MS and the co-activation counts are optional)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "memory_gib")}
-    return json.loads(json.dumps({"key": checkpoint.key, "settings": settings, "n_images": N, "n_latents": K,
+    return json.loads(json.dumps({"format": SCAN_STATE_FORMAT, "key": checkpoint.key, "settings": settings, "n_images": N, "n_latents": K,
                                   "width": d, "embed_dim": E,
                                   "accumulators": sorted(k for k, v in running.items() if v is not None)}))
 
@@ -650,8 +734,8 @@ def _resume_scan(checkpoint: ScanCheckpoint | None, running: dict, cfg: AtlasCon
     if saved != want:
         if checkpoint.log:
             diff = next((k for k in want if saved.get(k) != want[k]), "format")
-            checkpoint.log(f"the scan's checkpoint {checkpoint.path} was made with other settings ({diff}); "
-                           "scanning from the start.")
+            why = "by another version of the atlas" if diff == "format" else f"with other settings ({diff})"
+            checkpoint.log(f"the scan's checkpoint {checkpoint.path} was made {why}; scanning from the start.")
         return 0
     load_state(checkpoint.path, running)
     done = running["pass"].done

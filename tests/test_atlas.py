@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core.atlas import (BinReservoirs, LogHistogram, NeuronMoments, StreamingTopK, band_samples,
+from sae_core.atlas import (BinReservoirs, LogHistogram, NeuronMoments, QuantileGrid, StreamingTopK, band_samples,
                             decoder_neighbors, pool_tokens)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,18 +25,33 @@ def _batches(rng, n):
     return list(zip(np.r_[0, cuts], np.r_[cuts, n]))
 
 
-def _band_bins(occupied, n_bands):
-    """The histogram bins of each filled activation band, highest band first, written out: a neuron
-    whose occupied bins span at most `n_bands` bins has one band per occupied bin; a wider one cuts its
-    span into `n_bands` ranges of about equal width (bounds rounded), and ranges with no occupied bin
-    are left out, so no empty band ever sits above a filled one."""
-    occupied = sorted(int(b) for b in occupied)
-    lo, hi = occupied[0], occupied[-1] + 1
-    if hi - lo <= n_bands:
-        return [[b] for b in occupied[::-1]]
-    bounds = np.linspace(lo, hi, n_bands + 1).round()
-    groups = [[b for b in occupied if bounds[i] <= b < bounds[i + 1]] for i in range(n_bands)][::-1]
-    return [g for g in groups if g]
+def _reference_bands(images, values, keys, n_bands, size, bins, decades):
+    """One neuron's activation bands written out from all its firing images at once (no streaming, no
+    merging): each score's index on the finest grid (256 bins a decade); the coarsest grid needed is the
+    finest one whose `bins` bins hold the lowest and the highest index, doubling the width up to the one
+    whose bins span `decades` (where the grid ends at the highest and lower scores go to its first bin);
+    a bin's quantile group is the quarter (for 4 bands) of the firing images, counted from the lowest,
+    that its middle falls in; band 0 is the highest non-empty group, and holds the `size` images of that
+    group with the smallest keys. Returns (the bands' image ids, highest band first; the counts)."""
+    g = [int(np.floor(np.log10(float(v)) * 256)) for v in values]
+    lo, hi = min(g), max(g)
+    level = 0
+    while (hi >> level) - (lo >> level) + 1 > bins and bins * 2 ** level < decades * 256:
+        level += 1
+    start = lo >> level if (hi >> level) - (lo >> level) + 1 <= bins else (hi >> level) - bins + 1
+    b = [min(max((x >> level) - start, 0), bins - 1) for x in g]
+    counts = [b.count(i) for i in range(bins)]
+    below, group = 0, []
+    for c in counts:
+        group.append(min(int((below + c / 2) / len(values) * n_bands), n_bands - 1))
+        below += c
+    bands = []
+    for q in range(n_bands - 1, -1, -1):
+        members = [i for i in range(len(values)) if counts[b[i]] and group[b[i]] == q]
+        if members:
+            members.sort(key=lambda i: keys[i])
+            bands.append(sorted(int(images[i]) for i in members[:size]))
+    return bands, counts
 
 
 def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
@@ -122,7 +137,10 @@ def test_histogram_moments_and_band_samples_against_brute_force():
     N, K, B, S, NB = 500, 12, 16, 4, 3
     s = _sparse_scores(rng, N, K)
     s[:, 3] = 0  # dead
-    hist, mom, res = LogHistogram(K, B, 4.0), NeuronMoments(K), BinReservoirs(K * B, S, seed=5)
+    s[:, 5] = np.where(s[:, 5] > 0, 1 + s[:, 5] / s[:, 5].max(), 0)  # narrow: between 1 and 2
+    s[:, 6] = np.where(s[:, 6] > 0, s[:, 6] ** 3, 0)  # wide: more than the grid's 4 decades
+    hist, mom = LogHistogram(K, B, 4.0), NeuronMoments(K)
+    grid = QuantileGrid(K, B, 4.0, S, seed=5)
     hist.set_edges_from(s[:50])  # not from every score: some fall beyond the top edge's decade too
     best = np.random.default_rng(9).integers(-1, 50, (N, K))  # best patch positions, carried along
     for a, b in _batches(rng, N):
@@ -130,8 +148,8 @@ def test_histogram_moments_and_band_samples_against_brute_force():
         mom.update(sb)
         img, neu = np.nonzero(sb > 0)
         vals = sb[img, neu]
-        bins = hist.update(neu, vals)
-        res.update(neu * B + bins, img + a, neu, vals, best[a:b][img, neu])
+        hist.update(neu, vals)
+        grid.update(img + a, neu, vals, best[a:b][img, neu])
     m = mom.result()
     fires = s > 0
     np.testing.assert_array_equal(m["support"], fires.sum(0))
@@ -144,59 +162,64 @@ def test_histogram_moments_and_band_samples_against_brute_force():
     for k in range(K):
         logs = np.clip(np.log10(s[fires[:, k], k].astype(np.float64)), edges[0], edges[-1] - 1e-9)
         np.testing.assert_array_equal(hist.counts[k], np.histogram(logs, bins=edges)[0])
-    # Bands: each is a sample of S images (or all of them) drawn by the smallest keys among the
-    # firing images whose bins fall in the band; band 0 holds the highest activations.
-    ids, acts, patch = band_samples(res, hist.counts, NB, S)
+    # Bands: the quantile groups of the grid written out (_reference_bands), S images each by the smallest
+    # keys, band 0 the highest; every band filled where the neuron fires on enough images.
+    ids, acts, patch = band_samples(grid.res, grid.counts, NB, S)
+    assert np.log10(s[fires[:, 6], 6].max() / s[fires[:, 6], 6].min()) > 4  # its lowest scores share bin 0
     for k in range(K):
         if not fires[:, k].any():
-            assert (ids[k] == -1).all()
+            assert (ids[k] == -1).all() and grid.counts[k].sum() == 0
             continue
         firing = np.flatnonzero(fires[:, k])
-        bins = hist.bin_of(s[firing, k])
-        groups = _band_bins(np.flatnonzero(hist.counts[k]), NB)
-        keys = res.keys_for(firing, np.full(len(firing), k))
+        keys = grid.res.keys_for(firing, np.full(len(firing), k))
+        want, counts = _reference_bands(firing, s[firing, k], keys, NB, S, B, 4.0)
+        np.testing.assert_array_equal(grid.counts[k], counts)
+        # all bands filled, but where one bin holds over half the images: the narrow neuron's lowest, and the
+        # wide one's first bin, which takes every score more than 4 decades below its highest
+        assert len(want) == NB or k in (5, 6), k
         for band in range(NB):
-            members = np.flatnonzero(np.isin(bins, groups[band] if band < len(groups) else []))
-            want = firing[members[np.argsort(keys[members], kind="stable")][:S]]
             got = ids[k, band][ids[k, band] >= 0]
-            assert set(got.tolist()) == set(want.tolist())
+            assert sorted(got.tolist()) == (want[band] if band < len(want) else []), (k, band)
             np.testing.assert_allclose(np.sort(acts[k, band][: len(got)]), np.sort(s[got, k]))
             np.testing.assert_array_equal(patch[k, band][: len(got)], best[got, k])
             assert (patch[k, band][len(got):] == -1).all()
             assert (np.diff(acts[k, band][: len(got)]) <= 0).all()  # sorted high to low
+        lowest_above = [acts[k, band][ids[k, band] >= 0].min() for band in range(len(want) - 1)]
+        highest_below = [acts[k, band + 1][ids[k, band + 1] >= 0].max() for band in range(len(want) - 1)]
+        assert all(a >= b for a, b in zip(lowest_above, highest_below))  # bands do not overlap
 
 
-def test_narrow_neurons_fill_their_bands_from_the_top():
-    """Neurons whose scores occupy fewer histogram bins than there are bands, or bins with gaps: their
-    bands hold those bins from band 0 down (band 0 = the highest bin), with no empty band above a filled
-    one, whatever the bins' positions (the old rounded bounds emptied band 0 for bins of one parity:
-    118 of the tiny bundle's 252 live neurons)."""
-    B, S, NB = 12, 3, 4
-    hist = LogHistogram(8, B, 3.0)
-    hist.edges = np.linspace(-2.0, 1.0, B + 1).astype(np.float32)  # 0.25 decade a bin
-    centre = (hist.edges[:-1] + hist.edges[1:]) / 2
-    occupied = {0: [5], 1: [5, 6], 2: [6, 7], 3: [4, 5, 6], 4: [5, 6, 7], 5: [4, 6], 6: [3, 5, 6, 7],
-                7: list(range(0, 11))}
-    res = BinReservoirs(8 * B, S, seed=1)
-    image, neuron, value = [], [], []
-    for k, bins in occupied.items():
-        for b in bins:
-            for r in range(2):  # two images a bin, at slightly different activations
-                image.append(len(image))
-                neuron.append(k)
-                value.append(10 ** (centre[b] + 0.05 * r))
-    image, neuron, value = np.array(image), np.array(neuron), np.array(value, np.float32)
-    bins = hist.update(neuron, value)
-    res.update(neuron * B + bins, image, neuron, value)
-    ids, acts, _ = band_samples(res, hist.counts, NB, S)
-    expected = {0: [[5]], 1: [[6], [5]], 2: [[7], [6]], 3: [[6], [5], [4]], 4: [[7], [6], [5]],
-                5: [[6], [4]], 6: [[7], [6], [5], [3]]}
-    for k, want in expected.items():
-        got = [sorted(set(bins[np.isin(image, row[row >= 0]) & (neuron == k)].tolist())) for row in ids[k]]
-        assert got == want + [[]] * (NB - len(want)), k
-        assert (acts[k, 0, 0] >= acts[k][ids[k] >= 0]).all()  # band 0 holds the highest activation
-    filled = (ids[7] >= 0).any(1)
-    assert filled.all() and [len(g) for g in _band_bins(occupied[7], NB)] == [3, 2, 3, 3]
+def test_narrow_neurons_get_every_band():
+    """Scores within a factor of 2 (most of the world's latents): the shared log histogram's bins are 1.33x
+    wide, so its bins gave such a neuron 2-3 bands, the top one often a single image (59 of the tiny bundle's
+    250 live neurons); the neuron's own grid gives it 4 quarters of its firing images, 8 samples each."""
+    rng = np.random.default_rng(3)
+    B, S, NB, n = 48, 8, 4, 400
+    grid = QuantileGrid(3, B, 6.0, S, seed=0)
+    values = {0: 1 + rng.random(n), 1: 1.5 + 0.01 * rng.random(n), 2: np.r_[1 + rng.random(n - 1), 50.0]}
+    for k, v in values.items():
+        for a in range(0, n, 37):  # in batches, so the grid refines as the range grows
+            grid.update(np.arange(a, min(a + 37, n)), np.full(min(37, n - a), k), v[a:a + 37].astype(np.float32),
+                        np.full(min(37, n - a), -1))
+    ids, acts, _ = band_samples(grid.res, grid.counts, NB, S)
+    for k, v in values.items():
+        keys = grid.res.keys_for(np.arange(n), np.full(n, k))
+        want, counts = _reference_bands(np.arange(n), v.astype(np.float32), keys, NB, S, B, 6.0)
+        np.testing.assert_array_equal(grid.counts[k], counts)
+        assert [sorted(row[row >= 0].tolist()) for row in ids[k][: len(want)]] == want
+        assert (ids[k][len(want):] == -1).all()
+        if k == 1:
+            continue
+        assert (ids[k] >= 0).sum(1).tolist() == [S] * NB, k
+        # each band's images lie in its quarter of the neuron's scores (up to the grid's 0.9% bins)
+        q = np.quantile(v.astype(np.float32), [0.25, 0.5, 0.75])
+        for band in range(NB):
+            lo, hi = ([0, *q][NB - 1 - band], [*q, np.inf][NB - 1 - band])
+            a = acts[k, band]
+            assert (a >= lo / 1.02).all() and (a <= hi * 1.02).all(), (k, band, a, lo, hi)
+    # the neuron between 1.5 and 1.51 fits in 1 or 2 of the finest bins (0.9% each): a bin's images stay in
+    # one band, so it gets 1 or 2
+    assert np.count_nonzero(grid.counts[1]) <= 2 and 1 <= (ids[1] >= 0).any(1).sum() <= 2
 
 
 def test_decoder_neighbors_against_dense_cosines():
@@ -679,8 +702,8 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert "annotations" not in fig["layout"] and [d["name"] for d in fig["data"]] == ["CLS token", "max over patches"]
     assert [sum(d["y"]) for d in fig["data"]] == [0, int((pmax[:, k] > 0).sum())]
     assert ex.neuron_record(k)["histogram_by_patch"]["counts"] == counts[k].tolist()
-    # its activation bands: per band, the S images with the smallest keys among those whose max over
-    # patches falls in the band's bins (the brute-force test of the CLS bands, on the max over patches)
+    # its activation bands: per band, the S images with the smallest keys among those of its quantile group
+    # of the max over patches (_reference_bands, as in the brute-force test of the CLS bands)
     band_ids, band_acts = (np.asarray(b.array(f"patch_band_{name}")) for name in ("images", "acts"))
     NB, S = band_ids.shape[1:]
     hash_keys = BinReservoirs(1, S, seed=0).keys_for
@@ -689,14 +712,10 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
         if not len(firing):
             assert (band_ids[j] == -1).all()
             continue
-        logs = np.clip(np.log10(pmax[firing, j].astype(np.float64)), top - 6, top - 1e-9)
-        bins = np.digitize(logs, edges[1:-1])
-        groups = _band_bins(np.flatnonzero(counts[j]), NB)
-        keys = hash_keys(firing, np.full(len(firing), j))
+        want, _ = _reference_bands(firing, pmax[firing, j], hash_keys(firing, np.full(len(firing), j)), NB, S, 48, 6.0)
         for band in range(NB):
-            members = np.flatnonzero(np.isin(bins, groups[band] if band < len(groups) else []))
             got = band_ids[j, band][band_ids[j, band] >= 0]
-            assert set(got.tolist()) == set(firing[members[np.argsort(keys[members], kind="stable")][:S]].tolist())
+            assert sorted(got.tolist()) == (want[band] if band < len(want) else []), (j, band)
             np.testing.assert_allclose(band_acts[j, band][: len(got)], pmax[got, j], rtol=1e-4, atol=1e-5)
             assert (np.diff(band_acts[j, band][: len(got)]) <= 0).all()
     # each band sample's best patch: the argmax over patches (-1 where a CLS sample fires on no patch)
