@@ -379,12 +379,13 @@ class Explorer:
         return out
 
     @staticmethod
-    def shown_bands(page: dict) -> tuple[list, bool]:
-        """The bands the page shows and whether they are by the max over patches: a latent that fires on
-        no image by the atlas's score (CLS) shows those of the max over patches, as its label does."""
+    def shown_bands(page: dict) -> tuple[list, list[int] | None, bool]:
+        """The bands the page shows, the firing images each holds (None for bundles before 2026-12-04) and
+        whether they are by the max over patches: a latent that fires on no image by the atlas's score
+        (CLS) shows those of the max over patches, as its label does."""
         if not any(page["bands"]) and page.get("patch_bands") and any(page["patch_bands"]):
-            return page["patch_bands"], True
-        return page["bands"], False
+            return page["patch_bands"], page.get("patch_band_counts"), True
+        return page["bands"], page.get("band_counts"), False
 
     def band_gallery(self, k: int, page: dict | None = None) -> list[tuple[str, str]]:
         """One strip per lower activation band (highest band first): its sampled images side by side.
@@ -392,7 +393,7 @@ class Explorer:
         A strip per band rather than a tile per image keeps a neuron page at about 20 files (each file
         costs the server about 1 ms per response under Gradio)."""
         page = page or self.bundle.neuron(k)
-        bands, by_patch = self.shown_bands(page)
+        bands, counts, by_patch = self.shown_bands(page)
         # every strip as wide as the atlas' band size, so the gallery draws them all at one scale
         slots = self.bundle.array("band_images").shape[2] if self.bundle.has("band_images") else 0
         how = " by the max over patches" if by_patch else ""
@@ -407,8 +408,9 @@ class Explorer:
                 f"band|{k}|{b}|{ids}|{boxes}",
                 lambda ids=ids, boxes=boxes: strip([self.shown(self.bundle.image(i)) for i in ids], slots=slots,
                                                    boxes=boxes, grid=self.grid if self.grid[0] else None))
-            out.append((path, f"band {b + 1}{how}: {len(ids)} image{'s' if len(ids) > 1 else ''}, act {min(acts):.3g} to "
-                              f"{max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
+            of = f" of {counts[b]:,}" if counts and counts[b] > len(ids) else ""  # a sample: say of how many
+            out.append((path, f"band {b + 1}{how}: {len(ids)}{of} image{'s' if len(ids) > 1 or of else ''}, act "
+                              f"{min(acts):.3g} to {max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
         return out
 
     def shown(self, img):
@@ -522,7 +524,7 @@ class Explorer:
         ]
         if page.get("patch_support") is not None:
             top_act = f" (max {page['patch_top'][0][1]:.3g})" if page["patch_top"] else ""
-            bands = " and so do the activation bands below it" if self.shown_bands(page)[1] else ""
+            bands = " and so do the activation bands below it" if self.shown_bands(page)[2] else ""
             label = ""
             if page.get("label_by_patch") and not page["label_from_patch"]:  # else it is the label above
                 score = page.get("label_by_patch_score")
@@ -571,7 +573,10 @@ class Explorer:
                 "top_by_patch": [{"image": i, "act": _num(a, 5), "patch": self.patch_index(p) if p >= 0 else None}
                                  for i, a, p in page["patch_top"]]} if page.get("patch_top") is not None else {}),
             "bands": bands(page["bands"]),
+            **({"band_counts": page["band_counts"]} if page.get("band_counts") is not None else {}),
             **({"bands_by_patch": bands(page["patch_bands"])} if page.get("patch_bands") is not None else {}),
+            **({"band_counts_by_patch": page["patch_band_counts"]} if page.get("patch_band_counts") is not None
+               else {}),
             "histogram": histogram(*page["hist"]),
             **({"histogram_by_patch": histogram(*page["patch_hist"])} if page.get("patch_hist") is not None else {}),
             "neighbors": [{"neuron": j, "decoder_cos": _num(cs, 4)} for j, cs in page["neighbors"]],

@@ -359,16 +359,17 @@ class ActivationBands:
         self.waiting = []
 
     def result(self) -> dict[str, np.ndarray]:
-        """hist_counts (K, B), hist_edges (B + 1,), band_images / band_acts / band_patch (K, n_bands, S)."""
+        """hist_counts (K, B), hist_edges (B + 1,), band_images / band_acts / band_patch (K, n_bands, S),
+        band_counts (K, n_bands)."""
         if self.hist.edges is None:  # fewer images than edge_images, or none fired there
             if self.waiting:
                 self._set_edges()
             else:
                 self.hist.set_edges_from(np.zeros(0, np.float32))
         c = self.cfg
-        band_images, band_acts, band_patch = band_samples(self.grid.res, self.grid.counts, c.n_bands, c.band_samples)
+        images, acts, patch, counts = band_samples(self.grid.res, self.grid.counts, c.n_bands, c.band_samples)
         return {"hist_counts": self.hist.counts, "hist_edges": self.hist.edges,
-                "band_images": band_images, "band_acts": band_acts, "band_patch": band_patch}
+                "band_images": images, "band_acts": acts, "band_patch": patch, "band_counts": counts}
 
 
 def quantile_groups(counts: np.ndarray, n_bands: int) -> np.ndarray:
@@ -387,10 +388,11 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
     A group that no bin falls in (a bin holding more than one quantile) is left out, so the filled bands are
     always 0, 1, ... and only the last ones can be empty.
 
-    Returns band_images (K, n_bands, size) int64 (-1 empty), band_acts (K, n_bands, size) float32 and
+    Returns band_images (K, n_bands, size) int64 (-1 empty), band_acts (K, n_bands, size) float32,
     band_patch (K, n_bands, size) int16 (best patch position, -1 for none), each band sorted by
-    activation, highest first."""
+    activation, highest first, and band_counts (K, n_bands) int64: the firing images each band holds."""
     K, B = counts.shape
+    sizes = np.zeros((K, n_bands), np.int64)
     ids = np.full((K, n_bands, size), -1, np.int64)
     acts = np.zeros((K, n_bands, size), np.float32)
     patch = np.full((K, n_bands, size), -1, np.int16)
@@ -411,11 +413,12 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
                 continue
             aa = ract[k, a:b].ravel()
             take = take[np.argsort(-aa[take], kind="stable")]
+            sizes[k, out] = counts[k, a:b].sum()
             ids[k, out, : len(take)] = rid[k, a:b].ravel()[take]
             acts[k, out, : len(take)] = aa[take]
             patch[k, out, : len(take)] = rpatch[k, a:b].ravel()[take]
             out += 1
-    return ids, acts, patch
+    return ids, acts, patch, sizes
 
 
 class NeuronMoments:

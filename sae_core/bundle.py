@@ -62,6 +62,8 @@ NEURON_ARRAYS = (
     "band_patch", "patch_band_patch",
     # since 2026-12-03 (13:00): the largest activation on any one token (the steering strength unit)
     "token_max",
+    # since 2026-12-04 (afternoon): how many firing images each band (a quantile group) holds
+    "band_counts", "patch_band_counts",
 )
 REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder", "metrics", "files")
 
@@ -338,6 +340,10 @@ class Bundle:
         return [[(int(i), float(a), int(p)) for i, a, p in zip(row[row >= 0], act[row >= 0], pos[row >= 0])]
                 for row, act, pos in zip(ids, acts, patch)]
 
+    def _band_counts(self, k: int, prefix: str = "") -> list[int] | None:
+        counts = self._opt(f"{prefix}band_counts", k)
+        return None if counts is None else [int(c) for c in counts]
+
     def neuron(self, k) -> dict:
         """Everything a neuron page shows, from a handful of memory-mapped reads."""
         k = self.check_neuron(k)
@@ -379,6 +385,9 @@ class Bundle:
             "bands": self._bands(k),
             # CLS-scored bundles since 2026-12-02: the bands of the max over patches
             "patch_bands": self._bands(k, "patch_") if self.has("patch_band_images") else None,
+            # since 2026-12-04: the firing images in each band (None for older bundles)
+            "band_counts": self._band_counts(k),
+            "patch_band_counts": self._band_counts(k, "patch_"),
             "group": num(group, int) if group is not None else 0,
             "parent": num(parent, int) if parent is not None else -1,
             "parent_coact": num(parent_coact, int) if parent_coact is not None else -1,

@@ -417,8 +417,12 @@ def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
     strips = explorer.band_gallery(k)
     assert len(strips) == int((bands >= 0).any(1).sum())
     sizes = set()
-    for (path, caption), band in zip(strips, [b for b in bands if (b >= 0).any()]):
-        assert caption.startswith("band ") and f"{int((band >= 0).sum())} image" in caption
+    held = np.load(root / "band_counts.npy")[k]  # the firing images in each band, of which the strip is a sample
+    assert held.sum() == explorer.bundle.neuron(k)["support"] and explorer.neuron_record(k)["band_counts"] == held.tolist()
+    for (path, caption), band, n in zip(strips, [b for b in bands if (b >= 0).any()], held):
+        shown = int((band >= 0).sum())
+        said = f": {shown} of {n:,} images, act" if n > shown else f": {shown} image{'s' if shown > 1 else ''}, act"
+        assert caption.startswith("band ") and said in caption, (caption, n)
         with Image.open(path) as im:
             sizes.add(im.size)
     assert sizes == {(bands.shape[1] * 100 - 4, 96)}  # band size x (96 px tile + 4 px gap) - the last gap
