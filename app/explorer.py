@@ -388,7 +388,7 @@ class Explorer:
         return page["bands"], page.get("band_counts"), False
 
     def band_gallery(self, k: int, page: dict | None = None) -> list[tuple[str, str]]:
-        """One strip per lower activation band (highest band first): its sampled images side by side.
+        """One strip per activation band (highest band first): its sampled images side by side.
 
         A strip per band rather than a tile per image keeps a neuron page at about 20 files (each file
         costs the server about 1 ms per response under Gradio)."""
