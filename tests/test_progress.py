@@ -40,6 +40,16 @@ def test_a_bar_on_a_terminal_still_redraws_in_place():
     assert term.getvalue().endswith("\n") and term.getvalue().count("\n") == 1
 
 
+def test_a_jupyter_cell_keeps_the_redrawn_bar():
+    """ipykernel's output streams answer isatty() False but draw "\r" in place: a notebook keeps its bar."""
+    OutStream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})
+    cell = OutStream()
+    bar = progress_bar(total=3, desc="scan", file=cell)
+    bar.update(3)
+    bar.close()
+    assert not cell.isatty() and cell.getvalue().startswith("\rscan:")
+
+
 def test_a_bar_in_a_log_writes_a_line_every_log_interval(monkeypatch):
     """On a clock that moves 1 s an update, 100 updates give a line at 0 s, then one each LOG_INTERVAL_S
     (30 s), then the last state: n = 0, 30, 60, 90, 100."""
