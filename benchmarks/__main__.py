@@ -13,6 +13,7 @@ BENCHMARKS = {
     "app_load": "benchmarks.app_load",
     "steer": "benchmarks.steer",
     "coact": "benchmarks.coact",
+    "bands": "benchmarks.bands",
 }
 
 

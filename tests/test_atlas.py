@@ -229,6 +229,17 @@ def test_narrow_neurons_get_every_band():
     assert np.count_nonzero(grid.counts[1]) <= 2 and 1 <= (ids[1] >= 0).any(1).sum() <= 2
 
 
+def test_the_bands_benchmark_prints_its_table(capsys):
+    """`python -m benchmarks bands` at a small size: its table, and the gain it measures (every latent of
+    scores within ~2x gets 4 full bands on its own grid, fewer on the shared bins)."""
+    from benchmarks.bands import main
+
+    assert main(["--latents", "64", "--images", "512", "--density", "0.2", "--spread", "0.2"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].strip("|").split("|")
+    old_full, new_full = (int(x) for x in row[8].split("/"))
+    assert row[0].strip() == "0.2" and int(row[9]) == 64 and new_full == 64 and old_full < 64
+
+
 def test_decoder_neighbors_against_dense_cosines():
     W = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
     ids, cos = decoder_neighbors(W, n=5, chunk=7)
