@@ -12,7 +12,7 @@ log`); TQDM_MININTERVAL, tqdm's own setting, overrides it."""
 
 
 def is_terminal(stream) -> bool:
-    """A terminal, or a Jupyter cell's output (ipykernel's streams say they are no tty, yet draw "\r" in place)."""
+    """A terminal, or a Jupyter cell's output (ipykernel's streams say they are no tty, yet draw "\\r" in place)."""
     if type(stream).__module__.startswith("ipykernel"):
         return True
     try:

@@ -41,7 +41,7 @@ def test_a_bar_on_a_terminal_still_redraws_in_place():
 
 
 def test_a_jupyter_cell_keeps_the_redrawn_bar():
-    """ipykernel's output streams answer isatty() False but draw "\r" in place: a notebook keeps its bar."""
+    """ipykernel's output streams answer isatty() False but draw "\\r" in place: a notebook keeps its bar."""
     OutStream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})
     cell = OutStream()
     bar = progress_bar(total=3, desc="scan", file=cell)
