@@ -267,7 +267,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
         )
         throttle = float(os.environ.get("SAE_EXTRACT_THROTTLE_S", "0"))  # tests: make a run slow enough to kill
         bar = progress_bar(total=sum(len(b) for b in batches), unit="img", disable=not info.is_main, dynamic_ncols=True,
-                   desc=f"extract {cfg.model} layers {','.join(names)}" + (f" (rank 0 of {info.world_size})" if info.world_size > 1 else ""))
+                           desc=f"extract {cfg.model} layers {','.join(names)}" + (f" (rank 0 of {info.world_size})" if info.world_size > 1 else ""))
         t0 = time.time()
         done_images = 0
         buf: dict[str, list] = {lay.name: [] for lay in layers}

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sae_core.progress import progress_bar
 
 from sae_core.activation_store import save_npy_atomic
 from sae_core.atomic import remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
 from sae_core.precision import resolve_device
+from sae_core.progress import progress_bar
 
 from .args import check_writable, nonnegative_float, positive_int
 

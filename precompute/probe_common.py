@@ -75,14 +75,13 @@ def world_split(bundle, split: str) -> str | None:
 
 def features(source, spec: str, cache: FeatureCache | None, n_images=None, batch_size: int = 128, what: str = ""):
     """Cached image features of the first `n_images` of a dataset spec, with a progress bar (ETA) while extracting."""
-    from sae_core.progress import progress_bar
-
     from sae_core.datasets import open_dataset
     from sae_core.image_features import cached_features
+    from sae_core.progress import progress_bar
 
     n = len(open_dataset(spec)) if n_images is None else min(n_images, len(open_dataset(spec)))
     bar = progress_bar(total=n, desc=f"features {what or spec}", unit="img", leave=False,
-               disable=os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
+                       disable=os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
     try:
         return cached_features(source, spec, None if cache is None else cache.folder, n, batch_size=batch_size,
                                progress=lambda done: bar.update(done - bar.n), write=cache is None or cache.write)

@@ -301,7 +301,7 @@ def train_sae(
         return torch.from_numpy(rows).to(device=device, dtype=torch.float32)
 
     bar = progress_bar(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
-               disable=not (progress and dist_info.is_main), dynamic_ncols=True)
+                       disable=not (progress and dist_info.is_main), dynamic_ncols=True)
     last_ckpt_time, window_t0, window_tokens = time.monotonic(), time.perf_counter(), 0
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one trains
     pending = pool.submit(load_batch, start) if start < cfg.steps else None

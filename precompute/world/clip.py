@@ -7,8 +7,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sae_core.progress import progress_bar
 
+from sae_core.progress import progress_bar
 from sae_core.world.text import BOS, EOS, PAD, colour_prompt, shape_prompt, training_text
 from .pool import FACTOR_CODES, Pool, normalise
 

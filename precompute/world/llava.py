@@ -13,8 +13,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sae_core.progress import progress_bar
 
+from sae_core.progress import progress_bar
 from sae_core.world.text import (BOS, EOS, IMAGE, PAD, QUESTIONS, SPECIAL_TOKENS, WHAT_IS_SHOWN, llava_prompt,
                                  qa_pairs)
 from .clip import scheduled_steps, with_eager_attention

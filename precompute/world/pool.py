@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sae_core.progress import progress_bar
 
+from sae_core.progress import progress_bar
 from sae_core.world.generator import COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, WorldSpec, render
 from sae_core.world.text import caption
 
@@ -24,7 +24,7 @@ class Pool:
         pixels = np.empty((n, size, size, 3), np.uint8)
         self.factors, self.masks = [], []
         for k, i in enumerate(progress_bar(self.indices, desc=desc or f"render {split}", unit="img",
-                                   leave=False, mininterval=1.0)):
+                                           leave=False, mininterval=1.0)):
             img, masks, f = render(spec, split, int(i))
             pixels[k] = np.asarray(img)
             self.factors.append(f)
