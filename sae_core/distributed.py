@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 class DistInfo(NamedTuple):
     rank: int
@@ -31,6 +33,11 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl":
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:  # else torch's "invalid device ordinal" traceback, from every rank but the first
+                raise UserError(f"torchrun started more processes on this machine than its {gpus} GPU"
+                                f"{'' if gpus == 1 else 's'} (local rank {local_rank}), and each process needs a GPU of "
+                                f"its own; pass --nproc-per-node {gpus}, or --device cpu.")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world_size, local_rank)

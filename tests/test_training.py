@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from precompute.__main__ import main as precompute_main
 from sae_core.checkpoint import load_sae
+from sae_core.errors import UserError
 from sae_core.sae import SAEConfig, SparseAutoencoder
 from sae_core.synthetic import planted_dictionary, recovered_fraction
 
@@ -126,7 +127,8 @@ def _run_cli(args, **kw):
 
 def test_kill_and_resume_equals_uninterrupted(planted, tmp_path, capsys):
     npy, _ = planted
-    extra = ["--checkpoint-every", "20", "--groups", "64,448"]
+    # on the CPU, where a run is bit for bit the same each time (CUDA's kernels are not: 2026-12-04, H200)
+    extra = ["--checkpoint-every", "20", "--groups", "64,448", "--device", "cpu"]
     args = train_args(npy, tmp_path / "resumed", "matryoshka", 240, extra)
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,7 +164,8 @@ def test_kill_and_resume_equals_uninterrupted(planted, tmp_path, capsys):
 
 def test_two_process_ddp_equals_one_process(planted, tmp_path):
     npy, _ = planted
-    args = lambda out: train_args(npy, tmp_path / out, "matryoshka", 60, ["--groups", "64,448"])
+    # gloo on the CPU (a one-GPU machine cannot hold two NCCL processes: test_more_processes_than_gpus_...)
+    args = lambda out: train_args(npy, tmp_path / out, "matryoshka", 60, ["--groups", "64,448", "--device", "cpu"])
     one = _run_cli(args("one"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
@@ -175,6 +178,20 @@ def test_two_process_ddp_equals_one_process(planted, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["world_size"] == 2
+
+
+def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
+    """torchrun with 2 processes on a one-GPU machine: rank 1 died in torch.cuda.set_device with "invalid device
+    ordinal" and a traceback (seen on an H200, 2026-12-04); now the sentence says what to pass."""
+    from sae_core.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"more processes on this machine than its 1 GPU \(local rank 1\).*"
+                                        r"pass --nproc-per-node 1, or --device cpu\."):
+        init_distributed("cuda")
 
 
 def test_bad_inputs_end_in_one_sentence(tmp_path, capsys):
@@ -231,7 +248,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_and_warned(planted, tmp_path
     # the trainer says so before it starts, and trains all the same
     speeds[torch.bfloat16] = 1.3
     npy, _ = planted
-    assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2, ["--dtype", "bfloat16"])) == 0
+    assert precompute_main(train_args(npy, tmp_path, "batchtopk", 2, ["--dtype", "bfloat16", "--device", "cpu"])) == 0
     err = capsys.readouterr().err
     assert "warning: bf16 matmuls run at 1.3 GFLOP/s" in err and "--dtype float32 is faster" in err
     assert (tmp_path / "sae.safetensors").is_file()
@@ -276,7 +293,7 @@ def test_a_torn_checkpoint_resumes_at_its_weights_step(tmp_path, monkeypatch, ca
     import sae_core.training as T
 
     npy = _small_rows(tmp_path / "x.npy")
-    args = lambda out: _small_args(npy, tmp_path / out, 8, extra=["--checkpoint-every", "2"])  # noqa: E731
+    args = lambda out: _small_args(npy, tmp_path / out, 8, extra=["--checkpoint-every", "2", "--device", "cpu"])  # noqa: E731
     real = T.write_json_atomic
     calls = []
 
