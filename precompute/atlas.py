@@ -135,7 +135,7 @@ def run(args) -> int:
     finally:
         progress.close()
     print(strict_json({"out": str(args.out), **{k: manifest["metrics"].get(k) for k in
-                                                ("fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw")}}))
+                                                 ("fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw")}}))
     return 0
 
 

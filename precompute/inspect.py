@@ -1,7 +1,6 @@
 """`python -m precompute inspect BUNDLE [--json]`: a bundle's summary (validated through the reader)."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from sae_core.atomic import strict_json

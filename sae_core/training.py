@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from .progress import progress_bar
 
 from .activation_store import ActivationStore, HeldOut, held_out_split, last_rows_split, shuffled_batch_index
 from .atomic import atomic_path, first_difference, remove_stale_temporaries, write_json_atomic
@@ -21,6 +20,7 @@ from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
 from .metrics import MetricsAccumulator
+from .progress import progress_bar
 from .sae import THRESHOLD_ARCHS, TRAINABLE_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
