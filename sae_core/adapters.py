@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .progress import transformers_bars_as_lines
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
 BACKENDS = ("open_clip", "hf", "llava", "world")
@@ -451,8 +452,10 @@ class OpenClipAdapter(Adapter):
 # transformers
 # ----------------------------------------------------------------------------------------------
 def _hf_call(what: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, a transformers loader: its failure one sentence, its bars lines in a log."""
     try:
-        return fn(*args, **kwargs)
+        with transformers_bars_as_lines():
+            return fn(*args, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(
             f"cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "

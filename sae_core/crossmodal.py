@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .adapters import Layer, TokenLayout, loads_a_model
+from .adapters import Layer, TokenLayout, _hf_call, loads_a_model
 from .errors import UserError
 from .roc import auroc_columns
 
@@ -56,8 +56,9 @@ class LanguageResidual:
     def __init__(self, llava_dir: str, lm_layer: int = 1, device: str = "cpu"):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        self.model = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval().requires_grad_(False).to(device)
-        self.processor = AutoProcessor.from_pretrained(llava_dir)
+        llava = _hf_call(f"LLaVA {llava_dir}", LlavaForConditionalGeneration.from_pretrained, llava_dir)
+        self.model = llava.eval().requires_grad_(False).to(device)
+        self.processor = _hf_call(f"the processor of {llava_dir}", AutoProcessor.from_pretrained, llava_dir)
         self.processor.tokenizer.padding_side = "right"  # positions as in an unpadded sequence
         self.tokenizer = self.processor.tokenizer
         self.device = device

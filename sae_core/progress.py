@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -62,3 +63,31 @@ def progress_bar(*args, file=None, **kwargs) -> tqdm:
             kwargs["maxinterval"] = max(float(kwargs.get("maxinterval", 10.0)), kwargs["mininterval"])
         kwargs["dynamic_ncols"] = False  # no terminal to measure
     return tqdm(*args, file=stream, **kwargs)
+
+
+def _library_bar(factory, args, kwargs):
+    """transformers' tqdm hook: its bars (e.g. "Loading weights", one per model load) made by `progress_bar`
+    where they would be written to a log; on a terminal, in a notebook, or switched off, as transformers makes them."""
+    stream = kwargs.get("file") or sys.stderr
+    if not (isinstance(factory, type) and issubclass(factory, tqdm)) or is_terminal(stream):
+        return factory(*args, **kwargs)
+    return progress_bar(*args, **kwargs)
+
+
+@contextmanager
+def transformers_bars_as_lines():
+    """Within the block, transformers' own progress bars follow `progress_bar`'s rules (lines in a log). Scoped,
+    so a program that imports sae_core keeps its transformers as it set it, and a hook of its own wins."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # older transformers keep their bars
+    if set_hook is None:
+        yield
+        return
+    previous = set_hook(_library_bar)
+    if previous is not None:  # the program's own hook
+        set_hook(previous)
+    try:
+        yield
+    finally:
+        set_hook(previous)

@@ -97,3 +97,52 @@ def test_a_pipeline_in_a_log_is_a_line_a_stage(monkeypatch, tmp_path):
     lines = out.splitlines()
     assert [line.rsplit(" , ", 1)[-1] for line in lines[1:]] == ["extract", "train", "done"], lines
     assert [line.split("%")[0] for line in lines] == ["demo:   0", "demo:  50", "demo:  75", "demo: 100"]
+
+
+def _load_clip_vision(stderr, monkeypatch, through_hf_call=True):
+    """A saved random CLIPVisionModel loaded with `stderr` as sys.stderr: what transformers wrote there."""
+    from transformers import CLIPVisionModel
+
+    from sae_core.adapters import _hf_call
+    from tests.extract_helpers import clip_vision_dir
+
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    if through_hf_call:
+        _hf_call("model", CLIPVisionModel.from_pretrained, clip_vision_dir())
+    else:
+        CLIPVisionModel.from_pretrained(clip_vision_dir())
+    return stderr.getvalue()
+
+
+def test_transformers_loading_bar_in_a_log_is_lines(monkeypatch):
+    """transformers' "Loading weights" bar, loaded through sae_core, is its first and last state as lines in a
+    log (loaded directly, the same load writes carriage-return redraws), and stays a redrawn bar on a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    direct = _load_clip_vision(io.StringIO(), monkeypatch, through_hf_call=False)
+    assert "\rLoading weights" in direct  # transformers' own bar: what a log got before
+    out = _load_clip_vision(io.StringIO(), monkeypatch)
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.startswith("Loading weights")]
+    assert len(lines) == 2 and "  0%" in lines[0] and "100%" in lines[1], out
+    assert "\rLoading weights" in _load_clip_vision(Terminal(), monkeypatch)
+    assert hf_logging.set_tqdm_hook(None) is None  # the hook lasts the load only
+
+
+def test_a_programs_own_transformers_hook_wins(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    made = []
+
+    def own(factory, args, kwargs):
+        made.append(kwargs.get("desc"))
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(own)
+    try:
+        _load_clip_vision(io.StringIO(), monkeypatch)
+        assert made == ["Loading weights"]
+        assert hf_logging.set_tqdm_hook(None) is own
+    finally:
+        hf_logging.set_tqdm_hook(None)

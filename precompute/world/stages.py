@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sae_core.progress import transformers_bars_as_lines
 from sae_core.world.generator import WorldSpec
 from sae_core.world.taxonomy import build_taxonomy
 from sae_core.world.text import CHAT_TEMPLATE, build_tokenizer, vocabulary
@@ -125,7 +126,8 @@ def stage_llava(out: Path, preset: dict, seed: int) -> None:
     _invalidate_later(out, "llava")
     spec, cfg = _spec(out), preset["llava"]
     t0 = time.time()
-    clip = CLIPModel.from_pretrained(out / "clip")
+    with transformers_bars_as_lines():
+        clip = CLIPModel.from_pretrained(out / "clip")
     pool = train_pool(out, spec)
     torch.manual_seed(seed + 1)
     model = build_llava(clip, cfg, len(vocabulary()))
@@ -154,10 +156,11 @@ def stage_report(out: Path, preset: dict, seed: int) -> None:
         meta = json.load(f)
     n_val = min(preset["eval_val"], spec.splits["val"])
     val = Pool(spec, "val", n_val, desc="render val images")
-    clip = CLIPModel.from_pretrained(out / "clip").eval()
+    with transformers_bars_as_lines():
+        clip = CLIPModel.from_pretrained(out / "clip").eval()
+        llava = LlavaForConditionalGeneration.from_pretrained(out / "llava").eval()
     clip_proc = AutoProcessor.from_pretrained(out / "clip")
     zs = zero_shot(clip, clip_proc.tokenizer, val, spec.train_colours, spec.train_shapes)
-    llava = LlavaForConditionalGeneration.from_pretrained(out / "llava").eval()
     llava_proc = AutoProcessor.from_pretrained(out / "llava")
     lv = evaluate_llava(llava, llava_proc, val, spec.train_colours, spec.train_shapes)
     eval_s = time.time() - t0
