@@ -327,7 +327,7 @@ class Explorer:
         in all. A scan of the (K, 16) id arrays: 1M ids at K 65,536, 6 ms."""
         import pandas as pd
 
-        i = inputs.integer(image, "image index", 0, self.n_images - 1)
+        i = self.check_image(image, "image index")
         b, c = self.bundle, self.columns
         found = []
         for prefix, gallery in (("", self.score_name), ("patch_", "max over patches")):
@@ -348,6 +348,10 @@ class Explorer:
     # ------------------------------------------------------------------------------------------
     def check_neuron(self, k) -> int:
         return inputs.neuron_id(k, self.n_neurons)
+
+    def check_image(self, i, what: str = "image id") -> int:
+        """A dataset image's id, as typed or sent (UserError, one sentence, for anything else)."""
+        return inputs.integer(i, what, 0, self.n_images - 1)
 
     def patch_index(self, position: int) -> int | None:
         """Token position (CLS first) -> patch index in the grid, None for CLS/register tokens."""
@@ -420,7 +424,7 @@ class Explorer:
 
     def image_tile(self, i: int) -> str:
         """A dataset image blown up to the display size, as a generated PNG path."""
-        i = inputs.integer(i, "image index", 0, self.n_images - 1)
+        i = self.check_image(i, "image index")
         return self.images.get_or_make(f"img|{i}", lambda: upscale(self.shown(self.bundle.image(i))))
 
     @cached_property
@@ -435,7 +439,7 @@ class Explorer:
 
     def search_tile(self, i: int) -> str | None:
         """image_tile(i), or None for an image with no thumbnail when the dataset cannot be opened here."""
-        i = inputs.integer(i, "image index", 0, self.n_images - 1)
+        i = self.check_image(i, "image index")
         if not self.bundle.thumb_path(i).is_file() and self.dataset_error:
             return None
         return self.image_tile(i)

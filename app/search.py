@@ -166,9 +166,7 @@ class ImageSearch:
 
     def like(self, image, top: int = N_IMAGES) -> tuple[list[int], list[float]]:
         """The images nearest dataset image `image`, itself left out."""
-        from . import inputs
-
-        i = inputs.integer(image, "image index", 0, self.ex.n_images - 1)
+        i = self.ex.check_image(image, "image index")
         if i in self.skipped:
             raise UserError(f"image {i} could not be read when the atlas was built, so it has no embedding; pick "
                             "another image.")

@@ -383,12 +383,12 @@ class SteerTab:
         @user_errors
         def steer_with_image(image):
             """Go to the Steer page with this dataset image (the Images page's), loaded with its latents."""
-            i = inputs.integer(image, "image id", 0, ex.n_images - 1)
+            i = ex.check_image(image)
             return i, gr.Tabs(selected="steer"), inputs.encode_state({"tab": "steer", "image": i})
 
         @user_errors
         def check_image(image):
-            inputs.integer(image, "image id", 0, ex.n_images - 1)
+            ex.check_image(image)
 
         # checked first, with no outputs, as the Images page's other buttons: a bad id is one message, not
         # also an "Error" badge on the Steer page's image box
@@ -431,7 +431,7 @@ class SteerTab:
             patches = field(lambda: ",".join(str(p) for p in patch_list(state.get("patches"))), "")
             image, picture = initial(self.image_index), gr.update()
             if state.get("image") not in (None, ""):
-                i = field(lambda: inputs.integer(state["image"], "image index", 0, ex.n_images - 1), None)
+                i = field(lambda: ex.check_image(state["image"], "image index"), None)
                 shown = None if i is None else field(lambda: svc.picture(svc.image(i, None)[0], patch_list(patches)), None)
                 if shown is not None:
                     image, picture = i, shown
@@ -446,7 +446,7 @@ class SteerTab:
             """A restored steer link with an image: the latents that fire on it, as the Load button gives."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
             try:  # the link's image, where it was restored (a refused one was warned about)
-                restored = inputs.integer(state.get("image"), "image index", 0, ex.n_images - 1) == image_index
+                restored = ex.check_image(state.get("image"), "image index") == image_index
             except UserError:
                 restored = False
             if state.get("tab") != "steer" or not restored:
@@ -926,7 +926,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         @user_errors
         def image_neurons(image, query=""):
             """A dataset image, and the neurons whose top galleries hold it (best rank first)."""
-            i = inputs.integer(image, "image id", 0, ex.n_images - 1)
+            i = ex.check_image(image)
             q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
             table, n, rows = ex.image_neurons(i)
             cut = f" (the {len(table)} best ranks of {rows} shown)" if rows > len(table) else ""
@@ -946,7 +946,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         @user_errors
         def check_image(image, query=""):
-            inputs.integer(image, "image id", 0, ex.n_images - 1)
+            ex.check_image(image)
             inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
 
         # the check first, with no outputs: a bad id typed in the box is one message, and the image shown,
@@ -972,7 +972,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def search_images_like(image):
             """The dataset images nearest one of them (its stored embedding against the index), itself left out."""
             need_image_search()
-            i = inputs.integer(image, "image id", 0, ex.n_images - 1)
+            i = ex.check_image(image)
             ids, scores = image_search.like(i)
             return (*image_results(ids, scores, f"image #{i}"), "", inputs.encode_state({"tab": "images", "image": i}))
 
@@ -980,7 +980,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         @user_errors
         def check_like(image):
             need_image_search()
-            inputs.integer(image, "image id", 0, ex.n_images - 1)
+            ex.check_image(image)
 
         then_show_image_row(image_search_event(img_like.click, check_like, search_images_like, img_id,
                                                "search_images_like")
