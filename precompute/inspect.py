@@ -41,6 +41,8 @@ def summary(path) -> dict:
     if (b.root / f"{INDEX}.json").is_file():
         index = b.json(f"{INDEX}.json")
         out["search_index"] = {"kind": index.get("kind"), "n": index.get("n"), "recall": index.get("recall")}
+    out["bands"] = {("max_over_patches" if prefix else "image_score"): _bands(b, prefix) for prefix in ("", "patch_")
+                    if b.has(f"{prefix}band_images")} or None
     ms = np.asarray(b.array("ms"), np.float64)
     out["ms_median"] = float(np.nanmedian(ms)) if np.isfinite(ms).any() else None
     out.update({
@@ -52,6 +54,15 @@ def summary(path) -> dict:
         "command": m.get("command"),
     })
     return out
+
+
+def _bands(b, prefix: str) -> dict:
+    """A bundle's activation bands: quantile groups (since 2026-12-04) or runs of the histogram's log bins (the
+    bundles before, which stored no band sizes); bands a latent, samples a band, latents with every band full."""
+    ids = np.asarray(b.array(f"{prefix}band_images"))  # (K, bands, samples), -1 = empty slot
+    n_bands, samples = ids.shape[1:]
+    return {"kind": "quantile" if b.has(f"{prefix}band_counts") else "log_bins", "n_bands": n_bands,
+            "samples": samples, "all_full": int(((ids >= 0).sum(2) == samples).all(1).sum())}
 
 
 def run(args) -> int:
@@ -81,6 +92,16 @@ def run(args) -> int:
             line += f", text prompts {_fmt(r['value_text'])} within the exact top-{r.get('text_pool')}"
         print(line)
     print(f"  labels   {s['label_method']}")
+    bands = s["bands"] or {}
+    if bands and all(v["kind"] == "quantile" for v in bands.values()):
+        first = next(iter(bands.values()))
+        print(f"  bands    {first['n_bands']} quantile groups a latent, {first['samples']} images sampled from each; "
+              f"all {first['n_bands']} full for " + ", ".join(
+                  f"{v['all_full']} latents" + (" by the max over patches" if score == "max_over_patches" else "")
+                  for score, v in bands.items()))
+    elif bands:
+        print("  bands    runs of the histogram's log bins (built before 2026-12-04); for quantile groups delete "
+              ".stages/scan.json in the bundle and run the command that built it again")
     return 0
 
 

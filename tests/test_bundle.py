@@ -359,3 +359,33 @@ def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, c
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("search"))
     assert line == (f"  search   ivfpq index of {len(emb)} images, recall@10 {r['value']:.4f}, text prompts "
                     f"{r['value_text']:.4f} within the exact top-100")
+
+
+def test_inspect_says_what_the_activation_bands_are(tiny_bundle, tmp_path, capsys):
+    """inspect's bands: quantile groups, and how many latents have every band full, counted here from the band
+    sizes (a band is full when it holds at least as many images as it samples); a bundle whose scan stored no
+    sizes (built before quantile groups) is named as such, with the way to rebuild its bands."""
+    import shutil
+
+    from precompute.__main__ import main
+
+    b = B.open_bundle(tiny_bundle)
+    counts = np.asarray(b.array("band_counts"))
+    samples = np.asarray(b.array("band_images")).shape[2]
+    full = int((counts >= samples).all(1).sum())
+    assert 0 < full < b.n_neurons
+    assert main(["inspect", str(tiny_bundle), "--json"]) == 0
+    bands = json.loads(capsys.readouterr().out)["bands"]
+    assert bands["image_score"] == {"kind": "quantile", "n_bands": counts.shape[1], "samples": samples, "all_full": full}
+    assert main(["inspect", str(tiny_bundle)]) == 0
+    assert f"all {counts.shape[1]} full for {full} latents" in capsys.readouterr().out
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old, ignore=shutil.ignore_patterns(".work", "band_counts.npy", "patch_band_counts.npy"))
+    m = json.loads((old / B.MANIFEST).read_text())
+    m["files"] = {k: v for k, v in m["files"].items() if not k.endswith("band_counts")}
+    (old / B.MANIFEST).write_text(json.dumps(m))
+    assert main(["inspect", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bands"]["image_score"]["kind"] == "log_bins"
+    assert main(["inspect", str(old)]) == 0
+    assert "log bins (built before 2026-12-04); for quantile groups delete .stages/scan.json" in capsys.readouterr().out
