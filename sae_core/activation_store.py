@@ -279,13 +279,19 @@ def _eval_rows(n_rows: int, eval_rows: int | None) -> int:
 def held_out_split(store: ActivationStore, eval_rows: int | None = None) -> HeldOut:
     """`train`'s held-out rows: `eval_rows` (None: 5% of the rows, at most 65,536), rounded up to whole
     images, spread over the store (see HeldOut). An image's rows are the run of rows sharing the first
-    row's image in the row index (1 for a plain .npy, whose rows are then held out one by one)."""
+    row's image in the row index, as `extract` writes every image; rows are held out one by one in a plain
+    .npy, and in a store whose first 65,536 rows hold images of different row counts (an image may then have
+    rows on both sides)."""
     n = len(store)
     n_eval = _eval_rows(n, eval_rows)
     block = 1
     if store._index_paths is not None and n:
         images = store.image_index(np.arange(min(n, 65_536)))
-        block = int(np.argmax(images != images[0])) if (images != images[0]).any() else len(images)
+        starts = np.flatnonzero(images[1:] != images[:-1]) + 1
+        runs = np.diff(starts, prepend=0)  # the whole runs of the sample (its last may be cut short)
+        block = int(runs[0]) if len(runs) else len(images)
+        if (runs != block).any():
+            block = 1
     n_blocks = math.ceil(n_eval / block) if n_eval > 0 else 0
     period = (n // block) // n_blocks if n_blocks else 0
     if n_eval < 1 or period < 2:

@@ -119,14 +119,20 @@ def test_iter_batches_is_the_shuffled_index_and_resumable(tmp_path):
 
 def _class_sorted_store(path, n_images, rows_per_image, images_per_class, d=4):
     """A store as `extract` writes one from a class-sorted folder: image-major rows, classes in order."""
-    n = n_images * rows_per_image
-    index = np.stack([np.arange(n) // rows_per_image, np.arange(n) % rows_per_image], 1).astype(np.int64)
+    index = _indexed_store(path, np.full(n_images, rows_per_image), d)
+    return ActivationStore(path), index[:, 0] // images_per_class
+
+
+def _indexed_store(path, rows_per_image, d=4) -> np.ndarray:
+    """One shard of random rows, image-major, image i with rows_per_image[i] rows; its (rows, 2) index."""
+    ids = np.repeat(np.arange(len(rows_per_image)), rows_per_image)
+    index = np.stack([ids, np.concatenate([np.arange(r) for r in rows_per_image])], 1).astype(np.int64)
     (path / "shards").mkdir(parents=True)
-    save_npy_atomic(path / "shards/0.npy", np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
+    save_npy_atomic(path / "shards/0.npy", np.random.default_rng(0).standard_normal((len(ids), d)).astype(np.float32))
     save_npy_atomic(path / "shards/0.index.npy", index)
     write_json_atomic(path / "manifest.json", {"shards": [{"path": "shards/0.npy", "index": "shards/0.index.npy",
-                                                           "rows": n}], "d": d, "dtype": "float32"})
-    return ActivationStore(path), index[:, 0] // images_per_class
+                                                           "rows": len(ids)}], "d": d, "dtype": "float32"})
+    return index
 
 
 def test_held_out_rows_are_whole_images_spread_over_the_store(tmp_path):
@@ -163,6 +169,14 @@ def test_held_out_rows_are_whole_images_spread_over_the_store(tmp_path):
 
     with pytest.raises(UserError, match=r"too few to hold out 400 rows \(134 images of 3 rows\).*--eval-rows"):
         held_out_split(store, 400)
+
+    # images of 3 and 2 rows in turn (not a store `extract` writes): blocks of the first image's 3 rows would
+    # cut images in two while claiming whole ones; such a store is held out row by row
+    n = len(_indexed_store(tmp_path / "uneven", np.tile([3, 2], 50)))
+    sp = held_out_split(ActivationStore(tmp_path / "uneven"), 10)
+    assert (sp.block, sp.n_eval) == (1, 10)
+    np.testing.assert_array_equal(np.sort(np.concatenate([sp.held_out_rows(), sp.training_rows(np.arange(sp.n_train))])),
+                                  np.arange(n))
 
 
 def test_extraction_dir_with_one_layer_opens_as_that_store(tmp_path):
