@@ -546,8 +546,11 @@ def test_a_busy_port_or_an_unusable_cache_is_a_message(tiny_bundle, tmp_path, ca
 
 
 def test_text_search_finds_neurons_of_that_colour(explorer, tiny_bundle):
-    """Ground truth of the world: the best match for "a photo of a {colour} object" has top images
-    mostly of that colour (the main object's colour, from the generator's factors)."""
+    """Ground truth of the world: the neurons that match "a photo of a {colour} object" best have top images
+    of that colour (the main object's colour, from the generator's factors) far above its base rate (about
+    9% of the images for each of these colours): the best match over 3x, the five best together over 4x.
+    (The best match's share alone, once held to 1/2, varies with the world's build: 0.56 for red on the
+    suite's one-thread world, 0.38 on a two-thread one, whose fourth and fifth matches have 0.94 and 1.0.)"""
     from app.search import NeuronSearch
     from sae_core.world.dataset import WorldDataset
     from sae_core.world.generator import main_object
@@ -559,14 +562,15 @@ def test_text_search_finds_neurons_of_that_colour(explorer, tiny_bundle):
         f = ds.factors(int(i))
         return f["objects"][main_object(f, ds.masks(int(i)))]["colour"]
 
+    colours = [colour(i) for i in range(explorer.n_images)]
     search = NeuronSearch.for_bundle(explorer)
-    hits = []
     for c in ("red", "blue", "green", "yellow"):
         ids, sims = search.by_text(f"a photo of a {c} object", top=5)
         assert sims == sorted(sims, reverse=True) and len(ids) == 5
-        imgs = [i for i in top[ids[0]] if i >= 0]
-        hits.append(sum(colour(i) == c for i in imgs) / len(imgs))
-    assert min(hits) >= 0.5, hits
+        hits = [[colours[i] == c for i in top[k] if i >= 0] for k in ids]
+        base = colours.count(c) / len(colours)
+        best, five = np.mean(hits[0]), np.mean(np.concatenate(hits))
+        assert best > 3 * base and five > 4 * base, (c, base, best, five)
     with pytest.raises(UserError):
         search.by_text("")
 
