@@ -130,10 +130,8 @@ def run(args) -> int:
     from .progress import PipelineProgress
 
     progress = PipelineProgress(STAGE_WEIGHTS, desc="atlas", log=Path(args.out) / STAGE_DIR / "log.txt")
-    try:
+    with progress:
         manifest = build_atlas(job, progress)
-    finally:
-        progress.close()
     print(strict_json({"out": str(args.out), **{k: manifest["metrics"].get(k) for k in
                                                  ("fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw")}}))
     return 0

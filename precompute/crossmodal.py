@@ -102,7 +102,7 @@ def run(args) -> int:
     progress = PipelineProgress({**atlas.STAGE_WEIGHTS, **WEIGHTS}, desc=f"crossmodal ({args.preset})",
                                 log=work / "log.txt", enabled=not args.quiet)
     t0 = time.time()
-    try:
+    with progress:
         # 1. training rows: image + text tokens of the train split's caption prompts
         if rows_path.is_file():
             progress.skip("rows")
@@ -156,8 +156,6 @@ def run(args) -> int:
             "raw_n_cross_modal": report["raw"]["n_cross_modal"], "raw_n_units": report["raw"]["n_units"],
             "per_concept": report["sae"]["per_concept"], "examples": report["sae"]["examples"][:10]}}
         manifest = atlas.build_atlas(job, progress)
-    finally:
-        progress.close()
     summary = {"out": str(out), "preset": args.preset, "layer": layer, "n_cross_modal": report["sae"]["n_cross_modal"],
                "n_latents": report["sae"]["n_units"], "raw_n_cross_modal": report["raw"]["n_cross_modal"],
                "raw_n_units": report["raw"]["n_units"], "fvu": manifest["metrics"].get("fvu"),

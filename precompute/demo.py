@@ -99,7 +99,7 @@ def run(args) -> int:
     weights = {**atlas.STAGE_WEIGHTS, **preset.weights}
     progress = PipelineProgress(weights, desc=f"demo ({args.preset})", log=work / "log.txt", enabled=not args.quiet)
     timings = {}
-    try:
+    with progress:
         # 1. world models (only if missing or unfinished)
         if (world / "report.json").is_file():
             progress.skip("world")
@@ -148,8 +148,6 @@ def run(args) -> int:
             command=command_line(args),
             extra_manifest={"demo": {"preset": args.preset, "world_built_here": built_world}})
         manifest = atlas.build_atlas(job, progress)
-    finally:
-        progress.close()
     timings = {**progress.timings, "total_s": round(time.time() - t_start, 1)}
     B.write_json(out, ".work/timings.json", timings)
     summary = {"out": str(out), "preset": args.preset, **{k: manifest["metrics"].get(k) for k in (

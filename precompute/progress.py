@@ -123,6 +123,13 @@ class PipelineProgress:
             with open(self.log, "a") as f:
                 f.write(line + "\n")
 
-    def close(self) -> None:
-        self.bar.postfix = "done"
+    def close(self, finished: bool = True) -> None:
+        """The last state: "done", or where the build stopped (an error or a kill), not "done"."""
+        self.bar.postfix = "done" if finished else f"stopped in {self.bar.postfix}" if self.bar.postfix else "stopped"
         self.bar.close()  # draws the last state
+
+    def __enter__(self) -> "PipelineProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(finished=exc_type is None)

@@ -56,7 +56,7 @@ def run(args) -> int:
     import torch
 
     from sae_core.precision import warn_if_slow_half
-    from sae_core.steering import SteeringSession
+    from sae_core.steering import SteeringSession, read_image_file
 
     torch.manual_seed(0)
     if args.layer is not None and args.sae is None:
@@ -90,6 +90,8 @@ def run(args) -> int:
     image = args.image
     if image.isdigit():
         image = int(image)
+    elif not image.startswith("world:"):
+        read_image_file(image)  # a missing or unreadable file is said before LLaVA loads, not after
     warn_if_slow_half(args.device, args.precision, "--precision fp32")
     if args.sae is not None:
         session = SteeringSession.from_paths(args.sae, args.llava, args.layer, device=args.device,

@@ -293,6 +293,21 @@ class SteerResult:
 ORIGINAL = "original"  # a row of answer_batch that bypasses the SAE
 
 
+def read_image_file(image):
+    """An image file as an RGB PIL image; UserError (one sentence) for an empty name, a missing file or no image."""
+    from .datasets import ImageReadError, load_rgb
+
+    if not str(image).strip():  # Path("") is ".", which read as "image . does not exist"
+        raise UserError("no image given; pass an image file, or world:INDEX for a bundle image.")
+    path = Path(str(image))
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist; pass an image file, or world:INDEX for a bundle image.")
+    try:
+        return load_rgb(path)
+    except ImageReadError as e:
+        raise UserError(f"cannot read image {path} ({e}); pass a PNG or JPEG file.") from None
+
+
 class SteeringSession:
     """One LLaVA and one SAE at the layer it reads; answers steered prompts (see the module docstring)."""
 
@@ -410,17 +425,8 @@ class SteeringSession:
             if not 0 <= idx < len(ds):
                 raise UserError(f"image index {idx} does not exist; the bundle's dataset has images 0 to {len(ds) - 1}.")
             return ds[idx], ("idx", idx)
-        from .datasets import ImageReadError, load_rgb
-
-        if not str(image).strip():  # Path("") is ".", which read as "image . does not exist"
-            raise UserError("no image given; pass an image file, or world:INDEX for a bundle image.")
         path = Path(str(image))
-        if not path.is_file():
-            raise UserError(f"image {path} does not exist; pass an image file, or world:INDEX for a bundle image.")
-        try:
-            return load_rgb(path), ("path", str(path.resolve()), path.stat().st_mtime_ns)
-        except ImageReadError as e:
-            raise UserError(f"cannot read image {path} ({e}); pass a PNG or JPEG file.") from None
+        return read_image_file(image), ("path", str(path.resolve()), path.stat().st_mtime_ns)
 
     @torch.inference_mode()
     def hidden(self, images: Sequence) -> tuple[torch.Tensor, int]:

@@ -146,3 +146,26 @@ def test_a_programs_own_transformers_hook_wins(monkeypatch):
         assert hf_logging.set_tqdm_hook(None) is own
     finally:
         hf_logging.set_tqdm_hook(None)
+
+
+def test_a_pipeline_that_fails_does_not_say_done(monkeypatch, tmp_path):
+    """An error (or a kill) inside a stage: the bar's last state names the stage it stopped in; it said "done"."""
+    from precompute.progress import PipelineProgress
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", log)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    try:
+        with PipelineProgress({"extract": 1.0, "train": 1.0}, desc="demo", log=tmp_path / "log.txt") as progress:
+            with progress.stage("extract"):
+                pass
+            with progress.stage("train"):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    lines = log.getvalue().splitlines()
+    assert lines[-1].startswith("demo:  50%") and lines[-1].endswith(", stopped in train"), lines
+    assert "done" not in log.getvalue()
+    with PipelineProgress({"extract": 1.0}, desc="demo", log=tmp_path / "log.txt") as progress:
+        progress.skip("extract")
+    assert log.getvalue().splitlines()[-1].endswith(", done")

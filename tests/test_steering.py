@@ -567,9 +567,11 @@ def test_a_prompt_holding_the_image_placeholder_is_refused_in_one_sentence(tiny_
     assert session.answer_batch(["world:1"], [ORIGINAL], plain, 3) == session.generate_full(["world:1"], plain, 3)
 
 
-def test_an_empty_image_argument_says_so(tiny_bundle, session, capsys):
-    """--image "" said "image . does not exist" (Path("") is the current folder)."""
+def test_an_empty_image_argument_says_so(tiny_bundle, session, capsys, tmp_path, monkeypatch):
+    """--image "" said "image . does not exist" (Path("") is the current folder). A missing or unreadable image
+    file is said before LLaVA loads (it was said after the load, seconds to minutes later on LLaVA-1.5)."""
     from precompute.__main__ import main
+    from sae_core import steering
 
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "", "--latent", "3", "--value", "5",
                  "--device", "cpu"]) == 2
@@ -577,6 +579,18 @@ def test_an_empty_image_argument_says_so(tiny_bundle, session, capsys):
     assert "no image given" in err and "image . " not in err
     with pytest.raises(UserError, match="no image given"):
         session.load_image("  ")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image was checked")
+
+    monkeypatch.setattr(steering.SteeringSession, "from_bundle", no_load)
+    (tmp_path / "text.png").write_text("not a picture")
+    for image, said in ((tmp_path / "gone.png", "does not exist"), (tmp_path / "text.png", "cannot read image")):
+        assert main(["steer", "--bundle", str(tiny_bundle), "--image", str(image), "--latent", "3", "--value", "5"]) == 2
+        err = capsys.readouterr().err
+        assert f"image {image}" in err and said in err
+        with pytest.raises(UserError, match=said):
+            session.load_image(str(image))  # the session's own check says the same
 
 
 def test_concept_steerer_refuses_unknown_factor_and_strategy(session):
