@@ -452,7 +452,12 @@ class OpenClipAdapter(Adapter):
 # transformers
 # ----------------------------------------------------------------------------------------------
 def _hf_call(what: str, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)`, a transformers loader: its failure one sentence, its bars lines in a log."""
+    """`fn(*args, **kwargs)`, a transformers loader of `args[0]`: its failure one sentence, its bars lines in a log."""
+    source = str(args[0]) if args and isinstance(args[0], (str, Path)) else ""
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        # transformers would try it as a hub id and say "Repo id must use alphanumeric chars ..."
+        raise UserError(f"cannot load {what}: {source} does not exist (a path, not a hub id); pass a directory "
+                        "written by save_pretrained or a hub id this machine can download.")
     try:
         with transformers_bars_as_lines():
             return fn(*args, **kwargs)

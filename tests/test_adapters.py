@@ -246,7 +246,10 @@ def test_token_selection_against_direct_indexing():
 
 @pytest.mark.parametrize("spec, msg", [
     ("clip:foo", "does not start with"),
-    ("hf:/nonexistent/model_dir", "cannot load"),
+    ("hf:/nonexistent/model_dir", r"cannot load the config of /nonexistent/model_dir: /nonexistent/model_dir does "
+                                  r"not exist \(a path, not a hub id\)"),  # not transformers' "Repo id must use ..."
+    ("llava:./nonexistent_llava", r"\./nonexistent_llava does not exist \(a path, not a hub id\)"),
+    ("hf:~/nonexistent_model_dir", "does not exist"),
     ("open_clip:NoSuchModel-X", "cannot load open_clip"),
     ("open_clip:ViT-B-32//nonexistent/ckpt.pt", "does not exist"),
     ("world:/nonexistent/world", "python -m precompute world"),
