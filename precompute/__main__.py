@@ -25,10 +25,31 @@ COMMANDS = {
     "probes": ("precompute.probes", "Linear probes of world factors from SAE codes vs raw activations, held-out combinations."),
 }
 
+DESCRIPTION = ("The offline jobs: extract activations, train an SAE, build a bundle (atlas) for the explorer "
+               "(python -m app), steer, evaluate; `demo` runs the whole pipeline on the embedded world. "
+               "`python -m precompute COMMAND --help` gives a command's options.")
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help gives each option's default, where its help does not already say it (42 options did not)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default in ("", [])
+        if action.option_strings and not unset and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors in one line, as every other refusal here, instead of the usage block first
-    (9-12 lines for most commands); --help still prints the usage. Subcommands inherit the class."""
+    (9-12 lines for most commands); --help still prints the usage and every default. Subcommands inherit
+    the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the options).\n")
@@ -36,7 +57,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     """The parser of every command, with the arguments of the one `argv` names."""
-    parser = OneLineParser(prog="python -m precompute", description=__doc__)
+    parser = OneLineParser(prog="python -m precompute", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
     for name, (module, help_text) in COMMANDS.items():

@@ -53,11 +53,11 @@ WEIGHTS = {"rows": 10, "train": 30, "atlas: scan": 5, "crossmodal": 10}
 def add_arguments(p) -> None:
     p.add_argument("--world", required=True, help="a built world directory (precompute world)")
     p.add_argument("--out", required=True, help="bundle directory to create or resume")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="tiny: for tests; demo: the README's figures")
     p.add_argument("--lm-layer", type=int, default=1,
                    help="hidden_states index of the language model (1 = output of decoder layer 0)")
     p.add_argument("--threshold", type=finite_float, default=0.5, help="cross-modal score a latent must reach")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the row order and the SAE")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object (always the last line)")

@@ -8,7 +8,7 @@ def add_arguments(p):
     p.add_argument("--format", choices=["saelens", "sae-lab"], default="saelens",
                    help="saelens: cfg.json + sae_weights.safetensors for SAE.load_from_disk of SAELens "
                         "5 or 6; sae-lab: ours (an import)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the exported SAE to")
 
 
 def run(args) -> int:

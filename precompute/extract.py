@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default="cls", help="cls | mean (of patch tokens) | all | patches | random:K (K random tokens per image)")
     p.add_argument("--dataset", required=True, help="imagefolder:PATH | imagenet[:SPLIT] | inat[:SPLIT] | files:LIST.txt | world:DIR[:SPLIT]")
     p.add_argument("--out", required=True, help="output directory (one store per layer below it); rerun the same command to resume")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (per process)")
     p.add_argument("--dtype", default="float16", choices=STORE_DTYPES, help="storage dtype of the activations")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of the dataset")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")

@@ -27,9 +27,10 @@ def add_arguments(p):
     p.add_argument("--bins", default=",".join(f"{e:g}" for e in DEFAULT_EDGES),
                    help="edges of the |MS_x - MS_y| bins, comma-separated (inf allowed)")
     p.add_argument("--out", help="directory for alignment.json and alignment.html (default: PAIRS_DIR/ms_agreement)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--chunk", type=positive_int, default=4096)
-    p.add_argument("--matmul", choices=["float64", "float32"], default="float64")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (for the MS computed here)")
+    p.add_argument("--chunk", type=positive_int, default=4096, help="images per streamed chunk (MS computed here)")
+    p.add_argument("--matmul", choices=["float64", "float32"], default="float64",
+                   help="dtype of the per-chunk product (as `precompute ms --matmul`)")
 
 
 def parse_edges(text: str) -> tuple:

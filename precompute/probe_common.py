@@ -20,7 +20,7 @@ def add_common(p, default_images: int | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES_DIR})")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     p.add_argument("--fit-images", type=positive_int, default=default_images,
                    help="at most this many training images to fit on (default %(default)s)")
     p.add_argument("--no-cache", action="store_true",

@@ -43,7 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-error", action="store_true",
                    help="keep the SAE's error term: h + decode(clamped) - decode(original) (default: dropped, as the paper)")
     p.add_argument("--patches", help="patch indices I,J,... (row-major, 0-based, CLS excluded) to clamp on; default all tokens")
-    p.add_argument("--max-new-tokens", type=positive_int, default=5)
+    p.add_argument("--max-new-tokens", type=positive_int, default=5, help="length of each answer, in tokens")
     p.add_argument("--llava", help="LLaVA spec to steer (default: the world's tiny LLaVA, the LLaVA the SAE was "
                    "trained on, or llava-1.5-7b)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--per-concept", type=positive_int, default=40, help="test images per target concept")
     p.add_argument("--tune-per-concept", type=positive_int, default=48, help="tune images per target concept")
     p.add_argument("--alphas", default="1,1.5,2,2.5,3,3.5,4", help="strengths swept (x max activation / x mean code)")
-    p.add_argument("--factors", default="colour,shape")
+    p.add_argument("--factors", default="colour,shape", help="world factors to steer towards, comma-separated")
     p.add_argument("--tau", type=nonnegative_float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
     p.add_argument("--purity", type=nonnegative_float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
     p.add_argument("--learn-steps", type=nonnegative_int, default=None,
@@ -26,8 +26,9 @@ def add_arguments(p) -> None:
     p.add_argument("--learn-lambda", type=nonnegative_float, default=None,
                    help="weight of keeping the shape answer in the learned strategy's loss (default 1)")
     p.add_argument("--learned-out", help="write the learned deltas (JSON; ConceptSteerer(..., learned=FILE) applies them)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"))
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"),
+                   help="LLaVA's precision, as `precompute steer --precision`")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--json", action="store_true", help="print the JSON (default: a summary table)")
 

@@ -21,22 +21,25 @@ from .args import command_line, nonnegative_float, nonnegative_int, positive_flo
 
 def add_arguments(p):
     p.add_argument("--activations", required=True, help="activation store directory or (N, d) .npy file")
-    p.add_argument("--arch", required=True, choices=TRAINABLE_ARCHS)
+    p.add_argument("--arch", required=True, choices=TRAINABLE_ARCHS,
+                   help="relu (L1 penalty), topk, batchtopk, or matryoshka (BatchTopK with nested groups)")
     width = p.add_mutually_exclusive_group(required=True)
     width.add_argument("--expansion", type=positive_float, help="SAE width as a multiple of d_in")
     width.add_argument("--width", type=positive_int, help="SAE width (number of latents)")
     p.add_argument("--k", type=positive_int, default=32, help="active latents per token (TopK family)")
-    p.add_argument("--steps", type=positive_int, required=True)
+    p.add_argument("--steps", type=positive_int, required=True, help="optimiser steps of --batch-size tokens")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=positive_float, help="default 2e-4 / sqrt(width / 2^14)")
     p.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps (default min(1000, steps/20))")
     p.add_argument("--decay-start", type=nonnegative_int, help="step where linear decay to 0 starts (default 80%% of steps; = steps disables)")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the init and of the batch order")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the encoder matmul")
     p.add_argument("--groups", help="matryoshka group sizes or fractions, e.g. 0.0625,0.0625,0.125,0.25,0.5")
     p.add_argument("--l1-coeff", type=nonnegative_float, default=SAEConfig.l1_coeff, help="relu only")
-    p.add_argument("--aux-coeff", type=nonnegative_float, default=SAEConfig.aux_coeff)
+    p.add_argument("--aux-coeff", type=nonnegative_float, default=SAEConfig.aux_coeff,
+                   help="weight of the auxiliary loss that revives dead latents (TopK family)")
     p.add_argument("--aux-k", type=positive_int, help="default d_in/2")
     p.add_argument("--dead-window", type=positive_int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
     p.add_argument("--eval-rows", type=positive_int, help="held-out rows for metrics.json, whole images spread over the store (default 5%%, at most 65,536)")
