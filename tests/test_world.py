@@ -308,7 +308,7 @@ def test_dataset_adapter_refuses_a_directory_that_is_no_world(tmp_path):
         WorldDataset(tmp_path)
 
 
-def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path):
+def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path, capsys):
     copy = tmp_path / "w"
     shutil.copytree(tiny_world, copy)
     before = json.loads((copy / "report.json").read_text())
@@ -323,6 +323,17 @@ def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path):
         assert after[key] == before[key], key
     bad = subprocess.run(cmd[:-2] + ["--preset", "demo"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "already holds a world built with --preset tiny" in bad.stderr
+    # a folder whose world.json is not a world's (a bundle's ground-truth figures; one cut short): one sentence
+    from precompute.__main__ import main
+
+    other = tmp_path / "bundle_like"
+    other.mkdir()
+    for text in ('{"ms_agreement": 0.7}', '{"preset": "tiny", "se'):
+        (other / "world.json").write_text(text)
+        assert main(["world", "--out", str(other), "--preset", "tiny"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {other / 'world.json'} does not describe a world this command built (no preset and " \
+                      "seed in it); choose another --out.\n"
 
 
 def test_train_pool_is_rendered_once_per_world_in_a_process(tmp_path):

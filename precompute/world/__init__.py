@@ -57,8 +57,14 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "world.json"
     if meta_path.exists():
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not (isinstance(meta, dict) and {"preset", "seed"} <= meta.keys()):
+            # e.g. a bundle, whose world.json holds its ground-truth figures: it read as "--preset None"
+            raise UserError(f"{meta_path} does not describe a world this command built (no preset and seed in "
+                            "it); choose another --out.")
         if (meta.get("preset"), meta.get("seed")) != (args.preset, args.seed):
             raise UserError(f"{out} already holds a world built with --preset {meta.get('preset')} --seed "
                             f"{meta.get('seed')}; pass those to resume it or choose another --out.")
