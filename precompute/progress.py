@@ -34,6 +34,7 @@ class PipelineProgress:
         self._lock = threading.Lock()
         self._drawn = time.monotonic()  # of the last draw: tqdm draws the first state
         self.timings: dict[str, float] = {}
+        self._running: str | None = None  # the stage being run, while it runs (or stopped by an error)
 
     def _set(self, value: float, draw: bool = False) -> None:
         """Move the bar to `value`; drawn at once with `draw` (a new stage), else at most once a
@@ -50,7 +51,7 @@ class PipelineProgress:
         """Run one stage: yields `advance(fraction)`; output of the stage goes to the log when `quiet`."""
         w = self.weights.get(name, 1.0)
         self._in_stage = 0.0
-        self.bar.postfix = name
+        self.bar.postfix = self._running = name
         self._set(self.done, draw=True)
         t0 = time.time()
         stop = threading.Event()
@@ -75,6 +76,7 @@ class PipelineProgress:
         finally:
             stop.set()
             ticker.join()
+        self._running = None
         self.timings[name] = round(time.time() - t0, 1)
         self.done += w
         self._set(self.done)
@@ -125,7 +127,7 @@ class PipelineProgress:
 
     def close(self, finished: bool = True) -> None:
         """The last state: "done", or where the build stopped (an error or a kill), not "done"."""
-        self.bar.postfix = "done" if finished else f"stopped in {self.bar.postfix}" if self.bar.postfix else "stopped"
+        self.bar.postfix = "done" if finished else f"stopped in {self._running}" if self._running else "stopped"
         self.bar.close()  # draws the last state
 
     def __enter__(self) -> "PipelineProgress":

@@ -3,6 +3,7 @@ import io
 import sys
 import time
 
+import pytest
 import tqdm.std
 
 from sae_core.progress import LOG_INTERVAL_S, progress_bar
@@ -166,6 +167,12 @@ def test_a_pipeline_that_fails_does_not_say_done(monkeypatch, tmp_path):
     lines = log.getvalue().splitlines()
     assert lines[-1].startswith("demo:  50%") and lines[-1].endswith(", stopped in train"), lines
     assert "done" not in log.getvalue()
+    with pytest.raises(ValueError):  # between stages: no stage to name
+        with PipelineProgress({"extract": 1.0}, desc="demo", log=tmp_path / "log.txt") as progress:
+            with progress.stage("extract"):
+                pass
+            raise ValueError
+    assert log.getvalue().splitlines()[-1].endswith(", stopped")
     with PipelineProgress({"extract": 1.0}, desc="demo", log=tmp_path / "log.txt") as progress:
         progress.skip("extract")
     assert log.getvalue().splitlines()[-1].endswith(", done")
