@@ -379,6 +379,12 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     if job.layer is None:
         raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
     adapter = load_adapter(job.model, device=job.device)
+    recorded = ((getattr(sae, "training_info", None) or {}).get("activations") or {}).get("model")
+    if isinstance(recorded, dict) and recorded.get("name") and recorded["name"] != adapter.name:
+        # said before the scan (hours on a large dataset), not only by its FVU after it
+        note(f"atlas: warning: the SAE was trained on activations of {recorded['name']} ({recorded.get('spec')}), "
+             f"and --model {job.model} is {adapter.name}; unless that is the same model in another place, pass "
+             "the SAE's own model.")
     embedder = adapter if job.embedder == job.model else load_adapter(job.embedder, device=job.device)
     if adapter.resolve_layer(job.layer).kind == "embed":
         raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")

@@ -924,10 +924,10 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
     np.testing.assert_allclose([r[1] for r in found[1]["top"]], [r[1] for r in found[0]["top"]], rtol=1e-5)
 
 
-def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tmp_path, capsys):
+def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tmp_path, capsys, monkeypatch):
     """An SAE that reconstructs the scanned activations worse than POOR_FVU (here the tiny SAE with its
     decoder doubled: most often it is another model's or layer's SAE) is named with its FVU; the SAE
-    itself builds without the line."""
+    itself builds without the line. An SAE that records another model than --model is said before the scan."""
     from precompute.atlas import POOR_FVU, AtlasJob, build_atlas
     from sae_core.bundle import open_bundle
     from sae_core.checkpoint import load_sae, save_sae
@@ -948,6 +948,19 @@ def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tm
         assert (fvu > POOR_FVU) == (name == "doubled")
         assert (f"atlas: FVU {fvu:.3g}: the SAE reconstructs these activations poorly" in err) == (name == "doubled")
         assert ("check that --model and --layer -2 are what it was trained on" in err) == (name == "doubled")
+        assert "the SAE was trained on activations of" not in err
+    training = json.loads(json.dumps(sae.training_info))
+    training["activations"]["model"]["name"] = "/elsewhere/llava"
+    save_sae(load_sae(tiny_bundle / "sae"), tmp_path / "moved", training=training)
+
+    def no_scan(*args, **kwargs):
+        raise KeyboardInterrupt  # as a user would on reading the warning: it must come before the scan
+
+    monkeypatch.setattr("sae_core.atlas.scan", no_scan)
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas(AtlasJob(sae=str(tmp_path / "moved"), out=str(tmp_path / "b_moved"), **common))
+    assert (f"atlas: warning: the SAE was trained on activations of /elsewhere/llava ({m['model']['spec']}), and "
+            f"--model {m['model']['spec']} is ") in capsys.readouterr().err
 
 
 def test_an_approximate_atlas_index_is_tuned_for_the_vocabulary_prompts(tiny_bundle, tmp_path, monkeypatch):
