@@ -369,6 +369,15 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     return _write_manifest(job, sae, out, world)
 
 
+def _same_layer(adapter, recorded, layer) -> bool:
+    """Whether the layer an SAE records is `layer` of this model; True where it cannot be told here (a layer
+    this model does not have: its other warning or its FVU says so)."""
+    try:
+        return adapter.resolve_layer(str(recorded)).same_place(layer)
+    except UserError:
+        return True
+
+
 def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     """The scan and its files; `note(line)` tells the user something now (the batch cut, a resume)."""
     from sae_core.adapters import load_adapter
@@ -386,8 +395,14 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
              f"and --model {job.model} is {adapter.name}; unless that is the same model in another place, pass "
              "the SAE's own model.")
     embedder = adapter if job.embedder == job.model else load_adapter(job.embedder, device=job.device)
-    if adapter.resolve_layer(job.layer).kind == "embed":
+    layer = adapter.resolve_layer(job.layer)
+    if layer.kind == "embed":
         raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")
+    trained_layer = trained_on(sae)["layer"]
+    if trained_layer is not None and not _same_layer(adapter, trained_layer, layer):
+        note(f"atlas: warning: the SAE was trained on layer {trained_layer}, and --layer is {job.layer}; an SAE "
+             "read at another layer reconstructs it poorly (the tiny demo's at layer 0 instead of -2: FVU 0.38 "
+             "against 0.04), so pass its own layer unless this is meant.")
     ds = open_dataset(job.dataset)
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
     if warning := first_images_warning(ds, n):

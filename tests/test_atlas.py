@@ -961,6 +961,14 @@ def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tm
         build_atlas(AtlasJob(sae=str(tmp_path / "moved"), out=str(tmp_path / "b_moved"), **common))
     assert (f"atlas: warning: the SAE was trained on activations of /elsewhere/llava ({m['model']['spec']}), and "
             f"--model {m['model']['spec']} is ") in capsys.readouterr().err
+    # its own SAE at another layer: warned; at its layer -2 typed as block 2 (of 4): the same place, no warning
+    for layer, warned in (("0", True), ("2", False)):
+        with pytest.raises(KeyboardInterrupt):
+            build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), out=str(tmp_path / f"b_layer{layer}"),
+                                 **{**common, "layer": layer}))
+        err = capsys.readouterr().err
+        assert (f"atlas: warning: the SAE was trained on layer -2, and --layer is {layer};" in err) == warned, err
+        assert "trained on activations of" not in err
 
 
 def test_an_approximate_atlas_index_is_tuned_for_the_vocabulary_prompts(tiny_bundle, tmp_path, monkeypatch):
