@@ -369,6 +369,15 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     return _write_manifest(job, sae, out, world)
 
 
+def _same_model(recorded: str, name: str) -> bool:
+    """Whether an SAE's recorded model name (a hub id or a folder) is `name`: a folder by where it is, however
+    spelt (relative, with ~, through a link)."""
+    if recorded == name:
+        return True
+    a, b = (Path(os.path.expanduser(str(x))) for x in (recorded, name))
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def _same_layer(adapter, recorded, layer) -> bool:
     """Whether the layer an SAE records is `layer` of this model; True where it cannot be told here (a layer
     this model does not have: its other warning or its FVU says so)."""
@@ -389,7 +398,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
     adapter = load_adapter(job.model, device=job.device)
     recorded = ((getattr(sae, "training_info", None) or {}).get("activations") or {}).get("model")
-    if isinstance(recorded, dict) and recorded.get("name") and recorded["name"] != adapter.name:
+    if isinstance(recorded, dict) and recorded.get("name") and not _same_model(recorded["name"], adapter.name):
         # said before the scan (hours on a large dataset), not only by its FVU after it
         note(f"atlas: warning: the SAE was trained on activations of {recorded['name']} ({recorded.get('spec')}), "
              f"and --model {job.model} is {adapter.name}; unless that is the same model in another place, pass "

@@ -1,6 +1,7 @@
 """The atlas scan: streaming accumulators against full sorts and brute force, the tiny demo bundle
 against a dense recomputation, its ground-truth figures, and resuming/refusing on the command line."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -961,6 +962,12 @@ def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tm
         build_atlas(AtlasJob(sae=str(tmp_path / "moved"), out=str(tmp_path / "b_moved"), **common))
     assert (f"atlas: warning: the SAE was trained on activations of /elsewhere/llava ({m['model']['spec']}), and "
             f"--model {m['model']['spec']} is ") in capsys.readouterr().err
+    # the same folder spelt another way (relative to the working directory) is the same model
+    training["activations"]["model"]["name"] = os.path.relpath(m["model"]["spec"][6:].rsplit(":", 1)[0] + "/llava")
+    save_sae(load_sae(tiny_bundle / "sae"), tmp_path / "relative", training=training)
+    with pytest.raises(KeyboardInterrupt):
+        build_atlas(AtlasJob(sae=str(tmp_path / "relative"), out=str(tmp_path / "b_relative"), **common))
+    assert "trained on activations of" not in capsys.readouterr().err
     # its own SAE at another layer: warned; at its layer -2 typed as block 2 (of 4): the same place, no warning
     for layer, warned in (("0", True), ("2", False)):
         with pytest.raises(KeyboardInterrupt):
