@@ -928,7 +928,8 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
 def test_the_atlas_says_when_the_sae_fits_the_activations_poorly(tiny_bundle, tmp_path, capsys, monkeypatch):
     """An SAE that reconstructs the scanned activations worse than POOR_FVU (here the tiny SAE with its
     decoder doubled: most often it is another model's or layer's SAE) is named with its FVU; the SAE
-    itself builds without the line. An SAE that records another model than --model is said before the scan."""
+    itself builds without the line. An SAE that records another model or layer than --model and --layer is
+    said before the scan."""
     from precompute.atlas import POOR_FVU, AtlasJob, build_atlas
     from sae_core.bundle import open_bundle
     from sae_core.checkpoint import load_sae, save_sae

@@ -156,14 +156,12 @@ def test_a_pipeline_that_fails_does_not_say_done(monkeypatch, tmp_path):
     log = io.StringIO()
     monkeypatch.setattr(sys, "__stderr__", log)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         with PipelineProgress({"extract": 1.0, "train": 1.0}, desc="demo", log=tmp_path / "log.txt") as progress:
             with progress.stage("extract"):
                 pass
             with progress.stage("train"):
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        pass
     lines = log.getvalue().splitlines()
     assert lines[-1].startswith("demo:  50%") and lines[-1].endswith(", stopped in train"), lines
     assert "done" not in log.getvalue()
