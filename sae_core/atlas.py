@@ -252,66 +252,63 @@ class QuantileGrid:
     """Per neuron, counts of log10(score) on a grid fitted to the neuron's own range, and a BinReservoirs sample
     per grid bin: what its activation bands (quantile groups) are drawn from.
 
-    Neuron k's grid is B bins of 2**level[k] / FINEST decades each, aligned on multiples of that width and
-    starting at bin `start[k]`: the finest level whose B bins hold every score seen (finest-grid indices `lo`
-    to `hi`), up to the level whose B bins span `decades`; at that level the grid ends at the highest score
-    and lower ones fall into bin 0. A wider range doubles the width, merging pairs of bins: their counts add,
+    Neuron k's grid is B bins of 2**level / FINEST decades each, aligned on multiples of that width and
+    starting at bin `start` (`_layout`, from the finest-grid indices `lo[k]` to `hi[k]` of the scores seen): the
+    finest level whose B bins hold every score seen, up to the level whose B bins span `decades`; at that level
+    the grid ends at the highest score and lower ones fall into bin 0. A wider range doubles the width, merging pairs of bins: their counts add,
     and the S smallest keys of two reservoirs are the sample the merged bin would have drawn. So the grid,
     the counts and the samples depend only on the scores seen, never on the batches. A neuron firing between
     1.0 and 2.0 gets 39 bins of 1.8% (the shared log histogram's 48 bins over 6 decades gave it 3 or 4).
     Memory: that of the reservoirs (K x B x S entries of 18 bytes) and K x B counts of 8 bytes."""
 
     FINEST = 256  # bins a decade at level 0
-    STATE = ("lo", "hi", "level", "start", "counts", "res")
+    STATE = ("lo", "hi", "counts", "res")  # checkpoints of 2026-12-04 also hold level and start: set, unused
 
     def __init__(self, n_neurons: int, bins: int, decades: float, size: int, seed: int = 0):
         self.K, self.B = n_neurons, bins
         self.max_level = next(j for j in range(63) if bins * 2 ** j >= decades * self.FINEST)
         self.lo = np.full(n_neurons, np.iinfo(np.int64).max, np.int64)  # lo > hi: has not fired
         self.hi = np.full(n_neurons, np.iinfo(np.int64).min, np.int64)
-        self.level = np.zeros(n_neurons, np.int64)
-        self.start = np.zeros(n_neurons, np.int64)
         self.counts = np.zeros((n_neurons, bins), np.int64)
         self.res = BinReservoirs(n_neurons * bins, size, seed)
 
     def _layout(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(level, start) of the grids that hold finest-grid indices lo..hi."""
+        """(level, start) of the grids that hold finest-grid indices lo..hi (any, for a neuron that has not
+        fired: it has no counts to place)."""
         level = np.zeros_like(lo)
         for _ in range(self.max_level):
             level += ((hi >> level) - (lo >> level) >= self.B)
         too_wide = (hi >> level) - (lo >> level) >= self.B  # only at max_level: the grid ends at the top
         return level, np.where(too_wide, (hi >> level) - self.B + 1, lo >> level)
 
-    def _bin(self, neuron: np.ndarray, g: np.ndarray) -> np.ndarray:
-        return np.clip((g >> self.level[neuron]) - self.start[neuron], 0, self.B - 1)
-
     def update(self, image: np.ndarray, neuron: np.ndarray, value: np.ndarray, patch: np.ndarray) -> None:
         """Firing entries: image ids, neuron ids, scores > 0 and best patch positions (-1 for none)."""
         if neuron.size == 0:
             return
         g = np.floor(np.log10(value.astype(np.float64)) * self.FINEST).astype(np.int64)
-        touched = np.unique(neuron)
+        touched, at = np.unique(neuron, return_inverse=True)
+        was_level, was_start = self._layout(self.lo[touched], self.hi[touched])
         np.minimum.at(self.lo, neuron, g)
         np.maximum.at(self.hi, neuron, g)
         level, start = self._layout(self.lo[touched], self.hi[touched])
-        moved = (level != self.level[touched]) | (start != self.start[touched])
-        self._regrid(touched[moved], level[moved], start[moved])
-        b = self._bin(neuron, g)
+        moved = (level != was_level) | (start != was_start)
+        self._regrid(touched[moved], was_level[moved], was_start[moved], level[moved], start[moved])
+        b = np.clip((g >> level[at]) - start[at], 0, self.B - 1)
         np.add.at(self.counts, (neuron, b), 1)
         self.res.update(neuron * self.B + b, image, neuron, value, patch)
 
-    def _regrid(self, ks: np.ndarray, level: np.ndarray, start: np.ndarray) -> None:
-        """Move neurons `ks` to coarser or shifted grids: each old bin lands whole in one new bin."""
+    def _regrid(self, ks: np.ndarray, was_level: np.ndarray, was_start: np.ndarray, level: np.ndarray,
+                start: np.ndarray) -> None:
+        """Move neurons `ks` from their grids to coarser or shifted ones: each old bin lands whole in one new bin."""
         if not len(ks):
             return
         B, S, res = self.B, self.res.S, self.res
         old_counts = self.counts[ks]
         i, b = np.nonzero(old_counts)  # the occupied bins: (row of ks, bin)
-        new = np.clip(((self.start[ks[i]] + b) >> (level[i] - self.level[ks[i]])) - start[i], 0, B - 1)
+        new = np.clip(((was_start[i] + b) >> (level[i] - was_level[i])) - start[i], 0, B - 1)
         counts = np.zeros_like(old_counts)
         np.add.at(counts, (i, new), old_counts[i, b])
         self.counts[ks] = counts
-        self.level[ks], self.start[ks] = level, start
         slots, to = ks[i] * B + b, ks[i] * B + new
         key, ids, acts, patch = res.key[slots], res.ids[slots], res.acts[slots], res.patch[slots]
         res.key[slots], res.ids[slots], res.acts[slots], res.patch[slots] = np.inf, -1, 0, -1
@@ -382,7 +379,7 @@ def quantile_groups(counts: np.ndarray, n_bands: int) -> np.ndarray:
 
 
 def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per neuron, its `n_bands` quantile groups of firing images (SAEDashboard's, by `quantile_groups` of its
     bins, highest first) and `size` images drawn uniformly from each: the smallest keys of the group's bins.
     A group that no bin falls in (a bin holding more than one quantile) is left out, so the filled bands are
@@ -720,8 +717,8 @@ def _scan_key(checkpoint: ScanCheckpoint, running: dict, cfg: AtlasConfig, N: in
     statistics (not the batch, which none depends on), the sizes and which accumulators run (the
     reference MS and the co-activation counts are optional)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "memory_gib")}
-    return json.loads(json.dumps({"format": SCAN_STATE_FORMAT, "key": checkpoint.key, "settings": settings, "n_images": N, "n_latents": K,
-                                  "width": d, "embed_dim": E,
+    return json.loads(json.dumps({"format": SCAN_STATE_FORMAT, "key": checkpoint.key, "settings": settings,
+                                  "n_images": N, "n_latents": K, "width": d, "embed_dim": E,
                                   "accumulators": sorted(k for k, v in running.items() if v is not None)}))
 
 
