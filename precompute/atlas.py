@@ -410,8 +410,8 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     trained_layer = trained_on(sae)["layer"]
     if trained_layer is not None and not _same_layer(adapter, trained_layer, layer):
         note(f"atlas: warning: the SAE was trained on layer {trained_layer}, and --layer is {job.layer}; an SAE "
-             "read at another layer reconstructs it poorly (the tiny demo's at layer 0 instead of -2: FVU 0.38 "
-             "against 0.04), so pass its own layer unless this is meant.")
+             "read at another layer reconstructs it poorly (the scan's FVU will say how), so pass its own layer "
+             "unless this is meant.")
     ds = open_dataset(job.dataset)
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
     if warning := first_images_warning(ds, n):
