@@ -2,7 +2,8 @@
 language-model residual stream, trained on image and text tokens together, its cross-modal latents,
 and a bundle to browse them.
 
-Stages (each resumable; intermediate files in B2/.work/):
+Stages (each resumable; intermediate files in B2/.work/), after --lm-layer is checked against the LLaVA's
+config (before --out is made) and the LLaVA is loaded (every run; its bar to the log as a stage's output):
   rows      residuals at --lm-layer of the train split's caption prompts (image + text tokens), shuffled
   train     a BatchTopK SAE on those rows (`precompute train`)
   scan      the atlas scan of the val split at the *image tokens* (a duck-typed adapter), so the bundle's
@@ -47,7 +48,7 @@ PRESETS = {
     "demo": CrossModalPreset(train_images=3000, width=512, k=8, steps=1500, batch_size=1024, eval_images=1000,
                              atlas_images=None),
 }
-WEIGHTS = {"rows": 10, "train": 30, "atlas: scan": 5, "crossmodal": 10}
+WEIGHTS = {"load LLaVA": 2, "rows": 10, "train": 30, "atlas: scan": 5, "crossmodal": 10}
 
 
 def add_arguments(p) -> None:
@@ -74,7 +75,7 @@ def run(args) -> int:
 
     from sae_core import bundle as B
     from sae_core.atomic import atomic_path
-    from sae_core.crossmodal import LanguageResidual, collect_rows
+    from sae_core.crossmodal import LanguageResidual, check_lm_layer, collect_rows, lm_layer_count
     from sae_core.world.dataset import WorldDataset
 
     from . import atlas, train
@@ -85,6 +86,7 @@ def run(args) -> int:
     world = Path(args.world).resolve()
     if not (world / "llava" / "config.json").is_file():
         raise UserError(f"{world} has no tiny LLaVA (llava/config.json); build it with `python -m precompute world --out {world}`.")
+    check_lm_layer(args.lm_layer, lm_layer_count(world / "llava"))  # before --out is made (a typo leaves no folder)
     out = out_folder(Path(args.out).resolve(), "the bundle")
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -97,12 +99,13 @@ def run(args) -> int:
     atlas.hold_settings(out, ".work/settings.json", settings, built)
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
-    lm = LanguageResidual(str(world / "llava"), args.lm_layer)
     layer = f"lm:{args.lm_layer}"
     progress = PipelineProgress({**atlas.STAGE_WEIGHTS, **WEIGHTS}, desc=f"crossmodal ({args.preset})",
                                 log=work / "log.txt", enabled=not args.quiet)
     t0 = time.time()
     with progress:
+        with progress.stage("load LLaVA"):  # transformers' "Loading weights" bar to the log, as in the other stages
+            lm = LanguageResidual(str(world / "llava"), args.lm_layer)
         # 1. training rows: image + text tokens of the train split's caption prompts
         if rows_path.is_file():
             progress.skip("rows")

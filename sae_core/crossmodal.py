@@ -24,6 +24,7 @@ positive and negative part (x+ and (-x)+, two non-negative units per dimension).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -49,6 +50,21 @@ def parse_lm_layer(name: str | int) -> int:
         raise UserError(f"language-model layer {name!r} is not 'lm:L' with an integer L.") from None
 
 
+def check_lm_layer(lm_layer: int, n_layers: int) -> None:
+    """Refuse a hidden_states index that a language model of `n_layers` decoder layers does not have."""
+    if not 1 <= lm_layer <= n_layers:
+        raise UserError(f"--lm-layer {lm_layer} does not exist: the language model has {n_layers} layers, "
+                        f"so pass 1..{n_layers} (hidden_states index; L = output of decoder layer L-1).")
+
+
+def lm_layer_count(llava_dir: str | Path) -> int:
+    """Decoder layers of a saved LLaVA's language model, read from its config.json (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = _hf_call(f"the config of {llava_dir}", AutoConfig.from_pretrained, str(llava_dir))
+    return int(config.text_config.num_hidden_layers)
+
+
 class LanguageResidual:
     """A full LLaVA (transformers) and its processor; residual stream of the language model at one layer."""
 
@@ -63,9 +79,7 @@ class LanguageResidual:
         self.tokenizer = self.processor.tokenizer
         self.device = device
         layers = self.model.model.language_model.layers
-        if not 1 <= lm_layer <= len(layers):
-            raise UserError(f"--lm-layer {lm_layer} does not exist: the language model has {len(layers)} layers, "
-                            f"so pass 1..{len(layers)} (hidden_states index; L = output of decoder layer L-1).")
+        check_lm_layer(lm_layer, len(layers))
         self.lm_layer = lm_layer
         self.block = layers[lm_layer - 1]
         self.width = int(self.model.config.text_config.hidden_size)

@@ -248,7 +248,7 @@ def test_probes_and_ontology_commands(probe_outputs):
     assert (probe_outputs.bundle / "probes" / "ontology.json").is_file()
 
 
-def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, capsys):
+def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, capsys, monkeypatch):
     from precompute.__main__ import main
     from sae_core.bundle import open_bundle
 
@@ -271,6 +271,19 @@ def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, 
         assert main(argv) == 2
         assert sentence in capsys.readouterr().err
     assert (out / "crossmodal.json").read_bytes() == before
+    # --quiet is quiet: transformers' "Loading weights" bar of the LLaVA load was printed before the stages began
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    argv = ["crossmodal", "--world", str(tiny_world), "--out", str(out), "--preset", "tiny", "--quiet", "--json"]
+    assert main(argv) == 0  # every stage done: a resume that loads LLaVA and skips the rest
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_cross_modal"] == res["n_cross_modal"]
+    assert captured.err == ""
+    # a layer the language model lacks is refused before --out is made (it left a folder with settings.json)
+    fresh = out.parent / "never_made"
+    argv = ["crossmodal", "--world", str(tiny_world), "--out", str(fresh), "--preset", "tiny", "--quiet", "--lm-layer", "3"]
+    assert main(argv) == 2
+    assert "--lm-layer 3 does not exist: the language model has 2 layers, so pass 1..2" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 # ----------------------------------------------------------------------------------------------
