@@ -141,6 +141,20 @@ def open_bundle(path: str | Path) -> "Bundle":
     return Bundle(path)
 
 
+
+def _index(value, what: str, n: int, covers: str) -> int:
+    """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one; UserError (one
+    sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""
+    try:
+        i = int(value)
+        if isinstance(value, bool) or (isinstance(value, (float, np.floating)) and i != value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what} id {value!r} is not an integer; pick one between 0 and {n - 1}.") from None
+    if not 0 <= i < n:
+        raise UserError(f"{what} {i} does not exist; {covers} 0 to {n - 1}.")
+    return i
+
 class Bundle:
     """A finished bundle, read lazily: arrays are memory-mapped on first use and cached."""
 
@@ -293,13 +307,8 @@ class Bundle:
 
     # --- one neuron ---------------------------------------------------------------------------
     def check_neuron(self, k) -> int:
-        try:
-            ki = int(k)
-        except (TypeError, ValueError):
-            raise UserError(f"neuron id {k!r} is not an integer; pick one between 0 and {self.n_neurons - 1}.") from None
-        if not 0 <= ki < self.n_neurons:
-            raise UserError(f"neuron {ki} does not exist; this bundle has neurons 0 to {self.n_neurons - 1}.")
-        return ki
+        """`k` as a neuron id of this bundle (UserError, one sentence, for a fraction, text or out of range)."""
+        return _index(k, "neuron", self.n_neurons, "this bundle has neurons")
 
     def strength_units(self) -> np.ndarray:
         """(K,) float64: the activation a steering strength of 1 sets each latent to, its largest on one
@@ -450,9 +459,7 @@ class Bundle:
 
     def image(self, i):
         """Image i as PIL RGB: the bundle's thumbnail if it has one, else read/rendered from the dataset."""
-        i = int(i)
-        if not 0 <= i < self.n_images:
-            raise UserError(f"image {i} does not exist; this bundle covers images 0 to {self.n_images - 1}.")
+        i = _index(i, "image", self.n_images, "this bundle covers images")
         path = self.thumb_path(i)
         if path.is_file():
             from PIL import Image

@@ -104,8 +104,16 @@ def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
     for bad in (6, -1, 10**9, "x", None):
         with pytest.raises(UserError, match="neuron"):
             b.neuron(bad)
+    # a fraction was read as the neuron below it (int(2.5) == 2), inf was an OverflowError, True neuron 1
+    for bad in (2.5, np.float32(1.5), "2.5", float("inf"), float("nan"), True):
+        with pytest.raises(UserError, match=r"^neuron id .* is not an integer; pick one between 0 and 5\.$"):
+            b.neuron(bad)
+    assert [b.neuron(k)["id"] for k in (np.int64(3), 3.0, np.float64(4.0), "5")] == [3, 3, 4, 5]
     with pytest.raises(UserError, match="image 20 does not exist"):
         b.image(20)
+    for bad in (2.5, "x", None):  # "x" was a ValueError traceback
+        with pytest.raises(UserError, match=r"^image id .* is not an integer; pick one between 0 and 19\.$"):
+            b.image(bad)
     (tmp_path / "neurons/top_acts.npy").unlink()
     with pytest.raises(UserError, match="missing"):
         b.validate()
