@@ -35,12 +35,38 @@ def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(arr))
 
 
+_WHAT_A_STORE_IS = "pass the --out directory of `python -m precompute extract` or an (N, d) .npy array"
+
+
+def _read_json(path: Path) -> dict:
+    """A store's JSON file as a dict; UserError (one sentence) when it is damaged or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
+        raise UserError(f"{path} cannot be read as JSON ({e}); rerun the extraction that wrote it.") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; rerun the extraction that wrote it.")
+    return value
+
+
+def _store_manifest(path: Path) -> dict:
+    """The manifest of the store folder `path`, checked to list its shards."""
+    manifest = _read_json(path / MANIFEST)
+    if "schema_version" in manifest and "shards" not in manifest:  # the manifest of an atlas bundle
+        raise UserError(f"{path} is a bundle (written by `python -m precompute atlas` or `demo`), not an activation "
+                        f"store; {_WHAT_A_STORE_IS} (the demo keeps its stores in BUNDLE/.work/acts).")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in shards):
+        raise UserError(f"{path / MANIFEST} does not list shards as an activation store's does; {_WHAT_A_STORE_IS}.")
+    return manifest
+
+
 def _resolve_store_dir(path: Path) -> Path:
     """An extraction --out directory holding exactly one layer's store stands for that store."""
     run = path / RUN_FILE
     if (path / MANIFEST).exists() or not run.exists():
         return path
-    layers = json.loads(run.read_text()).get("layers", [])
+    layers = _read_json(run).get("layers", [])
     if len(layers) == 1:
         return path / f"layer_{layers[0]}"
     raise UserError(
@@ -65,7 +91,7 @@ class ActivationStore:
                     f"{path} has no {MANIFEST}, so it is not a finished activation store; "
                     "run (or resume) `python -m precompute extract` to complete it."
                 )
-            self.manifest = json.loads(manifest_path.read_text())
+            self.manifest = _store_manifest(path)
             shard_paths = [path / s["path"] for s in self.manifest["shards"]]
             if all("index" in s for s in self.manifest["shards"]):
                 self._index_paths = [path / s["index"] for s in self.manifest["shards"]]
@@ -73,10 +99,7 @@ class ActivationStore:
             self.manifest = {"source": str(path)}
             shard_paths = [path]
         else:
-            raise UserError(
-                f"{path} is neither an activation store directory nor a .npy file; "
-                "pass the --out directory of `python -m precompute extract` or an (N, d) .npy array."
-            )
+            raise UserError(f"{path} is neither an activation store directory nor a .npy file; {_WHAT_A_STORE_IS}.")
         # a store's shards are redone by rerunning its extraction; a plain array is the user's own file
         fix = "rerun the same extraction command to redo it" if path.is_dir() else "save the (N, d) array again"
         listed_rows = [s.get("rows") for s in self.manifest.get("shards", [{}])]

@@ -202,6 +202,30 @@ def test_unfinished_and_foreign_stores_are_user_errors(tmp_path):
         ActivationStore(tmp_path / "a.npy")
 
 
+def test_a_folder_whose_manifest_is_not_a_stores_is_one_sentence(tmp_path):
+    """A bundle (its manifest.json has no shards: a KeyError traceback from `train --activations BUNDLE`), a
+    manifest or extract.json cut short or of another shape: each one sentence that names the file."""
+    full, _ = _make_store(tmp_path / "good")
+    cases = {"bundle": ({"schema_version": 1, "n_neurons": 4, "arrays": {}},
+                        r"bundle/? is a bundle \(written by `python -m precompute atlas` or `demo`\), not an activation "
+                        r"store; pass the --out directory of `python -m precompute extract`"),
+             "cut": ('{"shards": [{"path": "shards/0.npy", ', r"cut/manifest.json cannot be read as JSON"),
+             "list": ([1, 2], r"list/manifest.json holds a JSON list, not an object"),
+             "other": ({"shards": "shards/"}, r"other/manifest.json does not list shards as an activation store's does"),
+             "no_path": ({"shards": [{"rows": 3}]}, r"no_path/manifest.json does not list shards")}
+    for name, (manifest, message) in cases.items():
+        (tmp_path / name).mkdir()
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        (tmp_path / name / "manifest.json").write_text(text)
+        with pytest.raises(UserError, match=message):
+            ActivationStore(tmp_path / name)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "extract.json").write_text('{"layers": [')
+    with pytest.raises(UserError, match=r"run/extract.json cannot be read as JSON"):
+        ActivationStore(tmp_path / "run")
+    np.testing.assert_array_equal(ActivationStore(tmp_path / "good").take(np.arange(len(full))), full)
+
+
 def test_a_shard_or_row_index_of_another_length_than_listed_is_refused(tmp_path):
     """The manifest's row counts were not checked against the files, so a shard or index file of another
     length shifted every later row onto another image without a word."""
