@@ -273,15 +273,26 @@ class SparseAutoencoder(nn.Module):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
-        """(B, d_in) -> dense codes (B, d_sae) as used at inference."""
-        pre = self.pre_acts(x)
+        """(..., d_in) -> dense codes (..., d_sae) as used at inference: any leading dimensions (tokens of a
+        batch of images, (B, T, d_in), as well as rows), in the SAE's dtype."""
+        if not isinstance(x, Tensor):
+            raise UserError(f"SAE.encode takes a torch tensor, not a {type(x).__name__}; wrap an array with "
+                            "torch.from_numpy.")
+        if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
+            raise UserError(f"this SAE reads vectors of width {self.cfg.d_in}, but the input has shape {tuple(x.shape)}; "
+                            "pass activations of the layer it was trained on, the width last.")
+        lead = x.shape[:-1]
+        # rows, so TopK picks among each token's latents (topk(dim=1) of a (B, T, d_sae) picked among tokens)
+        pre = self.pre_acts(x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype))
         arch = self.cfg.arch
         if arch == "relu":
-            return F.relu(pre)
-        if arch == "topk":
+            z = F.relu(pre)
+        elif arch == "topk":
             vals, idx = F.relu(pre).topk(self.cfg.k, dim=1)
-            return torch.zeros_like(pre).scatter_(1, idx, vals)
-        return pre * (pre > self.threshold.clamp(min=0))  # = (pre > threshold) & (pre > 0), one pass fewer
+            z = torch.zeros_like(pre).scatter_(1, idx, vals)
+        else:
+            z = pre * (pre > self.threshold.clamp(min=0))  # = (pre > threshold) & (pre > 0), one pass fewer
+        return z.reshape(*lead, self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, d_sae) -> (B, d_in): z @ W_dec + b_dec."""

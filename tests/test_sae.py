@@ -64,6 +64,15 @@ def test_inference_forward_matches_numpy(arch):
     xt = torch.tensor(x, dtype=torch.float32)
     np.testing.assert_allclose(sae.encode(xt).detach().numpy(), z, atol=1e-5)
     np.testing.assert_allclose(sae(xt).detach().numpy(), x_hat, atol=1e-4)
+    # tokens of a batch of images, (4 images, 8 tokens, d_in): each token on its own (TopK took the top
+    # k of each latent among the 8 tokens), and a float64 input in the SAE's dtype (it was a dtype error)
+    tokens = sae.encode(xt.double().reshape(4, 8, D_IN))
+    assert tokens.shape == (4, 8, D_SAE) and tokens.dtype == torch.float32
+    np.testing.assert_allclose(tokens.detach().numpy(), z.reshape(4, 8, D_SAE), atol=1e-5)
+    for bad, message in ((xt[:, :-1], rf"reads vectors of width {D_IN}, but the input has shape \({B}, {D_IN - 1}\)"),
+                         (torch.tensor(1.0), r"input has shape \(\)"), (x, "takes a torch tensor, not a ndarray")):
+        with pytest.raises(UserError, match=message):
+            sae.encode(bad)
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
