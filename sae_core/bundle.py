@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
-from .errors import UserError
+from .errors import UserError, checked_index
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -140,20 +140,6 @@ def open_bundle(path: str | Path) -> "Bundle":
     """Open a finished bundle; UserError (one sentence) if missing, unfinished or of another schema."""
     return Bundle(path)
 
-
-
-def _index(value, what: str, n: int, covers: str) -> int:
-    """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one; UserError (one
-    sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""
-    try:
-        i = int(value)
-        if isinstance(value, bool) or (isinstance(value, (float, np.floating)) and i != value):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{what} id {value!r} is not an integer; pick one between 0 and {n - 1}.") from None
-    if not 0 <= i < n:
-        raise UserError(f"{what} {i} does not exist; {covers} 0 to {n - 1}.")
-    return i
 
 class Bundle:
     """A finished bundle, read lazily: arrays are memory-mapped on first use and cached."""
@@ -308,7 +294,7 @@ class Bundle:
     # --- one neuron ---------------------------------------------------------------------------
     def check_neuron(self, k) -> int:
         """`k` as a neuron id of this bundle (UserError, one sentence, for a fraction, text or out of range)."""
-        return _index(k, "neuron", self.n_neurons, "this bundle has neurons")
+        return checked_index(k, "neuron", self.n_neurons, "this bundle has neurons")
 
     def strength_units(self) -> np.ndarray:
         """(K,) float64: the activation a steering strength of 1 sets each latent to, its largest on one
@@ -459,7 +445,7 @@ class Bundle:
 
     def image(self, i):
         """Image i as PIL RGB: the bundle's thumbnail if it has one, else read/rendered from the dataset."""
-        i = _index(i, "image", self.n_images, "this bundle covers images")
+        i = checked_index(i, "image", self.n_images, "this bundle covers images")
         path = self.thumb_path(i)
         if path.is_file():
             from PIL import Image

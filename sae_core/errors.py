@@ -1,4 +1,5 @@
 """The one exception type for mistakes a user can make and fix, and the sentences several readers share."""
+import numpy as np
 
 
 class UserError(Exception):
@@ -22,3 +23,17 @@ def not_utf8(path) -> UserError:
                 return UserError(f"{path} line {n} is not UTF-8 text (byte {line[e.start]:#04x}); save it as "
                                  f"UTF-8 and run again.")
     return UserError(f"{path} is not UTF-8 text; save it as UTF-8 and run again.")
+
+
+def checked_index(value, what: str, n: int, covers: str) -> int:
+    """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one; UserError (one
+    sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""
+    try:
+        i = int(value)
+        if isinstance(value, bool) or (isinstance(value, (float, np.floating)) and i != value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what} id {value!r} is not an integer; pick one between 0 and {n - 1}.") from None
+    if not 0 <= i < n:
+        raise UserError(f"{what} {i} does not exist; {covers} 0 to {n - 1}.")
+    return i

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .adapters import load_adapter, loads_a_model
-from .errors import UserError
+from .errors import UserError, checked_index
 from .precision import resolve_device
 from .world.text import WHAT_IS_SHOWN, llava_prompt
 
@@ -308,6 +308,16 @@ def read_image_file(image):
         raise UserError(f"cannot read image {path} ({e}); pass a PNG or JPEG file.") from None
 
 
+def _array_image(a: np.ndarray):
+    """An (H, W), (H, W, 3) or (H, W, 4) uint8 array as a PIL image; UserError (one sentence) for another array."""
+    from PIL import Image
+
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise UserError(f"an image array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), not {a.dtype} "
+                        f"{a.shape}; convert it first (floats in [0, 1]: (a * 255).round().astype(np.uint8)).")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
 class SteeringSession:
     """One LLaVA and one SAE at the layer it reads; answers steered prompts (see the module docstring)."""
 
@@ -409,6 +419,8 @@ class SteeringSession:
         """PIL image, path, "world:INDEX" or int (an image of the bundle's dataset) -> (PIL RGB, cache key)."""
         from PIL import Image
 
+        if isinstance(image, np.ndarray):  # it went on as a file name, "File name too long"
+            image = _array_image(image)
         if isinstance(image, Image.Image):
             im = image.convert("RGB")
             digest = hashlib.sha1(im.tobytes()).hexdigest()
@@ -425,6 +437,9 @@ class SteeringSession:
             if not 0 <= idx < len(ds):
                 raise UserError(f"image index {idx} does not exist; the bundle's dataset has images 0 to {len(ds) - 1}.")
             return ds[idx], ("idx", idx)
+        if not isinstance(image, (str, Path)):
+            raise UserError(f"an image of type {type(image).__name__} cannot be read; pass a PIL image, an (H, W, 3) "
+                            "uint8 array, a file path, or world:INDEX for a bundle image.")
         path = Path(str(image))
         return read_image_file(image), ("path", str(path.resolve()), path.stat().st_mtime_ns)
 
@@ -463,11 +478,7 @@ class SteeringSession:
         """A Clamp from user-facing arguments; patches are patch indices (row-major, CLS excluded)."""
         latents = [latents] if isinstance(latents, (int, np.integer)) else list(latents)
         values = [values] if isinstance(values, (int, float, np.floating, np.integer)) else values
-        K = self.sae.cfg.d_sae
-        for k in latents:
-            if not 0 <= int(k) < K:
-                raise UserError(f"latent {k} does not exist; this SAE has latents 0 to {K - 1}.")
-        ids = [int(k) for k in latents]
+        ids = [self.check_latent(k) for k in latents]
         twice = next((k for k in ids if ids.count(k) > 1), None)
         if twice is not None:  # one clamp per latent: a second would be silently dropped, not added
             raise UserError(f"latent {twice} is chosen twice; give each latent once (in add mode, with the sum "
@@ -481,7 +492,11 @@ class SteeringSession:
                 raise UserError(f"patch {bad[0]} does not exist; the image has patches 0 to {P - 1} "
                                 f"(a {self.layout.grid[0]}x{self.layout.grid[1]} grid, row-major).")
             positions = tuple(self.layout.n_prefix + p for p in patches)
-        return Clamp(tuple(int(k) for k in latents), values, mode, positions, keep_error)
+        return Clamp(tuple(ids), values, mode, positions, keep_error)
+
+    def check_latent(self, k) -> int:
+        """`k` as a latent of this SAE; UserError (one sentence) for a fraction, text or out of range."""
+        return checked_index(k, "latent", self.sae.cfg.d_sae, "this SAE has latents")
 
     # --- generation ---------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> torch.Tensor:
@@ -638,7 +653,7 @@ class SteeringSession:
     def steering_score(self, word: str, latent: int, top: int = 16) -> float:
         """The paper's score: cosine between the CLIP text embedding of `word` and the mean CLIP image
         embedding of the latent's top images (bundle embeddings; needs a bundle)."""
-        return float(self.scorer().score([word], [latent], top)[0])
+        return float(self.scorer().score([word], [self.check_latent(latent)], top)[0])  # -1 read the last one
 
     def scorer(self):
         from .steering_eval import ClipScorer

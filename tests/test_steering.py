@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sae_core.errors import UserError
 from sae_core.sae import SAEConfig, SparseAutoencoder
@@ -591,6 +592,31 @@ def test_an_empty_image_argument_says_so(tiny_bundle, session, capsys, tmp_path,
         assert f"image {image}" in err and said in err
         with pytest.raises(UserError, match=said):
             session.load_image(str(image))  # the session's own check says the same
+
+
+def test_images_as_arrays_and_latents_as_users_give_them(session, images):
+    """A numpy image went on as a file name ("File name too long"); steering_score(word, -1) scored the last
+    latent and 9999 was an IndexError; a fractional latent was the one below it."""
+    pil = images[2]
+    for array in (np.asarray(pil), np.asarray(pil.convert("RGBA")), np.asarray(pil.convert("L"))):
+        im, key = session.load_image(array)
+        assert im.mode == "RGB" and im.size == pil.size
+        assert key == session.load_image(pil.convert(Image.fromarray(array).mode))[1]  # the same image, cached alike
+    by_array, by_pil = (session.answers(im, [3], [2.0], max_new_tokens=2) for im in (np.asarray(pil), pil))
+    assert (by_array.original, by_array.steered) == (by_pil.original, by_pil.steered)
+    for bad, said in ((np.asarray(pil) / 255.0, "must be uint8 .* not float64 .*astype\\(np.uint8\\)"),
+                      (np.zeros((4, 4, 2), np.uint8), "not uint8 \\(4, 4, 2\\)"),
+                      (b"\x89PNG", "an image of type bytes cannot be read")):
+        with pytest.raises(UserError, match=said):
+            session.load_image(bad)
+    K = session.sae.cfg.d_sae
+    for latent, said in ((-1, f"latent -1 does not exist; this SAE has latents 0 to {K - 1}"), (K, f"latent {K} does"),
+                         (2.5, "latent id 2.5 is not an integer")):
+        with pytest.raises(UserError, match=said):
+            session.steering_score("red", latent)
+        with pytest.raises(UserError, match=said):
+            session.make_clamp([latent], [1.0])
+    assert session.steering_score("red", 3.0) == session.steering_score("red", 3)
 
 
 def test_concept_steerer_refuses_unknown_factor_and_strategy(session):
