@@ -33,13 +33,15 @@ class ImageReadError(Exception):
     """An image that cannot be decoded; extraction skips it and records it."""
 
 
-def load_rgb(path: str | Path):
-    """Decode a file fully into a PIL RGB image, or raise ImageReadError saying why not."""
-    from PIL import Image
+def load_rgb(path: str | Path, upright: bool = False):
+    """Decode a file fully into a PIL RGB image, or raise ImageReadError saying why not. `upright`: turned by its
+    EXIF orientation, as a photo viewer shows it (a user's photo; dataset images are read as torchvision reads them)."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
-            return to_rgb(im)  # forces the full decode: truncated files fail here
+            # to_rgb forces the full decode: truncated files fail here
+            return to_rgb(ImageOps.exif_transpose(im) if upright else im)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise ImageReadError(f"{path}: {type(e).__name__}: {e}") from e
 

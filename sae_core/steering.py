@@ -294,7 +294,8 @@ ORIGINAL = "original"  # a row of answer_batch that bypasses the SAE
 
 
 def read_image_file(image):
-    """An image file as an RGB PIL image; UserError (one sentence) for an empty name, a missing file or no image."""
+    """An image file as an RGB PIL image, upright by its EXIF orientation as the explorer's uploads are (a phone
+    photo's pixels are often stored sideways); UserError (one sentence) for an empty name, a missing file or no image."""
     from .datasets import ImageReadError, load_rgb
 
     if not str(image).strip():  # Path("") is ".", which read as "image . does not exist"
@@ -303,7 +304,7 @@ def read_image_file(image):
     if not path.is_file():
         raise UserError(f"image {path} does not exist; pass an image file, or world:INDEX for a bundle image.")
     try:
-        return load_rgb(path)
+        return load_rgb(path, upright=True)
     except ImageReadError as e:
         raise UserError(f"cannot read image {path} ({e}); pass a PNG or JPEG file.") from None
 

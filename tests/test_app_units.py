@@ -53,6 +53,15 @@ def test_png_gif_and_exif_rotation(tmp_path):
     exif[0x0112] = 6
     Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif.tobytes())
     assert load_upload(tmp_path / "r.jpg").size == (20, 30)
+    # the same photo given to `steer --image` (or a session by path) is the same picture: it was read sideways, so
+    # the command line and the web page answered about different images; dataset images stay as torchvision reads them
+    from sae_core.datasets import load_rgb
+    from sae_core.steering import read_image_file
+
+    upright = np.asarray(load_upload(tmp_path / "r.jpg"))
+    assert np.array_equal(np.asarray(read_image_file(tmp_path / "r.jpg")), upright)
+    stored = np.asarray(load_rgb(tmp_path / "r.jpg"))
+    assert stored.shape == (20, 30, 3) and np.array_equal(np.rot90(stored, -1), upright)  # 90 degrees clockwise
 
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):
