@@ -1,10 +1,16 @@
-"""`python -m precompute inspect BUNDLE [--json]`: a bundle's summary (validated through the reader)."""
+"""`python -m precompute inspect PATH [--json]`: what a bundle, an SAE folder, an activation store or a training
+run still under way holds (a bundle validated through the reader, an SAE loaded as the atlas would load it)."""
 from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
 
 import numpy as np
 
 from sae_core.atomic import strict_json
 from sae_core.bundle import INDEX
+from sae_core.errors import UserError
 from sae_core.sae import K_ARCHS
 
 from .atlas import WORLD_FIGURES
@@ -13,11 +19,50 @@ KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_f
         "mean_cosine", "ms_mean", "ms_mean_raw", "ms_nan", "ms_nan_raw", "ms_mean_patch", "ms_nan_patch") + WORLD_FIGURES
 WORLD_JSON_KEYS = ("ms_agreement_raw", "ms_ground_truth_spearman_factor_embedder", "ms_ground_truth_spearman_ideal_neurons")
 """World bundles: figures read from world.json (the manifest's metrics do not carry them)."""
+SAE_METRICS = ("fvu", "l0", "dead_fraction", "dense_fraction", "mean_cosine", "rows", "prefix_sizes", "prefix_fvu")
+"""metrics.json of a finished `precompute train` (on its held-out rows)."""
+READS = ("a bundle (precompute atlas or demo), an SAE folder (ours, SAELens's, sparsify's, dictionary_learning's, or "
+         "hf:OWNER/REPO[/FOLDER]), an activation store (an extraction's --out, one layer's store, or an (N, d) .npy), "
+         "or the --out of a training run under way")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("path", metavar="PATH", help=f"what to inspect: {READS}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def kind_of(spec: str) -> str:
+    """"bundle", "sae", "store", "extraction" or "training": what `spec` names, from its files alone."""
+    from sae_core.checkpoint import sae_format
+
+    if str(spec).startswith("hf:"):
+        return "sae"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give the path of {READS}.")
+    if path.is_file():
+        if path.suffix == ".npy":
+            return "store"
+        raise UserError(f"{path} is a file; give {READS}.")
+    if (path / "manifest.json").is_file():  # a bundle's or a store's (a damaged one: the bundle reader names it)
+        try:
+            return "store" if "shards" in json.loads((path / "manifest.json").read_text()) else "bundle"
+        except (OSError, ValueError, TypeError):
+            return "bundle"
+    if (path / "extract.json").is_file():
+        return "extraction"
+    if (path.parent / "extract.json").is_file():
+        return "store"  # one layer's store of an extraction (unfinished: the store reader says so)
+    try:
+        sae_format(path)
+        return "sae"
+    except UserError:
+        pass
+    if (path / "checkpoint").is_dir():
+        return "training"
+    if (path / ".stages").is_dir() or (path / ".work").is_dir():
+        return "bundle"  # an unfinished one: the reader says so
+    raise UserError(f"{path} holds none of what inspect reads: {READS}.")
 
 
 def summary(path) -> dict:
@@ -27,7 +72,7 @@ def summary(path) -> dict:
     b.validate()
     m = b.manifest
     metrics = m.get("metrics", {})
-    out = {"bundle": str(b.root), "schema_version": m["schema_version"], "n_neurons": b.n_neurons,
+    out = {"kind": "bundle", "bundle": str(b.root), "schema_version": m["schema_version"], "n_neurons": b.n_neurons,
            "n_images": b.n_images}
     out.update({k: metrics.get(k) for k in KEYS if k in metrics})
     for k in ("ms_ground_truth_spearman", "ms_agreement", "label_accuracy", "hierarchy_depth"):
@@ -65,11 +110,105 @@ def _bands(b, prefix: str) -> dict:
             "samples": samples, "all_full": int(((ids >= 0).sum(2) == samples).all(1).sum())}
 
 
+def sae_summary(spec: str) -> dict:
+    """An SAE folder as the atlas and the steering session load it: its architecture, where it was trained (or
+    imported from), and its held-out metrics where `precompute train` wrote them."""
+    from sae_core.checkpoint import load_sae, resolve_sae, sae_format, trained_on
+
+    sae = load_sae(spec)
+    path = resolve_sae(spec)
+    info = sae.training_info or {}
+    cfg = sae.cfg
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    data = info.get("data") or {}
+    return {"kind": "sae", "path": str(path), "format": sae_format(path), "architecture": cfg.arch,
+            "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.arch in K_ARCHS else None,
+            "group_sizes": list(cfg.group_sizes) or None, "imported": info.get("imported"),
+            "trained_on": {**trained_on(sae), "dataset": data.get("dataset"), "rows": data.get("rows")},
+            "steps": info.get("steps"), "batch_size": info.get("batch_size"), "training_tokens": info.get("tokens"),
+            "metrics": {k: metrics[k] for k in SAE_METRICS if k in metrics} or None, "command": info.get("command")}
+
+
+def store_summary(spec: str) -> dict:
+    """One activation store (a layer's folder or an (N, d) .npy): rows, width, and what they are activations of."""
+    from sae_core.activation_store import ActivationStore
+
+    store = ActivationStore(spec)
+    m = store.manifest
+    model, dataset = m.get("model"), m.get("dataset")
+    return {"kind": "store", "path": str(store.path), "rows": len(store), "d": store.d,
+            "dtype": str(store.shards[0].dtype), "shards": len(store.shards),
+            "model": model.get("spec") if isinstance(model, dict) else model, "layer": m.get("layer"),
+            "layer_description": m.get("layer_description"), "tokens": m.get("tokens"),
+            "dataset": dataset.get("spec") if isinstance(dataset, dict) else dataset, "n_images": m.get("n_images"),
+            "n_skipped": m.get("n_skipped"), "command": m.get("command")}
+
+
+def extraction_summary(spec: str) -> dict:
+    """An extraction's --out folder: finished or not (and how far), and each layer's store once it is written."""
+    from sae_core.activation_store import RUN_FILE, _read_json
+
+    path = Path(spec).expanduser()
+    run = _read_json(path / RUN_FILE)
+    identity = run.get("identity") or {}
+    done = sum(1 for _ in (path / "progress").glob("*.json")) if (path / "progress").is_dir() else None
+    stores = [store_summary(str(path / f"layer_{layer}")) for layer in run.get("layers", [])
+              if (path / f"layer_{layer}" / "manifest.json").is_file()]
+    return {"kind": "extraction", "path": str(path), "complete": bool(run.get("complete")),
+            "model": identity.get("model"), "dataset": identity.get("dataset"), "layers": run.get("layers"),
+            "tokens": identity.get("tokens"), "n_images": identity.get("n_images"), "n_shards": run.get("n_shards"),
+            "shards_done": done, "stores": stores}
+
+
+def training_summary(spec: str) -> dict:
+    """A training --out folder with a checkpoint and no finished SAE yet: the step it reached of how many, and
+    its last logged row (train_log.csv)."""
+    from sae_core.training import _Checkpoint
+
+    path = Path(spec).expanduser()
+    ckpt = _Checkpoint(path)
+    if not ckpt.exists():
+        raise UserError(f"{path} has a checkpoint/ folder without a readable checkpoint; re-run the training command "
+                        "that writes there to resume it, or delete the folder to start over.")
+    meta = ckpt.read_meta()
+    config = meta.get("run_config") or {}
+    sae, train = config.get("sae") or {}, config.get("train") or {}
+    last = None
+    log = path / "train_log.csv"
+    if log.is_file():
+        with open(log, newline="") as f:
+            rows = list(csv.DictReader(f))
+        last = {k: _number(v) for k, v in rows[-1].items()} if rows else None
+    return {"kind": "training", "path": str(path), "step": meta.get("step"), "steps": train.get("steps"),
+            "tokens": meta.get("tokens"), "architecture": sae.get("arch"), "d_sae": sae.get("d_sae"),
+            "data": (config.get("data") or {}).get("dataset"), "last_logged": last}
+
+
+def _number(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+SUMMARIES = {"bundle": summary, "sae": sae_summary, "store": store_summary, "extraction": extraction_summary,
+             "training": training_summary}
+
+
 def run(args) -> int:
-    s = summary(args.bundle)
+    kind = kind_of(args.path)
+    s = SUMMARIES[kind](args.path)
     if args.json:
         print(strict_json(s))
         return 0
+    {"bundle": _print_bundle, "sae": _print_sae, "store": _print_store, "extraction": _print_extraction,
+     "training": _print_training}[kind](s)
+    return 0
+
+
+def _print_bundle(s: dict) -> None:
     print(f"bundle {s['bundle']} (schema {s['schema_version']}, built {s['created']})")
     print(f"  model    {s['model']} layer {s['layer']}, image score = {s['score']}")
     sae = s["sae"]
@@ -102,7 +241,66 @@ def run(args) -> int:
     elif bands:
         print("  bands    runs of the histogram's log bins (built before 2026-12-04); for quantile groups delete "
               ".stages/scan.json in the bundle and run the command that built it again")
-    return 0
+
+
+def _sae_line(arch, d_in, d_sae, k, groups) -> str:
+    return (f"{arch} {d_in} -> {d_sae}" + (f", k {k}" if arch in K_ARCHS and k is not None else "")
+            + (f", groups {groups}" if groups else ""))
+
+
+def _print_sae(s: dict) -> None:
+    print(f"SAE {s['path']} ({s['format']} layout)")
+    print(f"  SAE      {_sae_line(s['architecture'], s['d_in'], s['d_sae'], s['k'], s['group_sizes'])}")
+    imported = s["imported"]
+    if imported:
+        print(f"  imported from {imported.get('format')} ({imported.get('from')})"
+              + (f"; model {imported['model']}" if imported.get("model") else "")
+              + (f", hook {imported['hook']}" if imported.get("hook") else ""))
+    t = s["trained_on"]
+    if t.get("model") or t.get("layer"):
+        print(f"  trained  on {t.get('model')} layer {t.get('layer')}, tokens {t.get('tokens')}"
+              + (f", {t['rows']} rows of {t['dataset']}" if t.get("rows") else "")
+              + (f"; {s['steps']} steps x {s['batch_size']}" if s.get("steps") else ""))
+    else:
+        print("  trained  on an unrecorded layer (give --layer to atlas and steer)")
+    metrics = s["metrics"] or {}
+    if metrics:
+        print(f"  held out {metrics.get('rows')} rows of its training data (metrics.json; dead = no firing on them):")
+    for k, v in metrics.items():
+        if k != "rows":
+            print(f"  {k:<14}  {_fmt(v)}")
+
+
+def _store_line(s: dict) -> str:
+    return (f"{s['rows']} rows x {s['d']} ({s['dtype']}, {s['shards']} shard{'s' if s['shards'] != 1 else ''})"
+            + (f": {s['model']} layer {s['layer']}, tokens {s['tokens']}, {s['n_images']} images of {s['dataset']}"
+               if s.get("model") else "") + (f", {s['n_skipped']} skipped" if s.get("n_skipped") else ""))
+
+
+def _print_store(s: dict) -> None:
+    print(f"activation store {s['path']}")
+    print(f"  {_store_line(s)}")
+
+
+def _print_extraction(s: dict) -> None:
+    state = "complete" if s["complete"] else (
+        f"unfinished: {s['shards_done']} of {s['n_shards']} shards done; run the same command to resume"
+        if s.get("shards_done") is not None else "unfinished; run the same command to resume")
+    print(f"extraction {s['path']} ({state})")
+    print(f"  {s['model']} layer{'s' if len(s['layers'] or []) != 1 else ''} {', '.join(map(str, s['layers'] or []))}, "
+          f"tokens {s['tokens']}, {s['n_images']} images of {s['dataset']}")
+    for store in s["stores"]:
+        print(f"  layer {store['layer']}: {store['rows']} rows x {store['d']} ({store['dtype']}) in {store['path']}")
+
+
+def _print_training(s: dict) -> None:
+    print(f"training run {s['path']} (under way or stopped; run the same command to resume)")
+    print(f"  checkpoint at step {s['step']} of {s['steps']} ({s['tokens']} tokens); {s['architecture']} with "
+          f"{s['d_sae']} latents")
+    last = s.get("last_logged")
+    if last:
+        print("  last logged: " + ", ".join(f"{k} {_fmt(last[k])}" for k in ("step", "fvu", "l0", "dead_fraction")
+                                              if k in last))
 
 
 def _fmt(v) -> str:

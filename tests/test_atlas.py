@@ -897,10 +897,14 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
     facts = Explorer(theirs, tmp_path / "cache").facts()
     assert "jumprelu" in facts["SAE"] and "imported from saelens (jumprelu" in facts["SAE"]
     assert ", k " not in facts["SAE"]           # a JumpReLU SAE has thresholds, not a k
-    from precompute.inspect import summary
+    from precompute.inspect import sae_summary, summary
 
     assert summary(tmp_path / "theirs")["sae"]["imported"]["format"] == "saelens"
     assert summary(tmp_path / "ours")["sae"]["imported"] is None
+    seen = sae_summary(str(saelens))  # `inspect` of the SAELens folder itself: the SAE the atlas made of it
+    assert (seen["format"], seen["architecture"], seen["k"], seen["d_sae"]) == ("saelens", "jumprelu", None, sae.cfg.d_sae)
+    assert seen["imported"]["model"] == "tiny-llava" and seen["imported"]["hook"] == "vision_tower.layers.-2"
+    assert seen["trained_on"]["layer"] is None and seen["metrics"] is None  # no layer we read; no metrics.json
     # It has one level (JumpReLU, not Matryoshka): the Hierarchy page says so instead of drawing one ring of
     # unrelated wedges, and hides the drawing and its controls.
     from gradio_client import Client

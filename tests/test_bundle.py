@@ -316,7 +316,7 @@ def test_dataset_and_index_open_once_under_concurrent_first_calls(tiny_bundle, m
     assert len(got) == 8 and all(g[0] is got[0][0] and g[1] is got[0][1] for g in got)
 
 
-def test_inspect_json(tiny_bundle, capsys):
+def test_inspect_json(tiny_bundle, capsys, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "precompute", "inspect", str(tiny_bundle), "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -342,7 +342,17 @@ def test_inspect_json(tiny_bundle, capsys):
     assert s["search_index"]["kind"] == "flat" and s["search_index"]["n"] == b.n_images
     from precompute.__main__ import main  # the refusal in-process: the JSON above came from the real command
 
-    assert main(["inspect", str(tiny_bundle / "neurons")]) == 2 and "unfinished" in capsys.readouterr().err
+    assert main(["inspect", str(tiny_bundle / "neurons")]) == 2
+    assert "neurons holds none of what inspect reads: a bundle" in capsys.readouterr().err
+    # an SAE folder (the bundle's copy of its SAE): what the bundle's manifest records of it
+    assert main(["inspect", str(tiny_bundle / "sae"), "--json"]) == 0
+    sae = json.loads(capsys.readouterr().out)
+    assert (sae["kind"], sae["architecture"], sae["d_sae"], sae["k"]) == \
+        ("sae", b.manifest["sae"]["architecture"], b.n_neurons, b.manifest["sae"]["k"])
+    assert sae["trained_on"]["layer"] == b.manifest["model"]["layer"]
+    unfinished = tmp_path / "unfinished"
+    (unfinished / ".stages").mkdir(parents=True)  # a build stopped before its manifest
+    assert main(["inspect", str(unfinished)]) == 2 and "unfinished" in capsys.readouterr().err
 
 
 def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):

@@ -113,7 +113,15 @@ def _extract_like_cli(out):
         torch.set_num_threads(threads)
 
 
-def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
+def _inspect(path, capsys) -> dict:
+    from precompute.__main__ import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_kill_9_then_resume_gives_the_identical_store(tmp_path, capsys):
     ref = tmp_path / "ref"
     _extract_like_cli(ref)
     out = tmp_path / "killed"
@@ -128,6 +136,11 @@ def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
     assert 2 <= len(done) < 5 and not (out / "layer_1" / "manifest.json").exists()
     with pytest.raises(UserError, match="not a finished activation store"):
         ActivationStore(out / "layer_1")
+    # `inspect` of the killed run: how far it got, from the files alone
+    plan = json.loads((out / "extract.json").read_text())
+    seen = _inspect(out, capsys)
+    assert (seen["kind"], seen["complete"], seen["shards_done"], seen["stores"]) == ("extraction", False, len(done), [])
+    assert seen["n_shards"] == plan["n_shards"] > len(done) and seen["layers"] == plan["layers"]
     kept = {p.name: p.stat().st_mtime_ns for p in done}
     env.pop("SAE_EXTRACT_THROTTLE_S")
     r = subprocess.run(_cli(out), cwd=REPO, env=env, capture_output=True, text=True)
@@ -138,6 +151,14 @@ def test_kill_9_then_resume_gives_the_identical_store(tmp_path):
     for layer in ("layer_1", "layer_embed"):
         a, b = (json.loads((d / layer / "manifest.json").read_text()) for d in (ref, out))
         assert a["shards"] == b["shards"] and a["skipped"] == b["skipped"]
+    seen = _inspect(out, capsys)
+    assert seen["complete"] and seen["shards_done"] == seen["n_shards"]
+    for store in seen["stores"]:  # each layer's store as the reader opens it
+        reader = ActivationStore(store["path"])
+        assert (store["rows"], store["d"], store["layer"]) == (len(reader), reader.d, reader.layer)
+        assert store["model"] == reader.manifest["model"]["spec"] and store["n_images"] == reader.manifest["n_images"]
+    assert sorted(s["layer"] for s in seen["stores"]) == sorted(plan["layers"])
+    assert _inspect(out / "layer_1", capsys) == next(s for s in seen["stores"] if s["layer"] == "1")
 
 
 def test_torchrun_two_processes_give_the_same_rows_as_one(tmp_path):

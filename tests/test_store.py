@@ -255,3 +255,26 @@ def test_epoch_permutations_are_numpys_own_in_half_the_memory():
         assert perm.dtype == np.int32
     batches = np.concatenate([shuffled_batch_index(1000, 100, s, 3) for s in range(20, 30)])
     assert np.array_equal(np.sort(batches), np.arange(1000))  # epoch 2: every row once
+
+
+def test_inspect_names_what_a_folder_holds(tmp_path, capsys):
+    """`inspect` reads stores, not only bundles: a store folder and an (N, d) .npy give their rows and width
+    (it said "bundle ... has no manifest.json, so it is unfinished" of an SAE or a store); a folder of none of
+    the kinds is one sentence naming them."""
+    from precompute.__main__ import main
+
+    full, _ = _make_store(tmp_path / "store")
+    np.save(tmp_path / "rows.npy", full[:9].astype(np.float32))
+    for path, rows, dtype, shards, layer, tokens in ((tmp_path / "store", len(full), "float16", 4, "22", "random:2"),
+                                                     (tmp_path / "rows.npy", 9, "float32", 1, None, None)):
+        assert main(["inspect", str(path), "--json"]) == 0
+        seen = json.loads(capsys.readouterr().out)
+        assert (seen["kind"], seen["rows"], seen["d"], seen["dtype"], seen["shards"]) == ("store", rows, 6, dtype, shards)
+        assert (seen["layer"], seen["tokens"]) == (layer, tokens)  # what _make_store's manifest says, or nothing
+    assert main(["inspect", str(tmp_path / "store")]) == 0
+    assert f"{len(full)} rows x 6 (float16, 4 shards)" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "store" / "shards"):
+        assert main(["inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path} holds none of what inspect reads: a bundle" in err and "an SAE folder" in err

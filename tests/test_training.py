@@ -143,6 +143,14 @@ def test_kill_and_resume_equals_uninterrupted(planted, tmp_path, capsys):
     proc.wait()
     killed_at = json.loads(state.read_text())["step"]
     assert killed_at < 240
+    # `inspect` of the killed run: its checkpoint's step and the last row it logged
+    with open(tmp_path / "resumed" / "train_log.csv") as f:
+        last_row = list(csv.DictReader(f))[-1]
+    assert precompute_main(["inspect", str(tmp_path / "resumed"), "--json"]) == 0
+    seen = json.loads(capsys.readouterr().out)
+    assert (seen["kind"], seen["step"], seen["steps"], seen["architecture"]) == ("training", killed_at, 240, "matryoshka")
+    assert seen["last_logged"]["step"] == int(last_row["step"]) >= killed_at
+    assert seen["last_logged"]["fvu"] == pytest.approx(float(last_row["fvu"]))
     # other rows of the same shape (another layer of one extraction) do not resume this checkpoint
     other = tmp_path / "other.npy"
     np.save(other, -np.load(npy))
@@ -160,6 +168,19 @@ def test_kill_and_resume_equals_uninterrupted(planted, tmp_path, capsys):
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == sorted(set(steps)) and steps[-1] == 240
     assert not (tmp_path / "resumed" / "checkpoint").exists()
+    # and of the finished SAE: its config and held-out metrics as the files hold them
+    capsys.readouterr()
+    assert precompute_main(["inspect", str(tmp_path / "resumed"), "--json"]) == 0
+    seen = json.loads(capsys.readouterr().out)
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert (seen["kind"], seen["format"], seen["architecture"], seen["d_sae"], seen["group_sizes"]) == \
+        ("sae", "sae-lab", "matryoshka", config["d_sae"], [64, 448])
+    assert seen["steps"] == 240 and seen["trained_on"]["rows"] == len(np.load(npy))
+    assert seen["metrics"]["fvu"] == metrics["fvu"] and seen["metrics"]["prefix_fvu"] == metrics["prefix_fvu"]
+    assert precompute_main(["inspect", str(tmp_path / "resumed")]) == 0
+    printed = capsys.readouterr().out
+    assert "matryoshka" in printed and f"held out {metrics['rows']} rows" in printed
 
 
 def test_two_process_ddp_equals_one_process(planted, tmp_path):
