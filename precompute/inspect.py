@@ -119,15 +119,20 @@ def sae_summary(spec: str) -> dict:
     path = resolve_sae(spec)
     info = sae.training_info or {}
     cfg = sae.cfg
-    metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics, unread = {}, None
+    if (path / "metrics.json").is_file():  # optional: an SAE without readable metrics is still inspected
+        try:
+            metrics = _json_file(path / "metrics.json", "the SAE itself is unaffected")
+        except UserError as e:
+            unread = str(e)
     data = info.get("data") or {}
     return {"kind": "sae", "path": str(path), "format": sae_format(path), "architecture": cfg.arch,
             "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k if cfg.arch in K_ARCHS else None,
             "group_sizes": list(cfg.group_sizes) or None, "imported": info.get("imported"),
             "trained_on": {**trained_on(sae), "dataset": data.get("dataset"), "rows": data.get("rows")},
             "steps": info.get("steps"), "batch_size": info.get("batch_size"), "training_tokens": info.get("tokens"),
-            "metrics": {k: metrics[k] for k in SAE_METRICS if k in metrics} or None, "command": info.get("command")}
+            "metrics": {k: metrics[k] for k in SAE_METRICS if k in metrics} or None, "metrics_unreadable": unread,
+            "command": info.get("command")}
 
 
 def store_summary(spec: str) -> dict:
@@ -147,10 +152,10 @@ def store_summary(spec: str) -> dict:
 
 def extraction_summary(spec: str) -> dict:
     """An extraction's --out folder: finished or not (and how far), and each layer's store once it is written."""
-    from sae_core.activation_store import RUN_FILE, _read_json
+    from sae_core.activation_store import RUN_FILE
 
     path = Path(spec).expanduser()
-    run = _read_json(path / RUN_FILE)
+    run = _json_file(path / RUN_FILE, "rerun the extraction command to write it again")
     identity = run.get("identity") or {}
     done = sum(1 for _ in (path / "progress").glob("*.json")) if (path / "progress").is_dir() else None
     stores = [store_summary(str(path / f"layer_{layer}")) for layer in run.get("layers", [])
@@ -185,6 +190,17 @@ def training_summary(spec: str) -> dict:
             "data": (config.get("data") or {}).get("dataset"), "last_logged": last}
 
 
+def _json_file(path: Path, fix: str) -> dict:
+    """A JSON object file of a run; UserError (one sentence, with `fix`) when it is damaged or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({e}); {fix}.") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}.")
+    return value
+
+
 def _number(text: str):
     try:
         value = float(text)
@@ -193,18 +209,13 @@ def _number(text: str):
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-SUMMARIES = {"bundle": summary, "sae": sae_summary, "store": store_summary, "extraction": extraction_summary,
-             "training": training_summary}
-
-
 def run(args) -> int:
-    kind = kind_of(args.path)
-    s = SUMMARIES[kind](args.path)
+    summarise, show = KINDS[kind_of(args.path)]
+    s = summarise(args.path)
     if args.json:
         print(strict_json(s))
-        return 0
-    {"bundle": _print_bundle, "sae": _print_sae, "store": _print_store, "extraction": _print_extraction,
-     "training": _print_training}[kind](s)
+    else:
+        show(s)
     return 0
 
 
@@ -264,6 +275,8 @@ def _print_sae(s: dict) -> None:
     else:
         print("  trained  on an unrecorded layer (give --layer to atlas and steer)")
     metrics = s["metrics"] or {}
+    if s.get("metrics_unreadable"):
+        print(f"  {s['metrics_unreadable']}")
     if metrics:
         print(f"  held out {metrics.get('rows')} rows of its training data (metrics.json; dead = no firing on them):")
     for k, v in metrics.items():
@@ -301,6 +314,11 @@ def _print_training(s: dict) -> None:
     if last:
         print("  last logged: " + ", ".join(f"{k} {_fmt(last[k])}" for k in ("step", "fvu", "l0", "dead_fraction")
                                               if k in last))
+
+
+KINDS = {"bundle": (summary, _print_bundle), "sae": (sae_summary, _print_sae), "store": (store_summary, _print_store),
+         "extraction": (extraction_summary, _print_extraction), "training": (training_summary, _print_training)}
+"""What `kind_of` names -> (its summary as a JSON-ready dict, the printer of that summary)."""
 
 
 def _fmt(v) -> str:

@@ -1,6 +1,7 @@
 """The bundle: writer/reader round trip, refusals, and the tiny demo bundle through the reader and `inspect`."""
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -350,6 +351,11 @@ def test_inspect_json(tiny_bundle, capsys, tmp_path):
     assert (sae["kind"], sae["architecture"], sae["d_sae"], sae["k"]) == \
         ("sae", b.manifest["sae"]["architecture"], b.n_neurons, b.manifest["sae"]["k"])
     assert sae["trained_on"]["layer"] == b.manifest["model"]["layer"]
+    damaged = tmp_path / "sae"
+    shutil.copytree(tiny_bundle / "sae", damaged)
+    (damaged / "metrics.json").write_text('{"fvu": ')  # optional: the SAE is still inspected, the file named
+    assert main(["inspect", str(damaged)]) == 0
+    assert f"{damaged / 'metrics.json'} cannot be read as JSON" in capsys.readouterr().out
     unfinished = tmp_path / "unfinished"
     (unfinished / ".stages").mkdir(parents=True)  # a build stopped before its manifest
     assert main(["inspect", str(unfinished)]) == 2 and "unfinished" in capsys.readouterr().err
@@ -358,8 +364,6 @@ def test_inspect_json(tiny_bundle, capsys, tmp_path):
 def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):
     """The table says what --json says of an IVF-PQ index: its image recall and, tuned for the vocabulary's
     prompts, their recall (the table left the text figure out)."""
-    import shutil
-
     from precompute.__main__ import main
     from sae_core.search_index import build_index
 
@@ -383,8 +387,6 @@ def test_inspect_says_what_the_activation_bands_are(tiny_bundle, tmp_path, capsy
     """inspect's bands: quantile groups, and how many latents have every band full, counted here from the band
     sizes (a band is full when it holds at least as many images as it samples); a bundle whose scan stored no
     sizes (built before quantile groups) is named as such, with the way to rebuild its bands."""
-    import shutil
-
     from precompute.__main__ import main
 
     b = B.open_bundle(tiny_bundle)
