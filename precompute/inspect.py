@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_core.atomic import strict_json
+from sae_core.atomic import read_json_object, strict_json
 from sae_core.bundle import INDEX
 from sae_core.errors import UserError
 from sae_core.sae import K_ARCHS
@@ -122,7 +122,7 @@ def sae_summary(spec: str) -> dict:
     metrics, unread = {}, None
     if (path / "metrics.json").is_file():  # optional: an SAE without readable metrics is still inspected
         try:
-            metrics = _json_file(path / "metrics.json", "the SAE itself is unaffected")
+            metrics = read_json_object(path / "metrics.json", "the SAE itself is unaffected")
         except UserError as e:
             unread = str(e)
     data = info.get("data") or {}
@@ -155,7 +155,7 @@ def extraction_summary(spec: str) -> dict:
     from sae_core.activation_store import RUN_FILE
 
     path = Path(spec).expanduser()
-    run = _json_file(path / RUN_FILE, "rerun the extraction command to write it again")
+    run = read_json_object(path / RUN_FILE, "rerun the extraction command to write it again")
     identity = run.get("identity") or {}
     done = sum(1 for _ in (path / "progress").glob("*.json")) if (path / "progress").is_dir() else None
     stores = [store_summary(str(path / f"layer_{layer}")) for layer in run.get("layers", [])
@@ -188,17 +188,6 @@ def training_summary(spec: str) -> dict:
     return {"kind": "training", "path": str(path), "step": meta.get("step"), "steps": train.get("steps"),
             "tokens": meta.get("tokens"), "architecture": sae.get("arch"), "d_sae": sae.get("d_sae"),
             "data": (config.get("data") or {}).get("dataset"), "last_logged": last}
-
-
-def _json_file(path: Path, fix: str) -> dict:
-    """A JSON object file of a run; UserError (one sentence, with `fix`) when it is damaged or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as JSON ({e}); {fix}.") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}.")
-    return value
 
 
 def _number(text: str):

@@ -11,7 +11,6 @@ images in the manifest. The writer side (`save_npy_atomic`, `write_json_atomic`)
 """
 from __future__ import annotations
 
-import json
 import math
 import queue
 import threading
@@ -22,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .atomic import atomic_path, write_json_atomic  # noqa: F401  (write_json_atomic: for the writer)
+from .atomic import atomic_path, read_json_object, write_json_atomic  # noqa: F401  (write_json_atomic: for the writer)
 from .errors import UserError
 
 MANIFEST = "manifest.json"
@@ -39,14 +38,7 @@ _WHAT_A_STORE_IS = "pass the --out directory of `python -m precompute extract` o
 
 
 def _read_json(path: Path) -> dict:
-    """A store's JSON file as a dict; UserError (one sentence) when it is damaged or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
-        raise UserError(f"{path} cannot be read as JSON ({e}); rerun the extraction that wrote it.") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; rerun the extraction that wrote it.")
-    return value
+    return read_json_object(path, "rerun the extraction that wrote it")
 
 
 def _store_manifest(path: Path) -> dict:

@@ -8,6 +8,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UserError
+
 # atomic_path's temporary for NAME is `.NAME.tmpPID`; a killed process leaves it behind.
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp[0-9]+")
 
@@ -48,6 +50,19 @@ def strict_json(obj, **dumps_kwargs) -> str:
     """json.dumps of `obj` with NaN and infinities as null (json_safe): what every JSON file and --json line
     of this project is, so that jq and JSON.parse read them."""
     return json.dumps(json_safe(obj), allow_nan=False, **dumps_kwargs)
+
+
+def read_json_object(path: str | Path, fix: str) -> dict:
+    """The JSON object in `path`; UserError (one sentence ending in `fix`, what to do) when the file cannot be read,
+    is not JSON (a copy cut short), or holds another JSON value than an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
+        raise UserError(f"{path} cannot be read as JSON ({e}); {fix}.") from None
+    if not isinstance(value, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+        raise UserError(f"{path} holds a JSON {kind}, not an object; {fix}.")
+    return value
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

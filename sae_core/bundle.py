@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, write_json_atomic
+from .atomic import atomic_path, read_json_object, write_json_atomic
 from .errors import UserError, checked_index
 
 SCHEMA_VERSION = 1
@@ -248,15 +248,8 @@ class Bundle:
         path = self.root / rel
         if not path.is_file():
             raise UserError(f"bundle {self.root} has no {rel}; rebuild it with the current atlas.")
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, OSError) as e:  # written atomically by the atlas: damaged afterwards
-            raise UserError(f"{path} cannot be read as JSON ({e}); the bundle is damaged: copy it again or rebuild "
-                            "it.") from None
-        if not isinstance(data, dict):  # every JSON file of a bundle is an object
-            raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; the bundle is damaged: copy it "
-                            "again or rebuild it.")
-        return data
+        # written atomically by the atlas, so damaged afterwards; every JSON file of a bundle is an object
+        return read_json_object(path, "the bundle is damaged: copy it again or rebuild it")
 
     @cached_property
     def labels(self) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, write_json_atomic
+from .atomic import atomic_path, read_json_object, write_json_atomic
 from .errors import UserError
 from .sae import THRESHOLD_ARCHS, SAEConfig, SparseAutoencoder
 
@@ -173,13 +173,7 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as JSON ({e}); the SAE folder is damaged.") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} holds no JSON object; the SAE folder is damaged.")
-    return raw
+    return read_json_object(path, "the SAE folder is damaged")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
