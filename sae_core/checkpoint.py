@@ -110,6 +110,9 @@ def sae_format(path: Path) -> str:
         raise UserError(f"{path} does not exist; give the path of an SAE folder.")
     if path.is_file():
         raise UserError(f"{path} is a file; give the folder that holds it ({path.parent}).")
+    if (path / "manifest.json").is_file() and (path / "sae").is_dir():  # a bundle keeps a copy of its SAE
+        raise UserError(f"{path} is a bundle, not an SAE folder; its SAE is {path / 'sae'} (pass that), or give the "
+                        "bundle itself where a command takes --bundle.")
     raise UserError(f"{path} is not a finished SAE directory (it needs {CONFIG} and {WEIGHTS} from `python -m "
                     f"precompute train`, or SAELens's {SAELENS_CONFIG} and {SAELENS_WEIGHTS}, or sparsify's "
                     f"{SAELENS_CONFIG} and {WEIGHTS}, or dictionary_learning's {CONFIG} and {DL_WEIGHTS}).")

@@ -351,6 +351,10 @@ def test_inspect_json(tiny_bundle, capsys, tmp_path):
     assert (sae["kind"], sae["architecture"], sae["d_sae"], sae["k"]) == \
         ("sae", b.manifest["sae"]["architecture"], b.n_neurons, b.manifest["sae"]["k"])
     assert sae["trained_on"]["layer"] == b.manifest["model"]["layer"]
+    from sae_core.checkpoint import load_sae  # the bundle given where an SAE folder goes: pointed to its copy
+
+    with pytest.raises(UserError, match=rf"is a bundle, not an SAE folder; its SAE is {tiny_bundle / 'sae'} \(pass that\)"):
+        load_sae(tiny_bundle)
     damaged = tmp_path / "sae"
     shutil.copytree(tiny_bundle / "sae", damaged)
     (damaged / "metrics.json").write_text('{"fvu": ')  # optional: the SAE is still inspected, the file named
