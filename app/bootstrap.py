@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from sae_core.bundle import MANIFEST
+from sae_core.bundle import MANIFEST, refuse_another_folder
 from sae_core.errors import UserError
 
 from .settings import REPO, AppSettings
@@ -23,6 +23,8 @@ def ensure_bundle(settings: AppSettings) -> Path:
     path = settings.bundle
     if (path / MANIFEST).is_file():
         return path
+    if path.is_dir():
+        refuse_another_folder(path)  # an SAE folder or a store, named as such (not "build a demo into it")
     if not settings.uses_default_bundle:
         raise UserError(f"bundle {path} does not exist or is unfinished (no {MANIFEST}); build it with "
                         f"`python -m precompute demo --out {path}` or leave out --bundle and SAE_APP_BUNDLE to serve the default one.")

@@ -60,9 +60,13 @@ def read_json_object(path: str | Path, fix: str) -> dict:
     except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
         raise UserError(f"{path} cannot be read as JSON ({e}); {fix}.") from None
     if not isinstance(value, dict):
-        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
-        raise UserError(f"{path} holds a JSON {kind}, not an object; {fix}.")
+        raise UserError(f"{path} holds a JSON {json_kind(value)}, not an object; {fix}.")
     return value
+
+
+def json_kind(value) -> str:
+    """The JSON name of a parsed value's type ("null", not Python's "NoneType")."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, read_json_object, write_json_atomic
+from .atomic import atomic_path, json_kind, read_json_object, write_json_atomic
 from .errors import UserError, checked_index
 
 SCHEMA_VERSION = 1
@@ -129,16 +129,28 @@ def unfinish(root: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Reader
 # ----------------------------------------------------------------------------------------------
-def _json_kind(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
-
-
 NPY_MAGIC = b"\x93NUMPY"
 
 
 def open_bundle(path: str | Path) -> "Bundle":
     """Open a finished bundle; UserError (one sentence) if missing, unfinished or of another schema."""
     return Bundle(path)
+
+
+def refuse_another_folder(root: Path, store: bool = False) -> None:
+    """Refuse, saying what it is, a folder of another step of the pipeline given where a bundle goes (each was
+    called an unfinished bundle, or one of another schema version); return for anything else."""
+    build = "build a bundle from it with `python -m precompute atlas ... --out BUNDLE` (README, Quick start)"
+    if store or (root / "extract.json").is_file():
+        raise UserError(f"{root} is an activation store (python -m precompute extract), not a bundle; train an SAE on "
+                        f"it with `python -m precompute train`, then {build}.")
+    from .checkpoint import sae_format
+
+    try:
+        sae_format(root)
+    except UserError:
+        return
+    raise UserError(f"{root} is an SAE folder, not a bundle; {build.replace('atlas ...', f'atlas --sae {root} ...')}.")
 
 
 class Bundle:
@@ -154,12 +166,15 @@ class Bundle:
                             f"or `python -m precompute atlas ... --out {root}`.")
         mpath = root / MANIFEST
         if not mpath.is_file():
+            refuse_another_folder(root)
             raise UserError(f"bundle {root} has no {MANIFEST}, so it is unfinished (its build stopped or is still "
                             "running); re-run the command that builds it to complete it.")
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{mpath} cannot be read as JSON ({e}); rebuild the bundle.") from e
+        if isinstance(manifest, dict) and "shards" in manifest and "schema_version" not in manifest:
+            refuse_another_folder(root, store=True)
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             found = "no schema_version" if version is None else f"schema version {version!r}"
@@ -171,7 +186,7 @@ class Bundle:
         # every reader indexes these sections and sizes: a wrong type would be a traceback far from its cause
         for key in REQUIRED_MANIFEST_KEYS[1:]:
             if not isinstance(manifest[key], dict):
-                raise UserError(f"{mpath} holds {key} as a JSON {_json_kind(manifest[key])}, not an object; the bundle "
+                raise UserError(f"{mpath} holds {key} as a JSON {json_kind(manifest[key])}, not an object; the bundle "
                                 "is damaged, rebuild it.")
         for name, rel in manifest["files"].items():  # read as paths below the bundle, never outside it
             if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:

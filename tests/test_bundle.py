@@ -1,5 +1,6 @@
 """The bundle: writer/reader round trip, refusals, and the tiny demo bundle through the reader and `inspect`."""
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -129,6 +130,28 @@ def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
         b.json("neurons/labels.json")
     with pytest.raises(UserError, match="is a file, not a bundle"):
         B.open_bundle(tmp_path / B.MANIFEST)
+
+
+def test_a_store_or_an_sae_given_as_a_bundle_is_named_as_such(tmp_path, capsys):
+    """The other folders of a run, given where a bundle goes (`open_bundle`, `python -m app --bundle`): a store was
+    "a bundle with no schema_version ... rebuild it", an SAE folder "unfinished", and the app offered to build the
+    demo into it."""
+    from app.__main__ import main as app_main
+    from tests.test_store import _make_store
+
+    _make_store(tmp_path / "store")
+    save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=6, d_sae=12, k=2)), tmp_path / "sae")
+    for folder, said in ((tmp_path / "store", r"store is an activation store \(python -m precompute extract\), not a "
+                                              r"bundle; train an SAE on it"),
+                         (tmp_path / "sae", rf"sae is an SAE folder, not a bundle; build a bundle from it with "
+                                            rf"`python -m precompute atlas --sae {tmp_path / 'sae'} \.\.\. --out BUNDLE`")):
+        with pytest.raises(UserError, match=said):
+            B.open_bundle(folder)
+        assert app_main(["--bundle", str(folder)]) == 2  # refused before any server starts
+        assert re.search(said, capsys.readouterr().err)
+    (tmp_path / "empty").mkdir()  # anything else keeps its own sentence
+    with pytest.raises(UserError, match="has no manifest.json, so it is unfinished"):
+        B.open_bundle(tmp_path / "empty")
 
 
 def test_validate_catches_shape_mismatch(tmp_path):
