@@ -65,10 +65,47 @@ def _int(text: str, low: int, wanted: str) -> int:
     return value
 
 
-def out_folder(out: Path, what: str) -> Path:
-    """`out`, refused in one sentence when it is an existing file where the command writes a folder (`what`)."""
+FOLDER_KINDS = {"bundle": "a bundle (precompute atlas or demo)", "store": "an activation store",
+                "extraction": "an extraction's activation stores (precompute extract)",
+                "sae": "an SAE", "training": "an SAE's training run (its checkpoint/)"}
+
+
+def folder_kind(path: Path) -> str | None:
+    """What a folder of this pipeline holds, from its files alone: a key of FOLDER_KINDS, or None."""
+    import json
+
+    from sae_core.checkpoint import sae_format
+
+    if not path.is_dir():
+        return None
+    if (path / "manifest.json").is_file():  # a bundle's or a store's (a damaged one: the bundle reader names it)
+        try:
+            return "store" if "shards" in json.loads((path / "manifest.json").read_text()) else "bundle"
+        except (OSError, ValueError, TypeError):
+            return "bundle"
+    if (path / "extract.json").is_file():
+        return "extraction"
+    try:
+        sae_format(path)
+        return "sae"
+    except UserError:
+        pass
+    if (path / "checkpoint").is_dir():
+        return "training"
+    if (path / ".stages").is_dir() or (path / ".work").is_dir():
+        return "bundle"  # an unfinished one
+    return None
+
+
+def out_folder(out: Path, what: str, writes: tuple[str, ...] = ()) -> Path:
+    """`out`, refused in one sentence when it is an existing file where the command writes a folder (`what`), or
+    a folder that holds another step's output than the kinds it `writes` (FOLDER_KINDS: an SAE trained into an
+    extraction's folder, a bundle built into an SAE's, mixed two runs' files in one folder)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for {what}.")
+    kind = folder_kind(out) if writes else None
+    if kind is not None and kind not in writes:
+        raise UserError(f"--out {out} holds {FOLDER_KINDS[kind]}; give a new folder for {what}.")
     return out
 
 

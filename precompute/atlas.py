@@ -287,7 +287,7 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     """Run (or resume) every stage of the atlas and write the manifest; returns the manifest."""
     from sae_core.checkpoint import load_sae, trained_on
 
-    out = out_folder(Path(job.out), "the bundle")
+    out = out_folder(Path(job.out), "the bundle", writes=("bundle",))
     sae = load_sae(job.sae, device=job.device)
     trained = trained_on(sae)
     world = _world_root(job.dataset)

@@ -87,7 +87,7 @@ def run(args) -> int:
     if not (world / "llava" / "config.json").is_file():
         raise UserError(f"{world} has no tiny LLaVA (llava/config.json); build it with `python -m precompute world --out {world}`.")
     check_lm_layer(args.lm_layer, lm_layer_count(world / "llava"))  # before --out is made (a typo leaves no folder)
-    out = out_folder(Path(args.out).resolve(), "the bundle")
+    out = out_folder(Path(args.out).resolve(), "the bundle", writes=("bundle",))
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     rows_path, sae_dir, cm_path = work / "lm_rows.npy", work / "sae", out / "crossmodal.json"

@@ -81,7 +81,7 @@ def run(args) -> int:
     from .progress import PipelineProgress
 
     preset = PRESETS[args.preset]
-    out = out_folder(Path(args.out).resolve(), "the bundle")
+    out = out_folder(Path(args.out).resolve(), "the bundle", writes=("bundle",))
     world = Path(args.world).resolve() if args.world else out / "world"
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write
 from sae_core.atomic import first_difference, remove_stale_temporaries
 from sae_core.errors import UserError
 
-from .args import command_line, nonnegative_int, positive_int
+from .args import command_line, nonnegative_int, out_folder, positive_int
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -203,6 +203,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     from sae_core.precision import resolve_device, warn_if_slow_half
     from sae_core.progress import progress_bar
 
+    out_folder(Path(cfg.out), "the activation stores", writes=("extraction",))
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size} must be at least 1.")
     if cfg.dtype not in STORE_DTYPES:

@@ -3,7 +3,6 @@ run still under way holds (a bundle validated through the reader, an SAE loaded 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from sae_core.bundle import INDEX
 from sae_core.errors import UserError
 from sae_core.sae import K_ARCHS
 
+from .args import folder_kind
 from .atlas import WORLD_FIGURES
 
 KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "dense_frac_images",
@@ -33,8 +33,6 @@ def add_arguments(p) -> None:
 
 def kind_of(spec: str) -> str:
     """"bundle", "sae", "store", "extraction" or "training": what `spec` names, from its files alone."""
-    from sae_core.checkpoint import sae_format
-
     if str(spec).startswith("hf:"):
         return "sae"
     path = Path(spec).expanduser()
@@ -44,25 +42,12 @@ def kind_of(spec: str) -> str:
         if path.suffix == ".npy":
             return "store"
         raise UserError(f"{path} is a file; give {READS}.")
-    if (path / "manifest.json").is_file():  # a bundle's or a store's (a damaged one: the bundle reader names it)
-        try:
-            return "store" if "shards" in json.loads((path / "manifest.json").read_text()) else "bundle"
-        except (OSError, ValueError, TypeError):
-            return "bundle"
-    if (path / "extract.json").is_file():
-        return "extraction"
-    if (path.parent / "extract.json").is_file():
-        return "store"  # one layer's store of an extraction (unfinished: the store reader says so)
-    try:
-        sae_format(path)
-        return "sae"
-    except UserError:
-        pass
-    if (path / "checkpoint").is_dir():
-        return "training"
-    if (path / ".stages").is_dir() or (path / ".work").is_dir():
-        return "bundle"  # an unfinished one: the reader says so
-    raise UserError(f"{path} holds none of what inspect reads: {READS}.")
+    kind = folder_kind(path)
+    if kind is None and (path.parent / "extract.json").is_file():
+        kind = "store"  # one layer's store of an extraction, unfinished (the store reader says so)
+    if kind is None:
+        raise UserError(f"{path} holds none of what inspect reads: {READS}.")
+    return kind
 
 
 def summary(path) -> dict:

@@ -16,7 +16,7 @@ from sae_core.precision import resolve_device, warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, finished_run_difference, train_sae
 
-from .args import command_line, nonnegative_float, nonnegative_int, positive_float, positive_int
+from .args import command_line, nonnegative_float, nonnegative_int, out_folder, positive_float, positive_int
 
 
 def add_arguments(p):
@@ -59,7 +59,7 @@ def run(args) -> int:
                       dead_window=args.dead_window, eval_rows=args.eval_rows)
     args.device = resolve_device(args.device)
     warn_if_slow_half(args.device, args.dtype, "--dtype float32")
-    out = Path(args.out)
+    out = out_folder(Path(args.out), "the SAE", writes=("sae", "training"))
     # what a killed write left (the last run's log or metrics half-written); the names this command writes
     remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():

@@ -131,12 +131,22 @@ def extract_features(source: FeatureSource, dataset, n_images: int | None = None
 # ----------------------------------------------------------------------------------------------
 # Which images a dataset holds: identity, per-image keys, fingerprint
 # ----------------------------------------------------------------------------------------------
+def _world_images(ds) -> str:
+    """A world's images are a function of its spec (seed, size, mixture, held-out values), not of its folder: a
+    copy of a world (the one a bundle carries), or a world of the same spec with other split sizes, holds the
+    same image at the same split and index. A digest of that spec."""
+    spec = ds.world.spec.to_json()
+    spec.pop("splits")
+    return "world:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def dataset_identity(ds) -> str:
     """What a dataset is, whatever its spec's spelling (a trailing slash, `..`, `~`, $VARS, a symlink):
-    world: the world folder's real path and the split; image folders and file lists: the real root
-    folder and a digest of the image list (two lists in one folder differ)."""
+    world: its images' spec, the split and its size (a copy of the world is the same set; until 2026-12-04 the
+    folder's path was, so a bundle's copy of its world was "another" set); image folders and file lists: the
+    real root folder and a digest of the image list (two lists in one folder differ)."""
     if isinstance(ds, WorldImages):
-        return f"world:{os.path.realpath(ds.root)}:{ds.split}"
+        return f"{_world_images(ds)}:{ds.split}:{len(ds)}"
     if isinstance(ds, FileListDataset):
         items = hashlib.sha256("\n".join(ds.paths).encode()).hexdigest()[:16]
         return f"files:{os.path.realpath(ds.root)}:{len(ds.paths)}:{items}"
@@ -145,10 +155,10 @@ def dataset_identity(ds) -> str:
 
 def image_keys(ds, n: int | None = None) -> list[str]:
     """A key per image (the first `n`) that two datasets share exactly when they hold the same image:
-    the file's absolute path (real root folder + item), or the world folder's real path, split and index."""
+    the file's absolute path (real root folder + item), or the world's images' spec, split and index."""
     n = len(ds) if n is None else min(int(n), len(ds))
     if isinstance(ds, WorldImages):
-        base = f"world:{os.path.realpath(ds.root)}:{ds.split}/"
+        base = f"{_world_images(ds)}:{ds.split}/"
         return [base + str(i) for i in range(n)]
     if isinstance(ds, FileListDataset):
         root = os.path.realpath(ds.root)

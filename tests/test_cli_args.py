@@ -58,7 +58,7 @@ def test_usable_counts_pass():
 
 
 def test_an_out_that_is_a_file_is_one_sentence(tmp_path, capsys):
-    """--out naming a file where a folder goes: one line from the file system's answer, no traceback."""
+    """--out naming a file where a folder goes: one line, no traceback, the file untouched."""
     import numpy as np
 
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32))
@@ -67,7 +67,7 @@ def test_an_out_that_is_a_file_is_one_sentence(tmp_path, capsys):
             "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "taken")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot write {tmp_path / 'taken'}") and "Traceback" not in err
+    assert err == f"error: --out {tmp_path / 'taken'} is a file; give a folder for the SAE.\n"  # as the other commands say
     assert (tmp_path / "taken").read_text() == "a file the user already has\n"
 
 
@@ -138,3 +138,34 @@ def test_every_option_is_explained_with_its_default():
             assert "default" in block.lower(), (name, block)
             said_twice = block.lower().count("default") > 1 and f"(default: {d})" in block
             assert not said_twice, (name, block)
+
+
+def test_an_out_that_holds_another_steps_output_is_refused_before_any_work(tmp_path, capsys):
+    """An SAE trained into an extraction's folder, stores extracted into an SAE's, a bundle built into either:
+    each mixed two runs' files in one folder (the SAE landed beside extract.json and layer_*/). Refused in one
+    sentence naming what the folder holds, before anything is read or written there."""
+    import numpy as np
+
+    from sae_core.checkpoint import save_sae
+    from sae_core.sae import SAEConfig, SparseAutoencoder
+    from tests.test_store import _make_store
+
+    _make_store(tmp_path / "store")
+    save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=6, d_sae=12, k=2)), tmp_path / "sae")
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((600, 6)).astype(np.float32))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    world = ["--dataset", "world:W:val", "--model", "world:W:llava", "--layer", "-2"]
+    for argv, holds, what in (
+            (["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
+              "--steps", "2", "--out", str(tmp_path / "store")], "an activation store", "the SAE"),
+            (["extract", *world, "--tokens", "cls", "--out", str(tmp_path / "sae")], "an SAE", "the activation stores"),
+            (["atlas", "--sae", str(tmp_path / "sae"), *world, "--embedder", "world:W", "--out", str(tmp_path / "sae")],
+             "an SAE", "the bundle"),
+            (["demo", "--preset", "tiny", "--out", str(tmp_path / "store")], "an activation store", "the bundle")):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err == f"error: --out {argv[-1]} holds {holds}; give a new folder for {what}.\n"
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written anywhere
+    # the command's own output is resumed as before: a finished SAE's folder given to train again is its own
+    argv = ["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
+            "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "mine")]
+    assert main(argv) == 0 and main(argv) == 0

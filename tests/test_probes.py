@@ -1,6 +1,7 @@
 """Representation probes: ROC metrics, OOD detectors, ontology agreement, cross-modal score, linear probes."""
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -364,6 +365,16 @@ def test_ood_compares_sets_by_their_images_not_their_specs(bundle_copy, image_se
     assert rc == 2 and f"the OOD set imagefolder:{idf}/ is the ID set imagefolder:{idf}" in err
     rc, _, err = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"world:{tiny_world}/:train")
     assert rc == 2 and "is the fit set" in err
+    # a copy of the world (a bundle carries one) renders the same images: the same set, not another folder's
+    copy = tmp_path / "world_copy"
+    copy.mkdir()
+    for name in ("world.json", "taxonomy.json"):
+        shutil.copy(tiny_world / name, copy / name)
+    rc, _, err = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"world:{copy}:train")
+    assert rc == 2 and f"the OOD set world:{copy}:train is the fit set" in err
+    rc, _, err = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"world:{copy}:val", "--id",
+                             f"world:{tiny_world}:val")
+    assert rc == 2 and "is the ID set" in err
     # the world's OOD split spelled with a slash still gets its per-group AUROCs
     rc, res, _ = run_command(capsys, "ood", "--bundle", bundle_copy, "--ood", f"world:{tiny_world}/:ood", "--json",
                              "--max-images", 30, "--fit-images", 100, "--cal-images", 20, "--no-cache")
