@@ -9,14 +9,15 @@ import torch
 
 from sae_core.activation_store import ActivationStore
 from sae_core.atomic import remove_stale_temporaries, strict_json
-from sae_core.checkpoint import CONFIG, WEIGHTS
+from sae_core.checkpoint import CONFIG, WEIGHTS, sae_format
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
 from sae_core.precision import resolve_device, warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, finished_run_difference, train_sae
 
-from .args import command_line, nonnegative_float, nonnegative_int, out_folder, positive_float, positive_int
+from .args import (command_line, folder_kind, nonnegative_float, nonnegative_int, out_folder, positive_float,
+                   positive_int)
 
 
 def add_arguments(p):
@@ -60,6 +61,8 @@ def run(args) -> int:
     args.device = resolve_device(args.device)
     warn_if_slow_half(args.device, args.dtype, "--dtype float32")
     out = out_folder(Path(args.out), "the SAE", writes=("sae", "training"))
+    if folder_kind(out) == "sae" and (layout := sae_format(out)) != "sae-lab":  # ours would shadow it
+        raise UserError(f"--out {out} holds an SAE in {layout}'s layout; give a new folder for the SAE.")
     # what a killed write left (the last run's log or metrics half-written); the names this command writes
     remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
     if (out / CONFIG).exists() and not (out / "checkpoint").exists():

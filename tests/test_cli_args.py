@@ -165,6 +165,15 @@ def test_an_out_that_holds_another_steps_output_is_refused_before_any_work(tmp_p
         assert main(argv) == 2, argv
         assert capsys.readouterr().err == f"error: --out {argv[-1]} holds {holds}; give a new folder for {what}.\n"
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written anywhere
+    # an SAE of another library's layout: ours beside it would be read first, hiding it
+    from sae_core.checkpoint import export_saelens
+
+    export_saelens(tmp_path / "sae", tmp_path / "theirs")
+    argv = ["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
+            "--steps", "2", "--out", str(tmp_path / "theirs")]
+    assert main(argv) == 2
+    said = f"error: --out {tmp_path / 'theirs'} holds an SAE in saelens's layout; give a new folder for the SAE.\n"
+    assert capsys.readouterr().err == said
     # the command's own output is resumed as before: a finished SAE's folder given to train again is its own
     argv = ["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
             "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "mine")]
