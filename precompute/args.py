@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from sae_core.errors import UserError
+from sae_core.folders import FOLDER_KINDS, folder_kind
 
 
 def positive_int(text: str) -> int:
@@ -63,38 +64,6 @@ def _int(text: str, low: int, wanted: str) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
     return value
-
-
-FOLDER_KINDS = {"bundle": "a bundle (precompute atlas or demo)", "store": "an activation store",
-                "extraction": "an extraction's activation stores (precompute extract)",
-                "sae": "an SAE", "training": "an SAE's training run (its checkpoint/)"}
-
-
-def folder_kind(path: Path) -> str | None:
-    """What a folder of this pipeline holds, from its files alone: a key of FOLDER_KINDS, or None."""
-    import json
-
-    from sae_core.checkpoint import sae_format
-
-    if not path.is_dir():
-        return None
-    if (path / "manifest.json").is_file():  # a bundle's or a store's (a damaged one: the bundle reader names it)
-        try:
-            return "store" if "shards" in json.loads((path / "manifest.json").read_text()) else "bundle"
-        except (OSError, ValueError, TypeError):
-            return "bundle"
-    if (path / "extract.json").is_file():
-        return "extraction"
-    try:
-        sae_format(path)
-        return "sae"
-    except UserError:
-        pass
-    if (path / "checkpoint").is_dir():
-        return "training"
-    if (path / ".stages").is_dir() or (path / ".work").is_dir():
-        return "bundle"  # an unfinished one
-    return None
 
 
 def out_folder(out: Path, what: str, writes: tuple[str, ...] = ()) -> Path:

@@ -10,9 +10,9 @@ import numpy as np
 from sae_core.atomic import read_json_object, strict_json
 from sae_core.bundle import INDEX
 from sae_core.errors import UserError
+from sae_core.folders import folder_kind
 from sae_core.sae import K_ARCHS
 
-from .args import folder_kind
 from .atlas import WORLD_FIGURES
 
 KEYS = ("n_neurons", "n_images", "fvu", "l0", "dead_frac", "dense_frac", "dead_frac_images", "dense_frac_images",

@@ -12,12 +12,12 @@ from sae_core.atomic import remove_stale_temporaries, strict_json
 from sae_core.checkpoint import CONFIG, WEIGHTS, sae_format
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
+from sae_core.folders import folder_kind
 from sae_core.precision import resolve_device, warn_if_slow_half
 from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, finished_run_difference, train_sae
 
-from .args import (command_line, folder_kind, nonnegative_float, nonnegative_int, out_folder, positive_float,
-                   positive_int)
+from .args import command_line, nonnegative_float, nonnegative_int, out_folder, positive_float, positive_int
 
 
 def add_arguments(p):

@@ -137,20 +137,19 @@ def open_bundle(path: str | Path) -> "Bundle":
     return Bundle(path)
 
 
-def refuse_another_folder(root: Path, store: bool = False) -> None:
+def refuse_another_folder(root: Path) -> None:
     """Refuse, saying what it is, a folder of another step of the pipeline given where a bundle goes (each was
     called an unfinished bundle, or one of another schema version); return for anything else."""
+    from .folders import folder_kind
+
+    kind = folder_kind(root)
     build = "build a bundle from it with `python -m precompute atlas ... --out BUNDLE` (README, Quick start)"
-    if store or (root / "extract.json").is_file():
+    if kind in ("store", "extraction"):
         raise UserError(f"{root} is an activation store (python -m precompute extract), not a bundle; train an SAE on "
                         f"it with `python -m precompute train`, then {build}.")
-    from .checkpoint import sae_format
-
-    try:
-        sae_format(root)
-    except UserError:
-        return
-    raise UserError(f"{root} is an SAE folder, not a bundle; {build.replace('atlas ...', f'atlas --sae {root} ...')}.")
+    if kind == "sae":
+        raise UserError(f"{root} is an SAE folder, not a bundle; "
+                        f"{build.replace('atlas ...', f'atlas --sae {root} ...')}.")
 
 
 class Bundle:
@@ -174,7 +173,7 @@ class Bundle:
         except (OSError, ValueError) as e:
             raise UserError(f"{mpath} cannot be read as JSON ({e}); rebuild the bundle.") from e
         if isinstance(manifest, dict) and "shards" in manifest and "schema_version" not in manifest:
-            refuse_another_folder(root, store=True)
+            refuse_another_folder(root)
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             found = "no schema_version" if version is None else f"schema version {version!r}"
