@@ -391,14 +391,14 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     """The scan and its files; `note(line)` tells the user something now (the batch cut, a resume)."""
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
-    from sae_core.checkpoint import copy_sae, no_layer_reason, trained_on, weights_file
+    from sae_core.checkpoint import copy_sae, no_layer_reason, trained_model, trained_on, weights_file
     from sae_core.datasets import first_images_warning, open_dataset
 
     if job.layer is None:
         raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
     adapter = load_adapter(job.model, device=job.device)
-    recorded = ((getattr(sae, "training_info", None) or {}).get("activations") or {}).get("model")
-    if isinstance(recorded, dict) and recorded.get("name") and not _same_model(recorded["name"], adapter.name):
+    recorded, trained = trained_model(sae), trained_on(sae)
+    if recorded.get("name") and not _same_model(recorded["name"], adapter.name):
         # said before the scan (hours on a large dataset), not only by its FVU after it
         note(f"atlas: warning: the SAE was trained on activations of {recorded['name']} ({recorded.get('spec')}), "
              f"and --model {job.model} is {adapter.name}; unless that is the same model in another place, pass "
@@ -407,7 +407,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     layer = adapter.resolve_layer(job.layer)
     if layer.kind == "embed":
         raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")
-    trained_layer = trained_on(sae)["layer"]
+    trained_layer = trained["layer"]
     if trained_layer is not None and not _same_layer(adapter, trained_layer, layer):
         note(f"atlas: warning: the SAE was trained on layer {trained_layer}, and --layer is {job.layer}; an SAE "
              "read at another layer reconstructs it poorly (the scan's FVU will say how), so pass its own layer "
@@ -416,9 +416,8 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
     if warning := first_images_warning(ds, n):
         note(warning)
-    trained_tokens = trained_on(sae)["tokens"]
     cfg = AtlasConfig(layer=job.layer, score=job.score, topk=job.topk, batch_size=job.batch_size,
-                      memory_gib=job.memory_gib, seed=job.seed, metric_tokens=metric_tokens_for(trained_tokens))
+                      memory_gib=job.memory_gib, seed=job.seed, metric_tokens=metric_tokens_for(trained["tokens"]))
     batch = images_per_batch(cfg.batch_size, adapter.layout.n_tokens, sae.cfg.d_sae, cfg.memory_gib)
     if batch < cfg.batch_size:  # said, not silent: a user who set --batch-size expects it
         note(f"atlas: {batch} images per batch, not {cfg.batch_size}: the SAE's dense codes of "
@@ -470,7 +469,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         "model": {"spec": job.model, "layer": str(job.layer), "tokens": job.score, "n_tokens": layout.n_tokens,
                   "n_patches": layout.n_patches, "n_prefix": layout.n_prefix, "grid": list(layout.grid),
                   "has_cls": layout.has_cls, "d": adapter.width, "describe": adapter.describe(),
-                  "view": adapter.view, "sae_trained_on_tokens": trained_tokens},
+                  "view": adapter.view, "sae_trained_on_tokens": trained["tokens"]},
         "embedder": {"spec": job.embedder, "d": int(result.embeddings.shape[1])},
         "dataset": {**ds.describe(), "spec": job.dataset, "n_images": n},
         "scan_s": round(time.time() - t0, 1), "scan_resumed_from": result.resumed_from,

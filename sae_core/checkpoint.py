@@ -454,13 +454,24 @@ def layer_of_hook(hook) -> str | None:
     return str(block) if block >= 0 else None
 
 
+def _trained_activations(sae: SparseAutoencoder) -> dict:
+    return (getattr(sae, "training_info", None) or {}).get("activations") or {}
+
+
 def trained_on(sae: SparseAutoencoder) -> dict:
     """What an SAE records of the activations it was trained on: {"layer", "tokens", "model"} (the model
-    as a spec string; `precompute train` stores the extraction's whole model record), None where unknown."""
-    act = (getattr(sae, "training_info", None) or {}).get("activations") or {}
+    as a spec string; `trained_model` gives its whole record), None where unknown."""
+    act = _trained_activations(sae)
     model = act.get("model")
     return {"layer": act.get("layer"), "tokens": act.get("tokens"),
             "model": model.get("spec") if isinstance(model, dict) else model}
+
+
+def trained_model(sae: SparseAutoencoder) -> dict:
+    """The extraction's record of the model an SAE was trained on (`spec`, `name`: the hub id or folder it loaded,
+    ...), as `precompute train` stores it; {} where the SAE records none (imported, or a plain .npy)."""
+    model = _trained_activations(sae).get("model")
+    return model if isinstance(model, dict) else {}
 
 
 def no_layer_reason(sae: SparseAutoencoder, where) -> str:

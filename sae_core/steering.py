@@ -435,8 +435,7 @@ class SteeringSession:
             if self.bundle is None:
                 raise UserError(f"image {image!r} names a dataset image, but this session has no bundle; pass a file.")
             ds = self.bundle.dataset()
-            if not 0 <= idx < len(ds):
-                raise UserError(f"image index {idx} does not exist; the bundle's dataset has images 0 to {len(ds) - 1}.")
+            idx = checked_index(idx, "image", len(ds), "the bundle's dataset has images")
             return ds[idx], ("idx", idx)
         if not isinstance(image, (str, Path)):
             raise UserError(f"an image of type {type(image).__name__} cannot be read; pass a PIL image, an (H, W, 3) "
