@@ -41,6 +41,10 @@ def run(args) -> int:
                             else bundle.manifest["dataset"]["spec"])
     ds = open_dataset(spec)
     n = len(ds) if args.max_images is None else min(args.max_images, len(ds))
+    if n < MIN_IMAGES:  # no unit could be placed: the file would hold only empty scores
+        raise UserError(f"{n} image{'s' if n != 1 else ''} of {spec} cannot place a unit in the taxonomy (a unit needs "
+                        f"{MIN_IMAGES} top images); give --max-images {MIN_IMAGES} or more (default: all "
+                        f"{len(ds)}).")
     paths = {i: ds.taxonomy_path(i) for i in range(n)}  # checked before the features are extracted
     if all(p is None for p in paths.values()):
         raise UserError(f"{spec} has no taxonomy paths (world or iNaturalist-style folders); pass --dataset with one.")
@@ -78,6 +82,11 @@ def run(args) -> int:
                 table.append(f"| {view} | {kind} | {cname} | {agg.n_units} | {agg.score:.3f} | "
                              f"{agg.null_mean:.3f} +- {agg.null_std:.3f} | {agg.z:.1f} |")
             result["views"][view][kind] = entry
+    if not any(e[c]["score"] is not None for v in result["views"].values() for e in v.values()
+               for c in ("coactivation", "decoder_cosine") if c in e):
+        # kept from writing over a file with figures (the app shows this file)
+        raise UserError(f"no clustering could be scored: fewer than 3 units were placed in any view from "
+                        f"{len(feats)} images; use more images (--max-images) or a lower --top; nothing written.")
     paths_out = write_outputs(out, "ontology", result)
     result["outputs"] = paths_out
     print_result(args, result, table + ["", f"wrote {paths_out['json']}"])

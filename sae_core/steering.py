@@ -301,6 +301,8 @@ def read_image_file(image):
     if not str(image).strip():  # Path("") is ".", which read as "image . does not exist"
         raise UserError("no image given; pass an image file, or world:INDEX for a bundle image.")
     path = Path(str(image))
+    if path.is_dir():
+        raise UserError(f"image {path} is a folder; pass one image file in it, or world:INDEX for a bundle image.")
     if not path.is_file():
         raise UserError(f"image {path} does not exist; pass an image file, or world:INDEX for a bundle image.")
     try:

@@ -64,6 +64,23 @@ def test_png_gif_and_exif_rotation(tmp_path):
     assert stored.shape == (20, 30, 3) and np.array_equal(np.rot90(stored, -1), upright)  # 90 degrees clockwise
 
 
+def test_read_image_file_refusals_name_what_is_wrong(tmp_path):
+    from sae_core.steering import read_image_file
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "notes.jpg").write_text("not an image")
+    for given, sentence in [("", "no image given; pass an image file, or world:INDEX for a bundle image."),
+                            (tmp_path / "photos", f"image {tmp_path / 'photos'} is a folder; pass one image file "
+                                                  "in it, or world:INDEX for a bundle image."),  # was "does not exist"
+                            (tmp_path / "nope.png", f"image {tmp_path / 'nope.png'} does not exist; pass an image "
+                                                    "file, or world:INDEX for a bundle image.")]:
+        with pytest.raises(UserError) as e:
+            read_image_file(given)
+        assert str(e.value) == sentence
+    with pytest.raises(UserError, match=r"^cannot read image .*notes\.jpg .*; pass a PNG or JPEG file\.$"):
+        read_image_file(tmp_path / "notes.jpg")
+
+
 def test_decompression_bomb_refused_before_decoding(tmp_path):
     bomb = tmp_path / "bomb.png"
     png_header_only(bomb, 50_000, 50_000)

@@ -1,6 +1,7 @@
 """Representation probes: ROC metrics, OOD detectors, ontology agreement, cross-modal score, linear probes."""
 import itertools
 import json
+import re
 import shutil
 
 import numpy as np
@@ -496,6 +497,23 @@ def test_ontology_inputs(bundle_copy, image_sets, capsys, tmp_path, tiny_crossmo
     assert rc == 2 and "--top must be at least 4" in err
     rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--dataset", f"imagefolder:{image_sets / 'id'}")
     assert rc == 2 and "has no taxonomy paths" in err
+    rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--max-images", 3)
+    assert rc == 2 and re.search(  # it wrote a file of empty scores over the app's panel
+        r"error: 3 images of world:\S+:val cannot place a unit in the taxonomy \(a unit needs 4 top images\); "
+        r"give --max-images 4 or more \(default: all 2000\)\.$", err.strip())
+    # eight images under eight different kingdoms: no node holds half of a unit's top images, so no unit is placed
+    # and no clustering has a score; the file with figures stays as it was
+    kingdoms = tmp_path / "kingdoms"
+    for j in range(8):
+        (kingdoms / f"{j:05d}_K{j}_P_C_O_F_G_s").mkdir(parents=True)
+        shutil.copy(image_sets / "id" / f"{j:04d}.png", kingdoms / f"{j:05d}_K{j}_P_C_O_F_G_s")
+    (tmp_path / "ontology.json").write_text("{}")
+    rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--dataset", f"imagefolder:{kingdoms}",
+                             "--top", 8, "--out", tmp_path, "--no-cache")
+    assert rc == 2 and err.strip().endswith("error: no clustering could be scored: fewer than 3 units were placed in "
+                                            "any view from 8 images; use more images (--max-images) or a lower "
+                                            "--top; nothing written.")
+    assert (tmp_path / "ontology.json").read_text() == "{}"
     assert not (bundle_copy / "probes" / ".features").exists()
     for cmd in ("ood", "ontology", "probes"):
         rc, _, err = run_command(capsys, cmd, "--bundle", tiny_crossmodal_bundle.path)
