@@ -84,6 +84,9 @@ def run(args) -> int:
     fit_spec = args.fit_spec or world_split(bundle, "train") or id_spec
     ds_id, ds_ood, ds_fit = (open_dataset(s) for s in (id_spec, ood_spec, fit_spec))  # bad specs fail here
     n_cal = max(0, args.cal_images)
+    if args.fit_images is not None and args.fit_images < args.k:  # the kNN detectors would use fewer neighbours
+        raise UserError(f"--fit-images {args.fit_images} is fewer than --k {args.k}: the kNN detectors score an image "
+                        f"by its {args.k}th nearest fit image; give --fit-images {args.k} or more, or a smaller --k.")
     # compared by what the sets hold, not by their specs' spelling (a trailing slash is the same folder)
     same_fit = dataset_identity(ds_fit) == dataset_identity(ds_id)
     n_fit_wanted = None if same_fit or args.fit_images is None else args.fit_images + n_cal
@@ -100,6 +103,9 @@ def run(args) -> int:
         n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
         fit_note = f"first {n_fit} images"
     f_fit, f_cal = split_calibration(f_fit, n_fit, n_cal)
+    if len(f_fit) < args.k:
+        raise UserError(f"{fit_spec} leaves {len(f_fit)} images to fit on, fewer than --k {args.k} (the kNN detectors' "
+                        f"neighbours); pass a larger --fit set, a smaller --cal-images or a smaller --k.")
     fit_labels = labels_of(fit_spec, f_fit.ids)
     label_note = None
     if fit_labels is None:

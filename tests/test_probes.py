@@ -396,6 +396,19 @@ def test_ood_on_a_single_class_id_set_skips_the_label_detectors(bundle_copy, ima
     assert not any(n.endswith(("_msp", "_mahalanobis_class")) for n in one["methods"])
     assert one["fit"]["label_detectors"].startswith("skipped: every fit image has the one class 'things'")
     assert one["fit"]["labels"] is None
+    # fewer fit images than the kNN detectors' neighbours: refused, not scored with a k the file misreports
+    # (it recorded k 10 for a fit on one image); by the flag before any image is read, by the set after
+    written = (tmp_path / "out" / "ood.json").read_bytes()
+    rc, _, err = run_command(capsys, *base, "--fit-images", 5)
+    assert rc == 2 and err.strip().endswith("error: --fit-images 5 is fewer than --k 10: the kNN detectors score "
+                                            "an image by its 10th nearest fit image; give --fit-images 10 or more, "
+                                            "or a smaller --k.")
+    fit = f"imagefolder:{image_sets / 'id'}"
+    rc, _, err = run_command(capsys, *base, "--id", fit, "--fit", fit, "--k", 17)
+    assert rc == 2 and err.strip().endswith(f"error: {fit} leaves 16 images to fit on, fewer than --k 17 (the kNN "
+                                            "detectors' neighbours); pass a larger --fit set, a smaller --cal-images "
+                                            "or a smaller --k.")
+    assert (tmp_path / "out" / "ood.json").read_bytes() == written
 
 
 def test_feature_cache_follows_the_files_and_serves_smaller_requests(bundle_copy, image_sets, tmp_path, monkeypatch):
