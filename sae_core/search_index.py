@@ -25,7 +25,8 @@ API
                       value_text_strict, n_text_queries}, build_s
                       (for the bundle's manifest)
         .search(queries (Q, d) or (d,), k=10) -> (ids int64 (Q, k), scores float32 (Q, k)), best
-                      first; ids -1 and scores -inf pad rows when fewer than k results exist
+                      first; ids -1 and scores -inf pad rows when fewer than k results exist (faiss is
+                      asked for at most N); UserError for a non-finite query or a k that is not an integer >= 1
         .save(path)   faiss.write_index to a temporary name, then rename (atomic); `info` goes beside
                       it as PATH.json (also atomic) so that load_index knows rerank and recall
     load_index(path, embeddings=None) -> SearchIndex
@@ -154,13 +155,21 @@ class SearchIndex:
         if q.shape[1] != self.d:
             raise UserError(f"query vectors have dimension {q.shape[1]} but the index holds dimension {self.d}; "
                             "embed queries with the bundle's embedder.")
-        if k < 1:
-            raise UserError(f"k={k} must be at least 1.")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise UserError(f"k={k!r} must be a whole number of results, at least 1.")
+        if not np.isfinite(q).all():  # faiss returns arbitrary ids for a NaN query
+            raise UserError("a query vector holds NaN or an infinity; embed the query again (an all-zero vector "
+                            "normalised to unit length gives NaN).")
+        k, wanted = min(int(k), self.n), int(k)  # faiss allocates (Q, k) per call, and the re-ranking k * rerank rows
         if self.kind == "ivfpq" and self.embeddings is not None and self.rerank > 1:
-            return self._search_reranked(q, int(k))
-        scores, ids = self.index.search(q, int(k))
-        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
-        return ids.astype(np.int64), scores
+            ids, scores = self._search_reranked(q, k)
+        else:
+            scores, ids = self.index.search(q, k)
+            ids, scores = ids.astype(np.int64), np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        if wanted > k:  # padded as faiss pads: the contract is (Q, k) whatever the index holds
+            ids = np.concatenate([ids, np.full((len(q), wanted - k), -1, np.int64)], 1)
+            scores = np.concatenate([scores, np.full((len(q), wanted - k), -np.inf, np.float32)], 1)
+        return ids, scores
 
     def _search_reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         _, cand = self.index.search(q, k * self.rerank)  # (Q, C), -1 where fewer were found

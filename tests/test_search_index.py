@@ -50,6 +50,34 @@ def test_exact_search_matches_numpy_brute_force():
         si.search(np.ones((1, 47), np.float32))
 
 
+def test_search_refuses_what_it_cannot_answer_and_asks_faiss_for_no_more_than_the_index_holds():
+    rng = np.random.default_rng(2)
+    x, q = unit(rng.standard_normal((5, 16))), unit(rng.standard_normal((2, 16)))
+    small = build_index(x)
+    asked = []
+
+    class Spy:  # the faiss index, recording the k of each call
+        def __init__(self, index):
+            self.inner, self.ntotal, self.d = index, index.ntotal, index.d
+
+        def search(self, queries, k):
+            asked.append(k)
+            return self.inner.search(queries, k)
+
+    small.index = Spy(small.index)
+    ids, scores = small.search(q, k=10**6)  # (2, 10**6) of -1 after the 5 images, as documented
+    assert ids.shape == scores.shape == (2, 10**6) and asked == [5]
+    ref_ids, ref_scores = brute_force(x, q, 5)
+    np.testing.assert_array_equal(ids[:, :5], ref_ids)
+    assert (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    bad = q.copy()
+    bad[1, 3] = np.nan  # faiss answered a NaN query with arbitrary ids
+    for query, k, msg in [(bad, 3, "holds NaN or an infinity"), (q, 2.5, "must be a whole number"),
+                          (q, True, "must be a whole number"), (q, 0, "at least 1")]:
+        with pytest.raises(UserError, match=msg):
+            small.search(query, k=k)
+
+
 def test_ivfpq_params_rule():
     nlist, m = ivfpq_params(1_000_000, 768)
     assert nlist == 4096 and m == 96 and 768 % m == 0  # 4*sqrt(1e6) = 4000 -> 4096; 8 dims a byte
