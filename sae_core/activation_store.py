@@ -150,8 +150,9 @@ class ActivationStore:
                 "sample": hashlib.sha1(np.ascontiguousarray(sample).tobytes()).hexdigest()[:16]}
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Contiguous rows [start, stop) as one array (copied out of the memory maps)."""
-        start, stop = max(0, start), min(stop, len(self))
+        """Contiguous rows [start, stop) as one array (copied out of the memory maps); negative or too large bounds
+        as a Python slice takes them (rows(-10, len(store)) is the last ten rows)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
         if stop <= start:
             return np.empty((0, self.d), dtype=self.dtype)
         first = int(np.searchsorted(self.offsets, start, side="right") - 1)

@@ -35,8 +35,8 @@ def test_take_rows_and_row_index_across_shards(tmp_path):
     assert len(s) == 25 and s.d == 6 and s.dtype == np.float16 and s.layer == "22" and s.skipped == [{"index": 3}]
     idx = np.array([24, 0, 7, 7, 19, 6, 20, 3])
     np.testing.assert_array_equal(s.take(idx), full[idx])
-    for a, b in ((0, 25), (5, 21), (7, 20), (20, 30), (24, 25), (3, 3)):
-        np.testing.assert_array_equal(s.rows(a, b), full[a:min(b, 25)])
+    for a, b in ((0, 25), (5, 21), (7, 20), (20, 30), (24, 25), (3, 3), (-10, 25), (-3, -1), (-40, 4), (9, 2)):
+        np.testing.assert_array_equal(s.rows(a, b), full[a:b])  # a slice's reading (-10 was row 0)
     np.testing.assert_array_equal(s.row_index(idx), index[idx])
     np.testing.assert_array_equal(s.image_index(), index[:, 0])
     np.testing.assert_array_equal(s.token_position(idx), index[idx, 1])
