@@ -229,14 +229,17 @@ class Bundle:
     def _path(self, name: str) -> Path:
         files = self.manifest.get("files", {})
         if name in files:
-            return self.root / files[name]
-        if name in NEURON_ARRAYS or name in ("hist_edges", "patch_hist_edges"):
-            return self.root / NEURONS / f"{name}.npy"
-        rel = name if name.endswith((".npy", ".json", ".faiss")) else f"{name}.npy"
-        path = (self.root / rel).resolve()
-        if self.root.resolve() not in path.parents:
-            raise UserError(f"{name!r} is not a file inside the bundle; name an array such as 'ms' or 'raw/ms'.")
-        return path
+            rel = files[name]
+        elif name in NEURON_ARRAYS or name in ("hist_edges", "patch_hist_edges"):
+            rel = f"{NEURONS}/{name}.npy"
+        else:
+            rel = name if name.endswith((".npy", ".json", ".faiss")) else f"{name}.npy"
+        # a bundle is something users hand each other: neither a name nor its manifest reads a file outside it
+        # (checked on the name, not the resolved path, so a folder of the bundle may be a link to another disk)
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise UserError(f"{name!r} is not a file inside the bundle {self.root}; name one of its files, such as "
+                            "'ms', 'raw/ms' or 'hierarchy.json'.")
+        return self.root / rel
 
     def array(self, name: str) -> np.ndarray:
         """A memory-mapped array: "ms", "top_images", ... (neurons/), or a path such as "raw/ms"."""
@@ -259,7 +262,8 @@ class Bundle:
         return arr
 
     def json(self, rel: str) -> dict:
-        path = self.root / rel
+        """A JSON object file of the bundle, e.g. "hierarchy.json" or "probes/ood.json"."""
+        path = self._path(rel)
         if not path.is_file():
             raise UserError(f"bundle {self.root} has no {rel}; rebuild it with the current atlas.")
         # written atomically by the atlas, so damaged afterwards; every JSON file of a bundle is an object

@@ -245,6 +245,16 @@ def _batchtopk_codes_distributed(acts: Tensor, k: int) -> tuple[SparseCodes, Ten
     return codes_from_mask(rows, idx[rows, pos], n_rows, n_lat), cut
 
 
+def _check_width(x, width: int, method: str, what: str) -> None:
+    """UserError (one sentence) unless x is a tensor of at least one dimension whose last one is `width`."""
+    if not isinstance(x, Tensor):
+        raise UserError(f"SAE.{method} takes a torch tensor, not a {type(x).__name__}; wrap an array with "
+                        "torch.from_numpy.")
+    if x.ndim == 0 or x.shape[-1] != width:
+        raise UserError(f"SAE.{method} reads vectors of width {width}, but the input has shape {tuple(x.shape)}; "
+                        f"pass {what}, the width last.")
+
+
 class SparseAutoencoder(nn.Module):
     """SAE with SAELens tensor names: W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, threshold."""
 
@@ -275,12 +285,7 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """(..., d_in) -> dense codes (..., d_sae) as used at inference: any leading dimensions (tokens of a
         batch of images, (B, T, d_in), as well as rows), in the SAE's dtype."""
-        if not isinstance(x, Tensor):
-            raise UserError(f"SAE.encode takes a torch tensor, not a {type(x).__name__}; wrap an array with "
-                            "torch.from_numpy.")
-        if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
-            raise UserError(f"this SAE reads vectors of width {self.cfg.d_in}, but the input has shape {tuple(x.shape)}; "
-                            "pass activations of the layer it was trained on, the width last.")
+        _check_width(x, self.cfg.d_in, "encode", "activations of the layer it was trained on")
         lead = x.shape[:-1]
         # rows, so TopK picks among each token's latents (topk(dim=1) of a (B, T, d_sae) picked among tokens)
         pre = self.pre_acts(x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype))
@@ -295,8 +300,9 @@ class SparseAutoencoder(nn.Module):
         return z.reshape(*lead, self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
-        """(B, d_sae) -> (B, d_in): z @ W_dec + b_dec."""
-        return z @ self.W_dec + self.b_dec
+        """(..., d_sae) -> (..., d_in): z @ W_dec + b_dec, in the SAE's dtype."""
+        _check_width(z, self.cfg.d_sae, "decode", "codes of its latents")
+        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

@@ -73,6 +73,16 @@ def test_inference_forward_matches_numpy(arch):
                          (torch.tensor(1.0), r"input has shape \(\)"), (x, "takes a torch tensor, not a ndarray")):
         with pytest.raises(UserError, match=message):
             sae.encode(bad)
+    # decode likewise: the tokens' codes, float64 codes in the SAE's dtype, one sentence for a wrong width (it was
+    # torch's "mat1 and mat2 shapes cannot be multiplied")
+    decoded = sae.decode(torch.tensor(z.reshape(4, 8, D_SAE)))
+    assert decoded.dtype == torch.float32
+    np.testing.assert_allclose(decoded.detach().numpy(), x_hat.reshape(4, 8, D_IN), atol=1e-4)
+    for bad, message in ((torch.zeros(2, D_IN), rf"^SAE.decode reads vectors of width {D_SAE}, but the input has shape "
+                                                rf"\(2, {D_IN}\); pass codes of its latents, the width last\.$"),
+                         (z, "^SAE.decode takes a torch tensor, not a ndarray")):
+        with pytest.raises(UserError, match=message):
+            sae.decode(bad)
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
