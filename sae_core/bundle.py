@@ -152,6 +152,12 @@ def refuse_another_folder(root: Path) -> None:
                         f"{build.replace('atlas ...', f'atlas --sae {root} ...')}.")
 
 
+def _inside(rel) -> bool:
+    """Whether `rel` names a path below a bundle's folder by its spelling (no absolute path, no ".."); the resolved
+    path is not checked, so a folder of the bundle may be a link to another disk."""
+    return isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+
+
 class Bundle:
     """A finished bundle, read lazily: arrays are memory-mapped on first use and cached."""
 
@@ -188,7 +194,7 @@ class Bundle:
                 raise UserError(f"{mpath} holds {key} as a JSON {json_kind(manifest[key])}, not an object; the bundle "
                                 "is damaged, rebuild it.")
         for name, rel in manifest["files"].items():  # read as paths below the bundle, never outside it
-            if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            if not _inside(rel):
                 raise UserError(f"{mpath} lists {name} at {json.dumps(rel)}, not a path inside the bundle; the bundle "
                                 "is damaged, rebuild it.")
         for section, key in (("sae", "d_sae"), ("dataset", "n_images")):
@@ -235,8 +241,7 @@ class Bundle:
         else:
             rel = name if name.endswith((".npy", ".json", ".faiss")) else f"{name}.npy"
         # a bundle is something users hand each other: neither a name nor its manifest reads a file outside it
-        # (checked on the name, not the resolved path, so a folder of the bundle may be a link to another disk)
-        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if not _inside(rel):
             raise UserError(f"{name!r} is not a file inside the bundle {self.root}; name one of its files, such as "
                             "'ms', 'raw/ms' or 'hierarchy.json'.")
         return self.root / rel
