@@ -27,7 +27,7 @@ def add_arguments(p):
     width = p.add_mutually_exclusive_group(required=True)
     width.add_argument("--expansion", type=positive_float, help="SAE width as a multiple of d_in")
     width.add_argument("--width", type=positive_int, help="SAE width (number of latents)")
-    p.add_argument("--k", type=positive_int, default=32, help="active latents per token (TopK family)")
+    p.add_argument("--k", type=positive_int, help=f"active latents per token (TopK family; default {SAEConfig.k})")
     p.add_argument("--steps", type=positive_int, required=True, help="optimiser steps of --batch-size tokens")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=positive_float, help="default 2e-4 / sqrt(width / 2^14)")
@@ -38,10 +38,11 @@ def add_arguments(p):
                    help="cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the encoder matmul")
     p.add_argument("--groups", help="matryoshka group sizes or fractions, e.g. 0.0625,0.0625,0.125,0.25,0.5")
-    p.add_argument("--l1-coeff", type=nonnegative_float, default=SAEConfig.l1_coeff, help="relu only")
-    p.add_argument("--aux-coeff", type=nonnegative_float, default=SAEConfig.aux_coeff,
-                   help="weight of the auxiliary loss that revives dead latents (TopK family)")
-    p.add_argument("--aux-k", type=positive_int, help="default d_in/2")
+    p.add_argument("--l1-coeff", type=nonnegative_float, help=f"relu only (default {SAEConfig.l1_coeff})")
+    p.add_argument("--aux-coeff", type=nonnegative_float,
+                   help=f"weight of the auxiliary loss that revives dead latents (TopK family; default "
+                        f"{SAEConfig.aux_coeff})")
+    p.add_argument("--aux-k", type=positive_int, help="dead latents the auxiliary loss uses (TopK family; default d_in/2)")
     p.add_argument("--dead-window", type=positive_int, default=TrainConfig.dead_window, help="tokens without firing that make a latent dead")
     p.add_argument("--eval-rows", type=positive_int, help="held-out rows for metrics.json, whole images spread over the store (default 5%%, at most 65,536)")
     p.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (default: every 5 minutes)")
@@ -49,12 +50,31 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")
 
 
+TOPK_FAMILY = tuple(a for a in TRAINABLE_ARCHS if a != "relu")
+ARCH_OPTIONS = {"k": TOPK_FAMILY, "aux_k": TOPK_FAMILY, "aux_coeff": TOPK_FAMILY, "l1_coeff": ("relu",),
+                "groups": ("matryoshka",)}
+"""The options only some architectures read, and those: given to another, one was silently ignored."""
+
+
+def check_arch_options(args) -> None:
+    """UserError (one sentence) for an option the chosen --arch does not read (`--arch relu --k 4` trained a relu
+    SAE with no k, while the command line said 4)."""
+    for name, archs in ARCH_OPTIONS.items():
+        if getattr(args, name) is not None and args.arch not in archs:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} applies to --arch {' / '.join(archs)}, not {args.arch}; leave it out or pick "
+                            f"another --arch.")
+
+
 def run(args) -> int:
+    check_arch_options(args)
     store = ActivationStore(args.activations)
     d_sae = args.width if args.width else int(round(args.expansion * store.d))
     groups = matryoshka_group_sizes(args.groups, d_sae) if args.arch == "matryoshka" else ()
-    sae_cfg = SAEConfig(arch=args.arch, d_in=store.d, d_sae=d_sae, k=args.k, l1_coeff=args.l1_coeff,
-                        group_sizes=groups, aux_k=args.aux_k, aux_coeff=args.aux_coeff)
+    given = lambda v, default: default if v is None else v  # noqa: E731
+    sae_cfg = SAEConfig(arch=args.arch, d_in=store.d, d_sae=d_sae, k=given(args.k, SAEConfig.k),
+                        l1_coeff=given(args.l1_coeff, SAEConfig.l1_coeff), group_sizes=groups, aux_k=args.aux_k,
+                        aux_coeff=given(args.aux_coeff, SAEConfig.aux_coeff))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                       decay_start=args.decay_start, seed=args.seed, dtype=args.dtype,
                       dead_window=args.dead_window, eval_rows=args.eval_rows)

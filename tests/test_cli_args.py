@@ -71,6 +71,27 @@ def test_an_out_that_is_a_file_is_one_sentence(tmp_path, capsys):
     assert (tmp_path / "taken").read_text() == "a file the user already has\n"
 
 
+def test_train_options_another_architecture_reads_are_refused(tmp_path, capsys):
+    """`--arch relu --k 4` trained a relu SAE (no k) and `--arch topk --groups ...` a topk SAE without groups,
+    silently; each such option is now refused before the activations are read (this file does not exist)."""
+    base = ["train", "--activations", str(tmp_path / "none.npy"), "--width", "16", "--steps", "2", "--out",
+            str(tmp_path / "o")]
+    for arch, option, value, readers in [("relu", "--k", "4", "topk / batchtopk / matryoshka"),
+                                         ("relu", "--aux-k", "8", "topk / batchtopk / matryoshka"),
+                                         ("relu", "--aux-coeff", "0.1", "topk / batchtopk / matryoshka"),
+                                         ("topk", "--l1-coeff", "0", "relu"),
+                                         ("batchtopk", "--groups", "8,8", "matryoshka"),
+                                         ("topk", "--groups", "0.5,0.5", "matryoshka")]:
+        assert main([*base, "--arch", arch, option, value]) == 2
+        assert capsys.readouterr().err == (f"error: {option} applies to --arch {readers}, not {arch}; leave it out "
+                                           "or pick another --arch.\n")
+    assert not (tmp_path / "o").exists()
+    # the same options for an architecture that reads them get as far as the activations
+    for arch, option, value in [("relu", "--l1-coeff", "0"), ("matryoshka", "--groups", "8,8"), ("topk", "--k", "4")]:
+        assert main([*base, "--arch", arch, option, value]) == 2
+        assert "none.npy is neither an activation store directory nor a .npy file" in capsys.readouterr().err
+
+
 def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
     """A missing bundle (app_load built the demo bundle, unseen, until spawn's timeout) and a count of 0
     (tracebacks) end in one line, exit 2."""

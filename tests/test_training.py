@@ -43,7 +43,8 @@ def planted(tmp_path_factory):
 
 
 def train_args(npy, out, arch, steps, extra=()):
-    return ["train", "--activations", str(npy), "--arch", arch, "--width", "512", "--k", "4",
+    k = [] if arch == "relu" else ["--k", "4"]  # relu has no k: the command refuses one
+    return ["train", "--activations", str(npy), "--arch", arch, "--width", "512", *k,
             "--steps", str(steps), "--batch-size", "512", "--lr", "3e-3", "--out", str(out), *extra]
 
 
