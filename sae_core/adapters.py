@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, unknown_world_part
 from .progress import transformers_bars_as_lines
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
@@ -703,6 +703,8 @@ def world_model_dir(rest: str) -> tuple[Path, str]:
         root, which = head, tail
     if not root:
         raise UserError("world: needs the world directory, e.g. world:assets/world or world:assets/world:llava.")
+    if not Path(os.path.expandvars(os.path.expanduser(root))).is_dir():
+        unknown_world_part(root, ("clip", "llava"), "model")
     root = Path(os.path.expandvars(os.path.expanduser(root)))
     sub = root / which
     if not (sub / "config.json").exists():

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, unknown_world_part
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 INAT_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -212,6 +212,7 @@ class WorldImages(ImageDataset):
             raise UserError(f"the embedded world code is not available ({e}); update the checkout.") from e
         rootp = Path(os.path.expandvars(os.path.expanduser(root)))
         if not rootp.is_dir():
+            unknown_world_part(root, ("train", "val", "ood"), "split")
             raise UserError(f"world directory {rootp} does not exist; build it with `python -m precompute world --out {rootp}`.")
         try:
             self.world = WorldDataset(str(rootp), split=split)

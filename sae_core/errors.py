@@ -1,4 +1,7 @@
 """The one exception type for mistakes a user can make and fix, and the sentences several readers share."""
+import os
+from pathlib import Path
+
 import numpy as np
 
 
@@ -37,3 +40,11 @@ def checked_index(value, what: str, n: int, covers: str) -> int:
     if not 0 <= i < n:
         raise UserError(f"{what} {i} does not exist; {covers} 0 to {n - 1}.")
     return i
+
+
+def unknown_world_part(root: str, parts: tuple[str, ...], what: str) -> None:
+    """UserError when `root` (the folder of a world: spec) does not exist because it ends in ":X" after a world's
+    folder: X is then a misspelt split or model ("world:W:vall" was "world directory W:vall does not exist")."""
+    head, sep, tail = root.rpartition(":")
+    if sep and Path(os.path.expandvars(os.path.expanduser(head))).is_dir():
+        raise UserError(f"{tail!r} in world:{root} is not a {what} of the world {head}; give one of {', '.join(parts)}.")

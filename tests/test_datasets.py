@@ -118,6 +118,18 @@ def test_world_spec_delegates_to_the_world_dataset(tmp_path, monkeypatch):
     assert ds.item(3) == "ood/3" and ds.factors(0) == {"shape": "circle"}
     open_dataset(f"world:{tmp_path}")
     assert calls["args"][1] == "train"
+    # a misspelt split or model after an existing world's folder is named as such (it was "world directory
+    # W:vall does not exist; build it with ... world --out W:vall"); a missing world still gets the build command
+    from sae_core.adapters import world_model_dir
+
+    for given, what, parts in [(lambda r: open_dataset(f"world:{r}"), "split", "train, val, ood"),
+                               (world_model_dir, "model", "clip, llava")]:
+        with pytest.raises(UserError) as e:
+            given(f"{tmp_path}:vall")
+        assert str(e.value) == (f"'vall' in world:{tmp_path}:vall is not a {what} of the world {tmp_path}; give one "
+                                f"of {parts}.")
+        with pytest.raises(UserError, match=r"build (it|the world) with `python -m precompute world --out "):
+            given(f"{tmp_path}/nope")
 
 
 @pytest.mark.parametrize("spec, msg", [
