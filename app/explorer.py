@@ -293,7 +293,7 @@ class Explorer:
             if lo > 0:  # 0, the slider's rest, keeps the neurons without an MS (e.g. patch-only latents)
                 keep &= np.nan_to_num(c["ms"], nan=-np.inf) >= lo
         if min_support not in (None, ""):
-            keep &= self.gallery_support >= inputs.integer(min_support, "minimum support", 0, 2**62)
+            keep &= self.gallery_support >= inputs.integer(min_support, "minimum support", 0, self.n_images)
         if level not in (None, "", "all"):
             keep &= c["level"] == inputs.integer(level, "Matryoshka level", 0, max(self.levels))
         needle = inputs.text(label_contains, "label filter", inputs.MAX_QUERY_CHARS).lower()

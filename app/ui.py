@@ -757,7 +757,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                         return v
                     return check
 
-                checks = (fraction, lambda v: inputs.integer(v, "minimum support", 0, 2**62),
+                checks = (fraction, lambda v: inputs.integer(v, "minimum support", 0, ex.n_images),
                           one_of(level_choices, "the level"),
                           lambda v: inputs.text(v, "label filter", inputs.MAX_QUERY_CHARS),
                           one_of(list(ex.table_sorts), "the sort column"),

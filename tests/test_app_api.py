@@ -10,6 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from sae_core.bundle import open_bundle
 from tests.test_app_units import GRADIO_IMAGES, png_header_only
 
 COLOUR_Q = "What colour is the shape? Use one word."
@@ -93,6 +94,9 @@ def test_bad_neuron_ids_get_a_message(client, explorer_app):
         client.predict("sunburst", 2.5, api_name="/hierarchy")
     with pytest.raises(AppError, match="row limit 2.5 is not an integer"):
         client.predict(0.0, 0, "all", "", "ms", True, 2.5, api_name="/neuron_table")
+    n_images = open_bundle(explorer_app.bundle).n_images  # the bound was 2**62 in the sentence ("between 0 and 4611686018427387904")
+    with pytest.raises(AppError, match=f"^minimum support -5 is out of range; give an integer between 0 and {n_images}\\.$"):
+        client.predict(0.0, -5, "all", "", "ms", True, 50, api_name="/neuron_table")
     # endpoints that answer a click say so, and what to call (a script cannot send a click)
     for endpoint, inputs in (("/open_neuron_from_table", ()), ("/open_neuron_from_relatives", ()),
                              ("/open_neuron_from_image", ()), ("/steer_select_patch", (2, None, "")),
