@@ -27,6 +27,7 @@ import numpy as np
 
 from sae_core.atomic import strict_json
 from sae_core.errors import UserError
+from sae_core.folders import refuse_bundle_as_world
 
 from .args import command_line, finite_float, nonnegative_int, out_folder, positive_int
 
@@ -84,6 +85,7 @@ def run(args) -> int:
 
     preset = PRESETS[args.preset]
     world = Path(args.world).resolve()
+    refuse_bundle_as_world(world)
     if not (world / "llava" / "config.json").is_file():
         raise UserError(f"{world} has no tiny LLaVA (llava/config.json); build it with `python -m precompute world --out {world}`.")
     check_lm_layer(args.lm_layer, lm_layer_count(world / "llava"))  # before --out is made (a typo leaves no folder)

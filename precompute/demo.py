@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sae_core.atomic import strict_json
+from sae_core.folders import refuse_bundle_as_world
 
 from .args import command_line, nonnegative_int, out_folder, positive_int
 
@@ -83,6 +84,7 @@ def run(args) -> int:
     preset = PRESETS[args.preset]
     out = out_folder(Path(args.out).resolve(), "the bundle", writes=("bundle",))
     world = Path(args.world).resolve() if args.world else out / "world"
+    refuse_bundle_as_world(world)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))

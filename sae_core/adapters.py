@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, unknown_world_part
+from .folders import refuse_bundle_as_world
 from .progress import transformers_bars_as_lines
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
@@ -706,6 +707,7 @@ def world_model_dir(rest: str) -> tuple[Path, str]:
     if not Path(os.path.expandvars(os.path.expanduser(root))).is_dir():
         unknown_world_part(root, ("clip", "llava"), "model")
     root = Path(os.path.expandvars(os.path.expanduser(root)))
+    refuse_bundle_as_world(root)
     sub = root / which
     if not (sub / "config.json").exists():
         raise UserError(f"{sub} has no saved model (config.json); build the world with `python -m precompute world --out {root}`.")

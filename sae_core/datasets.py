@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError, unknown_world_part
+from .folders import refuse_bundle_as_world
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 INAT_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -214,6 +215,7 @@ class WorldImages(ImageDataset):
         if not rootp.is_dir():
             unknown_world_part(root, ("train", "val", "ood"), "split")
             raise UserError(f"world directory {rootp} does not exist; build it with `python -m precompute world --out {rootp}`.")
+        refuse_bundle_as_world(rootp)
         try:
             self.world = WorldDataset(str(rootp), split=split)
         except (FileNotFoundError, KeyError, ValueError) as e:

@@ -35,3 +35,22 @@ def folder_kind(path: Path) -> str | None:
     if (path / ".stages").is_dir() or (path / ".work").is_dir():
         return "bundle"  # an unfinished one
     return None
+
+
+def refuse_bundle_as_world(path: Path) -> None:
+    """UserError (one sentence) when `path`, given where a world's folder goes, is a bundle, naming the world it
+    carries (BUNDLE/world) or was built on: it said "no taxonomy.json" or "no saved model", and offered to build
+    a world into the bundle."""
+    path = Path(path)
+    if folder_kind(path) != "bundle":
+        return
+    if (path / "world" / "world.json").is_file():
+        where = f"the world it carries is {path / 'world'}: pass that"
+    else:
+        try:
+            named = json.loads((path / "manifest.json").read_text()).get("world")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        where = (f"it was built on the world {named}: pass that" if isinstance(named, str) and named else
+                 "pass a world's folder (`python -m precompute world --out DIR` builds one)")
+    raise UserError(f"{path} is a bundle, not a world's folder; {where}.")

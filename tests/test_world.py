@@ -308,6 +308,37 @@ def test_dataset_adapter_refuses_a_directory_that_is_no_world(tmp_path):
         WorldDataset(tmp_path)
 
 
+def test_a_bundle_where_a_world_goes_names_its_world(tmp_path, capsys):
+    """A bundle given as a world (world:BUNDLE:val, --model world:BUNDLE, world --out, demo/crossmodal --world)
+    said "no taxonomy.json", "no saved model" or "does not describe a world", and offered to build a world into
+    the bundle; each now names the world the bundle carries, or the one its manifest was built on."""
+    from precompute.__main__ import main
+    from sae_core.adapters import world_model_dir
+    from sae_core.datasets import open_dataset
+
+    carries, elsewhere = tmp_path / "carries", tmp_path / "elsewhere"
+    for bundle in (carries, elsewhere):
+        (bundle / "world").mkdir(parents=True)
+        (bundle / "world.json").write_text('{"ms_agreement": 0.7}')  # a bundle's figures, not a world's spec
+    (carries / "world" / "world.json").write_text("{}")
+    (carries / "manifest.json").write_text('{"schema_version": 1}')
+    (elsewhere / "manifest.json").write_text(json.dumps({"schema_version": 1, "world": "/data/w"}))
+    for bundle, where in ((carries, f"the world it carries is {carries / 'world'}: pass that"),
+                          (elsewhere, "it was built on the world /data/w: pass that")):
+        sentence = f"{bundle} is a bundle, not a world's folder; {where}."
+        for read in (lambda: open_dataset(f"world:{bundle}:val"), lambda: world_model_dir(f"{bundle}:llava")):
+            with pytest.raises(UserError) as e:
+                read()
+            assert str(e.value) == sentence
+        for argv in (["world", "--out", str(bundle), "--preset", "tiny"],
+                     ["demo", "--out", str(tmp_path / "new"), "--world", str(bundle), "--preset", "tiny", "--quiet"],
+                     ["crossmodal", "--world", str(bundle), "--out", str(tmp_path / "cm"), "--quiet"]):
+            assert main(argv) == 2
+            assert capsys.readouterr().err == f"error: {sentence}\n"
+        assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "world", "world.json"]  # nothing added
+    assert not (tmp_path / "new").exists() and not (tmp_path / "cm").exists()
+
+
 def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path, capsys):
     copy = tmp_path / "w"
     shutil.copytree(tiny_world, copy)

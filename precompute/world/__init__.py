@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sae_core.atomic import strict_json
 from sae_core.errors import UserError
+from sae_core.folders import refuse_bundle_as_world
 
 from ..args import nonnegative_int, out_folder
 from .presets import PRESETS
@@ -54,6 +55,7 @@ def run(args) -> int:
     out = Path(args.out)
     preset = PRESETS[args.preset]
     out_folder(out, "the world")
+    refuse_bundle_as_world(out)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "world.json"
     if meta_path.exists():
