@@ -29,7 +29,7 @@ from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 from sae_core.folders import refuse_bundle_as_world
 
-from .args import command_line, finite_float, nonnegative_int, out_folder, positive_int
+from .args import command_line, nonnegative_int, out_folder, positive_int, share
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="tiny: for tests; demo: the README's figures")
     p.add_argument("--lm-layer", type=int, default=1,
                    help="hidden_states index of the language model (1 = output of decoder layer 0)")
-    p.add_argument("--threshold", type=finite_float, default=0.5, help="cross-modal score a latent must reach")
+    p.add_argument("--threshold", type=share, default=0.5,
+                   help="cross-modal score a latent must reach, in (0, 1]: the score is at most 1")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the row order and the SAE")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
