@@ -9,7 +9,7 @@ from pathlib import Path
 from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 
-from .args import check_writable, nonnegative_float, nonnegative_int, positive_int
+from .args import check_writable, nonnegative_float, nonnegative_int, positive_int, share
 
 
 def add_arguments(p) -> None:
@@ -19,7 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tune-per-concept", type=positive_int, default=48, help="tune images per target concept")
     p.add_argument("--alphas", default="1,1.5,2,2.5,3,3.5,4", help="strengths swept (x max activation / x mean code)")
     p.add_argument("--factors", default="colour,shape", help="world factors to steer towards, comma-separated")
-    p.add_argument("--tau", type=nonnegative_float, default=0.1, help="a factor latent has eta^2 of the factor >= TAU on object tokens")
+    p.add_argument("--tau", type=share, default=0.1,
+                   help="a factor latent has eta^2 of the factor >= TAU on object tokens (eta^2 is at most 1)")
     p.add_argument("--purity", type=nonnegative_float, default=1.0, help="... and >= PURITY x the other factor's eta^2")
     p.add_argument("--learn-steps", type=nonnegative_int, default=None,
                    help="Adam steps of the learned strategy per colour (default 80; 0 leaves it out)")
