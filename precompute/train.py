@@ -70,6 +70,9 @@ def run(args) -> int:
     check_arch_options(args)
     store = ActivationStore(args.activations)
     d_sae = args.width if args.width else int(round(args.expansion * store.d))
+    if d_sae < 1:  # was "SAE sizes must be positive, got d_in=16, d_sae=0", naming no option
+        raise UserError(f"--expansion {args.expansion:g} of the activations' width {store.d} is {d_sae} latents; give "
+                        f"--expansion {1 / store.d:.3g} or more, or --width.")
     groups = matryoshka_group_sizes(args.groups, d_sae) if args.arch == "matryoshka" else ()
     given = lambda v, default: default if v is None else v  # noqa: E731
     sae_cfg = SAEConfig(arch=args.arch, d_in=store.d, d_sae=d_sae, k=given(args.k, SAEConfig.k),

@@ -97,6 +97,18 @@ def test_train_options_another_architecture_reads_are_refused(tmp_path, capsys):
         assert "none.npy is neither an activation store directory nor a .npy file" in capsys.readouterr().err
 
 
+def test_an_expansion_of_no_latent_names_the_option(tmp_path, capsys):
+    """It said "SAE sizes must be positive, got d_in=16, d_sae=0", naming no option."""
+    import numpy as np
+
+    np.save(tmp_path / "acts.npy", np.zeros((64, 16), np.float32))
+    assert main(["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--expansion", "0.01",
+                 "--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("error: --expansion 0.01 of the activations' width 16 is 0 latents; give "
+                                       "--expansion 0.0625 or more, or --width.\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
     """A missing bundle (app_load built the demo bundle, unseen, until spawn's timeout) and a count of 0
     (tracebacks) end in one line, exit 2."""
