@@ -1,5 +1,6 @@
-"""`python -m precompute inspect PATH [--json]`: what a bundle, an SAE folder, an activation store or a training
-run still under way holds (a bundle validated through the reader, an SAE loaded as the atlas would load it)."""
+"""`python -m precompute inspect PATH [--json]`: what a bundle, an SAE folder, an activation store, a training
+run still under way or an embedded world holds (a bundle validated through the reader, an SAE loaded as the atlas
+would load it)."""
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,7 @@ SAE_METRICS = ("fvu", "l0", "dead_fraction", "dense_fraction", "mean_cosine", "r
 """metrics.json of a finished `precompute train` (on its held-out rows)."""
 READS = ("a bundle (precompute atlas or demo), an SAE folder (ours, SAELens's, sparsify's, dictionary_learning's, or "
          "hf:OWNER/REPO[/FOLDER]), an activation store (an extraction's --out, one layer's store, or an (N, d) .npy), "
-         "or the --out of a training run under way")
+         "the --out of a training run under way, or an embedded world (precompute world)")
 
 
 def add_arguments(p) -> None:
@@ -32,7 +33,7 @@ def add_arguments(p) -> None:
 
 
 def kind_of(spec: str) -> str:
-    """"bundle", "sae", "store", "extraction" or "training": what `spec` names, from its files alone."""
+    """A key of KINDS: what `spec` names, from its files alone."""
     if str(spec).startswith("hf:"):
         return "sae"
     path = Path(spec).expanduser()
@@ -175,6 +176,42 @@ def training_summary(spec: str) -> dict:
             "data": (config.get("data") or {}).get("dataset"), "last_logged": last}
 
 
+WORLD_STAGES = ("world", "clip", "llava", "report")
+"""The stages of `precompute world`, in order (precompute/world/stages.py)."""
+
+
+def world_summary(spec: str) -> dict:
+    """An embedded world's folder: its spec (preset, seed, splits, held-out factors), the stages done, each model's
+    training time, and report.json's gate figures once the world is finished."""
+    from sae_core.world.dataset import WorldDataset
+
+    from .world import STAGE_FILE
+
+    path = Path(spec).expanduser()
+    meta = read_json_object(path / "world.json", "rebuild the world with `python -m precompute world`")
+    try:
+        WorldDataset(str(path), "val")  # the spec and taxonomy parse: the images can be rendered
+    except (UserError, FileNotFoundError, KeyError, ValueError) as e:
+        raise UserError(f"{path} holds a world that cannot be read ({e}); rebuild it with `python -m precompute world "
+                        f"--out {path}`.") from None
+    models = {}
+    for name in ("clip", "llava"):
+        stage = path / name / STAGE_FILE
+        models[name] = read_json_object(stage, f"delete {path / name} and resume the world command") if \
+            stage.is_file() else None
+    report = (read_json_object(path / "report.json", "delete it and resume the world command")
+              if (path / "report.json").is_file() else None)
+    done = ["world", *(n for n in ("clip", "llava") if models[n] is not None), *(["report"] if report else [])]
+    gates = (report or {}).get("gates") or {}
+    return {"kind": "world", "path": str(path), "preset": meta.get("preset"), "seed": meta.get("seed"),
+            "splits": meta.get("splits"), "image_size": meta.get("image_size"), "ood_shape": meta.get("ood_shape"),
+            "ood_colour": meta.get("ood_colour"), "stages_done": done,
+            "complete": done == list(WORLD_STAGES),
+            "model_seconds": {n: (m or {}).get("seconds") for n, m in models.items()},
+            "report": {k: report[k] for k in gates if k in report} if report else None, "gates": gates or None,
+            "gates_passed": (report or {}).get("gates_passed"), "build_time_s": (report or {}).get("build_time_s")}
+
+
 def _number(text: str):
     try:
         value = float(text)
@@ -290,8 +327,27 @@ def _print_training(s: dict) -> None:
                                               if k in last))
 
 
+def _print_world(s: dict) -> None:
+    state = "complete" if s["complete"] else (
+        f"unfinished: {', '.join(s['stages_done'])} done; resume with `python -m precompute world --out {s['path']} "
+        f"--preset {s['preset']} --seed {s['seed']}`")
+    print(f"embedded world {s['path']} ({state})")
+    splits = s["splits"] or {}
+    print(f"  preset {s['preset']}, seed {s['seed']}; {s['image_size']} px images: "
+          + ", ".join(f"{n} {splits[n]}" for n in splits) + f"; held out: {s['ood_shape']}, {s['ood_colour']}")
+    trained = [f"{n} in {t:.1f} s" for n, t in s["model_seconds"].items() if t is not None]
+    if trained:
+        print(f"  models   {', '.join(trained)}" + (f"; the whole build {s['build_time_s']:.1f} s"
+                                                   if s.get("build_time_s") is not None else ""))
+    report, gates = s["report"] or {}, s["gates"] or {}
+    if report:
+        print("  report   " + ", ".join(f"{k} {_fmt(v)} (gate {_fmt(gates[k])})" for k, v in report.items())
+              + ("; gates passed" if s["gates_passed"] else "; gates NOT passed"))
+
+
 KINDS = {"bundle": (summary, _print_bundle), "sae": (sae_summary, _print_sae), "store": (store_summary, _print_store),
-         "extraction": (extraction_summary, _print_extraction), "training": (training_summary, _print_training)}
+         "extraction": (extraction_summary, _print_extraction), "training": (training_summary, _print_training),
+         "world": (world_summary, _print_world)}
 """What `kind_of` names -> (its summary as a JSON-ready dict, the printer of that summary)."""
 
 

@@ -150,6 +150,9 @@ def refuse_another_folder(root: Path) -> None:
     if kind == "sae":
         raise UserError(f"{root} is an SAE folder, not a bundle; "
                         f"{build.replace('atlas ...', f'atlas --sae {root} ...')}.")
+    if kind == "world":
+        raise UserError(f"{root} is an embedded world (python -m precompute world), not a bundle; build a bundle on it "
+                        f"with `python -m precompute demo --world {root} --out BUNDLE`.")
 
 
 def _inside(rel) -> bool:

@@ -9,7 +9,8 @@ from .errors import UserError
 
 FOLDER_KINDS = {"bundle": "a bundle (precompute atlas or demo)", "store": "an activation store",
                 "extraction": "an extraction's activation stores (precompute extract)",
-                "sae": "an SAE", "training": "an SAE's training run (its checkpoint/)"}
+                "sae": "an SAE", "training": "an SAE's training run (its checkpoint/)",
+                "world": "an embedded world (precompute world)"}
 
 
 def folder_kind(path: Path) -> str | None:
@@ -25,6 +26,8 @@ def folder_kind(path: Path) -> str | None:
             return "bundle"
     if (path / "extract.json").is_file():
         return "extraction"
+    if (path / "world.json").is_file() and (path / "taxonomy.json").is_file():  # a bundle's world.json has no taxonomy
+        return "world"
     try:
         sae_format(path)
         return "sae"

@@ -1,6 +1,7 @@
 """The embedded world: generator determinism, labels against pixels, text, taxonomy, the tiny preset."""
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -344,6 +345,19 @@ def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path, ca
     shutil.copytree(tiny_world, copy)
     before = json.loads((copy / "report.json").read_text())
     (copy / "report.json").unlink()
+    from precompute.__main__ import main
+
+    def inspected():  # `inspect` said the folder held "none of what inspect reads"
+        assert main(["inspect", str(copy), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    s = inspected()
+    assert s["kind"] == "world" and s["stages_done"] == ["world", "clip", "llava"] and not s["complete"]
+    assert s["report"] is None and (s["preset"], s["seed"]) == ("tiny", 0)
+    spec = json.loads((copy / "world.json").read_text())
+    assert (s["splits"], s["ood_shape"], s["ood_colour"]) == (spec["splits"], spec["ood_shape"], spec["ood_colour"])
+    assert s["model_seconds"] == {n: json.loads((copy / n / "world_stage.json").read_text())["seconds"]
+                                  for n in ("clip", "llava")}
     cmd = [sys.executable, "-m", "precompute", "world", "--out", str(copy), "--preset", "tiny"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -352,11 +366,21 @@ def test_command_resumes_and_recomputes_the_same_report(tiny_world, tmp_path, ca
     after = json.loads((copy / "report.json").read_text())
     for key in ("clip_colour_acc", "clip_shape_acc", "llava_colour_acc", "llava_shape_acc", "caption_acc", "eval"):
         assert after[key] == before[key], key
+    s = inspected()
+    assert s["complete"] and s["gates_passed"] is after["gates_passed"] and s["gates"] == after["gates"]
+    assert s["report"] == {k: after[k] for k in after["gates"]} and len(s["report"]) == 5
+    # a world where a bundle goes, or as a bundle's --out, is named as a world (it was "unfinished bundle")
+    from sae_core.bundle import open_bundle
+
+    with pytest.raises(UserError, match=rf"^{re.escape(str(copy))} is an embedded world \(python -m precompute world\), "
+                                        rf"not a bundle; build a bundle on it with `python -m precompute demo --world "):
+        open_bundle(copy)
+    assert main(["demo", "--out", str(copy), "--preset", "tiny", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"error: --out {copy} holds an embedded world (precompute world); give a new "
+                                       "folder for the bundle.\n")
     bad = subprocess.run(cmd[:-2] + ["--preset", "demo"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "already holds a world built with --preset tiny" in bad.stderr
     # a folder whose world.json is not a world's (a bundle's ground-truth figures; one cut short): one sentence
-    from precompute.__main__ import main
-
     other = tmp_path / "bundle_like"
     other.mkdir()
     for text in ('{"ms_agreement": 0.7}', '{"preset": "tiny", "se'):
