@@ -9,6 +9,8 @@ REFUSED = [  # (argv, the flag named in the message, what it must be)
     # the cross-modal score is at most 1: --threshold 2 found no latent, silently
     (["crossmodal", "--world", "w", "--out", "o", "--threshold", "2"], "--threshold", "a share in (0, 1]"),
     (["crossmodal", "--world", "w", "--out", "o", "--threshold", "-0.5"], "--threshold", "a share in (0, 1]"),
+    # every other command's --threads is a positive integer; the world's took -3 (and ran on one thread)
+    (["world", "--out", "w", "--threads", "-3"], "--threads", "a positive integer"),
     # eta^2 is at most 1: --tau 5 left the swap strategies without a latent and reported their figures anyway
     (["steer-eval", "--bundle", "b", "--tau", "5"], "--tau", "a share in (0, 1]"),
     (["extract", "--model", "m", "--dataset", "d", "--layer", "-2", "--out", "o", "--shard-images", "-1"],

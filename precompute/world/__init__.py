@@ -19,7 +19,7 @@ from sae_core.atomic import strict_json
 from sae_core.errors import UserError
 from sae_core.folders import refuse_bundle_as_world
 
-from ..args import nonnegative_int, out_folder
+from ..args import nonnegative_int, out_folder, positive_int
 from .presets import PRESETS
 
 STAGE_FILE = "world_stage.json"  # inside clip/ and llava/: how the stage was built and how long it took
@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="demo: meets the gates (about 7 minutes on 2 shared cores); tiny: for tests (under a minute)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="one seed for images and training")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: safe on a shared machine, where two threads ran up to "
                         "7x slower, and the same bits on any CPU count; 2 was 1.7x faster on idle cores)")
 
