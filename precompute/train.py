@@ -14,7 +14,7 @@ from sae_core.distributed import finish_distributed, init_distributed, local_dev
 from sae_core.errors import UserError
 from sae_core.folders import folder_kind
 from sae_core.precision import resolve_device, warn_if_slow_half
-from sae_core.sae import TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
+from sae_core.sae import K_ARCHS, TRAINABLE_ARCHS, SAEConfig, matryoshka_group_sizes
 from sae_core.training import TrainConfig, finished_run_difference, train_sae
 
 from .args import command_line, nonnegative_float, nonnegative_int, out_folder, positive_float, positive_int
@@ -50,8 +50,7 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")
 
 
-TOPK_FAMILY = tuple(a for a in TRAINABLE_ARCHS if a != "relu")
-ARCH_OPTIONS = {"k": TOPK_FAMILY, "aux_k": TOPK_FAMILY, "aux_coeff": TOPK_FAMILY, "l1_coeff": ("relu",),
+ARCH_OPTIONS = {"k": K_ARCHS, "aux_k": K_ARCHS, "aux_coeff": K_ARCHS, "l1_coeff": ("relu",),
                 "groups": ("matryoshka",)}
 """The options only some architectures read, and those: given to another, one was silently ignored."""
 

@@ -705,7 +705,7 @@ def world_model_dir(rest: str) -> tuple[Path, str]:
     if not root:
         raise UserError("world: needs the world directory, e.g. world:assets/world or world:assets/world:llava.")
     if not Path(os.path.expandvars(os.path.expanduser(root))).is_dir():
-        unknown_world_part(root, ("clip", "llava"), "model")
+        unknown_world_part(root, ("clip", "llava"), "model")  # world:W:clipp, where W exists
     root = Path(os.path.expandvars(os.path.expanduser(root)))
     refuse_bundle_as_world(root)
     sub = root / which
