@@ -160,7 +160,8 @@ class SearchIndex:
         if not np.isfinite(q).all():  # faiss returns arbitrary ids for a NaN query
             raise UserError("a query vector holds NaN or an infinity; embed the query again (an all-zero vector "
                             "normalised to unit length gives NaN).")
-        k, wanted = min(int(k), self.n), int(k)  # faiss allocates (Q, k) per call, and the re-ranking k * rerank rows
+        # faiss allocates (Q, k) per call, and the re-ranking k * rerank rows: ask for no more than the index holds
+        k, wanted = max(1, min(int(k), self.n)), int(k)
         if self.kind == "ivfpq" and self.embeddings is not None and self.rerank > 1:
             ids, scores = self._search_reranked(q, k)
         else:
