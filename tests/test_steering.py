@@ -668,12 +668,14 @@ def test_steer_eval_learned_out_without_colour_latents_keeps_the_figures(tiny_bu
 
     out, learned = tmp_path / "eval.json", tmp_path / "deltas.json"
     assert main(["steer-eval", "--bundle", str(tiny_bundle), "--images", "40", "--per-concept", "1",
-                 "--tune-per-concept", "1", "--alphas", "2", "--factors", "colour", "--learn-steps", "1", "--tau", "2",
-                 "--learned-out", str(learned), "--out", str(out), "--device", "cpu"]) == 2
+                 "--tune-per-concept", "1", "--alphas", "2", "--factors", "colour", "--learn-steps", "1",
+                 # no latent: eta^2 of 20 tune images reaches 1 for some, never with the other factor's 1e-9 times less
+                 # (--tau 2 did this before --tau was bounded by 1)
+                 "--tau", "1", "--purity", "1e9", "--learned-out", str(learned), "--out", str(out), "--device", "cpu"]) == 2
     captured = capsys.readouterr()
     assert "| colour | best_swap |" in captured.out
     err = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "was not written: 0 colour latents passed --tau 2" in err[0]
+    assert len(err) == 1 and "was not written: 0 colour latents passed --tau 1" in err[0]
     saved = json.loads(out.read_text())
     assert saved["factors"]["colour"]["factor_latents"] == [] and "learned" not in saved["factors"]["colour"]["chosen"]
     assert not learned.exists()
