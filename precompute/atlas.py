@@ -270,13 +270,12 @@ def hold_settings(out: Path, name: str, settings: dict, built: bool, recorded=No
 
 
 def _world_root(dataset_spec: str) -> tuple[Path, str] | None:
+    from sae_core.datasets import world_root_and_split
+
     kind, _, rest = dataset_spec.partition(":")
     if kind != "world" or not rest:
         return None
-    root, split = rest, "train"
-    head, s, tail = rest.rpartition(":")
-    if s and tail in ("train", "val", "ood"):
-        root, split = head, tail
+    root, split = world_root_and_split(rest)
     return Path(os.path.expanduser(root)).resolve(), split
 
 

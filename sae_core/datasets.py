@@ -203,6 +203,15 @@ def first_images_warning(ds: ImageDataset, n: int) -> str | None:
             "the images to use.")
 
 
+WORLD_SPLITS = ("train", "val", "ood")
+
+
+def world_root_and_split(rest: str) -> tuple[str, str]:
+    """"DIR" or "DIR:SPLIT" (what follows `world:` in a dataset spec) -> (DIR, SPLIT); the split defaults to train."""
+    head, sep, tail = rest.rpartition(":")
+    return (head, tail) if sep and tail in WORLD_SPLITS else (rest, "train")
+
+
 class WorldImages(ImageDataset):
     """The embedded world's images, rendered on demand from their index (sae_core.world)."""
 
@@ -213,7 +222,7 @@ class WorldImages(ImageDataset):
             raise UserError(f"the embedded world code is not available ({e}); update the checkout.") from e
         rootp = Path(os.path.expandvars(os.path.expanduser(root)))
         if not rootp.is_dir():
-            unknown_world_part(root, ("train", "val", "ood"), "split")
+            unknown_world_part(root, WORLD_SPLITS, "split")
             raise UserError(f"world directory {rootp} does not exist; build it with `python -m precompute world --out {rootp}`.")
         refuse_bundle_as_world(rootp)
         try:
@@ -271,11 +280,7 @@ def open_dataset(spec: str) -> ImageDataset:
     if kind == "files" and rest:
         return file_list(spec, rest)
     if kind == "world" and rest:
-        root, split = rest, "train"
-        head, s, tail = rest.rpartition(":")
-        if s and tail in ("train", "val", "ood"):
-            root, split = head, tail
-        return WorldImages(spec, root, split)
+        return WorldImages(spec, *world_root_and_split(rest))
     raise UserError(
         f"dataset spec {spec!r} is not one of imagefolder:PATH, imagenet[:SPLIT], inat[:SPLIT], "
         "files:LIST.txt, world:DIR[:SPLIT]."
