@@ -108,6 +108,10 @@ def _print_summary(result: dict) -> None:
             s = v["summary"]
             print(f"| {f} | {fam} | {s['success_rate']:.2f} | {s['success_min']:.2f} | "
                   f"{s['concepts_at_0.70']}/{s['n_concepts']} | {s['collateral_kept']:.2f} |")
+    for f, r in result["factors"].items():
+        if not r["factor_latents"]:  # profile and swap move the factor's latents: with none they steer nothing
+            print(f"no {f} latent passed --tau and --purity: the {f} rows of best_profile, best_swap and "
+                  "best_swap_oracle are unsteered answers")
     pp = result.get("paper_protocol")
     if pp:
         print(f"CLIP score (paper protocol, {pp['n_neurons']} neurons): steered {pp['clip_score_steered']:.3f}, "

@@ -674,6 +674,8 @@ def test_steer_eval_learned_out_without_colour_latents_keeps_the_figures(tiny_bu
                  "--tau", "1", "--purity", "1e9", "--learned-out", str(learned), "--out", str(out), "--device", "cpu"]) == 2
     captured = capsys.readouterr()
     assert "| colour | best_swap |" in captured.out
+    assert ("no colour latent passed --tau and --purity: the colour rows of best_profile, best_swap and "
+            "best_swap_oracle are unsteered answers") in captured.out  # the table gave their figures unmarked
     err = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "was not written: 0 colour latents passed --tau 1" in err[0]
     saved = json.loads(out.read_text())
