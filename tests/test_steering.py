@@ -539,7 +539,9 @@ def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, sess
     for extra, said in ((["--latent", "3", "--value", "40", "--patches", ""], "names no patch"),
                         (["--latent", "3", "--value", "40", "--patches", ","], "names no patch"),
                         (["--latent", "3", "--value", "40", "--prompt", "  "], "--prompt is empty"),
-                        (["--latent", "3"], "--latent needs --value")):
+                        (["--latent", "3"], "--latent needs --value"),
+                        # it first warned that fp16 is slow here and suggested fp32, then refused fp16 on a CPU
+                        (["--latent", "3", "--value", "40", "--precision", "fp16"], "precision fp16 needs a CUDA")):
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said in err and len(said_lines(err)) == 1, (extra, err)
