@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.args import positive_int
+from precompute.args import positive_float, positive_int
 from sae_core.activation_store import ActivationStore, save_npy_atomic, shuffled_batch_index, write_json_atomic
 
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--d", type=positive_int, default=768)
     p.add_argument("--batch-size", type=positive_int, default=4096)
     p.add_argument("--shard-mb", type=positive_int, default=256)
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=positive_float, default=5.0)
     p.add_argument("--dir", help="where to write the store (default: a temporary folder, removed after)")
     a = p.parse_args(argv)
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="store_bench_"))

@@ -123,10 +123,14 @@ def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: bundle {tmp_path / 'none'} does not exist")
     assert not (tmp_path / "none").exists()
-    monkeypatch.setattr(sys, "argv", ["benchmarks", "ms", "--n", "0"])
-    with pytest.raises(SystemExit) as e:
-        benchmarks_main()
-    assert e.value.code == 2 and "--n: must be a positive integer" in capsys.readouterr().err
+    for argv, said in ((["ms", "--n", "0"], "--n: must be a positive integer"),
+                       # a density of 2 fired every latent and ran for minutes; -1 s read nothing and reported it
+                       (["coact", "--density", "0.1,2"], "--density: must be shares in (0, 1] separated by commas"),
+                       (["store_read", "--seconds", "-1"], "--seconds: must be a number above 0")):
+        monkeypatch.setattr(sys, "argv", ["benchmarks", *argv])
+        with pytest.raises(SystemExit) as e:
+            benchmarks_main()
+        assert e.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
