@@ -1,6 +1,7 @@
 """Command line: `python -m precompute COMMAND ...`; each command lives in its own module."""
 import argparse
 import importlib
+import os
 import sys
 
 from sae_core.errors import UserError
@@ -77,7 +78,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+        rc = importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+        sys.stdout.flush()  # here, so a reader that went away is caught below and not reported at exit
+        return rc
+    except BrokenPipeError:
+        # stdout's reader stopped reading (`inspect B | head`): nothing is wrong and nothing more can be said;
+        # stdout goes to /dev/null so that Python's own flush at exit does not print a second traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a tool killed by the signal
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

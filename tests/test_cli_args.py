@@ -1,6 +1,8 @@
 """Counts and shares on the command line: a value no command can use ends in one line (exit 2), without
 argparse's usage block, before anything runs. Most of these ran before, and crashed, ran forever or gave an
 empty result."""
+from pathlib import Path
+
 import pytest
 
 from precompute.__main__ import main
@@ -109,6 +111,23 @@ def test_an_expansion_of_no_latent_names_the_option(tmp_path, capsys):
     assert capsys.readouterr().err == ("error: --expansion 0.01 of the activations' width 16 is 0 latents; give "
                                        "--expansion 0.0625 or more, or --width.\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_reader_that_stops_reading_is_no_traceback(tmp_path):
+    """`inspect B | head -2` printed a BrokenPipeError traceback (and Python's "Exception ignored" at exit); the
+    pipe here is closed before the command writes, as head does once it has its lines."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    np.save(tmp_path / "acts.npy", np.zeros((64, 16), np.float32))
+    proc = subprocess.Popen([sys.executable, "-m", "precompute", "inspect", str(tmp_path / "acts.npy")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # before the child has imported anything, so before it writes
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""
 
 
 def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
