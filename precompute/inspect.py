@@ -4,6 +4,7 @@ would load it)."""
 from __future__ import annotations
 
 import csv
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,10 @@ def kind_of(spec: str) -> str:
 
 
 def summary(path) -> dict:
-    from sae_core.bundle import open_bundle
+    from sae_core.bundle import MANIFEST, open_bundle
 
+    if not (Path(path).expanduser() / MANIFEST).is_file():
+        return unfinished_summary(path)
     b = open_bundle(path)
     b.validate()
     m = b.manifest
@@ -176,6 +179,59 @@ def training_summary(spec: str) -> dict:
             "data": (config.get("data") or {}).get("dataset"), "last_logged": last}
 
 
+def unfinished_summary(spec: str) -> dict:
+    """A bundle whose build stopped (or runs): the command that builds it, rebuilt from the settings its stages hold
+    (`demo`, `crossmodal` or `atlas`), and which of its stages are done. The reader only says "unfinished"."""
+    from .atlas import STAGE_DIR, STAGES
+
+    path = Path(spec).expanduser()
+
+    def settings(rel):
+        f = path / rel
+        return read_json_object(f, f"delete {f} and re-run the command that builds the bundle") if f.is_file() else {}
+
+    pipeline, atlas = settings(".work/settings.json"), settings(f"{STAGE_DIR}/settings.json")
+    if "lm_layer" in pipeline:
+        built_by, argv = "crossmodal", ["--world", pipeline.get("world"), "--out", path, "--preset",
+                                         pipeline.get("preset"), "--lm-layer", pipeline.get("lm_layer"), "--threshold",
+                                         pipeline.get("threshold"), "--seed", pipeline.get("seed")]
+        steps = {"rows": (path / ".work" / "lm_rows.npy").is_file(), "train": _trained(path / ".work" / "sae")}
+    elif "world_dir" in pipeline:
+        world = pipeline.get("world_dir")
+        built_by, argv = "demo", ["--out", path, "--preset", pipeline.get("preset"), "--seed", pipeline.get("seed"),
+                                  *(["--world", world] if world and Path(world) != path.resolve() / "world" else [])]
+        steps = {"world": bool(world) and (Path(world) / "report.json").is_file(),
+                 "extract": (path / ".work" / "acts" / "extract.json").is_file() and _extracted(path / ".work" / "acts"),
+                 "train": _trained(path / ".work" / "sae")}
+    elif atlas:
+        options = [("--sae", "sae"), ("--dataset", "dataset"), ("--model", "model"), ("--layer", "layer"),
+                   ("--embedder", "embedder"), ("--topk", "topk"), ("--score", "score"), ("--limit", "limit"),
+                   ("--seed", "seed"), ("--vocabulary", "vocabulary")]
+        built_by, argv, steps = "atlas", [*(x for flag, key in options if atlas.get(key) is not None
+                                            for x in (flag, atlas[key])), "--out", path], {}
+    else:
+        built_by, argv, steps = None, [], {}
+    steps.update({f"atlas: {s}": (path / STAGE_DIR / f"{s}.json").is_file() for s in STAGES})
+    command = shlex.join(["python", "-m", "precompute", built_by, *map(str, argv)]) if built_by else None
+    return {"kind": "unfinished_bundle", "path": str(path), "built_by": built_by, "resume": command,
+            "stages_done": [s for s, done in steps.items() if done],
+            "stages_left": [s for s, done in steps.items() if not done]}
+
+
+def _trained(sae_dir: Path) -> bool:
+    """A finished `precompute train` in `sae_dir` (its SAE written, its checkpoint removed)."""
+    return (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists()
+
+
+def _extracted(out: Path) -> bool:
+    from sae_core.activation_store import RUN_FILE
+
+    try:
+        return bool(read_json_object(out / RUN_FILE, "").get("complete"))
+    except UserError:
+        return False
+
+
 WORLD_STAGES = ("world", "clip", "llava", "report")
 """The stages of `precompute world`, in order (precompute/world/stages.py)."""
 
@@ -221,12 +277,11 @@ def _number(text: str):
 
 
 def run(args) -> int:
-    summarise, show = KINDS[kind_of(args.path)]
-    s = summarise(args.path)
+    s = KINDS[kind_of(args.path)](args.path)
     if args.json:
         print(strict_json(s))
     else:
-        show(s)
+        PRINTERS[s["kind"]](s)
     return 0
 
 
@@ -345,10 +400,19 @@ def _print_world(s: dict) -> None:
               + ("; gates passed" if s["gates_passed"] else "; gates NOT passed"))
 
 
-KINDS = {"bundle": (summary, _print_bundle), "sae": (sae_summary, _print_sae), "store": (store_summary, _print_store),
-         "extraction": (extraction_summary, _print_extraction), "training": (training_summary, _print_training),
-         "world": (world_summary, _print_world)}
-"""What `kind_of` names -> (its summary as a JSON-ready dict, the printer of that summary)."""
+def _print_unfinished(s: dict) -> None:
+    print(f"unfinished bundle {s['path']} (its build stopped or is still running)")
+    print(f"  done     {', '.join(s['stages_done']) or 'nothing yet'}")
+    print(f"  left     {', '.join(s['stages_left']) or 'the manifest'}")
+    print(f"  resume   {s['resume']}" if s["resume"] else
+          "  resume   no settings recorded: re-run the command that built it")
+
+
+KINDS = {"bundle": summary, "sae": sae_summary, "store": store_summary, "extraction": extraction_summary,
+         "training": training_summary, "world": world_summary}
+"""What `kind_of` names -> its summary as a JSON-ready dict (whose `kind` says which printer shows it)."""
+PRINTERS = {"bundle": _print_bundle, "unfinished_bundle": _print_unfinished, "sae": _print_sae, "store": _print_store,
+            "extraction": _print_extraction, "training": _print_training, "world": _print_world}
 
 
 def _fmt(v) -> str:

@@ -176,7 +176,8 @@ class Bundle:
         if not mpath.is_file():
             refuse_another_folder(root)
             raise UserError(f"bundle {root} has no {MANIFEST}, so it is unfinished (its build stopped or is still "
-                            "running); re-run the command that builds it to complete it.")
+                            f"running); re-run the command that builds it to complete it (`python -m precompute "
+                            f"inspect {root}` says how far it got and which command that is).")
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:

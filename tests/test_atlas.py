@@ -379,9 +379,24 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path,
     with pytest.raises(UserError, match="unfinished"):
         open_bundle(tmp_path / "b")
     scan_mtime = (tmp_path / "b" / "neurons" / "top_images.npy").stat().st_mtime_ns
-    args = [sys.executable, "-m", "precompute", "atlas", "--sae", opts["sae"], "--dataset", opts["dataset"],
-            "--model", opts["model"], "--layer=-2", "--embedder", opts["embedder"], "--out", opts["out"],
-            "--limit", "60", "--topk", "4", "--batch-size", "16"]
+    # `inspect` says how far it got and the command that resumes it (it said "unfinished" only), and that command
+    # is what resumes it here
+    import shlex
+
+    from precompute.__main__ import main
+
+    assert main(["inspect", opts["out"], "--json"]) == 0
+    s = json.loads(capfd.readouterr().out)
+    assert (s["kind"], s["built_by"]) == ("unfinished_bundle", "atlas")
+    assert s["stages_done"] == ["atlas: scan", "atlas: geometry", "atlas: labels", "atlas: hierarchy"]
+    assert s["stages_left"] == ["atlas: index", "atlas: world", "atlas: thumbs"]
+    resume = shlex.split(s["resume"])
+    assert resume[:4] == ["python", "-m", "precompute", "atlas"]
+    given = dict(zip(resume[4::2], resume[5::2]))
+    assert given == {"--sae": opts["sae"], "--dataset": opts["dataset"], "--model": opts["model"], "--layer": "-2",
+                     "--embedder": opts["embedder"], "--topk": "4", "--limit": "60", "--seed": "0", "--out": opts["out"],
+                     "--score": "max"}  # the score the atlas chose: the max over patches, for an SAE of random:4 tokens
+    args = [sys.executable, *resume[1:], "--batch-size", "16"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

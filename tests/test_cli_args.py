@@ -172,6 +172,24 @@ def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, ca
         assert main(argv + other) == 2
         assert f"holds a bundle built with other settings ({said})" in capsys.readouterr().err
     assert main(argv + ["--seed", "1"]) == 2 and "killed while the world" in capsys.readouterr().err  # the same: resumes
+    # `inspect` names the command that resumes it, from the settings the stages hold (the reader said "unfinished")
+    import json
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["kind"], s["built_by"], s["stages_done"]) == ("unfinished_bundle", "demo", [])
+    assert s["stages_left"][:3] == ["world", "extract", "train"] and s["stages_left"][3] == "atlas: scan"
+    assert s["resume"] == (f"python -m precompute demo --out {out} --preset tiny --seed 1 --world "
+                           f"{(tmp_path / 'world').resolve()}")
+    # a cross-modal bundle's settings give its own command
+    cm = tmp_path / "cm"
+    (cm / ".work").mkdir(parents=True)
+    (cm / ".work" / "settings.json").write_text(json.dumps({"world": "/w", "preset": "tiny", "lm_layer": 2,
+                                                             "threshold": 0.6, "seed": 3}))
+    assert main(["inspect", str(cm)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"resume   python -m precompute crossmodal --world /w --out {cm} --preset tiny --lm-layer 2 --threshold 0.6 "
+            "--seed 3") in printed and "left     rows, train, atlas: scan" in printed
 
 
 def test_every_option_is_explained_with_its_default():
