@@ -25,9 +25,12 @@ def ensure_bundle(settings: AppSettings) -> Path:
         return path
     if path.is_dir():
         refuse_another_folder(path)  # an SAE folder or a store, named as such (not "build a demo into it")
+    if not settings.uses_default_bundle and path.is_dir():  # a build of the user's that stopped, of any command
+        raise UserError(f"bundle {path} is unfinished (no {MANIFEST}: its build stopped or is still running); "
+                        f"`python -m precompute inspect {path}` says how far it got and the command that resumes it.")
     if not settings.uses_default_bundle:
-        raise UserError(f"bundle {path} does not exist or is unfinished (no {MANIFEST}); build it with "
-                        f"`python -m precompute demo --out {path}` or leave out --bundle and SAE_APP_BUNDLE to serve the default one.")
+        raise UserError(f"bundle {path} does not exist; build it with `python -m precompute demo --out {path}` or "
+                        "leave out --bundle and SAE_APP_BUNDLE to serve the default one.")
     cmd = demo_command(path, settings.preset)
     print(f"[app] no bundle at {path}: building the {settings.preset} bundle first (one time; "
           f"progress below)\n[app] $ python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

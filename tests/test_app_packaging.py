@@ -84,6 +84,26 @@ def test_first_start_builds_the_default_bundle(tmp_path, tiny_world, monkeypatch
     assert open_bundle(default).n_neurons > 0
 
 
+def test_a_named_bundle_that_is_missing_or_unfinished_is_one_sentence(tmp_path):
+    """A user's unfinished bundle was told to run `demo --out` there, which an atlas-built or other-preset bundle
+    refuses ("other settings"); it now points to `inspect`, which gives the command that resumes it."""
+    import app.bootstrap as bootstrap
+    import app.settings as settings
+    from sae_core.errors import UserError
+
+    for given, sentence in [
+            (tmp_path / "none", f"bundle {tmp_path / 'none'} does not exist; build it with `python -m precompute demo "
+                                f"--out {tmp_path / 'none'}` or leave out --bundle and SAE_APP_BUNDLE to serve the default one."),
+            (tmp_path / "half", f"bundle {tmp_path / 'half'} is unfinished (no manifest.json: its build stopped or is "
+                                f"still running); `python -m precompute inspect {tmp_path / 'half'}` says how far it got "
+                                "and the command that resumes it.")]:
+        (tmp_path / "half" / ".stages").mkdir(parents=True, exist_ok=True)
+        with pytest.raises(UserError) as e:
+            bootstrap.ensure_bundle(settings.AppSettings.from_env(bundle=given))
+        assert str(e.value) == sentence
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_quick_start_commands_parse():
     """Every command of the README's quick start is accepted by the real command-line parsers (an
     option renamed or a choice dropped would leave users a first command that fails)."""
