@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core import bundle as B
-from sae_core.atomic import first_difference, remove_stale_temporaries, strict_json
+from sae_core.atomic import first_difference, remove_stale_temporaries, strict_json, writer_lock
 from sae_core.errors import UserError
 
 from .args import command_line, nonnegative_int, out_folder, positive_float, positive_int
@@ -300,7 +300,14 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
         from sae_core.atlas import default_score
 
         job.score = default_score(trained["tokens"])
-    out.mkdir(parents=True, exist_ok=True)
+    # a second build into this folder (the command started twice) is refused while this one runs; the demo and the
+    # cross-modal command hold the same lock around it (re-entrant)
+    with writer_lock(out):
+        return _build_stages(job, sae, out, world, progress)
+
+
+def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
+    """build_atlas's writing half: the stages not done yet, then the manifest (the caller holds out's lock)."""
     from sae_core.datasets import open_dataset
 
     dataset_size = functools.cache(lambda: len(open_dataset(job.dataset)))  # opened only when a limit is there

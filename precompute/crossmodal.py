@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_core.atomic import strict_json
+from sae_core.atomic import strict_json, writer_lock
 from sae_core.errors import UserError
 from sae_core.folders import refuse_bundle_as_world
 
@@ -91,86 +91,87 @@ def run(args) -> int:
         raise UserError(f"{world} has no tiny LLaVA (llava/config.json); build it with `python -m precompute world --out {world}`.")
     check_lm_layer(args.lm_layer, lm_layer_count(world / "llava"))  # before --out is made (a typo leaves no folder)
     out = out_folder(Path(args.out).resolve(), "the bundle", writes=("bundle",))
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    rows_path, sae_dir, cm_path = work / "lm_rows.npy", work / "sae", out / "crossmodal.json"
-    # every stage's output depends on these; a resume with others would mix them (rows of one layer, an SAE
-    # trained on them, a report at another threshold) under the new names
-    settings = {"world": str(world), "preset": args.preset, **asdict(preset), "lm_layer": args.lm_layer,
-                "threshold": args.threshold, "seed": args.seed}
-    built = rows_path.is_file() or sae_dir.exists() or cm_path.is_file() or (out / atlas.STAGE_DIR).is_dir()
-    atlas.hold_settings(out, ".work/settings.json", settings, built)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, args.threads))
-    layer = f"lm:{args.lm_layer}"
-    progress = PipelineProgress({**atlas.STAGE_WEIGHTS, **WEIGHTS}, desc=f"crossmodal ({args.preset})",
-                                log=work / "log.txt", enabled=not args.quiet)
-    t0 = time.time()
-    with progress:
-        with progress.stage("load LLaVA"):  # transformers' "Loading weights" bar to the log, as in the other stages
-            lm = LanguageResidual(str(world / "llava"), args.lm_layer)
-        # 1. training rows: image + text tokens of the train split's caption prompts
-        if rows_path.is_file():
-            progress.skip("rows")
-        else:
-            with progress.stage("rows") as advance:
-                ds = WorldDataset(world, "train")
-                n = min(preset.train_images, len(ds))
-                rows = collect_rows(lm, ds, range(n), progress=lambda d: advance(d / n))
-                x = rows.x[np.random.default_rng(args.seed).permutation(len(rows.x))]
-                with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
-                    np.save(f, x.astype(np.float32), allow_pickle=False)
-                B.write_json(out, ".work/rows.json", {"n_images": n, "n_rows": int(len(x)),
-                                                      "n_image_rows": int(rows.is_image.sum()), "layer": layer})
-        # 2. the SAE
-        if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
-            progress.skip("train")
-        else:
-            with progress.stage("train"):
-                train.run(_sub_args(train, [
-                    "--activations", str(rows_path), "--arch", "batchtopk", "--width", str(preset.width),
-                    "--k", str(preset.k), "--steps", str(preset.steps), "--batch-size", str(preset.batch_size),
-                    "--seed", str(args.seed), "--device", "cpu", "--out", str(sae_dir)]))
-        job = atlas.AtlasJob(
-            sae=str(sae_dir), dataset=f"world:{world}:val", model=f"world:{world}:llava", out=str(out), layer=layer,
-            embedder=f"world:{world}", score="max", limit=preset.atlas_images, seed=args.seed, device="cpu",
-            command=command_line(args))
-        # 3. the atlas scan at the image tokens
-        from sae_core.checkpoint import load_sae
+    with writer_lock(out):  # a second run into this folder is refused while this one runs
+        work = out / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        rows_path, sae_dir, cm_path = work / "lm_rows.npy", work / "sae", out / "crossmodal.json"
+        # every stage's output depends on these; a resume with others would mix them (rows of one layer, an SAE
+        # trained on them, a report at another threshold) under the new names
+        settings = {"world": str(world), "preset": args.preset, **asdict(preset), "lm_layer": args.lm_layer,
+                    "threshold": args.threshold, "seed": args.seed}
+        built = rows_path.is_file() or sae_dir.exists() or cm_path.is_file() or (out / atlas.STAGE_DIR).is_dir()
+        atlas.hold_settings(out, ".work/settings.json", settings, built)
+        torch.manual_seed(args.seed)
+        torch.set_num_threads(max(1, args.threads))
+        layer = f"lm:{args.lm_layer}"
+        progress = PipelineProgress({**atlas.STAGE_WEIGHTS, **WEIGHTS}, desc=f"crossmodal ({args.preset})",
+                                    log=work / "log.txt", enabled=not args.quiet)
+        t0 = time.time()
+        with progress:
+            with progress.stage("load LLaVA"):  # transformers' "Loading weights" bar to the log, as in the other stages
+                lm = LanguageResidual(str(world / "llava"), args.lm_layer)
+            # 1. training rows: image + text tokens of the train split's caption prompts
+            if rows_path.is_file():
+                progress.skip("rows")
+            else:
+                with progress.stage("rows") as advance:
+                    ds = WorldDataset(world, "train")
+                    n = min(preset.train_images, len(ds))
+                    rows = collect_rows(lm, ds, range(n), progress=lambda d: advance(d / n))
+                    x = rows.x[np.random.default_rng(args.seed).permutation(len(rows.x))]
+                    with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
+                        np.save(f, x.astype(np.float32), allow_pickle=False)
+                    B.write_json(out, ".work/rows.json", {"n_images": n, "n_rows": int(len(x)),
+                                                          "n_image_rows": int(rows.is_image.sum()), "layer": layer})
+            # 2. the SAE
+            if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
+                progress.skip("train")
+            else:
+                with progress.stage("train"):
+                    train.run(_sub_args(train, [
+                        "--activations", str(rows_path), "--arch", "batchtopk", "--width", str(preset.width),
+                        "--k", str(preset.k), "--steps", str(preset.steps), "--batch-size", str(preset.batch_size),
+                        "--seed", str(args.seed), "--device", "cpu", "--out", str(sae_dir)]))
+            job = atlas.AtlasJob(
+                sae=str(sae_dir), dataset=f"world:{world}:val", model=f"world:{world}:llava", out=str(out), layer=layer,
+                embedder=f"world:{world}", score="max", limit=preset.atlas_images, seed=args.seed, device="cpu",
+                command=command_line(args))
+            # 3. the atlas scan at the image tokens
+            from sae_core.checkpoint import load_sae
 
-        sae = load_sae(sae_dir)
-        if atlas.stage_info(out, "scan") is None:
-            atlas._check_identity(out, job.identity())
-            with progress.stage("atlas: scan") as advance:
-                info = _scan(job, lm, sae, out, advance)
-            atlas._mark(out, "scan", info)
-        # 4. cross-modal scores
-        if cm_path.is_file():
-            progress.skip("crossmodal")
-            report = json.loads(cm_path.read_text())
-        else:
-            with progress.stage("crossmodal") as advance:
-                report = crossmodal_report(lm, sae, WorldDataset(world, "val"), preset.eval_images, args.threshold,
-                                           advance)
-            report.update({"layer": layer, "world": str(world), "sae_config": {"architecture": sae.cfg.arch,
-                                                                       "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}})
-            B.write_json(out, "crossmodal.json", report)
-        # 5. the other atlas stages and the manifest
-        job.extra_manifest = {"crossmodal": {
-            "file": "crossmodal.json", "definition": report["definition"], "threshold": report["threshold"],
-            "n_cross_modal": report["sae"]["n_cross_modal"], "n_latents": report["sae"]["n_units"],
-            "raw_n_cross_modal": report["raw"]["n_cross_modal"], "raw_n_units": report["raw"]["n_units"],
-            "per_concept": report["sae"]["per_concept"], "examples": report["sae"]["examples"][:10]}}
-        manifest = atlas.build_atlas(job, progress)
-    summary = {"out": str(out), "preset": args.preset, "layer": layer, "n_cross_modal": report["sae"]["n_cross_modal"],
-               "n_latents": report["sae"]["n_units"], "raw_n_cross_modal": report["raw"]["n_cross_modal"],
-               "raw_n_units": report["raw"]["n_units"], "fvu": manifest["metrics"].get("fvu"),
-               "examples": [(e["unit"], e["concept"], e["score"]) for e in report["sae"]["examples"][:10]],
-               "total_s": round(time.time() - t0, 1)}
-    if not args.json:
-        print(f"{summary['n_cross_modal']} of {summary['n_latents']} latents are cross-modal "
-              f"(raw residual dimensions: {summary['raw_n_cross_modal']} of {summary['raw_n_units']})", file=sys.stderr)
-    print(strict_json(summary))
+            sae = load_sae(sae_dir)
+            if atlas.stage_info(out, "scan") is None:
+                atlas._check_identity(out, job.identity())
+                with progress.stage("atlas: scan") as advance:
+                    info = _scan(job, lm, sae, out, advance)
+                atlas._mark(out, "scan", info)
+            # 4. cross-modal scores
+            if cm_path.is_file():
+                progress.skip("crossmodal")
+                report = json.loads(cm_path.read_text())
+            else:
+                with progress.stage("crossmodal") as advance:
+                    report = crossmodal_report(lm, sae, WorldDataset(world, "val"), preset.eval_images, args.threshold,
+                                               advance)
+                report.update({"layer": layer, "world": str(world), "sae_config": {"architecture": sae.cfg.arch,
+                                                                           "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}})
+                B.write_json(out, "crossmodal.json", report)
+            # 5. the other atlas stages and the manifest
+            job.extra_manifest = {"crossmodal": {
+                "file": "crossmodal.json", "definition": report["definition"], "threshold": report["threshold"],
+                "n_cross_modal": report["sae"]["n_cross_modal"], "n_latents": report["sae"]["n_units"],
+                "raw_n_cross_modal": report["raw"]["n_cross_modal"], "raw_n_units": report["raw"]["n_units"],
+                "per_concept": report["sae"]["per_concept"], "examples": report["sae"]["examples"][:10]}}
+            manifest = atlas.build_atlas(job, progress)
+        summary = {"out": str(out), "preset": args.preset, "layer": layer, "n_cross_modal": report["sae"]["n_cross_modal"],
+                   "n_latents": report["sae"]["n_units"], "raw_n_cross_modal": report["raw"]["n_cross_modal"],
+                   "raw_n_units": report["raw"]["n_units"], "fvu": manifest["metrics"].get("fvu"),
+                   "examples": [(e["unit"], e["concept"], e["score"]) for e in report["sae"]["examples"][:10]],
+                   "total_s": round(time.time() - t0, 1)}
+        if not args.json:
+            print(f"{summary['n_cross_modal']} of {summary['n_latents']} latents are cross-modal "
+                  f"(raw residual dimensions: {summary['raw_n_cross_modal']} of {summary['raw_n_units']})", file=sys.stderr)
+        print(strict_json(summary))
     return 0
 
 

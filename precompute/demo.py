@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sae_core.atomic import strict_json
+from sae_core.atomic import strict_json, writer_lock
 from sae_core.folders import refuse_bundle_as_world
 
 from .args import command_line, nonnegative_int, out_folder, positive_int
@@ -85,75 +85,79 @@ def run(args) -> int:
     out = out_folder(Path(args.out).resolve(), "the bundle", writes=("bundle",))
     world = Path(args.world).resolve() if args.world else out / "world"
     refuse_bundle_as_world(world)
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, args.threads))
-    t_start = time.time()
+    # a second demo into this folder (a command started twice, two app starts building the default bundle) is
+    # refused while this one runs (its .work stores and SAE, and the atlas, are written only under the lock)
+    with writer_lock(out):
+        work = out / ".work"
+        work.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(max(1, args.threads))
+        t_start = time.time()
 
-    # every stage depends on these: a resume with others was taken as the rest of this run (an SAE of seed 0
-    # under a manifest of seed 1, a tiny SAE in a demo-preset bundle), so they are held from the first stage on
-    acts, sae_dir = work / "acts", work / "sae"
-    settings = {"preset": args.preset, **asdict(preset), "world_dir": str(world), "seed": args.seed}
-    built = (acts.exists() or sae_dir.exists() or (out / atlas.STAGE_DIR).is_dir()
-             or (not args.world and world.exists()))
-    atlas.hold_settings(out, ".work/settings.json", settings, built)
+        # every stage depends on these: a resume with others was taken as the rest of this run (an SAE of seed 0
+        # under a manifest of seed 1, a tiny SAE in a demo-preset bundle), so they are held from the first stage on
+        acts, sae_dir = work / "acts", work / "sae"
+        settings = {"preset": args.preset, **asdict(preset), "world_dir": str(world), "seed": args.seed}
+        built = (acts.exists() or sae_dir.exists() or (out / atlas.STAGE_DIR).is_dir()
+                 or (not args.world and world.exists()))
+        atlas.hold_settings(out, ".work/settings.json", settings, built)
 
-    weights = {**atlas.STAGE_WEIGHTS, **preset.weights}
-    progress = PipelineProgress(weights, desc=f"demo ({args.preset})", log=work / "log.txt", enabled=not args.quiet)
-    timings = {}
-    with progress:
-        # 1. world models (only if missing or unfinished)
-        if (world / "report.json").is_file():
-            progress.skip("world")
-            built_world = False
-        else:
-            with progress.stage("world"):
-                world_cmd.run(argparse.Namespace(out=str(world), preset=preset.world, seed=args.seed,
-                                                 threads=args.threads))
-            built_world = True
-        wmeta = json.loads((world / "world.json").read_text())
+        weights = {**atlas.STAGE_WEIGHTS, **preset.weights}
+        progress = PipelineProgress(weights, desc=f"demo ({args.preset})", log=work / "log.txt", enabled=not args.quiet)
+        timings = {}
+        with progress:
+            # 1. world models (only if missing or unfinished)
+            if (world / "report.json").is_file():
+                progress.skip("world")
+                built_world = False
+            else:
+                with progress.stage("world"):
+                    world_cmd.run(argparse.Namespace(out=str(world), preset=preset.world, seed=args.seed,
+                                                     threads=args.threads))
+                built_world = True
+            wmeta = json.loads((world / "world.json").read_text())
 
-        # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2
-        model = f"world:{world}:llava"
-        n_train = min(preset.train_images, int(wmeta["splits"]["train"]) if "splits" in wmeta else preset.train_images)
-        if (acts / "layer_-2" / "manifest.json").is_file():
-            progress.skip("extract")
-        else:
-            with progress.stage("extract"):
-                extract.run(_sub_args(extract, [
-                    "--model", model, "--layer=-2", "--tokens", preset.tokens, "--dataset", f"world:{world}:train",
-                    "--out", str(acts), "--limit", str(n_train), "--batch-size", "256", "--seed", str(args.seed),
-                    "--device", "cpu"]))
+            # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2
+            model = f"world:{world}:llava"
+            n_train = min(preset.train_images,
+                          int(wmeta["splits"]["train"]) if "splits" in wmeta else preset.train_images)
+            if (acts / "layer_-2" / "manifest.json").is_file():
+                progress.skip("extract")
+            else:
+                with progress.stage("extract"):
+                    extract.run(_sub_args(extract, [
+                        "--model", model, "--layer=-2", "--tokens", preset.tokens, "--dataset", f"world:{world}:train",
+                        "--out", str(acts), "--limit", str(n_train), "--batch-size", "256", "--seed", str(args.seed),
+                        "--device", "cpu"]))
 
-        # 3. the SAE
-        if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
-            progress.skip("train")
-        else:
-            with progress.stage("train"):
-                # One thread: the demo SAE's matmuls (1,024 x 64 x 512) are too small to share, and the
-                # second thread only costs (`precompute train` alone on the preset's tokens, 1,000 steps:
-                # 27.6-27.7 s on one thread, 37.6-41.7 s on two, alternating runs, 2026-12-01).
-                torch.set_num_threads(1)
-                try:
-                    train.run(_sub_args(train, [
-                        "--activations", str(acts / "layer_-2"), "--arch", "matryoshka", "--width",
-                        str(preset.width), "--k", str(preset.k), "--groups", preset.groups, "--steps",
-                        str(preset.steps), "--batch-size", str(preset.batch_size), "--seed", str(args.seed),
-                        "--device", "cpu", "--out", str(sae_dir)]))
-                finally:
-                    torch.set_num_threads(max(1, args.threads))
+            # 3. the SAE
+            if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
+                progress.skip("train")
+            else:
+                with progress.stage("train"):
+                    # One thread: the demo SAE's matmuls (1,024 x 64 x 512) are too small to share, and the
+                    # second thread only costs (`precompute train` alone on the preset's tokens, 1,000 steps:
+                    # 27.6-27.7 s on one thread, 37.6-41.7 s on two, alternating runs, 2026-12-01).
+                    torch.set_num_threads(1)
+                    try:
+                        train.run(_sub_args(train, [
+                            "--activations", str(acts / "layer_-2"), "--arch", "matryoshka", "--width",
+                            str(preset.width), "--k", str(preset.k), "--groups", preset.groups, "--steps",
+                            str(preset.steps), "--batch-size", str(preset.batch_size), "--seed", str(args.seed),
+                            "--device", "cpu", "--out", str(sae_dir)]))
+                    finally:
+                        torch.set_num_threads(max(1, args.threads))
 
-        # 4. the atlas (its own stages, resumable)
-        job = atlas.AtlasJob(
-            sae=str(sae_dir), dataset=f"world:{world}:{preset.atlas_split}", model=model, out=str(out), layer="-2",
-            embedder=f"world:{world}", limit=preset.atlas_images, seed=args.seed, device="cpu", score=preset.score,
-            command=command_line(args),
-            extra_manifest={"demo": {"preset": args.preset, "world_built_here": built_world}})
-        manifest = atlas.build_atlas(job, progress)
-    timings = {**progress.timings, "total_s": round(time.time() - t_start, 1)}
-    B.write_json(out, ".work/timings.json", timings)
-    summary = {"out": str(out), "preset": args.preset, **{k: manifest["metrics"].get(k) for k in (
-        "fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw", "ms_ground_truth_spearman", "ms_agreement",
-        "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")}, "timings": timings}
-    print(strict_json(summary))
+            # 4. the atlas (its own stages, resumable)
+            job = atlas.AtlasJob(
+                sae=str(sae_dir), dataset=f"world:{world}:{preset.atlas_split}", model=model, out=str(out), layer="-2",
+                embedder=f"world:{world}", limit=preset.atlas_images, seed=args.seed, device="cpu", score=preset.score,
+                command=command_line(args),
+                extra_manifest={"demo": {"preset": args.preset, "world_built_here": built_world}})
+            manifest = atlas.build_atlas(job, progress)
+        timings = {**progress.timings, "total_s": round(time.time() - t_start, 1)}
+        B.write_json(out, ".work/timings.json", timings)
+        summary = {"out": str(out), "preset": args.preset, **{k: manifest["metrics"].get(k) for k in (
+            "fvu", "l0", "dead_frac", "ms_mean", "ms_mean_raw", "ms_ground_truth_spearman", "ms_agreement",
+            "label_accuracy", "label_accuracy_patch_gallery", "hierarchy_depth")}, "timings": timings}
+        print(strict_json(summary))
     return 0

@@ -105,3 +105,57 @@ def remove_stale_temporaries(folder: str | Path, names=None) -> int:
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+LOCK_FILE = ".lock"
+_HELD: dict[Path, int] = {}  # folders this process holds -> depth (the demo's atlas writes the folder the demo holds)
+
+
+@contextmanager
+def writer_lock(folder: str | Path):
+    """Hold FOLDER/.lock (an exclusive flock) while this process writes FOLDER, creating FOLDER.
+
+    A second process writing the same folder (a command started twice, two app starts building the default
+    bundle, a job array given one --out) is refused in one sentence naming the holder, instead of both writing
+    the same files (each one's cleanup of stale temporaries deletes the other's). The kernel drops the lock of a
+    killed process, so a killed job resumes at once; the file goes when the lock does. Re-entrant within a
+    process. Where fcntl is missing (Windows) it only creates FOLDER.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder in _HELD:
+        _HELD[folder] += 1
+        try:
+            yield
+        finally:
+            _HELD[folder] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    import socket
+    import time
+
+    path = folder / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held by another process
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise UserError(f"{folder} is being written by another process ({holder}); wait for it to finish, or give "
+                        "another --out.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _HELD[folder] = 1
+    try:
+        yield
+    finally:
+        del _HELD[folder]
+        path.unlink(missing_ok=True)  # before the lock goes: a newcomer then locks a file of its own
+        f.close()

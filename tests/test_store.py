@@ -45,6 +45,44 @@ def test_take_rows_and_row_index_across_shards(tmp_path):
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files
 
 
+def test_a_folder_being_written_is_refused_to_a_second_writer_until_its_holder_ends(tmp_path, capsys):
+    """Two processes writing one folder (a command started twice, two app starts building the default bundle)
+    each removed the other's temporaries and wrote the same files. The second is refused in one sentence naming
+    the holder; a killed holder's lock goes with it, so a killed job resumes at once; no .lock file stays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from precompute.__main__ import main
+    from sae_core.atomic import LOCK_FILE, writer_lock
+
+    folder = tmp_path / "w"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom sae_core.atomic import writer_lock\n"
+                               f"with writer_lock({str(folder)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"^{folder} is being written by another process \(pid {holder.pid} on "
+                                            r".+, since .+\); wait for it to finish, or give another --out\.$"):
+            with writer_lock(folder):
+                pass
+        # a command into that folder stops before writing anything (the world command: its first write)
+        assert main(["world", "--out", str(folder), "--preset", "tiny"]) == 2
+        assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # as a killed job: the kernel drops its lock, its .lock file stays
+        holder.wait()
+    assert (folder / LOCK_FILE).is_file()
+    with writer_lock(folder):
+        with writer_lock(folder):  # re-entrant: the demo's atlas writes the folder the demo holds
+            (folder / "x").write_text("mine")
+        assert (folder / LOCK_FILE).is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["x"]
+
+
 def test_a_killed_atomic_writes_temporaries_are_removed_and_nothing_else(tmp_path):
     def killed_write(path):  # enters atomic_path and never leaves it, as a killed process would
         tmp = atomic_path(path).__enter__()

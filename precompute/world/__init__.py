@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from sae_core.atomic import strict_json
+from sae_core.atomic import strict_json, writer_lock
 from sae_core.errors import UserError
 from sae_core.folders import refuse_bundle_as_world
 
@@ -74,15 +74,16 @@ def run(args) -> int:
     stages.configure_torch(args.threads)
     done = []
     try:
-        for name, fn in (("world", stages.stage_world), ("clip", stages.stage_clip),
-                         ("llava", stages.stage_llava), ("report", stages.stage_report)):
-            if stages.stage_done(out, name):
-                print(f"[world] stage {name}: already done, skipped", file=sys.stderr)
-                continue
-            t = time.time()
-            fn(out, preset, args.seed)
-            done.append(name)
-            print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
+        with writer_lock(out):  # a second `world --out` here (or a second app start's build) is refused
+            for name, fn in (("world", stages.stage_world), ("clip", stages.stage_clip),
+                             ("llava", stages.stage_llava), ("report", stages.stage_report)):
+                if stages.stage_done(out, name):
+                    print(f"[world] stage {name}: already done, skipped", file=sys.stderr)
+                    continue
+                t = time.time()
+                fn(out, preset, args.seed)
+                done.append(name)
+                print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
     finally:
         stages.forget_train_pool()  # the rendered train images, no longer needed (demo goes on in-process)
     with open(out / "report.json") as f:
