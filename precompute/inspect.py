@@ -201,7 +201,7 @@ def unfinished_summary(spec: str) -> dict:
         built_by, argv = "demo", ["--out", path, "--preset", pipeline.get("preset"), "--seed", pipeline.get("seed"),
                                   *(["--world", world] if world and Path(world) != path.resolve() / "world" else [])]
         steps = {"world": bool(world) and (Path(world) / "report.json").is_file(),
-                 "extract": (path / ".work" / "acts" / "extract.json").is_file() and _extracted(path / ".work" / "acts"),
+                 "extract": (path / ".work" / "acts" / "layer_-2" / "manifest.json").is_file(),  # as the demo reads it
                  "train": _trained(path / ".work" / "sae")}
     elif atlas:
         options = [("--sae", "sae"), ("--dataset", "dataset"), ("--model", "model"), ("--layer", "layer"),
@@ -221,15 +221,6 @@ def unfinished_summary(spec: str) -> dict:
 def _trained(sae_dir: Path) -> bool:
     """A finished `precompute train` in `sae_dir` (its SAE written, its checkpoint removed)."""
     return (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists()
-
-
-def _extracted(out: Path) -> bool:
-    from sae_core.activation_store import RUN_FILE
-
-    try:
-        return bool(read_json_object(out / RUN_FILE, "").get("complete"))
-    except UserError:
-        return False
 
 
 WORLD_STAGES = ("world", "clip", "llava", "report")
