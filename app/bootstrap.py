@@ -6,10 +6,15 @@ import sys
 import time
 from pathlib import Path
 
+from sae_core.atomic import lock_holder
 from sae_core.bundle import MANIFEST, refuse_another_folder
 from sae_core.errors import UserError
 
 from .settings import REPO, AppSettings
+
+
+WAIT_POLL_S = 2.0
+"""How often a start that waits for another start's build looks again (the demo build takes minutes)."""
 
 
 def demo_command(out: Path, preset: str) -> list[str]:
@@ -31,6 +36,14 @@ def ensure_bundle(settings: AppSettings) -> Path:
     if not settings.uses_default_bundle:
         raise UserError(f"bundle {path} does not exist; build it with `python -m precompute demo --out {path}` or "
                         "leave out --bundle and SAE_APP_BUNDLE to serve the default one.")
+    holder = lock_holder(path)
+    if holder:  # another start is building it: wait for that build instead of failing on its lock
+        print(f"[app] {path} is being built by another process ({holder}); waiting for it to finish (Ctrl-C stops "
+              "this start, not that build)", file=sys.stderr, flush=True)
+        while lock_holder(path) and not (path / MANIFEST).is_file():
+            time.sleep(WAIT_POLL_S)
+    if (path / MANIFEST).is_file():  # built by another start meanwhile (else it stopped: resumed below)
+        return path
     cmd = demo_command(path, settings.preset)
     print(f"[app] no bundle at {path}: building the {settings.preset} bundle first (one time; "
           f"progress below)\n[app] $ python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

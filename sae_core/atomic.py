@@ -108,6 +108,30 @@ def remove_stale_temporaries(folder: str | Path, names=None) -> int:
 
 
 LOCK_FILE = ".lock"
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds `folder`'s writer_lock ("pid N on HOST, since ..."), or None when no other process does.
+
+    It probes with a shared flock held for an instant: a writer that starts in that instant is refused as if the
+    folder were busy (rerunning it works), so call it every few seconds at most."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return None
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        return None
+    try:
+        f = open(folder / LOCK_FILE)
+    except OSError:  # no lock file: nobody writes there
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: free unless a writer holds it
+        except OSError:
+            return f.read().strip() or "a process that has not written its name yet"
+        return None
 _HELD: dict[Path, int] = {}  # folders this process holds -> depth (the demo's atlas writes the folder the demo holds)
 
 

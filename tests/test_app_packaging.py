@@ -104,6 +104,42 @@ def test_a_named_bundle_that_is_missing_or_unfinished_is_one_sentence(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_a_second_start_waits_for_the_build_another_start_runs(tmp_path, monkeypatch, capfd):
+    """Two `python -m app` on a fresh machine: the second's build was refused by the first's lock and it exited
+    ("building the demo bundle failed"). It now waits for that build and serves its bundle; if that build stops
+    before its manifest, the second start resumes it."""
+    import subprocess
+    import sys
+
+    import app.bootstrap as bootstrap
+    import app.settings as settings
+
+    default = tmp_path / "demo_bundle"
+    monkeypatch.setattr(settings, "DEFAULT_BUNDLE", default)
+    monkeypatch.setattr(bootstrap, "WAIT_POLL_S", 0.05)
+    builds = []
+
+    def build(cmd, cwd=None):  # stands for the demo command this start would run
+        builds.append(cmd)
+        (default / "manifest.json").write_text("{}")
+        return 0
+    monkeypatch.setattr(bootstrap.subprocess, "call", build)
+    for writes_manifest, built_here in ((True, 0), (False, 1)):
+        (default / "manifest.json").unlink(missing_ok=True)
+        first = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                                  "from sae_core.atomic import writer_lock\n"
+                                  f"with writer_lock({str(default)!r}):\n    print('held', flush=True)\n"
+                                  "    time.sleep(3.0)\n"
+                                  + (f"    Path({str(default / 'manifest.json')!r}).write_text('{{}}')\n"
+                                     if writes_manifest else "")],
+                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert first.stdout.readline().strip() == "held"
+        assert bootstrap.ensure_bundle(settings.AppSettings.from_env(bundle=default, preset="tiny")) == default
+        first.wait()
+        assert len(builds) == built_here
+        assert f"{default} is being built by another process (pid {first.pid} on " in capfd.readouterr().err
+
+
 def test_the_quick_start_commands_parse():
     """Every command of the README's quick start is accepted by the real command-line parsers (an
     option renamed or a choice dropped would leave users a first command that fails)."""
