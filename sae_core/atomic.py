@@ -108,6 +108,7 @@ def remove_stale_temporaries(folder: str | Path, names=None) -> int:
 
 
 LOCK_FILE = ".lock"
+_HELD: dict[Path, int] = {}  # folders this process holds -> depth (the demo's atlas writes the folder the demo holds)
 
 
 def lock_holder(folder: str | Path) -> str | None:
@@ -129,10 +130,11 @@ def lock_holder(folder: str | Path) -> str | None:
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: free unless a writer holds it
-        except OSError:
+        except BlockingIOError:
             return f.read().strip() or "a process that has not written its name yet"
+        except OSError:  # a file system without locks: nobody can hold one
+            return None
         return None
-_HELD: dict[Path, int] = {}  # folders this process holds -> depth (the demo's atlas writes the folder the demo holds)
 
 
 @contextmanager
@@ -143,7 +145,7 @@ def writer_lock(folder: str | Path):
     bundle, a job array given one --out) is refused in one sentence naming the holder, instead of both writing
     the same files (each one's cleanup of stale temporaries deletes the other's). The kernel drops the lock of a
     killed process, so a killed job resumes at once; the file goes when the lock does. Re-entrant within a
-    process. Where fcntl is missing (Windows) it only creates FOLDER.
+    process. Where fcntl is missing (Windows) or the file system has no locks it only creates FOLDER.
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,15 +165,26 @@ def writer_lock(folder: str | Path):
     import time
 
     path = folder / LOCK_FILE
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # BlockingIOError: held by another process
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its name yet"
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            f.close()
+            raise UserError(f"{folder} is being written by another process ({holder}); wait for it to finish, or "
+                            "give another --out.") from None
+        except OSError:  # pragma: no cover - a file system without locks (some network mounts)
+            f.close()
+            yield
+            return
+        try:  # the holder before us unlinks the file as it ends: a lock on that orphan guards nothing
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         f.close()
-        raise UserError(f"{folder} is being written by another process ({holder}); wait for it to finish, or give "
-                        "another --out.") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
