@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, not_utf8
+from .precision import resolve_device
 
 # neuron columns per block inside one update, so a float64 copy of the chunk stays near 64 MiB
 _BLOCK_ELEMENTS = 8 << 20
@@ -130,7 +131,7 @@ class MSAccumulator:
         if self.n_neurons < 1 or self.d_embed < 1:
             raise UserError(f"activations need at least one neuron and embeddings at least one dimension, got "
                             f"{self.n_neurons} neurons and {self.d_embed} dimensions; pass non-empty arrays.")
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device, "device"))  # "cuda" without a GPU was torch's RuntimeError
         self.matmul_dtype = matmul_dtype
         self.numpy_path = self.device.type == "cpu"                # elementwise work in numpy on CPU (faster)
         f64 = dict(dtype=torch.float64, device=self.device)
@@ -241,6 +242,9 @@ def monosemanticity_score(acts, embeddings, chunk: int = 4096, device="cpu", min
     acts: (N, K) activations of N images on K neurons; embeddings: (N, d), one row per image.
     Streams `chunk` images at a time through an MSAccumulator.
     """
+    acts, embeddings = (x if isinstance(x, (np.ndarray, torch.Tensor)) else np.asarray(x) for x in (acts, embeddings))
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:  # 0 was range()'s ValueError
+        raise UserError(f"chunk must be a whole number of images, at least 1, got {chunk!r}.")
     if len(acts.shape) != 2 or len(embeddings.shape) != 2:
         raise UserError(f"activations must be (N images, K neurons) and embeddings (N, d); got shapes "
                         f"{tuple(acts.shape)} and {tuple(embeddings.shape)}.")

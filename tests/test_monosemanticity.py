@@ -157,6 +157,15 @@ def test_bad_inputs_raise_one_sentence(small_case):
     zero[3] = 0
     with pytest.raises(UserError, match="image 3 is all zeros"):
         monosemanticity_score(acts, zero)
+    # from a notebook: nested lists are arrays (an AttributeError), chunk 0 and devices this machine lacks are one
+    # sentence (range()'s ValueError, torch's RuntimeErrors)
+    np.testing.assert_array_equal(monosemanticity_score(acts.tolist(), emb.tolist()).ms, monosemanticity_score(acts, emb).ms)
+    for kwargs, said in (({"chunk": 0}, "chunk must be a whole number of images, at least 1, got 0"),
+                         ({"chunk": 2.5}, "chunk must be a whole number"),
+                         ({"device": "bogus"}, "device bogus is not a device this runs on"),
+                         ({"device": "cuda:7"}, "device cuda:7 (was asked for but no CUDA GPU is visible|names a GPU)")):
+        with pytest.raises(UserError, match=said):
+            monosemanticity_score(acts, emb, **kwargs)
 
 
 def write_paper_csv(path: Path, ids, acts: np.ndarray, header: bool) -> None:
