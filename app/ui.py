@@ -992,12 +992,19 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         img_neurons.select(open_neuron_from_image, None, page_targets, api_name="open_neuron_from_image")
 
+        def images_link(request: gr.Request):
+            """Go on to images_restore_from_url only for a link to the Images page. Otherwise nothing of the page is
+            written: a load that wrote the id box its first value (a value, since any update re-rounds the box)
+            replaced what the user had typed there meanwhile, when the server answered late (seen on a loaded
+            host: "2.5" typed, image 0 opened)."""
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            if state.get("tab") != "images":
+                raise gr.Error("not a link to the Images page", visible=False, print_exception=False)
+
         def images_restore_from_url(request: gr.Request):
             """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
             found, shown = (gr.update(),) * 4, (initial(img_id),) + (gr.update(),) * 4
-            if state.get("tab") != "images":
-                return (*found, *shown)
             image, query = state.get("image"), state.get("query")
             # the image and the search are restored apart, a bad field losing only itself, and each field
             # warned about once (a bad image warned as the like-search's and as the image's)
@@ -1020,8 +1027,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 found = (*found[:3], found[2])  # the text box holds the searched text too
             return (*found, *shown)
 
-        demo.load(images_restore_from_url, None, img_search_out[:-1] + [img_query] + img_neuron_out[:-1] + [img_row],
-                  api_name=False)
+        demo.load(images_link, None, None, api_name=False, show_progress="hidden").success(
+            images_restore_from_url, None, img_search_out[:-1] + [img_query] + img_neuron_out[:-1] + [img_row],
+            api_name=False)
 
         def gallery_picker(which):
             """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top")."""

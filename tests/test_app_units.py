@@ -320,6 +320,24 @@ def explorer(tiny_bundle, tmp_path_factory):
     return Explorer(open_bundle(tiny_bundle), tmp_path_factory.mktemp("app_cache"))
 
 
+def test_a_plain_page_load_leaves_the_image_id_box_alone(explorer):
+    """Every page load wrote the Images page's id box its first value (0): a user who had typed an id meanwhile saw
+    it replaced when the server answered late (a CI dry run's browser test: "2.5" typed, image 0 opened). Only a link
+    to the Images page restores it now: the load's first step has no outputs, and the restore that writes the box
+    runs after it only on success (the step refuses, silently, any other link)."""
+    from app import ui
+
+    cfg = ui.build(explorer).config
+    ids = {c["props"].get("elem_id"): c["id"] for c in cfg["components"] if c["props"].get("elem_id")}
+    box = ids["image-id"]
+    deps = {d["id"]: d for d in cfg["dependencies"]}
+    on_load = {i for i, d in deps.items() if any(event == "load" for _, event in d["targets"])}
+    assert on_load and not any(box in deps[i]["outputs"] for i in on_load)
+    writers = [d for d in deps.values() if d.get("trigger_after") in on_load and box in d["outputs"]]
+    assert len(writers) == 1 and writers[0]["trigger_only_on_success"]
+    assert deps[writers[0]["trigger_after"]]["outputs"] == []
+
+
 def test_pictures_show_what_the_model_sees_and_the_index_picks_the_image(explorer, tmp_path):
     """A wide upload: the model (CLIP's processor: shortest side, centre crop) sees its blue centre square
     only, so the Steer page's picture, the patch grid drawn on it and the click-to-patch map show that
