@@ -16,7 +16,8 @@ COMMANDS = {
     "ms": ("precompute.ms", "Monosemanticity Score of any neurons from activations and image embeddings (one pass)."),
     "ms-agreement": ("precompute.ms_agreement", "Alignment of MS with users' preferences over neuron pairs (pairs.csv)."),
     "atlas": ("precompute.atlas", "Build a bundle: per-neuron atlas (top images, MS, histograms), labels, hierarchy, index."),
-    "inspect": ("precompute.inspect", "What a bundle, an SAE, an activation store or a training run holds (--json for machines)."),
+    "inspect": ("precompute.inspect", "What a bundle (finished or not), an SAE, an activation store, a training run or a "
+                                      "world holds (--json for machines)."),
     "demo": ("precompute.demo", "The whole pipeline on the embedded world in one command: world, extract, train, atlas."),
     "steer": ("precompute.steer", "Three answers about an image: original LLaVA, SAE inserted, SAE with latents clamped."),
     "steer-eval": ("precompute.steer_eval", "Steering figures of a world bundle: paper CLIP protocol and ground-truth success."),

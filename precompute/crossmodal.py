@@ -124,7 +124,7 @@ def run(args) -> int:
                     B.write_json(out, ".work/rows.json", {"n_images": n, "n_rows": int(len(x)),
                                                           "n_image_rows": int(rows.is_image.sum()), "layer": layer})
             # 2. the SAE
-            if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
+            if train.finished(sae_dir):
                 progress.skip("train")
             else:
                 with progress.stage("train"):

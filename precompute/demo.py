@@ -130,7 +130,7 @@ def run(args) -> int:
                         "--device", "cpu"]))
 
             # 3. the SAE
-            if (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists():
+            if train.finished(sae_dir):
                 progress.skip("train")
             else:
                 with progress.stage("train"):

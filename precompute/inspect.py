@@ -183,6 +183,7 @@ def unfinished_summary(spec: str) -> dict:
     """A bundle whose build stopped (or runs): the command that builds it, rebuilt from the settings its stages hold
     (`demo`, `crossmodal` or `atlas`), and which of its stages are done. The reader only says "unfinished"."""
     from .atlas import STAGE_DIR, STAGES
+    from .train import finished
 
     path = Path(spec).expanduser()
 
@@ -195,14 +196,14 @@ def unfinished_summary(spec: str) -> dict:
         built_by, argv = "crossmodal", ["--world", pipeline.get("world"), "--out", path, "--preset",
                                          pipeline.get("preset"), "--lm-layer", pipeline.get("lm_layer"), "--threshold",
                                          pipeline.get("threshold"), "--seed", pipeline.get("seed")]
-        steps = {"rows": (path / ".work" / "lm_rows.npy").is_file(), "train": _trained(path / ".work" / "sae")}
+        steps = {"rows": (path / ".work" / "lm_rows.npy").is_file(), "train": finished(path / ".work" / "sae")}
     elif "world_dir" in pipeline:
         world = pipeline.get("world_dir")
         built_by, argv = "demo", ["--out", path, "--preset", pipeline.get("preset"), "--seed", pipeline.get("seed"),
                                   *(["--world", world] if world and Path(world) != path.resolve() / "world" else [])]
         steps = {"world": bool(world) and (Path(world) / "report.json").is_file(),
                  "extract": (path / ".work" / "acts" / "layer_-2" / "manifest.json").is_file(),  # as the demo reads it
-                 "train": _trained(path / ".work" / "sae")}
+                 "train": finished(path / ".work" / "sae")}
     elif atlas:
         options = [("--sae", "sae"), ("--dataset", "dataset"), ("--model", "model"), ("--layer", "layer"),
                    ("--embedder", "embedder"), ("--topk", "topk"), ("--score", "score"), ("--limit", "limit"),
@@ -218,21 +219,13 @@ def unfinished_summary(spec: str) -> dict:
             "stages_left": [s for s, done in steps.items() if not done]}
 
 
-def _trained(sae_dir: Path) -> bool:
-    """A finished `precompute train` in `sae_dir` (its SAE written, its checkpoint removed)."""
-    return (sae_dir / "config.json").is_file() and not (sae_dir / "checkpoint").exists()
-
-
-WORLD_STAGES = ("world", "clip", "llava", "report")
-"""The stages of `precompute world`, in order (precompute/world/stages.py)."""
-
-
 def world_summary(spec: str) -> dict:
     """An embedded world's folder: its spec (preset, seed, splits, held-out factors), the stages done, each model's
     training time, and report.json's gate figures once the world is finished."""
     from sae_core.world.dataset import WorldDataset
 
     from .world import STAGE_FILE
+    from .world.stages import STAGES, stage_done
 
     path = Path(spec).expanduser()
     meta = read_json_object(path / "world.json", "rebuild the world with `python -m precompute world`")
@@ -248,12 +241,12 @@ def world_summary(spec: str) -> dict:
             stage.is_file() else None
     report = (read_json_object(path / "report.json", "delete it and resume the world command")
               if (path / "report.json").is_file() else None)
-    done = ["world", *(n for n in ("clip", "llava") if models[n] is not None), *(["report"] if report else [])]
+    done = [s for s in STAGES if stage_done(path, s)]
     gates = (report or {}).get("gates") or {}
     return {"kind": "world", "path": str(path), "preset": meta.get("preset"), "seed": meta.get("seed"),
             "splits": meta.get("splits"), "image_size": meta.get("image_size"), "ood_shape": meta.get("ood_shape"),
             "ood_colour": meta.get("ood_colour"), "stages_done": done,
-            "complete": done == list(WORLD_STAGES),
+            "complete": done == list(STAGES),
             "model_seconds": {n: (m or {}).get("seconds") for n, m in models.items()},
             "report": {k: report[k] for k in gates if k in report} if report else None, "gates": gates or None,
             "gates_passed": (report or {}).get("gates_passed"), "build_time_s": (report or {}).get("build_time_s")}

@@ -55,7 +55,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from sae_core.precision import warn_if_slow_half
     from sae_core.steering import SteeringSession, read_image_file
 
     torch.manual_seed(0)
@@ -92,8 +91,6 @@ def run(args) -> int:
         image = int(image)
     elif not image.startswith("world:"):
         read_image_file(image)  # a missing or unreadable file is said before LLaVA loads, not after
-    if args.precision != "fp16":  # off CUDA the session refuses fp16 in its own sentence; on CUDA it is fast
-        warn_if_slow_half(args.device, args.precision, "--precision fp32")
     if args.sae is not None:
         session = SteeringSession.from_paths(args.sae, args.llava, args.layer, device=args.device,
                                              precision=args.precision)

@@ -40,7 +40,6 @@ def run(args) -> int:
     import torch
 
     from sae_core.atomic import write_json_atomic
-    from sae_core.precision import warn_if_slow_half
     from sae_core.steering import SteeringSession
     from sae_core.steering_eval import LEARN_LAMBDA, LEARN_STEPS, MIN_IMAGES, evaluate_world
 
@@ -69,8 +68,6 @@ def run(args) -> int:
                 check_writable(Path(path))
             except UserError as e:  # its sentence names --out
                 raise UserError(re.sub(r"--out\b", flag, str(e))) from None
-    if args.precision != "fp16":  # off CUDA the session refuses fp16 in its own sentence; on CUDA it is fast
-        warn_if_slow_half(args.device, args.precision, "--precision fp32")
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
     world = session.bundle.world_dir  # the world the bundle carries, else the one its manifest names
     if world is None:

@@ -52,6 +52,12 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output directory (re-running the same command resumes)")
 
 
+def finished(out: Path) -> bool:
+    """Whether `out` holds an SAE this command finished (its config written, its checkpoint removed): what a rerun,
+    the demo and `crossmodal` skip the training by, and what `inspect` reports as done."""
+    return (out / CONFIG).is_file() and not (out / "checkpoint").exists()
+
+
 ARCH_OPTIONS = {"k": K_ARCHS, "aux_k": K_ARCHS, "aux_coeff": K_ARCHS, "l1_coeff": ("relu",),
                 "groups": ("matryoshka",)}
 """The options only some architectures read, and those: given to another, one was silently ignored."""
@@ -97,7 +103,7 @@ def _train(args, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig, o
     """run's writing half: resume or finish the run in `out` (rank 0 holds its lock)."""
     # what a killed write left (the last run's log or metrics half-written); the names this command writes
     remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
-    if (out / CONFIG).exists() and not (out / "checkpoint").exists():
+    if finished(out):
         try:
             done = json.loads((out / CONFIG).read_text())
         except ValueError:

@@ -56,7 +56,7 @@ from torch import nn
 
 from .adapters import load_adapter, loads_a_model
 from .errors import UserError, checked_index
-from .precision import resolve_device
+from .precision import resolve_device, warn_if_slow_half
 from .world.text import WHAT_IS_SHOWN, llava_prompt
 
 MODES = ("set", "add")
@@ -331,6 +331,7 @@ class SteeringSession:
 
         device = resolve_device(device)
         kwargs, compute = llava_load_options(llava_spec, device, precision)
+        warn_if_slow_half(device, compute, "--precision fp32")  # after the refusals: fp16 off CUDA is one sentence
         self.adapter = load_adapter(llava_spec, full_llava=kwargs or True)
         self.adapter.to(device, compute)  # a model placed by from_pretrained only records device and dtype
         if self.adapter.read_layer is None:

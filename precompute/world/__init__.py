@@ -75,13 +75,12 @@ def run(args) -> int:
     done = []
     try:
         with writer_lock(out):  # a second `world --out` here (or a second app start's build) is refused
-            for name, fn in (("world", stages.stage_world), ("clip", stages.stage_clip),
-                             ("llava", stages.stage_llava), ("report", stages.stage_report)):
+            for name in stages.STAGES:
                 if stages.stage_done(out, name):
                     print(f"[world] stage {name}: already done, skipped", file=sys.stderr)
                     continue
                 t = time.time()
-                fn(out, preset, args.seed)
+                getattr(stages, f"stage_{name}")(out, preset, args.seed)
                 done.append(name)
                 print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
     finally:

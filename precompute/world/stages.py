@@ -17,6 +17,8 @@ from sae_core.world.text import CHAT_TEMPLATE, build_tokenizer, vocabulary
 from . import STAGE_FILE, _fresh_tmp, _write_json
 from .pool import IMAGE_MEAN, IMAGE_STD, Pool
 
+STAGES = ("world", "clip", "llava", "report")
+"""The stages of `precompute world`, in order; each is done when `stage_done` says so."""
 GATE_KEYS = ("clip_colour_acc", "clip_shape_acc", "llava_colour_acc", "llava_shape_acc", "caption_acc")
 LATER = {"world": ("clip", "llava", "report.json"), "clip": ("llava", "report.json"), "llava": ("report.json",)}
 
