@@ -157,6 +157,17 @@ def initial(component):
     return component.value
 
 
+def on_link(demo, is_link):
+    """A page-load step with no outputs; what is chained after it with .success runs only for an address that
+    `is_link` (given inputs.decode_state's dict) accepts. The restores that write `as_sent` boxes run behind it:
+    a load that wrote such a box for every address (its first value: see `initial`) replaced what the user had
+    typed there meanwhile when the server answered late (a CI dry run: "2.5" typed, image 0 opened)."""
+    def check(request: gr.Request):
+        if not is_link(inputs.decode_state(dict(request.query_params) if request else {})):
+            raise gr.Error("not that kind of link", visible=False, print_exception=False)
+    return demo.load(check, None, None, api_name=False, show_progress="hidden", queue=False)
+
+
 def plotly_json(fig: dict) -> PlotData:
     """A plotly figure given as a JSON dict, handed to gr.Plot without building a go.Figure."""
     return PlotData(type="plotly", plot=json.dumps(fig))
@@ -453,7 +464,7 @@ class SteerTab:
                 return gr.update(), gr.update()
             return steer_load_image(image_index, upload, patches)
 
-        demo.load(steer_restore_from_url, None,
+        on_link(demo, lambda state: state.get("tab") == "steer").success(steer_restore_from_url, None,
                   [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,
                    *self.slot_inputs()], api_name="steer_restore_from_url").success(
             steer_restore_latents, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
@@ -771,7 +782,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                             gr.Warning(f"part of the link could not be restored: {e}; it is left at its default")
             return (*values, query, neuron_table(*values), "")
 
-        demo.load(neurons_restore, None, filters + [text_query, table, search_note], api_name=False)
+        on_link(demo, lambda state: state.get("tab") == "neurons").success(
+            neurons_restore, None, filters + [text_query, table, search_note], api_name=False)
+        on_link(demo, lambda state: state.get("tab") != "neurons").success(
+            lambda: (neuron_table(*filter_defaults), ""), None, [table, search_note], api_name=False)
         for listener in (*filter_runs, text_button.click, text_query.submit):  # a table it does not explain
             listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
         # nor does a search's note explain a filter's table, or the filter's CSV a search's table (its
@@ -992,15 +1006,6 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         img_neurons.select(open_neuron_from_image, None, page_targets, api_name="open_neuron_from_image")
 
-        def images_link(request: gr.Request):
-            """Go on to images_restore_from_url only for a link to the Images page. Otherwise nothing of the page is
-            written: a load that wrote the id box its first value (a value, since any update re-rounds the box)
-            replaced what the user had typed there meanwhile, when the server answered late (seen on a loaded
-            host: "2.5" typed, image 0 opened)."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
-            if state.get("tab") != "images":
-                raise gr.Error("not a link to the Images page", visible=False, print_exception=False)
-
         def images_restore_from_url(request: gr.Request):
             """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
@@ -1027,7 +1032,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 found = (*found[:3], found[2])  # the text box holds the searched text too
             return (*found, *shown)
 
-        demo.load(images_link, None, None, api_name=False, show_progress="hidden").success(
+        on_link(demo, lambda state: state.get("tab") == "images").success(
             images_restore_from_url, None, img_search_out[:-1] + [img_query] + img_neuron_out[:-1] + [img_row],
             api_name=False)
 
@@ -1124,7 +1129,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     gr.Warning(f"the link's subtree could not be drawn: {getattr(e, 'message', e)}")
             return (kind, root, *hierarchy(kind, root))
 
-        demo.load(hierarchy_restore, None, [tree_kind, tree_root] + tree_outputs, api_name=False)
+        on_link(demo, lambda state: state.get("tab") == "hierarchy").success(
+            hierarchy_restore, None, [tree_kind, tree_root] + tree_outputs, api_name=False)
+        on_link(demo, lambda state: state.get("tab") != "hierarchy").success(
+            lambda: hierarchy("sunburst", -1), None, tree_outputs, api_name=False)
 
         url_box.change(None, url_box, None, js=SET_URL_JS)
         # a tab picked by hand: its address (TAB_ADDRESS_JS) into the url box, in the browser only
@@ -1134,11 +1142,25 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         if isinstance(steer_parts, SteerTab):
             steer_parts.wire(demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, img_id, img_steer)
 
-        # --- restore from the URL query on load
-        def restore(request: gr.Request):
+        # --- restore from the URL query on load: a neuron link's page behind `on_link`, and any other link's tab
+        def neuron_link(state):
+            return state.get("tab") == "neuron" or "neuron" in state
+
+        def link_tab(request: gr.Request):
+            """The link's tab, but for the tabs whose restores select them with what they restore: selected
+            first, the Neuron and Steer tabs would show the box's neuron or image (their first visit) over the
+            link's, when that answer came last."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
             tab = state.get("tab")
-            if tab == "neuron" or "neuron" in state:
+            return gr.Tabs(selected=tab) if tab and tab != "steer" and not neuron_link(state) else gr.update()
+
+        demo.load(link_tab, None, tabs, api_name=False, show_progress="hidden", queue=False)
+
+        def restore(request: gr.Request):
+            """A neuron link's page (?tab=neuron&neuron=K; the API's /restore_from_url answers any address)."""
+            state = inputs.decode_state(dict(request.query_params) if request else {})
+            tab = state.get("tab")
+            if neuron_link(state):
                 try:
                     page = page_outputs(state.get("neuron", ex.default_neuron))
                 except UserError as e:
@@ -1151,7 +1173,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return ((initial(neuron_in),) + (gr.update(),) * (len(page_targets) - 2)
                     + (gr.Tabs(selected=state["tab"]) if state.get("tab") else gr.update(),))
 
-        demo.load(restore, None, page_targets, api_name="restore_from_url")
+        on_link(demo, neuron_link).success(
+            restore, None, page_targets, api_name="restore_from_url")
     if searcher is not None:
         warm_when_served(demo, searcher)
     return demo

@@ -440,8 +440,13 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     pg.wait_for_function("() => location.search === '?tab=images&query=a+photo+of+a+blue+object'")
     # ... and "Images like this one" shows the image they are like, as its address does
     # on a grid with nothing picked (a result clicked before stayed enlarged, as another image, on the new results)
-    pg.locator("#image-results .thumbnail-item").nth(3).click()
+    result = pg.locator("#image-results .thumbnail-item").nth(3)
+    clicked = int(result.inner_text().split()[0].lstrip("#"))
+    result.click()
     pg.wait_for_selector("#image-results .preview")
+    # the click writes its image's id into the box: typed before that answer came, the id was replaced by
+    # the clicked one (seen once in CI, under load: the images like #{clicked} opened instead of #{other})
+    pg.wait_for_selector(f"#image-neurons-note:has-text('Image #{clicked} is in')")
     other = next(int(i) for i in top.ravel() if i >= 0 and i not in ids)
     pg.fill("#image-id input", str(other))
     pg.click("#image-like")

@@ -320,22 +320,55 @@ def explorer(tiny_bundle, tmp_path_factory):
     return Explorer(open_bundle(tiny_bundle), tmp_path_factory.mktemp("app_cache"))
 
 
-def test_a_plain_page_load_leaves_the_image_id_box_alone(explorer):
-    """Every page load wrote the Images page's id box its first value (0): a user who had typed an id meanwhile saw
-    it replaced when the server answered late (a CI dry run's browser test: "2.5" typed, image 0 opened). Only a link
-    to the Images page restores it now: the load's first step has no outputs, and the restore that writes the box
-    runs after it only on success (the step refuses, silently, any other link)."""
+def test_a_plain_page_load_leaves_every_typed_box_alone(explorer):
+    """Every page load wrote the number boxes whose values the app checks itself (`as_sent`: the Images and Neuron
+    ids, the Steer image and latents, the filter's support and rows, the subtree) their first values: a user who
+    had typed meanwhile saw it replaced when the server answered late (a CI dry run's browser test: "2.5" typed,
+    image 0 opened). Only a link to the box's page restores it now: no load step writes such a box, and each
+    step that does, in a chain started by a load, runs only on the success of a step with no outputs (which
+    refuses, silently, any other link)."""
+    from app import ui
+    from app.steer import SteerService
+
+    demo = ui.build(explorer, steer=SteerService(explorer))
+    typed = {i for i, block in demo.blocks.items() if "preprocess" in vars(block)}  # as_sent sets it on the instance
+    elems = {demo.blocks[i].elem_id for i in typed}
+    assert {"image-id", "neuron-id", "steer-image-index", "steer-latent-1", "tree-root"} <= elems, elems
+    deps = {d["id"]: d for d in demo.config["dependencies"]}
+
+    def root(d):
+        return root(deps[d["trigger_after"]]) if d.get("trigger_after") is not None else d
+
+    on_load = [d for d in deps.values() if any(event == "load" for _, event in root(d)["targets"])]
+    writers = [d for d in on_load if typed & set(d["outputs"])]
+    assert {demo.blocks[i].elem_id for d in writers for i in typed & set(d["outputs"])} >= elems - {None}
+    for d in writers:
+        assert d.get("trigger_after") is not None and d["trigger_only_on_success"], d
+        step = d
+        while step.get("trigger_after") is not None and step["outputs"]:
+            step = deps[step["trigger_after"]]
+        assert step["outputs"] == [], d
+
+
+def test_on_link_goes_on_only_for_its_links():
+    """`on_link`'s step: silent refusal (a hidden gr.Error) for any other address, nothing for its own."""
+    import gradio as gr
+
     from app import ui
 
-    cfg = ui.build(explorer).config
-    ids = {c["props"].get("elem_id"): c["id"] for c in cfg["components"] if c["props"].get("elem_id")}
-    box = ids["image-id"]
-    deps = {d["id"]: d for d in cfg["dependencies"]}
-    on_load = {i for i, d in deps.items() if any(event == "load" for _, event in d["targets"])}
-    assert on_load and not any(box in deps[i]["outputs"] for i in on_load)
-    writers = [d for d in deps.values() if d.get("trigger_after") in on_load and box in d["outputs"]]
-    assert len(writers) == 1 and writers[0]["trigger_only_on_success"]
-    assert deps[writers[0]["trigger_after"]]["outputs"] == []
+    with gr.Blocks() as demo:
+        ui.on_link(demo, lambda state: state.get("tab") == "images")
+    check = demo.fns[0].fn
+
+    class Request:
+        def __init__(self, query):
+            self.query_params = query
+
+    assert check(Request({"tab": "images", "image": "3"})) is None
+    for query in ({}, {"tab": "neuron"}, {"image": "3"}):
+        with pytest.raises(gr.Error) as e:
+            check(Request(query))
+        assert e.value.visible is False
 
 
 def test_pictures_show_what_the_model_sees_and_the_index_picks_the_image(explorer, tmp_path):
