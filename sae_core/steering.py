@@ -523,6 +523,19 @@ class SteeringSession:
             raise UserError(f"the prompt contains {token}, LLaVA's image placeholder; remove it (the image is "
                             "placed before the prompt already).")
 
+    def check_answer_length(self, prompt_len: int, max_new_tokens) -> None:
+        """UserError (one sentence) for an answer length that is not a whole number of tokens from 1, or that
+        runs past the language model's positions after the prompt (`prompt_len` tokens, the image's included):
+        generation went on past the context the model was trained on (rotary positions raise nothing), for as
+        many tokens as asked (the `steer` command's --max-new-tokens has no other bound)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise UserError(f"the answer length {max_new_tokens!r} is not a whole number of tokens from 1.")
+        limit = getattr(self.llava.config.text_config, "max_position_embeddings", None)
+        if limit and prompt_len + max_new_tokens > limit:
+            raise UserError(f"an answer of {max_new_tokens} tokens after the prompt's {prompt_len} (the image's "
+                            f"included) runs past the language model's {limit} positions; ask for at most "
+                            f"{max(limit - prompt_len, 0)}.")
+
     @torch.inference_mode()
     def features(self, h: torch.Tensor, clamps: Sequence) -> torch.Tensor:
         """Rows of the layer output LLaVA will read, one per clamp (ORIGINAL = unchanged): (B, T, D).
@@ -562,6 +575,7 @@ class SteeringSession:
         llava = self.llava
         B = h.shape[0]
         emb = self.prompt_embeddings(h, prompt)
+        self.check_answer_length(emb.shape[1], max_new_tokens)
         lm = llava.model.language_model
         cache = DynamicCache(config=llava.config.text_config)
         out = lm(inputs_embeds=emb, cache=cache, use_cache=True)  # `cache`: transformers >= 5.24 (was past_key_values)
@@ -594,6 +608,7 @@ class SteeringSession:
                                 padding=True).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.adapter.dtype)
+        self.check_answer_length(inputs["input_ids"].shape[1], max_new_tokens)
         kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                   pad_token_id=self.pad_id)
         if clamp is ORIGINAL:

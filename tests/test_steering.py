@@ -551,6 +551,33 @@ def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, sess
     assert out["clamp"]["positions"] == [session.layout.n_prefix + 5]
 
 
+def test_an_answer_past_the_language_models_positions_is_refused(tiny_bundle, session, images, capsys):
+    """`steer --max-new-tokens 100000` generated on past the positions the language model was trained on (the
+    tiny LLaVA's 128): an answer that does not fit after the prompt is one sentence naming the longest that
+    does, on the cached path, LLaVA's own generate and the command line; the longest that fits is answered."""
+    from precompute.__main__ import main
+    from sae_core.world.text import WHAT_IS_SHOWN, llava_prompt
+
+    limit = session.llava.config.text_config.max_position_embeddings
+    # what LLaVA's generate reads: the processor's ids for this image and prompt (image tokens expanded)
+    seen = session.processor(images=[images[0]], text=[llava_prompt(WHAT_IS_SHOWN)], return_tensors="pt")
+    room = limit - seen["input_ids"].shape[1]
+    assert 0 < room < 1000
+    with pytest.raises(UserError, match=rf"runs past the language model's {limit} positions; ask for at most {room}\."):
+        session.answers(images[0], [3], [5.0], max_new_tokens=room + 1)
+    with pytest.raises(UserError, match=rf"ask for at most {room}\."):
+        session.generate_full([images[0]], WHAT_IS_SHOWN, room + 1)
+    for bad in (0, -3, 2.5, True, "5"):
+        with pytest.raises(UserError, match="is not a whole number of tokens from 1"):
+            session.answer_batch([images[0]], [ORIGINAL], max_new_tokens=bad)
+    long = session.answers(images[0], [3], [5.0], max_new_tokens=room)
+    assert all(isinstance(a, str) for a in (long.original, long.sae, long.steered))
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:1", "--device", "cpu", "--latent", "3",
+                 "--value", "5", "--max-new-tokens", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert f"ask for at most {room}." in err and len(said_lines(err)) == 1, err
+
+
 def test_a_prompt_holding_the_image_placeholder_is_refused_in_one_sentence(tiny_bundle, session, capsys):
     """--prompt "What is <image> here?" ended in the processor's ValueError traceback (two <image> tokens,
     one image), on the cached path and on generate's alike."""
