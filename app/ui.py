@@ -742,9 +742,11 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def neurons_restore(request: gr.Request):
             """The table on page load: ?tab=neurons&search=Q's text search, or the link's filter fields (each
-            checked alone: a bad one is warned about and left at its default), else the default filter."""
+            checked alone: a bad one is warned about and left at its default), else the default filter. The search
+            box is written only with the link's search: "" replaced a search typed before this answer came, which
+            Enter then sent empty."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
-            values, query = list(filter_defaults), ""
+            values, query = list(filter_defaults), gr.update()
             if state.get("tab") == "neurons" and state.get("search"):
                 try:
                     found, note = search_neurons_by_text(state["search"])
@@ -1152,7 +1154,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             link's, when that answer came last."""
             state = inputs.decode_state(dict(request.query_params) if request else {})
             tab = state.get("tab")
-            return gr.Tabs(selected=tab) if tab and tab != "steer" and not neuron_link(state) else gr.update()
+            restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
+            return gr.Tabs(selected=tab) if tab and not restored else gr.update()
 
         demo.load(link_tab, None, tabs, api_name=False, show_progress="hidden", queue=False)
 

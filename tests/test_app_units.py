@@ -350,6 +350,74 @@ def test_a_plain_page_load_leaves_every_typed_box_alone(explorer):
         assert step["outputs"] == [], d
 
 
+def page_load(demo, query: dict) -> dict:
+    """What the page-load chains without inputs write for an address, run as Gradio runs them (a chain goes on
+    after a step only when it returned; an error stops it): {component id: last value written}."""
+    import inspect
+
+    import gradio as gr
+
+    class Request:
+        query_params = query
+
+    deps = demo.config["dependencies"]
+    written = {}
+
+    def run(d):
+        if d["inputs"]:
+            return  # a step that reads the page (the Steer page's model call): not a restore
+        fn = demo.fns[d["id"]].fn
+        if fn is None:
+            return  # javascript only
+        try:
+            out = fn(Request()) if inspect.signature(fn).parameters else fn()
+        except gr.Error:
+            return
+        out = out if isinstance(out, tuple) else (out,)
+        # an empty gr.update() changes nothing on the page
+        written.update((i, v) for i, v in zip(d["outputs"], out) if not (isinstance(v, dict) and set(v) == {"__type__"}))
+        for nxt in deps:
+            if nxt.get("trigger_after") == d["id"]:
+                run(nxt)
+
+    for d in deps:
+        if d.get("trigger_after") is None and any(event == "load" for _, event in d["targets"]):
+            run(d)
+    return written
+
+
+def test_a_link_opens_its_tab_with_what_it_restores(explorer):
+    """The tab a link names is opened, with what the link restores, whether or not the app can steer (the Steer
+    tab of an app without a model is opened by a ?tab=steer link too, its reason shown); a plain load opens no tab
+    and writes no number box (see above)."""
+    from app import ui
+    from app.steer import SteerService
+
+    def selected(written, demo):
+        tabs = next(i for i, b in demo.blocks.items() if type(b).__name__ == "Tabs")
+        v = written.get(tabs)
+        return getattr(v, "selected", None) or (v.get("selected") if isinstance(v, dict) else None)
+
+    for steer in (SteerService(explorer), None):
+        demo = ui.build(explorer, steer=steer)
+        box = {b.elem_id: i for i, b in demo.blocks.items() if b.elem_id}
+        for query, tab in (({"tab": "steer", "image": "3"}, "steer"), ({"tab": "images", "image": "4"}, "images"),
+                           ({"neuron": "5", "tab": "overview"}, "overview"), ({"tab": "neuron", "neuron": "6"}, "neuron"),
+                           ({"tab": "hierarchy"}, "hierarchy"), ({}, None)):
+            written = page_load(demo, query)
+            assert selected(written, demo) == tab, (steer, query)
+            if query.get("neuron"):
+                assert written[box["neuron-id"]] == int(query["neuron"])
+            if query.get("image") and (tab != "steer" or steer):
+                assert written[box["image-id" if tab == "images" else "steer-image-index"]] == int(query["image"])
+        typed = {i for i, b in demo.blocks.items() if "preprocess" in vars(b)}
+        assert not typed & set(page_load(demo, {}))
+        # a filter's link leaves the search box alone: it wrote "", over a search typed before it was answered
+        written = page_load(demo, {"tab": "neurons", "label": "red"})
+        label_box = next(i for i, b in demo.blocks.items() if str(getattr(b, "label", "")).startswith("label contains"))
+        assert box["neuron-query"] not in written and written[label_box] == "red"
+
+
 def test_on_link_goes_on_only_for_its_links():
     """`on_link`'s step: silent refusal (a hidden gr.Error) for any other address, nothing for its own."""
     import gradio as gr
