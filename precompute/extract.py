@@ -13,6 +13,7 @@ stopped (even with another number of processes). Manifests are written last, aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
-from sae_core.atomic import first_difference, remove_stale_temporaries
+from sae_core.atomic import first_difference, remove_stale_temporaries, writer_lock
 from sae_core.errors import UserError
 
 from .args import command_line, nonnegative_int, out_folder, positive_int
@@ -195,6 +196,15 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
 
 def extract(cfg: ExtractConfig, command: str = "") -> dict:
     """Run (or resume) an extraction; returns the run summary written to OUT/extract.json."""
+    out_folder(Path(cfg.out), "the activation stores", writes=("extraction",))
+    # under torchrun every rank writes its own shards of OUT and rank 0 holds OUT's lock: a second launch into
+    # the same folder is refused while this one runs (its rank 0 before its plan, which its other ranks wait for
+    # before they write); before, both wrote the same shards and each removed the other's temporaries
+    with writer_lock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return _extract(cfg, command)
+
+
+def _extract(cfg: ExtractConfig, command: str) -> dict:
     import torch
 
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
@@ -203,7 +213,6 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     from sae_core.precision import resolve_device, warn_if_slow_half
     from sae_core.progress import progress_bar
 
-    out_folder(Path(cfg.out), "the activation stores", writes=("extraction",))
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size} must be at least 1.")
     if cfg.dtype not in STORE_DTYPES:

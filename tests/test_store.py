@@ -71,6 +71,10 @@ def test_a_folder_being_written_is_refused_to_a_second_writer_until_its_holder_e
         # a command into that folder stops before writing anything (the world command: its first write)
         assert main(["world", "--out", str(folder), "--preset", "tiny"]) == 2
         assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
+        # extract too (refused before its model or dataset is read: neither exists here)
+        assert main(["extract", "--model", f"hf:{tmp_path / 'no_model'}", "--dataset", f"imagefolder:{tmp_path}",
+                     "--out", str(folder)]) == 2
+        assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
         assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # as a killed job: the kernel drops its lock, its .lock file stays
