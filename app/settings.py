@@ -34,7 +34,14 @@ bound only costs a new copy for a returning tab."""
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """A yes/no variable; UserError for anything else (SAE_APP_LOAD_4BIT=maybe loaded the model in full size)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise UserError(f"{name}={os.environ[name]!r} is neither yes nor no; set it to 1 or 0 (true/false, yes/no, on/off "
+                    "also do), or unset it.")
 
 
 @dataclass(frozen=True)

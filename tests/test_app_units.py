@@ -660,6 +660,15 @@ def test_settings_from_env_and_flags(monkeypatch, tmp_path):
         monkeypatch.setenv("SAE_APP_SESSIONS", bad)
         with pytest.raises(UserError, match="SAE_APP_SESSIONS"):
             AppSettings.from_env()
+    monkeypatch.delenv("SAE_APP_SESSIONS")
+    # a yes/no variable is yes or no: "maybe" (or a typo of "true") loaded the steering model in full size, silently
+    for value, meant in (("TRUE", True), (" on ", True), ("0", False), ("No", False), ("", False)):
+        monkeypatch.setenv("SAE_APP_LOAD_4BIT", value)
+        assert AppSettings.from_env().load_4bit is meant, value
+    for bad in ("maybe", "ture", "2"):
+        monkeypatch.setenv("SAE_APP_LOAD_4BIT", bad)
+        with pytest.raises(UserError, match=rf"^SAE_APP_LOAD_4BIT='{bad}' is neither yes nor no; set it to 1 or 0"):
+            AppSettings.from_env()
 
 
 def test_missing_named_bundle_is_a_message_not_a_build(tmp_path, capsys):
