@@ -161,11 +161,13 @@ def on_link(demo, is_link):
     """A page-load step with no outputs; what is chained after it with .success runs only for an address that
     `is_link` (given inputs.decode_state's dict) accepts. The restores that write `as_sent` boxes run behind it:
     a load that wrote such a box for every address (its first value: see `initial`) replaced what the user had
-    typed there meanwhile when the server answered late (a CI dry run: "2.5" typed, image 0 opened)."""
+    typed there meanwhile when the server answered late (a CI dry run: "2.5" typed, image 0 opened). Queued, as
+    every load step: one sent outside the queue made the browser open a second event stream that could stay
+    open (the page never went idle: 6 of 20 loads here, 0 of 15 with every step queued)."""
     def check(request: gr.Request):
         if not is_link(inputs.decode_state(dict(request.query_params) if request else {})):
             raise gr.Error("not that kind of link", visible=False, print_exception=False)
-    return demo.load(check, None, None, api_name=False, show_progress="hidden", queue=False)
+    return demo.load(check, None, None, api_name=False, show_progress="hidden")
 
 
 def plotly_json(fig: dict) -> PlotData:
@@ -786,8 +788,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         on_link(demo, lambda state: state.get("tab") == "neurons").success(
             neurons_restore, None, filters + [text_query, table, search_note], api_name=False)
-        on_link(demo, lambda state: state.get("tab") != "neurons").success(
-            lambda: (neuron_table(*filter_defaults), ""), None, [table, search_note], api_name=False)
+
+        def neurons_default(request: gr.Request):
+            """The default filter's table on any other page load (one step: no box of the filter is written)."""
+            if inputs.decode_state(dict(request.query_params) if request else {}).get("tab") == "neurons":
+                return gr.update(), gr.update()
+            return neuron_table(*filter_defaults), ""
+
+        demo.load(neurons_default, None, [table, search_note], api_name=False)
         for listener in (*filter_runs, text_button.click, text_query.submit):  # a table it does not explain
             listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
         # nor does a search's note explain a filter's table, or the filter's CSV a search's table (its
@@ -1133,8 +1141,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         on_link(demo, lambda state: state.get("tab") == "hierarchy").success(
             hierarchy_restore, None, [tree_kind, tree_root] + tree_outputs, api_name=False)
-        on_link(demo, lambda state: state.get("tab") != "hierarchy").success(
-            lambda: hierarchy("sunburst", -1), None, tree_outputs, api_name=False)
+
+        def hierarchy_default(request: gr.Request):
+            """The whole sunburst on any other page load (one step: the subtree box is not written)."""
+            if inputs.decode_state(dict(request.query_params) if request else {}).get("tab") == "hierarchy":
+                return (gr.update(),) * len(tree_outputs)
+            return hierarchy("sunburst", -1)
+
+        demo.load(hierarchy_default, None, tree_outputs, api_name=False)
 
         url_box.change(None, url_box, None, js=SET_URL_JS)
         # a tab picked by hand: its address (TAB_ADDRESS_JS) into the url box, in the browser only
@@ -1157,7 +1171,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
             return gr.Tabs(selected=tab) if tab and not restored else gr.update()
 
-        demo.load(link_tab, None, tabs, api_name=False, show_progress="hidden", queue=False)
+        demo.load(link_tab, None, tabs, api_name=False, show_progress="hidden")  # queued: see `on_link`
 
         def restore(request: gr.Request):
             """A neuron link's page (?tab=neuron&neuron=K; the API's /restore_from_url answers any address)."""

@@ -476,16 +476,29 @@ def test_fractional_ids_are_refused_after_a_plain_load(page, explorer_app):
     pg.wait_for_selector("text=neuron id 3.5 is not an integer; give an integer between 0 and")
     assert pg.inner_text("#neuron-header h3") == shown and "neuron=4" not in pg.url
     pg.get_by_role("tab", name="Images", exact=True).click()
-    pg.fill("#image-id input", "2.5")
-    pg.click("#image-open")
-    pg.wait_for_selector("text=image id 2.5 is not an integer; give an integer between 0 and")
+    type_and_send(pg, "#image-id input", "2.5", "#image-open", "image id 2.5 is not an integer; give an integer between 0 and")
     assert "Image #2 " not in pg.inner_text("#image-neurons-note")
     pg.get_by_role("tab", name="Steer", exact=True).click()
     pg.wait_for_selector("#steer-picture img")
-    pg.fill("#steer-latent-1 input", "7.5")
-    pg.click("#steer-button")
-    pg.wait_for_selector("text=neuron id 7.5 is not an integer; give an integer between 0 and")
+    type_and_send(pg, "#steer-latent-1 input", "7.5", "#steer-button", "neuron id 7.5 is not an integer; give an integer between 0 and")
     assert "latents=" not in pg.url
+
+
+def type_and_send(pg, box: str, typed: str, button: str, refusal: str):
+    """Type into a box of a tab just opened, once it shows its first value, check it holds what was typed, click,
+    and wait for the refusal; a failure says what the box held and what the page opened
+    (one CI run opened image 0 for "2.5", a box that held 0 at the click, which no run here reproduced)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    pg.wait_for_function("(s) => { const e = document.querySelector(s); return !!e && e.value !== ''; }", arg=box)
+    pg.fill(box, typed)
+    wait_value(pg, box, typed)
+    pg.click(button)
+    try:
+        pg.wait_for_selector(f"text={refusal}")
+    except PlaywrightTimeout:
+        raise AssertionError(f"no refusal of {typed!r}: the box holds {pg.input_value(box)!r}, the page is at "
+                             f"{pg.url}") from None
 
 
 def test_a_bad_image_id_is_one_message_without_error_badges(page, explorer_app):
