@@ -157,15 +157,20 @@ def initial(component):
     return component.value
 
 
+def link_state(request) -> dict:
+    """The page address's fields (inputs.decode_state of its query); {} for a call that has no request."""
+    return inputs.decode_state(dict(request.query_params) if request else {})
+
+
 def on_link(demo, is_link):
     """A page-load step with no outputs; what is chained after it with .success runs only for an address that
-    `is_link` (given inputs.decode_state's dict) accepts. The restores that write `as_sent` boxes run behind it:
+    `is_link` (given `link_state`) accepts. The restores that write `as_sent` boxes run behind it:
     a load that wrote such a box for every address (its first value: see `initial`) replaced what the user had
     typed there meanwhile when the server answered late (a CI dry run: "2.5" typed, image 0 opened). Queued, as
     every load step: one sent outside the queue made the browser open a second event stream that could stay
     open (the page never went idle: 6 of 20 loads here, 0 of 15 with every step queued)."""
     def check(request: gr.Request):
-        if not is_link(inputs.decode_state(dict(request.query_params) if request else {})):
+        if not is_link(link_state(request)):
             raise gr.Error("not that kind of link", visible=False, print_exception=False)
     return demo.load(check, None, None, api_name=False, show_progress="hidden")
 
@@ -411,7 +416,7 @@ class SteerTab:
 
         @user_errors
         def steer_restore_from_url(request: gr.Request):
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             if state.get("tab") != "steer":  # the number boxes keep their first values (see `initial`)
                 return (initial(self.image_index),) + (gr.update(),) * 5 + tuple(initial(c) for c in self.slot_inputs())
             refused = []
@@ -457,7 +462,7 @@ class SteerTab:
         @user_errors
         def steer_restore_latents(image_index, upload, patches, request: gr.Request):
             """A restored steer link with an image: the latents that fire on it, as the Load button gives."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             try:  # the link's image, where it was restored (a refused one was warned about)
                 restored = ex.check_image(state.get("image"), "image index") == image_index
             except UserError:
@@ -747,7 +752,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             checked alone: a bad one is warned about and left at its default), else the default filter. The search
             box is written only with the link's search: "" replaced a search typed before this answer came, which
             Enter then sent empty."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             values, query = list(filter_defaults), gr.update()
             if state.get("tab") == "neurons" and state.get("search"):
                 try:
@@ -791,7 +796,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def neurons_default(request: gr.Request):
             """The default filter's table on any other page load (one step: no box of the filter is written)."""
-            if inputs.decode_state(dict(request.query_params) if request else {}).get("tab") == "neurons":
+            if link_state(request).get("tab") == "neurons":
                 return gr.update(), gr.update()
             return neuron_table(*filter_defaults), ""
 
@@ -1018,7 +1023,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def images_restore_from_url(request: gr.Request):
             """?tab=images&query=Q&image=I: the text search of Q, or else the images like I; I's neurons."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             found, shown = (gr.update(),) * 4, (initial(img_id),) + (gr.update(),) * 4
             image, query = state.get("image"), state.get("query")
             # the image and the search are restored apart, a bad field losing only itself, and each field
@@ -1127,7 +1132,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def hierarchy_restore(request: gr.Request):
             """The drawing on page load: ?tab=hierarchy&root=R&kind=treemap's, else the whole sunburst."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             kind, root = "sunburst", initial(tree_root)
             if state.get("tab") == "hierarchy":
                 kind = "treemap" if state.get("kind") == "treemap" else "sunburst"
@@ -1144,7 +1149,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def hierarchy_default(request: gr.Request):
             """The whole sunburst on any other page load (one step: the subtree box is not written)."""
-            if inputs.decode_state(dict(request.query_params) if request else {}).get("tab") == "hierarchy":
+            if link_state(request).get("tab") == "hierarchy":
                 return (gr.update(),) * len(tree_outputs)
             return hierarchy("sunburst", -1)
 
@@ -1166,7 +1171,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """The link's tab, but for the tabs whose restores select them with what they restore: selected
             first, the Neuron and Steer tabs would show the box's neuron or image (their first visit) over the
             link's, when that answer came last."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             tab = state.get("tab")
             restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
             return gr.Tabs(selected=tab) if tab and not restored else gr.update()
@@ -1175,7 +1180,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def restore(request: gr.Request):
             """A neuron link's page (?tab=neuron&neuron=K; the API's /restore_from_url answers any address)."""
-            state = inputs.decode_state(dict(request.query_params) if request else {})
+            state = link_state(request)
             tab = state.get("tab")
             if neuron_link(state):
                 try:
