@@ -531,10 +531,13 @@ class SteeringSession:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise UserError(f"the answer length {max_new_tokens!r} is not a whole number of tokens from 1.")
         limit = getattr(self.llava.config.text_config, "max_position_embeddings", None)
+        if limit and prompt_len >= limit:
+            raise UserError(f"the prompt's {prompt_len} tokens (the image's included) fill the language model's {limit} "
+                            "positions, leaving none for an answer; shorten the prompt.")
         if limit and prompt_len + max_new_tokens > limit:
             raise UserError(f"an answer of {max_new_tokens} tokens after the prompt's {prompt_len} (the image's "
                             f"included) runs past the language model's {limit} positions; ask for at most "
-                            f"{max(limit - prompt_len, 0)}.")
+                            f"{limit - prompt_len}.")
 
     @torch.inference_mode()
     def features(self, h: torch.Tensor, clamps: Sequence) -> torch.Tensor:

@@ -570,6 +570,9 @@ def test_an_answer_past_the_language_models_positions_is_refused(tiny_bundle, se
     for bad in (0, -3, 2.5, True, "5"):
         with pytest.raises(UserError, match="is not a whole number of tokens from 1"):
             session.answer_batch([images[0]], [ORIGINAL], max_new_tokens=bad)
+    with pytest.raises(UserError, match=rf"^the prompt's \d+ tokens \(the image's included\) fill the language "
+                                        rf"model's {limit} positions, leaving none for an answer; shorten the prompt\.$"):
+        session.answers(images[0], [3], [5.0], prompt="red " * limit, max_new_tokens=1)
     long = session.answers(images[0], [3], [5.0], max_new_tokens=room)
     assert all(isinstance(a, str) for a in (long.original, long.sae, long.steered))
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:1", "--device", "cpu", "--latent", "3",
