@@ -348,6 +348,9 @@ def test_a_plain_page_load_leaves_every_typed_box_alone(explorer):
         while step.get("trigger_after") is not None and step["outputs"]:
             step = deps[step["trigger_after"]]
         assert step["outputs"] == [], d
+    # and every load step with a server function is queued: steps sent outside the queue at load made the browser
+    # open a second event stream that could stay open (6 of 20 page loads never went idle)
+    assert all(d["queue"] for d in on_load if d["backend_fn"]), [d["id"] for d in on_load if not d["queue"]]
 
 
 def page_load(demo, query: dict) -> dict:
