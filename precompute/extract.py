@@ -13,7 +13,6 @@ stopped (even with another number of processes). Manifests are written last, aft
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
-from sae_core.atomic import first_difference, remove_stale_temporaries, writer_lock
+from sae_core.atomic import first_difference, rank_zero_writer_lock, remove_stale_temporaries
 from sae_core.errors import UserError
 
 from .args import command_line, nonnegative_int, out_folder, positive_int
@@ -200,7 +199,7 @@ def extract(cfg: ExtractConfig, command: str = "") -> dict:
     # under torchrun every rank writes its own shards of OUT and rank 0 holds OUT's lock: a second launch into
     # the same folder is refused while this one runs (its rank 0 before its plan, which its other ranks wait for
     # before they write); before, both wrote the same shards and each removed the other's temporaries
-    with writer_lock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    with rank_zero_writer_lock(cfg.out):
         return _extract(cfg, command)
 
 

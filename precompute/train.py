@@ -1,16 +1,14 @@
 """`python -m precompute train`: train an SAE on an activation store or a plain (N, d) .npy file."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import platform
 from pathlib import Path
 
 import torch
 
 from sae_core.activation_store import ActivationStore
-from sae_core.atomic import remove_stale_temporaries, strict_json, writer_lock
+from sae_core.atomic import rank_zero_writer_lock, remove_stale_temporaries, strict_json
 from sae_core.checkpoint import CONFIG, WEIGHTS, sae_format
 from sae_core.distributed import finish_distributed, init_distributed, local_device
 from sae_core.errors import UserError
@@ -95,7 +93,7 @@ def run(args) -> int:
         raise UserError(f"--out {out} holds an SAE in {layout}'s layout; give a new folder for the SAE.")
     # under torchrun every rank runs this and rank 0 writes `out`: it holds the lock, so a second launch into the
     # same folder is refused while this one runs (both wrote the checkpoint, and each removed the other's temporaries)
-    with writer_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    with rank_zero_writer_lock(out):
         return _train(args, store, sae_cfg, cfg, out)
 
 

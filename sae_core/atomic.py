@@ -5,7 +5,7 @@ import json
 import math
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import UserError
@@ -196,3 +196,9 @@ def writer_lock(folder: str | Path):
         del _HELD[folder]
         path.unlink(missing_ok=True)  # before the lock goes: a newcomer then locks a file of its own
         f.close()
+
+
+def rank_zero_writer_lock(folder: str | Path):
+    """`writer_lock` for a command torchrun may start once per rank: rank 0 holds it (a plain run is rank 0), the
+    other ranks write under rank 0's lock; a second launch's rank 0 is refused before any of its ranks writes."""
+    return writer_lock(folder) if os.environ.get("RANK", "0") == "0" else nullcontext()

@@ -28,6 +28,12 @@ def not_utf8(path) -> UserError:
     return UserError(f"{path} is not UTF-8 text; save it as UTF-8 and run again.")
 
 
+def is_count(value) -> bool:
+    """Whether `value` is a whole number from 1 as a library caller passes it: a Python or numpy integer, not a
+    bool (what k, a chunk size or an answer length must be; 2.5 or True were taken as 2 or 1, 0 failed deep down)."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 def checked_index(value, what: str, n: int, covers: str) -> int:
     """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one; UserError (one
     sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import UserError, not_utf8
+from .errors import UserError, is_count, not_utf8
 from .precision import resolve_device
 
 # neuron columns per block inside one update, so a float64 copy of the chunk stays near 64 MiB
@@ -243,7 +243,7 @@ def monosemanticity_score(acts, embeddings, chunk: int = 4096, device="cpu", min
     Streams `chunk` images at a time through an MSAccumulator.
     """
     acts, embeddings = (x if isinstance(x, (np.ndarray, torch.Tensor)) else np.asarray(x) for x in (acts, embeddings))
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:  # 0 was range()'s ValueError
+    if not is_count(chunk):  # 0 was range()'s ValueError
         raise UserError(f"chunk must be a whole number of images, at least 1, got {chunk!r}.")
     if len(acts.shape) != 2 or len(embeddings.shape) != 2:
         raise UserError(f"activations must be (N images, K neurons) and embeddings (N, d); got shapes "

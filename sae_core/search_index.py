@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
-from .errors import UserError
+from .errors import UserError, is_count
 
 TEXT_POOL = 10
 """Text queries count a result as found when it is in the exact top-(TEXT_POOL * k): a text prompt
@@ -155,7 +155,7 @@ class SearchIndex:
         if q.shape[1] != self.d:
             raise UserError(f"query vectors have dimension {q.shape[1]} but the index holds dimension {self.d}; "
                             "embed queries with the bundle's embedder.")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_count(k):
             raise UserError(f"k={k!r} must be a whole number of results, at least 1.")
         if not np.isfinite(q).all():  # faiss returns arbitrary ids for a NaN query
             raise UserError("a query vector holds NaN or an infinity; embed the query again (an all-zero vector "

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .adapters import load_adapter, loads_a_model
-from .errors import UserError, checked_index
+from .errors import UserError, checked_index, is_count
 from .precision import resolve_device, warn_if_slow_half
 from .world.text import WHAT_IS_SHOWN, llava_prompt
 
@@ -528,7 +528,7 @@ class SteeringSession:
         runs past the language model's positions after the prompt (`prompt_len` tokens, the image's included):
         generation went on past the context the model was trained on (rotary positions raise nothing), for as
         many tokens as asked (the `steer` command's --max-new-tokens has no other bound)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        if not is_count(max_new_tokens):
             raise UserError(f"the answer length {max_new_tokens!r} is not a whole number of tokens from 1.")
         limit = getattr(self.llava.config.text_config, "max_position_embeddings", None)
         if limit and prompt_len >= limit:
