@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sae_core.activation_store import save_npy_atomic
-from sae_core.atomic import remove_stale_temporaries, write_json_atomic
+from sae_core.atomic import output_lock, remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
 from sae_core.precision import resolve_device
@@ -137,6 +137,15 @@ def run(args) -> int:
         if f.resolve() in sources:  # it was overwritten with the result
             raise UserError(f"--out {out} would replace {f.name}, the {sources[f.resolve()]} file; name another file.")
         check_writable(f)
+    # a second run writing this --out is refused: its cleanup of stale temporaries would delete this one's, and
+    # the two would share one checkpoint and leave scores and support of different runs side by side
+    with output_lock(out):
+        _write_ms(args, out, device, partial, min_support_file, outputs)
+    return 0
+
+
+def _write_ms(args, out: Path, device, partial: Path, min_support_file: Path, outputs: list[Path]) -> None:
+    """run's work, under out's lock: read the inputs, compute (resuming `partial`), write the outputs, say so."""
     ids, acts = load_activations(args.activations)
     emb = load_matrix(args.embeddings, "embeddings")
     remove_stale_temporaries(out.parent, [f.name for f in outputs])  # all of them beside out
@@ -173,4 +182,3 @@ def run(args) -> int:
     if args.min_support > 2:
         written.insert(1, min_support_file.name)
     print(f"wrote {out}, {', '.join(written[:-1])} and {written[-1]}")
-    return 0

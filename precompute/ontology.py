@@ -35,62 +35,62 @@ def run(args) -> int:
     if args.top < MIN_IMAGES:
         raise UserError(f"--top must be at least {MIN_IMAGES}: a unit is placed from at least {MIN_IMAGES} of its "
                         "top images.")
-    bundle, source, out, cache = open_inputs(args, "ontology")
-    spec = args.dataset or (f"world:{bundle.world_dir}:{bundle.manifest['world_split']}"
-                            if bundle.world_dir is not None and bundle.manifest.get("world_split")
-                            else bundle.manifest["dataset"]["spec"])
-    ds = open_dataset(spec)
-    n = len(ds) if args.max_images is None else min(args.max_images, len(ds))
-    if n < MIN_IMAGES:  # no unit could be placed: the file would hold only empty scores
-        raise UserError(f"{n} image{'s' if n != 1 else ''} of {spec} cannot place a unit in the taxonomy (a unit needs "
-                        f"{MIN_IMAGES} top images); give --max-images {MIN_IMAGES} or more (default: all "
-                        f"{len(ds)}).")
-    paths = {i: ds.taxonomy_path(i) for i in range(n)}  # checked before the features are extracted
-    if all(p is None for p in paths.values()):
-        raise UserError(f"{spec} has no taxonomy paths (world or iNaturalist-style folders); pass --dataset with one.")
-    feats = features(source, spec, cache, n, args.batch_size, "images")
+    with open_inputs(args, "ontology") as (bundle, source, out, cache):
+        spec = args.dataset or (f"world:{bundle.world_dir}:{bundle.manifest['world_split']}"
+                                if bundle.world_dir is not None and bundle.manifest.get("world_split")
+                                else bundle.manifest["dataset"]["spec"])
+        ds = open_dataset(spec)
+        n = len(ds) if args.max_images is None else min(args.max_images, len(ds))
+        if n < MIN_IMAGES:  # no unit could be placed: the file would hold only empty scores
+            raise UserError(f"{n} image{'s' if n != 1 else ''} of {spec} cannot place a unit in the taxonomy (a unit needs "
+                            f"{MIN_IMAGES} top images); give --max-images {MIN_IMAGES} or more (default: all "
+                            f"{len(ds)}).")
+        paths = {i: ds.taxonomy_path(i) for i in range(n)}  # checked before the features are extracted
+        if all(p is None for p in paths.values()):
+            raise UserError(f"{spec} has no taxonomy paths (world or iNaturalist-style folders); pass --dataset with one.")
+        feats = features(source, spec, cache, n, args.batch_size, "images")
 
-    def cut(lo, hi):  # an image without a path (a loose file beside the class folders) has no place
-        return lambda r: None if (p := paths[int(feats.ids[r])]) is None else p[lo:hi]
+        def cut(lo, hi):  # an image without a path (a loose file beside the class folders) has no place
+            return lambda r: None if (p := paths[int(feats.ids[r])]) is None else p[lo:hi]
 
-    views = {"taxonomy": cut(0, None)}
-    if isinstance(ds, WorldImages):  # the world's path is [family, shape, colour_group, colour]; other taxonomies not
-        views["shape_tree"] = cut(0, 2)
-        views["colour_tree"] = cut(2, None)
-    W_dec = source.sae.W_dec.detach().cpu().numpy()
-    units = {"sae": (feats.codes, True), "raw": (feats.raw, False)}
-    result = {"dataset": spec, "n_images": int(len(feats)), "top": args.top, "min_share": args.min_share,
-              "score": "Spearman(cophenetic distance of the average-linkage tree, taxonomy path length) over unit pairs",
-              "views": {}}
-    table = ["| view | units | clustering | placed units | tree agreement | null mean +- std | z |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    for view, path_of in views.items():
-        result["views"][view] = {}
-        for kind, (scores, positive) in units.items():
-            nodes = assign_nodes(top_images(scores, args.top, positive_only=positive), path_of, args.min_share,
-                                 MIN_IMAGES)
-            keep = np.array([n is not None and len(n) > 0 for n in nodes])
-            kept_nodes = [nodes[k] for k in np.flatnonzero(keep)]
-            depth = placed_depths(kept_nodes)
-            clusterings = {"coactivation": correlation_distance_matrix(scores[:, keep])}
-            if kind == "sae":
-                clusterings["decoder_cosine"] = cosine_distance_matrix(W_dec[keep])
-            entry = {"n_units": int(len(nodes)), "n_placed": int(keep.sum()), "placed_depths": depth}
-            for cname, dist in clusterings.items():
-                agg = tree_agreement(dist, kept_nodes, n_perm=args.permutations)
-                entry[cname] = agg.to_dict()
-                table.append(f"| {view} | {kind} | {cname} | {agg.n_units} | {agg.score:.3f} | "
-                             f"{agg.null_mean:.3f} +- {agg.null_std:.3f} | {agg.z:.1f} |")
-            result["views"][view][kind] = entry
-    if not any(e[c]["score"] is not None for v in result["views"].values() for e in v.values()
-               for c in ("coactivation", "decoder_cosine") if c in e):
-        # kept from writing over a file with figures (the app shows this file)
-        raise UserError(f"no clustering could be scored: fewer than 3 units were placed in any view from "
-                        f"{len(feats)} images; use more images (--max-images) or a lower --top; nothing written.")
-    paths_out = write_outputs(out, "ontology", result)
-    result["outputs"] = paths_out
-    print_result(args, result, table + ["", f"wrote {paths_out['json']}"])
-    return 0
+        views = {"taxonomy": cut(0, None)}
+        if isinstance(ds, WorldImages):  # the world's path is [family, shape, colour_group, colour]; other taxonomies not
+            views["shape_tree"] = cut(0, 2)
+            views["colour_tree"] = cut(2, None)
+        W_dec = source.sae.W_dec.detach().cpu().numpy()
+        units = {"sae": (feats.codes, True), "raw": (feats.raw, False)}
+        result = {"dataset": spec, "n_images": int(len(feats)), "top": args.top, "min_share": args.min_share,
+                  "score": "Spearman(cophenetic distance of the average-linkage tree, taxonomy path length) over unit pairs",
+                  "views": {}}
+        table = ["| view | units | clustering | placed units | tree agreement | null mean +- std | z |",
+                 "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        for view, path_of in views.items():
+            result["views"][view] = {}
+            for kind, (scores, positive) in units.items():
+                nodes = assign_nodes(top_images(scores, args.top, positive_only=positive), path_of, args.min_share,
+                                     MIN_IMAGES)
+                keep = np.array([n is not None and len(n) > 0 for n in nodes])
+                kept_nodes = [nodes[k] for k in np.flatnonzero(keep)]
+                depth = placed_depths(kept_nodes)
+                clusterings = {"coactivation": correlation_distance_matrix(scores[:, keep])}
+                if kind == "sae":
+                    clusterings["decoder_cosine"] = cosine_distance_matrix(W_dec[keep])
+                entry = {"n_units": int(len(nodes)), "n_placed": int(keep.sum()), "placed_depths": depth}
+                for cname, dist in clusterings.items():
+                    agg = tree_agreement(dist, kept_nodes, n_perm=args.permutations)
+                    entry[cname] = agg.to_dict()
+                    table.append(f"| {view} | {kind} | {cname} | {agg.n_units} | {agg.score:.3f} | "
+                                 f"{agg.null_mean:.3f} +- {agg.null_std:.3f} | {agg.z:.1f} |")
+                result["views"][view][kind] = entry
+        if not any(e[c]["score"] is not None for v in result["views"].values() for e in v.values()
+                   for c in ("coactivation", "decoder_cosine") if c in e):
+            # kept from writing over a file with figures (the app shows this file)
+            raise UserError(f"no clustering could be scored: fewer than 3 units were placed in any view from "
+                            f"{len(feats)} images; use more images (--max-images) or a lower --top; nothing written.")
+        paths_out = write_outputs(out, "ontology", result)
+        result["outputs"] = paths_out
+        print_result(args, result, table + ["", f"wrote {paths_out['json']}"])
+        return 0
 
 
 def placed_depths(nodes) -> dict:

@@ -78,86 +78,86 @@ def run(args) -> int:
     from sae_core.datasets import open_dataset
     from sae_core.ood import evaluate, ood_scores, roc_figure
 
-    bundle, source, out, cache = open_inputs(args, "ood")
-    id_spec = args.id_spec or world_split(bundle, "val") or bundle.manifest["dataset"]["spec"]
-    ood_spec = need_spec(args.ood_spec or world_split(bundle, "ood"), "OOD set", "--ood")
-    fit_spec = args.fit_spec or world_split(bundle, "train") or id_spec
-    ds_id, ds_ood, ds_fit = (open_dataset(s) for s in (id_spec, ood_spec, fit_spec))  # bad specs fail here
-    n_cal = max(0, args.cal_images)
-    if args.fit_images is not None and args.fit_images < args.k:  # the kNN detectors would use fewer neighbours
-        raise UserError(f"--fit-images {args.fit_images} is fewer than --k {args.k}: the kNN detectors score an image "
-                        f"by its {args.k}th nearest fit image; give --fit-images {args.k} or more, or a smaller --k.")
-    # compared by what the sets hold, not by their specs' spelling (a trailing slash is the same folder)
-    same_fit = dataset_identity(ds_fit) == dataset_identity(ds_id)
-    n_fit_wanted = None if same_fit or args.fit_images is None else args.fit_images + n_cal
-    check_disjoint(ds_id, ds_ood, ds_fit, id_spec, ood_spec, fit_spec, args.max_images, n_fit_wanted, same_fit)
-    f_id = features(source, id_spec, cache, args.max_images, args.batch_size, "ID")
-    f_ood = features(source, ood_spec, cache, args.max_images, args.batch_size, "OOD")
-    if same_fit:  # fit and evaluate on disjoint halves of the ID images
-        f_fit = f_id.subset(f_id.ids % 2 == 0)
-        f_id = f_id.subset(f_id.ids % 2 == 1)
-        fit_note = "ID images with even index (evaluated on the odd ones)"
-        n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
-    else:
-        f_fit = features(source, fit_spec, cache, n_fit_wanted, args.batch_size, "fit")
-        n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
-        fit_note = f"first {n_fit} images"
-    f_fit, f_cal = split_calibration(f_fit, n_fit, n_cal)
-    if len(f_fit) < args.k:
-        raise UserError(f"{fit_spec} leaves {len(f_fit)} images to fit on, fewer than --k {args.k} (the kNN detectors' "
-                        f"neighbours); pass a larger --fit set, a smaller --cal-images or a smaller --k.")
-    fit_labels = labels_of(fit_spec, f_fit.ids)
-    label_note = None
-    if fit_labels is None:
-        label_note = "skipped: the fit images have no class labels"
-    elif len(set(fit_labels)) < 2:  # a probe or a per-class covariance needs two classes
-        label_note = f"skipped: every fit image has the one class {fit_labels[0]!r}"
-        fit_labels = None
-    test = type(f_id).concat([f_id, f_ood])
-    is_ood = np.r_[np.zeros(len(f_id), bool), np.ones(len(f_ood), bool)]
-    scores = ood_scores(f_fit, test, np.asarray(fit_labels) if fit_labels is not None else None, k=args.k,
-                        cal=f_cal)
-    groups = None
-    if isinstance(ds_ood, WorldImages) and ds_ood.split == "ood":  # which held-out factor each shows
-        from sae_core.ood import world_ood_groups
+    with open_inputs(args, "ood") as (bundle, source, out, cache):
+        id_spec = args.id_spec or world_split(bundle, "val") or bundle.manifest["dataset"]["spec"]
+        ood_spec = need_spec(args.ood_spec or world_split(bundle, "ood"), "OOD set", "--ood")
+        fit_spec = args.fit_spec or world_split(bundle, "train") or id_spec
+        ds_id, ds_ood, ds_fit = (open_dataset(s) for s in (id_spec, ood_spec, fit_spec))  # bad specs fail here
+        n_cal = max(0, args.cal_images)
+        if args.fit_images is not None and args.fit_images < args.k:  # the kNN detectors would use fewer neighbours
+            raise UserError(f"--fit-images {args.fit_images} is fewer than --k {args.k}: the kNN detectors score an image "
+                            f"by its {args.k}th nearest fit image; give --fit-images {args.k} or more, or a smaller --k.")
+        # compared by what the sets hold, not by their specs' spelling (a trailing slash is the same folder)
+        same_fit = dataset_identity(ds_fit) == dataset_identity(ds_id)
+        n_fit_wanted = None if same_fit or args.fit_images is None else args.fit_images + n_cal
+        check_disjoint(ds_id, ds_ood, ds_fit, id_spec, ood_spec, fit_spec, args.max_images, n_fit_wanted, same_fit)
+        f_id = features(source, id_spec, cache, args.max_images, args.batch_size, "ID")
+        f_ood = features(source, ood_spec, cache, args.max_images, args.batch_size, "OOD")
+        if same_fit:  # fit and evaluate on disjoint halves of the ID images
+            f_fit = f_id.subset(f_id.ids % 2 == 0)
+            f_id = f_id.subset(f_id.ids % 2 == 1)
+            fit_note = "ID images with even index (evaluated on the odd ones)"
+            n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
+        else:
+            f_fit = features(source, fit_spec, cache, n_fit_wanted, args.batch_size, "fit")
+            n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
+            fit_note = f"first {n_fit} images"
+        f_fit, f_cal = split_calibration(f_fit, n_fit, n_cal)
+        if len(f_fit) < args.k:
+            raise UserError(f"{fit_spec} leaves {len(f_fit)} images to fit on, fewer than --k {args.k} (the kNN detectors' "
+                            f"neighbours); pass a larger --fit set, a smaller --cal-images or a smaller --k.")
+        fit_labels = labels_of(fit_spec, f_fit.ids)
+        label_note = None
+        if fit_labels is None:
+            label_note = "skipped: the fit images have no class labels"
+        elif len(set(fit_labels)) < 2:  # a probe or a per-class covariance needs two classes
+            label_note = f"skipped: every fit image has the one class {fit_labels[0]!r}"
+            fit_labels = None
+        test = type(f_id).concat([f_id, f_ood])
+        is_ood = np.r_[np.zeros(len(f_id), bool), np.ones(len(f_ood), bool)]
+        scores = ood_scores(f_fit, test, np.asarray(fit_labels) if fit_labels is not None else None, k=args.k,
+                            cal=f_cal)
+        groups = None
+        if isinstance(ds_ood, WorldImages) and ds_ood.split == "ood":  # which held-out factor each shows
+            from sae_core.ood import world_ood_groups
 
-        w = ds_ood.world
-        groups = world_ood_groups(w.factors, f_ood.ids, w.spec.ood_shape, w.spec.ood_colour)
-    res = evaluate(scores, is_ood, groups)
-    best_sae, auc_sae = res.best("sae")
-    best_raw, auc_raw = res.best("raw")
-    result = {
-        "methods": res.methods,
-        "best_sae": {"method": best_sae, "auroc": auc_sae},
-        "best_raw": {"method": best_raw, "auroc": auc_raw},
-        "goal": {"sae_auroc_at_least": 0.8, "met": bool(auc_sae is not None and auc_sae >= 0.8
-                                                       and (auc_raw is None or auc_sae >= auc_raw))},
-        "id": {"spec": id_spec, "n_images": int(len(f_id))},
-        "ood": {"spec": ood_spec, "n_images": int(len(f_ood))},
-        "fit": {"spec": fit_spec, "n_images": int(len(f_fit)), "which": fit_note,
-                "labels": "dataset labels (world: taxonomy leaf)" if fit_labels is not None else None,
-                "label_detectors": ("msp and mahalanobis_class fitted on the labels" if label_note is None
-                                    else f"{label_note}; msp and mahalanobis_class need two classes or more")},
-        "calibration": None if f_cal is None else {
-            "n_images": int(len(f_cal)), "which": f"fit-set images {int(f_cal.ids.min())}-{int(f_cal.ids.max())} "
-            "held out from fitting (ID, never evaluated)"},
-        "ood_groups": None if groups is None else {str(g): int((groups == g).sum()) for g in np.unique(groups)},
-        "features": {"layer": source.layer, "pooling": source.score, "k": args.k},
-        "bundle": str(bundle.root),
-        "curves": res.curves,
-    }
-    paths = write_outputs(out, "ood", result, roc_figure(res))
-    result["outputs"] = paths
-    table = [f"OOD detection: ID {id_spec} ({len(f_id)}) vs OOD {ood_spec} ({len(f_ood)}); fitted on {fit_spec} "
-             f"({len(f_fit)})", "", "| method | AUROC | FPR@95 |" + (" AUROC " + " | ".join(np.unique(groups)) + " |" if groups is not None else ""),
-             "| --- | ---: | ---: |" + (" ---: |" * len(np.unique(groups)) if groups is not None else "")]
-    for name in sorted(res.methods, key=lambda n: -res.methods[n]["auroc"]):
-        m = res.methods[name]
-        by = "".join(f" {v:.3f} |" for v in m.get("auroc_by_group", {}).values())
-        table.append(f"| {name} | {m['auroc']:.3f} | {m['fpr95']:.3f} |{by}")
-    if label_note is not None:
-        table += ["", f"label detectors (msp, mahalanobis_class) {label_note}."]
-    table += ["", f"best SAE: {best_sae} {auc_sae:.3f}; best raw: {best_raw} {auc_raw:.3f}",
-              f"wrote {', '.join(paths.values())}"]
-    print_result(args, {k: v for k, v in result.items() if k != "curves"}, table)
-    return 0
+            w = ds_ood.world
+            groups = world_ood_groups(w.factors, f_ood.ids, w.spec.ood_shape, w.spec.ood_colour)
+        res = evaluate(scores, is_ood, groups)
+        best_sae, auc_sae = res.best("sae")
+        best_raw, auc_raw = res.best("raw")
+        result = {
+            "methods": res.methods,
+            "best_sae": {"method": best_sae, "auroc": auc_sae},
+            "best_raw": {"method": best_raw, "auroc": auc_raw},
+            "goal": {"sae_auroc_at_least": 0.8, "met": bool(auc_sae is not None and auc_sae >= 0.8
+                                                           and (auc_raw is None or auc_sae >= auc_raw))},
+            "id": {"spec": id_spec, "n_images": int(len(f_id))},
+            "ood": {"spec": ood_spec, "n_images": int(len(f_ood))},
+            "fit": {"spec": fit_spec, "n_images": int(len(f_fit)), "which": fit_note,
+                    "labels": "dataset labels (world: taxonomy leaf)" if fit_labels is not None else None,
+                    "label_detectors": ("msp and mahalanobis_class fitted on the labels" if label_note is None
+                                        else f"{label_note}; msp and mahalanobis_class need two classes or more")},
+            "calibration": None if f_cal is None else {
+                "n_images": int(len(f_cal)), "which": f"fit-set images {int(f_cal.ids.min())}-{int(f_cal.ids.max())} "
+                "held out from fitting (ID, never evaluated)"},
+            "ood_groups": None if groups is None else {str(g): int((groups == g).sum()) for g in np.unique(groups)},
+            "features": {"layer": source.layer, "pooling": source.score, "k": args.k},
+            "bundle": str(bundle.root),
+            "curves": res.curves,
+        }
+        paths = write_outputs(out, "ood", result, roc_figure(res))
+        result["outputs"] = paths
+        table = [f"OOD detection: ID {id_spec} ({len(f_id)}) vs OOD {ood_spec} ({len(f_ood)}); fitted on {fit_spec} "
+                 f"({len(f_fit)})", "", "| method | AUROC | FPR@95 |" + (" AUROC " + " | ".join(np.unique(groups)) + " |" if groups is not None else ""),
+                 "| --- | ---: | ---: |" + (" ---: |" * len(np.unique(groups)) if groups is not None else "")]
+        for name in sorted(res.methods, key=lambda n: -res.methods[n]["auroc"]):
+            m = res.methods[name]
+            by = "".join(f" {v:.3f} |" for v in m.get("auroc_by_group", {}).values())
+            table.append(f"| {name} | {m['auroc']:.3f} | {m['fpr95']:.3f} |{by}")
+        if label_note is not None:
+            table += ["", f"label detectors (msp, mahalanobis_class) {label_note}."]
+        table += ["", f"best SAE: {best_sae} {auc_sae:.3f}; best raw: {best_raw} {auc_raw:.3f}",
+                  f"wrote {', '.join(paths.values())}"]
+        print_result(args, {k: v for k, v in result.items() if k != "curves"}, table)
+        return 0

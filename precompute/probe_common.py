@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,11 +36,14 @@ class FeatureCache(NamedTuple):
     """False when the folder cannot be written (a read-only bundle): cached features are only read."""
 
 
+@contextmanager
 def open_inputs(args, name: str):
     """(bundle, feature source, out folder, FeatureCache or None), refusing before any work what would fail
-    after it: a cross-modal bundle, an output folder that cannot be written (`name`.json goes there)."""
+    after it: a cross-modal bundle, an output folder that cannot be written (`name`.json goes there), a second
+    run writing `name`'s outputs there (their lock is held until the block ends)."""
     import torch
 
+    from sae_core.atomic import output_lock
     from sae_core.bundle import open_bundle
     from sae_core.image_features import bundle_source
 
@@ -51,14 +55,15 @@ def open_inputs(args, name: str):
                         f"`{name}` reads vision-layer bundles (from `precompute demo` or `precompute atlas`).")
     out = out_folder(Path(args.out) if args.out else bundle.root / PROBES_DIR, "the JSON and HTML outputs")
     check_writable(out / f"{name}.json")
-    cache = None
-    if not args.no_cache:
-        folder = bundle.root / PROBES_DIR / ".features"
-        cache = FeatureCache(folder, writable_folder(folder))
-        if not cache.write:
-            print(f"note: the feature cache {folder} cannot be written; features are read from it where present "
-                  "and not saved (--no-cache skips it).", file=sys.stderr)
-    return bundle, bundle_source(bundle, device=args.device), out, cache
+    with output_lock(out / f"{name}.json"):  # NAME.html too; the other commands' files there are theirs
+        cache = None
+        if not args.no_cache:
+            folder = bundle.root / PROBES_DIR / ".features"
+            cache = FeatureCache(folder, writable_folder(folder))
+            if not cache.write:
+                print(f"note: the feature cache {folder} cannot be written; features are read from it where present "
+                      "and not saved (--no-cache skips it).", file=sys.stderr)
+        yield bundle, bundle_source(bundle, device=args.device), out, cache
 
 
 def writable_folder(folder: Path) -> bool:

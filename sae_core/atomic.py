@@ -108,7 +108,7 @@ def remove_stale_temporaries(folder: str | Path, names=None) -> int:
 
 
 LOCK_FILE = ".lock"
-_HELD: dict[Path, int] = {}  # folders this process holds -> depth (the demo's atlas writes the folder the demo holds)
+_HELD: dict[Path, int] = {}  # lock files this process holds -> depth (the demo's atlas writes the folder the demo holds)
 
 
 def lock_holder(folder: str | Path) -> str | None:
@@ -121,7 +121,7 @@ def lock_holder(folder: str | Path) -> str | None:
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return None
     folder = Path(folder).resolve()
-    if folder in _HELD:
+    if folder / LOCK_FILE in _HELD:
         return None
     try:
         f = open(folder / LOCK_FILE)
@@ -149,12 +149,34 @@ def writer_lock(folder: str | Path):
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    if folder in _HELD:
-        _HELD[folder] += 1
+    with _exclusive_lock(folder / LOCK_FILE, lambda holder: f"{folder} is being written by another process "
+                         f"({holder}); wait for it to finish, or give another --out."):
+        yield
+
+
+@contextmanager
+def output_lock(path: str | Path):
+    """writer_lock for a command whose output is one named file (and companions named after it) in a folder that
+    other runs may share: `ms --out DIR/a.npy` beside `ms --out DIR/b.npy`, the probe commands' files in
+    BUNDLE/probes. It holds DIR/.NAME.lock, so a second run writing the same output is refused while runs writing
+    other files there go on. Creates DIR."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(path.with_name(f".{path.name}.lock"), lambda holder: f"{path} is being written by "
+                         f"another process ({holder}); wait for it to finish, or name another output."):
+        yield
+
+
+@contextmanager
+def _exclusive_lock(path: Path, busy):
+    """Hold the lock file `path` (exclusive flock, re-entrant within a process); UserError(busy(holder)) when
+    another process holds it. The file names its holder and is unlinked as the lock goes."""
+    if path in _HELD:
+        _HELD[path] += 1
         try:
             yield
         finally:
-            _HELD[folder] -= 1
+            _HELD[path] -= 1
         return
     try:
         import fcntl
@@ -164,7 +186,6 @@ def writer_lock(folder: str | Path):
     import socket
     import time
 
-    path = folder / LOCK_FILE
     while True:
         f = open(path, "a+")
         try:
@@ -173,8 +194,7 @@ def writer_lock(folder: str | Path):
             f.seek(0)
             holder = f.read().strip() or "a process that has not written its name yet"
             f.close()
-            raise UserError(f"{folder} is being written by another process ({holder}); wait for it to finish, or "
-                            "give another --out.") from None
+            raise UserError(busy(holder)) from None
         except OSError:  # pragma: no cover - a file system without locks (some network mounts)
             f.close()
             yield
@@ -189,11 +209,11 @@ def writer_lock(folder: str | Path):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
-    _HELD[folder] = 1
+    _HELD[path] = 1
     try:
         yield
     finally:
-        del _HELD[folder]
+        del _HELD[path]
         path.unlink(missing_ok=True)  # before the lock goes: a newcomer then locks a file of its own
         f.close()
 

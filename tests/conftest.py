@@ -34,7 +34,7 @@ def _given(var: str, marker: str):
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need the tiny world run last (stable order otherwise), and the world and its bundle
     start building at once in one background process (`precompute demo --preset tiny`, about 90 s on
-    one core), so the tests that need neither (413 of 520) run meanwhile on the other core."""
+    one core), so the tests that need neither (414 of 522) run meanwhile on the other core."""
     items.sort(key=_needs_world)
     world, bundle = _given("SAE_TINY_WORLD", "report.json"), _given("SAE_TINY_BUNDLE", "manifest.json")
     if not any(map(_needs_world, items)) or (world and bundle):
@@ -155,3 +155,25 @@ def explorer_app(tiny_bundle, tmp_path_factory):
     yield SimpleNamespace(url=url, bundle=Path(tiny_bundle), cache=cache)
     proc.terminate()
     proc.wait(30)
+
+
+@pytest.fixture
+def hold_lock_elsewhere():
+    """hold(lock_call) starts a process that enters `lock_call`, a lock of sae_core.atomic written as a call
+    ("writer_lock('/some/folder')"), and waits inside it; returns the process once it holds the lock. Every one
+    still running is killed at teardown (SIGKILL: as a killed job, whose lock the kernel drops)."""
+    held = []
+
+    def hold(lock_call: str) -> subprocess.Popen:
+        code = f"import time\nfrom sae_core.atomic import *\nwith {lock_call}:\n    print('held', flush=True)\n" \
+               "    time.sleep(600)"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        held.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in held:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

@@ -248,6 +248,8 @@ def test_probes_and_ontology_commands(probe_outputs):
         assert 0 < sae["n_placed"] <= sae["n_units"]
     assert (probe_outputs.bundle / "probes" / "probes.json").is_file()
     assert (probe_outputs.bundle / "probes" / "ontology.json").is_file()
+    # the three ran at once into one folder, each under its own output's lock, and each lock went with its run
+    assert not list((probe_outputs.bundle / "probes").glob(".*lock"))
 
 
 def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, capsys, monkeypatch):
@@ -477,6 +479,17 @@ def test_unwritable_outputs_and_cache_are_handled_before_the_work(bundle_copy, i
     rc, _, err = run_command(capsys, *base)
     assert rc == 2 and "is not writable" in err and "--out" in err
     assert list((bundle_copy / "probes").iterdir()) == []
+
+
+def test_a_probe_command_is_refused_an_output_another_run_writes(tiny_bundle, capsys, tmp_path, hold_lock_elsewhere):
+    """Two `ood` runs into one folder each wrote ood.json and then ood.html, so the pair there could come from
+    two runs. The second is refused in one sentence naming the first, before it reads an image."""
+    out = tmp_path / "p"
+    holder = hold_lock_elsewhere(f"output_lock({str(out / 'ood.json')!r})")
+    rc, _, err = run_command(capsys, "ood", "--bundle", tiny_bundle, "--out", out, "--no-cache")
+    assert rc == 2 and err.startswith(f"error: {out / 'ood.json'} is being written by another process (pid "
+                                      f"{holder.pid} on ") and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == [".ood.json.lock"]
 
 
 def test_probes_write_null_where_no_test_image_is_left(bundle_copy, capsys, tmp_path):

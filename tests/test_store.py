@@ -45,46 +45,67 @@ def test_take_rows_and_row_index_across_shards(tmp_path):
     assert not list(tmp_path.rglob(".*tmp*"))  # atomic writes leave no temporary files
 
 
-def test_a_folder_being_written_is_refused_to_a_second_writer_until_its_holder_ends(tmp_path, capsys):
+def test_a_folder_being_written_is_refused_to_a_second_writer_until_its_holder_ends(tmp_path, capsys,
+                                                                                    hold_lock_elsewhere):
     """Two processes writing one folder (a command started twice, two app starts building the default bundle)
     each removed the other's temporaries and wrote the same files. The second is refused in one sentence naming
     the holder; a killed holder's lock goes with it, so a killed job resumes at once; no .lock file stays."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from precompute.__main__ import main
     from sae_core.atomic import LOCK_FILE, writer_lock
 
     folder = tmp_path / "w"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom sae_core.atomic import writer_lock\n"
-                               f"with writer_lock({str(folder)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"^{folder} is being written by another process \(pid {holder.pid} on "
-                                            r".+, since .+\); wait for it to finish, or give another --out\.$"):
-            with writer_lock(folder):
-                pass
-        # a command into that folder stops before writing anything (the world command: its first write)
-        assert main(["world", "--out", str(folder), "--preset", "tiny"]) == 2
-        assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
-        # extract too (refused before its model or dataset is read: neither exists here)
-        assert main(["extract", "--model", f"hf:{tmp_path / 'no_model'}", "--dataset", f"imagefolder:{tmp_path}",
-                     "--out", str(folder)]) == 2
-        assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
-        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)  # as a killed job: the kernel drops its lock, its .lock file stays
-        holder.wait()
+    holder = hold_lock_elsewhere(f"writer_lock({str(folder)!r})")
+    with pytest.raises(UserError, match=rf"^{folder} is being written by another process \(pid {holder.pid} on "
+                                        r".+, since .+\); wait for it to finish, or give another --out\.$"):
+        with writer_lock(folder):
+            pass
+    # a command into that folder stops before writing anything (the world command: its first write)
+    assert main(["world", "--out", str(folder), "--preset", "tiny"]) == 2
+    assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
+    # extract too (refused before its model or dataset is read: neither exists here)
+    assert main(["extract", "--model", f"hf:{tmp_path / 'no_model'}", "--dataset", f"imagefolder:{tmp_path}",
+                 "--out", str(folder)]) == 2
+    assert f"error: {folder} is being written by another process (pid {holder.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+    holder.kill()  # as a killed job: the kernel drops its lock, its .lock file stays
+    holder.wait()
     assert (folder / LOCK_FILE).is_file()
     with writer_lock(folder):
         with writer_lock(folder):  # re-entrant: the demo's atlas writes the folder the demo holds
             (folder / "x").write_text("mine")
         assert (folder / LOCK_FILE).is_file()
     assert sorted(p.name for p in folder.iterdir()) == ["x"]
+
+
+def test_ms_is_refused_an_output_another_run_writes_and_writes_others_beside_it(tmp_path, capsys,
+                                                                                hold_lock_elsewhere):
+    """`ms` removes its outputs' stale temporaries and checkpoints to OUT.partial: a second run into the same
+    --out deleted the first's temporaries and shared its checkpoint. It is refused (naming the holder) before it
+    reads or deletes anything; a run writing another output in that folder (a job array's other layer) goes on."""
+    from precompute.__main__ import main
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "A.npy", rng.random((12, 3)).astype(np.float32))
+    np.save(tmp_path / "E.npy", rng.standard_normal((12, 4)).astype(np.float32))
+    out = tmp_path / "scores" / "a.npy"
+    holder = hold_lock_elsewhere(f"output_lock({str(out)!r})")
+    theirs = out.with_name(f".a.npy.tmp{holder.pid}")  # the holder's write under way
+    theirs.write_bytes(b"half")
+    argv = ["ms", "--activations", str(tmp_path / "A.npy"), "--embeddings", str(tmp_path / "E.npy")]
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out} is being written by another process (pid {holder.pid} on ") and \
+        err.endswith("; wait for it to finish, or name another output.") and "\n" not in err
+    assert sorted(p.name for p in out.parent.iterdir()) == [".a.npy.lock", theirs.name]
+    assert main(argv + ["--out", str(out.with_name("b.npy"))]) == 0  # another output beside it
+    capsys.readouterr()
+    assert sorted(p.name for p in out.parent.iterdir()) == [".a.npy.lock", theirs.name, "b.json", "b.npy",
+                                                            "b_support.npy"]
+    holder.kill()
+    holder.wait()
+    assert main(argv + ["--out", str(out)]) == 0  # the killed holder's lock went with it
+    assert not theirs.exists() and not out.with_name(".a.npy.lock").exists()
+    np.testing.assert_array_equal(np.load(out), np.load(out.with_name("b.npy")))
 
 
 def test_a_killed_atomic_writes_temporaries_are_removed_and_nothing_else(tmp_path):
