@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .datasets import WORLD_MODELS
 from .errors import UserError, unknown_world_part
 from .folders import refuse_bundle_as_world
 from .progress import transformers_bars_as_lines
@@ -700,12 +701,12 @@ def world_model_dir(rest: str) -> tuple[Path, str]:
     """ "DIR", "DIR:clip" or "DIR:llava" -> (model directory, which)."""
     root, which = rest, "clip"
     head, sep, tail = rest.rpartition(":")
-    if sep and tail in ("clip", "llava"):
+    if sep and tail in WORLD_MODELS:
         root, which = head, tail
     if not root:
         raise UserError("world: needs the world directory, e.g. world:assets/world or world:assets/world:llava.")
     if not Path(os.path.expandvars(os.path.expanduser(root))).is_dir():
-        unknown_world_part(root, ("clip", "llava"), "model")  # world:W:clipp, where W exists
+        unknown_world_part(root, WORLD_MODELS, "model")  # world:W:clipp, where W exists
     root = Path(os.path.expandvars(os.path.expanduser(root)))
     refuse_bundle_as_world(root)
     sub = root / which

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, json_kind, read_json_object, write_json_atomic
+from .datasets import WORLD_MODELS, WORLD_SPLITS
 from .errors import UserError, checked_index
 
 SCHEMA_VERSION = 1
@@ -42,7 +43,7 @@ THUMBS = "images/thumbs"
 RAW_MS = "raw/ms.npy"
 MS_FACTORS = "neurons/ms_factors.npy"  # world bundles: MS of the SAE neurons under the ground-truth factors
 WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a copied bundle carries it
-WORLD_SPEC_PARTS = ("clip", "llava", "train", "val", "ood")  # what may follow world:DIR: (model or split)
+WORLD_SPEC_PARTS = WORLD_MODELS + WORLD_SPLITS  # what may follow world:DIR: (model or split)
 
 # Arrays whose first axis is the neuron id (name -> relative path); others are named by path.
 ONE_PER_NEURON = frozenset({

@@ -203,7 +203,8 @@ def first_images_warning(ds: ImageDataset, n: int) -> str | None:
             "the images to use.")
 
 
-WORLD_SPLITS = ("train", "val", "ood")
+WORLD_SPLITS = ("train", "val", "ood")  # what may follow world:DIR: in a dataset spec
+WORLD_MODELS = ("clip", "llava")  # ... and in a model spec (adapters.world_model_dir)
 
 
 def world_root_and_split(rest: str) -> tuple[str, str]:
