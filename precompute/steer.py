@@ -55,7 +55,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from sae_core.steering import SteeringSession, read_image_file
+    from sae_core.bundle import open_bundle
+    from sae_core.steering import SteeringSession, read_image_file, refuse_before_loading
 
     torch.manual_seed(0)
     if args.layer is not None and args.sae is None:
@@ -95,16 +96,15 @@ def run(args) -> int:
         session = SteeringSession.from_paths(args.sae, args.llava, args.layer, device=args.device,
                                              precision=args.precision)
     else:
-        session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision,
+        bundle = open_bundle(args.bundle)
+        refuse_before_loading(bundle, latents, image, patches, args.llava)
+        session = SteeringSession.from_bundle(bundle, device=args.device, precision=args.precision,
                                               llava=args.llava)
     if listing:
         return _list_latents(session, image, args)
     values = values if len(values) > 1 else values * len(latents)
-    if amount == "strength":
+    if amount == "strength":  # --strength comes with --bundle, whose check above found each latent
         units = session.bundle.strength_units()
-        for k in latents:
-            if not 0 <= k < len(units):
-                raise UserError(f"latent {k} does not exist; this SAE has latents 0 to {len(units) - 1}.")
         values = [s * float(units[k]) for k, s in zip(latents, values)]
     result = session.answers(image, latents, values, prompt=args.prompt,
                              keep_error=args.keep_error, patches=patches, mode=args.mode,

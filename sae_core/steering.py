@@ -429,17 +429,12 @@ class SteeringSession:
             im = image.convert("RGB")
             digest = hashlib.sha1(im.tobytes()).hexdigest()
             return im, ("pil", im.size, digest)
-        if isinstance(image, (int, np.integer)) or (isinstance(image, str) and image.startswith("world:")):
-            idx = image if not isinstance(image, str) else image.split(":", 1)[1]
-            try:
-                idx = int(idx)
-            except ValueError:
-                raise UserError(f"image {image!r} is not world:INDEX with an integer INDEX.") from None
+        idx = dataset_image_index(image)
+        if idx is not None:
             if self.bundle is None:
                 raise UserError(f"image {image!r} names a dataset image, but this session has no bundle; pass a file.")
-            ds = self.bundle.dataset()
-            idx = checked_index(idx, "image", len(ds), "the bundle's dataset has images")
-            return ds[idx], ("idx", idx)
+            idx = checked_dataset_image(self.bundle, idx)
+            return self.bundle.dataset()[idx], ("idx", idx)
         if not isinstance(image, (str, Path)):
             raise UserError(f"an image of type {type(image).__name__} cannot be read; pass a PIL image, an (H, W, 3) "
                             "uint8 array, a file path, or world:INDEX for a bundle image.")
@@ -488,18 +483,13 @@ class SteeringSession:
                             f"of its values).")
         positions = None
         if patches is not None:
-            P = self.layout.n_patches
-            patches = [int(p) for p in patches]
-            bad = [p for p in patches if not 0 <= p < P]
-            if bad:
-                raise UserError(f"patch {bad[0]} does not exist; the image has patches 0 to {P - 1} "
-                                f"(a {self.layout.grid[0]}x{self.layout.grid[1]} grid, row-major).")
+            patches = checked_patches(patches, self.layout.n_patches, self.layout.grid)
             positions = tuple(self.layout.n_prefix + p for p in patches)
         return Clamp(tuple(ids), values, mode, positions, keep_error)
 
     def check_latent(self, k) -> int:
         """`k` as a latent of this SAE; UserError (one sentence) for a fraction, text or out of range."""
-        return checked_index(k, "latent", self.sae.cfg.d_sae, "this SAE has latents")
+        return checked_latent(k, self.sae.cfg.d_sae)
 
     # --- generation ---------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> torch.Tensor:
@@ -695,6 +685,55 @@ def _check_finite(row: torch.Tensor, clamp: Clamp) -> torch.Tensor:
                         "overflows the layer's output (inf/NaN); give smaller values (a latent's token_max tells "
                         "its scale).")
     return row
+
+
+def checked_latent(k, d_sae: int) -> int:
+    """`k` as a latent of an SAE of `d_sae` latents; UserError (one sentence) for a fraction, text or out of range."""
+    return checked_index(k, "latent", d_sae, "this SAE has latents")
+
+
+def dataset_image_index(image) -> int | None:
+    """The dataset index an image argument names (an int, or "world:INDEX"), None for anything else (a file, a
+    picture); UserError for "world:" without an integer."""
+    if isinstance(image, (int, np.integer)):
+        return image  # as given: checked_index refuses True
+    if isinstance(image, str) and image.startswith("world:"):
+        try:
+            return int(image.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"image {image!r} is not world:INDEX with an integer INDEX.") from None
+    return None
+
+
+def checked_dataset_image(bundle, idx) -> int:
+    """`idx` as an image of the bundle's dataset; UserError (one sentence) otherwise."""
+    return checked_index(idx, "image", len(bundle.dataset()), "the bundle's dataset has images")
+
+
+def checked_patches(patches, n_patches: int, grid) -> list[int]:
+    """Patch indices (row-major, the prefix tokens not counted) of a `grid` of `n_patches`; UserError naming the
+    first that is not one."""
+    patches = [int(p) for p in patches]
+    bad = [p for p in patches if not 0 <= p < n_patches]
+    if bad:
+        raise UserError(f"patch {bad[0]} does not exist; the image has patches 0 to {n_patches - 1} "
+                        f"(a {grid[0]}x{grid[1]} grid, row-major).")
+    return patches
+
+
+def refuse_before_loading(bundle, latents=(), image=None, patches=None, llava: str | None = None) -> None:
+    """Refuse what the bundle alone can tell is wrong, before a SteeringSession loads LLaVA (minutes for a 7B
+    model, which a typo then wasted): a latent its SAE lacks, an image index (int or "world:INDEX") its dataset
+    lacks, and with the bundle's own model steering (`llava` None and the bundle's model a LLaVA) a patch outside
+    its grid. The session checks the same again with what it loaded."""
+    for k in latents:
+        checked_latent(k, bundle.n_neurons)
+    idx = dataset_image_index(image)
+    if idx is not None:
+        checked_dataset_image(bundle, idx)
+    model = bundle.manifest["model"]
+    if patches is not None and llava is None and bundle_llava_spec(bundle) == model["spec"]:
+        checked_patches(patches, model["n_patches"], model["grid"])
 
 
 def bundle_llava_spec(bundle) -> str:

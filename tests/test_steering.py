@@ -530,6 +530,37 @@ def test_steer_eval_refuses_bad_arguments_before_loading_the_model(tiny_bundle, 
     assert list(folder.iterdir()) == []
 
 
+def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(tiny_bundle, capsys, monkeypatch):
+    """A latent the SAE lacks, an image index its dataset lacks or a patch outside the grid was refused only
+    after LLaVA had loaded (minutes for a 7B model, lost to a typo). With a bundle each is one sentence before
+    the load, in the words the session uses for them after it."""
+    from precompute.__main__ import main
+    from sae_core import steering
+    from sae_core.bundle import open_bundle
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(steering.SteeringSession, "from_bundle", no_load)
+    b = open_bundle(tiny_bundle)
+    n_images, d_sae, (rows, cols) = len(b.dataset()), int(np.load(tiny_bundle / "neurons" / "ms.npy").shape[0]), \
+        b.manifest["model"]["grid"]
+    base = ["steer", "--bundle", str(tiny_bundle), "--device", "cpu"]
+    for extra, said in (
+            (["--image", "1", "--latent", f"3,{d_sae}", "--value", "4"],
+             f"latent {d_sae} does not exist; this SAE has latents 0 to {d_sae - 1}."),
+            (["--image", "1", "--latent", str(d_sae + 5), "--strength", "2"], f"latent {d_sae + 5} does not exist"),
+            (["--image", str(n_images), "--latent", "3", "--value", "4"],
+             f"image {n_images} does not exist; the bundle's dataset has images 0 to {n_images - 1}."),
+            (["--image", f"world:{n_images + 1}"], f"image {n_images + 1} does not exist"),  # listing mode too
+            (["--image", "world:two", "--latent", "3", "--value", "4"], "is not world:INDEX with an integer INDEX"),
+            (["--image", "1", "--latent", "3", "--value", "4", "--patches", f"2,{rows * cols}"],
+             f"patch {rows * cols} does not exist; the image has patches 0 to {rows * cols - 1} (a {rows}x{cols} grid")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and len(said_lines(err)) == 1 and "Traceback" not in err, (extra, err)
+
+
 def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, session, capsys):
     """--patches "" clamped every token (the library's patches=[] clamps none); --prompt "" was answered;
     --latent without a value said "--value gives 0 values for 1 latents"."""
