@@ -403,6 +403,28 @@ def _stop_pre_hook(module, args):
 # ----------------------------------------------------------------------------------------------
 # open_clip
 # ----------------------------------------------------------------------------------------------
+def _refuse_unknown_open_clip(open_clip, name: str, pretrained: str | None) -> None:
+    """One sentence for a model name or pretrained tag open_clip does not know, with the nearest names or the
+    model's tags: open_clip's own error listed all of its ~150 model names in one line, and for a tag it logged
+    an ERROR line of its own beside a sentence that listed none."""
+    import difflib
+
+    if name.startswith(("hf-hub:", "local-dir:")):  # their configs are read from the hub or the folder
+        return
+    known = open_clip.list_models()
+    if name not in known:
+        near = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+        raise UserError(f"open_clip has no model {name!r}" + (f"; the nearest names are {', '.join(near)}" if near else "")
+                        + f" (open_clip.list_models() lists all {len(known)}).")
+    if pretrained and not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(name, pretrained):
+        # get_pretrained_cfg, not the tag list: it takes "OpenAI" and "laion2b-s34b-b79k" as open_clip does
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        listed = ", ".join(tags[:10]) + (f" and {len(tags) - 10} more" if len(tags) > 10 else "")
+        raise UserError(f"open_clip has no pretrained weights {pretrained!r} for {name}; "
+                        + (f"its tags are {listed}" if tags else "it has no pretrained tags")
+                        + ", or pass a local checkpoint file.")
+
+
 class OpenClipAdapter(Adapter):
     backend = "open_clip"
 
@@ -412,6 +434,7 @@ class OpenClipAdapter(Adapter):
         self.spec, self.name, self.pretrained = spec, name, pretrained
         if pretrained and not os.path.isfile(pretrained) and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
             raise UserError(f"open_clip checkpoint file {pretrained} does not exist; pass an existing file or a pretrained tag.")
+        _refuse_unknown_open_clip(open_clip, name, pretrained)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
         except Exception as e:  # unknown name, unknown tag, no network, bad checkpoint

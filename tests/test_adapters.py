@@ -250,13 +250,37 @@ def test_token_selection_against_direct_indexing():
                                   r"not exist \(a path, not a hub id\)"),  # not transformers' "Repo id must use ..."
     ("llava:./nonexistent_llava", r"\./nonexistent_llava does not exist \(a path, not a hub id\)"),
     ("hf:~/nonexistent_model_dir", "does not exist"),
-    ("open_clip:NoSuchModel-X", "cannot load open_clip"),
+    ("open_clip:NoSuchModel-X", r"^open_clip has no model 'NoSuchModel-X'"),
     ("open_clip:ViT-B-32//nonexistent/ckpt.pt", "does not exist"),
     ("world:/nonexistent/world", "python -m precompute world"),
 ])
 def test_bad_model_specs_are_one_sentence_errors(spec, msg):
     with pytest.raises(UserError, match=msg):
         load_adapter(spec)
+
+
+def test_an_unknown_open_clip_name_or_tag_is_a_short_sentence_with_what_there_is():
+    """open_clip's own error for an unknown name listed all of its ~150 model names in one 3,000-character
+    line; for an unknown tag it logged an ERROR line beside a sentence naming none. Now: the nearest names, or
+    the model's tags (ten, and how many more), before open_clip tries to build or download anything."""
+    import open_clip
+
+    from sae_core.adapters import _refuse_unknown_open_clip
+
+    with pytest.raises(UserError) as e:
+        load_adapter("open_clip:ViT-L-14-337/openai")
+    said = str(e.value)
+    assert said.startswith("open_clip has no model 'ViT-L-14-337'; the nearest names are ViT-L-14-336") and \
+        f"lists all {len(open_clip.list_models())})." in said and len(said) < 300
+    tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")
+    assert len(tags) > 10
+    with pytest.raises(UserError) as e:
+        load_adapter("open_clip:ViT-B-32/no_such_tag")
+    assert str(e.value) == (f"open_clip has no pretrained weights 'no_such_tag' for ViT-B-32; its tags are "
+                            f"{', '.join(tags[:10])} and {len(tags) - 10} more, or pass a local checkpoint file.")
+    for tag in ("openai", "OpenAI", "laion2b-s34b-b79k"):  # open_clip's own spellings of its tags pass
+        assert _refuse_unknown_open_clip(open_clip, "ViT-B-32", tag) is None
+    assert _refuse_unknown_open_clip(open_clip, "hf-hub:org/any", None) is None  # read from the hub, not listed
 
 
 def test_open_clip_timm_siglip_tower_without_cls(tmp_path):
