@@ -1,5 +1,6 @@
 """Command line: `python -m precompute COMMAND ...`; each command lives in its own module."""
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -58,20 +59,42 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parser_for(argv: list[str]) -> argparse.ArgumentParser:
-    """The parser of every command, with the arguments of the one `argv` names."""
+    """The parser of every command, with the arguments of the one `argv` names (its parser is `.command_parser`)."""
     parser = OneLineParser(prog="python -m precompute", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    parser.command_parser = None
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:  # only the chosen command's module is imported
             importlib.import_module(module).add_arguments(p)
+            parser.command_parser = p
     return parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """`argv` (COMMAND and its arguments) parsed, keeping `argv` itself for `command_line` (precompute.args)."""
-    args = parser_for(argv).parse_args(argv)
+    """`argv` (COMMAND and its arguments) parsed, keeping `argv` itself for `command_line` (precompute.args).
+    What the command does not take is refused by the command's own parser, before a missing required option
+    (`--embedings` said only that --embeddings was missing), with the nearest option of a misspelt one
+    (argparse's top parser pointed to `python -m precompute --help`, which lists no option)."""
+    parser = parser_for(argv)
+    command = parser.command_parser
+    if command is not None:
+        options = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+        unknown = []
+        for x in argv[1:]:
+            if x == "--":  # what follows is positional
+                break
+            name = x.split("=", 1)[0]
+            if x.startswith("--") and not any(o.startswith(name) for o in options):  # argparse takes prefixes
+                unknown.append(x)
+        if unknown:
+            near = [m for x in unknown for m in difflib.get_close_matches(x.split("=", 1)[0], options, n=1, cutoff=0.6)]
+            command.error(f"unrecognized arguments: {' '.join(unknown)}"
+                          + (f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else ""))
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        (command or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv)
     return args
 

@@ -56,6 +56,57 @@ def test_unusable_counts_are_refused_before_anything_runs(argv, flag, wanted, ca
     assert err.count("\n") == 1 and err.startswith("error: ") and f"`python -m precompute {argv[0]} --help`" in err
 
 
+@pytest.mark.parametrize("argv,said", [
+    # before: "the following arguments are required: --embeddings": the typo was not named
+    (["ms", "--activations", "a", "--embedings", "e", "--out", "o.npy"],
+     "unrecognized arguments: --embedings (did you mean --embeddings?)"),
+    (["train", "--activations", "a", "--outt", "o", "--stepz=5"],
+     "unrecognized arguments: --outt --stepz=5 (did you mean --out or --steps?)"),
+    (["inspect", "b", "--jsn"], "unrecognized arguments: --jsn (did you mean --json?)"),
+    (["ms", "--sae", "s"], "unrecognized arguments: --sae (`"),  # nothing near: no guess
+    (["inspect", "b", "c"], "unrecognized arguments: c (`"),
+])
+def test_what_a_command_does_not_take_is_named_by_that_command(argv, said, capsys):
+    """Unknown options were refused by the top parser, pointing to `python -m precompute --help`, which lists
+    no option, and after a missing required option, which hid the typo; now by the command's parser, first,
+    with the nearest option of each misspelt one."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {said}")
+    assert err.endswith(f"(`python -m precompute {argv[0]} --help` lists the options).\n")
+
+
+def test_options_may_be_abbreviated_and_values_may_look_like_options():
+    from precompute.__main__ import parse
+
+    args = parse(["inspect", "b", "--js"])  # argparse's prefixes still work
+    assert args.json is True
+    args = parse(["steer", "--bundle", "b", "--image", "3", "--prompt=--what is it"])
+    assert args.prompt == "--what is it"
+    assert parse(["inspect", "--", "--odd-folder"]).path == "--odd-folder"  # after --, positional
+
+
+def test_export_takes_the_sae_as_atlas_and_steer_do(tmp_path, capsys):
+    """`export --sae DIR`, as `atlas --sae` and `steer --sae`, was "unrecognized arguments: --sae"; the
+    positional DIR still works, and both or neither is one sentence."""
+    import json
+
+    from sae_core.sae import SAEConfig, SparseAutoencoder
+    from sae_core.checkpoint import save_sae
+
+    save_sae(SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, arch="topk", k=2)), tmp_path / "sae")
+    for argv, out in ((["export", "--sae", str(tmp_path / "sae")], "a"), (["export", str(tmp_path / "sae")], "b")):
+        assert main(argv + ["--out", str(tmp_path / out)]) == 0
+        assert json.loads((tmp_path / out / "cfg.json").read_text())["d_sae"] == 8
+    capsys.readouterr()
+    for argv in (["export"], ["export", str(tmp_path / "sae"), "--sae", str(tmp_path / "sae")]):
+        assert main(argv + ["--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: give the SAE to export once:") and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
 def test_usable_counts_pass():
     from precompute.__main__ import parser_for
 
