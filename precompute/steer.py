@@ -93,7 +93,10 @@ def run(args) -> int:
     elif not image.startswith("world:"):
         read_image_file(image)  # a missing or unreadable file is said before LLaVA loads, not after
     if args.sae is not None:
-        session = SteeringSession.from_paths(args.sae, args.llava, args.layer, device=args.device,
+        if not isinstance(image, str) or image.startswith("world:"):
+            raise UserError(f"--image {args.image} names an image of a bundle's dataset; with --sae pass an image "
+                            "file, or give --bundle instead.")
+        session = SteeringSession.from_paths(args.sae, args.llava, args.layer, latents=latents, device=args.device,
                                              precision=args.precision)
     else:
         bundle = open_bundle(args.bundle)

@@ -381,13 +381,16 @@ class SteeringSession:
 
     @classmethod
     def from_paths(cls, sae_dir: str | Path, llava: str | None = None, layer: str | int | None = None,
-                   **kwargs) -> "SteeringSession":
+                   latents=(), **kwargs) -> "SteeringSession":
         """An SAE folder (ours, SAELens's, sparsify's, dictionary_learning's, or hf:OWNER/REPO[/FOLDER]) and
         a LLaVA spec `llava` (default: the LLaVA the SAE was trained on, see `llava_for_model`); the layer defaults
-        to the one the SAE records."""
+        to the one the SAE records. `latents`, those the caller will clamp, are checked against the SAE before
+        LLaVA loads (as refuse_before_loading does with a bundle)."""
         from .checkpoint import load_sae, no_layer_reason, trained_on
 
         sae = load_sae(sae_dir)
+        for k in latents:
+            checked_latent(k, sae.cfg.d_sae)
         trained = trained_on(sae)
         recorded = trained["layer"]
         if layer is None:

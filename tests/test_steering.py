@@ -530,10 +530,12 @@ def test_steer_eval_refuses_bad_arguments_before_loading_the_model(tiny_bundle, 
     assert list(folder.iterdir()) == []
 
 
-def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(tiny_bundle, capsys, monkeypatch):
+def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(tiny_bundle, capsys, monkeypatch,
+                                                                               tmp_path):
     """A latent the SAE lacks, an image index its dataset lacks or a patch outside the grid was refused only
     after LLaVA had loaded (minutes for a 7B model, lost to a typo). With a bundle each is one sentence before
-    the load, in the words the session uses for them after it."""
+    the load, in the words the session uses for them after it; with --sae alone a latent the SAE lacks, and a
+    dataset index, which only a bundle can read, are too."""
     from precompute.__main__ import main
     from sae_core import steering
     from sae_core.bundle import open_bundle
@@ -556,6 +558,18 @@ def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(ti
             (["--image", "world:two", "--latent", "3", "--value", "4"], "is not world:INDEX with an integer INDEX"),
             (["--image", "1", "--latent", "3", "--value", "4", "--patches", f"2,{rows * cols}"],
              f"patch {rows * cols} does not exist; the image has patches 0 to {rows * cols - 1} (a {rows}x{cols} grid")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert said in err and len(said_lines(err)) == 1 and "Traceback" not in err, (extra, err)
+    # with --sae alone: the latent against the SAE, and a dataset index (no bundle to read it from)
+    monkeypatch.setattr(steering.SteeringSession, "__init__", no_load)
+    png = tmp_path / "image.png"
+    b.dataset()[1].save(png)
+    base = ["steer", "--sae", str(tiny_bundle / "sae"), "--device", "cpu"]
+    for extra, said in ((["--image", str(png), "--latent", str(d_sae), "--value", "4"],
+                         f"latent {d_sae} does not exist; this SAE has latents 0 to {d_sae - 1}."),
+                        (["--image", "world:1", "--latent", "3", "--value", "4"], "with --sae pass an image file"),
+                        (["--image", "1", "--latent", "3", "--value", "4"], "with --sae pass an image file")):
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said in err and len(said_lines(err)) == 1 and "Traceback" not in err, (extra, err)
