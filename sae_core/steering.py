@@ -735,7 +735,7 @@ def refuse_before_loading(bundle, latents=(), image=None, patches=None, llava: s
     if idx is not None:
         checked_dataset_image(bundle, idx)
     model = bundle.manifest["model"]
-    if patches is not None and llava is None and bundle_llava_spec(bundle) == model["spec"]:
+    if patches is not None and llava is None and bundle_llava_spec(bundle) == bundle.local_spec(model["spec"]):
         checked_patches(patches, model["n_patches"], model["grid"])
 
 
