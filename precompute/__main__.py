@@ -89,7 +89,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
             if x.startswith("--") and not any(o.startswith(name) for o in options):  # argparse takes prefixes
                 unknown.append(x)
         if unknown:
-            near = [m for x in unknown for m in difflib.get_close_matches(x.split("=", 1)[0], options, n=1, cutoff=0.6)]
+            # compared without the dashes every option shares ("--quiet" was near "--out")
+            bare = {o[2:]: o for o in options}
+            near = [bare[m] for x in unknown
+                    for m in difflib.get_close_matches(x.split("=", 1)[0][2:], list(bare), n=1, cutoff=0.6)]
             command.error(f"unrecognized arguments: {' '.join(unknown)}"
                           + (f" (did you mean {' or '.join(dict.fromkeys(near))}?)" if near else ""))
     args, extra = parser.parse_known_args(argv)

@@ -111,7 +111,9 @@ def add_arguments(p) -> None:
                         "(K 65,536 on 257 tokens: about 10 images in 4 GiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--limit", type=positive_int, help="scan only the first N images")
-    p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world data)")
+    p.add_argument("--vocabulary", help="text file of concepts, one per line (default: the world's words for world "
+                                        "data, else the dataset's class names: folders, iNaturalist species, ImageNet "
+                                        "classes named by LOC_synset_mapping.txt)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the band samples")
     p.add_argument("--checkpoint-every", type=positive_int,
                    help="images between saves of the scan's state, so a killed scan resumes there (default: every 5 minutes)")
@@ -494,7 +496,8 @@ def _stage_labels(job, sae, out, scan_info, world):
     from sae_core.text_encoders import load_text_embedder
 
     K = sae.cfg.d_sae
-    concepts, reason = _vocabulary(job, world)
+    concepts, source = _vocabulary(job, world)
+    reason = source
     embedder = None
     if concepts is not None:
         try:
@@ -508,7 +511,8 @@ def _stage_labels(job, sae, out, scan_info, world):
     emb = np.load(out / B.EMBEDDINGS, mmap_mode="r")
     patch_top = out / "neurons/patch_top_images.npy"
     res = label_with_text_embedder(np.load(out / "neurons/top_images.npy"), emb, embedder, concepts,
-                                   n_top=job.topk, patch_top_images=np.load(patch_top) if patch_top.is_file() else None)
+                                   n_top=job.topk, patch_top_images=np.load(patch_top) if patch_top.is_file() else None,
+                                   source=source)
     B.write_json(out, B.LABELS, res.to_json())
     B.write_array(out, "neurons/label_score.npy", np.asarray(res.scores, np.float32))
     if res.scores_by_patch is not None:
@@ -555,15 +559,20 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
             "parent_agreement": tree.get("parent_agreement"), "linkage": tree["linkage"]}
 
 
-def _vocabulary(job, world) -> tuple[list | None, str | None]:
-    """The labels' concepts (--vocabulary, else the world's words), or None and the reason there are none."""
-    from sae_core.labels import file_concepts, world_concepts
+def _vocabulary(job, world) -> tuple[list | None, str]:
+    """The labels' concepts (--vocabulary, else the world's words, else the dataset's class names) and where they
+    come from, or None and the reason there are none."""
+    from sae_core.datasets import open_dataset
+    from sae_core.labels import class_concepts, file_concepts, world_concepts
 
     if job.vocabulary:
-        return file_concepts(job.vocabulary), None
+        return file_concepts(job.vocabulary), f"--vocabulary {job.vocabulary}"
     if world is not None:
-        return world_concepts(world[0]), None
-    return None, "no vocabulary given (--vocabulary FILE)"
+        return world_concepts(world[0]), "the world's colours, shapes and textures"
+    concepts, what = class_concepts(open_dataset(job.dataset))
+    if concepts is None:
+        return None, f"no vocabulary given (--vocabulary FILE), and the dataset's classes cannot serve: {what}"
+    return concepts, f"{what}, as no --vocabulary was given"
 
 
 def _stage_index(job, sae, out, scan_info, world):

@@ -11,10 +11,13 @@ API
                               "a photo of a {colour} object", "a photo of a {shape}", "{texture} background"
     file_concepts(path, template="a photo of a {}") -> list[Concept]
                               one concept per line; blank lines and lines starting with # skipped
+    class_concepts(dataset, template="a photo of a {}") -> (list[Concept] | None, str)
+                              the dataset's class names (folders; iNaturalist species; ImageNet WordNet ids
+                              through LOC_synset_mapping.txt), or None and why there are none
     label_neurons(top_images (K, T), image_embeddings (N, E), text_embeddings (V, E), names (V,),
                   n_top=16, method="", chunk=4096, baseline=None) -> NeuronLabels
     label_with_text_embedder(top_images, image_embeddings, embedder: TextEmbedder, concepts, n_top=16,
-                             centred=True, patch_top_images=None) -> NeuronLabels
+                             centred=True, patch_top_images=None, source="") -> NeuronLabels
                               embeds the prompts, fills the method string; centred: rank by cosine
                               minus the concept's cosine with the dataset's mean image (see label_neurons);
                               patch_top_images: labels neurons without top images from these (labelling_gallery)
@@ -120,6 +123,46 @@ def file_concepts(path: str | Path, template: str = DEFAULT_TEMPLATE) -> list[Co
     return [Concept(n, template.format(n)) for n in seen]
 
 
+SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
+"""ImageNet's WordNet id -> names files ("n01440764 tench, Tinca tinca" per line), looked for beside the class
+folders and one folder up (Kaggle's ILSVRC layout keeps LOC_synset_mapping.txt at the root, above train/)."""
+
+
+def class_concepts(dataset, template: str = DEFAULT_TEMPLATE) -> tuple[list[Concept] | None, str]:
+    """The dataset's own class names as a vocabulary, the atlas's default for data other than the world:
+    class folder names with "_" read as spaces, iNaturalist folders by their species (the binomial), ImageNet's
+    WordNet ids by the first name of SYNSET_FILES. Returns (concepts, what they are) or (None, why there are
+    none): no classes, one class, names without a letter, WordNet ids without a names file."""
+    import re
+
+    names = sorted({lab for lab in (getattr(dataset, "labels", None) or []) if lab is not None})
+    if len(names) < 2:
+        return None, ("its images have no classes" if not names else f"its images have one class ({names[0]})")
+    taxonomy = getattr(dataset, "taxonomy", None)
+    if taxonomy:  # iNaturalist: the species, not "00042_Animalia_..._Corvus_corax"
+        shown = {n: taxonomy[n][-1] for n in names}
+        what = "the dataset's iNaturalist species (its class folders)"
+    elif all(re.fullmatch(r"n\d{8}", n) for n in names):
+        root = Path(getattr(dataset, "root", "."))
+        found = next((f for d in (root, root.parent) for f in (d / n for n in SYNSET_FILES) if f.is_file()), None)
+        if found is None:
+            return None, (f"its class folders are WordNet ids ({names[0]}, ...) and no {' or '.join(SYNSET_FILES)} "
+                          f"names them in {root} or {root.parent}")
+        wordnet = {}
+        for line in found.read_text(encoding="utf-8", errors="replace").splitlines():
+            wnid, _, words = line.strip().partition(" ")
+            wordnet[wnid] = words.split(",")[0].strip()
+        shown = {n: wordnet.get(n) or n for n in names}
+        what = f"the dataset's WordNet classes, named by {found}"
+    elif not any(re.search(r"[^\W\d_]", n) for n in names):  # "0", "1", ...: nothing for a text tower to read
+        return None, f"its {len(names)} class names hold no letters ({names[0]}, ...)"
+    else:
+        shown = {n: n.replace("_", " ").strip() for n in names}
+        what = "the dataset's class names"
+    unique = dict.fromkeys(shown.values())  # two folders of one name are one concept
+    return [Concept(n, template.format(n), "class") for n in unique], what
+
+
 @dataclass
 class NeuronLabels:
     labels: list
@@ -216,11 +259,12 @@ def labelling_gallery(top_images: np.ndarray, patch_top_images: np.ndarray | Non
 
 
 def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder, concepts: Sequence[Concept],
-                             n_top: int = 16, centred: bool = True, patch_top_images: np.ndarray | None = None
-                             ) -> NeuronLabels:
+                             n_top: int = 16, centred: bool = True, patch_top_images: np.ndarray | None = None,
+                             source: str = "") -> NeuronLabels:
     """Embed the concepts' prompts with `embedder` (sae_core.text_encoders) and label the neurons;
     `centred` ranks by the cosine minus the concept's cosine with the dataset's mean image; neurons
-    without top images are labelled from `patch_top_images` where given (labelling_gallery)."""
+    without top images are labelled from `patch_top_images` where given (labelling_gallery); `source`, where
+    the vocabulary came from, goes into the method string."""
     concepts = list(concepts)
     gallery, from_patch = labelling_gallery(top_images, patch_top_images)
     text = embedder([c.prompt for c in concepts])
@@ -229,7 +273,8 @@ def label_with_text_embedder(top_images: np.ndarray, image_embeddings, embedder,
     score = ("cosine minus the concept's cosine with the mean image of the dataset" if centred else "cosine")
     method = (f"clip-text: {score}, between the mean unit image embedding of each neuron's top-{n_top} images and "
               f"the text embedding of each concept's prompt ({'; '.join(f'{k}: {p!r}' for k, p in sorted(prompts.items()))}); "
-              f"embedder {embedder.spec}; vocabulary of {len(concepts)} concepts; best concept kept")
+              f"embedder {embedder.spec}; vocabulary of {len(concepts)} concepts{f' ({source})' if source else ''}; "
+              "best concept kept")
     if from_patch.any():
         method += (f"; the {int(from_patch.sum())} neurons without a top image by the atlas's score are labelled "
                    f"from their top-{n_top} images by the max over patches")

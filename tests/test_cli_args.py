@@ -64,6 +64,7 @@ def test_unusable_counts_are_refused_before_anything_runs(argv, flag, wanted, ca
      "unrecognized arguments: --outt --stepz=5 (did you mean --out or --steps?)"),
     (["inspect", "b", "--jsn"], "unrecognized arguments: --jsn (did you mean --json?)"),
     (["ms", "--sae", "s"], "unrecognized arguments: --sae (`"),  # nothing near: no guess
+    (["atlas", "--quiet"], "unrecognized arguments: --quiet (`"),  # not "--out": the dashes are not compared
     (["inspect", "b", "c"], "unrecognized arguments: c (`"),
 ])
 def test_what_a_command_does_not_take_is_named_by_that_command(argv, said, capsys):

@@ -191,3 +191,82 @@ def test_open_clip_text_embedder_through_a_checkpoint_file(tmp_path):
         ref = model.encode_text(open_clip.tokenize(texts, context_length=16))
     torch.testing.assert_close(te(texts), ref / ref.norm(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
     assert te.dim == 32
+
+
+def test_the_datasets_class_names_are_the_default_vocabulary(tmp_path):
+    """Without --vocabulary a bundle of other data than the world had no labels at all ("none: no vocabulary
+    given"); the dataset's class names serve now: folder names with "_" read as spaces, iNaturalist folders
+    by their species, ImageNet's WordNet ids through LOC_synset_mapping.txt; and where they cannot (no classes,
+    one class, numbers, WordNet ids without names) the reason is said."""
+    from PIL import Image
+
+    from sae_core.datasets import image_folder
+    from sae_core.labels import class_concepts
+
+    def folder(name, classes, loose=0):
+        root = tmp_path / name
+        for c in classes:
+            (root / c).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(root / c / "a.png")
+        root.mkdir(exist_ok=True)
+        for j in range(loose):
+            Image.new("RGB", (4, 4)).save(root / f"loose{j}.png")
+        return image_folder(f"imagefolder:{root}", str(root))
+
+    concepts, what = class_concepts(folder("pets", ["tabby_cat", "golden_retriever"]))
+    assert [(c.name, c.prompt, c.kind) for c in concepts] == [
+        ("golden retriever", "a photo of a golden retriever", "class"), ("tabby cat", "a photo of a tabby cat", "class")]
+    assert what == "the dataset's class names"
+    inat = ["00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax",
+            "00001_Animalia_Chordata_Aves_Passeriformes_Corvidae_Pica_pica"]
+    concepts, what = class_concepts(folder("inat", inat))
+    assert [c.name for c in concepts] == ["Corvus corax", "Pica pica"] and "iNaturalist" in what
+    wnids = folder("imagenet/train", ["n01440764", "n01443537"])
+    concepts, what = class_concepts(wnids)
+    assert concepts is None and "WordNet ids (n01440764, ...)" in what and "LOC_synset_mapping.txt" in what
+    (tmp_path / "imagenet" / "LOC_synset_mapping.txt").write_text(
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    concepts, what = class_concepts(wnids)
+    assert [c.prompt for c in concepts] == ["a photo of a tench", "a photo of a goldfish"] and "LOC_synset" in what
+    for name, classes, loose, said in (("digits", ["0", "1", "2"], 0, "hold no letters"),
+                                       ("one", ["cats"], 0, "one class (cats)"), ("flat", [], 3, "no classes")):
+        concepts, why = class_concepts(folder(name, classes, loose))
+        assert concepts is None and said in why, name
+
+
+def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(tiny_bundle, tiny_world, tmp_path):
+    """World images in folders named by their object's colour, scanned as an ordinary image folder with the
+    world CLIP as embedder: the labels come from the folder names, and a neuron's label is the class most of
+    its top images are in for far more neurons than chance (1 in 11 colours)."""
+    from collections import Counter
+
+    from precompute.__main__ import main
+    from sae_core.datasets import open_dataset
+    from sae_core.world.dataset import WorldDataset
+
+    val = WorldDataset(tiny_world, "val")
+    n = 0
+    for i in range(len(val)):
+        objects = val.factors(i)["objects"]
+        if len(objects) == 1:
+            (tmp_path / "colours" / objects[0]["colour"]).mkdir(parents=True, exist_ok=True)
+            val[i].save(tmp_path / "colours" / objects[0]["colour"] / f"{i:04d}.png")
+            n += 1
+        if n == 400:
+            break
+    out = tmp_path / "bundle"
+    assert main(["atlas", "--sae", str(tiny_bundle / "sae"), "--dataset", f"imagefolder:{tmp_path / 'colours'}",
+                 "--model", f"world:{tiny_world}:llava", "--embedder", f"world:{tiny_world}", "--out", str(out)]) == 0
+    labels = json.loads((out / "neurons" / "labels.json").read_text())
+    ds = open_dataset(f"imagefolder:{tmp_path / 'colours'}")
+    assert labels["vocabulary"] == sorted(set(ds.labels))
+    assert "vocabulary of" in labels["method"] and "the dataset's class names, as no --vocabulary was given" in labels["method"]
+    top = np.load(out / "neurons" / "top_images.npy")
+    right = scored = 0
+    for k, label in enumerate(labels["labels"]):
+        ids = [int(i) for i in top[k] if i >= 0]
+        if label and len(ids) >= 2:
+            count = Counter(ds.labels[i] for i in ids)
+            scored += 1
+            right += count[label] == max(count.values())
+    assert scored > 50 and right / scored > 3 / len(labels["vocabulary"])
