@@ -25,6 +25,10 @@ STEER_PICTURE = 320
 LATENT_COLUMNS = ["neuron", "label", "max on image", "x token max", "mean", "patch", "ms"]  # max, mean, best patch: over patches
 
 
+class ModelUnavailable(UserError):
+    """The steering model (LLaVA) could not be loaded: a hub id without the network, too little memory, ..."""
+
+
 class SteerService:
     """Loads `sae_core.steering.SteeringSession` once (lazily, under a lock) and answers the Steer page.
 
@@ -47,12 +51,18 @@ class SteerService:
         return self._session is not None
 
     def session(self):
+        """The steering session, loaded at the first call (and tried again at each call after a failure:
+        ModelUnavailable)."""
         with self._lock:
             if self._session is None:
                 from sae_core.steering import SteeringSession
 
-                self._session = SteeringSession.from_bundle(self.ex.bundle, device=self.device,
-                                                            precision=self.precision)
+                try:
+                    self._session = SteeringSession.from_bundle(self.ex.bundle, device=self.device,
+                                                                precision=self.precision)
+                except UserError as e:
+                    raise ModelUnavailable(f"the steering model cannot be loaded, so the Steer page cannot answer "
+                                           f"(the other pages work): {e}") from None
             return self._session
 
     # --- images --------------------------------------------------------------------------------

@@ -309,8 +309,20 @@ class SteerTab:
 
         @user_errors
         def steer_first_visit(image_index, upload, patches, picture):
-            """The Steer tab opened with no picture yet: load the image in the box, as the button would."""
-            return steer_load_image(image_index, upload, patches) if picture is None else (gr.update(), gr.update())
+            """The Steer tab opened with no picture yet: load the image in the box, as the button would; where the
+            model cannot load, the picture (which needs none), an empty table and the reason as a warning (the
+            picture and the table each showed an "Error" badge beside the message)."""
+            from .steer import ModelUnavailable
+
+            if picture is not None:
+                return gr.update(), gr.update()
+            pil, key, _ = svc.image(image_index, upload)
+            try:
+                rows, _ = svc.latents(key)
+            except ModelUnavailable as e:
+                gr.Warning(str(e))
+                rows = []
+            return svc.picture(pil, patch_list(patches)), rows
 
         steer_tab.select(steer_first_visit, [self.image_index, self.upload, self.patches, self.picture], load_out,
                          api_name=False, **model)

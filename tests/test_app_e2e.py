@@ -553,6 +553,37 @@ def test_a_search_waiting_for_the_text_encoder_says_so(page, tiny_bundle, tmp_pa
         demo.close()
 
 
+def test_a_steering_model_that_cannot_load_leaves_the_steer_page_its_picture(page, tiny_bundle, tmp_path,
+                                                                                monkeypatch):
+    """A bundle whose LLaVA cannot be loaded (a hub id without the network; here the load refuses): opening the
+    Steer tab showed an "Error" badge on the picture and on the latents table beside the message. The picture
+    (which needs no model) shows, the table stays empty, and the reason is one warning."""
+    from app.server import start
+    from sae_core import steering
+    from sae_core.errors import UserError
+
+    def offline(*a, **k):
+        raise UserError("cannot load the config of llava-hf/llava-1.5-7b-hf (OSError: no network); pass a directory "
+                        "written by save_pretrained or a hub id this machine can download.")
+
+    monkeypatch.setattr(steering.SteeringSession, "from_bundle", offline)
+    demo, url = start(tiny_bundle, cache=tmp_path / "cache")
+    badges = ("() => Array.from(document.querySelectorAll('.error')).filter(e => !e.closest('.toast-wrap')"
+              " && !e.className.includes('toast') && e.innerText.trim() === 'Error').map(e => e.closest('[id]')?.id)")
+    try:
+        pg = page
+        pg.goto(url + "/")
+        pg.wait_for_selector("#metrics-table [role=gridcell]")
+        pg.get_by_role("tab", name="Steer", exact=True).click()
+        pg.wait_for_selector("text=the steering model cannot be loaded, so the Steer page cannot answer")
+        pg.wait_for_selector("#steer-picture img")
+        pg.wait_for_timeout(300)  # badges came with the message, in the same update
+        assert pg.evaluate(badges) == []
+        assert pg.locator("text=OSError: no network").count() >= 1
+    finally:
+        demo.close()
+
+
 def test_phone_layout(page, explorer_app):
     """At 390 x 844 (a phone): the top gallery shows all its images in columns that fit the width (8 of
     100 px showed 6 and scrolled sideways, unmarked) under its label (a two-line label covered the top of
