@@ -1097,12 +1097,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 counts[int(node["level"])] = counts.get(int(node["level"]), 0) + 1
             rows = [[lv, counts.get(lv, 0), None if i >= len(depth) or depth[i] is None else round(float(depth[i]), 3)]
                     for i, lv in enumerate(sorted(counts))]
+            depth_note = ("Taxonomy depth: the mean depth in the dataset's taxonomy of the concept each level's neurons "
+                          "pick out (deeper = finer)." if any(r[2] is not None for r in rows) else
+                          "No taxonomy depth: the dataset has no taxonomy (the world's, or iNaturalist-style class "
+                          "folders).")
             if not has_tree:  # drawn, its latents would be one ring of unrelated wedges
                 arch = ex.bundle.manifest["sae"].get("architecture")
                 return None, rows, (f"This SAE ({arch}) has one level, so there is no tree to draw: a Matryoshka SAE "
                                     "nests its latents in levels and links each latent to a parent in the level "
-                                    "before. Taxonomy depth: the mean depth in the dataset's taxonomy of the concept "
-                                    "its neurons pick out (deeper = finer).")
+                                    f"before. {depth_note}")
             patch_ms = ex.columns.get("patch_ms")
             tree = figures.hierarchy_figure(nodes, "treemap" if kind == "treemap" else "sunburst", patch_ms,
                                             root=None if root < 0 else root, patch_labels=ex.columns.get("patch_label"))
@@ -1121,8 +1124,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             note = (f"{where}{many(tree.nodes, 'node')} in {tree.levels} of {many(len(counts), 'level')} drawn; "
                     f"colour is MS by the "
                     f"{ex.score_name}{by_patches}; dark grey ({tree.uncoloured}): none, the neuron fires on "
-                    f"fewer than 2 images by {scores}. Taxonomy depth: the mean depth "
-                    "in the dataset's taxonomy of the concept each level's neurons pick out (deeper = finer).")
+                    f"fewer than 2 images by {scores}. {depth_note}")
             return tree.figure, rows, note
 
         @user_errors

@@ -124,6 +124,8 @@ def test_table_and_hierarchy(client, explorer_app):
     assert [r[0] for r in t["data"]] == want.tolist()
     fig, depth, note = client.predict("treemap", api_name="/hierarchy")  # the root left at its default
     assert [r[1] for r in depth["data"]] == np.bincount(group).tolist()
+    built = json.loads((explorer_app.bundle / "hierarchy.json").read_text())["depth_per_level"]
+    assert [r[2] for r in depth["data"]] == [round(d, 3) for d in built] and "Taxonomy depth: the mean depth" in note
     # the tiny bundle scores images by the max over patches: no second MS to fall back on
     grey = int(np.isnan(ms).sum())
     assert f"dark grey ({grey}): none, the neuron fires on fewer than 2 images by its max over patches." in note
@@ -346,6 +348,11 @@ def test_a_bundle_copied_without_its_dataset_shows_what_it_carries(tiny_bundle, 
     manifest.pop("world_split", None)
     manifest["dataset"]["spec"] = f"imagefolder:{tmp_path / 'not-copied'}"
     (root / "manifest.json").write_text(json.dumps(manifest))
+    # and built on images without a taxonomy: no depth per level (the note explained the empty column as if it
+    # held figures)
+    tree = json.loads((root / "hierarchy.json").read_text())
+    tree["depth_per_level"] = [None] * len(tree["depth_per_level"])
+    (root / "hierarchy.json").write_text(json.dumps(tree))
     thumbs = {int(p.stem) for p in (root / "images" / "thumbs").glob("*.png")}
     emb = np.load(root / "images" / "embeddings.npy").astype(np.float64)
     # an image whose 24 nearest include some without a thumbnail
@@ -362,6 +369,10 @@ def test_a_bundle_copied_without_its_dataset_shows_what_it_carries(tiny_bundle, 
         assert len({sizes[i] for i in gone}) == 1  # one grey tile for all of them
         _, picture, table, note, _ = client.predict(gone[0], "", api_name="/image_neurons")
         assert picture is None and "cannot be shown here" in note
+        _, depth, note = client.predict("sunburst", api_name="/hierarchy")
+        assert all(r[2] is None for r in depth["data"]) and "Taxonomy depth" not in note
+        assert note.endswith("No taxonomy depth: the dataset has no taxonomy (the world's, or iNaturalist-style class "
+                             "folders).")
     finally:
         demo.close()
 
