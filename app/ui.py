@@ -307,15 +307,12 @@ class SteerTab:
         self.image_index.submit(steer_load_image, [self.image_index, self.upload, self.patches], load_out,
                                 api_name=False, **model)
 
-        @user_errors
-        def steer_first_visit(image_index, upload, patches, picture):
-            """The Steer tab opened with no picture yet: load the image in the box, as the button would; where the
-            model cannot load, the picture (which needs none), an empty table and the reason as a warning (the
-            picture and the table each showed an "Error" badge beside the message)."""
+        def steer_load_for_page(image_index, upload, patches):
+            """steer_load_image for the loads the page makes itself (a first visit, a link): where the model cannot
+            load, the picture (which needs none), an empty table and the reason as a warning (the picture and the
+            table each showed an "Error" badge beside the message)."""
             from .steer import ModelUnavailable
 
-            if picture is not None:
-                return gr.update(), gr.update()
             pil, key, _ = svc.image(image_index, upload)
             try:
                 rows, _ = svc.latents(key)
@@ -323,6 +320,11 @@ class SteerTab:
                 gr.Warning(str(e))
                 rows = []
             return svc.picture(pil, patch_list(patches)), rows
+
+        @user_errors
+        def steer_first_visit(image_index, upload, patches, picture):
+            """The Steer tab opened with no picture yet: load the image in the box, as the button would."""
+            return steer_load_for_page(image_index, upload, patches) if picture is None else (gr.update(), gr.update())
 
         steer_tab.select(steer_first_visit, [self.image_index, self.upload, self.patches, self.picture], load_out,
                          api_name=False, **model)
@@ -481,7 +483,7 @@ class SteerTab:
                 restored = False
             if state.get("tab") != "steer" or not restored:
                 return gr.update(), gr.update()
-            return steer_load_image(image_index, upload, patches)
+            return steer_load_for_page(image_index, upload, patches)
 
         on_link(demo, lambda state: state.get("tab") == "steer").success(steer_restore_from_url, None,
                   [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,

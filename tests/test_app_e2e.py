@@ -556,8 +556,9 @@ def test_a_search_waiting_for_the_text_encoder_says_so(page, tiny_bundle, tmp_pa
 def test_a_steering_model_that_cannot_load_leaves_the_steer_page_its_picture(page, tiny_bundle, tmp_path,
                                                                                 monkeypatch):
     """A bundle whose LLaVA cannot be loaded (a hub id without the network; here the load refuses): opening the
-    Steer tab showed an "Error" badge on the picture and on the latents table beside the message. The picture
-    (which needs no model) shows, the table stays empty, and the reason is one warning."""
+    Steer tab showed an "Error" badge on the picture and on the latents table beside the message, and a steer
+    link an error. The picture (which needs no model) shows, the table stays empty, and the reason is one
+    warning."""
     from app.server import start
     from sae_core import steering
     from sae_core.errors import UserError
@@ -580,6 +581,14 @@ def test_a_steering_model_that_cannot_load_leaves_the_steer_page_its_picture(pag
         pg.wait_for_timeout(300)  # badges came with the message, in the same update
         assert pg.evaluate(badges) == []
         assert pg.locator("text=OSError: no network").count() >= 1
+        assert pg.locator(".toast-body.warning").count() >= 1 and pg.locator(".toast-body.error").count() == 0
+        # a steer link with an image: the same, a warning (it was an error toast: the link's restore failed)
+        pg.goto(url + "/?tab=steer&image=3&latents=5&values=2")
+        pg.wait_for_selector("text=the steering model cannot be loaded, so the Steer page cannot answer")
+        pg.wait_for_selector("#steer-picture img")
+        pg.wait_for_timeout(300)
+        assert pg.evaluate(badges) == [] and pg.input_value("#steer-latent-1 input") == "5"
+        assert pg.locator(".toast-body.warning").count() >= 1 and pg.locator(".toast-body.error").count() == 0
     finally:
         demo.close()
 
