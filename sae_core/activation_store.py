@@ -346,6 +346,15 @@ def _take(shards: list[np.ndarray], offsets: np.ndarray, index, width: int) -> n
     return out
 
 
+def check_batch_size(n_rows: int, batch_size: int, world_size: int = 1) -> None:
+    """UserError (one sentence) for a global batch that shuffled_batch_index cannot read: larger than the rows,
+    or not split evenly over the processes."""
+    if batch_size % world_size:
+        raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes.")
+    if batch_size > n_rows:
+        raise UserError(f"batch size {batch_size} is larger than the {n_rows} training rows; lower --batch-size.")
+
+
 def shuffled_batch_index(
     n_rows: int, batch_size: int, step: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> np.ndarray:
@@ -355,11 +364,8 @@ def shuffled_batch_index(
     rank r takes the r-th of `world_size` equal slices. So a resumed run reads exactly what an
     uninterrupted one would, and N ranks together read exactly the one-process batch.
     """
-    if batch_size % world_size:
-        raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes.")
+    check_batch_size(n_rows, batch_size, world_size)
     per_epoch = n_rows // batch_size
-    if per_epoch == 0:
-        raise UserError(f"batch size {batch_size} is larger than the {n_rows} training rows; lower --batch-size.")
     epoch, within = divmod(step, per_epoch)
     perm = _epoch_permutation(n_rows, seed, epoch)
     batch = perm[within * batch_size : (within + 1) * batch_size]

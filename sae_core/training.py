@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .activation_store import ActivationStore, HeldOut, held_out_split, last_rows_split, shuffled_batch_index
+from .activation_store import (ActivationStore, HeldOut, check_batch_size, held_out_split, last_rows_split,
+                               shuffled_batch_index)
 from .atomic import atomic_path, first_difference, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
@@ -254,6 +255,8 @@ def train_sae(
         split = last_rows_split(len(store), cfg.eval_rows)  # a checkpoint from before: it resumes as it began
     else:
         split = held_out_split(store, cfg.eval_rows)
+    # before the statistics pass, the progress bar and the log file (it was found at the first batch, after them)
+    check_batch_size(split.n_train, cfg.batch_size, dist_info.world_size)
     run_config = {"sae": sae_cfg.to_dict(), "train": asdict(cfg), "world_size": dist_info.world_size, "rows": len(store),
                   "data": store.identity(), "held_out": split.to_dict()}
     compute_dtype = COMPUTE_DTYPES[cfg.dtype]

@@ -225,8 +225,14 @@ def test_bad_inputs_end_in_one_sentence(tmp_path, capsys):
     np.save(tmp_path / "small.npy", np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32))
     assert precompute_main(["train", "--activations", str(tmp_path / "small.npy"), "--arch", "topk", "--width", "8",
                             "--k", "2", "--steps", "1", "--batch-size", "64", "--out", str(tmp_path / "o")]) == 2
+    # refused before the statistics pass, the progress bar and the log (the first batch found it, after them)
+    from sae_core.activation_store import ActivationStore, held_out_split
+
+    n_train = held_out_split(ActivationStore(tmp_path / "small.npy"), None).n_train
+    assert 0 < n_train < 40
     err = capsys.readouterr().err
-    assert "--batch-size" in err and "Traceback" not in err
+    assert err == f"error: batch size 64 is larger than the {n_train} training rows; lower --batch-size.\n"
+    assert list((tmp_path / "o").iterdir()) == []  # no train_log.csv left behind
 
 
 @pytest.mark.parametrize("bad_row", [30_000, 39_000])  # a training row outside the init sample; a held-out row
