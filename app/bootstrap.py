@@ -28,6 +28,9 @@ def ensure_bundle(settings: AppSettings) -> Path:
     path = settings.bundle
     if (path / MANIFEST).is_file():
         return path
+    if path.exists() and not path.is_dir():  # it said "does not exist", or built a demo into a file's place
+        raise UserError(f"bundle {path} is a file, not a bundle's folder; give the folder `python -m precompute "
+                        "atlas` or `demo` wrote (its --out).")
     if path.is_dir():
         refuse_another_folder(path)  # an SAE folder or a store, named as such (not "build a demo into it")
     if not settings.uses_default_bundle and path.is_dir():  # a build of the user's that stopped, of any command

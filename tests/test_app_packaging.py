@@ -96,8 +96,12 @@ def test_a_named_bundle_that_is_missing_or_unfinished_is_one_sentence(tmp_path):
                                 f"--out {tmp_path / 'none'}` or leave out --bundle and SAE_APP_BUNDLE to serve the default one."),
             (tmp_path / "half", f"bundle {tmp_path / 'half'} is unfinished (no manifest.json: its build stopped or is "
                                 f"still running); `python -m precompute inspect {tmp_path / 'half'}` says how far it got "
-                                "and the command that resumes it.")]:
+                                "and the command that resumes it."),
+            # a file (it said "does not exist")
+            (tmp_path / "sae.pt", f"bundle {tmp_path / 'sae.pt'} is a file, not a bundle's folder; give the folder "
+                                  "`python -m precompute atlas` or `demo` wrote (its --out).")]:
         (tmp_path / "half" / ".stages").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sae.pt").write_bytes(b"weights")
         with pytest.raises(UserError) as e:
             bootstrap.ensure_bundle(settings.AppSettings.from_env(bundle=given))
         assert str(e.value) == sentence
