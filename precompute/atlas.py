@@ -497,7 +497,7 @@ def _stage_labels(job, sae, out, scan_info, world):
 
     K = sae.cfg.d_sae
     concepts, source = _vocabulary(job, world)
-    reason = source
+    reason = source  # where there are no concepts, `source` says why
     embedder = None
     if concepts is not None:
         try:

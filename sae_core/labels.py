@@ -48,6 +48,7 @@ API
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +134,6 @@ def class_concepts(dataset, template: str = DEFAULT_TEMPLATE) -> tuple[list[Conc
     class folder names with "_" read as spaces, iNaturalist folders by their species (the binomial), ImageNet's
     WordNet ids by the first name of SYNSET_FILES. Returns (concepts, what they are) or (None, why there are
     none): no classes, one class, names without a letter, WordNet ids without a names file."""
-    import re
-
     names = sorted({lab for lab in (getattr(dataset, "labels", None) or []) if lab is not None})
     if len(names) < 2:
         return None, ("its images have no classes" if not names else f"its images have one class ({names[0]})")
