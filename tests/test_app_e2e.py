@@ -83,6 +83,19 @@ def wait_value(pg, selector: str, value: str):
                          arg=[selector, value])
 
 
+def wait_address(pg, **want: str):
+    """Wait until the address's query holds `want` (name: value each): the address follows an event's answer
+    through the hidden url box, a step after the boxes that answer shows (read at once, a CI run of 2026-12-05
+    found the Overview's address still after the Neuron tab's click); a failure names the address."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        pg.wait_for_function("(w) => { const q = new URLSearchParams(location.search);"
+                             " return Object.entries(w).every(([k, v]) => q.get(k) === v); }", arg=want, timeout=30_000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"the address stayed {pg.url}, without {want}") from None
+
+
 def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -188,7 +201,7 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     except PlaywrightTimeout:
         raise AssertionError((pg.evaluate(where, [freq, ms]), click)) from None
     pg.get_by_role("tab", name="Neuron", exact=True).click()
-    assert f"neuron={k_clicked}" in pg.url
+    wait_address(pg, tab="neuron", neuron=str(k_clicked))
     # 2. The neuron page's gallery images rendered (natural width > 0), one per top image.
     widths = gallery_widths(pg)
     assert len(widths) == int((top[k_clicked] >= 0).sum()) and min(widths) > 0
@@ -235,6 +248,7 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     assert steered != original, (original, steered, colour)
 
     # 5. The steering state is in the URL and comes back on load.
+    wait_address(pg, tab="steer", latents=str(k))
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query))
     assert q["tab"] == "steer" and q["image"] == str(image) and q["latents"] == str(k)
     pg.goto(pg.url)
@@ -386,6 +400,7 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     rows = "Array.from(document.querySelectorAll('#image-neurons [role=row]')).filter(r => r.querySelector('[role=gridcell]'))"
     pg.wait_for_function(f"(n) => {rows}.length === n", arg=held(ids[j]))
     pg.wait_for_selector("#image-picture img", state="visible")
+    wait_address(pg, image=str(ids[j]))
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query))
     assert q == {"tab": "images", "query": "a photo of a red object", "image": str(ids[j])}
     # the link restores the search and the image
@@ -417,6 +432,7 @@ def test_images_page_finds_images_and_the_neurons_that_show_them(page, explorer_
     pg.click("#image-steer")
     wait_value(pg, "#steer-image-index input", str(ids[j]))
     pg.wait_for_selector("#steer-picture img")
+    wait_address(pg, tab="steer", image=str(ids[j]))
     assert dict(urllib.parse.parse_qsl(urllib.parse.urlparse(pg.url).query)) == {"tab": "steer", "image": str(ids[j])}
     # a click on a neuron's gallery image offers that image's neurons on the Images page
     k = int(np.argmax((top >= 0).sum(1)))
