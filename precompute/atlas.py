@@ -447,6 +447,10 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     t0 = time.time()
     result = scan(adapter, sae, ds, cfg, embedder=None if embedder is adapter else embedder, n_images=n,
                   progress=lambda done: advance(done / n), reference_embed=reference_embed, checkpoint=checkpoint)
+    if result.skipped:  # extract warns image by image; the scan said nothing, and the bundle simply had fewer
+        i, err = result.skipped[0]
+        note(f"atlas: {len(result.skipped)} of {n} images could not be read and are left out of every figure (first: "
+             f"#{i}, {err}); the manifest's `skipped` lists them, and `inspect` counts them.")
     fvu = result.metrics.get("fvu")
     if fvu is not None and not fvu <= POOR_FVU:  # NaN warns too; most often an SAE given another model or layer than its own
         note(f"atlas: FVU {fvu:.3g}: the SAE reconstructs these activations poorly (a fitted SAE is usually "

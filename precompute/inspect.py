@@ -85,7 +85,7 @@ def summary(path) -> dict:
                 "imported": (m["sae"].get("training") or {}).get("imported")},
         "dataset": m["dataset"].get("spec"), "embedder": m["embedder"].get("spec"),
         "label_method": b.labels.get("method"), "world": m.get("world"), "created": m.get("created"),
-        "command": m.get("command"),
+        "command": m.get("command"), "skipped": m.get("skipped") or [],
     })
     return out
 
@@ -278,6 +278,10 @@ def _print_bundle(s: dict) -> None:
           + (f", groups {sae['group_sizes']}" if sae["group_sizes"] else "")
           + (f", imported from {sae['imported']['format']} ({sae['imported']['from']})" if sae["imported"] else ""))
     print(f"  data     {s['dataset']} ({s['n_images']} images); embedder {s['embedder']}")
+    if s.get("skipped"):  # images the scan could not read: left out of every figure
+        first = s["skipped"][0]
+        print(f"  skipped  {len(s['skipped'])} unreadable image(s), left out (first: #{first.get('index')}, "
+              f"{first.get('error')}); the manifest's `skipped` lists them")
     rows = [(k, s.get(k)) for k in KEYS[2:] + WORLD_JSON_KEYS + ("ms_median",) if s.get(k) is not None]
     width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:

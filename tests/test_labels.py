@@ -234,31 +234,45 @@ def test_the_datasets_class_names_are_the_default_vocabulary(tmp_path):
         assert concepts is None and said in why, name
 
 
-def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(tiny_bundle, tiny_world, tmp_path):
-    """World images in folders named by their object's colour, scanned as an ordinary image folder with the
-    world CLIP as embedder: the labels come from the folder names, and a neuron's label is the class most of
-    its top images are in for far more neurons than chance (1 in 11 colours)."""
-    from collections import Counter
-
+@pytest.fixture(scope="module")
+def class_folder_bundle(tiny_bundle, tiny_world, tmp_path_factory):
+    """400 single-object world images in folders named by their object's colour, and two files there that are
+    no images (one garbage, one a PNG cut short), scanned as an ordinary image folder by the tiny bundle's SAE
+    with the world CLIP as embedder. Returns (folder, bundle, what the atlas said: its notes go to the terminal
+    and to BUNDLE/.stages/log.txt, read here)."""
     from precompute.__main__ import main
-    from sae_core.datasets import open_dataset
     from sae_core.world.dataset import WorldDataset
 
+    root = tmp_path_factory.mktemp("class_folders")
+    folder, out = root / "colours", root / "bundle"
     val = WorldDataset(tiny_world, "val")
     n = 0
     for i in range(len(val)):
         objects = val.factors(i)["objects"]
         if len(objects) == 1:
-            (tmp_path / "colours" / objects[0]["colour"]).mkdir(parents=True, exist_ok=True)
-            val[i].save(tmp_path / "colours" / objects[0]["colour"] / f"{i:04d}.png")
+            (folder / objects[0]["colour"]).mkdir(parents=True, exist_ok=True)
+            val[i].save(folder / objects[0]["colour"] / f"{i:04d}.png")
             n += 1
         if n == 400:
             break
-    out = tmp_path / "bundle"
-    assert main(["atlas", "--sae", str(tiny_bundle / "sae"), "--dataset", f"imagefolder:{tmp_path / 'colours'}",
+    (folder / "red" / "zz_garbage.png").write_bytes(b"not an image" * 10)
+    png = next((folder / "blue").glob("*.png")).read_bytes()
+    (folder / "blue" / "zz_cut.png").write_bytes(png[: len(png) // 3])
+    assert main(["atlas", "--sae", str(tiny_bundle / "sae"), "--dataset", f"imagefolder:{folder}",
                  "--model", f"world:{tiny_world}:llava", "--embedder", f"world:{tiny_world}", "--out", str(out)]) == 0
+    return folder, out, (out / ".stages" / "log.txt").read_text()
+
+
+def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(class_folder_bundle):
+    """The labels come from the folder names, and a neuron's label is the class most of its top images are in
+    for far more neurons than chance (1 in 11 colours)."""
+    from collections import Counter
+
+    from sae_core.datasets import open_dataset
+
+    folder, out, _ = class_folder_bundle
     labels = json.loads((out / "neurons" / "labels.json").read_text())
-    ds = open_dataset(f"imagefolder:{tmp_path / 'colours'}")
+    ds = open_dataset(f"imagefolder:{folder}")
     assert labels["vocabulary"] == sorted(set(ds.labels))
     assert "vocabulary of" in labels["method"] and "the dataset's class names, as no --vocabulary was given" in labels["method"]
     top = np.load(out / "neurons" / "top_images.npy")
@@ -270,3 +284,23 @@ def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(tiny_bundle
             scored += 1
             right += count[label] == max(count.values())
     assert scored > 50 and right / scored > 3 / len(labels["vocabulary"])
+
+
+def test_an_atlas_says_which_images_it_could_not_read(class_folder_bundle, capsys):
+    """Unreadable images were left out of the atlas in silence (only the manifest listed them; `extract` warns
+    for each): the scan says how many and the first, `inspect` counts them, and no figure holds them."""
+    from precompute.__main__ import main
+    from sae_core.datasets import open_dataset
+
+    folder, out, err = class_folder_bundle
+    ds = open_dataset(f"imagefolder:{folder}")
+    bad = sorted(i for i in range(len(ds)) if ds.item(i).endswith(("zz_garbage.png", "zz_cut.png")))
+    assert len(bad) == 2
+    assert f"atlas: 2 of {len(ds)} images could not be read and are left out of every figure (first: #{bad[0]}, " in err
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert [s["index"] for s in skipped] == bad
+    assert not np.isin(np.load(out / "neurons" / "top_images.npy"), bad).any()
+    assert main(["inspect", str(out)]) == 0
+    assert f"  skipped  2 unreadable image(s), left out (first: #{bad[0]}, " in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert [s["index"] for s in json.loads(capsys.readouterr().out)["skipped"]] == bad
