@@ -12,12 +12,20 @@ for _var, _val in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"
     os.environ.setdefault(_var, _val)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its refusals in one line, as the app's other errors (`--port abc` printed the usage block
+    first); --help keeps the usage. (precompute has its own: app/ does not import precompute/.)"""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options).\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from .settings import ENV_VARS
 
     epilog = "environment variables:\n" + "\n".join(f"  {k:<30} {v}" for k, v in ENV_VARS.items())
-    p = argparse.ArgumentParser(prog="python -m app", description=__doc__, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m app", description=__doc__, epilog=epilog,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", help="bundle directory (default: $SAE_APP_BUNDLE or runs/demo_bundle, built when missing)")
     p.add_argument("--host", help="address to listen on (default: $SAE_APP_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: $SAE_APP_PORT or 7860)")

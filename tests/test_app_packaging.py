@@ -144,6 +144,22 @@ def test_a_second_start_waits_for_the_build_another_start_runs(tmp_path, monkeyp
         assert f"{default} is being built by another process (pid {first.pid} on " in capfd.readouterr().err
 
 
+def test_the_apps_command_line_refusals_are_one_line(capsys):
+    """`python -m app --port abc` printed argparse's usage block before its error, unlike every other refusal
+    here (the app's own and precompute's): one line now, naming --help; --help itself keeps the usage."""
+    from app.__main__ import parse_args
+
+    for argv, said in ((["--port", "abc"], "argument --port: invalid int value: 'abc'"),
+                       (["--bundel", "x"], "unrecognized arguments: --bundel x")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: {said} (`python -m app --help` lists the options).\n"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m app")
+
+
 def test_the_quick_start_commands_parse():
     """Every command of the README's quick start is accepted by the real command-line parsers (an
     option renamed or a choice dropped would leave users a first command that fails)."""
