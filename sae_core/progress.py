@@ -62,6 +62,9 @@ def progress_bar(*args, file=None, **kwargs) -> tqdm:
             # tqdm's monitor thread redraws a bar silent for maxinterval (10 s by default): not sooner than a line
             kwargs["maxinterval"] = max(float(kwargs.get("maxinterval", 10.0)), kwargs["mininterval"])
         kwargs["dynamic_ncols"] = False  # no terminal to measure
+        # no place among other bars: with one open anywhere (the atlas's pipeline bar on the terminal), tqdm
+        # put this one a line down and wrote cursor-up escapes into the log
+        kwargs["position"] = 0
     return tqdm(*args, file=stream, **kwargs)
 
 

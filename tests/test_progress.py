@@ -29,6 +29,22 @@ def test_a_bar_in_a_log_is_its_first_and_last_state_as_lines():
     assert lines[1].startswith("scan: 100%") and " 1000/1000 " in lines[1]
 
 
+def test_a_bar_in_a_log_beside_another_open_bar_is_lines_without_escapes():
+    """With another bar open (the atlas's pipeline bar on the terminal, while a stage loads a model), tqdm put
+    the log's bar a line down: a blank first line and cursor-up escapes in BUNDLE/.stages/log.txt."""
+    outer = tqdm.std.tqdm(total=3, file=io.StringIO())
+    try:
+        log = io.StringIO()
+        bar = progress_bar(total=2, desc="Loading weights", file=log)
+        bar.update(2)
+        bar.close()
+    finally:
+        outer.close()
+    lines = log.getvalue().splitlines()
+    assert "\x1b" not in log.getvalue() and len(lines) == 2 and lines[0].startswith("Loading weights:   0%")
+    assert lines[1].startswith("Loading weights: 100%")
+
+
 def test_a_bar_on_a_terminal_still_redraws_in_place():
     term = Terminal()
     bar = progress_bar(total=3, desc="scan", file=term)
