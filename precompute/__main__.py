@@ -123,8 +123,8 @@ def main(argv=None) -> int:
               "what is there.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a traceback read as a crash, where the work done is kept
-        print("\ninterrupted; the same command again resumes the long jobs (extract, train, ms, atlas, demo, ...) "
-              "from their finished stages and checkpoints.", file=sys.stderr)
+        print("\ninterrupted; the same command again resumes the long jobs (extract, train, ms, atlas, demo, "
+              "steer-eval with --out, ...) from their finished stages and checkpoints.", file=sys.stderr)
         return 130
 
 

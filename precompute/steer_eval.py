@@ -30,18 +30,16 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"),
                    help="LLaVA's precision, as `precompute steer --precision`")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", help="also write the JSON here; with it a killed run resumes (rerun the same command): "
+                                 "finished steps are kept in OUT.partial")
     p.add_argument("--json", action="store_true", help="print the JSON (default: a summary table)")
 
 
 def run(args) -> int:
-    import sys
+    from contextlib import nullcontext
 
-    import torch
-
-    from sae_core.atomic import write_json_atomic
-    from sae_core.steering import SteeringSession
-    from sae_core.steering_eval import LEARN_LAMBDA, LEARN_STEPS, MIN_IMAGES, evaluate_world
+    from sae_core.atomic import output_lock
+    from sae_core.steering_eval import LEARN_STEPS, MIN_IMAGES
 
     # every argument is checked before the model loads and the evaluation runs (minutes): a bad one found
     # after it would lose the run
@@ -68,6 +66,31 @@ def run(args) -> int:
                 check_writable(Path(path))
             except UserError as e:  # its sentence names --out
                 raise UserError(re.sub(r"--out\b", flag, str(e))) from None
+    if args.out:
+        check_writable(partial_path(args.out))
+    # a second run with this --out is refused: the two would append to one journal
+    with output_lock(args.out) if args.out else nullcontext():
+        return _evaluate(args, alphas, factors, learn_steps)
+
+
+def partial_path(out: str) -> Path:
+    """Where a run with --out OUT keeps its finished steps until OUT is written."""
+    return Path(out).with_name(Path(out).name + ".partial")
+
+
+def _evaluate(args, alphas: tuple, factors: tuple, learn_steps: int) -> int:
+    """run's work, once its arguments are checked: load, evaluate (resuming OUT.partial), write, print."""
+    import hashlib
+    import sys
+
+    import torch
+
+    from sae_core.atomic import write_json_atomic
+    from sae_core.resume import Journal
+    from sae_core.steering import SteeringSession
+    from sae_core.steering_eval import LEARN_LAMBDA, evaluate_world
+
+    learn_lambda = LEARN_LAMBDA if args.learn_lambda is None else args.learn_lambda
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
     world = session.bundle.world_dir  # the world the bundle carries, else the one its manifest names
     if world is None:
@@ -75,11 +98,24 @@ def run(args) -> int:
                         "world's ground truth, build one with `python -m precompute demo`.")
     torch.manual_seed(0)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
+    journal = None
+    if args.out:
+        # everything an answer depends on: the bundle (its manifest is written last, so a rebuilt bundle has
+        # another), the model's device and precision, and every setting of the evaluation
+        manifest = hashlib.sha256((session.bundle.root / "manifest.json").read_bytes()).hexdigest()
+        journal = Journal(partial_path(args.out), {
+            "bundle_manifest_sha256": manifest, "device": session.device.type, "dtype": str(session.adapter.dtype),
+            "images": args.images, "per_concept": args.per_concept, "tune_per_concept": args.tune_per_concept,
+            "alphas": list(alphas), "factors": list(factors), "tau": args.tau, "purity": args.purity,
+            "learn_steps": learn_steps, "learn_lambda": learn_lambda})
+        if journal.restarted:
+            log(f"starting over, {journal.path.name} is not of these settings ({journal.restarted})")
+        elif journal.done:
+            log(f"resuming: {len(journal.done)} finished steps read from {journal.path.name}")
     result = evaluate_world(session, world, n_images=args.images, alphas=alphas, max_images=args.per_concept,
                             tune_images=args.tune_per_concept, factors=factors, tau=args.tau,
-                            purity=args.purity, log=log,
-                            learn_steps=learn_steps,
-                            learn_lambda=LEARN_LAMBDA if args.learn_lambda is None else args.learn_lambda)
+                            purity=args.purity, log=log, learn_steps=learn_steps, learn_lambda=learn_lambda,
+                            journal=journal)
     result["bundle"] = str(session.bundle.root)
     if args.out:
         write_json_atomic(args.out, result)
@@ -87,6 +123,8 @@ def run(args) -> int:
     if args.learned_out and learned is not None:
         write_json_atomic(args.learned_out, {"factor": "colour", "bundle": str(session.bundle.root), **learned["deltas"],
                                              "settings": {"n_images": args.images, "tau": args.tau, "purity": args.purity}})
+    if journal is not None:  # after --out and --learned-out: the steps are in them now
+        journal.remove()
     if args.json:
         print(strict_json(result))
     else:

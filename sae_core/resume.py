@@ -13,16 +13,19 @@ API
     save_state(path, objects: dict[str, object], info: dict) -> None
     read_info(path) -> dict | None            the `info` saved beside the state (None: no readable file)
     load_state(path, objects: dict[str, object]) -> dict   restores in place, returns `info`
+    Journal(path, settings)                   results of a job's finished units (JSON lines), for jobs
+                                              made of many small steps rather than one accumulator
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, first_difference, json_safe
 
 
 def _encode(value, key: str, arrays: dict[str, np.ndarray]):
@@ -132,3 +135,67 @@ def load_state(path: str | Path, objects: dict[str, object]) -> dict:
     for name, obj in objects.items():
         _decode(state[name], get_array, obj, "cpu")
     return json.loads(meta["info"])
+
+
+class Journal:
+    """The results of a long job's finished units, one JSON line each, appended and synced as each unit
+    ends, so that a rerun with the same settings skips them (steer-eval: hundreds of runs of LLaVA).
+
+    The first line holds the settings; a file written with other settings, or not by a Journal, is started
+    over, and `restarted` says why (the first setting that changed). A line cut short by a kill (the last
+    one) is dropped: its unit runs again. Values are given back as JSON gives them (tuples as lists), on the
+    first run too, so a resumed job computes from exactly the values an uninterrupted one held.
+    """
+
+    def __init__(self, path: str | Path, settings: dict):
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(json_safe(settings)))  # as the file will give it back
+        self.done: dict[str, object] = {}
+        self.restarted: str | None = None
+        lines, whole = self._read_lines()
+        if lines and lines[0].get("settings") == self.settings:
+            self.done = {d["key"]: d["value"] for d in lines[1:] if "key" in d and "value" in d}
+            if whole:
+                return
+        elif lines or not whole:
+            ours = lines and isinstance(lines[0].get("settings"), dict)
+            self.restarted = first_difference(lines[0]["settings"], self.settings) if ours else "not a journal of this job"
+            lines = []
+        # a new file, or the whole lines of one a kill cut short (the next line must not join the cut one)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(d, allow_nan=False) + "\n" for d in lines or [{"settings": self.settings}]))
+
+    def _read_lines(self) -> tuple[list[dict], bool]:
+        """The file's JSON-object lines up to the first that is not one, and whether that was all of it."""
+        if not self.path.exists():
+            return [], True
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError):
+            return [], False
+        lines = []
+        for line in text.splitlines(keepends=True):
+            try:
+                d = json.loads(line) if line.endswith("\n") else None
+            except ValueError:
+                d = None
+            if not isinstance(d, dict):  # cut short by a kill: nothing after it was written
+                return lines, False
+            lines.append(d)
+        return lines, True
+
+    def run(self, key: str, compute):
+        """The value of unit `key`: the recorded one, or compute() recorded now."""
+        if key in self.done:
+            return self.done[key]
+        value = compute()
+        line = json.dumps({"key": key, "value": value}, allow_nan=False) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = json.loads(line)["value"]  # what a resumed run would read
+        return self.done[key]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

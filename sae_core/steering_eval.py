@@ -453,10 +453,11 @@ class LearnedDeltas:
         src = source or nearest_concept(codes, stats)
         return delta_clamp(codes, self.latents, self.delta(target, src), n_prefix, self.where, True)
 
-    def to_json(self) -> dict:
+    def to_json(self, decimals: int | None = 5) -> dict:
+        """decimals None: every float32 exactly (a resumed steer-eval goes on with the deltas it learned)."""
         return {"latents": [int(k) for k in self.latents], "concepts": list(self.concepts), "where": self.where,
-                "deltas": {t: np.asarray(d).round(5).tolist() for t, d in self.deltas.items()}, "info": self.info,
-                "settings": self.settings}
+                "deltas": {t: (np.asarray(d) if decimals is None else np.asarray(d).round(decimals)).tolist()
+                           for t, d in self.deltas.items()}, "info": self.info, "settings": self.settings}
 
     @classmethod
     def from_json(cls, d: dict) -> "LearnedDeltas":
@@ -593,9 +594,13 @@ def _score(success: float, kept: float) -> tuple:
     return (kept >= KEEP_FLOOR, success + kept)
 
 
-def tune_results(session, data, stats, options: list, max_images: int = 48) -> dict:
-    """{option label: per-concept results on the tune half} for options [(label, concept -> Strategy)]."""
-    return {label: run_strategy(session, data, stats, fn, "tune", max_images=max_images) for label, fn in options}
+def tune_results(session, data, stats, options: list, max_images: int = 48, unit=None) -> dict:
+    """{option label: per-concept results on the tune half} for options [(label, concept -> Strategy)];
+    `unit(key, compute)` runs each (evaluate_world's journal)."""
+    unit = unit or (lambda key, compute: compute())
+    return {label: unit(f"{stats.factor}/tune/{label}",
+                        lambda fn=fn: run_strategy(session, data, stats, fn, "tune", max_images=max_images))
+            for label, fn in options}
 
 
 def choose(results: dict, options: list, rank=None) -> tuple[dict, float]:
@@ -625,7 +630,7 @@ def _strategy(kind: str, alpha: float, stats: ConceptStats, rank: int = 0):
 
 
 def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_images: int, max_images: int,
-                    steps: int, lam: float) -> dict:
+                    steps: int, lam: float, unit) -> dict:
     """The learned strategy as a chosen family: deltas learned on the tune images that never score an
     option (the first `tune_images` non-target images of each concept score them), so its tune score is
     held out like the others' (theirs are the best of a few strengths on those images); then the test half."""
@@ -635,10 +640,17 @@ def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_imag
     for c in stats.means:
         scored.update(_target_rows(labels, data.tune, c, tune_images).tolist())
     rows = np.array([j for j in data.tune if j not in scored], dtype=np.int64)
-    stats.learned = learn_deltas(session, data, stats, rows=rows, steps=steps, lam=lam)
+
+    def learn():
+        learned = learn_deltas(session, data, stats, rows=rows, steps=steps, lam=lam)
+        return {"deltas": learned.to_json(decimals=None), "seconds": time.perf_counter() - t0}
+
+    learned = unit(f"{stats.factor}/learned/deltas", learn)
+    stats.learned = LearnedDeltas.from_json(learned["deltas"])
+    t0 = time.perf_counter() - learned["seconds"]  # a resumed run counts the learning it did before
     fn = lambda c: Strategy("learned", where=stats.learned.where, keep_error=True)  # noqa: E731
-    tune = run_strategy(session, data, stats, fn, "tune", max_images=tune_images)
-    per = run_strategy(session, data, stats, fn, "test", max_images=max_images)
+    tune = unit(f"{stats.factor}/learned/tune", lambda: run_strategy(session, data, stats, fn, "tune", max_images=tune_images))
+    per = unit(f"{stats.factor}/learned/test", lambda: run_strategy(session, data, stats, fn, "test", max_images=max_images))
     return {"summary": summarise(per), "per_concept": per, "seconds": time.perf_counter() - t0,
             "tune_score": float(np.mean([v["success"] + v["collateral_kept"] for v in tune.values()])),
             "deltas": stats.learned.to_json()}
@@ -647,16 +659,22 @@ def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_imag
 def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
                    max_images: int = 40, tune_images: int = 48, factors=("colour", "shape"),
                    clip_images: int = 8, tau: float = 0.1, purity: float = 1.0, learn_steps: int = LEARN_STEPS,
-                   learn_lambda: float = LEARN_LAMBDA, learn_factors=("colour",), log=print) -> dict:
+                   learn_lambda: float = LEARN_LAMBDA, learn_factors=("colour",), log=print, journal=None) -> dict:
     """Everything steer-eval reports (see the module docstring); `log` gets progress lines. learn_steps 0
-    leaves the learned strategy out."""
+    leaves the learned strategy out. With a `journal` (sae_core.resume.Journal, of these settings), each
+    finished run of LLaVA over a set of images is recorded there, and those it holds are not run again: a
+    killed evaluation resumes (loading the images and the original answers is redone)."""
     from PIL import Image
+
+    def unit(key, compute):
+        return compute() if journal is None else journal.run(key, compute)
 
     data = load_world_eval(session, world_dir, n_images=n_images)
     labels = session.bundle.labels["labels"] if session.bundle is not None else None
     sae_acc = {}
     for f in ("colour", "shape"):
-        sae = np.array([first_word(a) for a in _batched(session, data.images, [Clamp()] * len(data.images), FACTOR_Q[f], 3)])
+        sae = np.array(unit(f"accuracy/{f}", lambda: [first_word(a) for a in _batched(
+            session, data.images, [Clamp()] * len(data.images), FACTOR_Q[f], 3)]))
         sae_acc[f] = {"original": float(np.mean(data.original[f] == data.labels(f))),
                       "sae_inserted": float(np.mean(sae == data.labels(f)))}
     out = {"n_images": len(data.images), "n_tune": int(len(data.tune)), "n_test": int(len(data.test)),
@@ -669,7 +687,8 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
         sweep = {}
         for kind in KINDS:
             for a in alphas:
-                per = run_strategy(session, data, stats, _strategy(kind, a, stats), "test", max_images=max_images)
+                per = unit(f"{factor}/sweep/{kind} x{a:g}", lambda: run_strategy(
+                    session, data, stats, _strategy(kind, a, stats), "test", max_images=max_images))
                 sweep[f"{kind} x{a:g}"] = summarise(per)
                 log(f"  sweep {factor} {kind:13s} x{a:<4g} success {sweep[f'{kind} x{a:g}']['success_rate']:.2f} "
                     f"kept {sweep[f'{kind} x{a:g}']['collateral_kept']:.2f}")
@@ -688,17 +707,19 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
         for fam, options in families.items():
             key = id(options)
             if key not in results:  # best_neuron and strongest_neuron share their tune runs
-                results[key] = tune_results(session, data, stats, options, max_images=tune_images)
+                results[key] = tune_results(session, data, stats, options, max_images=tune_images, unit=unit)
             rank = (lambda succ, kept: (succ, kept)) if fam == "strongest_neuron" else None
             pick, tune_score = choose(results[key], options, rank=rank)
-            per = run_strategy(session, data, stats, lambda c: pick[c], "test", max_images=max_images)
+            per = unit(f"{factor}/chosen/{fam}", lambda: run_strategy(
+                session, data, stats, lambda c: pick[c], "test", max_images=max_images))
             chosen[fam] = {"summary": summarise(per), "tune_score": tune_score, "per_concept": per}
             log(f"  {factor} {fam:17s} test success {chosen[fam]['summary']['success_rate']:.2f} "
                 f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {chosen[fam]['summary']['collateral_kept']:.2f}")
             if fam == "strongest_neuron":
                 chosen_neurons.update({(factor, c): (st, float(stats.max_act[st.latent])) for c, st in pick.items()})
         if factor in learn_factors and learn_steps > 0 and len(stats.latents):
-            chosen["learned"] = _learned_family(session, data, stats, tune_images, max_images, learn_steps, learn_lambda)
+            chosen["learned"] = _learned_family(session, data, stats, tune_images, max_images, learn_steps, learn_lambda,
+                                                unit)
             s_ = chosen["learned"]["summary"]
             log(f"  {factor} {'learned':17s} test success {s_['success_rate']:.2f} (min {s_['success_min']:.2f}) "
                 f"kept {s_['collateral_kept']:.2f} ({chosen['learned']['seconds']:.0f} s)")
@@ -725,8 +746,9 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                 rows = [j for j in data.test if data.labels(factor)[j] != c][:clip_images]
                 ims = [white] + [data.images[j] for j in rows]
                 clamp = Clamp((st.latent,), (st.alpha * max_act,), "set")  # the paper: every token, error dropped
-                steered = [first_word(a) for a in session.answer_batch(ims, [clamp] * len(ims), prompt, 5)]
-                unsteered = [first_word(a) for a in session.answer_batch(ims, [ORIGINAL] * len(ims), prompt, 5)]
+                steered, unsteered = unit(f"{key}/{factor}/{c}/{st.latent} x{st.alpha:g}", lambda: [
+                    [first_word(a) for a in session.answer_batch(ims, [cl] * len(ims), prompt, 5)]
+                    for cl in (clamp, ORIGINAL)])
                 sc = scorer.score(steered, [st.latent] * len(ims))
                 su = scorer.score(unsteered, [st.latent] * len(ims))
                 white_s.append(sc[0]), white_u.append(su[0])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core.resume import load_state, read_info, save_state
+from sae_core.resume import Journal, load_state, read_info, save_state
 
 
 class Inner:
@@ -75,3 +75,41 @@ def test_unreadable_or_foreign_files_read_as_no_state(tmp_path):
         bad.edges = {1, 2}
         save_state(tmp_path / "bad.safetensors", {"acc": bad}, {})
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_journal_skips_recorded_units_and_reruns_one_cut_short(tmp_path):
+    """A unit recorded is not computed again by a journal opened with the same settings, and gives back what
+    the first run got (a tuple comes back as a list both times); a last line cut short by a kill is dropped,
+    its unit runs again, and the lines after it are read on the next resume (appended to the cut line they
+    were lost)."""
+    path = tmp_path / "eval.json.partial"
+    ran = []
+
+    def unit(key, value):
+        return lambda: ran.append(key) or value
+
+    j = Journal(path, {"alphas": [2.0, 3.0], "tau": 0.1})
+    first = [j.run("a", unit("a", (1, 2))), j.run("b", unit("b", {"red": 0.5})), j.run("c", unit("c", "x"))]
+    assert first == [[1, 2], {"red": 0.5}, "x"] and ran == ["a", "b", "c"]
+    text = path.read_text()
+    path.write_text(text[:-5])  # a kill inside the write of c's line
+
+    j = Journal(path, {"alphas": [2.0, 3.0], "tau": 0.1})
+    assert j.restarted is None and set(j.done) == {"a", "b"}
+    again = [j.run("a", unit("a", None)), j.run("b", unit("b", None)), j.run("c", unit("c", "x")),
+             j.run("d", unit("d", 4))]
+    assert again == first + [4] and ran == ["a", "b", "c", "c", "d"]
+    assert Journal(path, {"alphas": [2.0, 3.0], "tau": 0.1}).done == {"a": [1, 2], "b": {"red": 0.5}, "c": "x", "d": 4}
+
+
+def test_journal_of_other_settings_starts_over_and_says_which(tmp_path):
+    path = tmp_path / "eval.json.partial"
+    Journal(path, {"alphas": [2.0], "tau": 0.1}).run("a", lambda: 1)
+    j = Journal(path, {"alphas": [2.0], "tau": 0.2})
+    assert j.done == {} and j.restarted == "tau: 0.1 there, 0.2 now"
+    assert j.run("a", lambda: 2) == 2 and Journal(path, {"alphas": [2.0], "tau": 0.2}).done == {"a": 2}
+    path.write_text("not json\n")  # a foreign file: started over, said so
+    j = Journal(path, {"tau": 0.2})
+    assert j.done == {} and j.restarted == "not a journal of this job"
+    j.remove()
+    assert not path.exists()

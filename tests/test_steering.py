@@ -758,3 +758,44 @@ def test_steer_eval_learned_out_without_colour_latents_keeps_the_figures(tiny_bu
     saved = json.loads(out.read_text())
     assert saved["factors"]["colour"]["factor_latents"] == [] and "learned" not in saved["factors"]["colour"]["chosen"]
     assert not learned.exists()
+
+
+def test_steer_eval_killed_resumes_to_the_figures_of_an_uninterrupted_run(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """steer-eval --out keeps each finished run of LLaVA over a set of images in OUT.partial; killed in the
+    middle (here at its 12th such run) and started again, it runs only what is missing and writes the JSON an
+    uninterrupted run writes (but the learned strategy's seconds); OUT.partial is removed once OUT is written.
+    Before, a kill lost the whole run (6 min on the demo bundle)."""
+    import sae_core.steering_eval as se
+    from precompute.__main__ import main
+
+    args = ["steer-eval", "--bundle", str(tiny_bundle), "--images", "60", "--per-concept", "2", "--tune-per-concept",
+            "2", "--alphas", "2,3", "--factors", "colour", "--learn-steps", "2", "--device", "cpu"]
+    whole, out = tmp_path / "whole.json", tmp_path / "eval.json"
+    real, calls = se.run_strategy, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # what Ctrl-C raises; a SIGKILL leaves the same file (each line is synced)
+        return real(*a, **k)
+
+    monkeypatch.setattr(se, "run_strategy", counted)
+    kill_at = 0
+    assert main([*args, "--out", str(whole)]) == 0
+    n_runs = len(calls)
+    calls.clear()
+    kill_at = 12
+    assert main([*args, "--out", str(out)]) == 130
+    assert not out.exists()
+    partial = tmp_path / "eval.json.partial"
+    assert len(partial.read_text().splitlines()) == 1 + 2 + 11  # settings, 2 accuracy passes, 11 runs
+    calls.clear()
+    kill_at = 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 0
+    assert "resuming: 13 finished steps read from eval.json.partial" in capsys.readouterr().err
+    assert len(calls) == n_runs - 11 and not partial.exists()
+    a, b = json.loads(whole.read_text()), json.loads(out.read_text())
+    for r in (a, b):
+        r["factors"]["colour"]["chosen"]["learned"].pop("seconds")
+    assert a == b
