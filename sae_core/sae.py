@@ -222,7 +222,8 @@ def _batchtopk_codes_distributed(acts: Tensor, k: int) -> tuple[SparseCodes, Ten
         dist.all_gather(gathered, flat)
         flat = torch.cat(gathered)
         cut = flat.kthvalue(max(1, flat.numel() - total + 1)).values
-        saturated = torch.tensor(float(m < n_lat and bool((cand[:, -1] >= cut).any())))
+        # on the activations' device: NCCL (torchrun on CUDA) reduces CUDA tensors only
+        saturated = torch.tensor(float(m < n_lat and bool((cand[:, -1] >= cut).any())), device=acts.device)
         _all_reduce(saturated, dist.ReduceOp.MAX)
         if saturated.item() == 0:
             break

@@ -547,7 +547,9 @@ class SteeringSession:
         strategy backpropagates through it."""
         llava = self.llava
         feats = h[:, self.layout.n_prefix:] if self.adapter.read_tokens == "patches" else h
-        proj = llava.model.multi_modal_projector(feats)
+        # in the model's compute dtype: steer-eval's learned strategy passes float32 layer outputs (a bf16 or
+        # fp16 LLaVA refused them: "expected m1 and m2 to have the same dtype")
+        proj = llava.model.multi_modal_projector(feats.to(self.adapter.dtype))
         ids = self.prompt_ids(prompt).to(self.device).expand(h.shape[0], -1)
         emb = llava.get_input_embeddings()(ids)
         mask = (ids == self.image_token_id)[..., None]

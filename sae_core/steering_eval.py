@@ -507,10 +507,10 @@ def learn_deltas(session, data: WorldEvalData, stats: ConceptStats, rows: np.nda
     W = session.sae.W_dec[torch.as_tensor(C, dtype=torch.long)].detach().float().to(h_all.device)
     mask = torch.zeros(h_all.shape[:2], device=h_all.device)
     mask[:, n_prefix:] = torch.as_tensor(np.stack([token_mask(data.codes[j], C, where) for j in rows]),
-                                         dtype=torch.float32)
+                                         dtype=torch.float32, device=h_all.device)
     src = np.array([concepts.index(nearest_concept(data.codes[j], stats)) for j in rows])
     mu = torch.as_tensor(np.stack([stats.means[c] for c in concepts]), dtype=torch.float32)
-    other_ids = torch.as_tensor([word_id(session, w) for w in data.labels(other)[rows]])
+    other_ids = torch.as_tensor([word_id(session, w) for w in data.labels(other)[rows]], device=h_all.device)
     gen = torch.Generator().manual_seed(seed)
     deltas, info = {}, {"steps": steps, "lr": lr, "lam": lam, "alpha0": alpha0, "per_source": per_source,
                         "n_rows": int(len(rows)), "loss": {}}
@@ -532,7 +532,8 @@ def learn_deltas(session, data: WorldEvalData, stats: ConceptStats, rows: np.nda
                 sel[torch.randperm(len(sel), generator=gen)[:batch].numpy()]
             with torch.enable_grad():
                 table = log_alpha.exp() * (mu[ti] - mu) + bias + (e if per_source else 0.0)
-                d = table[torch.as_tensor(src[b])]  # (B, |C|)
+                # the few learned numbers stay on the CPU (Adam's steps the same on any device); d goes to the model
+                d = table[torch.as_tensor(src[b])].to(h_all.device)  # (B, |C|)
                 h = h_all[b] + mask[b][..., None] * (d @ W)[:, None, :]
                 lp_t = session.first_token_logprobs(h, FACTOR_Q[factor])[:, target_id]
                 lp_o = session.first_token_logprobs(h, FACTOR_Q[other]).gather(1, other_ids[b][:, None])[:, 0]

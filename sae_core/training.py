@@ -348,7 +348,8 @@ def train_sae(
                                 dead=f"{100 * row['dead_fraction']:.1f}%", refresh=False)  # drawn by the next update
             due = (checkpoint_every and done % checkpoint_every == 0) or (
                 time.monotonic() - last_ckpt_time > checkpoint_seconds)
-            due_tensor = _all_reduce(torch.tensor(float(bool(due))), torch.distributed.ReduceOp.MAX)
+            # on the training device: NCCL, torchrun's backend on CUDA, reduces CUDA tensors only
+            due_tensor = _all_reduce(torch.tensor(float(bool(due)), device=device), torch.distributed.ReduceOp.MAX)
             if due_tensor.item() > 0 and done < cfg.steps:
                 if dist_info.is_main:
                     ckpt.save(sae, opt, tracker, {"step": done, "tokens": tokens_seen, "scale": scale,
