@@ -605,11 +605,14 @@ class LlavaAdapter(Adapter):
             from transformers import LlavaForConditionalGeneration
 
             kwargs = full if isinstance(full, dict) else {}
+            # where from_pretrained placed it itself; transformers sets hf_device_map only for a map over several
+            # devices, so a {"": "cuda"} map looked unplaced: the 7B model went to the CPU in fp32 (28 GB) and back
+            self._placed = "device_map" in kwargs or "quantization_config" in kwargs
             self.llava = _hf_call(f"LLaVA {source}", LlavaForConditionalGeneration.from_pretrained, source, **kwargs)
             self.llava.eval().requires_grad_(False)
             tower = self.llava.model.vision_tower
         else:
-            self.llava = None
+            self.llava, self._placed = None, False
             tower = _load_llava_tower(source, cfg)
         self.model = self.tower = tower.eval().requires_grad_(False)
         vcfg = cfg.vision_config
@@ -626,14 +629,15 @@ class LlavaAdapter(Adapter):
         self.to("cpu")
 
     def to(self, device="cpu", precision="fp32"):
-        placed = self.llava is not None and (getattr(self.llava, "is_quantized", False)
+        placed = self.llava is not None and (self._placed or getattr(self.llava, "is_quantized", False)
                                              or getattr(self.llava, "hf_device_map", None))
         if not placed:
             super().to(device, precision)
             if self.llava is not None:
                 self.llava.to(device=device, dtype=PRECISIONS[precision])
-        else:  # quantized / device-mapped by from_pretrained: feed pixels where the tower is
-            self.device, self.dtype = next(self.tower.parameters()).device, PRECISIONS[precision]
+        else:  # quantized / device-mapped by from_pretrained: feed pixels where the tower is, as it is
+            tower = next(self.tower.parameters())
+            self.device, self.dtype = tower.device, tower.dtype
         return self
 
     def _forward(self, pixels):

@@ -44,8 +44,16 @@ def init_distributed(device: str = "cpu") -> DistInfo:
 
 
 def local_device(device: str, info: DistInfo) -> str:
-    """`cuda` becomes `cuda:LOCAL_RANK` under torchrun; other devices are left as given."""
-    return f"cuda:{info.local_rank}" if device == "cuda" and info.world_size > 1 else device
+    """`cuda` becomes `cuda:LOCAL_RANK` under torchrun; other devices are left as given. `cuda:N` under torchrun
+    is refused unless N is the local rank: every process on GPU N fails at NCCL's first collective."""
+    device = str(device)
+    if info.world_size == 1 or not device.startswith("cuda"):
+        return device
+    own = f"cuda:{info.local_rank}"
+    if device not in ("cuda", own):
+        raise UserError(f"--device {device} names one GPU for every torchrun process, but each process needs a GPU "
+                        f"of its own (this one, local rank {info.local_rank}, is given {own}); pass --device cuda.")
+    return own
 
 
 def barrier(info: DistInfo) -> None:

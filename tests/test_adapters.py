@@ -136,6 +136,24 @@ def test_llava_tower_is_what_llava_reads():
     assert c.backend == "world" and c.embed_dim == 16 and c.read_layer is None
 
 
+def test_a_llava_placed_by_from_pretrained_stays_where_and_as_it_was_loaded():
+    """A LLaVA that from_pretrained placed on one device (what steering passes on CUDA: device_map {"": "cuda"}
+    and the dtype) is not moved again: transformers records no hf_device_map for a one-device map, so the adapter
+    took it for unplaced and moved it to the CPU in fp32 and back (28 GB of host memory for llava-1.5-7b). Here
+    the CPU and bf16 stand in for CUDA and its dtype: loaded in bf16, it stayed bf16 through load_adapter's
+    move to (cpu, fp32), and the adapter feeds pixels in bf16."""
+    src = H.world_dir()
+    a = load_adapter(f"world:{src}:llava", full_llava={"device_map": {"": "cpu"}, "dtype": torch.bfloat16})
+    assert {p.dtype for p in a.llava.parameters()} == {torch.bfloat16}
+    assert a.dtype == torch.bfloat16 and a.device == torch.device("cpu")
+    ref = load_adapter(f"world:{src}:llava", full_llava=True)  # unplaced: moved by .to() as before
+    assert {p.dtype for p in ref.llava.parameters()} == {torch.float32} and ref.dtype == torch.float32
+    px = _pixels(ref)
+    h, h_ref = a.capture(px, ["-2"])["-2"], ref.capture(px, ["-2"])["-2"]
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.float(), h_ref, rtol=0.05, atol=0.05)
+
+
 def test_llava_tower_from_a_sharded_checkpoint(tmp_path):
     """Hub LLaVA checkpoints are sharded: only the shards holding vision_tower weights are read."""
     import shutil

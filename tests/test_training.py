@@ -216,6 +216,20 @@ def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
         init_distributed("cuda")
 
 
+def test_torchrun_devices_give_each_process_its_own_gpu():
+    """Under torchrun `cuda` is each process's own GPU; `cuda:0` put every process on GPU 0 (NCCL fails at the
+    first collective on two processes of one GPU), now refused in one sentence but on local rank 0."""
+    from sae_core.distributed import DistInfo, local_device
+
+    one, rank1 = DistInfo(0, 1, 0), DistInfo(1, 2, 1)
+    assert [local_device(d, one) for d in ("cuda", "cuda:1", "cpu")] == ["cuda", "cuda:1", "cpu"]
+    assert [local_device(d, rank1) for d in ("cuda", "cuda:1", "cpu")] == ["cuda:1", "cuda:1", "cpu"]
+    assert local_device("cuda:0", DistInfo(0, 2, 0)) == "cuda:0"
+    with pytest.raises(UserError, match=r"^--device cuda:0 names one GPU for every torchrun process, .*local rank 1, "
+                                        r"is given cuda:1\); pass --device cuda\.$"):
+        local_device("cuda:0", rank1)
+
+
 def test_bad_inputs_end_in_one_sentence(tmp_path, capsys):
     # in-process (`python -m precompute` is main's exit code; other tests run it as a process)
     assert precompute_main(["train", "--activations", str(tmp_path / "nope.npy"), "--arch", "topk", "--width", "8",
