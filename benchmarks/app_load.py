@@ -8,13 +8,14 @@ of each neuron renders its gallery, later ones read cached PNGs: both are in the
 """
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
 import numpy as np
 
 from precompute.args import positive_int
+
+from . import argument_parser
 
 
 class HttpCaller:
@@ -117,7 +118,7 @@ def steer_latency(url: str, image: int, latent: int, n: int = 10, sweep: bool = 
 def main(argv=None) -> int:
     from app.settings import DEFAULT_BUNDLE
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks app_load", description=__doc__)
+    p = argument_parser("app_load", description=__doc__)
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle to serve (default runs/demo_bundle)")
     p.add_argument("--clients", type=positive_int, default=20)
     p.add_argument("--calls", type=positive_int, default=25, help="neuron-page calls per client")

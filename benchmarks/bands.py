@@ -19,6 +19,8 @@ import numpy as np
 from precompute.args import positive_int, share
 from sae_core.atlas import BinReservoirs, LogHistogram, QuantileGrid, band_samples
 
+from . import argument_parser
+
 BINS, DECADES, S, NB = 48, 6.0, 8, 4
 
 
@@ -52,8 +54,8 @@ def spreads(text: str) -> list[float]:
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks bands", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("bands", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latents", type=positive_int, default=16384)
     p.add_argument("--images", type=positive_int, default=4096)
     p.add_argument("--batch", type=positive_int, default=128)

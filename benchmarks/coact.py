@@ -22,6 +22,8 @@ from precompute.args import positive_int, share
 import sae_core.hierarchy as H
 from sae_core.sae import matryoshka_group_sizes
 
+from . import argument_parser
+
 
 def run_counter(groups, K, batches, budget, old: bool):
     """`old`: listing only, counts never switch to dense, no rows wait for a product (the counter until
@@ -51,8 +53,8 @@ def densities(text: str) -> list[float]:
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks coact", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("coact", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latents", type=positive_int, default=16384)
     p.add_argument("--images", type=positive_int, default=512)
     p.add_argument("--batch", type=positive_int, default=32)

@@ -10,12 +10,13 @@ and decode(encode) with the library's on 512 rows. Prints the table; exits 1 if 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from . import argument_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / ".bench_venvs" / "dictionary_learning"
@@ -94,8 +95,7 @@ def check(work: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks dictionary_learning_import",
-                                description=__doc__.split("\n\n")[0])
+    p = argument_parser("dictionary_learning_import", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_dictionary_learning")
     return check(p.parse_args(argv).work)
 

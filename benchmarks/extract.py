@@ -10,7 +10,6 @@ the full job (decode, preprocess, forward, token selection, float16 shards) on -
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from precompute.args import positive_int
+
+from . import argument_parser
 
 
 def _synthetic_images(root: Path, n: int) -> str:
@@ -33,7 +34,7 @@ def _synthetic_images(root: Path, n: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks extract", description=__doc__)
+    p = argument_parser("extract", description=__doc__)
     p.add_argument("--images", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--world", help="a built world directory: also time its CLIP and LLaVA tower")

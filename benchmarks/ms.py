@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from precompute.args import nonnegative_int, positive_int
 from sae_core.monosemanticity import MSAccumulator, monosemanticity_score
 
+from . import argument_parser
+
 TARGET_N, TARGET_K = 50_000, 65_536
 
 
@@ -73,8 +75,8 @@ def fmt_s(s: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks ms", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("ms", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=positive_int, default=2000, help="images for the head-to-head run")
     p.add_argument("--k", type=positive_int, default=4096, help="neurons")
     p.add_argument("--d", type=positive_int, default=768, help="embedding width")

@@ -48,6 +48,8 @@ import numpy as np
 
 from precompute.args import nonnegative_int, positive_int
 
+from . import argument_parser
+
 ROOT = Path(__file__).resolve().parent.parent
 SAELENS_VENV = ROOT / ".bench_venvs" / "saelens"
 RUNNER = Path(__file__).resolve().parent / "_saelens_runner.py"
@@ -250,7 +252,7 @@ def print_table(results: list[dict], peak: dict, flop_per_token: float, base: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks sae_train", description=__doc__.split("\n\n")[0])
+    p = argument_parser("sae_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=positive_int, help="training steps per row (default 40 on CPU, 1000 on CUDA)")
     p.add_argument("--batch-size", type=positive_int, default=4096)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -11,7 +11,6 @@ Prints the max absolute differences; exits 1 if any exceeds 1e-4 or a load fails
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from . import argument_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4
@@ -148,7 +149,7 @@ def check_import(work: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks saelens_export", description=__doc__.split("\n\n")[0])
+    p = argument_parser("saelens_export", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_sae_train" / "export_check")
     args = p.parse_args(argv)
     return check_export(args.work) | check_import(args.work)

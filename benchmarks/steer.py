@@ -11,13 +11,14 @@ three-answer row measured in the same run. Goal (world LLaVA on CPU): p50 <= 150
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 
 import numpy as np
 
 from precompute.args import positive_int
+
+from . import argument_parser
 
 
 def _times(fn, n: int) -> np.ndarray:
@@ -31,7 +32,7 @@ def _times(fn, n: int) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks steer", description=__doc__)
+    p = argument_parser("steer", description=__doc__)
     p.add_argument("--bundle", required=True, help="a bundle whose SAE sits at the layer its LLaVA reads (e.g. a demo bundle)")
     p.add_argument("--calls", type=positive_int, default=30)
     p.add_argument("--tokens", type=positive_int, default=12)

@@ -9,7 +9,6 @@ disk), the prefetching `iter_batches` reader, and a sequential scan with `rows`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -20,6 +19,8 @@ import numpy as np
 
 from precompute.args import positive_float, positive_int
 from sae_core.activation_store import ActivationStore, save_npy_atomic, shuffled_batch_index, write_json_atomic
+
+from . import argument_parser
 
 
 def write_store(path: Path, rows: int, d: int, shard_mb: int) -> float:
@@ -65,7 +66,7 @@ def time_batches(store: ActivationStore, batch_size: int, seconds: float, start_
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks store_read", description=__doc__)
+    p = argument_parser("store_read", description=__doc__)
     p.add_argument("--rows", type=positive_int, default=1_000_000)
     p.add_argument("--d", type=positive_int, default=768)
     p.add_argument("--batch-size", type=positive_int, default=4096)

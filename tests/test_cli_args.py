@@ -183,8 +183,8 @@ def test_a_reader_that_stops_reading_is_no_traceback(tmp_path):
 
 
 def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
-    """A missing bundle (app_load built the demo bundle, unseen, until spawn's timeout) and a count of 0
-    (tracebacks) end in one line, exit 2."""
+    """A missing bundle (app_load built the demo bundle, unseen, until spawn's timeout), a count of 0
+    (tracebacks) and an option a benchmark does not take (argparse's usage block first) end in one line, exit 2."""
     import sys
 
     from benchmarks.__main__ import main as benchmarks_main
@@ -197,11 +197,14 @@ def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
     for argv, said in ((["ms", "--n", "0"], "--n: must be a positive integer"),
                        # a density of 2 fired every latent and ran for minutes; -1 s read nothing and reported it
                        (["coact", "--density", "0.1,2"], "--density: must be shares in (0, 1] separated by commas"),
-                       (["store_read", "--seconds", "-1"], "--seconds: must be a number above 0")):
+                       (["store_read", "--seconds", "-1"], "--seconds: must be a number above 0"),
+                       (["sae_train", "--stpes", "3"], "unrecognized arguments: --stpes 3 (`python -m benchmarks "
+                                                        "sae_train --help` lists the options)")):
         monkeypatch.setattr(sys, "argv", ["benchmarks", *argv])
         with pytest.raises(SystemExit) as e:
             benchmarks_main()
-        assert e.value.code == 2 and said in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and err.count("\n") == 1, err
 
 
 def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
