@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from contextlib import nullcontext
 
-    from sae_core.atomic import output_lock
+    from sae_core.atomic import output_lock, remove_stale_temporaries
     from sae_core.steering_eval import LEARN_STEPS, MIN_IMAGES
 
     # every argument is checked before the model loads and the evaluation runs (minutes): a bad one found
@@ -70,6 +70,8 @@ def run(args) -> int:
         check_writable(partial_path(args.out))
     # a second run with this --out is refused: the two would append to one journal
     with output_lock(args.out) if args.out else nullcontext():
+        if args.out:  # what a kill inside an atomic write of OUT or OUT.partial left
+            remove_stale_temporaries(Path(args.out).resolve().parent, [Path(args.out).name, partial_path(args.out).name])
         return _evaluate(args, alphas, factors, learn_steps)
 
 

@@ -789,12 +789,14 @@ def test_steer_eval_killed_resumes_to_the_figures_of_an_uninterrupted_run(tiny_b
     assert not out.exists()
     partial = tmp_path / "eval.json.partial"
     assert len(partial.read_text().splitlines()) == 1 + 2 + 11  # settings, 2 accuracy passes, 11 runs
+    stale = tmp_path / ".eval.json.partial.tmp99999"  # a kill inside the journal's rewrite leaves one
+    stale.write_text("{")
     calls.clear()
     kill_at = 0
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 0
     assert "resuming: 13 finished steps read from eval.json.partial" in capsys.readouterr().err
-    assert len(calls) == n_runs - 11 and not partial.exists()
+    assert len(calls) == n_runs - 11 and not partial.exists() and not stale.exists()
     a, b = json.loads(whole.read_text()), json.loads(out.read_text())
     for r in (a, b):
         r["factors"]["colour"]["chosen"]["learned"].pop("seconds")
