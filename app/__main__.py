@@ -30,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", help="address to listen on (default: $SAE_APP_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: $SAE_APP_PORT or 7860)")
     p.add_argument("--device", help="steering model device: auto | cpu | cuda (default: $SAE_APP_DEVICE or auto)")
-    p.add_argument("--load-4bit", action="store_true", default=None, help="load the steering LLaVA in 4 bits (CUDA)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "4bit"),
+                   help="the steering LLaVA's precision (default: $SAE_APP_PRECISION or auto: 4-bit for hub models on "
+                        "CUDA, fp32 otherwise)")
+    p.add_argument("--load-4bit", action="store_true", default=None, help="= --precision 4bit (CUDA)")
     return p.parse_args(argv)
 
 
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
         from .settings import AppSettings
 
         settings = AppSettings.from_env(bundle=args.bundle, host=args.host, port=args.port, device=args.device,
-                                        load_4bit=args.load_4bit)
+                                        precision=args.precision, load_4bit=args.load_4bit)
         serve(settings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,7 +42,8 @@ def create_app(settings: AppSettings):
     bundle = open_bundle(settings.bundle)
     explorer = Explorer(bundle, settings.cache)
     steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.steering_device(),
-                                                                   load_4bit=settings.load_4bit, limits=settings.limits)
+                                                                   precision=settings.steering_precision,
+                                                                   limits=settings.limits)
     embedder = BundleEmbedder.for_bundle(explorer)  # one copy of the embedder for both searches
     demo = ui.build(explorer, steer=steer, searcher=NeuronSearch.for_bundle(explorer, embedder),
                     image_search=ImageSearch.for_bundle(explorer, embedder, settings.limits))

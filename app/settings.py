@@ -18,7 +18,9 @@ ENV_VARS = {
     "SAE_APP_BUNDLE": "bundle directory (default runs/demo_bundle, built on first start when missing)",
     "SAE_APP_PRESET": "preset of the demo bundle built when the default one is missing (demo | tiny)",
     "SAE_APP_DEVICE": "device of the steering model: auto | cpu | cuda | cuda:N (default auto)",
-    "SAE_APP_LOAD_4BIT": "1 loads the steering LLaVA in 4 bits (bitsandbytes, CUDA only)",
+    "SAE_APP_PRECISION": "the steering LLaVA's precision: auto | fp32 | bf16 | fp16 | 4bit (default auto: 4-bit "
+                         "for hub models on CUDA, fp32 otherwise; fp16 and 4bit need CUDA)",
+    "SAE_APP_LOAD_4BIT": "1 is SAE_APP_PRECISION=4bit (bitsandbytes, CUDA only)",
     "SAE_APP_HOST": "address to listen on (default 127.0.0.1; 0.0.0.0 in Docker and on Spaces)",
     "SAE_APP_PORT": "port (default 7860)",
     "SAE_APP_CACHE": "folder for generated images and Gradio's file cache (default: a temp folder)",
@@ -49,6 +51,7 @@ class AppSettings:
     bundle: Path = DEFAULT_BUNDLE
     preset: str = "demo"
     device: str = "auto"
+    precision: str = "auto"
     load_4bit: bool = False
     host: str = "127.0.0.1"
     port: int = 7860
@@ -69,6 +72,7 @@ class AppSettings:
             "bundle": Path(env.get("SAE_APP_BUNDLE") or DEFAULT_BUNDLE),
             "preset": env.get("SAE_APP_PRESET", "demo"),
             "device": env.get("SAE_APP_DEVICE", "auto"),
+            "precision": env.get("SAE_APP_PRECISION", "auto").strip().lower() or "auto",
             "load_4bit": _flag("SAE_APP_LOAD_4BIT"),
             "host": env.get("SAE_APP_HOST") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
             "port": env.get("SAE_APP_PORT") or env.get("GRADIO_SERVER_PORT") or 7860,
@@ -91,19 +95,35 @@ class AppSettings:
         if sessions < 1:
             raise UserError(f"SAE_APP_SESSIONS={values['sessions']!r} is not a positive whole number; "
                             f"set it to the sessions to keep in memory, e.g. {DEFAULT_SESSIONS}.")
+        from sae_core.steering import PRECISION_CHOICES
+
+        if values["precision"] not in PRECISION_CHOICES:
+            raise UserError(f"precision {values['precision']!r} (--precision or SAE_APP_PRECISION) is not one of "
+                            f"{', '.join(PRECISION_CHOICES)}; auto picks one for the device.")
+        if values["load_4bit"] and values["precision"] not in ("auto", "4bit"):
+            raise UserError(f"4-bit loading (--load-4bit or SAE_APP_LOAD_4BIT) and precision {values['precision']} "
+                            "(--precision or SAE_APP_PRECISION) were both asked for; give one of them.")
         limits = UploadLimits.from_env()
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
-                   device=str(values["device"]), load_4bit=bool(values["load_4bit"]), host=str(values["host"]),
+                   device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
+                   host=str(values["host"]),
                    port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions)
 
+    @property
+    def steering_precision(self) -> str:
+        """The steering LLaVA's precision (sae_core.steering.llava_load_options): --load-4bit is 4bit."""
+        return "4bit" if self.load_4bit else self.precision
+
     def steering_device(self) -> str:
-        """The steering model's device, checked against this machine with the 4-bit setting; called at start
+        """The steering model's device, checked against this machine with the precision; called at start
         for a bundle that steers (a device that is not here failed every Steer request of a server that had
         started), and not for one that only browses, which needs no device."""
         from sae_core.precision import resolve_device
 
         device = resolve_device(self.device, "the steering device (--device or SAE_APP_DEVICE)")
-        if self.load_4bit and not device.startswith("cuda"):
-            raise UserError("4-bit loading (--load-4bit or SAE_APP_LOAD_4BIT) needs a CUDA GPU and none is used "
-                            f"here (device {device}); leave it off to load the steering LLaVA in fp32.")
+        if self.steering_precision in ("4bit", "fp16") and not device.startswith("cuda"):
+            asked = ("4-bit loading (--load-4bit or SAE_APP_LOAD_4BIT, or --precision 4bit)"
+                     if self.steering_precision == "4bit" else "precision fp16 (--precision or SAE_APP_PRECISION)")
+            raise UserError(f"{asked} needs a CUDA GPU and none is used here (device {device}); leave it at auto "
+                            "to load the steering LLaVA in fp32, or ask for bf16.")
         return device

@@ -37,11 +37,11 @@ class SteerService:
     times smaller), so one slider range suits every neuron; they are bounded to +-inputs.CLAMP_FACTOR.
     """
 
-    def __init__(self, explorer: Explorer, device: str = "auto", load_4bit: bool = False,
+    def __init__(self, explorer: Explorer, device: str = "auto", precision: str = "auto",
                  limits: UploadLimits = UploadLimits()):
         self.ex = explorer
         self.device = device
-        self.precision = "4bit" if load_4bit else "auto"
+        self.precision = precision  # as `precompute steer --precision`
         self.limits = limits
         self._session = None
         self._lock = threading.Lock()

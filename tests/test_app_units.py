@@ -672,6 +672,38 @@ def test_settings_from_env_and_flags(monkeypatch, tmp_path):
         monkeypatch.setenv("SAE_APP_LOAD_4BIT", bad)
         with pytest.raises(UserError, match=rf"^SAE_APP_LOAD_4BIT='{bad}' is neither yes nor no; set it to 1 or 0"):
             AppSettings.from_env()
+    # the steering LLaVA's precision (the app had only 4-bit or auto; an H100 could not ask for fp16)
+    monkeypatch.delenv("SAE_APP_LOAD_4BIT")
+    monkeypatch.setenv("SAE_APP_PRECISION", "FP16")
+    assert AppSettings.from_env().steering_precision == "fp16"
+    assert AppSettings.from_env(precision="bf16").steering_precision == "bf16"  # the flag wins
+    assert AppSettings.from_env(precision="auto", load_4bit=True).steering_precision == "4bit"
+    with pytest.raises(UserError, match=r"^precision 'fp8' \(--precision or SAE_APP_PRECISION\) is not one of auto, "):
+        AppSettings.from_env(precision="fp8")
+    with pytest.raises(UserError, match=r"^4-bit loading .* and precision fp16 .* were both asked for; give one"):
+        AppSettings.from_env(load_4bit=True)
+    for precision, ok in (("fp16", False), ("4bit", False), ("bf16", True), ("fp32", True)):
+        s = AppSettings.from_env(device="cpu", precision=precision)
+        if ok:
+            assert s.steering_device() == "cpu"
+        else:
+            with pytest.raises(UserError, match="needs a CUDA GPU and none is used here"):
+                s.steering_device()
+    assert AppSettings.from_env(device="cuda:1", precision="fp16").steering_device() == "cuda:1"
+
+
+def test_the_steer_page_loads_llava_at_the_precision_asked(explorer):
+    """SteerService passes its precision to the LLaVA it loads: bf16 here (the CPU standing in for CUDA's fp16);
+    auto on the CPU is fp32."""
+    from app.steer import SteerService
+
+    import torch
+
+    svc = SteerService(explorer, device="cpu", precision="bf16")
+    session = svc.session()
+    assert session.adapter.dtype == torch.bfloat16
+    assert {p.dtype for p in session.llava.parameters()} == {torch.bfloat16}
+    assert SteerService(explorer, device="cpu").session().adapter.dtype == torch.float32
 
 
 def test_missing_named_bundle_is_a_message_not_a_build(tmp_path, capsys):
