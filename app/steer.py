@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -29,6 +30,11 @@ class ModelUnavailable(UserError):
     """The steering model (LLaVA) could not be loaded: a hub id without the network, too little memory, ..."""
 
 
+RETRY_LOAD_AFTER_S = 60.0
+"""A failed load of the steering model is answered from memory for this long before it is tried again: a
+7B LLaVA that ran out of memory took its minutes (and the memory) again at every Steer request."""
+
+
 class SteerService:
     """Loads `sae_core.steering.SteeringSession` once (lazily, under a lock) and answers the Steer page.
 
@@ -44,6 +50,7 @@ class SteerService:
         self.precision = precision  # as `precompute steer --precision`
         self.limits = limits
         self._session = None
+        self._failed: tuple[float, str] | None = None  # (when, why) of the last failed load
         self._lock = threading.Lock()
 
     @property
@@ -51,18 +58,33 @@ class SteerService:
         return self._session is not None
 
     def session(self):
-        """The steering session, loaded at the first call (and tried again at each call after a failure:
-        ModelUnavailable)."""
+        """The steering session, loaded at the first call. A failed load raises ModelUnavailable, and so does every
+        call for RETRY_LOAD_AFTER_S after it; the first call after that tries again (the network may be back)."""
+        import torch
+
         with self._lock:
             if self._session is None:
                 from sae_core.steering import SteeringSession
 
+                if self._failed and time.monotonic() - self._failed[0] < RETRY_LOAD_AFTER_S:
+                    raise ModelUnavailable(self._failed[1])
+                why = "the steering model cannot be loaded, so the Steer page cannot answer (the other pages work)"
                 try:
                     self._session = SteeringSession.from_bundle(self.ex.bundle, device=self.device,
                                                                 precision=self.precision)
                 except UserError as e:
-                    raise ModelUnavailable(f"the steering model cannot be loaded, so the Steer page cannot answer "
-                                           f"(the other pages work): {e}") from None
+                    message = f"{why}: {e}"
+                except (MemoryError, torch.OutOfMemoryError) as e:
+                    said = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    lighter = "" if self.precision == "4bit" else " or a lighter precision (SAE_APP_PRECISION=4bit)"
+                    message = (f"{why}: it ran out of memory on {self.device} ({said}); free memory, or use a larger "
+                               f"device{lighter} and restart the app (a load is tried again after "
+                               f"{RETRY_LOAD_AFTER_S:.0f} s).")
+                else:
+                    self._failed = None
+                    return self._session
+                self._failed = (time.monotonic(), message)
+                raise ModelUnavailable(message)
             return self._session
 
     # --- images --------------------------------------------------------------------------------

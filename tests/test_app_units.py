@@ -930,3 +930,45 @@ def test_text_tower_loads_in_the_background_once_the_app_serves(explorer, tiny_b
         assert searched == [["a photo"]]  # the warm-up's, before any search
     finally:
         demo.close()
+
+
+def test_a_failed_steering_load_is_remembered_for_a_minute(explorer, monkeypatch):
+    """A LLaVA that cannot load is tried once per RETRY_LOAD_AFTER_S, not at every Steer request (a 7B model that
+    ran out of memory spent its minutes, and the memory, again on each); running out of memory is one sentence
+    with what to do (it was torch's error); once the minute is over the load is tried again and may succeed."""
+    import torch
+
+    import app.steer as steer_mod
+    from sae_core.steering import SteeringSession
+
+    attempts, now = [], [1000.0]
+    failures = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"),
+                UserError("llava-hf/llava-1.5-7b-hf cannot be fetched offline.")]
+    real = SteeringSession.from_bundle
+
+    def load(*args, **kwargs):
+        attempts.append(kwargs["precision"])
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(SteeringSession, "from_bundle", load)
+    monkeypatch.setattr(steer_mod.time, "monotonic", lambda: now[0])
+    svc = steer_mod.SteerService(explorer, device="cpu", precision="fp16")
+    for _ in range(3):
+        with pytest.raises(steer_mod.ModelUnavailable, match=r"^the steering model cannot be loaded, .*: it ran out of "
+                           r"memory on cpu \(CUDA out of memory\. Tried to allocate 2\.00 GiB\); free memory, or use a "
+                           r"larger device or a lighter precision \(SAE_APP_PRECISION=4bit\) and restart the app"):
+            svc.session()
+        now[0] += 20
+    assert len(attempts) == 1
+    now[0] += 1  # 61 s after the failure: tried again
+    with pytest.raises(steer_mod.ModelUnavailable, match="cannot be fetched offline"):
+        svc.session()
+    assert len(attempts) == 2
+    svc.precision = "fp32"
+    now[0] += 59
+    with pytest.raises(steer_mod.ModelUnavailable, match="cannot be fetched offline"):
+        svc.session()
+    now[0] += 1
+    assert svc.session() is svc.session() and len(attempts) == 3 and svc.loaded
