@@ -32,7 +32,7 @@ class ModelUnavailable(UserError):
 
 RETRY_LOAD_AFTER_S = 60.0
 """A failed load of the steering model is answered from memory for this long before it is tried again: a
-7B LLaVA that ran out of memory took its minutes (and the memory) again at every Steer request."""
+7B LLaVA that ran out of memory was loaded again (and ran out again) at every Steer request."""
 
 
 class SteerService:
