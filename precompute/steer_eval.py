@@ -36,8 +36,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from contextlib import nullcontext
-
     from sae_core.atomic import output_lock, remove_stale_temporaries
     from sae_core.steering_eval import LEARN_STEPS, MIN_IMAGES
 
@@ -66,12 +64,12 @@ def run(args) -> int:
                 check_writable(Path(path))
             except UserError as e:  # its sentence names --out
                 raise UserError(re.sub(r"--out\b", flag, str(e))) from None
-    if args.out:
-        check_writable(partial_path(args.out))
-    # a second run with this --out is refused: the two would append to one journal
-    with output_lock(args.out) if args.out else nullcontext():
-        if args.out:  # what a kill inside an atomic write of OUT or OUT.partial left
-            remove_stale_temporaries(Path(args.out).resolve().parent, [Path(args.out).name, partial_path(args.out).name])
+    if not args.out:  # nothing written, so nothing to resume
+        return _evaluate(args, alphas, factors, learn_steps)
+    out, partial = Path(args.out), partial_path(args.out)
+    check_writable(partial)
+    with output_lock(out):  # a second run with this --out is refused: the two would append to one journal
+        remove_stale_temporaries(out.resolve().parent, [out.name, partial.name])  # a kill inside an atomic write
         return _evaluate(args, alphas, factors, learn_steps)
 
 

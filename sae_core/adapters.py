@@ -606,7 +606,7 @@ class LlavaAdapter(Adapter):
 
             kwargs = full if isinstance(full, dict) else {}
             # where from_pretrained placed it itself; transformers sets hf_device_map only for a map over several
-            # devices, so a {"": "cuda"} map looked unplaced: the 7B model went to the CPU in fp32 (28 GB) and back
+            # devices, so a {"": "cuda"} map looked unplaced: a 7B model went to the CPU in fp32 (7e9 x 4 bytes) and back
             self._placed = "device_map" in kwargs or "quantization_config" in kwargs
             self.llava = _hf_call(f"LLaVA {source}", LlavaForConditionalGeneration.from_pretrained, source, **kwargs)
             self.llava.eval().requires_grad_(False)

@@ -45,7 +45,7 @@ def init_distributed(device: str = "cpu") -> DistInfo:
 
 def local_device(device: str, info: DistInfo) -> str:
     """`cuda` becomes `cuda:LOCAL_RANK` under torchrun; other devices are left as given. `cuda:N` under torchrun
-    is refused unless N is the local rank: every process on GPU N fails at NCCL's first collective."""
+    is refused unless N is the local rank: it put every process on GPU N, which NCCL does not run (not run here)."""
     device = str(device)
     if info.world_size == 1 or not device.startswith("cuda"):
         return device

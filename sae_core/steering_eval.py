@@ -646,13 +646,13 @@ def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_imag
         learned = learn_deltas(session, data, stats, rows=rows, steps=steps, lam=lam)
         return {"deltas": learned.to_json(decimals=None), "seconds": time.perf_counter() - t0}
 
-    learned = unit(f"{stats.factor}/learned/deltas", learn)
+    learned = unit(f"{stats.factor}/learned/deltas", learn)  # its seconds: those of the run that learned them
     stats.learned = LearnedDeltas.from_json(learned["deltas"])
-    t0 = time.perf_counter() - learned["seconds"]  # a resumed run counts the learning it did before
+    t1 = time.perf_counter()
     fn = lambda c: Strategy("learned", where=stats.learned.where, keep_error=True)  # noqa: E731
     tune = unit(f"{stats.factor}/learned/tune", lambda: run_strategy(session, data, stats, fn, "tune", max_images=tune_images))
     per = unit(f"{stats.factor}/learned/test", lambda: run_strategy(session, data, stats, fn, "test", max_images=max_images))
-    return {"summary": summarise(per), "per_concept": per, "seconds": time.perf_counter() - t0,
+    return {"summary": summarise(per), "per_concept": per, "seconds": learned["seconds"] + time.perf_counter() - t1,
             "tune_score": float(np.mean([v["success"] + v["collateral_kept"] for v in tune.values()])),
             "deltas": stats.learned.to_json()}
 
@@ -667,9 +667,7 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
     killed evaluation resumes (loading the images and the original answers is redone)."""
     from PIL import Image
 
-    def unit(key, compute):
-        return compute() if journal is None else journal.run(key, compute)
-
+    unit = journal.run if journal is not None else (lambda key, compute: compute())
     data = load_world_eval(session, world_dir, n_images=n_images)
     labels = session.bundle.labels["labels"] if session.bundle is not None else None
     sae_acc = {}
