@@ -60,10 +60,9 @@ class SteerService:
     def session(self):
         """The steering session, loaded at the first call. A failed load raises ModelUnavailable, and so does every
         call for RETRY_LOAD_AFTER_S after it; the first call after that tries again (the network may be back)."""
-        import torch
-
         with self._lock:
             if self._session is None:
+                from sae_core.precision import out_of_memory
                 from sae_core.steering import SteeringSession
 
                 if self._failed and time.monotonic() - self._failed[0] < RETRY_LOAD_AFTER_S:
@@ -74,9 +73,13 @@ class SteerService:
                                                                 precision=self.precision)
                 except UserError as e:
                     message = f"{why}: {e}"
-                except (MemoryError, torch.OutOfMemoryError) as e:
-                    said = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    lighter = "" if self.precision == "4bit" else " or a lighter precision (SAE_APP_PRECISION=4bit)"
+                except (MemoryError, RuntimeError) as e:
+                    said = out_of_memory(e)
+                    if said is None:
+                        raise
+                    lighter = "" if self.precision == "4bit" else (  # as `precompute steer` advises
+                        " or a lighter precision (SAE_APP_PRECISION=4bit on a CUDA GPU"
+                        + (" or bf16)" if self.precision in ("auto", "fp32") else ")"))
                     message = (f"{why}: it ran out of memory on {self.device} ({said}); free memory, or use a larger "
                                f"device{lighter} and restart the app (a load is tried again after "
                                f"{RETRY_LOAD_AFTER_S:.0f} s).")

@@ -181,13 +181,24 @@ def plotly_json(fig: dict) -> PlotData:
 
 
 def user_errors(fn):
-    """Turn UserError into gr.Error: the one-sentence message reaches the page and API clients."""
+    """Turn UserError into gr.Error: the one-sentence message reaches the page and API clients. Running out of
+    memory (LLaVA answering on a full GPU, say) is one sentence too, where it was Gradio's bare "Error"."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
+        except (MemoryError, RuntimeError) as e:
+            from sae_core.precision import out_of_memory
+
+            said = out_of_memory(e)
+            if said is None:
+                raise
+            raise gr.Error(f"the server ran out of memory for this request ({said}); try again when other requests "
+                           "are done (on the Steer page, with fewer answer tokens), and tell whoever runs it if this "
+                           "repeats.",
+                           print_exception=False) from None
     return wrapper
 
 

@@ -102,6 +102,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def out_of_memory_advice(args: argparse.Namespace) -> str:
+    """What to do when `args.command` ran out of memory: the options of that command that need less, then
+    freeing memory or a larger device (the end of one sentence)."""
+    ways = []
+    if (getattr(args, "batch_size", None) or 0) > 1:
+        ways.append(f"a smaller --batch-size than {args.batch_size}"
+                    + (" (a different run: give it a new --out)" if args.command == "train" else
+                       " (the results do not depend on it)"))
+    for option in ("memory_gib", "chunk"):  # the atlas's memory budget for a batch; ms's images per chunk
+        value = getattr(args, option, None)
+        if value and value > (0 if option == "memory_gib" else 1):
+            ways.append(f"a smaller --{option.replace('_', '-')} than {value:g}")
+    if args.command in ("steer", "steer-eval") and args.precision != "4bit":
+        # LLaVA's weights in bf16 take half of fp32's memory, in 4 bits a quarter of that (4-bit needs CUDA)
+        ways.append("--precision 4bit on a CUDA GPU" + (" or bf16" if args.precision in ("auto", "fp32") else ""))
+    rest = "free some memory or use a larger device."
+    return f"try {', '.join(ways)}; or {rest}" if ways else rest
+
+
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
@@ -115,6 +134,14 @@ def main(argv=None) -> int:
         return 141  # 128 + SIGPIPE, as a tool killed by the signal
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        from sae_core.precision import out_of_memory
+
+        said = out_of_memory(e)
+        if said is None:
+            raise
+        print(f"error: {args.command} ran out of memory ({said}); {out_of_memory_advice(args)}", file=sys.stderr)
         return 2
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         # the file system refused a path the user gave (--out names a file where a folder goes, or the reverse)

@@ -74,3 +74,17 @@ def warn_if_slow_half(device: str, precision: str, fix: str) -> str | None:
     line = f"warning: {reason}; {fix} is faster on this machine."
     print(line, file=sys.stderr)
     return line
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """Torch's own words (one line) when `error` is running out of memory, on a GPU or on the CPU, else None.
+
+    The CPU allocator's failure is a plain RuntimeError ("[enforce fail at alloc_cpu.cpp:127] err == 0.
+    DefaultCPUAllocator: can't allocate memory: ..."), not torch.OutOfMemoryError as CUDA's is, so an
+    `except torch.OutOfMemoryError` misses it on the machines without a GPU."""
+    text = str(error).strip()
+    if isinstance(error, RuntimeError) and "DefaultCPUAllocator" in text:
+        text = text[text.index("DefaultCPUAllocator"):]  # the C++ assertion before it says nothing to a user
+    elif not isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return None
+    return text.splitlines()[0].strip() if text else type(error).__name__

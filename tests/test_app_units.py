@@ -1,5 +1,6 @@
 """The explorer's pieces without a server: uploads, input bounds, URL state, pictures, tables, settings."""
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -958,7 +959,8 @@ def test_a_failed_steering_load_is_remembered_for_a_minute(explorer, monkeypatch
     for _ in range(3):
         with pytest.raises(steer_mod.ModelUnavailable, match=r"^the steering model cannot be loaded, .*: it ran out of "
                            r"memory on cpu \(CUDA out of memory\. Tried to allocate 2\.00 GiB\); free memory, or use a "
-                           r"larger device or a lighter precision \(SAE_APP_PRECISION=4bit\) and restart the app"):
+                           r"larger device or a lighter precision \(SAE_APP_PRECISION=4bit on a CUDA GPU\) and restart "
+                           r"the app"):
             svc.session()
         now[0] += 20
     assert len(attempts) == 1
@@ -972,3 +974,52 @@ def test_a_failed_steering_load_is_remembered_for_a_minute(explorer, monkeypatch
         svc.session()
     now[0] += 1
     assert svc.session() is svc.session() and len(attempts) == 3 and svc.loaded
+
+
+def test_the_steer_page_says_the_cpu_ran_out_of_memory_too(explorer, monkeypatch):
+    """The CPU allocator's failure is a RuntimeError, not torch.OutOfMemoryError: on a machine without a GPU, a
+    LLaVA too large for its memory reached the page as an error without a sentence (and was loaded again at the
+    next request)."""
+    import torch
+
+    import app.steer as steer_mod
+    from sae_core import steering
+
+    loads = []
+
+    def load_too_big(*args, **kwargs):
+        loads.append(1)
+        torch.empty(2 ** 62, dtype=torch.uint8)  # more than any address space: the allocator refuses
+
+    monkeypatch.setattr(steering, "load_adapter", load_too_big)
+    svc = steer_mod.SteerService(explorer, device="cpu", precision="fp32")
+    for _ in range(2):
+        with pytest.raises(steer_mod.ModelUnavailable, match=r": it ran out of memory on cpu \(DefaultCPUAllocator: "
+                           r"can't allocate memory: .*\); free memory, or use a larger device or a lighter precision "
+                           r"\(SAE_APP_PRECISION=4bit on a CUDA GPU or bf16\) and restart the app"):
+            svc.session()
+    assert len(loads) == 1
+
+
+def test_running_out_of_memory_in_a_page_action_is_one_sentence():
+    """Every page action goes through ui.user_errors: running out of memory there (LLaVA answering on a full GPU,
+    the allocator on the CPU) reached the page as Gradio's bare "Error"; a bug's RuntimeError still does."""
+    import gradio as gr
+    import torch
+
+    from app.ui import user_errors
+
+    @user_errors
+    def answer():
+        return torch.empty(2 ** 62, dtype=torch.uint8)  # more than any address space: the allocator refuses
+
+    @user_errors
+    def buggy():
+        raise RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")
+
+    with pytest.raises(gr.Error) as said:
+        answer()
+    assert re.match(r"the server ran out of memory for this request \(DefaultCPUAllocator: can't allocate memory: "
+                    r".*\); try again when other requests are done", said.value.message)
+    with pytest.raises(RuntimeError, match="must match"):
+        buggy()

@@ -314,3 +314,56 @@ def test_an_out_that_holds_another_steps_output_is_refused_before_any_work(tmp_p
     argv = ["train", "--activations", str(tmp_path / "acts.npy"), "--arch", "topk", "--width", "16", "--k", "2",
             "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "mine")]
     assert main(argv) == 0 and main(argv) == 0
+
+
+def test_running_out_of_memory_is_one_sentence_with_the_commands_own_ways_out(tmp_path, monkeypatch, capsys):
+    """A command that runs out of memory ends in one line naming torch's words and the options of that command
+    that need less (it was torch's traceback; on the CPU the allocator's failure is a RuntimeError that an
+    `except torch.OutOfMemoryError` misses). Any other RuntimeError is still a traceback: a bug, not the machine."""
+    import numpy as np
+    import torch
+
+    from precompute.__main__ import out_of_memory_advice, parse
+    from sae_core.monosemanticity import MSAccumulator
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.random((20, 3)).astype(np.float32))
+    np.save(tmp_path / "e.npy", rng.standard_normal((20, 4)).astype(np.float32))
+    argv = ["ms", "--activations", str(tmp_path / "a.npy"), "--embeddings", str(tmp_path / "e.npy"),
+            "--chunk", "8", "--device", "cpu"]
+
+    def too_big(self, acts, embeddings):
+        torch.empty(2 ** 62, dtype=torch.uint8)  # 4 EiB: more than any address space, so the allocator refuses
+
+    monkeypatch.setattr(MSAccumulator, "update", too_big)
+    assert main([*argv, "--out", str(tmp_path / "ms.npy")]) == 2
+    err = capsys.readouterr().err.strip()  # the progress bar's lines, then the error's
+    assert "Traceback" not in err and err.splitlines()[-1] == ("error: ms ran out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                   "4611686018427387904 bytes. Error code 12 (Cannot allocate memory)); try a smaller --chunk than 8; "
+                   "or free some memory or use a larger device.")
+    assert not (tmp_path / "ms.npy").exists()
+
+    def a_bug(self, acts, embeddings):
+        raise RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")
+
+    monkeypatch.setattr(MSAccumulator, "update", a_bug)
+    with pytest.raises(RuntimeError, match="must match"):
+        main([*argv, "--out", str(tmp_path / "ms2.npy")])
+
+    def advice(*argv):
+        return out_of_memory_advice(parse(list(argv)))
+
+    assert advice("train", "--activations", "a", "--arch", "topk", "--width", "8", "--steps", "5", "--out", "o", "--batch-size", "512") \
+        == "try a smaller --batch-size than 512 (a different run: give it a new --out); or free some memory or use a larger device."
+    assert advice("extract", "--model", "m", "--dataset", "d", "--layer", "-2", "--out", "o") == (
+        "try a smaller --batch-size than 64 (the results do not depend on it); or free some memory or use a larger device.")
+    assert advice("atlas", "--sae", "s", "--dataset", "d", "--model", "m", "--out", "o", "--memory-gib", "0.5") == (
+        "try a smaller --batch-size than 128 (the results do not depend on it), a smaller --memory-gib than 0.5; or "
+        "free some memory or use a larger device.")
+    assert advice("steer", "--bundle", "b", "--image", "x.png") == (
+        "try --precision 4bit on a CUDA GPU or bf16; or free some memory or use a larger device.")
+    assert advice("steer-eval", "--bundle", "b", "--precision", "fp16") == (
+        "try --precision 4bit on a CUDA GPU; or free some memory or use a larger device.")
+    assert advice("steer-eval", "--bundle", "b", "--precision", "4bit") == "free some memory or use a larger device."
+    assert advice("ms", "--activations", "a", "--embeddings", "e", "--out", "o", "--chunk", "1") == (
+        "free some memory or use a larger device.")

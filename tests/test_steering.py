@@ -826,3 +826,25 @@ def test_steer_eval_learns_with_a_bf16_llava(tiny_bundle, tmp_path, capsys):
     for target, d32 in deltas["fp32"]["deltas"].items():
         d32, d16 = np.asarray(d32)[:, i32], np.asarray(deltas["bf16"]["deltas"][target])[:, i16]
         assert np.abs(d16 - d32).max() <= 0.1 * np.abs(d32).max(), target  # 0.029 seen
+
+
+def test_running_out_of_memory_while_loading_llava_is_one_sentence(tiny_bundle, capsys, monkeypatch):
+    """`precompute steer` on a machine too small for its LLaVA ended in torch's traceback; it is one line with
+    the allocator's words and the precisions that need less memory (the Steer page says the same, see
+    test_app_units)."""
+    import torch
+
+    from precompute.__main__ import main
+    from sae_core import steering
+
+    def load_too_big(*args, **kwargs):
+        torch.empty(2 ** 62, dtype=torch.uint8)  # more than any address space: the CPU allocator refuses
+
+    monkeypatch.setattr(steering, "load_adapter", load_too_big)
+    assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:1", "--latent", "3", "--value", "5",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(said_lines(err)) == 1, err
+    assert err.startswith("error: steer ran out of memory (DefaultCPUAllocator: can't allocate memory: ")
+    assert err.rstrip().endswith("; try --precision 4bit on a CUDA GPU or bf16; or free some memory or use a larger "
+                                 "device.")
