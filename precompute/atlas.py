@@ -79,6 +79,15 @@ class AtlasJob:
             raise UserError(f"--checkpoint-every {self.checkpoint_every} must be at least 1 image "
                             "(leave it out to save every 5 minutes).")
 
+    @functools.cached_property
+    def opened_dataset(self):
+        """The dataset, opened once for every stage of this run: an image folder is listed when it opens
+        (ImageNet train: 1.28 million files), and the limit, scan, labels, hierarchy, index and thumbnails each
+        listed it again."""
+        from sae_core.datasets import open_dataset
+
+        return open_dataset(self.dataset)
+
     def identity(self) -> dict:
         """Settings that define the bundle's content (a rerun must match them to resume)."""
         d = asdict(self)
@@ -310,9 +319,9 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
 
 def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     """build_atlas's writing half: the stages not done yet, then the manifest (the caller holds out's lock)."""
-    from sae_core.datasets import open_dataset
+    def dataset_size():  # opened only when there is a limit
+        return len(job.opened_dataset)
 
-    dataset_size = functools.cache(lambda: len(open_dataset(job.dataset)))  # opened only when a limit is there
     job.limit = covering_limit(job.limit, dataset_size)
     # bundles built before limits were recorded this way hold a covering --limit as given
     _check_identity(out, job.identity(), lambda old: {**old, "limit": covering_limit(old.get("limit"), dataset_size)})
@@ -400,7 +409,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
     from sae_core.checkpoint import copy_sae, no_layer_reason, trained_model, trained_on, weights_file
-    from sae_core.datasets import first_images_warning, open_dataset
+    from sae_core.datasets import first_images_warning
 
     if job.layer is None:
         raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
@@ -420,7 +429,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
         note(f"atlas: warning: the SAE was trained on layer {trained_layer}, and --layer is {job.layer}; an SAE "
              "read at another layer reconstructs it poorly (the scan's FVU will say how), so pass its own layer "
              "unless this is meant.")
-    ds = open_dataset(job.dataset)
+    ds = job.opened_dataset
     n = len(ds) if job.limit is None else min(job.limit, len(ds))
     if warning := first_images_warning(ds, n):
         note(warning)
@@ -531,7 +540,6 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
     The tree follows co-activation because on the demo world a child's top-16 images share a deeper
     taxonomy ancestor with its co-activation parent's (0.586) than with its decoder-cosine parent's
     (0.526, barely above a random latent of the level above: 0.491), at all four levels."""
-    from sae_core.datasets import open_dataset
     from sae_core.hierarchy import build_tree, decoder_parents, level_of, taxonomy_depth, tree_parents
 
     K = sae.cfg.d_sae
@@ -546,7 +554,7 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
     if not coact_path.is_file():
         B.write_array(out, "neurons/parent_coact.npy", parent_coact)
     top = np.load(out / "neurons/top_images.npy")
-    ds = open_dataset(job.dataset)
+    ds = job.opened_dataset
     depth_per_level, per_neuron = None, None
     # any gallery image with a path: an iNaturalist folder's loose images have none, and the first top
     # image being one of them skipped the depth of every latent
@@ -566,14 +574,13 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
 def _vocabulary(job, world) -> tuple[list | None, str]:
     """The labels' concepts (--vocabulary, else the world's words, else the dataset's class names) and where they
     come from, or None and the reason there are none."""
-    from sae_core.datasets import open_dataset
     from sae_core.labels import class_concepts, file_concepts, world_concepts
 
     if job.vocabulary:
         return file_concepts(job.vocabulary), f"--vocabulary {job.vocabulary}"
     if world is not None:
         return world_concepts(world[0]), "the world's colours, shapes and textures"
-    concepts, what = class_concepts(open_dataset(job.dataset))
+    concepts, what = class_concepts(job.opened_dataset)
     if concepts is None:
         return None, f"no vocabulary given (--vocabulary FILE), and the dataset's classes cannot serve: {what}"
     return concepts, f"{what}, as no --vocabulary was given"
@@ -670,14 +677,12 @@ def _label_accuracy(out: Path, ds, gallery: np.ndarray, from_patch: np.ndarray, 
 def _stage_thumbs(job, sae, out, scan_info, world):
     """PNG thumbnails of gallery images, written into a temporary folder renamed at the end (one
     rename instead of an fsync per file)."""
-    from sae_core.datasets import open_dataset
-
     ids = set()
     for name in ("top_images", "band_images", "patch_top_images", "patch_band_images"):  # patch_*: --score cls
         if (out / f"neurons/{name}.npy").is_file():
             ids |= set(np.load(out / f"neurons/{name}.npy").ravel().tolist())
     ids.discard(-1)
-    ds = open_dataset(job.dataset)
+    ds = job.opened_dataset
     final = out / B.THUMBS
     tmp = final.with_name(".thumbs.tmp")
     if final.exists():

@@ -239,8 +239,9 @@ def class_folder_bundle(tiny_bundle, tiny_world, tmp_path_factory):
     """400 single-object world images in folders named by their object's colour, and two files there that are
     no images (one garbage, one a PNG cut short), scanned as an ordinary image folder by the tiny bundle's SAE
     with the world CLIP as embedder. Returns (folder, bundle, what the atlas said: its notes go to the terminal
-    and to BUNDLE/.stages/log.txt, read here)."""
+    and to BUNDLE/.stages/log.txt, read here, and how many times the atlas listed the folder)."""
     from precompute.__main__ import main
+    from sae_core import datasets
     from sae_core.world.dataset import WorldDataset
 
     root = tmp_path_factory.mktemp("class_folders")
@@ -258,9 +259,18 @@ def class_folder_bundle(tiny_bundle, tiny_world, tmp_path_factory):
     (folder / "red" / "zz_garbage.png").write_bytes(b"not an image" * 10)
     png = next((folder / "blue").glob("*.png")).read_bytes()
     (folder / "blue" / "zz_cut.png").write_bytes(png[: len(png) // 3])
-    assert main(["atlas", "--sae", str(tiny_bundle / "sae"), "--dataset", f"imagefolder:{folder}",
-                 "--model", f"world:{tiny_world}:llava", "--embedder", f"world:{tiny_world}", "--out", str(out)]) == 0
-    return folder, out, (out / ".stages" / "log.txt").read_text()
+    listed = []
+
+    def listing(*args):
+        listed.append(args)
+        return real_image_folder(*args)
+
+    real_image_folder = datasets.image_folder
+    with pytest.MonkeyPatch.context() as mp:  # counts the listings of the folder (each a walk of every file)
+        mp.setattr(datasets, "image_folder", listing)
+        assert main(["atlas", "--sae", str(tiny_bundle / "sae"), "--dataset", f"imagefolder:{folder}",
+                     "--model", f"world:{tiny_world}:llava", "--embedder", f"world:{tiny_world}", "--out", str(out)]) == 0
+    return folder, out, (out / ".stages" / "log.txt").read_text(), len(listed)
 
 
 def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(class_folder_bundle):
@@ -270,7 +280,7 @@ def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(class_folde
 
     from sae_core.datasets import open_dataset
 
-    folder, out, _ = class_folder_bundle
+    folder, out, _, _ = class_folder_bundle
     labels = json.loads((out / "neurons" / "labels.json").read_text())
     ds = open_dataset(f"imagefolder:{folder}")
     assert labels["vocabulary"] == sorted(set(ds.labels))
@@ -286,13 +296,19 @@ def test_an_atlas_of_class_folders_labels_its_neurons_by_their_names(class_folde
     assert scored > 50 and right / scored > 3 / len(labels["vocabulary"])
 
 
+def test_an_atlas_lists_its_image_folder_once(class_folder_bundle):
+    """The scan, the labels (the folder names), the hierarchy (the taxonomy) and the thumbnails each listed the
+    folder again (4 listings here; a walk of 1.28 million files each on ImageNet train)."""
+    assert class_folder_bundle[3] == 1
+
+
 def test_an_atlas_says_which_images_it_could_not_read(class_folder_bundle, capsys):
     """Unreadable images were left out of the atlas in silence (only the manifest listed them; `extract` warns
     for each): the scan says how many and the first, `inspect` counts them, and no figure holds them."""
     from precompute.__main__ import main
     from sae_core.datasets import open_dataset
 
-    folder, out, err = class_folder_bundle
+    folder, out, err, _ = class_folder_bundle
     ds = open_dataset(f"imagefolder:{folder}")
     bad = sorted(i for i in range(len(ds)) if ds.item(i).endswith(("zz_garbage.png", "zz_cut.png")))
     assert len(bad) == 2
