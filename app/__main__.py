@@ -5,19 +5,12 @@ import argparse
 import os
 import sys
 
+from sae_core.command_line import OneLineParser
 from sae_core.errors import UserError
 
 # Offline and private by default: no analytics, no hub look-ups unless a hub model is named.
 for _var, _val in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1")):
     os.environ.setdefault(_var, _val)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with its refusals in one line, as the app's other errors (`--port abc` printed the usage block
-    first); --help keeps the usage. (precompute has its own: app/ does not import precompute/.)"""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options).\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -4,7 +4,7 @@
 def argument_parser(name: str, **kwargs):
     """The parser of `python -m benchmarks NAME`: a refused option is one line, as for precompute's commands
     (argparse printed its usage block first); --help keeps the usage, with the defaults."""
-    from precompute.__main__ import OneLineParser
+    from sae_core.command_line import OneLineParser
 
     return OneLineParser(prog=f"python -m benchmarks {name}", **kwargs)
 
