@@ -243,7 +243,9 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         fallback = np.asarray(patch_ms, np.float64)[[int(n["id"]) for n in kept]]
         by_patches = ~np.isfinite(ms) & np.isfinite(fallback)
         ms[by_patches] = fallback[by_patches]
-    source = np.where(by_patches, "MS by patches", "MS")
+    # the hover's MS as text: plotly printed a missing colour as "0.000", the worst score, for neurons without one
+    source = [f"{'MS by patches' if p else 'MS'} {m:.3f}" if np.isfinite(m) else "no MS (fires on fewer than 2 images)"
+              for p, m in zip(by_patches, ms)]
     by_patch = [None if patch_labels is None else patch_labels[int(n["id"])] for n in kept]
     on_patches = [f"<br>on patches: {p}" if p and p != n.get("label") else "" for n, p in zip(kept, by_patch)]
     trace_cls = go.Sunburst if kind == "sunburst" else go.Treemap
@@ -253,7 +255,7 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         marker=dict(colors=ms.tolist(), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="MS")),
         # every level drawn shows at once (maxdepth 3 hid the 4th ring, and a click opens the neuron rather
         # than zooming in, so it could not be reached)
-        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]} %{color:.3f}<extra></extra>", maxdepth=-1))
+        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]}<extra></extra>", maxdepth=-1))
     fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
                       len(tops_all), ancestors)

@@ -175,14 +175,21 @@ class SteerService:
             raise UserError(f"{len(lat)} latents were chosen; clamp at most {inputs.MAX_LATENTS} at once.")
         return lat, vals, raw, notes
 
-    def steer(self, key, latents, strengths, patches, keep_error: bool, question: str, sweep: bool,
-              max_new_tokens: int, progress=None) -> dict:
-        """Three answers, the sweep strip and the steering scores for one request."""
+    def checked_request(self, latents, strengths, question: str, max_new_tokens: int):
+        """A steer request's (latents, strengths, raw values, notes about bounded values, question, answer
+        length), each checked (UserError, one sentence); the model is not needed for it."""
         lat, strength, raw, notes = self.clamps(latents, strengths)
         if not lat:
             raise UserError("no latent chosen; pick at least one neuron id to clamp.")
         question = inputs.text(question, "question", inputs.MAX_QUESTION_CHARS) or DEFAULT_QUESTIONS[0]
         n_tokens = inputs.integer(max_new_tokens, "answer length", 1, inputs.MAX_NEW_TOKENS)
+        return lat, strength, raw, notes, question, n_tokens
+
+    def steer(self, key, latents, strengths, patches, keep_error: bool, question: str, sweep: bool,
+              max_new_tokens: int, progress=None) -> dict:
+        """Three answers, the sweep strip and the steering scores for one request."""
+        lat, strength, raw, notes, question, n_tokens = self.checked_request(latents, strengths, question,
+                                                                             max_new_tokens)
         patches = patches or None
         s = self.session()
         if progress:

@@ -202,6 +202,14 @@ def user_errors(fn):
     return wrapper
 
 
+def checked_first(trigger, check, inputs, fn, outputs, api_name, **kwargs):
+    """`trigger` runs `check(*inputs)` (a user_errors function) with no outputs, then `fn` where it passed: a
+    refused input is one message and the page keeps what it shows, where an event whose function raises marks
+    each of its outputs with an "Error" badge and blanks it (the galleries, tables, picture and answers went).
+    `fn` still checks for the API's callers. Returns `fn`'s event, for the steps that follow it."""
+    return trigger(check, inputs, None, api_name=False).success(fn, inputs, outputs, api_name=api_name, **kwargs)
+
+
 class Click(gr.SelectData):
     """gr.SelectData that an API call also builds: a script cannot send a click, and Gradio's own class
     failed on the missing data ("'NoneType' object is not subscriptable"); `clicked` then says what to call."""
@@ -312,11 +320,15 @@ class SteerTab:
             rows, _ = svc.latents(key)
             return svc.picture(pil, patch_list(patches)), rows
 
+        @user_errors
+        def check_steer_image(image_index, upload, patches):
+            svc.image(image_index, upload)
+            patch_list(patches)
+
         load_out = [self.picture, self.latents_df]
-        self.load_button.click(steer_load_image, [self.image_index, self.upload, self.patches], load_out,
-                               api_name="steer_load_image", **model)
-        self.image_index.submit(steer_load_image, [self.image_index, self.upload, self.patches], load_out,
-                                api_name=False, **model)
+        for trigger, api_name in ((self.load_button.click, "steer_load_image"), (self.image_index.submit, False)):
+            checked_first(trigger, check_steer_image, [self.image_index, self.upload, self.patches], steer_load_image,
+                          load_out, api_name, **model)
 
         def steer_load_for_page(image_index, upload, patches):
             """steer_load_image for the loads the page makes itself (a first visit, a link): where the model cannot
@@ -346,8 +358,12 @@ class SteerTab:
             rows, _ = svc.latents(key)
             return -1, svc.picture(pil, patch_list(patches)), rows
 
-        self.upload.upload(steer_upload_image, [self.upload, self.patches], [self.image_index] + load_out,
-                           api_name="steer_upload_image", **model)
+        @user_errors
+        def check_steer_upload(upload, patches):
+            check_steer_image(-1, upload, patches)
+
+        checked_first(self.upload.upload, check_steer_upload, [self.upload, self.patches], steer_upload_image,
+                      [self.image_index] + load_out, "steer_upload_image", **model)
 
         @user_errors
         def steer_select_patch(image_index, upload, patches, evt: Click):
@@ -407,11 +423,17 @@ class SteerTab:
             q = state_query(where["image"], out["clamp"]["latents"], out["strengths"], patches, keep_error, question)
             return out["original"], out["sae"], out["steered"], out["sweep"], score, out, q
 
-        self.steer_button.click(
-            steer, [self.image_index, self.upload, *self.slot_inputs(), self.patches, self.keep_error, self.question,
-                    self.sweep, self.max_tokens],
-            [self.original, self.sae_answer, self.steered, self.sweep_df, self.score_md, self.details, url_box],
-            api_name="steer", **model)
+        @user_errors
+        def check_steer(image_index, upload, latent_1, value_1, latent_2, value_2, latent_3, value_3, patches,
+                        keep_error, question, sweep, max_new_tokens):
+            check_steer_image(image_index, upload, patches)
+            svc.checked_request([latent_1, latent_2, latent_3], [value_1, value_2, value_3], question, max_new_tokens)
+
+        checked_first(self.steer_button.click, check_steer,
+                      [self.image_index, self.upload, *self.slot_inputs(), self.patches, self.keep_error,
+                       self.question, self.sweep, self.max_tokens],
+                      steer, [self.original, self.sae_answer, self.steered, self.sweep_df, self.score_md, self.details,
+                              url_box], "steer", **model)
 
         @user_errors
         def steer_with_neuron(neuron):
@@ -435,8 +457,8 @@ class SteerTab:
 
         # checked first, with no outputs, as the Images page's other buttons: a bad id is one message, not
         # also an "Error" badge on the Steer page's image box
-        steer_with_image_button.click(check_image, image_id, None, api_name=False).success(
-            steer_with_image, image_id, [self.image_index, tabs, url_box], api_name="steer_with_image").success(
+        checked_first(steer_with_image_button.click, check_image, image_id, steer_with_image,
+                      [self.image_index, tabs, url_box], "steer_with_image").success(
             steer_load_image, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
 
         @user_errors
@@ -723,11 +745,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return inputs.encode_state({"tab": "neurons", **{k: v for k, v, d in zip(filter_keys, values, filter_defaults)
                                                               if v != d and not (isinstance(v, str) and v.strip() == d)}})
 
-        # Enter in a filter box filters, as in the search boxes (the button's other listeners follow it)
-        filter_runs = [f_button.click, f_min_support.submit, f_label.submit, f_limit.submit]
-        for i, trigger in enumerate(filter_runs):
-            trigger(neuron_table, filters, table, api_name="neuron_table" if i == 0 else False).success(
-                filter_address, filters, url_box, api_name=False, queue=False)
+        @user_errors
+        def check_filter(*values):
+            ex.table(*values)  # a few ms, even at 65,536 neurons
+
+        # Enter in a filter box filters, as in the search boxes; `filtered`: the filter's table is shown
+        filtered = [checked_first(trigger, check_filter, filters, neuron_table, table, "neuron_table" if i == 0 else False)
+                    for i, trigger in enumerate([f_button.click, f_min_support.submit, f_label.submit, f_limit.submit])]
+        for event in filtered:
+            event.success(filter_address, filters, url_box, api_name=False, queue=False)
 
         @user_errors
         def neuron_table_csv(min_ms, min_support, level, label_contains, sort_by, descending):
@@ -735,18 +761,18 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return ex.table_csv(min_ms, min_support, level, label_contains, sort_by, bool(descending))
 
         # shown in a second step so that the API's /neuron_table_csv stays a plain file
-        csv_button.click(neuron_table_csv, filters[:-1], csv_file, api_name="neuron_table_csv").success(
-            lambda: gr.File(visible=True), None, csv_file, api_name=False, queue=False)
-        # the file shown is of the filter it was made with: a new filter hides it (no call per keystroke)
-        for listener in filter_runs:
-            listener(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
+        checked_first(csv_button.click, check_filter, filters[:-1], neuron_table_csv, csv_file, "neuron_table_csv"
+                      ).success(lambda: gr.File(visible=True), None, csv_file, api_name=False, queue=False)
+
+        def checked_query(query) -> str:
+            if searcher is None:
+                raise UserError("text search is not available for this bundle (no image embeddings or embedder).")
+            return inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
 
         @user_errors
         def search_neurons_by_text(query):
             """Neurons whose top images match a text (CLIP text tower, FAISS over neuron directions)."""
-            if searcher is None:
-                raise UserError("text search is not available for this bundle (no image embeddings or embedder).")
-            q = inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
+            q = checked_query(query)
             if not searcher.ready:
                 gr.Info(TEXT_TOWER_LOADING)
             ids, sims = searcher.by_text(q)
@@ -755,22 +781,37 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return table, (f"{len(ids)} neurons, best match first (cosine between the query's text embedding and "
                            "the mean embedding of each neuron's top 16 images).")
 
-        for trigger, api_name in ((text_button.click, "search_neurons_by_text"), (text_query.submit, False)):
-            trigger(search_neurons_by_text, text_query, [table, search_note], api_name=api_name).success(
-                lambda q: inputs.encode_state({"tab": "neurons", "search": str(q or "").strip()}), text_query, url_box,
-                api_name=False, queue=False)
+        @user_errors
+        def check_neuron_query(query):
+            checked_query(query)
+
+        searched_text = [checked_first(trigger, check_neuron_query, text_query, search_neurons_by_text, [table, search_note],
+                                       api_name)
+                         for trigger, api_name in ((text_button.click, "search_neurons_by_text"),
+                                                   (text_query.submit, False))]
+        for event in searched_text:
+            event.success(lambda q: inputs.encode_state({"tab": "neurons", "search": str(q or "").strip()}), text_query,
+                          url_box, api_name=False, queue=False)
+
+        def need_image_model():
+            if steer is None:
+                raise UserError("image search needs the bundle's model, which is not available here.")
+
+        @user_errors
+        def check_search_image(path):
+            need_image_model()
+            load_upload(path, steer.limits)
 
         @user_errors
         def search_neurons_by_image(path):
-            if steer is None:
-                raise UserError("image search needs the bundle's model, which is not available here.")
+            need_image_model()
             found = steer.fire_on_upload(path)
             return found["table"], found["picture"], found["note"]
 
-        image_button.click(search_neurons_by_image, search_image, [table, search_where, search_note],
-                           api_name="search_neurons_by_image").success(
-            lambda: (gr.Image(visible=True), "tab=neurons"), None, [search_where, url_box], api_name=False,
-            queue=False)  # an upload has no address
+        searched_image = checked_first(image_button.click, check_search_image, search_image, search_neurons_by_image,
+                                       [table, search_where, search_note], "search_neurons_by_image")
+        searched_image.success(lambda: (gr.Image(visible=True), "tab=neurons"), None, [search_where, url_box],
+                               api_name=False, queue=False)  # an upload has no address
 
         def neurons_restore(request: gr.Request):
             """The table on page load: ?tab=neurons&search=Q's text search, or the link's filter fields (each
@@ -826,14 +867,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return neuron_table(*filter_defaults), ""
 
         demo.load(neurons_default, None, [table, search_note], api_name=False)
-        for listener in (*filter_runs, text_button.click, text_query.submit):  # a table it does not explain
-            listener(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
-        # nor does a search's note explain a filter's table, or the filter's CSV a search's table (its
+        # what explains one table goes when another is shown (after its check: a refused input changes nothing):
+        # the upload's picture, a search's note, and the filter's CSV, which is of the filter it was made with (its
         # button exported the filter while a search's rows were shown under it)
-        for listener in filter_runs:
-            listener(lambda: "", None, search_note, api_name=False, queue=False)
-        for listener in (text_button.click, text_query.submit, image_button.click):
-            listener(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
+        for event in (*filtered, *searched_text):
+            event.success(lambda: gr.Image(visible=False), None, search_where, api_name=False, queue=False)
+        for event in filtered:
+            event.success(lambda: "", None, search_note, api_name=False, queue=False)
+        for event in (*filtered, *searched_text, searched_image):
+            event.success(lambda: gr.File(visible=False), None, csv_file, api_name=False, queue=False)
 
         # --- opening a neuron (from the box, a click on a plot, a table row, the URL)
         def page_outputs(k):
@@ -851,7 +893,12 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             """One neuron's page: summary, top-16 gallery with heatmaps, bands, histogram, relatives."""
             return page_outputs(neuron)
 
-        open_button.click(neuron_page, neuron_in, page_targets, api_name="neuron_page")
+        @user_errors
+        def check_neuron(neuron):
+            ex.check_neuron(neuron)
+
+        for trigger, api_name in ((open_button.click, "neuron_page"), (neuron_in.submit, False)):
+            checked_first(trigger, check_neuron, neuron_in, neuron_page, page_targets, api_name)
 
         @user_errors
         def first_visit(neuron, header):
@@ -860,7 +907,6 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return page_outputs(neuron)[1:] if not header else (gr.update(),) * (len(page_targets) - 1)
 
         neuron_tab.select(first_visit, [neuron_in, header_md], page_targets[1:], api_name=False)
-        neuron_in.submit(neuron_page, neuron_in, page_targets, api_name=False)
         # every way of opening a page sets the box and the header together; a new header is a new page
         header_md.change(lambda k: k, neuron_in, shown_neuron, api_name=False, queue=False)
 
@@ -941,7 +987,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             then `search`, then a grid with nothing picked (Gradio kept the previous results' enlarged
             preview open on the new ones, enlarging an image nobody clicked), and the text box emptied
             unless the text was the query."""
-            event = trigger(check, box, None, api_name=False).success(search, box, img_search_out, api_name=api_name)
+            event = checked_first(trigger, check, box, search, img_search_out, api_name)
             grid = lambda: gr.Gallery(selected_index=None)  # noqa: E731
             event.success(grid if by_text else lambda: (grid(), ""), None, img_results if by_text else
                           [img_results, img_query], api_name=False, queue=False)
@@ -1007,8 +1053,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         # its neurons and the box keep their place rather than each showing an "Error" badge (the API's
         # /image_neurons refuses it with the same sentence, from image_neurons itself)
         for trigger, api_name in ((img_open.click, "image_neurons"), (img_id.submit, False)):
-            then_show_image_row(trigger(check_image, [img_id, img_searched], None, api_name=False).success(
-                image_neurons, [img_id, img_searched], img_neuron_out, api_name=api_name))
+            then_show_image_row(checked_first(trigger, check_image, [img_id, img_searched], image_neurons,
+                                              img_neuron_out, api_name))
 
         def pick_image(evt: gr.SelectData):
             """The id of a clicked result, from its caption ("#12  cos 0.412"). Read from the caption, not
@@ -1090,6 +1136,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         for gallery, which in ((top_gallery, "top"), (patch_gallery, "patch_top")):
             gallery.select(gallery_picker(which), shown_neuron, [img_id, gallery_image_button], api_name=False, queue=False)
         shown_neuron.change(lambda: gr.Button(visible=False), None, gallery_image_button, api_name=False, queue=False)
+        # and its galleries are grids with nothing enlarged: Gradio kept the last neuron's enlarged index, which
+        # enlarged an image of the new neuron nobody clicked, without the button above to open it
+        shown_neuron.change(lambda: (gr.Gallery(selected_index=None),) * 3, None,
+                            [top_gallery, patch_gallery, band_gallery], api_name=False, queue=False)
 
         @user_errors
         def open_image_from_gallery(image):
@@ -1140,11 +1190,17 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     f"fewer than 2 images by {scores}. {depth_note}")
             return tree.figure, rows, note
 
+        def checked_root(root) -> int:
+            return -1 if root in (None, "") else inputs.integer(root, "subtree's latent (-1: from the roots)", -1,
+                                                                 ex.n_neurons - 1)
+
+        @user_errors
+        def check_tree(kind, root):
+            checked_root(root)
+
         @user_errors
         def hierarchy(kind, root=-1):
-            root = -1 if root in (None, "") else inputs.integer(root, "subtree's latent (-1: from the roots)", -1,
-                                                                 ex.n_neurons - 1)
-            return hierarchy_cached("treemap" if kind == "treemap" else "sunburst", root)
+            return hierarchy_cached("treemap" if kind == "treemap" else "sunburst", checked_root(root))
 
         def tree_address(kind, root):
             """The drawing's address (a copied link reopened the whole sunburst): its subtree and kind."""
@@ -1154,7 +1210,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         tree_inputs, tree_outputs = [tree_kind, tree_root], [tree_plot, depth_df, tree_note]
         for trigger, api_name in ((tree_button.click, "hierarchy"), (tree_kind.input, False), (tree_root.submit, False)):
-            trigger(hierarchy, tree_inputs, tree_outputs, api_name=api_name).success(
+            checked_first(trigger, check_tree, tree_inputs, hierarchy, tree_outputs, api_name).success(
                 tree_address, tree_inputs, url_box, api_name=False, queue=False)
 
         def hierarchy_restore(request: gr.Request):

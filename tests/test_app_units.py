@@ -265,7 +265,10 @@ def test_tree_colours_patch_only_latents_by_their_patch_ms():
     colours = np.array(trace.marker.colors, dtype=np.float64)
     np.testing.assert_array_equal(colours[[0, 2, 3]], [0.5, 0.25, 0.75])  # the image score's MS wins where it exists
     assert np.isnan(colours[[1, 4]]).all()
-    assert [c[1] for c in trace.customdata] == ["MS", "MS", "MS", "MS by patches", "MS"]
+    # the hover's MS is the colour's, as text; none for a node without one (plotly printed its colour as 0.000)
+    assert [c[1] for c in trace.customdata] == ["MS 0.500", "no MS (fires on fewer than 2 images)", "MS 0.250",
+                                                "MS by patches 0.750", "no MS (fires on fewer than 2 images)"]
+    assert "%{customdata[1]}" in trace.hovertemplate and "%{color" not in trace.hovertemplate
     assert [int(c[0]) for c in trace.customdata] == [0, 1, 2, 3, 4]  # a click still reads the neuron id first
     assert (tree.levels, tree.nodes, tree.by_patches, tree.uncoloured) == (2, 5, 1, 2)
     plain = figures.hierarchy_figure(nodes, "treemap")
