@@ -1,6 +1,10 @@
 """`python -m precompute export DIR --format saelens|sae-lab --out D2`: write an SAE in another layout."""
+from pathlib import Path
+
 from sae_core.checkpoint import export_sae_lab, export_saelens
 from sae_core.errors import UserError
+
+from .args import out_folder
 
 
 def add_arguments(p):
@@ -18,6 +22,9 @@ def run(args) -> int:
         raise UserError("give the SAE to export once: `export DIR --out D2` or `export --sae DIR --out D2`" +
                         ("" if args.sae is None else f", not both ({args.sae_dir} and {args.sae})") + ".")
     sae = args.sae if args.sae is not None else args.sae_dir
+    # an earlier export (an SAE folder) may be replaced; the SAE went beside an extraction's stores or into a
+    # world's or a training run's folder before
+    out_folder(Path(args.out), "the exported SAE", writes=("sae",))
     if args.format == "sae-lab":
         out = export_sae_lab(sae, args.out)
         print(f"wrote {out}/sae.safetensors and {out}/config.json")

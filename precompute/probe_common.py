@@ -20,7 +20,7 @@ def add_common(p, default_images: int | None = None) -> None:
     p.add_argument("--bundle", required=True, help="a finished bundle (from `precompute demo` or `precompute atlas`)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES_DIR})")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     p.add_argument("--fit-images", type=positive_int, default=default_images,
                    help="at most this many training images to fit on (default %(default)s)")
@@ -46,8 +46,10 @@ def open_inputs(args, name: str):
     from sae_core.atomic import output_lock
     from sae_core.bundle import open_bundle
     from sae_core.image_features import bundle_source
+    from sae_core.precision import resolve_device
 
     torch.set_num_threads(max(1, args.threads))
+    device = resolve_device(args.device)  # "cuda" without a GPU was torch's traceback at the model's move
     bundle = open_bundle(args.bundle)
     layer = str(bundle.manifest.get("model", {}).get("layer", ""))
     if layer.startswith("lm:"):
@@ -63,7 +65,7 @@ def open_inputs(args, name: str):
             if not cache.write:
                 print(f"note: the feature cache {folder} cannot be written; features are read from it where present "
                       "and not saved (--no-cache skips it).", file=sys.stderr)
-        yield bundle, bundle_source(bundle, device=args.device), out, cache
+        yield bundle, bundle_source(bundle, device=device), out, cache
 
 
 def writable_folder(folder: Path) -> bool:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import stat
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -25,13 +26,35 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # named as _TEMPORARY reads
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # a new file's: 0o666 less the umask
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        readable_as_new(tmp, mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def readable_as_new(path: str | Path, mode: int | None = None) -> None:
+    """Give `path` (a file, or every file under a folder) at least the permissions of a new file there (`mode`,
+    else 0o666 less the umask, read by creating one): safetensors writes its files 0600, so a trained SAE, an
+    export or the world's models were unreadable to a teammate or to an app running as another user, where
+    every other file of the same folder was 0644."""
+    path = Path(path)
+    if mode is None:
+        probe = (path if path.is_dir() else path.parent) / f".mode.tmp{os.getpid()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+        try:
+            mode = stat.S_IMODE(os.stat(probe).st_mode)
+        finally:
+            probe.unlink()
+    for f in path.rglob("*") if path.is_dir() else [path]:
+        st = os.lstat(f)
+        if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & mode != mode:
+            os.chmod(f, stat.S_IMODE(st.st_mode) | mode)
 
 
 def json_safe(obj):

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError, unknown_world_part
+from .errors import UserError, not_utf8, unknown_world_part
 from .folders import refuse_bundle_as_world
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -173,10 +173,17 @@ def image_folder(spec: str, path: str) -> FileListDataset:
 
 def file_list(spec: str, path: str) -> FileListDataset:
     lst = Path(os.path.expandvars(os.path.expanduser(path)))
+    if lst.is_dir():
+        raise UserError(f"file list {lst} is a folder; pass imagefolder:{lst} for a folder of images, or "
+                        "files:LIST.txt with one image path per line.")
     if not lst.is_file():
         raise UserError(f"file list {lst} does not exist; pass files:LIST.txt with one image path per line.")
+    try:  # -sig: Notepad and Excel start their UTF-8 with a BOM, which became part of the first path
+        text = lst.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise not_utf8(lst) from None
     paths, labels = [], []
-    for line in lst.read_text().splitlines():
+    for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         p, _, lab = line.partition("\t")

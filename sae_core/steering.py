@@ -337,10 +337,18 @@ class SteeringSession:
         if self.adapter.read_layer is None:
             raise UserError(f"{llava_spec} is not a LLaVA model; steering needs a llava:, hf: LLaVA or world:DIR:llava spec.")
         if recorded_layer is not None and str(recorded_layer).strip() != str(sae_layer).strip():
+            # another block than the recorded one is refused as such before layer_mismatch, which took the
+            # given layer for the one the SAE "was trained on" (--layer 0 of an SAE of -2)
             try:  # a given layer that is no block of this tower (7 of 4) is not the layer it "was trained on"
-                self.adapter.resolve_layer(sae_layer)
+                given = self.adapter.resolve_layer(sae_layer)
             except UserError:
                 raise _other_layer(recorded_layer, sae_layer) from None
+            try:
+                own = self.adapter.resolve_layer(recorded_layer)
+            except UserError:  # recorded on a deeper tower: layer_mismatch says which layer this one reads
+                own = None
+            if own is not None and not given.same_place(own):
+                raise _other_layer(recorded_layer, sae_layer)
         problem = layer_mismatch(sae_layer, sae.cfg.d_in, self.adapter)
         if problem:
             raise UserError(problem)
@@ -397,11 +405,10 @@ class SteeringSession:
             layer = recorded
             if layer is None:
                 raise UserError(f"{no_layer_reason(sae, sae_dir)}; pass the layer it was trained on.")
-        def other_layer():
-            return _other_layer(recorded, layer)
 
         # a layer given beside the recorded one must be the same block: before the model loads where the
-        # names alone settle it (the same sign, or "embed"), after it where only the tower's depth can (-2 and 22)
+        # names alone settle it (the same sign, or "embed"), after it (in __init__) where only the tower's depth
+        # can (-2 and 22)
         def parsed(x):
             try:
                 return int(str(x).strip())
@@ -413,13 +420,8 @@ class SteeringSession:
             ints = [v for v in (given_name, own_name) if isinstance(v, int)]
             if ((len(ints) == 2 and (given_name < 0) == (own_name < 0))
                     or (len(ints) == 1 and "embed" in (given_name, own_name))):
-                raise other_layer()
-        session = cls(sae, llava or llava_for_model(trained["model"]), layer, recorded_layer=recorded, **kwargs)
-        if recorded is not None:
-            given, own = (session.adapter.resolve_layer(x) for x in (layer, recorded))
-            if not given.same_place(own):
-                raise other_layer()
-        return session
+                raise _other_layer(recorded, layer)
+        return cls(sae, llava or llava_for_model(trained["model"]), layer, recorded_layer=recorded, **kwargs)
 
     # --- images and the hidden-state cache ----------------------------------------------------
     def load_image(self, image):

@@ -297,7 +297,13 @@ def test_an_out_that_holds_another_steps_output_is_refused_before_any_work(tmp_p
             (["extract", *world, "--tokens", "cls", "--out", str(tmp_path / "sae")], "an SAE", "the activation stores"),
             (["atlas", "--sae", str(tmp_path / "sae"), *world, "--embedder", "world:W", "--out", str(tmp_path / "sae")],
              "an SAE", "the bundle"),
-            (["demo", "--preset", "tiny", "--out", str(tmp_path / "store")], "an activation store", "the bundle")):
+            (["demo", "--preset", "tiny", "--out", str(tmp_path / "store")], "an activation store", "the bundle"),
+            # a world built into an SAE's folder hid the SAE (inspect called it a world); an export went beside
+            # an extraction's stores, or replaced a training run's SAE (until 2026-12-05)
+            (["world", "--preset", "tiny", "--out", str(tmp_path / "sae")], "an SAE", "the world"),
+            (["world", "--preset", "tiny", "--out", str(tmp_path / "store")], "an activation store", "the world"),
+            (["export", str(tmp_path / "sae"), "--out", str(tmp_path / "store")], "an activation store",
+             "the exported SAE")):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err == f"error: --out {argv[-1]} holds {holds}; give a new folder for {what}.\n"
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written anywhere

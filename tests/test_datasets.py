@@ -88,6 +88,23 @@ def test_file_list_with_labels_and_comments(tmp_path):
     assert len(open_dataset(f"files:{rel}")) == 10  # paths relative to the list's folder
 
 
+def test_file_lists_from_windows_editors_and_other_encodings(tmp_path):
+    """A list saved with a BOM and CRLF line ends (Notepad, Excel) lost its first image in silence (the BOM
+    became part of its path: one "unreadable image" warning, exit 0); a list in Latin-1 was a traceback in
+    extract, atlas and ood; a folder given as the list "did not exist"."""
+    root = H.image_dir(10)
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(f"\ufeff{root}/cat/0001.jpg\r\n{root}/dog/0008.jpg\tdog\r\n".encode("utf-8"))
+    ds = open_dataset(f"files:{lst}")
+    assert len(ds) == 2 and ds.label(1) == "dog"
+    np.testing.assert_array_equal(np.asarray(ds[0]), np.asarray(Image.open(root / "cat/0001.jpg").convert("RGB")))
+    lst.write_bytes(f"{root}/caf\xe9/0001.jpg\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"line 1 is not UTF-8 text \(byte 0xe9\); save it as UTF-8"):
+        open_dataset(f"files:{lst}")
+    with pytest.raises(UserError, match=rf"file list {root} is a folder; pass imagefolder:{root} "):
+        open_dataset(f"files:{root}")
+
+
 def test_world_spec_delegates_to_the_world_dataset(tmp_path, monkeypatch):
     calls = {}
 

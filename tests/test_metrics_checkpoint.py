@@ -93,6 +93,38 @@ def test_equal_weights_give_equal_files_whatever_order_safetensors_writes_its_me
     torch.testing.assert_close(load_sae(tmp_path / "True")(torch.ones(2, 12)), sae(torch.ones(2, 12)))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_saved_weights_are_as_readable_as_any_new_file(tmp_path, umask):
+    """safetensors writes its files 0600: a trained SAE, its exports and the world's models could not be read by a
+    teammate or an app running as another user, beside 0644 JSON files in the same folder. They get what a new
+    file gets under the umask (the reference: a file opened here), no more: a private umask keeps them private."""
+    import os
+    import stat
+
+    from sae_core.atomic import readable_as_new
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(umask)
+    try:
+        (tmp_path / "reference").write_text("")
+        wanted = mode(tmp_path / "reference")
+        sae = SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3), seed=3)
+        save_sae(sae, tmp_path / "ours")
+        export_saelens(tmp_path / "ours", tmp_path / "saelens")
+        assert mode(tmp_path / "ours" / "sae.safetensors") == mode(tmp_path / "ours" / "config.json") == wanted
+        assert mode(tmp_path / "saelens" / "sae_weights.safetensors") == wanted
+        folder = tmp_path / "pretrained" / "sub"  # as save_pretrained leaves a world model's folder
+        folder.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+        assert mode(folder / "model.safetensors") == 0o600  # what safetensors does: the reason for all this
+        readable_as_new(tmp_path / "pretrained")
+        assert mode(folder / "model.safetensors") == wanted and not list(tmp_path.rglob(".mode.tmp*"))
+    finally:
+        os.umask(old)
+
+
 def test_wrong_width_fails_with_one_sentence_naming_both_sizes(tmp_path):
     save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3)), tmp_path)
     with pytest.raises(UserError, match=r"width 12.*width 1024"):

@@ -560,3 +560,18 @@ def test_assign_nodes_is_the_deepest_node_held_by_min_share():
         # ties at the deepest level: the node of the best-ranked image (the first in top order)
         want = next((p[:deepest] for p in paths if p[:deepest] in held), ()) if deepest else ()
         assert got == want, (paths, share)
+
+
+@pytest.mark.parametrize("command", ["ood", "ontology", "probes"])
+def test_a_device_this_machine_lacks_is_one_sentence(tiny_bundle, tmp_path, capsys, command):
+    """--device was handed to torch unchecked: "cuda" without a GPU or a misspelt device was torch's traceback
+    when the model moved, after the bundle was read; it is the sentence every other command gives, before."""
+    from precompute.__main__ import main
+
+    out = ["--out", str(tmp_path / "p")]
+    assert main([command, "--bundle", str(tiny_bundle), "--device", "gpu", *out]) == 2
+    assert capsys.readouterr().err == "error: --device gpu is not a device this runs on; use auto, cpu, cuda or cuda:N.\n"
+    if not torch.cuda.is_available():
+        assert main([command, "--bundle", str(tiny_bundle), "--device", "cuda", *out]) == 2
+        assert "no CUDA GPU is visible here; use cpu (or auto)." in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

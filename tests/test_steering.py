@@ -308,6 +308,9 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     n = session.adapter.n_blocks
     assert main(["steer", "--sae", str(other), f"--layer={n - 2}", *args]) == 2
     assert f"records that it was trained on layer -3, but layer {n - 2} was given" in capsys.readouterr().err
+    # a block LLaVA does not read, either: it was "the SAE was trained on layer 0 ...", the given layer's words
+    assert main(["steer", "--sae", str(other), "--layer=0", *args]) == 2
+    assert "records that it was trained on layer -3, but layer 0 was given" in capsys.readouterr().err
     # an SAE that records the layer LLaVA reads as a block index (n-2, where LLaVA's setting says -2) steers
     # it (it was refused: the two were compared as typed)
     cfg["training"]["activations"]["layer"] = str(n - 2)

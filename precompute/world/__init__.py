@@ -54,8 +54,8 @@ def run(args) -> int:
 
     out = Path(args.out)
     preset = PRESETS[args.preset]
-    out_folder(out, "the world")
     refuse_bundle_as_world(out)
+    out_folder(out, "the world", writes=("world",))  # not into an SAE's, an extraction's, ... (it hid them)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "world.json"
     if meta_path.exists():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sae_core.atomic import readable_as_new
 from sae_core.progress import transformers_bars_as_lines
 from sae_core.world.generator import WorldSpec
 from sae_core.world.taxonomy import build_taxonomy
@@ -48,6 +49,7 @@ def _invalidate_later(out: Path, name: str) -> None:
 
 def _finish_dir(tmp: Path, final: Path, info: dict) -> None:
     _write_json(tmp / STAGE_FILE, info)
+    readable_as_new(tmp)  # save_pretrained's model.safetensors is 0600
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
