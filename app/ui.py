@@ -233,6 +233,7 @@ def clicked_neuron(evt: Click, columns, instead: str = "call /neuron_page with t
 
 N_SLOTS = 3
 """Latent slots on the Steer page (the API takes the same three; inputs.MAX_LATENTS bounds any list)."""
+UPLOADED = "upload"  # a steer address's image when the page shows an upload, which a link cannot carry
 
 
 class SteerTab:
@@ -301,11 +302,40 @@ class SteerTab:
 
         def state_query(image_index, latents, strengths, patches, keep_error, question):
             """The address of a steer request, from its checked latents and strengths (the boxes hand over what
-            was sent: "3" as text, a strength bounded into range)."""
-            return inputs.encode_state({"tab": "steer", "image": None if image_index is None or image_index < 0
+            was sent: "3" as text, a strength bounded into range). An upload is `image=upload`, which a link cannot
+            carry: opened, it says so (it opened dataset image 0 without a word)."""
+            return inputs.encode_state({"tab": "steer", "image": UPLOADED if image_index is None or image_index < 0
                                         else int(image_index), "latents": [int(k) for k in latents],
                                         "values": [float(v) for v in strengths], "patches": patches or "",
                                         "keep_error": bool(keep_error), "question": question})
+
+        def steer_address(image_index, latent_1, value_1, latent_2, value_2, latent_3, value_3, patches, keep_error,
+                          question):
+            """The address of what the page shows after a load, an upload, a latent picked from the table or a
+            patch click (only Steer and the buttons that lead here wrote it, so a copied link opened another image,
+            latent or patch set): the boxes as they are, less what the Steer button would refuse."""
+            def valid(read, default=None):
+                try:
+                    return read()
+                except UserError:
+                    return default
+
+            image = -1 if image_index in (None, "") else valid(lambda: inputs.integer(image_index, "image index", -1,
+                                                                                       ex.n_images - 1))
+            latents, strengths = [], []
+            for k, v in pairs([latent_1, value_1, latent_2, value_2, latent_3, value_3]):
+                k = valid(lambda: inputs.integer(k, "latent", -1, ex.n_neurons - 1), -1)
+                if k >= 0 and k not in latents:
+                    latents.append(k)
+                    strengths.append(valid(lambda: min(max(inputs.clamp_value(v, 1.0, "strength")[0], 0.0),
+                                                       inputs.CLAMP_FACTOR), 4.0))
+            return state_query(image, latents, strengths, valid(lambda: ",".join(map(str, patch_list(patches))), ""),
+                               keep_error, valid(lambda: inputs.text(question, "question", inputs.MAX_QUESTION_CHARS)))
+
+        address_inputs = [self.image_index, *self.slot_inputs(), self.patches, self.keep_error, self.question]
+
+        def then_address(event):
+            event.success(steer_address, address_inputs, url_box, api_name=False, queue=False)
 
         def pairs(flat):
             return list(zip(flat[0::2], flat[1::2]))
@@ -327,8 +357,8 @@ class SteerTab:
 
         load_out = [self.picture, self.latents_df]
         for trigger, api_name in ((self.load_button.click, "steer_load_image"), (self.image_index.submit, False)):
-            checked_first(trigger, check_steer_image, [self.image_index, self.upload, self.patches], steer_load_image,
-                          load_out, api_name, **model)
+            then_address(checked_first(trigger, check_steer_image, [self.image_index, self.upload, self.patches],
+                                       steer_load_image, load_out, api_name, **model))
 
         def steer_load_for_page(image_index, upload, patches):
             """steer_load_image for the loads the page makes itself (a first visit, a link): where the model cannot
@@ -362,8 +392,8 @@ class SteerTab:
         def check_steer_upload(upload, patches):
             check_steer_image(-1, upload, patches)
 
-        checked_first(self.upload.upload, check_steer_upload, [self.upload, self.patches], steer_upload_image,
-                      [self.image_index] + load_out, "steer_upload_image", **model)
+        then_address(checked_first(self.upload.upload, check_steer_upload, [self.upload, self.patches],
+                                   steer_upload_image, [self.image_index] + load_out, "steer_upload_image", **model))
 
         @user_errors
         def steer_select_patch(image_index, upload, patches, evt: Click):
@@ -377,16 +407,16 @@ class SteerTab:
             chosen = [q for q in chosen if q != p] if p in chosen else chosen + [p]
             return ",".join(str(q) for q in sorted(chosen)), svc.picture(pil, chosen)
 
-        self.picture.select(steer_select_patch, [self.image_index, self.upload, self.patches],
-                            [self.patches, self.picture], api_name="steer_select_patch")
+        then_address(self.picture.select(steer_select_patch, [self.image_index, self.upload, self.patches],
+                                         [self.patches, self.picture], api_name="steer_select_patch"))
 
         @user_errors
         def steer_all_patches(image_index, upload):
             pil, _, _ = svc.image(image_index, upload)
             return "", svc.picture(pil)
 
-        self.clear_patches.click(steer_all_patches, [self.image_index, self.upload], [self.patches, self.picture],
-                                 api_name="steer_all_patches")
+        then_address(self.clear_patches.click(steer_all_patches, [self.image_index, self.upload],
+                                              [self.patches, self.picture], api_name="steer_all_patches"))
 
         @user_errors
         def steer_pick_latent(image_index, upload, patches, evt: Click):
@@ -399,8 +429,8 @@ class SteerTab:
                               float(m.max()) if m is not None and m.max() > 0 else 1.0)
             return k, pic
 
-        self.latents_df.select(steer_pick_latent, [self.image_index, self.upload, self.patches],
-                               [self.slots[0][0], self.picture], api_name="steer_pick_latent", **model)
+        then_address(self.latents_df.select(steer_pick_latent, [self.image_index, self.upload, self.patches],
+                                            [self.slots[0][0], self.picture], api_name="steer_pick_latent", **model))
 
         @user_errors
         def steer(image_index, upload, latent_1, value_1, latent_2, value_2, latent_3, value_3, patches,
@@ -495,7 +525,10 @@ class SteerTab:
                 slot_vals += list(chosen[i]) if i < len(chosen) else [-1, 4.0]
             patches = field(lambda: ",".join(str(p) for p in patch_list(state.get("patches"))), "")
             image, picture = initial(self.image_index), gr.update()
-            if state.get("image") not in (None, ""):
+            if state.get("image") == UPLOADED:
+                refused.append("its image was an upload, which a link cannot carry; upload it again (dataset image "
+                               f"{image} is shown)")
+            elif state.get("image") not in (None, ""):
                 i = field(lambda: ex.check_image(state["image"], "image index"), None)
                 shown = None if i is None else field(lambda: svc.picture(svc.image(i, None)[0], patch_list(patches)), None)
                 if shown is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sae_core.steering_eval import COLOUR_Q
 
@@ -276,6 +277,27 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
             if attempt == 1 or pg.input_value("#steer-patches textarea") != "":
                 raise
 
+    # 7. The address follows the page after a patch click, a load and a latent picked from the table, not only
+    # after Steer (a copied link opened the image, latent and patches of the last Steer, or of the link followed)
+    wait_address(pg, tab="steer", image=str(image), latents=str(k), patches="0")
+    other = next(i for i in range(len(top.ravel())) if i != image)
+    pg.fill("#steer-image-index input", str(other))
+    pg.click("#steer-load")
+    wait_address(pg, image=str(other), patches="0")
+    rows = pg.locator("#steer-latents [role=row]").filter(has=pg.locator("[role=gridcell]"))
+    pg.wait_for_function("() => Array.from(document.querySelectorAll('#steer-latents [role=row]'))"
+                         ".map(r => r.querySelector('[role=gridcell]')).filter(c => c && c.innerText.trim() !== '')"
+                         ".length > 1")
+    ids = [int(c) for c in rows.locator("[role=gridcell]:first-child").all_inner_texts()]
+    picked = next(j for j in ids if j != k)
+    rows.nth(ids.index(picked)).locator("[role=gridcell]").first.click()
+    wait_value(pg, "#steer-latent-1 input", str(picked))
+    wait_address(pg, image=str(other), latents=str(picked), patches="0")
+    pg.goto(pg.url)  # the copied link opens what the page showed
+    wait_value(pg, "#steer-image-index input", str(other))
+    wait_value(pg, "#steer-latent-1 input", str(picked))
+    wait_value(pg, "#steer-patches textarea", "0")
+
 
 def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     from tests.test_app_units import png_header_only
@@ -293,6 +315,15 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     pg.wait_for_selector("#steer-upload input[type=file]", state="attached")
     pg.set_input_files("#steer-upload input[type=file]", str(fake))
     pg.wait_for_selector("text=not an image PIL can read")
+    # a steer link of an upload says so when opened (it opened dataset image 0 without a word)
+    png = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(png)
+    pg.goto(explorer_app.url + "/?tab=steer")
+    pg.wait_for_selector("#steer-upload input[type=file]", state="attached")
+    pg.set_input_files("#steer-upload input[type=file]", str(png))
+    wait_address(pg, tab="steer", image="upload")
+    pg.goto(pg.url)
+    pg.wait_for_selector("text=its image was an upload, which a link cannot carry; upload it again")
     # a link with one bad field restores the others, bounds a strength into the slider's range, and says so
     pg.goto(explorer_app.url + "/?tab=steer&image=--1&latents=3&values=-5&question=Which%20shape%3F")
     wait_value(pg, "#steer-latent-1 input", "3")
