@@ -413,8 +413,11 @@ class Explorer:
                 lambda ids=ids, boxes=boxes: strip([self.shown(self.bundle.image(i)) for i in ids], slots=slots,
                                                    boxes=boxes, grid=self.grid if self.grid[0] else None))
             of = f" of {counts[b]:,}" if counts and counts[b] > len(ids) else ""  # a sample: say of how many
-            out.append((path, f"band {b + 1}{how}: {len(ids)}{of} image{'s' if len(ids) > 1 or of else ''}, act "
-                              f"{min(acts):.3g} to {max(acts):.3g} (#{', #'.join(str(i) for i in ids)})"))
+            # of a sample, the range is the sample's ("these"): the band reaches higher and lower (its edges are
+            # not stored), and "act 5.34 to 8.49" read as the band's while it held an image at 10.2
+            out.append((path, f"band {b + 1}{how}: {len(ids)}{of} image{'s' if len(ids) > 1 or of else ''}, "
+                              f"{'these ' if of else ''}act {min(acts):.3g} to {max(acts):.3g} "
+                              f"(#{', #'.join(str(i) for i in ids)})"))
         return out
 
     def shown(self, img):

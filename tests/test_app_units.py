@@ -571,9 +571,13 @@ def test_neuron_record_and_gallery_follow_the_bundle(explorer, tiny_bundle):
     sizes = set()
     held = np.load(root / "band_counts.npy")[k]  # the firing images in each band, of which the strip is a sample
     assert held.sum() == explorer.bundle.neuron(k)["support"] and explorer.neuron_record(k)["band_counts"] == held.tolist()
-    for (path, caption), band, n in zip(strips, [b for b in bands if (b >= 0).any()], held):
+    band_acts = np.load(root / "band_acts.npy")[k]
+    for (path, caption), band, acts, n in zip(strips, *(x[(bands >= 0).any(1)] for x in (bands, band_acts, held))):
         shown = int((band >= 0).sum())
-        said = f": {shown} of {n:,} images, act" if n > shown else f": {shown} image{'s' if shown > 1 else ''}, act"
+        # the range of a sample is said to be the sample's: the band holds images above and below it
+        acts = acts[band >= 0]
+        act = f"act {acts.min():.3g} to {acts.max():.3g}"
+        said = f": {shown} of {n:,} images, these {act}" if n > shown else f": {shown} image{'s' if shown > 1 else ''}, {act}"
         assert caption.startswith("band ") and said in caption, (caption, n)
         with Image.open(path) as im:
             sizes.add(im.size)
