@@ -19,7 +19,13 @@ BENCHMARKS = {
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
-        print(f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        import difflib
+
+        asked = sys.argv[1] if len(sys.argv) > 1 else None
+        near = difflib.get_close_matches(asked or "", list(BENCHMARKS), n=1)
+        said = "no benchmark was named" if asked is None else f"there is no benchmark {asked!r}"
+        print(f"error: {said}{f' (did you mean {near[0]}?)' if near else ''}; run `python -m benchmarks NAME "
+              f"[options]` with NAME one of {', '.join(BENCHMARKS)}.", file=sys.stderr)
         return 2
     from sae_core.errors import UserError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_core.activation_store import save_npy_atomic
+from sae_core.activation_store import save_npy_atomic, why_not_npy
 from sae_core.atomic import output_lock, remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
 from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
@@ -48,15 +48,8 @@ def load_matrix(path: str, name: str) -> np.ndarray:
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        try:  # numpy takes any file without the .npy header for a pickle
-            with open(p, "rb") as f:
-                npy = f.read(6) == b"\x93NUMPY"
-        except OSError:  # unreadable: numpy's own words below
-            npy = True
-        why = ("it has no .npy header" if not npy else
-               "it holds pickled Python objects" if "pickle" in str(e) or "Python objects" in str(e) else
-               str(e).rstrip(".") or type(e).__name__)
-        raise UserError(f"{p} is not a plain numeric .npy ({why}); save it with np.save from a numeric array.") from None
+        raise UserError(f"{p} is not a plain numeric .npy ({why_not_npy(p, e)}); save it with np.save from a numeric "
+                        "array.") from None
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()
         raise UserError(f"{p} is an .npz archive; {save}.")

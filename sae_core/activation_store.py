@@ -67,6 +67,23 @@ def _resolve_store_dir(path: Path) -> Path:
     )
 
 
+def why_not_npy(path, error: Exception) -> str:
+    """Why np.load failed on `path`, in a user's words: numpy takes any file without the .npy header for a
+    pickle ("This file contains pickled (object) data ... allow_pickle=", said of a text file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:  # unreadable: numpy's own words
+        return str(error).rstrip(".") or type(error).__name__
+    if not head:
+        return "the file is empty"
+    if head != b"\x93NUMPY":
+        return "it has no .npy header"
+    if "pickle" in str(error) or "Python objects" in str(error):
+        return "it holds pickled Python objects"
+    return str(error).rstrip(".") or type(error).__name__
+
+
 class ActivationStore:
     """Rows of one layer's activations, float16 or float32 on disk, in dataset order."""
 
@@ -100,7 +117,7 @@ class ActivationStore:
             try:
                 arr = np.load(p, mmap_mode="r")
             except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
-                raise UserError(f"cannot read activation shard {p} ({e or 'the file is empty'}); {fix}.") from e
+                raise UserError(f"cannot read activation shard {p} ({why_not_npy(p, e)}); {fix}.") from e
             if listed is not None and arr.ndim == 2 and arr.shape[0] != listed:
                 # rows would be matched to the wrong images by the index files and the manifest's counts
                 raise UserError(f"activation shard {p} holds {arr.shape[0]} rows but {path / MANIFEST} lists "

@@ -205,6 +205,14 @@ def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
             benchmarks_main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and said in err and err.count("\n") == 1, err
+    # a misspelt or missing name: the usage line alone, without "error" or the name (until 2026-12-05)
+    for argv, said in ((["bnds"], "error: there is no benchmark 'bnds' (did you mean bands?); run `python -m "
+                                  "benchmarks NAME [options]` with NAME one of store_read, "),
+                       ([], "error: no benchmark was named; run `python -m benchmarks NAME [options]` with NAME one")):
+        monkeypatch.setattr(sys, "argv", ["benchmarks", *argv])
+        assert benchmarks_main() == 2
+        err = capsys.readouterr().err
+        assert err.startswith(said) and err.count("\n") == 1, err
 
 
 def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):

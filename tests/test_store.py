@@ -263,6 +263,12 @@ def test_unfinished_and_foreign_stores_are_user_errors(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((3, 2, 2), np.float32))
     with pytest.raises(UserError, match="expected \\(rows, d\\)"):
         ActivationStore(tmp_path / "a.npy")
+    # a text file named .npy was "pickled (object) data ... allow_pickle=" in numpy's words, as `ms` says it now
+    (tmp_path / "text.npy").write_text("hello\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for name, why in (("text", "it has no .npy header"), ("empty", "the file is empty")):
+        with pytest.raises(UserError, match=rf"^cannot read activation shard .*{name}\.npy \({why}\); save the \(N, d\) "):
+            ActivationStore(tmp_path / f"{name}.npy")
 
 
 def test_a_folder_whose_manifest_is_not_a_stores_is_one_sentence(tmp_path):
