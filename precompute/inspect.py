@@ -161,19 +161,22 @@ def training_summary(spec: str) -> dict:
     from sae_core.training import _Checkpoint
 
     path = Path(spec).expanduser()
-    ckpt = _Checkpoint(path)
-    if not ckpt.exists():
-        raise UserError(f"{path} has a checkpoint/ folder without a readable checkpoint; re-run the training command "
-                        "that writes there to resume it, or delete the folder to start over.")
-    meta = ckpt.read_meta()
-    config = meta.get("run_config") or {}
-    sae, train = config.get("sae") or {}, config.get("train") or {}
     last = None
     log = path / "train_log.csv"
     if log.is_file():
         with open(log, newline="") as f:
             rows = list(csv.DictReader(f))
         last = {k: _number(v) for k, v in rows[-1].items()} if rows else None
+    ckpt = _Checkpoint(path)
+    if not (path / "checkpoint").is_dir():  # started, its first checkpoint not saved yet: the log alone says how far
+        return {"kind": "training", "path": str(path), "step": None, "steps": None, "tokens": None,
+                "architecture": None, "d_sae": None, "data": None, "last_logged": last}
+    if not ckpt.exists():
+        raise UserError(f"{path} has a checkpoint/ folder without a readable checkpoint; re-run the training command "
+                        "that writes there to resume it, or delete the folder to start over.")
+    meta = ckpt.read_meta()
+    config = meta.get("run_config") or {}
+    sae, train = config.get("sae") or {}, config.get("train") or {}
     return {"kind": "training", "path": str(path), "step": meta.get("step"), "steps": train.get("steps"),
             "tokens": meta.get("tokens"), "architecture": sae.get("arch"), "d_sae": sae.get("d_sae"),
             "data": (config.get("data") or {}).get("dataset"), "last_logged": last}
@@ -361,9 +364,13 @@ def _print_extraction(s: dict) -> None:
 
 
 def _print_training(s: dict) -> None:
-    print(f"training run {s['path']} (under way or stopped; run the same command to resume)")
-    print(f"  checkpoint at step {s['step']} of {s['steps']} ({s['tokens']} tokens); {s['architecture']} with "
-          f"{s['d_sae']} latents")
+    if s["step"] is None:
+        print(f"training run {s['path']} (under way or stopped before its first checkpoint, saved every "
+              "--checkpoint-every steps or 5 minutes: stopped now, it starts over)")
+    else:
+        print(f"training run {s['path']} (under way or stopped; run the same command to resume)")
+        print(f"  checkpoint at step {s['step']} of {s['steps']} ({s['tokens']} tokens); {s['architecture']} with "
+              f"{s['d_sae']} latents")
     last = s.get("last_logged")
     if last:
         print("  last logged: " + ", ".join(f"{k} {_fmt(last[k])}" for k in ("step", "fvu", "l0", "dead_fraction")

@@ -33,7 +33,7 @@ def folder_kind(path: Path) -> str | None:
         return "sae"
     except UserError:
         pass
-    if (path / "checkpoint").is_dir():
+    if (path / "checkpoint").is_dir() or (path / "train_log.csv").is_file():  # the log: before the first checkpoint
         return "training"
     if (path / ".stages").is_dir() or (path / ".work").is_dir():
         return "bundle"  # an unfinished one

@@ -126,6 +126,32 @@ def _run_cli(args, **kw):
                           capture_output=True, text=True, **kw)
 
 
+def test_inspect_reads_a_run_before_its_first_checkpoint(planted, tmp_path, capsys):
+    """A run under way before its first checkpoint (every 5 minutes by default) holds only its log: `inspect`
+    said the folder held "none of what inspect reads", naming "a training run under way" among them."""
+    npy, _ = planted
+    out = tmp_path / "early"
+    proc = subprocess.Popen([sys.executable, "-m", "precompute", *train_args(npy, out, "topk", 10 ** 6, ["--device", "cpu"])],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "train_log.csv").is_file() and len((out / "train_log.csv").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None and not (out / "checkpoint").exists()
+        assert precompute_main(["inspect", str(out), "--json"]) == 0
+        seen = json.loads(capsys.readouterr().out)
+        with open(out / "train_log.csv") as f:
+            logged = [int(r["step"]) for r in csv.DictReader(f)]
+        assert (seen["kind"], seen["step"]) == ("training", None) and seen["last_logged"]["step"] >= logged[1] > 0
+        assert precompute_main(["inspect", str(out)]) == 0
+        assert "before its first checkpoint" in capsys.readouterr().out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_kill_and_resume_equals_uninterrupted(planted, tmp_path, capsys):
     npy, _ = planted
     # on the CPU, where a run is bit for bit the same each time (CUDA's kernels are not: 2026-12-04, H200)
