@@ -425,6 +425,23 @@ def _refuse_unknown_open_clip(open_clip, name: str, pretrained: str | None) -> N
                         + ", or pass a local checkpoint file.")
 
 
+@contextmanager
+def _open_clip_logs_silenced():
+    """open_clip's own log records (`logging.error` on the root logger) left out while it runs: a failed download
+    was an "ERROR:root:..." line before the one sentence that says the same."""
+    import logging
+
+    def not_open_clips(record) -> bool:
+        return "open_clip" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(not_open_clips)
+    try:
+        yield
+    finally:
+        root.removeFilter(not_open_clips)
+
+
 class OpenClipAdapter(Adapter):
     backend = "open_clip"
 
@@ -436,11 +453,18 @@ class OpenClipAdapter(Adapter):
             raise UserError(f"open_clip checkpoint file {pretrained} does not exist; pass an existing file or a pretrained tag.")
         _refuse_unknown_open_clip(open_clip, name, pretrained)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
-        except Exception as e:  # unknown name, unknown tag, no network, bad checkpoint
+            with _open_clip_logs_silenced():  # it logs the failed download as an ERROR line, then raises it
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+        except Exception as e:  # no network, a bad checkpoint (an unknown name or tag is refused above)
+            said = str(e).splitlines()[0] if str(e) else ""
+            if "download" in said.lower():  # a known tag whose weights are neither cached nor reachable
+                raise UserError(f"cannot load open_clip model {name!r} with pretrained={pretrained!r}: its weights are "
+                                "not in this machine's cache and could not be downloaded (no network, or "
+                                "HF_HUB_OFFLINE=1); fetch them once where the hub is reachable, or pass a local "
+                                "checkpoint file.") from e
             raise UserError(
-                f"cannot load open_clip model {name!r} with pretrained={pretrained!r} ({type(e).__name__}: {e}); "
-                "check the name with open_clip.list_pretrained(), or pass a local checkpoint file."
+                f"cannot load open_clip model {name!r} with pretrained={pretrained!r} ({type(e).__name__}: {said}); "
+                "pass an open_clip checkpoint file of that model, or a tag from open_clip.list_pretrained()."
             ) from e
         self.model = model.eval().requires_grad_(False)
         self.preprocessor = ImageTransform(preprocess)

@@ -277,6 +277,22 @@ def test_bad_model_specs_are_one_sentence_errors(spec, msg):
         load_adapter(spec)
 
 
+def test_an_open_clip_tag_without_its_weights_offline_is_one_sentence_saying_so(capfd, monkeypatch):
+    """A known tag whose weights this machine has not cached, offline: open_clip logged "ERROR:root:Failed to
+    download weights ..." before our sentence, which told the user to check the name (which was right)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        load_adapter("open_clip:ViT-B-32/openai")
+    except UserError as e:
+        said = str(e)
+    else:
+        pytest.skip("ViT-B-32/openai is in this machine's cache")
+    assert said == ("cannot load open_clip model 'ViT-B-32' with pretrained='openai': its weights are not in this "
+                    "machine's cache and could not be downloaded (no network, or HF_HUB_OFFLINE=1); fetch them once "
+                    "where the hub is reachable, or pass a local checkpoint file.")
+    assert "ERROR" not in capfd.readouterr().err
+
+
 def test_an_unknown_open_clip_name_or_tag_is_a_short_sentence_with_what_there_is():
     """open_clip's own error for an unknown name listed all of its ~150 model names in one 3,000-character
     line; for an unknown tag it logged an ERROR line beside a sentence naming none. Now: the nearest names, or
