@@ -56,7 +56,7 @@ def run(args) -> int:
     import torch
 
     from sae_core.bundle import open_bundle
-    from sae_core.steering import SteeringSession, read_image_file, refuse_before_loading
+    from sae_core.steering import SteeringSession, read_image_file, refuse_before_loading, refuse_latents_twice
 
     torch.manual_seed(0)
     if args.layer is not None and args.sae is None:
@@ -74,6 +74,7 @@ def run(args) -> int:
     if not listing and not values:
         raise UserError("--latent needs --value (activation units) or --strength (with --bundle): what to clamp "
                         "the latents to, e.g. --value 40.")
+    refuse_latents_twice(latents)
     if not listing and len(values) not in (1, len(latents)):
         raise UserError(f"--{amount} gives {len(values)} {amount}s for {len(latents)} latents; give one {amount} "
                         f"or one per latent.")

@@ -248,6 +248,15 @@ def llava_load_options(spec: str, device: str, precision: str) -> tuple[dict, st
     return {}, precision
 
 
+def refuse_latents_twice(ids) -> None:
+    """UserError for a latent given twice: one clamp per latent, so a second would be dropped in silence, not added
+    (`precompute steer` says so before LLaVA loads)."""
+    twice = next((k for k in ids if list(ids).count(k) > 1), None)
+    if twice is not None:
+        raise UserError(f"latent {twice} is chosen twice; give each latent once (in add mode, with the sum "
+                        f"of its values).")
+
+
 def _other_layer(recorded, given) -> UserError:
     return UserError(f"the SAE records that it was trained on layer {recorded}, but layer {given} was "
                      f"given; an SAE steers only its own layer, so leave the layer out or give that one.")
@@ -482,10 +491,7 @@ class SteeringSession:
         latents = [latents] if isinstance(latents, (int, np.integer)) else list(latents)
         values = [values] if isinstance(values, (int, float, np.floating, np.integer)) else values
         ids = [self.check_latent(k) for k in latents]
-        twice = next((k for k in ids if ids.count(k) > 1), None)
-        if twice is not None:  # one clamp per latent: a second would be silently dropped, not added
-            raise UserError(f"latent {twice} is chosen twice; give each latent once (in add mode, with the sum "
-                            f"of its values).")
+        refuse_latents_twice(ids)
         positions = None
         if patches is not None:
             patches = checked_patches(patches, self.layout.n_patches, self.layout.grid)

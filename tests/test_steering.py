@@ -264,6 +264,10 @@ def test_steer_command(tiny_bundle, session, capsys):
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "8,3,8", "--value", "5",
                  "--mode", "add"]) == 2
     assert "latent 8 is chosen twice" in capsys.readouterr().err
+    # before LLaVA loads (a LLaVA that does not exist is not reached), with --sae too (it was said after the load)
+    assert main(["steer", "--sae", str(tiny_bundle / "sae"), "--llava", str(tiny_bundle / "no_llava"), "--image",
+                 str(tiny_bundle / "no_image.png"), "--latent", "8,3,8", "--value", "5"]) == 2
+    assert "latent 8 is chosen twice" in capsys.readouterr().err
 
 
 def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bundle, session, tmp_path, capsys):
