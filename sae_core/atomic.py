@@ -171,9 +171,8 @@ def writer_lock(folder: str | Path):
     process. Where fcntl is missing (Windows) or the file system has no locks it only creates FOLDER.
     """
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(folder / LOCK_FILE, lambda holder: f"{folder} is being written by another process "
-                         f"({holder}); wait for it to finish, or give another --out."):
+    with _made_folder(folder), _exclusive_lock(folder / LOCK_FILE, lambda holder: f"{folder} is being written by "
+                                               f"another process ({holder}); wait for it to finish, or give another --out."):
         yield
 
 
@@ -184,10 +183,27 @@ def output_lock(path: str | Path):
     BUNDLE/probes. It holds DIR/.NAME.lock, so a second run writing the same output is refused while runs writing
     other files there go on. Creates DIR."""
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(path.with_name(f".{path.name}.lock"), lambda holder: f"{path} is being written by "
-                         f"another process ({holder}); wait for it to finish, or name another output."):
+    with _made_folder(path.parent), _exclusive_lock(path.with_name(f".{path.name}.lock"), lambda holder: f"{path} is "
+                                                    f"being written by another process ({holder}); wait for it to "
+                                                    "finish, or name another output."):
         yield
+
+
+@contextmanager
+def _made_folder(folder: Path):
+    """`folder`, created with its missing parents for the block, and those it created removed after it where they
+    are still empty: a command refused after taking its lock (bad data found in the first batch, say) left an
+    empty --out behind, and its parents."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # the deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    finally:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # the command wrote there (or another process did): kept
+                break
 
 
 @contextmanager

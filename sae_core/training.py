@@ -361,6 +361,8 @@ def train_sae(
         pool.shutdown(wait=True)
         if log_file:
             log_file.close()
+            if start == 0 and not ckpt.exists() and len(log_path.read_text().splitlines()) <= 1:
+                log_path.unlink()  # a header alone: stopped before its first row, the --out holds nothing else
 
     sae.eval()
     metrics = {}

@@ -347,3 +347,24 @@ def test_inspect_names_what_a_folder_holds(tmp_path, capsys):
         assert main(["inspect", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"{path} holds none of what inspect reads: a bundle" in err and "an SAE folder" in err
+
+
+def test_a_lock_removes_the_folders_it_made_where_nothing_was_written(tmp_path):
+    """A command refused after taking its --out's lock (bad data in the first batch, a layer the model lacks) left
+    that folder behind, empty, and the parents it made; a folder written into, or there before, stays."""
+    from sae_core.atomic import output_lock, writer_lock
+
+    with pytest.raises(UserError):
+        with writer_lock(tmp_path / "a" / "b"):
+            raise UserError("refused")
+    assert not (tmp_path / "a").exists()
+    with output_lock(tmp_path / "d" / "e" / "ms.npy"):
+        pass
+    assert not (tmp_path / "d").exists()
+    with writer_lock(tmp_path / "c" / "out"):
+        (tmp_path / "c" / "out" / "x.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "c" / "out").iterdir()] == ["x.json"]  # the lock's file goes, the rest stays
+    (tmp_path / "there").mkdir()
+    with writer_lock(tmp_path / "there"):
+        pass
+    assert (tmp_path / "there").is_dir()
