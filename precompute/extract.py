@@ -232,6 +232,11 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
                 raise UserError(f"{cfg.model} has no layer a downstream model reads; pass --layer L[,L2,...].")
             names = [str(adapter.read_layer)]
         layers = [adapter.resolve_layer(x) for x in names]
+        for i, lay in enumerate(layers):  # "-2,2" of a 4-block tower: one block, written twice as two stores
+            same = next((names[j] for j in range(i) if layers[j].same_place(lay)), None)
+            if same is not None:
+                raise UserError(f"layers {same} and {names[i]} are one place of {cfg.model} "
+                                f"({lay.describe(adapter.n_blocks)}); list it once.")
         if any(lay.kind != "embed" for lay in layers):
             token_spec.check(adapter.layout, cfg.model)
         n_images = min(len(ds), cfg.limit) if cfg.limit is not None else len(ds)

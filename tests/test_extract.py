@@ -201,6 +201,12 @@ def test_resume_with_other_settings_and_cli_errors(tmp_path, capsys):
     assert json.loads((tmp_path / "neg" / "extract.json").read_text())["layers"] == ["-2", "embed"]
     assert main(base[:-4] + ["--out", str(tmp_path / "p"), "--tokens", "random:99", "--layer", "0"]) == 2
     assert "more tokens than the 17" in capsys.readouterr().err
+    # two names of one block (hidden_states -1 is the last block of the tower's n) wrote two identical stores
+    n = json.loads((Path(H.clip_vision_dir()) / "config.json").read_text())["num_hidden_layers"]
+    assert main(base[:-4] + ["--out", str(tmp_path / "dup"), "--layer", f"-1,{n - 1}"]) == 2
+    assert f"error: layers -1 and {n - 1} are one place of hf:{H.clip_vision_dir()} (output of block {n - 1} " in \
+        capsys.readouterr().err
+    assert not (tmp_path / "dup").exists()
 
 
 def test_float16_overflow_is_a_user_error(tmp_path):
