@@ -162,7 +162,8 @@ def lock_holder(folder: str | Path) -> str | None:
 
 @contextmanager
 def writer_lock(folder: str | Path):
-    """Hold FOLDER/.lock (an exclusive flock) while this process writes FOLDER, creating FOLDER.
+    """Hold FOLDER/.lock (an exclusive flock) while this process writes FOLDER, creating FOLDER (removed again
+    where the block left it empty: see _made_folder).
 
     A second process writing the same folder (a command started twice, two app starts building the default
     bundle, a job array given one --out) is refused in one sentence naming the holder, instead of both writing
@@ -181,7 +182,7 @@ def output_lock(path: str | Path):
     """writer_lock for a command whose output is one named file (and companions named after it) in a folder that
     other runs may share: `ms --out DIR/a.npy` beside `ms --out DIR/b.npy`, the probe commands' files in
     BUNDLE/probes. It holds DIR/.NAME.lock, so a second run writing the same output is refused while runs writing
-    other files there go on. Creates DIR."""
+    other files there go on. Creates DIR (removed again where the block left it empty)."""
     path = Path(path).resolve()
     with _made_folder(path.parent), _exclusive_lock(path.with_name(f".{path.name}.lock"), lambda holder: f"{path} is "
                                                     f"being written by another process ({holder}); wait for it to "
