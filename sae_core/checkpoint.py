@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, read_json_object, write_json_atomic
 from .errors import UserError
+from .precision import resolve_device
 from .sae import THRESHOLD_ARCHS, SAEConfig, SparseAutoencoder
 
 WEIGHTS = "sae.safetensors"
@@ -132,6 +133,7 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
     hf:OWNER/REPO[/FOLDER]); with `d_in`, check that it fits a model whose activations have that width. A
     foreign SAE becomes the same computation in our architecture (see `read_saelens`, `read_sparsify`,
     `read_dictionary_learning`); `training_info["imported"]` says where it came from."""
+    device = resolve_device(device, "device")  # "cuda" without a GPU was torch's error after the whole read
     spec, path = str(path), resolve_sae(path)
     fmt = sae_format(path)
     if fmt != "sae-lab":

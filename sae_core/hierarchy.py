@@ -125,7 +125,12 @@ def _active_entries(fired, n_latents: int) -> tuple[np.ndarray, np.ndarray, int]
         return fired.row.cpu().numpy(), fired.col.cpu().numpy(), int(fired.n_rows)
     if isinstance(fired, tuple) and len(fired) == 3:
         rows, cols, n_rows = fired
-        return np.asarray(rows, np.int64), np.asarray(cols, np.int64), int(n_rows)
+        rows, cols, n_rows = np.asarray(rows, np.int64), np.asarray(cols, np.int64), int(n_rows)
+        # the counter keys a pair as row * K + col: a column past K (or -1) was counted on the next (or last) latent
+        if (cols.size and (cols.min() < 0 or cols.max() >= n_latents)) or (rows.size and (rows.min() < 0 or
+                                                                                     rows.max() >= n_rows)):
+            raise ValueError(f"index lists name latents outside 0..{n_latents - 1} or rows outside 0..{n_rows - 1}")
+        return rows, cols, n_rows
     if isinstance(fired, torch.Tensor):
         rows, cols = (fired != 0).nonzero(as_tuple=True)
         return rows.cpu().numpy(), cols.cpu().numpy(), int(fired.shape[0])
@@ -368,11 +373,12 @@ def taxonomy_depth(top_images: np.ndarray, level: np.ndarray, path_of, n_top: in
     L = max((len(p) for p in paths if p), default=0)
     codes = np.full((len(ids) + 1, max(L, 1)), 0, np.int64)  # row len(ids): "no image"
     has_path = np.zeros(len(ids) + 1, bool)
+    depth = np.zeros(len(ids) + 1, np.int64)  # each path's length
     node_id: dict[tuple, int] = {}
     for r, p in enumerate(paths):
         if not p:
             continue
-        has_path[r] = True
+        has_path[r], depth[r] = True, len(p)
         for d in range(L):
             # a prefix node gets a positive id; a path shorter than L gets a negative code unique to
             # the image, which matches nothing
@@ -386,6 +392,8 @@ def taxonomy_depth(top_images: np.ndarray, level: np.ndarray, path_of, n_top: in
         c = codes[r]  # (k, T, L)
         ok = has_path[r]  # (k, T)
         same = (c[:, :, None, :] == c[:, None, :, :]).sum(-1)  # (k, T, T): shared prefix levels
+        # at most the shorter path: an image listed twice matched its own padding codes too (L, not its depth)
+        same = np.minimum(same, np.minimum(depth[r][:, :, None], depth[r][:, None, :]))
         pair_ok = ok[:, :, None] & ok[:, None, :]
         num = np.where(pair_ok, same, 0)[:, iu[0], iu[1]].sum(1)
         n_pairs = pair_ok[:, iu[0], iu[1]].sum(1)

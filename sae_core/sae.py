@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UserError
+from .errors import UserError, is_count
 from .sparse_ops import SparseCodes, codes_from_mask, selected_preacts, sorted_codes, sparse_decode, stable_argsort
 
 TRAINABLE_ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
@@ -54,16 +54,22 @@ class SAEConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UserError(f"unknown SAE architecture {self.arch!r}; choose one of {', '.join(ARCHS)}.")
-        if self.d_in < 1 or self.d_sae < 1:
-            raise UserError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}.")
+        # whole numbers, checked before any use: 2.5 or "8" failed later inside torch, and a numpy int64 was
+        # kept and made config.json unwritable after the weights were saved; kept as Python ints
+        for name in ("d_in", "d_sae") + (("k",) if self.arch in K_ARCHS else ()) + (("aux_k",) if self.aux_k is not None else ()):
+            if not is_count(getattr(self, name)):
+                raise UserError(f"SAE setting {name}={getattr(self, name)!r} must be a whole number from 1.")
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.arch in K_ARCHS and not 1 <= self.k <= self.d_sae:
             raise UserError(f"k={self.k} must be between 1 and the SAE width {self.d_sae}.")
+        groups = list(self.group_sizes)  # a numpy array's truth value is ambiguous
         if self.arch == "matryoshka":
-            if not self.group_sizes or sum(self.group_sizes) != self.d_sae or min(self.group_sizes) < 1:
+            # each a whole number: (4.5, 11.5) summed to 16 and became (4, 11), which training could not split
+            if not groups or not all(is_count(g) for g in groups) or sum(groups) != self.d_sae:
                 raise UserError(
-                    f"matryoshka group sizes {list(self.group_sizes)} must be positive and sum to the width {self.d_sae}."
+                    f"matryoshka group sizes {groups} must be whole numbers from 1 that sum to the width {self.d_sae}."
                 )
-        object.__setattr__(self, "group_sizes", tuple(int(g) for g in self.group_sizes))
+        object.__setattr__(self, "group_sizes", tuple(int(g) for g in groups))
 
     @property
     def effective_aux_k(self) -> int:

@@ -488,6 +488,8 @@ class SteeringSession:
     # --- clamps -------------------------------------------------------------------------------
     def make_clamp(self, latents=(), values=(), mode: str = "set", patches=None, keep_error: bool = False) -> Clamp:
         """A Clamp from user-facing arguments; patches are patch indices (row-major, CLS excluded)."""
+        if isinstance(latents, str):  # list("12") steered latents 1 and 2
+            raise UserError(f"latents {latents!r} is text; give a latent id or a list of them, e.g. [12].")
         latents = [latents] if isinstance(latents, (int, np.integer)) else list(latents)
         values = [values] if isinstance(values, (int, float, np.floating, np.integer)) else values
         ids = [self.check_latent(k) for k in latents]
@@ -661,6 +663,8 @@ class SteeringSession:
     def latents_on_image(self, image, top: int = 10) -> dict:
         """The latents that fire most on an image: [(k, max over patches, mean over patches, label)] and
         each one's activation map over the patch grid (rows, cols), float32."""
+        if not is_count(top):  # top=-1 sliced all but one, 2.5 was a TypeError
+            raise UserError(f"top={top!r} must be a whole number of latents from 1.")
         h, _ = self.hidden([image])
         z = self.sae.encode(h[0].float()).cpu()
         n0 = self.layout.n_prefix
@@ -726,12 +730,15 @@ def checked_dataset_image(bundle, idx) -> int:
 def checked_patches(patches, n_patches: int, grid) -> list[int]:
     """Patch indices (row-major, the prefix tokens not counted) of a `grid` of `n_patches`; UserError naming the
     first that is not one."""
-    patches = [int(p) for p in patches]
-    bad = [p for p in patches if not 0 <= p < n_patches]
-    if bad:
-        raise UserError(f"patch {bad[0]} does not exist; the image has patches 0 to {n_patches - 1} "
-                        f"(a {grid[0]}x{grid[1]} grid, row-major).")
-    return patches
+    if isinstance(patches, (str, int, np.integer)) or not hasattr(patches, "__iter__"):
+        raise UserError(f"patches {patches!r} is not a list of patch indices; give e.g. [5, 6].")
+    out = []
+    for p in patches:  # as latents are checked: int() took 2.5 for patch 2 and said nothing useful of "x"
+        try:
+            out.append(checked_index(p, "patch", n_patches, "the image has patches"))
+        except UserError as e:
+            raise UserError(f"{str(e).rstrip('.')} (a {grid[0]}x{grid[1]} grid, row-major).") from None
+    return out
 
 
 def refuse_before_loading(bundle, latents=(), image=None, patches=None, llava: str | None = None) -> None:

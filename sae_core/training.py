@@ -20,6 +20,7 @@ from .atomic import atomic_path, first_difference, remove_stale_temporaries, wri
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
+from .precision import resolve_device
 from .metrics import MetricsAccumulator
 from .progress import progress_bar
 from .sae import THRESHOLD_ARCHS, TRAINABLE_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
@@ -244,6 +245,7 @@ def train_sae(
     Returns the held-out metrics. Under torchrun each process reads its slice of every global batch.
     """
     out_dir = Path(out_dir)
+    device = resolve_device(device, "device")  # "cuda" without a GPU was torch's error at the first step
     if sae_cfg.arch not in TRAINABLE_ARCHS:
         raise UserError(f"a {sae_cfg.arch} SAE cannot be trained here; choose one of {', '.join(TRAINABLE_ARCHS)}.")
     cfg = cfg.resolved(sae_cfg.d_sae)

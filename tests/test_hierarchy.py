@@ -204,6 +204,25 @@ def test_taxonomy_depth_per_neuron_and_level():
     # n_top cuts the gallery; a callable works like a mapping
     per_level2, per_neuron2 = taxonomy_depth(top, level, lambda i: paths[i], n_top=2)
     assert per_neuron2[1] == 2.0 and np.isnan(per_neuron2[2])
+    # an image listed twice whose path is shorter than the longest: its pair with itself is its own depth (4),
+    # where its padding codes matched each other and scored the longest path's 5
+    twice = np.array([[3, 3, 6, -1]])
+    _, depth = taxonomy_depth(twice, np.array([0]), paths, n_top=4)
+    want = np.mean([lca_depth(paths[3], paths[3]), lca_depth(paths[3], paths[6]), lca_depth(paths[3], paths[6])])
+    assert depth[0] == pytest.approx(want) == 4 / 3
+
+
+def test_index_lists_outside_the_counters_latents_or_rows_are_refused():
+    """(rows, cols, n_rows) with a latent past K, or -1, was counted on the next (or last) latent in silence: a
+    pair is keyed row * K + col."""
+    for rows, cols, n_rows in (([0], [4], 1), ([0], [-1], 1), ([1], [0], 1)):
+        c = CoactivationCounter((2, 2), 4)
+        with pytest.raises(ValueError, match="outside"):
+            c.update((np.array(rows), np.array(cols), n_rows))
+        assert c.fire_counts.tolist() == [0, 0, 0, 0]
+    c = CoactivationCounter((2, 2), 4)
+    c.update((np.array([0, 0]), np.array([1, 3]), 1))
+    assert c.fire_counts.tolist() == [0, 1, 0, 1]
 
 
 def test_tree_is_json_and_consistent():

@@ -125,6 +125,27 @@ def test_saved_weights_are_as_readable_as_any_new_file(tmp_path, umask):
         os.umask(old)
 
 
+def test_a_device_this_machine_lacks_is_one_sentence_when_loading_or_training(tmp_path):
+    """load_sae(device="cuda") without a GPU, or a misspelt device, was torch's RuntimeError after the whole read;
+    train_sae's at its first step. Both say it as every command does, before the work."""
+    from sae_core.activation_store import ActivationStore
+    from sae_core.training import TrainConfig, train_sae
+
+    sae = SparseAutoencoder(SAEConfig(arch="topk", d_in=8, d_sae=16, k=2), seed=0)
+    save_sae(sae, tmp_path / "sae")
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32))
+    with pytest.raises(UserError, match=r"^device gpu is not a device this runs on; use auto, cpu, cuda or cuda:N\.$"):
+        load_sae(tmp_path / "sae", device="gpu")
+    with pytest.raises(UserError, match=r"^device gpu is not a device this runs on"):
+        train_sae(ActivationStore(tmp_path / "acts.npy"), sae.cfg, TrainConfig(steps=2, batch_size=64), tmp_path / "o",
+                  device="gpu")
+    assert not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU is visible here"):
+            load_sae(tmp_path / "sae", device="cuda")
+    assert load_sae(tmp_path / "sae", device="auto").W_enc.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_wrong_width_fails_with_one_sentence_naming_both_sizes(tmp_path):
     save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3)), tmp_path)
     with pytest.raises(UserError, match=r"width 12.*width 1024"):

@@ -1,4 +1,6 @@
 """SAE modules against independent numpy / dense-autograd references."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -312,6 +314,17 @@ def test_group_sizes_and_config_errors():
         SAEConfig(arch="matryoshka", d_in=4, d_sae=10, k=2, group_sizes=(3, 3))
     with pytest.raises(UserError, match="unknown SAE architecture"):
         SAEConfig(arch="gated", d_in=4, d_sae=10)
+    # whole numbers, said at once: (4.5, 11.5) summed to 16 and became (4, 11), which training could not split;
+    # k 2.5, d_in "8" or 8.5 failed later inside torch
+    with pytest.raises(UserError, match=r"group sizes \[4\.5, 11\.5\] must be whole numbers from 1"):
+        SAEConfig(arch="matryoshka", d_in=8, d_sae=16, k=4, group_sizes=(4.5, 11.5))
+    for bad in ({"k": 2.5}, {"k": True}, {"d_in": 8.5}, {"d_in": "8"}, {"d_sae": 0}):
+        with pytest.raises(UserError, match=rf"SAE setting {next(iter(bad))}=.* must be a whole number from 1"):
+            SAEConfig(**{"arch": "topk", "d_in": 8, "d_sae": 16, "k": 4, **bad})
+    # numpy integers become Python ints (a config of np.int64 could not be written as JSON after its weights)
+    cfg = SAEConfig(arch="matryoshka", d_in=np.int64(8), d_sae=np.int64(16), k=np.int32(4),
+                    group_sizes=np.array([4, 12]))
+    assert json.loads(json.dumps(cfg.to_dict()))["group_sizes"] == [4, 12] and type(cfg.d_in) is int
 
 
 def test_both_transposed_products_equal_the_dense_one():

@@ -1,6 +1,7 @@
 """Steering: the clamp map against a written-out reference, the hook's lifetime and thread isolation,
 the cached path against LLaVA's own generate, layer/width checks, and colour steering in the tiny world."""
 import json
+import re
 import shutil
 import threading
 
@@ -855,3 +856,25 @@ def test_running_out_of_memory_while_loading_llava_is_one_sentence(tiny_bundle, 
     assert err.startswith("error: steer ran out of memory (DefaultCPUAllocator: can't allocate memory: ")
     assert err.rstrip().endswith("; try --precision 4bit on a CUDA GPU or bf16; or free some memory or use a larger "
                                  "device.")
+
+
+def test_the_librarys_latents_patches_and_top_are_checked_as_the_command_checks_them(session):
+    """Called from Python: latents="12" steered latents 1 and 2 (list of the text), a patch 2.5 was patch 2,
+    "x" and a bare 3 were ValueError and TypeError, top=-1 listed every firing latent but one."""
+    with pytest.raises(UserError, match=r"latents '12' is text; give a latent id or a list of them"):
+        session.answers(0, latents="12", values=5.0, max_new_tokens=1)
+    assert session.make_clamp(12, 5.0).latents == (12,)
+    rows, cols = session.layout.grid
+    for bad, said in ((2.5, "patch id 2.5 is not an integer"), ("x", "patch id 'x' is not an integer"),
+                      (rows * cols, f"patch {rows * cols} does not exist; the image has patches 0 to "
+                                    f"{rows * cols - 1} (a {rows}x{cols} grid, row-major).")):
+        with pytest.raises(UserError, match=re.escape(said)):
+            session.make_clamp([7], [100.0], patches=[bad])
+    with pytest.raises(UserError, match="is not a list of patch indices"):
+        session.make_clamp([7], [100.0], patches=3)
+    assert session.make_clamp([7], [100.0], patches=[2.0, "3"]).positions == (session.layout.n_prefix + 2,
+                                                                                 session.layout.n_prefix + 3)
+    for bad in (-1, 2.5, 0):
+        with pytest.raises(UserError, match=r"top=.* must be a whole number of latents from 1"):
+            session.latents_on_image(0, top=bad)
+    assert len(session.latents_on_image(0, top=2)["top"]) == 2
