@@ -56,7 +56,7 @@ PRESETS = {
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="bundle directory to create or resume")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                   help="demo: the product default (a few minutes); tiny: for tests (about a minute)")
+                   help="demo: the bundle the explorer serves (a few minutes); tiny: for tests (about a minute)")
     p.add_argument("--world", help="world directory to use, or to build there when missing (default: BUNDLE/world)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the world (when built) and of the SAE")
     p.add_argument("--threads", type=positive_int, default=2,

@@ -37,7 +37,8 @@ def add_arguments(p):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu | cuda | cuda:N (under torchrun, cuda = this process's GPU)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the encoder matmul")
-    p.add_argument("--groups", help="matryoshka group sizes or fractions, e.g. 0.0625,0.0625,0.125,0.25,0.5")
+    p.add_argument("--groups", help="matryoshka group sizes or fractions of the width (default: "
+                                     "0.0625,0.0625,0.125,0.25,0.5, each prefix twice the one before)")
     p.add_argument("--l1-coeff", type=nonnegative_float, help=f"relu only (default {SAEConfig.l1_coeff})")
     p.add_argument("--aux-coeff", type=nonnegative_float,
                    help=f"weight of the auxiliary loss that revives dead latents (TopK family; default "
