@@ -56,7 +56,8 @@ class SAEConfig:
             raise UserError(f"unknown SAE architecture {self.arch!r}; choose one of {', '.join(ARCHS)}.")
         # whole numbers, checked before any use: 2.5 or "8" failed later inside torch, and a numpy int64 was
         # kept and made config.json unwritable after the weights were saved; kept as Python ints
-        for name in ("d_in", "d_sae") + (("k",) if self.arch in K_ARCHS else ()) + (("aux_k",) if self.aux_k is not None else ()):
+        names = ("d_in", "d_sae") + (("k",) if self.arch in K_ARCHS else ())
+        for name in names + (("aux_k",) if self.aux_k is not None else ()):
             if not is_count(getattr(self, name)):
                 raise UserError(f"SAE setting {name}={getattr(self, name)!r} must be a whole number from 1.")
             object.__setattr__(self, name, int(getattr(self, name)))

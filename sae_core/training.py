@@ -20,8 +20,8 @@ from .atomic import atomic_path, first_difference, remove_stale_temporaries, wri
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
 from .errors import UserError
-from .precision import resolve_device
 from .metrics import MetricsAccumulator
+from .precision import resolve_device
 from .progress import progress_bar
 from .sae import THRESHOLD_ARCHS, TRAINABLE_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
 
