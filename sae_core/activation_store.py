@@ -182,6 +182,9 @@ class ActivationStore:
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """Rows at `index` (any order, repeats allowed), returned in that order: (len(index), d)."""
+        index = np.asarray(index)
+        if index.dtype.kind not in "iu" and index.size:  # 1.9 was row 1, in silence
+            raise UserError(f"row indices must be integers, not {index.dtype}; pass an integer array.")
         return _take(self.shards, self.offsets, index, self.d)
 
     def row_index(self, index: np.ndarray | None = None) -> np.ndarray:

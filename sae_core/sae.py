@@ -328,6 +328,9 @@ class SparseAutoencoder(nn.Module):
         if cfg.arch not in TRAINABLE_ARCHS:
             raise UserError(f"a {cfg.arch} SAE is imported for inference and cannot be trained here; train one of "
                             f"{', '.join(TRAINABLE_ARCHS)} (batchtopk and matryoshka infer with thresholds too).")
+        if x.dim() != 2 or x.shape[1] != cfg.d_in:  # relu's loss summed (B, T, d) over tokens, silently
+            raise UserError(f"training takes rows (N, {cfg.d_in}), not a tensor of shape {tuple(x.shape)}; reshape "
+                            f"tokens to rows first (x.reshape(-1, {cfg.d_in})).")
         x_c = x - self.b_dec
         if cfg.arch == "relu":
             return self._relu_forward(x, x_c)

@@ -19,7 +19,7 @@ from .activation_store import (ActivationStore, HeldOut, check_batch_size, held_
 from .atomic import atomic_path, first_difference, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
-from .errors import UserError
+from .errors import UserError, is_count
 from .metrics import MetricsAccumulator
 from .precision import resolve_device
 from .progress import progress_bar
@@ -54,14 +54,22 @@ class TrainConfig:
     """Rows used to estimate the input scale and the geometric median that starts b_dec."""
 
     def resolved(self, d_sae: int) -> "TrainConfig":
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError(f"--steps ({self.steps}) and --batch-size ({self.batch_size}) must be positive.")
+        if not (is_count(self.steps) and is_count(self.batch_size)):  # 2.5 was "does not split evenly"
+            raise UserError(f"--steps ({self.steps}) and --batch-size ({self.batch_size}) must be whole numbers from 1.")
+        if self.eval_rows is not None and not is_count(self.eval_rows):  # 0 was "too few to hold out 0 rows"
+            raise UserError(f"eval_rows={self.eval_rows!r} must be a whole number of held-out rows from 1 (None: 5%).")
+        if self.lr is not None and not (isinstance(self.lr, (int, float, np.floating)) and not isinstance(self.lr, bool)
+                                        and math.isfinite(self.lr) and self.lr > 0):  # torch's ValueError, late
+            raise UserError(f"--lr {self.lr!r} must be a number above 0.")
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}.")
         lr = self.lr if self.lr is not None else default_lr(d_sae)
-        warmup = self.warmup if self.warmup is not None else min(1000, self.steps // 20)
-        decay = self.decay_start if self.decay_start is not None else int(0.8 * self.steps)
-        return TrainConfig(**{**asdict(self), "lr": lr, "warmup": warmup, "decay_start": decay})
+        steps = int(self.steps)  # numbers of JSON's types from here, not numpy's: the run's config is saved
+        warmup = int(self.warmup) if self.warmup is not None else min(1000, steps // 20)
+        decay = int(self.decay_start) if self.decay_start is not None else int(0.8 * steps)
+        return TrainConfig(**{**asdict(self), "steps": steps, "batch_size": int(self.batch_size), "lr": float(lr),
+                              "warmup": warmup, "decay_start": decay,
+                              "eval_rows": None if self.eval_rows is None else int(self.eval_rows)})
 
     def lr_at(self, step: int) -> float:
         scale = 1.0

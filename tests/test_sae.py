@@ -325,6 +325,11 @@ def test_group_sizes_and_config_errors():
     cfg = SAEConfig(arch="matryoshka", d_in=np.int64(8), d_sae=np.int64(16), k=np.int32(4),
                     group_sizes=np.array([4, 12]))
     assert json.loads(json.dumps(cfg.to_dict()))["group_sizes"] == [4, 12] and type(cfg.d_in) is int
+    # training takes rows: relu's loss of (B, T, d) summed over tokens, silently (others: torch's "mat1" error)
+    for arch in ("relu", "topk"):
+        sae = SparseAutoencoder(SAEConfig(arch=arch, d_in=8, d_sae=16, k=2), seed=0)
+        with pytest.raises(UserError, match=r"training takes rows \(N, 8\), not a tensor of shape \(2, 3, 8\)"):
+            sae.training_forward(torch.randn(2, 3, 8))
 
 
 def test_both_transposed_products_equal_the_dense_one():

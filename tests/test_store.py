@@ -263,6 +263,12 @@ def test_unfinished_and_foreign_stores_are_user_errors(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((3, 2, 2), np.float32))
     with pytest.raises(UserError, match="expected \\(rows, d\\)"):
         ActivationStore(tmp_path / "a.npy")
+    # row indices are integers: 1.9 was row 1, in silence
+    np.save(tmp_path / "rows.npy", np.arange(12, dtype=np.float32).reshape(6, 2))
+    rows = ActivationStore(tmp_path / "rows.npy")
+    assert rows.take(np.array([4, 1])).tolist() == [[8, 9], [2, 3]] and rows.take([]).shape == (0, 2)
+    with pytest.raises(UserError, match="row indices must be integers, not float64"):
+        rows.take(np.array([1.9]))
     # a text file named .npy was "pickled (object) data ... allow_pickle=" in numpy's words, as `ms` says it now
     (tmp_path / "text.npy").write_text("hello\n")
     (tmp_path / "empty.npy").write_bytes(b"")

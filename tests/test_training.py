@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,21 @@ def test_bad_inputs_end_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: batch size 64 is larger than the {n_train} training rows; lower --batch-size.\n"
     assert not (tmp_path / "o").exists()  # no train_log.csv left behind, nor the empty folder (since 2026-12-05)
+
+
+def test_a_train_config_of_unusable_numbers_is_one_sentence():
+    """From Python: eval_rows=0 said "too few to hold out 0 rows", batch_size 2.5 "does not split evenly over 1
+    processes", a negative lr was torch's ValueError after the statistics pass."""
+    from sae_core.training import TrainConfig
+
+    for bad, said in (({"eval_rows": 0}, "eval_rows=0 must be a whole number of held-out rows from 1"),
+                      ({"batch_size": 2.5}, r"--batch-size \(2\.5\) must be whole numbers from 1"),
+                      ({"lr": -1e-3}, r"--lr -0\.001 must be a number above 0"),
+                      ({"lr": float("nan")}, "--lr nan must be a number above 0")):
+        with pytest.raises(UserError, match=said):
+            TrainConfig(steps=5, **bad).resolved(16)
+    numpy = TrainConfig(steps=np.int64(5), lr=np.float32(1e-3), eval_rows=np.int64(10)).resolved(16)
+    assert numpy.lr == pytest.approx(1e-3) and json.loads(json.dumps(asdict(numpy)))["eval_rows"] == 10
 
 
 @pytest.mark.parametrize("bad_row", [30_000, 39_000])  # a training row outside the init sample; a held-out row
