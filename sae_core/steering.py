@@ -84,7 +84,10 @@ class Clamp:
     def __post_init__(self):
         if self.mode not in MODES:
             raise UserError(f"clamp mode {self.mode!r} is not one of {', '.join(MODES)}.")
-        lat = tuple(int(k) for k in self.latents)
+        # whole ids, each once: int() took 1.7 for 1, and a latent twice kept one of its values (in add mode not
+        # their sum); the latent's range is the session's to check (make_clamp), which knows the SAE
+        lat = tuple(_latent_id(k) for k in self.latents)
+        refuse_latents_twice(lat)
         object.__setattr__(self, "latents", lat)
         with np.errstate(over="ignore"):  # a value past float32 becomes inf here and is refused below
             vals = np.asarray(self.values, dtype=np.float32)
@@ -246,6 +249,14 @@ def llava_load_options(spec: str, device: str, precision: str) -> tuple[dict, st
         return {"device_map": {"": device}, "dtype": {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                       "fp16": torch.float16}[precision]}, precision
     return {}, precision
+
+
+def _latent_id(k) -> int:
+    """`k` as a latent id of no SAE in particular (a whole number from 0); UserError otherwise."""
+    try:
+        return checked_index(k, "latent", 2 ** 62, "")
+    except UserError:
+        raise UserError(f"latent {k!r} is not a latent id; give a whole number from 0.") from None
 
 
 def refuse_latents_twice(ids) -> None:

@@ -63,6 +63,12 @@ def test_steer_hidden_matches_written_out_formula():
         torch.testing.assert_close(steer_hidden(h, sae, Clamp()), z @ W + b, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="latent"):
         Clamp((1, 2), (1.0, 2.0, 3.0))
+    # built directly, as make_clamp builds it: 1.7 was latent 1, and a latent twice kept one value (add: not the sum)
+    for latents, said in (((1.7,), "latent 1.7 is not a latent id"), ((-1,), "latent -1 is not a latent id"),
+                          ((1, 1), "latent 1 is chosen twice")):
+        with pytest.raises(UserError, match=said):
+            Clamp(latents, (1.0,) * len(latents), "add")
+    assert Clamp((np.int64(3), 2.0), (1.0, 1.0)).latents == (3, 2)
 
 
 def test_hook_removed_after_exit_and_after_an_exception(session, images):
