@@ -156,8 +156,8 @@ def extraction_summary(spec: str) -> dict:
 
 
 def training_summary(spec: str) -> dict:
-    """A training --out folder with a checkpoint and no finished SAE yet: the step it reached of how many, and
-    its last logged row (train_log.csv)."""
+    """A training --out folder with no finished SAE yet: the checkpoint's step of how many (None before the first
+    checkpoint), and its last logged row (train_log.csv)."""
     from sae_core.training import _Checkpoint
 
     path = Path(spec).expanduser()
@@ -167,10 +167,10 @@ def training_summary(spec: str) -> dict:
         with open(log, newline="") as f:
             rows = list(csv.DictReader(f))
         last = {k: _number(v) for k, v in rows[-1].items()} if rows else None
-    ckpt = _Checkpoint(path)
     if not (path / "checkpoint").is_dir():  # started, its first checkpoint not saved yet: the log alone says how far
         return {"kind": "training", "path": str(path), "step": None, "steps": None, "tokens": None,
                 "architecture": None, "d_sae": None, "data": None, "last_logged": last}
+    ckpt = _Checkpoint(path)
     if not ckpt.exists():
         raise UserError(f"{path} has a checkpoint/ folder without a readable checkpoint; re-run the training command "
                         "that writes there to resume it, or delete the folder to start over.")
