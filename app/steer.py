@@ -63,7 +63,7 @@ class SteerService:
         with self._lock:
             if self._session is None:
                 from sae_core.precision import out_of_memory
-                from sae_core.steering import SteeringSession
+                from sae_core.steering import SteeringSession, lighter_precisions
 
                 if self._failed and time.monotonic() - self._failed[0] < RETRY_LOAD_AFTER_S:
                     raise ModelUnavailable(self._failed[1])
@@ -77,9 +77,8 @@ class SteerService:
                     said = out_of_memory(e)
                     if said is None:
                         raise
-                    lighter = "" if self.precision == "4bit" else (  # as `precompute steer` advises
-                        " or a lighter precision (SAE_APP_PRECISION=4bit on a CUDA GPU"
-                        + (" or bf16)" if self.precision in ("auto", "fp32") else ")"))
+                    lighter = lighter_precisions(self.precision)
+                    lighter = f" or a lighter precision (SAE_APP_PRECISION={lighter})" if lighter else ""
                     message = (f"{why}: it ran out of memory on {self.device} ({said}); free memory, or use a larger "
                                f"device{lighter} and restart the app (a load is tried again after "
                                f"{RETRY_LOAD_AFTER_S:.0f} s).")

@@ -90,9 +90,11 @@ def out_of_memory_advice(args: argparse.Namespace) -> str:
         value = getattr(args, option, None)
         if value and value > (0 if option == "memory_gib" else 1):
             ways.append(f"a smaller --{option.replace('_', '-')} than {value:g}")
-    if args.command in ("steer", "steer-eval") and args.precision != "4bit":
-        # LLaVA's weights in bf16 take half of fp32's memory, in 4 bits a quarter of that (4-bit needs CUDA)
-        ways.append("--precision 4bit on a CUDA GPU" + (" or bf16" if args.precision in ("auto", "fp32") else ""))
+    if args.command in ("steer", "steer-eval"):
+        from sae_core.steering import lighter_precisions
+
+        if lighter := lighter_precisions(args.precision):
+            ways.append(f"--precision {lighter}")
     rest = "free some memory or use a larger device."
     return f"try {', '.join(ways)}; or {rest}" if ways else rest
 

@@ -63,6 +63,14 @@ MODES = ("set", "add")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "4bit")
 
 
+def lighter_precisions(precision: str) -> str | None:
+    """The precisions that hold LLaVA's weights in less memory than `precision`, in words ("4bit on a CUDA GPU or
+    bf16"), or None for 4bit: bf16 takes half of fp32's memory, 4 bits a quarter of bf16's (and needs CUDA)."""
+    if precision == "4bit":
+        return None
+    return "4bit on a CUDA GPU" + (" or bf16" if precision in ("auto", "fp32") else "")
+
+
 # ----------------------------------------------------------------------------------------------
 # The map h -> steered h
 # ----------------------------------------------------------------------------------------------

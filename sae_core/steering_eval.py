@@ -595,10 +595,14 @@ def _score(success: float, kept: float) -> tuple:
     return (kept >= KEEP_FLOOR, success + kept)
 
 
-def tune_results(session, data, stats, options: list, max_images: int = 48, unit=None) -> dict:
+def _computed(key: str, compute):
+    """A unit of work run without a journal: computed, not recorded."""
+    return compute()
+
+
+def tune_results(session, data, stats, options: list, max_images: int = 48, unit=_computed) -> dict:
     """{option label: per-concept results on the tune half} for options [(label, concept -> Strategy)];
     `unit(key, compute)` runs each (evaluate_world's journal)."""
-    unit = unit or (lambda key, compute: compute())
     return {label: unit(f"{stats.factor}/tune/{label}",
                         lambda fn=fn: run_strategy(session, data, stats, fn, "tune", max_images=max_images))
             for label, fn in options}
@@ -667,7 +671,7 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
     killed evaluation resumes (loading the images and the original answers is redone)."""
     from PIL import Image
 
-    unit = journal.run if journal is not None else (lambda key, compute: compute())
+    unit = journal.run if journal is not None else _computed
     data = load_world_eval(session, world_dir, n_images=n_images)
     labels = session.bundle.labels["labels"] if session.bundle is not None else None
     sae_acc = {}
