@@ -327,8 +327,7 @@ class SteerTab:
                 k = valid(lambda: inputs.integer(k, "latent", -1, ex.n_neurons - 1), -1)
                 if k >= 0 and k not in latents:
                     latents.append(k)
-                    strengths.append(valid(lambda: min(max(inputs.clamp_value(v, 1.0, "strength")[0], 0.0),
-                                                       inputs.CLAMP_FACTOR), 4.0))
+                    strengths.append(valid(lambda: slider_strength(v), 4.0))
             return state_query(image, latents, strengths, valid(lambda: ",".join(map(str, patch_list(patches))), ""),
                                keep_error, valid(lambda: inputs.text(question, "question", inputs.MAX_QUESTION_CHARS)))
 
@@ -339,6 +338,11 @@ class SteerTab:
 
         def pairs(flat):
             return list(zip(flat[0::2], flat[1::2]))
+
+        def slider_strength(value) -> float:
+            """A strength of a link or a box, bounded into the sliders' range, 0 to CLAMP_FACTOR (the API bounds to
+            +-CLAMP_FACTOR, with a note); UserError for one that is no number."""
+            return min(max(inputs.clamp_value(value, 1.0, "strength")[0], 0.0), inputs.CLAMP_FACTOR)
 
         def patch_list(text):
             return inputs.int_list(text, "patch", 0, max(ex.n_patches - 1, 0), max(ex.n_patches, 1))
@@ -507,9 +511,7 @@ class SteerTab:
                     return default
 
             lat = field(lambda: [inputs.integer(k, "latent", 0, ex.n_neurons - 1) for k in state.get("latents") or []], [])
-            # strengths into the sliders' range, 0 to CLAMP_FACTOR (the API bounds to +-CLAMP_FACTOR, with a note)
-            vals = field(lambda: [min(max(inputs.clamp_value(v, 1.0, "strength")[0], 0.0), inputs.CLAMP_FACTOR)
-                                  for v in state.get("values") or []], [])
+            vals = field(lambda: [slider_strength(v) for v in state.get("values") or []], [])
             slots = {}  # latent -> strength, the i-th strength with the i-th latent
             for i, k in enumerate(lat):
                 if k in slots:
