@@ -81,9 +81,13 @@ HOOK_PLOTLY_JS = """
 """
 
 # Keeps the address bar in step with the page state (so a copied URL restores it), and remembers each tab's
-# last address for a switch back to it by hand (TAB_ADDRESS_JS). The page has a <base href>, so plotly
-# writes its gradient fills (the colour bars) as url("ADDRESS#id"): those are re-pointed at the new
+# last address for a switch back to it by hand (TAB_ADDRESS_JS). What the user opened (another tab, neuron,
+# image, search or subtree: NAVIGATION_KEYS) is a new history entry, so the browser's Back returns to it
+# (HISTORY_JS); a refinement of the same view (a filter, a strength, the sort) and whatever the page writes
+# before the user's first click or key (a link's restore) replace the entry. The page has a <base href>, so
+# plotly writes its gradient fills (the colour bars) as url("ADDRESS#id"): those are re-pointed at the new
 # address, or every colour bar drawn before the change went blank.
+NAVIGATION_KEYS = ("tab", "neuron", "image", "query", "search", "root")
 SET_URL_JS = """
 (q) => {
   if (typeof q !== 'string') return;
@@ -91,8 +95,13 @@ SET_URL_JS = """
   if (tab) (window.__saeTabQuery = window.__saeTabQuery || {})[tab] = q;
   const from = window.location.href.split('#')[0];
   const u = new URL(window.location.href);
+  const before = new URLSearchParams(u.search), after = new URLSearchParams(q);
+  const moved = %s.some((k) => before.get(k) !== after.get(k));
   u.search = q ? '?' + q : '';
-  window.history.replaceState(null, '', u.toString());
+  if (u.toString() === window.location.href) return;
+  if (moved && window.__saeUserActed) window.history.pushState(null, '', u.toString());
+  else window.history.replaceState(null, '', u.toString());
+  if (window.__saeAddressShown) window.__saeAddressShown(window.location.search);
   const to = window.location.href.split('#')[0];
   if (from === to) return;
   document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
@@ -104,6 +113,24 @@ SET_URL_JS = """
       }
     });
   });
+}
+""" % json.dumps(list(NAVIGATION_KEYS))
+
+# Installed once on page load: the browser's Back and Forward. An entry's address is a whole link, which the
+# page-load restores draw, so going to one loads it; the user's first click or key marks what follows as theirs.
+HISTORY_JS = """
+() => {
+  if (window.__saeHistory) return;
+  window.__saeHistory = true;
+  const acted = () => { window.__saeUserActed = true; };
+  document.addEventListener('pointerdown', acted, true);
+  document.addEventListener('keydown', acted, true);
+  // an anchor's #fragment is an entry of the same address: nothing to draw again
+  let shown = window.location.search;
+  window.addEventListener('popstate', () => {
+    if (window.location.search !== shown) window.location.reload();
+  });
+  window.__saeAddressShown = (search) => { shown = search; };
 }
 """
 
@@ -1277,6 +1304,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         # a tab picked by hand: its address (TAB_ADDRESS_JS) into the url box, in the browser only
         tab_url_button.click(None, url_box, url_box, js="(q) => (window.__saeTabUrl !== undefined ? window.__saeTabUrl : q)")
         demo.load(None, js=TAB_ADDRESS_JS)
+        demo.load(None, js=HISTORY_JS)
 
         if isinstance(steer_parts, SteerTab):
             steer_parts.wire(demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, img_id, img_steer)

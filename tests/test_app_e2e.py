@@ -780,3 +780,41 @@ def test_hierarchy_drawing_is_in_the_address(page, explorer_app):
     pg.wait_for_selector("text=the link's subtree could not be drawn: subtree's latent 99999 is out of range")
     pg.wait_for_selector("#tree-note:has-text('levels drawn')")
     assert "The subtree" not in pg.inner_text("#tree-note")
+
+
+def test_back_and_forward_go_through_what_the_user_opened(page, explorer_app):
+    """The browser's Back returns to the previous neuron and tab (the address was replaced, so Back left the
+    explorer), Forward comes back; a link's own restore (?neuron=K becomes ?tab=neuron&neuron=K) and a
+    filter's refinement make no entry of their own."""
+    pg, url = page, explorer_app.url
+
+    def shown(k):
+        pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
+        wait_address(pg, tab="neuron", neuron=str(k))
+
+    pg.goto("about:blank")
+    pg.goto(f"{url}/?neuron=3")
+    shown(3)
+    pg.fill("#neuron-id input", "5")
+    pg.click("#open-neuron")
+    shown(5)
+    pg.get_by_role("tab", name="Neurons", exact=True).click()
+    wait_address(pg, tab="neurons")
+    pg.get_by_label("label contains", exact=False).fill("red")  # a refinement of the same table: no entry
+    pg.get_by_role("button", name="Filter", exact=True).click()
+    wait_address(pg, tab="neurons", label="red")
+    pg.go_back()
+    shown(5)
+    pg.go_back()
+    shown(3)
+    pg.go_back()
+    assert pg.url == "about:blank"
+    pg.go_forward()
+    shown(3)
+    pg.go_forward()
+    shown(5)
+    pg.go_forward()
+    wait_address(pg, tab="neurons", label="red")
+    rows = ("() => Array.from(document.querySelectorAll('#neuron-table [role=row]')).map(r => Array.from("
+            "r.querySelectorAll('[role=gridcell]')).map(c => c.innerText)).filter(r => r.length)")
+    pg.wait_for_function(f"() => ({rows})().length > 0 && ({rows})().every(r => r[1].includes('red'))")

@@ -64,6 +64,19 @@ def test_checkpoint_round_trip(tmp_path, arch):
     assert json.loads((tmp_path / "config.json").read_text())["training"] == {"steps": 5}
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_an_sae_of_another_dtype_is_saved_and_loaded_in_float32(tmp_path, dtype):
+    """The file format is float32 whatever the dtype in memory (README): float64 weights rounded once, bf16
+    ones exactly."""
+    sae = SparseAutoencoder(SAEConfig(arch="topk", d_in=12, d_sae=48, k=3), seed=3).to(dtype)
+    save_sae(sae, tmp_path)
+    assert {t.dtype for t in load_file(str(tmp_path / "sae.safetensors")).values()} == {torch.float32}
+    loaded = load_sae(tmp_path)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert getattr(loaded, name).dtype == torch.float32
+        assert torch.equal(getattr(loaded, name), getattr(sae, name).detach().float())
+
+
 def test_equal_weights_give_equal_files_whatever_order_safetensors_writes_its_metadata(tmp_path, monkeypatch):
     """safetensors' metadata key order changes from process to process; save_sae's file must not."""
     import struct
