@@ -421,7 +421,15 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
              f"and --model {job.model} is {adapter.name}; unless that is the same model in another place, pass "
              "the SAE's own model.")
     embedder = adapter if job.embedder == job.model else load_adapter(job.embedder, device=job.device)
-    layer = adapter.resolve_layer(job.layer)
+    try:
+        layer = adapter.resolve_layer(job.layer)
+    except UserError as e:  # a layer the SAE brought (an imported SAE's hook) is not one the user typed
+        if trained["layer"] is None or str(trained["layer"]) != str(job.layer):
+            raise
+        hook = ((sae.training_info or {}).get("imported") or {}).get("hook")
+        raise UserError(f"the SAE's own {str(e).rstrip('.')}; the SAE" + (f" (hook {hook})" if hook else "")
+                        + " was trained on another model: pass that one as --model, or one of these as --layer."
+                        ) from None
     if layer.kind == "embed":
         raise UserError("the atlas needs a block layer with tokens, not embed; pass --layer L.")
     trained_layer = trained["layer"]

@@ -325,8 +325,10 @@ def _print_sae(s: dict) -> None:
               + (f"; model {imported['model']}" if imported.get("model") else "")
               + (f", hook {imported['hook']}" if imported.get("hook") else ""))
     t = s["trained_on"]
-    if t.get("model") or t.get("layer"):
-        print(f"  trained  on {t.get('model')} layer {t.get('layer')}, tokens {t.get('tokens')}"
+    if t.get("model") or t.get("layer") is not None:  # layer 0 is a layer; an imported SAE may name no model
+        print("  trained  on " + (f"{t['model']} " if t.get("model") else "")
+              + (f"layer {t['layer']}" if t.get("layer") is not None else "an unrecorded layer")
+              + f", tokens {t.get('tokens') or 'unrecorded'}"
               + (f", {t['rows']} rows of {t['dataset']}" if t.get("rows") else "")
               + (f"; {s['steps']} steps x {s['batch_size']}" if s.get("steps") else ""))
     else:

@@ -96,17 +96,22 @@ def resolve_sae(spec: str | Path) -> Path:
     return local
 
 
+def layouts_in(path: Path) -> list[str]:
+    """Every checkpoint layout whose files `path` holds, in the order `sae_format` prefers them (layouts share
+    file names, so a folder of ours with cfg.json beside it also counts as sparsify's)."""
+    has = lambda *names: all((path / n).is_file() for n in names)  # noqa: E731
+    return [layout for layout, held in (("sae-lab", has(CONFIG, WEIGHTS)),
+                                        ("saelens", has(SAELENS_CONFIG, SAELENS_WEIGHTS)),
+                                        ("sparsify", has(SAELENS_CONFIG, WEIGHTS)),
+                                        ("dictionary_learning", has(CONFIG, DL_WEIGHTS) or has(CONFIG, DL_PICKLE)))
+            if held]
+
+
 def sae_format(path: Path) -> str:
     """Which checkpoint layout a folder holds: "sae-lab" (ours), "saelens", "sparsify" or
     "dictionary_learning"; UserError if none."""
-    if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
-        return "sae-lab"
-    if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
-        return "saelens"
-    if (path / SAELENS_CONFIG).is_file() and (path / WEIGHTS).is_file():
-        return "sparsify"
-    if (path / CONFIG).is_file() and ((path / DL_WEIGHTS).is_file() or (path / DL_PICKLE).is_file()):
-        return "dictionary_learning"
+    if layouts := layouts_in(path):
+        return layouts[0]
     if not path.exists():
         raise UserError(f"{path} does not exist; give the path of an SAE folder.")
     if path.is_file():
@@ -622,22 +627,15 @@ def _dl_conversion(folder) -> str:
             f"'{Path(folder) / DL_WEIGHTS}')\"")
 
 
-# The files each layout writes; layouts share names (sparsify's weights are our sae.safetensors,
-# dictionary_learning's config is our config.json), so writing one layout over another destroys it.
-LAYOUT_FILES = {"sae-lab": (CONFIG, WEIGHTS, "metrics.json"), "saelens": (SAELENS_CONFIG, SAELENS_WEIGHTS),
-                "sparsify": (SAELENS_CONFIG, WEIGHTS), "dictionary_learning": (CONFIG, DL_WEIGHTS, DL_PICKLE)}
-
-
 def _refuse_overwriting_another_layout(out_dir: Path, layout: str) -> None:
-    """One sentence when `out_dir` holds an SAE of another layout whose files writing `layout` would replace."""
-    try:
-        there = sae_format(out_dir)
-    except UserError:  # no SAE there (or no folder yet): nothing to lose
-        return
-    clash = [n for n in LAYOUT_FILES[layout] if n in LAYOUT_FILES[there] and (out_dir / n).is_file()]
-    if there != layout and clash:
-        raise UserError(f"{out_dir} holds a {there} SAE whose {clash[0]} writing the {layout} layout there would "
-                        "replace; give another folder for the output.")
+    """One sentence when `out_dir` holds an SAE of another layout. Layouts share file names (sparsify's weights
+    are our sae.safetensors, dictionary_learning's config is our config.json), so writing one over another
+    destroys it; written beside it, the folder holds two SAEs of which `sae_format` loads one, not
+    necessarily the new one (until 2026-12-05 only a shared file name was refused)."""
+    there = [other for other in layouts_in(out_dir) if other != layout]
+    if there:
+        raise UserError(f"{out_dir} holds a {there[0]} SAE; writing the {layout} layout there would replace it or "
+                        "leave two SAEs in one folder, of which only one loads; give another folder for the output.")
 
 
 def _refuse_the_source(src: Path, out_dir: Path) -> None:
@@ -651,11 +649,17 @@ def copy_sae(spec: str | Path, out_dir: str | Path, sae: SparseAutoencoder | Non
     a foreign SAE written from its loaded form (`sae`, or loaded here)."""
     src, out_dir = resolve_sae(spec), Path(out_dir)
     _refuse_overwriting_another_layout(out_dir, "sae-lab")
+    if "sae-lab" in layouts_in(out_dir):
+        # an SAE of ours is replaced: its config (the mark of a finished folder) goes first, so a kill below leaves
+        # an unfinished folder rather than new weights under the old config; its metrics.json goes too (it
+        # stayed beside an imported SAE, which has none, and `inspect` showed the old SAE's figures)
+        for name in (CONFIG, "metrics.json"):
+            (out_dir / name).unlink(missing_ok=True)
     if sae_format(src) != "sae-lab":
         sae = sae if sae is not None else load_sae(spec)
         save_sae(sae, out_dir, training=sae.training_info)
         return
-    for name in (WEIGHTS, CONFIG, "metrics.json"):
+    for name in (WEIGHTS, "metrics.json", CONFIG):  # config.json last, as save_sae writes it
         if (src / name).is_file():
             with atomic_path(out_dir / name) as tmp:
                 shutil.copyfile(src / name, tmp)
@@ -711,7 +715,9 @@ def export_saelens(path: str | Path, out_dir: str | Path) -> Path:
     block = re.match(r"blocks\.(\d+)\.", hook or "")  # an imported SAE's own hook
     saelens_cfg.update({
         "model_name": saelens_cfg["metadata"]["model_name"] or "", "hook_name": hook or "",
-        "hook_layer": int(layer) if layer.lstrip("-").isdigit() else int(block[1]) if block else 0,
+        # the hook's own block where it names one: ours is the block's output, so blocks.3.hook_resid_pre's
+        # layer is 2 while SAELens runs the model up to hook_layer 3 (it was given 2 until 2026-12-05)
+        "hook_layer": int(block[1]) if block else int(layer) if layer.lstrip("-").isdigit() else 0,
         "hook_head_index": None,
         "context_size": None, "dataset_path": None,
         "activation_fn_str": "topk" if arch == "topk" else "relu",

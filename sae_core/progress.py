@@ -53,7 +53,7 @@ class LineWriter:
 
 def progress_bar(*args, file=None, **kwargs) -> tqdm:
     """`tqdm(*args, **kwargs)` on `file` (sys.stderr by default). When that is not a terminal, the bar is written
-    as whole lines, at most one every LOG_INTERVAL_S seconds (and its first and last state)."""
+    as whole lines, at most one every LOG_INTERVAL_S seconds (and its first and last state, `leave` or not)."""
     stream = sys.stderr if file is None else file
     if not is_terminal(stream):
         stream = LineWriter(stream)
@@ -62,6 +62,9 @@ def progress_bar(*args, file=None, **kwargs) -> tqdm:
             # tqdm's monitor thread redraws a bar silent for maxinterval (10 s by default): not sooner than a line
             kwargs["maxinterval"] = max(float(kwargs.get("maxinterval", 10.0)), kwargs["mininterval"])
         kwargs["dynamic_ncols"] = False  # no terminal to measure
+        # a log cannot clear a line, so leave=False (a bar that disappears from a terminal once done) wrote no
+        # last state and the log ended at "0/2000" for a finished extraction; a log keeps every bar's end
+        kwargs["leave"] = True
         # no place among other bars: with one open anywhere (the atlas's pipeline bar on the terminal), tqdm
         # put this one a line down and wrote cursor-up escapes into the log
         kwargs["position"] = 0

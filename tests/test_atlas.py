@@ -893,6 +893,15 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
                   limit=40, topk=4, batch_size=20, score="max")
     with pytest.raises(UserError, match="reads 'vision_tower.layers.-2', which names no block output .*; pass --layer L"):
         build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "no_layer"), **common))
+    # a hook of a deeper model: the refusal says the layer is the SAE's (it said only that layer 9 did not exist)
+    cfg["metadata"]["hook_name"] = "blocks.9.hook_resid_post"
+    (saelens / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"^the SAE's own layer 9 does not exist in world:.*; the SAE \(hook "
+                                        r"blocks.9.hook_resid_post\) was trained on another model: pass that one as "
+                                        "--model, or one of these as --layer.$"):
+        build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "deeper"), **common))
+    cfg["metadata"]["hook_name"] = "vision_tower.layers.-2"
+    (saelens / "cfg.json").write_text(json.dumps(cfg))
     build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), out=str(tmp_path / "ours"), layer="-2", **common))
     build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "theirs"), layer="-2", **common))
     build_atlas(AtlasJob(sae=str(ours_exported), out=str(tmp_path / "back"), **common))

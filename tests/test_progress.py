@@ -84,13 +84,17 @@ def test_a_bar_in_a_log_writes_a_line_every_log_interval(monkeypatch):
     assert shown == [*range(0, 100, step), 100]
 
 
-def test_an_unfinished_bar_without_leave_leaves_nothing_half_written():
+@pytest.mark.parametrize("done", [4, 10])
+def test_a_bar_without_leave_ends_in_a_log_with_its_last_state(done):
+    """leave=False (gone from a terminal once done) wrote nothing at the close: the probe commands' logs ended at
+    "features ID:   0%| 0/2000" for a finished extraction. A bar closed unfinished says where it stopped."""
     log = io.StringIO()
     bar = progress_bar(total=10, desc="features", leave=False, file=log)
-    bar.update(4)
+    bar.update(done)
     bar.close()
-    assert log.getvalue().splitlines() == [line for line in log.getvalue().split("\n") if line]
     assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and " 0/10 " in lines[0] and f" {done}/10 " in lines[1], lines
 
 
 def test_a_pipeline_in_a_log_is_a_line_a_stage(monkeypatch, tmp_path):

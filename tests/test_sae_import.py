@@ -582,11 +582,20 @@ def test_export_never_writes_over_its_source_or_another_layout(tmp_path):
     for src, out, fmt, match in [
             (dl, dl, "sae-lab", "is the SAE folder being exported"),
             (saelens, saelens, "saelens", "is the SAE folder being exported"),
-            (saelens, sparsify, "sae-lab", "holds a sparsify SAE whose sae.safetensors writing the sae-lab layout"),
-            (saelens, dl, "sae-lab", "holds a dictionary_learning SAE whose config.json writing the sae-lab"),
-            (dl, sparsify, "saelens", "holds a sparsify SAE whose cfg.json writing the saelens layout")]:
-        with pytest.raises(UserError, match=match):
+            (saelens, sparsify, "sae-lab", "holds a sparsify SAE; writing the sae-lab layout there would replace"),
+            (saelens, dl, "sae-lab", "holds a dictionary_learning SAE; writing the sae-lab layout"),
+            (dl, sparsify, "saelens", "holds a sparsify SAE; writing the saelens layout"),
+            # no file name shared, but two SAEs in one folder: the one `load_sae` picks hid the other (the
+            # dictionary_learning SAE, or ours, which is looked for first, hid the new export)
+            (sparsify, dl, "saelens", "holds a dictionary_learning SAE; writing the saelens layout"),
+            (dl, saelens, "sae-lab", "holds a saelens SAE; writing the sae-lab layout")]:
+        with pytest.raises(UserError, match=match + ("" if out == src else r".* or leave two SAEs in one folder, of "
+                                                     "which only one loads; give another folder for the output.$")):
             (export_sae_lab if fmt == "sae-lab" else export_saelens)(src, out)
+    ours = tmp_path / "ours"
+    save_sae(SparseAutoencoder(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=3)), ours)
+    with pytest.raises(UserError, match="holds a sae-lab SAE; writing the saelens layout"):
+        export_saelens(saelens, ours)
     assert {f: _tree(f) for f in (sparsify, dl, saelens)} == before
     # an export into a folder of the same layout (a rerun) or a new one goes ahead
     export_saelens(sparsify, tmp_path / "again")
@@ -601,6 +610,26 @@ def test_sae_lab_export_of_our_own_folder_keeps_its_metrics(tmp_path):
     (tmp_path / "o" / "metrics.json").write_text('{"fvu": 0.1}')
     export_sae_lab(tmp_path / "o", tmp_path / "copy")
     assert _tree(tmp_path / "copy") == _tree(tmp_path / "o")
+
+
+def test_an_export_over_an_sae_of_ours_leaves_none_of_its_files(tmp_path):
+    """An imported SAE written over one of ours takes the folder whole: the old metrics.json stayed (the
+    import has none) and `inspect` showed the old SAE's held-out figures beside the new architecture."""
+    from sae_core.checkpoint import export_sae_lab
+
+    old = SparseAutoencoder(SAEConfig(arch="matryoshka", d_in=D_IN, d_sae=D_SAE, k=3, group_sizes=(8, 32)))
+    save_sae(old, tmp_path / "o")
+    (tmp_path / "o" / "metrics.json").write_text('{"fvu": 0.1}')
+    sparsify = _sparsify(tmp_path / "sp", {"k": 4}, _sparsify_tensors(3))
+    export_sae_lab(sparsify, tmp_path / "o")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "sae.safetensors"]
+    export_sae_lab(sparsify, tmp_path / "fresh")
+    assert _tree(tmp_path / "o") == _tree(tmp_path / "fresh")
+    # one of ours without metrics.json over one with it: the copy is the source, file for file
+    save_sae(old, tmp_path / "plain")
+    (tmp_path / "o" / "metrics.json").write_text('{"fvu": 0.1}')
+    export_sae_lab(tmp_path / "plain", tmp_path / "o")
+    assert _tree(tmp_path / "o") == _tree(tmp_path / "plain")
 
 
 def _bad(tensors: dict, **changes) -> dict:
@@ -692,10 +721,11 @@ def test_wrong_paths_say_what_is_wrong(tmp_path, monkeypatch):
         load_sae("hf:someone/saes/half")
 
 
-@pytest.mark.parametrize("hook", ["blocks.9.hook_mlp_out", "blocks.9.hook_resid_post"])
+@pytest.mark.parametrize("hook", ["blocks.9.hook_mlp_out", "blocks.9.hook_resid_post", "blocks.9.hook_resid_pre"])
 def test_reexporting_an_imported_sae_keeps_its_model_and_hook(tmp_path, hook):
     """A SAELens SAE imported into our layout and exported again names the model and hook it came with
-    (before: model_name null, and blocks.9.hook_resid_post turned into layer_9, hook_mlp_out into null)."""
+    (before: model_name null, and blocks.9.hook_resid_post turned into layer_9, hook_mlp_out into null), and
+    SAELens 5's hook_layer is the hook's block (resid_pre's was our layer, 8, one block short of the hook)."""
     src = _saelens(tmp_path / "s", {"architecture": "standard", "metadata": {"model_name": "gpt2", "hook_name": hook}},
                    _tensors(6))
     save_sae(load_sae(src), tmp_path / "ours", training=load_sae(src).training_info)
@@ -708,7 +738,8 @@ def test_reexporting_an_imported_sae_keeps_its_model_and_hook(tmp_path, hook):
         # read back, "gpt2" is not taken for a model spec of this tool; the layer comes from the hook
         back = load_sae(out)
         assert back.training_info["imported"]["model"] == "gpt2"
-        assert trained_on(back) == {"layer": "9" if hook.endswith("resid_post") else None, "tokens": None, "model": None}
+        layer = {"blocks.9.hook_mlp_out": None, "blocks.9.hook_resid_post": "9", "blocks.9.hook_resid_pre": "8"}[hook]
+        assert trained_on(back) == {"layer": layer, "tokens": None, "model": None}
 
 
 @pytest.mark.parametrize("case", ["standard", "topk rescaling latents by decoder norms that are not 1",
@@ -751,3 +782,17 @@ def test_a_saelens_checkpoint_trained_on_whitened_inputs_folds_the_whitening(tmp
     x = torch.randn(64, D_IN) * 2
     z, w_hat = _saelens_reference(cfg, tensors, (x.double() - white["mean"]) @ white["matrix"])
     _assert_same_computation(load_sae(folder), x, z, w_hat @ white["inverse_matrix"] + white["mean"])
+
+
+@pytest.mark.parametrize("hook,line", [
+    ("blocks.2.hook_resid_post", "  trained  on layer 2, tokens unrecorded"),   # was "on None layer 2, tokens None"
+    ("blocks.0.hook_resid_post", "  trained  on layer 0, tokens unrecorded"),   # was "on an unrecorded layer"
+    ("blocks.0.hook_mlp_out", "  trained  on an unrecorded layer (give --layer to atlas and steer)"),
+])
+def test_inspect_of_an_imported_sae_says_what_is_recorded(tmp_path, capsys, hook, line):
+    from precompute.__main__ import main
+
+    folder = _saelens(tmp_path / "s", {"architecture": "standard", "metadata": {"hook_name": hook}}, _tensors(6))
+    assert main(["inspect", str(folder)]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  trained")]
+    assert lines == [line]
