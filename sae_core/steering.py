@@ -101,6 +101,9 @@ class Clamp:
             vals = np.asarray(self.values, dtype=np.float32)
         if vals.ndim == 0 or (vals.ndim == 1 and len(vals) == 1 and len(lat) > 1):
             vals = np.full(len(lat), float(vals.reshape(-1)[0]) if vals.size else 0.0, np.float32)
+        if vals.ndim > 2:  # steer_hidden's expand failed on it with torch's words
+            raise UserError(f"clamp values of shape {vals.shape} have {vals.ndim} dimensions; give one value, one per "
+                            "latent, or a (tokens, latents) array.")
         if vals.shape[-1:] != (len(lat),) and not (len(lat) == 0 and vals.size == 0):
             raise UserError(f"{len(lat)} latent(s) but {vals.shape[-1] if vals.ndim else 0} value(s); give one value per latent.")
         if not np.isfinite(vals).all():  # NaN, or past float32's range: every feature goes inf/NaN, the answer empty
@@ -117,7 +120,7 @@ class Clamp:
         return len(self.latents) == 0
 
     def describe(self) -> dict:
-        return {"latents": list(self.latents), "values": np.asarray(self.values).round(4).tolist(),
+        return {"latents": list(self.latents), "values": np.asarray(self.values, np.float64).round(4).tolist(),  # float32's overflowed
                 "mode": self.mode, "positions": None if self.positions is None else list(self.positions),
                 "keep_error": self.keep_error}
 
@@ -567,20 +570,34 @@ class SteeringSession:
         UserError for a clamp whose row overflowed (`_check_finite`)."""
         rows = []
         for hi, c in zip(h, clamps):
-            rows.append(hi if c is ORIGINAL else _check_finite(steer_hidden(hi, self.sae, c), c))
+            if c is ORIGINAL:
+                rows.append(hi)
+                continue
+            row = _check_finite(steer_hidden(hi, self.sae, c), c)
+            # the language model's norms square each token of its input in float32: past float32's range that
+            # is inf, the norm's output 0, and the image reads as blank, every module's output still finite (the
+            # tiny world answered the unsteered answer at 1e25), so a token whose square sum overflows is refused
+            if not bool(torch.isfinite(self.project(row[None]).float().pow(2).sum(-1)).all()):
+                raise UserError(f"clamping latents {list(c.latents)} to {_shown_values(c)} makes the image's "
+                                "tokens too large for the language model (their squares overflow float32, and its "
+                                "norms would blank them); give smaller values (a latent's token_max tells its scale).")
+            rows.append(row)
         return torch.stack(rows)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T', E) what LLaVA's projector makes of layer outputs h (B, T, D): the tokens LLaVA reads, in the
+        model's compute dtype (steer-eval's learned strategy passes float32 layer outputs, which a bf16 or fp16
+        LLaVA refused: "expected m1 and m2 to have the same dtype")."""
+        feats = h[:, self.layout.n_prefix:] if self.adapter.read_tokens == "patches" else h
+        return self.llava.model.multi_modal_projector(feats.to(self.adapter.dtype))
 
     def prompt_embeddings(self, h: torch.Tensor, prompt: str) -> torch.Tensor:
         """(B, L, E) input embeddings of `prompt` with the image placeholders filled by the projected
         features of layer outputs h (B, T, D). Differentiable (no inference mode): steer-eval's learned
         strategy backpropagates through it."""
-        llava = self.llava
-        feats = h[:, self.layout.n_prefix:] if self.adapter.read_tokens == "patches" else h
-        # in the model's compute dtype: steer-eval's learned strategy passes float32 layer outputs (a bf16 or
-        # fp16 LLaVA refused them: "expected m1 and m2 to have the same dtype")
-        proj = llava.model.multi_modal_projector(feats.to(self.adapter.dtype))
+        proj = self.project(h)
         ids = self.prompt_ids(prompt).to(self.device).expand(h.shape[0], -1)
-        emb = llava.get_input_embeddings()(ids)
+        emb = self.llava.get_input_embeddings()(ids)
         mask = (ids == self.image_token_id)[..., None]
         return emb.masked_scatter(mask, proj.to(emb.dtype))
 
@@ -717,10 +734,15 @@ def _check_finite(row: torch.Tensor, clamp: Clamp) -> torch.Tensor:
     """`row`, or UserError for a clamp whose steered features overflowed (finite values, but so large that
     the decoded layer output is inf/NaN): LLaVA would answer nothing, which reads as a steering result."""
     if not bool(torch.isfinite(row).all()):
-        raise UserError(f"clamping latents {list(clamp.latents)} to {np.asarray(clamp.values).reshape(-1)[:4].tolist()} "
+        raise UserError(f"clamping latents {list(clamp.latents)} to {_shown_values(clamp)} "
                         "overflows the layer's output (inf/NaN); give smaller values (a latent's token_max tells "
                         "its scale).")
     return row
+
+
+def _shown_values(clamp: Clamp) -> list[float]:
+    """A clamp's first 4 values for a message, to float32's 6 significant digits (1e22, not 9.999999778e21)."""
+    return [float(f"{v:.6g}") for v in np.asarray(clamp.values, dtype=np.float64).reshape(-1)[:4]]
 
 
 def checked_latent(k, d_sae: int) -> int:

@@ -519,6 +519,38 @@ def test_values_past_float32_are_refused_not_answered_with_nothing(tiny_bundle, 
     assert ok[0][1] == session.answers("world:1", [3], [6.0]).steered
 
 
+def test_a_clamp_the_language_models_norms_would_blank_is_refused(session):
+    """A value so large that the first RMSNorm's float32 variance of an image token is inf (the norm's output 0:
+    the image reads as blank, every module's output finite) gave the unsteered answer as the steered one at 3e37
+    and 1e25 with exit status 0. Reference: that variance, taken by a hook on the first decoder layer's
+    input norm for each value the session accepts (written out here, as LlamaRMSNorm computes it)."""
+    lm = session.llava.model.language_model
+    seen = []
+    handle = lm.layers[0].input_layernorm.register_forward_pre_hook(
+        lambda mod, args: seen.append(bool(torch.isfinite(args[0].float().pow(2).mean(-1)).all())))
+    outcomes = {}
+    try:
+        for v in (1e3, 1e15, 1e18, 1e19, 1e20, 1e22, 1e25, 3e37):
+            seen.clear()
+            try:
+                session.answers("world:12", [21], [v], max_new_tokens=1)
+                outcomes[v] = all(seen)  # accepted: every variance the model took must be finite
+            except UserError as e:
+                assert str(e) == (f"clamping latents [21] to [{v}] makes the image's tokens too large for the "
+                                  "language model (their squares overflow float32, and its norms would blank them); "
+                                  "give smaller values (a latent's token_max tells its scale).")
+                outcomes[v] = "refused"
+    finally:
+        handle.remove()
+    assert all(o in (True, "refused") for o in outcomes.values()), outcomes
+    assert outcomes[1e3] is True and outcomes[1e25] == "refused" and outcomes[3e37] == "refused", outcomes
+    # and the clamp's own description keeps the value (float32's round made it inf, and JSON null)
+    assert Clamp((21,), (3e37,)).describe()["values"] == [pytest.approx(3e37, rel=1e-6)]
+    with pytest.raises(UserError, match=r"^clamp values of shape \(2, 17, 1\) have 3 dimensions; give one value, one "
+                                        r"per latent, or a \(tokens, latents\) array.$"):
+        Clamp((1,), np.ones((2, 17, 1), np.float32))
+
+
 def test_steer_eval_refuses_bad_arguments_before_loading_the_model(tiny_bundle, tmp_path, capsys, monkeypatch):
     """--alphas nan ran the whole evaluation (about 100 s here) and reported success 0 everywhere; --factors ""
     printed "0 neurons: steered nan"; --images 4 blamed the world's split; an --out that is a folder was
