@@ -374,12 +374,27 @@ class SteerTab:
         def patch_list(text):
             return inputs.int_list(text, "patch", 0, max(ex.n_patches - 1, 0), max(ex.n_patches, 1))
 
+        def picture_and_latents(image_index, upload, patches, page_load=False):
+            """The image with its patch grid, and the latents that fire on it (most first). For the loads the page
+            makes itself (`page_load`: a first visit, a link), where the model cannot load: the picture (which needs
+            none), an empty table and the reason as a warning (the picture and the table each showed an "Error"
+            badge beside the message)."""
+            from .steer import ModelUnavailable
+
+            pil, key, _ = svc.image(image_index, upload)
+            try:
+                rows, _ = svc.latents(key)
+            except ModelUnavailable as e:
+                if not page_load:
+                    raise
+                gr.Warning(str(e))
+                rows = []
+            return svc.picture(pil, patch_list(patches)), rows
+
         @user_errors
         def steer_load_image(image_index, upload, patches):
             """The image, its patch grid and the latents that fire on it (most first)."""
-            pil, key, _ = svc.image(image_index, upload)
-            rows, _ = svc.latents(key)
-            return svc.picture(pil, patch_list(patches)), rows
+            return picture_and_latents(image_index, upload, patches)
 
         @user_errors
         def check_steer_image(image_index, upload, patches):
@@ -391,33 +406,18 @@ class SteerTab:
             then_address(checked_first(trigger, check_steer_image, [self.image_index, self.upload, self.patches],
                                        steer_load_image, load_out, api_name, **model))
 
-        def steer_load_for_page(image_index, upload, patches):
-            """steer_load_image for the loads the page makes itself (a first visit, a link): where the model cannot
-            load, the picture (which needs none), an empty table and the reason as a warning (the picture and the
-            table each showed an "Error" badge beside the message)."""
-            from .steer import ModelUnavailable
-
-            pil, key, _ = svc.image(image_index, upload)
-            try:
-                rows, _ = svc.latents(key)
-            except ModelUnavailable as e:
-                gr.Warning(str(e))
-                rows = []
-            return svc.picture(pil, patch_list(patches)), rows
-
         @user_errors
         def steer_first_visit(image_index, upload, patches, picture):
             """The Steer tab opened with no picture yet: load the image in the box, as the button would."""
-            return steer_load_for_page(image_index, upload, patches) if picture is None else (gr.update(), gr.update())
+            return (picture_and_latents(image_index, upload, patches, page_load=True) if picture is None
+                    else (gr.update(), gr.update()))
 
         steer_tab.select(steer_first_visit, [self.image_index, self.upload, self.patches, self.picture], load_out,
                          api_name=False, **model)
 
         @user_errors
         def steer_upload_image(upload, patches):
-            pil, key, _ = svc.image(-1, upload)
-            rows, _ = svc.latents(key)
-            return -1, svc.picture(pil, patch_list(patches)), rows
+            return -1, *picture_and_latents(-1, upload, patches)
 
         @user_errors
         def check_steer_upload(upload, patches):
@@ -578,7 +578,7 @@ class SteerTab:
                 restored = False
             if state.get("tab") != "steer" or not restored:
                 return gr.update(), gr.update()
-            return steer_load_for_page(image_index, upload, patches)
+            return picture_and_latents(image_index, upload, patches, page_load=True)
 
         on_link(demo, lambda state: state.get("tab") == "steer").success(steer_restore_from_url, None,
                   [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,
