@@ -409,7 +409,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
     from sae_core.adapters import load_adapter
     from sae_core.atlas import AtlasConfig, ScanCheckpoint, images_per_batch, metric_tokens_for, scan
     from sae_core.checkpoint import copy_sae, no_layer_reason, trained_model, trained_on, weights_file
-    from sae_core.datasets import first_images_warning
+    from sae_core.datasets import first_images_warning, items_digest
 
     if job.layer is None:
         raise UserError(f"{no_layer_reason(sae, job.sae)}; pass --layer L (the output of block L, counted from 0).")
@@ -500,7 +500,7 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
                   "has_cls": layout.has_cls, "d": adapter.width, "describe": adapter.describe(),
                   "view": adapter.view, "sae_trained_on_tokens": trained["tokens"]},
         "embedder": {"spec": job.embedder, "d": int(result.embeddings.shape[1])},
-        "dataset": {**ds.describe(), "spec": job.dataset, "n_images": n},
+        "dataset": {**ds.describe(), "spec": job.dataset, "n_images": n, "items_sha256": items_digest(ds, n)},
         "scan_s": round(time.time() - t0, 1), "scan_resumed_from": result.resumed_from,
     }
 

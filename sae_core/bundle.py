@@ -447,9 +447,20 @@ class Bundle:
         for a world bundle, the world it carries or names, so a copied bundle still renders its images)."""
         with self._open_lock:
             if not hasattr(self, "_dataset"):
-                from .datasets import open_dataset
+                from .datasets import items_digest, open_dataset
 
-                self._dataset = open_dataset(self.local_spec(self.manifest["dataset"]["spec"]))
+                spec, n = self.local_spec(self.manifest["dataset"]["spec"]), self.n_images
+                ds = open_dataset(spec)
+                # a file added, removed or renamed before the last scanned one shifts every id after it: the
+                # galleries' thumbnails would show one image and steering read another (bundles from before
+                # 2026-12-05 record no digest and are not checked)
+                recorded = self.manifest["dataset"].get("items_sha256")
+                if recorded is not None and (len(ds) < n or items_digest(ds, n) != recorded):
+                    raise UserError(f"the dataset {spec} no longer lists the {n:,} images this bundle was built on "
+                                    f"in the same order (it has {len(ds):,} now: a file was added, removed or renamed "
+                                    "among them), so its image ids would name other images; restore it as it was, "
+                                    "or build the bundle again with `python -m precompute atlas`.")
+                self._dataset = ds
             return self._dataset
 
     @property

@@ -18,6 +18,7 @@ Specs
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -52,7 +53,12 @@ def to_rgb(im):
     greyscale scan came out white): those are scaled instead (16 bits by 257, 0-1 floats by 255, any other
     range stretched to 0-255)."""
     if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        return im.convert("RGB")
+        rgb = im.convert("RGB")
+        # PIL leaves a palette (or RGB) PNG's transparent colour in the copy's info, and transformers' convert_to_rgb
+        # then paints every pixel of that colour white: the model saw another picture than these pixels (an
+        # RGBA file's colours are kept under its alpha; the same here)
+        rgb.info.pop("transparency", None)
+        return rgb
     import numpy as np
     from PIL import Image
 
@@ -78,6 +84,13 @@ def inat_taxonomy(folder_name: str) -> list[str] | None:
     parts = folder_name.split("_")[1:]
     genus, epithet = parts[5], " ".join(parts[6:])
     return parts[:5] + [genus, f"{genus} {epithet}"]
+
+
+def items_digest(ds, n: int) -> str:
+    """sha256 of the names (`item`) of a dataset's first `n` images, one a line: what image ids 0..n-1 stand for,
+    so a bundle can tell when its folder has changed under it (about 1 s for ImageNet's 1.28 M names)."""
+    text = "\n".join(ds.item(i) for i in range(n))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class ImageDataset:

@@ -143,6 +143,26 @@ def test_deep_greyscale_is_scaled_and_multi_picture_jpegs_are_jpegs(tmp_path):
     assert np.array_equal(np.asarray(load_upload(tmp_path / "phone.jpg")), want)
 
 
+def test_a_transparent_palette_colour_reaches_the_model_as_its_pixels(tmp_path):
+    """A palette PNG whose black is marked transparent: PIL kept the mark on the RGB image and transformers'
+    processor painted every black pixel white, so extract, atlas and steer encoded another picture than the
+    dataset's pixels (CLS activations off by 7.0 of 13.5). Reference: the same pixels saved opaque."""
+    from transformers import CLIPImageProcessor
+
+    from sae_core.datasets import load_rgb
+
+    rng = np.random.default_rng(0)
+    pal = Image.fromarray(rng.integers(0, 4, (32, 32), dtype=np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 200, 30, 30, 30, 200, 30, 30, 30, 200] + [0] * 756)
+    pal.save(tmp_path / "clear.png", transparency=0)
+    pal.convert("RGB").save(tmp_path / "opaque.png")
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pixels = [processor(images=load_rgb(tmp_path / n), return_tensors="np")["pixel_values"] for n in ("clear.png", "opaque.png")]
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "clear.png")), np.asarray(load_rgb(tmp_path / "opaque.png")))
+    assert np.array_equal(pixels[0], pixels[1])
+    assert np.array_equal(np.asarray(load_upload(tmp_path / "clear.png")), np.asarray(load_rgb(tmp_path / "opaque.png")))
+
+
 # ----------------------------------------------------------------------------------------------
 # Input bounds and URL state
 # ----------------------------------------------------------------------------------------------

@@ -1254,3 +1254,38 @@ def test_a_limit_that_covers_the_dataset_is_the_same_build_as_none(tiny_bundle, 
         resumes(limit=limit)
     with pytest.raises(UserError, match=r"other settings \(limit: None there, 1999 now\)"):
         build_atlas(AtlasJob(**opts, limit=1999))
+
+
+def test_a_bundle_refuses_its_image_folder_once_its_ids_name_other_files(tiny_bundle, tmp_path):
+    """An image added before the last scanned one shifted every id after it in silence: the thumbnails showed
+    one image and steering read another. The manifest keeps a digest of the scanned images' names; a folder
+    that lists them otherwise is one sentence, and one that only grew after them is still the bundle's."""
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.datasets import open_dataset
+    from sae_core.errors import UserError
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    world = open_dataset(m["dataset"]["spec"])
+    folder = tmp_path / "photos"
+    for j, cls in enumerate(["b", "b", "c", "c", "c"]):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        world[j].save(folder / cls / f"{j}.png")
+    build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), dataset=f"imagefolder:{folder}", model=m["model"]["spec"],
+                         layer="-2", embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), topk=2, batch_size=8))
+    names = [open_bundle(tmp_path / "b").dataset().item(i) for i in range(5)]
+    assert names == ["b/0.png", "b/1.png", "c/2.png", "c/3.png", "c/4.png"]
+    world[7].save(folder / "b" / "00.png")   # sorts first in b/: ids 0..4 now name other files
+    with pytest.raises(UserError, match=r"^the dataset imagefolder:.* no longer lists the 5 images this bundle was "
+                                        r"built on in the same order \(it has 6 now"):
+        open_bundle(tmp_path / "b").dataset()
+    (folder / "b" / "00.png").unlink()
+    (folder / "c" / "4.png").rename(folder / "c" / "4b.png")   # renamed: the same count, another name
+    with pytest.raises(UserError, match="no longer lists the 5 images"):
+        open_bundle(tmp_path / "b").dataset()
+    (folder / "c" / "4b.png").rename(folder / "c" / "4.png")
+    (folder / "d").mkdir()
+    world[7].save(folder / "d" / "7.png")   # a class after the others: ids 0..4 still name the same files
+    ds = open_bundle(tmp_path / "b").dataset()
+    assert len(ds) == 6 and [ds.item(i) for i in range(5)] == names
