@@ -285,9 +285,11 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
         t0 = time.time()
         done_images = 0
         buf: dict[str, list] = {lay.name: [] for lay in layers}
-        skipped: list[dict] = []
+        skipped: list[dict] = []  # this shard's
+        n_skipped = 0  # this session's, for the bar (it showed the shard's count)
         for bi, (pixels, ids, skip) in enumerate(loader):
             k = owner[bi]
+            n_skipped += len(skip)
             for i, err in skip:
                 skipped.append({"index": int(i), "item": ds.item(int(i)), "error": err})
                 bar.write(f"warning: skipped unreadable image {i} ({err})", file=sys.stderr)
@@ -298,8 +300,8 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
                     buf[lay.name].append((_to_storage(rows, cfg.dtype, lay.name, precision), index))
             bar.update(len(ids) + len(skip))
             done_images += len(ids) + len(skip)
-            if skipped:
-                bar.set_postfix(skipped=len(skipped), refresh=False)
+            if n_skipped:
+                bar.set_postfix(skipped=n_skipped, refresh=False)
             if throttle:
                 time.sleep(throttle)
             if bi + 1 == len(batches) or owner[bi + 1] != k:
@@ -392,7 +394,11 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
     skipped = [s for m in markers for s in m["skipped"]]
     n_images = plan["identity"]["n_images"]
     if len(skipped) == n_images:
-        raise UserError(f"none of the {n_images} images of {cfg.dataset} could be read (first: {skipped[0]['error']}); check the dataset.")
+        # their shards marked done, a rerun after the data was mended read nothing and said the same again
+        for k in range(plan["n_shards"]):
+            (out / "progress" / f"{k:05d}.json").unlink(missing_ok=True)
+        raise UserError(f"none of the {n_images} images of {cfg.dataset} could be read (first: {skipped[0]['error']}); "
+                        "check the dataset, then run the same command again (it reads them all again).")
     model = adapter.describe()
     for lay in layers:
         shards = [{"path": f"shards/{m['shard']:05d}.npy", "index": f"shards/{m['shard']:05d}.index.npy",

@@ -151,7 +151,9 @@ class FileListDataset(ImageDataset):
 
     def describe(self):
         d = super().describe()
-        d.update(root=str(self.root), fetch="root / item(i); items are listed by the dataset spec in sorted order")
+        d.update(root=str(self.root), fetch="root / item(i); items in the spec's order (a file list: its lines; "
+                                                 "an image folder: its loose images, then class by class, a folder's "
+                                                 "files before its sub-folders, names sorted)")
         return d
 
 
@@ -163,17 +165,29 @@ def image_folder(spec: str, path: str) -> FileListDataset:
     labels: list[str | None] = []
     with os.scandir(root) as it:
         entries = sorted(it, key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    # One rule at every level: a name starting with "." is not read (.ipynb_checkpoints copies, macOS's ._
+    # AppleDouble files, .DS_Store; until 2026-12-05 only top-level folders were left out), and a linked folder
+    # is read as a folder, as torchvision's ImageFolder does (one inside a class was left out in silence)
+    def shown(name: str, suffix_ok: bool = True) -> bool:
+        return not name.startswith(".") and (not suffix_ok or Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+
+    classes = [e.name for e in entries if e.is_dir() and shown(e.name, suffix_ok=False)]
     for e in entries:  # images directly in root have no label
-        if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+        if e.is_file() and shown(e.name):
             paths.append(e.name)
             labels.append(None)
     for cls in classes:
-        for dirpath, dirnames, filenames in os.walk(root / cls):
-            dirnames.sort()
+        seen = set()  # real folders walked: a link back up would loop for ever
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(d for d in dirnames if shown(d, suffix_ok=False))
             rel = os.path.relpath(dirpath, root)
             for f in sorted(filenames):
-                if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+                if shown(f):
                     paths.append(os.path.join(rel, f))
                     labels.append(cls)
     if not paths:

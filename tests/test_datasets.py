@@ -33,6 +33,30 @@ def test_imagefolder_order_labels_and_corrupt_images():
         ds[10]
 
 
+def test_dot_names_are_skipped_and_linked_folders_read_at_every_level(tmp_path):
+    """Hidden sub-folders of a class (.ipynb_checkpoints) were read as the class, hidden files at every level
+    were read (macOS's ._ files then "skipped" as unreadable), and a linked folder inside a class was left out
+    in silence while one at the top was followed. The listing, written out: dot-names nowhere, links followed
+    as torchvision's ImageFolder follows them, a link back up read once."""
+    def img(rel):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / rel)
+
+    for rel in ("root.png", ".hidden_root.png", "a/1.png", "a/.hidden.png", "a/._1.png", "a/.ipynb_checkpoints/1-checkpoint.png",
+                "a/sub/2.png", ".hiddenclass/3.png", "elsewhere/4.png"):
+        img(rel)
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    Image.new("RGB", (4, 4)).save(outside / "5.png")
+    (tmp_path / "a" / "linked").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "a" / "sub" / "up").symlink_to(tmp_path / "a", target_is_directory=True)  # a loop
+    (tmp_path / "b").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    ds = open_dataset(f"imagefolder:{tmp_path}")
+    assert [ds.item(i) for i in range(len(ds))] == [
+        "root.png", "a/1.png", "a/linked/5.png", "a/sub/2.png", "b/4.png", "elsewhere/4.png"]
+    assert [ds.label(i) for i in range(len(ds))] == [None, "a", "a", "a", "b", "elsewhere"]
+
+
 def test_a_limit_that_misses_classes_is_warned_about(tmp_path):
     """--limit takes the first N images, and a folder is read class by class: the first 100,000 of ImageNet's
     train images are about 78 of its 1,000 classes. Said when classes are missed, with the counts of the

@@ -209,6 +209,31 @@ def test_resume_with_other_settings_and_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "dup").exists()
 
 
+def test_a_run_that_read_no_image_reads_them_again_once_mended(tmp_path, capsys):
+    """All images unreadable: refused, and the rerun after the files were mended read nothing (their shards
+    were marked done) and was refused again. The progress bar's skipped count is the run's, not the shard's."""
+    from PIL import Image
+
+    from precompute.__main__ import main
+
+    folder = tmp_path / "imgs" / "cls"
+    folder.mkdir(parents=True)
+    for j in range(3):
+        (folder / f"{j}.png").write_bytes(b"not a picture")
+    args = ["extract", "--model", f"hf:{H.clip_vision_dir()}", "--dataset", f"imagefolder:{tmp_path / 'imgs'}",
+            "--out", str(tmp_path / "o"), "--layer", "0", "--batch-size", "1", "--shard-images", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: none of the 3 images of imagefolder:" in err and "run the same command again" in err
+    bars = [ln for ln in err.replace("\r", "\n").splitlines() if "skipped=" in ln]
+    assert bars and bars[-1].rstrip().endswith("skipped=3]"), bars[-1:]
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "1.png")  # one mended
+    assert main(args) == 0
+    store = ActivationStore(tmp_path / "o" / "layer_0")
+    assert store.manifest["n_images"] == 1 and [x["index"] for x in store.manifest["skipped"]] == [0, 2]
+    np.testing.assert_array_equal(np.unique(store.image_index()), [1])
+
+
 def test_float16_overflow_is_a_user_error(tmp_path):
     from transformers import CLIPVisionModel
 
