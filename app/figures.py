@@ -75,14 +75,18 @@ def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.nda
         peaks.append((float(pct.max()) if v.size else 0.0, name, float(edges[np.argmax(pct)])))
         fig.add_bar(x=((edges[:-1] + edges[1:]) / 2).tolist(), y=pct.tolist(), width=MS_BIN, name=name,
                     opacity=opacity, hovertemplate=f"{name}<br>MS %{{x:.3f}} ± {MS_BIN / 2:g}<br>%{{y:.1f}}%<extra></extra>")
-    fig.update_layout(barmode="overlay", bargap=0, xaxis_title="Monosemanticity Score", yaxis_title="% of neurons")
+    # the range is the bins' (autorange ran to 2.8 in a 342 px wide plot, to make room for the note, which is
+    # therefore placed by the plot's right edge rather than beside its bar)
+    fig.update_layout(barmode="overlay", bargap=0, xaxis_title="Monosemanticity Score", yaxis_title="% of neurons",
+                      xaxis_range=[float(edges[0]), float(edges[-1])])
     if len(peaks) > 1:
         top, name, at = max(peaks)
         rest = max(p for p, n, _ in peaks if n != name)
         if rest > 0 and top > MS_PEAK_CUT * rest:
             fig.update_yaxes(range=[0, 1.15 * rest])
-            fig.add_annotation(text=f"{name}: {top:.0f}% at MS {at:.3f}-{at + MS_BIN:.3f} (bar cut)", x=at + MS_BIN,
-                               y=1.15 * rest, yanchor="top", xanchor="left", showarrow=False, font=dict(size=11))
+            fig.add_annotation(text=f"{name}: {top:.0f}% at MS {at:.3f}-{at + MS_BIN:.3f} (bar cut)", x=1.0,
+                               xref="paper", y=1.15 * rest, yanchor="top", xanchor="right", showarrow=False,
+                               font=dict(size=11))
     return _layout(fig, "MS distribution")
 
 

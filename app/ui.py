@@ -29,8 +29,9 @@ TAB_URL_BUTTON = "tab-url-btn"
 # above the grid, whatever its lines (a fixed 36 px gap assumed one, and a phone wrapped it to two); captions
 # wrap rather than end in "..." (an 8-column gallery on a 1,400 px window cut "#872 act 2.06, pa..."), and a
 # band strip's sits under it (over it, it hid the last 3 images of the strip); the gallery's buttons sit in
-# the label's line, not on the first row's last image. On a phone the galleries
-# take 4 columns that fit the width (8 of 100 px showed 6 of 16 images and scrolled sideways, unmarked).
+# the label's line, not on the first row's last image. Below 960 px (a tablet, a phone, a half-screen window) the
+# galleries take 4 columns that fit the width: Gradio's 8 of at least 100 px showed 6 of 16 images on a
+# phone, and at 768 px cut the last two columns off a 686 px box, with no scroll bar either time.
 CSS = """
 #open-neuron-box, #open-neuron-btn, #url-state-box, #tab-url-btn {display: none !important;}
 .answer textarea {font-size: 1.05em;}
@@ -41,7 +42,7 @@ CSS = """
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap, #image-results .grid-wrap {padding-top: 6px !important; overflow: visible !important;}
 #top-gallery .grid-wrap > .icon-button-wrapper, #patch-gallery .grid-wrap > .icon-button-wrapper, #band-gallery .grid-wrap > .icon-button-wrapper, #image-results .grid-wrap > .icon-button-wrapper {top: auto !important; bottom: 100% !important;}
 #band-gallery .caption-label {position: static !important; display: block !important; max-width: 100% !important; white-space: normal !important; margin: 2px 0 0 0 !important;}
-@media (max-width: 640px) {
+@media (max-width: 960px) {
   #top-gallery .grid-container, #patch-gallery .grid-container, #image-results .grid-container {grid-template-columns: repeat(4, minmax(0, 1fr)) !important;}
   #top-gallery .thumbnail-item, #patch-gallery .thumbnail-item, #image-results .thumbnail-item {aspect-ratio: auto !important; height: auto !important;}
   #top-gallery .thumbnail-item img, #patch-gallery .thumbnail-item img, #image-results .thumbnail-item img {height: auto !important; width: 100% !important; aspect-ratio: 1 / 1;}
@@ -299,11 +300,13 @@ class SteerTab:
                 val = as_sent(gr.Slider(0, inputs.CLAMP_FACTOR, value=4.0, step=0.1, label=f"strength {i + 1} (x token max)",
                                 elem_id=f"steer-value-{i + 1}"))
                 self.slots.append((lat, val))
+        # a row of its own: beside the checkboxes and the slider it showed "What is shown in thi" at 768 px, and
+        # the default question's instruction ("Use exactly one word!") shapes every answer
+        self.question = gr.Dropdown(list(DEFAULT_QUESTIONS), value=DEFAULT_QUESTIONS[0], allow_custom_value=True,
+                                    label="question", elem_id="steer-question")
         with gr.Row():
             self.keep_error = gr.Checkbox(value=False, label="keep the SAE error term")
             self.sweep = gr.Checkbox(value=True, label="strength sweep")
-            self.question = gr.Dropdown(list(DEFAULT_QUESTIONS), value=DEFAULT_QUESTIONS[0], allow_custom_value=True,
-                                        label="question", elem_id="steer-question")
             self.max_tokens = as_sent(gr.Slider(1, inputs.MAX_NEW_TOKENS, value=5, step=1, label="answer tokens"))
         self.steer_button = gr.Button("Steer", variant="primary", elem_id="steer-button")
         with gr.Row():
@@ -614,7 +617,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                                   label="SAE metrics", max_height=1600, wrap=True,
                                                   column_widths=["72%", "28%"], elem_id="metrics-table")
                 with gr.Row():
-                    ms_hist_plot = gr.Plot(label="MS distribution")
+                    ms_hist_plot = gr.Plot(label="MS distribution", elem_id="ms-plot")
                     scatter_plot = gr.Plot(label="MS versus frequency (click a point to open its neuron)",
                                            elem_id="scatter-plot")
                 # cross-modal bundles (precompute crossmodal): the latents shared by image and text tokens

@@ -745,6 +745,40 @@ def test_phone_layout(page, explorer_app):
         ctx.close()
 
 
+def test_tablet_layout(page, explorer_app):
+    """At 768 x 1024 (a tablet, a half-screen window): the top gallery's 16 images all lie inside its box (8
+    columns of Gradio's minimum width ran 856 px into a 686 px box: the last two columns were cut off, no
+    scroll bar), the Overview's MS distribution spans MS 0 to 1 (its axis ran to 2.8 at that width), and the
+    Steer page's question shows whole."""
+    top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
+    k = int(np.argmax((top >= 0).sum(1)))
+    ctx = page.context.browser.new_context(viewport={"width": 768, "height": 1024})
+    try:
+        pg = ctx.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(f"{explorer_app.url}/?tab=neuron&neuron={k}")
+        pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
+        gallery_widths(pg)
+        box, tiles = pg.evaluate("""() => [document.querySelector('#top-gallery').getBoundingClientRect().right,
+            Array.from(document.querySelectorAll('#top-gallery .thumbnail-item'))
+                 .map(e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; })]""")
+        assert len(tiles) == (top[k] >= 0).sum() and min(t[0] for t in tiles) >= 0, tiles
+        assert max(t[1] for t in tiles) <= min(box, 768), (box, tiles)
+        pg.goto(explorer_app.url + "/")
+        ms_plot = "document.querySelector('#ms-plot .js-plotly-plot')"
+        pg.wait_for_function(f"() => !!{ms_plot}?._fullLayout?.xaxis")
+        lo, hi = pg.evaluate(f"() => {ms_plot}._fullLayout.xaxis.range")
+        assert lo <= 0 and hi == pytest.approx(1.0), (lo, hi)
+        # the Steer page's question shows whole (beside two checkboxes and a slider: "What is shown in thi")
+        pg.goto(explorer_app.url + "/?tab=steer")
+        pg.wait_for_function("() => document.querySelector('#steer-question input')?.value.length > 0")
+        shown, whole = pg.evaluate("() => { const e = document.querySelector('#steer-question input');"
+                                   " return [e.clientWidth, e.scrollWidth]; }")
+        assert whole <= shown, (shown, whole)
+    finally:
+        ctx.close()
+
+
 def test_link_with_a_neuron_and_another_tab(page, explorer_app):
     """?neuron=K&tab=overview opens the Overview (it opened the Neuron tab), with neuron K's page behind
     the Neuron tab, whose address is then K's."""

@@ -252,6 +252,7 @@ def test_ms_histogram_counts_every_scored_neuron_and_cuts_a_towering_bar():
     sae_peak = max(fig.data[0].y)
     assert max(fig.data[1].y) > 3 * sae_peak and fig.layout.yaxis.range == pytest.approx((0, 1.15 * sae_peak))
     assert [a.text for a in fig.layout.annotations] == [f"raw neurons: {max(fig.data[1].y):.0f}% at MS 0.250-0.275 (bar cut)"]
+    assert fig.layout.xaxis.range == (edges[0], edges[-1])  # the bins' (plotly's autorange ran to 2.8 at 342 px)
     even = figures.ms_histogram(sae, rng.uniform(0.1, 0.9, 100))  # no tower: nothing cut
     assert even.layout.yaxis.range is None and not even.layout.annotations
 
