@@ -135,6 +135,36 @@ HISTORY_JS = """
 }
 """
 
+# Installed once on page load: an action that opens another tab (a table row's Enter, "Steer with this neuron", an
+# image's "all the neurons that show it") hid the element that had the focus with its page, so the focus fell to
+# the document's top and a screen reader said nothing of the new page. It goes to the new page's first heading
+# (or the page itself), unless the user is on the tab strip or already in that page.
+FOCUS_JS = """
+() => {
+  if (window.__saeFocus) return;
+  window.__saeFocus = true;
+  const selected = () => document.querySelector('[role=tab][aria-selected=true]');
+  let last = selected();
+  const lost = (el, panel) => !el || el === document.body || !el.checkVisibility() || !panel.contains(el);
+  new MutationObserver(() => {
+    const now = selected();
+    if (!now || now === last) return;
+    last = now;
+    if (document.activeElement && document.activeElement.closest('[role=tablist]')) return;
+    let tries = 0;
+    const move = () => {
+      const panel = Array.from(document.querySelectorAll('[role=tabpanel]')).find((q) => q.checkVisibility());
+      if (!panel) { if (++tries < 30) setTimeout(move, 100); return; }
+      if (!lost(document.activeElement, panel)) return;
+      const target = panel.querySelector('h1, h2, h3') || panel;
+      if (!target.hasAttribute('tabindex')) target.setAttribute('tabindex', '-1');
+      target.focus({preventScroll: true});
+    };
+    setTimeout(move, 50);
+  }).observe(document.body, {subtree: true, attributes: true, attributeFilter: ['aria-selected']});
+}
+"""
+
 # Installed once on page load: a tab picked by hand puts that tab's last address in the address bar (or
 # just ?tab=ID), through the hidden url box, so that the box always holds the address: a later event that
 # writes the box's old value must still be a change. The tabs that events open (a neuron from a plot,
@@ -1308,6 +1338,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         tab_url_button.click(None, url_box, url_box, js="(q) => (window.__saeTabUrl !== undefined ? window.__saeTabUrl : q)")
         demo.load(None, js=TAB_ADDRESS_JS)
         demo.load(None, js=HISTORY_JS)
+        demo.load(None, js=FOCUS_JS)
 
         if isinstance(steer_parts, SteerTab):
             steer_parts.wire(demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, img_id, img_steer)

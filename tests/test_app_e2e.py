@@ -852,3 +852,26 @@ def test_back_and_forward_go_through_what_the_user_opened(page, explorer_app):
     rows = ("() => Array.from(document.querySelectorAll('#neuron-table [role=row]')).map(r => Array.from("
             "r.querySelectorAll('[role=gridcell]')).map(c => c.innerText)).filter(r => r.length)")
     pg.wait_for_function(f"() => ({rows})().length > 0 && ({rows})().every(r => r[1].includes('red'))")
+
+
+def test_the_focus_follows_an_action_into_the_page_it_opens(page, explorer_app):
+    """Enter on a Neurons table row, or on "Steer with this neuron", opens another tab and hid the focused
+    element with its page: the focus fell to the document's body and a screen reader said nothing. It is in
+    the page that opened (its heading, or the page itself), and the keyboard goes on from there."""
+    pg = page
+    pg.goto(explorer_app.url + "/?tab=neurons")
+    cell = pg.locator("#neuron-table [role=gridcell]").first
+    cell.wait_for()
+    k = int(cell.inner_text())
+    in_page = ("() => { const a = document.activeElement; const p = Array.from(document.querySelectorAll("
+               "'[role=tabpanel]')).find(q => q.checkVisibility()); return !!p && a !== document.body && p.contains(a); }")
+    cell.focus()
+    pg.keyboard.press("Enter")
+    pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
+    pg.wait_for_function(in_page)
+    assert pg.evaluate("() => document.activeElement.tagName") == "H3"
+    pg.focus("#steer-with-neuron")
+    pg.keyboard.press("Enter")
+    wait_address(pg, tab="steer", latents=str(k))
+    pg.wait_for_function(in_page)
+    assert pg.evaluate("() => document.activeElement.closest('[role=tabpanel]').contains(document.querySelector('#steer-button'))")
