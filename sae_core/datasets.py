@@ -88,7 +88,7 @@ def inat_taxonomy(folder_name: str) -> list[str] | None:
 
 def items_digest(ds, n: int) -> str:
     """sha256 of the names (`item`) of a dataset's first `n` images, one a line: what image ids 0..n-1 stand for,
-    so a bundle can tell when its folder has changed under it (about 1 s for ImageNet's 1.28 M names)."""
+    so a bundle can tell when its folder has changed under it (0.17 s for 1.28 M ImageNet-like names here)."""
     text = "\n".join(ds.item(i) for i in range(n))
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 

@@ -120,7 +120,8 @@ class Clamp:
         return len(self.latents) == 0
 
     def describe(self) -> dict:
-        return {"latents": list(self.latents), "values": np.asarray(self.values, np.float64).round(4).tolist(),  # float32's overflowed
+        # rounded in float64: float32's round overflowed values past 3.4e34 to inf
+        return {"latents": list(self.latents), "values": np.asarray(self.values, np.float64).round(4).tolist(),
                 "mode": self.mode, "positions": None if self.positions is None else list(self.positions),
                 "keep_error": self.keep_error}
 
