@@ -260,6 +260,12 @@ def user_errors(fn):
     return wrapper
 
 
+# Every event whose function runs the steering session's model (LLaVA, its vision tower included) waits for one
+# worker: two at once hold two copies of their activations, which on a GPU with a 7B LLaVA is the memory the
+# model left free (the image search of neurons ran beside the Steer page's events until 2026-12-05).
+MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
+
+
 def checked_first(trigger, check, inputs, fn, outputs, api_name, **kwargs):
     """`trigger` runs `check(*inputs)` (a user_errors function) with no outputs, then `fn` where it passed: a
     refused input is one message and the page keeps what it shows, where an event whose function raises marks
@@ -358,7 +364,6 @@ class SteerTab:
         from .steer import LATENT_COLUMNS
 
         ex, svc = self.ex, self.steer
-        model = dict(concurrency_limit=1, concurrency_id="model")
 
         def state_query(image_index, latents, strengths, patches, keep_error, question):
             """The address of a steer request, from its checked latents and strengths (the boxes hand over what
@@ -437,7 +442,7 @@ class SteerTab:
         load_out = [self.picture, self.latents_df]
         for trigger, api_name in ((self.load_button.click, "steer_load_image"), (self.image_index.submit, False)):
             then_address(checked_first(trigger, check_steer_image, [self.image_index, self.upload, self.patches],
-                                       steer_load_image, load_out, api_name, **model))
+                                       steer_load_image, load_out, api_name, **MODEL_QUEUE))
 
         @user_errors
         def steer_first_visit(image_index, upload, patches, picture):
@@ -446,7 +451,7 @@ class SteerTab:
                     else (gr.update(), gr.update()))
 
         steer_tab.select(steer_first_visit, [self.image_index, self.upload, self.patches, self.picture], load_out,
-                         api_name=False, **model)
+                         api_name=False, **MODEL_QUEUE)
 
         @user_errors
         def steer_upload_image(upload, patches):
@@ -457,7 +462,7 @@ class SteerTab:
             check_steer_image(-1, upload, patches)
 
         then_address(checked_first(self.upload.upload, check_steer_upload, [self.upload, self.patches],
-                                   steer_upload_image, [self.image_index] + load_out, "steer_upload_image", **model))
+                                   steer_upload_image, [self.image_index] + load_out, "steer_upload_image", **MODEL_QUEUE))
 
         @user_errors
         def steer_select_patch(image_index, upload, patches, evt: Click):
@@ -494,7 +499,7 @@ class SteerTab:
             return k, pic
 
         then_address(self.latents_df.select(steer_pick_latent, [self.image_index, self.upload, self.patches],
-                                            [self.slots[0][0], self.picture], api_name="steer_pick_latent", **model))
+                                            [self.slots[0][0], self.picture], api_name="steer_pick_latent", **MODEL_QUEUE))
 
         @user_errors
         def steer(image_index, upload, latent_1, value_1, latent_2, value_2, latent_3, value_3, patches,
@@ -527,7 +532,7 @@ class SteerTab:
                       [self.image_index, self.upload, *self.slot_inputs(), self.patches, self.keep_error,
                        self.question, self.sweep, self.max_tokens],
                       steer, [self.original, self.sae_answer, self.steered, self.sweep_df, self.score_md, self.details,
-                              url_box], "steer", **model)
+                              url_box], "steer", **MODEL_QUEUE)
 
         @user_errors
         def steer_with_neuron(neuron):
@@ -553,7 +558,7 @@ class SteerTab:
         # also an "Error" badge on the Steer page's image box
         checked_first(steer_with_image_button.click, check_image, image_id, steer_with_image,
                       [self.image_index, tabs, url_box], "steer_with_image").success(
-            steer_load_image, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
+            steer_load_image, [self.image_index, self.upload, self.patches], load_out, api_name=False, **MODEL_QUEUE)
 
         @user_errors
         def steer_restore_from_url(request: gr.Request):
@@ -616,7 +621,7 @@ class SteerTab:
         on_link(demo, lambda state: state.get("tab") == "steer").success(steer_restore_from_url, None,
                   [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,
                    *self.slot_inputs()], api_name="steer_restore_from_url").success(
-            steer_restore_latents, [self.image_index, self.upload, self.patches], load_out, api_name=False, **model)
+            steer_restore_latents, [self.image_index, self.upload, self.patches], load_out, api_name=False, **MODEL_QUEUE)
 
 
 def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> gr.Blocks:
@@ -717,7 +722,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 header_md = gr.Markdown(elem_id="neuron-header")
                 # the neuron the page shows, which the id box stops being once another id is typed without
                 # Open: the gallery clicks, Export and "Steer with this neuron" act on this one
-                shown_neuron = gr.Number(value=None, precision=0, visible=False, label="neuron", elem_id="shown-neuron")
+                # (as sent: Gradio's own rounding turned the API's /neuron_export 3.5 into neuron 4's file)
+                shown_neuron = as_sent(gr.Number(value=None, precision=0, visible=False, label="neuron",
+                                                 elem_id="shown-neuron"))
                 # fit_columns=False: a gallery of 2 images kept 2 columns, so each image was 4x the width of
                 # a full gallery's, half the page, and read as another kind of page.
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
@@ -904,7 +911,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             return found["table"], found["picture"], found["note"]
 
         searched_image = checked_first(image_button.click, check_search_image, search_image, search_neurons_by_image,
-                                       [table, search_where, search_note], "search_neurons_by_image")
+                                       [table, search_where, search_note], "search_neurons_by_image", **MODEL_QUEUE)
         searched_image.success(lambda: (gr.Image(visible=True), "tab=neurons"), None, [search_where, url_box],
                                api_name=False, queue=False)  # an upload has no address
 

@@ -85,7 +85,11 @@ def test_bad_neuron_ids_get_a_message(client, explorer_app):
         with pytest.raises(AppError, match=f"neuron id {bad} is out of range; give an integer between 0 and {K - 1}"):
             client.predict(bad, api_name="/neuron_page")
     # a fraction is refused, not rounded to a neighbour's page; text is refused in a sentence too
+    # /neuron_export and /steer_with_neuron read the page's hidden neuron box, which Gradio rounded (3.5 gave
+    # neuron 4's file) and whose text was its own traceback
     for endpoint, bad, what in (("/neuron_page", 3.5, "neuron id 3.5"), ("/neuron_page", "abc", "neuron id 'abc'"),
+                                ("/neuron_export", 3.5, "neuron id 3.5"), ("/neuron_export", "abc", "neuron id 'abc'"),
+                                ("/steer_with_neuron", 3.5, "neuron id 3.5"),
                                 ("/image_neurons", 2.5, "image id 2.5"), ("/search_images_like", 2.5, "image id 2.5"),
                                 ("/steer_with_image", 2.5, "image id 2.5")):
         with pytest.raises(AppError, match=f"{what} is not an integer"):
@@ -113,6 +117,7 @@ def test_neuron_export_is_the_neuron_json_as_a_file(client, explorer_app):
     k = int(np.argmax(neurons(explorer_app, "support")))
     file = client.predict(k, api_name="/neuron_export")  # a plain file (download_files=False: its record)
     assert file["orig_name"] == f"neuron_{k}.json"
+    assert client.predict(str(k), api_name="/neuron_export")["orig_name"] == f"neuron_{k}.json"  # as /neuron_page takes it
     with urllib.request.urlopen(file["url"], timeout=10) as r:
         assert json.loads(r.read()) == client.predict(k, api_name="/neuron_json")
 

@@ -143,6 +143,21 @@ def test_deep_greyscale_is_scaled_and_multi_picture_jpegs_are_jpegs(tmp_path):
     assert np.array_equal(np.asarray(load_upload(tmp_path / "phone.jpg")), want)
 
 
+def test_every_event_that_runs_the_model_waits_for_its_one_worker(explorer):
+    """The events whose functions run the steering session's model (written out here: the Steer page's, and the
+    image search of neurons, which runs the vision tower) share one queue of one worker; the image search had
+    Gradio's default of 4 beside it."""
+    from app import ui
+    from app.steer import SteerService
+
+    demo = ui.build(explorer, steer=SteerService(explorer))
+    runs_model = {"steer", "steer_load_image", "steer_upload_image", "steer_pick_latent", "search_neurons_by_image"}
+    named = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in runs_model}
+    assert set(named) == runs_model
+    assert {(fn.api_name, fn.concurrency_id, fn.concurrency_limit) for fn in named.values()} == \
+        {(name, "model", 1) for name in runs_model}
+
+
 def test_a_transparent_palette_colour_reaches_the_model_as_its_pixels(tmp_path):
     """A palette PNG whose black is marked transparent: PIL kept the mark on the RGB image and transformers'
     processor painted every black pixel white, so extract, atlas and steer encoded another picture than the
