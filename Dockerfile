@@ -8,7 +8,7 @@ ENV PYTHONUNBUFFERED=1 \
     SAE_APP_BUNDLE=/home/app/sae/runs/demo_bundle SAE_APP_PRESET=demo \
     SAE_APP_HOST=0.0.0.0 SAE_APP_PORT=7860 \
     SAE_APP_DEVICE=auto SAE_APP_PRECISION=auto SAE_APP_LOAD_4BIT=0 \
-    SAE_APP_CACHE=/tmp/sae_app SAE_APP_SESSIONS=500 \
+    SAE_APP_CACHE=/tmp/sae_app SAE_APP_CACHE_HOURS=24 SAE_APP_SESSIONS=500 \
     SAE_APP_MAX_UPLOAD_MB=10 SAE_APP_MAX_UPLOAD_MEGAPIXELS=16.8
 
 RUN apt-get update && apt-get install -y --no-install-recommends make \

@@ -134,7 +134,9 @@ class ImageCache:
     def get_or_make(self, key: str, make) -> str:
         """Path of the PNG for `key`, drawing it with `make()` (a PIL image) the first time."""
         path = self.path(key)
-        if not path.is_file():
+        try:
+            os.utime(path)  # a use: the server's cache sweep deletes what nobody used for a day (app.server)
+        except FileNotFoundError:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             # compress_level 1: a third of the encoding time of the default 6, files about 35% larger
             make().save(tmp, format="PNG", compress_level=1)

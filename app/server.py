@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from sae_core.errors import UserError
@@ -27,6 +28,65 @@ def _gradio_env(cache: Path) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+CACHE_SWEEP_EVERY_S = 3600.0
+_UPLOAD_FOLDER = re.compile(r"^[0-9a-f]{64}$")  # Gradio's: the sha256 of an upload's content
+
+
+def sweep_cache(cache: Path, max_age_s: float, now: float | None = None) -> int:
+    """Delete the files in `cache` that the app and Gradio wrote there and nobody used for `max_age_s`: uploads
+    (Gradio's <sha256>/ folders, and the empty tmp* file its upload route leaves beside them for each one) and
+    generated pictures and exports (`generated/*/`, touched on every use). Only those names: SAE_APP_CACHE may
+    be any folder. Until 2026-12-05 each upload and its pictures stayed for good (10 uploads of 3 MB: 32 MB).
+    Returns the number of files deleted."""
+    import time
+
+    def folders(root: Path, match) -> list[Path]:
+        return [e for e in root.iterdir() if e.is_dir() and not e.is_symlink() and match(e.name)] if root.is_dir() else []
+
+    def files(folder: Path) -> list[Path]:
+        return [e for e in folder.iterdir() if e.is_file() and not e.is_symlink()]
+
+    uploads = folders(cache, _UPLOAD_FOLDER.match)
+    generated = folders(cache / "generated", lambda name: True) if not (cache / "generated").is_symlink() else []
+    candidates = [e for e in files(cache) if e.name.startswith("tmp")] if cache.is_dir() else []
+    for folder in uploads + generated:
+        candidates += files(folder)
+    cutoff = (time.time() if now is None else now) - max_age_s
+    deleted = 0
+    for path in candidates:
+        try:
+            if path.lstat().st_mtime < cutoff:
+                path.unlink()
+                deleted += 1
+        except FileNotFoundError:  # another sweep, or Gradio, took it first
+            pass
+    for folder in uploads:
+        try:
+            folder.rmdir()  # an upload's folder, once empty
+        except OSError:
+            pass
+    return deleted
+
+
+def _sweep_cache_hourly(settings: AppSettings) -> None:
+    """A daemon thread running `sweep_cache` every CACHE_SWEEP_EVERY_S (none for SAE_APP_CACHE_HOURS=0)."""
+    import threading
+    import time
+
+    if settings.cache_hours <= 0:
+        return
+
+    def loop():
+        while True:
+            try:
+                sweep_cache(settings.cache, settings.cache_hours * 3600)
+            except OSError as e:  # a folder removed or made unreadable meanwhile: try again next time
+                print(f"[app] warning: the cache sweep of {settings.cache} failed ({e})", flush=True)
+            time.sleep(CACHE_SWEEP_EVERY_S)
+
+    threading.Thread(target=loop, name="cache-sweep", daemon=True).start()
+
+
 def create_app(settings: AppSettings):
     """(gr.Blocks, launch keyword arguments) for the bundle of `settings` (which must exist)."""
     _gradio_env(settings.cache)
@@ -41,6 +101,7 @@ def create_app(settings: AppSettings):
 
     bundle = open_bundle(settings.bundle)
     explorer = Explorer(bundle, settings.cache)
+    _sweep_cache_hourly(settings)
     steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.steering_device(),
                                                                    precision=settings.steering_precision,
                                                                    limits=settings.limits)

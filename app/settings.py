@@ -27,7 +27,10 @@ ENV_VARS = {
     "SAE_APP_MAX_UPLOAD_MB": "largest upload in MiB (default 10)",
     "SAE_APP_MAX_UPLOAD_MEGAPIXELS": "largest upload in megapixels (default 16.8)",
     "SAE_APP_SESSIONS": "browser and API sessions Gradio keeps in memory, oldest dropped first (default 500)",
+    "SAE_APP_CACHE_HOURS": "uploads and generated files unused this long are deleted from the cache, checked "
+                           "hourly (default 24; 0 keeps them)",
 }
+DEFAULT_CACHE_HOURS = 24.0
 DEFAULT_SESSIONS = 500
 """Gradio copies the config of every block for each session (about 215 KB with this app) and keeps 10,000
 by default, about 2 GB for scripts that call the API without a session hash. The explorer keeps nothing
@@ -58,6 +61,7 @@ class AppSettings:
     cache: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "sae_app")
     limits: UploadLimits = UploadLimits()
     sessions: int = DEFAULT_SESSIONS
+    cache_hours: float = DEFAULT_CACHE_HOURS
 
     @property
     def uses_default_bundle(self) -> bool:
@@ -78,6 +82,7 @@ class AppSettings:
             "port": env.get("SAE_APP_PORT") or env.get("GRADIO_SERVER_PORT") or 7860,
             "cache": Path(env.get("SAE_APP_CACHE") or Path(tempfile.gettempdir()) / "sae_app"),
             "sessions": env.get("SAE_APP_SESSIONS") or DEFAULT_SESSIONS,
+            "cache_hours": env.get("SAE_APP_CACHE_HOURS") or DEFAULT_CACHE_HOURS,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -95,6 +100,14 @@ class AppSettings:
         if sessions < 1:
             raise UserError(f"SAE_APP_SESSIONS={values['sessions']!r} is not a positive whole number; "
                             f"set it to the sessions to keep in memory, e.g. {DEFAULT_SESSIONS}.")
+        try:
+            cache_hours = float(values["cache_hours"])
+        except ValueError:
+            cache_hours = -1.0
+        if not 0 <= cache_hours < float("inf"):
+            raise UserError(f"SAE_APP_CACHE_HOURS={values['cache_hours']!r} is not a number of hours of 0 or more; "
+                            f"set it to how long unused uploads and generated files stay, e.g. {DEFAULT_CACHE_HOURS:g} "
+                            "(0 keeps them).")
         from sae_core.steering import PRECISION_CHOICES
 
         if values["precision"] not in PRECISION_CHOICES:
@@ -107,7 +120,7 @@ class AppSettings:
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
                    host=str(values["host"]),
-                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions)
+                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours)
 
     @property
     def steering_precision(self) -> str:

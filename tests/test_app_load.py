@@ -24,11 +24,21 @@ def test_twenty_clients_twenty_five_neuron_pages_each(explorer_app):
 
 def test_sessions_beyond_the_bound_are_dropped_and_answer_again(tiny_bundle, tmp_path):
     """SAE_APP_SESSIONS bounds the sessions Gradio keeps (each a copy of every block's config); a dropped
-    session's next call gets the same answer as before (the explorer keeps nothing per session)."""
+    session's next call gets the same answer as before (the explorer keeps nothing per session). And the
+    server sweeps its cache from the start: an upload of a past run unused for the age is gone."""
+    import os
+    import time
+
     from app.server import spawn
 
-    proc, url = spawn(tiny_bundle, cache=tmp_path, extra_env={"SAE_APP_SESSIONS": "3", "OMP_NUM_THREADS": "1"})
+    upload = tmp_path / ("d" * 64) / "photo.png"
+    upload.parent.mkdir()
+    upload.write_bytes(b"x")
+    os.utime(upload, (time.time() - 7200, time.time() - 7200))
+    proc, url = spawn(tiny_bundle, cache=tmp_path, extra_env={"SAE_APP_SESSIONS": "3", "OMP_NUM_THREADS": "1",
+                                                             "SAE_APP_CACHE_HOURS": "1"})
     try:
+        assert not upload.parent.exists()
         caller = HttpCaller(url)
         answers = {}
         for i in range(6):
