@@ -326,7 +326,10 @@ class SteerTab:
                                                  "where most, the max in strength units (click one to put it in "
                                                  "the first slot)")
         with gr.Row():
-            self.patches = gr.Textbox(value="", label="patches (empty = every token)", elem_id="steer-patches")
+            # where they are, for those who type them (a screen reader or a keyboard cannot click the picture)
+            rows, cols = ex.grid
+            where = f"; row by row from 0 at the top left of the {rows} x {cols} grid" if rows else ""
+            self.patches = gr.Textbox(value="", label=f"patches (empty = every token{where})", elem_id="steer-patches")
             self.clear_patches = gr.Button("All patches")
         self.slots = []
         for i in range(N_SLOTS):

@@ -156,6 +156,10 @@ def test_every_event_that_runs_the_model_waits_for_its_one_worker(explorer):
     assert set(named) == runs_model
     assert {(fn.api_name, fn.concurrency_id, fn.concurrency_limit) for fn in named.values()} == \
         {(name, "model", 1) for name in runs_model}
+    # the patches box says where patch p is, for those who type them (the picture answers clicks only)
+    rows, cols = explorer.bundle.manifest["model"]["grid"]
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "steer-patches")
+    assert box.label == f"patches (empty = every token; row by row from 0 at the top left of the {rows} x {cols} grid)"
 
 
 def test_the_cache_sweep_deletes_only_unused_uploads_and_generated_files(tmp_path):
