@@ -136,6 +136,8 @@ class ImageCache:
         path = self.path(key)
         try:
             os.utime(path)  # a use: the server's cache sweep deletes what nobody used for a day (app.server)
+        except PermissionError:  # another user's file in a shared cache: used as it is
+            pass
         except FileNotFoundError:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             # compress_level 1: a third of the encoding time of the default 6, files about 35% larger
