@@ -277,13 +277,15 @@ class Explorer:
 
         rows = self.select(min_ms, min_support, level, label_contains, sort_by, descending)
         frame = pd.DataFrame({name: np.asarray(self.columns[name])[rows] for name in self.table_columns})
-        what = json.dumps([min_ms, min_support, level, label_contains, sort_by, bool(descending)], default=str)
+        what = json.dumps([min_ms, min_support, level, label_contains, sort_by,
+                           inputs.yes_no(descending, "descending")], default=str)  # "false" named True's file
         return self.images.write_text(f"neurons_{hashlib.sha1(what.encode()).hexdigest()[:12]}.csv",
                                       frame.to_csv(index=False, float_format="%.7g"))  # float32's digits
 
     def select(self, min_ms=None, min_support=None, level=None, label_contains: str = "", sort_by: str = "ms",
                descending: bool = True, ids=None) -> np.ndarray:
         """Ids of the neurons the table's filter keeps, sorted by `sort_by` (NaN last either way)."""
+        descending = inputs.yes_no(descending, "descending")
         c = self.columns
         keep = np.ones(self.n_neurons, dtype=bool) if ids is None else np.isin(c["neuron"], np.asarray(ids))
         if min_ms not in (None, ""):

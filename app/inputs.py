@@ -5,6 +5,8 @@ import math
 import re
 from urllib.parse import urlencode
 
+import numpy as np
+
 from sae_core.errors import UserError
 
 MAX_LATENTS = 8
@@ -16,6 +18,18 @@ MAX_NEW_TOKENS = 64
 MAX_SWEEP = 9
 MAX_QUESTION_CHARS = 300
 MAX_QUERY_CHARS = 200
+
+
+def yes_no(value, what: str) -> bool:
+    """A checkbox's value as sent: a bool (0 and 1, "true" and "false" as an API caller may send them), else
+    UserError. Gradio's Checkbox passes anything through, and "false" or "maybe" read as true."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise UserError(f"{what} {_shown(value)} is neither true nor false; send true or false.")
 
 
 def integer(value, what: str, low: int, high: int) -> int:

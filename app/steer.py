@@ -189,6 +189,7 @@ class SteerService:
         """Three answers, the sweep strip and the steering scores for one request."""
         lat, strength, raw, notes, question, n_tokens = self.checked_request(latents, strengths, question,
                                                                              max_new_tokens)
+        keep_error, sweep = inputs.yes_no(keep_error, "keep_error"), inputs.yes_no(sweep, "sweep")
         patches = patches or None
         s = self.session()
         if progress:

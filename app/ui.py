@@ -530,6 +530,7 @@ class SteerTab:
                         keep_error, question, sweep, max_new_tokens):
             check_steer_image(image_index, upload, patches)
             svc.checked_request([latent_1, latent_2, latent_3], [value_1, value_2, value_3], question, max_new_tokens)
+            inputs.yes_no(keep_error, "keep_error"), inputs.yes_no(sweep, "sweep")
 
         checked_first(self.steer_button.click, check_steer,
                       [self.image_index, self.upload, *self.slot_inputs(), self.patches, self.keep_error,
@@ -837,7 +838,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         @user_errors
         def neuron_table(min_ms, min_support, level, label_contains, sort_by, descending, limit):
-            return ex.table(min_ms, min_support, level, label_contains, sort_by, bool(descending), limit)
+            return ex.table(min_ms, min_support, level, label_contains, sort_by, descending, limit)
 
         filters = [f_min_ms, f_min_support, f_level, f_label, f_sort, f_desc, f_limit]
         # a filter's address holds the fields that differ from the page's defaults (a copied link gave the
@@ -863,7 +864,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         @user_errors
         def neuron_table_csv(min_ms, min_support, level, label_contains, sort_by, descending):
             """Every neuron the filter keeps, as a CSV file (the table shows at most its row limit)."""
-            return ex.table_csv(min_ms, min_support, level, label_contains, sort_by, bool(descending))
+            return ex.table_csv(min_ms, min_support, level, label_contains, sort_by, descending)
 
         # shown in a second step so that the API's /neuron_table_csv stays a plain file
         checked_first(csv_button.click, check_filter, filters[:-1], neuron_table_csv, csv_file, "neuron_table_csv"

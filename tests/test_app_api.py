@@ -211,6 +211,23 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
         client.predict(image_index=2, upload=None, api_name="/steer")
     with pytest.raises(AppError, match="patch 99|out of range"):
         client.predict(image_index=2, upload=None, latent_1=k, patches="99", api_name="/steer")
+    # a checkbox as a script sends it: "false" is false (Gradio passed it on, and any text read as true: the
+    # error term kept), "true" true, anything else one sentence
+    said = client.predict(image_index=2, upload=None, latent_1=k, keep_error="false", sweep="false",
+                          max_new_tokens=2, api_name="/steer")
+    plain = client.predict(image_index=2, upload=None, latent_1=k, keep_error=False, sweep=False,
+                           max_new_tokens=2, api_name="/steer")
+    assert said[5]["clamp"]["keep_error"] is False and said[:3] == plain[:3] and said[3] == plain[3]
+    assert client.predict(image_index=2, upload=None, latent_1=k, keep_error="true", sweep=False, max_new_tokens=2,
+                          api_name="/steer")[5]["clamp"]["keep_error"] is True
+    for field, value in (("keep_error", "maybe"), ("sweep", "x")):
+        with pytest.raises(AppError, match=f"^{field} '{value}' is neither true nor false; send true or false.$"):
+            client.predict(image_index=2, upload=None, latent_1=k, **{field: value}, api_name="/steer")
+    asc = client.predict(0.0, 0, "all", "", "ms", "false", 20, api_name="/neuron_table")
+    assert asc == client.predict(0.0, 0, "all", "", "ms", False, 20, api_name="/neuron_table")
+    assert asc != client.predict(0.0, 0, "all", "", "ms", True, 20, api_name="/neuron_table")
+    with pytest.raises(AppError, match="^descending 'maybe' is neither true nor false"):
+        client.predict(0.0, 0, "all", "", "ms", "maybe", 20, api_name="/neuron_table")
 
 
 def test_neuron_table_csv_holds_every_match(client, explorer_app):
