@@ -672,7 +672,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 ood_note = gr.Markdown(elem_id="ood-note")
                 with gr.Row():
                     roc_plot = gr.Plot(label="OOD detection: ROC", elem_id="roc-plot", visible=False, scale=1)
-                    ood_df = gr.Dataframe(interactive=False, visible=False, scale=1, elem_id="ood-table",
+                    # wrap: a detector's description ended in "..." with no way to read the rest but a copy
+                    ood_df = gr.Dataframe(interactive=False, visible=False, scale=1, elem_id="ood-table", wrap=True,
                                           label="AUROC and FPR@95 per detector (sort from a column header's ⋮ menu)")
                 with gr.Accordion("Ontology recovery and linear probes", open=False, elem_id="probe-accordion",
                                   visible=not ex.probes.is_crossmodal):

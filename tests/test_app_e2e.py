@@ -875,3 +875,24 @@ def test_the_focus_follows_an_action_into_the_page_it_opens(page, explorer_app):
     wait_address(pg, tab="steer", latents=str(k))
     pg.wait_for_function(in_page)
     assert pg.evaluate("() => document.activeElement.closest('[role=tabpanel]').contains(document.querySelector('#steer-button'))")
+
+
+def test_the_ood_tables_descriptions_are_read_whole(page, probe_outputs):
+    """The OOD table's descriptions ended in "..." at 1,400 px (e.g. "mean calibrated surprise -log p over every
+    single raw detector (p against held-o..."), with no way to read the rest but copying the table: they wrap."""
+    from app.server import spawn
+
+    proc, url = spawn(probe_outputs.bundle, extra_env={"OMP_NUM_THREADS": "1"})
+    try:
+        pg = page
+        pg.goto(url + "/")
+        pg.wait_for_selector("#ood-table [role=gridcell]")
+        cut = pg.evaluate("""() => Array.from(document.querySelectorAll('#ood-table [role=gridcell]'))
+            .map(c => [c.innerText.trim(), c.querySelector('span') || c])
+            .filter(([t, e]) => t.length > 40 && e.scrollWidth > e.clientWidth + 1).map(([t]) => t.slice(0, 60))""")
+        longest = pg.evaluate("() => Math.max(...Array.from(document.querySelectorAll('#ood-table [role=gridcell]'))"
+                              ".map(c => c.innerText.trim().length))")
+        assert longest > 60 and cut == [], cut  # descriptions as long as these are in the table, none cut
+    finally:
+        proc.terminate()
+        proc.wait(30)
