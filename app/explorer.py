@@ -275,10 +275,10 @@ class Explorer:
 
         import pandas as pd
 
+        descending = inputs.yes_no(descending, "descending")  # before naming the file: "false" named True's
         rows = self.select(min_ms, min_support, level, label_contains, sort_by, descending)
         frame = pd.DataFrame({name: np.asarray(self.columns[name])[rows] for name in self.table_columns})
-        what = json.dumps([min_ms, min_support, level, label_contains, sort_by,
-                           inputs.yes_no(descending, "descending")], default=str)  # "false" named True's file
+        what = json.dumps([min_ms, min_support, level, label_contains, sort_by, descending], default=str)
         return self.images.write_text(f"neurons_{hashlib.sha1(what.encode()).hexdigest()[:12]}.csv",
                                       frame.to_csv(index=False, float_format="%.7g"))  # float32's digits
 

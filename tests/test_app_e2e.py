@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -701,24 +702,34 @@ def test_a_steering_model_that_cannot_load_leaves_the_steer_page_its_picture(pag
         demo.close()
 
 
-def test_phone_layout(page, explorer_app):
-    """At 390 x 844 (a phone): the top gallery shows all its images in columns that fit the width (8 of
-    100 px showed 6 and scrolled sideways, unmarked) under its label (a two-line label covered the top of
-    the first row); the plots' titles fit the width (plotly cut both ends); the Overview's metrics sit
-    under the bundle's facts with each value on one line ("0.0444" read "0.0" over "444")."""
+@contextmanager
+def fullest_neuron_at(page, explorer_app, **context):
+    """A page of its own browser context (`context`: viewport, mobile, ...) on the Neuron page of the neuron with the
+    fullest top gallery, its images loaded; yields (page, its gallery's image count)."""
     top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
     k = int(np.argmax((top >= 0).sum(1)))
-    ctx = page.context.browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
-                                           is_mobile=True, has_touch=True)
+    ctx = page.context.browser.new_context(**context)
     try:
         pg = ctx.new_page()
         pg.set_default_timeout(60_000)
         pg.goto(f"{explorer_app.url}/?tab=neuron&neuron={k}")
         pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
         gallery_widths(pg)
+        yield pg, int((top[k] >= 0).sum())
+    finally:
+        ctx.close()
+
+
+def test_phone_layout(page, explorer_app):
+    """At 390 x 844 (a phone): the top gallery shows all its images in columns that fit the width (8 of
+    100 px showed 6 and scrolled sideways, unmarked) under its label (a two-line label covered the top of
+    the first row); the plots' titles fit the width (plotly cut both ends); the Overview's metrics sit
+    under the bundle's facts with each value on one line ("0.0444" read "0.0" over "444")."""
+    with fullest_neuron_at(page, explorer_app, viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                           is_mobile=True, has_touch=True) as (pg, n_images):
         tiles = pg.evaluate("""() => Array.from(document.querySelectorAll('#top-gallery .thumbnail-item'))
                                 .map(e => { const r = e.getBoundingClientRect(); return [r.left, r.right, r.top]; })""")
-        assert len(tiles) == (top[k] >= 0).sum() and min(t[0] for t in tiles) >= 0, tiles
+        assert len(tiles) == n_images and min(t[0] for t in tiles) >= 0, tiles
         assert max(t[1] for t in tiles) <= 390, tiles
         label = pg.evaluate("() => document.querySelector('#top-gallery [data-testid=block-label]').getBoundingClientRect().bottom")
         assert label <= min(t[2] for t in tiles), (label, tiles[:4])
@@ -741,8 +752,6 @@ def test_phone_layout(page, explorer_app):
                                 .filter(q => q.width > 0).map(q => Math.round(q.top))).size]; })""")
         # a line breaks between words only ("0.72, 0.62, 0.59, 0.61" may take 4 lines, "0.0444" one)
         assert lines and all(n <= len(text.split()) for text, n in lines), lines
-    finally:
-        ctx.close()
 
 
 def test_tablet_layout(page, explorer_app):
@@ -750,19 +759,11 @@ def test_tablet_layout(page, explorer_app):
     columns of Gradio's minimum width ran 856 px into a 686 px box: the last two columns were cut off, no
     scroll bar), the Overview's MS distribution spans MS 0 to 1 (its axis ran to 2.8 at that width), and the
     Steer page's question shows whole."""
-    top = np.load(explorer_app.bundle / "neurons" / "top_images.npy")
-    k = int(np.argmax((top >= 0).sum(1)))
-    ctx = page.context.browser.new_context(viewport={"width": 768, "height": 1024})
-    try:
-        pg = ctx.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(f"{explorer_app.url}/?tab=neuron&neuron={k}")
-        pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
-        gallery_widths(pg)
+    with fullest_neuron_at(page, explorer_app, viewport={"width": 768, "height": 1024}) as (pg, n_images):
         box, tiles = pg.evaluate("""() => [document.querySelector('#top-gallery').getBoundingClientRect().right,
             Array.from(document.querySelectorAll('#top-gallery .thumbnail-item'))
                  .map(e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; })]""")
-        assert len(tiles) == (top[k] >= 0).sum() and min(t[0] for t in tiles) >= 0, tiles
+        assert len(tiles) == n_images and min(t[0] for t in tiles) >= 0, tiles
         assert max(t[1] for t in tiles) <= min(box, 768), (box, tiles)
         pg.goto(explorer_app.url + "/")
         ms_plot = "document.querySelector('#ms-plot .js-plotly-plot')"
@@ -775,8 +776,6 @@ def test_tablet_layout(page, explorer_app):
         shown, whole = pg.evaluate("() => { const e = document.querySelector('#steer-question input');"
                                    " return [e.clientWidth, e.scrollWidth]; }")
         assert whole <= shown, (shown, whole)
-    finally:
-        ctx.close()
 
 
 def test_link_with_a_neuron_and_another_tab(page, explorer_app):
