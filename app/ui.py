@@ -330,7 +330,7 @@ class SteerTab:
             rows, cols = ex.grid
             where = f"; row by row from 0 at the top left of the {rows} x {cols} grid" if rows else ""
             self.patches = gr.Textbox(value="", label=f"patches (empty = every token{where})", elem_id="steer-patches")
-            self.clear_patches = gr.Button("All patches")
+            self.clear_patches = gr.Button("All patches", elem_id="steer-all-patches")
         self.slots = []
         for i in range(N_SLOTS):
             with gr.Row():
@@ -481,6 +481,27 @@ class SteerTab:
 
         then_address(self.picture.select(steer_select_patch, [self.image_index, self.upload, self.patches],
                                          [self.patches, self.picture], api_name="steer_select_patch"))
+
+        @user_errors
+        def check_typed_patches(image_index, upload, patches, picture):
+            patch_list(patches)
+            if picture is not None:
+                svc.image(image_index, upload)
+
+        @user_errors
+        def steer_type_patches(image_index, upload, patches, picture):
+            """Patches typed in the box, the keyboard's way to pick them (Enter, or leaving the box): the list in
+            order and the grid redrawn with it, as clicks draw it (the picture showed no choice until Steer)."""
+            chosen = sorted(patch_list(patches))
+            if picture is None:
+                return ",".join(map(str, chosen)), gr.update()
+            pil, _, _ = svc.image(image_index, upload)
+            return ",".join(map(str, chosen)), svc.picture(pil, chosen)
+
+        for trigger in (self.patches.submit, self.patches.blur):
+            then_address(checked_first(trigger, check_typed_patches,
+                                       [self.image_index, self.upload, self.patches, self.picture],
+                                       steer_type_patches, [self.patches, self.picture], False))
 
         @user_errors
         def steer_all_patches(image_index, upload):

@@ -277,6 +277,22 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
         except PlaywrightTimeout:
             if attempt == 1 or pg.input_value("#steer-patches textarea") != "":
                 raise
+    # Typing the patches draws the choice as the click drew it (the keyboard's way; the picture showed nothing
+    # until Steer): Enter puts the list in order and shows the very picture the click made, and so does leaving
+    # the box.
+    clicked_src = picture.get_attribute("src")
+    pg.click("#steer-all-patches")
+    wait_value(pg, "#steer-patches textarea", "")
+    pg.wait_for_function("s => document.querySelector('#steer-picture img')?.src !== s", arg=clicked_src)
+    pg.fill("#steer-patches textarea", "0 0")
+    pg.press("#steer-patches textarea", "Enter")
+    wait_value(pg, "#steer-patches textarea", "0")
+    pg.wait_for_function("s => document.querySelector('#steer-picture img')?.src === s", arg=clicked_src)
+    pg.click("#steer-all-patches")
+    pg.wait_for_function("s => document.querySelector('#steer-picture img')?.src !== s", arg=clicked_src)
+    pg.fill("#steer-patches textarea", "0")
+    pg.keyboard.press("Tab")
+    pg.wait_for_function("s => document.querySelector('#steer-picture img')?.src === s", arg=clicked_src)
 
     # 7. The address follows the page after a patch click, a load and a latent picked from the table, not only
     # after Steer (a copied link opened the image, latent and patches of the last Steer, or of the link followed)
