@@ -84,6 +84,18 @@ def _shown(v, how) -> str:
     return f"{v:.{how}f}"
 
 
+def binned_quantile_bound(counts, edges, q: float, top: float) -> float | None:
+    """An upper bound of the q-quantile of the scores a log10 histogram counts (LogHistogram: bin 0 also
+    holds what lies below its edges, the last bin what lies above): the upper edge of the bin where the
+    cumulative count reaches q of the total, or `top` (the largest score) for the last bin. None when the
+    histogram counts nothing."""
+    cum = np.cumsum(np.asarray(counts, np.int64))
+    if cum.size == 0 or cum[-1] == 0:
+        return None
+    i = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    return float(top) if i >= cum.size - 1 else min(float(10 ** float(edges[i + 1])), float(top))
+
+
 class Explorer:
     """One bundle, its per-neuron table and the pictures generated from it (cached as PNG files)."""
 
@@ -527,6 +539,7 @@ class Explorer:
             + ((f" · **on one token** {page['token_max'] + 0.0:.4g} (the Steer page's strength 1)"
                 if page["token_max"] > 0 else " · **never fires on a token** (the Steer page's strength 1 = 1.0 raw)")
                if page.get("token_max") is not None else ""),
+            *self._spread_line(page),
             f"- **Matryoshka level** {level}"
             + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
             + f" · {len(page['children'])} children",
@@ -548,6 +561,17 @@ class Explorer:
             lines.append(f"- **where it fires** — on no patch of {no_patch} of its {len(page['top'])} top images "
                          f"(only on the CLS token): no red and no box on those")
         return "\n".join(lines)
+
+    @staticmethod
+    def _spread_line(page: dict) -> list[str]:
+        """The activation histogram in words (a plot is out of reach of a screen reader): the scores under which
+        half and nine in ten of the firing images lie, read off the histogram's bins."""
+        counts, edges = page["hist"]
+        bounds = [binned_quantile_bound(counts, edges, q, page["max_act"]) for q in (0.5, 0.9)]
+        if bounds[0] is None:
+            return []
+        return [f"- **spread** — half the images where it fires score at most {bounds[0]:.3g}, nine in ten at most "
+                f"{bounds[1]:.3g} (upper edges of the histogram's bins)"]
 
     def neuron_record(self, k) -> dict:
         """A JSON-able description of neuron k (the page's JSON export and the `neuron_json` API)."""

@@ -639,6 +639,19 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     want = [i for i in np.asarray(b.array("patch_top_images"))[k] if i >= 0]
     assert [c.split()[0] for _, c in ex.gallery(k, by_patch=True)] == [f"#{i}" for i in want]
     assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images" in ex.neuron_summary(k, page)
+    # the histogram in words: the header's bounds hold the median and the 90th percentile of the scores of the
+    # images where the neuron fires (np.quantile), within one bin's width (or the max, in the last bin)
+    import re
+
+    busy = int(np.argmax((cls > 0).sum(0)))
+    fired = cls[:, busy][cls[:, busy] > 0]
+    spread = re.search(r"half the images where it fires score at most (\S+), nine in ten at most (\S+) ",
+                       ex.neuron_summary(busy, b.neuron(busy)))
+    edges = np.asarray(b.array("hist_edges"), np.float64)
+    for q, bound in zip((0.5, 0.9), map(float, spread.groups())):
+        x = np.quantile(fired, q, method="inverted_cdf")
+        assert x <= bound * 1.005 and (bound <= x * 10 ** (edges[1] - edges[0]) * 1.005 or
+                                       bound == pytest.approx(fired.max(), rel=5e-3)), (q, x, bound)
     rec = ex.neuron_record(k)
     assert [t["image"] for t in rec["top_by_patch"]] == want and rec["patch_support"] == int((pmax[:, k] > 0).sum())
     # latents without a CLS image are labelled from the patch gallery: the label's definition written out
