@@ -58,7 +58,9 @@ def train(spec: dict) -> dict:
     device = spec["device"]
     cuda = device.startswith("cuda")
     data = np.load(spec["data"], mmap_mode="r")
-    n_train = data.shape[0] - spec["eval_rows"]
+    held = np.load(spec["held_out_rows"])  # our trainer's held-out rows; SAELens trains on the others, as ours
+    train_rows = np.setdiff1d(np.arange(data.shape[0]), held)  # = HeldOut.training_rows(arange(n_train))
+    n_train = len(train_rows)
     init = np.load(spec["init_stats"])
     scale = float(init["scale"])  # the same input scale (E||x||^2 = d_in) and b_dec start as ours
 
@@ -80,7 +82,7 @@ def train(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        x = torch.from_numpy(data[np.sort(batch_index(n_train, B, step, spec["seed"]))]).to(device, torch.float32) * scale
+        x = torch.from_numpy(data[train_rows[np.sort(batch_index(n_train, B, step, spec["seed"]))]]).to(device, torch.float32) * scale
         dead = since_fired >= min(window, tokens_seen) if tokens_seen > 0 else None
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec["lr"], spec["steps"], spec["warmup"], spec["decay_start"])
@@ -105,8 +107,8 @@ def train(spec: dict) -> dict:
     # BatchTopK mode (the training activation, k*B per chunk of B held-out rows): FVU at L0 = k.
     btk = []
     with torch.no_grad():
-        for a in range(n_train, data.shape[0], B):
-            x = torch.from_numpy(np.asarray(data[a:a + B])).to(device, torch.float32) * scale
+        for a in range(0, len(held), B):
+            x = torch.from_numpy(np.asarray(data[held[a:a + B]])).to(device, torch.float32) * scale
             btk.append((sae.decode(sae.encode(x)) / scale).cpu().numpy())
     np.save(spec["x_hat_btk"], np.concatenate(btk))
 
@@ -117,13 +119,13 @@ def train(spec: dict) -> dict:
         inf = SAE.load_from_disk(tmp, device=device)
     x_hat, active = [], 0
     with torch.no_grad():
-        for a in range(n_train, data.shape[0], 4096):
-            x = torch.from_numpy(np.asarray(data[a:a + 4096])).to(device, torch.float32) * scale
+        for a in range(0, len(held), 4096):
+            x = torch.from_numpy(np.asarray(data[held[a:a + 4096]])).to(device, torch.float32) * scale
             z = inf.encode(x)
             active += int((z != 0).sum())
             x_hat.append((inf.decode(z) / scale).cpu().numpy())
     np.save(spec["x_hat"], np.concatenate(x_hat))
-    result["l0"] = active / spec["eval_rows"]
+    result["l0"] = active / len(held)
     result["inference_architecture"] = inf.cfg.architecture()
     if cuda:
         result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()

@@ -13,8 +13,9 @@ in a fresh subprocess (so that its RSS high-water mark is its own):
 Columns:
 - tokens/s: steady state, the training steps after the first `--timing-skip` ones (evaluation and
   set-up excluded);
-- FVU: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 pooled over the held-out rows (the last
-  `--eval-rows` rows of the file, never trained on), computed here by one numpy function from the
+- FVU: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 pooled over the held-out rows (the `--eval-rows`
+  rows our `train` holds out, spread evenly over the file by `held_out_split`; every row trains on the
+  others and none on these), computed here by one numpy function from the
   reconstructions each SAE makes in its inference mode (ours: per-latent thresholds; SAELens:
   its BatchTopK SAE in eval mode, i.e. the JumpReLU with its learned threshold);
 - L0: mean active latents per held-out token, in inference mode;
@@ -77,6 +78,17 @@ def pooled_fvu(x: np.ndarray, x_hat: np.ndarray) -> float:
     return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
+def write_held_out_rows(data: Path, eval_rows: int, path: Path) -> np.ndarray:
+    """The rows our trainer holds out of `data` (`held_out_split`), saved to `path` for the SAELens row,
+    which trains on the others and is evaluated on these, as ours is. (The benchmark took the file's last
+    rows until 2026-12-05, of which `train`, holding out rows spread over the file, had trained on 7 in 8.)"""
+    from sae_core.activation_store import ActivationStore, held_out_split
+
+    rows = held_out_split(ActivationStore(data), eval_rows).held_out_rows()
+    np.save(path, rows)
+    return rows
+
+
 def write_init_stats(data: Path, eval_rows: int, path: Path) -> Path:
     """Our trainer's input scale and b_dec start (same rows, same seed), handed to the SAELens row.
 
@@ -84,11 +96,11 @@ def write_init_stats(data: Path, eval_rows: int, path: Path) -> Path:
     median as ours keeps the FVU comparison about the trainers rather than about the offset of the
     data (whose mean is 2.0 per dimension) after only a few dozen steps.
     """
-    from sae_core.activation_store import ActivationStore
+    from sae_core.activation_store import ActivationStore, held_out_split
     from sae_core.training import TrainConfig, _init_stats
 
     store = ActivationStore(data)
-    scale, b_dec = _init_stats(store, len(store) - eval_rows, TrainConfig(steps=1))
+    scale, b_dec = _init_stats(store, held_out_split(store, eval_rows), TrainConfig(steps=1))
     np.savez(path, scale=np.float64(scale), b_dec=b_dec.numpy())
     return path
 
@@ -146,11 +158,11 @@ def run_ours(spec: dict) -> dict:
     seconds = sum(spec["batch_size"] / float(r["tokens_per_s"]) for r in rows)
 
     sae = load_sae(out_dir, device=spec["device"])  # the saved (raw-input, inference-mode) SAE
-    n_train = len(store) - spec["eval_rows"]
+    held = np.load(spec["held_out_rows"])
     x_hat, active = [], 0
     with torch.no_grad():
-        for a in range(n_train, len(store), 4096):
-            x = torch.from_numpy(store.rows(a, min(len(store), a + 4096))).to(spec["device"], torch.float32)
+        for a in range(0, len(held), 4096):
+            x = torch.from_numpy(store.take(held[a:a + 4096])).to(spec["device"], torch.float32)
             z = sae.encode(x)
             active += int((z != 0).sum())
             x_hat.append(sae.decode(z).cpu().numpy())
@@ -158,13 +170,13 @@ def run_ours(spec: dict) -> dict:
     # BatchTopK mode (the training activation, k*B per chunk of B held-out rows): FVU at L0 = k.
     btk = []
     with torch.no_grad():
-        for a in range(n_train, len(store), spec["batch_size"]):
-            x = torch.from_numpy(store.rows(a, min(len(store), a + spec["batch_size"]))).to(spec["device"], torch.float32)
+        for a in range(0, len(held), spec["batch_size"]):
+            x = torch.from_numpy(store.take(held[a:a + spec["batch_size"]])).to(spec["device"], torch.float32)
             acts = sae.pre_acts(x).clamp_min_(0)
             codes, _ = batchtopk_codes(acts, sae.cfg.k, distributed=False)
             btk.append(sae.decode(dense_codes(acts[codes.row, codes.col], codes, sae.cfg.d_sae)).cpu().numpy())
     np.save(spec["x_hat_btk"], np.concatenate(btk))
-    result = {"tokens_per_s": tokens / seconds, "timed_steps": len(rows), "l0": active / spec["eval_rows"]}
+    result = {"tokens_per_s": tokens / seconds, "timed_steps": len(rows), "l0": active / len(held)}
     if spec["device"].startswith("cuda"):
         result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return result
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--rows", type=positive_int, help="activation rows in the .npy, held-out rows included "
                    "(default 65,536 + eval rows on CPU, 262,144 + eval rows on CUDA)")
-    p.add_argument("--eval-rows", type=positive_int, default=8192, help="held-out rows at the end of the file")
+    p.add_argument("--eval-rows", type=positive_int, default=8192, help="held-out rows, spread over the file as `precompute train` holds them out")
     p.add_argument("--timing-skip", type=nonnegative_int, help="first steps left out of tokens/s (default max(3, steps/10))")
     p.add_argument("--lr", type=float, default=2e-4, help="same for every row (default: our default_lr at width 16,384)")
     p.add_argument("--expansion", type=positive_int, default=EXPANSION)
@@ -300,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--rows {n_rows} leaves fewer training rows than one batch of {args.batch_size}.", file=sys.stderr)
         return 2
 
-    common = {"data": str(data), "d_sae": d_sae, "k": args.k, "steps": steps, "batch_size": args.batch_size,
+    held_path = work / f"{data.stem}_held_out_{args.eval_rows}.npy"
+    held_rows = write_held_out_rows(data, args.eval_rows, held_path)
+    common = {"data": str(data), "held_out_rows": str(held_path), "d_sae": d_sae, "k": args.k, "steps": steps, "batch_size": args.batch_size,
               "lr": args.lr, "warmup": min(1000, steps // 20), "decay_start": int(0.8 * steps), "seed": 0,
               "eval_rows": args.eval_rows, "timing_skip": skip, "device": args.device}
     plan = [
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16_rows = any(row[3]["dtype"] == "bfloat16" for row in plan)
     peak = matmul_peak(args.device, args.batch_size, D_IN, d_sae,
                        dtypes=("float32",) if bf16_note and not bf16_rows else ("float32", "bfloat16"))
-    held_out = np.load(data, mmap_mode="r")[n_rows - args.eval_rows:]
+    held_out = np.load(data, mmap_mode="r")[held_rows]
     results = []
     for name, kind, label, extra in plan:
         print(f"row {name}: {steps} steps of {args.batch_size} ...", file=sys.stderr)

@@ -1,0 +1,50 @@
+"""The benchmarks measure what their tables say: the rows they evaluate and the commands they run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+def test_sae_train_evaluates_on_the_rows_train_held_out(tmp_path, capsys):
+    """The table's held-out FVU was taken on the file's last rows, of which `train` (holding out rows spread over
+    the file) had trained on 7 in 8; and the SAELens row's start statistics were a traceback. The reconstruction
+    the table scores is the trained SAE's on the rows its config.json names as held out, and the start statistics
+    handed to SAELens are the ones the trainer recorded."""
+    from benchmarks.sae_train import main, pooled_fvu, write_init_stats
+    from sae_core.activation_store import HeldOut
+    from sae_core.checkpoint import load_sae
+
+    work = tmp_path / "bench"
+    assert main(["--only", "batchtopk", "--steps", "4", "--timing-skip", "3", "--batch-size", "256", "--rows", "4096",
+                 "--eval-rows", "512", "--expansion", "1", "--k", "8", "--work", str(work)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ours batchtopk")]
+    training = json.loads((work / "batchtopk" / "config.json").read_text())["training"]
+    held = HeldOut(**training["held_out"]).held_out_rows()
+    data_path = next(work.glob("planted_*_n4096.npy"))
+    data = np.load(data_path)
+    assert (held < len(data) - 512).mean() > 0.8  # spread: most are not the file's last rows
+    sae = load_sae(work / "batchtopk")
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(torch.from_numpy(data[held]))).numpy()
+    np.testing.assert_allclose(np.load(work / "batchtopk.xhat.npy"), x_hat, rtol=1e-5, atol=1e-5)
+    assert table[0].split("|")[4].strip() == f"{pooled_fvu(data[held], x_hat):.4f}"
+    stats = np.load(write_init_stats(data_path, 512, tmp_path / "s.npz"))
+    assert float(stats["scale"]) == pytest.approx(training["input_scale"], rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "topk", "relu"])
+def test_saelens_export_trains_every_architecture_it_checks(arch, tmp_path):
+    """The export check passed --k to relu, which `train` refuses: the benchmark died before its table."""
+    from benchmarks.saelens_export import train_args
+    from precompute.__main__ import main
+    from sae_core.synthetic import planted_dictionary
+
+    data = tmp_path / "x.npy"
+    np.save(data, planted_dictionary(1024, d=16, n_atoms=32, active=2, seed=0).x)
+    args = train_args(arch, data, tmp_path / arch)
+    args[args.index("--steps") + 1] = "2"
+    assert main(args) in (0, None)
+    assert json.loads((tmp_path / arch / "config.json").read_text())["arch"] == arch
