@@ -314,7 +314,26 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     # a second build into this folder (the command started twice) is refused while this one runs; the demo and the
     # cross-modal command hold the same lock around it (re-entrant)
     with writer_lock(out):
-        return _build_stages(job, sae, out, world, progress)
+        try:
+            return _build_stages(job, sae, out, world, progress)
+        except BaseException:
+            _forget_unbuilt(out)
+            raise
+
+
+def _forget_unbuilt(out: Path) -> None:
+    """A build stopped before it saved anything (refused: a layer the model lacks, a score it has no token for)
+    takes its settings and log with it, so that writer_lock removes the --out it made: they were left behind
+    until 2026-12-05, and `inspect` called the folder an unfinished bundle with a resume command that was refused
+    again."""
+    if scan_checkpoint_path(out).is_file() or any(_stage_path(out, s).is_file() for s in STAGES):
+        return  # something was built: the settings hold it to its build, and a rerun resumes
+    for name in ("settings.json", "log.txt"):
+        (out / STAGE_DIR / name).unlink(missing_ok=True)
+    try:
+        (out / STAGE_DIR).rmdir()
+    except OSError:  # something else is there: kept
+        pass
 
 
 def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:

@@ -913,6 +913,9 @@ def test_an_saelens_sae_builds_the_same_bundle_as_ours(tiny_bundle, tmp_path):
                                         r"blocks.9.hook_resid_post\) was trained on another model: pass that one as "
                                         "--model, or one of these as --layer.$"):
         build_atlas(AtlasJob(sae=str(saelens), out=str(tmp_path / "deeper"), **common))
+    # refused before anything was built, they leave no folder (their settings and log kept it, which `inspect`
+    # called an unfinished bundle with a resume command refused again)
+    assert not (tmp_path / "no_layer").exists() and not (tmp_path / "deeper").exists()
     cfg["metadata"]["hook_name"] = "vision_tower.layers.-2"
     (saelens / "cfg.json").write_text(json.dumps(cfg))
     build_atlas(AtlasJob(sae=str(tiny_bundle / "sae"), out=str(tmp_path / "ours"), layer="-2", **common))
