@@ -70,6 +70,9 @@ def check_arch_options(args) -> None:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} applies to --arch {' / '.join(archs)}, not {args.arch}; leave it out or pick "
                             f"another --arch.")
+    if args.dtype != "float32" and args.arch not in K_ARCHS:  # relu's forward is fp32 throughout (its config said bf16)
+        raise UserError(f"--dtype {args.dtype} applies to --arch {' / '.join(K_ARCHS)}, not {args.arch}, which trains "
+                        "in float32; leave it out or pick another --arch.")
 
 
 def run(args) -> int:

@@ -146,6 +146,10 @@ def test_train_options_another_architecture_reads_are_refused(tmp_path, capsys):
         assert main([*base, "--arch", arch, option, value]) == 2
         assert capsys.readouterr().err == (f"error: {option} applies to --arch {readers}, not {arch}; leave it out "
                                            "or pick another --arch.\n")
+    # relu trained in fp32 under --dtype bfloat16, while its config.json recorded bfloat16
+    assert main([*base, "--arch", "relu", "--dtype", "bfloat16"]) == 2
+    assert capsys.readouterr().err == ("error: --dtype bfloat16 applies to --arch topk / batchtopk / matryoshka, not "
+                                       "relu, which trains in float32; leave it out or pick another --arch.\n")
     assert not (tmp_path / "o").exists()
     # the same options for an architecture that reads them get as far as the activations
     for arch, option, value in [("relu", "--l1-coeff", "0"), ("matryoshka", "--groups", "8,8"), ("topk", "--k", "4")]:
