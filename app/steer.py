@@ -53,6 +53,12 @@ class SteerService:
         self._failed: tuple[float, str] | None = None  # (when, why) of the last failed load
         self._lock = threading.Lock()
 
+    def other_tower(self) -> str | None:
+        """sae_core.steering.other_tower_warning for the bundle's SAE and the LLaVA this page steers."""
+        from sae_core.steering import bundle_llava_spec, other_tower_warning
+
+        return other_tower_warning(self.ex.bundle.manifest["model"].get("spec"), bundle_llava_spec(self.ex.bundle))
+
     @property
     def loaded(self) -> bool:
         return self._session is not None

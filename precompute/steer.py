@@ -3,6 +3,7 @@ inserted with nothing clamped, and the SAE with the chosen latents clamped."""
 from __future__ import annotations
 
 import math
+import sys
 
 from sae_core.atomic import strict_json
 from sae_core.errors import UserError
@@ -52,6 +53,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _warn(other_tower: str) -> None:
+    print(f"steer: warning: {other_tower}; steer the LLaVA whose tower it was trained on (--llava), or train the "
+          "SAE on that tower.", file=sys.stderr)
+
+
 def run(args) -> int:
     import torch
 
@@ -98,12 +104,12 @@ def run(args) -> int:
             raise UserError(f"--image {args.image} names an image of a bundle's dataset; with --sae pass an image "
                             "file, or give --bundle instead.")
         session = SteeringSession.from_paths(args.sae, args.llava, args.layer, latents=latents, device=args.device,
-                                             precision=args.precision)
+                                             precision=args.precision, note=_warn)
     else:
         bundle = open_bundle(args.bundle)
         refuse_before_loading(bundle, latents, image, patches, args.llava)
         session = SteeringSession.from_bundle(bundle, device=args.device, precision=args.precision,
-                                              llava=args.llava)
+                                              llava=args.llava, note=_warn)
     if listing:
         return _list_latents(session, image, args)
     values = values if len(values) > 1 else values * len(latents)

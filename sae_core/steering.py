@@ -409,23 +409,26 @@ class SteeringSession:
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, bundle, device: str = "auto", precision: str = "auto", llava: str | None = None,
-                    **kwargs) -> "SteeringSession":
+                    note=None, **kwargs) -> "SteeringSession":
         """The bundle's SAE and the LLaVA that reads its layer: the world's tiny LLaVA for world bundles,
-        the bundle's own model for LLaVA bundles, `llava` (default llava-hf/llava-1.5-7b-hf) otherwise."""
+        the bundle's own model for LLaVA bundles, `llava` (default llava-hf/llava-1.5-7b-hf) otherwise.
+        `note(line)`, where given, hears other_tower_warning's warning before LLaVA loads."""
         from .bundle import Bundle, open_bundle
 
         b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         model = b.manifest["model"]
         spec = llava or bundle_llava_spec(b)
+        if note is not None and (warning := other_tower_warning(model.get("spec"), spec)):
+            note(warning)
         return cls(b.load_sae(), spec, model["layer"], device=device, precision=precision, bundle=b, **kwargs)
 
     @classmethod
     def from_paths(cls, sae_dir: str | Path, llava: str | None = None, layer: str | int | None = None,
-                   latents=(), **kwargs) -> "SteeringSession":
+                   latents=(), note=None, **kwargs) -> "SteeringSession":
         """An SAE folder (ours, SAELens's, sparsify's, dictionary_learning's, or hf:OWNER/REPO[/FOLDER]) and
         a LLaVA spec `llava` (default: the LLaVA the SAE was trained on, see `llava_for_model`); the layer defaults
         to the one the SAE records. `latents`, those the caller will clamp, are checked against the SAE before
-        LLaVA loads (as refuse_before_loading does with a bundle)."""
+        LLaVA loads (as refuse_before_loading does with a bundle), and `note` as in from_bundle."""
         from .checkpoint import load_sae, no_layer_reason, trained_on
 
         sae = load_sae(sae_dir)
@@ -453,7 +456,10 @@ class SteeringSession:
             if ((len(ints) == 2 and (given_name < 0) == (own_name < 0))
                     or (len(ints) == 1 and "embed" in (given_name, own_name))):
                 raise _other_layer(recorded, layer)
-        return cls(sae, llava or llava_for_model(trained["model"]), layer, recorded_layer=recorded, **kwargs)
+        llava = llava or llava_for_model(trained["model"])
+        if note is not None and (warning := other_tower_warning(trained["model"], llava)):
+            note(warning)
+        return cls(sae, llava, layer, recorded_layer=recorded, **kwargs)
 
     # --- images and the hidden-state cache ----------------------------------------------------
     def load_image(self, image):
@@ -804,6 +810,38 @@ def bundle_llava_spec(bundle) -> str:
     if bundle.world_dir is not None:
         return f"world:{bundle.world_dir}:llava"
     return llava_for_model(bundle.manifest["model"]["spec"])
+
+
+LLAVA_1_5_TOWER = ("hf:openai/clip-vit-large-patch14-336", "open_clip:ViT-L-14-336/openai")
+"""The CLIP that LLaVA-1.5's vision tower is (kept frozen in its training), as a user names it: an SAE trained on
+it steers LLaVA-1.5."""
+
+
+def _tower(spec: str) -> tuple[str, str]:
+    """Which vision tower a model spec names, comparable across the spellings of one tower."""
+    import os
+
+    from .adapters import DEFAULT_LLAVA
+
+    kind, _, rest = (spec if ":" in spec else f"hf:{spec}").partition(":")  # a bare hub id (SAELens's model_name)
+    if kind == "world":
+        root = rest.removesuffix(":clip").removesuffix(":llava")  # the world's LLaVA reads its CLIP's tower
+        return "world", str(Path(os.path.expanduser(root)).resolve())
+    if f"{kind}:{rest}" in LLAVA_1_5_TOWER or (kind in ("llava", "hf") and (rest or DEFAULT_LLAVA) == DEFAULT_LLAVA):
+        return "llava", DEFAULT_LLAVA
+    return kind, rest
+
+
+def other_tower_warning(model_spec: str | None, llava_spec: str) -> str | None:
+    """A warning, as a clause for the caller's advice to follow, where an SAE trained on activations of
+    `model_spec` is to be steered in the vision tower of `llava_spec`, another model: its latents are directions
+    of that model's activations and mean nothing here, even where the widths agree (a DINOv2 SAE steered the
+    world's LLaVA, and listed "the latents that fire" on its images, without a word until 2026-12-05). None
+    where they are one tower, or no model is recorded."""
+    if not model_spec or _tower(model_spec) == _tower(llava_spec):
+        return None
+    return (f"the SAE was trained on activations of {model_spec}, not of the vision tower of {llava_spec}, so its "
+            "latents may mean nothing there")
 
 
 def llava_for_model(spec: str | None) -> str:

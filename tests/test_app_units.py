@@ -162,6 +162,23 @@ def test_every_event_that_runs_the_model_waits_for_its_one_worker(explorer):
     assert box.label == f"patches (empty = every token; row by row from 0 at the top left of the {rows} x {cols} grid)"
 
 
+def test_the_steer_page_warns_of_an_sae_of_another_model(explorer, monkeypatch):
+    """A bundle of a DINOv2 SAE steered LLaVA-1.5 on this page without a word (sae_core.steering.other_tower_warning
+    tells the towers apart; tested in test_steering)."""
+    from app import ui
+    from app.steer import SteerService
+
+    def intro():
+        demo = ui.build(explorer, steer=SteerService(explorer))
+        return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "steer-intro").value
+
+    assert "Warning" not in intro()
+    monkeypatch.setitem(explorer.bundle.manifest["model"], "spec", "hf:/models/dinov2")
+    assert intro().endswith("\n\n**Warning**: the SAE was trained on activations of hf:/models/dinov2, not of the "
+                            f"vision tower of world:{explorer.bundle.world_dir}:llava, so its latents may mean nothing "
+                            "there (a bundle built on that tower steers here).")
+
+
 def test_the_cache_sweep_deletes_only_unused_uploads_and_generated_files(tmp_path):
     """Uploads (Gradio's <sha256>/ folders and the empty tmp* file its upload route leaves for each) and generated
     files stayed for good: 10 uploads of 3 MB grew the cache by 32 MB. What nobody used for the age is deleted,

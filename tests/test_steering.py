@@ -263,7 +263,9 @@ def test_steer_command(tiny_bundle, session, capsys):
 
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "3,4", "--value", "6",
                  "--prompt", "Describe the image.", "--max-new-tokens", "12", "--json", "--device", "cpu"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    said = capsys.readouterr()
+    out = json.loads(said.out.strip().splitlines()[-1])
+    assert "warning" not in said.err  # the bundle's SAE was trained on this LLaVA's tower
     ref = session.answers("world:2", [3, 4], [6.0, 6.0], prompt="Describe the image.", max_new_tokens=12)
     assert (out["original"], out["sae"], out["steered"]) == (ref.original, ref.sae, ref.steered)
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--latent", "3,4", "--value", "1,2,3"]) == 2
@@ -275,6 +277,40 @@ def test_steer_command(tiny_bundle, session, capsys):
     assert main(["steer", "--sae", str(tiny_bundle / "sae"), "--llava", str(tiny_bundle / "no_llava"), "--image",
                  str(tiny_bundle / "no_image.png"), "--latent", "8,3,8", "--value", "5"]) == 2
     assert "latent 8 is chosen twice" in capsys.readouterr().err
+
+
+def test_an_sae_of_another_model_is_steered_with_a_warning(tiny_bundle, tmp_path, capsys):
+    """A DINOv2 SAE of the tower's width steered the world's LLaVA, and listed "the latents that fire", without a
+    word. The SAE's recorded model is compared with the LLaVA's tower, however each is spelt, before LLaVA loads."""
+    import shutil
+
+    from precompute.__main__ import main
+    from sae_core.steering import other_tower_warning
+
+    world = tiny_bundle / "world"
+    for model, llava in [(f"world:{world}", f"world:{world}:llava"), (f"world:{world}/../world:clip", f"world:{world}:llava"),
+                         ("llava:", "llava:llava-hf/llava-1.5-7b-hf"), ("hf:openai/clip-vit-large-patch14-336", "llava:"),
+                         ("open_clip:ViT-L-14-336/openai", "hf:llava-hf/llava-1.5-7b-hf"), (None, "llava:"),
+                         ("llava-hf/llava-1.5-7b-hf", "llava:")]:
+        assert other_tower_warning(model, llava) is None, (model, llava)
+    for model, llava in [("hf:/models/dinov2", f"world:{world}:llava"), (f"world:{tmp_path}", f"world:{world}:llava"),
+                         ("hf:openai/clip-vit-base-patch32", "llava:"), ("llava:llava-hf/llava-1.5-13b-hf", "llava:")]:
+        assert other_tower_warning(model, llava) == (
+            f"the SAE was trained on activations of {model}, not of the vision tower of {llava}, so its latents may "
+            "mean nothing there"), (model, llava)
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_bundle / "sae", sae)
+    cfg = json.loads((sae / "config.json").read_text())
+    cfg["training"]["activations"]["model"]["spec"] = "hf:/models/dinov2"
+    (sae / "config.json").write_text(json.dumps(cfg))
+    # said before LLaVA loads: this one does not exist
+    assert main(["steer", "--sae", str(sae), "--llava", f"world:{tmp_path / 'none'}:llava", "--image",
+                 str(tiny_bundle / "images" / "thumbs" / "0.png"), "--top", "3"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"steer: warning: the SAE was trained on activations of hf:/models/dinov2, not of the vision "
+                      f"tower of world:{tmp_path / 'none'}:llava, so its latents may mean nothing there; steer the "
+                      "LLaVA whose tower it was trained on (--llava), or train the SAE on that tower.")
+    assert err[1].startswith("error: ")
 
 
 def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bundle, session, tmp_path, capsys):
