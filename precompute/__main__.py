@@ -121,7 +121,12 @@ def main(argv=None) -> int:
             raise
         print(f"error: {args.command} ran out of memory ({said}); {out_of_memory_advice(args)}", file=sys.stderr)
         return 2
-    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except PermissionError as e:  # reading or writing: `inspect` of a bundle it may not read was told to free its --out
+        path = f" {e.filename}" if e.filename else ""
+        print(f"error: permission denied on{path}; give this user access to it (read for an input, write for an "
+              "--out), or use another path.", file=sys.stderr)
+        return 2
+    except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
         # the file system refused a path the user gave (--out names a file where a folder goes, or the reverse)
         path = f" {e.filename}" if e.filename else ""
         print(f"error: cannot write{path}: {e.strerror or e}; give an --out (or other path) that is free, or remove "

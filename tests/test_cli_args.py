@@ -186,6 +186,23 @@ def test_a_reader_that_stops_reading_is_no_traceback(tmp_path):
     assert proc.wait(timeout=120) == 141 and err == ""
 
 
+def test_a_path_it_may_not_read_is_not_called_an_out_to_free(tmp_path, monkeypatch, capsys):
+    """A permission refused on reading (`inspect` of a bundle whose neurons/ this user may not read) was reported as
+    "cannot write ...; give an --out that is free", by the handler meant for --out clashes. (Raised here by hand:
+    the tests run as root, whom no file mode stops.)"""
+    import precompute.inspect
+    from precompute.__main__ import main
+
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "b" / "neurons" / "ms.npy"))
+
+    monkeypatch.setattr(precompute.inspect, "run", unreadable)
+    assert main(["inspect", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (f"error: permission denied on {tmp_path / 'b' / 'neurons' / 'ms.npy'}; give this "
+                                       "user access to it (read for an input, write for an --out), or use another "
+                                       "path.\n")
+
+
 def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
     """A missing bundle (app_load built the demo bundle, unseen, until spawn's timeout), a count of 0
     (tracebacks) and an option a benchmark does not take (argparse's usage block first) end in one line, exit 2."""
