@@ -540,9 +540,10 @@ class Explorer:
                 if page["token_max"] > 0 else " · **never fires on a token** (the Steer page's strength 1 = 1.0 raw)")
                if page.get("token_max") is not None else ""),
             *self._spread_line(page),
-            f"- **Matryoshka level** {level}"
-            + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
-            + f" · {len(page['children'])} children",
+            *([f"- **Matryoshka level** {level}"
+               + (f" · parent {page['parent']}" if page["parent"] >= 0 else " (a root)")
+               + f" · {len(page['children'])} children"]
+              if len(self.levels) > 1 else []),  # one level: no tree ("level 0 (a root) · 0 children" of any relu SAE)
         ]
         if page.get("patch_support") is not None:
             top_act = f" (max {page['patch_top'][0][1]:.3g})" if page["patch_top"] else ""

@@ -629,6 +629,15 @@ def test_the_header_shows_no_negative_zero_and_the_unit_steering_uses(explorer):
     assert (explorer.bundle.strength_units()[silent] == 1.0).all()  # what the header now says
 
 
+def test_the_header_names_a_matryoshka_level_only_where_there_are_levels(explorer, monkeypatch):
+    """A relu SAE's neurons each read "Matryoshka level 0 (a root) · 0 children"."""
+    k = explorer.default_neuron
+    page = explorer.bundle.neuron(k)
+    assert len(explorer.levels) > 1 and f"- **Matryoshka level** {page['group']}" in explorer.neuron_summary(k, page)
+    monkeypatch.setattr(explorer, "levels", [0])
+    assert "Matryoshka" not in explorer.neuron_summary(k, page)
+
+
 def test_table_filters_and_sorts_like_numpy(explorer, tiny_bundle):
     ms = np.load(Path(tiny_bundle) / "neurons" / "ms.npy")
     support = np.load(Path(tiny_bundle) / "neurons" / "support.npy")
