@@ -542,6 +542,26 @@ def _hf_image_transform(source: str) -> ImageTransform:
     return ImageTransform(processor=proc)
 
 
+def _fixed_image_size(preprocessor: ImageTransform, source: str, side: int) -> tuple[int, int]:
+    """(H, W) of the pixels the processor makes of any image; UserError where that depends on the image's shape.
+
+    The token layout, the batches and the stores all take one size: a processor that keeps the image's aspect
+    (shortest_edge without its centre crop) made a wide image 64x213 next to 64x64, and extraction ended in
+    torch.stack's traceback, or, one image a batch, in "block output has 61 tokens, the layout says 17",
+    after writing its plan."""
+    from PIL import Image
+
+    sizes = [tuple(preprocessor.batch([Image.new("RGB", wh)]).shape[-2:])
+             for wh in ((side, side), (side * 10 // 3, side), (side, side * 10 // 3))]
+    other = next((s for s in sizes[1:] if s != sizes[0]), None)
+    if other is not None:
+        raise UserError(f"the image processor of {source} gives pictures of different sizes for images of different "
+                        f"shapes ({sizes[0][0]}x{sizes[0][1]} for a square one, {other[0]}x{other[1]} for another), "
+                        "and the token layout needs one size; give it a fixed size (do_center_crop with crop_size, "
+                        "or size with height and width, in its preprocessor_config.json).")
+    return sizes[0]
+
+
 def _hf_blocks(tower: nn.Module) -> nn.ModuleList:
     enc = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
     for attr in ("layers", "layer"):
@@ -574,26 +594,25 @@ class HFVisionAdapter(Adapter):
         mt = cfg.model_type
         if mt not in self.SUPPORTED:
             raise UserError(f"{source} is a {mt!r} model; hf: supports {', '.join(self.SUPPORTED)} (and llava via llava:).")
+        vcfg = cfg.vision_config if mt in ("clip", "siglip") else cfg
+        self.preprocessor = _hf_image_transform(source)
+        # what the processor feeds the model, not the config's image_size: DINOv2's config says 518 while its
+        # processor crops 224 (the model interpolates its position embeddings), a 16x16 grid, not 37x37; found
+        # before the weights are loaded, as a processor without one size is refused
+        size = vcfg.image_size
+        side = size[0] if isinstance(size, (list, tuple)) else size
+        self.image_size = _fixed_image_size(self.preprocessor, source, side)
         model = _hf_call(f"model {source}", AutoModel.from_pretrained, source)
         self.model = model.eval().requires_grad_(False)
         self.model_type = mt
         if mt in ("clip", "siglip"):  # a two-tower model: use its vision side and projection
             self.tower = model.vision_model
-            vcfg = cfg.vision_config
             self.embed_dim = int(getattr(cfg, "projection_dim", 0) or vcfg.hidden_size)
         else:
-            self.tower, vcfg = model, cfg
+            self.tower = model
             self.embed_dim = int(vcfg.hidden_size)
         self.blocks = _hf_blocks(self.tower)
         self.width = int(vcfg.hidden_size)
-        self.preprocessor = _hf_image_transform(source)
-        # what the processor feeds the model, not the config's image_size: DINOv2's config says 518 while its
-        # processor crops 224 (the model interpolates its position embeddings), a 16x16 grid, not 37x37
-        size = vcfg.image_size
-        side = size[0] if isinstance(size, (list, tuple)) else size
-        from PIL import Image
-
-        self.image_size = tuple(self.preprocessor.batch([Image.new("RGB", (side, side))]).shape[-2:])
         self.layout = _hf_layout(vcfg, mt, self.image_size)
         self.to("cpu")
 
@@ -625,6 +644,8 @@ class LlavaAdapter(Adapter):
         if cfg.model_type != "llava":
             raise UserError(f"{source} is a {cfg.model_type!r} model, not LLaVA; use hf:{source} for it.")
         self.config = cfg
+        self.preprocessor = _hf_image_transform(source)
+        _fixed_image_size(self.preprocessor, source, cfg.vision_config.image_size)  # before 7B of weights are read
         if full:
             from transformers import LlavaForConditionalGeneration
 
@@ -649,7 +670,6 @@ class LlavaAdapter(Adapter):
             raise UserError(f"{source} reads several vision layers ({layer}); only a single vision_feature_layer is supported.")
         self.read_layer = layer
         self.read_tokens = "patches" if cfg.vision_feature_select_strategy == "default" else "all"
-        self.preprocessor = _hf_image_transform(source)
         self.to("cpu")
 
     def to(self, device="cpu", precision="fp32"):

@@ -411,3 +411,40 @@ def test_every_model_loader_waits_while_another_thread_loads(tmp_path):
             assert not ended.wait(0.5), f"{name} ran while another thread held MODEL_LOADING"
         assert ended.wait(60), f"{name} did not run once MODEL_LOADING was let go"
         thread.join(5)
+
+
+def _without_centre_crop(src, dst):
+    """A copy of the saved model `src` whose image processor keeps the image's shape (do_center_crop false)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (dst / name).exists():
+            cfg = json.loads((dst / name).read_text())
+            (cfg.get("image_processor") or cfg)["do_center_crop"] = False
+            (dst / name).write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_processor_that_keeps_the_image_shape_is_refused_when_the_model_loads(tmp_path):
+    """The layout was worked out from one square image; a processor without its centre crop makes a wide image
+    wider, and extraction ended in torch.stack's traceback (or a token count the layout did not have). Every
+    loader (hf:, llava: and so steering, world:) refuses it in one sentence; a processor with one size still loads
+    with the size its processor really gives any image."""
+    from transformers import AutoImageProcessor
+
+    wide = Image.new("RGB", (200, 60))
+    for name, src in (("dino", H.dinov2_dir()), ("clip", H.clip_vision_dir()), ("llava", H.world_dir() / "llava")):
+        kept = _without_centre_crop(src, tmp_path / name)
+        proc = AutoImageProcessor.from_pretrained(kept)
+        assert proc(images=wide, return_tensors="pt")["pixel_values"].shape[-2:] != \
+            proc(images=Image.new("RGB", (60, 60)), return_tensors="pt")["pixel_values"].shape[-2:]
+        for spec in (f"hf:{kept}",) + ((f"llava:{kept}",) if name == "llava" else ()):
+            with pytest.raises(UserError, match=r"^the image processor of .* gives pictures of different sizes for "
+                               r"images of different shapes \(\d+x\d+ for a square one, \d+x\d+ for another\).*; give "
+                               r"it a fixed size \(do_center_crop"):
+                load_adapter(spec)
+        a = load_adapter(f"hf:{src}")
+        assert a.image_size == tuple(AutoImageProcessor.from_pretrained(src)(
+            images=wide, return_tensors="pt")["pixel_values"].shape[-2:])

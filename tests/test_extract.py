@@ -361,3 +361,29 @@ def test_a_done_shard_whose_files_are_gone_or_cut_short_is_redone(tmp_path):
         store = ActivationStore(out / layer)
         assert np.array_equal(store.rows(0, len(store)), ActivationStore(ref / layer).rows(0, len(store)))
         assert np.array_equal(store.row_index(), ActivationStore(ref / layer).row_index())
+
+
+def test_a_processor_that_keeps_the_image_shape_is_refused_before_anything_is_written(tmp_path, capsys):
+    """DINOv2 without its centre crop, a wide and a square image: extract ended in torch.stack's traceback (with
+    --batch-size 1: "block output has 61 tokens, the layout says 17") and left a plan, a store folder and progress/
+    that `inspect` called an unfinished extraction."""
+    import shutil
+
+    from PIL import Image
+
+    from precompute.__main__ import main
+
+    model = tmp_path / "dino_nocrop"
+    shutil.copytree(H.dinov2_dir(), model)
+    cfg = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "preprocessor_config.json").write_text(json.dumps({**cfg, "do_center_crop": False}))
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.new("RGB", (60, 60), (10, 200, 30)).save(tmp_path / "imgs" / "a" / "sq.png")
+    Image.new("RGB", (200, 60), (200, 10, 30)).save(tmp_path / "imgs" / "a" / "wide.png")
+    for batch in ("64", "1"):
+        out = tmp_path / f"o{batch}"
+        assert main(["extract", "--model", f"hf:{model}", "--layer", "1", "--tokens", "all", "--batch-size", batch,
+                     "--dataset", f"imagefolder:{tmp_path / 'imgs'}", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: the image processor of {model} gives pictures of different sizes" in err, err[-2000:]
+        assert "Traceback" not in err and not out.exists()
