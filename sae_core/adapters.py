@@ -10,7 +10,7 @@ downstream model (LLaVA) reads. Extraction (precompute) and steering (app) both 
 Specs
     open_clip:NAME[/PRETRAINED]   open_clip model; PRETRAINED is a tag (openai, laion2b_...) or a local
                                   checkpoint file (``open_clip:ViT-B-32//abs/path.pt``); none = random
-    hf:ID_OR_DIR                  transformers CLIPVisionModel, CLIPModel (vision side), Dinov2Model,
+    hf:ID_OR_DIR                  transformers CLIPVisionModel(WithProjection), CLIPModel (vision side), Dinov2Model,
                                   SiglipVisionModel/SiglipModel, or a LLaVA checkpoint (as llava:)
     llava:[ID_OR_DIR]             the vision tower of LlavaForConditionalGeneration
                                   (default llava-hf/llava-1.5-7b-hf)
@@ -587,7 +587,7 @@ class HFVisionAdapter(Adapter):
     SUPPORTED = ("clip", "clip_vision_model", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model")
 
     def __init__(self, spec: str, source: str, backend: str = "hf"):
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig, AutoModel, CLIPVisionModelWithProjection
 
         self.spec, self.name, self.backend = spec, source, backend
         cfg = _hf_call(f"the config of {source}", AutoConfig.from_pretrained, source)
@@ -602,10 +602,14 @@ class HFVisionAdapter(Adapter):
         size = vcfg.image_size
         side = size[0] if isinstance(size, (list, tuple)) else size
         self.image_size = _fixed_image_size(self.preprocessor, source, side)
-        model = _hf_call(f"model {source}", AutoModel.from_pretrained, source)
+        # AutoModel builds a CLIPVisionModel of a CLIPVisionModelWithProjection checkpoint and drops its
+        # visual_projection (transformers only reports it UNEXPECTED): embed was the unprojected pooled output
+        self.projected = mt == "clip_vision_model" and "CLIPVisionModelWithProjection" in (cfg.architectures or ())
+        model_class = CLIPVisionModelWithProjection if self.projected else AutoModel
+        model = _hf_call(f"model {source}", model_class.from_pretrained, source)
         self.model = model.eval().requires_grad_(False)
         self.model_type = mt
-        if mt in ("clip", "siglip"):  # a two-tower model: use its vision side and projection
+        if mt in ("clip", "siglip") or self.projected:  # use the vision side and the projection
             self.tower = model.vision_model
             self.embed_dim = int(getattr(cfg, "projection_dim", 0) or vcfg.hidden_size)
         else:
@@ -617,7 +621,7 @@ class HFVisionAdapter(Adapter):
         self.to("cpu")
 
     def _forward(self, pixels):
-        if self.model_type == "clip":
+        if self.model_type == "clip" or self.projected:
             return self.model.visual_projection(self.tower(pixel_values=pixels).pooler_output)
         if self.model_type == "siglip":
             return self.tower(pixel_values=pixels).pooler_output

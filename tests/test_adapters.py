@@ -448,3 +448,22 @@ def test_a_processor_that_keeps_the_image_shape_is_refused_when_the_model_loads(
         a = load_adapter(f"hf:{src}")
         assert a.image_size == tuple(AutoImageProcessor.from_pretrained(src)(
             images=wide, return_tensors="pt")["pixel_values"].shape[-2:])
+
+
+def test_hf_clip_vision_model_with_projection_embeds_with_its_projection(tmp_path):
+    """AutoModel built a CLIPVisionModel of this checkpoint and dropped visual_projection (transformers only
+    reported it UNEXPECTED), so `embed` (the MS and search embedding) was the 32-d pooled output, not the
+    16-d image_embeds the checkpoint's own class gives."""
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(H._vision_config()).save_pretrained(tmp_path / "proj")
+    H._clip_processor().save_pretrained(tmp_path / "proj")
+    a = load_adapter(f"hf:{tmp_path / 'proj'}")
+    ref = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "proj").eval().requires_grad_(False)
+    px = _pixels(a)
+    with torch.no_grad():
+        out = ref(pixel_values=px, output_hidden_states=True)
+    assert (a.width, a.embed_dim, out.image_embeds.shape[-1]) == (32, 16, 16)
+    _check_against_hidden_states(a, px, out.hidden_states)
+    torch.testing.assert_close(a.capture(px, ["embed"])["embed"], out.image_embeds, rtol=0, atol=0)
