@@ -606,7 +606,14 @@ class HFVisionAdapter(Adapter):
         # visual_projection (transformers only reports it UNEXPECTED): embed was the unprojected pooled output
         self.projected = mt == "clip_vision_model" and "CLIPVisionModelWithProjection" in (cfg.architectures or ())
         model_class = CLIPVisionModelWithProjection if self.projected else AutoModel
-        model = _hf_call(f"model {source}", model_class.from_pretrained, source)
+        model, loaded = _hf_call(f"model {source}", model_class.from_pretrained, source, output_loading_info=True)
+        # weights the checkpoint lacks are random (transformers only reports them): a CLIPForImageClassification
+        # checkpoint built as a CLIPModel embedded with a random visual_projection
+        missing = sorted(k for k in loaded["missing_keys"] if not k.endswith("position_ids"))
+        if missing:
+            raise UserError(f"{source} ({', '.join(cfg.architectures or [mt])}) lacks {len(missing)} weights of the "
+                            f"{type(model).__name__} hf: builds of it (e.g. {missing[0]}), which would be random; pass "
+                            "a CLIP, SigLIP or DINOv2 checkpoint saved with its own model class.")
         self.model = model.eval().requires_grad_(False)
         self.model_type = mt
         if mt in ("clip", "siglip") or self.projected:  # use the vision side and the projection

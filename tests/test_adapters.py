@@ -467,3 +467,27 @@ def test_hf_clip_vision_model_with_projection_embeds_with_its_projection(tmp_pat
     assert (a.width, a.embed_dim, out.image_embeds.shape[-1]) == (32, 16, 16)
     _check_against_hidden_states(a, px, out.hidden_states)
     torch.testing.assert_close(a.capture(px, ["embed"])["embed"], out.image_embeds, rtol=0, atol=0)
+
+
+def test_a_checkpoint_that_lacks_weights_of_the_model_built_of_it_is_refused(tmp_path):
+    """A CLIP or SigLIP image classifier's config is a two-tower model's: AutoModel built a CLIPModel/SiglipModel
+    of it with a random text tower (and, for CLIP, a random visual_projection, so `embed` was noise), which
+    transformers only reported."""
+    from transformers import (AutoModel, CLIPConfig, CLIPForImageClassification, SiglipConfig,
+                              SiglipForImageClassification, SiglipImageProcessor)
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    CLIPForImageClassification(CLIPConfig(vision_config=tower, text_config=text, num_labels=3)).save_pretrained(
+        tmp_path / "clip")
+    H._clip_processor().save_pretrained(tmp_path / "clip")
+    SiglipForImageClassification(SiglipConfig(vision_config=tower, text_config=text, num_labels=3)).save_pretrained(
+        tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    for name, cls in (("clip", "CLIPForImageClassification"), ("siglip", "SiglipForImageClassification")):
+        _, info = AutoModel.from_pretrained(tmp_path / name, output_loading_info=True)
+        assert info["missing_keys"]  # what transformers itself says of the model AutoModel builds
+        with pytest.raises(UserError, match=rf"^{tmp_path / name} \({cls}\) lacks {len(info['missing_keys'])} weights "
+                           r"of the \w+Model hf: builds of it \(e\.g\. .*\), which would be random; pass a CLIP"):
+            load_adapter(f"hf:{tmp_path / name}")
