@@ -542,8 +542,8 @@ def _stage_labels(job, sae, out, scan_info, world):
     if concepts is not None:
         try:
             embedder = load_text_embedder(job.embedder, device=job.device)
-        except UserError as e:  # a vision-only embedder: the bundle is still useful without labels
-            reason = f"the embedder {job.embedder} has no text tower ({e})"
+        except UserError as e:  # a vision-only embedder, a missing tokenizer: the bundle is still useful without labels
+            reason = f"the embedder's text side cannot be used: {str(e).rstrip('.')}"  # it says why, naming the embedder
     if embedder is None:
         B.write_json(out, B.LABELS, {"method": f"none: {reason}", "vocabulary": [], "labels": [""] * K})
         B.write_array(out, "neurons/label_score.npy", np.full(K, np.nan, np.float32))

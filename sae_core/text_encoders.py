@@ -68,7 +68,14 @@ def text_embedder_for(adapter: Adapter) -> TextEmbedder:
     if getattr(adapter, "model_type", None) in TWO_TOWER_HF:
         from transformers import AutoTokenizer
 
-        tokenizer = _hf_call(f"the tokenizer of {adapter.name}", AutoTokenizer.from_pretrained, adapter.name)
+        try:
+            tokenizer = _hf_call(f"the tokenizer of {adapter.name}", AutoTokenizer.from_pretrained, adapter.name)
+        except UserError as e:  # the model loaded, text tower and all: the tokenizer is what is missing
+            cause = e.__cause__ or e
+            said = str(cause).splitlines()[0] if str(cause) else ""
+            raise UserError(f"{adapter.spec} has a text tower, but its tokenizer cannot be loaded ({type(cause).__name__}: "
+                            f"{said}); save the tokenizer beside the model (tokenizer.save_pretrained) or pass an "
+                            "embedder saved with its tokenizer.") from e
         model = adapter.model
         # SigLIP was trained on texts padded to the full length; CLIP pools at the end token.
         padding = "max_length" if adapter.model_type == "siglip" else True

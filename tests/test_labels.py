@@ -110,6 +110,27 @@ def test_dominant_factor_and_label_accuracy():
 # ----------------------------------------------------------------------------------------------
 # Text towers (the tiny world's CLIP; a tiny open_clip model saved to a checkpoint file)
 # ----------------------------------------------------------------------------------------------
+def test_a_two_tower_model_saved_without_its_tokenizer_is_said_to_lack_the_tokenizer(tmp_path):
+    """A SigLIP saved without its tokenizer: labels said "the embedder ... has no text tower (cannot load the
+    tokenizer ...)", though the model has one (here it embeds token ids); the tokenizer is what is missing."""
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from sae_core.text_encoders import load_text_embedder
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    SiglipModel(SiglipConfig(vision_config={**tower, "image_size": 32, "patch_size": 8},
+                             text_config={**tower, "vocab_size": 50})).save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    with torch.no_grad():
+        text = SiglipModel.from_pretrained(tmp_path / "siglip").get_text_features(input_ids=torch.tensor([[1, 2, 3]]))
+    assert (text if isinstance(text, torch.Tensor) else text.pooler_output).shape == (1, 32)
+    with pytest.raises(Exception):
+        AutoTokenizer.from_pretrained(tmp_path / "siglip")
+    with pytest.raises(UserError, match=rf"^hf:{tmp_path / 'siglip'} has a text tower, but its tokenizer cannot be "
+                       r"loaded \(\w+: .*\); save the tokenizer beside the model"):
+        load_text_embedder(f"hf:{tmp_path / 'siglip'}")
+
+
 def test_world_clip_text_embedder_round_trip_and_colours(tiny_world):
     from transformers import AutoTokenizer, CLIPModel
 
