@@ -231,10 +231,12 @@ def first_images_warning(ds: ImageDataset, n: int) -> str | None:
     kept, every = len(set(labels[:n]) - {None}), len(set(labels) - {None})
     if kept >= every:
         return None
-    why = "" if ds.spec.startswith("files:") else " (a folder is read class by class)"
+    if ds.spec.startswith("files:"):  # a list is in use already (it was told to pass one): its order is what to change
+        why, instead = "", f"a list whose first {n:,} entries cover every class"
+    else:
+        why, instead = " (a folder is read class by class)", "a files:LIST.txt naming the images to use"
     return (f"warning: --limit {n:,} takes the first {n:,} of the {len(labels):,} images of {ds.spec}, which hold "
-            f"{kept:,} of its {every:,} classes{why}; for every class, pass no --limit or a files:LIST.txt naming "
-            "the images to use.")
+            f"{kept:,} of its {every:,} classes{why}; for every class, pass no --limit or {instead}.")
 
 
 WORLD_SPLITS = ("train", "val", "ood")  # what may follow world:DIR: in a dataset spec

@@ -76,9 +76,12 @@ def test_a_limit_that_misses_classes_is_warned_about(tmp_path):
             "files:LIST.txt naming the images to use.")
     assert first_images_warning(ds, 19) is None and first_images_warning(ds, 22) is None  # every class
     assert first_images_warning(open_dataset(f"imagefolder:{tmp_path / 'c0'}"), 1) is None  # no classes
-    (tmp_path / "list.txt").write_text("c0/0.png\ta\nc0/1.png\ta\nc1/0.png\tb\n")  # a list says no folder order
+    # a list says no folder order, and is not told to pass a list (it said "pass ... a files:LIST.txt naming the
+    # images to use" to one): its first entries are what --limit takes
+    (tmp_path / "list.txt").write_text("c0/0.png\ta\nc0/1.png\ta\nc1/0.png\tb\n")
     assert first_images_warning(open_dataset(f"files:{tmp_path / 'list.txt'}"), 2).endswith(
-        "which hold 1 of its 2 classes; for every class, pass no --limit or a files:LIST.txt naming the images to use.")
+        "which hold 1 of its 2 classes; for every class, pass no --limit or a list whose first 2 entries cover every "
+        "class.")
 
 
 def test_inaturalist_folders_give_seven_level_taxonomy(tmp_path, monkeypatch):
