@@ -100,6 +100,9 @@ def create_app(settings: AppSettings):
     from .steer import SteerService
 
     bundle = open_bundle(settings.bundle)
+    # refused here in validate's one sentence, as `inspect` refuses it: until 2026-12-05 damage such as a short
+    # array was a traceback at the start, or numpy's text on a page (it reads array headers and the small arrays)
+    bundle.validate()
     explorer = Explorer(bundle, settings.cache)
     _sweep_cache_hourly(settings)
     steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.steering_device(),

@@ -504,7 +504,25 @@ class Bundle:
 
     def hierarchy(self) -> dict:
         """hierarchy.json: {"nodes": [{id, level, parent, label, ms}], "depth_per_level": [...], ...}."""
-        return self.json(HIERARCHY)
+        tree = self.json(HIERARCHY)
+        # the Hierarchy page indexes every node by these: checked where it is read, not at the app's start (the file
+        # is 10 MB at K 65,536); until 2026-12-05 the page showed "'level'" or "string indices must be integers"
+        nodes, depth = tree.get("nodes", []), tree.get("depth_per_level") or []
+
+        def bad(n) -> bool:
+            return not (isinstance(n, dict) and type(n.get("id")) is int and 0 <= n["id"] < self.n_neurons
+                        and type(n.get("level")) is int and type(n.get("parent", -1)) is int
+                        and type(n.get("ms")) in (int, float, type(None)) and isinstance(n.get("label") or "", str))
+
+        wrong = "nodes is not a list" if not isinstance(nodes, list) else next(
+            (f"node {i} is {json.dumps(n)[:80]}" for i, n in enumerate(nodes) if bad(n)), None)
+        if not isinstance(depth, list) or any(type(d) not in (int, float, type(None)) for d in depth):
+            wrong = wrong or "depth_per_level is not a list of numbers"
+        if wrong:
+            raise UserError(f"{self.root / HIERARCHY} is not the tree the atlas writes ({wrong}; a node is {{id: a "
+                            f"neuron 0..{self.n_neurons - 1}, level, parent: whole numbers, label, ms}}); the bundle is "
+                            "damaged, rebuild it.")
+        return tree
 
     def world_figures(self) -> dict | None:
         """world.json (ground-truth figures) for world bundles, else None."""
@@ -512,9 +530,11 @@ class Bundle:
 
     # --- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check that every listed file exists and the per-neuron arrays agree in shape; UserError if not."""
+        """Check that every listed file exists, the per-neuron arrays agree in shape and what the pages index and draw
+        by is in range (array headers, the small arrays and the manifest: the app's start runs it); UserError if not."""
         for name, rel in self.manifest["files"].items():
-            if not (self.root / rel).exists():
+            # a bundle copied without its world/ is still served, from its thumbnails (README, The explorer)
+            if name != "world_dir" and not (self.root / rel).exists():
                 raise UserError(f"bundle {self.root} lists {rel} but it is missing; rebuild the bundle.")
         K = self.n_neurons
         for name in NEURON_ARRAYS:
@@ -568,3 +588,45 @@ class Bundle:
         if any(not 0 <= int(k) < K for k in self.labels["from_patch_gallery"]):
             raise UserError(f"bundle {self.root}: labels.json lists neurons outside 0..{K - 1} as labelled from "
                             "patches; rebuild it.")
+        # what the pages index with or draw by, cheap to check (K ids, array headers, the manifest): the app's start
+        # validates, where until 2026-12-05 it served them and a page showed numpy's "index 9999 is out of bounds"
+        for name in ("parent", "parent_coact", "parent_decoder", "decoder_neighbors"):
+            if not self.has(name):
+                continue
+            ids = np.asarray(self.array(name))
+            if ids.size and (ids.max() >= K or ids.min() < -1):
+                raise UserError(f"bundle {self.root}: {name} holds neuron ids outside 0..{K - 1}; rebuild it.")
+        self._validate_manifest()
+
+    def _validate_manifest(self) -> None:
+        """The manifest's patch grid (against the heat arrays' patches), view and metrics, as the pages read them."""
+        from .image_view import is_view
+
+        mpath, model = self.root / MANIFEST, self.manifest["model"]
+        grid = model.get("grid")
+        if grid is not None and not (isinstance(grid, list) and len(grid) == 2
+                                     and all(type(g) is int and g > 0 for g in grid)):  # null: no heat maps drawn
+            raise UserError(f"{mpath} holds model.grid = {json.dumps(grid)}, not the [rows, columns] of the model's patch "
+                            "grid; the bundle is damaged, rebuild it.")
+        if grid is not None:  # the heat maps are drawn on it, and token positions are mapped to patches by n_patches
+            patches = {f"neurons/{n}.npy": self.array(n).shape[-1] for n in ("top_heat", "patch_top_heat") if self.has(n)}
+            if model.get("n_patches") is not None:
+                patches["model.n_patches"] = model["n_patches"]
+            other = {what: n for what, n in patches.items() if n != grid[0] * grid[1]}
+            if other:
+                raise UserError(f"bundle {self.root}: its model.grid {grid} has {grid[0] * grid[1]} patches but "
+                                + ", ".join(f"{what} has {json.dumps(n)}" for what, n in other.items())
+                                + "; the bundle is damaged, rebuild it.")
+        if not is_view(model.get("view")):
+            raise UserError(f"{mpath} holds model.view = {json.dumps(model['view'])}, not the part of an image the "
+                            "model sees ({\"resize\": {\"shortest_edge\": S} or {\"height\": H, \"width\": W}, "
+                            "\"crop\": {\"height\": H, \"width\": W} or null}); the bundle is damaged, rebuild it.")
+
+        def number(v) -> bool:
+            return v is None or type(v) in (int, float)
+
+        bad = [k for k, v in self.manifest["metrics"].items()  # metric_tokens: which tokens were measured
+               if k != "metric_tokens" and not (number(v) or isinstance(v, list) and all(map(number, v)))]
+        if bad:
+            raise UserError(f"{mpath} holds metrics that are not numbers ({', '.join(bad)}); the bundle is damaged, "
+                            "rebuild it.")

@@ -58,6 +58,22 @@ def read_view(processor=None, per_image=None) -> dict | None:
     return resize and {"resize": resize, "crop": crop}
 
 
+def _positive(dims, keys) -> bool:
+    return isinstance(dims, dict) and all(type(dims.get(k)) in (int, float) and dims[k] > 0 for k in keys)
+
+
+def is_view(view) -> bool:
+    """Whether `view` (a manifest's model.view) is null or what `view_box` reads: a resize of a positive
+    shortest_edge, or of a height and width, and a crop of a height and width or none."""
+    if view is None:
+        return True
+    resize = view.get("resize") if isinstance(view, dict) else None
+    crop = view.get("crop") if isinstance(view, dict) else None
+    return (_positive(resize, ("shortest_edge",) if isinstance(resize, dict) and "shortest_edge" in resize
+                      else ("height", "width"))
+            and (crop is None or _positive(crop, ("height", "width"))))
+
+
 def view_box(size: tuple[int, int], view: dict) -> tuple[tuple[float, float, float, float], float]:
     """((left, top, right, bottom) of the region the model sees, in the image's pixels; the width / height
     ratio the model sees it at) for an image of `size` (w, h)."""

@@ -267,6 +267,79 @@ def test_validate_catches_a_bad_patch_gallery_and_label_provenance(tmp_path):
         B.open_bundle(tmp_path).validate()
 
 
+def test_validate_catches_what_the_pages_index_and_draw_by(tmp_path):
+    """Neuron ids out of range in the tree and the neighbours, a patch grid that is no grid or not the heat arrays',
+    a view the pictures cannot be cut by and metrics that are not numbers: each one sentence (each passed, and a page
+    showed numpy's "index 9999 is out of bounds", "cannot reshape", or a format error)."""
+    _write_small_bundle(tmp_path)  # K 6, heat of 4 patches
+    good = json.loads((tmp_path / B.MANIFEST).read_text())
+    for name, bad in (("parent", np.array([-1, -1, 0, 0, 6, 0])), ("parent_coact", np.full(6, -2)),
+                      ("decoder_neighbors", np.tile([1, 9999], (6, 1)))):
+        kept = np.load(tmp_path / f"neurons/{name}.npy")
+        B.write_array(tmp_path, f"neurons/{name}.npy", bad)
+        with pytest.raises(UserError, match=rf"^bundle {tmp_path}: {name} holds neuron ids outside 0\.\.5; rebuild it\.$"):
+            B.open_bundle(tmp_path).validate()
+        B.write_array(tmp_path, f"neurons/{name}.npy", kept)
+    for model, sentence in (({"grid": [2, 2], "n_patches": 4}, None), ({"grid": None}, None),
+                            ({"grid": "2x2"}, 'holds model.grid = "2x2", not the \\[rows, columns\\]'),
+                            ({"grid": [2, 2.0]}, "holds model.grid = \\[2, 2.0\\], not"),
+                            ({"grid": [4, 4], "n_patches": 16}, r"model.grid \[4, 4\] has 16 patches but "
+                                                                r"neurons/top_heat.npy has 4; the bundle is damaged"),
+                            ({"grid": [2, 2], "n_patches": "4"}, 'model.n_patches has "4"'),
+                            ({"view": {"resize": "big"}}, 'holds model.view = {"resize": "big"}, not the part of an image'),
+                            ({"view": {"resize": {"height": 8}}}, "holds model.view"),
+                            ({"view": {"resize": {"shortest_edge": 8}, "crop": {"height": 8}}}, "holds model.view"),
+                            ({"view": {"resize": {"height": 8, "width": 6}, "crop": None}}, None), ({"view": None}, None)):
+        (tmp_path / B.MANIFEST).write_text(json.dumps({**good, "model": {**good["model"], **model}}))
+        if sentence is None:
+            B.open_bundle(tmp_path).validate()
+        else:
+            with pytest.raises(UserError, match=sentence):
+                B.open_bundle(tmp_path).validate()
+    for metrics in ({"fvu": "abc", "l0": None, "hierarchy_depth": [1.0, None], "metric_tokens": "all"},
+                    {"fvu": 0.1, "hierarchy_depth": [1.0, "x"]}):
+        (tmp_path / B.MANIFEST).write_text(json.dumps({**good, "metrics": metrics}))
+        with pytest.raises(UserError, match=r"holds metrics that are not numbers \((fvu|hierarchy_depth)\); the bundle "
+                                            "is damaged, rebuild it"):
+            B.open_bundle(tmp_path).validate()
+    (tmp_path / B.MANIFEST).write_text(json.dumps({**good, "metrics": {"fvu": float("nan"), "metric_tokens": "all"}}))
+    B.open_bundle(tmp_path).validate()
+    # the tree, checked where the Hierarchy page reads it (a KeyError "'level'" or a TypeError on the page)
+    tree = {"nodes": [{"id": k, "level": int(k > 1), "parent": -1 if k < 2 else 0, "label": "x", "ms": None}
+                      for k in range(6)], "depth_per_level": [1.0, None]}
+    B.write_json(tmp_path, B.HIERARCHY, tree)
+    assert B.open_bundle(tmp_path).hierarchy() == tree
+    for change, said in (({"nodes": "x"}, "nodes is not a list"), ({"nodes": [{"id": 0}]}, 'node 0 is {"id": 0}'),
+                         ({"nodes": tree["nodes"] + [{**tree["nodes"][0], "id": 9999}]}, "node 6 is "),
+                         ({"nodes": [{**tree["nodes"][0], "level": "0"}]}, "node 0 is "),
+                         ({"depth_per_level": "deep"}, "depth_per_level is not a list of numbers")):
+        B.write_json(tmp_path, B.HIERARCHY, {**tree, **change})
+        with pytest.raises(UserError, match=rf"hierarchy.json is not the tree the atlas writes \({said}.*a node is "
+                                            r"\{id: a neuron 0..5, level, parent: whole numbers, label, ms\}\); the "
+                                            "bundle is damaged, rebuild it"):
+            B.open_bundle(tmp_path).hierarchy()
+
+
+def test_the_app_refuses_a_damaged_bundle_at_its_start_in_one_line(tmp_path, capsys, monkeypatch):
+    """`python -m app --bundle B` validates B before serving it: an array of the wrong length was a traceback at
+    the start ("operands could not be broadcast"), ids out of range served with numpy's text on the page."""
+    from app.__main__ import main as app_main
+    from app.server import create_app
+    from app.settings import AppSettings
+
+    for var in ("SAE_APP_CACHE", "GRADIO_TEMP_DIR"):  # the start sets Gradio's folder: put back after the test
+        monkeypatch.setenv(var, str(tmp_path / "cache"))
+    _write_small_bundle(tmp_path / "b")
+    B.write_array(tmp_path / "b", "neurons/ms.npy", np.zeros(5, np.float32))
+    assert app_main(["--bundle", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: bundle {tmp_path / 'b'}: neurons/ms.npy has 5 rows but the SAE has 6 neurons; rebuild the bundle.\n"
+    B.write_array(tmp_path / "b", "neurons/ms.npy", np.zeros(6, np.float32))
+    B.write_array(tmp_path / "b", "neurons/parent.npy", np.full(6, 9999))
+    with pytest.raises(UserError, match="parent holds neuron ids outside 0..5"):  # before any page is built
+        create_app(AppSettings.from_env(bundle=tmp_path / "b", cache=tmp_path / "cache"))
+
+
 def test_tiny_bundle_through_the_reader(tiny_bundle):
     torch.set_num_threads(1)
     b = B.open_bundle(tiny_bundle)
