@@ -477,19 +477,26 @@ class Bundle:
 
     def image(self, i):
         """Image i as PIL RGB: the bundle's thumbnail if it has one, else read/rendered from the dataset."""
+        from .datasets import ImageReadError, load_rgb
+
         i = checked_index(i, "image", self.n_images, "this bundle covers images")
         path = self.thumb_path(i)
+        damaged = None
         if path.is_file():
-            from PIL import Image
-
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        from .datasets import ImageReadError
-
+            try:
+                return load_rgb(path)
+            except ImageReadError as e:  # rendered again as a missing one is (until 2026-12-05 the page's error)
+                damaged = e
         try:
             return self.dataset()[i]
         except ImageReadError as e:  # the atlas skipped it too (manifest "skipped")
             raise UserError(f"image {i} cannot be read ({e}); the dataset holds a damaged file there.") from None
+        except UserError as e:
+            if damaged is None:
+                raise
+            raise UserError(f"the thumbnail {path} cannot be read ({str(damaged).removeprefix(f'{path}: ')}) and the "
+                            f"dataset cannot render it instead ({str(e).rstrip('.')}); copy the bundle's "
+                            f"{THUMBS} again or make its dataset available here.") from None
 
     def search_index(self):
         """The image search index (sae_core.search_index.SearchIndex, read once): `.search(queries (Q, E),

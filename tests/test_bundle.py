@@ -380,6 +380,34 @@ def test_tiny_bundle_through_the_reader(tiny_bundle):
         parser_for(argv[3:]).parse_args(argv[3:])
 
 
+def test_a_damaged_thumbnail_is_rendered_again_from_the_dataset(tiny_bundle, tmp_path):
+    """A thumbnail that cannot be read (garbage, cut short, empty, a decompression bomb's header) is skipped as a
+    missing one is: the image comes from the dataset (it was "cannot identify image file" on the neuron page and the
+    Images page, with a traceback); without the dataset either, one sentence naming the file and the fix."""
+    import struct
+    import zlib
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("world", ".work", ".stages"))
+    i = int(B.open_bundle(tiny_bundle).array("top_images")[0, 0])
+    thumb = root / B.THUMBS / f"{i}.png"
+    rendered = np.asarray(B.open_bundle(tiny_bundle).dataset()[i])  # the reference: the dataset's own rendering
+    good = thumb.read_bytes()
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 400 million pixels: PIL refuses to decode
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + good[33:]
+    for damaged in (b"not a png at all" * 10, good[:-30], b"", bomb):
+        thumb.write_bytes(damaged)
+        assert np.array_equal(np.asarray(B.open_bundle(root).image(i)), rendered)
+    manifest = json.loads((root / B.MANIFEST).read_text())
+    manifest.pop("world")
+    manifest["dataset"]["spec"] = f"imagefolder:{tmp_path / 'not-copied'}"
+    (root / B.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"^the thumbnail {thumb} cannot be read \(DecompressionBombError: .*\) and the "
+                                        rf"dataset cannot render it instead \(.*not-copied does not exist.*\); copy the "
+                                        r"bundle's images/thumbs again or make its dataset available here\.$"):
+        B.open_bundle(root).image(i)
+
+
 def test_dataset_and_index_open_once_under_concurrent_first_calls(tiny_bundle, monkeypatch):
     """The app's first requests may arrive together: each lazily opened resource is opened once."""
     import threading
