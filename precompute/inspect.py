@@ -4,13 +4,14 @@ would load it)."""
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 from pathlib import Path
 
 import numpy as np
 
 from sae_core.atomic import read_json_object, strict_json
-from sae_core.bundle import INDEX
+from sae_core.bundle import INDEX, WORLD
 from sae_core.errors import UserError
 from sae_core.folders import folder_kind
 from sae_core.sae import K_ARCHS
@@ -69,6 +70,9 @@ def summary(path) -> dict:
     world = b.world_figures()
     if world:
         calibration = world.get("calibration") or {}
+        if not (isinstance(calibration, dict) and all(isinstance(v, dict) for v in calibration.values())):
+            raise UserError(f"{b.root / WORLD} holds calibration as {json.dumps(calibration)[:80]}, not an object of "
+                            "calibration runs; the bundle is damaged: copy it again or rebuild it.")
         out["ms_agreement_raw"] = world.get("ms_agreement_raw")
         for name in ("factor_embedder", "ideal_neurons"):
             out[f"ms_ground_truth_spearman_{name}"] = (calibration.get(name) or {}).get("ms_ground_truth_spearman")

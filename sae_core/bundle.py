@@ -52,6 +52,9 @@ ONE_PER_NEURON = frozenset({
     "patch_label_score", "token_max"})
 """The arrays of NEURON_ARRAYS that hold one number per neuron (the others have a row per neuron); a new
 per-neuron array goes in both."""
+THREE_AXES = frozenset({"top_heat", "patch_top_heat", "band_images", "band_acts", "band_patch", "patch_band_images",
+                        "patch_band_acts", "patch_band_patch"})
+"""The arrays of NEURON_ARRAYS of shape (K, T, P) or (K, NB, S); the others not in ONE_PER_NEURON are (K, n)."""
 NEURON_ARRAYS = (
     "ms", "support", "frequency", "mean_act", "max_act", "hist_counts", "top_images", "top_acts",
     "top_patch", "top_heat", "band_images", "band_acts", "group", "parent", "parent_coact",
@@ -545,15 +548,19 @@ class Bundle:
                 raise UserError(f"bundle {self.root} lists {rel} but it is missing; rebuild the bundle.")
         K = self.n_neurons
         for name in NEURON_ARRAYS:
+            ndim = 1 if name in ONE_PER_NEURON else 3 if name in THREE_AXES else 2
+            # every later check and page indexes these axes (a 1-D top_images was an IndexError in `inspect`)
+            if self.has(name) and self.array(name).ndim != ndim:
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy has shape {self.array(name).shape}, not "
+                                + {1: f"one value per neuron ({K},)", 2: f"a row per neuron ({K}, n)",
+                                   3: f"a table per neuron ({K}, n, m)"}[ndim]
+                                + "; rebuild the bundle.")
             if self.has(name) and self.array(name).shape[0] != K:
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy has {self.array(name).shape[0]} rows "
                                 f"but the SAE has {K} neurons; rebuild the bundle.")
             if self.has(name) and self.array(name).dtype.kind not in "biuf":
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy holds {self.array(name).dtype} values, not "
                                 "numbers; rebuild the bundle.")
-            if name in ONE_PER_NEURON and self.has(name) and self.array(name).ndim != 1:
-                raise UserError(f"bundle {self.root}: neurons/{name}.npy has shape {self.array(name).shape}, not one "
-                                f"value per neuron ({K},); rebuild the bundle.")
         if self.has(EMBEDDINGS):  # search results are row numbers, read as image ids
             shape = self.array(EMBEDDINGS).shape
             if len(shape) != 2 or shape[0] != self.n_images:
@@ -584,7 +591,8 @@ class Bundle:
             if ids.size and (ids.max() >= self.n_images or ids.min() < -1):
                 raise UserError(f"bundle {self.root}: {name} holds ids outside 0..{self.n_images - 1}; rebuild it.")
         for name in ("hist", "patch_hist"):
-            if self.has(f"{name}_edges") and self.array(f"{name}_edges").shape[0] != self.array(f"{name}_counts").shape[1] + 1:
+            edges = self.array(f"{name}_edges") if self.has(f"{name}_edges") else None
+            if edges is not None and edges.shape != (self.array(f"{name}_counts").shape[1] + 1,):
                 raise UserError(f"bundle {self.root}: {name}_edges does not match {name}_counts; rebuild it.")
         labels = self.labels["labels"]
         if len(labels) != K:
@@ -606,7 +614,8 @@ class Bundle:
         self._validate_manifest()
 
     def _validate_manifest(self) -> None:
-        """The manifest's patch grid (against the heat arrays' patches), view and metrics, as the pages read them."""
+        """The manifest's patch grid (against the heat arrays' patches), view, skipped images and metrics, as the
+        pages read them."""
         from .image_view import is_view
 
         mpath, model = self.root / MANIFEST, self.manifest["model"]
@@ -628,6 +637,12 @@ class Bundle:
             raise UserError(f"{mpath} holds model.view = {json.dumps(model['view'])}, not the part of an image the "
                             "model sees ({\"resize\": {\"shortest_edge\": S} or {\"height\": H, \"width\": W}, "
                             "\"crop\": {\"height\": H, \"width\": W} or null}); the bundle is damaged, rebuild it.")
+
+        skipped = self.manifest.get("skipped") or []  # the Images page leaves these out (an app start's TypeError)
+        if not (isinstance(skipped, list) and all(isinstance(x, dict) and type(x.get("index")) is int
+                                                  and 0 <= x["index"] < self.n_images for x in skipped)):
+            raise UserError(f"{mpath} holds skipped = {json.dumps(skipped)[:80]}, not the list of images the scan could "
+                            "not read ({\"index\": an image id, \"error\"}); the bundle is damaged, rebuild it.")
 
         def number(v) -> bool:
             return v is None or type(v) in (int, float)

@@ -320,6 +320,31 @@ def test_validate_catches_what_the_pages_index_and_draw_by(tmp_path):
             B.open_bundle(tmp_path).hierarchy()
 
 
+def test_arrays_of_the_wrong_rank_and_a_malformed_skipped_list_are_one_sentence(tmp_path):
+    """A per-neuron array saved with an axis too few (hist_counts or top_images 1-D: an IndexError in validate and
+    `inspect`) or one too many, and a manifest whose `skipped` is not the list of images (a TypeError at the app's start)."""
+    arrays = _write_small_bundle(tmp_path)  # K 6
+    for name, bad, said in (("hist_counts", arrays["hist_counts"][:, 0], r"\(6,\), not a row per neuron \(6, n\)"),
+                            ("top_images", arrays["top_images"][:, 0], r"\(6,\), not a row per neuron \(6, n\)"),
+                            ("top_heat", arrays["top_heat"][:, :, 0], r"\(6, 3\), not a table per neuron \(6, n, m\)"),
+                            ("band_acts", arrays["band_acts"][..., None], r"\(6, 2, 2, 1\), not a table per neuron \(6, n, m\)")):
+        B.write_array(tmp_path, f"neurons/{name}.npy", bad)
+        with pytest.raises(UserError, match=rf"^bundle {tmp_path}: neurons/{name}.npy has shape {said}; rebuild the bundle\.$"):
+            B.open_bundle(tmp_path).validate()
+        B.write_array(tmp_path, f"neurons/{name}.npy", arrays[name])
+    B.write_array(tmp_path, "neurons/hist_edges.npy", np.linspace(-3, 1, 6)[None])  # (1, 6): 6 edges, as if right
+    with pytest.raises(UserError, match="hist_edges does not match hist_counts"):
+        B.open_bundle(tmp_path).validate()
+    B.write_array(tmp_path, "neurons/hist_edges.npy", arrays["hist_edges"])
+    good = json.loads((tmp_path / B.MANIFEST).read_text())
+    for skipped in ("oops", [3], [{"index": 20, "error": "x"}], [{"error": "x"}]):
+        (tmp_path / B.MANIFEST).write_text(json.dumps({**good, "skipped": skipped}))
+        with pytest.raises(UserError, match=r"holds skipped = .*, not the list of images the scan could not read"):
+            B.open_bundle(tmp_path).validate()
+    (tmp_path / B.MANIFEST).write_text(json.dumps({**good, "skipped": [{"index": 19, "error": "truncated"}]}))
+    B.open_bundle(tmp_path).validate()
+
+
 def test_the_app_refuses_a_damaged_bundle_at_its_start_in_one_line(tmp_path, capsys, monkeypatch):
     """`python -m app --bundle B` validates B before serving it: an array of the wrong length was a traceback at
     the start ("operands could not be broadcast"), ids out of range served with numpy's text on the page."""
@@ -469,6 +494,16 @@ def test_inspect_json(tiny_bundle, capsys, tmp_path):
         assert s[f"ms_ground_truth_spearman_{name}"] == world["calibration"][name]["ms_ground_truth_spearman"]
     assert s["search_index"]["kind"] == "flat" and s["search_index"]["n"] == b.n_images
     from precompute.__main__ import main  # the refusal in-process: the JSON above came from the real command
+
+    damaged = tmp_path / "calibration"  # world.json's calibration of another type: an AttributeError in inspect
+    shutil.copytree(tiny_bundle, damaged, ignore=shutil.ignore_patterns("world", ".work", ".stages"))
+    for calibration in ("x", {"factor_embedder": 0.5}):
+        (damaged / "world.json").write_text(json.dumps({**world, "calibration": calibration}))
+        for json_flag in ([], ["--json"]):
+            assert main(["inspect", str(damaged), *json_flag]) == 2
+            assert capsys.readouterr().err == (f"error: {damaged / 'world.json'} holds calibration as "
+                                               f"{json.dumps(calibration)}, not an object of calibration runs; the "
+                                               "bundle is damaged: copy it again or rebuild it.\n")
 
     assert main(["inspect", str(tiny_bundle / "neurons")]) == 2
     assert "neurons holds none of what inspect reads: a bundle" in capsys.readouterr().err
