@@ -67,6 +67,10 @@ def summary(path) -> dict:
     out.update({k: metrics.get(k) for k in KEYS if k in metrics})
     for k in ("ms_ground_truth_spearman", "ms_agreement", "label_accuracy", "hierarchy_depth"):
         out.setdefault(k, metrics.get(k))
+    if out["hierarchy_depth"] is None:  # a taxonomy not the world's (an iNaturalist folder): the atlas's hierarchy
+        # stage measured it all the same, and the Hierarchy page shows it (until 2026-12-05 inspect said null)
+        stage = m["stages"].get("hierarchy") if isinstance(m.get("stages"), dict) else None
+        out["hierarchy_depth"] = stage.get("depth_per_level") if isinstance(stage, dict) else None
     world = b.world_figures()
     if world:
         calibration = world.get("calibration") or {}

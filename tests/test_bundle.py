@@ -530,6 +530,29 @@ def test_inspect_json(tiny_bundle, capsys, tmp_path):
     assert "done     nothing yet" in out and "resume   no settings recorded: re-run the command that built it" in out
 
 
+def test_inspect_gives_the_hierarchy_depth_of_a_bundle_not_of_the_world(tiny_bundle, tmp_path, capsys):
+    """A bundle on a taxonomy other than the world's (an iNaturalist folder) has its depth per level in the manifest's
+    hierarchy stage and in hierarchy.json (the Hierarchy page's table), not in world.json: `inspect` said null."""
+    from precompute.__main__ import main
+
+    root = tmp_path / "inat"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("world", "world.json", ".work", ".stages"))
+    manifest = json.loads((root / B.MANIFEST).read_text())
+    for key in ("world", "world_split"):
+        manifest.pop(key)
+    manifest["files"].pop("world.json")
+    manifest["files"].pop("world_dir")
+    manifest["metrics"] = {k: v for k, v in manifest["metrics"].items() if k not in ("hierarchy_depth", "ms_agreement")}
+    (root / B.MANIFEST).write_text(json.dumps(manifest))
+    depth = json.loads((root / B.HIERARCHY).read_text())["depth_per_level"]  # what the Hierarchy page shows
+    assert len(depth) == 4 and all(0 < d < 5 for d in depth)
+    assert main(["inspect", str(root), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["hierarchy_depth"] == depth and s["ms_agreement"] is None and s["world"] is None
+    assert main(["inspect", str(root)]) == 0
+    assert re.search(r"hierarchy_depth +\[" + ", ".join(f"{d:.4f}" for d in depth) + r"\]\n", capsys.readouterr().out)
+
+
 def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):
     """The table says what --json says of an IVF-PQ index: its image recall and, tuned for the vocabulary's
     prompts, their recall (the table left the text figure out)."""
