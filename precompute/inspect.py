@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_core.atomic import read_json_object, strict_json
-from sae_core.bundle import INDEX, WORLD
+from sae_core.bundle import INDEX, WORLD, WORLD_DIR
 from sae_core.errors import UserError
 from sae_core.folders import folder_kind
 from sae_core.sae import K_ARCHS
@@ -80,6 +80,13 @@ def summary(path) -> dict:
         out["ms_agreement_raw"] = world.get("ms_agreement_raw")
         for name in ("factor_embedder", "ideal_neurons"):
             out[f"ms_ground_truth_spearman_{name}"] = (calibration.get(name) or {}).get("ms_ground_truth_spearman")
+    # copied without the world/ it lists (and no world where it was built): still served from its thumbnails, so not
+    # refused (until 2026-12-05 "lists world but it is missing; rebuild the bundle"), but said
+    world_dir = b.world_dir
+    out["world_missing"] = (
+        f"{b.root / WORLD_DIR} is missing (the embedded world its images and models come from): copy the world/ folder "
+        "along with the bundle, or rebuild it; until then the explorer shows its gallery thumbnails only and cannot "
+        "steer" if "world_dir" in m["files"] and not (world_dir and (world_dir / WORLD).is_file()) else None)
     if (b.root / f"{INDEX}.json").is_file():
         index = b.json(f"{INDEX}.json")
         out["search_index"] = {"kind": index.get("kind"), "n": index.get("n"), "recall": index.get("recall")}
@@ -293,6 +300,8 @@ def _print_bundle(s: dict) -> None:
         first = s["skipped"][0]
         print(f"  skipped  {len(s['skipped'])} unreadable image(s), left out (first: #{first.get('index')}, "
               f"{first.get('error')}); the manifest's `skipped` lists them")
+    if s.get("world_missing"):
+        print(f"  world    {s['world_missing']}")
     rows = [(k, s.get(k)) for k in KEYS[2:] + WORLD_JSON_KEYS + ("ms_median",) if s.get(k) is not None]
     width = max((len(k) for k, _ in rows), default=0)
     for k, v in rows:

@@ -553,6 +553,29 @@ def test_inspect_gives_the_hierarchy_depth_of_a_bundle_not_of_the_world(tiny_bun
     assert re.search(r"hierarchy_depth +\[" + ", ".join(f"{d:.4f}" for d in depth) + r"\]\n", capsys.readouterr().out)
 
 
+def test_inspect_of_a_bundle_copied_without_its_world_says_to_copy_it(tiny_bundle, tmp_path, capsys):
+    """A demo bundle copied without the world/ it carries, built on another machine: `inspect` refused it with "lists
+    world but it is missing; rebuild the bundle"; the explorer serves it from its thumbnails, so inspect shows it and
+    says to copy the folder along."""
+    from precompute.__main__ import main
+
+    root = tmp_path / "copied"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("world", ".work", ".stages"))
+    manifest = json.loads((root / B.MANIFEST).read_text())
+    assert manifest["files"]["world_dir"] == "world"
+    (root / B.MANIFEST).write_text(json.dumps({**manifest, "world": str(tmp_path / "cluster" / "world")}))
+    said = (f"{root / 'world'} is missing (the embedded world its images and models come from): copy the world/ "
+            "folder along with the bundle, or rebuild it; until then the explorer shows its gallery thumbnails only and "
+            "cannot steer")
+    assert main(["inspect", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_missing"] == said
+    assert main(["inspect", str(root)]) == 0
+    assert f"\n  world    {said}\n" in capsys.readouterr().out
+    shutil.copytree(tiny_bundle / "world", root / "world")  # copied along: nothing to say
+    assert main(["inspect", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_missing"] is None
+
+
 def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):
     """The table says what --json says of an IVF-PQ index: its image recall and, tuned for the vocabulary's
     prompts, their recall (the table left the text figure out)."""
