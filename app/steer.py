@@ -57,7 +57,8 @@ class SteerService:
         """sae_core.steering.other_tower_warning for the bundle's SAE and the LLaVA this page steers."""
         from sae_core.steering import bundle_llava_spec, other_tower_warning
 
-        return other_tower_warning(self.ex.bundle.manifest["model"].get("spec"), bundle_llava_spec(self.ex.bundle))
+        b = self.ex.bundle
+        return other_tower_warning(b.local_spec(b.manifest["model"].get("spec") or ""), bundle_llava_spec(b))
 
     @property
     def loaded(self) -> bool:

@@ -418,7 +418,7 @@ class SteeringSession:
         b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         model = b.manifest["model"]
         spec = llava or bundle_llava_spec(b)
-        if note is not None and (warning := other_tower_warning(model.get("spec"), spec)):
+        if note is not None and (warning := other_tower_warning(b.local_spec(model.get("spec") or ""), spec)):
             note(warning)
         return cls(b.load_sae(), spec, model["layer"], device=device, precision=precision, bundle=b, **kwargs)
 
@@ -832,13 +832,22 @@ def _tower(spec: str) -> tuple[str, str]:
     return kind, rest
 
 
+def _same_tower(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    if a[0] == b[0] == "world" and a != b:
+        # a world copied elsewhere (with a bundle moved to another machine) is the same world; one whose folder is
+        # not here cannot be told apart
+        wa, wb = (Path(t[1]) / "world.json" for t in (a, b))
+        return not (wa.is_file() and wb.is_file()) or wa.read_bytes() == wb.read_bytes()
+    return a == b
+
+
 def other_tower_warning(model_spec: str | None, llava_spec: str) -> str | None:
     """A warning, as a clause for the caller's advice to follow, where an SAE trained on activations of
     `model_spec` is to be steered in the vision tower of `llava_spec`, another model: its latents are directions
     of that model's activations and mean nothing here, even where the widths agree (a DINOv2 SAE steered the
     world's LLaVA, and listed "the latents that fire" on its images, without a word until 2026-12-05). None
     where they are one tower, or no model is recorded."""
-    if not model_spec or _tower(model_spec) == _tower(llava_spec):
+    if not model_spec or _same_tower(_tower(model_spec), _tower(llava_spec)):
         return None
     return (f"the SAE was trained on activations of {model_spec}, not of the vision tower of {llava_spec}, so its "
             "latents may mean nothing there")

@@ -281,19 +281,24 @@ def test_steer_command(tiny_bundle, session, capsys):
 
 def test_an_sae_of_another_model_is_steered_with_a_warning(tiny_bundle, tmp_path, capsys):
     """A DINOv2 SAE of the tower's width steered the world's LLaVA, and listed "the latents that fire", without a
-    word. The SAE's recorded model is compared with the LLaVA's tower, however each is spelt, before LLaVA loads."""
-    import shutil
-
+    word. The SAE's recorded model is compared with the LLaVA's tower, however each is spelt (a world copied elsewhere
+    is the same world; one not here cannot be told apart), before LLaVA loads."""
     from precompute.__main__ import main
+    from sae_core.bundle import open_bundle
     from sae_core.steering import other_tower_warning
 
-    world = tiny_bundle / "world"
+    world = open_bundle(tiny_bundle).world_dir
+    other, copied = tmp_path / "other", tmp_path / "copied"
+    for w, preset in ((other, "other"), (copied, None)):
+        w.mkdir()
+        (w / "world.json").write_bytes((world / "world.json").read_bytes() if preset is None else b'{"preset": "other"}')
     for model, llava in [(f"world:{world}", f"world:{world}:llava"), (f"world:{world}/../world:clip", f"world:{world}:llava"),
+                         (f"world:{copied}:llava", f"world:{world}:llava"), (f"world:{tmp_path / 'gone'}", f"world:{world}:llava"),
                          ("llava:", "llava:llava-hf/llava-1.5-7b-hf"), ("hf:openai/clip-vit-large-patch14-336", "llava:"),
                          ("open_clip:ViT-L-14-336/openai", "hf:llava-hf/llava-1.5-7b-hf"), (None, "llava:"),
                          ("llava-hf/llava-1.5-7b-hf", "llava:")]:
         assert other_tower_warning(model, llava) is None, (model, llava)
-    for model, llava in [("hf:/models/dinov2", f"world:{world}:llava"), (f"world:{tmp_path}", f"world:{world}:llava"),
+    for model, llava in [("hf:/models/dinov2", f"world:{world}:llava"), (f"world:{other}", f"world:{world}:llava"),
                          ("hf:openai/clip-vit-base-patch32", "llava:"), ("llava:llava-hf/llava-1.5-13b-hf", "llava:")]:
         assert other_tower_warning(model, llava) == (
             f"the SAE was trained on activations of {model}, not of the vision tower of {llava}, so its latents may "
