@@ -455,11 +455,16 @@ class Explorer:
         return None
 
     def search_tile(self, i: int) -> str | None:
-        """image_tile(i), or None for an image with no thumbnail when the dataset cannot be opened here."""
+        """image_tile(i), or None for an image with no readable thumbnail when the dataset cannot be opened here."""
         i = self.check_image(i, "image index")
-        if not self.bundle.thumb_path(i).is_file() and self.dataset_error:
+        if not self.dataset_error:
+            return self.image_tile(i)
+        if not self.bundle.thumb_path(i).is_file():
             return None
-        return self.image_tile(i)
+        try:
+            return self.image_tile(i)
+        except UserError:  # a damaged thumbnail and no dataset to draw it from: one grey tile, not a failed search
+            return None
 
     def missing_tile(self) -> str:
         """A grey tile standing in for an image that cannot be shown here (see search_tile)."""

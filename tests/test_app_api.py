@@ -379,13 +379,17 @@ def test_a_bundle_copied_without_its_dataset_shows_what_it_carries(tiny_bundle, 
     emb = np.load(root / "images" / "embeddings.npy").astype(np.float64)
     # an image whose 24 nearest include some without a thumbnail
     query = next(i for i in sorted(thumbs) if len(set(np.argsort(-(emb @ emb[i]))[1:25].tolist()) - thumbs) > 0)
+    # and one of the thumbnails among them damaged: a grey tile too (the whole search failed on it)
+    damaged = next(i for i in np.argsort(-(emb @ emb[query]))[1:25].tolist() if i in thumbs)
+    (root / "images" / "thumbs" / f"{damaged}.png").write_bytes(b"not a png")
+    thumbs.discard(damaged)
     demo, url = start(root, cache=tmp_path / "cache")
     try:
         client = Client(url, verbose=False)
         items, note, _, _ = client.predict(query, api_name="/search_images_like")
         ids = [int(it["caption"].split()[0].lstrip("#")) for it in items]
         gone = [i for i in ids if i not in thumbs]
-        assert gone and f"{len(gone)} of them cannot be shown here" in note and "not-copied does not exist" in note
+        assert damaged in gone and f"{len(gone)} of them cannot be shown here" in note and "not-copied does not exist" in note
         sizes = {i: Path(it["image"]["path"] if isinstance(it["image"], dict) else it["image"]).stat().st_size
                  for i, it in zip(ids, items)}
         assert len({sizes[i] for i in gone}) == 1  # one grey tile for all of them
