@@ -205,8 +205,8 @@ def label_neurons(top_images: np.ndarray, image_embeddings, text_embeddings, nam
     base = None
     if baseline is not None:
         base = np.asarray(baseline, np.float32).reshape(-1)
-        offset = text @ base
         base = base / max(float(np.linalg.norm(base)), 1e-12)
+        offset = text @ base  # of the unit vector: the offset scaled with the length the caller passed
     top = np.asarray(top_images)[:, :n_top].astype(np.int64)
     K = top.shape[0]
     index = np.full(K, -1, np.int64)

@@ -51,6 +51,10 @@ def test_labels_on_constructed_embeddings():
         ids = [i for i in top[k, :16] if i >= 0]
         diff = text @ unit(emb16[ids].mean(0)) - text @ base
         assert cen.index[k] == int(np.argmax(diff)) and cen.scores[k] == pytest.approx(diff.max(), abs=1e-5)
+    # the baseline is a direction: its length does not change the labels (the offset took the length given)
+    short = label_neurons(top, images.astype(np.float16), text, names, n_top=16, baseline=0.25 * base)
+    assert short.index.tolist() == cen.index.tolist()
+    np.testing.assert_allclose(short.scores, cen.scores, atol=1e-6)
     # a gallery that is the whole dataset (a neuron firing on every image of a small one) is the baseline
     # itself: every centred score is float noise around 0, so it gets no label rather than a random word
     few = images[:12].astype(np.float32)
