@@ -15,7 +15,6 @@ CLAMP_FACTOR = 10.0
 """Clamp values are bounded to +-CLAMP_FACTOR times their neuron's strength unit; the Steer page's sliders
 go from 0 to CLAMP_FACTOR."""
 MAX_NEW_TOKENS = 64
-MAX_SWEEP = 9
 MAX_QUESTION_CHARS = 300
 MAX_QUERY_CHARS = 200
 

@@ -18,8 +18,8 @@ import shlex
 import threading
 from pathlib import Path
 
-PROBES_DIR = "probes"
-"""Where the probe commands write inside a bundle by default (precompute/probe_common.PROBES_DIR)."""
+from sae_core.bundle import PROBES
+
 CROSSMODAL_FILE = "crossmodal.json"
 
 OOD_COLUMNS = ["method", "family", "AUROC", "FPR@95"]
@@ -129,7 +129,7 @@ class ProbeResults:
     # ------------------------------------------------------------------------------------------
     def ood(self) -> tuple[str, dict | None, dict | None]:
         """(note in Markdown, ROC figure as plotly JSON or None, table as {"headers", "data"} or None)."""
-        rel = f"{PROBES_DIR}/ood.json"
+        rel = f"{PROBES}/ood.json"
         status, value = self._read(rel, parse_ood)
         if status == "missing":
             if self.is_crossmodal:
@@ -151,7 +151,7 @@ class ProbeResults:
         return self._table("probes", parse_probes)
 
     def _table(self, kind: str, parse) -> tuple[str, dict | None]:
-        rel = f"{PROBES_DIR}/{kind}.json"
+        rel = f"{PROBES}/{kind}.json"
         status, value = self._read(rel, parse)
         if status == "missing":
             if self.is_crossmodal:
@@ -227,8 +227,8 @@ def parse_ood(d) -> dict:
         name = b.get("method") if isinstance(b, dict) else None
         if name in methods:
             return name
-        fam = [(methods[n]["auroc"], n) for n in methods if family_of(n, methods[n]) == family]
-        return max(fam)[1] if fam else None
+        fam = [(-methods[n]["auroc"], n) for n in methods if family_of(n, methods[n]) == family]
+        return min(fam)[1] if fam else None  # as `order` below: the highest AUROC, on a tie the first name
 
     best_sae, best_raw = best("best_sae", "sae"), best("best_raw", "raw")
     groups.sort()

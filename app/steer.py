@@ -14,7 +14,8 @@ from .render import fitted_size, patch_grid
 from .uploads import UploadLimits, load_upload
 
 SWEEP_STRENGTHS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
-"""The strength-sweep strip: every chosen latent clamped at s x its max activation, for each s."""
+"""The strength-sweep strip: every chosen latent clamped at s x its largest activation on one token (token_max,
+the sliders' unit), for each s."""
 DEFAULT_QUESTIONS = (
     "What is shown in this image? Use exactly one word!",
     "What colour is the shape? Use one word.",
@@ -123,7 +124,8 @@ class SteerService:
         # the size and mode too: a 32x64 and a 64x32 picture can hold the same bytes (another user's picture
         # was served for the second)
         digest = hashlib.sha1(f"{pil.mode}{pil.size}".encode() + pil.tobytes()).hexdigest()[:16]
-        key = f"steer|{digest}|{sorted(selected)}|{None if heat is None else hashlib.sha1(np.asarray(heat).tobytes()).hexdigest()[:12]}"
+        heat_key = None if heat is None else f"{hashlib.sha1(np.asarray(heat).tobytes()).hexdigest()[:12]}/{vmax!r}"
+        key = f"steer|{digest}|{sorted(selected)}|{heat_key}"  # vmax draws the map too
         return self.ex.images.get_or_make(key, lambda: patch_grid(self.ex.shown(pil), self.ex.grid, selected, heat,
                                                                    vmax, size=STEER_PICTURE))
 

@@ -8,18 +8,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sae_core.atomic import strict_json
+from sae_core.bundle import PROBES
 from sae_core.errors import UserError
 
 from .args import check_writable, out_folder, positive_int
-
-PROBES_DIR = "probes"
-"""Where the probe commands write inside a bundle by default (BUNDLE/probes/*.json, *.html)."""
 
 
 def add_common(p, default_images: int | None = None) -> None:
     p.add_argument("--bundle", required=True, help="a finished bundle (from `precompute demo` or `precompute atlas`)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES_DIR})")
+    p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES})")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     p.add_argument("--fit-images", type=positive_int, default=default_images,
@@ -55,12 +53,12 @@ def open_inputs(args, name: str):
     if layer.startswith("lm:"):
         raise UserError(f"{bundle.root} is a cross-modal bundle whose SAE reads the language model ({layer}); "
                         f"`{name}` reads vision-layer bundles (from `precompute demo` or `precompute atlas`).")
-    out = out_folder(Path(args.out) if args.out else bundle.root / PROBES_DIR, "the JSON and HTML outputs")
+    out = out_folder(Path(args.out) if args.out else bundle.root / PROBES, "the JSON and HTML outputs")
     check_writable(out / f"{name}.json")
     with output_lock(out / f"{name}.json"):  # NAME.html too; the other commands' files there are theirs
         cache = None
         if not args.no_cache:
-            folder = bundle.root / PROBES_DIR / ".features"
+            folder = bundle.root / PROBES / ".features"
             cache = FeatureCache(folder, writable_folder(folder))
             if not cache.write:
                 print(f"note: the feature cache {folder} cannot be written; features are read from it where present "

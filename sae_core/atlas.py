@@ -553,7 +553,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     `checkpoint`: save the running state there as the scan goes, and resume from it when it matches
     (no statistic depends on the batching, so a resumed scan gives what an uninterrupted one gives).
     """
-    from .metrics import MetricsAccumulator
+    from .metrics import DENSE_FREQUENCY, MetricsAccumulator
 
     layer = adapter.resolve_layer(cfg.layer)
     if layer.kind == "embed":
@@ -678,7 +678,7 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     # by their score, which for --score cls leaves out latents that fire on patches only.
     summary = {"fvu": m["fvu"], "l0": m["l0"], "dead_frac": m["dead_fraction"], "dense_frac": m["dense_fraction"],
                "dead_frac_images": float((neurons["support"] == 0).mean()),
-               "dense_frac_images": float((neurons["frequency"] > 0.1).mean()), "mean_cosine": m["mean_cosine"],
+               "dense_frac_images": float((neurons["frequency"] > DENSE_FREQUENCY).mean()), "mean_cosine": m["mean_cosine"],
                "metric_rows": m["rows"], "metric_tokens": cfg.metric_tokens}
     rt = raw_top.result()
     pc, pc_score = coact.parents() if coact is not None else (None, None)

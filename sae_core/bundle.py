@@ -43,6 +43,7 @@ THUMBS = "images/thumbs"
 RAW_MS = "raw/ms.npy"
 MS_FACTORS = "neurons/ms_factors.npy"  # world bundles: MS of the SAE neurons under the ground-truth factors
 WORLD_DIR = "world"  # the demo keeps the world it built inside the bundle, so a copied bundle carries it
+PROBES = "probes"  # where ood, ontology and probes write their JSON and HTML by default (the app reads them there)
 WORLD_SPEC_PARTS = WORLD_MODELS + WORLD_SPLITS  # what may follow world:DIR: (model or split)
 
 # Arrays whose first axis is the neuron id (name -> relative path); others are named by path.

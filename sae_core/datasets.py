@@ -27,7 +27,6 @@ from .errors import UserError, not_utf8, unknown_world_part
 from .folders import refuse_bundle_as_world
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-INAT_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 _INAT_NAME = re.compile(r"^\d+_[^_]+(_[^_]+){6,}$")
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .ground_truth import spearman  # one definition (average ranks over finite pairs) for every figure
 from .hierarchy import lca_depth
 
 
@@ -114,14 +115,6 @@ def cophenetic_distances(dist: np.ndarray, method: str = "average") -> np.ndarra
     d = (d + d.T) / 2
     np.fill_diagonal(d, 0.0)
     return cophenet(linkage(squareform(d, checks=False), method=method))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
 @dataclass

@@ -146,11 +146,12 @@ class OODResult:
     """name -> {"fpr": [...], "tpr": [...]} (at most 200 points)."""
 
     def best(self, family: str) -> tuple[str | None, float | None]:
-        items = [(m["auroc"], n) for n, m in self.methods.items() if m["family"] == family]
+        # the highest AUROC, and on a tie the first name, as the explorer's table orders them (it took the last)
+        items = [(-m["auroc"], n) for n, m in self.methods.items() if m["family"] == family]
         if not items:
             return None, None
-        a, n = max(items)
-        return n, a
+        a, n = min(items)
+        return n, -a
 
 
 DESCRIPTIONS = {

@@ -65,7 +65,8 @@ def _fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, ma
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():  # a caller inside torch.no_grad() (an evaluation loop) would stop the fit
+        opt.step(closure)
     return W.detach(), b.detach()
 
 

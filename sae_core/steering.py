@@ -509,11 +509,6 @@ class SteeringSession:
                     self._cache_bytes -= old.numel() * old.element_size()
         return torch.stack(got), len(todo)
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cache_bytes = 0
-
     # --- clamps -------------------------------------------------------------------------------
     def make_clamp(self, latents=(), values=(), mode: str = "set", patches=None, keep_error: bool = False) -> Clamp:
         """A Clamp from user-facing arguments; patches are patch indices (row-major, CLS excluded)."""

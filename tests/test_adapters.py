@@ -154,10 +154,13 @@ def test_a_llava_placed_by_from_pretrained_stays_where_and_as_it_was_loaded():
     torch.testing.assert_close(h.float(), h_ref, rtol=0.05, atol=0.05)
 
 
-def test_llava_tower_from_a_sharded_checkpoint(tmp_path):
+def test_llava_tower_from_a_sharded_checkpoint(tmp_path, monkeypatch):
     """Hub LLaVA checkpoints are sharded: only the shards holding vision_tower weights are read."""
+    import json
+    import os
     import shutil
 
+    import safetensors
     from transformers import LlavaForConditionalGeneration
 
     src = H.world_dir() / "llava"
@@ -165,8 +168,19 @@ def test_llava_tower_from_a_sharded_checkpoint(tmp_path):
     for f in src.glob("*.json"):
         if not (tmp_path / "sharded" / f.name).exists():
             shutil.copy(f, tmp_path / "sharded")
-    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    a, b = load_adapter(f"llava:{src}"), load_adapter(f"llava:{tmp_path / 'sharded'}")
+    weight_map = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    vision = {f for k, f in weight_map.items() if "vision_tower." in k}
+    assert set(weight_map.values()) - vision  # shards of the language model alone, which need not be read
+    opened, safe_open = [], safetensors.safe_open
+
+    def recording(path, *args, **kwargs):
+        opened.append(os.path.basename(path))
+        return safe_open(path, *args, **kwargs)
+
+    a = load_adapter(f"llava:{src}")
+    monkeypatch.setattr(safetensors, "safe_open", recording)
+    b = load_adapter(f"llava:{tmp_path / 'sharded'}")
+    assert set(opened) == vision
     px = _pixels(a, n=2)
     torch.testing.assert_close(a.capture(px, ["-2", "embed"])["-2"], b.capture(px, ["-2", "embed"])["-2"], rtol=0, atol=0)
 

@@ -122,6 +122,18 @@ def test_residual_features_match_a_per_image_loop(tiny_bundle):
             assert feats.recon_max[row] == pytest.approx(max(rel), rel=1e-3, abs=1e-6)
 
 
+def test_the_best_detector_of_a_tie_is_the_one_the_table_shows_first():
+    """On equal AUROCs ood.json named the alphabetically last detector best, while the explorer's table (highest
+    AUROC first, then by name) put the first on top: the note and the table named different winners."""
+    from sae_core.ood import OODResult
+
+    res = OODResult(methods={n: {"auroc": a, "family": "sae"} for n, a in
+                             (("sae_b", 0.9), ("sae_a", 0.9), ("sae_c", 0.95), ("sae_d", 0.5))})
+    assert res.best("sae") == ("sae_c", 0.95)
+    res.methods["sae_c"]["auroc"] = 0.9
+    assert res.best("sae") == ("sae_a", 0.9) and res.best("raw") == (None, None)
+
+
 def test_ood_command_end_to_end(probe_outputs):
     res, out = probe_outputs.ood, probe_outputs.bundle / "probes"  # --fit-images 800 --max-images 200 --cal-images 150
     methods = res["methods"]
@@ -133,8 +145,9 @@ def test_ood_command_end_to_end(probe_outputs):
     for m in methods.values():
         assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1
         assert set(m["auroc_by_group"]) <= {"shape", "colour", "both"}
-    best = max((m["auroc"], n) for n, m in methods.items() if n.startswith("sae_"))
-    assert res["best_sae"] == {"method": best[1], "auroc": best[0]}
+    top = max(m["auroc"] for n, m in methods.items() if n.startswith("sae_"))
+    assert res["best_sae"] == {"method": min(n for n, m in methods.items() if n.startswith("sae_") and m["auroc"] == top),
+                               "auroc": top}
     assert res["fit"]["spec"].endswith(":train") and res["ood"]["spec"].endswith(":ood")
     saved = json.loads((out / "ood.json").read_text())
     for name, curve in saved["curves"].items():  # the curve's area is the AUROC it reports
