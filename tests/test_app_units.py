@@ -890,6 +890,26 @@ def test_text_search_finds_neurons_of_that_colour(explorer, tiny_bundle):
         assert best > 3 * base and five > 4 * base, (c, base, best, five)
     with pytest.raises(UserError):
         search.by_text("")
+    # the ranking written out: cosine of the query with the mean of each neuron's first N_TOP top images (those with
+    # MIN_IMAGES of them), against the search's (its directions were built by a loop over neurons, now by blocks)
+    from app.search import MIN_IMAGES, N_TOP
+    from sae_core.labels import labelling_gallery
+    from sae_core.text_encoders import load_text_embedder
+
+    emb = np.load(Path(tiny_bundle) / "images" / "embeddings.npy").astype(np.float64)
+    gallery, _ = labelling_gallery(explorer.bundle.array("top_images"), explorer.bundle.array("patch_top_images")
+                                   if explorer.bundle.has("patch_top_images") else None)
+    q = np.asarray(load_text_embedder(explorer.bundle.manifest["embedder"]["spec"])(["a photo of a red object"]).numpy(),
+                   np.float64)[0]
+    cos = {}
+    for k, row in enumerate(np.asarray(gallery)[:, :N_TOP]):
+        row = row[row >= 0]
+        if len(row) >= MIN_IMAGES:
+            m = emb[row].mean(0)
+            cos[k] = float(q @ m / np.linalg.norm(m))
+    want = sorted(cos, key=lambda k: -cos[k])[:10]
+    ids, sims = search.by_text("a photo of a red object", top=10)
+    assert ids == want and np.allclose(sims, [cos[k] for k in want], atol=1e-3)
 
 
 def test_image_search_matches_brute_force_and_the_world(explorer, tiny_bundle, tmp_path):
