@@ -12,6 +12,10 @@ MAX_SCATTER_POINTS = 20_000
 """Above this many neurons the scatter shows a deterministic sample (the browser stays responsive)."""
 MAX_TREE_NODES = 3_000
 """The hierarchy figure keeps the levels that fit in this many nodes (whole levels, from the root)."""
+MAX_LABELLED_NODES = 600
+"""A tree of more nodes draws no labels inside its wedges (hover still names each): plotly measures every label
+to fit it, which froze the page 2.4-4.5 s for a tree of 1,949 nodes (0.5 s without them), and such slivers are
+unreadable anyway."""
 MAX_TREE_ROOTS = 48
 """More roots than this draw a disc of slivers (K 65,536 has 4,096 level-0 latents): the figure then
 keeps the roots with the most descendants, and any other latent's subtree is drawn on request."""
@@ -100,7 +104,8 @@ def ms_frequency_scatter(columns: dict):
     patch_ms = columns.get("patch_ms")
     only_patch = np.zeros(len(ms), bool) if patch_ms is None else ~np.isfinite(ms) & np.isfinite(patch_ms)
     ids = np.flatnonzero((np.isfinite(ms) & (freq > 0)) | only_patch)
-    if len(ids) > MAX_SCATTER_POINTS:
+    scored = len(ids)
+    if scored > MAX_SCATTER_POINTS:
         ids = np.sort(np.random.default_rng(0).choice(ids, MAX_SCATTER_POINTS, replace=False))
     fig = go.Figure()
     add = fig.add_scatter if len(ids) <= SVG_POINTS else fig.add_scattergl
@@ -119,7 +124,9 @@ def ms_frequency_scatter(columns: dict):
                       yaxis_title="Monosemanticity Score", clickmode="event")
     # short: plotly does not wrap a title, and a phone cut this one at both ends (the page's label says
     # what a click does)
-    fig = _layout(fig, "MS versus firing frequency", height=420)
+    # a sample says so (it showed 20,000 of 63,064 latents as if they were all)
+    sample = f": a sample of {len(ids):,} of {scored:,}" if len(ids) < scored else ""
+    fig = _layout(fig, f"MS versus firing frequency{sample}", height=420)
     # six or more entries wrap a horizontal legend into the title: a column on the right instead
     return fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02))
 
@@ -259,7 +266,8 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         marker=dict(colors=ms.tolist(), colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="MS")),
         # every level drawn shows at once (maxdepth 3 hid the 4th ring, and a click opens the neuron rather
         # than zooming in, so it could not be reached)
-        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]}<extra></extra>", maxdepth=-1))
+        hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]}<extra></extra>", maxdepth=-1,
+        **({"textinfo": "none"} if len(kept) > MAX_LABELLED_NODES else {})))
     fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
                       len(tops_all), ancestors)

@@ -514,7 +514,15 @@ class Bundle:
             return self._index
 
     def hierarchy(self) -> dict:
-        """hierarchy.json: {"nodes": [{id, level, parent, label, ms}], "depth_per_level": [...], ...}."""
+        """hierarchy.json: {"nodes": [{id, level, parent, label, ms}], "depth_per_level": [...], ...}, read and
+        checked once (the Hierarchy page draws subtree after subtree of it: at K 65,536 each read 17 MB again, a
+        quarter of a second); shared, so not to be changed by the caller."""
+        with self._open_lock:
+            if not hasattr(self, "_tree"):
+                self._tree = self._read_hierarchy()
+            return self._tree
+
+    def _read_hierarchy(self) -> dict:
         tree = self.json(HIERARCHY)
         # the Hierarchy page indexes every node by these: checked where it is read, not at the app's start (the file
         # is 10 MB at K 65,536); until 2026-12-05 the page showed "'level'" or "string indices must be integers"

@@ -381,6 +381,17 @@ def test_tree_colours_patch_only_latents_by_their_patch_ms():
     assert "%{customdata[2]}" in labelled.figure.data[0].hovertemplate
 
 
+def test_the_scatter_says_when_it_draws_a_sample(monkeypatch):
+    """Above MAX_SCATTER_POINTS scored latents the scatter draws a sample: it showed 20,000 of 63,064 as if all."""
+    cols = {"ms": np.r_[np.linspace(0, 1, 30), np.nan], "frequency": np.r_[np.full(30, 0.1), 0.2],
+            "level": np.zeros(31, int), "label": np.array(["x"] * 31)}
+    assert figures.ms_frequency_scatter(cols).layout.title.text == "MS versus firing frequency"
+    monkeypatch.setattr(figures, "MAX_SCATTER_POINTS", 12)
+    drawn = figures.ms_frequency_scatter(cols)
+    assert drawn.layout.title.text == "MS versus firing frequency: a sample of 12 of 30"
+    assert sum(len(t.x) for t in drawn.data) == 12
+
+
 def test_tree_with_many_roots_draws_the_biggest_and_any_subtree_on_request():
     """A wide tree (K 65,536 has 4,096 roots) draws MAX_TREE_ROOTS roots, those with the most descendants
     (ties: lower id), with all their descendants and nobody else's; `root` draws one latent's subtree."""
@@ -412,6 +423,13 @@ def test_tree_with_many_roots_draws_the_biggest_and_any_subtree_on_request():
     assert tree.ancestors == []
     small = figures.hierarchy_figure(nodes[:5], "sunburst")  # few roots: every one drawn
     assert (small.roots, small.roots_total, small.nodes) == (5, 5, 5)
+    # labels inside the wedges while they can be read (plotly's fitting of 1,949 labels froze the page for seconds)
+    assert small.figure.data[0].textinfo is None and tree.nodes <= figures.MAX_LABELLED_NODES
+    many = [{"id": i, "level": 0, "parent": -1, "ms": 0.5} for i in range(figures.MAX_TREE_ROOTS)]
+    many += [{"id": 100 + i, "level": 1, "parent": i % figures.MAX_TREE_ROOTS, "ms": 0.5}
+             for i in range(figures.MAX_LABELLED_NODES)]
+    crowded = figures.hierarchy_figure(many, "sunburst")
+    assert crowded.nodes > figures.MAX_LABELLED_NODES and crowded.figure.data[0].textinfo == "none"
     with pytest.raises(UserError, match=f"latent {nid + 7} is not in the tree"):
         figures.hierarchy_figure(nodes, "sunburst", root=nid + 7)
 

@@ -73,6 +73,8 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(counts, arrays["hist_counts"][2])
     np.testing.assert_array_equal(edges, arrays["hist_edges"])
     assert b.hierarchy()["depth_per_level"] == [1.0, 2.0]
+    (tmp_path / B.HIERARCHY).unlink()  # read once: the Hierarchy page's every subtree read 17 MB again at K 65,536
+    assert b.hierarchy()["depth_per_level"] == [1.0, 2.0]
     sae = b.load_sae()
     assert sae.cfg.d_sae == 6 and sae.cfg.group_sizes == (2, 4)
     assert b.manifest["schema_version"] == B.SCHEMA_VERSION
