@@ -28,16 +28,17 @@ def _gradio_env(cache: Path) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
-CACHE_SWEEP_EVERY_S = 3600.0
+CACHE_SWEEP_EVERY_S = 600.0
 _UPLOAD_FOLDER = re.compile(r"^[0-9a-f]{64}$")  # Gradio's: the sha256 of an upload's content
 
 
-def sweep_cache(cache: Path, max_age_s: float, now: float | None = None) -> int:
-    """Delete the files in `cache` that the app and Gradio wrote there and nobody used for `max_age_s`: uploads
-    (Gradio's <sha256>/ folders, and the empty tmp* file its upload route leaves beside them for each one) and
-    generated pictures and exports (`generated/*/`, touched on every use). Only those names: SAE_APP_CACHE may
-    be any folder. Until 2026-12-05 each upload and its pictures stayed for good (10 uploads of 3 MB: 32 MB).
-    Returns the number of files deleted."""
+def sweep_cache(cache: Path, max_age_s: float, now: float | None = None, max_bytes: float = 0) -> int:
+    """Delete the files in `cache` that the app and Gradio wrote there and nobody used for `max_age_s` (0: none by
+    age), then, while they hold more than `max_bytes` (0: no bound), the least recently used: uploads (Gradio's
+    <sha256>/ folders, and the empty tmp* file its upload route leaves beside them for each one) and generated
+    pictures and exports (`generated/*/`, touched on every use). Only those names: SAE_APP_CACHE may be any folder.
+    Until 2026-12-05 each upload and its pictures stayed for good (10 uploads of 3 MB: 32 MB), and then, for a day,
+    whatever a script walking every neuron made (1.3 MB a page at the paper's size). Returns the files deleted."""
     import time
 
     def folders(root: Path, match) -> list[Path]:
@@ -51,15 +52,29 @@ def sweep_cache(cache: Path, max_age_s: float, now: float | None = None) -> int:
     candidates = [e for e in files(cache) if e.name.startswith("tmp")] if cache.is_dir() else []
     for folder in uploads + generated:
         candidates += files(folder)
-    cutoff = (time.time() if now is None else now) - max_age_s
+    cutoff = (time.time() if now is None else now) - max_age_s if max_age_s > 0 else float("-inf")
     deleted = 0
+    kept = []
     for path in candidates:
         try:
-            if path.lstat().st_mtime < cutoff:
+            st = path.lstat()
+            if st.st_mtime < cutoff:
                 path.unlink()
                 deleted += 1
+            else:
+                kept.append((st.st_mtime, st.st_size, path))
         except FileNotFoundError:  # another sweep, or Gradio, took it first
             pass
+    held = sum(size for _, size, _ in kept)
+    for _, size, path in sorted(kept, key=lambda k: k[0]):  # the least recently used first
+        if not max_bytes or held <= max_bytes:
+            break
+        try:
+            path.unlink()
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        held -= size
     for folder in uploads:
         try:
             folder.rmdir()  # an upload's folder, once empty
@@ -69,17 +84,18 @@ def sweep_cache(cache: Path, max_age_s: float, now: float | None = None) -> int:
 
 
 def _sweep_cache_hourly(settings: AppSettings) -> None:
-    """A daemon thread running `sweep_cache` every CACHE_SWEEP_EVERY_S (none for SAE_APP_CACHE_HOURS=0)."""
+    """A daemon thread running `sweep_cache` every CACHE_SWEEP_EVERY_S (none for SAE_APP_CACHE_HOURS=0 with
+    SAE_APP_CACHE_GB=0)."""
     import threading
     import time
 
-    if settings.cache_hours <= 0:
+    if settings.cache_hours <= 0 and settings.cache_gb <= 0:
         return
 
     def loop():
         while True:
             try:
-                sweep_cache(settings.cache, settings.cache_hours * 3600)
+                sweep_cache(settings.cache, settings.cache_hours * 3600, max_bytes=settings.cache_gb * 1e9)
             except OSError as e:  # a folder removed or made unreadable meanwhile: try again next time
                 print(f"[app] warning: the cache sweep of {settings.cache} failed ({e})", flush=True)
             time.sleep(CACHE_SWEEP_EVERY_S)

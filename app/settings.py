@@ -28,9 +28,14 @@ ENV_VARS = {
     "SAE_APP_MAX_UPLOAD_MEGAPIXELS": "largest upload in megapixels (default 16.8)",
     "SAE_APP_SESSIONS": "browser and API sessions Gradio keeps in memory, oldest dropped first (default 500)",
     "SAE_APP_CACHE_HOURS": "uploads and generated files unused this long are deleted from the cache, checked "
-                           "hourly (default 24; 0 keeps them)",
+                           "every 10 minutes (default 24; 0 keeps them)",
+    "SAE_APP_CACHE_GB": "beyond this many GB of uploads and generated files the least recently used go, checked every "
+                        "10 minutes (default 10; 0: no bound)",
 }
 DEFAULT_CACHE_HOURS = 24.0
+DEFAULT_CACHE_GB = 10.0
+"""A neuron page adds about 1.3 MB of pictures at the paper's size (photos), so a script walking 65,536 neurons
+would fill 87 GB within the age bound; 10 GB keeps thousands of pages."""
 DEFAULT_SESSIONS = 500
 """Gradio copies the config of every block for each session (about 215 KB with this app) and keeps 10,000
 by default, about 2 GB for scripts that call the API without a session hash. The explorer keeps nothing
@@ -62,6 +67,7 @@ class AppSettings:
     limits: UploadLimits = UploadLimits()
     sessions: int = DEFAULT_SESSIONS
     cache_hours: float = DEFAULT_CACHE_HOURS
+    cache_gb: float = DEFAULT_CACHE_GB
 
     @property
     def uses_default_bundle(self) -> bool:
@@ -83,6 +89,7 @@ class AppSettings:
             "cache": Path(env.get("SAE_APP_CACHE") or Path(tempfile.gettempdir()) / "sae_app"),
             "sessions": env.get("SAE_APP_SESSIONS") or DEFAULT_SESSIONS,
             "cache_hours": env.get("SAE_APP_CACHE_HOURS") or DEFAULT_CACHE_HOURS,
+            "cache_gb": env.get("SAE_APP_CACHE_GB") or DEFAULT_CACHE_GB,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -108,6 +115,14 @@ class AppSettings:
             raise UserError(f"SAE_APP_CACHE_HOURS={values['cache_hours']!r} is not a number of hours of 0 or more; "
                             f"set it to how long unused uploads and generated files stay, e.g. {DEFAULT_CACHE_HOURS:g} "
                             "(0 keeps them).")
+        try:
+            cache_gb = float(values["cache_gb"])
+        except ValueError:
+            cache_gb = -1.0
+        if not 0 <= cache_gb < float("inf"):
+            raise UserError(f"SAE_APP_CACHE_GB={values['cache_gb']!r} is not a number of GB of 0 or more; set it to how "
+                            f"much the cache's uploads and generated files may hold, e.g. {DEFAULT_CACHE_GB:g} (0: no "
+                            "bound).")
         from sae_core.steering import PRECISION_CHOICES
 
         if values["precision"] not in PRECISION_CHOICES:
@@ -120,7 +135,8 @@ class AppSettings:
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
                    host=str(values["host"]),
-                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours)
+                   port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours,
+                   cache_gb=cache_gb)
 
     @property
     def steering_precision(self) -> str:

@@ -222,6 +222,30 @@ def test_the_cache_sweep_deletes_only_unused_uploads_and_generated_files(tmp_pat
     assert (outside / "keep.png").exists() and not (cache / old).exists()
 
 
+def test_the_cache_sweep_bounds_the_cache_by_size_least_recently_used_first(tmp_path):
+    """Swept by age alone, a script walking every neuron at the paper's size (1.3 MB of pictures a page) would
+    fill 87 GB within the day: beyond max_bytes the least recently used go, files outside the app's names never."""
+    import os
+    import time
+
+    from app.server import sweep_cache
+
+    cache, now = tmp_path / "cache", time.time()
+    gen = cache / "generated" / "0123456789ab"
+    gen.mkdir(parents=True)
+    upload = cache / ("a" * 64)
+    upload.mkdir()
+    (cache / "notes.txt").write_bytes(b"n" * 5000)  # not the app's: kept whatever the bound
+    ages = {gen / "p0.png": 50, gen / "p1.png": 40, upload / "u.png": 30, gen / "p2.png": 20, gen / "p3.png": 10}
+    for path, minutes in ages.items():
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (now - 60 * minutes, now - 60 * minutes))
+    assert sweep_cache(cache, 0, now=now, max_bytes=2500) == 3  # 5,000 bytes to 2,000: the three oldest
+    assert sorted(p.name for p in cache.rglob("*.png")) == ["p2.png", "p3.png"] and (cache / "notes.txt").exists()
+    assert sweep_cache(cache, 0, now=now, max_bytes=0) == 0  # no bound, no age: nothing goes
+    assert sweep_cache(cache, 15 * 60, now=now) == 1  # the age bound alone, as before: p2 (20 minutes) goes
+
+
 def test_a_transparent_palette_colour_reaches_the_model_as_its_pixels(tmp_path):
     """A palette PNG whose black is marked transparent: PIL kept the mark on the RGB image and transformers'
     processor painted every black pixel white, so extract, atlas and steer encoded another picture than the
@@ -810,6 +834,14 @@ def test_settings_from_env_and_flags(monkeypatch, tmp_path):
         with pytest.raises(UserError, match=rf"^SAE_APP_CACHE_HOURS='{bad}' is not a number of hours of 0 or more"):
             AppSettings.from_env()
     monkeypatch.delenv("SAE_APP_CACHE_HOURS")
+    assert s.cache_gb == 10
+    monkeypatch.setenv("SAE_APP_CACHE_GB", "0.5")
+    assert AppSettings.from_env().cache_gb == 0.5
+    for bad in ("-1", "lots", "inf"):
+        monkeypatch.setenv("SAE_APP_CACHE_GB", bad)
+        with pytest.raises(UserError, match=rf"^SAE_APP_CACHE_GB='{bad}' is not a number of GB of 0 or more"):
+            AppSettings.from_env()
+    monkeypatch.delenv("SAE_APP_CACHE_GB")
     # a yes/no variable is yes or no: "maybe" (or a typo of "true") loaded the steering model in full size, silently
     for value, meant in (("TRUE", True), (" on ", True), ("0", False), ("No", False), ("", False)):
         monkeypatch.setenv("SAE_APP_LOAD_4BIT", value)
