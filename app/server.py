@@ -83,7 +83,7 @@ def sweep_cache(cache: Path, max_age_s: float, now: float | None = None, max_byt
     return deleted
 
 
-def _sweep_cache_hourly(settings: AppSettings) -> None:
+def _sweep_cache_in_background(settings: AppSettings) -> None:
     """A daemon thread running `sweep_cache` every CACHE_SWEEP_EVERY_S (none for SAE_APP_CACHE_HOURS=0 with
     SAE_APP_CACHE_GB=0)."""
     import threading
@@ -120,7 +120,7 @@ def create_app(settings: AppSettings):
     # array was a traceback at the start, or numpy's text on a page (it reads array headers and the small arrays)
     bundle.validate()
     explorer = Explorer(bundle, settings.cache)
-    _sweep_cache_hourly(settings)
+    _sweep_cache_in_background(settings)
     steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.steering_device(),
                                                                    precision=settings.steering_precision,
                                                                    limits=settings.limits)
