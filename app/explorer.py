@@ -84,6 +84,10 @@ def _shown(v, how) -> str:
     return f"{v:.{how}f}"
 
 
+SPREAD_MIN_IMAGES = 5
+"""The neuron header's spread line (the histogram in words) needs this many firing images."""
+
+
 def binned_quantile_bound(counts, edges, q: float, top: float) -> float | None:
     """An upper bound of the q-quantile of the scores a log10 histogram counts (LogHistogram: bin 0 also
     holds what lies below its edges, the last bin what lies above): the upper edge of the bin where the
@@ -573,11 +577,11 @@ class Explorer:
         """The activation histogram in words (a plot is out of reach of a screen reader): the scores under which
         half and nine in ten of the firing images lie, read off the histogram's bins."""
         counts, edges = page["hist"]
-        bounds = [binned_quantile_bound(counts, edges, q, page["max_act"]) for q in (0.5, 0.9)]
-        if bounds[0] is None:
+        if int(np.sum(counts)) < SPREAD_MIN_IMAGES:  # "half" and "nine in ten" of one or two images say nothing
             return []
-        return [f"- **spread** — half the images where it fires score at most {bounds[0]:.3g}, nine in ten at most "
-                f"{bounds[1]:.3g} (upper edges of the histogram's bins)"]
+        bounds = [binned_quantile_bound(counts, edges, q, page["max_act"]) for q in (0.5, 0.9)]
+        return [f"- **spread** — over the images where it fires, the median is at most {bounds[0]:.3g} and the 90th "
+                f"percentile at most {bounds[1]:.3g} (upper edges of the histogram's bins, or the max)"]
 
     def neuron_record(self, k) -> dict:
         """A JSON-able description of neuron k (the page's JSON export and the `neuron_json` API)."""

@@ -492,18 +492,18 @@ class SteerTab:
 
         @user_errors
         def steer_type_patches(image_index, upload, patches, picture):
-            """Patches typed in the box, the keyboard's way to pick them (Enter, or leaving the box): the list in
-            order and the grid redrawn with it, as clicks draw it (the picture showed no choice until Steer)."""
+            """Patches typed in the box, the keyboard's way to pick them (Enter): the list in order and the grid
+            redrawn with it, as clicks draw it (the picture showed no choice until Steer). Not on leaving the box:
+            a click on "All patches" or the picture that left it was answered first, then undone by this."""
             chosen = sorted(patch_list(patches))
             if picture is None:
                 return ",".join(map(str, chosen)), gr.update()
             pil, _, _ = svc.image(image_index, upload)
             return ",".join(map(str, chosen)), svc.picture(pil, chosen)
 
-        for trigger in (self.patches.submit, self.patches.blur):
-            then_address(checked_first(trigger, check_typed_patches,
-                                       [self.image_index, self.upload, self.patches, self.picture],
-                                       steer_type_patches, [self.patches, self.picture], False))
+        then_address(checked_first(self.patches.submit, check_typed_patches,
+                                   [self.image_index, self.upload, self.patches, self.picture],
+                                   steer_type_patches, [self.patches, self.picture], False))
 
         @user_errors
         def steer_all_patches(image_index, upload):

@@ -645,7 +645,7 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
 
     busy = int(np.argmax((cls > 0).sum(0)))
     fired = cls[:, busy][cls[:, busy] > 0]
-    spread = re.search(r"half the images where it fires score at most (\S+), nine in ten at most (\S+) ",
+    spread = re.search(r"over the images where it fires, the median is at most (\S+) and the 90th percentile at most (\S+) ",
                        ex.neuron_summary(busy, b.neuron(busy)))
     edges = np.asarray(b.array("hist_edges"), np.float64)
     for q, bound in zip((0.5, 0.9), map(float, spread.groups())):
