@@ -268,6 +268,7 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         # than zooming in, so it could not be reached)
         hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]}<extra></extra>", maxdepth=-1,
         **({"textinfo": "none"} if len(kept) > MAX_LABELLED_NODES else {})))
-    fig = _layout(fig, "Matryoshka tree (colour = MS; click a node to open the neuron)", height=640)
+    # short: plotly does not wrap a title, and a phone cut this one at "click a noc" (the page's label says it)
+    fig = _layout(fig, "Matryoshka tree (colour = MS)", height=640)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
                       len(tops_all), ancestors)

@@ -816,7 +816,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                                   elem_id="tree-root"))
                     tree_button = gr.Button("Draw")
                 tree_note = gr.Markdown(elem_id="tree-note")
-                tree_plot = gr.Plot(label="Matryoshka tree", elem_id="tree-plot", visible=has_tree)
+                tree_plot = gr.Plot(label="Matryoshka tree (click a node to open its neuron)", elem_id="tree-plot",
+                                    visible=has_tree)
                 depth_df = gr.Dataframe(headers=["level", "neurons", "taxonomy depth"], interactive=False,
                                         label="taxonomy depth per Matryoshka level")
             # ---------------------------------------------------------------- Steer
