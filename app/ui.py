@@ -617,7 +617,8 @@ class SteerTab:
             slot_vals = []
             for i in range(N_SLOTS):
                 slot_vals += list(chosen[i]) if i < len(chosen) else [-1, 4.0]
-            patches = field(lambda: ",".join(str(p) for p in patch_list(state.get("patches"))), "")
+            # in order, as typed ones are put (a link of "5,3,5" showed "5,3")
+            patches = field(lambda: ",".join(str(p) for p in sorted(patch_list(state.get("patches")))), "")
             image, picture = initial(self.image_index), gr.update()
             if state.get("image") == UPLOADED:
                 refused.append("its image was an upload, which a link cannot carry; upload it again (dataset image "

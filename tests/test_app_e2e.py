@@ -351,8 +351,9 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     assert pg.input_value("#steer-question input") == "Which shape?"
     pg.wait_for_selector("text=part of the link could not be restored")
     # a latent given twice keeps its first strength, and the next latent its own (it took the second one's)
-    pg.goto(explorer_app.url + "/?tab=steer&latents=3,3,5&values=1,2,8")
+    pg.goto(explorer_app.url + "/?tab=steer&latents=3,3,5&values=1,2,8&patches=5,3,5")
     wait_value(pg, "#steer-latent-2 input", "5")
+    wait_value(pg, "#steer-patches textarea", "3,5")  # in order, as typing leaves them (it showed "5,3")
     wait_value(pg, "#steer-value-2 input[type=number]", "8")
     assert pg.input_value("#steer-latent-1 input") == "3" and pg.input_value("#steer-value-1 input[type=number]") == "1"
     pg.wait_for_selector("text=latent 3 is given twice")
