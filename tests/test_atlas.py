@@ -732,6 +732,9 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert "annotations" not in fig["layout"] and fig["layout"]["xaxis"]["title"]["text"] == "activation (CLS token)"
     assert sum(fig["data"][0]["y"]) == int((cls[:, busy] > 0).sum())
     c, e = b.neuron(busy)["hist"]  # the axis zooms on the occupied bins, a quarter decade each side
+    # each bar's hover gives its edges (the header's spread line quotes edges; the hover gave centres)
+    np.testing.assert_allclose(fig["data"][0]["customdata"], 10 ** np.stack([e[:-1], e[1:]], 1), rtol=1e-6)
+    assert "%{customdata[0]:.3g} to %{customdata[1]:.3g}" in fig["data"][0]["hovertemplate"]
     occ = np.flatnonzero(c)
     assert fig["layout"]["xaxis"]["range"] == pytest.approx([e[occ[0]] - 0.25, e[occ[-1] + 1] + 0.25])
     ticks = np.log10(fig["layout"]["xaxis"]["tickvals"])  # labelled in full (figures.log_ticks), on the axis
