@@ -694,11 +694,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                                 elem_id="crossmodal-table")
                 # probe results (precompute ood / ontology / probes) when the bundle holds them
                 ood_note = gr.Markdown(elem_id="ood-note")
+                # min_width: below two of them (a tablet, a phone) each takes the whole width, where side by side the
+                # ROC's legend of 15 detectors left its axes 60 px at 768 px
                 with gr.Row():
-                    roc_plot = gr.Plot(label="OOD detection: ROC", elem_id="roc-plot", visible=False, scale=1)
+                    roc_plot = gr.Plot(label="OOD detection: ROC", elem_id="roc-plot", visible=False, scale=1,
+                                       min_width=560)
                     # wrap: a detector's description ended in "..." with no way to read the rest but a copy
                     ood_df = gr.Dataframe(interactive=False, visible=False, scale=1, elem_id="ood-table", wrap=True,
-                                          label="AUROC and FPR@95 per detector (sort from a column header's ⋮ menu)")
+                                          label="AUROC and FPR@95 per detector (sort from a column header's ⋮ menu)",
+                                          min_width=560)
                 with gr.Accordion("Ontology recovery and linear probes", open=False, elem_id="probe-accordion",
                                   visible=not ex.probes.is_crossmodal):
                     onto_note = gr.Markdown()

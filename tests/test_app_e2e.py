@@ -912,6 +912,16 @@ def test_the_ood_tables_descriptions_are_read_whole(page, probe_outputs):
         longest = pg.evaluate("() => Math.max(...Array.from(document.querySelectorAll('#ood-table [role=gridcell]'))"
                               ".map(c => c.innerText.trim().length))")
         assert longest > 60 and cut == [], cut  # descriptions as long as these are in the table, none cut
+        # at 768 px the ROC takes the width, the table below it: side by side, the legend of its 15 detectors
+        # left the axes about 60 px
+        pg.set_viewport_size({"width": 768, "height": 1024})
+        pg.goto(url + "/")
+        pg.wait_for_selector("#roc-plot .nsewdrag")
+        pg.wait_for_timeout(1000)
+        axes = pg.evaluate("() => document.querySelector('#roc-plot .nsewdrag').getBoundingClientRect().width")
+        plot, table = (pg.evaluate(f"() => document.querySelector('{e}').getBoundingClientRect().bottom")
+                       for e in ("#roc-plot", "#ood-table"))
+        assert axes > 300 and plot < table, (axes, plot, table)
     finally:
         proc.terminate()
         proc.wait(30)
