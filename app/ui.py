@@ -33,6 +33,7 @@ TAB_URL_BUTTON = "tab-url-btn"
 # galleries take 4 columns that fit the width: Gradio's 8 of at least 100 px showed 6 of 16 images on a
 # phone, and at 768 px cut the last two columns off a 686 px box, with no scroll bar either time.
 CSS = """
+[data-sae-focus]:focus {outline: none;}
 #open-neuron-box, #open-neuron-btn, #url-state-box, #tab-url-btn {display: none !important;}
 .answer textarea {font-size: 1.05em;}
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap {height: auto !important; min-height: 0 !important; max-height: none !important;}
@@ -158,6 +159,7 @@ FOCUS_JS = """
       if (!lost(document.activeElement, panel)) return;
       const target = panel.querySelector('h1, h2, h3') || panel;
       if (!target.hasAttribute('tabindex')) target.setAttribute('tabindex', '-1');
+      target.setAttribute('data-sae-focus', '');  // no outline (CSS): a heading is read, not typed into
       target.focus({preventScroll: true});
     };
     setTimeout(move, 50);

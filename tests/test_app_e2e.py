@@ -889,6 +889,8 @@ def test_the_focus_follows_an_action_into_the_page_it_opens(page, explorer_app):
     pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
     pg.wait_for_function(in_page)
     assert pg.evaluate("() => document.activeElement.tagName") == "H3"
+    # without the black outline Chromium drew around the heading (read, not typed into; mouse users took it for a glitch)
+    assert pg.evaluate("() => getComputedStyle(document.activeElement).outlineStyle") == "none"
     pg.focus("#steer-with-neuron")
     pg.keyboard.press("Enter")
     wait_address(pg, tab="steer", latents=str(k))
