@@ -122,9 +122,8 @@ def ms_frequency_scatter(columns: dict):
                 hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
     fig.update_layout(xaxis_type="log", xaxis_title="firing frequency (fraction of images)",
                       yaxis_title="Monosemanticity Score", clickmode="event")
-    # short: plotly does not wrap a title, and a phone cut this one at both ends (the page's label says
-    # what a click does)
-    # a sample says so (it showed 20,000 of 63,064 latents as if they were all)
+    # short: plotly does not wrap a title, and a phone cut this one at both ends (the page's label says what a
+    # click does); a sample says so all the same (it showed 20,000 of 63,064 latents as if they were all)
     sample = f": a sample of {len(ids):,} of {scored:,}" if len(ids) < scored else ""
     fig = _layout(fig, f"MS versus firing frequency{sample}", height=420)
     # six or more entries wrap a horizontal legend into the title: a column on the right instead

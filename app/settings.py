@@ -54,6 +54,17 @@ def _flag(name: str) -> bool:
                     "also do), or unset it.")
 
 
+def _amount(value, variable: str, unit: str, meaning: str) -> float:
+    """`value` of `variable` as a finite number of 0 or more; UserError saying what it sets otherwise."""
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1.0
+    if not 0 <= amount < float("inf"):
+        raise UserError(f"{variable}={value!r} is not a number of {unit} of 0 or more; set it to {meaning}.")
+    return amount
+
+
 @dataclass(frozen=True)
 class AppSettings:
     bundle: Path = DEFAULT_BUNDLE
@@ -107,22 +118,10 @@ class AppSettings:
         if sessions < 1:
             raise UserError(f"SAE_APP_SESSIONS={values['sessions']!r} is not a positive whole number; "
                             f"set it to the sessions to keep in memory, e.g. {DEFAULT_SESSIONS}.")
-        try:
-            cache_hours = float(values["cache_hours"])
-        except ValueError:
-            cache_hours = -1.0
-        if not 0 <= cache_hours < float("inf"):
-            raise UserError(f"SAE_APP_CACHE_HOURS={values['cache_hours']!r} is not a number of hours of 0 or more; "
-                            f"set it to how long unused uploads and generated files stay, e.g. {DEFAULT_CACHE_HOURS:g} "
-                            "(0 keeps them).")
-        try:
-            cache_gb = float(values["cache_gb"])
-        except ValueError:
-            cache_gb = -1.0
-        if not 0 <= cache_gb < float("inf"):
-            raise UserError(f"SAE_APP_CACHE_GB={values['cache_gb']!r} is not a number of GB of 0 or more; set it to how "
-                            f"much the cache's uploads and generated files may hold, e.g. {DEFAULT_CACHE_GB:g} (0: no "
-                            "bound).")
+        cache_hours = _amount(values["cache_hours"], "SAE_APP_CACHE_HOURS", "hours", "how long unused uploads and "
+                              f"generated files stay, e.g. {DEFAULT_CACHE_HOURS:g} (0 keeps them)")
+        cache_gb = _amount(values["cache_gb"], "SAE_APP_CACHE_GB", "GB", "how much the cache's uploads and generated "
+                           f"files may hold, e.g. {DEFAULT_CACHE_GB:g} (0: no bound)")
         from sae_core.steering import PRECISION_CHOICES
 
         if values["precision"] not in PRECISION_CHOICES:
