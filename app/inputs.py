@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-import re
 from urllib.parse import urlencode
 
 import numpy as np
 
-from sae_core.errors import UserError
+from sae_core.errors import UserError, integer_text
 
 MAX_LATENTS = 8
 """Latents one steering request may clamp at once."""
@@ -39,12 +38,12 @@ def integer(value, what: str, low: int, high: int) -> int:
     if isinstance(value, bool):  # an int to Python, never an id to a user
         raise UserError(f"{what} {value} is not an integer; {wanted}.")
     if isinstance(value, str):
-        text = value.strip().lstrip("#")
-        if not _INTEGER.fullmatch(text):
+        i = integer_text(value)
+        if i is None:
             raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.")
-        if len(text.lstrip("-")) > 15:  # far outside any bound, and past what a float holds exactly
-            raise UserError(f"{what} {_shown(text)} is out of range; {wanted}.")
-        value = int(text)
+        if abs(i) >= 10 ** 15:  # far outside any bound, and past what a float holds exactly
+            raise UserError(f"{what} {_shown(value.strip())} is out of range; {wanted}.")
+        value = i
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -54,9 +53,6 @@ def integer(value, what: str, low: int, high: int) -> int:
     if not low <= f <= high:
         raise UserError(f"{what} {f:.15g} is out of range; {wanted}.")
     return int(f)
-
-
-_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also takes '²' and other scripts' digits
 
 
 def _shown(value, limit: int = 40) -> str:

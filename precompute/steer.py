@@ -6,7 +6,7 @@ import math
 import sys
 
 from sae_core.atomic import strict_json
-from sae_core.errors import UserError
+from sae_core.errors import UserError, integer_text
 
 from .args import positive_int
 
@@ -95,8 +95,8 @@ def run(args) -> int:
     if not args.prompt.strip():
         raise UserError("--prompt is empty; give a question, or leave --prompt out for the paper's one-word prompt.")
     image = args.image
-    if image.isdigit():
-        image = int(image)
+    if integer_text(image) is not None:
+        image = integer_text(image)
     elif not image.startswith("world:"):
         read_image_file(image)  # a missing or unreadable file is said before LLaVA loads, not after
     if args.sae is not None:

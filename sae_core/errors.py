@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can make and fix, and the sentences several readers share."""
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,22 @@ def is_count(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
 
 
+_INTEGER_TEXT = re.compile(r"[-+]?[0-9]{1,4000}")  # past 4,300 digits int() refuses the text itself
+
+
+def integer_text(text: str) -> int | None:
+    """The integer a user typed ("3", " -3 ", "+3", or "#3" as Neuronpedia writes a neuron), None when the text
+    is none. ASCII digits only, read alike by the app and the commands: int() also took other scripts' digits and
+    "1_000", and str.isdigit took a superscript two, which int() then refused with a traceback."""
+    t = text.strip().removeprefix("#").strip()
+    return int(t) if _INTEGER_TEXT.fullmatch(t) else None
+
+
 def checked_index(value, what: str, n: int, covers: str) -> int:
-    """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one; UserError (one
-    sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""
+    """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one (`integer_text`);
+    UserError (one sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""
     try:
-        i = int(value)
+        i = int(integer_text(value) if isinstance(value, str) else value)  # None: TypeError
         if isinstance(value, bool) or (isinstance(value, (float, np.floating)) and i != value):
             raise ValueError
     except (TypeError, ValueError, OverflowError):

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .adapters import load_adapter, loads_a_model
-from .errors import UserError, checked_index, is_count
+from .errors import UserError, checked_index, integer_text, is_count
 from .precision import resolve_device, warn_if_slow_half
 from .world.text import WHAT_IS_SHOWN, llava_prompt
 
@@ -758,10 +758,10 @@ def dataset_image_index(image) -> int | None:
     if isinstance(image, (int, np.integer)):
         return image  # as given: checked_index refuses True
     if isinstance(image, str) and image.startswith("world:"):
-        try:
-            return int(image.split(":", 1)[1])
-        except ValueError:
-            raise UserError(f"image {image!r} is not world:INDEX with an integer INDEX.") from None
+        idx = integer_text(image.split(":", 1)[1])
+        if idx is None:
+            raise UserError(f"image {image!r} is not world:INDEX with an integer INDEX.")
+        return idx
     return None
 
 

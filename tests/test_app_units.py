@@ -274,6 +274,7 @@ def test_integer_bounds():
     assert inputs.integer(" #7 ", "neuron id", 0, 20) == 7
     assert inputs.integer(3.0, "neuron id", 0, 20) == 3
     assert inputs.integer("-0", "neuron id", 0, 20) == 0
+    assert inputs.integer("+4", "neuron id", 0, 20) == 4  # as the library's ids (checked_index) read it
     for bad in (float("nan"), float("inf"), 2.5, "abc", "", None, True, 21, -1, "1e3",
                 "--5", "\u00b2", "\u0663", "1" * 400, "9" * 5000, 1e300, 10**400):
         with pytest.raises(UserError) as e:
@@ -281,6 +282,23 @@ def test_integer_bounds():
         assert len(str(e.value)) < 120, str(e.value)  # one short sentence, not the 400 digits back
     with pytest.raises(UserError, match="neuron id True is not an integer"):  # it said "is missing"
         inputs.integer(True, "neuron id", 0, 20)
+
+
+def test_the_app_and_the_library_read_typed_ids_alike():
+    """The app's id boxes and the library's ids (commands, API callers) read one text the same way: "#3" was
+    refused by the library and "+3", another script's digits or "1_000" by the app (until 2026-12-05)."""
+    from sae_core.errors import checked_index
+
+    expected = {"3": 3, " 3 ": 3, "#3": 3, "# 3": 3, "+3": 3, "-0": 0, "007": 7, "19": 19,
+                "\uff13": None, "\u0663": None, "\u00b2": None, "1_0": None, "3.0": None, "0x3": None,
+                "3 4": None, "##3": None, "": None, "#": None, "-3": -3, "20": 20}
+    for text, value in expected.items():
+        for read in (lambda t: inputs.integer(t, "neuron id", 0, 19), lambda t: checked_index(t, "neuron", 20, "it has")):
+            if value is None or not 0 <= value <= 19:
+                with pytest.raises(UserError):
+                    read(text)
+            else:
+                assert read(text) == value, text
 
 
 def test_clamp_values_are_finite_and_bounded():

@@ -643,6 +643,11 @@ def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(ti
              f"image {n_images} does not exist; the bundle's dataset has images 0 to {n_images - 1}."),
             (["--image", f"world:{n_images + 1}"], f"image {n_images + 1} does not exist"),  # listing mode too
             (["--image", "world:two", "--latent", "3", "--value", "4"], "is not world:INDEX with an integer INDEX"),
+            # ids are read as the app reads them, ASCII digits only: a superscript two was a traceback (isdigit
+            # took it, int() did not), another script's three was image 3 (until 2026-12-05)
+            (["--image", "\u00b2", "--latent", "3", "--value", "4"], "image \u00b2 does not exist; pass an image file"),
+            (["--image", "world:\uff13", "--latent", "3", "--value", "4"], "is not world:INDEX with an integer INDEX"),
+            (["--image", f"#{n_images}", "--latent", "3", "--value", "4"], f"image {n_images} does not exist"),
             (["--image", "1", "--latent", "3", "--value", "4", "--patches", f"2,{rows * cols}"],
              f"patch {rows * cols} does not exist; the image has patches 0 to {rows * cols - 1} (a {rows}x{cols} grid")):
         assert main([*base, *extra]) == 2, extra
