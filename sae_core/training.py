@@ -23,7 +23,8 @@ from .errors import UserError, is_count
 from .metrics import MetricsAccumulator
 from .precision import resolve_device
 from .progress import progress_bar
-from .sae import THRESHOLD_ARCHS, TRAINABLE_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, default_lr, geometric_median
+from .sae import (K_ARCHS, THRESHOLD_ARCHS, TRAINABLE_ARCHS, SAEConfig, SparseAutoencoder, _all_reduce, _world_size,
+                  default_lr, geometric_median)
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -257,12 +258,19 @@ def train_sae(
     if sae_cfg.arch not in TRAINABLE_ARCHS:
         raise UserError(f"a {sae_cfg.arch} SAE cannot be trained here; choose one of {', '.join(TRAINABLE_ARCHS)}.")
     cfg = cfg.resolved(sae_cfg.d_sae)
+    if cfg.dtype != "float32" and sae_cfg.arch not in K_ARCHS:  # as the command refuses --dtype (until 2026-12-05
+        # a library caller's relu trained in float32 while its config.json said bfloat16)
+        raise UserError(f"dtype {cfg.dtype} applies to the {' / '.join(K_ARCHS)} SAEs, not {sae_cfg.arch}, which "
+                        "trains in float32; train it with dtype float32.")
     if sae_cfg.d_in != store.d:
         raise UserError(f"the SAE expects d_in={sae_cfg.d_in} but the activations have width {store.d}.")
     ckpt = _Checkpoint(out_dir)
     meta = ckpt.read_meta() if ckpt.exists() else None
-    if meta is not None and "held_out" not in meta["run_config"]:
-        split = last_rows_split(len(store), cfg.eval_rows)  # a checkpoint from before: it resumes as it began
+    held = meta["run_config"].get("held_out") if meta is not None else None
+    if meta is not None and (held is None or held.get("period") == 0):
+        # a checkpoint from before the spread split, or one a resumed such run wrote: it resumes as it began
+        # (the second resume of one was refused until 2026-12-05, its checkpoint recording period 0)
+        split = last_rows_split(len(store), cfg.eval_rows)
     else:
         split = held_out_split(store, cfg.eval_rows)
     # before the statistics pass, the progress bar and the log file (it was found at the first batch, after them)
@@ -403,14 +411,23 @@ def train_sae(
 
 
 def _log_row(x, out, step, tokens, tracker, cfg, lr, tokens_per_s) -> dict:
+    """The log's figures of the global batch. Under torchrun each process holds an equal slice of it: sums are
+    added over the processes and the per-row means averaged (until 2026-12-05 the log gave rank 0's slice)."""
     with torch.no_grad():
-        var = (x - x.mean(0)).pow(2).sum().item()
-        err = (x - out.x_hat).pow(2).sum().item()
+        x64 = x.double()
+        means = torch.tensor([out.loss.item(), out.recon_loss.item(), out.aux_loss.item(), out.sparsity_loss.item(),
+                              out.l0], dtype=torch.float64, device=x.device)
+        sums = _all_reduce(torch.cat([x64.sum(0), x64.pow(2).sum().reshape(1),
+                                      (x64 - out.x_hat.double()).pow(2).sum().reshape(1), means]))
+        world = _world_size()
+        n = x.shape[0] * world
+        total, sq, err = sums[:x.shape[1]], sums[-7].item(), sums[-6].item()
+        loss, recon, aux, sparsity, l0 = (sums[-5:] / world).tolist()
+        var = sq - total.pow(2).sum().item() / n  # the spread about the global batch's mean
         dead = (tracker >= min(cfg.dead_window, tokens)).double().mean().item()
-    return {"step": step, "tokens": tokens, "loss": out.loss.item(), "recon_loss": out.recon_loss.item(),
-            "aux_loss": out.aux_loss.item(), "sparsity_loss": out.sparsity_loss.item(),
-            "fvu": err / var if var > 0 else float("nan"), "l0": out.l0, "dead_fraction": dead, "lr": lr,
-            "tokens_per_s": tokens_per_s}
+    return {"step": step, "tokens": tokens, "loss": loss, "recon_loss": recon, "aux_loss": aux,
+            "sparsity_loss": sparsity, "fvu": err / var if var > 0 else float("nan"), "l0": l0,
+            "dead_fraction": dead, "lr": lr, "tokens_per_s": tokens_per_s}
 
 
 @torch.no_grad()

@@ -227,6 +227,26 @@ def test_two_process_ddp_equals_one_process(planted, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["world_size"] == 2
+    # the log gives the global batch's figures, as one process logs them: until 2026-12-05 it gave rank 0's half
+    # (loss 6.36 for 7.07, L0 3.78 for 4.0 in a helper's run)
+    logs = [list(csv.DictReader(open(tmp_path / out / "train_log.csv"))) for out in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 6
+    for row_one, row_two in zip(*logs):
+        for column in ("loss", "recon_loss", "aux_loss", "sparsity_loss", "fvu", "l0", "dead_fraction"):
+            assert float(row_two[column]) == pytest.approx(float(row_one[column]), rel=1e-4, abs=1e-6), column
+
+
+def test_the_library_refuses_a_relu_sae_in_bfloat16(tmp_path):
+    """As the command refuses --dtype bfloat16 for relu: a library caller's relu SAE trained in float32 while its
+    config.json said bfloat16 (until 2026-12-05)."""
+    from sae_core.activation_store import ActivationStore
+    from sae_core.training import TrainConfig, train_sae
+
+    npy = _small_rows(tmp_path / "x.npy")
+    with pytest.raises(UserError, match="dtype bfloat16 applies to the topk / batchtopk / matryoshka SAEs, not relu"):
+        train_sae(ActivationStore(npy), SAEConfig("relu", d_in=np.load(npy).shape[1], d_sae=32),
+                  TrainConfig(steps=2, batch_size=64, dtype="bfloat16"), tmp_path / "sae", progress=False)
+    assert not (tmp_path / "sae").exists()
 
 
 def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
@@ -498,10 +518,18 @@ def test_the_held_out_rows_are_never_trained_on_and_are_what_metrics_json_measur
     info = json.loads((tmp_path / "sae" / "config.json").read_text())["training"]
     assert info["held_out"] == {"n_rows": 3000, "block": 1, "n_blocks": 150, "period": 20}
 
-    # an older checkpoint: killed after step 2, its run config without "held_out"
-    monkeypatch.setattr(T, "save_sae", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert precompute_main(_small_args(npy, tmp_path / "old", 4, extra=["--checkpoint-every", "2"])) == 130
-    monkeypatch.undo()
+    # an older checkpoint: killed after step 2, its run config without "held_out"; resumed, killed again after
+    # step 4 (its checkpoint now records the last-rows rule, period 0), and resumed again: that second resume
+    # was refused as "a different run" until 2026-12-05
+    real_save = T._Checkpoint.save
+
+    def save_then_kill(self, *args):
+        real_save(self, *args)
+        raise KeyboardInterrupt
+
+    old_args = _small_args(npy, tmp_path / "old", 6, extra=["--checkpoint-every", "2"])
+    monkeypatch.setattr(T._Checkpoint, "save", save_then_kill)
+    assert precompute_main(old_args) == 130
     state = tmp_path / "old" / "checkpoint" / "state.safetensors"
     with safe_open(str(state), "pt") as f:
         meta = json.loads(f.metadata()["meta"])
@@ -509,7 +537,10 @@ def test_the_held_out_rows_are_never_trained_on_and_are_what_metrics_json_measur
     del meta["run_config"]["held_out"]
     save_file(load_file(str(state)), str(state), metadata={"meta": json.dumps(meta)})
     (tmp_path / "old" / "checkpoint" / "state.json").write_text(json.dumps(meta))
-    assert precompute_main(_small_args(npy, tmp_path / "old", 4, extra=["--checkpoint-every", "2"])) == 0
+    assert precompute_main(old_args) == 130
+    assert json.loads((tmp_path / "old" / "checkpoint" / "state.json").read_text())["step"] == 4
+    monkeypatch.undo()
+    assert precompute_main(old_args) == 0
     info = json.loads((tmp_path / "old" / "config.json").read_text())["training"]
     assert info["held_out"]["period"] == 0 and info["held_out_rows"] == 150
     metrics = json.loads((tmp_path / "old" / "metrics.json").read_text())
