@@ -692,11 +692,12 @@ def _label_accuracy(out: Path, ds, gallery: np.ndarray, from_patch: np.ndarray, 
 
     lab = json.loads((out / B.LABELS).read_text())
     values, allowed = world_factor_values(ds), lab["vocabulary"] or None
-    dom = dominant_factors(gallery, values, allowed=allowed)
+    # over the gallery the labels were read from, --topk images (until 2026-12-05 its first 16 whatever --topk)
+    dom = dominant_factors(gallery, values, n_top=gallery.shape[1], allowed=allowed)
     accs = [label_accuracy([s if f == want else "" for s, f in zip(lab["labels"], from_patch)], dom)
             for want in (False, True)]
     by_patch = lab.get("labels_by_patch")
-    accs.append(label_accuracy(by_patch, dominant_factors(patch_top, values, allowed=allowed))
+    accs.append(label_accuracy(by_patch, dominant_factors(patch_top, values, n_top=patch_top.shape[1], allowed=allowed))
                 if by_patch is not None and patch_top is not None else float("nan"))
     return tuple(a if np.isfinite(a) else None for a in accs)
 

@@ -345,3 +345,32 @@ def test_an_atlas_says_which_images_it_could_not_read(class_folder_bundle, capsy
     assert f"  skipped  2 unreadable image(s), left out (first: #{bad[0]}, " in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     assert [s["index"] for s in json.loads(capsys.readouterr().out)["skipped"]] == bad
+
+
+def test_world_label_accuracy_reads_the_whole_gallery_the_labels_came_from(tiny_bundle, tmp_path):
+    """An atlas with --topk 32 reads each label from 32 images; its label accuracy is scored against the value
+    most of those 32 share (until 2026-12-05 against its first 16). Reference: the count written out here."""
+    from precompute.atlas import _label_accuracy
+    from sae_core.bundle import open_bundle
+
+    ds = open_bundle(tiny_bundle).dataset()
+    vocab = json.loads((tiny_bundle / "neurons" / "labels.json").read_text())["vocabulary"]
+
+    def most_shared(ids) -> set:
+        count = {}
+        for i in ids:
+            f = ds.factors(int(i))
+            for v in ({o[key] for o in f["objects"] for key in ("colour", "shape")} | {f["background"]["texture"]}) & set(vocab):
+                count[v] = count.get(v, 0) + 1
+        return {v for v, c in count.items() if c == max(count.values())}
+
+    gallery = np.random.default_rng(0).integers(len(ds), size=(40, 32))
+    # each neuron labelled with a value most of its last 16 images share: right or wrong depending on the 32
+    labels = [sorted(most_shared(ids[16:]))[0] for ids in gallery]
+    (tmp_path / "neurons").mkdir()
+    (tmp_path / "neurons" / "labels.json").write_text(json.dumps({"labels": labels, "vocabulary": vocab}))
+    accuracy, _, by_patch = _label_accuracy(tmp_path, ds, gallery, np.zeros(40, bool), None)
+    right_by_32 = [lab in most_shared(ids) for lab, ids in zip(labels, gallery)]
+    right_by_16 = [lab in most_shared(ids[:16]) for lab, ids in zip(labels, gallery)]
+    assert right_by_32 != right_by_16  # the two readings differ on this gallery, so the test can tell them apart
+    assert accuracy == pytest.approx(np.mean(right_by_32), abs=1e-12) and by_patch is None
