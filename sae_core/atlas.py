@@ -236,7 +236,10 @@ class BinReservoirs:
         all_id = np.concatenate([self.ids[touched].ravel(), image])
         all_act = np.concatenate([self.acts[touched].ravel(), act.astype(np.float32)])
         all_patch = np.concatenate([self.patch[touched].ravel(), patch])
-        order = np.lexsort((all_key, all_slot))
+        # equal keys (24 bits: a few per million entries) go to the lower image id, not to the first in this
+        # concatenation, which a merge of bins orders otherwise than arrival (until 2026-12-05 a band's sample
+        # then depended on the batching)
+        order = np.lexsort((all_id, all_key, all_slot))
         s_sorted = all_slot[order]
         first = np.searchsorted(s_sorted, s_sorted, side="left")
         rank = np.arange(len(order)) - first
@@ -404,7 +407,7 @@ def band_samples(res: BinReservoirs, counts: np.ndarray, n_bands: int, size: int
         for g in range(n_bands - 1, -1, -1):
             a, b = (ends[k, g - 1] if g else 0), ends[k, g]
             kk = key[k, a:b].ravel()
-            take = np.argsort(kk, kind="stable")[:size]
+            take = np.lexsort((rid[k, a:b].ravel(), kk))[:size]  # ties to the lower image id, as the reservoirs
             take = take[np.isfinite(kk[take])]
             if not len(take):
                 continue

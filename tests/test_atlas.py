@@ -96,6 +96,34 @@ def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
     assert few.result()["hist_edges"][-1] == pytest.approx(top20) and few.hist.counts.sum() == (s[:20] > 0).sum()
 
 
+def test_band_samples_do_not_depend_on_the_batches_when_two_images_draw_one_key():
+    """Reservoir keys have 24 bits, so two images of one neuron share a key a few times in a million entries;
+    the tie went to whichever came first in a concatenation, which a merge of two bins orders by bin, not by
+    arrival: one batch kept image 11841 and two batches 11911 (a helper's case, until 2026-12-05). Reference:
+    the sample of one batch, and the tie rule written out (the lower image id)."""
+    from sae_core.atlas import ActivationBands, AtlasConfig
+
+    cfg = AtlasConfig(layer="0")
+    images = np.arange(20000)
+    key = BinReservoirs(1, cfg.band_samples, cfg.seed).keys_for(images, np.zeros_like(images))
+    order = np.argsort(key, kind="stable")
+    j = next(j for j in np.flatnonzero(key[order][1:] == key[order][:-1]) if j >= cfg.band_samples - 1)
+    low, high = sorted(order[j:j + 2].tolist())  # two images with one key, behind 7 with smaller keys
+    # the pair in different fine bins (1.2 and 1.0), the 7 between them; a last image at 1e4 coarsens the grid
+    scores = {**{int(i): 1.1 for i in order[:cfg.band_samples - 1]}, low: 1.2, high: 1.0}
+    last = max(scores) + 1
+    scores[last] = 1e4
+    img = np.array(sorted(scores))
+    val = np.array([scores[i] for i in img], np.float32)
+    samples = []
+    for batches in ([img >= 0], [img != last, img == last]):
+        bands = ActivationBands(1, cfg)
+        for sel in batches:
+            bands.update(img[sel], np.zeros(sel.sum(), np.int64), val[sel], np.full(sel.sum(), -1))
+        samples.append(set(bands.result()["band_images"][0].ravel().tolist()) - {-1})
+    assert samples[0] == samples[1] and low in samples[0] and high not in samples[0]
+
+
 def test_streaming_topk_matches_a_full_sort():
     rng = np.random.default_rng(1)
     N, K, T, P = 300, 25, 16, 5
