@@ -40,6 +40,7 @@ CSS = """
 #band-gallery .thumbnail-item {aspect-ratio: auto !important;}
 #band-gallery .thumbnail-item img {height: auto !important; width: 100% !important; object-fit: contain !important;}
 #top-gallery [data-testid=block-label], #patch-gallery [data-testid=block-label], #band-gallery [data-testid=block-label], #image-results [data-testid=block-label] {position: relative !important; top: 0 !important; left: 0 !important; max-width: calc(100% - 90px) !important; white-space: normal !important; height: auto !important;}
+#steer-picture .image-container {padding-top: 30px; box-sizing: border-box;}
 #top-gallery .grid-wrap, #patch-gallery .grid-wrap, #band-gallery .grid-wrap, #image-results .grid-wrap {padding-top: 6px !important; overflow: visible !important;}
 #top-gallery .grid-wrap > .icon-button-wrapper, #patch-gallery .grid-wrap > .icon-button-wrapper, #band-gallery .grid-wrap > .icon-button-wrapper, #image-results .grid-wrap > .icon-button-wrapper {top: auto !important; bottom: 100% !important;}
 #band-gallery .caption-label {position: static !important; display: block !important; max-width: 100% !important; white-space: normal !important; margin: 2px 0 0 0 !important;}

@@ -267,6 +267,14 @@ def test_browse_open_neuron_from_plot_and_steer(page, explorer_app):
     # locator, which waits for a stable, attached image, and once more if nothing came of it in 30 s
     # (a second click on a click that did land would toggle the patch off: hence the long first wait).
     picture = pg.locator("#steer-picture img")
+    # the picture's label sits above the drawn picture (until 2026-12-05 it covered the top of patches 0 and 1)
+    label, drawn = pg.evaluate("""() => { const l = document.querySelector('#steer-picture [data-testid=block-label]')
+        .getBoundingClientRect(); const i = document.querySelector('#steer-picture img'), q = i.getBoundingClientRect();
+        const s = Math.min(1, q.width / i.naturalWidth, q.height / i.naturalHeight);  // object-fit: scale-down
+        const w = i.naturalWidth * s, h = i.naturalHeight * s, x = q.left + (q.width - w) / 2, y = q.top + (q.height - h) / 2;
+        return [[l.left, l.top, l.right, l.bottom], [x, y, x + w, y + h]]; }""")
+    assert label[3] <= drawn[1] + 0.5 or label[2] <= drawn[0] or label[0] >= drawn[2], (label, drawn)
+    assert drawn[3] - drawn[1] > 250  # not shrunk to make room: the picture's box is 340 px high
     for attempt in range(2):
         box = picture.bounding_box()
         picture.click(position={"x": box["width"] / 8, "y": box["height"] / 8})
