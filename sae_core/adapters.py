@@ -679,7 +679,10 @@ class LlavaAdapter(Adapter):
         layer = cfg.vision_feature_layer
         if not isinstance(layer, int):
             raise UserError(f"{source} reads several vision layers ({layer}); only a single vision_feature_layer is supported.")
-        self.read_layer = layer
+        # an index into hidden_states, which our layers >= 0 are not (block numbers): as its negative twin, LLaVA-1.5's
+        # -2 form (until 2026-12-05 a vision_feature_layer of 1 was read, extracted and steered at block 1's output,
+        # hidden_states[2], one block deeper than LLaVA reads)
+        self.read_layer = layer - (len(self.blocks) + 1) if layer >= 0 else layer
         self.read_tokens = "patches" if cfg.vision_feature_select_strategy == "default" else "all"
         self.to("cpu")
 

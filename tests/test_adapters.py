@@ -1,6 +1,8 @@
 """Adapters against the models' own outputs: extracted activations must equal output_hidden_states=True
 (or open_clip's forward_intermediates), embeddings the models' own image features, preprocessing the
 saved processor config, and LLaVA's adapter must name exactly the tensor LLaVA feeds its projector."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,36 @@ def test_llava_tower_is_what_llava_reads():
     torch.testing.assert_close(w.capture(px, ["-2"])["-2"], hs[-2], rtol=0, atol=0)
     c = load_adapter(f"world:{src.parent}")
     assert c.backend == "world" and c.embed_dim == 16 and c.read_layer is None
+
+
+def test_a_llava_reading_a_layer_counted_from_the_input_is_read_there(tmp_path):
+    """vision_feature_layer indexes hidden_states: a LLaVA saved with 2 (or 3) reads the output of block 1 (2),
+    which our layer 2 is not (a block number). Until 2026-12-05 such a LLaVA was extracted and steered one block
+    deeper than it reads. Reference: the tensor the LLaVA itself hands its projector."""
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    for counted, ours in ((2, -3), (3, -2)):
+        src = tmp_path / f"llava_{counted}"
+        shutil.copytree(H.world_dir() / "llava", src)
+        config = json.loads((src / "config.json").read_text())
+        config["vision_feature_layer"] = counted
+        (src / "config.json").write_text(json.dumps(config))
+        a = load_adapter(f"llava:{src}")
+        assert a.read_layer == ours and a.read_layer_block() == counted - 1
+        full = LlavaForConditionalGeneration.from_pretrained(src).eval()
+        px = _pixels(a)
+        seen = {}
+        hook = full.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+        try:
+            with torch.no_grad():
+                full.model.get_image_features(pixel_values=px)
+        finally:
+            hook.remove()
+        rows, _ = select_tokens(a.capture(px, [a.read_layer])[str(a.read_layer)], TokenSpec.parse(a.read_tokens),
+                                np.arange(3), a.layout)
+        torch.testing.assert_close(rows.reshape(seen["x"].shape), seen["x"], rtol=0, atol=0)
 
 
 def test_a_llava_placed_by_from_pretrained_stays_where_and_as_it_was_loaded():
