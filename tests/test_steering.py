@@ -192,11 +192,13 @@ def test_layer_or_width_mismatch_fails_with_one_sentence(session, tiny_bundle):
 
 
 def test_clamping_a_colour_neuron_changes_the_answered_colour(session):
-    """Tiny world: for a colour, the latent whose mean activation on images of that colour exceeds its
-    mean elsewhere the most, set to 2x its largest activation on every token (the paper's placement),
-    on 40 images of other colours. Measured on this preset (seed 0): the answered colour changed on
-    1.00 / 0.98 / 0.85 of the images for red / yellow / brown and became that colour on 0.98 / 0.68 /
-    0.80 (mean 0.82). These three colours have a latent of their own in the tiny SAE (256 latents, 300
+    """Tiny world: for a colour, of the 3 latents whose mean activation on images of that colour exceeds
+    their mean elsewhere the most, the one that names it most often on 20 images of other colours, set to 2x
+    its largest activation on every token (the paper's placement), on 40 further images of other colours.
+    Measured on this preset (seed 0, built with 1 thread as the suite builds it): the answered colour changed
+    on 1.00 / 0.98 / 0.88 of the images for red / yellow / brown and became that colour on 0.95 / 0.65 /
+    0.62 (mean 0.74); built with 2 threads, 0.85 / 0.45 / 0.57 (mean 0.63; the most selective latent alone
+    gave 0.45, under the threshold, 2026-12-05). These three colours have a latent of their own in the tiny SAE (256 latents, 300
     steps); for others the top latent is shared (one latent tops black, blue and green) and steers
     elsewhere. A random latent of the last Matryoshka group changed 0.00-0.05 of the answers (coarse
     first-group latents change many answers whatever they encode, so they are no control).
@@ -214,13 +216,20 @@ def test_clamping_a_colour_neuron_changes_the_answered_colour(session):
         z = session.sae.encode(h.float().reshape(-1, h.shape[-1])).reshape(len(ims), h.shape[1], -1)[:, 1:].max(1).values.numpy()
     original = np.array([first_word(a) for a in session.answer_batch(ims, [ORIGINAL] * len(ims), COLOUR_Q, 3)])
     assert np.mean(original == colour) > 0.8  # the tiny LLaVA reads colour (its build gate)
+    def steer(k, c, rows):
+        clamp = session.make_clamp([k], [2.0 * float(z[:, k].max())])
+        return np.array([first_word(a) for a in session.answer_batch([ims[j] for j in rows], [clamp] * len(rows), COLOUR_Q, 3)])
+
     changed, named = [], []
     for c in ("red", "yellow", "brown"):
-        k = int(np.argmax(z[colour == c].mean(0) - z[colour != c].mean(0)))
-        rows = np.flatnonzero(colour != c)[:40]
-        clamp = session.make_clamp([k], [2.0 * float(z[:, k].max())])
-        steered = np.array([first_word(a) for a in session.answer_batch([ims[j] for j in rows], [clamp] * len(rows), COLOUR_Q, 3)])
-        changed.append(np.mean(steered != original[rows]))
+        others = np.flatnonzero(colour != c)
+        # of the 3 latents most selective for c, the one that names c most often on 20 images, measured on 40 others
+        # (the most selective alone named yellow and brown on 0.30 and 0.25 of the images for an SAE built with 2
+        # threads instead of 1: which latent carries a colour best varies with the build's rounding)
+        candidates = np.argsort(-(z[colour == c].mean(0) - z[colour != c].mean(0)), kind="stable")[:3]
+        k = max(candidates, key=lambda k: np.mean(steer(int(k), c, others[:20]) == c))
+        steered = steer(int(k), c, others[20:60])
+        changed.append(np.mean(steered != original[others[20:60]]))
         named.append(np.mean(steered == c))
     assert np.mean(changed) >= 0.70 and np.mean(named) >= 0.50, (changed, named)
 
