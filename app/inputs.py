@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from urllib.parse import urlencode
 
 import numpy as np
@@ -27,7 +28,7 @@ def yes_no(value, what: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
-    raise UserError(f"{what} {_shown(value)} is neither true nor false; send true or false.")
+    raise UserError(f"{what} {shown(value)} is neither true nor false; send true or false.")
 
 
 def integer(value, what: str, low: int, high: int) -> int:
@@ -40,22 +41,22 @@ def integer(value, what: str, low: int, high: int) -> int:
     if isinstance(value, str):
         i = integer_text(value)
         if i is None:
-            raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.")
+            raise UserError(f"{what} {shown(value)} is not an integer; {wanted}.")
         if abs(i) >= 10 ** 15:  # far outside any bound, and past what a float holds exactly
-            raise UserError(f"{what} {_shown(value.strip())} is out of range; {wanted}.")
+            raise UserError(f"{what} {shown(value.strip())} is out of range; {wanted}.")
         value = i
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.") from None
+        raise UserError(f"{what} {shown(value)} is not an integer; {wanted}.") from None
     if not math.isfinite(f) or f != int(f):
-        raise UserError(f"{what} {_shown(value)} is not an integer; {wanted}.")
+        raise UserError(f"{what} {shown(value)} is not an integer; {wanted}.")
     if not low <= f <= high:
         raise UserError(f"{what} {f:.15g} is out of range; {wanted}.")
     return int(f)
 
 
-def _shown(value, limit: int = 40) -> str:
+def shown(value, limit: int = 40) -> str:
     """repr(value), cut to `limit` characters: a pasted page does not come back in the message."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -80,21 +81,48 @@ def int_list(text, what: str, low: int, high: int, limit: int) -> list[int]:
     return out
 
 
+_NUMBER_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?(?:nan|inf|infinity)",
+                          re.IGNORECASE)
+"""A number as text, in ASCII only (as `sae_core.errors.integer_text` reads ids): float() also took other scripts'
+digits ("\uff13", "\u0661\u0662") and "1_000"."""
+
+
 def clamp_value(value, max_act: float, what: str = "clamp value") -> tuple[float, bool]:
     """A finite clamp value bounded to +-CLAMP_FACTOR * max_act; returns (value, was_bounded).
 
-    NaN, infinities and text are refused with a message; a huge finite number is bounded, and the
-    caller says so on the page.
+    NaN, infinities, booleans and text that is no ASCII number are refused with a message (the value cut to
+    40 characters, as `_shown` cuts it); a huge finite number is bounded, and the caller says so on the page.
     """
+    wanted = "give a number such as 5"
+    if isinstance(value, (bool, np.bool_)):  # a number to Python (True was strength 1), never one to a user
+        raise UserError(f"{what} {value} is not a number; {wanted}.")
+    if isinstance(value, str) and not _NUMBER_TEXT.fullmatch(value.strip()):
+        raise UserError(f"{what} {shown(value)} is not a number; {wanted}.")
     try:
-        v = float(value)
+        v = float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:  # an int past what a float holds: finite, so bounded as the others
+        v = math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
-        raise UserError(f"{what} {value!r} is not a number; give a number such as 5.") from None
-    if not math.isfinite(v):
-        raise UserError(f"{what} {value!r} is not a finite number; give a number such as 5.")
+        raise UserError(f"{what} {shown(value)} is not a number; {wanted}.") from None
+    else:
+        if not math.isfinite(v):
+            raise UserError(f"{what} {shown(value)} is not a finite number; {wanted}.")
     bound = CLAMP_FACTOR * max(float(max_act), 1e-6)
     bounded = min(max(v, -bound), bound)
     return bounded, bounded != v
+
+
+LINK_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def link_flag(value, what: str) -> bool:
+    """A yes/no field of a link (keep_error=1, sweep=0, desc=no): 1/true/yes/on or 0/false/no/off, as the app's
+    yes/no settings read; UserError (one sentence) for anything else, where "maybe" read as no until 2026-12-05."""
+    word = str(value).strip().lower()
+    if word not in LINK_FLAGS:
+        raise UserError(f"{what} {shown(value)} is neither yes nor no; give 1 or 0 (true/false, yes/no, on/off "
+                        "also do).")
+    return LINK_FLAGS[word]
 
 
 def text(value, what: str, limit: int) -> str:
@@ -106,11 +134,12 @@ def text(value, what: str, limit: int) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # URL query state: ?tab=neuron&neuron=12, ?tab=steer&image=3&latents=5,9&values=4,2&patches=1,2&keep_error=1
+# &sweep=0&tokens=30 (the answer's length),
 # ?tab=hierarchy&root=3&kind=treemap, ?tab=neurons&min_ms=0.5&label=red&sort=support&desc=0&rows=50 (a filter)
 # and ?tab=neurons&search=a+red+star (a text search)
 # ----------------------------------------------------------------------------------------------
-STATE_KEYS = ("tab", "neuron", "image", "query", "latents", "values", "patches", "keep_error", "question", "root",
-              "kind", "search", "min_ms", "min_support", "level", "label", "sort", "desc", "rows")
+STATE_KEYS = ("tab", "neuron", "image", "query", "latents", "values", "patches", "keep_error", "sweep", "tokens",
+              "question", "root", "kind", "search", "min_ms", "min_support", "level", "label", "sort", "desc", "rows")
 TABS = ("overview", "neurons", "neuron", "images", "hierarchy", "steer")
 
 
@@ -136,7 +165,9 @@ def _short(x) -> str:
 def decode_state(params) -> dict:
     """Query parameters (a mapping) -> raw state with the known keys only, lists split, unchecked.
 
-    Values are checked later by the page that uses them, against the bundle's sizes.
+    Values are checked later by the page that uses them, against the bundle's sizes; a flag (keep_error,
+    sweep, desc) too, by `link_flag` (keep_error=maybe was taken as false here, silently); an unknown tab is
+    dropped, and `link_tab` warns about it.
     """
     state: dict = {}
     for key in STATE_KEYS:
@@ -145,8 +176,6 @@ def decode_state(params) -> dict:
         v = str(params[key])[:1000]
         if key in ("latents", "values", "patches"):
             state[key] = [s for s in v.replace(" ", ",").split(",") if s]
-        elif key == "keep_error":
-            state[key] = v.strip().lower() in ("1", "true", "yes", "on")
         else:
             state[key] = v
     if state.get("tab") not in TABS:

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from sae_core.errors import UserError
+from sae_core.errors import UserError, integer_text
 
 from . import inputs
 from .explorer import MAX_TABLE_ROWS, Explorer, _num
@@ -25,6 +25,21 @@ STEER_PICTURE = 320
 # "x token max": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
 # token of the dataset), so that a strength can be read against what the image already gives.
 LATENT_COLUMNS = ["neuron", "label", "max on image", "x token max", "mean", "patch", "ms"]  # max, mean, best patch: over patches
+
+
+def unused_slot(k) -> bool:
+    """A latent slot left unused: -1, as the box says ("-1 = unused"), as a number or as text, or nothing. Any other
+    negative id is refused by `Explorer.check_neuron` (until 2026-12-05 every one, -5 or -1e300, meant unused)."""
+    if k is None or (isinstance(k, str) and not k.strip()):
+        return True
+    if isinstance(k, (bool, np.bool_)):
+        return False
+    if isinstance(k, str):
+        return integer_text(k) == -1
+    try:
+        return float(k) == -1
+    except (TypeError, ValueError, OverflowError):
+        return False  # check_neuron names what is wrong with it
 
 
 class ModelUnavailable(UserError):
@@ -165,11 +180,7 @@ class SteerService:
         """Checked latents and strengths -> (latents, strengths, raw values, notes about bounded values)."""
         lat, vals, raw, notes = [], [], [], []
         for k, s in zip(latents, strengths):
-            try:  # a negative id, as a number or as text ("-1"), is an unused slot
-                unused = k in (None, "") or (not isinstance(k, bool) and float(k) < 0)
-            except (TypeError, ValueError):
-                unused = False  # check_neuron names what is wrong with it
-            if unused:
+            if unused_slot(k):
                 continue
             k = self.ex.check_neuron(k)
             if k in lat:

@@ -374,17 +374,23 @@ class SteerTab:
 
         ex, svc = self.ex, self.steer
 
-        def state_query(image_index, latents, strengths, patches, keep_error, question):
+        def state_query(image_index, latents, strengths, patches, keep_error, question, sweep, tokens):
             """The address of a steer request, from its checked latents and strengths (the boxes hand over what
-            was sent: "3" as text, a strength bounded into range). An upload is `image=upload`, which a link cannot
-            carry: opened, it says so (it opened dataset image 0 without a word)."""
+            was sent: "3" as text, a strength bounded into range), with the answer's length and the sweep (a link
+            lost both until 2026-12-05, and so gave another answer; None leaves one out). An upload is
+            `image=upload`, which a link cannot carry: opened, it says so (it opened dataset image 0 without a
+            word)."""
             return inputs.encode_state({"tab": "steer", "image": UPLOADED if image_index is None or image_index < 0
                                         else int(image_index), "latents": [int(k) for k in latents],
                                         "values": [float(v) for v in strengths], "patches": patches or "",
-                                        "keep_error": bool(keep_error), "question": question})
+                                        "keep_error": bool(keep_error), "sweep": sweep, "tokens": tokens,
+                                        "question": question})
+
+        def answer_tokens(value) -> int:
+            return inputs.integer(value, "answer tokens", 1, inputs.MAX_NEW_TOKENS)
 
         def steer_address(image_index, latent_1, value_1, latent_2, value_2, latent_3, value_3, patches, keep_error,
-                          question):
+                          question, sweep, max_new_tokens):
             """The address of what the page shows after a load, an upload, a latent picked from the table or a
             patch click (only Steer and the buttons that lead here wrote it, so a copied link opened another image,
             latent or patch set): the boxes as they are, less what the Steer button would refuse."""
@@ -403,9 +409,12 @@ class SteerTab:
                     latents.append(k)
                     strengths.append(valid(lambda: slider_strength(v), 4.0))
             return state_query(image, latents, strengths, valid(lambda: ",".join(map(str, patch_list(patches))), ""),
-                               keep_error, valid(lambda: inputs.text(question, "question", inputs.MAX_QUESTION_CHARS)))
+                               keep_error, valid(lambda: inputs.text(question, "question", inputs.MAX_QUESTION_CHARS)),
+                               valid(lambda: inputs.yes_no(sweep, "sweep")),
+                               valid(lambda: answer_tokens(max_new_tokens)))
 
-        address_inputs = [self.image_index, *self.slot_inputs(), self.patches, self.keep_error, self.question]
+        address_inputs = [self.image_index, *self.slot_inputs(), self.patches, self.keep_error, self.question,
+                          self.sweep, self.max_tokens]
 
         def then_address(event):
             event.success(steer_address, address_inputs, url_box, api_name=False, queue=False)
@@ -549,7 +558,8 @@ class SteerTab:
                          f"top images): steered {fmt(sc.get('steered'))} vs original {fmt(sc.get('original'))}")
             if out["notes"]:
                 score += "\n\n" + "; ".join(out["notes"]) + "."
-            q = state_query(where["image"], out["clamp"]["latents"], out["strengths"], patches, keep_error, question)
+            q = state_query(where["image"], out["clamp"]["latents"], out["strengths"], patches, keep_error, question,
+                            inputs.yes_no(sweep, "sweep"), answer_tokens(max_new_tokens))
             return out["original"], out["sae"], out["steered"], out["sweep"], score, out, q
 
         @user_errors
@@ -595,7 +605,8 @@ class SteerTab:
         def steer_restore_from_url(request: gr.Request):
             state = link_state(request)
             if state.get("tab") != "steer":  # the number boxes keep their first values (see `initial`)
-                return (initial(self.image_index),) + (gr.update(),) * 5 + tuple(initial(c) for c in self.slot_inputs())
+                return ((initial(self.image_index),) + (gr.update(),) * 6 + (initial(self.max_tokens),)
+                        + tuple(initial(c) for c in self.slot_inputs()))
             refused = []
 
             def field(read, default):
@@ -603,8 +614,12 @@ class SteerTab:
                 try:
                     return read()
                 except UserError as e:
-                    refused.append(str(e))
+                    refused.append(f"{str(e).rstrip('.')}; it is left at its default")
                     return default
+
+            def flag(key, default):
+                given = state.get(key)
+                return default if given in (None, "") else field(lambda: inputs.link_flag(given, key), default)
 
             lat = field(lambda: [inputs.integer(k, "latent", 0, ex.n_neurons - 1) for k in state.get("latents") or []], [])
             vals = field(lambda: [slider_strength(v) for v in state.get("values") or []], [])
@@ -633,10 +648,14 @@ class SteerTab:
                 if shown is not None:
                     image, picture = i, shown
             question = field(lambda: inputs.text(state.get("question"), "question", inputs.MAX_QUESTION_CHARS), "")
+            keep_error, sweep = flag("keep_error", False), flag("sweep", self.sweep.value)
+            tokens = initial(self.max_tokens)
+            if state.get("tokens") not in (None, ""):
+                tokens = field(lambda: answer_tokens(state["tokens"]), tokens)
             for message in refused:
                 gr.Warning(f"part of the link could not be restored: {message}")
-            return (image, patches, bool(state.get("keep_error")), question or gr.update(), picture,
-                    gr.Tabs(selected="steer"), *slot_vals)
+            return (image, patches, keep_error, question or gr.update(), picture, gr.Tabs(selected="steer"), sweep,
+                    tokens, *slot_vals)
 
         @user_errors
         def steer_restore_latents(image_index, upload, patches, request: gr.Request):
@@ -651,8 +670,8 @@ class SteerTab:
             return picture_and_latents(image_index, upload, patches, page_load=True)
 
         on_link(demo, lambda state: state.get("tab") == "steer").success(steer_restore_from_url, None,
-                  [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs,
-                   *self.slot_inputs()], api_name="steer_restore_from_url").success(
+                  [self.image_index, self.patches, self.keep_error, self.question, self.picture, tabs, self.sweep,
+                   self.max_tokens, *self.slot_inputs()], api_name="steer_restore_from_url").success(
             steer_restore_latents, [self.image_index, self.upload, self.patches], load_out, api_name=False, **MODEL_QUEUE)
 
 
@@ -987,14 +1006,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                           one_of(level_choices, "the level"),
                           lambda v: inputs.text(v, "label filter", inputs.MAX_QUERY_CHARS),
                           one_of(list(ex.table_sorts), "the sort column"),
-                          lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+                          lambda v: inputs.link_flag(v, "descending"),
                           lambda v: inputs.integer(v, "row limit", 1, MAX_TABLE_ROWS))
                 for i, (key, check) in enumerate(zip(filter_keys, checks)):
                     if key in state:
                         try:
                             values[i] = check(state[key])
                         except UserError as e:
-                            gr.Warning(f"part of the link could not be restored: {e}; it is left at its default")
+                            gr.Warning(f"part of the link could not be restored: {str(e).rstrip('.')}; it is left "
+                                       "at its default")
             return (*values, query, neuron_table(*values), "")
 
         on_link(demo, lambda state: state.get("tab") == "neurons").success(
@@ -1358,7 +1378,11 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             state = link_state(request)
             kind, root = "sunburst", initial(tree_root)
             if state.get("tab") == "hierarchy":
-                kind = "treemap" if state.get("kind") == "treemap" else "sunburst"
+                if state.get("kind") in ("sunburst", "treemap"):
+                    kind = state["kind"]
+                elif state.get("kind") not in (None, ""):  # ?kind=pie drew the sunburst without a word until 2026-12-05
+                    gr.Warning(f"part of the link could not be restored: the drawing {inputs.shown(state['kind'])} is "
+                               "not one of sunburst, treemap; it is left at its default")
                 try:
                     r = state.get("root")
                     r = -1 if r in (None, "") else inputs.integer(r, "subtree's latent", -1, ex.n_neurons - 1)
@@ -1398,6 +1422,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             link's, when that answer came last."""
             state = link_state(request)
             tab = state.get("tab")
+            given = request.query_params.get("tab") if request else None
+            if given is not None and tab is None:  # dropped by decode_state: ?tab=bogus opened the Overview silently
+                gr.Warning(f"part of the link could not be restored: the tab {inputs.shown(given)} is not one of "
+                           f"{', '.join(inputs.TABS)}; it is left at its default")
             restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
             return gr.Tabs(selected=tab) if tab and not restored else gr.update()
 

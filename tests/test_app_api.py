@@ -190,8 +190,8 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     unit = float(neurons(explorer_app, "token_max")[k])  # a strength of 1: the largest on one token
     assert details["clamp"]["values"][0] == pytest.approx(4.0 * unit, rel=1e-4)
     assert "steering score" in score
-    assert query == (f"tab=steer&image=2&latents={k}&values=4&patches=0%2C5&keep_error=1&"
-                     "question=What+colour+is+the+shape%3F+Use+one+word.")
+    assert query == (f"tab=steer&image=2&latents={k}&values=4&patches=0%2C5&keep_error=1&sweep=1&tokens=5&"
+                     "question=What+colour+is+the+shape%3F+Use+one+word.")  # the sweep and the length since 2026-12-05
     # beyond the sliders, as scripts may send: negative strengths clamp, huge ones are bounded with a note
     # (Gradio's own slider check refused both); a fractional latent is refused (it was rounded and steered)
     k2 = (k + 1) % len(neurons(explorer_app, "ms"))
@@ -202,7 +202,10 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     np.testing.assert_allclose(out[5]["clamp"]["values"], [-3.0 * unit, 10.0 * unit2], rtol=1e-4)
     assert f"strength of neuron {k2} bounded to 10" in out[4]
     state = dict(urllib.parse.parse_qsl(out[6]))  # the address holds what was applied
-    assert (state["latents"], state["values"]) == (f"{k},{k2}", "-3,10")
+    assert (state["latents"], state["values"], state["sweep"], state["tokens"]) == (f"{k},{k2}", "-3,10", "0", "2")
+    # only -1 is an unused slot; another negative id is refused (-5 was taken as unused until 2026-12-05)
+    with pytest.raises(AppError, match=r"^neuron id -5 is out of range; give an integer between 0 and \d+\.$"):
+        client.predict(image_index=2, upload=None, latent_1=k, latent_2=-5, api_name="/steer")
     with pytest.raises(AppError, match=f"neuron id {k}.5 is not an integer"):
         client.predict(image_index=2, upload=None, latent_1=k + 0.5, api_name="/steer")
     with pytest.raises(AppError, match="image index 2.5 is not an integer"):

@@ -352,12 +352,18 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     wait_address(pg, tab="steer", image="upload")
     pg.goto(pg.url)
     pg.wait_for_selector("text=its image was an upload, which a link cannot carry; upload it again")
-    # a link with one bad field restores the others, bounds a strength into the slider's range, and says so
-    pg.goto(explorer_app.url + "/?tab=steer&image=--1&latents=3&values=-5&question=Which%20shape%3F")
+    # a link with one bad field restores the others, bounds a strength into the slider's range, and says so; the
+    # answer's length and the sweep are restored too (a link lost both until 2026-12-05), a bad flag warned about
+    pg.goto(explorer_app.url + "/?tab=steer&image=--1&latents=3&values=-5&question=Which%20shape%3F&tokens=30&sweep=0"
+            "&keep_error=maybe")
     wait_value(pg, "#steer-latent-1 input", "3")
     wait_value(pg, "#steer-value-1 input[type=number]", "0")
     assert pg.input_value("#steer-question input") == "Which shape?"
     pg.wait_for_selector("text=part of the link could not be restored")
+    pg.wait_for_selector("text=keep_error 'maybe' is neither yes nor no")
+    assert pg.get_by_label("answer tokens", exact=False).and_(pg.locator("input[type=number]")).input_value() == "30"
+    assert not pg.get_by_role("checkbox", name="strength sweep").is_checked()
+    assert not pg.get_by_role("checkbox", name="keep the SAE error term").is_checked()
     # a latent given twice keeps its first strength, and the next latent its own (it took the second one's)
     pg.goto(explorer_app.url + "/?tab=steer&latents=3,3,5&values=1,2,8&patches=5,3,5")
     wait_value(pg, "#steer-latent-2 input", "5")

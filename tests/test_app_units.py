@@ -310,6 +310,21 @@ def test_clamp_values_are_finite_and_bounded():
     for bad in (float("nan"), float("inf"), "x", None):
         with pytest.raises(UserError):
             inputs.clamp_value(bad, 2.0)
+    # numbers and the ASCII text of one are read; a bool, another script's digits or "1_000" are refused as the id
+    # boxes refuse them (`integer_text`), where float() took True for 1, "\uff13" for 3 and "\u0661\u0662" for 12
+    for given, want in (("2.5", (2.5, False)), (" -1e3 ", (-20.0, True)), ("+.5", (0.5, False)), (np.float32(1.5), (1.5, False)),
+                        (np.int64(-3), (-3.0, False)), (10 ** 400, (20.0, True))):  # an int past a float's range is bounded
+        assert inputs.clamp_value(given, 2.0) == want, given
+    for bad in (True, False, np.bool_(True), "\uff13", "\u0661\u0662", "1_000", "0x10", "\u00b2", "2,5"):
+        with pytest.raises(UserError) as e:
+            inputs.clamp_value(bad, 2.0, "strength")
+        assert str(e.value) == f"strength {bad!r} is not a number; give a number such as 5.".replace(
+            "np.True_", "True"), bad
+    # a pasted page is not echoed back whole (a 100,000-character strength came back in a 100,065-character message)
+    for bad, why in (("x" * 100_000, "is not a number"), ("1" * 100_000, "is not a finite number")):
+        with pytest.raises(UserError) as e:
+            inputs.clamp_value(bad, 2.0, "strength")
+        assert str(e.value) == f"strength '{bad[:36]}... {why}; give a number such as 5."
 
 
 def test_int_lists_and_url_state_round_trip():
@@ -323,7 +338,10 @@ def test_int_lists_and_url_state_round_trip():
 
     back = inputs.decode_state(dict(parse_qsl(q)))
     assert back == {"tab": "steer", "image": "4", "latents": ["5", "9"], "values": ["4", "2.5"],
-                    "patches": ["1", "2"], "keep_error": True, "question": state["question"]}
+                    "patches": ["1", "2"], "keep_error": "1", "question": state["question"]}
+    # flags are read by the page (`link_flag`): "maybe" was taken as false here, without a word
+    assert inputs.decode_state({"keep_error": "maybe", "sweep": "0", "tokens": "30"}) == \
+        {"keep_error": "maybe", "sweep": "0", "tokens": "30"}
     assert inputs.decode_state({"tab": "../../etc", "evil": "1"}) == {}
     q = inputs.encode_state({"tab": "hierarchy", "root": 3, "kind": "treemap"})
     assert q == "tab=hierarchy&root=3&kind=treemap"
@@ -588,6 +606,102 @@ def test_a_link_opens_its_tab_with_what_it_restores(explorer):
         assert box["neuron-query"] not in written and written[label_box] == "red"
 
 
+def test_a_steer_link_reproduces_the_answer_length_and_the_sweep(explorer):
+    """The address the Steer button writes holds the answer's length and the sweep (`tokens`, `sweep`), and so does
+    the one the page's other events write (`steer_address`); opened, it restores every control the answer came
+    from. Until 2026-12-05 both were lost, so the link answered with 5 tokens and a sweep: another answer."""
+    from urllib.parse import parse_qsl
+
+    import gradio as gr
+
+    from app import ui
+    from app.steer import SteerService
+
+    demo = ui.build(explorer, steer=SteerService(explorer))
+    steer = next(f.fn for f in demo.fns.values() if f.api_name == "steer")
+    address = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "steer_address")
+    box = {b.elem_id: i for i, b in demo.blocks.items() if b.elem_id}
+    labelled = {(type(b), b.label): i for i, b in demo.blocks.items() if getattr(b, "label", None)}
+    sweep, tokens = labelled[gr.Checkbox, "strength sweep"], labelled[gr.Slider, "answer tokens"]
+    keep_error = labelled[gr.Checkbox, "keep the SAE error term"]
+    k = int(np.argmax(explorer.bundle.array("max_act")))
+    slots = (k, 2.5, -1, 4.0, -1, 4.0)
+    answered = steer(2, None, *slots, "3,0", True, "Describe the image.", False, 30)
+    assert answered[3] == []  # no sweep ran
+    link = answered[6]
+    assert address(2, *slots, "3,0", True, "Describe the image.", False, 30) == link
+    state = dict(parse_qsl(link))
+    assert (state["tokens"], state["sweep"], state["keep_error"]) == ("30", "0", "1"), link
+    restored = page_load(demo, state)
+    assert (restored[tokens], restored[sweep], restored[keep_error]) == (30, False, True)
+    assert (restored[box["steer-image-index"]], restored[box["steer-latent-1"]], restored[box["steer-value-1"]],
+            restored[box["steer-patches"]], restored[box["steer-question"]]) == (2, k, 2.5, "0,3", "Describe the image.")
+    # the defaults too, as the page's other events write them (a load, a patch click)
+    link = address("2", str(k), 4.0, "-1", 4.0, -1, 4.0, "", False, "", True, 5)
+    assert dict(parse_qsl(link))["sweep"] == "1" and dict(parse_qsl(link))["tokens"] == "5", link
+    restored = page_load(demo, dict(parse_qsl(link)))
+    assert (restored[tokens], restored[sweep], restored[keep_error]) == (5, True, False)
+
+
+def test_a_links_flags_read_one_rule_and_a_bad_field_is_warned_about(explorer):
+    """A link's yes/no fields (keep_error, sweep, desc) read 1/true/yes/on and 0/false/no/off; anything else is
+    warned about and left at its default, as an unknown drawing and an unknown tab are, one warning each. Until
+    2026-12-05 `keep_error=maybe` and `desc=maybe` read as no, `kind=pie` drew the sunburst and `tab=bogus` opened
+    the Overview, all without a word; the filter's warnings read "...between 1 and 500.; it is left at its default"."""
+    import warnings
+
+    import gradio as gr
+
+    from app import ui
+    from app.steer import SteerService
+
+    for word, want in (("1", True), ("true", True), (" Yes ", True), ("ON", True), ("0", False), ("false", False),
+                       ("no", False), ("Off", False)):
+        assert inputs.link_flag(word, "sweep") is want
+    for bad in ("maybe", "", "2", "y"):
+        with pytest.raises(UserError) as e:
+            inputs.link_flag(bad, "sweep")
+        assert str(e.value) == f"sweep {bad!r} is neither yes nor no; give 1 or 0 (true/false, yes/no, on/off also do)."
+
+    demo = ui.build(explorer, steer=SteerService(explorer))
+    labelled = {(type(b), b.label): i for i, b in demo.blocks.items() if getattr(b, "label", None)}
+    sweep, tokens = labelled[gr.Checkbox, "strength sweep"], labelled[gr.Slider, "answer tokens"]
+    keep_error, desc = labelled[gr.Checkbox, "keep the SAE error term"], labelled[gr.Checkbox, "descending"]
+    drawing, latent = labelled[gr.Radio, "drawing"], labelled[gr.Number, "latent 1 (-1 = unused)"]
+    tabs = next(i for i, b in demo.blocks.items() if isinstance(b, gr.Tabs))
+    lost = "part of the link could not be restored: "
+    flag_words = "is neither yes nor no; give 1 or 0 (true/false, yes/no, on/off also do); it is left at its default"
+
+    def load(query):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = page_load(demo, query)
+        return written, [str(w.message) for w in caught if "link" in str(w.message)]
+
+    written, said = load({"tab": "steer", "latents": "3", "keep_error": "yes", "sweep": "off", "tokens": "7"})
+    assert (written[keep_error], written[sweep], written[tokens], written[latent], said) == (True, False, 7, 3, [])
+    written, said = load({"tab": "steer", "latents": "3", "keep_error": "maybe", "sweep": "x", "tokens": "99"})
+    assert (written[keep_error], written[sweep], written[tokens], written[latent]) == (False, True, 5, 3)
+    assert said == [f"{lost}keep_error 'maybe' {flag_words}", f"{lost}sweep 'x' {flag_words}",
+                    f"{lost}answer tokens 99 is out of range; give an integer between 1 and 64; it is left at its default"]
+    written, said = load({"tab": "neurons", "desc": "no"})
+    assert (written[desc], said) == (False, [])
+    written, said = load({"tab": "neurons", "desc": "maybe", "rows": "0"})
+    assert written[desc] is True
+    assert said == [f"{lost}descending 'maybe' {flag_words}",
+                    f"{lost}row limit 0 is out of range; give an integer between 1 and 500; it is left at its default"]
+    written, said = load({"tab": "hierarchy", "kind": "treemap"})
+    assert (written[drawing], said) == ("treemap", [])
+    written, said = load({"tab": "hierarchy", "kind": "pie"})
+    assert written[drawing] == "sunburst"
+    assert said == [f"{lost}the drawing 'pie' is not one of sunburst, treemap; it is left at its default"]
+    written, said = load({"tab": "bogus"})
+    assert tabs not in written
+    assert said == [f"{lost}the tab 'bogus' is not one of overview, neurons, neuron, images, hierarchy, steer; it is "
+                    "left at its default"]
+    assert load({"tab": "images"})[1] == [] and load({})[1] == []
+
+
 def test_on_link_goes_on_only_for_its_links():
     """`on_link`'s step: silent refusal (a hidden gr.Error) for any other address, nothing for its own."""
     import gradio as gr
@@ -642,6 +756,24 @@ def test_pictures_show_what_the_model_sees_and_the_index_picks_the_image(explore
         svc.image(-1, None)
     with pytest.raises(UserError, match="between -1 and"):
         svc.image(-2, path)
+
+
+def test_only_minus_one_leaves_a_latent_slot_unused(explorer):
+    """-1 (as a number or text) or nothing is an unused slot, as the box says ("-1 = unused"); any other negative id
+    is refused in check_neuron's sentence (until 2026-12-05 -5, -1e300 or "-7" were taken as unused)."""
+    from app.steer import SteerService
+
+    svc = SteerService(explorer)
+    for unused in (-1, -1.0, np.int64(-1), "-1", " -1 ", None, ""):
+        assert svc.clamps([3, unused], [2.0, 4.0])[0] == [3], unused
+    n = explorer.n_neurons
+    for bad, sentence in ((-5, f"neuron id -5 is out of range; give an integer between 0 and {n - 1}."),
+                          (-1e300, f"neuron id -1e+300 is out of range; give an integer between 0 and {n - 1}."),
+                          ("-7", f"neuron id -7 is out of range; give an integer between 0 and {n - 1}."),
+                          (-1.5, f"neuron id -1.5 is not an integer; give an integer between 0 and {n - 1}.")):
+        with pytest.raises(UserError) as e:
+            svc.clamps([3, bad], [2.0, 4.0])
+        assert str(e.value) == sentence
 
 
 def test_a_bundle_without_its_dataset_steers_uploads_only(explorer, tmp_path, monkeypatch):
