@@ -91,7 +91,7 @@ def clamp_value(value, max_act: float, what: str = "clamp value") -> tuple[float
     """A finite clamp value bounded to +-CLAMP_FACTOR * max_act; returns (value, was_bounded).
 
     NaN, infinities, booleans and text that is no ASCII number are refused with a message (the value cut to
-    40 characters, as `_shown` cuts it); a huge finite number is bounded, and the caller says so on the page.
+    40 characters by `shown`); a huge finite number is bounded, and the caller says so on the page.
     """
     wanted = "give a number such as 5"
     if isinstance(value, (bool, np.bool_)):  # a number to Python (True was strength 1), never one to a user
