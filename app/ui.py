@@ -992,13 +992,13 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     except ValueError:
                         f = math.nan
                     if not (math.isfinite(f) and 0 <= f <= 1):
-                        raise UserError(f"the minimum MS {v!r} is not a number between 0 and 1")
+                        raise UserError(f"the minimum MS {inputs.shown(v)} is not a number between 0 and 1")
                     return f
 
                 def one_of(options, what):
                     def check(v):
                         if v not in options:
-                            raise UserError(f"{what} {v!r} is not one of {', '.join(options)}")
+                            raise UserError(f"{what} {inputs.shown(v)} is not one of {', '.join(options)}")
                         return v
                     return check
 

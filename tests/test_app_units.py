@@ -690,6 +690,10 @@ def test_a_links_flags_read_one_rule_and_a_bad_field_is_warned_about(explorer):
     assert written[desc] is True
     assert said == [f"{lost}descending 'maybe' {flag_words}",
                     f"{lost}row limit 0 is out of range; give an integer between 1 and 500; it is left at its default"]
+    written, said = load({"tab": "neurons", "sort": "x" * 900, "min_ms": "y" * 900})  # a pasted page is not said back
+    assert said == [f"{lost}the minimum MS '{'y' * 36}... is not a number between 0 and 1; it is "
+                    "left at its default", f"{lost}the sort column '{'x' * 36}... is not one "
+                    f"of {', '.join(explorer.table_sorts)}; it is left at its default"]
     written, said = load({"tab": "hierarchy", "kind": "treemap"})
     assert (written[drawing], said) == ("treemap", [])
     written, said = load({"tab": "hierarchy", "kind": "pie"})
