@@ -38,6 +38,7 @@ embedding and the mean image embedding of the neuron's top-16 images (bundle emb
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -547,8 +548,10 @@ def run_strategy(session, data: WorldEvalData, stats: ConceptStats, strategy_for
         hit = np.array([first_word(a) for a in _batched(session, ims, clamps, FACTOR_Q[factor], 3)])
         side = np.array([first_word(a) for a in _batched(session, ims, clamps, FACTOR_Q[OTHER[factor]], 3)])
         base_ok = data.original[OTHER[factor]][rows] == other[rows]
+        # kept is undefined (NaN, null in JSON) where the original model named the other factor on none of the
+        # images: until 2026-12-05 it counted as 1.0, a perfect score for what was not measured
         per[c] = {"strategy": st.name(), "success": float(np.mean(hit == c)),
-                  "collateral_kept": float(np.mean(side[base_ok] == other[rows][base_ok])) if base_ok.any() else 1.0,
+                  "collateral_kept": float(np.mean(side[base_ok] == other[rows][base_ok])) if base_ok.any() else math.nan,
                   "n": int(len(rows))}
     return per
 
@@ -558,11 +561,31 @@ def _target_rows(labels: np.ndarray, rows_all: np.ndarray, target: str, n: int) 
     return np.array([j for j in rows_all if labels[j] != target][:n], dtype=np.int64)
 
 
+def _kept(v: dict) -> float:
+    """A concept's collateral kept, NaN where undefined (a journal's JSON holds null there)."""
+    k = v["collateral_kept"]
+    return math.nan if k is None else float(k)
+
+
+def _mean_defined(values) -> float:
+    """The mean of the values that are defined; NaN when none is."""
+    a = np.asarray(list(values), dtype=np.float64)
+    return float(a[np.isfinite(a)].mean()) if np.isfinite(a).any() else math.nan
+
+
 def summarise(per: dict) -> dict:
+    """Over the concepts: success (mean, min, how many reach 0.70) and collateral kept (mean over the concepts where
+    it is defined)."""
     s = np.array([v["success"] for v in per.values()])
-    k = np.array([v["collateral_kept"] for v in per.values()])
-    return {"success_rate": float(s.mean()), "success_min": float(s.min()), "collateral_kept": float(k.mean()),
+    return {"success_rate": float(s.mean()), "success_min": float(s.min()),
+            "collateral_kept": _mean_defined(_kept(v) for v in per.values()),
             "concepts_at_0.70": int((s >= 0.70).sum()), "n_concepts": int(len(s))}
+
+
+def _tune_score(per: dict) -> float:
+    """Mean success + kept over the concepts where kept is defined (where it is not, it is so for every option:
+    it depends on the images and the original model only)."""
+    return _mean_defined(v["success"] + _kept(v) for v in per.values())
 
 
 KEEP_FLOOR = 0.70
@@ -572,7 +595,10 @@ def _score(success: float, kept: float) -> tuple:
     """Option ranking on the tune half: success + collateral kept, among options that keep at least
     KEEP_FLOOR of the other factor; the rest after them. Measured on the demo bundle: success + kept
     alone picked neurons that steer every answer and keep 5% of shapes; "kept >= 0.80 first, then
-    success" over-fitted the 24 tune images (test success 0.67 instead of 0.72, kept 0.83)."""
+    success" over-fitted the 24 tune images (test success 0.67 instead of 0.72, kept 0.83). Kept undefined
+    (for every option of the concept alike): success alone."""
+    if kept is None or math.isnan(kept):
+        return (True, success)
     return (kept >= KEEP_FLOOR, success + kept)
 
 
@@ -596,10 +622,10 @@ def choose(results: dict, options: list, rank=None) -> tuple[dict, float]:
     best: dict = {}
     for label, per in results.items():
         for c, v in per.items():
-            score = (rank or _score)(v["success"], v["collateral_kept"])
+            score = (rank or _score)(v["success"], _kept(v))
             if c not in best or score > best[c][0]:
-                best[c] = (score, fns[label](c), v["success"] + v["collateral_kept"])
-    return {c: b[1] for c, b in best.items()}, float(np.mean([b[2] for b in best.values()]))
+                best[c] = (score, fns[label](c), v)
+    return {c: b[1] for c, b in best.items()}, _tune_score({c: b[2] for c, b in best.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +664,7 @@ def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_imag
     tune = unit(f"{stats.factor}/learned/tune", lambda: run_strategy(session, data, stats, fn, "tune", max_images=tune_images))
     per = unit(f"{stats.factor}/learned/test", lambda: run_strategy(session, data, stats, fn, "test", max_images=max_images))
     return {"summary": summarise(per), "per_concept": per, "seconds": learned["seconds"] + time.perf_counter() - t1,
-            "tune_score": float(np.mean([v["success"] + v["collateral_kept"] for v in tune.values()])),
+            "tune_score": _tune_score(tune),
             "deltas": stats.learned.to_json()}
 
 

@@ -1,6 +1,7 @@
 """Steering: the clamp map against a written-out reference, the hook's lifetime and thread isolation,
 the cached path against LLaVA's own generate, layer/width checks, and colour steering in the tiny world."""
 import json
+import math
 import re
 import shutil
 import threading
@@ -971,3 +972,41 @@ def test_the_librarys_latents_patches_and_top_are_checked_as_the_command_checks_
         with pytest.raises(UserError, match=r"top=.* must be a whole number of latents from 1"):
             session.latents_on_image(0, top=bad)
     assert len(session.latents_on_image(0, top=2)["top"]) == 2
+
+
+def test_collateral_kept_is_undefined_where_the_original_model_never_named_the_other_factor(monkeypatch):
+    """Kept = among the images where the original LLaVA named the other factor right, the share still named so;
+    with no such image it is undefined (null), where until 2026-12-05 it was 1.0: a small run's summary read
+    "collateral kept 1.00" with nothing measured. The mean over concepts and the choice of options skip it."""
+    from types import SimpleNamespace
+
+    import sae_core.steering_eval as E
+
+    monkeypatch.setattr(E, "make_clamps", lambda st, stats, data, c, rows, n_prefix: [None] * len(rows))
+    said = {E.FACTOR_Q["colour"]: "red", E.FACTOR_Q["shape"]: "star"}  # the steered model's answers
+    monkeypatch.setattr(E, "_batched", lambda session, ims, clamps, question, n: [said[question]] * len(ims))
+    truth = {"colour": np.array(["blue", "blue", "red", "green"]), "shape": np.array(["star", "circle", "star", "star"])}
+    session = SimpleNamespace(layout=SimpleNamespace(n_prefix=1))
+    stats = SimpleNamespace(factor="colour", means={"red": 0.0})
+    option = lambda c: SimpleNamespace(name=lambda: "option")  # noqa: E731
+
+    def kept(original_shapes):
+        data = SimpleNamespace(tune=np.arange(4), test=np.arange(4), images=[None] * 4, labels=truth.__getitem__,
+                               original={"shape": np.array(original_shapes)})
+        per = E.run_strategy(session, data, stats, option, "tune")
+        assert per["red"]["success"] == 1.0 and per["red"]["n"] == 3  # images 0, 1, 3: not red
+        return per["red"]["collateral_kept"]
+
+    assert np.isnan(kept(["oval"] * 4))  # never right about the shape
+    assert kept(["star", "circle", "x", "x"]) == 0.5  # right on 0 and 1; "star" kept on 0, not on 1
+    assert kept(["star", "x", "x", "star"]) == 1.0
+    per = {"red": {"success": 1.0, "collateral_kept": math.nan}, "blue": {"success": 0.5, "collateral_kept": 0.5},
+           "green": {"success": 0.0, "collateral_kept": None}}  # None: read back from a journal's JSON
+    summary = E.summarise(per)
+    assert summary["collateral_kept"] == 0.5 and summary["success_rate"] == 0.5
+    assert E.summarise({"red": per["red"]})["collateral_kept"] != E.summarise({"red": per["red"]})["collateral_kept"]
+    # of two options for a concept without a kept, the one that succeeds more; the tune score skips the concept
+    results = {"weak": {"red": {"success": 0.25, "collateral_kept": None}, "blue": {"success": 0.5, "collateral_kept": 0.5}},
+               "strong": {"red": {"success": 0.75, "collateral_kept": None}, "blue": {"success": 0.25, "collateral_kept": 0.5}}}
+    pick, score = E.choose(results, [("weak", lambda c: f"weak {c}"), ("strong", lambda c: f"strong {c}")])
+    assert pick == {"red": "strong red", "blue": "weak blue"} and score == 1.0
