@@ -23,7 +23,7 @@ from .probe_common import (add_common, features, labels_of, need_spec, open_inpu
 
 
 def add_arguments(p) -> None:
-    add_common(p, default_images=10000)
+    add_common(p, fit_images=10000)
     p.add_argument("--id", dest="id_spec", help="in-distribution images (default: the world's val split)")
     p.add_argument("--ood", dest="ood_spec", help="out-of-distribution images (default: the world's ood split)")
     p.add_argument("--fit", dest="fit_spec", help="ID training images the detectors are fitted on "
@@ -96,13 +96,15 @@ def run(args) -> int:
         if same_fit:  # fit and evaluate on disjoint halves of the ID images
             f_fit = f_id.subset(f_id.ids % 2 == 0)
             f_id = f_id.subset(f_id.ids % 2 == 1)
-            fit_note = "ID images with even index (evaluated on the odd ones)"
             n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
         else:
             f_fit = features(source, fit_spec, cache, n_fit_wanted, args.batch_size, "fit")
             n_fit = len(f_fit) if args.fit_images is None else min(args.fit_images, len(f_fit))
-            fit_note = f"first {n_fit} images"
         f_fit, f_cal = split_calibration(f_fit, n_fit, n_cal)
+        # after the split: calibration may take the last fifth of the n_fit (until 2026-12-05 the note said
+        # "first 4000 images" of a fit on 3,200, the other 800 calibrating)
+        fit_note = (f"the first {len(f_fit)} ID images with even index (evaluated on the odd ones)" if same_fit
+                    else f"first {len(f_fit)} images")
         if len(f_fit) < args.k:
             raise UserError(f"{fit_spec} leaves {len(f_fit)} images to fit on, fewer than --k {args.k} (the kNN detectors' "
                             f"neighbours); pass a larger --fit set, a smaller --cal-images or a smaller --k.")

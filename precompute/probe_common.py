@@ -14,14 +14,17 @@ from sae_core.errors import UserError
 from .args import check_writable, out_folder, positive_int
 
 
-def add_common(p, default_images: int | None = None) -> None:
+def add_common(p, fit_images: int | None = None) -> None:
+    """The options the probe commands share; `fit_images` is --fit-images's default, None for a command that fits
+    nothing (ontology: until 2026-12-05 it took --fit-images and ignored it)."""
     p.add_argument("--bundle", required=True, help="a finished bundle (from `precompute demo` or `precompute atlas`)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help=f"folder for the JSON and HTML outputs (default BUNDLE/{PROBES})")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
-    p.add_argument("--fit-images", type=positive_int, default=default_images,
-                   help="at most this many training images to fit on (default %(default)s)")
+    if fit_images is not None:
+        p.add_argument("--fit-images", type=positive_int, default=fit_images,
+                       help="at most this many training images to fit on (default %(default)s)")
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write cached features (BUNDLE/probes/.features, one file per SAE and "
                    "dataset, checked against the dataset's files)")

@@ -17,7 +17,7 @@ from .probe_common import add_common, features, open_inputs, print_result, world
 
 
 def add_arguments(p) -> None:
-    add_common(p, default_images=10000)
+    add_common(p, fit_images=10000)
     p.add_argument("--test-images", type=positive_int, help="test on at most this many val images")
     p.add_argument("--unseen-per-shape", type=positive_int, default=3, help="colours held out per shape for the combination test")
 

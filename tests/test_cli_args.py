@@ -66,6 +66,8 @@ def test_unusable_counts_are_refused_before_anything_runs(argv, flag, wanted, ca
     (["ms", "--sae", "s"], "unrecognized arguments: --sae (`"),  # nothing near: no guess
     (["atlas", "--quiet"], "unrecognized arguments: --quiet (`"),  # not "--out": the dashes are not compared
     (["inspect", "b", "c"], "unrecognized arguments: c (`"),
+    # ontology fits nothing: it took --fit-images and ignored it until 2026-12-05
+    (["ontology", "--bundle", "b", "--fit-images", "5"], "unrecognized arguments: --fit-images (did you mean --max-images?)"),
 ])
 def test_what_a_command_does_not_take_is_named_by_that_command(argv, said, capsys):
     """Unknown options were refused by the top parser, pointing to `python -m precompute --help`, which lists

@@ -360,7 +360,11 @@ def test_ood_compares_sets_by_their_images_not_their_specs(bundle_copy, image_se
     base = ["ood", "--bundle", bundle_copy, "--ood", f"imagefolder:{oodf}", "--id", f"imagefolder:{idf}", "--json",
             "--out", tmp_path / "out"]
     rc, ref, _ = run_command(capsys, *base, "--fit", f"imagefolder:{idf}")
-    assert rc == 0 and ref["fit"]["which"].startswith("ID images with even index") and ref["id"]["n_images"] == 20
+    assert rc == 0 and ref["id"]["n_images"] == 20
+    # the 20 even ones: the last fifth calibrates, the note names the 16 fitted (until 2026-12-05 "ID images with
+    # even index", as if all 20 were; a fit set's note said "first 4000 images" of a fit on 3,200)
+    assert (ref["fit"]["n_images"], ref["calibration"]["n_images"]) == (16, 4)
+    assert ref["fit"]["which"] == "the first 16 ID images with even index (evaluated on the odd ones)"
     # the same folder spelled otherwise is the same set: fitted on the even images, evaluated on the odd
     # ones, the same figures (before: "first 40 images", every evaluated image also fitted on, AUROCs inflated)
     for spelling in (f"{idf}/", f"{idf}/../id", os.path.relpath(idf)):
