@@ -3,6 +3,7 @@ inserted with nothing clamped, and the SAE with the chosen latents clamped."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 from sae_core.atomic import strict_json
@@ -95,7 +96,13 @@ def run(args) -> int:
     if not args.prompt.strip():
         raise UserError("--prompt is empty; give a question, or leave --prompt out for the paper's one-word prompt.")
     image = args.image
-    if integer_text(image) is not None:
+    # digits name a dataset image, but with --sae (no dataset) a file of that name is the image (until 2026-12-05
+    # refused as a dataset index); with --bundle the index wins and the file is pointed to
+    is_file = os.path.isfile(image)
+    if integer_text(image) is not None and not (is_file and args.sae is not None):
+        if is_file:
+            print(f"steer: warning: --image {image} is read as image {integer_text(image)} of the bundle's dataset; "
+                  f"a file of that name is here too: pass ./{image} to steer it.", file=sys.stderr)
         image = integer_text(image)
     elif not image.startswith("world:"):
         read_image_file(image)  # a missing or unreadable file is said before LLaVA loads, not after

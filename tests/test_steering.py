@@ -675,6 +675,18 @@ def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(ti
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said in err and len(said_lines(err)) == 1 and "Traceback" not in err, (extra, err)
+    # a file named with digits: with --sae it is the image (refused as a dataset index until 2026-12-05); with
+    # --bundle the digits name the dataset's image, and the file is pointed to
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(png, tmp_path / "1")
+    with pytest.raises(AssertionError, match="loaded before"):  # past every check, to the load
+        main([*base, "--image", "1", "--latent", "3", "--value", "4"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(steering.SteeringSession, "from_bundle", no_load)
+    with pytest.raises(AssertionError, match="loaded before"):
+        main(["steer", "--bundle", str(tiny_bundle), "--device", "cpu", "--image", "1", "--latent", "3", "--value", "4"])
+    assert capsys.readouterr().err == ("steer: warning: --image 1 is read as image 1 of the bundle's dataset; a file of "
+                                       "that name is here too: pass ./1 to steer it.\n")
 
 
 def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, session, capsys):
