@@ -144,7 +144,7 @@ def _list_latents(session, image, args) -> int:
     found = session.latents_on_image(image, top=args.top)
     cls = found["cls"] or {}
     units = session.bundle.strength_units() if session.bundle is not None else None
-    rows = [{"latent": k, "max": mx, "mean": mean, "cls": cls.get(k),
+    rows = [{"latent": k, "max": mx, "mean": mean, "cls": None if cls.get(k) is None else cls[k] + 0.0,  # no -0.0
              "strength": None if units is None else mx / float(units[k]), "label": label}
             for k, mx, mean, label in found["top"]]
     if args.json:
@@ -157,6 +157,6 @@ def _list_latents(session, image, args) -> int:
     print(f"{'latent':>7} {'max':>9} {'mean':>9}" + (f" {'cls':>9}" if cls else "")
           + (f" {'strength':>9}" if units is not None else "") + "  label")
     for r in rows:
-        print(f"{r['latent']:>7} {r['max']:>9.4g} {r['mean']:>9.4g}" + (f" {r['cls'] + 0.0:>9.4g}" if cls else "")  # + 0.0: no "-0"
+        print(f"{r['latent']:>7} {r['max']:>9.4g} {r['mean']:>9.4g}" + (f" {r['cls']:>9.4g}" if cls else "")
               + (f" {r['strength']:>9.4g}" if units is not None else "") + f"  {r['label']}")
     return 0

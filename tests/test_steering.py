@@ -344,6 +344,9 @@ def test_steer_command_lists_latents_and_takes_an_sae_without_a_bundle(tiny_bund
     units = np.load(tiny_bundle / "neurons" / "token_max.npy")  # the max in --strength units, at most 1 here
     np.testing.assert_allclose([r["strength"] for r in listed], [r["max"] / units[r["latent"]] for r in listed], rtol=1e-6)
     assert all(0 < r["strength"] <= 1 + 1e-6 for r in listed)
+    # the CLS activation as the session gives it, a zero as 0.0 (the JSON printed -0.0 until 2026-12-05)
+    assert [r["cls"] for r in listed] == [ref["cls"][k] for k, *_ in ref["top"]]
+    assert all(json.dumps(r["cls"]) != "-0.0" for r in listed)
     assert main(["steer", "--bundle", str(tiny_bundle), "--image", "world:2", "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "latents that fire most on world:2" in text and f"{listed[0]['latent']:>7} " in text
