@@ -139,6 +139,7 @@ class ImageCache:
         except PermissionError:  # another user's file in a shared cache: used as it is
             pass
         except FileNotFoundError:
+            self.root.mkdir(parents=True, exist_ok=True)  # removed since the start: by a /tmp cleaner once swept empty
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             # compress_level 1: a third of the encoding time of the default 6, files about 35% larger
             make().save(tmp, format="PNG", compress_level=1)
@@ -149,6 +150,7 @@ class ImageCache:
         """A generated text file (JSON export); written atomically under a readable name."""
         path = self.root / name
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self.root.mkdir(parents=True, exist_ok=True)  # as in get_or_make
         tmp.write_text(text)
         os.replace(tmp, path)
         return str(path)

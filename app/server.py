@@ -30,13 +30,17 @@ def _gradio_env(cache: Path) -> None:
 
 CACHE_SWEEP_EVERY_S = 600.0
 _UPLOAD_FOLDER = re.compile(r"^[0-9a-f]{64}$")  # Gradio's: the sha256 of an upload's content
+_UPLOAD_LEFTOVER = re.compile(r"^tmp[a-z0-9_]{8}$")  # the empty file tempfile names beside it (tmp + 8 characters)
 
 
 def sweep_cache(cache: Path, max_age_s: float, now: float | None = None, max_bytes: float = 0) -> int:
     """Delete the files in `cache` that the app and Gradio wrote there and nobody used for `max_age_s` (0: none by
     age), then, while they hold more than `max_bytes` (0: no bound), the least recently used: uploads (Gradio's
-    <sha256>/ folders, and the empty tmp* file its upload route leaves beside them for each one) and generated
-    pictures and exports (`generated/*/`, touched on every use). Only those names: SAE_APP_CACHE may be any folder.
+    <sha256>/ folders, and the empty tmpXXXXXXXX file its upload route leaves beside them for each one) and generated
+    pictures and exports (`generated/*/`, touched on every use; uploads on every use too). Only those names, and
+    those leftovers only when empty: SAE_APP_CACHE may be any folder (until 2026-12-05 any file named tmp* went,
+    "tmp_notes.txt" included). A file used after it was listed (a page served meanwhile) is kept, and one this user
+    may not delete (another's, in a shared cache) is passed over; either stopped the sweep or went before.
     Until 2026-12-05 each upload and its pictures stayed for good (10 uploads of 3 MB: 32 MB), and then, for a day,
     whatever a script walking every neuron made (1.3 MB a page at the paper's size). Returns the files deleted."""
     import time
@@ -49,7 +53,8 @@ def sweep_cache(cache: Path, max_age_s: float, now: float | None = None, max_byt
 
     uploads = folders(cache, _UPLOAD_FOLDER.match)
     generated = folders(cache / "generated", lambda name: True) if not (cache / "generated").is_symlink() else []
-    candidates = [e for e in files(cache) if e.name.startswith("tmp")] if cache.is_dir() else []
+    candidates = [e for e in files(cache) if _UPLOAD_LEFTOVER.match(e.name) and e.stat().st_size == 0] \
+        if cache.is_dir() else []
     for folder in uploads + generated:
         candidates += files(folder)
     cutoff = (time.time() if now is None else now) - max_age_s if max_age_s > 0 else float("-inf")
@@ -65,15 +70,21 @@ def sweep_cache(cache: Path, max_age_s: float, now: float | None = None, max_byt
                 kept.append((st.st_mtime, st.st_size, path))
         except FileNotFoundError:  # another sweep, or Gradio, took it first
             pass
+        except PermissionError:  # another user's file in a shared cache
+            kept.append((st.st_mtime, st.st_size, path))
     held = sum(size for _, size, _ in kept)
-    for _, size, path in sorted(kept, key=lambda k: k[0]):  # the least recently used first
+    for mtime, size, path in sorted(kept, key=lambda k: k[0]):  # the least recently used first
         if not max_bytes or held <= max_bytes:
             break
         try:
+            if path.lstat().st_mtime != mtime:  # used since it was listed: a page just served shows it
+                continue
             path.unlink()
             deleted += 1
         except FileNotFoundError:
             pass
+        except PermissionError:
+            continue  # it stays, and counts
         held -= size
     for folder in uploads:
         try:

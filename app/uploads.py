@@ -58,6 +58,10 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
     path = Path(path)
     if not path.is_file():
         raise UserError("the uploaded file is missing on the server; upload it again.")
+    try:  # a use (Gradio's copy in the app's cache): the cache sweep keeps what is used, and an upload steered
+        os.utime(path)  # for an hour looked an hour old, the first to go (until 2026-12-05)
+    except OSError:  # another user's file in a shared cache, a read-only copy: used as it is
+        pass
     size = path.stat().st_size
     if size > limits.max_bytes:
         raise UserError(f"the file is {size / 2**20:.1f} MiB, above the {limits.max_bytes / 2**20:.3g} MiB limit; "

@@ -194,12 +194,16 @@ def test_the_cache_sweep_deletes_only_unused_uploads_and_generated_files(tmp_pat
     def put(rel, age_s):
         path = cache / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
+        path.write_bytes(b"" if rel.startswith("tmp") and "." not in rel and rel != "tmpfull1234" else b"x")
         os.utime(path, (now - age_s, now - age_s))
 
     old, new = "a" * 64, "b" * 64
+    # tmp + 8 characters and empty: an upload's leftover; other tmp* names are the user's (until 2026-12-05 every
+    # tmp* file went: "tmp_notes.txt", mktemp's "tmp.Xy3kP0aQ2b", "tmpfs-mounts.conf" in SAE_APP_CACHE=$HOME)
     for rel, age in ((f"{old}/photo.png", 2 * day), (f"{new}/photo.png", 2 * day), (f"{new}/second.png", 60),
                      ("tmpab12cd34", 2 * day), ("tmpfresh", 60), ("notes.txt", 2 * day), ("mine/data.npy", 2 * day),
+                     ("tmp_notes.txt", 2 * day), ("tmp.Xy3kP0aQ2b", 2 * day), ("tmpfs-mounts.conf", 2 * day),
+                     ("tmpfull1234", 2 * day),
                      ("generated/0123456789ab/old.png", 2 * day), ("generated/0123456789ab/new.png", 60),
                      ("generated/0123456789ab/.x.png.1.2.tmp", 60)):
         put(rel, age)
@@ -216,7 +220,8 @@ def test_the_cache_sweep_deletes_only_unused_uploads_and_generated_files(tmp_pat
     assert not made  # drawn once; shown again, it is used
     assert sweep_cache(cache, day) == 4  # both photo.png, tmpab12cd34, old.png
     left = sorted(str(q.relative_to(cache)) for q in cache.rglob("*") if q.is_file() or q.is_symlink())
-    assert left == sorted([f"{new}/second.png", "tmpfresh", "notes.txt", "mine/data.npy", "c" * 64,
+    assert left == sorted([f"{new}/second.png", "tmpfresh", "notes.txt", "mine/data.npy", "c" * 64, "tmp_notes.txt",
+                           "tmp.Xy3kP0aQ2b", "tmpfs-mounts.conf", "tmpfull1234",
                            "generated/0123456789ab/new.png", "generated/0123456789ab/.x.png.1.2.tmp",
                            str(shown.relative_to(cache))])
     assert (outside / "keep.png").exists() and not (cache / old).exists()
@@ -244,6 +249,75 @@ def test_the_cache_sweep_bounds_the_cache_by_size_least_recently_used_first(tmp_
     assert sorted(p.name for p in cache.rglob("*.png")) == ["p2.png", "p3.png"] and (cache / "notes.txt").exists()
     assert sweep_cache(cache, 0, now=now, max_bytes=0) == 0  # no bound, no age: nothing goes
     assert sweep_cache(cache, 15 * 60, now=now) == 1  # the age bound alone, as before: p2 (20 minutes) goes
+
+
+def test_the_cache_sweep_keeps_what_is_used_and_passes_over_what_it_may_not_delete(tmp_path, monkeypatch):
+    """Until 2026-12-05: an upload steered on for an hour was swept first (its use never marked it used); a picture
+    served between the sweep's listing and its deletions went (its listed age was read before); one file this
+    user may not delete (another's, in a shared cache) stopped the whole sweep; and a picture folder removed after
+    the start (a /tmp cleaner, once the sweep had emptied it) failed every page until a restart."""
+    import os
+    import time
+
+    from app.render import ImageCache
+    from app.server import sweep_cache
+    from app.uploads import load_upload
+
+    cache, now = tmp_path / "cache", time.time()
+    gen = cache / "generated" / "0123456789ab"
+    gen.mkdir(parents=True)
+    upload = cache / ("a" * 64) / "photo.png"
+    upload.parent.mkdir()
+    Image.new("RGB", (4, 4), "red").save(upload)
+    os.utime(upload, (now - 3600, now - 3600))
+    pictures = [gen / f"p{i}.png" for i in range(3)]
+    for minutes, path in zip((30, 20, 10), pictures):
+        path.write_bytes(b"x" * upload.stat().st_size)
+        os.utime(path, (now - 60 * minutes, now - 60 * minutes))
+    load_upload(upload)  # steered on just now
+    assert sweep_cache(cache, 0, max_bytes=3.5 * upload.stat().st_size) == 1
+    assert upload.exists() and not pictures[0].exists()
+
+    # a picture served while the sweep deletes is kept, the next least recently used goes instead
+    older = gen / "q.png"
+    older.write_bytes(b"x" * upload.stat().st_size)
+    os.utime(older, (now - 60 * 25, now - 60 * 25))
+    real_unlink = Path.unlink
+
+    def unlink_while_serving(self, missing_ok=False):
+        if self == older:
+            os.utime(pictures[1])  # its page served just as the sweep took the least recently used file
+        return real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink_while_serving)
+    assert sweep_cache(cache, 0, max_bytes=1.5 * upload.stat().st_size) == 3
+    monkeypatch.undo()
+    assert pictures[1].exists() and not any(p.exists() for p in (older, pictures[2], upload))
+
+    # a file it may not delete is passed over, and the rest is swept
+    others = [gen / f"o{i}.png" for i in range(3)]
+    for path in others:
+        path.write_bytes(b"x")
+        os.utime(path, (now - 2 * 86400, now - 2 * 86400))
+    def unlink(self, missing_ok=False):
+        if self == others[0]:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert sweep_cache(cache, 86400) == 2
+    monkeypatch.undo()
+    assert [p.exists() for p in others] == [True, False, False]
+
+    # the picture folder removed after the start: made again at the next picture, and the next export
+    images = ImageCache(cache / "generated", "bundle")
+    for f in images.root.iterdir():
+        f.unlink()
+    images.root.rmdir()
+    assert Path(images.get_or_make("neuron 3", lambda: Image.new("RGB", (2, 2)))).is_file()
+    images.root.joinpath(os.listdir(images.root)[0]).unlink()
+    images.root.rmdir()
+    assert Path(images.write_text("neuron_3.json", "{}")).read_text() == "{}"
 
 
 def test_a_transparent_palette_colour_reaches_the_model_as_its_pixels(tmp_path):
