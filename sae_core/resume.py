@@ -189,7 +189,8 @@ class Journal:
         if key in self.done:
             return self.done[key]
         value = compute()
-        line = json.dumps({"key": key, "value": value}, allow_nan=False) + "\n"
+        # NaN as null (json_safe), as every JSON file here: steer-eval's undefined collateral kept is NaN
+        line = json.dumps({"key": key, "value": json_safe(value)}, allow_nan=False) + "\n"
         with open(self.path, "a") as f:
             f.write(line)
             f.flush()

@@ -923,9 +923,13 @@ def test_steer_eval_killed_resumes_to_the_figures_of_an_uninterrupted_run(tiny_b
 def test_steer_eval_learns_with_a_bf16_llava(tiny_bundle, tmp_path, capsys):
     """The learned strategy backpropagates float32 layer outputs through the projector; with a bf16 LLaVA (and
     fp16 or 4-bit, the CUDA default for hub models) the projector refused them ("expected m1 and m2 to have the
-    same dtype") after every other family had run. Now it learns, and its deltas after 2 steps are fp32's
-    within 10% on the latents both find."""
+    same dtype") after every other family had run. Now it learns, and after 2 steps what its deltas add to the
+    layer (delta @ W_dec of its latents) points where fp32's does: cosine >= 0.95 for every source and target
+    (0.986-0.995 seen, 2026-12-05), norms within half. Compared latent by latent (within 10% until that day) it
+    failed once a latent passed --tau in fp32 only: brown's deltas then differed by 36% on the shared latents
+    while their sums over the decoder still agreed to a cosine of 0.995."""
     from precompute.__main__ import main
+    from sae_core.checkpoint import load_sae
 
     args = ["steer-eval", "--bundle", str(tiny_bundle), "--images", "40", "--per-concept", "1", "--tune-per-concept",
             "1", "--alphas", "2", "--factors", "colour", "--learn-steps", "2", "--device", "cpu"]
@@ -935,14 +939,17 @@ def test_steer_eval_learns_with_a_bf16_llava(tiny_bundle, tmp_path, capsys):
         assert main([*args, "--precision", precision, "--learned-out", str(out)]) == 0
         assert "| colour | learned |" in capsys.readouterr().out
         deltas[precision] = json.loads(out.read_text())
-    # bf16 layer outputs give slightly other codes, so a latent or two more or fewer passes --tau: the shared ones
+    # bf16 layer outputs give slightly other codes, so a latent or two more or fewer passes --tau
     l32, l16 = deltas["fp32"]["latents"], deltas["bf16"]["latents"]
-    shared = sorted(set(l32) & set(l16))
-    assert len(shared) >= 0.9 * max(len(l32), len(l16))
-    i32, i16 = [l32.index(k) for k in shared], [l16.index(k) for k in shared]
+    assert len(set(l32) & set(l16)) >= 0.9 * max(len(l32), len(l16))
+    w_dec = load_sae(tiny_bundle / "sae").W_dec.detach().numpy()
+    assert deltas["fp32"]["deltas"].keys() == deltas["bf16"]["deltas"].keys()
     for target, d32 in deltas["fp32"]["deltas"].items():
-        d32, d16 = np.asarray(d32)[:, i32], np.asarray(deltas["bf16"]["deltas"][target])[:, i16]
-        assert np.abs(d16 - d32).max() <= 0.1 * np.abs(d32).max(), target  # 0.029 seen
+        added32 = np.asarray(d32) @ w_dec[l32]  # (sources, d_in): what the delta adds to a token
+        added16 = np.asarray(deltas["bf16"]["deltas"][target]) @ w_dec[l16]
+        norms = np.linalg.norm(added32, axis=1), np.linalg.norm(added16, axis=1)
+        cos = (added32 * added16).sum(1) / (norms[0] * norms[1])
+        assert cos.min() >= 0.95 and (np.abs(norms[1] / norms[0] - 1) <= 0.5).all(), (target, cos, norms)
 
 
 def test_running_out_of_memory_while_loading_llava_is_one_sentence(tiny_bundle, capsys, monkeypatch):
@@ -989,7 +996,7 @@ def test_the_librarys_latents_patches_and_top_are_checked_as_the_command_checks_
     assert len(session.latents_on_image(0, top=2)["top"]) == 2
 
 
-def test_collateral_kept_is_undefined_where_the_original_model_never_named_the_other_factor(monkeypatch):
+def test_collateral_kept_is_undefined_where_the_original_model_never_named_the_other_factor(monkeypatch, tmp_path):
     """Kept = among the images where the original LLaVA named the other factor right, the share still named so;
     with no such image it is undefined (null), where until 2026-12-05 it was 1.0: a small run's summary read
     "collateral kept 1.00" with nothing measured. The mean over concepts and the choice of options skip it."""
@@ -1020,6 +1027,14 @@ def test_collateral_kept_is_undefined_where_the_original_model_never_named_the_o
     summary = E.summarise(per)
     assert summary["collateral_kept"] == 0.5 and summary["success_rate"] == 0.5
     assert E.summarise({"red": per["red"]})["collateral_kept"] != E.summarise({"red": per["red"]})["collateral_kept"]
+    # steer-eval's journal records it as null (its NaN stopped the run at the first unit: "Out of range float values
+    # are not JSON compliant"), on the first run as on a resumed one
+    from sae_core.resume import Journal
+
+    journal = Journal(tmp_path / "eval.partial", {"n_images": 40})
+    first = journal.run("colour/tune/x", lambda: per)
+    again = Journal(tmp_path / "eval.partial", {"n_images": 40}).run("colour/tune/x", lambda: 1 / 0)
+    assert first == again and first["red"]["collateral_kept"] is None and E.summarise(first)["collateral_kept"] == 0.5
     # of two options for a concept without a kept, the one that succeeds more; the tune score skips the concept
     results = {"weak": {"red": {"success": 0.25, "collateral_kept": None}, "blue": {"success": 0.5, "collateral_kept": 0.5}},
                "strong": {"red": {"success": 0.75, "collateral_kept": None}, "blue": {"success": 0.25, "collateral_kept": 0.5}}}
