@@ -64,7 +64,7 @@ def main(argv) -> int:
     args = p.parse_args(argv)
     K = args.latents
     print(f"K {K}, {args.images} images in batches of {args.batch}, {args.density:.1%} firing; {BINS} bins, S {S}")
-    print("| spread (sigma) | entries | baseline in s | now in s | ratio | baseline draw s | now draw s | "
+    print("| spread (sigma) | entries | baseline in s | now in s | now / baseline | baseline draw s | now draw s | "
           "4 bands: baseline / now | 4 full: baseline / now | of |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for sigma in args.spread:

@@ -13,6 +13,7 @@ scales as N^2 K, ours as N d K.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -25,6 +26,8 @@ from sae_core.monosemanticity import MSAccumulator, monosemanticity_score
 from . import argument_parser
 
 TARGET_N, TARGET_K = 50_000, 65_536
+AGREEMENT = 1e-4
+"""Largest |MS difference| allowed between ours and the paper's float32 loop (about 1e-7 seen)."""
 
 
 def paper_pairwise_ms(activations: torch.Tensor, embeddings: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
@@ -104,6 +107,10 @@ def main(argv=None) -> int:
     print(f"agreement with the paper's loop: max |diff| {diff:.2e} over {int(both.sum())} neurons "
           f"(NaN pattern identical: {same_nan}); float32-matmul variant vs float64: {diff32:.2e}")
     print(f"MS range {np.nanmin(ours):.3f} .. {np.nanmax(ours):.3f}, mean {np.nanmean(ours):.3f}")
+    failed = not same_nan or diff > AGREEMENT  # the docstring's "must agree": a regression fails the command
+    if failed:
+        print(f"ms: ours and the paper's loop disagree (max |diff| {diff:.2e}, allowed {AGREEMENT:g}; NaN pattern "
+              f"identical: {same_nan})", file=sys.stderr)
 
     loop_scale = (TARGET_N / args.n) ** 2 * (TARGET_K / args.k)
     ours_scale = (TARGET_N / args.n) * (TARGET_K / args.k)
@@ -132,4 +139,4 @@ def main(argv=None) -> int:
     print(f"\nspeed-up of ours (float64) on the same data: {t_paper / t_ours:,.0f}x measured; "
           f"extrapolated: {paper_ext / rows[1][3]:,.0f}x (from N {args.n:,})"
           + (f", {paper_ext / rows[-1][3]:,.0f}x (from the streamed N {args.big_n:,} run)" if args.big_n else ""))
-    return 0
+    return 1 if failed else 0

@@ -65,6 +65,12 @@ def time_batches(store: ActivationStore, batch_size: int, seconds: float, start_
     return n, time.perf_counter() - t0
 
 
+def scan_rows(store, chunk: int = 65536) -> int:
+    """Read every row of `store` in order, `chunk` rows at a time; the rows read (the last chunk is short: counted as
+    a full one until 2026-12-05, 31% more rows than read for a store of 200,000)."""
+    return sum(len(store.rows(s, s + chunk)) for s in range(0, len(store), chunk))
+
+
 def main(argv=None) -> int:
     p = argument_parser("store_read", description=__doc__)
     p.add_argument("--rows", type=positive_int, default=1_000_000)
@@ -109,12 +115,10 @@ def main(argv=None) -> int:
         del store, it
         evict(path)
         store = ActivationStore(path)
-        t0, n = time.perf_counter(), 0
-        for s in range(0, len(store), 65536):
-            store.rows(s, s + 65536)
-            n += 1
+        t0 = time.perf_counter()
+        n = scan_rows(store)
         t = time.perf_counter() - t0
-        results.append(("sequential rows() scan, cold (65,536-row chunks)", n * 65536 / a.batch_size, t))
+        results.append(("sequential rows() scan, cold (65,536-row chunks)", n / a.batch_size, t))
 
         print(f"batch {a.batch_size}\n\n| read | batches/s | rows/s | MB/s |\n| --- | ---: | ---: | ---: |")
         for name, n, t in results:

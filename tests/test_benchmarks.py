@@ -48,3 +48,39 @@ def test_saelens_export_trains_every_architecture_it_checks(arch, tmp_path):
     args[args.index("--steps") + 1] = "2"
     assert main(args) in (0, None)
     assert json.loads((tmp_path / arch / "config.json").read_text())["arch"] == arch
+
+
+def test_the_ms_and_coact_benchmarks_fail_when_ours_disagrees_with_the_baseline(monkeypatch, capsys):
+    """Both printed their agreement and returned 0 whatever it was (until 2026-12-05): a regression passed."""
+    import benchmarks.coact as coact
+    import benchmarks.ms as ms
+
+    assert ms.main(["--n", "48", "--k", "16", "--d", "8", "--big-n", "0"]) == 0
+    assert coact.main(["--latents", "256", "--images", "32", "--batch", "8", "--density", "0.1"]) == 0
+    assert "| True |" in capsys.readouterr().out
+    real_ms = ms.monosemanticity_score
+
+    def off(acts, emb, **kw):
+        result = real_ms(acts, emb, **kw)
+        return result._replace(ms=result.ms + 1e-3)
+
+    monkeypatch.setattr(ms, "monosemanticity_score", off)
+    assert ms.main(["--n", "48", "--k", "16", "--d", "8", "--big-n", "0"]) == 1
+    assert "ms: ours and the paper's loop disagree" in capsys.readouterr().err
+    real_counter = coact.run_counter
+
+    def other_parents(groups, K, batches, budget, old):
+        seconds, (parent, score), held, modes = real_counter(groups, K, batches, budget, old)
+        return seconds, ((parent + 1) if old else parent, score), held, modes
+
+    monkeypatch.setattr(coact, "run_counter", other_parents)
+    assert coact.main(["--latents", "256", "--images", "32", "--batch", "8", "--density", "0.1"]) == 1
+    assert "| False |" in capsys.readouterr().out
+
+
+def test_the_store_read_scan_counts_the_rows_it_reads(tmp_path):
+    from benchmarks.store_read import scan_rows
+    from sae_core.activation_store import ActivationStore
+
+    np.save(tmp_path / "x.npy", np.zeros((70_000, 4), np.float32))
+    assert scan_rows(ActivationStore(tmp_path / "x.npy")) == 70_000  # 131,072 counted before: two full chunks
