@@ -1423,7 +1423,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             state = link_state(request)
             tab = state.get("tab")
             given = request.query_params.get("tab") if request else None
-            if given is not None and tab is None:  # dropped by decode_state: ?tab=bogus opened the Overview silently
+            if given not in (None, "") and tab is None:  # dropped by decode_state: ?tab=bogus opened the Overview silently
                 gr.Warning(f"part of the link could not be restored: the tab {inputs.shown(given)} is not one of "
                            f"{', '.join(inputs.TABS)}; it is left at its default")
             restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
