@@ -82,6 +82,9 @@ class LanguageResidual:
         check_lm_layer(lm_layer, len(layers))
         self.lm_layer = lm_layer
         self.block = layers[lm_layer - 1]
+        # transformers' last hidden_states entry is after the final norm, which the last layer's hook does not see
+        # (until 2026-12-05 --lm-layer n_layers read the unnormed output: 3.1 apart on values up to 4.1, tiny LLaVA)
+        self.final_norm = self.model.model.language_model.norm if lm_layer == len(layers) else None
         self.width = int(self.model.config.text_config.hidden_size)
         self.image_token_id = int(self.model.config.image_token_index)
         vc = self.model.config.vision_config
@@ -100,7 +103,8 @@ class LanguageResidual:
         sink = {}
 
         def hook(module, args, output):
-            sink["h"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            sink["h"] = (h if self.final_norm is None else self.final_norm(h)).detach()
 
         handle = self.block.register_forward_hook(hook)
         try:

@@ -48,7 +48,8 @@ def assign_nodes(top: np.ndarray, path_of: Callable[[int], Sequence[str] | None]
                  min_images: int = MIN_IMAGES) -> list[tuple | None]:
     """Taxonomy node (a path prefix tuple; () = root) of each unit from its top image ids (K, T), -1 = empty:
     the deepest prefix (no longer than the shortest path) shared by at least `min_share` of its top images
-    that have a path; of tied nodes at that depth, the one the best-ranked image lies under. None for
+    that have a path; of several nodes at that depth (below a min_share of 1/2), the one most of them share, and of
+    tied ones the one the best-ranked image lies under. None for
     units with fewer than `min_images` images that have a path."""
     cache: dict[int, tuple | None] = {}
 
@@ -74,7 +75,9 @@ def assign_nodes(top: np.ndarray, path_of: Callable[[int], Sequence[str] | None]
             held = [prefix for prefix, c in counts.items() if c >= min_share * len(paths)]
             if not held:
                 break
-            node = held[0]
+            # below a min_share of 1/2 two nodes can hold it untied: the one holding more (the best-ranked of
+            # tied ones); until 2026-12-05 the best-ranked, 3 of 10 images over another's 5
+            node = max(held, key=counts.__getitem__)
         nodes.append(node)
     return nodes
 

@@ -186,6 +186,12 @@ def test_assign_nodes_from_top_images():
     assert top[0].tolist() == [0, 1, -1] and top[2].tolist() == [0, 1, 2]
     nodes = assign_nodes(top, paths.get, min_share=0.7, min_images=2)
     assert nodes == [("a", "x"), (), ("a",)]  # unit 1: a/y vs b/z; unit 2: 3 of 3 under a, 2 of 3 under a/x (< 0.7)
+    # below a share of 1/2 two nodes can hold it untied: the one holding more, 5 of 10 images over the best-ranked
+    # image's 3 (the best-ranked's node until 2026-12-05); of tied ones the best-ranked's
+    paths = {i: ["a", "p"] if i < 3 else ["a", "q"] if i < 8 else ["b", "r"] for i in range(10)}
+    assert assign_nodes(np.arange(10)[None], paths.get, min_share=0.3, min_images=2) == [("a", "q")]
+    assert assign_nodes(np.array([[0, 1, 3, 4]]), paths.get, min_share=0.3, min_images=2) == [("a", "p")]
+    assert assign_nodes(np.array([[3, 0, 1, 4]]), paths.get, min_share=0.3, min_images=2) == [("a", "q")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,8 +580,10 @@ def test_assign_nodes_is_the_deepest_node_held_by_min_share():
         held = {q[:lev] for q in paths for lev in range(1, 4)
                 if sum(p[:lev] == q[:lev] for p in paths) >= share * n}
         deepest = max((len(h) for h in held), default=0)
-        # ties at the deepest level: the node of the best-ranked image (the first in top order)
-        want = next((p[:deepest] for p in paths if p[:deepest] in held), ()) if deepest else ()
+        # several at the deepest level (below a share of 1/2): the one more images share; of tied ones the node of
+        # the best-ranked image (the first in top order)
+        count = {h: sum(p[:deepest] == h for p in paths) for h in held if len(h) == deepest}
+        want = next((p[:deepest] for p in paths if count.get(p[:deepest]) == max(count.values())), ()) if deepest else ()
         assert got == want, (paths, share)
 
 
@@ -592,3 +600,22 @@ def test_a_device_this_machine_lacks_is_one_sentence(tiny_bundle, tmp_path, caps
         assert main([command, "--bundle", str(tiny_bundle), "--device", "cuda", *out]) == 2
         assert "no CUDA GPU is visible here; use cpu (or auto)." in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_the_language_residual_is_the_hidden_state_it_names(tiny_world):
+    """--lm-layer L reads hidden_states[L] of the LLaVA's language model: for the last layer transformers applies
+    the final norm, which a hook on that layer does not see (until 2026-12-05 it read the unnormed output, 3.1 apart
+    on values up to 4.1). Reference: the model's own output_hidden_states."""
+    from sae_core.crossmodal import CAPTION_QUESTION, LanguageResidual
+    from sae_core.world.dataset import WorldDataset
+    from sae_core.world.text import llava_prompt
+
+    images = [WorldDataset(tiny_world, "val")[i] for i in range(3)]
+    for layer in (1, 2):  # the tiny LLaVA has 2 layers
+        lm = LanguageResidual(str(tiny_world / "llava"), lm_layer=layer)
+        h, ids, mask = lm.run(images)
+        inputs = lm.processor(images=images, text=[llava_prompt(CAPTION_QUESTION)] * 3, return_tensors="pt",
+                              padding=True)
+        with torch.inference_mode():
+            ref = lm.model(**inputs, output_hidden_states=True).hidden_states[layer]
+        torch.testing.assert_close(h, ref.float(), rtol=1e-5, atol=1e-5, msg=f"lm:{layer}")
