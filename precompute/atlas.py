@@ -345,6 +345,8 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     # bundles built before limits were recorded this way hold a covering --limit as given
     _check_identity(out, job.identity(), lambda old: {**old, "limit": covering_limit(old.get("limit"), dataset_size)})
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
+    if stage_info(out, "scan") is not None:  # a kill between the scan's mark and this removal left it for good
+        scan_checkpoint_path(out).unlink(missing_ok=True)  # (until 2026-12-05: ~4 GB at the paper's size)
     manifest = _read_json(out / B.MANIFEST)
     if manifest is not None and all(stage_info(out, s) is not None for s in STAGES):  # geometry's is {}
         if progress:

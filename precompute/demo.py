@@ -106,14 +106,17 @@ def run(args) -> int:
         timings = {}
         with progress:
             # 1. world models (only if missing or unfinished)
+            # a marker, not this process's memory: a demo killed after its world stage and resumed said it had not
+            # built the world (manifest demo.world_built_here false until 2026-12-05)
+            built_here = work / "world_built_here"
             if (world / "report.json").is_file():
                 progress.skip("world")
-                built_world = False
             else:
+                built_here.touch()
                 with progress.stage("world"):
                     world_cmd.run(argparse.Namespace(out=str(world), preset=preset.world, seed=args.seed,
                                                      threads=args.threads))
-                built_world = True
+            built_world = built_here.is_file()
             wmeta = json.loads((world / "world.json").read_text())
 
             # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2

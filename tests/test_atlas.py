@@ -489,6 +489,12 @@ def test_atlas_command_resumes_and_refuses_other_settings(tiny_bundle, tmp_path,
     assert not state.exists()
     for path in sorted((tmp_path / "b" / "neurons").glob("*.npy")):
         np.testing.assert_array_equal(np.load(tmp_path / "c" / "neurons" / path.name), np.load(path), err_msg=path.name)
+    # killed between the scan's mark and the checkpoint's removal (one system call wide): the next run of the
+    # finished bundle removes it (it stayed for good until 2026-12-05, ~4 GB at the paper's size)
+    state.write_bytes(b"a scan checkpoint")
+    manifest = (tmp_path / "c" / "manifest.json").read_bytes()
+    build_atlas(AtlasJob(**{**killed, "checkpoint_every": None}))
+    assert not state.exists() and (tmp_path / "c" / "manifest.json").read_bytes() == manifest
 
 
 def test_library_logging_in_a_stage_goes_to_the_log_and_keeps_working(tmp_path, capfd, monkeypatch):

@@ -412,3 +412,33 @@ def test_train_pool_is_rendered_once_per_world_in_a_process(tmp_path):
         assert stages._train_pools == {}
     finally:
         stages.forget_train_pool()
+
+
+def test_a_resumed_demo_still_says_it_built_its_world(tiny_world, tmp_path, monkeypatch, capsys):
+    """The manifest's demo.world_built_here came from the process's memory: a demo killed after its world stage and
+    run again said false (a helper's 4 of 4 trials, until 2026-12-05). A demo on a world that was there says false."""
+    import precompute.extract
+    import precompute.world
+    from precompute.__main__ import main
+
+    def build_world(args):  # the tiny world, copied in place of its minute of training
+        shutil.copytree(tiny_world, args.out, dirs_exist_ok=True)
+
+    real_extract = precompute.extract.run
+
+    def killed(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompute.world, "run", build_world)
+    monkeypatch.setattr(precompute.extract, "run", killed)
+    argv = ["demo", "--out", str(tmp_path / "b"), "--preset", "tiny", "--world", str(tmp_path / "w"), "--threads", "1",
+            "--quiet"]
+    assert main(argv) == 130  # killed in the extract stage, after the world's
+    monkeypatch.setattr(precompute.extract, "run", real_extract)
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["demo"] == {"preset": "tiny", "world_built_here": True}
+    argv = ["demo", "--out", str(tmp_path / "b2"), "--preset", "tiny", "--world", str(tmp_path / "w"), "--threads", "1",
+            "--quiet"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "b2" / "manifest.json").read_text())["demo"]["world_built_here"] is False
