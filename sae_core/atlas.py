@@ -575,6 +575,10 @@ def scan(adapter, sae, dataset, cfg: AtlasConfig, embedder=None, n_images: int |
     E = embedder.embed_dim
 
     _check_gallery_memory(K, cfg.topk, P, 2 if cfg.score == "cls" else 1)
+    if cfg.topk > max(N, 16):  # every gallery padded past the images; the hierarchy's image pairs (T x T) then ran
+        # out of memory after the whole scan (--topk 100000 on 16 images: 37 GiB, until 2026-12-05)
+        raise UserError(f"--topk {cfg.topk} asks for more top images than the {N} the scan covers; give --topk "
+                        f"{max(N, 16)} or less.")
     top = StreamingTopK(K, cfg.topk, P)
     # Scored by CLS, a latent that fires on patches only would have no gallery at all (most of the demo's
     # finest level): a second gallery ranks the images by the max over patches, with its own support.

@@ -1180,6 +1180,11 @@ def test_a_topk_whose_galleries_cannot_fit_is_refused_and_does_not_lock_the_fold
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         f"error: --topk 100000000 would hold {gib:,.1f} GiB of patch heat (256 latents x 100000000 images x 16 patches")
     assert "Traceback" not in proc.stderr
+    # one that fits but asks more top images than the scan covers (and than the default 16): refused before the
+    # scan, where the hierarchy's image pairs ran out of memory after it (--topk 100000 on 16 images: 37 GiB)
+    proc = subprocess.run(args + ["--topk", "17"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --topk 17 asks for more top images than the 3 the scan covers; give --topk 16 or less.")
     proc = subprocess.run(args + ["--topk", "4"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(tmp_path / "b/neurons/top_images.npy").shape == (256, 4)
