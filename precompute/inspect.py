@@ -83,10 +83,15 @@ def summary(path) -> dict:
     # copied without the world/ it lists (and no world where it was built): still served from its thumbnails, so not
     # refused (until 2026-12-05 "lists world but it is missing; rebuild the bundle"), but said
     world_dir = b.world_dir
-    out["world_missing"] = (
-        f"{b.root / WORLD_DIR} is missing (the embedded world its images and models come from): copy the world/ folder "
-        "along with the bundle, or rebuild it; until then the explorer shows its gallery thumbnails only and cannot "
-        "steer" if "world_dir" in m["files"] and not (world_dir and (world_dir / WORLD).is_file()) else None)
+    until = "until then the explorer shows its gallery thumbnails only and cannot steer"
+    out["world_missing"] = None
+    if "world_dir" in m["files"] and not (world_dir and (world_dir / WORLD).is_file()):
+        out["world_missing"] = (f"{b.root / WORLD_DIR} is missing (the embedded world its images and models come from): "
+                                f"copy the world/ folder along with the bundle, or rebuild it; {until}")
+    elif "world_dir" not in m["files"] and m.get("world") and not (Path(m["world"]) / WORLD).is_file():
+        # built with --world elsewhere (the suite's layout) and moved without it: said since 2026-12-05
+        out["world_missing"] = (f"the world {m['world']} it was built on is missing (its images and models come from "
+                                f"it): put a copy there or inside the bundle as {WORLD_DIR}/, or rebuild it; {until}")
     if (b.root / f"{INDEX}.json").is_file():
         index = b.json(f"{INDEX}.json")
         out["search_index"] = {"kind": index.get("kind"), "n": index.get("n"), "recall": index.get("recall")}

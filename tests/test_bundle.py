@@ -576,6 +576,19 @@ def test_inspect_of_a_bundle_copied_without_its_world_says_to_copy_it(tiny_bundl
     shutil.copytree(B.open_bundle(tiny_bundle).world_dir, root / "world")  # copied along: nothing to say
     assert main(["inspect", str(root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["world_missing"] is None
+    # built with --world beside it (the suite's layout) and moved without that world: said too (nothing until
+    # 2026-12-05), and nothing once the world is where the manifest names it
+    shutil.rmtree(root / "world")
+    manifest["files"].pop("world_dir")
+    (root / B.MANIFEST).write_text(json.dumps({**manifest, "world": str(tmp_path / "cluster" / "world")}))
+    assert main(["inspect", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_missing"] == (
+        f"the world {tmp_path / 'cluster' / 'world'} it was built on is missing (its images and models come from it): "
+        "put a copy there or inside the bundle as world/, or rebuild it; until then the explorer shows its gallery "
+        "thumbnails only and cannot steer")
+    shutil.copytree(B.open_bundle(tiny_bundle).world_dir, tmp_path / "cluster" / "world")
+    assert main(["inspect", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_missing"] is None
 
 
 def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):
