@@ -137,13 +137,15 @@ def _evaluate(args, alphas: tuple, factors: tuple, learn_steps: int) -> int:
 
 
 def _print_summary(result: dict) -> None:
+    from sae_core.steering_eval import kept_text
+
     print("| factor | family (chosen per concept on tune) | success (test) | min | concepts >= 0.70 | collateral kept |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for f, r in result["factors"].items():
         for fam, v in r["chosen"].items():
             s = v["summary"]
             print(f"| {f} | {fam} | {s['success_rate']:.2f} | {s['success_min']:.2f} | "
-                  f"{s['concepts_at_0.70']}/{s['n_concepts']} | {s['collateral_kept']:.2f} |")
+                  f"{s['concepts_at_0.70']}/{s['n_concepts']} | {kept_text(s['collateral_kept'])} |")
     for f, r in result["factors"].items():
         if not r["factor_latents"]:  # profile and swap move the factor's latents: with none they steer nothing
             print(f"no {f} latent passed --tau and --purity: the {f} rows of best_profile, best_swap and "
@@ -154,4 +156,4 @@ def _print_summary(result: dict) -> None:
               f"unsteered {pp['clip_score_unsteered']:.3f}")
     if "headline" in result:  # the colour factor's; --factors shape has none
         print(f"headline ({result['headline']['family']}): success {result['success_rate']:.2f}, "
-              f"collateral kept {result['collateral_kept']:.2f}")
+              f"collateral kept {kept_text(result['collateral_kept'])}")

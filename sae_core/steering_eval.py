@@ -561,6 +561,11 @@ def _target_rows(labels: np.ndarray, rows_all: np.ndarray, target: str, n: int) 
     return np.array([j for j in rows_all if labels[j] != target][:n], dtype=np.int64)
 
 
+def kept_text(kept) -> str:
+    """Collateral kept as printed: two decimals, "n/a" where undefined (NaN, or null read back from JSON)."""
+    return "n/a" if kept is None or math.isnan(kept) else f"{kept:.2f}"
+
+
 def _kept(v: dict) -> float:
     """A concept's collateral kept, NaN where undefined (a journal's JSON holds null there)."""
     k = v["collateral_kept"]
@@ -701,7 +706,7 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                     session, data, stats, _strategy(kind, a, stats), "test", max_images=max_images))
                 sweep[f"{kind} x{a:g}"] = summarise(per)
                 log(f"  sweep {factor} {kind:13s} x{a:<4g} success {sweep[f'{kind} x{a:g}']['success_rate']:.2f} "
-                    f"kept {sweep[f'{kind} x{a:g}']['collateral_kept']:.2f}")
+                    f"kept {kept_text(sweep[f'{kind} x{a:g}']['collateral_kept'])}")
         # 2. per concept, the best option of each family chosen on the tune half, reported on the test half
         neuron_options = [(f"{k} r{r} x{a:g}", _strategy(k, a, stats, r)) for k in ("neuron_all", "neuron_object")
                           for r in range(3) for a in alphas]
@@ -724,7 +729,7 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                 session, data, stats, lambda c: pick[c], "test", max_images=max_images))
             chosen[fam] = {"summary": summarise(per), "tune_score": tune_score, "per_concept": per}
             log(f"  {factor} {fam:17s} test success {chosen[fam]['summary']['success_rate']:.2f} "
-                f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {chosen[fam]['summary']['collateral_kept']:.2f}")
+                f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {kept_text(chosen[fam]['summary']['collateral_kept'])}")
             if fam == "strongest_neuron":
                 chosen_neurons.update({(factor, c): (st, float(stats.max_act[st.latent])) for c, st in pick.items()})
         if factor in learn_factors and learn_steps > 0 and len(stats.latents):
@@ -732,7 +737,7 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                                                 unit)
             s_ = chosen["learned"]["summary"]
             log(f"  {factor} {'learned':17s} test success {s_['success_rate']:.2f} (min {s_['success_min']:.2f}) "
-                f"kept {s_['collateral_kept']:.2f} ({chosen['learned']['seconds']:.0f} s)")
+                f"kept {kept_text(s_['collateral_kept'])} ({chosen['learned']['seconds']:.0f} s)")
         out["factors"][factor] = {"factor_latents": [int(k) for k in stats.latents], "sweep": sweep, "chosen": chosen,
                                   "candidates": {c: v for c, v in stats.candidates.items()}}
     # the headline: for colour, the family (not the oracle) with the best tune score
