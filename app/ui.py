@@ -303,6 +303,11 @@ N_SLOTS = 3
 UPLOADED = "upload"  # a steer address's image when the page shows an upload, which a link cannot carry
 
 
+def link_field_lost(problem: str, instead: str = "it is left at its default") -> str:
+    """The warning for a link's field that could not be restored: what was wrong, and what the page did instead."""
+    return f"part of the link could not be restored: {problem.rstrip('.')}; {instead}"
+
+
 class SteerTab:
     """The Steer page: image, latents that fire on it, clamp sliders, three answers, sweep, score."""
 
@@ -614,7 +619,7 @@ class SteerTab:
                 try:
                     return read()
                 except UserError as e:
-                    refused.append(f"{str(e).rstrip('.')}; it is left at its default")
+                    refused.append(link_field_lost(str(e)))
                     return default
 
             def flag(key, default):
@@ -626,12 +631,12 @@ class SteerTab:
             slots = {}  # latent -> strength, the i-th strength with the i-th latent
             for i, k in enumerate(lat):
                 if k in slots:
-                    refused.append(f"latent {k} is given twice; its first strength is kept")
+                    refused.append(link_field_lost(f"latent {k} is given twice", "its first strength is kept"))
                 else:
                     slots[k] = vals[i] if i < len(vals) else 4.0
             if len(slots) > N_SLOTS:
-                refused.append(f"{len(slots)} latents were given and the page has {N_SLOTS} slots; the first "
-                               f"{N_SLOTS} are kept")
+                refused.append(link_field_lost(f"{len(slots)} latents were given and the page has {N_SLOTS} slots",
+                                               f"the first {N_SLOTS} are kept"))
             chosen = list(slots.items())[:N_SLOTS]
             slot_vals = []
             for i in range(N_SLOTS):
@@ -640,8 +645,8 @@ class SteerTab:
             patches = field(lambda: ",".join(str(p) for p in sorted(patch_list(state.get("patches")))), "")
             image, picture = initial(self.image_index), gr.update()
             if state.get("image") == UPLOADED:
-                refused.append("its image was an upload, which a link cannot carry; upload it again (dataset image "
-                               f"{image} is shown)")
+                refused.append(link_field_lost("its image was an upload, which a link cannot carry",
+                                               f"upload it again (dataset image {image} is shown)"))
             elif state.get("image") not in (None, ""):
                 i = field(lambda: ex.check_image(state["image"], "image index"), None)
                 shown = None if i is None else field(lambda: svc.picture(svc.image(i, None)[0], patch_list(patches)), None)
@@ -653,7 +658,7 @@ class SteerTab:
             if state.get("tokens") not in (None, ""):
                 tokens = field(lambda: answer_tokens(state["tokens"]), tokens)
             for message in refused:
-                gr.Warning(f"part of the link could not be restored: {message}")
+                gr.Warning(message)
             return (image, patches, keep_error, question or gr.update(), picture, gr.Tabs(selected="steer"), sweep,
                     tokens, *slot_vals)
 
@@ -1013,8 +1018,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                         try:
                             values[i] = check(state[key])
                         except UserError as e:
-                            gr.Warning(f"part of the link could not be restored: {str(e).rstrip('.')}; it is left "
-                                       "at its default")
+                            gr.Warning(link_field_lost(str(e)))
             return (*values, query, neuron_table(*values), "")
 
         on_link(demo, lambda state: state.get("tab") == "neurons").success(
@@ -1381,8 +1385,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 if state.get("kind") in ("sunburst", "treemap"):
                     kind = state["kind"]
                 elif state.get("kind") not in (None, ""):  # ?kind=pie drew the sunburst without a word until 2026-12-05
-                    gr.Warning(f"part of the link could not be restored: the drawing {inputs.shown(state['kind'])} is "
-                               "not one of sunburst, treemap; it is left at its default")
+                    gr.Warning(link_field_lost(f"the drawing {inputs.shown(state['kind'])} is not one of sunburst, "
+                                               "treemap"))
                 try:
                     r = state.get("root")
                     r = -1 if r in (None, "") else inputs.integer(r, "subtree's latent", -1, ex.n_neurons - 1)
@@ -1424,8 +1428,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             tab = state.get("tab")
             given = request.query_params.get("tab") if request else None
             if given not in (None, "") and tab is None:  # dropped by decode_state: ?tab=bogus opened the Overview silently
-                gr.Warning(f"part of the link could not be restored: the tab {inputs.shown(given)} is not one of "
-                           f"{', '.join(inputs.TABS)}; it is left at its default")
+                gr.Warning(link_field_lost(f"the tab {inputs.shown(given)} is not one of {', '.join(inputs.TABS)}"))
             restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
             return gr.Tabs(selected=tab) if tab and not restored else gr.update()
 

@@ -105,6 +105,18 @@ def test_open_clip_checkpoint_file_matches_forward_intermediates():
     torch.testing.assert_close(got["embed"], emb, rtol=0, atol=0)
 
 
+def _projector_input(full, px):
+    """What a full LLaVA hands its projector for pixels `px`: the vision features it reads."""
+    seen = {}
+    hook = full.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            full.model.get_image_features(pixel_values=px)
+    finally:
+        hook.remove()
+    return seen["x"]
+
+
 def test_llava_tower_is_what_llava_reads():
     from transformers import LlavaForConditionalGeneration
 
@@ -114,19 +126,14 @@ def test_llava_tower_is_what_llava_reads():
     assert a.read_layer_block() == a.n_blocks - 2
     full = LlavaForConditionalGeneration.from_pretrained(src).eval()
     px = _pixels(a)
-    seen = {}
-    hook = full.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    try:
-        with torch.no_grad():
-            hs = full.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states
-            full.model.get_image_features(pixel_values=px)
-    finally:
-        hook.remove()
+    with torch.no_grad():
+        hs = full.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states
+    projected = _projector_input(full, px)
     _check_against_hidden_states(a, px, hs)
     # exactly the tensor LLaVA projects: the read layer, CLS dropped
     h = a.capture(px, [a.read_layer])[str(a.read_layer)]
     rows, index = select_tokens(h, TokenSpec.parse(a.read_tokens), np.arange(3), a.layout)
-    torch.testing.assert_close(rows.reshape(seen["x"].shape), seen["x"], rtol=0, atol=0)
+    torch.testing.assert_close(rows.reshape(projected.shape), projected, rtol=0, atol=0)
     assert index[:16, 1].tolist() == list(range(1, 17))
     # the world spec maps onto the same model; full=True gives the whole LLaVA for steering
     w = load_adapter(f"world:{src.parent}:llava", full_llava=True)
@@ -156,16 +163,10 @@ def test_a_llava_reading_a_layer_counted_from_the_input_is_read_there(tmp_path):
         assert a.read_layer == ours and a.read_layer_block() == counted - 1
         full = LlavaForConditionalGeneration.from_pretrained(src).eval()
         px = _pixels(a)
-        seen = {}
-        hook = full.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-        try:
-            with torch.no_grad():
-                full.model.get_image_features(pixel_values=px)
-        finally:
-            hook.remove()
+        projected = _projector_input(full, px)
         rows, _ = select_tokens(a.capture(px, [a.read_layer])[str(a.read_layer)], TokenSpec.parse(a.read_tokens),
                                 np.arange(3), a.layout)
-        torch.testing.assert_close(rows.reshape(seen["x"].shape), seen["x"], rtol=0, atol=0)
+        torch.testing.assert_close(rows.reshape(projected.shape), projected, rtol=0, atol=0)
 
 
 def test_a_llava_placed_by_from_pretrained_stays_where_and_as_it_was_loaded():
