@@ -684,8 +684,10 @@ class SteeringSession:
         h, ran = self.hidden([image])
         rows = self.features(h.expand(3, -1, -1), [ORIGINAL, Clamp(keep_error=False), clamp])
         orig, sae, steered = self.generate_from_hidden(rows, prompt, max_new_tokens, min_new_tokens)
-        return SteerResult(orig, sae, steered, clamp.describe(), prompt, (time.perf_counter() - t0) * 1e3,
-                           cached=ran == 0)
+        # the patches as the user gave them beside the token positions the clamp holds (CLS first, where there is one)
+        echo = {**clamp.describe(), "patches": None if clamp.positions is None else
+                [p - self.layout.n_prefix for p in clamp.positions]}
+        return SteerResult(orig, sae, steered, echo, prompt, (time.perf_counter() - t0) * 1e3, cached=ran == 0)
 
     def sweep(self, image, latents, values_list: Sequence, prompt: str = WHAT_IS_SHOWN, keep_error: bool = False,
               patches=None, mode: str = "set", max_new_tokens: int = 5) -> list[tuple]:
@@ -781,6 +783,8 @@ def checked_patches(patches, n_patches: int, grid) -> list[int]:
             out.append(checked_index(p, "patch", n_patches, "the image has patches"))
         except UserError as e:
             raise UserError(f"{str(e).rstrip('.')} (a {grid[0]}x{grid[1]} grid, row-major).") from None
+        if out.count(out[-1]) > 1:  # a patch is clamped once however often named; twice is likely a typo (5,5 for 5,6)
+            raise UserError(f"patch {out[-1]} is chosen twice; give each patch once.")
     return out
 
 

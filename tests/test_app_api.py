@@ -187,6 +187,7 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     assert [r[0] for r in sweep["data"]] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert details["clamp"]["latents"] == [k] and details["clamp"]["keep_error"] is True
     assert details["clamp"]["positions"] == [1, 6]  # patches 0 and 5 after the CLS token
+    assert details["clamp"]["patches"] == [0, 5]  # as given (only the positions were shown until 2026-12-05)
     unit = float(neurons(explorer_app, "token_max")[k])  # a strength of 1: the largest on one token
     assert details["clamp"]["values"][0] == pytest.approx(4.0 * unit, rel=1e-4)
     assert "steering score" in score

@@ -662,7 +662,8 @@ def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(ti
             (["--image", "world:\uff13", "--latent", "3", "--value", "4"], "is not world:INDEX with an integer INDEX"),
             (["--image", f"#{n_images}", "--latent", "3", "--value", "4"], f"image {n_images} does not exist"),
             (["--image", "1", "--latent", "3", "--value", "4", "--patches", f"2,{rows * cols}"],
-             f"patch {rows * cols} does not exist; the image has patches 0 to {rows * cols - 1} (a {rows}x{cols} grid")):
+             f"patch {rows * cols} does not exist; the image has patches 0 to {rows * cols - 1} (a {rows}x{cols} grid"),
+            (["--image", "1", "--latent", "3", "--value", "4", "--patches", "5,5"], "patch 5 is chosen twice")):
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert said in err and len(said_lines(err)) == 1 and "Traceback" not in err, (extra, err)
@@ -711,6 +712,8 @@ def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, sess
     assert main([*base, "--latent", "3", "--value", "40", "--patches", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["clamp"]["positions"] == [session.layout.n_prefix + 5]
+    assert out["clamp"]["patches"] == [5]  # the echo gave only the position, 6, for patch 5
+    assert session.answers(1, [3], [40.0], max_new_tokens=1).clamp["patches"] is None  # every token
 
 
 def test_an_answer_past_the_language_models_positions_is_refused(tiny_bundle, session, images, capsys):
@@ -989,6 +992,8 @@ def test_the_librarys_latents_patches_and_top_are_checked_as_the_command_checks_
             session.make_clamp([7], [100.0], patches=[bad])
     with pytest.raises(UserError, match="is not a list of patch indices"):
         session.make_clamp([7], [100.0], patches=3)
+    with pytest.raises(UserError, match=r"^patch 5 is chosen twice; give each patch once\.$"):  # was clamped once
+        session.make_clamp([7], [100.0], patches=[5, 6, "5"])
     assert session.make_clamp([7], [100.0], patches=[2.0, "3"]).positions == (session.layout.n_prefix + 2,
                                                                                  session.layout.n_prefix + 3)
     for bad in (-1, 2.5, 0):
