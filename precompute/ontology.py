@@ -85,8 +85,9 @@ def run(args) -> int:
         if not any(e[c]["score"] is not None for v in result["views"].values() for e in v.values()
                    for c in ("coactivation", "decoder_cosine") if c in e):
             # kept from writing over a file with figures (the app shows this file)
-            raise UserError(f"no clustering could be scored: fewer than 3 units were placed in any view from "
-                            f"{len(feats)} images; use more images (--max-images) or a lower --top; nothing written.")
+            raise UserError(f"no clustering could be scored: in every view fewer than 3 units were placed, or all "
+                            f"on one node, from {len(feats)} images; use more images (--max-images) or a lower "
+                            "--top; nothing written.")
         paths_out = write_outputs(out, "ontology", result)
         result["outputs"] = paths_out
         print_result(args, result, table + ["", f"wrote {paths_out['json']}"])

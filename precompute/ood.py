@@ -78,7 +78,7 @@ def run(args) -> int:
     from sae_core.datasets import open_dataset
     from sae_core.ood import evaluate, ood_scores, roc_figure
 
-    with open_inputs(args, "ood") as (bundle, source, out, cache):
+    with open_inputs(args, "ood", html=True) as (bundle, source, out, cache):
         id_spec = args.id_spec or world_split(bundle, "val") or bundle.manifest["dataset"]["spec"]
         ood_spec = need_spec(args.ood_spec or world_split(bundle, "ood"), "OOD set", "--ood")
         fit_spec = args.fit_spec or world_split(bundle, "train") or id_spec

@@ -38,10 +38,10 @@ class FeatureCache(NamedTuple):
 
 
 @contextmanager
-def open_inputs(args, name: str):
+def open_inputs(args, name: str, html: bool = False):
     """(bundle, feature source, out folder, FeatureCache or None), refusing before any work what would fail
-    after it: a cross-modal bundle, an output folder that cannot be written (`name`.json goes there), a second
-    run writing `name`'s outputs there (their lock is held until the block ends)."""
+    after it: a cross-modal bundle, an output folder that cannot be written (`name`.json goes there, and
+    `name`.html with `html`), a second run writing `name`'s outputs there (their lock is held until the block ends)."""
     import torch
 
     from sae_core.atomic import output_lock
@@ -57,7 +57,8 @@ def open_inputs(args, name: str):
         raise UserError(f"{bundle.root} is a cross-modal bundle whose SAE reads the language model ({layer}); "
                         f"`{name}` reads vision-layer bundles (from `precompute demo` or `precompute atlas`).")
     out = out_folder(Path(args.out) if args.out else bundle.root / PROBES, "the JSON and HTML outputs")
-    check_writable(out / f"{name}.json")
+    for suffix in ("json", "html") if html else ("json",):  # a folder named ood.html failed after the scoring
+        check_writable(out / f"{name}.{suffix}")
     with output_lock(out / f"{name}.json"):  # NAME.html too; the other commands' files there are theirs
         cache = None
         if not args.no_cache:
@@ -111,13 +112,13 @@ def write_outputs(out: Path, name: str, result: dict, figure=None) -> dict:
     from sae_core.atomic import atomic_path, write_json_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": str(out / f"{name}.json")}
-    write_json_atomic(out / f"{name}.json", result)
-    if figure is not None:
+    paths = {}
+    if figure is not None:  # before the JSON, which the app reads: a figure that fails leaves the last run's pair
         with atomic_path(out / f"{name}.html") as tmp:
             figure.write_html(str(tmp), include_plotlyjs=True, full_html=True)
         paths["html"] = str(out / f"{name}.html")
-    return paths
+    write_json_atomic(out / f"{name}.json", result)
+    return {"json": str(out / f"{name}.json"), **paths}
 
 
 def print_result(args, result: dict, table: list[str]) -> None:

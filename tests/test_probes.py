@@ -494,6 +494,13 @@ def test_unwritable_outputs_and_cache_are_handled_before_the_work(bundle_copy, i
     rc, res, err = run_command(capsys, *base, "--out", tmp_path / "out")
     assert rc == 0 and res["id"]["n_images"] == 20 and (tmp_path / "out" / "ood.json").is_file()
     assert "note: the feature cache" in err and "cannot be written" in err
+    # a folder where ood.html goes: refused before the work, nothing written (until 2026-12-05 refused after the
+    # scoring, naming a temporary file, with a fresh ood.json left beside it)
+    (tmp_path / "html" / "ood.html").mkdir(parents=True)
+    rc, _, err = run_command(capsys, *base, "--out", tmp_path / "html")
+    assert rc == 2 and err == f"error: {tmp_path / 'html' / 'ood.html'} is a folder, so the output cannot be " \
+                              "written there; give another --out.\n"
+    assert sorted(p.name for p in (tmp_path / "html").iterdir()) == ["ood.html"]
     # an output folder that cannot be written: refused before any extraction (before: after all of it)
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(str(bundle_copy))
@@ -559,9 +566,19 @@ def test_ontology_inputs(bundle_copy, image_sets, capsys, tmp_path, tiny_crossmo
     (tmp_path / "ontology.json").write_text("{}")
     rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--dataset", f"imagefolder:{kingdoms}",
                              "--top", 8, "--out", tmp_path, "--no-cache")
-    assert rc == 2 and err.strip().endswith("error: no clustering could be scored: fewer than 3 units were placed in "
-                                            "any view from 8 images; use more images (--max-images) or a lower "
-                                            "--top; nothing written.")
+    said = ("error: no clustering could be scored: in every view fewer than 3 units were placed, or all on one node, "
+            "from 8 images; use more images (--max-images) or a lower --top; nothing written.")
+    assert rc == 2 and err.strip().endswith(said)
+    assert (tmp_path / "ontology.json").read_text() == "{}"
+    # eight images of one species: every unit is placed, all on that leaf, so no distance ranks them; the
+    # sentence said "fewer than 3 units were placed" until 2026-12-05
+    one = tmp_path / "one" / "00000_K_P_C_O_F_G_s"
+    one.mkdir(parents=True)
+    for j in range(8):
+        shutil.copy(image_sets / "id" / f"{j:04d}.png", one)
+    rc, _, err = run_command(capsys, "ontology", "--bundle", bundle_copy, "--dataset", f"imagefolder:{one.parent}",
+                             "--top", 8, "--out", tmp_path, "--no-cache", "--json")
+    assert rc == 2 and err.strip().endswith(said)
     assert (tmp_path / "ontology.json").read_text() == "{}"
     assert not (bundle_copy / "probes" / ".features").exists()
     for cmd in ("ood", "ontology", "probes"):
