@@ -3,9 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup test bench demo clean
+.PHONY: setup dev test bench demo clean
 
+# What the app, the precompute jobs and the benchmarks need (the Docker image installs only this).
 setup: $(STAMP)
 
 $(STAMP): requirements.txt
@@ -14,7 +16,14 @@ $(STAMP): requirements.txt
 	$(BIN)/pip install -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+# The test suite's tools on top (pytest, Playwright's Python package).
+dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(BIN)/pip install -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The explorer: set-up, then `python -m app` (builds runs/demo_bundle on the first start, prints the URL).

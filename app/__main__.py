@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from sae_core.command_line import OneLineParser
@@ -30,8 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # Gradio's wait for Ctrl-C closes the server on it, and main returns
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # `docker stop` sends SIGTERM to PID 1, which has no default action there: the container was killed after
+    # 10 s (until 2026-12-05); now it stops as Ctrl-C stops it
+    signal.signal(signal.SIGTERM, _stop)
     try:
         from .server import serve
         from .settings import AppSettings

@@ -18,6 +18,10 @@ BENCHMARKS = {
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["-h"], ["--help"]):  # was "there is no benchmark '--help'", exit 2
+        print(f"{__doc__}\nNAME is one of {', '.join(BENCHMARKS)}; `python -m benchmarks NAME --help` gives its "
+              "options, README.md (Benchmarks) what each measures.")
+        return 0
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         import difflib
 

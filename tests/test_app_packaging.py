@@ -221,3 +221,77 @@ def test_every_readme_command_parses():
             pytest.fail(f"the README's command does not parse: {line.strip()}")
         checked.append(line)
     assert len(checked) >= 30 and any("python -m app" in c for c in checked)
+
+
+def test_the_space_entry_serves_on_gradios_port_and_stops_on_sigterm(tiny_bundle, tmp_path):
+    """`space.py` set SAE_APP_PORT=7860 over the GRADIO_SERVER_PORT a host gives (it served on 7860 when told
+    7999), and `docker stop`'s SIGTERM did not stop the app as PID 1 (killed after 10 s): it serves on Gradio's
+    port, and SIGTERM closes the server and exits 0 (before: died by the signal, rc -15, with no cleanup)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAE_APP_", "GRADIO_SERVER_"))}
+    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", SAE_APP_BUNDLE=str(tiny_bundle),
+               SAE_APP_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "space.py")], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        while not any("[app] serving" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "the app exited before serving:\n" + "".join(lines)
+            lines.append(line)
+        assert lines[-1].strip().endswith(f"at http://localhost:{port}"), lines[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            assert r.status == 200
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "closing server" in rest, (proc.returncode, rest)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_requirements_list_every_package_our_code_imports_and_no_test_tool():
+    """Every third-party module imported by the app, the precompute jobs and the benchmarks (read from their
+    source, mapped to its distribution by the installed metadata) is in requirements.txt, which the image and a
+    Space install; the tests' tools are in requirements-dev.txt only. Until 2026-12-05 pandas, huggingface_hub and
+    httpx came only through other packages' dependencies, and the image carried pytest and Playwright."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    def names(path):
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        return {re.split(r"[<>=!~\[; ]", line)[0].lower().replace("_", "-") for line in lines if line}
+
+    # imported only where a user asks for them, each with its own one-sentence error or venv
+    optional = {"wandb": "train --wandb", "sae_lens": "benchmarks' own venv", "dictionary_learning": "benchmarks' own venv"}
+    dists = packages_distributions()
+    wanted = {}
+    for folder in ("app", "sae_core", "precompute", "benchmarks"):
+        for f in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                for m in (m.split(".")[0] for m in mods):
+                    if m not in sys.stdlib_module_names and m not in ("app", "sae_core", "precompute", "benchmarks") \
+                            and m not in optional:
+                        wanted.setdefault(dists[m][0].lower().replace("_", "-"), f.relative_to(REPO))
+    runtime, dev = names(REPO / "requirements.txt"), names(REPO / "requirements-dev.txt")
+    assert {"torch", "numpy", "gradio", "pillow", "open-clip-torch"} <= set(wanted)  # the scan reads imports
+    assert {d: str(f) for d, f in wanted.items() if d not in runtime} == {}
+    assert {"pytest", "playwright"} <= dev and not {"pytest", "playwright"} & runtime
+    # what requirements.txt lists beyond the imports, each for a reason its comment gives
+    assert runtime - set(wanted) <= {"torchvision", "accelerate"}

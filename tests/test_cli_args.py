@@ -236,6 +236,14 @@ def test_benchmarks_refuse_in_one_line(tmp_path, monkeypatch, capsys):
         assert benchmarks_main() == 2
         err = capsys.readouterr().err
         assert err.startswith(said) and err.count("\n") == 1, err
+    # --help lists the benchmarks (it was taken for a benchmark's name until 2026-12-05: exit 2)
+    from benchmarks.__main__ import BENCHMARKS
+
+    for flag in ("-h", "--help"):
+        monkeypatch.setattr(sys, "argv", ["benchmarks", flag])
+        assert benchmarks_main() == 0
+        out = capsys.readouterr().out
+        assert f"NAME is one of {', '.join(BENCHMARKS)};" in out
 
 
 def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
