@@ -1,5 +1,10 @@
 """argparse as every command line here uses it (precompute, app, benchmarks): refusals in one line, defaults in --help."""
 import argparse
+import re
+import sys
+
+
+NEGATIVE_NUMBER_LIST = re.compile(r"^-\.?\d[\w.+\-]*(,[\w.+\-]*)+$")  # "-5,3", "-0.5,2e-3,inf"; "-5" argparse reads
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -22,6 +27,18 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpWithDefaults)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse takes "-5,3" for an option (only a lone negative number passes as a value): `steer --value -5,3`
+        # was refused until 2026-12-05, and learned deltas usually start negative; glued to its option it is a value
+        args, glued = list(sys.argv[1:] if args is None else args), []
+        for a in args:
+            action = self._option_string_actions.get(glued[-1]) if glued else None
+            if action is not None and action.nargs is None and NEGATIVE_NUMBER_LIST.match(a):
+                glued[-1] = f"{glued[-1]}={a}"
+            else:
+                glued.append(a)
+        return super().parse_known_args(glued, namespace)
 
     def error(self, message):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the options).\n")

@@ -88,6 +88,14 @@ def test_options_may_be_abbreviated_and_values_may_look_like_options():
     args = parse(["steer", "--bundle", "b", "--image", "3", "--prompt=--what is it"])
     assert args.prompt == "--what is it"
     assert parse(["inspect", "--", "--odd-folder"]).path == "--odd-folder"  # after --, positional
+    # a comma list starting with a negative number is a value, as "-5" alone is (argparse took "-5,3" for an
+    # option until 2026-12-05: "expected one argument", where learned deltas usually start negative)
+    for value in ("-5", "-5,3", "-0.5,2e-3", "-.5,-1", "3,-5"):
+        args = parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--value", value, "--mode", "add"])
+        assert (args.value, args.mode) == (value, "add")
+    assert parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--strength", "-2,1"]).strength == "-2,1"
+    with pytest.raises(SystemExit):  # a flag takes no value: the list stays an unknown option
+        parse(["inspect", "b", "--json", "-5,3"])
 
 
 def test_export_takes_the_sae_as_atlas_and_steer_do(tmp_path, capsys):
