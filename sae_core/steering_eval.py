@@ -499,6 +499,8 @@ def learn_deltas(session, data: WorldEvalData, stats: ConceptStats, rows: np.nda
     for t in targets or concepts:
         t = str(t)
         sel = np.flatnonzero(data.labels(factor)[rows] != t)
+        # no image to learn from: the starting table, its loss null (a batch of none was a reshape error)
+        steps_t = steps if len(sel) else 0
         ti = concepts.index(t)
         log_alpha = torch.tensor(float(np.log(alpha0)), requires_grad=True)
         bias = torch.zeros(len(C), requires_grad=True)
@@ -509,7 +511,7 @@ def learn_deltas(session, data: WorldEvalData, stats: ConceptStats, rows: np.nda
         opt = torch.optim.Adam(params, lr=lr)
         target_id = word_id(session, t)
         first = last = None
-        for step in range(steps):
+        for step in range(steps_t):
             b = sel if not batch or batch >= len(sel) else \
                 sel[torch.randperm(len(sel), generator=gen)[:batch].numpy()]
             with torch.enable_grad():
@@ -589,7 +591,10 @@ def summarise(per: dict) -> dict:
 
 def _tune_score(per: dict) -> float:
     """Mean success + kept over the concepts where kept is defined (where it is not, it is so for every option:
-    it depends on the images and the original model only)."""
+    it depends on the images and the original model only); mean success where it is defined for none, so families
+    still rank (until 2026-12-05 every score was NaN then, and the headline was the first family)."""
+    if not any(math.isfinite(_kept(v)) for v in per.values()):
+        return _mean_defined(v["success"] for v in per.values())
     return _mean_defined(v["success"] + _kept(v) for v in per.values())
 
 
@@ -657,6 +662,8 @@ def _learned_family(session, data: WorldEvalData, stats: ConceptStats, tune_imag
     for c in stats.means:
         scored.update(_target_rows(labels, data.tune, c, tune_images).tolist())
     rows = np.array([j for j in data.tune if j not in scored], dtype=np.int64)
+    if not len(rows):
+        return None
 
     def learn():
         learned = learn_deltas(session, data, stats, rows=rows, steps=steps, lam=lam)
@@ -732,14 +739,22 @@ def evaluate_world(session, world_dir, n_images: int = 600, alphas=(1.0, 1.5, 2.
                 f"(min {chosen[fam]['summary']['success_min']:.2f}) kept {kept_text(chosen[fam]['summary']['collateral_kept'])}")
             if fam == "strongest_neuron":
                 chosen_neurons.update({(factor, c): (st, float(stats.max_act[st.latent])) for c, st in pick.items()})
+        skipped = None
         if factor in learn_factors and learn_steps > 0 and len(stats.latents):
-            chosen["learned"] = _learned_family(session, data, stats, tune_images, max_images, learn_steps, learn_lambda,
-                                                unit)
-            s_ = chosen["learned"]["summary"]
-            log(f"  {factor} {'learned':17s} test success {s_['success_rate']:.2f} (min {s_['success_min']:.2f}) "
-                f"kept {kept_text(s_['collateral_kept'])} ({chosen['learned']['seconds']:.0f} s)")
+            learned = _learned_family(session, data, stats, tune_images, max_images, learn_steps, learn_lambda, unit)
+            if learned is None:  # a small run: the options' tune images are the whole tune half (a traceback until
+                # 2026-12-05, after every other figure had been computed)
+                skipped = (f"no tune image is left to learn on: the first {tune_images} non-target images of each "
+                           f"{factor} score the options; raise --images or lower --tune-per-concept")
+                log(f"  {factor} {'learned':17s} skipped: {skipped}")
+            else:
+                chosen["learned"] = learned
+                s_ = learned["summary"]
+                log(f"  {factor} {'learned':17s} test success {s_['success_rate']:.2f} (min {s_['success_min']:.2f}) "
+                    f"kept {kept_text(s_['collateral_kept'])} ({learned['seconds']:.0f} s)")
         out["factors"][factor] = {"factor_latents": [int(k) for k in stats.latents], "sweep": sweep, "chosen": chosen,
-                                  "candidates": {c: v for c, v in stats.candidates.items()}}
+                                  "candidates": {c: v for c, v in stats.candidates.items()},
+                                  **({"learned_skipped": skipped} if skipped else {})}
     # the headline: for colour, the family (not the oracle) with the best tune score
     col = out["factors"].get("colour")
     if col:

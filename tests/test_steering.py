@@ -499,6 +499,13 @@ def test_learned_deltas_steer_held_out_images(session):
 
     data = load_world_eval(session, session.bundle.manifest["world"], n_images=300)
     stats = concept_stats(data, "colour")
+    # a target with no image to learn from (every row is of that colour) keeps its starting table, alpha0 x (its
+    # mean code - each source's), with a null loss: a batch of none was a reshape error until 2026-12-05
+    reds = data.tune[data.labels("colour")[data.tune] == "red"]
+    few = learn_deltas(session, data, stats, rows=reds, targets=["red"], steps=2, alpha0=2.0)
+    mu = np.stack([stats.means[c] for c in few.concepts])
+    np.testing.assert_allclose(few.deltas["red"], 2.0 * (stats.means["red"] - mu), rtol=1e-5, atol=1e-6)
+    assert few.info["loss"]["red"] is None
     targets = ["red", "blue", "green", "yellow", "white"]
     stats.learned = learn_deltas(session, data, stats, targets=targets, steps=20, batch=64, alpha0=2.0)
     assert set(stats.learned.deltas) == set(targets) and stats.learned.info["n_rows"] == len(data.tune)
@@ -880,6 +887,29 @@ def test_steer_eval_learned_out_without_colour_latents_keeps_the_figures(tiny_bu
     assert not learned.exists()
 
 
+def test_a_small_steer_eval_skips_learning_and_ranks_families_without_a_kept(tiny_bundle, tmp_path, capsys):
+    """With --images 40 the options' tune images (the first --tune-per-concept 48 non-target images of each colour)
+    are the whole tune half: learning had no image and the run ended in a traceback after every other figure
+    (README's own `--images 40` run). It is skipped with one line and `learned_skipped`. And where collateral kept
+    is undefined for every concept (--tune-per-concept 1), every family's tune score was null and the headline
+    was simply the first family: the tune score is the mean tune success then, and the headline its best."""
+    from precompute.__main__ import main
+
+    base = ["steer-eval", "--bundle", str(tiny_bundle), "--images", "40", "--per-concept", "1", "--alphas", "2",
+            "--factors", "colour", "--device", "cpu"]
+    assert main([*base, "--learn-steps", "2", "--out", str(tmp_path / "a.json")]) == 0
+    said = "skipped: no tune image is left to learn on: the first 48 non-target images of each colour score the options"
+    assert said in capsys.readouterr().err  # with the other progress lines
+    colour = json.loads((tmp_path / "a.json").read_text())["factors"]["colour"]
+    assert "learned" not in colour["chosen"] and colour["learned_skipped"].startswith("no tune image is left")
+    assert main([*base, "--tune-per-concept", "1", "--learn-steps", "0", "--out", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    chosen = res["factors"]["colour"]["chosen"]
+    scores = {f: chosen[f]["tune_score"] for f in ("best_neuron", "best_profile", "best_swap")}
+    assert all(v is not None for v in scores.values()), scores
+    assert res["headline"]["family"] == max(scores, key=scores.get)
+
+
 def test_steer_eval_killed_resumes_to_the_figures_of_an_uninterrupted_run(tiny_bundle, tmp_path, monkeypatch, capsys):
     """steer-eval --out keeps each finished run of LLaVA over a set of images in OUT.partial; killed in the
     middle (here at its 12th such run) and started again, it runs only what is missing and writes the JSON an
@@ -1046,3 +1076,6 @@ def test_collateral_kept_is_undefined_where_the_original_model_never_named_the_o
                "strong": {"red": {"success": 0.75, "collateral_kept": None}, "blue": {"success": 0.25, "collateral_kept": 0.5}}}
     pick, score = E.choose(results, [("weak", lambda c: f"weak {c}"), ("strong", lambda c: f"strong {c}")])
     assert pick == {"red": "strong red", "blue": "weak blue"} and score == 1.0
+    # kept undefined for every concept: the tune score is the mean success (NaN until 2026-12-05, for every family)
+    none_kept = {"red": {"success": 0.75, "collateral_kept": None}, "blue": {"success": 0.25, "collateral_kept": math.nan}}
+    assert E._tune_score(none_kept) == 0.5
