@@ -325,6 +325,11 @@ class SteerResult:
 ORIGINAL = "original"  # a row of answer_batch that bypasses the SAE
 
 
+def is_original(clamp) -> bool:
+    """Whether `clamp` is ORIGINAL: by value, as a string read from JSON or built is not the same object."""
+    return isinstance(clamp, str) and clamp == ORIGINAL
+
+
 def read_image_file(image):
     """An image file as an RGB PIL image, upright by its EXIF orientation as the explorer's uploads are (a phone
     photo's pixels are often stored sideways); UserError (one sentence) for an empty name, a missing file or no image."""
@@ -514,7 +519,8 @@ class SteeringSession:
         """A Clamp from user-facing arguments; patches are patch indices (row-major, CLS excluded)."""
         if isinstance(latents, str):  # list("12") steered latents 1 and 2
             raise UserError(f"latents {latents!r} is text; give a latent id or a list of them, e.g. [12].")
-        latents = [latents] if isinstance(latents, (int, np.integer)) else list(latents)
+        # one id given bare, whatever it is, so checked_latent names it (list(2.5) was "'float' object is not iterable")
+        latents = list(latents) if hasattr(latents, "__iter__") else [latents]
         values = [values] if isinstance(values, (int, float, np.floating, np.integer)) else values
         ids = [self.check_latent(k) for k in latents]
         refuse_latents_twice(ids)
@@ -572,9 +578,12 @@ class SteeringSession:
         UserError for a clamp whose row overflowed (`_check_finite`)."""
         rows = []
         for hi, c in zip(h, clamps):
-            if c is ORIGINAL:
+            if is_original(c):
                 rows.append(hi)
                 continue
+            if c is not None and not isinstance(c, Clamp):  # was "'str' object has no attribute 'empty'"
+                raise UserError(f"clamp {c!r} is neither a Clamp nor {ORIGINAL!r} (the model without the SAE); give "
+                                "Clamp(latents, values) or session.make_clamp(...), or None for the SAE unclamped.")
             row = _check_finite(steer_hidden(hi, self.sae, c), c)
             # the language model's norms square each token of its input in float32: past float32's range that
             # is inf, the norm's output 0, and the image reads as blank, every module's output still finite (the
@@ -657,7 +666,7 @@ class SteeringSession:
         self.check_answer_length(inputs["input_ids"].shape[1], max_new_tokens)
         kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                   pad_token_id=self.pad_id)
-        if clamp is ORIGINAL:
+        if is_original(clamp):
             out = self.llava.generate(**inputs, **kw)
         else:
             with intervene(self.block, self.sae, clamp):

@@ -1014,6 +1014,23 @@ def test_the_librarys_latents_patches_and_top_are_checked_as_the_command_checks_
     with pytest.raises(UserError, match=r"latents '12' is text; give a latent id or a list of them"):
         session.answers(0, latents="12", values=5.0, max_new_tokens=1)
     assert session.make_clamp(12, 5.0).latents == (12,)
+    # a bare id that is not a whole number is named as a listed one is (TypeError "not iterable" until 2026-12-05)
+    for bad in (2.5, None):
+        with pytest.raises(UserError, match=rf"^latent id {bad} is not an integer"):
+            session.make_clamp(bad, 5.0)
+    # "original" by value (one read from JSON is another object than ORIGINAL: an AttributeError until 2026-12-05),
+    # anything else that is not a Clamp in one sentence; None is the SAE unclamped
+    import json as json_module
+
+    image = session.bundle.dataset()[0]
+    from_json = json_module.loads('"original"')
+    assert from_json is not ORIGINAL
+    h, _ = session.hidden([image])
+    assert torch.equal(session.features(h, [from_json])[0], h[0])
+    assert torch.equal(session.features(h, [None])[0], session.features(h, [Clamp()])[0])
+    for bad in ("orig", 3, {"latents": [3]}):
+        with pytest.raises(UserError, match=r"is neither a Clamp nor 'original' \(the model without the SAE\)"):
+            session.answer_batch([image], [bad], max_new_tokens=1)
     rows, cols = session.layout.grid
     for bad, said in ((2.5, "patch id 2.5 is not an integer"), ("x", "patch id 'x' is not an integer"),
                       (rows * cols, f"patch {rows * cols} does not exist; the image has patches 0 to "
