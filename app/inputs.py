@@ -128,7 +128,7 @@ def link_flag(value, what: str) -> bool:
 def text(value, what: str, limit: int) -> str:
     s = "" if value is None else str(value).strip()
     if len(s) > limit:
-        raise UserError(f"the {what} is {len(s)} characters long; keep it under {limit}.")
+        raise UserError(f"the {what} is {len(s)} characters long; keep it to {limit} at most.")
     return s
 
 

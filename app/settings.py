@@ -25,7 +25,7 @@ ENV_VARS = {
     "SAE_APP_PORT": "port (default 7860)",
     "SAE_APP_CACHE": "folder for generated images and Gradio's file cache (default: a temp folder)",
     "SAE_APP_MAX_UPLOAD_MB": "largest upload in MiB (default 10)",
-    "SAE_APP_MAX_UPLOAD_MEGAPIXELS": "largest upload in megapixels (default 16.8)",
+    "SAE_APP_MAX_UPLOAD_MEGAPIXELS": "largest upload in megapixels (default 16.777216 = 4096 x 4096 pixels)",
     "SAE_APP_SESSIONS": "browser and API sessions Gradio keeps in memory, oldest dropped first (default 500)",
     "SAE_APP_CACHE_HOURS": "uploads and generated files unused this long are deleted from the cache, checked "
                            "every 10 minutes (default 24; 0 keeps them)",

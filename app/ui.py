@@ -414,7 +414,8 @@ class SteerTab:
                     latents.append(k)
                     strengths.append(valid(lambda: slider_strength(v), 4.0))
             return state_query(image, latents, strengths, valid(lambda: ",".join(map(str, patch_list(patches))), ""),
-                               keep_error, valid(lambda: inputs.text(question, "question", inputs.MAX_QUESTION_CHARS)),
+                               valid(lambda: inputs.yes_no(keep_error, "keep_error"), False),
+                               valid(lambda: inputs.text(question, "question", inputs.MAX_QUESTION_CHARS)),
                                valid(lambda: inputs.yes_no(sweep, "sweep")),
                                valid(lambda: answer_tokens(max_new_tokens)))
 
@@ -563,7 +564,9 @@ class SteerTab:
                          f"top images): steered {fmt(sc.get('steered'))} vs original {fmt(sc.get('original'))}")
             if out["notes"]:
                 score += "\n\n" + "; ".join(out["notes"]) + "."
-            q = state_query(where["image"], out["clamp"]["latents"], out["strengths"], patches, keep_error, question,
+            # keep_error as the steering read it: bool("false") wrote keep_error=1 for a script's "false" (until 2026-12-05)
+            q = state_query(where["image"], out["clamp"]["latents"], out["strengths"], patches,
+                            out["clamp"]["keep_error"], question,
                             inputs.yes_no(sweep, "sweep"), answer_tokens(max_new_tokens))
             return out["original"], out["sae"], out["steered"], out["sweep"], score, out, q
 

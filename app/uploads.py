@@ -17,7 +17,7 @@ _READ_AS = {"MPO": "JPEG"}  # what PIL calls a JPEG with more pictures in it (ph
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Bounds on one upload. Defaults: 10 MiB and 16.7 megapixels (4096 x 4096)."""
+    """Bounds on one upload. Defaults: 10 MiB and 16.78 megapixels (4096 x 4096 pixels)."""
 
     max_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
@@ -84,8 +84,10 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
                                 f"{', '.join(IMAGE_FORMATS)}.")
             w, h = im.size
             if w < 1 or h < 1 or w * h > limits.max_pixels:
-                raise UserError(f"the image is {w} x {h} = {w * h / 1e6:.1f} megapixels, above the limit of "
-                                f"{limits.max_pixels / 1e6:.1f}; downscale it before uploading.")
+                # whole pixels: 4097 x 4096 read "16.8 megapixels, above the limit of 16.8" (until 2026-12-05)
+                raise UserError(f"the image is {w:,} x {h:,} = {w * h:,} pixels, above the limit of "
+                                f"{limits.max_pixels:,} ({limits.max_pixels / 1e6:.2f} megapixels); downscale it "
+                                "before uploading.")
             try:
                 im.seek(0)  # first frame of an animation
                 im.load()

@@ -222,6 +222,7 @@ def test_steer_sweep_state_and_bounds(client, explorer_app):
     plain = client.predict(image_index=2, upload=None, latent_1=k, keep_error=False, sweep=False,
                            max_new_tokens=2, api_name="/steer")
     assert said[5]["clamp"]["keep_error"] is False and said[:3] == plain[:3] and said[3] == plain[3]
+    assert said[6] == plain[6] and "keep_error=0" in said[6]  # its link said keep_error=1 until 2026-12-05
     assert client.predict(image_index=2, upload=None, latent_1=k, keep_error="true", sweep=False, max_new_tokens=2,
                           api_name="/steer")[5]["clamp"]["keep_error"] is True
     for field, value in (("keep_error", "maybe"), ("sweep", "x")):

@@ -30,9 +30,10 @@ def test_dockerfile_uses_the_readme_commands_as_a_non_root_user():
 
     assert set(env) == set(ENV_VARS)  # every setting the app reads, to override with docker run -e
     limits = UploadLimits()
-    # the app's own defaults (4096 x 4096 pixels written 16.8 megapixels, as the README and --help do)
+    # the app's own defaults, to the pixel (16.8 allowed 16,800,000 pixels in the image, 4096 x 4096 = 16,777,216
+    # elsewhere, until 2026-12-05)
     assert float(env["SAE_APP_MAX_UPLOAD_MB"]) == limits.max_bytes / 2**20
-    assert float(env["SAE_APP_MAX_UPLOAD_MEGAPIXELS"]) == round(limits.max_pixels / 1e6, 1)
+    assert int(float(env["SAE_APP_MAX_UPLOAD_MEGAPIXELS"]) * 1e6) == limits.max_pixels  # as UploadLimits.from_env reads it
     workdir = [v for k, v in steps if k == "WORKDIR"][-1]
     runs = [v for k, v in steps if k == "RUN"]
     build = [r for r in runs if "precompute demo" in r]

@@ -91,8 +91,15 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
     # within PIL's own limit but above ours: refused by our pixel limit with the size in the message
     big = tmp_path / "big.png"
     png_header_only(big, 5000, 4000)
-    with pytest.raises(UserError, match="5000 x 4000"):
+    with pytest.raises(UserError, match="5,000 x 4,000"):
         load_upload(big)
+    # one pixel column past the default 4096 x 4096, in whole pixels: it read "16.8 megapixels, above the limit of
+    # 16.8" until 2026-12-05; 4096 x 4096 itself passes the header check
+    png_header_only(big, 4097, 4096)
+    with pytest.raises(UserError) as e:
+        load_upload(big)
+    assert str(e.value) == ("the image is 4,097 x 4,096 = 16,781,312 pixels, above the limit of 16,777,216 (16.78 "
+                            "megapixels); downscale it before uploading.")
 
 
 def test_byte_limit_non_images_and_corrupt_files(tmp_path):
