@@ -570,6 +570,11 @@ class Bundle:
             if self.has(name) and self.array(name).dtype.kind not in "biuf":
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy holds {self.array(name).dtype} values, not "
                                 "numbers; rebuild the bundle.")
+        if self.has("raw/ms"):  # the Overview's MS distribution draws it beside the SAE's (unchecked until 2026-12-05)
+            raw = self.array("raw/ms")
+            if raw.ndim != 1 or raw.dtype.kind not in "biuf":
+                raise UserError(f"bundle {self.root}: {RAW_MS} holds {raw.dtype} values of shape {raw.shape}, not one "
+                                "number per raw unit of the layer; rebuild the bundle.")
         if self.has(EMBEDDINGS):  # search results are row numbers, read as image ids
             shape = self.array(EMBEDDINGS).shape
             if len(shape) != 2 or shape[0] != self.n_images:

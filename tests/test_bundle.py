@@ -167,6 +167,14 @@ def test_validate_catches_shape_mismatch(tmp_path):
     B.write_array(tmp_path, "neurons/ms.npy", np.zeros((6, 2), np.float32))  # passed: its median was printed
     with pytest.raises(UserError, match=r"ms.npy has shape \(6, 2\), not one value per neuron \(6,\)"):
         B.open_bundle(tmp_path).validate()
+    # the raw units' MS (any count: the layer's width) is one number each, as the Overview draws it
+    B.write_array(tmp_path, "neurons/ms.npy", np.zeros(6, np.float32))
+    B.write_array(tmp_path, B.RAW_MS, np.zeros(4, np.float32))
+    B.open_bundle(tmp_path).validate()
+    for bad in (np.zeros((4, 2), np.float32), np.array(["a"] * 4)):
+        B.write_array(tmp_path, B.RAW_MS, bad)
+        with pytest.raises(UserError, match=rf"raw/ms.npy holds {bad.dtype} values of shape \({bad.shape[0]},"):
+            B.open_bundle(tmp_path).validate()
 
 
 def test_damaged_manifest_sections_and_arrays_are_refused_in_one_sentence(tmp_path):
