@@ -7,7 +7,7 @@ demo image fires 69 of its 512 latents, 13%; by its CLS token 28, 5%). Baseline:
 int64 counts while they fit 256 MiB (so at K 16,384 the 4,096 x 8,192 pair is counted sparse), sparse
 counts for the rest however many pairs they hold. Now: int32 counts (all four pairs dense at K 16,384
 in 172 MiB), a sparse count that turns dense once it outweighs the matrix, and rows gathered (1,024)
-for one 0/1 matrix product once their pairs number a tenth of the matrix. Both must pick the same
+for one 0/1 matrix product once their pairs number a tenth of the matrix per 256 rows (4/10 at 1,024). Both must pick the same
 parents (checked).
 """
 from __future__ import annotations

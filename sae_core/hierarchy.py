@@ -46,7 +46,7 @@ Memory of the co-activation counter
     n_g x n_{g+1} counts (int64 once 2^31 rows are passed) when that fits in `dense_budget_bytes`
     (default 256 MiB, spent level pair by level pair from the coarsest: all four pairs of K 16,384,
     the first two of K 65,536); rows wait until 1,024 have gathered and go in as one 0/1 matrix
-    product when their pairs number at least a tenth of the matrix (pooled by the max over patches,
+    product when their pairs number at least a tenth of the matrix per 256 rows (4/10 at 1,024; pooled by the max over patches,
     a demo image fires 69 of its 512 latents), else by listing them. Otherwise a sparse count of the
     pairs that were actually seen (16 bytes a distinct pair, plus a merge buffer of 8 bytes a pair
     seen since the last merge: at most max(4 M, half the distinct pairs)), which becomes the dense
@@ -67,7 +67,8 @@ DENSE_BUDGET_BYTES = 256 * 2 ** 20
 TREE_LINKAGE = "coactivation (decoder cosine where a latent never co-fired with the level above)"
 _SPARSE_FLUSH = 4_000_000
 _PAIRS_PER_OUTPUT = 10
-"""Pending rows' pairs are counted by a dense product once they number at least a tenth of the matrix."""
+"""Pending rows' pairs are counted by a dense product once they number at least a tenth of the matrix per 256 rows
+(the product's cost grows with the rows past a few hundred)."""
 _SPARSE_PAIR_BYTES = 16
 """A sparse count keeps 16 bytes a distinct pair: past a quarter of the pairs, the int32 matrix is smaller."""
 _PRODUCT_ROWS = 1024
