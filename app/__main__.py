@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the steering LLaVA's precision (default: $SAE_APP_PRECISION or auto: 4-bit for hub models on "
                         "CUDA, fp32 otherwise)")
     p.add_argument("--load-4bit", action="store_true", default=None, help="= --precision 4bit (CUDA)")
+    p.add_argument("--llava", help="the LLaVA to steer: a save_pretrained folder or hub id (default: $SAE_APP_LLAVA or "
+                                   "the bundle's own: its world's tiny LLaVA, llava-hf/llava-1.5-7b-hf for a CLIP bundle)")
     return p.parse_args(argv)
 
 
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         from .settings import AppSettings
 
         settings = AppSettings.from_env(bundle=args.bundle, host=args.host, port=args.port, device=args.device,
-                                        precision=args.precision, load_4bit=args.load_4bit)
+                                        precision=args.precision, load_4bit=args.load_4bit, llava=args.llava)
         serve(settings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

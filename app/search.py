@@ -63,6 +63,40 @@ class BundleEmbedder:
         return adapter.embed(adapter.preprocess(pils), normalize=True).cpu().numpy().astype(np.float32)
 
 
+class BundleCoder:
+    """The bundle's own model at its layer and its SAE, loaded on first use: which latents fire on an image, as the
+    atlas read the dataset's. The Neurons page's search by image used the steering session until 2026-12-05, so
+    on a bundle of a CLIP it loaded (or failed to load) LLaVA-1.5-7b for a question the bundle's model answers."""
+
+    def __init__(self, explorer: Explorer, embedder: BundleEmbedder | None = None):
+        self.ex = explorer
+        self.spec = explorer.bundle.local_spec(explorer.bundle.manifest["model"]["spec"])
+        self.embedder = embedder if embedder is not None and embedder.spec == self.spec else None  # one copy
+        self._lock = threading.Lock()
+        self._loaded = None
+
+    def _load(self):
+        with self._lock:
+            if self._loaded is None:
+                from sae_core.adapters import load_adapter
+
+                adapter = self.embedder._loaded() if self.embedder else load_adapter(self.spec, device="cpu")
+                layer = adapter.resolve_layer(str(self.ex.bundle.manifest["model"]["layer"]))
+                self._loaded = adapter, layer, self.ex.bundle.load_sae(device="cpu")
+            return self._loaded
+
+    def latents(self, pil, top: int) -> dict:
+        """sae_core.steering.latents_firing of a PIL RGB image under the bundle's model and SAE."""
+        import torch
+
+        from sae_core.steering import latents_firing
+
+        adapter, layer, sae = self._load()
+        with torch.inference_mode():
+            h = adapter.capture(adapter.preprocess([pil]), [layer])[layer.name][0].float()
+            return latents_firing(sae.encode(h).cpu(), adapter.layout, top, self.ex.bundle.labels["labels"])
+
+
 class NeuronSearch:
     """A FAISS index over the K neuron directions m_k = normalised mean of the unit embeddings of neuron
     k's top images (the bundle's images/embeddings.npy), queried with the text tower of the bundle's

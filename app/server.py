@@ -123,7 +123,7 @@ def create_app(settings: AppSettings):
 
     from . import ui
     from .explorer import Explorer
-    from .search import BundleEmbedder, ImageSearch, NeuronSearch
+    from .search import BundleCoder, BundleEmbedder, ImageSearch, NeuronSearch
     from .steer import SteerService
 
     bundle = open_bundle(settings.bundle)
@@ -132,10 +132,10 @@ def create_app(settings: AppSettings):
     bundle.validate()
     explorer = Explorer(bundle, settings.cache)
     _sweep_cache_in_background(settings)
-    steer = None if explorer.steer_off_reason() else SteerService(explorer, device=settings.steering_device(),
-                                                                   precision=settings.steering_precision,
-                                                                   limits=settings.limits)
-    embedder = BundleEmbedder.for_bundle(explorer)  # one copy of the embedder for both searches
+    embedder = BundleEmbedder.for_bundle(explorer)  # one copy of the embedder for both searches (and the coder's)
+    steer = None if explorer.steer_off_reason() else SteerService(
+        explorer, device=settings.steering_device(), precision=settings.steering_precision, limits=settings.limits,
+        llava=settings.llava, coder=BundleCoder(explorer, embedder))
     demo = ui.build(explorer, steer=steer, searcher=NeuronSearch.for_bundle(explorer, embedder),
                     image_search=ImageSearch.for_bundle(explorer, embedder, settings.limits))
     demo.queue(default_concurrency_limit=NEURON_CONCURRENCY, max_size=256)

@@ -21,6 +21,8 @@ ENV_VARS = {
     "SAE_APP_PRECISION": "the steering LLaVA's precision: auto | fp32 | bf16 | fp16 | 4bit (default auto: 4-bit "
                          "for hub models on CUDA, fp32 otherwise; fp16 and 4bit need CUDA)",
     "SAE_APP_LOAD_4BIT": "1 is SAE_APP_PRECISION=4bit (bitsandbytes, CUDA only)",
+    "SAE_APP_LLAVA": "the LLaVA the Steer page steers: a folder written by save_pretrained or a hub id (default: the "
+                     "bundle's own, its world's tiny LLaVA, or llava-hf/llava-1.5-7b-hf for a CLIP bundle)",
     "SAE_APP_HOST": "address to listen on (default 127.0.0.1; 0.0.0.0 in Docker and on Spaces)",
     "SAE_APP_PORT": "port (default 7860)",
     "SAE_APP_CACHE": "folder for generated images and Gradio's file cache (default: a temp folder)",
@@ -72,6 +74,7 @@ class AppSettings:
     device: str = "auto"
     precision: str = "auto"
     load_4bit: bool = False
+    llava: str | None = None
     host: str = "127.0.0.1"
     port: int = 7860
     cache: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "sae_app")
@@ -95,6 +98,7 @@ class AppSettings:
             "device": env.get("SAE_APP_DEVICE", "auto"),
             "precision": env.get("SAE_APP_PRECISION", "auto").strip().lower() or "auto",
             "load_4bit": _flag("SAE_APP_LOAD_4BIT"),
+            "llava": env.get("SAE_APP_LLAVA", "").strip() or None,
             "host": env.get("SAE_APP_HOST") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
             "port": env.get("SAE_APP_PORT") or env.get("GRADIO_SERVER_PORT") or 7860,
             "cache": Path(env.get("SAE_APP_CACHE") or Path(tempfile.gettempdir()) / "sae_app"),
@@ -133,7 +137,7 @@ class AppSettings:
         limits = UploadLimits.from_env()
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
-                   host=str(values["host"]),
+                   llava=values["llava"] or None, host=str(values["host"]),
                    port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours,
                    cache_gb=cache_gb)
 

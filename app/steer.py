@@ -60,8 +60,12 @@ class SteerService:
     """
 
     def __init__(self, explorer: Explorer, device: str = "auto", precision: str = "auto",
-                 limits: UploadLimits = UploadLimits()):
+                 limits: UploadLimits = UploadLimits(), llava: str | None = None, coder=None):
+        from .search import BundleCoder
+
         self.ex = explorer
+        self.llava = llava  # None: the bundle's own (sae_core.steering.bundle_llava_spec)
+        self.coder = coder or BundleCoder(explorer)  # the Neurons page's search by image: no LLaVA needed
         self.device = device
         self.precision = precision  # as `precompute steer --precision`
         self.limits = limits
@@ -74,7 +78,8 @@ class SteerService:
         from sae_core.steering import bundle_llava_spec, other_tower_warning
 
         b = self.ex.bundle
-        return other_tower_warning(b.local_spec(b.manifest["model"].get("spec") or ""), bundle_llava_spec(b))
+        return other_tower_warning(b.local_spec(b.manifest["model"].get("spec") or ""),
+                                   self.llava or bundle_llava_spec(b))
 
     @property
     def loaded(self) -> bool:
@@ -86,16 +91,18 @@ class SteerService:
         with self._lock:
             if self._session is None:
                 from sae_core.precision import out_of_memory
-                from sae_core.steering import SteeringSession, lighter_precisions
+                from sae_core.steering import SteeringSession, bundle_llava_spec, lighter_precisions
 
                 if self._failed and time.monotonic() - self._failed[0] < RETRY_LOAD_AFTER_S:
                     raise ModelUnavailable(self._failed[1])
                 why = "the steering model cannot be loaded, so the Steer page cannot answer (the other pages work)"
                 try:
                     self._session = SteeringSession.from_bundle(self.ex.bundle, device=self.device,
-                                                                precision=self.precision)
-                except UserError as e:
-                    message = f"{why}: {e}"
+                                                                precision=self.precision, llava=self.llava)
+                except UserError as e:  # the app's own way to name another LLaVA, which the library's sentence lacks
+                    which = self.llava or bundle_llava_spec(self.ex.bundle)
+                    message = (f"{why}: {str(e).rstrip('.')} (the app loads {which}; "
+                               "--llava or SAE_APP_LLAVA names another).")
                 except (MemoryError, RuntimeError) as e:
                     said = out_of_memory(e)
                     if said is None:
@@ -158,14 +165,14 @@ class SteerService:
     def fire_on_upload(self, path, top: int = 20) -> dict:
         """Image search: which neurons fire most on an uploaded image, and where (the top one's map)."""
         pil = load_upload(path, self.limits)
-        rows, maps = self.latents(pil, top=top)
-        if not rows:
+        found = self.coder.latents(pil, top=top)
+        if not found["top"]:
             return {"table": self.ex.table(ids=[]), "picture": None, "note": "No neuron fires on this image."}
-        ids = [r[0] for r in rows]
+        ids = [k for k, *_ in found["top"]]
         table = self.ex.table(ids=ids, limit=MAX_TABLE_ROWS)
         table = table.set_index("neuron").loc[ids].reset_index()
-        table.insert(1, "act_on_image", [r[2] for r in rows])
-        top_map = maps[ids[0]]
+        table.insert(1, "act_on_image", [_num(mx) for _, mx, *_ in found["top"]])
+        top_map = found["maps"][ids[0]]
         picture = self.picture(pil, heat=top_map.reshape(-1), vmax=float(top_map.max()) or 1.0)
         return {"table": table, "picture": picture,
                 "note": f"{len(ids)} neurons fire on the image; the picture shows where neuron {ids[0]} fires."}

@@ -715,17 +715,8 @@ class SteeringSession:
         if not is_count(top):  # top=-1 sliced all but one, 2.5 was a TypeError
             raise UserError(f"top={top!r} must be a whole number of latents from 1.")
         h, _ = self.hidden([image])
-        z = self.sae.encode(h[0].float()).cpu()
-        n0 = self.layout.n_prefix
-        patches = z[n0:]
-        mx, mean = patches.max(0).values, patches.mean(0)
-        order = torch.argsort(mx, descending=True)[:top]
         labels = self.bundle.labels["labels"] if self.bundle is not None else None
-        out = [(int(k), float(mx[k]), float(mean[k]), labels[k] if labels else "") for k in order if mx[k] > 0]
-        grid = self.layout.grid
-        maps = {k: patches[:, k].reshape(grid).numpy() for k, *_ in out}
-        return {"top": out, "maps": maps, "grid": grid,
-                "cls": {k: float(z[0, k]) for k, *_ in out} if self.layout.has_cls else None}
+        return latents_firing(self.sae.encode(h[0].float()).cpu(), self.layout, top, labels)
 
     def steering_score(self, word: str, latent: int, top: int = 16) -> float:
         """The paper's score: cosine between the CLIP text embedding of `word` and the mean CLIP image
@@ -779,6 +770,19 @@ def dataset_image_index(image) -> int | None:
 def checked_dataset_image(bundle, idx) -> int:
     """`idx` as an image of the bundle's dataset; UserError (one sentence) otherwise."""
     return checked_index(idx, "image", len(bundle.dataset()), "the bundle's dataset has images")
+
+
+def latents_firing(z: torch.Tensor, layout, top: int, labels=None) -> dict:
+    """(T, K) SAE codes of one image's tokens (`layout`: the model's TokenLayout) -> the `top` latents by their max
+    over the patches: {"top": [(k, max, mean over patches, label)], "maps": {k: (rows, cols) float32}, "grid",
+    "cls": {k: CLS activation} or None}."""
+    patches = z[layout.n_prefix:]
+    mx, mean = patches.max(0).values, patches.mean(0)
+    order = torch.argsort(mx, descending=True)[:top]
+    out = [(int(k), float(mx[k]), float(mean[k]), labels[k] if labels else "") for k in order if mx[k] > 0]
+    maps = {k: patches[:, k].reshape(layout.grid).numpy() for k, *_ in out}
+    return {"top": out, "maps": maps, "grid": layout.grid,
+            "cls": {k: float(z[0, k]) for k, *_ in out} if layout.has_cls else None}
 
 
 def checked_patches(patches, n_patches: int, grid) -> list[int]:

@@ -1365,6 +1365,64 @@ def test_text_tower_loads_in_the_background_once_the_app_serves(explorer, tiny_b
         demo.close()
 
 
+def test_search_by_image_reads_the_bundles_model_without_llava(explorer, monkeypatch, tmp_path):
+    """The Neurons page's search by image used the steering session, so on a bundle of a CLIP it loaded (or, offline,
+    failed to load) LLaVA-1.5-7b, and said "the Steer page cannot answer" there (until 2026-12-05). It reads the
+    bundle's own model and SAE, with LLaVA unloadable: two references, the atlas' streaming pass (the strongest
+    gallery entry's latent gets the activation recorded there) and, this world bundle's model being its LLaVA's
+    tower, the steering session's own reading of the image (the same latents and values)."""
+    import app.steer as steer_mod
+    from sae_core.steering import SteeringSession
+
+    b = explorer.bundle
+    assert b.manifest["model"]["tokens"] == "max"  # a gallery's activation is the image's max over patches
+    top, acts = np.asarray(b.array("top_images")), np.asarray(b.array("top_acts"))
+    k0 = int(np.argmax(acts[:, 0]))
+    image = int(top[k0, 0])  # the image of the strongest gallery entry
+    path = tmp_path / "image.png"
+    b.dataset()[image].save(path)  # lossless: the pixels the atlas read
+    reference = SteeringSession.from_bundle(b, device="cpu").latents_on_image(str(path), top=10)["top"]
+
+    def offline(*a, **k):
+        raise UserError("cannot load the config of llava-hf/llava-1.5-7b-hf (OSError: no network).")
+
+    monkeypatch.setattr(SteeringSession, "from_bundle", offline)
+    found = steer_mod.SteerService(explorer).fire_on_upload(path, top=10)
+    rows = found["table"].to_dict("records")
+    assert "fire on the image" in found["note"] and found["picture"]
+    assert [r["neuron"] for r in rows] == [k for k, *_ in reference]
+    assert [r["act_on_image"] for r in rows] == pytest.approx([mx for _, mx, *_ in reference], rel=1e-3, abs=1e-3)
+    assert rows[0]["neuron"] == k0 and rows[0]["act_on_image"] == pytest.approx(float(acts[k0, 0]), rel=1e-3)
+
+
+def test_the_app_steers_the_llava_it_is_told(explorer, monkeypatch):
+    """SAE_APP_LLAVA / --llava name the LLaVA the Steer page loads (none could: an offline machine with a local
+    LLaVA-1.5 folder could not steer a CLIP bundle), and a failed load names the one it tried and how to change it."""
+    import app.steer as steer_mod
+    from app.__main__ import parse_args
+    from app.settings import AppSettings
+    from sae_core.steering import SteeringSession
+
+    seen = []
+
+    def offline(*a, **k):
+        seen.append(k.get("llava"))
+        raise UserError(f"cannot load the config of {k.get('llava')} (OSError: no such folder).")
+
+    monkeypatch.setattr(SteeringSession, "from_bundle", offline)
+    monkeypatch.setenv("SAE_APP_LLAVA", " /models/llava-1.5 ")
+    assert AppSettings.from_env().llava == "/models/llava-1.5"
+    assert AppSettings.from_env(llava=parse_args(["--llava", "/other"]).llava).llava == "/other"
+    monkeypatch.setenv("SAE_APP_LLAVA", "")
+    assert AppSettings.from_env().llava is None
+    svc = steer_mod.SteerService(explorer, device="cpu", llava="/models/llava-1.5")
+    with pytest.raises(steer_mod.ModelUnavailable) as e:
+        svc.session()
+    assert seen == ["/models/llava-1.5"]
+    assert str(e.value).endswith("cannot load the config of /models/llava-1.5 (OSError: no such folder) (the app "
+                                 "loads /models/llava-1.5; --llava or SAE_APP_LLAVA names another).")
+
+
 def test_a_failed_steering_load_is_remembered_for_a_minute(explorer, monkeypatch):
     """A LLaVA that cannot load is tried once per RETRY_LOAD_AFTER_S, not at every Steer request (a 7B model that
     ran out of memory spent its minutes, and the memory, again on each); running out of memory is one sentence
