@@ -65,7 +65,11 @@ class AtlasJob:
 
     def __post_init__(self):
         from sae_core.atlas import AtlasConfig
+        from sae_core.datasets import absolute_spec
 
+        # recorded in the manifest, so absolute: the explorer, started elsewhere, read `hf:clip` from its own folder
+        self.dataset, self.model = absolute_spec(self.dataset), absolute_spec(self.model)
+        self.embedder = self.embedder and absolute_spec(self.embedder)
         # bad numbers (--topk, --batch-size, --memory-gib, --score) fail here, before any model loads
         AtlasConfig(layer=str(self.layer), score=self.score or "max", topk=self.topk, batch_size=self.batch_size,
                     memory_gib=self.memory_gib)
@@ -338,12 +342,17 @@ def _forget_unbuilt(out: Path) -> None:
 
 def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     """build_atlas's writing half: the stages not done yet, then the manifest (the caller holds out's lock)."""
+    from sae_core.datasets import absolute_spec
+
     def dataset_size():  # opened only when there is a limit
         return len(job.opened_dataset)
 
     job.limit = covering_limit(job.limit, dataset_size)
-    # bundles built before limits were recorded this way hold a covering --limit as given
-    _check_identity(out, job.identity(), lambda old: {**old, "limit": covering_limit(old.get("limit"), dataset_size)})
+    # bundles built before limits were recorded this way hold a covering --limit as given, and before 2026-12-05 a
+    # relative path in a spec as typed (resumed from the same folder, it names what the absolute path names now)
+    _check_identity(out, job.identity(), lambda old: {
+        **old, "limit": covering_limit(old.get("limit"), dataset_size),
+        **{k: absolute_spec(old[k]) for k in ("dataset", "model", "embedder") if isinstance(old.get(k), str)}})
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
     if stage_info(out, "scan") is not None:  # a kill between the scan's mark and this removal left it for good
         scan_checkpoint_path(out).unlink(missing_ok=True)  # (until 2026-12-05: ~4 GB at the paper's size)
@@ -740,11 +749,12 @@ def _write_manifest(job: AtlasJob, sae, out: Path, world) -> dict:
     metrics.update({k: v for k, v in world_info.items() if k in WORLD_FIGURES})
     manifest = {
         "command": job.command,
-        "model": scan["model"],
+        # the job's specs (absolute paths), not a scan's of before 2026-12-05 (a relative path as typed)
+        "model": {**scan["model"], "spec": job.model},
         "layer": str(job.layer),
         "sae": {"architecture": cfg.arch, **cfg.to_dict(), "training": sae.training_info},
-        "dataset": scan["dataset"],
-        "embedder": scan["embedder"],
+        "dataset": {**scan["dataset"], "spec": job.dataset},
+        "embedder": {**scan["embedder"], "spec": job.embedder},
         "metrics": metrics,
         "stages": {s: stage_info(out, s) for s in STAGES if s != "scan"},
         "skipped": scan["skipped"],

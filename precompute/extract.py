@@ -50,6 +50,12 @@ class ExtractConfig:
     shard_mb: int = 256
     workers: int | None = None
 
+    def __post_init__(self):
+        from sae_core.datasets import absolute_spec
+
+        # recorded in the stores' manifests, so absolute: an SAE trained on them names its model from any folder
+        self.model, self.dataset = absolute_spec(self.model), absolute_spec(self.dataset)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     if hasattr(p, "_negative_number_matcher"):  # let `--layer -2,embed` parse like `--layer=-2,embed`
@@ -170,12 +176,16 @@ def _auto_shard_images(n: int, batch: int, world_size: int, shard_bytes: int, im
 def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, width: int, is_main: bool,
           world_size: int = 1) -> dict:
     """Create or check OUT/extract.json (rank 0), so a resumed run continues the same shard grid."""
+    from sae_core.datasets import absolute_spec
+
     run_file = out / RUN_FILE
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if run_file.exists():
             plan = json.loads(run_file.read_text())
             old = plan.get("identity", {})
+            # before 2026-12-05 a relative path in a spec was recorded as typed: from the same folder, it names this one
+            old = {**old, **{k: absolute_spec(old[k]) for k in ("model", "dataset") if isinstance(old.get(k), str)}}
             differs = first_difference({k: old.get(k) for k in identity}, identity)
             if differs:
                 raise UserError(f"{out} holds an extraction with other settings ({differs}); pass the same options "

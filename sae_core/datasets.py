@@ -248,6 +248,33 @@ def world_root_and_split(rest: str) -> tuple[str, str]:
     return (head, tail) if sep and tail in WORLD_SPLITS else (rest, "train")
 
 
+def absolute_spec(spec: str) -> str:
+    """A model or dataset spec (sae_core.adapters, open_dataset) as a manifest records it: the local path it names
+    made absolute when that path is relative and exists here (`hf:clip` -> `hf:/home/u/clip`), so that it names
+    the same files from any folder; hub ids, tags, `imagenet`/`inat` and paths that do not exist here as given.
+    Until 2026-12-05 a relative path was recorded as typed, and the explorer, started in another folder, read
+    another ./clip in silence, or took the path for a hub id."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("imagefolder", "files", "hf", "llava"):
+        return f"{kind}:{_absolute_path(rest)}"
+    if kind == "world":  # world:DIR[:SPLIT] and world:DIR[:clip|:llava]
+        head, sep, tail = rest.rpartition(":")
+        root, part = (head, sep + tail) if sep and tail in WORLD_SPLITS + WORLD_MODELS else (rest, "")
+        return f"world:{_absolute_path(root)}{part}"
+    if kind == "open_clip" and rest.startswith("local-dir:"):
+        return f"open_clip:local-dir:{_absolute_path(rest[len('local-dir:'):])}"
+    if kind == "open_clip" and not rest.startswith("hf-hub:"):  # NAME/PRETRAINED: a tag, or a checkpoint file
+        name, sep, pretrained = rest.partition("/")
+        if "/" in pretrained or Path(pretrained).suffix:  # a tag (openai) is taken first even where a file has its name
+            return f"open_clip:{name}{sep}{_absolute_path(pretrained)}"
+    return spec
+
+
+def _absolute_path(path: str) -> str:
+    local = Path(os.path.expandvars(os.path.expanduser(path)))
+    return str(local.resolve()) if path and not local.is_absolute() and local.exists() else path
+
+
 class WorldImages(ImageDataset):
     """The embedded world's images, rendered on demand from their index (sae_core.world)."""
 

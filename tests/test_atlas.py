@@ -1347,3 +1347,62 @@ def test_a_bundle_refuses_its_image_folder_once_its_ids_name_other_files(tiny_bu
     world[7].save(folder / "d" / "7.png")   # a class after the others: ids 0..4 still name the same files
     ds = open_bundle(tmp_path / "b").dataset()
     assert len(ds) == 6 and [ds.item(i) for i in range(5)] == names
+
+
+def test_relative_paths_in_specs_are_recorded_absolute_and_resume(tiny_bundle, tiny_world, tmp_path, monkeypatch):
+    """`atlas --model hf:clip --dataset imagefolder:data` recorded both (and the embedder) as typed, and the
+    explorer, started in a folder holding another ./clip, ranked text searches by that model in silence (elsewhere
+    every search failed as a hub download). The manifest records the absolute paths, so the bundle opens its
+    images and embedder from any folder, and the same command from the same folder resumes (also over settings
+    recorded as typed, and a build killed before its manifest whose scan recorded them so)."""
+    import shutil
+
+    from precompute.__main__ import main
+    from sae_core.bundle import open_bundle
+    from sae_core.datasets import open_dataset
+    from sae_core.text_encoders import load_text_embedder
+
+    torch.set_num_threads(1)
+    here = tmp_path.resolve() / "work"
+    world = open_dataset(f"world:{tiny_world}:val")
+    for j, cls in enumerate("bbccc"):
+        (here / "photos" / cls).mkdir(parents=True, exist_ok=True)
+        world[j].save(here / "photos" / cls / f"{j}.png")
+    for name in ("llava", "clip"):  # models/llava: a local folder shaped like a hub id
+        shutil.copytree(Path(tiny_world) / name, here / "models" / name)
+    monkeypatch.chdir(here)
+    argv = ["atlas", "--sae", str(Path(tiny_bundle) / "sae"), "--dataset", "imagefolder:photos", "--model",
+            "hf:models/llava", "--layer=-2", "--embedder", "hf:models/clip", "--out", "b", "--topk", "2",
+            "--batch-size", "8"]
+    assert main(argv) == 0
+    m = json.loads((here / "b/manifest.json").read_text())
+    assert (m["model"]["spec"], m["dataset"]["spec"], m["embedder"]["spec"]) == (
+        f"hf:{here}/models/llava", f"imagefolder:{here}/photos", f"hf:{here}/models/clip")
+    settings = json.loads((here / "b/.stages/settings.json").read_text())
+    before = {p: p.read_bytes() for p in (here / "b").rglob("*") if p.is_file() and p.name != "log.txt"}
+
+    def resumes():  # finished: nothing runs again, nothing is rewritten
+        assert main(argv) == 0
+        assert {p: p.read_bytes() for p in (here / "b").rglob("*") if p.is_file() and p.name != "log.txt"} == before
+
+    resumes()
+    (here / "b/.stages/settings.json").write_text(json.dumps(
+        {**settings, "model": "hf:models/llava", "dataset": "imagefolder:photos", "embedder": "hf:models/clip"}))
+    before[here / "b/.stages/settings.json"] = (here / "b/.stages/settings.json").read_bytes()
+    resumes()
+    # a build killed before its manifest, its scan recorded as typed: the manifest it finishes with is absolute
+    scan = json.loads((here / "b/.stages/scan.json").read_text())
+    for key, typed in (("model", "hf:models/llava"), ("dataset", "imagefolder:photos"), ("embedder", "hf:models/clip")):
+        scan[key]["spec"] = typed
+    (here / "b/.stages/scan.json").write_text(json.dumps(scan))
+    (here / "b/.stages/thumbs.json").unlink()
+    (here / "b/manifest.json").unlink()
+    assert main(argv) == 0
+    again = json.loads((here / "b/manifest.json").read_text())
+    assert [again[k]["spec"] for k in ("model", "dataset", "embedder")] == [m[k]["spec"] for k in ("model", "dataset", "embedder")]
+    (here / "elsewhere").mkdir()
+    monkeypatch.chdir(here / "elsewhere")
+    b = open_bundle(here / "b")
+    assert [b.dataset().item(i) for i in range(5)] == ["b/0.png", "b/1.png", "c/2.png", "c/3.png", "c/4.png"]
+    assert load_text_embedder(b.local_spec(m["embedder"]["spec"]))(["a red circle"]).shape == (1, m["embedder"]["d"])
+

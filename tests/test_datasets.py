@@ -204,3 +204,37 @@ def test_the_real_world_dataset_through_its_spec(tmp_path):
     assert len(path) >= 4 and ds.label(0).endswith("_".join(path))
     np.testing.assert_array_equal(np.asarray(ds[3]), np.asarray(open_dataset(f"world:{tmp_path}:val")[3]))
     assert ds.describe()["split"] == "val" and len(open_dataset(f"world:{tmp_path}:ood")) > 0
+
+
+def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monkeypatch):
+    """Manifests recorded `hf:clip` and `imagefolder:data` as typed, and the explorer, started in another folder,
+    read another ./clip in silence: a relative path that exists is recorded absolute, and the spec then opens the
+    same images from any folder; hub ids, tags and paths that do not exist here are kept as given."""
+    from sae_core.datasets import absolute_spec
+
+    here = tmp_path.resolve()
+    for d in ("clip", "data/a", "openai/clip-vit-base-patch32", "w/clip", "w/llava"):
+        (here / d).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(here / "data/a/0.png")
+    (here / "list.txt").write_text("data/a/0.png\n")
+    (here / "ckpt.pt").write_bytes(b"")
+    monkeypatch.chdir(here)
+    want = {
+        "hf:clip": f"hf:{here}/clip", "llava:./clip": f"llava:{here}/clip", "imagefolder:data": f"imagefolder:{here}/data",
+        "files:list.txt": f"files:{here}/list.txt", "world:w": f"world:{here}/w", "world:w:llava": f"world:{here}/w:llava",
+        "world:w:val": f"world:{here}/w:val", "open_clip:ViT-B-32/ckpt.pt": f"open_clip:ViT-B-32/{here}/ckpt.pt",
+        "open_clip:local-dir:clip": f"open_clip:local-dir:{here}/clip",
+        # a local folder shaped like a hub id is what transformers loads, so it is recorded as a path
+        "hf:openai/clip-vit-base-patch32": f"hf:{here}/openai/clip-vit-base-patch32",
+    }
+    # open_clip takes a tag before a file of its name (./openai is there): kept, as are hub ids and missing paths
+    kept = ["hf:openai/clip-vit-large-patch14", "hf:nope", "llava:", "llava:llava-hf/llava-1.5-7b-hf", "imagenet:val",
+            "inat", "open_clip:ViT-B-32/openai", "open_clip:ViT-B-32", "open_clip:hf-hub:timm/vit_base", "imagefolder:nope",
+            f"hf:{here}/clip", f"imagefolder:{here}/data", "world:nope:llava", "hf:~/nope"]
+    assert {s: absolute_spec(s) for s in [*want, *kept]} == {**want, **{s: s for s in kept}}
+    elsewhere = here / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for spec in ("imagefolder:data", "files:list.txt"):
+        ds = open_dataset(want[spec])
+        assert len(ds) == 1 and ds.root == here / ("data" if spec.startswith("imagefolder") else "") and ds[0].size == (8, 8)

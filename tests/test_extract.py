@@ -387,3 +387,35 @@ def test_a_processor_that_keeps_the_image_shape_is_refused_before_anything_is_wr
         err = capsys.readouterr().err
         assert f"error: the image processor of {model} gives pictures of different sizes" in err, err[-2000:]
         assert "Traceback" not in err and not out.exists()
+
+
+def test_relative_paths_in_specs_are_recorded_absolute_and_resume(tmp_path, monkeypatch, capsys):
+    """`extract --model hf:clip --dataset imagefolder:imgs` recorded both as typed in the stores, and so in the SAE
+    trained on them: a later command in another folder read another ./clip or none. The stores, the run file and
+    the SAE record the absolute paths, and the same command from the same folder resumes (also over a run file
+    that recorded them as typed)."""
+    import shutil
+
+    from precompute.__main__ import main
+
+    here = tmp_path.resolve()
+    shutil.copytree(H.clip_vision_dir(), here / "clip")
+    shutil.copytree(H.image_dir(10), here / "imgs")
+    monkeypatch.chdir(here)
+    argv = ["extract", "--model", "hf:clip", "--dataset", "imagefolder:imgs", "--out", "acts", "--layer", "0",
+            "--limit", "4"]
+    assert main(argv) == 0
+    m = ActivationStore(here / "acts/layer_0").manifest
+    assert (m["model"]["spec"], m["model"]["name"], m["dataset"]["spec"], m["dataset"]["root"]) == (
+        f"hf:{here}/clip", f"{here}/clip", f"imagefolder:{here}/imgs", f"{here}/imgs")
+    run = json.loads((here / "acts/extract.json").read_text())
+    assert (run["identity"]["model"], run["identity"]["dataset"]) == (f"hf:{here}/clip", f"imagefolder:{here}/imgs")
+    before = _store_bytes(here / "acts")
+    assert main(argv) == 0 and _store_bytes(here / "acts") == before
+    (here / "acts/extract.json").write_text(json.dumps(
+        {**run, "identity": {**run["identity"], "model": "hf:clip", "dataset": "imagefolder:imgs"}}))
+    assert main(argv) == 0 and _store_bytes(here / "acts") == before
+    assert main(["train", "--activations", "acts/layer_0", "--arch", "topk", "--k", "2", "--expansion", "1", "--steps",
+                 "2", "--batch-size", "2", "--out", "sae"]) == 0
+    act = json.loads((here / "sae/config.json").read_text())["training"]["activations"]
+    assert (act["model"]["spec"], act["dataset"]["spec"]) == (f"hf:{here}/clip", f"imagefolder:{here}/imgs")
