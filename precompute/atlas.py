@@ -304,6 +304,10 @@ def build_atlas(job: AtlasJob, progress=None) -> dict:
     out = out_folder(Path(job.out), "the bundle", writes=("bundle",))
     sae = load_sae(job.sae, device=job.device)
     trained = trained_on(sae)
+    if "embed" in (trained["layer"], trained["tokens"]):  # before 2026-12-05: "pass --layer L", then a width mismatch
+        raise UserError(f"the SAE in {job.sae} was trained on layer embed (one image embedding, no patch tokens for "
+                        "galleries or heat maps), and the atlas needs an SAE trained on a block layer's tokens; extract "
+                        "and train one on a block layer (e.g. --layer -2) and pass that.")
     world = _world_root(job.dataset)
     if job.layer is None:
         job.layer = str(trained["layer"]) if trained["layer"] is not None else None

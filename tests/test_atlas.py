@@ -1406,3 +1406,28 @@ def test_relative_paths_in_specs_are_recorded_absolute_and_resume(tiny_bundle, t
     assert [b.dataset().item(i) for i in range(5)] == ["b/0.png", "b/1.png", "c/2.png", "c/3.png", "c/4.png"]
     assert load_text_embedder(b.local_spec(m["embedder"]["spec"]))(["a red circle"]).shape == (1, m["embedder"]["d"])
 
+
+def test_an_sae_trained_on_embed_is_refused_in_one_sentence_that_says_what_to_train(tmp_path, capsys):
+    """An SAE trained on `--layer embed` (which extract offers) has no patch tokens to atlas: the atlas said "pass
+    --layer L", and with --layer -2 that "the SAE expects width 16 but ... layer -2 has width 32; use the SAE
+    trained on this model and layer" (it is that SAE), or, where the widths agree (a CLIPVisionModel's embedding
+    is its pooled block output), built a bundle of it read on the block's tokens in silence. One sentence now,
+    whatever --layer, before anything is written."""
+    from precompute.__main__ import main
+    from tests import extract_helpers as H
+
+    for folder in (H.world_dir() / "clip", H.clip_vision_dir()):
+        model, images, out = f"hf:{folder}", f"imagefolder:{H.image_dir(10)}", tmp_path / folder.name
+        assert main(["extract", "--model", model, "--dataset", images, "--out", str(out / "acts"), "--layer",
+                     "embed"]) == 0
+        assert main(["train", "--activations", str(out / "acts/layer_embed"), "--arch", "topk", "--k", "2",
+                     "--expansion", "2", "--steps", "2", "--batch-size", "4", "--out", str(out / "sae")]) == 0
+        capsys.readouterr()
+        want = (f"error: the SAE in {out / 'sae'} was trained on layer embed (one image embedding, no patch tokens "
+                "for galleries or heat maps), and the atlas needs an SAE trained on a block layer's tokens; extract "
+                "and train one on a block layer (e.g. --layer -2) and pass that.")
+        for layer in ([], ["--layer=-2"], ["--layer", "embed"]):
+            assert main(["atlas", "--sae", str(out / "sae"), "--dataset", images, "--model", model, *layer,
+                         "--out", str(out / "b"), "--topk", "2"]) == 2
+            assert capsys.readouterr().err.strip().splitlines()[-1] == want, (folder, layer)
+            assert not (out / "b").exists()
