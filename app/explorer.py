@@ -483,6 +483,9 @@ class Explorer:
 
     def label_text(self, page: dict) -> str:
         if not page.get("label"):
+            method = page.get("label_method") or ""
+            if method.startswith("none"):  # the whole bundle has none: its reason, not the neuron's (until 2026-12-05)
+                return f"no label: this bundle has no labels ({method.partition(':')[2].strip() or 'none were made'})"
             return "no label (the bundle has none for this neuron)"
         score = page.get("label_score")
         score_s = f"score {round(score, 2) + 0.0:.2f}" if score is not None and math.isfinite(score) else "no score"

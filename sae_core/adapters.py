@@ -453,7 +453,11 @@ class OpenClipAdapter(Adapter):
             raise UserError(f"open_clip checkpoint file {pretrained} does not exist; pass an existing file or a pretrained tag.")
         _refuse_unknown_open_clip(open_clip, name, pretrained)
         try:
-            with _open_clip_logs_silenced():  # it logs the failed download as an ERROR line, then raises it
+            # no weights named: the same random weights at every load (seed 0, the caller's RNG untouched), so
+            # extract, train, the atlas and the app read one model; each load drew its own until 2026-12-05 (an
+            # atlas FVU of 1.13 for an SAE that held out 0.20)
+            with _open_clip_logs_silenced(), torch.random.fork_rng(devices=[]):  # it logs a failed download, then raises
+                torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
         except Exception as e:  # no network, a bad checkpoint (an unknown name or tag is refused above)
             said = str(e).splitlines()[0] if str(e) else ""

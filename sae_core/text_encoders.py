@@ -51,15 +51,25 @@ def _features(out) -> torch.Tensor:
 
 
 @loads_a_model
+def _no_tokenizer(adapter: Adapter, cause: BaseException) -> UserError:
+    said = str(cause).splitlines()[0] if str(cause) else ""
+    return UserError(f"{adapter.spec} has a text tower, but its tokenizer cannot be loaded ({type(cause).__name__}: "
+                     f"{said}); save the tokenizer beside the model (tokenizer.save_pretrained) or pass an embedder "
+                     "saved with its tokenizer.")
+
+
 def text_embedder_for(adapter: Adapter) -> TextEmbedder:
     """The text side of a loaded two-tower adapter (open_clip, or a transformers CLIP/SigLIP model)."""
     if adapter.backend == "open_clip":
         import open_clip
 
-        tokenizer = open_clip.get_tokenizer(adapter.name)
         model = adapter.model
         if not hasattr(model, "encode_text"):
             raise UserError(f"{adapter.spec} has no text tower; pick a CLIP-style model for labels and text search.")
+        try:  # a SigLIP's tokenizer comes from the hub, weights local or not (OSError offline: a traceback until 2026-12-05)
+            tokenizer = open_clip.get_tokenizer(adapter.name)
+        except Exception as e:
+            raise _no_tokenizer(adapter, e) from e
 
         def encode(texts):
             return model.encode_text(tokenizer(texts).to(adapter.device))
@@ -70,12 +80,9 @@ def text_embedder_for(adapter: Adapter) -> TextEmbedder:
 
         try:
             tokenizer = _hf_call(f"the tokenizer of {adapter.name}", AutoTokenizer.from_pretrained, adapter.name)
-        except UserError as e:  # the model loaded, text tower and all: the tokenizer is what is missing
-            cause = e.__cause__ or e
-            said = str(cause).splitlines()[0] if str(cause) else ""
-            raise UserError(f"{adapter.spec} has a text tower, but its tokenizer cannot be loaded ({type(cause).__name__}: "
-                            f"{said}); save the tokenizer beside the model (tokenizer.save_pretrained) or pass an "
-                            "embedder saved with its tokenizer.") from e
+        except Exception as e:  # the model loaded, text tower and all: the tokenizer is what is missing (any error:
+            # a missing library's ImportError was a traceback after the atlas' scan until 2026-12-05)
+            raise _no_tokenizer(adapter, e.__cause__ if isinstance(e, UserError) and e.__cause__ else e) from e
         model = adapter.model
         # SigLIP was trained on texts padded to the full length; CLIP pools at the end token.
         padding = "max_length" if adapter.model_type == "siglip" else True

@@ -135,3 +135,18 @@ def write_file_list(root: Path, name: str = "list.txt") -> Path:
     lst = root / name
     lst.write_text("\n".join(paths) + "\n")
     return lst
+
+
+@lru_cache(maxsize=None)
+def tiny_open_clip() -> str:
+    """The name of a tiny open_clip ViT (2 blocks of width 32, 32 px, patch 16, a text tower), registered with
+    open_clip once; `open_clip:NAME` gives it random weights."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
+    (_ROOT / "tiny-vit-test.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(_ROOT / "tiny-vit-test.json")
+    return "tiny-vit-test"

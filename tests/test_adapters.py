@@ -538,3 +538,21 @@ def test_a_checkpoint_that_lacks_weights_of_the_model_built_of_it_is_refused(tmp
         with pytest.raises(UserError, match=rf"^{tmp_path / name} \({cls}\) lacks {len(info['missing_keys'])} weights "
                            r"of the \w+Model hf: builds of it \(e\.g\. .*\), which would be random; pass a CLIP"):
             load_adapter(f"hf:{tmp_path / name}")
+
+
+def test_an_open_clip_model_without_weights_is_the_same_model_at_every_load():
+    """`open_clip:NAME` with no PRETRAINED is random weights; each load drew new ones until 2026-12-05, so the atlas
+    read another model than the SAE was trained on (FVU 1.13 for an SAE holding out 0.20, a reviewer's run) and a
+    resumed or multi-process extraction mixed models. Every load gives the same weights (seed 0), and the caller's
+    random state is left as it was."""
+    spec = f"open_clip:{H.tiny_open_clip()}"
+    torch.manual_seed(1)
+    a = load_adapter(spec)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    torch.rand(3)  # another state than the first load saw
+    b = load_adapter(spec)
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after)  # the load drew nothing from the caller's generator

@@ -1365,6 +1365,17 @@ def test_text_tower_loads_in_the_background_once_the_app_serves(explorer, tiny_b
         demo.close()
 
 
+def test_a_neuron_without_a_label_says_why_when_the_bundle_has_none(explorer):
+    """A bundle without labels (a DINOv2 embedder: no text tower) said on every neuron page "the bundle has none
+    for this neuron", as if that neuron were the exception (until 2026-12-05); the bundle's reason is given."""
+    reason = "the embedder hf:/m/dinov2 is a vision-only model with no text tower"
+    assert explorer.label_text({"label": "", "label_method": f"none: {reason}"}) == \
+        f"no label: this bundle has no labels ({reason})"
+    k = next(i for i, lab in enumerate(explorer.bundle.labels["labels"]) if lab)
+    page = {**explorer.bundle.neuron(k), "label": ""}  # one unlabelled neuron of a labelled bundle
+    assert explorer.label_text(page) == "no label (the bundle has none for this neuron)"
+
+
 def test_search_by_image_reads_the_bundles_model_without_llava(explorer, monkeypatch, tmp_path):
     """The Neurons page's search by image used the steering session, so on a bundle of a CLIP it loaded (or, offline,
     failed to load) LLaVA-1.5-7b, and said "the Steer page cannot answer" there (until 2026-12-05). It reads the

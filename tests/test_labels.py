@@ -135,6 +135,40 @@ def test_a_two_tower_model_saved_without_its_tokenizer_is_said_to_lack_the_token
         load_text_embedder(f"hf:{tmp_path / 'siglip'}")
 
 
+def test_a_tokenizer_that_fails_otherwise_is_the_same_sentence(tmp_path, monkeypatch):
+    """A tokenizer whose load fails with another error than transformers' OSError/ValueError (SiglipTokenizer
+    without the sentencepiece library: ImportError; open_clip fetching a SigLIP's tokenizer from the hub offline:
+    OSError) stopped the atlas after its scan with a traceback until 2026-12-05; it is the one sentence above."""
+    import open_clip
+    import transformers
+    from transformers import CLIPConfig, CLIPModel, CLIPImageProcessor
+
+    from sae_core.text_encoders import load_text_embedder
+    from tests.extract_helpers import tiny_open_clip
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    CLIPModel(CLIPConfig(vision_config={**tower, "image_size": 32, "patch_size": 8},
+                         text_config={**tower, "vocab_size": 50})).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(tmp_path / "clip")
+
+    def no_sentencepiece(*a, **k):
+        raise ImportError("SiglipTokenizer requires the SentencePiece library but it was not found in your environment.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_sentencepiece)
+    with pytest.raises(UserError, match=rf"^hf:{tmp_path / 'clip'} has a text tower, but its tokenizer cannot be "
+                       r"loaded \(ImportError: SiglipTokenizer requires the SentencePiece library"):
+        load_text_embedder(f"hf:{tmp_path / 'clip'}")
+
+    def offline(name):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    name = tiny_open_clip()
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(UserError, match=rf"^open_clip:{name} has a text tower, but its tokenizer cannot be "
+                       r"loaded \(OSError: We couldn't connect"):
+        load_text_embedder(f"open_clip:{name}")
+
+
 def test_world_clip_text_embedder_round_trip_and_colours(tiny_world):
     from transformers import AutoTokenizer, CLIPModel
 
