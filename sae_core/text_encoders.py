@@ -50,7 +50,6 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-@loads_a_model
 def _no_tokenizer(adapter: Adapter, cause: BaseException) -> UserError:
     said = str(cause).splitlines()[0] if str(cause) else ""
     return UserError(f"{adapter.spec} has a text tower, but its tokenizer cannot be loaded ({type(cause).__name__}: "
@@ -58,6 +57,7 @@ def _no_tokenizer(adapter: Adapter, cause: BaseException) -> UserError:
                      "saved with its tokenizer.")
 
 
+@loads_a_model
 def text_embedder_for(adapter: Adapter) -> TextEmbedder:
     """The text side of a loaded two-tower adapter (open_clip, or a transformers CLIP/SigLIP model)."""
     if adapter.backend == "open_clip":
