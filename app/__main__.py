@@ -5,6 +5,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 from sae_core.command_line import OneLineParser
 from sae_core.errors import UserError
@@ -40,8 +41,10 @@ def _stop(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # `docker stop` sends SIGTERM to PID 1, which has no default action there: the container was killed after
-    # 10 s (until 2026-12-05); now it stops as Ctrl-C stops it
-    signal.signal(signal.SIGTERM, _stop)
+    # 10 s (until 2026-12-05); now it stops as Ctrl-C stops it (signals reach the main thread only; the previous
+    # handler is put back, for a caller that runs main in-process)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:
         from .server import serve
         from .settings import AppSettings
@@ -54,6 +57,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
     return 0
 
 

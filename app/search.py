@@ -70,7 +70,7 @@ class BundleCoder:
 
     def __init__(self, explorer: Explorer, embedder: BundleEmbedder | None = None):
         self.ex = explorer
-        self.spec = explorer.bundle.local_spec(explorer.bundle.manifest["model"]["spec"])
+        self.spec = explorer.bundle.local_spec(explorer.bundle.manifest["model"].get("spec") or "")
         self.embedder = embedder if embedder is not None and embedder.spec == self.spec else None  # one copy
         self._lock = threading.Lock()
         self._loaded = None

@@ -33,12 +33,21 @@ class OneLineParser(argparse.ArgumentParser):
         # was refused until 2026-12-05, and learned deltas usually start negative; glued to its option it is a value
         args, glued = list(sys.argv[1:] if args is None else args), []
         for a in args:
-            action = self._option_string_actions.get(glued[-1]) if glued else None
+            action = self._option_named(glued[-1]) if glued else None
             if action is not None and action.nargs is None and NEGATIVE_NUMBER_LIST.match(a):
                 glued[-1] = f"{glued[-1]}={a}"
             else:
                 glued.append(a)
         return super().parse_known_args(glued, namespace)
+
+    def _option_named(self, word: str):
+        """The action of option `word`, spelt whole or, as argparse takes it, as an unambiguous prefix; else None."""
+        if word in self._option_string_actions:
+            return self._option_string_actions[word]
+        if not word.startswith("--") or "=" in word:
+            return None
+        found = {a for o, a in self._option_string_actions.items() if o.startswith(word)}
+        return found.pop() if len(found) == 1 else None
 
     def error(self, message):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists the options).\n")

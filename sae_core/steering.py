@@ -836,6 +836,9 @@ def _tower(spec: str) -> tuple[str, str]:
     from .adapters import DEFAULT_LLAVA
 
     kind, _, rest = (spec if ":" in spec else f"hf:{spec}").partition(":")  # a bare hub id (SAELens's model_name)
+    if kind in ("hf", "llava") and rest.startswith("/"):  # a folder named as the hub id it holds, `--local-dir
+        # openai/clip-vit-large-patch14-336`, recorded absolute since 2026-12-05 (absolute_spec): that id
+        rest = next((i for i in (LLAVA_1_5_TOWER[0].partition(":")[2], DEFAULT_LLAVA) if rest.endswith("/" + i)), rest)
     if kind == "world":
         root = rest.removesuffix(":clip").removesuffix(":llava")  # the world's LLaVA reads its CLIP's tower
         return "world", str(Path(os.path.expanduser(root)).resolve())

@@ -94,6 +94,7 @@ def test_options_may_be_abbreviated_and_values_may_look_like_options():
         args = parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--value", value, "--mode", "add"])
         assert (args.value, args.mode) == (value, "add")
     assert parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--strength", "-2,1"]).strength == "-2,1"
+    assert parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--val", "-5,3"]).value == "-5,3"  # a prefix
     with pytest.raises(SystemExit):  # a flag takes no value: the list stays an unknown option
         parse(["inspect", "b", "--json", "-5,3"])
 

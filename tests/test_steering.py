@@ -306,10 +306,14 @@ def test_an_sae_of_another_model_is_steered_with_a_warning(tiny_bundle, tmp_path
                          (f"world:{copied}:llava", f"world:{world}:llava"), (f"world:{tmp_path / 'gone'}", f"world:{world}:llava"),
                          ("llava:", "llava:llava-hf/llava-1.5-7b-hf"), ("hf:openai/clip-vit-large-patch14-336", "llava:"),
                          ("open_clip:ViT-L-14-336/openai", "hf:llava-hf/llava-1.5-7b-hf"), (None, "llava:"),
-                         ("llava-hf/llava-1.5-7b-hf", "llava:")]:
+                         ("llava-hf/llava-1.5-7b-hf", "llava:"),
+                         # local folders named as the hub ids they hold, recorded absolute (warned until 2026-12-05)
+                         ("hf:/m/openai/clip-vit-large-patch14-336", "llava:/m/llava-hf/llava-1.5-7b-hf"),
+                         ("hf:/m/openai/clip-vit-large-patch14-336", "llava:")]:
         assert other_tower_warning(model, llava) is None, (model, llava)
     for model, llava in [("hf:/models/dinov2", f"world:{world}:llava"), (f"world:{other}", f"world:{world}:llava"),
-                         ("hf:openai/clip-vit-base-patch32", "llava:"), ("llava:llava-hf/llava-1.5-13b-hf", "llava:")]:
+                         ("hf:openai/clip-vit-base-patch32", "llava:"), ("llava:llava-hf/llava-1.5-13b-hf", "llava:"),
+                         ("hf:/m/not-openai/clip-vit-large-patch14-336-ft", "llava:")]:
         assert other_tower_warning(model, llava) == (
             f"the SAE was trained on activations of {model}, not of the vision tower of {llava}, so its latents may "
             "mean nothing there"), (model, llava)
