@@ -19,6 +19,21 @@ N_IMAGES = 24
 """Images an image search returns: three rows of the gallery's eight columns."""
 
 
+def load_bundle_model(spec: str, what: str):
+    """The model a bundle's manifest names, on the CPU; a failure is one sentence for the explorer's user, who cannot
+    pass another model (the loader's own advice, "pass a directory written by save_pretrained", was all it said
+    until 2026-12-05, for a model folder moved after the bundle was built)."""
+    from sae_core.adapters import load_adapter
+
+    try:
+        return load_adapter(spec, device="cpu")
+    except UserError as e:
+        said = str(e).split("; pass a directory")[0].rstrip(".")  # advice for a command line, which the app has not
+        raise UserError(f"{what} {spec} cannot be loaded, so searching by text or by image is off (the other pages "
+                        f"work): {said}; put the model back where the bundle records it, or rebuild the bundle with "
+                        "`python -m precompute atlas`.") from e
+
+
 class BundleEmbedder:
     """The model that embedded the bundle's images (its manifest's `embedder`), both towers, loaded on
     first use and shared by the neuron and image searches: one copy of a CLIP in memory, not two."""
@@ -38,9 +53,7 @@ class BundleEmbedder:
     def _loaded(self):
         with self._lock:
             if self._adapter is None:
-                from sae_core.adapters import load_adapter
-
-                self._adapter = load_adapter(self.spec, device="cpu")
+                self._adapter = load_bundle_model(self.spec, "the bundle's embedder")
             return self._adapter
 
     @property
@@ -78,9 +91,7 @@ class BundleCoder:
     def _load(self):
         with self._lock:
             if self._loaded is None:
-                from sae_core.adapters import load_adapter
-
-                adapter = self.embedder._loaded() if self.embedder else load_adapter(self.spec, device="cpu")
+                adapter = self.embedder._loaded() if self.embedder else load_bundle_model(self.spec, "the bundle's model")
                 layer = adapter.resolve_layer(str(self.ex.bundle.manifest["model"]["layer"]))
                 self._loaded = adapter, layer, self.ex.bundle.load_sae(device="cpu")
             return self._loaded

@@ -126,7 +126,7 @@ class AppSettings:
                               f"generated files stay, e.g. {DEFAULT_CACHE_HOURS:g} (0 keeps them)")
         cache_gb = _amount(values["cache_gb"], "SAE_APP_CACHE_GB", "GB", "how much the cache's uploads and generated "
                            f"files may hold, e.g. {DEFAULT_CACHE_GB:g} (0: no bound)")
-        from sae_core.steering import PRECISION_CHOICES
+        from sae_core.steering import PRECISION_CHOICES, llava_spec
 
         if values["precision"] not in PRECISION_CHOICES:
             raise UserError(f"precision {values['precision']!r} (--precision or SAE_APP_PRECISION) is not one of "
@@ -137,7 +137,7 @@ class AppSettings:
         limits = UploadLimits.from_env()
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
-                   llava=values["llava"] or None, host=str(values["host"]),
+                   llava=llava_spec(values["llava"]), host=str(values["host"]),
                    port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours,
                    cache_gb=cache_gb)
 

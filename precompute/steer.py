@@ -46,8 +46,8 @@ def add_arguments(p) -> None:
                    help="keep the SAE's error term: h + decode(clamped) - decode(original) (default: dropped, as the paper)")
     p.add_argument("--patches", help="patch indices I,J,... (row-major, 0-based, CLS excluded) to clamp on; default all tokens")
     p.add_argument("--max-new-tokens", type=positive_int, default=5, help="length of each answer, in tokens")
-    p.add_argument("--llava", help="LLaVA spec to steer (default: the world's tiny LLaVA, the LLaVA the SAE was "
-                   "trained on, or llava-1.5-7b)")
+    p.add_argument("--llava", help="the LLaVA to steer: a save_pretrained folder, a hub id or a spec such as llava:DIR "
+                   "(default: the world's tiny LLaVA, the LLaVA the SAE was trained on, or llava-1.5-7b)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "4bit"),
                    help="auto: 4-bit on CUDA (fp32 for the world's tiny LLaVA), fp32 on CPU")
@@ -63,9 +63,11 @@ def run(args) -> int:
     import torch
 
     from sae_core.bundle import open_bundle
-    from sae_core.steering import SteeringSession, read_image_file, refuse_before_loading, refuse_latents_twice
+    from sae_core.steering import (SteeringSession, llava_spec, read_image_file, refuse_before_loading,
+                                   refuse_latents_twice)
 
     torch.manual_seed(0)
+    args.llava = llava_spec(args.llava)  # a folder or hub id as the app takes it (a spec prefix was required)
     if args.layer is not None and args.sae is None:
         raise UserError("--layer goes with --sae; a bundle's SAE is steered at the layer the bundle records.")
     listing = args.latent is None

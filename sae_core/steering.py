@@ -47,6 +47,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -814,6 +815,26 @@ def refuse_before_loading(bundle, latents=(), image=None, patches=None, llava: s
     model = bundle.manifest["model"]
     if patches is not None and llava is None and bundle_llava_spec(bundle) == bundle.local_spec(model["spec"]):
         checked_patches(patches, model["n_patches"], model["grid"])
+
+
+def llava_spec(value: str | None) -> str | None:
+    """A user's LLaVA as a model spec: a spec (`llava:`, `hf:`, `world:DIR:llava`, ...) as given; a folder written by
+    save_pretrained as `llava:` and its absolute path; any other word as a hub id (`llava:ID`). UserError for a path
+    that does not exist (it was the spec-prefix sentence, whose examples are CLIPs, until 2026-12-05)."""
+    from .adapters import BACKENDS
+
+    if value is None or not str(value).strip():
+        return None
+    value = str(value).strip()
+    if value.partition(":")[0] in BACKENDS and ":" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    if path.is_dir():
+        return f"llava:{path.resolve()}"
+    if value.startswith(("/", "./", "../", "~")) or path.exists():
+        raise UserError(f"the LLaVA {value} is not a folder here; give a folder written by save_pretrained, a hub id "
+                        "such as llava-hf/llava-1.5-7b-hf, or a spec such as llava:DIR.")
+    return f"llava:{value}"
 
 
 def bundle_llava_spec(bundle) -> str:

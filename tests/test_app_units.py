@@ -1406,32 +1406,61 @@ def test_search_by_image_reads_the_bundles_model_without_llava(explorer, monkeyp
     assert rows[0]["neuron"] == k0 and rows[0]["act_on_image"] == pytest.approx(float(acts[k0, 0]), rel=1e-3)
 
 
-def test_the_app_steers_the_llava_it_is_told(explorer, monkeypatch):
+def test_a_bundle_model_moved_away_is_one_sentence_the_app_user_can_act_on(explorer, tmp_path):
+    """A model folder moved after the bundle was built: searches said the loader's "pass a directory written by
+    save_pretrained", which the explorer cannot take (until 2026-12-05); they say what is off and what to do."""
+    from app.search import BundleCoder, BundleEmbedder
+
+    gone = f"hf:{tmp_path / 'clip'}"
+    said = (f"cannot be loaded, so searching by text or by image is off (the other pages work): cannot load the "
+            f"config of {tmp_path / 'clip'}: {tmp_path / 'clip'} does not exist (a path, not a hub id); put the model "
+            "back where the bundle records it, or rebuild the bundle with `python -m precompute atlas`.")
+    with pytest.raises(UserError) as e:
+        BundleEmbedder(gone).texts(["red"])
+    assert str(e.value) == f"the bundle's embedder {gone} {said}"
+    coder = BundleCoder(explorer)
+    coder.spec = gone
+    with pytest.raises(UserError) as e:
+        coder.latents(Image.new("RGB", (32, 32)), top=5)
+    assert str(e.value) == f"the bundle's model {gone} {said}"
+
+
+def test_the_app_steers_the_llava_it_is_told(explorer, monkeypatch, tmp_path):
     """SAE_APP_LLAVA / --llava name the LLaVA the Steer page loads (none could: an offline machine with a local
-    LLaVA-1.5 folder could not steer a CLIP bundle), and a failed load names the one it tried and how to change it."""
+    LLaVA-1.5 folder could not steer a CLIP bundle): a save_pretrained folder, a hub id or a spec, as
+    `precompute steer --llava` takes them; a path that is not there is refused at the start, and a failed load
+    names the LLaVA it tried and how to change it."""
     import app.steer as steer_mod
     from app.__main__ import parse_args
     from app.settings import AppSettings
     from sae_core.steering import SteeringSession
 
+    folder = explorer.bundle.world_dir / "llava"  # the world's LLaVA, written by save_pretrained
+    monkeypatch.setenv("SAE_APP_LLAVA", f" {folder} ")
+    assert AppSettings.from_env().llava == f"llava:{folder.resolve()}"
+    assert AppSettings.from_env(llava=parse_args(["--llava", "llava-hf/llava-1.5-7b-hf"]).llava).llava == \
+        "llava:llava-hf/llava-1.5-7b-hf"
+    assert AppSettings.from_env(llava="hf:org/llava").llava == "hf:org/llava"  # a spec as given
+    with pytest.raises(UserError, match=rf"^the LLaVA {tmp_path / 'gone'} is not a folder here; give a folder"):
+        AppSettings.from_env(llava=str(tmp_path / "gone"))
+    monkeypatch.setenv("SAE_APP_LLAVA", "")
+    assert AppSettings.from_env().llava is None
+    # the folder as given loads and steers (a bare folder was the spec-prefix sentence until 2026-12-05)
+    svc = steer_mod.SteerService(explorer, device="cpu", llava=AppSettings.from_env(llava=str(folder)).llava)
+    assert svc.session().adapter.llava is not None
     seen = []
 
     def offline(*a, **k):
         seen.append(k.get("llava"))
-        raise UserError(f"cannot load the config of {k.get('llava')} (OSError: no such folder).")
+        raise UserError(f"cannot load the config of {k.get('llava')} (OSError: no network).")
 
     monkeypatch.setattr(SteeringSession, "from_bundle", offline)
-    monkeypatch.setenv("SAE_APP_LLAVA", " /models/llava-1.5 ")
-    assert AppSettings.from_env().llava == "/models/llava-1.5"
-    assert AppSettings.from_env(llava=parse_args(["--llava", "/other"]).llava).llava == "/other"
-    monkeypatch.setenv("SAE_APP_LLAVA", "")
-    assert AppSettings.from_env().llava is None
-    svc = steer_mod.SteerService(explorer, device="cpu", llava="/models/llava-1.5")
+    svc = steer_mod.SteerService(explorer, device="cpu", llava="llava:org/llava-1.5")
     with pytest.raises(steer_mod.ModelUnavailable) as e:
         svc.session()
-    assert seen == ["/models/llava-1.5"]
-    assert str(e.value).endswith("cannot load the config of /models/llava-1.5 (OSError: no such folder) (the app "
-                                 "loads /models/llava-1.5; --llava or SAE_APP_LLAVA names another).")
+    assert seen == ["llava:org/llava-1.5"]
+    assert str(e.value).endswith("cannot load the config of llava:org/llava-1.5 (OSError: no network) (the app "
+                                 "loads llava:org/llava-1.5; --llava or SAE_APP_LLAVA names another).")
 
 
 def test_a_failed_steering_load_is_remembered_for_a_minute(explorer, monkeypatch):
