@@ -56,6 +56,16 @@ def _flag(name: str) -> bool:
                     "also do), or unset it.")
 
 
+def _llava(value, llava_spec) -> str | None:
+    """--llava / SAE_APP_LLAVA as a spec (sae_core.steering.llava_spec); a path that is not there is refused at the
+    start, where the Steer page would say so at its first use."""
+    text = str(value or "").strip()
+    if text.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(text)).is_dir():
+        raise UserError(f"the LLaVA {text} (--llava or SAE_APP_LLAVA) is not a folder here; give a folder written by "
+                        "save_pretrained, a hub id such as llava-hf/llava-1.5-7b-hf, or a spec such as llava:DIR.")
+    return llava_spec(text)
+
+
 def _amount(value, variable: str, unit: str, meaning: str) -> float:
     """`value` of `variable` as a finite number of 0 or more; UserError saying what it sets otherwise."""
     try:
@@ -137,7 +147,7 @@ class AppSettings:
         limits = UploadLimits.from_env()
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
-                   llava=llava_spec(values["llava"]), host=str(values["host"]),
+                   llava=_llava(values["llava"], llava_spec), host=str(values["host"]),
                    port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours,
                    cache_gb=cache_gb)
 

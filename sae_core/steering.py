@@ -819,8 +819,8 @@ def refuse_before_loading(bundle, latents=(), image=None, patches=None, llava: s
 
 def llava_spec(value: str | None) -> str | None:
     """A user's LLaVA as a model spec: a spec (`llava:`, `hf:`, `world:DIR:llava`, ...) as given; a folder written by
-    save_pretrained as `llava:` and its absolute path; any other word as a hub id (`llava:ID`). UserError for a path
-    that does not exist (it was the spec-prefix sentence, whose examples are CLIPs, until 2026-12-05)."""
+    save_pretrained as `llava:` and its absolute path; any other word as `llava:` it (a hub id, or a path the load
+    then says is not there). Until 2026-12-05 only specs were taken, and a folder was the spec-prefix sentence."""
     from .adapters import BACKENDS
 
     if value is None or not str(value).strip():
@@ -829,12 +829,7 @@ def llava_spec(value: str | None) -> str | None:
     if value.partition(":")[0] in BACKENDS and ":" in value:
         return value
     path = Path(os.path.expanduser(value))
-    if path.is_dir():
-        return f"llava:{path.resolve()}"
-    if value.startswith(("/", "./", "../", "~")) or path.exists():
-        raise UserError(f"the LLaVA {value} is not a folder here; give a folder written by save_pretrained, a hub id "
-                        "such as llava-hf/llava-1.5-7b-hf, or a spec such as llava:DIR.")
-    return f"llava:{value}"
+    return f"llava:{path.resolve() if path.is_dir() else value}"
 
 
 def bundle_llava_spec(bundle) -> str:

@@ -1441,8 +1441,16 @@ def test_the_app_steers_the_llava_it_is_told(explorer, monkeypatch, tmp_path):
     assert AppSettings.from_env(llava=parse_args(["--llava", "llava-hf/llava-1.5-7b-hf"]).llava).llava == \
         "llava:llava-hf/llava-1.5-7b-hf"
     assert AppSettings.from_env(llava="hf:org/llava").llava == "hf:org/llava"  # a spec as given
-    with pytest.raises(UserError, match=rf"^the LLaVA {tmp_path / 'gone'} is not a folder here; give a folder"):
+    with pytest.raises(UserError, match=rf"^the LLaVA {tmp_path / 'gone'} \(--llava or SAE_APP_LLAVA\) is not a "
+                       "folder here; give a folder"):
         AppSettings.from_env(llava=str(tmp_path / "gone"))
+    # the command line's conversion: a folder, a hub id, a spec, a missing path the load then names
+    from sae_core.steering import llava_spec
+
+    assert [llava_spec(v) for v in (str(folder), "org/llava", "hf:org/llava", str(tmp_path / "gone"), " ")] == \
+        [f"llava:{folder.resolve()}", "llava:org/llava", "hf:org/llava", f"llava:{tmp_path / 'gone'}", None]
+    with pytest.raises(UserError, match=rf"{tmp_path / 'gone'} does not exist \(a path, not a hub id\)"):
+        SteeringSession(explorer.bundle.load_sae(), llava_spec(str(tmp_path / "gone")), -2, device="cpu")
     monkeypatch.setenv("SAE_APP_LLAVA", "")
     assert AppSettings.from_env().llava is None
     # the folder as given loads and steers (a bare folder was the spec-prefix sentence until 2026-12-05)
