@@ -56,9 +56,11 @@ def _flag(name: str) -> bool:
                     "also do), or unset it.")
 
 
-def _llava(value, llava_spec) -> str | None:
+def _llava(value) -> str | None:
     """--llava / SAE_APP_LLAVA as a spec (sae_core.steering.llava_spec); a path that is not there is refused at the
     start, where the Steer page would say so at its first use."""
+    from sae_core.steering import llava_spec
+
     text = str(value or "").strip()
     if text.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(text)).is_dir():
         raise UserError(f"the LLaVA {text} (--llava or SAE_APP_LLAVA) is not a folder here; give a folder written by "
@@ -136,7 +138,7 @@ class AppSettings:
                               f"generated files stay, e.g. {DEFAULT_CACHE_HOURS:g} (0 keeps them)")
         cache_gb = _amount(values["cache_gb"], "SAE_APP_CACHE_GB", "GB", "how much the cache's uploads and generated "
                            f"files may hold, e.g. {DEFAULT_CACHE_GB:g} (0: no bound)")
-        from sae_core.steering import PRECISION_CHOICES, llava_spec
+        from sae_core.steering import PRECISION_CHOICES
 
         if values["precision"] not in PRECISION_CHOICES:
             raise UserError(f"precision {values['precision']!r} (--precision or SAE_APP_PRECISION) is not one of "
@@ -147,7 +149,7 @@ class AppSettings:
         limits = UploadLimits.from_env()
         return cls(bundle=Path(os.path.expanduser(str(values["bundle"]))), preset=values["preset"],
                    device=str(values["device"]), precision=values["precision"], load_4bit=bool(values["load_4bit"]),
-                   llava=_llava(values["llava"], llava_spec), host=str(values["host"]),
+                   llava=_llava(values["llava"]), host=str(values["host"]),
                    port=port, cache=Path(values["cache"]), limits=limits, sessions=sessions, cache_hours=cache_hours,
                    cache_gb=cache_gb)
 

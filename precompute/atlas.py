@@ -102,10 +102,6 @@ class AtlasJob:
 
 
 def add_arguments(p) -> None:
-    import re
-
-    if hasattr(p, "_negative_number_matcher"):  # `--layer -2` parses like `--layer=-2`
-        p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$")
     p.add_argument("--sae", required=True,
                    help="SAE directory: ours (`precompute train`), SAELens's, sparsify's or dictionary_learning's; "
                         "or hf:OWNER/REPO[/FOLDER] on the Hugging Face Hub")

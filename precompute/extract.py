@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,8 +57,6 @@ class ExtractConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    if hasattr(p, "_negative_number_matcher"):  # let `--layer -2,embed` parse like `--layer=-2,embed`
-        p._negative_number_matcher = re.compile(r"^-\d+(,[-\w]+)*$|^-\d*\.\d+$")
     p.add_argument("--model", required=True, help="open_clip:NAME[/PRETRAINED] | hf:ID_OR_DIR | llava:[ID_OR_DIR] | world:DIR[:clip|:llava]")
     p.add_argument("--layer", default="", help="L[,L2,...]: block number from 0, negative hidden_states index (-2 = LLaVA's), or embed; "
                    "default: the layer a downstream model reads (LLaVA)")

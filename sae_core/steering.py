@@ -42,12 +42,12 @@ and the language model, never the vision tower.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -847,8 +847,6 @@ it steers LLaVA-1.5."""
 
 def _tower(spec: str) -> tuple[str, str]:
     """Which vision tower a model spec names, comparable across the spellings of one tower."""
-    import os
-
     from .adapters import DEFAULT_LLAVA
 
     kind, _, rest = (spec if ":" in spec else f"hf:{spec}").partition(":")  # a bare hub id (SAELens's model_name)

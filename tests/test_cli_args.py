@@ -95,6 +95,10 @@ def test_options_may_be_abbreviated_and_values_may_look_like_options():
         assert (args.value, args.mode) == (value, "add")
     assert parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--strength", "-2,1"]).strength == "-2,1"
     assert parse(["steer", "--bundle", "b", "--image", "3", "--latent", "1,2", "--val", "-5,3"]).value == "-5,3"  # a prefix
+    # the layers' lists too, which extract and atlas each read with a regex of their own until 2026-12-05
+    for layer in ("-2", "-2,embed", "-1,-2"):
+        assert parse(["extract", "--model", "m", "--dataset", "d", "--out", "o", "--layer", layer]).layer == layer
+    assert parse(["atlas", "--sae", "s", "--dataset", "d", "--model", "m", "--out", "o", "--layer", "-2"]).layer == "-2"
     with pytest.raises(SystemExit):  # a flag takes no value: the list stays an unknown option
         parse(["inspect", "b", "--json", "-5,3"])
 
