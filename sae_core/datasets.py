@@ -265,14 +265,29 @@ def absolute_spec(spec: str) -> str:
         return f"open_clip:local-dir:{_absolute_path(rest[len('local-dir:'):])}"
     if kind == "open_clip" and not rest.startswith("hf-hub:"):  # NAME/PRETRAINED: a tag, or a checkpoint file
         name, sep, pretrained = rest.partition("/")
-        if "/" in pretrained or Path(pretrained).suffix:  # a tag (openai) is taken first even where a file has its name
+        if "/" in pretrained or Path(pretrained).suffix or _untagged_file(name, pretrained):
             return f"open_clip:{name}{sep}{_absolute_path(pretrained)}"
     return spec
 
 
+def _untagged_file(name: str, pretrained: str) -> bool:
+    """Whether open_clip would load `pretrained` as a checkpoint file: it takes a tag (openai) before a file of
+    that name, so a suffix-less file counts only where open_clip knows no such tag (until 2026-12-05 it stayed
+    relative)."""
+    if not pretrained or not Path(pretrained).is_file():
+        return False
+    try:
+        import open_clip
+    except ImportError:  # the load will say open_clip is missing; the path is recorded as a file meanwhile
+        return True
+    return not open_clip.get_pretrained_cfg(name, pretrained)
+
+
 def _absolute_path(path: str) -> str:
+    """`path` made absolute where it is relative and exists, its symbolic links kept: a linked ./data is recorded
+    as ./data, which follows the link where it is pointed later (until 2026-12-05 its target was recorded)."""
     local = Path(os.path.expandvars(os.path.expanduser(path)))
-    return str(local.resolve()) if path and not local.is_absolute() and local.exists() else path
+    return os.path.abspath(local) if path and not local.is_absolute() and local.exists() else path
 
 
 class WorldImages(ImageDataset):

@@ -217,19 +217,24 @@ def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monke
         (here / d).mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(here / "data/a/0.png")
     (here / "list.txt").write_text("data/a/0.png\n")
-    (here / "ckpt.pt").write_bytes(b"")
+    for f in ("ckpt.pt", "ckpt", "laion2b_s34b_b79k"):
+        (here / f).write_bytes(b"")
+    (here / "data_link").symlink_to(here / "data")
     monkeypatch.chdir(here)
     want = {
         "hf:clip": f"hf:{here}/clip", "llava:./clip": f"llava:{here}/clip", "imagefolder:data": f"imagefolder:{here}/data",
         "files:list.txt": f"files:{here}/list.txt", "world:w": f"world:{here}/w", "world:w:llava": f"world:{here}/w:llava",
         "world:w:val": f"world:{here}/w:val", "open_clip:ViT-B-32/ckpt.pt": f"open_clip:ViT-B-32/{here}/ckpt.pt",
         "open_clip:local-dir:clip": f"open_clip:local-dir:{here}/clip",
+        # a checkpoint file without a suffix (open_clip has no tag of its name); a link is kept, not its target
+        "open_clip:ViT-B-32/ckpt": f"open_clip:ViT-B-32/{here}/ckpt", "imagefolder:data_link": f"imagefolder:{here}/data_link",
         # a local folder shaped like a hub id is what transformers loads, so it is recorded as a path
         "hf:openai/clip-vit-base-patch32": f"hf:{here}/openai/clip-vit-base-patch32",
     }
-    # open_clip takes a tag before a file of its name (./openai is there): kept, as are hub ids and missing paths
+    # open_clip takes a tag before a file of its name (./openai, ./laion2b_s34b_b79k are there): kept, as are hub
+    # ids and missing paths
     kept = ["hf:openai/clip-vit-large-patch14", "hf:nope", "llava:", "llava:llava-hf/llava-1.5-7b-hf", "imagenet:val",
-            "inat", "open_clip:ViT-B-32/openai", "open_clip:ViT-B-32", "open_clip:hf-hub:timm/vit_base", "imagefolder:nope",
+            "inat", "open_clip:ViT-B-32/openai", "open_clip:ViT-B-32/laion2b_s34b_b79k", "open_clip:ViT-B-32", "open_clip:hf-hub:timm/vit_base", "imagefolder:nope",
             f"hf:{here}/clip", f"imagefolder:{here}/data", "world:nope:llava", "hf:~/nope"]
     assert {s: absolute_spec(s) for s in [*want, *kept]} == {**want, **{s: s for s in kept}}
     elsewhere = here / "elsewhere"
