@@ -28,7 +28,7 @@ def load_bundle_model(spec: str, what: str):
     try:
         return load_adapter(spec, device="cpu")
     except UserError as e:
-        said = str(e).split("; pass a directory")[0].rstrip(".")  # advice for a command line, which the app has not
+        said = getattr(e, "problem", None) or str(e).rstrip(".")  # a loader's advice is for a command line
         raise UserError(f"{what} {spec} cannot be loaded, so searching by text or by image is off (the other pages "
                         f"work): {said}; put the model back where the bundle records it, or rebuild the bundle with "
                         "`python -m precompute atlas`.") from e

@@ -450,7 +450,7 @@ class OpenClipAdapter(Adapter):
 
         self.spec, self.name, self.pretrained = spec, name, pretrained
         if pretrained and not os.path.isfile(pretrained) and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
-            raise UserError(f"open_clip checkpoint file {pretrained} does not exist; pass an existing file or a pretrained tag.")
+            raise _load_failure(f"open_clip checkpoint file {pretrained} does not exist", "pass an existing file or a pretrained tag")
         _refuse_unknown_open_clip(open_clip, name, pretrained)
         try:
             # no weights named: the same random weights at every load (seed 0, the caller's RNG untouched), so
@@ -462,13 +462,13 @@ class OpenClipAdapter(Adapter):
         except Exception as e:  # no network, a bad checkpoint (an unknown name or tag is refused above)
             said = str(e).splitlines()[0] if str(e) else ""
             if "download" in said.lower():  # a known tag whose weights are neither cached nor reachable
-                raise UserError(f"cannot load open_clip model {name!r} with pretrained={pretrained!r}: its weights are "
-                                "not in this machine's cache and could not be downloaded (no network, or "
-                                "HF_HUB_OFFLINE=1); fetch them once where the hub is reachable, or pass a local "
-                                "checkpoint file.") from e
-            raise UserError(
-                f"cannot load open_clip model {name!r} with pretrained={pretrained!r} ({type(e).__name__}: {said}); "
-                "pass an open_clip checkpoint file of that model, or a tag from open_clip.list_pretrained()."
+                raise _load_failure(f"cannot load open_clip model {name!r} with pretrained={pretrained!r}: its weights "
+                                    "are not in this machine's cache and could not be downloaded (no network, or "
+                                    "HF_HUB_OFFLINE=1)", "fetch them once where the hub is reachable, or pass a "
+                                    "local checkpoint file") from e
+            raise _load_failure(
+                f"cannot load open_clip model {name!r} with pretrained={pretrained!r} ({type(e).__name__}: {said})",
+                "pass an open_clip checkpoint file of that model, or a tag from open_clip.list_pretrained()"
             ) from e
         self.model = model.eval().requires_grad_(False)
         self.preprocessor = ImageTransform(preprocess)
@@ -504,21 +504,28 @@ class OpenClipAdapter(Adapter):
 # ----------------------------------------------------------------------------------------------
 # transformers
 # ----------------------------------------------------------------------------------------------
+def _load_failure(problem: str, advice: str) -> UserError:
+    """A model that cannot be loaded, as one sentence "problem; advice."; `problem` is kept on the error for a
+    caller whose user cannot follow the advice (the explorer's `app.search.load_bundle_model`, which until
+    2026-12-05 cut the sentence at the wording of one of them)."""
+    error = UserError(f"{problem}; {advice}.")
+    error.problem = problem
+    return error
+
+
 def _hf_call(what: str, fn, *args, **kwargs):
     """`fn(*args, **kwargs)`, a transformers loader of `args[0]`: its failure one sentence, its bars lines in a log."""
+    advice = "pass a directory written by save_pretrained or a hub id this machine can download"
     source = str(args[0]) if args and isinstance(args[0], (str, Path)) else ""
     if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
         # transformers would try it as a hub id and say "Repo id must use alphanumeric chars ..."
-        raise UserError(f"cannot load {what}: {source} does not exist (a path, not a hub id); pass a directory "
-                        "written by save_pretrained or a hub id this machine can download.")
+        raise _load_failure(f"cannot load {what}: {source} does not exist (a path, not a hub id)", advice)
     try:
         with transformers_bars_as_lines():
             return fn(*args, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        raise UserError(
-            f"cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "pass a directory written by save_pretrained or a hub id this machine can download."
-        ) from e
+        raise _load_failure(f"cannot load {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                            advice) from e
 
 
 class ImageTransform:
