@@ -54,6 +54,8 @@ CSS = """
 #top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty), #image-results:has(> .empty) {display: none !important;}
 """
 
+LEGEND_BELOW_PX = 560  # a plot narrower than this draws its legend under the axes (HOOK_PLOTLY_JS)
+
 # Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.
 HOOK_PLOTLY_JS = """
 () => {
@@ -79,9 +81,44 @@ HOOK_PLOTLY_JS = """
     gd.on('plotly_sunburstclick', (ev) => { open(ev); return false; });
     gd.on('plotly_treemapclick', (ev) => { open(ev); return false; });
   });
-  setInterval(hook, 400);
+  // A legend in a column at the right of a plot narrower than LEGEND_BELOW_PX (a phone) goes under the axes,
+  // the figure taller by the legend's height: the ROC's 15 detectors left its axes 64 px of a 324 px plot, and
+  // its x title started off the screen. Checked at every tick, as a new figure from the server (Gradio's
+  // react) brings the column back, and a window widened again puts the legend back where the figure had it.
+  // Plotly.react with a changed layout, not relayout: a relayout of the height fixes the width too, and the
+  // plot stopped following the window.
+  const KEYS = ['x', 'xanchor', 'y', 'yanchor'];
+  const placeLegends = () => document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
+    const P = window.Plotly, full = gd._fullLayout, lg = (gd.layout && gd.layout.legend) || {};
+    if (!P || !full || !full.showlegend || !full._size || gd.__saeRelayout) return;
+    const below = gd.__saeLegend !== undefined && lg.yanchor === 'top' && lg.y < 0 && lg.x === 0;
+    if (!below && (lg.orientation === 'h' || (lg.x !== undefined && lg.x < 1))) return;  // not a column at the right
+    if (gd.clientWidth === 0 || Math.abs(full.width - gd.clientWidth) > 2) return;  // hidden, or a resize to come
+    const narrow = gd.clientWidth < %d;
+    if (narrow === below) return;
+    gd.__saeRelayout = true;
+    const done = () => { gd.__saeRelayout = false; };
+    const redraw = (legend, more) => P.react(gd, gd.data, Object.assign({}, gd.layout, {legend: legend}, more));
+    if (below) {
+      const was = gd.__saeLegend, legend = Object.assign({}, lg);
+      delete gd.__saeLegend;
+      KEYS.forEach((k) => { if (was[k] === undefined) delete legend[k]; else legend[k] = was[k]; });
+      redraw(legend, {height: was.height, margin: was.margin}).then(done, done);
+      return;
+    }
+    gd.__saeLegend = {height: gd.layout.height, margin: gd.layout.margin};
+    KEYS.forEach((k) => { gd.__saeLegend[k] = lg[k]; });
+    // under the x axis's title (about 56 px below the axes), the right margin kept for the column (80 px of
+    // plotly's template) down to 20; then the figure grows by the legend's own height
+    const legend = Object.assign({}, lg, {x: 0, xanchor: 'left', yanchor: 'top', y: -62 / full._size.h});
+    const margin = Object.assign({}, gd.layout.margin, {r: Math.min(full.margin.r, 20)});
+    redraw(legend, {margin: margin})
+      .then(() => redraw(legend, {margin: margin, height: full.height + ((gd._fullLayout.legend || {})._height || 0) + 10}))
+      .then(done, done);
+  });
+  setInterval(() => { hook(); placeLegends(); }, 400);
 }
-"""
+""" % LEGEND_BELOW_PX
 
 # Keeps the address bar in step with the page state (so a copied URL restores it), and remembers each tab's
 # last address for a switch back to it by hand (TAB_ADDRESS_JS). What the user opened (another tab, neuron,

@@ -938,6 +938,26 @@ def test_the_ood_tables_descriptions_are_read_whole(page, probe_outputs):
         plot, table = (pg.evaluate(f"() => document.querySelector('{e}').getBoundingClientRect().bottom")
                        for e in ("#roc-plot", "#ood-table"))
         assert axes > 300 and plot < table, (axes, plot, table)
+        # on a phone the legend (a column at the right) left the axes 64 of 324 px and pushed the x axis's title
+        # off the screen's left edge (until 2026-12-05): below 560 px of plot it goes under the axes, and back
+        # to the right when the window widens
+        boxes = """() => Object.fromEntries(['.nsewdrag', '.legend', '.g-xtitle', '.main-svg'].map(s => [s,
+            (({left, right, top, bottom}) => ({left, right, top, bottom}))(document.querySelector('#roc-plot ' + s)
+            .getBoundingClientRect())]))"""
+        pg.set_viewport_size({"width": 390, "height": 844})
+        pg.goto(url + "/")
+        pg.wait_for_selector("#roc-plot .nsewdrag")
+        pg.wait_for_function("() => document.querySelector('#roc-plot .legend').getBoundingClientRect().top > "
+                             "document.querySelector('#roc-plot .nsewdrag').getBoundingClientRect().bottom")
+        pg.wait_for_timeout(800)  # the figure's growth by the legend's height, a second relayout
+        b = pg.evaluate(boxes)
+        assert b[".nsewdrag"]["right"] - b[".nsewdrag"]["left"] > 200, b
+        assert b[".g-xtitle"]["left"] >= b[".main-svg"]["left"] and b[".g-xtitle"]["bottom"] <= b[".legend"]["top"], b
+        assert b[".legend"]["bottom"] <= b[".main-svg"]["bottom"], b  # the figure grew to hold it
+        pg.set_viewport_size({"width": 1400, "height": 900})
+        pg.wait_for_function("() => document.querySelector('#roc-plot .legend').getBoundingClientRect().left > "
+                             "document.querySelector('#roc-plot .nsewdrag').getBoundingClientRect().right")
+        assert pg.evaluate("() => document.querySelector('#roc-plot .js-plotly-plot').layout.height") == 440
     finally:
         proc.terminate()
         proc.wait(30)
