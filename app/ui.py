@@ -32,6 +32,10 @@ TAB_URL_BUTTON = "tab-url-btn"
 # the label's line, not on the first row's last image. Below 960 px (a tablet, a phone, a half-screen window) the
 # galleries take 4 columns that fit the width: Gradio's 8 of at least 100 px showed 6 of 16 images on a
 # phone, and at 768 px cut the last two columns off a 686 px box, with no scroll bar either time.
+# Measured on a 390 px phone until 2026-12-05: captions there were 9 px (11 now, as on a desktop); the upload
+# boxes' floating labels covered their upload icon (in the flow now, as the galleries'); sliders, radio
+# buttons and check boxes showed no keyboard focus at all (0 pixels changed), so an arrow key moved a strength
+# the user could not see.
 CSS = """
 [data-sae-focus]:focus {outline: none;}
 #open-neuron-box, #open-neuron-btn, #url-state-box, #tab-url-btn {display: none !important;}
@@ -48,10 +52,13 @@ CSS = """
   #top-gallery .grid-container, #patch-gallery .grid-container, #image-results .grid-container {grid-template-columns: repeat(4, minmax(0, 1fr)) !important;}
   #top-gallery .thumbnail-item, #patch-gallery .thumbnail-item, #image-results .thumbnail-item {aspect-ratio: auto !important; height: auto !important;}
   #top-gallery .thumbnail-item img, #patch-gallery .thumbnail-item img, #image-results .thumbnail-item img {height: auto !important; width: 100% !important; aspect-ratio: 1 / 1;}
-  #top-gallery .thumbnail-item .caption-label, #patch-gallery .thumbnail-item .caption-label, #image-results .thumbnail-item .caption-label {position: static !important; display: block !important; max-width: 100% !important; font-size: 9px !important; padding: 1px 2px !important; margin: 0 !important; transform: none !important;}
+  #top-gallery .thumbnail-item .caption-label, #patch-gallery .thumbnail-item .caption-label, #image-results .thumbnail-item .caption-label {position: static !important; display: block !important; max-width: 100% !important; font-size: 11px !important; padding: 1px 2px !important; margin: 0 !important; transform: none !important;}
 }
 #top-gallery .caption-label, #patch-gallery .caption-label, #image-results .caption-label {white-space: normal !important; max-width: 92% !important; left: 4% !important; line-height: 1.2 !important; padding: 2px 6px !important; font-size: 11px !important;}
 #top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty), #image-results:has(> .empty) {display: none !important;}
+#search-upload [data-testid=block-label], #image-upload [data-testid=block-label], #steer-upload [data-testid=block-label] {position: relative !important; top: 0 !important; left: 0 !important; white-space: normal !important; height: auto !important;}
+@media (max-width: 560px) {#steer-keep-error, #steer-sweep-on, #steer-tokens {flex: 1 1 100% !important; min-width: 100% !important;}}
+input[type=range]:focus-visible, input[type=radio]:focus-visible, input[type=checkbox]:focus-visible {outline: 2px solid var(--color-accent) !important; outline-offset: 2px;}
 """
 
 LEGEND_BELOW_PX = 560  # a plot narrower than this draws its legend under the axes (HOOK_PLOTLY_JS)
@@ -367,8 +374,11 @@ class SteerTab:
             self.upload = gr.File(file_types=["image"], type="filepath", label="or upload an image", height=120,
                                   elem_id="steer-upload")
         with gr.Row():
+            # alt text: the picture is a Tab stop, which screen readers announced as an unnamed button
             self.picture = gr.Image(type="filepath", interactive=False, label="the image (click patches to restrict)",
-                                    elem_id="steer-picture", height=340)
+                                    elem_id="steer-picture", height=340,
+                                    alt_text="the image to steer with its patch grid; type patch numbers in the "
+                                             "patches box to restrict the clamp")
             self.latents_df = gr.Dataframe(headers=LATENT_COLUMNS, interactive=False, elem_id="steer-latents",
                                            label="latents that fire on it: max and mean over patches, the patch "
                                                  "where most, the max in strength units (click one to put it in "
@@ -391,19 +401,23 @@ class SteerTab:
         # the default question's instruction ("Use exactly one word!") shapes every answer
         self.question = gr.Dropdown(list(DEFAULT_QUESTIONS), value=DEFAULT_QUESTIONS[0], allow_custom_value=True,
                                     label="question", elem_id="steer-question")
+        # below 560 px each on a line of its own (CSS: Gradio puts the three in one form box, where min_width does
+        # nothing): on a 390 px phone they shared a row, which cut "strength sweep" to "strengt" and put "keep
+        # the SAE error term" one word a line
         with gr.Row():
-            self.keep_error = gr.Checkbox(value=False, label="keep the SAE error term")
-            self.sweep = gr.Checkbox(value=True, label="strength sweep")
-            self.max_tokens = as_sent(gr.Slider(1, inputs.MAX_NEW_TOKENS, value=5, step=1, label="answer tokens"))
+            self.keep_error = gr.Checkbox(value=False, label="keep the SAE error term", elem_id="steer-keep-error")
+            self.sweep = gr.Checkbox(value=True, label="strength sweep", elem_id="steer-sweep-on")
+            self.max_tokens = as_sent(gr.Slider(1, inputs.MAX_NEW_TOKENS, value=5, step=1, label="answer tokens",
+                                                elem_id="steer-tokens"))
         self.steer_button = gr.Button("Steer", variant="primary", elem_id="steer-button")
         with gr.Row():
             self.original = gr.Textbox(label="original model", elem_id="answer-original", elem_classes="answer")
             self.sae_answer = gr.Textbox(label="SAE inserted (nothing clamped)", elem_id="answer-sae",
                                          elem_classes="answer")
             self.steered = gr.Textbox(label="steered", elem_id="answer-steered", elem_classes="answer")
-        with gr.Row():
+        with gr.Row():  # the sweep over the score on a phone (beside it, its answers were scrolled out of view)
             self.sweep_df = gr.Dataframe(headers=["strength (x token max)", "answer"], interactive=False,
-                                         label="strength sweep", elem_id="steer-sweep")
+                                         label="strength sweep", elem_id="steer-sweep", min_width=340)
             self.score_md = gr.Markdown(elem_id="steer-score")
         with gr.Accordion("details (JSON)", open=False):
             self.details = gr.JSON()
@@ -733,7 +747,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         open_button_hidden = gr.Button("open", visible="hidden", elem_id=OPEN_BUTTON)
         url_box = gr.Textbox(visible="hidden", elem_id=URL_BOX, label="url state")
         tab_url_button = gr.Button("tab address", visible="hidden", elem_id=TAB_URL_BUTTON)
-        with gr.Tabs(selected="overview") as tabs:
+        # the tab strip wraps to a second row: Gradio's default menu hid 4 of the 6 pages of a phone behind a
+        # 34 x 26 px "..." button whose items a screen reader was not told were tabs
+        with gr.Tabs(selected="overview", overflow_behavior="wrap") as tabs:
             # ---------------------------------------------------------------- Overview
             with gr.Tab("Overview", id="overview"):
                 # the two sides stack on a phone (side by side, the values' column was 60 px wide and split
@@ -743,9 +759,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                         facts_md = gr.Markdown(elem_id="bundle-facts")
                     with gr.Column(min_width=320):
                         # tall enough for the demo bundle's 27 rows (1,422 px drawn), most wrapped to two
-                        # lines, without an inner scroll bar (1,000 px hid the last 4 of 23)
+                        # lines, without an inner scroll bar (1,000 px hid the last 4 of 23), also on a phone,
+                        # where they wrap to 3-4 lines (1,600 px cut the last row of the tiny bundle's there)
                         metrics_df = gr.Dataframe(headers=["metric", "value"], interactive=False,
-                                                  label="SAE metrics", max_height=1600, wrap=True,
+                                                  label="SAE metrics", max_height=4000, wrap=True,
                                                   column_widths=["72%", "28%"], elem_id="metrics-table")
                 with gr.Row():
                     ms_hist_plot = gr.Plot(label="MS distribution", elem_id="ms-plot")
@@ -876,7 +893,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 img_neurons_note = gr.Markdown(elem_id="image-neurons-note")
                 with gr.Row(visible=False) as img_row:  # shown with its first image: no empty boxes before
                     img_picture = gr.Image(type="filepath", interactive=False, label="the image", height=260,
-                                           elem_id="image-picture")
+                                           elem_id="image-picture", alt_text="the dataset image opened")
                     img_neurons = gr.Dataframe(headers=IMAGE_NEURON_COLUMNS, interactive=False, scale=2,
                                                label="neurons whose top-16 galleries hold it (click a row to open it)",
                                                elem_id="image-neurons")

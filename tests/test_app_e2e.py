@@ -786,6 +786,32 @@ def test_phone_layout(page, explorer_app):
                                 .filter(q => q.width > 0).map(q => Math.round(q.top))).size]; })""")
         # a line breaks between words only ("0.72, 0.62, 0.59, 0.61" may take 4 lines, "0.0444" one)
         assert lines and all(n <= len(text.split()) for text, n in lines), lines
+        # measured by a reviewer on 2026-12-05: the metrics' last row was cut inside a scroll box of its own
+        # (1,678 px of rows in 1,600); 4 of the 6 tabs were hidden behind a "..." menu; captions were 9 px
+        scroll, shown = pg.evaluate("() => { const v = document.querySelector('#metrics-table .virtual-table-viewport');"
+                                    " return [v.scrollHeight, v.clientHeight]; }")
+        assert scroll <= shown + 1, (scroll, shown)
+        tabs = pg.evaluate("() => Array.from(document.querySelectorAll('[role=tab]')).filter(t => t.checkVisibility())"
+                           ".map(t => t.innerText.trim())")
+        assert tabs == ["Overview", "Neurons", "Neuron", "Images", "Hierarchy", "Steer"], tabs
+        pg.goto(f"{explorer_app.url}/?tab=neuron&neuron=0")
+        pg.wait_for_selector("#top-gallery .caption-label")
+        sizes = pg.evaluate("() => Array.from(document.querySelectorAll('#top-gallery .caption-label'))"
+                            ".map(c => parseFloat(getComputedStyle(c).fontSize))")
+        assert min(sizes) >= 11, sizes
+        # an upload box's label covered its upload icon; the Steer page's options shared one row (cut to
+        # "strengt"); its picture was an unnamed button to a screen reader
+        pg.goto(f"{explorer_app.url}/?tab=neurons")
+        pg.wait_for_selector("#search-upload .icon-wrap")
+        label, icon = pg.evaluate("() => ['[data-testid=block-label]', '.icon-wrap'].map(s => document"
+                                  ".querySelector('#search-upload ' + s).getBoundingClientRect()).map(r => [r.top, r.bottom])")
+        assert label[1] <= icon[0], (label, icon)
+        pg.goto(f"{explorer_app.url}/?tab=steer&image=0")
+        pg.wait_for_selector("#steer-picture img")
+        rows = pg.evaluate("() => ['#steer-keep-error', '#steer-sweep-on', '#steer-tokens'].map(s => document"
+                           ".querySelector(s).getBoundingClientRect()).map(r => [r.top, r.bottom, r.width])")
+        assert rows[0][1] <= rows[1][0] + 1 and rows[1][1] <= rows[2][0] + 1 and min(r[2] for r in rows) > 250, rows
+        assert "patches box" in pg.get_attribute("#steer-picture img", "alt")
 
 
 def test_tablet_layout(page, explorer_app):
@@ -810,6 +836,10 @@ def test_tablet_layout(page, explorer_app):
         shown, whole = pg.evaluate("() => { const e = document.querySelector('#steer-question input');"
                                    " return [e.clientWidth, e.scrollWidth]; }")
         assert whole <= shown, (shown, whole)
+        # a slider had no keyboard focus at all (0 pixels changed): the arrows moved a strength no one could see
+        pg.focus("#steer-tokens input[type=range]")
+        pg.keyboard.press("ArrowRight")
+        assert pg.evaluate("() => getComputedStyle(document.activeElement).outlineStyle") == "solid"
 
 
 def test_link_with_a_neuron_and_another_tab(page, explorer_app):
