@@ -173,7 +173,7 @@ def decode_state(params) -> dict:
     for key in STATE_KEYS:
         if key not in params:
             continue
-        v = str(params[key])[:1000]
+        v = str(params[key])  # whole: a 5,000-character query was cut to 1,000 and called "1000 characters long"
         if key in ("latents", "values", "patches"):
             state[key] = [s for s in v.replace(" ", ",").split(",") if s]
         else:

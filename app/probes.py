@@ -93,7 +93,7 @@ class ProbeResults:
             out = ("ok", build(data))
         except (OSError, UnicodeDecodeError) as e:
             out = ("unreadable", f"it cannot be read ({e.__class__.__name__})")
-        except ValueError as e:  # json.JSONDecodeError
+        except (ValueError, RecursionError) as e:  # json.JSONDecodeError, or nested deeper than json reads
             out = ("unreadable", f"it is not valid JSON ({e})")
         except Unreadable as e:
             out = ("unreadable", str(e))

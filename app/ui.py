@@ -682,12 +682,18 @@ class SteerTab:
 
             lat = field(lambda: [inputs.integer(k, "latent", 0, ex.n_neurons - 1) for k in state.get("latents") or []], [])
             vals = field(lambda: [slider_strength(v) for v in state.get("values") or []], [])
-            slots = {}  # latent -> strength, the i-th strength with the i-th latent
+            slots, again = {}, {}  # latent -> strength, the i-th strength with the i-th latent; latents repeated
             for i, k in enumerate(lat):
                 if k in slots:
-                    refused.append(link_field_lost(f"latent {k} is given twice", "its first strength is kept"))
+                    again[k] = None
                 else:
                     slots[k] = vals[i] if i < len(vals) else 4.0
+            if again:  # one warning for them all (a link naming latent 1 400 times showed 399 until 2026-12-05)
+                named = ", ".join(map(str, list(again)[:5])) + (f" and {len(again) - 5} more" if len(again) > 5 else "")
+                refused.append(link_field_lost(f"latent {named} is given more than once", "its first strength is kept")
+                               if len(again) == 1 else
+                               link_field_lost(f"latents {named} are given more than once",
+                                               "the first strength of each is kept"))
             if len(slots) > N_SLOTS:
                 refused.append(link_field_lost(f"{len(slots)} latents were given and the page has {N_SLOTS} slots",
                                                f"the first {N_SLOTS} are kept"))

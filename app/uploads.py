@@ -13,6 +13,7 @@ from sae_core.errors import UserError
 # What an explorer needs to see; anything else (PSD, EPS, ICO, ...) is refused before decoding.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 _READ_AS = {"MPO": "JPEG"}  # what PIL calls a JPEG with more pictures in it (phone photos, Ultra HDR)
+MAX_ASPECT = 50  # long side over short side; a panorama is 4 to 12 (until 2026-12-05 any shape was taken)
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
     if size == 0:
         raise UserError("the uploaded file is empty; upload a PNG or JPEG image.")
     with warnings.catch_warnings():
-        # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; treat every such warning as a refusal.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # PIL only *warns* between MAX_IMAGE_PIXELS and twice that: at the open, ignored, as our own limit below
+        # says it with the image's size (a 12,000 x 12,000 PNG was "not an image PIL can read" until 2026-12-05);
+        # at the decode, a refusal
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(path)
         except Image.DecompressionBombError:
@@ -88,6 +91,12 @@ def load_upload(path, limits: UploadLimits = UploadLimits()):
                 raise UserError(f"the image is {w:,} x {h:,} = {w * h:,} pixels, above the limit of "
                                 f"{limits.max_pixels:,} ({limits.max_pixels / 1e6:.2f} megapixels); downscale it "
                                 "before uploading.")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                # the models scale the short side up to their input size: a 1 x 1,000,000 PNG of 2 KB took 10 GB
+                raise UserError(f"the image is {w:,} x {h:,} pixels, one side more than {MAX_ASPECT} times the other, "
+                                "and the model would scale its short side up to its input size; crop it before "
+                                "uploading.")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
                 im.seek(0)  # first frame of an animation
                 im.load()

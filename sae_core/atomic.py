@@ -80,7 +80,7 @@ def read_json_object(path: str | Path, fix: str) -> dict:
     is not JSON (a copy cut short), or holds another JSON value than an object."""
     try:
         value = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
+    except (OSError, ValueError, RecursionError) as e:  # JSON or UTF-8 decoding; nested deeper than json reads
         raise UserError(f"{path} cannot be read as JSON ({e}); {fix}.") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} holds a JSON {json_kind(value)}, not an object; {fix}.")

@@ -166,6 +166,29 @@ def _inside(rel) -> bool:
     return isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
+def _parent_loop(nodes: list[dict], n_neurons: int) -> str | None:
+    """What is wrong with the tree's parent links, or None: a parent outside -1..n_neurons-1, or a chain of parents
+    that comes back to where it started (the Hierarchy page walked such a loop for ever, its memory growing by
+    50 MB/s, until 2026-12-05). One walk per node, none over a node already known to reach a root."""
+    parent = {n["id"]: n.get("parent", -1) for n in nodes}
+    outside = next((i for i, p in parent.items() if not -1 <= p < n_neurons), None)
+    if outside is not None:
+        return f"node {outside} has parent {parent[outside]}, outside -1..{n_neurons - 1}"
+    reaches_root: set[int] = set()
+    for start in parent:
+        chain, seen, i = [], set(), start
+        while i in parent and i not in reaches_root:
+            if i in seen:
+                loop = chain[chain.index(i):] + [i]
+                return "the parents of node " + " -> ".join(map(str, loop[:6])) + (" -> ..." if len(loop) > 6 else "") \
+                    + " make a loop"
+            seen.add(i)
+            chain.append(i)
+            i = parent[i]
+        reaches_root.update(chain)
+    return None
+
+
 class Bundle:
     """A finished bundle, read lazily: arrays are memory-mapped on first use and cached."""
 
@@ -185,7 +208,7 @@ class Bundle:
                             f"inspect {root}` says how far it got and which command that is).")
         try:
             manifest = json.loads(mpath.read_text())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than json reads
             raise UserError(f"{mpath} cannot be read as JSON ({e}); rebuild the bundle.") from e
         if isinstance(manifest, dict) and "shards" in manifest and "schema_version" not in manifest:
             refuse_another_folder(root)
@@ -211,6 +234,15 @@ class Bundle:
             if type(value) is not int or value < 0:
                 raise UserError(f"{mpath} holds {section}.{key} = {json.dumps(value)}, not a whole number; the bundle "
                                 "is damaged, rebuild it.")
+        # read as text by the app's start, its pages and `inspect` ("world": 5 was a TypeError traceback there,
+        # model.tokens [1] "unhashable type: 'list'" on every neuron page; until 2026-12-05)
+        texts = {"world": manifest.get("world"), **{f"{section}.{key}": manifest[section].get(key) for section, key in
+                                                    (("model", "spec"), ("model", "tokens"), ("embedder", "spec"),
+                                                     ("dataset", "spec"))}}
+        for where, value in texts.items():
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{mpath} holds {where} = {json.dumps(value)[:80]}, not a string; the bundle is "
+                                "damaged, rebuild it.")
         self.root = root
         self.manifest: dict = manifest
         self._arrays: dict[str, np.ndarray] = {}
@@ -296,6 +328,9 @@ class Bundle:
             v = labels.get(key, [])
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise UserError(f"{self.root / LABELS}: {key} is not a list of strings; the bundle is damaged, rebuild it.")
+        if labels.get("method") is not None and not isinstance(labels["method"], str):  # shown on every neuron page
+            raise UserError(f"{self.root / LABELS}: method is {json.dumps(labels['method'])[:80]}, not a string; the "
+                            "bundle is damaged, rebuild it.")
         patch = labels["from_patch_gallery"]
         if "labels" not in labels or not isinstance(patch, list) or not all(type(k) is int for k in patch):
             raise UserError(f"{self.root / LABELS} lacks its labels or lists non-integer neuron ids as labelled from "
@@ -537,6 +572,7 @@ class Bundle:
             (f"node {i} is {json.dumps(n)[:80]}" for i, n in enumerate(nodes) if bad(n)), None)
         if not isinstance(depth, list) or any(type(d) not in (int, float, type(None)) for d in depth):
             wrong = wrong or "depth_per_level is not a list of numbers"
+        wrong = wrong or _parent_loop(nodes, self.n_neurons)
         if wrong:
             raise UserError(f"{self.root / HIERARCHY} is not the tree the atlas writes ({wrong}; a node is {{id: a "
                             f"neuron 0..{self.n_neurons - 1}, level, parent: whole numbers, label, ms}}); the bundle is "
@@ -575,6 +611,7 @@ class Bundle:
             if raw.ndim != 1 or raw.dtype.kind not in "biuf":
                 raise UserError(f"bundle {self.root}: {RAW_MS} holds {raw.dtype} values of shape {raw.shape}, not one "
                                 "number per raw unit of the layer; rebuild the bundle.")
+        self._validate_values()
         if self.has(EMBEDDINGS):  # search results are row numbers, read as image ids
             shape = self.array(EMBEDDINGS).shape
             if len(shape) != 2 or shape[0] != self.n_images:
@@ -626,6 +663,22 @@ class Bundle:
             if ids.size and (ids.max() >= K or ids.min() < -1):
                 raise UserError(f"bundle {self.root}: {name} holds neuron ids outside 0..{K - 1}; rebuild it.")
         self._validate_manifest()
+
+    def _validate_values(self) -> None:
+        """MS in [-1, 1] or NaN (a weighted mean of cosines), and no infinity among the per-neuron figures the pages
+        show (the heat maps, K x T x patches, are not read): until 2026-12-05 an MS of inf read on the neuron page as
+        "fires on too few images" and sorted first, 7.0 was shown as a score, a max activation as "inf"."""
+        for name in ("ms", "patch_ms", RAW_MS):
+            if self.has(name):
+                ms = np.asarray(self.array(name), np.float64)
+                if np.any(np.abs(ms[~np.isnan(ms)]) > 1 + 1e-4):
+                    raise UserError(f"bundle {self.root}: {name} holds {np.nanmax(np.abs(ms)):g}, outside the -1 to 1 "
+                                    "of a Monosemanticity Score; the bundle is damaged, rebuild it.")
+        two_axes = ("top_acts", "patch_top_acts", "decoder_neighbor_cos", "band_acts", "patch_band_acts")
+        for name in (*sorted(ONE_PER_NEURON), *two_axes):
+            if self.has(name) and self.array(name).dtype.kind == "f" and np.isinf(self.array(name)).any():
+                raise UserError(f"bundle {self.root}: neurons/{name}.npy holds an infinite value; the bundle is "
+                                "damaged, rebuild it.")
 
     def _validate_manifest(self) -> None:
         """The manifest's patch grid (against the heat arrays' patches), view, skipped images and metrics, as the

@@ -22,7 +22,7 @@ def folder_kind(path: Path) -> str | None:
     if (path / "manifest.json").is_file():  # a bundle's or a store's (a damaged one: the bundle reader names it)
         try:
             return "store" if "shards" in json.loads((path / "manifest.json").read_text()) else "bundle"
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, RecursionError):
             return "bundle"
     if (path / "extract.json").is_file():
         return "extraction"
@@ -52,7 +52,7 @@ def refuse_bundle_as_world(path: Path) -> None:
     else:
         try:
             named = json.loads((path / "manifest.json").read_text()).get("world")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             named = None
         where = (f"it was built on the world {named}: pass that" if isinstance(named, str) and named else
                  "pass a world's folder (`python -m precompute world --out DIR` builds one)")

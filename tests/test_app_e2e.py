@@ -370,7 +370,15 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     wait_value(pg, "#steer-patches textarea", "3,5")  # in order, as typing leaves them (it showed "5,3")
     wait_value(pg, "#steer-value-2 input[type=number]", "8")
     assert pg.input_value("#steer-latent-1 input") == "3" and pg.input_value("#steer-value-1 input[type=number]") == "1"
-    pg.wait_for_selector("text=latent 3 is given twice")
+    pg.wait_for_selector("text=latent 3 is given more than once")
+    # one warning for a latent repeated 400 times (399 before), and a query's true length (one of 5,000 characters
+    # was cut to 1,000 and said to be "1000 characters long"; until 2026-12-05)
+    pg.goto(explorer_app.url + "/?tab=steer&latents=" + ",".join(["1"] * 400 + ["2", "2"]))
+    pg.wait_for_selector("text=latents 1, 2 are given more than once")
+    wait_value(pg, "#steer-latent-2 input", "2")
+    assert pg.locator(".toast-wrap").get_by_text("given more than once").count() == 1
+    pg.goto(explorer_app.url + "/?tab=images&query=" + "a" * 5000)
+    pg.wait_for_selector("text=the query is 5000 characters long")
     # an images link with one bad field restores the other (the query's search was lost with the image)
     pg.goto(explorer_app.url + "/?tab=images&image=abc&query=a+photo+of+a+red+object")
     pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")

@@ -100,6 +100,26 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
         load_upload(big)
     assert str(e.value) == ("the image is 4,097 x 4,096 = 16,781,312 pixels, above the limit of 16,777,216 (16.78 "
                             "megapixels); downscale it before uploading.")
+    # between PIL's limit and twice it PIL only warns: that warning was "not an image PIL can read" (until 2026-12-05)
+    assert Image.MAX_IMAGE_PIXELS < 12_000 * 12_000 < 2 * Image.MAX_IMAGE_PIXELS
+    png_header_only(big, 12_000, 12_000)
+    with pytest.raises(UserError, match=r"^the image is 12,000 x 12,000 = 144,000,000 pixels, above the limit"):
+        load_upload(big)
+
+
+def test_an_upload_far_longer_than_wide_is_refused_before_decoding(tmp_path):
+    """A 1 x 1,000,000 PNG of 2 KB is 1 megapixel, within the limit, but the models scale its short side up to
+    their input size: 10.2 GB of memory in a search by image (a reviewer's measurement, 2026-12-05). One side more
+    than 50 times the other is refused; 50 times is taken."""
+    thin = tmp_path / "thin.png"
+    Image.new("1", (1, 1_000_000)).save(thin)
+    assert thin.stat().st_size < 5_000
+    with pytest.raises(UserError) as e:
+        load_upload(thin)
+    assert str(e.value) == ("the image is 1 x 1,000,000 pixels, one side more than 50 times the other, and the model "
+                            "would scale its short side up to its input size; crop it before uploading.")
+    Image.new("RGB", (500, 10), (200, 10, 10)).save(thin)
+    assert load_upload(thin).size == (500, 10)
 
 
 def test_byte_limit_non_images_and_corrupt_files(tmp_path):

@@ -330,6 +330,65 @@ def test_validate_catches_what_the_pages_index_and_draw_by(tmp_path):
             B.open_bundle(tmp_path).hierarchy()
 
 
+def test_crafted_bundles_from_a_review_are_one_sentence(tmp_path):
+    """A reviewer's damaged bundles of 2026-12-05, each a traceback, a hang or a wrong figure before: a parent loop in
+    the tree (the Hierarchy page walked it for ever, +50 MB/s), JSON nested 200,000 deep (a RecursionError traceback),
+    a manifest's spec, tokens or world that is no string and labels.json's method a number (tracebacks at the app's
+    start or on every neuron page), an MS of inf or 7.0 and an infinite max activation (shown as figures)."""
+    _write_small_bundle(tmp_path)  # K 6
+    damaged = "the bundle is damaged, rebuild it"
+    tree = {"nodes": [{"id": k, "level": int(k > 1), "parent": -1 if k < 2 else k - 1, "label": "x", "ms": None}
+                      for k in range(6)], "depth_per_level": [1.0, None]}
+    B.write_json(tmp_path, B.HIERARCHY, tree)
+    assert B.open_bundle(tmp_path).hierarchy() == tree  # a chain 0 <- 2 <- 3 <- 4 <- 5 is no loop
+    for parents, said in (({4: 5}, "the parents of node 4 -> 5 -> 4 make a loop"),
+                          ({3: 3}, "the parents of node 3 -> 3 make a loop"),
+                          ({k: (k + 1) % 6 for k in range(6)}, "the parents of node 0 -> 1 -> 2 -> 3 -> 4 -> 5 -> ... "
+                                                               "make a loop"),
+                          ({2: 6}, "node 2 has parent 6, outside -1..5"), ({2: -2}, "node 2 has parent -2")):
+        nodes = [{**n, "parent": parents.get(n["id"], n["parent"])} for n in tree["nodes"]]
+        B.write_json(tmp_path, B.HIERARCHY, {**tree, "nodes": nodes})
+        with pytest.raises(UserError, match=rf"hierarchy.json is not the tree the atlas writes \({re.escape(said)}"):
+            B.open_bundle(tmp_path).hierarchy()
+    B.write_json(tmp_path, B.HIERARCHY, tree)
+    good = json.loads((tmp_path / B.MANIFEST).read_text())
+    for change, said in (({"world": 5}, "holds world = 5, not a string"),
+                         ({"model": {**good["model"], "spec": 5}}, "holds model.spec = 5, not a string"),
+                         ({"model": {**good["model"], "tokens": [1]}}, "holds model.tokens = [1], not a string"),
+                         ({"embedder": {**good["embedder"], "spec": {"a": 1}}}, 'holds embedder.spec = {"a": 1}'),
+                         ({"dataset": {**good["dataset"], "spec": 5}}, "holds dataset.spec = 5, not a string")):
+        (tmp_path / B.MANIFEST).write_text(json.dumps({**good, **change}))
+        with pytest.raises(UserError, match=rf"manifest.json {re.escape(said)}.*; {damaged}"):
+            B.open_bundle(tmp_path)
+    (tmp_path / B.MANIFEST).write_text("[" * 200_000)
+    with pytest.raises(UserError, match=r"manifest.json cannot be read as JSON \(maximum recursion depth"):
+        B.open_bundle(tmp_path)
+    (tmp_path / B.MANIFEST).write_text(json.dumps(good))
+    (tmp_path / B.HIERARCHY).write_text("[" * 200_000)
+    with pytest.raises(UserError, match=r"hierarchy.json cannot be read as JSON \(maximum recursion depth"):
+        B.open_bundle(tmp_path).hierarchy()
+    B.write_json(tmp_path, B.HIERARCHY, tree)
+    labels = json.loads((tmp_path / B.LABELS).read_text())
+    B.write_json(tmp_path, B.LABELS, {**labels, "method": 5})
+    with pytest.raises(UserError, match=rf"labels.json: method is 5, not a string; {damaged}"):
+        B.open_bundle(tmp_path).validate()
+    B.write_json(tmp_path, B.LABELS, labels)
+    ms = np.load(tmp_path / "neurons/ms.npy")
+    for name, value, said in (("ms", np.inf, "ms holds inf, outside the -1 to 1"), ("ms", 7.0, "ms holds 7, outside"),
+                              ("ms", -1.5, "ms holds 1.5, outside"), ("max_act", np.inf, "max_act.npy holds an infinite"),
+                              ("top_acts", -np.inf, "top_acts.npy holds an infinite")):
+        kept = np.load(tmp_path / f"neurons/{name}.npy")
+        bad = kept.copy()
+        bad.flat[1] = value
+        B.write_array(tmp_path, f"neurons/{name}.npy", bad)
+        with pytest.raises(UserError, match=rf"^bundle {tmp_path}: (neurons/)?{re.escape(said)}.*; {damaged}\.$"):
+            B.open_bundle(tmp_path).validate()
+        B.write_array(tmp_path, f"neurons/{name}.npy", kept)
+    B.write_array(tmp_path, "neurons/ms.npy", np.array([np.nan, 1.0, -1.0, 0.5, np.nan, 0.0], np.float32))
+    B.open_bundle(tmp_path).validate()  # NaN (too few images) and the ends of the range are scores
+    B.write_array(tmp_path, "neurons/ms.npy", ms)
+
+
 def test_arrays_of_the_wrong_rank_and_a_malformed_skipped_list_are_one_sentence(tmp_path):
     """A per-neuron array saved with an axis too few (hist_counts or top_images 1-D: an IndexError in validate and
     `inspect`) or one too many, and a manifest whose `skipped` is not the list of images (a TypeError at the app's start)."""
