@@ -232,10 +232,8 @@ TAB_ADDRESS_JS = """
   document.addEventListener('click', (ev) => {
     const btn = ev.target && ev.target.closest ? ev.target.closest('button') : null;
     if (!btn) return;
-    // the tab strip's buttons carry their id; the overflow menu's ("More tabs", narrow windows) only a label
-    const menu = btn.parentElement && btn.parentElement.previousElementSibling;
-    const inMenu = !!menu && menu.getAttribute('aria-label') === 'More tabs';
-    const id = btn.getAttribute('role') === 'tab' ? btn.dataset.tabId : (inMenu ? btn.innerText.trim().toLowerCase() : null);
+    // the tab strip's buttons carry their id (it wraps in a narrow window: no "More tabs" menu since 2026-12-05)
+    const id = btn.getAttribute('role') === 'tab' ? btn.dataset.tabId : null;
     if (!id || !tabs.includes(id)) return;
     window.__saeTabUrl = memory[id] !== undefined ? memory[id] : 'tab=' + id;
     const hidden = document.querySelector('#%s');
