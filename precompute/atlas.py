@@ -342,17 +342,26 @@ def _forget_unbuilt(out: Path) -> None:
 
 def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     """build_atlas's writing half: the stages not done yet, then the manifest (the caller holds out's lock)."""
-    from sae_core.datasets import absolute_spec
+    from sae_core.datasets import absolute_spec, images_changed, items_digest
 
     def dataset_size():  # opened only when there is a limit
         return len(job.opened_dataset)
 
     job.limit = covering_limit(job.limit, dataset_size)
-    # bundles built before limits were recorded this way hold a covering --limit as given, and before 2026-12-05 a
-    # relative path in a spec as typed (resumed from the same folder, it names what the absolute path names now)
-    _check_identity(out, job.identity(), lambda old: {
-        **old, "limit": covering_limit(old.get("limit"), dataset_size),
-        **{k: absolute_spec(old[k]) for k in ("dataset", "model", "embedder") if isinstance(old.get(k), str)}})
+    n = dataset_size() if job.limit is None else min(job.limit, dataset_size())
+    digest = items_digest(job.opened_dataset, n)  # which images: a resumed scan mixed two lists until 2026-12-05
+
+    def recorded(old: dict) -> dict:
+        # bundles built before limits were recorded this way hold a covering --limit as given, before 2026-12-05 a
+        # relative path in a spec as typed (resumed from the same folder, it names what the absolute path names
+        # now), and before that evening no digest of the images (taken as these)
+        old = {**old, "limit": covering_limit(old.get("limit"), dataset_size), "items_sha256": old.get("items_sha256", digest),
+               **{k: absolute_spec(old[k]) for k in ("dataset", "model", "embedder") if isinstance(old.get(k), str)}}
+        if old["items_sha256"] != digest:
+            raise images_changed(out, job.dataset, n, "build")
+        return old
+
+    _check_identity(out, {**job.identity(), "items_sha256": digest}, recorded)
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
     if stage_info(out, "scan") is not None:  # a kill between the scan's mark and this removal left it for good
         scan_checkpoint_path(out).unlink(missing_ok=True)  # (until 2026-12-05: ~4 GB at the paper's size)

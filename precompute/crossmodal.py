@@ -119,10 +119,12 @@ def run(args) -> int:
                     n = min(preset.train_images, len(ds))
                     rows = collect_rows(lm, ds, range(n), progress=lambda d: advance(d / n))
                     x = rows.x[np.random.default_rng(args.seed).permutation(len(rows.x))]
-                    with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
-                        np.save(f, x.astype(np.float32), allow_pickle=False)
+                    # its summary first: the rows' file marks the stage done (a kill between the two left the
+                    # summary unwritten for good until 2026-12-05)
                     B.write_json(out, ".work/rows.json", {"n_images": n, "n_rows": int(len(x)),
                                                           "n_image_rows": int(rows.is_image.sum()), "layer": layer})
+                    with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
+                        np.save(f, x.astype(np.float32), allow_pickle=False)
             # 2. the SAE
             if train.finished(sae_dir):
                 progress.skip("train")

@@ -173,7 +173,7 @@ def _auto_shard_images(n: int, batch: int, world_size: int, shard_bytes: int, im
 def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, width: int, is_main: bool,
           world_size: int = 1) -> dict:
     """Create or check OUT/extract.json (rank 0), so a resumed run continues the same shard grid."""
-    from sae_core.datasets import absolute_spec
+    from sae_core.datasets import absolute_spec, images_changed
 
     run_file = out / RUN_FILE
     if is_main:
@@ -183,6 +183,9 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             old = plan.get("identity", {})
             # before 2026-12-05 a relative path in a spec was recorded as typed: from the same folder, it names this one
             old = {**old, **{k: absolute_spec(old[k]) for k in ("model", "dataset") if isinstance(old.get(k), str)}}
+            # plans before the evening of 2026-12-05 did not record which images: taken as these
+            if old.setdefault("items_sha256", identity["items_sha256"]) != identity["items_sha256"]:
+                raise images_changed(out, cfg.dataset, identity["n_images"], "extract")
             differs = first_difference({k: old.get(k) for k in identity}, identity)
             if differs:
                 raise UserError(f"{out} holds an extraction with other settings ({differs}); pass the same options "
@@ -214,7 +217,7 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
     import torch
 
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
-    from sae_core.datasets import first_images_warning, open_dataset
+    from sae_core.datasets import first_images_warning, items_digest, open_dataset
     from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
     from sae_core.precision import resolve_device, warn_if_slow_half
     from sae_core.progress import progress_bar
@@ -252,7 +255,8 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
         if info.is_main and (warning := first_images_warning(ds, n_images)):
             print(warning, file=sys.stderr)
         identity = {"model": cfg.model, "dataset": cfg.dataset, "layers": names, "tokens": str(token_spec),
-                    "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision}
+                    "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision,
+                    "items_sha256": items_digest(ds, n_images)}
         rows_per = max(1 if lay.kind == "embed" else token_spec.rows_per_image(adapter.layout) for lay in layers)
         out = Path(cfg.out)
         plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main, info.world_size)

@@ -44,7 +44,7 @@ def open_inputs(args, name: str, html: bool = False):
     `name`.html with `html`), a second run writing `name`'s outputs there (their lock is held until the block ends)."""
     import torch
 
-    from sae_core.atomic import output_lock
+    from sae_core.atomic import output_lock, remove_stale_temporaries
     from sae_core.bundle import open_bundle
     from sae_core.image_features import bundle_source
     from sae_core.precision import resolve_device
@@ -60,9 +60,14 @@ def open_inputs(args, name: str, html: bool = False):
     for suffix in ("json", "html") if html else ("json",):  # a folder named ood.html failed after the scoring
         check_writable(out / f"{name}.{suffix}")
     with output_lock(out / f"{name}.json"):  # NAME.html too; the other commands' files there are theirs
+        # what a kill inside an atomic write left (kept for good until 2026-12-05: a cut feature cache can be GBs);
+        # the cache is shared by the three commands, which may run at once: only temporaries of dead writers go
+        remove_stale_temporaries(out, [f"{name}.json", f"{name}.html"])
+        folder = bundle.root / PROBES / ".features"
+        if os.access(folder, os.W_OK):  # also under --no-cache: an earlier run's kill left them
+            remove_stale_temporaries(folder, dead_writers_only=True)
         cache = None
         if not args.no_cache:
-            folder = bundle.root / PROBES / ".features"
             cache = FeatureCache(folder, writable_folder(folder))
             if not cache.write:
                 print(f"note: the feature cache {folder} cannot be written; features are read from it where present "

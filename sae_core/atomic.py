@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import UserError
 
 # atomic_path's temporary for NAME is `.NAME.tmpPID`; a killed process leaves it behind.
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp[0-9]+")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>[0-9]+)")
 
 
 @contextmanager
@@ -110,11 +110,13 @@ def first_difference(then, now, path: str = "") -> str | None:
     return None if then == now else f"{path}: {then!r} there, {now!r} now"
 
 
-def remove_stale_temporaries(folder: str | Path, names=None) -> int:
+def remove_stale_temporaries(folder: str | Path, names=None, dead_writers_only: bool = False) -> int:
     """Delete the temporaries killed atomic writes left: every one below `folder`, or with `names`
     only those of the files so named directly in it. Returns how many were deleted.
 
-    Call it before a run starts writing: a concurrent writer's temporary looks the same.
+    Call it before a run starts writing: a concurrent writer's temporary looks the same. Where writers share
+    a folder without a lock (the probe commands' feature cache), `dead_writers_only` keeps the temporaries
+    whose writer (the process id in the name) is still running on this machine.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -125,9 +127,21 @@ def remove_stale_temporaries(folder: str | Path, names=None) -> int:
     for p in found:
         m = _TEMPORARY.fullmatch(p.name)
         if m and (wanted is None or m["name"] in wanted) and p.is_file():
+            if dead_writers_only and _running(int(m["pid"])):
+                continue
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):  # another user's process, or no such number
+        return True
+    return True
 
 
 LOCK_FILE = ".lock"

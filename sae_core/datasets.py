@@ -92,6 +92,14 @@ def items_digest(ds, n: int) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def images_changed(out, spec: str, n: int, verb: str) -> UserError:
+    """The refusal to resume `out` where the names of the first `n` images `spec` lists (items_digest) differ from
+    the ones it was started on: a resumed extraction or atlas mixed the two lists in silence until 2026-12-05."""
+    return UserError(f"{out} was started on other images: the names of the first {n:,} images of {spec} have changed "
+                     f"since (files added, removed or renamed); pass a new --out, or delete {out} to {verb} there "
+                     "from the start.")
+
+
 class ImageDataset:
     """Common base: subclasses implement __len__, load(i), item(i)."""
 

@@ -126,6 +126,13 @@ def probe_outputs(tiny_bundle, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("probe_bundle") / "bundle"
     shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns("probes"))
+    # what kills inside atomic writes leave: a dead writer's (gone after the runs) and a live one's (this process,
+    # kept: the three commands share the feature cache); test_probes' test_a_killed_probe_runs_temporaries_go
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for rel in (f".ood.json.tmp{dead.stdout.strip()}", f".ood.html.tmp{dead.stdout.strip()}",
+                f".features/.0123456789abcdef.npz.tmp{dead.stdout.strip()}", f".features/.live.npz.tmp{os.getpid()}"):
+        (root / "probes" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "probes" / rel).write_bytes(b"cut short")
     argv = {"ood": ["--fit-images", "800", "--max-images", "200", "--cal-images", "150"],
             "ontology": ["--max-images", "200", "--permutations", "10"],
             "probes": ["--fit-images", "1500"]}

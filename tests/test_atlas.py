@@ -1349,6 +1349,38 @@ def test_a_bundle_refuses_its_image_folder_once_its_ids_name_other_files(tiny_bu
     assert len(ds) == 6 and [ds.item(i) for i in range(5)] == names
 
 
+def test_a_rerun_on_another_list_of_images_is_refused(tiny_bundle, tmp_path):
+    """A killed scan resumed after its image list changed (same length) mixed the two lists, and the bundle recorded
+    the new list's digest, so its reader passed it (a reviewer's run: 806 of 4,096 gallery entries and MS up to 0.33
+    off; until 2026-12-05). The settings a rerun must match now hold the digest of the images' names: checked
+    before any stage, a finished bundle as a killed one; the folder it was built on still resumes."""
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.datasets import open_dataset
+    from sae_core.errors import UserError
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    world = open_dataset(m["dataset"]["spec"])
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for j in range(5):
+        world[j].save(folder / f"{j}.png")
+    job = dict(sae=str(tiny_bundle / "sae"), dataset=f"imagefolder:{folder}", model=m["model"]["spec"], layer="-2",
+               embedder=m["embedder"]["spec"], out=str(tmp_path / "b"), topk=2, batch_size=8)
+    built = build_atlas(AtlasJob(**job))
+    before = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    (folder / "4.png").rename(folder / "4b.png")  # the same count, another image
+    with pytest.raises(UserError) as e:
+        build_atlas(AtlasJob(**job))
+    assert str(e.value) == (f"{tmp_path / 'b'} was started on other images: the names of the first 5 images of "
+                            f"imagefolder:{folder} have changed since (files added, removed or renamed); pass a new "
+                            f"--out, or delete {tmp_path / 'b'} to build there from the start.")
+    (folder / "4b.png").rename(folder / "4.png")
+    assert build_atlas(AtlasJob(**job)) == built
+    assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
+
+
 def test_relative_paths_in_specs_are_recorded_absolute_and_resume(tiny_bundle, tiny_world, tmp_path, monkeypatch):
     """`atlas --model hf:clip --dataset imagefolder:data` recorded both (and the embedder) as typed, and the
     explorer, started in a folder holding another ./clip, ranked text searches by that model in silence (elsewhere

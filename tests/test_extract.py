@@ -209,6 +209,31 @@ def test_resume_with_other_settings_and_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "dup").exists()
 
 
+def test_a_resume_on_another_list_of_images_is_refused(tmp_path, capsys):
+    """A killed extraction resumed after its image list was rewritten (same length) mixed the old images' rows with the
+    new ones, and a finished one rerun kept the old rows, each in silence with exit 0 (a reviewer's run: 32 of 200 rows
+    were the old images'; until 2026-12-05): the names of the images are part of what a resume must match."""
+    from precompute.__main__ import main
+
+    images = sorted(p for p in H.image_dir(10).rglob("*") if p.is_file())
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in images[:3]))
+    out = tmp_path / "o"
+    cmd = ["extract", "--model", f"hf:{H.clip_vision_dir()}", "--dataset", f"files:{listing}", "--out", str(out),
+           "--layer", "0"]
+    assert main(cmd) == 0
+    kept = _store_bytes(out)
+    listing.write_text("".join(f"{p}\n" for p in images[3:6]))
+    capsys.readouterr()
+    assert main(cmd) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {out} was started on other images: the names of the first 3 images of files:{listing} have changed "
+        f"since (files added, removed or renamed); pass a new --out, or delete {out} to extract there from the start.")
+    assert _store_bytes(out) == kept
+    listing.write_text("".join(f"{p}\n" for p in images[:3]))  # the list it was started on: resumes (nothing to do)
+    assert main(cmd) == 0 and _store_bytes(out) == kept
+
+
 def test_a_run_that_read_no_image_reads_them_again_once_mended(tmp_path, capsys):
     """All images unreadable: refused, and the rerun after the files were mended read nothing (their shards
     were marked done) and was refused again. The progress bar's skipped count is the run's, not the shard's."""

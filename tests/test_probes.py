@@ -1,6 +1,7 @@
 """Representation probes: ROC metrics, OOD detectors, ontology agreement, cross-modal score, linear probes."""
 import itertools
 import json
+import os
 import re
 import shutil
 
@@ -160,6 +161,16 @@ def test_ood_command_end_to_end(probe_outputs):
 # ----------------------------------------------------------------------------------------------
 # Ontology: a tree that follows the taxonomy beats a shuffled one
 # ----------------------------------------------------------------------------------------------
+def test_a_killed_probe_runs_temporaries_go(probe_outputs):
+    """The probe commands never removed what a kill inside an atomic write left (a cut feature cache can be GBs,
+    one more per kill; until 2026-12-05). The fixture planted a dead writer's temporaries of ood.json, ood.html and
+    a cache file, and a live writer's (this process) in the cache the three commands share: the runs removed the
+    dead ones and kept the live one."""
+    probes = probe_outputs.bundle / "probes"
+    left = sorted(str(p.relative_to(probes)) for p in probes.rglob(".*.tmp*"))
+    assert left == [f".features/.live.npz.tmp{os.getpid()}"], left
+
+
 def test_tree_agreement_on_a_known_taxonomy():
     leaves = [(f, s, c) for f in "ab" for s in "xyz" for c in "pq"]
     nodes = [leaves[i % len(leaves)] for i in range(48)]
@@ -285,6 +296,11 @@ def test_crossmodal_command_builds_a_bundle(tiny_crossmodal_bundle, tiny_world, 
     assert cm["n_image_tokens"] == 16 * cm["n_images"] and cm["n_text_tokens"] > cm["n_images"]
     page = b.neuron(int(np.argmax(b.array("support"))))
     assert page["top"] and page["top_heat"].shape[1] == 16
+    # the rows' summary is written before the rows' file, which marks the stage done: a kill between the two left
+    # it unwritten for good (until 2026-12-05)
+    work = out / ".work"
+    assert json.loads((work / "rows.json").read_text())["n_images"] == 300  # the tiny preset's training images
+    assert (work / "rows.json").stat().st_mtime_ns <= (work / "lm_rows.npy").stat().st_mtime_ns
     # a rerun with other settings is refused before anything runs: every stage's output depends on them
     before = (out / "crossmodal.json").read_bytes()
     for flag, sentence in ((["--threshold", "0.2"], "threshold: 0.5 there, 0.2 now"),
