@@ -113,14 +113,18 @@ HOOK_PLOTLY_JS = """
       redraw(legend, {height: was.height, margin: was.margin}).then(done, done);
       return;
     }
-    gd.__saeLegend = {height: gd.layout.height, margin: gd.layout.margin};
+    // the figure's own height, kept across moves: plotly's resize to a wider window drops layout.height, and
+    // the full height then is the grown one (each phone rotation made the plot a legend taller)
+    if (gd.layout.height) gd.__saeHeight = gd.layout.height;
+    const height = gd.__saeHeight || full.height;
+    gd.__saeLegend = {height: height, margin: gd.layout.margin};
     KEYS.forEach((k) => { gd.__saeLegend[k] = lg[k]; });
     // under the x axis's title (about 56 px below the axes), the right margin kept for the column (80 px of
     // plotly's template) down to 20; then the figure grows by the legend's own height
     const legend = Object.assign({}, lg, {x: 0, xanchor: 'left', yanchor: 'top', y: -62 / full._size.h});
     const margin = Object.assign({}, gd.layout.margin, {r: Math.min(full.margin.r, 20)});
     redraw(legend, {margin: margin})
-      .then(() => redraw(legend, {margin: margin, height: full.height + ((gd._fullLayout.legend || {})._height || 0) + 10}))
+      .then(() => redraw(legend, {margin: margin, height: height + ((gd._fullLayout.legend || {})._height || 0) + 10}))
       .then(done, done);
   });
   setInterval(() => { hook(); placeLegends(); }, 400);

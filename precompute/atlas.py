@@ -344,7 +344,7 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     """build_atlas's writing half: the stages not done yet, then the manifest (the caller holds out's lock)."""
     from sae_core.datasets import absolute_spec, images_changed, items_digest
 
-    def dataset_size():  # opened only when there is a limit
+    def dataset_size():  # listed once per run (the digest below needs it: 1.28 M files for ImageNet's train split)
         return len(job.opened_dataset)
 
     job.limit = covering_limit(job.limit, dataset_size)
@@ -355,10 +355,11 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
         # bundles built before limits were recorded this way hold a covering --limit as given, before 2026-12-05 a
         # relative path in a spec as typed (resumed from the same folder, it names what the absolute path names
         # now), and before that evening no digest of the images (taken as these)
-        old = {**old, "limit": covering_limit(old.get("limit"), dataset_size), "items_sha256": old.get("items_sha256", digest),
+        old = {**old, "limit": covering_limit(old.get("limit"), dataset_size),
+               "items_sha256": old.get("items_sha256", digest),
                **{k: absolute_spec(old[k]) for k in ("dataset", "model", "embedder") if isinstance(old.get(k), str)}}
-        if old["items_sha256"] != digest:
-            raise images_changed(out, job.dataset, n, "build")
+        if old["items_sha256"] != digest and (old["limit"], old.get("dataset")) == (job.limit, job.dataset):
+            raise images_changed(out, job.dataset, n, "build")  # (another limit or dataset: reported as that)
         return old
 
     _check_identity(out, {**job.identity(), "items_sha256": digest}, recorded)

@@ -183,8 +183,11 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             old = plan.get("identity", {})
             # before 2026-12-05 a relative path in a spec was recorded as typed: from the same folder, it names this one
             old = {**old, **{k: absolute_spec(old[k]) for k in ("model", "dataset") if isinstance(old.get(k), str)}}
-            # plans before the evening of 2026-12-05 did not record which images: taken as these
-            if old.setdefault("items_sha256", identity["items_sha256"]) != identity["items_sha256"]:
+            # plans before the evening of 2026-12-05 did not record which images: taken as these; another dataset
+            # or number of images is reported as that setting
+            old.setdefault("items_sha256", identity["items_sha256"])
+            same_images = all(old.get(k) == identity[k] for k in ("dataset", "n_images"))
+            if old["items_sha256"] != identity["items_sha256"] and same_images:
                 raise images_changed(out, cfg.dataset, identity["n_images"], "extract")
             differs = first_difference({k: old.get(k) for k in identity}, identity)
             if differs:

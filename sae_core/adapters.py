@@ -807,7 +807,7 @@ def world_model_dir(rest: str) -> tuple[Path, str]:
     refuse_bundle_as_world(root)
     sub = root / which
     if not (sub / "config.json").exists():
-        raise UserError(f"{sub} has no saved model (config.json); build the world with `python -m precompute world --out {root}`.")
+        raise _load_failure(f"{sub} has no saved model (config.json)", f"build the world with `python -m precompute world --out {root}`")
     return sub, which
 
 

@@ -671,9 +671,10 @@ class Bundle:
         for name in ("ms", "patch_ms", RAW_MS):
             if self.has(name):
                 ms = np.asarray(self.array(name), np.float64)
-                if np.any(np.abs(ms[~np.isnan(ms)]) > 1 + 1e-4):
-                    raise UserError(f"bundle {self.root}: {name} holds {np.nanmax(np.abs(ms)):g}, outside the -1 to 1 "
-                                    "of a Monosemanticity Score; the bundle is damaged, rebuild it.")
+                outside = ms[np.abs(ms) > 1 + 1e-4]  # NaN compares false: no MS, a score
+                if outside.size:
+                    raise UserError(f"bundle {self.root}: {name} holds {outside[0]:g}, outside the -1 to 1 of a "
+                                    "Monosemanticity Score; the bundle is damaged, rebuild it.")
         two_axes = ("top_acts", "patch_top_acts", "decoder_neighbor_cos", "band_acts", "patch_band_acts")
         for name in (*sorted(ONE_PER_NEURON), *two_axes):
             if self.has(name) and self.array(name).dtype.kind == "f" and np.isinf(self.array(name)).any():

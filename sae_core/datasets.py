@@ -293,9 +293,12 @@ def _untagged_file(name: str, pretrained: str) -> bool:
 
 def _absolute_path(path: str) -> str:
     """`path` made absolute where it is relative and exists, its symbolic links kept: a linked ./data is recorded
-    as ./data, which follows the link where it is pointed later (until 2026-12-05 its target was recorded)."""
+    as ./data, which follows the link where it is pointed later (until 2026-12-05 its target was recorded). A path
+    with ".." is resolved: after a link, the filesystem's ".." is the link target's parent, not the text's."""
     local = Path(os.path.expandvars(os.path.expanduser(path)))
-    return os.path.abspath(local) if path and not local.is_absolute() and local.exists() else path
+    if not path or local.is_absolute() or not local.exists():
+        return path
+    return str(local.resolve()) if ".." in local.parts else os.path.abspath(local)
 
 
 class WorldImages(ImageDataset):

@@ -1443,7 +1443,14 @@ def test_a_bundle_model_moved_away_is_one_sentence_the_app_user_can_act_on(explo
     with pytest.raises(UserError) as e:
         coder.latents(Image.new("RGB", (32, 32)), top=5)
     assert str(e.value) == f"the bundle's model {gone} {said}"
-    # an open_clip checkpoint file moved away: its loader's advice ("pass an existing file") left out as well
+    # a world moved away (the demo's bundles) and an open_clip checkpoint file: their loaders' advice left out too
+    gone = f"world:{tmp_path / 'world'}"
+    with pytest.raises(UserError) as e:
+        BundleEmbedder(gone).texts(["red"])
+    assert str(e.value) == (f"the bundle's embedder {gone} cannot be loaded, so searching by text or by image is off "
+                            f"(the other pages work): {tmp_path / 'world' / 'clip'} has no saved model (config.json); "
+                            "put the model back where the bundle records it, or rebuild the bundle with `python -m "
+                            "precompute atlas`.")
     gone = f"open_clip:ViT-B-32/{tmp_path / 'ckpt.pt'}"
     with pytest.raises(UserError) as e:
         BundleEmbedder(gone).texts(["red"])

@@ -375,7 +375,7 @@ def test_crafted_bundles_from_a_review_are_one_sentence(tmp_path):
     B.write_json(tmp_path, B.LABELS, labels)
     ms = np.load(tmp_path / "neurons/ms.npy")
     for name, value, said in (("ms", np.inf, "ms holds inf, outside the -1 to 1"), ("ms", 7.0, "ms holds 7, outside"),
-                              ("ms", -1.5, "ms holds 1.5, outside"), ("max_act", np.inf, "max_act.npy holds an infinite"),
+                              ("ms", -1.5, "ms holds -1.5, outside"), ("max_act", np.inf, "max_act.npy holds an infinite"),
                               ("top_acts", -np.inf, "top_acts.npy holds an infinite")):
         kept = np.load(tmp_path / f"neurons/{name}.npy")
         bad = kept.copy()

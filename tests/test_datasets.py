@@ -220,6 +220,9 @@ def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monke
     for f in ("ckpt.pt", "ckpt", "laion2b_s34b_b79k"):
         (here / f).write_bytes(b"")
     (here / "data_link").symlink_to(here / "data")
+    (here / "w2/inner").mkdir(parents=True)
+    (here / "w2/data2").mkdir()
+    (here / "jump").symlink_to(here / "w2/inner")  # jump/.. is w2 to the filesystem, "." to the text
     monkeypatch.chdir(here)
     want = {
         "hf:clip": f"hf:{here}/clip", "llava:./clip": f"llava:{here}/clip", "imagefolder:data": f"imagefolder:{here}/data",
@@ -228,6 +231,7 @@ def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monke
         "open_clip:local-dir:clip": f"open_clip:local-dir:{here}/clip",
         # a checkpoint file without a suffix (open_clip has no tag of its name); a link is kept, not its target
         "open_clip:ViT-B-32/ckpt": f"open_clip:ViT-B-32/{here}/ckpt", "imagefolder:data_link": f"imagefolder:{here}/data_link",
+        "imagefolder:jump/../data2": f"imagefolder:{here}/w2/data2",
         # a local folder shaped like a hub id is what transformers loads, so it is recorded as a path
         "hf:openai/clip-vit-base-patch32": f"hf:{here}/openai/clip-vit-base-patch32",
     }

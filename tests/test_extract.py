@@ -230,6 +230,8 @@ def test_a_resume_on_another_list_of_images_is_refused(tmp_path, capsys):
         f"error: {out} was started on other images: the names of the first 3 images of files:{listing} have changed "
         f"since (files added, removed or renamed); pass a new --out, or delete {out} to extract there from the start.")
     assert _store_bytes(out) == kept
+    assert main([*cmd, "--limit", "2"]) == 2  # another number of images is that setting, though the names differ too
+    assert "other settings (n_images: 3 there, 2 now)" in capsys.readouterr().err
     listing.write_text("".join(f"{p}\n" for p in images[:3]))  # the list it was started on: resumes (nothing to do)
     assert main(cmd) == 0 and _store_bytes(out) == kept
 
