@@ -139,8 +139,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):  # another user's process, or no such number
-        return True
+    except (PermissionError, OverflowError, OSError):  # another user's process (alive); a number no pid can be:
+        return True  # left alone, not ours to judge
     return True
 
 

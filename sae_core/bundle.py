@@ -675,8 +675,8 @@ class Bundle:
                 if outside.size:
                     raise UserError(f"bundle {self.root}: {name} holds {outside[0]:g}, outside the -1 to 1 of a "
                                     "Monosemanticity Score; the bundle is damaged, rebuild it.")
-        two_axes = ("top_acts", "patch_top_acts", "decoder_neighbor_cos", "band_acts", "patch_band_acts")
-        for name in (*sorted(ONE_PER_NEURON), *two_axes):
+        shown = ("top_acts", "patch_top_acts", "decoder_neighbor_cos", "band_acts", "patch_band_acts")  # (K, ...)
+        for name in (*sorted(ONE_PER_NEURON), *shown):
             if self.has(name) and self.array(name).dtype.kind == "f" and np.isinf(self.array(name)).any():
                 raise UserError(f"bundle {self.root}: neurons/{name}.npy holds an infinite value; the bundle is "
                                 "damaged, rebuild it.")
