@@ -296,8 +296,10 @@ def _absolute_path(path: str) -> str:
     as ./data, which follows the link where it is pointed later (until 2026-12-05 its target was recorded). A path
     with ".." is resolved: after a link, the filesystem's ".." is the link target's parent, not the text's."""
     local = Path(os.path.expandvars(os.path.expanduser(path)))
-    if not path or local.is_absolute() or not local.exists():
+    if not path or Path(path).is_absolute() or not local.exists():
         return path
+    # "~/clip" and "$DATA/x" too: the shell expands neither inside `hf:~/clip`, and transformers took it for a
+    # hub id ("Repo id must use alphanumeric chars"; until the evening of 2026-12-05)
     return str(local.resolve()) if ".." in local.parts else os.path.abspath(local)
 
 

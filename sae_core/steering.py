@@ -822,14 +822,14 @@ def llava_spec(value: str | None) -> str | None:
     save_pretrained as `llava:` and its absolute path; any other word as `llava:` it (a hub id, or a path the load
     then says is not there). Until 2026-12-05 only specs were taken, and a folder was the spec-prefix sentence."""
     from .adapters import BACKENDS
+    from .datasets import absolute_spec
 
     if value is None or not str(value).strip():
         return None
     value = str(value).strip()
     if value.partition(":")[0] in BACKENDS and ":" in value:
         return value
-    path = Path(os.path.expanduser(value))
-    return f"llava:{path.resolve() if path.is_dir() else value}"
+    return absolute_spec(f"llava:{value}")  # a local folder recorded as the manifests record one
 
 
 def bundle_llava_spec(bundle) -> str:

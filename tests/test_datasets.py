@@ -224,7 +224,9 @@ def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monke
     (here / "w2/data2").mkdir()
     (here / "jump").symlink_to(here / "w2/inner")  # jump/.. is w2 to the filesystem, "." to the text
     monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(here))  # the shell expands no "~" inside `hf:~/clip`: it was kept, then a hub id
     want = {
+        "hf:~/clip": f"hf:{here}/clip",
         "hf:clip": f"hf:{here}/clip", "llava:./clip": f"llava:{here}/clip", "imagefolder:data": f"imagefolder:{here}/data",
         "files:list.txt": f"files:{here}/list.txt", "world:w": f"world:{here}/w", "world:w:llava": f"world:{here}/w:llava",
         "world:w:val": f"world:{here}/w:val", "open_clip:ViT-B-32/ckpt.pt": f"open_clip:ViT-B-32/{here}/ckpt.pt",
