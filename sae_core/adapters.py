@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .datasets import WORLD_MODELS
+from .datasets import WORLD_MODELS, absolute_spec
 from .errors import UserError, unknown_world_part
 from .folders import refuse_bundle_as_world
 from .progress import transformers_bars_as_lines
@@ -759,6 +759,9 @@ def load_adapter(spec: str, device: str = "cpu", precision: str = "fp32", full_l
 
     `full_llava`: for LLaVA specs, load the whole LlavaForConditionalGeneration (`adapter.llava`), not
     only its vision tower; a dict is passed to its from_pretrained (quantization, device_map, ...)."""
+    # a local path as the manifests record it: `hf:~/clip` called from Python took "~/clip" for a hub id
+    # until 2026-12-05 (the commands already passed their specs through absolute_spec)
+    spec = absolute_spec(spec)
     backend, sep, rest = spec.partition(":")
     if not sep or backend not in BACKENDS:
         raise UserError(

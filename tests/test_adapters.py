@@ -516,6 +516,23 @@ def test_hf_clip_vision_model_with_projection_embeds_with_its_projection(tmp_pat
     torch.testing.assert_close(a.capture(px, ["embed"])["embed"], out.image_embeds, rtol=0, atol=0)
 
 
+def test_a_home_relative_spec_loads_from_python_as_from_the_commands(tmp_path, monkeypatch):
+    """`load_adapter("hf:~/proj")` from Python (the commands pass their specs through absolute_spec first) took
+    "~/proj" for a hub id until 2026-12-05: "Repo id must use alphanumeric chars"."""
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(H._vision_config()).save_pretrained(tmp_path / "proj")
+    H._clip_processor().save_pretrained(tmp_path / "proj")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MODELS", str(tmp_path))
+    for spec in ("hf:~/proj", "hf:$MODELS/proj"):
+        a = load_adapter(spec)
+        assert a.spec == f"hf:{tmp_path / 'proj'}"  # recorded as the manifests record it
+        torch.testing.assert_close(a.capture(_pixels(a), ["embed"])["embed"],
+                                   load_adapter(f"hf:{tmp_path / 'proj'}").capture(_pixels(a), ["embed"])["embed"])
+
+
 def test_a_checkpoint_that_lacks_weights_of_the_model_built_of_it_is_refused(tmp_path):
     """A CLIP or SigLIP image classifier's config is a two-tower model's: AutoModel built a CLIPModel/SiglipModel
     of it with a random text tower (and, for CLIP, a random visual_projection, so `embed` was noise), which
