@@ -79,8 +79,7 @@ def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.nda
         peaks.append((float(pct.max()) if v.size else 0.0, name, float(edges[np.argmax(pct)])))
         fig.add_bar(x=((edges[:-1] + edges[1:]) / 2).tolist(), y=pct.tolist(), width=MS_BIN, name=name,
                     opacity=opacity, hovertemplate=f"{name}<br>MS %{{x:.3f}} ± {MS_BIN / 2:g}<br>%{{y:.1f}}%<extra></extra>")
-    # the range is the bins' (autorange ran to 2.8 in a 342 px wide plot, to make room for the note, which is
-    # therefore placed by the plot's right edge rather than beside its bar)
+    # the range is the bins' (autorange ran to 2.8 in a 342 px wide plot, to make room for a note)
     fig.update_layout(barmode="overlay", bargap=0, xaxis_title="Monosemanticity Score", yaxis_title="% of neurons",
                       xaxis_range=[float(edges[0]), float(edges[-1])])
     if len(peaks) > 1:
@@ -88,9 +87,13 @@ def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.nda
         rest = max(p for p, n, _ in peaks if n != name)
         if rest > 0 and top > MS_PEAK_CUT * rest:
             fig.update_yaxes(range=[0, 1.15 * rest])
-            fig.add_annotation(text=f"{name}: {top:.0f}% at MS {at:.3f}-{at + MS_BIN:.3f} (bar cut)", x=1.0,
-                               xref="paper", y=1.15 * rest, yanchor="top", xanchor="right", showarrow=False,
-                               font=dict(size=11))
+            # the note goes under the x axis: inside the axes it covered the bars below 768 px, and the cut bar
+            # itself where that stood at the right (until 2026-12-05); a long set name takes two lines on a phone
+            note = f"{name}: {top:.0f}% at MS {at:.3f}-{at + MS_BIN:.3f} (bar cut)"
+            note = note if len(note) <= 48 else note.replace(" at MS", "<br>at MS")
+            fig.add_annotation(text=note, xref="paper", yref="paper", x=0.5, y=0, yshift=-42, yanchor="top",
+                               showarrow=False, font=dict(size=11))
+            return _layout(fig, "MS distribution").update_layout(margin_b=62 + 14 * note.count("<br>"))
     return _layout(fig, "MS distribution")
 
 

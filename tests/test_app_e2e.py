@@ -786,6 +786,11 @@ def test_phone_layout(page, explorer_app):
         pg.wait_for_selector("#metrics-table [role=gridcell]:has-text('taxonomy depth per Matryoshka level')")
         pg.wait_for_function(f"() => ({fits})('#scatter-plot') !== null")
         assert pg.evaluate(fits, "#scatter-plot")
+        # the tiny bundle's raw neurons tower over its latents: the "(bar cut)" note was drawn inside the axes,
+        # over the bars, below 768 px (until 2026-12-05)
+        note, axes = pg.evaluate("() => ['.annotation', '.nsewdrag'].map(s => document.querySelector('#ms-plot ' + s)"
+                                 ".getBoundingClientRect()).map(r => [r.top, r.bottom])")
+        assert note[0] >= axes[1], (note, axes)
         facts, table = pg.evaluate("() => ['#bundle-facts', '#metrics-table'].map(s => document.querySelector(s)"
                                    ".getBoundingClientRect()).map(r => [r.top, r.bottom])")
         assert table[0] >= facts[1] - 1, (facts, table)

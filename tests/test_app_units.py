@@ -491,7 +491,13 @@ def test_ms_histogram_counts_every_scored_neuron_and_cuts_a_towering_bar():
         np.testing.assert_allclose(trace.x, (edges[:-1] + edges[1:]) / 2)
     sae_peak = max(fig.data[0].y)
     assert max(fig.data[1].y) > 3 * sae_peak and fig.layout.yaxis.range == pytest.approx((0, 1.15 * sae_peak))
-    assert [a.text for a in fig.layout.annotations] == [f"raw neurons: {max(fig.data[1].y):.0f}% at MS 0.250-0.275 (bar cut)"]
+    note, = fig.layout.annotations
+    assert note.text == f"raw neurons: {max(fig.data[1].y):.0f}% at MS 0.250-0.275 (bar cut)"
+    # under the axes (inside them it covered the bars on a phone, and the cut bar where it stood at the right)
+    assert (note.yref, note.y, note.yanchor) == ("paper", 0, "top") and note.yshift < 0
+    patch = figures.ms_histogram(sae, None, raw)
+    assert patch.layout.annotations[0].text.startswith("SAE latents, by the max over patches: ")
+    assert "<br>at MS 0.250-0.275" in patch.layout.annotations[0].text  # two lines: one is wider than a phone
     assert fig.layout.xaxis.range == (edges[0], edges[-1])  # the bins' (plotly's autorange ran to 2.8 at 342 px)
     even = figures.ms_histogram(sae, rng.uniform(0.1, 0.9, 100))  # no tower: nothing cut
     assert even.layout.yaxis.range is None and not even.layout.annotations
