@@ -89,15 +89,25 @@ SPREAD_MIN_IMAGES = 5
 
 
 def binned_quantile_bound(counts, edges, q: float, top: float) -> float | None:
-    """An upper bound of the q-quantile of the scores a log10 histogram counts (LogHistogram: bin 0 also
-    holds what lies below its edges, the last bin what lies above): the upper edge of the bin where the
-    cumulative count reaches q of the total, or `top` (the largest score) for the last bin. None when the
-    histogram counts nothing."""
+    """An upper bound of the q-quantile (numpy's: linear between order statistics, so the median of an even
+    count is the mean of the middle two) of the scores a log10 histogram counts (LogHistogram: bin 0 also holds
+    what lies below its edges, the last bin what lies above): the upper edge of the bin holding the order
+    statistic at 0-based rank ceil(q (N - 1)), or `top` (the largest score) for the last bin. None when the
+    histogram counts nothing. Until 2026-12-05 the bin where the count reached q N, whose edge the median of
+    an even count exceeds when exactly half the scores lie below it."""
     cum = np.cumsum(np.asarray(counts, np.int64))
     if cum.size == 0 or cum[-1] == 0:
         return None
-    i = int(np.searchsorted(cum, q * cum[-1], side="left"))
+    rank = math.ceil(q * (int(cum[-1]) - 1))
+    i = int(np.searchsorted(cum, rank + 1, side="left"))
     return float(top) if i >= cum.size - 1 else min(float(10 ** float(edges[i + 1])), float(top))
+
+
+def rounded_up(x: float, digits: int = 3) -> str:
+    """`x` > 0 to `digits` significant figures, rounded up: a bound printed to the nearest ("1.3335" as "1.33")
+    fell below the figure it bounds."""
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return f"{math.ceil(round(x / step, 9)) * step:.{digits}g}"
 
 
 class Explorer:
@@ -583,8 +593,8 @@ class Explorer:
         if int(np.sum(counts)) < SPREAD_MIN_IMAGES:  # "half" and "nine in ten" of one or two images say nothing
             return []
         bounds = [binned_quantile_bound(counts, edges, q, page["max_act"]) for q in (0.5, 0.9)]
-        return [f"- **spread** — over the images where it fires, the median is at most {bounds[0]:.3g} and the 90th "
-                f"percentile at most {bounds[1]:.3g} (upper edges of the histogram's bins, or the max)"]
+        return [f"- **spread** — over the images where it fires, the median is at most {rounded_up(bounds[0])} and "
+                f"the 90th percentile at most {rounded_up(bounds[1])} (upper edges of the histogram's bins, or the max)"]
 
     def neuron_record(self, k) -> dict:
         """A JSON-able description of neuron k (the page's JSON export and the `neuron_json` API)."""

@@ -503,6 +503,38 @@ def test_ms_histogram_counts_every_scored_neuron_and_cuts_a_towering_bar():
     assert even.layout.yaxis.range is None and not even.layout.annotations
 
 
+def test_the_spread_bounds_hold_numpys_quantiles_as_printed():
+    """The header's "median at most B" against np.quantile of the scores the histogram counted, on random
+    samples of many sizes, as printed (3 figures, rounded up), and never looser than the bin above the order
+    statistic over the quantile. Until 2026-12-05 the bound was printed to the nearest (1.3138 "at most 1.31")
+    and, where exactly half of an even count lay below a bin edge, was that edge (the median is the mean of the
+    middle two); the reviewer's neuron 139: 45 of 90 scores below 1.3335, median 1.3378, "at most 1.33"."""
+    from app.explorer import binned_quantile_bound, rounded_up
+    from sae_core.atlas import LogHistogram
+
+    rng = np.random.default_rng(0)
+    hist = LogHistogram(1, 64, 8.0)
+    hist.set_edges_from(np.array([20.0]))
+    width = float(hist.edges[1] - hist.edges[0])
+    for trial in range(3000):
+        n = int(rng.integers(1, 120))
+        scores = np.exp(rng.normal(rng.uniform(-2, 2), rng.uniform(0.01, 1.5), n))
+        if trial % 3 == 0:  # half of an even count exactly below a bin edge, the other half above it
+            edge = 10 ** float(hist.edges[int(rng.integers(10, 50))])
+            n += n % 2
+            scores = np.r_[edge * rng.uniform(0.8, 0.999, n // 2), edge * rng.uniform(1.001, 1.2, n // 2)]
+        hist.counts[:] = 0
+        hist.update(np.zeros(n, np.int64), scores)
+        for q in (0.5, 0.9):
+            bound = binned_quantile_bound(hist.counts[0], hist.edges, q, scores.max())
+            x, above = np.quantile(scores, q), np.quantile(scores, q, method="higher")
+            assert x <= float(rounded_up(bound)) and bound <= min(above * 10 ** width, scores.max()) * (1 + 1e-6), \
+                (trial, q, x, bound)
+    assert [rounded_up(v) for v in (1.3138, 1.33, 1.3301, 0.000777, 999.4, 2.0)] == \
+        ["1.32", "1.33", "1.34", "0.000777", "1e+03", "2"]
+    assert binned_quantile_bound(np.zeros(4, np.int64), hist.edges[:5], 0.5, 1.0) is None
+
+
 def test_log_axis_ticks_are_whole_numbers_inside_the_range():
     """Against a brute-force list of every number m * 10**p (m = 1..9) in the range: the ticks are those
     with m in 1-2-5 (only 1 past 4 decades) when at least 3 are, else all of them, labelled in full."""

@@ -674,18 +674,25 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert [c.split()[0] for _, c in ex.gallery(k, by_patch=True)] == [f"#{i}" for i in want]
     assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images" in ex.neuron_summary(k, page)
     # the histogram in words: the header's bounds hold the median and the 90th percentile of the scores of the
-    # images where the neuron fires (np.quantile), within one bin's width (or the max, in the last bin)
+    # images where the neuron fires (np.quantile's own definition, for every neuron the line is shown for), within
+    # one bin's width and the rounding up to 3 figures of the order statistic above it (or the max, in the last bin). Until 2026-12-05 6 of the
+    # tiny bundle's 256 neurons got a bound below their own figure (rounded to the nearest: 1.3138 "at most
+    # 1.31"; and a median of an even count above the bin edge where exactly half the scores lay below)
     import re
 
-    busy = int(np.argmax((cls > 0).sum(0)))
-    fired = cls[:, busy][cls[:, busy] > 0]
-    spread = re.search(r"over the images where it fires, the median is at most (\S+) and the 90th percentile at most (\S+) ",
-                       ex.neuron_summary(busy, b.neuron(busy)))
     edges = np.asarray(b.array("hist_edges"), np.float64)
-    for q, bound in zip((0.5, 0.9), map(float, spread.groups())):
-        x = np.quantile(fired, q, method="inverted_cdf")
-        assert x <= bound * 1.005 and (bound <= x * 10 ** (edges[1] - edges[0]) * 1.005 or
-                                       bound == pytest.approx(fired.max(), rel=5e-3)), (q, x, bound)
+    shown = 0
+    for n in range(cls.shape[1]):
+        fired = cls[:, n][cls[:, n] > 0]
+        spread = re.search(r"over the images where it fires, the median is at most (\S+) and the 90th percentile at "
+                           r"most (\S+) ", ex.neuron_summary(n, b.neuron(n)))
+        assert (spread is not None) == (fired.size >= 5), n
+        shown += spread is not None
+        for q, bound in zip((0.5, 0.9), map(float, spread.groups() if spread else ())):
+            x, above = np.quantile(fired, q), np.quantile(fired, q, method="higher")  # x lies below `above`
+            assert x <= bound * (1 + 1e-5) and (bound <= above * 10 ** (edges[1] - edges[0]) * 1.01 or
+                                   bound == pytest.approx(fired.max(), rel=1e-2)), (n, q, x, bound)
+    assert shown >= 20
     rec = ex.neuron_record(k)
     assert [t["image"] for t in rec["top_by_patch"]] == want and rec["patch_support"] == int((pmax[:, k] > 0).sum())
     # latents without a CLS image are labelled from the patch gallery: the label's definition written out
