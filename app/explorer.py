@@ -69,6 +69,12 @@ def _num(x, digits: int = 3):
     return None if not math.isfinite(x) else round(x, digits) + 0.0  # + 0.0: no "-0.0" in a table
 
 
+def _significant(x, figures: int):
+    """`_num` to significant figures, for figures as small as 1e-6 (a frequency over a million images)."""
+    x = _num(x, 99)
+    return None if x is None else float(f"{x:.{figures}g}") + 0.0
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -342,7 +348,9 @@ class Explorer:
             return int(v)
         if name in ("label", "patch_label"):
             return str(v)
-        return _num(v, 5 if name == "frequency" else 3)
+        # frequency to 4 significant figures: rounded to 5 decimals, a latent firing on 6 of ImageNet's 1.28 M
+        # images read 0.0 as a dead one did (until 2026-12-05)
+        return _significant(v, 4) if name == "frequency" else _num(v, 3)
 
     # ------------------------------------------------------------------------------------------
     # One image
@@ -536,12 +544,15 @@ class Explorer:
             patch = [_num(c["patch_ms"][j])] if by_patches else []
             rows.append([rel, int(j), str(c["label"][j]), _num(c["ms"][j]), *patch, _num(cos)])
 
+        # the decoder parent's cosine (parent_cos.npy) on its row: blank until 2026-12-05, while the same latent
+        # among the decoder neighbours below showed it
+        decoder_cos = page.get("parent_cos")
         if page["parent"] >= 0:
-            row("parent", page["parent"])
+            row("parent", page["parent"], decoder_cos if page["parent"] == page.get("parent_decoder") else None)
         if page.get("parent_coact", -1) >= 0 and page["parent_coact"] != page["parent"]:
             row("parent (co-activation)", page["parent_coact"])
         if page.get("parent_decoder", -1) >= 0 and page["parent_decoder"] != page["parent"]:
-            row("parent (decoder cosine)", page["parent_decoder"])
+            row("parent (decoder cosine)", page["parent_decoder"], decoder_cos)
         for j in page["children"][:32]:
             row("child", j)
         for j, cos in page["neighbors"]:
@@ -556,7 +567,8 @@ class Explorer:
             f"### Neuron {k}",
             f"- **label** — {self.label_text(page)}",
             f"- **MS** — {self.ms_text(page)}",
-            f"- **firing frequency** {page['frequency']:.4g} · **mean activation** {page['mean_act'] + 0.0:.4g} · "
+            f"- **firing frequency** {page['frequency']:.4g} · **mean activation where it fires** "
+            f"{page['mean_act'] + 0.0:.4g} · "
             f"**max activation** {page['max_act'] + 0.0:.4g} (image score: {self.score_name})"  # + 0.0: no "-0"
             + ((f" · **on one token** {page['token_max'] + 0.0:.4g} (the Steer page's strength 1)"
                 if page["token_max"] > 0 else " · **never fires on a token** (the Steer page's strength 1 = 1.0 raw)")
@@ -618,7 +630,7 @@ class Explorer:
             "label_from_patch_gallery": page["label_from_patch"],
             **({"label_by_patch": page["label_by_patch"], "label_by_patch_score": _num(page["label_by_patch_score"])}
                if page.get("label_by_patch") is not None else {}),
-            "ms": _num(page["ms"], 5), "support": page["support"], "frequency": _num(page["frequency"], 6),
+            "ms": _num(page["ms"], 5), "support": page["support"], "frequency": _significant(page["frequency"], 6),
             "mean_act": _num(page["mean_act"], 5), "max_act": _num(page["max_act"], 5),
             "token_max": _num(page.get("token_max"), 5),
             "level": page["group"], "parent": page["parent"], "parent_coact": page["parent_coact"],

@@ -174,8 +174,12 @@ class SteerService:
         table.insert(1, "act_on_image", [_num(mx) for _, mx, *_ in found["top"]])
         top_map = found["maps"][ids[0]]
         picture = self.picture(pil, heat=top_map.reshape(-1), vmax=float(top_map.max()) or 1.0)
+        # the count is of every latent firing on a patch: until 2026-12-05 it was the table's rows, "20" for 25
+        n = found["n_firing"]
+        listed = "it is listed" if n == 1 else f"all {n} are listed" if n == len(ids) else f"the {len(ids)} that fire most are listed"
         return {"table": table, "picture": picture,
-                "note": f"{len(ids)} neurons fire on the image; the picture shows where neuron {ids[0]} fires."}
+                "note": f"{n} {'neuron fires' if n == 1 else 'neurons fire'} on the image's patches ({listed}); "
+                        f"the picture shows where neuron {ids[0]} fires."}
 
     # --- steering -------------------------------------------------------------------------------
     def strength_unit(self, k: int) -> float:

@@ -447,6 +447,7 @@ class Bundle:
             "parent": num(parent, int) if parent is not None else -1,
             "parent_coact": num(parent_coact, int) if parent_coact is not None else -1,
             "parent_decoder": num(parent_decoder, int) if parent_decoder is not None else -1,
+            "parent_cos": num(self._opt("parent_cos", k)),  # the decoder cosine to parent_decoder
             "children": self.children.get(k, []),
             "label": labels["labels"][k] if k < len(labels.get("labels", [])) else "",
             "label_score": num(score),

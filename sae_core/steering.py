@@ -776,14 +776,14 @@ def checked_dataset_image(bundle, idx) -> int:
 def latents_firing(z: torch.Tensor, layout, top: int, labels=None) -> dict:
     """(T, K) SAE codes of one image's tokens (`layout`: the model's TokenLayout) -> the `top` latents by their max
     over the patches: {"top": [(k, max, mean over patches, label)], "maps": {k: (rows, cols) float32}, "grid",
-    "cls": {k: CLS activation} or None}."""
+    "cls": {k: CLS activation} or None, "n_firing": how many latents fire on a patch, listed or not}."""
     patches = z[layout.n_prefix:]
     mx, mean = patches.max(0).values, patches.mean(0)
     order = torch.argsort(mx, descending=True)[:top]
     out = [(int(k), float(mx[k]), float(mean[k]), labels[k] if labels else "") for k in order if mx[k] > 0]
     maps = {k: patches[:, k].reshape(layout.grid).numpy() for k, *_ in out}
     return {"top": out, "maps": maps, "grid": layout.grid,
-            "cls": {k: float(z[0, k]) for k, *_ in out} if layout.has_cls else None}
+            "cls": {k: float(z[0, k]) for k, *_ in out} if layout.has_cls else None, "n_firing": int((mx > 0).sum())}
 
 
 def checked_patches(patches, n_patches: int, grid) -> list[int]:

@@ -1450,7 +1450,8 @@ def test_search_by_image_reads_the_bundles_model_without_llava(explorer, monkeyp
     image = int(top[k0, 0])  # the image of the strongest gallery entry
     path = tmp_path / "image.png"
     b.dataset()[image].save(path)  # lossless: the pixels the atlas read
-    reference = SteeringSession.from_bundle(b, device="cpu").latents_on_image(str(path), top=10)["top"]
+    every = SteeringSession.from_bundle(b, device="cpu").latents_on_image(str(path), top=b.n_neurons)["top"]
+    reference = every[:10]
 
     def offline(*a, **k):
         raise UserError("cannot load the config of llava-hf/llava-1.5-7b-hf (OSError: no network).")
@@ -1458,7 +1459,9 @@ def test_search_by_image_reads_the_bundles_model_without_llava(explorer, monkeyp
     monkeypatch.setattr(SteeringSession, "from_bundle", offline)
     found = steer_mod.SteerService(explorer).fire_on_upload(path, top=10)
     rows = found["table"].to_dict("records")
-    assert "fire on the image" in found["note"] and found["picture"]
+    # how many fire, not how many are listed (the note said "10 neurons fire" for the 10 rows until 2026-12-05)
+    assert len(every) > 10 and found["picture"]
+    assert found["note"].startswith(f"{len(every)} neurons fire on the image's patches (the 10 that fire most are listed)")
     assert [r["neuron"] for r in rows] == [k for k, *_ in reference]
     assert [r["act_on_image"] for r in rows] == pytest.approx([mx for _, mx, *_ in reference], rel=1e-3, abs=1e-3)
     assert rows[0]["neuron"] == k0 and rows[0]["act_on_image"] == pytest.approx(float(acts[k0, 0]), rel=1e-3)
@@ -1628,3 +1631,29 @@ def test_running_out_of_memory_in_a_page_action_is_one_sentence():
                     r".*\); try again when other requests are done", said.value.message)
     with pytest.raises(RuntimeError, match="must match"):
         buggy()
+
+
+def test_the_decoder_parents_row_gives_its_cosine_and_frequencies_keep_their_figures(explorer):
+    """Two numbers a reviewer found off on 2026-12-05: the related table's parent row left the decoder cosine
+    blank (the same latent among the decoder neighbours showed it), now the cosine of the two decoder rows of the
+    bundle's SAE; the Neurons table rounded a frequency to 5 decimals, so a latent firing on 6 of ImageNet's 1.28 M
+    images read 0.0 like a dead one, and the JSON export to 6 (1 image in 1.28 M: 1e-06 for 7.8e-07)."""
+    import torch
+
+    b = explorer.bundle
+    w = b.load_sae().W_dec.detach().double()
+    w = w / w.norm(dim=1, keepdim=True)
+    parents = np.asarray(b.array("parent_decoder"))
+    checked = 0
+    for k in np.flatnonzero(parents >= 0)[:40]:
+        j = int(parents[k])
+        rows = [r for r in explorer.related(int(k)) if r[0] in ("parent", "parent (decoder cosine)") and r[1] == j]
+        assert len(rows) == 1, (k, explorer.related(int(k)))
+        assert rows[0][-1] == pytest.approx(float(torch.dot(w[k], w[j])), abs=6e-4), (k, j, rows)
+        checked += 1
+    assert checked >= 20
+    n = 1_281_167
+    for fired in (1, 6, 1000):
+        assert Explorer._cell("frequency", fired / n) == pytest.approx(fired / n, rel=5e-4)
+    k = int(np.argmax(explorer.columns["frequency"]))
+    assert explorer.neuron_record(k)["frequency"] == pytest.approx(float(b.array("frequency")[k]), rel=5e-6)
