@@ -382,7 +382,7 @@ class SteerTab:
                                     alt_text="the image to steer with its patch grid; type patch numbers in the "
                                              "patches box to restrict the clamp")
             self.latents_df = gr.Dataframe(headers=LATENT_COLUMNS, interactive=False, elem_id="steer-latents",
-                                           label="latents that fire on it: max and mean over patches, the patch "
+                                           label="the 10 latents that fire most on it: max and mean over patches, the patch "
                                                  "where most, the max in strength units (click one to put it in "
                                                  "the first slot)")
         with gr.Row():
