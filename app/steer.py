@@ -24,6 +24,8 @@ DEFAULT_QUESTIONS = (
 STEER_PICTURE = 320
 # "x token max": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
 # token of the dataset), so that a strength can be read against what the image already gives.
+LATENT_ROWS = 10
+"""The Steer page lists this many of the latents that fire most on its image."""
 LATENT_COLUMNS = ["neuron", "label", "max on image", "x token max", "mean", "patch", "ms"]  # max, mean, best patch: over patches
 
 
@@ -151,7 +153,7 @@ class SteerService:
         return self.ex.images.get_or_make(key, lambda: patch_grid(self.ex.shown(pil), self.ex.grid, selected, heat,
                                                                    vmax, size=STEER_PICTURE))
 
-    def latents(self, key, top: int = 10) -> tuple[list[list], dict]:
+    def latents(self, key, top: int = LATENT_ROWS) -> tuple[list[list], dict]:
         """Rows of the latents that fire most on an image (LATENT_COLUMNS) and their patch maps."""
         found = self.session().latents_on_image(key, top=top)
         ms = self.ex.columns["ms"]

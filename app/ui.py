@@ -358,7 +358,7 @@ class SteerTab:
     """The Steer page: image, latents that fire on it, clamp sliders, three answers, sweep, score."""
 
     def __init__(self, ex: Explorer, steer):
-        from .steer import DEFAULT_QUESTIONS, LATENT_COLUMNS
+        from .steer import DEFAULT_QUESTIONS, LATENT_COLUMNS, LATENT_ROWS
 
         self.ex, self.steer = ex, steer
         other = steer.other_tower()
@@ -382,7 +382,7 @@ class SteerTab:
                                     alt_text="the image to steer with its patch grid; type patch numbers in the "
                                              "patches box to restrict the clamp")
             self.latents_df = gr.Dataframe(headers=LATENT_COLUMNS, interactive=False, elem_id="steer-latents",
-                                           label="the 10 latents that fire most on it: max and mean over patches, the patch "
+                                           label=f"the {LATENT_ROWS} latents that fire most on it: max and mean over patches, the patch "
                                                  "where most, the max in strength units (click one to put it in "
                                                  "the first slot)")
         with gr.Row():
