@@ -91,6 +91,11 @@ def test_world_and_file_vocabularies(tmp_path):
     # a folder and a Latin-1 file: one sentence each (a "does not exist" and a UnicodeDecodeError before)
     with pytest.raises(UserError, match="is a folder; pass a text file"):
         file_concepts(tmp_path)
+    # a BOM (Notepad, Excel) stayed in the first concept until 2026-12-05: "\ufeffred" matched no colour, and
+    # a first line "# ..." stopped being a comment
+    for text in ("\ufeffred\nblue\n", "\ufeff# colours\nred\nblue\n"):
+        (tmp_path / "bom.txt").write_text(text, encoding="utf-8")
+        assert [c.name for c in file_concepts(tmp_path / "bom.txt")] == ["red", "blue"]
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1.txt is not UTF-8 text \(byte 3 is not\); save it as UTF-8"):
         file_concepts(tmp_path / "latin1.txt")
@@ -283,8 +288,8 @@ def test_the_datasets_class_names_are_the_default_vocabulary(tmp_path):
     wnids = folder("imagenet/train", ["n01440764", "n01443537"])
     concepts, what = class_concepts(wnids)
     assert concepts is None and "WordNet ids (n01440764, ...)" in what and "LOC_synset_mapping.txt" in what
-    (tmp_path / "imagenet" / "LOC_synset_mapping.txt").write_text(
-        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    (tmp_path / "imagenet" / "LOC_synset_mapping.txt").write_text(  # with a BOM: "\ufeffn01440764" matched no id
+        "\ufeffn01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n", encoding="utf-8")
     concepts, what = class_concepts(wnids)
     assert [c.prompt for c in concepts] == ["a photo of a tench", "a photo of a goldfish"] and "LOC_synset" in what
     for name, classes, loose, said in (("digits", ["0", "1", "2"], 0, "hold no letters"),
