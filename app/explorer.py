@@ -14,6 +14,7 @@ from sae_core.errors import UserError
 from sae_core.image_view import model_view
 
 from . import inputs
+from .markdown import markdown_text
 from .probes import ProbeResults
 from .render import DISPLAY, ImageCache, heat_overlay, strip, upscale
 
@@ -511,7 +512,8 @@ class Explorer:
         method = (page.get("label_method") or "unknown").split(":")[0]
         source = ", from the gallery by the max over patches" if page.get("label_from_patch") else ""
         read = self._read_from(page["patch_top" if page.get("label_from_patch") else "top"])
-        return f'guess: "{page["label"]}" ({score_s}{read}, method {method}{source}, described on the Overview)'
+        return (f'guess: "{markdown_text(page["label"])}" ({score_s}{read}, method {markdown_text(method)}{source}, '
+                "described on the Overview)")
 
     def _read_from(self, gallery) -> str:
         """", read from 2 images" where a label rests on fewer images than a full gallery (a thin guess)."""
@@ -588,7 +590,7 @@ class Explorer:
                 score_s = f"score {round(score, 2) + 0.0:.2f}" if score is not None and math.isfinite(score) else ""
                 read = self._read_from(page["patch_top"])
                 detail = (score_s + read).lstrip(", ")
-                label = f'; its label: guess "{page["label_by_patch"]}"' + (f" ({detail})" if detail else "")
+                label = f'; its label: guess "{markdown_text(page["label_by_patch"])}"' + (f" ({detail})" if detail else "")
             lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images{top_act}; the "
                          f"second gallery ranks them by the max over patches{bands}{label}")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)

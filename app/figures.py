@@ -1,10 +1,13 @@
 """Plotly figures of the explorer. Points carry the neuron id as `customdata` so a click can open it."""
 from __future__ import annotations
 
+import html
 import math
 from typing import NamedTuple
 
 import numpy as np
+
+from .markdown import readable
 
 SVG_POINTS = 5_000
 """Up to this many points the scatter is SVG (each point clickable as an element); WebGL above."""
@@ -46,6 +49,12 @@ def _layout(fig, title: str, height: int = 360):
     fig.update_layout(title=title, height=height, margin=dict(l=50, r=20, t=50, b=45), template="plotly_white",
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
     return fig
+
+
+def plot_text(text) -> str:
+    """A label as plotly text shows it as itself: plotly draws its own <b>, <i>, <br> and <a href> in labels and
+    hovers (a bundle's label `<a href="https://...">` was a link in the tree until 2026-12-05), and reads entities."""
+    return html.escape(readable(text), quote=False)
 
 
 MS_BIN = 0.025
@@ -120,7 +129,7 @@ def ms_frequency_scatter(columns: dict):
     for sel, name, x, y, marker in traces:
         if len(sel):
             add(x=x[sel], y=y[sel], mode="markers", name=name, customdata=sel.tolist(),
-                text=[f"#{k} {lab}" for k, lab in zip(sel, columns["label"][sel])],
+                text=[f"#{k} {plot_text(lab)}" for k, lab in zip(sel, columns["label"][sel])],
                 marker=dict(size=6, opacity=0.7, **marker),
                 hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
     fig.update_layout(xaxis_type="log", xaxis_title="firing frequency (fraction of images)",
@@ -253,7 +262,7 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
     ids = {int(n["id"]) for n in kept}
     # A node whose parent is not drawn hangs from the root ring (the parent's level was cut or it has none).
     parents = [str(int(n["parent"])) if int(n.get("parent", -1)) in ids else "" for n in kept]
-    text = [f"#{int(n['id'])} {n.get('label') or ''}".strip() for n in kept]
+    text = [f"#{int(n['id'])} {plot_text(n.get('label') or '')}".strip() for n in kept]
     ms = np.array([float(n["ms"]) if n.get("ms") is not None else np.nan for n in kept], np.float64)
     by_patches = np.zeros(len(kept), bool)
     if patch_ms is not None:
@@ -264,7 +273,8 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
     source = [f"{'MS by patches' if p else 'MS'} {m:.3f}" if np.isfinite(m) else "no MS (fires on fewer than 2 images)"
               for p, m in zip(by_patches, ms)]
     by_patch = [None if patch_labels is None else patch_labels[int(n["id"])] for n in kept]
-    on_patches = [f"<br>on patches: {p}" if p and p != n.get("label") else "" for n, p in zip(kept, by_patch)]
+    on_patches = [f"<br>on patches: {plot_text(p)}" if p and p != n.get("label") else ""
+                  for n, p in zip(kept, by_patch)]
     trace_cls = go.Sunburst if kind == "sunburst" else go.Treemap
     fig = go.Figure(trace_cls(
         ids=[str(int(n["id"])) for n in kept], parents=parents, labels=text,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from sae_core.bundle import PROBES
 
+from .markdown import markdown_code, markdown_text
+
 CROSSMODAL_FILE = "crossmodal.json"
 
 OOD_COLUMNS = ["method", "family", "AUROC", "FPR@95"]
@@ -120,9 +122,9 @@ class ProbeResults:
 
     def _unreadable(self, rel: str, reason: str, kind: str) -> str:
         if kind == "probes" and not self.is_world:
-            return f"`{rel}` is unreadable ({reason}); delete it: factor probes need a world bundle."
-        return (f"`{rel}` is unreadable ({reason}); re-run `{self._command(kind)}` to rewrite it "
-                "(or delete the file).")
+            return f"`{rel}` is unreadable ({markdown_text(reason)}); delete it: factor probes need a world bundle."
+        return (f"`{rel}` is unreadable ({markdown_text(reason)}); re-run {markdown_code(self._command(kind))} to "
+                "rewrite it (or delete the file).")
 
     # ------------------------------------------------------------------------------------------
     # OOD
@@ -135,7 +137,7 @@ class ProbeResults:
             if self.is_crossmodal:
                 return ("No OOD results: the probe commands (ood, ontology, probes) read vision-layer bundles, and "
                         "this cross-modal bundle's SAE reads the language model.", None, None)
-            return (f"No OOD results yet (`{rel}` is missing); run `{self._command('ood')}`"
+            return (f"No OOD results yet (`{rel}` is missing); run {markdown_code(self._command('ood'))}"
                     f"{self._missing_hint('ood')} to compute them (the page shows them on the next load).", None, None)
         if status == "unreadable":
             return self._unreadable(rel, value, "ood"), None, None
@@ -159,7 +161,7 @@ class ProbeResults:
             if kind == "probes" and not self.is_world:
                 return ("No factor probes: they need the embedded world's labels (shape, colour, texture of each "
                         "image), and this bundle is not a world bundle (`python -m precompute demo` builds one).", None)
-            return f"`{rel}` is missing; run `{self._command(kind)}`{self._missing_hint(kind)}.", None
+            return f"`{rel}` is missing; run {markdown_code(self._command(kind))}{self._missing_hint(kind)}.", None
         if status == "unreadable":
             return self._unreadable(rel, value, kind), None
         return value
@@ -240,7 +242,7 @@ def parse_ood(d) -> dict:
         by = m.get("auroc_by_group") or {}
         rows.append([n, "SAE" if family_of(n, m) == "sae" else "raw", round(m["auroc"], 3), round(m["fpr95"], 3),
                      *[_round(by.get(g)) for g in groups], str(m.get("description") or "")])
-    fmt = lambda n: "none" if n is None else f"**{n}** {methods[n]['auroc']:.3f}"
+    fmt = lambda n: "none" if n is None else f"**{markdown_text(n)}** {methods[n]['auroc']:.3f}"
     goal = d.get("goal") if isinstance(d.get("goal"), dict) else {}
     bar = goal.get("sae_auroc_at_least")
     goal_s = ("" if "met" not in goal else
@@ -249,7 +251,7 @@ def parse_ood(d) -> dict:
     for key, label in (("id", "ID"), ("ood", "OOD"), ("fit", "fitted on")):
         s = d.get(key)
         if isinstance(s, dict) and s.get("spec"):
-            sets.append(f"{label} `{s['spec']}` ({s.get('n_images', '?')} images)")
+            sets.append(f"{label} {markdown_code(s['spec'])} ({markdown_text(s.get('n_images', '?'))} images)")
     note = (f"**OOD detection** (higher score = more out-of-distribution): best SAE detector {fmt(best_sae)}, best raw "
             f"baseline {fmt(best_raw)}.{goal_s}" + (" " + "; ".join(sets) + "." if sets else "")
             + " The two best are drawn; click a legend entry to show another detector.")
@@ -297,8 +299,8 @@ def parse_ontology(d) -> tuple[str, dict]:
                                  _round(a.get("null_mean")), _round(a.get("null_std")), _round(a.get("z"), 1)])
     if not rows:
         raise Unreadable("`views` holds no clustering scores")
-    note = (f"**Ontology recovery** on `{d.get('dataset')}` ({d.get('n_images')} images): agreement = "
-            f"{d.get('score') or 'tree agreement'}; z against the permutation null.")
+    note = (f"**Ontology recovery** on {markdown_code(d.get('dataset'))} ({markdown_text(d.get('n_images'))} images): "
+            f"agreement = {markdown_text(d.get('score') or 'tree agreement')}; z against the permutation null.")
     return note, _table(ONTOLOGY_COLUMNS, rows)
 
 
@@ -319,7 +321,8 @@ def parse_probes(d) -> tuple[str, dict]:
     if not rows:
         raise Unreadable("`factors` is empty")
     test = d.get("test") if isinstance(d.get("test"), dict) else {}
-    note = (f"**Linear probes**: accuracy on `{test.get('spec')}` single-object images ({test.get('n_single')}); "
+    note = (f"**Linear probes**: accuracy on {markdown_code(test.get('spec'))} single-object images "
+            f"({markdown_text(test.get('n_single'))}); "
             "chance = the majority class.")
     return note, _table(PROBE_COLUMNS, rows)
 
@@ -358,7 +361,7 @@ def parse_crossmodal(d) -> tuple[str, dict, dict]:
         table.append([k, u.get("concept"), _round(u.get("score")), _round(mi[0]), _round(mi[1]), _round(mt[0]),
                       _round(mt[1]), _round(u.get("auroc_image")), _round(u.get("auroc_text")), words])
     raw = d.get("raw") if isinstance(d.get("raw"), dict) else {}
-    hit = [f"{c} {n}" for c, n in counts if n]
+    hit = [f"{markdown_text(c)} {n}" for c, n in counts if n]
     note = (f"**Cross-modal latents**: {n_cm} of {n_units} SAE latents fire for the same concept on image patches and "
             f"on its word (score >= {threshold:g})" + (f": {', '.join(hit)}" if hit else "")
             + (f"; raw residual dimensions (either sign): {raw['n_cross_modal']} of {raw['n_units']}"

@@ -14,6 +14,7 @@ from sae_core.errors import UserError
 from . import figures, inputs
 from .uploads import load_upload
 from .explorer import IMAGE_NEURON_COLUMNS, MAX_TABLE_ROWS, TABLE_COLUMNS, Explorer
+from .markdown import markdown_code, markdown_text, toast_text
 from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
 # Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
@@ -295,7 +296,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            raise gr.Error(toast_text(str(e)), print_exception=False) from None
         except (MemoryError, RuntimeError) as e:
             from sae_core.precision import out_of_memory
 
@@ -502,7 +503,7 @@ class SteerTab:
             except ModelUnavailable as e:
                 if not page_load:
                     raise
-                gr.Warning(str(e))
+                gr.Warning(toast_text(str(e)))
                 rows = []
             return svc.picture(pil, patch_list(patches)), rows
 
@@ -720,7 +721,7 @@ class SteerTab:
             if state.get("tokens") not in (None, ""):
                 tokens = field(lambda: answer_tokens(state["tokens"]), tokens)
             for message in refused:
-                gr.Warning(message)
+                gr.Warning(toast_text(message))
             return (image, patches, keep_error, question or gr.update(), picture, gr.Tabs(selected="steer"), sweep,
                     tokens, *slot_vals)
 
@@ -928,7 +929,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def overview():
             cols = ex.columns
             raw = np.asarray(ex.bundle.array("raw/ms")) if ex.bundle.has("raw/ms") else None
-            facts = "\n".join(f"- **{k}**: `{v}`" for k, v in ex.facts().items() if v is not None)
+            facts = "\n".join(f"- **{k}**: {markdown_code(v)}" for k, v in ex.facts().items() if v is not None)
             return ("### Bundle\n" + facts, ex.metrics_rows(), figures.ms_histogram(cols["ms"], raw, cols.get("patch_ms")),
                     figures.ms_frequency_scatter(cols))
 
@@ -1083,7 +1084,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                         try:
                             values[i] = check(state[key])
                         except UserError as e:
-                            gr.Warning(link_field_lost(str(e)))
+                            gr.Warning(toast_text(link_field_lost(str(e))))
             return (*values, query, neuron_table(*values), "")
 
         on_link(demo, lambda state: state.get("tab") == "neurons").success(
@@ -1208,7 +1209,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             if not image_search.embedder.text_loaded:
                 gr.Info(TEXT_TOWER_LOADING)
             ids, scores = image_search.by_text(q)
-            return (*image_results(ids, scores, f'"{q}"'), q, inputs.encode_state({"tab": "images", "query": q}))
+            return (*image_results(ids, scores, f'"{markdown_text(q)}"'), q, inputs.encode_state({"tab": "images", "query": q}))
 
         def image_search_event(trigger, check, search, box, api_name, by_text=False):
             """A search's event: `check` (no outputs, so a refused input is one message, and the previous
@@ -1450,14 +1451,15 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 if state.get("kind") in ("sunburst", "treemap"):
                     kind = state["kind"]
                 elif state.get("kind") not in (None, ""):  # ?kind=pie drew the sunburst without a word until 2026-12-05
-                    gr.Warning(link_field_lost(f"the drawing {inputs.shown(state['kind'])} is not one of sunburst, "
-                                               "treemap"))
+                    gr.Warning(toast_text(link_field_lost(f"the drawing {inputs.shown(state['kind'])} is not one of "
+                                                          "sunburst, treemap")))
                 try:
                     r = state.get("root")
                     r = -1 if r in (None, "") else inputs.integer(r, "subtree's latent", -1, ex.n_neurons - 1)
                     return (kind, r, *hierarchy(kind, r))
                 except (UserError, gr.Error) as e:
-                    gr.Warning(f"the link's subtree could not be drawn: {getattr(e, 'message', e)}")
+                    said = e.message if isinstance(e, gr.Error) else toast_text(str(e))  # a gr.Error's is escaped
+                    gr.Warning(f"the link's subtree could not be drawn: {said}")
             return (kind, root, *hierarchy(kind, root))
 
         on_link(demo, lambda state: state.get("tab") == "hierarchy").success(
@@ -1493,7 +1495,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             tab = state.get("tab")
             given = request.query_params.get("tab") if request else None
             if given not in (None, "") and tab is None:  # dropped by decode_state: ?tab=bogus opened the Overview silently
-                gr.Warning(link_field_lost(f"the tab {inputs.shown(given)} is not one of {', '.join(inputs.TABS)}"))
+                gr.Warning(toast_text(link_field_lost(f"the tab {inputs.shown(given)} is not one of "
+                                                      f"{', '.join(inputs.TABS)}")))
             restored = neuron_link(state) or (tab == "steer" and isinstance(steer_parts, SteerTab))
             return gr.Tabs(selected=tab) if tab and not restored else gr.update()
 
@@ -1507,7 +1510,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 try:
                     page = page_outputs(state.get("neuron", ex.default_neuron))
                 except UserError as e:
-                    gr.Warning(f"the link's neuron could not be opened: {e}")
+                    gr.Warning(toast_text(f"the link's neuron could not be opened: {e}"))
                 else:
                     # a link naming another tab opens that tab (?neuron=5&tab=overview opened the Neuron tab),
                     # with the neuron's page behind the Neuron tab and the address left as the link's

@@ -379,6 +379,16 @@ def test_bad_uploads_show_a_message(page, explorer_app, tmp_path):
     assert pg.locator(".toast-wrap").get_by_text("given more than once").count() == 1
     pg.goto(explorer_app.url + "/?tab=images&query=" + "a" * 5000)
     pg.wait_for_selector("text=the query is 5000 characters long")
+    # a link's text is shown as typed: a Markdown link in its query was a live link in the Images note, and a
+    # field's HTML was drawn in the warning that quoted it (until 2026-12-05)
+    typed = "[Session expired: log in again](https://example.com/login) *x* <b>y</b> www.example.com"
+    pg.goto(explorer_app.url + "/?tab=images&query=" + urllib.parse.quote(typed))
+    pg.wait_for_function("(q) => (document.querySelector('#image-note') || {innerText: ''}).innerText.includes(q)",
+                         arg=typed)
+    assert pg.locator("#image-note a, #image-note em, #image-note b").count() == 0
+    pg.goto(explorer_app.url + "/?tab=hierarchy&kind=" + urllib.parse.quote("<b>BOLD</b>"))
+    pg.wait_for_selector("text=the drawing '<b>BOLD</b>' is not one of")
+    assert pg.locator(".toast-wrap b").count() == 0
     # an images link with one bad field restores the other (the query's search was lost with the image)
     pg.goto(explorer_app.url + "/?tab=images&image=abc&query=a+photo+of+a+red+object")
     pg.wait_for_function("() => document.querySelectorAll('#image-results .thumbnail-item').length === 24")

@@ -1657,3 +1657,51 @@ def test_the_decoder_parents_row_gives_its_cosine_and_frequencies_keep_their_fig
         assert Explorer._cell("frequency", fired / n) == pytest.approx(fired / n, rel=5e-4)
     k = int(np.argmax(explorer.columns["frequency"]))
     assert explorer.neuron_record(k)["frequency"] == pytest.approx(float(b.array("frequency")[k]), rel=5e-6)
+
+
+def test_text_from_a_bundle_or_a_link_reaches_markdown_and_toasts_as_itself():
+    """Labels, queries, specs and commands went into the pages' Markdown as typed until 2026-12-05: a link's query
+    `[log in](https://...)` was a live link in the Images note, a label `<h1>` a heading, a backtick in a recorded
+    command ended its code span, and a link field's `<b>` was bold in the warning quoting it. Rendered here by
+    markdown-it (CommonMark, with GFM's tables and strikethrough), each reads back as the text given, in no tag."""
+    import html
+
+    from markdown_it import MarkdownIt
+
+    from app.markdown import markdown_code, markdown_text, readable, toast_text
+
+    md = MarkdownIt("commonmark").enable(["table", "strikethrough"])
+    given = ['<img src=x onerror="alert(1)">', "<script>alert(1)</script>", "</table></div><h1>BIG</h1>",
+             "[log in](https://example.com/login)", "![x](https://example.com/x.png)", "*emph* __under__ ~~del~~",
+             "# heading", "1. item", "- item", "| a | b |", "`code`", "``two``", "a\\`b", "&amp; &lt;", "x\\", "st. bernard",
+             "\\*not\\*", "$$x^2$$", "<https://example.com>", "line one\n\n# line two"]
+    given += ["    indented", "www.example.com", "mail@example.com", "2) item", "+ item", "=== x", "plain words"]
+    for text in given:
+        for line in ('guess: "{}"', "{}"):  # within a line, and starting one
+            out = md.render(line.format(markdown_text(text)))
+            assert out.startswith("<p>") and out.endswith("</p>\n") and out.count("<") == 2, (text, out)
+            assert html.unescape(out[3:-5]) == line.format(" ".join(text.splitlines()).lstrip()), (text, out)
+        out = md.render(f"- **command**: {markdown_code(text)}")
+        inner = out.split("<code>", 1)[1].rsplit("</code>", 1)[0]
+        assert out.count("<code>") == 1 and html.unescape(inner).strip() == " ".join(text.split("\n")).strip(), (text, out)
+        assert "<" not in toast_text(text) and html.unescape(toast_text(text)) == text
+    assert readable("caf\udce9") == "caf\\xe9" and markdown_text("caf\udce9") == "caf\\\\xe9"  # not UTF-8: its bytes
+
+
+def test_labels_reach_plotly_as_text_not_markup():
+    """plotly draws <a href>, <b> and <br> found in a label (a bundle's `<a href="https://...">` was a live link in
+    the tree and the scatter until 2026-12-05): labels go in with HTML's characters as entities, which plotly shows
+    as the characters; only the figures' own <br> stay tags."""
+    import html
+
+    evil = '<a href="https://example.com">log in</a> & <b>x</b>'
+    nodes = [{"id": 0, "level": 0, "parent": -1, "ms": 0.5, "label": evil},
+             {"id": 1, "level": 1, "parent": 0, "ms": 0.4, "label": "plain"}]
+    tree = figures.hierarchy_figure(nodes, "sunburst", patch_labels=[evil, evil]).figure.data[0]
+    assert list(tree.labels) == ["#0 " + html.escape(evil, quote=False), "#1 plain"]
+    assert tree.customdata[1][2] == "<br>on patches: " + html.escape(evil, quote=False)
+    cols = {"ms": np.array([0.5, 0.6]), "frequency": np.array([0.1, 0.2]), "level": np.array([0, 0]),
+            "label": np.array([evil, "plain"], dtype=object)}
+    texts = [t for trace in figures.ms_frequency_scatter(cols).data for t in trace.text]
+    assert sorted(texts) == sorted(["#0 " + html.escape(evil, quote=False), "#1 plain"])
+    assert all("<" not in t for t in texts) and html.unescape(texts[0].split(" ", 1)[1]) in (evil, "plain")
