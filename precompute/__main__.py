@@ -6,7 +6,7 @@ import os
 import sys
 
 from sae_core.command_line import OneLineParser
-from sae_core.errors import UserError
+from sae_core.errors import UserError, not_utf8_argument
 
 # name -> (module, one-line help). A module defines `add_arguments(parser)` and `run(args) -> int`.
 # Modules are imported only when their command runs, so `train` never pays for transformers.
@@ -55,6 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     (argparse's top parser pointed to `python -m precompute --help`, which lists no option)."""
     parser = parser_for(argv)
     command = parser.command_parser
+    if (bad := not_utf8_argument(argv)) is not None:
+        (command or parser).error(bad)
     if command is not None:
         options = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
         unknown = []

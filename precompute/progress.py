@@ -122,8 +122,8 @@ class PipelineProgress:
             self.bar.write(line, file=sys.__stderr__)
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log, "a") as f:
-                f.write(line + "\n")
+            with open(self.log, "a", encoding="utf-8", errors="backslashreplace") as f:  # a name not UTF-8:
+                f.write(line + "\n")  # a traceback that took the --out folder's scan with it until 2026-12-05
 
     def close(self, finished: bool = True) -> None:
         """The last state: "done", or where the build stopped (an error or a kill), not "done"."""

@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError, not_utf8, unknown_world_part
+from .errors import UserError, not_utf8, readable, unknown_world_part
 from .folders import refuse_bundle_as_world
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -179,6 +179,9 @@ def image_folder(spec: str, path: str) -> FileListDataset:
         return not name.startswith(".") and (not suffix_ok or Path(name).suffix.lower() in IMAGE_EXTENSIONS)
 
     classes = [e.name for e in entries if e.is_dir() and shown(e.name, suffix_ok=False)]
+    # a class is labelled by its folder's name as text: a name in another encoding by its bytes ("caf\\xe9"), which
+    # the text tower and the explorer can read ("caf\udce9" failed the tokenizer after the whole scan until 2026-12-05)
+    label_of = {c: readable(c) for c in classes}
     for e in entries:  # images directly in root have no label
         if e.is_file() and shown(e.name):
             paths.append(e.name)
@@ -196,10 +199,10 @@ def image_folder(spec: str, path: str) -> FileListDataset:
             for f in sorted(filenames):
                 if shown(f):
                     paths.append(os.path.join(rel, f))
-                    labels.append(cls)
+                    labels.append(label_of[cls])
     if not paths:
         raise UserError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the path.")
-    taxonomy = {c: t for c in classes if (t := inat_taxonomy(c)) is not None}
+    taxonomy = {label_of[c]: t for c in classes if (t := inat_taxonomy(label_of[c])) is not None}
     if len(taxonomy) < len(classes):
         taxonomy = None  # not an iNaturalist layout (all or nothing)
     return FileListDataset(spec, root, paths, labels if classes else None, taxonomy)

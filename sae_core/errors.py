@@ -13,6 +13,24 @@ class UserError(Exception):
     """
 
 
+def readable(text) -> str:
+    """`text` with what no page, JSON answer or tokenizer can carry spelt out: a name that is not UTF-8 (a lone
+    surrogate, as Python reads the Latin-1 "caf\xe9" of an old archive) as its bytes, "caf\\xe9"."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def not_utf8_argument(argv) -> str | None:
+    """The refusal of a command-line argument that is not UTF-8 (a path named in another encoding), or None: such
+    a path went into the bundle's manifest, whose every page then failed in the explorer's JSON encoder (until
+    2026-12-05)."""
+    for arg in argv:
+        if readable(arg) != arg:
+            return (f"the argument '{readable(arg)}' is not UTF-8 text (a name in another encoding, shown by its "
+                    "bytes); rename that file or folder to UTF-8 (e.g. `convmv -f latin1 -t utf8 -r --notest NAME`) "
+                    "and run again")
+    return None
+
+
 def not_utf8(path) -> UserError:
     """The error for a text file that is not UTF-8, naming its first bad byte and that byte's line.
 

@@ -425,3 +425,41 @@ def test_running_out_of_memory_is_one_sentence_with_the_commands_own_ways_out(tm
     assert advice("steer-eval", "--bundle", "b", "--precision", "4bit") == "free some memory or use a larger device."
     assert advice("ms", "--activations", "a", "--embeddings", "e", "--out", "o", "--chunk", "1") == (
         "free some memory or use a larger device.")
+
+
+def test_an_argument_that_is_not_utf8_is_refused_before_anything_runs(tmp_path, capsys):
+    """A Latin-1 "café" folder reaches Python as "caf\\udce9": an atlas of it was built and passed `inspect`, and then
+    every page of the explorer failed in Gradio's JSON encoder (until 2026-12-05). One line, naming it by its bytes."""
+    import os
+
+    folder = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    with pytest.raises(SystemExit) as e:
+        main(["atlas", "--sae", "s", "--dataset", f"imagefolder:{folder}", "--model", "m", "--out", "o"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: the argument 'imagefolder:{tmp_path}/caf\\xe9' is not UTF-8 text"), err
+
+
+def test_class_folders_not_named_in_utf8_are_labelled_by_their_bytes(tmp_path):
+    """A class folder "caf\\xe9" (Latin-1) labelled its images "caf\\udce9", which the text tower's tokenizer refused
+    after the whole scan and no page could send (until 2026-12-05): its label is "caf\\\\xe9" now, and its images
+    still open (the paths keep the folder's own name)."""
+    import os
+
+    from PIL import Image
+
+    from precompute.progress import PipelineProgress
+    from sae_core.datasets import image_folder
+    from sae_core.labels import class_concepts
+
+    for name in (b"caf\xe9", b"tea"):
+        os.makedirs(bytes(tmp_path) + b"/data/" + name)
+        Image.new("RGB", (4, 4), "red").save(os.fsdecode(bytes(tmp_path) + b"/data/" + name + b"/x\xff.png"))
+    ds = image_folder(f"imagefolder:{tmp_path / 'data'}", str(tmp_path / "data"))
+    assert ds.labels == ["caf\\xe9", "tea"] and ds[0].size == (4, 4) and ds[1].size == (4, 4)
+    concepts, _ = class_concepts(ds)
+    assert [c.name for c in concepts] == ["caf\\xe9", "tea"]
+    # the line saying an image could not be read: it went to the build's log as a traceback that lost the --out
+    with PipelineProgress({"atlas": 1.0}, desc="atlas", log=tmp_path / "log.txt") as progress:
+        progress.note(f"could not read {ds.item(0)}")
+    assert (tmp_path / "log.txt").read_text(encoding="utf-8").endswith("could not read caf\\udce9/x\\udcff.png\n")
