@@ -10,7 +10,7 @@ import torch
 from sae_core.activation_store import save_npy_atomic, why_not_npy
 from sae_core.atomic import output_lock, remove_stale_temporaries, write_json_atomic
 from sae_core.errors import UserError
-from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv
+from sae_core.monosemanticity import MSAccumulator, finish_result, read_activations_csv, rescore_in_float64
 from sae_core.precision import resolve_device
 from sae_core.progress import progress_bar
 
@@ -111,6 +111,10 @@ def compute_ms(acts, emb, device, chunk: int, matmul: str, min_support: int, par
                 save_state(partial, {"ms": acc}, dict(meta, n_done=acc.n))
                 last = time.monotonic()
     result = acc.result(min_support)
+    if (unresolved := acc.float32_unresolved()).size:
+        print(f"{unresolved.size} neurons scored again in float64: one image holds nearly all of their activation, "
+              "which the float32 product cannot resolve")
+        result = rescore_in_float64(result, acc, acts, emb, chunk)
     return result
 
 

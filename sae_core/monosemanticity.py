@@ -114,12 +114,20 @@ def _block_stats_torch(x: torch.Tensor, shift) -> _BlockStats:
     return _BlockStats(cmin, cmax, at, y, y.sum(0), (y * y).sum(0))
 
 
+FLOAT32_MIN_SPREAD = 1e-2
+"""A float32 product scores a neuron to about 2e-8 / ((sum a)^2 - sum a^2) * (sum a)^2: below this share, 2e-6 off
+(1e-3: 9e-6 measured; 1e-9: 7.4), the neuron is scored again in float64 (`rescore_in_float64`)."""
+
+
 class MSAccumulator:
     """Streams (activations, embeddings) chunks of images; `result()` gives MS for all K neurons.
 
     Sums are float64 on `device` ("cpu" or "cuda"). `matmul_dtype=torch.float32` runs the one
     O(n d K) product per chunk in float32 (about 2x faster on CPU; the result moves by ~1e-6) and
-    still accumulates in float64. Embedding rows are normalised to unit length here (the paper's
+    still accumulates in float64, except for a neuron whose weight one image holds nearly alone: its MS is a
+    small difference of two large sums, which float32 cannot resolve (7.3 for a true -0.17 where the second
+    image's activation was 1e-9 of the first's; until 2026-12-05). `float32_unresolved()` names such neurons,
+    which `rescore_in_float64` scores again from the arrays. Embedding rows are normalised to unit length here (the paper's
     code takes cosine similarities, which normalise too), so callers need not; a zero row is an error.
     Memory: a (d, K) float64 accumulator, e.g. 400 MB for d 768 and K 65,536.
     """
@@ -201,15 +209,28 @@ class MSAccumulator:
         self.e_sum += emb.sum(0)
         self.n += n
 
+    def _sums(self):
+        """(sum_n (x_n - lo), sum_n (x_n - lo)^2, lo in shifted units), all (K,) float64."""
+        n = float(self.n)
+        c = self.lo - self.shift                                   # the minimum in shifted units
+        return self.sy - n * c, self.syy - 2 * c * self.sy + n * c * c, c
+
+    @torch.no_grad()
+    def float32_unresolved(self) -> np.ndarray:
+        """Ids of the neurons a float32 product cannot score to 1e-5: their MS's denominator, (sum a)^2 - sum a^2,
+        is under FLOAT32_MIN_SPREAD of (sum a)^2 (the MS error grows as 2e-8 over that share). None in float64."""
+        if self.matmul_dtype == torch.float64 or self.n == 0:
+            return np.zeros(0, np.int64)
+        s1, sq, _ = self._sums()
+        spread = (s1 * s1 - sq) / torch.where(s1 > 0, s1 * s1, 1.0)
+        return torch.nonzero((self.n - self.n_at_lo >= 2) & (spread < FLOAT32_MIN_SPREAD))[:, 0].cpu().numpy()
+
     @torch.no_grad()
     def result(self, min_support: int = 2) -> MSResult:
         """Finish the pass: MS for every neuron (NaN where support < 2) and the min-support filter."""
         if self.n == 0:
             raise UserError("no images were given, so there is nothing to score; pass at least two images.")
-        n = float(self.n)
-        c = self.lo - self.shift                                   # the minimum in shifted units
-        sq = self.syy - 2 * c * self.sy + n * c * c                # sum_n (x_n - lo)^2
-        s1 = self.sy - n * c                                       # sum_n (x_n - lo)
+        s1, sq, c = self._sums()
         norm2 = torch.empty_like(s1)
         block = max(1, _BLOCK_ELEMENTS // self.d_embed)
         for k0 in range(0, self.n_neurons, block):                 # ||sum_n (x_n - lo) e_n||^2, blockwise
@@ -221,6 +242,22 @@ class MSAccumulator:
         ms = ms.float().cpu().numpy()
         support = support.cpu().numpy().astype(np.int64)
         return finish_result(ms, support, self.n, min_support)
+
+
+def rescore_in_float64(result: MSResult, acc: MSAccumulator, acts, embeddings, chunk: int = 4096) -> MSResult:
+    """`result` of a float32 pass with the neurons it could not resolve (`acc.float32_unresolved()`) scored again
+    in float64, from the same (N, K) `acts` and (N, d) `embeddings`; the others as they were."""
+    ids = acc.float32_unresolved()
+    if ids.size == 0:
+        return result
+    exact = MSAccumulator(ids.size, acc.d_embed, device=acc.device)
+    for a in range(0, acts.shape[0], chunk):
+        x = acts[a:a + chunk]
+        x = x[:, torch.as_tensor(ids, device=x.device)] if isinstance(x, torch.Tensor) else np.asarray(x)[:, ids]
+        exact.update(x, embeddings[a:a + chunk])
+    ms = result.ms.copy()
+    ms[ids] = exact.result(2).ms
+    return finish_result(ms, result.support, result.n_images, result.min_support)
 
 
 def finish_result(ms: np.ndarray, support: np.ndarray, n_images: int, min_support: int = 2) -> MSResult:
@@ -254,7 +291,7 @@ def monosemanticity_score(acts, embeddings, chunk: int = 4096, device="cpu", min
     acc = MSAccumulator(acts.shape[1], embeddings.shape[1], device=device, matmul_dtype=matmul_dtype)
     for a in range(0, acts.shape[0], chunk):
         acc.update(acts[a:a + chunk], embeddings[a:a + chunk])
-    return acc.result(min_support)
+    return rescore_in_float64(acc.result(min_support), acc, acts, embeddings, chunk)
 
 
 MAX_NEURON_ID = 2**24 - 1

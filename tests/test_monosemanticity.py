@@ -99,6 +99,36 @@ def test_float32_matmul_and_torch_inputs(small_case):
     np.testing.assert_allclose(r.ms, ref, atol=2e-5, rtol=0, equal_nan=True)
 
 
+def test_float32_matmul_scores_a_neuron_one_image_holds_against_the_definition(tmp_path, capsys):
+    """A neuron firing 5.0 on one image and 5e-9 on another has MS = cos(e_0, e_1); its score is a difference of two
+    nearly equal sums, which the float32 product wrote as 7.3 (1e-12: 7,279) until 2026-12-05. Such neurons are
+    scored again in float64, by the library call and the `ms` command, against the pairwise definition."""
+    rng = np.random.default_rng(3)
+    n, d = 300, 16
+    emb = rng.normal(size=(n, d))
+    acts = np.zeros((n, 5))
+    acts[:, 0] = rng.random(n)                       # an ordinary neuron: the float32 product, to 2e-6
+    acts[0, 1], acts[1, 1] = 5.0, 5e-9               # the second image holds 1e-9 of the weight
+    acts[0, 2], acts[1, 2] = 5.0, 5e-10                # (float64 itself holds 1e-10 to 1e-6)
+    acts[2, 3], acts[7, 3], acts[9, 3] = 3.0, 1e-7, 2e-7
+    acts[:40, 4] = rng.random(40) * 1e-3
+    acts[40, 4] = 1.0                                # one image far above 40 small ones (share 0.04: float32's)
+    ref = pairwise_ms(acts, emb)
+    for how in (torch.float32, torch.float64):
+        r = monosemanticity_score(acts, emb, chunk=64, matmul_dtype=how)
+        np.testing.assert_allclose(r.ms, ref, atol=2e-6, rtol=0, err_msg=str(how))
+    acc = MSAccumulator(5, d, matmul_dtype=torch.float32)
+    acc.update(acts, emb)
+    assert acc.float32_unresolved().tolist() == [1, 2, 3]
+    np.save(tmp_path / "A.npy", acts.astype(np.float32))
+    np.save(tmp_path / "E.npy", emb.astype(np.float32))
+    assert precompute_main(["ms", "--activations", str(tmp_path / "A.npy"), "--embeddings", str(tmp_path / "E.npy"),
+                            "--out", str(tmp_path / "ms.npy"), "--matmul", "float32", "--chunk", "64"]) == 0
+    assert "3 neurons scored again in float64" in capsys.readouterr().out
+    ref32 = pairwise_ms(acts.astype(np.float32).astype(np.float64), emb.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(np.load(tmp_path / "ms.npy"), ref32, atol=2e-6, rtol=0)
+
+
 def test_streaming_equals_one_shot(small_case):
     acts, emb, _ = small_case
     one = monosemanticity_score(acts, emb, chunk=len(acts))
