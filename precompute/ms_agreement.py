@@ -132,7 +132,7 @@ def run(args) -> int:
                         f"to compute MS here.")
     preference = pairs["R_user"] - args.r_user_center
     results = {name: alignment_score(x, y, preference, edges) for name, (x, y) in variants.items()}
-    n_ties = next(iter(results.values())).n_preference_ties
+    n_ties = int((preference == 0).sum())  # the file's: a variant counts only its pairs with both MS (until 2026-12-05)
     print(f"{len(preference)} pairs from {args.pairs}; R_user > {args.r_user_center:g} prefers x, "
           f"< {args.r_user_center:g} prefers y; {n_ties} without a preference (R_user at the centre) skipped")
     if (pairs["R_user"] >= 0).all() and args.r_user_center == 0:

@@ -74,7 +74,9 @@ def alignment_score(ms_x, ms_y, preference, edges=DEFAULT_EDGES) -> AlignmentRes
     ms_tie = (ms_x == ms_y) & ~missing & ~pref_tie
     used = ~missing & ~pref_tie & ~ms_tie
     agree = np.sign(ms_x - ms_y) == np.sign(pref)
-    delta = np.abs(ms_x - ms_y)
+    # to 12 decimals: 0.3 - 0.2 is 0.09999999999999998 in binary, and pairs of MS written to a few decimals fell
+    # in the bin below the edge they sit on (until 2026-12-05)
+    delta = np.round(np.abs(ms_x - ms_y), 12)
     bins = []
     for lo, hi in zip(edges, edges[1:]):
         sel = used & (delta >= lo) & (delta < hi)

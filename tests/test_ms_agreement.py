@@ -208,3 +208,23 @@ def test_bad_options_refused_before_computing(tmp_path, pairs_csv, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and expected in err[0], err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_pairs_on_a_bin_edge_and_ties_without_a_score(tmp_path, capsys):
+    """Two files of a reviewer's, 2026-12-05. MS written to two decimals: |0.3 - 0.2| is 0.09999999999999998 in binary,
+    and such pairs fell in the bin below the edge they sit on, [0.05, 0.1) for a delta of 0.1. And two rows at the
+    centre, one of them without dino scores: the header said "1 without a preference" (the first variant's count)
+    where the file has 2."""
+    path = tmp_path / "pairs.csv"
+    path.write_text("k_x,k_y,R_user,MS_x_dino,MS_y_dino,MS_x_clip,MS_y_clip\n"
+                    "0,1,1,0.30,0.20,0.15,0.10\n"      # deltas 0.1 (up) and 0.05
+                    "2,3,-1,0.70,0.30,0.45,0.55\n"     # 0.4 (dino disagrees) and 0.1 (clip agrees)
+                    "4,5,0,0.50,0.40,0.10,0.20\n"
+                    "6,7,0,,,0.10,0.20\n")
+    assert precompute_main(["ms-agreement", "--pairs", str(path), "--bins", EDGES, "--out", str(tmp_path / "o")]) == 0
+    assert "2 without a preference (R_user at the centre) skipped" in capsys.readouterr().out
+    res = json.loads((tmp_path / "o" / "alignment.json").read_text())["variants"]
+    # by the decimal values: dino 0.1 -> [0.1, 0.2) agreeing, 0.4 -> [0.4, inf) disagreeing;
+    # clip 0.05 -> [0.05, 0.1) agreeing, 0.1 -> [0.1, 0.2) agreeing
+    assert [(b["n"], b["agreement"]) for b in res["dino"]["bins"]] == [(0, None), (0, None), (1, 1.0), (0, None), (1, 0.0)]
+    assert [(b["n"], b["agreement"]) for b in res["clip"]["bins"]] == [(0, None), (1, 1.0), (1, 1.0), (0, None), (0, None)]
