@@ -85,6 +85,6 @@ def main(argv) -> int:
             four = int((ids >= 0).any(2).all(1)[busy].sum())
             row.append((stream_s, draw_s, four, int(((ids >= 0).sum(2) == S).all(1)[busy].sum()), int(busy.sum())))
         (old_s, old_draw, old_four, old_full, busy), (new_s, new_draw, new_four, new_full, _) = row
-        print(f"| {sigma} | {sum(b[0].size for b in batches):,} | {old_s:.2f} | {new_s:.2f} | {new_s / old_s:.2f}x | "
-              f"{old_draw:.2f} | {new_draw:.2f} | {old_four:,} / {new_four:,} | {old_full:,} / {new_full:,} | {busy:,} |")
+        print(f"| {sigma} | {sum(b[0].size for b in batches):,} | {old_s:.3g} | {new_s:.3g} | {new_s / old_s:.3g}x | "
+              f"{old_draw:.3g} | {new_draw:.3g} | {old_four:,} / {new_four:,} | {old_full:,} / {new_full:,} | {busy:,} |")
     return 0

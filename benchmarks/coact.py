@@ -85,7 +85,7 @@ def main(argv) -> int:
         old_s, old_p, old_mem, _ = run_counter(groups, K, batches, H.DENSE_BUDGET_BYTES // 2, old=True)
         new_s, new_p, new_mem, _ = run_counter(groups, K, batches, H.DENSE_BUDGET_BYTES, old=False)
         same = np.array_equal(old_p[0], new_p[0]) and np.allclose(old_p[1], new_p[1], equal_nan=True)
-        print(f"| {density * K:,.0f} | {pairs / args.images:,.0f} | {old_s:.2f} | {new_s:.2f} | {old_s / new_s:.1f}x | "
+        print(f"| {density * K:,.0f} | {pairs / args.images:,.0f} | {old_s:.3g} | {new_s:.3g} | {old_s / new_s:.3g}x | "
               f"{old_mem / 2**20:.0f} | {new_mem / 2**20:.0f} | {same} |")
         agree = agree and same
     if not agree:

@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     paper = paper_pairwise_ms(torch.from_numpy(acts), torch.from_numpy(emb)).numpy()
     t_paper = time.perf_counter() - t0
     both = np.isfinite(paper) & np.isfinite(ours)
+    if not both.any():  # --n 2: a ValueError of np.max over nothing (until 2026-12-05)
+        print(f"ms: no neuron has an MS over {args.n} images (each needs 2 images above its own minimum), so there is "
+              "nothing to compare; pass a larger --n.", file=sys.stderr)
+        return 2
     same_nan = bool(np.array_equal(np.isnan(paper), np.isnan(ours)))
     diff = float(np.abs(paper[both] - ours[both]).max())
     diff32 = float(np.abs(ours32[both] - ours[both]).max())

@@ -84,3 +84,30 @@ def test_the_store_read_scan_counts_the_rows_it_reads(tmp_path):
 
     np.save(tmp_path / "x.npy", np.zeros((70_000, 4), np.float32))
     assert scan_rows(ActivationStore(tmp_path / "x.npy")) == 70_000  # 131,072 counted before: two full chunks
+
+
+def test_the_smallest_benchmark_runs_print_ratios_their_times_support(tiny_bundle, capsys):
+    """A reviewer's small runs of 2026-12-05: coact and bands printed times to 2 decimals beside ratios of the
+    unrounded ones ("0.00 | 0.00 | 1.5x"); `steer --calls 1` timed no cold call (np.percentile's IndexError) and
+    `ms --n 2`, where no neuron has an MS, failed in np.max. Every printed ratio is now the printed times' within
+    their 3 figures, and the two small runs end in a table or one line."""
+    import re
+
+    import benchmarks.bands as bands
+    import benchmarks.coact as coact
+    import benchmarks.ms as ms
+    import benchmarks.steer as steer
+
+    assert coact.main(["--latents", "64", "--images", "16", "--batch", "8", "--density", "0.1"]) == 0
+    assert bands.main(["--latents", "64", "--images", "32", "--batch", "8", "--density", "0.1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if re.match(r"\| [\d.]+ \|", line)]
+    assert len(rows) >= 3
+    for cells in rows:
+        old, new, ratio = (float(c.strip().rstrip("x").replace(",", "")) for c in cells[2:5])
+        want = old / new if len(cells) == 8 else new / old  # coact: baseline / now; bands: now / baseline
+        assert old > 0 and new > 0 and ratio == pytest.approx(want, rel=0.01), cells
+    assert ms.main(["--n", "2", "--k", "4", "--d", "4", "--big-n", "0"]) == 2
+    assert "no neuron has an MS over 2 images" in capsys.readouterr().err
+    assert steer.main(["--bundle", str(tiny_bundle), "--calls", "1", "--tokens", "2", "--precisions", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "1 calls per row" in out and "| fp32 | cold: 3 answers on a new image" in out
