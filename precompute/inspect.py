@@ -3,16 +3,19 @@ run still under way or an embedded world holds (a bundle validated through the r
 would load it)."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from sae_core.atomic import read_json_object, strict_json
 from sae_core.bundle import INDEX, WORLD, WORLD_DIR
-from sae_core.errors import UserError
+from sae_core.errors import UserError, terminal_text
 from sae_core.folders import folder_kind
 from sae_core.sae import K_ARCHS
 
@@ -286,9 +289,12 @@ def _number(text: str):
 def run(args) -> int:
     s = KINDS[kind_of(args.path)](args.path)
     if args.json:
-        print(strict_json(s))
+        print(strict_json(s))  # JSON escapes control characters itself
     else:
-        PRINTERS[s["kind"]](s)
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            PRINTERS[s["kind"]](s)
+        sys.stdout.write(terminal_text(text.getvalue()))
     return 0
 
 

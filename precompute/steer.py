@@ -7,7 +7,7 @@ import os
 import sys
 
 from sae_core.atomic import strict_json
-from sae_core.errors import UserError, integer_text
+from sae_core.errors import UserError, integer_text, terminal_text
 
 from .args import positive_int
 
@@ -131,11 +131,9 @@ def run(args) -> int:
     if args.json:
         print(strict_json({"image": str(args.image), **result.to_dict()}))
     else:
-        print(f"prompt:   {result.prompt}")
-        print(f"clamp:    {result.clamp}")
-        print(f"original: {result.original}")
-        print(f"sae:      {result.sae}")
-        print(f"steered:  {result.steered}")
+        # the model's words and the bundle's labels without a terminal's control characters (as `inspect`)
+        print(terminal_text(f"prompt:   {result.prompt}\nclamp:    {result.clamp}\noriginal: {result.original}\n"
+                            f"sae:      {result.sae}\nsteered:  {result.steered}"))
     return 0
 
 
@@ -160,5 +158,5 @@ def _list_latents(session, image, args) -> int:
           + (f" {'strength':>9}" if units is not None else "") + "  label")
     for r in rows:
         print(f"{r['latent']:>7} {r['max']:>9.4g} {r['mean']:>9.4g}" + (f" {r['cls']:>9.4g}" if cls else "")
-              + (f" {r['strength']:>9.4g}" if units is not None else "") + f"  {r['label']}")
+              + (f" {r['strength']:>9.4g}" if units is not None else "") + f"  {terminal_text(r['label'])}")
     return 0

@@ -19,6 +19,16 @@ def readable(text) -> str:
     return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def terminal_text(text: str) -> str:
+    """`text` (read from a bundle or another file) safe to print to a terminal: control characters other than a
+    line end or a tab as \\xNN, which a terminal would obey (a labels method of "\\x1b[2J" cleared the screen and
+    "\\x1b]0;...\\x07" set the window's title in `inspect` until 2026-12-05); a name not UTF-8 by its bytes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", readable(text))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def not_utf8_argument(argv) -> str | None:
     """The refusal of a command-line argument that is not UTF-8 (a path named in another encoding), or None: such
     a path went into the bundle's manifest, whose every page then failed in the explorer's JSON encoder (until

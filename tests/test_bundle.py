@@ -658,6 +658,25 @@ def test_inspect_of_a_bundle_copied_without_its_world_says_to_copy_it(tiny_bundl
     assert json.loads(capsys.readouterr().out)["world_missing"] is None
 
 
+def test_inspect_prints_a_bundles_strings_without_their_terminal_controls(tiny_bundle, tmp_path, capsys):
+    """A labels method of "\\x1b[2J...\\x1b]0;title\\x07" came out of `inspect` byte for byte until 2026-12-05: it
+    cleared the screen, recoloured the text and set the window's title. Each control character reads \\xNN now,
+    the rest of the table as before; --json escapes them as JSON does."""
+    from precompute.__main__ import main
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns(".work", ".stages"))
+    labels = json.loads((root / "neurons" / "labels.json").read_text())
+    method = "clip-text \x1b[2J\x1b[31mRED\x1b]0;pwned\x07 \x9b31m end"
+    (root / "neurons" / "labels.json").write_text(json.dumps({**labels, "method": method}))
+    assert main(["inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "  labels   clip-text \\x1b[2J\\x1b[31mRED\\x1b]0;pwned\\x07 \\x9b31m end\n" in out
+    assert not set(out) & ({chr(c) for c in range(32)} - {"\n"} | {chr(c) for c in range(0x7f, 0xa0)})
+    assert main(["inspect", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["label_method"] == method
+
+
 def test_inspect_table_shows_an_ivfpq_index_text_recall(tiny_bundle, tmp_path, capsys):
     """The table says what --json says of an IVF-PQ index: its image recall and, tuned for the vocabulary's
     prompts, their recall (the table left the text figure out)."""
