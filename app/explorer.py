@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import unicodedata
 from functools import cached_property
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def _significant(x, figures: int):
     """`_num` to significant figures, for figures as small as 1e-6 (a frequency over a million images)."""
     x = _num(x, 99)
     return None if x is None else float(f"{x:.{figures}g}") + 0.0
+
+
+def _comparable(text) -> str:
+    """Text as the label filter compares it: one Unicode form (NFC) and case-folded. A class folder macOS named
+    "cafe" + a combining accent (NFD) matched no "café" typed on a keyboard (NFC) until 2026-12-05."""
+    return unicodedata.normalize("NFC", str(text)).casefold()
 
 
 def _is_number(v) -> bool:
@@ -331,10 +338,10 @@ class Explorer:
             keep &= self.gallery_support >= inputs.integer(min_support, "minimum support", 0, self.n_images)
         if level not in (None, "", "all"):
             keep &= c["level"] == inputs.integer(level, "Matryoshka level", 0, max(self.levels))
-        needle = inputs.text(label_contains, "label filter", inputs.MAX_QUERY_CHARS).lower()
+        needle = _comparable(inputs.text(label_contains, "label filter", inputs.MAX_QUERY_CHARS))
         if needle:  # either label of a CLS-scored bundle's latent
             names = [name for name in ("label", "patch_label") if name in c]
-            keep &= np.array([any(needle in str(c[name][k]).lower() for name in names) for k in range(self.n_neurons)],
+            keep &= np.array([any(needle in _comparable(c[name][k]) for name in names) for k in range(self.n_neurons)],
                              dtype=bool)
         if sort_by not in self.table_sorts:
             raise UserError(f"cannot sort by {sort_by!r}; choose one of {', '.join(self.table_sorts)}.")

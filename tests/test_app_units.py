@@ -1705,3 +1705,20 @@ def test_labels_reach_plotly_as_text_not_markup():
     texts = [t for trace in figures.ms_frequency_scatter(cols).data for t in trace.text]
     assert sorted(texts) == sorted(["#0 " + html.escape(evil, quote=False), "#1 plain"])
     assert all("<" not in t for t in texts) and html.unescape(texts[0].split(" ", 1)[1]) in (evil, "plain")
+
+
+def test_the_label_filter_matches_across_unicode_forms_and_case(tiny_bundle, tmp_path):
+    """A class folder macOS wrote as "cafe" + a combining accent (NFD) was not found by "café" typed on a keyboard
+    (NFC) until 2026-12-05 (0 rows against 16); nor "STRASSE" in "Straße". Both forms and cases match now."""
+    import shutil
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns(".work", ".stages"))
+    labels = json.loads((root / "neurons" / "labels.json").read_text())
+    named = {3: "cafe\u0301 au lait", 5: "CAF\u00c9", 7: "Stra\u00dfe", 9: "cafe"}
+    labels["labels"] = [named.get(k, lab) for k, lab in enumerate(labels["labels"])]
+    (root / "neurons" / "labels.json").write_text(json.dumps(labels))
+    ex = Explorer(open_bundle(root), tmp_path / "cache")
+    for typed, want in (("caf\u00e9", [3, 5]), ("cafe\u0301", [3, 5]), ("STRASSE", [7]), ("cafe", [9])):
+        rows = ex.table(min_ms=0, min_support=0, label_contains=typed, sort_by="neuron", descending=False, limit=500)
+        assert rows["neuron"].tolist() == want, typed
