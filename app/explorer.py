@@ -597,7 +597,8 @@ class Explorer:
                 score_s = f"score {round(score, 2) + 0.0:.2f}" if score is not None and math.isfinite(score) else ""
                 read = self._read_from(page["patch_top"])
                 detail = (score_s + read).lstrip(", ")
-                label = f'; its label: guess "{markdown_text(page["label_by_patch"])}"' + (f" ({detail})" if detail else "")
+                label = (f'; its label: guess "{markdown_text(page["label_by_patch"])}"'
+                         + (f" ({detail})" if detail else ""))
             lines.append(f"- **on patches** — fires on patches of {page['patch_support']} images{top_act}; the "
                          f"second gallery ranks them by the max over patches{bands}{label}")
         no_patch = sum(1 for _, _, pos in page["top"] if pos < 0)
@@ -615,7 +616,8 @@ class Explorer:
             return []
         bounds = [binned_quantile_bound(counts, edges, q, page["max_act"]) for q in (0.5, 0.9)]
         return [f"- **spread** — over the images where it fires, the median is at most {rounded_up(bounds[0])} and "
-                f"the 90th percentile at most {rounded_up(bounds[1])} (upper edges of the histogram's bins, or the max)"]
+                f"the 90th percentile at most {rounded_up(bounds[1])} (upper edges of the histogram's bins, or the "
+                "max)"]
 
     def neuron_record(self, k) -> dict:
         """A JSON-able description of neuron k (the page's JSON export and the `neuron_json` API)."""

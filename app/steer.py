@@ -178,7 +178,8 @@ class SteerService:
         picture = self.picture(pil, heat=top_map.reshape(-1), vmax=float(top_map.max()) or 1.0)
         # the count is of every latent firing on a patch: until 2026-12-05 it was the table's rows, "20" for 25
         n = found["n_firing"]
-        listed = "it is listed" if n == 1 else f"all {n} are listed" if n == len(ids) else f"the {len(ids)} that fire most are listed"
+        listed = ("it is listed" if n == 1 else f"all {n} are listed" if n == len(ids)
+                  else f"the {len(ids)} that fire most are listed")
         return {"table": table, "picture": picture,
                 "note": f"{n} {'neuron fires' if n == 1 else 'neurons fire'} on the image's patches ({listed}); "
                         f"the picture shows where neuron {ids[0]} fires."}

@@ -383,9 +383,9 @@ class SteerTab:
                                     alt_text="the image to steer with its patch grid; type patch numbers in the "
                                              "patches box to restrict the clamp")
             self.latents_df = gr.Dataframe(headers=LATENT_COLUMNS, interactive=False, elem_id="steer-latents",
-                                           label=f"the {LATENT_ROWS} latents that fire most on it: max and mean over patches, the patch "
-                                                 "where most, the max in strength units (click one to put it in "
-                                                 "the first slot)")
+                                           label=f"the {LATENT_ROWS} latents that fire most on it: max and mean "
+                                                 "over patches, the patch where most, the max in strength units "
+                                                 "(click one to put it in the first slot)")
         with gr.Row():
             # where they are, for those who type them (a screen reader or a keyboard cannot click the picture)
             rows, cols = ex.grid
@@ -1209,7 +1209,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             if not image_search.embedder.text_loaded:
                 gr.Info(TEXT_TOWER_LOADING)
             ids, scores = image_search.by_text(q)
-            return (*image_results(ids, scores, f'"{markdown_text(q)}"'), q, inputs.encode_state({"tab": "images", "query": q}))
+            return (*image_results(ids, scores, f'"{markdown_text(q)}"'), q,
+                    inputs.encode_state({"tab": "images", "query": q}))
 
         def image_search_event(trigger, check, search, box, api_name, by_text=False):
             """A search's event: `check` (no outputs, so a refused input is one message, and the previous

@@ -127,8 +127,8 @@ class MSAccumulator:
     still accumulates in float64, except for a neuron whose weight one image holds nearly alone: its MS is a
     small difference of two large sums, which float32 cannot resolve (7.3 for a true -0.17 where the second
     image's activation was 1e-9 of the first's; until 2026-12-05). `float32_unresolved()` names such neurons,
-    which `rescore_in_float64` scores again from the arrays. Embedding rows are normalised to unit length here (the paper's
-    code takes cosine similarities, which normalise too), so callers need not; a zero row is an error.
+    which `rescore_in_float64` scores again from the arrays. Embedding rows are normalised to unit length here
+    (the paper's code takes cosine similarities, which normalise too), so callers need not; a zero row is an error.
     Memory: a (d, K) float64 accumulator, e.g. 400 MB for d 768 and K 65,536.
     """
 

@@ -675,9 +675,10 @@ def test_cls_scored_atlas_keeps_a_gallery_by_the_max_over_patches(tiny_bundle, t
     assert f"fires on patches of {int((pmax[:, k] > 0).sum())} images" in ex.neuron_summary(k, page)
     # the histogram in words: the header's bounds hold the median and the 90th percentile of the scores of the
     # images where the neuron fires (np.quantile's own definition, for every neuron the line is shown for), within
-    # one bin's width and the rounding up to 3 figures of the order statistic above it (or the max, in the last bin). Until 2026-12-05 6 of the
-    # tiny bundle's 256 neurons got a bound below their own figure (rounded to the nearest: 1.3138 "at most
-    # 1.31"; and a median of an even count above the bin edge where exactly half the scores lay below)
+    # one bin's width and the rounding up to 3 figures of the order statistic above it (or the max, in the last
+    # bin). Until 2026-12-05 6 of the tiny bundle's 256 neurons got a bound below their own figure (rounded to the
+    # nearest: 1.3138 "at most 1.31"; and a median of an even count above the bin edge where exactly half the
+    # scores lay below)
     import re
 
     edges = np.asarray(b.array("hist_edges"), np.float64)
