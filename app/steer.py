@@ -22,10 +22,10 @@ DEFAULT_QUESTIONS = (
     "Describe the image.",
 )
 STEER_PICTURE = 320
-# "x token max": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
-# token of the dataset), so that a strength can be read against what the image already gives.
 LATENT_ROWS = 10
 """The Steer page lists this many of the latents that fire most on its image."""
+# "x token max": the latent's strongest patch here in the strength sliders' unit (its largest activation on one
+# token of the dataset), so that a strength can be read against what the image already gives.
 LATENT_COLUMNS = ["neuron", "label", "max on image", "x token max", "mean", "patch", "ms"]  # max, mean, best patch: over patches
 
 
