@@ -217,6 +217,35 @@ FOCUS_JS = """
 }
 """
 
+# Installed once on page load: while a gallery shows an enlarged image, the arrow keys (Gradio's) go from image to
+# image, so its strip's other thumbnails and the grid under it leave the Tab order: "all the neurons that show it",
+# under the gallery, was 30 Tab stops from the enlarged image (the rest of the strip, then the whole grid) until
+# 2026-12-05, and is the next one now. The grid's thumbnails come back when the enlarged image is closed.
+GALLERY_KEYS_JS = """
+() => {
+  if (window.__saeGalleryKeys) return;
+  window.__saeGalleryKeys = true;
+  let queued = false;
+  const update = () => {
+    queued = false;
+    document.querySelectorAll('.thumbnail-item').forEach((t) => {
+      const gallery = t.closest('.block');
+      const enlarged = !!gallery && !!gallery.querySelector('.preview');
+      const skip = enlarged && !(t.classList.contains('thumbnail-small') && t.classList.contains('selected'));
+      if (skip && t.getAttribute('tabindex') !== '-1') {
+        t.setAttribute('tabindex', '-1');
+        t.setAttribute('data-sae-skipped', '');
+      } else if (!skip && t.hasAttribute('data-sae-skipped')) {
+        t.removeAttribute('tabindex');
+        t.removeAttribute('data-sae-skipped');
+      }
+    });
+  };
+  new MutationObserver(() => { if (!queued) { queued = true; requestAnimationFrame(update); } })
+    .observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['class']});
+}
+"""
+
 # Installed once on page load: a tab picked by hand puts that tab's last address in the address bar (or
 # just ?tab=ID), through the hidden url box, so that the box always holds the address: a later event that
 # writes the box's old value must still be a change. The tabs that events open (a neuron from a plot,
@@ -857,12 +886,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                 top_gallery = gr.Gallery(label="top 16 images (red = where it fires, yellow box = best patch)",
                                          columns=8, fit_columns=False, height="auto", object_fit="contain",
                                          elem_id="top-gallery")
+                # a click on a gallery image (which also enlarges it) offers that image's other neurons, right
+                # under its gallery: the next Tab stop from the enlarged image (GALLERY_KEYS_JS)
+                gallery_image_button = gr.Button(visible=False, elem_id="gallery-image-open", size="sm")
                 patch_gallery = gr.Gallery(
                     label="top 16 images by the max over patches (not by the CLS token)",
                     columns=8, fit_columns=False, height="auto", object_fit="contain", elem_id="patch-gallery",
                     visible=ex.bundle.has("patch_top_images"))
-                # a click on a gallery image (which also enlarges it) offers that image's other neurons
-                gallery_image_button = gr.Button(visible=False, elem_id="gallery-image-open", size="sm")
+                patch_image_button = gr.Button(visible=False, elem_id="patch-gallery-image-open", size="sm")
                 band_gallery = gr.Gallery(label="activation bands: equal shares of the images it fires on, highest first, a random sample of each (yellow box = best patch)", columns=1,
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
@@ -1354,19 +1385,23 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             api_name=False)
 
         def gallery_picker(which):
-            """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top")."""
+            """A click on an image of the Neuron page's top gallery ("top") or patch gallery ("patch_top"): its
+            button under that gallery, the other gallery's hidden (one image picked at a time)."""
             def pick_gallery_image(neuron, evt: gr.SelectData):
                 shown = ex.bundle.neuron(ex.check_neuron(neuron))[which] or []
                 if not 0 <= evt.index < len(shown):  # not gr.update() for the id box: see `initial`
                     raise gr.Error("that image is no longer shown; click one of the gallery's images again.",
                                    print_exception=False)
                 i = int(shown[evt.index][0])
-                return i, gr.Button(value=f"Image #{i}: all the neurons that show it (Images page)", visible=True)
+                picked = gr.Button(value=f"Image #{i}: all the neurons that show it (Images page)", visible=True)
+                hidden = gr.Button(visible=False)
+                return (i, picked, hidden) if which == "top" else (i, hidden, picked)
             return pick_gallery_image
 
+        image_buttons = [gallery_image_button, patch_image_button]
         for gallery, which in ((top_gallery, "top"), (patch_gallery, "patch_top")):
-            gallery.select(gallery_picker(which), shown_neuron, [img_id, gallery_image_button], api_name=False, queue=False)
-        shown_neuron.change(lambda: gr.Button(visible=False), None, gallery_image_button, api_name=False, queue=False)
+            gallery.select(gallery_picker(which), shown_neuron, [img_id, *image_buttons], api_name=False, queue=False)
+        shown_neuron.change(lambda: (gr.Button(visible=False),) * 2, None, image_buttons, api_name=False, queue=False)
         # and its galleries are grids with nothing enlarged: Gradio kept the last neuron's enlarged index, which
         # enlarged an image of the new neuron nobody clicked, without the button above to open it
         shown_neuron.change(lambda: (gr.Gallery(selected_index=None),) * 3, None,
@@ -1376,8 +1411,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         def open_image_from_gallery(image):
             return (*image_neurons(image), gr.Tabs(selected="images"))
 
-        then_show_image_row(gallery_image_button.click(open_image_from_gallery, img_id, img_neuron_out + [tabs],
-                                                       api_name=False))
+        for button in image_buttons:
+            then_show_image_row(button.click(open_image_from_gallery, img_id, img_neuron_out + [tabs], api_name=False))
 
         @functools.lru_cache(maxsize=8)
         def hierarchy_cached(kind, root):
@@ -1480,6 +1515,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         demo.load(None, js=TAB_ADDRESS_JS)
         demo.load(None, js=HISTORY_JS)
         demo.load(None, js=FOCUS_JS)
+        demo.load(None, js=GALLERY_KEYS_JS)
 
         if isinstance(steer_parts, SteerTab):
             steer_parts.wire(demo, tabs, steer_tab, url_box, shown_neuron, steer_with_button, img_id, img_steer)

@@ -965,6 +965,28 @@ def test_the_focus_follows_an_action_into_the_page_it_opens(page, explorer_app):
     wait_address(pg, tab="steer", latents=str(k))
     pg.wait_for_function(in_page)
     assert pg.evaluate("() => document.activeElement.closest('[role=tabpanel]').contains(document.querySelector('#steer-button'))")
+    # an image enlarged from the keyboard: its "all the neurons that show it" is the next Tab stop (30 stops away
+    # until 2026-12-05: the rest of the preview strip, then the grid), the arrows still go from image to image,
+    # and the grid's thumbnails are Tab stops again once the image is closed
+    pg.goto(f"{explorer_app.url}/?tab=neuron&neuron={k}")
+    pg.wait_for_function("(k) => document.querySelector('#neuron-header h3')?.innerText === 'Neuron ' + k", arg=k)
+    pg.wait_for_timeout(1000)  # the link's own answers (a new neuron's galleries close any enlarged image)
+    thumbs = pg.locator("#top-gallery .thumbnail-item")
+    n = thumbs.count()
+    thumbs.nth(1).focus()
+    pg.keyboard.press("Enter")
+    pg.wait_for_selector("#gallery-image-open:visible")
+    pg.keyboard.press("Tab")
+    assert pg.evaluate("() => document.activeElement.id") == "gallery-image-open"
+    first = pg.inner_text("#gallery-image-open")
+    pg.keyboard.press("Shift+Tab")
+    pg.keyboard.press("ArrowRight")
+    pg.wait_for_function("(was) => document.querySelector('#gallery-image-open').innerText !== was", arg=first)
+    pg.keyboard.press("Tab")
+    assert pg.evaluate("() => document.activeElement.id") == "gallery-image-open"
+    pg.click("#top-gallery button[aria-label=Close]")
+    pg.wait_for_function("(n) => Array.from(document.querySelectorAll('#top-gallery .thumbnail-item'))"
+                         ".filter(t => t.tabIndex >= 0).length === n", arg=n)
 
 
 def test_the_ood_tables_descriptions_are_read_whole(page, probe_outputs):
