@@ -442,3 +442,22 @@ def test_a_resumed_demo_still_says_it_built_its_world(tiny_world, tmp_path, monk
             "--quiet"]
     assert main(argv) == 0
     assert json.loads((tmp_path / "b2" / "manifest.json").read_text())["demo"]["world_built_here"] is False
+
+
+def test_world_images_load_in_workers_started_by_spawn(tiny_world):
+    """`extract --workers 2` on the world (the default on a CPU of more than 4 cores, so the one-command demo too)
+    failed under the `spawn` start method (macOS's and Windows' way, Linux's forkserver from Python 3.14): the
+    dataset's per-instance render cache could not be pickled (until 2026-12-05). Images read by a spawned worker
+    equal this process's, pixel for pixel."""
+    import pickle
+
+    import torch
+
+    from sae_core.world.dataset import WorldDataset
+
+    ds = WorldDataset(tiny_world, "val")
+    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(ds))[3]), np.asarray(ds[3]))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [0, 1, 2, 3]), batch_size=2, num_workers=1,
+                                         collate_fn=list, multiprocessing_context="spawn")
+    got = [np.asarray(im) for batch in loader for im in batch]
+    assert len(got) == 4 and all(np.array_equal(g, np.asarray(ds[i])) for i, g in enumerate(got))

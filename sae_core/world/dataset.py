@@ -40,6 +40,15 @@ class WorldDataset:
         self._leaf_id = {tuple(leaf["path"]): leaf["id"] for leaf in self.taxonomy["leaves"]}
         self._render = lru_cache(maxsize=64)(self._render_uncached)
 
+    def __getstate__(self) -> dict:
+        # the per-instance cache is no picklable object: a DataLoader worker started by `spawn` (macOS's and
+        # Windows' way; forkserver is Linux's from Python 3.14) failed on it until 2026-12-05
+        return {k: v for k, v in self.__dict__.items() if k != "_render"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._render = lru_cache(maxsize=64)(self._render_uncached)
+
     def __len__(self) -> int:
         return self.n
 
