@@ -4,9 +4,12 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from sae_core.errors import UserError, write_failure
 
 DISPLAY = 160
 """Side in pixels of every gallery tile (the world's 32 px images are blown up with nearest neighbour)."""
@@ -126,7 +129,30 @@ class ImageCache:
     def __init__(self, root: Path, namespace: str):
         namespace = f"{namespace}|render {RENDER_VERSION}"
         self.root = Path(root) / hashlib.sha1(namespace.encode()).hexdigest()[:12]
-        self.root.mkdir(parents=True, exist_ok=True)
+        # written once at the start: a read-only cache folder was two tracebacks there (until 2026-12-05)
+        with self._writing(self.root / f".probe.{os.getpid()}.tmp") as probe:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+
+    @contextmanager
+    def _writing(self, tmp: Path):
+        """A write into the cache, its temporary `tmp` removed where it fails, and a failure of the storage as one
+        sentence (a full or read-only cache served "[Errno 28] No space left on device" for every page not yet
+        drawn, and left a temporary per attempt, until 2026-12-05)."""
+        try:
+            yield tmp
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            ours = str(e.filename or "").startswith(str(self.root))  # not a dataset image that could not be read
+            said = "permission denied" if isinstance(e, PermissionError) and ours else write_failure(e)
+            if said is None:
+                raise
+            raise UserError(f"the explorer's picture cache {self.root.parent.parent} cannot be written ({said}); free "
+                            "space there, or point SAE_APP_CACHE at a writable folder with room and restart.") from None
 
     def path(self, key: str, suffix: str = ".png") -> Path:
         return self.root / (hashlib.sha1(key.encode()).hexdigest()[:20] + suffix)
@@ -139,18 +165,18 @@ class ImageCache:
         except PermissionError:  # another user's file in a shared cache: used as it is
             pass
         except FileNotFoundError:
-            self.root.mkdir(parents=True, exist_ok=True)  # removed since the start: by a /tmp cleaner once swept empty
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            # compress_level 1: a third of the encoding time of the default 6, files about 35% larger
-            make().save(tmp, format="PNG", compress_level=1)
-            os.replace(tmp, path)
+            with self._writing(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")) as tmp:
+                self.root.mkdir(parents=True, exist_ok=True)  # removed since the start: by a /tmp cleaner once
+                # compress_level 1: a third of the encoding time of the default 6, files about 35% larger
+                make().save(tmp, format="PNG", compress_level=1)
+                os.replace(tmp, path)
         return str(path)
 
     def write_text(self, name: str, text: str) -> str:
         """A generated text file (JSON export); written atomically under a readable name."""
         path = self.root / name
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        self.root.mkdir(parents=True, exist_ok=True)  # as in get_or_make
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with self._writing(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")) as tmp:
+            self.root.mkdir(parents=True, exist_ok=True)  # as in get_or_make
+            tmp.write_text(text)
+            os.replace(tmp, path)
         return str(path)

@@ -6,7 +6,7 @@ import os
 import sys
 
 from sae_core.command_line import OneLineParser
-from sae_core.errors import UserError, not_utf8_argument
+from sae_core.errors import UserError, not_utf8_argument, write_failure
 
 # name -> (module, one-line help). A module defines `add_arguments(parser)` and `run(args) -> int`.
 # Modules are imported only when their command runs, so `train` never pays for transformers.
@@ -133,6 +133,17 @@ def main(argv=None) -> int:
         path = f" {e.filename}" if e.filename else ""
         print(f"error: cannot write{path}: {e.strerror or e}; give an --out (or other path) that is free, or remove "
               "what is there.", file=sys.stderr)
+        return 2
+    except Exception as e:  # the storage refused a write (full, read-only, ...): a traceback until 2026-12-05
+        said = write_failure(e)
+        if said is None:
+            raise
+        path = f" {e.filename}" if getattr(e, "filename", None) else ""
+        fix = ("give an --out on a writable disk" if "read-only" in said else
+               "raise the limit (ulimit -f unlimited)" if "size limit" in said else
+               "free some space (or give an --out on another disk)")
+        print(f"error: {args.command} could not write{path}: {said}; {fix} and run the same command again: it goes on "
+              "from its last finished stage or checkpoint.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a traceback read as a crash, where the work done is kept
         print("\ninterrupted; the same command again resumes the long jobs (extract, train, ms, atlas, demo, "

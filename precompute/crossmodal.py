@@ -76,7 +76,7 @@ def run(args) -> int:
     import torch
 
     from sae_core import bundle as B
-    from sae_core.atomic import atomic_path
+    from sae_core.activation_store import save_npy_atomic
     from sae_core.crossmodal import LanguageResidual, check_lm_layer, collect_rows, lm_layer_count
     from sae_core.world.dataset import WorldDataset
 
@@ -123,8 +123,7 @@ def run(args) -> int:
                     # summary unwritten for good until 2026-12-05)
                     B.write_json(out, ".work/rows.json", {"n_images": n, "n_rows": int(len(x)),
                                                           "n_image_rows": int(rows.is_image.sum()), "layer": layer})
-                    with atomic_path(rows_path) as tmp, open(tmp, "wb") as f:
-                        np.save(f, x.astype(np.float32), allow_pickle=False)
+                    save_npy_atomic(rows_path, x.astype(np.float32))
             # 2. the SAE
             if train.finished(sae_dir):
                 progress.skip("train")

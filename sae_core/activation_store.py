@@ -12,6 +12,7 @@ images in the manifest. The writer side (`save_npy_atomic`, `write_json_atomic`)
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from dataclasses import asdict, dataclass
@@ -31,7 +32,13 @@ RUN_FILE = "extract.json"  # an extraction output directory: one store per layer
 def save_npy_atomic(path: str | Path, arr: np.ndarray) -> None:
     """np.save under a temporary name, fsync, rename: a reader never sees a half-written shard."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr))
+        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        f.flush()
+        # numpy writes the data through a C stream of its own and loses a short write when it closes that stream:
+        # on a full disk (or past ulimit -f) a small array was renamed into place cut short, in silence (until
+        # 2026-12-05); the file's size against numpy's own position tells
+        if (written := os.fstat(f.fileno()).st_size) != f.tell():
+            raise OSError(f"{f.tell()} requested and {written} written")
 
 
 _WHAT_A_STORE_IS = "pass the --out directory of `python -m precompute extract` or an (N, d) .npy array"

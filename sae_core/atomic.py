@@ -259,12 +259,12 @@ def _exclusive_lock(path: Path, busy):
         except FileNotFoundError:
             pass
         f.close()
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
     _HELD[path] = 1
-    try:
+    try:  # the holder's name inside the try: on a full disk its write failed and left the file (and the --out)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
         yield
     finally:
         del _HELD[path]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path, json_kind, read_json_object, write_json_atomic
+from .activation_store import save_npy_atomic
+from .atomic import json_kind, read_json_object, write_json_atomic
 from .datasets import WORLD_MODELS, WORLD_SPLITS
 from .errors import UserError, checked_index
 
@@ -79,8 +80,7 @@ REQUIRED_MANIFEST_KEYS = ("schema_version", "model", "sae", "dataset", "embedder
 def write_array(root: str | Path, rel: str, arr: np.ndarray) -> Path:
     """np.save `arr` to root/rel atomically (temporary name + fsync + rename); returns the path."""
     path = Path(root) / rel
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+    save_npy_atomic(path, arr)
     return path
 
 

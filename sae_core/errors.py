@@ -1,4 +1,5 @@
 """The one exception type for mistakes a user can make and fix, and the sentences several readers share."""
+import errno
 import os
 import re
 from pathlib import Path
@@ -38,6 +39,26 @@ def not_utf8_argument(argv) -> str | None:
             return (f"the argument '{readable(arg)}' is not UTF-8 text (a name in another encoding, shown by its "
                     "bytes); rename that file or folder to UTF-8 (e.g. `convmv -f latin1 -t utf8 -r --notest NAME`) "
                     "and run again")
+    return None
+
+
+_WRITE_FAILURES = {errno.ENOSPC: "no space is left on the device", errno.EDQUOT: "the disk quota is used up",
+                   errno.EFBIG: "a file would grow past the size limit (ulimit -f)",
+                   errno.EROFS: "the file system is read-only", errno.EIO: "the device reported an input/output error"}
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, where `e` says the storage refused it (full, over quota or the size limit, read-only,
+    failing), else None: an OSError's errno, numpy's errno-less "N requested and M written" of a cut-short array,
+    and safetensors' SafetensorError ("... (os error 28)"), which is no OSError."""
+    code = getattr(e, "errno", None)
+    if code in _WRITE_FAILURES:
+        return _WRITE_FAILURES[code]
+    text = str(e)
+    if type(e).__name__ == "SafetensorError" and (found := re.search(r"os error (\d+)", text)):
+        return _WRITE_FAILURES.get(int(found.group(1)))
+    if isinstance(e, OSError) and code is None and re.search(r"\d+ requested and \d+ written", text):
+        return "a file could not be written whole (the device is probably full)"
     return None
 
 

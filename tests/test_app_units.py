@@ -1722,3 +1722,35 @@ def test_the_label_filter_matches_across_unicode_forms_and_case(tiny_bundle, tmp
     for typed, want in (("caf\u00e9", [3, 5]), ("cafe\u0301", [3, 5]), ("STRASSE", [7]), ("cafe", [9])):
         rows = ex.table(min_ms=0, min_support=0, label_contains=typed, sort_by="neuron", descending=False, limit=500)
         assert rows["neuron"].tolist() == want, typed
+
+
+def test_a_full_or_read_only_picture_cache_is_one_sentence(tmp_path, monkeypatch):
+    """A full picture cache served "[Errno 28] No space left on device" for every page not drawn yet and left a
+    temporary per attempt; a read-only one at the start was two tracebacks (until 2026-12-05). Now one sentence
+    naming the cache and SAE_APP_CACHE, and nothing left behind."""
+    import errno
+
+    from app.render import ImageCache
+
+    cache = ImageCache(tmp_path / "cache" / "generated", "a bundle")
+    said = (rf"^the explorer's picture cache {tmp_path / 'cache'} cannot be written \(no space is left on the "
+            r"device\); free space there, or point SAE_APP_CACHE at a writable folder with room and restart\.$")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(UserError, match=said):
+        cache.get_or_make("a page", lambda: Image.new("RGB", (4, 4)))
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(UserError, match=said):
+        cache.write_text("neuron_3.json", "{}")
+    assert list(cache.root.iterdir()) == []  # no temporary left behind
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(UserError, match=r"cannot be written \(the file system is read-only\)"):
+        ImageCache(tmp_path / "other" / "generated", "a bundle")
