@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sae_core.atomic import strict_json, writer_lock
+from sae_core.atomic import first_difference, strict_json, writer_lock
+from sae_core.errors import UserError
 from sae_core.folders import refuse_bundle_as_world
 
 from .args import command_line, nonnegative_int, out_folder, positive_int
@@ -51,6 +52,31 @@ PRESETS = {
                        groups="32,32,64,128,256", steps=4000, batch_size=1024, atlas_split="val", atlas_images=None,
                        score="cls", weights={"world": 300, "extract": 15, "train": 120, "atlas: scan": 10}),
 }
+
+
+def settings_before_they_were_recorded(work: Path) -> dict:
+    """What a demo folder of before 2026-12-05, which wrote no .work/settings.json, was built with, as far as its
+    extraction's and its SAE's own records tell (seed, tokens, images, SAE shape and schedule): until then such a
+    folder took a resume with another --seed or --preset as its own, and recorded the new settings over it."""
+    def record(path: Path) -> dict:
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    found = {}
+    identity = record(work / "acts" / "extract.json").get("identity")
+    if isinstance(identity, dict):
+        found.update(seed=identity.get("seed"), tokens=identity.get("tokens"), train_images=identity.get("n_images"))
+    sae = record(work / "sae" / "config.json")
+    training = sae.get("training") if isinstance(sae.get("training"), dict) else {}
+    if sae:
+        groups = sae.get("group_sizes")
+        found.update(seed=training.get("seed"), width=sae.get("d_sae"), k=sae.get("k"), steps=training.get("steps"),
+                     batch_size=training.get("batch_size"),
+                     groups=",".join(str(g) for g in groups) if isinstance(groups, list) else None)
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def add_arguments(p) -> None:
@@ -99,6 +125,11 @@ def run(args) -> int:
         settings = {"preset": args.preset, **asdict(preset), "world_dir": str(world), "seed": args.seed}
         built = (acts.exists() or sae_dir.exists() or (out / atlas.STAGE_DIR).is_dir()
                  or (not args.world and world.exists()))
+        if built and not (work / "settings.json").is_file():  # a folder of before 2026-12-05 recorded none
+            old = settings_before_they_were_recorded(work)
+            if differs := first_difference(old, {k: settings[k] for k in old}):
+                raise UserError(f"{out} holds a bundle built with other settings ({differs}); pass the same options "
+                                "to resume, or a new --out.")
         atlas.hold_settings(out, ".work/settings.json", settings, built)
 
         weights = {**atlas.STAGE_WEIGHTS, **preset.weights}

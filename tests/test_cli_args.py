@@ -288,6 +288,23 @@ def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, ca
     assert s["stages_left"][:3] == ["world", "extract", "train"] and s["stages_left"][3] == "atlas: scan"
     assert s["resume"] == (f"python -m precompute demo --out {out} --preset tiny --seed 1 --world "
                            f"{(tmp_path / 'world').resolve()}")
+    # a folder of before 2026-12-05 recorded no settings: they are read from its extraction's and SAE's records
+    # (it took a resume with another --seed as its own, and recorded the new seed over it, until then)
+    old = tmp_path / "old"
+    (old / ".work" / "acts").mkdir(parents=True)
+    (old / ".work" / "sae").mkdir()
+    (old / ".work" / "acts" / "extract.json").write_text(json.dumps(
+        {"identity": {"seed": 0, "tokens": "random:4", "n_images": 2000}}))
+    (old / ".work" / "sae" / "config.json").write_text(json.dumps(
+        {"d_sae": 256, "k": 8, "group_sizes": [32, 32, 64, 128], "training": {"seed": 0, "steps": 300, "batch_size": 512}}))
+    argv = ["demo", "--out", str(old), "--preset", "tiny", "--world", str(tmp_path / "world"), "--quiet"]
+    for other, said in ((["--seed", "1"], "seed: 0 there, 1 now"), (["--preset", "demo"], "train_images: 2000 there, "
+                                                                                            "10000 now")):
+        assert main(argv + other) == 2
+        assert f"holds a bundle built with other settings ({said})" in capsys.readouterr().err
+        assert not (old / ".work" / "settings.json").exists()
+    assert main(argv) == 2 and "killed while the world" in capsys.readouterr().err  # its own: resumes, and records
+    assert json.loads((old / ".work" / "settings.json").read_text())["seed"] == 0
     # a cross-modal bundle's settings give its own command
     cm = tmp_path / "cm"
     (cm / ".work").mkdir(parents=True)
