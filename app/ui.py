@@ -392,10 +392,12 @@ class SteerTab:
 
         self.ex, self.steer = ex, steer
         other = steer.other_tower()
+        unit = ex.bundle.strength_unit_problem()
         gr.Markdown("Pick a dataset image or upload one, choose latents and strengths (in multiples of each "
                     "neuron's largest activation on one token of the dataset), then **Steer**. Click the picture "
                     "to restrict the clamp to patches. One model serves everyone: requests wait their turn."
-                    + (f"\n\n**Warning**: {other} (a bundle built on that tower steers here)." if other else ""),
+                    + (f"\n\n**Warning**: {other} (a bundle built on that tower steers here)." if other else "")
+                    + (f"\n\n**Warning**: {markdown_text(unit)}." if unit else ""),
                     elem_id="steer-intro")
         with gr.Row():
             self.image_index = as_sent(gr.Number(value=0, precision=0, minimum=-1, maximum=ex.n_images - 1,

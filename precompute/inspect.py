@@ -109,6 +109,7 @@ def summary(path) -> dict:
         "dataset": m["dataset"].get("spec"), "embedder": m["embedder"].get("spec"),
         "label_method": b.labels.get("method"), "world": m.get("world"), "created": m.get("created"),
         "command": m.get("command"), "skipped": m.get("skipped") or [],
+        "strength_unit_problem": b.strength_unit_problem(),
     })
     return out
 
@@ -337,6 +338,8 @@ def _print_bundle(s: dict) -> None:
     elif bands:
         print("  bands    runs of the histogram's log bins (built before 2026-12-04); for quantile groups delete "
               ".stages/scan.json in the bundle and run the command that built it again")
+    if s.get("strength_unit_problem"):
+        print(f"  steering {s['strength_unit_problem']}")
 
 
 def _sae_line(arch, d_in, d_sae, k, groups) -> str:

@@ -123,6 +123,8 @@ def run(args) -> int:
         return _list_latents(session, image, args)
     values = values if len(values) > 1 else values * len(latents)
     if amount == "strength":  # --strength comes with --bundle, whose check above found each latent
+        if unit_problem := session.bundle.strength_unit_problem():
+            print(f"steer: warning: {unit_problem}; or pass --value for raw activations.", file=sys.stderr)
         units = session.bundle.strength_units()
         values = [s * float(units[k]) for k, s in zip(latents, values)]
     result = session.answers(image, latents, values, prompt=args.prompt,

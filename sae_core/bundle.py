@@ -359,7 +359,8 @@ class Bundle:
     def strength_units(self) -> np.ndarray:
         """(K,) float64: the activation a steering strength of 1 sets each latent to, its largest on one
         token of the dataset (`token_max`; for bundles built before it, the larger of `max_act` and the top
-        activation over patches where kept, the same number for a CLS-scored bundle); 1 where it never fired."""
+        activation over patches where kept; a CLS-scored bundle of before 2026-12-01 kept neither, and its unit is
+        the CLS token's largest: `strength_unit_problem`); 1 where it never fired."""
         if self.has("token_max"):
             unit = np.asarray(self.array("token_max"), np.float64)
         else:
@@ -367,6 +368,17 @@ class Bundle:
             if self.has("patch_top_acts"):
                 unit = np.maximum(unit, np.asarray(self.array("patch_top_acts")[:, 0], np.float64))
         return np.where(np.isfinite(unit) & (unit > 0), unit, 1.0)
+
+    def strength_unit_problem(self) -> str | None:
+        """Why this bundle's strength units are not each latent's largest activation on one token, or None: a
+        CLS-scored bundle built before 2026-12-01 recorded its latents' largest CLS activation only, so strength 1
+        was that (1.0 raw for a latent that never fires on the CLS token), and nothing said so until 2026-12-05."""
+        if self.has("token_max") or self.has("patch_top_acts") or self.manifest.get("model", {}).get("tokens") != "cls":
+            return None
+        return (f"{self.root} was built before 2026-12-01 and records each latent's largest activation on its CLS "
+                "token only, so a strength of 1 is that value (1.0 raw for a latent that never fires on the CLS "
+                f"token), not its largest on any token; delete {self.root / '.stages' / 'scan.json'} and run its "
+                "atlas or demo command again for strengths in that unit")
 
     def _opt(self, name: str, k: int):
         return self.array(name)[k] if self.has(name) else None

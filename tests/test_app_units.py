@@ -204,6 +204,9 @@ def test_the_steer_page_warns_of_an_sae_of_another_model(explorer, monkeypatch):
     assert intro().endswith("\n\n**Warning**: the SAE was trained on activations of hf:/models/dinov2, not of the "
                             f"vision tower of world:{explorer.bundle.world_dir}:llava, so its latents may mean nothing "
                             "there (a bundle built on that tower steers here).")
+    # and of strengths in an old CLS-scored bundle's unit, its latents' largest CLS activation (test_bundle)
+    monkeypatch.setattr(type(explorer.bundle), "strength_unit_problem", lambda self: "strength 1 is the CLS max")
+    assert intro().endswith("\n\n**Warning**: strength 1 is the CLS max.")
 
 
 def test_the_cache_sweep_deletes_only_unused_uploads_and_generated_files(tmp_path):

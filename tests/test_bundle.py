@@ -725,3 +725,32 @@ def test_inspect_says_what_the_activation_bands_are(tiny_bundle, tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["bands"]["image_score"]["kind"] == "log_bins"
     assert main(["inspect", str(old)]) == 0
     assert "log bins (built before 2026-12-04); for quantile groups delete .stages/scan.json" in capsys.readouterr().out
+
+
+def test_an_old_cls_bundles_strength_unit_is_said_to_be_the_cls_max(tiny_bundle, tmp_path, capsys):
+    """A CLS-scored bundle built before 2026-12-01 kept neither `token_max` nor the patch gallery, so a steering
+    strength of 1 was each latent's largest CLS activation (1.0 raw where it never fires on the CLS token), and
+    nothing said so (a reviewer's old bundle: `--strength 2` set 2.0 where the rebuilt bundle set 9.76). `inspect`,
+    `steer --strength` and the Steer page say so now; a bundle with `token_max` says nothing."""
+    from precompute.__main__ import main
+
+    root = tmp_path / "old_cls"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns(".work", ".stages"))
+    manifest = json.loads((root / B.MANIFEST).read_text())
+    (root / manifest["files"].pop("token_max")).unlink()
+    manifest["model"]["tokens"] = "cls"
+    (root / B.MANIFEST).write_text(json.dumps(manifest))
+    b = B.open_bundle(root)
+    said = b.strength_unit_problem()
+    assert said.startswith(f"{root} was built before 2026-12-01 and records each latent's largest activation on its "
+                           "CLS token only") and str(root / ".stages" / "scan.json") in said
+    max_act = np.asarray(b.array("max_act"), np.float64)
+    np.testing.assert_array_equal(b.strength_units(), np.where(max_act > 0, max_act, 1.0))
+    assert B.open_bundle(tiny_bundle).strength_unit_problem() is None
+    assert main(["inspect", str(root)]) == 0 and f"\n  steering {said}\n" in capsys.readouterr().out
+    assert main(["inspect", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["strength_unit_problem"] == said
+    k = int(np.argmax(max_act))
+    assert main(["steer", "--bundle", str(root), "--image", "0", "--latent", str(k), "--strength", "2",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    assert f"steer: warning: {said}; or pass --value for raw activations.\n" in capsys.readouterr().err
