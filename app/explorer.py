@@ -456,7 +456,9 @@ class Explorer:
                 f"band|{k}|{b}|{ids}|{boxes}",
                 lambda ids=ids, boxes=boxes: strip([self.shown(self.bundle.image(i)) for i in ids], slots=slots,
                                                    boxes=boxes, grid=self.grid if self.grid[0] else None))
-            of = f" of {counts[b]:,}" if counts and counts[b] > len(ids) else ""  # a sample: say of how many
+            # a sample: say of how many; a bundle of before 2026-12-04 stored no band sizes, so its strips are
+            # samples of bands of unknown size (they read "6 images", as if the whole band, until 2026-12-05)
+            of = (" sampled" if counts is None else f" of {counts[b]:,}" if counts[b] > len(ids) else "")
             # of a sample, the range is the sample's ("these"): the band reaches higher and lower (its edges are
             # not stored), and "act 5.34 to 8.49" read as the band's while it held an image at 10.2
             out.append((path, f"band {b + 1}{how}: {len(ids)}{of} image{'s' if len(ids) > 1 or of else ''}, "

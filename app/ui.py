@@ -896,7 +896,11 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     columns=8, fit_columns=False, height="auto", object_fit="contain", elem_id="patch-gallery",
                     visible=ex.bundle.has("patch_top_images"))
                 patch_image_button = gr.Button(visible=False, elem_id="patch-gallery-image-open", size="sm")
-                band_gallery = gr.Gallery(label="activation bands: equal shares of the images it fires on, highest first, a random sample of each (yellow box = best patch)", columns=1,
+                bands = ("equal shares of the images it fires on, highest first, a random sample of each"
+                         if ex.bundle.has("band_counts") else  # a bundle of before 2026-12-04 (said so since 12-05)
+                         "runs of the histogram's bins (a bundle of before 2026-12-04: rebuild its scan for equal "
+                         "shares), highest first, a sample of each")
+                band_gallery = gr.Gallery(label=f"activation bands: {bands} (yellow box = best patch)", columns=1,
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():

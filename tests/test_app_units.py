@@ -1757,3 +1757,31 @@ def test_a_full_or_read_only_picture_cache_is_one_sentence(tmp_path, monkeypatch
     monkeypatch.setattr(Path, "write_bytes", read_only)
     with pytest.raises(UserError, match=r"cannot be written \(the file system is read-only\)"):
         ImageCache(tmp_path / "other" / "generated", "a bundle")
+
+
+def test_an_old_bundles_band_strips_say_they_are_samples_of_log_bin_bands(tiny_bundle, tmp_path):
+    """A bundle of before 2026-12-04 keeps its bands as runs of the histogram's log bins, without their sizes: the
+    gallery's label called them "equal shares" and a strip of 8 of a band's 58 images read "8 images, act ..." as
+    if the whole band (until 2026-12-05). The label says what they are and how to rebuild them, each caption that it
+    is a sample; a bundle with band sizes is unchanged."""
+    import shutil
+
+    from app import ui
+    from app.steer import SteerService
+
+    root = tmp_path / "old_bands"
+    shutil.copytree(tiny_bundle, root, ignore=shutil.ignore_patterns(".work", ".stages"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    for name in ("band_counts", "patch_band_counts"):
+        if name in manifest["files"]:
+            (root / manifest["files"].pop(name)).unlink()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    for bundle, old in ((root, True), (tiny_bundle, False)):
+        ex = Explorer(open_bundle(bundle), tmp_path / f"cache_{old}")
+        k = int(np.argmax(ex.columns["support"]))
+        captions = [c for _, c in ex.band_gallery(k)]
+        assert captions and all((" sampled image" in c and ", these act " in c) == old for c in captions), captions
+        demo = ui.build(ex, steer=SteerService(ex))
+        label = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "band-gallery").label
+        assert ("runs of the histogram's bins (a bundle of before 2026-12-04: rebuild its scan" in label) == old
+        assert ("equal shares of the images it fires on" in label) == (not old)
