@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from .activation_store import (ActivationStore, HeldOut, check_batch_size, held_
 from .atomic import atomic_path, first_difference, remove_stale_temporaries, write_json_atomic
 from .checkpoint import save_sae
 from .distributed import DistInfo, barrier
-from .errors import UserError, is_count
+from .errors import UserError, is_count, write_failure
 from .metrics import MetricsAccumulator
 from .precision import resolve_device
 from .progress import progress_bar
@@ -324,6 +325,7 @@ def train_sae(
     bar = progress_bar(total=cfg.steps, initial=start, desc=f"train {sae_cfg.arch}", unit="step",
                        disable=not (progress and dist_info.is_main), dynamic_ncols=True)
     last_ckpt_time, window_t0, window_tokens = time.monotonic(), time.perf_counter(), 0
+    checkpoint_failed = False  # said once
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one trains
     pending = pool.submit(load_batch, start) if start < cfg.steps else None
     log_file = open(log_path, "a", newline="") if dist_info.is_main else None
@@ -370,8 +372,18 @@ def train_sae(
             due_tensor = _all_reduce(torch.tensor(float(bool(due)), device=device), torch.distributed.ReduceOp.MAX)
             if due_tensor.item() > 0 and done < cfg.steps:
                 if dist_info.is_main:
-                    ckpt.save(sae, opt, tracker, {"step": done, "tokens": tokens_seen, "scale": scale,
-                                                  "run_config": run_config})
+                    try:
+                        ckpt.save(sae, opt, tracker, {"step": done, "tokens": tokens_seen, "scale": scale,
+                                                      "run_config": run_config})
+                    except Exception as e:  # a full disk ended the run, and its steps since the last checkpoint,
+                        said = write_failure(e)  # until 2026-12-05: the last one written stays, the next is tried
+                        if said is None:
+                            raise
+                        if not checkpoint_failed:
+                            bar.write(f"could not save the checkpoint at step {done} ({said}); training goes on and "
+                                      "tries again at the next one (a kill meanwhile resumes from the last one saved)",
+                                      file=sys.stderr)
+                        checkpoint_failed = True
                 barrier(dist_info)
                 last_ckpt_time = time.monotonic()
     finally:

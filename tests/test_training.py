@@ -545,3 +545,33 @@ def test_the_held_out_rows_are_never_trained_on_and_are_what_metrics_json_measur
     assert info["held_out"]["period"] == 0 and info["held_out_rows"] == 150
     metrics = json.loads((tmp_path / "old" / "metrics.json").read_text())
     assert metrics["fvu"] == pytest.approx(fvu_on(tmp_path / "old", np.arange(2850, 3000)), rel=1e-5)
+
+
+def test_a_checkpoint_the_disk_refuses_does_not_end_the_run(planted, tmp_path, monkeypatch, capsys):
+    """A checkpoint that could not be written (a full disk: a SafetensorError or an OSError) ended the run, and its
+    steps since the last checkpoint with it (until 2026-12-05). Training goes on, says so once, tries again at the
+    next checkpoint, and ends with the weights of a run whose checkpoints were all written."""
+    import errno
+
+    from sae_core import training
+
+    npy, _ = planted
+    extra = ["--checkpoint-every", "20", "--groups", "64,448", "--device", "cpu"]
+    real, calls = training._Checkpoint.save, []
+
+    def flaky(self, *args):
+        calls.append(1)
+        if len(calls) in (2, 3):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args)
+
+    monkeypatch.setattr(training._Checkpoint, "save", flaky)
+    assert precompute_main(train_args(npy, tmp_path / "full", "matryoshka", 120, extra)) == 0
+    err = capsys.readouterr().err
+    assert err.count("could not save the checkpoint") == 1
+    assert "could not save the checkpoint at step 40 (no space is left on the device); training goes on" in err
+    assert len(calls) == 5  # steps 20, 40, 60, 80, 100
+    monkeypatch.setattr(training._Checkpoint, "save", real)
+    assert precompute_main(train_args(npy, tmp_path / "straight", "matryoshka", 120, extra)) == 0
+    a, b = (load_file(str(tmp_path / run / "sae.safetensors")) for run in ("full", "straight"))
+    assert all(torch.equal(a[name], b[name]) for name in b)
