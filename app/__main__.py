@@ -8,7 +8,7 @@ import sys
 import threading
 
 from sae_core.command_line import OneLineParser
-from sae_core.errors import UserError
+from sae_core.errors import UserError, not_utf8_argument
 
 # Offline and private by default: no analytics, no hub look-ups unless a hub model is named.
 for _var, _val in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1")):
@@ -40,6 +40,10 @@ def _stop(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # a bundle path in another encoding than UTF-8 ended the start in a UnicodeEncodeError (until 2026-12-05)
+    if bad := not_utf8_argument([*(sys.argv[1:] if argv is None else argv), os.environ.get("SAE_APP_BUNDLE", "")]):
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     # `docker stop` sends SIGTERM to PID 1, which has no default action there: the container was killed after
     # 10 s (until 2026-12-05); now it stops as Ctrl-C stops it (signals reach the main thread only; the previous
     # handler is put back, for a caller that runs main in-process)

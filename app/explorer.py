@@ -461,7 +461,8 @@ class Explorer:
             of = (" sampled" if counts is None else f" of {counts[b]:,}" if counts[b] > len(ids) else "")
             # of a sample, the range is the sample's ("these"): the band reaches higher and lower (its edges are
             # not stored), and "act 5.34 to 8.49" read as the band's while it held an image at 10.2
-            out.append((path, f"band {b + 1}{how}: {len(ids)}{of} image{'s' if len(ids) > 1 or of else ''}, "
+            many = len(ids) > 1 or (of and counts is not None)  # "1 of 23 images", "1 sampled image"
+            out.append((path, f"band {b + 1}{how}: {len(ids)}{of} image{'s' if many else ''}, "
                               f"{'these ' if of else ''}act {min(acts):.3g} to {max(acts):.3g} "
                               f"(#{', #'.join(str(i) for i in ids)})"))
         return out

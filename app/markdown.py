@@ -1,7 +1,6 @@
 """Text from a bundle, a link or an upload's name, made safe to show in a Markdown component or a toast."""
 from __future__ import annotations
 
-import html
 import re
 
 from sae_core.errors import readable  # a name not UTF-8 by its bytes: Gradio's JSON encoder failed on the answer
@@ -21,6 +20,12 @@ def markdown_text(text) -> str:
     return "\\" + out if out[:1] in ("#", "+", "-", "=") else out
 
 
+def markdown_sentence(text) -> str:
+    """One of our own sentences that quotes a bundle's text (a path, a spec, a file's field), for Markdown: as
+    markdown_text, its backticks dropped (a code span of ours cannot be told from one in the quoted text)."""
+    return markdown_text(str(text).replace("`", ""))
+
+
 def markdown_code(text) -> str:
     """Text as a Markdown code span, whatever backticks it holds (a fence longer than its longest run of them:
     a backtick in a bundle's recorded command ended the span, and what followed was rendered)."""
@@ -38,5 +43,7 @@ _MARKDOWN_INLINE = set("\\`*_{}[]()!|~$:@")
 
 def toast_text(message: str) -> str:
     """A message for gr.Error/gr.Warning/gr.Info, whose toasts render HTML: a link's `kind=<b>x</b>` was drawn bold
-    inside the warning that quoted it (until 2026-12-05)."""
-    return html.escape(readable(message), quote=False)
+    inside the warning that quoted it (until 2026-12-05). Only what HTML would read is escaped, a "<" that opens a
+    tag and a "&" that starts an entity, because API clients get the same message ("|v| < 3.4e38" stays as it is)."""
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", readable(message))
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)

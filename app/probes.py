@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sae_core.bundle import PROBES
 
-from .markdown import markdown_code, markdown_text
+from .markdown import markdown_code, markdown_sentence, markdown_text
 
 CROSSMODAL_FILE = "crossmodal.json"
 
@@ -122,8 +122,8 @@ class ProbeResults:
 
     def _unreadable(self, rel: str, reason: str, kind: str) -> str:
         if kind == "probes" and not self.is_world:
-            return f"`{rel}` is unreadable ({markdown_text(reason)}); delete it: factor probes need a world bundle."
-        return (f"`{rel}` is unreadable ({markdown_text(reason)}); re-run {markdown_code(self._command(kind))} to "
+            return f"`{rel}` is unreadable ({markdown_sentence(reason)}); delete it: factor probes need a world bundle."
+        return (f"`{rel}` is unreadable ({markdown_sentence(reason)}); re-run {markdown_code(self._command(kind))} to "
                 "rewrite it (or delete the file).")
 
     # ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Pictures the pages show: upscaled thumbnails, patch heatmap overlays, the patch grid to click on."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -147,8 +148,11 @@ class ImageCache:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            ours = str(e.filename or "").startswith(str(self.root))  # not a dataset image that could not be read
-            said = "permission denied" if isinstance(e, PermissionError) and ours else write_failure(e)
+            # the cache's own path (its folder may be what could not be made), not a dataset image that could not be
+            # read: a refused permission or an I/O error says which; no space, a quota or a read-only disk are writes
+            ours = str(e.filename or "").startswith(str(self.root.parent.parent))
+            said = ("permission denied" if isinstance(e, PermissionError) else write_failure(e)) if ours else (
+                None if e.errno == errno.EIO else write_failure(e))
             if said is None:
                 raise
             raise UserError(f"the explorer's picture cache {self.root.parent.parent} cannot be written ({said}); free "

@@ -14,7 +14,7 @@ from sae_core.errors import UserError
 from . import figures, inputs
 from .uploads import load_upload
 from .explorer import IMAGE_NEURON_COLUMNS, MAX_TABLE_ROWS, TABLE_COLUMNS, Explorer
-from .markdown import markdown_code, markdown_text, toast_text
+from .markdown import markdown_code, markdown_sentence, markdown_text, toast_text
 from .probes import CONCEPT_COLUMNS, CROSSMODAL_COLUMNS, ONTOLOGY_COLUMNS, PROBE_COLUMNS
 
 # Plotly clicks open neurons through a hidden button whose js step hands over the clicked id.
@@ -396,7 +396,8 @@ class SteerTab:
         gr.Markdown("Pick a dataset image or upload one, choose latents and strengths (in multiples of each "
                     "neuron's largest activation on one token of the dataset), then **Steer**. Click the picture "
                     "to restrict the clamp to patches. One model serves everyone: requests wait their turn."
-                    + (f"\n\n**Warning**: {other} (a bundle built on that tower steers here)." if other else "")
+                    + (f"\n\n**Warning**: {markdown_sentence(other)} (a bundle built on that tower steers here)."
+                       if other else "")
                     + (f"\n\n**Warning**: {markdown_text(unit)}." if unit else ""),
                     elem_id="steer-intro")
         with gr.Row():
@@ -1233,7 +1234,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     f"{scores[-1]:.3f})." if ids else f"No image is near {what}.")
             if None in tiles:
                 note += (f" {tiles.count(None)} of them cannot be shown here: the bundle carries pictures of its "
-                         f"gallery images only, and {ex.dataset_error[0].lower()}{ex.dataset_error[1:]}")
+                         f"gallery images only, and {markdown_sentence(ex.dataset_error[0].lower() + ex.dataset_error[1:])}")
             return items, note
 
         img_search_out = [img_results, img_note, img_searched, url_box]
@@ -1304,7 +1305,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                            if steer and not ex.dataset_error else "."))
             picture = ex.search_tile(i)
             if picture is None:
-                note += f" It cannot be shown here: {ex.dataset_error}"
+                note += f" It cannot be shown here: {markdown_sentence(ex.dataset_error)}"
             return i, picture, table, note, inputs.encode_state({"tab": "images", "query": q, "image": i})
 
         img_neuron_out = [img_id, img_picture, img_neurons, img_neurons_note, url_box]

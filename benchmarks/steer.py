@@ -70,18 +70,20 @@ def main(argv=None) -> int:
         uncached3 = _times(full3, a.calls)
         # images 2..n_cold + 1 (image 1 warms up), each new to the cache; it timed one call fewer, none for
         # --calls 1 (np.percentile's IndexError), until 2026-12-05
-        n_cold = min(a.calls, len(s.bundle.dataset()) - 2)
-        cold = _times(lambda i: s.answers(1 + i, [latent], [2.0], prompt=a.prompt, **kw), n_cold)
+        n_cold = max(0, min(a.calls, len(s.bundle.dataset()) - 2))  # none for a dataset of 2 images or fewer
+        cold = (_times(lambda i: s.answers(1 + i, [latent], [2.0], prompt=a.prompt, **kw), n_cold) if n_cold
+                else np.zeros(0))
         base = float(np.median(uncached3))
         for name, t in (("cached: 3 answers (original, SAE, clamped), one batch", cached3),
                         ("cached: 1 clamped answer", cached1),
                         ("cold: 3 answers on a new image (tower once, then cached)", cold),
                         ("uncached: 1 clamped answer (generate, SAE hooked in the tower)", full1),
                         ("uncached: 3 answers (3 generate calls)", uncached3)):
-            if len(t):  # no cold row for a dataset of one image
+            if len(t):  # no cold row without a third image
                 rows.append((precision, name, np.median(t), np.percentile(t, 95), base / np.median(t)))
     dev = a.device if a.device != "cpu" else f"CPU ({platform.processor() or platform.machine()}, {a.threads} thread(s))"
-    fewer = f" ({n_cold} for the cold row: the dataset's other images)" if n_cold < a.calls else ""
+    fewer = (f" ({n_cold} for the cold row: the dataset's other images)" if 0 < n_cold < a.calls else
+             " (no cold row: the dataset has no third image)" if not n_cold else "")
     print(f"steering latency, {a.tokens} new tokens, prompt {a.prompt!r}, {a.calls} calls per row{fewer}, on {dev}")
     print("| precision | call | p50 ms | p95 ms | speed-up vs uncached 3 answers |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -139,11 +139,13 @@ def main(argv=None) -> int:
         if said is None:
             raise
         path = f" {e.filename}" if getattr(e, "filename", None) else ""
+        failing = "input/output" in said  # a read as much as a write
         fix = ("give an --out on a writable disk" if "read-only" in said else
                "raise the limit (ulimit -f unlimited)" if "size limit" in said else
+               "check the disk (the kernel's log names it) or use another" if failing else
                "free some space (or give an --out on another disk)")
-        print(f"error: {args.command} could not write{path}: {said}; {fix} and run the same command again: it goes on "
-              "from its last finished stage or checkpoint.", file=sys.stderr)
+        print(f"error: {args.command} could not {'read or write' if failing else 'write'}{path}: {said}; {fix} and run "
+              "the same command again: it goes on from its last finished stage or checkpoint.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a traceback read as a crash, where the work done is kept
         print("\ninterrupted; the same command again resumes the long jobs (extract, train, ms, atlas, demo, "

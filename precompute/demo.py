@@ -56,8 +56,9 @@ PRESETS = {
 
 def settings_before_they_were_recorded(work: Path) -> dict:
     """What a demo folder of before 2026-12-05, which wrote no .work/settings.json, was built with, as far as its
-    extraction's and its SAE's own records tell (seed, tokens, images, SAE shape and schedule): until then such a
-    folder took a resume with another --seed or --preset as its own, and recorded the new settings over it."""
+    extraction's and its SAE's own records tell (seed, tokens, SAE shape and schedule; not the number of training
+    images, which a world's smaller train split caps): until then such a folder took a resume with another --seed
+    or --preset as its own, and recorded the new settings over it."""
     def record(path: Path) -> dict:
         try:
             found = json.loads(path.read_text())
@@ -68,7 +69,7 @@ def settings_before_they_were_recorded(work: Path) -> dict:
     found = {}
     identity = record(work / "acts" / "extract.json").get("identity")
     if isinstance(identity, dict):
-        found.update(seed=identity.get("seed"), tokens=identity.get("tokens"), train_images=identity.get("n_images"))
+        found.update(seed=identity.get("seed"), tokens=identity.get("tokens"))
     sae = record(work / "sae" / "config.json")
     training = sae.get("training") if isinstance(sae.get("training"), dict) else {}
     if sae:

@@ -27,7 +27,7 @@ API
         .search(queries (Q, d) or (d,), k=10) -> (ids int64 (Q, k), scores float32 (Q, k)), best
                       first; ids -1 and scores -inf pad rows when fewer than k results exist (faiss is
                       asked for at most N); UserError for a non-finite query or a k that is not an integer >= 1
-        .save(path)   faiss.write_index to a temporary name, then rename (atomic); `info` goes beside
+        .save(path)   the index's bytes to a temporary name, then rename (atomic); `info` goes beside
                       it as PATH.json (also atomic) so that load_index knows rerank and recall
     load_index(path, embeddings=None) -> SearchIndex
                       faiss.read_index (+ PATH.json when present); pass the bundle's
@@ -187,10 +187,13 @@ class SearchIndex:
         return np.where(np.isfinite(sc), ids, -1), sc
 
     def save(self, path: str | Path) -> None:
-        """Write with faiss.write_index to a temporary name beside `path`, then rename."""
+        """The index's bytes (faiss.serialize_index, what faiss.write_index writes) to a temporary name beside `path`,
+        then renamed. Written from Python, whose writes fail loudly: faiss.write_index writes through a C stream of
+        its own, and a short write on a full disk left a cut index renamed into place with only "close error: File
+        too large" printed (until 2026-12-05)."""
         faiss = _faiss()
-        with atomic_path(path) as tmp:
-            faiss.write_index(self.index, str(tmp))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(faiss.serialize_index(self.index).tobytes())
         write_json_atomic(info_path(path), {**self.info, "rerank": self.rerank})
 
 

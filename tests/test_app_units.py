@@ -199,11 +199,20 @@ def test_the_steer_page_warns_of_an_sae_of_another_model(explorer, monkeypatch):
         demo = ui.build(explorer, steer=SteerService(explorer))
         return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "steer-intro").value
 
+    def shown():  # as the page reads it: the quoted spec's Markdown punctuation is backslashed
+        return re.sub(r"\\(.)", r"\1", intro())
+
     assert "Warning" not in intro()
     monkeypatch.setitem(explorer.bundle.manifest["model"], "spec", "hf:/models/dinov2")
-    assert intro().endswith("\n\n**Warning**: the SAE was trained on activations of hf:/models/dinov2, not of the "
+    assert shown().endswith("\n\n**Warning**: the SAE was trained on activations of hf:/models/dinov2, not of the "
                             f"vision tower of world:{explorer.bundle.world_dir}:llava, so its latents may mean nothing "
                             "there (a bundle built on that tower steers here).")
+    # a spec is the bundle's text: a Markdown link in it was a live link on the page until 2026-12-05
+    from markdown_it import MarkdownIt
+
+    monkeypatch.setitem(explorer.bundle.manifest["model"], "spec", "hf:/m/[log in](https://example.com)<b>x</b>")
+    rendered = MarkdownIt("commonmark").render(intro())
+    assert "<a " not in rendered and "<b>x" not in rendered and "[log in](https://example.com)&lt;b&gt;x" in rendered
     # and of strengths in an old CLS-scored bundle's unit, its latents' largest CLS activation (test_bundle)
     monkeypatch.setattr(type(explorer.bundle), "strength_unit_problem", lambda self: "strength 1 is the CLS max")
     assert intro().endswith("\n\n**Warning**: strength 1 is the CLS max.")
@@ -1687,8 +1696,10 @@ def test_text_from_a_bundle_or_a_link_reaches_markdown_and_toasts_as_itself():
         out = md.render(f"- **command**: {markdown_code(text)}")
         inner = out.split("<code>", 1)[1].rsplit("</code>", 1)[0]
         assert out.count("<code>") == 1 and html.unescape(inner).strip() == " ".join(text.split("\n")).strip(), (text, out)
-        assert "<" not in toast_text(text) and html.unescape(toast_text(text)) == text
+        # no tag opens in a toast, and what it shows (HTML's reading) is the text; API clients get the same message
+        assert not re.search(r"<[A-Za-z/!?]", toast_text(text)) and html.unescape(toast_text(text)) == text
     assert readable("caf\udce9") == "caf\\xe9" and markdown_text("caf\udce9") == "caf\\\\xe9"  # not UTF-8: its bytes
+    assert toast_text("|v| < 3.4e38 & finite") == "|v| < 3.4e38 & finite"  # nothing HTML reads: left for API clients
 
 
 def test_labels_reach_plotly_as_text_not_markup():
@@ -1757,6 +1768,26 @@ def test_a_full_or_read_only_picture_cache_is_one_sentence(tmp_path, monkeypatch
     monkeypatch.setattr(Path, "write_bytes", read_only)
     with pytest.raises(UserError, match=r"cannot be written \(the file system is read-only\)"):
         ImageCache(tmp_path / "other" / "generated", "a bundle")
+    monkeypatch.undo()
+    # a cache folder this user may not write, whose generated/ is still to be made (outside the namespace folder:
+    # it was re-raised as a traceback until the review of 2026-12-05)
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.name == "generated":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(UserError, match=rf"picture cache {tmp_path / 'third'} cannot be written \(permission denied\)"):
+        ImageCache(tmp_path / "third" / "generated", "a bundle")
+    monkeypatch.undo()
+
+    def unreadable_image():  # a dataset image that could not be read is no failure of the cache
+        raise OSError(errno.EIO, "Input/output error", "/data/images/0.png")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        cache.get_or_make("another page", unreadable_image)
 
 
 def test_an_old_bundles_band_strips_say_they_are_samples_of_log_bin_bands(tiny_bundle, tmp_path):

@@ -298,8 +298,7 @@ def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, ca
     (old / ".work" / "sae" / "config.json").write_text(json.dumps(
         {"d_sae": 256, "k": 8, "group_sizes": [32, 32, 64, 128], "training": {"seed": 0, "steps": 300, "batch_size": 512}}))
     argv = ["demo", "--out", str(old), "--preset", "tiny", "--world", str(tmp_path / "world"), "--quiet"]
-    for other, said in ((["--seed", "1"], "seed: 0 there, 1 now"), (["--preset", "demo"], "train_images: 2000 there, "
-                                                                                            "10000 now")):
+    for other, said in ((["--seed", "1"], "seed: 0 there, 1 now"), (["--preset", "demo"], "width: 256 there, 512 now")):
         assert main(argv + other) == 2
         assert f"holds a bundle built with other settings ({said})" in capsys.readouterr().err
         assert not (old / ".work" / "settings.json").exists()
@@ -534,3 +533,20 @@ def test_a_storage_that_refuses_writes_ends_a_command_in_one_line_and_it_resumes
     assert write_failure(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert write_failure(OSError(errno.EROFS, "Read-only file system")) == "the file system is read-only"
     assert write_failure(FileNotFoundError(errno.ENOENT, "x")) is None and write_failure(ValueError("x")) is None
+
+
+def test_the_explorer_refuses_a_bundle_path_that_is_not_utf8(tmp_path, capsys, monkeypatch):
+    """`python -m app --bundle <a Latin-1 café folder>` ended its start in a UnicodeEncodeError (until 2026-12-05);
+    so did SAE_APP_BUNDLE of such a path. One line, exit 2, before anything loads."""
+    import os
+
+    from app.__main__ import main as app_main
+
+    folder = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    assert app_main(["--bundle", folder]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: the argument '{tmp_path}/caf\\xe9' is not UTF-8 text (a name in another encoding, shown by " \
+                  "its bytes); rename that file or folder to UTF-8 (e.g. `convmv -f latin1 -t utf8 -r --notest NAME`) " \
+                  "and run again\n", err
+    monkeypatch.setenv("SAE_APP_BUNDLE", folder)
+    assert app_main([]) == 2 and "is not UTF-8 text" in capsys.readouterr().err

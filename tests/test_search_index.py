@@ -1,4 +1,6 @@
 """Search index: exact search against numpy brute force, IVF-PQ recall on clustered data, disk round trip."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,33 @@ def test_flat_round_trip_and_errors(tmp_path):
             load_index(path)
     with pytest.raises(UserError):
         build_index(np.zeros((0, 16), np.float32))
+
+
+def test_an_index_the_disk_cuts_short_is_never_renamed_into_place(tmp_path):
+    """faiss.write_index writes through a C stream of its own: past the file-size limit (a full disk) it printed
+    "close error: File too large", returned, and the cut index was renamed into place (2,048 of 2,605 bytes in a
+    review of 2026-12-05). Saved from Python now: the write fails, nothing is left under the name, and an unlimited
+    save reads back the same search results."""
+    import resource
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = ("import sys, numpy as np; from sae_core.search_index import build_index; "
+              "e = np.random.default_rng(0).normal(size=(40, 16)).astype('float32'); "
+              "e /= np.linalg.norm(e, axis=1, keepdims=True); build_index(e).save(sys.argv[1])")
+
+    def save(path, limit=None):
+        def cap():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return subprocess.run([sys.executable, "-c", script, str(path)], cwd=repo, capture_output=True, text=True,
+                              timeout=120, preexec_fn=cap if limit else None)
+
+    cut = save(tmp_path / "cut" / "index.faiss", 2048)
+    assert cut.returncode != 0 and "File too large" in cut.stderr, cut.stderr
+    assert not (tmp_path / "cut" / "index.faiss").exists()
+    assert save(tmp_path / "whole" / "index.faiss").returncode == 0
+    e = np.random.default_rng(0).normal(size=(40, 16)).astype("float32")
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    ids, _ = load_index(tmp_path / "whole" / "index.faiss", e).search(e[:3], 5)
+    assert ids[:, 0].tolist() == [0, 1, 2] and ids.tolist() == build_index(e).search(e[:3], 5)[0].tolist()
