@@ -1233,8 +1233,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             note = (f"The {len(ids)} images of {ex.n_images:,} nearest {what} ({how}; cosine {scores[0]:.3f} to "
                     f"{scores[-1]:.3f})." if ids else f"No image is near {what}.")
             if None in tiles:
+                why = ex.dataset_error[0].lower() + ex.dataset_error[1:]
                 note += (f" {tiles.count(None)} of them cannot be shown here: the bundle carries pictures of its "
-                         f"gallery images only, and {markdown_sentence(ex.dataset_error[0].lower() + ex.dataset_error[1:])}")
+                         f"gallery images only, and {markdown_sentence(why)}")
             return items, note
 
         img_search_out = [img_results, img_note, img_searched, url_box]
