@@ -144,7 +144,12 @@ def create_app(settings: AppSettings):
     # and Gradio then skips, for each of the 20 files of a neuron page, its allow-list checks and cache
     # bookkeeping (path resolutions against every allowed and blocked folder).
     gr.set_static_paths(allowed)
+    from starlette.middleware import Middleware
+
+    from .guard import RequestGuard
+
     launch = dict(
+        app_kwargs={"middleware": [Middleware(RequestGuard)]},  # bounded bodies, no file fetched by URL
         server_name=settings.host, server_port=settings.port, share=False, allowed_paths=allowed,
         blocked_paths=[str(bundle.root / "sae"), str(bundle.root / "manifest.json")],
         max_file_size=settings.limits.max_bytes, show_error=True, footer_links=["api"],

@@ -423,3 +423,38 @@ def test_a_model_request_right_after_the_start_waits_for_the_warm_up_load(tiny_b
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_request_cannot_make_the_server_fetch_a_url_or_hold_a_huge_body(explorer_app):
+    """Two holes a reviewer found on 2026-12-05, in front of Gradio (app/guard.py): a file input given as
+    {"path": "http://..."} was downloaded into the cache before any check of ours, with no size limit (400 MB from
+    two calls, kept after the app refused them), so any caller could make the server fetch what it named; and each
+    call's body stayed in its session (200 MB refused queries pinned ~195 MB each). Both are refused before Gradio
+    reads them, in one sentence; ordinary calls go on."""
+    import json
+    import urllib.request
+
+    def post(route, payload: bytes):
+        request = urllib.request.Request(explorer_app.url + route, data=payload, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    before = sorted(p.name for p in explorer_app.cache.iterdir())
+    for path in ("http://1.2.3.4/photo.png", "HTTPS://example.com/x.png"):
+        for route in ("/gradio_api/call/search_images_by_image", "/gradio_api/queue/join"):
+            body = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}], "fn_index": 0,
+                    "session_hash": "guard"}
+            # also with the path's letters escaped in the JSON, which a byte search would miss
+            for raw in (json.dumps(body), json.dumps(body).replace('"http', '"\\u0068ttp').replace('"HTTP', '"\\u0048TTP')):
+                status, said = post(route, raw.encode())
+                assert status == 400 and said["error"].startswith("a file given by URL is not fetched by this "
+                                                                  "server"), (route, raw, status, said)
+    assert sorted(p.name for p in explorer_app.cache.iterdir()) == before  # nothing fetched into the cache
+    status, said = post("/gradio_api/call/search_neurons_by_text", json.dumps({"data": ["a" * 2_000_000]}).encode())
+    assert status == 413 and "above the 1,048,576 this server takes" in said["error"], said
+    status, said = post("/gradio_api/call/neuron_json", json.dumps({"data": [3]}).encode())
+    assert status == 200 and said.get("event_id"), said
