@@ -329,9 +329,7 @@ class Explorer:
         c = self.columns
         keep = np.ones(self.n_neurons, dtype=bool) if ids is None else np.isin(c["neuron"], np.asarray(ids))
         if min_ms not in (None, ""):
-            lo = float(min_ms)
-            if not math.isfinite(lo):
-                raise UserError("the minimum MS must be a number between 0 and 1.")
+            lo = inputs.share(min_ms, "minimum MS")
             if lo > 0:  # 0, the slider's rest, keeps the neurons without an MS (e.g. patch-only latents)
                 keep &= np.nan_to_num(c["ms"], nan=-np.inf) >= lo
         if min_support not in (None, ""):

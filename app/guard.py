@@ -23,9 +23,11 @@ class RequestGuard:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].endswith(self.upload_path):
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        too_long = (f"above the {MAX_BODY_BYTES:,} bytes this server takes; send less (uploads go through the upload "
+                    "route).")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return await _refuse(send, 413, f"the request is {int(length):,} bytes, above the {MAX_BODY_BYTES:,} this "
-                                            "server takes; send less (uploads go through the upload route).")
+            await _drain(receive)
+            return await _refuse(send, 413, f"the request is {int(length):,} bytes, {too_long}")
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -34,8 +36,9 @@ class RequestGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > MAX_BODY_BYTES:
-                return await _refuse(send, 413, f"the request is over the {MAX_BODY_BYTES:,} bytes this server takes; "
-                                                "send less (uploads go through the upload route).")
+                if more:
+                    await _drain(receive)
+                return await _refuse(send, 413, f"the request is {too_long}")
         if _names_a_url(body):
             return await _refuse(send, 400, "a file given by URL is not fetched by this server; upload the image "
                                             "(gradio_client's handle_file on a local file) or give a dataset index.")
@@ -68,6 +71,21 @@ def _names_a_url(body: bytes) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
+
+
+DRAIN_BYTES = 64 << 20
+"""A refused body is read and dropped up to this many bytes before the answer, so that the client, still sending,
+reads the refusal (answered at once, it met a broken pipe); past this the connection is just closed."""
+
+
+async def _drain(receive) -> None:
+    seen, more = 0, True
+    while more and seen <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        more = message.get("more_body", False)
 
 
 async def _refuse(send, status: int, message: str) -> None:

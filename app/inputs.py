@@ -115,6 +115,19 @@ def clamp_value(value, max_act: float, what: str = "clamp value") -> tuple[float
 LINK_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+def share(value, what: str) -> float:
+    """A number from 0 to 1 (a filter's minimum MS), from a slider as sent: Gradio's own check refused None or
+    "abc" in a paragraph naming its component classes, and -1 in "Value -1 is less than minimum value 0", naming
+    no field (until 2026-12-05)."""
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not 0 <= x <= 1:  # NaN fails it too
+        raise UserError(f"the {what} {shown(value)} is not a number from 0 to 1; give one, e.g. 0.5.")
+    return x
+
+
 def link_flag(value, what: str) -> bool:
     """A yes/no field of a link (keep_error=1, sweep=0, desc=no): 1/true/yes/on or 0/false/no/off, as the app's
     yes/no settings read; UserError (one sentence) for anything else, where "maybe" read as no until 2026-12-05."""
@@ -126,7 +139,11 @@ def link_flag(value, what: str) -> bool:
 
 
 def text(value, what: str, limit: int) -> str:
-    s = "" if value is None else str(value).strip()
+    # a list or a number from an API call was searched for as its Python text ("['a red object']"), and a
+    # steer link named the question as sent while the model answered that text (until 2026-12-05)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"the {what} {shown(value)} is not text; give a string.")
+    s = "" if value is None else value.strip()
     if len(s) > limit:
         raise UserError(f"the {what} is {len(s)} characters long; keep it to {limit} at most.")
     return s

@@ -152,7 +152,10 @@ def create_app(settings: AppSettings):
         app_kwargs={"middleware": [Middleware(RequestGuard)]},  # bounded bodies, no file fetched by URL
         server_name=settings.host, server_port=settings.port, share=False, allowed_paths=allowed,
         blocked_paths=[str(bundle.root / "sae"), str(bundle.root / "manifest.json")],
-        max_file_size=settings.limits.max_bytes, show_error=True, footer_links=["api"],
+        # show_error=False: our sentences are gr.Error, shown whatever this says; True also sent Gradio's internal
+        # errors, object addresses included ("[<gradio.components.number.Number object at 0x7fc3...>]" for a call
+        # with too few values; until 2026-12-05)
+        max_file_size=settings.limits.max_bytes, show_error=False, footer_links=["api"],
         css=ui.CSS, enable_monitoring=False, mcp_server=False, ssr_mode=False,
         state_session_capacity=settings.sessions,
     )

@@ -278,10 +278,11 @@ TAB_ADDRESS_JS = """
 
 
 def as_sent(component):
-    """`component` (a gr.Number or gr.Slider) handing its events the value as sent, for the explorer's checks
-    (`inputs.integer`, `inputs.clamp_value`) to judge: Gradio's own rounded neuron 3.5 to 4 and steered it,
-    refused -1 or text in a sentence naming no field, and refused strengths beyond the slider that the
-    API bounds with a note. Its minimum and maximum still bound the browser's spinner. (Set on the
+    """`component` (a gr.Number, gr.Slider or gr.Textbox) handing its events the value as sent, for the explorer's
+    checks (`inputs.integer`, `inputs.clamp_value`, `inputs.share`, `inputs.text`) to judge: Gradio's own rounded
+    neuron 3.5 to 4 and steered it, refused -1 or text in a sentence naming no field, refused strengths beyond the
+    slider that the API bounds with a note, and made a list sent as a query its Python text ("['a red object']",
+    searched for; until 2026-12-05). Its minimum and maximum still bound the browser's spinner. (Set on the
     instance: Gradio writes a .pyi stub beside any module that subclasses a component.)"""
     component.preprocess = lambda payload: payload
     return component
@@ -840,13 +841,14 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             # ---------------------------------------------------------------- Neurons
             with gr.Tab("Neurons", id="neurons"):
                 with gr.Row():
-                    f_min_ms = gr.Slider(0, 1, value=0, step=0.01, label="minimum MS")
+                    f_min_ms = as_sent(gr.Slider(0, 1, value=0, step=0.01, label="minimum MS"))
                     by_patch = "; by patches for a latent never firing by CLS" if "patch_support" in ex.columns else ""
                     f_min_support = as_sent(gr.Number(value=ex.default_min_support, precision=0, minimum=0,
                                               label=f"minimum support (images{by_patch}; an MS over fewer is noisy)"))
                     f_level = gr.Dropdown(level_choices, value="all", label="Matryoshka level")
-                    f_label = gr.Textbox(label="label contains" + (" (label or patch_label)" if "patch_label" in ex.columns
-                                                                   else ""), max_length=inputs.MAX_QUERY_CHARS)
+                    f_label = as_sent(gr.Textbox(label="label contains" + (" (label or patch_label)" if "patch_label"
+                                                                           in ex.columns else ""),
+                                                 max_length=inputs.MAX_QUERY_CHARS))
                 with gr.Row():
                     f_sort = gr.Dropdown(list(ex.table_sorts), value="ms", label="sort by")
                     f_desc = gr.Checkbox(value=True, label="descending")
@@ -855,8 +857,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     csv_button = gr.Button("Download the filter's CSV", elem_id="neuron-table-csv")
                 csv_file = gr.File(label="neurons (CSV)", interactive=False, visible=False, elem_id="neuron-csv-file")
                 with gr.Row():
-                    text_query = gr.Textbox(label="search neurons by text (CLIP text tower + FAISS)",
-                                            placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS, elem_id="neuron-query")
+                    text_query = as_sent(gr.Textbox(label="search neurons by text (CLIP text tower + FAISS)",
+                                                    placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS,
+                                                    elem_id="neuron-query"))
                     text_button = gr.Button("Search by text")
                 with gr.Row():
                     search_image = gr.File(file_types=["image"], type="filepath", label="search neurons by image (upload)",
@@ -917,8 +920,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                             "Image search is off: this bundle has no image index (images/index.faiss) or no "
                             "embedder in its manifest; rebuild it with `python -m precompute atlas`.")
                 with gr.Row():
-                    img_query = gr.Textbox(label="search images by text (CLIP text tower + FAISS)", placeholder="a red star",
-                                           max_length=inputs.MAX_QUERY_CHARS, elem_id="image-query")
+                    img_query = as_sent(gr.Textbox(label="search images by text (CLIP text tower + FAISS)",
+                                                   placeholder="a red star", max_length=inputs.MAX_QUERY_CHARS,
+                                                   elem_id="image-query"))
                     img_text_button = gr.Button("Search by text", elem_id="image-text-search")
                 with gr.Row():
                     img_upload = gr.File(file_types=["image"], type="filepath", label="or by an uploaded image",
@@ -1009,7 +1013,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
         filter_defaults = tuple(c.value for c in filters)
 
         def filter_address(*values):
-            values = [float(v) if k == "min_ms" else v for k, v in zip(filter_keys, values)]
+            values = [(0.0 if v in (None, "") else float(v)) if k == "min_ms" else v for k, v in zip(filter_keys, values)]
             return inputs.encode_state({"tab": "neurons", **{k: v for k, v, d in zip(filter_keys, values, filter_defaults)
                                                               if v != d and not (isinstance(v, str) and v.strip() == d)}})
 

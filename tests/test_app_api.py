@@ -455,6 +455,44 @@ def test_a_request_cannot_make_the_server_fetch_a_url_or_hold_a_huge_body(explor
                                                                   "server"), (route, raw, status, said)
     assert sorted(p.name for p in explorer_app.cache.iterdir()) == before  # nothing fetched into the cache
     status, said = post("/gradio_api/call/search_neurons_by_text", json.dumps({"data": ["a" * 2_000_000]}).encode())
-    assert status == 413 and "above the 1,048,576 this server takes" in said["error"], said
+    assert status == 413 and "above the 1,048,576 bytes this server takes" in said["error"], said
     status, said = post("/gradio_api/call/neuron_json", json.dumps({"data": [3]}).encode())
     assert status == 200 and said.get("event_id"), said
+
+
+def test_a_wrong_filter_or_text_type_is_one_sentence_naming_its_field(client):
+    """A reviewer's API calls of 2026-12-05: the table's minimum MS (a slider) as None or "abc" got Gradio's paragraph
+    naming its component classes, and -1 "Value -1 is less than minimum value 0", naming no field; a list given as
+    a search's text was searched for as "['a red object']", and a steer question given as a list was answered as
+    that text while the returned link named the question. Each is one sentence naming its field now."""
+    from gradio_client.exceptions import AppError
+
+    table = dict(min_support=0, level="all", label_contains="", sort_by="ms", descending=True)
+    for bad in ("abc", -1, 2, True):
+        with pytest.raises(AppError, match=r"^the minimum MS .* is not a number from 0 to 1; give one, e\.g\. 0\.5\.$"):
+            client.predict(bad, **table, limit=5, api_name="/neuron_table")
+    rows = client.predict(0.5, **table, limit=500, api_name="/neuron_table")
+    assert rows["data"] and all(r[rows["headers"].index("ms")] >= 0.5 for r in rows["data"])
+    for api, args in (("/search_images_by_text", (["a red object"],)), ("/search_neurons_by_text", ({"a": 1},))):
+        with pytest.raises(AppError, match=r"^the query .* is not text; give a string\.$"):
+            client.predict(*args, api_name=api)
+
+
+def test_a_call_with_too_few_values_shows_no_internals(explorer_app):
+    """Over plain HTTP, `{"data": []}` to /neuron_page answered Gradio's internal error, the handler's components
+    listed by their Python object addresses (show_error=True; until 2026-12-05). Our own sentences still come."""
+    import json
+    import urllib.request
+
+    def call(name, data):
+        request = urllib.request.Request(f"{explorer_app.url}/gradio_api/call/{name}", method="POST",
+                                         data=json.dumps({"data": data}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            event = json.loads(r.read())["event_id"]
+        with urllib.request.urlopen(f"{explorer_app.url}/gradio_api/call/{name}/{event}", timeout=60) as r:
+            return r.read().decode()
+
+    assert "object at 0x" not in call("neuron_page", []) and "event: error" in call("neuron_page", [])
+    said = call("neuron_json", ["abc"])
+    assert "event: error" in said and "neuron id" in said and "is not" in said, said
