@@ -73,8 +73,7 @@ def _num(x, digits: int = 3):
 
 def _significant(x, figures: int):
     """`_num` to significant figures, for figures as small as 1e-6 (a frequency over a million images)."""
-    x = _num(x, 99)
-    return None if x is None else float(f"{x:.{figures}g}") + 0.0
+    return None if x is None or not math.isfinite(float(x)) else float(f"{float(x):.{figures}g}") + 0.0
 
 
 def _comparable(text) -> str:

@@ -177,13 +177,14 @@ def scan_checkpoint_path(out: Path) -> Path:
 def stage_info(out: Path, name: str) -> dict | None:
     """What stage `name` recorded when it finished, or None: not finished, or its marker cannot be read
     (damaged by hand or by the disk: the stage runs again rather than the command ending in a traceback)."""
-    return _read_json(_stage_path(out, name))
+    return read_json_dict(_stage_path(out, name))
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_dict(path: Path) -> dict | None:
+    """The JSON object at `path`, or None where it is missing, unreadable or no object."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -214,7 +215,7 @@ def _readable(out: Path, name: str) -> bool:
         elif path.suffix == ".npy":
             np.load(path, mmap_mode="r", allow_pickle=False)  # a truncated file fails here: its header or mmap
         elif path.suffix == ".json":
-            return _read_json(path) is not None
+            return read_json_dict(path) is not None
         return path.exists()
     except (OSError, ValueError, RuntimeError, UserError):  # RuntimeError: faiss's, for a damaged index
         return False
@@ -266,7 +267,7 @@ def hold_settings(out: Path, name: str, settings: dict, built: bool, recorded=No
     path = out / name
     new = json.loads(json.dumps(settings))
     if path.is_file() and built:
-        old = _read_json(path)
+        old = read_json_dict(path)
         if old is None:
             raise UserError(f"{path} cannot be read, so the settings {out} was built with are unknown; pass a new "
                             f"--out, or delete {out} to build there from the start.")
@@ -366,7 +367,7 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
     if stage_info(out, "scan") is not None:  # a kill between the scan's mark and this removal left it for good
         scan_checkpoint_path(out).unlink(missing_ok=True)  # (until 2026-12-05: ~4 GB at the paper's size)
-    manifest = _read_json(out / B.MANIFEST)
+    manifest = read_json_dict(out / B.MANIFEST)
     if manifest is not None and all(stage_info(out, s) is not None for s in STAGES):  # geometry's is {}
         if progress:
             for s in STAGES:

@@ -59,18 +59,13 @@ def settings_before_they_were_recorded(work: Path) -> dict:
     extraction's and its SAE's own records tell (seed, tokens, SAE shape and schedule; not the number of training
     images, which a world's smaller train split caps): until then such a folder took a resume with another --seed
     or --preset as its own, and recorded the new settings over it."""
-    def record(path: Path) -> dict:
-        try:
-            found = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError):
-            return {}
-        return found if isinstance(found, dict) else {}
+    from .atlas import read_json_dict
 
     found = {}
-    identity = record(work / "acts" / "extract.json").get("identity")
+    identity = (read_json_dict(work / "acts" / "extract.json") or {}).get("identity")
     if isinstance(identity, dict):
         found.update(seed=identity.get("seed"), tokens=identity.get("tokens"))
-    sae = record(work / "sae" / "config.json")
+    sae = read_json_dict(work / "sae" / "config.json") or {}
     training = sae.get("training") if isinstance(sae.get("training"), dict) else {}
     if sae:
         groups = sae.get("group_sizes")
