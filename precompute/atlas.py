@@ -20,6 +20,7 @@ the same --out are refused):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -251,6 +252,14 @@ def _check_identity(out: Path, identity: dict, recorded=None) -> None:
     hold_settings(out, f"{STAGE_DIR}/settings.json", identity, built, recorded)
 
 
+def _sae_file_digest(sae: str) -> str | None:
+    """`files_digest` of the SAE's weights file (an SAE retrained in place is another SAE); None for a hub SAE."""
+    from sae_core.checkpoint import weights_file
+    from sae_core.datasets import files_digest
+
+    return None if sae.startswith("hf:") else files_digest([weights_file(sae)])
+
+
 def covering_limit(limit, dataset_size) -> int | None:
     """--limit as the build it makes: None when it leaves every image (`dataset_size()`, only called then), so
     that `--limit 5000` on 2,000 images and no --limit are one build."""
@@ -343,7 +352,9 @@ def _forget_unbuilt(out: Path) -> None:
 
 def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
     """build_atlas's writing half: the stages not done yet, then the manifest (the caller holds out's lock)."""
-    from sae_core.datasets import absolute_spec, images_changed, items_digest
+    from sae_core.datasets import (absolute_spec, files_changed, image_files_digest, images_changed, items_digest,
+                                   model_files_digest)
+    from sae_core.labels import file_concepts
 
     def dataset_size():  # listed once per run (the digest below needs it: 1.28 M files for ImageNet's train split)
         return len(job.opened_dataset)
@@ -361,9 +372,24 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
                **{k: absolute_spec(old[k]) for k in ("dataset", "model", "embedder") if isinstance(old.get(k), str)}}
         if old["items_sha256"] != digest and (old["limit"], old.get("dataset")) == (job.limit, job.dataset):
             raise images_changed(out, job.dataset, n, "build")  # (another limit or dataset: reported as that)
+        # the same specs and names, other files under them: until 2026-12-05 a finished bundle was kept, and a
+        # killed one finished with the new SAE's decoder figures beside the old SAE's galleries, in silence
+        old = {**files, **old}  # (recorded before the night of 2026-12-05: taken as these)
+        for key, (spec_key, what) in changed_what.items():
+            if old[key] != files[key] and old.get(spec_key) == job.identity()[spec_key]:
+                raise files_changed(out, what, "build")
         return old
 
-    _check_identity(out, {**job.identity(), "items_sha256": digest}, recorded)
+    files = {"images_files": image_files_digest(job.opened_dataset, n), "model_files": model_files_digest(job.model),
+             "embedder_files": job.embedder and model_files_digest(job.embedder), "sae_file": _sae_file_digest(job.sae),
+             "vocabulary_sha256": job.vocabulary and hashlib.sha256(
+                 json.dumps(file_concepts(job.vocabulary)).encode()).hexdigest()}
+    changed_what = {"images_files": ("dataset", f"the first {n:,} images of {job.dataset}"),
+                    "model_files": ("model", f"the weights of {job.model}"),
+                    "embedder_files": ("embedder", f"the weights of {job.embedder}"),
+                    "sae_file": ("sae", f"the SAE's weights in {job.sae}"),
+                    "vocabulary_sha256": ("vocabulary", f"the concepts of {job.vocabulary}")}
+    _check_identity(out, {**job.identity(), "items_sha256": digest, **files}, recorded)
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
     if stage_info(out, "scan") is not None:  # a kill between the scan's mark and this removal left it for good
         scan_checkpoint_path(out).unlink(missing_ok=True)  # (until 2026-12-05: ~4 GB at the paper's size)

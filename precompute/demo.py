@@ -94,6 +94,25 @@ def _sub_args(module, argv: list[str]) -> argparse.Namespace:
     return parse([name, *argv])
 
 
+def _hold_world_files(out: Path, world: Path) -> None:
+    """Refuse to go on with a world whose world.json or models were rewritten since `out` recorded them (its
+    activations, SAE and bundle are of the old one: until 2026-12-05 a rerun kept them in silence, and a run killed
+    before its atlas mixed the old SAE with the new LLaVA); record them on the first run that has the world."""
+    from sae_core import bundle as B
+    from sae_core.datasets import files_changed, files_digest, model_files_digest
+
+    from .atlas import read_json_dict
+
+    now = {"world.json": files_digest([world / "world.json"]), "clip": model_files_digest(f"world:{world}"),
+           "llava": model_files_digest(f"world:{world}:llava")}
+    record = out / ".work" / "world_files.json"
+    then = read_json_dict(record) if record.is_file() else None
+    if then is not None and {k: then.get(k) for k in now} != now:
+        raise files_changed(out, f"the world in {world} (its world.json or models)", "build")
+    if then != now:
+        B.write_json(out, ".work/world_files.json", now)
+
+
 def run(args) -> int:
     import torch
 
@@ -144,6 +163,7 @@ def run(args) -> int:
                     world_cmd.run(argparse.Namespace(out=str(world), preset=preset.world, seed=args.seed,
                                                      threads=args.threads))
             built_world = built_here.is_file()
+            _hold_world_files(out, world)
             wmeta = json.loads((world / "world.json").read_text())
 
             # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2

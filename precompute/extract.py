@@ -13,6 +13,7 @@ stopped (even with another number of processes). Manifests are written last, aft
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -173,7 +174,7 @@ def _auto_shard_images(n: int, batch: int, world_size: int, shard_bytes: int, im
 def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, width: int, is_main: bool,
           world_size: int = 1) -> dict:
     """Create or check OUT/extract.json (rank 0), so a resumed run continues the same shard grid."""
-    from sae_core.datasets import absolute_spec, images_changed
+    from sae_core.datasets import absolute_spec, files_changed, images_changed
 
     run_file = out / RUN_FILE
     if is_main:
@@ -185,10 +186,16 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             old = {**old, **{k: absolute_spec(old[k]) for k in ("model", "dataset") if isinstance(old.get(k), str)}}
             # plans before the evening of 2026-12-05 did not record which images: taken as these; another dataset
             # or number of images is reported as that setting
-            old.setdefault("items_sha256", identity["items_sha256"])
+            for key in ("items_sha256", "images_files", "model_files"):  # and before the night of 12-05, whose files
+                old.setdefault(key, identity[key])
             same_images = all(old.get(k) == identity[k] for k in ("dataset", "n_images"))
             if old["items_sha256"] != identity["items_sha256"] and same_images:
                 raise images_changed(out, cfg.dataset, identity["n_images"], "extract")
+            # the same names and spec, other files under them (until 2026-12-05 the old shards were kept in silence)
+            if old["images_files"] != identity["images_files"] and same_images:
+                raise files_changed(out, f"the first {identity['n_images']:,} images of {cfg.dataset}", "extract")
+            if old["model_files"] != identity["model_files"] and old.get("model") == identity["model"]:
+                raise files_changed(out, f"the weights of {cfg.model}", "extract")
             differs = first_difference({k: old.get(k) for k in identity}, identity)
             if differs:
                 raise UserError(f"{out} holds an extraction with other settings ({differs}); pass the same options "
@@ -220,7 +227,7 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
     import torch
 
     from sae_core.adapters import TokenSpec, load_adapter, parse_layers, select_tokens
-    from sae_core.datasets import first_images_warning, items_digest, open_dataset
+    from sae_core.datasets import first_images_warning, image_files_digest, items_digest, model_files_digest, open_dataset
     from sae_core.distributed import barrier, finish_distributed, init_distributed, local_device
     from sae_core.precision import resolve_device, warn_if_slow_half
     from sae_core.progress import progress_bar
@@ -259,7 +266,8 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
             print(warning, file=sys.stderr)
         identity = {"model": cfg.model, "dataset": cfg.dataset, "layers": names, "tokens": str(token_spec),
                     "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision,
-                    "items_sha256": items_digest(ds, n_images)}
+                    "items_sha256": items_digest(ds, n_images), "images_files": image_files_digest(ds, n_images),
+                    "model_files": model_files_digest(cfg.model)}
         rows_per = max(1 if lay.kind == "embed" else token_spec.rows_per_image(adapter.layout) for lay in layers)
         out = Path(cfg.out)
         plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main, info.world_size)
@@ -379,7 +387,7 @@ def _to_storage(rows, dtype: str, layer: str, precision: str) -> np.ndarray:
 
 
 def _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, width):
-    rows = {}
+    rows, digests = {}, {}
     for lay in layers:
         parts = buf[lay.name]
         if parts:
@@ -391,9 +399,12 @@ def _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, wid
         save_npy_atomic(d / f"{k:05d}.index.npy", index)
         save_npy_atomic(d / f"{k:05d}.npy", acts)
         rows[lay.name] = int(len(acts))
+        # what training tells one store from another by (ActivationStore.identity): hashed here, from memory
+        digests[lay.name] = hashlib.sha256(np.ascontiguousarray(acts).data).hexdigest()
     # The marker goes last: a shard is done only when every layer's files are in place.
     write_json_atomic(progress / f"{k:05d}.json", {
-        "shard": k, "images": [k * S, min((k + 1) * S, n_images)], "rows": rows, "skipped": skipped,
+        "shard": k, "images": [k * S, min((k + 1) * S, n_images)], "rows": rows, "sha256": digests,
+        "skipped": skipped,
     })
 
 
@@ -411,12 +422,14 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
         # their shards marked done, a rerun after the data was mended read nothing and said the same again
         for k in range(plan["n_shards"]):
             (out / "progress" / f"{k:05d}.json").unlink(missing_ok=True)
+        (out / RUN_FILE).unlink()  # and the plan: it holds the files as they were, and the rerun reads them mended
         raise UserError(f"none of the {n_images} images of {cfg.dataset} could be read (first: {skipped[0]['error']}); "
                         "check the dataset, then run the same command again (it reads them all again).")
     model = adapter.describe()
     for lay in layers:
         shards = [{"path": f"shards/{m['shard']:05d}.npy", "index": f"shards/{m['shard']:05d}.index.npy",
-                   "rows": m["rows"][lay.name], "images": m["images"]}
+                   "rows": m["rows"][lay.name], "images": m["images"],
+                   **({"sha256": m["sha256"][lay.name]} if "sha256" in m else {})}  # (markers before 2026-12-05: none)
                   for m in markers if m["rows"][lay.name] > 0]
         d = adapter.embed_dim if lay.kind == "embed" else adapter.width
         manifest = {

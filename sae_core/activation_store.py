@@ -161,17 +161,23 @@ class ActivationStore:
 
     def identity(self) -> dict:
         """What tells these rows from other rows of the same shape (a training checkpoint is only resumed on
-        them): width, dtype, what the extraction recorded, and a digest of the first, middle and last rows.
-        No path, so a moved or copied store is still the same data."""
+        them): width, dtype, what the extraction recorded, a digest of the first, middle and last rows, and of
+        every row (`content`) where the manifest lists each shard's sha256. No path, so a moved or copied store
+        is still the same data."""
         import hashlib
 
         n = len(self)
         sample = self.take(np.array(sorted({0, n // 2, n - 1}), dtype=np.int64)) if n else np.zeros((0, self.d))
         spec = lambda v: v.get("spec") if isinstance(v, dict) else v  # noqa: E731
-        return {"rows": n, "d": self.d, "dtype": str(self.dtype), "layer": self.layer,
-                "tokens": self.manifest.get("tokens"), "model": spec(self.model),
-                "dataset": spec(self.manifest.get("dataset")),
-                "sample": hashlib.sha1(np.ascontiguousarray(sample).tobytes()).hexdigest()[:16]}
+        identity = {"rows": n, "d": self.d, "dtype": str(self.dtype), "layer": self.layer,
+                    "tokens": self.manifest.get("tokens"), "model": spec(self.model),
+                    "dataset": spec(self.manifest.get("dataset")),
+                    "sample": hashlib.sha1(np.ascontiguousarray(sample).tobytes()).hexdigest()[:16]}
+        digests = [s.get("sha256") for s in self.manifest.get("shards", [{}])]
+        if all(isinstance(d, str) for d in digests):  # every row, where the extraction hashed its shards (since
+            # 2026-12-05: stores that differed in one image's rows had one identity, and training took one for the other)
+            identity["content"] = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+        return identity
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Contiguous rows [start, stop) as one array (copied out of the memory maps); negative or too large bounds

@@ -265,20 +265,82 @@ def absolute_spec(spec: str) -> str:
     the same files from any folder; hub ids, tags, `imagenet`/`inat` and paths that do not exist here as given.
     Until 2026-12-05 a relative path was recorded as typed, and the explorer, started in another folder, read
     another ./clip in silence, or took the path for a hub id."""
+    parts = _spec_path(spec)
+    if parts is None:
+        return spec
+    head, path, tail = parts
+    return f"{head}{_absolute_path(path)}{tail}"
+
+
+def _spec_path(spec: str) -> tuple[str, str, str] | None:
+    """(what comes before, the path, what comes after) of a spec that names a local path, else None (hub ids,
+    open_clip tags, `imagenet`)."""
     kind, _, rest = spec.partition(":")
     if kind in ("imagefolder", "files", "hf", "llava"):
-        return f"{kind}:{_absolute_path(rest)}"
+        return f"{kind}:", rest, ""
     if kind == "world":  # world:DIR[:SPLIT] and world:DIR[:clip|:llava]
         head, sep, tail = rest.rpartition(":")
-        root, part = (head, sep + tail) if sep and tail in WORLD_SPLITS + WORLD_MODELS else (rest, "")
-        return f"world:{_absolute_path(root)}{part}"
+        return ("world:", head, sep + tail) if sep and tail in WORLD_SPLITS + WORLD_MODELS else ("world:", rest, "")
     if kind == "open_clip" and rest.startswith("local-dir:"):
-        return f"open_clip:local-dir:{_absolute_path(rest[len('local-dir:'):])}"
+        return "open_clip:local-dir:", rest[len("local-dir:"):], ""
     if kind == "open_clip" and not rest.startswith("hf-hub:"):  # NAME/PRETRAINED: a tag, or a checkpoint file
         name, sep, pretrained = rest.partition("/")
         if "/" in pretrained or Path(pretrained).suffix or _untagged_file(name, pretrained):
-            return f"open_clip:{name}{sep}{_absolute_path(pretrained)}"
-    return spec
+            return f"open_clip:{name}{sep}", pretrained, ""
+    return None
+
+
+def files_digest(files) -> str:
+    """sha256 of the name, size and mtime_ns of each (name, path) in `files` (or of each path, named as given):
+    changes when a file is rewritten, added or removed, at the cost of one stat each (what `make` trusts; a copy
+    that keeps no times counts as new)."""
+    h = hashlib.sha256()
+    for f in files:
+        name, path = f if isinstance(f, tuple) else (f, f)
+        try:
+            st = os.stat(path)
+            h.update(os.fsencode(name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(os.fsencode(name) + b"\0missing\n")
+    return h.hexdigest()
+
+
+def model_files_digest(spec: str) -> str | None:
+    """`files_digest` of the local files a model spec loads (a model folder's, recursively; a checkpoint file), so a
+    run resumed under the same spec can tell other weights saved there since (a world rebuilt, a model folder
+    overwritten: until 2026-12-05 the old activations, SAE and bundle were kept in silence); None for hub ids and
+    tags, whose files the hub's cache keeps by revision."""
+    parts = _spec_path(spec)
+    if parts is None:
+        return None
+    head, path, tail = parts
+    local = Path(os.path.expandvars(os.path.expanduser(path)))
+    if head == "world:":  # world:DIR is its CLIP (the embedder), world:DIR:llava its LLaVA
+        local = local / (tail[1:] if tail[1:] in WORLD_MODELS else "clip")
+    if local.is_file():
+        return files_digest([local])
+    if not local.is_dir():
+        return None
+    return files_digest(sorted((str(p.relative_to(local)), p) for p in local.rglob("*") if p.is_file()))
+
+
+def image_files_digest(ds, n: int) -> str | None:
+    """`files_digest` of the first `n` images' files of a folder or file list (an image rewritten under its own name
+    is another image, which `items_digest` cannot see), the world.json a world's images are rendered from; None for
+    datasets of neither kind."""
+    if isinstance(ds, FileListDataset):
+        root = Path(ds.root)
+        return files_digest((item, root / item) for item in ds.paths[:n])
+    if isinstance(ds, WorldImages):
+        return files_digest([("world.json", Path(ds.root, "world.json"))])
+    return None
+
+
+def files_changed(out, what: str, verb: str) -> UserError:
+    """The refusal to resume `out` where the files `what` names were rewritten since it was started (their size or
+    modification time; `files_digest`)."""
+    return UserError(f"{out} was made from other files: {what} changed since (a file's size or modification "
+                     f"time); pass a new --out, or delete {out} to {verb} there from the start.")
 
 
 def _untagged_file(name: str, pretrained: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .datasets import FileListDataset, WorldImages, open_dataset
+from .datasets import FileListDataset, WorldImages, image_files_digest, open_dataset
 from .errors import UserError
 
 FIELDS = ("ids", "raw", "codes", "recon_mean", "recon_max", "resid_max")
@@ -171,20 +171,8 @@ def dataset_fingerprint(ds, n: int | None = None) -> str:
     list (identity) and the path, size and mtime_ns of each of the first n files (one stat each, so a
     large folder costs the images used); a world hashes its world.json (the images are rendered from it)."""
     n = len(ds) if n is None else min(int(n), len(ds))
-    h = hashlib.sha256(f"{dataset_identity(ds)}\0{n}".encode())
-    if isinstance(ds, WorldImages):
-        h.update(Path(ds.root, "world.json").read_bytes())
-    elif isinstance(ds, FileListDataset):
-        root = Path(ds.root)
-        for item in ds.paths[:n]:
-            try:
-                st = os.stat(root / item)
-                h.update(f"{item}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{item}\0missing\n".encode())
-    else:
-        h.update(f"{ds.spec}\0{len(ds)}".encode())
-    return h.hexdigest()[:32]
+    files = image_files_digest(ds, n) or f"{ds.spec}\0{len(ds)}"
+    return hashlib.sha256(f"{dataset_identity(ds)}\0{n}\0{files}".encode()).hexdigest()[:32]
 
 
 def cache_file(source: FeatureSource, ds, cache_dir: str | Path) -> Path:

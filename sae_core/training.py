@@ -184,6 +184,9 @@ class _Checkpoint:
 
 def run_difference(then: dict, now: dict) -> str | None:
     """The first setting in which two run configs differ, as "NAME: THEN there, NOW now", or None."""
+    if isinstance(then.get("data"), dict) and isinstance(now.get("data"), dict):
+        # a run recorded before the data's identity held a field (`content`, 2026-12-05) is held to the rest
+        now = {**now, "data": {k: v for k, v in now["data"].items() if k in then["data"]}}
     found = first_difference(then, now)
     # the data's identity is a digest: say first that it is the activations that differ
     return f"other activations, {found}" if found and found.startswith("data.") else found

@@ -1393,6 +1393,65 @@ def test_a_rerun_on_another_list_of_images_is_refused(tiny_bundle, tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
 
 
+def test_a_rerun_after_the_sae_the_vocabulary_or_an_image_was_rewritten_is_refused(tiny_bundle, tmp_path):
+    """An SAE retrained into its own folder, a --vocabulary file rewritten, or an image saved again under its own
+    name, and the rerun kept the finished bundle (MS up to 0.62 off, 230 of 256 labels words no longer in the file),
+    or finished a killed one with the new SAE's decoder figures beside the old SAE's galleries, each in silence
+    (until 2026-12-05). A rerun is held to the SAE file's and the images' size and modification time, and to the
+    vocabulary's concepts (the same concepts, written again, still resume)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from precompute.atlas import AtlasJob, build_atlas
+    from sae_core.bundle import open_bundle
+    from sae_core.datasets import open_dataset
+    from sae_core.errors import UserError
+
+    torch.set_num_threads(1)
+    m = open_bundle(tiny_bundle).manifest
+    world = open_dataset(m["dataset"]["spec"])
+    folder, sae, words = tmp_path / "photos", tmp_path / "sae", tmp_path / "words.txt"
+    folder.mkdir()
+    for j in range(5):
+        world[j].save(folder / f"{j}.png")
+    shutil.copytree(tiny_bundle / "sae", sae)
+    words.write_text("red\nblue\nstar\n")
+    out = tmp_path / "b"
+    job = dict(sae=str(sae), dataset=f"imagefolder:{folder}", model=m["model"]["spec"], layer="-2",
+               embedder=m["embedder"]["spec"], out=str(out), topk=2, batch_size=8, vocabulary=str(words))
+    built = build_atlas(AtlasJob(**job))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def refused(what):
+        with pytest.raises(UserError) as e:
+            build_atlas(AtlasJob(**job))
+        assert str(e.value) == (f"{out} was made from other files: {what} changed since (a file's size or modification "
+                                f"time); pass a new --out, or delete {out} to build there from the start.")
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    words.write_text("  red\nblue\n\nstar\n")  # the same concepts: resumes
+    assert build_atlas(AtlasJob(**job)) == built
+    words.write_text("green\nsquare\n")
+    refused(f"the concepts of {words}")
+    words.write_text("red\nblue\nstar\n")
+    weights_path = sae / "sae.safetensors"
+    weights = load_file(weights_path)
+    mtime = weights_path.stat().st_mtime_ns
+    save_file({k: v * 1.5 if k == "W_enc" else v for k, v in weights.items()}, weights_path)
+    os.utime(weights_path, ns=(mtime + 10**9, mtime + 10**9))  # (a file system that keeps whole seconds)
+    refused(f"the SAE's weights in {sae}")
+    shutil.rmtree(sae)
+    shutil.copytree(tiny_bundle / "sae", sae)  # copytree keeps the files' times: its own SAE again
+    stat = (folder / "2.png").stat()
+    world[7].save(folder / "2.png")
+    os.utime(folder / "2.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    refused(f"the first 5 images of imagefolder:{folder}")
+    world[2].save(folder / "2.png")
+    os.utime(folder / "2.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert build_atlas(AtlasJob(**job)) == built
+
+
 def test_relative_paths_in_specs_are_recorded_absolute_and_resume(tiny_bundle, tiny_world, tmp_path, monkeypatch):
     """`atlas --model hf:clip --dataset imagefolder:data` recorded both (and the embedder) as typed, and the
     explorer, started in a folder holding another ./clip, ranked text searches by that model in silence (elsewhere

@@ -1,6 +1,7 @@
 """Counts and shares on the command line: a value no command can use ends in one line (exit 2), without
 argparse's usage block, before anything runs. Most of these ran before, and crashed, ran forever or gave an
 empty result."""
+import os
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,34 @@ def test_a_demo_resumed_with_other_settings_is_refused(tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out
     assert (f"resume   python -m precompute crossmodal --world /w --out {cm} --preset tiny --lm-layer 2 --threshold 0.6 "
             "--seed 3") in printed and "left     rows, train, atlas: scan" in printed
+
+
+def test_a_demo_on_a_world_rewritten_since_is_refused(tiny_world, tmp_path, monkeypatch, capsys):
+    """`demo --world W` after W was built again (other models, other images) kept its activations, SAE and bundle
+    and printed the old figures, exit 0; killed before its atlas, it would have put the old SAE under the new LLaVA
+    (a reviewer's run: 1,713 of 1,736 files off a fresh build; until 2026-12-05). The first run that has the world
+    records its world.json's and models' files, and a rerun is held to them."""
+    import shutil
+
+    import precompute.extract as extract_cmd
+    from sae_core.errors import UserError
+
+    def killed(args):
+        raise UserError("killed in extract")
+    monkeypatch.setattr(extract_cmd, "run", killed)
+    world, out = tmp_path / "world", tmp_path / "bundle"
+    shutil.copytree(tiny_world, world)
+    argv = ["demo", "--out", str(out), "--preset", "tiny", "--world", str(world), "--quiet"]
+    assert main(argv) == 2 and "killed in extract" in capsys.readouterr().err
+    assert main(argv) == 2 and "killed in extract" in capsys.readouterr().err  # the same world: resumes
+    weights = world / "llava" / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # saved again a second later
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {out} was made from other files: the world in {world} (its world.json or models) changed since (a "
+        f"file's size or modification time); pass a new --out, or delete {out} to build there from the start.")
+    assert not (out / ".work" / "acts").exists()
 
 
 def test_every_option_is_explained_with_its_default():

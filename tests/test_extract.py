@@ -236,6 +236,51 @@ def test_a_resume_on_another_list_of_images_is_refused(tmp_path, capsys):
     assert main(cmd) == 0 and _store_bytes(out) == kept
 
 
+def test_a_resume_after_an_image_or_the_weights_were_rewritten_is_refused(tmp_path, capsys):
+    """An image rewritten under its own name, or other weights saved into the --model folder, and the rerun kept the
+    old shards and said "wrote" (a reviewer's runs: 1,088 of 69,632 values, and all 5 shards, off a fresh extraction;
+    until 2026-12-05). A resume is held to each file's size and modification time, for the images and the model; and
+    each shard's sha256, which the manifest now lists, is that of the array the shard file holds."""
+    import hashlib
+    import shutil
+
+    from precompute.__main__ import main
+
+    images = sorted(p for p in H.image_dir(10).rglob("*") if p.is_file())
+    folder, model = tmp_path / "photos", tmp_path / "clip"
+    folder.mkdir()
+    for j, p in enumerate(images[:3]):
+        shutil.copy(p, folder / f"{j}{p.suffix}")
+    shutil.copytree(H.clip_vision_dir(), model)
+    out = tmp_path / "o"
+    cmd = ["extract", "--model", f"hf:{model}", "--dataset", f"imagefolder:{folder}", "--out", str(out), "--layer", "0"]
+    assert main(cmd) == 0
+    kept = _store_bytes(out)
+    manifest = json.loads((out / "layer_0" / "manifest.json").read_text())
+    assert [s["sha256"] for s in manifest["shards"]] == [
+        hashlib.sha256(np.load(out / "layer_0" / s["path"]).tobytes()).hexdigest() for s in manifest["shards"]]
+
+    def refused(what):
+        capsys.readouterr()
+        assert main(cmd) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {out} was made from other files: {what} changed since (a file's size or modification time); pass "
+            f"a new --out, or delete {out} to extract there from the start.")
+        assert _store_bytes(out) == kept
+
+    first = folder / f"0{images[0].suffix}"
+    own, stat = first.read_bytes(), first.stat()
+    first.write_bytes(images[5].read_bytes())  # another picture under the same name
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    refused(f"the first 3 images of imagefolder:{folder}")
+    first.write_bytes(own)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its own file back, as it was: resumes
+    assert main(cmd) == 0 and _store_bytes(out) == kept
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved again
+    refused(f"the weights of hf:{model}")
+
+
 def test_a_run_that_read_no_image_reads_them_again_once_mended(tmp_path, capsys):
     """All images unreadable: refused, and the rerun after the files were mended read nothing (their shards
     were marked done) and was refused again. The progress bar's skipped count is the run's, not the shard's."""

@@ -461,6 +461,39 @@ def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_se
     assert exit_.value.code == 2 and "--eval-rows" in capsys.readouterr().err
 
 
+def test_a_store_that_differs_in_one_row_is_other_data(tmp_path, capsys):
+    """Two extractions that differed in one image's rows had one identity (a digest of the first, middle and last
+    rows), so a finished SAE said "nothing to do" on the other, and a checkpoint resumed on it (until 2026-12-05).
+    A store whose manifest lists each shard's sha256 (as extract writes it) is told by every row; a run recorded
+    before that field is held to the rest, so it still resumes on its own store."""
+    import hashlib
+
+    x = np.random.default_rng(3).standard_normal((3000, 16)).astype(np.float32)
+
+    def store(name, rows):
+        folder = tmp_path / name
+        folder.mkdir()
+        shards = []
+        for j, part in enumerate(np.array_split(rows, 2)):
+            np.save(folder / f"{j}.npy", part)
+            shards.append({"path": f"{j}.npy", "rows": len(part), "sha256": hashlib.sha256(part.tobytes()).hexdigest()})
+        (folder / "manifest.json").write_text(json.dumps({"d": 16, "dtype": "float32", "shards": shards}))
+        return folder
+
+    edited = x.copy()
+    edited[700, 3] += 1.0  # neither the first, the middle nor the last row
+    a, b = store("a", x), store("b", edited)
+    done = _small_args(a, tmp_path / "done", 2)
+    assert precompute_main(done) == 0
+    capsys.readouterr()
+    assert precompute_main(_small_args(b, tmp_path / "done", 2)) == 2
+    assert "already holds a finished SAE trained otherwise (other activations, data.content:" in capsys.readouterr().err
+    config = json.loads((tmp_path / "done" / "config.json").read_text())
+    del config["training"]["data"]["content"]  # as a run of before 2026-12-05 recorded it
+    (tmp_path / "done" / "config.json").write_text(json.dumps(config))
+    assert precompute_main(done) == 0 and "nothing to do" in capsys.readouterr().out
+
+
 def test_undefined_held_out_metrics_are_null_in_valid_json(tmp_path, capsys):
     """Held-out rows without variance make FVU undefined: metrics.json held a bare NaN, which is not JSON
     (strict parsers, such as a browser's, refuse the whole file)."""
