@@ -45,10 +45,41 @@ class TreeFigure(NamedTuple):
     """For a subtree: its root's ancestors, the tree's root first (empty otherwise)."""
 
 
+HOVER_LABEL = {"bgcolor": "white", "bordercolor": "#888", "font": {"color": "#222"}}
+"""Every figure's hover box: plotly's own takes the trace's colour, and its white or #444 text on the mid
+colours (#636efa, #ab63fa, Viridis greens) was 2.7-4.1:1, below WCAG's 4.5:1 (a reviewer's measurement)."""
+
+
 def _layout(fig, title: str, height: int = 360):
     fig.update_layout(title=title, height=height, margin=dict(l=50, r=20, t=50, b=45), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      hoverlabel=HOVER_LABEL)
     return fig
+
+
+def readable_text_colours(values, colorscale: str = "Viridis", cmin: float = 0.0, cmax: float = 1.0) -> list[str]:
+    """Black or white, whichever contrasts more (WCAG 2 relative luminance) with each value's colour on the
+    colour scale; white where a value is NaN (plotly fills that cell #444). Plotly's own choice put white on
+    the mid greens, 2.9:1 (211 of the demo tree's 256 labels were below 4.5:1)."""
+    from plotly.colors import sample_colorscale, unlabel_rgb
+
+    def luminance(rgb) -> float:
+        c = np.asarray(rgb, np.float64) / 255
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return float(c @ [0.2126, 0.7152, 0.0722])
+
+    v = np.asarray(values, np.float64)
+    finite = np.isfinite(v)
+    at = np.clip((v[finite] - cmin) / (cmax - cmin), 0, 1)
+    colours = iter(sample_colorscale(colorscale, at.tolist()) if finite.any() else [])
+    out = []
+    for ok in finite:
+        if not ok:
+            out.append("white")
+            continue
+        L = luminance(unlabel_rgb(next(colours)))
+        out.append("black" if (L + 0.05) / 0.05 >= 1.05 / (L + 0.05) else "white")
+    return out
 
 
 def plot_text(text) -> str:
@@ -99,7 +130,8 @@ def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.nda
             # the note goes under the x axis: inside the axes it covered the bars below 768 px, and the cut bar
             # itself where that stood at the right (until 2026-12-05); a long set name takes two lines on a phone
             note = f"{name}: {top:.0f}% at MS {at:.3f}-{at + MS_BIN:.3f} (bar cut)"
-            note = note if len(note) <= 48 else note.replace(" at MS", "<br>at MS")
+            # (a 45-character note was cut by 18-63 px at 320-412 px wide: the phone's plot holds about 36)
+            note = note if len(note) <= 36 else note.replace(" at MS", "<br>at MS")
             fig.add_annotation(text=note, xref="paper", yref="paper", x=0.5, y=0, yshift=-42, yanchor="top",
                                showarrow=False, font=dict(size=11))
             return _layout(fig, "MS distribution").update_layout(margin_b=62 + 14 * note.count("<br>"))
@@ -132,12 +164,13 @@ def ms_frequency_scatter(columns: dict):
                 text=[f"#{k} {plot_text(lab)}" for k, lab in zip(sel, columns["label"][sel])],
                 marker=dict(size=6, opacity=0.7, **marker),
                 hovertemplate="%{text}<br>frequency %{x:.3g}<br>MS %{y:.3f}<extra></extra>")
-    fig.update_layout(xaxis_type="log", xaxis_title="firing frequency (fraction of images)",
+    # two lines: on one, a 320 px window cut it by 18-19 px at both ends
+    fig.update_layout(xaxis_type="log", xaxis_title="firing frequency<br>(fraction of images)",
                       yaxis_title="Monosemanticity Score", clickmode="event")
     # short: plotly does not wrap a title, and a phone cut this one at both ends (the page's label says what a
     # click does); a sample says so all the same (it showed 20,000 of 63,064 latents as if they were all)
     sample = f": a sample of {len(ids):,} of {scored:,}" if len(ids) < scored else ""
-    fig = _layout(fig, f"MS versus firing frequency{sample}", height=420)
+    fig = _layout(fig, f"MS versus firing frequency{sample}", height=420).update_layout(margin_b=62)
     # six or more entries wrap a horizontal legend into the title: a column on the right instead
     return fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02))
 
@@ -184,7 +217,7 @@ def activation_histogram(counts: np.ndarray, edges: np.ndarray, k: int, score: s
     grid = "#e5e5e5"
     two = len(data) > 1
     # short, as the scatter's (the page's label says which images it counts)
-    layout = {"title": {"text": f"Neuron {k}: activations"}, "height": 300,
+    layout = {"title": {"text": f"Neuron {k}: activations"}, "height": 300, "hoverlabel": HOVER_LABEL,
               "bargap": 0, "barmode": "overlay", "margin": {"l": 50, "r": 20, "t": 50, "b": 45},
               "plot_bgcolor": "white", "showlegend": two,
               "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
@@ -283,8 +316,9 @@ def hierarchy_figure(nodes: list[dict], kind: str = "sunburst", patch_ms: np.nda
         # every level drawn shows at once (maxdepth 3 hid the 4th ring, and a click opens the neuron rather
         # than zooming in, so it could not be reached)
         hovertemplate="%{label}%{customdata[2]}<br>%{customdata[1]}<extra></extra>", maxdepth=-1,
+        insidetextfont=dict(color=readable_text_colours(ms)),
         **({"textinfo": "none"} if len(kept) > MAX_LABELLED_NODES else {})))
     # short: plotly does not wrap a title, and a phone cut this one at "click a noc" (the page's label says it)
-    fig = _layout(fig, "Matryoshka tree (colour = MS)", height=640)
+    fig = _layout(fig, "Matryoshka tree", height=640)  # the colour bar says MS ("(colour = MS)" was cut at 320 px)
     return TreeFigure(fig, levels, len(kept), int(by_patches.sum()), int((~np.isfinite(ms)).sum()), len(tops),
                       len(tops_all), ancestors)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sae_core.bundle import PROBES
 
+from .figures import HOVER_LABEL
 from .markdown import markdown_code, markdown_sentence, markdown_text
 
 CROSSMODAL_FILE = "crossmodal.json"
@@ -280,9 +281,9 @@ def roc_figure(methods: dict, curves: dict, highlight: set[str]) -> dict:
                  "line": {"dash": "dot", "color": "grey"}, "hoverinfo": "skip"})
     grid = "#e5e5e5"
     return {"data": data, "layout": {
-        "title": {"text": "ROC: SAE solid, raw dashed"}, "height": 440,
-        "margin": {"l": 55, "r": 20, "t": 50, "b": 45}, "plot_bgcolor": "white",
-        "xaxis": {"title": {"text": "false positive rate (ID images flagged)"}, "range": [0, 1], "gridcolor": grid},
+        "title": {"text": "ROC: SAE solid, raw dashed"}, "height": 440, "hoverlabel": HOVER_LABEL,
+        "margin": {"l": 55, "r": 20, "t": 50, "b": 62}, "plot_bgcolor": "white",  # (two lines: one was cut at 320 px)
+        "xaxis": {"title": {"text": "false positive rate<br>(ID images flagged)"}, "range": [0, 1], "gridcolor": grid},
         "yaxis": {"title": {"text": "true positive rate (OOD images caught)"}, "range": [0, 1.02], "gridcolor": grid},
         "legend": {"title": {"text": "detector (AUROC)"}}}}
 

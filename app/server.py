@@ -156,7 +156,7 @@ def create_app(settings: AppSettings):
         # errors, object addresses included ("[<gradio.components.number.Number object at 0x7fc3...>]" for a call
         # with too few values; until 2026-12-05)
         max_file_size=settings.limits.max_bytes, show_error=False, footer_links=["api"],
-        css=ui.CSS, enable_monitoring=False, mcp_server=False, ssr_mode=False,
+        css=ui.CSS, theme=ui.theme(), enable_monitoring=False, mcp_server=False, ssr_mode=False,
         state_session_capacity=settings.sessions,
     )
     return demo, launch

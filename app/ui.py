@@ -57,12 +57,30 @@ CSS = """
 }
 #top-gallery .caption-label, #patch-gallery .caption-label, #image-results .caption-label {white-space: normal !important; max-width: 92% !important; left: 4% !important; line-height: 1.2 !important; padding: 2px 6px !important; font-size: 11px !important;}
 #top-gallery:has(> .empty), #patch-gallery:has(> .empty), #band-gallery:has(> .empty), #image-results:has(> .empty) {display: none !important;}
-#search-upload [data-testid=block-label], #image-upload [data-testid=block-label], #steer-upload [data-testid=block-label] {position: relative !important; top: 0 !important; left: 0 !important; white-space: normal !important; height: auto !important;}
+#search-upload [data-testid=block-label], #image-upload [data-testid=block-label], #steer-upload [data-testid=block-label], #ms-plot [data-testid=block-label], #scatter-plot [data-testid=block-label], #hist-plot [data-testid=block-label], #tree-plot [data-testid=block-label], #roc-plot [data-testid=block-label] {position: relative !important; top: 0 !important; left: 0 !important; white-space: normal !important; height: auto !important;}
 @media (max-width: 560px) {#steer-keep-error, #steer-sweep-on, #steer-tokens {flex: 1 1 100% !important; min-width: 100% !important;}}
+.tab-container > button.selected {color: var(--primary-700) !important;}
+.dark .tab-container > button.selected {color: var(--primary-500) !important;}
 input[type=range]:focus-visible, input[type=radio]:focus-visible, input[type=checkbox]:focus-visible {outline: 2px solid var(--color-accent) !important; outline-offset: 2px;}
 """
 
+def theme():
+    """Gradio's default theme with its orange a shade darker where text sits on it or is it: white on the primary
+    buttons (Filter, Open, Steer) was 2.8:1 on #f97316, and the selected tab's orange label on white 2.8:1, under
+    WCAG's 4.5:1 (a reviewer's measurement); orange-700 gives 5.2:1. The subdued grey of the sliders' bounds and
+    the footer (#bbbbc2, 1.9:1 on white) is zinc-500 in light mode (4.8:1)."""
+    import gradio as gr
+
+    return gr.themes.Default().set(
+        # (the selected tab's label is the accent colour: a shade darker on white by CSS (in CSS), as the
+        # accent has no dark-mode variant to keep orange-500 where the page is dark)
+        body_text_color_subdued="*neutral_500", button_primary_background_fill="*primary_700",
+        button_primary_background_fill_dark="*primary_700", button_primary_background_fill_hover="*primary_800",
+        button_primary_background_fill_hover_dark="*primary_800")
+
+
 LEGEND_BELOW_PX = 560  # a plot narrower than this draws its legend under the axes (HOOK_PLOTLY_JS)
+PLOT_MIN_WIDTH = 400  # px below which a plot's row stacks it instead of squeezing it beside another
 
 # Installed once on page load: plotly clicks (points, sunburst/treemap nodes) open the clicked neuron.
 HOOK_PLOTLY_JS = """
@@ -75,6 +93,13 @@ HOOK_PLOTLY_JS = """
     if (btn) btn.click();
   };
   const hook = () => document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
+    // a name for screen readers, which read a plot as its tick numbers otherwise: the figure's title and the
+    // block's label (which says where its numbers are as text)
+    const title = ((((gd.layout || {}).title) || {}).text || '').replace(/<[^>]*>/g, ' ');
+    const block = gd.closest('.block'), label = block && block.querySelector('[data-testid=block-label]');
+    const said = label ? label.textContent.trim() : '';
+    const name = said && said !== title ? [title, said].filter(Boolean).join(': ') : title;
+    if (name && gd.getAttribute('aria-label') !== name) { gd.setAttribute('role', 'img'); gd.setAttribute('aria-label', name); }
     if (gd.__saeHooked || typeof gd.on !== 'function') return;
     gd.__saeHooked = true;
     const open = (ev) => {
@@ -120,9 +145,10 @@ HOOK_PLOTLY_JS = """
     const height = gd.__saeHeight || full.height;
     gd.__saeLegend = {height: height, margin: gd.layout.margin};
     KEYS.forEach((k) => { gd.__saeLegend[k] = lg[k]; });
-    // under the x axis's title (about 56 px below the axes), the right margin kept for the column (80 px of
-    // plotly's template) down to 20; then the figure grows by the legend's own height
-    const legend = Object.assign({}, lg, {x: 0, xanchor: 'left', yanchor: 'top', y: -62 / full._size.h});
+    // under the x axis's title (about 56 px below the axes, 72 for a title of two lines), the right margin kept
+    // for the column (80 px of plotly's template) down to 20; then the figure grows by the legend's own height
+    const lines = (((full.xaxis || {}).title || {}).text || '').split('<br>').length;
+    const legend = Object.assign({}, lg, {x: 0, xanchor: 'left', yanchor: 'top', y: -(62 + 16 * (lines - 1)) / full._size.h});
     const margin = Object.assign({}, gd.layout.margin, {r: Math.min(full.margin.r, 20)});
     redraw(legend, {margin: margin})
       .then(() => redraw(legend, {margin: margin, height: height + ((gd._fullLayout.legend || {})._height || 0) + 10}))
@@ -807,9 +833,11 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                                   label="SAE metrics", max_height=4000, wrap=True,
                                                   column_widths=["72%", "28%"], elem_id="metrics-table")
                 with gr.Row():
-                    ms_hist_plot = gr.Plot(label="MS distribution", elem_id="ms-plot")
+                    # min_width: two plots side by side below 2 x 400 px were squeezed to 160-278 px each, their
+                    # titles and notes cut (a reviewer's 412 px phone); narrower, each takes the whole row
+                    ms_hist_plot = gr.Plot(label="MS distribution", elem_id="ms-plot", min_width=PLOT_MIN_WIDTH)
                     scatter_plot = gr.Plot(label="MS versus frequency (click a point to open its neuron)",
-                                           elem_id="scatter-plot")
+                                           elem_id="scatter-plot", min_width=PLOT_MIN_WIDTH)
                 # cross-modal bundles (precompute crossmodal): the latents shared by image and text tokens
                 with gr.Column(visible=ex.probes.is_crossmodal):
                     cm_note = gr.Markdown(elem_id="crossmodal-note")
@@ -908,8 +936,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                                           height="auto",
                                           object_fit="contain", elem_id="band-gallery")
                 with gr.Row():
-                    hist_plot = gr.Plot(label="activation histogram (the images where it fires)", elem_id="hist-plot")
-                    related_df = gr.Dataframe(headers=ex.related_columns, interactive=False,
+                    hist_plot = gr.Plot(label="activation histogram (the images where it fires)", elem_id="hist-plot",
+                                        min_width=PLOT_MIN_WIDTH)
+                    related_df = gr.Dataframe(headers=ex.related_columns, interactive=False, min_width=PLOT_MIN_WIDTH,
                                               label="parent, children and nearest neurons (click to open)")
             # ---------------------------------------------------------------- Images
             with gr.Tab("Images", id="images"):

@@ -796,6 +796,26 @@ def test_phone_layout(page, explorer_app):
         pg.wait_for_selector("#metrics-table [role=gridcell]:has-text('taxonomy depth per Matryoshka level')")
         pg.wait_for_function(f"() => ({fits})('#scatter-plot') !== null")
         assert pg.evaluate(fits, "#scatter-plot")
+        # a reviewer's 412 px phone (2026-12-05): the two plots side by side at 160-278 px each, their titles, axis
+        # titles and the "(bar cut)" note cut at the edge; Gradio's two-line label over each plot's title; to a
+        # screen reader each plot was its tick numbers
+        pg.set_viewport_size({"width": 412, "height": 915})
+        pg.wait_for_function("() => document.querySelector('#scatter-plot .js-plotly-plot')?.getAttribute('aria-label')")
+        pg.wait_for_timeout(1000)  # plotly's resize to the new width
+        plots = pg.evaluate("""() => ['#ms-plot', '#scatter-plot'].map((id) => {
+            const g = document.querySelector(id + ' .js-plotly-plot'), p = g.getBoundingClientRect();
+            const texts = Array.from(g.querySelectorAll('.gtitle, .g-xtitle text, .annotation-text'))
+                .map(t => t.getBoundingClientRect()).filter(r => r.width > 0);
+            const label = document.querySelector(id + ' [data-testid=block-label]').getBoundingClientRect();
+            return {width: p.width, inside: texts.every(r => r.left >= p.left - 1 && r.right <= p.right + 1),
+                    n_texts: texts.length, label_bottom: label.bottom, title_top: g.querySelector('.gtitle').getBoundingClientRect().top,
+                    role: g.getAttribute('role'), name: g.getAttribute('aria-label'),
+                    title: g.querySelector('.gtitle').textContent}; })""")
+        for plot in plots:  # (the whole row: 346 px of 412; side by side each had 170)
+            assert plot["width"] >= 330 and plot["inside"] and plot["n_texts"] >= 2, plot
+            assert plot["label_bottom"] <= plot["title_top"], plot
+            assert plot["role"] == "img" and plot["name"].startswith(plot["title"]), plot
+        pg.set_viewport_size({"width": 390, "height": 844})
         # the tiny bundle's raw neurons tower over its latents: the "(bar cut)" note was drawn inside the axes,
         # over the bars, below 768 px (until 2026-12-05)
         note, axes = pg.evaluate("() => ['.annotation', '.nsewdrag'].map(s => document.querySelector('#ms-plot ' + s)"

@@ -504,7 +504,7 @@ def test_ms_histogram_counts_every_scored_neuron_and_cuts_a_towering_bar():
     sae_peak = max(fig.data[0].y)
     assert max(fig.data[1].y) > 3 * sae_peak and fig.layout.yaxis.range == pytest.approx((0, 1.15 * sae_peak))
     note, = fig.layout.annotations
-    assert note.text == f"raw neurons: {max(fig.data[1].y):.0f}% at MS 0.250-0.275 (bar cut)"
+    assert note.text == f"raw neurons: {max(fig.data[1].y):.0f}%<br>at MS 0.250-0.275 (bar cut)"  # a phone's 36
     # under the axes (inside them it covered the bars on a phone, and the cut bar where it stood at the right)
     assert (note.yref, note.y, note.yanchor) == ("paper", 0, "top") and note.yshift < 0
     patch = figures.ms_histogram(sae, None, raw)
@@ -590,6 +590,59 @@ def test_tree_colours_patch_only_latents_by_their_patch_ms():
     assert [c[2] for c in labelled.figure.data[0].customdata] == ["", "", "<br>on patches: green",
                                                                   "<br>on patches: star", ""]
     assert "%{customdata[2]}" in labelled.figure.data[0].hovertemplate
+
+
+def _contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two "#rrggbb" / "rgb(r, g, b)" / named (black, white) colours."""
+    import re
+
+    def lum(c):
+        named = {"black": "#000000", "white": "#ffffff"}
+        c = named.get(c, c)
+        c = "#" + "".join(ch * 2 for ch in c[1:]) if c.startswith("#") and len(c) == 4 else c  # "#222"
+        v = [int(c[i:i + 2], 16) for i in (1, 3, 5)] if c.startswith("#") else [float(x) for x in re.findall(r"[\d.]+", c)[:3]]
+        f = [x / 255 / 12.92 if x / 255 <= 0.03928 else ((x / 255 + 0.055) / 1.055) ** 2.4 for x in v]
+        return 0.2126 * f[0] + 0.7152 * f[1] + 0.0722 * f[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_figure_text_and_the_theme_meet_wcag_contrast():
+    """A reviewer's measurements (2026-12-05): 211 of the demo tree's 256 labels below WCAG's 4.5:1 (white on the
+    Viridis greens, 2.9:1), every hover box 2.7-4.1:1 (white or #444 on the trace's colour), white on the primary
+    buttons 2.8:1, the sliders' bounds and the footer 1.9:1. Checked here against the ratio's definition, on the
+    colour scale's own stops interpolated by hand."""
+    import plotly.colors as pc
+
+    from app import probes, ui
+
+    ms = np.r_[np.linspace(0, 1, 201), np.nan]
+    nodes = [{"id": i, "level": 0, "parent": -1, "ms": None if np.isnan(m) else float(m)} for i, m in enumerate(ms)]
+    trace = figures.hierarchy_figure(nodes, "sunburst").figure.data[0]
+    stops = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in pc.sequential.Viridis]
+    for m, text in zip(ms, trace.insidetextfont.color):
+        if np.isnan(m):
+            fill = "#444444"  # plotly's fill for a node without a colour (measured in Chromium)
+        else:
+            x = m * (len(stops) - 1)
+            j = min(int(x), len(stops) - 2)
+            fill = "rgb({}, {}, {})".format(*(a + (x - j) * (b - a) for a, b in zip(stops[j], stops[j + 1])))
+        assert _contrast(text, fill) >= 4.5, (m, text, fill)
+    counts, edges = np.array([3, 5, 2]), np.array([0.1, 1.0, 10.0, 100.0])
+    layouts = [figures.ms_histogram(ms[:-1], None).layout.to_plotly_json(),
+               figures.ms_frequency_scatter({"ms": ms[:-1], "frequency": np.full(201, 0.1), "level": np.zeros(201, int),
+                                             "label": np.array(["x"] * 201)}).layout.to_plotly_json(),
+               figures.hierarchy_figure(nodes).figure.layout.to_plotly_json(),
+               figures.activation_histogram(counts, edges, 3)["layout"],
+               probes.roc_figure({"a": {"auroc": 0.7}}, {"a": {"fpr": [0, 1], "tpr": [0, 1]}}, {"a"})["layout"]]
+    for layout in layouts:
+        box = layout["hoverlabel"]
+        assert _contrast(box["font"]["color"], box["bgcolor"]) >= 4.5, layout.get("title")
+    theme = ui.theme()
+    resolve = lambda v: getattr(theme, v[1:]) if v.startswith("*") else v  # noqa: E731
+    for fill in ("button_primary_background_fill", "button_primary_background_fill_dark"):
+        assert _contrast(resolve(getattr(theme, fill)), resolve(theme.button_primary_text_color)) >= 4.5, fill
+    assert _contrast(resolve(theme.body_text_color_subdued), "white") >= 4.5
 
 
 def test_the_scatter_says_when_it_draws_a_sample(monkeypatch):
