@@ -195,9 +195,6 @@ class ActivationStore:
 
     def take(self, index: np.ndarray) -> np.ndarray:
         """Rows at `index` (any order, repeats allowed), returned in that order: (len(index), d)."""
-        index = np.asarray(index)
-        if index.dtype.kind not in "iu" and index.size:  # 1.9 was row 1, in silence
-            raise UserError(f"row indices must be integers, not {index.dtype}; pass an integer array.")
         return _take(self.shards, self.offsets, index, self.d)
 
     def row_index(self, index: np.ndarray | None = None) -> np.ndarray:
@@ -362,7 +359,14 @@ def _count(start: int):
 
 
 def _take(shards: list[np.ndarray], offsets: np.ndarray, index, width: int) -> np.ndarray:
-    index = np.asarray(index, dtype=np.int64)
+    index = np.asarray(index)
+    # 1.9 was row 1 in silence (take's until 2026-12-05, row_index's and token_position's until that night), and a
+    # bare 5 or a 2-D array was numpy's "len() of unsized object" / "object too deep"
+    if index.ndim != 1:
+        raise UserError(f"row indices must be a 1-D array, not of shape {index.shape}; pass e.g. [5] for row 5.")
+    if index.dtype.kind not in "iu" and index.size:
+        raise UserError(f"row indices must be integers, not {index.dtype}; pass an integer array.")
+    index = index.astype(np.int64, copy=False)
     n = int(offsets[-1])
     if len(index) and (index.min() < 0 or index.max() >= n):
         raise IndexError(f"row index out of range 0..{n - 1}")

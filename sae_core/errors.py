@@ -96,11 +96,14 @@ def integer_text(text: str) -> int | None:
 
 
 def checked_index(value, what: str, n: int, covers: str) -> int:
-    """`value` as an id in [0, n): an int, a numpy integer, an integral float or the digits of one (`integer_text`);
-    UserError (one sentence) for anything else (int() alone took 2.5 for 2, and said nothing useful of "x" or inf)."""
+    """`value` as an id in [0, n): an int, a numpy integer, a whole float (a 0-d array or tensor too) or the digits
+    of one (`integer_text`); UserError (one sentence) for anything else (int() alone took 2.5 for 2, and said
+    nothing useful of "x" or inf)."""
     try:
         i = int(integer_text(value) if isinstance(value, str) else value)  # None: TypeError
-        if isinstance(value, bool) or (isinstance(value, (float, np.floating)) and i != value):
+        # a float of any kind, a 0-d array or tensor included, must be whole (np.array(2.5) and torch.tensor(2.5)
+        # were id 2 until 2026-12-05)
+        if isinstance(value, bool) or (not isinstance(value, (int, np.integer, str)) and float(value) != i):
             raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"{what} id {value!r} is not an integer; pick one between 0 and {n - 1}.") from None

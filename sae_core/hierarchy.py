@@ -134,12 +134,15 @@ def _active_entries(fired, n_latents: int) -> tuple[np.ndarray, np.ndarray, int]
                                                                                      rows.max() >= n_rows)):
             raise ValueError(f"index lists name latents outside 0..{n_latents - 1} or rows outside 0..{n_rows - 1}")
         return rows, cols, n_rows
+    # a tensor's shape is checked as an array's: one of 31 columns for 32 latents was counted on the wrong ones,
+    # and one of 33 failed after the row count had moved (until 2026-12-05)
+    shape = tuple(fired.shape) if isinstance(fired, torch.Tensor) else np.shape(fired)
+    if len(shape) != 2 or shape[1] != n_latents:
+        raise ValueError(f"codes of shape {shape} do not have {n_latents} columns")
     if isinstance(fired, torch.Tensor):
         rows, cols = (fired != 0).nonzero(as_tuple=True)
         return rows.cpu().numpy(), cols.cpu().numpy(), int(fired.shape[0])
     arr = np.asarray(fired)
-    if arr.ndim != 2 or arr.shape[1] != n_latents:
-        raise ValueError(f"codes of shape {arr.shape} do not have {n_latents} columns")
     rows, cols = np.nonzero(arr)
     return rows.astype(np.int64), cols.astype(np.int64), int(arr.shape[0])
 

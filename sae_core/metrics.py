@@ -37,7 +37,15 @@ class MetricsAccumulator:
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
-        x, x_hat = x.double(), x_hat.double()
+        """Add one batch: x and x_hat (..., d_in), z (..., d_sae); leading dimensions (tokens of images, or none
+        for one vector) are rows. Shapes are checked before anything is added: a (B, T, d) batch, which the SAE
+        encodes, was torch's broadcast error after half the sums had moved (until 2026-12-05)."""
+        d_sae = self.fire_counts.shape[0]
+        if x.ndim == 0 or x_hat.shape != x.shape or z.ndim == 0 or z.shape[-1] != d_sae or \
+                z.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"x {tuple(x.shape)}, x_hat {tuple(x_hat.shape)} and z {tuple(z.shape)} are not one batch: "
+                             f"give x and x_hat of one shape (..., d_in) and z of (..., {d_sae}) with the same rows.")
+        x, x_hat, z = x.reshape(-1, x.shape[-1]).double(), x_hat.reshape(-1, x.shape[-1]).double(), z.reshape(-1, d_sae)
         self.n += x.shape[0]
         sx = x.sum(0).cpu()  # the running state stays on the CPU whatever device the batch is on
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
@@ -72,7 +80,8 @@ class MetricsAccumulator:
 def evaluate(
     encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor], batches: Iterable[Tensor], d_sae: int
 ) -> dict:
-    """Pooled metrics of an SAE given as encode/decode over an iterable of (B, d_in) batches."""
+    """Pooled metrics of an SAE given as encode/decode over an iterable of (B, d_in) batches ((B, T, d_in) too:
+    each token a row)."""
     acc = MetricsAccumulator(d_sae)
     for x in batches:
         z = encode(x)

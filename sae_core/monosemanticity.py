@@ -178,6 +178,13 @@ class MSAccumulator:
         emb_mm = emb.to(self.matmul_dtype)
         block = max(1, _BLOCK_ELEMENTS // n)
         on_cpu = self.numpy_path
+        # every block checked before any is added: a NaN in a later block was refused after the earlier blocks'
+        # sums had moved (a caller who went on had MS off by up to 6e-4; until 2026-12-05). One pass over the
+        # values, next to the O(n d K) product below.
+        for k0 in range(0, self.n_neurons, block):
+            x = acts[:, k0:k0 + block]
+            _raise_non_finite(~torch.isfinite(x) if isinstance(x, torch.Tensor) else ~np.isfinite(np.asarray(x)),
+                              "activations", self.n, k0)
         for k0 in range(0, self.n_neurons, block):
             k1 = min(self.n_neurons, k0 + block)
             shift = None if self.n == 0 else self.shift[k0:k1]

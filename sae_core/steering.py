@@ -113,8 +113,8 @@ class Clamp:
             raise UserError(f"clamp value {bad:g} is not a finite number within float32's range (|v| < 3.4e38); "
                             "give smaller values (a latent's token_max tells its scale).")
         object.__setattr__(self, "values", vals)
-        if self.positions is not None:
-            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        if self.positions is not None:  # (int() took position 2.5 for 2, in silence, until 2026-12-05)
+            object.__setattr__(self, "positions", tuple(_position(p) for p in self.positions))
 
     @property
     def empty(self) -> bool:
@@ -270,6 +270,15 @@ def _latent_id(k) -> int:
         return checked_index(k, "latent", 2 ** 62, "")
     except UserError:
         raise UserError(f"latent {k!r} is not a latent id; give a whole number from 0.") from None
+
+
+def _position(p) -> int:
+    """`p` as a token position of no layer in particular (a whole number from 0); UserError otherwise."""
+    try:
+        return checked_index(p, "token position", 2 ** 62, "")
+    except UserError:
+        raise UserError(f"token position {p!r} is not a position; give a whole number from 0 (0 is the CLS token "
+                        "where there is one).") from None
 
 
 def refuse_latents_twice(ids) -> None:

@@ -150,6 +150,20 @@ def test_dense_counts_widen_before_they_could_overflow():
     np.testing.assert_array_equal(counter.pair_counts(1), F[:, 3:8].T.astype(int) @ F[:, 8:17].astype(int))
 
 
+def test_codes_of_the_wrong_width_are_refused_before_anything_is_counted():
+    """A torch batch's width was never checked: 16 columns for 17 latents were counted on the wrong latents, and 18
+    failed in numpy's words after the row count had moved (until 2026-12-05); arrays were already refused."""
+    F = np.random.default_rng(4).random((10, 17)) < 0.5
+    counter = CoactivationCounter(GROUPS, 17)
+    counter.update(torch.from_numpy(F))
+    for bad in (F[:, :16], F[:, :16].astype(np.float32), np.c_[F, F[:, :1]], F.reshape(2, 5, 17)):
+        for form in (bad, torch.from_numpy(np.ascontiguousarray(bad))):
+            with pytest.raises(ValueError, match=r"^codes of shape .* do not have 17 columns$"):
+                counter.update(form)
+    assert counter.n_rows == 10
+    np.testing.assert_array_equal(counter.pair_counts(1), F[:, 3:8].T.astype(int) @ F[:, 8:17].astype(int))
+
+
 def test_sparse_memory_stays_below_dense():
     # 64 + 2048 + 4096 latents, 8 active per row: the dense 2048 x 4096 count would be 64 MiB.
     groups = (64, 2048, 4096)

@@ -45,6 +45,26 @@ def test_sparsity_metrics_and_reconstruction_bias():
     assert m["relative_reconstruction_bias"] == pytest.approx(0.5)
 
 
+def test_token_batches_are_rows_and_mismatched_shapes_change_nothing():
+    """(B, T, d) batches, which the SAE encodes, were torch's broadcast error after half the sums had moved (a
+    reviewer's accumulator went from 100 rows to 168 and FVU to NaN over two refused calls; until 2026-12-05): each
+    token is a row, a vector one row, and shapes that are not one batch are refused before anything is added."""
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.standard_normal((6, 4, 3)))
+    xh = x + 0.1 * torch.tensor(rng.standard_normal((6, 4, 3)))
+    z = torch.tensor((rng.random((6, 4, 5)) < 0.3) * 1.0)
+    tokens, flat = MetricsAccumulator(5), MetricsAccumulator(5)
+    tokens.update(x, xh, z)
+    tokens.update(x[0, 0], xh[0, 0], z[0, 0])  # one vector
+    flat.update(torch.cat([x.reshape(24, 3), x[0, :1]]), torch.cat([xh.reshape(24, 3), xh[0, :1]]),
+                torch.cat([z.reshape(24, 5), z[0, :1]]))
+    assert tokens.compute() == pytest.approx(flat.compute(), rel=1e-12) and flat.compute()["rows"] == 25
+    for bad in ((x, xh[:, :3], z), (x, xh, z[..., :4]), (x, xh, z[:, :3]), (x[0, 0, 0], xh[0, 0, 0], z[0, 0])):
+        with pytest.raises(ValueError, match=r"are not one batch: give x and x_hat of one shape"):
+            tokens.update(*bad)
+    assert tokens.compute() == pytest.approx(flat.compute(), rel=1e-12)
+
+
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
 def test_checkpoint_round_trip(tmp_path, arch):
     cfg = SAEConfig(arch=arch, d_in=12, d_sae=48, k=3, group_sizes=(8, 40) if arch == "matryoshka" else ())

@@ -129,6 +129,26 @@ def test_float32_matmul_scores_a_neuron_one_image_holds_against_the_definition(t
     np.testing.assert_allclose(np.load(tmp_path / "ms.npy"), ref32, atol=2e-6, rtol=0)
 
 
+def test_a_refused_chunk_leaves_the_scores_as_they_were(small_case, monkeypatch):
+    """A NaN in a later block of neurons was refused after the earlier blocks' sums had moved, and a caller who went
+    on (the message says to clean or drop the images) had MS off by up to 6e-4 (until 2026-12-05). Blocks of 2
+    neurons here; reference: the pairwise definition over the chunks that were taken."""
+    import sae_core.monosemanticity as M
+
+    acts, emb, _ = small_case
+    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 2 * 15)
+    acc = MSAccumulator(acts.shape[1], emb.shape[1])
+    acc.update(acts[:15], emb[:15])
+    bad = acts[15:30].copy()
+    bad[3, acts.shape[1] - 1] = np.nan  # the last block
+    for form in (bad, torch.from_numpy(bad)):
+        with pytest.raises(UserError, match=rf"non-finite value \(NaN or inf\) at image 18, column {acts.shape[1] - 1};"):
+            acc.update(form, emb[15:30])
+    acc.update(acts[30:], emb[30:])
+    keep = np.r_[0:15, 30:len(acts)]
+    np.testing.assert_allclose(acc.result().ms, pairwise_ms(acts[keep], emb[keep]), atol=1e-6, rtol=0, equal_nan=True)
+
+
 def test_streaming_equals_one_shot(small_case):
     acts, emb, _ = small_case
     one = monosemanticity_score(acts, emb, chunk=len(acts))

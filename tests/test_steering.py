@@ -70,6 +70,13 @@ def test_steer_hidden_matches_written_out_formula():
         with pytest.raises(UserError, match=said):
             Clamp(latents, (1.0,) * len(latents), "add")
     assert Clamp((np.int64(3), 2.0), (1.0, 1.0)).latents == (3, 2)
+    # a tensor's fraction, and a fractional position, were cut down in silence too (until 2026-12-05)
+    with pytest.raises(UserError, match=r"latent tensor\(1\.7000\) is not a latent id"):
+        Clamp((torch.tensor(1.7),), (1.0,))
+    for positions, said in (((2.5,), "token position 2.5 is not a position"), ((-1,), "token position -1 is not")):
+        with pytest.raises(UserError, match=said):
+            Clamp((3,), (1.0,), positions=positions)
+    assert Clamp((torch.tensor(3),), (1.0,), positions=(np.int64(2), 4.0, torch.tensor(1))).positions == (2, 4, 1)
 
 
 def test_hook_removed_after_exit_and_after_an_exception(session, images):
@@ -140,12 +147,14 @@ def test_cached_path_equals_llava_generate(session, images):
 
 def test_threads_do_not_see_each_others_clamps(session, images):
     block = session.block
-    own_hooks = list(block._forward_hooks)
     pixels = session.adapter.preprocess(images[:2])
     clamps = {0: session.make_clamp([3], [9.0]), 1: session.make_clamp([5, 6], [4.0, 7.0], mode="add"), 2: None}
     with torch.inference_mode():
         plain = session.adapter.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         expected = {i: plain if c is None else steer_hidden(plain, session.sae, c) for i, c in clamps.items()}
+    # after a first forward: transformers installs its hidden-state recorder's hooks then (this test, run alone,
+    # took the recorder's hook for one left behind)
+    own_hooks = list(block._forward_hooks)
     barrier = threading.Barrier(3)
     errors, checked = [], {i: 0 for i in clamps}
 

@@ -269,6 +269,18 @@ def test_unfinished_and_foreign_stores_are_user_errors(tmp_path):
     assert rows.take(np.array([4, 1])).tolist() == [[8, 9], [2, 3]] and rows.take([]).shape == (0, 2)
     with pytest.raises(UserError, match="row indices must be integers, not float64"):
         rows.take(np.array([1.9]))
+    # ... for the row index too (row_index([1.9]) was row 1's until the night of 2026-12-05), and one dimension: a bare
+    # 5 or a 2-D array were numpy's "len() of unsized object" / "object too deep"
+    full, index = _make_store(tmp_path / "indexed")
+    indexed = ActivationStore(tmp_path / "indexed")
+    assert indexed.row_index(np.array([1, 9])).tolist() == index[[1, 9]].tolist()
+    for read in (indexed.row_index, indexed.image_index, indexed.token_position):
+        with pytest.raises(UserError, match="row indices must be integers, not float64"):
+            read(np.array([1.9]))
+    for read in (indexed.take, indexed.row_index):
+        for bad, shape in ((5, r"\(\)"), (np.array([[1, 2]]), r"\(1, 2\)")):
+            with pytest.raises(UserError, match=rf"^row indices must be a 1-D array, not of shape {shape}; pass e\.g\. "):
+                read(bad)
     # a text file named .npy was "pickled (object) data ... allow_pickle=" in numpy's words, as `ms` says it now
     (tmp_path / "text.npy").write_text("hello\n")
     (tmp_path / "empty.npy").write_bytes(b"")
