@@ -280,12 +280,16 @@ def hold_settings(out: Path, name: str, settings: dict, built: bool, recorded=No
         if old is None:
             raise UserError(f"{path} cannot be read, so the settings {out} was built with are unknown; pass a new "
                             f"--out, or delete {out} to build there from the start.")
+        raw = old
         if recorded is not None:
             old = recorded(old)
         differs = first_difference({k: old.get(k) for k in new}, new)
         if differs:
             raise UserError(f"{out} holds a bundle built with other settings ({differs}); pass the same options "
                             "to resume, or a new --out.")
+        missing = {k: v for k, v in new.items() if k not in raw}
+        if missing:  # recorded before these were (the files' digests, 2026-12-05): added, once, and held from then on
+            B.write_json(out, name, {**raw, **missing})
     else:
         B.write_json(out, name, new)
 

@@ -200,6 +200,9 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
             if differs:
                 raise UserError(f"{out} holds an extraction with other settings ({differs}); pass the same options "
                                 "to resume, or a new --out.")
+            if plan.get("identity") != identity:  # recorded before some of it was: recorded whole from now on
+                plan["identity"] = identity
+                write_json_atomic(run_file, plan)
             if cfg.shard_images and cfg.shard_images != plan["shard_images"]:
                 raise UserError(f"{out} was started with --shard-images {plan['shard_images']}; resume with that value or a new --out.")
         else:

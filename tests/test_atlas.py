@@ -1307,6 +1307,8 @@ def test_a_limit_that_covers_the_dataset_is_the_same_build_as_none(tiny_bundle, 
     (b / ".stages/settings.json").write_text(json.dumps(settings))
     opts = dict(sae=settings["sae"], dataset=m["dataset"]["spec"], model=m["model"]["spec"], layer="-2",
                 embedder=m["embedder"]["spec"], out=str(b), topk=settings["topk"], score=settings["score"])
+    build_atlas(AtlasJob(**opts))  # adds the files' digests, once (this code's record; 2026-12-05)
+    settings = json.loads((b / ".stages/settings.json").read_text())
     before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
 
     def resumes(**more):
@@ -1450,6 +1452,12 @@ def test_a_rerun_after_the_sae_the_vocabulary_or_an_image_was_rewritten_is_refus
     world[2].save(folder / "2.png")
     os.utime(folder / "2.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert build_atlas(AtlasJob(**job)) == built
+    # a bundle of before these digests resumes as made from today's files, and records them from then on
+    path = out / ".stages" / "settings.json"
+    settings = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in settings.items() if k not in ("sae_file", "images_files")}))
+    assert build_atlas(AtlasJob(**job)) == built
+    assert json.loads(path.read_text()) == settings
 
 
 def test_relative_paths_in_specs_are_recorded_absolute_and_resume(tiny_bundle, tiny_world, tmp_path, monkeypatch):

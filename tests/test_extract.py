@@ -276,6 +276,13 @@ def test_a_resume_after_an_image_or_the_weights_were_rewritten_is_refused(tmp_pa
     first.write_bytes(own)
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its own file back, as it was: resumes
     assert main(cmd) == 0 and _store_bytes(out) == kept
+    # a plan of before these digests resumes as made from today's files, and records them from then on
+    plan = json.loads((out / "extract.json").read_text())
+    for key in ("images_files", "model_files"):
+        del plan["identity"][key]
+    (out / "extract.json").write_text(json.dumps(plan))
+    assert main(cmd) == 0 and _store_bytes(out) == kept
+    assert {"images_files", "model_files"} <= set(json.loads((out / "extract.json").read_text())["identity"])
     weights = model / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved again
     refused(f"the weights of hf:{model}")
