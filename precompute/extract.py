@@ -13,7 +13,6 @@ stopped (even with another number of processes). Manifests are written last, aft
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_core.activation_store import MANIFEST, RUN_FILE, save_npy_atomic, write_json_atomic
+from sae_core.activation_store import MANIFEST, RUN_FILE, rows_digest, save_npy_atomic, write_json_atomic
 from sae_core.atomic import first_difference, rank_zero_writer_lock, remove_stale_temporaries
 from sae_core.errors import UserError
 
@@ -402,11 +401,11 @@ def _write_shard(k, S, n_images, layers, layer_dirs, buf, skipped, progress, wid
         save_npy_atomic(d / f"{k:05d}.index.npy", index)
         save_npy_atomic(d / f"{k:05d}.npy", acts)
         rows[lay.name] = int(len(acts))
-        # what training tells one store from another by (ActivationStore.identity): hashed here, from memory
-        digests[lay.name] = hashlib.sha256(np.ascontiguousarray(acts).data).hexdigest()
+        # what training tells one store from another by (ActivationStore.identity): digested here, from memory
+        digests[lay.name] = rows_digest(acts, index)
     # The marker goes last: a shard is done only when every layer's files are in place.
     write_json_atomic(progress / f"{k:05d}.json", {
-        "shard": k, "images": [k * S, min((k + 1) * S, n_images)], "rows": rows, "sha256": digests,
+        "shard": k, "images": [k * S, min((k + 1) * S, n_images)], "rows": rows, "rows_digest": digests,
         "skipped": skipped,
     })
 
@@ -432,7 +431,7 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
     for lay in layers:
         shards = [{"path": f"shards/{m['shard']:05d}.npy", "index": f"shards/{m['shard']:05d}.index.npy",
                    "rows": m["rows"][lay.name], "images": m["images"],
-                   **({"sha256": m["sha256"][lay.name]} if "sha256" in m else {})}  # (markers before 2026-12-05: none)
+                   **({"rows_digest": m["rows_digest"][lay.name]} if "rows_digest" in m else {})}  # (none before 12-05)
                   for m in markers if m["rows"][lay.name] > 0]
         d = adapter.embed_dim if lay.kind == "embed" else adapter.width
         manifest = {

@@ -11,6 +11,7 @@ images in the manifest. The writer side (`save_npy_atomic`, `write_json_atomic`)
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import queue
@@ -162,10 +163,9 @@ class ActivationStore:
     def identity(self) -> dict:
         """What tells these rows from other rows of the same shape (a training checkpoint is only resumed on
         them): width, dtype, what the extraction recorded, a digest of the first, middle and last rows, and of
-        every row (`content`) where the manifest lists each shard's sha256. No path, so a moved or copied store
-        is still the same data."""
-        import hashlib
-
+        every row (`content`, the sum of the shards' `rows_digest`) where the manifest lists them. No path (a moved
+        or copied store is still the same data) and no shard grid (the number of processes and --shard-images
+        change it, not the rows)."""
         n = len(self)
         sample = self.take(np.array(sorted({0, n // 2, n - 1}), dtype=np.int64)) if n else np.zeros((0, self.d))
         spec = lambda v: v.get("spec") if isinstance(v, dict) else v  # noqa: E731
@@ -173,10 +173,10 @@ class ActivationStore:
                     "tokens": self.manifest.get("tokens"), "model": spec(self.model),
                     "dataset": spec(self.manifest.get("dataset")),
                     "sample": hashlib.sha1(np.ascontiguousarray(sample).tobytes()).hexdigest()[:16]}
-        digests = [s.get("sha256") for s in self.manifest.get("shards", [{}])]
-        if all(isinstance(d, str) for d in digests):  # every row, where the extraction hashed its shards (since
+        digests = [s.get("rows_digest") for s in self.manifest.get("shards", [{}])]
+        if all(isinstance(d, str) for d in digests):  # every row, where the extraction digested its shards (since
             # 2026-12-05: stores that differed in one image's rows had one identity, and training took one for the other)
-            identity["content"] = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+            identity["content"] = f"{sum(int(d, 16) for d in digests) % _DIGEST_MOD:064x}"[:32]
         return identity
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -356,6 +356,27 @@ def _count(start: int):
     while True:
         yield start
         start += 1
+
+
+_DIGEST_MOD = 1 << 256
+
+
+def rows_digest(acts: np.ndarray, index: np.ndarray) -> str:
+    """A digest of rows (n, d) and their [image, position] index (n, 2) that adds over any split of a store's images:
+    the sum, modulo 2^256, of sha256(image id, that image's rows in order) over its images. So the store's digest
+    (the sum of its shards') does not depend on the shard grid, which the number of processes and --shard-images
+    set while the rows stay the same. (Meant to tell data apart by accident, not against an adversary.)"""
+    image = np.asarray(index)[:, 0]
+    if len(image) > 1 and (image[1:] < image[:-1]).any():
+        order = np.argsort(image, kind="stable")
+        acts, image = acts[order], image[order]
+    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]]) if len(image) else np.zeros(0, np.int64)
+    total = 0
+    for a, b in zip(starts, np.r_[starts[1:], len(image)]):
+        h = hashlib.sha256(int(image[a]).to_bytes(8, "little", signed=True))
+        h.update(np.ascontiguousarray(acts[a:b]).data)
+        total += int.from_bytes(h.digest(), "big")
+    return f"{total % _DIGEST_MOD:064x}"
 
 
 def _take(shards: list[np.ndarray], offsets: np.ndarray, index, width: int) -> np.ndarray:

@@ -311,7 +311,7 @@ def model_files_digest(spec: str) -> str | None:
     overwritten: until 2026-12-05 the old activations, SAE and bundle were kept in silence); None for hub ids and
     tags, whose files the hub's cache keeps by revision."""
     parts = _spec_path(spec)
-    if parts is None:
+    if parts is None or not parts[1]:  # `llava:` alone is the hub's LLaVA-1.5 (its path read as "." walked the folder)
         return None
     head, path, tail = parts
     local = Path(os.path.expandvars(os.path.expanduser(path)))

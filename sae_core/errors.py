@@ -103,7 +103,8 @@ def checked_index(value, what: str, n: int, covers: str) -> int:
         i = int(integer_text(value) if isinstance(value, str) else value)  # None: TypeError
         # a float of any kind, a 0-d array or tensor included, must be whole (np.array(2.5) and torch.tensor(2.5)
         # were id 2 until 2026-12-05)
-        if isinstance(value, bool) or (not isinstance(value, (int, np.integer, str)) and float(value) != i):
+        boolean = isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+        if boolean or (not isinstance(value, (int, np.integer, str)) and float(value) != i):
             raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"{what} id {value!r} is not an integer; pick one between 0 and {n - 1}.") from None

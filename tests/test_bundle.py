@@ -113,7 +113,8 @@ def test_refuses_out_of_range_neurons_and_missing_arrays(tmp_path):
         with pytest.raises(UserError, match=r"^neuron id .* is not an integer; pick one between 0 and 5\.$"):
             b.neuron(bad)
     # ... in a 0-d array or tensor too, as a notebook hands it over (np.array(2.5) was neuron 2 until 2026-12-05)
-    for bad in (np.array(2.5), torch.tensor(2.5), torch.tensor(1.5, dtype=torch.bfloat16)):
+    for bad in (np.array(2.5), torch.tensor(2.5), torch.tensor(1.5, dtype=torch.bfloat16), np.bool_(True),
+                torch.tensor(True)):
         with pytest.raises(UserError, match=r"^neuron id .* is not an integer; pick one between 0 and 5\.$"):
             b.neuron(bad)
     assert [b.neuron(k)["id"] for k in (np.int64(3), 3.0, np.float64(4.0), "5", np.array(2), torch.tensor(4.0),

@@ -210,7 +210,7 @@ def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monke
     """Manifests recorded `hf:clip` and `imagefolder:data` as typed, and the explorer, started in another folder,
     read another ./clip in silence: a relative path that exists is recorded absolute, and the spec then opens the
     same images from any folder; hub ids, tags and paths that do not exist here are kept as given."""
-    from sae_core.datasets import absolute_spec
+    from sae_core.datasets import absolute_spec, model_files_digest
 
     here = tmp_path.resolve()
     for d in ("clip", "data/a", "openai/clip-vit-base-patch32", "w/clip", "w/llava"):
@@ -243,6 +243,9 @@ def test_specs_are_recorded_with_their_local_paths_made_absolute(tmp_path, monke
             "inat", "open_clip:ViT-B-32/openai", "open_clip:ViT-B-32/laion2b_s34b_b79k", "open_clip:ViT-B-32", "open_clip:hf-hub:timm/vit_base", "imagefolder:nope",
             f"hf:{here}/clip", f"imagefolder:{here}/data", "world:nope:llava", "hf:~/nope"]
     assert {s: absolute_spec(s) for s in [*want, *kept]} == {**want, **{s: s for s in kept}}
+    # hub ids, tags and `llava:` (the hub's LLaVA-1.5) name no local files, so no files' digest: `llava:` walked the
+    # working folder, which held the command's own --out (a rerun was refused; the night of 2026-12-05)
+    assert [s for s in kept if model_files_digest(s) is not None] == [f"hf:{here}/clip", f"imagefolder:{here}/data"]
     elsewhere = here / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

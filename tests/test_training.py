@@ -464,9 +464,9 @@ def test_a_checkpoint_or_finished_sae_of_other_settings_is_refused_naming_the_se
 def test_a_store_that_differs_in_one_row_is_other_data(tmp_path, capsys):
     """Two extractions that differed in one image's rows had one identity (a digest of the first, middle and last
     rows), so a finished SAE said "nothing to do" on the other, and a checkpoint resumed on it (until 2026-12-05).
-    A store whose manifest lists each shard's sha256 (as extract writes it) is told by every row; a run recorded
-    before that field is held to the rest, so it still resumes on its own store."""
-    import hashlib
+    A store whose manifest lists each shard's digest of its rows (as extract writes it) is told by every row; a run
+    recorded before that field is held to the rest, so it still resumes on its own store."""
+    from sae_core.activation_store import rows_digest
 
     x = np.random.default_rng(3).standard_normal((3000, 16)).astype(np.float32)
 
@@ -476,7 +476,8 @@ def test_a_store_that_differs_in_one_row_is_other_data(tmp_path, capsys):
         shards = []
         for j, part in enumerate(np.array_split(rows, 2)):
             np.save(folder / f"{j}.npy", part)
-            shards.append({"path": f"{j}.npy", "rows": len(part), "sha256": hashlib.sha256(part.tobytes()).hexdigest()})
+            index = np.c_[np.arange(len(part)) + 2000 * j, np.zeros(len(part), int)]  # a row an image
+            shards.append({"path": f"{j}.npy", "rows": len(part), "rows_digest": rows_digest(part, index)})
         (folder / "manifest.json").write_text(json.dumps({"d": 16, "dtype": "float32", "shards": shards}))
         return folder
 
