@@ -64,6 +64,7 @@ CSS = """
 input[type=range]:focus-visible, input[type=radio]:focus-visible, input[type=checkbox]:focus-visible {outline: 2px solid var(--color-accent) !important; outline-offset: 2px;}
 """
 
+
 def theme():
     """Gradio's default theme with its orange a shade darker where text sits on it or is it: white on the primary
     buttons (Filter, Open, Steer) was 2.8:1 on #f97316, and the selected tab's orange label on white 2.8:1, under
@@ -72,8 +73,8 @@ def theme():
     import gradio as gr
 
     return gr.themes.Default().set(
-        # (the selected tab's label is the accent colour: a shade darker on white by CSS (in CSS), as the
-        # accent has no dark-mode variant to keep orange-500 where the page is dark)
+        # (the selected tab's label is the accent colour, which has no dark-mode variant: CSS makes it orange-700
+        # on white and keeps orange-500 where the page is dark)
         body_text_color_subdued="*neutral_500", button_primary_background_fill="*primary_700",
         button_primary_background_fill_dark="*primary_700", button_primary_background_fill_hover="*primary_800",
         button_primary_background_fill_hover_dark="*primary_800")
