@@ -61,6 +61,8 @@ from .precision import resolve_device, warn_if_slow_half
 from .world.text import WHAT_IS_SHOWN, llava_prompt
 
 MODES = ("set", "add")
+PROMPT_CACHE = 64
+"""Prompts whose token ids a SteeringSession keeps (the least recently used goes first)."""
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "4bit")
 
 
@@ -418,7 +420,10 @@ class SteeringSession:
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = int(cache_mb * 2**20)  # LLaVA-1.5: 577 x 1024 fp16 = 1.2 MB an image; world: 4 KB
-        self._prompt_ids: dict[str, torch.Tensor] = {}
+        # the last PROMPT_CACHE prompts' ids: a typed question is any text, and a plain dict kept every one for the
+        # process's life (+1.6 MB per 1,000 new questions on a reviewer's soak of the explorer; until 2026-12-05)
+        self._prompt_ids: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_lock = threading.Lock()
         self._text = None
 
     # --- construction -------------------------------------------------------------------------
@@ -547,15 +552,20 @@ class SteeringSession:
     # --- generation ---------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         """(1, L) input ids of LLaVA-1.5's prompt format with the image placeholder expanded."""
-        ids = self._prompt_ids.get(prompt)
-        if ids is None:
-            from PIL import Image
+        with self._prompt_lock:
+            ids = self._prompt_ids.get(prompt)
+            if ids is not None:
+                self._prompt_ids.move_to_end(prompt)
+                return ids
+        from PIL import Image
 
-            self.check_prompt(prompt)
-
-            blank = Image.new("RGB", self.adapter.image_size, (255, 255, 255))
-            ids = self.processor(images=[blank], text=[llava_prompt(prompt)], return_tensors="pt")["input_ids"]
+        self.check_prompt(prompt)
+        blank = Image.new("RGB", self.adapter.image_size, (255, 255, 255))
+        ids = self.processor(images=[blank], text=[llava_prompt(prompt)], return_tensors="pt")["input_ids"]
+        with self._prompt_lock:
             self._prompt_ids[prompt] = ids
+            while len(self._prompt_ids) > PROMPT_CACHE:
+                self._prompt_ids.popitem(last=False)
         return ids
 
     def check_prompt(self, prompt: str) -> None:

@@ -145,6 +145,30 @@ def test_cached_path_equals_llava_generate(session, images):
     assert r.cached  # the image's hidden states came from the cache
 
 
+def test_prompt_ids_are_kept_for_the_last_prompts_only(session, monkeypatch):
+    """Every typed question's token ids stayed in a dict for the process's life (+1.6 MB per 1,000 new questions on a
+    reviewer's soak of the explorer; until 2026-12-05): the last PROMPT_CACHE are kept, the least recently used
+    going first, and the ids are the processor's own."""
+    from PIL import Image
+
+    import sae_core.steering as S
+    from sae_core.world.text import llava_prompt
+
+    monkeypatch.setattr(S, "PROMPT_CACHE", 3)
+    session._prompt_ids.clear()
+    questions = [f"What is shown, {i}?" for i in range(6)]
+    first = session.prompt_ids(questions[0])
+    for q in questions[1:3]:
+        session.prompt_ids(q)
+    assert session.prompt_ids(questions[0]) is first  # kept, and now the most recent
+    for q in questions[3:]:
+        session.prompt_ids(q)
+    assert list(session._prompt_ids) == questions[3:]
+    blank = Image.new("RGB", session.adapter.image_size, (255, 255, 255))
+    want = session.processor(images=[blank], text=[llava_prompt(questions[0])], return_tensors="pt")["input_ids"]
+    assert torch.equal(session.prompt_ids(questions[0]), want) and list(session._prompt_ids) == [*questions[4:], questions[0]]
+
+
 def test_threads_do_not_see_each_others_clamps(session, images):
     block = session.block
     pixels = session.adapter.preprocess(images[:2])
