@@ -94,6 +94,24 @@ MS_PEAK_CUT = 3.0
 """A set whose tallest MS bar is over this many times the others' tallest is cut (see ms_histogram)."""
 
 
+def ms_summary(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.ndarray | None = None) -> str:
+    """The MS histogram's sets in words, for a screen reader (the plot is an image) and for a quick read: each set's
+    scored count, median, middle half and 10th-90th percentiles (numpy's linear quantiles), to 3 decimals."""
+    parts = []
+    for values, name in ((ms_sae, "SAE latents"), (ms_raw, "raw neurons"), (ms_patch, "SAE latents by patches")):
+        if values is None:
+            continue
+        v = np.asarray(values, np.float64)
+        v = v[np.isfinite(v)]
+        if not v.size:
+            parts.append(f"{name}: none scored")
+            continue
+        q10, q25, q50, q75, q90 = np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9])
+        parts.append(f"{name} ({v.size:,} scored): median {q50:.3f}, middle half {q25:.3f}-{q75:.3f}, "
+                     f"10th-90th percentile {q10:.3f}-{q90:.3f}")
+    return "**MS distribution** (the plot below, in words): " + "; ".join(parts) + "." if parts else ""
+
+
 def ms_histogram(ms_sae: np.ndarray, ms_raw: np.ndarray | None, ms_patch: np.ndarray | None = None):
     """Distribution of MS for the SAE's latents and, when stored, the layer's raw neurons and the SAE
     latents' MS by the max over patches (a CLS-scored bundle): the % of each set's scored neurons per

@@ -1002,8 +1002,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
             cols = ex.columns
             raw = np.asarray(ex.bundle.array("raw/ms")) if ex.bundle.has("raw/ms") else None
             facts = "\n".join(f"- **{k}**: {markdown_code(v)}" for k, v in ex.facts().items() if v is not None)
-            return ("### Bundle\n" + facts, ex.metrics_rows(), figures.ms_histogram(cols["ms"], raw, cols.get("patch_ms")),
-                    figures.ms_frequency_scatter(cols))
+            # the histogram's numbers as text: to a screen reader the plot is an image (until 2026-12-06, nothing)
+            summary = figures.ms_summary(cols["ms"], raw, cols.get("patch_ms"))
+            return ("### Bundle\n" + facts + (f"\n\n{summary}" if summary else ""), ex.metrics_rows(),
+                    figures.ms_histogram(cols["ms"], raw, cols.get("patch_ms")), figures.ms_frequency_scatter(cols))
 
         demo.load(overview, outputs=[facts_md, metrics_df, ms_hist_plot, scatter_plot], api_name="overview")
 

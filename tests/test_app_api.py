@@ -45,6 +45,15 @@ def test_every_action_is_named(client):
     assert not any(n.startswith("/lambda") or n.startswith("/fn_") for n in names)
 
 
+def test_the_overview_gives_the_ms_histogram_in_words(client, explorer_app):
+    """The facts name each set's median MS, as the bundle's arrays give it (np.median here)."""
+    facts = client.predict(api_name="/overview")[0]
+    for path, name in (("neurons/ms.npy", "SAE latents"), ("raw/ms.npy", "raw neurons")):
+        ms = np.load(explorer_app.bundle / path)
+        ms = ms[np.isfinite(ms)]
+        assert f"{name} ({ms.size:,} scored): median {np.median(ms.astype(np.float64)):.3f}," in facts
+
+
 def test_probe_panel_follows_the_bundles_ood_results(client, explorer_app):
     """Without probes/ood.json (the fresh tiny bundle) the panel names the command and hides the plot; a
     reused bundle (SAE_TINY_BUNDLE) may hold results, and then the note names the file's best detectors."""

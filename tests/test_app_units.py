@@ -607,6 +607,17 @@ def _contrast(a, b) -> float:
     return (hi + 0.05) / (lo + 0.05)
 
 
+def test_the_ms_histogram_is_given_in_words():
+    """To a screen reader the MS histogram was an image of tick numbers, with no text form on the page (a
+    reviewer's accessibility pass, 2026-12-05): each set's count, median and spread are written under the facts.
+    Percentiles by linear interpolation between order statistics, worked out by hand here."""
+    sae = np.array([0.5, np.nan, 0.1, 0.4, 0.2, 0.3])  # sorted 0.1 ... 0.5: q at (n - 1) p
+    text = figures.ms_summary(sae, None, np.array([np.nan, np.nan]))
+    assert text == ("**MS distribution** (the plot below, in words): SAE latents (5 scored): median 0.300, middle "
+                    "half 0.200-0.400, 10th-90th percentile 0.140-0.460; SAE latents by patches: none scored.")
+    assert "raw neurons (2 scored): median 0.250," in figures.ms_summary(sae, np.array([0.2, 0.3]))
+
+
 def test_figure_text_and_the_theme_meet_wcag_contrast():
     """A reviewer's measurements (2026-12-05): 211 of the demo tree's 256 labels below WCAG's 4.5:1 (white on the
     Viridis greens, 2.9:1), every hover box 2.7-4.1:1 (white or #444 on the trace's colour), white on the primary
