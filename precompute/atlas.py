@@ -380,7 +380,7 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
         # killed one finished with the new SAE's decoder figures beside the old SAE's galleries, in silence
         old = {**files, **old}  # (recorded before the night of 2026-12-05: taken as these)
         for key, (spec_key, what) in changed_what.items():
-            if old[key] != files[key] and old.get(spec_key) == job.identity()[spec_key]:
+            if old[key] != files[key] and old.get(spec_key) == identity[spec_key]:
                 raise files_changed(out, what, "build")
         return old
 
@@ -393,7 +393,8 @@ def _build_stages(job: AtlasJob, sae, out: Path, world, progress) -> dict:
                     "embedder_files": ("embedder", f"the weights of {job.embedder}"),
                     "sae_file": ("sae", f"the SAE's weights in {job.sae}"),
                     "vocabulary_sha256": ("vocabulary", f"the concepts of {job.vocabulary}")}
-    _check_identity(out, {**job.identity(), "items_sha256": digest, **files}, recorded)
+    identity = {**job.identity(), "items_sha256": digest, **files}
+    _check_identity(out, identity, recorded)
     _redo_broken_stages(out, job, world, progress.note if progress is not None else lambda line: print(line, file=sys.stderr))
     if stage_info(out, "scan") is not None:  # a kill between the scan's mark and this removal left it for good
         scan_checkpoint_path(out).unlink(missing_ok=True)  # (until 2026-12-05: ~4 GB at the paper's size)
@@ -526,7 +527,8 @@ def _stage_scan(job: AtlasJob, sae, out: Path, advance, note) -> dict:
 
         table = factor_table(ds.factors, np.arange(n))
         reference_embed = functools.partial(factor_embedding, table)
-    # _check_identity already holds the out dir to these settings; an SAE retrained in place is not
+    # _check_identity already holds the out dir to these settings, the SAE file's size and time among them (since
+    # 2026-12-05); the scan's saved state keeps its own record of them, as it did before the settings did
     weights = weights_file(job.sae).stat()
     checkpoint = ScanCheckpoint(scan_checkpoint_path(out), every_images=job.checkpoint_every,
                                 every_s=300.0 if job.checkpoint_every is None else math.inf,

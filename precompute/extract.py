@@ -267,9 +267,10 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
         if info.is_main and (warning := first_images_warning(ds, n_images)):
             print(warning, file=sys.stderr)
         identity = {"model": cfg.model, "dataset": cfg.dataset, "layers": names, "tokens": str(token_spec),
-                    "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision,
-                    "items_sha256": items_digest(ds, n_images), "images_files": image_files_digest(ds, n_images),
-                    "model_files": model_files_digest(cfg.model)}
+                    "dtype": cfg.dtype, "n_images": n_images, "seed": cfg.seed, "precision": precision}
+        if info.is_main:  # only rank 0 checks the plan: other ranks would read every image's name and stat its file
+            identity.update(items_sha256=items_digest(ds, n_images), images_files=image_files_digest(ds, n_images),
+                            model_files=model_files_digest(cfg.model))
         rows_per = max(1 if lay.kind == "embed" else token_spec.rows_per_image(adapter.layout) for lay in layers)
         out = Path(cfg.out)
         plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main, info.world_size)

@@ -103,7 +103,7 @@ def checked_index(value, what: str, n: int, covers: str) -> int:
         i = int(integer_text(value) if isinstance(value, str) else value)  # None: TypeError
         # a float of any kind, a 0-d array or tensor included, must be whole (np.array(2.5) and torch.tensor(2.5)
         # were id 2 until 2026-12-05)
-        boolean = isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+        boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")  # np.bool_ too
         if boolean or (not isinstance(value, (int, np.integer, str)) and float(value) != i):
             raise ValueError
     except (TypeError, ValueError, OverflowError):

@@ -183,7 +183,11 @@ class MSAccumulator:
         # values, next to the O(n d K) product below.
         for k0 in range(0, self.n_neurons, block):
             x = acts[:, k0:k0 + block]
-            _raise_non_finite(~torch.isfinite(x) if isinstance(x, torch.Tensor) else ~np.isfinite(np.asarray(x)),
+            if not isinstance(x, torch.Tensor):
+                x = np.asarray(x)
+                if x.dtype.kind not in "fiub":
+                    raise UserError(f"activations must hold numbers, got dtype {x.dtype}; pass a float array.")
+            _raise_non_finite(~torch.isfinite(x) if isinstance(x, torch.Tensor) else ~np.isfinite(x),
                               "activations", self.n, k0)
         for k0 in range(0, self.n_neurons, block):
             k1 = min(self.n_neurons, k0 + block)
@@ -197,9 +201,6 @@ class MSAccumulator:
             else:
                 x = _as_tensor(acts[:, k0:k1], self.device, "activations")
                 st = _block_stats_torch(x, shift)
-            if not bool(torch.isfinite(st.sy).all() and torch.isfinite(st.syy).all()):   # NaN/inf anywhere
-                _raise_non_finite(~np.isfinite(np.asarray(x, np.float64)) if on_cpu else ~torch.isfinite(x),
-                                  "activations", self.n, k0)
             if self.n == 0:
                 if self.shift is None:
                     self.shift = torch.empty(self.n_neurons, dtype=torch.float64, device=self.device)

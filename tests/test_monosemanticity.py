@@ -144,6 +144,8 @@ def test_a_refused_chunk_leaves_the_scores_as_they_were(small_case, monkeypatch)
     for form in (bad, torch.from_numpy(bad)):
         with pytest.raises(UserError, match=rf"non-finite value \(NaN or inf\) at image 18, column {acts.shape[1] - 1};"):
             acc.update(form, emb[15:30])
+    with pytest.raises(UserError, match="activations must hold numbers, got dtype <U1"):  # (checked first too)
+        acc.update(np.full((15, acts.shape[1]), "x"), emb[15:30])
     acc.update(acts[30:], emb[30:])
     keep = np.r_[0:15, 30:len(acts)]
     np.testing.assert_allclose(acc.result().ms, pairwise_ms(acts[keep], emb[keep]), atol=1e-6, rtol=0, equal_nan=True)
