@@ -1,5 +1,7 @@
 # One entry point for set-up and tests; CI calls `make test` (see README.md).
 PY ?= python3
+# transformers 5.24+ (steering's KV-cached decoding passes `cache=`) requires Python 3.11; README says so
+PYTHON_MIN := 3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,6 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c 'import sys; sys.exit(None if sys.version_info >= tuple(map(int, "$(PYTHON_MIN)".split("."))) else f"error: $(VENV) has Python {sys.version.split()[0]} and the project needs Python $(PYTHON_MIN) or newer (transformers 5.24, which steering needs, requires it); run make clean, then make setup PY=python$(PYTHON_MIN) (or a newer python).")'
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements.txt
 	touch $(STAMP)

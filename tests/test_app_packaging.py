@@ -315,3 +315,55 @@ def test_requirements_list_every_package_our_code_imports_and_no_test_tool():
     assert {"pytest", "playwright"} <= dev and not {"pytest", "playwright"} & runtime
     # what requirements.txt lists beyond the imports, each for a reason its comment gives
     assert runtime - set(wanted) <= {"torchvision", "accelerate", "sentencepiece", "protobuf"}
+
+
+def test_the_python_floor_is_what_every_requirement_admits_and_setup_refuses_below_it(tmp_path):
+    """DESIGN.md promised Python 3.10+, but transformers>=5.24 (steering's `cache=`) requires 3.11: on 3.10.13
+    `make setup` stopped inside pip with "No matching distribution found" (a review, 2026-12-06). The floor is
+    written once (the Makefile's PYTHON_MIN), the README says it, every installed requirement's Requires-Python
+    admits it, and setup refuses a venv below it in one sentence before pip runs."""
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    floor = re.search(r"^PYTHON_MIN := (3\.\d+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    readme = (REPO / "README.md").read_text()
+    assert f"Python {floor} or newer" in readme
+    version = tuple(map(int, floor.split(".")))
+    assert tuple(map(int, re.search(r'^python_version: "(3\.\d+)"', readme, re.M).group(1).split("."))) >= version
+    assert tuple(map(int, re.search(r"^FROM python:(3\.\d+)", (REPO / "Dockerfile").read_text(), re.M)
+                     .group(1).split("."))) >= version
+    refused = {}
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (REPO / name).read_text().splitlines():
+            if line.split("#")[0].strip():
+                req = Requirement(line.split("#")[0].strip())
+                try:
+                    needs = metadata(req.name).get("Requires-Python") or ""
+                except PackageNotFoundError:  # pragma: no cover - the venv installs both files
+                    needs = "not installed"
+                if needs == "not installed" or not SpecifierSet(needs).contains(f"{floor}.0"):
+                    refused[req.name] = needs
+    assert refused == {}
+    assert sys.version_info >= version
+    # the set-up's check, as make runs it, on this interpreter: passes at the floor, refuses a floor above it
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+
+    def check(minimum: str) -> subprocess.CompletedProcess:
+        lines = subprocess.run(["make", "-s", "-n", "-B", "setup", f"VENV={venv}", f"PYTHON_MIN={minimum}"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+        line = next(x for x in lines if "sys.version_info" in x)
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True)
+
+    assert check(floor).returncode == 0
+    above = f"{sys.version_info[0]}.{sys.version_info[1] + 1}"
+    proc = check(above)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: {venv} has Python {sys.version.split()[0]} and the project needs Python {above} or newer "
+        f"(transformers 5.24, which steering needs, requires it); run make clean, then make setup PY=python{above} "
+        "(or a newer python).")
