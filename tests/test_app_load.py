@@ -1,4 +1,5 @@
-"""Load: 20 concurrent clients x 25 neuron-page calls against `python -m app`, zero errors.
+"""Load: 20 concurrent clients x 6 neuron-page calls against `python -m app`, zero errors (25 each until
+2026-12-06: 32 s of the suite for the same 20 calls in flight at once; the benchmark keeps 25).
 
 The clients speak Gradio's HTTP API (POST /gradio_api/call/neuron_page + its event stream, one
 connection and one session each, as browser tabs do); gradio_client costs 30x more client CPU and would measure the
@@ -13,12 +14,12 @@ from benchmarks.app_load import HttpCaller, neuron_page_load
 
 
 @pytest.mark.slow
-def test_twenty_clients_twenty_five_neuron_pages_each(explorer_app):
+def test_twenty_clients_six_neuron_pages_each(explorer_app):
     n = len(np.load(explorer_app.bundle / "neurons" / "ms.npy"))
-    res = neuron_page_load(explorer_app.url, n, clients=20, calls=25)
+    res = neuron_page_load(explorer_app.url, n, clients=20, calls=6)
     print(f"\nload: {res['calls']} calls, {len(res['errors'])} errors, p50 {res['p50_s'] * 1e3:.0f} ms, "
           f"p95 {res['p95_s'] * 1e3:.0f} ms, {res['per_s']:.1f} calls/s")
-    assert res["calls"] == 500
+    assert res["calls"] == 120
     assert res["errors"] == [], res["errors"][:5]
 
 

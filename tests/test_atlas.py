@@ -1174,27 +1174,26 @@ def test_a_limit_below_two_images_and_a_missing_vocabulary_are_refused_before_an
     assert not (tmp_path / "b").exists()
 
 
-def test_a_topk_whose_galleries_cannot_fit_is_refused_and_does_not_lock_the_folder(tiny_bundle, tmp_path):
+def test_a_topk_whose_galleries_cannot_fit_is_refused_and_does_not_lock_the_folder(tiny_bundle, tmp_path, capsys):
     """--topk 10^8 on the tiny SAE asks 763 GiB of patch heat (256 x 10^8 x 16 x 2 bytes, figured here): one
     sentence before any image (a DefaultCPUAllocator traceback before), and the same --out then takes a
-    --topk that fits."""
+    --topk that fits (in this process: a refusal that kept --out's lock would refuse it)."""
+    from precompute.__main__ import main
+
     m = json.loads((Path(tiny_bundle) / "manifest.json").read_text())
-    args = [sys.executable, "-m", "precompute", "atlas", "--sae", str(Path(tiny_bundle) / "sae"), "--dataset",
-            m["dataset"]["spec"], "--model", m["model"]["spec"], "--layer=-2", "--embedder", m["embedder"]["spec"],
-            "--out", str(tmp_path / "b"), "--limit", "3", "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(args + ["--topk", str(10**8)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    args = ["atlas", "--sae", str(Path(tiny_bundle) / "sae"), "--dataset", m["dataset"]["spec"], "--model",
+            m["model"]["spec"], "--layer=-2", "--embedder", m["embedder"]["spec"], "--out", str(tmp_path / "b"),
+            "--limit", "3", "--device", "cpu"]
     gib = 256 * 10**8 * 16 * 2 / 2**30
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+    assert main(args + ["--topk", str(10**8)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: --topk 100000000 would hold {gib:,.1f} GiB of patch heat (256 latents x 100000000 images x 16 patches")
-    assert "Traceback" not in proc.stderr
     # one that fits but asks more top images than the scan covers (and than the default 16): refused before the
     # scan, where the hierarchy's image pairs ran out of memory after it (--topk 100000 on 16 images: 37 GiB)
-    proc = subprocess.run(args + ["--topk", "17"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+    assert main(args + ["--topk", "17"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --topk 17 asks for more top images than the 3 the scan covers; give --topk 16 or less.")
-    proc = subprocess.run(args + ["--topk", "4"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(args + ["--topk", "4"]) == 0, capsys.readouterr().err[-2000:]
     assert np.load(tmp_path / "b/neurons/top_images.npy").shape == (256, 4)
 
 

@@ -417,6 +417,9 @@ def test_train_pool_is_rendered_once_per_world_in_a_process(tmp_path):
 def test_a_resumed_demo_still_says_it_built_its_world(tiny_world, tmp_path, monkeypatch, capsys):
     """The manifest's demo.world_built_here came from the process's memory: a demo killed after its world stage and
     run again said false (a helper's 4 of 4 trials, until 2026-12-05). A demo on a world that was there says false."""
+    import dataclasses
+
+    import precompute.demo
     import precompute.extract
     import precompute.world
     from precompute.__main__ import main
@@ -431,6 +434,9 @@ def test_a_resumed_demo_still_says_it_built_its_world(tiny_world, tmp_path, monk
 
     monkeypatch.setattr(precompute.world, "run", build_world)
     monkeypatch.setattr(precompute.extract, "run", killed)
+    # the flag is the matter here, not the SAE: a smaller pipeline than the preset's (16 s of the suite before)
+    monkeypatch.setitem(precompute.demo.PRESETS, "tiny", dataclasses.replace(
+        precompute.demo.PRESETS["tiny"], train_images=200, steps=10, batch_size=64, atlas_images=64))
     argv = ["demo", "--out", str(tmp_path / "b"), "--preset", "tiny", "--world", str(tmp_path / "w"), "--threads", "1",
             "--quiet"]
     assert main(argv) == 130  # killed in the extract stage, after the world's
