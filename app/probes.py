@@ -92,7 +92,7 @@ class ProbeResults:
             if hit is not None and hit[0] == key:
                 return hit[1]
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             out = ("ok", build(data))
         except (OSError, UnicodeDecodeError) as e:
             out = ("unreadable", f"it cannot be read ({e.__class__.__name__})")

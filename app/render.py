@@ -181,6 +181,6 @@ class ImageCache:
         path = self.root / name
         with self._writing(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")) as tmp:
             self.root.mkdir(parents=True, exist_ok=True)  # as in get_or_make
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)
         return str(path)

@@ -219,7 +219,8 @@ def spawn(bundle: str | Path, port: int | None = None, cache: str | Path | None 
         except OSError:
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError(f"the app did not start within {timeout:.0f} s:\n" + Path(log.name).read_text()[-3000:])
+    said = Path(log.name).read_text(encoding="utf-8")[-3000:]
+    raise RuntimeError(f"the app did not start within {timeout:.0f} s:\n" + said)
 
 
 def _free_port() -> int:

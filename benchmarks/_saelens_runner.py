@@ -180,14 +180,14 @@ def make(spec: dict) -> dict:
 
 def main() -> int:
     mode, spec_path = sys.argv[1], sys.argv[2]
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     result = {"train": train, "export": export, "make": make}[mode](spec)
     import importlib.metadata
 
     result["sae_lens_version"] = importlib.metadata.version("sae-lens")
     result["torch_version"] = torch.__version__
     result["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    Path(spec["result"]).write_text(json.dumps(result))
+    Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 

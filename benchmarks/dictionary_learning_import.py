@@ -79,7 +79,7 @@ def check(work: Path) -> int:
         folder = work / name
         folder.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, str(folder / "ae.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": name, "k": K}}))
+        (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": name, "k": K}}), encoding="utf-8")
         sae = load_sae(folder)
         with torch.no_grad():
             z = sae.encode(x)

@@ -152,7 +152,7 @@ def run_ours(spec: dict) -> dict:
     train_sae(store, sae_cfg, cfg, out_dir, device=spec["device"], log_every=1, progress=False,
               checkpoint_seconds=float("inf"))
     # Steady-state speed from the per-step log (log_every=1: each row times exactly one step).
-    with open(out_dir / "train_log.csv") as f:
+    with open(out_dir / "train_log.csv", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) > spec["timing_skip"]]
     tokens = sum(spec["batch_size"] for _ in rows)
     seconds = sum(spec["batch_size"] / float(r["tokens_per_s"]) for r in rows)
@@ -183,10 +183,10 @@ def run_ours(spec: dict) -> dict:
 
 
 def _worker(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     result = run_ours(spec)
     result["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    Path(spec["result"]).write_text(json.dumps(result))
+    Path(spec["result"]).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 
@@ -223,7 +223,7 @@ def run_row(kind: str, spec: dict, work: Path, py_saelens: Path | None) -> dict:
             "x_hat_btk": str(work / f"{name}.xhat_btk.npy"),
             "out_dir": str(work / name)}
     spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
     if kind == "ours":
         cmd = [sys.executable, "-m", "benchmarks.sae_train", "--worker", str(spec_path)]
     else:
@@ -233,7 +233,7 @@ def run_row(kind: str, spec: dict, work: Path, py_saelens: Path | None) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"row {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(Path(spec["result"]).read_text())
+    result = json.loads(Path(spec["result"]).read_text(encoding="utf-8"))
     result["wall_s"] = time.perf_counter() - t
     result["x_hat_path"], result["x_hat_btk_path"] = spec["x_hat"], spec["x_hat_btk"]
     return result

@@ -66,7 +66,7 @@ def check_export(work: Path, archs: tuple[str, ...] = ("batchtopk", "matryoshka"
             x_hat_ours = sae.decode(sae.encode(x)).numpy()
         spec = {"export_dir": str(out), "x": str(work / "x.npy"), "z_out": str(work / f"{arch}_z.npy"),
                 "x_hat_out": str(work / f"{arch}_xhat.npy"), "result": str(work / f"{arch}_result.json")}
-        (work / f"{arch}_spec.json").write_text(json.dumps(spec))
+        (work / f"{arch}_spec.json").write_text(json.dumps(spec), encoding="utf-8")
         proc = subprocess.run([str(py), str(RUNNER), "export", str(work / f"{arch}_spec.json")], cwd=ROOT,
                               env=_env(), capture_output=True, text=True)
         if proc.returncode != 0:
@@ -74,7 +74,7 @@ def check_export(work: Path, archs: tuple[str, ...] = ("batchtopk", "matryoshka"
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             rows.append((arch, "load failed", last, "", ""))
             continue
-        res = json.loads(Path(spec["result"]).read_text())
+        res = json.loads(Path(spec["result"]).read_text(encoding="utf-8"))
         dz, dx, same, passed = compare_codes(z_ours, x_hat_ours, np.load(spec["z_out"]), np.load(spec["x_hat_out"]))
         ok &= passed
         rows.append((arch, f"{res['class']} ({res['architecture']})", f"{dz:.2e}", f"{dx:.2e}", str(same)))
@@ -124,13 +124,13 @@ def check_import(work: Path) -> int:
     spec = {"x": str(work / "x_import.npy"), "out_root": str(work / "from_saelens"), "cases": cases,
             "result": str(work / "import_result.json")}
     shutil.rmtree(spec["out_root"], ignore_errors=True)
-    (work / "import_spec.json").write_text(json.dumps(spec))
+    (work / "import_spec.json").write_text(json.dumps(spec), encoding="utf-8")
     proc = subprocess.run([str(py), str(RUNNER), "make", str(work / "import_spec.json")], cwd=ROOT, env=_env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stderr[-2000:])
         return 1
-    made = json.loads(Path(spec["result"]).read_text())["cases"]
+    made = json.loads(Path(spec["result"]).read_text(encoding="utf-8"))["cases"]
     rows, ok = [], True
     for case in cases:
         info = made[case["name"]]

@@ -184,7 +184,7 @@ def stage_info(out: Path, name: str) -> dict | None:
 def read_json_dict(path: Path) -> dict | None:
     """The JSON object at `path`, or None where it is missing, unreadable or no object."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
@@ -642,7 +642,7 @@ def _stage_hierarchy(job, sae, out, scan_info, world):
     if any(ds.taxonomy_path(int(i)) is not None for i in np.unique(top[top >= 0])):
         depth_per_level, per_neuron = taxonomy_depth(top, level, ds.taxonomy_path, n_top=job.topk)
         B.write_array(out, "neurons/taxonomy_depth.npy", per_neuron.astype(np.float32))
-    labels = json.loads((out / B.LABELS).read_text())["labels"]
+    labels = json.loads((out / B.LABELS).read_text(encoding="utf-8"))["labels"]
     tree = build_tree(level, parent, labels=labels, ms=np.load(out / "neurons/ms.npy"),
                       label_score=np.load(out / "neurons/label_score.npy"), support=np.load(out / "neurons/support.npy"),
                       parent_coact=parent_coact, parent_cos=parent_cos, parent_decoder=parent_decoder,
@@ -744,7 +744,7 @@ def _label_accuracy(out: Path, ds, gallery: np.ndarray, from_patch: np.ndarray, 
     every neuron's label by patches against its gallery by the max over patches (`patch_top`)."""
     from sae_core.labels import dominant_factors, label_accuracy, world_factor_values
 
-    lab = json.loads((out / B.LABELS).read_text())
+    lab = json.loads((out / B.LABELS).read_text(encoding="utf-8"))
     values, allowed = world_factor_values(ds), lab["vocabulary"] or None
     # over the gallery the labels were read from, --topk images (until 2026-12-05 its first 16 whatever --topk)
     dom = dominant_factors(gallery, values, n_top=gallery.shape[1], allowed=allowed)

@@ -149,7 +149,7 @@ def run(args) -> int:
             # 4. cross-modal scores
             if cm_path.is_file():
                 progress.skip("crossmodal")
-                report = json.loads(cm_path.read_text())
+                report = json.loads(cm_path.read_text(encoding="utf-8"))
             else:
                 with progress.stage("crossmodal") as advance:
                     report = crossmodal_report(lm, sae, WorldDataset(world, "val"), preset.eval_images, args.threshold,

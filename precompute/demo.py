@@ -164,7 +164,7 @@ def run(args) -> int:
                                                      threads=args.threads))
             built_world = built_here.is_file()
             _hold_world_files(out, world)
-            wmeta = json.loads((world / "world.json").read_text())
+            wmeta = json.loads((world / "world.json").read_text(encoding="utf-8"))
 
             # 2. activations for training: sampled tokens of the train split at LLaVA's vision layer -2
             model = f"world:{world}:llava"

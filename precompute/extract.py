@@ -179,7 +179,7 @@ def _plan(cfg: ExtractConfig, out: Path, identity: dict, rows_per_image: int, wi
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if run_file.exists():
-            plan = json.loads(run_file.read_text())
+            plan = json.loads(run_file.read_text(encoding="utf-8"))
             old = plan.get("identity", {})
             # before 2026-12-05 a relative path in a spec was recorded as typed: from the same folder, it names this one
             old = {**old, **{k: absolute_spec(old[k]) for k in ("model", "dataset") if isinstance(old.get(k), str)}}
@@ -276,7 +276,7 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
         plan = _plan(cfg, out, identity, rows_per, max(adapter.width, adapter.embed_dim), info.is_main, info.world_size)
         barrier(info)
         if not info.is_main:
-            plan = json.loads((out / RUN_FILE).read_text())
+            plan = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
         S, n_shards = plan["shard_images"], plan["n_shards"]
         progress = out / "progress"
         layer_dirs = {lay.name: out / f"layer_{lay.name}" for lay in layers}
@@ -342,7 +342,7 @@ def _extract(cfg: ExtractConfig, command: str) -> dict:
                              elapsed, done_images, info.world_size)
         barrier(info)
         if not info.is_main:
-            summary = json.loads((out / RUN_FILE).read_text())
+            summary = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
         return summary
     finally:
         finish_distributed(info)
@@ -355,7 +355,7 @@ def _shard_done(marker: Path, layer_dirs: dict[str, Path]) -> bool:
     if not marker.exists():
         return False
     try:
-        rows = json.loads(marker.read_text())["rows"]
+        rows = json.loads(marker.read_text(encoding="utf-8"))["rows"]
         for name, d in layer_dirs.items():
             acts = np.load(d / "shards" / marker.with_suffix(".npy").name, mmap_mode="r")
             index = np.load(d / "shards" / marker.with_suffix(".index.npy").name, mmap_mode="r")
@@ -418,7 +418,7 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
         p = out / "progress" / f"{k:05d}.json"
         if not p.exists():
             raise UserError(f"shard {k} of {out} is missing after all processes finished; rerun the same command to complete it.")
-        markers.append(json.loads(p.read_text()))
+        markers.append(json.loads(p.read_text(encoding="utf-8")))
     skipped = [s for m in markers for s in m["skipped"]]
     n_images = plan["identity"]["n_images"]
     if len(skipped) == n_images:
@@ -459,7 +459,8 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
                                 "processes": world_size},
                "config": asdict(cfg)}
     write_json_atomic(out / RUN_FILE, summary)
-    print(f"wrote {len(layers)} store(s) under {out}: " + ", ".join(
-        f"layer_{lay.name} ({json.loads((layer_dirs[lay.name] / MANIFEST).read_text())['rows']} rows)" for lay in layers),
-        file=sys.stderr)
+    rows = {lay.name: json.loads((layer_dirs[lay.name] / MANIFEST).read_text(encoding="utf-8"))["rows"]
+            for lay in layers}
+    print(f"wrote {len(layers)} store(s) under {out}: " + ", ".join(f"layer_{n} ({r} rows)" for n, r in rows.items()),
+          file=sys.stderr)
     return summary

@@ -188,7 +188,7 @@ def training_summary(spec: str) -> dict:
     last = None
     log = path / "train_log.csv"
     if log.is_file():
-        with open(log, newline="") as f:
+        with open(log, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         last = {k: _number(v) for k, v in rows[-1].items()} if rows else None
     if not (path / "checkpoint").is_dir():  # started, its first checkpoint not saved yet: the log alone says how far

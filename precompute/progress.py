@@ -92,10 +92,10 @@ class PipelineProgress:
         old = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"
         if self.log is None:
-            sink = open(os.devnull, "w")
+            sink = open(os.devnull, "w", encoding="utf-8")
         else:
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            sink = open(self.log, "a")
+            sink = open(self.log, "a", encoding="utf-8")
         # Python logging too: a library's first logging.warning() inside the stage (open_clip's "no pretrained
         # weights") would otherwise configure the root logger on this sink, and every later warning would
         # write to it after it is closed ("--- Logging error --- I/O operation on closed file").

@@ -107,7 +107,7 @@ def _train(args, store: ActivationStore, sae_cfg: SAEConfig, cfg: TrainConfig, o
     remove_stale_temporaries(out, ["train_log.csv", "metrics.json", CONFIG, WEIGHTS])
     if finished(out):
         try:
-            done = json.loads((out / CONFIG).read_text())
+            done = json.loads((out / CONFIG).read_text(encoding="utf-8"))
         except ValueError:
             done = None
         if not (isinstance(done, dict) and {"arch", "d_sae"} <= done.keys()):

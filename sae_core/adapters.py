@@ -724,7 +724,7 @@ def _load_llava_tower(source: str, cfg) -> nn.Module:
     tower = AutoModel.from_config(cfg.vision_config)
     index = cached_file(source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     if index:
-        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
         names = sorted({f for k, f in weight_map.items() if "vision_tower." in k})
     else:
         names = ["model.safetensors"]

@@ -79,7 +79,7 @@ def read_json_object(path: str | Path, fix: str) -> dict:
     """The JSON object in `path`; UserError (one sentence ending in `fix`, what to do) when the file cannot be read,
     is not JSON (a copy cut short), or holds another JSON value than an object."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # JSON or UTF-8 decoding; nested deeper than json reads
         raise UserError(f"{path} cannot be read as JSON ({e}); {fix}.") from None
     if not isinstance(value, dict):
@@ -95,7 +95,7 @@ def json_kind(value) -> str:
 def write_json_atomic(path: str | Path, obj) -> None:
     """`obj` as JSON at `path` (strict_json)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(strict_json(obj, indent=2) + "\n")
+        tmp.write_text(strict_json(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def first_difference(then, now, path: str = "") -> str | None:
@@ -161,7 +161,7 @@ def lock_holder(folder: str | Path) -> str | None:
     if folder / LOCK_FILE in _HELD:
         return None
     try:
-        f = open(folder / LOCK_FILE)
+        f = open(folder / LOCK_FILE, encoding="utf-8")
     except OSError:  # no lock file: nobody writes there
         return None
     with f:
@@ -241,7 +241,7 @@ def _exclusive_lock(path: Path, busy):
     import time
 
     while True:
-        f = open(path, "a+")
+        f = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -207,7 +207,7 @@ class Bundle:
                             f"running); re-run the command that builds it to complete it (`python -m precompute "
                             f"inspect {root}` says how far it got and which command that is).")
         try:
-            manifest = json.loads(mpath.read_text())
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than json reads
             raise UserError(f"{mpath} cannot be read as JSON ({e}); rebuild the bundle.") from e
         if isinstance(manifest, dict) and "shards" in manifest and "schema_version" not in manifest:

@@ -21,7 +21,7 @@ def folder_kind(path: Path) -> str | None:
         return None
     if (path / "manifest.json").is_file():  # a bundle's or a store's (a damaged one: the bundle reader names it)
         try:
-            return "store" if "shards" in json.loads((path / "manifest.json").read_text()) else "bundle"
+            return "store" if "shards" in json.loads((path / "manifest.json").read_text(encoding="utf-8")) else "bundle"
         except (OSError, ValueError, TypeError, RecursionError):
             return "bundle"
     if (path / "extract.json").is_file():
@@ -51,7 +51,7 @@ def refuse_bundle_as_world(path: Path) -> None:
         where = f"the world it carries is {path / 'world'}: pass that"
     else:
         try:
-            named = json.loads((path / "manifest.json").read_text()).get("world")
+            named = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("world")
         except (OSError, ValueError, AttributeError, RecursionError):
             named = None
         where = (f"it was built on the world {named}: pass that" if isinstance(named, str) and named else

@@ -163,14 +163,15 @@ class Journal:
             lines = []
         # a new file, or the whole lines of one a kill cut short (the next line must not join the cut one)
         with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(d, allow_nan=False) + "\n" for d in lines or [{"settings": self.settings}]))
+            text = "".join(json.dumps(d, allow_nan=False) + "\n" for d in lines or [{"settings": self.settings}])
+            tmp.write_text(text, encoding="utf-8")
 
     def _read_lines(self) -> tuple[list[dict], bool]:
         """The file's JSON-object lines up to the first that is not one, and whether that was all of it."""
         if not self.path.exists():
             return [], True
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             return [], False
         lines = []
@@ -191,7 +192,7 @@ class Journal:
         value = compute()
         # NaN as null (json_safe), as every JSON file here: steer-eval's undefined collateral kept is NaN
         line = json.dumps({"key": key, "value": json_safe(value)}, allow_nan=False) + "\n"
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -208,7 +208,7 @@ def read_info(path: str | Path) -> dict:
     when that file is damaged."""
     side = info_path(path)
     try:
-        info = json.loads(side.read_text()) if side.is_file() else {}
+        info = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
     except (OSError, ValueError, RecursionError) as e:  # written atomically: damaged afterwards (a copy cut short)
         raise UserError(f"{side} cannot be read as JSON ({e}); copy the bundle again or rebuild it.") from None
     rerank = info.get("rerank", 10) if isinstance(info, dict) else None

@@ -450,7 +450,7 @@ class LearnedDeltas:
 
 def load_learned(path: str | Path) -> LearnedDeltas:
     try:
-        return LearnedDeltas.from_json(json.loads(Path(path).read_text()))
+        return LearnedDeltas.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read learned deltas from {path} ({e}); write them with steer-eval --learned-out.") from None
 

@@ -147,7 +147,7 @@ class _Checkpoint:
         header carried them falls back to state.json)."""
         try:
             meta = self._embedded_meta()
-            return meta if meta is not None else json.loads(self.meta.read_text())
+            return meta if meta is not None else json.loads(self.meta.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UserError(f"the checkpoint in {self.dir} cannot be read ({e}); delete that folder to start the "
                             "run over.") from None
@@ -231,9 +231,9 @@ def _log_rows_until(path: Path, step: int) -> None:
     """Keep only CSV rows up to `step`, so that a resumed run does not log steps twice."""
     if not path.exists():
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         w.writeheader()
         w.writerows(rows)
@@ -331,7 +331,7 @@ def train_sae(
     checkpoint_failed = False  # said once
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one trains
     pending = pool.submit(load_batch, start) if start < cfg.steps else None
-    log_file = open(log_path, "a", newline="") if dist_info.is_main else None
+    log_file = open(log_path, "a", newline="", encoding="utf-8") if dist_info.is_main else None
     writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS) if log_file else None
     if writer and log_path.stat().st_size == 0:
         writer.writeheader()
@@ -394,7 +394,7 @@ def train_sae(
         pool.shutdown(wait=True)
         if log_file:
             log_file.close()
-            if start == 0 and not ckpt.exists() and len(log_path.read_text().splitlines()) <= 1:
+            if start == 0 and not ckpt.exists() and len(log_path.read_text(encoding="utf-8").splitlines()) <= 1:
                 log_path.unlink()  # a header alone: stopped before its first row, the --out holds nothing else
 
     sae.eval()

@@ -367,3 +367,39 @@ def test_the_python_floor_is_what_every_requirement_admits_and_setup_refuses_bel
         f"error: {venv} has Python {sys.version.split()[0]} and the project needs Python {above} or newer "
         f"(transformers 5.24, which steering needs, requires it); run make clean, then make setup PY=python{above} "
         "(or a newer python).")
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """Every text file our code opens names its encoding: 58 calls took the locale's, so under a locale that is not
+    UTF-8 (LC_ALL=C without Python's coercion, a Latin-1 server, Windows' cp1252) the neuron table's CSV of a
+    vocabulary with "café" or "東京" failed with a UnicodeEncodeError, as would a stage log quoting such a path
+    (until 2026-12-06). Scanned from the source; and the CSV writer run under an ASCII locale."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    bare = []
+    for folder in ("app", "sae_core", "precompute", "benchmarks"):
+        for f in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+                    continue
+                fn = node.func
+                if isinstance(fn, ast.Name) and fn.id == "open":
+                    mode = node.args[1] if len(node.args) > 1 else next(
+                        (k.value for k in node.keywords if k.arg == "mode"), ast.Constant("r"))
+                    if not (isinstance(mode, ast.Constant) and "b" in mode.value):
+                        bare.append(f"{f.relative_to(REPO)}:{node.lineno} open")
+                # our ImageCache.write_text(name, text) is not pathlib's, and names the encoding inside
+                elif isinstance(fn, ast.Attribute) and fn.attr in ("read_text", "write_text") and not (
+                        isinstance(fn.value, ast.Attribute) and fn.value.attr == "images"):
+                    bare.append(f"{f.relative_to(REPO)}:{node.lineno} {fn.attr}")
+    assert bare == []
+    code = ("import sys; from pathlib import Path; from app.render import ImageCache\n"
+            "path = ImageCache(Path(sys.argv[1]), 'b').write_text('neurons.csv', 'label\\ncaf\\u00e9\\n\\u6771\\u4eac\\n')\n"
+            "print(Path(path).read_bytes().hex())")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert bytes.fromhex(proc.stdout.strip()).decode("utf-8") == "label\ncafé\n東京\n"

@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
 
@@ -60,7 +60,7 @@ def run(args) -> int:
     meta_path = out / "world.json"
     if meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = None
         if not (isinstance(meta, dict) and {"preset", "seed"} <= meta.keys()):
@@ -85,7 +85,7 @@ def run(args) -> int:
                 print(f"[world] stage {name}: {time.time() - t:.1f} s", file=sys.stderr)
     finally:
         stages.forget_train_pool()  # the rendered train images, no longer needed (demo goes on in-process)
-    with open(out / "report.json") as f:
+    with open(out / "report.json", encoding="utf-8") as f:
         report = json.load(f)
     gates = {k: report[k] for k in stages.GATE_KEYS}
     print(strict_json({"out": str(out), "preset": args.preset, **gates, "gates_passed": report["gates_passed"],

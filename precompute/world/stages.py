@@ -56,7 +56,7 @@ def _finish_dir(tmp: Path, final: Path, info: dict) -> None:
 
 
 def _spec(out: Path) -> WorldSpec:
-    with open(out / "world.json") as f:
+    with open(out / "world.json", encoding="utf-8") as f:
         return WorldSpec.from_json(json.load(f))
 
 
@@ -156,7 +156,7 @@ def stage_report(out: Path, preset: dict, seed: int) -> None:
 
     t0 = time.time()
     spec = _spec(out)
-    with open(out / "world.json") as f:
+    with open(out / "world.json", encoding="utf-8") as f:
         meta = json.load(f)
     n_val = min(preset["eval_val"], spec.splits["val"])
     val = Pool(spec, "val", n_val, desc="render val images")
@@ -170,7 +170,7 @@ def stage_report(out: Path, preset: dict, seed: int) -> None:
     eval_s = time.time() - t0
     stage_s = {}
     for name in ("clip", "llava"):
-        with open(out / name / STAGE_FILE) as f:
+        with open(out / name / STAGE_FILE, encoding="utf-8") as f:
             stage_s[name] = json.load(f)["seconds"]
     figures = {"clip_colour_acc": zs["colour_acc"], "clip_shape_acc": zs["shape_acc"],
                "llava_colour_acc": lv["colour_acc"], "llava_shape_acc": lv["shape_acc"],

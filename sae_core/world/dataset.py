@@ -20,7 +20,7 @@ def read_world_json(root) -> dict:
     if not path.is_file():
         raise UserError(f"{root} is not an embedded world (no world.json); build one with "
                         f"`python -m precompute world --out {root}`.")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -35,7 +35,7 @@ class WorldDataset:
         self.split = split
         self.spec = WorldSpec.from_json(self.meta)
         self.n = int(self.spec.splits[split])
-        with open(self.root / "taxonomy.json") as f:
+        with open(self.root / "taxonomy.json", encoding="utf-8") as f:
             self.taxonomy = json.load(f)
         self._leaf_id = {tuple(leaf["path"]): leaf["id"] for leaf in self.taxonomy["leaves"]}
         self._render = lru_cache(maxsize=64)(self._render_uncached)
