@@ -892,10 +892,10 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                     text_button = gr.Button("Search by text")
                 with gr.Row():
                     search_image = gr.File(file_types=["image"], type="filepath", label="search neurons by image (upload)",
-                                           elem_id="search-upload", height=120)
+                                           elem_id="search-upload", height=120, visible=steer is not None)
                     search_where = gr.Image(type="filepath", interactive=False, label="where the top neuron fires",
                                             visible=False, elem_id="search-where")  # shown with an image search's table
-                    image_button = gr.Button("Search by image")
+                    image_button = gr.Button("Search by image", visible=steer is not None)  # see need_image_model
                 search_note = gr.Markdown(elem_id="search-note")
                 table = gr.Dataframe(headers=ex.table_columns, interactive=False, label="neurons (click a row to open it)",
                                      elem_id="neuron-table")
@@ -1070,7 +1070,8 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
 
         def checked_query(query) -> str:
             if searcher is None:
-                raise UserError("text search is not available for this bundle (no image embeddings or embedder).")
+                raise UserError("text search is off for this bundle: it has no image embeddings or no embedder; "
+                                "rebuild it with `python -m precompute atlas`.")
             return inputs.text(query, "query", inputs.MAX_QUERY_CHARS)
 
         @user_errors
@@ -1098,8 +1099,9 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                           url_box, api_name=False, queue=False)
 
         def need_image_model():
-            if steer is None:
-                raise UserError("image search needs the bundle's model, which is not available here.")
+            if steer is None:  # the server makes none only for a bundle whose SAE reads the language model
+                raise UserError("search by image is off for this bundle: its SAE reads the language model, while the "
+                                "search codes an image at the vision layer; use a bundle of a vision layer for it.")
 
         @user_errors
         def check_search_image(path):

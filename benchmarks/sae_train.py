@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from precompute.args import nonnegative_int, positive_int
+from sae_core.errors import UserError
 
 from . import argument_parser
 
@@ -293,14 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("--device cuda was asked for but CUDA is not available here; use --device cpu.", file=sys.stderr)
-            return 2
+            raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu.")
     steps = args.steps or (1000 if gpu else 40)
     skip = args.timing_skip if args.timing_skip is not None else max(3, steps // 10)
+    # refused in benchmarks' one "error:" line, and before the data is written (the rows' check came after it)
     if skip >= steps:
-        print(f"--timing-skip {skip} leaves no timed steps out of --steps {steps}.", file=sys.stderr)
-        return 2
+        raise UserError(f"--timing-skip {skip} leaves no timed steps out of --steps {steps}; give a --timing-skip "
+                        f"below {steps}.")
     n_rows = args.rows or ((262_144 if gpu else 65_536) + args.eval_rows)
+    if n_rows - args.eval_rows < args.batch_size:
+        raise UserError(f"--rows {n_rows} leaves {max(n_rows - args.eval_rows, 0)} training rows after the "
+                        f"--eval-rows {args.eval_rows}, fewer than one batch of {args.batch_size}; give more --rows or a "
+                        "smaller --batch-size.")
     d_sae = D_IN * args.expansion
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -308,9 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     if not data.exists():
         print(f"writing {n_rows:,} planted-dictionary rows to {data} ...", file=sys.stderr)
         make_activations(data, n_rows)
-    if n_rows - args.eval_rows < args.batch_size:
-        print(f"--rows {n_rows} leaves fewer training rows than one batch of {args.batch_size}.", file=sys.stderr)
-        return 2
 
     held_path = work / f"{data.stem}_held_out_{args.eval_rows}.npy"
     held_rows = write_held_out_rows(data, args.eval_rows, held_path)

@@ -426,8 +426,9 @@ def _merge(cfg, out, plan, layers, layer_dirs, adapter, ds, token_spec, precisio
         for k in range(plan["n_shards"]):
             (out / "progress" / f"{k:05d}.json").unlink(missing_ok=True)
         (out / RUN_FILE).unlink()  # and the plan: it holds the files as they were, and the rerun reads them mended
-        raise UserError(f"none of the {n_images} images of {cfg.dataset} could be read (first: {skipped[0]['error']}); "
-                        "check the dataset, then run the same command again (it reads them all again).")
+        said = (f"the only image of {cfg.dataset} could not be read ({skipped[0]['error']})" if n_images == 1 else
+                f"none of the {n_images} images of {cfg.dataset} could be read (first: {skipped[0]['error']})")
+        raise UserError(f"{said}; check the dataset, then run the same command again (it reads them all again).")
     model = adapter.describe()
     for lay in layers:
         shards = [{"path": f"shards/{m['shard']:05d}.npy", "index": f"shards/{m['shard']:05d}.index.npy",

@@ -38,7 +38,7 @@ def parse_edges(text: str) -> tuple:
         edges = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UserError(f"--bins must be comma-separated numbers such as 0,0.1,0.2,inf, got {text!r}.") from None
-    return check_edges(edges)
+    return check_edges(edges, "--bins")
 
 
 def variant_names(paths) -> list[str]:

@@ -85,8 +85,9 @@ def run(args) -> int:
                         "the latents to, e.g. --value 40.")
     refuse_latents_twice(latents)
     if not listing and len(values) not in (1, len(latents)):
-        raise UserError(f"--{amount} gives {len(values)} {amount}s for {len(latents)} latents; give one {amount} "
-                        f"or one per latent.")
+        many = lambda n, what: f"{n} {what}" + ("" if n == 1 else "s")  # "for 1 latents" until 2026-12-06
+        raise UserError(f"--{amount} gives {many(len(values), amount)} for {many(len(latents), 'latent')}; give one "
+                        f"{amount} or one per latent.")
     if listing and args.top < 1:
         raise UserError(f"--top {args.top} lists nothing; give at least 1.")
     patches = None

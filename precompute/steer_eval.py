@@ -56,6 +56,11 @@ def run(args) -> int:
         raise UserError(f"--images {args.images} is too few; steer-eval needs at least {MIN_IMAGES} single-object "
                         "images (half tune, half test).")
     learn_steps = LEARN_STEPS if args.learn_steps is None else args.learn_steps
+    from sae_core.bundle import open_bundle
+
+    if open_bundle(args.bundle).world_dir is None:  # found after LLaVA's load until 2026-12-06 (a 7B model: minutes)
+        raise UserError(f"bundle {args.bundle} is not a world bundle (its manifest names no world), and steer-eval "
+                        "needs the world's ground truth; build one with `python -m precompute demo`.")
     if args.learned_out and (learn_steps == 0 or "colour" not in factors):
         raise UserError("--learned-out needs the learned strategy; run with --learn-steps above 0 and colour in --factors.")
     for flag, path in (("--out", args.out), ("--learned-out", args.learned_out)):
@@ -92,10 +97,7 @@ def _evaluate(args, alphas: tuple, factors: tuple, learn_steps: int) -> int:
 
     learn_lambda = LEARN_LAMBDA if args.learn_lambda is None else args.learn_lambda
     session = SteeringSession.from_bundle(args.bundle, device=args.device, precision=args.precision)
-    world = session.bundle.world_dir  # the world the bundle carries, else the one its manifest names
-    if world is None:
-        raise UserError(f"bundle {args.bundle} is not a world bundle (no manifest 'world'); steer-eval needs the "
-                        "world's ground truth, build one with `python -m precompute demo`.")
+    world = session.bundle.world_dir  # the world the bundle carries, else the one its manifest names (run checked)
     torch.manual_seed(0)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     journal = None

@@ -142,7 +142,8 @@ class ActivationStore:
             raise UserError(f"shards of {path} disagree on the width d ({sorted(dims)}); re-run the extraction.")
         self.d = dims.pop()
         if "d" in self.manifest and self.manifest["d"] != self.d:
-            raise UserError(f"{path}: manifest says d={self.manifest['d']} but the shards hold d={self.d}.")
+            raise UserError(f"{path}: its manifest.json gives the width d {self.manifest['d']} but the shards hold "
+                            f"{self.d}; the store is damaged: extract it again.")
         self.offsets = np.cumsum([0] + [a.shape[0] for a in self.shards])
         self._index: list[np.ndarray] | None = None
 
@@ -408,7 +409,8 @@ def check_batch_size(n_rows: int, batch_size: int, world_size: int = 1) -> None:
     """UserError (one sentence) for a global batch that shuffled_batch_index cannot read: larger than the rows,
     or not split evenly over the processes."""
     if batch_size % world_size:
-        raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes.")
+        raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes; give a "
+                        f"--batch-size that is a multiple of {world_size}.")
     if batch_size > n_rows:
         raise UserError(f"batch size {batch_size} is larger than the {n_rows} training rows; lower --batch-size.")
 

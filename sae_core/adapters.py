@@ -604,7 +604,8 @@ class HFVisionAdapter(Adapter):
         cfg = _hf_call(f"the config of {source}", AutoConfig.from_pretrained, source)
         mt = cfg.model_type
         if mt not in self.SUPPORTED:
-            raise UserError(f"{source} is a {mt!r} model; hf: supports {', '.join(self.SUPPORTED)} (and llava via llava:).")
+            raise UserError(f"{source} is a model of type {mt!r}; hf: supports {', '.join(self.SUPPORTED)} (and llava "
+                            "via llava:).")
         vcfg = cfg.vision_config if mt in ("clip", "siglip") else cfg
         self.preprocessor = _hf_image_transform(source)
         # what the processor feeds the model, not the config's image_size: DINOv2's config says 518 while its
@@ -663,8 +664,10 @@ class LlavaAdapter(Adapter):
 
         self.spec, self.name, self.backend = spec, source, backend
         cfg = _hf_call(f"the config of {source}", AutoConfig.from_pretrained, source)
-        if cfg.model_type != "llava":
-            raise UserError(f"{source} is a {cfg.model_type!r} model, not LLaVA; use hf:{source} for it.")
+        if cfg.model_type != "llava":  # hf: was offered for any type (e.g. 'opt', which hf: refuses) until 2026-12-06
+            other = (f"use hf:{source} for it" if cfg.model_type in HFVisionAdapter.SUPPORTED else
+                     f"llava: reads LLaVA checkpoints and hf: the vision towers {', '.join(HFVisionAdapter.SUPPORTED)}")
+            raise UserError(f"{source} is a model of type {cfg.model_type!r}, not LLaVA; {other}.")
         self.config = cfg
         self.preprocessor = _hf_image_transform(source)
         _fixed_image_size(self.preprocessor, source, cfg.vision_config.image_size)  # before 7B of weights are read

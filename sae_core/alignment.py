@@ -53,11 +53,13 @@ def json_number(v):
     return "inf" if v == math.inf else float(v)
 
 
-def check_edges(edges) -> tuple:
-    """The bin edges as floats, refused unless they increase from 0 or above (NaN compares false)."""
+def check_edges(edges, name: str = "bin edges") -> tuple:
+    """The bin edges as floats, refused unless they increase from 0 or above (NaN compares false); `name` is
+    what the caller's user gave them as (the command's --bins)."""
     edges = tuple(float(e) for e in edges)
     if len(edges) < 2 or not all(b > a for a, b in zip(edges, edges[1:])) or not edges[0] >= 0:
-        raise UserError(f"bin edges must be increasing numbers that start at 0 or above, got {edges}.")
+        shown = ",".join(f"{e:g}" for e in edges)  # as typed: a Python tuple "(0.1,)" before 2026-12-06
+        raise UserError(f"{name} {shown} must be two or more numbers increasing from 0 or above, e.g. 0,0.1,0.2,inf.")
     return edges
 
 

@@ -164,7 +164,8 @@ def load_sae(path: str | Path, d_in: int | None = None, device: str = "cpu") -> 
     weights = path / WEIGHTS_OF[fmt]
     for name, shape in expected.items():
         if name not in state:
-            raise UserError(f"{weights} has no tensor {name!r}; the file is incomplete or from another tool.")
+            raise UserError(f"{weights} has no tensor {name!r}; the file is incomplete or from another tool: save or "
+                            "download the SAE again.")
         if tuple(state[name].shape) != shape:
             raise UserError(
                 f"{weights}: {name} has shape {tuple(state[name].shape)} but its config "
@@ -222,7 +223,8 @@ def _dims(state: dict, name: str, file: Path, what: str) -> tuple[int, int]:
     """The two sizes of a weight matrix, or one sentence where the tensor is not a matrix."""
     shape = tuple(state[name].shape)
     if len(shape) != 2 or 0 in shape:
-        raise UserError(f"{file}: {name} has shape {shape}, not a matrix; the file is damaged or not a {what}.")
+        raise UserError(f"{file}: {name} has shape {shape}, not a matrix; the file is damaged or not a {what}: "
+                        "download or export it again.")
     return shape
 
 
@@ -312,7 +314,7 @@ def read_saelens(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]:
     missing = [n for n in needed if n not in state]
     if missing:
         raise UserError(f"{weights} has no tensor {missing[0]!r}, which a {what} needs; the file is incomplete or "
-                        "from another tool.")
+                        "from another tool: download or export it again.")
     scale = [n for n in ("finetuning_scaling_factor", "scaling_factor") if n in state]
     unknown = sorted(set(state) - set(needed) - set(scale))
     if unknown or len(scale) > 1:
@@ -516,10 +518,12 @@ def read_sparsify(path: Path) -> tuple[SAEConfig, dict[str, torch.Tensor], dict]
     weights = path / WEIGHTS
     state = _float_state(weights)
     if raw.get("skip_connection") or "W_skip" in state:
-        raise UserError(f"{path} has a skip connection (W_skip), which this SAE form cannot express.")
+        raise UserError(f"{path} has a skip connection (W_skip), which this SAE form cannot express; train or export "
+                        "one without it.")
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in state]
     if missing:
-        raise UserError(f"{weights} has no tensor {missing[0]!r}; the file is incomplete or not a sparsify SAE.")
+        raise UserError(f"{weights} has no tensor {missing[0]!r}; the file is incomplete or not a sparsify SAE: "
+                        "download or save it again.")
     d_sae, d_in = _dims(state, "encoder.weight", weights, "sparsify SAE")
     _check_shapes(state, {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}, weights, "sparsify SAE")
     k = raw.get("k")
@@ -555,8 +559,10 @@ def read_dictionary_learning(path: Path) -> tuple[SAEConfig, dict[str, torch.Ten
                         f"where you trust the file, convert it once: {_dl_conversion(path)}")
     trainer = _read_json(path / CONFIG).get("trainer")
     if not isinstance(trainer, dict):
-        raise UserError(f"{path / CONFIG} has no \"trainer\" object (found {type(trainer).__name__}), which "
-                        "dictionary_learning writes; the config is damaged or from another tool.")
+        shown = json.dumps(trainer)  # as the file has it: "found NoneType" for a null until 2026-12-06
+        raise UserError(f"{path / CONFIG} has no \"trainer\" object (its \"trainer\" is "
+                        f"{shown if len(shown) <= 40 else shown[:37] + '...'}), which dictionary_learning writes; the "
+                        "config is damaged or from another tool: export the SAE from dictionary_learning again.")
     dict_class = trainer.get("dict_class")
     if dict_class not in _DL_CLASSES:
         raise UserError(f"{path / CONFIG} names dictionary_learning's {dict_class!r}; only "

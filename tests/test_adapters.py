@@ -573,3 +573,29 @@ def test_an_open_clip_model_without_weights_is_the_same_model_at_every_load():
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     torch.manual_seed(1)
     assert torch.equal(torch.rand(3), after)  # the load drew nothing from the caller's generator
+
+
+def test_a_model_of_another_type_is_named_with_what_reads_it(tmp_path):
+    """llava: on a folder of another model type offered hf: for it whatever the type ("is a 'opt' model, not LLaVA;
+    use hf:... for it", which hf: then refused), until 2026-12-06: it offers hf: only for a type hf: reads."""
+    from transformers import CLIPVisionConfig, OPTConfig
+
+    from sae_core.adapters import HFVisionAdapter, LlavaAdapter
+    from sae_core.errors import UserError
+
+    OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, vocab_size=50,
+              max_position_embeddings=32, word_embed_proj_dim=16).save_pretrained(tmp_path / "opt")
+    CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                     patch_size=16).save_pretrained(tmp_path / "clipv")
+    towers = ", ".join(HFVisionAdapter.SUPPORTED)
+    opt, clipv = str(tmp_path / "opt"), str(tmp_path / "clipv")
+    with pytest.raises(UserError) as e:
+        LlavaAdapter(f"llava:{opt}", opt)
+    assert str(e.value) == (f"{opt} is a model of type 'opt', not LLaVA; llava: reads LLaVA checkpoints and hf: the "
+                            f"vision towers {towers}.")
+    with pytest.raises(UserError) as e:
+        LlavaAdapter(f"llava:{clipv}", clipv)
+    assert str(e.value) == f"{clipv} is a model of type 'clip_vision_model', not LLaVA; use hf:{clipv} for it."
+    with pytest.raises(UserError) as e:
+        HFVisionAdapter(f"hf:{opt}", opt)
+    assert str(e.value) == f"{opt} is a model of type 'opt'; hf: supports {towers} (and llava via llava:)."

@@ -5,6 +5,7 @@ import os
 import re
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -221,6 +222,18 @@ def test_app_serves_a_crossmodal_bundle(tiny_crossmodal_bundle, tmp_path):
         top = np.load(root / "neurons" / "top_images.npy")[k]
         assert page[0] == k and [g["caption"].split()[0] for g in page[2]] == [f"#{i}" for i in top if i >= 0]
         assert "vision-layer bundles" in c.predict(api_name="/probes_overview")[0]
+        # search by image codes the image at the vision layer: off here, in words that say why (it said the
+        # bundle's model was "not available", which had loaded), and its upload is not on the page
+        from gradio_client import handle_file
+        from gradio_client.exceptions import AppError
+        from PIL import Image
+
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+        with pytest.raises(AppError, match=r"^search by image is off for this bundle: its SAE reads the language model"):
+            c.predict(handle_file(str(tmp_path / "red.png")), api_name="/search_neurons_by_image")
+        config = httpx.get(f"{url}/config", timeout=30).json()
+        upload = next(x for x in config["components"] if x.get("props", {}).get("elem_id") == "search-upload")
+        assert upload["props"]["visible"] is False
     finally:
         proc.terminate()
         proc.wait(30)

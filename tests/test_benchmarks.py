@@ -35,6 +35,26 @@ def test_sae_train_evaluates_on_the_rows_train_held_out(tmp_path, capsys):
     assert float(stats["scale"]) == pytest.approx(training["input_scale"], rel=1e-9)
 
 
+def test_sae_train_refuses_settings_that_leave_nothing_to_time_before_writing_data(tmp_path, monkeypatch, capsys):
+    """--timing-skip at or above --steps, and --rows that leave less than a batch to train on, were printed without
+    the "error:" every other command's refusal has and without a way out; the rows' check came after the
+    planted-dictionary file was written (65,536 rows by default). One "error:" line each, nothing written."""
+    import sys
+
+    from benchmarks.__main__ import main
+
+    work = tmp_path / "bench"
+    for extra, said in ((["--steps", "4", "--timing-skip", "5"],
+                         "error: --timing-skip 5 leaves no timed steps out of --steps 4; give a --timing-skip below 4."),
+                        (["--steps", "4", "--rows", "8292", "--batch-size", "256"],
+                         "error: --rows 8292 leaves 100 training rows after the --eval-rows 8192, fewer than one batch "
+                         "of 256; give more --rows or a smaller --batch-size.")):
+        monkeypatch.setattr(sys, "argv", ["benchmarks", "sae_train", *extra, "--work", str(work)])
+        assert main() == 2
+        assert capsys.readouterr().err == said + "\n"
+    assert not work.exists()
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "topk", "relu"])
 def test_saelens_export_trains_every_architecture_it_checks(arch, tmp_path):
     """The export check passed --k to relu, which `train` refuses: the benchmark died before its table."""

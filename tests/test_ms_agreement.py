@@ -188,14 +188,17 @@ def test_same_stem_embeddings_are_two_variants(tmp_path, pairs_csv, capsys):
     assert "emb.npy more than once" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["center", "bins", "out_file", "device"])
+@pytest.mark.parametrize("case", ["center", "bins", "one_edge", "out_file", "device"])
 def test_bad_options_refused_before_computing(tmp_path, pairs_csv, capsys, monkeypatch, case):
     np.save(tmp_path / "A.npy", np.random.default_rng(6).random((5, 10)))
     np.save(tmp_path / "E.npy", np.random.default_rng(7).random((5, 3)))
     (tmp_path / "taken").touch()
     extra, expected = {
         "center": (["--r-user-center", "nan"], "--r-user-center must be a finite number"),
-        "bins": (["--bins", "nan,1"], "bin edges must be increasing numbers"),
+        "bins": (["--bins", "nan,1"], "--bins nan,1 must be two or more numbers increasing from 0 or above"),
+        # one edge: it said "bin edges must be increasing ..., got (0.1,)", neither the option nor the need of two
+        "one_edge": (["--bins", "0.1"], "error: --bins 0.1 must be two or more numbers increasing from 0 or above, "
+                                        "e.g. 0,0.1,0.2,inf."),
         "out_file": (["--out", str(tmp_path / "taken")], "taken is a file; give a folder for alignment.json"),
         "device": (["--device", "gpu"], "--device gpu is not a device")}[case]
 

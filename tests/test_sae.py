@@ -314,6 +314,9 @@ def test_group_sizes_and_config_errors():
         SAEConfig(arch="matryoshka", d_in=4, d_sae=10, k=2, group_sizes=(3, 3))
     with pytest.raises(UserError, match="unknown SAE architecture"):
         SAEConfig(arch="gated", d_in=4, d_sae=10)
+    with pytest.raises(UserError) as e:  # it named no way out until 2026-12-06
+        SAEConfig(arch="topk", d_in=4, d_sae=10, k=11)
+    assert str(e.value) == "SAE setting k=11 must be between 1 and the SAE width 10; give a k (train's --k) from 1 to 10."
     # whole numbers, said at once: (4.5, 11.5) summed to 16 and became (4, 11), which training could not split;
     # k 2.5, d_in "8" or 8.5 failed later inside torch
     with pytest.raises(UserError, match=r"group sizes \[4\.5, 11\.5\] must be whole numbers from 1"):

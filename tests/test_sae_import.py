@@ -206,7 +206,9 @@ def test_the_layer_of_a_saelens_hook(tmp_path, hook, layer):
      "has no activation_whitening.safetensors beside it; fold the whitening in with SAELens's"),
     ({"architecture": "standard", "hook_name": "blocks.5.attn.hook_z"}, {}, "attention-head"),   # before SAELens 6
     ({"architecture": "standard", "hook_point": "blocks.5.attn.hook_z"}, {}, "attention-head"),
-    ({"architecture": "jumprelu"}, {}, "has no tensor 'threshold', which a SAELens jumprelu SAE needs"),
+    ({"architecture": "jumprelu"}, {},  # with what to do since 2026-12-06
+     "has no tensor 'threshold', which a SAELens jumprelu SAE needs; the file is incomplete or from another tool: "
+     "download or export it again.$"),
     ({"architecture": "topk"}, {}, "no whole number k"),
     ({"architecture": "topk", "k": 2.5}, {}, "no whole number k"),
     ({"architecture": "topk", "k": 4}, {"topk_threshold": torch.tensor(0.5)}, "a tensor 'topk_threshold' that a SAELens"),
@@ -301,7 +303,8 @@ def test_sparsify_folder_loads_as_the_same_computation(tmp_path):
 @pytest.mark.parametrize("cfg,extra,match", [
     ({"k": 4, "transcode": True}, {}, "transcoder"),
     ({"k": 4, "activation": "groupmax"}, {}, "'groupmax' activation"),
-    ({"k": 4}, {"W_skip": torch.zeros(D_IN, D_IN)}, "skip connection"),
+    ({"k": 4}, {"W_skip": torch.zeros(D_IN, D_IN)}, r"skip connection \(W_skip\), which this SAE form cannot express; "
+                                                     "train or export one without it.$"),
     ({"k": 0}, {}, "no k between 1 and 40"),
 ])
 def test_sparsify_forms_we_cannot_express_are_refused(tmp_path, cfg, extra, match):
@@ -680,9 +683,13 @@ def test_malformed_foreign_tensors_are_one_sentence(tmp_path, case):
 
 def test_a_dictionary_learning_config_without_a_trainer_object_is_one_sentence(tmp_path):
     folder = _dictionary_learning(tmp_path / "d", "AutoEncoder", DL_CASES["AutoEncoder"](_T))
-    (folder / "config.json").write_text(json.dumps({"trainer": ["AutoEncoder"]}))
-    with pytest.raises(UserError, match=r'has no "trainer" object \(found list\)'):
-        load_sae(folder)
+    for trainer, shown in ((["AutoEncoder"], '["AutoEncoder"]'), (None, "null"), ("x" * 50, '"' + "x" * 36 + "...")):
+        (folder / "config.json").write_text(json.dumps({"trainer": trainer}))
+        with pytest.raises(UserError) as e:
+            load_sae(folder)
+        assert str(e.value) == (f'{folder / "config.json"} has no "trainer" object (its "trainer" is {shown}), which '
+                                "dictionary_learning writes; the config is damaged or from another tool: export the SAE "
+                                "from dictionary_learning again.")
 
 
 def test_a_dictionary_learning_per_latent_threshold_applies_per_latent(tmp_path):

@@ -672,6 +672,16 @@ def test_steer_eval_refuses_bad_arguments_before_loading_the_model(tiny_bundle, 
         err = capsys.readouterr().err
         assert said in err and len(said_lines(err)) == 1 and "Traceback" not in err, (extra, err)
     assert list(folder.iterdir()) == []
+    # a bundle of no world (its ground truth is what steer-eval scores by) was refused after LLaVA had loaded
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_bundle, plain, ignore=shutil.ignore_patterns("world", ".work", ".stages"))
+    manifest = json.loads((plain / "manifest.json").read_text())
+    manifest.pop("world", None)
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["steer-eval", "--bundle", str(plain), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"error: bundle {plain} is not a world bundle (its manifest names no world), "
+                                       "and steer-eval needs the world's ground truth; build one with `python -m "
+                                       "precompute demo`.\n")
 
 
 def test_steer_command_refuses_what_the_bundle_tells_before_loading_the_model(tiny_bundle, capsys, monkeypatch,
@@ -747,6 +757,8 @@ def test_steer_command_refuses_empty_patches_prompt_and_values(tiny_bundle, sess
                         (["--latent", "3", "--value", "40", "--patches", ","], "names no patch"),
                         (["--latent", "3", "--value", "40", "--prompt", "  "], "--prompt is empty"),
                         (["--latent", "3"], "--latent needs --value"),
+                        (["--latent", "3", "--value", "4,5"],  # "2 values for 1 latents" until 2026-12-06
+                         "error: --value gives 2 values for 1 latent; give one value or one per latent."),
                         # it first warned that fp16 is slow here and suggested fp32, then refused fp16 on a CPU
                         (["--latent", "3", "--value", "40", "--precision", "fp16"], "precision fp16 needs a CUDA")):
         assert main([*base, *extra]) == 2, extra

@@ -38,6 +38,13 @@ def test_take_rows_and_row_index_across_shards(tmp_path):
     for a, b in ((0, 25), (5, 21), (7, 20), (20, 30), (24, 25), (3, 3), (-10, 25), (-3, -1), (-40, 4), (9, 2)):
         np.testing.assert_array_equal(s.rows(a, b), full[a:b])  # a slice's reading (-10 was row 0)
     np.testing.assert_array_equal(s.row_index(idx), index[idx])
+    # a manifest whose width the shards do not have: one sentence with the way out (it named none until 2026-12-06)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    write_json_atomic(tmp_path / "s" / "manifest.json", {**manifest, "d": 7})
+    with pytest.raises(UserError) as e:
+        ActivationStore(tmp_path / "s")
+    assert str(e.value) == (f"{tmp_path / 's'}: its manifest.json gives the width d 7 but the shards hold 6; the store "
+                            "is damaged: extract it again.")
     np.testing.assert_array_equal(s.image_index(), index[:, 0])
     np.testing.assert_array_equal(s.token_position(idx), index[idx, 1])
     with pytest.raises(IndexError):
