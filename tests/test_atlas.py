@@ -94,6 +94,13 @@ def test_histogram_edges_and_bands_do_not_depend_on_the_batches():
     few.update(img, neu, s[:20][img, neu], best[:20][img, neu])
     top20 = np.ceil(np.log10(s[:20].max())) + 1
     assert few.result()["hist_edges"][-1] == pytest.approx(top20) and few.hist.counts.sum() == (s[:20] > 0).sum()
+    # the last edge image (id 69) holds the largest score, one image a batch: the edges wait for it
+    last = ActivationBands(1, cfg)
+    t = np.full(100, 2.0, np.float32)
+    t[69] = 500.0
+    for i in range(100):
+        last.update(np.array([i]), np.array([0]), t[i:i + 1], np.array([-1]))
+    assert last.result()["hist_edges"][-1] == np.ceil(np.log10(500.0)) + 1
 
 
 def test_band_samples_do_not_depend_on_the_batches_when_two_images_draw_one_key():
@@ -193,6 +200,13 @@ def test_histogram_moments_and_band_samples_against_brute_force():
     for k in range(K):
         logs = np.clip(np.log10(s[fires[:, k], k].astype(np.float64)), edges[0], edges[-1] - 1e-9)
         np.testing.assert_array_equal(hist.counts[k], np.histogram(logs, bins=edges)[0])
+    # a score exactly on an edge goes up, as np.histogram's [e_i, e_i+1) bins put it (powers of ten are edges here)
+    on_edges = LogHistogram(1, 48, 6.0)
+    on_edges.set_edges_from(np.array([5.0], np.float32))  # top edge 2: edges every 0.125 decade from -4
+    tens = np.array([1.0, 10.0, 0.1], np.float32)
+    on_edges.update(np.zeros(3, np.int64), tens)
+    np.testing.assert_array_equal(on_edges.counts[0], np.histogram(np.log10(tens.astype(np.float64)),
+                                                                   bins=on_edges.edges.astype(np.float64))[0])
     # Bands: the quantile groups of the grid written out (_reference_bands), S images each by the smallest
     # keys, band 0 the highest; every band filled where the neuron fires on enough images.
     ids, acts, patch, sizes = band_samples(grid.res, grid.counts, NB, S)

@@ -112,6 +112,10 @@ def test_sampled_pairs_estimate_all_pairs():
     assert exact.n_pairs + exact.n_preference_ties == 300 * 299 // 2
     assert abs(sampled.agreement - exact.agreement) < 0.02
     assert sampled.n_pairs + sampled.n_preference_ties == 20000
+    # sampled pairs are of two different neurons: with every count distinct none lacks a preference (a neuron
+    # drawn against itself was a preference tie)
+    distinct = simulated_user_agreement(np.linspace(0, 1, 50), np.arange(50), n_pairs=500, seed=0)
+    assert (distinct.n_pairs, distinct.n_preference_ties, distinct.n_ms_ties) == (500, 0, 0)
 
 
 def test_spearman_by_hand():
@@ -126,6 +130,7 @@ def test_spearman_by_hand():
     # NaN entries are dropped pairwise; monotone transforms do not matter
     assert spearman([1, np.nan, 3, 4, 5], [1, 100, 9, 16, 25]) == pytest.approx(1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1.0, 2.0, np.nan], [2.0, 1.0, 5.0]))  # two finite pairs: NaN, as documented
 
 
 def test_ground_truth_report_and_table():

@@ -31,18 +31,21 @@ def test_fvu_is_pooled_and_measured_about_the_mean():
 
 
 def test_sparsity_metrics_and_reconstruction_bias():
-    z = torch.zeros(20, 5)
+    z = torch.zeros(20, 6)
     z[:, 0] = 1.0  # fires on 100%: dense
     z[:1, 1] = 2.0  # fires on 5%: neither dead nor dense
     z[:3, 2] = 1.0  # 15%: dense
+    z[:2, 5] = 1.0  # exactly 10%: not dense (dense is more than 10%)
     x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
-    acc = MetricsAccumulator(5)
+    acc = MetricsAccumulator(6)
     acc.update(x, 0.5 * x, z)  # the SAE halves every input
     m = acc.compute()
-    assert m["l0"] == pytest.approx((20 + 1 + 3) / 20)
-    assert m["dead_fraction"] == pytest.approx(2 / 5)
-    assert m["dense_fraction"] == pytest.approx(2 / 5)
+    assert m["l0"] == pytest.approx((20 + 1 + 3 + 2) / 20)
+    assert m["dead_fraction"] == pytest.approx(2 / 6)
+    assert m["dense_fraction"] == pytest.approx(2 / 6)
     assert m["relative_reconstruction_bias"] == pytest.approx(0.5)
+    # mse: the mean over rows of the squared error's sum over dimensions (the training loss's reconstruction term)
+    assert m["mse"] == pytest.approx(float(((0.5 * x.double()) ** 2).sum(1).mean()), rel=1e-6)
 
 
 def test_token_batches_are_rows_and_mismatched_shapes_change_nothing():

@@ -195,6 +195,13 @@ def test_min_support_filter(small_case):
     assert r.n_below_min_support == int((low & ~np.isnan(r.ms)).sum()) > 0
     with pytest.raises(UserError):
         monosemanticity_score(acts, emb, min_support=1)
+    # the boundary: a neuron whose support is exactly min_support keeps its score (a > kept it only above)
+    support = (acts > acts.min(0)).sum(0)  # images above the neuron's minimum: a positive normalised weight
+    np.testing.assert_array_equal(r.support, support)
+    edge = int(np.median(support[support >= 2]))
+    at_edge = monosemanticity_score(acts, emb, min_support=edge)
+    assert (support == edge).any()
+    np.testing.assert_array_equal(at_edge.ms_supported, np.where(support >= edge, at_edge.ms, np.nan))
 
 
 def test_bad_inputs_raise_one_sentence(small_case):

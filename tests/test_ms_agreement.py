@@ -124,6 +124,13 @@ def test_bad_pairs(tmp_path):
 def test_alignment_score_counts():
     r = alignment_score([0.5, 0.2, np.nan, 0.3], [0.1, 0.4, 0.2, 0.3], [1, 1, -1, -1], edges=(0, math.inf))
     assert (r.n_pairs, r.n_missing, r.n_ms_ties, r.agreement) == (2, 1, 1, 0.5)
+    # each pair in exactly one count, in this order: missing MS, no preference, MS tie, scored (a pair both
+    # missing and without a preference, or without a preference and tied, was counted twice by a dropped mask)
+    ms_x = [0.5, 0.2, np.nan, 0.3, 0.3, np.nan, 0.7]
+    ms_y = [0.1, 0.4, 0.2, 0.3, 0.5, 0.5, 0.7]
+    pref = [1, 1, -1, -1, 0, 0, 0]
+    r = alignment_score(ms_x, ms_y, pref, edges=(0, math.inf))
+    assert (r.n_pairs, r.n_missing, r.n_preference_ties, r.n_ms_ties, r.agreement) == (2, 2, 2, 1, 0.5)
 
 
 def test_pairs_csv_bom_trailing_comma_and_bad_rows(tmp_path):

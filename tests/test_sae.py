@@ -50,6 +50,25 @@ def np_select(arch, acts):
     return (acts >= cut) & (acts > 0)
 
 
+def test_topk_rows_with_fewer_positive_pre_activations_than_k():
+    """TopK keeps the k largest of ReLU(pre): where fewer than k are positive, only those, in inference and in
+    training (an encode without the ReLU gave negative codes; a training selection of values >= 0 counted zeros in
+    L0 and as fired latents). The other tests' rows all have k positives."""
+    sae = SparseAutoencoder(SAEConfig(arch="topk", d_in=8, d_sae=16, k=4), seed=0)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0)  # most pre-activations negative: 0 to 4 positive per row
+        pre = sae.pre_acts(x)
+        positive = (pre > 0).sum(1)
+        assert (positive < 4).any() and (positive > 0).any()
+        values, ids = torch.relu(pre).topk(4, dim=1)
+        expected = torch.zeros_like(pre).scatter(1, ids, values)
+        torch.testing.assert_close(sae.encode(x), expected)
+    out = sae.training_forward(x)
+    assert out.l0 == pytest.approx(float(positive.clamp(max=4).float().mean()))
+    assert out.fired.tolist() == (expected > 0).any(0).tolist()
+
+
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "matryoshka"])
 def test_inference_forward_matches_numpy(arch):
     sae = make_sae(arch)
@@ -302,6 +321,8 @@ def test_group_sizes_and_config_errors():
     assert matryoshka_group_sizes("0.25,0.25,0.5", 64) == (16, 16, 32)
     assert matryoshka_group_sizes("8,24,32", 64) == (8, 24, 32)
     assert sum(matryoshka_group_sizes(None, 1000)) == 1000
+    # the default: prefixes of 1/16, 1/8, 1/4, 1/2 and all of the width, each twice the one before
+    assert np.cumsum(matryoshka_group_sizes(None, 1024)).tolist() == [64, 128, 256, 512, 1024]
     assert matryoshka_group_sizes("0.3,0.3,0.4", 10) == (3, 3, 4) and matryoshka_group_sizes("0.33,0.33,0.34", 10) == (3, 3, 4)
     # a list that does not add up is refused, not rewritten (16,64,256 became 16,64,176: prefixes 16/80/256)
     with pytest.raises(UserError, match=r"sums to 336, not the width 256.*prefix widths, 16,64,256 are the groups 16,48,192"):
