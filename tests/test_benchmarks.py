@@ -31,6 +31,17 @@ def test_sae_train_evaluates_on_the_rows_train_held_out(tmp_path, capsys):
         x_hat = sae.decode(sae.encode(torch.from_numpy(data[held]))).numpy()
     np.testing.assert_allclose(np.load(work / "batchtopk.xhat.npy"), x_hat, rtol=1e-5, atol=1e-5)
     assert table[0].split("|")[4].strip() == f"{pooled_fvu(data[held], x_hat):.4f}"
+    # the BatchTopK-mode reconstruction (FVU at L0 = k): per batch of held-out rows, the k * B largest activations
+    # kept in a dense matrix written out here (the densifying scatter dropped an entry: a code lost its last value)
+    k, batch = 8, 256
+    with torch.no_grad():
+        btk = []
+        for a in range(0, len(held), batch):
+            acts = sae.pre_acts(torch.from_numpy(data[held[a:a + batch]])).clamp_min(0)
+            cut = acts.flatten().sort(descending=True).values[k * len(acts) - 1]
+            assert cut > 0 and int((acts >= cut).sum()) == k * len(acts)  # no tie at the cut
+            btk.append(sae.decode(torch.where(acts >= cut, acts, 0.0)).numpy())
+    np.testing.assert_allclose(np.load(work / "batchtopk.xhat_btk.npy"), np.concatenate(btk), rtol=1e-5, atol=1e-5)
     stats = np.load(write_init_stats(data_path, 512, tmp_path / "s.npz"))
     assert float(stats["scale"]) == pytest.approx(training["input_scale"], rel=1e-9)
 

@@ -47,6 +47,15 @@ def test_decoder_parent_is_the_planted_one():
         assert parent[j] == lo + int(np.argmax(sims))
         assert cos[j] == pytest.approx(max(sims), abs=1e-5)
         assert parent[j] == planted[j]
+    # Ties and signs: level-0 rows 0 and 1 are the same direction, so child 3 is equally close to both and the
+    # lowest index must win (a tie went to the highest index); child 4 is anti-parallel to rows 0 and 1 and
+    # nearly orthogonal to row 2: the parent is the largest SIGNED cosine, row 2 (|cos| would pick row 0).
+    W2 = np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 1.0, 0], [0.9, 0.1, 0], [-1.0, 0.1, 0]])
+    parent2, cos2 = decoder_parents(torch.tensor(W2, dtype=torch.float32), (3, 2))
+    Wn2 = W2 / np.linalg.norm(W2, axis=1, keepdims=True)
+    ref2 = [int(np.argmax(Wn2[:3] @ Wn2[j])) for j in (3, 4)]  # np.argmax: the first maximum
+    assert parent2[3:].tolist() == ref2 == [0, 2], parent2
+    np.testing.assert_allclose(cos2[3:], [max(Wn2[:3] @ Wn2[j]) for j in (3, 4)], atol=1e-6)
 
 
 def brute_force_coact_parents(F, bounds):
@@ -114,9 +123,9 @@ def test_coactivation_parents_against_brute_force(budget, pairs_per_output, spar
         batch = vals[s:e]
         if s == 0:
             counter.update(torch.from_numpy(batch))
-        elif s == 7:
+        elif s == 7:  # index lists may repeat a (row, latent) pair: each counts once (a repeat counted twice)
             rows, cols = np.nonzero(batch)
-            counter.update((rows, cols, e - s))
+            counter.update((np.r_[rows, rows[::4]], np.r_[cols, cols[::4]], e - s))
         elif s == 100:
             counter.update(batch)
         else:
@@ -137,6 +146,16 @@ def test_coactivation_parents_against_brute_force(budget, pairs_per_output, spar
     cond = [int(np.argmax([(F[:, i] & F[:, j]).sum() for i in range(3)])) for j in range(3, 8)]
     assert 0 in cond
     assert parent[16] == -1 and np.isnan(score[16])
+    # ties: level-0 latents 1 and 2 fire on the same rows, and so do level-1 latents 3 and 4, so their children
+    # score the same on both; the lowest index wins, as the brute force's strict > keeps the first (a tie went to
+    # the highest index)
+    F2 = F.copy()
+    F2[:, 2], F2[:, 4] = F2[:, 1], F2[:, 3]
+    tied = CoactivationCounter(GROUPS, 17, dense_budget_bytes=budget)
+    tied.update(F2.astype(np.float32))
+    ref_tied, _ = brute_force_coact_parents(F2, bounds)
+    assert tied.modes == [final, final] and 1 in ref_tied[3:8] and 3 in ref_tied[8:17], ref_tied
+    np.testing.assert_array_equal(tied.parents()[0], ref_tied)
 
 
 def test_dense_counts_widen_before_they_could_overflow():

@@ -114,6 +114,9 @@ def test_dominant_factor_and_label_accuracy():
     # without `allowed`, texture "plain" (images 0 and 1) still loses to red (0, 1 and 3)
     assert dominant_factors(top, values.__getitem__, n_top=4).value[0] == "red"
     assert label_accuracy(["red", "red", "", "ring"], dom) == pytest.approx(2 / 3)  # neuron 2 has no label
+    # neuron 2 labelled but without a dominant value (no images): left out, not a miss (it counted as one, 2 / 4);
+    # by hand: red in [red] yes, red in [star] no, ring in the tie [green, ring] yes
+    assert label_accuracy(["red", "red", "blue", "ring"], dom) == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------------------------

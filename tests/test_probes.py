@@ -13,7 +13,7 @@ from sae_core.crossmodal import cross_modal_scores, patch_concepts
 from sae_core.ontology import assign_nodes, taxonomy_distances, top_images, tree_agreement
 from sae_core.ood import calibrated_surprise, combine_calibrated, knn_distance, mahalanobis_fit, set_novelty
 from sae_core.probes import fit_probe, split_combinations
-from sae_core.roc import auroc, auroc_columns, fpr_at_tpr, roc_curve
+from sae_core.roc import auroc, auroc_columns, fpr_at_tpr, roc_curve, thin_curve
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,6 +43,15 @@ def test_auroc_and_fpr95_match_brute_force(seed):
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
     assert np.trapezoid(tpr, fpr) == pytest.approx(brute_auroc(pos, neg), abs=1e-12)  # ties: diagonal steps
+    # the plotted curve: at most max_points of the curve's own points, in order, both ends kept (the (1, 1) end
+    # was dropped); a curve shorter than max_points is kept whole
+    points = list(zip(np.round(fpr, 5).tolist(), np.round(tpr, 5).tolist()))
+    for max_points in (7, len(fpr) + 5):
+        f, t = thin_curve(fpr, tpr, max_points)
+        assert len(f) == len(t) == min(len(fpr), max_points)
+        assert (f[0], t[0], f[-1], t[-1]) == (0, 0, 1, 1)
+        at = [points.index(p) for p in zip(f, t)]  # each kept point is one of the curve's, in the curve's order
+        assert at == sorted(set(at)) and at[-1] == len(points) - 1
 
 
 def test_auroc_edge_cases_and_columns():

@@ -90,7 +90,8 @@ def test_ivfpq_params_rule():
 def test_ivfpq_recall_on_clustered_data_and_round_trip(tmp_path):
     both = clustered(20_200, 64, 50, noise=1.0)
     x, q = both[:20_000], both[20_000:]  # queries from the same clusters, not in the index
-    si = build_index(x, exact_threshold=10_000, n_recall_queries=300, target_recall=0.95)
+    # N == exact_threshold: "exact below exact_threshold, IVF-PQ at or above it" (an index of exactly N was flat)
+    si = build_index(x, exact_threshold=len(x), n_recall_queries=300, target_recall=0.95)
     assert si.kind == "ivfpq"
     # the reported recall is the one the search really has, on queries of our own (not database rows)
     ref_ids, _ = brute_force(x, q, 10)
@@ -102,6 +103,17 @@ def test_ivfpq_recall_on_clustered_data_and_round_trip(tmp_path):
     # re-ranked scores are exact inner products, best first
     np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[ids], q), atol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-7).all()
+    # k * rerank candidates past what the probed lists hold: faiss pads them with -1, which must stay out of the
+    # re-ranking (a pad was scored as row 0 and ranked among the results); the valid ids are distinct, scored
+    # exactly, best first, and every pad is a trailing -1 / -inf
+    many_ids, many_scores = si.search(q[:5], k=1000)
+    ok = many_ids >= 0
+    assert (~ok).any(axis=1).all() and all(len(set(r[m])) == m.sum() for r, m in zip(many_ids, ok))
+    assert all(m[:m.sum()].all() for m in ok), ok.sum(1)  # no -1 before a valid id
+    assert np.isneginf(many_scores[~ok]).all()
+    exact = np.einsum("qkd,qd->qk", x[np.maximum(many_ids, 0)], q[:5])
+    np.testing.assert_allclose(many_scores[ok], exact[ok], atol=1e-5)
+    assert (np.diff(np.where(ok, many_scores, -2.0), axis=1) <= 1e-7).all()
 
     path = tmp_path / "images" / "index.faiss"
     si.save(path)
@@ -135,6 +147,12 @@ def test_ivfpq_tunes_for_text_like_queries_off_the_image_manifold():
     r = si.info["recall"]
     assert r["value_text"] >= 0.95 and r["n_text_queries"] == 100 and r["text_pool"] == 100
     assert r["value_text_strict"] <= r["value_text"]
+    # tuning stops only once the WORSE of the two query sets reaches the target (it stopped when the better did)
+    assert min(r["value"], r["value_text"]) >= r["target"] == 0.95, r["tried"]
+    # the reported text recalls are the search's own, recomputed: found in the exact top-100 (TEXT_POOL * k), and
+    # strictly in the top-10 (value_text was measured against the top-10 alone)
+    assert r["value_text"] == pytest.approx(in_exact_top(si, tuned, 100), abs=1e-4)
+    assert r["value_text_strict"] == pytest.approx(in_exact_top(si, tuned, 10), abs=1e-4)
     assert in_exact_top(si, held_out, 100) >= 0.9
 
 

@@ -46,7 +46,9 @@ def test_steer_hidden_matches_written_out_formula():
     top = pre.topk(4, dim=1)
     z = torch.zeros_like(pre).scatter(1, top.indices, top.values).reshape(2, 5, 32)
     W, b = sae.W_dec.detach(), sae.b_dec.detach()
-    lat, pos = [3, 7], [1, 4]
+    # latent 3 and one that fires on token 1: on an active latent "add" and "set" differ (add set the value)
+    lat, pos = [3, next(int(k) for k in z[0, 1].nonzero() if k != 3)], [1, 4]
+    assert (z[0, 1, lat[1]] != 0) and (z[:, pos][:, :, lat] == 0).any()
     for mode in ("set", "add"):
         zc = z.clone()
         for p in pos:
