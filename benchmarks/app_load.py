@@ -134,7 +134,8 @@ def main(argv=None) -> int:
 
     if not (Path(args.bundle) / MANIFEST).is_file():  # the app would build it, unseen, past spawn's timeout
         raise UserError(f"bundle {args.bundle} does not exist or is unfinished; build it first with "
-                        f"`python {' '.join(demo_command(Path(args.bundle), 'demo')[1:])}` or pass the --bundle of a finished one.")
+                        f"`python {' '.join(demo_command(Path(args.bundle), 'demo')[1:])}` or pass the --bundle of a "
+                        "finished one.")
 
     # The server runs as its own process (`python -m app`), so the 20 clients do not share its GIL.
     proc, url = spawn(args.bundle, extra_env={"OMP_NUM_THREADS": "1"})

@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     n_rows = args.rows or ((262_144 if gpu else 65_536) + args.eval_rows)
     if n_rows - args.eval_rows < args.batch_size:
         raise UserError(f"--rows {n_rows} leaves {max(n_rows - args.eval_rows, 0)} training rows after the "
-                        f"--eval-rows {args.eval_rows}, fewer than one batch of {args.batch_size}; give more --rows or a "
-                        "smaller --batch-size.")
+                        f"--eval-rows {args.eval_rows}, fewer than one batch of {args.batch_size}; give more --rows "
+                        "or a smaller --batch-size.")
     d_sae = D_IN * args.expansion
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,8 @@ class SAEConfig:
                 raise UserError(f"SAE setting {name}={getattr(self, name)!r} must be a whole number from 1.")
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.arch in K_ARCHS and not 1 <= self.k <= self.d_sae:
-            raise UserError(f"SAE setting k={self.k} must be between 1 and the SAE width {self.d_sae}; give a k (train's "
-                            f"--k) from 1 to {self.d_sae}.")
+            raise UserError(f"SAE setting k={self.k} must be between 1 and the SAE width {self.d_sae}; give a k "
+                            f"(train's --k) from 1 to {self.d_sae}.")
         groups = list(self.group_sizes)  # a numpy array's truth value is ambiguous
         if self.arch == "matryoshka":
             # each a whole number: (4.5, 11.5) summed to 16 and became (4, 11), which training could not split

@@ -34,7 +34,7 @@ def _given(var: str, marker: str):
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need the tiny world run last (stable order otherwise), and the world and its bundle
     start building at once in one background process (`precompute demo --preset tiny`, about 90 s on
-    one core), so the tests that need neither (514 of 680) run meanwhile on the other core."""
+    one core), so the tests that need neither (515 of 681) run meanwhile on the other core."""
     items.sort(key=_needs_world)
     world, bundle = _given("SAE_TINY_WORLD", "report.json"), _given("SAE_TINY_BUNDLE", "manifest.json")
     if not any(map(_needs_world, items)) or (world and bundle):
