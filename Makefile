@@ -27,7 +27,7 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 	touch $(DEV_STAMP)
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 # The explorer: set-up, then `python -m app` (builds runs/demo_bundle on the first start, prints the URL).
 # Pass flags with ARGS, e.g. make demo ARGS="--port 8080".

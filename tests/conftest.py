@@ -31,13 +31,29 @@ def _given(var: str, marker: str):
     return Path(path) if path and (Path(path) / marker).is_file() else None
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Tests that need the tiny world run last (stable order otherwise), and the world and its bundle
-    start building at once in one background process (`precompute demo --preset tiny`, about 90 s on
-    one core), so the tests that need neither (515 of 681) run meanwhile on the other core."""
-    items.sort(key=_needs_world)
+APP_FILES = {"tests/test_app_api.py", "tests/test_app_e2e.py", "tests/test_app_load.py", "tests/test_app_probes.py",
+             "tests/test_probes.py"}
+"""The files whose tests share the session's app server, browser and probe outputs: one worker runs them all under
+`-n 2`, so each of those is built once (the other worker takes every other test, one at a time)."""
+BUILD_ENV = "SAE_TESTS_TINY_BUILD"
+"""Under pytest-xdist: the folder of the controller's background build, for the workers (build.json, build.rc)."""
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _is_controller(config) -> bool:
+    return not _is_worker(config) and bool(getattr(config.option, "numprocesses", None))
+
+
+def _start_background() -> None:
+    """Start building whatever of the tiny world and bundle SAE_TINY_WORLD / SAE_TINY_BUNDLE do not give, in
+    one background process (`precompute demo --preset tiny`); build.rc holds its exit status once it ends."""
+    import threading
+
     world, bundle = _given("SAE_TINY_WORLD", "report.json"), _given("SAE_TINY_BUNDLE", "manifest.json")
-    if not any(map(_needs_world, items)) or (world and bundle):
+    if world and bundle:
         return
     root = Path(tempfile.mkdtemp(prefix="sae_tiny_"))
     if bundle:  # only the world is missing
@@ -50,7 +66,44 @@ def pytest_collection_modifyitems(session, config, items):
     logs = [open(root / "build.out", "w"), open(root / "build.err", "w")]  # files: a full pipe would block it
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *argv], cwd=REPO, stdout=logs[0], stderr=logs[1],
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _background.update(process=proc, dir=root, world=world, bundle=None if bundle else out, out=out, logs=logs)
+    paths = {"world": str(world), "bundle": None if bundle else str(out), "out": str(out)}
+    (root / "build.json").write_text(json.dumps(paths))
+
+    def note_the_end():  # what a worker waits for: the status written last, under a name it polls
+        rc = proc.wait()
+        (root / ".build.rc").write_text(str(rc))
+        os.replace(root / ".build.rc", root / "build.rc")
+
+    threading.Thread(target=note_the_end, daemon=True).start()
+    _background.update(process=proc, dir=root, logs=logs, **{k: v and Path(v) for k, v in paths.items()})
+    os.environ[BUILD_ENV] = str(root)  # before the workers start: they inherit it
+
+
+def pytest_configure(config):
+    if _is_controller(config):  # the workers collect; the build starts once, here
+        _start_background()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """APP_FILES as one unit of work, every other test its own (xdist's --dist loadgroup marks do not reach
+    its scheduler with pytest 9: xdist 3.8 renames a test by an attribute pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class AppFilesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "apps" if nodeid.split("::")[0] in APP_FILES else nodeid
+
+    return AppFilesTogether(config, log)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need the tiny world run last (stable order otherwise), and the world and its bundle
+    start building at once in one background process (`precompute demo --preset tiny`, about 90 s on
+    one core), so the tests that need neither (515 of 681) run meanwhile (under `-n 2`, as make test runs
+    the suite, the controller starts that build, see pytest_configure)."""
+    items.sort(key=_needs_world)
+    if not _is_worker(config) and any(map(_needs_world, items)):
+        _start_background()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -73,13 +126,25 @@ def pytest_unconfigure(config):
 
 
 def _wait_for_background() -> dict:
-    """The background build, finished; its last stdout line is the command's JSON summary."""
-    proc = _background.get("process")
-    if proc is None:
+    """The background build, finished; its last stdout line is the command's JSON summary. A worker waits for
+    the controller's build through its folder (BUILD_ENV)."""
+    import time
+
+    if _background.get("process") is not None:
+        _background["process"].wait(timeout=600)
+    elif os.environ.get(BUILD_ENV):
+        root = Path(os.environ[BUILD_ENV])
+        deadline = time.monotonic() + 600
+        while not (root / "build.rc").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        paths = json.loads((root / "build.json").read_text())
+        _background.update(dir=root, **{k: v and Path(v) for k, v in paths.items()})
+    else:
         raise RuntimeError("the tiny world fixtures were requested but no background build was started")
-    proc.wait(timeout=600)
-    assert proc.returncode == 0, (_background["dir"] / "build.err").read_text()[-3000:]
-    summary = json.loads((_background["dir"] / "build.out").read_text().strip().splitlines()[-1])
+    root = _background["dir"]
+    rc = (root / "build.rc").read_text() if (root / "build.rc").exists() else str(_background["process"].returncode)
+    assert rc == "0", (root / "build.err").read_text()[-3000:]
+    summary = json.loads((root / "build.out").read_text().strip().splitlines()[-1])
     assert summary["out"] == str(_background["out"].resolve())
     return _background
 
