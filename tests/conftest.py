@@ -135,7 +135,8 @@ def _wait_for_background() -> dict:
     elif os.environ.get(BUILD_ENV):
         root = Path(os.environ[BUILD_ENV])
         deadline = time.monotonic() + 600
-        while not (root / "build.rc").exists() and time.monotonic() < deadline:
+        while not (root / "build.rc").exists():
+            assert time.monotonic() < deadline, f"the tiny world's build in {root} did not end within 600 s"
             time.sleep(0.5)
         paths = json.loads((root / "build.json").read_text())
         _background.update(dir=root, **{k: v and Path(v) for k, v in paths.items()})
