@@ -9,7 +9,7 @@ import gradio as gr
 import numpy as np
 from gradio.components.plot import PlotData
 
-from sae_core.errors import UserError
+from sae_core.errors import UserError, counted
 
 from . import figures, inputs
 from .uploads import load_upload
@@ -1495,8 +1495,7 @@ def build(explorer: Explorer, steer=None, searcher=None, image_search=None) -> g
                          "(give a latent above to draw any other subtree): ")
             else:
                 where = ""
-            many = lambda n, word: f"{n:,} {word}{'' if n == 1 else 's'}"  # noqa: E731
-            note = (f"{where}{many(tree.nodes, 'node')} in {tree.levels} of {many(len(counts), 'level')} drawn; "
+            note = (f"{where}{counted(tree.nodes, 'node')} in {tree.levels} of {counted(len(counts), 'level')} drawn; "
                     f"colour is MS by the "
                     f"{ex.score_name}{by_patches}; dark grey ({tree.uncoloured}): none, the neuron fires on "
                     f"fewer than 2 images by {scores}. {depth_note}")

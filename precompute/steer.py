@@ -7,7 +7,7 @@ import os
 import sys
 
 from sae_core.atomic import strict_json
-from sae_core.errors import UserError, integer_text, terminal_text
+from sae_core.errors import UserError, counted, integer_text, terminal_text
 
 from .args import positive_int
 
@@ -85,9 +85,8 @@ def run(args) -> int:
                         "the latents to, e.g. --value 40.")
     refuse_latents_twice(latents)
     if not listing and len(values) not in (1, len(latents)):
-        many = lambda n, what: f"{n} {what}" + ("" if n == 1 else "s")  # "for 1 latents" until 2026-12-06
-        raise UserError(f"--{amount} gives {many(len(values), amount)} for {many(len(latents), 'latent')}; give one "
-                        f"{amount} or one per latent.")
+        raise UserError(f"--{amount} gives {counted(len(values), amount)} for {counted(len(latents), 'latent')}; "
+                        f"give one {amount} or one per latent.")  # "for 1 latents" until 2026-12-06
     if listing and args.top < 1:
         raise UserError(f"--top {args.top} lists nothing; give at least 1.")
     patches = None

@@ -14,6 +14,11 @@ class UserError(Exception):
     """
 
 
+def counted(n: int, word: str) -> str:
+    """"1 latent", "2 latents", "1,024 nodes": a count and its noun, plural but for one."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def readable(text) -> str:
     """`text` with what no page, JSON answer or tokenizer can carry spelt out: a name that is not UTF-8 (a lone
     surrogate, as Python reads the Latin-1 "caf\xe9" of an old archive) as its bytes, "caf\\xe9"."""
